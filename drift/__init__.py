@@ -1,0 +1,1 @@
+"""The drift job: Evidently reports over the prediction log."""

@@ -1,0 +1,1 @@
+"""The prediction log: schema, writers (ClickHouse / local Parquet) and readers."""

@@ -1,0 +1,1 @@
+"""The promotion CLI: candidate → canary → production with gates and rollback."""

@@ -1,0 +1,1 @@
+"""MOT data loading, synthetic data, training and MLflow registration."""
