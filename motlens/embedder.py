@@ -70,7 +70,7 @@ class TorchEmbedder:
         if device.startswith("cuda") and dtype in ("float16", "bfloat16"):
             self._model = self._model.to(getattr(torch, dtype))
         self._model.eval()
-        self.dim = int(self._model.get_sentence_embedding_dimension() or EMBEDDING_DIM)
+        self.dim = int(self._model.get_embedding_dimension() or EMBEDDING_DIM)
         self.max_seq_length = int(self._model.max_seq_length)
 
     @property

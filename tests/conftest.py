@@ -17,3 +17,61 @@ def embedder():
     from motlens.embedder import TorchEmbedder
 
     return TorchEmbedder(device="cpu")
+
+
+# A few hand-written MOT texts per section, for a quickly fitted head (tests of serving,
+# logging and drift that need a real bundle but not a trained-at-scale model).
+_TINY_TEXTS: list[tuple[str, int, str]] = [
+    ("Registration plate missing (0.1 (a))", 0, "major"),
+    ("VIN not legible (0.2 (b))", 0, "major"),
+    ("Nearside Front Brake pipe corroded (1.1.11 (c))", 1, "major"),
+    ("Offside Rear Brake disc worn, pitted or scored (1.1.14 (a))", 1, "advisory"),
+    ("Parking brake efficiency below requirements (1.4.2 (a))", 1, "dangerous"),
+    ("Steering rack gaiter split (2.2.1 (c))", 2, "minor"),
+    ("Steering ball joint excessive play (2.2.2 (a))", 2, "major"),
+    ("Windscreen damage in zone A (3.2 (a))", 3, "major"),
+    ("Wiper blade deteriorated (3.4 (b))", 3, "minor"),
+    ("Nearside Headlamp aim too high (4.1.2 (a))", 4, "major"),
+    ("Offside Rear Stop lamp not working (4.3.1 (a))", 4, "major"),
+    ("Nearside Front Tyre worn close to legal limit (5.2.3 (e))", 5, "advisory"),
+    ("Offside Front Coil spring fractured (5.3.1 (b))", 5, "major"),
+    ("Nearside Rear Tyre tread depth below requirements (5.2.3 (e))", 5, "dangerous"),
+    ("Exhaust system corroded, body sill corrosion (6.1.1 (c))", 6, "advisory"),
+    ("Door does not open from inside (6.2.3 (a))", 6, "major"),
+    ("Driver's seat belt buckle not working (7.1.1 (b))", 7, "major"),
+    ("Horn not working (7.5 (a))", 7, "minor"),
+    ("Exhaust emits excessive smoke (8.2.1.2 (a))", 8, "major"),
+    ("Oil leak from engine, slight (8.4.1 (a))", 8, "minor"),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, embedder):
+    """A real, verified bundle: MiniLM + a least-squares head fitted on ``_TINY_TEXTS``."""
+    import numpy as np
+
+    from motlens.bundle import assemble, make_golden
+    from motlens.embedder import default_model_dir
+    from motlens.head import DefectHead, FeatureSpec
+
+    texts = [t for t, _, _ in _TINY_TEXTS]
+    spec = FeatureSpec()
+    head0 = DefectHead(weights={}, features=spec)
+    x = head0.featurize(embedder.encode(texts))
+    x1 = np.concatenate([x, np.ones((len(x), 1), np.float32)], axis=1)
+
+    def fit(labels: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.eye(k, dtype=np.float32)[labels] * 8.0 - 4.0
+        w = np.linalg.solve(x1.T @ x1 + 0.1 * np.eye(x1.shape[1]), x1.T @ y)
+        return w[:-1].T.copy(), w[-1].copy()
+
+    sev_index = {"advisory": 0, "minor": 1, "major": 2, "dangerous": 3}
+    sw, sb = fit([s for _, s, _ in _TINY_TEXTS], 9)
+    vw, vb = fit([sev_index[v] for _, _, v in _TINY_TEXTS], 4)
+    head = DefectHead(
+        weights={"section.weight": sw, "section.bias": sb, "severity.weight": vw, "severity.bias": vb},
+        features=spec,
+    )
+    golden = make_golden(embedder, head, texts)
+    out = tmp_path_factory.mktemp("bundle") / "mot-defects"
+    return assemble(out, default_model_dir(), head, golden, version="1", run_id="tiny")
