@@ -15,7 +15,8 @@ from collections.abc import Sequence
 # (module, attribute) pairs: each provides ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
     "motlens.demo",
-    "training.cli",
+    "training.data_cli",
+    "training.train_cli",
     "predictor.cli",
     "predlog.cli",
     "drift.cli",

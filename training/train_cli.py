@@ -1,4 +1,4 @@
-"""Subcommands of this package (stub until implemented)."""
+"""`motlens train` (stub until implemented)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,5 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="(not implemented yet)")
-    p.set_defaults(func=lambda a: print("not implemented") or 2)
     p = sub.add_parser("train", help="(not implemented yet)")
     p.set_defaults(func=lambda a: print("not implemented") or 2)
