@@ -1,0 +1,569 @@
+"""Reader for the DVSA anonymised MOT bulk files → tidy defect table chunks.
+
+Accepts ``test_result``, ``test_item``, ``item_detail``, ``item_group`` and the location lookup
+``mdr_rfr_location``, each pipe- or comma-delimited (sniffed from the header), plain, gzipped or in
+zip archives (any number of members). Tables are recognised by their header, not their file
+names. Bytes that are not UTF-8 are read as latin-1; header rows repeated inside a file (from
+concatenated extracts) are dropped; rows with the wrong number of fields or without a usable key
+are counted in the report and skipped. A file that cannot be read at all raises
+:class:`BulkFormatError` naming the file and line.
+
+Memory stays constant in the input size: ``test_result`` and ``test_item`` are streamed in blocks
+and hash-partitioned by ``test_id`` into Arrow files in a temporary directory; each partition is
+then joined with the (small) lookups and labelled (``training.mot_labels``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import tempfile
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.ipc as ipc
+from tqdm import tqdm
+
+from motlens.labels import SEVERITIES
+from training import mot_labels
+from training.tidy import TIDY_COLUMNS
+
+BULK_KINDS = ("test_result", "test_item", "item_detail", "item_group", "rfr_location")
+_SUFFIXES = {".txt", ".csv", ".zip", ".gz", ".psv", ".jsonl", ".json", ".ndjson"}
+_KIND_MARKERS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("test_result", frozenset({"test_id", "test_result"})),
+    ("test_item", frozenset({"test_id", "rfr_id", "rfr_type_code"})),
+    ("item_detail", frozenset({"rfr_id", "rfr_desc"})),
+    ("item_group", frozenset({"test_item_id", "item_name"})),
+    ("rfr_location", frozenset({"lateral", "longitudinal"})),
+)
+_ALIASES = {"dmark": "dangerous_mark", "id": "location_id", "odometer": "test_mileage"}
+_REQUIRED_KINDS = ("test_result", "test_item", "item_detail")
+_MAX_BAD_FRACTION = 0.5
+SOURCE_NAME = "dvsa_bulk"
+
+
+class BulkFormatError(ValueError):
+    """An input file cannot be read; the message starts with ``path:line:``."""
+
+
+@dataclass
+class FileReport:
+    """What reading one file (or zip member) found."""
+
+    name: str
+    kind: str
+    delimiter: str
+    rows: int = 0
+    bad_rows: int = 0
+    header_rows: int = 0
+    non_utf8_values: int = 0
+    bad_lines: list[int] = field(default_factory=list)
+
+    def bad(self, line: int | None) -> None:
+        self.bad_rows += 1
+        if line is not None and len(self.bad_lines) < 10:
+            self.bad_lines.append(line)
+
+
+@dataclass
+class BulkReport:
+    """Counts for a whole read: per-file rows and bad rows, joins, labels."""
+
+    files: list[FileReport] = field(default_factory=list)
+    duplicate_tests: int = 0
+    orphan_items: int = 0
+    unknown_rfr: int = 0
+    unlabelled: int = 0
+    rows_out: int = 0
+    sections: Counter = field(default_factory=Counter)
+    severities: Counter = field(default_factory=Counter)
+
+    @property
+    def rows_read(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def bad_rows(self) -> int:
+        return sum(f.bad_rows for f in self.files)
+
+    def add_labels(self, df: pd.DataFrame) -> None:
+        self.rows_out += len(df)
+        self.sections.update({int(k): int(v) for k, v in df["section"].value_counts().items()})
+        self.severities.update({str(k): int(v) for k, v in df["severity"].value_counts().items()})
+
+    def to_dict(self) -> dict:
+        return {
+            "files": [vars(f) for f in self.files],
+            "rows_read": self.rows_read,
+            "bad_rows": self.bad_rows,
+            "duplicate_tests": self.duplicate_tests,
+            "orphan_items": self.orphan_items,
+            "unknown_rfr": self.unknown_rfr,
+            "unlabelled": self.unlabelled,
+            "rows_out": self.rows_out,
+            "sections": {str(k): v for k, v in sorted(self.sections.items())},
+            "severities": {s: self.severities.get(s, 0) for s in SEVERITIES},
+        }
+
+
+@dataclass(frozen=True)
+class Source:
+    """One readable table: a file, or a member of a zip archive."""
+
+    path: Path
+    member: str | None
+    kind: str
+    delimiter: str
+    columns: tuple[str, ...]
+    size: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}!{self.member}" if self.member else str(self.path)
+
+    def open(self) -> IO[bytes]:
+        return _open_bytes(self.path, self.member)
+
+
+def _open_bytes(path: Path, member: str | None) -> IO[bytes]:
+    if member is not None:
+        zf = zipfile.ZipFile(path)
+        return zf.open(member)
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def _expand(paths: Sequence[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _SUFFIXES))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise BulkFormatError(f"{p}:0: no such file or directory")
+    return out
+
+
+def is_jsonl(path: Path, member: str | None = None) -> bool:
+    """Whether a file holds JSON (MOT History API) rather than a delimited table."""
+    with _open_bytes(path, member) as fh:
+        head = fh.read(4096).lstrip()
+    return head[:1] in (b"{", b"[")
+
+
+def sniff(path: Path, member: str | None = None, size: int = 0) -> Source:
+    """Recognise a bulk table by its header line: delimiter, kind and normalised column names."""
+    name = f"{path}!{member}" if member else str(path)
+    try:
+        with _open_bytes(path, member) as fh:
+            head = fh.read(65536)
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise BulkFormatError(f"{name}:1: cannot open: {e}") from e
+    if b"\x00" in head[:4096]:
+        raise BulkFormatError(f"{name}:1: binary data, not a delimited text table")
+    first = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1").lstrip("\ufeff\xef\xbb\xbf")
+    delimiter = "|" if first.count("|") >= first.count(",") else ","
+    if first.count(delimiter) == 0:
+        raise BulkFormatError(f"{name}:1: no pipe- or comma-delimited header in {first[:80]!r}")
+    cols = [c.strip().strip('"').strip().lower() for c in first.split(delimiter)]
+    cols = [_ALIASES.get(c, c) for c in cols]
+    kind = next((k for k, marks in _KIND_MARKERS if marks <= set(cols)), None)
+    if kind is None:
+        raise BulkFormatError(f"{name}:1: header matches no DVSA table: {first[:120]!r}")
+    return Source(path, member, kind, delimiter, tuple(cols), size)
+
+
+def discover(paths: Sequence[Path]) -> tuple[list[Source], list[Path]]:
+    """Split inputs (files, directories, zips) into bulk tables and MOT History API JSON files."""
+    sources: list[Source] = []
+    api: list[Path] = []
+    for p in _expand(paths):
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as zf:
+                members = [i for i in zf.infolist() if not i.is_dir()]
+            for info in members:
+                if is_jsonl(p, info.filename):
+                    raise BulkFormatError(
+                        f"{p}!{info.filename}:1: zipped API JSON is not supported; unzip it"
+                    )
+                sources.append(sniff(p, info.filename, info.file_size))
+        elif p.suffix.lower() in (".jsonl", ".json", ".ndjson") or is_jsonl(p):
+            api.append(p)
+        else:
+            sources.append(sniff(p, None, p.stat().st_size))
+    return sources, api
+
+
+def _to_str(arr: pa.ChunkedArray | pa.Array, fr: FileReport) -> pa.Array:
+    """Binary column → string; values that are not UTF-8 are decoded as latin-1."""
+    try:
+        return arr.cast(pa.string())
+    except pa.ArrowInvalid:
+        out = []
+        for v in arr.to_pylist():
+            if v is None:
+                out.append(None)
+                continue
+            try:
+                out.append(v.decode("utf-8"))
+            except UnicodeDecodeError:
+                fr.non_utf8_values += 1
+                out.append(v.decode("latin-1"))
+        return pa.array(out, type=pa.string())
+
+
+def iter_raw(source: Source, fr: FileReport, chunk_rows: int = 200_000) -> Iterator[pd.DataFrame]:
+    """Stream one table as DataFrames of strings (column names normalised; empty → None)."""
+    cols = list(source.columns)
+
+    def on_invalid(row) -> str:
+        fr.bad(row.number)
+        return "skip"
+
+    read = pacsv.ReadOptions(column_names=cols, skip_rows=1, block_size=4 << 20, use_threads=False)
+    parse = pacsv.ParseOptions(
+        delimiter=source.delimiter,
+        quote_char='"' if source.delimiter == "," else False,
+        invalid_row_handler=on_invalid,
+        ignore_empty_lines=True,
+    )
+    convert = pacsv.ConvertOptions(
+        column_types={c: pa.binary() for c in cols}, null_values=[""], strings_can_be_null=True
+    )
+    pending: list[pd.DataFrame] = []
+    n_pending = 0
+    with source.open() as fh:
+        try:
+            reader = pacsv.open_csv(fh, read_options=read, parse_options=parse, convert_options=convert)
+            for batch in reader:
+                df = pa.table([_to_str(c, fr) for c in batch.columns], names=cols).to_pandas()
+                df = df.replace({np.nan: None}) if df.isna().any().any() else df
+                repeated = df[cols[0]].astype(str).str.strip().str.lower() == cols[0]
+                if repeated.any():
+                    fr.header_rows += int(repeated.sum())
+                    df = df[~repeated]
+                fr.rows += len(df)
+                if fr.bad_rows > 100 and fr.bad_rows > _MAX_BAD_FRACTION * (fr.rows + fr.bad_rows):
+                    raise BulkFormatError(
+                        f"{source.name}:{fr.bad_lines[0]}: {fr.bad_rows} of {fr.rows + fr.bad_rows} rows "
+                        f"do not have the {len(cols)} fields of the header; not a {source.kind} table"
+                    )
+                pending.append(df)
+                n_pending += len(df)
+                if n_pending >= chunk_rows:
+                    yield pd.concat(pending, ignore_index=True)
+                    pending, n_pending = [], 0
+        except (pa.ArrowInvalid, OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+            line = fr.rows + fr.bad_rows + fr.header_rows + 2
+            raise BulkFormatError(f"{source.name}:{line}: unreadable near this line: {e}") from e
+    if pending:
+        yield pd.concat(pending, ignore_index=True)
+
+
+def _int(s: pd.Series) -> pd.Series:
+    return pd.to_numeric(s, errors="coerce")
+
+
+def _date(s: pd.Series) -> pd.Series:
+    d = pd.to_datetime(s, errors="coerce", format="ISO8601")
+    retry = d.isna() & s.notna()
+    if retry.any():
+        d[retry] = pd.to_datetime(s[retry], errors="coerce", format="%d/%m/%Y")
+    return d
+
+
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    return df[name] if name in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
+
+
+_RESULT_SCHEMA = pa.schema(
+    [
+        ("test_id", pa.int64()),
+        ("test_date", pa.timestamp("ns")),
+        ("test_class_id", pa.int16()),
+        ("test_mileage", pa.float64()),
+        ("make", pa.string()),
+        ("model", pa.string()),
+        ("fuel_type", pa.string()),
+        ("first_use_date", pa.timestamp("ns")),
+    ]
+)
+_ITEM_SCHEMA = pa.schema(
+    [
+        ("test_id", pa.int64()),
+        ("seq", pa.int64()),
+        ("rfr_id", pa.int64()),
+        ("rfr_type_code", pa.string()),
+        ("location_id", pa.int64()),
+        ("dangerous_mark", pa.string()),
+        ("rfr_comment", pa.string()),
+    ]
+)
+
+
+def typed_results(df: pd.DataFrame, fr: FileReport) -> pd.DataFrame:
+    """Typed ``test_result`` rows; rows without a numeric test_id or a date are bad rows."""
+    out = pd.DataFrame(
+        {
+            "test_id": _int(df["test_id"]),
+            "test_date": _date(_col(df, "test_date")),
+            "test_class_id": _int(_col(df, "test_class_id")).fillna(4),
+            "test_mileage": _int(_col(df, "test_mileage")),
+            "make": _col(df, "make"),
+            "model": _col(df, "model"),
+            "fuel_type": _col(df, "fuel_type"),
+            "first_use_date": _date(_col(df, "first_use_date")),
+        }
+    )
+    ok = out["test_id"].notna() & out["test_date"].notna()
+    for _ in range(int((~ok).sum())):
+        fr.bad(None)
+    return out[ok]
+
+
+def typed_items(df: pd.DataFrame, fr: FileReport, start_seq: int) -> pd.DataFrame:
+    """Typed ``test_item`` rows with their order of reading; rows without numeric keys are bad."""
+    out = pd.DataFrame(
+        {
+            "test_id": _int(df["test_id"]),
+            "seq": np.arange(start_seq, start_seq + len(df)),
+            "rfr_id": _int(df["rfr_id"]),
+            "rfr_type_code": _col(df, "rfr_type_code"),
+            "location_id": _int(_col(df, "location_id")).fillna(0),
+            "dangerous_mark": _col(df, "dangerous_mark"),
+            "rfr_comment": _col(df, "rfr_comment"),
+        }
+    )
+    ok = out["test_id"].notna() & out["rfr_id"].notna()
+    for _ in range(int((~ok).sum())):
+        fr.bad(None)
+    return out[ok]
+
+
+class _Partitions:
+    """Hash partitions of one table by test_id, as Arrow IPC stream files."""
+
+    def __init__(self, root: Path, name: str, n: int, schema: pa.Schema):
+        self.paths = [root / f"{name}-{i:04d}.arrow" for i in range(n)]
+        self.schema = schema
+        self._writers: dict[int, ipc.RecordBatchStreamWriter] = {}
+
+    def write(self, df: pd.DataFrame) -> None:
+        n = len(self.paths)
+        buckets = (df["test_id"].to_numpy(dtype=np.int64) % n) if n > 1 else np.zeros(len(df), dtype=np.int64)
+        table = pa.Table.from_pandas(df, schema=self.schema, preserve_index=False)
+        for b in np.unique(buckets):
+            w = self._writers.get(int(b))
+            if w is None:
+                w = self._writers[int(b)] = ipc.new_stream(self.paths[int(b)], self.schema)
+            w.write_table(table.filter(pa.array(buckets == b)) if n > 1 else table)
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+
+    def read(self, i: int) -> pd.DataFrame:
+        if not self.paths[i].exists():
+            return self.schema.empty_table().to_pandas()
+        with ipc.open_stream(self.paths[i]) as r:
+            return r.read_all().to_pandas()
+
+
+@dataclass
+class _Lookups:
+    detail: pd.DataFrame  # one row per (rfr_id, test_class_id)
+    group_root: dict[tuple[int, int], str]  # (test_item_id, class) → top-level item_group name
+    locations: dict[int, str]
+
+
+def _load_lookups(sources: list[Source], report: BulkReport) -> _Lookups:
+    frames: dict[str, list[pd.DataFrame]] = {"item_detail": [], "item_group": [], "rfr_location": []}
+    for src in sources:
+        if src.kind in frames:
+            fr = FileReport(src.name, src.kind, src.delimiter)
+            report.files.append(fr)
+            frames[src.kind].extend(iter_raw(src, fr))
+    detail = pd.concat(frames["item_detail"], ignore_index=True)
+    detail = pd.DataFrame(
+        {
+            "rfr_id": _int(detail["rfr_id"]),
+            "test_class_id": _int(_col(detail, "test_class_id")).fillna(4),
+            "test_item_id": _int(_col(detail, "test_item_id")),
+            "rfr_desc": _col(detail, "rfr_desc"),
+            "rfr_insp_manual_desc": _col(detail, "rfr_insp_manual_desc"),
+            "rfr_advisory_text": _col(detail, "rfr_advisory_text"),
+            "rfr_deficiency_category": _col(detail, "rfr_deficiency_category"),
+        }
+    )
+    detail = detail[detail["rfr_id"].notna()].drop_duplicates(["rfr_id", "test_class_id"], keep="last")
+    group_root: dict[tuple[int, int], str] = {}
+    if frames["item_group"]:
+        g = pd.concat(frames["item_group"], ignore_index=True)
+        ids, cls, parents = (
+            _int(g["test_item_id"]),
+            _int(_col(g, "test_class_id")).fillna(4),
+            _int(g["parent_id"]),
+        )
+        nodes = {
+            (int(i), int(c)): (int(p) if p == p else 0, str(n or ""))
+            for i, c, p, n in zip(ids, cls, parents, g["item_name"], strict=True)
+            if i == i
+        }
+        for i, c in nodes:
+            node, seen = (i, c), set()
+            while nodes.get(node, (0, ""))[0] and node not in seen:
+                seen.add(node)
+                node = (nodes[node][0], c)
+            group_root[(i, c)] = nodes.get(node, (0, ""))[1]
+    locations: dict[int, str] = {}
+    if frames["rfr_location"]:
+        loc = pd.concat(frames["rfr_location"], ignore_index=True)
+        parts = [c for c in ("lateral", "longitudinal", "vertical", "horizontal") if c in loc.columns]
+        for lid, *vals in zip(_int(loc["location_id"]), *(loc[c] for c in parts), strict=True):
+            if lid == lid:
+                locations[int(lid)] = " ".join(v.strip() for v in vals if v and v.strip())
+    return _Lookups(detail, group_root, locations)
+
+
+def _defect_text(location: str, desc: str, comment: str, ref: str) -> str:
+    text = " ".join(p.strip() for p in (location, desc, comment) if p and p.strip())
+    if ref and mot_labels.section_from_text(desc) is None:
+        text = f"{text} ({ref.strip()})"
+    return text
+
+
+class BulkReader:
+    """Iterate tidy chunks from DVSA bulk files; ``report`` fills in as reading proceeds."""
+
+    def __init__(self, paths: Sequence[Path], chunk_rows: int = 200_000, bucket_bytes: int = 128 << 20):
+        self.sources, self.api_paths = discover(paths)
+        self.chunk_rows = chunk_rows
+        self.bucket_bytes = bucket_bytes
+        self.report = BulkReport()
+        kinds = {s.kind for s in self.sources}
+        missing = [k for k in _REQUIRED_KINDS if k not in kinds]
+        if missing:
+            names = ", ".join(str(p) for p in paths)
+            raise BulkFormatError(f"{names}:0: no {', '.join(missing)} table among the inputs")
+
+    def __iter__(self) -> Iterator[pd.DataFrame]:
+        lookups = _load_lookups(self.sources, self.report)
+        big = [s for s in self.sources if s.kind in ("test_result", "test_item")]
+        n = max(1, math.ceil(sum(s.size for s in big) / self.bucket_bytes))
+        with tempfile.TemporaryDirectory(prefix="motlens-bulk-") as tmp:
+            results = _Partitions(Path(tmp), "result", n, _RESULT_SCHEMA)
+            items = _Partitions(Path(tmp), "item", n, _ITEM_SCHEMA)
+            seq = 0
+            with tqdm(total=sum(s.size for s in big), unit="B", unit_scale=True, desc="read bulk",
+                      disable=sum(s.size for s in big) < 50 << 20) as bar:  # fmt: skip
+                for src in big:
+                    fr = FileReport(src.name, src.kind, src.delimiter)
+                    self.report.files.append(fr)
+                    for raw in iter_raw(src, fr, self.chunk_rows):
+                        if src.kind == "test_result":
+                            results.write(typed_results(raw, fr))
+                        else:
+                            typed = typed_items(raw, fr, seq)
+                            seq += len(raw)
+                            items.write(typed)
+                    bar.update(src.size)
+            results.close()
+            items.close()
+            for i in range(n):
+                tidy = self._join(results.read(i), items.read(i), lookups)
+                for start in range(0, len(tidy), self.chunk_rows):
+                    yield tidy.iloc[start : start + self.chunk_rows].reset_index(drop=True)
+
+    def _join(self, res: pd.DataFrame, it: pd.DataFrame, lk: _Lookups) -> pd.DataFrame:
+        rep = self.report
+        dup = res.duplicated("test_id", keep="first")
+        rep.duplicate_tests += int(dup.sum())
+        res = res[~dup]
+        m = it.merge(res, on="test_id", how="inner", sort=False)
+        rep.orphan_items += len(it) - len(m)
+        m = m.merge(lk.detail, on=["rfr_id", "test_class_id"], how="left", sort=False)
+        miss = m["rfr_desc"].isna() & m["rfr_id"].isin(lk.detail["rfr_id"])
+        if miss.any():  # a class without its own lookup row: use the rfr's first entry
+            by_rfr = lk.detail.drop_duplicates("rfr_id").set_index("rfr_id")
+            for c in ("test_item_id", "rfr_desc", "rfr_insp_manual_desc", "rfr_advisory_text",
+                      "rfr_deficiency_category"):  # fmt: skip
+                m.loc[miss, c] = m.loc[miss, "rfr_id"].map(by_rfr[c])
+        known = m["rfr_desc"].notna()
+        rep.unknown_rfr += int((~known).sum())
+        m = m[known].sort_values("seq", kind="stable").reset_index(drop=True)
+        if m.empty:
+            return pd.DataFrame(columns=list(TIDY_COLUMNS))
+
+        advisory = m["rfr_type_code"].fillna("").str.strip().str.upper().eq("A")
+        post = m["test_date"] >= pd.Timestamp(mot_labels.EU_CUTOFF)
+        keys = ["rfr_id", "test_class_id", "location_id", "comment_key", "advisory", "post"]
+        m["comment_key"] = m["rfr_comment"].fillna("")
+        m["advisory"] = advisory
+        m["post"] = post
+        gid = m.groupby(keys, sort=False).ngroup().to_numpy()
+        uniq = m.drop_duplicates(keys)
+        uniq = uniq.assign(gid=gid[uniq.index.to_numpy()]).sort_values("gid")
+        texts, sections = [], []
+        for row in uniq.itertuples(index=False):
+            desc = row.rfr_desc
+            if row.advisory and isinstance(row.rfr_advisory_text, str) and row.rfr_advisory_text.strip():
+                desc = row.rfr_advisory_text
+            ref = row.rfr_insp_manual_desc if mot_labels.is_reference(row.rfr_insp_manual_desc) else ""
+            text = _defect_text(lk.locations.get(int(row.location_id), ""), desc, row.comment_key, ref)
+            section = mot_labels.section_from_text(text) if row.post else None
+            if section is None:
+                root = (
+                    lk.group_root.get((int(row.test_item_id), int(row.test_class_id)), "")
+                    if row.test_item_id == row.test_item_id
+                    else ""
+                )
+                section = mot_labels.section_from_group(root)
+            texts.append(text)
+            sections.append(-1 if section is None else section)
+        severity = mot_labels.bulk_severity(
+            m["rfr_type_code"], m["rfr_deficiency_category"], m["dangerous_mark"]
+        )
+        age = (m["test_date"] - m["first_use_date"]).dt.days / 365.25
+        mileage = m["test_mileage"].where(m["test_mileage"] >= 0)
+        out = pd.DataFrame(
+            {
+                "text": np.asarray(texts, dtype=object)[gid],
+                "section": np.asarray(sections, dtype=np.int8)[gid],
+                "severity": severity,
+                "make": m["make"],
+                "model": m["model"],
+                "fuel_type": m["fuel_type"],
+                "vehicle_age_years": age.where((age >= 0) & (age < 150)).astype("float32"),
+                "odometer_miles": mileage.astype("float32"),
+                "test_date": m["test_date"],
+                "test_id": m["test_id"].astype("int64"),
+                "source": SOURCE_NAME,
+            }
+        )
+        labelled = (out["section"] >= 0) & out["severity"].notna()
+        rep.unlabelled += int((~labelled).sum())
+        out = out[labelled].reset_index(drop=True)
+        rep.add_labels(out)
+        return out
+
+
+def read_bulk(
+    paths: Sequence[Path], chunk_rows: int = 200_000, report: BulkReport | None = None
+) -> Iterator[pd.DataFrame]:
+    """Tidy chunks from DVSA bulk files; pass ``report`` (or use :class:`BulkReader`) to get the counts."""
+    reader = BulkReader(paths, chunk_rows)
+    if report is not None:
+        reader.report = report
+    yield from reader
