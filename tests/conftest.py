@@ -75,3 +75,26 @@ def tiny_bundle(tmp_path_factory, embedder):
     golden = make_golden(embedder, head, texts)
     out = tmp_path_factory.mktemp("bundle") / "mot-defects"
     return assemble(out, default_model_dir(), head, golden, version="1", run_id="tiny")
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template_db(tmp_path_factory):
+    """An empty, fully migrated MLflow sqlite database (migrations take seconds; run them once)."""
+    from training.registry import Registry
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    Registry(f"sqlite:///{path}").client.search_registered_models()
+    return path
+
+
+@pytest.fixture
+def registry(tmp_path, _mlflow_template_db):
+    """A fresh real MLflow registry (sqlite + local artifact store) under ``tmp_path/motlens``."""
+    import shutil
+
+    from motlens.state import StateSettings
+    from training.registry import Registry
+
+    state = StateSettings(home=tmp_path / "motlens").ensure()
+    shutil.copy(_mlflow_template_db, state.home / "mlflow.db")
+    return Registry(state.mlflow_uri, state=state)

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from motlens.bundle import Bundle, BundleError, check_golden
+from training.registry import Registry, RegistryError
+
+
+def _stored_dir(uri: str) -> Path:
+    return Path(urlparse(uri).path)
+
+
+def test_register_resolve_fetch(registry, tiny_bundle, embedder, tmp_path):
+    before = (tiny_bundle.root / "bundle.json").read_text()
+    v1 = registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.5}, params={"seed": 1},
+                                  alias="candidate", run_name="first")
+    v2 = registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.7}, params={"seed": 2},
+                                  alias=None)
+    assert (v1.version, v2.version) == ("1", "2")
+    assert (tiny_bundle.root / "bundle.json").read_text() == before  # the local bundle is untouched
+    assert v1.aliases == ["candidate"] and v1.metrics == {"section_macro_f1": 0.5}
+    for ref in ("models:/mot-defects@candidate", "candidate", "@candidate", "1", "models:/mot-defects/1"):
+        assert registry.resolve(ref).version == "1", ref
+    assert registry.artifact_uri("2") == v2.artifact_uri
+    assert v2.artifact_uri.startswith("file://") and v2.artifact_uri.endswith("/model")
+
+    b = registry.fetch("models:/mot-defects/2", dst=tmp_path / "dl")
+    assert b.version == "2" and b.run_id == v2.run_id
+    stored = json.loads((_stored_dir(v2.artifact_uri) / "bundle.json").read_text())
+    assert stored["version"] == "2" and stored["run_id"] == v2.run_id
+    golden = b.golden()
+    emb = embedder.encode(golden.texts)
+    out = b.head().predict(emb, golden.context)
+    assert check_golden(golden, emb, out.section, out.severity).passed
+    # the default cache is keyed by version and reused
+    cached = registry.fetch("candidate")
+    assert cached.root == registry.cache_dir / "mot-defects" / "1"
+    assert registry.fetch("1").root == cached.root
+
+
+def test_aliases_tags_versions(registry, tiny_bundle):
+    registry.register_bundle(tiny_bundle.root, metrics={"m": 1.0}, params={}, alias="production")
+    registry.register_bundle(tiny_bundle.root, metrics={"m": 2.0}, params={}, alias="candidate")
+    registry.set_alias("canary", 2)
+    registry.set_tags("2", {"promotion.canary_started_by": "ops", "gates": {"drift": "pass"}})
+    assert registry.alias_version("canary") == "2"
+    assert registry.alias_version("nothing") is None
+    vs = registry.versions()
+    assert [v.version for v in vs] == ["2", "1"]
+    assert vs[0].aliases == ["canary", "candidate"] and vs[1].aliases == ["production"]
+    assert vs[0].tags["gates"] == '{"drift": "pass"}'
+    assert registry.run_metrics("1") == {"m": 1.0}
+    registry.delete_alias("canary")
+    assert registry.alias_version("canary") is None
+    registry.delete_alias("canary")  # idempotent
+
+
+def test_unknown_refs_are_clear(registry, tiny_bundle):
+    assert registry.versions() == [] and registry.aliases() == {}
+    with pytest.raises(RegistryError, match="alias 'production' is not set.*aliases: none"):
+        registry.resolve("models:/mot-defects@production")
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="candidate")
+    with pytest.raises(RegistryError, match=r"version 7 of registered model 'mot-defects' does not exist.*candidate → 1"):
+        registry.resolve("7")
+    with pytest.raises(RegistryError, match="names 'other-model'"):
+        registry.resolve("models:/other-model@production")
+    with pytest.raises(RegistryError, match="cannot read model reference"):
+        registry.resolve("models:/mot-defects")
+    with pytest.raises(RegistryError, match="does not exist"):
+        registry.set_alias("canary", 9)
+    with pytest.raises(RegistryError, match="invalid alias"):
+        registry.set_alias("v3", 1)
+
+
+def test_tampered_stored_bundle_refused(registry, tiny_bundle, tmp_path):
+    v = registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="candidate")
+    stored = _stored_dir(v.artifact_uri)
+    weights = stored / "head" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="refused: .*sha256 mismatch for head/weights.safetensors"):
+        registry.fetch("candidate", dst=tmp_path / "dl")
+    assert not (tmp_path / "dl").exists()
+
+
+def test_damaged_cache_is_downloaded_again(registry, tiny_bundle):
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="candidate")
+    b = registry.fetch("candidate")
+    (b.root / "head" / "config.json").write_text("{}")
+    again = registry.fetch("candidate")
+    assert Bundle.open(again.root).version == "1"
+
+
+def test_unverifiable_bundle_not_registered(registry, tiny_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle.root, copy)
+    (copy / "extra.txt").write_text("x")
+    with pytest.raises(BundleError, match="not listed"):
+        registry.register_bundle(copy, metrics={}, params={}, alias="candidate")
+    assert registry.versions() == []
+
+
+def test_default_uri_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/x.db")
+    assert Registry().tracking_uri == f"sqlite:///{tmp_path}/x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path / "home"))
+    assert Registry().tracking_uri == f"sqlite:///{(tmp_path / 'home' / 'mlflow.db').resolve()}"

@@ -1,0 +1,321 @@
+"""MLflow registry helpers: register bundles, resolve aliases, fetch verified bundles.
+
+Registered model ``mot-defects`` (DESIGN.md "MLflow"): aliases only (``production``, ``canary``,
+``candidate``), never stages. A version's ``source`` is the run artifact directory ``model/``,
+which holds the bundle exactly as :mod:`motlens.bundle` writes it (no MLmodel file, no pickle), so
+the same URI is what a KServe ``storageUri`` downloads to ``/mnt/models``.
+
+Local default: tracking and registry in sqlite under ``MOTLENS_HOME`` with artifacts in
+``MOTLENS_HOME/mlartifacts``; ``MLFLOW_TRACKING_URI`` points everything at a server instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from motlens import MODEL_NAME
+from motlens.bundle import MANIFEST, Bundle, BundleError, set_manifest_fields
+from motlens.state import StateSettings
+
+MODEL_ARTIFACT_PATH = "model"
+DEFAULT_EXPERIMENT = "mot-defects"
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+_ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+class RegistryError(Exception):
+    """A reference that does not resolve, or a registry operation that cannot be done."""
+
+
+@dataclass
+class ModelVersionInfo:
+    """One registered version of ``mot-defects`` with what the other components need."""
+
+    name: str
+    version: str
+    run_id: str | None
+    artifact_uri: str
+    aliases: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    created_at: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "run_id": self.run_id,
+            "artifact_uri": self.artifact_uri,
+            "aliases": list(self.aliases),
+            "tags": dict(self.tags),
+            "metrics": dict(self.metrics),
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+        }
+
+
+def _default_tracking_uri(state: StateSettings) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or state.mlflow_uri
+
+
+class Registry:
+    """The MLflow tracking server + model registry holding ``mot-defects``."""
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        *,
+        model_name: str = MODEL_NAME,
+        experiment: str = DEFAULT_EXPERIMENT,
+        state: StateSettings | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        from mlflow import MlflowClient
+
+        self.state = state or StateSettings()
+        self.tracking_uri = tracking_uri or _default_tracking_uri(self.state)
+        self.model_name = model_name
+        self.experiment = experiment
+        self.cache_dir = Path(cache_dir) if cache_dir else (self.state.home / "models").resolve()
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    # ---- runs and registration -------------------------------------------------------------
+
+    def experiment_id(self) -> str:
+        """The experiment runs are logged to (created on first use; local artifacts under the state dir)."""
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.tracking_uri.startswith("sqlite:"):
+            self.state.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+            location = self.state.mlflow_artifacts.as_uri()
+        return self.client.create_experiment(self.experiment, artifact_location=location)
+
+    def register_bundle(
+        self,
+        bundle_root: Path,
+        *,
+        metrics: dict[str, float],
+        params: dict[str, Any],
+        alias: str | None,
+        run_name: str | None = None,
+        artifacts_dir: Path | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> ModelVersionInfo:
+        """Log one run (params, metrics, ``artifacts_dir`` at the run root, the bundle as ``model/``),
+        register it as a new version, stamp ``version``/``run_id`` into the stored ``bundle.json``
+        and set ``alias`` when given. The local ``bundle_root`` is left unchanged."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        bundle = Bundle.open(bundle_root)  # never register a bundle that does not verify
+        if alias is not None:
+            _check_alias(alias)
+        run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=dict(tags or {}))
+        run_id = run.info.run_id
+        try:
+            now = int(datetime.now(UTC).timestamp() * 1000)
+            self.client.log_batch(
+                run_id,
+                metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())],
+                params=[Param(k, _param_value(v)) for k, v in sorted(params.items())],
+                tags=[RunTag("motlens.bundle_files", str(len(bundle.manifest["files"])))],
+            )
+            if artifacts_dir is not None:
+                self.client.log_artifacts(run_id, str(artifacts_dir))
+            self.client.log_artifacts(run_id, str(bundle.root), MODEL_ARTIFACT_PATH)
+            source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
+            self._ensure_registered_model()
+            mv = self.client.create_model_version(self.model_name, source=source, run_id=run_id)
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copy(bundle.root / MANIFEST, Path(tmp) / MANIFEST)
+                set_manifest_fields(Path(tmp), version=str(mv.version), run_id=run_id, name=self.model_name)
+                self.client.log_artifact(run_id, str(Path(tmp) / MANIFEST), MODEL_ARTIFACT_PATH)
+            self.client.set_tag(run_id, "motlens.registered_version", str(mv.version))
+        except BaseException:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        self.client.set_terminated(run_id)
+        if alias is not None:
+            self.set_alias(alias, str(mv.version))
+        return self.resolve(str(mv.version))
+
+    def _ensure_registered_model(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(self.model_name)
+        except MlflowException:
+            self.client.create_registered_model(self.model_name)
+
+    # ---- resolving -------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> ModelVersionInfo:
+        """``models:/mot-defects@alias``, ``models:/mot-defects/3``, ``alias`` or ``3`` → the version."""
+        from mlflow.exceptions import MlflowException
+
+        ref = str(ref).strip()
+        alias, version = self._parse_ref(ref)
+        try:
+            if alias is not None:
+                mv = self.client.get_model_version_by_alias(self.model_name, alias)
+            else:
+                mv = self.client.get_model_version(self.model_name, version)
+        except MlflowException as e:
+            raise RegistryError(self._unknown_ref_message(ref, alias, version)) from e
+        return self._info(mv)
+
+    def _parse_ref(self, ref: str) -> tuple[str | None, str | None]:
+        m = _MODELS_URI.match(ref)
+        if m:
+            if m["name"] != self.model_name:
+                raise RegistryError(f"model reference {ref!r} names {m['name']!r}, not {self.model_name!r}")
+            return m["alias"], m["version"]
+        if ref.isdigit():
+            return None, ref
+        if ref.startswith("@"):
+            ref = ref[1:]
+        if _ALIAS.match(ref):
+            return ref, None
+        raise RegistryError(
+            f"cannot read model reference {ref!r}: use models:/{self.model_name}@<alias>, "
+            f"models:/{self.model_name}/<version>, an alias name or a version number"
+        )
+
+    def _unknown_ref_message(self, ref: str, alias: str | None, version: str | None) -> str:
+        try:
+            known = self.aliases()
+        except Exception:  # noqa: BLE001 - the message must not hide the original problem
+            known = {}
+        listed = ", ".join(f"{a} → {v}" for a, v in sorted(known.items())) or "none"
+        if alias is not None:
+            return f"alias {alias!r} is not set on registered model {self.model_name!r} (aliases: {listed})"
+        return f"version {version} of registered model {self.model_name!r} does not exist (aliases: {listed})"
+
+    def _info(self, mv: Any, metrics: bool = True) -> ModelVersionInfo:
+        return ModelVersionInfo(
+            name=mv.name,
+            version=str(mv.version),
+            run_id=mv.run_id or None,
+            artifact_uri=mv.source,
+            aliases=sorted(mv.aliases or []),
+            tags=dict(mv.tags or {}),
+            metrics=self._run_metrics(mv.run_id) if metrics else {},
+            created_at=datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC) if mv.creation_timestamp else None,
+        )
+
+    def artifact_uri(self, ref: str) -> str:
+        """The bundle directory's artifact location (what a KServe ``storageUri`` needs)."""
+        return self.resolve(ref).artifact_uri
+
+    def fetch(self, ref: str, dst: Path | None = None) -> Bundle:
+        """Download the bundle of ``ref`` (cached per version), verify every hash, return it.
+
+        Raises :class:`motlens.bundle.BundleError` when the stored bundle fails verification or its
+        manifest names another version or run than the registry.
+        """
+        import mlflow.artifacts
+
+        info = self.resolve(ref)
+        target = Path(dst) if dst is not None else self.cache_dir / info.name / info.version
+        if (target / MANIFEST).is_file():
+            try:
+                return self._check_stored(Bundle.open(target), info)
+            except BundleError:
+                shutil.rmtree(target)  # stale or damaged cache: download afresh below
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=info.artifact_uri, dst_path=str(staging), tracking_uri=self.tracking_uri
+            )
+            try:
+                bundle = self._check_stored(Bundle.open(path), info)
+            except BundleError as e:
+                raise BundleError(f"stored bundle of {info.name} version {info.version} refused: {e}") from e
+            if target.exists():
+                shutil.rmtree(target)
+            Path(path).rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return Bundle(target, bundle.manifest)
+
+    @staticmethod
+    def _check_stored(bundle: Bundle, info: ModelVersionInfo) -> Bundle:
+        stored = str(bundle.manifest.get("version"))
+        if stored != info.version:
+            raise BundleError(f"{bundle.root}: bundle.json says version {stored}, registry says {info.version}")
+        if info.run_id and bundle.manifest.get("run_id") != info.run_id:
+            raise BundleError(
+                f"{bundle.root}: bundle.json says run {bundle.manifest.get('run_id')}, registry says {info.run_id}"
+            )
+        return bundle
+
+    # ---- aliases, tags, listings -----------------------------------------------------------
+
+    def set_alias(self, alias: str, version: str | int) -> None:
+        _check_alias(alias)
+        self.resolve(str(version))  # clear error for an unknown version
+        self.client.set_registered_model_alias(self.model_name, alias, str(version))
+
+    def delete_alias(self, alias: str) -> None:
+        """Remove ``alias`` (a no-op when it is not set)."""
+        self.client.delete_registered_model_alias(self.model_name, alias)
+
+    def alias_version(self, alias: str) -> str | None:
+        return self.aliases().get(alias)
+
+    def aliases(self) -> dict[str, str]:
+        """Alias → version for every alias currently set (empty before the first registration)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            rm = self.client.get_registered_model(self.model_name)
+        except MlflowException:
+            return {}
+        return {a: str(v) for a, v in (rm.aliases or {}).items()}
+
+    def set_tags(self, version: str | int, tags: dict[str, Any]) -> None:
+        self.resolve(str(version))
+        for k, v in tags.items():
+            self.client.set_model_version_tag(self.model_name, str(version), k, _param_value(v))
+
+    def versions(self) -> list[ModelVersionInfo]:
+        """Every version, newest first, with aliases, tags and run metrics."""
+        found = self.client.search_model_versions(f"name = '{self.model_name}'")
+        by_version: dict[str, list[str]] = {}
+        for a, v in self.aliases().items():
+            by_version.setdefault(v, []).append(a)
+        out = []
+        for mv in found:
+            info = self._info(mv)
+            info.aliases = sorted(by_version.get(info.version, []))
+            out.append(info)
+        return sorted(out, key=lambda i: int(i.version), reverse=True)
+
+    def run_metrics(self, version: str | int) -> dict[str, float]:
+        return self.resolve(str(version)).metrics
+
+    def _run_metrics(self, run_id: str | None) -> dict[str, float]:
+        if not run_id:
+            return {}
+        return dict(self.client.get_run(run_id).data.metrics)
+
+
+def _check_alias(alias: str) -> None:
+    if not _ALIAS.match(alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
+        raise RegistryError(f"invalid alias {alias!r}: use letters, digits, '_' or '-', starting with a letter")
+
+
+def _param_value(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+    return s[:6000]
