@@ -17,10 +17,16 @@ def _stored_dir(uri: str) -> Path:
 
 def test_register_resolve_fetch(registry, tiny_bundle, embedder, tmp_path):
     before = (tiny_bundle.root / "bundle.json").read_text()
-    v1 = registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.5}, params={"seed": 1},
-                                  alias="candidate", run_name="first")
-    v2 = registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.7}, params={"seed": 2},
-                                  alias=None)
+    v1 = registry.register_bundle(
+        tiny_bundle.root,
+        metrics={"section_macro_f1": 0.5},
+        params={"seed": 1},
+        alias="candidate",
+        run_name="first",
+    )
+    v2 = registry.register_bundle(
+        tiny_bundle.root, metrics={"section_macro_f1": 0.7}, params={"seed": 2}, alias=None
+    )
     assert (v1.version, v2.version) == ("1", "2")
     assert (tiny_bundle.root / "bundle.json").read_text() == before  # the local bundle is untouched
     assert v1.aliases == ["candidate"] and v1.metrics == {"section_macro_f1": 0.5}
@@ -65,7 +71,7 @@ def test_unknown_refs_are_clear(registry, tiny_bundle):
     with pytest.raises(RegistryError, match="alias 'production' is not set.*aliases: none"):
         registry.resolve("models:/mot-defects@production")
     registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="candidate")
-    with pytest.raises(RegistryError, match=r"version 7 of registered model 'mot-defects' does not exist.*candidate → 1"):
+    with pytest.raises(RegistryError, match=r"version 7 of registered model .* not exist.*candidate → 1"):
         registry.resolve("7")
     with pytest.raises(RegistryError, match="names 'other-model'"):
         registry.resolve("models:/other-model@production")

@@ -210,7 +210,7 @@ class Registry:
             aliases=sorted(mv.aliases or []),
             tags=dict(mv.tags or {}),
             metrics=self._run_metrics(mv.run_id) if metrics else {},
-            created_at=datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC) if mv.creation_timestamp else None,
+            created_at=_from_ms(mv.creation_timestamp),
         )
 
     def artifact_uri(self, ref: str) -> str:
@@ -251,13 +251,11 @@ class Registry:
 
     @staticmethod
     def _check_stored(bundle: Bundle, info: ModelVersionInfo) -> Bundle:
-        stored = str(bundle.manifest.get("version"))
+        stored, run = str(bundle.manifest.get("version")), bundle.manifest.get("run_id")
         if stored != info.version:
-            raise BundleError(f"{bundle.root}: bundle.json says version {stored}, registry says {info.version}")
-        if info.run_id and bundle.manifest.get("run_id") != info.run_id:
-            raise BundleError(
-                f"{bundle.root}: bundle.json says run {bundle.manifest.get('run_id')}, registry says {info.run_id}"
-            )
+            raise BundleError(f"{bundle.root}: bundle.json says version {stored}, registry {info.version}")
+        if info.run_id and run != info.run_id:
+            raise BundleError(f"{bundle.root}: bundle.json says run {run}, registry {info.run_id}")
         return bundle
 
     # ---- aliases, tags, listings -----------------------------------------------------------
@@ -313,9 +311,13 @@ class Registry:
 
 def _check_alias(alias: str) -> None:
     if not _ALIAS.match(alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
-        raise RegistryError(f"invalid alias {alias!r}: use letters, digits, '_' or '-', starting with a letter")
+        raise RegistryError(f"invalid alias {alias!r}: letters, digits, '_' or '-', starting with a letter")
 
 
 def _param_value(v: Any) -> str:
     s = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
     return s[:6000]
+
+
+def _from_ms(ms: int | None) -> datetime | None:
+    return datetime.fromtimestamp(ms / 1000, UTC) if ms else None
