@@ -1,10 +1,106 @@
-"""`motlens data` (stub until implemented)."""
+"""`motlens data`: synthetic DVSA data; load bulk files or API JSONL into the tidy table or ClickHouse."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="(not implemented yet)")
-    p.set_defaults(func=lambda a: print("not implemented") or 2)
+    p = sub.add_parser("data", help="MOT data: synthetic DVSA files, load bulk files / API JSONL")
+    verbs = p.add_subparsers(dest="data_command", required=True, metavar="VERB")
+
+    s = verbs.add_parser("synth", help="write seeded synthetic data in the DVSA bulk-file format")
+    s.add_argument("--rows", type=int, required=True, help="number of test_item (defect) rows")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, required=True, help="output directory")
+    s.add_argument("--delimiter", choices=("pipe", "comma"), default="pipe")
+    s.add_argument("--zip", action="store_true", help="write one zip archive per table")
+    s.set_defaults(func=_synth)
+
+    ld = verbs.add_parser("load", help="DVSA bulk files / MOT History API JSONL → tidy Parquet or ClickHouse")
+    ld.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files, zips or directories")
+    ld.add_argument("--out", type=Path, help="tidy table directory (Parquet part files)")
+    ld.add_argument(
+        "--clickhouse", action="store_true", help="load into ClickHouse (chdb, or MOTLENS_CLICKHOUSE_URL)"
+    )
+    ld.add_argument("--ch-path", type=Path, help="chdb database directory (default $MOTLENS_HOME/chdb-data)")
+    ld.add_argument("--chunk-rows", type=int, default=200_000)
+    ld.add_argument("--report", type=Path, help="also write the load report as JSON here")
+    ld.set_defaults(func=_load)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from training.synth import generate
+
+    counts = generate(args.out, args.rows, args.seed, "|" if args.delimiter == "pipe" else ",", args.zip)
+    print(json.dumps(counts, indent=2))
+    return 0
+
+
+def _print_report(report: dict, out=sys.stdout) -> None:
+    print(f"files: {len(report['files'])}", file=out)
+    for f in report["files"]:
+        extra = f"  first bad lines {f['bad_lines']}" if f["bad_lines"] else ""
+        print(
+            f"  {f['name']}: {f['kind']} rows={f['rows']} bad={f['bad_rows']} "
+            f"repeated_headers={f['header_rows']} non_utf8={f['non_utf8_values']}{extra}",
+            file=out,
+        )
+    for k in (
+        "rows_read",
+        "bad_rows",
+        "duplicate_tests",
+        "orphan_items",
+        "unknown_rfr",
+        "unlabelled",
+        "rows_out",
+    ):
+        print(f"{k}: {report[k]}", file=out)
+    print(f"sections: {report['sections']}", file=out)
+    print(f"severities: {report['severities']}", file=out)
+
+
+def _load(args: argparse.Namespace) -> int:
+    from training.dvsa import BulkFormatError, BulkReader, BulkReport, discover
+    from training.history_api import read_jsonl
+    from training.tidy import write_tidy
+
+    if not args.clickhouse and args.out is None:
+        print("motlens data load: give --out DIR (tidy Parquet) or --clickhouse", file=sys.stderr)
+        return 2
+    try:
+        if args.clickhouse:
+            from training.chload import DataSettings, distinct_texts, load_bulk, open_store
+
+            settings = DataSettings()
+            with open_store(settings, args.ch_path) as store:
+                result = load_bulk(store, args.paths, args.chunk_rows)
+                texts = distinct_texts(store)
+            report = result.report.to_dict()
+            report["clickhouse"] = {**result.summary(), "distinct_texts": len(texts)}
+        else:
+            sources, api = discover(args.paths)
+            report_obj = BulkReport()
+
+            def chunks():
+                if sources:
+                    reader = BulkReader(args.paths, args.chunk_rows)
+                    reader.report = report_obj
+                    yield from reader
+                if api:
+                    yield from read_jsonl(api, args.chunk_rows, report_obj)
+
+            write_tidy(chunks(), args.out)
+            report = report_obj.to_dict()
+    except BulkFormatError as e:
+        print(f"motlens data load: {e}", file=sys.stderr)
+        return 1
+    _print_report(report)
+    if "clickhouse" in report:
+        print(f"clickhouse: {report['clickhouse']}")
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=2))
+    return 0

@@ -16,6 +16,7 @@ then joined with the (small) lookups and labelled (``training.mot_labels``).
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import tempfile
 import zipfile
@@ -224,6 +225,32 @@ def _to_str(arr: pa.ChunkedArray | pa.Array, fr: FileReport) -> pa.Array:
         return pa.array(out, type=pa.string())
 
 
+class _LineCounter(io.RawIOBase):
+    """Wraps a byte stream and counts the lines handed out, to name the line where reading failed."""
+
+    def __init__(self, fh: IO[bytes]):
+        self._fh = fh
+        self.lines = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        view, n = memoryview(b), 0
+        while n < len(view):  # small pieces, so a failure is located to the line
+            data = self._fh.read(min(1 << 16, len(view) - n))
+            if not data:
+                break
+            view[n : n + len(data)] = data
+            n += len(data)
+            self.lines += data.count(b"\n")
+        return n
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
 def iter_raw(source: Source, fr: FileReport, chunk_rows: int = 200_000) -> Iterator[pd.DataFrame]:
     """Stream one table as DataFrames of strings (column names normalised; empty → None)."""
     cols = list(source.columns)
@@ -244,7 +271,7 @@ def iter_raw(source: Source, fr: FileReport, chunk_rows: int = 200_000) -> Itera
     )
     pending: list[pd.DataFrame] = []
     n_pending = 0
-    with source.open() as fh:
+    with _LineCounter(source.open()) as fh:
         try:
             reader = pacsv.open_csv(fh, read_options=read, parse_options=parse, convert_options=convert)
             for batch in reader:
@@ -255,21 +282,26 @@ def iter_raw(source: Source, fr: FileReport, chunk_rows: int = 200_000) -> Itera
                     fr.header_rows += int(repeated.sum())
                     df = df[~repeated]
                 fr.rows += len(df)
-                if fr.bad_rows > 100 and fr.bad_rows > _MAX_BAD_FRACTION * (fr.rows + fr.bad_rows):
-                    raise BulkFormatError(
-                        f"{source.name}:{fr.bad_lines[0]}: {fr.bad_rows} of {fr.rows + fr.bad_rows} rows "
-                        f"do not have the {len(cols)} fields of the header; not a {source.kind} table"
-                    )
+                _check_shape(source, fr)
                 pending.append(df)
                 n_pending += len(df)
                 if n_pending >= chunk_rows:
                     yield pd.concat(pending, ignore_index=True)
                     pending, n_pending = [], 0
         except (pa.ArrowInvalid, OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
-            line = fr.rows + fr.bad_rows + fr.header_rows + 2
-            raise BulkFormatError(f"{source.name}:{line}: unreadable near this line: {e}") from e
+            raise BulkFormatError(f"{source.name}:{fh.lines + 1}: unreadable from this line on: {e}") from e
+    _check_shape(source, fr)
     if pending:
         yield pd.concat(pending, ignore_index=True)
+
+
+def _check_shape(source: Source, fr: FileReport) -> None:
+    """Occasional bad rows are counted; a file where most rows are bad is the wrong file."""
+    if fr.bad_rows > 100 and fr.bad_rows > _MAX_BAD_FRACTION * (fr.rows + fr.bad_rows):
+        raise BulkFormatError(
+            f"{source.name}:{fr.bad_lines[0]}: {fr.bad_rows} of {fr.rows + fr.bad_rows} rows "
+            f"do not have the {len(source.columns)} fields of the header; not a {source.kind} table"
+        )
 
 
 def _int(s: pd.Series) -> pd.Series:
@@ -382,13 +414,13 @@ class _Partitions:
 
 
 @dataclass
-class _Lookups:
+class Lookups:
     detail: pd.DataFrame  # one row per (rfr_id, test_class_id)
     group_root: dict[tuple[int, int], str]  # (test_item_id, class) → top-level item_group name
     locations: dict[int, str]
 
 
-def _load_lookups(sources: list[Source], report: BulkReport) -> _Lookups:
+def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
     frames: dict[str, list[pd.DataFrame]] = {"item_detail": [], "item_group": [], "rfr_location": []}
     for src in sources:
         if src.kind in frames:
@@ -434,7 +466,7 @@ def _load_lookups(sources: list[Source], report: BulkReport) -> _Lookups:
         for lid, *vals in zip(_int(loc["location_id"]), *(loc[c] for c in parts), strict=True):
             if lid == lid:
                 locations[int(lid)] = " ".join(v.strip() for v in vals if v and v.strip())
-    return _Lookups(detail, group_root, locations)
+    return Lookups(detail, group_root, locations)
 
 
 def _defect_text(location: str, desc: str, comment: str, ref: str) -> str:
@@ -442,6 +474,39 @@ def _defect_text(location: str, desc: str, comment: str, ref: str) -> str:
     if ref and mot_labels.section_from_text(desc) is None:
         text = f"{text} ({ref.strip()})"
     return text
+
+
+def label_defects(m: pd.DataFrame, post: pd.Series, lk: Lookups) -> tuple[np.ndarray, np.ndarray, pd.Series]:
+    """Text, section (-1 = none) and severity (None = none) of defect rows joined with ``item_detail``.
+
+    ``m`` needs rfr_id, test_class_id, test_item_id, location_id, rfr_comment, rfr_type_code,
+    dangerous_mark and the item_detail columns; ``post`` marks tests on or after 20 May 2018.
+    Texts are built once per distinct combination: they repeat massively.
+    """
+    m = m.assign(
+        comment_key=m["rfr_comment"].fillna(""),
+        advisory=m["rfr_type_code"].fillna("").str.strip().str.upper().eq("A").to_numpy(),
+        post=np.asarray(post, dtype=bool),
+    ).reset_index(drop=True)
+    keys = ["rfr_id", "test_class_id", "location_id", "comment_key", "advisory", "post"]
+    gid = m.groupby(keys, sort=False).ngroup().to_numpy()
+    uniq = m.drop_duplicates(keys)
+    texts: list[str] = []
+    sections: list[int] = []
+    for row in uniq.itertuples(index=False):
+        desc = row.rfr_desc
+        if row.advisory and isinstance(row.rfr_advisory_text, str) and row.rfr_advisory_text.strip():
+            desc = row.rfr_advisory_text
+        ref = row.rfr_insp_manual_desc if mot_labels.is_reference(row.rfr_insp_manual_desc) else ""
+        text = _defect_text(lk.locations.get(int(row.location_id), ""), desc, row.comment_key, ref)
+        section = mot_labels.section_from_text(text) if row.post else None
+        if section is None and row.test_item_id == row.test_item_id:
+            root = lk.group_root.get((int(row.test_item_id), int(row.test_class_id)), "")
+            section = mot_labels.section_from_group(root)
+        texts.append(text)
+        sections.append(-1 if section is None else section)
+    severity = mot_labels.bulk_severity(m["rfr_type_code"], m["rfr_deficiency_category"], m["dangerous_mark"])
+    return np.asarray(texts, dtype=object)[gid], np.asarray(sections, dtype=np.int8)[gid], severity
 
 
 class BulkReader:
@@ -459,7 +524,7 @@ class BulkReader:
             raise BulkFormatError(f"{names}:0: no {', '.join(missing)} table among the inputs")
 
     def __iter__(self) -> Iterator[pd.DataFrame]:
-        lookups = _load_lookups(self.sources, self.report)
+        lookups = load_lookups(self.sources, self.report)
         big = [s for s in self.sources if s.kind in ("test_result", "test_item")]
         n = max(1, math.ceil(sum(s.size for s in big) / self.bucket_bytes))
         with tempfile.TemporaryDirectory(prefix="motlens-bulk-") as tmp:
@@ -486,7 +551,7 @@ class BulkReader:
                 for start in range(0, len(tidy), self.chunk_rows):
                     yield tidy.iloc[start : start + self.chunk_rows].reset_index(drop=True)
 
-    def _join(self, res: pd.DataFrame, it: pd.DataFrame, lk: _Lookups) -> pd.DataFrame:
+    def _join(self, res: pd.DataFrame, it: pd.DataFrame, lk: Lookups) -> pd.DataFrame:
         rep = self.report
         dup = res.duplicated("test_id", keep="first")
         rep.duplicate_tests += int(dup.sum())
@@ -506,41 +571,13 @@ class BulkReader:
         if m.empty:
             return pd.DataFrame(columns=list(TIDY_COLUMNS))
 
-        advisory = m["rfr_type_code"].fillna("").str.strip().str.upper().eq("A")
-        post = m["test_date"] >= pd.Timestamp(mot_labels.EU_CUTOFF)
-        keys = ["rfr_id", "test_class_id", "location_id", "comment_key", "advisory", "post"]
-        m["comment_key"] = m["rfr_comment"].fillna("")
-        m["advisory"] = advisory
-        m["post"] = post
-        gid = m.groupby(keys, sort=False).ngroup().to_numpy()
-        uniq = m.drop_duplicates(keys)
-        uniq = uniq.assign(gid=gid[uniq.index.to_numpy()]).sort_values("gid")
-        texts, sections = [], []
-        for row in uniq.itertuples(index=False):
-            desc = row.rfr_desc
-            if row.advisory and isinstance(row.rfr_advisory_text, str) and row.rfr_advisory_text.strip():
-                desc = row.rfr_advisory_text
-            ref = row.rfr_insp_manual_desc if mot_labels.is_reference(row.rfr_insp_manual_desc) else ""
-            text = _defect_text(lk.locations.get(int(row.location_id), ""), desc, row.comment_key, ref)
-            section = mot_labels.section_from_text(text) if row.post else None
-            if section is None:
-                root = (
-                    lk.group_root.get((int(row.test_item_id), int(row.test_class_id)), "")
-                    if row.test_item_id == row.test_item_id
-                    else ""
-                )
-                section = mot_labels.section_from_group(root)
-            texts.append(text)
-            sections.append(-1 if section is None else section)
-        severity = mot_labels.bulk_severity(
-            m["rfr_type_code"], m["rfr_deficiency_category"], m["dangerous_mark"]
-        )
+        text, section, severity = label_defects(m, m["test_date"] >= pd.Timestamp(mot_labels.EU_CUTOFF), lk)
         age = (m["test_date"] - m["first_use_date"]).dt.days / 365.25
         mileage = m["test_mileage"].where(m["test_mileage"] >= 0)
         out = pd.DataFrame(
             {
-                "text": np.asarray(texts, dtype=object)[gid],
-                "section": np.asarray(sections, dtype=np.int8)[gid],
+                "text": text,
+                "section": section,
                 "severity": severity,
                 "make": m["make"],
                 "model": m["model"],

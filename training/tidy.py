@@ -34,8 +34,10 @@ def to_table(df: pd.DataFrame) -> pa.Table:
         if field.name in df.columns:
             col = df[field.name]
             if field.type == pa.date32():
-                col = pd.to_datetime(col, errors="coerce").dt.date
-            arrays.append(pa.array(col, type=field.type, from_pandas=True))
+                days = pd.to_datetime(col, errors="coerce").to_numpy().astype("datetime64[D]")
+                arrays.append(pa.array(days, type=field.type, from_pandas=True))
+            else:
+                arrays.append(pa.array(col, type=field.type, from_pandas=True))
         else:
             arrays.append(pa.nulls(len(df), type=field.type))
     return pa.Table.from_arrays(arrays, schema=TIDY_SCHEMA)

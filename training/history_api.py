@@ -1,0 +1,168 @@
+"""Reader for MOT History API responses saved as JSON lines → tidy defect table chunks.
+
+Each line holds one vehicle (or a JSON array of vehicles) as the API returns it:
+``{"make", "model", "fuelType", "firstUsedDate"|"registrationDate", "motTests": [{"completedDate",
+"odometerValue", "odometerUnit", "motTestNumber", "defects": [{"text", "type", "dangerous"}]}]}``.
+The older API's ``rfrAndComments`` list is read like ``defects``. The section comes from the manual
+reference at the end of ``text`` (tests from 20 May 2018 on); severity from ``type`` and
+``dangerous`` (``training.mot_labels``). Lines that are not JSON are counted, not fatal.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from training import mot_labels
+from training.dvsa import BulkFormatError, BulkReport, FileReport
+from training.tidy import TIDY_COLUMNS
+
+SOURCE_NAME = "mot_history_api"
+_KM_TO_MILES = 0.621371
+FUEL_CODES: dict[str, str] = {
+    "petrol": "PE",
+    "diesel": "DI",
+    "electric": "EL",
+    "hybrid electric (clean)": "HY",
+    "hybrid": "HY",
+    "electric diesel": "ED",
+    "lpg": "LP",
+    "gas": "GA",
+    "gas bi-fuel": "GB",
+    "gas diesel": "GD",
+    "fuel cells": "FC",
+    "steam": "ST",
+}
+
+
+def _date(value: object) -> dt.date | None:
+    """API dates: ``2023-05-21T10:22:45.000Z``, ``2013.11.15 10:57:45``, ``2010-03-01``."""
+    if not isinstance(value, str) or len(value) < 10:
+        return None
+    try:
+        return dt.date.fromisoformat(value[:10].replace(".", "-"))
+    except ValueError:
+        return None
+
+
+def _fuel(value: object) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    v = value.strip()
+    if len(v) == 2 and v.isupper():
+        return v
+    return FUEL_CODES.get(v.lower(), "OT")
+
+
+def _miles(value: object, unit: object) -> float | None:
+    try:
+        v = float(str(value).replace(",", ""))
+    except ValueError:
+        return None
+    if v < 0:
+        return None
+    return v * _KM_TO_MILES if str(unit or "").strip().lower() in ("km", "kilometres") else v
+
+
+def _vehicle_rows(vehicle: dict) -> tuple[list[dict], int]:
+    """Tidy rows of one vehicle and how many defects had no label."""
+    first_use = _date(
+        vehicle.get("firstUsedDate") or vehicle.get("registrationDate") or vehicle.get("manufactureDate")
+    )
+    rows: list[dict] = []
+    unlabelled = 0
+    for test in vehicle.get("motTests") or []:
+        when = _date(test.get("completedDate"))
+        defects = test.get("defects") or test.get("rfrAndComments") or []
+        try:
+            test_id = int(test.get("motTestNumber"))
+        except (TypeError, ValueError):
+            test_id = None
+        age = (when - first_use).days / 365.25 if when and first_use and when >= first_use else None
+        for d in defects:
+            text = " ".join(str(d.get("text") or "").split())
+            severity = mot_labels.api_severity(d.get("type"), bool(d.get("dangerous")))
+            section = mot_labels.section_from_text(text) if when and when >= mot_labels.EU_CUTOFF else None
+            if not text or severity is None or section is None:
+                unlabelled += 1
+                continue
+            rows.append(
+                {
+                    "text": text,
+                    "section": section,
+                    "severity": severity,
+                    "make": vehicle.get("make"),
+                    "model": vehicle.get("model"),
+                    "fuel_type": _fuel(vehicle.get("fuelType")),
+                    "vehicle_age_years": age,
+                    "odometer_miles": _miles(test.get("odometerValue"), test.get("odometerUnit")),
+                    "test_date": when,
+                    "test_id": test_id,
+                    "source": SOURCE_NAME,
+                }
+            )
+    return rows, unlabelled
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
+    df["section"] = df["section"].astype("int8")
+    df["vehicle_age_years"] = df["vehicle_age_years"].astype("float32")
+    df["odometer_miles"] = df["odometer_miles"].astype("float32")
+    df["test_id"] = df["test_id"].astype("Int64")
+    return df
+
+
+def read_jsonl(
+    paths: Sequence[Path], chunk_rows: int = 200_000, report: BulkReport | None = None
+) -> Iterator[pd.DataFrame]:
+    """Tidy chunks from MOT History API JSON-lines files; counts go into ``report``."""
+    report = report if report is not None else BulkReport()
+    rows: list[dict] = []
+    for path in map(Path, paths):
+        fr = FileReport(str(path), "mot_history_api", "")
+        report.files.append(fr)
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError as e:
+            raise BulkFormatError(f"{path}:0: cannot open: {e}") from e
+        with fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if b"\x00" in raw:
+                    raise BulkFormatError(f"{path}:{lineno}: binary data, not JSON lines")
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    fr.non_utf8_values += 1
+                    line = raw.decode("latin-1")
+                try:
+                    doc = json.loads(line)
+                except json.JSONDecodeError:
+                    fr.bad(lineno)
+                    continue
+                vehicles = doc if isinstance(doc, list) else [doc]
+                for v in vehicles:
+                    if not isinstance(v, dict):
+                        fr.bad(lineno)
+                        continue
+                    fr.rows += 1
+                    got, unlabelled = _vehicle_rows(v)
+                    report.unlabelled += unlabelled
+                    rows.extend(got)
+                if len(rows) >= chunk_rows:
+                    df = _frame(rows)
+                    report.add_labels(df)
+                    yield df
+                    rows = []
+        if fr.rows == 0 and fr.bad_rows > 0:
+            raise BulkFormatError(f"{path}:{fr.bad_lines[0]}: no line is MOT History API JSON")
+    if rows:
+        df = _frame(rows)
+        report.add_labels(df)
+        yield df
