@@ -1,1 +1,40 @@
-"""The prediction log: schema, writers (ClickHouse / local Parquet) and readers."""
+"""The prediction log: schema, writers (ClickHouse / local Parquet) and readers.
+
+``open_writer(settings)`` for the predictor, ``open_reader(settings)`` for drift, promotion and
+``motlens log``. With no ``MOTLENS_CLICKHOUSE_URL`` both use Parquet segments under
+``$MOTLENS_HOME/predlog`` (read through chdb); see docs/predlog.md.
+"""
+
+from __future__ import annotations
+
+from predlog.records import PredictionRecord
+from predlog.settings import PredlogSettings
+
+__all__ = ["PredictionRecord", "PredlogSettings", "open_reader", "open_writer"]
+
+
+def open_writer(settings: PredlogSettings | None = None):  # -> predlog.writer.PredictionLogWriter
+    """Start a background writer for the configured backend (never connects in the foreground)."""
+    from predlog.sinks import ClickHouseSink, ParquetSink
+    from predlog.spool import Spool
+    from predlog.writer import PredictionLogWriter
+
+    settings = settings or PredlogSettings()
+    sink = ParquetSink(settings.table_dir("predictions")) if settings.embedded else ClickHouseSink(settings)
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes, settings.spool_full_policy)
+    return PredictionLogWriter(sink, spool, settings)
+
+
+def open_reader(settings: PredlogSettings | None = None):  # -> predlog.reader.PredictionLogReader
+    """A reader over the server tables (migrated unless auto_migrate is off) or the Parquet segments."""
+    from predlog import migrate
+    from predlog.reader import ParquetSource, PredictionLogReader, TableSource
+    from predlog.sinks import make_client
+
+    settings = settings or PredlogSettings()
+    client = make_client(settings)
+    if settings.embedded:
+        return PredictionLogReader(client, ParquetSource(settings.root), settings)
+    if settings.auto_migrate:
+        migrate.apply(client, settings)
+    return PredictionLogReader(client, TableSource(client, settings.database), settings)

@@ -1,0 +1,45 @@
+"""Prometheus series of the prediction-log writer (names fixed by docs/architecture.md "Metrics").
+
+prometheus-client comes with the serve/drift/promote extras; without it the series are no-ops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class _Noop:
+    def labels(self, *a: Any, **k: Any) -> _Noop:
+        return self
+
+    def inc(self, *a: Any) -> None: ...
+
+    def set(self, *a: Any) -> None: ...
+
+    def observe(self, *a: Any) -> None: ...
+
+
+try:
+    from prometheus_client import Counter, Gauge, Histogram
+except ImportError:  # pragma: no cover - core install without prometheus-client
+    ROWS_WRITTEN = ROWS_SPILLED = ROWS_REPLAYED = ROWS_DROPPED = QUEUE_DEPTH = SPOOL_BYTES = (
+        INSERT_SECONDS
+    ) = _Noop()
+else:
+    ROWS_WRITTEN = Counter("motlens_predlog_rows_written_total", "Prediction rows stored in the sink")
+    ROWS_SPILLED = Counter(
+        "motlens_predlog_rows_spilled_total", "Rows kept in the local spool after a failed insert"
+    )
+    ROWS_REPLAYED = Counter("motlens_predlog_rows_replayed_total", "Spooled rows later stored in the sink")
+    ROWS_DROPPED = Counter(
+        "motlens_predlog_rows_dropped_total",
+        "Rows lost, by reason (queue_full, spool_full, closed, invalid)",
+        ["reason"],
+    )
+    QUEUE_DEPTH = Gauge("motlens_predlog_queue_depth", "Rows waiting in the writer's in-memory queue")
+    SPOOL_BYTES = Gauge("motlens_predlog_spool_bytes", "Bytes of spooled segments awaiting replay")
+    INSERT_SECONDS = Histogram(
+        "motlens_predlog_insert_seconds",
+        "Duration of one batch insert into the sink",
+        buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    )

@@ -1,0 +1,25 @@
+-- Cluster variant of drift_reports: small table, replicated on one shard layout + Distributed.
+CREATE TABLE IF NOT EXISTS ${db}.drift_reports_local ON CLUSTER '{cluster}'
+(
+    ts DateTime64(3, 'UTC') CODEC(Delta, ZSTD(1)),
+    model_name LowCardinality(String),
+    model_version LowCardinality(String),
+    slot LowCardinality(String),
+    reference String,
+    window_start DateTime64(3, 'UTC'),
+    window_end DateTime64(3, 'UTC'),
+    n_current UInt64,
+    n_reference UInt64,
+    drift_detected Bool,
+    drift_share Float64,
+    scores Map(String, Float64),
+    report_path String,
+    run_id String,
+    details String CODEC(ZSTD(3))
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/${db}/drift_reports_local', '{replica}')
+PARTITION BY toYYYYMM(ts)
+ORDER BY (model_name, model_version, slot, ts);
+
+CREATE TABLE IF NOT EXISTS ${db}.drift_reports ON CLUSTER '{cluster}' AS ${db}.drift_reports_local
+ENGINE = Distributed('{cluster}', ${db}, drift_reports_local, rand());

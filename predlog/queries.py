@@ -1,0 +1,98 @@
+"""The reader's SQL: one text per query, run unchanged on the ClickHouse table and on the Parquet
+segments; only ``{source}`` differs (table name vs ``file(…)``), plus how sampling is pushed down.
+Every value is a bound parameter (``{name:Type}``); only fixed fragments are concatenated.
+"""
+
+from __future__ import annotations
+
+import re
+
+from predlog.schema import PREDICTIONS
+
+TS_PARAM = "DateTime64(3, 'UTC')"
+ROW_COLUMNS = ", ".join(c.name for c in PREDICTIONS if not c.name.startswith("embedding_"))
+EMBEDDING = "arrayMap(x -> toFloat32(x * embedding_scale), embedding_q) AS embedding"
+SAMPLE_KEY = "cityHash64(request_id, item_index)"
+
+FILTERS = {
+    "model_version": "model_version = {model_version:String}",
+    "slot": "slot = {slot:String}",
+    "start": f"ts >= {{start:{TS_PARAM}}}",
+    "end": f"ts < {{end:{TS_PARAM}}}",
+    "sample_bound": f"{SAMPLE_KEY} < {{sample_bound:UInt64}}",
+}
+
+WINDOW = (
+    "SELECT {columns} FROM {source} WHERE model_name = {model_name:String}{filters} "
+    "ORDER BY ts LIMIT {limit:UInt64}"
+)
+
+LIVE_STATS = f"""
+SELECT
+    model_version,
+    slot,
+    count() AS n,
+    countIf(status != 'ok') AS errors,
+    errors / n AS error_rate,
+    quantiles(0.5, 0.95, 0.99)(latency_ms) AS latency_q,
+    latency_q[1] AS latency_p50_ms,
+    latency_q[2] AS latency_p95_ms,
+    latency_q[3] AS latency_p99_ms,
+    avgIf(fail_probability, status = 'ok') AS mean_fail_probability,
+    avg(cache_hit) AS cache_hit_rate,
+    sumMapIf(map(section, toUInt64(1)), status = 'ok') AS section_counts,
+    sumMapIf(map(severity, toUInt64(1)), status = 'ok') AS severity_counts,
+    min(ts) AS first_ts,
+    max(ts) AS last_ts
+FROM {{source}}
+WHERE model_name = {{model_name:String}} AND ts >= {{since:{TS_PARAM}}}
+GROUP BY model_version, slot
+ORDER BY model_version, slot
+"""
+
+COUNTS = """
+SELECT model_name, model_version, slot, count() AS n, countIf(length(embedding_q) > 0) AS with_embedding,
+       min(ts) AS first_ts, max(ts) AS last_ts
+FROM {source}
+GROUP BY model_name, model_version, slot
+ORDER BY model_name, model_version, slot
+"""
+
+TAIL = f"SELECT {ROW_COLUMNS} FROM {{source}} ORDER BY ts DESC LIMIT {{n:UInt64}}"
+
+DRIFT_REPORTS = "SELECT * FROM {source} WHERE 1{filters} ORDER BY ts DESC LIMIT {limit:UInt64}"
+PROMOTION_EVENTS = "SELECT * FROM {source} ORDER BY ts DESC LIMIT {limit:UInt64}"
+
+# -- read-only check for ad-hoc SQL -------------------------------------------------------------
+_STRINGS = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`(?:[^`\\]|\\.)*`", re.S)
+_COMMENTS = re.compile(r"--[^\n]*|#[^\n]*|/\*.*?\*/", re.S)
+_FIRST = {"select", "with", "show", "describe", "desc", "explain", "exists"}
+_WRITE_WORDS = re.compile(
+    r"\b(insert|alter|drop|create|truncate|rename|attach|detach|optimize|system|kill|grant|revoke|set|use|"
+    r"delete|update|exchange|undrop|backup|restore|outfile)\b",
+    re.I,
+)
+TABLE_REF = re.compile(
+    r"(?i)\b(from|join)(\s+)(?:`?\w+`?\.)?`?(predictions|drift_reports|promotion_events)`?(?![\w.(])"
+)
+
+
+class ReadOnlyViolation(ValueError):
+    """Ad-hoc SQL that is not a single read-only statement."""
+
+
+def check_read_only(sql: str) -> str:
+    """Return the statement (trailing ``;`` removed) or raise ReadOnlyViolation naming the problem."""
+    text = sql.strip().rstrip(";").strip()
+    bare = _COMMENTS.sub(" ", _STRINGS.sub("''", text))
+    if not bare.strip():
+        raise ReadOnlyViolation("empty query")
+    if ";" in bare:
+        raise ReadOnlyViolation("only a single statement is allowed")
+    first = bare.split(None, 1)[0].lower().lstrip("(")
+    if first not in _FIRST:
+        raise ReadOnlyViolation(f"only SELECT/WITH/SHOW/DESCRIBE/EXPLAIN are allowed, not {first.upper()!r}")
+    m = _WRITE_WORDS.search(bare)
+    if m:
+        raise ReadOnlyViolation(f"read-only queries may not use {m.group(1).upper()!r}")
+    return text

@@ -1,0 +1,191 @@
+"""Reader API for drift, promotion and ``motlens log``: bounded windows, SQL-side stats, audit rows.
+
+Both backends run the same SQL (``predlog.queries``) through a clickhouse-connect client:
+a ClickHouse server (or clickhouse-connect's in-process chdb client) with the real tables, or
+chdb over the embedded Parquet segments via ``file('…/*.parquet', Parquet, '<structure>')``.
+Reads never take a live chdb database directory, so any number of processes can read while
+the predictor writes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from predlog import queries
+from predlog.schema import row_to_arrow, structure
+from predlog.settings import PredlogSettings
+from predlog.sinks import write_parquet_segment
+
+
+def _utc(ts: datetime) -> datetime:
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class TableSource:
+    """The server tables ``{database}.{table}``; sampling via ``SAMPLE k`` on the sampling key."""
+
+    def __init__(self, client: Any, database: str):
+        self.client = client
+        self.database = database
+
+    def ref(self, table: str, sample: str | None = None) -> str:
+        return f"{self.database}.{table}" + (f" SAMPLE {sample}" if sample else "")
+
+    sample_in_where = False
+
+    def insert(self, table: str, data: pa.Table) -> None:
+        self.client.insert_arrow(
+            f"{self.database}.{table}", data, settings={"insert_deduplication_token": uuid.uuid4().hex}
+        )
+
+
+class ParquetSource:
+    """Embedded Parquet segments read by chdb; sampling as a hash-range filter on the same key."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def ref(self, table: str, sample: str | None = None) -> str:
+        return f"file({_quote(str(self.root / table) + '/*.parquet')}, Parquet, {_quote(structure(table))})"
+
+    sample_in_where = True
+
+    def insert(self, table: str, data: pa.Table) -> None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        write_parquet_segment(self.root / table, data, f"{stamp}-{uuid.uuid4().hex}")
+
+
+class PredictionLogReader:
+    """Query the prediction log; every read is bounded by a LIMIT."""
+
+    def __init__(self, client: Any, source: TableSource | ParquetSource, settings: PredlogSettings):
+        self.client = client
+        self.source = source
+        self.settings = settings
+
+    def _df(self, sql: str, params: dict[str, Any]) -> pd.DataFrame:
+        return self.client.query_df(sql, parameters=params)
+
+    def window(
+        self,
+        *,
+        model_name: str = "mot-defects",
+        model_version: str | None = None,
+        slot: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int = 50_000,
+        sample: float | None = None,
+        with_embeddings: bool = False,
+    ) -> pd.DataFrame:
+        """Rows of one model (optionally one version/slot/time range), oldest first, at most ``limit``.
+
+        ``sample`` in (0, 1] keeps that fraction of rows, chosen by ``cityHash64(request_id,
+        item_index)`` (deterministic; SAMPLE on the table, the same hash range on Parquet).
+        ``with_embeddings`` returns only rows that carry an embedding, decoded to float32 in
+        column ``embedding`` (see :func:`embedding_matrix`).
+        """
+        if not 1 <= int(limit) <= self.settings.max_window_rows:
+            raise ValueError(f"limit must be in 1..{self.settings.max_window_rows}, got {limit}")
+        params: dict[str, Any] = {"model_name": model_name, "limit": int(limit)}
+        for key, value in (("model_version", model_version), ("slot", slot)):
+            if value is not None:
+                params[key] = str(value)
+        if start is not None:
+            params["start"] = _utc(start)
+        if end is not None:
+            params["end"] = _utc(end)
+        ratio = None
+        if sample is not None:
+            if not 0 < float(sample) <= 1:
+                raise ValueError(f"sample must be in (0, 1], got {sample}")
+            if float(sample) < 1:
+                ratio = f"{float(sample):.6f}".rstrip("0")
+                if Fraction(ratio) == 0:
+                    raise ValueError(f"sample {sample} is below the 1e-6 resolution")
+                if self.source.sample_in_where:
+                    params["sample_bound"] = int(Fraction(ratio) * 2**64)
+        filters = "".join(f" AND {frag}" for key, frag in queries.FILTERS.items() if key in params)
+        if with_embeddings:
+            filters += " AND length(embedding_q) > 0"
+        columns = queries.ROW_COLUMNS + (", " + queries.EMBEDDING if with_embeddings else "")
+        sql = (
+            queries.WINDOW.replace("{columns}", columns)
+            .replace("{filters}", filters)
+            .replace(
+                "{source}", self.source.ref("predictions", None if self.source.sample_in_where else ratio)
+            )
+        )
+        return self._df(sql, params)
+
+    def live_stats(self, *, since: datetime, model_name: str = "mot-defects") -> pd.DataFrame:
+        """Per model_version and slot: n, errors, error_rate, latency p50/p95/p99 (ms), mean fail
+        probability, cache-hit rate, section and severity counts (maps), first/last ts."""
+        sql = queries.LIVE_STATS.replace("{source}", self.source.ref("predictions"))
+        df = self._df(sql, {"model_name": model_name, "since": _utc(since)})
+        return df.drop(columns=["latency_q"], errors="ignore")
+
+    def counts(self) -> pd.DataFrame:
+        """Rows per model, version and slot (with how many carry embeddings)."""
+        return self._df(queries.COUNTS.replace("{source}", self.source.ref("predictions")), {})
+
+    def tail(self, n: int = 20) -> pd.DataFrame:
+        """The newest ``n`` rows (no embeddings), newest first."""
+        if not 1 <= int(n) <= self.settings.max_window_rows:
+            raise ValueError(f"n must be in 1..{self.settings.max_window_rows}, got {n}")
+        return self._df(queries.TAIL.replace("{source}", self.source.ref("predictions")), {"n": int(n)})
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """A single read-only statement; ``predictions``/``drift_reports``/``promotion_events`` name
+        the log's tables on either backend. Values go in ``params`` as ``{name:Type}``."""
+        text = queries.check_read_only(sql)
+        text = queries.TABLE_REF.sub(lambda m: f"{m.group(1)}{m.group(2)}{self.source.ref(m.group(3))}", text)
+        return self._df(text, dict(params or {}))
+
+    def insert_drift_report(self, row: dict[str, Any]) -> None:
+        """Store one drift verdict (columns: predlog.schema.DRIFT_REPORTS; dict values become JSON)."""
+        self.source.insert("drift_reports", row_to_arrow("drift_reports", row))
+
+    def drift_reports(
+        self, *, model_version: str | None = None, slot: str | None = None, limit: int = 100
+    ) -> pd.DataFrame:
+        params: dict[str, Any] = {"limit": int(limit)}
+        if model_version is not None:
+            params["model_version"] = str(model_version)
+        if slot is not None:
+            params["slot"] = str(slot)
+        filters = "".join(f" AND {queries.FILTERS[k]}" for k in ("model_version", "slot") if k in params)
+        sql = queries.DRIFT_REPORTS.replace("{filters}", filters).replace(
+            "{source}", self.source.ref("drift_reports")
+        )
+        return self._df(sql, params)
+
+    def insert_promotion_event(self, row: dict[str, Any]) -> None:
+        """Store one promotion action (columns: predlog.schema.PROMOTION_EVENTS)."""
+        self.source.insert("promotion_events", row_to_arrow("promotion_events", row))
+
+    def promotion_events(self, *, limit: int = 100) -> pd.DataFrame:
+        sql = queries.PROMOTION_EVENTS.replace("{source}", self.source.ref("promotion_events"))
+        return self._df(sql, {"limit": int(limit)})
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def embedding_matrix(df: pd.DataFrame) -> np.ndarray:
+    """Stack a window's ``embedding`` column into an (n, dim) float32 matrix."""
+    if df.empty:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.stack([np.asarray(v, dtype=np.float32) for v in df["embedding"]])

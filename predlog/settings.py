@@ -1,0 +1,79 @@
+"""Prediction-log settings (``MOTLENS_PREDLOG_*``; the server URL also from ``MOTLENS_CLICKHOUSE_URL``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from motlens.state import StateSettings
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+class PredlogSettings(BaseSettings):
+    """Where predictions go and how the writer batches, spills and drops.
+
+    With no ``clickhouse_url`` the log is embedded: Parquet segments under ``dir`` (default
+    ``$MOTLENS_HOME/predlog``) read through chdb. A ``chdb://memory`` or ``chdb:///path`` URL selects
+    clickhouse-connect's in-process chdb client with the real tables (tests, single-process use).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MOTLENS_PREDLOG_", extra="ignore", populate_by_name=True)
+
+    clickhouse_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "MOTLENS_PREDLOG_CLICKHOUSE_URL", "MOTLENS_CLICKHOUSE_URL", "clickhouse_url"
+        ),
+        description="http(s)://user@host:8123/db or chdb://memory; the password never goes here",
+    )
+    password: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MOTLENS_PREDLOG_PASSWORD", "MOTLENS_CLICKHOUSE_PASSWORD", "password"),
+    )
+    database: str = "default"
+    cluster: bool = Field(
+        default=False, description="cluster DDL: ON CLUSTER '{cluster}', Replicated + Distributed"
+    )
+    auto_migrate: bool = True
+    ttl_days: int = Field(default=400, ge=1)
+    dir: Path | None = Field(
+        default=None, description="embedded segments and the spool; default MOTLENS_HOME/predlog"
+    )
+
+    queue_rows: int = Field(default=100_000, ge=1, description="bounded in-memory queue (rows)")
+    batch_rows: int = Field(default=5_000, ge=1)
+    flush_interval_s: float = Field(default=1.0, gt=0)
+    spool_max_bytes: int = Field(default=2 * 1024**3, ge=1)
+    spool_full_policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    retry_initial_s: float = Field(default=0.5, gt=0)
+    retry_max_s: float = Field(default=30.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    send_receive_timeout_s: float = Field(default=30.0, gt=0)
+    max_window_rows: int = Field(default=5_000_000, ge=1)
+
+    @field_validator("database")
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        if not _IDENT.match(v):
+            raise ValueError(f"not a plain ClickHouse identifier: {v!r}")
+        return v
+
+    @property
+    def embedded(self) -> bool:
+        return not self.clickhouse_url
+
+    @property
+    def root(self) -> Path:
+        return (self.dir or StateSettings().predlog_dir).resolve()
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.root / "spool"
+
+    def table_dir(self, table: str) -> Path:
+        return self.root / table

@@ -1,0 +1,114 @@
+"""Where batches land: Parquet segments (embedded default) or a ClickHouse table via clickhouse-connect.
+
+``insert(table, token)`` is idempotent per token: the Parquet sink names the file after the
+token; the ClickHouse sink passes it as ``insert_deduplication_token``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from predlog import migrate
+from predlog.settings import PredlogSettings
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    local: bool  # True: the sink is itself local durable storage (no write-ahead spool needed)
+
+    def insert(self, table: pa.Table, token: str) -> None: ...
+
+
+def write_parquet_segment(folder: Path, table: pa.Table, name: str) -> Path:
+    """Write ``{folder}/{name}.parquet`` atomically (tmp + fsync + rename); same name = same file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.parquet"
+    tmp = folder / f".{name}.parquet.tmp"
+    pq.write_table(table, tmp, compression="zstd", compression_level=3)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+class ParquetSink:
+    """Embedded default: one Parquet file per batch under ``predictions/``, named ``{first ts}-{token}``."""
+
+    local = True
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def insert(self, table: pa.Table, token: str) -> None:
+        first = pc.min(table["ts"]).as_py() if table.num_rows else None
+        stamp = first.strftime("%Y%m%dT%H%M%S") if first else "00000000T000000"
+        write_parquet_segment(self.folder, table, f"{stamp}-{token}")
+
+
+def make_client(settings: PredlogSettings, **kwargs: Any) -> Any:
+    """A clickhouse-connect client for ``settings.clickhouse_url`` (password from settings/env only)."""
+    import clickhouse_connect
+
+    url = settings.clickhouse_url or "chdb://memory"
+    if url.startswith("chdb:"):
+        return clickhouse_connect.get_client(dsn=url, tz_mode="aware", **kwargs)
+    password = settings.password.get_secret_value() if settings.password else ""
+    return clickhouse_connect.get_client(
+        dsn=url,
+        password=password,
+        tz_mode="aware",
+        connect_timeout=settings.connect_timeout_s,
+        send_receive_timeout=settings.send_receive_timeout_s,
+        autogenerate_session_id=False,
+        **kwargs,
+    )
+
+
+class ClickHouseSink:
+    """Batched inserts into ``{db}.predictions`` with async_insert; connects (and migrates) lazily,
+    so a server that is down at start only sends batches to the spool."""
+
+    local = False
+    INSERT_SETTINGS = {"async_insert": 1, "wait_for_async_insert": 1, "async_insert_deduplicate": 1}
+
+    def __init__(self, settings: PredlogSettings, table: str = "predictions"):
+        self.settings = settings
+        self.table = f"{settings.database}.{table}"
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                client = make_client(self.settings)
+                if self.settings.auto_migrate:
+                    migrate.apply(client, self.settings)
+                self._client = client
+            return self._client
+
+    def insert(self, table: pa.Table, token: str) -> None:
+        client = self._connect()
+        try:
+            client.insert_arrow(
+                self.table, table, settings={**self.INSERT_SETTINGS, "insert_deduplication_token": token}
+            )
+        except Exception:
+            self._drop_client()
+            raise
+
+    def _drop_client(self) -> None:
+        with self._lock:
+            if self._client is not None and not str(self.settings.clickhouse_url or "").startswith("chdb:"):
+                try:
+                    self._client.close()
+                finally:
+                    self._client = None

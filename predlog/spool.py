@@ -1,0 +1,124 @@
+"""Local append-only spool: Arrow IPC segments written with fsync + atomic rename, replayed in order.
+
+Segment file name: ``{seq:016d}-{rows}-{token}.arrow``. The token is the batch's
+``insert_deduplication_token`` (and the Parquet sink's file name), so a replay after a crash
+between "inserted" and "removed" stores the batch once. When the spool would exceed
+``max_bytes`` the policy applies: ``drop_oldest`` deletes the oldest segments (recent
+predictions matter most for canary and drift), ``drop_newest`` refuses the new batch; the rows
+lost are returned so the writer counts them as ``dropped{reason="spool_full"}``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+_SEG = re.compile(r"^(\d{16})-(\d+)-([0-9a-f]{32})\.arrow$")
+
+
+@dataclass(frozen=True, order=True)
+class Segment:
+    seq: int
+    rows: int
+    token: str
+    path: Path
+
+    @property
+    def bytes(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """A directory of ordered segments, safe for one writer process (thread-safe inside it)."""
+
+    def __init__(self, root: Path, max_bytes: int, policy: str = "drop_oldest"):
+        self.root = root
+        self.max_bytes = max_bytes
+        self.policy = policy
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        for stale in root.glob("*.tmp"):
+            stale.unlink(missing_ok=True)
+        self._segments: list[Segment] = sorted(
+            Segment(int(m.group(1)), int(m.group(2)), m.group(3), p)
+            for p in root.iterdir()
+            if (m := _SEG.match(p.name))
+        )
+        self._seq = self._segments[-1].seq + 1 if self._segments else 0
+        self._bytes = sum(s.bytes for s in self._segments)
+
+    def segments(self) -> list[Segment]:
+        with self._lock:
+            return list(self._segments)
+
+    @property
+    def rows(self) -> int:
+        with self._lock:
+            return sum(s.rows for s in self._segments)
+
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def append(self, table: pa.Table, token: str) -> tuple[Segment | None, int]:
+        """Durably add a batch; returns (segment or None if refused, rows dropped by the full policy)."""
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        data = sink.getvalue()
+        with self._lock:
+            dropped = 0
+            if self._bytes + data.size > self.max_bytes:
+                if self.policy == "drop_newest" or data.size > self.max_bytes:
+                    return None, table.num_rows
+                while self._segments and self._bytes + data.size > self.max_bytes:
+                    old = self._segments.pop(0)
+                    self._bytes -= old.bytes
+                    old.path.unlink(missing_ok=True)
+                    dropped += old.rows
+            seg = Segment(
+                self._seq,
+                table.num_rows,
+                token,
+                self.root / f"{self._seq:016d}-{table.num_rows}-{token}.arrow",
+            )
+            self._seq += 1
+            tmp = seg.path.with_name(seg.path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(data.to_pybytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, seg.path)
+            _fsync_dir(self.root)
+            self._segments.append(seg)
+            self._bytes += data.size
+            return seg, dropped
+
+    @staticmethod
+    def read(seg: Segment) -> pa.Table:
+        with pa.memory_map(str(seg.path)) as src:
+            return pa.ipc.open_file(src).read_all()
+
+    def remove(self, seg: Segment) -> None:
+        with self._lock:
+            if seg in self._segments:
+                self._segments.remove(seg)
+                self._bytes -= seg.bytes
+            seg.path.unlink(missing_ok=True)

@@ -1,0 +1,280 @@
+"""The prediction-log writer the predictor uses: never blocks, never raises, loses nothing it can keep.
+
+``submit`` appends to a bounded in-memory queue (full → ``dropped{reason="queue_full"}``). A
+background thread takes batches of ``batch_rows`` (or whatever arrived within
+``flush_interval_s``) and stores them:
+
+* remote sink (ClickHouse): the batch is first written to the spool (fsync'd Arrow IPC segment,
+  a write-ahead copy), then the spool is drained in order into the sink with the segment's
+  token as ``insert_deduplication_token`` and each stored segment is removed. A failed insert
+  leaves the segment (``rows_spilled``) and retries with exponential backoff; later batches
+  queue behind it, so replay keeps order and stores each row exactly once.
+* local Parquet sink: batches go straight to Parquet; only a failed write goes to the spool.
+
+``close`` (called on SIGTERM) drains the queue, tries the sink once more and leaves whatever
+the sink did not take in the spool for the next start.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from predlog import metrics
+from predlog.records import PredictionRecord
+from predlog.schema import records_to_arrow
+from predlog.settings import PredlogSettings
+from predlog.sinks import Sink
+from predlog.spool import Segment, Spool
+
+log = logging.getLogger(__name__)
+
+
+class PredictionLogWriter:
+    """Background batching writer; see the module docstring for the delivery guarantees."""
+
+    def __init__(self, sink: Sink, spool: Spool, settings: PredlogSettings):
+        self.sink = sink
+        self.spool = spool
+        self.settings = settings
+        self._queue: deque[PredictionRecord] = deque()
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._closed = False
+        self._stopping = False
+        self._flush_requested = False
+        self._counts = {"written": 0, "spilled": 0, "replayed": 0}
+        self._dropped: dict[str, int] = {}
+        self._fresh: set[str] = set()
+        self._retry_at = 0.0
+        self._backoff = settings.retry_initial_s
+        self._sink_ok = True
+        self._thread = threading.Thread(target=self._run, name="predlog-writer", daemon=True)
+        self._thread.start()
+        atexit.register(self._atexit)
+
+    # -- public API -------------------------------------------------------------------------
+    def submit(self, records: Sequence[PredictionRecord]) -> None:
+        """Queue rows for logging; returns at once and never raises."""
+        try:
+            if not records:
+                return
+            with self._cond:
+                if self._closed:
+                    self._drop(len(records), "closed")
+                    return
+                room = self.settings.queue_rows - len(self._queue)
+                if room < len(records):
+                    self._drop(len(records) - max(room, 0), "queue_full")
+                    records = records[: max(room, 0)]
+                self._queue.extend(records)
+                metrics.QUEUE_DEPTH.set(len(self._queue))
+                if len(self._queue) >= self.settings.batch_rows:
+                    self._cond.notify_all()
+        except Exception:  # noqa: BLE001 - a log failure must never fail a request
+            log.exception("predlog: submit failed")
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every row submitted so far is in the sink or the spool; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._flush_requested = True
+            self._cond.notify_all()
+            while self._queue or self._inflight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush, try the sink once more, stop; rows the sink did not take stay in the spool."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        atexit.unregister(self._atexit)
+        if self._thread.is_alive():  # the sink hangs: keep what is still queued on local disk
+            with self._cond:
+                rest = list(self._queue)
+                self._queue.clear()
+            if rest:
+                table = self._encode(rest)
+                if table is not None:
+                    self._spill(table, uuid.uuid4().hex)
+            log.warning("predlog: writer did not stop within %.1fs; queued rows kept in the spool", timeout)
+        metrics.QUEUE_DEPTH.set(0)
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                **self._counts,
+                "dropped": sum(self._dropped.values()),
+                "dropped_by_reason": dict(self._dropped),
+                "queue_depth": len(self._queue),
+                "spool_rows": self.spool.rows,
+                "spool_bytes": self.spool.bytes,
+                "spool_segments": len(self.spool.segments()),
+                "sink_ok": self._sink_ok,
+            }
+
+    # -- background thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                deadline = time.monotonic() + self.settings.flush_interval_s
+                while (
+                    not (self._stopping or self._flush_requested)
+                    and len(self._queue) < self.settings.batch_rows
+                ):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                n = min(len(self._queue), self.settings.batch_rows)
+                batch = [self._queue.popleft() for _ in range(n)]
+                if not self._queue:
+                    self._flush_requested = False
+                self._inflight = n
+                stop = self._stopping and not self._queue
+            try:
+                if batch:
+                    self._deliver(batch)
+                self._drain(force=stop)
+            except Exception:  # noqa: BLE001 - the thread must survive anything
+                log.exception("predlog: writer loop error")
+            finally:
+                with self._cond:
+                    self._inflight = 0
+                    metrics.QUEUE_DEPTH.set(len(self._queue))
+                    metrics.SPOOL_BYTES.set(self.spool.bytes)
+                    self._cond.notify_all()
+            if stop:
+                return
+
+    def _deliver(self, batch: list[PredictionRecord]) -> None:
+        table = self._encode(batch)
+        if table is None:
+            return
+        token = uuid.uuid4().hex
+        if self.sink.local and not self.spool.segments():
+            try:
+                self._insert(table, token)
+                self._add("written", table.num_rows)
+                return
+            except Exception as e:  # noqa: BLE001
+                self._sink_failed(e)
+            self._spill(table, token)
+            return
+        seg, dropped = self.spool.append(table, token)
+        if dropped:
+            self._drop(dropped, "spool_full")
+        if seg is None:
+            self._drop(table.num_rows, "spool_full")
+        elif self.sink.local:
+            self._add("spilled", seg.rows)
+        else:
+            self._fresh.add(token)
+
+    def _drain(self, force: bool = False) -> None:
+        """Replay spooled segments in order until one fails (skipped while backing off)."""
+        if not force and time.monotonic() < self._retry_at:
+            self._count_fresh_as_spilled()
+            return
+        for seg in self.spool.segments():
+            try:
+                table = Spool.read(seg)
+            except Exception:  # noqa: BLE001 - a corrupt segment must not block the rest
+                log.exception("predlog: unreadable spool segment %s set aside", seg.path.name)
+                seg.path.rename(seg.path.with_suffix(".corrupt"))
+                self.spool.remove(seg)
+                self._drop(seg.rows, "invalid")
+                continue
+            try:
+                self._insert(table, seg.token)
+            except Exception as e:  # noqa: BLE001
+                self._sink_failed(e)
+                break
+            self.spool.remove(seg)
+            self._add("written", seg.rows)
+            if seg.token not in self._fresh:
+                self._add("replayed", seg.rows)
+            self._fresh.discard(seg.token)
+        self._count_fresh_as_spilled()
+
+    def _count_fresh_as_spilled(self) -> None:
+        if self._fresh:
+            left = {s.token: s for s in self.spool.segments()}
+            for token in self._fresh:
+                seg: Segment | None = left.get(token)
+                if seg is not None:
+                    self._add("spilled", seg.rows)
+            self._fresh.clear()
+
+    def _insert(self, table: pa.Table, token: str) -> None:
+        t0 = time.perf_counter()
+        self.sink.insert(table, token)
+        metrics.INSERT_SECONDS.observe(time.perf_counter() - t0)
+        if not self._sink_ok:
+            log.info("predlog: sink is back; replaying the spool")
+        self._sink_ok = True
+        self._backoff = self.settings.retry_initial_s
+        self._retry_at = 0.0
+
+    def _sink_failed(self, e: Exception) -> None:
+        if self._sink_ok:
+            log.warning("predlog: sink insert failed (%s: %s); spooling and retrying", type(e).__name__, e)
+        self._sink_ok = False
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self.settings.retry_max_s)
+
+    def _spill(self, table: pa.Table, token: str) -> None:
+        seg, dropped = self.spool.append(table, token)
+        if dropped:
+            self._drop(dropped, "spool_full")
+        if seg is None:
+            self._drop(table.num_rows, "spool_full")
+        else:
+            self._add("spilled", seg.rows)
+
+    def _encode(self, batch: list[PredictionRecord]) -> pa.Table | None:
+        try:
+            return records_to_arrow(batch)
+        except Exception:  # noqa: BLE001 - isolate the bad rows, keep the good ones
+            good = []
+            for r in batch:
+                try:
+                    records_to_arrow([r])
+                    good.append(r)
+                except Exception as e:  # noqa: BLE001
+                    log.warning("predlog: dropping an unencodable row (%s)", e)
+                    self._drop(1, "invalid")
+            return records_to_arrow(good) if good else None
+
+    def _add(self, key: str, n: int) -> None:
+        with self._cond:
+            self._counts[key] += n
+        {"written": metrics.ROWS_WRITTEN, "spilled": metrics.ROWS_SPILLED, "replayed": metrics.ROWS_REPLAYED}[
+            key
+        ].inc(n)
+
+    def _drop(self, n: int, reason: str) -> None:
+        if n <= 0:
+            return
+        with self._cond:
+            self._dropped[reason] = self._dropped.get(reason, 0) + n
+        metrics.ROWS_DROPPED.labels(reason=reason).inc(n)
+
+    def _atexit(self) -> None:
+        self.close(timeout=5.0)
