@@ -1,10 +1,127 @@
-"""Subcommands of this package (stub until implemented)."""
+"""``motlens log``: inspect the prediction log on either backend (counts, tail, stats, query, migrate)."""
 
 from __future__ import annotations
 
 import argparse
+import re
+from datetime import UTC, datetime, timedelta
+
+TAIL_COLUMNS = (
+    "ts",
+    "model_version",
+    "slot",
+    "status",
+    "section",
+    "severity",
+    "fail_probability",
+    "latency_ms",
+    "text",
+)
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+
+
+def _since(value: str) -> datetime:
+    """``24h``/``30m``/``7d`` ago, or an ISO timestamp (UTC when naive)."""
+    m = _DURATION.match(value)
+    if m:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+        return datetime.now(UTC) - timedelta(**{unit: int(m.group(1))})
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--since: expected e.g. 24h or an ISO time, got {value!r}") from e
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def _param(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"--param: expected NAME=VALUE, got {value!r}")
+    return key, val
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("log", help="(not implemented yet)")
-    p.set_defaults(func=lambda a: print("not implemented") or 2)
+    p = sub.add_parser("log", help="the prediction log: count | tail | stats | query | migrate")
+    verbs = p.add_subparsers(dest="log_command", required=True, metavar="VERB")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    verbs.add_parser("count", parents=[common], help="rows per model version and slot")
+    t = verbs.add_parser("tail", parents=[common], help="the newest rows")
+    t.add_argument("-n", type=int, default=20)
+    s = verbs.add_parser("stats", parents=[common], help="live stats per version and slot (computed in SQL)")
+    s.add_argument("--since", type=_since, default="24h", help="window start: 24h, 30m, 7d or an ISO time")
+    s.add_argument("--model-name", default="mot-defects")
+    q = verbs.add_parser("query", parents=[common], help="one read-only SQL statement")
+    q.add_argument(
+        "sql",
+        help='e.g. "SELECT slot, count() FROM predictions WHERE model_version = {v:String} GROUP BY slot"',
+    )
+    q.add_argument("--param", type=_param, action="append", default=[], help="NAME=VALUE for {NAME:Type}")
+    verbs.add_parser("migrate", help="apply pending DDL migrations to the ClickHouse server")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import sys
+
+    from predlog import open_reader
+    from predlog.queries import ReadOnlyViolation
+    from predlog.settings import PredlogSettings
+
+    settings = PredlogSettings()
+    if args.log_command == "migrate":
+        return _migrate(settings)
+    reader = open_reader(settings)
+    try:
+        if args.log_command == "count":
+            df = reader.counts()
+        elif args.log_command == "tail":
+            df = reader.tail(args.n)
+            if not args.json:
+                df = df[[c for c in TAIL_COLUMNS if c in df.columns]]
+        elif args.log_command == "stats":
+            df = reader.live_stats(since=args.since, model_name=args.model_name)
+        else:
+            df = reader.query(args.sql, dict(args.param))
+    except (ReadOnlyViolation, ValueError) as e:
+        print(f"motlens log: {e}", file=sys.stderr)
+        return 2
+    finally:
+        reader.close()
+    _print(df, as_json=args.json)
+    return 0
+
+
+def _migrate(settings) -> int:
+    from predlog import migrate
+    from predlog.sinks import make_client
+
+    if settings.embedded:
+        print("embedded Parquet backend: nothing to migrate (set MOTLENS_CLICKHOUSE_URL)")
+        return 0
+    applied = migrate.apply(make_client(settings), settings)
+    print(f"applied migrations: {applied or 'none pending'}")
+    return 0
+
+
+def _print(df, *, as_json: bool) -> None:
+    if as_json:
+        print(df.to_json(orient="records", lines=True, date_format="iso", default_handler=str), end="")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    for col in df.columns:
+        table.add_column(str(col))
+    for row in df.itertuples(index=False):
+        table.add_row(*(_cell(v) for v in row))
+    Console().print(table)
+    Console().print(f"{len(df)} row(s)")
+
+
+def _cell(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {n}" for k, n in sorted(v.items(), key=lambda kv: -kv[1]))
+    text = str(v)
+    return text if len(text) <= 80 else text[:77] + "..."
