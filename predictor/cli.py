@@ -1,10 +1,96 @@
-"""Subcommands of this package (stub until implemented)."""
+"""``motlens serve``: the KServe predictor (v1 + v2 REST on --http-port, v2 gRPC on --grpc-port)."""
 
 from __future__ import annotations
 
 import argparse
 
+_FLAGS: tuple[tuple[str, type, str], ...] = (
+    (
+        "--model",
+        str,
+        "models:/mot-defects@<alias>, models:/mot-defects/<version> or a bundle path "
+        "(default models:/mot-defects@production; empty = KServe's /mnt/models)",
+    ),
+    ("--http-port", int, "REST port (default 8080)"),
+    ("--grpc-port", int, "gRPC port (default 8081)"),
+    (
+        "--follow-alias",
+        str,
+        "watch this registry alias and switch production to its version without downtime",
+    ),
+    ("--follow-interval-s", float, "seconds between alias checks (default 30)"),
+    ("--canary", str, "model reference to load into the canary slot"),
+    ("--canary-percent", float, "share of traffic for the canary slot, 0-100"),
+    ("--backend", str, "embedder backend: torch or onnx"),
+    ("--device", str, "cpu, cuda, cuda:1 … (default: cuda when present)"),
+    ("--dtype", str, "float32, float16 or bfloat16 (GPU only; still golden-checked)"),
+    ("--threads", int, "CPU threads for the model (default: cgroup CPUs)"),
+    ("--max-items-per-request", int, "items per request limit"),
+    ("--max-text-chars", int, "characters per text limit"),
+    ("--max-body-bytes", int, "request body limit (413 beyond)"),
+    ("--batch-max-items", int, "micro-batch size limit"),
+    ("--batch-max-wait-ms", float, "longest wait for a micro-batch to fill"),
+    ("--queue-capacity", int, "queued texts before 429"),
+    ("--cache-bytes", int, "embedding cache budget in bytes (0 disables it)"),
+    ("--log-embedding-sample-rate", float, "share of logged predictions that carry their embedding"),
+)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="(not implemented yet)")
-    p.set_defaults(func=lambda a: print("not implemented") or 2)
+    p = sub.add_parser(
+        "serve",
+        help="serve mot-defects over KServe v1/v2 REST and v2 gRPC",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for flag, kind, text in _FLAGS:
+        p.add_argument(flag, type=kind, default=None, help=text)
+    p.add_argument("--json-logs", action="store_true", default=None, help="one JSON object per log line")
+    p.add_argument("--no-grpc", dest="enable_grpc", action="store_false", default=None, help="REST only")
+    p.add_argument("--no-predlog", action="store_true", help="do not log predictions")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import sys
+
+    from motlens.cli import require
+
+    require("kserve", "serve")
+    overrides = {
+        k: v
+        for k, v in vars(args).items()
+        if v is not None and k not in ("func", "command", "verbose", "no_predlog")
+    }
+    from predictor.settings import ServeSettings
+
+    settings = ServeSettings(**overrides)
+    if settings.json_logs:
+        from predictor.logs import use_json_logs
+
+        use_json_logs(logging.DEBUG if args.verbose else logging.INFO)
+    writer = None if args.no_predlog else _open_predlog()
+    argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv when imported; keep ours away from it
+    try:
+        from predictor.server import PredictorServer
+    finally:
+        sys.argv = argv
+    server = PredictorServer(settings, writer=writer)
+    logging.getLogger(__name__).info(
+        "serving %s on http :%d, grpc :%s",
+        settings.model,
+        settings.http_port,
+        settings.grpc_port if settings.enable_grpc else "off",
+    )
+    asyncio.run(server.serve(handle_signals=True))
+    return 0
+
+
+def _open_predlog():  # noqa: ANN202 - predlog's writer type
+    """The prediction-log writer on its embedded/ClickHouse defaults (``MOTLENS_PREDLOG_*``)."""
+    import predlog
+    from predlog.settings import PredlogSettings
+
+    return predlog.open_writer(PredlogSettings())

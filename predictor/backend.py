@@ -1,0 +1,211 @@
+"""The model backend: a verified bundle, its embedder and head, warmed up and golden-checked.
+
+Knows nothing of KServe. ``load_backend`` resolves a model reference (local path, the KServe
+storage-initializer mount ``/mnt/models``, or ``models:/mot-defects@alias`` through the MLflow
+registry), verifies every hash, builds the embedder chosen by name, warms it up and reproduces
+the golden set on this device; a backend that fails the golden set is never served.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from motlens.bundle import MANIFEST, Bundle, BundleError, GoldenResult, check_golden
+from motlens.embedder import Embedder, TorchEmbedder
+from motlens.head import DefectHead, HeadOutput
+
+log = logging.getLogger(__name__)
+
+KSERVE_MOUNT = Path("/mnt/models")
+
+EmbedderFactory = Callable[..., Embedder]
+
+
+def _torch_factory(model_dir: Path, device: str | None, dtype: str, threads: int | None) -> Embedder:
+    return TorchEmbedder(model_dir, device=device, dtype=dtype, threads=threads)
+
+
+def _onnx_factory(model_dir: Path, device: str | None, dtype: str, threads: int | None) -> Embedder:
+    from motlens.onnx_embedder import OnnxEmbedder
+
+    return OnnxEmbedder(model_dir, threads=threads)
+
+
+#: Embedder backends by name (``MOTLENS_SERVE_BACKEND``); each takes (model_dir, device, dtype, threads).
+EMBEDDER_FACTORIES: dict[str, EmbedderFactory] = {"torch": _torch_factory, "onnx": _onnx_factory}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be resolved, verified, loaded or golden-checked; the message says why."""
+
+    def __init__(self, reason: str, golden: GoldenResult | None = None) -> None:
+        super().__init__(reason)
+        self.golden = golden
+
+
+def find_bundle_root(path: Path) -> Path:
+    """The directory holding ``bundle.json``: ``path`` itself or the one bundle below it (≤ 3 levels)."""
+    if (path / MANIFEST).is_file():
+        return path
+    found = sorted(p.parent for depth in ("*/", "*/*/", "*/*/*/") for p in path.glob(f"{depth}{MANIFEST}"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ModelLoadError(f"{path}: no {MANIFEST} found (not a motlens bundle)")
+    raise ModelLoadError(f"{path}: several bundles found: {', '.join(map(str, found))}")
+
+
+def resolve_model_ref(ref: str | None) -> Path:
+    """Local bundle directory for a model reference.
+
+    ``models:/…`` goes through the MLflow registry (downloaded, cached); an empty reference means the
+    KServe mount (``/mnt/models``, where the storage initializer put ``STORAGE_URI``); anything else is
+    a local path.
+    """
+    if not ref:
+        if not KSERVE_MOUNT.is_dir():
+            raise ModelLoadError(
+                f"no model given and {KSERVE_MOUNT} does not exist "
+                f"(STORAGE_URI={os.environ.get('STORAGE_URI', 'unset')})"
+            )
+        return find_bundle_root(KSERVE_MOUNT)
+    if ref.startswith("models:/"):
+        try:
+            from training.registry import Registry
+        except ImportError as e:
+            raise ModelLoadError(
+                f"cannot resolve {ref}: the MLflow registry helpers are unavailable ({e})"
+            ) from e
+        try:
+            fetched = Registry().fetch(ref)
+        except Exception as e:  # noqa: BLE001 - any registry failure is a load failure with its reason
+            raise ModelLoadError(f"cannot fetch {ref} from the registry: {e}") from e
+        return find_bundle_root(Path(getattr(fetched, "root", fetched)))
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist")
+    return find_bundle_root(path)
+
+
+@dataclass
+class Backend:
+    """A loaded bundle: embed, predict, and prove consistency with the golden set."""
+
+    bundle: Bundle
+    embedder: Embedder
+    head: DefectHead
+    ref: str
+    load_seconds: float = 0.0
+    golden: GoldenResult | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.bundle.manifest.get("name", "mot-defects"))
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def run_id(self) -> str:
+        return self.bundle.run_id or ""
+
+    @property
+    def backend_name(self) -> str:
+        return self.embedder.backend
+
+    @property
+    def device(self) -> str:
+        return self.embedder.device
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        return self.embedder.encode(texts, batch_size=batch_size)
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        return self.embedder.token_lengths(texts)
+
+    def predict(
+        self, embeddings: np.ndarray, context: Mapping[str, Sequence[Any] | None] | None
+    ) -> HeadOutput:
+        return self.head.predict(embeddings, context)
+
+    def warm_up(self) -> None:
+        """Run a few batch shapes once so the first real request pays no lazy-initialisation cost."""
+        for n in (1, 8):
+            self.encode(["Nearside Front Brake pipe corroded (1.1.11 (c))"] * n)
+
+    def check_golden(self) -> GoldenResult:
+        golden = self.bundle.golden()
+        emb = self.encode(golden.texts)
+        out = self.predict(emb, golden.context)
+        self.golden = check_golden(golden, emb, out.section, out.severity)
+        return self.golden
+
+    def close(self) -> None:
+        """Drop the model and return accelerator memory."""
+        self.embedder = None  # type: ignore[assignment]
+        gc.collect()
+        if self.info.get("device", "").startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def load_backend(
+    ref: str | None,
+    *,
+    backend: str = "torch",
+    device: str | None = None,
+    dtype: str = "float32",
+    threads: int | None = None,
+    embedder: Embedder | None = None,
+) -> Backend:
+    """Resolve, verify, load, warm up and golden-check; raise :class:`ModelLoadError` on any failure.
+
+    ``embedder`` reuses an already loaded embedder (tests share one MiniLM per session).
+    """
+    t0 = time.perf_counter()
+    root = resolve_model_ref(ref)
+    try:
+        bundle = Bundle.open(root)
+        head = bundle.head()
+    except (BundleError, ValueError, OSError) as e:
+        raise ModelLoadError(f"bundle refused: {e}") from e
+    if embedder is None:
+        factory = EMBEDDER_FACTORIES.get(backend)
+        if factory is None:
+            raise ModelLoadError(f"unknown backend {backend!r}; choose one of {sorted(EMBEDDER_FACTORIES)}")
+        try:
+            embedder = factory(bundle.embedder_dir, device, dtype, threads)
+        except Exception as e:  # noqa: BLE001 - surface any backend failure as the not-ready reason
+            raise ModelLoadError(f"backend {backend} failed to load {bundle.embedder_dir}: {e}") from e
+    be = Backend(bundle, embedder, head, ref=str(ref or root))
+    be.info = {"backend": embedder.backend, "device": embedder.device}
+    be.warm_up()
+    result = be.check_golden()
+    be.load_seconds = time.perf_counter() - t0
+    if not result.passed:
+        raise ModelLoadError(
+            f"golden set not reproduced on {embedder.backend}/{embedder.device}: {result.detail}",
+            golden=result,
+        )
+    log.info(
+        "loaded %s version %s (%s/%s) in %.1fs; golden: %s",
+        be.name,
+        be.version,
+        be.backend_name,
+        be.device,
+        be.load_seconds,
+        result.detail,
+    )
+    return be

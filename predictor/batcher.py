@@ -1,0 +1,206 @@
+"""Cross-request micro-batcher: concurrent requests' texts embedded together in a worker thread.
+
+A batch closes when it holds ``max_items`` texts or its oldest request has waited ``max_wait_ms``.
+Inside a batch, texts are sorted by token length and cut into buckets whose padded size
+(longest × count) stays within ``max_tokens``, so short texts never pay for a long one's padding.
+The queue is bounded (``capacity`` texts): beyond it :class:`Overloaded` is raised at once (HTTP 429
+with Retry-After). A request cancelled while queued (client gone, gRPC deadline) is dropped before
+any model work. Model work never runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from predictor import metrics
+
+log = logging.getLogger(__name__)
+
+EncodeFn = Callable[..., np.ndarray]
+TokenLengthsFn = Callable[[Sequence[str]], list[int]]
+
+
+class Overloaded(Exception):
+    """The batcher refuses work: its queue is full (``queue_full``) or it is shutting down (``closed``)."""
+
+    def __init__(self, reason: str, retry_after_s: int) -> None:
+        super().__init__(f"server overloaded ({reason}); retry after {retry_after_s}s")
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(eq=False)
+class _Job:
+    texts: list[str]
+    enqueued: float
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass
+class BatcherStats:
+    batches: int = 0
+    items: int = 0
+    dropped_requests: int = 0
+    dropped_items: int = 0
+
+
+class MicroBatcher:
+    """Coalesces ``embed`` calls from many requests into bounded, length-bucketed encoder calls."""
+
+    def __init__(
+        self,
+        encode: EncodeFn,
+        token_lengths: TokenLengthsFn,
+        *,
+        max_items: int = 64,
+        max_tokens: int = 8192,
+        max_wait_ms: float = 2.0,
+        capacity: int = 4096,
+        retry_after_s: int = 1,
+        name: str = "batcher",
+    ) -> None:
+        self._encode = encode
+        self._token_lengths = token_lengths
+        self.max_items = max_items
+        self.max_tokens = max_tokens
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.capacity = capacity
+        self.retry_after_s = retry_after_s
+        self.stats = BatcherStats()
+        self._queue: deque[_Job] = deque()
+        self._pending = 0
+        self._closing = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._worker, name=f"motlens-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending_items(self) -> int:
+        return self._pending
+
+    def submit(self, texts: Sequence[str]) -> concurrent.futures.Future:
+        """Queue texts; the future resolves to their [N, dim] embeddings. Raises :class:`Overloaded`."""
+        job = _Job(list(texts), time.monotonic())
+        n = len(job.texts)
+        with self._cond:
+            if self._closing:
+                raise Overloaded("closed", self.retry_after_s)
+            if self._pending + n > self.capacity:
+                metrics.REJECTED.labels(reason="queue_full").inc()
+                raise Overloaded("queue_full", self.retry_after_s)
+            self._queue.append(job)
+            self._pending += n
+            metrics.QUEUE_DEPTH.inc(n)
+            self._cond.notify()
+        job.future.add_done_callback(lambda f, job=job: self._forget_if_cancelled(job, f))
+        return job.future
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of ``texts``; cancelling the awaiting task drops the queued work."""
+        return await asyncio.wrap_future(self.submit(texts))
+
+    def _forget_if_cancelled(self, job: _Job, fut: concurrent.futures.Future) -> None:
+        if not fut.cancelled():
+            return
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return  # the worker already took it off the queue and saw the cancellation
+            self._drop(job)
+
+    def _drop(self, job: _Job) -> None:
+        n = len(job.texts)
+        self._pending -= n
+        metrics.QUEUE_DEPTH.dec(n)
+        self.stats.dropped_requests += 1
+        self.stats.dropped_items += n
+
+    def _take_batch(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._queue and not self._closing:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            deadline = self._queue[0].enqueued + self.max_wait_s
+            while self._pending < self.max_items and not self._closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._queue:
+                    break
+                self._cond.wait(remaining)
+            batch: list[_Job] = []
+            n = 0
+            while self._queue and (n == 0 or n + len(self._queue[0].texts) <= self.max_items):
+                job = self._queue.popleft()
+                if not job.future.set_running_or_notify_cancel():
+                    self._drop(job)
+                    continue
+                self._pending -= len(job.texts)
+                metrics.QUEUE_DEPTH.dec(len(job.texts))
+                batch.append(job)
+                n += len(job.texts)
+            return batch
+
+    def _worker(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            texts = [t for job in batch for t in job.texts]
+            try:
+                emb = self.encode_bucketed(texts)
+            except BaseException as e:  # noqa: BLE001 - every waiting request gets the failure
+                log.exception("embedding batch of %d failed", len(texts))
+                for job in batch:
+                    job.future.set_exception(e)
+                continue
+            self.stats.batches += 1
+            self.stats.items += len(texts)
+            start = 0
+            for job in batch:
+                job.future.set_result(emb[start : start + len(job.texts)])
+                start += len(job.texts)
+
+    def encode_bucketed(self, texts: Sequence[str]) -> np.ndarray:
+        """Encode in length-sorted buckets bounded by ``max_items`` and padded ``max_tokens``."""
+        lengths = self._token_lengths(texts)
+        order = np.argsort(np.asarray(lengths), kind="stable")
+        out: np.ndarray | None = None
+        bucket: list[int] = []
+
+        def flush() -> None:
+            nonlocal out
+            emb = self._encode([texts[i] for i in bucket], batch_size=len(bucket))
+            if out is None:
+                out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+            out[bucket] = emb
+            metrics.BATCH_SIZE.observe(len(bucket))
+            bucket.clear()
+
+        for i in order:
+            i = int(i)
+            if bucket and (len(bucket) >= self.max_items or lengths[i] * (len(bucket) + 1) > self.max_tokens):
+                flush()
+            bucket.append(i)
+        if bucket:
+            flush()
+        assert out is not None
+        return out
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new work, finish what is queued, stop the worker."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)

@@ -1,0 +1,309 @@
+"""Request validation and response building for v1 and v2 (DESIGN.md "Prediction contract").
+
+Every client mistake becomes :class:`kserve.errors.InvalidInput` (HTTP 400 / gRPC INVALID_ARGUMENT)
+with a message naming the field; nothing a client sends can reach the model unvalidated.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import (
+    InferOutput,
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    to_http_parameters,
+)
+
+from motlens import EMBEDDING_DIM
+
+TEXT = "text"
+BYTES_CONTEXT = ("make", "model", "fuel_type")
+NUMERIC_CONTEXT = ("vehicle_age_years", "odometer_miles")
+INPUT_NAMES = (TEXT, *BYTES_CONTEXT, *NUMERIC_CONTEXT)
+NUMERIC_DATATYPES = ("FP32", "FP64", "INT32", "INT64")
+DEFAULT_OUTPUTS = ("section", "section_score", "severity", "severity_scores", "fail_probability")
+EMBEDDING = "embedding"
+OUTPUT_NAMES = (*DEFAULT_OUTPUTS, EMBEDDING)
+
+#: Tensor metadata served by the model metadata endpoint.
+INPUT_METADATA: list[dict[str, Any]] = [
+    {"name": n, "datatype": "BYTES", "shape": [-1]} for n in (TEXT, *BYTES_CONTEXT)
+] + [{"name": n, "datatype": "FP32", "shape": [-1]} for n in NUMERIC_CONTEXT]
+OUTPUT_METADATA: list[dict[str, Any]] = [
+    {"name": "section", "datatype": "BYTES", "shape": [-1]},
+    {"name": "section_score", "datatype": "FP32", "shape": [-1]},
+    {"name": "severity", "datatype": "BYTES", "shape": [-1]},
+    {"name": "severity_scores", "datatype": "FP32", "shape": [-1, 4]},
+    {"name": "fail_probability", "datatype": "FP32", "shape": [-1]},
+    {"name": EMBEDDING, "datatype": "FP32", "shape": [-1, EMBEDDING_DIM]},
+]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_items: int = 256
+    max_text_chars: int = 2000
+
+
+@dataclass
+class PredictRequest:
+    """A validated request, independent of the protocol it came by."""
+
+    texts: list[str]
+    context: dict[str, list[Any]] = field(default_factory=dict)
+    outputs: tuple[str, ...] = DEFAULT_OUTPUTS
+    request_id: str = ""
+
+    @property
+    def return_embedding(self) -> bool:
+        return EMBEDDING in self.outputs
+
+
+@dataclass
+class PredictResult:
+    """Model outputs for one request (what the codec turns into a response)."""
+
+    section: list[str]
+    section_score: np.ndarray
+    severity: list[str]
+    severity_scores: np.ndarray
+    fail_probability: np.ndarray
+    embeddings: np.ndarray
+    model_name: str
+    model_version: str
+    slot: str
+
+
+def _truthy(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
+def _check_texts(texts: Sequence[Any], limits: Limits, where: str) -> list[str]:
+    if not texts:
+        raise InvalidInput(f"{where} has no items")
+    if len(texts) > limits.max_items:
+        raise InvalidInput(f"{where} has {len(texts)} items; the limit is {limits.max_items} per request")
+    out = []
+    for i, t in enumerate(texts):
+        if isinstance(t, bytes):
+            try:
+                t = t.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InvalidInput(
+                    f"{where} item {i} is not valid UTF-8 ({e.reason} at byte {e.start})"
+                ) from e
+        if not isinstance(t, str):
+            raise InvalidInput(f"{where} item {i} must be a string, got {type(t).__name__}")
+        if not t.strip():
+            raise InvalidInput(f"{where} item {i} is empty")
+        if len(t) > limits.max_text_chars:
+            raise InvalidInput(
+                f"{where} item {i} has {len(t)} characters; the limit is {limits.max_text_chars}"
+            )
+        out.append(t)
+    return out
+
+
+def _context_str(v: Any, where: str) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bytes):
+        try:
+            v = v.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"{where} is not valid UTF-8") from e
+    if not isinstance(v, str):
+        raise InvalidInput(f"{where} must be a string, got {type(v).__name__}")
+    if len(v) > 200:
+        raise InvalidInput(f"{where} has {len(v)} characters; the limit is 200")
+    return v or None
+
+
+def _context_num(v: Any, where: str) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
+        raise InvalidInput(f"{where} must be a number, got {type(v).__name__}")
+    f = float(v)
+    return None if math.isnan(f) else f
+
+
+# ---------------------------------------------------------------- v1
+
+
+def parse_v1(payload: Any, limits: Limits, request_id: str = "") -> PredictRequest:
+    """``{"instances": ["text", …]}`` or ``{"instances": [{"text": …, "make": …}, …]}``."""
+    if not isinstance(payload, Mapping):
+        raise InvalidInput("v1 request body must be a JSON object with 'instances'")
+    instances = payload.get("instances")
+    if instances is None:
+        raise InvalidInput('missing \'instances\' (expected {"instances": ["text", …]})')
+    if not isinstance(instances, list):
+        raise InvalidInput("'instances' must be a list")
+    params = payload.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise InvalidInput("'parameters' must be an object")
+    texts: list[Any] = []
+    context: dict[str, list[Any]] = {}
+    for i, inst in enumerate(instances):
+        if isinstance(inst, Mapping):
+            unknown = sorted(set(inst) - set(INPUT_NAMES))
+            if unknown:
+                raise InvalidInput(
+                    f"instances[{i}] has unknown field '{unknown[0]}'; expected {', '.join(INPUT_NAMES)}"
+                )
+            if TEXT not in inst:
+                raise InvalidInput(f"instances[{i}] is missing 'text'")
+            texts.append(inst[TEXT])
+            for name in BYTES_CONTEXT:
+                context.setdefault(name, [None] * len(instances))[i] = _context_str(
+                    inst.get(name), f"instances[{i}].{name}"
+                )
+            for name in NUMERIC_CONTEXT:
+                context.setdefault(name, [None] * len(instances))[i] = _context_num(
+                    inst.get(name), f"instances[{i}].{name}"
+                )
+        else:
+            texts.append(inst)
+    checked = _check_texts(texts, limits, "'instances' text")
+    outputs = (
+        (*DEFAULT_OUTPUTS, EMBEDDING) if _truthy(params.get("return_embedding", False)) else DEFAULT_OUTPUTS
+    )
+    return PredictRequest(checked, context, outputs, request_id or str(uuid.uuid4()))
+
+
+def build_v1(result: PredictResult, req: PredictRequest) -> dict[str, Any]:
+    preds = []
+    for i in range(len(result.section)):
+        p: dict[str, Any] = {
+            "section": result.section[i],
+            "section_score": float(result.section_score[i]),
+            "severity": result.severity[i],
+            "severity_scores": [float(x) for x in result.severity_scores[i]],
+            "fail_probability": float(result.fail_probability[i]),
+        }
+        if req.return_embedding:
+            p[EMBEDDING] = result.embeddings[i].tolist()
+        preds.append(p)
+    return {"predictions": preds, "model_name": result.model_name, "model_version": result.model_version}
+
+
+# ---------------------------------------------------------------- v2
+
+
+def _flat_values(inp: Any) -> np.ndarray:
+    try:
+        arr = inp.as_numpy()
+    except InvalidInput:
+        raise
+    except (ValueError, TypeError, IndexError) as e:
+        raise InvalidInput(
+            f"input '{inp.name}': data does not fit datatype {inp.datatype} and shape {list(inp.shape)} ({e})"
+        ) from e
+    return arr.reshape(-1)
+
+
+def parse_v2(req: InferRequest, limits: Limits) -> PredictRequest:
+    """Validate a v2 request (REST JSON, REST binary or gRPC) against the contract."""
+    seen: dict[str, Any] = {}
+    for inp in req.inputs:
+        if inp.name not in INPUT_NAMES:
+            raise InvalidInput(f"unknown input '{inp.name}'; expected {', '.join(INPUT_NAMES)}")
+        if inp.name in seen:
+            raise InvalidInput(f"input '{inp.name}' given more than once")
+        seen[inp.name] = inp
+    if TEXT not in seen:
+        raise InvalidInput("missing required input 'text' (BYTES [N])")
+    n: int | None = None
+    values: dict[str, np.ndarray] = {}
+    for name, inp in seen.items():
+        expected = ("BYTES",) if name in (TEXT, *BYTES_CONTEXT) else NUMERIC_DATATYPES
+        if inp.datatype not in expected:
+            raise InvalidInput(
+                f"input '{name}' has datatype {inp.datatype}; expected {' or '.join(expected)}"
+            )
+        shape = list(inp.shape or [])
+        if (
+            not shape
+            or len(shape) > 2
+            or (len(shape) == 2 and shape[1] != 1)
+            or any(not isinstance(d, int) or d < 0 for d in shape)
+        ):
+            raise InvalidInput(f"input '{name}' has shape {shape}; expected [N] (or [N, 1])")
+        if shape[0] > limits.max_items:
+            raise InvalidInput(
+                f"input '{name}' has {shape[0]} items; the limit is {limits.max_items} per request"
+            )
+        vals = _flat_values(inp)
+        if n is None:
+            n = shape[0]
+        elif shape[0] != n:
+            raise InvalidInput(
+                f"input '{name}' has {shape[0]} items but '{TEXT if name != TEXT else name}' "
+                f"and the other inputs have {n}; every input must have the same N"
+            )
+        values[name] = vals
+    texts = _check_texts(list(values[TEXT]), limits, "input 'text'")
+    context: dict[str, list[Any]] = {}
+    for name in BYTES_CONTEXT:
+        if name in values:
+            context[name] = [_context_str(v, f"input '{name}' item {i}") for i, v in enumerate(values[name])]
+    for name in NUMERIC_CONTEXT:
+        if name in values:
+            context[name] = [_context_num(v, f"input '{name}' item {i}") for i, v in enumerate(values[name])]
+
+    params = to_http_parameters(req.parameters) if req.parameters else {}
+    want_embedding = _truthy(params.get("return_embedding", False))
+    if req.request_outputs:
+        names = []
+        for out in req.request_outputs:
+            if out.name not in OUTPUT_NAMES:
+                raise InvalidInput(f"unknown output '{out.name}'; available: {', '.join(OUTPUT_NAMES)}")
+            names.append(out.name)
+        if want_embedding and EMBEDDING not in names:
+            names.append(EMBEDDING)
+            req.request_outputs.append(RequestedOutput(EMBEDDING, {}))
+        outputs = tuple(dict.fromkeys(names))
+    else:
+        outputs = (*DEFAULT_OUTPUTS, EMBEDDING) if want_embedding else DEFAULT_OUTPUTS
+    return PredictRequest(texts, context, outputs, str(req.id or uuid.uuid4()))
+
+
+def build_v2(result: PredictResult, req: PredictRequest, infer_req: InferRequest) -> InferResponse:
+    n = len(result.section)
+    arrays: dict[str, np.ndarray] = {
+        "section": np.array([s.encode() for s in result.section], dtype=np.object_),
+        "section_score": np.asarray(result.section_score, dtype=np.float32),
+        "severity": np.array([s.encode() for s in result.severity], dtype=np.object_),
+        "severity_scores": np.asarray(result.severity_scores, dtype=np.float32).reshape(n, -1),
+        "fail_probability": np.asarray(result.fail_probability, dtype=np.float32),
+        EMBEDDING: np.asarray(result.embeddings, dtype=np.float32).reshape(n, -1),
+    }
+    outputs = []
+    for name in req.outputs:
+        arr = arrays[name]
+        out = InferOutput(name, list(arr.shape), "BYTES" if arr.dtype == np.object_ else "FP32", data=arr)
+        if infer_req.from_grpc:
+            # gRPC answers with raw_output_contents (KServe's to_grpc cannot take numpy data directly)
+            out.set_data_from_numpy(arr, binary_data=True)
+        outputs.append(out)
+    return InferResponse(
+        response_id=req.request_id,
+        model_name=result.model_name,
+        model_version=result.model_version,
+        infer_outputs=outputs,
+        from_grpc=infer_req.from_grpc,
+        use_binary_outputs=infer_req.use_binary_outputs,
+        requested_outputs=infer_req.request_outputs,
+        parameters={"slot": result.slot},
+    )

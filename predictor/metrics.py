@@ -1,0 +1,66 @@
+"""Prometheus series of the predictor (names fixed by docs/architecture.md "Metrics").
+
+Registered in prometheus-client's default registry, which KServe's ``/metrics`` route serves next
+to its own request histograms.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Summary
+
+REQUESTS = Counter(
+    "motlens_requests_total", "Inference requests by protocol and outcome", ["protocol", "outcome"]
+)
+ITEMS = Counter("motlens_items_total", "Predicted items by protocol and outcome", ["protocol", "outcome"])
+ITEM_LATENCY = Histogram(
+    "motlens_item_latency_seconds",
+    "Request latency divided by its item count",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+REQUEST_LATENCY = Histogram(
+    "motlens_request_latency_seconds",
+    "End-to-end model latency of a request",
+    ["protocol"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+BATCH_SIZE = Histogram(
+    "motlens_batch_size",
+    "Items per micro-batch sent to the embedder",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+QUEUE_DEPTH = Gauge("motlens_queue_depth", "Items waiting in the micro-batcher queues")
+REJECTED = Counter("motlens_rejected_total", "Requests refused before inference, by reason", ["reason"])
+MODEL_INFO = Gauge(
+    "motlens_model_info",
+    "The model served in each slot (=1)",
+    ["name", "version", "run_id", "backend", "device", "slot"],
+)
+MODEL_READY = Gauge(
+    "motlens_model_ready", "1 when the slot serves a verified, warm, golden-checked model", ["slot"]
+)
+MODEL_NOT_READY = Gauge(
+    "motlens_model_not_ready", "1 while the model is not ready, labelled with why", ["reason"]
+)
+MODEL_LOAD_SECONDS = Gauge(
+    "motlens_model_load_seconds", "Seconds to load, warm up and golden-check", ["slot"]
+)
+GOLDEN_MIN_COSINE = Gauge("motlens_golden_min_cosine", "Lowest golden-set cosine at load", ["slot"])
+GOLDEN_PASSED = Gauge("motlens_golden_passed", "1 when the golden set was reproduced at load", ["slot"])
+EMBEDDING_NORM = Summary("motlens_embedding_norm", "L2 norm of served embeddings (≈1 when healthy)")
+CACHE_HITS = Counter("motlens_cache_hits_total", "Embedding cache hits")
+CACHE_MISSES = Counter("motlens_cache_misses_total", "Embedding cache misses")
+CACHE_BYTES = Gauge("motlens_cache_bytes", "Bytes held by the embedding cache")
+GPU_ALLOCATED = Gauge("motlens_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated()")
+GPU_RESERVED = Gauge("motlens_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved()")
+GPU_TOTAL = Gauge("motlens_gpu_memory_total_bytes", "Total memory of the GPU in use (near-limit alert)")
+
+
+def update_gpu_memory() -> None:
+    """Refresh the GPU memory gauges when torch sees a GPU (no-op on CPU hosts)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        GPU_ALLOCATED.set(torch.cuda.memory_allocated())
+        GPU_RESERVED.set(torch.cuda.memory_reserved())
+        GPU_TOTAL.set(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)

@@ -1,0 +1,166 @@
+"""The thin ``kserve.Model`` adapter: validate, pick a slot, predict, answer, count, log.
+
+KServe decodes v1 JSON into a dict and v2 (REST JSON, REST binary, gRPC) into ``InferRequest``;
+this class turns both into a :class:`~predictor.codec.PredictRequest`, runs it on the slot chosen by
+the canary split, and answers in the caller's protocol with the served ``model_version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+from grpc_interceptor.exceptions import ResourceExhausted
+from kserve import Model
+from kserve.errors import InvalidInput, ModelNotReady
+from kserve.protocol.infer_type import InferRequest, InferResponse
+
+from motlens import MODEL_NAME
+from motlens.embedder import normalise_text
+from predictor import metrics
+from predictor.batcher import Overloaded
+from predictor.codec import (
+    INPUT_METADATA,
+    OUTPUT_METADATA,
+    Limits,
+    PredictRequest,
+    PredictResult,
+    build_v1,
+    build_v2,
+    parse_v1,
+    parse_v2,
+)
+from predictor.settings import ServeSettings
+from predictor.slots import SlotManager
+
+log = logging.getLogger(__name__)
+
+
+class MotlensModel(Model):
+    """``mot-defects`` as KServe sees it; readiness is the production slot's readiness."""
+
+    def __init__(
+        self, slots: SlotManager, settings: ServeSettings, writer: Any | None = None, name: str = MODEL_NAME
+    ) -> None:
+        super().__init__(name)
+        self.slots = slots
+        self.limits = Limits(settings.max_items_per_request, settings.max_text_chars)
+        self.writer = writer
+        self.sample_rate = settings.log_embedding_sample_rate
+        self._rng = random.Random()
+
+    async def healthy(self) -> bool:
+        return self.slots.ready
+
+    def load(self) -> bool:
+        """Loading is driven by the slot manager in the background; never block a request on it."""
+        return self.slots.ready
+
+    def start(self) -> None:
+        """Nothing to do: slots load asynchronously after the server is up."""
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return [dict(m) for m in INPUT_METADATA]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        return [dict(m) for m in OUTPUT_METADATA]
+
+    async def predict(
+        self,
+        payload: Any,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> dict[str, Any] | InferResponse:
+        t0 = time.perf_counter()
+        is_v2 = isinstance(payload, InferRequest)
+        protocol = ("v2-grpc" if payload.from_grpc else "v2-rest") if is_v2 else "v1"
+        try:
+            req = (
+                parse_v2(payload, self.limits)
+                if is_v2
+                else parse_v1(payload, self.limits, (headers or {}).get("x-request-id", ""))
+            )
+        except InvalidInput:
+            metrics.REQUESTS.labels(protocol=protocol, outcome="client_error").inc()
+            metrics.REJECTED.labels(reason="invalid_input").inc()
+            raise
+        unit = self.slots.acquire()
+        if unit is None:
+            metrics.REQUESTS.labels(protocol=protocol, outcome="unavailable").inc()
+            reason = self.slots.not_ready_reason()
+            raise ModelNotReady(self.name, reason[1] if reason else None)
+        try:
+            result, hits = await unit.predict(req.texts, req.context)
+        except Overloaded as e:
+            metrics.REQUESTS.labels(protocol=protocol, outcome="overloaded").inc()
+            if protocol == "v2-grpc":
+                raise ResourceExhausted(str(e)) from e
+            raise
+        except asyncio.CancelledError:
+            metrics.REQUESTS.labels(protocol=protocol, outcome="cancelled").inc()
+            raise
+        except Exception:
+            metrics.REQUESTS.labels(protocol=protocol, outcome="server_error").inc()
+            metrics.ITEMS.labels(protocol=protocol, outcome="server_error").inc(len(req.texts))
+            raise
+        finally:
+            unit.release()
+        latency = time.perf_counter() - t0
+        n = len(req.texts)
+        metrics.REQUESTS.labels(protocol=protocol, outcome="ok").inc()
+        metrics.ITEMS.labels(protocol=protocol, outcome="ok").inc(n)
+        metrics.REQUEST_LATENCY.labels(protocol=protocol).observe(latency)
+        metrics.ITEM_LATENCY.observe(latency / n)
+        if self.writer is not None:
+            self._log_predictions(
+                req, result, hits, protocol, latency, unit.backend.backend_name, unit.backend.device
+            )
+        return build_v2(result, req, payload) if is_v2 else build_v1(result, req)
+
+    def _log_predictions(
+        self,
+        req: PredictRequest,
+        result: PredictResult,
+        hits: list[bool],
+        protocol: str,
+        latency: float,
+        backend: str,
+        device: str,
+    ) -> None:
+        from predlog.records import PredictionRecord, text_hash
+
+        ctx = req.context
+        per_item_ms = latency * 1000.0
+        records = []
+        for i, text in enumerate(req.texts):
+            sampled = self.sample_rate > 0 and self._rng.random() < self.sample_rate
+            records.append(
+                PredictionRecord(
+                    request_id=req.request_id,
+                    item_index=i,
+                    model_name=result.model_name,
+                    model_version=result.model_version,
+                    slot=result.slot,
+                    text=text,
+                    section=result.section[i],
+                    section_score=float(result.section_score[i]),
+                    severity=result.severity[i],
+                    fail_probability=float(result.fail_probability[i]),
+                    latency_ms=per_item_ms,
+                    cache_hit=hits[i],
+                    backend=backend,
+                    device=device,
+                    protocol=protocol,
+                    make=ctx.get("make", [None] * len(req.texts))[i],
+                    model=ctx.get("model", [None] * len(req.texts))[i],
+                    fuel_type=ctx.get("fuel_type", [None] * len(req.texts))[i],
+                    vehicle_age_years=ctx.get("vehicle_age_years", [None] * len(req.texts))[i],
+                    odometer_miles=ctx.get("odometer_miles", [None] * len(req.texts))[i],
+                    embedding=result.embeddings[i].tolist() if sampled else None,
+                    text_hash=text_hash(normalise_text(text)),
+                )
+            )
+        self.writer.submit(records)

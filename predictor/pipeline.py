@@ -1,0 +1,105 @@
+"""One served model: backend + micro-batcher + shared embedding cache, with in-flight accounting.
+
+``ServingUnit.predict`` is the whole inference path of a request: normalise texts, look them up in
+the cache, embed the misses (deduplicated) through the batcher, run the head, and return a
+:class:`~predictor.codec.PredictResult`. The unit counts requests in flight so a slot swap can
+drain it before freeing the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from motlens.embedder import normalise_text
+from predictor import metrics
+from predictor.backend import Backend
+from predictor.batcher import MicroBatcher
+from predictor.cache import EmbeddingCache
+from predictor.codec import PredictResult
+from predictor.settings import ServeSettings
+
+
+class ServingUnit:
+    """A loaded backend ready to serve one slot."""
+
+    def __init__(self, backend: Backend, settings: ServeSettings, cache: EmbeddingCache, slot: str) -> None:
+        self.backend = backend
+        self.cache = cache
+        self.slot = slot
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.batcher = MicroBatcher(
+            backend.encode,
+            backend.token_lengths,
+            max_items=settings.batch_max_items,
+            max_tokens=settings.batch_max_tokens,
+            max_wait_ms=settings.batch_max_wait_ms,
+            capacity=settings.queue_capacity,
+            retry_after_s=settings.retry_after_s,
+            name=f"{slot}-v{backend.version}",
+        )
+
+    @property
+    def version(self) -> str:
+        return self.backend.version
+
+    def acquire(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no request uses this unit; False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
+        """Embeddings of ``texts`` (cache first, misses batched) and which ones were cache hits."""
+        keys = [normalise_text(t) for t in texts]
+        cached = self.cache.get_many(self.version, keys)
+        hits = [c is not None for c in cached]
+        misses = list(dict.fromkeys(k for k, c in zip(keys, cached, strict=True) if c is None))
+        fresh: dict[str, np.ndarray] = {}
+        if misses:
+            emb = await self.batcher.embed(misses)
+            self.cache.put_many(self.version, misses, emb)
+            fresh = dict(zip(misses, emb, strict=True))
+        rows = [c if c is not None else fresh[k] for k, c in zip(keys, cached, strict=True)]
+        return np.stack(rows).astype(np.float32, copy=False), hits
+
+    async def predict(
+        self, texts: Sequence[str], context: Mapping[str, Sequence[Any]] | None
+    ) -> tuple[PredictResult, list[bool]]:
+        emb, hits = await self.embed(texts)
+        out = self.backend.predict(emb, context)
+        for norm in np.linalg.norm(emb, axis=1):
+            metrics.EMBEDDING_NORM.observe(float(norm))
+        result = PredictResult(
+            section=out.section,
+            section_score=out.section_score,
+            severity=out.severity,
+            severity_scores=out.severity_scores,
+            fail_probability=out.fail_probability,
+            embeddings=emb,
+            model_name=self.backend.name,
+            model_version=self.version,
+            slot=self.slot,
+        )
+        return result, hits
+
+    def close(self) -> None:
+        """Finish queued work, stop the batcher, free the model."""
+        self.batcher.close(timeout=30)
+        self.backend.close()

@@ -1,0 +1,386 @@
+"""The predictor process: KServe's REST and gRPC servers around :class:`MotlensModel`, plus admin routes.
+
+Built from KServe's own parts (``DataPlane``, ``RESTServer``, ``GRPCServer``) rather than
+``kserve.ModelServer.start`` so that the server is up (live, not ready) while the model loads, so
+several servers can run in one process (tests), and so SIGTERM drains gracefully. Extra routes:
+
+* ``POST /v1/models/{name}:predict`` and ``POST /v2/models/{name}/infer`` are answered by motlens
+  handlers placed before KServe's: bodies over ``max_body_bytes`` get 413 before parsing, and any
+  malformed body is a 400 naming the problem (KServe's own decoders turn some into 500s).
+* ``GET /motlens/ready``: readiness with its reason (200 or 503).
+* ``/motlens/admin/…``: slot operations for ``motlens promote --target local`` (docs/predictor.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Generator
+from functools import partial
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import ORJSONResponse, Response
+from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
+from kserve.errors import InferenceError, InvalidInput, ModelNotReady
+from kserve.model_repository import ModelRepository
+from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.grpc.server import GRPCServer
+from kserve.protocol.infer_type import InferRequest
+from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+from kserve.protocol.rest.server import RESTServer
+from kserve.protocol.rest.v2_datamodels import InferenceRequest
+from pydantic import BaseModel
+
+from motlens.embedder import Embedder
+from predictor import metrics
+from predictor.backend import ModelLoadError, load_backend
+from predictor.batcher import Overloaded
+from predictor.cache import EmbeddingCache
+from predictor.model import MotlensModel
+from predictor.settings import ServeSettings
+from predictor.slots import SlotError, SlotManager
+
+log = logging.getLogger(__name__)
+
+ADMIN_PREFIX = "/motlens/admin"
+GRPC_MAX_SEND = 64 * 1024 * 1024
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds {limit} bytes")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _Uvicorn(uvicorn.Server):
+    """Uvicorn without its own signal handling: :class:`PredictorServer` drains on SIGTERM itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class _RESTServer(RESTServer):
+    """KServe's REST server on a fresh FastAPI app (not KServe's module-level one) with motlens routes."""
+
+    def __init__(
+        self, server: PredictorServer, dataplane: DataPlane, ext: ModelRepositoryExtension, host: str
+    ) -> None:
+        super().__init__(
+            "kserve.model_server:app",
+            dataplane,
+            ext,
+            server.settings.http_port,
+            grace_period=server.settings.grace_period_s,
+            event_loop="asyncio",
+        )
+        self.motlens = server
+        self.config.host = host
+        self._server = _Uvicorn(self.config)
+
+    def create_application(self) -> None:
+        app = FastAPI(
+            title="motlens predictor", docs_url=None, redoc_url=None, default_response_class=ORJSONResponse
+        )
+        self.motlens.add_routes(app)
+        self._add_middlewares(app)
+        self._register_endpoints(app)
+        self._add_exception_handlers(app)
+        app.add_exception_handler(Overloaded, _overloaded_handler)
+        app.add_exception_handler(BodyTooLarge, _too_large_handler)
+        self.config.app = app
+
+    def request_exit(self) -> None:
+        self._server.should_exit = True
+
+
+async def _overloaded_handler(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Overloaded)
+    status = 429 if exc.reason == "queue_full" else 503
+    return ORJSONResponse(
+        {"error": str(exc)}, status_code=status, headers={"Retry-After": str(exc.retry_after_s)}
+    )
+
+
+async def _too_large_handler(_: Request, exc: Exception) -> Response:
+    metrics.REJECTED.labels(reason="body_too_large").inc()
+    return ORJSONResponse({"error": str(exc)}, status_code=413)
+
+
+class _LoadBody(BaseModel):
+    ref: str
+
+
+class _PercentBody(BaseModel):
+    percent: float
+
+
+class PredictorServer:
+    """One predictor process: REST + gRPC servers, the slots, the prediction-log writer."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        *,
+        embedder: Embedder | None = None,
+        writer: Any | None = None,
+        host: str = "0.0.0.0",
+    ) -> None:
+        self.settings = settings
+        self.writer = writer
+        self.cache = EmbeddingCache(settings.cache_bytes)
+        loader = partial(
+            load_backend,
+            backend=settings.backend,
+            device=settings.device,
+            dtype=settings.dtype,
+            threads=settings.resolved_threads(),
+            embedder=embedder,
+        )
+        self.slots = SlotManager(settings, self.cache, loader)
+        self.model = MotlensModel(self.slots, settings, writer)
+        repo = ModelRepository()
+        repo.update(self.model)
+        self.dataplane = DataPlane(model_registry=repo)
+        ext = ModelRepositoryExtension(model_registry=repo)
+        self.rest = _RESTServer(self, self.dataplane, ext, host)
+        self.grpc = GRPCServer(
+            settings.grpc_port,
+            self.dataplane,
+            ext,
+            grace_period=settings.grace_period_s,
+            kwargs={
+                "grpc_max_send_message_length": GRPC_MAX_SEND,
+                "grpc_max_receive_message_length": settings.max_body_bytes,
+            },
+        )
+        self._stopping: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def serve(self, handle_signals: bool = False) -> None:
+        """Run until :meth:`request_stop` (or SIGTERM/SIGINT with ``handle_signals``), then drain."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self._stopping.set)
+        servers = [asyncio.create_task(self.rest.start(), name="rest")]
+        if self.settings.enable_grpc:
+            servers.append(asyncio.create_task(self.grpc.start(4), name="grpc"))
+        background = [
+            asyncio.create_task(self.slots.load_with_retry("production", self.settings.model), name="load")
+        ]
+        if self.settings.follow_alias:
+            background.append(
+                asyncio.create_task(
+                    self.slots.follow(self.settings.follow_alias, self.settings.follow_interval_s),
+                    name="follow",
+                )
+            )
+        if self.settings.canary:
+            background.append(asyncio.create_task(self._start_canary(self.settings.canary), name="canary"))
+        await self._stopping.wait()
+        await self._shutdown(servers, background)
+
+    async def _start_canary(self, ref: str) -> None:
+        await self.slots.load_with_retry("canary", ref)
+        self.slots.set_canary_percent(self.settings.canary_percent)
+
+    async def _shutdown(self, servers: list[asyncio.Task], background: list[asyncio.Task]) -> None:
+        log.info("shutting down: not ready, draining in-flight requests")
+        for t in background:
+            t.cancel()
+        self.slots.begin_drain()
+        if self.settings.drain_s:
+            await asyncio.sleep(self.settings.drain_s)
+        self.rest.request_exit()
+        if self.settings.enable_grpc:
+            await self.grpc.stop()
+        await asyncio.gather(*servers, return_exceptions=True)
+        await self.slots.shutdown()
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.close, self.settings.grace_period_s)
+        log.info("stopped")
+
+    def request_stop(self) -> None:
+        """Thread-safe: begin a graceful shutdown."""
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+
+    # ------------------------------------------------------------ routes
+
+    def add_routes(self, app: FastAPI) -> None:
+        app.add_api_route(
+            "/v1/models/{model_name}:predict", self._v1_predict, methods=["POST"], response_model=None
+        )
+        app.add_api_route(
+            "/v2/models/{model_name}/infer", self._v2_infer, methods=["POST"], response_model=None
+        )
+        app.add_api_route("/motlens/ready", self._ready, methods=["GET"], response_model=None)
+        app.add_api_route(f"{ADMIN_PREFIX}/slots", self._admin_status, methods=["GET"], response_model=None)
+        app.add_api_route(
+            f"{ADMIN_PREFIX}/slots/{{slot}}/load", self._admin_load, methods=["POST"], response_model=None
+        )
+        app.add_api_route(
+            f"{ADMIN_PREFIX}/canary/percent",
+            self._admin_percent,
+            methods=["POST", "PUT"],
+            response_model=None,
+        )
+        app.add_api_route(
+            f"{ADMIN_PREFIX}/promote", self._admin_promote, methods=["POST"], response_model=None
+        )
+        app.add_api_route(
+            f"{ADMIN_PREFIX}/rollback", self._admin_rollback, methods=["POST"], response_model=None
+        )
+
+    async def _check_ready(self, model_name: str) -> None:
+        if not await self.dataplane.model_ready(model_name, True):
+            reason = self.slots.not_ready_reason()
+            raise ModelNotReady(model_name, reason[1] if reason else None)
+
+    async def _v1_predict(self, model_name: str, request: Request) -> Response:
+        body = await read_body(request, self.settings.max_body_bytes)
+        await self._check_ready(model_name)
+        headers = dict(request.headers.items())
+        payload, attrs = self.dataplane.decode(body=body, headers=headers)
+        response, response_headers = await self.dataplane.infer(
+            model_name=model_name, request=payload, headers=headers
+        )
+        response, res_headers = self.dataplane.encode(
+            model_name=model_name, response=response, headers=headers, req_attributes=attrs
+        )
+        response_headers.update(res_headers)
+        response_headers.pop("content-length", None)
+        if isinstance(response, bytes | str):
+            return Response(content=response, headers=response_headers)
+        return ORJSONResponse(content=response, headers=response_headers)
+
+    async def _v2_infer(self, model_name: str, request: Request) -> Response:
+        body = await read_body(request, self.settings.max_body_bytes)
+        await self._check_ready(model_name)
+        headers = dict(request.headers.items())
+        try:
+            json_length = headers.get(INFERENCE_CONTENT_LENGTH_HEADER)
+            if json_length is not None:
+                if not json_length.isdigit() or int(json_length) > len(body):
+                    raise InvalidInput(
+                        f"header {INFERENCE_CONTENT_LENGTH_HEADER}={json_length!r} does not fit "
+                        f"a body of {len(body)} bytes"
+                    )
+                infer_request = InferRequest.from_bytes(body, int(json_length), model_name)
+            else:
+                infer_request = InferRequest.from_inference_request(
+                    InferenceRequest.model_validate_json(body), model_name
+                )
+        except InvalidInput:
+            raise
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, InferenceError) as e:
+            raise InvalidInput(f"malformed v2 inference request: {_short(e)}") from e
+        response, response_headers = await self.dataplane.infer(
+            model_name=model_name, request=infer_request, headers=headers
+        )
+        response, res_headers = self.dataplane.encode(
+            model_name=model_name, response=response, headers=headers, req_attributes={}
+        )
+        response_headers.update(res_headers)
+        response_headers.pop("content-length", None)
+        response_headers.pop("content-type", None)
+        if isinstance(response, bytes):
+            return Response(content=response, headers=response_headers, media_type="application/octet-stream")
+        return ORJSONResponse(content=response, headers=response_headers)
+
+    async def _ready(self) -> Response:
+        status = self.slots.status()
+        return ORJSONResponse(
+            {"ready": status["ready"], "reason": status["reason"]},
+            status_code=200 if status["ready"] else 503,
+        )
+
+    def _admin_auth(self, request: Request) -> Response | None:
+        token = self.settings.admin_token
+        if token is None:
+            return None
+        if request.headers.get("authorization") != f"Bearer {token.get_secret_value()}":
+            return ORJSONResponse(
+                {"error": "admin API needs 'Authorization: Bearer <token>'"}, status_code=401
+            )
+        return None
+
+    async def _admin_status(self, request: Request) -> Response:
+        return self._admin_auth(request) or ORJSONResponse(self.slots.status())
+
+    async def _admin_load(self, slot: str, body: _LoadBody, request: Request) -> Response:
+        if denied := self._admin_auth(request):
+            return denied
+        try:
+            return ORJSONResponse(await self.slots.load(slot, body.ref))
+        except SlotError as e:
+            return ORJSONResponse({"error": str(e)}, status_code=404)
+        except ModelLoadError as e:
+            return ORJSONResponse({"error": str(e), **self.slots.status()}, status_code=422)
+
+    async def _admin_percent(self, body: _PercentBody, request: Request) -> Response:
+        if denied := self._admin_auth(request):
+            return denied
+        try:
+            return ORJSONResponse(self.slots.set_canary_percent(body.percent))
+        except SlotError as e:
+            return ORJSONResponse({"error": str(e)}, status_code=409)
+
+    async def _admin_promote(self, request: Request) -> Response:
+        if denied := self._admin_auth(request):
+            return denied
+        try:
+            return ORJSONResponse(await self.slots.promote())
+        except SlotError as e:
+            return ORJSONResponse({"error": str(e)}, status_code=409)
+
+    async def _admin_rollback(self, request: Request) -> Response:
+        return self._admin_auth(request) or ORJSONResponse(await self.slots.rollback())
+
+
+def _short(e: Exception) -> str:
+    text = str(e).replace("\n", " ")
+    return text if len(text) <= 300 else text[:297] + "…"
+
+
+class ServerThread:
+    """A :class:`PredictorServer` running in a background thread (tests, benchmarks, local promotion)."""
+
+    def __init__(self, server: PredictorServer) -> None:
+        self.server = server
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(server.serve()), name="motlens-serve", daemon=True
+        )
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        while self.server._loop is None and self._thread.is_alive():
+            threading.Event().wait(0.05)
+        self.server.request_stop()
+        self._thread.join(timeout)

@@ -1,0 +1,72 @@
+"""Predictor settings (``MOTLENS_SERVE_*`` environment variables or ``motlens serve`` flags)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_REF = "models:/mot-defects@production"
+
+
+def cgroup_cpu_count() -> int:
+    """CPUs this process may use: the cgroup v2 quota when set, else the affinity mask."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            return max(1, int(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class ServeSettings(BaseSettings):
+    """Everything ``motlens serve`` can be told; limits protect the server from hostile input."""
+
+    model_config = SettingsConfigDict(env_prefix="MOTLENS_SERVE_", extra="ignore")
+
+    model: str = Field(
+        DEFAULT_MODEL_REF, description="models:/NAME@ALIAS, models:/NAME/VERSION or a local path"
+    )
+    follow_alias: str | None = Field(None, description="poll the registry and swap to this alias' version")
+    follow_interval_s: float = 30.0
+    http_port: int = 8080
+    grpc_port: int = 8081
+    enable_grpc: bool = True
+    grace_period_s: int = 30
+    drain_s: float = 0.0
+
+    # request limits (4xx beyond them)
+    max_items_per_request: int = 256
+    max_text_chars: int = 2000
+    max_body_bytes: int = 4 * 1024 * 1024
+
+    # micro-batcher
+    batch_max_items: int = 64
+    batch_max_tokens: int = 8192
+    batch_max_wait_ms: float = 2.0
+    queue_capacity: int = 4096
+    retry_after_s: int = 1
+
+    # embedding cache (0 disables it)
+    cache_bytes: int = 64 * 1024 * 1024
+
+    # backend
+    backend: str = "torch"
+    device: str | None = None
+    dtype: str = "float32"
+    threads: int | None = None
+
+    # observability
+    json_logs: bool = False
+    log_embedding_sample_rate: float = Field(0.01, ge=0.0, le=1.0)
+
+    # deployment slots (local promotion target)
+    canary: str | None = Field(None, description="model reference to load into the canary slot at start")
+    canary_percent: float = Field(0.0, ge=0.0, le=100.0)
+    admin_token: SecretStr | None = Field(None, description="if set, the admin API needs 'Bearer <token>'")
+
+    def resolved_threads(self) -> int:
+        return self.threads or cgroup_cpu_count()

@@ -1,0 +1,273 @@
+"""Deployment slots in one server: ``production`` plus an optional ``canary`` with a traffic split.
+
+A slot's model is replaced without a failed request: the new backend is loaded, verified, warmed and
+golden-checked beside the old one (in a thread, off the event loop), then swapped in atomically;
+the old one is drained (in-flight requests finish) and freed. ``--follow-alias`` and the promotion
+CLI's local target (through the admin API in :mod:`predictor.server`) drive these operations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from motlens import MODEL_NAME
+from motlens.labels import SLOTS
+from predictor import metrics
+from predictor.backend import Backend, ModelLoadError
+from predictor.cache import EmbeddingCache
+from predictor.pipeline import ServingUnit
+from predictor.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[str], Backend]
+
+NOT_READY_REASONS = ("no_model", "loading", "load_failed", "golden_failed", "draining")
+
+
+class SlotError(Exception):
+    """An admin operation that cannot be applied (e.g. promote without a canary); nothing changed."""
+
+
+@dataclass
+class SlotState:
+    unit: ServingUnit | None = None
+    ref: str | None = None
+    loading: str | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    info_labels: tuple[str, ...] | None = None
+
+
+class SlotManager:
+    """Owns the served units, picks one per request, and swaps them safely."""
+
+    def __init__(self, settings: ServeSettings, cache: EmbeddingCache, loader: Loader) -> None:
+        self.settings = settings
+        self.cache = cache
+        self._loader = loader
+        self.slots: dict[str, SlotState] = {s: SlotState() for s in SLOTS}
+        self.canary_percent = 0.0
+        self.draining = False
+        self._locks: dict[str, asyncio.Lock] = {s: asyncio.Lock() for s in SLOTS}
+        self._rng = random.Random()
+        self._reason_label: str | None = None
+        self._update_readiness()
+
+    # ------------------------------------------------------------ serving
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and self.slots["production"].unit is not None
+
+    def not_ready_reason(self) -> tuple[str, str] | None:
+        """(metric label, human detail) while not ready, else None."""
+        prod = self.slots["production"]
+        if self.draining:
+            return "draining", "server is shutting down"
+        if prod.unit is not None:
+            return None
+        if prod.loading:
+            return "loading", f"loading {prod.loading}"
+        if prod.error:
+            return prod.error_kind or "load_failed", prod.error
+        return "no_model", "no production model loaded"
+
+    def acquire(self) -> ServingUnit | None:
+        """The unit for the next request (the canary with probability canary_percent/100)."""
+        canary = self.slots["canary"].unit
+        unit = self.slots["production"].unit
+        if canary is not None and self._rng.random() * 100.0 < self.canary_percent:
+            unit = canary
+        if unit is not None:
+            unit.acquire()
+        return unit
+
+    # ------------------------------------------------------------ operations
+
+    async def load(self, slot: str, ref: str) -> dict[str, Any]:
+        """Load ``ref`` into ``slot`` beside the current model, swap, drain and free the old one."""
+        if slot not in self.slots:
+            raise SlotError(f"unknown slot {slot!r}; expected one of {', '.join(SLOTS)}")
+        state = self.slots[slot]
+        async with self._locks[slot]:
+            state.loading = ref
+            self._update_readiness()
+            try:
+                backend = await asyncio.to_thread(self._loader, ref)
+            except ModelLoadError as e:
+                state.error = str(e)
+                state.error_kind = "golden_failed" if e.golden is not None else "load_failed"
+                if e.golden is not None:
+                    metrics.GOLDEN_MIN_COSINE.labels(slot=slot).set(e.golden.min_cosine)
+                    metrics.GOLDEN_PASSED.labels(slot=slot).set(0)
+                log.error("%s slot: cannot serve %s: %s", slot, ref, e)
+                raise
+            finally:
+                state.loading = None
+                self._update_readiness()
+            unit = ServingUnit(backend, self.settings, self.cache, slot)
+            old = state.unit
+            state.unit, state.ref, state.error, state.error_kind = unit, ref, None, None
+            self._export_unit(slot, unit)
+            self._update_readiness()
+            log.info("%s slot now serves %s version %s", slot, backend.name, backend.version)
+        if old is not None:
+            await self._retire(old)
+        return self.status()
+
+    async def load_with_retry(self, slot: str, ref: str, max_backoff_s: float = 60.0) -> None:
+        """Keep trying to load (registry down at start, …) with exponential backoff until it works."""
+        delay = 1.0
+        while True:
+            try:
+                await self.load(slot, ref)
+                return
+            except ModelLoadError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max_backoff_s)
+
+    def set_canary_percent(self, percent: float) -> dict[str, Any]:
+        if not 0.0 <= percent <= 100.0:
+            raise SlotError(f"canary percent must be within 0–100, got {percent}")
+        if percent > 0 and self.slots["canary"].unit is None:
+            raise SlotError("no canary model loaded; load one before sending it traffic")
+        self.canary_percent = float(percent)
+        return self.status()
+
+    async def promote(self) -> dict[str, Any]:
+        """The canary becomes production (100% of traffic); the old production model is drained and freed."""
+        async with self._locks["production"], self._locks["canary"]:
+            canary, prod = self.slots["canary"], self.slots["production"]
+            if canary.unit is None:
+                raise SlotError("no canary model loaded; nothing to promote")
+            old = prod.unit
+            unit = canary.unit
+            unit.slot = "production"
+            prod.unit, prod.ref, prod.error, prod.error_kind = unit, canary.ref, None, None
+            canary.unit, canary.ref = None, None
+            self.canary_percent = 0.0
+            self._export_unit("canary", None)
+            self._export_unit("production", unit)
+            self._update_readiness()
+        if old is not None:
+            await self._retire(old)
+        return self.status()
+
+    async def rollback(self) -> dict[str, Any]:
+        """Send no traffic to the canary and unload it."""
+        async with self._locks["canary"]:
+            canary = self.slots["canary"]
+            self.canary_percent = 0.0
+            old, canary.unit, canary.ref = canary.unit, None, None
+            self._export_unit("canary", None)
+        if old is not None:
+            await self._retire(old)
+        return self.status()
+
+    async def follow(self, alias: str, interval_s: float) -> None:
+        """Poll the registry alias; when it names another version, swap production to that version."""
+        from training.registry import Registry
+
+        registry = await asyncio.to_thread(Registry)
+        refused: set[str] = set()
+        while True:
+            try:
+                info = await asyncio.to_thread(registry.resolve, f"models:/{MODEL_NAME}@{alias}")
+                prod = self.slots["production"]
+                current = prod.unit.version if prod.unit else None
+                if not prod.loading and info.version not in refused and current != info.version:
+                    log.info("alias %s now names version %s; switching production", alias, info.version)
+                    try:
+                        await self.load("production", f"models:/{MODEL_NAME}/{info.version}")
+                    except ModelLoadError:
+                        refused.add(info.version)
+            except Exception as e:  # noqa: BLE001 - registry down: keep serving, retry next poll
+                log.warning("cannot resolve alias %s: %s", alias, e)
+            await asyncio.sleep(interval_s)
+
+    def begin_drain(self) -> None:
+        """Report not ready from now on (requests already routed here are still served)."""
+        self.draining = True
+        self._update_readiness()
+
+    async def shutdown(self) -> None:
+        """Mark not ready, drain and free every unit."""
+        self.begin_drain()
+        for slot in SLOTS:
+            state = self.slots[slot]
+            unit, state.unit = state.unit, None
+            if unit is not None:
+                self._export_unit(slot, None)
+                await self._retire(unit)
+
+    # ------------------------------------------------------------ internals
+
+    async def _retire(self, unit: ServingUnit) -> None:
+        if not await unit.drain(self.settings.grace_period_s):
+            log.warning(
+                "version %s still had %d requests after %ss; freeing it anyway",
+                unit.version,
+                unit.inflight,
+                self.settings.grace_period_s,
+            )
+        await asyncio.to_thread(unit.close)
+        if all(s.unit is None or s.unit.version != unit.version for s in self.slots.values()):
+            self.cache.purge_version(unit.version)
+        metrics.update_gpu_memory()
+        log.info("retired version %s", unit.version)
+
+    def _export_unit(self, slot: str, unit: ServingUnit | None) -> None:
+        state = self.slots[slot]
+        if state.info_labels is not None:
+            metrics.MODEL_INFO.remove(*state.info_labels)
+            state.info_labels = None
+        metrics.MODEL_READY.labels(slot=slot).set(0 if unit is None else 1)
+        if unit is None:
+            return
+        be = unit.backend
+        state.info_labels = (be.name, be.version, be.run_id, be.backend_name, be.device, slot)
+        metrics.MODEL_INFO.labels(*state.info_labels).set(1)
+        metrics.MODEL_LOAD_SECONDS.labels(slot=slot).set(be.load_seconds)
+        if be.golden is not None:
+            metrics.GOLDEN_MIN_COSINE.labels(slot=slot).set(be.golden.min_cosine)
+            metrics.GOLDEN_PASSED.labels(slot=slot).set(1 if be.golden.passed else 0)
+        metrics.update_gpu_memory()
+
+    def _update_readiness(self) -> None:
+        reason = self.not_ready_reason()
+        label = reason[0] if reason else None
+        if label != self._reason_label:
+            for r in NOT_READY_REASONS:
+                metrics.MODEL_NOT_READY.labels(reason=r).set(1 if r == label else 0)
+            if reason:
+                log.warning("model not ready: %s", reason[1])
+            self._reason_label = label
+
+    def status(self) -> dict[str, Any]:
+        reason = self.not_ready_reason()
+        out: dict[str, Any] = {
+            "ready": self.ready,
+            "reason": reason[1] if reason else None,
+            "canary_percent": self.canary_percent,
+            "slots": {},
+        }
+        for slot, st in self.slots.items():
+            be = st.unit.backend if st.unit else None
+            out["slots"][slot] = {
+                "ref": st.ref,
+                "version": be.version if be else None,
+                "run_id": be.run_id if be else None,
+                "backend": be.backend_name if be else None,
+                "device": be.device if be else None,
+                "golden_min_cosine": be.golden.min_cosine if be and be.golden else None,
+                "loading": st.loading,
+                "error": st.error,
+                "inflight": st.unit.inflight if st.unit else 0,
+            }
+        return out
