@@ -27,6 +27,8 @@ class Sink(Protocol):
 
     def insert(self, table: pa.Table, token: str) -> None: ...
 
+    def close(self) -> None: ...
+
 
 def write_parquet_segment(folder: Path, table: pa.Table, name: str) -> Path:
     """Write ``{folder}/{name}.parquet`` atomically (tmp + fsync + rename); same name = same file."""
@@ -52,6 +54,9 @@ class ParquetSink:
         first = pc.min(table["ts"]).as_py() if table.num_rows else None
         stamp = first.strftime("%Y%m%dT%H%M%S") if first else "00000000T000000"
         write_parquet_segment(self.folder, table, f"{stamp}-{token}")
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 def make_client(settings: PredlogSettings, **kwargs: Any) -> Any:
@@ -106,9 +111,12 @@ class ClickHouseSink:
             raise
 
     def _drop_client(self) -> None:
+        """Reconnect on the next insert (a server may have restarted); chdb clients stay."""
+        if not str(self.settings.clickhouse_url or "").startswith("chdb:"):
+            self.close()
+
+    def close(self) -> None:
         with self._lock:
-            if self._client is not None and not str(self.settings.clickhouse_url or "").startswith("chdb:"):
-                try:
-                    self._client.close()
-                finally:
-                    self._client = None
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()

@@ -114,6 +114,8 @@ class PredictionLogWriter:
                 if table is not None:
                     self._spill(table, uuid.uuid4().hex)
             log.warning("predlog: writer did not stop within %.1fs; queued rows kept in the spool", timeout)
+        else:
+            self.sink.close()
         metrics.QUEUE_DEPTH.set(0)
 
     def stats(self) -> dict[str, Any]:
