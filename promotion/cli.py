@@ -1,10 +1,225 @@
-"""Subcommands of this package (stub until implemented)."""
+"""``motlens promote``: move a model version candidate → canary → production, gated and audited."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from typing import Any
+
+EXIT_OK, EXIT_AUDIT, EXIT_ERROR, EXIT_REFUSED = 0, 1, 2, 3
+
+# flag → PromoteSettings field (flags override MOTLENS_PROMOTE_* environment variables)
+_SETTING_FLAGS = {
+    "target": "target",
+    "overlay": "overlay",
+    "manifests_dir": "manifests_dir",
+    "namespace": "namespace",
+    "steps": "steps",
+    "local_url": "local_url",
+    "min_samples": "min_samples",
+    "max_error_rate": "max_error_rate",
+    "max_p99_ratio": "max_p99_ratio",
+    "offline_tolerance": "offline_tolerance",
+    "min_step_interval": "min_step_interval_s",
+    "actor": "actor",
+    "textfile": "textfile",
+    "pushgateway_url": "pushgateway_url",
+}
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    o = p.add_argument_group("target and safety")
+    o.add_argument(
+        "--target", choices=("k8s", "gitops", "local"), help="where the rollout lives (default: local)"
+    )
+    o.add_argument("--dry-run", action="store_true", help="print the patch; change nothing")
+    o.add_argument(
+        "--force",
+        action="store_true",
+        help="proceed although live state and registry disagree or gates did not pass",
+    )
+    o.add_argument("--overlay", help="gitops: overlay under manifests/overlays (cpu, gpu)")
+    o.add_argument("--manifests-dir", help="gitops: the manifests/ checkout")
+    o.add_argument("--namespace", help="k8s: namespace of the InferenceService")
+    o.add_argument("--local-url", help="local: base URL of `motlens serve`")
+    o.add_argument("--actor", help="who is acting (default $MOTLENS_PROMOTE_ACTOR or $USER)")
+    o.add_argument("--textfile", help="write promotion metrics to this Prometheus textfile")
+    o.add_argument("--pushgateway-url", help="push promotion metrics to this Pushgateway")
+    gates = p.add_argument_group("steps and gates")
+    gates.add_argument("--steps", help="canary percentages, e.g. 10,25,50,100")
+    gates.add_argument("--min-samples", type=int, help="canary items needed since the last step")
+    gates.add_argument("--max-error-rate", type=float, help="canary error-rate ceiling (fraction)")
+    gates.add_argument("--max-p99-ratio", type=float, help="canary p99 / production p99 ceiling")
+    gates.add_argument("--offline-tolerance", type=float, help="allowed loss on each offline metric")
+    gates.add_argument("--min-step-interval", type=float, help="auto: seconds at a percent before stepping")
+    return p
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("promote", help="(not implemented yet)")
-    p.set_defaults(func=lambda a: print("not implemented") or 2)
+    common = _common()
+    p = sub.add_parser(
+        "promote", help="roll a model version out: canary, gates, promote or roll back", description=__doc__
+    )
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="ACTION")
+    st = verbs.add_parser("status", parents=[common], help="aliases, live state, drift, canary health")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    canary = verbs.add_parser("canary", help="start a canary or set its share")
+    cverbs = canary.add_subparsers(dest="canary_verb", required=True, metavar="start|set")
+    start = cverbs.add_parser(
+        "start", parents=[common], help="canary alias → VERSION; new storage URI at N%%"
+    )
+    start.add_argument("version", nargs="?", help="registry version (default: the 'candidate' alias)")
+    start.add_argument("--percent", type=int, required=True, help="canary share, 0–100")
+    cset = cverbs.add_parser("set", parents=[common], help="set the canary share (as `kubectl edit` would)")
+    cset.add_argument("percent", type=int, help="canary share, 0–100")
+    verbs.add_parser("advance", parents=[common], help="next step (e.g. 10 → 25 → 50 → 100) if gates pass")
+    prom = verbs.add_parser(
+        "promote", parents=[common], help="production alias → the canary; percent removed"
+    )
+    prom.add_argument(
+        "version", nargs="?", help="deploy this version directly (first deployment, or --force)"
+    )
+    rb = verbs.add_parser(
+        "rollback", parents=[common], help="canary to 0%%, previous spec restored, rejected"
+    )
+    rb.add_argument("--reason", default="manual rollback", help="recorded with the rejection")
+    verbs.add_parser("auto", parents=[common], help="one scheduled run: advance, promote, roll back or hold")
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    from promotion.settings import PromoteSettings
+
+    overrides = {
+        field: getattr(args, flag)
+        for flag, field in _SETTING_FLAGS.items()
+        if getattr(args, flag, None) is not None
+    }
+    return PromoteSettings(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from promotion.locking import LockBusy
+    from promotion.targets import TargetError, make_target
+    from promotion.workflow import Promoter, PromotionError, Refused
+    from training.registry import Registry, RegistryError
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        print(f"motlens promote: invalid settings: {msgs}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        promoter = Promoter(
+            settings, Registry(), make_target(settings), dry_run=args.dry_run, force=args.force
+        )
+        if args.verb == "status":
+            return _print_status(promoter.status(), as_json=args.json)
+        outcome = _dispatch(promoter, args)
+    except Refused as e:
+        print(f"motlens promote: refused: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except (PromotionError, TargetError, RegistryError, LockBusy) as e:
+        print(f"motlens promote: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    _print_outcome(outcome)
+    return EXIT_OK if outcome.audit_ok else EXIT_AUDIT
+
+
+def _dispatch(promoter: Any, args: argparse.Namespace) -> Any:
+    if args.verb == "canary":
+        if args.canary_verb == "start":
+            return promoter.canary_start(args.version, args.percent)
+        return promoter.canary_set(args.percent)
+    if args.verb == "advance":
+        return promoter.advance()
+    if args.verb == "promote":
+        return promoter.promote(args.version)
+    if args.verb == "rollback":
+        return promoter.rollback(reason=args.reason)
+    return promoter.auto()
+
+
+def _print_outcome(outcome: Any) -> None:
+    from rich.console import Console
+
+    console = Console()
+    for r in outcome.gates:
+        colour = {"pass": "green", "fail": "red", "wait": "yellow"}[r.status]
+        console.print(f"  gate [bold]{r.name}[/]: [{colour}]{r.status}[/] — {r.detail}", highlight=False)
+    for patch in outcome.patches:
+        if isinstance(patch, dict) and "content" in patch:
+            console.print(f"[bold]{patch['file']}[/]:", highlight=False)
+            console.out(patch["content"])
+            console.print("[bold]equivalent merge patch[/]:")
+            console.out(json.dumps(patch["merge_patch"], indent=2, sort_keys=True))
+        else:
+            console.out(json.dumps(patch, indent=2, sort_keys=True))
+    console.print(f"[bold]{outcome.action}[/]: {outcome.message}", highlight=False)
+    if not outcome.audit_ok:
+        console.print("[red]the change stands, but the audit trail is incomplete (see the log)[/]")
+
+
+def _print_status(status: dict[str, Any], *, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(status, indent=2, sort_keys=True, default=str))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    live = status.get("live")
+    t = Table(title=f"mot-defects on {status['target']}", show_header=False)
+    t.add_row(
+        "registry aliases", ", ".join(f"{a} → v{v}" for a, v in sorted(status["aliases"].items())) or "none"
+    )
+    if live is None:
+        t.add_row("live state", f"[red]unreadable: {status.get('live_error')}[/]")
+    else:
+        t.add_row("live state", live["summary"])
+        t.add_row("storage URI (spec)", str(live["storage_uri"]))
+        t.add_row("production URI", str(live["production_uri"] or live["storage_uri"]))
+        t.add_row("canaryTrafficPercent", "absent" if live["percent"] is None else f"{live['percent']}")
+        t.add_row("traffic", live["traffic"] or "n/a")
+        problems = status.get("disagreements") or []
+        t.add_row(
+            "live vs registry", "[green]agree[/]" if not problems else "[red]" + "\n".join(problems) + "[/]"
+        )
+    for d in status.get("drift", []):
+        verdict = "[red]drift[/]" if d.get("drift_detected") else "[green]no drift[/]"
+        t.add_row(
+            f"drift v{d['model_version']} ({d['slot']})", f"{verdict} at {d['ts']} (n={d.get('n_current')})"
+        )
+    for s in status.get("live_stats", []):
+        t.add_row(
+            f"live v{s['model_version']} ({s['slot']})",
+            f"n={s['n']}, errors {float(s['error_rate']):.2%}, p99 {float(s['latency_p99_ms']):.1f} ms",
+        )
+    for e in status.get("events", []):
+        t.add_row(
+            f"event {e['ts']}",
+            f"{e['action']} {e['from_version']}→{e['to_version']} by {e['actor']}"
+            f"{'' if e['success'] else ' (failed)'} {e['reason']}".rstrip(),
+        )
+    if "predlog_error" in status:
+        t.add_row("prediction log", f"[yellow]unavailable: {status['predlog_error']}[/]")
+    console.print(t)
+    v = Table(title="versions")
+    for col in ("version", "aliases", "status", "last action", "metrics", "created"):
+        v.add_column(col)
+    for row in status["versions"]:
+        v.add_row(
+            row["version"],
+            ",".join(row["aliases"]),
+            row["status"],
+            row["last_action"],
+            " ".join(f"{k}={val:.3f}" for k, val in row["metrics"].items()),
+            str(row["created_at"] or ""),
+        )
+    console.print(v)
+    return EXIT_OK

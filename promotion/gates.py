@@ -1,0 +1,177 @@
+"""Promotion gates. Each returns a :class:`GateResult` that is recorded (MLflow tags, promotion_events).
+
+``pass`` lets a step happen; ``fail`` blocks it (and makes ``auto`` roll back); ``wait`` means not
+enough evidence yet (too few canary samples, no drift report), so ``auto`` holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from promotion.settings import PromoteSettings
+
+log = logging.getLogger(__name__)
+
+PASS, FAIL, WAIT = "pass", "fail", "wait"
+GOLDEN_TAG = "promotion.gate.golden"
+
+
+@dataclass
+class GateResult:
+    name: str
+    status: str  # pass | fail | wait
+    detail: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASS
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(results: list[GateResult]) -> str:
+    """``fail`` if any failed, else ``wait`` if any waits, else ``pass``."""
+    statuses = {r.status for r in results}
+    return FAIL if FAIL in statuses else WAIT if WAIT in statuses else PASS
+
+
+def gates_json(results: list[GateResult]) -> str:
+    return json.dumps([r.to_json() for r in results], sort_keys=True, default=str)
+
+
+def offline_gate(
+    candidate: dict[str, float], production: dict[str, float] | None, settings: PromoteSettings
+) -> GateResult:
+    """Every configured run metric the production version has: candidate ≥ production − tolerance."""
+    if production is None:
+        return GateResult("offline", PASS, "no production version to compare with")
+    compared = [m for m in settings.offline_metrics if m in production]
+    if not compared:
+        return GateResult(
+            "offline", PASS, f"production has none of {settings.offline_metrics}; nothing to compare"
+        )
+    worse, missing, values = [], [], {}
+    for m in compared:
+        if m not in candidate:
+            missing.append(m)
+            continue
+        values[m] = {"candidate": candidate[m], "production": production[m]}
+        if candidate[m] < production[m] - settings.offline_tolerance:
+            worse.append(f"{m} {candidate[m]:.4f} < {production[m]:.4f} − {settings.offline_tolerance}")
+    if missing:
+        return GateResult("offline", FAIL, f"candidate run lacks metrics {missing}", values)
+    if worse:
+        return GateResult("offline", FAIL, "worse than production: " + "; ".join(worse), values)
+    return GateResult(
+        "offline", PASS, f"{', '.join(compared)} within {settings.offline_tolerance} of production", values
+    )
+
+
+def golden_gate(tags: dict[str, str], check: Callable[[], tuple[bool, float, str]]) -> GateResult:
+    """The bundle verifies (every sha256) and reproduces its golden set here (cosine ≥ 0.999, same labels).
+
+    The result is stored as a version tag (:data:`GOLDEN_TAG`), so the model is loaded once per version.
+    """
+    if GOLDEN_TAG in tags:
+        stored = json.loads(tags[GOLDEN_TAG])
+        return GateResult(
+            "golden", stored["status"], stored["detail"] + " (recorded)", stored.get("values", {})
+        )
+    try:
+        passed, min_cosine, detail = check()
+    except Exception as e:  # noqa: BLE001 - any load/verification failure is the gate's verdict
+        return GateResult("golden", FAIL, f"bundle refused: {e}")
+    return GateResult("golden", PASS if passed else FAIL, detail, {"min_cosine": min_cosine})
+
+
+def drift_gate(
+    reports: list[dict[str, Any]], version: str, since: datetime | None, settings: PromoteSettings
+) -> GateResult:
+    """The latest drift verdict for the canary version (slot canary), from ``drift_reports``."""
+    rows = [r for r in reports if since is None or _aware(r["ts"]) >= since]
+    if not rows:
+        status = WAIT if settings.require_drift_report else PASS
+        return GateResult("drift", status, f"no drift report for version {version} since the canary started")
+    latest = max(rows, key=lambda r: _aware(r["ts"]))
+    values = {
+        "ts": str(latest["ts"]),
+        "drift_share": latest.get("drift_share"),
+        "n_current": latest.get("n_current"),
+    }
+    if latest.get("drift_detected"):
+        return GateResult(
+            "drift", FAIL, f"drift detected at {latest['ts']} (share {latest.get('drift_share')})", values
+        )
+    return GateResult("drift", PASS, f"no drift at {latest['ts']} (n={latest.get('n_current')})", values)
+
+
+def live_gate(
+    canary: dict[str, Any] | None, production: dict[str, Any] | None, settings: PromoteSettings
+) -> GateResult:
+    """Canary health from the prediction log since the last step: sample size, error rate, p99 latency."""
+    n = int((canary or {}).get("n") or 0)
+    if n < settings.min_samples:
+        return GateResult(
+            "live", WAIT, f"{n} canary items since the last step, need {settings.min_samples}", {"n": n}
+        )
+    err = float(canary.get("error_rate") or 0.0)
+    p99 = _num(canary.get("latency_p99_ms"))
+    prod_err = float((production or {}).get("error_rate") or 0.0)
+    prod_p99 = _num((production or {}).get("latency_p99_ms"))
+    values = {
+        "n": n,
+        "error_rate": err,
+        "p99_ms": p99,
+        "production_error_rate": prod_err,
+        "production_p99_ms": prod_p99,
+    }
+    problems = []
+    if err > settings.max_error_rate or err > prod_err + settings.error_rate_margin:
+        problems.append(
+            f"error rate {err:.2%} (max {settings.max_error_rate:.2%}, "
+            f"production {prod_err:.2%} + {settings.error_rate_margin:.2%})"
+        )
+    if (
+        p99 is not None
+        and prod_p99 is not None
+        and p99 > prod_p99 * settings.max_p99_ratio + settings.p99_slack_ms
+    ):
+        problems.append(
+            f"p99 {p99:.1f} ms > {settings.max_p99_ratio} × production {prod_p99:.1f} ms "
+            f"+ {settings.p99_slack_ms} ms"
+        )
+    if problems:
+        return GateResult("live", FAIL, "; ".join(problems), values)
+    return GateResult(
+        "live",
+        PASS,
+        f"n={n}, error rate {err:.2%}, p99 {_fmt_ms(p99)} (production {_fmt_ms(prod_p99)})",
+        values,
+    )
+
+
+def _num(v: Any) -> float | None:
+    if v is None:
+        return None
+    f = float(v)
+    return None if math.isnan(f) else f
+
+
+def _fmt_ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f} ms"
+
+
+def _aware(ts: Any) -> datetime:
+    from datetime import UTC
+
+    if isinstance(ts, str):
+        ts = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)

@@ -1,0 +1,130 @@
+"""The local target: a single box without Kubernetes, driving ``motlens serve``'s admin API.
+
+``motlens serve`` hosts a ``production`` and a ``canary`` slot and splits traffic by the canary
+percent (docs/predictor.md); this target moves it exactly as the others move the InferenceService:
+load a version into the canary slot, set the percent, promote (canary → production) or roll back
+(canary unloaded). Slot swaps are drained by the server, so no request fails during a step.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from contextlib import AbstractContextManager
+from typing import Any
+
+from motlens import MODEL_NAME
+from motlens.state import StateSettings
+from promotion.locking import file_lock
+from promotion.rollout import RolloutState
+from promotion.settings import PromoteSettings
+from promotion.targets import TargetError
+
+ADMIN = "/motlens/admin"
+
+
+class LocalTarget:
+    name = "local"
+
+    def __init__(self, settings: PromoteSettings, state: StateSettings | None = None) -> None:
+        self.settings = settings
+        self.base = settings.local_url.rstrip("/")
+        self.lock_path = (state or StateSettings()).ensure().home / "promotion.lock"
+
+    def describe(self) -> str:
+        return f"local motlens serve at {self.base}"
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.base}{path}", data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if self.settings.local_token is not None:
+            req.add_header("Authorization", f"Bearer {self.settings.local_token.get_secret_value()}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.settings.http_timeout_s) as resp:
+                return json.loads(resp.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            try:
+                detail = json.loads(e.read()).get("error", "")
+            except ValueError:
+                detail = ""
+            raise TargetError(f"{method} {path} on {self.describe()}: HTTP {e.code} {detail}".rstrip()) from e
+        except (urllib.error.URLError, OSError) as e:
+            raise TargetError(f"cannot reach {self.describe()} ({method} {path}): {e}") from e
+
+    def slots(self) -> dict[str, Any]:
+        return self._request("GET", f"{ADMIN}/slots")
+
+    def read(self) -> RolloutState:
+        st = self.slots()
+        prod, canary = st["slots"]["production"], st["slots"]["canary"]
+        active = canary.get("version") is not None
+        pct = float(st.get("canary_percent") or 0.0)
+        loading = [f"{slot} loading {s['loading']}" for slot, s in st["slots"].items() if s.get("loading")]
+        traffic = f"production {100 - pct:g}%" + (f", canary {pct:g}%" if active else "")
+        return RolloutState(
+            storage_uri=canary["ref"] if active else prod.get("ref"),
+            production_version=prod.get("version"),
+            production_uri=prod.get("ref"),
+            canary_version=canary.get("version") if active else None,
+            percent=round(pct) if active else None,
+            traffic=", ".join(
+                [traffic, *loading, "ready" if st.get("ready") else f"not ready: {st.get('reason')}"]
+            ),
+        )
+
+    def plan(self, desired: RolloutState) -> list[dict[str, Any]]:
+        """Admin calls, in order, that take the server from its live state to ``desired``."""
+        live = self.read()
+        ops: list[dict[str, Any]] = []
+        if live.canary_active and not desired.canary_active:
+            if desired.production_version == live.canary_version:
+                ops.append({"method": "POST", "path": f"{ADMIN}/promote"})
+                live = live.promoted()
+            else:
+                ops.append({"method": "POST", "path": f"{ADMIN}/rollback"})
+                live = RolloutState(
+                    storage_uri=live.production_uri,
+                    production_version=live.production_version,
+                    production_uri=live.production_uri,
+                )
+        if desired.production_uri and desired.production_uri != live.production_uri:
+            ops.append(
+                {
+                    "method": "POST",
+                    "path": f"{ADMIN}/slots/production/load",
+                    "body": {"ref": desired.production_uri},
+                }
+            )
+        if desired.canary_active:
+            if desired.canary_version != live.canary_version or desired.storage_uri != live.storage_uri:
+                ops.append(
+                    {
+                        "method": "POST",
+                        "path": f"{ADMIN}/slots/canary/load",
+                        "body": {"ref": desired.storage_uri},
+                    }
+                )
+                live = RolloutState(storage_uri=None, percent=0, canary_version=desired.canary_version)
+            if desired.percent != live.percent:
+                ops.append(
+                    {
+                        "method": "POST",
+                        "path": f"{ADMIN}/canary/percent",
+                        "body": {"percent": desired.percent},
+                    }
+                )
+        return ops
+
+    def apply(self, desired: RolloutState) -> list[dict[str, Any]]:
+        ops = self.plan(desired)
+        for op in ops:
+            self._request(op["method"], op["path"], op.get("body"))
+        return ops
+
+    def lock(self, *, blocking: bool) -> AbstractContextManager[None]:
+        return file_lock(self.lock_path, blocking=blocking)
+
+    def uri_for(self, version: str, artifact_uri: str) -> str:
+        return f"models:/{MODEL_NAME}/{version}"

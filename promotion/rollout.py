@@ -1,0 +1,219 @@
+"""The rollout state of the InferenceService and the patches that move it.
+
+Contract (docs/architecture.md "KServe storage URI and rollout patches"): ``spec.predictor.containers[0]``
+is ``kserve-container`` whose ``env[0]`` is ``STORAGE_URI``; ``spec.predictor.canaryTrafficPercent``
+plus the annotations below carry the promotion state. During a canary the spec holds the *canary*
+storage URI (KServe's latest revision takes ``canaryTrafficPercent``), and the production URI is
+kept in an annotation so a rollback can restore it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+ANN_PROD_VERSION = "motlens.io/production-version"
+ANN_PROD_URI = "motlens.io/production-storage-uri"
+ANN_CANARY_VERSION = "motlens.io/canary-version"
+ANNOTATIONS = (ANN_PROD_VERSION, ANN_PROD_URI, ANN_CANARY_VERSION)
+CONTAINER = "kserve-container"
+STORAGE_ENV = "STORAGE_URI"
+API_GROUP, API_VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+
+
+class RolloutError(Exception):
+    """The live object does not follow the rollout contract, or a requested change is invalid."""
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """What serves where, as read from (or written to) a target."""
+
+    storage_uri: str | None  # spec STORAGE_URI: the latest revision (the canary while one runs)
+    production_version: str | None = None
+    production_uri: str | None = None
+    canary_version: str | None = None
+    percent: int | None = None  # canaryTrafficPercent; None when the field is absent
+    traffic: str = field(default="", compare=False)  # observed traffic status, for people
+
+    @property
+    def canary_active(self) -> bool:
+        return self.canary_version is not None
+
+    @property
+    def canary_uri(self) -> str | None:
+        return self.storage_uri if self.canary_active else None
+
+    @property
+    def serving_production_uri(self) -> str | None:
+        """The production URI: the annotation, or the spec URI when no canary runs."""
+        return self.production_uri or (None if self.canary_active else self.storage_uri)
+
+    def with_canary(self, version: str, uri: str, percent: int) -> RolloutState:
+        check_percent(percent)
+        return replace(
+            self,
+            production_version=self.production_version,
+            production_uri=self.serving_production_uri,
+            canary_version=version,
+            storage_uri=uri,
+            percent=percent,
+        )
+
+    def with_percent(self, percent: int) -> RolloutState:
+        check_percent(percent)
+        return replace(self, percent=percent)
+
+    def promoted(self) -> RolloutState:
+        """The canary becomes production; canaryTrafficPercent removed."""
+        return replace(
+            self,
+            production_version=self.canary_version,
+            production_uri=self.storage_uri,
+            canary_version=None,
+            percent=None,
+        )
+
+    def rolled_back(self) -> RolloutState:
+        """The previous production spec restored; canaryTrafficPercent removed."""
+        if not self.serving_production_uri:
+            raise RolloutError(
+                f"cannot roll back: the production storage URI is unknown (annotation {ANN_PROD_URI} missing)"
+            )
+        return replace(self, storage_uri=self.serving_production_uri, canary_version=None, percent=None)
+
+    def deployed(self, version: str, uri: str) -> RolloutState:
+        """Straight to production (bootstrap or forced), no canary."""
+        return RolloutState(storage_uri=uri, production_version=version, production_uri=uri)
+
+    def annotations(self) -> dict[str, str | None]:
+        return {
+            ANN_PROD_VERSION: self.production_version,
+            ANN_PROD_URI: self.production_uri,
+            ANN_CANARY_VERSION: self.canary_version,
+        }
+
+    def describe(self) -> str:
+        prod = f"production v{self.production_version or '?'}"
+        if not self.canary_active:
+            return f"{prod} at 100%"
+        pct = self.percent or 0
+        return f"{prod} at {100 - pct}%, canary v{self.canary_version} at {pct}%"
+
+
+def check_percent(percent: int) -> int:
+    if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
+        raise RolloutError(f"canary percent must be an integer from 0 to 100, got {percent!r}")
+    return percent
+
+
+def kserve_container(isvc: dict[str, Any]) -> dict[str, Any]:
+    """``spec.predictor.containers[0]``, checked against the contract."""
+    containers = ((isvc.get("spec") or {}).get("predictor") or {}).get("containers") or []
+    if not containers or containers[0].get("name") != CONTAINER:
+        raise RolloutError(f"InferenceService spec.predictor.containers[0] must be {CONTAINER!r}")
+    env = containers[0].get("env") or []
+    if not env or env[0].get("name") != STORAGE_ENV:
+        raise RolloutError(f"InferenceService {CONTAINER} env[0] must be {STORAGE_ENV}")
+    return containers[0]
+
+
+def state_from_isvc(isvc: dict[str, Any]) -> RolloutState:
+    """Read the rollout state of a live (or rendered) InferenceService."""
+    container = kserve_container(isvc)
+    ann = (isvc.get("metadata") or {}).get("annotations") or {}
+    percent = isvc["spec"]["predictor"].get("canaryTrafficPercent")
+    return RolloutState(
+        storage_uri=container["env"][0].get("value"),
+        production_version=ann.get(ANN_PROD_VERSION),
+        production_uri=ann.get(ANN_PROD_URI),
+        canary_version=ann.get(ANN_CANARY_VERSION),
+        percent=None if percent is None else int(percent),
+        traffic=traffic_status(isvc),
+    )
+
+
+def traffic_status(isvc: dict[str, Any]) -> str:
+    """KServe's observed traffic split (``status.components.predictor.traffic``) and readiness."""
+    status = isvc.get("status") or {}
+    traffic = ((status.get("components") or {}).get("predictor") or {}).get("traffic") or []
+    parts = [
+        f"{t.get('revisionName', '?')}={t.get('percent', 0)}%{' (latest)' if t.get('latestRevision') else ''}"
+        for t in traffic
+    ]
+    ready = next((c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+    if ready is not None:
+        parts.append(f"Ready={ready}")
+    return ", ".join(parts)
+
+
+def merge_patch(live_isvc: dict[str, Any], desired: RolloutState) -> dict[str, Any]:
+    """JSON merge patch (RFC 7386) taking ``live_isvc`` to ``desired``; empty when nothing changes.
+
+    A merge patch replaces lists, so a changed STORAGE_URI is written as the full live container
+    list with only ``containers[0].env[0].value`` changed.
+    """
+    live = state_from_isvc(live_isvc)
+    patch: dict[str, Any] = {}
+    live_ann = (live_isvc.get("metadata") or {}).get("annotations") or {}
+    ann = {k: v for k, v in desired.annotations().items() if live_ann.get(k) != v}
+    if ann:
+        patch["metadata"] = {"annotations": ann}
+    predictor: dict[str, Any] = {}
+    if live.percent != desired.percent:
+        predictor["canaryTrafficPercent"] = desired.percent
+    if live.storage_uri != desired.storage_uri:
+        containers = copy.deepcopy(live_isvc["spec"]["predictor"]["containers"])
+        containers[0]["env"][0]["value"] = desired.storage_uri
+        predictor["containers"] = containers
+    if predictor:
+        patch["spec"] = {"predictor": predictor}
+    return patch
+
+
+def apply_merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 merge-patch application (what the API server does), for local rendering."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = apply_merge_patch(out.get(k), v)
+    return out
+
+
+def _pointer(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+#: Contract assertions kept at the top of every ``rollout.yaml`` (the ops below rely on them).
+CONTRACT_TESTS: tuple[dict[str, Any], ...] = (
+    {"op": "test", "path": "/spec/predictor/containers/0/name", "value": CONTAINER},
+    {"op": "test", "path": "/spec/predictor/containers/0/env/0/name", "value": STORAGE_ENV},
+)
+_PERCENT_PATH = "/spec/predictor/canaryTrafficPercent"
+_URI_PATH = "/spec/predictor/containers/0/env/0/value"
+_ANN_PREFIX = "/metadata/annotations/"
+
+
+def json6902_ops(state: RolloutState) -> list[dict[str, Any]]:
+    """The overlay's ``rollout.yaml``: JSON6902 ops that put ``state`` onto the base InferenceService.
+
+    With no rollout in progress ``canaryTrafficPercent`` is removed; ``add`` then ``remove`` does that
+    whether or not the base sets the field.
+    """
+    ops: list[dict[str, Any]] = [dict(op) for op in CONTRACT_TESTS]
+    ops.append({"op": "replace", "path": _URI_PATH, "value": state.storage_uri})
+    for key, value in state.annotations().items():
+        path = f"{_ANN_PREFIX}{_pointer(key)}"
+        ops.append({"op": "add", "path": path, "value": value if value is not None else ""})
+        if value is None:
+            ops.append({"op": "remove", "path": path})
+    if state.percent is None:
+        ops += [{"op": "add", "path": _PERCENT_PATH, "value": 100}, {"op": "remove", "path": _PERCENT_PATH}]
+    else:
+        ops.append({"op": "add", "path": _PERCENT_PATH, "value": state.percent})
+    return ops

@@ -1,0 +1,87 @@
+"""Promotion settings (``MOTLENS_PROMOTE_*`` environment variables or ``motlens promote`` flags)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+TARGETS = ("k8s", "gitops", "local")
+
+
+class PromoteSettings(BaseSettings):
+    """Where the rollout lives, how it steps and what the gates tolerate."""
+
+    model_config = SettingsConfigDict(env_prefix="MOTLENS_PROMOTE_", extra="ignore")
+
+    target: str = Field("local", description="k8s | gitops | local")
+    actor: str | None = Field(None, description="who is acting (default: $USER)")
+
+    # Kubernetes API target
+    namespace: str = "default"
+    isvc_name: str = "mot-defects"
+    kubeconfig: str | None = None
+    kube_context: str | None = None
+    lease_seconds: int = Field(300, ge=10, description="k8s Lease duration for mutating runs")
+
+    # GitOps target
+    manifests_dir: Path = Path("manifests")
+    overlay: str = "cpu"
+
+    # local target (the admin API of `motlens serve`)
+    local_url: str = "http://127.0.0.1:8080"
+    local_token: SecretStr | None = Field(None, description="bearer token of the serve admin API")
+    http_timeout_s: float = Field(300.0, gt=0, description="a canary load includes the golden check")
+
+    # stepping
+    steps: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [10, 25, 50, 100])
+    min_step_interval_s: float = Field(600.0, ge=0.0, description="dwell before `auto` steps")
+
+    # gates
+    offline_metrics: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["section_macro_f1", "severity_macro_f1", "fail_auc"],
+        description="run metrics (higher is better) a canary may not lose beyond offline_tolerance",
+    )
+    offline_tolerance: float = Field(0.01, ge=0.0)
+    golden_check: bool = True
+    require_drift_report: bool = True
+    min_samples: int = Field(200, ge=0, description="canary items needed since the last step")
+    max_error_rate: float = Field(0.01, ge=0.0, le=1.0)
+    error_rate_margin: float = Field(0.005, ge=0.0, le=1.0, description="canary may exceed prod by this")
+    max_p99_ratio: float = Field(1.5, gt=0.0, description="canary p99 latency / production p99 latency")
+    p99_slack_ms: float = Field(20.0, ge=0.0, description="absolute p99 allowance on top of the ratio")
+
+    # metrics export (as the drift job does: Pushgateway when set, else a textfile when set)
+    pushgateway_url: str | None = None
+    textfile: Path | None = None
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, v: str) -> str:
+        if v not in TARGETS:
+            raise ValueError(f"unknown target {v!r}: use one of {', '.join(TARGETS)}")
+        return v
+
+    @field_validator("steps", "offline_metrics", mode="before")
+    @classmethod
+    def _comma_list(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = [s for s in v.replace(" ", "").split(",") if s]
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _valid_steps(cls, v: list[int]) -> list[int]:
+        if not v or any(not 0 < s <= 100 for s in v) or sorted(set(v)) != v:
+            raise ValueError(f"steps must rise strictly within 1..100, got {v}")
+        return v
+
+    @property
+    def who(self) -> str:
+        return self.actor or os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
+
+    def overlay_dir(self) -> Path:
+        return self.manifests_dir / "overlays" / self.overlay

@@ -1,0 +1,268 @@
+"""Where the rollout state lives: the Kubernetes API, a GitOps overlay, or a local `motlens serve`.
+
+Every target reads the live state first (a ``kubectl edit`` is respected, never assumed away),
+turns a desired :class:`~promotion.rollout.RolloutState` into its own patch (shown by ``--dry-run``)
+and applies it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+from promotion.locking import file_lock, lease_lock
+from promotion.rollout import (
+    API_GROUP,
+    API_VERSION,
+    PLURAL,
+    RolloutError,
+    RolloutState,
+    json6902_ops,
+    merge_patch,
+    state_from_isvc,
+)
+from promotion.settings import PromoteSettings
+
+
+class TargetError(RuntimeError):
+    """The target cannot be read or changed (no cluster access, missing files, …)."""
+
+
+class Target(Protocol):
+    name: str
+
+    def describe(self) -> str: ...
+
+    def read(self) -> RolloutState: ...
+
+    def plan(self, desired: RolloutState) -> Any:
+        """The patch that would take the live state to ``desired`` (what ``--dry-run`` prints)."""
+
+    def apply(self, desired: RolloutState) -> Any:
+        """Apply it; returns the patch applied (empty when nothing changed)."""
+
+    def lock(self, *, blocking: bool) -> AbstractContextManager[None]: ...
+
+    def uri_for(self, version: str, artifact_uri: str) -> str:
+        """What this target loads for a registry version."""
+
+
+class K8sTarget:
+    """The InferenceService through the Kubernetes API (in-cluster service account or kubeconfig)."""
+
+    name = "k8s"
+
+    def __init__(self, settings: PromoteSettings) -> None:
+        from motlens.cli import require
+
+        require("kubernetes", "promote")
+        from kubernetes import client, config
+
+        try:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config(config_file=settings.kubeconfig, context=settings.kube_context)
+        except (config.ConfigException, OSError) as e:
+            raise TargetError(
+                f"no cluster access: no in-cluster service account and no usable kubeconfig ({e})"
+            ) from e
+        self.settings = settings
+        self.api = client.CustomObjectsApi()
+
+    def describe(self) -> str:
+        return f"k8s inferenceservice {self.settings.namespace}/{self.settings.isvc_name}"
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return fn(*args, **kwargs)
+        except ApiException as e:
+            if e.status == 404:
+                raise TargetError(f"{self.describe()} not found") from e
+            if e.status in (401, 403):
+                raise TargetError(f"not allowed to {what} {self.describe()}: {e.reason}") from e
+            raise TargetError(f"cannot {what} {self.describe()}: {e.status} {e.reason}") from e
+        except OSError as e:  # urllib3 connection errors derive from OSError
+            raise TargetError(f"no cluster access: cannot {what} {self.describe()}: {e}") from e
+
+    def get(self) -> dict[str, Any]:
+        s = self.settings
+        return self._call(
+            "read",
+            self.api.get_namespaced_custom_object,
+            API_GROUP,
+            API_VERSION,
+            s.namespace,
+            PLURAL,
+            s.isvc_name,
+        )
+
+    def read(self) -> RolloutState:
+        return state_from_isvc(self.get())
+
+    def plan(self, desired: RolloutState) -> dict[str, Any]:
+        return merge_patch(self.get(), desired)
+
+    def apply(self, desired: RolloutState) -> dict[str, Any]:
+        s = self.settings
+        live = self.get()
+        patch = merge_patch(live, desired)
+        if patch:
+            # resourceVersion makes the API server refuse (409) a patch computed from a stale read
+            body = {
+                **patch,
+                "metadata": {
+                    **patch.get("metadata", {}),
+                    "resourceVersion": live["metadata"]["resourceVersion"],
+                },
+            }
+            self._call(
+                "patch",
+                self.api.patch_namespaced_custom_object,
+                API_GROUP,
+                API_VERSION,
+                s.namespace,
+                PLURAL,
+                s.isvc_name,
+                body,
+            )
+        return patch
+
+    def lock(self, *, blocking: bool) -> AbstractContextManager[None]:
+        s = self.settings
+        return lease_lock(
+            self.api,
+            s.namespace,
+            f"{s.isvc_name}-promotion",
+            lease_seconds=s.lease_seconds,
+            blocking=blocking,
+        )
+
+    def uri_for(self, version: str, artifact_uri: str) -> str:
+        return artifact_uri
+
+
+def kustomize_build(path: Path) -> list[dict[str, Any]]:
+    """Render a kustomization with ``kubectl kustomize`` (or ``kustomize build``)."""
+    import yaml
+
+    if shutil.which("kubectl"):
+        cmd = ["kubectl", "kustomize", str(path)]
+    elif shutil.which("kustomize"):
+        cmd = ["kustomize", "build", str(path)]
+    else:
+        raise TargetError("the gitops target renders overlays with kubectl or kustomize; install either")
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise TargetError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def find_isvc(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    for d in docs:
+        if d.get("kind") == "InferenceService" and d.get("metadata", {}).get("name") == name:
+            return d
+    raise TargetError(f"no InferenceService {name!r} in the rendered manifests")
+
+
+ROLLOUT_HEADER = """\
+# Rollout state of mot-defects (JSON6902). Owned and rewritten by the promotion CLI
+# (`motlens promote … --target gitops`; see docs/promotion.md); do not edit by hand, run
+# `motlens promote canary set N --target gitops` instead. {summary}
+"""
+
+
+class GitOpsTarget:
+    """The overlay's ``rollout.yaml`` in a ``manifests/`` checkout, for Argo CD / Flux to sync.
+
+    The live state is the rendered overlay (``kubectl kustomize``), i.e. exactly what the GitOps
+    controller applies; a change rewrites ``rollout.yaml`` atomically (temp file + rename).
+    """
+
+    name = "gitops"
+
+    def __init__(self, settings: PromoteSettings) -> None:
+        self.settings = settings
+        self.overlay = settings.overlay_dir()
+        self.file = self.overlay / "rollout.yaml"
+        if not (self.overlay / "kustomization.yaml").is_file():
+            raise TargetError(
+                f"overlay {self.overlay} has no kustomization.yaml "
+                f"(--manifests-dir {settings.manifests_dir}, --overlay {settings.overlay})"
+            )
+
+    def describe(self) -> str:
+        return f"gitops overlay {self.overlay}"
+
+    def render(self) -> dict[str, Any]:
+        return find_isvc(kustomize_build(self.overlay), self.settings.isvc_name)
+
+    def read(self) -> RolloutState:
+        try:
+            state = state_from_isvc(self.render())
+        except RolloutError as e:
+            raise TargetError(f"{self.describe()}: {e}") from e
+        return RolloutState(**{**state.__dict__, "traffic": "desired state in git (synced by Argo CD/Flux)"})
+
+    def content(self, desired: RolloutState) -> str:
+        import yaml
+
+        body = yaml.safe_dump(json6902_ops(desired), sort_keys=False, default_flow_style=False)
+        return ROLLOUT_HEADER.format(summary=desired.describe()) + body
+
+    def plan(self, desired: RolloutState) -> dict[str, Any]:
+        return {
+            "file": str(self.file),
+            "content": self.content(desired),
+            "merge_patch": merge_patch(self.render(), desired),
+        }
+
+    def apply(self, desired: RolloutState) -> dict[str, Any]:
+        plan = self.plan(desired)
+        if plan["merge_patch"]:
+            atomic_write(self.file, plan["content"])
+        return plan["merge_patch"]
+
+    def lock(self, *, blocking: bool) -> AbstractContextManager[None]:
+        return file_lock(self.overlay, blocking=blocking)
+
+    def uri_for(self, version: str, artifact_uri: str) -> str:
+        return artifact_uri
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory + fsync + rename: readers see old or new, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_target(settings: PromoteSettings) -> Target:
+    if settings.target == "k8s":
+        return K8sTarget(settings)
+    if settings.target == "gitops":
+        return GitOpsTarget(settings)
+    from promotion.local_target import LocalTarget
+
+    return LocalTarget(settings)
+
+
+def dumps(patch: Any) -> str:
+    return json.dumps(patch, indent=2, sort_keys=True)

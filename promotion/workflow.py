@@ -1,0 +1,704 @@
+"""The promotion workflow: candidate → canary → production, gated, audited, and safe to re-run.
+
+Every action reads the live state first and compares it with the registry. Changes are ordered
+live target first, then registry aliases and tags, then the audit row, and each part is
+idempotent: if any part fails, ``status`` shows the disagreement and re-running the same command
+finishes it (the guard accepts a disagreement that the command itself would resolve).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from motlens import MODEL_NAME
+from promotion import gates as g
+from promotion.audit import Event, export_metrics, tag_version
+from promotion.locking import LockBusy
+from promotion.rollout import RolloutError, RolloutState, check_percent
+from promotion.settings import PromoteSettings
+from promotion.targets import Target, TargetError
+
+log = logging.getLogger(__name__)
+
+STATUS_TAG = "promotion.status"
+STEP_AT_TAG = "promotion.step_at"
+STARTED_AT_TAG = "promotion.canary_started_at"
+PERCENT_TAG = "promotion.canary_percent"
+
+
+class PromotionError(Exception):
+    """Bad input or an impossible request; nothing was changed."""
+
+
+class Refused(PromotionError):
+    """A guard (live vs registry, gates) refused the step; ``--force`` overrides."""
+
+
+@dataclass
+class Outcome:
+    action: str
+    message: str
+    changed: bool = False
+    gates: list[g.GateResult] = field(default_factory=list)
+    patches: list[Any] = field(default_factory=list)
+    audit_ok: bool = True
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _parse_ts(s: str | None) -> datetime | None:
+    return datetime.fromisoformat(s) if s else None
+
+
+class Promoter:
+    """Drives one target against the registry; ``dry_run`` prints patches and changes nothing."""
+
+    def __init__(
+        self,
+        settings: PromoteSettings,
+        registry: Any,
+        target: Target,
+        *,
+        reader_factory: Callable[[], Any] | None = None,
+        golden_check: Callable[[str], tuple[bool, float, str]] | None = None,
+        dry_run: bool = False,
+        force: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.target = target
+        self.dry_run = dry_run
+        self.force = force
+        self._reader_factory = reader_factory
+        self._reader: Any = None
+        self._golden_check = golden_check or self._check_golden_in_process
+        self._uris: dict[str, str] = {}
+        self._locked = False
+
+    # ------------------------------------------------------------------ reading
+
+    def reader(self) -> Any:
+        if self._reader is None:
+            if self._reader_factory is None:
+                import predlog
+
+                self._reader = predlog.open_reader()
+            else:
+                self._reader = self._reader_factory()
+        return self._reader
+
+    def info(self, version: str) -> Any:
+        from training.registry import RegistryError
+
+        try:
+            return self.registry.resolve(str(version))
+        except RegistryError as e:
+            raise PromotionError(str(e)) from e
+
+    def uri(self, version: str) -> str:
+        if version not in self._uris:
+            self._uris[version] = self.target.uri_for(version, self.info(version).artifact_uri)
+        return self._uris[version]
+
+    def snapshot(self) -> tuple[RolloutState, dict[str, str]]:
+        """The live state (read first: a ``kubectl edit`` is respected) and the registry aliases."""
+        live = self.target.read()
+        return live, self.registry.aliases()
+
+    def disagreements(self, live: RolloutState, aliases: dict[str, str]) -> list[str]:
+        """How the live state and the registry aliases disagree (empty when they agree)."""
+        out = []
+        prod, canary = aliases.get("production"), aliases.get("canary")
+        if live.production_version != prod:
+            out.append(
+                f"live production is version {live.production_version or '(unknown)'} but the registry's "
+                f"'production' alias is {prod or '(unset)'}"
+            )
+        elif prod and live.serving_production_uri != self._uri_or_none(prod):
+            out.append(
+                f"live production storage URI {live.serving_production_uri} is not the artifact URI "
+                f"of version {prod} ({self._uri_or_none(prod)})"
+            )
+        if live.canary_version != canary:
+            out.append(
+                f"live canary is version {live.canary_version or '(none)'} but the registry's "
+                f"'canary' alias is {canary or '(unset)'}"
+            )
+        elif canary and live.storage_uri != self._uri_or_none(canary):
+            out.append(
+                f"live canary storage URI {live.storage_uri} is not the artifact URI of version {canary} "
+                f"({self._uri_or_none(canary)})"
+            )
+        return out
+
+    def _uri_or_none(self, version: str) -> str | None:
+        try:
+            return self.uri(version)
+        except PromotionError:
+            return None
+
+    # ------------------------------------------------------------------ gates
+
+    def _check_golden_in_process(self, version: str) -> tuple[bool, float, str]:
+        from motlens.bundle import check_golden
+
+        bundle = self.registry.fetch(version)  # verifies every sha256
+        golden = bundle.golden()
+        embedder = _embedder_for(bundle)
+        emb = embedder.encode(golden.texts)
+        out = bundle.head().predict(emb, golden.context)
+        res = check_golden(golden, emb, out.section, out.severity)
+        return res.passed, res.min_cosine, res.detail
+
+    def offline_gates(self, version: str, production: str | None) -> list[g.GateResult]:
+        info = self.info(version)
+        prod_metrics = self.info(production).metrics if production and production != version else None
+        results = [g.offline_gate(info.metrics, prod_metrics, self.settings)]
+        if self.settings.golden_check:
+            golden = g.golden_gate(info.tags, lambda: self._golden_check(version))
+            if g.GOLDEN_TAG not in info.tags and not self.dry_run:
+                self.registry.set_tags(version, {g.GOLDEN_TAG: _json(golden.to_json())})
+            results.append(golden)
+        return results
+
+    def health_gates(self, version: str, production: str | None) -> list[g.GateResult]:
+        tags = self.info(version).tags
+        started = _parse_ts(tags.get(STARTED_AT_TAG))
+        since = _parse_ts(tags.get(STEP_AT_TAG)) or started or _now()
+        reader = self.reader()
+        reports = reader.drift_reports(model_version=version, slot="canary", limit=20).to_dict("records")
+        stats = reader.live_stats(since=since, model_name=MODEL_NAME)
+        return [
+            g.drift_gate(reports, version, started, self.settings),
+            g.live_gate(
+                _stats_row(stats, version, "canary"),
+                _stats_row(stats, production, "production"),
+                self.settings,
+            ),
+        ]
+
+    # ------------------------------------------------------------------ execution
+
+    @contextmanager
+    def locked(self, *, blocking: bool = True) -> Iterator[None]:
+        if self._locked or self.dry_run:
+            yield
+            return
+        with self.target.lock(blocking=blocking):
+            self._locked = True
+            try:
+                yield
+            finally:
+                self._locked = False
+
+    def _guard(
+        self,
+        live: RolloutState,
+        aliases: dict[str, str],
+        desired: RolloutState,
+        desired_aliases: dict[str, str],
+    ) -> None:
+        problems = self.disagreements(live, aliases)
+        if not problems:
+            return
+        if not self.disagreements(live, desired_aliases) or not self.disagreements(desired, aliases):
+            log.warning("resuming an interrupted change: %s", "; ".join(problems))
+            return
+        if self.force:
+            log.warning("--force: proceeding although %s", "; ".join(problems))
+            return
+        raise Refused(
+            "the live state disagrees with the registry (a manual edit, or an interrupted change):\n  - "
+            + "\n  - ".join(problems)
+            + "\nfix the live state or the aliases, or re-run with --force to proceed anyway"
+        )
+
+    def _execute(
+        self,
+        event: Event,
+        live: RolloutState,
+        aliases: dict[str, str],
+        steps: list[RolloutState],
+        *,
+        set_aliases: dict[str, str] | None = None,
+        delete_aliases: tuple[str, ...] = (),
+        version_tags: dict[str, dict[str, str]] | None = None,
+    ) -> Outcome:
+        set_aliases = set_aliases or {}
+        desired_aliases = {k: v for k, v in {**aliases, **set_aliases}.items() if k not in delete_aliases}
+        desired = steps[-1] if steps else live
+        self._guard(live, aliases, desired, desired_aliases)
+        event.from_state, event.to_state = live.describe(), desired.describe()
+        event.percent = float(desired.percent or 0) if desired.canary_active else 0.0
+        if self.dry_run:
+            event.dry_run = True
+            patches = [self.target.plan(s) for s in steps]
+            audit_ok = self._record(event, {})
+            return Outcome(
+                event.action,
+                f"dry run: would take {live.describe()} → {desired.describe()}",
+                gates=event.gates,
+                patches=patches,
+                audit_ok=audit_ok,
+            )
+        patches = []
+        try:
+            for step in steps:
+                patches.append(self.target.apply(step))
+            for alias, version in set_aliases.items():
+                if aliases.get(alias) != version:
+                    self.registry.set_alias(alias, version)
+            for alias in delete_aliases:
+                if alias in aliases:
+                    self.registry.delete_alias(alias)
+        except Exception as e:
+            event.success, event.reason = False, f"{event.reason}; failed: {e}".lstrip("; ")
+            self._record(event, version_tags or {})
+            raise PromotionError(
+                f"{event.action} failed part-way: {e}\nrun `motlens promote status` to see the state; "
+                f"re-running the same command finishes it"
+            ) from e
+        audit_ok = self._record(event, version_tags or {})
+        return Outcome(
+            event.action,
+            f"{live.describe()} → {desired.describe()}",
+            changed=True,
+            gates=event.gates,
+            patches=patches,
+            audit_ok=audit_ok,
+        )
+
+    def _record(self, event: Event, version_tags: dict[str, dict[str, str]]) -> bool:
+        """Tags on every version involved + a promotion_events row + metrics; False if any part failed."""
+        ok = True
+        if not event.dry_run:
+            for version in sorted(version_tags):
+                try:
+                    tag_version(self.registry, version, event, version_tags.get(version))
+                except Exception as e:  # noqa: BLE001 - the change stands; report the audit gap
+                    log.error("could not tag version %s: %s", version, e)
+                    ok = False
+        try:
+            self.reader().insert_promotion_event(event.row())
+        except Exception as e:  # noqa: BLE001
+            log.error("could not write the promotion_events row: %s", e)
+            ok = False
+        if not event.dry_run:
+            try:
+                live_pct = event.percent if event.success else 0.0
+                export_metrics(self.settings, self.registry.aliases(), live_pct)
+            except Exception as e:  # noqa: BLE001
+                log.error("could not export promotion metrics: %s", e)
+                ok = False
+        return ok
+
+    def _event(self, action: str, **kw: Any) -> Event:
+        return Event(action=action, actor=self.settings.who, target=self.target.name, **kw)
+
+    def _refuse_on_gates(self, event: Event, what: str) -> None:
+        verdict = g.summarize(event.gates)
+        if verdict == g.PASS:
+            return
+        failed = "; ".join(f"{r.name}: {r.status} ({r.detail})" for r in event.gates if r.status != g.PASS)
+        if self.force:
+            log.warning("--force: %s although gates did not pass: %s", what, failed)
+            event.reason = f"forced past gates: {failed}"
+            return
+        event.success, event.reason = False, f"gates {verdict}: {failed}"
+        self._record(event, {event.to_version: {}})
+        raise Refused(
+            f"{what} refused, gates did not pass:\n  - "
+            + "\n  - ".join(f"{r.name}: {r.status} — {r.detail}" for r in event.gates)
+            + "\n(--force overrides)"
+        )
+
+    # ------------------------------------------------------------------ actions
+
+    def canary_start(self, version: str | None, percent: int) -> Outcome:
+        check_or_raise(percent)
+        with self.locked():
+            live, aliases = self.snapshot()
+            if version is None:
+                version = aliases.get("candidate")
+                if version is None:
+                    raise PromotionError(
+                        "no version given and the registry has no 'candidate' alias "
+                        "(train one with `motlens train --alias candidate`)"
+                    )
+            version = self.info(version).version
+            production = aliases.get("production") or live.production_version
+            if production is None:
+                raise PromotionError(
+                    "nothing is in production yet: deploy a first version with "
+                    f"`motlens promote promote {version}`"
+                )
+            if version == production:
+                raise PromotionError(f"version {version} is already production")
+            if live.canary_active and live.canary_version != version and not self.force:
+                raise PromotionError(
+                    f"canary version {live.canary_version} is running at {live.percent}%: "
+                    "promote or roll it back first (or --force to replace it)"
+                )
+            event = self._event("canary_start", from_version=production, to_version=version)
+            event.gates = self.offline_gates(version, production)
+            self._refuse_on_gates(event, f"canary of version {version}")
+            if live.canary_version == version:
+                desired = live.with_percent(percent)
+            else:
+                desired = live.with_canary(version, self.uri(version), percent)
+            now = _now().isoformat()
+            return self._execute(
+                event,
+                live,
+                aliases,
+                [desired],
+                set_aliases={"canary": version},
+                version_tags={
+                    version: {
+                        STATUS_TAG: "canary",
+                        STARTED_AT_TAG: now,
+                        STEP_AT_TAG: now,
+                        PERCENT_TAG: str(percent),
+                    }
+                },
+            )
+
+    def canary_set(self, percent: int) -> Outcome:
+        """Set the canary's share directly (what a ``kubectl edit`` of canaryTrafficPercent does)."""
+        check_or_raise(percent)
+        with self.locked():
+            live, aliases = self.snapshot()
+            if not live.canary_active:
+                raise PromotionError(f"no canary is running on {self.target.describe()} ({live.describe()})")
+            version = live.canary_version
+            event = self._event("canary_set", from_version=live.production_version or "", to_version=version)
+            return self._execute(
+                event,
+                live,
+                aliases,
+                [live.with_percent(percent)],
+                version_tags={version: {STEP_AT_TAG: _now().isoformat(), PERCENT_TAG: str(percent)}},
+            )
+
+    def next_step(self, percent: int | None) -> int | None:
+        return next((s for s in self.settings.steps if s > (percent or 0)), None)
+
+    def advance(self) -> Outcome:
+        with self.locked():
+            live, aliases = self.snapshot()
+            if not live.canary_active:
+                raise PromotionError(f"no canary is running on {self.target.describe()} ({live.describe()})")
+            nxt = self.next_step(live.percent)
+            if nxt is None:
+                raise PromotionError(
+                    f"canary is at {live.percent}%, the last step; run `motlens promote promote`"
+                )
+            return self._advance(live, aliases, nxt)
+
+    def _advance(self, live: RolloutState, aliases: dict[str, str], nxt: int) -> Outcome:
+        version = live.canary_version
+        production = live.production_version
+        event = self._event("advance", from_version=production or "", to_version=version)
+        event.gates = self.offline_gates(version, production) + self.health_gates(version, production)
+        self._refuse_on_gates(event, f"advancing version {version} from {live.percent}% to {nxt}%")
+        return self._execute(
+            event,
+            live,
+            aliases,
+            [live.with_percent(nxt)],
+            version_tags={version: {STEP_AT_TAG: _now().isoformat(), PERCENT_TAG: str(nxt)}},
+        )
+
+    def promote(self, version: str | None = None) -> Outcome:
+        with self.locked():
+            live, aliases = self.snapshot()
+            canary = live.canary_version or aliases.get("canary")
+            if version is not None:
+                version = self.info(version).version
+            if canary is not None and version in (None, canary):
+                return self._promote_canary(live, aliases, canary)
+            if version is None:
+                raise PromotionError("no canary to promote (give a VERSION to deploy one directly)")
+            return self._deploy(live, aliases, version)
+
+    def _promote_canary(self, live: RolloutState, aliases: dict[str, str], version: str) -> Outcome:
+        previous = (
+            aliases.get("production") if aliases.get("production") != version else live.production_version
+        )
+        event = self._event("promote", from_version=previous or "", to_version=version)
+        if live.canary_active:
+            event.gates = self.offline_gates(version, previous) + self.health_gates(version, previous)
+            self._refuse_on_gates(event, f"promoting version {version}")
+            desired = live.promoted()
+        else:
+            desired = live  # resuming: the live side is already done
+        tags = {version: {STATUS_TAG: "production", "promotion.promoted_at": _now().isoformat()}}
+        if previous and previous != version:
+            tags[previous] = {STATUS_TAG: "retired"}
+        return self._execute(
+            event,
+            live,
+            aliases,
+            [desired] if live.canary_active else [],
+            set_aliases={"production": version},
+            delete_aliases=("canary",),
+            version_tags=tags,
+        )
+
+    def _deploy(self, live: RolloutState, aliases: dict[str, str], version: str) -> Outcome:
+        """Straight to production without a canary: the first deployment, or forced."""
+        previous = aliases.get("production") or live.production_version
+        if previous is not None and not self.force:
+            raise PromotionError(
+                f"version {previous} is in production: roll out {version} with "
+                f"`motlens promote canary start {version}` (or --force to replace it directly)"
+            )
+        if live.canary_active and not self.force:
+            raise PromotionError(
+                f"canary version {live.canary_version} is running: promote or roll it back first"
+            )
+        event = self._event("deploy", from_version=previous or "", to_version=version)
+        event.gates = self.offline_gates(version, aliases.get("production"))
+        self._refuse_on_gates(event, f"deploying version {version}")
+        desired = live.deployed(version, self.uri(version))
+        tags = {version: {STATUS_TAG: "production", "promotion.promoted_at": _now().isoformat()}}
+        if previous and previous != version and self._exists(previous):
+            tags[previous] = {STATUS_TAG: "retired"}
+        return self._execute(
+            event,
+            live,
+            aliases,
+            [desired],
+            set_aliases={"production": version},
+            delete_aliases=("canary",),
+            version_tags=tags,
+        )
+
+    def _exists(self, version: str) -> bool:
+        try:
+            self.info(version)
+        except PromotionError:
+            return False
+        return True
+
+    def rollback(self, reason: str = "manual rollback", gates: list[g.GateResult] | None = None) -> Outcome:
+        with self.locked():
+            live, aliases = self.snapshot()
+            version = live.canary_version or aliases.get("canary")
+            if version is None:
+                raise PromotionError(
+                    f"no canary to roll back on {self.target.describe()} ({live.describe()})"
+                )
+            production = live.production_version or aliases.get("production")
+            event = self._event("rollback", from_version=version, to_version=production or "", reason=reason)
+            event.gates = list(gates or [])
+            try:
+                steps = (
+                    [live.with_percent(0), live.with_percent(0).rolled_back()] if live.canary_active else []
+                )
+            except RolloutError as e:
+                raise PromotionError(str(e)) from e
+            return self._execute(
+                event,
+                live,
+                aliases,
+                steps,
+                delete_aliases=("canary",),
+                version_tags={version: {STATUS_TAG: "rejected", "promotion.rejected_reason": reason[:5000]}},
+            )
+
+    def auto(self) -> Outcome:
+        """One CronJob run: evaluate gates, then start, advance, promote, roll back or hold."""
+        try:
+            with self.locked(blocking=False):
+                return self._auto()
+        except LockBusy as e:
+            return Outcome("auto", f"hold: {e}; nothing done")
+
+    def _auto(self) -> Outcome:
+        live, aliases = self.snapshot()
+        problems = self.disagreements(live, aliases)
+        if problems and not self.force:
+            self._guard(live, aliases, live, aliases)  # raises Refused with the explanation
+        if not live.canary_active:
+            return self._auto_start(live, aliases)
+        version, production = live.canary_version, live.production_version
+        gates = self.offline_gates(version, production) + self.health_gates(version, production)
+        verdict = g.summarize(gates)
+        if verdict == g.FAIL:
+            failed = "; ".join(f"{r.name}: {r.detail}" for r in gates if r.status == g.FAIL)
+            return self.rollback(reason=f"auto: {failed}", gates=gates)
+        if live.percent == 0:
+            return self._hold(live, gates, "canary is paused at 0% (set by hand); `canary set N` resumes it")
+        if verdict == g.WAIT:
+            waiting = "; ".join(f"{r.name}: {r.detail}" for r in gates if r.status == g.WAIT)
+            return self._hold(live, gates, f"waiting for evidence: {waiting}")
+        step_at = _parse_ts(self.info(version).tags.get(STEP_AT_TAG))
+        if step_at and (_now() - step_at).total_seconds() < self.settings.min_step_interval_s:
+            return self._hold(
+                live,
+                gates,
+                f"last step at {step_at:%H:%M:%S}; dwell "
+                f"{self.settings.min_step_interval_s:g}s before the next",
+            )
+        nxt = self.next_step(live.percent)
+        if nxt is None:
+            return self._promote_canary(live, aliases, version)
+        return self._advance(live, aliases, nxt)
+
+    def _auto_start(self, live: RolloutState, aliases: dict[str, str]) -> Outcome:
+        candidate, production = aliases.get("candidate"), aliases.get("production")
+        if candidate is None:
+            return self._hold(live, [], "no 'candidate' alias; nothing to roll out")
+        if candidate == production:
+            return self._hold(live, [], f"candidate version {candidate} is already production")
+        tags = self.info(candidate).tags
+        if tags.get(STATUS_TAG) in ("rejected", "retired"):
+            return self._hold(
+                live,
+                [],
+                f"candidate version {candidate} was {tags[STATUS_TAG]}; train or alias a new candidate",
+            )
+        gates = self.offline_gates(candidate, production)
+        if g.summarize(gates) != g.PASS:
+            event = self._event(
+                "reject",
+                from_version=production or "",
+                to_version=candidate,
+                gates=gates,
+                reason="offline gates failed",
+                success=True,
+            )
+            event.from_state = event.to_state = live.describe()
+            self._record(
+                event,
+                {candidate: {STATUS_TAG: "rejected", "promotion.rejected_reason": "offline gates failed"}},
+            )
+            return Outcome(
+                "reject",
+                f"candidate version {candidate} rejected: offline gates did not pass",
+                changed=True,
+                gates=gates,
+            )
+        return self.canary_start(candidate, self.settings.steps[0])
+
+    def _hold(self, live: RolloutState, gates: list[g.GateResult], why: str) -> Outcome:
+        event = self._event(
+            "hold",
+            from_version=live.production_version or "",
+            to_version=live.canary_version or "",
+            gates=gates,
+            reason=why,
+            dry_run=self.dry_run,
+        )
+        event.from_state = event.to_state = live.describe()
+        event.percent = float(live.percent or 0) if live.canary_active else 0.0
+        ok = True
+        try:
+            self.reader().insert_promotion_event(event.row())
+        except Exception as e:  # noqa: BLE001
+            log.error("could not write the promotion_events row: %s", e)
+            ok = False
+        if not self.dry_run:
+            export_metrics(self.settings, self.registry.aliases(), event.percent)
+        return Outcome("hold", f"hold: {why}", gates=gates, audit_ok=ok)
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        """Registry aliases and versions, live state, disagreements, drift verdicts, live stats, events."""
+        out: dict[str, Any] = {"target": self.target.describe(), "aliases": self.registry.aliases()}
+        out["versions"] = [
+            {
+                "version": v.version,
+                "aliases": v.aliases,
+                "status": v.tags.get(STATUS_TAG, ""),
+                "created_at": v.created_at.isoformat() if v.created_at else None,
+                "last_action": v.tags.get("promotion.last_action", ""),
+                "metrics": {m: v.metrics[m] for m in self.settings.offline_metrics if m in v.metrics},
+            }
+            for v in self.registry.versions()[:10]
+        ]
+        try:
+            live = self.target.read()
+        except (TargetError, RolloutError) as e:
+            out["live"], out["live_error"] = None, str(e)
+            live = None
+        if live is not None:
+            out["live"] = {**live.__dict__, "summary": live.describe()}
+            out["disagreements"] = self.disagreements(live, out["aliases"])
+        versions = {
+            v
+            for v in (
+                out["aliases"].get("production"),
+                out["aliases"].get("canary"),
+                live and live.canary_version,
+                live and live.production_version,
+            )
+            if v
+        }
+        try:
+            reader = self.reader()
+            out["drift"] = [
+                r for v in sorted(versions) for r in _records(reader.drift_reports(model_version=v, limit=1))
+            ]
+            canary = live.canary_version if live else None
+            since = (_parse_ts(self.info(canary).tags.get(STEP_AT_TAG)) if canary else None) or _hours_ago(1)
+            out["live_stats_since"] = since.isoformat()
+            out["live_stats"] = _records(reader.live_stats(since=since, model_name=MODEL_NAME))
+            out["events"] = _records(reader.promotion_events(limit=5))
+        except Exception as e:  # noqa: BLE001 - status shows what it can
+            out["predlog_error"] = str(e)
+        return out
+
+
+def check_or_raise(percent: int) -> None:
+    try:
+        check_percent(percent)
+    except RolloutError as e:
+        raise PromotionError(str(e)) from e
+
+
+_EMBEDDERS: dict[str, Any] = {}
+
+
+def _embedder_for(bundle: Any) -> Any:
+    """One torch embedder per distinct embedder (by its files' sha256) in this process."""
+    from motlens.embedder import TorchEmbedder
+
+    key = "|".join(
+        f"{k}={v}" for k, v in sorted(bundle.manifest["files"].items()) if k.startswith("embedder/")
+    )
+    if key not in _EMBEDDERS:
+        _EMBEDDERS[key] = TorchEmbedder(bundle.embedder_dir, device="cpu")
+    return _EMBEDDERS[key]
+
+
+def _stats_row(stats: Any, version: str | None, slot: str) -> dict[str, Any] | None:
+    if version is None or stats is None or len(stats) == 0:
+        return None
+    rows = stats[(stats["model_version"] == str(version)) & (stats["slot"] == slot)]
+    return None if rows.empty else rows.iloc[0].to_dict()
+
+
+def _records(df: Any) -> list[dict[str, Any]]:
+    return [] if df is None or len(df) == 0 else df.to_dict("records")
+
+
+def _hours_ago(h: float) -> datetime:
+    from datetime import timedelta
+
+    return _now() - timedelta(hours=h)
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True, default=str)
