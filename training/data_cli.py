@@ -40,7 +40,8 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_report(report: dict, out=sys.stdout) -> None:
+def _print_report(report: dict) -> None:
+    out = sys.stdout
     print(f"files: {len(report['files'])}", file=out)
     for f in report["files"]:
         extra = f"  first bad lines {f['bad_lines']}" if f["bad_lines"] else ""

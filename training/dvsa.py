@@ -82,6 +82,7 @@ class BulkReport:
 
     files: list[FileReport] = field(default_factory=list)
     duplicate_tests: int = 0
+    duplicate_items: int = 0
     orphan_items: int = 0
     unknown_rfr: int = 0
     unlabelled: int = 0
@@ -108,6 +109,7 @@ class BulkReport:
             "rows_read": self.rows_read,
             "bad_rows": self.bad_rows,
             "duplicate_tests": self.duplicate_tests,
+            "duplicate_items": self.duplicate_items,
             "orphan_items": self.orphan_items,
             "unknown_rfr": self.unknown_rfr,
             "unlabelled": self.unlabelled,
@@ -320,6 +322,9 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
     return df[name] if name in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
 
 
+#: A defect row is a duplicate when all of these repeat (as the ClickHouse path's ReplacingMergeTree key).
+_ITEM_KEY = ["test_id", "rfr_id", "rfr_type_code", "location_id", "dangerous_mark", "rfr_comment"]
+
 _RESULT_SCHEMA = pa.schema(
     [
         ("test_id", pa.int64()),
@@ -484,11 +489,11 @@ def label_defects(m: pd.DataFrame, post: pd.Series, lk: Lookups) -> tuple[np.nda
     Texts are built once per distinct combination: they repeat massively.
     """
     m = m.assign(
-        comment_key=m["rfr_comment"].fillna(""),
-        advisory=m["rfr_type_code"].fillna("").str.strip().str.upper().eq("A").to_numpy(),
+        comment_code=pd.factorize(m["rfr_comment"])[0],
+        advisory=mot_labels.normalised(m["rfr_type_code"], str.upper).eq("A").to_numpy(),
         post=np.asarray(post, dtype=bool),
     ).reset_index(drop=True)
-    keys = ["rfr_id", "test_class_id", "location_id", "comment_key", "advisory", "post"]
+    keys = ["rfr_id", "test_class_id", "location_id", "comment_code", "advisory", "post"]
     gid = m.groupby(keys, sort=False).ngroup().to_numpy()
     uniq = m.drop_duplicates(keys)
     texts: list[str] = []
@@ -498,7 +503,8 @@ def label_defects(m: pd.DataFrame, post: pd.Series, lk: Lookups) -> tuple[np.nda
         if row.advisory and isinstance(row.rfr_advisory_text, str) and row.rfr_advisory_text.strip():
             desc = row.rfr_advisory_text
         ref = row.rfr_insp_manual_desc if mot_labels.is_reference(row.rfr_insp_manual_desc) else ""
-        text = _defect_text(lk.locations.get(int(row.location_id), ""), desc, row.comment_key, ref)
+        comment = row.rfr_comment if isinstance(row.rfr_comment, str) else ""
+        text = _defect_text(lk.locations.get(int(row.location_id), ""), desc, comment, ref)
         section = mot_labels.section_from_text(text) if row.post else None
         if section is None and row.test_item_id == row.test_item_id:
             root = lk.group_root.get((int(row.test_item_id), int(row.test_class_id)), "")
@@ -512,7 +518,7 @@ def label_defects(m: pd.DataFrame, post: pd.Series, lk: Lookups) -> tuple[np.nda
 class BulkReader:
     """Iterate tidy chunks from DVSA bulk files; ``report`` fills in as reading proceeds."""
 
-    def __init__(self, paths: Sequence[Path], chunk_rows: int = 200_000, bucket_bytes: int = 128 << 20):
+    def __init__(self, paths: Sequence[Path], chunk_rows: int = 200_000, bucket_bytes: int = 64 << 20):
         self.sources, self.api_paths = discover(paths)
         self.chunk_rows = chunk_rows
         self.bucket_bytes = bucket_bytes
@@ -556,6 +562,9 @@ class BulkReader:
         dup = res.duplicated("test_id", keep="first")
         rep.duplicate_tests += int(dup.sum())
         res = res[~dup]
+        dup = it.duplicated(_ITEM_KEY, keep="first")
+        rep.duplicate_items += int(dup.sum())
+        it = it[~dup]
         m = it.merge(res, on="test_id", how="inner", sort=False)
         rep.orphan_items += len(it) - len(m)
         m = m.merge(lk.detail, on=["rfr_id", "test_class_id"], how="left", sort=False)

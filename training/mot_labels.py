@@ -102,11 +102,18 @@ def section_from_group(name: str | None) -> int | None:
     return GROUP_SECTIONS.get(name.strip().lower().replace("’", "'"))
 
 
+def normalised(s: pd.Series, case) -> pd.Series:
+    """Strip and case-fold the few distinct values of a code column (fast on millions of rows)."""
+    codes, uniques = pd.factorize(s, use_na_sentinel=True)
+    norm = np.array([case(str(u).strip()) for u in uniques] + [""], dtype=object)
+    return pd.Series(norm[codes], index=s.index)
+
+
 def bulk_severity(type_code: pd.Series, category: pd.Series, dangerous_mark: pd.Series) -> pd.Series:
     """Vectorised bulk-file severity; rows that fit no rule get ``None``."""
-    t = type_code.fillna("").astype(str).str.strip().str.upper()
-    cat = category.fillna("").astype(str).str.strip().str.lower()
-    dmark = dangerous_mark.fillna("").astype(str).str.strip().str.upper().isin(["D", "Y", "1", "TRUE", "T"])
+    t = normalised(type_code, str.upper)
+    cat = normalised(category, str.lower)
+    dmark = normalised(dangerous_mark, str.upper).isin(["D", "Y", "1", "TRUE", "T"])
     failing = t.isin(["F", "P"])
     conds = [
         t == "A",

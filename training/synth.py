@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 from tqdm import tqdm
@@ -440,6 +441,13 @@ def _block(rng, cat, test_ids, counts, k, rfr_w, make_w, fuel_codes, fuel_w, com
     n = len(test_ids)
     # Defects first: the test result follows from them.
     idx = rng.choice(len(cat.rfr_ids), size=k, p=rfr_w)
+    item_test = np.repeat(test_ids, counts)
+    # A test records a defect once: move repeats within a test to another catalogue entry.
+    for _ in range(20):
+        dup = pd.DataFrame({"t": item_test, "i": idx}).duplicated().to_numpy()
+        if not dup.any():
+            break
+        idx[dup] = (idx[dup] + rng.integers(1, len(cat.rfr_ids), int(dup.sum()))) % len(cat.rfr_ids)
     category = cat.categories[idx]
     advisory = rng.random(k) < 0.42
     prs = rng.random(k) < 0.08
@@ -449,7 +457,6 @@ def _block(rng, cat, test_ids, counts, k, rfr_w, make_w, fuel_codes, fuel_w, com
     dmark = np.where((type_code != "A") & (category == "Dangerous"), "D", "")
     loc = np.where(cat.has_location[idx], rng.integers(1, len(_LOCATIONS) + 1, k), 0)
     comment = np.where(rng.random(k) < 0.07, comments[rng.integers(0, len(comments), k)], "")
-    item_test = np.repeat(test_ids, counts)
     failing = np.isin(type_code, ["F", "P"])
     fails_per_test = np.bincount(np.repeat(np.arange(n), counts), weights=failing, minlength=n)
     prs_per_test = np.bincount(np.repeat(np.arange(n), counts), weights=type_code == "P", minlength=n)

@@ -1,0 +1,38 @@
+"""`motlens data synth` and `motlens data load --out` end to end through the console entry point."""
+
+from __future__ import annotations
+
+import json
+
+from motlens.cli import main
+from training.tidy import load_tidy
+
+
+def test_synth_then_load(tmp_path, capsys):
+    assert main(["data", "synth", "--rows", "1500", "--seed", "2", "--out", str(tmp_path / "raw"),
+                 "--delimiter", "comma", "--zip"]) == 0  # fmt: skip
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["test_item"] == 1500
+    api = tmp_path / "raw" / "api.jsonl"
+    api.write_text(json.dumps({"make": "FORD", "motTests": [{"completedDate": "2022-01-01T00:00:00Z",
+        "defects": [{"text": "Horn not working (7.5 (a))", "type": "MAJOR"}]}]}) + "\n")  # fmt: skip
+    rc = main(["data", "load", str(tmp_path / "raw"), "--out", str(tmp_path / "tidy"),
+               "--report", str(tmp_path / "report.json")])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    expected = 1500 - report["duplicate_items"] + 1  # identical defect rows within a test count once
+    assert f"rows_out: {expected}" in out and "severities:" in out
+    df = load_tidy(tmp_path / "tidy")
+    assert len(df) == expected and set(df["source"]) == {"dvsa_bulk", "mot_history_api"}
+    assert report["bad_rows"] == 0 and report["duplicate_items"] < 100
+
+
+def test_load_error_names_file(tmp_path, capsys):
+    (tmp_path / "bad.csv").write_text("nothing to see\n")
+    assert main(["data", "load", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "t")]) == 1
+    assert "bad.csv:1:" in capsys.readouterr().err
+
+
+def test_load_needs_a_destination(tmp_path, capsys):
+    assert main(["data", "load", str(tmp_path)]) == 2

@@ -1,0 +1,408 @@
+"""Load DVSA bulk tables into ClickHouse and read back the distinct defect texts with label counts.
+
+At full scale (the original system holds 1.7 billion defect rows) the join of ``test_item`` with
+``test_result`` and the de-duplication run in ClickHouse, and training reads only the distinct
+texts with their label counts. Locally the engine is chdb (ClickHouse in-process, one database
+directory per process); with ``MOTLENS_CLICKHOUSE_URL`` set, a server via clickhouse-connect.
+
+Files are parsed by the same tolerant reader as the Parquet path (``training.dvsa.iter_raw``), so
+bad rows, latin-1 bytes and repeated headers are handled and reported identically; typed rows go
+in as Arrow batches. Tables are ``ReplacingMergeTree`` keyed on the whole row, so loading the same
+file twice does not double its rows (queries read them with ``FINAL``). Labels are computed in
+Python from the SQL aggregate (``training.dvsa.label_defects``): one labelling rule for both paths.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.ipc as ipc
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from tqdm import tqdm
+
+from motlens.labels import SEVERITIES
+from motlens.state import StateSettings
+from training import mot_labels
+from training.dvsa import (
+    BulkFormatError,
+    BulkReport,
+    FileReport,
+    Lookups,
+    discover,
+    iter_raw,
+    label_defects,
+    load_lookups,
+    typed_items,
+    typed_results,
+)
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+SEVERITY_COUNT_COLUMNS = tuple(f"n_{s}" for s in SEVERITIES)
+SECTION_COUNT_COLUMNS = tuple(f"n_section_{i}" for i in range(9))
+
+
+class DataSettings(BaseSettings):
+    """``MOTLENS_DATA_*``; the server URL is also read from ``MOTLENS_CLICKHOUSE_URL``."""
+
+    model_config = SettingsConfigDict(env_prefix="MOTLENS_DATA_", extra="ignore", populate_by_name=True)
+
+    clickhouse_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("MOTLENS_DATA_CLICKHOUSE_URL", "MOTLENS_CLICKHOUSE_URL")
+    )
+    database: str = "motlens_data"
+    chdb_path: Path | None = None
+
+    def chdb_dir(self) -> Path:
+        return self.chdb_path or (StateSettings().home / "chdb-data")
+
+
+_DDL = (
+    "CREATE DATABASE IF NOT EXISTS {db}",
+    """CREATE TABLE IF NOT EXISTS {db}.test_result (
+        test_id Int64, test_date Date32, test_class_id Int16, test_mileage Nullable(Float64),
+        make LowCardinality(Nullable(String)), model LowCardinality(Nullable(String)),
+        fuel_type LowCardinality(Nullable(String)), first_use_date Nullable(Date32)
+    ) ENGINE = ReplacingMergeTree ORDER BY test_id""",
+    """CREATE TABLE IF NOT EXISTS {db}.test_item (
+        test_id Int64, rfr_id Int64, rfr_type_code LowCardinality(String), location_id Int64,
+        dangerous_mark LowCardinality(String), rfr_comment String
+    ) ENGINE = ReplacingMergeTree
+      ORDER BY (test_id, rfr_id, rfr_type_code, location_id, dangerous_mark, rfr_comment)""",
+    """CREATE TABLE IF NOT EXISTS {db}.item_detail (
+        rfr_id Int64, test_class_id Int16, test_item_id Int64, rfr_desc String,
+        rfr_insp_manual_desc String, rfr_advisory_text String, rfr_deficiency_category String,
+        group_root String
+    ) ENGINE = ReplacingMergeTree ORDER BY (rfr_id, test_class_id)""",
+    """CREATE TABLE IF NOT EXISTS {db}.rfr_location (location_id Int64, location String)
+       ENGINE = ReplacingMergeTree ORDER BY location_id""",
+)
+
+_RESULT_ARROW = pa.schema(
+    [
+        ("test_id", pa.int64()),
+        ("test_date", pa.date32()),
+        ("test_class_id", pa.int16()),
+        ("test_mileage", pa.float64()),
+        ("make", pa.string()),
+        ("model", pa.string()),
+        ("fuel_type", pa.string()),
+        ("first_use_date", pa.date32()),
+    ]
+)
+_ITEM_ARROW = pa.schema(
+    [
+        ("test_id", pa.int64()),
+        ("rfr_id", pa.int64()),
+        ("rfr_type_code", pa.string()),
+        ("location_id", pa.int64()),
+        ("dangerous_mark", pa.string()),
+        ("rfr_comment", pa.string()),
+    ]
+)
+
+
+class Store:
+    """A ClickHouse connection: chdb in-process or a server. Use as a context manager."""
+
+    kind: str
+    location: str
+
+    def __init__(self, database: str):
+        if not _IDENT.match(database):
+            raise ValueError(f"invalid ClickHouse database name {database!r}")
+        self.database = database
+
+    def command(self, sql: str, params: dict | None = None) -> None:
+        raise NotImplementedError
+
+    def query_df(self, sql: str, params: dict | None = None) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the connection."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def sql(self, template: str) -> str:
+        return template.replace("{db}", self.database)
+
+
+class ChdbStore(Store):
+    """chdb (ClickHouse in-process) on a database directory; one process may open it at a time."""
+
+    kind = "chdb"
+
+    def __init__(self, path: Path, database: str = "motlens_data"):
+        from chdb.session import Session
+
+        super().__init__(database)
+        path.mkdir(parents=True, exist_ok=True)
+        self.location = str(path)
+        try:
+            self._session = Session(str(path))
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"cannot open chdb at {path}: chdb allows one open database directory per process "
+                f"(close the other session first): {e}"
+            ) from e
+
+    def command(self, sql: str, params: dict | None = None) -> None:
+        self._session.query(sql, params=params)
+
+    def query_df(self, sql: str, params: dict | None = None) -> pd.DataFrame:
+        return self._session.query(sql, "DataFrame", params=params)
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        with ipc.new_stream(sink, data.schema) as w:
+            w.write_table(data)
+        cols = ", ".join(data.schema.names)
+        with self._session.send_insert(f"INSERT INTO {self.database}.{table} ({cols})", "ArrowStream") as ins:
+            ins.append(sink.getvalue().to_pybytes())
+            ins.finish()
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class ServerStore(Store):
+    """A ClickHouse server (>= 25.8) through clickhouse-connect; the URL is never logged."""
+
+    kind = "server"
+
+    def __init__(self, url: str, database: str = "motlens_data"):
+        import clickhouse_connect
+
+        super().__init__(database)
+        self._client = clickhouse_connect.get_client(dsn=url)
+        self.location = "MOTLENS_CLICKHOUSE_URL"
+
+    def command(self, sql: str, params: dict | None = None) -> None:
+        self._client.command(sql, parameters=params)
+
+    def query_df(self, sql: str, params: dict | None = None) -> pd.DataFrame:
+        return self._client.query_df(sql, parameters=params)
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        self._client.insert_arrow(table, data, database=self.database)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def open_store(settings: DataSettings | None = None, ch_path: Path | None = None) -> Store:
+    """A server store when a ClickHouse URL is configured, else chdb at ``ch_path`` (or the default)."""
+    settings = settings or DataSettings()
+    if settings.clickhouse_url and ch_path is None:
+        return ServerStore(settings.clickhouse_url, settings.database)
+    return ChdbStore(Path(ch_path or settings.chdb_dir()), settings.database)
+
+
+def create_tables(store: Store) -> None:
+    for ddl in _DDL:
+        store.command(store.sql(ddl))
+
+
+@dataclass
+class LoadResult:
+    """What a load inserted and how fast."""
+
+    report: BulkReport
+    inserted: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        big = self.inserted.get("test_result", 0) + self.inserted.get("test_item", 0)
+        return {
+            "inserted": dict(self.inserted),
+            "seconds": round(self.seconds, 2),
+            "rows_per_second": round(big / self.seconds) if self.seconds else None,
+        }
+
+
+def _lookup_tables(lk: Lookups) -> tuple[pa.Table, pa.Table]:
+    d = lk.detail
+    item_ids = d["test_item_id"].fillna(-1).astype("int64")
+    roots = [
+        lk.group_root.get((int(i), int(c)), "") for i, c in zip(item_ids, d["test_class_id"], strict=True)
+    ]
+    detail = pa.table(
+        {
+            "rfr_id": pa.array(d["rfr_id"].astype("int64")),
+            "test_class_id": pa.array(d["test_class_id"].astype("int16")),
+            "test_item_id": pa.array(item_ids),
+            **{
+                c: pa.array(d[c].fillna("").astype(str))
+                for c in ("rfr_desc", "rfr_insp_manual_desc", "rfr_advisory_text", "rfr_deficiency_category")
+            },
+            "group_root": pa.array(roots, type=pa.string()),
+        }
+    )
+    locations = pa.table(
+        {
+            "location_id": pa.array(list(lk.locations), type=pa.int64()),
+            "location": pa.array(list(lk.locations.values()), type=pa.string()),
+        }
+    )
+    return detail, locations
+
+
+def load_bulk(store: Store, paths: Sequence[Path], chunk_rows: int = 200_000) -> LoadResult:
+    """Parse DVSA bulk files and insert them into ClickHouse; the report counts bad rows per file."""
+    sources, api = discover(paths)
+    if api:
+        raise BulkFormatError(
+            f"{api[0]}:1: the ClickHouse path takes DVSA bulk files; load API JSONL with --out"
+        )
+    kinds = {s.kind for s in sources}
+    for k in ("test_result", "test_item", "item_detail"):
+        if k not in kinds:
+            raise BulkFormatError(f"{', '.join(map(str, paths))}:0: no {k} table among the inputs")
+    t0 = time.perf_counter()
+    create_tables(store)
+    result = LoadResult(BulkReport())
+    detail, locations = _lookup_tables(load_lookups(sources, result.report))
+    store.insert_arrow("item_detail", detail)
+    store.insert_arrow("rfr_location", locations)
+    result.inserted = {"item_detail": detail.num_rows, "rfr_location": locations.num_rows}
+    big = [s for s in sources if s.kind in ("test_result", "test_item")]
+    with tqdm(total=sum(s.size for s in big), unit="B", unit_scale=True, desc="load ClickHouse",
+              disable=sum(s.size for s in big) < 50 << 20) as bar:  # fmt: skip
+        for src in big:
+            fr = FileReport(src.name, src.kind, src.delimiter)
+            result.report.files.append(fr)
+            for raw in iter_raw(src, fr, chunk_rows):
+                if src.kind == "test_result":
+                    df = typed_results(raw, fr)
+                    table = pa.Table.from_pandas(df, schema=_RESULT_ARROW, preserve_index=False)
+                else:
+                    df = typed_items(raw, fr, 0).drop(columns="seq")
+                    for c in ("rfr_type_code", "dangerous_mark", "rfr_comment"):
+                        df[c] = df[c].fillna("")
+                    table = pa.Table.from_pandas(df, schema=_ITEM_ARROW, preserve_index=False)
+                store.insert_arrow(src.kind, table)
+                result.inserted[src.kind] = result.inserted.get(src.kind, 0) + table.num_rows
+            bar.update(src.size)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+_COMBOS_SQL = """
+SELECT i.rfr_id AS rfr_id, r.test_class_id AS test_class_id, i.location_id AS location_id,
+       i.rfr_comment AS rfr_comment, i.rfr_type_code AS rfr_type_code, i.dangerous_mark AS dangerous_mark,
+       r.test_date >= toDate32({cutoff:String}) AS post, count() AS n
+FROM {db}.test_item AS i FINAL
+INNER JOIN (
+    SELECT test_id, any(test_date) AS test_date, any(test_class_id) AS test_class_id
+    FROM {db}.test_result FINAL GROUP BY test_id
+) AS r ON i.test_id = r.test_id
+GROUP BY rfr_id, test_class_id, location_id, rfr_comment, rfr_type_code, dangerous_mark, post
+ORDER BY rfr_id, test_class_id, location_id, rfr_comment, rfr_type_code, dangerous_mark, post
+"""
+
+
+def _lookups_from_store(store: Store) -> Lookups:
+    d = store.query_df(store.sql("SELECT * FROM {db}.item_detail FINAL"))
+    d = d.replace({"": None})
+    d["test_item_id"] = d["test_item_id"].where(d["test_item_id"] >= 0)
+    roots = {
+        (int(i), int(c)): r
+        for i, c, r in zip(
+            d["test_item_id"].fillna(-1), d["test_class_id"], d["group_root"].fillna(""), strict=True
+        )
+    }
+    loc = store.query_df(store.sql("SELECT location_id, location FROM {db}.rfr_location FINAL"))
+    locations = {int(i): str(s) for i, s in zip(loc["location_id"], loc["location"], strict=True)}
+    return Lookups(d.drop(columns="group_root"), roots, locations)
+
+
+def aggregate_texts(
+    text: np.ndarray, section: np.ndarray, severity: pd.Series, n: np.ndarray
+) -> pd.DataFrame:
+    """Distinct texts with label counts; ``section``/``severity`` are the majority labels."""
+    df = pd.DataFrame({"text": text, "section": section, "severity": severity.to_numpy(), "n": n})
+    df = df[(df["section"] >= 0) & df["severity"].notna()]
+    sev = df.pivot_table(index="text", columns="severity", values="n", aggfunc="sum", fill_value=0)
+    sec = df.pivot_table(index="text", columns="section", values="n", aggfunc="sum", fill_value=0)
+    sev = sev.reindex(columns=list(SEVERITIES), fill_value=0)
+    sec = sec.reindex(columns=list(range(9)), fill_value=0)
+    out = pd.DataFrame(index=sev.index)
+    # ties go to the first label in contract order (deterministic)
+    out["section"] = sec.to_numpy().argmax(axis=1).astype("int8")
+    out["severity"] = np.asarray(SEVERITIES, dtype=object)[sev.to_numpy().argmax(axis=1)]
+    out["n"] = sev.sum(axis=1).astype("int64")
+    for s, col in zip(SEVERITIES, SEVERITY_COUNT_COLUMNS, strict=True):
+        out[col] = sev[s].astype("int64")
+    for i, col in enumerate(SECTION_COUNT_COLUMNS):
+        out[col] = sec[i].astype("int64")
+    out = out.reset_index().sort_values(["n", "text"], ascending=[False, True], kind="stable")
+    return out.reset_index(drop=True)
+
+
+def distinct_texts_from_tidy(tidy: pd.DataFrame) -> pd.DataFrame:
+    """The same distinct-text table computed from a tidy DataFrame (the Parquet path)."""
+    return aggregate_texts(
+        tidy["text"].to_numpy(dtype=object),
+        tidy["section"].to_numpy(dtype=np.int8),
+        tidy["severity"],
+        np.ones(len(tidy), dtype=np.int64),
+    )
+
+
+def distinct_texts(
+    store: Store | None = None, settings: DataSettings | None = None, ch_path: Path | None = None
+) -> pd.DataFrame:
+    """Distinct defect texts in the loaded tables: text, section, severity (majority), n, label counts.
+
+    The join with ``test_result`` and the de-duplication run in ClickHouse; only one row per
+    (defect, class, location, comment, type, 2018-regime) combination comes back to Python.
+    """
+    if store is None:
+        with open_store(settings, ch_path) as s:
+            return distinct_texts(s)
+    lk = _lookups_from_store(store)
+    combos = store.query_df(store.sql(_COMBOS_SQL), {"cutoff": mot_labels.EU_CUTOFF.isoformat()})
+    if combos.empty:
+        return aggregate_texts(
+            np.array([], dtype=object), np.array([], dtype=np.int8), pd.Series([]), np.array([])
+        )
+    combos = combos.replace({"rfr_comment": {"": None}, "dangerous_mark": {"": None}})
+    m = combos.merge(lk.detail, on=["rfr_id", "test_class_id"], how="left", sort=False)
+    miss = m["rfr_desc"].isna() & m["rfr_id"].isin(lk.detail["rfr_id"])
+    if miss.any():
+        by_rfr = lk.detail.drop_duplicates("rfr_id").set_index("rfr_id")
+        for c in (
+            "test_item_id",
+            "rfr_desc",
+            "rfr_insp_manual_desc",
+            "rfr_advisory_text",
+            "rfr_deficiency_category",
+        ):
+            m.loc[miss, c] = m.loc[miss, "rfr_id"].map(by_rfr[c])
+    m = m[m["rfr_desc"].notna()].reset_index(drop=True)
+    text, section, severity = label_defects(m, m["post"].astype(bool), lk)
+    return aggregate_texts(text, section, severity, m["n"].to_numpy(dtype=np.int64))
+
+
+def table_counts(store: Store) -> dict[str, int]:
+    """Rows per loaded table after de-duplication."""
+    out = {}
+    for t in ("test_result", "test_item", "item_detail", "rfr_location"):
+        df = store.query_df(store.sql(f"SELECT count() AS n FROM {{db}}.{t} FINAL"))
+        out[t] = int(df["n"].iloc[0])
+    return out
