@@ -1,10 +1,133 @@
-"""`motlens train` (stub until implemented)."""
+"""``motlens train``: train and register a version; ``motlens train versions``: list the registry."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="(not implemented yet)")
-    p.set_defaults(func=lambda a: print("not implemented") or 2)
+    p = sub.add_parser(
+        "train",
+        help="train the defect head, log an MLflow run, register a version + alias",
+        description=__doc__,
+    )
+    p.add_argument(
+        "--data", help="tidy Parquet directory (motlens data load) or a directory of DVSA bulk files"
+    )
+    p.add_argument("--alias", help="alias to set on the new version (default: candidate)")
+    p.add_argument("--no-alias", action="store_true", help="register without setting an alias")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--hidden", type=int, help="ReLU trunk width (0: linear heads)")
+    p.add_argument("--max-rows", type=int, help="read at most this many defect rows")
+    p.add_argument("--holdout-fraction", type=float)
+    p.add_argument("--device", help="cpu | cuda[:N] (default: cuda when present)")
+    p.add_argument("--work-dir", help="keep the built bundle and reports here")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI or local sqlite)"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_train)
+    tsub = p.add_subparsers(dest="train_command", metavar="{versions}")
+    v = tsub.add_parser("versions", help="list registered versions with aliases, tags and metrics")
+    v.add_argument("--json", action="store_true")
+    v.add_argument("--tracking-uri")
+    v.set_defaults(func=_versions)
+
+
+_FLAGS = (
+    "seed",
+    "epochs",
+    "batch_size",
+    "lr",
+    "hidden",
+    "max_rows",
+    "holdout_fraction",
+    "device",
+    "work_dir",
+)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from motlens.cli import require
+
+    require("sklearn", "train")
+    require("matplotlib", "train")
+    from pathlib import Path
+
+    from training.dataset import DataError
+    from training.registry import Registry
+    from training.train import TrainSettings, train
+
+    if not args.data:
+        print("motlens train: --data DIR is required (or use `motlens train versions`)", file=sys.stderr)
+        return 2
+    overrides = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
+    if args.alias is not None:
+        overrides["alias"] = args.alias
+    if args.no_alias:
+        overrides["alias"] = None
+    settings = TrainSettings(**overrides)
+    try:
+        result = train(Path(args.data), settings, registry=Registry(args.tracking_uri))
+    except (DataError, FileNotFoundError) as e:
+        print(f"motlens train: {e}", file=sys.stderr)
+        return 2
+    v = result.version
+    if args.json:
+        print(
+            json.dumps(
+                {"version": v.to_json(), "fingerprint": result.fingerprint, "timings": result.timings},
+                indent=2,
+            )
+        )
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"registered {v.name} version {v.version} (aliases: {', '.join(v.aliases) or 'none'})")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, val in sorted(result.metrics.items()):
+        t.add_row(k, f"{val:.4f}")
+    c = Console()
+    c.print(t)
+    fp = result.fingerprint
+    c.print(
+        f"data {fp['sha256'][:12]}: {fp['rows_labelled']} rows, {fp['distinct_texts']} distinct texts "
+        f"({fp['train_texts']} train / {fp['holdout_texts']} held out); "
+        f"{result.timings['total_s']:.1f} s total, {result.timings['embed_s']:.1f} s embedding"
+    )
+    c.print(f"run {v.run_id}\nartifact URI {v.artifact_uri}")
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    from training.registry import Registry
+
+    versions = Registry(args.tracking_uri).versions()
+    if args.json:
+        print(json.dumps([v.to_json() for v in versions], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="mot-defects versions")
+    for col in ("version", "aliases", "created", "section F1", "severity F1", "fail AUC", "tags", "run"):
+        t.add_column(col)
+    for v in versions:
+        m = v.metrics
+        t.add_row(
+            v.version,
+            ", ".join(v.aliases),
+            v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "",
+            *(f"{m[k]:.3f}" if k in m else "" for k in ("section_macro_f1", "severity_macro_f1", "fail_auc")),
+            str(len(v.tags)),
+            v.run_id or "",
+        )
+    Console().print(t if versions else "no registered versions")
+    return 0

@@ -1,0 +1,255 @@
+"""Tidy defect rows → the de-duplicated training set (docs/training.md "Training set").
+
+MOT texts repeat massively, so the unit of training is the distinct normalised text
+(:func:`motlens.embedder.normalise_text`) with its majority section and severity, its row count and
+its context aggregated (mean age, geometric-mean odometer, most frequent fuel, make and model).
+The held-out split is by text: a seeded hash of the normalised text decides, so the same text never
+sits on both sides and the split does not depend on input order or size. Rows stream through in
+chunks (constant memory apart from the distinct-text table); a seeded row-level sample of held-out
+rows keeps real per-row context for the drift reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from motlens.embedder import normalise_text
+from motlens.labels import FAILING_SEVERITIES, SEVERITIES
+
+CONTEXT_COLUMNS: tuple[str, ...] = ("make", "model", "fuel_type", "vehicle_age_years", "odometer_miles")
+_COMBINE_EVERY = 8
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the problem."""
+
+
+@dataclass
+class TrainingSet:
+    """Distinct texts with labels, counts, aggregated context and the held-out flag."""
+
+    texts: pd.DataFrame  # key order; columns in docs/training.md
+    reference_rows: pd.DataFrame  # held-out rows: ``text_index`` + per-row context
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train(self) -> pd.DataFrame:
+        return self.texts[~self.texts["holdout"]]
+
+    @property
+    def holdout(self) -> pd.DataFrame:
+        return self.texts[self.texts["holdout"]]
+
+
+def holdout_mask(keys: Iterable[str], seed: int, fraction: float) -> np.ndarray:
+    """Seeded, order-independent split: ``True`` where the text goes to the held-out side."""
+    salt = f"{seed}:".encode()
+    cut = int(fraction * 2**32)
+    return np.fromiter(
+        (int.from_bytes(hashlib.sha256(salt + k.encode()).digest()[:4], "big") < cut for k in keys),
+        dtype=bool,
+    )
+
+
+def iter_source(data: Path | pd.DataFrame, chunk_rows: int = 200_000) -> Iterator[pd.DataFrame]:
+    """Tidy chunks from a DataFrame, a tidy Parquet directory/file, or a directory of raw DVSA bulk files."""
+    if isinstance(data, pd.DataFrame):
+        for start in range(0, len(data), chunk_rows):
+            yield data.iloc[start : start + chunk_rows]
+        return
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    parquet = [path] if path.suffix == ".parquet" else sorted(path.glob("*.parquet"))
+    if parquet:
+        import pyarrow.parquet as pq
+
+        from training.tidy import TIDY_SCHEMA
+
+        for f in parquet:
+            pf = pq.ParquetFile(f)
+            for batch in pf.iter_batches(batch_size=chunk_rows):
+                yield batch.to_pandas().reindex(columns=TIDY_SCHEMA.names)
+        return
+    from training.dvsa import read_bulk
+
+    yield from read_bulk([path], chunk_rows=chunk_rows)
+
+
+def build_training_set(
+    data: Path | pd.DataFrame | Iterable[pd.DataFrame],
+    *,
+    seed: int = 0,
+    holdout_fraction: float = 0.2,
+    max_rows: int | None = None,
+    reference_rows: int = 2000,
+    chunk_rows: int = 200_000,
+) -> TrainingSet:
+    """Aggregate tidy rows (streamed) into a :class:`TrainingSet`."""
+    if not 0.0 < holdout_fraction < 1.0:
+        raise DataError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}")
+    chunks = iter_source(data, chunk_rows) if isinstance(data, Path | str | pd.DataFrame) else iter(data)
+    agg = _Aggregator(seed, holdout_fraction, reference_rows)
+    for chunk in chunks:
+        if max_rows is not None and agg.rows_read + len(chunk) > max_rows:
+            chunk = chunk.iloc[: max(0, max_rows - agg.rows_read)]
+        if len(chunk):
+            agg.add(chunk)
+        if max_rows is not None and agg.rows_read >= max_rows:
+            break
+    return agg.finish()
+
+
+class _Aggregator:
+    """Partial per-chunk group-bys, combined now and then, finished into a :class:`TrainingSet`."""
+
+    def __init__(self, seed: int, fraction: float, reference_rows: int) -> None:
+        self.seed = seed
+        self.fraction = fraction
+        self.reference_rows = reference_rows
+        self.rng = np.random.default_rng(seed)
+        self.rows_read = 0
+        self.rows_unlabelled = 0
+        self.labels: list[pd.DataFrame] = []
+        self.numeric: list[pd.DataFrame] = []
+        self.categorical: dict[str, list[pd.DataFrame]] = {c: [] for c in ("fuel_type", "make", "model")}
+        self.reference = pd.DataFrame()
+        self.split: dict[str, bool] = {}
+
+    def add(self, chunk: pd.DataFrame) -> None:
+        missing = {"text", "section", "severity"} - set(chunk.columns)
+        if missing:
+            raise DataError(f"tidy data lacks column(s) {sorted(missing)}")
+        self.rows_read += len(chunk)
+        df = pd.DataFrame(
+            {
+                c: chunk[c] if c in chunk.columns else None
+                for c in ("text", "section", "severity", *CONTEXT_COLUMNS)
+            }
+        )
+        section = pd.to_numeric(df["section"], errors="coerce")
+        ok = df["text"].notna() & section.between(0, 8) & df["severity"].isin(SEVERITIES)
+        self.rows_unlabelled += int((~ok).sum())
+        df = df[ok].copy()
+        if df.empty:
+            return
+        uniq = pd.unique(df["text"].astype(str))
+        keys = pd.Series([normalise_text(t) for t in uniq], index=uniq)
+        df["key"] = df["text"].astype(str).map(keys)
+        df = df[df["key"] != ""]
+        df["section"] = section[df.index].astype("int8")
+        df["vehicle_age_years"] = pd.to_numeric(df["vehicle_age_years"], errors="coerce")
+        odo = pd.to_numeric(df["odometer_miles"], errors="coerce")
+        df["log_odo"] = np.log1p(odo.where(odo >= 0))
+        self.labels.append(
+            df.groupby(["key", "section", "severity"], observed=True).size().rename("n").reset_index()
+        )
+        g = df.groupby("key")
+        self.numeric.append(
+            pd.DataFrame(
+                {
+                    "age_sum": g["vehicle_age_years"].sum(),
+                    "age_n": g["vehicle_age_years"].count(),
+                    "odo_sum": g["log_odo"].sum(),
+                    "odo_n": g["log_odo"].count(),
+                }
+            ).reset_index()
+        )
+        for c, parts in self.categorical.items():
+            parts.append(df.dropna(subset=[c]).groupby(["key", c]).size().rename("n").reset_index())
+        self._sample_reference(df)
+        if len(self.labels) >= _COMBINE_EVERY:
+            self._combine()
+
+    def _sample_reference(self, df: pd.DataFrame) -> None:
+        new = [k for k in pd.unique(df["key"]) if k not in self.split]
+        self.split.update(zip(new, holdout_mask(new, self.seed, self.fraction).tolist(), strict=True))
+        held = df[df["key"].map(self.split)]
+        if held.empty or self.reference_rows <= 0:
+            return
+        held = held[["key", *CONTEXT_COLUMNS]].assign(_p=self.rng.random(len(held)))
+        self.reference = pd.concat([self.reference, held]).nsmallest(self.reference_rows, "_p")
+
+    def _combine(self) -> None:
+        self.labels = [pd.concat(self.labels).groupby(["key", "section", "severity"]).n.sum().reset_index()]
+        self.numeric = [pd.concat(self.numeric).groupby("key").sum().reset_index()]
+        for c, parts in self.categorical.items():
+            self.categorical[c] = [pd.concat(parts).groupby(["key", c]).n.sum().reset_index()]
+
+    def finish(self) -> TrainingSet:
+        if not self.labels:
+            raise DataError(
+                f"no labelled defect rows (read {self.rows_read}, unlabelled {self.rows_unlabelled})"
+            )
+        self._combine()
+        lab = self.labels[0]
+        count = lab.groupby("key").n.sum().rename("count")
+        sec = _majority(lab.groupby(["key", "section"]).n.sum().reset_index(), "section")
+        sev_counts = lab.groupby(["key", "severity"]).n.sum().reset_index()
+        sev_counts["order"] = sev_counts["severity"].map({s: i for i, s in enumerate(SEVERITIES)})
+        sev = _majority(sev_counts, "order")
+        failing = lab[lab["severity"].isin(FAILING_SEVERITIES)].groupby("key").n.sum()
+        texts = pd.DataFrame({"count": count}).sort_index()
+        texts["section"] = sec["section"].astype("int8")
+        texts["severity"] = sev["order"].map(dict(enumerate(SEVERITIES)))
+        texts["section_purity"] = (sec["n"] / texts["count"]).astype("float32")
+        texts["severity_purity"] = (sev["n"] / texts["count"]).astype("float32")
+        texts["fail_fraction"] = (failing.reindex(texts.index).fillna(0) / texts["count"]).astype("float32")
+        num = self.numeric[0].set_index("key").reindex(texts.index)
+        texts["vehicle_age_years"] = (num["age_sum"] / num["age_n"].replace(0, np.nan)).astype("float32")
+        texts["odometer_miles"] = np.expm1(num["odo_sum"] / num["odo_n"].replace(0, np.nan)).astype("float32")
+        for c, parts in self.categorical.items():
+            texts[c] = _majority(parts[0], c)[c].reindex(texts.index) if len(parts[0]) else None
+        texts["holdout"] = texts.index.map(self.split).astype(bool)
+        texts = texts.rename_axis("text").reset_index()
+        if texts["holdout"].all() or not texts["holdout"].any():
+            raise DataError(f"{len(texts)} distinct texts are too few for a train/held-out split")
+        index = pd.Series(np.arange(len(texts)), index=texts["text"])
+        ref = self.reference.sort_values("_p").drop(columns="_p")
+        ref.insert(0, "text_index", ref.pop("key").map(index).to_numpy())
+        return TrainingSet(texts, ref.reset_index(drop=True), self._fingerprint(lab, texts))
+
+    def _fingerprint(self, lab: pd.DataFrame, texts: pd.DataFrame) -> dict[str, Any]:
+        canon = lab.sort_values(["key", "section", "severity"]).reset_index(drop=True)
+        digest = hashlib.sha256(
+            pd.util.hash_pandas_object(canon, index=False).to_numpy().tobytes()
+        ).hexdigest()
+        rows = int(lab["n"].sum())
+        train, held = texts[~texts["holdout"]], texts[texts["holdout"]]
+        return {
+            "sha256": digest,
+            "rows_read": self.rows_read,
+            "rows_unlabelled": self.rows_unlabelled,
+            "rows_labelled": rows,
+            "distinct_texts": len(texts),
+            "train_texts": len(train),
+            "holdout_texts": len(held),
+            "train_rows": int(train["count"].sum()),
+            "holdout_rows": int(held["count"].sum()),
+            "rows_section": {str(k): int(v) for k, v in lab.groupby("section").n.sum().items()},
+            "rows_severity": {s: int(lab.loc[lab["severity"] == s, "n"].sum()) for s in SEVERITIES},
+            "texts_section": {
+                str(k): int(v) for k, v in texts["section"].value_counts().sort_index().items()
+            },
+            "texts_severity": {s: int((texts["severity"] == s).sum()) for s in SEVERITIES},
+            "label_purity_section": float((texts["section_purity"] * texts["count"]).sum() / rows),
+            "label_purity_severity": float((texts["severity_purity"] * texts["count"]).sum() / rows),
+        }
+
+
+def _majority(counts: pd.DataFrame, col: str) -> pd.DataFrame:
+    """Per key, the value of ``col`` with the most rows (ties: the smallest value); index = key."""
+    best = counts.sort_values(["key", "n", col], ascending=[True, False, True], kind="stable")
+    return best.drop_duplicates("key").set_index("key")[[col, "n"]]
+
+
+def fingerprint_json(ts: TrainingSet) -> str:
+    return json.dumps(ts.fingerprint, indent=2, sort_keys=True)

