@@ -98,3 +98,17 @@ def registry(tmp_path, _mlflow_template_db):
     state = StateSettings(home=tmp_path / "motlens").ensure()
     shutil.copy(_mlflow_template_db, state.home / "mlflow.db")
     return Registry(state.mlflow_uri, state=state)
+
+
+@pytest.fixture(scope="session")
+def onnx_model_dir(tmp_path_factory, embedder):
+    """A copy of the MiniLM directory with a verified fp32 ONNX export in ``onnx/`` (exported once)."""
+    import shutil
+
+    from motlens.embedder import default_model_dir
+    from motlens.onnx_export import export_fp32
+
+    out = tmp_path_factory.mktemp("onnx") / "embedder"
+    shutil.copytree(default_model_dir(), out, ignore=shutil.ignore_patterns(".gitattributes", "README.md"))
+    export_fp32(out, reference=embedder)
+    return out

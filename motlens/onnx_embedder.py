@@ -1,0 +1,108 @@
+"""ONNX Runtime CPU backend for MiniLM (fp32, or the int8 variant that passed its quality gate).
+
+Implements :class:`motlens.embedder.Embedder`. The graph (see :mod:`motlens.onnx_export`) takes
+``input_ids`` and ``attention_mask`` and returns L2-normalised mean-pooled embeddings, so one
+``session.run`` is the whole sentence-transformers pipeline. Tokenisation uses the model
+directory's ``tokenizer.json`` with the sentence-transformers truncation length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from motlens import EMBEDDING_DIM
+from motlens.onnx_export import FP32_FILE, INT8_FILE, ONNX_DIR, OnnxExportError, cached_export, max_seq_length
+
+VARIANT_FILES = {"fp32": FP32_FILE, "int8": INT8_FILE}
+
+
+def onnx_cache_root() -> Path:
+    """Where exports for model directories that ship none are kept (``$MOTLENS_HOME/onnx-cache``)."""
+    from motlens.state import StateSettings
+
+    return (StateSettings().home / "onnx-cache").resolve()
+
+
+class OnnxEmbedder:
+    """MiniLM on ONNX Runtime's CPU execution provider."""
+
+    backend = "onnx"
+    device = "cpu"
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        threads: int | None = None,
+        variant: str = "fp32",
+        onnx_path: Path | None = None,
+    ) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        if variant not in VARIANT_FILES:
+            raise ValueError(f"unknown ONNX variant {variant!r}; expected one of {sorted(VARIANT_FILES)}")
+        model_dir = Path(model_dir)
+        self.variant = variant
+        path = onnx_path or model_dir / ONNX_DIR / VARIANT_FILES[variant]
+        if not path.is_file():
+            if variant != "fp32":
+                raise OnnxExportError(
+                    f"{path}: no {variant} ONNX model (the int8 variant exists only where it passed its gate)"
+                )
+            path = cached_export(model_dir, onnx_cache_root())
+        self.onnx_path = path
+        self.max_seq_length = max_seq_length(model_dir)
+        self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(self.max_seq_length)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.inter_op_num_threads = 1
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        self._session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        last = self._session.get_outputs()[0].shape[-1]
+        self.dim = last if isinstance(last, int) else EMBEDDING_DIM
+
+    def _ids(self, texts: Sequence[str]) -> list[list[int]]:
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"texts must be str; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+
+    def _run(self, ids: list[list[int]]) -> np.ndarray:
+        width = max(len(x) for x in ids)
+        input_ids = np.zeros((len(ids), width), dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        (out,) = self._session.run(None, {"input_ids": input_ids, "attention_mask": mask})
+        out = np.asarray(out, dtype=np.float32)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+    def encode_unsorted(self, texts: Sequence[str]) -> np.ndarray:
+        """One padded batch exactly as given (used to verify exports on padding)."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self._run(self._ids(texts))
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """L2-normalised float32 embeddings [N, dim]; batches are formed by length to cut padding."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        ids = self._ids(texts)
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        step = max(1, int(batch_size))
+        for start in range(0, len(order), step):
+            idx = order[start : start + step]
+            out[idx] = self._run([ids[i] for i in idx])
+        return out
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        return [len(x) for x in self._ids(texts)]

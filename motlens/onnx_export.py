@@ -1,0 +1,320 @@
+"""Export MiniLM to ONNX (verified against torch) and gate the dynamic-int8 variant on quality.
+
+Layout inside a sentence-transformers model directory (the bundle's ``embedder/``)::
+
+    onnx/model.onnx        fp32 graph: (input_ids, attention_mask) -> sentence_embedding [B, 384]
+                           (mean pooling and L2 normalisation are inside the graph)
+    onnx/model_int8.onnx   dynamic int8 variant, written only when it passes the quality gate
+    onnx/export.json       export verification and gate figures (what training records)
+
+The export pitfall this module guards against: ``torch.onnx.export`` switches the module tree to
+eval for tracing and afterwards restores the *exported module's* own training flag recursively. A
+freshly built wrapper (``nn.Module`` defaults to ``training=True``) therefore flips the wrapped
+BertModel into training mode, dropout (p=0.1) switches on, and any torch reference computed after
+the export is noise (max abs diff ≈ 1.7–1.9 on hidden states). The ONNX graph itself is fine. We
+put everything back in eval after exporting and always verify the file on padded batches of
+varying lengths before keeping it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from motlens.embedder import Embedder, cosine_rows
+from motlens.head import DefectHead
+
+ONNX_DIR = "onnx"
+FP32_FILE = "model.onnx"
+INT8_FILE = "model_int8.onnx"
+REPORT_FILE = "export.json"
+OPSET = 17
+#: per-row cosine an fp32 export must reach against torch on padded batches
+EXPORT_MIN_COSINE = 0.9999
+#: the int8 quality gate (issue 4): golden-set cosine to fp32 and held-out label agreement
+INT8_MIN_COSINE = 0.99
+INT8_MIN_AGREEMENT = 0.99
+
+# Texts of very different lengths, so every verification batch is padded.
+VERIFY_TEXTS: tuple[str, ...] = (
+    "Horn",
+    "Brake pipe corroded",
+    "Nearside Front Tyre worn close to legal limit (5.2.3 (e))",
+    "Offside Rear Brake disc worn, pitted or scored (1.1.14 (a))",
+    "Steering rack gaiter split",
+    "Exhaust emits excessive smoke, engine oil leaking onto the exhaust manifold, tester advised owner to "
+    "have the vehicle inspected by a qualified mechanic before driving any further (8.2.1.2 (a))",
+    "VIN not legible",
+    "Windscreen damage in zone A",
+    "Nearside Headlamp aim too high (4.1.2 (a)) and offside headlamp lens cracked, moisture inside unit",
+    "Parking brake efficiency below requirements",
+    "Seat belt",
+    "Registration plate missing (0.1 (a))",
+    "Offside Front Coil spring fractured (5.3.1 (b)) " * 12,
+)
+
+
+class OnnxExportError(RuntimeError):
+    """The export could not be produced or did not match torch; nothing was kept."""
+
+
+@dataclass
+class ExportReport:
+    path: str
+    opset: int
+    min_cosine: float
+    max_abs_diff: float
+    batches: int
+    rows: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class QualityGate:
+    """Result of the int8 quality gate; ``to_json`` is what training and bundles record."""
+
+    passed: bool
+    golden_min_cosine: float
+    golden_rows: int
+    label_agreement: float
+    heldout_rows: int
+    min_cosine_required: float = INT8_MIN_COSINE
+    min_agreement_required: float = INT8_MIN_AGREEMENT
+
+    @property
+    def detail(self) -> str:
+        verdict = "passed" if self.passed else "REFUSED"
+        return (
+            f"int8 gate {verdict}: golden min cosine {self.golden_min_cosine:.4f} "
+            f"(need ≥ {self.min_cosine_required}, {self.golden_rows} texts), held-out label agreement "
+            f"{self.label_agreement:.4f} (need ≥ {self.min_agreement_required}, {self.heldout_rows} texts)"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "detail": self.detail}
+
+
+def _load_torch_graph(model_dir: Path):  # noqa: ANN202 - returns (nn.Module, tokenizer)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    class SentenceEmbeddingGraph(torch.nn.Module):
+        """BertModel + masked mean pooling + L2 normalisation (the sentence-transformers pipeline)."""
+
+        def __init__(self, bert: torch.nn.Module) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.bert(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
+            ).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    bert = AutoModel.from_pretrained(str(model_dir), local_files_only=True, attn_implementation="eager")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    return SentenceEmbeddingGraph(bert).eval(), tokenizer
+
+
+def max_seq_length(model_dir: Path) -> int:
+    """The sentence-transformers truncation length (``sentence_bert_config.json``, default 256)."""
+    cfg = Path(model_dir) / "sentence_bert_config.json"
+    if cfg.is_file():
+        return int(json.loads(cfg.read_text()).get("max_seq_length", 256))
+    return 256
+
+
+def export_fp32(
+    model_dir: Path | str,
+    out_dir: Path | str | None = None,
+    reference: Embedder | None = None,
+    min_cosine: float = EXPORT_MIN_COSINE,
+) -> ExportReport:
+    """Export ``model_dir`` to ``out_dir/model.onnx`` (default ``model_dir/onnx``), verified or refused.
+
+    ``reference`` (a torch :class:`~motlens.embedder.Embedder` on the same files) is the truth the
+    export must match per row on padded batches; without it one is loaded.
+    """
+    import torch
+
+    model_dir = Path(model_dir)
+    out_dir = Path(out_dir) if out_dir else model_dir / ONNX_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    graph, tokenizer = _load_torch_graph(model_dir)
+    example = tokenizer(list(VERIFY_TEXTS[:3]), padding=True, return_tensors="pt")
+    tmp = out_dir / (FP32_FILE + ".partial")
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                graph,
+                (example["input_ids"], example["attention_mask"]),
+                str(tmp),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["input_ids", "attention_mask"],
+                output_names=["sentence_embedding"],
+                dynamic_axes={
+                    "input_ids": {0: "batch", 1: "sequence"},
+                    "attention_mask": {0: "batch", 1: "sequence"},
+                    "sentence_embedding": {0: "batch"},
+                },
+            )
+    except Exception as e:  # noqa: BLE001 - any exporter failure is reported as one error
+        tmp.unlink(missing_ok=True)
+        raise OnnxExportError(f"torch.onnx.export failed: {e}") from e
+    graph.eval()  # export restored the wrapper's training flag recursively; see the module docstring
+    if reference is None:
+        from motlens.embedder import TorchEmbedder
+
+        reference = TorchEmbedder(model_dir, device="cpu")
+    try:
+        report = verify_onnx(tmp, model_dir, reference, min_cosine)
+    except OnnxExportError:
+        tmp.unlink(missing_ok=True)
+        raise
+    final = out_dir / FP32_FILE
+    os.replace(tmp, final)
+    report.path = str(final)
+    return report
+
+
+def verify_onnx(
+    onnx_path: Path | str, model_dir: Path | str, reference: Embedder, min_cosine: float = EXPORT_MIN_COSINE
+) -> ExportReport:
+    """Compare an ONNX graph with ``reference`` on padded batches of 1, 3, 5 and all verify texts."""
+    from motlens.onnx_embedder import OnnxEmbedder
+
+    onnx_emb = OnnxEmbedder(model_dir, onnx_path=Path(onnx_path), threads=1)
+    texts = list(VERIFY_TEXTS)
+    cos_all: list[np.ndarray] = []
+    max_abs = 0.0
+    batches = 0
+    for size in (1, 3, 5, len(texts)):
+        for start in range(0, len(texts), size):
+            chunk = texts[start : start + size]
+            got = onnx_emb.encode_unsorted(chunk)
+            want = reference.encode(chunk, batch_size=len(chunk))
+            cos_all.append(cosine_rows(got, want))
+            max_abs = max(max_abs, float(np.abs(got - want).max()))
+            batches += 1
+    cos = np.concatenate(cos_all)
+    report = ExportReport(str(onnx_path), OPSET, float(cos.min()), max_abs, batches, int(cos.size))
+    if report.min_cosine < min_cosine:
+        raise OnnxExportError(
+            f"ONNX export does not match torch: min per-row cosine {report.min_cosine:.6f} < {min_cosine} "
+            f"(max abs diff {max_abs:.4g}) over {batches} padded batches"
+        )
+    return report
+
+
+def quantize_int8(onnx_dir: Path | str) -> Path:
+    """Write ``model_int8.onnx`` beside ``model.onnx`` (dynamic int8 weights, per channel)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    onnx_dir = Path(onnx_dir)
+    src = onnx_dir / FP32_FILE
+    if not src.is_file():
+        raise OnnxExportError(f"{src}: no fp32 ONNX model to quantize")
+    dst = onnx_dir / INT8_FILE
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    return dst
+
+
+def int8_gate(
+    fp32: Embedder,
+    int8: Embedder,
+    head: DefectHead,
+    golden_texts: Sequence[str],
+    heldout_texts: Sequence[str],
+    heldout_context: Mapping[str, Sequence[Any]] | None = None,
+    min_cosine: float = INT8_MIN_COSINE,
+    min_agreement: float = INT8_MIN_AGREEMENT,
+) -> QualityGate:
+    """Golden-set cosine int8 vs fp32 and held-out label agreement (section and severity both equal)."""
+    if not golden_texts or not heldout_texts:
+        raise ValueError("the int8 gate needs non-empty golden and held-out texts")
+    cos = cosine_rows(int8.encode(list(golden_texts)), fp32.encode(list(golden_texts)))
+    a = head.predict(fp32.encode(list(heldout_texts)), heldout_context)
+    b = head.predict(int8.encode(list(heldout_texts)), heldout_context)
+    same = (a.section_index == b.section_index) & (
+        a.severity_scores.argmax(axis=1) == b.severity_scores.argmax(axis=1)
+    )
+    agreement = float(same.mean())
+    min_cos = float(cos.min())
+    return QualityGate(
+        passed=min_cos >= min_cosine and agreement >= min_agreement,
+        golden_min_cosine=min_cos,
+        golden_rows=int(cos.size),
+        label_agreement=agreement,
+        heldout_rows=len(heldout_texts),
+        min_cosine_required=min_cosine,
+        min_agreement_required=min_agreement,
+    )
+
+
+def export_variants(
+    model_dir: Path | str,
+    head: DefectHead | None = None,
+    golden_texts: Sequence[str] = (),
+    heldout_texts: Sequence[str] = (),
+    heldout_context: Mapping[str, Sequence[Any]] | None = None,
+    reference: Embedder | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Export fp32 into ``model_dir/onnx`` and, given a head and texts, the gated int8 variant.
+
+    Call it on the staged embedder directory before :func:`motlens.bundle.assemble` so the files are
+    hashed into the manifest. The int8 file is deleted when the gate refuses it. Returns (and writes
+    to ``onnx/export.json``) the figures to record.
+    """
+    from motlens.onnx_embedder import OnnxEmbedder
+
+    model_dir = Path(model_dir)
+    onnx_dir = model_dir / ONNX_DIR
+    fp32_report = export_fp32(model_dir, onnx_dir, reference=reference)
+    result: dict[str, Any] = {"fp32": fp32_report.to_json() | {"path": f"{ONNX_DIR}/{FP32_FILE}"}, "int8": None}
+    if head is not None and golden_texts and heldout_texts:
+        quantize_int8(onnx_dir)
+        fp32 = OnnxEmbedder(model_dir, threads=threads)
+        int8 = OnnxEmbedder(model_dir, threads=threads, variant="int8")
+        gate = int8_gate(fp32, int8, head, golden_texts, heldout_texts, heldout_context)
+        if not gate.passed:
+            (onnx_dir / INT8_FILE).unlink()
+        result["int8"] = gate.to_json() | {"path": f"{ONNX_DIR}/{INT8_FILE}" if gate.passed else None}
+    (onnx_dir / REPORT_FILE).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def weights_digest(model_dir: Path) -> str:
+    """Short sha256 of the weights file, used to key exports cached outside a bundle."""
+    from motlens.bundle import sha256_file
+
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (model_dir / name).is_file():
+            return sha256_file(model_dir / name)[:16]
+    raise OnnxExportError(f"{model_dir}: no model weights found")
+
+
+def cached_export(model_dir: Path, cache_root: Path) -> Path:
+    """A verified fp32 export for a model directory that ships none (kept under ``cache_root``)."""
+    target = cache_root / weights_digest(model_dir)
+    if not (target / FP32_FILE).is_file():
+        staging = target.with_name(target.name + ".staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        export_fp32(model_dir, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return target / FP32_FILE

@@ -1,0 +1,89 @@
+"""ONNX export correctness: the ONNX Runtime backend reproduces torch on padded batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from motlens.embedder import cosine_rows
+from motlens.onnx_embedder import OnnxEmbedder
+from motlens.onnx_export import (
+    EXPORT_MIN_COSINE,
+    FP32_FILE,
+    INT8_FILE,
+    ONNX_DIR,
+    OnnxExportError,
+    quantize_int8,
+    verify_onnx,
+)
+
+pytestmark = pytest.mark.slow  # one export (~20 s) shared by the session
+
+# Not the texts the exporter verifies itself with: lengths from 1 to ~120 tokens.
+_WORDS = (
+    "nearside offside front rear brake pipe hose corroded worn pitted scored tyre tread depth below legal "
+    "limit steering rack gaiter split headlamp aim too high windscreen damage zone exhaust leak emits smoke "
+    "suspension arm pin bush excessive play seat belt buckle not working (1.1.14 (a)) (5.2.3 (e))"
+).split()
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(_WORDS, size=int(rng.integers(1, 90)))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def onnx_embedder(onnx_model_dir) -> OnnxEmbedder:
+    return OnnxEmbedder(onnx_model_dir, threads=1)
+
+
+def test_export_matches_torch_on_padded_batches(onnx_embedder, embedder):
+    texts = _texts(40, seed=7)
+    for size in (2, 7, 15, 16):
+        for start in range(0, len(texts), size):
+            chunk = texts[start : start + size]
+            got = onnx_embedder.encode_unsorted(chunk)  # one padded batch, original order
+            want = embedder.encode(chunk, batch_size=len(chunk))
+            assert got.shape == (len(chunk), 384) and got.dtype == np.float32
+            cos = cosine_rows(got, want)
+            assert cos.min() >= EXPORT_MIN_COSINE, (size, start, float(cos.min()))
+
+
+def test_encode_sorts_by_length_but_keeps_order(onnx_embedder, embedder):
+    texts = _texts(33, seed=11)
+    got = onnx_embedder.encode(texts, batch_size=8)
+    assert cosine_rows(got, embedder.encode(texts)).min() >= EXPORT_MIN_COSINE
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert onnx_embedder.encode([]).shape == (0, 384)
+
+
+def test_token_lengths_match_sentence_transformers(onnx_embedder, embedder):
+    texts = ["Horn", "Brake pipe corroded (1.1.11 (c))", "very long text " * 200]
+    lengths = onnx_embedder.token_lengths(texts)
+    assert lengths == embedder.token_lengths(texts)
+    assert lengths[-1] == 256  # truncated at the sentence-transformers limit, not tokenizer.json's 128
+
+
+def test_embedder_protocol_attributes(onnx_embedder):
+    assert (onnx_embedder.backend, onnx_embedder.device, onnx_embedder.dim) == ("onnx", "cpu", 384)
+    assert onnx_embedder.onnx_path.name == FP32_FILE
+
+
+def test_verifier_refuses_a_graph_that_differs_from_torch(onnx_model_dir, embedder, tmp_path):
+    # The int8 graph is a real, slightly different model: the export verifier must refuse it.
+    int8 = quantize_int8(onnx_model_dir / ONNX_DIR)
+    try:
+        with pytest.raises(OnnxExportError, match="does not match torch"):
+            verify_onnx(int8, onnx_model_dir, embedder)
+    finally:
+        int8.unlink()
+
+
+def test_bad_input_and_missing_variants_name_the_problem(onnx_model_dir, onnx_embedder):
+    with pytest.raises(TypeError, match="item 1 is int"):
+        onnx_embedder.encode(["ok", 3])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="unknown ONNX variant"):
+        OnnxEmbedder(onnx_model_dir, variant="fp16")
+    assert not (onnx_model_dir / ONNX_DIR / INT8_FILE).exists()
+    with pytest.raises(OnnxExportError, match="int8"):
+        OnnxEmbedder(onnx_model_dir, variant="int8")
