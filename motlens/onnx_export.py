@@ -249,9 +249,7 @@ def int8_gate(
     cos = cosine_rows(int8.encode(list(golden_texts)), fp32.encode(list(golden_texts)))
     a = head.predict(fp32.encode(list(heldout_texts)), heldout_context)
     b = head.predict(int8.encode(list(heldout_texts)), heldout_context)
-    same = (a.section_index == b.section_index) & (
-        a.severity_scores.argmax(axis=1) == b.severity_scores.argmax(axis=1)
-    )
+    same = (a.section_index == b.section_index) & (a.severity_scores.argmax(axis=1) == b.severity_scores.argmax(axis=1))
     agreement = float(same.mean())
     min_cos = float(cos.min())
     return QualityGate(

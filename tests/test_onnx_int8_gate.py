@@ -69,8 +69,7 @@ def test_gate_refuses_just_below_and_accepts_just_above_measured_quality(variant
     strict_cos = int8_gate(fp32, int8, head, golden.texts, _heldout(), min_cosine=cos + 1e-4, min_agreement=0.0)
     assert not strict_cos.passed and "REFUSED" in strict_cos.detail
     if agree < 1.0:
-        strict_agree = int8_gate(fp32, int8, head, golden.texts, _heldout(), min_cosine=0.0,
-                                 min_agreement=agree + 1e-6)
+        strict_agree = int8_gate(fp32, int8, head, golden.texts, _heldout(), min_cosine=0.0, min_agreement=agree + 1e-6)
         assert not strict_agree.passed
     lenient = int8_gate(fp32, int8, head, golden.texts, _heldout(), min_cosine=cos - 1e-4, min_agreement=agree)
     assert lenient.passed
@@ -86,8 +85,9 @@ def test_export_variants_keeps_int8_only_when_it_passes(onnx_model_dir, embedder
     staged = tmp_path / "embedder"
     shutil.copytree(onnx_model_dir, staged)
     shutil.rmtree(staged / ONNX_DIR)
-    result = export_variants(staged, tiny_bundle.head(), tiny_bundle.golden().texts, _heldout(),
-                             reference=embedder, threads=1)
+    result = export_variants(
+        staged, tiny_bundle.head(), tiny_bundle.golden().texts, _heldout(), reference=embedder, threads=1
+    )
     assert result["fp32"]["min_cosine"] >= 0.9999 and (staged / ONNX_DIR / "model.onnx").is_file()
     assert json.loads((staged / ONNX_DIR / REPORT_FILE).read_text()) == result
     assert (staged / ONNX_DIR / INT8_FILE).is_file() is result["int8"]["passed"]
