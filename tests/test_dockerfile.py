@@ -1,0 +1,211 @@
+"""Static checks of the Dockerfile (no Docker engine here): targets, non-root user, pinned bases, no
+secrets, no baked-in model, read-only root filesystem, and slim dependency sets per target."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import pytest
+from manifest_helpers import REPO
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+DOCKERFILE = REPO / "Dockerfile"
+SECRET_NAME = re.compile(
+    r"(^|_)(PASSW(OR)?D|SECRET|TOKEN|API_?KEY|ACCESS_KEY(_ID)?|PRIVATE_KEY|CREDENTIALS?)(_|$)", re.I
+)
+WRITABLE_ROOTS = ("/tmp", "/var/lib/motlens")  # emptyDir mounts in manifests/ (test_manifests_security)
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def args(self, keyword: str) -> list[str]:
+        return [a for k, a in self.instructions if k == keyword]
+
+
+def parse(text: str) -> tuple[dict[str, str], list[Stage]]:
+    """Global ARG defaults and the stages, with continuation lines joined and heredocs attached."""
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    lines = iter(text.splitlines())
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        while line.endswith("\\"):
+            line = line[:-1] + " " + next(lines).strip()
+        heredoc = re.search(r"<<-?'?(\w+)'?", line)
+        if heredoc:
+            body = []
+            for nxt in lines:
+                if nxt.strip() == heredoc.group(1):
+                    break
+                body.append(nxt)
+            line += "\n" + "\n".join(body)
+        keyword, _, rest = line.strip().partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            m = re.match(r"(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", rest, re.I)
+            assert m, line
+            stages.append(Stage(m.group(2) or str(len(stages)), m.group(1)))
+        elif not stages:
+            assert keyword == "ARG", f"only ARG may precede the first FROM, not {keyword}"
+            name, _, default = rest.partition("=")
+            global_args[name] = default
+        else:
+            stages[-1].instructions.append((keyword, rest))
+    return global_args, stages
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> tuple[dict[str, str], dict[str, Stage], list[Stage]]:
+    global_args, stages = parse(DOCKERFILE.read_text())
+    return global_args, {s.name: s for s in stages}, stages
+
+
+def chain(stages: dict[str, Stage], name: str) -> list[Stage]:
+    """The stage and its ancestors, root first."""
+    out = [stages[name]]
+    while out[0].base in stages:
+        out.insert(0, stages[out[0].base])
+    return out
+
+
+def test_targets(dockerfile) -> None:
+    _, stages, ordered = dockerfile
+    assert {"predictor", "jobs"} <= set(stages)
+    assert ordered[-1].name == "predictor", "a plain `docker build .` should give the predictor"
+
+
+@pytest.mark.parametrize("target", ["predictor", "jobs"])
+def test_final_targets_run_as_non_root(dockerfile, target: str) -> None:
+    _, stages, _ = dockerfile
+    users = [u for s in chain(stages, target) for u in s.args("USER")]
+    assert users, f"{target}: no USER (would run as root)"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) >= 1000, f"{target}: USER {users[-1]} (numeric, non-root for runAsNonRoot)"
+
+
+def test_base_images_are_pinned(dockerfile) -> None:
+    global_args, stages, ordered = dockerfile
+    external = [s.base for s in ordered if s.base not in stages]
+    assert external
+    for ref in external:
+        image = re.sub(r"\$\{?(\w+)\}?", lambda m: global_args.get(m.group(1), ""), ref)
+        assert image and "latest" not in image, ref
+        digest = re.search(r"@sha256:[0-9a-f]{64}$", image)
+        exact = re.search(r":\d+\.\d+\.\d+[\w.-]*$", image)
+        assert digest or exact, f"{image}: pin an exact version tag or a digest"
+
+
+def _dockerignore() -> list[str]:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def test_no_secrets(dockerfile) -> None:
+    _, _, ordered = dockerfile
+    for stage in ordered:
+        for keyword, rest in stage.instructions:
+            if keyword in ("ENV", "ARG"):
+                names = re.findall(r"(?:^|\s)(\w+)=", rest) or [rest.split()[0]]
+                bad = [n for n in names if SECRET_NAME.search(n)]
+                assert not bad, f"{stage.name}: {keyword} {bad} would bake a secret into the image"
+            if keyword in ("COPY", "ADD"):
+                assert not re.search(r"\.env\b|\.aws|\.pem|id_rsa|kubeconfig|\.netrc", rest), rest
+    ignore = _dockerignore()
+    assert ignore[0] == "*", ".dockerignore should exclude everything and allow-list the sources"
+    allowed = [p for p in ignore if p.startswith("!")]
+    assert not [p for p in allowed if re.search(r"env|secret|\.motlens|mlruns|\.venv|\.git", p)]
+
+
+def test_copied_sources_exist_and_pass_dockerignore(dockerfile) -> None:
+    _, _, ordered = dockerfile
+    allowed = {p[1:].rstrip("/") for p in _dockerignore() if p.startswith("!")}
+    for stage in ordered:
+        for keyword, rest in stage.instructions:
+            if keyword != "COPY" or "--from=" in rest or "<<" in rest:
+                continue
+            *sources, _dest = [w for w in rest.split() if not w.startswith("--")]
+            for src in sources:
+                assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+                assert src.rstrip("/") in allowed, f"COPY {src}: excluded by .dockerignore"
+
+
+def test_model_is_not_baked_in_and_root_fs_can_be_read_only(dockerfile) -> None:
+    _, stages, _ = dockerfile
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^\s*(COPY|ADD)\b.*(mlruns|\.motlens|bundle|\.safetensors|\.onnx|mnt/models)", text, re.M)
+    cmd = stages["predictor"].args("CMD")[-1]
+    assert '"--model", "/mnt/models"' in cmd
+    env = " ".join(a for s in chain(stages, "predictor") for a in s.args("ENV"))
+    settings = dict(re.findall(r"(\w+)=(\S+)", env))
+    for name in ("HOME", "XDG_CACHE_HOME", "HF_HOME", "MPLCONFIGDIR", "MOTLENS_HOME"):
+        assert settings[name].startswith(WRITABLE_ROOTS), f"{name}={settings[name]} is not on a writable volume"
+    assert settings["HF_HUB_OFFLINE"] == "1"
+
+
+def _make_venv_extras(stages: dict[str, Stage], target: str) -> str:
+    (source,) = [re.search(r"--from=(\S+)", a).group(1) for a in stages[target].args("COPY") if "--from=" in a]
+    runs = [a for s in chain(stages, source) for a in s.args("RUN") if a.startswith("make-venv")]
+    assert len(runs) == 1, f"{target}: expected one make-venv in {source}"
+    return runs[0].split()[1]
+
+
+def test_targets_install_their_extras_only(dockerfile) -> None:
+    _, stages, _ = dockerfile
+    assert _make_venv_extras(stages, "predictor") == "serve"
+    assert set(_make_venv_extras(stages, "jobs").split(",")) == {"drift", "promote"}
+    script = next(a for a in stages["build"].args("COPY") if "make-venv" in a)
+    torch_at, project_at = script.index('pip install "torch=='), script.index("motlens-*.whl")
+    assert torch_at < project_at, "torch (CPU/CUDA build) must be installed before the project"
+    assert "https://download.pytorch.org/whl/cpu" in script and "-c /src/constraints.txt" in script
+
+
+def _closure(extras: set[str]) -> dict[str, set[str]]:
+    """Distributions (canonical name → who requires them) that ``pip install motlens[extras]`` brings,
+    from pyproject.toml for motlens and the installed metadata for everything below it."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    for extra in extras:
+        reqs += [Requirement(r) for r in project["optional-dependencies"][extra]]
+    parents: dict[str, set[str]] = {}
+    todo = [("motlens", r) for r in reqs]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while todo:
+        parent, req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name == "motlens":
+            continue
+        parents.setdefault(name, set()).add(parent)
+        key = (name, frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            requires = metadata.distribution(req.name).requires or []
+        except metadata.PackageNotFoundError:
+            continue
+        for text in requires:
+            sub = Requirement(text)
+            envs = [{**default_environment(), "extra": e} for e in ("", *req.extras)]
+            if sub.marker is None or any(sub.marker.evaluate(env) for env in envs):
+                todo.append((name, sub))
+    return parents
+
+
+def test_predictor_image_has_no_evidently_and_jobs_image_no_kserve() -> None:
+    serve = _closure({"serve"})
+    assert "kserve" in serve and "onnxruntime" in serve
+    assert "evidently" not in serve
+    # kserve itself requires the kubernetes client (its KServeClient); motlens' serve extra does not.
+    assert serve.get("kubernetes", set()) <= {"kserve"}
+    jobs = _closure({"drift", "promote"})
+    assert {"evidently", "kubernetes"} <= set(jobs) and "kserve" not in jobs and "onnxruntime" not in jobs

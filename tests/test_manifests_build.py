@@ -1,0 +1,219 @@
+"""The kustomizations build, the InferenceService follows KServe's CRD and the rollout contract."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from manifest_helpers import (
+    MANIFESTS,
+    OVERLAYS,
+    isvc_container,
+    isvc_errors,
+    kustomize,
+    objects,
+    one,
+    pod_specs,
+)
+
+KNATIVE_MODES = {"Serverless", "Knative"}  # the legacy and the current spelling of Knative mode
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, list[dict[str, Any]]]:
+    return {name: kustomize(MANIFESTS / "overlays" / name) for name in OVERLAYS}
+
+
+def _isvc(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "InferenceService", "mot-defects")
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e for e in container["env"]}
+
+
+@pytest.mark.parametrize("path", ["base", "overlays/cpu", "overlays/gpu", "monitoring"])
+def test_kustomization_builds(path: str) -> None:
+    docs = kustomize(MANIFESTS / path)
+    assert docs and all(d.get("apiVersion") and d.get("kind") and d["metadata"].get("name") for d in docs)
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"motlens"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_inferenceservice_matches_kserve_crd(built, overlay: str) -> None:
+    isvcs = objects(built[overlay], "InferenceService")
+    assert [i["metadata"]["name"] for i in isvcs] == ["mot-defects"]
+    assert isvcs[0]["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert isvc_errors(isvcs[0]) == []
+
+
+def test_crd_validation_catches_mistakes(built) -> None:
+    """The validator is strict: a misspelt field and a wrongly typed value are both reported."""
+    isvc = copy.deepcopy(_isvc(built["cpu"]))
+    isvc["spec"]["predictor"]["canaryTrafficPercnt"] = 10
+    isvc["spec"]["predictor"]["minReplicas"] = "one"
+    isvc_container(isvc)["resources"]["limits"]["cpu"] = {"cores": 4}
+    errors = "\n".join(isvc_errors(isvc))
+    assert "canaryTrafficPercnt" in errors
+    assert "spec/predictor/minReplicas" in errors
+    assert "containers/0/resources/limits/cpu" in errors
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_knative_mode_canary_and_autoscaling(built, overlay: str) -> None:
+    isvc = _isvc(built[overlay])
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] in KNATIVE_MODES
+    predictor = isvc["spec"]["predictor"]
+    assert isinstance(predictor["canaryTrafficPercent"], int) and 0 <= predictor["canaryTrafficPercent"] <= 100
+    assert predictor["minReplicas"] >= 1 and predictor["maxReplicas"] >= predictor["minReplicas"]
+    assert predictor["scaleMetric"] == "concurrency" and predictor["scaleTarget"] > 0
+
+
+@pytest.mark.parametrize("path", ["base", "overlays/cpu", "overlays/gpu"])
+def test_storage_uri_contract(path: str) -> None:
+    """containers[0] = kserve-container, env[0] = STORAGE_URI (the promotion CLI patches these by index)."""
+    container = isvc_container(_isvc(kustomize(MANIFESTS / path)))
+    assert container["name"] == "kserve-container"
+    assert container["env"][0]["name"] == "STORAGE_URI"
+    assert container["env"][0]["value"].startswith("s3://")
+    assert container["command"] == ["motlens"] and container["args"][:3] == ["serve", "--model", "/mnt/models"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_predictor_container(built, overlay: str) -> None:
+    isvc = _isvc(built[overlay])
+    container = isvc_container(isvc)
+    (port,) = container["ports"]  # Knative serves exactly one port
+    assert port["containerPort"] == 8080 and port["name"] == "http1"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/mot-defects/ready"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] == port["containerPort"], probe
+    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 300
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][kind]), kind
+    env = _env(container)
+    assert env["MOTLENS_SERVE_ENABLE_GRPC"]["value"] == "false"
+    assert env["MOTLENS_CLICKHOUSE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "motlens-clickhouse"
+    annotations = isvc["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
+    assert annotations["prometheus.kserve.io/port"] == str(port["containerPort"])
+    assert annotations["prometheus.kserve.io/path"] == "/metrics"
+    assert isvc["spec"]["predictor"]["serviceAccountName"] == "motlens-predictor"
+
+
+def test_gpu_overlay_asks_for_one_gpu(built) -> None:
+    gpu, cpu = _isvc(built["gpu"]), _isvc(built["cpu"])
+    container = isvc_container(gpu)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    tolerations = gpu["spec"]["predictor"]["tolerations"]
+    assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in tolerations)
+    assert gpu["spec"]["predictor"]["nodeSelector"]
+    env = _env(container)
+    assert env["MOTLENS_SERVE_DEVICE"]["value"] == "cuda"
+    assert env["MOTLENS_SERVE_DTYPE"]["value"] == "float16"
+    assert container["image"].endswith("-cuda")
+    cpu_container = isvc_container(cpu)
+    assert "nvidia.com/gpu" not in yaml.safe_dump(cpu)
+    assert _env(cpu_container)["MOTLENS_SERVE_DEVICE"]["value"] == "cpu"
+    assert cpu_container["image"].endswith("-cpu")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_lists_rollout_patch_last(overlay: str) -> None:
+    kustomization = yaml.safe_load((MANIFESTS / "overlays" / overlay / "kustomization.yaml").read_text())
+    last = kustomization["patches"][-1]
+    assert last["path"] == "rollout.yaml"
+    assert last["target"] == {"group": "serving.kserve.io", "version": "v1beta1",
+                              "kind": "InferenceService", "name": "mot-defects"}
+    ops = yaml.safe_load((MANIFESTS / "overlays" / overlay / "rollout.yaml").read_text())
+    assert isinstance(ops, list) and ops and all(op["op"] in {"test", "add", "replace", "remove"} for op in ops)
+
+
+def _overlay_copy(tmp_path: Path) -> Path:
+    root = tmp_path / "manifests"
+    shutil.copytree(MANIFESTS, root)
+    return root
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rollout_ops_as_the_promotion_cli_writes_them(tmp_path: Path, overlay: str) -> None:
+    """A canary at 10% written the way the promotion CLI's GitOps target does: the build carries it
+    and the InferenceService still matches the CRD."""
+    root = _overlay_copy(tmp_path)
+    canary_uri = "s3://mlflow-artifacts/1/models/m-canary/artifacts"
+    ops = [
+        {"op": "replace", "path": "/spec/predictor/containers/0/env/0/value", "value": canary_uri},
+        {"op": "add", "path": "/spec/predictor/canaryTrafficPercent", "value": 10},
+        {"op": "add", "path": "/metadata/annotations/motlens.io~1canary-version", "value": "7"},
+        {"op": "replace", "path": "/metadata/annotations/motlens.io~1production-version", "value": "6"},
+    ]
+    (root / "overlays" / overlay / "rollout.yaml").write_text(yaml.safe_dump(ops))
+    isvc = _isvc(kustomize(root / "overlays" / overlay))
+    assert isvc_container(isvc)["env"][0] == {"name": "STORAGE_URI", "value": canary_uri}
+    assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    assert isvc["metadata"]["annotations"]["motlens.io/canary-version"] == "7"
+    assert isvc["metadata"]["annotations"]["motlens.io/production-version"] == "6"
+    assert isvc_errors(isvc) == []
+
+
+def test_rollout_guard_rejects_a_base_that_breaks_the_contract(tmp_path: Path) -> None:
+    """The initial rollout.yaml asserts the contract: moving STORAGE_URI out of env[0] fails the build."""
+    root = _overlay_copy(tmp_path)
+    base = root / "base" / "inferenceservice.yaml"
+    isvc = yaml.safe_load(base.read_text())
+    env = isvc_container(isvc)["env"]
+    env.append(env.pop(0))
+    base.write_text(yaml.safe_dump(isvc))
+    with pytest.raises(AssertionError, match="test"):
+        kustomize(root / "overlays" / "cpu")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_cronjobs(built, overlay: str) -> None:
+    docs = built[overlay]
+    drift = one(docs, "CronJob", "motlens-drift")
+    promotion = one(docs, "CronJob", "motlens-promotion")
+    for job in (drift, promotion):
+        (container,) = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+        assert container["image"].startswith("ghcr.io/") and "motlens-jobs" in container["image"]
+        env = _env(container)
+        clickhouse = env["MOTLENS_CLICKHOUSE_URL"]["valueFrom"]["secretKeyRef"]
+        assert clickhouse == {"name": "motlens-clickhouse", "key": "url"}
+        assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["name"] == "motlens-config"
+        assert job["spec"]["concurrencyPolicy"] == "Forbid"
+    drift_container = drift["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert drift_container["args"][0] == "drift"
+    assert any(name.startswith("MOTLENS_DRIFT_") for name in _env(drift_container))
+    promo_container = promotion["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert promo_container["command"] + promo_container["args"] == ["motlens", "promote", "auto", "--target", "k8s"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_config_and_secret_references(built, overlay: str) -> None:
+    """Every ConfigMap key referenced exists in the build; Secrets are referenced, never shipped."""
+    docs = built[overlay]
+    configmaps = {c["metadata"]["name"]: c.get("data", {}) for c in objects(docs, "ConfigMap")}
+    assert objects(docs, "Secret") == []
+    secrets = set()
+    for owner, spec in pod_specs(docs):
+        for container in spec["containers"]:
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {})
+                if "configMapKeyRef" in ref:
+                    cm = ref["configMapKeyRef"]
+                    assert cm["key"] in configmaps.get(cm["name"], {}), f"{owner}: {cm} not in the build"
+                if "secretKeyRef" in ref:
+                    secrets.add(ref["secretKeyRef"]["name"])
+            for source in container.get("envFrom", []):
+                if "secretRef" in source:
+                    secrets.add(source["secretRef"]["name"])
+    assert secrets == {"motlens-clickhouse", "motlens-s3"}
+    docs_text = (MANIFESTS.parent / "docs" / "deploy.md").read_text()
+    for name in secrets:
+        assert f"secret generic {name}" in docs_text, f"docs/deploy.md does not say how to create {name}"
+
