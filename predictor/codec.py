@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import (
     InferOutput,
@@ -199,6 +200,41 @@ def build_v1(result: PredictResult, req: PredictRequest) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- v2
+
+
+def check_binary_texts(body: bytes, json_length: int) -> None:
+    """Before KServe decodes a binary-extension body: every BYTES tensor element must be UTF-8.
+
+    (KServe's decoder would otherwise fail with a server error that does not name the input.)
+    """
+    try:
+        header = orjson.loads(body[:json_length])
+        offset = json_length
+        for inp in header.get("inputs", []):
+            size = (inp.get("parameters") or {}).get("binary_data_size")
+            if size is None:
+                continue
+            chunk = body[offset : offset + int(size)]
+            offset += int(size)
+            if inp.get("datatype") != "BYTES":
+                continue
+            pos, i = 0, 0
+            while pos + 4 <= len(chunk):
+                n = int.from_bytes(chunk[pos : pos + 4], "little")
+                item = chunk[pos + 4 : pos + 4 + n]
+                try:
+                    item.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InvalidInput(
+                        f"input '{inp.get('name')}' item {i} is not valid UTF-8 "
+                        f"({e.reason} at byte {e.start})"
+                    ) from e
+                pos += 4 + n
+                i += 1
+    except InvalidInput:
+        raise
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+        raise InvalidInput(f"malformed binary inference request header: {e}") from e
 
 
 def _flat_values(inp: Any) -> np.ndarray:

@@ -18,13 +18,15 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Generator
 from functools import partial
 from typing import Any
 
+import orjson
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import ORJSONResponse, Response
+from fastapi.responses import Response
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.errors import InferenceError, InvalidInput, ModelNotReady
 from kserve.model_repository import ModelRepository
@@ -41,6 +43,7 @@ from predictor import metrics
 from predictor.backend import ModelLoadError, load_backend
 from predictor.batcher import Overloaded
 from predictor.cache import EmbeddingCache
+from predictor.codec import check_binary_texts
 from predictor.model import MotlensModel
 from predictor.settings import ServeSettings
 from predictor.slots import SlotError, SlotManager
@@ -98,13 +101,12 @@ class _RESTServer(RESTServer):
         self._server = _Uvicorn(self.config)
 
     def create_application(self) -> None:
-        app = FastAPI(
-            title="motlens predictor", docs_url=None, redoc_url=None, default_response_class=ORJSONResponse
-        )
+        app = FastAPI(title="motlens predictor", docs_url=None, redoc_url=None)
         self.motlens.add_routes(app)
         self._add_middlewares(app)
         self._register_endpoints(app)
         self._add_exception_handlers(app)
+        app.add_exception_handler(InvalidInput, _invalid_input_handler)
         app.add_exception_handler(Overloaded, _overloaded_handler)
         app.add_exception_handler(BodyTooLarge, _too_large_handler)
         self.config.app = app
@@ -113,17 +115,20 @@ class _RESTServer(RESTServer):
         self._server.should_exit = True
 
 
+async def _invalid_input_handler(request: Request, exc: Exception) -> Response:
+    log.info("400 %s %s: %s", request.method, request.url.path, exc)
+    return _json({"error": str(exc)}, status_code=400)
+
+
 async def _overloaded_handler(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, Overloaded)
     status = 429 if exc.reason == "queue_full" else 503
-    return ORJSONResponse(
-        {"error": str(exc)}, status_code=status, headers={"Retry-After": str(exc.retry_after_s)}
-    )
+    return _json({"error": str(exc)}, status_code=status, headers={"Retry-After": str(exc.retry_after_s)})
 
 
 async def _too_large_handler(_: Request, exc: Exception) -> Response:
     metrics.REJECTED.labels(reason="body_too_large").inc()
-    return ORJSONResponse({"error": str(exc)}, status_code=413)
+    return _json({"error": str(exc)}, status_code=413)
 
 
 class _LoadBody(BaseModel):
@@ -275,7 +280,7 @@ class PredictorServer:
         response_headers.pop("content-length", None)
         if isinstance(response, bytes | str):
             return Response(content=response, headers=response_headers)
-        return ORJSONResponse(content=response, headers=response_headers)
+        return _json(content=response, headers=response_headers)
 
     async def _v2_infer(self, model_name: str, request: Request) -> Response:
         body = await read_body(request, self.settings.max_body_bytes)
@@ -289,6 +294,7 @@ class PredictorServer:
                         f"header {INFERENCE_CONTENT_LENGTH_HEADER}={json_length!r} does not fit "
                         f"a body of {len(body)} bytes"
                     )
+                check_binary_texts(body, int(json_length))
                 infer_request = InferRequest.from_bytes(body, int(json_length), model_name)
             else:
                 infer_request = InferRequest.from_inference_request(
@@ -309,11 +315,11 @@ class PredictorServer:
         response_headers.pop("content-type", None)
         if isinstance(response, bytes):
             return Response(content=response, headers=response_headers, media_type="application/octet-stream")
-        return ORJSONResponse(content=response, headers=response_headers)
+        return _json(content=response, headers=response_headers)
 
     async def _ready(self) -> Response:
         status = self.slots.status()
-        return ORJSONResponse(
+        return _json(
             {"ready": status["ready"], "reason": status["reason"]},
             status_code=200 if status["ready"] else 503,
         )
@@ -323,42 +329,49 @@ class PredictorServer:
         if token is None:
             return None
         if request.headers.get("authorization") != f"Bearer {token.get_secret_value()}":
-            return ORJSONResponse(
-                {"error": "admin API needs 'Authorization: Bearer <token>'"}, status_code=401
-            )
+            return _json({"error": "admin API needs 'Authorization: Bearer <token>'"}, status_code=401)
         return None
 
     async def _admin_status(self, request: Request) -> Response:
-        return self._admin_auth(request) or ORJSONResponse(self.slots.status())
+        return self._admin_auth(request) or _json(self.slots.status())
 
     async def _admin_load(self, slot: str, body: _LoadBody, request: Request) -> Response:
         if denied := self._admin_auth(request):
             return denied
         try:
-            return ORJSONResponse(await self.slots.load(slot, body.ref))
+            return _json(await self.slots.load(slot, body.ref))
         except SlotError as e:
-            return ORJSONResponse({"error": str(e)}, status_code=404)
+            return _json({"error": str(e)}, status_code=404)
         except ModelLoadError as e:
-            return ORJSONResponse({"error": str(e), **self.slots.status()}, status_code=422)
+            return _json({"error": str(e), **self.slots.status()}, status_code=422)
 
     async def _admin_percent(self, body: _PercentBody, request: Request) -> Response:
         if denied := self._admin_auth(request):
             return denied
         try:
-            return ORJSONResponse(self.slots.set_canary_percent(body.percent))
+            return _json(self.slots.set_canary_percent(body.percent))
         except SlotError as e:
-            return ORJSONResponse({"error": str(e)}, status_code=409)
+            return _json({"error": str(e)}, status_code=409)
 
     async def _admin_promote(self, request: Request) -> Response:
         if denied := self._admin_auth(request):
             return denied
         try:
-            return ORJSONResponse(await self.slots.promote())
+            return _json(await self.slots.promote())
         except SlotError as e:
-            return ORJSONResponse({"error": str(e)}, status_code=409)
+            return _json({"error": str(e)}, status_code=409)
 
     async def _admin_rollback(self, request: Request) -> Response:
-        return self._admin_auth(request) or ORJSONResponse(await self.slots.rollback())
+        return self._admin_auth(request) or _json(await self.slots.rollback())
+
+
+def _json(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status_code,
+        headers=headers,
+        media_type="application/json",
+    )
 
 
 def _short(e: Exception) -> str:
@@ -378,6 +391,18 @@ class ServerThread:
     def start(self) -> ServerThread:
         self._thread.start()
         return self
+
+    def wait_ready(self, timeout: float = 300.0) -> ServerThread:
+        """Block until both servers listen and production is ready; raise with the reason otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._thread.is_alive():
+                raise RuntimeError("server thread exited")
+            if self.server.rest._server.started and self.server.slots.ready:
+                return self
+            time.sleep(0.05)
+        reason = self.server.slots.not_ready_reason()
+        raise TimeoutError(f"not ready after {timeout}s: {reason[1] if reason else 'servers not listening'}")
 
     def stop(self, timeout: float = 60.0) -> None:
         while self.server._loop is None and self._thread.is_alive():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import httpx
 import numpy as np
@@ -26,18 +25,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(base: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/v2/models/{MODEL}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"server at {base} not ready within {timeout}s")
-
-
 @pytest.fixture(scope="module")
 def served(tiny_bundle, embedder):
     """A running server (REST + gRPC) serving the tiny bundle; the session's MiniLM is reused."""
@@ -54,9 +41,8 @@ def served(tiny_bundle, embedder):
         grace_period_s=10,
     )
     server = PredictorServer(settings, embedder=embedder, host="127.0.0.1")
-    thread = ServerThread(server).start()
+    thread = ServerThread(server).start().wait_ready()
     base = f"http://127.0.0.1:{settings.http_port}"
-    wait_ready(base)
     yield server, base
     thread.stop()
 

@@ -1,0 +1,131 @@
+"""The cross-request micro-batcher on the real MiniLM: same outputs as unbatched, bounds, back-pressure, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from motlens.embedder import cosine_rows
+from predictor.batcher import MicroBatcher, Overloaded
+
+TEXTS = [
+    "Horn not working (7.5 (a))",
+    "Nearside Front Brake pipe corroded (1.1.11 (c))",
+    "Offside Rear Brake disc worn, pitted or scored, affecting braking performance (1.1.14 (a))",
+    "Windscreen damage in zone A",
+    "Exhaust emits excessive smoke",
+    "Nearside Rear Tyre tread depth below requirements of 1.6mm (5.2.3 (e))",
+    "Offside Front Coil spring fractured (5.3.1 (b))",
+    "Registration plate missing",
+    "Driver's seat belt buckle not working (7.1.1 (b))",
+    "Oil leak from engine, slight, but not so heavy as to be likely to drip persistently (8.4.1 (a))",
+]
+
+
+class GatedEncode:
+    """The real encoder behind a gate, recording what it was asked to embed."""
+
+    def __init__(self, encode, open_gate: bool = True) -> None:
+        self._encode = encode
+        self.calls: list[list[str]] = []
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        if open_gate:
+            self.gate.set()
+
+    def __call__(self, texts, batch_size=64):
+        self.calls.append(list(texts))
+        self.entered.set()
+        assert self.gate.wait(60)
+        return self._encode(texts, batch_size=batch_size)
+
+
+async def test_batched_outputs_equal_unbatched(embedder):
+    spy = GatedEncode(embedder.encode)
+    batcher = MicroBatcher(spy, embedder.token_lengths, max_items=16, max_tokens=4096, max_wait_ms=50)
+    try:
+        requests = [TEXTS[i % len(TEXTS) : i % len(TEXTS) + 1 + i % 3] for i in range(24)]
+        results = await asyncio.gather(*(batcher.embed(r) for r in requests))
+    finally:
+        batcher.close()
+    for texts, got in zip(requests, results, strict=True):
+        alone = np.stack([embedder.encode([t])[0] for t in texts])
+        assert got.shape == alone.shape
+        assert cosine_rows(got, alone).min() >= 0.99999
+        np.testing.assert_allclose(got, alone, atol=2e-5)
+    assert batcher.stats.items == sum(len(r) for r in requests)
+    assert batcher.stats.batches < len(requests)  # requests were coalesced
+    assert max(len(c) for c in spy.calls) <= 16
+
+
+def test_length_buckets_bound_padded_tokens(embedder):
+    spy = GatedEncode(embedder.encode)
+    batcher = MicroBatcher(spy, embedder.token_lengths, max_items=6, max_tokens=120, max_wait_ms=1)
+    try:
+        out = batcher.encode_bucketed(TEXTS)
+    finally:
+        batcher.close()
+    np.testing.assert_allclose(out, embedder.encode(TEXTS), atol=2e-5)
+    assert sorted(t for call in spy.calls for t in call) == sorted(TEXTS)
+    for call in spy.calls:
+        lengths = embedder.token_lengths(call)
+        assert len(call) <= 6
+        assert len(call) == 1 or max(lengths) * len(call) <= 120
+    # sorted by length: each bucket's texts are no longer than the next bucket's
+    maxima = [max(embedder.token_lengths(c)) for c in spy.calls]
+    minima = [min(embedder.token_lengths(c)) for c in spy.calls]
+    assert all(a <= b for a, b in zip(maxima, minima[1:], strict=False))
+
+
+async def test_full_queue_raises_overloaded_and_recovers(embedder):
+    spy = GatedEncode(embedder.encode, open_gate=False)
+    batcher = MicroBatcher(spy, embedder.token_lengths, max_items=4, max_wait_ms=0, capacity=4, retry_after_s=3)
+    try:
+        first = batcher.submit(TEXTS[:4])
+        assert await asyncio.to_thread(spy.entered.wait, 30)  # worker busy with the first batch
+        second = batcher.submit(TEXTS[4:8])  # fills the queue
+        with pytest.raises(Overloaded) as info:
+            batcher.submit(TEXTS[8:9])
+        assert info.value.reason == "queue_full" and info.value.retry_after_s == 3
+        spy.gate.set()
+        a, b = await asyncio.wrap_future(first), await asyncio.wrap_future(second)
+        assert a.shape == b.shape == (4, 384)
+        assert (await batcher.embed(TEXTS[8:9])).shape == (1, 384)  # accepted again once drained
+    finally:
+        spy.gate.set()
+        batcher.close()
+
+
+async def test_cancelled_request_is_dropped_before_model_work(embedder):
+    spy = GatedEncode(embedder.encode, open_gate=False)
+    batcher = MicroBatcher(spy, embedder.token_lengths, max_items=2, max_wait_ms=0)
+    abandoned = "Abandoned request text that must never be embedded"
+    try:
+        first = asyncio.ensure_future(batcher.embed(TEXTS[:2]))
+        assert await asyncio.to_thread(spy.entered.wait, 30)
+        task = asyncio.ensure_future(batcher.embed([abandoned]))
+        await asyncio.sleep(0.01)  # queued behind the busy worker
+        assert batcher.pending_items == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert batcher.pending_items == 0
+        spy.gate.set()
+        assert (await first).shape == (2, 384)
+        assert (await batcher.embed(TEXTS[2:3])).shape == (1, 384)
+    finally:
+        spy.gate.set()
+        batcher.close()
+    assert all(abandoned not in call for call in spy.calls)
+    assert batcher.stats.dropped_requests == 1 and batcher.stats.dropped_items == 1
+
+
+async def test_closed_batcher_refuses_work(embedder):
+    batcher = MicroBatcher(embedder.encode, embedder.token_lengths)
+    batcher.close()
+    with pytest.raises(Overloaded) as info:
+        batcher.submit(TEXTS[:1])
+    assert info.value.reason == "closed"

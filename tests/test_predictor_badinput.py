@@ -1,0 +1,197 @@
+"""Every bad input of DESIGN.md (plus oversized bodies, wrong tensor names, N mismatch) → its 4xx and message."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import numpy as np
+import pytest
+
+MODEL = "mot-defects"
+OK_TEXT = "Nearside Front Brake pipe corroded (1.1.11 (c))"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base(tiny_bundle, embedder):
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+
+    settings = ServeSettings(
+        model=str(tiny_bundle.root),
+        http_port=_port(),
+        grpc_port=_port(),
+        max_items_per_request=8,
+        max_text_chars=100,
+        max_body_bytes=64 * 1024,
+    )
+    server = PredictorServer(settings, embedder=embedder, host="127.0.0.1")
+    thread = ServerThread(server).start().wait_ready()
+    yield f"http://127.0.0.1:{settings.http_port}", settings
+    thread.stop()
+
+
+def text_input(data, shape=None, datatype="BYTES", name="text"):
+    return {"name": name, "datatype": datatype, "shape": shape or [len(data)], "data": data}
+
+
+def v2(*inputs, **extra):
+    return {"inputs": list(inputs), **extra}
+
+
+def binary_body(items: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    """A v2 binary-extension body with one BYTES tensor holding ``items`` as raw bytes."""
+    raw = b"".join(len(b).to_bytes(4, "little") + b for b in items)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "text",
+                    "datatype": "BYTES",
+                    "shape": [len(items)],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
+    return header + raw, {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
+
+
+V2 = f"/v2/models/{MODEL}/infer"
+V1 = f"/v1/models/{MODEL}:predict"
+
+# (id, path, json body or (raw bytes, headers), expected status, substring of the error message)
+CASES = [
+    ("missing-text", V2, v2(text_input(["FORD"], name="make")), 400, "missing required input 'text'"),
+    ("wrong-tensor-name", V2, v2(text_input([OK_TEXT], name="txt")), 400, "unknown input 'txt'"),
+    ("duplicate-input", V2, v2(text_input([OK_TEXT]), text_input([OK_TEXT])), 400, "more than once"),
+    ("text-wrong-datatype", V2, v2(text_input([1.5], datatype="FP32")), 400, "'text' has datatype FP32"),
+    (
+        "age-wrong-datatype",
+        V2,
+        v2(text_input([OK_TEXT]), text_input(["old"], name="vehicle_age_years")),
+        400,
+        "'vehicle_age_years' has datatype BYTES",
+    ),
+    (
+        "shape-disagrees-with-data",
+        V2,
+        v2(text_input([OK_TEXT, OK_TEXT], shape=[3])),
+        400,
+        "does not fit datatype BYTES and shape [3]",
+    ),
+    ("shape-2d", V2, v2(text_input([OK_TEXT] * 4, shape=[2, 2])), 400, "expected [N]"),
+    (
+        "n-mismatch-across-inputs",
+        V2,
+        v2(text_input([OK_TEXT, OK_TEXT]), text_input(["FORD"] * 3, name="make")),
+        400,
+        "same N",
+    ),
+    ("too-many-items", V2, v2(text_input([OK_TEXT] * 9)), 400, "the limit is 8"),
+    ("no-items", V2, v2(text_input([], shape=[0])), 400, "has no items"),
+    ("empty-text", V2, v2(text_input([OK_TEXT, "   "])), 400, "item 1 is empty"),
+    ("text-too-long", V2, v2(text_input(["x" * 101])), 400, "101 characters; the limit is 100"),
+    ("text-not-string", V2, v2(text_input([42])), 400, "item 0 must be a string"),
+    (
+        "non-utf8-binary",
+        V2,
+        binary_body([OK_TEXT.encode(), b"\xff\xfe bad"]),
+        400,
+        "input 'text' item 1 is not valid UTF-8",
+    ),
+    (
+        "binary-header-length-too-big",
+        V2,
+        (b"{}", {"Inference-Header-Content-Length": "999"}),
+        400,
+        "does not fit a body",
+    ),
+    (
+        "unknown-output",
+        V2,
+        v2(text_input([OK_TEXT]), outputs=[{"name": "logits"}]),
+        400,
+        "unknown output 'logits'",
+    ),
+    ("malformed-json", V2, (b'{"inputs": [', {"Content-Type": "application/json"}), 400, "malformed v2"),
+    ("inputs-not-list", V2, {"inputs": "text"}, 400, "malformed v2"),
+    ("oversized-body", V2, v2(text_input(["y" * 90] * 800)), 413, "exceeds 65536 bytes"),
+    ("v1-missing-instances", V1, {"data": [OK_TEXT]}, 400, "missing 'instances'"),
+    ("v1-instances-not-list", V1, {"instances": OK_TEXT}, 400, "'instances' must be a list"),
+    (
+        "v1-instance-without-text",
+        V1,
+        {"instances": [{"make": "FORD"}]},
+        400,
+        "instances[0] is missing 'text'",
+    ),
+    (
+        "v1-unknown-field",
+        V1,
+        {"instances": [{"text": OK_TEXT, "colour": "red"}]},
+        400,
+        "unknown field 'colour'",
+    ),
+    (
+        "v1-bad-age",
+        V1,
+        {"instances": [{"text": OK_TEXT, "vehicle_age_years": "old"}]},
+        400,
+        "instances[0].vehicle_age_years must be a number",
+    ),
+    ("v1-empty-text", V1, {"instances": [""]}, 400, "item 0 is empty"),
+    ("v1-malformed-json", V1, (b"{nope", {"Content-Type": "application/json"}), 400, "Unrecognized request"),
+    ("v1-oversized-body", V1, {"instances": ["z" * 90] * 800}, 413, "exceeds 65536 bytes"),
+    ("unknown-model", "/v2/models/other/infer", v2(text_input([OK_TEXT])), 404, "other"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input_gets_its_status_and_message(base, path, body, status, message):
+    url, _ = base
+    if isinstance(body, tuple):
+        r = httpx.post(url + path, content=body[0], headers=body[1])
+    else:
+        r = httpx.post(url + path, json=body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    assert httpx.get(f"{url}/v2/health/live").status_code == 200  # the server stays up
+
+
+async def test_grpc_bad_input_is_invalid_argument(base):
+    import grpc
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    _, settings = base
+    client = InferenceGRPCClient(f"127.0.0.1:{settings.grpc_port}", retries=0)
+    try:
+        inp = InferInput("text", [2], "BYTES")
+        inp.set_data_from_numpy(np.array([OK_TEXT.encode(), b"\xc3\x28"], dtype=np.object_), binary_data=True)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.infer(InferRequest(MODEL, [inp]))
+    finally:
+        await client.close()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'text' item 1 is not valid UTF-8" in info.value.details()
+
+
+def test_bad_inputs_are_counted_as_client_errors(base):
+    url, _ = base
+    assert httpx.post(url + V2, json=v2(text_input([""]))).status_code == 400
+    assert httpx.post(url + V1, json={"instances": ["z" * 90] * 800}).status_code == 413
+    text = httpx.get(f"{url}/metrics").text
+    assert 'motlens_requests_total{outcome="client_error",protocol="v2-rest"}' in text
+    assert 'motlens_rejected_total{reason="body_too_large"}' in text
