@@ -22,14 +22,10 @@ class _Noop:
 try:
     from prometheus_client import Counter, Gauge, Histogram
 except ImportError:  # pragma: no cover - core install without prometheus-client
-    ROWS_WRITTEN = ROWS_SPILLED = ROWS_REPLAYED = ROWS_DROPPED = QUEUE_DEPTH = SPOOL_BYTES = (
-        INSERT_SECONDS
-    ) = _Noop()
+    ROWS_WRITTEN = ROWS_SPILLED = ROWS_REPLAYED = ROWS_DROPPED = QUEUE_DEPTH = SPOOL_BYTES = INSERT_SECONDS = _Noop()
 else:
     ROWS_WRITTEN = Counter("motlens_predlog_rows_written_total", "Prediction rows stored in the sink")
-    ROWS_SPILLED = Counter(
-        "motlens_predlog_rows_spilled_total", "Rows kept in the local spool after a failed insert"
-    )
+    ROWS_SPILLED = Counter("motlens_predlog_rows_spilled_total", "Rows kept in the local spool after a failed insert")
     ROWS_REPLAYED = Counter("motlens_predlog_rows_replayed_total", "Spooled rows later stored in the sink")
     ROWS_DROPPED = Counter(
         "motlens_predlog_rows_dropped_total",

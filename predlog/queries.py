@@ -23,8 +23,7 @@ FILTERS = {
 }
 
 WINDOW = (
-    "SELECT {columns} FROM {source} WHERE model_name = {model_name:String}{filters} "
-    "ORDER BY ts LIMIT {limit:UInt64}"
+    "SELECT {columns} FROM {source} WHERE model_name = {model_name:String}{filters} ORDER BY ts LIMIT {limit:UInt64}"
 )
 
 LIVE_STATS = f"""

@@ -124,9 +124,7 @@ class PredictionLogReader:
         sql = (
             queries.WINDOW.replace("{columns}", columns)
             .replace("{filters}", filters)
-            .replace(
-                "{source}", self.source.ref("predictions", None if self.source.sample_in_where else ratio)
-            )
+            .replace("{source}", self.source.ref("predictions", None if self.source.sample_in_where else ratio))
         )
         return self._df(sql, params)
 
@@ -167,9 +165,7 @@ class PredictionLogReader:
         if slot is not None:
             params["slot"] = str(slot)
         filters = "".join(f" AND {queries.FILTERS[k]}" for k in ("model_version", "slot") if k in params)
-        sql = queries.DRIFT_REPORTS.replace("{filters}", filters).replace(
-            "{source}", self.source.ref("drift_reports")
-        )
+        sql = queries.DRIFT_REPORTS.replace("{filters}", filters).replace("{source}", self.source.ref("drift_reports"))
         return self._df(sql, params)
 
     def insert_promotion_event(self, row: dict[str, Any]) -> None:

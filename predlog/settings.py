@@ -26,9 +26,7 @@ class PredlogSettings(BaseSettings):
 
     clickhouse_url: str | None = Field(
         default=None,
-        validation_alias=AliasChoices(
-            "MOTLENS_PREDLOG_CLICKHOUSE_URL", "MOTLENS_CLICKHOUSE_URL", "clickhouse_url"
-        ),
+        validation_alias=AliasChoices("MOTLENS_PREDLOG_CLICKHOUSE_URL", "MOTLENS_CLICKHOUSE_URL", "clickhouse_url"),
         description="http(s)://user@host:8123/db or chdb://memory; the password never goes here",
     )
     password: SecretStr | None = Field(
@@ -36,14 +34,10 @@ class PredlogSettings(BaseSettings):
         validation_alias=AliasChoices("MOTLENS_PREDLOG_PASSWORD", "MOTLENS_CLICKHOUSE_PASSWORD", "password"),
     )
     database: str = "default"
-    cluster: bool = Field(
-        default=False, description="cluster DDL: ON CLUSTER '{cluster}', Replicated + Distributed"
-    )
+    cluster: bool = Field(default=False, description="cluster DDL: ON CLUSTER '{cluster}', Replicated + Distributed")
     auto_migrate: bool = True
     ttl_days: int = Field(default=400, ge=1)
-    dir: Path | None = Field(
-        default=None, description="embedded segments and the spool; default MOTLENS_HOME/predlog"
-    )
+    dir: Path | None = Field(default=None, description="embedded segments and the spool; default MOTLENS_HOME/predlog")
 
     queue_rows: int = Field(default=100_000, ge=1, description="bounded in-memory queue (rows)")
     batch_rows: int = Field(default=5_000, ge=1)

@@ -10,6 +10,7 @@ lost are returned so the writer counts them as ``dropped{reason="spool_full"}``.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import threading
@@ -45,13 +46,22 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Spool:
-    """A directory of ordered segments, safe for one writer process (thread-safe inside it)."""
+    """A directory of ordered segments owned by one writer (an exclusive lock; thread-safe inside it)."""
 
     def __init__(self, root: Path, max_bytes: int, policy: str = "drop_oldest"):
         self.root = root
         self.max_bytes = max_bytes
         self.policy = policy
         root.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(root / ".lock", "a+")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise RuntimeError(
+                f"another prediction-log writer owns the spool {root}; give each writer process its own "
+                "MOTLENS_PREDLOG_DIR"
+            ) from None
         self._lock = threading.Lock()
         for stale in root.glob("*.tmp"):
             stale.unlink(missing_ok=True)
@@ -110,6 +120,12 @@ class Spool:
             self._segments.append(seg)
             self._bytes += data.size
             return seg, dropped
+
+    def close(self) -> None:
+        """Release the spool for the next writer."""
+        if not self._lock_file.closed:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
 
     @staticmethod
     def read(seg: Segment) -> pa.Table:

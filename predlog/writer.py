@@ -116,6 +116,7 @@ class PredictionLogWriter:
             log.warning("predlog: writer did not stop within %.1fs; queued rows kept in the spool", timeout)
         else:
             self.sink.close()
+            self.spool.close()
         metrics.QUEUE_DEPTH.set(0)
 
     def stats(self) -> dict[str, Any]:
@@ -136,10 +137,7 @@ class PredictionLogWriter:
         while True:
             with self._cond:
                 deadline = time.monotonic() + self.settings.flush_interval_s
-                while (
-                    not (self._stopping or self._flush_requested)
-                    and len(self._queue) < self.settings.batch_rows
-                ):
+                while not (self._stopping or self._flush_requested) and len(self._queue) < self.settings.batch_rows:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
@@ -170,23 +168,19 @@ class PredictionLogWriter:
         if table is None:
             return
         token = uuid.uuid4().hex
-        if self.sink.local and not self.spool.segments():
-            try:
-                self._insert(table, token)
-                self._add("written", table.num_rows)
-                return
-            except Exception as e:  # noqa: BLE001
-                self._sink_failed(e)
+        if self.sink.local:
+            if not self.spool.segments():  # spooled batches go first, to keep the order
+                try:
+                    self._insert(table, token)
+                    self._add("written", table.num_rows)
+                    return
+                except Exception as e:  # noqa: BLE001
+                    self._sink_failed(e)
             self._spill(table, token)
             return
-        seg, dropped = self.spool.append(table, token)
-        if dropped:
-            self._drop(dropped, "spool_full")
-        if seg is None:
-            self._drop(table.num_rows, "spool_full")
-        elif self.sink.local:
-            self._add("spilled", seg.rows)
-        else:
+        seg, dropped = self.spool.append(table, token)  # write-ahead copy; refused: dropped = the batch
+        self._drop(dropped, "spool_full")
+        if seg is not None:
             self._fresh.add(token)
 
     def _drain(self, force: bool = False) -> None:
@@ -199,7 +193,8 @@ class PredictionLogWriter:
                 table = Spool.read(seg)
             except Exception:  # noqa: BLE001 - a corrupt segment must not block the rest
                 log.exception("predlog: unreadable spool segment %s set aside", seg.path.name)
-                seg.path.rename(seg.path.with_suffix(".corrupt"))
+                if seg.path.exists():
+                    seg.path.rename(seg.path.with_suffix(".corrupt"))
                 self.spool.remove(seg)
                 self._drop(seg.rows, "invalid")
                 continue
@@ -243,11 +238,8 @@ class PredictionLogWriter:
 
     def _spill(self, table: pa.Table, token: str) -> None:
         seg, dropped = self.spool.append(table, token)
-        if dropped:
-            self._drop(dropped, "spool_full")
-        if seg is None:
-            self._drop(table.num_rows, "spool_full")
-        else:
+        self._drop(dropped, "spool_full")
+        if seg is not None:
             self._add("spilled", seg.rows)
 
     def _encode(self, batch: list[PredictionRecord]) -> pa.Table | None:
@@ -267,9 +259,9 @@ class PredictionLogWriter:
     def _add(self, key: str, n: int) -> None:
         with self._cond:
             self._counts[key] += n
-        {"written": metrics.ROWS_WRITTEN, "spilled": metrics.ROWS_SPILLED, "replayed": metrics.ROWS_REPLAYED}[
-            key
-        ].inc(n)
+        {"written": metrics.ROWS_WRITTEN, "spilled": metrics.ROWS_SPILLED, "replayed": metrics.ROWS_REPLAYED}[key].inc(
+            n
+        )
 
     def _drop(self, n: int, reason: str) -> None:
         if n <= 0:

@@ -1,0 +1,275 @@
+"""Fault tests with real failing sinks: outage, unreachable server, crash between insert and spool
+removal, close/SIGTERM mid-stream, spool full, queue full, unencodable rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from prometheus_client import REGISTRY
+
+import predlog
+from predlog import PredictionRecord, PredlogSettings
+from predlog.schema import records_to_arrow
+from predlog.sinks import ClickHouseSink, ParquetSink
+from predlog.spool import Spool
+
+
+def rows(n: int, start: int = 0) -> list[PredictionRecord]:
+    return [
+        PredictionRecord(
+            request_id=f"r{i}",
+            item_index=0,
+            model_name="mot-defects",
+            model_version="7",
+            slot="production",
+            text=f"brake pipe corroded {i}",
+            section="1 Brakes",
+            severity="major",
+            embedding=[0.01 * (i % 50)] * 384 if i % 10 == 0 else None,
+        )
+        for i in range(start, start + n)
+    ]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+@pytest.fixture()
+def chdb_settings(tmp_path):
+    settings = PredlogSettings(
+        clickhouse_url="chdb://memory",
+        database=f"f_{uuid.uuid4().hex[:10]}",
+        dir=tmp_path / "predlog",
+        batch_rows=50,
+        flush_interval_s=0.02,
+        retry_initial_s=0.05,
+        retry_max_s=0.2,
+    )
+    reader = predlog.open_reader(settings)  # creates the tables
+    yield settings, reader
+    reader.client.command(f"DROP DATABASE IF EXISTS {settings.database}")
+    reader.close()
+
+
+def stored(reader, settings) -> tuple[int, int]:
+    """(rows, distinct (request_id, item_index)) in the table."""
+    r = reader.client.query(
+        f"SELECT count(), uniqExact(request_id, item_index) FROM {settings.database}.predictions"
+    ).result_rows[0]
+    return int(r[0]), int(r[1])
+
+
+def test_sink_outage_no_submit_errors_and_every_row_once(chdb_settings):
+    settings, reader = chdb_settings
+    db = settings.database
+    writer = predlog.open_writer(settings)
+    writer.submit(rows(200))
+    assert writer.flush(30)
+    reader.client.command(f"RENAME TABLE {db}.predictions TO {db}.predictions_away")  # inserts now fail
+    for i in range(10):
+        assert writer.submit(rows(50, 200 + 50 * i)) is None
+    assert writer.flush(30)
+    down = writer.stats()
+    assert not down["sink_ok"] and down["spilled"] >= 450 and down["spool_rows"] >= 450
+    reader.client.command(f"RENAME TABLE {db}.predictions_away TO {db}.predictions")
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(30)
+    final = writer.stats()
+    assert final["written"] == 700 and final["replayed"] >= 450 and final["dropped"] == 0
+    assert stored(reader, settings) == (700, 700)
+
+
+def test_unreachable_server_spools_then_next_start_replays(chdb_settings):
+    settings, reader = chdb_settings
+    down = settings.model_copy(update={"clickhouse_url": f"http://127.0.0.1:{closed_port()}", "connect_timeout_s": 1})
+    writer = predlog.open_writer(down)
+    for i in range(6):
+        writer.submit(rows(50, 50 * i))
+    assert writer.flush(30)
+    writer.close(10)
+    s = writer.stats()
+    assert s["written"] == 0 and s["spilled"] == 300 and s["spool_rows"] == 300 and s["dropped"] == 0
+
+    writer = predlog.open_writer(settings)  # the server is "back": same spool, working sink
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(10)
+    assert writer.stats()["replayed"] == 300
+    assert stored(reader, settings) == (300, 300)
+
+
+def test_crash_between_insert_and_spool_removal_is_deduplicated(chdb_settings):
+    settings, reader = chdb_settings
+    table = records_to_arrow(rows(80))
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+    seg, _ = spool.append(table, uuid.uuid4().hex)
+    sink = ClickHouseSink(settings)
+    sink.insert(Spool.read(seg), seg.token)  # stored, then the process "died" before removing the segment
+    spool.close()
+    assert stored(reader, settings) == (80, 80)
+    writer = predlog.open_writer(settings)
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(10)
+    assert writer.stats()["replayed"] == 80
+    assert stored(reader, settings) == (80, 80)
+
+
+def test_parquet_replay_of_an_already_written_segment_is_idempotent(tmp_path):
+    settings = PredlogSettings(dir=tmp_path, flush_interval_s=0.02)
+    table = records_to_arrow(rows(40))
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+    seg, _ = spool.append(table, uuid.uuid4().hex)
+    spool.close()
+    ParquetSink(settings.table_dir("predictions")).insert(Spool.read(seg), seg.token)
+    writer = predlog.open_writer(settings)
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(10)
+    reader = predlog.open_reader(settings)
+    df = reader.query("SELECT count() AS n, uniqExact(request_id) AS u FROM predictions")
+    reader.close()
+    assert df.to_dict("records") == [{"n": 40, "u": 40}]
+
+
+def test_close_mid_stream_during_outage_loses_nothing(chdb_settings):
+    settings, reader = chdb_settings
+    db = settings.database
+    writer = predlog.open_writer(settings)
+    writer.submit(rows(100))
+    assert writer.flush(30)
+    reader.client.command(f"RENAME TABLE {db}.predictions TO {db}.predictions_away")
+    sent = 100
+    for i in range(40):
+        writer.submit(rows(25, sent))
+        sent += 25
+        if i == 20:
+            time.sleep(0.05)
+    writer.close(10)  # what SIGTERM does
+    s = writer.stats()
+    assert s["dropped"] == 0 and s["written"] + s["spool_rows"] == sent
+    reader.client.command(f"RENAME TABLE {db}.predictions_away TO {db}.predictions")
+    writer = predlog.open_writer(settings)
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(10)
+    assert stored(reader, settings) == (sent, sent)
+
+
+SIGTERM_CHILD = textwrap.dedent(
+    """
+    import json, signal, sys, time
+    import predlog
+    from predlog import PredictionRecord
+    w = predlog.open_writer()
+    sent = 0
+    def stop(*_):
+        w.close(20)
+        print(json.dumps({"sent": sent, **{k: v for k, v in w.stats().items() if k != "dropped_by_reason"}}))
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    print("ready", flush=True)
+    while True:
+        w.submit([PredictionRecord(request_id=f"r{sent + j}", item_index=0, model_name="mot-defects",
+                  model_version="7", slot="canary", text="tyre worn") for j in range(20)])
+        sent += 20
+        time.sleep(0.001)
+    """
+)
+
+
+def test_sigterm_mid_stream_loses_nothing(tmp_path):
+    env = {**os.environ, "MOTLENS_HOME": str(tmp_path), "MOTLENS_PREDLOG_FLUSH_INTERVAL_S": "0.05"}
+    env.pop("MOTLENS_CLICKHOUSE_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_CHILD], env=env, stdout=subprocess.PIPE, text=True, cwd=Path.cwd()
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["sent"] > 0 and report["dropped"] == 0
+    reader = predlog.open_reader(PredlogSettings(dir=tmp_path / "predlog"))
+    df = reader.query("SELECT count() AS n, uniqExact(request_id) AS u FROM predictions")
+    reader.close()
+    assert report["written"] + report["spool_rows"] == report["sent"]
+    assert df.to_dict("records") == [{"n": report["written"], "u": report["written"]}]
+
+
+def _segment_bytes(n: int) -> int:
+    sink = pa.BufferOutputStream()
+    table = records_to_arrow(rows(n))
+    with pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().size
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
+def test_spool_full_policy_and_metric(tmp_path, policy):
+    before = REGISTRY.get_sample_value("motlens_predlog_rows_dropped_total", {"reason": "spool_full"}) or 0.0
+    settings = PredlogSettings(
+        clickhouse_url=f"http://127.0.0.1:{closed_port()}",
+        connect_timeout_s=1,
+        dir=tmp_path,
+        batch_rows=50,
+        flush_interval_s=0.02,
+        retry_initial_s=60,
+        spool_max_bytes=int(_segment_bytes(50) * 3.5),
+        spool_full_policy=policy,
+    )
+    writer = predlog.open_writer(settings)
+    for i in range(6):
+        writer.submit(rows(50, 50 * i))
+        assert writer.flush(30)
+    writer.close(5)
+    s = writer.stats()
+    assert s["spool_segments"] == 3 and s["dropped_by_reason"] == {"spool_full": 150}
+    after = REGISTRY.get_sample_value("motlens_predlog_rows_dropped_total", {"reason": "spool_full"})
+    assert after - before == 150
+    spool = Spool(settings.spool_dir, 10**9)
+    kept = [Spool.read(seg)["request_id"][0].as_py() for seg in spool.segments()]
+    spool.close()
+    assert kept == (["r150", "r200", "r250"] if policy == "drop_oldest" else ["r0", "r50", "r100"])
+
+
+def test_queue_full_is_counted_and_never_raises(tmp_path):
+    settings = PredlogSettings(dir=tmp_path, queue_rows=100, batch_rows=10_000, flush_interval_s=30)
+    writer = predlog.open_writer(settings)
+    writer.submit(rows(250))
+    assert writer.stats()["dropped_by_reason"] == {"queue_full": 150}
+    writer.close(10)
+    writer.submit(rows(5))  # after close: counted, not raised
+    s = writer.stats()
+    assert s["written"] == 100 and s["dropped_by_reason"] == {"queue_full": 150, "closed": 5}
+
+
+def test_unencodable_rows_are_dropped_alone(tmp_path):
+    settings = PredlogSettings(dir=tmp_path, flush_interval_s=0.02)
+    bad = rows(3, 1000)
+    bad[0].embedding = [float("nan")] * 384
+    bad[1].item_index = "first"  # type: ignore[assignment]
+    writer = predlog.open_writer(settings)
+    writer.submit(rows(10) + bad)
+    writer.close(10)
+    s = writer.stats()
+    assert s["written"] == 11 and s["dropped_by_reason"] == {"invalid": 2}
