@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from motlens.head import HeadOutput
+from training.dataset import DataError, build_training_set, holdout_mask
+from training.evaluate import evaluate, expected_calibration_error
+
+
+def _rows() -> pd.DataFrame:
+    rows = []
+    for i in range(40):
+        rows += [(f"Nearside Front Brake pipe corroded type {i} (1.1.11 (c))", 1, "major", "PE", 5.0, 40000.0)] * 3
+        rows += [(f"Offside Rear Tyre worn close to legal limit {i} (5.2.3 (e))", 5, "advisory", "DI", 9.0, 90000.0)]
+    # one text with mixed labels and irregular whitespace: majority wins, whitespace is normalised
+    rows += [("Horn  not working (7.5 (a))", 7, "minor", "PE", 4.0, 20000.0)] * 2
+    rows += [("Horn not working (7.5 (a)) ", 7, "major", "DI", 6.0, None)]
+    rows += [("Unlabelled text", None, "major", "PE", 1.0, 1.0), ("Bad severity (1.1 (a))", 1, "fatal", None, 1, 1)]
+    df = pd.DataFrame(rows, columns=["text", "section", "severity", "fuel_type", "vehicle_age_years", "odometer_miles"])
+    df["make"], df["model"] = "FORD", "FOCUS"
+    return df
+
+
+def test_distinct_texts_majority_labels_and_context():
+    ts = build_training_set(_rows(), seed=1, holdout_fraction=0.3)
+    t = ts.texts.set_index("text")
+    horn = t.loc["Horn not working (7.5 (a))"]
+    assert horn["count"] == 3 and horn["section"] == 7 and horn["severity"] == "minor"
+    assert horn["severity_purity"] == pytest.approx(2 / 3) and horn["fail_fraction"] == pytest.approx(1 / 3)
+    assert horn["fuel_type"] == "PE" and horn["vehicle_age_years"] == pytest.approx(14 / 3)
+    assert horn["odometer_miles"] == pytest.approx(20000.0, rel=1e-4)  # missing odometer ignored
+    assert len(t) == 81 and t["count"].sum() == 163
+    fp = ts.fingerprint
+    assert fp["rows_read"] == 165 and fp["rows_unlabelled"] == 2 and fp["rows_labelled"] == 163
+    assert fp["rows_severity"] == {"advisory": 40, "minor": 2, "major": 121, "dangerous": 0}
+    assert fp["train_texts"] + fp["holdout_texts"] == 81 and fp["holdout_texts"] > 0
+
+
+def test_split_is_by_text_seeded_and_order_independent():
+    df = _rows()
+    a = build_training_set(df, seed=3)
+    b = build_training_set(df.sample(frac=1.0, random_state=0), seed=3, chunk_rows=17)
+    c = build_training_set(df, seed=4)
+    assert set(a.train["text"]).isdisjoint(a.holdout["text"])
+    pd.testing.assert_frame_equal(a.texts, b.texts)
+    assert a.fingerprint["sha256"] == b.fingerprint["sha256"]
+    assert set(a.holdout["text"]) != set(c.holdout["text"])
+    keys = [f"text {i}" for i in range(4000)]
+    assert 0.17 < holdout_mask(keys, 0, 0.2).mean() < 0.23
+    # the reference sample holds held-out rows only, each pointing at its text
+    assert len(a.reference_rows) > 0
+    assert a.texts.loc[a.reference_rows["text_index"], "holdout"].all()
+
+
+def test_fingerprint_changes_with_labels_and_max_rows():
+    df = _rows()
+    base = build_training_set(df).fingerprint["sha256"]
+    changed = df.copy()
+    changed.loc[0, "severity"] = "dangerous"
+    assert build_training_set(changed).fingerprint["sha256"] != base
+    assert build_training_set(df, max_rows=50, chunk_rows=20).fingerprint["rows_read"] == 50
+
+
+def test_bad_data_is_refused_clearly(tmp_path):
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['severity'\]"):
+        build_training_set(pd.DataFrame({"text": ["x"], "section": [1]}))
+    with pytest.raises(DataError, match="no labelled defect rows"):
+        build_training_set(pd.DataFrame({"text": ["x"], "section": [None], "severity": ["major"]}))
+    with pytest.raises(DataError, match="too few"):
+        build_training_set(pd.DataFrame({"text": ["x"], "section": [1], "severity": ["major"]}))
+    with pytest.raises(DataError, match="no such file"):
+        build_training_set(tmp_path / "missing")
+
+
+def test_tidy_parquet_and_raw_bulk_dirs_give_the_same_training_set(tmp_path):
+    from training.dvsa import read_bulk
+    from training.synth import generate
+    from training.tidy import write_tidy
+
+    generate(tmp_path / "bulk", rows=600, seed=5)
+    write_tidy(read_bulk([tmp_path / "bulk"]), tmp_path / "tidy")
+    raw = build_training_set(tmp_path / "bulk", seed=2)
+    tidy = build_training_set(tmp_path / "tidy", seed=2)
+    assert raw.fingerprint == tidy.fingerprint
+    assert raw.fingerprint["rows_labelled"] > 500
+
+
+def test_calibration_and_metrics():
+    rng = np.random.default_rng(0)
+    p = rng.random(20000)
+    ece, table = expected_calibration_error(p, (rng.random(20000) < p).astype(float))
+    assert ece < 0.02 and len(table) == 10
+    ece_bad, _ = expected_calibration_error(np.full(1000, 0.9), np.zeros(1000))
+    assert ece_bad == pytest.approx(0.9)
+    sec = np.array([0, 1, 1, 2])
+    sev_scores = np.eye(4, dtype=np.float32)[[0, 2, 3, 1]]
+    out = HeadOutput(sec, np.eye(9, dtype=np.float32)[sec], sev_scores, sev_scores[:, 2:].sum(axis=1))
+    ev = evaluate(out, sec, np.array([0, 2, 3, 0]), np.array([1, 1, 1, 1]))
+    assert ev.metrics["section_macro_f1"] == 1.0
+    assert ev.metrics["severity_accuracy"] == 0.75
+    assert ev.metrics["fail_auc"] == 1.0 and ev.metrics["fail_brier"] == 0.0

@@ -1,0 +1,132 @@
+"""Training end to end on a small generated set: real MiniLM, real MLflow on sqlite."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from motlens import EMBEDDING_DIM
+from motlens.bundle import check_golden
+from motlens.state import StateSettings
+from training.registry import Registry
+from training.train import TrainSettings, train
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = {"seed": 11, "epochs": 25, "golden_size": 48, "reference_rows": 300}
+
+
+class SharedEmbeddings:
+    """The session MiniLM with a per-text memo, so a retrain reuses the first run's embeddings."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.memo = inner, {}
+        self.backend, self.device, self.dim = inner.backend, inner.device, inner.dim
+
+    def encode(self, texts, batch_size: int = 64) -> np.ndarray:
+        todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
+        self.memo.update(zip(todo, self.inner.encode(todo, batch_size=batch_size), strict=True))
+        return np.stack([self.memo[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+
+    def token_lengths(self, texts):
+        return self.inner.token_lengths(texts)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, embedder, _mlflow_template_db):
+    from training.synth import generate
+
+    root = tmp_path_factory.mktemp("train")
+    generate(root / "bulk", rows=1500, seed=7)
+    state = StateSettings(home=root / "motlens").ensure()
+    shutil.copy(_mlflow_template_db, state.home / "mlflow.db")
+    registry = Registry(state.mlflow_uri, state=state)
+    shared = SharedEmbeddings(embedder)
+    first = train(root / "bulk", TrainSettings(work_dir=root / "work", **SETTINGS), embedder=shared, registry=registry)
+    return root, registry, shared, first
+
+
+def test_version_registered_with_alias_metrics_and_artifacts(setup):
+    root, registry, _, result = setup
+    v = result.version
+    assert v.version == "1" and v.aliases == ["candidate"]
+    assert registry.resolve("models:/mot-defects@candidate").run_id == v.run_id
+    for name in ("section_macro_f1", "severity_macro_f1", "fail_auc", "fail_brier", "fail_ece"):
+        assert 0.0 <= v.metrics[name] <= 1.0, name
+    # the manual reference ends every synthetic text: the section head must be clearly right
+    assert v.metrics["section_macro_f1"] > 0.8
+    assert v.metrics["severity_macro_f1"] > 0.4
+    run = registry.client.get_run(v.run_id)
+    p = run.data.params
+    assert p["seed"] == "11" and len(p["data.sha256"]) == 64 and p["pkg.torch"].startswith("2.")
+    assert int(p["data.rows_labelled"]) == result.fingerprint["rows_labelled"] > 1000
+    assert json.loads(p["data.rows_severity"]).keys() == {"advisory", "minor", "major", "dangerous"}
+    assert p["git_commit"] == run.data.tags["mlflow.source.git.commit"]
+    arts = {a.path for a in registry.client.list_artifacts(v.run_id, "reports")}
+    assert {
+        "reports/confusion_section.png",
+        "reports/confusion_severity.png",
+        "reports/calibration_fail_probability.png",
+        "reports/classification_report.json",
+    } <= arts
+    model = {a.path for a in registry.client.list_artifacts(v.run_id, "model")}
+    assert {"model/bundle.json", "model/head", "model/embedder", "model/golden", "model/reference"} <= model
+    report = json.loads((root / "work" / "artifacts" / "reports" / "classification_report.json").read_text())
+    assert report["section"]["1 Brakes"]["support"] > 0 and report["calibration"]["bins"]
+    local = json.loads((root / "work" / "bundle" / "bundle.json").read_text())
+    assert local["version"] == "1" and local["run_id"] == v.run_id
+
+
+def test_fetched_bundle_reproduces_golden(setup, embedder):
+    _, registry, _, result = setup
+    b = registry.fetch("models:/mot-defects@candidate")
+    assert b.version == "1" and b.run_id == result.version.run_id
+    golden = b.golden()
+    assert len(golden.texts) == SETTINGS["golden_size"]
+    emb = embedder.encode(golden.texts)  # fresh embeddings, not the training memo
+    out = b.head().predict(emb, golden.context)
+    res = check_golden(golden, emb, out.section, out.severity)
+    assert res.passed, res.detail
+    ref = pd.read_parquet(b.reference_path)
+    emb_cols = [f"emb_{i:03d}" for i in range(EMBEDDING_DIM)]
+    assert len(ref) == min(SETTINGS["reference_rows"], result.fingerprint["holdout_rows"])
+    assert set(emb_cols) <= set(ref.columns)
+    for col in (
+        "text",
+        "make",
+        "model",
+        "fuel_type",
+        "vehicle_age_years",
+        "odometer_miles",
+        "text_length",
+        "section",
+        "section_score",
+        "severity",
+        "fail_probability",
+        "label_section",
+        "label_severity",
+    ):
+        assert col in ref.columns, col
+    norms = np.linalg.norm(ref[emb_cols].to_numpy(), axis=1)
+    assert np.allclose(norms, 1.0, atol=1e-4)
+    # predictions stored in the reference are the head's on those embeddings and contexts
+    ctx = {c: ref[c].tolist() for c in ("fuel_type", "vehicle_age_years", "odometer_miles")}
+    again = b.head().predict(ref[emb_cols].to_numpy(np.float32), ctx)
+    assert again.section == ref["section"].tolist()
+    assert np.allclose(again.fail_probability, ref["fail_probability"], atol=1e-6)
+
+
+def test_same_data_and_seed_same_metrics(setup):
+    root, registry, shared, first = setup
+    again = train(root / "bulk", TrainSettings(**{**SETTINGS, "alias": "rerun"}), embedder=shared, registry=registry)
+    assert again.version.version == "2" and again.version.aliases == ["rerun"]
+    assert again.metrics == first.metrics
+    assert again.fingerprint == first.fingerprint
+    b1, b2 = registry.fetch("1"), registry.fetch("rerun")
+    assert b1.manifest["files"]["head/weights.safetensors"] == b2.manifest["files"]["head/weights.safetensors"]
+    assert Path(b2.root).name == "2"
