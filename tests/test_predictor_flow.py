@@ -1,0 +1,277 @@
+"""A running server under load: health during model work, 429 back-pressure, cancellation, slot swaps
+without a failed request, and every prediction in the prediction log."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from motlens.bundle import write_manifest
+
+MODEL = "mot-defects"
+_counter = itertools.count()
+
+
+def unique_texts(n: int) -> list[str]:
+    """Texts the cache has never seen."""
+    return [f"Nearside Front Brake pipe corroded, record {next(_counter)} (1.1.11 (c))" for _ in range(n)]
+
+
+def wait_until(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+async def async_wait_until(condition, timeout: float = 60.0) -> None:
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GatedEncode:
+    """The real encoder behind a gate, so a test controls when model work finishes."""
+
+    def __init__(self, encode) -> None:
+        self._encode = encode
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts, batch_size=64):
+        self.calls.append(list(texts))
+        self.entered.set()
+        assert self.gate.wait(60)
+        return self._encode(texts, batch_size=batch_size)
+
+
+@pytest.fixture(scope="module")
+def bundle_v2(tiny_bundle, tmp_path_factory):
+    root = tmp_path_factory.mktemp("v2") / "mot-defects"
+    shutil.copytree(tiny_bundle.root, root)
+    write_manifest(root, version="2", run_id="tiny-2")
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(tiny_bundle, embedder, tmp_path_factory):
+    import predlog
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+    from predlog.settings import PredlogSettings
+
+    log_settings = PredlogSettings(dir=tmp_path_factory.mktemp("predlog"), flush_interval_s=0.2)
+    writer = predlog.open_writer(log_settings)
+    settings = ServeSettings(
+        model=str(tiny_bundle.root),
+        http_port=_port(),
+        grpc_port=_port(),
+        log_embedding_sample_rate=0.5,
+        grace_period_s=20,
+    )
+    server = PredictorServer(settings, embedder=embedder, writer=writer, host="127.0.0.1")
+    thread = ServerThread(server).start().wait_ready()
+    yield server, f"http://127.0.0.1:{settings.http_port}", log_settings
+    thread.stop()
+
+
+def production_batcher(server):
+    return server.slots.slots["production"].unit.batcher
+
+
+def test_health_answers_while_a_large_predict_computes(served, monkeypatch):
+    server, base, _ = served
+    batcher = production_batcher(server)
+    spy = GatedEncode(batcher._encode)
+    monkeypatch.setattr(batcher, "_encode", spy)
+    with ThreadPoolExecutor(1) as pool:
+        big = pool.submit(
+            httpx.post, f"{base}/v1/models/{MODEL}:predict", json={"instances": unique_texts(200)}, timeout=120
+        )
+        assert spy.entered.wait(60)  # the model is working on the big request (and held there)
+        assert httpx.get(f"{base}/v2/health/live").status_code == 200
+        assert httpx.get(f"{base}/v2/models/{MODEL}/ready").json()["ready"] is True
+        assert "motlens_queue_depth" in httpx.get(f"{base}/metrics").text
+        assert not big.done()
+        spy.gate.set()
+        r = big.result()
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 200
+
+
+async def test_full_queue_gives_429_with_retry_after_and_grpc_resource_exhausted(served, monkeypatch):
+    import asyncio
+
+    import grpc
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    server, base, _ = served
+    batcher = production_batcher(server)
+    spy = GatedEncode(batcher._encode)
+    monkeypatch.setattr(batcher, "_encode", spy)
+    monkeypatch.setattr(batcher, "capacity", 2)
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        url = f"/v1/models/{MODEL}:predict"
+        first = asyncio.ensure_future(client.post(url, json={"instances": unique_texts(2)}))
+        assert await asyncio.to_thread(spy.entered.wait, 60)
+        second = asyncio.ensure_future(client.post(url, json={"instances": unique_texts(2)}))
+        await async_wait_until(lambda: batcher.pending_items >= 2)
+        refused = await client.post(url, json={"instances": unique_texts(1)})
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "1"
+        assert "queue_full" in refused.json()["error"]
+
+        grpc_client = InferenceGRPCClient(f"127.0.0.1:{server.settings.grpc_port}", retries=0)
+        try:
+            inp = InferInput("text", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([t.encode() for t in unique_texts(1)], dtype=np.object_))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await grpc_client.infer(InferRequest(MODEL, [inp]))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            await grpc_client.close()
+
+        spy.gate.set()
+        assert (await first).status_code == 200 and (await second).status_code == 200
+    assert 'motlens_rejected_total{reason="queue_full"}' in httpx.get(f"{base}/metrics").text
+
+
+async def test_grpc_deadline_drops_queued_work(served, monkeypatch):
+    import asyncio
+
+    import grpc
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    server, base, _ = served
+    batcher = production_batcher(server)
+    spy = GatedEncode(batcher._encode)
+    monkeypatch.setattr(batcher, "_encode", spy)
+    dropped_before = batcher.stats.dropped_requests
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        first = asyncio.ensure_future(client.post(f"/v1/models/{MODEL}:predict", json={"instances": unique_texts(1)}))
+        assert await asyncio.to_thread(spy.entered.wait, 60)
+        abandoned = unique_texts(1)
+        grpc_client = InferenceGRPCClient(f"127.0.0.1:{server.settings.grpc_port}", retries=0)
+        try:
+            inp = InferInput("text", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([abandoned[0].encode()], dtype=np.object_))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await grpc_client.infer(InferRequest(MODEL, [inp]), timeout=0.5)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            await grpc_client.close()
+        # the server notices the cancelled RPC and drops its queued work
+        await async_wait_until(lambda: batcher.stats.dropped_requests > dropped_before)
+        spy.gate.set()
+        assert (await first).status_code == 200
+    assert all(abandoned[0] not in call for call in spy.calls)
+
+
+def test_slot_operations_under_load_fail_no_request(served, bundle_v2, tiny_bundle, tmp_path):
+    _, base, _ = served
+    admin = f"{base}/motlens/admin"
+    stop = threading.Event()
+    outcomes: list[tuple[int, str | None]] = []
+
+    def load() -> None:
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    r = client.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": unique_texts(2)})
+                    outcomes.append((r.status_code, r.json().get("model_version")))
+                except Exception as e:  # noqa: BLE001 - a transport failure is a failed request too
+                    outcomes.append((-1, repr(e)))
+
+    def versions_seen(since: int) -> set[str | None]:
+        return {v for _, v in outcomes[since:]}
+
+    workers = [threading.Thread(target=load) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        r = httpx.post(f"{admin}/slots/canary/load", json={"ref": str(bundle_v2)}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["slots"]["canary"]["version"] == "2"
+        assert httpx.post(f"{admin}/canary/percent", json={"percent": 50}).status_code == 200
+        mark = len(outcomes)
+        wait_until(lambda: versions_seen(mark) == {"1", "2"})
+        r = httpx.post(f"{admin}/promote", timeout=300)
+        assert r.status_code == 200 and r.json()["slots"]["production"]["version"] == "2"
+        assert r.json()["slots"]["canary"]["version"] is None and r.json()["canary_percent"] == 0
+        mark = len(outcomes)
+        wait_until(lambda: len(outcomes) >= mark + 10)
+        assert versions_seen(mark + 3) == {"2"}  # a few requests may have been routed before the swap
+        # swap production back to version 1 in place, then canary 100% and roll it back
+        r = httpx.post(f"{admin}/slots/production/load", json={"ref": str(tiny_bundle.root)}, timeout=300)
+        assert r.status_code == 200 and r.json()["slots"]["production"]["version"] == "1"
+        assert httpx.post(f"{admin}/slots/canary/load", json={"ref": str(bundle_v2)}, timeout=300).status_code == 200
+        assert httpx.post(f"{admin}/canary/percent", json={"percent": 100}).status_code == 200
+        mark = len(outcomes)
+        wait_until(lambda: "2" in versions_seen(mark))
+        r = httpx.post(f"{admin}/rollback", timeout=300)
+        assert r.status_code == 200 and r.json()["slots"]["canary"]["version"] is None
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert outcomes and all(status == 200 for status, _ in outcomes), [o for o in outcomes if o[0] != 200][:5]
+
+
+def test_admin_refuses_bad_operations_and_keeps_serving(served, tiny_bundle, tmp_path):
+    _, base, _ = served
+    admin = f"{base}/motlens/admin"
+    assert httpx.post(f"{admin}/promote").status_code == 409  # no canary loaded
+    assert httpx.post(f"{admin}/canary/percent", json={"percent": 150}).status_code == 409
+    assert httpx.post(f"{admin}/slots/blue/load", json={"ref": str(tiny_bundle.root)}).status_code == 404
+    missing = httpx.post(f"{admin}/slots/canary/load", json={"ref": str(tmp_path / "nope")}, timeout=60)
+    assert missing.status_code == 422 and "does not exist" in missing.json()["error"]
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_bundle.root, tampered)
+    (tampered / "head" / "config.json").write_text((tampered / "head" / "config.json").read_text() + " ")
+    r = httpx.post(f"{admin}/slots/production/load", json={"ref": str(tampered)}, timeout=60)
+    assert r.status_code == 422 and "sha256 mismatch for head/config.json" in r.json()["error"]
+    assert r.json()["ready"] is True  # the old production model keeps serving
+    ok = httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": unique_texts(1)})
+    assert ok.status_code == 200 and ok.json()["model_version"] == "1"
+
+
+def test_every_prediction_reaches_the_prediction_log(served):
+    import predlog
+
+    server, base, log_settings = served
+    texts = unique_texts(5)
+    r = httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": texts}, headers={"x-request-id": "req-42"})
+    assert r.status_code == 200
+    assert server.writer.flush(30)
+    reader = predlog.open_reader(log_settings)
+    try:
+        rows = reader.query(
+            "SELECT item_index, text, slot, model_version, protocol, status, section "
+            "FROM predictions WHERE request_id = {rid:String} ORDER BY item_index",
+            {"rid": "req-42"},
+        )
+    finally:
+        reader.close()
+    assert list(rows["text"]) == texts
+    assert list(rows["item_index"]) == list(range(5))
+    assert set(rows["slot"]) == {"production"} and set(rows["model_version"]) == {"1"}
+    assert set(rows["protocol"]) == {"v1"} and set(rows["status"]) == {"ok"}
+    assert list(rows["section"]) == [p["section"] for p in r.json()["predictions"]]
