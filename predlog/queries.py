@@ -72,7 +72,7 @@ _WRITE_WORDS = re.compile(
     re.I,
 )
 TABLE_REF = re.compile(
-    r"(?i)\b(from|join)(\s+)(?:`?\w+`?\.)?`?(predictions|drift_reports|promotion_events)`?(?![\w.(])"
+    r"(?i)\b(from|join|table|describe|desc)(\s+)(?:`?\w+`?\.)?`?(predictions|drift_reports|promotion_events)`?(?![\w.(])"
 )
 
 

@@ -116,6 +116,9 @@ class ClickHouseSink:
             self.close()
 
     def close(self) -> None:
+        """Close the client, except chdb's in-memory engine, whose tables vanish with its last handle."""
+        if self.settings.clickhouse_url in ("chdb://memory", "chdb://:memory:"):
+            return
         with self._lock:
             client, self._client = self._client, None
         if client is not None:

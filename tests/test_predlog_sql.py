@@ -1,0 +1,103 @@
+"""Parameterized SQL: injection strings stay values; ad-hoc queries are single read-only statements."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+import predlog
+from predlog import PredictionRecord, PredlogSettings
+from predlog.queries import ReadOnlyViolation, check_read_only
+
+NASTY = [
+    "1' OR '1'='1",
+    "x'; DROP TABLE predictions; --",
+    "canary\\' OR 1=1 --",
+    "{model_name:String}",
+    "prod`uction",
+    'v"2',
+    "é🚗\x00",
+]
+
+
+@pytest.fixture(scope="module", params=["embedded", "table"])
+def reader(request, tmp_path_factory):
+    kwargs = {"dir": tmp_path_factory.mktemp("predlog"), "flush_interval_s": 0.02}
+    if request.param == "table":
+        kwargs.update(clickhouse_url="chdb://memory", database=f"s_{uuid.uuid4().hex[:10]}")
+    settings = PredlogSettings(**kwargs)
+    writer = predlog.open_writer(settings)
+    recs = [
+        PredictionRecord(request_id=f"r{i}", item_index=0, model_name="mot-defects", model_version=v, slot=v, text=v)
+        for i, v in enumerate(["1", "2", *NASTY])
+    ]
+    writer.submit(recs)
+    writer.close(30)
+    r = predlog.open_reader(settings)
+    yield r
+    if request.param == "table":
+        r.client.command(f"DROP DATABASE IF EXISTS {settings.database}")
+    r.close()
+
+
+@pytest.mark.parametrize("value", NASTY)
+def test_injection_strings_are_plain_values(reader, value):
+    df = reader.window(model_version=value, slot=value)
+    assert df["text"].tolist() == [value]
+    assert reader.window(model_version=value + "'", slot=value).empty
+    assert reader.drift_reports(model_version=value, slot=value).empty
+    q = reader.query("SELECT count() AS n FROM predictions WHERE model_version = {v:String}", {"v": value})
+    assert q["n"].tolist() == [1]
+    assert len(reader.window()) == 2 + len(NASTY)  # nothing dropped or altered
+    assert reader.live_stats(since=datetime.now(UTC) - timedelta(hours=1), model_name=value).empty
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DROP TABLE predictions",
+        "INSERT INTO predictions SELECT * FROM predictions",
+        "SELECT 1; DROP TABLE predictions",
+        "SELECT 1;; SELECT 2",
+        "ALTER TABLE predictions DELETE WHERE 1",
+        "TRUNCATE predictions",
+        "SELECT * FROM predictions INTO OUTFILE '/tmp/x.csv'",
+        "WITH 1 AS x INSERT INTO predictions SELECT * FROM predictions",
+        "SET readonly = 0",
+        "SYSTEM FLUSH LOGS",
+        "  ",
+        "/* SELECT */ OPTIMIZE TABLE predictions",
+        "CREATE TABLE x (a Int8) ENGINE = Memory",
+    ],
+)
+def test_write_or_multi_statement_sql_is_refused(reader, sql):
+    with pytest.raises(ReadOnlyViolation):
+        reader.query(sql)
+    assert len(reader.window()) == 2 + len(NASTY)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT count() FROM predictions;",
+        "select 'DROP TABLE x; --' AS s",
+        "WITH v AS (SELECT model_version FROM predictions) SELECT count() FROM v",
+        "DESCRIBE TABLE predictions",
+        "-- comment\nSELECT slot FROM predictions LIMIT 1",
+        "SELECT * FROM drift_reports LIMIT 3",
+    ],
+)
+def test_read_only_sql_runs_on_both_backends(reader, sql):
+    assert check_read_only(sql)
+    reader.query(sql)
+
+
+def test_bad_arguments_name_the_problem(reader):
+    with pytest.raises(ValueError, match="limit"):
+        reader.window(limit=0)
+    with pytest.raises(ValueError, match="sample"):
+        reader.window(sample=1.5)
+    with pytest.raises(ValueError, match="n must be"):
+        reader.tail(0)
