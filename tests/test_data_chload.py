@@ -86,9 +86,7 @@ def test_majority_label_and_counts():
         np.array([3, 5, 2]),
     )
     row = dt.set_index("text").loc["a"]
-    assert (
-        row["severity"] == "dangerous" and row["n"] == 8 and row["n_major"] == 3 and row["n_section_1"] == 8
-    )
+    assert row["severity"] == "dangerous" and row["n"] == 8 and row["n_major"] == 3 and row["n_section_1"] == 8
 
 
 def test_api_jsonl_is_refused_with_a_clear_error(tmp_path, store):
@@ -124,3 +122,45 @@ def test_server_load(synth_dir):
         dt = distinct_texts(store)
         store.command("DROP DATABASE IF EXISTS motlens_data_test")
     assert dt["n"].sum() > 0
+
+
+@pytest.mark.parametrize("delimiter", ["|", ","])
+def test_native_read_matches_python_parse(tmp_path, delimiter):
+    """ClickHouse reading the files itself gives the same rows, counts and texts as the Python parser."""
+    from test_data_reader import HEADERS, write_fixture
+
+    extra = {
+        "test_item": ["1002|502|A", "1002|502|A|1||x|y", HEADERS["test_item"], "notanumber|502|A|1|"],
+        "test_result": [HEADERS["test_result"]],
+    }
+    d = write_fixture(tmp_path / "in", delimiter, extra=extra)
+    results = {}
+    for native in (True, False):
+        with ChdbStore(tmp_path / f"db-{native}") as s:
+            r = load_bulk(s, [d], native=native)
+            results[native] = (
+                r.inserted,
+                [(f.kind, f.rows, f.bad_rows, f.header_rows) for f in r.report.files],
+                table_counts(s),
+                distinct_texts(s),
+            )
+    assert results[True][:3] == results[False][:3]
+    pd.testing.assert_frame_equal(results[True][3], results[False][3])
+    items = next(f for f in results[True][1] if f[0] == "test_item")
+    assert items[2:] == (3, 1)  # 2 wrong-shape rows + 1 unusable key; 1 repeated header
+    tidy = pd.concat(list(read_bulk([d])), ignore_index=True)
+    pd.testing.assert_frame_equal(results[True][3], distinct_texts_from_tidy(tidy))
+
+
+def test_native_read_of_unreadable_gzip_names_file_and_line(tmp_path):
+    import gzip
+
+    from test_data_reader import HEADERS, write_fixture
+
+    d = write_fixture(tmp_path / "in")
+    rows = [f"{2000 + i}|1|2021-01-01|4|NT|P|{i}|B|FORD|FOCUS|BLUE|PE|1|2010-01-01" for i in range(3000)]
+    data = gzip.compress(("\n".join([HEADERS["test_result"], *rows]) + "\n").encode())
+    (d / "test_result.csv").unlink()
+    (d / "test_result.csv.gz").write_bytes(data[: len(data) // 2])
+    with ChdbStore(tmp_path / "db") as s, pytest.raises(BulkFormatError, match=r"test_result\.csv\.gz:\d+: "):
+        load_bulk(s, [d], native=True)

@@ -36,6 +36,7 @@ from training.dvsa import (
     BulkReport,
     FileReport,
     Lookups,
+    Source,
     discover,
     iter_raw,
     label_defects,
@@ -238,9 +239,7 @@ class LoadResult:
 def _lookup_tables(lk: Lookups) -> tuple[pa.Table, pa.Table]:
     d = lk.detail
     item_ids = d["test_item_id"].fillna(-1).astype("int64")
-    roots = [
-        lk.group_root.get((int(i), int(c)), "") for i, c in zip(item_ids, d["test_class_id"], strict=True)
-    ]
+    roots = [lk.group_root.get((int(i), int(c)), "") for i, c in zip(item_ids, d["test_class_id"], strict=True)]
     detail = pa.table(
         {
             "rfr_id": pa.array(d["rfr_id"].astype("int64")),
@@ -262,17 +261,21 @@ def _lookup_tables(lk: Lookups) -> tuple[pa.Table, pa.Table]:
     return detail, locations
 
 
-def load_bulk(store: Store, paths: Sequence[Path], chunk_rows: int = 200_000) -> LoadResult:
-    """Parse DVSA bulk files and insert them into ClickHouse; the report counts bad rows per file."""
+def load_bulk(store: Store, paths: Sequence[Path], chunk_rows: int = 200_000, native: bool | None = None) -> LoadResult:
+    """Insert DVSA bulk files into ClickHouse; the report counts bad rows per file.
+
+    ``native`` (default: on for chdb) lets ClickHouse read plain or gzipped ``test_result`` /
+    ``test_item`` files itself (:func:`native_load`); zip members, and every file for a server,
+    are parsed in Python and inserted as Arrow batches.
+    """
     sources, api = discover(paths)
     if api:
-        raise BulkFormatError(
-            f"{api[0]}:1: the ClickHouse path takes DVSA bulk files; load API JSONL with --out"
-        )
+        raise BulkFormatError(f"{api[0]}:1: the ClickHouse path takes DVSA bulk files; load API JSONL with --out")
     kinds = {s.kind for s in sources}
     for k in ("test_result", "test_item", "item_detail"):
         if k not in kinds:
             raise BulkFormatError(f"{', '.join(map(str, paths))}:0: no {k} table among the inputs")
+    native = store.kind == "chdb" if native is None else native
     t0 = time.perf_counter()
     create_tables(store)
     result = LoadResult(BulkReport())
@@ -286,20 +289,132 @@ def load_bulk(store: Store, paths: Sequence[Path], chunk_rows: int = 200_000) ->
         for src in big:
             fr = FileReport(src.name, src.kind, src.delimiter)
             result.report.files.append(fr)
-            for raw in iter_raw(src, fr, chunk_rows):
-                if src.kind == "test_result":
-                    df = typed_results(raw, fr)
-                    table = pa.Table.from_pandas(df, schema=_RESULT_ARROW, preserve_index=False)
-                else:
-                    df = typed_items(raw, fr, 0).drop(columns="seq")
-                    for c in ("rfr_type_code", "dangerous_mark", "rfr_comment"):
-                        df[c] = df[c].fillna("")
-                    table = pa.Table.from_pandas(df, schema=_ITEM_ARROW, preserve_index=False)
-                store.insert_arrow(src.kind, table)
-                result.inserted[src.kind] = result.inserted.get(src.kind, 0) + table.num_rows
+            if native and src.member is None:
+                n = native_load(store, src, fr)
+            else:
+                n = _python_load(store, src, fr, chunk_rows)
+            result.inserted[src.kind] = result.inserted.get(src.kind, 0) + n
             bar.update(src.size)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _python_load(store: Store, src: Source, fr: FileReport, chunk_rows: int) -> int:
+    n = 0
+    for raw in iter_raw(src, fr, chunk_rows):
+        if src.kind == "test_result":
+            df = typed_results(raw, fr)
+            table = pa.Table.from_pandas(df, schema=_RESULT_ARROW, preserve_index=False)
+        else:
+            df = typed_items(raw, fr, 0).drop(columns="seq")
+            for c in ("rfr_type_code", "dangerous_mark", "rfr_comment"):
+                df[c] = df[c].fillna("")
+            table = pa.Table.from_pandas(df, schema=_ITEM_ARROW, preserve_index=False)
+        store.insert_arrow(src.kind, table)
+        n += table.num_rows
+    return n
+
+
+def _txt(col: str) -> str:
+    """A text column as UTF-8: bytes that are not UTF-8 are read as latin-1 (as the Python reader)."""
+    return f"if(isValidUTF8({col}), {col}, convertCharset({col}, 'latin1', 'utf8'))"
+
+
+def _date_sql(col: str) -> str:
+    d = f"substring(trimBoth({col}), 1, 10)"
+    return f"coalesce(toDate32OrNull({d}), toDate32(parseDateTimeOrNull({d}, '%d/%m/%Y')))"
+
+
+_NATIVE_SELECT = {
+    "test_result": (
+        "(test_id, test_date, test_class_id, test_mileage, make, model, fuel_type, first_use_date)",
+        "toInt64OrNull(trimBoth(test_id)) AS id, {date} AS day, "
+        "toInt16(coalesce(toInt64OrNull(trimBoth(test_class_id)), 4)), toFloat64OrNull(trimBoth(test_mileage)), "
+        "nullIf({make}, ''), nullIf({model}, ''), nullIf(trimBoth(fuel_type), ''), {first_use}",
+        "id IS NOT NULL AND day IS NOT NULL",
+    ),
+    "test_item": (
+        "(test_id, rfr_id, rfr_type_code, location_id, dangerous_mark, rfr_comment)",
+        "toInt64OrNull(trimBoth(test_id)) AS id, toInt64OrNull(trimBoth(rfr_id)) AS rfr, rfr_type_code, "
+        "coalesce(toInt64OrNull(trimBoth(location_id)), 0), dangerous_mark, {comment}",
+        "id IS NOT NULL AND rfr IS NOT NULL",
+    ),
+}
+_OPTIONAL = {"test_class_id", "test_mileage", "make", "model", "fuel_type", "first_use_date", "location_id",
+             "dangerous_mark", "rfr_comment", "rfr_type_code"}  # fmt: skip
+
+
+def _native_source(src: Source) -> str:
+    """A subquery over the file giving one String column per header name (wrong-shape rows dropped)."""
+    cols = list(src.columns)
+    if not all(_IDENT.match(c) for c in cols):
+        raise BulkFormatError(f"{src.name}:1: header names are not plain identifiers: {cols}")
+    if src.delimiter == "|":
+        fields = ", ".join(f"c[{i + 1}] AS {c}" for i, c in enumerate(cols))
+        return (
+            f"(SELECT {fields} FROM (SELECT splitByChar('|', line) AS c FROM file({{path:String}}, 'LineAsString') "
+            f"WHERE line != '' AND length(c) = {len(cols)}))"
+        )
+    structure = ", ".join(f"{c} String" for c in cols)
+    return f"(SELECT * FROM file({{path:String}}, 'CSV', '{structure}'))"
+
+
+_NATIVE_SETTINGS = (
+    " SETTINGS input_format_csv_skip_first_lines = 1, input_format_allow_errors_ratio = 1,"
+    " input_format_allow_errors_num = 1000000000000"
+)
+
+
+def native_load(store: Store, src: Source, fr: FileReport) -> int:
+    """Let ClickHouse read and convert one plain/gzipped bulk file; fills ``fr`` like the Python reader.
+
+    Rows with the wrong number of fields are skipped by the engine and counted from the file's
+    line count; a file the engine cannot read is re-read in Python to name the failing line.
+    """
+    cols = set(src.columns)
+    first = src.columns[0]
+    head_sql, select, where = _NATIVE_SELECT[src.kind]
+    source = _native_source(src)
+    missing = sorted(_OPTIONAL - cols)
+    if missing:
+        source = f"(SELECT *, {', '.join(f'{chr(39) * 2} AS {c}' for c in missing)} FROM {source})"
+    select = select.format(
+        date=_date_sql("test_date"),
+        first_use=_date_sql("first_use_date"),
+        make=_txt("make"),
+        model=_txt("model"),
+        comment=_txt("rfr_comment"),
+    )
+    texts = [c for c in ("make", "model", "rfr_comment") if c in cols]
+    raw = "".join(f", {c} AS raw_{c}" for c in texts)
+    utf8 = " + ".join(f"NOT isValidUTF8(raw_{c})" for c in texts) or "0"
+    header = f"lower(trimBoth(raw_first)) = '{first}'"
+    stats_sql = (
+        f"SELECT count() AS shaped, countIf({header}) AS headers, countIf(NOT ({where}) AND NOT {header}) "
+        f"AS bad_values, sum({utf8}) AS non_utf8 FROM (SELECT {select}, {first} AS raw_first{raw} FROM {source})"
+    )
+    insert_sql = store.sql(f"INSERT INTO {{db}}.{src.kind} {head_sql} SELECT {select} FROM {source} WHERE {where}")
+    params = {"path": str(src.path.resolve())}
+    try:
+        lines = store.query_df("SELECT count() AS n FROM file({path:String}, 'LineAsString') WHERE line != ''", params)
+        st = store.query_df(stats_sql + _NATIVE_SETTINGS, params).iloc[0]
+        store.command(insert_sql + _NATIVE_SETTINGS, params)
+    except BulkFormatError:
+        raise
+    except Exception as e:  # the engine failed: the Python reader names the file and line
+        for _ in iter_raw(src, FileReport(src.name, src.kind, src.delimiter)):
+            pass
+        raise BulkFormatError(f"{src.name}:0: ClickHouse could not read the file: {e}") from e
+    headers = int(st["headers"]) - (1 if src.delimiter == "|" else 0)  # LineAsString keeps line 1
+    shaped = int(st["shaped"]) - (1 if src.delimiter == "|" else 0)
+    fr.rows = shaped - headers
+    fr.header_rows = headers
+    fr.bad_rows = (int(lines["n"].iloc[0]) - 1 - shaped) + int(st["bad_values"])
+    fr.non_utf8_values = int(st["non_utf8"])
+    if fr.bad_rows > 100 and fr.bad_rows > 0.5 * (fr.rows + fr.bad_rows):
+        for _ in iter_raw(src, FileReport(src.name, src.kind, src.delimiter)):  # names the first bad line
+            pass
+    return fr.rows - int(st["bad_values"])
 
 
 _COMBOS_SQL = """
@@ -322,18 +437,14 @@ def _lookups_from_store(store: Store) -> Lookups:
     d["test_item_id"] = d["test_item_id"].where(d["test_item_id"] >= 0)
     roots = {
         (int(i), int(c)): r
-        for i, c, r in zip(
-            d["test_item_id"].fillna(-1), d["test_class_id"], d["group_root"].fillna(""), strict=True
-        )
+        for i, c, r in zip(d["test_item_id"].fillna(-1), d["test_class_id"], d["group_root"].fillna(""), strict=True)
     }
     loc = store.query_df(store.sql("SELECT location_id, location FROM {db}.rfr_location FINAL"))
     locations = {int(i): str(s) for i, s in zip(loc["location_id"], loc["location"], strict=True)}
     return Lookups(d.drop(columns="group_root"), roots, locations)
 
 
-def aggregate_texts(
-    text: np.ndarray, section: np.ndarray, severity: pd.Series, n: np.ndarray
-) -> pd.DataFrame:
+def aggregate_texts(text: np.ndarray, section: np.ndarray, severity: pd.Series, n: np.ndarray) -> pd.DataFrame:
     """Distinct texts with label counts; ``section``/``severity`` are the majority labels."""
     df = pd.DataFrame({"text": text, "section": section, "severity": severity.to_numpy(), "n": n})
     df = df[(df["section"] >= 0) & df["severity"].notna()]
@@ -378,9 +489,7 @@ def distinct_texts(
     lk = _lookups_from_store(store)
     combos = store.query_df(store.sql(_COMBOS_SQL), {"cutoff": mot_labels.EU_CUTOFF.isoformat()})
     if combos.empty:
-        return aggregate_texts(
-            np.array([], dtype=object), np.array([], dtype=np.int8), pd.Series([]), np.array([])
-        )
+        return aggregate_texts(np.array([], dtype=object), np.array([], dtype=np.int8), pd.Series([]), np.array([]))
     combos = combos.replace({"rfr_comment": {"": None}, "dangerous_mark": {"": None}})
     m = combos.merge(lk.detail, on=["rfr_id", "test_class_id"], how="left", sort=False)
     miss = m["rfr_desc"].isna() & m["rfr_id"].isin(lk.detail["rfr_id"])

@@ -23,10 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     ld = verbs.add_parser("load", help="DVSA bulk files / MOT History API JSONL → tidy Parquet or ClickHouse")
     ld.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files, zips or directories")
     ld.add_argument("--out", type=Path, help="tidy table directory (Parquet part files)")
-    ld.add_argument(
-        "--clickhouse", action="store_true", help="load into ClickHouse (chdb, or MOTLENS_CLICKHOUSE_URL)"
-    )
+    ld.add_argument("--clickhouse", action="store_true", help="load into ClickHouse (chdb, or MOTLENS_CLICKHOUSE_URL)")
     ld.add_argument("--ch-path", type=Path, help="chdb database directory (default $MOTLENS_HOME/chdb-data)")
+    ld.add_argument(
+        "--no-native",
+        action="store_true",
+        help="with chdb, parse files in Python instead of letting ClickHouse read them",
+    )
     ld.add_argument("--chunk-rows", type=int, default=200_000)
     ld.add_argument("--report", type=Path, help="also write the load report as JSON here")
     ld.set_defaults(func=_load)
@@ -74,14 +77,20 @@ def _load(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.clickhouse:
+            from motlens.labels import SEVERITIES
             from training.chload import DataSettings, distinct_texts, load_bulk, open_store
 
             settings = DataSettings()
             with open_store(settings, args.ch_path) as store:
-                result = load_bulk(store, args.paths, args.chunk_rows)
+                result = load_bulk(store, args.paths, args.chunk_rows, native=False if args.no_native else None)
                 texts = distinct_texts(store)
+                kind = store.kind
             report = result.report.to_dict()
-            report["clickhouse"] = {**result.summary(), "distinct_texts": len(texts)}
+            # labels of the de-duplicated rows, as training will read them
+            report["rows_out"] = int(texts["n"].sum())
+            report["sections"] = {str(i): int(texts[f"n_section_{i}"].sum()) for i in range(9)}
+            report["severities"] = {s: int(texts[f"n_{s}"].sum()) for s in SEVERITIES}
+            report["clickhouse"] = {"engine": kind, **result.summary(), "distinct_texts": len(texts)}
         else:
             sources, api = discover(args.paths)
             report_obj = BulkReport()

@@ -15,6 +15,7 @@ then joined with the (small) lookups and labelled (``training.mot_labels``).
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import math
@@ -209,48 +210,61 @@ def discover(paths: Sequence[Path]) -> tuple[list[Source], list[Path]]:
     return sources, api
 
 
-def _to_str(arr: pa.ChunkedArray | pa.Array, fr: FileReport) -> pa.Array:
-    """Binary column → string; values that are not UTF-8 are decoded as latin-1."""
-    try:
-        return arr.cast(pa.string())
-    except pa.ArrowInvalid:
-        out = []
-        for v in arr.to_pylist():
-            if v is None:
-                out.append(None)
-                continue
-            try:
-                out.append(v.decode("utf-8"))
-            except UnicodeDecodeError:
-                fr.non_utf8_values += 1
-                out.append(v.decode("latin-1"))
-        return pa.array(out, type=pa.string())
+class _Utf8Stream(io.RawIOBase):
+    """A byte stream re-encoded as valid UTF-8: bytes that are not UTF-8 are read as latin-1.
 
+    Counts the lines handed out (to name the line where reading failed) and the non-UTF-8 byte
+    sequences met (``FileReport.non_utf8_values``).
+    """
 
-class _LineCounter(io.RawIOBase):
-    """Wraps a byte stream and counts the lines handed out, to name the line where reading failed."""
-
-    def __init__(self, fh: IO[bytes]):
+    def __init__(self, fh: IO[bytes], fr: FileReport):
         self._fh = fh
+        self._fr = fr
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=_LATIN1_FALLBACK)
+        self._buf = b""
+        self._eof = False
         self.lines = 0
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b) -> int:  # type: ignore[override]
-        view, n = memoryview(b), 0
-        while n < len(view):  # small pieces, so a failure is located to the line
-            data = self._fh.read(min(1 << 16, len(view) - n))
-            if not data:
-                break
-            view[n : n + len(data)] = data
-            n += len(data)
+    def _fill(self, want: int) -> None:
+        while len(self._buf) < want and not self._eof:
+            data = self._fh.read(1 << 16)  # small pieces, so a failure is located to the line
+            self._eof = not data
+            if data.isascii() and not self._decoder.getstate()[0]:
+                out = data
+            else:
+                _fallbacks.clear()
+                out = self._decoder.decode(data, final=self._eof).encode("utf-8")
+                self._fr.non_utf8_values += len(_fallbacks)
             self.lines += data.count(b"\n")
+            self._buf += out
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        view = memoryview(b)
+        self._fill(len(view))
+        n = min(len(view), len(self._buf))
+        view[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
         return n
 
     def close(self) -> None:
         self._fh.close()
         super().close()
+
+
+_LATIN1_FALLBACK = "motlens-latin1"
+_fallbacks: list[int] = []
+
+
+def _latin1_fallback(err: UnicodeDecodeError) -> tuple[str, int]:
+    bad = err.object[err.start : err.end]
+    _fallbacks.append(len(bad))
+    return bad.decode("latin-1"), err.end
+
+
+codecs.register_error(_LATIN1_FALLBACK, _latin1_fallback)
 
 
 def iter_raw(source: Source, fr: FileReport, chunk_rows: int = 200_000) -> Iterator[pd.DataFrame]:
@@ -269,15 +283,15 @@ def iter_raw(source: Source, fr: FileReport, chunk_rows: int = 200_000) -> Itera
         ignore_empty_lines=True,
     )
     convert = pacsv.ConvertOptions(
-        column_types={c: pa.binary() for c in cols}, null_values=[""], strings_can_be_null=True
+        column_types={c: pa.string() for c in cols}, null_values=[""], strings_can_be_null=True
     )
     pending: list[pd.DataFrame] = []
     n_pending = 0
-    with _LineCounter(source.open()) as fh:
+    with _Utf8Stream(source.open(), fr) as fh:
         try:
             reader = pacsv.open_csv(fh, read_options=read, parse_options=parse, convert_options=convert)
             for batch in reader:
-                df = pa.table([_to_str(c, fr) for c in batch.columns], names=cols).to_pandas()
+                df = batch.to_pandas()
                 df = df.replace({np.nan: None}) if df.isna().any().any() else df
                 repeated = df[cols[0]].astype(str).str.strip().str.lower() == cols[0]
                 if repeated.any():
