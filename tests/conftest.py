@@ -112,3 +112,31 @@ def onnx_model_dir(tmp_path_factory, embedder):
     shutil.copytree(default_model_dir(), out, ignore=shutil.ignore_patterns(".gitattributes", "README.md"))
     export_fp32(out, reference=embedder)
     return out
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_bundle, embedder):
+    """A real predictor (REST + gRPC on free ports) serving ``tiny_bundle``, shared by the session.
+
+    Yields ``(server, base_url)``. Tests must leave it serving ``tiny_bundle`` in production.
+    """
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+
+    settings = ServeSettings(
+        model=str(tiny_bundle.root), http_port=free_port(), grpc_port=free_port(),
+        max_items_per_request=64, max_text_chars=500, max_body_bytes=256 * 1024, grace_period_s=10,
+    )  # fmt: skip
+    server = PredictorServer(settings, embedder=embedder, host="127.0.0.1")
+    thread = ServerThread(server).start().wait_ready()
+    yield server, f"http://127.0.0.1:{settings.http_port}"
+    thread.stop()
