@@ -1,0 +1,110 @@
+"""Shared helpers for the promotion tests (real MLflow registry, real prediction log, real kubectl)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CRD = Path("/work/shared/schemas/kserve/serving.kserve.io_inferenceservices.yaml")
+if not CRD.exists():
+    CRD = REPO.parent / "shared" / "schemas" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
+
+
+@dataclass
+class Env:
+    """A tmp copy of manifests/, a registry with versions 1..n, the state dir holding the prediction log."""
+
+    registry: Any
+    manifests: Path
+    home: Path
+
+    def settings(self, **kw: Any) -> Any:
+        from promotion.settings import PromoteSettings
+
+        base = {"target": "gitops", "manifests_dir": self.manifests, "min_samples": 20, "min_step_interval_s": 0}
+        return PromoteSettings(**{**base, **kw})
+
+
+def make_env(registry: Any, bundle_root: Path, tmp_path: Path, monkeypatch: Any, metrics: list[float]) -> Env:
+    """Register one version per entry of ``metrics`` (section_macro_f1) and point MOTLENS_* at tmp dirs."""
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
+    monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
+    for i, m in enumerate(metrics):
+        registry.register_bundle(bundle_root, metrics={"section_macro_f1": m}, params={"i": i}, alias=None)
+    manifests = tmp_path / "manifests"
+    shutil.copytree(REPO / "manifests", manifests)
+    return Env(registry, manifests, registry.state.home)
+
+
+def log_traffic(version: str, slot: str, n: int, *, errors: int = 0, latency_ms: float = 5.0) -> None:
+    """Write ``n`` prediction-log rows (``errors`` of them server errors) through the real writer."""
+    import predlog
+    from predlog.records import PredictionRecord
+
+    writer = predlog.open_writer()
+    rows = [
+        PredictionRecord(request_id=f"{slot}-{version}-{i}-{datetime.now(UTC).timestamp()}", item_index=0,
+                         model_name="mot-defects", model_version=version, slot=slot, text="Brake pipe corroded",
+                         latency_ms=latency_ms, status="server_error" if i < errors else "ok",
+                         section="1 Brakes", severity="major")
+        for i in range(n)
+    ]
+    writer.submit(rows)
+    assert writer.flush(30)
+    writer.close(30)
+
+
+def drift_report(version: str, detected: bool, n: int = 500) -> None:
+    import predlog
+
+    now = datetime.now(UTC)
+    predlog.open_reader().insert_drift_report({
+        "ts": now, "model_name": "mot-defects", "model_version": version, "slot": "canary",
+        "reference": "bundle", "window_start": now, "window_end": now, "n_current": n, "n_reference": n,
+        "drift_detected": detected, "drift_share": 0.8 if detected else 0.0, "scores": {"embedding": 0.5},
+        "report_path": "", "run_id": "", "details": "{}",
+    })
+
+
+def render(overlay: Path) -> dict[str, Any]:
+    out = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True)
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    return next(d for d in docs if d["kind"] == "InferenceService")
+
+
+@cache
+def _validator() -> Any:
+    import jsonschema
+
+    crd = yaml.safe_load(CRD.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")
+    schema = version["schema"]["openAPIV3Schema"]
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+    return cls(schema)
+
+
+def validate_isvc(isvc: dict[str, Any]) -> None:
+    """Validate against the KServe CRD's v1beta1 openAPIV3Schema (raises on any violation)."""
+    errors = sorted(_validator().iter_errors(isvc), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
+
+
+def kubectl_patch_local(isvc: dict[str, Any], patch: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """``kubectl patch --local --type merge``: what the API server makes of the k8s target's patch body."""
+    src = tmp / "live.yaml"
+    src.write_text(yaml.safe_dump(isvc))
+    out = subprocess.run(
+        ["kubectl", "patch", "--local", "-f", str(src), "--type", "merge", "-p", json.dumps(patch), "-o", "yaml"],
+        capture_output=True, text=True, check=True,
+    )
+    return yaml.safe_load(out.stdout)

@@ -1,0 +1,207 @@
+"""GitOps target: a full rollout and a rollback against a real MLflow registry; every intermediate
+manifest builds with `kubectl kustomize`, validates against the KServe CRD, and equals what the k8s
+target's merge patch gives through `kubectl patch --local`."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+from promotion_support import (
+    drift_report,
+    kubectl_patch_local,
+    log_traffic,
+    make_env,
+    render,
+    validate_isvc,
+)
+
+from promotion.rollout import ANN_CANARY_VERSION, ANN_PROD_URI, ANN_PROD_VERSION
+from promotion.targets import GitOpsTarget
+from promotion.workflow import Promoter, PromotionError, Refused
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+
+
+class RecordingGitOps(GitOpsTarget):
+    """The real GitOps target, also keeping the rendered InferenceService before and after each write."""
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.steps: list[tuple[dict, dict, dict]] = []
+
+    def apply(self, desired):
+        before = self.render()
+        patch = super().apply(desired)
+        self.steps.append((before, patch, self.render()))
+        return patch
+
+
+def _env0(isvc):
+    return isvc["spec"]["predictor"]["containers"][0]["env"][0]["value"]
+
+
+@pytest.fixture
+def env(registry, tiny_bundle, tmp_path, monkeypatch):
+    return make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60, 0.61, 0.62])
+
+
+def _check_steps(target, tmp_path):
+    for before, patch, after in target.steps:
+        validate_isvc(before)
+        validate_isvc(after)
+        assert kubectl_patch_local(before, patch, tmp_path) == after
+    n = len(target.steps)
+    target.steps.clear()
+    return n
+
+
+def test_crd_validator_rejects_a_broken_isvc(env):
+    isvc = render(env.manifests / "overlays" / "cpu")
+    validate_isvc(isvc)
+    isvc["spec"]["predictor"]["canaryTrafficPercent"] = "ten"
+    with pytest.raises(AssertionError, match="canaryTrafficPercent"):
+        validate_isvc(isvc)
+
+
+@pytest.mark.slow
+def test_full_rollout_then_rollback(env, tmp_path):
+    reg = env.registry
+    target = RecordingGitOps(env.settings())
+    p = Promoter(env.settings(), reg, target, force=True)
+    p.promote("1")  # adopt: the base names a placeholder production; --force replaces it
+    assert _check_steps(target, tmp_path) == 1
+    p.force = False
+    uri = {v: reg.resolve(v).artifact_uri for v in ("1", "2", "3")}
+    baseline = render(target.overlay)
+    assert _env0(baseline) == uri["1"] and "canaryTrafficPercent" not in baseline["spec"]["predictor"]
+    assert baseline["metadata"]["annotations"][ANN_PROD_VERSION] == "1"
+
+    out = p.canary_start("2", 10)
+    assert {r.name: r.status for r in out.gates} == {"offline": "pass", "golden": "pass"}
+    assert _check_steps(target, tmp_path) == 1
+    percents = [10]
+    while True:
+        isvc = render(target.overlay)
+        assert _env0(isvc) == uri["2"]
+        assert isvc["metadata"]["annotations"][ANN_PROD_URI] == uri["1"]
+        assert isvc["metadata"]["annotations"][ANN_CANARY_VERSION] == "2"
+        assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == percents[-1]
+        if percents[-1] < 100:
+            with pytest.raises(Refused, match="live: wait"):  # no canary traffic since the step yet
+                p.advance()
+        log_traffic("2", "canary", 25)
+        log_traffic("1", "production", 25)
+        drift_report("2", detected=False)
+        if percents[-1] == 100:
+            break
+        out = p.advance()
+        assert all(r.passed for r in out.gates)
+        assert _check_steps(target, tmp_path) == 1
+        percents.append(render(target.overlay)["spec"]["predictor"]["canaryTrafficPercent"])
+    assert percents == [10, 25, 50, 100]
+    with pytest.raises(PromotionError, match="last step"):
+        p.advance()
+    p.promote()
+    assert _check_steps(target, tmp_path) == 1
+    promoted = render(target.overlay)
+    assert _env0(promoted) == uri["2"] and "canaryTrafficPercent" not in promoted["spec"]["predictor"]
+    ann = promoted["metadata"]["annotations"]
+    assert (ann[ANN_PROD_VERSION], ann[ANN_PROD_URI], ANN_CANARY_VERSION in ann) == ("2", uri["2"], False)
+    assert reg.aliases() == {"production": "2"}
+    assert reg.resolve("2").tags["promotion.status"] == "production"
+    assert reg.resolve("1").tags["promotion.status"] == "retired"
+
+    # a canary of version 3, then a rollback: the manifest returns exactly to the promoted one
+    p.canary_start("3", 25)
+    assert render(target.overlay)["spec"]["predictor"]["canaryTrafficPercent"] == 25
+    p.rollback(reason="test rollback")
+    assert _check_steps(target, tmp_path) == 3  # canary start, then 0%, then the previous spec restored
+    assert render(target.overlay) == promoted
+    assert reg.aliases() == {"production": "2"}
+    tags3 = reg.resolve("3").tags
+    assert (tags3["promotion.status"], tags3["promotion.rejected_reason"]) == ("rejected", "test rollback")
+    assert tags3["promotion.last_action"] == "rollback" and tags3["promotion.events"] == "2"
+
+    ops = yaml.safe_load((target.overlay / "rollout.yaml").read_text())
+    assert {op["op"] for op in ops} <= {"test", "replace", "add", "remove"}
+    assert all(op["path"].startswith(("/spec/predictor/c", "/metadata/annotations/motlens.io")) for op in ops)
+    events = p.reader().promotion_events(limit=50)
+    actions = list(reversed(events[~events["dry_run"] & events["success"]]["action"].tolist()))
+    assert actions == ["deploy", "canary_start", "advance", "advance", "advance", "promote", "canary_start",
+                       "rollback"]
+    status = p.status()
+    assert status["disagreements"] == [] and status["live"]["canary_version"] is None
+
+
+def test_manual_edit_is_respected_and_guarded(env, tmp_path):
+    reg = env.registry
+    target = GitOpsTarget(env.settings())
+    p = Promoter(env.settings(golden_check=False), reg, target, force=True)
+    p.promote("1")
+    p.force = False
+    p.canary_start("2", 10)
+    rollout = target.overlay / "rollout.yaml"
+    ops = yaml.safe_load(rollout.read_text())
+
+    # `kubectl edit` of the percentage: read live, step from there (40 → 50)
+    for op in ops:
+        if op["path"] == "/spec/predictor/canaryTrafficPercent":
+            op["value"] = 40
+    rollout.write_text(yaml.safe_dump(ops))
+    assert p.status()["live"]["percent"] == 40
+    log_traffic("2", "canary", 25)
+    drift_report("2", detected=False)
+    p.advance()
+    assert render(target.overlay)["spec"]["predictor"]["canaryTrafficPercent"] == 50
+
+    # a hand-edited storage URI disagrees with the registry: refused, nothing written, --force proceeds
+    ops = yaml.safe_load(rollout.read_text())
+    for op in ops:
+        if op["path"] == "/spec/predictor/containers/0/env/0/value":
+            op["value"] = "s3://somewhere/else"
+    rollout.write_text(yaml.safe_dump(ops))
+    edited = rollout.read_text()
+    assert any("s3://somewhere/else" in d for d in p.status()["disagreements"])
+    with pytest.raises(Refused, match="s3://somewhere/else"):
+        p.canary_set(60)
+    assert rollout.read_text() == edited
+    p.force = True
+    p.canary_set(60)
+    assert render(target.overlay)["spec"]["predictor"]["canaryTrafficPercent"] == 60
+
+
+def test_interrupted_change_is_repaired_by_a_rerun(env):
+    reg = env.registry
+    target = GitOpsTarget(env.settings())
+    p = Promoter(env.settings(golden_check=False), reg, target, force=True)
+    p.promote("1")
+    p.force = False
+    # the process died right after writing the manifest, before moving the alias
+    live = target.read()
+    target.apply(live.with_canary("2", reg.resolve("2").artifact_uri, 10))
+    written = (target.overlay / "rollout.yaml").read_text()
+    problems = p.status()["disagreements"]
+    assert problems and "canary" in problems[0]
+    with pytest.raises(Refused):
+        p.canary_set(20)  # another change is refused while the state is inconsistent
+    p.canary_start("2", 10)  # the same command again finishes it
+    assert (target.overlay / "rollout.yaml").read_text() == written
+    assert reg.aliases() == {"production": "1", "canary": "2"}
+    assert p.status()["disagreements"] == []
+
+
+def test_dry_run_changes_nothing(env):
+    reg = env.registry
+    target = GitOpsTarget(env.settings())
+    p = Promoter(env.settings(golden_check=False), reg, target, force=True)
+    p.promote("1")
+    before = (target.overlay / "rollout.yaml").read_text()
+    dry = Promoter(env.settings(golden_check=False), reg, target, dry_run=True)
+    out = dry.canary_start("2", 10)
+    assert (target.overlay / "rollout.yaml").read_text() == before
+    assert reg.aliases() == {"production": "1"}
+    plan = out.patches[0]
+    assert plan["merge_patch"]["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    assert "canary-version" in plan["content"]
