@@ -1,0 +1,1 @@
+"""Benchmarks: load generator, baselines and the side-by-side comparison (not shipped in the wheel)."""

@@ -1,0 +1,234 @@
+"""Closed-loop load generator: C clients, each sending its next request as soon as the last returns.
+
+Protocols: ``v2`` (Open Inference Protocol JSON to ``/v2/models/<model>/infer``; motlens and the
+naive baseline) and ``openai`` (``/embeddings``; Infinity). Reports items/s, requests/s, latency
+percentiles, errors by kind, and the server process tree's RSS (psutil), sampled during the run.
+
+    python -m bench.loadgen --url http://127.0.0.1:8080 --concurrency 32 --items 1 --duration 20 \
+        --mix realistic --novel-share 0.1 --pid <server pid>
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from bench.mixes import TextMix, make_mix
+
+MODEL_NAME = "mot-defects"
+CHECK_EVERY = 50  # parse and check one response in this many
+
+
+@dataclass
+class LoadResult:
+    system: str
+    mix: str
+    concurrency: int
+    items_per_request: int
+    duration_s: float
+    requests: int
+    items: int
+    errors: int
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    items_per_s: float = 0.0
+    requests_per_s: float = 0.0
+    p50_ms: float = float("nan")
+    p95_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    max_ms: float = float("nan")
+    rss_max_mib: float | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def request_body(protocol: str, texts: list[str], model: str = MODEL_NAME) -> bytes:
+    if protocol == "v2":
+        doc = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
+    elif protocol == "openai":
+        doc = {"model": model, "input": texts}
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; expected 'v2' or 'openai'")
+    return json.dumps(doc).encode()
+
+
+def endpoint(url: str, protocol: str, model: str = MODEL_NAME) -> str:
+    base = url.rstrip("/")
+    return f"{base}/v2/models/{model}/infer" if protocol == "v2" else f"{base}/embeddings"
+
+
+def _response_ok(protocol: str, body: bytes, n: int) -> bool:
+    try:
+        doc = json.loads(body)
+        if protocol == "v2":
+            outputs = {o["name"]: o for o in doc["outputs"]}
+            return len(outputs["section"]["data"]) == n and len(outputs["fail_probability"]["data"]) == n
+        return len(doc["data"]) == n and len(doc["data"][0]["embedding"]) == 384
+    except (ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+async def _sample_rss(pid: int, out: list[int], stop: asyncio.Event) -> None:
+    import psutil
+
+    while not stop.is_set():
+        try:
+            out.append(_tree_rss(pid))
+        except psutil.Error:
+            return
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+        except TimeoutError:
+            pass
+
+
+async def run_load(
+    url: str,
+    mix: TextMix,
+    *,
+    system: str = "server",
+    mix_name: str = "realistic",
+    protocol: str = "v2",
+    concurrency: int = 32,
+    items: int = 1,
+    duration_s: float = 20.0,
+    warmup_s: float = 3.0,
+    pid: int | None = None,
+    model: str = MODEL_NAME,
+    timeout_s: float = 30.0,
+) -> LoadResult:
+    """Run ``concurrency`` closed-loop clients for ``warmup_s`` + ``duration_s``; measure the latter."""
+    import aiohttp
+
+    target = endpoint(url, protocol, model)
+    headers = {"content-type": "application/json"}
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    counts = {"requests": 0, "items": 0}
+    t0 = time.perf_counter()
+    measure_from = t0 + warmup_s
+    stop_at = measure_from + duration_s
+
+    async def client(session: aiohttp.ClientSession, k: int) -> None:
+        n = 0
+        while (start := time.perf_counter()) < stop_at:
+            body = request_body(protocol, mix.take(items), model)
+            kind = None
+            try:
+                async with session.post(target, data=body, headers=headers) as resp:
+                    payload = await resp.read()
+                    if resp.status != 200:
+                        kind = f"HTTP {resp.status}"
+                    elif n % CHECK_EVERY == k % CHECK_EVERY and not _response_ok(protocol, payload, items):
+                        kind = "malformed response"
+            except (aiohttp.ClientError, TimeoutError) as e:
+                kind = type(e).__name__
+            end = time.perf_counter()
+            n += 1
+            if start >= measure_from and end <= stop_at:
+                if kind:
+                    errors[kind] += 1
+                else:
+                    latencies.append(end - start)
+                    counts["requests"] += 1
+                    counts["items"] += items
+            if kind:  # do not spin on a refusing or failing server
+                await asyncio.sleep(0.01)
+
+    rss: list[int] = []
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_sample_rss(pid, rss, stop)) if pid else None
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(client(session, k) for k in range(concurrency)))
+    stop.set()
+    if sampler:
+        await sampler
+    lat_ms = np.asarray(latencies) * 1000.0
+    pct = np.percentile(lat_ms, [50, 95, 99]) if lat_ms.size else [float("nan")] * 3
+    return LoadResult(
+        system=system,
+        mix=mix_name,
+        concurrency=concurrency,
+        items_per_request=items,
+        duration_s=duration_s,
+        requests=counts["requests"],
+        items=counts["items"],
+        errors=sum(errors.values()),
+        error_kinds=dict(errors),
+        items_per_s=counts["items"] / duration_s,
+        requests_per_s=counts["requests"] / duration_s,
+        p50_ms=float(pct[0]),
+        p95_ms=float(pct[1]),
+        p99_ms=float(pct[2]),
+        max_ms=float(lat_ms.max()) if lat_ms.size else float("nan"),
+        rss_max_mib=max(rss) / 2**20 if rss else None,
+    )
+
+
+def run(coro):  # noqa: ANN001, ANN201 - runs a coroutine on uvloop when installed
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--protocol", choices=("v2", "openai"), default="v2")
+    p.add_argument("--model", default=MODEL_NAME, help="v2 model name or OpenAI-style served model name")
+    p.add_argument("--mix", choices=("realistic", "novel"), default="realistic")
+    p.add_argument("--novel-share", type=float, default=0.1, help="share of novel texts in the realistic mix")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--items", type=int, default=1, help="texts per request")
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds (after the warm-up)")
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--pid", type=int, help="server PID whose process tree RSS is sampled")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    a = p.parse_args(argv)
+    if a.concurrency < 1 or a.items < 1 or a.duration <= 0:
+        p.error("--concurrency and --items must be ≥ 1 and --duration > 0")
+    result = run(
+        run_load(
+            a.url, make_mix(a.mix, a.novel_share, a.seed), mix_name=a.mix, protocol=a.protocol,
+            concurrency=a.concurrency, items=a.items, duration_s=a.duration, warmup_s=a.warmup, pid=a.pid,
+            model=a.model,
+        )
+    )  # fmt: skip
+    if a.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(
+            f"{result.items_per_s:,.0f} items/s ({result.requests_per_s:,.0f} req/s), p50 {result.p50_ms:.1f} ms, "
+            f"p95 {result.p95_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, errors {result.errors} {result.error_kinds}, "
+            f"RSS {result.rss_max_mib or float('nan'):.0f} MiB"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
