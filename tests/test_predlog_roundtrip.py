@@ -124,9 +124,7 @@ def test_round_trip_with_embeddings(backend, records, request):
     src = {(r.request_id, r.item_index): r.embedding for r in records if r.embedding is not None}
     assert len(emb) == len(src)
     mat = embedding_matrix(emb)
-    ref = np.array(
-        [src[(a, b)] for a, b in zip(emb["request_id"], emb["item_index"], strict=True)], np.float32
-    )
+    ref = np.array([src[(a, b)] for a, b in zip(emb["request_id"], emb["item_index"], strict=True)], np.float32)
     assert mat.shape == (len(src), 384)
     cos = (mat * ref).sum(1) / np.linalg.norm(mat, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.999
@@ -175,9 +173,7 @@ def test_same_sql_same_results_on_table_and_parquet(embedded, table, records):
     ta, tb = emb_reader.tail(5), tab_reader.tail(5)
     assert ta["ts"].tolist() == tb["ts"].tolist() and len(ta) == 5
     q = "SELECT slot, count() AS n FROM predictions WHERE model_version = {v:String} GROUP BY slot"
-    assert emb_reader.query(q, {"v": "3"}).to_dict("records") == tab_reader.query(q, {"v": "3"}).to_dict(
-        "records"
-    )
+    assert emb_reader.query(q, {"v": "3"}).to_dict("records") == tab_reader.query(q, {"v": "3"}).to_dict("records")
 
 
 @pytest.mark.parametrize("backend", ["embedded", "table"])
@@ -206,9 +202,7 @@ def test_drift_reports_and_promotion_events(backend, request):
     with pytest.raises(ValueError, match="unknown column"):
         reader.insert_drift_report({"model_version": "4", "verdict": "x"})
 
-    reader.insert_promotion_event(
-        {"action": "canary_start", "to_version": "4", "canary_percent": 10, "success": True}
-    )
+    reader.insert_promotion_event({"action": "canary_start", "to_version": "4", "canary_percent": 10, "success": True})
     reader.insert_promotion_event(
         {"action": "rollback", "from_version": "4", "to_version": "3", "reason": "gate failed"}
     )

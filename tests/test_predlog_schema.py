@@ -58,9 +58,7 @@ def test_cluster_variant_parses_and_uses_replicated_distributed(chdb_db):
     engines = []
     for m in migrations:
         for stmt in m.statements("motlens", 90):
-            formatted = client.query("SELECT formatQuery({q:String})", parameters={"q": stmt}).result_rows[0][
-                0
-            ]
+            formatted = client.query("SELECT formatQuery({q:String})", parameters={"q": stmt}).result_rows[0][0]
             assert "ON CLUSTER `{cluster}`" in formatted
             engines.append(formatted)
     text = "\n".join(engines)
