@@ -5,6 +5,7 @@ drift/promotion jobs' metrics, which must be defined by those packages' code."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,45 +157,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def predictor(tiny_bundle, tmp_path_factory):
-    """`motlens serve` as the cpu overlay's InferenceService runs it (command, args, literal env), with the
-    tiny bundle in place of /mnt/models and a free port: yields (base URL, the container spec)."""
-    container = isvc_container(one(kustomize(MANIFESTS / "overlays" / "cpu"), "InferenceService", "mot-defects"))
+@contextlib.contextmanager
+def serve_like_the_overlay(overlay: str, bundle_root: Path, home: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`motlens serve` as the overlay's InferenceService runs it (command, args, literal env), with
+    ``bundle_root`` in place of /mnt/models and a free port: yields (base URL, the container spec)."""
+    docs = kustomize(MANIFESTS / "overlays" / overlay)
+    container = isvc_container(one(docs, "InferenceService", "mot-defects"))
     port = _free_port()
-    args = [str(tiny_bundle.root) if a == "/mnt/models" else a for a in container["args"]]
+    args = [str(bundle_root) if a == "/mnt/models" else a for a in container["args"]]
     args[args.index("--http-port") + 1] = str(port)
-    home = tmp_path_factory.mktemp("predictor-home")
     env = {**os.environ, **{e["name"]: e["value"] for e in container["env"] if "value" in e},
            "MOTLENS_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("MOTLENS_CLICKHOUSE_URL", None)  # embedded prediction log (local Parquet)
-    log = (home / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "motlens.cli", *args], env=env, cwd=home,
-                            stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    ready = container["readinessProbe"]["httpGet"]["path"]
-    deadline = time.monotonic() + 300
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"motlens serve exited with {proc.returncode}:\n{(home / 'serve.log').read_text()[-4000:]}")
-            try:
-                if httpx.get(base + ready, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"not ready within 300 s:\n{(home / 'serve.log').read_text()[-4000:]}")
-            time.sleep(0.5)
-        yield base, container
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    log_path = home / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "motlens.cli", *args], env=env, cwd=home,
+                                stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        ready = container["readinessProbe"]["httpGet"]["path"]
+        deadline = time.monotonic() + 300
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"motlens serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+                try:
+                    if httpx.get(base + ready, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"not ready within 300 s:\n{log_path.read_text()[-4000:]}")
+                time.sleep(0.5)
+            yield base, container
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_bundle, tmp_path_factory):
+    """The cpu overlay's predictor serving the tiny bundle."""
+    with serve_like_the_overlay("cpu", tiny_bundle.root, tmp_path_factory.mktemp("predictor-home")) as served:
+        yield served
 
 
 @pytest.mark.slow
@@ -220,3 +229,21 @@ def test_every_used_metric_is_exported(predictor) -> None:
     assert not missing, f"used by the dashboard/alerts but exported by neither the predictor nor the jobs: {missing}"
     # and the predictor really counted the requests it answered
     assert re.search(r'^motlens_requests_total\{[^}]*outcome="ok"[^}]*\} [1-9]', scraped.text, re.M)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_overlay_predictor_serves_fp16_and_reports_gpu_memory(tiny_bundle, tmp_path) -> None:
+    """The gpu overlay's settings (cuda, float16) pass the golden check and fill the GPU gauges."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    with serve_like_the_overlay("gpu", tiny_bundle.root, tmp_path) as (base, _):
+        infer = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(TEXTS)], "data": TEXTS}]}
+        assert httpx.post(f"{base}/v2/models/mot-defects/infer", json=infer, timeout=60).status_code == 200
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+    values = {m.group(1): float(m.group(2))
+              for m in re.finditer(r"^(motlens_gpu_memory_\w+_bytes) (\S+)$", text, re.M)}
+    assert values["motlens_gpu_memory_total_bytes"] > 0
+    assert 0 < values["motlens_gpu_memory_reserved_bytes"] <= values["motlens_gpu_memory_total_bytes"]
+    assert re.search(r'^motlens_model_info\{[^}]*device="cuda[^"]*"[^}]*\} 1', text, re.M)
