@@ -63,12 +63,21 @@ def test_crd_validation_catches_mistakes(built) -> None:
     assert "containers/0/resources/limits/cpu" in errors
 
 
+def test_base_sets_canary_traffic_percent() -> None:
+    """100 = no rollout in progress; the promotion CLI moves it (N%, then 100 or removed)."""
+    assert _isvc(kustomize(MANIFESTS / "base"))["spec"]["predictor"]["canaryTrafficPercent"] == 100
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_knative_mode_canary_and_autoscaling(built, overlay: str) -> None:
     isvc = _isvc(built[overlay])
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] in KNATIVE_MODES
     predictor = isvc["spec"]["predictor"]
-    assert isinstance(predictor["canaryTrafficPercent"], int) and 0 <= predictor["canaryTrafficPercent"] <= 100
+    percent = predictor.get("canaryTrafficPercent")
+    if isvc["metadata"]["annotations"].get("motlens.io/canary-version"):  # a rollout committed by the CLI
+        assert isinstance(percent, int) and 0 <= percent <= 100
+    else:
+        assert percent in (None, 100)
     assert predictor["minReplicas"] >= 1 and predictor["maxReplicas"] >= predictor["minReplicas"]
     assert predictor["scaleMetric"] == "concurrency" and predictor["scaleTarget"] > 0
 
@@ -217,3 +226,25 @@ def test_config_and_secret_references(built, overlay: str) -> None:
     for name in secrets:
         assert f"secret generic {name}" in docs_text, f"docs/deploy.md does not say how to create {name}"
 
+
+
+def test_promotion_gitops_target_round_trip(tmp_path: Path) -> None:
+    """The promotion CLI's GitOps target reads these overlays and rewrites rollout.yaml: canary at 10%,
+    promote and roll back all build, validate against the CRD and read back as written."""
+    from promotion.settings import PromoteSettings
+    from promotion.targets import GitOpsTarget
+
+    kustomize(MANIFESTS / "overlays" / "cpu")  # skips when kubectl is absent
+    root = _overlay_copy(tmp_path)
+    target = GitOpsTarget(PromoteSettings(target="gitops", manifests_dir=root, overlay="cpu"))
+    start = target.read()
+    assert start.storage_uri == isvc_container(_isvc(kustomize(MANIFESTS / "base")))["env"][0]["value"]
+    assert not start.canary_active
+    canary_uri = "s3://mlflow-artifacts/1/models/m-canary/artifacts"
+    for desired in (start.with_canary("7", canary_uri, 10), start.with_canary("7", canary_uri, 10).promoted(),
+                    start.with_canary("7", canary_uri, 10).rolled_back()):
+        target.apply(desired)
+        isvc = _isvc(kustomize(root / "overlays" / "cpu"))
+        assert isvc_errors(isvc) == []
+        assert target.read() == desired
+        assert isvc_container(isvc)["env"][0]["value"] == desired.storage_uri
