@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,11 @@ def test_predictor_container(built, overlay: str) -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/mot-defects/ready"
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert container[probe]["httpGet"]["port"] == port["containerPort"], probe
-    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 300
+    startup = container["startupProbe"]
+    startup_budget = startup["periodSeconds"] * startup["failureThreshold"]
+    assert startup_budget >= 300  # a cold model load, warm-up and golden check
+    deadline = re.fullmatch(r"(\d+)([sm])", isvc["metadata"]["annotations"]["serving.knative.dev/progress-deadline"])
+    assert deadline and int(deadline.group(1)) * {"s": 1, "m": 60}[deadline.group(2)] > startup_budget
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][kind]), kind
     env = _env(container)
