@@ -1,0 +1,269 @@
+"""One invocation, three servers, the same loads: motlens vs the naive baseline vs Infinity.
+
+    .venv/bin/python -m bench.run_all                      # defaults: ~4 min on 2 cores
+    .venv/bin/python -m bench.run_all --duration 30 --systems motlens,infinity
+
+Steps: build (or reuse) the benchmark bundle; measure the backend's offline batch ceiling
+(embedder + head in-process on big batches of novel texts); then, one server at a time (so they
+never compete for the cores), start it on a free localhost port, wait until ready, run the
+realistic mix (single-text requests, 32 clients) and the novel-only mix, sample its RSS, stop it.
+Prints one table with ratios and writes JSON to ``bench/results/``. Every loop is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.loadgen import LoadResult, run, run_load
+from bench.mixes import make_mix
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+SYSTEMS = ("motlens", "naive", "infinity")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Service:
+    """A server process this script started (its own process group), stopped by its id."""
+
+    name: str
+    argv: list[str]
+    ready_url: str
+    url: str
+    protocol: str
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    def start(self, log_dir: Path) -> None:
+        self.log_path = log_dir / f"{self.name}.log"
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+            cwd=ROOT, start_new_session=True,
+        )  # fmt: skip
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.ready_url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1.0)
+        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if not self.proc or self.proc.poll() is not None:
+            return
+        pgid = os.getpgid(self.proc.pid)  # the group this script created for it
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+def offline_ceiling(bundle_dir: Path, backend: str, threads: int, n: int = 1024) -> dict:
+    """Best texts/s of embedder + head in-process on big batches of novel texts."""
+    from motlens.bundle import Bundle
+    from motlens.embedder import TorchEmbedder
+
+    bundle = Bundle.open(bundle_dir)
+    head = bundle.head()
+    if backend == "onnx":
+        from motlens.onnx_embedder import OnnxEmbedder
+
+        emb = OnnxEmbedder(bundle.embedder_dir, threads=threads)
+    else:
+        emb = TorchEmbedder(bundle.embedder_dir, device="cpu", threads=threads)
+    mix = make_mix("novel", seed=999)
+    head.predict(emb.encode(mix.take(128)))  # warm-up
+    best = {"texts_per_s": 0.0}
+    for batch in (64, 128):
+        texts = mix.take(n)
+        t0 = time.perf_counter()
+        head.predict(emb.encode(texts, batch_size=batch))
+        rate = n / (time.perf_counter() - t0)
+        if rate > best["texts_per_s"]:
+            best = {"texts_per_s": rate, "batch_size": batch, "texts": n, "backend": backend, "threads": threads}
+    del emb
+    gc.collect()
+    return best
+
+
+def make_services(a: argparse.Namespace, bundle_dir: Path, home: Path) -> dict[str, Service]:
+    from motlens.embedder import default_model_dir
+
+    bindir = Path(sys.executable).parent
+    out: dict[str, Service] = {}
+    p = free_port()
+    serve = [str(bindir / "motlens"), "serve", "--model", str(bundle_dir), "--http-port", str(p),
+             "--grpc-port", str(free_port()), "--backend", a.backend, *a.motlens_arg]  # fmt: skip
+    if a.no_predlog:
+        serve.append("--no-predlog")
+    out["motlens"] = Service(
+        "motlens", serve, f"http://127.0.0.1:{p}/v2/models/mot-defects/ready", f"http://127.0.0.1:{p}", "v2",
+        env={"MOTLENS_HOME": str(home)},
+    )
+    p = free_port()
+    out["naive"] = Service(
+        "naive", [sys.executable, "-m", "bench.naive_server", "--model", str(bundle_dir), "--port", str(p)],
+        f"http://127.0.0.1:{p}/v2/models/mot-defects/ready", f"http://127.0.0.1:{p}", "v2",
+    )
+    p = free_port()
+    infinity = ROOT / a.infinity_venv / "bin" / "infinity_emb"
+    out["infinity"] = Service(
+        "infinity",
+        [str(infinity), "v2", "--model-id", str(default_model_dir()), "--served-model-name", "mot-defects",
+         "--engine", "torch", "--device", "cpu", "--host", "127.0.0.1", "--port", str(p),
+         "--no-bettertransformer", "--log-level", "warning"],
+        f"http://127.0.0.1:{p}/health", f"http://127.0.0.1:{p}", "openai",
+        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
+             "INFINITY_ANONYMOUS_USAGE_STATS": "0"},
+    )  # fmt: skip
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.1f}×" if a and b else "–"
+
+
+def print_table(results: list[LoadResult], ceiling: dict | None, conditions: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=150)
+    t = Table(title=f"motlens vs peers ({conditions})")
+    for col in ("system", "mix", "clients×items", "items/s", "p50 ms", "p95 ms", "p99 ms", "errors", "RSS MiB"):
+        t.add_column(col, justify="left" if col in ("system", "mix") else "right")
+    for r in results:
+        t.add_row(
+            r.system, r.mix, f"{r.concurrency}×{r.items_per_request}", f"{r.items_per_s:,.0f}", f"{r.p50_ms:.1f}",
+            f"{r.p95_ms:.1f}", f"{r.p99_ms:.1f}", str(r.errors) + (f" {r.error_kinds}" if r.errors else ""),
+            f"{r.rss_max_mib:.0f}" if r.rss_max_mib else "–",
+        )  # fmt: skip
+    console.print(t)
+    by = {(r.system, r.mix): r.items_per_s for r in results}
+    for mix in ("realistic", "novel"):
+        m = by.get(("motlens", mix))
+        console.print(
+            f"{mix}: motlens/infinity {_ratio(m, by.get(('infinity', mix)))}, "
+            f"motlens/naive {_ratio(m, by.get(('naive', mix)))}"
+        )
+    if ceiling:
+        line = f"offline batch ceiling ({ceiling['backend']}, {ceiling['threads']} threads, batch "
+        line += f"{ceiling['batch_size']}): {ceiling['texts_per_s']:,.0f} texts/s"
+        if ("motlens", "novel") in by:
+            line += f"; motlens novel-only = {100 * by[('motlens', 'novel')] / ceiling['texts_per_s']:.0f}% of it"
+        console.print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="bundle directory (default: build bench/results/bundle)")
+    p.add_argument("--rebuild-bundle", action="store_true")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of motlens,naive,infinity")
+    p.add_argument("--backend", default="onnx", choices=("onnx", "torch"), help="motlens embedder backend")
+    p.add_argument("--threads", type=int, default=2, help="threads for the offline ceiling")
+    p.add_argument("--motlens-arg", action="append", default=[], help="extra `motlens serve` argument (repeat)")
+    p.add_argument("--no-predlog", action="store_true", help="run motlens without the prediction log")
+    p.add_argument("--infinity-venv", default=".venv-infinity")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--items", type=int, default=1, help="texts per request (both mixes)")
+    p.add_argument("--novel-share", type=float, default=0.1)
+    p.add_argument("--duration", type=float, default=15.0, help="measured seconds per load")
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--ready-timeout", type=float, default=240.0)
+    p.add_argument("--skip-ceiling", action="store_true")
+    p.add_argument("--out", type=Path, help="JSON results file (default bench/results/run-<time>.json)")
+    a = p.parse_args(argv)
+    systems = [s.strip() for s in a.systems.split(",") if s.strip()]
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown:
+        p.error(f"unknown system(s) {unknown}; choose from {SYSTEMS}")
+    if "infinity" in systems and not (ROOT / a.infinity_venv / "bin" / "infinity_emb").exists():
+        p.error(f"{a.infinity_venv}/bin/infinity_emb not found: see docs/benchmarks.md for the Infinity venv")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    log_dir = RESULTS / f"logs-{stamp}"
+    log_dir.mkdir()
+    if a.model:
+        bundle_dir = a.model
+    else:
+        from bench.bundle import build_bench_bundle
+
+        print("building/verifying the benchmark bundle …", flush=True)
+        bundle_dir = build_bench_bundle(RESULTS / "bundle", rebuild=a.rebuild_bundle).root
+    load1 = os.getloadavg()[0]
+    ceiling = None if a.skip_ceiling else offline_ceiling(bundle_dir, a.backend, a.threads)
+    if ceiling:
+        print(f"offline batch ceiling: {ceiling['texts_per_s']:,.0f} texts/s", flush=True)
+    results: list[LoadResult] = []
+    with tempfile.TemporaryDirectory(prefix="motlens-bench-home-") as home:
+        services = make_services(a, bundle_dir, Path(home))
+        for name in systems:
+            svc = services[name]
+            print(f"starting {name} …", flush=True)
+            try:
+                svc.start(log_dir)
+                svc.wait_ready(a.ready_timeout)
+                for mix_name in ("realistic", "novel"):
+                    mix = make_mix(mix_name, a.novel_share, seed=len(results))
+                    r = run(
+                        run_load(
+                            svc.url, mix, system=name, mix_name=mix_name, protocol=svc.protocol,
+                            concurrency=a.concurrency, items=a.items, duration_s=a.duration, warmup_s=a.warmup,
+                            pid=svc.proc.pid if svc.proc else None,
+                        )
+                    )  # fmt: skip
+                    print(f"  {mix_name}: {r.items_per_s:,.0f} items/s, p99 {r.p99_ms:.0f} ms, "
+                          f"errors {r.errors}", flush=True)  # fmt: skip
+                    results.append(r)
+            except RuntimeError as e:
+                print(f"  {name} skipped: {e}", flush=True)
+            finally:
+                svc.stop()
+    conditions = f"{os.cpu_count()} CPUs, load avg at start {load1:.1f}, {a.duration:.0f} s per load"
+    print_table(results, ceiling, conditions)
+    out = a.out or RESULTS / f"run-{stamp}.json"
+    doc = {
+        "when": stamp,
+        "conditions": {"cpus": os.cpu_count(), "loadavg_start": load1, "loadavg_end": os.getloadavg()[0]},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "ceiling": ceiling,
+        "results": [r.to_json() for r in results],
+        "logs": str(log_dir),
+    }
+    out.write_text(json.dumps(doc, indent=2))
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
