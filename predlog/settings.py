@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,7 +23,9 @@ class PredlogSettings(BaseSettings):
     clickhouse-connect's in-process chdb client with the real tables (tests, single-process use).
     """
 
-    model_config = SettingsConfigDict(env_prefix="MOTLENS_PREDLOG_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="MOTLENS_PREDLOG_", extra="ignore", populate_by_name=True, hide_input_in_errors=True
+    )
 
     clickhouse_url: str | None = Field(
         default=None,
@@ -56,6 +59,13 @@ class PredlogSettings(BaseSettings):
         if not _IDENT.match(v):
             raise ValueError(f"not a plain ClickHouse identifier: {v!r}")
         return v
+
+    @field_validator("clickhouse_url")
+    @classmethod
+    def _no_password_in_url(cls, v: str | None) -> str | None:
+        if v and urlsplit(v).password:
+            raise ValueError("put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD, not in the URL")
+        return v or None
 
     @property
     def embedded(self) -> bool:
