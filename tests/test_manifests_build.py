@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 from manifest_helpers import (
     MANIFESTS,
     OVERLAYS,
+    find_tool,
     isvc_container,
     isvc_errors,
     kustomize,
@@ -233,13 +235,15 @@ def test_config_and_secret_references(built, overlay: str) -> None:
 
 
 
-def test_promotion_gitops_target_round_trip(tmp_path: Path) -> None:
+def test_promotion_gitops_target_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The promotion CLI's GitOps target reads these overlays and rewrites rollout.yaml: canary at 10%,
     promote and roll back all build, validate against the CRD and read back as written."""
     from promotion.settings import PromoteSettings
     from promotion.targets import GitOpsTarget
 
     kustomize(MANIFESTS / "overlays" / "cpu")  # skips when kubectl is absent
+    kubectl_dir = str(Path(find_tool("kubectl")).parent)  # the target looks kubectl up on PATH
+    monkeypatch.setenv("PATH", kubectl_dir + os.pathsep + os.environ.get("PATH", ""))
     root = _overlay_copy(tmp_path)
     target = GitOpsTarget(PromoteSettings(target="gitops", manifests_dir=root, overlay="cpu"))
     start = target.read()
