@@ -219,3 +219,13 @@ def test_tidy_round_trip(tmp_path):
     assert n == len(df) == 6
     assert str(df["section"].dtype) == "int8"
     assert df["test_date"].iloc[0].isoformat() == "2021-03-04"
+
+
+def test_malformed_row_with_latin1_bytes_is_counted(tmp_path):
+    d = write_fixture(tmp_path / "in")
+    raw = (d / "test_item.csv").read_bytes() + "1001|502|A|2||quote £85\r\n".encode("latin-1")
+    (d / "test_item.csv").write_bytes(raw)
+    df, rep = read_all([d])
+    items = next(f for f in rep["files"] if f["kind"] == "test_item")
+    assert items["bad_rows"] == 1 and items["bad_lines"] == [9]
+    assert len(df) == 6

@@ -428,6 +428,7 @@ INNER JOIN (
 ) AS r ON i.test_id = r.test_id
 GROUP BY rfr_id, test_class_id, location_id, rfr_comment, rfr_type_code, dangerous_mark, post
 ORDER BY rfr_id, test_class_id, location_id, rfr_comment, rfr_type_code, dangerous_mark, post
+SETTINGS join_algorithm = 'full_sorting_merge,hash'
 """
 
 
@@ -481,7 +482,9 @@ def distinct_texts(
     """Distinct defect texts in the loaded tables: text, section, severity (majority), n, label counts.
 
     The join with ``test_result`` and the de-duplication run in ClickHouse; only one row per
-    (defect, class, location, comment, type, 2018-regime) combination comes back to Python.
+    (defect, class, location, comment, type, 2018-regime) combination comes back to Python. Both
+    tables are sorted by ``test_id``, so the join is a streaming sort-merge (no hash table of
+    billions of tests in memory).
     """
     if store is None:
         with open_store(settings, ch_path) as s:
