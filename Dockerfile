@@ -70,7 +70,8 @@ FROM build AS venv-jobs
 RUN make-venv drift,promote
 
 # ---------------------------------------------------------------------------------------------
-# Runtime settings shared by both final targets (read-only root filesystem friendly).
+# Runtime settings shared by both final targets: writable paths off the (read-only) root
+# filesystem, no hub downloads, no telemetry calls (MLflow, Evidently) from inside the cluster.
 FROM base AS runtime
 ENV HOME=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
@@ -81,7 +82,10 @@ ENV HOME=/tmp \
     MPLCONFIGDIR=/tmp/.cache/matplotlib \
     TORCHINDUCTOR_CACHE_DIR=/tmp/.cache/torchinductor \
     TRITON_CACHE_DIR=/tmp/.cache/triton \
-    MOTLENS_HOME=/var/lib/motlens
+    MOTLENS_HOME=/var/lib/motlens \
+    DO_NOT_TRACK=true \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    ITERATIVE_DO_NOT_TRACK=1
 WORKDIR /var/lib/motlens
 ENTRYPOINT ["motlens"]
 
