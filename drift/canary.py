@@ -1,0 +1,69 @@
+"""Canary vs production on the same texts: prediction agreement and embedding consistency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from drift.checks import Check
+from drift.settings import DriftSettings
+from drift.sources import Side
+from motlens.embedder import cosine_rows
+
+
+def _first_per_text(df: pd.DataFrame) -> pd.DataFrame:
+    return df[["text_hash", "section", "severity"]].drop_duplicates("text_hash").set_index("text_hash")
+
+
+def agreement(production: Side, canary: Side, settings: DriftSettings) -> tuple[Check, dict[str, Any]]:
+    """Share of shared texts (joined on ``text_hash``) where both versions predict the same
+    section and severity."""
+    if production.frame.empty or canary.frame.empty:
+        shared = pd.DataFrame()
+    else:
+        shared = _first_per_text(production.frame).join(
+            _first_per_text(canary.frame), how="inner", lsuffix="_production", rsuffix="_canary"
+        )
+    n = len(shared)
+    detail: dict[str, Any] = {"shared_texts": n}
+    if n < settings.min_shared_texts:
+        msg = (f"only {n} texts were predicted by both versions in the window "
+               f"(need {settings.min_shared_texts}); prediction agreement not measured")  # fmt: skip
+        return Check("canary_agreement", "insufficient", msg, None, settings.canary_min_agreement), detail
+    same_section = shared["section_production"] == shared["section_canary"]
+    same_severity = shared["severity_production"] == shared["severity_canary"]
+    both = float((same_section & same_severity).mean())
+    detail |= {"section_agreement": float(same_section.mean()), "severity_agreement": float(same_severity.mean()),
+               "agreement": both}  # fmt: skip
+    ok = both >= settings.canary_min_agreement
+    msg = f"canary and production agree on {both:.1%} of {n} shared texts (need {settings.canary_min_agreement:.0%})"
+    return Check("canary_agreement", "pass" if ok else "drift", msg, both, settings.canary_min_agreement), detail
+
+
+def embedding_consistency(production: Side, canary: Side, settings: DriftSettings) -> tuple[Check, dict[str, Any]]:
+    """Cosine between the two versions' embeddings of the same texts (mean gated, min reported)."""
+    p_idx = _index(production.embedding_hashes)
+    pairs = [(p_idx[h], i) for i, h in enumerate(canary.embedding_hashes.tolist()) if h in p_idx]
+    detail: dict[str, Any] = {"shared_embedded_texts": len(pairs)}
+    if len(pairs) < settings.min_shared_texts:
+        msg = (f"only {len(pairs)} texts carry embeddings from both versions "
+               f"(need {settings.min_shared_texts}); embedding consistency not measured")  # fmt: skip
+        return Check("canary_embedding_cosine", "insufficient", msg, None, settings.canary_min_cosine), detail
+    a = production.embeddings[[p for p, _ in pairs]]
+    b = canary.embeddings[[c for _, c in pairs]]
+    cos = cosine_rows(a, b)
+    mean = float(cos.mean())
+    detail |= {"cosine_mean": mean, "cosine_min": float(cos.min()), "cosine_p01": float(np.quantile(cos, 0.01))}
+    ok = mean >= settings.canary_min_cosine
+    msg = (f"mean cosine {mean:.5f} (min {cos.min():.5f}) over {len(pairs)} shared texts "
+           f"(need mean ≥ {settings.canary_min_cosine})")  # fmt: skip
+    return Check("canary_embedding_cosine", "pass" if ok else "drift", msg, mean, settings.canary_min_cosine), detail
+
+
+def _index(hashes: np.ndarray) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for i, h in enumerate(hashes.tolist()):
+        out.setdefault(h, i)
+    return out

@@ -1,0 +1,88 @@
+"""The columns the drift job compares, and turning log/reference frames into them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from motlens import EMBEDDING_DIM
+
+CATEGORICAL: tuple[str, ...] = ("section", "severity", "make", "fuel_type")
+NUMERICAL: tuple[str, ...] = (
+    "fail_probability", "section_score", "text_length", "vehicle_age_years", "odometer_miles",
+)  # fmt: skip
+DRIFT_COLUMNS: tuple[str, ...] = CATEGORICAL + NUMERICAL
+MISSING = "(missing)"
+OTHER = "(other)"
+EMBEDDING = "embedding"
+
+
+class DataError(ValueError):
+    """A frame that lacks what the drift job needs; the message names it."""
+
+
+def drift_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The nine drift columns of a prediction-log window or a reference sample.
+
+    ``text_length`` (characters) is taken as is or derived from ``text``; missing categories
+    become ``"(missing)"``; missing numbers stay NaN (Evidently drops them per column).
+    """
+    out = pd.DataFrame(index=pd.RangeIndex(len(df)))
+    if "text_length" not in df.columns:
+        if "text" not in df.columns:
+            raise DataError("frame has neither 'text_length' nor 'text'")
+        df = df.assign(text_length=df["text"].astype(str).str.len())
+    missing = [c for c in DRIFT_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"frame lacks drift column(s): {', '.join(missing)}")
+    for c in CATEGORICAL:
+        out[c] = df[c].astype("object").where(df[c].notna(), MISSING).astype(str).to_numpy()
+    for c in NUMERICAL:
+        out[c] = pd.to_numeric(df[c], errors="coerce").astype("float64").to_numpy()
+    return out
+
+
+def embedding_matrix(df: pd.DataFrame, dim: int = EMBEDDING_DIM) -> np.ndarray:
+    """float32 [N, dim] of the rows that carry an embedding.
+
+    Accepts an ``embedding`` column of arrays/lists (a prediction-log window; rows without one
+    are skipped) or wide columns ``emb_000 … emb_383`` (a bundle's reference sample).
+    """
+    wide = [f"emb_{i:03d}" for i in range(dim)]
+    if EMBEDDING in df.columns:
+        vals = [v for v in df[EMBEDDING].to_numpy() if v is not None and len(v) > 0]
+        if not vals:
+            return np.zeros((0, dim), np.float32)
+        m = np.asarray(np.stack([np.asarray(v, np.float32) for v in vals]), np.float32)
+    elif all(c in df.columns for c in wide):
+        m = df[wide].to_numpy(np.float32)
+    else:
+        return np.zeros((0, dim), np.float32)
+    if m.shape[1] != dim:
+        raise DataError(f"embeddings have {m.shape[1]} dimensions, expected {dim}")
+    return m[np.isfinite(m).all(axis=1)]
+
+
+def embedding_frame(matrix: np.ndarray) -> tuple[pd.DataFrame, list[str]]:
+    """Wide numeric columns for Evidently's ``DataDefinition(embeddings=...)``."""
+    names = [f"e{i:03d}" for i in range(matrix.shape[1])]
+    return pd.DataFrame(matrix.astype(np.float32), columns=names), names
+
+
+def collapse_rare(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    columns: tuple[str, ...] = ("make", "fuel_type"),
+    min_share: float = 0.01,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Values rarer than ``min_share`` of the reference (or absent from it) become ``"(other)"``.
+
+    Open-vocabulary context columns (hundreds of makes) otherwise drift on rare values alone.
+    """
+    reference, current = reference.copy(), current.copy()
+    for c in columns:
+        share = reference[c].value_counts(normalize=True)
+        keep = set(share[share >= min_share].index)
+        reference[c] = reference[c].where(reference[c].isin(keep), OTHER)
+        current[c] = current[c].where(current[c].isin(keep), OTHER)
+    return reference, current

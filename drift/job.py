@@ -1,0 +1,313 @@
+"""The drift job: read both sides, run the checks, publish the verdict, return the exit code."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from drift import publish
+from drift.canary import agreement, embedding_consistency
+from drift.checks import EXIT_ERROR, Check, verdict
+from drift.columns import collapse_rare, drift_frame
+from drift.evaluate import data_drift, embedding_drift
+from drift.settings import DriftSettings
+from drift.sources import Side, read_reference_file, read_window
+from drift.windows import ReferenceSpec, Window, current_window, reference_spec
+
+log = logging.getLogger(__name__)
+REPORT_HTML = "report.html"
+EMBEDDINGS_HTML = "embeddings.html"
+
+
+@dataclass
+class JobResult:
+    summary: dict[str, Any]
+    exit_code: int
+    messages: list[str] = field(default_factory=list)
+
+
+class Stages:
+    """A rich progress bar over the job's stages (off when ``progress`` is false)."""
+
+    def __init__(self, enabled: bool, total: int):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._p = Progress(TextColumn("drift: {task.description}"), BarColumn(), TimeElapsedColumn(),
+                           disable=not enabled, transient=False)  # fmt: skip
+        self._task = self._p.add_task("starting", total=total)
+
+    @contextmanager
+    def stage(self, name: str):
+        self._p.update(self._task, description=name)
+        yield
+        self._p.advance(self._task)
+
+    def __enter__(self) -> Stages:
+        self._p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._p.update(self._task, description="done")
+        self._p.stop()
+
+
+def _ms(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def _trunc_ms(ts: datetime) -> datetime:
+    return ts.replace(microsecond=ts.microsecond // 1000 * 1000)
+
+
+class DriftJob:
+    """One run of ``motlens drift``; ``reader`` and ``registry`` are opened from settings when absent."""
+
+    def __init__(self, settings: DriftSettings, *, reader: Any = None, registry: Any = None,
+                 now: datetime | None = None):  # fmt: skip
+        self.s = settings
+        self._reader = reader
+        self._registry = registry
+        self.now = _trunc_ms(now or datetime.now(UTC))
+        self.messages: list[str] = []
+
+    @property
+    def reader(self) -> Any:
+        if self._reader is None:
+            import predlog
+
+            self._reader = predlog.open_reader()
+        return self._reader
+
+    @property
+    def registry(self) -> Any:
+        if self._registry is None:
+            from training.registry import Registry
+
+            self._registry = Registry(model_name=self.s.model_name)
+        return self._registry
+
+    def say(self, msg: str) -> None:
+        self.messages.append(msg)
+        log.info(msg)
+
+    # ---- the run -----------------------------------------------------------------------------------
+    def run(self) -> JobResult:
+        s = self.s
+        s.output.mkdir(parents=True, exist_ok=True)
+        window = current_window(s.window, s.end, self.now)
+        window = Window(_trunc_ms(window.start), _trunc_ms(window.end))
+        slot = "canary" if s.canary else s.slot
+        base: dict[str, Any] = {"version": s.version, "slot": slot, "window": window, "run_id": None,
+                                "reference": "slot:production" if s.canary else s.reference}  # fmt: skip
+        with Stages(s.progress, 6 if s.canary else 5) as stages:
+            try:
+                checks, detail = (self._canary(window, stages, base) if s.canary
+                                  else self._version(window, stages, base))  # fmt: skip
+                status, code = verdict(checks)
+            except Exception as e:  # noqa: BLE001 - the job reports every failure as exit 2
+                log.debug("drift job failed", exc_info=True)
+                self.say(f"error: {type(e).__name__}: {e}")
+                checks, detail, status, code = [], {}, "error", EXIT_ERROR
+            with stages.stage("outputs"):
+                summary = self._summary(base, checks, detail, status, code)
+                self._publish(summary, base)
+        return JobResult(summary, code, list(self.messages))
+
+    def _version(self, window: Window, stages: Stages, base: dict[str, Any]) -> tuple[list[Check], dict]:
+        s = self.s
+        with stages.stage("resolve version"):
+            version = s.version or self._alias_version(s.slot)
+            base["version"] = version
+            base["run_id"] = self._run_id(version)
+            spec = reference_spec(s.reference, window)
+            base["reference"] = spec.describe()
+        with stages.stage(f"read current window ({s.window})"):
+            current = self._read("current", version, s.slot, window)
+        with stages.stage(f"read reference ({spec.describe()})"):
+            reference = self._reference(spec, version)
+        checks, detail = self._compare(reference, current, stages)
+        return checks, detail
+
+    def _canary(self, window: Window, stages: Stages, base: dict[str, Any]) -> tuple[list[Check], dict]:
+        s = self.s
+        with stages.stage("resolve versions"):
+            version = s.version or self._alias_version("canary")
+            base["version"] = version
+            base["run_id"] = self._run_id(version)
+        with stages.stage("read canary window"):
+            canary = self._read("canary", version, "canary", window)
+        with stages.stage("read production window"):
+            production = self._read("production", None, "production", window)
+        checks, detail = self._compare(production, canary, stages)
+        with stages.stage("canary: agreement on shared texts"):
+            a_check, a_detail = agreement(production, canary, s)
+            c_check, c_detail = embedding_consistency(production, canary, s)
+        detail["canary"] = {**a_detail, **c_detail, "production_versions": production.versions,
+                            "canary_versions": canary.versions}  # fmt: skip
+        return checks + [a_check, c_check], detail
+
+    def _compare(self, reference: Side, current: Side, stages: Stages) -> tuple[list[Check], dict]:
+        s = self.s
+        detail: dict[str, Any] = {"rows": {
+            "current": len(current.frame), "reference": len(reference.frame),
+            "current_in_source": current.rows_in_source, "reference_in_source": reference.rows_in_source,
+            "current_embeddings": len(current.embeddings), "reference_embeddings": len(reference.embeddings),
+        }}  # fmt: skip
+        checks: list[Check] = []
+        with stages.stage("column drift (DataDriftPreset)"):
+            short = self._short(reference, current, len(reference.frame), len(current.frame), s.min_rows, "rows")
+            if short:
+                checks.append(Check("data_drift", "insufficient", short, None, s.drift_share))
+            else:
+                ref, cur = collapse_rare(drift_frame(reference.frame), drift_frame(current.frame),
+                                         min_share=s.rare_category_share)  # fmt: skip
+                dd = data_drift(ref, cur, s, html=s.output / REPORT_HTML)
+                drifted = [f"{c.column} ({c.method} {c.score:.4g})" for c in dd.columns if c.drifted]
+                msg = (f"{dd.drifted_count} of {len(dd.columns)} columns drifted"
+                       + (f": {', '.join(drifted)}" if drifted else ""))  # fmt: skip
+                checks.append(Check("data_drift", "drift" if dd.detected else "pass", msg,
+                                    dd.drifted_share, s.drift_share))  # fmt: skip
+                detail["data_drift"] = dd.to_dict()
+        with stages.stage(f"embedding drift (EmbeddingsDrift, {s.embedding_method})"):
+            short = self._short(reference, current, len(reference.embeddings), len(current.embeddings),
+                                s.min_embedding_rows, "rows with embeddings")  # fmt: skip
+            if short:
+                checks.append(Check("embedding_drift", "insufficient", short))
+            else:
+                ed = embedding_drift(reference.embeddings, current.embeddings, s, html=s.output / EMBEDDINGS_HTML)
+                msg = (f"{ed.method} method score {ed.score:.4g} vs threshold {ed.threshold:.4g} "
+                       f"({ed.rows_reference} reference / {ed.rows_current} current rows)")  # fmt: skip
+                checks.append(Check("embedding_drift", "drift" if ed.detected else "pass", msg,
+                                    ed.score, ed.threshold))  # fmt: skip
+                detail["embedding_drift"] = ed.to_dict()
+        for c in checks:
+            self.say(f"{c.name}: {c.status}: {c.message}")
+        return checks, detail
+
+    def _short(self, reference: Side, current: Side, n_ref: int, n_cur: int, need: int, what: str) -> str:
+        parts = [f"{side.label} has {n} {what}" for side, n in ((current, n_cur), (reference, n_ref)) if n < need]
+        if not parts:
+            return ""
+        return f"insufficient data: {' and '.join(parts)}; need at least {need} on each side"
+
+    # ---- sources -------------------------------------------------------------------------------------
+    def _read(self, label: str, version: str | None, slot: str | None, window: Window) -> Side:
+        s = self.s
+        side = read_window(self.reader, label=f"{label} window", model_name=s.model_name, model_version=version,
+                           slot=slot, window=window, max_rows=s.max_rows,
+                           embedding_max_rows=s.embedding_max_rows)  # fmt: skip
+        self.say(f"{label}: {side.rows_in_source} rows ({side.embedding_rows_in_source} with embeddings) of "
+                 f"{s.model_name} version {version or 'any'} slot {slot} in {window}; "
+                 f"using {len(side.frame)} / {len(side.embeddings)}")  # fmt: skip
+        return side
+
+    def _reference(self, spec: ReferenceSpec, version: str) -> Side:
+        if spec.kind == "window":
+            assert spec.window is not None
+            return self._read("reference", version, None, spec.window)
+        if spec.kind == "path":
+            assert spec.path is not None
+            return read_reference_file(spec.path, f"reference sample {spec.path}")
+        bundle = self.registry.fetch(version)
+        return read_reference_file(bundle.root, f"reference sample of version {version}")
+
+    def _alias_version(self, alias: str) -> str:
+        info = self.registry.resolve(alias)
+        self.say(f"alias {alias} → version {info.version}")
+        return info.version
+
+    def _run_id(self, version: str) -> str | None:
+        try:
+            return self.registry.resolve(version).run_id
+        except Exception as e:  # noqa: BLE001 - artifacts are optional; the reason is reported
+            self.say(f"version {version} not resolved in the MLflow registry ({e}); no run artifact")
+            return None
+
+    # ---- outputs -------------------------------------------------------------------------------------
+    def _summary(self, base: dict, checks: list[Check], detail: dict, status: str, code: int) -> dict[str, Any]:
+        dd = detail.get("data_drift") or {}
+        scores: dict[str, float] = {}
+        if dd:
+            scores["drifted_share"] = float(dd["drifted_share"])
+            scores |= {f"column.{c['column']}": float(c["score"]) for c in dd["columns"]}
+        for c in checks:
+            if c.name != "data_drift" and c.score is not None:
+                scores[c.name] = float(c.score)
+        rows = detail.get("rows", {})
+        window: Window = base["window"]
+        return {
+            "ts": _ms(self.now),
+            "model_name": self.s.model_name,
+            "model_version": str(base["version"] or ""),
+            "slot": base["slot"],
+            "reference": str(base["reference"]),
+            "window_start": _ms(window.start),
+            "window_end": _ms(window.end),
+            "n_current": int(rows.get("current", 0)),
+            "n_reference": int(rows.get("reference", 0)),
+            "drift_detected": status == "drift",
+            "drift_share": float(dd.get("drifted_share", 0.0)),
+            "scores": scores,
+            "report_path": str((self.s.output / REPORT_HTML).resolve()),
+            "run_id": str(base["run_id"] or ""),
+            "details": {
+                "status": status,
+                "exit_code": code,
+                "mode": "canary" if self.s.canary else "version",
+                "checks": [c.to_dict() for c in checks],
+                "messages": list(self.messages),
+                **{k: v for k, v in detail.items()},
+                "settings": self.s.model_dump(mode="json", exclude={"pushgateway"}),
+            },
+        }
+
+    def _publish(self, summary: dict[str, Any], base: dict[str, Any]) -> None:
+        """Metrics, the ``drift_reports`` row and summary.json (all the same content), then the
+        outputs directory as an artifact of the version's MLflow run."""
+        s = self.s
+        run_id = base["run_id"] if s.log_artifact else None
+        outputs = summary["details"].setdefault("outputs", {})
+        html = s.output / REPORT_HTML
+        summary["report_path"] = str(html.resolve()) if html.is_file() else ""
+        outputs["summary"] = str((s.output / publish.SUMMARY_FILE).resolve())
+        artifact_path = f"drift/{summary['slot']}-{self.now.strftime('%Y%m%dT%H%M%S')}"
+        if run_id:
+            try:
+                uri = publish.artifact_uri(self.registry.client, run_id, artifact_path)
+                outputs["mlflow_artifacts"] = uri
+                if html.is_file():
+                    summary["report_path"] = f"{uri}/{REPORT_HTML}"
+            except Exception as e:  # noqa: BLE001 - reported, the verdict still stands
+                self._fail_output(summary, "mlflow_artifacts", e)
+                run_id = None
+        if s.pushgateway or s.textfile:
+            try:
+                reg = publish.metrics_registry(summary, self.now.timestamp())
+                outputs["metrics"] = publish.push_metrics(
+                    reg,
+                    pushgateway=s.pushgateway,
+                    textfile=s.textfile,
+                    job=s.pushgateway_job,
+                    grouping={"model_version": summary["model_version"], "slot": summary["slot"]},
+                )
+            except Exception as e:  # noqa: BLE001
+                self._fail_output(summary, "metrics", e)
+        try:
+            publish.insert_row(self.reader, summary)
+        except Exception as e:  # noqa: BLE001
+            self._fail_output(summary, "drift_reports row", e)
+        publish.write_summary(s.output, summary)
+        if run_id:
+            try:
+                self.registry.client.log_artifacts(run_id, str(s.output), artifact_path)
+            except Exception as e:  # noqa: BLE001
+                self._fail_output(summary, "mlflow_artifacts", e)
+                publish.write_summary(s.output, summary)
+
+    def _fail_output(self, summary: dict[str, Any], what: str, e: Exception) -> None:
+        msg = f"could not publish {what}: {type(e).__name__}: {e}"
+        self.say(msg)
+        summary["details"]["messages"].append(msg)

@@ -1,0 +1,66 @@
+"""Settings of the drift job (env prefix ``MOTLENS_DRIFT_``; a Kubernetes CronJob sets these as env)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from motlens import MODEL_NAME
+
+EmbeddingMethod = Literal["model", "mmd", "ratio", "distance"]
+
+
+class DriftSettings(BaseSettings):
+    """Every knob of ``motlens drift``; CLI flags override these."""
+
+    model_config = SettingsConfigDict(env_prefix="MOTLENS_DRIFT_", extra="ignore", protected_namespaces=())
+
+    model_name: str = MODEL_NAME
+    version: str | None = Field(default=None, description="model version; default: the one the slot's alias names")
+    slot: Literal["production", "canary"] = "production"
+    window: str = Field(default="24h", description="current window: a duration ending now (30m, 24h, 7d)")
+    end: str | None = Field(default=None, description="end of the current window (ISO-8601, UTC); default now")
+    reference: str = Field(
+        default="bundle",
+        description="'bundle' (the version's reference sample), a duration before the current window "
+        "(7d), START/END (ISO-8601), or a path to a bundle directory or a Parquet file",
+    )
+    canary: bool = Field(default=False, description="compare the canary slot against production instead")
+    output: Path = Path("drift-report")
+    max_rows: int = Field(default=50_000, ge=1, description="row cap per window for the column drift")
+    embedding_max_rows: int = Field(default=2_000, ge=1, description="row cap per window for embedding drift")
+    min_rows: int = Field(default=200, ge=2, description="fewer rows than this in a window is insufficient data")
+    min_embedding_rows: int = Field(default=100, ge=2)
+    drift_share: float = Field(
+        default=0.1, gt=0, le=1, description="share of drifted columns that means drift (0.1: any one column)"
+    )
+    alpha: float = Field(
+        default=0.01, gt=0, lt=1, description="small windows: family-wise significance over the columns (Bonferroni)"
+    )
+    large_window_rows: int = Field(
+        default=5_000, ge=2, description="windows with at least this many rows use effect sizes, not p-values"
+    )
+    effect_threshold: float = Field(default=0.1, gt=0, description="large windows: JS / normed Wasserstein")
+    cat_method: str | None = Field(default=None, description="override the categorical stat test")
+    num_method: str | None = Field(default=None, description="override the numerical stat test")
+    column_threshold: float | None = Field(default=None, description="override the per-column threshold")
+    rare_category_share: float = Field(
+        default=0.01, ge=0, lt=1, description="make/fuel values rarer than this in the reference become (other)"
+    )
+    embedding_method: EmbeddingMethod = "model"
+    embedding_threshold: float | None = Field(default=None, description="default: the method's own")
+    embedding_quantile: float = Field(
+        default=0.99, gt=0.5, lt=1, description="model method: quantile of a random classifier's ROC AUC"
+    )
+    canary_min_agreement: float = Field(default=0.9, ge=0, le=1)
+    canary_min_cosine: float = Field(default=0.99, ge=-1, le=1)
+    min_shared_texts: int = Field(default=20, ge=1)
+    seed: int = 0
+    pushgateway: str | None = None
+    textfile: Path | None = None
+    pushgateway_job: str = "motlens-drift"
+    log_artifact: bool = Field(default=True, description="log the outputs to the version's MLflow run")
+    progress: bool = True

@@ -1,0 +1,97 @@
+"""Reading the two sides of a comparison: prediction-log windows (row-capped) and reference samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from drift.columns import embedding_matrix
+from drift.windows import Window
+from motlens import EMBEDDING_DIM
+
+
+@dataclass
+class Side:
+    """One side of a comparison: rows for the column drift, embeddings for the embedding drift."""
+
+    label: str
+    frame: pd.DataFrame
+    embeddings: np.ndarray
+    rows_in_source: int
+    embedding_rows_in_source: int
+    versions: list[str] = field(default_factory=list)
+    embedding_hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+
+
+_COUNT = (
+    "SELECT count() AS n, countIf(length(embedding_q) > 0) AS n_emb, "
+    "groupUniqArray(model_version) AS versions FROM predictions "
+    "WHERE model_name = {model_name:String} AND status = 'ok'"
+)
+
+
+def _fraction(cap: int, total: int) -> float | None:
+    """Sampling fraction that leaves a little over ``cap`` rows (the LIMIT trims the excess)."""
+    if total <= cap:
+        return None
+    return min(1.0, round(cap * 1.1 / total, 6) or 1e-6)
+
+
+def read_window(
+    reader: Any,
+    *,
+    label: str,
+    model_name: str,
+    model_version: str | None,
+    slot: str | None,
+    window: Window,
+    max_rows: int,
+    embedding_max_rows: int,
+) -> Side:
+    """Rows of one version/slot in ``window``: a uniform hash sample of at most ``max_rows`` rows
+    (with embeddings: at most ``embedding_max_rows``), never the whole window in memory."""
+    from predlog.queries import FILTERS
+
+    params: dict[str, Any] = {"model_name": model_name, "start": window.start, "end": window.end}
+    if model_version is not None:
+        params["model_version"] = str(model_version)
+    if slot is not None:
+        params["slot"] = slot
+    filters = "".join(f" AND {FILTERS[k]}" for k in ("model_version", "slot", "start", "end") if k in params)
+    counts = reader.query(_COUNT + filters, params).iloc[0]
+    n, n_emb = int(counts["n"]), int(counts["n_emb"])
+    common = {"model_name": model_name, "model_version": model_version, "slot": slot,
+              "start": window.start, "end": window.end}  # fmt: skip
+    frame = pd.DataFrame()
+    if n:
+        frame = reader.window(**common, limit=max_rows, sample=_fraction(max_rows, n))
+        frame = frame[frame["status"] == "ok"].reset_index(drop=True)
+    emb = np.zeros((0, EMBEDDING_DIM), np.float32)
+    hashes = np.zeros(0, np.uint64)
+    if n_emb:
+        emb_frame = reader.window(
+            **common, limit=embedding_max_rows, sample=_fraction(embedding_max_rows, n_emb), with_embeddings=True
+        )
+        emb_frame = emb_frame[emb_frame["status"] == "ok"].reset_index(drop=True)
+        emb = embedding_matrix(emb_frame)
+        hashes = emb_frame["text_hash"].to_numpy(np.uint64)
+    return Side(label, frame, emb, n, n_emb, sorted(str(v) for v in counts["versions"]), hashes)
+
+
+def read_reference_file(path: Path, label: str) -> Side:
+    """A reference sample: a Parquet file or a bundle directory (its ``reference/sample.parquet``)."""
+    from motlens.bundle import Bundle
+
+    path = Path(path)
+    if path.is_dir():
+        ref = Bundle.open(path).reference_path
+        if not ref.is_file():
+            raise FileNotFoundError(f"bundle {path} has no drift reference sample ({ref.name})")
+        path = ref
+    df = pd.read_parquet(path)
+    emb = embedding_matrix(df)
+    return Side(label, df, emb, len(df), len(emb))
