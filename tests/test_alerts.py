@@ -53,6 +53,11 @@ def test_required_alerts_exist_with_severity_and_text() -> None:
         assert alert["annotations"]["summary"] and alert["annotations"]["description"], alert["alert"]
 
 
+def test_every_alert_is_explained_in_deploy_docs() -> None:
+    text = (MANIFESTS.parent / "docs" / "deploy.md").read_text()
+    assert not [a["alert"] for a in alerts() if a["alert"] not in text]
+
+
 def test_promtool_check_rules(tmp_path: Path) -> None:
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rule_groups(), sort_keys=False))
     out = subprocess.run([promtool(), "check", "rules", str(tmp_path / "rules.yaml")],
