@@ -3,7 +3,9 @@ secrets, no baked-in model, read-only root filesystem, and slim dependency sets 
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import tomllib
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -167,6 +169,20 @@ def test_targets_install_their_extras_only(dockerfile) -> None:
     torch_at, project_at = script.index('pip install "torch=='), script.index("motlens-*.whl")
     assert torch_at < project_at, "torch (CPU/CUDA build) must be installed before the project"
     assert "https://download.pytorch.org/whl/cpu" in script and "-c /src/constraints.txt" in script
+
+
+def test_make_venv_script_is_valid_sh_and_refuses_unknown_variants(dockerfile, tmp_path) -> None:
+    _, stages, _ = dockerfile
+    copy = next(a for a in stages["build"].args("COPY") if "make-venv" in a)
+    script = copy.split("\n", 1)[1] + "\n"
+    assert script.startswith("#!/bin/sh\nset -eu\n")
+    assert subprocess.run(["sh", "-n"], input=script, text=True, capture_output=True).returncode == 0
+    path = tmp_path / "make-venv"
+    path.write_text(script)
+    out = subprocess.run(["sh", str(path), "serve"], env={"PATH": os.environ["PATH"], "VARIANT": "rocm"},
+                         text=True, capture_output=True, cwd=tmp_path)
+    assert out.returncode == 1 and "VARIANT must be cpu or cuda, not 'rocm'" in out.stderr
+    assert not (tmp_path / "opt").exists()
 
 
 def _closure(extras: set[str]) -> dict[str, set[str]]:
