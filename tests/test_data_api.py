@@ -76,9 +76,7 @@ def test_bad_json_lines_are_counted(tmp_path):
 
 def test_latin1_line_is_tolerated(tmp_path):
     p = tmp_path / "api.jsonl"
-    p.write_bytes(
-        json.dumps({**VEHICLE, "model": "CITROËN C3"}, ensure_ascii=False).encode("latin-1") + b"\n"
-    )
+    p.write_bytes(json.dumps({**VEHICLE, "model": "CITROËN C3"}, ensure_ascii=False).encode("latin-1") + b"\n")
     report = BulkReport()
     df = pd.concat(list(read_jsonl([p], report=report)))
     assert set(df["model"]) == {"CITROËN C3"}
@@ -89,4 +87,13 @@ def test_file_without_json_names_file_and_line(tmp_path):
     p = tmp_path / "api.jsonl"
     p.write_text("\nthis is not json\nnor this\n")
     with pytest.raises(BulkFormatError, match=r"api\.jsonl:2: no line is MOT History API JSON"):
+        list(read_jsonl([p]))
+
+
+def test_pretty_printed_json_file(tmp_path):
+    p = tmp_path / "vehicle.json"
+    p.write_text(json.dumps([VEHICLE], indent=2))
+    assert len(pd.concat(list(read_jsonl([p])))) == 3
+    p.write_text('{\n  "make": "FORD",\n  oops\n}')
+    with pytest.raises(BulkFormatError, match=r"vehicle\.json:3: not JSON"):
         list(read_jsonl([p]))

@@ -244,7 +244,7 @@ class _Utf8Stream(io.RawIOBase):
             self.lines += data.count(b"\n")
             self._buf += out
 
-    def readinto(self, b) -> int:  # type: ignore[override]
+    def readinto(self, b) -> int:
         view = memoryview(b)
         self._fill(len(view))
         n = min(len(view), len(self._buf))
@@ -261,7 +261,9 @@ _LATIN1_FALLBACK = "motlens-latin1"
 _fallbacks: list[int] = []
 
 
-def _latin1_fallback(err: UnicodeDecodeError) -> tuple[str, int]:
+def _latin1_fallback(err: UnicodeError) -> tuple[str, int]:
+    if not isinstance(err, UnicodeDecodeError):
+        raise err
     bad = err.object[err.start : err.end]
     _fallbacks.append(len(bad))
     return bad.decode("latin-1"), err.end

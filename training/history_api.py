@@ -70,9 +70,7 @@ def _miles(value: object, unit: object) -> float | None:
 
 def _vehicle_rows(vehicle: dict) -> tuple[list[dict], int]:
     """Tidy rows of one vehicle and how many defects had no label."""
-    first_use = _date(
-        vehicle.get("firstUsedDate") or vehicle.get("registrationDate") or vehicle.get("manufactureDate")
-    )
+    first_use = _date(vehicle.get("firstUsedDate") or vehicle.get("registrationDate") or vehicle.get("manufactureDate"))
     rows: list[dict] = []
     unlabelled = 0
     for test in vehicle.get("motTests") or []:
@@ -117,49 +115,66 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     return df
 
 
+def _documents(path: Path, fr: FileReport) -> Iterator[tuple[int, object]]:
+    """(line, parsed JSON) of a JSON-lines file, or of a whole ``.json`` file (pretty-printed allowed)."""
+    try:
+        data = path.read_bytes() if path.suffix.lower() == ".json" else None
+        fh = open(path, "rb") if data is None else None  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise BulkFormatError(f"{path}:0: cannot open: {e}") from e
+    if data is not None:
+        if b"\x00" in data:
+            raise BulkFormatError(f"{path}:1: binary data, not JSON")
+        try:
+            yield 1, json.loads(_decode(data, fr))
+        except json.JSONDecodeError as e:
+            raise BulkFormatError(f"{path}:{e.lineno}: not JSON: {e.msg}") from e
+        return
+    assert fh is not None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if b"\x00" in raw:
+                raise BulkFormatError(f"{path}:{lineno}: binary data, not JSON lines")
+            if not raw.strip():
+                continue
+            try:
+                yield lineno, json.loads(_decode(raw, fr))
+            except json.JSONDecodeError:
+                fr.bad(lineno)
+
+
+def _decode(raw: bytes, fr: FileReport) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        fr.non_utf8_values += 1
+        return raw.decode("latin-1")
+
+
 def read_jsonl(
     paths: Sequence[Path], chunk_rows: int = 200_000, report: BulkReport | None = None
 ) -> Iterator[pd.DataFrame]:
-    """Tidy chunks from MOT History API JSON-lines files; counts go into ``report``."""
+    """Tidy chunks from MOT History API JSON-lines (or whole JSON) files; counts go into ``report``."""
     report = report if report is not None else BulkReport()
     rows: list[dict] = []
     for path in map(Path, paths):
         fr = FileReport(str(path), "mot_history_api", "")
         report.files.append(fr)
-        try:
-            fh = open(path, "rb")  # noqa: SIM115 - closed below
-        except OSError as e:
-            raise BulkFormatError(f"{path}:0: cannot open: {e}") from e
-        with fh:
-            for lineno, raw in enumerate(fh, start=1):
-                if b"\x00" in raw:
-                    raise BulkFormatError(f"{path}:{lineno}: binary data, not JSON lines")
-                if not raw.strip():
-                    continue
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    fr.non_utf8_values += 1
-                    line = raw.decode("latin-1")
-                try:
-                    doc = json.loads(line)
-                except json.JSONDecodeError:
+        for lineno, doc in _documents(path, fr):
+            vehicles = doc if isinstance(doc, list) else [doc]
+            for v in vehicles:
+                if not isinstance(v, dict):
                     fr.bad(lineno)
                     continue
-                vehicles = doc if isinstance(doc, list) else [doc]
-                for v in vehicles:
-                    if not isinstance(v, dict):
-                        fr.bad(lineno)
-                        continue
-                    fr.rows += 1
-                    got, unlabelled = _vehicle_rows(v)
-                    report.unlabelled += unlabelled
-                    rows.extend(got)
-                if len(rows) >= chunk_rows:
-                    df = _frame(rows)
-                    report.add_labels(df)
-                    yield df
-                    rows = []
+                fr.rows += 1
+                got, unlabelled = _vehicle_rows(v)
+                report.unlabelled += unlabelled
+                rows.extend(got)
+            if len(rows) >= chunk_rows:
+                df = _frame(rows)
+                report.add_labels(df)
+                yield df
+                rows = []
         if fr.rows == 0 and fr.bad_rows > 0:
             raise BulkFormatError(f"{path}:{fr.bad_lines[0]}: no line is MOT History API JSON")
     if rows:

@@ -92,7 +92,7 @@ def section_from_reference(ref: str | None) -> int | None:
 
 def is_reference(ref: str | None) -> bool:
     """Whether ``ref`` looks like a manual reference (``"1.1.14 (a) (ii)"``)."""
-    return bool(ref) and _BARE_REF.match(ref) is not None
+    return isinstance(ref, str) and _BARE_REF.match(ref) is not None
 
 
 def section_from_group(name: str | None) -> int | None:
