@@ -38,8 +38,7 @@ ROWS = {
     "item_detail": [
         "501|4|11|N|Brake disc significantly and obviously worn|Y|1.1.14 (a) (ii)|Brake disc worn, pitted "
         "or scored|1|Major",
-        "502|4|12|N|Tyre tread depth below requirements of 1.6mm|Y|5.2.3 (e)|Tyre worn close to legal "
-        "limit|5|Major",
+        "502|4|12|N|Tyre tread depth below requirements of 1.6mm|Y|5.2.3 (e)|Tyre worn close to legal limit|5|Major",
         "503|4|13|N|Steering gear casing fractured|N|2.1.3 (b)|Steering gear leaking|2|Dangerous",
         "504|4|14|Y|Horn control insecure|N|7.5 (a)||7|Minor",
     ],

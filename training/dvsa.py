@@ -202,9 +202,7 @@ def discover(paths: Sequence[Path]) -> tuple[list[Source], list[Path]]:
                 members = [i for i in zf.infolist() if not i.is_dir()]
             for info in members:
                 if is_jsonl(p, info.filename):
-                    raise BulkFormatError(
-                        f"{p}!{info.filename}:1: zipped API JSON is not supported; unzip it"
-                    )
+                    raise BulkFormatError(f"{p}!{info.filename}:1: zipped API JSON is not supported; unzip it")
                 sources.append(sniff(p, info.filename, info.file_size))
         elif p.suffix.lower() in (".jsonl", ".json", ".ndjson") or is_jsonl(p):
             api.append(p)

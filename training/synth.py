@@ -292,12 +292,8 @@ def build_catalogue() -> Catalogue:
             rfr_ids.append(rfr)
             cats.append(cat)
             locs.append(has_loc)
-    detail = pa.table(
-        {c: list(v) for c, v in zip(ITEM_DETAIL_COLUMNS, zip(*detail_rows, strict=False), strict=True)}
-    )
-    group_tbl = pa.table(
-        {c: list(v) for c, v in zip(ITEM_GROUP_COLUMNS, zip(*group_rows, strict=False), strict=True)}
-    )
+    detail = pa.table({c: list(v) for c, v in zip(ITEM_DETAIL_COLUMNS, zip(*detail_rows, strict=False), strict=True)})
+    group_tbl = pa.table({c: list(v) for c, v in zip(ITEM_GROUP_COLUMNS, zip(*group_rows, strict=False), strict=True)})
     loc_cols = list(zip(*_LOCATIONS, strict=False))
     locations = pa.table(
         {
@@ -409,9 +405,7 @@ def generate(out_dir: Path, rows: int, seed: int, delimiter: str = "|", zipped: 
                 test_ids = next_test_id + np.cumsum(rng.integers(1, 40, n))
                 next_test_id = int(test_ids[-1])
                 k = int(counts.sum())
-                tr, ti, sev = _block(
-                    rng, cat, test_ids, counts, k, rfr_w, make_w, fuel_codes, fuel_w, comments
-                )
+                tr, ti, sev = _block(rng, cat, test_ids, counts, k, rfr_w, make_w, fuel_codes, fuel_w, comments)
                 results.write(tr)
                 items.write(ti)
                 for s, c in zip(*np.unique(sev, return_counts=True), strict=True):
@@ -451,9 +445,7 @@ def _block(rng, cat, test_ids, counts, k, rfr_w, make_w, fuel_codes, fuel_w, com
     category = cat.categories[idx]
     advisory = rng.random(k) < 0.42
     prs = rng.random(k) < 0.08
-    type_code = np.where(advisory, "A", np.where(category == "Minor", "M", np.where(prs, "P", "F"))).astype(
-        object
-    )
+    type_code = np.where(advisory, "A", np.where(category == "Minor", "M", np.where(prs, "P", "F"))).astype(object)
     dmark = np.where((type_code != "A") & (category == "Dangerous"), "D", "")
     loc = np.where(cat.has_location[idx], rng.integers(1, len(_LOCATIONS) + 1, k), 0)
     comment = np.where(rng.random(k) < 0.07, comments[rng.integers(0, len(comments), k)], "")

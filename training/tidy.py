@@ -63,9 +63,7 @@ def write_tidy(chunks: Iterable[pd.DataFrame], out_dir: Path, rows_per_file: int
             if writer is None or in_file >= rows_per_file:
                 if writer is not None:
                     writer.close()
-                writer = pq.ParquetWriter(
-                    out_dir / f"part-{part:05d}.parquet", TIDY_SCHEMA, compression="zstd"
-                )
+                writer = pq.ParquetWriter(out_dir / f"part-{part:05d}.parquet", TIDY_SCHEMA, compression="zstd")
                 part += 1
                 in_file = 0
             writer.write_table(to_table(df))
