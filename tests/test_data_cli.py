@@ -36,3 +36,8 @@ def test_load_error_names_file(tmp_path, capsys):
 
 def test_load_needs_a_destination(tmp_path, capsys):
     assert main(["data", "load", str(tmp_path)]) == 2
+
+
+def test_load_takes_one_destination(tmp_path, capsys):
+    assert main(["data", "load", str(tmp_path), "--out", str(tmp_path / "t"), "--clickhouse"]) == 2
+    assert "either" in capsys.readouterr().err

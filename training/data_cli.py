@@ -72,8 +72,8 @@ def _load(args: argparse.Namespace) -> int:
     from training.history_api import read_jsonl
     from training.tidy import write_tidy
 
-    if not args.clickhouse and args.out is None:
-        print("motlens data load: give --out DIR (tidy Parquet) or --clickhouse", file=sys.stderr)
+    if args.clickhouse == (args.out is not None):
+        print("motlens data load: give either --out DIR (tidy Parquet) or --clickhouse", file=sys.stderr)
         return 2
     try:
         if args.clickhouse:

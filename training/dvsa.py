@@ -19,6 +19,7 @@ import codecs
 import gzip
 import io
 import math
+import re
 import tempfile
 import zipfile
 import zlib
@@ -221,7 +222,7 @@ class _Utf8Stream(io.RawIOBase):
     def __init__(self, fh: IO[bytes], fr: FileReport):
         self._fh = fh
         self._fr = fr
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=_LATIN1_FALLBACK)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
         self._buf = b""
         self._eof = False
         self.lines = 0
@@ -236,9 +237,9 @@ class _Utf8Stream(io.RawIOBase):
             if data.isascii() and not self._decoder.getstate()[0]:
                 out = data
             else:
-                _fallbacks.clear()
-                out = self._decoder.decode(data, final=self._eof).encode("utf-8")
-                self._fr.non_utf8_values += len(_fallbacks)
+                text, bad = _ESCAPED.subn(_as_latin1, self._decoder.decode(data, final=self._eof))
+                out = text.encode("utf-8")
+                self._fr.non_utf8_values += bad
             self.lines += data.count(b"\n")
             self._buf += out
 
@@ -255,19 +256,12 @@ class _Utf8Stream(io.RawIOBase):
         super().close()
 
 
-_LATIN1_FALLBACK = "motlens-latin1"
-_fallbacks: list[int] = []
+# Bytes that are not UTF-8 decode (surrogateescape) to U+DC80–U+DCFF; read them as latin-1.
+_ESCAPED = re.compile("[\udc80-\udcff]+")
 
 
-def _latin1_fallback(err: UnicodeError) -> tuple[str, int]:
-    if not isinstance(err, UnicodeDecodeError):
-        raise err
-    bad = err.object[err.start : err.end]
-    _fallbacks.append(len(bad))
-    return bad.decode("latin-1"), err.end
-
-
-codecs.register_error(_LATIN1_FALLBACK, _latin1_fallback)
+def _as_latin1(m: re.Match) -> str:
+    return "".join(chr(ord(c) - 0xDC00) for c in m.group())
 
 
 def iter_raw(source: Source, fr: FileReport, chunk_rows: int = 200_000) -> Iterator[pd.DataFrame]:
