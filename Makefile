@@ -11,7 +11,7 @@ demo: setup
 	.venv/bin/motlens demo
 
 test: setup tools
-	.venv/bin/pytest -q
+	PATH="$(CURDIR)/.venv-tools/bin:$$PATH" .venv/bin/pytest -q
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/mypy motlens training predictor predlog drift promotion
