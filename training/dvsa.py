@@ -288,11 +288,12 @@ def iter_raw(source: Source, fr: FileReport, chunk_rows: int = 200_000) -> Itera
         try:
             reader = pacsv.open_csv(fh, read_options=read, parse_options=parse, convert_options=convert)
             for batch in reader:
+                repeated = pc.equal(pc.utf8_lower(pc.utf8_trim_whitespace(batch.column(0))), cols[0])
+                n_repeated = pc.sum(repeated).as_py() or 0
+                if n_repeated:
+                    fr.header_rows += n_repeated
+                    batch = batch.filter(pc.invert(pc.fill_null(repeated, False)))
                 df = batch.to_pandas()
-                repeated = df[cols[0]].astype(str).str.strip().str.lower() == cols[0]
-                if repeated.any():
-                    fr.header_rows += int(repeated.sum())
-                    df = df[~repeated]
                 fr.rows += len(df)
                 _check_shape(source, fr)
                 pending.append(df)
@@ -509,14 +510,21 @@ def label_defects(m: pd.DataFrame, post: pd.Series, lk: Lookups) -> tuple[np.nda
     dangerous_mark and the item_detail columns; ``post`` marks tests on or after 20 May 2018.
     Texts are built once per distinct combination: they repeat massively.
     """
-    m = m.assign(
-        comment_code=pd.factorize(m["rfr_comment"])[0],
-        advisory=mot_labels.normalised(m["rfr_type_code"], str.upper).eq("A").to_numpy(),
-        post=np.asarray(post, dtype=bool),
-    ).reset_index(drop=True)
-    keys = ["rfr_id", "test_class_id", "location_id", "comment_code", "advisory", "post"]
-    gid = m.groupby(keys, sort=False).ngroup().to_numpy()
-    uniq = m.drop_duplicates(keys)
+    key = pd.DataFrame(
+        {
+            "rfr_id": m["rfr_id"].to_numpy(),
+            "test_class_id": m["test_class_id"].to_numpy(),
+            "location_id": m["location_id"].to_numpy(),
+            "comment_code": pd.factorize(m["rfr_comment"])[0],
+            "advisory": mot_labels.normalised(m["rfr_type_code"], str.upper).eq("A").to_numpy(),
+            "post": np.asarray(post, dtype=bool),
+        }
+    )
+    gid = key.groupby(list(key.columns), sort=False).ngroup().to_numpy()
+    first = key.drop_duplicates().index.to_numpy()
+    cols = ["rfr_desc", "rfr_advisory_text", "rfr_insp_manual_desc", "rfr_comment", "location_id", "test_item_id",
+            "test_class_id"]  # fmt: skip
+    uniq = m[cols].iloc[first].assign(advisory=key["advisory"].to_numpy()[first], post=key["post"].to_numpy()[first])
     texts: list[str] = []
     sections: list[int] = []
     for row in uniq.itertuples(index=False):
