@@ -1,0 +1,144 @@
+"""Zero-downtime model switch: a server following the ``production`` alias of a real (sqlite) MLflow
+registry swaps from version 1 to version 2 under a closed-loop client load.
+
+Checked by counting and ordering only: no failed request; once any response said version 2, every
+request sent afterwards is answered by version 2; every request's prediction-log rows are stored
+exactly once with the version that answered; the old version is retired (model freed, batcher
+stopped, cache entries purged, ``motlens_model_info`` no longer lists it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from conftest import free_port
+from prometheus_client import REGISTRY
+
+MODEL = "mot-defects"
+MAX_REQUESTS_PER_CLIENT = 400  # bounds the load even if the switch never happens
+
+
+@dataclass
+class Outcome:
+    request_id: str
+    started: int  # position in the global start/finish order
+    finished: int
+    status: int  # -1: transport error
+    version: str | None
+    items: int
+
+
+def wait_until(condition, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_follow_alias_switches_under_load_without_a_failed_request_or_lost_row(
+    registry, tiny_bundle, embedder, tmp_path, monkeypatch
+):
+    import predlog
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+    from predlog.settings import PredlogSettings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))  # the server's Registry() finds this one
+    v1 = registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")
+    assert v1.version == "1"
+
+    log_settings = PredlogSettings(dir=tmp_path / "predlog", flush_interval_s=0.1)
+    writer = predlog.open_writer(log_settings)
+    settings = ServeSettings(
+        model=f"models:/{MODEL}@production", follow_alias="production", follow_interval_s=0.2,
+        http_port=free_port(), grpc_port=free_port(), grace_period_s=20,
+    )  # fmt: skip
+    server = PredictorServer(settings, embedder=embedder, writer=writer, host="127.0.0.1")
+    thread = ServerThread(server).start().wait_ready()
+    base = f"http://127.0.0.1:{settings.http_port}"
+    old_unit = server.slots.slots["production"].unit
+    assert old_unit is not None and old_unit.version == "1"
+
+    order = itertools.count()
+    lock = threading.Lock()
+    outcomes: list[Outcome] = []
+    v1_texts: list[str] = []
+    stop = threading.Event()
+
+    def client(worker: int) -> None:
+        with httpx.Client(timeout=120) as http:
+            for i in range(MAX_REQUESTS_PER_CLIENT):
+                if stop.is_set():
+                    return
+                rid = f"switch-{worker}-{i}-{uuid.uuid4().hex[:8]}"
+                texts = [f"Nearside Front Brake pipe corroded, record {rid} (1.1.11 (c))", "Horn not working"]
+                with lock:
+                    started = next(order)
+                try:
+                    r = http.post(
+                        f"{base}/v1/models/{MODEL}:predict", json={"instances": texts}, headers={"x-request-id": rid}
+                    )
+                    status, version = r.status_code, r.json().get("model_version")
+                except Exception as e:  # noqa: BLE001 - a transport failure is a failed request too
+                    status, version = -1, repr(e)
+                with lock:
+                    outcomes.append(Outcome(rid, started, next(order), status, version, len(texts)))
+                    if version == "1":
+                        v1_texts.append(texts[0])
+
+    def count(version: str) -> int:
+        with lock:
+            return sum(o.version == version for o in outcomes)
+
+    workers = [threading.Thread(target=client, args=(w,)) for w in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        wait_until(lambda: count("1") >= 10)
+        v2 = registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")
+        assert v2.version == "2"
+        wait_until(lambda: count("2") >= 15)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(120)
+        status = server.slots.status()
+        thread.stop()  # graceful: drains and closes the writer
+
+    failed = [o for o in outcomes if o.status != 200]
+    assert not failed, failed[:5]
+    assert {o.version for o in outcomes} == {"1", "2"}
+    first_v2_answer = min(o.finished for o in outcomes if o.version == "2")
+    after = [o for o in outcomes if o.started > first_v2_answer]
+    assert after and {o.version for o in after} == {"2"}  # never back to version 1
+
+    assert status["slots"]["production"]["version"] == "2"
+    assert old_unit.backend.embedder is None  # the old model was freed …
+    assert not old_unit.batcher._thread.is_alive()  # … its batcher stopped …
+    assert server.cache.get_many("1", v1_texts[:20]) == [None] * len(v1_texts[:20])  # … its cache purged
+    info_versions = {
+        s.labels.get("version")
+        for metric in REGISTRY.collect()
+        if metric.name == "motlens_model_info"
+        for s in metric.samples
+        if s.value == 1 and s.labels.get("slot") == "production"
+    }
+    assert "1" not in info_versions
+
+    reader = predlog.open_reader(log_settings)
+    try:
+        rows = reader.query("SELECT request_id, item_index, model_version FROM predictions", {})
+    finally:
+        reader.close()
+    assert len(rows) == sum(o.items for o in outcomes)  # no row lost, none twice
+    logged = {(r.request_id, int(r.item_index)): r.model_version for r in rows.itertuples()}
+    expected = {(o.request_id, i): o.version for o in outcomes for i in range(o.items)}
+    assert logged == expected
