@@ -101,3 +101,24 @@ def test_calibration_and_metrics():
     assert ev.metrics["section_macro_f1"] == 1.0
     assert ev.metrics["severity_accuracy"] == 0.75
     assert ev.metrics["fail_auc"] == 1.0 and ev.metrics["fail_brier"] == 0.0
+
+
+def test_clickhouse_distinct_table_gives_the_same_texts_and_split():
+    from training.chload import distinct_texts_from_tidy
+    from training.dataset import training_set_from_distinct
+
+    df = _rows()
+    labelled = df[df["section"].notna() & df["severity"].isin(["advisory", "minor", "major", "dangerous"])]
+    rows = build_training_set(df, seed=5)
+    labelled = labelled.assign(text=labelled["text"].str.split().str.join(" "))
+    dist = training_set_from_distinct(distinct_texts_from_tidy(labelled), seed=5, reference_rows=50)
+    cols = ["text", "count", "section", "severity", "section_purity", "severity_purity", "fail_fraction", "holdout"]
+    pd.testing.assert_frame_equal(rows.texts[cols], dist.texts[cols])
+    assert dist.texts["vehicle_age_years"].isna().all()
+    assert len(dist.reference_rows) == min(50, dist.fingerprint["holdout_rows"])
+    assert dist.texts.loc[dist.reference_rows["text_index"], "holdout"].all()
+    fp_rows, fp_dist = rows.fingerprint, dist.fingerprint
+    for k in ("rows_labelled", "distinct_texts", "holdout_texts", "rows_section", "rows_severity"):
+        assert fp_rows[k] == fp_dist[k], k
+    majority_only = distinct_texts_from_tidy(labelled)[["text", "section", "severity", "n"]]
+    assert training_set_from_distinct(majority_only, seed=5).texts["section"].equals(dist.texts["section"])

@@ -12,7 +12,6 @@ rows keeps real per-row context for the drift reference.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,10 +129,7 @@ class _Aggregator:
             raise DataError(f"tidy data lacks column(s) {sorted(missing)}")
         self.rows_read += len(chunk)
         df = pd.DataFrame(
-            {
-                c: chunk[c] if c in chunk.columns else None
-                for c in ("text", "section", "severity", *CONTEXT_COLUMNS)
-            }
+            {c: chunk[c] if c in chunk.columns else None for c in ("text", "section", "severity", *CONTEXT_COLUMNS)}
         )
         section = pd.to_numeric(df["section"], errors="coerce")
         ok = df["text"].notna() & section.between(0, 8) & df["severity"].isin(SEVERITIES)
@@ -149,9 +145,7 @@ class _Aggregator:
         df["vehicle_age_years"] = pd.to_numeric(df["vehicle_age_years"], errors="coerce")
         odo = pd.to_numeric(df["odometer_miles"], errors="coerce")
         df["log_odo"] = np.log1p(odo.where(odo >= 0))
-        self.labels.append(
-            df.groupby(["key", "section", "severity"], observed=True).size().rename("n").reset_index()
-        )
+        self.labels.append(df.groupby(["key", "section", "severity"], observed=True).size().rename("n").reset_index())
         g = df.groupby("key")
         self.numeric.append(
             pd.DataFrame(
@@ -186,9 +180,7 @@ class _Aggregator:
 
     def finish(self) -> TrainingSet:
         if not self.labels:
-            raise DataError(
-                f"no labelled defect rows (read {self.rows_read}, unlabelled {self.rows_unlabelled})"
-            )
+            raise DataError(f"no labelled defect rows (read {self.rows_read}, unlabelled {self.rows_unlabelled})")
         self._combine()
         lab = self.labels[0]
         count = lab.groupby("key").n.sum().rename("count")
@@ -218,38 +210,106 @@ class _Aggregator:
         return TrainingSet(texts, ref.reset_index(drop=True), self._fingerprint(lab, texts))
 
     def _fingerprint(self, lab: pd.DataFrame, texts: pd.DataFrame) -> dict[str, Any]:
-        canon = lab.sort_values(["key", "section", "severity"]).reset_index(drop=True)
-        digest = hashlib.sha256(
-            pd.util.hash_pandas_object(canon, index=False).to_numpy().tobytes()
-        ).hexdigest()
-        rows = int(lab["n"].sum())
-        train, held = texts[~texts["holdout"]], texts[texts["holdout"]]
-        return {
-            "sha256": digest,
-            "rows_read": self.rows_read,
-            "rows_unlabelled": self.rows_unlabelled,
-            "rows_labelled": rows,
-            "distinct_texts": len(texts),
-            "train_texts": len(train),
-            "holdout_texts": len(held),
-            "train_rows": int(train["count"].sum()),
-            "holdout_rows": int(held["count"].sum()),
-            "rows_section": {str(k): int(v) for k, v in lab.groupby("section").n.sum().items()},
-            "rows_severity": {s: int(lab.loc[lab["severity"] == s, "n"].sum()) for s in SEVERITIES},
-            "texts_section": {
-                str(k): int(v) for k, v in texts["section"].value_counts().sort_index().items()
-            },
-            "texts_severity": {s: int((texts["severity"] == s).sum()) for s in SEVERITIES},
-            "label_purity_section": float((texts["section_purity"] * texts["count"]).sum() / rows),
-            "label_purity_severity": float((texts["severity_purity"] * texts["count"]).sum() / rows),
-        }
+        return _fingerprint_of(
+            lab[["key", "section", "severity", "n"]],
+            texts,
+            rows_read=self.rows_read,
+            rows_unlabelled=self.rows_unlabelled,
+            rows_section=lab.groupby("section").n.sum(),
+            rows_severity=lab.groupby("severity").n.sum(),
+        )
+
+
+def _fingerprint_of(
+    canon: pd.DataFrame,
+    texts: pd.DataFrame,
+    *,
+    rows_read: int,
+    rows_unlabelled: int,
+    rows_section: pd.Series,
+    rows_severity: pd.Series,
+) -> dict[str, Any]:
+    """Content hash of the label-count table (order independent), row counts, label distributions."""
+    canon = canon.sort_values(list(canon.columns)).reset_index(drop=True)
+    digest = hashlib.sha256(pd.util.hash_pandas_object(canon, index=False).to_numpy().tobytes()).hexdigest()
+    rows = int(texts["count"].sum())
+    train, held = texts[~texts["holdout"]], texts[texts["holdout"]]
+    return {
+        "sha256": digest,
+        "rows_read": rows_read,
+        "rows_unlabelled": rows_unlabelled,
+        "rows_labelled": rows,
+        "distinct_texts": len(texts),
+        "train_texts": len(train),
+        "holdout_texts": len(held),
+        "train_rows": int(train["count"].sum()),
+        "holdout_rows": int(held["count"].sum()),
+        "rows_section": {str(i): int(rows_section.get(i, 0)) for i in range(9)},
+        "rows_severity": {s: int(rows_severity.get(s, 0)) for s in SEVERITIES},
+        "texts_section": {str(i): int((texts["section"] == i).sum()) for i in range(9)},
+        "texts_severity": {s: int((texts["severity"] == s).sum()) for s in SEVERITIES},
+        "label_purity_section": float((texts["section_purity"] * texts["count"]).sum() / rows),
+        "label_purity_severity": float((texts["severity_purity"] * texts["count"]).sum() / rows),
+    }
+
+
+def training_set_from_distinct(
+    distinct: pd.DataFrame, *, seed: int = 0, holdout_fraction: float = 0.2, reference_rows: int = 2000
+) -> TrainingSet:
+    """A :class:`TrainingSet` from the ClickHouse path's distinct-text table
+    (:func:`training.chload.distinct_texts`: ``text``, majority ``section``/``severity``, ``n`` and the
+    per-label counts ``n_<severity>``, ``n_section_<i>``). That table carries no vehicle context, so
+    context is missing (the head sees its missing flags) and the drift reference samples held-out
+    texts in proportion to their row counts."""
+    missing = {"text", "section", "severity", "n"} - set(distinct.columns)
+    if missing:
+        raise DataError(f"distinct-text table lacks column(s) {sorted(missing)}")
+    d = distinct[distinct["n"] > 0].copy()
+    d["key"] = [normalise_text(str(t)) for t in d["text"]]
+    sev_cols = [f"n_{s}" for s in SEVERITIES]
+    sec_cols = [f"n_section_{i}" for i in range(9)]
+    if not set(sev_cols + sec_cols) <= set(d.columns):  # majority labels only
+        for sev in SEVERITIES:
+            d[f"n_{sev}"] = np.where(d["severity"] == sev, d["n"], 0)
+        for i in range(9):
+            d[f"n_section_{i}"] = np.where(d["section"] == i, d["n"], 0)
+    agg = d.groupby("key")[["n", *sev_cols, *sec_cols]].sum().sort_index()
+    if agg.empty:
+        raise DataError("the distinct-text table holds no labelled texts")
+    texts = pd.DataFrame(index=agg.index)
+    texts["count"] = agg["n"].astype("int64")
+    sec_counts, sev_counts = agg[sec_cols].to_numpy(), agg[sev_cols].to_numpy()
+    texts["section"] = sec_counts.argmax(axis=1).astype("int8")
+    texts["severity"] = np.asarray(SEVERITIES, dtype=object)[sev_counts.argmax(axis=1)]
+    texts["section_purity"] = (sec_counts.max(axis=1) / texts["count"]).astype("float32")
+    texts["severity_purity"] = (sev_counts.max(axis=1) / texts["count"]).astype("float32")
+    fail_cols = [f"n_{s}" for s in SEVERITIES if s in FAILING_SEVERITIES]
+    texts["fail_fraction"] = (agg[fail_cols].sum(axis=1) / texts["count"]).astype("float32")
+    for c in CONTEXT_COLUMNS:
+        texts[c] = np.float32(np.nan) if c in ("vehicle_age_years", "odometer_miles") else None
+    texts["holdout"] = holdout_mask(texts.index, seed, holdout_fraction)
+    texts = texts.rename_axis("text").reset_index()
+    if texts["holdout"].all() or not texts["holdout"].any():
+        raise DataError(f"{len(texts)} distinct texts are too few for a train/held-out split")
+    held = np.flatnonzero(texts["holdout"].to_numpy())
+    rng = np.random.default_rng(seed)
+    w = texts["count"].to_numpy()[held].astype(np.float64)
+    pick = rng.choice(held, size=min(reference_rows, int(w.sum())), p=w / w.sum()) if reference_rows else held[:0]
+    ref = texts.loc[pick, list(CONTEXT_COLUMNS)].reset_index(drop=True)
+    ref.insert(0, "text_index", pick)
+    canon = agg.reset_index()
+    fp = _fingerprint_of(
+        canon,
+        texts,
+        rows_read=int(texts["count"].sum()),
+        rows_unlabelled=0,
+        rows_section=pd.Series(sec_counts.sum(axis=0), index=range(9)),
+        rows_severity=pd.Series(sev_counts.sum(axis=0), index=list(SEVERITIES)),
+    )
+    return TrainingSet(texts, ref, fp)
 
 
 def _majority(counts: pd.DataFrame, col: str) -> pd.DataFrame:
     """Per key, the value of ``col`` with the most rows (ties: the smallest value); index = key."""
     best = counts.sort_values(["key", "n", col], ascending=[True, False, True], kind="stable")
     return best.drop_duplicates("key").set_index("key")[[col, "n"]]
-
-
-def fingerprint_json(ts: TrainingSet) -> str:
-    return json.dumps(ts.fingerprint, indent=2, sort_keys=True)

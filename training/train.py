@@ -275,25 +275,33 @@ def package_versions() -> dict[str, str]:
 
 
 def train(
-    data: Path | pd.DataFrame,
+    data: Path | pd.DataFrame | TrainingSet,
     settings: TrainSettings | None = None,
     *,
     embedder: Embedder | None = None,
     registry: Registry | None = None,
 ) -> TrainResult:
-    """Train, evaluate, bundle and register; see the module docstring."""
+    """Train, evaluate, bundle and register; see the module docstring.
+
+    ``data``: a tidy Parquet directory, a directory of DVSA bulk files, a tidy DataFrame, or a
+    prepared :class:`TrainingSet` (e.g. from the ClickHouse path). Pass ``embedder`` to reuse a
+    loaded model and ``registry`` to choose the MLflow server (default: :class:`Registry`).
+    """
     from motlens.embedder import TorchEmbedder, default_model_dir
 
     s = settings or TrainSettings()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    ts = build_training_set(
-        data,
-        seed=s.seed,
-        holdout_fraction=s.holdout_fraction,
-        max_rows=s.max_rows,
-        reference_rows=s.reference_rows,
-    )
+    if isinstance(data, TrainingSet):
+        ts = data
+    else:
+        ts = build_training_set(
+            data,
+            seed=s.seed,
+            holdout_fraction=s.holdout_fraction,
+            max_rows=s.max_rows,
+            reference_rows=s.reference_rows,
+        )
     timings["prepare_s"] = time.perf_counter() - t0
     embedder = embedder or TorchEmbedder(s.model_dir, device=s.device)
     t = time.perf_counter()

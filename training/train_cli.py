@@ -13,9 +13,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train the defect head, log an MLflow run, register a version + alias",
         description=__doc__,
     )
+    p.add_argument("--data", help="tidy Parquet directory (motlens data load) or a directory of DVSA bulk files")
     p.add_argument(
-        "--data", help="tidy Parquet directory (motlens data load) or a directory of DVSA bulk files"
+        "--clickhouse",
+        action="store_true",
+        help="read distinct texts with label counts from ClickHouse (motlens data load --clickhouse)",
     )
+    p.add_argument("--ch-path", help="chdb database directory (default $MOTLENS_HOME/chdb-data)")
     p.add_argument("--alias", help="alias to set on the new version (default: candidate)")
     p.add_argument("--no-alias", action="store_true", help="register without setting an alias")
     p.add_argument("--seed", type=int)
@@ -60,11 +64,12 @@ def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from training.dataset import DataError
+    from training.dvsa import BulkFormatError
     from training.registry import Registry
     from training.train import TrainSettings, train
 
-    if not args.data:
-        print("motlens train: --data DIR is required (or use `motlens train versions`)", file=sys.stderr)
+    if not args.data and not args.clickhouse:
+        print("motlens train: give --data DIR or --clickhouse (or use `motlens train versions`)", file=sys.stderr)
         return 2
     overrides = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
     if args.alias is not None:
@@ -73,8 +78,9 @@ def _train(args: argparse.Namespace) -> int:
         overrides["alias"] = None
     settings = TrainSettings(**overrides)
     try:
-        result = train(Path(args.data), settings, registry=Registry(args.tracking_uri))
-    except (DataError, FileNotFoundError) as e:
+        data = _clickhouse_set(args, settings) if args.clickhouse else Path(args.data)
+        result = train(data, settings, registry=Registry(args.tracking_uri))
+    except (DataError, BulkFormatError, FileNotFoundError) as e:
         print(f"motlens train: {e}", file=sys.stderr)
         return 2
     v = result.version
@@ -117,17 +123,28 @@ def _versions(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     t = Table(title="mot-defects versions")
-    for col in ("version", "aliases", "created", "section F1", "severity F1", "fail AUC", "tags", "run"):
-        t.add_column(col)
+    for col in ("ver", "aliases", "created (UTC)", "sec F1", "sev F1", "fail AUC", "run"):
+        t.add_column(col, no_wrap=col != "aliases", min_width=12 if col == "aliases" else None)
     for v in versions:
         m = v.metrics
         t.add_row(
             v.version,
             ", ".join(v.aliases),
-            v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "",
+            v.created_at.strftime("%m-%d %H:%M") if v.created_at else "",
             *(f"{m[k]:.3f}" if k in m else "" for k in ("section_macro_f1", "severity_macro_f1", "fail_auc")),
-            str(len(v.tags)),
-            v.run_id or "",
+            (v.run_id or "")[:8],
         )
     Console().print(t if versions else "no registered versions")
     return 0
+
+
+def _clickhouse_set(args: argparse.Namespace, settings):  # noqa: ANN202 - TrainingSet
+    from pathlib import Path
+
+    from training.chload import distinct_texts
+    from training.dataset import training_set_from_distinct
+
+    distinct = distinct_texts(ch_path=Path(args.ch_path) if args.ch_path else None)
+    return training_set_from_distinct(
+        distinct, seed=settings.seed, holdout_fraction=settings.holdout_fraction, reference_rows=settings.reference_rows
+    )
