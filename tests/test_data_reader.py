@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from training.dvsa import BulkFormatError, BulkReader, read_bulk
 from training.tidy import TIDY_COLUMNS, load_tidy, write_tidy
@@ -228,3 +230,22 @@ def test_malformed_row_with_latin1_bytes_is_counted(tmp_path):
     items = next(f for f in rep["files"] if f["kind"] == "test_item")
     assert items["bad_rows"] == 1 and items["bad_lines"] == [9]
     assert len(df) == 6
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.binary(min_size=1, max_size=4)), min_size=1, max_size=6))
+def test_corrupted_bytes_never_crash_the_reader(tmp_path_factory, edits):
+    """Random byte damage to test_item gives counted bad rows or a BulkFormatError — nothing else."""
+    d = write_fixture(tmp_path_factory.mktemp("fuzz"))
+    data = bytearray((d / "test_item.csv").read_bytes())
+    for pos, junk in edits:
+        p = pos % len(data)
+        data[p : p + len(junk)] = junk
+    (d / "test_item.csv").write_bytes(bytes(data))
+    try:
+        reader = BulkReader([d])
+        rows = sum(len(c) for c in reader)
+    except BulkFormatError as e:
+        assert "test_item.csv:" in str(e)
+        return
+    assert rows == reader.report.rows_out <= 14  # 7 defect lines, each split at most once
