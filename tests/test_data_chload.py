@@ -134,6 +134,11 @@ def test_native_read_matches_python_parse(tmp_path, delimiter):
         "test_result": [HEADERS["test_result"]],
     }
     d = write_fixture(tmp_path / "in", delimiter, extra=extra)
+    # a trailing free-text column on CRLF lines: the line end must not stick to the comment
+    lines = (d / "test_item.csv").read_bytes().split(b"\r\n")[:-1]
+    sep = delimiter.encode()
+    lines = [lines[0] + sep + b"rfr_comment", lines[1] + sep + b"both sides", *(ln + sep for ln in lines[2:])]
+    (d / "test_item.csv").write_bytes(b"\r\n".join(lines) + b"\r\n")
     results = {}
     for native in (True, False):
         with ChdbStore(tmp_path / f"db-{native}") as s:
@@ -146,6 +151,9 @@ def test_native_read_matches_python_parse(tmp_path, delimiter):
             )
     assert results[True][:3] == results[False][:3]
     pd.testing.assert_frame_equal(results[True][3], results[False][3])
+    assert "Nearside Front Brake disc significantly and obviously worn both sides (1.1.14 (a) (ii))" in set(
+        results[True][3]["text"]
+    )
     items = next(f for f in results[True][1] if f[0] == "test_item")
     assert items[2:] == (3, 1)  # 2 wrong-shape rows + 1 unusable key; 1 repeated header
     tidy = pd.concat(list(read_bulk([d])), ignore_index=True)
