@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, dest=dest, default=None, **kw)
     p.add_argument("--canary", action="store_const", const=True, default=None,
                    help="compare the canary slot with production over the same window")  # fmt: skip
+    p.add_argument("--no-html", dest="html", action="store_const", const=False, default=None,
+                   help="skip the HTML reports (and EmbeddingsDrift's t-SNE plot)")  # fmt: skip
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
     p.add_argument("--no-artifact", dest="log_artifact", action="store_const", const=False, default=None,
                    help="do not log the outputs to the version's MLflow run")  # fmt: skip
@@ -60,7 +62,8 @@ def _run(args: argparse.Namespace) -> int:
     from drift.settings import DriftSettings
 
     overrides = {dest: getattr(args, dest) for _, dest, _ in _FLAGS}
-    overrides |= {"canary": args.canary, "progress": args.progress, "log_artifact": args.log_artifact}
+    for dest in ("canary", "html", "progress", "log_artifact"):
+        overrides[dest] = getattr(args, dest)
     try:
         settings = DriftSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:

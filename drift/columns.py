@@ -42,23 +42,24 @@ def drift_frame(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def embedding_matrix(df: pd.DataFrame, dim: int = EMBEDDING_DIM) -> np.ndarray:
+def embedding_matrix(df: pd.DataFrame, dim: int | None = EMBEDDING_DIM) -> np.ndarray:
     """float32 [N, dim] of the rows that carry an embedding.
 
     Accepts an ``embedding`` column of arrays/lists (a prediction-log window; rows without one
-    are skipped) or wide columns ``emb_000 … emb_383`` (a bundle's reference sample).
+    are skipped) or wide columns ``emb_000 … emb_383`` (a bundle's reference sample). ``dim=None``
+    accepts any width (reduced embeddings in tests).
     """
-    wide = [f"emb_{i:03d}" for i in range(dim)]
+    wide = [f"emb_{i:03d}" for i in range(dim or EMBEDDING_DIM)]
     if EMBEDDING in df.columns:
         vals = [v for v in df[EMBEDDING].to_numpy() if v is not None and len(v) > 0]
         if not vals:
-            return np.zeros((0, dim), np.float32)
+            return np.zeros((0, dim or EMBEDDING_DIM), np.float32)
         m = np.asarray(np.stack([np.asarray(v, np.float32) for v in vals]), np.float32)
     elif all(c in df.columns for c in wide):
         m = df[wide].to_numpy(np.float32)
     else:
-        return np.zeros((0, dim), np.float32)
-    if m.shape[1] != dim:
+        return np.zeros((0, dim or EMBEDDING_DIM), np.float32)
+    if dim is not None and m.shape[1] != dim:
         raise DataError(f"embeddings have {m.shape[1]} dimensions, expected {dim}")
     return m[np.isfinite(m).all(axis=1)]
 
@@ -66,7 +67,7 @@ def embedding_matrix(df: pd.DataFrame, dim: int = EMBEDDING_DIM) -> np.ndarray:
 def embedding_frame(matrix: np.ndarray) -> tuple[pd.DataFrame, list[str]]:
     """Wide numeric columns for Evidently's ``DataDefinition(embeddings=...)``."""
     names = [f"e{i:03d}" for i in range(matrix.shape[1])]
-    return pd.DataFrame(matrix.astype(np.float32), columns=names), names
+    return pd.DataFrame(matrix.astype(np.float64), columns=names), names
 
 
 def collapse_rare(

@@ -54,6 +54,56 @@ class Stages:
         self._p.stop()
 
 
+def _short(reference: Side, current: Side, n_ref: int, n_cur: int, need: int, what: str) -> str:
+    parts = [f"{side.label} has {n} {what}" for side, n in ((current, n_cur), (reference, n_ref)) if n < need]
+    if not parts:
+        return ""
+    return f"insufficient data: {' and '.join(parts)}; need at least {need} on each side"
+
+
+def compare(
+    reference: Side, current: Side, s: DriftSettings, stages: Stages | None = None
+) -> tuple[list[Check], dict[str, Any]]:
+    """Column drift and embedding drift of ``current`` against ``reference`` (HTML into ``s.output``
+    when ``s.html``); a side short of rows gives an ``insufficient`` check, never a pass."""
+    stages = stages or Stages(False, 2)
+    detail: dict[str, Any] = {"rows": {
+        "current": len(current.frame), "reference": len(reference.frame),
+        "current_in_source": current.rows_in_source, "reference_in_source": reference.rows_in_source,
+        "current_embeddings": len(current.embeddings), "reference_embeddings": len(reference.embeddings),
+    }}  # fmt: skip
+    checks: list[Check] = []
+    with stages.stage("column drift (DataDriftPreset)"):
+        short = _short(reference, current, len(reference.frame), len(current.frame), s.min_rows, "rows")
+        if short:
+            checks.append(Check("data_drift", "insufficient", short, None, s.drift_share))
+        else:
+            ref, cur = collapse_rare(drift_frame(reference.frame), drift_frame(current.frame),
+                                     min_share=s.rare_category_share)  # fmt: skip
+            dd = data_drift(ref, cur, s, html=s.output / REPORT_HTML if s.html else None)
+            drifted = [f"{c.column} ({c.method} {c.score:.4g})" for c in dd.columns if c.drifted]
+            msg = f"{dd.drifted_count} of {len(dd.columns)} columns drifted" + (
+                f": {', '.join(drifted)}" if drifted else ""
+            )
+            checks.append(Check("data_drift", "drift" if dd.detected else "pass", msg,
+                                dd.drifted_share, s.drift_share))  # fmt: skip
+            detail["data_drift"] = dd.to_dict()
+    with stages.stage(f"embedding drift (EmbeddingsDrift, {s.embedding_method})"):
+        short = _short(reference, current, len(reference.embeddings), len(current.embeddings),
+                       s.min_embedding_rows, "rows with embeddings")  # fmt: skip
+        if short:
+            checks.append(Check("embedding_drift", "insufficient", short))
+        else:
+            html = s.output / EMBEDDINGS_HTML if s.html else None
+            ed = embedding_drift(reference.embeddings, current.embeddings, s, html=html)
+            msg = (f"{ed.method} method score {ed.score:.4g} vs threshold {ed.threshold:.4g} "
+                   f"({ed.rows_reference} reference / {ed.rows_current} current rows)")  # fmt: skip
+            checks.append(Check("embedding_drift", "drift" if ed.detected else "pass", msg,
+                                ed.score, ed.threshold))  # fmt: skip
+            detail["embedding_drift"] = ed.to_dict()
+    return checks, detail
+
+
 def _ms(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat(timespec="milliseconds")
 
@@ -150,48 +200,10 @@ class DriftJob:
         return checks + [a_check, c_check], detail
 
     def _compare(self, reference: Side, current: Side, stages: Stages) -> tuple[list[Check], dict]:
-        s = self.s
-        detail: dict[str, Any] = {"rows": {
-            "current": len(current.frame), "reference": len(reference.frame),
-            "current_in_source": current.rows_in_source, "reference_in_source": reference.rows_in_source,
-            "current_embeddings": len(current.embeddings), "reference_embeddings": len(reference.embeddings),
-        }}  # fmt: skip
-        checks: list[Check] = []
-        with stages.stage("column drift (DataDriftPreset)"):
-            short = self._short(reference, current, len(reference.frame), len(current.frame), s.min_rows, "rows")
-            if short:
-                checks.append(Check("data_drift", "insufficient", short, None, s.drift_share))
-            else:
-                ref, cur = collapse_rare(drift_frame(reference.frame), drift_frame(current.frame),
-                                         min_share=s.rare_category_share)  # fmt: skip
-                dd = data_drift(ref, cur, s, html=s.output / REPORT_HTML)
-                drifted = [f"{c.column} ({c.method} {c.score:.4g})" for c in dd.columns if c.drifted]
-                msg = (f"{dd.drifted_count} of {len(dd.columns)} columns drifted"
-                       + (f": {', '.join(drifted)}" if drifted else ""))  # fmt: skip
-                checks.append(Check("data_drift", "drift" if dd.detected else "pass", msg,
-                                    dd.drifted_share, s.drift_share))  # fmt: skip
-                detail["data_drift"] = dd.to_dict()
-        with stages.stage(f"embedding drift (EmbeddingsDrift, {s.embedding_method})"):
-            short = self._short(reference, current, len(reference.embeddings), len(current.embeddings),
-                                s.min_embedding_rows, "rows with embeddings")  # fmt: skip
-            if short:
-                checks.append(Check("embedding_drift", "insufficient", short))
-            else:
-                ed = embedding_drift(reference.embeddings, current.embeddings, s, html=s.output / EMBEDDINGS_HTML)
-                msg = (f"{ed.method} method score {ed.score:.4g} vs threshold {ed.threshold:.4g} "
-                       f"({ed.rows_reference} reference / {ed.rows_current} current rows)")  # fmt: skip
-                checks.append(Check("embedding_drift", "drift" if ed.detected else "pass", msg,
-                                    ed.score, ed.threshold))  # fmt: skip
-                detail["embedding_drift"] = ed.to_dict()
+        checks, detail = compare(reference, current, self.s, stages)
         for c in checks:
             self.say(f"{c.name}: {c.status}: {c.message}")
         return checks, detail
-
-    def _short(self, reference: Side, current: Side, n_ref: int, n_cur: int, need: int, what: str) -> str:
-        parts = [f"{side.label} has {n} {what}" for side, n in ((current, n_cur), (reference, n_ref)) if n < need]
-        if not parts:
-            return ""
-        return f"insufficient data: {' and '.join(parts)}; need at least {need} on each side"
 
     # ---- sources -------------------------------------------------------------------------------------
     def _read(self, label: str, version: str | None, slot: str | None, window: Window) -> Side:

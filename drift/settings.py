@@ -63,4 +63,5 @@ class DriftSettings(BaseSettings):
     textfile: Path | None = None
     pushgateway_job: str = "motlens-drift"
     log_artifact: bool = Field(default=True, description="log the outputs to the version's MLflow run")
+    html: bool = Field(default=True, description="write the HTML reports (off: scores only, no t-SNE plot)")
     progress: bool = True

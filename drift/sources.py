@@ -26,6 +26,16 @@ class Side:
     versions: list[str] = field(default_factory=list)
     embedding_hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
 
+    @classmethod
+    def from_frame(cls, label: str, df: pd.DataFrame) -> Side:
+        """A side from an in-memory frame (log rows with an optional ``embedding`` column)."""
+        emb = embedding_matrix(df, dim=None)
+        hashes = np.zeros(0, np.uint64)
+        if "text_hash" in df.columns and "embedding" in df.columns:
+            has = df["embedding"].map(lambda v: v is not None and len(v) > 0).to_numpy(bool)
+            hashes = df.loc[has, "text_hash"].to_numpy(np.uint64)
+        return cls(label, df, emb, len(df), len(emb), sorted({str(v) for v in df.get("model_version", [])}), hashes)
+
 
 _COUNT = (
     "SELECT count() AS n, countIf(length(embedding_q) > 0) AS n_emb, "

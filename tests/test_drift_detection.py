@@ -1,0 +1,151 @@
+"""Drift detection on generated traffic: no false alarms on same-distribution windows, injected
+shifts caught (section mix, paraphrased vocabulary through the embeddings only, vehicle context)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from drift.checks import verdict
+from drift.job import compare
+from drift.settings import DriftSettings
+from drift.simulate import BASE_SECTION_WEIGHTS, texts, traffic
+from drift.sources import Side
+
+N = 300
+
+
+@pytest.fixture(scope="module")
+def vectors(embedder) -> dict[str, np.ndarray]:
+    """Real MiniLM embeddings of every catalogue wording and paraphrase (encoded once)."""
+    all_texts = texts() + texts(paraphrased=True)
+    return dict(zip(all_texts, embedder.encode(all_texts), strict=True))
+
+
+def _side(label: str, df, vectors: dict[str, np.ndarray], dims: int | None = None) -> Side:
+    emb = np.stack([vectors[t] for t in df["text"]]) if len(df) else np.zeros((0, 384), np.float32)
+    if dims is not None:  # a fixed orthonormal projection of the real embeddings (cheap windows)
+        q, _ = np.linalg.qr(np.random.default_rng(7).normal(size=(emb.shape[1], dims)))
+        emb = emb @ q
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return Side.from_frame(label, df.assign(embedding=list(emb.astype(np.float32))))
+
+
+def _settings(tmp_path, **kw) -> DriftSettings:
+    kw.setdefault("html", False)
+    return DriftSettings(output=tmp_path, progress=False, **kw)
+
+
+def _checks(ref_df, cur_df, vectors, settings, dims=None):
+    checks, detail = compare(_side("reference", ref_df, vectors, dims), _side("current", cur_df, vectors, dims), settings)
+    return {c.name: c for c in checks}, detail, verdict(checks)
+
+
+@pytest.mark.slow
+def test_same_distribution_no_drift_in_at_least_19_of_20_seeds(tmp_path, vectors):
+    s = _settings(tmp_path)
+    outcomes = []
+    for seed in range(20):
+        _, detail, (status, code) = _checks(
+            traffic(N, 1000 + 2 * seed), traffic(N, 1001 + 2 * seed), vectors, s, dims=32
+        )
+        assert detail["embedding_drift"]["detail"]["dim"] == 32
+        outcomes.append(status)
+    assert set(outcomes) <= {"drift", "no_drift"}
+    assert outcomes.count("no_drift") >= 19, outcomes
+
+
+def test_section_mix_change_detected(tmp_path, vectors):
+    shifted = np.array(BASE_SECTION_WEIGHTS)
+    shifted[1] *= 3.0  # brakes triple
+    shifted[5] /= 3.0  # tyres and suspension fall
+    checks, detail, (status, code) = _checks(
+        traffic(N, 1), traffic(N, 2, section_weights=shifted), vectors, _settings(tmp_path), dims=32
+    )
+    assert (status, code) == ("drift", 1)
+    drifted = {c["column"] for c in detail["data_drift"]["columns"] if c["drifted"]}
+    assert "section" in drifted
+
+
+def test_context_shift_age_and_odometer_detected(tmp_path, vectors):
+    checks, detail, (status, code) = _checks(
+        traffic(N, 3), traffic(N, 4, age_shift=4.0, odometer_shift=30_000), vectors, _settings(tmp_path), dims=32
+    )
+    assert code == 1
+    drifted = {c["column"] for c in detail["data_drift"]["columns"] if c["drifted"]}
+    assert {"vehicle_age_years", "odometer_miles"} <= drifted
+    assert drifted.isdisjoint({"section", "severity", "make", "fuel_type"})
+
+
+def test_paraphrase_shift_caught_by_embeddings_only_at_384_dims(tmp_path, vectors):
+    """Same sections, severities, lengths and context; new wording. Only EmbeddingsDrift sees it."""
+    checks, detail, (status, code) = _checks(
+        traffic(N, 5), traffic(N, 6, paraphrase=0.7), vectors, _settings(tmp_path)
+    )
+    assert detail["embedding_drift"]["detail"]["dim"] == 384
+    assert checks["data_drift"].status == "pass", checks["data_drift"].message
+    assert checks["embedding_drift"].status == "drift", checks["embedding_drift"].message
+    assert (status, code) == ("drift", 1)
+
+
+@pytest.mark.slow
+def test_paraphrase_score_same_with_and_without_html(tmp_path, vectors):
+    """The scores-only path runs the same Evidently drift method as the full report (+ t-SNE plot)."""
+    from drift.evaluate import embedding_drift
+
+    ref = _side("r", traffic(100, 7), vectors, dims=16).embeddings
+    cur = _side("c", traffic(100, 8, paraphrase=0.6), vectors, dims=16).embeddings
+    s = _settings(tmp_path, min_embedding_rows=50)
+    plain = embedding_drift(ref, cur, s)
+    html = tmp_path / "emb.html"
+    full = embedding_drift(ref, cur, s, html=html)
+    assert full.score == pytest.approx(plain.score, abs=1e-12)
+    assert full.detected == plain.detected
+    assert "Drift in embeddings" in html.read_text()
+
+
+@pytest.mark.parametrize("n_cur", [40, 0])
+def test_insufficient_rows_is_never_a_pass(tmp_path, vectors, n_cur):
+    cur = traffic(max(n_cur, 1), 9).iloc[:n_cur]
+    checks, detail, (status, code) = _checks(traffic(N, 10), cur, vectors, _settings(tmp_path))
+    assert (status, code) == ("insufficient_data", 2)
+    assert checks["data_drift"].status == "insufficient"
+    assert f"current has {n_cur} rows" in checks["data_drift"].message
+    assert "need at least 200" in checks["data_drift"].message
+
+
+def test_too_few_embeddings_alone_is_insufficient(tmp_path, vectors):
+    ref, cur = traffic(N, 11), traffic(N, 12)
+    cur_side = _side("current", cur, vectors)
+    cur_side.embeddings = cur_side.embeddings[:30]
+    checks, _ = compare(_side("reference", ref, vectors), cur_side, _settings(tmp_path))
+    by = {c.name: c for c in checks}
+    assert by["data_drift"].status == "pass"
+    assert by["embedding_drift"].status == "insufficient"
+    assert "30 rows with embeddings" in by["embedding_drift"].message
+    assert verdict(checks) == ("insufficient_data", 2)
+
+
+def test_large_windows_switch_to_effect_sizes(tmp_path):
+    from drift.evaluate import column_tests
+
+    s = _settings(tmp_path)
+    small = column_tests(s, 300, 300, 9)
+    large = column_tests(s, 50_000, 8_000, 9)
+    assert small["regime"] == "p-value" and small["num_method"] == "ks"
+    assert small["cat_threshold"] == pytest.approx(0.01 / 9)
+    assert (large["cat_method"], large["num_method"], large["num_threshold"]) == ("jensenshannon", "wasserstein", 0.1)
+
+
+def test_two_sample_chi_square_matches_scipy_contingency():
+    import pandas as pd
+    from scipy.stats import chi2_contingency
+
+    from drift.stattests import _chi2_two_sample
+
+    ref = pd.Series(["a"] * 50 + ["b"] * 30 + ["c"] * 20)
+    cur = pd.Series(["a"] * 30 + ["b"] * 30 + ["c"] * 35 + ["d"] * 5)
+    p, drifted = _chi2_two_sample(ref, cur, None, 0.01)
+    expected = chi2_contingency([[50, 30, 20, 0], [30, 30, 35, 5]], correction=False).pvalue
+    assert p == pytest.approx(expected) and drifted == (expected < 0.01)
+    assert _chi2_two_sample(ref, ref, None, 0.01) == (pytest.approx(1.0), False)
