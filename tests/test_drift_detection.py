@@ -37,7 +37,8 @@ def _settings(tmp_path, **kw) -> DriftSettings:
 
 
 def _checks(ref_df, cur_df, vectors, settings, dims=None):
-    checks, detail = compare(_side("reference", ref_df, vectors, dims), _side("current", cur_df, vectors, dims), settings)
+    ref, cur = _side("reference", ref_df, vectors, dims), _side("current", cur_df, vectors, dims)
+    checks, detail = compare(ref, cur, settings)
     return {c.name: c for c in checks}, detail, verdict(checks)
 
 
@@ -79,9 +80,7 @@ def test_context_shift_age_and_odometer_detected(tmp_path, vectors):
 
 def test_paraphrase_shift_caught_by_embeddings_only_at_384_dims(tmp_path, vectors):
     """Same sections, severities, lengths and context; new wording. Only EmbeddingsDrift sees it."""
-    checks, detail, (status, code) = _checks(
-        traffic(N, 5), traffic(N, 6, paraphrase=0.7), vectors, _settings(tmp_path)
-    )
+    checks, detail, (status, code) = _checks(traffic(N, 5), traffic(N, 6, paraphrase=0.7), vectors, _settings(tmp_path))
     assert detail["embedding_drift"]["detail"]["dim"] == 384
     assert checks["data_drift"].status == "pass", checks["data_drift"].message
     assert checks["embedding_drift"].status == "drift", checks["embedding_drift"].message
