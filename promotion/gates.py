@@ -95,22 +95,46 @@ def golden_gate(tags: dict[str, str], check: Callable[[], tuple[bool, float, str
 def drift_gate(
     reports: list[dict[str, Any]], version: str, since: datetime | None, settings: PromoteSettings
 ) -> GateResult:
-    """The latest drift verdict for the canary version (slot canary), from ``drift_reports``."""
+    """The latest drift verdict for the canary version (slot canary), from ``drift_reports``.
+
+    The drift job's status (``details.status``: drift / no_drift / insufficient_data / error) decides;
+    a report without a conclusive verdict counts as no report yet.
+    """
     rows = [r for r in reports if since is None or _aware(r["ts"]) >= since]
-    if not rows:
-        status = WAIT if settings.require_drift_report else PASS
-        return GateResult("drift", status, f"no drift report for version {version} since the canary started")
-    latest = max(rows, key=lambda r: _aware(r["ts"]))
-    values = {
-        "ts": str(latest["ts"]),
-        "drift_share": latest.get("drift_share"),
-        "n_current": latest.get("n_current"),
-    }
-    if latest.get("drift_detected"):
+    latest = max(rows, key=lambda r: _aware(r["ts"])) if rows else None
+    status = _drift_status(latest) if latest else None
+    if latest and (status == "drift" or latest.get("drift_detected")):
         return GateResult(
-            "drift", FAIL, f"drift detected at {latest['ts']} (share {latest.get('drift_share')})", values
+            "drift",
+            FAIL,
+            f"drift detected at {latest['ts']} (share {latest.get('drift_share')})",
+            _drift_values(latest),
         )
-    return GateResult("drift", PASS, f"no drift at {latest['ts']} (n={latest.get('n_current')})", values)
+    if latest and status in (None, "no_drift"):
+        return GateResult(
+            "drift", PASS, f"no drift at {latest['ts']} (n={latest.get('n_current')})", _drift_values(latest)
+        )
+    why = f"last drift run was {status}" if latest else "no drift report"
+    return GateResult(
+        "drift",
+        WAIT if settings.require_drift_report else PASS,
+        f"{why} for version {version} since the canary started",
+        _drift_values(latest) if latest else {},
+    )
+
+
+def _drift_status(row: dict[str, Any]) -> str | None:
+    details = row.get("details")
+    if isinstance(details, str):
+        try:
+            details = json.loads(details) if details else {}
+        except ValueError:
+            details = {}
+    return (details or {}).get("status")
+
+
+def _drift_values(row: dict[str, Any]) -> dict[str, Any]:
+    return {"ts": str(row["ts"]), "drift_share": row.get("drift_share"), "n_current": row.get("n_current")}
 
 
 def live_gate(

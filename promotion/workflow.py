@@ -29,6 +29,7 @@ STATUS_TAG = "promotion.status"
 STEP_AT_TAG = "promotion.step_at"
 STARTED_AT_TAG = "promotion.canary_started_at"
 PERCENT_TAG = "promotion.canary_percent"
+_APPLIED_AT = "@applied"  # a tag value stamped with the time the live change took effect
 
 
 class PromotionError(Exception):
@@ -260,12 +261,17 @@ class Promoter:
                     self.registry.delete_alias(alias)
         except Exception as e:
             event.success, event.reason = False, f"{event.reason}; failed: {e}".lstrip("; ")
-            self._record(event, version_tags or {})
+            self._record(event, {v: {} for v in version_tags or {}})  # the audit, not the new state
             raise PromotionError(
                 f"{event.action} failed part-way: {e}\nrun `motlens promote status` to see the state; "
                 f"re-running the same command finishes it"
             ) from e
-        audit_ok = self._record(event, version_tags or {})
+        applied = _now().isoformat()
+        version_tags = {
+            v: {k: applied if val == _APPLIED_AT else val for k, val in tags.items()}
+            for v, tags in (version_tags or {}).items()
+        }
+        audit_ok = self._record(event, version_tags)
         return Outcome(
             event.action,
             f"{live.describe()} → {desired.describe()}",
@@ -353,7 +359,6 @@ class Promoter:
                 desired = live.with_percent(percent)
             else:
                 desired = live.with_canary(version, self.uri(version), percent)
-            now = _now().isoformat()
             return self._execute(
                 event,
                 live,
@@ -363,8 +368,8 @@ class Promoter:
                 version_tags={
                     version: {
                         STATUS_TAG: "canary",
-                        STARTED_AT_TAG: now,
-                        STEP_AT_TAG: now,
+                        STARTED_AT_TAG: _APPLIED_AT,
+                        STEP_AT_TAG: _APPLIED_AT,
                         PERCENT_TAG: str(percent),
                     }
                 },
@@ -384,7 +389,7 @@ class Promoter:
                 live,
                 aliases,
                 [live.with_percent(percent)],
-                version_tags={version: {STEP_AT_TAG: _now().isoformat(), PERCENT_TAG: str(percent)}},
+                version_tags={version: {STEP_AT_TAG: _APPLIED_AT, PERCENT_TAG: str(percent)}},
             )
 
     def next_step(self, percent: int | None) -> int | None:
@@ -413,7 +418,7 @@ class Promoter:
             live,
             aliases,
             [live.with_percent(nxt)],
-            version_tags={version: {STEP_AT_TAG: _now().isoformat(), PERCENT_TAG: str(nxt)}},
+            version_tags={version: {STEP_AT_TAG: _APPLIED_AT, PERCENT_TAG: str(nxt)}},
         )
 
     def promote(self, version: str | None = None) -> Outcome:
@@ -439,7 +444,7 @@ class Promoter:
             desired = live.promoted()
         else:
             desired = live  # resuming: the live side is already done
-        tags = {version: {STATUS_TAG: "production", "promotion.promoted_at": _now().isoformat()}}
+        tags = {version: {STATUS_TAG: "production", "promotion.promoted_at": _APPLIED_AT}}
         if previous and previous != version:
             tags[previous] = {STATUS_TAG: "retired"}
         return self._execute(
@@ -468,7 +473,7 @@ class Promoter:
         event.gates = self.offline_gates(version, aliases.get("production"))
         self._refuse_on_gates(event, f"deploying version {version}")
         desired = live.deployed(version, self.uri(version))
-        tags = {version: {STATUS_TAG: "production", "promotion.promoted_at": _now().isoformat()}}
+        tags = {version: {STATUS_TAG: "production", "promotion.promoted_at": _APPLIED_AT}}
         if previous and previous != version and self._exists(previous):
             tags[previous] = {STATUS_TAG: "retired"}
         return self._execute(

@@ -1,0 +1,168 @@
+"""Local target: `motlens serve` with production + canary slots, driven through its admin API while
+real traffic flows. The split seen in the prediction log matches the percent; no request fails;
+the real drift job (canary mode) flags a canary that disagrees with production and `auto` rolls it back."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import threading
+import time
+from datetime import UTC, datetime
+
+import httpx
+import numpy as np
+import pytest
+from conftest import _TINY_TEXTS, free_port
+
+from promotion.local_target import LocalTarget
+from promotion.settings import PromoteSettings
+from promotion.workflow import STEP_AT_TAG, Promoter
+
+TEXTS = [t for t, _, _ in _TINY_TEXTS]
+
+
+class Traffic:
+    """Two client threads posting single-text v1 requests until stopped; every status code is kept."""
+
+    def __init__(self, base: str) -> None:
+        self.base, self.codes, self.errors = base, [], []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(2)]
+
+    def _run(self, seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                try:
+                    r = client.post(f"{self.base}/v1/models/mot-defects:predict",
+                                    json={"instances": [rng.choice(TEXTS)]})
+                    self.codes.append(r.status_code)
+                except httpx.HTTPError as e:
+                    self.errors.append(repr(e))
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+
+def _rows_since(reader, since, need: int, timeout: float = 180.0):
+    """Per (version, slot) counts from the prediction log once at least ``need`` rows arrived."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = reader.live_stats(since=since, model_name="mot-defects")
+        total = int(stats["n"].sum()) if len(stats) else 0
+        if total >= need or time.monotonic() > deadline:
+            return {(r.model_version, r.slot): int(r.n) for r in stats.itertuples()}, total
+        time.sleep(0.5)
+
+
+def _split_ok(counts: dict, total: int, version: str, percent: int) -> None:
+    n_canary = counts.get((version, "canary"), 0)
+    p = percent / 100
+    sigma = math.sqrt(p * (1 - p) / total) if 0 < p < 1 else 0.0
+    assert abs(n_canary / total - p) <= 4 * sigma + 1e-9, (counts, percent)
+
+
+def _drift_job(registry, version: str, out):
+    import predlog
+    from drift.job import DriftJob
+    from drift.settings import DriftSettings
+
+    settings = DriftSettings(canary=True, version=version, window="30m", output=out, min_rows=60,
+                             min_embedding_rows=40, min_shared_texts=5, log_artifact=False, progress=False)
+    return DriftJob(settings, reader=predlog.open_reader(), registry=registry).run()
+
+
+def _other_head_bundle(tiny_bundle, embedder, out):
+    """The tiny bundle with the section head's rows rotated: a model that disagrees with production."""
+    from motlens.bundle import assemble, make_golden
+    from motlens.embedder import default_model_dir
+    from motlens.head import DefectHead
+
+    head = tiny_bundle.head()
+    weights = {k: np.asarray(v).copy() for k, v in head.weights.items()}
+    weights["section.weight"] = np.roll(weights["section.weight"], 3, axis=0)
+    weights["section.bias"] = np.roll(weights["section.bias"], 3, axis=0)
+    other = DefectHead(weights=weights, features=head.features)
+    return assemble(out, default_model_dir(), other, make_golden(embedder, other, TEXTS), version="x", run_id="x")
+
+
+@pytest.mark.slow
+def test_local_canary_promote_and_rollback_under_traffic(registry, tiny_bundle, embedder, tmp_path, monkeypatch):
+    import predlog
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+    from predlog.settings import PredlogSettings
+
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
+    monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
+    for i in range(2):
+        registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.6}, params={"i": i}, alias=None)
+    other = _other_head_bundle(tiny_bundle, embedder, tmp_path / "other")
+    registry.register_bundle(other.root, metrics={"section_macro_f1": 0.6}, params={"i": 2}, alias=None)
+
+    writer = predlog.open_writer(PredlogSettings(flush_interval_s=0.05, batch_rows=64))
+    serve = ServeSettings(model="models:/mot-defects/1", http_port=free_port(), grpc_port=free_port(),
+                          enable_grpc=False, log_embedding_sample_rate=1.0, grace_period_s=20, cache_bytes=0)
+    thread = ServerThread(PredictorServer(serve, embedder=embedder, writer=writer, host="127.0.0.1"))
+    thread.start().wait_ready()
+    base = f"http://127.0.0.1:{serve.http_port}"
+    # latency on a shared 2-core box is noise, not the subject here (the p99 rule has its own tests)
+    settings = PromoteSettings(target="local", local_url=base, steps=[25, 50, 100], min_samples=40,
+                               min_step_interval_s=0, p99_slack_ms=2000)
+    target = LocalTarget(settings)
+    p = Promoter(settings, registry, target, force=True)
+    reader = p.reader()
+    try:
+        with Traffic(base) as traffic:
+            p.promote("1")  # adopt what the server runs; nothing to load
+            p.force = False
+            assert target.read().production_version == "1"
+
+            p.canary_start("2", 25)
+            for percent in itertools.chain([25], [50, 100]):
+                if percent != 25:
+                    p.advance()
+                assert target.read().percent == percent
+                since = datetime.fromisoformat(registry.resolve("2").tags[STEP_AT_TAG])
+                counts, total = _rows_since(reader, since, 240)
+                _split_ok(counts, total, "2", percent)
+                if percent == 25:  # the drift job's verdict on this canary (gates read the latest)
+                    result = _drift_job(registry, "2", tmp_path / "drift-2")
+                    assert result.summary["details"]["status"] == "no_drift", result.messages
+            p.promote()
+            live = target.read()
+            assert (live.production_version, live.canary_active) == ("2", False)
+            since = datetime.now(UTC)
+            counts, total = _rows_since(reader, since, 100)
+            assert set(counts) == {("2", "production")}
+
+            # a canary that disagrees with production: the real drift job flags it, auto rolls back
+            p.canary_start("3", 50)
+            since = datetime.fromisoformat(registry.resolve("3").tags[STEP_AT_TAG])
+            counts, total = _rows_since(reader, since, 240)
+            _split_ok(counts, total, "3", 50)
+            result = _drift_job(registry, "3", tmp_path / "drift-3")
+            assert result.summary["details"]["status"] == "drift", result.messages
+            out = p.auto()
+            assert out.action == "rollback" and "drift" in {r.name for r in out.gates if r.status == "fail"}
+            live = target.read()
+            assert (live.production_version, live.canary_active) == ("2", False)
+            since = datetime.now(UTC)
+            counts, total = _rows_since(reader, since, 100)
+            assert set(counts) == {("2", "production")}
+        assert traffic.errors == [] and set(traffic.codes) == {200}, (traffic.errors[:3], set(traffic.codes))
+        assert len(traffic.codes) > 1000
+    finally:
+        thread.stop()
+    assert registry.aliases() == {"production": "2"}
+    assert registry.resolve("3").tags["promotion.status"] == "rejected"
