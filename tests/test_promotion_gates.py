@@ -1,0 +1,133 @@
+"""Gate rules (pure functions over real-shaped inputs) and the rollout state's patches."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from promotion import gates as g
+from promotion.rollout import RolloutError, RolloutState, apply_merge_patch, merge_patch, state_from_isvc
+from promotion.settings import PromoteSettings
+
+S = PromoteSettings(offline_metrics=["f1", "auc"], offline_tolerance=0.01, min_samples=100, max_error_rate=0.02,
+                    error_rate_margin=0.005, max_p99_ratio=1.5, p99_slack_ms=10)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("cand", "prod", "status"),
+    [
+        ({"f1": 0.80, "auc": 0.90}, {"f1": 0.80, "auc": 0.90}, "pass"),
+        ({"f1": 0.795, "auc": 0.90}, {"f1": 0.80, "auc": 0.90}, "pass"),  # within tolerance
+        ({"f1": 0.78, "auc": 0.95}, {"f1": 0.80, "auc": 0.90}, "fail"),  # one metric worse
+        ({"auc": 0.95}, {"f1": 0.80, "auc": 0.90}, "fail"),  # missing metric
+        ({"f1": 0.1}, None, "pass"),  # nothing in production
+    ],
+)
+def test_offline_gate(cand, prod, status):
+    assert g.offline_gate(cand, prod, S).status == status
+
+
+def _stats(n, err, p99):
+    return {"n": n, "error_rate": err, "latency_p99_ms": p99}
+
+
+@pytest.mark.parametrize(
+    ("canary", "prod", "status", "words"),
+    [
+        (_stats(50, 0.0, 5), _stats(500, 0.0, 5), "wait", "need 100"),
+        (None, _stats(500, 0.0, 5), "wait", "0 canary items"),
+        (_stats(200, 0.0, 12), _stats(500, 0.0, 10), "pass", "n=200"),
+        (_stats(200, 0.05, 10), _stats(500, 0.0, 10), "fail", "error rate 5.00%"),
+        (_stats(200, 0.015, 10), _stats(500, 0.0, 10), "fail", "error rate"),  # below max, above prod+margin
+        (_stats(200, 0.015, 10), _stats(500, 0.012, 10), "pass", "n=200"),
+        (_stats(200, 0.0, 40), _stats(500, 0.0, 10), "fail", "p99 40.0 ms"),
+        (_stats(200, 0.0, 40), None, "pass", "production n/a"),
+    ],
+)
+def test_live_gate(canary, prod, status, words):
+    r = g.live_gate(canary, prod, S)
+    assert r.status == status and words in r.detail
+
+
+def test_drift_gate():
+    t0 = datetime.now(UTC) - timedelta(minutes=10)
+
+    def row(minutes, detected, status=None):
+        return {"ts": t0 + timedelta(minutes=minutes), "drift_detected": detected, "drift_share": 0.5,
+                "n_current": 300, "details": json.dumps({"status": status} if status else {})}
+
+    assert g.drift_gate([], "2", t0, S).status == "wait"
+    assert g.drift_gate([], "2", t0, S.model_copy(update={"require_drift_report": False})).status == "pass"
+    assert g.drift_gate([row(-5, True)], "2", t0, S).status == "wait"  # before the canary started
+    assert g.drift_gate([row(1, True), row(2, False, "no_drift")], "2", t0, S).status == "pass"  # latest wins
+    assert g.drift_gate([row(2, True), row(1, False)], "2", t0, S).status == "fail"
+    assert g.drift_gate([row(1, False, "insufficient_data")], "2", t0, S).status == "wait"
+
+
+def test_golden_gate_is_recorded_once():
+    calls = []
+
+    def check():
+        calls.append(1)
+        return False, 0.93, "min cosine 0.93"
+
+    r = g.golden_gate({}, check)
+    assert (r.status, r.values["min_cosine"]) == ("fail", 0.93)
+    stored = {g.GOLDEN_TAG: json.dumps(r.to_json())}
+    assert g.golden_gate(stored, check).status == "fail" and len(calls) == 1
+    assert g.golden_gate({}, lambda: 1 / 0).status == "fail"  # a bundle that cannot load fails the gate
+
+
+def test_summarize():
+    p, w, f = (g.GateResult("x", s, "") for s in ("pass", "wait", "fail"))
+    assert (g.summarize([p, p]), g.summarize([p, w]), g.summarize([w, f])) == ("pass", "wait", "fail")
+
+
+def _isvc(percent=None, ann=None):
+    pred = {"containers": [{"name": "kserve-container", "image": "x",
+                            "env": [{"name": "STORAGE_URI", "value": "s3://a"}, {"name": "OTHER", "value": "1"}]}]}
+    if percent is not None:
+        pred["canaryTrafficPercent"] = percent
+    meta = {"name": "mot-defects", "annotations": {"keep": "me", **(ann or {})}}
+    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta,
+            "spec": {"predictor": pred}}
+
+
+def test_merge_patch_round_trip():
+    live = _isvc(percent=100, ann={"motlens.io/production-version": "1", "motlens.io/production-storage-uri": "s3://a"})
+    state = state_from_isvc(live)
+    assert (state.production_version, state.canary_active, state.percent) == ("1", False, 100)
+    canary = state.with_canary("2", "s3://b", 10)
+    patch = merge_patch(live, canary)
+    assert patch["spec"]["predictor"]["containers"][0]["env"][1] == {"name": "OTHER", "value": "1"}  # full list
+    after = apply_merge_patch(live, patch)
+    assert state_from_isvc(after) == canary and after["metadata"]["annotations"]["keep"] == "me"
+    back = apply_merge_patch(after, merge_patch(after, canary.with_percent(0).rolled_back()))
+    assert state_from_isvc(back) == RolloutState("s3://a", "1", "s3://a") and "canaryTrafficPercent" not in back
+    assert merge_patch(after, canary) == {}
+
+
+@pytest.mark.parametrize("bad", [-1, 101, 12.5, "10", True])
+def test_percent_is_checked(bad):
+    with pytest.raises(RolloutError, match="0 to 100"):
+        RolloutState("s3://a", "1", "s3://a").with_canary("2", "s3://b", bad)
+
+
+def test_contract_violations_are_named():
+    isvc = _isvc()
+    isvc["spec"]["predictor"]["containers"][0]["env"].reverse()
+    with pytest.raises(RolloutError, match="env\\[0\\] must be STORAGE_URI"):
+        state_from_isvc(isvc)
+    isvc["spec"]["predictor"]["containers"][0]["name"] = "sidecar"
+    with pytest.raises(RolloutError, match="containers\\[0\\] must be 'kserve-container'"):
+        state_from_isvc(isvc)
+
+
+def test_settings_reject_bad_steps():
+    with pytest.raises(ValueError, match="steps"):
+        PromoteSettings(steps="50,10")
+    with pytest.raises(ValueError, match="unknown target"):
+        PromoteSettings(target="helm")
+    assert PromoteSettings(steps="5, 20,100").steps == [5, 20, 100]
