@@ -116,9 +116,7 @@ class ClickHouseSink:
             self.close()
 
     def close(self) -> None:
-        """Close the client, except chdb's in-memory engine, whose tables vanish with its last handle."""
-        if self.settings.clickhouse_url in ("chdb://memory", "chdb://:memory:"):
-            return
+        """Close the client (``chdb://memory`` tables vanish when the engine's last handle closes)."""
         with self._lock:
             client, self._client = self._client, None
         if client is not None:

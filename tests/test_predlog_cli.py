@@ -20,6 +20,7 @@ def logged(request, tmp_path, monkeypatch):
         monkeypatch.setenv("MOTLENS_CLICKHOUSE_URL", "chdb://memory")
         monkeypatch.setenv("MOTLENS_PREDLOG_DATABASE", f"c_{uuid.uuid4().hex[:10]}")
     settings = PredlogSettings(flush_interval_s=0.02)
+    keeper = predlog.open_reader(settings)  # keeps the in-process chdb engine (and its tables) alive
     writer = predlog.open_writer(settings)
     writer.submit(
         [
@@ -41,8 +42,8 @@ def logged(request, tmp_path, monkeypatch):
     writer.close(30)
     yield settings
     if request.param == "table":
-        r = predlog.open_reader(settings)
-        r.client.command(f"DROP DATABASE IF EXISTS {settings.database}")
+        keeper.client.command(f"DROP DATABASE IF EXISTS {settings.database}")
+    keeper.close()
 
 
 def _json_lines(text: str) -> list[dict]:

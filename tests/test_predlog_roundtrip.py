@@ -96,8 +96,8 @@ def table(tmp_path_factory, records):
         batch_rows=200,
         flush_interval_s=0.05,
     )
+    reader = predlog.open_reader(settings)  # opened first: it keeps the in-process chdb engine alive
     stats = write_all(settings, records)
-    reader = predlog.open_reader(settings)
     yield reader, stats
     reader.client.command(f"DROP DATABASE IF EXISTS {settings.database}")
     reader.close()

@@ -28,6 +28,7 @@ def reader(request, tmp_path_factory):
     if request.param == "table":
         kwargs.update(clickhouse_url="chdb://memory", database=f"s_{uuid.uuid4().hex[:10]}")
     settings = PredlogSettings(**kwargs)
+    r = predlog.open_reader(settings)  # opened first: it keeps the in-process chdb engine (and tables) alive
     writer = predlog.open_writer(settings)
     recs = [
         PredictionRecord(request_id=f"r{i}", item_index=0, model_name="mot-defects", model_version=v, slot=v, text=v)
@@ -35,7 +36,6 @@ def reader(request, tmp_path_factory):
     ]
     writer.submit(recs)
     writer.close(30)
-    r = predlog.open_reader(settings)
     yield r
     if request.param == "table":
         r.client.command(f"DROP DATABASE IF EXISTS {settings.database}")
