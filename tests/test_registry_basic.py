@@ -24,9 +24,7 @@ def test_register_resolve_fetch(registry, tiny_bundle, embedder, tmp_path):
         alias="candidate",
         run_name="first",
     )
-    v2 = registry.register_bundle(
-        tiny_bundle.root, metrics={"section_macro_f1": 0.7}, params={"seed": 2}, alias=None
-    )
+    v2 = registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.7}, params={"seed": 2}, alias=None)
     assert (v1.version, v2.version) == ("1", "2")
     assert (tiny_bundle.root / "bundle.json").read_text() == before  # the local bundle is untouched
     assert v1.aliases == ["candidate"] and v1.metrics == {"section_macro_f1": 0.5}
@@ -47,6 +45,11 @@ def test_register_resolve_fetch(registry, tiny_bundle, embedder, tmp_path):
     cached = registry.fetch("candidate")
     assert cached.root == registry.cache_dir / "mot-defects" / "1"
     assert registry.fetch("1").root == cached.root
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(RegistryError, match="exists and is not a bundle"):
+        registry.fetch("1", dst=tmp_path / "busy")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
 def test_aliases_tags_versions(registry, tiny_bundle):

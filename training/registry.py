@@ -119,7 +119,7 @@ class Registry:
 
         bundle = Bundle.open(bundle_root)  # never register a bundle that does not verify
         if alias is not None:
-            _check_alias(alias)
+            check_alias(alias)
         run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=dict(tags or {}))
         run_id = run.info.run_id
         try:
@@ -232,6 +232,8 @@ class Registry:
                 return self._check_stored(Bundle.open(target), info)
             except BundleError:
                 shutil.rmtree(target)  # stale or damaged cache: download afresh below
+        elif target.exists() and any(target.iterdir()):
+            raise RegistryError(f"{target} exists and is not a bundle; give an empty or new directory")
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
@@ -242,9 +244,14 @@ class Registry:
                 bundle = self._check_stored(Bundle.open(path), info)
             except BundleError as e:
                 raise BundleError(f"stored bundle of {info.name} version {info.version} refused: {e}") from e
-            if target.exists():
-                shutil.rmtree(target)
-            Path(path).rename(target)
+            try:
+                Path(path).rename(target)
+            except OSError:  # another process put a copy there first: use it if it verifies
+                try:
+                    return self._check_stored(Bundle.open(target), info)
+                except BundleError:
+                    shutil.rmtree(target, ignore_errors=True)
+                    Path(path).rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return Bundle(target, bundle.manifest)
@@ -261,7 +268,7 @@ class Registry:
     # ---- aliases, tags, listings -----------------------------------------------------------
 
     def set_alias(self, alias: str, version: str | int) -> None:
-        _check_alias(alias)
+        check_alias(alias)
         self.resolve(str(version))  # clear error for an unknown version
         self.client.set_registered_model_alias(self.model_name, alias, str(version))
 
@@ -309,7 +316,8 @@ class Registry:
         return dict(self.client.get_run(run_id).data.metrics)
 
 
-def _check_alias(alias: str) -> None:
+def check_alias(alias: str) -> None:
+    """Raise :class:`RegistryError` for a name MLflow would refuse as an alias."""
     if not _ALIAS.match(alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
         raise RegistryError(f"invalid alias {alias!r}: letters, digits, '_' or '-', starting with a letter")
 

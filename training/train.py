@@ -32,7 +32,7 @@ from motlens.head import DefectHead, FeatureSpec, HeadOutput
 from motlens.labels import SEVERITIES
 from training.dataset import CONTEXT_COLUMNS, TrainingSet, build_training_set
 from training.evaluate import evaluate
-from training.registry import ModelVersionInfo, Registry
+from training.registry import ModelVersionInfo, Registry, check_alias
 
 PACKAGES = (
     "motlens",
@@ -310,6 +310,8 @@ def train(
     from motlens.embedder import TorchEmbedder, default_model_dir
 
     s = settings or TrainSettings()
+    if s.alias is not None:
+        check_alias(s.alias)  # fail before hours of work, not at registration
     clock = _Clock()
     if isinstance(data, TrainingSet):
         ts = data
