@@ -3,8 +3,9 @@
     .venv/bin/python bench/bench_predlog.py                       # defaults (a few minutes on 2 cores)
     .venv/bin/python bench/bench_predlog.py --rows 50000 --scale-rows 1000000 --json out.json
 
-Figures go into docs/predlog.md. Serving-throughput overhead (target < 5%) needs the predictor:
-run the predictor benchmark with and without ``--no-predlog`` (``motlens serve``) and compare.
+Figures go into docs/predlog.md. ``--parts serving`` measures the serving-throughput overhead of the
+log (target < 5%): ``motlens serve`` with and without ``--no-predlog``, alternated, under the same
+closed-loop load (bench.loadgen), comparing items/s and the server's CPU seconds per item.
 """
 
 from __future__ import annotations
@@ -316,6 +317,117 @@ def parquet_query(records: list[PredictionRecord], tmp: Path) -> dict:
     }
 
 
+def _tree_cpu(pid: int) -> float:
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def bench_serving(tmp: Path, duration: float, rounds: int, mix_name: str, concurrency: int) -> dict:
+    """A/B: the predictor with and without the prediction log (embedded Parquet), alternated."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for the bench package
+    from bench.bundle import build_bench_bundle
+    from bench.loadgen import run, run_load
+    from bench.mixes import make_mix
+
+    bundle = build_bench_bundle(Path("bench/results/bundle"), onnx=False)
+    runs = []
+    for i, arm in enumerate(["off", "on"] * rounds):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        home = tmp / f"serve_{i}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "motlens.cli",
+            "serve",
+            "--model",
+            str(bundle.root),
+            "--http-port",
+            str(port),
+            "--no-grpc",
+            "--backend",
+            "torch",
+            "--device",
+            "cpu",
+        ] + (["--no-predlog"] if arm == "off" else [])
+        proc = subprocess.Popen(
+            cmd, env={**os.environ, "MOTLENS_HOME": str(home)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    if httpx.get(f"{url}/v2/models/mot-defects/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"server ({arm}) did not become ready")
+                time.sleep(0.5)
+            cpu0 = _tree_cpu(proc.pid)
+            res = run(
+                run_load(
+                    url,
+                    make_mix(mix_name, seed=i),
+                    concurrency=concurrency,
+                    duration_s=duration,
+                    warmup_s=0.0,
+                    pid=proc.pid,
+                )
+            )
+            cpu = _tree_cpu(proc.pid) - cpu0
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        logged = None
+        if arm == "on":
+            reader = predlog.open_reader(PredlogSettings(dir=home / "predlog"))
+            logged = int(reader.query("SELECT count() AS n FROM predictions")["n"][0])
+            reader.close()
+        runs.append(
+            {
+                "arm": arm,
+                "items_per_s": res.items_per_s,
+                "errors": res.errors,
+                "items": res.items,
+                "cpu_s_per_1k_items": 1000 * cpu / max(res.items, 1),
+                "p99_ms": res.p99_ms,
+                "logged": logged,
+            }
+        )
+
+    def mean(arm: str, key: str) -> float:
+        return statistics.mean(r[key] for r in runs if r["arm"] == arm)
+
+    return {
+        "mix": mix_name,
+        "concurrency": concurrency,
+        "duration_s": duration,
+        "runs": runs,
+        "throughput_overhead": 1 - mean("on", "items_per_s") / mean("off", "items_per_s"),
+        "cpu_per_item_overhead": mean("on", "cpu_s_per_1k_items") / mean("off", "cpu_s_per_1k_items") - 1,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=100_000, help="rows for writer and bytes/row figures")
@@ -324,6 +436,9 @@ def main() -> None:
     ap.add_argument("--real-embeddings", type=int, default=1000, help="MiniLM embeddings to measure (0: random)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--parts", default="writer,storage,encodings,parquet,scale", help="comma-separated subset")
+    ap.add_argument("--serve-duration", type=float, default=15.0, help="seconds of load per serving run")
+    ap.add_argument("--serve-rounds", type=int, default=2, help="off/on pairs for the serving overhead")
+    ap.add_argument("--mix", default="realistic", choices=("realistic", "novel"))
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     results: dict = {}
@@ -353,6 +468,9 @@ def main() -> None:
         if "scale" in parts:
             with console.status(f"drift queries on {args.scale_rows:,} generated rows"):
                 results["scale"] = bench_queries(args.scale_rows, args.days)
+        if "serving" in parts:
+            with console.status("serving overhead (predictor with / without the log)"):
+                results["serving"] = bench_serving(tmp, args.serve_duration, args.serve_rounds, args.mix, 32)
     report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
@@ -388,6 +506,17 @@ def report(r: dict) -> None:
         )
         for name, q in sc["queries"].items():
             t.add_row(f"{name} (s, rows)", f"{q['median_s']:.3f}, {q['rows_returned']:,}")
+    if "serving" in r:
+        sv = r["serving"]
+        for run_ in sv["runs"]:
+            t.add_row(
+                f"serving predlog={run_['arm']} items/s, CPU s/1k items, errors, logged",
+                f"{run_['items_per_s']:.1f}, {run_['cpu_s_per_1k_items']:.2f}, {run_['errors']}, {run_['logged']}",
+            )
+        t.add_row(
+            "serving overhead: throughput / CPU per item",
+            f"{sv['throughput_overhead']:.1%} / {sv['cpu_per_item_overhead']:.1%}",
+        )
     console.print(t)
     console.print_json(json.dumps(r, default=str))
 

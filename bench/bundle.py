@@ -27,8 +27,8 @@ def _fit(x: np.ndarray, labels: list[int], k: int) -> tuple[np.ndarray, np.ndarr
     return w[:-1].T.astype(np.float32), w[-1].astype(np.float32)
 
 
-def build_bench_bundle(out: Path, rebuild: bool = False):  # noqa: ANN201 - motlens.bundle.Bundle
-    """Build (or reuse, when it verifies) the benchmark bundle at ``out``."""
+def build_bench_bundle(out: Path, rebuild: bool = False, onnx: bool = True):  # noqa: ANN201 - Bundle
+    """Build (or reuse, when it verifies) the benchmark bundle at ``out`` (``onnx``: with ONNX variants)."""
     from motlens.bundle import Bundle, BundleError, assemble, make_golden
     from motlens.embedder import TorchEmbedder, default_model_dir
     from motlens.head import DefectHead, FeatureSpec
@@ -58,6 +58,6 @@ def build_bench_bundle(out: Path, rebuild: bool = False):  # noqa: ANN201 - motl
     with tempfile.TemporaryDirectory(prefix="motlens-bench-") as tmp:
         staged = Path(tmp) / "embedder"
         shutil.copytree(default_model_dir(), staged, ignore=shutil.ignore_patterns(".gitattributes", "README.md"))
-        onnx = export_variants(staged, head, golden_texts, heldout, reference=embedder)
+        figures = export_variants(staged, head, golden_texts, heldout, reference=embedder) if onnx else None
         golden = make_golden(embedder, head, golden_texts)
-        return assemble(out, staged, head, golden, version="bench", run_id="bench", onnx=onnx)
+        return assemble(out, staged, head, golden, version="bench", run_id="bench", onnx=figures)

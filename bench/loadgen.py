@@ -43,6 +43,7 @@ class LoadResult:
     p99_ms: float = float("nan")
     max_ms: float = float("nan")
     rss_max_mib: float | None = None
+    rate: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -115,8 +116,15 @@ async def run_load(
     pid: int | None = None,
     model: str = MODEL_NAME,
     timeout_s: float = 30.0,
+    rate: float | None = None,
+    max_requests: int | None = None,
 ) -> LoadResult:
-    """Run ``concurrency`` closed-loop clients for ``warmup_s`` + ``duration_s``; measure the latter."""
+    """Run ``concurrency`` closed-loop clients for ``warmup_s`` + ``duration_s``; measure the latter.
+
+    With ``rate`` (requests/s) the load is open-loop instead: requests start on a fixed schedule,
+    at most ``concurrency`` in flight, and latency counts from the scheduled start (no coordinated
+    omission). ``max_requests`` ends the measured phase early once that many requests completed.
+    """
     import aiohttp
 
     target = endpoint(url, protocol, model)
@@ -128,31 +136,63 @@ async def run_load(
     measure_from = t0 + warmup_s
     stop_at = measure_from + duration_s
 
+    done = asyncio.Event()
+    done_at = [stop_at]
+
+    async def one(session: aiohttp.ClientSession, start: float, check: bool) -> str | None:
+        body = request_body(protocol, mix.take(items), model)
+        kind = None
+        try:
+            async with session.post(target, data=body, headers=headers) as resp:
+                payload = await resp.read()
+                if resp.status != 200:
+                    kind = f"HTTP {resp.status}"
+                elif check and not _response_ok(protocol, payload, items):
+                    kind = "malformed response"
+        except (aiohttp.ClientError, TimeoutError) as e:
+            kind = type(e).__name__
+        end = time.perf_counter()
+        if start >= measure_from and end <= stop_at and not done.is_set():
+            if kind:
+                errors[kind] += 1
+            else:
+                latencies.append(end - start)
+                counts["requests"] += 1
+                counts["items"] += items
+                if max_requests and counts["requests"] >= max_requests:
+                    done_at[0] = end
+                    done.set()
+        return kind
+
     async def client(session: aiohttp.ClientSession, k: int) -> None:
         n = 0
-        while (start := time.perf_counter()) < stop_at:
-            body = request_body(protocol, mix.take(items), model)
-            kind = None
-            try:
-                async with session.post(target, data=body, headers=headers) as resp:
-                    payload = await resp.read()
-                    if resp.status != 200:
-                        kind = f"HTTP {resp.status}"
-                    elif n % CHECK_EVERY == k % CHECK_EVERY and not _response_ok(protocol, payload, items):
-                        kind = "malformed response"
-            except (aiohttp.ClientError, TimeoutError) as e:
-                kind = type(e).__name__
-            end = time.perf_counter()
+        while (start := time.perf_counter()) < stop_at and not done.is_set():
+            kind = await one(session, start, n % CHECK_EVERY == k % CHECK_EVERY)
             n += 1
-            if start >= measure_from and end <= stop_at:
-                if kind:
-                    errors[kind] += 1
-                else:
-                    latencies.append(end - start)
-                    counts["requests"] += 1
-                    counts["items"] += items
             if kind:  # do not spin on a refusing or failing server
                 await asyncio.sleep(0.01)
+
+    async def open_loop(session: aiohttp.ClientSession) -> None:
+        assert rate
+        slots = asyncio.Semaphore(concurrency)
+        tasks: set[asyncio.Task] = set()
+        n = 0
+        while (due := t0 + n / rate) < stop_at and not done.is_set():
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            await slots.acquire()
+
+            async def fire(due: float = due, check: bool = n % CHECK_EVERY == 0) -> None:
+                try:
+                    await one(session, due, check)
+                finally:
+                    slots.release()
+
+            task = asyncio.create_task(fire())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            n += 1
+        if tasks:
+            await asyncio.gather(*tasks)
 
     rss: list[int] = []
     stop = asyncio.Event()
@@ -160,7 +200,11 @@ async def run_load(
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(*(client(session, k) for k in range(concurrency)))
+        if rate:
+            await open_loop(session)
+        else:
+            await asyncio.gather(*(client(session, k) for k in range(concurrency)))
+    measured = done_at[0] - measure_from
     stop.set()
     if sampler:
         await sampler
@@ -171,13 +215,14 @@ async def run_load(
         mix=mix_name,
         concurrency=concurrency,
         items_per_request=items,
-        duration_s=duration_s,
+        duration_s=measured,
         requests=counts["requests"],
         items=counts["items"],
         errors=sum(errors.values()),
         error_kinds=dict(errors),
-        items_per_s=counts["items"] / duration_s,
-        requests_per_s=counts["requests"] / duration_s,
+        items_per_s=counts["items"] / measured,
+        requests_per_s=counts["requests"] / measured,
+        rate=rate,
         p50_ms=float(pct[0]),
         p95_ms=float(pct[1]),
         p99_ms=float(pct[2]),
@@ -206,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=1, help="texts per request")
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds (after the warm-up)")
     p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--rate", type=float, help="open loop: requests/s on a fixed schedule (default: closed loop)")
+    p.add_argument("--max-requests", type=int, help="stop the measured phase after this many requests")
     p.add_argument("--pid", type=int, help="server PID whose process tree RSS is sampled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -216,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         run_load(
             a.url, make_mix(a.mix, a.novel_share, a.seed), mix_name=a.mix, protocol=a.protocol,
             concurrency=a.concurrency, items=a.items, duration_s=a.duration, warmup_s=a.warmup, pid=a.pid,
-            model=a.model,
+            model=a.model, rate=a.rate, max_requests=a.max_requests,
         )
     )  # fmt: skip
     if a.json:

@@ -27,8 +27,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.loadgen import LoadResult, run, run_load
-from bench.mixes import make_mix
+if __package__ in (None, ""):  # run as `python bench/run_all.py` (Makefile): make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.loadgen import LoadResult, run, run_load  # noqa: E402
+from bench.mixes import make_mix  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

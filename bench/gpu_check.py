@@ -1,0 +1,185 @@
+"""GPU host check (driven by ``bench/gpu_check.sh``): fp16 consistency, throughput, latency, memory.
+
+1. fp16 golden-set consistency in-process (cosine to the fp32 CPU references, label agreement) and
+   the GPU offline batch ceiling (embedder + head, big batches).
+2. ``motlens serve --backend torch --device cuda --dtype float16`` on a free port, then:
+   batched closed-loop loads (64 texts/request) at several concurrencies; single-text closed loop;
+   open-loop single-text at a fixed request rate (default 1,000 req/s); 100k requests while GPU
+   memory is read before and after (nvidia-smi for the server process, and the server's gauges).
+3. JSON + text summary into ``--out`` (``$OUT`` in the script).
+
+Runs on CPU too for a smoke test: ``--device cpu --dtype float32 --requests 2000 --duration 3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.loadgen import LoadResult, run, run_load
+from bench.mixes import make_mix
+from bench.run_all import Service, free_port
+
+
+def golden_check(bundle_dir: Path, device: str, dtype: str, n_texts: int = 8192) -> dict:
+    """Golden set on this device/dtype vs the bundle's fp32 references, plus the offline ceiling."""
+    import torch
+
+    from motlens.bundle import Bundle, check_golden
+    from motlens.embedder import TorchEmbedder
+
+    bundle = Bundle.open(bundle_dir)
+    head, golden = bundle.head(), bundle.golden()
+    emb = TorchEmbedder(bundle.embedder_dir, device=device, dtype=dtype)
+    got = emb.encode(golden.texts)
+    out = head.predict(got, golden.context)
+    res = check_golden(golden, got, out.section, out.severity)
+    texts = make_mix("novel", seed=4242).take(n_texts)
+    head.predict(emb.encode(texts[:256], batch_size=256))
+    best = 0.0
+    for batch in (128, 256, 512):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        head.predict(emb.encode(texts, batch_size=batch))
+        best = max(best, len(texts) / (time.perf_counter() - t0))
+    del emb
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {
+        "device": device, "dtype": dtype, "golden_passed": bool(res.passed), "golden_min_cosine": float(res.min_cosine),
+        "golden_label_agreement": float(res.label_agreement), "detail": res.detail, "offline_ceiling_texts_per_s": best,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }  # fmt: skip
+
+
+def gpu_memory(pid: int, metrics_url: str) -> dict:
+    """Server GPU memory: nvidia-smi per process (MiB) and the server's own torch gauges (bytes)."""
+    out: dict = {"nvidia_smi_mib": None, "allocated_bytes": None, "reserved_bytes": None}
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout  # fmt: skip
+        pids = _tree_pids(pid)
+        out["nvidia_smi_mib"] = sum(
+            float(mem) for line in smi.strip().splitlines() if line
+            for p, mem in [line.split(",")] if int(p) in pids
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as r:
+            text = r.read().decode()
+        for key, name in (("allocated_bytes", "allocated"), ("reserved_bytes", "reserved")):
+            m = re.search(rf"^motlens_gpu_memory_{name}_bytes(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+            if m:
+                out[key] = float(m.group(1))
+    except OSError:
+        pass
+    return out
+
+
+def _tree_pids(pid: int) -> set[int]:
+    import psutil
+
+    proc = psutil.Process(pid)
+    return {pid, *(c.pid for c in proc.children(recursive=True))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="bundle directory (default: build one under --out)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per load")
+    p.add_argument("--ceiling-texts", type=int, default=8192, help="novel texts for the offline ceiling")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--batched-concurrency", default="4,16,32")
+    p.add_argument("--batch-items", type=int, default=64)
+    p.add_argument("--single-concurrency", default="32,128")
+    p.add_argument("--rate", type=float, default=1000.0, help="open-loop single-text requests/s")
+    p.add_argument("--requests", type=int, default=100_000, help="requests for the memory-flatness run")
+    p.add_argument("--requests-max-s", type=float, default=150.0, help="time cap for the memory-flatness run")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bench/results/gpu"))
+    p.add_argument("--serve-arg", action="append", default=[], help="extra `motlens serve` argument (repeat)")
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"args": {k: str(v) for k, v in vars(a).items()}, "loads": []}
+
+    def save() -> None:
+        (a.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+
+    bundle_dir = a.model
+    if bundle_dir is None:
+        from bench.bundle import build_bench_bundle
+
+        print("building the bundle …", flush=True)
+        bundle_dir = build_bench_bundle(a.out / "bundle", onnx=False).root
+    print("fp16 golden consistency + offline ceiling …", flush=True)
+    report["golden"] = golden_check(bundle_dir, a.device, a.dtype, a.ceiling_texts)
+    print(f"  {report['golden']['detail']}; ceiling {report['golden']['offline_ceiling_texts_per_s']:,.0f}/s")
+    save()
+
+    port = free_port()
+    argv_serve = [str(Path(sys.executable).parent / "motlens"), "serve", "--model", str(bundle_dir),
+                  "--http-port", str(port), "--grpc-port", str(free_port()), "--backend", "torch",
+                  "--device", a.device, "--dtype", a.dtype, *a.serve_arg]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="motlens-gpu-home-") as home:
+        svc = Service("motlens", argv_serve, f"http://127.0.0.1:{port}/v2/models/mot-defects/ready",
+                      f"http://127.0.0.1:{port}", "v2", env={"MOTLENS_HOME": home})  # fmt: skip
+        svc.start(a.out)
+        try:
+            svc.wait_ready(300)
+            assert svc.proc is not None
+            pid, metrics_url = svc.proc.pid, f"{svc.url}/metrics"
+
+            def load(label: str, mix: str, **kw) -> LoadResult:
+                kw.setdefault("duration_s", a.duration)
+                kw.setdefault("warmup_s", a.warmup)
+                r = run(run_load(svc.url, make_mix(mix, 0.1, seed=len(report["loads"])), system="motlens",
+                                 mix_name=mix, pid=pid, **kw))  # fmt: skip
+                report["loads"].append({"label": label, **r.to_json()})
+                print(f"  {label}: {r.items_per_s:,.0f} items/s ({r.requests_per_s:,.0f} req/s), "
+                      f"p50 {r.p50_ms:.1f} p99 {r.p99_ms:.1f} ms, errors {r.errors}", flush=True)  # fmt: skip
+                save()
+                return r
+
+            for c in [int(x) for x in a.batched_concurrency.split(",")]:
+                load(f"batched {a.batch_items}×{c} novel", "novel", concurrency=c, items=a.batch_items)
+            for c in [int(x) for x in a.single_concurrency.split(",")]:
+                load(f"single-text ×{c} realistic", "realistic", concurrency=c, items=1)
+            for mix in ("realistic", "novel"):
+                load(f"open loop {a.rate:.0f} req/s {mix}", mix, concurrency=512, items=1, rate=a.rate)
+            report["gpu_memory_before"] = gpu_memory(pid, metrics_url)
+            load(f"{a.requests} requests (memory)", "realistic", concurrency=64, items=1,
+                 max_requests=a.requests, duration_s=a.requests_max_s, warmup_s=0.0)  # fmt: skip
+            report["gpu_memory_after"] = gpu_memory(pid, metrics_url)
+            print(f"  GPU memory before {report['gpu_memory_before']}, after {report['gpu_memory_after']}")
+        finally:
+            svc.stop()
+    save()
+    lines = [f"golden: {report['golden']['detail']} on {report['golden']['gpu'] or a.device} ({a.dtype})",
+             f"offline ceiling: {report['golden']['offline_ceiling_texts_per_s']:,.0f} texts/s"]  # fmt: skip
+    lines += [
+        f"{x['label']}: {x['items_per_s']:,.0f} items/s, {x['requests_per_s']:,.0f} req/s, p50 {x['p50_ms']:.1f} "
+        f"p95 {x['p95_ms']:.1f} p99 {x['p99_ms']:.1f} ms, errors {x['errors']} {x['error_kinds'] or ''}"
+        for x in report["loads"]
+    ]
+    lines += [f"GPU memory before: {report.get('gpu_memory_before')}", f"after: {report.get('gpu_memory_after')}"]
+    (a.out / "gpu_check.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
