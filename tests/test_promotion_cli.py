@@ -1,0 +1,103 @@
+"""`motlens promote` from the command line: bad input gets a clear error and changes nothing; the
+audit (actor, events, tags) and the exported metrics follow each action."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from promotion_support import make_env
+
+from motlens.cli import main
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+
+
+@pytest.fixture
+def env(registry, tiny_bundle, tmp_path, monkeypatch):
+    env = make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60, 0.61])
+    monkeypatch.setenv("MOTLENS_PROMOTE_TARGET", "gitops")
+    monkeypatch.setenv("MOTLENS_PROMOTE_MANIFESTS_DIR", str(env.manifests))
+    monkeypatch.setenv("MOTLENS_PROMOTE_GOLDEN_CHECK", "false")
+    monkeypatch.setenv("MOTLENS_PROMOTE_ACTOR", "alice")
+    return env
+
+
+def _snapshot(env):
+    return (env.manifests / "overlays" / "cpu" / "rollout.yaml").read_text(), env.registry.aliases()
+
+
+BAD_INPUT = [
+    (["canary", "start", "99", "--percent", "10"], "version 99 of registered model 'mot-defects' does not exist"),
+    (["canary", "start", "--percent", "10"], "no 'candidate' alias"),
+    (["canary", "start", "2", "--percent", "150"], "from 0 to 100, got 150"),
+    (["canary", "set", "-5"], "from 0 to 100, got -5"),
+    (["canary", "set", "20"], "no canary is running"),
+    (["advance"], "no canary is running"),
+    (["rollback"], "no canary to roll back"),
+    (["promote"], "no canary to promote"),
+    (["promote", "2"], "version 1 is in production"),
+    (["canary", "start", "2", "--percent", "10", "--steps", "50,10"], "steps must rise"),
+    (["canary", "start", "2", "--percent", "10", "--overlay", "arm"], "has no kustomization.yaml"),
+]
+
+
+def test_bad_input_is_a_clear_error_and_changes_nothing(env, capsys):
+    assert main(["promote", "promote", "1", "--force"]) == 0
+    before = _snapshot(env)
+    for argv, message in BAD_INPUT:
+        capsys.readouterr()
+        assert main(["promote", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+        assert _snapshot(env) == before, argv
+
+
+def test_no_cluster_access_is_a_clear_error(env, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    for argv in (["status"], ["canary", "start", "2", "--percent", "10"]):
+        assert main(["promote", *argv, "--target", "k8s"]) == 2
+        err = capsys.readouterr().err
+        assert "no cluster access" in err and "Traceback" not in err
+    assert env.registry.aliases() == {}
+
+
+def test_actions_audit_and_metrics(env, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps at 80 columns when not on a terminal
+    prom = tmp_path / "promotion.prom"
+    assert main(["promote", "promote", "1", "--force", "--textfile", str(prom)]) == 0
+    text = prom.read_text()
+    assert 'motlens_registry_alias_info{alias="production",version="1"} 1.0' in text
+    assert "motlens_canary_percent 0.0" in text and "motlens_promotion_last_run_timestamp_seconds" in text
+
+    before = _snapshot(env)
+    capsys.readouterr()
+    assert main(["promote", "canary", "start", "2", "--percent", "10", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert '"canaryTrafficPercent": 10' in out and "dry run" in out
+    assert _snapshot(env) == before
+
+    assert main(["promote", "canary", "start", "2", "--percent", "10", "--textfile", str(prom)]) == 0
+    assert "motlens_canary_percent 10.0" in prom.read_text()
+    assert 'motlens_registry_alias_info{alias="canary",version="2"} 1.0' in prom.read_text()
+    capsys.readouterr()
+    assert main(["promote", "status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["aliases"] == {"production": "1", "canary": "2"}
+    assert status["live"]["percent"] == 10 and status["disagreements"] == []
+    assert [e["action"] for e in status["events"]][:3] == ["canary_start", "canary_start", "deploy"]
+    assert status["events"][0]["actor"] == "alice" and status["events"][1]["dry_run"]
+    assert main(["promote", "status"]) == 0
+    table = capsys.readouterr().out
+    assert "production v1 at 90%, canary v2 at 10%" in table and "agree" in table
+
+    # the gates refuse a step without evidence (exit 3), and the refusal is on record
+    assert main(["promote", "advance"]) == 3
+    assert "live: wait" in capsys.readouterr().err
+    tags = env.registry.resolve("2").tags
+    assert tags["promotion.last_action"] == "advance" and tags["promotion.last_success"] == "false"
+    assert tags["promotion.last_actor"] == "alice"
+    assert main(["promote", "rollback", "--reason", "not today"]) == 0
+    assert env.registry.resolve("2").tags["promotion.rejected_reason"] == "not today"
