@@ -27,7 +27,7 @@ def onnx_cache_root() -> Path:
 
 
 class OnnxEmbedder:
-    """MiniLM on ONNX Runtime's CPU execution provider."""
+    """MiniLM on ONNX Runtime's CPU execution provider (``spin``: let idle worker threads busy-wait)."""
 
     backend = "onnx"
     device = "cpu"
@@ -38,6 +38,7 @@ class OnnxEmbedder:
         threads: int | None = None,
         variant: str = "fp32",
         onnx_path: Path | None = None,
+        spin: bool = False,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -64,6 +65,8 @@ class OnnxEmbedder:
         opts.inter_op_num_threads = 1
         if threads:
             opts.intra_op_num_threads = int(threads)
+        # Busy-waiting worker threads would steal the cores the server's event loop needs between batches.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self._session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         last = self._session.get_outputs()[0].shape[-1]
         self.dim = last if isinstance(last, int) else EMBEDDING_DIM
