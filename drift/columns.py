@@ -87,3 +87,19 @@ def collapse_rare(
         reference[c] = reference[c].where(reference[c].isin(keep), OTHER)
         current[c] = current[c].where(current[c].isin(keep), OTHER)
     return reference, current
+
+
+def as_logged(matrix: np.ndarray) -> np.ndarray:
+    """Embeddings through the prediction log's int8 round trip (``predlog.schema.quantize``).
+
+    A bundle's reference embeddings are exact float32 while logged ones are quantized; MOT texts
+    repeat, so a classifier with more dimensions than rows learns exact-vs-quantized copies of the
+    same texts and reports drift that is only the storage format. Quantizing the reference the same
+    way removes that difference.
+    """
+    from predlog.schema import quantize
+
+    if len(matrix) == 0:
+        return matrix
+    q, scales = quantize(list(matrix))
+    return (np.stack(q).astype(np.float32) * scales[:, None]).astype(np.float32)

@@ -7,8 +7,10 @@ vocabulary shift changes the embeddings while section, severity, length and cont
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -102,7 +104,7 @@ def traffic(
     loc = rng.integers(len(LOCATIONS), size=n)
     para = rng.random(n) < paraphrase
     text = [LOCATIONS[lo] + CATALOGUE[i][2 if p else 1] for i, lo, p in zip(item, loc, para, strict=True)]
-    sev_idx = np.array([rng.choice(4, p=np.asarray(CATALOGUE[i][3]) / sum(CATALOGUE[i][3])) for i in item])
+    sev_idx = np.array([_severity(t, CATALOGUE[i][3]) for t, i in zip(text, item, strict=True)])
     fail = np.where(sev_idx >= 2, rng.beta(8, 2, n), rng.beta(2, 8, n))
     age = np.clip(rng.gamma(4.0, 2.2, n) + age_shift, 3.0, None)
     odo = np.clip(age * 7_500 + rng.normal(0, 9_000, n) + odometer_shift, 0, None)
@@ -128,16 +130,27 @@ def traffic(
     })  # fmt: skip
 
 
+@lru_cache(maxsize=4096)
+def _severity(text: str, weights: tuple[float, ...]) -> int:
+    """A model predicts the same severity for the same text: drawn once per text."""
+    seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big")
+    return int(np.random.default_rng(seed).choice(len(weights), p=_norm(weights)))
+
+
 def _norm(p: Sequence[float]) -> np.ndarray:
     a = np.asarray(p, np.float64)
     return a / a.sum()
 
 
-def with_embeddings(df: pd.DataFrame, encode: Callable[[list[str]], np.ndarray]) -> pd.DataFrame:
-    """Add an ``embedding`` column, encoding each distinct text once."""
+def with_embeddings(
+    df: pd.DataFrame, encode: Callable[[list[str]], np.ndarray], share: float = 1.0, seed: int = 0
+) -> pd.DataFrame:
+    """Add an ``embedding`` column (each distinct text encoded once); like the predictor's sampled
+    embedding logging, only a ``share`` of rows carry one, the others hold None."""
     unique = sorted(set(df["text"]))
     vectors = dict(zip(unique, encode(unique), strict=True))
-    return df.assign(embedding=[vectors[t] for t in df["text"]])
+    keep = np.random.default_rng((seed, 0xE3B)).random(len(df)) < share  # a stream apart from traffic()'s
+    return df.assign(embedding=[vectors[t] if k else None for t, k in zip(df["text"], keep, strict=True)])
 
 
 def records(df: pd.DataFrame) -> list:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from drift.columns import embedding_matrix
+from drift.columns import as_logged, embedding_matrix
 from drift.windows import Window
 from motlens import EMBEDDING_DIM
 
@@ -103,5 +103,5 @@ def read_reference_file(path: Path, label: str) -> Side:
             raise FileNotFoundError(f"bundle {path} has no drift reference sample ({ref.name})")
         path = ref
     df = pd.read_parquet(path)
-    emb = embedding_matrix(df)
+    emb = as_logged(embedding_matrix(df))
     return Side(label, df, emb, len(df), len(emb))

@@ -1,0 +1,192 @@
+"""``motlens drift`` end to end: an embedded prediction log written by the real writer, a real MLflow
+registry holding a bundle with a drift reference sample, outputs checked field by field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from drift.simulate import records, texts, traffic, with_embeddings
+
+NOW = datetime.now(UTC)
+V3_END = NOW - timedelta(hours=5)
+RUN = ["--window", "2h", "--embedding-max-rows", "150", "--no-progress"]
+
+
+def _wide_reference(df: pd.DataFrame) -> pd.DataFrame:
+    """The bundle's reference layout (docs/training.md): context, predictions, text_length, emb_000…"""
+    emb = pd.DataFrame(np.stack(df["embedding"]), columns=[f"emb_{i:03d}" for i in range(384)])
+    cols = ["text", "make", "fuel_type", "vehicle_age_years", "odometer_miles", "section", "section_score",
+            "severity", "fail_probability"]  # fmt: skip
+    return pd.concat([df[cols].assign(text_length=df["text"].str.len()).reset_index(drop=True), emb], axis=1)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, embedder, tiny_bundle, _mlflow_template_db):
+    """MOTLENS_HOME with a registry (v1 production and v2 canary: bundles with a reference sample)
+    and a prediction log: v1 production and v2 canary in the last hour, v3 (older vehicles) 6 h ago."""
+    import predlog
+    from motlens.bundle import assemble
+    from motlens.state import StateSettings
+    from predlog import PredlogSettings
+    from training.registry import Registry
+
+    home = tmp_path_factory.mktemp("drift-home")
+    state = StateSettings(home=home).ensure()
+    shutil.copy(_mlflow_template_db, home / "mlflow.db")
+    vectors = dict(zip(texts(), embedder.encode(texts()), strict=True))
+
+    def encode(ts: list[str]) -> np.ndarray:
+        return np.stack([vectors[t] for t in ts])
+
+    ref = _wide_reference(with_embeddings(traffic(400, 1, end=NOW - timedelta(days=3)), encode))
+    bundle = assemble(home / "bundle", tiny_bundle.embedder_dir, tiny_bundle.head(), tiny_bundle.golden(),
+                      reference=ref, version="1", run_id="tiny")  # fmt: skip
+    registry = Registry(state.mlflow_uri, state=state)
+    registry.register_bundle(bundle.root, metrics={"f1": 0.5}, params={}, alias="production")
+    registry.register_bundle(bundle.root, metrics={"f1": 0.5}, params={}, alias="canary")
+
+    logged = [
+        with_embeddings(traffic(400, 2, end=NOW), encode, share=0.6, seed=2),
+        with_embeddings(traffic(300, 3, model_version="2", slot="canary", end=NOW), encode, share=0.6, seed=3),
+        with_embeddings(traffic(400, 4, model_version="3", end=V3_END, age_shift=5, odometer_shift=40_000), encode),
+    ]
+    writer = predlog.open_writer(PredlogSettings(dir=home / "predlog", batch_rows=500, flush_interval_s=0.05))
+    for df in logged:
+        writer.submit(records(df))
+    assert writer.flush(30)
+    writer.close(30)
+    return home, registry
+
+
+@pytest.fixture
+def motlens(env, monkeypatch):
+    home, _ = env
+    monkeypatch.setenv("MOTLENS_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
+    for var in [v for v in __import__("os").environ if v.startswith(("MOTLENS_DRIFT_", "MOTLENS_PREDLOG_"))]:
+        monkeypatch.delenv(var)
+    from motlens.cli import main
+
+    return main
+
+
+def _reader(env):
+    import predlog
+    from predlog import PredlogSettings
+
+    return predlog.open_reader(PredlogSettings(dir=env[0] / "predlog"))
+
+
+def _stored_row(env, summary: dict) -> dict:
+    rows = _reader(env).drift_reports(model_version=summary["model_version"], slot=summary["slot"], limit=50)
+    rows = rows[rows["ts"] == pd.Timestamp(summary["ts"])]
+    assert len(rows) == 1
+    return rows.iloc[0].to_dict()
+
+
+def _assert_row_equals_summary(row: dict, summary: dict) -> None:
+    assert set(row) == set(summary)
+    for key in ("ts", "window_start", "window_end"):
+        assert pd.Timestamp(row[key]) == pd.Timestamp(summary[key]), key
+    assert json.loads(row["details"]) == summary["details"]
+    assert dict(row["scores"]) == pytest.approx(summary["scores"])
+    for key in set(summary) - {"ts", "window_start", "window_end", "details", "scores"}:
+        value = row[key]
+        assert (value.item() if hasattr(value, "item") else value) == summary[key], key
+
+
+def test_cli_no_drift_writes_every_output(env, motlens, tmp_path, capsys):
+    out = tmp_path / "out"
+    prom = tmp_path / "metrics" / "drift.prom"
+    rc = motlens(["drift", "--slot", "production", *RUN, "--output", str(out), "--textfile", str(prom)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert rc == 0, summary["details"]["messages"]
+    assert summary["model_version"] == "1" and summary["reference"] == "bundle"
+    assert summary["n_current"] == 400 and summary["n_reference"] == 400
+    assert summary["drift_detected"] is False and summary["details"]["status"] == "no_drift"
+    assert {c["name"]: c["status"] for c in summary["details"]["checks"]} == {
+        "data_drift": "pass", "embedding_drift": "pass",
+    }  # fmt: skip
+    for page in ("report.html", "embeddings.html"):
+        html = (out / page).read_text()
+        assert html.lstrip().lower().startswith("<!doctype html") or "<html" in html[:500].lower()
+    assert "Drift in embeddings" in (out / "embeddings.html").read_text()
+    _assert_row_equals_summary(_stored_row(env, summary), summary)
+
+    registry = env[1]
+    run_id = registry.resolve("1").run_id
+    assert summary["run_id"] == run_id
+    folder = summary["details"]["outputs"]["mlflow_artifacts"].rsplit("/", 1)[-1]
+    logged = {a.path for a in registry.client.list_artifacts(run_id, f"drift/{folder}")}
+    assert {f"drift/{folder}/{f}" for f in ("summary.json", "report.html", "embeddings.html")} <= logged
+    assert summary["report_path"].endswith(f"drift/{folder}/report.html")
+
+    text = prom.read_text()
+    assert 'motlens_drift_detected{model_version="1",slot="production"} 0.0' in text
+    assert 'motlens_drift_score{metric="embedding_drift",model_version="1",slot="production"}' in text
+    assert "motlens_drift_last_run_timestamp_seconds " in text
+    assert "verdict: no_drift (exit 0)" in capsys.readouterr().out
+
+
+def test_cli_context_shift_exits_1_against_a_bundle_directory(env, motlens, tmp_path):
+    out = tmp_path / "out"
+    rc = motlens(["drift", "--version", "3", "--reference", str(env[0] / "bundle"), *RUN, "--no-html",
+                  "--end", V3_END.isoformat(), "--output", str(out), "--no-artifact"])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert rc == 1
+    assert summary["drift_detected"] is True and summary["details"]["status"] == "drift"
+    drifted = {c["column"] for c in summary["details"]["data_drift"]["columns"] if c["drifted"]}
+    assert {"vehicle_age_years", "odometer_miles"} <= drifted
+    assert not (out / "report.html").exists() and summary["report_path"] == ""
+    _assert_row_equals_summary(_stored_row(env, summary), summary)
+
+
+def test_cli_insufficient_rows_exit_2_says_so(env, motlens, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = motlens(["drift", "--version", "99", "--reference", "1d", *RUN, "--output", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    printed = capsys.readouterr().out
+    assert rc == 2
+    assert summary["details"]["status"] == "insufficient_data" and summary["drift_detected"] is False
+    assert "insufficient data: current window has 0 rows and reference window has 0 rows" in printed
+    assert "verdict: insufficient_data (exit 2)" in printed
+    _assert_row_equals_summary(_stored_row(env, summary), summary)
+
+
+def test_cli_canary_agrees_with_production(env, motlens, tmp_path):
+    out = tmp_path / "out"
+    rc = motlens(["drift", "--canary", *RUN, "--no-html", "--output", str(out), "--no-artifact"])
+    summary = json.loads((out / "summary.json").read_text())
+    canary = summary["details"]["canary"]
+    assert summary["slot"] == "canary" and summary["model_version"] == "2"
+    assert canary["production_versions"] == ["1"] and canary["canary_versions"] == ["2"]
+    assert canary["shared_texts"] >= 20 and canary["agreement"] == 1.0
+    assert canary["cosine_mean"] > 0.999
+    assert {c["name"]: c["status"] for c in summary["details"]["checks"]} == {
+        "data_drift": "pass", "embedding_drift": "pass", "canary_agreement": "pass", "canary_embedding_cosine": "pass",
+    }  # fmt: skip
+    assert rc == 0
+
+
+def test_bad_setting_is_a_clear_error(motlens, tmp_path, capsys):
+    rc = motlens(["drift", "--max-rows", "0", "--output", str(tmp_path)])
+    assert rc == 2
+    assert "bad setting: max_rows" in capsys.readouterr().err
+
+
+def test_unknown_alias_is_exit_2_with_the_registry_message(env, motlens, tmp_path, monkeypatch):
+    env[1].delete_alias("canary")
+    try:
+        rc = motlens(["drift", "--canary", *RUN, "--output", str(tmp_path), "--no-html"])
+    finally:
+        env[1].set_alias("canary", "2")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert rc == 2 and summary["details"]["status"] == "error"
+    assert any("alias 'canary' is not set" in m for m in summary["details"]["messages"])
