@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,11 +39,14 @@ class Stages:
         self._p = Progress(TextColumn("drift: {task.description}"), BarColumn(), TimeElapsedColumn(),
                            disable=not enabled, transient=False)  # fmt: skip
         self._task = self._p.add_task("starting", total=total)
+        self.seconds: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str):
         self._p.update(self._task, description=name)
+        t0 = time.perf_counter()
         yield
+        self.seconds[name.split(" (")[0]] = round(time.perf_counter() - t0, 3)
         self._p.advance(self._task)
 
     def __enter__(self) -> Stages:
@@ -161,6 +165,7 @@ class DriftJob:
                 log.debug("drift job failed", exc_info=True)
                 self.say(f"error: {type(e).__name__}: {e}")
                 checks, detail, status, code = [], {}, "error", EXIT_ERROR
+            detail["timings_s"] = stages.seconds
             with stages.stage("outputs"):
                 summary = self._summary(base, checks, detail, status, code)
                 self._publish(summary, base)

@@ -1,0 +1,171 @@
+"""Small pieces of the drift job: windows, frames, canary comparisons, verdicts, Prometheus output."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from drift.canary import agreement, embedding_consistency
+from drift.checks import Check, verdict
+from drift.columns import DataError, as_logged, collapse_rare, drift_frame
+from drift.evaluate import random_auc_quantile
+from drift.publish import metrics_registry, push_metrics
+from drift.settings import DriftSettings
+from drift.simulate import traffic
+from drift.sources import Side
+from drift.windows import current_window, parse_duration, reference_spec
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+def test_durations_and_windows():
+    assert parse_duration("24h") == timedelta(hours=24)
+    assert parse_duration("7d") == timedelta(days=7)
+    assert parse_duration("90s") == timedelta(seconds=90)
+    for bad in ("", "24", "h", "-1h", "0m", "3 parsecs"):
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration(bad)
+    w = current_window("2h", "2026-11-28T12:00:00")
+    assert (w.start, w.end) == (NOW - timedelta(hours=2), NOW)
+    assert current_window("1h", now=NOW).end == NOW
+
+
+def test_reference_specs(tmp_path):
+    cur = current_window("24h", now=NOW)
+    assert reference_spec("bundle", cur).kind == "bundle"
+    before = reference_spec("7d", cur)
+    assert before.window.end == cur.start and before.window.start == cur.start - timedelta(days=7)
+    iso = reference_spec("2026-11-01T00:00/2026-11-08T00:00", cur)
+    assert iso.window.start == datetime(2026, 11, 1, tzinfo=UTC) and iso.describe().startswith("window:")
+    assert reference_spec(str(tmp_path), cur).kind == "path"
+    with pytest.raises(ValueError, match="ends before it starts"):
+        reference_spec("2026-11-08T00:00/2026-11-01T00:00", cur)
+    with pytest.raises(ValueError, match="cannot read reference 'yesterday'"):
+        reference_spec("yesterday", cur)
+
+
+def test_drift_frame_derives_length_and_names_missing_columns():
+    df = traffic(20, 0)
+    frame = drift_frame(df)
+    assert list(frame.columns) == ["section", "severity", "make", "fuel_type", "fail_probability", "section_score",
+                                   "text_length", "vehicle_age_years", "odometer_miles"]  # fmt: skip
+    assert (frame["text_length"] == df["text"].str.len()).all()
+    df.loc[0, "make"] = None
+    assert drift_frame(df).loc[0, "make"] == "(missing)"
+    with pytest.raises(DataError, match="lacks drift column.*odometer_miles"):
+        drift_frame(df.drop(columns=["odometer_miles"]))
+
+
+def test_rare_makes_are_pooled_on_both_sides():
+    ref = pd.DataFrame({"make": ["FORD"] * 99 + ["LADA"], "fuel_type": ["PE"] * 100})
+    cur = pd.DataFrame({"make": ["FORD", "TESLA", "LADA"], "fuel_type": ["PE", "EL", "PE"]})
+    r, c = collapse_rare(ref, cur, min_share=0.05)
+    assert r["make"].value_counts().to_dict() == {"FORD": 99, "(other)": 1}
+    assert c["make"].tolist() == ["FORD", "(other)", "(other)"] and c["fuel_type"].tolist()[1] == "(other)"
+
+
+def test_reference_embeddings_get_the_logs_int8_round_trip():
+    m = np.random.default_rng(0).normal(size=(5, 384)).astype(np.float32)
+    q = as_logged(m)
+    assert q.shape == m.shape and not np.array_equal(q, m)
+    assert np.abs(q - m).max() <= np.abs(m).max() / 127
+    np.testing.assert_array_equal(as_logged(q), q)  # idempotent: logged rows stay as they are
+
+
+def _sides(canary_df: pd.DataFrame) -> tuple[Side, Side]:
+    prod = traffic(300, 1)
+    vec = {t: np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) for t in set(prod.text) | set(canary_df.text)}
+    with_emb = [df.assign(embedding=[vec[t] for t in df.text]) for df in (prod, canary_df)]
+    return Side.from_frame("production", with_emb[0]), Side.from_frame("canary", with_emb[1])
+
+
+def test_canary_agreement_and_consistency_pass_on_same_predictions():
+    prod, can = _sides(traffic(200, 2, model_version="2", slot="canary"))
+    s = DriftSettings()
+    a, detail = agreement(prod, can, s)
+    c, cdetail = embedding_consistency(prod, can, s)
+    assert (a.status, a.score) == ("pass", 1.0) and detail["shared_texts"] >= 20
+    assert c.status == "pass" and cdetail["cosine_min"] == pytest.approx(1.0)
+
+
+def test_canary_disagreement_and_inconsistent_embeddings_fail():
+    cdf = traffic(200, 2, model_version="2", slot="canary")
+    cdf["section"] = cdf["section"].map(lambda v: "1 Brakes" if v != "1 Brakes" else "2 Steering")
+    prod, can = _sides(cdf)
+    can.embeddings = can.embeddings + np.random.default_rng(3).normal(scale=2.0, size=can.embeddings.shape)
+    s = DriftSettings()
+    a, detail = agreement(prod, can, s)
+    c, _ = embedding_consistency(prod, can, s)
+    assert a.status == "drift" and a.score == 0.0 and detail["section_agreement"] == 0.0
+    assert detail["severity_agreement"] == 1.0
+    assert c.status == "drift" and c.score < s.canary_min_cosine
+
+
+def test_canary_with_no_shared_texts_is_insufficient():
+    prod, can = _sides(traffic(200, 2, paraphrase=1.0))
+    a, detail = agreement(prod, can, DriftSettings())
+    assert a.status == "insufficient" and "only 0 texts" in a.message
+    assert verdict([Check("data_drift", "pass", ""), a]) == ("insufficient_data", 2)
+
+
+def test_verdict_order():
+    p, d, i = Check("a", "pass", ""), Check("b", "drift", ""), Check("c", "insufficient", "")
+    assert verdict([p]) == ("no_drift", 0)
+    assert verdict([p, i]) == ("insufficient_data", 2)
+    assert verdict([i, d]) == ("drift", 1)
+    assert verdict([]) == ("insufficient_data", 2)
+
+
+def test_random_auc_quantile_shrinks_with_rows():
+    small, large = random_auc_quantile(200, 200, 0.99), random_auc_quantile(20_000, 20_000, 0.99)
+    assert small == pytest.approx(0.5 + 2.3263 * (201 / (12 * 100 * 100)) ** 0.5, abs=1e-4)  # held-out halves
+    assert 0.5 < large < 0.51
+
+
+def _summary(status: str) -> dict:
+    return {"model_version": "7", "slot": "canary", "drift_detected": status == "drift",
+            "scores": {"embedding_drift": 0.71, "drifted_share": 0.25}, "details": {"status": status}}  # fmt: skip
+
+
+def test_textfile_metrics(tmp_path):
+    path = tmp_path / "drift.prom"
+    push_metrics(metrics_registry(_summary("drift"), 1_700_000_000.0), pushgateway=None, textfile=path,
+                 job="j", grouping={})  # fmt: skip
+    text = path.read_text()
+    assert 'motlens_drift_detected{model_version="7",slot="canary"} 1.0' in text
+    assert 'motlens_drift_score{metric="embedding_drift",model_version="7",slot="canary"} 0.71' in text
+    assert "motlens_drift_last_run_timestamp_seconds 1.7e+09" in text
+    push_metrics(metrics_registry(_summary("insufficient_data"), 1.0), pushgateway=None, textfile=path,
+                 job="j", grouping={})  # fmt: skip
+    assert "motlens_drift_detected{" not in path.read_text()  # no verdict, no 0 that reads as "no drift"
+
+
+def test_pushgateway_receives_the_metrics_under_the_grouping_key():
+    got: list[tuple[str, str, bytes]] = []
+
+    class Gateway(BaseHTTPRequestHandler):
+        def do_PUT(self):  # noqa: N802 - http.server API
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append((self.command, self.path, body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        push_metrics(metrics_registry(_summary("no_drift"), 5.0), pushgateway=url, textfile=None,
+                     job="motlens-drift", grouping={"model_version": "7", "slot": "canary"})  # fmt: skip
+    finally:
+        server.server_close()
+    method, path, body = got[0]
+    assert (method, path) == ("PUT", "/metrics/job/motlens-drift/model_version/7/slot/canary")
+    assert b'motlens_drift_detected{model_version="7",slot="canary"} 0.0' in body
