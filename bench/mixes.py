@@ -87,11 +87,12 @@ class TextMix:
         """A text no one has sent before (catalogue text + tester comment + a unique detail)."""
         base = self.catalogue[int(self._rng.integers(len(self.catalogue)))]
         comment = self._comments[int(self._rng.integers(len(self._comments)))]
+        serial = next(self._serial)
         detail = _DETAILS[int(self._rng.integers(len(_DETAILS)))].format(
             a=int(self._rng.integers(1, 9)), b=int(self._rng.integers(0, 9)),
-            n=int(self._rng.integers(10, 400)), u=next(self._serial),
+            n=int(self._rng.integers(10, 400)), u=serial,
         )  # fmt: skip
-        return f"{base} {comment}, {detail}"
+        return f"{base} {comment}, {detail}" + ("" if str(serial) in detail else f", ref {serial}")
 
     def take(self, n: int) -> list[str]:
         novel = self._rng.random(n) < self.novel_share
