@@ -1,4 +1,4 @@
-"""``motlens log``: inspect the prediction log on either backend (counts, tail, stats, query, migrate)."""
+"""``motlens log``: inspect the prediction log on either backend (count, tail, stats, query), migrate, compact."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _param(value: str) -> tuple[str, str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("log", help="the prediction log: count | tail | stats | query | migrate")
+    p = sub.add_parser("log", help="the prediction log: count | tail | stats | query | migrate | compact")
     verbs = p.add_subparsers(dest="log_command", required=True, metavar="VERB")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="JSON lines instead of a table")
@@ -58,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--param", type=_param, action="append", default=[], help="NAME=VALUE for {NAME:Type}")
     verbs.add_parser("migrate", help="apply pending DDL migrations to the ClickHouse server")
+    verbs.add_parser("compact", help="embedded backend: merge each closed day's Parquet segments into one file")
     p.set_defaults(func=_run)
 
 
@@ -71,6 +72,8 @@ def _run(args: argparse.Namespace) -> int:
     settings = PredlogSettings()
     if args.log_command == "migrate":
         return _migrate(settings)
+    if args.log_command == "compact":
+        return _compact(settings)
     reader = open_reader(settings)
     try:
         if args.log_command == "count":
@@ -101,6 +104,20 @@ def _migrate(settings) -> int:
         return 0
     applied = migrate.apply(make_client(settings), settings)
     print(f"applied migrations: {applied or 'none pending'}")
+    return 0
+
+
+def _compact(settings) -> int:
+    from predlog.compact import compact
+
+    if not settings.embedded:
+        print("ClickHouse backend: MergeTree merges parts itself; nothing to compact")
+        return 0
+    for table in ("predictions", "drift_reports", "promotion_events"):
+        folder = settings.table_dir(table)
+        if folder.is_dir():
+            for day, rows in compact(folder).items():
+                print(f"{table}: {day} compacted ({rows} rows)")
     return 0
 
 
