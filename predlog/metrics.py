@@ -19,10 +19,18 @@ class _Noop:
     def observe(self, *a: Any) -> None: ...
 
 
+ROWS_WRITTEN: Any
+ROWS_SPILLED: Any
+ROWS_REPLAYED: Any
+ROWS_DROPPED: Any
+QUEUE_DEPTH: Any
+SPOOL_BYTES: Any
+INSERT_SECONDS: Any
 try:
     from prometheus_client import Counter, Gauge, Histogram
 except ImportError:  # pragma: no cover - core install without prometheus-client
-    ROWS_WRITTEN = ROWS_SPILLED = ROWS_REPLAYED = ROWS_DROPPED = QUEUE_DEPTH = SPOOL_BYTES = INSERT_SECONDS = _Noop()
+    ROWS_WRITTEN = ROWS_SPILLED = ROWS_REPLAYED = ROWS_DROPPED = _Noop()
+    QUEUE_DEPTH = SPOOL_BYTES = INSERT_SECONDS = _Noop()
 else:
     ROWS_WRITTEN = Counter("motlens_predlog_rows_written_total", "Prediction rows stored in the sink")
     ROWS_SPILLED = Counter("motlens_predlog_rows_spilled_total", "Rows kept in the local spool after a failed insert")
