@@ -157,7 +157,7 @@ def _confusion_png(path: Path, y: np.ndarray, p: np.ndarray, labels: list[str], 
     ax.set_yticks(range(len(labels)), short, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{title}: held-out confusion matrix (row-normalised colour, counts)")
+    ax.set_title(f"{title}, held out (counts; colour = row share)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
@@ -175,9 +175,7 @@ def _reliability_png(path: Path, calibration: dict[str, Any]) -> None:
     ax.plot([b["mean_probability"] for b in bins], [b["observed_rate"] for b in bins], "o-", label="held-out")
     ax.set_xlabel("predicted fail_probability (bin mean)")
     ax.set_ylabel("observed fail rate")
-    ax.set_title(
-        f"fail_probability reliability: ECE {calibration['ece']:.3f}, Brier {calibration['brier']:.3f}"
-    )
+    ax.set_title(f"fail_probability reliability: ECE {calibration['ece']:.3f}, Brier {calibration['brier']:.3f}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
