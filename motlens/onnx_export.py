@@ -221,19 +221,26 @@ def verify_onnx(
 
 
 def quantize_int8(onnx_dir: Path | str) -> Path:
-    """Write ``model_int8.onnx`` beside ``model.onnx`` (dynamic int8 MatMul weights, per channel).
+    """Write ``model_int8.onnx`` beside ``model.onnx``: dynamic int8, per-channel, feed-forward MatMuls only.
 
-    Of the variants tried on the benchmark bundle (per tensor, per channel all ops, MatMul only, FFN
-    only, reduced range) this was the closest to fp32 at the best speed; see docs/benchmarks.md.
+    Of the variants swept on the benchmark bundle (``bench/int8_sweep.py``: per tensor, per channel on
+    all ops, all MatMuls, FFN MatMuls, reduced range) the FFN-only one stayed closest to fp32 at
+    about the same speed; attention projections stay fp32. See docs/benchmarks.md.
     """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     onnx_dir = Path(onnx_dir)
     src = onnx_dir / FP32_FILE
     if not src.is_file():
         raise OnnxExportError(f"{src}: no fp32 ONNX model to quantize")
+    matmuls = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "MatMul"]
+    ffn = [n for n in matmuls if "/intermediate/" in n or ("/output/dense/" in n and "/attention/" not in n)]
     dst = onnx_dir / INT8_FILE
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
+    quantize_dynamic(
+        str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+        nodes_to_quantize=ffn or None,
+    )  # fmt: skip
     return dst
 
 
