@@ -133,7 +133,7 @@ class MotlensModel(Model):
         from predlog.records import PredictionRecord, text_hash
 
         ctx = req.context
-        per_item_ms = latency * 1000.0
+        latency_ms = latency * 1000.0
         records = []
         for i, text in enumerate(req.texts):
             sampled = self.sample_rate > 0 and self._rng.random() < self.sample_rate
@@ -149,7 +149,7 @@ class MotlensModel(Model):
                     section_score=float(result.section_score[i]),
                     severity=result.severity[i],
                     fail_probability=float(result.fail_probability[i]),
-                    latency_ms=per_item_ms,
+                    latency_ms=latency_ms,
                     cache_hit=hits[i],
                     backend=backend,
                     device=device,

@@ -261,7 +261,9 @@ class PredictorServer:
         )
 
     async def _check_ready(self, model_name: str) -> None:
-        if not await self.dataplane.model_ready(model_name, True):
+        """404 for another model; 503 only while nothing can serve (a draining server still answers)."""
+        self.dataplane.get_model_from_registry(model_name)
+        if not self.slots.serving:
             reason = self.slots.not_ready_reason()
             raise ModelNotReady(model_name, reason[1] if reason else None)
 

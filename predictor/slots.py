@@ -63,7 +63,13 @@ class SlotManager:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and self.slots["production"].unit is not None
+        """What readiness probes see: false while draining, so traffic moves away."""
+        return not self.draining and self.serving
+
+    @property
+    def serving(self) -> bool:
+        """A production model is loaded (requests are still answered while draining)."""
+        return self.slots["production"].unit is not None
 
     def not_ready_reason(self) -> tuple[str, str] | None:
         """(metric label, human detail) while not ready, else None."""
