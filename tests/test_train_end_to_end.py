@@ -130,3 +130,19 @@ def test_same_data_and_seed_same_metrics(setup):
     b1, b2 = registry.fetch("1"), registry.fetch("rerun")
     assert b1.manifest["files"]["head/weights.safetensors"] == b2.manifest["files"]["head/weights.safetensors"]
     assert Path(b2.root).name == "2"
+
+
+def test_clickhouse_distinct_texts_train_and_register(setup):
+    from training.chload import distinct_texts_from_tidy
+    from training.dataset import training_set_from_distinct
+    from training.dvsa import read_bulk
+
+    root, registry, shared, first = setup
+    tidy = pd.concat(list(read_bulk([root / "bulk"])), ignore_index=True)
+    ts = training_set_from_distinct(distinct_texts_from_tidy(tidy), seed=SETTINGS["seed"], reference_rows=200)
+    assert ts.fingerprint["rows_labelled"] == first.fingerprint["rows_labelled"]
+    result = train(ts, TrainSettings(**{**SETTINGS, "alias": "chpath"}), embedder=shared, registry=registry)
+    assert result.version.aliases == ["chpath"]
+    assert result.metrics["section_macro_f1"] > 0.8
+    ref = pd.read_parquet(registry.fetch("chpath").reference_path)
+    assert len(ref) == 200 and ref["vehicle_age_years"].isna().all() and ref["make"].isna().all()
