@@ -82,9 +82,7 @@ def resolve_model_ref(ref: str | None) -> Path:
         try:
             from training.registry import Registry
         except ImportError as e:
-            raise ModelLoadError(
-                f"cannot resolve {ref}: the MLflow registry helpers are unavailable ({e})"
-            ) from e
+            raise ModelLoadError(f"cannot resolve {ref}: the MLflow registry helpers are unavailable ({e})") from e
         try:
             fetched = Registry().fetch(ref)
         except Exception as e:  # noqa: BLE001 - any registry failure is a load failure with its reason
@@ -134,9 +132,7 @@ class Backend:
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         return self.embedder.token_lengths(texts)
 
-    def predict(
-        self, embeddings: np.ndarray, context: Mapping[str, Sequence[Any] | None] | None
-    ) -> HeadOutput:
+    def predict(self, embeddings: np.ndarray, context: Mapping[str, Sequence[Any] | None] | None) -> HeadOutput:
         return self.head.predict(embeddings, context)
 
     def warm_up(self) -> None:

@@ -60,9 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     require("kserve", "serve")
     overrides = {
-        k: v
-        for k, v in vars(args).items()
-        if v is not None and k not in ("func", "command", "verbose", "no_predlog")
+        k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "verbose", "no_predlog")
     }
     from predictor.settings import ServeSettings
 

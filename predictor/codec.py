@@ -100,17 +100,13 @@ def _check_texts(texts: Sequence[Any], limits: Limits, where: str) -> list[str]:
             try:
                 t = t.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise InvalidInput(
-                    f"{where} item {i} is not valid UTF-8 ({e.reason} at byte {e.start})"
-                ) from e
+                raise InvalidInput(f"{where} item {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
         if not isinstance(t, str):
             raise InvalidInput(f"{where} item {i} must be a string, got {type(t).__name__}")
         if not t.strip():
             raise InvalidInput(f"{where} item {i} is empty")
         if len(t) > limits.max_text_chars:
-            raise InvalidInput(
-                f"{where} item {i} has {len(t)} characters; the limit is {limits.max_text_chars}"
-            )
+            raise InvalidInput(f"{where} item {i} has {len(t)} characters; the limit is {limits.max_text_chars}")
         out.append(t)
     return out
 
@@ -177,9 +173,7 @@ def parse_v1(payload: Any, limits: Limits, request_id: str = "") -> PredictReque
         else:
             texts.append(inst)
     checked = _check_texts(texts, limits, "'instances' text")
-    outputs = (
-        (*DEFAULT_OUTPUTS, EMBEDDING) if _truthy(params.get("return_embedding", False)) else DEFAULT_OUTPUTS
-    )
+    outputs = (*DEFAULT_OUTPUTS, EMBEDDING) if _truthy(params.get("return_embedding", False)) else DEFAULT_OUTPUTS
     return PredictRequest(checked, context, outputs, request_id or str(uuid.uuid4()))
 
 
@@ -226,8 +220,7 @@ def check_binary_texts(body: bytes, json_length: int) -> None:
                     item.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise InvalidInput(
-                        f"input '{inp.get('name')}' item {i} is not valid UTF-8 "
-                        f"({e.reason} at byte {e.start})"
+                        f"input '{inp.get('name')}' item {i} is not valid UTF-8 ({e.reason} at byte {e.start})"
                     ) from e
                 pos += 4 + n
                 i += 1
@@ -265,9 +258,7 @@ def parse_v2(req: InferRequest, limits: Limits) -> PredictRequest:
     for name, inp in seen.items():
         expected = ("BYTES",) if name in (TEXT, *BYTES_CONTEXT) else NUMERIC_DATATYPES
         if inp.datatype not in expected:
-            raise InvalidInput(
-                f"input '{name}' has datatype {inp.datatype}; expected {' or '.join(expected)}"
-            )
+            raise InvalidInput(f"input '{name}' has datatype {inp.datatype}; expected {' or '.join(expected)}")
         shape = list(inp.shape or [])
         if (
             not shape
@@ -277,9 +268,7 @@ def parse_v2(req: InferRequest, limits: Limits) -> PredictRequest:
         ):
             raise InvalidInput(f"input '{name}' has shape {shape}; expected [N] (or [N, 1])")
         if shape[0] > limits.max_items:
-            raise InvalidInput(
-                f"input '{name}' has {shape[0]} items; the limit is {limits.max_items} per request"
-            )
+            raise InvalidInput(f"input '{name}' has {shape[0]} items; the limit is {limits.max_items} per request")
         vals = _flat_values(inp)
         if n is None:
             n = shape[0]

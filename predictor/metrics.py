@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, Summary
 
-REQUESTS = Counter(
-    "motlens_requests_total", "Inference requests by protocol and outcome", ["protocol", "outcome"]
-)
+REQUESTS = Counter("motlens_requests_total", "Inference requests by protocol and outcome", ["protocol", "outcome"])
 ITEMS = Counter("motlens_items_total", "Predicted items by protocol and outcome", ["protocol", "outcome"])
 ITEM_LATENCY = Histogram(
     "motlens_item_latency_seconds",
@@ -35,15 +33,9 @@ MODEL_INFO = Gauge(
     "The model served in each slot (=1)",
     ["name", "version", "run_id", "backend", "device", "slot"],
 )
-MODEL_READY = Gauge(
-    "motlens_model_ready", "1 when the slot serves a verified, warm, golden-checked model", ["slot"]
-)
-MODEL_NOT_READY = Gauge(
-    "motlens_model_not_ready", "1 while the model is not ready, labelled with why", ["reason"]
-)
-MODEL_LOAD_SECONDS = Gauge(
-    "motlens_model_load_seconds", "Seconds to load, warm up and golden-check", ["slot"]
-)
+MODEL_READY = Gauge("motlens_model_ready", "1 when the slot serves a verified, warm, golden-checked model", ["slot"])
+MODEL_NOT_READY = Gauge("motlens_model_not_ready", "1 while the model is not ready, labelled with why", ["reason"])
+MODEL_LOAD_SECONDS = Gauge("motlens_model_load_seconds", "Seconds to load, warm up and golden-check", ["slot"])
 GOLDEN_MIN_COSINE = Gauge("motlens_golden_min_cosine", "Lowest golden-set cosine at load", ["slot"])
 GOLDEN_PASSED = Gauge("motlens_golden_passed", "1 when the golden set was reproduced at load", ["slot"])
 EMBEDDING_NORM = Summary("motlens_embedding_norm", "L2 norm of served embeddings (≈1 when healthy)")

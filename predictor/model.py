@@ -15,7 +15,7 @@ from typing import Any
 
 from grpc_interceptor.exceptions import ResourceExhausted
 from kserve import Model
-from kserve.errors import InvalidInput, ModelNotReady
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from motlens import MODEL_NAME
@@ -87,7 +87,11 @@ class MotlensModel(Model):
             metrics.REQUESTS.labels(protocol=protocol, outcome="client_error").inc()
             metrics.REJECTED.labels(reason="invalid_input").inc()
             raise
-        unit = self.slots.acquire()
+        version = (payload.model_version or None) if is_v2 else None
+        unit = self.slots.acquire(version)
+        if unit is None and version and self.slots.serving:
+            metrics.REQUESTS.labels(protocol=protocol, outcome="client_error").inc()
+            raise ModelNotFound(f"{self.name} version {version}")
         if unit is None:
             metrics.REQUESTS.labels(protocol=protocol, outcome="unavailable").inc()
             reason = self.slots.not_ready_reason()
@@ -115,9 +119,7 @@ class MotlensModel(Model):
         metrics.REQUEST_LATENCY.labels(protocol=protocol).observe(latency)
         metrics.ITEM_LATENCY.observe(latency / n)
         if self.writer is not None:
-            self._log_predictions(
-                req, result, hits, protocol, latency, unit.backend.backend_name, unit.backend.device
-            )
+            self._log_predictions(req, result, hits, protocol, latency, unit.backend.backend_name, unit.backend.device)
         return build_v2(result, req, payload) if is_v2 else build_v1(result, req)
 
     def _log_predictions(

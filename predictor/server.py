@@ -28,7 +28,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
-from kserve.errors import InferenceError, InvalidInput, ModelNotReady
+from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ModelNotReady
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc.server import GRPCServer
@@ -85,9 +85,7 @@ class _Uvicorn(uvicorn.Server):
 class _RESTServer(RESTServer):
     """KServe's REST server on a fresh FastAPI app (not KServe's module-level one) with motlens routes."""
 
-    def __init__(
-        self, server: PredictorServer, dataplane: DataPlane, ext: ModelRepositoryExtension, host: str
-    ) -> None:
+    def __init__(self, server: PredictorServer, dataplane: DataPlane, ext: ModelRepositoryExtension, host: str) -> None:
         super().__init__(
             "kserve.model_server:app",
             dataplane,
@@ -193,9 +191,7 @@ class PredictorServer:
         servers = [asyncio.create_task(self.rest.start(), name="rest")]
         if self.settings.enable_grpc:
             servers.append(asyncio.create_task(self.grpc.start(4), name="grpc"))
-        background = [
-            asyncio.create_task(self.slots.load_with_retry("production", self.settings.model), name="load")
-        ]
+        background = [asyncio.create_task(self.slots.load_with_retry("production", self.settings.model), name="load")]
         if self.settings.follow_alias:
             background.append(
                 asyncio.create_task(
@@ -236,11 +232,25 @@ class PredictorServer:
     # ------------------------------------------------------------ routes
 
     def add_routes(self, app: FastAPI) -> None:
+        app.add_api_route("/v1/models/{model_name}:predict", self._v1_predict, methods=["POST"], response_model=None)
+        app.add_api_route("/v2/models/{model_name}/infer", self._v2_infer, methods=["POST"], response_model=None)
         app.add_api_route(
-            "/v1/models/{model_name}:predict", self._v1_predict, methods=["POST"], response_model=None
+            "/v2/models/{model_name}/versions/{model_version}/infer",
+            self._v2_infer,
+            methods=["POST"],
+            response_model=None,
         )
         app.add_api_route(
-            "/v2/models/{model_name}/infer", self._v2_infer, methods=["POST"], response_model=None
+            "/v2/models/{model_name}/versions/{model_version}",
+            self._version_metadata,
+            methods=["GET"],
+            response_model=None,
+        )
+        app.add_api_route(
+            "/v2/models/{model_name}/versions/{model_version}/ready",
+            self._version_ready,
+            methods=["GET"],
+            response_model=None,
         )
         app.add_api_route("/motlens/ready", self._ready, methods=["GET"], response_model=None)
         app.add_api_route(f"{ADMIN_PREFIX}/slots", self._admin_status, methods=["GET"], response_model=None)
@@ -253,12 +263,8 @@ class PredictorServer:
             methods=["POST", "PUT"],
             response_model=None,
         )
-        app.add_api_route(
-            f"{ADMIN_PREFIX}/promote", self._admin_promote, methods=["POST"], response_model=None
-        )
-        app.add_api_route(
-            f"{ADMIN_PREFIX}/rollback", self._admin_rollback, methods=["POST"], response_model=None
-        )
+        app.add_api_route(f"{ADMIN_PREFIX}/promote", self._admin_promote, methods=["POST"], response_model=None)
+        app.add_api_route(f"{ADMIN_PREFIX}/rollback", self._admin_rollback, methods=["POST"], response_model=None)
 
     async def _check_ready(self, model_name: str) -> None:
         """404 for another model; 503 only while nothing can serve (a draining server still answers)."""
@@ -272,9 +278,7 @@ class PredictorServer:
         await self._check_ready(model_name)
         headers = dict(request.headers.items())
         payload, attrs = self.dataplane.decode(body=body, headers=headers)
-        response, response_headers = await self.dataplane.infer(
-            model_name=model_name, request=payload, headers=headers
-        )
+        response, response_headers = await self.dataplane.infer(model_name=model_name, request=payload, headers=headers)
         response, res_headers = self.dataplane.encode(
             model_name=model_name, response=response, headers=headers, req_attributes=attrs
         )
@@ -284,7 +288,24 @@ class PredictorServer:
             return Response(content=response, headers=response_headers)
         return _json(content=response, headers=response_headers)
 
-    async def _v2_infer(self, model_name: str, request: Request) -> Response:
+    def _check_version(self, model_name: str, model_version: str) -> None:
+        self.dataplane.get_model_from_registry(model_name)
+        if model_version not in self.slots.served_versions():
+            raise ModelNotFound(f"{model_name} version {model_version}")
+
+    async def _version_metadata(self, model_name: str, model_version: str) -> Response:
+        self._check_version(model_name, model_version)
+        meta = await self.dataplane.model_metadata(model_name)
+        return _json({**meta, "versions": [model_version]})
+
+    async def _version_ready(self, model_name: str, model_version: str) -> Response:
+        self._check_version(model_name, model_version)
+        if not self.slots.ready:
+            reason = self.slots.not_ready_reason()
+            raise ModelNotReady(model_name, reason[1] if reason else None)
+        return _json({"name": model_name, "ready": True})
+
+    async def _v2_infer(self, model_name: str, request: Request, model_version: str | None = None) -> Response:
         body = await read_body(request, self.settings.max_body_bytes)
         await self._check_ready(model_name)
         headers = dict(request.headers.items())
@@ -306,6 +327,9 @@ class PredictorServer:
             raise
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, InferenceError) as e:
             raise InvalidInput(f"malformed v2 inference request: {_short(e)}") from e
+        if model_version is not None:
+            self._check_version(model_name, model_version)
+            infer_request.model_version = model_version
         response, response_headers = await self.dataplane.infer(
             model_name=model_name, request=infer_request, headers=headers
         )
@@ -386,9 +410,7 @@ class ServerThread:
 
     def __init__(self, server: PredictorServer) -> None:
         self.server = server
-        self._thread = threading.Thread(
-            target=lambda: asyncio.run(server.serve()), name="motlens-serve", daemon=True
-        )
+        self._thread = threading.Thread(target=lambda: asyncio.run(server.serve()), name="motlens-serve", daemon=True)
 
     def start(self) -> ServerThread:
         self._thread.start()

@@ -27,9 +27,7 @@ class ServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MOTLENS_SERVE_", extra="ignore")
 
-    model: str = Field(
-        DEFAULT_MODEL_REF, description="models:/NAME@ALIAS, models:/NAME/VERSION or a local path"
-    )
+    model: str = Field(DEFAULT_MODEL_REF, description="models:/NAME@ALIAS, models:/NAME/VERSION or a local path")
     follow_alias: str | None = Field(None, description="poll the registry and swap to this alias' version")
     follow_interval_s: float = 30.0
     http_port: int = 8080

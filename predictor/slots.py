@@ -84,15 +84,21 @@ class SlotManager:
             return prod.error_kind or "load_failed", prod.error
         return "no_model", "no production model loaded"
 
-    def acquire(self) -> ServingUnit | None:
-        """The unit for the next request (the canary with probability canary_percent/100)."""
+    def acquire(self, version: str | None = None) -> ServingUnit | None:
+        """The unit for the next request: the canary with probability canary_percent/100, else
+        production; with ``version``, the slot serving that version (None if no slot does)."""
         canary = self.slots["canary"].unit
         unit = self.slots["production"].unit
-        if canary is not None and self._rng.random() * 100.0 < self.canary_percent:
+        if version:
+            unit = next((u for u in (unit, canary) if u is not None and u.version == version), None)
+        elif canary is not None and self._rng.random() * 100.0 < self.canary_percent:
             unit = canary
         if unit is not None:
             unit.acquire()
         return unit
+
+    def served_versions(self) -> list[str]:
+        return [st.unit.version for st in self.slots.values() if st.unit is not None]
 
     # ------------------------------------------------------------ operations
 

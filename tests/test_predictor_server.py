@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 import numpy as np
 import pytest
@@ -19,32 +17,10 @@ TEXTS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def served(tiny_bundle, embedder):
-    """A running server (REST + gRPC) serving the tiny bundle; the session's MiniLM is reused."""
-    from predictor.server import PredictorServer, ServerThread
-    from predictor.settings import ServeSettings
-
-    settings = ServeSettings(
-        model=str(tiny_bundle.root),
-        http_port=free_port(),
-        grpc_port=free_port(),
-        max_items_per_request=64,
-        max_text_chars=500,
-        max_body_bytes=256 * 1024,
-        grace_period_s=10,
-    )
-    server = PredictorServer(settings, embedder=embedder, host="127.0.0.1")
-    thread = ServerThread(server).start().wait_ready()
-    base = f"http://127.0.0.1:{settings.http_port}"
-    yield server, base
-    thread.stop()
+def served(tiny_server):
+    """The session's running server (conftest ``tiny_server``: REST + gRPC, tiny bundle, shared MiniLM)."""
+    return tiny_server
 
 
 def test_v1_predict_answers_labels_and_version(served, tiny_bundle):
@@ -176,9 +152,7 @@ def test_metrics_show_model_info_with_served_version(served):
     httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": TEXTS[:1]})
     text = httpx.get(f"{base}/metrics").text
     info = [line for line in text.splitlines() if line.startswith("motlens_model_info{")]
-    assert any(
-        'version="1"' in line and 'slot="production"' in line and line.endswith(" 1.0") for line in info
-    )
+    assert any('version="1"' in line and 'slot="production"' in line and line.endswith(" 1.0") for line in info)
     assert 'motlens_golden_passed{slot="production"} 1.0' in text
     assert 'motlens_requests_total{outcome="ok",protocol="v1"}' in text
     assert "request_predict_seconds" in text  # KServe's own histograms are served too
@@ -187,3 +161,15 @@ def test_metrics_show_model_info_with_served_version(served):
 def test_readiness_reason_route(served):
     _, base = served
     assert httpx.get(f"{base}/motlens/ready").json() == {"ready": True, "reason": None}
+
+
+def test_versioned_routes_pin_the_served_version(served):
+    _, base = served
+    req = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": TEXTS[:1]}]}
+    r = httpx.post(f"{base}/v2/models/{MODEL}/versions/1/infer", json=req)
+    assert r.status_code == 200 and r.json()["model_version"] == "1"
+    missing = httpx.post(f"{base}/v2/models/{MODEL}/versions/9/infer", json=req)
+    assert missing.status_code == 404 and "version 9" in missing.json()["error"]
+    assert httpx.get(f"{base}/v2/models/{MODEL}/versions/1").json()["versions"] == ["1"]
+    assert httpx.get(f"{base}/v2/models/{MODEL}/versions/1/ready").json()["ready"] is True
+    assert httpx.get(f"{base}/v2/models/{MODEL}/versions/9/ready").status_code == 404
