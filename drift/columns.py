@@ -102,4 +102,5 @@ def as_logged(matrix: np.ndarray) -> np.ndarray:
     if len(matrix) == 0:
         return matrix
     q, scales = quantize(list(matrix))
-    return (np.stack(q).astype(np.float32) * scales[:, None]).astype(np.float32)
+    ints = np.stack([v for v in q if v is not None])  # every row has a vector here
+    return (ints.astype(np.float32) * scales[:, None]).astype(np.float32)

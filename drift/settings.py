@@ -53,7 +53,7 @@ class DriftSettings(BaseSettings):
     embedding_method: EmbeddingMethod = "model"
     embedding_threshold: float | None = Field(default=None, description="default: the method's own")
     embedding_quantile: float = Field(
-        default=0.99, gt=0.5, lt=1, description="model method: quantile of a random classifier's ROC AUC"
+        default=0.999, gt=0.5, lt=1, description="model method: quantile of a random classifier's ROC AUC"
     )
     canary_min_agreement: float = Field(default=0.9, ge=0, le=1)
     canary_min_cosine: float = Field(default=0.99, ge=-1, le=1)

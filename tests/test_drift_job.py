@@ -102,6 +102,7 @@ def _assert_row_equals_summary(row: dict, summary: dict) -> None:
         assert (value.item() if hasattr(value, "item") else value) == summary[key], key
 
 
+@pytest.mark.slow
 def test_cli_no_drift_writes_every_output(env, motlens, tmp_path, capsys):
     out = tmp_path / "out"
     prom = tmp_path / "metrics" / "drift.prom"
