@@ -34,10 +34,11 @@ class Stages:
     """A rich progress bar over the job's stages (off when ``progress`` is false)."""
 
     def __init__(self, enabled: bool, total: int):
+        from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._p = Progress(TextColumn("drift: {task.description}"), BarColumn(), TimeElapsedColumn(),
-                           disable=not enabled, transient=False)  # fmt: skip
+                           console=Console(stderr=True), disable=not enabled, transient=False)  # fmt: skip
         self._task = self._p.add_task("starting", total=total)
         self.seconds: dict[str, float] = {}
 

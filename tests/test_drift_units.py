@@ -169,3 +169,16 @@ def test_pushgateway_receives_the_metrics_under_the_grouping_key():
     method, path, body = got[0]
     assert (method, path) == ("PUT", "/metrics/job/motlens-drift/model_version/7/slot/canary")
     assert b'motlens_drift_detected{model_version="7",slot="canary"} 0.0' in body
+
+
+def test_settings_come_from_env_and_flags_win(monkeypatch, tmp_path, capsys):
+    from motlens.cli import main
+
+    monkeypatch.setenv("MOTLENS_DRIFT_WINDOW", "7d")
+    monkeypatch.setenv("MOTLENS_DRIFT_MAX_ROWS", "1234")
+    monkeypatch.setenv("MOTLENS_DRIFT_CANARY", "true")
+    s = DriftSettings(max_rows=99)
+    assert (s.window, s.max_rows, s.canary) == ("7d", 99, True)
+    monkeypatch.setenv("MOTLENS_DRIFT_EMBEDDING_METHOD", "psychic")
+    assert main(["drift", "--output", str(tmp_path)]) == 2
+    assert "bad setting: embedding_method" in capsys.readouterr().err
