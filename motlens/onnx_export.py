@@ -321,9 +321,12 @@ def cached_export(model_dir: Path, cache_root: Path) -> Path:
     """A verified fp32 export for a model directory that ships none (kept under ``cache_root``)."""
     target = cache_root / weights_digest(model_dir)
     if not (target / FP32_FILE).is_file():
-        staging = target.with_name(target.name + ".staging")
+        staging = target.with_name(f"{target.name}.staging-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         export_fp32(model_dir, staging)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        if (target / FP32_FILE).is_file():  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
     return target / FP32_FILE

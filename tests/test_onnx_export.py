@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,18 @@ def test_bad_input_and_missing_variants_name_the_problem(onnx_model_dir, onnx_em
     assert not (onnx_model_dir / ONNX_DIR / INT8_FILE).exists()
     with pytest.raises(OnnxExportError, match="int8"):
         OnnxEmbedder(onnx_model_dir, variant="int8")
+
+
+def test_model_dir_without_onnx_uses_the_verified_cache(onnx_model_dir, embedder, tmp_path, monkeypatch):
+    from motlens.onnx_export import weights_digest
+
+    bare = tmp_path / "bare"
+    shutil.copytree(onnx_model_dir, bare, ignore=shutil.ignore_patterns(ONNX_DIR))
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path / "home"))
+    cached = tmp_path / "home" / "onnx-cache" / weights_digest(bare) / FP32_FILE
+    cached.parent.mkdir(parents=True)
+    shutil.copy(onnx_model_dir / ONNX_DIR / FP32_FILE, cached)  # as an earlier export would have left it
+    emb = OnnxEmbedder(bare, threads=1)
+    assert emb.onnx_path == cached.resolve() and not (bare / ONNX_DIR).exists()
+    texts = ["Brake pipe corroded", "Nearside Front Tyre worn close to legal limit (5.2.3 (e))"]
+    assert cosine_rows(emb.encode(texts), embedder.encode(texts)).min() >= EXPORT_MIN_COSINE
