@@ -12,7 +12,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,19 +80,25 @@ class K8sTarget:
     def describe(self) -> str:
         return f"k8s inferenceservice {self.settings.namespace}/{self.settings.isvc_name}"
 
+    def _error(self, what: str, e: Exception) -> TargetError:
+        from kubernetes.client.exceptions import ApiException
+
+        if isinstance(e, ApiException):
+            if e.status == 404:
+                return TargetError(f"{what}: not found")
+            if e.status in (401, 403):
+                return TargetError(f"{what}: not allowed ({e.status} {e.reason})")
+            return TargetError(f"{what}: {e.status} {e.reason}")
+        return TargetError(f"no cluster access: {what}: {e}")
+
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
         try:
             return fn(*args, **kwargs)
-        except ApiException as e:
-            if e.status == 404:
-                raise TargetError(f"{self.describe()} not found") from e
-            if e.status in (401, 403):
-                raise TargetError(f"not allowed to {what} {self.describe()}: {e.reason}") from e
-            raise TargetError(f"cannot {what} {self.describe()}: {e.status} {e.reason}") from e
-        except OSError as e:  # urllib3 connection errors derive from OSError
-            raise TargetError(f"no cluster access: cannot {what} {self.describe()}: {e}") from e
+        except (ApiException, OSError, HTTPError) as e:  # connection refused, DNS, TLS, timeouts
+            raise self._error(f"cannot {what} {self.describe()}", e) from e
 
     def get(self) -> dict[str, Any]:
         s = self.settings
@@ -136,15 +143,22 @@ class K8sTarget:
             )
         return patch
 
-    def lock(self, *, blocking: bool) -> AbstractContextManager[None]:
+    @contextmanager
+    def lock(self, *, blocking: bool) -> Iterator[None]:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
         s = self.settings
-        return lease_lock(
-            self.api,
-            s.namespace,
-            f"{s.isvc_name}-promotion",
-            lease_seconds=s.lease_seconds,
-            blocking=blocking,
-        )
+        name = f"{s.isvc_name}-promotion"
+        held = lease_lock(self.api, s.namespace, name, lease_seconds=s.lease_seconds, blocking=blocking)
+        try:
+            held.__enter__()
+        except (ApiException, OSError, HTTPError) as e:
+            raise self._error(f"cannot take the Lease {s.namespace}/{name}", e) from e
+        try:
+            yield
+        finally:
+            held.__exit__(None, None, None)
 
     def uri_for(self, version: str, artifact_uri: str) -> str:
         return artifact_uri

@@ -54,11 +54,27 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(env, capsys):
         assert _snapshot(env) == before, argv
 
 
+UNREACHABLE = """
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:1", insecure-skip-tls-verify: true}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+"""
+
+
 def test_no_cluster_access_is_a_clear_error(env, capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
     for argv in (["status"], ["canary", "start", "2", "--percent", "10"]):
         assert main(["promote", *argv, "--target", "k8s"]) == 2
+        err = capsys.readouterr().err
+        assert "no cluster access" in err and "Traceback" not in err
+    (tmp_path / "kubeconfig").write_text(UNREACHABLE)  # a kubeconfig whose API server does not answer
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    for argv in (["canary", "start", "2", "--percent", "10"], ["auto"], ["rollback"]):
+        assert main(["promote", *argv, "--target", "k8s"]) == 2, argv
         err = capsys.readouterr().err
         assert "no cluster access" in err and "Traceback" not in err
     assert env.registry.aliases() == {}

@@ -21,6 +21,7 @@ from promotion.settings import PromoteSettings
 from promotion.workflow import STEP_AT_TAG, Promoter
 
 TEXTS = [t for t, _, _ in _TINY_TEXTS]
+CLIENTS = 2
 
 
 class Traffic:
@@ -29,7 +30,7 @@ class Traffic:
     def __init__(self, base: str) -> None:
         self.base, self.codes, self.errors = base, [], []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(2)]
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(CLIENTS)]
 
     def _run(self, seed: int) -> None:
         rng = random.Random(seed)
@@ -53,22 +54,26 @@ class Traffic:
             t.join(60)
 
 
-def _rows_since(reader, since, need: int, timeout: float = 180.0):
-    """Per (version, slot) counts from the prediction log once at least ``need`` rows arrived."""
+def _rows_since(reader, since, need: int, canary: tuple[str, int] = ("", 0), timeout: float = 180.0):
+    """Per (version, slot) counts from the prediction log once at least ``need`` rows arrived
+    (and ``canary`` = (version, n): at least n of them from that canary)."""
     deadline = time.monotonic() + timeout
     while True:
         stats = reader.live_stats(since=since, model_name="mot-defects")
-        total = int(stats["n"].sum()) if len(stats) else 0
-        if total >= need or time.monotonic() > deadline:
-            return {(r.model_version, r.slot): int(r.n) for r in stats.itertuples()}, total
+        counts = {(r.model_version, r.slot): int(r.n) for r in stats.itertuples()}
+        total = sum(counts.values())
+        enough = total >= need and counts.get((canary[0], "canary"), 0) >= canary[1]
+        if enough or time.monotonic() > deadline:
+            return counts, total
         time.sleep(0.5)
 
 
 def _split_ok(counts: dict, total: int, version: str, percent: int) -> None:
+    """Within 4 σ of the binomial, plus the requests in flight at the switch (one per client)."""
     n_canary = counts.get((version, "canary"), 0)
     p = percent / 100
-    sigma = math.sqrt(p * (1 - p) / total) if 0 < p < 1 else 0.0
-    assert abs(n_canary / total - p) <= 4 * sigma + 1e-9, (counts, percent)
+    sigma = math.sqrt(p * (1 - p) * total)
+    assert abs(n_canary - p * total) <= 4 * sigma + CLIENTS, (counts, percent)
 
 
 def _drift_job(registry, version: str, out):
@@ -137,6 +142,7 @@ def test_local_canary_promote_and_rollback_under_traffic(registry, tiny_bundle, 
                 counts, total = _rows_since(reader, since, 240)
                 _split_ok(counts, total, "2", percent)
                 if percent == 25:  # the drift job's verdict on this canary (gates read the latest)
+                    _rows_since(reader, since, 0, canary=("2", 80))
                     result = _drift_job(registry, "2", tmp_path / "drift-2")
                     assert result.summary["details"]["status"] == "no_drift", result.messages
             p.promote()
@@ -151,6 +157,7 @@ def test_local_canary_promote_and_rollback_under_traffic(registry, tiny_bundle, 
             since = datetime.fromisoformat(registry.resolve("3").tags[STEP_AT_TAG])
             counts, total = _rows_since(reader, since, 240)
             _split_ok(counts, total, "3", 50)
+            _rows_since(reader, since, 0, canary=("3", 80))
             result = _drift_job(registry, "3", tmp_path / "drift-3")
             assert result.summary["details"]["status"] == "drift", result.messages
             out = p.auto()
