@@ -10,6 +10,7 @@
 Prints a summary and writes JSON (``--out``). The reference run is 30 minutes on a quiet machine::
 
     python -m bench.soak --minutes 30 --out bench/results/soak-30min.json
+    python -m bench.soak --minutes 30 --device cuda --dtype float16   # GPU host: GPU memory per slice
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ def start_server(args: argparse.Namespace, home: Path, port: int) -> subprocess.
     exe = Path(sys.executable).with_name("motlens")
     cmd = [str(exe) if exe.exists() else "motlens", "serve", "--model", str(args.model), "--http-port", str(port),
            "--grpc-port", str(free_port())]  # fmt: skip
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
+    for flag in ("threads", "device", "dtype"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", str(getattr(args, flag))]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOTLENS_")}
     env["MOTLENS_HOME"] = str(home)
     return subprocess.Popen(cmd, env=env, stdout=(home / "serve.log").open("w"), stderr=subprocess.STDOUT)
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8, help="closed-loop clients of the probe")
     p.add_argument("--novel-share", type=float, default=0.1, help="share of never-seen texts in the mix")
     p.add_argument("--threads", type=int, help="model threads of the server (default: its cgroup CPUs)")
+    p.add_argument("--device", help="server device: cpu, cuda … (default: cuda when present)")
+    p.add_argument("--dtype", help="float32, float16 or bfloat16 (GPU only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON result (default bench/results/soak-<time>.json)")
     a = p.parse_args(argv)
