@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,6 @@ class Registry:
         state: StateSettings | None = None,
         cache_dir: Path | None = None,
     ) -> None:
-        from mlflow import MlflowClient
-
         self.state = state or StateSettings()
         self.tracking_uri = tracking_uri or _default_tracking_uri(self.state)
         self.model_name = model_name
@@ -86,7 +85,13 @@ class Registry:
         self.cache_dir = Path(cache_dir) if cache_dir else (self.state.home / "models").resolve()
         if self.tracking_uri.startswith("sqlite:///"):
             Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    @cached_property
+    def client(self) -> Any:
+        """The ``MlflowClient`` (created on first use: a new sqlite database is migrated then)."""
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     # ---- runs and registration -------------------------------------------------------------
 
