@@ -16,6 +16,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -102,6 +103,96 @@ async def _sample_rss(pid: int, out: list[int], stop: asyncio.Event) -> None:
             pass
 
 
+class HttpError(Exception):
+    """A transport-level failure of one request (connection reset, malformed response, timeout)."""
+
+
+class RawConnection:
+    """A minimal HTTP/1.1 keep-alive client connection: one request at a time, no parsing beyond framing.
+
+    The load generator shares the cores with the server under test, so it must be cheap: this costs a
+    fraction of aiohttp's per-request CPU (``--client aiohttp`` remains available).
+    """
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.path = parts.path or "/"
+        self.timeout_s = timeout_s
+        self._head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            "Content-Type: application/json\r\nContent-Length: "
+        ).encode()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    async def post(self, body: bytes) -> tuple[int, bytes]:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await self._post(body)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, TimeoutError) as e:
+            self.close()
+            raise HttpError(type(e).__name__) from e
+
+    async def _post(self, body: bytes) -> tuple[int, bytes]:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self._reader, self._writer
+        assert reader is not None
+        writer.write(self._head + str(len(body)).encode() + b"\r\n\r\n" + body)
+        status_line = await reader.readline()
+        if not status_line:
+            raise ConnectionResetError("server closed the connection")
+        status = int(status_line.split(b" ", 2)[1])
+        length, chunked, close = None, False, False
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            key, _, value = line.partition(b":")
+            key = key.strip().lower()
+            if key == b"content-length":
+                length = int(value)
+            elif key == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif key == b"connection":
+                close = b"close" in value.lower()
+        if chunked:
+            chunks = []
+            while size := int((await reader.readline()).split(b";")[0], 16):
+                chunks.append(await reader.readexactly(size + 2))
+            await reader.readline()
+            payload = b"".join(c[:-2] for c in chunks)
+        elif length is not None:
+            payload = await reader.readexactly(length)
+        else:
+            payload, close = await reader.read(), True
+        if close:
+            self.close()
+        return status, payload
+
+
+class AiohttpConnection:
+    """The same interface over a shared aiohttp session (for comparison with :class:`RawConnection`)."""
+
+    def __init__(self, session, url: str) -> None:  # noqa: ANN001 - aiohttp.ClientSession
+        self.session, self.url = session, url
+
+    async def post(self, body: bytes) -> tuple[int, bytes]:
+        import aiohttp
+
+        try:
+            async with self.session.post(self.url, data=body, headers={"content-type": "application/json"}) as r:
+                return r.status, await r.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise HttpError(type(e).__name__) from e
+
+    def close(self) -> None:
+        pass
+
+
 async def run_load(
     url: str,
     mix: TextMix,
@@ -118,39 +209,38 @@ async def run_load(
     timeout_s: float = 30.0,
     rate: float | None = None,
     max_requests: int | None = None,
+    client: str = "raw",
 ) -> LoadResult:
     """Run ``concurrency`` closed-loop clients for ``warmup_s`` + ``duration_s``; measure the latter.
 
     With ``rate`` (requests/s) the load is open-loop instead: requests start on a fixed schedule,
     at most ``concurrency`` in flight, and latency counts from the scheduled start (no coordinated
     omission). ``max_requests`` ends the measured phase early once that many requests completed.
+    ``client``: ``raw`` (minimal keep-alive HTTP/1.1, one connection per client) or ``aiohttp``.
     """
-    import aiohttp
-
+    if client not in ("raw", "aiohttp"):
+        raise ValueError(f"unknown client {client!r}; expected 'raw' or 'aiohttp'")
     target = endpoint(url, protocol, model)
-    headers = {"content-type": "application/json"}
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     counts = {"requests": 0, "items": 0}
     t0 = time.perf_counter()
     measure_from = t0 + warmup_s
     stop_at = measure_from + duration_s
-
     done = asyncio.Event()
     done_at = [stop_at]
 
-    async def one(session: aiohttp.ClientSession, start: float, check: bool) -> str | None:
+    async def one(conn: RawConnection | AiohttpConnection, start: float, check: bool) -> str | None:
         body = request_body(protocol, mix.take(items), model)
         kind = None
         try:
-            async with session.post(target, data=body, headers=headers) as resp:
-                payload = await resp.read()
-                if resp.status != 200:
-                    kind = f"HTTP {resp.status}"
-                elif check and not _response_ok(protocol, payload, items):
-                    kind = "malformed response"
-        except (aiohttp.ClientError, TimeoutError) as e:
-            kind = type(e).__name__
+            status, payload = await conn.post(body)
+            if status != 200:
+                kind = f"HTTP {status}"
+            elif check and not _response_ok(protocol, payload, items):
+                kind = "malformed response"
+        except HttpError as e:
+            kind = str(e)
         end = time.perf_counter()
         if start >= measure_from and end <= stop_at and not done.is_set():
             if kind:
@@ -164,28 +254,30 @@ async def run_load(
                     done.set()
         return kind
 
-    async def client(session: aiohttp.ClientSession, k: int) -> None:
+    async def closed_client(conn: RawConnection | AiohttpConnection, k: int) -> None:
         n = 0
         while (start := time.perf_counter()) < stop_at and not done.is_set():
-            kind = await one(session, start, n % CHECK_EVERY == k % CHECK_EVERY)
+            kind = await one(conn, start, n % CHECK_EVERY == k % CHECK_EVERY)
             n += 1
             if kind:  # do not spin on a refusing or failing server
                 await asyncio.sleep(0.01)
 
-    async def open_loop(session: aiohttp.ClientSession) -> None:
+    async def open_loop(conns: list) -> None:
         assert rate
-        slots = asyncio.Semaphore(concurrency)
+        pool: asyncio.Queue = asyncio.Queue()
+        for c in conns:
+            pool.put_nowait(c)
         tasks: set[asyncio.Task] = set()
         n = 0
         while (due := t0 + n / rate) < stop_at and not done.is_set():
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            await slots.acquire()
+            conn = await pool.get()
 
-            async def fire(due: float = due, check: bool = n % CHECK_EVERY == 0) -> None:
+            async def fire(conn=conn, due: float = due, check: bool = n % CHECK_EVERY == 0) -> None:  # noqa: ANN001
                 try:
-                    await one(session, due, check)
+                    await one(conn, due, check)
                 finally:
-                    slots.release()
+                    pool.put_nowait(conn)
 
             task = asyncio.create_task(fire())
             tasks.add(task)
@@ -194,16 +286,28 @@ async def run_load(
         if tasks:
             await asyncio.gather(*tasks)
 
+    async def drive(conns: list) -> None:
+        if rate:
+            await open_loop(conns)
+        else:
+            await asyncio.gather(*(closed_client(c, k) for k, c in enumerate(conns)))
+
     rss: list[int] = []
     stop = asyncio.Event()
     sampler = asyncio.create_task(_sample_rss(pid, rss, stop)) if pid else None
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        if rate:
-            await open_loop(session)
-        else:
-            await asyncio.gather(*(client(session, k) for k in range(concurrency)))
+    if client == "raw":
+        conns = [RawConnection(target, timeout_s) for _ in range(concurrency)]
+        try:
+            await drive(conns)
+        finally:
+            for c in conns:
+                c.close()
+    else:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as s:
+            await drive([AiohttpConnection(s, target) for _ in range(concurrency)])
     measured = done_at[0] - measure_from
     stop.set()
     if sampler:
@@ -253,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--rate", type=float, help="open loop: requests/s on a fixed schedule (default: closed loop)")
     p.add_argument("--max-requests", type=int, help="stop the measured phase after this many requests")
+    p.add_argument("--client", choices=("raw", "aiohttp"), default="raw", help="HTTP client implementation")
     p.add_argument("--pid", type=int, help="server PID whose process tree RSS is sampled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -263,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         run_load(
             a.url, make_mix(a.mix, a.novel_share, a.seed), mix_name=a.mix, protocol=a.protocol,
             concurrency=a.concurrency, items=a.items, duration_s=a.duration, warmup_s=a.warmup, pid=a.pid,
-            model=a.model, rate=a.rate, max_requests=a.max_requests,
+            model=a.model, rate=a.rate, max_requests=a.max_requests, client=a.client,
         )
     )  # fmt: skip
     if a.json:

@@ -57,3 +57,46 @@ def test_request_bodies_and_response_checks():
     assert not _response_ok("v2", b"not json", 1)
     with pytest.raises(ValueError, match="unknown protocol"):
         request_body("grpc", ["a"])
+
+
+@pytest.mark.parametrize("client", ["raw", "aiohttp"])
+async def test_loadgen_counts_successes_and_errors_against_a_live_http_server(client):
+    from aiohttp import web
+
+    from bench.loadgen import run_load
+
+    ok = json.dumps({"outputs": [{"name": "section", "data": ["1 Brakes"]},
+                                 {"name": "fail_probability", "data": [0.2]}]}).encode()  # fmt: skip
+    seen = Counter()
+
+    async def infer(request: web.Request) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        seen["requests"] += 1
+        if seen["requests"] % 5 == 0:
+            return web.Response(status=429, text="busy")
+        if seen["requests"] % 2:  # chunked framing on every other answer
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            await resp.write(ok[:10])
+            await resp.write(ok[10:])
+            await resp.write_eof()
+            return resp
+        assert body["inputs"][0]["shape"] == [1]
+        return web.Response(body=ok, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v2/models/mot-defects/infer", infer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        r = await run_load(f"http://127.0.0.1:{port}", make_mix("novel", seed=2), concurrency=4, duration_s=1.0,
+                           warmup_s=0.2, client=client)  # fmt: skip
+    finally:
+        await runner.cleanup()
+    assert r.requests > 20 and r.errors > 0 and set(r.error_kinds) == {"HTTP 429"}
+    assert 0.1 < r.errors / (r.errors + r.requests) < 0.3  # one in five refused
+    assert r.p50_ms <= r.p95_ms <= r.p99_ms
