@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from drift import stattests
-from drift.columns import CATEGORICAL, DRIFT_COLUMNS, NUMERICAL, embedding_frame
+from drift.columns import CATEGORICAL, DRIFT_COLUMNS, MISSING, NUMERICAL, embedding_frame
 from drift.settings import DriftSettings
 
 EMBEDDINGS_NAME = "embedding"
@@ -58,15 +58,14 @@ class EmbeddingDriftResult:
 
 
 def _present(ref: pd.DataFrame, cur: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
-    """Columns with data on both sides; the others are skipped with a reason."""
+    """Columns with values on both sides; the others are skipped with a reason (e.g. a reference
+    sample built without per-row context has no makes, which is not drift)."""
     cols, skipped = [], {}
     for c in DRIFT_COLUMNS:
-        for name, df in (("reference", ref), ("current", cur)):
-            values = df[c]
-            empty = values.isna().all() if c in NUMERICAL else False
-            if empty:
-                skipped[c] = f"no values in the {name} window"
-                break
+        empty = [name for name, df in (("reference", ref), ("current", cur))
+                 if (df[c].isna() if c in NUMERICAL else df[c] == MISSING).all()]  # fmt: skip
+        if empty:
+            skipped[c] = f"no values in the {' or '.join(empty)} data"
         else:
             cols.append(c)
     return cols, skipped

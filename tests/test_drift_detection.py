@@ -148,3 +148,13 @@ def test_two_sample_chi_square_matches_scipy_contingency():
     expected = chi2_contingency([[50, 30, 20, 0], [30, 30, 35, 5]], correction=False).pvalue
     assert p == pytest.approx(expected) and drifted == (expected < 0.01)
     assert _chi2_two_sample(ref, ref, None, 0.01) == (pytest.approx(1.0), False)
+
+
+def test_reference_without_context_skips_those_columns(tmp_path, vectors):
+    """A ClickHouse-path bundle's reference sample has null context: skipped, not 'drifted'."""
+    ref = traffic(N, 13).assign(make=None, fuel_type=None, vehicle_age_years=np.nan, odometer_miles=np.nan)
+    checks, detail, (status, code) = _checks(ref, traffic(N, 14), vectors, _settings(tmp_path), dims=32)
+    skipped = detail["data_drift"]["skipped_columns"]
+    assert set(skipped) == {"make", "fuel_type", "vehicle_age_years", "odometer_miles"}
+    assert skipped["make"] == "no values in the reference data"
+    assert len(detail["data_drift"]["columns"]) == 5 and (status, code) == ("no_drift", 0)
