@@ -306,7 +306,9 @@ class Promoter:
         return ok
 
     def _event(self, action: str, **kw: Any) -> Event:
-        return Event(action=action, actor=self.settings.who, target=self.target.name, **kw)
+        return Event(
+            action=action, actor=self.settings.who, target=self.target.name, dry_run=self.dry_run, **kw
+        )
 
     def _refuse_on_gates(self, event: Event, what: str) -> None:
         verdict = g.summarize(event.gates)
@@ -601,7 +603,6 @@ class Promoter:
             to_version=live.canary_version or "",
             gates=gates,
             reason=why,
-            dry_run=self.dry_run,
         )
         event.from_state = event.to_state = live.describe()
         event.percent = float(live.percent or 0) if live.canary_active else 0.0

@@ -94,6 +94,8 @@ def test_worse_candidate_is_rejected_without_a_canary(rollout):
     env, target = rollout
     env.registry.set_alias("candidate", "3")
     before = (target.overlay / "rollout.yaml").read_text()
+    dry = Promoter(env.settings(golden_check=False), env.registry, target, dry_run=True).auto()
+    assert dry.action == "reject" and "promotion.status" not in env.registry.resolve("3").tags
     out = _auto(env, target, golden_check=False)
     assert out.action == "reject" and "section_macro_f1" in out.gates[0].detail
     assert (target.overlay / "rollout.yaml").read_text() == before
