@@ -160,6 +160,7 @@ def test_spool_limit_reached_applies_the_policy_and_counts_drops(tiny_bundle, em
         assert kept_positions == list(range(len(order) - len(kept), len(order)))
     else:  # a batch that does not fit is refused (a later, smaller one may still fit): the oldest survive
         assert kept_positions[0] == 0
+    print(f"\nspool full ({policy}): {len(order)} served, {len(kept)} kept, replayed; {dropped} counted dropped")
 
 
 def _mlflow_server(db: Path, port: int, log_path: Path) -> subprocess.Popen:
@@ -198,6 +199,7 @@ def test_mlflow_down_at_start_live_not_ready_then_ready_once_reachable(
         mlflow_proc = _mlflow_server(registry.state.home / "mlflow.db", port, tmp_path / "mlflow.log")
         thread.wait_ready(timeout=300)  # the backoff loop finds the registry once it is up
         failures = [r for r in caplog.records if "cannot serve" in r.getMessage()]
+        print(f"\nmlflow down: {len(failures)} failed load attempts (backoff) before ready")
         assert len(failures) >= 2  # retried (1 s, 2 s, 4 s … backoff) before it worked
         r = httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": ["Horn not working"]}, timeout=60)
         assert r.status_code == 200 and r.json()["model_version"] == "1"

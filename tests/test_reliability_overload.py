@@ -85,6 +85,7 @@ def test_burst_beyond_the_queue_gets_429_with_retry_after_never_5xx(small_queue)
         else:
             assert len(r.json()["predictions"]) == 4
     assert metric(base, "motlens_rejected_total", reason="queue_full") - rejected_before == codes.count(429)
+    print(f"\noverload: {len(codes)} requests in bursts of 24: {codes.count(200)} × 200, {codes.count(429)} × 429")
     # still up and ready, and a lone request is served
     assert httpx.get(f"{base}/v2/models/{MODEL}/ready", timeout=10).status_code == 200
     r = httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": ["Horn not working"]}, timeout=60)

@@ -142,3 +142,5 @@ def test_follow_alias_switches_under_load_without_a_failed_request_or_lost_row(
     logged = {(r.request_id, int(r.item_index)): r.model_version for r in rows.itertuples()}
     expected = {(o.request_id, i): o.version for o in outcomes for i in range(o.items)}
     assert logged == expected
+    n1, n2 = sum(o.version == "1" for o in outcomes), sum(o.version == "2" for o in outcomes)
+    print(f"\nswitch: {len(outcomes)} requests ({n1} by v1, {n2} by v2), 0 failed; {len(rows)} rows logged, 0 lost")
