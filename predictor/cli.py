@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for flag, kind, text in _FLAGS:
         p.add_argument(flag, type=kind, default=None, help=text)
     p.add_argument("--json-logs", action="store_true", default=None, help="one JSON object per log line")
+    p.add_argument("--access-log", action="store_true", default=None, help="log every request (costly)")
     p.add_argument("--no-grpc", dest="enable_grpc", action="store_false", default=None, help="REST only")
     p.add_argument("--no-predlog", action="store_true", help="do not log predictions")
     p.set_defaults(func=_serve)

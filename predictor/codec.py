@@ -6,8 +6,9 @@ with a message naming the field; nothing a client sends can reach the model unva
 
 from __future__ import annotations
 
+import itertools
 import math
-import uuid
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,15 @@ OUTPUT_METADATA: list[dict[str, Any]] = [
     {"name": "fail_probability", "datatype": "FP32", "shape": [-1]},
     {"name": EMBEDDING, "datatype": "FP32", "shape": [-1, EMBEDDING_DIM]},
 ]
+
+
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count()
+
+
+def new_request_id() -> str:
+    """A unique request id without a syscall per request (process prefix + counter)."""
+    return f"{_ID_PREFIX}-{next(_ID_COUNTER)}"
 
 
 @dataclass(frozen=True)
@@ -174,7 +184,7 @@ def parse_v1(payload: Any, limits: Limits, request_id: str = "") -> PredictReque
             texts.append(inst)
     checked = _check_texts(texts, limits, "'instances' text")
     outputs = (*DEFAULT_OUTPUTS, EMBEDDING) if _truthy(params.get("return_embedding", False)) else DEFAULT_OUTPUTS
-    return PredictRequest(checked, context, outputs, request_id or str(uuid.uuid4()))
+    return PredictRequest(checked, context, outputs, request_id or new_request_id())
 
 
 def build_v1(result: PredictResult, req: PredictRequest) -> dict[str, Any]:
@@ -301,7 +311,7 @@ def parse_v2(req: InferRequest, limits: Limits) -> PredictRequest:
         outputs = tuple(dict.fromkeys(names))
     else:
         outputs = (*DEFAULT_OUTPUTS, EMBEDDING) if want_embedding else DEFAULT_OUTPUTS
-    return PredictRequest(texts, context, outputs, str(req.id or uuid.uuid4()))
+    return PredictRequest(texts, context, outputs, str(req.id or new_request_id()))
 
 
 def build_v2(result: PredictResult, req: PredictRequest, infer_req: InferRequest) -> InferResponse:

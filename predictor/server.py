@@ -96,15 +96,21 @@ class _RESTServer(RESTServer):
         )
         self.motlens = server
         self.config.host = host
+        if not server.settings.access_log:  # what uvicorn.Config(access_log=False) does
+            access = logging.getLogger("uvicorn.access")
+            access.handlers = []
+            access.propagate = False
         self._server = _Uvicorn(self.config)
 
     def create_application(self) -> None:
         app = FastAPI(title="motlens predictor", docs_url=None, redoc_url=None)
         self.motlens.add_routes(app)
-        self._add_middlewares(app)
+        if self.motlens.settings.access_log:
+            self._add_middlewares(app)  # KServe's per-request timing lines (costly: getrusage per request)
         self._register_endpoints(app)
         self._add_exception_handlers(app)
         app.add_exception_handler(InvalidInput, _invalid_input_handler)
+        app.add_exception_handler(ModelNotReady, _not_ready_handler)
         app.add_exception_handler(Overloaded, _overloaded_handler)
         app.add_exception_handler(BodyTooLarge, _too_large_handler)
         self.config.app = app
@@ -116,6 +122,11 @@ class _RESTServer(RESTServer):
 async def _invalid_input_handler(request: Request, exc: Exception) -> Response:
     log.info("400 %s %s: %s", request.method, request.url.path, exc)
     return _json({"error": str(exc)}, status_code=400)
+
+
+async def _not_ready_handler(request: Request, exc: Exception) -> Response:
+    log.debug("503 %s %s: %s", request.method, request.url.path, exc)
+    return _json({"error": str(exc)}, status_code=503)
 
 
 async def _overloaded_handler(_: Request, exc: Exception) -> Response:

@@ -59,6 +59,7 @@ class ServeSettings(BaseSettings):
 
     # observability
     json_logs: bool = False
+    access_log: bool = Field(False, description="uvicorn access lines and KServe's per-request timing lines")
     log_embedding_sample_rate: float = Field(0.01, ge=0.0, le=1.0)
 
     # deployment slots (local promotion target)
