@@ -141,7 +141,8 @@ def live_gate(
     canary: dict[str, Any] | None, production: dict[str, Any] | None, settings: PromoteSettings
 ) -> GateResult:
     """Canary health from the prediction log since the last step: sample size, error rate, p99 latency."""
-    n = int((canary or {}).get("n") or 0)
+    canary = canary or {}
+    n = int(canary.get("n") or 0)
     if n < settings.min_samples:
         return GateResult(
             "live", WAIT, f"{n} canary items since the last step, need {settings.min_samples}", {"n": n}

@@ -384,7 +384,7 @@ class Promoter:
             live, aliases = self.snapshot()
             if not live.canary_active:
                 raise PromotionError(f"no canary is running on {self.target.describe()} ({live.describe()})")
-            version = live.canary_version
+            version = str(live.canary_version)
             event = self._event("canary_set", from_version=live.production_version or "", to_version=version)
             return self._execute(
                 event,
@@ -410,7 +410,7 @@ class Promoter:
             return self._advance(live, aliases, nxt)
 
     def _advance(self, live: RolloutState, aliases: dict[str, str], nxt: int) -> Outcome:
-        version = live.canary_version
+        version = str(live.canary_version)
         production = live.production_version
         event = self._event("advance", from_version=production or "", to_version=version)
         event.gates = self.offline_gates(version, production) + self.health_gates(version, production)
@@ -536,7 +536,7 @@ class Promoter:
             self._guard(live, aliases, live, aliases)  # raises Refused with the explanation
         if not live.canary_active:
             return self._auto_start(live, aliases)
-        version, production = live.canary_version, live.production_version
+        version, production = str(live.canary_version), live.production_version
         gates = self.offline_gates(version, production) + self.health_gates(version, production)
         verdict = g.summarize(gates)
         if verdict == g.FAIL:

@@ -41,6 +41,7 @@ def _auto(env, target, **kw):
     return Promoter(env.settings(**kw), env.registry, target).auto()
 
 
+@pytest.mark.slow
 def test_healthy_canary_is_promoted_step_by_step(rollout):
     env, target = rollout
     out = _auto(env, target)
