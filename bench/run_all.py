@@ -18,12 +18,13 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -156,6 +157,50 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.1f}×" if a and b else "–"
 
 
+def summarise(results: list[LoadResult]) -> list[LoadResult]:
+    """One row per (system, mix): the median of each figure over rounds, errors summed, RSS max."""
+    groups: dict[tuple[str, str], list[LoadResult]] = {}
+    for r in results:
+        groups.setdefault((r.system, r.mix), []).append(r)
+    out = []
+    for rs in groups.values():
+        med = {k: float(statistics.median(getattr(r, k) for r in rs))
+               for k in ("items_per_s", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "max_ms")}  # fmt: skip
+        kinds: dict[str, int] = {}
+        for r in rs:
+            for k, v in r.error_kinds.items():
+                kinds[k] = kinds.get(k, 0) + v
+        rss = [r.rss_max_mib for r in rs if r.rss_max_mib]
+        out.append(replace(rs[0], **med, requests=sum(r.requests for r in rs), items=sum(r.items for r in rs),
+                           errors=sum(r.errors for r in rs), error_kinds=kinds, rss_max_mib=max(rss) if rss else None))
+    return out
+
+
+def target_lines(rows: list[LoadResult], ceiling: dict | None) -> list[str]:
+    """Issue 4's CPU targets, each marked met or not (benchmarks, not assertions)."""
+    by = {(r.system, r.mix): r for r in rows}
+    lines = []
+
+    def mark(ok: bool | None, text: str) -> None:
+        lines.append(f"{'–' if ok is None else '✓' if ok else '✗'} {text}")
+
+    m, mn = by.get(("motlens", "realistic")), by.get(("motlens", "novel"))
+    if m:
+        mark(m.items_per_s >= 1000 and m.p99_ms < 100 and m.errors == 0,
+             f"realistic ≥ 1,000/s, p99 < 100 ms, 0 errors: {m.items_per_s:,.0f}/s, p99 {m.p99_ms:.0f} ms, "
+             f"{m.errors} errors")  # fmt: skip
+        for peer, want in (("infinity", 8.0), ("naive", 20.0)):
+            p = by.get((peer, "realistic"))
+            mark(None if not p else m.items_per_s >= want * p.items_per_s,
+                 f"≥ {want:.0f}× {peer} on the realistic mix: {_ratio(m.items_per_s, p.items_per_s if p else None)}")
+        rss = max((r.rss_max_mib or 0) for r in (m, mn) if r)
+        mark(rss < 1536 if rss else None, f"predictor RSS < 1.5 GiB: {rss:.0f} MiB")
+    if mn and ceiling:
+        share = mn.items_per_s / ceiling["texts_per_s"]
+        mark(share >= 0.85, f"novel-only ≥ 85% of the offline ceiling: {100 * share:.0f}%")
+    return lines
+
+
 def print_table(results: list[LoadResult], ceiling: dict | None, conditions: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -184,6 +229,8 @@ def print_table(results: list[LoadResult], ceiling: dict | None, conditions: str
         if ("motlens", "novel") in by:
             line += f"; motlens novel-only = {100 * by[('motlens', 'novel')] / ceiling['texts_per_s']:.0f}% of it"
         console.print(line)
+    for line in target_lines(results, ceiling):
+        console.print(line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--ready-timeout", type=float, default=240.0)
     p.add_argument("--skip-ceiling", action="store_true")
+    p.add_argument("--rounds", type=int, default=1, help="repeat everything; the table shows medians")
     p.add_argument("--out", type=Path, help="JSON results file (default bench/results/run-<time>.json)")
     a = p.parse_args(argv)
     systems = [s.strip() for s in a.systems.split(",") if s.strip()]
@@ -224,43 +272,54 @@ def main(argv: list[str] | None = None) -> int:
         print("building/verifying the benchmark bundle …", flush=True)
         bundle_dir = build_bench_bundle(RESULTS / "bundle", rebuild=a.rebuild_bundle).root
     load1 = os.getloadavg()[0]
-    ceiling = None if a.skip_ceiling else offline_ceiling(bundle_dir, a.backend, a.threads)
-    if ceiling:
-        print(f"offline batch ceiling: {ceiling['texts_per_s']:,.0f} texts/s", flush=True)
+    ceilings: list[dict] = []
     results: list[LoadResult] = []
+    rounds: list[int] = []
     with tempfile.TemporaryDirectory(prefix="motlens-bench-home-") as home:
         services = make_services(a, bundle_dir, Path(home))
-        for name in systems:
-            svc = services[name]
-            print(f"starting {name} …", flush=True)
-            try:
-                svc.start(log_dir)
-                svc.wait_ready(a.ready_timeout)
-                for mix_name in ("realistic", "novel"):
-                    mix = make_mix(mix_name, a.novel_share, seed=len(results))
-                    r = run(
-                        run_load(
-                            svc.url, mix, system=name, mix_name=mix_name, protocol=svc.protocol,
-                            concurrency=a.concurrency, items=a.items, duration_s=a.duration, warmup_s=a.warmup,
-                            pid=svc.proc.pid if svc.proc else None,
-                        )
-                    )  # fmt: skip
-                    print(f"  {mix_name}: {r.items_per_s:,.0f} items/s, p99 {r.p99_ms:.0f} ms, "
-                          f"errors {r.errors}", flush=True)  # fmt: skip
-                    results.append(r)
-            except RuntimeError as e:
-                print(f"  {name} skipped: {e}", flush=True)
-            finally:
-                svc.stop()
-    conditions = f"{os.cpu_count()} CPUs, load avg at start {load1:.1f}, {a.duration:.0f} s per load"
-    print_table(results, ceiling, conditions)
+        for rnd in range(1, a.rounds + 1):
+            if not a.skip_ceiling:
+                ceilings.append(offline_ceiling(bundle_dir, a.backend, a.threads))
+                print(f"[round {rnd}] offline batch ceiling: {ceilings[-1]['texts_per_s']:,.0f} texts/s", flush=True)
+            for name in systems:
+                svc = services[name]
+                print(f"[round {rnd}] starting {name} …", flush=True)
+                try:
+                    svc.start(log_dir)
+                    svc.wait_ready(a.ready_timeout)
+                    for mix_name in ("realistic", "novel"):
+                        mix = make_mix(mix_name, a.novel_share, seed=len(results))
+                        r = run(
+                            run_load(
+                                svc.url, mix, system=name, mix_name=mix_name, protocol=svc.protocol,
+                                concurrency=a.concurrency, items=a.items, duration_s=a.duration,
+                                warmup_s=a.warmup, pid=svc.proc.pid if svc.proc else None,
+                            )
+                        )  # fmt: skip
+                        print(f"  {mix_name}: {r.items_per_s:,.0f} items/s, p99 {r.p99_ms:.0f} ms, "
+                              f"errors {r.errors}", flush=True)  # fmt: skip
+                        results.append(r)
+                        rounds.append(rnd)
+                except RuntimeError as e:
+                    print(f"  {name} skipped: {e}", flush=True)
+                finally:
+                    svc.stop()
+    ceiling = None
+    if ceilings:
+        ceiling = {**ceilings[0], "texts_per_s": statistics.median(c["texts_per_s"] for c in ceilings)}
+    load2 = os.getloadavg()[0]
+    conditions = (f"{os.cpu_count()} CPUs, load avg {load1:.1f} → {load2:.1f}, {a.duration:.0f} s per load, "
+                  f"{a.rounds} round(s){', medians' if a.rounds > 1 else ''}")  # fmt: skip
+    print_table(summarise(results), ceiling, conditions)
     out = a.out or RESULTS / f"run-{stamp}.json"
     doc = {
         "when": stamp,
-        "conditions": {"cpus": os.cpu_count(), "loadavg_start": load1, "loadavg_end": os.getloadavg()[0]},
+        "conditions": {"cpus": os.cpu_count(), "loadavg_start": load1, "loadavg_end": load2},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "ceiling": ceiling,
-        "results": [r.to_json() for r in results],
+        "ceilings": ceilings,
+        "summary": [r.to_json() for r in summarise(results)],
+        "results": [{"round": n, **r.to_json()} for n, r in zip(rounds, results, strict=True)],
         "logs": str(log_dir),
     }
     out.write_text(json.dumps(doc, indent=2))
