@@ -42,6 +42,19 @@ def metric(base: str, name: str, **labels: str) -> float:
     )
 
 
+def not_ready_with(base: str, label: str, detail: str) -> bool:
+    """/motlens/ready says 503 with ``detail`` and the gauge shows ``label`` (not between two retries)."""
+    try:
+        ready = httpx.get(f"{base}/motlens/ready", timeout=10)
+    except httpx.TransportError:
+        return False  # not listening yet
+    return (
+        ready.status_code == 503
+        and detail in ready.json()["reason"]
+        and metric(base, "motlens_model_not_ready", reason=label) == 1
+    )
+
+
 def start_server(model: str, embedder, writer=None, **overrides):
     """A real predictor in a thread (not waited for); returns (thread, base URL)."""
     from predictor.server import PredictorServer, ServerThread
@@ -186,13 +199,9 @@ def test_mlflow_down_at_start_live_not_ready_then_ready_once_reachable(
     thread, base = start_server(f"models:/{MODEL}@production", embedder)
     mlflow_proc = None
     try:
-        wait_until(lambda: thread.server.slots.slots["production"].error is not None)
-        live = httpx.get(f"{base}/v2/health/live", timeout=10)
-        ready = httpx.get(f"{base}/motlens/ready", timeout=10)
-        assert live.status_code == 200
-        assert ready.status_code == 503 and "cannot fetch models:/mot-defects@production" in ready.json()["reason"]
+        wait_until(lambda: not_ready_with(base, "load_failed", "cannot fetch models:/mot-defects@production"))
+        assert httpx.get(f"{base}/v2/health/live", timeout=10).status_code == 200
         assert httpx.get(f"{base}/v2/models/{MODEL}/ready", timeout=10).status_code != 200
-        assert metric(base, "motlens_model_not_ready", reason="load_failed") == 1
         r = httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": ["Horn not working"]}, timeout=30)
         assert r.status_code == 503  # not ready: refused, not crashed
 
@@ -255,11 +264,8 @@ def test_damaged_bundle_is_refused_with_its_reason(tiny_bundle, embedder, tmp_pa
     label, detail = damage(root)
     thread, base = start_server(str(root), embedder)
     try:
-        wait_until(lambda: thread.server.slots.slots["production"].error is not None)
+        wait_until(lambda: not_ready_with(base, label, detail))  # fails if the reason is never this one
         assert httpx.get(f"{base}/v2/health/live", timeout=10).status_code == 200
-        ready = httpx.get(f"{base}/motlens/ready", timeout=10)
-        assert ready.status_code == 503 and detail in ready.json()["reason"]
-        assert metric(base, "motlens_model_not_ready", reason=label) == 1
         assert thread.server.slots.slots["production"].unit is None  # never served
         r = httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": ["Horn not working"]}, timeout=30)
         assert r.status_code == 503
