@@ -124,6 +124,7 @@ class DriftJob:
                  now: datetime | None = None):  # fmt: skip
         self.s = settings
         self._reader = reader
+        self._own_reader = reader is None
         self._registry = registry
         self.now = _trunc_ms(now or datetime.now(UTC))
         self.messages: list[str] = []
@@ -157,7 +158,7 @@ class DriftJob:
         slot = "canary" if s.canary else s.slot
         base: dict[str, Any] = {"version": s.version, "slot": slot, "window": window, "run_id": None,
                                 "reference": "slot:production" if s.canary else s.reference}  # fmt: skip
-        with Stages(s.progress, 6 if s.canary else 5) as stages:
+        with Stages(s.progress, 7 if s.canary else 6) as stages:
             try:
                 checks, detail = (self._canary(window, stages, base) if s.canary
                                   else self._version(window, stages, base))  # fmt: skip
@@ -170,6 +171,8 @@ class DriftJob:
             with stages.stage("outputs"):
                 summary = self._summary(base, checks, detail, status, code)
                 self._publish(summary, base)
+        if self._own_reader and self._reader is not None:
+            self._reader.close()
         return JobResult(summary, code, list(self.messages))
 
     def _version(self, window: Window, stages: Stages, base: dict[str, Any]) -> tuple[list[Check], dict]:

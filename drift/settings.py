@@ -33,7 +33,7 @@ class DriftSettings(BaseSettings):
     max_rows: int = Field(default=50_000, ge=1, description="row cap per window for the column drift")
     embedding_max_rows: int = Field(default=2_000, ge=1, description="row cap per window for embedding drift")
     min_rows: int = Field(default=200, ge=2, description="fewer rows than this in a window is insufficient data")
-    min_embedding_rows: int = Field(default=100, ge=2)
+    min_embedding_rows: int = Field(default=100, ge=32, description="at least 32: t-SNE needs more than 30 points")
     drift_share: float = Field(
         default=0.1, gt=0, le=1, description="share of drifted columns that means drift (0.1: any one column)"
     )
