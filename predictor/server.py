@@ -19,9 +19,9 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Coroutine, Generator
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import uvicorn
@@ -50,6 +50,7 @@ from predictor.slots import SlotError, SlotManager
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 ADMIN_PREFIX = "/motlens/admin"
 GRPC_MAX_SEND = 64 * 1024 * 1024
 
@@ -113,6 +114,7 @@ class _RESTServer(RESTServer):
         app.add_exception_handler(ModelNotReady, _not_ready_handler)
         app.add_exception_handler(Overloaded, _overloaded_handler)
         app.add_exception_handler(BodyTooLarge, _too_large_handler)
+        app.add_exception_handler(ClientGone, _client_gone_handler)
         self.config.app = app
 
     def request_exit(self) -> None:
@@ -289,7 +291,9 @@ class PredictorServer:
         await self._check_ready(model_name)
         headers = dict(request.headers.items())
         payload, attrs = self.dataplane.decode(body=body, headers=headers)
-        response, response_headers = await self.dataplane.infer(model_name=model_name, request=payload, headers=headers)
+        response, response_headers = await _unless_disconnected(
+            request, self.dataplane.infer(model_name=model_name, request=payload, headers=headers)
+        )
         response, res_headers = self.dataplane.encode(
             model_name=model_name, response=response, headers=headers, req_attributes=attrs
         )
@@ -341,8 +345,8 @@ class PredictorServer:
         if model_version is not None:
             self._check_version(model_name, model_version)
             infer_request.model_version = model_version
-        response, response_headers = await self.dataplane.infer(
-            model_name=model_name, request=infer_request, headers=headers
+        response, response_headers = await _unless_disconnected(
+            request, self.dataplane.infer(model_name=model_name, request=infer_request, headers=headers)
         )
         response, res_headers = self.dataplane.encode(
             model_name=model_name, response=response, headers=headers, req_attributes={}
@@ -400,6 +404,37 @@ class PredictorServer:
 
     async def _admin_rollback(self, request: Request) -> Response:
         return self._admin_auth(request) or _json(await self.slots.rollback())
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready; its queued work was dropped."""
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work``, cancelling it (and so dropping its queued model work) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        metrics.REJECTED.labels(reason="client_disconnected").inc()
+        raise ClientGone()
+    return task.result()
+
+
+async def _client_gone_handler(_: Request, exc: Exception) -> Response:
+    return _json({"error": "client disconnected"}, status_code=499)
 
 
 def _json(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -113,19 +113,21 @@ class SlotManager:
             try:
                 backend = await asyncio.to_thread(self._loader, ref)
             except ModelLoadError as e:
-                state.error = str(e)
+                state.loading, state.error = None, str(e)
                 state.error_kind = "golden_failed" if e.golden is not None else "load_failed"
                 if e.golden is not None:
                     metrics.GOLDEN_MIN_COSINE.labels(slot=slot).set(e.golden.min_cosine)
                     metrics.GOLDEN_PASSED.labels(slot=slot).set(0)
                 log.error("%s slot: cannot serve %s: %s", slot, ref, e)
+                self._update_readiness()
                 raise
-            finally:
+            except BaseException:
                 state.loading = None
                 self._update_readiness()
+                raise
             unit = ServingUnit(backend, self.settings, self.cache, slot)
             old = state.unit
-            state.unit, state.ref, state.error, state.error_kind = unit, ref, None, None
+            state.unit, state.ref, state.loading, state.error, state.error_kind = unit, ref, None, None, None
             self._export_unit(slot, unit)
             self._update_readiness()
             log.info("%s slot now serves %s version %s", slot, backend.name, backend.version)
@@ -259,6 +261,8 @@ class SlotManager:
                 metrics.MODEL_NOT_READY.labels(reason=r).set(1 if r == label else 0)
             if reason:
                 log.warning("model not ready: %s", reason[1])
+            else:
+                log.info("model ready")
             self._reason_label = label
 
     def status(self) -> dict[str, Any]:

@@ -184,6 +184,27 @@ async def test_grpc_deadline_drops_queued_work(served, monkeypatch):
     assert all(abandoned[0] not in call for call in spy.calls)
 
 
+def test_http_client_disconnect_drops_queued_work(served, monkeypatch):
+    server, base, _ = served
+    batcher = production_batcher(server)
+    spy = GatedEncode(batcher._encode)
+    monkeypatch.setattr(batcher, "_encode", spy)
+    dropped_before = batcher.stats.dropped_requests
+    abandoned = unique_texts(1)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(
+            httpx.post, f"{base}/v1/models/{MODEL}:predict", json={"instances": unique_texts(1)}, timeout=120
+        )
+        assert spy.entered.wait(60)
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": abandoned}, timeout=0.5)
+        wait_until(lambda: batcher.stats.dropped_requests > dropped_before)
+        spy.gate.set()
+        assert first.result().status_code == 200
+    assert all(abandoned[0] not in call for call in spy.calls)
+    assert 'motlens_rejected_total{reason="client_disconnected"}' in httpx.get(f"{base}/metrics").text
+
+
 def test_slot_operations_under_load_fail_no_request(served, bundle_v2, tiny_bundle, tmp_path):
     _, base, _ = served
     admin = f"{base}/motlens/admin"
