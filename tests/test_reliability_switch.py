@@ -121,6 +121,7 @@ def test_follow_alias_switches_under_load_without_a_failed_request_or_lost_row(
     assert after and {o.version for o in after} == {"2"}  # never back to version 1
 
     assert status["slots"]["production"]["version"] == "2"
+    assert status["slots"]["production"]["golden_min_cosine"] >= 0.999  # golden-checked before the swap
     assert old_unit.backend.embedder is None  # the old model was freed …
     assert not old_unit.batcher._thread.is_alive()  # … its batcher stopped …
     assert server.cache.get_many("1", v1_texts[:20]) == [None] * len(v1_texts[:20])  # … its cache purged
