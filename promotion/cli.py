@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_AUDIT, EXIT_ERROR, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -126,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     except (PromotionError, TargetError, RegistryError, LockBusy) as e:
         print(f"motlens promote: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - e.g. the MLflow server is down: one line, not a traceback
+        log.debug("unexpected error", exc_info=True)
+        print(f"motlens promote: {type(e).__name__}: {e} (-v for details)", file=sys.stderr)
         return EXIT_ERROR
     _print_outcome(outcome)
     return EXIT_OK if outcome.audit_ok else EXIT_AUDIT

@@ -173,9 +173,13 @@ class Promoter:
         tags = self.info(version).tags
         started = _parse_ts(tags.get(STARTED_AT_TAG))
         since = _parse_ts(tags.get(STEP_AT_TAG)) or started or _now()
-        reader = self.reader()
-        reports = reader.drift_reports(model_version=version, slot="canary", limit=20).to_dict("records")
-        stats = reader.live_stats(since=since, model_name=MODEL_NAME)
+        try:
+            reader = self.reader()
+            reports = reader.drift_reports(model_version=version, slot="canary", limit=20).to_dict("records")
+            stats = reader.live_stats(since=since, model_name=MODEL_NAME)
+        except Exception as e:  # noqa: BLE001 - no evidence is a reason to hold, not to crash or step
+            why = f"prediction log unavailable: {type(e).__name__}: {e}"
+            return [g.GateResult("drift", g.WAIT, why), g.GateResult("live", g.WAIT, why)]
         return [
             g.drift_gate(reports, version, started, self.settings),
             g.live_gate(
