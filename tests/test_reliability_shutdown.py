@@ -1,11 +1,11 @@
 """Graceful shutdown of the real ``motlens serve`` process under load.
 
 Contract (docs/reliability.md): on SIGTERM readiness turns false at once (``draining``) while the
-server still answers for ``drain_s``; then it stops accepting connections, finishes every request it
-accepted, closes the prediction-log writer and exits 0. A client can see three things: a complete
-200 answer, a refused connection (nothing was processed), or — racing the listener's close — a
-connection dropped before any response (nothing was processed either). Never a 5xx, never a request
-processed without its answer, never an answered request missing from the log.
+server still answers predictions for ``drain_s``; then it stops accepting connections, finishes every
+request it accepted, closes the prediction-log writer and exits 0. A client can see three things: a
+complete 200 answer, a refused connection (nothing was processed), or — racing the listener's close —
+a connection dropped before any response (nothing was processed either). Never an error status, never
+a request processed without its answer, never an answered request missing from the log.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from conftest import free_port
 MODEL = "mot-defects"
 MAX_REQUESTS_PER_CLIENT = 500
 GRACE_S = 20
+DRAIN_S = 3  # seconds of not-ready-but-serving before the listener closes
 
 
 def motlens_bin() -> str:
@@ -170,19 +171,18 @@ def run_sigterm_under_load(tiny_bundle, tmp_path: Path, drain_s: float) -> Shutd
 
 @pytest.mark.slow
 def test_sigterm_under_load_not_ready_then_drained_exit_0_and_no_lost_row(tiny_bundle, tmp_path):
-    run = run_sigterm_under_load(tiny_bundle, tmp_path, drain_s=0)
+    run = run_sigterm_under_load(tiny_bundle, tmp_path, drain_s=DRAIN_S)
     assert run.rc == 0, run.server_log[-3000:]
     assert "shutting down" in run.server_log
     outcomes = run.before + run.after
-    assert run.before and sum(o[3] == 200 for o in run.before) >= 20
-    # 503 "draining" may answer a request that reached the server after SIGTERM but before the
-    # listener closed (see docs/reliability.md); anything else 5xx is a failure
-    assert all(o[3] in (200, 503, "refused", "dropped") for o in outcomes), [o for o in outcomes if o[3] != 200][:5]
-    assert run.readiness and "refused" == run.readiness[-1]
+    assert run.before and all(o[3] == 200 for o in run.before), [o for o in run.before if o[3] != 200][:5]
+    assert all(o[3] in (200, "refused", "dropped") for o in run.after), [o for o in run.after if o[3] != 200][:5]
+    assert any(o[3] == 200 for o in run.after)  # answered while draining (not ready, still serving)
+    assert 503 in run.readiness and run.readiness[-1] == "refused"
     assert 200 not in run.readiness  # never ready again after SIGTERM
     assert run.logged == run.answered  # every answered item once; nothing logged for an unanswered request
     print(
         f"\nshutdown: {len(run.before)} requests sent before SIGTERM, {len(run.after)} after: "
-        + ", ".join(f"{k}: {sum(o[3] == k for o in outcomes)}" for k in (200, 503, "refused", "dropped"))
+        + ", ".join(f"{k}: {sum(o[3] == k for o in outcomes)}" for k in (200, "refused", "dropped"))
         + f"; {len(run.logged)} rows logged, {len(run.answered) - len(set(run.logged) & set(run.answered))} lost"
     )
