@@ -61,6 +61,8 @@ class SoakResult:
     rss_start_mib: float = 0.0
     rss_end_mib: float = 0.0
     rss_growth_pct: float = 0.0
+    rss_warm_mib: float = 0.0  # after the first slice: allocator and caches warmed at the soak rate
+    rss_growth_after_warm_pct: float = 0.0
     cache_start_mib: float = 0.0
     cache_end_mib: float = 0.0
     gpu_start_mib: float | None = None
@@ -189,6 +191,8 @@ def soak(args: argparse.Namespace) -> SoakResult:
     result.requests = sum(s.requests for s in result.slices)
     result.errors = sum(s.errors for s in result.slices)
     result.rss_growth_pct = 100.0 * (result.rss_end_mib - result.rss_start_mib) / result.rss_start_mib
+    result.rss_warm_mib = result.slices[0].rss_mib
+    result.rss_growth_after_warm_pct = 100.0 * (result.rss_end_mib - result.rss_warm_mib) / result.rss_warm_mib
     result.log_rows = count_log_rows(home)
     result.rows_lost = result.items_answered - result.log_rows
     return result
@@ -228,7 +232,8 @@ def print_summary(r: SoakResult) -> None:
     console.print(table)
     console.print(
         f"requests {r.requests}, errors {r.errors}; RSS {r.rss_start_mib:.0f} → {r.rss_end_mib:.0f} MiB "
-        f"({r.rss_growth_pct:+.2f}%, cache {r.cache_start_mib:.1f} → {r.cache_end_mib:.1f} MiB); "
+        f"({r.rss_growth_pct:+.2f}%; {r.rss_growth_after_warm_pct:+.2f}% after the first slice; "
+        f"cache {r.cache_start_mib:.1f} → {r.cache_end_mib:.1f} MiB); "
         f"items answered {r.items_answered}, log rows {r.log_rows}, lost {r.rows_lost}; exit {r.exit_code}"
     )
 
