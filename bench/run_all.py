@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="repeat everything; the table shows medians")
     p.add_argument("--out", type=Path, help="JSON results file (default bench/results/run-<time>.json)")
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop our servers on the way out
     systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
