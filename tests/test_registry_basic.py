@@ -121,3 +121,20 @@ def test_default_uri_from_env(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.setenv("MOTLENS_HOME", str(tmp_path / "home"))
     assert Registry().tracking_uri == f"sqlite:///{(tmp_path / 'home' / 'mlflow.db').resolve()}"
+
+
+def test_unreachable_registry_is_named_not_reported_as_a_missing_alias(monkeypatch):
+    """MLflow down must read as "registry unreachable", never as "alias not set" (wrong problem)."""
+    from conftest import free_port
+
+    from training.registry import Registry, RegistryError
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    port = free_port()
+    reg = Registry(f"http://user:secret@127.0.0.1:{port}")
+    for call in (lambda: reg.resolve("models:/mot-defects@production"), reg.aliases):
+        with pytest.raises(RegistryError) as info:
+            call()
+        message = str(info.value)
+        assert "is not set" not in message and f"127.0.0.1:{port}" in message and "unreachable" in message, message
+        assert "secret" not in message

@@ -29,6 +29,7 @@ from motlens.state import StateSettings
 MODEL_ARTIFACT_PATH = "model"
 DEFAULT_EXPERIMENT = "mot-defects"
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+_NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
@@ -176,8 +177,15 @@ class Registry:
             else:
                 mv = self.client.get_model_version(self.model_name, str(version))
         except MlflowException as e:
+            if e.error_code not in _NOT_FOUND:
+                raise self._failure(e) from e
             raise RegistryError(self._unknown_ref_message(ref, alias, version)) from e
         return self._info(mv)
+
+    def _failure(self, e: Exception) -> RegistryError:
+        """A registry that is down or failing, named without any credentials in its URI."""
+        detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        return RegistryError(_redact(f"model registry {self.tracking_uri} unreachable or failing: {detail}"))
 
     def _parse_ref(self, ref: str) -> tuple[str | None, str | None]:
         m = _MODELS_URI.match(ref)
@@ -290,7 +298,9 @@ class Registry:
 
         try:
             rm = self.client.get_registered_model(self.model_name)
-        except MlflowException:
+        except MlflowException as e:
+            if e.error_code not in _NOT_FOUND:
+                raise self._failure(e) from e
             return {}
         return {a: str(v) for a, v in (rm.aliases or {}).items()}
 
@@ -319,6 +329,11 @@ class Registry:
         if not run_id:
             return {}
         return dict(self.client.get_run(run_id).data.metrics)
+
+
+def _redact(text: str) -> str:
+    """Drop credentials (``//user:password@``) from every URL in ``text``."""
+    return re.sub(r"//[^/@\s]*@", "//", text)
 
 
 def check_alias(alias: str) -> None:
