@@ -34,10 +34,18 @@ def _torch_factory(model_dir: Path, device: str | None, dtype: str, threads: int
     return TorchEmbedder(model_dir, device=device, dtype=dtype, threads=threads)
 
 
+_ONNX_VARIANTS = {"float32": "fp32", "fp32": "fp32", "int8": "int8"}
+
+
 def _onnx_factory(model_dir: Path, device: str | None, dtype: str, threads: int | None) -> Embedder:
+    """ONNX Runtime on CPU; ``dtype`` picks the variant (``float32``, or ``int8`` where it passed its gate)."""
     from motlens.onnx_embedder import OnnxEmbedder
 
-    return OnnxEmbedder(model_dir, threads=threads)
+    if dtype not in _ONNX_VARIANTS:
+        raise ValueError(f"the onnx backend runs float32 or int8, not {dtype}")
+    if device not in (None, "cpu"):
+        raise ValueError(f"the onnx backend runs on cpu, not {device}")
+    return OnnxEmbedder(model_dir, threads=threads, variant=_ONNX_VARIANTS[dtype])
 
 
 #: Embedder backends by name (``MOTLENS_SERVE_BACKEND``); each takes (model_dir, device, dtype, threads).

@@ -1,0 +1,68 @@
+"""The backend loader: model references (path, KServe mount layout, MLflow alias), backends by name,
+and the gate — a bundle that fails verification or its golden set is never served."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from motlens.bundle import GOLDEN_EMB, assemble, write_manifest
+from predictor.backend import ModelLoadError, find_bundle_root, load_backend, resolve_model_ref
+
+
+def test_kserve_mount_layout_finds_the_nested_bundle(tiny_bundle, tmp_path):
+    mount = tmp_path / "mnt-models"
+    shutil.copytree(tiny_bundle.root, mount / "artifacts" / "model")
+    assert find_bundle_root(mount) == mount / "artifacts" / "model"
+    shutil.copytree(tiny_bundle.root, mount / "other")
+    with pytest.raises(ModelLoadError, match="several bundles"):
+        find_bundle_root(mount)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_model_ref(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelLoadError, match="no bundle.json"):
+        resolve_model_ref(str(tmp_path / "mnt-models" / "artifacts" / "model" / "head"))
+
+
+def test_models_uri_resolves_through_the_registry(registry, tiny_bundle, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")
+    root = resolve_model_ref("models:/mot-defects@production")
+    assert (root / "bundle.json").is_file() and root != tiny_bundle.root
+    with pytest.raises(ModelLoadError, match="canary"):
+        resolve_model_ref("models:/mot-defects@canary")
+
+
+def test_unknown_backend_and_tampered_bundle_are_refused(tiny_bundle, embedder, tmp_path):
+    with pytest.raises(ModelLoadError, match="unknown backend 'tensorrt'"):
+        load_backend(str(tiny_bundle.root), backend="tensorrt")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_bundle.root, tampered)
+    (tampered / "golden" / "golden.json").write_text((tampered / "golden" / "golden.json").read_text() + "\n")
+    with pytest.raises(ModelLoadError, match="sha256 mismatch for golden/golden.json"):
+        load_backend(str(tampered), embedder=embedder)
+
+
+def test_golden_set_not_reproduced_is_refused(tiny_bundle, embedder, tmp_path):
+    """A bundle whose hashes verify but whose golden embeddings this backend does not reproduce."""
+    bad = tmp_path / "bad-golden"
+    shutil.copytree(tiny_bundle.root, bad)
+    emb = np.load(bad / GOLDEN_EMB)
+    np.save(bad / GOLDEN_EMB, np.roll(emb, 1, axis=0), allow_pickle=False)
+    write_manifest(bad, version="9", run_id="bad")
+    with pytest.raises(ModelLoadError, match="golden set not reproduced") as info:
+        load_backend(str(bad), embedder=embedder)
+    assert info.value.golden is not None and info.value.golden.min_cosine < 0.999
+
+
+def test_onnx_backend_plugs_in_by_name(tiny_bundle, onnx_model_dir, tmp_path):
+    """The bundle's embedder directory carries the verified ONNX export; the backend is chosen by name."""
+    bundle = assemble(tmp_path / "onnx-bundle", onnx_model_dir, tiny_bundle.head(), tiny_bundle.golden(),
+                      version="3", run_id="onnx")  # fmt: skip
+    backend = load_backend(str(bundle.root), backend="onnx", threads=1)
+    assert backend.backend_name == "onnx" and backend.device == "cpu"
+    assert backend.golden is not None and backend.golden.passed
+    with pytest.raises(ModelLoadError, match="runs on cpu"):
+        load_backend(str(bundle.root), backend="onnx", device="cuda")
