@@ -111,11 +111,15 @@ class Spool:
             )
             self._seq += 1
             tmp = seg.path.with_name(seg.path.name + ".tmp")
-            with open(tmp, "wb") as f:
-                f.write(data.to_pybytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, seg.path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data.to_pybytes())
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, seg.path)
+            except OSError:
+                tmp.unlink(missing_ok=True)  # a partial segment must not be replayed
+                raise
             _fsync_dir(self.root)
             self._segments.append(seg)
             self._bytes += data.size

@@ -178,9 +178,7 @@ class PredictionLogWriter:
                     self._sink_failed(e)
             self._spill(table, token)
             return
-        seg, dropped = self.spool.append(table, token)  # write-ahead copy; refused: dropped = the batch
-        self._drop(dropped, "spool_full")
-        if seg is not None:
+        if self._spool_append(table, token) is not None:  # write-ahead copy
             self._fresh.add(token)
 
     def _drain(self, force: bool = False) -> None:
@@ -237,10 +235,20 @@ class PredictionLogWriter:
         self._backoff = min(self._backoff * 2, self.settings.retry_max_s)
 
     def _spill(self, table: pa.Table, token: str) -> None:
-        seg, dropped = self.spool.append(table, token)
-        self._drop(dropped, "spool_full")
+        seg = self._spool_append(table, token)
         if seg is not None:
             self._add("spilled", seg.rows)
+
+    def _spool_append(self, table: pa.Table, token: str) -> Segment | None:
+        """Spool a batch; rows refused by the full policy or lost to a failed write (disk full) are counted."""
+        try:
+            seg, dropped = self.spool.append(table, token)
+        except OSError as e:
+            log.error("predlog: spool write failed (%s); %d rows dropped", e, table.num_rows)
+            self._drop(table.num_rows, "spool_error")
+            return None
+        self._drop(dropped, "spool_full")
+        return seg
 
     def _encode(self, batch: list[PredictionRecord]) -> pa.Table | None:
         try:
