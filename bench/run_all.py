@@ -92,8 +92,12 @@ class Service:
             self.proc.wait(timeout=10)
 
 
-def offline_ceiling(bundle_dir: Path, backend: str, threads: int, n: int = 1024) -> dict:
-    """Best texts/s of embedder + head in-process on big batches of novel texts."""
+def offline_ceiling(bundle_dir: Path, backend: str, threads: int, n: int = 512, passes: int = 3) -> dict:
+    """Best texts/s of embedder + head in-process on big batches of novel texts.
+
+    Best of ``passes`` passes per batch size: on a shared machine the maximum is the capacity, the
+    rest is other people's load.
+    """
     from motlens.bundle import Bundle
     from motlens.embedder import TorchEmbedder
 
@@ -108,13 +112,15 @@ def offline_ceiling(bundle_dir: Path, backend: str, threads: int, n: int = 1024)
     mix = make_mix("novel", seed=999)
     head.predict(emb.encode(mix.take(128)))  # warm-up
     best = {"texts_per_s": 0.0}
-    for batch in (64, 128):
-        texts = mix.take(n)
-        t0 = time.perf_counter()
-        head.predict(emb.encode(texts, batch_size=batch))
-        rate = n / (time.perf_counter() - t0)
-        if rate > best["texts_per_s"]:
-            best = {"texts_per_s": rate, "batch_size": batch, "texts": n, "backend": backend, "threads": threads}
+    for _ in range(passes):
+        for batch in (64, 128):
+            texts = mix.take(n)
+            t0 = time.perf_counter()
+            head.predict(emb.encode(texts, batch_size=batch))
+            rate = n / (time.perf_counter() - t0)
+            if rate > best["texts_per_s"]:
+                best = {"texts_per_s": rate, "batch_size": batch, "texts": n, "passes": passes, "backend": backend,
+                        "threads": threads}  # fmt: skip
     del emb
     gc.collect()
     return best
@@ -307,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                     svc.stop()
     ceiling = None
     if ceilings:
-        ceiling = {**ceilings[0], "texts_per_s": statistics.median(c["texts_per_s"] for c in ceilings)}
+        ceiling = max(ceilings, key=lambda c: c["texts_per_s"])  # a ceiling: the best observed
     load2 = os.getloadavg()[0]
     conditions = (f"{os.cpu_count()} CPUs, load avg {load1:.1f} → {load2:.1f}, {a.duration:.0f} s per load, "
                   f"{a.rounds} round(s){', medians' if a.rounds > 1 else ''}")  # fmt: skip
