@@ -45,7 +45,7 @@ class ServeSettings(BaseSettings):
     batch_max_items: int = 64
     batch_max_tokens: int = 8192
     batch_max_wait_ms: float = 2.0
-    queue_capacity: int = 4096
+    queue_capacity: int = 1024
     retry_after_s: int = 1
 
     # embedding cache (0 disables it)

@@ -157,9 +157,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("path", "body", "status", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
-)
+@pytest.mark.parametrize(("path", "body", "status", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_gets_its_status_and_message(base, path, body, status, message):
     url, _ = base
     if isinstance(body, tuple):
