@@ -95,7 +95,7 @@ def resolve_model_ref(ref: str | None) -> Path:
             fetched = Registry().fetch(ref)
         except Exception as e:  # noqa: BLE001 - any registry failure is a load failure with its reason
             raise ModelLoadError(f"cannot fetch {ref} from the registry: {e}") from e
-        return find_bundle_root(Path(getattr(fetched, "root", fetched)))
+        return find_bundle_root(fetched.root)
     path = Path(ref).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")

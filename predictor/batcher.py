@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -101,7 +102,7 @@ class MicroBatcher:
             self._pending += n
             metrics.QUEUE_DEPTH.inc(n)
             self._cond.notify()
-        job.future.add_done_callback(lambda f, job=job: self._forget_if_cancelled(job, f))
+        job.future.add_done_callback(functools.partial(self._forget_if_cancelled, job))
         return job.future
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -118,8 +118,7 @@ class MotlensModel(Model):
         metrics.ITEMS.labels(protocol=protocol, outcome="ok").inc(n)
         metrics.REQUEST_LATENCY.labels(protocol=protocol).observe(latency)
         metrics.ITEM_LATENCY.observe(latency / n)
-        if self.writer is not None:
-            self._log_predictions(req, result, hits, protocol, latency, unit.backend.backend_name, unit.backend.device)
+        self._log_predictions(req, result, hits, protocol, latency, unit.backend.backend_name, unit.backend.device)
         return build_v2(result, req, payload) if is_v2 else build_v1(result, req)
 
     def _log_predictions(
@@ -132,6 +131,8 @@ class MotlensModel(Model):
         backend: str,
         device: str,
     ) -> None:
+        if self.writer is None:
+            return
         from predlog.records import PredictionRecord, text_hash
 
         ctx = req.context
