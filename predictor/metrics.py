@@ -6,6 +6,9 @@ to its own request histograms.
 
 from __future__ import annotations
 
+import threading
+from collections import Counter as Counter_
+
 from prometheus_client import Counter, Gauge, Histogram, Summary
 
 REQUESTS = Counter("motlens_requests_total", "Inference requests by protocol and outcome", ["protocol", "outcome"])
@@ -45,6 +48,26 @@ CACHE_BYTES = Gauge("motlens_cache_bytes", "Bytes held by the embedding cache")
 GPU_ALLOCATED = Gauge("motlens_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated()")
 GPU_RESERVED = Gauge("motlens_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved()")
 GPU_TOTAL = Gauge("motlens_gpu_memory_total_bytes", "Total memory of the GPU in use (near-limit alert)")
+
+
+_info_refs: Counter_[tuple[str, ...]] = Counter_()
+_info_lock = threading.Lock()
+
+
+def set_model_info(labels: tuple[str, ...]) -> None:
+    """Export ``motlens_model_info`` for a served model (reference-counted: several servers may
+    share one process and one registry, e.g. in tests)."""
+    with _info_lock:
+        _info_refs[labels] += 1
+        MODEL_INFO.labels(*labels).set(1)
+
+
+def clear_model_info(labels: tuple[str, ...]) -> None:
+    with _info_lock:
+        _info_refs[labels] -= 1
+        if _info_refs[labels] <= 0:
+            del _info_refs[labels]
+            MODEL_INFO.remove(*labels)
 
 
 def update_gpu_memory() -> None:

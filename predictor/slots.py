@@ -239,14 +239,14 @@ class SlotManager:
     def _export_unit(self, slot: str, unit: ServingUnit | None) -> None:
         state = self.slots[slot]
         if state.info_labels is not None:
-            metrics.MODEL_INFO.remove(*state.info_labels)
+            metrics.clear_model_info(state.info_labels)
             state.info_labels = None
         metrics.MODEL_READY.labels(slot=slot).set(0 if unit is None else 1)
         if unit is None:
             return
         be = unit.backend
         state.info_labels = (be.name, be.version, be.run_id, be.backend_name, be.device, slot)
-        metrics.MODEL_INFO.labels(*state.info_labels).set(1)
+        metrics.set_model_info(state.info_labels)
         metrics.MODEL_LOAD_SECONDS.labels(slot=slot).set(be.load_seconds)
         if be.golden is not None:
             metrics.GOLDEN_MIN_COSINE.labels(slot=slot).set(be.golden.min_cosine)
