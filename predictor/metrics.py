@@ -6,8 +6,11 @@ to its own request histograms.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import Counter as Counter_
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, Summary
 
@@ -70,12 +73,19 @@ def clear_model_info(labels: tuple[str, ...]) -> None:
             MODEL_INFO.remove(*labels)
 
 
-def update_gpu_memory() -> None:
-    """Refresh the GPU memory gauges when torch sees a GPU (no-op on CPU hosts)."""
-    import sys
+def _cuda(read: Callable[[Any], float]) -> Callable[[], float]:
+    """A scrape-time reader of a CUDA memory figure (0 when torch is not loaded or sees no GPU)."""
 
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        GPU_ALLOCATED.set(torch.cuda.memory_allocated())
-        GPU_RESERVED.set(torch.cuda.memory_reserved())
-        GPU_TOTAL.set(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    def value() -> float:
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return 0.0
+        return float(read(torch.cuda))
+
+    return value
+
+
+# Read at every scrape, so the near-limit alert sees memory while serving, not only at load time.
+GPU_ALLOCATED.set_function(_cuda(lambda cuda: cuda.memory_allocated()))
+GPU_RESERVED.set_function(_cuda(lambda cuda: cuda.memory_reserved()))
+GPU_TOTAL.set_function(_cuda(lambda cuda: cuda.get_device_properties(cuda.current_device()).total_memory))

@@ -233,7 +233,6 @@ class SlotManager:
         await asyncio.to_thread(unit.close)
         if all(s.unit is None or s.unit.version != unit.version for s in self.slots.values()):
             self.cache.purge_version(unit.version)
-        metrics.update_gpu_memory()
         log.info("retired version %s", unit.version)
 
     def _export_unit(self, slot: str, unit: ServingUnit | None) -> None:
@@ -251,7 +250,6 @@ class SlotManager:
         if be.golden is not None:
             metrics.GOLDEN_MIN_COSINE.labels(slot=slot).set(be.golden.min_cosine)
             metrics.GOLDEN_PASSED.labels(slot=slot).set(1 if be.golden.passed else 0)
-        metrics.update_gpu_memory()
 
     def _update_readiness(self) -> None:
         reason = self.not_ready_reason()
