@@ -199,7 +199,8 @@ def test_mlflow_down_at_start_live_not_ready_then_ready_once_reachable(
     thread, base = start_server(f"models:/{MODEL}@production", embedder)
     mlflow_proc = None
     try:
-        wait_until(lambda: not_ready_with(base, "load_failed", "cannot fetch models:/mot-defects@production"))
+        reason = f"from the registry: model registry http://127.0.0.1:{port} unreachable"  # not "alias not set"
+        wait_until(lambda: not_ready_with(base, "load_failed", reason))
         assert httpx.get(f"{base}/v2/health/live", timeout=10).status_code == 200
         assert httpx.get(f"{base}/v2/models/{MODEL}/ready", timeout=10).status_code != 200
         r = httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": ["Horn not working"]}, timeout=30)
