@@ -19,13 +19,15 @@ VENV=${GPU_VENV:-.venv-gpu}
 PY=${PYTHON:-python3}
 PIP=(--disable-pip-version-check --progress-bar off)
 
-echo "[gpu_check] venv $VENV; torch with CUDA first (torch==2.14.1 resolves to a CUDA build), then the project"
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-{
-  "$VENV/bin/pip" install "${PIP[@]}" "torch==${GPU_TORCH_VERSION:-2.14.1}"
-  # torch stays as installed; the rest is pinned like CI (constraints.txt has no torch pin)
-  "$VENV/bin/pip" install "${PIP[@]}" -c constraints.txt -e ".[serve]" aiohttp psutil uvloop
-} >"$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
+if [ -z "${GPU_SKIP_INSTALL:-}" ]; then
+  echo "[gpu_check] venv $VENV; torch with CUDA first (torch==2.14.1 resolves to a CUDA build), then the project"
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  {
+    "$VENV/bin/pip" install "${PIP[@]}" "torch==${GPU_TORCH_VERSION:-2.14.1}"
+    # torch stays as installed; the rest is pinned like CI (constraints.txt has no torch pin)
+    "$VENV/bin/pip" install "${PIP[@]}" -c constraints.txt -e ".[serve]" aiohttp psutil uvloop
+  } >"$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
+fi
 "$VENV/bin/python" - <<'EOF' | tee "$OUT/torch.txt"
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
