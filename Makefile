@@ -16,5 +16,11 @@ test: setup tools
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/mypy motlens training predictor predlog drift promotion
 
-bench: setup
-	.venv/bin/python bench/run_all.py
+# Infinity pins older sentence-transformers/numpy: it gets its own venv (CPU torch first).
+.venv-infinity/bin/infinity_emb:
+	python3 -m venv .venv-infinity
+	.venv-infinity/bin/pip install -q torch==2.13.0
+	.venv-infinity/bin/pip install -q "infinity-emb[server,torch]==0.0.78"
+
+bench: setup .venv-infinity/bin/infinity_emb
+	.venv/bin/python -m bench.run_all
