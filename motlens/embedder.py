@@ -75,7 +75,7 @@ class TorchEmbedder:
         self._model = self._model.to(getattr(torch, target))
         self._model.eval()
         self.dim = int(self._model.get_embedding_dimension() or EMBEDDING_DIM)
-        self.max_seq_length = int(self._model.max_seq_length)
+        self.max_seq_length = int(self._model.max_seq_length or 256)
 
     @property
     def tokenizer(self):  # noqa: ANN201 - transformers tokenizer
