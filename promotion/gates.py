@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from motlens.bundle import BundleError
 from promotion.settings import PromoteSettings
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,11 @@ def offline_gate(
 def golden_gate(tags: dict[str, str], check: Callable[[], tuple[bool, float, str]]) -> GateResult:
     """The bundle verifies (every sha256) and reproduces its golden set here (cosine ≥ 0.999, same labels).
 
-    The result is stored as a version tag (:data:`GOLDEN_TAG`), so the model is loaded once per version.
+    A verdict (pass, or fail on a mismatch or a :class:`~motlens.bundle.BundleError`) is stored as a
+    version tag (:data:`GOLDEN_TAG`), so the model is loaded once per version. Any other error (registry
+    or artifact store unreachable) means the check did not run: ``wait``, which is not stored.
     """
+
     if GOLDEN_TAG in tags:
         stored = json.loads(tags[GOLDEN_TAG])
         return GateResult(
@@ -87,8 +91,10 @@ def golden_gate(tags: dict[str, str], check: Callable[[], tuple[bool, float, str
         )
     try:
         passed, min_cosine, detail = check()
-    except Exception as e:  # noqa: BLE001 - any load/verification failure is the gate's verdict
+    except BundleError as e:
         return GateResult("golden", FAIL, f"bundle refused: {e}")
+    except Exception as e:  # noqa: BLE001 - an outage is no verdict on the version: hold and retry later
+        return GateResult("golden", WAIT, f"golden check could not run: {type(e).__name__}: {e}")
     return GateResult("golden", PASS if passed else FAIL, detail, {"min_cosine": min_cosine})
 
 

@@ -164,7 +164,7 @@ class Promoter:
         results = [g.offline_gate(info.metrics, prod_metrics, self.settings)]
         if self.settings.golden_check:
             golden = g.golden_gate(info.tags, lambda: self._golden_check(version))
-            if g.GOLDEN_TAG not in info.tags and not self.dry_run:
+            if g.GOLDEN_TAG not in info.tags and golden.status != g.WAIT and not self.dry_run:
                 self.registry.set_tags(version, {g.GOLDEN_TAG: _json(golden.to_json())})
             results.append(golden)
         return results
@@ -578,6 +578,8 @@ class Promoter:
                 f"candidate version {candidate} was {tags[STATUS_TAG]}; train or alias a new candidate",
             )
         gates = self.offline_gates(candidate, production)
+        if g.summarize(gates) == g.WAIT:  # e.g. the golden check could not run: try again next time
+            return self._hold(live, gates, f"candidate version {candidate}: gates could not decide yet")
         if g.summarize(gates) != g.PASS:
             event = self._event(
                 "reject",

@@ -12,6 +12,7 @@ import threading
 import pytest
 from promotion_support import drift_report, log_traffic, make_env, render
 
+from promotion import gates as g
 from promotion.locking import file_lock
 from promotion.targets import GitOpsTarget
 from promotion.workflow import Promoter
@@ -150,3 +151,16 @@ def test_a_run_holds_while_another_holds_the_lock(rollout):
         release.set()
         t.join()
     assert _auto(env, target, golden_check=False).action == "canary_start"
+
+
+def test_golden_check_outage_holds_and_is_not_recorded(rollout):
+    env, target = rollout
+
+    def outage(version):
+        raise ConnectionError("artifact store unreachable")
+
+    out = Promoter(env.settings(), env.registry, target, golden_check=outage).auto()
+    assert out.action == "hold" and {r.name: r.status for r in out.gates}["golden"] == "wait"
+    assert g.GOLDEN_TAG not in env.registry.resolve("2").tags  # the next run checks again
+    second = _auto(env, target)
+    assert second.action == "canary_start", second

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from motlens.bundle import BundleError
 from promotion import gates as g
 from promotion.rollout import RolloutError, RolloutState, apply_merge_patch, merge_patch, state_from_isvc
 from promotion.settings import PromoteSettings
@@ -77,7 +78,17 @@ def test_golden_gate_is_recorded_once():
     assert (r.status, r.values["min_cosine"]) == ("fail", 0.93)
     stored = {g.GOLDEN_TAG: json.dumps(r.to_json())}
     assert g.golden_gate(stored, check).status == "fail" and len(calls) == 1
-    assert g.golden_gate({}, lambda: 1 / 0).status == "fail"  # a bundle that cannot load fails the gate
+
+
+def test_golden_gate_fails_a_bad_bundle_but_waits_out_an_outage():
+    def refused():
+        raise BundleError("sha256 mismatch for head/model.onnx")
+
+    def outage():
+        raise ConnectionError("registry unreachable")
+
+    assert (r := g.golden_gate({}, refused)).status == "fail" and "sha256 mismatch" in r.detail
+    assert (r := g.golden_gate({}, outage)).status == "wait" and "ConnectionError" in r.detail
 
 
 def test_summarize():
