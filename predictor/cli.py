@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json-logs", action="store_true", default=None, help="one JSON object per log line")
     p.add_argument("--access-log", action="store_true", default=None, help="log every request (costly)")
     p.add_argument("--no-grpc", dest="enable_grpc", action="store_false", default=None, help="REST only")
+    p.add_argument("--admin", dest="admin_enabled", action="store_true", default=None, help="serve the admin API")
     p.add_argument("--no-predlog", action="store_true", help="do not log predictions")
     p.set_defaults(func=_serve)
 

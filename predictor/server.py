@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import signal
 import threading
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ADMIN_PREFIX = "/motlens/admin"
+LOOPBACK = ("127.0.0.1", "::1")
 GRPC_MAX_SEND = 64 * 1024 * 1024
 
 
@@ -198,6 +200,8 @@ class PredictorServer:
         """Run until :meth:`request_stop` (or SIGTERM/SIGINT with ``handle_signals``), then drain."""
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        if self.settings.admin_enabled and self.settings.admin_token is None:
+            log.warning("admin API enabled without MOTLENS_SERVE_ADMIN_TOKEN: only loopback clients may use it")
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._stopping.set)
@@ -266,6 +270,10 @@ class PredictorServer:
             response_model=None,
         )
         app.add_api_route("/motlens/ready", self._ready, methods=["GET"], response_model=None)
+        if self.settings.admin_enabled:
+            self._add_admin_routes(app)
+
+    def _add_admin_routes(self, app: FastAPI) -> None:
         app.add_api_route(f"{ADMIN_PREFIX}/slots", self._admin_status, methods=["GET"], response_model=None)
         app.add_api_route(
             f"{ADMIN_PREFIX}/slots/{{slot}}/load", self._admin_load, methods=["POST"], response_model=None
@@ -366,10 +374,14 @@ class PredictorServer:
         )
 
     def _admin_auth(self, request: Request) -> Response | None:
+        """The bearer token if one is set, else loopback clients only (the routes exist only when enabled)."""
         token = self.settings.admin_token
         if token is None:
+            if request.client is None or request.client.host not in LOOPBACK:
+                return _json({"error": "admin API without a token answers loopback clients only"}, status_code=403)
             return None
-        if request.headers.get("authorization") != f"Bearer {token.get_secret_value()}":
+        expected = f"Bearer {token.get_secret_value()}".encode()
+        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
             return _json({"error": "admin API needs 'Authorization: Bearer <token>'"}, status_code=401)
         return None
 

@@ -65,7 +65,10 @@ class ServeSettings(BaseSettings):
     # deployment slots (local promotion target)
     canary: str | None = Field(None, description="model reference to load into the canary slot at start")
     canary_percent: float = Field(0.0, ge=0.0, le=100.0)
-    admin_token: SecretStr | None = Field(None, description="if set, the admin API needs 'Bearer <token>'")
+    admin_enabled: bool = Field(False, description="serve /motlens/admin/… (404 otherwise)")
+    admin_token: SecretStr | None = Field(
+        None, description="if set, the admin API needs 'Bearer <token>'; if not, only loopback clients may use it"
+    )
 
     def resolved_threads(self) -> int:
         return self.threads or cgroup_cpu_count()

@@ -193,3 +193,11 @@ def test_bad_inputs_are_counted_as_client_errors(base):
     text = httpx.get(f"{url}/metrics").text
     assert 'motlens_requests_total{outcome="client_error",protocol="v2-rest"}' in text
     assert 'motlens_rejected_total{reason="body_too_large"}' in text
+
+
+def test_admin_api_is_absent_unless_enabled(base):
+    url, settings = base
+    assert settings.admin_enabled is False
+    assert httpx.get(f"{url}/motlens/admin/slots").status_code == 404
+    assert httpx.post(f"{url}/motlens/admin/promote").status_code == 404
+    assert httpx.post(f"{url}/motlens/admin/slots/production/load", json={"ref": "/x"}).status_code == 404

@@ -86,6 +86,7 @@ def served(tiny_bundle, embedder, tmp_path_factory):
         grpc_port=_port(),
         log_embedding_sample_rate=0.5,
         grace_period_s=20,
+        admin_enabled=True,
     )
     server = PredictorServer(settings, embedder=embedder, writer=writer, host="127.0.0.1")
     thread = ServerThread(server).start().wait_ready()
@@ -272,6 +273,18 @@ def test_admin_refuses_bad_operations_and_keeps_serving(served, tiny_bundle, tmp
     assert r.json()["ready"] is True  # the old production model keeps serving
     ok = httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": unique_texts(1)})
     assert ok.status_code == 200 and ok.json()["model_version"] == "1"
+
+
+def test_admin_token_is_required_when_set(served, monkeypatch):
+    from pydantic import SecretStr
+
+    server, base, _ = served
+    monkeypatch.setattr(server.settings, "admin_token", SecretStr("s3cret"))
+    url = f"{base}/motlens/admin/slots"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = httpx.get(url, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and ok.json()["ready"] is True
 
 
 def test_every_prediction_reaches_the_prediction_log(served):

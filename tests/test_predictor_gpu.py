@@ -44,7 +44,7 @@ def test_served_on_gpu_swap_returns_memory_without_failed_requests(tiny_bundle, 
     shutil.copytree(tiny_bundle.root, v2)
     write_manifest(v2, version="2", run_id="tiny-2")
     settings = ServeSettings(model=str(tiny_bundle.root), http_port=free_port(), grpc_port=free_port(),
-                             device="cuda", dtype="float16", batch_max_items=256)  # fmt: skip
+                             device="cuda", dtype="float16", batch_max_items=256, admin_enabled=True)  # fmt: skip
     thread = ServerThread(PredictorServer(settings, host="127.0.0.1")).start().wait_ready()
     base = f"http://127.0.0.1:{settings.http_port}"
     try:

@@ -117,7 +117,8 @@ def test_local_canary_promote_and_rollback_under_traffic(registry, tiny_bundle, 
 
     writer = predlog.open_writer(PredlogSettings(flush_interval_s=0.05, batch_rows=64))
     serve = ServeSettings(model="models:/mot-defects/1", http_port=free_port(), grpc_port=free_port(),
-                          enable_grpc=False, log_embedding_sample_rate=1.0, grace_period_s=20, cache_bytes=0)
+                          enable_grpc=False, log_embedding_sample_rate=1.0, grace_period_s=20, cache_bytes=0,
+                          admin_enabled=True)
     thread = ServerThread(PredictorServer(serve, embedder=embedder, writer=writer, host="127.0.0.1"))
     thread.start().wait_ready()
     base = f"http://127.0.0.1:{serve.http_port}"
