@@ -33,6 +33,7 @@ from predictor.codec import (
     parse_v1,
     parse_v2,
 )
+from predictor.pipeline import ServingUnit
 from predictor.settings import ServeSettings
 from predictor.slots import SlotManager
 
@@ -100,6 +101,7 @@ class MotlensModel(Model):
             result, hits = await unit.predict(req.texts, req.context)
         except Overloaded as e:
             metrics.REQUESTS.labels(protocol=protocol, outcome="overloaded").inc()
+            self._log_failure(req, unit, protocol, time.perf_counter() - t0)
             if protocol == "v2-grpc":
                 raise ResourceExhausted(str(e)) from e
             raise
@@ -109,6 +111,7 @@ class MotlensModel(Model):
         except Exception:
             metrics.REQUESTS.labels(protocol=protocol, outcome="server_error").inc()
             metrics.ITEMS.labels(protocol=protocol, outcome="server_error").inc(len(req.texts))
+            self._log_failure(req, unit, protocol, time.perf_counter() - t0)
             raise
         finally:
             unit.release()
@@ -120,6 +123,31 @@ class MotlensModel(Model):
         metrics.ITEM_LATENCY.observe(latency / n)
         self._log_predictions(req, result, hits, protocol, latency, unit.backend.backend_name, unit.backend.device)
         return build_v2(result, req, payload) if is_v2 else build_v1(result, req)
+
+    def _log_failure(self, req: PredictRequest, unit: ServingUnit, protocol: str, latency: float) -> None:
+        """One ``server_error`` row (item_index -1) per failed request, so the canary gate sees errors."""
+        if self.writer is None:
+            return
+        from predlog.records import PredictionRecord
+
+        be = unit.backend
+        self.writer.submit(
+            [
+                PredictionRecord(
+                    request_id=req.request_id,
+                    item_index=-1,
+                    model_name=be.name,
+                    model_version=be.version,
+                    slot=unit.slot,
+                    text="",
+                    latency_ms=latency * 1000.0,
+                    backend=be.backend_name,
+                    device=be.device,
+                    protocol=protocol,
+                    status="server_error",
+                )
+            ]
+        )
 
     def _log_predictions(
         self,

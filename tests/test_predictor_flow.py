@@ -309,3 +309,31 @@ def test_every_prediction_reaches_the_prediction_log(served):
     assert set(rows["slot"]) == {"production"} and set(rows["model_version"]) == {"1"}
     assert set(rows["protocol"]) == {"v1"} and set(rows["status"]) == {"ok"}
     assert list(rows["section"]) == [p["section"] for p in r.json()["predictions"]]
+
+
+def test_a_server_error_is_logged_as_an_error_row(served, monkeypatch):
+    import predlog
+
+    server, base, log_settings = served
+
+    def broken(texts, batch_size=64):
+        raise RuntimeError("backend exploded")
+
+    monkeypatch.setattr(production_batcher(server), "_encode", broken)
+    r = httpx.post(
+        f"{base}/v1/models/{MODEL}:predict", json={"instances": unique_texts(3)}, headers={"x-request-id": "req-500"}
+    )
+    assert r.status_code == 500
+    assert server.writer.flush(30)
+    reader = predlog.open_reader(log_settings)
+    try:
+        rows = reader.query(
+            "SELECT item_index, slot, model_version, protocol, status, latency_ms "
+            "FROM predictions WHERE request_id = {rid:String}",
+            {"rid": "req-500"},
+        )
+    finally:
+        reader.close()
+    assert list(rows["item_index"]) == [-1] and list(rows["status"]) == ["server_error"]
+    assert list(rows["slot"]) == ["production"] and list(rows["model_version"]) == ["1"]
+    assert list(rows["protocol"]) == ["v1"] and rows["latency_ms"].iloc[0] > 0
