@@ -71,6 +71,16 @@ _WRITE_WORDS = re.compile(
     r"delete|update|exchange|undrop|backup|restore|outfile)\b",
     re.I,
 )
+# Table functions that read or write outside the log (files, URLs, other servers, processes).
+_OUTSIDE = (
+    "file|fileCluster|url|urlCluster|remote|remoteSecure|s3|s3Cluster|gcs|azureBlobStorage|"
+    "azureBlobStorageCluster|hdfs|hdfsCluster|executable|mysql|postgresql|jdbc|odbc|input|cluster|"
+    "clusterAllReplicas|iceberg|deltaLake|hudi|sqlite|mongodb|redis|dictionary"
+)
+_OUTSIDE_CALL = re.compile(rf"(?i)\b({_OUTSIDE})\s*\(")
+_TABLE_FUNCTION = re.compile(r"(?i)\b(?:from|join)\s+([A-Za-z_][\w.]*)\s*\(")
+_QUOTED_CALL = re.compile(r"''\s*\(")
+_SETTINGS = re.compile(r"(?i)\b(settings|format)\b")
 TABLE_REF = re.compile(
     r"(?i)\b(from|join|table|describe|desc)(\s+)(?:`?\w+`?\.)?`?(predictions|drift_reports|promotion_events)`?(?![\w.(])"
 )
@@ -80,18 +90,44 @@ class ReadOnlyViolation(ValueError):
     """Ad-hoc SQL that is not a single read-only statement."""
 
 
+def _bare(sql: str) -> str:
+    """``sql`` with string literals and quoted names blanked to ``''`` and comments removed."""
+    return _COMMENTS.sub(" ", _STRINGS.sub("''", sql))
+
+
+def first_keyword(sql: str) -> str:
+    """The statement's first keyword, lower case (``select``, ``with``, ``show`` …)."""
+    words = _bare(sql).split(None, 1)
+    return words[0].lower().lstrip("(") if words else ""
+
+
 def check_read_only(sql: str) -> str:
-    """Return the statement (trailing ``;`` removed) or raise ReadOnlyViolation naming the problem."""
+    """Return the statement (trailing ``;`` removed) or raise ReadOnlyViolation naming the problem.
+
+    Checked before the log's tables are substituted, so table functions (``file(…)``, ``url(…)``,
+    ``remote(…)`` …) and SETTINGS/FORMAT clauses in the user's SQL are refused; the embedded backend's
+    own ``file(…)`` source is added afterwards.
+    """
     text = sql.strip().rstrip(";").strip()
-    bare = _COMMENTS.sub(" ", _STRINGS.sub("''", text))
+    bare = _bare(text)
     if not bare.strip():
         raise ReadOnlyViolation("empty query")
     if ";" in bare:
         raise ReadOnlyViolation("only a single statement is allowed")
-    first = bare.split(None, 1)[0].lower().lstrip("(")
+    first = first_keyword(text)
     if first not in _FIRST:
         raise ReadOnlyViolation(f"only SELECT/WITH/SHOW/DESCRIBE/EXPLAIN are allowed, not {first.upper()!r}")
     m = _WRITE_WORDS.search(bare)
+    if m:
+        raise ReadOnlyViolation(f"read-only queries may not use {m.group(1).upper()!r}")
+    m = _OUTSIDE_CALL.search(bare) or _TABLE_FUNCTION.search(bare)
+    if m:
+        raise ReadOnlyViolation(
+            f"table function {m.group(1)}() is not allowed; query predictions, drift_reports or promotion_events"
+        )
+    if _QUOTED_CALL.search(bare):
+        raise ReadOnlyViolation("quoted function names are not allowed")
+    m = _SETTINGS.search(bare)
     if m:
         raise ReadOnlyViolation(f"read-only queries may not use {m.group(1).upper()!r}")
     return text

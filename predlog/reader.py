@@ -68,7 +68,7 @@ class ParquetSource:
 
 
 class PredictionLogReader:
-    """Query the prediction log; every read is bounded by a LIMIT."""
+    """Query the prediction log; every read is bounded by a LIMIT (ad-hoc SELECTs by ``max_query_rows``)."""
 
     def __init__(self, client: Any, source: TableSource | ParquetSource, settings: PredlogSettings):
         self.client = client
@@ -146,11 +146,17 @@ class PredictionLogReader:
         return self._df(queries.TAIL.replace("{source}", self.source.ref("predictions")), {"n": int(n)})
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """A single read-only statement; ``predictions``/``drift_reports``/``promotion_events`` name
-        the log's tables on either backend. Values go in ``params`` as ``{name:Type}``."""
+        """A single read-only statement (:func:`predlog.queries.check_read_only`) over the log's tables
+        ``predictions``/``drift_reports``/``promotion_events`` on either backend; values go in ``params``
+        as ``{name:Type}``. SELECT/WITH results are cut at ``max_query_rows``; on a ClickHouse server
+        the query also runs with ``readonly=2``."""
         text = queries.check_read_only(sql)
         text = queries.TABLE_REF.sub(lambda m: f"{m.group(1)}{m.group(2)}{self.source.ref(m.group(3))}", text)
-        return self._df(text, dict(params or {}))
+        if queries.first_keyword(text) in ("select", "with"):
+            text = f"SELECT * FROM (\n{text}\n) LIMIT {int(self.settings.max_query_rows)}"
+        url = self.settings.clickhouse_url or ""
+        settings = {"readonly": 2} if url and not url.startswith("chdb:") else None
+        return self.client.query_df(text, parameters=dict(params or {}), settings=settings)
 
     def insert_drift_report(self, row: dict[str, Any]) -> None:
         """Store one drift verdict (columns: predlog.schema.DRIFT_REPORTS; dict values become JSON)."""

@@ -52,6 +52,7 @@ class PredlogSettings(BaseSettings):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     send_receive_timeout_s: float = Field(default=30.0, gt=0)
     max_window_rows: int = Field(default=5_000_000, ge=1)
+    max_query_rows: int = Field(default=100_000, ge=1, description="row cap on ad-hoc `query()` SELECTs")
 
     @field_validator("database")
     @classmethod

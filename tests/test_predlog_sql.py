@@ -94,6 +94,35 @@ def test_read_only_sql_runs_on_both_backends(reader, sql):
     reader.query(sql)
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM file('/etc/passwd', LineAsString)",
+        "SELECT * FROM predictions, file('/etc/passwd', LineAsString)",
+        "SELECT file('/etc/passwd')",
+        "SELECT * FROM url('http://169.254.169.254/latest/meta-data/', LineAsString)",
+        "SELECT * FROM remote('other:9000', system.users)",
+        "SELECT * FROM s3('https://bucket.s3.amazonaws.com/x.csv')",
+        "SELECT * FROM predictions JOIN executable('cat /etc/passwd', TSV, 'x String') USING (x)",
+        "SELECT * FROM `file`('/etc/passwd', LineAsString)",
+        "SELECT * FROM numbers(10)",
+        "SELECT * FROM predictions SETTINGS readonly = 0",
+        "SELECT * FROM predictions FORMAT Native",
+    ],
+)
+def test_table_functions_and_settings_are_refused(reader, sql):
+    with pytest.raises(ReadOnlyViolation, match="not allowed|may not use"):
+        reader.query(sql)
+
+
+def test_ad_hoc_selects_are_capped(reader):
+    capped = reader.settings.model_copy(update={"max_query_rows": 3})
+    r = type(reader)(reader.client, reader.source, capped)
+    assert len(r.query("SELECT * FROM predictions")) == 3
+    assert len(r.query("-- all of them\nSELECT * FROM predictions -- trailing comment")) == 3
+    assert len(r.query("WITH 1 AS x SELECT x FROM predictions LIMIT 2")) == 2
+
+
 def test_bad_arguments_name_the_problem(reader):
     with pytest.raises(ValueError, match="limit"):
         reader.window(limit=0)
