@@ -185,7 +185,7 @@ def test_rollout_guard_rejects_a_base_that_breaks_the_contract(tmp_path: Path) -
     env = isvc_container(isvc)["env"]
     env.append(env.pop(0))
     base.write_text(yaml.safe_dump(isvc))
-    with pytest.raises(AssertionError, match="test"):
+    with pytest.raises(AssertionError, match=r"testing value /spec/predictor/containers/0/env/0/name failed"):
         kustomize(root / "overlays" / "cpu")
 
 
