@@ -10,8 +10,6 @@ import pytest
 from motlens.onnx_embedder import OnnxEmbedder
 from motlens.onnx_export import (
     INT8_FILE,
-    INT8_MIN_AGREEMENT,
-    INT8_MIN_COSINE,
     ONNX_DIR,
     REPORT_FILE,
     export_variants,
@@ -55,10 +53,8 @@ def test_gate_figures_are_computed_and_thresholds_applied(variants, tiny_bundle)
     gate = int8_gate(fp32, int8, head, golden.texts, _heldout())
     assert 0.5 < gate.golden_min_cosine < 1.0  # int8 really differs from fp32
     assert gate.golden_rows == len(golden.texts) and gate.heldout_rows == len(_heldout())
-    expected = gate.golden_min_cosine >= INT8_MIN_COSINE and gate.label_agreement >= INT8_MIN_AGREEMENT
-    assert gate.passed is expected
-    doc = gate.to_json()
-    assert json.loads(json.dumps(doc))["passed"] is expected and "int8 gate" in doc["detail"]
+    doc = json.loads(json.dumps(gate.to_json()))
+    assert doc["golden_min_cosine"] == gate.golden_min_cosine and "int8 gate" in doc["detail"]
 
 
 def test_gate_refuses_just_below_and_accepts_just_above_measured_quality(variants, tiny_bundle):
