@@ -22,8 +22,3 @@ FAILING_SEVERITIES: frozenset[str] = frozenset({"major", "dangerous"})
 
 SLOTS: tuple[str, ...] = ("production", "canary")
 ALIASES: tuple[str, ...] = ("production", "canary", "candidate")
-
-
-def section_label(index: int) -> str:
-    """The contract string of a section number, e.g. ``1`` → ``"1 Brakes"``."""
-    return SECTIONS[index]

@@ -16,7 +16,6 @@ from typing import Any
 ANN_PROD_VERSION = "motlens.io/production-version"
 ANN_PROD_URI = "motlens.io/production-storage-uri"
 ANN_CANARY_VERSION = "motlens.io/canary-version"
-ANNOTATIONS = (ANN_PROD_VERSION, ANN_PROD_URI, ANN_CANARY_VERSION)
 CONTAINER = "kserve-container"
 STORAGE_ENV = "STORAGE_URI"
 API_GROUP, API_VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"

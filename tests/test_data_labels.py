@@ -31,7 +31,6 @@ def test_section_from_text(text, section):
 
 def test_bare_reference_and_groups():
     assert mot_labels.is_reference("1.1.14 (a) (ii)") and not mot_labels.is_reference("Brake discs")
-    assert mot_labels.section_from_reference("6.1.1 (c)") == 6
     assert mot_labels.section_from_group(" Road Wheels ") == 5
     assert mot_labels.section_from_group("Noise, emissions and leaks") == 8
     assert mot_labels.section_from_group("Something else") is None

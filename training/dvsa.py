@@ -41,7 +41,6 @@ from motlens.labels import SEVERITIES
 from training import mot_labels
 from training.tidy import TIDY_COLUMNS
 
-BULK_KINDS = ("test_result", "test_item", "item_detail", "item_group", "rfr_location")
 _SUFFIXES = {".txt", ".csv", ".zip", ".gz", ".psv", ".jsonl", ".json", ".ndjson"}
 _KIND_MARKERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("test_result", frozenset({"test_id", "test_result"})),

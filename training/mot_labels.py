@@ -79,17 +79,6 @@ def section_from_text(text: str | None) -> int | None:
     return n if 0 <= n <= 8 else None
 
 
-def section_from_reference(ref: str | None) -> int | None:
-    """Section 0–8 from a bare manual reference such as ``"1.1.14 (a) (ii)"``, or ``None``."""
-    if not ref:
-        return None
-    m = _BARE_REF.match(ref)
-    if m is None:
-        return section_from_text(ref)
-    n = int(m.group(1))
-    return n if 0 <= n <= 8 else None
-
-
 def is_reference(ref: str | None) -> bool:
     """Whether ``ref`` looks like a manual reference (``"1.1.14 (a) (ii)"``)."""
     return isinstance(ref, str) and _BARE_REF.match(ref) is not None
