@@ -15,7 +15,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -95,7 +94,7 @@ class PredictionLogReader:
         ``sample`` in (0, 1] keeps that fraction of rows, chosen by ``cityHash64(request_id,
         item_index)`` (deterministic; SAMPLE on the table, the same hash range on Parquet).
         ``with_embeddings`` returns only rows that carry an embedding, decoded to float32 in
-        column ``embedding`` (see :func:`embedding_matrix`).
+        column ``embedding`` (stack them with :func:`drift.columns.embedding_matrix`).
         """
         if not 1 <= int(limit) <= self.settings.max_window_rows:
             raise ValueError(f"limit must be in 1..{self.settings.max_window_rows}, got {limit}")
@@ -184,10 +183,3 @@ class PredictionLogReader:
 
     def close(self) -> None:
         self.client.close()
-
-
-def embedding_matrix(df: pd.DataFrame) -> np.ndarray:
-    """Stack a window's ``embedding`` column into an (n, dim) float32 matrix."""
-    if df.empty:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.stack([np.asarray(v, dtype=np.float32) for v in df["embedding"]])

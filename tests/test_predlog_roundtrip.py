@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 import predlog
+from drift.columns import embedding_matrix
 from predlog import PredictionRecord, PredlogSettings
-from predlog.reader import embedding_matrix
 
 SECTIONS = [
     "1 Brakes",
