@@ -245,7 +245,7 @@ def _flat_values(inp: Any) -> np.ndarray:
         arr = inp.as_numpy()
     except InvalidInput:
         raise
-    except (ValueError, TypeError, IndexError) as e:
+    except (ValueError, TypeError, IndexError, OverflowError) as e:
         raise InvalidInput(
             f"input '{inp.name}': data does not fit datatype {inp.datatype} and shape {list(inp.shape)} ({e})"
         ) from e
