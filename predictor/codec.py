@@ -222,15 +222,24 @@ def check_binary_texts(body: bytes, json_length: int) -> None:
             offset += int(size)
             if inp.get("datatype") != "BYTES":
                 continue
+            name = inp.get("name")
+            if len(chunk) < int(size):
+                raise InvalidInput(f"input '{name}' declares {size} binary bytes; the body has {len(chunk)}")
             pos, i = 0, 0
-            while pos + 4 <= len(chunk):
+            while pos < len(chunk):
+                if pos + 4 > len(chunk):
+                    raise InvalidInput(f"input '{name}' item {i}: {len(chunk) - pos} bytes left, too few for a length")
                 n = int.from_bytes(chunk[pos : pos + 4], "little")
+                if pos + 4 + n > len(chunk):
+                    raise InvalidInput(
+                        f"input '{name}' item {i}: length {n} runs past the end of its {len(chunk)}-byte tensor"
+                    )
                 item = chunk[pos + 4 : pos + 4 + n]
                 try:
                     item.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise InvalidInput(
-                        f"input '{inp.get('name')}' item {i} is not valid UTF-8 ({e.reason} at byte {e.start})"
+                        f"input '{name}' item {i} is not valid UTF-8 ({e.reason} at byte {e.start})"
                     ) from e
                 pos += 4 + n
                 i += 1

@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import logging
 import signal
+import struct
 import threading
 import time
 from collections.abc import Coroutine, Generator
@@ -348,7 +349,7 @@ class PredictorServer:
                 )
         except InvalidInput:
             raise
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError, InferenceError) as e:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error, InferenceError) as e:
             raise InvalidInput(f"malformed v2 inference request: {_short(e)}") from e
         if model_version is not None:
             self._check_version(model_name, model_version)

@@ -48,14 +48,18 @@ def v2(*inputs, **extra):
 
 def binary_body(items: list[bytes]) -> tuple[bytes, dict[str, str]]:
     """A v2 binary-extension body with one BYTES tensor holding ``items`` as raw bytes."""
-    raw = b"".join(len(b).to_bytes(4, "little") + b for b in items)
+    return raw_binary_body(b"".join(len(b).to_bytes(4, "little") + b for b in items), len(items))
+
+
+def raw_binary_body(raw: bytes, n: int) -> tuple[bytes, dict[str, str]]:
+    """A v2 binary-extension body whose 'text' tensor of ``n`` items is the bytes ``raw``, as given."""
     header = json.dumps(
         {
             "inputs": [
                 {
                     "name": "text",
                     "datatype": "BYTES",
-                    "shape": [len(items)],
+                    "shape": [n],
                     "parameters": {"binary_data_size": len(raw)},
                 }
             ]
@@ -164,6 +168,14 @@ CASES = [
         400,
         "input 'odometer_miles'",
     ),
+    (
+        "binary-length-prefix-past-end",
+        V2,
+        raw_binary_body((100).to_bytes(4, "little") + b"short", 1),
+        400,
+        "input 'text' item 0",
+    ),
+    ("binary-chunk-under-4-bytes", V2, raw_binary_body(b"\x01\x00", 1), 400, "input 'text'"),
     ("v1-empty-text", V1, {"instances": [""]}, 400, "item 0 is empty"),
     ("v1-malformed-json", V1, (b"{nope", {"Content-Type": "application/json"}), 400, "Unrecognized request"),
     ("v1-oversized-body", V1, {"instances": ["z" * 90] * 800}, 413, "exceeds 65536 bytes"),
