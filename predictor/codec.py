@@ -29,6 +29,8 @@ from motlens import EMBEDDING_DIM
 TEXT = "text"
 BYTES_CONTEXT = ("make", "model", "fuel_type")
 NUMERIC_CONTEXT = ("vehicle_age_years", "odometer_miles")
+#: Accepted (inclusive) ranges of the numeric context; anything else, ±inf included, is a 400.
+NUMERIC_RANGES = {"vehicle_age_years": (0.0, 150.0), "odometer_miles": (0.0, 10_000_000.0)}
 INPUT_NAMES = (TEXT, *BYTES_CONTEXT, *NUMERIC_CONTEXT)
 NUMERIC_DATATYPES = ("FP32", "FP64", "INT32", "INT64")
 DEFAULT_OUTPUTS = ("section", "section_score", "severity", "severity_scores", "fail_probability")
@@ -136,13 +138,22 @@ def _context_str(v: Any, where: str) -> str | None:
     return v or None
 
 
-def _context_num(v: Any, where: str) -> float | None:
+def _context_num(v: Any, name: str, where: str) -> float | None:
+    """A numeric context value within its plausible range (NaN means missing)."""
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
         raise InvalidInput(f"{where} must be a number, got {type(v).__name__}")
-    f = float(v)
-    return None if math.isnan(f) else f
+    try:
+        f = float(v)
+    except OverflowError as e:
+        raise InvalidInput(f"{where} is too large") from e
+    if math.isnan(f):
+        return None
+    low, high = NUMERIC_RANGES[name]
+    if not low <= f <= high:  # also refuses ±inf
+        raise InvalidInput(f"{where} is {f}; expected {low:g} to {high:g}")
+    return f
 
 
 # ---------------------------------------------------------------- v1
@@ -178,7 +189,7 @@ def parse_v1(payload: Any, limits: Limits, request_id: str = "") -> PredictReque
                 )
             for name in NUMERIC_CONTEXT:
                 context.setdefault(name, [None] * len(instances))[i] = _context_num(
-                    inst.get(name), f"instances[{i}].{name}"
+                    inst.get(name), name, f"instances[{i}].{name}"
                 )
         else:
             texts.append(inst)
@@ -304,7 +315,7 @@ def parse_v2(req: InferRequest, limits: Limits) -> PredictRequest:
             context[name] = [_context_str(v, f"input '{name}' item {i}") for i, v in enumerate(values[name])]
     for name in NUMERIC_CONTEXT:
         if name in values:
-            context[name] = [_context_num(v, f"input '{name}' item {i}") for i, v in enumerate(values[name])]
+            context[name] = [_context_num(v, name, f"input '{name}' item {i}") for i, v in enumerate(values[name])]
 
     params = to_http_parameters(req.parameters) if req.parameters else {}
     want_embedding = _truthy(params.get("return_embedding", False))

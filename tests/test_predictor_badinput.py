@@ -176,6 +176,34 @@ CASES = [
         "input 'text' item 0",
     ),
     ("binary-chunk-under-4-bytes", V2, raw_binary_body(b"\x01\x00", 1), 400, "input 'text'"),
+    (
+        "age-out-of-range",
+        V2,
+        v2(text_input([OK_TEXT]), text_input([200.0], datatype="FP32", name="vehicle_age_years")),
+        400,
+        "input 'vehicle_age_years' item 0 is 200.0; expected 0 to 150",
+    ),
+    (
+        "odometer-huge",
+        V2,
+        v2(text_input([OK_TEXT]), text_input([1e300], datatype="FP64", name="odometer_miles")),
+        400,
+        "input 'odometer_miles' item 0",
+    ),
+    (
+        "v1-odometer-huge",
+        V1,
+        {"instances": [{"text": OK_TEXT, "odometer_miles": 1e300}]},
+        400,
+        "instances[0].odometer_miles",
+    ),
+    (
+        "v1-negative-age",
+        V1,
+        {"instances": [{"text": OK_TEXT, "vehicle_age_years": -1}]},
+        400,
+        "instances[0].vehicle_age_years is -1.0; expected 0 to 150",
+    ),
     ("v1-empty-text", V1, {"instances": [""]}, 400, "item 0 is empty"),
     ("v1-malformed-json", V1, (b"{nope", {"Content-Type": "application/json"}), 400, "Unrecognized request"),
     ("v1-oversized-body", V1, {"instances": ["z" * 90] * 800}, 413, "exceeds 65536 bytes"),
@@ -227,3 +255,13 @@ def test_admin_api_is_absent_unless_enabled(base):
     assert httpx.get(f"{url}/motlens/admin/slots").status_code == 404
     assert httpx.post(f"{url}/motlens/admin/promote").status_code == 404
     assert httpx.post(f"{url}/motlens/admin/slots/production/load", json={"ref": "/x"}).status_code == 404
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), 1e300, -5.0])
+def test_context_numbers_must_be_finite_and_in_range(value):
+    from kserve.errors import InvalidInput
+
+    from predictor.codec import Limits, parse_v1
+
+    with pytest.raises(InvalidInput, match=r"instances\[0\]\.odometer_miles"):
+        parse_v1({"instances": [{"text": OK_TEXT, "odometer_miles": value}]}, Limits())
