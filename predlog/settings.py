@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from motlens.state import StateSettings
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+#: A plain ClickHouse identifier (database, table, column); shared with training.chload.
+IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
 class PredlogSettings(BaseSettings):
@@ -57,7 +58,7 @@ class PredlogSettings(BaseSettings):
     @field_validator("database")
     @classmethod
     def _identifier(cls, v: str) -> str:
-        if not _IDENT.match(v):
+        if not IDENT.match(v):
             raise ValueError(f"not a plain ClickHouse identifier: {v!r}")
         return v
 

@@ -14,7 +14,6 @@ Python from the SQL aggregate (``training.dvsa.label_defects``): one labelling r
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from motlens.labels import SEVERITIES
 from motlens.state import StateSettings
+from predlog.settings import IDENT
 from training import mot_labels
 from training.dvsa import (
     BulkFormatError,
@@ -45,7 +45,6 @@ from training.dvsa import (
     typed_results,
 )
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 SEVERITY_COUNT_COLUMNS = tuple(f"n_{s}" for s in SEVERITIES)
 SECTION_COUNT_COLUMNS = tuple(f"n_section_{i}" for i in range(9))
 
@@ -117,7 +116,7 @@ class Store:
     location: str
 
     def __init__(self, database: str):
-        if not _IDENT.match(database):
+        if not IDENT.match(database):
             raise ValueError(f"invalid ClickHouse database name {database!r}")
         self.database = database
 
@@ -347,7 +346,7 @@ _OPTIONAL = {"test_class_id", "test_mileage", "make", "model", "fuel_type", "fir
 def _native_source(src: Source) -> str:
     """A subquery over the file giving one String column per header name (wrong-shape rows dropped)."""
     cols = list(src.columns)
-    if not all(_IDENT.match(c) for c in cols):
+    if not all(IDENT.match(c) for c in cols):
         raise BulkFormatError(f"{src.name}:1: header names are not plain identifiers: {cols}")
     if src.delimiter == "|":
         fields = ", ".join(f"c[{i + 1}] AS {c}" for i, c in enumerate(cols))
