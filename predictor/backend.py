@@ -195,8 +195,12 @@ def load_backend(
             raise ModelLoadError(f"backend {backend} failed to load {bundle.embedder_dir}: {e}") from e
     be = Backend(bundle, embedder, head, ref=str(ref or root))
     be.info = {"backend": embedder.backend, "device": embedder.device}
-    be.warm_up()
-    result = be.check_golden()
+    try:
+        be.warm_up()
+        result = be.check_golden()
+    except Exception as e:  # noqa: BLE001 - OSError, CUDA OOM …: a not-ready reason, never a dead loader
+        be.close()
+        raise ModelLoadError(f"warm-up/golden check failed on {embedder.backend}/{embedder.device}: {e}") from e
     be.load_seconds = time.perf_counter() - t0
     if not result.passed:
         raise ModelLoadError(

@@ -337,3 +337,18 @@ def test_a_server_error_is_logged_as_an_error_row(served, monkeypatch):
     assert list(rows["item_index"]) == [-1] and list(rows["status"]) == ["server_error"]
     assert list(rows["slot"]) == ["production"] and list(rows["model_version"]) == ["1"]
     assert list(rows["protocol"]) == ["v1"] and rows["latency_ms"].iloc[0] > 0
+
+
+def test_an_unexpected_warm_up_failure_is_a_load_error(served, bundle_v2, monkeypatch):
+    from predictor.backend import Backend
+
+    _, base, _ = served
+
+    def oom(self):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(Backend, "warm_up", oom)
+    r = httpx.post(f"{base}/motlens/admin/slots/canary/load", json={"ref": str(bundle_v2)}, timeout=120)
+    assert r.status_code == 422 and "CUDA out of memory" in r.json()["error"], r.text
+    ok = httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": unique_texts(1)})
+    assert ok.status_code == 200 and ok.json()["model_version"] == "1"
