@@ -3,21 +3,25 @@
 Local and GitOps targets: an ``fcntl.flock`` on a path (the overlay directory, or a lock file in the
 state directory); the kernel drops it when the process dies, so a crashed run never wedges the next.
 Kubernetes: a ``coordination.k8s.io/v1`` Lease next to the InferenceService, taken and released with
-``resourceVersion`` preconditions (optimistic concurrency) and expiring after ``lease_seconds`` so a
-killed pod's lease lapses.
+``resourceVersion`` preconditions (optimistic concurrency), renewed every ``lease_seconds / 3`` while
+held and expiring ``lease_seconds`` after the last renewal, so a killed pod's lease lapses.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class LockBusy(RuntimeError):
@@ -124,9 +128,30 @@ def lease_lock(
             holder = (lease or {}).get("spec", {}).get("holderIdentity", "another run")
             raise LockBusy(f"Lease {namespace}/{name} is held by {holder}")
         time.sleep(1.0)
+    held_lease = [lease]
+    guard = threading.Lock()
+    stop = threading.Event()
+
+    def renew() -> None:  # keep renewTime fresh so a run longer than lease_seconds keeps the lock
+        while not stop.wait(max(1.0, lease_seconds / 3)):
+            with guard:
+                body = held_lease[0]
+                body["spec"]["renewTime"] = _fmt(_now())
+                try:
+                    held_lease[0] = api.replace_namespaced_custom_object(
+                        group, version, namespace, plural, name, body
+                    )
+                except Exception as e:  # noqa: BLE001 - retried next period; expiry is the fallback
+                    log.warning("could not renew Lease %s/%s: %s", namespace, name, e)
+
+    renewer = threading.Thread(target=renew, name=f"lease-renew-{name}", daemon=True)
+    renewer.start()
     try:
         yield
     finally:
+        stop.set()
+        renewer.join()
+        lease = held_lease[0]
         lease["spec"]["holderIdentity"] = None
         try:
             api.replace_namespaced_custom_object(group, version, namespace, plural, name, lease)
