@@ -27,12 +27,13 @@ from typing import Any, TypeVar
 
 import orjson
 import uvicorn
+from cloudevents.sdk.converters.util import has_binary_headers
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ModelNotReady
 from kserve.model_repository import ModelRepository
-from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.dataplane import JSON_HEADERS, DataPlane
 from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
@@ -299,7 +300,7 @@ class PredictorServer:
         body = await read_body(request, self.settings.max_body_bytes)
         await self._check_ready(model_name)
         headers = dict(request.headers.items())
-        payload, attrs = self.dataplane.decode(body=body, headers=headers)
+        payload, attrs = self.dataplane.decode(body=_v1_json(body, headers), headers=headers)
         response, response_headers = await _unless_disconnected(
             request, self.dataplane.infer(model_name=model_name, request=payload, headers=headers)
         )
@@ -448,6 +449,19 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -
 
 async def _client_gone_handler(_: Request, exc: Exception) -> Response:
     return _json({"error": "client disconnected"}, status_code=499)
+
+
+def _v1_json(body: bytes, headers: dict[str, str]) -> bytes | Any:
+    """A JSON body, parsed here so that ``application/json; charset=utf-8`` counts as JSON (KServe's
+    decoder compares the whole header and would pass such a body on as raw bytes); anything else,
+    binary CloudEvents included, is left to KServe."""
+    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type not in JSON_HEADERS or has_binary_headers(headers):
+        return body
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"Unrecognized request format: {e}") from e
 
 
 def _json(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:

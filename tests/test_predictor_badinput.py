@@ -265,3 +265,13 @@ def test_context_numbers_must_be_finite_and_in_range(value):
 
     with pytest.raises(InvalidInput, match=r"instances\[0\]\.odometer_miles"):
         parse_v1({"instances": [{"text": OK_TEXT, "odometer_miles": value}]}, Limits())
+
+
+def test_v1_json_with_a_charset_is_parsed(base):
+    url, _ = base
+    body = json.dumps({"instances": [OK_TEXT]}).encode()
+    r = httpx.post(url + V1, content=body, headers={"Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"]) == 1
+    bad = httpx.post(url + V1, content=b"{nope", headers={"Content-Type": "application/json; charset=utf-8"})
+    assert bad.status_code == 400 and "Unrecognized request format" in bad.json()["error"]
