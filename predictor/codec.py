@@ -60,6 +60,17 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}-{next(_ID_COUNTER)}"
 
 
+MAX_REQUEST_ID_CHARS = 128
+
+
+def _request_id(given: Any, where: str) -> str:
+    """The client's request id (refused beyond :data:`MAX_REQUEST_ID_CHARS`), else a new one."""
+    rid = str(given or "")
+    if len(rid) > MAX_REQUEST_ID_CHARS:
+        raise InvalidInput(f"{where} has {len(rid)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
+    return rid or new_request_id()
+
+
 @dataclass(frozen=True)
 class Limits:
     max_items: int = 256
@@ -195,7 +206,7 @@ def parse_v1(payload: Any, limits: Limits, request_id: str = "") -> PredictReque
             texts.append(inst)
     checked = _check_texts(texts, limits, "'instances' text")
     outputs = (*DEFAULT_OUTPUTS, EMBEDDING) if _truthy(params.get("return_embedding", False)) else DEFAULT_OUTPUTS
-    return PredictRequest(checked, context, outputs, request_id or new_request_id())
+    return PredictRequest(checked, context, outputs, _request_id(request_id, "header x-request-id"))
 
 
 def build_v1(result: PredictResult, req: PredictRequest) -> dict[str, Any]:
@@ -331,7 +342,7 @@ def parse_v2(req: InferRequest, limits: Limits) -> PredictRequest:
         outputs = tuple(dict.fromkeys(names))
     else:
         outputs = (*DEFAULT_OUTPUTS, EMBEDDING) if want_embedding else DEFAULT_OUTPUTS
-    return PredictRequest(texts, context, outputs, str(req.id or new_request_id()))
+    return PredictRequest(texts, context, outputs, _request_id(req.id, "request 'id'"))
 
 
 def build_v2(result: PredictResult, req: PredictRequest, infer_req: InferRequest) -> InferResponse:

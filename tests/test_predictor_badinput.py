@@ -204,6 +204,7 @@ CASES = [
         400,
         "instances[0].vehicle_age_years is -1.0; expected 0 to 150",
     ),
+    ("v2-id-too-long", V2, v2(text_input([OK_TEXT]), id="r" * 129), 400, "request 'id' has 129 characters"),
     ("v1-empty-text", V1, {"instances": [""]}, 400, "item 0 is empty"),
     ("v1-malformed-json", V1, (b"{nope", {"Content-Type": "application/json"}), 400, "Unrecognized request"),
     ("v1-oversized-body", V1, {"instances": ["z" * 90] * 800}, 413, "exceeds 65536 bytes"),
@@ -275,3 +276,12 @@ def test_v1_json_with_a_charset_is_parsed(base):
     assert len(r.json()["predictions"]) == 1
     bad = httpx.post(url + V1, content=b"{nope", headers={"Content-Type": "application/json; charset=utf-8"})
     assert bad.status_code == 400 and "Unrecognized request format" in bad.json()["error"]
+
+
+def test_request_ids_are_capped_at_128_characters(base):
+    url, _ = base
+    long_id = httpx.post(url + V1, json={"instances": [OK_TEXT]}, headers={"x-request-id": "r" * 129})
+    assert long_id.status_code == 400 and "x-request-id has 129 characters" in long_id.json()["error"]
+    assert httpx.post(url + V1, json={"instances": [OK_TEXT]}, headers={"x-request-id": "r" * 128}).status_code == 200
+    ok = httpx.post(url + V2, json=v2(text_input([OK_TEXT]), id="r" * 128))
+    assert ok.status_code == 200 and ok.json()["id"] == "r" * 128
