@@ -3,6 +3,12 @@
 Only embeddings are cached (the head is cheap and depends on per-request context), so a hit returns
 exactly what the embedder returned for that text under that version. Versions never mix: the
 version is part of the key, and a version that stops being served can be purged.
+
+The rows live in one preallocated float32 slab ``[capacity, dim]``, allocated and written once at
+construction so that its pages are resident from the start: filling the cache does not grow the
+process (only the keys, about ``_ENTRY_OVERHEAD`` bytes each, are allocated per entry). Evicted or
+purged slots are reused. Hits are returned as read-only copies, so a row handed to a request never
+changes when its slot is reused afterwards.
 """
 
 from __future__ import annotations
@@ -14,70 +20,115 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from motlens import EMBEDDING_DIM
 from predictor import metrics
 
-_ENTRY_OVERHEAD = 200  # dict slot, key tuple, ndarray header: rough but stable
+# Per entry besides its row and its text (``sys.getsizeof(text)``, counted exactly): the OrderedDict
+# slot and link (~107 bytes on CPython 3.12), the (version, text) tuple (56) and the slot int (28).
+_ENTRY_OVERHEAD = 200
+# The slab's capacity assumes texts of ~100 characters (sys.getsizeof 149; MOT defect texts are
+# mostly 20-150): shorter texts leave some budget unused, longer ones hit the byte bound first.
+_TEXT_ESTIMATE = 150
 
 
 class EmbeddingCache:
-    """Thread-safe LRU of float32 embeddings with a byte budget (0 disables it)."""
+    """Thread-safe LRU of float32 embeddings in a preallocated slab, bounded in bytes (0 disables it).
 
-    def __init__(self, max_bytes: int) -> None:
+    ``dim`` is the embedding width the slab is shaped for; a put of another width re-shapes the slab
+    if the cache is empty (the only version of the old width was purged) and is not cached otherwise.
+    """
+
+    def __init__(self, max_bytes: int, dim: int = EMBEDDING_DIM) -> None:
         self.max_bytes = max_bytes
-        self._data: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._slots: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._allocate(dim)
 
-    @staticmethod
-    def _size(key: tuple[str, str], value: np.ndarray) -> int:
-        return value.nbytes + sys.getsizeof(key[1]) + _ENTRY_OVERHEAD
+    def _allocate(self, dim: int) -> None:
+        self.dim = dim
+        self.capacity = max(0, self.max_bytes) // (dim * 4 + _ENTRY_OVERHEAD + _TEXT_ESTIMATE)
+        self._slab = np.empty((self.capacity, dim), dtype=np.float32)
+        self._slab.fill(0.0)  # touch every page now: resident from the start, not as the cache fills
+        self._free = list(range(self.capacity - 1, -1, -1))  # pop() hands out slot 0 first
+
+    def _size(self, key: tuple[str, str]) -> int:
+        return self.dim * 4 + sys.getsizeof(key[1]) + _ENTRY_OVERHEAD
 
     @property
     def nbytes(self) -> int:
+        """Bytes in use by the cached entries (rows, texts, per-entry overhead), at most ``max_bytes``."""
         return self._bytes
 
+    @property
+    def slab_bytes(self) -> int:
+        """Bytes of the preallocated row slab (resident whether or not it is filled)."""
+        return self._slab.nbytes
+
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._slots)
 
     def get_many(self, version: str, keys: Sequence[str]) -> list[np.ndarray | None]:
-        """Cached embedding per normalised text (``None`` for a miss); counts hits and misses."""
-        if self.max_bytes <= 0:
+        """Cached embedding per normalised text (``None`` for a miss); counts hits and misses.
+
+        Hits are read-only copies taken under the lock, never views of the slab.
+        """
+        if self.capacity == 0:
             metrics.CACHE_MISSES.inc(len(keys))
             return [None] * len(keys)
-        out: list[np.ndarray | None] = []
+        found: list[int] = []
+        slots: list[int] = []
         with self._lock:
-            for k in keys:
-                v = self._data.get((version, k))
-                if v is not None:
-                    self._data.move_to_end((version, k))
-                out.append(v)
-        hits = sum(v is not None for v in out)
-        metrics.CACHE_HITS.inc(hits)
-        metrics.CACHE_MISSES.inc(len(keys) - hits)
+            for i, k in enumerate(keys):
+                slot = self._slots.get((version, k))
+                if slot is not None:
+                    self._slots.move_to_end((version, k))
+                    found.append(i)
+                    slots.append(slot)
+            rows = self._slab[slots]  # fancy indexing: a copy
+        rows.setflags(write=False)
+        out: list[np.ndarray | None] = [None] * len(keys)
+        for i, row in zip(found, rows, strict=True):
+            out[i] = row
+        metrics.CACHE_HITS.inc(len(found))
+        metrics.CACHE_MISSES.inc(len(keys) - len(found))
         return out
 
     def put_many(self, version: str, keys: Sequence[str], values: np.ndarray) -> None:
-        if self.max_bytes <= 0:
+        if self.max_bytes <= 0 or len(keys) == 0:
             return
+        values = np.asarray(values, dtype=np.float32)
         with self._lock:
+            if values.ndim != 2 or values.shape[1] != self.dim:
+                if self._slots or values.ndim != 2:
+                    return
+                self._allocate(values.shape[1])
             for k, v in zip(keys, values, strict=True):
                 key = (version, k)
-                if key in self._data:
+                if key in self._slots:
                     continue
-                row = np.array(v, dtype=np.float32, copy=True)
-                row.setflags(write=False)
-                self._data[key] = row
-                self._bytes += self._size(key, row)
-            while self._bytes > self.max_bytes and self._data:
-                old_key, old = self._data.popitem(last=False)
-                self._bytes -= self._size(old_key, old)
+                size = self._size(key)
+                while self._slots and (not self._free or self._bytes + size > self.max_bytes):
+                    self._evict_lru()
+                if not self._free or self._bytes + size > self.max_bytes:
+                    continue
+                slot = self._free.pop()
+                self._slab[slot] = v
+                self._slots[key] = slot
+                self._bytes += size
             metrics.CACHE_BYTES.set(self._bytes)
 
+    def _evict_lru(self) -> None:
+        old_key, slot = self._slots.popitem(last=False)
+        self._free.append(slot)
+        self._bytes -= self._size(old_key)
+
     def purge_version(self, version: str) -> int:
-        """Drop every entry of ``version`` (called when a version stops being served)."""
+        """Drop every entry of ``version`` (called when a version stops being served); frees its slots."""
         with self._lock:
-            keys = [k for k in self._data if k[0] == version]
+            keys = [k for k in self._slots if k[0] == version]
             for k in keys:
-                self._bytes -= self._size(k, self._data.pop(k))
+                self._free.append(self._slots.pop(k))
+                self._bytes -= self._size(k)
             metrics.CACHE_BYTES.set(self._bytes)
         return len(keys)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -46,14 +47,98 @@ def test_bounded_in_bytes_evicts_least_recently_used():
 def test_cached_rows_are_read_only():
     cache = EmbeddingCache(1 << 20)
     cache.put_many("1", ["a"], np.zeros((1, 384), np.float32))
+    (row,) = cache.get_many("1", ["a"])
+    assert row is not None
     with pytest.raises(ValueError):
-        cache.get_many("1", ["a"])[0][0] = 1.0
+        row[0] = 1.0
+
+
+def _row(i: float) -> np.ndarray:
+    return np.full((1, 384), i, np.float32)
+
+
+def test_slab_preallocated_and_resident_at_construction():
+    cache = EmbeddingCache(1 << 20)
+    assert cache.capacity == (1 << 20) // (384 * 4 + 200 + 150) and cache.slab_bytes == cache.capacity * 384 * 4
+    assert cache._slab.flags.owndata and not cache._slab.any()  # written (touched) once, zeros
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_slots_reused_after_eviction_and_purge():
+    cache = EmbeddingCache(3 * (384 * 4 + 200 + 150))
+    assert cache.capacity == 3
+    for i in range(10):
+        cache.put_many("1", [f"t{i}"], _row(i))
+    assert len(cache) == 3 and sorted(cache._slots.values()) == [0, 1, 2]
+    assert [cache.get_many("1", [f"t{i}"])[0] is not None for i in range(10)] == [False] * 7 + [True] * 3
+    assert cache.purge_version("1") == 3 and cache.nbytes == 0 and len(cache._free) == 3
+    cache.put_many("2", ["a", "b", "c"], np.concatenate([_row(20), _row(21), _row(22)]))
+    assert sorted(cache._slots.values()) == [0, 1, 2]
+    np.testing.assert_array_equal(cache.get_many("2", ["c"])[0], _row(22)[0])
+
+
+def test_eviction_order_is_least_recently_used():
+    cache = EmbeddingCache(3 * (384 * 4 + 200 + 150))
+    cache.put_many("1", ["a", "b", "c"], np.concatenate([_row(1), _row(2), _row(3)]))
+    cache.get_many("1", ["a"])  # order now b, c, a
+    cache.put_many("1", ["d"], _row(4))  # evicts b
+    assert [g is not None for g in cache.get_many("1", ["a", "b", "c", "d"])] == [True, False, True, True]
+    cache.put_many("1", ["e"], _row(5))  # that lookup touched a, c, d in this order: a goes
+    assert [g is not None for g in cache.get_many("1", ["a", "c", "d", "e"])] == [False, True, True, True]
+
+
+def test_byte_bound_holds_for_long_texts():
+    budget = 4 * (384 * 4 + 200 + 150)
+    cache = EmbeddingCache(budget)
+    long = ["x" * 1900 + str(i) for i in range(4)]  # ~2 kB each: the byte bound bites before the slots run out
+    cache.put_many("1", long, np.concatenate([_row(i) for i in range(4)]))
+    assert cache.nbytes <= budget and len(cache) == 2 and len(cache._free) == 2
+    assert [g is not None for g in cache.get_many("1", long)] == [False, False, True, True]
+
+
+def test_returned_rows_survive_slot_reuse():
+    """A hit handed to an in-flight request stays what the embedder returned after its slot is reused."""
+    cache = EmbeddingCache(384 * 4 + 200 + 150)
+    assert cache.capacity == 1
+    original = np.random.default_rng(0).standard_normal((1, 384)).astype(np.float32)
+    cache.put_many("1", ["a"], original)
+    (held,) = cache.get_many("1", ["a"])
+    cache.put_many("1", ["b"], _row(7))  # evicts "a" and writes "b" into the same slot
+    assert cache.get_many("1", ["a"]) == [None]
+    assert not np.shares_memory(held, cache._slab)
+    np.testing.assert_array_equal(held, original[0])
+    np.testing.assert_array_equal(cache.get_many("1", ["b"])[0], _row(7)[0])
+
+
+def test_identical_to_what_was_put_and_versions_isolated():
+    cache = EmbeddingCache(1 << 20)
+    rng = np.random.default_rng(1)
+    v1, v2 = rng.standard_normal((2, 50, 384)).astype(np.float32)
+    keys = [f"text {i}" for i in range(50)]
+    cache.put_many("1", keys, v1)
+    cache.put_many("2", keys, v2)
+    np.testing.assert_array_equal(np.stack(cache.get_many("1", keys)), v1)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(np.stack(cache.get_many("2", keys)), v2)  # type: ignore[arg-type]
+    assert cache.purge_version("1") == 50 and cache.get_many("1", keys[:1]) == [None]
+    np.testing.assert_array_equal(np.stack(cache.get_many("2", keys)), v2)  # type: ignore[arg-type]
+    assert cache.nbytes == sum(384 * 4 + sys.getsizeof(k) + 200 for k in keys)
+
+
+def test_other_width_reshapes_an_empty_slab_only():
+    cache = EmbeddingCache(1 << 20)
+    cache.put_many("1", ["a"], _row(1))
+    cache.put_many("2", ["a"], np.ones((1, 768), np.float32))  # not empty: not cached
+    assert cache.get_many("2", ["a"]) == [None] and cache.dim == 384
+    cache.purge_version("1")
+    cache.put_many("2", ["a"], np.ones((1, 768), np.float32))
+    assert cache.dim == 768 and cache.capacity == (1 << 20) // (768 * 4 + 350)
+    np.testing.assert_array_equal(cache.get_many("2", ["a"])[0], np.ones(768, np.float32))
 
 
 def test_disabled_cache_counts_misses_only():
     cache = EmbeddingCache(0)
     cache.put_many("1", ["a"], np.zeros((1, 384), np.float32))
-    assert cache.get_many("1", ["a"]) == [None] and len(cache) == 0
+    assert cache.get_many("1", ["a"]) == [None] and len(cache) == 0 and cache.slab_bytes == 0
 
 
 @pytest.fixture(scope="module")
