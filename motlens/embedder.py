@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import unicodedata
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -45,7 +46,15 @@ class Embedder(Protocol):
 
 
 class TorchEmbedder:
-    """sentence-transformers on torch: CUDA (fp16/bf16) when asked and present, else CPU."""
+    """MiniLM on torch: CUDA (fp16/bf16) when asked and present, else CPU.
+
+    The sentence-transformers model supplies the weights and modules (Transformer, Pooling,
+    Normalize); ``encode`` bypasses ``SentenceTransformer.encode``: texts are tokenised with the model
+    directory's ``tokenizer.json`` (``tokenizers``, truncated at ``max_seq_length``), sorted by length,
+    cut into batches of ``batch_size`` and padded per batch. On CUDA the next batch is tokenised and
+    padded into pinned memory on a worker thread while the GPU runs the current one, and the
+    embeddings come back in one copy per call; on CPU the batches run one after another.
+    """
 
     backend = "torch"
 
@@ -60,6 +69,7 @@ class TorchEmbedder:
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
         from sentence_transformers import SentenceTransformer
+        from tokenizers import Tokenizer
 
         if threads:
             torch.set_num_threads(threads)
@@ -67,35 +77,61 @@ class TorchEmbedder:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.dtype = dtype
-        self._model = SentenceTransformer(
-            str(model_dir or default_model_dir()), device=device, local_files_only=True
-        )
+        model_dir = Path(model_dir or default_model_dir())
+        self._model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
         # transformers loads a checkpoint in its stored dtype: pin the one asked for (fp32 on CPU).
-        target = dtype if device.startswith("cuda") and dtype in ("float16", "bfloat16") else "float32"
+        cuda = device.startswith("cuda")
+        target = dtype if cuda and dtype in ("float16", "bfloat16") else "float32"
         self._model = self._model.to(getattr(torch, target))
         self._model.eval()
         self.dim = int(self._model.get_embedding_dimension() or EMBEDDING_DIM)
         self.max_seq_length = int(self._model.max_seq_length or 256)
+        self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(self.max_seq_length)
+        self._pin = cuda
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="motlens-tokenize") if cuda else None
 
-    @property
-    def tokenizer(self):  # noqa: ANN201 - transformers tokenizer
-        return self._model.tokenizer
+    def _features(self, texts: list[str]) -> dict[str, Any]:
+        """Padded ``input_ids`` / ``attention_mask`` (int64, pinned on CUDA) for one batch."""
+        import torch
+
+        rows = [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=True)]
+        shape = (len(rows), max(len(r) for r in rows))
+        ids = torch.zeros(shape, dtype=torch.int64, pin_memory=self._pin)
+        mask = torch.zeros(shape, dtype=torch.int64, pin_memory=self._pin)
+        ids_np, mask_np = ids.numpy(), mask.numpy()
+        for i, row in enumerate(rows):
+            ids_np[i, : len(row)] = row
+            mask_np[i, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _forward(self, features: dict[str, Any]) -> Any:
+        """L2-normalised float32 embeddings of one batch, left on the model's device."""
+        import torch
+
+        on_device = {k: v.to(self.device, non_blocking=True) for k, v in features.items()}
+        out = self._model(on_device)["sentence_embedding"]
+        return torch.nn.functional.normalize(out.float(), dim=1)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        out = self._model.encode(
-            list(texts),
-            batch_size=batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
-        return np.asarray(out, dtype=np.float32)
+        import torch
+
+        texts = list(texts)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        step = max(1, int(batch_size))
+        batches = [[texts[i] for i in order[s : s + step]] for s in range(0, len(texts), step)]
+        prepared = self._prefetch.map(self._features, batches) if self._prefetch else map(self._features, batches)
+        with torch.inference_mode():
+            emb = torch.cat([self._forward(f) for f in prepared]).cpu().numpy()
+        out = np.empty_like(emb)
+        out[order] = emb
+        return out
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length)
-        return [len(ids) for ids in enc["input_ids"]]
+        return [len(e) for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=True)]
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
