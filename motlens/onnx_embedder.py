@@ -63,6 +63,9 @@ class OnnxEmbedder:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.inter_op_num_threads = 1
+        # Memory patterns are planned and kept per input shape: with varied batch shapes they grow RSS
+        # (+60 MiB over 6,000 novel texts, vs +24 MiB without) for no measured throughput gain.
+        opts.enable_mem_pattern = False
         if threads:
             opts.intra_op_num_threads = int(threads)
         # Busy-waiting worker threads would steal the cores the server's event loop needs between batches.
