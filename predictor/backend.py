@@ -29,6 +29,10 @@ KSERVE_MOUNT = Path("/mnt/models")
 
 EmbedderFactory = Callable[..., Embedder]
 
+#: ``Backend.fallback`` (and the ``motlens_model_fallback`` reason) when the registry could not be
+#: reached and the last-known-good bundle of the reference is served instead.
+REGISTRY_UNREACHABLE = "registry_unreachable"
+
 
 def _torch_factory(model_dir: Path, device: str | None, dtype: str, threads: int | None) -> Embedder:
     return TorchEmbedder(model_dir, device=device, dtype=dtype, threads=threads)
@@ -72,12 +76,26 @@ def find_bundle_root(path: Path) -> Path:
     raise ModelLoadError(f"{path}: several bundles found: {', '.join(map(str, found))}")
 
 
+@dataclass
+class ResolvedModel:
+    """A bundle directory, and why it is the last-known-good stand-in when it is one."""
+
+    root: Path
+    fallback: str | None = None
+
+
 def resolve_model_ref(ref: str | None) -> Path:
+    """Local bundle directory for a model reference (the registry only, no last-known-good)."""
+    return resolve_model(ref).root
+
+
+def resolve_model(ref: str | None, *, lkg: bool = False) -> ResolvedModel:
     """Local bundle directory for a model reference.
 
     ``models:/…`` goes through the MLflow registry (downloaded, cached); an empty reference means the
     KServe mount (``/mnt/models``, where the storage initializer put ``STORAGE_URI``); anything else is
-    a local path.
+    a local path. With ``lkg``, a registry that cannot be reached (not one that answers "no such
+    alias/version") is replaced by the last-known-good bundle of ``ref``, re-verified.
     """
     if not ref:
         if not KSERVE_MOUNT.is_dir():
@@ -85,21 +103,49 @@ def resolve_model_ref(ref: str | None) -> Path:
                 f"no model given and {KSERVE_MOUNT} does not exist "
                 f"(STORAGE_URI={os.environ.get('STORAGE_URI', 'unset')})"
             )
-        return find_bundle_root(KSERVE_MOUNT)
+        return ResolvedModel(find_bundle_root(KSERVE_MOUNT))
     if ref.startswith("models:/"):
         try:
-            from training.registry import Registry
+            from training.registry import Registry, RegistryError, RegistryUnreachable
         except ImportError as e:
             raise ModelLoadError(f"cannot resolve {ref}: the MLflow registry helpers are unavailable ({e})") from e
         try:
-            fetched = Registry().fetch(ref)
+            registry = Registry()
+            fetched = registry.fetch(ref)
+        except RegistryUnreachable as e:
+            if not lkg:
+                raise ModelLoadError(f"cannot fetch {ref} from the registry: {e}") from e
+            try:
+                bundle, record = registry.lkg_bundle(ref)
+            except (RegistryError, BundleError, OSError) as lkg_error:
+                raise ModelLoadError(
+                    f"cannot fetch {ref} from the registry: {e}; last-known-good bundle not used: {lkg_error}"
+                ) from e
+            log.warning(
+                "%s; falling back to the last-known-good bundle of %s: version %s (recorded %s)",
+                e,
+                ref,
+                record["version"],
+                record.get("recorded_at"),
+            )
+            return ResolvedModel(bundle.root, REGISTRY_UNREACHABLE)
         except Exception as e:  # noqa: BLE001 - any registry failure is a load failure with its reason
             raise ModelLoadError(f"cannot fetch {ref} from the registry: {e}") from e
-        return find_bundle_root(fetched.root)
+        return ResolvedModel(find_bundle_root(fetched.root))
     path = Path(ref).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
-    return find_bundle_root(path)
+    return ResolvedModel(find_bundle_root(path))
+
+
+def record_lkg(ref: str, bundle: Bundle) -> None:
+    """Remember a served registry bundle as the last-known-good of ``ref`` (a failure is only logged)."""
+    try:
+        from training.registry import Registry
+
+        Registry().record_lkg(ref, bundle)
+    except Exception as e:  # noqa: BLE001 - a read-only cache must not stop serving
+        log.warning("cannot record the last-known-good bundle of %s: %s", ref, e)
 
 
 @dataclass
@@ -113,6 +159,7 @@ class Backend:
     load_seconds: float = 0.0
     golden: GoldenResult | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    fallback: str | None = None
 
     @property
     def name(self) -> str:
@@ -173,13 +220,17 @@ def load_backend(
     dtype: str = "float32",
     threads: int | None = None,
     embedder: Embedder | None = None,
+    lkg: bool = False,
 ) -> Backend:
     """Resolve, verify, load, warm up and golden-check; raise :class:`ModelLoadError` on any failure.
 
-    ``embedder`` reuses an already loaded embedder (tests share one MiniLM per session).
+    ``embedder`` reuses an already loaded embedder (tests share one MiniLM per session). With ``lkg``,
+    a registry bundle that passes is recorded as the reference's last-known-good, and an unreachable
+    registry is replaced by that bundle (``Backend.fallback`` says so).
     """
     t0 = time.perf_counter()
-    root = resolve_model_ref(ref)
+    resolved = resolve_model(ref, lkg=lkg)
+    root = resolved.root
     try:
         bundle = Bundle.open(root)
         head = bundle.head()
@@ -193,7 +244,7 @@ def load_backend(
             embedder = factory(bundle.embedder_dir, device, dtype, threads)
         except Exception as e:  # noqa: BLE001 - surface any backend failure as the not-ready reason
             raise ModelLoadError(f"backend {backend} failed to load {bundle.embedder_dir}: {e}") from e
-    be = Backend(bundle, embedder, head, ref=str(ref or root))
+    be = Backend(bundle, embedder, head, ref=str(ref or root), fallback=resolved.fallback)
     be.info = {"backend": embedder.backend, "device": embedder.device}
     try:
         be.warm_up()
@@ -207,6 +258,8 @@ def load_backend(
             f"golden set not reproduced on {embedder.backend}/{embedder.device}: {result.detail}",
             golden=result,
         )
+    if lkg and resolved.fallback is None and ref and ref.startswith("models:/"):
+        record_lkg(ref, bundle)
     log.info(
         "loaded %s version %s (%s/%s) in %.1fs; golden: %s",
         be.name,

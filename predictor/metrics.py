@@ -44,6 +44,11 @@ MODEL_NOT_READY = Gauge("motlens_model_not_ready", "1 while the model is not rea
 MODEL_LOAD_SECONDS = Gauge("motlens_model_load_seconds", "Seconds to load, warm up and golden-check", ["slot"])
 GOLDEN_MIN_COSINE = Gauge("motlens_golden_min_cosine", "Lowest golden-set cosine at load", ["slot"])
 GOLDEN_PASSED = Gauge("motlens_golden_passed", "1 when the golden set was reproduced at load", ["slot"])
+MODEL_FALLBACK = Gauge(
+    "motlens_model_fallback",
+    "1 while the slot serves its last-known-good bundle instead of the registry's answer, labelled with why",
+    ["slot", "reason"],
+)
 EMBEDDING_NORM = Summary("motlens_embedding_norm", "L2 norm of served embeddings (≈1 when healthy)")
 CACHE_HITS = Counter("motlens_cache_hits_total", "Embedding cache hits")
 CACHE_MISSES = Counter("motlens_cache_misses_total", "Embedding cache misses")

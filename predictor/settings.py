@@ -30,6 +30,11 @@ class ServeSettings(BaseSettings):
     model: str = Field(DEFAULT_MODEL_REF, description="models:/NAME@ALIAS, models:/NAME/VERSION or a local path")
     follow_alias: str | None = Field(None, description="poll the registry and swap to this alias' version")
     follow_interval_s: float = 30.0
+    lkg_enabled: bool = Field(
+        True,
+        description="registry unreachable at load: serve the last verified bundle this box served for the "
+        "same models:/ reference (re-verified, golden-checked, flagged in motlens_model_fallback)",
+    )
     http_port: int = 8080
     grpc_port: int = 8081
     enable_grpc: bool = True

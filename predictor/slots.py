@@ -4,6 +4,11 @@ A slot's model is replaced without a failed request: the new backend is loaded, 
 golden-checked beside the old one (in a thread, off the event loop), then swapped in atomically;
 the old one is drained (in-flight requests finish) and freed. ``--follow-alias`` and the promotion
 CLI's local target (through the admin API in :mod:`predictor.server`) drive these operations.
+
+A slot serving a last-known-good bundle (registry unreachable at load) is flagged in
+``motlens_model_fallback`` until the registry answers again: then the flag is cleared if the registry
+names the same version, or the reference is loaded afresh if it names another one (``--follow-alias``
+does this for production).
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ from typing import Any
 from motlens import MODEL_NAME
 from motlens.labels import SLOTS
 from predictor import metrics
-from predictor.backend import Backend, ModelLoadError
+from predictor.backend import REGISTRY_UNREACHABLE, Backend, ModelLoadError, record_lkg
 from predictor.cache import EmbeddingCache
 from predictor.pipeline import ServingUnit
 from predictor.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[str], Backend]
+#: Called as ``loader(ref, lkg=settings.lkg_enabled)`` (:func:`predictor.backend.load_backend`).
+Loader = Callable[..., Backend]
 
 NOT_READY_REASONS = ("no_model", "loading", "load_failed", "golden_failed", "draining")
+FALLBACK_REASONS = (REGISTRY_UNREACHABLE,)
 
 
 class SlotError(Exception):
@@ -57,6 +64,9 @@ class SlotManager:
         self._locks: dict[str, asyncio.Lock] = {s: asyncio.Lock() for s in SLOTS}
         self._rng = random.Random()
         self._reason_label: str | None = None
+        self._confirming: set[asyncio.Task[None]] = set()
+        for slot in SLOTS:
+            self._export_fallback(slot, None)
         self._update_readiness()
 
     # ------------------------------------------------------------ serving
@@ -111,7 +121,7 @@ class SlotManager:
             state.loading = ref
             self._update_readiness()
             try:
-                backend = await asyncio.to_thread(self._loader, ref)
+                backend = await asyncio.to_thread(self._loader, ref, lkg=self.settings.lkg_enabled)
             except ModelLoadError as e:
                 state.loading, state.error = None, str(e)
                 state.error_kind = "golden_failed" if e.golden is not None else "load_failed"
@@ -131,6 +141,18 @@ class SlotManager:
             self._export_unit(slot, unit)
             self._update_readiness()
             log.info("%s slot now serves %s version %s", slot, backend.name, backend.version)
+            if backend.fallback:
+                log.warning(
+                    "%s slot serves the LAST-KNOWN-GOOD bundle of %s (version %s; %s); retrying the registry",
+                    slot,
+                    ref,
+                    backend.version,
+                    backend.fallback,
+                )
+                if not (slot == "production" and self.settings.follow_alias):  # follow() confirms it
+                    task = asyncio.create_task(self._confirm_fallback(unit, ref), name=f"confirm-{slot}")
+                    self._confirming.add(task)
+                    task.add_done_callback(self._confirming.discard)
         if old is not None:
             await self._retire(old)
         return self.status()
@@ -195,12 +217,19 @@ class SlotManager:
                 info = await asyncio.to_thread(registry.resolve, f"models:/{MODEL_NAME}@{alias}")
                 prod = self.slots["production"]
                 current = prod.unit.version if prod.unit else None
+                if prod.unit is not None and prod.unit.backend.fallback and _confirms(info, prod.unit):
+                    self._clear_fallback(prod.unit)
                 if not prod.loading and info.version not in refused and current != info.version:
                     log.info("alias %s now names version %s; switching production", alias, info.version)
                     try:
                         await self.load("production", f"models:/{MODEL_NAME}/{info.version}")
                     except ModelLoadError:
                         refused.add(info.version)
+                    else:
+                        unit = self.slots["production"].unit
+                        if self.settings.lkg_enabled and unit is not None and not unit.backend.fallback:
+                            ref = f"models:/{MODEL_NAME}@{alias}"
+                            await asyncio.to_thread(record_lkg, ref, unit.backend.bundle)
             except Exception as e:  # noqa: BLE001 - registry down: keep serving, retry next poll
                 log.warning("cannot resolve alias %s: %s", alias, e)
             await asyncio.sleep(interval_s)
@@ -213,6 +242,8 @@ class SlotManager:
     async def shutdown(self) -> None:
         """Mark not ready, drain and free every unit."""
         self.begin_drain()
+        for task in list(self._confirming):
+            task.cancel()
         for slot in SLOTS:
             state = self.slots[slot]
             unit, state.unit = state.unit, None
@@ -221,6 +252,51 @@ class SlotManager:
                 await self._retire(unit)
 
     # ------------------------------------------------------------ internals
+
+    async def _confirm_fallback(self, unit: ServingUnit, ref: str, max_backoff_s: float = 60.0) -> None:
+        """While ``unit`` serves the last-known-good bundle of ``ref``, retry the registry with backoff;
+        once it answers, clear the fallback if it names the same version, else load ``ref`` afresh."""
+        from training.registry import Registry, RegistryUnreachable
+
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            if self._slot_of(unit) is None:
+                return  # replaced or promoted-over meanwhile
+            try:
+                info = await asyncio.to_thread(lambda: Registry().resolve(ref))
+            except RegistryUnreachable:
+                delay = min(delay * 2, max_backoff_s)
+                continue
+            except Exception as e:  # noqa: BLE001 - e.g. the alias was deleted during the outage
+                log.error("keeping the last-known-good version %s for %s (still flagged): %s", unit.version, ref, e)
+                return
+            if _confirms(info, unit):
+                self._clear_fallback(unit)
+                return
+            slot = self._slot_of(unit)
+            if slot is None:
+                return
+            log.warning("registry reachable: %s names version %s, not %s; loading it", ref, info.version, unit.version)
+            try:
+                await self.load(slot, ref)
+            except ModelLoadError:
+                pass  # logged by load(); the last-known-good version keeps serving, still flagged
+            return
+
+    def _slot_of(self, unit: ServingUnit) -> str | None:
+        return next((slot for slot, st in self.slots.items() if st.unit is unit), None)
+
+    def _clear_fallback(self, unit: ServingUnit) -> None:
+        unit.backend.fallback = None
+        slot = self._slot_of(unit)
+        if slot is not None:
+            self._export_fallback(slot, None)
+        log.info("registry reachable again and names version %s: no longer a last-known-good fallback", unit.version)
+
+    def _export_fallback(self, slot: str, reason: str | None) -> None:
+        for r in FALLBACK_REASONS:
+            metrics.MODEL_FALLBACK.labels(slot=slot, reason=r).set(1 if r == reason else 0)
 
     async def _retire(self, unit: ServingUnit) -> None:
         if not await unit.drain(self.settings.grace_period_s):
@@ -241,6 +317,7 @@ class SlotManager:
             metrics.clear_model_info(state.info_labels)
             state.info_labels = None
         metrics.MODEL_READY.labels(slot=slot).set(0 if unit is None else 1)
+        self._export_fallback(slot, None if unit is None else unit.backend.fallback)
         if unit is None:
             return
         be = unit.backend
@@ -280,8 +357,14 @@ class SlotManager:
                 "backend": be.backend_name if be else None,
                 "device": be.device if be else None,
                 "golden_min_cosine": be.golden.min_cosine if be and be.golden else None,
+                "fallback": be.fallback if be else None,
                 "loading": st.loading,
                 "error": st.error,
                 "inflight": st.unit.inflight if st.unit else 0,
             }
         return out
+
+
+def _confirms(info: Any, unit: ServingUnit) -> bool:
+    """The registry's answer (a ``ModelVersionInfo``) names the version and run ``unit`` serves."""
+    return bool(info.version == unit.version and (not info.run_id or info.run_id == unit.backend.run_id))

@@ -7,6 +7,8 @@ the same URI is what a KServe ``storageUri`` downloads to ``/mnt/models``.
 
 Local default: tracking and registry in sqlite under ``MOTLENS_HOME`` with artifacts in
 ``MOTLENS_HOME/mlartifacts``; ``MLFLOW_TRACKING_URI`` points everything at a server instead.
+Fetched bundles are cached in ``MOTLENS_HOME/models/<name>/<version>``; the last-known-good
+records (which cached bundle a reference last served, docs/reliability.md) in ``models/.lkg/``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from motlens import MODEL_NAME
-from motlens.bundle import MANIFEST, Bundle, BundleError, set_manifest_fields
+from motlens.bundle import MANIFEST, Bundle, BundleError, set_manifest_fields, sha256_file
 from motlens.state import StateSettings
 
 MODEL_ARTIFACT_PATH = "model"
@@ -31,10 +33,15 @@ DEFAULT_EXPERIMENT = "mot-defects"
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 _NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+LKG_DIR = ".lkg"
 
 
 class RegistryError(Exception):
     """A reference that does not resolve, or a registry operation that cannot be done."""
+
+
+class RegistryUnreachable(RegistryError):
+    """The registry did not answer (connection refused, DNS, timeout, repeated 5xx): it may come back."""
 
 
 @dataclass
@@ -183,9 +190,11 @@ class Registry:
         return self._info(mv)
 
     def _failure(self, e: Exception) -> RegistryError:
-        """A registry that is down or failing, named without any credentials in its URI."""
+        """A registry that is down or failing, named without any credentials in its URI;
+        :class:`RegistryUnreachable` when the request never got an answer."""
         detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        return RegistryError(_redact(f"model registry {self.tracking_uri} unreachable or failing: {detail}"))
+        kind = RegistryUnreachable if _transport_failure(e) else RegistryError
+        return kind(_redact(f"model registry {self.tracking_uri} unreachable or failing: {detail}"))
 
     def _parse_ref(self, ref: str) -> tuple[str | None, str | None]:
         m = _MODELS_URI.match(ref)
@@ -278,6 +287,73 @@ class Registry:
             raise BundleError(f"{bundle.root}: bundle.json says run {run}, registry {info.run_id}")
         return bundle
 
+    # ---- last-known-good bundles -----------------------------------------------------------
+
+    def canonical_ref(self, ref: str) -> str:
+        """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` for any accepted spelling of ``ref``."""
+        alias, version = self._parse_ref(str(ref).strip())
+        return f"models:/{self.model_name}@{alias}" if alias is not None else f"models:/{self.model_name}/{version}"
+
+    def lkg_path(self, ref: str) -> Path:
+        """Where the last-known-good record of ``ref`` lives: ``<cache_dir>/.lkg/<name>@<alias>.json``
+        or ``<name>-v<version>.json`` (beside the bundles it points to)."""
+        alias, version = self._parse_ref(str(ref).strip())
+        stem = f"{self.model_name}@{alias}" if alias is not None else f"{self.model_name}-v{version}"
+        return self.cache_dir / LKG_DIR / f"{stem}.json"
+
+    def record_lkg(self, ref: str, bundle: Bundle) -> Path:
+        """Remember ``bundle`` (fetched into the cache, verified, loaded and golden-checked) as the
+        last-known-good bundle of ``ref``: a JSON record, written atomically."""
+        root, cache = bundle.root.resolve(), self.cache_dir.resolve()
+        if not root.is_relative_to(cache):
+            raise RegistryError(f"{root} is not in the registry cache {cache}; not recorded")
+        record = {
+            "ref": self.canonical_ref(ref),
+            "name": str(bundle.manifest.get("name") or self.model_name),
+            "version": str(bundle.manifest.get("version")),
+            "run_id": bundle.run_id,
+            "bundle_path": root.relative_to(cache).as_posix(),
+            "manifest_sha256": sha256_file(root / MANIFEST),
+            "recorded_at": datetime.now(UTC).isoformat(),
+        }
+        path = self.lkg_path(ref)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def lkg_bundle(self, ref: str) -> tuple[Bundle, dict[str, Any]]:
+        """The last-known-good bundle of ``ref`` and its record, re-verified (every file hash, the
+        manifest's own hash, its version and run); raises :class:`RegistryError` or
+        :class:`BundleError` saying why it cannot be used."""
+        path = self.lkg_path(ref)
+        if not path.is_file():
+            raise RegistryError(f"no last-known-good bundle recorded for {self.canonical_ref(ref)} ({path})")
+        try:
+            record = json.loads(path.read_text())
+            rel, digest, version = str(record["bundle_path"]), str(record["manifest_sha256"]), str(record["version"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RegistryError(f"last-known-good record {path} is unreadable ({e})") from e
+        cache = self.cache_dir.resolve()
+        root = (cache / rel).resolve()
+        if not root.is_relative_to(cache):
+            raise RegistryError(f"last-known-good record {path} points outside the registry cache: {rel}")
+        bundle = Bundle.open(root)  # every file hash; BundleError names the first problem
+        actual = sha256_file(root / MANIFEST)
+        if actual != digest:
+            raise BundleError(f"{root}: sha256 mismatch for {MANIFEST} against the last-known-good record")
+        if str(bundle.manifest.get("version")) != version or bundle.run_id != record.get("run_id"):
+            raise BundleError(f"{root}: bundle.json does not name version {version}, run {record.get('run_id')}")
+        return bundle, record
+
     # ---- aliases, tags, listings -----------------------------------------------------------
 
     def set_alias(self, alias: str, version: str | int) -> None:
@@ -329,6 +405,21 @@ class Registry:
         if not run_id:
             return {}
         return dict(self.client.get_run(run_id).data.metrics)
+
+
+def _transport_failure(e: BaseException) -> bool:
+    """``e`` (or what it was raised from) is a failed HTTP exchange: no connection, a timeout, or
+    retries exhausted on 5xx/429. MLflow wraps these in an ``INTERNAL_ERROR`` MlflowException."""
+    import requests
+
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, requests.exceptions.RequestException):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def _redact(text: str) -> str:

@@ -1,0 +1,193 @@
+"""Last-known-good bundle cache: a predictor (re)started while the MLflow registry is unreachable serves
+the last bundle it verified and served for the same reference (re-verified, golden-checked, flagged in
+``motlens_model_fallback``); a damaged one is refused; with the setting off, or when the registry answers
+that the reference does not exist, nothing falls back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port
+from test_reliability_faults import metric, not_ready_with, start_server, wait_until
+
+MODEL = "mot-defects"
+REF = f"models:/{MODEL}@production"
+
+
+@pytest.fixture
+def registry_home(registry, tiny_bundle, monkeypatch):
+    """``tiny_bundle`` registered as version 1 (``production``); servers started by the test use this
+    registry (sqlite, reachable) and its bundle cache."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")
+    return registry
+
+
+def registry_down(monkeypatch) -> str:
+    """Point new ``Registry()`` instances (the server's) at a closed port; the reason they will give."""
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    return f"model registry http://127.0.0.1:{port} unreachable"
+
+
+def record_lkg(registry, ref: str = REF) -> Path:
+    """The record a served load leaves (the first test checks that the server writes exactly this)."""
+    registry.record_lkg(ref, registry.fetch(ref))
+    return registry.cache_dir / "mot-defects" / "1"
+
+
+def fallback(base: str) -> float:
+    return metric(base, "motlens_model_fallback", slot="production", reason="registry_unreachable")
+
+
+def predict(base: str) -> httpx.Response:
+    return httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": ["Horn not working"]}, timeout=60)
+
+
+def load_failures(caplog) -> int:
+    return sum("cannot serve" in r.getMessage() for r in caplog.records)
+
+
+def test_registry_unreachable_at_restart_serves_the_last_known_good_version(
+    registry_home, embedder, monkeypatch, caplog
+):
+    from motlens.bundle import sha256_file
+
+    registry = registry_home
+    thread, base = start_server(REF, embedder)
+    try:
+        thread.wait_ready()
+        assert fallback(base) == 0
+    finally:
+        thread.stop()
+    record = json.loads(registry.lkg_path(REF).read_text())
+    cached = registry.cache_dir / "mot-defects" / "1"
+    assert registry.lkg_path(REF) == registry.cache_dir / ".lkg" / "mot-defects@production.json"
+    run_id = registry.resolve("1").run_id
+    assert {k: record[k] for k in ("ref", "name", "version", "run_id", "bundle_path")} == {
+        "ref": REF, "name": MODEL, "version": "1", "run_id": run_id, "bundle_path": "mot-defects/1",
+    }  # fmt: skip
+    assert record["manifest_sha256"] == sha256_file(cached / "bundle.json") and record["recorded_at"]
+
+    registry_down(monkeypatch)
+    caplog.set_level("INFO", logger="predictor")
+    thread, base = start_server(REF, embedder)
+    try:
+        thread.wait_ready()
+        assert httpx.get(f"{base}/motlens/ready", timeout=10).json() == {"ready": True, "reason": None}
+        r = predict(base)
+        assert r.status_code == 200 and r.json()["model_version"] == "1"
+        assert fallback(base) == 1
+        assert metric(base, "motlens_model_not_ready", reason="load_failed") == 0
+        assert thread.server.slots.status()["slots"]["production"]["fallback"] == "registry_unreachable"
+        warned = [r for r in caplog.records if r.levelname == "WARNING" and "LAST-KNOWN-GOOD" in r.getMessage()]
+        assert len(warned) == 1 and "version 1" in warned[0].getMessage()
+
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the registry answers again, naming the same version
+        wait_until(lambda: fallback(base) == 0, timeout=120)
+        assert thread.server.slots.status()["slots"]["production"]["fallback"] is None
+        assert predict(base).json()["model_version"] == "1"  # no reload was needed
+    finally:
+        thread.stop()
+
+
+def test_alias_moved_during_the_outage_is_loaded_once_the_registry_answers(
+    registry_home, tiny_bundle, embedder, monkeypatch
+):
+    registry = registry_home
+    record_lkg(registry)
+    registry_down(monkeypatch)
+    thread, base = start_server(REF, embedder)
+    try:
+        thread.wait_ready()
+        assert predict(base).json()["model_version"] == "1" and fallback(base) == 1
+        registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")  # → 2
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+        wait_until(lambda: predict(base).json()["model_version"] == "2", timeout=120)
+        assert fallback(base) == 0
+    finally:
+        thread.stop()
+    assert json.loads(registry.lkg_path(REF).read_text())["version"] == "2"
+
+
+def _flip_head_byte(root: Path) -> str:
+    path = root / "head" / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.unlink()  # never write through a link into another copy
+    path.write_bytes(bytes(data))
+    return "sha256 mismatch for head/weights.safetensors"
+
+
+def _rehash_manifest(root: Path) -> str:
+    """A manifest rewritten (every file hash still matches it): only the recorded manifest hash tells."""
+    manifest = json.loads((root / "bundle.json").read_text())
+    manifest["created_at"] = "2000-01-01T00:00:00+00:00"
+    (root / "bundle.json").unlink()
+    (root / "bundle.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return "sha256 mismatch for bundle.json against the last-known-good record"
+
+
+@pytest.mark.parametrize("damage", [_flip_head_byte, _rehash_manifest], ids=["file", "manifest"])
+def test_tampered_last_known_good_bundle_is_refused(registry_home, embedder, monkeypatch, caplog, damage):
+    detail = damage(record_lkg(registry_home))
+    unreachable = registry_down(monkeypatch)
+    caplog.set_level("ERROR", logger="predictor.slots")
+    thread, base = start_server(REF, embedder)
+    try:
+        wait_until(lambda: not_ready_with(base, "load_failed", detail))
+        reason = httpx.get(f"{base}/motlens/ready", timeout=10).json()["reason"]
+        assert unreachable in reason and "last-known-good bundle not used" in reason
+        wait_until(lambda: load_failures(caplog) >= 2)  # retried, refused again
+        assert thread.server.slots.slots["production"].unit is None  # never served
+        assert predict(base).status_code == 503 and fallback(base) == 0
+    finally:
+        thread.stop()
+
+
+def test_setting_off_stays_not_ready_while_the_registry_is_unreachable(registry_home, embedder, monkeypatch, caplog):
+    record_lkg(registry_home)  # intact: it would be used with the setting on
+    unreachable = registry_down(monkeypatch)
+    caplog.set_level("ERROR", logger="predictor.slots")
+    thread, base = start_server(REF, embedder, lkg_enabled=False)
+    try:
+        wait_until(lambda: not_ready_with(base, "load_failed", unreachable))
+        wait_until(lambda: load_failures(caplog) >= 2)
+        assert "last-known-good" not in httpx.get(f"{base}/motlens/ready", timeout=10).json()["reason"]
+        assert thread.server.slots.slots["production"].unit is None
+        assert predict(base).status_code == 503 and fallback(base) == 0
+    finally:
+        thread.stop()
+
+
+def _delete_alias(registry) -> tuple[str, str]:
+    registry.delete_alias("production")
+    return REF, "alias 'production' is not set"
+
+
+def _delete_version(registry) -> tuple[str, str]:
+    ref = f"models:/{MODEL}/1"
+    record_lkg(registry, ref)
+    registry.client.delete_model_version(MODEL, "1")
+    return ref, "version 1 of registered model 'mot-defects' does not exist"
+
+
+@pytest.mark.parametrize("remove", [_delete_alias, _delete_version], ids=["alias", "version"])
+def test_reference_gone_while_the_registry_is_up_never_falls_back(registry_home, embedder, caplog, remove):
+    record_lkg(registry_home)
+    ref, detail = remove(registry_home)
+    caplog.set_level("ERROR", logger="predictor.slots")
+    thread, base = start_server(ref, embedder)
+    try:
+        wait_until(lambda: not_ready_with(base, "load_failed", detail))
+        wait_until(lambda: load_failures(caplog) >= 2)
+        assert "last-known-good" not in httpx.get(f"{base}/motlens/ready", timeout=10).json()["reason"]
+        assert thread.server.slots.slots["production"].unit is None
+        assert predict(base).status_code == 503 and fallback(base) == 0
+    finally:
+        thread.stop()
