@@ -3,6 +3,8 @@
 A batch closes when it holds ``max_items`` texts or its oldest request has waited ``max_wait_ms``.
 Inside a batch, texts are sorted by token length and cut into buckets whose padded size
 (longest × count) stays within ``max_tokens``, so short texts never pay for a long one's padding.
+Buckets run shortest first and each request is answered as soon as its last text is embedded, not
+when the whole batch is done.
 The queue is bounded (``capacity`` texts): beyond it :class:`Overloaded` is raised at once (HTTP 429
 with Retry-After). A request cancelled while queued (client gone, gRPC deadline) is dropped before
 any model work. Model work never runs on the event loop.
@@ -17,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,6 +94,8 @@ class MicroBatcher:
         """Queue texts; the future resolves to their [N, dim] embeddings. Raises :class:`Overloaded`."""
         job = _Job(list(texts), time.monotonic())
         n = len(job.texts)
+        if not n:
+            raise ValueError("nothing to embed")
         with self._cond:
             if self._closing:
                 raise Overloaded("closed", self.retry_after_s)
@@ -156,47 +160,56 @@ class MicroBatcher:
             batch = self._take_batch()
             if batch is None:
                 return
-            if not batch:
-                continue
-            texts = [t for job in batch for t in job.texts]
-            try:
-                emb = self.encode_bucketed(texts)
-            except BaseException as e:  # noqa: BLE001 - every waiting request gets the failure
-                log.exception("embedding batch of %d failed", len(texts))
-                for job in batch:
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[_Job]) -> None:
+        """Embed one batch bucket by bucket, resolving each request once all its texts are done."""
+        texts = [t for job in batch for t in job.texts]
+        owner = [j for j, job in enumerate(batch) for _ in job.texts]
+        starts = np.cumsum([0] + [len(job.texts) for job in batch])
+        left = [len(job.texts) for job in batch]
+        try:
+            for out, bucket in self._buckets(texts):
+                for i in bucket:
+                    j = owner[i]
+                    left[j] -= 1
+                    if left[j] == 0:
+                        batch[j].future.set_result(out[starts[j] : starts[j + 1]])
+        except BaseException as e:  # noqa: BLE001 - every request still waiting gets the failure
+            log.exception("embedding batch of %d failed", len(texts))
+            for job, n in zip(batch, left, strict=True):
+                if n:
                     job.future.set_exception(e)
-                continue
-            self.stats.batches += 1
-            self.stats.items += len(texts)
-            start = 0
-            for job in batch:
-                job.future.set_result(emb[start : start + len(job.texts)])
-                start += len(job.texts)
+            return
+        self.stats.batches += 1
+        self.stats.items += len(texts)
 
-    def encode_bucketed(self, texts: Sequence[str]) -> np.ndarray:
-        """Encode in length-sorted buckets bounded by ``max_items`` and padded ``max_tokens``."""
+    def _buckets(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, list[int]]]:
+        """Encode length-sorted buckets (≤ ``max_items`` texts, padded size ≤ ``max_tokens``), shortest first.
+
+        Yields the output array (rows filled so far) and the indices the bucket just filled.
+        """
         lengths = self._token_lengths(texts)
-        order = np.argsort(np.asarray(lengths), kind="stable")
+        order = [int(i) for i in np.argsort(np.asarray(lengths), kind="stable")]
+        buckets: list[list[int]] = [[]]
+        for i in order:
+            bucket = buckets[-1]
+            if bucket and (len(bucket) >= self.max_items or lengths[i] * (len(bucket) + 1) > self.max_tokens):
+                buckets.append(bucket := [])
+            bucket.append(i)
         out: np.ndarray | None = None
-        bucket: list[int] = []
-
-        def flush() -> None:
-            nonlocal out
+        for bucket in buckets:
             emb = self._encode([texts[i] for i in bucket], batch_size=len(bucket))
             if out is None:
                 out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
             out[bucket] = emb
             metrics.BATCH_SIZE.observe(len(bucket))
-            bucket.clear()
+            yield out, bucket
 
-        for i in order:
-            i = int(i)
-            if bucket and (len(bucket) >= self.max_items or lengths[i] * (len(bucket) + 1) > self.max_tokens):
-                flush()
-            bucket.append(i)
-        if bucket:
-            flush()
-        assert out is not None
+    def encode_bucketed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of ``texts`` computed in the batcher's length buckets (in the caller's thread)."""
+        *_, (out, _) = self._buckets(texts)
         return out
 
     def close(self, timeout: float | None = None) -> None:

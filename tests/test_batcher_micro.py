@@ -129,3 +129,57 @@ async def test_closed_batcher_refuses_work(embedder):
     with pytest.raises(Overloaded) as info:
         batcher.submit(TEXTS[:1])
     assert info.value.reason == "closed"
+
+
+class SecondCallBlocks:
+    """The real encoder; its second call blocks until released (or fails, if told to)."""
+
+    def __init__(self, encode, fail: bool = False) -> None:
+        self._encode = encode
+        self.fail = fail
+        self.calls = 0
+        self.blocked = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, texts, batch_size=64):
+        self.calls += 1
+        if self.calls > 1:
+            self.blocked.set()
+            assert self.release.wait(60)
+            if self.fail:
+                raise RuntimeError("bucket failed")
+        return self._encode(texts, batch_size=batch_size)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_each_request_is_answered_when_its_bucket_is_done(embedder, fail):
+    short, long_ = TEXTS[0], TEXTS[9]
+    assert embedder.token_lengths([short])[0] * 2 <= 30 < embedder.token_lengths([long_])[0] * 2
+    enc = SecondCallBlocks(embedder.encode, fail=fail)
+    batcher = MicroBatcher(enc, embedder.token_lengths, max_items=16, max_tokens=30, max_wait_ms=200)
+    try:
+        f_long, f_short = batcher.submit([long_]), batcher.submit([short])  # one batch, two buckets
+        got = await asyncio.wait_for(asyncio.wrap_future(f_short), 30)  # the short bucket runs first
+        assert await asyncio.to_thread(enc.blocked.wait, 30)
+        assert not f_long.done()  # answered while the long bucket is still running
+        np.testing.assert_allclose(got, embedder.encode([short]), atol=2e-5)
+        enc.release.set()
+        if fail:
+            with pytest.raises(RuntimeError, match="bucket failed"):
+                await asyncio.wait_for(asyncio.wrap_future(f_long), 30)
+        else:
+            got_long = await asyncio.wait_for(asyncio.wrap_future(f_long), 30)
+            np.testing.assert_allclose(got_long, embedder.encode([long_]), atol=2e-5)
+    finally:
+        enc.release.set()
+        batcher.close()
+    assert enc.calls == 2
+
+
+def test_empty_submission_is_refused(embedder):
+    batcher = MicroBatcher(embedder.encode, embedder.token_lengths)
+    try:
+        with pytest.raises(ValueError, match="nothing to embed"):
+            batcher.submit([])
+    finally:
+        batcher.close()
