@@ -6,6 +6,7 @@ import shutil
 import sys
 
 import numpy as np
+import psutil
 import pytest
 
 from motlens.bundle import write_manifest
@@ -62,6 +63,14 @@ def test_slab_preallocated_and_resident_at_construction():
     assert cache.capacity == (1 << 20) // (384 * 4 + 200 + 150) and cache.slab_bytes == cache.capacity * 384 * 4
     assert cache._slab.flags.owndata and not cache._slab.any()  # written (touched) once, zeros
     assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_slab_pages_are_resident_before_any_put():
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    cache = EmbeddingCache(64 << 20)
+    grown = proc.memory_info().rss - before
+    assert cache.slab_bytes > 50 << 20 and grown >= 0.95 * cache.slab_bytes
 
 
 def test_slots_reused_after_eviction_and_purge():
