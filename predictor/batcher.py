@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import functools
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -27,6 +29,21 @@ import numpy as np
 from predictor import metrics
 
 log = logging.getLogger(__name__)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (hands freed heap pages back to the OS), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+#: Called with 0 whenever the queue runs empty: without it, glibc keeps the heap that batches of new
+#: shapes grew, and RSS creeps up over hours (docs/reliability.md, "Memory footprint").
+MALLOC_TRIM = _find_malloc_trim()
 
 EncodeFn = Callable[..., np.ndarray]
 TokenLengthsFn = Callable[[Sequence[str]], list[int]]
@@ -162,6 +179,8 @@ class MicroBatcher:
                 return
             if batch:
                 self._run(batch)
+                if MALLOC_TRIM is not None and not self._queue:
+                    MALLOC_TRIM(0)
 
     def _run(self, batch: list[_Job]) -> None:
         """Embed one batch bucket by bucket, resolving each request once all its texts are done."""

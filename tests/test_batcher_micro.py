@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -183,3 +184,20 @@ def test_empty_submission_is_refused(embedder):
             batcher.submit([])
     finally:
         batcher.close()
+
+
+def test_heap_is_trimmed_when_the_queue_runs_empty(embedder, monkeypatch):
+    import predictor.batcher as batcher_mod
+
+    assert batcher_mod.MALLOC_TRIM is not None  # glibc Linux: the CI and container platform
+    calls: list[int] = []
+    monkeypatch.setattr(batcher_mod, "MALLOC_TRIM", calls.append)
+    batcher = MicroBatcher(embedder.encode, embedder.token_lengths, max_wait_ms=1)
+    try:
+        batcher.submit(TEXTS[:3]).result(60)
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        batcher.close()
+    assert calls and set(calls) == {0}
