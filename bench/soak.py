@@ -105,7 +105,7 @@ def start_server(args: argparse.Namespace, home: Path, port: int) -> subprocess.
     exe = Path(sys.executable).with_name("motlens")
     cmd = [str(exe) if exe.exists() else "motlens", "serve", "--model", str(args.model), "--http-port", str(port),
            "--grpc-port", str(free_port())]  # fmt: skip
-    for flag in ("threads", "device", "dtype"):
+    for flag in ("backend", "threads", "device", "dtype"):
         if getattr(args, flag):
             cmd += [f"--{flag}", str(getattr(args, flag))]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOTLENS_")}
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-share", type=float, default=0.7, help="target rate as a share of the maximum")
     p.add_argument("--concurrency", type=int, default=8, help="closed-loop clients of the probe")
     p.add_argument("--novel-share", type=float, default=0.1, help="share of never-seen texts in the mix")
+    p.add_argument("--backend", choices=("torch", "onnx"), help="server embedder backend (default: the server's)")
     p.add_argument("--threads", type=int, help="model threads of the server (default: its cgroup CPUs)")
     p.add_argument("--device", help="server device: cpu, cuda … (default: cuda when present)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (GPU only)")
