@@ -6,6 +6,7 @@ that the reference does not exist, nothing falls back."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -191,3 +192,26 @@ def test_reference_gone_while_the_registry_is_up_never_falls_back(registry_home,
         assert predict(base).status_code == 503 and fallback(base) == 0
     finally:
         thread.stop()
+
+
+@pytest.mark.slow
+def test_follow_alias_confirms_the_fallback_once_the_registry_answers(registry_home, embedder, monkeypatch, tmp_path):
+    """The follow loop keeps its registry client, so the same URI must come back: a real ``mlflow server``."""
+    from test_reliability_faults import _mlflow_server
+
+    record_lkg(registry_home)
+    registry_down(monkeypatch)
+    port = int(os.environ["MLFLOW_TRACKING_URI"].rsplit(":", 1)[1])
+    thread, base = start_server(REF, embedder, follow_alias="production", follow_interval_s=0.5)
+    mlflow_proc = None
+    try:
+        thread.wait_ready()
+        assert fallback(base) == 1 and not thread.server.slots._confirming  # left to the follow loop
+        mlflow_proc = _mlflow_server(registry_home.state.home / "mlflow.db", port, tmp_path / "mlflow.log")
+        wait_until(lambda: fallback(base) == 0, timeout=240)
+        assert predict(base).json()["model_version"] == "1"
+    finally:
+        thread.stop()
+        if mlflow_proc is not None:
+            mlflow_proc.terminate()
+            mlflow_proc.wait(60)
