@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,8 +50,8 @@ class TorchEmbedder:
 
     The sentence-transformers model supplies the weights and modules (Transformer, Pooling,
     Normalize); ``encode`` bypasses ``SentenceTransformer.encode``: texts are tokenised with the model
-    directory's ``tokenizer.json`` (``tokenizers``, truncated at ``max_seq_length``), sorted by length,
-    cut into batches of ``batch_size`` and padded per batch. On CUDA the next batch is tokenised and
+    directory's ``tokenizer.json`` (``tokenizers``, truncated at ``max_seq_length``), sorted by length
+    (longest first), cut into batches of ``batch_size`` and padded per batch. On CUDA the next batch is tokenised and
     padded into pinned memory on a worker thread while the GPU runs the current one, and the
     embeddings come back in one copy per call; on CPU the batches run one after another.
     """
@@ -106,6 +106,18 @@ class TorchEmbedder:
             mask_np[i, : len(row)] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
+    def _prepared(self, batches: list[list[str]]) -> Iterator[dict[str, Any]]:
+        """Each batch's features in order; with a prefetch thread, batch i+1 is prepared while i runs."""
+        if self._prefetch is None:
+            yield from map(self._features, batches)
+            return
+        pending = self._prefetch.submit(self._features, batches[0])
+        for following in batches[1:]:
+            ready = pending.result()
+            pending = self._prefetch.submit(self._features, following)
+            yield ready
+        yield pending.result()
+
     def _forward(self, features: dict[str, Any]) -> Any:
         """L2-normalised float32 embeddings of one batch, left on the model's device."""
         import torch
@@ -120,12 +132,11 @@ class TorchEmbedder:
         import torch
 
         texts = list(texts)
-        order = np.argsort([len(t) for t in texts], kind="stable")
+        order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first, as sentence-transformers
         step = max(1, int(batch_size))
         batches = [[texts[i] for i in order[s : s + step]] for s in range(0, len(texts), step)]
-        prepared = self._prefetch.map(self._features, batches) if self._prefetch else map(self._features, batches)
         with torch.inference_mode():
-            emb = torch.cat([self._forward(f) for f in prepared]).cpu().numpy()
+            emb = torch.cat([self._forward(f) for f in self._prepared(batches)]).cpu().numpy()
         out = np.empty_like(emb)
         out[order] = emb
         return out
