@@ -48,7 +48,9 @@ class ServeSettings(BaseSettings):
 
     # micro-batcher
     batch_max_items: int = 64
-    batch_max_tokens: int = 8192
+    batch_max_tokens: int | None = Field(
+        None, gt=0, description="padded tokens per length bucket (default: 768 on CPU, 65536 on GPU)"
+    )
     batch_max_wait_ms: float = 2.0
     queue_capacity: int = 1024
     retry_after_s: int = 1
@@ -74,6 +76,12 @@ class ServeSettings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="if set, the admin API needs 'Bearer <token>'; if not, only loopback clients may use it"
     )
+
+    def resolved_batch_max_tokens(self, device: str) -> int:
+        """Bucket bound: small on CPU (per-text cost falls with less padding, not with batch size), large on GPU."""
+        if self.batch_max_tokens:
+            return self.batch_max_tokens
+        return 65536 if device.startswith("cuda") else 768
 
     def resolved_threads(self) -> int:
         return self.threads or cgroup_cpu_count()

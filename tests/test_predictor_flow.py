@@ -352,3 +352,18 @@ def test_an_unexpected_warm_up_failure_is_a_load_error(served, bundle_v2, monkey
     assert r.status_code == 422 and "CUDA out of memory" in r.json()["error"], r.text
     ok = httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": unique_texts(1)})
     assert ok.status_code == 200 and ok.json()["model_version"] == "1"
+
+
+def test_bucket_bound_follows_the_device_unless_set():
+    from predictor.settings import ServeSettings
+
+    assert ServeSettings().resolved_batch_max_tokens("cpu") == 768
+    assert ServeSettings().resolved_batch_max_tokens("cuda:0") == 65536
+    assert ServeSettings(batch_max_tokens=4096).resolved_batch_max_tokens("cpu") == 4096
+    with pytest.raises(ValueError):
+        ServeSettings(batch_max_tokens=0)
+
+
+def test_served_batcher_uses_the_device_bound(served):
+    server, _, _ = served
+    assert production_batcher(server).max_tokens == 768  # the test server runs on CPU
