@@ -8,15 +8,14 @@ and applies it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from motlens.atomic import atomic_write
 from promotion.locking import file_lock, lease_lock
 from promotion.rollout import (
     API_GROUP,
@@ -71,9 +70,7 @@ class K8sTarget:
             except config.ConfigException:
                 config.load_kube_config(config_file=settings.kubeconfig, context=settings.kube_context)
         except (config.ConfigException, OSError) as e:
-            raise TargetError(
-                f"no cluster access: no in-cluster service account and no usable kubeconfig ({e})"
-            ) from e
+            raise TargetError(f"no cluster access: no in-cluster service account and no usable kubeconfig ({e})") from e
         self.settings = settings
         self.api = client.CustomObjectsApi()
 
@@ -250,22 +247,6 @@ class GitOpsTarget:
 
     def uri_for(self, version: str, artifact_uri: str) -> str:
         return artifact_uri
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory + fsync + rename: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_target(settings: PromoteSettings) -> Target:

@@ -54,6 +54,14 @@ def load_failures(caplog) -> int:
     return sum("cannot serve" in r.getMessage() for r in caplog.records)
 
 
+def assert_never_fell_back(thread, base: str, caplog) -> None:
+    """Retried and still failing, the last-known-good bundle never mentioned nor served."""
+    wait_until(lambda: load_failures(caplog) >= 2)
+    assert "last-known-good" not in httpx.get(f"{base}/motlens/ready", timeout=10).json()["reason"]
+    assert thread.server.slots.slots["production"].unit is None
+    assert predict(base).status_code == 503 and fallback(base) == 0
+
+
 def test_registry_unreachable_at_restart_serves_the_last_known_good_version(
     registry_home, embedder, monkeypatch, caplog
 ):
@@ -158,10 +166,7 @@ def test_setting_off_stays_not_ready_while_the_registry_is_unreachable(registry_
     thread, base = start_server(REF, embedder, lkg_enabled=False)
     try:
         wait_until(lambda: not_ready_with(base, "load_failed", unreachable))
-        wait_until(lambda: load_failures(caplog) >= 2)
-        assert "last-known-good" not in httpx.get(f"{base}/motlens/ready", timeout=10).json()["reason"]
-        assert thread.server.slots.slots["production"].unit is None
-        assert predict(base).status_code == 503 and fallback(base) == 0
+        assert_never_fell_back(thread, base, caplog)
     finally:
         thread.stop()
 
@@ -186,10 +191,7 @@ def test_reference_gone_while_the_registry_is_up_never_falls_back(registry_home,
     thread, base = start_server(ref, embedder)
     try:
         wait_until(lambda: not_ready_with(base, "load_failed", detail))
-        wait_until(lambda: load_failures(caplog) >= 2)
-        assert "last-known-good" not in httpx.get(f"{base}/motlens/ready", timeout=10).json()["reason"]
-        assert thread.server.slots.slots["production"].unit is None
-        assert predict(base).status_code == 503 and fallback(base) == 0
+        assert_never_fell_back(thread, base, caplog)
     finally:
         thread.stop()
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from motlens import MODEL_NAME
+from motlens.atomic import atomic_write
 from motlens.bundle import MANIFEST, Bundle, BundleError, set_manifest_fields, sha256_file
 from motlens.state import StateSettings
 
@@ -318,16 +319,7 @@ class Registry:
         }
         path = self.lkg_path(ref)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, json.dumps(record, indent=2, sort_keys=True))
         return path
 
     def lkg_bundle(self, ref: str) -> tuple[Bundle, dict[str, Any]]:
