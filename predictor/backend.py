@@ -84,11 +84,6 @@ class ResolvedModel:
     fallback: str | None = None
 
 
-def resolve_model_ref(ref: str | None) -> Path:
-    """Local bundle directory for a model reference (the registry only, no last-known-good)."""
-    return resolve_model(ref).root
-
-
 def resolve_model(ref: str | None, *, lkg: bool = False) -> ResolvedModel:
     """Local bundle directory for a model reference.
 

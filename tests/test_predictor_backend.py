@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from motlens.bundle import GOLDEN_EMB, assemble, write_manifest
-from predictor.backend import ModelLoadError, find_bundle_root, load_backend, resolve_model_ref
+from predictor.backend import ModelLoadError, find_bundle_root, load_backend, resolve_model
 
 
 def test_kserve_mount_layout_finds_the_nested_bundle(tiny_bundle, tmp_path):
@@ -20,19 +20,19 @@ def test_kserve_mount_layout_finds_the_nested_bundle(tiny_bundle, tmp_path):
     with pytest.raises(ModelLoadError, match="several bundles"):
         find_bundle_root(mount)
     with pytest.raises(ModelLoadError, match="does not exist"):
-        resolve_model_ref(str(tmp_path / "nowhere"))
+        resolve_model(str(tmp_path / "nowhere"))
     with pytest.raises(ModelLoadError, match="no bundle.json"):
-        resolve_model_ref(str(tmp_path / "mnt-models" / "artifacts" / "model" / "head"))
+        resolve_model(str(tmp_path / "mnt-models" / "artifacts" / "model" / "head"))
 
 
 def test_models_uri_resolves_through_the_registry(registry, tiny_bundle, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
     registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")
-    root = resolve_model_ref("models:/mot-defects@production")
+    root = resolve_model("models:/mot-defects@production").root
     assert (root / "bundle.json").is_file() and root != tiny_bundle.root
     with pytest.raises(ModelLoadError, match="canary"):
-        resolve_model_ref("models:/mot-defects@canary")
+        resolve_model("models:/mot-defects@canary")
 
 
 def test_unknown_backend_and_tampered_bundle_are_refused(tiny_bundle, embedder, tmp_path):
