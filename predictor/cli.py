@@ -23,7 +23,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("--canary-percent", float, "share of traffic for the canary slot, 0-100"),
     ("--backend", str, "embedder backend: torch or onnx"),
     ("--device", str, "cpu, cuda, cuda:1 … (default: cuda when present)"),
-    ("--dtype", str, "float32, float16 or bfloat16 (GPU only; still golden-checked)"),
+    ("--dtype", str, "float32; bfloat16 (GPU, or CPU with AVX512-BF16/AMX); float16 (GPU); golden-checked"),
     ("--threads", int, "CPU threads for the model (default: cgroup CPUs)"),
     ("--max-items-per-request", int, "items per request limit"),
     ("--max-text-chars", int, "characters per text limit"),

@@ -63,6 +63,9 @@ class ServeSettings(BaseSettings):
     device: str | None = None
     dtype: str = "float32"
     threads: int | None = None
+    gc_freeze: bool = Field(
+        True, description="after each model load, move long-lived objects out of the cyclic GC (predictor.heap)"
+    )
 
     # observability
     json_logs: bool = False

@@ -25,6 +25,7 @@ from motlens.labels import SLOTS
 from predictor import metrics
 from predictor.backend import REGISTRY_UNREACHABLE, Backend, ModelLoadError, record_lkg
 from predictor.cache import EmbeddingCache
+from predictor.heap import freeze_long_lived
 from predictor.pipeline import ServingUnit
 from predictor.settings import ServeSettings
 
@@ -155,6 +156,8 @@ class SlotManager:
                     task.add_done_callback(self._confirming.discard)
         if old is not None:
             await self._retire(old)
+        if self.settings.gc_freeze:
+            freeze_long_lived()
         return self.status()
 
     async def load_with_retry(self, slot: str, ref: str, max_backoff_s: float = 60.0) -> None:
@@ -193,6 +196,8 @@ class SlotManager:
             self._update_readiness()
         if old is not None:
             await self._retire(old)
+        if self.settings.gc_freeze:
+            freeze_long_lived()
         return self.status()
 
     async def rollback(self) -> dict[str, Any]:
@@ -204,6 +209,8 @@ class SlotManager:
             self._export_unit("canary", None)
         if old is not None:
             await self._retire(old)
+        if self.settings.gc_freeze:
+            freeze_long_lived()
         return self.status()
 
     async def follow(self, alias: str, interval_s: float) -> None:

@@ -79,3 +79,51 @@ def test_fp16_cuda_path_equals_sentence_transformers_on_cuda():
     got = emb.encode(texts, batch_size=512)
     ref = _reference(emb, texts, 512)
     assert cosine_rows(got, ref).min() >= 0.999
+
+
+def test_cpu_forward_is_traced_and_equals_the_eager_one(embedder, monkeypatch):
+    """On CPU the forward runs as a frozen TorchScript graph (GIL released), same outputs as eager."""
+    assert embedder.device == "cpu" and embedder._traced is not None
+    traced = embedder.encode(TEXTS, batch_size=4)
+    monkeypatch.setattr(embedder, "_traced", None)
+    eager = embedder.encode(TEXTS, batch_size=4)
+    assert cosine_rows(traced, eager).min() >= 0.9999
+
+
+def test_a_trace_that_does_not_reproduce_eager_is_not_used(embedder, monkeypatch, caplog):
+    import motlens.embedder
+
+    monkeypatch.setattr(motlens.embedder, "TRACE_MIN_COSINE", 1.01)  # no graph can reach it
+    with caplog.at_level("WARNING", logger="motlens.embedder"):
+        assert embedder._trace() is None
+    assert "running eager" in caplog.text
+
+
+def test_dtypes_are_honoured_or_refused_never_silently_replaced():
+    from motlens.embedder import check_dtype
+
+    assert check_dtype("cpu", "float32") == "float32"
+    assert check_dtype("cuda:0", "float16") == "float16"
+    with pytest.raises(ValueError, match="float16 is not native on this CPU"):
+        check_dtype("cpu", "float16")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        check_dtype("cpu", "int4")
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert check_dtype("cpu", "bfloat16") == "bfloat16"
+    else:
+        with pytest.raises(ValueError, match="AVX512-BF16 or AMX"):
+            check_dtype("cpu", "bfloat16")
+
+
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bfloat16 (AVX512-BF16/AMX)"
+)
+def test_cpu_bfloat16_stays_within_the_golden_tolerance_of_float32(embedder):
+    from motlens.bundle import GOLDEN_MIN_COSINE
+    from motlens.embedder import TorchEmbedder
+
+    bf16 = TorchEmbedder(device="cpu", dtype="bfloat16")
+    assert bf16._traced is not None
+    got = bf16.encode(TEXTS, batch_size=4)
+    assert got.dtype == np.float32
+    assert cosine_rows(got, embedder.encode(TEXTS, batch_size=4)).min() >= GOLDEN_MIN_COSINE

@@ -66,3 +66,16 @@ def test_onnx_backend_plugs_in_by_name(tiny_bundle, onnx_model_dir, tmp_path):
     assert backend.golden is not None and backend.golden.passed
     with pytest.raises(ModelLoadError, match="runs on cpu"):
         load_backend(str(bundle.root), backend="onnx", device="cuda")
+
+
+def test_cpu_bfloat16_backend_passes_the_golden_check_or_is_refused_with_the_reason(tiny_bundle):
+    import torch
+
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        be = load_backend(str(tiny_bundle.root), backend="torch", device="cpu", dtype="bfloat16")
+        assert be.golden is not None and be.golden.passed and be.golden.min_cosine >= 0.999
+        assert be.info["device"] == "cpu"
+        be.close()
+    else:
+        with pytest.raises(ModelLoadError, match="AVX512-BF16 or AMX"):
+            load_backend(str(tiny_bundle.root), backend="torch", device="cpu", dtype="bfloat16")
