@@ -25,6 +25,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("--device", str, "cpu, cuda, cuda:1 … (default: cuda when present)"),
     ("--dtype", str, "float32; bfloat16 (GPU, or CPU with AVX512-BF16/AMX); float16 (GPU); golden-checked"),
     ("--threads", int, "CPU threads for the model (default: cgroup CPUs)"),
+    ("--event-loop-nice", int, "nice value of the event-loop thread, 0-19 (Linux; model threads keep theirs)"),
     ("--max-items-per-request", int, "items per request limit"),
     ("--max-text-chars", int, "characters per text limit"),
     ("--max-body-bytes", int, "request body limit (413 beyond)"),

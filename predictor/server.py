@@ -48,6 +48,7 @@ from predictor.batcher import Overloaded
 from predictor.cache import EmbeddingCache
 from predictor.codec import check_binary_texts
 from predictor.model import MotlensModel
+from predictor.priority import nice_current_thread
 from predictor.settings import ServeSettings
 from predictor.slots import SlotError, SlotManager
 
@@ -207,6 +208,9 @@ class PredictorServer:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._stopping.set)
+        if self.settings.event_loop_nice:
+            self.slots.start_model_thread()  # model threads descend from it, at the process's priority
+            nice_current_thread(self.settings.event_loop_nice)
         servers = [asyncio.create_task(self.rest.start(), name="rest")]
         if self.settings.enable_grpc:
             servers.append(asyncio.create_task(self.grpc.start(4), name="grpc"))

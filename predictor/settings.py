@@ -63,6 +63,13 @@ class ServeSettings(BaseSettings):
     device: str | None = None
     dtype: str = "float32"
     threads: int | None = None
+    event_loop_nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="nice value of the event-loop thread (Linux); > 0 lets model threads take the CPU first "
+        "when the cores are saturated (predictor.priority)",
+    )
     gc_freeze: bool = Field(
         True, description="after each model load, move long-lived objects out of the cyclic GC (predictor.heap)"
     )

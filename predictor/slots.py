@@ -17,6 +17,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,9 @@ class SlotManager:
         self._rng = random.Random()
         self._reason_label: str | None = None
         self._confirming: set[asyncio.Task[None]] = set()
+        # Every load (and so every batcher and runtime thread) starts from this one thread, which
+        # keeps the process's own priority when the event loop is niced (predictor.priority).
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="motlens-load")
         for slot in SLOTS:
             self._export_fallback(slot, None)
         self._update_readiness()
@@ -111,6 +115,14 @@ class SlotManager:
     def served_versions(self) -> list[str]:
         return [st.unit.version for st in self.slots.values() if st.unit is not None]
 
+    def start_model_thread(self) -> None:
+        """Start the load thread now (before the caller changes its own priority)."""
+        self._model_thread.submit(lambda: None).result()
+
+    def _new_unit(self, slot: str, ref: str) -> ServingUnit:
+        backend = self._loader(ref, lkg=self.settings.lkg_enabled)
+        return ServingUnit(backend, self.settings, self.cache, slot)
+
     # ------------------------------------------------------------ operations
 
     async def load(self, slot: str, ref: str) -> dict[str, Any]:
@@ -122,7 +134,8 @@ class SlotManager:
             state.loading = ref
             self._update_readiness()
             try:
-                backend = await asyncio.to_thread(self._loader, ref, lkg=self.settings.lkg_enabled)
+                loop = asyncio.get_running_loop()
+                unit = await loop.run_in_executor(self._model_thread, self._new_unit, slot, ref)
             except ModelLoadError as e:
                 state.loading, state.error = None, str(e)
                 state.error_kind = "golden_failed" if e.golden is not None else "load_failed"
@@ -136,7 +149,7 @@ class SlotManager:
                 state.loading = None
                 self._update_readiness()
                 raise
-            unit = ServingUnit(backend, self.settings, self.cache, slot)
+            backend = unit.backend
             old = state.unit
             state.unit, state.ref, state.loading, state.error, state.error_kind = unit, ref, None, None, None
             self._export_unit(slot, unit)
@@ -257,6 +270,7 @@ class SlotManager:
             if unit is not None:
                 self._export_unit(slot, None)
                 await self._retire(unit)
+        self._model_thread.shutdown(wait=False)
 
     # ------------------------------------------------------------ internals
 
