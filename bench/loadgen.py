@@ -135,7 +135,14 @@ class RawConnection:
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await self._post(body)
-        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, TimeoutError) as e:
+        except (
+            OSError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ValueError,
+            IndexError,
+            TimeoutError,
+        ) as e:
             self.close()
             raise HttpError(type(e).__name__) from e
 
@@ -145,12 +152,16 @@ class RawConnection:
         reader, writer = self._reader, self._writer
         assert reader is not None
         writer.write(self._head + str(len(body)).encode() + b"\r\n\r\n" + body)
-        status_line = await reader.readline()
-        if not status_line:
-            raise ConnectionResetError("server closed the connection")
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")  # status line and headers in one read
+        except asyncio.IncompleteReadError as e:
+            if not e.partial:
+                raise ConnectionResetError("server closed the connection") from e
+            raise
+        status_line, *lines = head[:-4].split(b"\r\n")
         status = int(status_line.split(b" ", 2)[1])
         length, chunked, close = None, False, False
-        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        for line in lines:
             key, _, value = line.partition(b":")
             key = key.strip().lower()
             if key == b"content-length":

@@ -39,7 +39,7 @@ RESULTS = ROOT / "bench" / "results"
 SYSTEMS = ("motlens", "naive", "infinity")
 CEILING_BATCHES = (16, 32, 64, 128)
 #: motlens runs with its event loop at this nice value: on 2 shared cores it moves the realistic p99 under
-#: 100 ms at a lower hit rate (docs/benchmarks.md, "Run 7").
+#: 100 ms at a lower hit rate (docs/benchmarks.md, "Run 8").
 EVENT_LOOP_NICE = 19
 
 
@@ -94,13 +94,6 @@ class Service:
         except subprocess.TimeoutExpired:
             os.killpg(pgid, signal.SIGKILL)
             self.proc.wait(timeout=10)
-
-
-def native_bf16() -> bool:
-    """Whether this CPU has native bfloat16 kernels (AVX512-BF16/AMX), where torch bf16 beats ONNX fp32."""
-    import torch
-
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def offline_ceiling(
@@ -259,9 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, help="bundle directory (default: build bench/results/bundle)")
     p.add_argument("--rebuild-bundle", action="store_true")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of motlens,naive,infinity")
-    p.add_argument("--backend", choices=("onnx", "torch"),
-                   help="motlens embedder backend (default: torch where the CPU has native bf16, else onnx)")
-    p.add_argument("--dtype", help="motlens dtype (default: bfloat16 for torch on a native-bf16 CPU, else float32)")
+    p.add_argument("--backend", default="onnx", choices=("onnx", "torch"), help="motlens embedder backend")
+    p.add_argument("--dtype", default="float32", help="motlens dtype (torch on a native-bf16 CPU: bfloat16)")
     p.add_argument("--event-loop-nice", type=int, default=EVENT_LOOP_NICE,
                    help=f"motlens --event-loop-nice (default {EVENT_LOOP_NICE}; 0 = off)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="threads for the offline ceiling")
@@ -279,9 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="repeat everything; the table shows medians")
     p.add_argument("--out", type=Path, help="JSON results file (default bench/results/run-<time>.json)")
     a = p.parse_args(argv)
-    bf16 = native_bf16()
-    a.backend = a.backend or ("torch" if bf16 else "onnx")
-    a.dtype = a.dtype or ("bfloat16" if a.backend == "torch" and bf16 else "float32")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop our servers on the way out
     systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     unknown = sorted(set(systems) - set(SYSTEMS))

@@ -255,14 +255,11 @@ class PredictorServer:
     # ------------------------------------------------------------ routes
 
     def add_routes(self, app: FastAPI) -> None:
-        app.add_api_route("/v1/models/{model_name}:predict", self._v1_predict, methods=["POST"], response_model=None)
-        app.add_api_route("/v2/models/{model_name}/infer", self._v2_infer, methods=["POST"], response_model=None)
-        app.add_api_route(
-            "/v2/models/{model_name}/versions/{model_version}/infer",
-            self._v2_infer,
-            methods=["POST"],
-            response_model=None,
-        )
+        # The infer routes are plain Starlette routes: FastAPI's per-request dependency solving cost
+        # ≈ 10 % of the event loop's time on cache hits, for three path parameters.
+        app.router.add_route("/v1/models/{model_name}:predict", self._v1_route, methods=["POST"])
+        app.router.add_route("/v2/models/{model_name}/infer", self._v2_route, methods=["POST"])
+        app.router.add_route("/v2/models/{model_name}/versions/{model_version}/infer", self._v2_route, methods=["POST"])
         app.add_api_route(
             "/v2/models/{model_name}/versions/{model_version}",
             self._version_metadata,
@@ -299,6 +296,13 @@ class PredictorServer:
         if not self.slots.serving:
             reason = self.slots.not_ready_reason()
             raise ModelNotReady(model_name, reason[1] if reason else None)
+
+    async def _v1_route(self, request: Request) -> Response:
+        return await self._v1_predict(request.path_params["model_name"], request)
+
+    async def _v2_route(self, request: Request) -> Response:
+        params = request.path_params
+        return await self._v2_infer(params["model_name"], request, params.get("model_version"))
 
     async def _v1_predict(self, model_name: str, request: Request) -> Response:
         body = await read_body(request, self.settings.max_body_bytes)
@@ -436,6 +440,13 @@ async def _wait_disconnect(request: Request) -> None:
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
     """Await ``work``, cancelling it (and so dropping its queued model work) if the client goes away."""
     task = asyncio.ensure_future(work)
+    try:
+        await asyncio.sleep(0)  # let it run its first step: all cache hits finish there, without a watcher
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task.done():
+        return task.result()
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
