@@ -142,13 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     argv_serve = [str(Path(sys.executable).parent / "motlens"), "serve", "--model", str(bundle_dir),
                   "--http-port", str(port), "--grpc-port", str(free_port()), "--backend", "torch",
                   "--device", a.device, "--dtype", a.dtype, *a.serve_arg]  # fmt: skip
-    for flag, value in (("--batch-max-items", a.batch_max_items), ("--queue-capacity", a.queue_capacity)):
+    for flag, value in (("--batch-max-items", a.batch_max_items), ("--batch-max-tokens", a.batch_max_tokens),
+                        ("--queue-capacity", a.queue_capacity)):  # fmt: skip
         if value is not None:
             argv_serve += [flag, str(value)]
     with tempfile.TemporaryDirectory(prefix="motlens-gpu-home-") as home:
         env = {"MOTLENS_HOME": home}
-        if a.batch_max_tokens is not None:  # no `motlens serve` flag for it; ServeSettings reads the environment
-            env["MOTLENS_SERVE_BATCH_MAX_TOKENS"] = str(a.batch_max_tokens)
         svc = Service("motlens", argv_serve, f"http://127.0.0.1:{port}/v2/models/mot-defects/ready",
                       f"http://127.0.0.1:{port}", "v2", env=env)  # fmt: skip
         svc.start(a.out)

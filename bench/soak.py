@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=("torch", "onnx"), help="server embedder backend (default: the server's)")
     p.add_argument("--threads", type=int, help="model threads of the server (default: its cgroup CPUs)")
     p.add_argument("--device", help="server device: cpu, cuda … (default: cuda when present)")
-    p.add_argument("--dtype", help="float32, float16 or bfloat16 (GPU only)")
+    p.add_argument("--dtype", help="float32; float16 (GPU); bfloat16 (GPU, or CPU with AVX512-BF16/AMX)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON result (default bench/results/soak-<time>.json)")
     a = p.parse_args(argv)

@@ -77,9 +77,10 @@ def check_dtype(device: str, dtype: str) -> str:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if device.startswith("cuda") or dtype == "float32":
         return dtype
-    if dtype == "bfloat16" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == "bfloat16" and bf16:
         return dtype
-    native = "float32 or bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32 only"
+    native = "float32 or bfloat16" if bf16 else "float32 only"
     raise ValueError(f"{dtype} is not native on this CPU ({native}: bfloat16 needs AVX512-BF16 or AMX)")
 
 

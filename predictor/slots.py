@@ -167,10 +167,7 @@ class SlotManager:
                     task = asyncio.create_task(self._confirm_fallback(unit, ref), name=f"confirm-{slot}")
                     self._confirming.add(task)
                     task.add_done_callback(self._confirming.discard)
-        if old is not None:
-            await self._retire(old)
-        if self.settings.gc_freeze:
-            freeze_long_lived()
+        await self._settle(old)
         return self.status()
 
     async def load_with_retry(self, slot: str, ref: str, max_backoff_s: float = 60.0) -> None:
@@ -207,10 +204,7 @@ class SlotManager:
             self._export_unit("canary", None)
             self._export_unit("production", unit)
             self._update_readiness()
-        if old is not None:
-            await self._retire(old)
-        if self.settings.gc_freeze:
-            freeze_long_lived()
+        await self._settle(old)
         return self.status()
 
     async def rollback(self) -> dict[str, Any]:
@@ -220,10 +214,7 @@ class SlotManager:
             self.canary_percent = 0.0
             old, canary.unit, canary.ref = canary.unit, None, None
             self._export_unit("canary", None)
-        if old is not None:
-            await self._retire(old)
-        if self.settings.gc_freeze:
-            freeze_long_lived()
+        await self._settle(old)
         return self.status()
 
     async def follow(self, alias: str, interval_s: float) -> None:
@@ -318,6 +309,13 @@ class SlotManager:
     def _export_fallback(self, slot: str, reason: str | None) -> None:
         for r in FALLBACK_REASONS:
             metrics.MODEL_FALLBACK.labels(slot=slot, reason=r).set(1 if r == reason else 0)
+
+    async def _settle(self, old: ServingUnit | None) -> None:
+        """After a slot change: retire the unit it replaced, then freeze what is now long-lived (predictor.heap)."""
+        if old is not None:
+            await self._retire(old)
+        if self.settings.gc_freeze:
+            freeze_long_lived()
 
     async def _retire(self, unit: ServingUnit) -> None:
         if not await unit.drain(self.settings.grace_period_s):
