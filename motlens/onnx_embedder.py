@@ -1,20 +1,33 @@
 """ONNX Runtime CPU backend for MiniLM (fp32, or the int8 variant that passed its quality gate).
 
-Implements :class:`motlens.embedder.Embedder`. The graph (see :mod:`motlens.onnx_export`) takes
-``input_ids`` and ``attention_mask`` and returns L2-normalised mean-pooled embeddings, so one
-``session.run`` is the whole sentence-transformers pipeline. Tokenisation uses the model
-directory's ``tokenizer.json`` with the sentence-transformers truncation length.
+Implements :class:`motlens.embedder.Embedder`. Each batch is one ``session.run`` over packed rows
+(:mod:`motlens.packing`: several texts per row, no padding between them) of the graph exported by
+:mod:`motlens.onnx_export`; mean pooling and L2 normalisation follow in numpy, which makes it the
+sentence-transformers pipeline. Tokenisation uses the model directory's ``tokenizer.json`` with
+the sentence-transformers truncation length.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from motlens import EMBEDDING_DIM
-from motlens.onnx_export import FP32_FILE, INT8_FILE, ONNX_DIR, OnnxExportError, cached_export, max_seq_length
+from motlens.onnx_export import (
+    FP32_FILE,
+    GRAPH_INPUTS,
+    INT8_FILE,
+    ONNX_DIR,
+    OnnxExportError,
+    cached_export,
+    max_seq_length,
+)
+from motlens.packing import mean_pool, pack_ids, plan
+
+log = logging.getLogger(__name__)
 
 VARIANT_FILES = {"fp32": FP32_FILE, "int8": INT8_FILE}
 
@@ -54,7 +67,6 @@ class OnnxEmbedder:
                     f"{path}: no {variant} ONNX model (the int8 variant exists only where it passed its gate)"
                 )
             path = cached_export(model_dir, onnx_cache_root())
-        self.onnx_path = path
         self.max_seq_length = max_seq_length(model_dir)
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self._tokenizer.no_padding()
@@ -70,8 +82,16 @@ class OnnxEmbedder:
             opts.intra_op_num_threads = int(threads)
         # Busy-waiting worker threads would steal the cores the server's event loop needs between batches.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        self._session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        last = self._session.get_outputs()[0].shape[-1]
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        if tuple(i.name for i in session.get_inputs()) != GRAPH_INPUTS:
+            if variant != "fp32" or onnx_path is not None:
+                raise OnnxExportError(f"{path}: not a packed-format graph (inputs {GRAPH_INPUTS}); re-export it")
+            log.warning("%s predates the packed ONNX format; using a verified export of the same weights", path)
+            path = cached_export(model_dir, onnx_cache_root())
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.onnx_path = path
+        self._session = session
+        last = session.get_outputs()[0].shape[-1]
         self.dim = last if isinstance(last, int) else EMBEDDING_DIM
 
     def _ids(self, texts: Sequence[str]) -> list[list[int]]:
@@ -80,25 +100,22 @@ class OnnxEmbedder:
             raise TypeError(f"texts must be str; item {bad[0]} is {type(texts[bad[0]]).__name__}")
         return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=True)]
 
-    def _run(self, ids: list[list[int]]) -> np.ndarray:
-        width = max(len(x) for x in ids)
-        input_ids = np.zeros((len(ids), width), dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        for i, row in enumerate(ids):
-            input_ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
-        (out,) = self._session.run(None, {"input_ids": input_ids, "attention_mask": mask})
-        out = np.asarray(out, dtype=np.float32)
+    def _run(self, ids: list[list[int]], width: int | None = None) -> np.ndarray:
+        lengths = [len(x) for x in ids]
+        packing = plan(lengths, None if width is None else (width,))
+        feed = pack_ids(ids, packing)
+        (hidden,) = self._session.run(None, feed)
+        out = mean_pool(hidden, feed["segment_ids"], packing, lengths)
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
-    def encode_unsorted(self, texts: Sequence[str]) -> np.ndarray:
-        """One padded batch exactly as given (used to verify exports on padding)."""
+    def encode_unsorted(self, texts: Sequence[str], width: int | None = None) -> np.ndarray:
+        """One encoder call for exactly these texts (rows ``width`` wide when given; verifies exports)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self._run(self._ids(texts))
+        return self._run(self._ids(texts), width)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """L2-normalised float32 embeddings [N, dim]; batches are formed by length to cut padding."""
+        """L2-normalised float32 embeddings [N, dim]; batches of similar length, each packed."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         ids = self._ids(texts)

@@ -2,8 +2,11 @@
 
 Layout inside a sentence-transformers model directory (the bundle's ``embedder/``)::
 
-    onnx/model.onnx        fp32 graph: (input_ids, attention_mask) -> sentence_embedding [B, 384]
-                           (mean pooling and L2 normalisation are inside the graph)
+    onnx/model.onnx        fp32 graph: (input_ids, position_ids, segment_ids) -> token_embeddings
+                           [rows, width, 384]; rows may hold several texts back to back (segment
+                           ids 1, 2, … per text, 0 for padding; positions restart per text), and
+                           attention stays inside each text (see :mod:`motlens.packing`). Mean
+                           pooling and L2 normalisation run in :class:`~motlens.onnx_embedder.OnnxEmbedder`.
     onnx/model_int8.onnx   dynamic int8 variant, written only when it passes the quality gate
     onnx/export.json       export verification and gate figures (what training records)
 
@@ -12,8 +15,8 @@ eval for tracing and afterwards restores the *exported module's* own training fl
 freshly built wrapper (``nn.Module`` defaults to ``training=True``) therefore flips the wrapped
 BertModel into training mode, dropout (p=0.1) switches on, and any torch reference computed after
 the export is noise (max abs diff ≈ 1.7–1.9 on hidden states). The ONNX graph itself is fine. We
-put everything back in eval after exporting and always verify the file on padded batches of
-varying lengths before keeping it.
+put everything back in eval after exporting and always verify the file on packed and padded
+batches of varying lengths before keeping it.
 """
 
 from __future__ import annotations
@@ -36,13 +39,18 @@ FP32_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
 REPORT_FILE = "export.json"
 OPSET = 17
-#: per-row cosine an fp32 export must reach against torch on padded batches
+#: graph inputs and output of the packed format; graphs without them (earlier exports) are not used
+GRAPH_INPUTS = ("input_ids", "position_ids", "segment_ids")
+GRAPH_OUTPUT = "token_embeddings"
+#: names the packed format in the export cache, so an earlier format's cached export is never reused
+GRAPH_FORMAT = "packed1"
+#: per-row cosine an fp32 export must reach against torch on packed and padded batches
 EXPORT_MIN_COSINE = 0.9999
 #: the int8 quality gate (issue 4): golden-set cosine to fp32 and held-out label agreement
 INT8_MIN_COSINE = 0.99
 INT8_MIN_AGREEMENT = 0.99
 
-# Texts of very different lengths, so every verification batch is padded.
+# Texts of very different lengths, so every verification batch is padded or packed.
 VERIFY_TEXTS: tuple[str, ...] = (
     "Horn",
     "Brake pipe corroded",
@@ -109,24 +117,26 @@ def _load_torch_graph(model_dir: Path):  # noqa: ANN202 - returns (nn.Module, to
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    class SentenceEmbeddingGraph(torch.nn.Module):
-        """BertModel + masked mean pooling + L2 normalisation (the sentence-transformers pipeline)."""
+    class PackedEncoderGraph(torch.nn.Module):
+        """BertModel's token states for packed rows: block-diagonal attention, per-text positions."""
 
         def __init__(self, bert: torch.nn.Module) -> None:
             super().__init__()
             self.bert = bert
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.bert(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
-            ).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+        def forward(
+            self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor
+        ) -> torch.Tensor:
+            hidden = self.bert.embeddings(
+                input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids), position_ids=position_ids
+            )
+            same_text = (segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)) & (segment_ids.unsqueeze(1) > 0)
+            additive = (~same_text).to(hidden.dtype).unsqueeze(1) * torch.finfo(hidden.dtype).min
+            return self.bert.encoder(hidden, attention_mask=additive).last_hidden_state
 
     bert = AutoModel.from_pretrained(str(model_dir), local_files_only=True, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    return SentenceEmbeddingGraph(bert).eval(), tokenizer
+    return PackedEncoderGraph(bert).eval(), tokenizer
 
 
 def max_seq_length(model_dir: Path) -> int:
@@ -146,31 +156,30 @@ def export_fp32(
     """Export ``model_dir`` to ``out_dir/model.onnx`` (default ``model_dir/onnx``), verified or refused.
 
     ``reference`` (a torch :class:`~motlens.embedder.Embedder` on the same files) is the truth the
-    export must match per row on padded batches; without it one is loaded.
+    export must match per row on packed and padded batches; without it one is loaded.
     """
     import torch
 
     model_dir = Path(model_dir)
     out_dir = Path(out_dir) if out_dir else model_dir / ONNX_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
+    from motlens.packing import pack_ids, plan
+
     graph, tokenizer = _load_torch_graph(model_dir)
-    example = tokenizer(list(VERIFY_TEXTS[:3]), padding=True, return_tensors="pt")
+    ids = tokenizer(list(VERIFY_TEXTS[:3]))["input_ids"]
+    example = {k: torch.from_numpy(v) for k, v in pack_ids(ids, plan([len(x) for x in ids])).items()}
     tmp = out_dir / (FP32_FILE + ".partial")
     try:
         with torch.no_grad():
             torch.onnx.export(
                 graph,
-                (example["input_ids"], example["attention_mask"]),
+                tuple(example[k] for k in GRAPH_INPUTS),
                 str(tmp),
                 dynamo=False,
                 opset_version=OPSET,
-                input_names=["input_ids", "attention_mask"],
-                output_names=["sentence_embedding"],
-                dynamic_axes={
-                    "input_ids": {0: "batch", 1: "sequence"},
-                    "attention_mask": {0: "batch", 1: "sequence"},
-                    "sentence_embedding": {0: "batch"},
-                },
+                input_names=list(GRAPH_INPUTS),
+                output_names=[GRAPH_OUTPUT],
+                dynamic_axes={k: {0: "rows", 1: "width"} for k in (*GRAPH_INPUTS, GRAPH_OUTPUT)},
             )
     except Exception as e:  # noqa: BLE001 - any exporter failure is reported as one error
         tmp.unlink(missing_ok=True)
@@ -194,7 +203,11 @@ def export_fp32(
 def verify_onnx(
     onnx_path: Path | str, model_dir: Path | str, reference: Embedder, min_cosine: float = EXPORT_MIN_COSINE
 ) -> ExportReport:
-    """Compare an ONNX graph with ``reference`` on padded batches of 1, 3, 5 and all verify texts."""
+    """Compare an ONNX graph with ``reference`` on batches of 1, 3, 5 and all verify texts.
+
+    Each batch runs twice: packed as the embedder would pack it, and in rows as wide as the longest
+    text allows (``max_seq_length``), so padding and several texts per row are both checked.
+    """
     from motlens.onnx_embedder import OnnxEmbedder
 
     onnx_emb = OnnxEmbedder(model_dir, onnx_path=Path(onnx_path), threads=1)
@@ -205,17 +218,18 @@ def verify_onnx(
     for size in (1, 3, 5, len(texts)):
         for start in range(0, len(texts), size):
             chunk = texts[start : start + size]
-            got = onnx_emb.encode_unsorted(chunk)
             want = reference.encode(chunk, batch_size=len(chunk))
-            cos_all.append(cosine_rows(got, want))
-            max_abs = max(max_abs, float(np.abs(got - want).max()))
-            batches += 1
+            for width in (None, onnx_emb.max_seq_length):
+                got = onnx_emb.encode_unsorted(chunk, width=width)
+                cos_all.append(cosine_rows(got, want))
+                max_abs = max(max_abs, float(np.abs(got - want).max()))
+                batches += 1
     cos = np.concatenate(cos_all)
     report = ExportReport(str(onnx_path), OPSET, float(cos.min()), max_abs, batches, int(cos.size))
     if report.min_cosine < min_cosine:
         raise OnnxExportError(
             f"ONNX export does not match torch: min per-row cosine {report.min_cosine:.6f} < {min_cosine} "
-            f"(max abs diff {max_abs:.4g}) over {batches} padded batches"
+            f"(max abs diff {max_abs:.4g}) over {batches} packed batches"
         )
     return report
 
@@ -307,6 +321,14 @@ def export_variants(
     return result
 
 
+def is_packed_graph(onnx_path: Path | str) -> bool:
+    """Whether ``onnx_path`` holds a graph in the current (packed) format."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return tuple(i.name for i in graph.input) == GRAPH_INPUTS
+
+
 def weights_digest(model_dir: Path) -> str:
     """Short sha256 of the weights file, used to key exports cached outside a bundle."""
     from motlens.bundle import sha256_file
@@ -317,9 +339,14 @@ def weights_digest(model_dir: Path) -> str:
     raise OnnxExportError(f"{model_dir}: no model weights found")
 
 
+def export_cache_dir(model_dir: Path, cache_root: Path) -> Path:
+    """Where :func:`cached_export` keeps the export of these weights in the current graph format."""
+    return cache_root / f"{weights_digest(model_dir)}-{GRAPH_FORMAT}"
+
+
 def cached_export(model_dir: Path, cache_root: Path) -> Path:
     """A verified fp32 export for a model directory that ships none (kept under ``cache_root``)."""
-    target = cache_root / weights_digest(model_dir)
+    target = export_cache_dir(model_dir, cache_root)
     if not (target / FP32_FILE).is_file():
         staging = target.with_name(f"{target.name}.staging-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)

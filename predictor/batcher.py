@@ -5,6 +5,10 @@ Inside a batch, texts are sorted by token length and cut into buckets whose padd
 (longest × count) stays within ``max_tokens``, so short texts never pay for a long one's padding.
 Buckets run shortest first and each request is answered as soon as its last text is embedded, not
 when the whole batch is done.
+With ``workers`` > 1 several worker threads take batches from the one queue and run the model at
+once (each with its share of the CPU threads): on a small CPU, two single-threaded model calls in
+parallel keep both cores busy through each other's serial parts, where one two-threaded call
+leaves a core idle.
 The queue is bounded (``capacity`` texts): beyond it :class:`Overloaded` is raised at once (HTTP 429
 with Retry-After). A request cancelled while queued (client gone, gRPC deadline) is dropped before
 any model work. Model work never runs on the event loop.
@@ -86,8 +90,11 @@ class MicroBatcher:
         max_wait_ms: float = 2.0,
         capacity: int = 4096,
         retry_after_s: int = 1,
+        workers: int = 1,
         name: str = "batcher",
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, not {workers}")
         self._encode = encode
         self._token_lengths = token_lengths
         self.max_items = max_items
@@ -100,8 +107,11 @@ class MicroBatcher:
         self._pending = 0
         self._closing = False
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._worker, name=f"motlens-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"motlens-{name}-{k}", daemon=True) for k in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
 
     @property
     def pending_items(self) -> int:
@@ -201,8 +211,9 @@ class MicroBatcher:
                 if n:
                     job.future.set_exception(e)
             return
-        self.stats.batches += 1
-        self.stats.items += len(texts)
+        with self._cond:
+            self.stats.batches += 1
+            self.stats.items += len(texts)
 
     def _buckets(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, list[int]]]:
         """Encode length-sorted buckets (≤ ``max_items`` texts, padded size ≤ ``max_tokens``), shortest first.
@@ -232,8 +243,10 @@ class MicroBatcher:
         return out
 
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new work, finish what is queued, stop the worker."""
+        """Refuse new work, finish what is queued, stop the workers (``timeout`` for all of them)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))

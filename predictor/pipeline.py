@@ -41,6 +41,7 @@ class ServingUnit:
             max_wait_ms=settings.batch_max_wait_ms,
             capacity=settings.queue_capacity,
             retry_after_s=settings.retry_after_s,
+            workers=settings.model_workers,
             name=f"{slot}-v{backend.version}",
         )
 

@@ -52,6 +52,9 @@ class ServeSettings(BaseSettings):
         None, gt=0, description="padded tokens per length bucket (default: 768 on CPU, 65536 on GPU)"
     )
     batch_max_wait_ms: float = 2.0
+    model_workers: int = Field(
+        1, ge=1, le=64, description="batcher workers running the model at once; model threads are split between them"
+    )
     queue_capacity: int = 1024
     retry_after_s: int = 1
 
@@ -94,4 +97,5 @@ class ServeSettings(BaseSettings):
         return 65536 if device.startswith("cuda") else 768
 
     def resolved_threads(self) -> int:
-        return self.threads or cgroup_cpu_count()
+        """Model threads per batcher worker: ``threads`` (default: the cgroup CPUs) split between the workers."""
+        return max(1, (self.threads or cgroup_cpu_count()) // self.model_workers)

@@ -201,3 +201,35 @@ def test_heap_is_trimmed_when_the_queue_runs_empty(embedder, monkeypatch):
     finally:
         batcher.close()
     assert calls and set(calls) == {0}
+
+
+async def test_workers_run_batches_at_once_with_the_same_outputs(embedder):
+    """Two workers take separate batches from one queue and are inside the model together."""
+    both_inside = threading.Barrier(2, timeout=30)
+    met: list[bool] = []
+
+    def encode(texts, batch_size=64):
+        try:
+            both_inside.wait()
+            met.append(True)
+        except threading.BrokenBarrierError:
+            met.append(False)
+        return embedder.encode(texts, batch_size=batch_size)
+
+    batcher = MicroBatcher(encode, embedder.token_lengths, max_items=2, max_tokens=4096, max_wait_ms=0, workers=2)
+    assert len({t.name for t in batcher._threads}) == 2
+    try:
+        requests = [[TEXTS[i]] for i in range(4)]
+        results = await asyncio.gather(*(batcher.embed(r) for r in requests))
+    finally:
+        batcher.close(timeout=30)
+    assert met and all(met)  # every model call had the other worker's call beside it
+    for texts, got in zip(requests, results, strict=True):
+        np.testing.assert_allclose(got, embedder.encode(texts), atol=2e-5)
+    assert batcher.stats.items == 4 and batcher.stats.batches >= 2
+    assert not any(t.is_alive() for t in batcher._threads)  # close() stopped every worker
+
+
+def test_workers_must_be_positive(embedder):
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        MicroBatcher(embedder.encode, embedder.token_lengths, workers=0)

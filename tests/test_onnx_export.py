@@ -1,4 +1,4 @@
-"""ONNX export correctness: the ONNX Runtime backend reproduces torch on padded batches."""
+"""ONNX export correctness: the ONNX Runtime backend reproduces torch on packed and padded batches."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ from motlens.onnx_export import (
     INT8_FILE,
     ONNX_DIR,
     OnnxExportError,
+    export_cache_dir,
+    is_packed_graph,
     quantize_int8,
     verify_onnx,
 )
+from motlens.packing import plan
 
 pytestmark = pytest.mark.slow  # one export (~20 s) shared by the session
 
@@ -39,16 +42,23 @@ def onnx_embedder(onnx_model_dir) -> OnnxEmbedder:
     return OnnxEmbedder(onnx_model_dir, threads=1)
 
 
-def test_export_matches_torch_on_padded_batches(onnx_embedder, embedder):
+@pytest.mark.parametrize("width", [None, 96, 256, 600], ids=["auto", "w96", "w256", "w600"])
+def test_export_matches_torch_on_packed_batches(onnx_embedder, embedder, width):
+    """Each text's embedding is the one it gets alone, however many texts share its row."""
     texts = _texts(40, seed=7)
+    rows_with_several = 0
     for size in (2, 7, 15, 16):
         for start in range(0, len(texts), size):
             chunk = texts[start : start + size]
-            got = onnx_embedder.encode_unsorted(chunk)  # one padded batch, original order
+            got = onnx_embedder.encode_unsorted(chunk, width=width)  # one call, original order
             want = embedder.encode(chunk, batch_size=len(chunk))
             assert got.shape == (len(chunk), 384) and got.dtype == np.float32
             cos = cosine_rows(got, want)
             assert cos.min() >= EXPORT_MIN_COSINE, (size, start, float(cos.min()))
+            lengths = onnx_embedder.token_lengths(chunk)
+            rows_with_several += sum(len(r) > 1 for r in plan(lengths, None if width is None else (width,)).rows)
+    if width is not None and width >= 256:
+        assert rows_with_several > 10  # the wide rows really held several texts each
 
 
 def test_encode_sorts_by_length_but_keeps_order(onnx_embedder, embedder):
@@ -92,15 +102,52 @@ def test_bad_input_and_missing_variants_name_the_problem(onnx_model_dir, onnx_em
 
 
 def test_model_dir_without_onnx_uses_the_verified_cache(onnx_model_dir, embedder, tmp_path, monkeypatch):
-    from motlens.onnx_export import weights_digest
-
     bare = tmp_path / "bare"
     shutil.copytree(onnx_model_dir, bare, ignore=shutil.ignore_patterns(ONNX_DIR))
     monkeypatch.setenv("MOTLENS_HOME", str(tmp_path / "home"))
-    cached = tmp_path / "home" / "onnx-cache" / weights_digest(bare) / FP32_FILE
+    cached = export_cache_dir(bare, tmp_path / "home" / "onnx-cache") / FP32_FILE
     cached.parent.mkdir(parents=True)
     shutil.copy(onnx_model_dir / ONNX_DIR / FP32_FILE, cached)  # as an earlier export would have left it
     emb = OnnxEmbedder(bare, threads=1)
     assert emb.onnx_path == cached.resolve() and not (bare / ONNX_DIR).exists()
     texts = ["Brake pipe corroded", "Nearside Front Tyre worn close to legal limit (5.2.3 (e))"]
     assert cosine_rows(emb.encode(texts), embedder.encode(texts)).min() >= EXPORT_MIN_COSINE
+
+
+def _unpacked_graph(path):
+    """A tiny graph in the earlier (input_ids, attention_mask) -> sentence_embedding format."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])
+    out = helper.make_tensor_value_info("sentence_embedding", TensorProto.INT64, ["b", "s"])
+    graph = helper.make_graph([helper.make_node("Add", ["input_ids", "attention_mask"], ["sentence_embedding"])],
+                              "old", [ids, mask], [out])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_bundled_graph_of_the_earlier_format_is_replaced_by_a_verified_export(
+    onnx_model_dir, tmp_path, monkeypatch, caplog
+):
+    old = tmp_path / "old"
+    shutil.copytree(onnx_model_dir, old)
+    _unpacked_graph(old / ONNX_DIR / FP32_FILE)
+    assert not is_packed_graph(old / ONNX_DIR / FP32_FILE)
+    assert is_packed_graph(onnx_model_dir / ONNX_DIR / FP32_FILE)
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path / "home"))
+    cached = export_cache_dir(old, tmp_path / "home" / "onnx-cache") / FP32_FILE
+    cached.parent.mkdir(parents=True)
+    shutil.copy(onnx_model_dir / ONNX_DIR / FP32_FILE, cached)
+    with caplog.at_level("WARNING"):
+        emb = OnnxEmbedder(old, threads=1)
+    assert emb.onnx_path == cached.resolve() and "predates the packed ONNX format" in caplog.text
+    # an explicit file, or a variant other than fp32, in the earlier format is refused with the reason
+    with pytest.raises(OnnxExportError, match="not a packed-format graph"):
+        OnnxEmbedder(old, threads=1, onnx_path=old / ONNX_DIR / FP32_FILE)
+    _unpacked_graph(old / ONNX_DIR / INT8_FILE)
+    with pytest.raises(OnnxExportError, match="re-export"):
+        OnnxEmbedder(old, threads=1, variant="int8")

@@ -119,3 +119,11 @@ def test_sigterm_drains_traffic_and_flushes_the_prediction_log(tiny_bundle, tmp_
     finally:
         reader.close()
     assert int(rows["n"][0]) == sum(n for _, n in answered)  # every answered item logged, none lost
+
+
+def test_model_workers_split_the_model_threads():
+    from predictor.settings import ServeSettings
+
+    assert ServeSettings(threads=4, model_workers=2).resolved_threads() == 2
+    assert ServeSettings(threads=2, model_workers=4).resolved_threads() == 1
+    assert ServeSettings(threads=3).resolved_threads() == 3
