@@ -120,7 +120,7 @@ def _load_torch_graph(model_dir: Path):  # noqa: ANN202 - returns (nn.Module, to
     class PackedEncoderGraph(torch.nn.Module):
         """BertModel's token states for packed rows: block-diagonal attention, per-text positions."""
 
-        def __init__(self, bert: torch.nn.Module) -> None:
+        def __init__(self, bert: Any) -> None:  # transformers' BertModel
             super().__init__()
             self.bert = bert
 
