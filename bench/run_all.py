@@ -96,6 +96,10 @@ class Service:
             self.proc.wait(timeout=10)
 
 
+def _embed_and_predict(emb, head, texts: list[str], batch_size: int) -> None:  # noqa: ANN001
+    head.predict(emb.encode(texts, batch_size=batch_size))
+
+
 def offline_ceiling(
     bundle_dir: Path, backend: str, threads: int, dtype: str = "float32", n: int = 512, passes: int = 3
 ) -> dict:
@@ -129,9 +133,9 @@ def offline_ceiling(
                     texts = mix.take(n)
                     share = -(-n // workers)
                     t0 = time.perf_counter()
-                    done = pool.map(lambda part, b=batch: head.predict(emb.encode(part, batch_size=b)),
-                                    [texts[k : k + share] for k in range(0, n, share)])  # fmt: skip
-                    list(done)
+                    parts = [texts[k : k + share] for k in range(0, n, share)]
+                    list(pool.map(_embed_and_predict, [emb] * len(parts), [head] * len(parts), parts,
+                                  [batch] * len(parts)))  # fmt: skip
                     rate = n / (time.perf_counter() - t0)
                     if rate > best["texts_per_s"]:
                         best = {"texts_per_s": rate, "batch_size": batch, "texts": n, "passes": passes,

@@ -39,6 +39,8 @@ class Embedder(Protocol):
     backend: str
     device: str
     dim: int
+    #: whether a call packs several texts per row, so it costs its real tokens, not longest × count
+    packs: bool
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """L2-normalised float32 embeddings, shape [N, dim]."""
@@ -96,6 +98,7 @@ class TorchEmbedder:
     """
 
     backend = "torch"
+    packs = False
 
     def __init__(
         self,

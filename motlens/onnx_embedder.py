@@ -44,6 +44,7 @@ class OnnxEmbedder:
 
     backend = "onnx"
     device = "cpu"
+    packs = True
 
     def __init__(
         self,

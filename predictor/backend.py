@@ -176,6 +176,10 @@ class Backend:
     def device(self) -> str:
         return self.embedder.device
 
+    @property
+    def packs(self) -> bool:
+        return self.embedder.packs
+
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         return self.embedder.encode(texts, batch_size=batch_size)
 

@@ -31,7 +31,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("--max-text-chars", int, "characters per text limit"),
     ("--max-body-bytes", int, "request body limit (413 beyond)"),
     ("--batch-max-items", int, "micro-batch size limit"),
-    ("--batch-max-tokens", int, "padded tokens per length bucket (default 768 on CPU, 65536 on GPU)"),
+    ("--batch-max-tokens", int, "padded tokens per length bucket (default 768 on CPU, 4096 onnx, 65536 on GPU)"),
     ("--batch-max-wait-ms", float, "longest wait for a micro-batch to fill"),
     ("--queue-capacity", int, "queued texts before 429"),
     ("--cache-bytes", int, "embedding cache budget in bytes (0 disables it)"),

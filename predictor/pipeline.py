@@ -37,7 +37,7 @@ class ServingUnit:
             backend.encode,
             backend.token_lengths,
             max_items=settings.batch_max_items,
-            max_tokens=settings.resolved_batch_max_tokens(backend.device),
+            max_tokens=settings.resolved_batch_max_tokens(backend.device, backend.packs),
             max_wait_ms=settings.batch_max_wait_ms,
             capacity=settings.queue_capacity,
             retry_after_s=settings.retry_after_s,

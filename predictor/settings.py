@@ -49,7 +49,10 @@ class ServeSettings(BaseSettings):
     # micro-batcher
     batch_max_items: int = 64
     batch_max_tokens: int | None = Field(
-        None, gt=0, description="padded tokens per length bucket (default: 768 on CPU, 65536 on GPU)"
+        None,
+        gt=0,
+        description="padded tokens per length bucket (default: 768 on CPU, 4096 on CPU with a packing backend "
+        "such as onnx, 65536 on GPU)",
     )
     batch_max_wait_ms: float = 2.0
     model_workers: int = Field(
@@ -90,11 +93,17 @@ class ServeSettings(BaseSettings):
         None, description="if set, the admin API needs 'Bearer <token>'; if not, only loopback clients may use it"
     )
 
-    def resolved_batch_max_tokens(self, device: str) -> int:
-        """Bucket bound: small on CPU (per-text cost falls with less padding, not with batch size), large on GPU."""
+    def resolved_batch_max_tokens(self, device: str, packs: bool = False) -> int:
+        """Bucket bound: small on CPU (per-text cost falls with less padding, not with batch size), large on GPU.
+
+        A packing backend (several texts per row) pays little for padding, so on CPU its buckets can be
+        larger: fewer calls, and the packer gets more texts to fill its rows with.
+        """
         if self.batch_max_tokens:
             return self.batch_max_tokens
-        return 65536 if device.startswith("cuda") else 768
+        if device.startswith("cuda"):
+            return 65536
+        return 4096 if packs else 768
 
     def resolved_threads(self) -> int:
         """Model threads per batcher worker: ``threads`` (default: the cgroup CPUs) split between the workers."""

@@ -358,6 +358,7 @@ def test_bucket_bound_follows_the_device_unless_set():
     from predictor.settings import ServeSettings
 
     assert ServeSettings().resolved_batch_max_tokens("cpu") == 768
+    assert ServeSettings().resolved_batch_max_tokens("cpu", packs=True) == 4096
     assert ServeSettings().resolved_batch_max_tokens("cuda:0") == 65536
     assert ServeSettings(batch_max_tokens=4096).resolved_batch_max_tokens("cpu") == 4096
     with pytest.raises(ValueError):
