@@ -117,6 +117,11 @@ class MicroBatcher:
     def pending_items(self) -> int:
         return self._pending
 
+    @property
+    def workers_alive(self) -> int:
+        """Worker threads still running (0 once :meth:`close` has finished)."""
+        return sum(t.is_alive() for t in self._threads)
+
     def submit(self, texts: Sequence[str]) -> concurrent.futures.Future:
         """Queue texts; the future resolves to their [N, dim] embeddings. Raises :class:`Overloaded`."""
         job = _Job(list(texts), time.monotonic())
