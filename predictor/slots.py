@@ -154,7 +154,11 @@ class SlotManager:
             state.unit, state.ref, state.loading, state.error, state.error_kind = unit, ref, None, None, None
             self._export_unit(slot, unit)
             self._update_readiness()
-            log.info("%s slot now serves %s version %s", slot, backend.name, backend.version)
+            log.info(
+                "%s slot now serves %s version %s (%d batcher worker(s), buckets of <= %d tokens%s)",
+                slot, backend.name, backend.version, unit.batcher.workers_alive, unit.batcher.max_tokens,
+                ", packed rows" if backend.packs else "",
+            )  # fmt: skip
             if backend.fallback:
                 log.warning(
                     "%s slot serves the LAST-KNOWN-GOOD bundle of %s (version %s; %s); retrying the registry",
