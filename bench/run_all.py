@@ -13,6 +13,7 @@ Prints one table with ratios and writes JSON to ``bench/results/``. Every loop i
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -133,9 +134,8 @@ def offline_ceiling(
                     texts = mix.take(n)
                     share = -(-n // workers)
                     t0 = time.perf_counter()
-                    parts = [texts[k : k + share] for k in range(0, n, share)]
-                    list(pool.map(_embed_and_predict, [emb] * len(parts), [head] * len(parts), parts,
-                                  [batch] * len(parts)))  # fmt: skip
+                    embed = functools.partial(_embed_and_predict, emb, head, batch_size=batch)
+                    list(pool.map(embed, [texts[k : k + share] for k in range(0, n, share)]))
                     rate = n / (time.perf_counter() - t0)
                     if rate > best["texts_per_s"]:
                         best = {"texts_per_s": rate, "batch_size": batch, "texts": n, "passes": passes,
