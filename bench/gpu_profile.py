@@ -61,7 +61,7 @@ def profile(emb: TorchEmbedder, texts: list[str], bs: int) -> str:
         os.environ.pop("TOKENIZERS_PARALLELISM")
     else:
         os.environ["TOKENIZERS_PARALLELISM"] = parallelism
-    batcher = MicroBatcher(emb.encode, emb.token_lengths, max_items=bs, max_tokens=bs * 64)
+    batcher = MicroBatcher(emb.tokenize, emb.encode_tokens, max_items=bs, max_tokens=bs * 64)
     try:
         r_bat = rate(n, lambda: [batcher.encode_bucketed(texts[i : i + bs]) for i in range(0, n, bs)])
     finally:
@@ -81,7 +81,7 @@ def main() -> None:
     emb = TorchEmbedder(default_model_dir(), device="cuda", dtype=a.dtype)
     print(f"torch threads {torch.get_num_threads()}, TOKENIZERS_PARALLELISM="
           f"{os.environ.get('TOKENIZERS_PARALLELISM')}, CPUs {os.cpu_count()}")  # fmt: skip
-    lengths = emb.token_lengths(texts)
+    lengths = [len(ids) for ids in emb.tokenize(texts)]
     print(f"tokens per text: mean {sum(lengths) / len(lengths):.1f}, max {max(lengths)}")
     emb.encode(texts[:1024], batch_size=256)
     emb._model.encode(texts[:1024], batch_size=256, show_progress_bar=False)

@@ -46,8 +46,12 @@ class Embedder(Protocol):
         """L2-normalised float32 embeddings, shape [N, dim]."""
         ...
 
-    def token_lengths(self, texts: Sequence[str]) -> list[int]:
-        """Token counts (after truncation) used for length bucketing."""
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text (special tokens added, truncated at the model's maximum length)."""
+        ...
+
+    def encode_tokens(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Embeddings of already tokenised texts in one model call, rows in the given order."""
         ...
 
 
@@ -137,9 +141,11 @@ class TorchEmbedder:
 
     def _features(self, texts: list[str]) -> dict[str, Any]:
         """Padded ``input_ids`` / ``attention_mask`` (int64, pinned on CUDA) for one batch."""
+        return self._padded(self.tokenize(texts))
+
+    def _padded(self, rows: Sequence[Sequence[int]]) -> dict[str, Any]:
         import torch
 
-        rows = [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=True)]
         shape = (len(rows), max(len(r) for r in rows))
         ids = torch.zeros(shape, dtype=torch.int64, pin_memory=self._pin)
         mask = torch.zeros(shape, dtype=torch.int64, pin_memory=self._pin)
@@ -231,8 +237,16 @@ class TorchEmbedder:
         out[order] = emb
         return out
 
-    def token_lengths(self, texts: Sequence[str]) -> list[int]:
-        return [len(e) for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+
+    def encode_tokens(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        if not ids:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        import torch
+
+        with torch.inference_mode():
+            return self._forward(self._padded(ids)).cpu().numpy()
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

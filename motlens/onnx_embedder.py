@@ -95,13 +95,13 @@ class OnnxEmbedder:
         last = session.get_outputs()[0].shape[-1]
         self.dim = last if isinstance(last, int) else EMBEDDING_DIM
 
-    def _ids(self, texts: Sequence[str]) -> list[list[int]]:
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
             raise TypeError(f"texts must be str; item {bad[0]} is {type(texts[bad[0]]).__name__}")
         return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=True)]
 
-    def _run(self, ids: list[list[int]], width: int | None = None) -> np.ndarray:
+    def _run(self, ids: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:
         lengths = [len(x) for x in ids]
         packing = plan(lengths, None if width is None else (width,))
         feed = pack_ids(ids, packing)
@@ -113,13 +113,13 @@ class OnnxEmbedder:
         """One encoder call for exactly these texts (rows ``width`` wide when given; verifies exports)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self._run(self._ids(texts), width)
+        return self._run(self.tokenize(texts), width)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """L2-normalised float32 embeddings [N, dim]; batches of similar length, each packed."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        ids = self._ids(texts)
+        ids = self.tokenize(texts)
         order = np.argsort([len(x) for x in ids], kind="stable")
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         step = max(1, int(batch_size))
@@ -128,5 +128,7 @@ class OnnxEmbedder:
             out[idx] = self._run([ids[i] for i in idx])
         return out
 
-    def token_lengths(self, texts: Sequence[str]) -> list[int]:
-        return [len(x) for x in self._ids(texts)]
+    def encode_tokens(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        if not ids:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self._run(ids)

@@ -183,16 +183,19 @@ class Backend:
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         return self.embedder.encode(texts, batch_size=batch_size)
 
-    def token_lengths(self, texts: Sequence[str]) -> list[int]:
-        return self.embedder.token_lengths(texts)
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.embedder.tokenize(texts)
+
+    def encode_tokens(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.embedder.encode_tokens(ids)
 
     def predict(self, embeddings: np.ndarray, context: Mapping[str, Sequence[Any] | None] | None) -> HeadOutput:
         return self.head.predict(embeddings, context)
 
     def warm_up(self) -> None:
-        """Run a few batch shapes once so the first real request pays no lazy-initialisation cost."""
+        """Run a few batch shapes through the serving path once, so no request pays lazy initialisation."""
         for n in (1, 8):
-            self.encode(["Nearside Front Brake pipe corroded (1.1.11 (c))"] * n)
+            self.encode_tokens(self.tokenize(["Nearside Front Brake pipe corroded (1.1.11 (c))"] * n))
 
     def check_golden(self) -> GoldenResult:
         golden = self.bundle.golden()

@@ -1,7 +1,8 @@
 """Cross-request micro-batcher: concurrent requests' texts embedded together in a worker thread.
 
 A batch closes when it holds ``max_items`` texts or its oldest request has waited ``max_wait_ms``.
-Inside a batch, texts are sorted by token length and cut into buckets whose padded size
+Its texts are tokenised once; the ids serve both the length bucketing and the model. Inside a batch,
+texts are sorted by token length and cut into buckets whose padded size
 (longest × count) stays within ``max_tokens``, so short texts never pay for a long one's padding.
 Buckets run shortest first and each request is answered as soon as its last text is embedded, not
 when the whole batch is done.
@@ -49,8 +50,8 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 #: shapes grew, and RSS creeps up over hours (docs/reliability.md, "Memory footprint").
 MALLOC_TRIM = _find_malloc_trim()
 
-EncodeFn = Callable[..., np.ndarray]
-TokenLengthsFn = Callable[[Sequence[str]], list[int]]
+TokenizeFn = Callable[[Sequence[str]], list[list[int]]]
+EncodeTokensFn = Callable[[Sequence[Sequence[int]]], np.ndarray]
 
 
 class Overloaded(Exception):
@@ -82,8 +83,8 @@ class MicroBatcher:
 
     def __init__(
         self,
-        encode: EncodeFn,
-        token_lengths: TokenLengthsFn,
+        tokenize: TokenizeFn,
+        encode_tokens: EncodeTokensFn,
         *,
         max_items: int = 64,
         max_tokens: int = 8192,
@@ -95,8 +96,8 @@ class MicroBatcher:
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, not {workers}")
-        self._encode = encode
-        self._token_lengths = token_lengths
+        self._tokenize = tokenize
+        self._encode_tokens = encode_tokens
         self.max_items = max_items
         self.max_tokens = max_tokens
         self.max_wait_s = max_wait_ms / 1000.0
@@ -225,7 +226,8 @@ class MicroBatcher:
 
         Yields the output array (rows filled so far) and the indices the bucket just filled.
         """
-        lengths = self._token_lengths(texts)
+        ids = self._tokenize(texts)
+        lengths = [len(x) for x in ids]
         order = [int(i) for i in np.argsort(np.asarray(lengths), kind="stable")]
         buckets: list[list[int]] = [[]]
         for i in order:
@@ -235,7 +237,7 @@ class MicroBatcher:
             bucket.append(i)
         out: np.ndarray | None = None
         for bucket in buckets:
-            emb = self._encode([texts[i] for i in bucket], batch_size=len(bucket))
+            emb = self._encode_tokens([ids[i] for i in bucket])
             if out is None:
                 out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
             out[bucket] = emb

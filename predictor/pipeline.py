@@ -34,8 +34,8 @@ class ServingUnit:
         self._idle = asyncio.Event()
         self._idle.set()
         self.batcher = MicroBatcher(
-            backend.encode,
-            backend.token_lengths,
+            backend.tokenize,
+            backend.encode_tokens,
             max_items=settings.batch_max_items,
             max_tokens=settings.resolved_batch_max_tokens(backend.device, backend.packs),
             max_wait_ms=settings.batch_max_wait_ms,

@@ -27,26 +27,26 @@ TEXTS = [
 
 
 class GatedEncode:
-    """The real encoder behind a gate, recording what it was asked to embed."""
+    """The real encoder behind a gate, recording the token ids it was asked to embed."""
 
     def __init__(self, encode, open_gate: bool = True) -> None:
         self._encode = encode
-        self.calls: list[list[str]] = []
+        self.calls: list[list[list[int]]] = []
         self.entered = threading.Event()
         self.gate = threading.Event()
         if open_gate:
             self.gate.set()
 
-    def __call__(self, texts, batch_size=64):
-        self.calls.append(list(texts))
+    def __call__(self, ids):
+        self.calls.append([list(x) for x in ids])
         self.entered.set()
         assert self.gate.wait(60)
-        return self._encode(texts, batch_size=batch_size)
+        return self._encode(ids)
 
 
 async def test_batched_outputs_equal_unbatched(embedder):
-    spy = GatedEncode(embedder.encode)
-    batcher = MicroBatcher(spy, embedder.token_lengths, max_items=16, max_tokens=4096, max_wait_ms=50)
+    spy = GatedEncode(embedder.encode_tokens)
+    batcher = MicroBatcher(embedder.tokenize, spy, max_items=16, max_tokens=4096, max_wait_ms=50)
     try:
         requests = [TEXTS[i % len(TEXTS) : i % len(TEXTS) + 1 + i % 3] for i in range(24)]
         results = await asyncio.gather(*(batcher.embed(r) for r in requests))
@@ -62,28 +62,50 @@ async def test_batched_outputs_equal_unbatched(embedder):
     assert max(len(c) for c in spy.calls) <= 16
 
 
+async def test_each_batch_is_tokenised_once(embedder):
+    """The ids the bucketing measured are the ids the model gets: no text is tokenised twice."""
+    tokenised: list[list[str]] = []
+
+    def tokenize(texts):
+        tokenised.append(list(texts))
+        return embedder.tokenize(texts)
+
+    spy = GatedEncode(embedder.encode_tokens)
+    batcher = MicroBatcher(tokenize, spy, max_items=16, max_tokens=60, max_wait_ms=20)
+    try:
+        requests = [TEXTS[i : i + 3] for i in range(0, 9, 3)]
+        results = await asyncio.gather(*(batcher.embed(r) for r in requests))
+    finally:
+        batcher.close()
+    assert len(tokenised) == batcher.stats.batches  # one tokenizer call per batch …
+    assert sorted(t for call in tokenised for t in call) == sorted(TEXTS[:9])  # … covering each text once
+    assert len(spy.calls) > len(tokenised)  # several buckets per batch (max_tokens=60), no re-tokenising
+    for texts, got in zip(requests, results, strict=True):
+        np.testing.assert_allclose(got, embedder.encode(texts), atol=2e-5)
+
+
 def test_length_buckets_bound_padded_tokens(embedder):
-    spy = GatedEncode(embedder.encode)
-    batcher = MicroBatcher(spy, embedder.token_lengths, max_items=6, max_tokens=120, max_wait_ms=1)
+    spy = GatedEncode(embedder.encode_tokens)
+    batcher = MicroBatcher(embedder.tokenize, spy, max_items=6, max_tokens=120, max_wait_ms=1)
     try:
         out = batcher.encode_bucketed(TEXTS)
     finally:
         batcher.close()
     np.testing.assert_allclose(out, embedder.encode(TEXTS), atol=2e-5)
-    assert sorted(t for call in spy.calls for t in call) == sorted(TEXTS)
+    assert sorted(x for call in spy.calls for x in call) == sorted(embedder.tokenize(TEXTS))
     for call in spy.calls:
-        lengths = embedder.token_lengths(call)
+        lengths = [len(x) for x in call]
         assert len(call) <= 6
         assert len(call) == 1 or max(lengths) * len(call) <= 120
     # sorted by length: each bucket's texts are no longer than the next bucket's
-    maxima = [max(embedder.token_lengths(c)) for c in spy.calls]
-    minima = [min(embedder.token_lengths(c)) for c in spy.calls]
+    maxima = [max(len(x) for x in c) for c in spy.calls]
+    minima = [min(len(x) for x in c) for c in spy.calls]
     assert all(a <= b for a, b in zip(maxima, minima[1:], strict=False))
 
 
 async def test_full_queue_raises_overloaded_and_recovers(embedder):
-    spy = GatedEncode(embedder.encode, open_gate=False)
-    batcher = MicroBatcher(spy, embedder.token_lengths, max_items=4, max_wait_ms=0, capacity=4, retry_after_s=3)
+    spy = GatedEncode(embedder.encode_tokens, open_gate=False)
+    batcher = MicroBatcher(embedder.tokenize, spy, max_items=4, max_wait_ms=0, capacity=4, retry_after_s=3)
     try:
         first = batcher.submit(TEXTS[:4])
         assert await asyncio.to_thread(spy.entered.wait, 30)  # worker busy with the first batch
@@ -101,8 +123,8 @@ async def test_full_queue_raises_overloaded_and_recovers(embedder):
 
 
 async def test_cancelled_request_is_dropped_before_model_work(embedder):
-    spy = GatedEncode(embedder.encode, open_gate=False)
-    batcher = MicroBatcher(spy, embedder.token_lengths, max_items=2, max_wait_ms=0)
+    spy = GatedEncode(embedder.encode_tokens, open_gate=False)
+    batcher = MicroBatcher(embedder.tokenize, spy, max_items=2, max_wait_ms=0)
     abandoned = "Abandoned request text that must never be embedded"
     try:
         first = asyncio.ensure_future(batcher.embed(TEXTS[:2]))
@@ -120,12 +142,12 @@ async def test_cancelled_request_is_dropped_before_model_work(embedder):
     finally:
         spy.gate.set()
         batcher.close()
-    assert all(abandoned not in call for call in spy.calls)
+    assert all(embedder.tokenize([abandoned])[0] not in call for call in spy.calls)
     assert batcher.stats.dropped_requests == 1 and batcher.stats.dropped_items == 1
 
 
 async def test_closed_batcher_refuses_work(embedder):
-    batcher = MicroBatcher(embedder.encode, embedder.token_lengths)
+    batcher = MicroBatcher(embedder.tokenize, embedder.encode_tokens)
     batcher.close()
     with pytest.raises(Overloaded) as info:
         batcher.submit(TEXTS[:1])
@@ -142,22 +164,23 @@ class SecondCallBlocks:
         self.blocked = threading.Event()
         self.release = threading.Event()
 
-    def __call__(self, texts, batch_size=64):
+    def __call__(self, ids):
         self.calls += 1
         if self.calls > 1:
             self.blocked.set()
             assert self.release.wait(60)
             if self.fail:
                 raise RuntimeError("bucket failed")
-        return self._encode(texts, batch_size=batch_size)
+        return self._encode(ids)
 
 
 @pytest.mark.parametrize("fail", [False, True])
 async def test_each_request_is_answered_when_its_bucket_is_done(embedder, fail):
     short, long_ = TEXTS[0], TEXTS[9]
-    assert embedder.token_lengths([short])[0] * 2 <= 30 < embedder.token_lengths([long_])[0] * 2
-    enc = SecondCallBlocks(embedder.encode, fail=fail)
-    batcher = MicroBatcher(enc, embedder.token_lengths, max_items=16, max_tokens=30, max_wait_ms=200)
+    short_ids, long_ids = embedder.tokenize([short, long_])
+    assert len(short_ids) * 2 <= 30 < len(long_ids) * 2
+    enc = SecondCallBlocks(embedder.encode_tokens, fail=fail)
+    batcher = MicroBatcher(embedder.tokenize, enc, max_items=16, max_tokens=30, max_wait_ms=200)
     try:
         f_long, f_short = batcher.submit([long_]), batcher.submit([short])  # one batch, two buckets
         got = await asyncio.wait_for(asyncio.wrap_future(f_short), 30)  # the short bucket runs first
@@ -178,7 +201,7 @@ async def test_each_request_is_answered_when_its_bucket_is_done(embedder, fail):
 
 
 def test_empty_submission_is_refused(embedder):
-    batcher = MicroBatcher(embedder.encode, embedder.token_lengths)
+    batcher = MicroBatcher(embedder.tokenize, embedder.encode_tokens)
     try:
         with pytest.raises(ValueError, match="nothing to embed"):
             batcher.submit([])
@@ -192,7 +215,7 @@ def test_heap_is_trimmed_when_the_queue_runs_empty(embedder, monkeypatch):
     assert batcher_mod.MALLOC_TRIM is not None  # glibc Linux: the CI and container platform
     calls: list[int] = []
     monkeypatch.setattr(batcher_mod, "MALLOC_TRIM", calls.append)
-    batcher = MicroBatcher(embedder.encode, embedder.token_lengths, max_wait_ms=1)
+    batcher = MicroBatcher(embedder.tokenize, embedder.encode_tokens, max_wait_ms=1)
     try:
         batcher.submit(TEXTS[:3]).result(60)
         deadline = time.monotonic() + 10
@@ -208,15 +231,15 @@ async def test_workers_run_batches_at_once_with_the_same_outputs(embedder):
     both_inside = threading.Barrier(2, timeout=30)
     met: list[bool] = []
 
-    def encode(texts, batch_size=64):
+    def encode(ids):
         try:
             both_inside.wait()
             met.append(True)
         except threading.BrokenBarrierError:
             met.append(False)
-        return embedder.encode(texts, batch_size=batch_size)
+        return embedder.encode_tokens(ids)
 
-    batcher = MicroBatcher(encode, embedder.token_lengths, max_items=2, max_tokens=4096, max_wait_ms=0, workers=2)
+    batcher = MicroBatcher(embedder.tokenize, encode, max_items=2, max_tokens=4096, max_wait_ms=0, workers=2)
     assert batcher.workers_alive == 2
     try:
         requests = [[TEXTS[i]] for i in range(4)]
@@ -232,4 +255,4 @@ async def test_workers_run_batches_at_once_with_the_same_outputs(embedder):
 
 def test_workers_must_be_positive(embedder):
     with pytest.raises(ValueError, match="workers must be >= 1"):
-        MicroBatcher(embedder.encode, embedder.token_lengths, workers=0)
+        MicroBatcher(embedder.tokenize, embedder.encode_tokens, workers=0)

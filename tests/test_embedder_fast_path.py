@@ -57,16 +57,25 @@ def test_prefetched_batches_equal_sequential_ones(embedder, monkeypatch):
     np.testing.assert_array_equal(prefetched, sequential)
 
 
-def test_token_lengths_equal_the_transformers_tokenizer_with_truncation(embedder):
+def test_tokens_equal_the_transformers_tokenizer_with_truncation(embedder):
     hf = embedder._model.tokenizer(TEXTS, truncation=True, max_length=embedder.max_seq_length)
-    lengths = embedder.token_lengths(TEXTS)
-    assert lengths == [len(ids) for ids in hf["input_ids"]]
-    assert lengths[1] == 2 and lengths[2] == embedder.max_seq_length
+    ids = embedder.tokenize(TEXTS)
+    assert ids == hf["input_ids"]
+    assert len(ids[1]) == 2 and len(ids[2]) == embedder.max_seq_length
+
+
+def test_encode_tokens_is_encode_of_the_same_texts(embedder):
+    """One padded call over given ids (any order) gives each text the row ``encode`` gives it."""
+    texts = [TEXTS[2], TEXTS[0], TEXTS[3]]
+    got = embedder.encode_tokens(embedder.tokenize(texts))
+    assert got.shape == (3, embedder.dim) and got.dtype == np.float32
+    np.testing.assert_allclose(got, embedder.encode(texts), atol=2e-5)
 
 
 def test_empty_input(embedder):
     assert embedder.encode([]).shape == (0, embedder.dim)
-    assert embedder.token_lengths([]) == []
+    assert embedder.tokenize([]) == []
+    assert embedder.encode_tokens([]).shape == (0, embedder.dim)
 
 
 @pytest.mark.gpu

@@ -55,7 +55,7 @@ def test_export_matches_torch_on_packed_batches(onnx_embedder, embedder, width):
             assert got.shape == (len(chunk), 384) and got.dtype == np.float32
             cos = cosine_rows(got, want)
             assert cos.min() >= EXPORT_MIN_COSINE, (size, start, float(cos.min()))
-            lengths = onnx_embedder.token_lengths(chunk)
+            lengths = [len(x) for x in onnx_embedder.tokenize(chunk)]
             rows_with_several += sum(len(r) > 1 for r in plan(lengths, None if width is None else (width,)).rows)
     if width is not None and width >= 256:
         assert rows_with_several > 10  # the wide rows really held several texts each
@@ -69,11 +69,20 @@ def test_encode_sorts_by_length_but_keeps_order(onnx_embedder, embedder):
     assert onnx_embedder.encode([]).shape == (0, 384)
 
 
-def test_token_lengths_match_sentence_transformers(onnx_embedder, embedder):
+def test_tokens_match_sentence_transformers(onnx_embedder, embedder):
     texts = ["Horn", "Brake pipe corroded (1.1.11 (c))", "very long text " * 200]
-    lengths = onnx_embedder.token_lengths(texts)
-    assert lengths == embedder.token_lengths(texts)
-    assert lengths[-1] == 256  # truncated at the sentence-transformers limit, not tokenizer.json's 128
+    ids = onnx_embedder.tokenize(texts)
+    assert ids == embedder.tokenize(texts)
+    assert len(ids[-1]) == 256  # truncated at the sentence-transformers limit, not tokenizer.json's 128
+
+
+def test_encode_tokens_is_one_packed_call_in_the_given_order(onnx_embedder):
+    texts = _texts(9, seed=5)
+    ids = onnx_embedder.tokenize(texts)
+    got = onnx_embedder.encode_tokens(ids)
+    np.testing.assert_allclose(got, onnx_embedder.encode_unsorted(texts), atol=1e-6)
+    np.testing.assert_allclose(got, onnx_embedder.encode(texts, batch_size=4), atol=2e-5)
+    assert onnx_embedder.encode_tokens([]).shape == (0, 384)
 
 
 def test_embedder_protocol_attributes(onnx_embedder):

@@ -54,13 +54,20 @@ class GatedEncode:
         self._encode = encode
         self.entered = threading.Event()
         self.gate = threading.Event()
-        self.calls: list[list[str]] = []
+        self.calls: list[list[list[int]]] = []
 
-    def __call__(self, texts, batch_size=64):
-        self.calls.append(list(texts))
+    def __call__(self, ids):
+        self.calls.append([list(x) for x in ids])
         self.entered.set()
         assert self.gate.wait(60)
-        return self._encode(texts, batch_size=batch_size)
+        return self._encode(ids)
+
+
+def token_ids(batcher, text: str) -> list[int]:
+    """The ids the served batcher gives ``text`` (as a request sends it: normalised first)."""
+    from motlens.embedder import normalise_text
+
+    return batcher._tokenize([normalise_text(text)])[0]
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +108,8 @@ def production_batcher(server):
 def test_health_answers_while_a_large_predict_computes(served, monkeypatch):
     server, base, _ = served
     batcher = production_batcher(server)
-    spy = GatedEncode(batcher._encode)
-    monkeypatch.setattr(batcher, "_encode", spy)
+    spy = GatedEncode(batcher._encode_tokens)
+    monkeypatch.setattr(batcher, "_encode_tokens", spy)
     with ThreadPoolExecutor(1) as pool:
         big = pool.submit(
             httpx.post, f"{base}/v1/models/{MODEL}:predict", json={"instances": unique_texts(200)}, timeout=120
@@ -125,8 +132,8 @@ async def test_full_queue_gives_429_with_retry_after_and_grpc_resource_exhausted
 
     server, base, _ = served
     batcher = production_batcher(server)
-    spy = GatedEncode(batcher._encode)
-    monkeypatch.setattr(batcher, "_encode", spy)
+    spy = GatedEncode(batcher._encode_tokens)
+    monkeypatch.setattr(batcher, "_encode_tokens", spy)
     monkeypatch.setattr(batcher, "capacity", 2)
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
         url = f"/v1/models/{MODEL}:predict"
@@ -162,8 +169,8 @@ async def test_grpc_deadline_drops_queued_work(served, monkeypatch):
 
     server, base, _ = served
     batcher = production_batcher(server)
-    spy = GatedEncode(batcher._encode)
-    monkeypatch.setattr(batcher, "_encode", spy)
+    spy = GatedEncode(batcher._encode_tokens)
+    monkeypatch.setattr(batcher, "_encode_tokens", spy)
     dropped_before = batcher.stats.dropped_requests
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
         first = asyncio.ensure_future(client.post(f"/v1/models/{MODEL}:predict", json={"instances": unique_texts(1)}))
@@ -182,14 +189,14 @@ async def test_grpc_deadline_drops_queued_work(served, monkeypatch):
         await async_wait_until(lambda: batcher.stats.dropped_requests > dropped_before)
         spy.gate.set()
         assert (await first).status_code == 200
-    assert all(abandoned[0] not in call for call in spy.calls)
+    assert all(token_ids(batcher, abandoned[0]) not in call for call in spy.calls)
 
 
 def test_http_client_disconnect_drops_queued_work(served, monkeypatch):
     server, base, _ = served
     batcher = production_batcher(server)
-    spy = GatedEncode(batcher._encode)
-    monkeypatch.setattr(batcher, "_encode", spy)
+    spy = GatedEncode(batcher._encode_tokens)
+    monkeypatch.setattr(batcher, "_encode_tokens", spy)
     dropped_before = batcher.stats.dropped_requests
     abandoned = unique_texts(1)
     with ThreadPoolExecutor(1) as pool:
@@ -202,7 +209,7 @@ def test_http_client_disconnect_drops_queued_work(served, monkeypatch):
         wait_until(lambda: batcher.stats.dropped_requests > dropped_before)
         spy.gate.set()
         assert first.result().status_code == 200
-    assert all(abandoned[0] not in call for call in spy.calls)
+    assert all(token_ids(batcher, abandoned[0]) not in call for call in spy.calls)
     assert 'motlens_rejected_total{reason="client_disconnected"}' in httpx.get(f"{base}/metrics").text
 
 
@@ -316,10 +323,10 @@ def test_a_server_error_is_logged_as_an_error_row(served, monkeypatch):
 
     server, base, log_settings = served
 
-    def broken(texts, batch_size=64):
+    def broken(ids):
         raise RuntimeError("backend exploded")
 
-    monkeypatch.setattr(production_batcher(server), "_encode", broken)
+    monkeypatch.setattr(production_batcher(server), "_encode_tokens", broken)
     r = httpx.post(
         f"{base}/v1/models/{MODEL}:predict", json={"instances": unique_texts(3)}, headers={"x-request-id": "req-500"}
     )

@@ -33,9 +33,6 @@ class SharedEmbeddings:
         self.memo.update(zip(todo, self.inner.encode(todo, batch_size=batch_size), strict=True))
         return np.stack([self.memo[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
 
-    def token_lengths(self, texts):
-        return self.inner.token_lengths(texts)
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, embedder, _mlflow_template_db):
