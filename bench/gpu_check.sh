@@ -6,7 +6,7 @@
 # The server gets GPU-sized micro-batches (--batch-max-items 1024, --batch-max-tokens 65536,
 # --queue-capacity 8192; the CPU defaults 64 / 8192 / 1024 cap it far below 20k items/s) and
 # tokenizers may use all cores (TOKENIZERS_PARALLELISM=true unless set: one thread tokenises ≈ 16–25k
-# texts/s, and a served batch is tokenised twice, for bucketing and for the forward pass).
+# texts/s; the micro-batcher tokenises each served batch once, in its worker thread).
 #
 #   bash bench/gpu_check.sh                 # results in $OUT (if set) or bench/results/gpu/
 #   bash bench/gpu_check.sh --duration 5    # extra flags go to `python -m bench.gpu_check`
