@@ -18,13 +18,16 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.loadgen import LoadResult, run, run_load
 from bench.mixes import make_mix
@@ -99,6 +102,53 @@ def _tree_pids(pid: int) -> set[int]:
     return {pid, *(c.pid for c in proc.children(recursive=True))}
 
 
+Load = Callable[..., LoadResult]
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``LABEL=ARGS``: a server variant measured on the batched loads (ARGS split like a shell would)."""
+    label, sep, args = text.partition("=")
+    if not sep or not label.strip() or not args.strip():
+        raise argparse.ArgumentTypeError(f"expected LABEL=SERVE ARGS, got {text!r}")
+    return label.strip(), shlex.split(args)
+
+
+def measure_server(
+    a: argparse.Namespace, report: dict, save: Callable[[], None], bundle_dir: Path, home: Path,
+    variant: str, serve_args: list[str], loads: Callable[[Load, int, str], None],
+) -> None:  # fmt: skip
+    """Start ``motlens serve`` with ``serve_args``, run ``loads`` against it, record each load, stop it."""
+    port = free_port()
+    argv = [str(Path(sys.executable).parent / "motlens"), "serve", "--model", str(bundle_dir),
+            "--http-port", str(port), "--grpc-port", str(free_port()), *serve_args]  # fmt: skip
+    log_dir = a.out / variant if variant else a.out
+    log_dir.mkdir(parents=True, exist_ok=True)
+    svc = Service("motlens", argv, f"http://127.0.0.1:{port}/v2/models/mot-defects/ready",
+                  f"http://127.0.0.1:{port}", "v2", env={"MOTLENS_HOME": str(home)})  # fmt: skip
+    svc.start(log_dir)
+    try:
+        svc.wait_ready(300)
+        assert svc.proc is not None
+        pid = svc.proc.pid
+
+        def load(label: str, mix: str, **kw: Any) -> LoadResult:
+            kw.setdefault("duration_s", a.duration)
+            kw.setdefault("warmup_s", a.warmup)
+            label = f"{label} [{variant}]" if variant else label
+            r = run(run_load(svc.url, make_mix(mix, 0.1, seed=len(report["loads"])), system="motlens",
+                             mix_name=mix, pid=pid, **kw))  # fmt: skip
+            report["loads"].append({"label": label, "variant": variant or None, "serve_args": serve_args,
+                                    **r.to_json()})  # fmt: skip
+            print(f"  {label}: {r.items_per_s:,.0f} items/s ({r.requests_per_s:,.0f} req/s), "
+                  f"p50 {r.p50_ms:.1f} p99 {r.p99_ms:.1f} ms, errors {r.errors}", flush=True)  # fmt: skip
+            save()
+            return r
+
+        loads(load, pid, f"{svc.url}/metrics")
+    finally:
+        svc.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="bundle directory (default: build one under --out)")
@@ -118,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-max-tokens", type=int, help="server padded tokens per bucket (default: the server's)")
     p.add_argument("--queue-capacity", type=int, help="server queued texts before 429 (default: the server's)")
     p.add_argument("--serve-arg", action="append", default=[], help="extra `motlens serve` argument (repeat)")
+    p.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="LABEL=ARGS",
+                   help="also measure the batched loads on a server started with these extra arguments "
+                   "(repeat), e.g. 'workers2=--model-workers 2'")  # fmt: skip
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop our servers on the way out
     a.out.mkdir(parents=True, exist_ok=True)
@@ -138,48 +191,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {report['golden']['detail']}; ceiling {ceiling}")
     save()
 
-    port = free_port()
-    argv_serve = [str(Path(sys.executable).parent / "motlens"), "serve", "--model", str(bundle_dir),
-                  "--http-port", str(port), "--grpc-port", str(free_port()), "--backend", "torch",
-                  "--device", a.device, "--dtype", a.dtype, *a.serve_arg]  # fmt: skip
+    base_serve = ["--backend", "torch", "--device", a.device, "--dtype", a.dtype, *a.serve_arg]
     for flag, value in (("--batch-max-items", a.batch_max_items), ("--batch-max-tokens", a.batch_max_tokens),
                         ("--queue-capacity", a.queue_capacity)):  # fmt: skip
         if value is not None:
-            argv_serve += [flag, str(value)]
+            base_serve += [flag, str(value)]
+    batched = [int(x) for x in a.batched_concurrency.split(",")]
+
+    def batched_only(load: Load, pid: int, metrics_url: str) -> None:
+        for c in batched:
+            load(f"batched {a.batch_items}×{c} novel", "novel", concurrency=c, items=a.batch_items)
+
+    def full(load: Load, pid: int, metrics_url: str) -> None:
+        batched_only(load, pid, metrics_url)
+        for c in [int(x) for x in a.single_concurrency.split(",")]:
+            load(f"single-text ×{c} realistic", "realistic", concurrency=c, items=1)
+        for mix in ("realistic", "novel"):
+            load(f"open loop {a.rate:.0f} req/s {mix}", mix, concurrency=512, items=1, rate=a.rate)
+        report["gpu_memory_before"] = gpu_memory(pid, metrics_url)
+        load(f"{a.requests} requests (memory)", "realistic", concurrency=64, items=1,
+             max_requests=a.requests, duration_s=a.requests_max_s, warmup_s=0.0)  # fmt: skip
+        report["gpu_memory_after"] = gpu_memory(pid, metrics_url)
+        print(f"  GPU memory before {report['gpu_memory_before']}, after {report['gpu_memory_after']}")
+
     with tempfile.TemporaryDirectory(prefix="motlens-gpu-home-") as home:
-        env = {"MOTLENS_HOME": home}
-        svc = Service("motlens", argv_serve, f"http://127.0.0.1:{port}/v2/models/mot-defects/ready",
-                      f"http://127.0.0.1:{port}", "v2", env=env)  # fmt: skip
-        svc.start(a.out)
-        try:
-            svc.wait_ready(300)
-            assert svc.proc is not None
-            pid, metrics_url = svc.proc.pid, f"{svc.url}/metrics"
-
-            def load(label: str, mix: str, **kw) -> LoadResult:
-                kw.setdefault("duration_s", a.duration)
-                kw.setdefault("warmup_s", a.warmup)
-                r = run(run_load(svc.url, make_mix(mix, 0.1, seed=len(report["loads"])), system="motlens",
-                                 mix_name=mix, pid=pid, **kw))  # fmt: skip
-                report["loads"].append({"label": label, **r.to_json()})
-                print(f"  {label}: {r.items_per_s:,.0f} items/s ({r.requests_per_s:,.0f} req/s), "
-                      f"p50 {r.p50_ms:.1f} p99 {r.p99_ms:.1f} ms, errors {r.errors}", flush=True)  # fmt: skip
-                save()
-                return r
-
-            for c in [int(x) for x in a.batched_concurrency.split(",")]:
-                load(f"batched {a.batch_items}×{c} novel", "novel", concurrency=c, items=a.batch_items)
-            for c in [int(x) for x in a.single_concurrency.split(",")]:
-                load(f"single-text ×{c} realistic", "realistic", concurrency=c, items=1)
-            for mix in ("realistic", "novel"):
-                load(f"open loop {a.rate:.0f} req/s {mix}", mix, concurrency=512, items=1, rate=a.rate)
-            report["gpu_memory_before"] = gpu_memory(pid, metrics_url)
-            load(f"{a.requests} requests (memory)", "realistic", concurrency=64, items=1,
-                 max_requests=a.requests, duration_s=a.requests_max_s, warmup_s=0.0)  # fmt: skip
-            report["gpu_memory_after"] = gpu_memory(pid, metrics_url)
-            print(f"  GPU memory before {report['gpu_memory_before']}, after {report['gpu_memory_after']}")
-        finally:
-            svc.stop()
+        measure_server(a, report, save, bundle_dir, Path(home), "", base_serve, full)
+        for label, args in a.variant:
+            print(f"variant {label}: {' '.join(args)}", flush=True)
+            measure_server(a, report, save, bundle_dir, Path(home), label, [*base_serve, *args], batched_only)
     save()
     lines = [f"golden: {report['golden']['detail']} on {report['golden']['gpu'] or a.device} ({a.dtype})",
              f"offline ceiling: {ceiling} (texts/s at batch size)"]  # fmt: skip

@@ -6,7 +6,9 @@
 # The server gets GPU-sized micro-batches (--batch-max-items 1024, --batch-max-tokens 65536,
 # --queue-capacity 8192; the CPU defaults 64 / 8192 / 1024 cap it far below 20k items/s) and
 # tokenizers may use all cores (TOKENIZERS_PARALLELISM=true unless set: one thread tokenises ≈ 16–25k
-# texts/s; the micro-batcher tokenises each served batch once, in its worker thread).
+# texts/s; the micro-batcher tokenises each served batch once, in its worker thread). The batched
+# loads run again on a second server with two batcher workers (`--variant workers2=...`): one batch's
+# tokenisation and padding on the CPU then overlap the other's forward pass on the GPU.
 #
 #   bash bench/gpu_check.sh                 # results in $OUT (if set) or bench/results/gpu/
 #   bash bench/gpu_check.sh --duration 5    # extra flags go to `python -m bench.gpu_check`
@@ -49,5 +51,6 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-true}
 timeout --signal=TERM --kill-after=15 "$(( LEFT > 60 ? LEFT : 60 ))" \
   "$VENV/bin/python" -m bench.gpu_check --out "$OUT" --duration 8 --requests-max-s 120 \
-  --batch-max-items 1024 --batch-max-tokens 65536 --queue-capacity 8192 "$@"
+  --batch-max-items 1024 --batch-max-tokens 65536 --queue-capacity 8192 \
+  --variant "workers2=--model-workers 2" "$@"
 echo "[gpu_check] done in $(( $(date +%s) - START )) s; results in $OUT"

@@ -1,0 +1,49 @@
+"""``bench.gpu_check`` end to end on CPU: golden check, every load, and a server variant on the batched loads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
+
+from bench.gpu_check import main, parse_variant  # noqa: E402
+
+
+def test_variant_is_a_label_and_shell_split_serve_arguments():
+    assert parse_variant("workers2=--model-workers 2") == ("workers2", ["--model-workers", "2"])
+    assert parse_variant(" big = --batch-max-items 2048 --serve-x 'a b'") == (
+        "big", ["--batch-max-items", "2048", "--serve-x", "a b"])  # fmt: skip
+    for bad in ("workers2", "=--model-workers 2", "workers2=", "workers2=  "):
+        with pytest.raises(argparse.ArgumentTypeError, match="LABEL=SERVE ARGS"):
+            parse_variant(bad)
+
+
+@pytest.mark.slow
+def test_cpu_smoke_measures_every_load_and_the_variant(tiny_bundle, tmp_path):
+    out = tmp_path / "gpu"
+    rc = main([
+        "--model", str(tiny_bundle.root), "--device", "cpu", "--dtype", "float32", "--out", str(out),
+        "--duration", "1", "--warmup", "0.2", "--requests", "150", "--requests-max-s", "5", "--rate", "20",
+        "--ceiling-texts", "32", "--batched-concurrency", "2", "--batch-items", "8", "--single-concurrency", "4",
+        "--variant", "workers2=--model-workers 2",
+    ])  # fmt: skip
+    assert rc == 0
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["golden"]["golden_passed"] and report["golden"]["device"] == "cpu"
+    labels = [x["label"] for x in report["loads"]]
+    assert labels == [
+        "batched 8×2 novel", "single-text ×4 realistic", "open loop 20 req/s realistic", "open loop 20 req/s novel",
+        "150 requests (memory)", "batched 8×2 novel [workers2]",
+    ]  # fmt: skip
+    for load in report["loads"]:
+        assert load["errors"] == 0 and load["requests"] > 0, load
+    base, variant = report["loads"][0], report["loads"][-1]
+    assert base["variant"] is None and "--model-workers" not in base["serve_args"]
+    assert variant["variant"] == "workers2" and variant["serve_args"][-2:] == ["--model-workers", "2"]
+    assert (out / "workers2" / "motlens.log").is_file()  # each variant's server log apart
+    assert "[workers2]" in (out / "gpu_check.txt").read_text()
