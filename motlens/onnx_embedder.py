@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,24 @@ def onnx_cache_root() -> Path:
     return (StateSettings().home / "onnx-cache").resolve()
 
 
+def _session(path: Path, threads: int | None, spin: bool) -> Any:
+    """A CPU session of ``path`` on ``threads`` intra-op threads (ONNX Runtime's default when None)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    # Memory patterns are planned and kept per input shape: with varied batch shapes they grow RSS
+    # (+60 MiB over 6,000 novel texts, vs +24 MiB without) for no measured throughput gain.
+    opts.enable_mem_pattern = False
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    # Busy-waiting worker threads would steal the cores the server's event loop needs between batches.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
 class OnnxEmbedder:
     """MiniLM on ONNX Runtime's CPU execution provider (``spin``: let idle worker threads busy-wait)."""
 
@@ -53,8 +72,8 @@ class OnnxEmbedder:
         variant: str = "fp32",
         onnx_path: Path | None = None,
         spin: bool = False,
+        single_thread_tokens: int = 0,
     ) -> None:
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         if variant not in VARIANT_FILES:
@@ -72,26 +91,23 @@ class OnnxEmbedder:
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(self.max_seq_length)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.inter_op_num_threads = 1
-        # Memory patterns are planned and kept per input shape: with varied batch shapes they grow RSS
-        # (+60 MiB over 6,000 novel texts, vs +24 MiB without) for no measured throughput gain.
-        opts.enable_mem_pattern = False
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        # Busy-waiting worker threads would steal the cores the server's event loop needs between batches.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        session = _session(path, threads, spin)
         if tuple(i.name for i in session.get_inputs()) != GRAPH_INPUTS:
             if variant != "fp32" or onnx_path is not None:
                 raise OnnxExportError(f"{path}: not a packed-format graph (inputs {GRAPH_INPUTS}); re-export it")
             log.warning("%s predates the packed ONNX format; using a verified export of the same weights", path)
             path = cached_export(model_dir, onnx_cache_root())
-            session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            session = _session(path, threads, spin)
         self.onnx_path = path
         self._session = session
+        # Small calls on one thread: on 2 threads a call of 1-4 MOT texts leaves 20-35 % of the second
+        # core idle at operator barriers (1 text: 5.8 ms on 1 thread, 4.5 ms on 2), and on a busy server
+        # that core is the one the event loop needs (docs/benchmarks.md, "Small calls on one thread").
+        self.single_thread_tokens = single_thread_tokens if threads != 1 else 0
+        self._single = _session(path, 1, spin) if self.single_thread_tokens > 0 else None
+        if self._single is not None:
+            log.info("ONNX Runtime: calls of ≤ %d packed tokens on 1 thread, larger ones on %s",
+                     self.single_thread_tokens, threads or "the default number of threads")  # fmt: skip
         last = session.get_outputs()[0].shape[-1]
         self.dim = last if isinstance(last, int) else EMBEDDING_DIM
 
@@ -105,9 +121,15 @@ class OnnxEmbedder:
         lengths = [len(x) for x in ids]
         packing = plan(lengths, None if width is None else (width,))
         feed = pack_ids(ids, packing)
-        (hidden,) = self._session.run(None, feed)
+        (hidden,) = self.session_for(len(packing.rows) * packing.width).run(None, feed)
         out = mean_pool(hidden, feed["segment_ids"], packing, lengths)
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+    def session_for(self, packed_tokens: int) -> Any:
+        """The single-threaded session for calls of ≤ ``single_thread_tokens`` packed tokens, else the main one."""
+        if self._single is not None and packed_tokens <= self.single_thread_tokens:
+            return self._single
+        return self._session
 
     def encode_unsorted(self, texts: Sequence[str], width: int | None = None) -> np.ndarray:
         """One encoder call for exactly these texts (rows ``width`` wide when given; verifies exports)."""

@@ -34,14 +34,19 @@ EmbedderFactory = Callable[..., Embedder]
 REGISTRY_UNREACHABLE = "registry_unreachable"
 
 
-def _torch_factory(model_dir: Path, device: str | None, dtype: str, threads: int | None) -> Embedder:
+def _torch_factory(
+    model_dir: Path, device: str | None, dtype: str, threads: int | None, single_thread_tokens: int = 0
+) -> Embedder:
+    """torch: one intra-op thread count per process, so ``single_thread_tokens`` does not apply."""
     return TorchEmbedder(model_dir, device=device, dtype=dtype, threads=threads)
 
 
 _ONNX_VARIANTS = {"float32": "fp32", "fp32": "fp32", "int8": "int8"}
 
 
-def _onnx_factory(model_dir: Path, device: str | None, dtype: str, threads: int | None) -> Embedder:
+def _onnx_factory(
+    model_dir: Path, device: str | None, dtype: str, threads: int | None, single_thread_tokens: int = 0
+) -> Embedder:
     """ONNX Runtime on CPU; ``dtype`` picks the variant (``float32``, or ``int8`` where it passed its gate)."""
     from motlens.onnx_embedder import OnnxEmbedder
 
@@ -49,10 +54,13 @@ def _onnx_factory(model_dir: Path, device: str | None, dtype: str, threads: int 
         raise ValueError(f"the onnx backend runs float32 or int8, not {dtype}")
     if device not in (None, "cpu"):
         raise ValueError(f"the onnx backend runs on cpu, not {device}")
-    return OnnxEmbedder(model_dir, threads=threads, variant=_ONNX_VARIANTS[dtype])
+    return OnnxEmbedder(
+        model_dir, threads=threads, variant=_ONNX_VARIANTS[dtype], single_thread_tokens=single_thread_tokens
+    )
 
 
-#: Embedder backends by name (``MOTLENS_SERVE_BACKEND``); each takes (model_dir, device, dtype, threads).
+#: Embedder backends by name (``MOTLENS_SERVE_BACKEND``); each takes (model_dir, device, dtype, threads,
+#: single_thread_tokens).
 EMBEDDER_FACTORIES: dict[str, EmbedderFactory] = {"torch": _torch_factory, "onnx": _onnx_factory}
 
 
@@ -221,6 +229,7 @@ def load_backend(
     device: str | None = None,
     dtype: str = "float32",
     threads: int | None = None,
+    single_thread_tokens: int = 0,
     embedder: Embedder | None = None,
     lkg: bool = False,
 ) -> Backend:
@@ -243,7 +252,7 @@ def load_backend(
         if factory is None:
             raise ModelLoadError(f"unknown backend {backend!r}; choose one of {sorted(EMBEDDER_FACTORIES)}")
         try:
-            embedder = factory(bundle.embedder_dir, device, dtype, threads)
+            embedder = factory(bundle.embedder_dir, device, dtype, threads, single_thread_tokens)
         except Exception as e:  # noqa: BLE001 - surface any backend failure as the not-ready reason
             raise ModelLoadError(f"backend {backend} failed to load {bundle.embedder_dir}: {e}") from e
     be = Backend(bundle, embedder, head, ref=str(ref or root), fallback=resolved.fallback)

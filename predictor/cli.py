@@ -26,6 +26,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("--dtype", str, "float32; bfloat16 (GPU, or CPU with AVX512-BF16/AMX); float16 (GPU); golden-checked"),
     ("--threads", int, "CPU threads for the model (default: cgroup CPUs), split between the model workers"),
     ("--model-workers", int, "batcher workers running the model at once (default 1)"),
+    ("--single-thread-tokens", int, "onnx: calls of at most this many packed tokens run on one thread (128; 0 = off)"),
     ("--event-loop-nice", int, "nice value of the event-loop thread, 0-19 (Linux; model threads keep theirs)"),
     ("--max-items-per-request", int, "items per request limit"),
     ("--max-text-chars", int, "characters per text limit"),

@@ -175,6 +175,7 @@ class PredictorServer:
             device=settings.device,
             dtype=settings.dtype,
             threads=settings.resolved_threads(),
+            single_thread_tokens=settings.single_thread_tokens,
             embedder=embedder,
         )
         self.slots = SlotManager(settings, self.cache, loader)

@@ -69,6 +69,12 @@ class ServeSettings(BaseSettings):
     device: str | None = None
     dtype: str = "float32"
     threads: int | None = None
+    single_thread_tokens: int = Field(
+        128,
+        ge=0,
+        description="onnx backend: model calls of at most this many packed tokens (≈ 3 MOT texts) run on one "
+        "thread, leaving the other cores to the HTTP side; 0 = every call on all the worker's threads",
+    )
     event_loop_nice: int = Field(
         0,
         ge=0,

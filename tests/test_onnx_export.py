@@ -160,3 +160,35 @@ def test_a_bundled_graph_of_the_earlier_format_is_replaced_by_a_verified_export(
     _unpacked_graph(old / ONNX_DIR / INT8_FILE)
     with pytest.raises(OnnxExportError, match="re-export"):
         OnnxEmbedder(old, threads=1, variant="int8")
+
+
+class _CountingSession:
+    """The real ONNX Runtime session, counting the calls it serves."""
+
+    def __init__(self, session) -> None:
+        self.session, self.calls = session, 0
+
+    def run(self, *args, **kwargs):
+        self.calls += 1
+        return self.session.run(*args, **kwargs)
+
+
+def test_small_calls_run_on_a_single_threaded_session_with_the_same_embeddings(onnx_model_dir):
+    both = OnnxEmbedder(onnx_model_dir, threads=2, single_thread_tokens=128)
+    plain = OnnxEmbedder(onnx_model_dir, threads=2)
+    assert both.session_for(128) is both._single and both.session_for(129) is both._session
+    assert plain.single_thread_tokens == 0 and plain.session_for(1) is plain._session
+    assert OnnxEmbedder(onnx_model_dir, threads=1, single_thread_tokens=128).single_thread_tokens == 0
+
+    small, main = _CountingSession(both._single), _CountingSession(both._session)
+    both._single, both._session = small, main
+    few = both.tokenize(["Offside Front Tyre worn close to legal limit (5.2.3 (e))", "Horn not working (7.5 (a))"])
+    many = both.tokenize(_texts(24, seed=11))
+    packed = [(lambda p: len(p.rows) * p.width)(plan([len(x) for x in ids])) for ids in (few, many)]
+    assert packed[0] <= 128 < packed[1]
+    got_few = both.encode_tokens(few)
+    assert (small.calls, main.calls) == (1, 0)
+    got_many = both.encode_tokens(many)
+    assert (small.calls, main.calls) == (1, 1)
+    np.testing.assert_allclose(got_few, plain.encode_tokens(few), atol=2e-6)
+    np.testing.assert_allclose(got_many, plain.encode_tokens(many), atol=2e-6)

@@ -64,6 +64,8 @@ def test_onnx_backend_plugs_in_by_name(tiny_bundle, onnx_model_dir, tmp_path):
     backend = load_backend(str(bundle.root), backend="onnx", threads=1)
     assert backend.backend_name == "onnx" and backend.device == "cpu"
     assert backend.golden is not None and backend.golden.passed
+    two = load_backend(str(bundle.root), backend="onnx", threads=2, single_thread_tokens=96)
+    assert two.embedder.single_thread_tokens == 96 and two.golden is not None and two.golden.passed
     with pytest.raises(ModelLoadError, match="runs on cpu"):
         load_backend(str(bundle.root), backend="onnx", device="cuda")
 

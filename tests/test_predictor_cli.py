@@ -127,3 +127,19 @@ def test_model_workers_split_the_model_threads():
     assert ServeSettings(threads=4, model_workers=2).resolved_threads() == 2
     assert ServeSettings(threads=2, model_workers=4).resolved_threads() == 1
     assert ServeSettings(threads=3).resolved_threads() == 3
+
+
+def test_single_thread_tokens_setting_reaches_the_loader(monkeypatch):
+    from pydantic import ValidationError
+
+    from predictor.server import PredictorServer
+    from predictor.settings import ServeSettings
+
+    assert ServeSettings().single_thread_tokens == 128
+    monkeypatch.setenv("MOTLENS_SERVE_SINGLE_THREAD_TOKENS", "0")
+    settings = ServeSettings()
+    assert settings.single_thread_tokens == 0
+    with pytest.raises(ValidationError, match="single_thread_tokens"):
+        ServeSettings(single_thread_tokens=-1)
+    server = PredictorServer(ServeSettings(model="unused", single_thread_tokens=64), host="127.0.0.1")
+    assert server.slots._loader.keywords["single_thread_tokens"] == 64
