@@ -40,6 +40,12 @@ def onnx_cache_root() -> Path:
     return (StateSettings().home / "onnx-cache").resolve()
 
 
+#: MOT texts of different lengths, one call: a single-threaded session must reproduce the main one on
+#: them before it serves (a thread count only reorders float sums; also warms the session up).
+SINGLE_THREAD_PROBES = ("Horn not working (7.5 (a))", "Nearside Front Brake pipe corroded (1.1.11 (c))")
+SINGLE_THREAD_TOLERANCE = 1e-4
+
+
 def _session(path: Path, threads: int | None, spin: bool) -> Any:
     """A CPU session of ``path`` on ``threads`` intra-op threads (ONNX Runtime's default when None)."""
     import onnxruntime as ort
@@ -106,8 +112,14 @@ class OnnxEmbedder:
         self.single_thread_tokens = single_thread_tokens if threads != 1 else 0
         self._single = _session(path, 1, spin) if self.single_thread_tokens > 0 else None
         if self._single is not None:
-            log.info("ONNX Runtime: calls of ≤ %d packed tokens on 1 thread, larger ones on %s",
-                     self.single_thread_tokens, threads or "the default number of threads")  # fmt: skip
+            diff = self._max_difference(self._single)
+            if diff > SINGLE_THREAD_TOLERANCE:
+                log.warning("single-threaded ONNX session differs from the main one (max |Δ| %.2g); not using it",
+                            diff)  # fmt: skip
+                self._single, self.single_thread_tokens = None, 0
+            else:
+                log.info("ONNX Runtime: calls of ≤ %d packed tokens on 1 thread, larger ones on %s",
+                         self.single_thread_tokens, threads or "the default number of threads")  # fmt: skip
         last = session.get_outputs()[0].shape[-1]
         self.dim = last if isinstance(last, int) else EMBEDDING_DIM
 
@@ -124,6 +136,14 @@ class OnnxEmbedder:
         (hidden,) = self.session_for(len(packing.rows) * packing.width).run(None, feed)
         out = mean_pool(hidden, feed["segment_ids"], packing, lengths)
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+    def _max_difference(self, other: Any) -> float:
+        """Largest |difference| between the main session's token states and ``other``'s on the probes."""
+        ids = self.tokenize(list(SINGLE_THREAD_PROBES))
+        feed = pack_ids(ids, plan([len(x) for x in ids]))
+        (want,) = self._session.run(None, feed)
+        (got,) = other.run(None, feed)
+        return float(np.abs(np.asarray(got) - np.asarray(want)).max())
 
     def session_for(self, packed_tokens: int) -> Any:
         """The single-threaded session for calls of ≤ ``single_thread_tokens`` packed tokens, else the main one."""

@@ -202,7 +202,7 @@ class Backend:
 
     def warm_up(self) -> None:
         """Run a few batch shapes through the serving path once, so no request pays lazy initialisation."""
-        for n in (1, 8):
+        for n in (1, 8, 32):  # 1 text: the ONNX small-call session; 32: any multi-threaded one
             self.encode_tokens(self.tokenize(["Nearside Front Brake pipe corroded (1.1.11 (c))"] * n))
 
     def check_golden(self) -> GoldenResult:

@@ -192,3 +192,22 @@ def test_small_calls_run_on_a_single_threaded_session_with_the_same_embeddings(o
     assert (small.calls, main.calls) == (1, 1)
     np.testing.assert_allclose(got_few, plain.encode_tokens(few), atol=2e-6)
     np.testing.assert_allclose(got_many, plain.encode_tokens(many), atol=2e-6)
+
+
+def test_a_single_threaded_session_that_differs_is_not_used(onnx_model_dir, monkeypatch, caplog):
+    """The small-call session serves only after it reproduces the main one (here: the int8 graph, a real
+    and slightly different model, stands in for a session that went wrong)."""
+    import motlens.onnx_embedder as mod
+
+    int8 = quantize_int8(onnx_model_dir / ONNX_DIR)
+    real = mod._session
+    try:
+        with monkeypatch.context() as m, caplog.at_level("WARNING", logger="motlens.onnx_embedder"):
+            m.setattr(mod, "_session", lambda path, threads, spin: real(int8 if threads == 1 else path, threads, spin))
+            emb = OnnxEmbedder(onnx_model_dir, threads=2, single_thread_tokens=128)
+    finally:
+        int8.unlink()
+    assert emb.single_thread_tokens == 0 and emb.session_for(1) is emb._session
+    assert "differs from the main one" in caplog.text
+    ok = OnnxEmbedder(onnx_model_dir, threads=2, single_thread_tokens=128)
+    assert ok._max_difference(ok._single) <= mod.SINGLE_THREAD_TOLERANCE
