@@ -63,8 +63,15 @@ DRIFT_REPORTS = "SELECT * FROM {source} WHERE 1{filters} ORDER BY ts DESC LIMIT 
 PROMOTION_EVENTS = "SELECT * FROM {source} ORDER BY ts DESC LIMIT {limit:UInt64}"
 
 # -- read-only check for ad-hoc SQL -------------------------------------------------------------
-_STRINGS = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`(?:[^`\\]|\\.)*`", re.S)
-_COMMENTS = re.compile(r"--[^\n]*|#[^\n]*|/\*.*?\*/", re.S)
+# String literals (incl. heredocs), quoted names and comments, matched in ONE left-to-right pass so
+# that whichever starts first wins: a quote inside a comment or a comment marker inside a string
+# cannot hide the rest of the statement from the checks below.
+_LEXEMES = re.compile(
+    r"(?P<quoted>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`(?:[^`\\]|\\.)*`|\$(?P<tag>\w*)\$.*?\$(?P=tag)\$)"
+    r"|--[^\n]*|#[^\n]*|/\*.*?\*/",
+    re.S,
+)
+_UNTERMINATED = re.compile(r"['\"`]|/\*")
 _FIRST = {"select", "with", "show", "describe", "desc", "explain", "exists"}
 _WRITE_WORDS = re.compile(
     r"\b(insert|alter|drop|create|truncate|rename|attach|detach|optimize|system|kill|grant|revoke|set|use|"
@@ -92,7 +99,7 @@ class ReadOnlyViolation(ValueError):
 
 def _bare(sql: str) -> str:
     """``sql`` with string literals and quoted names blanked to ``''`` and comments removed."""
-    return _COMMENTS.sub(" ", _STRINGS.sub("''", sql))
+    return _LEXEMES.sub(lambda m: "''" if m.group("quoted") else " ", sql)
 
 
 def first_keyword(sql: str) -> str:
@@ -112,6 +119,8 @@ def check_read_only(sql: str) -> str:
     bare = _bare(text)
     if not bare.strip():
         raise ReadOnlyViolation("empty query")
+    if _UNTERMINATED.search(_LEXEMES.sub(" ", text)):
+        raise ReadOnlyViolation("unterminated string, quoted name or comment")
     if ";" in bare:
         raise ReadOnlyViolation("only a single statement is allowed")
     first = first_keyword(text)

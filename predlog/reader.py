@@ -145,17 +145,38 @@ class PredictionLogReader:
         return self._df(queries.TAIL.replace("{source}", self.source.ref("predictions")), {"n": int(n)})
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """A single read-only statement (:func:`predlog.queries.check_read_only`) over the log's tables
-        ``predictions``/``drift_reports``/``promotion_events`` on either backend; values go in ``params``
-        as ``{name:Type}``. SELECT/WITH results are cut at ``max_query_rows``; on a ClickHouse server
-        the query also runs with ``readonly=2``."""
-        text = queries.check_read_only(sql)
+        """A single read-only statement over the log's tables ``predictions``/``drift_reports``/
+        ``promotion_events`` on either backend; values go in ``params`` as ``{name:Type}``.
+
+        What runs is ClickHouse's own rendering of the parsed statement (:meth:`canonical`: comments
+        gone, literals re-quoted), checked by :func:`predlog.queries.check_read_only`, so what is
+        checked is what executes. SELECT/WITH results are cut at ``max_query_rows``; on a ClickHouse
+        server the query also runs with ``readonly=2``."""
+        text = queries.check_read_only(self.canonical(sql))
         text = queries.TABLE_REF.sub(lambda m: f"{m.group(1)}{m.group(2)}{self.source.ref(m.group(3))}", text)
         if queries.first_keyword(text) in ("select", "with"):
             text = f"SELECT * FROM (\n{text}\n) LIMIT {int(self.settings.max_query_rows)}"
         url = self.settings.clickhouse_url or ""
         settings = {"readonly": 2} if url and not url.startswith("chdb:") else None
         return self.client.query_df(text, parameters=dict(params or {}), settings=settings)
+
+    def canonical(self, sql: str) -> str:
+        """``sql`` parsed and re-rendered on one line by ClickHouse (``formatQuerySingleLine``).
+
+        Raises :class:`~predlog.queries.ReadOnlyViolation` when it is empty or does not parse as a
+        single statement (ClickHouse's syntax error, first line, in the message)."""
+        text = sql.strip().rstrip(";").strip()
+        if not text:
+            raise queries.ReadOnlyViolation("empty query")
+        try:
+            rows = self.client.query("SELECT formatQuerySingleLine({q:String})", parameters={"q": text}).result_rows
+        except Exception as e:
+            msg = str(e)
+            if "Code: 62" not in msg and "Syntax error" not in msg:
+                raise
+            detail = next((ln.strip() for ln in msg.splitlines() if "Syntax error" in ln), msg.splitlines()[0])
+            raise queries.ReadOnlyViolation(f"not a single valid statement: {detail[:300]}") from e
+        return str(rows[0][0])
 
     def insert_drift_report(self, row: dict[str, Any]) -> None:
         """Store one drift verdict (columns: predlog.schema.DRIFT_REPORTS; dict values become JSON)."""

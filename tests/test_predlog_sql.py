@@ -115,6 +115,56 @@ def test_table_functions_and_settings_are_refused(reader, sql):
         reader.query(sql)
 
 
+# A quote inside a comment, or a comment marker inside a string or heredoc, must not hide the rest
+# of the statement from the check (it once did: strings were blanked before comments were removed).
+SMUGGLED = [
+    "SELECT * -- it's\nFROM file('{outside}', LineAsString) -- '",
+    "SELECT * # it's\nFROM file('{outside}', LineAsString) # '",
+    "SELECT * /* it's */ FROM file('{outside}', LineAsString) /* ' */",
+    "SELECT $$ -- $$, * FROM file('{outside}', LineAsString)",
+    "SELECT $x$ it's $x$ AS a FROM file('{outside}', LineAsString)",
+    "SHOW DATABASES -- it's\nINTO OUTFILE '{victim}' TRUNCATE -- '",
+    "SHOW TABLES -- it's\n; DROP TABLE predictions; SELECT '' -- '",
+    "SELECT 1 -- it's\n; INSERT INTO FUNCTION file('{victim}', 'CSV', 'a String') SELECT 'x' -- '",
+]
+
+
+@pytest.mark.parametrize("template", SMUGGLED)
+def test_comments_and_strings_cannot_smuggle_a_statement(reader, tmp_path, template):
+    outside, victim = tmp_path / "outside.txt", tmp_path / "victim.txt"
+    outside.write_text("SECRET-LINE\n")
+    victim.write_text("precious\n")
+    sql = template.format(outside=outside, victim=victim)
+    with pytest.raises(ReadOnlyViolation, match="not allowed|may not use|single"):
+        check_read_only(sql)  # the lexical check alone, on the raw text
+    with pytest.raises(ReadOnlyViolation, match="not allowed|may not use|single"):
+        reader.query(sql)  # ClickHouse's rendering of it, checked again
+    assert victim.read_text() == "precious\n"
+    assert len(reader.window()) == 2 + len(NASTY)
+
+
+@pytest.mark.parametrize(
+    ("sql", "match"),
+    [
+        ("SELEC 1", "not a single valid statement: .*Syntax error"),
+        ("SELECT 'unclosed FROM predictions", "unterminated|Syntax error"),
+        ("SELECT 1 /* unclosed", "unterminated|Syntax error"),
+        (";", "empty query"),
+    ],
+)
+def test_malformed_sql_is_refused_with_the_reason(reader, sql, match):
+    with pytest.raises(ReadOnlyViolation, match=match):
+        reader.query(sql)
+
+
+def test_what_runs_is_clickhouses_rendering(reader):
+    assert reader.canonical("select  slot -- why\nfrom predictions /* c */ where slot = {s:String};") == (
+        "SELECT slot FROM predictions WHERE slot = {s:String}"
+    )
+    df = reader.query("SELECT 'a -- b' AS x, $$it's$$ AS y FROM predictions -- it's\nLIMIT 1")
+    assert df.iloc[0].tolist() == ["a -- b", "it's"]
+
+
 def test_ad_hoc_selects_are_capped(reader):
     capped = reader.settings.model_copy(update={"max_query_rows": 3})
     r = type(reader)(reader.client, reader.source, capped)
