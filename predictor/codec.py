@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +35,12 @@ NUMERIC_CONTEXT = ("vehicle_age_years", "odometer_miles")
 NUMERIC_RANGES = {"vehicle_age_years": (0.0, 150.0), "odometer_miles": (0.0, 10_000_000.0)}
 INPUT_NAMES = (TEXT, *BYTES_CONTEXT, *NUMERIC_CONTEXT)
 NUMERIC_DATATYPES = ("FP32", "FP64", "INT32", "INT64")
+# A character the tokenizer keeps: not whitespace, not a C0/C1 control, not an invisible format
+# character (soft hyphen, zero-width space/joiners, direction marks, word joiner, BOM, tags).
+_VISIBLE = re.compile(
+    "[^\\s\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff"
+    "\ufff9-\ufffb\U000e0000-\U000e007f]"
+)
 DEFAULT_OUTPUTS = ("section", "section_score", "severity", "severity_scores", "fail_probability")
 EMBEDDING = "embedding"
 OUTPUT_NAMES = (*DEFAULT_OUTPUTS, EMBEDDING)
@@ -126,8 +134,8 @@ def _check_texts(texts: Sequence[Any], limits: Limits, where: str) -> list[str]:
                 raise InvalidInput(f"{where} item {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
         if not isinstance(t, str):
             raise InvalidInput(f"{where} item {i} must be a string, got {type(t).__name__}")
-        if not t.strip():
-            raise InvalidInput(f"{where} item {i} is empty")
+        if not _VISIBLE.search(t):
+            raise InvalidInput(f"{where} item {i} is empty (no visible characters)")
         if len(t) > limits.max_text_chars:
             raise InvalidInput(f"{where} item {i} has {len(t)} characters; the limit is {limits.max_text_chars}")
         out.append(t)
@@ -182,10 +190,16 @@ def parse_v1(payload: Any, limits: Limits, request_id: str = "") -> PredictReque
     params = payload.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise InvalidInput("'parameters' must be an object")
+    if not instances:
+        raise InvalidInput("'instances' text has no items")
+    if len(instances) > limits.max_items:  # before the per-instance work
+        raise InvalidInput(f"'instances' text has {len(instances)} items; the limit is {limits.max_items} per request")
     texts: list[Any] = []
     context: dict[str, list[Any]] = {}
     for i, inst in enumerate(instances):
         if isinstance(inst, Mapping):
+            if not context:
+                context = {name: [None] * len(instances) for name in (*BYTES_CONTEXT, *NUMERIC_CONTEXT)}
             unknown = sorted(set(inst) - set(INPUT_NAMES))
             if unknown:
                 raise InvalidInput(
@@ -195,13 +209,9 @@ def parse_v1(payload: Any, limits: Limits, request_id: str = "") -> PredictReque
                 raise InvalidInput(f"instances[{i}] is missing 'text'")
             texts.append(inst[TEXT])
             for name in BYTES_CONTEXT:
-                context.setdefault(name, [None] * len(instances))[i] = _context_str(
-                    inst.get(name), f"instances[{i}].{name}"
-                )
+                context[name][i] = _context_str(inst.get(name), f"instances[{i}].{name}")
             for name in NUMERIC_CONTEXT:
-                context.setdefault(name, [None] * len(instances))[i] = _context_num(
-                    inst.get(name), name, f"instances[{i}].{name}"
-                )
+                context[name][i] = _context_num(inst.get(name), name, f"instances[{i}].{name}")
         else:
             texts.append(inst)
     checked = _check_texts(texts, limits, "'instances' text")
@@ -271,12 +281,30 @@ def check_binary_texts(body: bytes, json_length: int) -> None:
         raise InvalidInput(f"malformed binary inference request header: {e}") from e
 
 
+def _check_json_numbers(inp: Any) -> None:
+    """JSON ``data`` of a numeric tensor holds numbers of its datatype: integers for INT32/INT64 (no
+    ``2.9`` truncated to 2), numbers for FP32/FP64; never strings or booleans (numpy would coerce them)."""
+    data = inp.data
+    if inp.datatype not in NUMERIC_DATATYPES or not isinstance(data, list):
+        return
+    ok: tuple[type, ...] = (int,) if inp.datatype.startswith("INT") else (int, float)
+    stack: list[Any] = list(data)
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif v is not None and (isinstance(v, bool) or not isinstance(v, ok)):
+            kind = "integers" if ok == (int,) else "numbers"
+            raise InvalidInput(f"input '{inp.name}' ({inp.datatype}) must hold {kind}, got {v!r}")
+
+
 def _flat_values(inp: Any) -> np.ndarray:
     try:
+        _check_json_numbers(inp)
         arr = inp.as_numpy()
     except InvalidInput:
         raise
-    except (ValueError, TypeError, IndexError, OverflowError) as e:
+    except (ValueError, TypeError, IndexError, OverflowError, struct.error) as e:
         raise InvalidInput(
             f"input '{inp.name}': data does not fit datatype {inp.datatype} and shape {list(inp.shape)} ({e})"
         ) from e
@@ -328,7 +356,12 @@ def parse_v2(req: InferRequest, limits: Limits) -> PredictRequest:
         if name in values:
             context[name] = [_context_num(v, name, f"input '{name}' item {i}") for i, v in enumerate(values[name])]
 
-    params = to_http_parameters(req.parameters) if req.parameters else {}
+    if req.parameters and not isinstance(req.parameters, Mapping):
+        raise InvalidInput(f"'parameters' must be an object, got {type(req.parameters).__name__}")
+    try:
+        params = to_http_parameters(req.parameters) if req.parameters else {}
+    except (AttributeError, TypeError, ValueError) as e:
+        raise InvalidInput(f"'parameters' could not be read: {e}") from e
     want_embedding = _truthy(params.get("return_embedding", False))
     if req.request_outputs:
         names = []

@@ -13,7 +13,7 @@ import random
 import time
 from typing import Any
 
-from grpc_interceptor.exceptions import ResourceExhausted
+from grpc_interceptor.exceptions import ResourceExhausted, Unavailable
 from kserve import Model
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.infer_type import InferRequest, InferResponse
@@ -96,6 +96,9 @@ class MotlensModel(Model):
         if unit is None:
             metrics.REQUESTS.labels(protocol=protocol, outcome="unavailable").inc()
             reason = self.slots.not_ready_reason()
+            if protocol == "v2-grpc":  # KServe's gRPC interceptor cannot map ModelNotReady (no .reason)
+                log.debug("gRPC predict while not ready: %s", reason)
+                raise Unavailable(f"model {self.name} is not ready")
             raise ModelNotReady(self.name, reason[1] if reason else None)
         try:
             result, hits = await unit.predict(req.texts, req.context)
@@ -103,7 +106,7 @@ class MotlensModel(Model):
             metrics.REQUESTS.labels(protocol=protocol, outcome="overloaded").inc()
             self._log_failure(req, unit, protocol, time.perf_counter() - t0)
             if protocol == "v2-grpc":
-                raise ResourceExhausted(str(e)) from e
+                raise (ResourceExhausted if e.reason == "queue_full" else Unavailable)(str(e)) from e
             raise
         except asyncio.CancelledError:
             metrics.REQUESTS.labels(protocol=protocol, outcome="cancelled").inc()

@@ -30,6 +30,7 @@ import uvicorn
 from cloudevents.sdk.converters.util import has_binary_headers
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from grpc_interceptor.exceptions import Unimplemented
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ModelNotReady
 from kserve.model_repository import ModelRepository
@@ -113,8 +114,14 @@ class _RESTServer(RESTServer):
         self.motlens.add_routes(app)
         if self.motlens.settings.access_log:
             self._add_middlewares(app)  # KServe's per-request timing lines (costly: getrusage per request)
+        # KServe's model-repository extension (load/unload by name) would let any client unload the
+        # model; slots are managed through the gated admin API instead. Routes match in order, so this
+        # one shadows KServe's.
+        app.router.add_route("/v2/repository/{rest:path}", _no_repository, methods=["GET", "POST", "PUT", "DELETE"])
         self._register_endpoints(app)
         self._add_exception_handlers(app)
+        app.add_exception_handler(InferenceError, _server_error_handler)
+        app.add_exception_handler(Exception, _server_error_handler)
         app.add_exception_handler(InvalidInput, _invalid_input_handler)
         app.add_exception_handler(ModelNotReady, _not_ready_handler)
         app.add_exception_handler(Overloaded, _overloaded_handler)
@@ -132,8 +139,36 @@ async def _invalid_input_handler(request: Request, exc: Exception) -> Response:
 
 
 async def _not_ready_handler(request: Request, exc: Exception) -> Response:
+    """503 with a generic body: the reason (paths, registry URIs) goes to the log and /motlens/ready."""
     log.debug("503 %s %s: %s", request.method, request.url.path, exc)
-    return _json({"error": str(exc)}, status_code=503)
+    name = getattr(exc, "model_name", None) or request.path_params.get("model_name", "model")
+    return _json({"error": f"model {name} is not ready"}, status_code=503)
+
+
+async def _no_repository(_: Request) -> Response:
+    return _json({"error": "the model repository extension is disabled"}, status_code=404)
+
+
+def server_error(request: Request, exc: BaseException) -> Response:
+    """A generic 500: the exception and its traceback go to the log, never to the client."""
+    rid = request.headers.get("x-request-id", "")[:128]
+    log.error("500 %s %s (request id %r)", request.method, request.url.path, rid, exc_info=exc)
+    body = {"error": "internal server error"} | ({"request_id": rid} if rid else {})
+    return _json(body, status_code=500)
+
+
+async def _server_error_handler(request: Request, exc: Exception) -> Response:
+    return server_error(request, exc)
+
+
+class _NoRepository(ModelRepositoryExtension):
+    """gRPC's RepositoryModelLoad/Unload answer UNIMPLEMENTED (see :meth:`_RESTServer.create_application`)."""
+
+    async def load(self, model_name: str) -> dict[str, Any]:
+        raise Unimplemented("the model repository extension is disabled; use the motlens admin API")
+
+    async def unload(self, model_name: str) -> dict[str, Any]:
+        raise Unimplemented("the model repository extension is disabled; use the motlens admin API")
 
 
 async def _overloaded_handler(_: Request, exc: Exception) -> Response:
@@ -183,7 +218,7 @@ class PredictorServer:
         repo = ModelRepository()
         repo.update(self.model)
         self.dataplane = DataPlane(model_registry=repo)
-        ext = ModelRepositoryExtension(model_registry=repo)
+        ext = _NoRepository(model_registry=repo)
         self.rest = _RESTServer(self, self.dataplane, ext, host)
         self.grpc = GRPCServer(
             settings.grpc_port,
@@ -299,11 +334,21 @@ class PredictorServer:
             raise ModelNotReady(model_name, reason[1] if reason else None)
 
     async def _v1_route(self, request: Request) -> Response:
-        return await self._v1_predict(request.path_params["model_name"], request)
+        try:
+            return await self._v1_predict(request.path_params["model_name"], request)
+        except _CLIENT_FACING:
+            raise
+        except Exception as e:
+            return server_error(request, e)
 
     async def _v2_route(self, request: Request) -> Response:
         params = request.path_params
-        return await self._v2_infer(params["model_name"], request, params.get("model_version"))
+        try:
+            return await self._v2_infer(params["model_name"], request, params.get("model_version"))
+        except _CLIENT_FACING:
+            raise
+        except Exception as e:
+            return server_error(request, e)
 
     async def _v1_predict(self, model_name: str, request: Request) -> Response:
         body = await read_body(request, self.settings.max_body_bytes)
@@ -431,6 +476,10 @@ class PredictorServer:
 
 class ClientGone(Exception):
     """The HTTP client disconnected before its answer was ready; its queued work was dropped."""
+
+
+# Exceptions with their own handler and status; anything else raised by an infer route is a 500.
+_CLIENT_FACING = (InvalidInput, ModelNotReady, ModelNotFound, Overloaded, BodyTooLarge, ClientGone)
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -209,6 +209,55 @@ CASES = [
     ("v1-malformed-json", V1, (b"{nope", {"Content-Type": "application/json"}), 400, "Unrecognized request"),
     ("v1-oversized-body", V1, {"instances": ["z" * 90] * 800}, 413, "exceeds 65536 bytes"),
     ("unknown-model", "/v2/models/other/infer", v2(text_input([OK_TEXT])), 404, "other"),
+    # texts the tokenizer reduces to nothing are empty too (NUL, zero-width space, BOM, soft hyphen, C0)
+    ("nul-text", V2, v2(text_input(["\x00"])), 400, "item 0 is empty"),
+    ("invisible-text", V2, v2(text_input([OK_TEXT, "\u200b\ufeff\u00ad \x01"])), 400, "item 1 is empty"),
+    ("v1-invisible-text", V1, {"instances": ["\u200b"]}, 400, "item 0 is empty"),
+    ("binary-nul-text", V2, binary_body([b"\x00\x00"]), 400, "item 0 is empty"),
+    # JSON numbers must fit their datatype, not be truncated or parsed by numpy
+    *(
+        (
+            f"{dt}-{kind}",
+            V2,
+            v2(text_input([OK_TEXT]), text_input([bad], datatype=dt, name="vehicle_age_years")),
+            400,
+            f"input 'vehicle_age_years' ({dt}) must hold",
+        )
+        for dt, kind, bad in [
+            ("INT32", "float", 2.9),
+            ("INT32", "negative-float", -0.9),
+            ("INT64", "string", "7"),
+            ("INT64", "bool", True),
+            ("FP32", "bool", True),
+            ("FP32", "string", "12.5"),
+        ]
+    ),  # fmt: skip
+    (
+        "binary-parameters-not-object",
+        V2,
+        (
+            (
+                h := json.dumps(
+                    {
+                        "inputs": [
+                            {
+                                "name": "text",
+                                "datatype": "BYTES",
+                                "shape": [1],
+                                "parameters": {"binary_data_size": 4 + len(OK_TEXT)},
+                            }
+                        ],
+                        "parameters": [1],
+                    }
+                ).encode()
+            )  # fmt: skip
+            + len(OK_TEXT).to_bytes(4, "little")
+            + OK_TEXT.encode(),
+            {"Inference-Header-Content-Length": str(len(h)), "Content-Type": "application/octet-stream"},
+        ),
+        400,
+        "'parameters' must be an object",
+    ),
 ]
 
 
@@ -285,3 +334,61 @@ def test_request_ids_are_capped_at_128_characters(base):
     assert httpx.post(url + V1, json={"instances": [OK_TEXT]}, headers={"x-request-id": "r" * 128}).status_code == 200
     ok = httpx.post(url + V2, json=v2(text_input([OK_TEXT]), id="r" * 128))
     assert ok.status_code == 200 and ok.json()["id"] == "r" * 128
+
+
+def test_numbers_of_the_right_type_are_served(base):
+    url, _ = base
+    ok = v2(text_input([OK_TEXT, OK_TEXT]), text_input([3, 12], datatype="INT32", name="vehicle_age_years"),
+            text_input([5.5, 70000], datatype="FP64", name="odometer_miles"))  # fmt: skip
+    assert httpx.post(url + V2, json=ok).status_code == 200
+
+
+def test_v1_item_limit_is_checked_before_the_instances_are_read():
+    """A huge v1 body is refused without per-instance work (it once took seconds on the event loop)."""
+    import time
+
+    from kserve.errors import InvalidInput
+
+    from predictor.codec import Limits, parse_v1
+
+    many = {"instances": [{"text": "a"}] * 200_000}
+    t0 = time.process_time()
+    with pytest.raises(InvalidInput, match="200000 items; the limit is 256"):
+        parse_v1(many, Limits())
+    assert time.process_time() - t0 < 0.5  # linear work would be ~0.1 s; the old quadratic loop, minutes
+    req = parse_v1({"instances": [{"text": OK_TEXT, "make": "FORD"}, OK_TEXT]}, Limits())
+    assert req.context["make"] == ["FORD", None] and req.context["odometer_miles"] == [None, None]
+
+
+def test_repository_extension_cannot_unload_the_model(base):
+    """KServe's /v2/repository routes would let any client unload the model: they do not exist."""
+    url, _ = base
+    for action in ("unload", "load"):
+        assert httpx.post(f"{url}/v2/repository/models/{MODEL}/{action}").status_code == 404
+    assert httpx.get(f"{url}/v2/models/{MODEL}/ready").status_code == 200
+    assert httpx.post(url + V1, json={"instances": [OK_TEXT]}).status_code == 200
+
+
+async def test_grpc_repository_unload_is_unimplemented_and_raw_bytes_are_checked(base):
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    _, settings = base
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=MODEL))
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        ready = await stub.ModelReady(pb.ModelReadyRequest(name=MODEL))
+        assert ready.ready
+        for raw in (b"\x64\x00\x00\x00short", b"\x01\x00"):  # a length past the end; too short for one
+            req = pb.ModelInferRequest(
+                model_name=MODEL,
+                inputs=[pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])],
+                raw_input_contents=[raw],
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ModelInfer(req)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert "input 'text'" in info.value.details()

@@ -331,6 +331,13 @@ def test_a_server_error_is_logged_as_an_error_row(served, monkeypatch):
         f"{base}/v1/models/{MODEL}:predict", json={"instances": unique_texts(3)}, headers={"x-request-id": "req-500"}
     )
     assert r.status_code == 500
+    assert r.json() == {"error": "internal server error", "request_id": "req-500"}  # the detail stays in the log
+    texts = unique_texts(2)
+    r2 = httpx.post(
+        f"{base}/v2/models/{MODEL}/infer",
+        json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": texts}]},
+    )
+    assert r2.status_code == 500 and r2.json() == {"error": "internal server error"}
     assert server.writer.flush(30)
     reader = predlog.open_reader(log_settings)
     try:

@@ -4,6 +4,7 @@ silently (rows are spilled and replayed, or dropped by the documented policy and
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -61,7 +62,10 @@ def start_server(model: str, embedder, writer=None, **overrides):
     from predictor.settings import ServeSettings
 
     settings = ServeSettings(
-        model=model, http_port=free_port(), grpc_port=free_port(), enable_grpc=False, grace_period_s=20, **overrides
+        model=model,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        **{"enable_grpc": False, "grace_period_s": 20, **overrides},
     )
     thread = ServerThread(PredictorServer(settings, embedder=embedder, writer=writer, host="127.0.0.1")).start()
     return thread, f"http://127.0.0.1:{settings.http_port}"
@@ -270,5 +274,42 @@ def test_damaged_bundle_is_refused_with_its_reason(tiny_bundle, embedder, tmp_pa
         assert thread.server.slots.slots["production"].unit is None  # never served
         r = httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": ["Horn not working"]}, timeout=30)
         assert r.status_code == 503
+        assert r.json() == {"error": f"model {MODEL} is not ready"}  # the reason: /motlens/ready and the log
+    finally:
+        thread.stop()
+
+
+async def test_grpc_predict_while_not_ready_is_unavailable(embedder, tmp_path):
+    """Not UNKNOWN from KServe's interceptor (ModelNotReady has no .reason); the reason stays server-side."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    missing = tmp_path / "no-such-bundle"
+    thread, base = start_server(str(missing), embedder, enable_grpc=True)
+    try:
+        wait_until(lambda: not_ready_with(base, "load_failed", "does not exist"))
+        port = thread.server.settings.grpc_port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            req = pb.ModelInferRequest(
+                model_name=MODEL,
+                inputs=[
+                    pb.ModelInferRequest.InferInputTensor(
+                        name="text", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"x"])
+                    )
+                ],
+            )
+            stub = GRPCInferenceServiceStub(channel)
+            error: grpc.aio.AioRpcError | None = None
+            for _ in range(50):  # the gRPC server starts with the REST one
+                try:
+                    await stub.ModelInfer(req)
+                except grpc.aio.AioRpcError as e:
+                    error = e
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or "not ready" in (e.details() or ""):
+                        break
+                await asyncio.sleep(0.1)
+        assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE, error and error.details()
+        assert error.details() == f"model {MODEL} is not ready" and str(missing) not in error.details()
     finally:
         thread.stop()
