@@ -184,7 +184,7 @@ class DriftJob:
             spec = reference_spec(s.reference, window)
             base["reference"] = spec.describe()
         with stages.stage(f"read current window ({s.window})"):
-            current = self._read("current", version, s.slot, window)
+            current = self._read("current", version, None, window)  # by version: see _canary
         with stages.stage(f"read reference ({spec.describe()})"):
             reference = self._reference(spec, version)
         checks, detail = self._compare(reference, current, stages)
@@ -196,10 +196,15 @@ class DriftJob:
             version = s.version or self._alias_version("canary")
             base["version"] = version
             base["run_id"] = self._run_id(version)
+            production_version = self._alias_version("production")
+            if production_version == version:
+                raise ValueError(f"version {version} is both the canary and production: nothing to compare")
+        # Rows are told apart by version, not by their slot column: on Kubernetes each revision's pods
+        # serve one model and log slot "production", the canary revision's included.
         with stages.stage("read canary window"):
-            canary = self._read("canary", version, "canary", window)
+            canary = self._read("canary", version, None, window)
         with stages.stage("read production window"):
-            production = self._read("production", None, "production", window)
+            production = self._read("production", production_version, None, window)
         checks, detail = self._compare(production, canary, stages)
         with stages.stage("canary: agreement on shared texts"):
             a_check, a_detail = agreement(production, canary, s)

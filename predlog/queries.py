@@ -29,7 +29,7 @@ WINDOW = (
 LIVE_STATS = f"""
 SELECT
     model_version,
-    slot,
+    {{slot}},
     count() AS n,
     countIf(status != 'ok') AS errors,
     errors / n AS error_rate,
@@ -45,9 +45,14 @@ SELECT
     max(ts) AS last_ts
 FROM {{source}}
 WHERE model_name = {{model_name:String}} AND ts >= {{since:{TS_PARAM}}}
-GROUP BY model_version, slot
-ORDER BY model_version, slot
+GROUP BY model_version{{by_slot}}
+ORDER BY model_version{{by_slot}}
 """
+# LIVE_STATS per version × slot, or per version with its slots listed (``slots``, comma-separated).
+LIVE_STATS_SLOT = {
+    True: ("slot", ", slot"),
+    False: ("arrayStringConcat(arraySort(groupUniqArray(slot)), ',') AS slots", ""),
+}
 
 COUNTS = """
 SELECT model_name, model_version, slot, count() AS n, countIf(length(embedding_q) > 0) AS with_embedding,

@@ -127,10 +127,19 @@ class PredictionLogReader:
         )
         return self._df(sql, params)
 
-    def live_stats(self, *, since: datetime, model_name: str = "mot-defects") -> pd.DataFrame:
+    def live_stats(self, *, since: datetime, model_name: str = "mot-defects", by_slot: bool = True) -> pd.DataFrame:
         """Per model_version and slot: n, errors, error_rate, latency p50/p95/p99 (ms), mean fail
-        probability, cache-hit rate, section and severity counts (maps), first/last ts."""
-        sql = queries.LIVE_STATS.replace("{source}", self.source.ref("predictions"))
+        probability, cache-hit rate, section and severity counts (maps), first/last ts.
+
+        ``by_slot=False``: one row per model_version over every slot, the slots listed in ``slots``
+        (on Kubernetes every pod logs its own slot, ``production``, canary revisions included, so the
+        promotion gates tell canary from production by version)."""
+        slot, group = queries.LIVE_STATS_SLOT[by_slot]
+        sql = (
+            queries.LIVE_STATS.replace("{slot}", slot)
+            .replace("{by_slot}", group)
+            .replace("{source}", self.source.ref("predictions"))
+        )
         df = self._df(sql, {"model_name": model_name, "since": _utc(since)})
         return df.drop(columns=["latency_q"], errors="ignore")
 

@@ -176,17 +176,13 @@ class Promoter:
         try:
             reader = self.reader()
             reports = reader.drift_reports(model_version=version, slot="canary", limit=20).to_dict("records")
-            stats = reader.live_stats(since=since, model_name=MODEL_NAME)
+            stats = reader.live_stats(since=since, model_name=MODEL_NAME, by_slot=False)
         except Exception as e:  # noqa: BLE001 - no evidence is a reason to hold, not to crash or step
             why = f"prediction log unavailable: {type(e).__name__}: {e}"
             return [g.GateResult("drift", g.WAIT, why), g.GateResult("live", g.WAIT, why)]
         return [
             g.drift_gate(reports, version, started, self.settings),
-            g.live_gate(
-                _stats_row(stats, version, "canary"),
-                _stats_row(stats, production, "production"),
-                self.settings,
-            ),
+            g.live_gate(_stats_row(stats, version), _stats_row(stats, production), self.settings),
         ]
 
     # ------------------------------------------------------------------ execution
@@ -693,10 +689,12 @@ def _embedder_for(bundle: Any) -> Any:
     return _EMBEDDERS[key]
 
 
-def _stats_row(stats: Any, version: str | None, slot: str) -> dict[str, Any] | None:
+def _stats_row(stats: Any, version: str | None) -> dict[str, Any] | None:
+    """The live stats of one version, whichever slot its servers call themselves (by version, not slot:
+    a KServe canary revision's pods log ``production``, as every pod serves its own model)."""
     if version is None or stats is None or len(stats) == 0:
         return None
-    rows = stats[(stats["model_version"] == str(version)) & (stats["slot"] == slot)]
+    rows = stats[stats["model_version"] == str(version)]
     return None if rows.empty else rows.iloc[0].to_dict()
 
 

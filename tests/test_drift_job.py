@@ -53,7 +53,9 @@ def env(tmp_path_factory, embedder, tiny_bundle, _mlflow_template_db):
 
     logged = [
         with_embeddings(traffic(400, 2, end=NOW), encode, share=0.6, seed=2),
-        with_embeddings(traffic(300, 3, model_version="2", slot="canary", end=NOW), encode, share=0.6, seed=3),
+        # v2's rows say slot "production", as a KServe canary revision's pods log them: the canary
+        # comparison goes by version (v2 = the canary alias, v1 = production), not by the slot column
+        with_embeddings(traffic(300, 3, model_version="2", slot="production", end=NOW), encode, share=0.6, seed=3),
         with_embeddings(traffic(400, 4, model_version="3", end=V3_END, age_shift=5, odometer_shift=40_000), encode),
     ]
     writer = predlog.open_writer(PredlogSettings(dir=home / "predlog", batch_rows=500, flush_interval_s=0.05))

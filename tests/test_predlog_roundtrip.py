@@ -164,6 +164,12 @@ def test_same_sql_same_results_on_table_and_parquet(embedded, table, records):
     assert np.allclose(sa["latency_p50_ms"], sb["latency_p50_ms"], rtol=0.05)
     expected_errors = sum(r.status != "ok" for r in records if r.model_version == "3")
     assert sa.set_index("model_version").loc["3", "errors"] == expected_errors
+    va, vb = (r.live_stats(since=since, by_slot=False) for r in (emb_reader, tab_reader))  # per version
+    for col in ("model_version", "slots", "n", "errors"):
+        assert va[col].tolist() == vb[col].tolist(), col
+    assert va["n"].sum() == sa["n"].sum() and "slot" not in va.columns
+    slots = [",".join(sorted(set(sa[sa.model_version == v]["slot"]))) for v in va["model_version"]]
+    assert va["slots"].tolist() == slots
 
     pd.testing.assert_frame_equal(
         _norm(emb_reader.counts(), ["model_version"]),

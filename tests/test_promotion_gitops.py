@@ -91,7 +91,8 @@ def test_full_rollout_then_rollback(env, tmp_path):
         if percents[-1] < 100:
             with pytest.raises(Refused, match="live: wait"):  # no canary traffic since the step yet
                 p.advance()
-        log_traffic("2", "canary", 25)
+        # what a KServe canary revision's pods log: their own slot, "production"; the gates go by version
+        log_traffic("2", "production", 25)
         log_traffic("1", "production", 25)
         drift_report("2", detected=False)
         if percents[-1] == 100:
@@ -151,7 +152,7 @@ def test_manual_edit_is_respected_and_guarded(env, tmp_path):
             op["value"] = 40
     rollout.write_text(yaml.safe_dump(ops))
     assert p.status()["live"]["percent"] == 40
-    log_traffic("2", "canary", 25)
+    log_traffic("2", "production", 25)
     drift_report("2", detected=False)
     p.advance()
     assert render(target.overlay)["spec"]["predictor"]["canaryTrafficPercent"] == 50
