@@ -38,8 +38,12 @@ def metrics_registry(summary: dict[str, Any], now_s: float) -> Any:
                   ["model_version", "slot", "metric"], registry=reg)  # fmt: skip
     for metric, value in sorted(summary["scores"].items()):
         score.labels(**labels, metric=metric).set(value)
-    Gauge("motlens_drift_last_run_timestamp_seconds", "when the drift job last finished",
-          registry=reg).set(now_s)  # fmt: skip
+    if summary["details"]["status"] == "error":
+        Gauge("motlens_drift_last_error_timestamp_seconds", "when a drift job last failed (no verdict)",
+              registry=reg).set(now_s)  # fmt: skip
+    else:
+        Gauge("motlens_drift_last_run_timestamp_seconds", "when the drift job last finished with a verdict "
+              "or with too little data", registry=reg).set(now_s)  # fmt: skip
     return reg
 
 

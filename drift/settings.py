@@ -29,6 +29,14 @@ class DriftSettings(BaseSettings):
         "(7d), START/END (ISO-8601), or a path to a bundle directory or a Parquet file",
     )
     canary: bool = Field(default=False, description="compare the canary slot against production instead")
+    skip_without_canary: bool = Field(
+        default=False, description="canary mode with no 'canary' alias (no rollout on): exit 0, nothing published"
+    )
+    verdict_exit_codes: bool = Field(
+        default=True,
+        description="exit 1 on drift and 2 on insufficient data; off: exit 0 for every verdict and 2 only when "
+        "the job failed (CronJobs: a non-zero exit marks the Job failed and runs it again)",
+    )
     output: Path = Path("drift-report")
     max_rows: int = Field(default=50_000, ge=1, description="row cap per window for the column drift")
     embedding_max_rows: int = Field(default=2_000, ge=1, description="row cap per window for embedding drift")

@@ -225,3 +225,6 @@ def test_predictor_image_has_no_evidently_and_jobs_image_no_kserve() -> None:
     assert serve.get("kubernetes", set()) <= {"kserve"}
     jobs = _closure({"drift", "promote"})
     assert {"evidently", "kubernetes"} <= set(jobs) and "kserve" not in jobs and "onnxruntime" not in jobs
+    # the jobs download MLflow artifacts from S3 themselves (drift reference bundle, golden gate)
+    assert "boto3" in jobs and "botocore" in jobs
+    import botocore  # noqa: F401 - the dev venv installs the same extras

@@ -193,3 +193,39 @@ def test_unknown_alias_is_exit_2_with_the_registry_message(env, motlens, tmp_pat
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert rc == 2 and summary["details"]["status"] == "error"
     assert any("alias 'canary' is not set" in m for m in summary["details"]["messages"])
+
+
+def test_cronjob_settings_exit_0_on_verdicts_and_skip_without_a_canary(env, motlens, tmp_path, monkeypatch, capsys):
+    """The CronJobs' settings: a drift verdict exits 0 (a failed Job would run again and alert as
+    KubeJobFailed); the canary job without a rollout exits 0 and publishes nothing."""
+    monkeypatch.setenv("MOTLENS_DRIFT_VERDICT_EXIT_CODES", "false")
+    out = tmp_path / "shift"
+    rc = motlens(["drift", "--version", "3", "--reference", str(env[0] / "bundle"), *RUN, "--no-html",
+                  "--end", V3_END.isoformat(), "--output", str(out), "--no-artifact"])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert rc == 0 and summary["details"]["status"] == "drift" and summary["details"]["exit_code"] == 0
+
+    monkeypatch.setenv("MOTLENS_DRIFT_SKIP_WITHOUT_CANARY", "true")
+    prom = tmp_path / "canary.prom"
+    rows_before = _drift_report_count(env)
+    env[1].delete_alias("canary")
+    try:
+        rc = motlens(["drift", "--canary", *RUN, "--output", str(tmp_path / "none"), "--no-html",
+                      "--textfile", str(prom)])  # fmt: skip
+    finally:
+        env[1].set_alias("canary", "2")
+    summary = json.loads((tmp_path / "none" / "summary.json").read_text())
+    assert rc == 0 and summary["details"]["status"] == "no_canary" and not prom.exists()
+    assert "verdict: no_canary (exit 0)" in capsys.readouterr().out
+    assert _drift_report_count(env) == rows_before
+
+
+def _drift_report_count(env) -> int:
+    import predlog
+    from predlog import PredlogSettings
+
+    reader = predlog.open_reader(PredlogSettings(dir=env[0] / "predlog"))
+    try:
+        return len(reader.drift_reports(limit=1000))
+    finally:
+        reader.close()

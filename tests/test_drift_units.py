@@ -143,6 +143,11 @@ def test_textfile_metrics(tmp_path):
     push_metrics(metrics_registry(_summary("insufficient_data"), 1.0), pushgateway=None, textfile=path,
                  job="j", grouping={})  # fmt: skip
     assert "motlens_drift_detected{" not in path.read_text()  # no verdict, no 0 that reads as "no drift"
+    assert "motlens_drift_last_run_timestamp_seconds 1.0" in path.read_text()
+    push_metrics(metrics_registry(_summary("error"), 2.0), pushgateway=None, textfile=path, job="j", grouping={})
+    text = path.read_text()  # a failed run does not count as a run: the stale and failing alerts see it
+    assert "motlens_drift_last_error_timestamp_seconds 2.0" in text
+    assert "motlens_drift_last_run_timestamp_seconds" not in text
 
 
 def test_pushgateway_receives_the_metrics_under_the_grouping_key():

@@ -23,6 +23,8 @@ from manifest_helpers import (
     pod_specs,
 )
 
+from drift.settings import DriftSettings
+
 KNATIVE_MODES = {"Serverless", "Knative"}  # the legacy and the current spelling of Knative mode
 
 
@@ -161,7 +163,7 @@ def test_rollout_ops_as_the_promotion_cli_writes_them(tmp_path: Path, overlay: s
     """A canary at 10% written the way the promotion CLI's GitOps target does: the build carries it
     and the InferenceService still matches the CRD."""
     root = _overlay_copy(tmp_path)
-    canary_uri = "s3://mlflow-artifacts/1/models/m-canary/artifacts"
+    canary_uri = "s3://mlflow-artifacts/1/canaryrun/artifacts/model"
     ops = [
         {"op": "replace", "path": "/spec/predictor/containers/0/env/0/value", "value": canary_uri},
         {"op": "add", "path": "/spec/predictor/canaryTrafficPercent", "value": 10},
@@ -193,8 +195,9 @@ def test_rollout_guard_rejects_a_base_that_breaks_the_contract(tmp_path: Path) -
 def test_cronjobs(built, overlay: str) -> None:
     docs = built[overlay]
     drift = one(docs, "CronJob", "motlens-drift")
+    canary = one(docs, "CronJob", "motlens-drift-canary")
     promotion = one(docs, "CronJob", "motlens-promotion")
-    for job in (drift, promotion):
+    for job in (drift, canary, promotion):
         (container,) = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
         assert container["image"].startswith("ghcr.io/") and "motlens-jobs" in container["image"]
         env = _env(container)
@@ -202,6 +205,16 @@ def test_cronjobs(built, overlay: str) -> None:
         assert clickhouse == {"name": "motlens-clickhouse", "key": "url"}
         assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["name"] == "motlens-config"
         assert job["spec"]["concurrencyPolicy"] == "Forbid"
+        # every job downloads MLflow artifacts (reference bundle, golden gate): S3 credentials
+        assert {"secretRef": {"name": "motlens-s3", "optional": True}} in container["envFrom"]
+    for job, canary_mode in ((drift, False), (canary, True)):
+        (container,) = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+        env = {k: v["value"] for k, v in _env(container).items() if k.startswith("MOTLENS_DRIFT_") and "value" in v}
+        settings = DriftSettings(**{k.removeprefix("MOTLENS_DRIFT_").lower(): v for k, v in env.items()})
+        assert set(env) <= {f"MOTLENS_DRIFT_{f.upper()}" for f in DriftSettings.model_fields}  # real settings
+        assert settings.verdict_exit_codes is False  # a verdict is no failed Job (no rerun, no KubeJobFailed)
+        assert ("--canary" in container["args"]) is canary_mode
+        assert settings.skip_without_canary is canary_mode
     drift_container = drift["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert drift_container["args"][0] == "drift"
     assert any(name.startswith("MOTLENS_DRIFT_") for name in _env(drift_container))
@@ -249,7 +262,7 @@ def test_promotion_gitops_target_round_trip(tmp_path: Path, monkeypatch: pytest.
     start = target.read()
     assert start.storage_uri == isvc_container(_isvc(kustomize(MANIFESTS / "base")))["env"][0]["value"]
     assert not start.canary_active
-    canary_uri = "s3://mlflow-artifacts/1/models/m-canary/artifacts"
+    canary_uri = "s3://mlflow-artifacts/1/canaryrun/artifacts/model"
     for desired in (start.with_canary("7", canary_uri, 10), start.with_canary("7", canary_uri, 10).promoted(),
                     start.with_canary("7", canary_uri, 10).rolled_back()):
         target.apply(desired)

@@ -31,7 +31,6 @@ def test_promotion_role_is_limited_to_its_inferenceservice_and_lease(docs) -> No
                     granted.setdefault((group, resource, name), set()).update(rule["verbs"])
     assert granted == {
         ("serving.kserve.io", "inferenceservices", "mot-defects"): {"get", "patch"},
-        ("serving.kserve.io", "inferenceservices/status", "mot-defects"): {"get"},
         ("coordination.k8s.io", "leases", "mot-defects-promotion"): {"get", "update"},
         # create cannot be restricted by resourceNames; the lease is made on first use
         ("coordination.k8s.io", "leases", "*"): {"create"},
@@ -53,9 +52,10 @@ def test_service_accounts_and_tokens(docs) -> None:
     assert accounts["motlens-drift"]["automountServiceAccountToken"] is False
     assert accounts["motlens-predictor"]["automountServiceAccountToken"] is False
     assert accounts["motlens-predictor"]["secrets"] == [{"name": "motlens-s3"}]  # S3 for the storage initializer
-    drift_pod = one(docs, "CronJob", "motlens-drift")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    assert drift_pod["serviceAccountName"] == "motlens-drift"
-    assert drift_pod["automountServiceAccountToken"] is False
+    for name in ("motlens-drift", "motlens-drift-canary"):
+        drift_pod = one(docs, "CronJob", name)["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        assert drift_pod["serviceAccountName"] == "motlens-drift"
+        assert drift_pod["automountServiceAccountToken"] is False
     promo_pod = one(docs, "CronJob", "motlens-promotion")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert promo_pod["serviceAccountName"] == "motlens-promotion"
 
@@ -67,7 +67,7 @@ def _effective(pod: dict[str, Any], container: dict[str, Any], key: str) -> Any:
 
 def test_every_container_is_locked_down(docs) -> None:
     specs = pod_specs(docs)
-    assert len(specs) == 3
+    assert len(specs) == 4  # predictor, drift, canary drift, promotion
     for owner, pod in specs:
         for container in pod["containers"]:
             where = f"{owner}/{container['name']}"
@@ -100,6 +100,6 @@ def test_network_policies(docs) -> None:
     jobs = policies["motlens-jobs"]
     assert "ingress" not in jobs and set(jobs["policyTypes"]) == {"Ingress", "Egress"}
     labels = {one(docs, "CronJob", n)["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
-              ["app.kubernetes.io/component"] for n in ("motlens-drift", "motlens-promotion")}
+              ["app.kubernetes.io/component"] for n in ("motlens-drift", "motlens-drift-canary", "motlens-promotion")}
     (expr,) = jobs["podSelector"]["matchExpressions"]
     assert expr["key"] == "app.kubernetes.io/component" and set(expr["values"]) == labels
