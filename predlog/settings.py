@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from motlens.state import StateSettings
@@ -37,7 +37,10 @@ class PredlogSettings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("MOTLENS_PREDLOG_PASSWORD", "MOTLENS_CLICKHOUSE_PASSWORD", "password"),
     )
-    database: str = "default"
+    database: str = Field(
+        default="default",
+        description="default: the database in the URL's path (https://host:8443/motlens), else 'default'",
+    )
     cluster: bool = Field(default=False, description="cluster DDL: ON CLUSTER '{cluster}', Replicated + Distributed")
     auto_migrate: bool = True
     ttl_days: int = Field(default=400, ge=1)
@@ -68,6 +71,23 @@ class PredlogSettings(BaseSettings):
         if v and urlsplit(v).password:
             raise ValueError("put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD, not in the URL")
         return v or None
+
+    @model_validator(mode="after")
+    def _database_from_url(self) -> PredlogSettings:
+        """The URL's database is the one the statements name (they qualify every table); an explicit
+        ``database`` that disagrees with it is refused rather than silently writing elsewhere."""
+        url = self.clickhouse_url or ""
+        in_url = urlsplit(url).path.strip("/") if url.startswith(("http://", "https://")) else ""
+        if not in_url:
+            return self
+        if not IDENT.match(in_url):
+            raise ValueError(f"the ClickHouse URL's database {in_url!r} is not a plain identifier")
+        if "database" in self.model_fields_set and self.database != in_url:
+            raise ValueError(
+                f"database {self.database!r} disagrees with the ClickHouse URL's database {in_url!r}; set one of them"
+            )
+        self.database = in_url
+        return self
 
     @property
     def embedded(self) -> bool:

@@ -6,6 +6,7 @@ import os
 
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from motlens.cli import main
 from training.chload import (
@@ -105,8 +106,12 @@ def test_cli_clickhouse_load(tmp_path, synth_dir, capsys):
 
 
 def test_settings_pick_server_only_with_url(monkeypatch, tmp_path):
-    monkeypatch.setenv("MOTLENS_CLICKHOUSE_URL", "http://user:secret@localhost:1/")
+    monkeypatch.setenv("MOTLENS_CLICKHOUSE_URL", "http://user@localhost:1/")
     assert DataSettings().clickhouse_url.startswith("http://")
+    monkeypatch.setenv("MOTLENS_CLICKHOUSE_URL", "http://user:hunter2@localhost:1/")
+    with pytest.raises(ValidationError, match="MOTLENS_CLICKHOUSE_PASSWORD") as e:
+        DataSettings()
+    assert "hunter2" not in str(e.value)
     monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL")
     with open_store(DataSettings(), tmp_path / "db") as s:
         assert s.kind == "chdb"
@@ -116,7 +121,8 @@ def test_settings_pick_server_only_with_url(monkeypatch, tmp_path):
 @pytest.mark.skipif(not os.environ.get("MOTLENS_CLICKHOUSE_URL"), reason="needs a ClickHouse server")
 def test_server_load(synth_dir):
     settings = DataSettings(database="motlens_data_test")
-    with ServerStore(settings.clickhouse_url, settings.database) as store:
+    password = settings.password.get_secret_value() if settings.password else ""
+    with ServerStore(settings.clickhouse_url, settings.database, password) as store:
         store.command("DROP DATABASE IF EXISTS motlens_data_test")
         load_bulk(store, [synth_dir])
         dt = distinct_texts(store)

@@ -36,3 +36,73 @@ def test_password_in_url_is_refused_without_echoing_it():
 def test_database_must_be_an_identifier(db):
     with pytest.raises(pydantic.ValidationError, match="identifier"):
         PredlogSettings(database=db)
+
+
+def test_database_comes_from_the_url_and_a_disagreeing_one_is_refused(monkeypatch):
+    for var in ("MOTLENS_PREDLOG_DATABASE", "MOTLENS_CLICKHOUSE_URL", "MOTLENS_PREDLOG_CLICKHOUSE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    from predlog.sinks import ClickHouseSink
+
+    s = PredlogSettings(clickhouse_url="https://writer@ch.example:8443/motlens")
+    assert s.database == "motlens" and ClickHouseSink(s).table == "motlens.predictions"
+    assert PredlogSettings(clickhouse_url="https://ch.example:8443/").database == "default"
+    assert PredlogSettings(clickhouse_url="https://ch.example:8443/motlens", database="motlens").database == "motlens"
+    assert PredlogSettings(clickhouse_url="chdb:///var/lib/x").database == "default"  # a path, not a database
+    with pytest.raises(pydantic.ValidationError, match="disagrees with the ClickHouse URL's database 'motlens'"):
+        PredlogSettings(clickhouse_url="https://ch.example:8443/motlens", database="other")
+    with pytest.raises(pydantic.ValidationError, match="not a plain identifier"):
+        PredlogSettings(clickhouse_url="https://ch.example:8443/a;b")
+
+
+def _credentials_sent(connect) -> list[str]:
+    """What a ClickHouse client sends as Basic credentials to an HTTP endpoint that refuses everyone."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    seen: list[str] = []
+
+    class Refuse(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            auth = self.headers.get("Authorization", "")
+            if auth.startswith("Basic "):
+                seen.append(base64.b64decode(auth.split()[1]).decode())
+            self.send_response(516)
+            self.end_headers()
+            self.wfile.write(b"Code: 516. DB::Exception: Authentication failed")
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - any refusal; the credentials are the point
+            connect(f"http://alice@127.0.0.1:{server.server_address[1]}/")
+    finally:
+        server.shutdown()
+    return seen
+
+
+def test_prediction_log_and_training_send_the_same_password(monkeypatch):
+    """One MOTLENS_CLICKHOUSE_URL + MOTLENS_CLICKHOUSE_PASSWORD serves both (training once sent none)."""
+    from predlog.sinks import make_client
+    from training.chload import DataSettings, open_store
+
+    monkeypatch.setenv("MOTLENS_CLICKHOUSE_PASSWORD", "s3cret")
+
+    def predlog_client(url: str) -> None:
+        monkeypatch.setenv("MOTLENS_CLICKHOUSE_URL", url)
+        make_client(PredlogSettings())
+
+    def training_store(url: str) -> None:
+        monkeypatch.setenv("MOTLENS_CLICKHOUSE_URL", url)
+        open_store(DataSettings())
+
+    for connect in (predlog_client, training_store):
+        sent = _credentials_sent(connect)
+        assert sent and set(sent) == {"alice:s3cret"}, (connect.__name__, sent)
+    with pytest.raises(pydantic.ValidationError, match="MOTLENS_CLICKHOUSE_PASSWORD"):
+        DataSettings(clickhouse_url="http://alice:hunter2@ch:8123/")

@@ -18,12 +18,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.ipc as ipc
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
@@ -52,13 +53,25 @@ SECTION_COUNT_COLUMNS = tuple(f"n_section_{i}" for i in range(9))
 class DataSettings(BaseSettings):
     """``MOTLENS_DATA_*``; the server URL is also read from ``MOTLENS_CLICKHOUSE_URL``."""
 
-    model_config = SettingsConfigDict(env_prefix="MOTLENS_DATA_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="MOTLENS_DATA_", extra="ignore", populate_by_name=True, hide_input_in_errors=True
+    )
 
     clickhouse_url: str | None = Field(
         default=None, validation_alias=AliasChoices("MOTLENS_DATA_CLICKHOUSE_URL", "MOTLENS_CLICKHOUSE_URL")
     )
+    password: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("MOTLENS_DATA_PASSWORD", "MOTLENS_CLICKHOUSE_PASSWORD")
+    )
     database: str = "motlens_data"
     chdb_path: Path | None = None
+
+    @field_validator("clickhouse_url")
+    @classmethod
+    def _no_password_in_url(cls, v: str | None) -> str | None:
+        if v and urlsplit(v).password:
+            raise ValueError("put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD, not in the URL")
+        return v or None
 
     def chdb_dir(self) -> Path:
         return self.chdb_path or (StateSettings().home / "chdb-data")
@@ -185,11 +198,11 @@ class ServerStore(Store):
 
     kind = "server"
 
-    def __init__(self, url: str, database: str = "motlens_data"):
+    def __init__(self, url: str, database: str = "motlens_data", password: str = ""):
         import clickhouse_connect
 
         super().__init__(database)
-        self._client = clickhouse_connect.get_client(dsn=url)
+        self._client = clickhouse_connect.get_client(dsn=url, password=password)
         self.location = "MOTLENS_CLICKHOUSE_URL"
 
     def command(self, sql: str, params: dict | None = None) -> None:
@@ -209,7 +222,8 @@ def open_store(settings: DataSettings | None = None, ch_path: Path | None = None
     """A server store when a ClickHouse URL is configured, else chdb at ``ch_path`` (or the default)."""
     settings = settings or DataSettings()
     if settings.clickhouse_url and ch_path is None:
-        return ServerStore(settings.clickhouse_url, settings.database)
+        password = settings.password.get_secret_value() if settings.password else ""
+        return ServerStore(settings.clickhouse_url, settings.database, password)
     return ChdbStore(Path(ch_path or settings.chdb_dir()), settings.database)
 
 
