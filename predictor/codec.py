@@ -73,7 +73,9 @@ MAX_REQUEST_ID_CHARS = 128
 
 def _request_id(given: Any, where: str) -> str:
     """The client's request id (refused beyond :data:`MAX_REQUEST_ID_CHARS`), else a new one."""
-    rid = str(given or "")
+    if given is not None and not isinstance(given, str):
+        raise InvalidInput(f"{where} must be a string, got {type(given).__name__}")
+    rid = given or ""
     if len(rid) > MAX_REQUEST_ID_CHARS:
         raise InvalidInput(f"{where} has {len(rid)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
     return rid or new_request_id()
@@ -250,6 +252,10 @@ def check_binary_texts(body: bytes, json_length: int) -> None:
             size = (inp.get("parameters") or {}).get("binary_data_size")
             if size is None:
                 continue
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise InvalidInput(
+                    f"input '{inp.get('name')}': binary_data_size must be a non-negative integer, got {size!r}"
+                )
             chunk = body[offset : offset + int(size)]
             offset += int(size)
             if inp.get("datatype") != "BYTES":
@@ -368,6 +374,8 @@ def parse_v2(req: InferRequest, limits: Limits) -> PredictRequest:
         for out in req.request_outputs:
             if out.name not in OUTPUT_NAMES:
                 raise InvalidInput(f"unknown output '{out.name}'; available: {', '.join(OUTPUT_NAMES)}")
+            if out.name in names:
+                raise InvalidInput(f"output '{out.name}' requested more than once")
             names.append(out.name)
         if want_embedding and EMBEDDING not in names:
             names.append(EMBEDDING)

@@ -66,8 +66,17 @@ class BodyTooLarge(Exception):
         super().__init__(f"request body exceeds {limit} bytes")
 
 
+class UnsupportedEncoding(Exception):
+    def __init__(self, encoding: str) -> None:
+        super().__init__(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
+    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes, and (415) when
+    it is compressed: a gzip body would otherwise fail later as "not valid UTF-8"."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedEncoding(encoding[:40])
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(limit)
@@ -126,6 +135,7 @@ class _RESTServer(RESTServer):
         app.add_exception_handler(ModelNotReady, _not_ready_handler)
         app.add_exception_handler(Overloaded, _overloaded_handler)
         app.add_exception_handler(BodyTooLarge, _too_large_handler)
+        app.add_exception_handler(UnsupportedEncoding, _unsupported_encoding_handler)
         app.add_exception_handler(ClientGone, _client_gone_handler)
         self.config.app = app
 
@@ -175,6 +185,10 @@ async def _overloaded_handler(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, Overloaded)
     status = 429 if exc.reason == "queue_full" else 503
     return _json({"error": str(exc)}, status_code=status, headers={"Retry-After": str(exc.retry_after_s)})
+
+
+async def _unsupported_encoding_handler(_: Request, exc: Exception) -> Response:
+    return _json({"error": str(exc)}, status_code=415)
 
 
 async def _too_large_handler(_: Request, exc: Exception) -> Response:
@@ -479,7 +493,7 @@ class ClientGone(Exception):
 
 
 # Exceptions with their own handler and status; anything else raised by an infer route is a 500.
-_CLIENT_FACING = (InvalidInput, ModelNotReady, ModelNotFound, Overloaded, BodyTooLarge, ClientGone)
+_CLIENT_FACING = (InvalidInput, ModelNotReady, ModelNotFound, Overloaded, BodyTooLarge, UnsupportedEncoding, ClientGone)
 
 
 async def _wait_disconnect(request: Request) -> None:

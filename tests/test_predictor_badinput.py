@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 
@@ -69,6 +70,18 @@ def raw_binary_body(raw: bytes, n: int) -> tuple[bytes, dict[str, str]]:
         "Inference-Header-Content-Length": str(len(header)),
         "Content-Type": "application/octet-stream",
     }
+
+
+def binary_request(header: dict, raw: bytes) -> tuple[bytes, dict[str, str]]:
+    """A v2 binary-extension body: the JSON ``header`` as given, then ``raw``."""
+    head = json.dumps(header).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+
+
+def ok_text_tensor(**header) -> tuple[bytes, dict[str, str]]:
+    """One OK text as a binary BYTES tensor, with extra top-level ``header`` fields."""
+    spec = {"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 4 + len(OK_TEXT)}}
+    return binary_request({"inputs": [spec], **header}, len(OK_TEXT).to_bytes(4, "little") + OK_TEXT.encode())
 
 
 V2 = f"/v2/models/{MODEL}/infer"
@@ -231,33 +244,40 @@ CASES = [
             ("FP32", "bool", True),
             ("FP32", "string", "12.5"),
         ]
-    ),  # fmt: skip
-    (
-        "binary-parameters-not-object",
-        V2,
-        (
-            (
-                h := json.dumps(
-                    {
-                        "inputs": [
-                            {
-                                "name": "text",
-                                "datatype": "BYTES",
-                                "shape": [1],
-                                "parameters": {"binary_data_size": 4 + len(OK_TEXT)},
-                            }
-                        ],
-                        "parameters": [1],
-                    }
-                ).encode()
-            )  # fmt: skip
-            + len(OK_TEXT).to_bytes(4, "little")
-            + OK_TEXT.encode(),
-            {"Inference-Header-Content-Length": str(len(h)), "Content-Type": "application/octet-stream"},
-        ),
-        400,
-        "'parameters' must be an object",
     ),
+    (
+        "duplicate-output",
+        V2,
+        v2(text_input([OK_TEXT]), outputs=[{"name": "section"}, {"name": "section"}]),
+        400,
+        "output 'section' requested more than once",
+    ),  # fmt: skip
+    ("binary-id-not-string", V2, ok_text_tensor(id={"a": 1}), 400, "request 'id' must be a string"),
+    *(
+        (
+            f"binary-size-{kind}",
+            V2,
+            binary_request(
+                {
+                    "inputs": [
+                        {"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": size}}
+                    ]
+                },
+                b"\x00" * 8,
+            ),
+            400,
+            "binary_data_size must be a non-negative integer",
+        )
+        for kind, size in [("negative", -4), ("string", "51"), ("float", 4.5)]
+    ),
+    (
+        "gzip-body",
+        V1,
+        (gzip.compress(b'{"instances": ["x"]}'), {"Content-Type": "application/json", "Content-Encoding": "gzip"}),
+        415,
+        "Content-Encoding 'gzip' is not supported",
+    ),
+    ("binary-parameters-not-object", V2, ok_text_tensor(parameters=[1]), 400, "'parameters' must be an object"),
 ]
 
 
