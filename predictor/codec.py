@@ -240,8 +240,9 @@ def build_v1(result: PredictResult, req: PredictRequest) -> dict[str, Any]:
 # ---------------------------------------------------------------- v2
 
 
-def check_binary_texts(body: bytes, json_length: int) -> None:
-    """Before KServe decodes a binary-extension body: every BYTES tensor element must be UTF-8.
+def check_binary_texts(body: bytes, json_length: int, max_items: int | None = None) -> None:
+    """Before KServe decodes a binary-extension body: every BYTES tensor element must be UTF-8, and no
+    tensor may declare more than ``max_items`` items (refused before any element is read).
 
     (KServe's decoder would otherwise fail with a server error that does not name the input.)
     """
@@ -249,6 +250,12 @@ def check_binary_texts(body: bytes, json_length: int) -> None:
         header = orjson.loads(body[:json_length])
         offset = json_length
         for inp in header.get("inputs", []):
+            shape = inp.get("shape")
+            if max_items is not None and isinstance(shape, list) and shape and isinstance(shape[0], int):
+                if shape[0] > max_items:
+                    raise InvalidInput(
+                        f"input '{inp.get('name')}' has {shape[0]} items; the limit is {max_items} per request"
+                    )
             size = (inp.get("parameters") or {}).get("binary_data_size")
             if size is None:
                 continue

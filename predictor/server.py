@@ -410,7 +410,7 @@ class PredictorServer:
                         f"header {INFERENCE_CONTENT_LENGTH_HEADER}={json_length!r} does not fit "
                         f"a body of {len(body)} bytes"
                     )
-                check_binary_texts(body, int(json_length))
+                check_binary_texts(body, int(json_length), self.settings.max_items_per_request)
                 infer_request = InferRequest.from_bytes(body, int(json_length), model_name)
             else:
                 infer_request = InferRequest.from_inference_request(

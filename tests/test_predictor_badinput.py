@@ -252,6 +252,7 @@ CASES = [
         400,
         "output 'section' requested more than once",
     ),  # fmt: skip
+    ("binary-too-many-items", V2, binary_body([OK_TEXT.encode()] * 9), 400, "has 9 items; the limit is 8"),
     ("binary-id-not-string", V2, ok_text_tensor(id={"a": 1}), 400, "request 'id' must be a string"),
     *(
         (
