@@ -71,7 +71,11 @@ def _run(args: argparse.Namespace) -> int:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         print(f"motlens drift: bad setting: {problems}", file=sys.stderr)
         return 2
-    result = DriftJob(settings).run()
+    try:
+        result = DriftJob(settings).run()
+    except OSError as e:  # the output directory cannot be made or written
+        print(f"motlens drift: cannot write the outputs to {settings.output}: {e}", file=sys.stderr)
+        return 2
     details = result.summary["details"]
     if args.json:
         print(json.dumps(result.summary, indent=2, sort_keys=True))

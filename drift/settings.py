@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from drift.windows import parse_duration, parse_time
 from motlens import MODEL_NAME
 
 EmbeddingMethod = Literal["model", "mmd", "ratio", "distance"]
@@ -73,3 +74,16 @@ class DriftSettings(BaseSettings):
     log_artifact: bool = Field(default=True, description="log the outputs to the version's MLflow run")
     html: bool = Field(default=True, description="write the HTML reports (off: scores only, no t-SNE plot)")
     progress: bool = True
+
+    @field_validator("window")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        parse_duration(v)  # ValueError naming the problem
+        return v
+
+    @field_validator("end")
+    @classmethod
+    def _time(cls, v: str | None) -> str | None:
+        if v:
+            parse_time(v)
+        return v

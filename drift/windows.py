@@ -20,14 +20,22 @@ class Window:
         return f"{self.start.isoformat()}/{self.end.isoformat()}"
 
 
+MAX_DURATION = timedelta(days=3660)
+
+
 def parse_duration(text: str) -> timedelta:
     """``90s``, ``30m``, ``24h``, ``7d``, ``2w`` → timedelta (positive)."""
     m = _DURATION.match(text)
     if not m:
         raise ValueError(f"not a duration: {text!r} (use e.g. 30m, 24h, 7d)")
-    d = timedelta(**{_UNITS[m[2]]: float(m[1])})
+    try:
+        d = timedelta(**{_UNITS[m[2]]: float(m[1])})
+    except OverflowError:
+        d = MAX_DURATION * 2
     if d <= timedelta(0):
         raise ValueError(f"duration must be positive: {text!r}")
+    if d > MAX_DURATION:
+        raise ValueError(f"duration too long: {text!r} (at most {MAX_DURATION.days}d)")
     return d
 
 

@@ -169,7 +169,8 @@ def _print_outcome(outcome: Any) -> None:
             console.out(json.dumps(patch, indent=2, sort_keys=True))
     console.print(f"[bold]{outcome.action}[/]: {outcome.message}", highlight=False)
     if not outcome.audit_ok:
-        console.print("[red]the change stands, but the audit trail is incomplete (see the log)[/]")
+        what = "the change stands, but " if outcome.changed else ""
+        console.print(f"[red]{what}the audit trail is incomplete (see the log)[/]")
 
 
 def _print_status(status: dict[str, Any], *, as_json: bool) -> int:
@@ -178,6 +179,8 @@ def _print_status(status: dict[str, Any], *, as_json: bool) -> int:
         return EXIT_OK
     from rich.console import Console
     from rich.table import Table
+
+    from promotion.gates import drift_status
 
     console = Console()
     live = status.get("live")
@@ -198,7 +201,9 @@ def _print_status(status: dict[str, Any], *, as_json: bool) -> int:
             "live vs registry", "[green]agree[/]" if not problems else "[red]" + "\n".join(problems) + "[/]"
         )
     for d in status.get("drift", []):
-        verdict = "[red]drift[/]" if d.get("drift_detected") else "[green]no drift[/]"
+        st = drift_status(d) or ("drift" if d.get("drift_detected") else "no_drift")
+        colour = {"drift": "red", "no_drift": "green"}.get(st, "yellow")  # insufficient_data, error
+        verdict = f"[{colour}]{st.replace('_', ' ')}[/]"
         t.add_row(
             f"drift v{d['model_version']} ({d['slot']})", f"{verdict} at {d['ts']} (n={d.get('n_current')})"
         )

@@ -108,7 +108,7 @@ def drift_gate(
     """
     rows = [r for r in reports if since is None or _aware(r["ts"]) >= since]
     latest = max(rows, key=lambda r: _aware(r["ts"])) if rows else None
-    status = _drift_status(latest) if latest else None
+    status = drift_status(latest) if latest else None
     if latest and (status == "drift" or latest.get("drift_detected")):
         return GateResult(
             "drift",
@@ -129,7 +129,8 @@ def drift_gate(
     )
 
 
-def _drift_status(row: dict[str, Any]) -> str | None:
+def drift_status(row: dict[str, Any]) -> str | None:
+    """A drift report's verdict (``details.status``: drift / no_drift / insufficient_data / error)."""
     details = row.get("details")
     if isinstance(details, str):
         try:

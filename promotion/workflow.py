@@ -298,12 +298,17 @@ class Promoter:
             ok = False
         if not event.dry_run:
             try:
-                live_pct = event.percent if event.success else 0.0
+                live_pct = event.percent if event.success else self._live_percent()
                 export_metrics(self.settings, self.registry.aliases(), live_pct)
             except Exception as e:  # noqa: BLE001
                 log.error("could not export promotion metrics: %s", e)
                 ok = False
         return ok
+
+    def _live_percent(self) -> float:
+        """The canary's share as the target serves it now (after a refused or failed action)."""
+        live = self.target.read()
+        return float(live.percent or 0) if live.canary_active else 0.0
 
     def _event(self, action: str, **kw: Any) -> Event:
         return Event(
@@ -354,27 +359,28 @@ class Promoter:
                     f"canary version {live.canary_version} is running at {live.percent}%: "
                     "promote or roll it back first (or --force to replace it)"
                 )
+            resumed = live.canary_active and live.canary_version == version
+            if resumed and aliases.get("canary") == version:
+                # a fresh start would re-stamp the start time (dropping drift evidence since then)
+                # and change the share behind offline gates only: steps go through set/advance
+                raise PromotionError(
+                    f"canary version {version} is already running at {live.percent}%: change its share "
+                    "with `motlens promote canary set N` or `motlens promote advance`"
+                )
             event = self._event("canary_start", from_version=production, to_version=version)
             event.gates = self.offline_gates(version, production)
             self._refuse_on_gates(event, f"canary of version {version}")
-            if live.canary_version == version:
+            tags = {STATUS_TAG: "canary", PERCENT_TAG: str(percent)}
+            if resumed:  # finishing an interrupted start: the canary keeps its start time
                 desired = live.with_percent(percent)
+                known = self.info(version).tags  # times written by this start, if it got that far
+                ours = known.get(STATUS_TAG) == "canary"
+                tags |= {t: _APPLIED_AT for t in (STARTED_AT_TAG, STEP_AT_TAG) if not (ours and t in known)}
             else:
                 desired = live.with_canary(version, self.uri(version), percent)
+                tags |= {STARTED_AT_TAG: _APPLIED_AT, STEP_AT_TAG: _APPLIED_AT}
             return self._execute(
-                event,
-                live,
-                aliases,
-                [desired],
-                set_aliases={"canary": version},
-                version_tags={
-                    version: {
-                        STATUS_TAG: "canary",
-                        STARTED_AT_TAG: _APPLIED_AT,
-                        STEP_AT_TAG: _APPLIED_AT,
-                        PERCENT_TAG: str(percent),
-                    }
-                },
+                event, live, aliases, [desired], set_aliases={"canary": version}, version_tags={version: tags}
             )
 
     def canary_set(self, percent: int) -> Outcome:
@@ -527,7 +533,7 @@ class Promoter:
             with self.locked(blocking=False):
                 return self._auto()
         except LockBusy as e:
-            return Outcome("auto", f"hold: {e}; nothing done")
+            return self._hold(None, [], f"{e}; nothing done")
 
     def _auto(self) -> Outcome:
         live, aliases = self.snapshot()
@@ -586,7 +592,7 @@ class Promoter:
                 success=True,
             )
             event.from_state = event.to_state = live.describe()
-            self._record(
+            ok = self._record(
                 event,
                 {candidate: {STATUS_TAG: "rejected", "promotion.rejected_reason": "offline gates failed"}},
             )
@@ -595,28 +601,36 @@ class Promoter:
                 f"candidate version {candidate} rejected: offline gates did not pass",
                 changed=True,
                 gates=gates,
+                audit_ok=ok,
             )
         return self.canary_start(candidate, self.settings.steps[0])
 
-    def _hold(self, live: RolloutState, gates: list[g.GateResult], why: str) -> Outcome:
+    def _hold(self, live: RolloutState | None, gates: list[g.GateResult], why: str) -> Outcome:
+        """A ``hold`` row (and metrics) for a run that changes nothing; ``live`` is None when another
+        run holds the lock (its state is not read then, and its metrics are that run's to export)."""
         event = self._event(
             "hold",
-            from_version=live.production_version or "",
-            to_version=live.canary_version or "",
+            from_version=(live.production_version or "") if live else "",
+            to_version=(live.canary_version or "") if live else "",
             gates=gates,
             reason=why,
         )
-        event.from_state = event.to_state = live.describe()
-        event.percent = float(live.percent or 0) if live.canary_active else 0.0
+        if live is not None:
+            event.from_state = event.to_state = live.describe()
+            event.percent = float(live.percent or 0) if live.canary_active else 0.0
         ok = True
         try:
             self.reader().insert_promotion_event(event.row())
         except Exception as e:  # noqa: BLE001
             log.error("could not write the promotion_events row: %s", e)
             ok = False
-        if not self.dry_run:
-            export_metrics(self.settings, self.registry.aliases(), event.percent)
-        return Outcome("hold", f"hold: {why}", gates=gates, audit_ok=ok)
+        if not self.dry_run and live is not None:
+            try:
+                export_metrics(self.settings, self.registry.aliases(), event.percent)
+            except Exception as e:  # noqa: BLE001 - the hold stands; report the gap
+                log.error("could not export promotion metrics (Pushgateway/textfile): %s", e)
+                ok = False
+        return Outcome("hold", why, gates=gates, audit_ok=ok)
 
     # ------------------------------------------------------------------ status
 

@@ -229,3 +229,34 @@ def _drift_report_count(env) -> int:
         return len(reader.drift_reports(limit=1000))
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--window", "abc"], "window: Value error, not a duration"),
+        (["--window", "0h"], "duration must be positive"),
+        (["--window", "99999999d"], "duration too long"),
+        (["--end", "yesterday"], "end: Value error, not an ISO-8601 time"),
+    ],
+)
+def test_bad_window_or_end_is_exit_2_not_a_traceback(motlens, tmp_path, capsys, args, message):
+    """Exit 1 means drift: a bad argument once crashed with a traceback and exit 1."""
+    assert motlens(["drift", *args, "--output", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_output_is_exit_2(motlens, capsys):
+    assert motlens(["drift", "--output", "/proc/no-such-dir/out"]) == 2
+    assert "cannot write the outputs" in capsys.readouterr().err
+
+
+def test_an_earlier_report_is_not_passed_off_as_this_runs(env, motlens, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.html").write_text("<html>report of an EARLIER run</html>")
+    rc = motlens(["drift", "--version", "1", "--reference", "1h", "--window", "1h", "--end", V3_END.isoformat(),
+                  "--no-progress", "--output", str(out), "--no-artifact"])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert rc == 2 and summary["details"]["status"] in ("insufficient_data", "error")
+    assert not (out / "report.html").exists() and summary["report_path"] == ""

@@ -64,7 +64,7 @@ def test_healthy_canary_is_promoted_step_by_step(rollout):
     assert out.action == "promote"
     assert _percent(target) is None and _env0(target) == env.registry.resolve("2").artifact_uri
     assert env.registry.aliases() == {"production": "2", "candidate": "2"}
-    assert _auto(env, target).message == "hold: candidate version 2 is already production"
+    assert _auto(env, target).message == "candidate version 2 is already production"
 
 
 @pytest.mark.parametrize("trouble", ["drift", "errors"])
@@ -144,7 +144,7 @@ def test_a_run_holds_while_another_holds_the_lock(rollout):
         assert entered.wait(10)
         before = (target.overlay / "rollout.yaml").read_text()
         out = _auto(env, target, golden_check=False)
-        assert out.action == "auto" and "holds the lock" in out.message
+        assert out.action == "hold" and "holds the lock" in out.message and out.audit_ok  # a hold row, like every hold
         assert (target.overlay / "rollout.yaml").read_text() == before
         assert "canary" not in env.registry.aliases()
     finally:

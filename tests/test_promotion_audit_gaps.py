@@ -1,0 +1,92 @@
+"""Rollout safety and audit details: a running canary cannot be restarted past its step gates, the
+canary share metric follows the live state, holds and rejections account for their audit, and
+`status` shows the drift job's own verdict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from promotion_support import drift_report, make_env
+
+from promotion.locking import LockBusy
+from promotion.targets import GitOpsTarget
+from promotion.workflow import STARTED_AT_TAG, Promoter, PromotionError, Refused
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+
+
+@pytest.fixture
+def canary(registry, tiny_bundle, tmp_path, monkeypatch):
+    """Production v1 on the GitOps overlay, v2 canary at 10 %."""
+    env = make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60, 0.61, 0.62])
+    target = GitOpsTarget(env.settings())
+    Promoter(env.settings(golden_check=False), registry, target, force=True).promote("1")
+    Promoter(env.settings(golden_check=False), registry, target).canary_start("2", 10)
+    return env, target
+
+
+def _promoter(env, target, **kw):
+    return Promoter(env.settings(golden_check=False, **kw), env.registry, target)
+
+
+def test_a_running_canary_is_not_restarted(canary):
+    """`canary start V` for the canary already running once raised its share behind offline gates only
+    and re-stamped its start, hiding drift found since then."""
+    env, target = canary
+    started = env.registry.resolve("2").tags[STARTED_AT_TAG]
+    drift_report("2", detected=True)
+    with pytest.raises(PromotionError, match="already running at 10%.*canary set"):
+        _promoter(env, target).canary_start("2", 50)
+    assert target.read().percent == 10 and env.registry.resolve("2").tags[STARTED_AT_TAG] == started
+    with pytest.raises(Refused, match="drift: fail"):  # the drift found since the start still counts
+        _promoter(env, target, min_samples=0).advance()
+
+
+def test_canary_percent_metric_follows_the_live_share_after_a_refusal(canary, tmp_path):
+    env, target = canary
+    prom = tmp_path / "promotion.prom"
+    with pytest.raises(Refused):  # no evidence yet: the gates wait
+        _promoter(env, target, textfile=prom).advance()
+    assert "motlens_canary_percent 10.0" in prom.read_text()  # was exported as 0 while 10 % served
+
+
+def test_a_hold_whose_metrics_cannot_be_exported_reports_the_audit_gap(canary):
+    env, target = canary
+    out = _promoter(env, target, pushgateway_url="http://127.0.0.1:1").auto()
+    assert out.action == "hold" and out.audit_ok is False
+    assert not out.message.startswith("hold:")  # the CLI prints "hold: <message>" once
+
+
+def test_a_run_that_finds_the_lock_busy_is_recorded_as_a_hold(canary, monkeypatch):
+    import predlog
+
+    env, target = canary
+
+    def busy(*, blocking=True):
+        raise LockBusy("the promotion lock is held by another run")
+
+    monkeypatch.setattr(target, "lock", busy)
+    out = _promoter(env, target).auto()
+    assert out.action == "hold" and out.audit_ok
+    rows = predlog.open_reader().promotion_events(limit=5).to_dict("records")
+    assert rows[0]["action"] == "hold" and "held by another run" in rows[0]["reason"]
+
+
+def test_status_shows_the_drift_jobs_verdict_not_just_the_flag(canary, monkeypatch, capsys):
+    import predlog
+    from promotion.cli import _print_status
+
+    env, target = canary
+    drift_report("2", detected=False)
+    reader = predlog.open_reader()
+    row = reader.drift_reports(model_version="2", limit=1).to_dict("records")[0]
+    row["details"] = json.dumps({"status": "insufficient_data"})
+    row["ts"] = datetime.now(UTC) + timedelta(seconds=1)  # the newest report
+    reader.insert_drift_report(row)
+    status = _promoter(env, target).status()
+    assert _print_status(status, as_json=False) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "insufficient data" in out and "no drift" not in out
