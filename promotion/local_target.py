@@ -63,16 +63,25 @@ class LocalTarget:
         pct = float(st.get("canary_percent") or 0.0)
         loading = [f"{slot} loading {s['loading']}" for slot, s in st["slots"].items() if s.get("loading")]
         traffic = f"production {100 - pct:g}%" + (f", canary {pct:g}%" if active else "")
+        prod_ref, canary_ref = self._pinned(prod), self._pinned(canary)
         return RolloutState(
-            storage_uri=canary["ref"] if active else prod.get("ref"),
+            storage_uri=canary_ref if active else prod_ref,
             production_version=prod.get("version"),
-            production_uri=prod.get("ref"),
+            production_uri=prod_ref,
             canary_version=canary.get("version") if active else None,
             percent=round(pct) if active else None,
             traffic=", ".join(
                 [traffic, *loading, "ready" if st.get("ready") else f"not ready: {st.get('reason')}"]
             ),
         )
+
+    def _pinned(self, slot: dict[str, Any]) -> str | None:
+        """A registry ref as the version it loaded (``models:/mot-defects@production`` serving
+        version 1 → ``models:/mot-defects/1``), so an alias ref agrees with the version it resolved to."""
+        ref, version = slot.get("ref"), slot.get("version")
+        if ref and version is not None and str(ref).startswith(f"models:/{MODEL_NAME}"):
+            return self.uri_for(str(version), "")
+        return ref
 
     def plan(self, desired: RolloutState) -> list[dict[str, Any]]:
         """Admin calls, in order, that take the server from its live state to ``desired``."""

@@ -119,8 +119,10 @@ def test_local_canary_promote_and_rollback_under_traffic(registry, tiny_bundle, 
     other = _other_head_bundle(tiny_bundle, embedder, tmp_path / "other")
     registry.register_bundle(other.root, metrics={"section_macro_f1": 0.6}, params={"i": 2}, alias=None)
 
+    registry.set_alias("production", "1")
     writer = predlog.open_writer(PredlogSettings(flush_interval_s=0.05, batch_rows=64))
-    serve = ServeSettings(model="models:/mot-defects/1", http_port=free_port(), grpc_port=free_port(),
+    # the design's default ref: an alias, which the local target reads as the version it resolved to
+    serve = ServeSettings(model="models:/mot-defects@production", http_port=free_port(), grpc_port=free_port(),
                           enable_grpc=False, log_embedding_sample_rate=1.0, grace_period_s=20, cache_bytes=0,
                           admin_enabled=True)
     thread = ServerThread(PredictorServer(serve, embedder=embedder, writer=writer, host="127.0.0.1"))
@@ -130,12 +132,11 @@ def test_local_canary_promote_and_rollback_under_traffic(registry, tiny_bundle, 
     settings = PromoteSettings(target="local", local_url=base, steps=[25, 50, 100], min_samples=40,
                                min_step_interval_s=0, p99_slack_ms=2000)
     target = LocalTarget(settings)
-    p = Promoter(settings, registry, target, force=True)
+    p = Promoter(settings, registry, target)
     reader = p.reader()
     try:
         with Traffic(base) as traffic:
-            p.promote("1")  # adopt what the server runs; nothing to load
-            p.force = False
+            assert p.status()["disagreements"] == []  # no --force needed to start from the alias ref
             assert target.read().production_version == "1"
 
             p.canary_start("2", 25)
