@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
     from promotion.locking import LockBusy
     from promotion.targets import TargetError, make_target
-    from promotion.workflow import Promoter, PromotionError, Refused
+    from promotion.workflow import PartlyDone, Promoter, PromotionError, Refused
     from training.registry import Registry, RegistryError
 
     try:
@@ -127,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
     except Refused as e:
         print(f"motlens promote: refused: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    except PartlyDone as e:  # part of the change stands: not "nothing changed"
+        print(f"motlens promote: {e}", file=sys.stderr)
+        return EXIT_AUDIT
     except (PromotionError, TargetError, RegistryError, LockBusy) as e:
         print(f"motlens promote: {e}", file=sys.stderr)
         return EXIT_ERROR

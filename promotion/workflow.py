@@ -40,6 +40,10 @@ class Refused(PromotionError):
     """A guard (live vs registry, gates) refused the step; ``--force`` overrides."""
 
 
+class PartlyDone(Exception):
+    """An action failed after the target had already changed; re-running the command finishes it."""
+
+
 @dataclass
 class Outcome:
     action: str
@@ -262,7 +266,9 @@ class Promoter:
         except Exception as e:
             event.success, event.reason = False, f"{event.reason}; failed: {e}".lstrip("; ")
             self._record(event, {v: {} for v in version_tags or {}})  # the audit, not the new state
-            raise PromotionError(
+            if not self._changed_since(live, aliases):
+                raise PromotionError(f"{event.action} failed, nothing was changed: {e}") from e
+            raise PartlyDone(
                 f"{event.action} failed part-way: {e}\nrun `motlens promote status` to see the state; "
                 f"re-running the same command finishes it"
             ) from e
@@ -304,6 +310,14 @@ class Promoter:
                 log.error("could not export promotion metrics: %s", e)
                 ok = False
         return ok
+
+    def _changed_since(self, live: RolloutState, aliases: dict[str, str]) -> bool:
+        """Whether the target or the aliases differ from ``live``/``aliases`` (True when unreadable)."""
+        try:
+            now, now_aliases = self.snapshot()
+        except Exception:  # noqa: BLE001 - cannot tell: say it may have changed
+            return True
+        return now.describe() != live.describe() or now_aliases != aliases
 
     def _live_percent(self) -> float:
         """The canary's share as the target serves it now (after a refused or failed action)."""

@@ -90,3 +90,63 @@ def test_status_shows_the_drift_jobs_verdict_not_just_the_flag(canary, monkeypat
     assert _print_status(status, as_json=False) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "insufficient data" in out and "no drift" not in out
+
+
+@pytest.fixture
+def production(registry, tiny_bundle, tmp_path, monkeypatch):
+    """Production v1 on the GitOps overlay, nothing else running."""
+    env = make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60, 0.61, 0.62])
+    target = GitOpsTarget(env.settings())
+    Promoter(env.settings(golden_check=False), registry, target, force=True).promote("1")
+    return env, target
+
+
+def test_a_failure_before_anything_changed_says_so(production, monkeypatch):
+    env, target = production
+    before = (target.overlay / "rollout.yaml").read_text()
+
+    def broken(desired):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(target, "apply", broken)
+    with pytest.raises(PromotionError, match="failed, nothing was changed: disk full"):
+        _promoter(env, target).canary_start("2", 10)
+    assert (target.overlay / "rollout.yaml").read_text() == before and "canary" not in env.registry.aliases()
+
+
+def test_a_failure_after_the_target_changed_is_partly_done_and_a_rerun_finishes_it(production, monkeypatch):
+    from promotion.workflow import PartlyDone
+
+    env, target = production
+    real = env.registry.set_alias
+
+    def broken(alias, version):
+        raise RuntimeError("registry went away")
+
+    monkeypatch.setattr(env.registry, "set_alias", broken)
+    with pytest.raises(PartlyDone, match="failed part-way: registry went away"):
+        _promoter(env, target).canary_start("2", 10)
+    assert target.read().canary_version == "2" and "canary" not in env.registry.aliases()
+    monkeypatch.setattr(env.registry, "set_alias", real)
+    _promoter(env, target).canary_start("2", 10)  # the same command again finishes it
+    assert env.registry.aliases()["canary"] == "2" and target.read().percent == 10
+
+
+def test_cli_exit_code_for_a_partly_done_action_is_1(production, monkeypatch, capsys):
+    from promotion import cli
+
+    env, target = production
+    monkeypatch.setenv("MOTLENS_PROMOTE_TARGET", "gitops")
+    monkeypatch.setenv("MOTLENS_PROMOTE_MANIFESTS_DIR", str(env.manifests))
+    monkeypatch.setenv("MOTLENS_PROMOTE_GOLDEN_CHECK", "false")
+
+    def broken(self, alias, version):
+        raise RuntimeError("registry went away")
+
+    from training.registry import Registry
+
+    monkeypatch.setattr(Registry, "set_alias", broken)
+    from motlens.cli import main
+
+    assert main(["promote", "canary", "start", "2", "--percent", "10"]) == cli.EXIT_AUDIT
+    assert "failed part-way" in capsys.readouterr().err
