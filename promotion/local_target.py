@@ -57,7 +57,9 @@ class LocalTarget:
         return self._request("GET", f"{ADMIN}/slots")
 
     def read(self) -> RolloutState:
-        st = self.slots()
+        return self._state(self.slots())
+
+    def _state(self, st: dict[str, Any]) -> RolloutState:
         prod, canary = st["slots"]["production"], st["slots"]["canary"]
         active = canary.get("version") is not None
         pct = float(st.get("canary_percent") or 0.0)
@@ -85,7 +87,9 @@ class LocalTarget:
 
     def plan(self, desired: RolloutState) -> list[dict[str, Any]]:
         """Admin calls, in order, that take the server from its live state to ``desired``."""
-        live = self.read()
+        st = self.slots()
+        live = self._state(st)
+        raw_percent = float(st.get("canary_percent") or 0.0)  # set by hand it may be 12.5: ``live`` says 12
         ops: list[dict[str, Any]] = []
         if live.canary_active and not desired.canary_active:
             if desired.production_version == live.canary_version:
@@ -116,7 +120,7 @@ class LocalTarget:
                     }
                 )
                 live = RolloutState(storage_uri=None, percent=0, canary_version=desired.canary_version)
-            if desired.percent != live.percent:
+            if desired.percent != live.percent or float(desired.percent or 0) != raw_percent:
                 ops.append(
                     {
                         "method": "POST",

@@ -393,8 +393,13 @@ class Promoter:
             else:
                 desired = live.with_canary(version, self.uri(version), percent)
                 tags |= {STARTED_AT_TAG: _APPLIED_AT, STEP_AT_TAG: _APPLIED_AT}
+            version_tags = {version: tags}
+            if live.canary_active and live.canary_version != version:  # --force replaced a running canary
+                replaced = str(live.canary_version)
+                version_tags[replaced] = {STATUS_TAG: "retired", "promotion.retired_reason": f"replaced by {version}"}
+                event.reason = f"{event.reason}; replaced canary {replaced}".lstrip("; ")
             return self._execute(
-                event, live, aliases, [desired], set_aliases={"canary": version}, version_tags={version: tags}
+                event, live, aliases, [desired], set_aliases={"canary": version}, version_tags=version_tags
             )
 
     def canary_set(self, percent: int) -> Outcome:
@@ -498,6 +503,9 @@ class Promoter:
         tags = {version: {STATUS_TAG: "production", "promotion.promoted_at": _APPLIED_AT}}
         if previous and previous != version and self._exists(previous):
             tags[previous] = {STATUS_TAG: "retired"}
+        dropped = live.canary_version if live.canary_active else aliases.get("canary")
+        if dropped and dropped != version and self._exists(dropped):
+            tags[dropped] = {STATUS_TAG: "retired", "promotion.retired_reason": f"canary dropped: deployed {version}"}
         return self._execute(
             event,
             live,
@@ -524,6 +532,11 @@ class Promoter:
                     f"no canary to roll back on {self.target.describe()} ({live.describe()})"
                 )
             production = live.production_version or aliases.get("production")
+            if not live.canary_active and version == live.production_version:
+                raise PromotionError(  # an interrupted promote: rolling "back" would reject what serves
+                    f"version {version} already serves production on {self.target.describe()}; finish the "
+                    f"promotion with `motlens promote promote` or deploy another version"
+                )
             event = self._event("rollback", from_version=version, to_version=production or "", reason=reason)
             event.gates = list(gates or [])
             try:

@@ -150,3 +150,64 @@ def test_cli_exit_code_for_a_partly_done_action_is_1(production, monkeypatch, ca
 
     assert main(["promote", "canary", "start", "2", "--percent", "10"]) == cli.EXIT_AUDIT
     assert "failed part-way" in capsys.readouterr().err
+
+
+def test_a_replaced_or_dropped_canary_is_retired_with_the_reason(canary):
+    env, target = canary
+    p = _promoter(env, target)
+    p.force = True
+    p.canary_start("3", 10)
+    tags = env.registry.resolve("2").tags
+    assert tags["promotion.status"] == "retired" and tags["promotion.retired_reason"] == "replaced by 3"
+    p.promote("1")  # a direct deploy while canary 3 runs drops it
+    tags = env.registry.resolve("3").tags
+    assert tags["promotion.status"] == "retired" and "canary dropped: deployed 1" in tags["promotion.retired_reason"]
+    statuses = {v["version"]: v["status"] for v in p.status()["versions"]}
+    assert list(statuses.values()).count("canary") == 0
+
+
+def test_local_target_sets_a_whole_percent_over_a_fractional_one(tmp_path, monkeypatch):
+    """A share set by hand to 12.5 % reads as 12; `canary set 12` must still send 12 (it once sent nothing)."""
+    from promotion.local_target import LocalTarget
+    from promotion.settings import PromoteSettings
+
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path))
+    target = LocalTarget(PromoteSettings(target="local", local_url="http://127.0.0.1:1"))
+    slots = {
+        "slots": {
+            "production": {"version": "1", "ref": "models:/mot-defects@production"},
+            "canary": {"version": "2", "ref": "models:/mot-defects/2"},
+        },
+        "canary_percent": 12.5,
+        "ready": True,
+    }
+    monkeypatch.setattr(target, "slots", lambda: slots)
+    live = target.read()
+    assert live.percent == 12 and live.production_uri == "models:/mot-defects/1"  # the alias ref, pinned
+    assert target.plan(live.with_percent(12)) == [
+        {"method": "POST", "path": "/motlens/admin/canary/percent", "body": {"percent": 12}}
+    ]
+    slots["canary_percent"] = 12.0
+    assert target.plan(live.with_percent(12)) == []
+
+
+def test_rollback_refuses_to_reject_what_serves_production(production, monkeypatch):
+    """After an interrupted promote (live: v2 production; aliases: canary 2), a forced rollback once
+    'rolled back' nothing and tagged the serving version rejected."""
+    env, target = production
+    p = _promoter(env, target)
+    p.canary_start("2", 100)
+
+    def broken(alias):
+        raise RuntimeError("registry went away")
+
+    real = env.registry.delete_alias
+    monkeypatch.setattr(env.registry, "delete_alias", broken)
+    p.force = True  # no traffic evidence in this test: past the gates
+    with pytest.raises(Exception, match="part-way"):
+        p.promote()
+    monkeypatch.setattr(env.registry, "delete_alias", real)
+    assert target.read().production_version == "2" and env.registry.aliases().get("canary") == "2"
+    with pytest.raises(PromotionError, match="already serves production"):
+        p.rollback()
+    assert env.registry.resolve("2").tags.get("promotion.status") != "rejected"

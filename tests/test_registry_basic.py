@@ -76,6 +76,9 @@ def test_unknown_refs_are_clear(registry, tiny_bundle):
     registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="candidate")
     with pytest.raises(RegistryError, match=r"version 7 of registered model .* not exist.*candidate → 1"):
         registry.resolve("7")
+    for huge in ("99999999999999999999", "models:/mot-defects/2147483648"):  # bad input, not an outage
+        with pytest.raises(RegistryError, match=r"version \d+ of registered model .* does not exist"):
+            registry.resolve(huge)
     with pytest.raises(RegistryError, match="names 'other-model'"):
         registry.resolve("models:/other-model@production")
     with pytest.raises(RegistryError, match="cannot read model reference"):

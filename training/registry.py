@@ -33,6 +33,7 @@ MODEL_ARTIFACT_PATH = "model"
 DEFAULT_EXPERIMENT = "mot-defects"
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 _NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+MAX_VERSION = 2**31 - 1  # model versions are 32-bit integers in MLflow's stores
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 LKG_DIR = ".lkg"
 
@@ -179,6 +180,8 @@ class Registry:
 
         ref = str(ref).strip()
         alias, version = self._parse_ref(ref)
+        if version is not None and int(version) > MAX_VERSION:  # the store's integer column would overflow
+            raise RegistryError(self._unknown_ref_message(ref, alias, version))
         try:
             if alias is not None:
                 mv = self.client.get_model_version_by_alias(self.model_name, alias)
