@@ -367,7 +367,9 @@ class Promoter:
                     f"`motlens promote promote {version}`"
                 )
             if version == production:
-                raise PromotionError(f"version {version} is already production")
+                adopt = "" if aliases.get("production") == version else (
+                    f"; `motlens promote promote {version} --force` adopts it in the registry")  # fmt: skip
+                raise PromotionError(f"version {version} is already production{adopt}")
             if live.canary_active and live.canary_version != version and not self.force:
                 raise PromotionError(
                     f"canary version {live.canary_version} is running at {live.percent}%: "
@@ -487,6 +489,12 @@ class Promoter:
     def _deploy(self, live: RolloutState, aliases: dict[str, str], version: str) -> Outcome:
         """Straight to production without a canary: the first deployment, or forced."""
         previous = aliases.get("production") or live.production_version
+        if previous == version and not self.force:
+            raise PromotionError(
+                f"version {version} is already production on {self.target.describe()}"
+                + ("" if aliases.get("production") == version else
+                   f"; --force adopts it (sets the 'production' alias and the storage URI of version {version})")
+            )  # fmt: skip
         if previous is not None and not self.force:
             raise PromotionError(
                 f"version {previous} is in production: roll out {version} with "

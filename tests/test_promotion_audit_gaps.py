@@ -211,3 +211,21 @@ def test_rollback_refuses_to_reject_what_serves_production(production, monkeypat
     with pytest.raises(PromotionError, match="already serves production"):
         p.rollback()
     assert env.registry.resolve("2").tags.get("promotion.status") != "rejected"
+
+
+def test_a_fresh_overlay_names_the_way_out(registry, tiny_bundle, tmp_path, monkeypatch):
+    """The base manifest's placeholder says production v1: `promote promote 1` and `canary start 1`
+    once sent the user to each other; both now name --force, which adopts it."""
+    env = make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60, 0.61])
+    target = GitOpsTarget(env.settings())
+    p = _promoter(env, target)
+    with pytest.raises(PromotionError, match="already production on .*--force adopts it"):
+        p.promote("1")
+    with pytest.raises(PromotionError, match="already production; `motlens promote promote 1 --force` adopts"):
+        p.canary_start("1", 10)
+    p.force = True
+    p.promote("1")
+    assert env.registry.aliases() == {"production": "1"}
+    p.force = False
+    with pytest.raises(PromotionError, match=r"version 1 is already production on [^;]*$"):
+        p.promote("1")
