@@ -36,3 +36,44 @@ def test_bad_data_arguments_are_clear(registry, monkeypatch, capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["train", "--data", str(tmp_path / "empty")]) == 2
     assert "no test_result, test_item, item_detail table" in capsys.readouterr().err
+
+
+def test_unreachable_registry_is_one_line_without_the_password(registry, monkeypatch, capsys, tmp_path):
+    """MLflow's own messages carry the full tracking URI: they once reached stderr in a traceback."""
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cretPW@127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    assert main(["train", "versions"]) == 2
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "s3cretPW" not in err and "Traceback" not in err
+    (tmp_path / "data").mkdir()
+    assert main(["train", "--data", str(tmp_path / "data")]) == 2  # checked before any data or model work
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "s3cretPW" not in err
+
+
+def test_bad_settings_are_exit_2(registry, monkeypatch, capsys, tmp_path):
+    _use(registry, monkeypatch)
+    assert main(["train", "--data", str(tmp_path), "--epochs", "0"]) == 2
+    assert "bad setting: epochs" in capsys.readouterr().err
+
+
+def test_a_version_whose_run_is_gone_still_lists(registry, tiny_bundle, monkeypatch, capsys):
+    """A run deleted and garbage-collected (`mlflow gc`) once broke the listing of every version."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    _use(registry, monkeypatch)
+    v = registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.9}, params={}, alias=None)
+    registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.8}, params={}, alias=None)
+    MlflowClient(tracking_uri=registry.tracking_uri).delete_run(v.run_id)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    subprocess.run([str(mlflow), "gc", "--backend-store-uri", registry.tracking_uri, "--run-ids", v.run_id],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    assert main(["train", "versions", "--json"]) == 0
+    listed = {x["version"]: x["metrics"] for x in json.loads(capsys.readouterr().out)}
+    assert listed[v.version] == {} and listed[str(int(v.version) + 1)]["section_macro_f1"] == 0.8

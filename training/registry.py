@@ -14,10 +14,13 @@ records (which cached bundle a reference last served, docs/reliability.md) in ``
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -28,6 +31,8 @@ from motlens import MODEL_NAME
 from motlens.atomic import atomic_write
 from motlens.bundle import MANIFEST, Bundle, BundleError, set_manifest_fields, sha256_file
 from motlens.state import StateSettings
+
+log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT_PATH = "model"
 DEFAULT_EXPERIMENT = "mot-defects"
@@ -107,14 +112,15 @@ class Registry:
 
     def experiment_id(self) -> str:
         """The experiment runs are logged to (created on first use; local artifacts under the state dir)."""
-        exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        location = None
-        if self.tracking_uri.startswith("sqlite:"):
-            self.state.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
-            location = self.state.mlflow_artifacts.as_uri()
-        return self.client.create_experiment(self.experiment, artifact_location=location)
+        with self._answering():
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is not None:
+                return str(exp.experiment_id)
+            location = None
+            if self.tracking_uri.startswith("sqlite:"):
+                self.state.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+                location = self.state.mlflow_artifacts.as_uri()
+            return str(self.client.create_experiment(self.experiment, artifact_location=location))
 
     def register_bundle(
         self,
@@ -130,11 +136,24 @@ class Registry:
         """Log one run (params, metrics, ``artifacts_dir`` at the run root, the bundle as ``model/``),
         register it as a new version, stamp ``version``/``run_id`` into the stored ``bundle.json``
         and set ``alias`` when given. The local ``bundle_root`` is left unchanged."""
-        from mlflow.entities import Metric, Param, RunTag
-
         bundle = Bundle.open(bundle_root)  # never register a bundle that does not verify
         if alias is not None:
             check_alias(alias)
+        with self._answering():
+            return self._register(bundle, metrics, params, alias, run_name, artifacts_dir, tags)
+
+    def _register(
+        self,
+        bundle: Bundle,
+        metrics: dict[str, float],
+        params: dict[str, Any],
+        alias: str | None,
+        run_name: str | None,
+        artifacts_dir: Path | None,
+        tags: dict[str, str] | None,
+    ) -> ModelVersionInfo:
+        from mlflow.entities import Metric, Param, RunTag
+
         run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=dict(tags or {}))
         run_id = run.info.run_id
         try:
@@ -192,6 +211,17 @@ class Registry:
                 raise self._failure(e) from e
             raise RegistryError(self._unknown_ref_message(ref, alias, version)) from e
         return self._info(mv)
+
+    @contextmanager
+    def _answering(self) -> Iterator[None]:
+        """MLflow errors as :class:`RegistryError` with the URI's credentials removed (MLflow's own
+        messages carry the full tracking URI)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            yield
+        except MlflowException as e:
+            raise self._failure(e) from e
 
     def _failure(self, e: Exception) -> RegistryError:
         """A registry that is down or failing, named without any credentials in its URI;
@@ -354,11 +384,13 @@ class Registry:
     def set_alias(self, alias: str, version: str | int) -> None:
         check_alias(alias)
         self.resolve(str(version))  # clear error for an unknown version
-        self.client.set_registered_model_alias(self.model_name, alias, str(version))
+        with self._answering():
+            self.client.set_registered_model_alias(self.model_name, alias, str(version))
 
     def delete_alias(self, alias: str) -> None:
         """Remove ``alias`` (a no-op when it is not set)."""
-        self.client.delete_registered_model_alias(self.model_name, alias)
+        with self._answering():
+            self.client.delete_registered_model_alias(self.model_name, alias)
 
     def alias_version(self, alias: str) -> str | None:
         return self.aliases().get(alias)
@@ -377,12 +409,14 @@ class Registry:
 
     def set_tags(self, version: str | int, tags: dict[str, Any]) -> None:
         self.resolve(str(version))
-        for k, v in tags.items():
-            self.client.set_model_version_tag(self.model_name, str(version), k, _param_value(v))
+        with self._answering():
+            for k, v in tags.items():
+                self.client.set_model_version_tag(self.model_name, str(version), k, _param_value(v))
 
     def versions(self) -> list[ModelVersionInfo]:
         """Every version, newest first, with aliases, tags and run metrics."""
-        found = self.client.search_model_versions(f"name = '{self.model_name}'")
+        with self._answering():
+            found = self.client.search_model_versions(f"name = '{self.model_name}'")
         by_version: dict[str, list[str]] = {}
         for a, v in self.aliases().items():
             by_version.setdefault(v, []).append(a)
@@ -397,9 +431,18 @@ class Registry:
         return self.resolve(str(version)).metrics
 
     def _run_metrics(self, run_id: str | None) -> dict[str, float]:
+        """The run's metrics; empty when the run is gone (deleted and garbage-collected)."""
+        from mlflow.exceptions import MlflowException
+
         if not run_id:
             return {}
-        return dict(self.client.get_run(run_id).data.metrics)
+        try:
+            return dict(self.client.get_run(run_id).data.metrics)
+        except MlflowException as e:
+            if e.error_code not in _NOT_FOUND:
+                raise self._failure(e) from e
+            log.warning("run %s of a registered version is gone: no metrics", run_id)
+            return {}
 
 
 def _transport_failure(e: BaseException) -> bool:

@@ -312,6 +312,8 @@ def train(
     s = settings or TrainSettings()
     if s.alias is not None:
         check_alias(s.alias)  # fail before hours of work, not at registration
+    registry = registry or Registry()
+    registry.experiment_id()  # the same for an unreachable registry (RegistryError, credentials redacted)
     clock = _Clock()
     if isinstance(data, TrainingSet):
         ts = data
@@ -392,8 +394,7 @@ def train(
             **{f"timing.{k}": f"{v:.2f}" for k, v in timings.items()},
             "rows_per_s": f"{fp['rows_read'] / max(timings['total_s'], 1e-9):.0f}",
         }
-        reg = registry or Registry()
-        info = reg.register_bundle(
+        info = registry.register_bundle(
             bundle.root,
             metrics=metrics,
             params=params,

@@ -63,9 +63,11 @@ def _train(args: argparse.Namespace) -> int:
     require("matplotlib", "train")
     from pathlib import Path
 
+    from pydantic import ValidationError
+
     from training.dataset import DataError
     from training.dvsa import BulkFormatError
-    from training.registry import Registry
+    from training.registry import Registry, RegistryError
     from training.train import TrainSettings, train
 
     if not args.data and not args.clickhouse:
@@ -76,11 +78,16 @@ def _train(args: argparse.Namespace) -> int:
         overrides["alias"] = args.alias
     if args.no_alias:
         overrides["alias"] = None
-    settings = TrainSettings(**overrides)
+    try:
+        settings = TrainSettings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        print(f"motlens train: bad setting: {problems}", file=sys.stderr)
+        return 2
     try:
         data = _clickhouse_set(args, settings) if args.clickhouse else Path(args.data)
         result = train(data, settings, registry=Registry(args.tracking_uri))
-    except (DataError, BulkFormatError, FileNotFoundError) as e:
+    except (DataError, BulkFormatError, FileNotFoundError, RegistryError) as e:
         print(f"motlens train: {e}", file=sys.stderr)
         return 2
     v = result.version
@@ -113,9 +120,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _versions(args: argparse.Namespace) -> int:
-    from training.registry import Registry
+    from training.registry import Registry, RegistryError
 
-    versions = Registry(args.tracking_uri).versions()
+    try:
+        versions = Registry(args.tracking_uri).versions()
+    except RegistryError as e:
+        print(f"motlens train versions: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps([v.to_json() for v in versions], indent=2))
         return 0
