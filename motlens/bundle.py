@@ -52,10 +52,27 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# Serialisations that run code when loaded: a bundle never carries them (weights are safetensors,
+# arrays .npy read without pickle), whatever its manifest says.
+PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt", ".joblib", ".h5"})
+
+
 def _files(root: Path) -> list[str]:
-    return sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
-    )
+    """Every file under ``root`` but the manifest; :class:`BundleError` for a symlink anywhere (a
+    link could point the loader at bytes that were never hashed, or hide files from the listing)
+    or a file of a code-executing format."""
+    out = []
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            raise BundleError(f"{root}: {p.relative_to(root).as_posix()} is a symbolic link; bundles hold plain files")
+        if p.is_file() and p.name != MANIFEST:
+            if p.suffix.lower() in PICKLE_SUFFIXES:
+                raise BundleError(
+                    f"{root}: {p.relative_to(root).as_posix()} is a {p.suffix} file (pickle-based formats can run "
+                    "code when loaded); bundles hold safetensors, JSON, text and .npy only"
+                )
+            out.append(p.relative_to(root).as_posix())
+    return sorted(out)
 
 
 def write_manifest(root: Path, **fields: Any) -> dict[str, Any]:
@@ -93,8 +110,12 @@ def verify(root: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(mf.read_text())
         expected: dict[str, str] = manifest["files"]
-    except (ValueError, KeyError) as e:
+        if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
+            raise ValueError("'files' must map paths to sha256 digests")
+    except (ValueError, KeyError, TypeError) as e:
         raise BundleError(f"{mf}: malformed manifest ({e})") from e
+    if mf.is_symlink() or root.is_symlink():
+        raise BundleError(f"{root}: the bundle or its {MANIFEST} is a symbolic link; bundles hold plain files")
     present = set(_files(root))
     missing = sorted(set(expected) - present)
     if missing:

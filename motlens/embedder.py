@@ -125,7 +125,9 @@ class TorchEmbedder:
         self.device = device
         self.dtype = dtype
         model_dir = Path(model_dir or default_model_dir())
-        self._model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+        self._model = SentenceTransformer(
+            str(model_dir), device=device, local_files_only=True, model_kwargs={"use_safetensors": True}
+        )
         # transformers loads a checkpoint in its stored dtype: pin the one asked for.
         cuda = device.startswith("cuda")
         self._model = self._model.to(getattr(torch, target))

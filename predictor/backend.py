@@ -240,13 +240,20 @@ def load_backend(
     registry is replaced by that bundle (``Backend.fallback`` says so).
     """
     t0 = time.perf_counter()
-    resolved = resolve_model(ref, lkg=lkg)
+    try:
+        resolved = resolve_model(ref, lkg=lkg)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. a path the OS refuses: a not-ready reason, not a dead loader
+        raise ModelLoadError(f"cannot resolve {ref}: {type(e).__name__}: {e}") from e
     root = resolved.root
     try:
         bundle = Bundle.open(root)
         head = bundle.head()
-    except (BundleError, ValueError, OSError) as e:
+    except BundleError as e:
         raise ModelLoadError(f"bundle refused: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any damage (a re-signed config missing a key …) is a refusal
+        raise ModelLoadError(f"bundle refused: {type(e).__name__}: {e}") from e
     if embedder is None:
         factory = EMBEDDER_FACTORIES.get(backend)
         if factory is None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,81 @@ def test_tampered_bundle_refused(tiny_bundle, tmp_path):
 def test_unlisted_file_refused(tiny_bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle.root, copy)
-    (copy / "head" / "evil.pkl").write_bytes(b"x")
+    (copy / "head" / "extra.json").write_bytes(b"{}")
     with pytest.raises(BundleError, match="not listed"):
         Bundle.open(copy)
+
+
+def _resigned(tiny_bundle, tmp_path, change) -> Path:
+    """A copy of the bundle changed by ``change`` and re-signed by hand, as a hostile producer would
+    (hashes that match again; ``write_manifest`` itself refuses to sign pickle formats)."""
+    import json
+
+    from motlens.bundle import MANIFEST, sha256_file
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle.root, copy)
+    change(copy)
+    doc = json.loads((copy / MANIFEST).read_text())
+    files = [p for p in copy.rglob("*") if p.is_file() and p.name != MANIFEST]
+    doc["files"] = {p.relative_to(copy).as_posix(): sha256_file(p) for p in files}
+    (copy / MANIFEST).write_text(json.dumps(doc))
+    return copy
+
+
+@pytest.mark.parametrize("name", ["extra.pkl", "pytorch_model.bin", "weights.PT", "state.ckpt"])
+def test_pickle_formats_are_refused_even_when_listed(tiny_bundle, tmp_path, name):
+    """A re-signed bundle carrying a pickle-based file: the loader would be one step from running it."""
+    copy = _resigned(tiny_bundle, tmp_path, lambda root: (root / "embedder" / name).write_bytes(b"\x80\x04."))
+    with pytest.raises(BundleError, match="pickle-based formats can run code"):
+        Bundle.open(copy)
+
+
+def test_symlinks_are_refused(tiny_bundle, tmp_path):
+    """A linked directory hid its files from the listing; a linked file is read unverified later."""
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "data.json").write_text("{}")
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle.root, copy)
+    (copy / "embedder" / "extra").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(BundleError, match="embedder/extra is a symbolic link"):
+        Bundle.open(copy)
+    (copy / "embedder" / "extra").unlink()
+    weights = copy / "head" / "weights.safetensors"
+    shutil.copy(weights, outside / "w.safetensors")
+    weights.unlink()
+    weights.symlink_to(outside / "w.safetensors")
+    with pytest.raises(BundleError, match="head/weights.safetensors is a symbolic link"):
+        Bundle.open(copy)
+
+
+@pytest.mark.parametrize("manifest", ["[]", "null", '{"files": ["a"]}', '{"files": {"a": 1}}'])
+def test_malformed_manifest_is_a_bundle_error(tiny_bundle, tmp_path, manifest):
+    """Not a TypeError: Registry.fetch re-downloads a damaged cache only on BundleError."""
+    from motlens.bundle import MANIFEST
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle.root, copy)
+    (copy / MANIFEST).write_text(manifest)
+    with pytest.raises(BundleError, match="malformed manifest"):
+        Bundle.open(copy)
+
+
+def test_a_damaged_config_is_a_load_refusal_not_a_crash(tiny_bundle, tmp_path):
+    """A re-signed head config missing a key raised KeyError past the slot manager (admin 500, dead loader)."""
+    import json
+
+    from predictor.backend import ModelLoadError, load_backend
+
+    def drop_a_key(root: Path) -> None:
+        cfg = root / "head" / "config.json"
+        doc = json.loads(cfg.read_text())
+        doc.pop(next(iter(doc)))
+        cfg.write_text(json.dumps(doc))
+
+    copy = _resigned(tiny_bundle, tmp_path, drop_a_key)
+    with pytest.raises(ModelLoadError, match="bundle refused"):
+        load_backend(str(copy))
+    with pytest.raises(ModelLoadError, match="cannot resolve|does not exist"):
+        load_backend("/" + "x" * 5000)
