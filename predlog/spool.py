@@ -14,7 +14,7 @@ import fcntl
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,9 +28,12 @@ class Segment:
     rows: int
     token: str
     path: Path
+    size: int = field(default=-1, compare=False)  # bytes counted into the spool (-1: the file's size)
 
     @property
     def bytes(self) -> int:
+        if self.size >= 0:
+            return self.size
         try:
             return self.path.stat().st_size
         except FileNotFoundError:
@@ -66,7 +69,7 @@ class Spool:
         for stale in root.glob("*.tmp"):
             stale.unlink(missing_ok=True)
         self._segments: list[Segment] = sorted(
-            Segment(int(m.group(1)), int(m.group(2)), m.group(3), p)
+            Segment(int(m.group(1)), int(m.group(2)), m.group(3), p, p.stat().st_size)
             for p in root.iterdir()
             if (m := _SEG.match(p.name))
         )
@@ -108,6 +111,7 @@ class Spool:
                 table.num_rows,
                 token,
                 self.root / f"{self._seq:016d}-{table.num_rows}-{token}.arrow",
+                data.size,
             )
             self._seq += 1
             tmp = seg.path.with_name(seg.path.name + ".tmp")
@@ -135,6 +139,17 @@ class Spool:
     def read(seg: Segment) -> pa.Table:
         with pa.memory_map(str(seg.path)) as src:
             return pa.ipc.open_file(src).read_all()
+
+    def set_aside(self, seg: Segment) -> Path:
+        """Take an unreadable segment out of the spool (and its byte count), kept as ``*.corrupt``."""
+        with self._lock:
+            if seg in self._segments:
+                self._segments.remove(seg)
+                self._bytes -= seg.bytes  # what it added, whatever the damaged file holds now
+            aside = seg.path.with_suffix(".corrupt")
+            if seg.path.exists():
+                seg.path.rename(aside)
+            return aside
 
     def remove(self, seg: Segment) -> None:
         with self._lock:

@@ -178,8 +178,26 @@ class PredictionLogWriter:
                     self._sink_failed(e)
             self._spill(table, token)
             return
-        if self._spool_append(table, token) is not None:  # write-ahead copy
+        try:
+            seg, dropped = self.spool.append(table, token)  # write-ahead copy
+        except OSError as e:
+            log.error("predlog: spool write failed (%s); inserting the batch without a write-ahead copy", e)
+            seg, dropped, reason = None, 0, "spool_error"
+        else:
+            reason = "spool_full"
+        if seg is not None:
+            self._drop(dropped, "spool_full")  # older segments, under drop_oldest
             self._fresh.add(token)
+            return
+        # no durable copy (disk full, or a batch the spool refuses): straight to a healthy sink
+        if time.monotonic() >= self._retry_at:
+            try:
+                self._insert(table, token)
+                self._add("written", table.num_rows)
+                return
+            except Exception as e:  # noqa: BLE001
+                self._sink_failed(e)
+        self._drop(table.num_rows, reason)
 
     def _drain(self, force: bool = False) -> None:
         """Replay spooled segments in order until one fails (skipped while backing off)."""
@@ -191,9 +209,7 @@ class PredictionLogWriter:
                 table = Spool.read(seg)
             except Exception:  # noqa: BLE001 - a corrupt segment must not block the rest
                 log.exception("predlog: unreadable spool segment %s set aside", seg.path.name)
-                if seg.path.exists():
-                    seg.path.rename(seg.path.with_suffix(".corrupt"))
-                self.spool.remove(seg)
+                self.spool.set_aside(seg)
                 self._drop(seg.rows, "invalid")
                 continue
             try:

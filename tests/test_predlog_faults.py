@@ -273,3 +273,31 @@ def test_unencodable_rows_are_dropped_alone(tmp_path):
     writer.close(10)
     s = writer.stats()
     assert s["written"] == 11 and s["dropped_by_reason"] == {"invalid": 2}
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
+def test_a_batch_the_spool_refuses_still_reaches_a_healthy_sink(chdb_settings, policy):
+    """The write-ahead copy is a safety net, not a gate: with a spool too small for any batch (or a
+    full disk) every batch was dropped although ClickHouse was up."""
+    settings, reader = chdb_settings
+    settings = settings.model_copy(update={"spool_max_bytes": 1024, "spool_full_policy": policy})
+    writer = predlog.open_writer(settings)
+    for i in range(5):
+        writer.submit(rows(50, 50 * i))
+        assert writer.flush(30)
+    writer.close(30)
+    s = writer.stats()
+    assert s["written"] == 250 and s["dropped"] == 0, s
+    assert stored(reader, settings) == (250, 250)
+
+
+def test_a_corrupt_segment_leaves_the_spool_byte_count(tmp_path):
+    spool = Spool(tmp_path / "spool", 10**9)
+    from predlog.schema import records_to_arrow
+
+    seg, _ = spool.append(records_to_arrow(rows(20)), "t1")
+    assert seg is not None and spool.bytes > 0
+    seg.path.write_bytes(b"not arrow")
+    aside = spool.set_aside(seg)
+    assert spool.bytes == 0 and spool.segments() == [] and aside.read_bytes() == b"not arrow"
+    spool.close()
