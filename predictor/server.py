@@ -40,7 +40,7 @@ from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest.server import RESTServer
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError
 
 from motlens.embedder import Embedder
 from predictor import metrics
@@ -56,6 +56,7 @@ from predictor.slots import SlotError, SlotManager
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 ADMIN_PREFIX = "/motlens/admin"
 LOOPBACK = ("127.0.0.1", "::1")
 GRPC_MAX_SEND = 64 * 1024 * 1024
@@ -196,12 +197,15 @@ async def _too_large_handler(_: Request, exc: Exception) -> Response:
     return _json({"error": str(exc)}, status_code=413)
 
 
+ADMIN_MAX_BODY = 64 * 1024
+
+
 class _LoadBody(BaseModel):
-    ref: str
+    ref: str = Field(min_length=1, max_length=4096)
 
 
 class _PercentBody(BaseModel):
-    percent: float
+    percent: float = Field(allow_inf_nan=False)
 
 
 class PredictorServer:
@@ -328,15 +332,9 @@ class PredictorServer:
 
     def _add_admin_routes(self, app: FastAPI) -> None:
         app.add_api_route(f"{ADMIN_PREFIX}/slots", self._admin_status, methods=["GET"], response_model=None)
-        app.add_api_route(
-            f"{ADMIN_PREFIX}/slots/{{slot}}/load", self._admin_load, methods=["POST"], response_model=None
-        )
-        app.add_api_route(
-            f"{ADMIN_PREFIX}/canary/percent",
-            self._admin_percent,
-            methods=["POST", "PUT"],
-            response_model=None,
-        )
+        # plain routes: the body is read after the token check (FastAPI would parse it first)
+        app.router.add_route(f"{ADMIN_PREFIX}/slots/{{slot}}/load", self._admin_load, methods=["POST"])
+        app.router.add_route(f"{ADMIN_PREFIX}/canary/percent", self._admin_percent, methods=["POST", "PUT"])
         app.add_api_route(f"{ADMIN_PREFIX}/promote", self._admin_promote, methods=["POST"], response_model=None)
         app.add_api_route(f"{ADMIN_PREFIX}/rollback", self._admin_rollback, methods=["POST"], response_model=None)
 
@@ -458,9 +456,23 @@ class PredictorServer:
     async def _admin_status(self, request: Request) -> Response:
         return self._admin_auth(request) or _json(self.slots.status())
 
-    async def _admin_load(self, slot: str, body: _LoadBody, request: Request) -> Response:
+    async def _admin_body(self, request: Request, model: type[M]) -> M | Response:
+        """The admin request's JSON body, read only after the caller is authorised, bounded, validated."""
         if denied := self._admin_auth(request):
             return denied
+        try:
+            return model.model_validate_json(await read_body(request, ADMIN_MAX_BODY))
+        except BodyTooLarge as e:
+            return _json({"error": str(e)}, status_code=413)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
+            return _json({"error": f"bad admin request: {problems}"}, status_code=422)
+
+    async def _admin_load(self, request: Request) -> Response:
+        body = await self._admin_body(request, _LoadBody)
+        if isinstance(body, Response):
+            return body
+        slot = request.path_params["slot"]
         try:
             return _json(await self.slots.load(slot, body.ref))
         except SlotError as e:
@@ -468,9 +480,10 @@ class PredictorServer:
         except ModelLoadError as e:
             return _json({"error": str(e), **self.slots.status()}, status_code=422)
 
-    async def _admin_percent(self, body: _PercentBody, request: Request) -> Response:
-        if denied := self._admin_auth(request):
-            return denied
+    async def _admin_percent(self, request: Request) -> Response:
+        body = await self._admin_body(request, _PercentBody)
+        if isinstance(body, Response):
+            return body
         try:
             return _json(self.slots.set_canary_percent(body.percent))
         except SlotError as e:

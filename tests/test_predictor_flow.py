@@ -292,6 +292,23 @@ def test_admin_token_is_required_when_set(served, monkeypatch):
     assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
     ok = httpx.get(url, headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200 and ok.json()["ready"] is True
+    # the token is checked before the body is read: no 422 (and no echo of it) for a stranger
+    load = f"{base}/motlens/admin/slots/canary/load"
+    assert httpx.post(load, content=b"x" * (1 << 20)).status_code == 401
+    assert httpx.post(f"{base}/motlens/admin/canary/percent", json={"percent": "nope"}).status_code == 401
+    auth = {"Authorization": "Bearer s3cret"}
+    big = httpx.post(load, content=b"x" * (1 << 20), headers=auth)
+    assert big.status_code == 413 and "x" * 100 not in big.text
+    for body in ({"percent": "nope"}, {"percent": float("nan")}, {}):
+        bad = httpx.post(f"{base}/motlens/admin/canary/percent", content=_json_bytes(body), headers=auth)
+        assert bad.status_code == 422 and "bad admin request" in bad.json()["error"], bad.text
+    assert httpx.post(load, json={"ref": ""}, headers=auth).status_code == 422
+
+
+def _json_bytes(doc) -> bytes:
+    import json
+
+    return json.dumps(doc).encode()  # NaN as the bare token NaN, which JSON has not
 
 
 def test_every_prediction_reaches_the_prediction_log(served):
