@@ -97,3 +97,65 @@ def test_pretty_printed_json_file(tmp_path):
     p.write_text('{\n  "make": "FORD",\n  oops\n}')
     with pytest.raises(BulkFormatError, match=r"vehicle\.json:3: not JSON"):
         list(read_jsonl([p]))
+
+
+def _test(**over) -> dict:
+    return {**VEHICLE["motTests"][0], **over}
+
+
+MALFORMED = [
+    {"make": "FORD", "motTests": "abc"},
+    {"make": "FORD", "motTests": [1, 2]},
+    {"motTests": [{"completedDate": "2023-06-02", "defects": ["x"]}]},
+]
+
+
+def test_structurally_malformed_vehicles_are_counted_not_fatal(tmp_path):
+    """Each of these once aborted the whole load with a traceback."""
+    good = json.dumps(VEHICLE)
+    deep = "[" * 200_000 + "]" * 200_000
+    odd_fields = [
+        {**VEHICLE, "make": 123, "model": {"a": 1}},  # odd types: kept as text or missing, rows kept
+        {**VEHICLE, "motTests": [_test(motTestNumber="99999999999999999999999")]},  # beyond int64: no id
+    ]
+    lines = [good, *map(json.dumps, MALFORMED), deep, *map(json.dumps, odd_fields)]
+    p = tmp_path / "api.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    report = BulkReport()
+    df = pd.concat(list(read_jsonl([p], report=report)), ignore_index=True)
+    assert report.files[0].bad_lines == [2, 3, 4, 5]
+    assert report.files[0].rows == 3 and len(df) == 9
+    assert df["make"].tolist()[3:6] == ["123"] * 3 and df["model"].iloc[3] is None
+    assert df["test_id"].iloc[-1] is pd.NA
+
+
+@pytest.mark.parametrize("value", [1e400, "Infinity", "NaN", "-5"])
+def test_a_reading_that_means_nothing_is_a_missing_odometer(tmp_path, value):
+    """An infinite mileage once passed the reader and made training fail after the embedding stage."""
+    p = tmp_path / "api.jsonl"
+    raw = json.dumps({**VEHICLE, "motTests": [_test(odometerValue="PLACEHOLDER")]}).replace(
+        '"PLACEHOLDER"', "1e400" if value == 1e400 else json.dumps(value)
+    )
+    p.write_text(raw + "\n")
+    df = pd.concat(list(read_jsonl([p])), ignore_index=True)
+    assert df["odometer_miles"].isna().all()
+
+
+def test_bulk_numbers_beyond_float_range_are_missing():
+    from training.dvsa import _float
+
+    out = _float(pd.Series(["12", "9" * 400, "x", None]))
+    assert out.iloc[0] == 12 and out.iloc[1:].isna().all()
+
+
+def test_feature_normalisation_ignores_non_finite_values():
+    import numpy as np
+
+    from training.train import fit_feature_spec
+
+    texts = pd.DataFrame({
+        "count": [1, 1, 1], "vehicle_age_years": [2.0, np.inf, 4.0], "odometer_miles": [1000.0, np.inf, np.nan],
+        "fuel_type": ["PE", "DI", "PE"],
+    })  # fmt: skip
+    spec = fit_feature_spec(texts)
+    assert spec.age_mean == 3.0 and np.isfinite([spec.age_std, spec.log_odo_mean, spec.log_odo_std]).all()

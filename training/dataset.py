@@ -144,7 +144,7 @@ class _Aggregator:
         df["section"] = section[df.index].astype("int8")
         df["vehicle_age_years"] = pd.to_numeric(df["vehicle_age_years"], errors="coerce")
         odo = pd.to_numeric(df["odometer_miles"], errors="coerce")
-        df["log_odo"] = np.log1p(odo.where(odo >= 0))
+        df["log_odo"] = np.log1p(odo.where((odo >= 0) & np.isfinite(odo)))
         self.labels.append(df.groupby(["key", "section", "severity"], observed=True).size().rename("n").reset_index())
         g = df.groupby("key")
         self.numeric.append(

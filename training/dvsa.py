@@ -320,7 +320,8 @@ def _numeric(s: pd.Series, pattern: str, to: pa.DataType) -> pd.Series:
     """Parse numbers in Arrow (fast on millions of rows); anything else becomes NaN."""
     arr = pc.utf8_trim_whitespace(pa.array(s, type=pa.string(), from_pandas=True))
     arr = pc.if_else(pc.match_substring_regex(arr, pattern), arr, pa.scalar(None, pa.string()))
-    return pd.Series(pc.cast(arr, to).to_numpy(zero_copy_only=False), index=s.index, dtype="float64")
+    out = pd.Series(pc.cast(arr, to).to_numpy(zero_copy_only=False), index=s.index, dtype="float64")
+    return out.where(np.isfinite(out))  # a 400-digit mileage casts to inf: missing, like any non-number
 
 
 def _int(s: pd.Series) -> pd.Series:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -63,22 +64,44 @@ def _miles(value: object, unit: object) -> float | None:
         v = float(str(value).replace(",", ""))
     except ValueError:
         return None
-    if v < 0:
+    if not math.isfinite(v) or v < 0:  # 1e400 parses as inf: a reading that means nothing
         return None
     return v * _KM_TO_MILES if str(unit or "").strip().lower() in ("km", "kilometres") else v
 
 
+class _Malformed(ValueError):
+    """A vehicle document whose structure is not the API's (counted as a bad row, not fatal)."""
+
+
+def _objects(value: object, what: str) -> list[dict]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+        raise _Malformed(f"'{what}' is not a list of objects")
+    return value
+
+
+def _text(value: object) -> str | None:
+    """A string field as a string; numbers become their text, anything else missing."""
+    if value is None or isinstance(value, str):
+        return value
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def _vehicle_rows(vehicle: dict) -> tuple[list[dict], int]:
-    """Tidy rows of one vehicle and how many defects had no label."""
+    """Tidy rows of one vehicle and how many defects had no label; :class:`_Malformed` when its
+    structure is not the API's."""
     first_use = _date(vehicle.get("firstUsedDate") or vehicle.get("registrationDate") or vehicle.get("manufactureDate"))
     rows: list[dict] = []
     unlabelled = 0
-    for test in vehicle.get("motTests") or []:
+    for test in _objects(vehicle.get("motTests"), "motTests"):
         when = _date(test.get("completedDate"))
-        defects = test.get("defects") or test.get("rfrAndComments") or []
+        defects = _objects(test.get("defects") or test.get("rfrAndComments"), "defects")
         try:
-            test_id = int(test.get("motTestNumber"))
+            test_id: int | None = int(test.get("motTestNumber"))  # type: ignore[arg-type]
         except (TypeError, ValueError):
+            test_id = None
+        if test_id is not None and not 0 <= test_id < 2**63:  # the tidy column is int64
             test_id = None
         age = (when - first_use).days / 365.25 if when and first_use and when >= first_use else None
         for d in defects:
@@ -93,9 +116,9 @@ def _vehicle_rows(vehicle: dict) -> tuple[list[dict], int]:
                     "text": text,
                     "section": section,
                     "severity": severity,
-                    "make": vehicle.get("make"),
-                    "model": vehicle.get("model"),
-                    "fuel_type": _fuel(vehicle.get("fuelType")),
+                    "make": _text(vehicle.get("make")),
+                    "model": _text(vehicle.get("model")),
+                    "fuel_type": _fuel(_text(vehicle.get("fuelType"))),
                     "vehicle_age_years": age,
                     "odometer_miles": _miles(test.get("odometerValue"), test.get("odometerUnit")),
                     "test_date": when,
@@ -126,9 +149,12 @@ def _documents(path: Path, fr: FileReport) -> Iterator[tuple[int, object]]:
         if b"\x00" in data:
             raise BulkFormatError(f"{path}:1: binary data, not JSON")
         try:
-            yield 1, json.loads(_decode(data, fr))
+            doc = json.loads(_decode(data, fr))
         except json.JSONDecodeError as e:
             raise BulkFormatError(f"{path}:{e.lineno}: not JSON: {e.msg}") from e
+        except RecursionError as e:
+            raise BulkFormatError(f"{path}:1: JSON nested too deeply") from e
+        yield 1, doc
         return
     assert fh is not None
     with fh:
@@ -139,7 +165,7 @@ def _documents(path: Path, fr: FileReport) -> Iterator[tuple[int, object]]:
                 continue
             try:
                 yield lineno, json.loads(_decode(raw, fr))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: nesting beyond any vehicle
                 fr.bad(lineno)
 
 
@@ -166,8 +192,12 @@ def read_jsonl(
                 if not isinstance(v, dict):
                     fr.bad(lineno)
                     continue
+                try:
+                    got, unlabelled = _vehicle_rows(v)
+                except (_Malformed, AttributeError, TypeError, ValueError):
+                    fr.bad(lineno)
+                    continue
                 fr.rows += 1
-                got, unlabelled = _vehicle_rows(v)
                 report.unlabelled += unlabelled
                 rows.extend(got)
             if len(rows) >= chunk_rows:

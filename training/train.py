@@ -105,7 +105,7 @@ def fit_feature_spec(texts: pd.DataFrame, max_fuels: int = 8) -> FeatureSpec:
     w = texts["count"].to_numpy(dtype=np.float64)
 
     def stats(x: pd.Series) -> tuple[float, float]:
-        m = x.notna().to_numpy()
+        m = np.isfinite(x.to_numpy(dtype=np.float64))  # missing and non-finite alike (as the head at serving)
         if not m.any():
             return 0.0, 1.0
         v = x.to_numpy(dtype=np.float64)[m]
