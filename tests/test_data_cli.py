@@ -41,3 +41,23 @@ def test_load_needs_a_destination(tmp_path, capsys):
 def test_load_takes_one_destination(tmp_path, capsys):
     assert main(["data", "load", str(tmp_path), "--out", str(tmp_path / "t"), "--clickhouse"]) == 2
     assert "either" in capsys.readouterr().err
+
+
+def test_a_failed_load_leaves_the_previous_table(tmp_path, capsys):
+    """A load that failed part-way once deleted the old table and left a partial one that looked complete."""
+    raw, out = tmp_path / "raw", tmp_path / "tidy"
+    assert main(["data", "synth", "--rows", "300", "--seed", "3", "--out", str(raw)]) == 0
+    assert main(["data", "load", str(raw), "--out", str(out)]) == 0
+    before = len(load_tidy(out))
+    from test_data_api import VEHICLE
+
+    good, bad = tmp_path / "good.jsonl", tmp_path / "zbad.jsonl"
+    good.write_text(json.dumps(VEHICLE) + "\n")
+    bad.write_bytes(b"\x00\x01garbage\n")  # read after good.jsonl's rows are written
+    capsys.readouterr()
+    for dest in (out, tmp_path / "fresh"):
+        assert main(["data", "load", str(good), str(bad), "--out", str(dest), "--chunk-rows", "1"]) == 1
+        assert "zbad.jsonl:1: binary data" in capsys.readouterr().err
+    assert len(load_tidy(out)) == before
+    assert list((tmp_path / "fresh").glob("*.parquet")) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind

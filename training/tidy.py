@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -46,32 +48,41 @@ def to_table(df: pd.DataFrame) -> pa.Table:
 def write_tidy(chunks: Iterable[pd.DataFrame], out_dir: Path, rows_per_file: int = 1_000_000) -> int:
     """Write tidy chunks as Parquet part files ``part-NNNNN.parquet`` under ``out_dir``; returns rows.
 
-    Existing part files in ``out_dir`` are replaced so a rerun never mixes two loads.
+    The parts are written into a staging directory beside ``out_dir`` and replace its old parts only
+    once every chunk is written: a rerun never mixes two loads, and a load that fails part-way leaves
+    the previous table as it was (never a partial one that looks complete).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("part-*.parquet"):
-        old.unlink()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.loading-", dir=out_dir.parent))
     total = 0
     part = 0
     writer: pq.ParquetWriter | None = None
     in_file = 0
     try:
-        for df in chunks:
-            if df.empty:
-                continue
-            if writer is None or in_file >= rows_per_file:
-                if writer is not None:
-                    writer.close()
-                writer = pq.ParquetWriter(out_dir / f"part-{part:05d}.parquet", TIDY_SCHEMA, compression="zstd")
-                part += 1
-                in_file = 0
-            writer.write_table(to_table(df))
-            in_file += len(df)
-            total += len(df)
+        try:
+            for df in chunks:
+                if df.empty:
+                    continue
+                if writer is None or in_file >= rows_per_file:
+                    if writer is not None:
+                        writer.close()
+                    path = staging / f"part-{part:05d}.parquet"
+                    writer = pq.ParquetWriter(path, TIDY_SCHEMA, compression="zstd")
+                    part += 1
+                    in_file = 0
+                writer.write_table(to_table(df))
+                in_file += len(df)
+                total += len(df)
+        finally:
+            if writer is not None:
+                writer.close()
+        for old in out_dir.glob("part-*.parquet"):
+            old.unlink()
+        for new in sorted(staging.glob("part-*.parquet")):
+            new.replace(out_dir / new.name)  # same filesystem: a rename
     finally:
-        if writer is not None:
-            writer.close()
+        shutil.rmtree(staging, ignore_errors=True)
     return total
 
 
