@@ -474,7 +474,7 @@ class PredictorServer:
             return body
         slot = request.path_params["slot"]
         try:
-            return _json(await self.slots.load(slot, body.ref))
+            return _json(await self.slots.load(slot, body.ref, admin=True))
         except SlotError as e:
             return _json({"error": str(e)}, status_code=404)
         except ModelLoadError as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ class SlotManager:
         self._rng = random.Random()
         self._reason_label: str | None = None
         self._confirming: set[asyncio.Task[None]] = set()
+        # (version, when) production got through the admin API (promote, load): the follower leaves it
+        # alone until the alias catches up (the promotion CLI moves the target first, then the alias)
+        self._admin_install: tuple[str, float] | None = None
         # Every load (and so every batcher and runtime thread) starts from this one thread, which
         # keeps the process's own priority when the event loop is niced (predictor.priority).
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="motlens-load")
@@ -125,8 +129,9 @@ class SlotManager:
 
     # ------------------------------------------------------------ operations
 
-    async def load(self, slot: str, ref: str) -> dict[str, Any]:
-        """Load ``ref`` into ``slot`` beside the current model, swap, drain and free the old one."""
+    async def load(self, slot: str, ref: str, *, admin: bool = False) -> dict[str, Any]:
+        """Load ``ref`` into ``slot`` beside the current model, swap, drain and free the old one
+        (``admin``: asked through the admin API, see :meth:`follow`)."""
         if slot not in self.slots:
             raise SlotError(f"unknown slot {slot!r}; expected one of {', '.join(SLOTS)}")
         state = self.slots[slot]
@@ -139,7 +144,7 @@ class SlotManager:
             except ModelLoadError as e:
                 state.loading, state.error = None, str(e)
                 state.error_kind = "golden_failed" if e.golden is not None else "load_failed"
-                if e.golden is not None:
+                if e.golden is not None and state.unit is None:  # a serving slot keeps its own figures
                     metrics.GOLDEN_MIN_COSINE.labels(slot=slot).set(e.golden.min_cosine)
                     metrics.GOLDEN_PASSED.labels(slot=slot).set(0)
                 log.error("%s slot: cannot serve %s: %s", slot, ref, e)
@@ -152,6 +157,8 @@ class SlotManager:
             backend = unit.backend
             old = state.unit
             state.unit, state.ref, state.loading, state.error, state.error_kind = unit, ref, None, None, None
+            if admin and slot == "production":
+                self._admin_install = (unit.version, time.monotonic())
             self._export_unit(slot, unit)
             self._update_readiness()
             log.info(
@@ -205,6 +212,7 @@ class SlotManager:
             prod.unit, prod.ref, prod.error, prod.error_kind = unit, canary.ref, None, None
             canary.unit, canary.ref = None, None
             self.canary_percent = 0.0
+            self._admin_install = (unit.version, time.monotonic())
             self._export_unit("canary", None)
             self._export_unit("production", unit)
             self._update_readiness()
@@ -234,7 +242,9 @@ class SlotManager:
                 current = prod.unit.version if prod.unit else None
                 if prod.unit is not None and prod.unit.backend.fallback and _confirms(info, prod.unit):
                     self._clear_fallback(prod.unit)
-                if not prod.loading and info.version not in refused and current != info.version:
+                if self._installed_by_admin(current, info.version, grace_s=max(10 * interval_s, 300.0)):
+                    pass  # the alias has not caught up with a promote or load through the admin API yet
+                elif not prod.loading and info.version not in refused and current != info.version:
                     log.info("alias %s now names version %s; switching production", alias, info.version)
                     try:
                         await self.load("production", f"models:/{MODEL_NAME}/{info.version}")
@@ -248,6 +258,18 @@ class SlotManager:
             except Exception as e:  # noqa: BLE001 - registry down: keep serving, retry next poll
                 log.warning("cannot resolve alias %s: %s", alias, e)
             await asyncio.sleep(interval_s)
+
+    def _installed_by_admin(self, current: str | None, aliased: str, grace_s: float) -> bool:
+        """Whether production serves what the admin API put there and the alias has not caught up
+        (within ``grace_s``; after that the registry is the truth again)."""
+        pin = self._admin_install
+        if pin is None or pin[0] != current:
+            return False
+        if aliased == current or time.monotonic() - pin[1] > grace_s:
+            self._admin_install = None
+            return False
+        log.debug("production serves version %s from the admin API; waiting for the alias (now %s)", current, aliased)
+        return True
 
     def begin_drain(self) -> None:
         """Report not ready from now on (requests already routed here are still served)."""

@@ -399,3 +399,31 @@ def test_bucket_bound_follows_the_device_unless_set():
 def test_served_batcher_uses_the_device_bound(served):
     server, _, _ = served
     assert production_batcher(server).max_tokens == 768  # the test server runs on CPU
+
+
+def test_a_rejected_candidate_does_not_overwrite_the_serving_slots_golden_figures(served, tiny_bundle, tmp_path):
+    import json
+
+    import numpy as np
+    from prometheus_client import REGISTRY
+    from safetensors.numpy import load_file, save_file
+
+    from motlens.bundle import MANIFEST, write_manifest
+
+    _, base, _ = served
+    before = REGISTRY.get_sample_value("motlens_golden_passed", {"slot": "production"})
+    assert before == 1
+    bad = tmp_path / "resigned"
+    shutil.copytree(tiny_bundle.root, bad)
+    weights = bad / "head" / "weights.safetensors"
+    tensors = load_file(weights)
+    tensors["section.weight"] = np.roll(tensors["section.weight"], 1, axis=0)  # every label changes
+    tensors["section.bias"] = np.roll(tensors["section.bias"], 1, axis=0)
+    weights.unlink()
+    save_file(tensors, weights)
+    fields = {k: v for k, v in json.loads((bad / MANIFEST).read_text()).items() if k != "files"}
+    (bad / MANIFEST).unlink()
+    write_manifest(bad, **fields)  # hashes match: only the golden check can tell
+    r = httpx.post(f"{base}/motlens/admin/slots/production/load", json={"ref": str(bad)}, timeout=120)
+    assert r.status_code == 422 and "golden set not reproduced" in r.json()["error"]
+    assert REGISTRY.get_sample_value("motlens_golden_passed", {"slot": "production"}) == 1  # v1 still serves

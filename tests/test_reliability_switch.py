@@ -147,3 +147,40 @@ def test_follow_alias_switches_under_load_without_a_failed_request_or_lost_row(
     assert logged == expected
     n1, n2 = sum(o.version == "1" for o in outcomes), sum(o.version == "2" for o in outcomes)
     print(f"\nswitch: {len(outcomes)} requests ({n1} by v1, {n2} by v2), 0 failed; {len(rows)} rows logged, 0 lost")
+
+
+@pytest.mark.slow
+def test_follow_alias_does_not_undo_a_promote_through_the_admin_api(registry, tiny_bundle, embedder, monkeypatch):
+    """The local promotion target promotes on the server first and moves the alias second: a poll in
+    between once loaded the old version back into production (and the canary was gone by then)."""
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias=None)
+    settings = ServeSettings(
+        model=f"models:/{MODEL}@production", follow_alias="production", follow_interval_s=0.2,
+        http_port=free_port(), grpc_port=free_port(), enable_grpc=False, admin_enabled=True, cache_bytes=0,
+    )  # fmt: skip
+    server = PredictorServer(settings, embedder=embedder, host="127.0.0.1")
+    thread = ServerThread(server).start().wait_ready()
+    admin = f"http://127.0.0.1:{settings.http_port}/motlens/admin"
+
+    def production() -> str | None:
+        unit = server.slots.slots["production"].unit
+        return unit.version if unit else None
+
+    try:
+        assert httpx.post(f"{admin}/slots/canary/load", json={"ref": f"models:/{MODEL}/2"}, timeout=120).is_success
+        assert httpx.post(f"{admin}/promote", timeout=120).is_success
+        time.sleep(2.0)  # ten polls while the alias still names version 1
+        assert production() == "2" and not server.slots.slots["production"].loading
+        registry.set_alias("production", "2")  # the CLI's second step
+        time.sleep(1.0)
+        assert production() == "2"
+        registry.set_alias("production", "1")  # from now on the alias leads again
+        wait_until(lambda: production() == "1", timeout=120)
+    finally:
+        thread.stop()
