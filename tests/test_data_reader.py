@@ -249,3 +249,35 @@ def test_corrupted_bytes_never_crash_the_reader(tmp_path_factory, edits):
         assert "test_item.csv:" in str(e)
         return
     assert rows == reader.report.rows_out <= 14  # 7 defect lines, each split at most once
+
+
+def _header_only(d: Path, name: str, header: str | None = None) -> None:
+    (d / f"{name}.csv").write_text((header or HEADERS[name]) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: _header_only(d, "item_detail"), r"item_detail\.csv:2: the item_detail table holds no rows"),
+        (lambda d: (d / "mdr_rfr_location.csv").write_text("lateral|longitudinal|vertical|code\nNearside|Front||1\n"),
+         r"mdr_rfr_location\.csv:1: the rfr_location table has no location_id column"),
+        (lambda d: (d / "test_item.csv").write_text(HEADERS["test_item"] + "|test_id\n1001|501|F|1||1001\n"),
+         r"test_item\.csv:1: the header names test_id more than once"),
+        (lambda d: (d / "test_result.csv.gz").write_bytes(b"not gzip at all"), r"test_result\.csv\.gz:1: cannot open"),
+    ],  # fmt: skip
+)
+def test_damaged_tables_name_file_and_line_not_a_traceback(tmp_path, damage, message):
+    d = write_fixture(tmp_path / "in")
+    damage(d)
+    with pytest.raises(BulkFormatError, match=message):
+        list(BulkReader([d]))
+
+
+def test_item_group_without_parents_makes_every_group_its_own_root(tmp_path):
+    d = write_fixture(tmp_path / "in")
+    cols = HEADERS["item_group"].split("|")
+    keep = [i for i, c in enumerate(cols) if c != "parent_id"]
+    lines = [HEADERS["item_group"], *ROWS["item_group"]]
+    (d / "item_group.csv").write_text("\n".join("|".join(line.split("|")[i] for i in keep) for line in lines) + "\n")
+    df, _ = read_all([d])
+    assert len(df) > 0

@@ -146,7 +146,7 @@ def _open_bytes(path: Path, member: str | None) -> IO[bytes]:
     if member is not None:
         zf = zipfile.ZipFile(path)
         return zf.open(member)
-    if path.suffix == ".gz":
+    if path.suffix.lower() == ".gz":
         return gzip.open(path, "rb")  # type: ignore[return-value]
     return open(path, "rb")  # noqa: SIM115 - the caller closes it
 
@@ -165,8 +165,13 @@ def _expand(paths: Sequence[Path]) -> list[Path]:
 
 def is_jsonl(path: Path, member: str | None = None) -> bool:
     """Whether a file holds JSON (MOT History API) rather than a delimited table."""
-    with _open_bytes(path, member) as fh:
-        head = fh.read(4096).lstrip()
+    name = f"{path}!{member}" if member else str(path)
+    try:
+        with _open_bytes(path, member) as fh:
+            head = fh.read(4096).lstrip()
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error, RuntimeError, NotImplementedError) as e:
+        # a fake .gz, an encrypted or deflate64 zip member, a corrupt local header …
+        raise BulkFormatError(f"{name}:1: cannot open: {e}") from e
     return head[:1] in (b"{", b"[")
 
 
@@ -176,7 +181,7 @@ def sniff(path: Path, member: str | None = None, size: int = 0) -> Source:
     try:
         with _open_bytes(path, member) as fh:
             head = fh.read(65536)
-    except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error, RuntimeError, NotImplementedError) as e:
         raise BulkFormatError(f"{name}:1: cannot open: {e}") from e
     if b"\x00" in head[:4096]:
         raise BulkFormatError(f"{name}:1: binary data, not a delimited text table")
@@ -186,6 +191,9 @@ def sniff(path: Path, member: str | None = None, size: int = 0) -> Source:
         raise BulkFormatError(f"{name}:1: no pipe- or comma-delimited header in {first[:80]!r}")
     cols = [c.strip().strip('"').strip().lower() for c in first.split(delimiter)]
     cols = [_ALIASES.get(c, c) for c in cols]
+    twice = sorted({c for c in cols if c and cols.count(c) > 1})
+    if twice:
+        raise BulkFormatError(f"{name}:1: the header names {', '.join(twice)} more than once")
     kind = next((k for k, marks in _KIND_MARKERS if marks <= set(cols)), None)
     if kind is None:
         raise BulkFormatError(f"{name}:1: header matches no DVSA table: {first[:120]!r}")
@@ -449,11 +457,18 @@ class Lookups:
 
 def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
     frames: dict[str, list[pd.DataFrame]] = {"item_detail": [], "item_group": [], "rfr_location": []}
+    names: dict[str, list[str]] = {k: [] for k in frames}
     for src in sources:
         if src.kind in frames:
             fr = FileReport(src.name, src.kind, src.delimiter)
             report.files.append(fr)
+            names[src.kind].append(src.name)
             frames[src.kind].extend(iter_raw(src, fr))
+    for kind, needed in (("item_detail", "rfr_id"), ("item_group", "test_item_id"), ("rfr_location", "location_id")):
+        if names[kind] and not frames[kind] and kind == "item_detail":
+            raise BulkFormatError(f"{names[kind][0]}:2: the item_detail table holds no rows")
+        if frames[kind] and not any(needed in f.columns for f in frames[kind]):
+            raise BulkFormatError(f"{names[kind][0]}:1: the {kind} table has no {needed} column")
     detail = pd.concat(frames["item_detail"], ignore_index=True)
     detail = pd.DataFrame(
         {
@@ -473,11 +488,11 @@ def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
         ids, cls, parents = (
             _int(g["test_item_id"]),
             _int(_col(g, "test_class_id")).fillna(4),
-            _int(g["parent_id"]),
+            _int(_col(g, "parent_id")),  # without parents every group is its own root
         )
         nodes = {
             (int(i), int(c)): (int(p) if p == p else 0, str(n or ""))
-            for i, c, p, n in zip(ids, cls, parents, g["item_name"], strict=True)
+            for i, c, p, n in zip(ids, cls, parents, _col(g, "item_name"), strict=True)
             if i == i
         }
         for i, c in nodes:
