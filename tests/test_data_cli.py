@@ -61,3 +61,25 @@ def test_a_failed_load_leaves_the_previous_table(tmp_path, capsys):
     assert len(load_tidy(out)) == before
     assert list((tmp_path / "fresh").glob("*.parquet")) == []
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+
+
+def test_bad_arguments_are_exit_2_before_any_work(tmp_path, capsys):
+    """Each of these once ended in a traceback (one of them after the Parquet output was written)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (["data", "synth", "--rows", "-1", "--out", str(tmp_path / "s")], "--rows: must be 0 or more"),
+        (["data", "synth", "--rows", "5", "--out", str(afile)], "exists and is not a directory"),
+        (["data", "load", str(tmp_path), "--out", str(afile)], "exists and is not a directory"),
+        (["data", "load", str(tmp_path), "--out", str(tmp_path / "t"), "--chunk-rows", "0"], "must be 1 or more"),
+        (["data", "load", str(tmp_path), "--out", str(tmp_path / "t"), "--report", str(tmp_path / "no" / "r.json")],
+         "does not exist"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse's own refusal
+            rc = e.code
+        assert rc == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "t").exists()

@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     verbs = p.add_subparsers(dest="data_command", required=True, metavar="VERB")
 
     s = verbs.add_parser("synth", help="write seeded synthetic data in the DVSA bulk-file format")
-    s.add_argument("--rows", type=int, required=True, help="number of test_item (defect) rows")
+    s.add_argument("--rows", type=_count, required=True, help="number of test_item (defect) rows")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, required=True, help="output directory")
     s.add_argument("--delimiter", choices=("pipe", "comma"), default="pipe")
@@ -30,14 +30,35 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with chdb, parse files in Python instead of letting ClickHouse read them",
     )
-    ld.add_argument("--chunk-rows", type=int, default=200_000)
+    ld.add_argument("--chunk-rows", type=_positive, default=200_000)
     ld.add_argument("--report", type=Path, help="also write the load report as JSON here")
     ld.set_defaults(func=_load)
+
+
+def _count(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
+
+
+def _not_a_file(path: Path, what: str) -> str | None:
+    return f"{what} {path} exists and is not a directory" if path.exists() and not path.is_dir() else None
 
 
 def _synth(args: argparse.Namespace) -> int:
     from training.synth import generate
 
+    if problem := _not_a_file(args.out, "--out"):
+        print(f"motlens data synth: {problem}", file=sys.stderr)
+        return 2
     counts = generate(args.out, args.rows, args.seed, "|" if args.delimiter == "pipe" else ",", args.zip)
     print(json.dumps(counts, indent=2))
     return 0
@@ -74,6 +95,13 @@ def _load(args: argparse.Namespace) -> int:
 
     if args.clickhouse == (args.out is not None):
         print("motlens data load: give either --out DIR (tidy Parquet) or --clickhouse", file=sys.stderr)
+        return 2
+    problem = (_not_a_file(args.out, "--out") if args.out else None) or (
+        f"--report's directory {args.report.parent} does not exist"
+        if args.report and not args.report.parent.is_dir() else None
+    )  # fmt: skip
+    if problem:  # checked before hours of loading, not after
+        print(f"motlens data load: {problem}", file=sys.stderr)
         return 2
     try:
         if args.clickhouse:
