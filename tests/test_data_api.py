@@ -43,9 +43,15 @@ VEHICLE = {
 }  # fmt: skip
 
 
+def another(vehicle: dict, n: int) -> dict:
+    """``vehicle`` with other test numbers (a different vehicle's tests, as far as de-duplication goes)."""
+    tests = [{**t, "motTestNumber": f"{n}{t['motTestNumber']}"} for t in vehicle["motTests"]]
+    return {**vehicle, "motTests": tests}
+
+
 def test_reads_defects_with_labels_and_context(tmp_path):
     p = tmp_path / "api.jsonl"
-    other = {**VEHICLE, "make": "VAUXHALL", "fuelType": "Petrol"}
+    other = {**another(VEHICLE, 7), "make": "VAUXHALL", "fuelType": "Petrol"}
     p.write_text(json.dumps(VEHICLE) + "\n\n" + json.dumps([other]) + "\n")
     report = BulkReport()
     df = pd.concat(list(read_jsonl([p], chunk_rows=2, report=report)), ignore_index=True)
@@ -67,7 +73,7 @@ def test_reads_defects_with_labels_and_context(tmp_path):
 
 def test_bad_json_lines_are_counted(tmp_path):
     p = tmp_path / "api.jsonl"
-    p.write_bytes(json.dumps(VEHICLE).encode() + b"\n{not json\n" + json.dumps(VEHICLE).encode() + b"\n")
+    p.write_bytes(json.dumps(VEHICLE).encode() + b"\n{not json\n" + json.dumps(another(VEHICLE, 7)).encode() + b"\n")
     report = BulkReport()
     df = pd.concat(list(read_jsonl([p], report=report)))
     assert len(df) == 6
@@ -115,7 +121,7 @@ def test_structurally_malformed_vehicles_are_counted_not_fatal(tmp_path):
     good = json.dumps(VEHICLE)
     deep = "[" * 200_000 + "]" * 200_000
     odd_fields = [
-        {**VEHICLE, "make": 123, "model": {"a": 1}},  # odd types: kept as text or missing, rows kept
+        {**another(VEHICLE, 7), "make": 123, "model": {"a": 1}},  # odd types: kept as text or missing, rows kept
         {**VEHICLE, "motTests": [_test(motTestNumber="99999999999999999999999")]},  # beyond int64: no id
     ]
     lines = [good, *map(json.dumps, MALFORMED), deep, *map(json.dumps, odd_fields)]
@@ -159,3 +165,25 @@ def test_feature_normalisation_ignores_non_finite_values():
     })  # fmt: skip
     spec = fit_feature_spec(texts)
     assert spec.age_mean == 3.0 and np.isfinite([spec.age_std, spec.log_odo_mean, spec.log_odo_std]).all()
+
+
+def test_repeated_vehicles_count_each_test_once(tmp_path):
+    """Overlapping API downloads repeat vehicles: their tests were counted (and trained on) twice."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps(VEHICLE) + "\n" + json.dumps(VEHICLE) + "\n")
+    b.write_text(json.dumps(VEHICLE) + "\n")
+    report = BulkReport()
+    df = pd.concat(list(read_jsonl([a, b], report=report)), ignore_index=True)
+    assert len(df) == 3 and report.duplicate_tests == 2  # test 123456789012 seen three times
+
+
+def test_gzipped_json_lines_are_read(tmp_path):
+    import gzip
+
+    p = tmp_path / "api.jsonl.gz"
+    p.write_bytes(gzip.compress((json.dumps(VEHICLE) + "\n").encode()))
+    assert len(pd.concat(list(read_jsonl([p])))) == 3
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress((json.dumps(VEHICLE) + "\n").encode() * 200)[:300])
+    with pytest.raises(BulkFormatError, match=r"broken\.jsonl\.gz:\d+: unreadable"):
+        list(read_jsonl([broken]))

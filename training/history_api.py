@@ -11,10 +11,13 @@ reference at the end of ``text`` (tests from 20 May 2018 on); severity from ``ty
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import json
 import math
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -142,7 +145,10 @@ def _documents(path: Path, fr: FileReport) -> Iterator[tuple[int, object]]:
     """(line, parsed JSON) of a JSON-lines file, or of a whole ``.json`` file (pretty-printed allowed)."""
     try:
         data = path.read_bytes() if path.suffix.lower() == ".json" else None
-        fh = open(path, "rb") if data is None else None  # noqa: SIM115 - closed below
+        if data is None:  # a gzipped JSON-lines file is read through gzip (discover saw through it too)
+            fh = gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")  # noqa: SIM115
+        else:
+            fh = None
     except OSError as e:
         raise BulkFormatError(f"{path}:0: cannot open: {e}") from e
     if data is not None:
@@ -158,15 +164,25 @@ def _documents(path: Path, fr: FileReport) -> Iterator[tuple[int, object]]:
         return
     assert fh is not None
     with fh:
+        yield from _lines(path, fh, fr)
+
+
+def _lines(path: Path, fh: Any, fr: FileReport) -> Iterator[tuple[int, object]]:
+    lineno = 0
+    try:
         for lineno, raw in enumerate(fh, start=1):
             if b"\x00" in raw:
                 raise BulkFormatError(f"{path}:{lineno}: binary data, not JSON lines")
             if not raw.strip():
                 continue
             try:
-                yield lineno, json.loads(_decode(raw, fr))
+                doc = json.loads(_decode(raw, fr))
             except (json.JSONDecodeError, RecursionError):  # RecursionError: nesting beyond any vehicle
                 fr.bad(lineno)
+                continue
+            yield lineno, doc
+    except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz
+        raise BulkFormatError(f"{path}:{lineno + 1}: unreadable: {e}") from e
 
 
 def _decode(raw: bytes, fr: FileReport) -> str:
@@ -183,6 +199,7 @@ def read_jsonl(
     """Tidy chunks from MOT History API JSON-lines (or whole JSON) files; counts go into ``report``."""
     report = report if report is not None else BulkReport()
     rows: list[dict] = []
+    seen_tests: set[int] = set()  # overlapping downloads repeat vehicles: each test counts once
     for path in map(Path, paths):
         fr = FileReport(str(path), "mot_history_api", "")
         report.files.append(fr)
@@ -199,6 +216,11 @@ def read_jsonl(
                     continue
                 fr.rows += 1
                 report.unlabelled += unlabelled
+                ids = {r["test_id"] for r in got if r["test_id"] is not None}
+                if repeated := ids & seen_tests:
+                    report.duplicate_tests += len(repeated)
+                    got = [r for r in got if r["test_id"] not in repeated]
+                seen_tests |= ids
                 rows.extend(got)
             if len(rows) >= chunk_rows:
                 df = _frame(rows)

@@ -363,6 +363,9 @@ def generate(out_dir: Path, rows: int, seed: int, delimiter: str = "|", zipped: 
         raise ValueError("rows must be >= 0")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("item_detail", "item_group", "mdr_rfr_location", "test_result", "test_item"):
+        for suffix in (".txt", ".csv", ".zip"):  # an earlier run in another format must not mix in
+            (out_dir / f"{name}{suffix}").unlink(missing_ok=True)
     cat = build_catalogue()
     rng = np.random.default_rng(seed)
 
