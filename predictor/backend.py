@@ -67,9 +67,10 @@ EMBEDDER_FACTORIES: dict[str, EmbedderFactory] = {"torch": _torch_factory, "onnx
 class ModelLoadError(RuntimeError):
     """The model could not be resolved, verified, loaded or golden-checked; the message says why."""
 
-    def __init__(self, reason: str, golden: GoldenResult | None = None) -> None:
+    def __init__(self, reason: str, golden: GoldenResult | None = None, *, transient: bool = False) -> None:
         super().__init__(reason)
         self.golden = golden
+        self.transient = transient  # the registry could not be reached: worth another try later
 
 
 def find_bundle_root(path: Path) -> Path:
@@ -117,12 +118,13 @@ def resolve_model(ref: str | None, *, lkg: bool = False) -> ResolvedModel:
             fetched = registry.fetch(ref)
         except RegistryUnreachable as e:
             if not lkg:
-                raise ModelLoadError(f"cannot fetch {ref} from the registry: {e}") from e
+                raise ModelLoadError(f"cannot fetch {ref} from the registry: {e}", transient=True) from e
             try:
                 bundle, record = registry.lkg_bundle(ref)
             except (RegistryError, BundleError, OSError) as lkg_error:
                 raise ModelLoadError(
-                    f"cannot fetch {ref} from the registry: {e}; last-known-good bundle not used: {lkg_error}"
+                    f"cannot fetch {ref} from the registry: {e}; last-known-good bundle not used: {lkg_error}",
+                    transient=True,
                 ) from e
             log.warning(
                 "%s; falling back to the last-known-good bundle of %s: version %s (recorded %s)",
@@ -133,7 +135,12 @@ def resolve_model(ref: str | None, *, lkg: bool = False) -> ResolvedModel:
             )
             return ResolvedModel(bundle.root, REGISTRY_UNREACHABLE)
         except Exception as e:  # noqa: BLE001 - any registry failure is a load failure with its reason
-            raise ModelLoadError(f"cannot fetch {ref} from the registry: {e}") from e
+            # a refused bundle or an unknown alias/version stays refused; anything else (a reset
+            # download, a failing artifact store) may work on another try
+            transient = not isinstance(e, BundleError) and not (
+                isinstance(e, RegistryError) and ("does not exist" in str(e) or "is not set" in str(e))
+            )
+            raise ModelLoadError(f"cannot fetch {ref} from the registry: {e}", transient=transient) from e
         return ResolvedModel(find_bundle_root(fetched.root))
     path = Path(ref).expanduser()
     if not path.exists():

@@ -235,6 +235,7 @@ class SlotManager:
 
         registry = await asyncio.to_thread(Registry)
         refused: set[str] = set()
+        retry_at: dict[str, tuple[float, float]] = {}  # version → (next attempt, backoff) after a transient failure
         while True:
             try:
                 info = await asyncio.to_thread(registry.resolve, f"models:/{MODEL_NAME}@{alias}")
@@ -244,12 +245,21 @@ class SlotManager:
                     self._clear_fallback(prod.unit)
                 if self._installed_by_admin(current, info.version, grace_s=max(10 * interval_s, 300.0)):
                     pass  # the alias has not caught up with a promote or load through the admin API yet
-                elif not prod.loading and info.version not in refused and current != info.version:
+                elif (
+                    not prod.loading
+                    and info.version not in refused
+                    and current != info.version
+                    and time.monotonic() >= retry_at.get(info.version, (0.0, 0.0))[0]
+                ):
                     log.info("alias %s now names version %s; switching production", alias, info.version)
                     try:
                         await self.load("production", f"models:/{MODEL_NAME}/{info.version}")
-                    except ModelLoadError:
-                        refused.add(info.version)
+                    except ModelLoadError as e:
+                        if e.transient:  # the registry or artifact store did not answer: again, later
+                            backoff = min(2 * retry_at.get(info.version, (0.0, interval_s / 2))[1], 600.0)
+                            retry_at[info.version] = (time.monotonic() + backoff, backoff)
+                        else:  # refused on its merits (verification, golden set, backend)
+                            refused.add(info.version)
                     else:
                         unit = self.slots["production"].unit
                         if self.settings.lkg_enabled and unit is not None and not unit.backend.fallback:

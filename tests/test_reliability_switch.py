@@ -184,3 +184,42 @@ def test_follow_alias_does_not_undo_a_promote_through_the_admin_api(registry, ti
         wait_until(lambda: production() == "1", timeout=120)
     finally:
         thread.stop()
+
+
+@pytest.mark.slow
+def test_follow_alias_retries_a_version_whose_artifacts_were_unreachable(registry, tiny_bundle, embedder, monkeypatch):
+    """One failed fetch (artifact store away) once refused the version for the life of the process."""
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")
+    v2 = registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias=None)
+    stored = Path(urlparse(v2.artifact_uri).path)
+    away = stored.with_name("model-away")
+    settings = ServeSettings(
+        model=f"models:/{MODEL}@production", follow_alias="production", follow_interval_s=0.2,
+        http_port=free_port(), grpc_port=free_port(), enable_grpc=False, cache_bytes=0,
+    )  # fmt: skip
+    server = PredictorServer(settings, embedder=embedder, host="127.0.0.1")
+    thread = ServerThread(server).start().wait_ready()
+
+    def production() -> str | None:
+        unit = server.slots.slots["production"].unit
+        return unit.version if unit else None
+
+    try:
+        stored.rename(away)  # the artifact store cannot give version 2 for now
+        registry.set_alias("production", "2")
+        wait_until(lambda: "cannot fetch" in (server.slots.slots["production"].error or ""), timeout=60)
+        assert production() == "1"
+        away.rename(stored)
+        wait_until(lambda: production() == "2", timeout=120)
+    finally:
+        if away.exists():
+            away.rename(stored)
+        thread.stop()
