@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,15 @@ class SlotState:
     error: str | None = None
     error_kind: str | None = None
     info_labels: tuple[str, ...] | None = None
+
+
+def _close_abandoned(done: asyncio.Future[ServingUnit]) -> None:
+    """A unit loaded for a caller that is gone (shutdown): stop its batcher and free its model."""
+    if done.cancelled() or done.exception() is not None:
+        return
+    unit = done.result()
+    log.info("freeing version %s, loaded after its caller was cancelled", unit.version)
+    threading.Thread(target=unit.close, name=f"motlens-free-{unit.version}", daemon=True).start()
 
 
 class SlotManager:
@@ -138,9 +148,15 @@ class SlotManager:
         async with self._locks[slot]:
             state.loading = ref
             self._update_readiness()
+            loop = asyncio.get_running_loop()
+            pending = loop.run_in_executor(self._model_thread, self._new_unit, slot, ref)
             try:
-                loop = asyncio.get_running_loop()
-                unit = await loop.run_in_executor(self._model_thread, self._new_unit, slot, ref)
+                unit = await asyncio.shield(pending)  # a cancelled caller leaves the load to finish
+            except asyncio.CancelledError:  # shutdown mid-load: the load thread finishes; free what it built
+                pending.add_done_callback(_close_abandoned)
+                state.loading = None
+                self._update_readiness()
+                raise
             except ModelLoadError as e:
                 state.loading, state.error = None, str(e)
                 state.error_kind = "golden_failed" if e.golden is not None else "load_failed"

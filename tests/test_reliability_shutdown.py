@@ -186,3 +186,43 @@ def test_sigterm_under_load_not_ready_then_drained_exit_0_and_no_lost_row(tiny_b
         + ", ".join(f"{k}: {sum(o[3] == k for o in outcomes)}" for k in (200, "refused", "dropped"))
         + f"; {len(run.logged)} rows logged, {len(run.answered) - len(set(run.logged) & set(run.answered))} lost"
     )
+
+
+async def test_a_load_cancelled_by_shutdown_frees_what_it_built(tiny_bundle, embedder):
+    """The load thread carries on after its caller is cancelled; its unit was once left running."""
+    import asyncio
+    import threading
+
+    from predictor.backend import load_backend
+    from predictor.cache import EmbeddingCache
+    from predictor.settings import ServeSettings
+    from predictor.slots import SlotManager
+
+    gate, built = threading.Event(), threading.Event()
+
+    def gated(ref, **kw):  # the real loader, held until the caller is gone
+        gate.wait(60)
+        backend = load_backend(ref, embedder=embedder)
+        built.set()
+        return backend
+
+    slots = SlotManager(ServeSettings(model=str(tiny_bundle.root), cache_bytes=0), EmbeddingCache(0), gated)
+    task = asyncio.create_task(slots.load("canary", str(tiny_bundle.root)))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert slots.slots["canary"].unit is None and slots.slots["canary"].loading is None
+
+    def batchers() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("motlens-") and "canary" in t.name]
+
+    assert await asyncio.to_thread(built.wait, 120)  # the unit is built after the cancellation …
+    await asyncio.sleep(0.5)
+    for _ in range(300):  # … and then freed
+        if not batchers():
+            break
+        await asyncio.sleep(0.1)
+    assert batchers() == [], batchers()
+    await slots.shutdown()
