@@ -78,6 +78,7 @@ def _print_report(report: dict) -> None:
         "rows_read",
         "bad_rows",
         "duplicate_tests",
+        "duplicate_items",
         "orphan_items",
         "unknown_rfr",
         "unlabelled",

@@ -156,6 +156,9 @@ def _clickhouse_set(args: argparse.Namespace, settings):  # noqa: ANN202 - Train
     from training.dataset import training_set_from_distinct
 
     distinct = distinct_texts(ch_path=Path(args.ch_path) if args.ch_path else None)
+    if settings.max_rows and len(distinct) > settings.max_rows:  # here: distinct texts, the most frequent
+        distinct = distinct.sort_values(["n", "text"], ascending=[False, True]).head(settings.max_rows)
+        print(f"motlens train: --max-rows {settings.max_rows}: the {settings.max_rows} most frequent distinct texts")
     return training_set_from_distinct(
         distinct, seed=settings.seed, holdout_fraction=settings.holdout_fraction, reference_rows=settings.reference_rows
     )
