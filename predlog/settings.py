@@ -16,6 +16,13 @@ from motlens.state import StateSettings
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
+def no_password_in_url(url: str | None) -> str | None:
+    """``url`` (None for empty), refused when it carries a password: that goes in MOTLENS_CLICKHOUSE_PASSWORD."""
+    if url and urlsplit(url).password:
+        raise ValueError("put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD, not in the URL")
+    return url or None
+
+
 class PredlogSettings(BaseSettings):
     """Where predictions go and how the writer batches, spills and drops.
 
@@ -68,9 +75,7 @@ class PredlogSettings(BaseSettings):
     @field_validator("clickhouse_url")
     @classmethod
     def _no_password_in_url(cls, v: str | None) -> str | None:
-        if v and urlsplit(v).password:
-            raise ValueError("put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD, not in the URL")
-        return v or None
+        return no_password_in_url(v)
 
     @model_validator(mode="after")
     def _database_from_url(self) -> PredlogSettings:

@@ -169,13 +169,8 @@ class PredictionLogWriter:
             return
         token = uuid.uuid4().hex
         if self.sink.local:
-            if not self.spool.segments():  # spooled batches go first, to keep the order
-                try:
-                    self._insert(table, token)
-                    self._add("written", table.num_rows)
-                    return
-                except Exception as e:  # noqa: BLE001
-                    self._sink_failed(e)
+            if not self.spool.segments() and self._try_insert(table, token):  # spooled batches go first
+                return
             self._spill(table, token)
             return
         try:
@@ -190,14 +185,18 @@ class PredictionLogWriter:
             self._fresh.add(token)
             return
         # no durable copy (disk full, or a batch the spool refuses): straight to a healthy sink
-        if time.monotonic() >= self._retry_at:
-            try:
-                self._insert(table, token)
-                self._add("written", table.num_rows)
-                return
-            except Exception as e:  # noqa: BLE001
-                self._sink_failed(e)
-        self._drop(table.num_rows, reason)
+        if not (time.monotonic() >= self._retry_at and self._try_insert(table, token)):
+            self._drop(table.num_rows, reason)
+
+    def _try_insert(self, table: pa.Table, token: str) -> bool:
+        """Insert now; on failure note it (backoff) and say so."""
+        try:
+            self._insert(table, token)
+        except Exception as e:  # noqa: BLE001
+            self._sink_failed(e)
+            return False
+        self._add("written", table.num_rows)
+        return True
 
     def _drain(self, force: bool = False) -> None:
         """Replay spooled segments in order until one fails (skipped while backing off)."""

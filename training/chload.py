@@ -18,7 +18,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 from motlens.labels import SEVERITIES
 from motlens.state import StateSettings
-from predlog.settings import IDENT
+from predlog.settings import IDENT, no_password_in_url
 from training import mot_labels
 from training.dvsa import (
     BulkFormatError,
@@ -69,9 +68,7 @@ class DataSettings(BaseSettings):
     @field_validator("clickhouse_url")
     @classmethod
     def _no_password_in_url(cls, v: str | None) -> str | None:
-        if v and urlsplit(v).password:
-            raise ValueError("put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD, not in the URL")
-        return v or None
+        return no_password_in_url(v)
 
     def chdb_dir(self) -> Path:
         return self.chdb_path or (StateSettings().home / "chdb-data")
