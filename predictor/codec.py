@@ -288,6 +288,12 @@ def check_binary_texts(body: bytes, json_length: int, max_items: int | None = No
                     ) from e
                 pos += 4 + n
                 i += 1
+        if offset < len(body):  # every byte of a request belongs to a tensor
+            raise InvalidInput(f"{len(body) - offset} bytes follow the last binary tensor")
+        if offset > len(body):
+            raise InvalidInput(
+                f"the binary tensors declare {offset - json_length} bytes; the body has {len(body) - json_length}"
+            )
     except InvalidInput:
         raise
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as e:

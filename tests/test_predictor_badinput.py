@@ -252,6 +252,38 @@ CASES = [
         400,
         "output 'section' requested more than once",
     ),  # fmt: skip
+    (
+        "binary-trailing-bytes",
+        V2,
+        (lambda b: (b[0] + b"junk", b[1]))(binary_body([OK_TEXT.encode()])),
+        400,
+        "4 bytes follow the last binary tensor",
+    ),
+    (
+        "binary-fp32-past-the-end",
+        V2,
+        binary_request(
+            {
+                "inputs": [
+                    {
+                        "name": "text",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 4 + len(OK_TEXT)},
+                    },
+                    {
+                        "name": "vehicle_age_years",
+                        "datatype": "FP32",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 4},
+                    },
+                ]
+            },
+            len(OK_TEXT).to_bytes(4, "little") + OK_TEXT.encode(),
+        ),
+        400,
+        "the binary tensors declare",
+    ),
     ("binary-too-many-items", V2, binary_body([OK_TEXT.encode()] * 9), 400, "has 9 items; the limit is 8"),
     ("binary-id-not-string", V2, ok_text_tensor(id={"a": 1}), 400, "request 'id' must be a string"),
     *(

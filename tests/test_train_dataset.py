@@ -122,3 +122,20 @@ def test_clickhouse_distinct_table_gives_the_same_texts_and_split():
         assert fp_rows[k] == fp_dist[k], k
     majority_only = distinct_texts_from_tidy(labelled)[["text", "section", "severity", "n"]]
     assert training_set_from_distinct(majority_only, seed=5).texts["section"].equals(dist.texts["section"])
+
+
+def test_a_raw_directory_with_api_json_trains_on_both(tmp_path):
+    """JSON lines beside bulk tables were once dropped without a word by `train --data DIR`."""
+    import json
+
+    from test_data_api import VEHICLE
+
+    from motlens.cli import main
+    from training.dataset import build_training_set
+
+    raw = tmp_path / "raw"
+    assert main(["data", "synth", "--rows", "300", "--seed", "3", "--out", str(raw)]) == 0
+    bulk_only = build_training_set(raw, seed=1)
+    (raw / "api.jsonl").write_text(json.dumps(VEHICLE) + "\n")
+    both = build_training_set(raw, seed=1)
+    assert both.fingerprint["rows_read"] == bulk_only.fingerprint["rows_read"] + 3

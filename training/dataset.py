@@ -78,9 +78,14 @@ def iter_source(data: Path | pd.DataFrame, chunk_rows: int = 200_000) -> Iterato
             for batch in pf.iter_batches(batch_size=chunk_rows):
                 yield batch.to_pandas().reindex(columns=TIDY_SCHEMA.names)
         return
-    from training.dvsa import read_bulk
+    from training.dvsa import discover, read_bulk
+    from training.history_api import read_jsonl
 
-    yield from read_bulk([path], chunk_rows=chunk_rows)
+    sources, api = discover([path])  # as `motlens data load`: bulk tables and API JSON alike
+    if sources or not api:
+        yield from read_bulk([path], chunk_rows=chunk_rows)
+    if api:
+        yield from read_jsonl(api, chunk_rows)
 
 
 def build_training_set(
