@@ -281,3 +281,19 @@ def test_item_group_without_parents_makes_every_group_its_own_root(tmp_path):
     (d / "item_group.csv").write_text("\n".join("|".join(line.split("|")[i] for i in keep) for line in lines) + "\n")
     df, _ = read_all([d])
     assert len(df) > 0
+
+
+def test_gzipped_tables_are_partitioned_by_their_uncompressed_size(tmp_path):
+    """Partitions were sized by the compressed bytes, so a .gz input took ≈ 1.5× the memory."""
+    import gzip
+
+    from training.dvsa import discover
+
+    d = write_fixture(tmp_path / "in")
+    rows = [f"{2000 + i}|1|2021-01-01|4|NT|P|{i}|B|FORD|FOCUS|BLUE|PE|1|2010-01-01" for i in range(5000)]
+    text = ("\n".join([HEADERS["test_result"], *rows]) + "\n").encode()
+    (d / "test_result.csv").unlink()
+    (d / "test_result.csv.gz").write_bytes(gzip.compress(text))
+    sources, _ = discover([d])
+    (gz,) = [s for s in sources if s.kind == "test_result"]
+    assert gz.size == len(text) > (d / "test_result.csv.gz").stat().st_size * 5

@@ -215,8 +215,24 @@ def discover(paths: Sequence[Path]) -> tuple[list[Source], list[Path]]:
         elif p.suffix.lower() in (".jsonl", ".json", ".ndjson") or is_jsonl(p):
             api.append(p)
         else:
-            sources.append(sniff(p, None, p.stat().st_size))
+            sources.append(sniff(p, None, _data_size(p)))
     return sources, api
+
+
+def _data_size(path: Path) -> int:
+    """Bytes of table text in ``path``: for ``.gz`` the uncompressed size from the gzip trailer
+    (ISIZE, modulo 4 GiB: a wrapped or unreadable value counts as 8× the file), so partitions are
+    sized by what is read, not by what is stored."""
+    stored = path.stat().st_size
+    if path.suffix.lower() != ".gz" or stored < 18:
+        return stored
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(-4, io.SEEK_END)
+            isize = int.from_bytes(fh.read(4), "little")
+    except OSError:
+        return stored * 8
+    return isize if isize >= stored else stored * 8
 
 
 class _Utf8Stream(io.RawIOBase):
