@@ -201,11 +201,11 @@ ADMIN_MAX_BODY = 64 * 1024
 
 
 class _LoadBody(BaseModel):
-    ref: str = Field(min_length=1, max_length=4096)
+    ref: str = Field(min_length=1, max_length=4096, strict=True)
 
 
 class _PercentBody(BaseModel):
-    percent: float = Field(allow_inf_nan=False)
+    percent: float = Field(allow_inf_nan=False, strict=True)  # no "25" or true
 
 
 class PredictorServer:

@@ -241,6 +241,7 @@ class SlotManager:
             canary = self.slots["canary"]
             self.canary_percent = 0.0
             old, canary.unit, canary.ref = canary.unit, None, None
+            canary.error, canary.error_kind = None, None  # an earlier failed load is history now
             self._export_unit("canary", None)
         await self._settle(old)
         return self.status()

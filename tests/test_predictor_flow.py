@@ -271,6 +271,9 @@ def test_admin_refuses_bad_operations_and_keeps_serving(served, tiny_bundle, tmp
     assert httpx.post(f"{admin}/slots/blue/load", json={"ref": str(tiny_bundle.root)}).status_code == 404
     missing = httpx.post(f"{admin}/slots/canary/load", json={"ref": str(tmp_path / "nope")}, timeout=60)
     assert missing.status_code == 422 and "does not exist" in missing.json()["error"]
+    assert httpx.get(f"{admin}/slots").json()["slots"]["canary"]["error"]
+    httpx.post(f"{admin}/rollback")  # the failed load is history now: the status no longer shows it
+    assert httpx.get(f"{admin}/slots").json()["slots"]["canary"]["error"] is None
 
     tampered = tmp_path / "tampered"
     shutil.copytree(tiny_bundle.root, tampered)
@@ -299,7 +302,7 @@ def test_admin_token_is_required_when_set(served, monkeypatch):
     auth = {"Authorization": "Bearer s3cret"}
     big = httpx.post(load, content=b"x" * (1 << 20), headers=auth)
     assert big.status_code == 413 and "x" * 100 not in big.text
-    for body in ({"percent": "nope"}, {"percent": float("nan")}, {}):
+    for body in ({"percent": "nope"}, {"percent": float("nan")}, {}, {"percent": True}, {"percent": "25"}):
         bad = httpx.post(f"{base}/motlens/admin/canary/percent", content=_json_bytes(body), headers=auth)
         assert bad.status_code == 422 and "bad admin request" in bad.json()["error"], bad.text
     assert httpx.post(load, json={"ref": ""}, headers=auth).status_code == 422
