@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from predlog.schema import arrow_schema
-from predlog.sinks import write_parquet_segment
+from predlog.sinks import TOKENS_KEY, batch_tokens, write_parquet_segment
 
 
 def _merged_name(day: str, files: list[Path]) -> str:
@@ -38,7 +38,10 @@ def _finish(folder: Path, day: str, work: Path) -> int:
     if files and not (folder / f"{name}.parquet").exists():
         table = pa.concat_tables(pq.read_table(f, schema=arrow_schema(folder.name)) for f in files)
         rows = table.num_rows
-        write_parquet_segment(folder, table.sort_by("ts"), name)
+        tokens = sorted(set().union(*(batch_tokens(f) for f in files)))
+        # the batches' tokens go with their rows: a replay of one of them must still find it stored
+        merged = table.sort_by("ts").replace_schema_metadata({TOKENS_KEY: "\n".join(tokens)})
+        write_parquet_segment(folder, merged, name)
     shutil.rmtree(work)
     return rows
 

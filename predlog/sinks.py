@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +44,20 @@ def write_parquet_segment(folder: Path, table: pa.Table, name: str) -> Path:
     return path
 
 
+TOKENS_KEY = b"motlens.batch_tokens"
+_BATCH_FILE = re.compile(r"^\d{8}T\d{6}-([0-9a-f]{32})\.parquet$")
+
+
+def batch_tokens(path: Path) -> set[str]:
+    """The batch tokens a Parquet segment holds: from its name (one batch), or for a merged file the
+    list :mod:`predlog.compact` kept in its metadata."""
+    m = _BATCH_FILE.match(path.name)
+    if m:
+        return {m.group(1)}
+    meta = pq.read_schema(path).metadata or {}
+    return set(filter(None, meta.get(TOKENS_KEY, b"").decode().split("\n")))
+
+
 class ParquetSink:
     """Embedded default: one Parquet file per batch under ``predictions/``, named ``{first ts}-{token}``."""
 
@@ -53,7 +69,16 @@ class ParquetSink:
     def insert(self, table: pa.Table, token: str) -> None:
         first = pc.min(table["ts"]).as_py() if table.num_rows else None
         stamp = first.strftime("%Y%m%dT%H%M%S") if first else "00000000T000000"
+        if self._compacted(stamp[:8], token):  # a replay of a batch whose day was compacted since
+            return
         write_parquet_segment(self.folder, table, f"{stamp}-{token}")
+
+    def _compacted(self, day: str, token: str) -> bool:
+        """Whether a merged file of ``day`` (``predlog.compact``) already holds the batch ``token``.
+        Only closed days are ever merged, so live batches skip the look-up."""
+        if day >= (datetime.now(UTC) - timedelta(days=1)).strftime("%Y%m%d"):
+            return False
+        return any(token in batch_tokens(f) for f in self.folder.glob(f"{day}T000000-c*.parquet"))
 
     def close(self) -> None:
         """Nothing to release."""
