@@ -31,7 +31,7 @@ def parse_duration(text: str) -> timedelta:
     try:
         d = timedelta(**{_UNITS[m[2]]: float(m[1])})
     except OverflowError:
-        d = MAX_DURATION * 2
+        raise ValueError(f"duration too long: {text!r} (at most {MAX_DURATION.days}d)") from None
     if d <= timedelta(0):
         raise ValueError(f"duration must be positive: {text!r}")
     if d > MAX_DURATION:

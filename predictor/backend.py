@@ -110,7 +110,7 @@ def resolve_model(ref: str | None, *, lkg: bool = False) -> ResolvedModel:
         return ResolvedModel(find_bundle_root(KSERVE_MOUNT))
     if ref.startswith("models:/"):
         try:
-            from training.registry import Registry, RegistryError, RegistryUnreachable
+            from training.registry import Registry, RegistryError, RegistryUnreachable, UnknownModelRef
         except ImportError as e:
             raise ModelLoadError(f"cannot resolve {ref}: the MLflow registry helpers are unavailable ({e})") from e
         try:
@@ -137,9 +137,7 @@ def resolve_model(ref: str | None, *, lkg: bool = False) -> ResolvedModel:
         except Exception as e:  # noqa: BLE001 - any registry failure is a load failure with its reason
             # a refused bundle or an unknown alias/version stays refused; anything else (a reset
             # download, a failing artifact store) may work on another try
-            transient = not isinstance(e, BundleError) and not (
-                isinstance(e, RegistryError) and ("does not exist" in str(e) or "is not set" in str(e))
-            )
+            transient = not isinstance(e, BundleError | UnknownModelRef)
             raise ModelLoadError(f"cannot fetch {ref} from the registry: {e}", transient=transient) from e
         return ResolvedModel(find_bundle_root(fetched.root))
     path = Path(ref).expanduser()

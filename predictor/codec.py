@@ -192,9 +192,7 @@ def parse_v1(payload: Any, limits: Limits, request_id: str = "") -> PredictReque
     params = payload.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise InvalidInput("'parameters' must be an object")
-    if not instances:
-        raise InvalidInput("'instances' text has no items")
-    if len(instances) > limits.max_items:  # before the per-instance work
+    if len(instances) > limits.max_items:  # before the per-instance work (_check_texts says it again)
         raise InvalidInput(f"'instances' text has {len(instances)} items; the limit is {limits.max_items} per request")
     texts: list[Any] = []
     context: dict[str, list[Any]] = {}

@@ -28,16 +28,7 @@ class Segment:
     rows: int
     token: str
     path: Path
-    size: int = field(default=-1, compare=False)  # bytes counted into the spool (-1: the file's size)
-
-    @property
-    def bytes(self) -> int:
-        if self.size >= 0:
-            return self.size
-        try:
-            return self.path.stat().st_size
-        except FileNotFoundError:
-            return 0
+    bytes: int = field(compare=False)  # what it counts in the spool's size (kept if the file is damaged)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -145,7 +136,7 @@ class Spool:
         with self._lock:
             if seg in self._segments:
                 self._segments.remove(seg)
-                self._bytes -= seg.bytes  # what it added, whatever the damaged file holds now
+                self._bytes -= seg.bytes
             aside = seg.path.with_suffix(".corrupt")
             if seg.path.exists():
                 seg.path.rename(aside)

@@ -397,18 +397,16 @@ def test_numbers_of_the_right_type_are_served(base):
 
 
 def test_v1_item_limit_is_checked_before_the_instances_are_read():
-    """A huge v1 body is refused without per-instance work (it once took seconds on the event loop)."""
-    import time
-
+    """A huge v1 body is refused without per-instance work (the quadratic loop once took seconds on
+    the event loop): the limit is reported although an instance past it is malformed, so no instance
+    was read first (no timing needed)."""
     from kserve.errors import InvalidInput
 
     from predictor.codec import Limits, parse_v1
 
-    many = {"instances": [{"text": "a"}] * 200_000}
-    t0 = time.process_time()
+    many = {"instances": [{"text": "a"}] * 199_999 + [{"text": "a", "colour": "red"}]}
     with pytest.raises(InvalidInput, match="200000 items; the limit is 256"):
         parse_v1(many, Limits())
-    assert time.process_time() - t0 < 0.5  # linear work would be ~0.1 s; the old quadratic loop, minutes
     req = parse_v1({"instances": [{"text": OK_TEXT, "make": "FORD"}, OK_TEXT]}, Limits())
     assert req.context["make"] == ["FORD", None] and req.context["odometer_miles"] == [None, None]
 

@@ -51,6 +51,10 @@ class RegistryUnreachable(RegistryError):
     """The registry did not answer (connection refused, DNS, timeout, repeated 5xx): it may come back."""
 
 
+class UnknownModelRef(RegistryError):
+    """The registry answered: no such version, or the alias is not set."""
+
+
 @dataclass
 class ModelVersionInfo:
     """One registered version of ``mot-defects`` with what the other components need."""
@@ -200,7 +204,7 @@ class Registry:
         ref = str(ref).strip()
         alias, version = self._parse_ref(ref)
         if version is not None and int(version) > MAX_VERSION:  # the store's integer column would overflow
-            raise RegistryError(self._unknown_ref_message(ref, alias, version))
+            raise UnknownModelRef(self._unknown_ref_message(ref, alias, version))
         try:
             if alias is not None:
                 mv = self.client.get_model_version_by_alias(self.model_name, alias)
@@ -209,7 +213,7 @@ class Registry:
         except MlflowException as e:
             if e.error_code not in _NOT_FOUND:
                 raise self._failure(e) from e
-            raise RegistryError(self._unknown_ref_message(ref, alias, version)) from e
+            raise UnknownModelRef(self._unknown_ref_message(ref, alias, version)) from e
         return self._info(mv)
 
     @contextmanager
