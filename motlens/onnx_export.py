@@ -49,6 +49,11 @@ EXPORT_MIN_COSINE = 0.9999
 #: the int8 quality gate (issue 4): golden-set cosine to fp32 and held-out label agreement
 INT8_MIN_COSINE = 0.99
 INT8_MIN_AGREEMENT = 0.99
+#: a served text shares its model call with other requests' texts: its vector must not depend on them
+#: (the cache keeps the first one, and cached and uncached answers must agree)
+INT8_MIN_BATCH_COSINE = EXPORT_MIN_COSINE
+#: texts that share the batch-invariance call with each golden text (a served CPU batch holds ≤ 64)
+_BATCH_MATES = 48
 
 # Texts of very different lengths, so every verification batch is padded or packed.
 VERIFY_TEXTS: tuple[str, ...] = (
@@ -95,8 +100,10 @@ class QualityGate:
     golden_rows: int
     label_agreement: float
     heldout_rows: int
+    batch_min_cosine: float
     min_cosine_required: float = INT8_MIN_COSINE
     min_agreement_required: float = INT8_MIN_AGREEMENT
+    min_batch_cosine_required: float = INT8_MIN_BATCH_COSINE
 
     @property
     def detail(self) -> str:
@@ -104,7 +111,8 @@ class QualityGate:
         return (
             f"int8 gate {verdict}: golden min cosine {self.golden_min_cosine:.4f} "
             f"(need ≥ {self.min_cosine_required}, {self.golden_rows} texts), held-out label agreement "
-            f"{self.label_agreement:.4f} (need ≥ {self.min_agreement_required}, {self.heldout_rows} texts)"
+            f"{self.label_agreement:.4f} (need ≥ {self.min_agreement_required}, {self.heldout_rows} texts), "
+            f"alone vs batched min cosine {self.batch_min_cosine:.6f} (need ≥ {self.min_batch_cosine_required})"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -258,6 +266,14 @@ def quantize_int8(onnx_dir: Path | str) -> Path:
     return dst
 
 
+def batch_invariance(emb: Embedder, texts: Sequence[str], mates: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of ``texts`` each in a call of its own and all in one call with ``mates`` (rows of ``texts``)."""
+    ids = emb.tokenize([*texts, *mates])
+    alone = np.vstack([emb.encode_tokens([i]) for i in ids[: len(texts)]])
+    together = emb.encode_tokens(ids)[: len(texts)]
+    return alone, together
+
+
 def int8_gate(
     fp32: Embedder,
     int8: Embedder,
@@ -267,24 +283,35 @@ def int8_gate(
     heldout_context: Mapping[str, Sequence[Any]] | None = None,
     min_cosine: float = INT8_MIN_COSINE,
     min_agreement: float = INT8_MIN_AGREEMENT,
+    min_batch_cosine: float = INT8_MIN_BATCH_COSINE,
 ) -> QualityGate:
-    """Golden-set cosine int8 vs fp32 and held-out label agreement (section and severity both equal)."""
+    """Golden-set cosine int8 vs fp32, held-out label agreement (section and severity both equal) and
+    batch invariance: each golden text embedded alone and inside one call with held-out texts, as
+    the server mixes requests. Dynamic quantisation scales activations per call, so its vectors move
+    with their batch-mates; the golden cosine is the lowest over both arrangements.
+    """
     if not golden_texts or not heldout_texts:
         raise ValueError("the int8 gate needs non-empty golden and held-out texts")
-    cos = cosine_rows(int8.encode(list(golden_texts)), fp32.encode(list(golden_texts)))
+    golden, mates = list(golden_texts), list(heldout_texts)[:_BATCH_MATES]
+    alone, together = batch_invariance(int8, golden, mates)
+    ref = fp32.encode(golden)
+    cos = np.minimum(cosine_rows(alone, ref), cosine_rows(together, ref))
+    batch_cos = float(cosine_rows(alone, together).min())
     a = head.predict(fp32.encode(list(heldout_texts)), heldout_context)
     b = head.predict(int8.encode(list(heldout_texts)), heldout_context)
     same = (a.section_index == b.section_index) & (a.severity_scores.argmax(axis=1) == b.severity_scores.argmax(axis=1))
     agreement = float(same.mean())
     min_cos = float(cos.min())
     return QualityGate(
-        passed=min_cos >= min_cosine and agreement >= min_agreement,
+        passed=min_cos >= min_cosine and agreement >= min_agreement and batch_cos >= min_batch_cosine,
         golden_min_cosine=min_cos,
         golden_rows=int(cos.size),
         label_agreement=agreement,
         heldout_rows=len(heldout_texts),
+        batch_min_cosine=batch_cos,
         min_cosine_required=min_cosine,
         min_agreement_required=min_agreement,
+        min_batch_cosine_required=min_batch_cosine,
     )
 
 

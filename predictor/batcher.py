@@ -11,8 +11,10 @@ once (each with its share of the CPU threads): on a small CPU, two single-thread
 parallel keep both cores busy through each other's serial parts, where one two-threaded call
 leaves a core idle.
 The queue is bounded (``capacity`` texts): beyond it :class:`Overloaded` is raised at once (HTTP 429
-with Retry-After). A request cancelled while queued (client gone, gRPC deadline) is dropped before
-any model work. Model work never runs on the event loop.
+with Retry-After); an empty queue takes any request (the per-request item limit bounds it), so a
+request larger than the queue is served when it is its turn rather than refused on every retry.
+A request cancelled while queued (client gone, gRPC deadline) is dropped before any model work.
+Model work never runs on the event loop.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class MicroBatcher:
         with self._cond:
             if self._closing:
                 raise Overloaded("closed", self.retry_after_s)
-            if self._pending + n > self.capacity:
+            if self._pending and self._pending + n > self.capacity:
                 metrics.REJECTED.labels(reason="queue_full").inc()
                 raise Overloaded("queue_full", self.retry_after_s)
             self._queue.append(job)

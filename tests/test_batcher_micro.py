@@ -122,6 +122,24 @@ async def test_full_queue_raises_overloaded_and_recovers(embedder):
         batcher.close()
 
 
+async def test_a_request_larger_than_the_queue_waits_for_an_empty_queue_not_forever(embedder):
+    """Refusing it even on an idle server would send a well-behaved client into endless 429 retries."""
+    spy = GatedEncode(embedder.encode_tokens, open_gate=False)
+    batcher = MicroBatcher(embedder.tokenize, spy, max_items=4, max_wait_ms=0, capacity=4)
+    try:
+        first = batcher.submit(TEXTS[:6])  # idle: taken although 6 > capacity
+        assert await asyncio.to_thread(spy.entered.wait, 30)
+        queued = batcher.submit(TEXTS[6:7])
+        with pytest.raises(Overloaded):
+            batcher.submit(TEXTS[:6])  # queue not empty: refused as before
+        spy.gate.set()
+        assert (await asyncio.wrap_future(first)).shape == (6, 384)
+        assert (await asyncio.wrap_future(queued)).shape == (1, 384)
+    finally:
+        spy.gate.set()
+        batcher.close()
+
+
 async def test_cancelled_request_is_dropped_before_model_work(embedder):
     spy = GatedEncode(embedder.encode_tokens, open_gate=False)
     batcher = MicroBatcher(embedder.tokenize, spy, max_items=2, max_wait_ms=0)

@@ -7,11 +7,13 @@ import shutil
 
 import pytest
 
+from motlens.embedder import cosine_rows
 from motlens.onnx_embedder import OnnxEmbedder
 from motlens.onnx_export import (
     INT8_FILE,
     ONNX_DIR,
     REPORT_FILE,
+    batch_invariance,
     export_variants,
     int8_gate,
     quantize_int8,
@@ -60,21 +62,41 @@ def test_gate_figures_are_computed_and_thresholds_applied(variants, tiny_bundle)
 def test_gate_refuses_just_below_and_accepts_just_above_measured_quality(variants, tiny_bundle):
     fp32, int8 = variants
     head, golden = tiny_bundle.head(), tiny_bundle.golden()
-    measured = int8_gate(fp32, int8, head, golden.texts, _heldout(), min_cosine=0.0, min_agreement=0.0)
-    cos, agree = measured.golden_min_cosine, measured.label_agreement
-    strict_cos = int8_gate(fp32, int8, head, golden.texts, _heldout(), min_cosine=cos + 1e-4, min_agreement=0.0)
+    free = {"min_cosine": 0.0, "min_agreement": 0.0, "min_batch_cosine": 0.0}
+    measured = int8_gate(fp32, int8, head, golden.texts, _heldout(), **free)
+    cos, agree, inv = measured.golden_min_cosine, measured.label_agreement, measured.batch_min_cosine
+    strict_cos = int8_gate(fp32, int8, head, golden.texts, _heldout(), **free | {"min_cosine": cos + 1e-4})
     assert not strict_cos.passed and "REFUSED" in strict_cos.detail
     if agree < 1.0:
-        strict_agree = int8_gate(fp32, int8, head, golden.texts, _heldout(), min_cosine=0.0, min_agreement=agree + 1e-6)
+        strict_agree = int8_gate(fp32, int8, head, golden.texts, _heldout(), **free | {"min_agreement": agree + 1e-6})
         assert not strict_agree.passed
-    lenient = int8_gate(fp32, int8, head, golden.texts, _heldout(), min_cosine=cos - 1e-4, min_agreement=agree)
+    strict_inv = int8_gate(fp32, int8, head, golden.texts, _heldout(), **free | {"min_batch_cosine": inv + 1e-6})
+    assert not strict_inv.passed
+    lenient = int8_gate(
+        fp32, int8, head, golden.texts, _heldout(), min_cosine=cos - 1e-4, min_agreement=agree, min_batch_cosine=inv
+    )
     assert lenient.passed
+
+
+def test_dynamic_int8_is_refused_because_a_vector_moves_with_its_batch_mates(variants, tiny_bundle):
+    """Dynamic quantisation scales activations per call: a served text's vector would depend on the
+    other requests batched with it, and cached and uncached answers would differ."""
+    fp32, int8 = variants
+    golden = list(tiny_bundle.golden().texts)
+    alone, together = batch_invariance(int8, golden, _heldout())
+    assert float(cosine_rows(alone, together).min()) < 0.9999
+    a32, t32 = batch_invariance(fp32, golden, _heldout())
+    assert float(cosine_rows(a32, t32).min()) > 0.99999  # fp32 is batch-invariant
+    gate = int8_gate(fp32, int8, tiny_bundle.head(), golden, _heldout(), min_cosine=0.0, min_agreement=0.0)
+    assert not gate.passed and gate.batch_min_cosine < gate.min_batch_cosine_required == 0.9999
+    assert "alone vs batched" in gate.detail
 
 
 def test_fp32_passes_the_gate_against_torch(variants, embedder, tiny_bundle):
     fp32, _ = variants
     gate = int8_gate(embedder, fp32, tiny_bundle.head(), tiny_bundle.golden().texts, _heldout())
     assert gate.passed and gate.golden_min_cosine > 0.9999 and gate.label_agreement == 1.0
+    assert gate.batch_min_cosine > 0.9999
 
 
 def test_export_variants_keeps_int8_only_when_it_passes(onnx_model_dir, embedder, tiny_bundle, tmp_path):
