@@ -135,7 +135,8 @@ def measure_server(
             kw.setdefault("duration_s", a.duration)
             kw.setdefault("warmup_s", a.warmup)
             label = f"{label} [{variant}]" if variant else label
-            r = run(run_load(svc.url, make_mix(mix, 0.1, seed=len(report["loads"])), system="motlens",
+            seed = sum(x["variant"] == (variant or None) for x in report["loads"])  # same texts per server
+            r = run(run_load(svc.url, make_mix(mix, 0.1, seed=seed), system="motlens",
                              mix_name=mix, pid=pid, **kw))  # fmt: skip
             report["loads"].append({"label": label, "variant": variant or None, "serve_args": serve_args,
                                     **r.to_json()})  # fmt: skip

@@ -200,6 +200,11 @@ def make_services(a: argparse.Namespace, bundle_dir: Path, home: Path) -> dict[s
     return out
 
 
+def load_seed(rnd: int, load_index: int) -> int:
+    """The text mix's seed for a load of a round: every system gets the same texts in that load."""
+    return 1000 * rnd + load_index
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.1f}×" if a and b else "–"
 
@@ -219,7 +224,8 @@ def summarise(results: list[LoadResult]) -> list[LoadResult]:
                 kinds[k] = kinds.get(k, 0) + v
         rss = [r.rss_max_mib for r in rs if r.rss_max_mib]
         out.append(replace(rs[0], **med, requests=sum(r.requests for r in rs), items=sum(r.items for r in rs),
-                           errors=sum(r.errors for r in rs), error_kinds=kinds, rss_max_mib=max(rss) if rss else None))
+                           errors=sum(r.errors for r in rs), window_requests=sum(r.window_requests for r in rs),
+                           error_kinds=kinds, rss_max_mib=max(rss) if rss else None))
     return out
 
 
@@ -362,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     svc.start(log_dir)
                     svc.wait_ready(a.ready_timeout)
-                    for label, mix_name, clients, items in loads:
-                        mix = make_mix(mix_name, a.novel_share, seed=len(results))
+                    for i, (label, mix_name, clients, items) in enumerate(loads):
+                        mix = make_mix(mix_name, a.novel_share, seed=load_seed(rnd, i))
                         r = run(
                             run_load(
                                 svc.url, mix, system=name, mix_name=label, protocol=svc.protocol,

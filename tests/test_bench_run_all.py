@@ -10,7 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 
 from bench.loadgen import LoadResult  # noqa: E402
-from bench.run_all import ceiling_shares, summarise, target_lines  # noqa: E402
+from bench.mixes import make_mix  # noqa: E402
+from bench.run_all import ceiling_shares, load_seed, summarise, target_lines  # noqa: E402
 
 
 def result(system: str, mix: str, items_per_s: float, p99_ms: float = 50.0, rss: float = 400.0) -> LoadResult:
@@ -47,3 +48,14 @@ def test_targets_are_marked_from_the_medians():
     assert naive.startswith("✗") and "19.2×" in naive  # 1,400 / 73
     assert rss.startswith("✗") and "1600 MiB" in rss  # the largest RSS of any motlens load
     assert bulk.startswith("✗") and "bulk requests" in bulk and "95% of offline unsorted calls" in bulk
+
+
+def test_every_system_gets_the_same_texts_in_a_load_and_loads_differ():
+    """The seed was the number of loads run so far, so each system got its own Zipf hot set."""
+
+    def texts(rnd: int, load: int) -> list[str]:
+        return make_mix("realistic", 0.1, seed=load_seed(rnd, load)).take(500)
+
+    assert texts(1, 0) == texts(1, 0)  # motlens, naive and Infinity alike
+    assert texts(1, 0) != texts(1, 1) and texts(1, 0) != texts(2, 0)
+    assert len({load_seed(r, i) for r in (1, 2, 3) for i in range(3)}) == 9

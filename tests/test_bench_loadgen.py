@@ -1,0 +1,143 @@
+"""The load generator's accounting against a scripted HTTP server in the same event loop.
+
+The server records when it answered each request, so what the load generator reports is compared
+with what really happened in the measured window (counts, not timings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
+
+from bench.loadgen import run_load  # noqa: E402
+from bench.mixes import make_mix  # noqa: E402
+
+Handler = Callable[[int, list[str]], Awaitable[tuple[int, bytes] | None]]
+
+
+def v2_body(rows: int) -> bytes:
+    return json.dumps(
+        {"outputs": [{"name": "section", "data": ["1"] * rows}, {"name": "fail_probability", "data": [0.1] * rows}]}
+    ).encode()
+
+
+async def serve(handler: Handler, answered: list[float]) -> tuple[asyncio.Server, int]:
+    """Keep-alive HTTP/1.1; ``handler`` returns (status, body), or None to never answer."""
+    count = 0
+
+    async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-l"))
+                texts = json.loads(await reader.readexactly(length))["inputs"][0]["data"]
+                count += 1
+                res = await handler(count, texts)
+                if res is None:
+                    await asyncio.sleep(3600)
+                    return
+                status, body = res
+                writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+                answered.append(time.perf_counter())
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(conn, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_throughput_counts_every_success_completed_in_the_window():
+    """Requests in flight at the window's edges used to be dropped: ≈ one per client, −20 % here."""
+    rng = random.Random(7)
+    answered: list[float] = []
+
+    async def slow(n: int, texts: list[str]) -> tuple[int, bytes]:
+        await asyncio.sleep(rng.uniform(0.15, 0.25))
+        return 200, v2_body(len(texts))
+
+    server, port = await serve(slow, answered)
+    mix = make_mix("novel", seed=1)
+    try:
+        t0 = time.perf_counter()
+        r = await run_load(f"http://127.0.0.1:{port}", mix, concurrency=16, items=4, duration_s=1.5, warmup_s=0.3)
+    finally:
+        server.close()
+    lo, hi = t0 + 0.3, t0 + 0.3 + 1.5
+    in_window = sum(lo <= t <= hi for t in answered)
+    assert abs(r.requests - in_window) <= 3, (r.requests, in_window)  # the old accounting missed ≈ 16
+    assert r.items == 4 * r.requests and r.errors == 0
+    assert r.window_requests >= r.requests - 3
+
+
+async def test_a_request_that_never_returns_is_an_error_not_left_out():
+    hung: list[int] = []
+    answered: list[float] = []
+    start = time.perf_counter()
+
+    async def hang_one(n: int, texts: list[str]) -> tuple[int, bytes] | None:
+        if not hung and time.perf_counter() > start + 0.5:  # inside the window
+            hung.append(n)
+            return None
+        await asyncio.sleep(0.005)
+        return 200, v2_body(len(texts))
+
+    server, port = await serve(hang_one, answered)
+    try:
+        r = await run_load(
+            f"http://127.0.0.1:{port}", make_mix("novel", seed=2), concurrency=4, duration_s=1.0, warmup_s=0.2,
+            timeout_s=1.0,
+        )  # fmt: skip
+    finally:
+        server.close()
+    assert hung and r.error_kinds == {"TimeoutError": 1}
+    assert r.max_ms < 1000  # the hung request has no latency sample; it is the timeout error
+
+
+async def test_every_response_is_checked_for_one_row_per_text():
+    answered: list[float] = []
+
+    async def short(n: int, texts: list[str]) -> tuple[int, bytes]:
+        await asyncio.sleep(0.002)
+        return 200, v2_body(len(texts) - 1 if n % 3 else len(texts))  # two in three answers drop a row
+
+    server, port = await serve(short, answered)
+    try:
+        r = await run_load(
+            f"http://127.0.0.1:{port}", make_mix("novel", seed=3), concurrency=4, items=8, duration_s=1.0, warmup_s=0.2
+        )
+    finally:
+        server.close()
+    assert set(r.error_kinds) == {"malformed response"}
+    assert 0.55 < r.errors / r.window_requests < 0.78  # every one of them caught, not one in fifty
+    assert r.requests > 0 and r.items == 8 * r.requests
+
+
+async def test_open_loop_follows_every_request_due_in_the_window_to_its_end():
+    """Requests due near the window's end finish after it: their latencies are the worst, not left out."""
+    answered: list[float] = []
+
+    async def fixed(n: int, texts: list[str]) -> tuple[int, bytes]:
+        await asyncio.sleep(0.3)
+        return 200, v2_body(len(texts))
+
+    server, port = await serve(fixed, answered)
+    try:
+        r = await run_load(
+            f"http://127.0.0.1:{port}", make_mix("novel", seed=4), concurrency=64, duration_s=1.0, warmup_s=0.2,
+            rate=50,
+        )  # fmt: skip
+    finally:
+        server.close()
+    assert r.errors == 0 and r.window_requests == 50  # due at 0.2 + k / 50 for k = 10 … 59
+    assert r.p50_ms >= 300
