@@ -9,6 +9,7 @@ drain it before freeing the model.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,8 @@ from predictor.batcher import MicroBatcher
 from predictor.cache import EmbeddingCache
 from predictor.codec import PredictResult
 from predictor.settings import ServeSettings
+
+log = logging.getLogger(__name__)
 
 
 class ServingUnit:
@@ -100,7 +103,14 @@ class ServingUnit:
         )
         return result, hits
 
-    def close(self) -> None:
-        """Finish queued work, stop the batcher, free the model."""
-        self.batcher.close(timeout=30)
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish queued work, stop the batcher, free the model.
+
+        If model work is still running after ``timeout``, the model is left to the worker threads
+        (freed with them) rather than pulled from under queued requests, which would fail them."""
+        self.batcher.close(timeout=timeout)
+        if self.batcher.workers_alive:
+            log.warning("slot %s v%s: model work still running after %.0f s; the model is freed when it ends",
+                        self.slot, self.version, timeout)  # fmt: skip
+            return
         self.backend.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sys
+import threading
 
 import numpy as np
 import psutil
@@ -193,3 +195,28 @@ async def test_cache_shared_by_two_versions_never_crosses(backends):
     assert h1 == [False] * 3 and h2 == [False] * 3 and h1b == [True] * 3
     assert r1.model_version == "1" and r2.model_version == "2"
     assert len(cache) == 6
+
+
+async def test_a_unit_closed_while_model_work_outlasts_the_timeout_keeps_its_model(tiny_bundle, embedder):
+    """Freeing the model under queued requests failed them (500) once the drain timeout passed."""
+    backend = load_backend(str(tiny_bundle.root), embedder=embedder)
+    entered, gate = threading.Event(), threading.Event()
+    encode = backend.encode_tokens
+
+    def gated(ids):  # noqa: ANN001, ANN202
+        entered.set()
+        assert gate.wait(60)
+        return encode(ids)
+
+    backend.encode_tokens = gated  # type: ignore[method-assign]
+    unit = ServingUnit(backend, ServeSettings(batch_max_items=2, batch_max_wait_ms=0), EmbeddingCache(0), "production")
+    first = asyncio.ensure_future(unit.predict(TEXTS[:2], None))
+    assert await asyncio.to_thread(entered.wait, 30)
+    queued = asyncio.ensure_future(unit.predict(TEXTS[2:], None))
+    await asyncio.sleep(0.05)
+    await asyncio.to_thread(unit.close, 0.2)  # the worker is still inside the model call
+    assert unit.batcher.workers_alive
+    gate.set()
+    (a, _), (b, _) = await first, await queued  # both answered, neither failed
+    assert a.embeddings.shape == (2, 384) and b.embeddings.shape == (1, 384)
+    assert backend.embedder is not None
