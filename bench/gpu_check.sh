@@ -49,7 +49,8 @@ if [ "$LEFT" -lt 120 ]; then
   set -- --duration 4 --requests-max-s 30 "$@"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-true}
-timeout --signal=TERM --kill-after=15 "$(( LEFT > 60 ? LEFT : 60 ))" \
+# kill-after outlasts Service.stop (30 s TERM + 10 s KILL), so no server is orphaned on the GPU
+timeout --signal=TERM --kill-after=50 "$(( LEFT > 60 ? LEFT : 60 ))" \
   "$VENV/bin/python" -m bench.gpu_check --out "$OUT" --duration 8 --requests-max-s 120 \
   --batch-max-items 1024 --batch-max-tokens 65536 --queue-capacity 8192 \
   --variant "workers2=--model-workers 2" "$@"

@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,9 +219,18 @@ class Backend:
         return self.golden
 
     def close(self) -> None:
-        """Drop the model and return accelerator memory."""
+        """Drop the model and return accelerator memory.
+
+        The model's reference cycles are freed only by a collection that sees them, so a frozen heap
+        (predictor.heap) is unfrozen for it and frozen again after: otherwise the weights would
+        still be allocated when the CUDA cache is emptied."""
         self.embedder = None  # type: ignore[assignment]
+        frozen = gc.get_freeze_count() > 0
+        if frozen:
+            gc.unfreeze()
         gc.collect()
+        if frozen:
+            gc.freeze()
         if self.info.get("device", "").startswith("cuda"):
             import torch
 
@@ -273,14 +283,19 @@ def load_backend(
         be.warm_up()
         result = be.check_golden()
     except Exception as e:  # noqa: BLE001 - OSError, CUDA OOM …: a not-ready reason, never a dead loader
+        reason = f"warm-up/golden check failed on {embedder.backend}/{embedder.device}: {e}"
+        # the traceback's frames hold the model (and a failed call's activations): release them before
+        # freeing, so a retry does not meet the failed attempt's GPU memory
+        traceback.clear_frames(e.__traceback__)
+        embedder = None
         be.close()
-        raise ModelLoadError(f"warm-up/golden check failed on {embedder.backend}/{embedder.device}: {e}") from e
+        raise ModelLoadError(reason) from e
     be.load_seconds = time.perf_counter() - t0
     if not result.passed:
-        raise ModelLoadError(
-            f"golden set not reproduced on {embedder.backend}/{embedder.device}: {result.detail}",
-            golden=result,
-        )
+        reason = f"golden set not reproduced on {embedder.backend}/{embedder.device}: {result.detail}"
+        embedder = None
+        be.close()
+        raise ModelLoadError(reason, golden=result)
     if lkg and resolved.fallback is None and ref and ref.startswith("models:/"):
         record_lkg(ref, bundle)
     log.info(

@@ -78,19 +78,29 @@ def clear_model_info(labels: tuple[str, ...]) -> None:
             MODEL_INFO.remove(*labels)
 
 
-def _cuda(read: Callable[[Any], float]) -> Callable[[], float]:
-    """A scrape-time reader of a CUDA memory figure (0 when torch is not loaded or sees no GPU)."""
+#: the CUDA device the model serves on (``watch_cuda_device``); the GPU gauges read this one
+_cuda_device = [0]
+
+
+def watch_cuda_device(device: str) -> None:
+    """Read the GPU gauges from ``device`` (``cuda`` or ``cuda:N``), the one a model was loaded on."""
+    _cuda_device[0] = int(device.partition(":")[2] or 0)
+
+
+def _cuda(read: Callable[[Any, int], float]) -> Callable[[], float]:
+    """A scrape-time reader of a CUDA memory figure of the served device (0 until CUDA is in use:
+    a scrape never initialises CUDA itself)."""
 
     def value() -> float:
         torch = sys.modules.get("torch")
-        if torch is None or not torch.cuda.is_available():
+        if torch is None or not torch.cuda.is_initialized():
             return 0.0
-        return float(read(torch.cuda))
+        return float(read(torch.cuda, _cuda_device[0]))
 
     return value
 
 
 # Read at every scrape, so the near-limit alert sees memory while serving, not only at load time.
-GPU_ALLOCATED.set_function(_cuda(lambda cuda: cuda.memory_allocated()))
-GPU_RESERVED.set_function(_cuda(lambda cuda: cuda.memory_reserved()))
-GPU_TOTAL.set_function(_cuda(lambda cuda: cuda.get_device_properties(cuda.current_device()).total_memory))
+GPU_ALLOCATED.set_function(_cuda(lambda cuda, i: cuda.memory_allocated(i)))
+GPU_RESERVED.set_function(_cuda(lambda cuda, i: cuda.memory_reserved(i)))
+GPU_TOTAL.set_function(_cuda(lambda cuda, i: cuda.get_device_properties(i).total_memory))

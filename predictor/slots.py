@@ -395,6 +395,8 @@ class SlotManager:
         be = unit.backend
         state.info_labels = (be.name, be.version, be.run_id, be.backend_name, be.device, slot)
         metrics.set_model_info(state.info_labels)
+        if be.device.startswith("cuda"):
+            metrics.watch_cuda_device(be.device)
         metrics.MODEL_LOAD_SECONDS.labels(slot=slot).set(be.load_seconds)
         if be.golden is not None:
             metrics.GOLDEN_MIN_COSINE.labels(slot=slot).set(be.golden.min_cosine)

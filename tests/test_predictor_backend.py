@@ -3,13 +3,15 @@ and the gate — a bundle that fails verification or its golden set is never ser
 
 from __future__ import annotations
 
+import gc
 import shutil
+import weakref
 
 import numpy as np
 import pytest
 
 from motlens.bundle import GOLDEN_EMB, assemble, write_manifest
-from predictor.backend import ModelLoadError, find_bundle_root, load_backend, resolve_model
+from predictor.backend import EMBEDDER_FACTORIES, ModelLoadError, find_bundle_root, load_backend, resolve_model
 
 
 def test_kserve_mount_layout_finds_the_nested_bundle(tiny_bundle, tmp_path):
@@ -81,3 +83,59 @@ def test_cpu_bfloat16_backend_passes_the_golden_check_or_is_refused_with_the_rea
     else:
         with pytest.raises(ModelLoadError, match="AVX512-BF16 or AMX"):
             load_backend(str(tiny_bundle.root), backend="torch", device="cpu", dtype="bfloat16")
+
+
+class _Model:
+    """Stands for a loaded model: its parts reference each other, as torch modules do."""
+
+    def __init__(self, real=None) -> None:  # noqa: ANN001
+        self.cycle = self
+        self._real = real
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        if name == "_real":
+            raise AttributeError(name)
+        return getattr(self._real, name)
+
+    def encode_tokens(self, ids):  # noqa: ANN001, ANN201
+        raise RuntimeError("CUDA out of memory (injected)")
+
+
+def test_close_frees_the_model_while_the_heap_is_frozen(tiny_bundle, embedder):
+    """With the heap frozen (gc_freeze, the default) a plain collection never reached the model, so
+    the CUDA cache was emptied while the weights were still allocated."""
+    be = load_backend(str(tiny_bundle.root), embedder=embedder)
+    model = _Model()
+    alive = weakref.ref(model)
+    be.embedder = model  # type: ignore[assignment]
+    del model
+    gc.freeze()
+    try:
+        be.close()
+        assert alive() is None
+        assert gc.get_freeze_count() > 0  # the heap is frozen again
+    finally:
+        gc.unfreeze()
+
+
+def test_a_failed_warm_up_frees_its_model_before_the_error_leaves(tiny_bundle, embedder, monkeypatch):
+    """The traceback's frames held the model, so a retry met the failed attempt's GPU memory."""
+    made: list[weakref.ref] = []
+
+    def factory(*args):  # noqa: ANN001, ANN202
+        model = _Model(embedder)
+        made.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setitem(EMBEDDER_FACTORIES, "injected", factory)
+    gc.disable()  # only the loader's own collection may free it
+    try:
+        try:
+            load_backend(str(tiny_bundle.root), backend="injected")
+        except ModelLoadError as e:
+            assert "CUDA out of memory (injected)" in str(e)
+        else:
+            pytest.fail("the warm-up failure was not raised")
+        assert len(made) == 1 and made[0]() is None
+    finally:
+        gc.enable()
