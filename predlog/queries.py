@@ -113,6 +113,17 @@ def first_keyword(sql: str) -> str:
     return words[0].lower().lstrip("(") if words else ""
 
 
+def table_functions(ast: list[str]) -> list[str]:
+    """Names of the table functions in ``EXPLAIN AST`` output: each ``TableExpression`` whose child is
+    a ``Function`` (``FROM a, filesystem(…)``, ``DESCRIBE TABLE merge(…)``, in any subquery)."""
+    found = []
+    for line, child in zip(ast, ast[1:], strict=False):
+        if line.strip().startswith("TableExpression") and child.strip().startswith("Function "):
+            if len(child) - len(child.lstrip()) > len(line) - len(line.lstrip()):
+                found.append(child.split()[1])
+    return found
+
+
 def check_read_only(sql: str) -> str:
     """Return the statement (trailing ``;`` removed) or raise ReadOnlyViolation naming the problem.
 

@@ -159,9 +159,16 @@ class PredictionLogReader:
 
         What runs is ClickHouse's own rendering of the parsed statement (:meth:`canonical`: comments
         gone, literals re-quoted), checked by :func:`predlog.queries.check_read_only`, so what is
-        checked is what executes. SELECT/WITH results are cut at ``max_query_rows``; on a ClickHouse
-        server the query also runs with ``readonly=2``."""
+        checked is what executes; its ``EXPLAIN AST`` must hold no table function. SELECT/WITH results
+        are cut at ``max_query_rows``; on a ClickHouse server the query also runs with ``readonly=2``."""
         text = queries.check_read_only(self.canonical(sql))
+        # the parser's own view: a table function anywhere a table may stand (a comma join, a subquery,
+        # DESCRIBE), whatever its name — the lexical check only knows FROM/JOIN and a list of names
+        ast = [str(r[0]) for r in self.client.query(f"EXPLAIN AST {text}", parameters=dict(params or {})).result_rows]
+        if found := queries.table_functions(ast):
+            raise queries.ReadOnlyViolation(
+                f"table function {found[0]}() is not allowed; query predictions, drift_reports or promotion_events"
+            )
         text = queries.TABLE_REF.sub(lambda m: f"{m.group(1)}{m.group(2)}{self.source.ref(m.group(3))}", text)
         if queries.first_keyword(text) in ("select", "with"):
             text = f"SELECT * FROM (\n{text}\n) LIMIT {int(self.settings.max_query_rows)}"
