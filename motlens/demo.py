@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from motlens.credentials import redact
     from motlens.state import StateSettings
     from training.registry import Registry
     from training.synth import generate
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     version = result.version.version
     console.print({k: round(v, 4) for k, v in result.metrics.items() if "macro_f1" in k})
     registry.set_alias("production", version)
-    console.print(f"mot-defects version {version}: aliases candidate, production ({registry.tracking_uri})")
+    console.print(f"mot-defects version {version}: aliases candidate, production ({redact(registry.tracking_uri)})")
 
     console.rule("3/4 serve models:/mot-defects@production")
     response = _serve_and_ask(args, console)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_REF = "models:/mot-defects@production"
@@ -22,10 +22,14 @@ def cgroup_cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+#: shortest admin token accepted (e.g. ``openssl rand -hex 16`` gives 32)
+MIN_ADMIN_TOKEN_CHARS = 16
+
+
 class ServeSettings(BaseSettings):
     """Everything ``motlens serve`` can be told; limits protect the server from hostile input."""
 
-    model_config = SettingsConfigDict(env_prefix="MOTLENS_SERVE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MOTLENS_SERVE_", extra="ignore", hide_input_in_errors=True)
 
     model: str = Field(DEFAULT_MODEL_REF, description="models:/NAME@ALIAS, models:/NAME/VERSION or a local path")
     follow_alias: str | None = Field(None, description="poll the registry and swap to this alias' version")
@@ -98,6 +102,17 @@ class ServeSettings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="if set, the admin API needs 'Bearer <token>'; if not, only loopback clients may use it"
     )
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_admin_token(cls, v: SecretStr | None) -> SecretStr | None:
+        """An empty token (a Secret key that exists but is blank) would admit 'Bearer ' from anywhere."""
+        if v is not None and len(v.get_secret_value().strip()) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(
+                f"admin_token must be at least {MIN_ADMIN_TOKEN_CHARS} characters; "
+                "leave it unset to allow loopback clients only"
+            )
+        return v
 
     def resolved_batch_max_tokens(self, device: str, packs: bool = False) -> int:
         """Bucket bound: small on CPU (per-text cost falls with less padding, not with batch size), large on GPU.

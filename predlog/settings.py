@@ -10,17 +10,11 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from motlens.credentials import no_password_in_url
 from motlens.state import StateSettings
 
 #: A plain ClickHouse identifier (database, table, column); shared with training.chload.
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-
-
-def no_password_in_url(url: str | None) -> str | None:
-    """``url`` (None for empty), refused when it carries a password: that goes in MOTLENS_CLICKHOUSE_PASSWORD."""
-    if url and urlsplit(url).password:
-        raise ValueError("put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD, not in the URL")
-    return url or None
 
 
 class PredlogSettings(BaseSettings):

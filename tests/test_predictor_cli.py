@@ -121,6 +121,21 @@ def test_sigterm_drains_traffic_and_flushes_the_prediction_log(tiny_bundle, tmp_
     assert int(rows["n"][0]) == sum(n for _, n in answered)  # every answered item logged, none lost
 
 
+@pytest.mark.parametrize("token", ["", "   ", "short-token"])
+def test_an_empty_or_short_admin_token_is_refused_at_start(monkeypatch, token):
+    """A blank Secret key gave SecretStr(''): 'Authorization: Bearer ' then opened the admin API to anyone."""
+    from pydantic import ValidationError
+
+    from predictor.settings import ServeSettings
+
+    monkeypatch.setenv("MOTLENS_SERVE_ADMIN_TOKEN", token)
+    with pytest.raises(ValidationError, match="admin_token must be at least 16 characters") as info:
+        ServeSettings()
+    assert not token.strip() or token not in str(info.value)  # the value is not echoed
+    monkeypatch.setenv("MOTLENS_SERVE_ADMIN_TOKEN", "0123456789abcdef")
+    assert ServeSettings().admin_token is not None
+
+
 def test_model_workers_split_the_model_threads():
     from predictor.settings import ServeSettings
 

@@ -27,9 +27,10 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
+from motlens.credentials import no_password_in_url
 from motlens.labels import SEVERITIES
 from motlens.state import StateSettings
-from predlog.settings import IDENT, no_password_in_url
+from predlog.settings import IDENT
 from training import mot_labels
 from training.dvsa import (
     BulkFormatError,

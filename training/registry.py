@@ -30,6 +30,7 @@ from typing import Any
 from motlens import MODEL_NAME
 from motlens.atomic import atomic_write
 from motlens.bundle import MANIFEST, Bundle, BundleError, set_manifest_fields, sha256_file
+from motlens.credentials import redact
 from motlens.state import StateSettings
 
 log = logging.getLogger(__name__)
@@ -218,13 +219,14 @@ class Registry:
 
     @contextmanager
     def _answering(self) -> Iterator[None]:
-        """MLflow errors as :class:`RegistryError` with the URI's credentials removed (MLflow's own
-        messages carry the full tracking URI)."""
+        """MLflow and HTTP errors as :class:`RegistryError` with the URI's credentials removed (MLflow's
+        own messages carry the full tracking URI)."""
+        import requests
         from mlflow.exceptions import MlflowException
 
         try:
             yield
-        except MlflowException as e:
+        except (MlflowException, requests.exceptions.RequestException) as e:
             raise self._failure(e) from e
 
     def _failure(self, e: Exception) -> RegistryError:
@@ -232,7 +234,7 @@ class Registry:
         :class:`RegistryUnreachable` when the request never got an answer."""
         detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         kind = RegistryUnreachable if _transport_failure(e) else RegistryError
-        return kind(_redact(f"model registry {self.tracking_uri} unreachable or failing: {detail}"))
+        return kind(redact(f"model registry {self.tracking_uri} unreachable or failing: {detail}"))
 
     def _parse_ref(self, ref: str) -> tuple[str | None, str | None]:
         m = _MODELS_URI.match(ref)
@@ -262,6 +264,12 @@ class Registry:
         return f"version {version} of registered model {self.model_name!r} does not exist (aliases: {listed})"
 
     def _info(self, mv: Any, metrics: bool = True) -> ModelVersionInfo:
+        # the name and version become cache paths: take only what this registry client asked for
+        if mv.name != self.model_name or not str(mv.version).isdigit():
+            raise RegistryError(
+                f"the registry answered with model {str(mv.name)[:80]!r} version {str(mv.version)[:20]!r} "
+                f"for {self.model_name!r}; refused"
+            )
         return ModelVersionInfo(
             name=mv.name,
             version=str(mv.version),
@@ -297,9 +305,10 @@ class Registry:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            path = mlflow.artifacts.download_artifacts(
-                artifact_uri=info.artifact_uri, dst_path=str(staging), tracking_uri=self.tracking_uri
-            )
+            with self._answering():
+                path = mlflow.artifacts.download_artifacts(
+                    artifact_uri=info.artifact_uri, dst_path=str(staging), tracking_uri=self.tracking_uri
+                )
             try:
                 bundle = self._check_stored(Bundle.open(path), info)
             except BundleError as e:
@@ -462,11 +471,6 @@ def _transport_failure(e: BaseException) -> bool:
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
     return False
-
-
-def _redact(text: str) -> str:
-    """Drop credentials (``//user:password@``) from every URL in ``text``."""
-    return re.sub(r"//[^/@\s]*@", "//", text)
 
 
 def check_alias(alias: str) -> None:

@@ -1,0 +1,26 @@
+"""Credentials kept out of URLs, messages and logs."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qs, urlsplit
+
+#: query-string keys that clickhouse-connect (and most HTTP clients) take as credentials
+_SECRET_KEYS = {"password", "passwd", "pwd", "access_token", "token", "secret"}
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URL in it removed (``//user:password@host`` → ``//host``,
+    up to the host's ``@`` even where the password holds one)."""
+    return re.sub(r"//[^/\s]*@", "//", text)
+
+
+def no_password_in_url(url: str | None) -> str | None:
+    """``url`` (None for empty), refused when it carries a password, in its user part or its query
+    string: that goes in MOTLENS_CLICKHOUSE_PASSWORD."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if parts.password or _SECRET_KEYS & {k.lower() for k in parse_qs(parts.query, keep_blank_values=True)}:
+        raise ValueError("put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD, not in the URL")
+    return url

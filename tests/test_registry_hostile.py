@@ -1,0 +1,92 @@
+"""A registry that fails or lies: credentials never reach a message, its answers never become paths."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from motlens.credentials import no_password_in_url, redact
+from training.registry import Registry, RegistryError
+
+
+def _registry_server(name: str) -> ThreadingHTTPServer:
+    """An MLflow REST endpoint that names ``name`` version 1 for any alias and drops every artifact request."""
+    source = "mlflow-artifacts:/1/abc/artifacts/model"
+    version = {"model_version": {"name": name, "version": "1", "run_id": "", "creation_timestamp": 0,
+                                 "source": source, "aliases": ["production"]}}  # fmt: skip
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if "/registered-models/alias" in self.path or "/model-versions/get" in self.path:
+                body = json.dumps(version).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.connection.shutdown(socket.SHUT_RDWR)  # a failing artifact proxy
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def registry_at(monkeypatch) -> Iterator:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(name: str) -> int:
+        servers.append(_registry_server(name))
+        return servers[-1].server_address[1]
+
+    yield start
+    for s in servers:
+        s.shutdown()
+
+
+def test_a_failed_artifact_download_names_no_credentials(registry_at, tmp_path):
+    """MLflow's message carries the tracking URI; it reached /motlens/ready, gate details and drift rows."""
+    port = registry_at("mot-defects")
+    reg = Registry(f"http://alice:p@ss-s3cret@127.0.0.1:{port}", cache_dir=tmp_path / "models")
+    with pytest.raises(RegistryError) as info:
+        reg.fetch("models:/mot-defects@production")
+    message = str(info.value)
+    assert "s3cret" not in message and "alice" not in message and f"127.0.0.1:{port}" in message
+
+
+def test_a_registry_answering_another_name_or_version_is_refused(registry_at, tmp_path):
+    port = registry_at("../../escaped")
+    cache = tmp_path / "home" / "models"
+    reg = Registry(f"http://127.0.0.1:{port}", cache_dir=cache)
+    with pytest.raises(RegistryError, match="refused"):
+        reg.fetch("models:/mot-defects@production")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == []
+
+
+def test_redact_cuts_up_to_the_hosts_at_sign():
+    assert redact("see http://alice:p@ssw0rd@mlflow:5000/x and https://u:v@h/") == "see http://mlflow:5000/x and https://h/"
+    assert redact("no url here") == "no url here"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://u:pw@ch:8123/db", "http://u@ch:8123/db?password=pw", "https://ch:8443/db?user=u&Access_Token=t"]
+)
+def test_a_clickhouse_password_in_the_url_is_refused(url):
+    with pytest.raises(ValueError, match="MOTLENS_CLICKHOUSE_PASSWORD"):
+        no_password_in_url(url)
+
+
+def test_a_clickhouse_url_without_a_password_is_kept():
+    assert no_password_in_url("http://u@ch:8123/db?secure=1") == "http://u@ch:8123/db?secure=1"
+    assert no_password_in_url("") is None
