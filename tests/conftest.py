@@ -77,6 +77,23 @@ def tiny_bundle(tmp_path_factory, embedder):
     return assemble(out, default_model_dir(), head, golden, version="1", run_id="tiny")
 
 
+@pytest.fixture
+def bad_golden_bundle(tiny_bundle, tmp_path):
+    """A copy of the tiny bundle whose hashes verify but whose golden embeddings no backend reproduces."""
+    import shutil
+
+    import numpy as np
+
+    from motlens.bundle import GOLDEN_EMB, write_manifest
+
+    bad = tmp_path / "bad-golden"
+    shutil.copytree(tiny_bundle.root, bad)
+    emb = np.load(bad / GOLDEN_EMB)
+    np.save(bad / GOLDEN_EMB, np.roll(emb, 1, axis=0), allow_pickle=False)
+    write_manifest(bad, version="9", run_id="bad")
+    return bad
+
+
 @pytest.fixture(scope="session")
 def _mlflow_template_db(tmp_path_factory):
     """An empty, fully migrated MLflow sqlite database (migrations take seconds; run them once)."""

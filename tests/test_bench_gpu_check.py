@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 
 from bench.gpu_check import main, parse_variant  # noqa: E402
-from motlens.bundle import GOLDEN_EMB, write_manifest  # noqa: E402
 
 
 def test_variant_is_a_label_and_shell_split_serve_arguments():
@@ -53,16 +50,11 @@ def test_cpu_smoke_measures_every_load_and_the_variant(tiny_bundle, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_golden_set_the_device_does_not_reproduce_stops_before_any_server(tiny_bundle, tmp_path):
+def test_a_golden_set_the_device_does_not_reproduce_stops_before_any_server(bad_golden_bundle, tmp_path):
     """The server would refuse the model and retry forever; the script waited out its ready timeout
     (300 s of a GPU session) before failing."""
-    bad = tmp_path / "bad-golden"
-    shutil.copytree(tiny_bundle.root, bad)
-    emb = np.load(bad / GOLDEN_EMB)
-    np.save(bad / GOLDEN_EMB, np.roll(emb, 1, axis=0), allow_pickle=False)
-    write_manifest(bad, version="9", run_id="bad")
     out = tmp_path / "gpu"
-    rc = main(["--model", str(bad), "--device", "cpu", "--dtype", "float32", "--out", str(out),
+    rc = main(["--model", str(bad_golden_bundle), "--device", "cpu", "--dtype", "float32", "--out", str(out),
                "--ceiling-texts", "16"])  # fmt: skip
     assert rc == 1
     report = json.loads((out / "gpu_check.json").read_text())

@@ -7,10 +7,9 @@ import gc
 import shutil
 import weakref
 
-import numpy as np
 import pytest
 
-from motlens.bundle import GOLDEN_EMB, assemble, write_manifest
+from motlens.bundle import assemble
 from predictor.backend import EMBEDDER_FACTORIES, ModelLoadError, find_bundle_root, load_backend, resolve_model
 
 
@@ -47,15 +46,10 @@ def test_unknown_backend_and_tampered_bundle_are_refused(tiny_bundle, embedder, 
         load_backend(str(tampered), embedder=embedder)
 
 
-def test_golden_set_not_reproduced_is_refused(tiny_bundle, embedder, tmp_path):
+def test_golden_set_not_reproduced_is_refused(bad_golden_bundle, embedder):
     """A bundle whose hashes verify but whose golden embeddings this backend does not reproduce."""
-    bad = tmp_path / "bad-golden"
-    shutil.copytree(tiny_bundle.root, bad)
-    emb = np.load(bad / GOLDEN_EMB)
-    np.save(bad / GOLDEN_EMB, np.roll(emb, 1, axis=0), allow_pickle=False)
-    write_manifest(bad, version="9", run_id="bad")
     with pytest.raises(ModelLoadError, match="golden set not reproduced") as info:
-        load_backend(str(bad), embedder=embedder)
+        load_backend(str(bad_golden_bundle), embedder=embedder)
     assert info.value.golden is not None and info.value.golden.min_cosine < 0.999
 
 
