@@ -238,6 +238,13 @@ def build_v1(result: PredictResult, req: PredictRequest) -> dict[str, Any]:
 # ---------------------------------------------------------------- v2
 
 
+def short_message(e: object, limit: int = 300) -> str:
+    """``str(e)`` on one line and at most ``limit`` characters: what a client sent, echoed in an
+    error, stays bounded in the answer and the log."""
+    text = str(e).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def check_binary_texts(body: bytes, json_length: int, max_items: int | None = None) -> None:
     """Before KServe decodes a binary-extension body: every BYTES tensor element must be UTF-8, and no
     tensor may declare more than ``max_items`` items (refused before any element is read).
@@ -312,7 +319,8 @@ def _check_json_numbers(inp: Any) -> None:
             stack.extend(v)
         elif v is not None and (isinstance(v, bool) or not isinstance(v, ok)):
             kind = "integers" if ok == (int,) else "numbers"
-            raise InvalidInput(f"input '{inp.name}' ({inp.datatype}) must hold {kind}, got {v!r}")
+            got = short_message(repr(v), 60)
+            raise InvalidInput(f"input '{inp.name}' ({inp.datatype}) must hold {kind}, got {got}")
 
 
 def _flat_values(inp: Any) -> np.ndarray:

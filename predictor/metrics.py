@@ -14,8 +14,14 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, Summary
 
-REQUESTS = Counter("motlens_requests_total", "Inference requests by protocol and outcome", ["protocol", "outcome"])
-ITEMS = Counter("motlens_items_total", "Predicted items by protocol and outcome", ["protocol", "outcome"])
+REQUESTS = Counter(
+    "motlens_requests_total",
+    "Inference requests by protocol, outcome and the model version that answered ('' when refused before one)",
+    ["protocol", "outcome", "version"],
+)
+ITEMS = Counter(
+    "motlens_items_total", "Predicted items by protocol, outcome and model version", ["protocol", "outcome", "version"]
+)
 ITEM_LATENCY = Histogram(
     "motlens_item_latency_seconds",
     "Request latency divided by its item count",
@@ -23,8 +29,8 @@ ITEM_LATENCY = Histogram(
 )
 REQUEST_LATENCY = Histogram(
     "motlens_request_latency_seconds",
-    "End-to-end model latency of a request",
-    ["protocol"],
+    "End-to-end model latency of a successful request, by protocol and model version",
+    ["protocol", "version"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 BATCH_SIZE = Histogram(
@@ -41,6 +47,11 @@ MODEL_INFO = Gauge(
 )
 MODEL_READY = Gauge("motlens_model_ready", "1 when the slot serves a verified, warm, golden-checked model", ["slot"])
 MODEL_NOT_READY = Gauge("motlens_model_not_ready", "1 while the model is not ready, labelled with why", ["reason"])
+MODEL_LOAD_FAILURES = Counter(
+    "motlens_model_load_failures_total",
+    "Loads refused in a slot: load_failed (fetch, verify, warm-up) or golden_failed",
+    ["slot", "reason"],
+)
 MODEL_LOAD_SECONDS = Gauge("motlens_model_load_seconds", "Seconds to load, warm up and golden-check", ["slot"])
 GOLDEN_MIN_COSINE = Gauge("motlens_golden_min_cosine", "Lowest golden-set cosine at load", ["slot"])
 GOLDEN_PASSED = Gauge("motlens_golden_passed", "1 when the golden set was reproduced at load", ["slot"])
@@ -76,6 +87,44 @@ def clear_model_info(labels: tuple[str, ...]) -> None:
         if _info_refs[labels] <= 0:
             del _info_refs[labels]
             MODEL_INFO.remove(*labels)
+
+
+#: series of the per-version metrics, by version, and how many serving units hold each version
+_version_series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+_version_refs: Counter_[str] = Counter_()
+_version_lock = threading.Lock()
+
+
+def by_version(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)`` (the version last), remembered so the version's series go when
+    the last unit serving it is closed (:func:`release_version`): a month of swaps leaves no
+    dead series behind."""
+    key = (metric, labels)
+    series = _version_series.get(labels[-1])
+    if series is None or key not in series:
+        with _version_lock:
+            _version_series.setdefault(labels[-1], set()).add(key)
+    return metric.labels(*labels)
+
+
+def hold_version(version: str) -> None:
+    """A serving unit of ``version`` exists (reference-counted, like :func:`set_model_info`)."""
+    with _version_lock:
+        _version_refs[version] += 1
+
+
+def release_version(version: str) -> None:
+    """A unit of ``version`` was closed; the last one removes the version's request series."""
+    with _version_lock:
+        _version_refs[version] -= 1
+        if _version_refs[version] > 0:
+            return
+        del _version_refs[version]
+        for metric, labels in _version_series.pop(version, ()):
+            try:
+                metric.remove(*labels)
+            except KeyError:
+                pass
 
 
 #: the CUDA device the model serves on (``watch_cuda_device``); the GPU gauges read this one

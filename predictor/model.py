@@ -11,7 +11,7 @@ import asyncio
 import logging
 import random
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from grpc_interceptor.exceptions import ResourceExhausted, Unavailable
 from kserve import Model
@@ -32,12 +32,15 @@ from predictor.codec import (
     build_v2,
     parse_v1,
     parse_v2,
+    short_message,
 )
 from predictor.pipeline import ServingUnit
 from predictor.settings import ServeSettings
 from predictor.slots import SlotManager
 
 log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=Exception)
 
 
 class MotlensModel(Model):
@@ -84,51 +87,53 @@ class MotlensModel(Model):
                 if is_v2
                 else parse_v1(payload, self.limits, (headers or {}).get("x-request-id", ""))
             )
-        except InvalidInput:
-            metrics.REQUESTS.labels(protocol=protocol, outcome="client_error").inc()
+        except InvalidInput as e:
+            _count(protocol, "client_error")
             metrics.REJECTED.labels(reason="invalid_input").inc()
-            raise
+            raise counted(InvalidInput(short_message(e))) from e
         version = (payload.model_version or None) if is_v2 else None
         unit = self.slots.acquire(version)
         if unit is None and version and self.slots.serving:
-            metrics.REQUESTS.labels(protocol=protocol, outcome="client_error").inc()
-            raise ModelNotFound(f"{self.name} version {version}")
+            _count(protocol, "client_error")
+            raise counted(ModelNotFound(f"{self.name} version {short_message(version, 40)}"))
         if unit is None:
-            metrics.REQUESTS.labels(protocol=protocol, outcome="unavailable").inc()
+            _count(protocol, "unavailable")
             reason = self.slots.not_ready_reason()
             if protocol == "v2-grpc":  # KServe's gRPC interceptor cannot map ModelNotReady (no .reason)
                 log.debug("gRPC predict while not ready: %s", reason)
                 raise Unavailable(f"model {self.name} is not ready")
-            raise ModelNotReady(self.name, reason[1] if reason else None)
+            raise counted(ModelNotReady(self.name, reason[1] if reason else None))
+        served = unit.version
         try:
             result, hits = await unit.predict(req.texts, req.context)
         except Overloaded as e:
-            metrics.REQUESTS.labels(protocol=protocol, outcome="overloaded").inc()
-            self._log_failure(req, unit, protocol, time.perf_counter() - t0)
+            _count(protocol, "overloaded", served)
+            self._log_failure(req, unit, protocol, time.perf_counter() - t0, "overloaded")
             if protocol == "v2-grpc":
                 raise (ResourceExhausted if e.reason == "queue_full" else Unavailable)(str(e)) from e
             raise
         except asyncio.CancelledError:
-            metrics.REQUESTS.labels(protocol=protocol, outcome="cancelled").inc()
+            _count(protocol, "cancelled", served)
             raise
         except Exception:
-            metrics.REQUESTS.labels(protocol=protocol, outcome="server_error").inc()
-            metrics.ITEMS.labels(protocol=protocol, outcome="server_error").inc(len(req.texts))
-            self._log_failure(req, unit, protocol, time.perf_counter() - t0)
+            _count(protocol, "server_error", served, len(req.texts))
+            self._log_failure(req, unit, protocol, time.perf_counter() - t0, "server_error")
             raise
         finally:
             unit.release()
         latency = time.perf_counter() - t0
         n = len(req.texts)
-        metrics.REQUESTS.labels(protocol=protocol, outcome="ok").inc()
-        metrics.ITEMS.labels(protocol=protocol, outcome="ok").inc(n)
-        metrics.REQUEST_LATENCY.labels(protocol=protocol).observe(latency)
+        _count(protocol, "ok", served, n)
+        metrics.by_version(metrics.REQUEST_LATENCY, protocol, served).observe(latency)
         metrics.ITEM_LATENCY.observe(latency / n)
         self._log_predictions(req, result, hits, protocol, latency, unit.backend.backend_name, unit.backend.device)
         return build_v2(result, req, payload) if is_v2 else build_v1(result, req)
 
-    def _log_failure(self, req: PredictRequest, unit: ServingUnit, protocol: str, latency: float) -> None:
-        """One ``server_error`` row (item_index -1) per failed request, so the canary gate sees errors."""
+    def _log_failure(
+        self, req: PredictRequest, unit: ServingUnit, protocol: str, latency: float, status: str
+    ) -> None:
+        """One row (item_index -1, ``status`` ``server_error`` or ``overloaded``) per failed request,
+        so the canary gate sees failures."""
         if self.writer is None:
             return
         from predlog.records import PredictionRecord
@@ -147,7 +152,7 @@ class MotlensModel(Model):
                     backend=be.backend_name,
                     device=be.device,
                     protocol=protocol,
-                    status="server_error",
+                    status=status,
                 )
             ]
         )
@@ -198,3 +203,15 @@ class MotlensModel(Model):
                 )
             )
         self.writer.submit(records)
+
+
+def counted(exc: E) -> E:
+    """Mark a refusal already counted in ``motlens_requests_total`` (the REST handlers count the rest)."""
+    exc.motlens_counted = True  # type: ignore[attr-defined]
+    return exc
+
+
+def _count(protocol: str, outcome: str, version: str = "", items: int = 0) -> None:
+    metrics.by_version(metrics.REQUESTS, protocol, outcome, version).inc()
+    if items:
+        metrics.by_version(metrics.ITEMS, protocol, outcome, version).inc(items)

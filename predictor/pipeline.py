@@ -47,6 +47,7 @@ class ServingUnit:
             workers=settings.model_workers,
             name=f"{slot}-v{backend.version}",
         )
+        metrics.hold_version(backend.version)
 
     @property
     def version(self) -> str:
@@ -109,6 +110,7 @@ class ServingUnit:
         If model work is still running after ``timeout``, the model is left to the worker threads
         (freed with them) rather than pulled from under queued requests, which would fail them."""
         self.batcher.close(timeout=timeout)
+        metrics.release_version(self.version)
         if self.batcher.workers_alive:
             log.warning("slot %s v%s: model work still running after %.0f s; the model is freed when it ends",
                         self.slot, self.version, timeout)  # fmt: skip

@@ -47,7 +47,7 @@ from predictor import metrics
 from predictor.backend import ModelLoadError, load_backend
 from predictor.batcher import Overloaded
 from predictor.cache import EmbeddingCache
-from predictor.codec import check_binary_texts
+from predictor.codec import check_binary_texts, short_message
 from predictor.model import MotlensModel
 from predictor.priority import nice_current_thread
 from predictor.settings import ServeSettings
@@ -134,6 +134,7 @@ class _RESTServer(RESTServer):
         app.add_exception_handler(Exception, _server_error_handler)
         app.add_exception_handler(InvalidInput, _invalid_input_handler)
         app.add_exception_handler(ModelNotReady, _not_ready_handler)
+        app.add_exception_handler(ModelNotFound, _not_found_handler)
         app.add_exception_handler(Overloaded, _overloaded_handler)
         app.add_exception_handler(BodyTooLarge, _too_large_handler)
         app.add_exception_handler(UnsupportedEncoding, _unsupported_encoding_handler)
@@ -144,13 +145,34 @@ class _RESTServer(RESTServer):
         self._server.should_exit = True
 
 
+def _count_refused(request: Request, exc: Exception, outcome: str, reason: str | None = None) -> None:
+    """Count an inference request refused before or outside :meth:`MotlensModel.predict` (which
+    counts, and marks, the refusals it raises itself): one series per protocol, no model version."""
+    path = request.url.path
+    if getattr(exc, "motlens_counted", False) or not (path.endswith(":predict") or path.endswith("/infer")):
+        return
+    protocol = "v1" if path.startswith("/v1/") else "v2-rest"
+    metrics.by_version(metrics.REQUESTS, protocol, outcome, "").inc()
+    if reason is not None:
+        metrics.REJECTED.labels(reason=reason).inc()
+
+
 async def _invalid_input_handler(request: Request, exc: Exception) -> Response:
-    log.info("400 %s %s: %s", request.method, request.url.path, exc)
-    return _json({"error": str(exc)}, status_code=400)
+    _count_refused(request, exc, "client_error", "invalid_input")
+    message = short_message(exc)
+    log.info("400 %s %s: %s", request.method, request.url.path, message)
+    return _json({"error": message}, status_code=400)
+
+
+async def _not_found_handler(request: Request, exc: Exception) -> Response:
+    _count_refused(request, exc, "client_error")
+    log.info("404 %s %s: %s", request.method, request.url.path, exc)
+    return _json({"error": str(exc)}, status_code=404)
 
 
 async def _not_ready_handler(request: Request, exc: Exception) -> Response:
     """503 with a generic body: the reason (paths, registry URIs) goes to the log and /motlens/ready."""
+    _count_refused(request, exc, "unavailable")
     log.debug("503 %s %s: %s", request.method, request.url.path, exc)
     name = getattr(exc, "model_name", None) or request.path_params.get("model_name", "model")
     return _json({"error": f"model {name} is not ready"}, status_code=503)
@@ -188,11 +210,13 @@ async def _overloaded_handler(_: Request, exc: Exception) -> Response:
     return _json({"error": str(exc)}, status_code=status, headers={"Retry-After": str(exc.retry_after_s)})
 
 
-async def _unsupported_encoding_handler(_: Request, exc: Exception) -> Response:
+async def _unsupported_encoding_handler(request: Request, exc: Exception) -> Response:
+    _count_refused(request, exc, "client_error", "unsupported_media")
     return _json({"error": str(exc)}, status_code=415)
 
 
-async def _too_large_handler(_: Request, exc: Exception) -> Response:
+async def _too_large_handler(request: Request, exc: Exception) -> Response:
+    _count_refused(request, exc, "client_error")
     metrics.REJECTED.labels(reason="body_too_large").inc()
     return _json({"error": str(exc)}, status_code=413)
 
@@ -417,7 +441,7 @@ class PredictorServer:
         except InvalidInput:
             raise
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error, InferenceError) as e:
-            raise InvalidInput(f"malformed v2 inference request: {_short(e)}") from e
+            raise InvalidInput(f"malformed v2 inference request: {short_message(e)}") from e
         if model_version is not None:
             self._check_version(model_name, model_version)
             infer_request.model_version = model_version
@@ -563,11 +587,6 @@ def _json(content: Any, status_code: int = 200, headers: dict[str, str] | None =
         headers=headers,
         media_type="application/json",
     )
-
-
-def _short(e: Exception) -> str:
-    text = str(e).replace("\n", " ")
-    return text if len(text) <= 300 else text[:297] + "…"
 
 
 class ServerThread:

@@ -14,6 +14,7 @@ does this for production).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -160,6 +161,7 @@ class SlotManager:
             except ModelLoadError as e:
                 state.loading, state.error = None, str(e)
                 state.error_kind = "golden_failed" if e.golden is not None else "load_failed"
+                metrics.MODEL_LOAD_FAILURES.labels(slot=slot, reason=state.error_kind).inc()
                 if e.golden is not None and state.unit is None:  # a serving slot keeps its own figures
                     metrics.GOLDEN_MIN_COSINE.labels(slot=slot).set(e.golden.min_cosine)
                     metrics.GOLDEN_PASSED.labels(slot=slot).set(0)
@@ -390,7 +392,10 @@ class SlotManager:
             state.info_labels = None
         metrics.MODEL_READY.labels(slot=slot).set(0 if unit is None else 1)
         self._export_fallback(slot, None if unit is None else unit.backend.fallback)
-        if unit is None:
+        if unit is None:  # an emptied slot keeps no figures of the model it served
+            for gauge in (metrics.MODEL_LOAD_SECONDS, metrics.GOLDEN_MIN_COSINE, metrics.GOLDEN_PASSED):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(slot)
             return
         be = unit.backend
         state.info_labels = (be.name, be.version, be.run_id, be.backend_name, be.device, slot)

@@ -348,7 +348,7 @@ def test_bad_inputs_are_counted_as_client_errors(base):
     assert httpx.post(url + V2, json=v2(text_input([""]))).status_code == 400
     assert httpx.post(url + V1, json={"instances": ["z" * 90] * 800}).status_code == 413
     text = httpx.get(f"{url}/metrics").text
-    assert 'motlens_requests_total{outcome="client_error",protocol="v2-rest"}' in text
+    assert 'motlens_requests_total{outcome="client_error",protocol="v2-rest",version=""}' in text
     assert 'motlens_rejected_total{reason="body_too_large"}' in text
 
 

@@ -130,7 +130,9 @@ async def test_full_queue_gives_429_with_retry_after_and_grpc_resource_exhausted
     import grpc
     from kserve import InferenceGRPCClient, InferInput, InferRequest
 
-    server, base, _ = served
+    import predlog
+
+    server, base, log_settings = served
     batcher = production_batcher(server)
     spy = GatedEncode(batcher._encode_tokens)
     monkeypatch.setattr(batcher, "_encode_tokens", spy)
@@ -141,7 +143,7 @@ async def test_full_queue_gives_429_with_retry_after_and_grpc_resource_exhausted
         assert await asyncio.to_thread(spy.entered.wait, 60)
         second = asyncio.ensure_future(client.post(url, json={"instances": unique_texts(2)}))
         await async_wait_until(lambda: batcher.pending_items >= 2)
-        refused = await client.post(url, json={"instances": unique_texts(1)})
+        refused = await client.post(url, json={"instances": unique_texts(1)}, headers={"x-request-id": "req-429"})
         assert refused.status_code == 429
         assert refused.headers["retry-after"] == "1"
         assert "queue_full" in refused.json()["error"]
@@ -159,6 +161,13 @@ async def test_full_queue_gives_429_with_retry_after_and_grpc_resource_exhausted
         spy.gate.set()
         assert (await first).status_code == 200 and (await second).status_code == 200
     assert 'motlens_rejected_total{reason="queue_full"}' in httpx.get(f"{base}/metrics").text
+    assert server.writer.flush(30)
+    reader = predlog.open_reader(log_settings)
+    try:
+        rows = reader.query("SELECT item_index, status FROM predictions WHERE request_id = 'req-429'", {})
+    finally:
+        reader.close()
+    assert list(rows["item_index"]) == [-1] and list(rows["status"]) == ["overloaded"]  # not a server error
 
 
 async def test_grpc_deadline_drops_queued_work(served, monkeypatch):

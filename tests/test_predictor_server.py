@@ -154,7 +154,7 @@ def test_metrics_show_model_info_with_served_version(served):
     info = [line for line in text.splitlines() if line.startswith("motlens_model_info{")]
     assert any('version="1"' in line and 'slot="production"' in line and line.endswith(" 1.0") for line in info)
     assert 'motlens_golden_passed{slot="production"} 1.0' in text
-    assert 'motlens_requests_total{outcome="ok",protocol="v1"}' in text
+    assert 'motlens_requests_total{outcome="ok",protocol="v1",version="1"}' in text
     assert "request_predict_seconds" in text  # KServe's own histograms are served too
 
 

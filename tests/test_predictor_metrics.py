@@ -1,0 +1,161 @@
+"""The predictor's request series: every refused request counted once, per model version, and a
+retired version's series and an emptied slot's figures gone (scraped from the real server)."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import time
+
+import httpx
+import pytest
+from conftest import free_port
+from prometheus_client import REGISTRY
+
+MODEL = "mot-defects"
+V1 = f"/v1/models/{MODEL}:predict"
+V2 = f"/v2/models/{MODEL}/infer"
+TEXT = "Nearside Front Brake pipe corroded (1.1.11 (c))"
+
+
+def requests_total(protocol: str, outcome: str, version: str = "") -> float:
+    labels = {"protocol": protocol, "outcome": outcome, "version": version}
+    return REGISTRY.get_sample_value("motlens_requests_total", labels) or 0.0
+
+
+def sample(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+def v2_body(texts: list[str]) -> dict:
+    return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
+
+
+@pytest.fixture(scope="module")
+def bundle_v2(tiny_bundle, tmp_path_factory):
+    from motlens.bundle import write_manifest
+
+    root = tmp_path_factory.mktemp("metrics-v2") / MODEL
+    shutil.copytree(tiny_bundle.root, root)
+    write_manifest(root, version="2", run_id="tiny-2")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, embedder):
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+
+    settings = ServeSettings(
+        model=str(tiny_bundle.root),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        enable_grpc=False,
+        max_items_per_request=8,
+        max_body_bytes=16 * 1024,
+        admin_enabled=True,
+    )
+    srv = PredictorServer(settings, embedder=embedder, host="127.0.0.1")
+    thread = ServerThread(srv).start().wait_ready()
+    yield f"http://127.0.0.1:{settings.http_port}"
+    thread.stop()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "path", "send", "status", "reason"),
+    [
+        ("v2-rest", V2, {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
+         "invalid_input"),
+        ("v1", V1, {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "invalid_input"),
+        ("v2-rest", V2, {"json": v2_body([""])}, 400, "invalid_input"),  # refused inside predict
+        ("v1", V1, {"json": {"instances": [TEXT] * 9}}, 400, "invalid_input"),  # over the item limit
+        ("v2-rest", V2, {"content": gzip.compress(b"{}"), "headers": {"content-encoding": "gzip"}}, 415,
+         "unsupported_media"),
+        ("v1", V1, {"json": {"instances": ["z" * 90] * 400}}, 413, "body_too_large"),
+        ("v2-rest", f"/v2/models/{MODEL}/versions/7/infer", {"json": v2_body([TEXT])}, 404, None),
+    ],
+)  # fmt: skip
+def test_a_refused_request_is_counted_once(server, protocol, path, send, status, reason):
+    before = requests_total(protocol, "client_error")
+    rejected = (sample("motlens_rejected_total", reason=reason) or 0.0) if reason else 0.0
+    r = httpx.post(server + path, **send)
+    assert r.status_code == status, r.text
+    assert requests_total(protocol, "client_error") == before + 1
+    if reason:
+        assert sample("motlens_rejected_total", reason=reason) == rejected + 1
+
+
+def test_a_long_bad_value_is_not_echoed_whole(server):
+    body = v2_body([TEXT])
+    body["inputs"].append({"name": "odometer_miles", "datatype": "FP32", "shape": [1], "data": ["x" * 10_000]})
+    r = httpx.post(server + V2, json=body)
+    assert r.status_code == 400
+    message = r.json()["error"]
+    assert message.startswith("input 'odometer_miles' (FP32) must hold numbers, got 'xxx")
+    assert len(message) <= 300
+
+
+def test_requests_are_counted_by_the_version_that_answered(server, bundle_v2):
+    admin = f"{server}/motlens/admin"
+    ok1, ok2 = requests_total("v2-rest", "ok", "1"), requests_total("v2-rest", "ok", "2")
+    latency1 = sample("motlens_request_latency_seconds_count", protocol="v2-rest", version="1") or 0.0
+    assert httpx.post(f"{admin}/slots/canary/load", json={"ref": str(bundle_v2)}, timeout=300).status_code == 200
+    assert sample("motlens_golden_passed", slot="canary") == 1.0
+    for version, n in (("1", 3), ("2", 2)):
+        for _ in range(n):
+            r = httpx.post(f"{server}/v2/models/{MODEL}/versions/{version}/infer", json=v2_body([TEXT]))
+            assert r.status_code == 200 and r.json()["model_version"] == version
+    assert requests_total("v2-rest", "ok", "1") == ok1 + 3
+    assert requests_total("v2-rest", "ok", "2") == ok2 + 2
+    assert sample("motlens_request_latency_seconds_count", protocol="v2-rest", version="1") == latency1 + 3
+    assert sample("motlens_request_latency_seconds_count", protocol="v2-rest", version="2") == 2
+    assert sample("motlens_items_total", protocol="v2-rest", outcome="ok", version="2") == 2
+
+    r = httpx.post(f"{admin}/rollback", timeout=120)
+    assert r.status_code == 200 and r.json()["slots"]["canary"]["version"] is None
+    # version 2 is retired: its series go, and the emptied canary slot shows no figures of it
+    assert requests_total("v2-rest", "ok", "2") == 0.0
+    assert sample("motlens_request_latency_seconds_count", protocol="v2-rest", version="2") is None
+    for gauge in ("motlens_golden_passed", "motlens_golden_min_cosine", "motlens_model_load_seconds"):
+        assert sample(gauge, slot="canary") is None, gauge
+        assert sample(gauge, slot="production") is not None, gauge
+    assert sample("motlens_model_ready", slot="canary") == 0.0
+    assert requests_total("v2-rest", "ok", "1") == ok1 + 3  # the serving version keeps its counts
+
+
+def test_a_refused_load_is_counted(server, bad_golden_bundle, tmp_path):
+    admin = f"{server}/motlens/admin"
+    golden = sample("motlens_model_load_failures_total", slot="canary", reason="golden_failed") or 0.0
+    failed = sample("motlens_model_load_failures_total", slot="canary", reason="load_failed") or 0.0
+    r = httpx.post(f"{admin}/slots/canary/load", json={"ref": str(bad_golden_bundle)}, timeout=300)
+    assert r.status_code == 422
+    r = httpx.post(f"{admin}/slots/canary/load", json={"ref": str(tmp_path / "nope")}, timeout=60)
+    assert r.status_code == 422
+    assert sample("motlens_model_load_failures_total", slot="canary", reason="golden_failed") == golden + 1
+    assert sample("motlens_model_load_failures_total", slot="canary", reason="load_failed") == failed + 1
+
+
+def test_rest_requests_while_nothing_is_loaded_count_as_unavailable(tmp_path, embedder):
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+
+    settings = ServeSettings(
+        model=str(tmp_path / "missing"), http_port=free_port(), grpc_port=free_port(), enable_grpc=False
+    )
+    srv = PredictorServer(settings, embedder=embedder, host="127.0.0.1")
+    thread = ServerThread(srv).start()
+    try:
+        base = f"http://127.0.0.1:{settings.http_port}"
+        for _ in range(600):
+            try:
+                httpx.get(f"{base}/v2/health/live")
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        v1, v2 = requests_total("v1", "unavailable"), requests_total("v2-rest", "unavailable")
+        assert httpx.post(base + V1, json={"instances": [TEXT]}).status_code == 503
+        assert httpx.post(base + V2, json=v2_body([TEXT])).status_code == 503
+        assert requests_total("v1", "unavailable") == v1 + 1
+        assert requests_total("v2-rest", "unavailable") == v2 + 1
+    finally:
+        thread.stop()
