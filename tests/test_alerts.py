@@ -16,8 +16,14 @@ UNIT_TESTS = MANIFESTS / "monitoring" / "tests" / "alerts.test.yaml"
 # What the alerts must cover (issue: deployment and monitoring) → the alert that does it.
 REQUIRED = {
     "p99 latency": "MotlensP99LatencyHigh",
+    "p99 < 100 ms target (latency SLO)": "MotlensLatencySloBreach",
     "error rate": "MotlensErrorRateHigh",
     "drift detected": "MotlensDriftDetected",
+    "drift job stale, per slot": "MotlensDriftJobStale",
+    "drift job failing, per slot": "MotlensDriftJobFailing",
+    "drift job never reported": "MotlensDriftJobNeverReported",
+    "promotion job stale": "MotlensPromotionJobStale",
+    "promotion job never reported": "MotlensPromotionJobNeverReported",
     "prediction log spilling": "MotlensPredlogSpilling",
     "prediction log dropping": "MotlensPredlogDropping",
     "GPU memory near limit": "MotlensGpuMemoryNearLimit",
@@ -84,6 +90,10 @@ def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
     [
         ("MotlensErrorRateHigh", "> 0.01", "> 0.5"),
         ("MotlensCanaryNoTraffic", "max(motlens_canary_percent) > 0", "max(motlens_canary_percent) > 50"),
+        ("MotlensLatencySloBreach", "> 0.01", "> 0.1"),
+        # one slot's runs would hide the other's failures again
+        ("MotlensDriftJobFailing", "max by (slot) (", "max("),
+        ("MotlensDriftJobStale", 'timestamp_seconds{slot!="canary"}', "timestamp_seconds"),
     ],
 )
 def test_unit_tests_catch_a_broken_rule(tmp_path: Path, alert: str, old: str, new: str) -> None:

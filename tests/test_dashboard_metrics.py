@@ -25,8 +25,21 @@ from manifest_helpers import MANIFESTS, REPO, isvc_container, kustomize, one, pr
 
 DASHBOARD = MANIFESTS / "monitoring" / "dashboards" / "motlens.json"
 RULES = MANIFESTS / "monitoring" / "prometheusrule.yaml"
+PODMONITOR = MANIFESTS / "monitoring" / "podmonitor.yaml"
 JOB_PACKAGES = ("drift", "promotion")
-METRIC = re.compile(r"\b(?:motlens_[a-z0-9_]+|request_[a-z]+_seconds(?:_bucket|_sum|_count)?)\b")
+# Where metrics are declared (prometheus_client constructors): the label names of a family the scrape
+# shows without samples (a labelled counter nothing has counted yet) come from here.
+METRIC_PACKAGES = ("predictor", "predlog", *JOB_PACKAGES)
+METRIC_NAME = r"\b(?:motlens_[a-z0-9_]+|request_[a-z]+_seconds(?:_bucket|_sum|_count)?)\b"
+METRIC = re.compile(METRIC_NAME)
+SELECTOR = re.compile(rf"({METRIC_NAME})\s*\{{([^}}]*)\}}")
+MATCHER = re.compile(r'([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)\s*"([^"]*)"')
+CLAUSE = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+# Labels every series gets from its target (Prometheus Operator's PodMonitor; the Pushgateway's job and
+# instance under honor_labels), besides the PodMonitor's own relabelings.
+TARGET_LABELS = {"namespace", "pod", "container", "endpoint", "job", "instance", "service"}
+# The Pushgateway adds the drift job's grouping key (drift/job.py) to every metric of the group.
+DRIFT_GROUPING = {"model_version", "slot"}
 SUFFIXES = ("_bucket", "_sum", "_count", "_total", "_created")
 # What the dashboard must show (issue: deployment and monitoring) → a metric that shows it.
 REQUIRED_PANELS = {
@@ -75,6 +88,110 @@ def family(name: str, known: set[str]) -> str:
     return name
 
 
+def _inside(text: str, start: int) -> str:
+    """The text inside the parentheses that open at ``text[start]``."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start + 1 : i]
+    raise AssertionError(f"unbalanced parentheses: {text}")
+
+
+def _introduced(expr: str) -> set[str]:
+    """Labels ``expr`` adds itself: label_replace's destination, group_left/group_right's labels."""
+    labels = {lab.strip() for group in re.findall(r"\bgroup_(?:left|right)\s*\(([^)]*)\)", expr)
+              for lab in group.split(",")}  # fmt: skip
+    for m in re.finditer(r"\blabel_replace\s*\(", expr):
+        args = re.sub(r"\{[^}]*\}", "", _inside(expr, m.end() - 1))  # selectors' values are no arguments
+        labels.update(re.findall(r'"([A-Za-z_]\w*)"', args)[:1])
+    return labels - {""}
+
+
+def label_uses(expr: str) -> list[tuple[str, str, str | None]]:
+    """(metric, label, value or None) for every label a selector matches on (with its value for ``=``),
+    ``label_values(metric, label)`` names, or a ``by``/``without`` clause names for each metric it
+    aggregates (unless the aggregated expression adds that label itself)."""
+    uses: list[tuple[str, str, str | None]] = []
+    for sel in SELECTOR.finditer(expr):
+        for m in MATCHER.finditer(sel.group(2)):
+            exact = re.match(rf"{m.group(1)}\s*=\s*\"", m.group(0))
+            uses.append((sel.group(1), m.group(1), m.group(2) if exact else None))
+    uses += [(m.group(1), m.group(2), None) for m in re.finditer(r"label_values\((\w+),\s*(\w+)\)", expr)]
+    for clause in CLAUSE.finditer(expr):
+        rest = expr[clause.end() :]
+        assert rest.lstrip().startswith("("), f"write `agg by (...) (expr)`: {expr}"
+        inner = _inside(expr, clause.end() + len(rest) - len(rest.lstrip()))
+        added = _introduced(inner)
+        uses += [(metric, lab.strip(), None) for metric in METRIC.findall(inner)
+                 for lab in clause.group(1).split(",") if lab.strip() and lab.strip() not in added]  # fmt: skip
+    return uses
+
+
+def metric_constructors(packages: tuple[str, ...]) -> Iterator[tuple[str, ast.Call]]:
+    """(metric name, call) for every prometheus_client constructor in the packages' code."""
+    for package in packages:
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.Call)
+                    and getattr(node.func, "id", getattr(node.func, "attr", None))
+                    in {"Gauge", "Counter", "Histogram", "Summary", "Info"}
+                    and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                    and isinstance(node.args[0].value, str)
+                ):
+                    yield node.args[0].value, node
+
+
+def declared_labels() -> dict[str, set[str]]:
+    """Label names of each metric the packages declare (``Counter("name", "doc", ["a", "b"])``)."""
+    declared: dict[str, set[str]] = {}
+    for name, call in metric_constructors(METRIC_PACKAGES):
+        names = call.args[2] if len(call.args) > 2 else next(
+            (k.value for k in call.keywords if k.arg == "labelnames"), None)  # fmt: skip
+        if isinstance(names, ast.List | ast.Tuple):
+            declared.setdefault(name, set()).update(
+                e.value for e in names.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)
+            )
+    return declared
+
+
+def scraped_labels(text: str) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """({series name: label names}, {bucket series name: its ``le`` values}) of a scrape of ``text``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    labels: dict[str, set[str]] = {}
+    buckets: dict[str, set[str]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels.setdefault(s.name, set()).update(s.labels)
+            if "le" in s.labels:
+                buckets.setdefault(s.name, set()).add(s.labels["le"])
+    return labels, buckets
+
+
+def label_gaps(exprs: list[str], scrape: str) -> list[str]:
+    """Labels the expressions use that their metric does not carry (scraped, declared, from the target
+    or the Pushgateway group), and ``le`` values that are no bucket bound of the scrape."""
+    scraped, buckets = scraped_labels(scrape)
+    declared = declared_labels()
+    relabeled = {r["targetLabel"] for e in yaml.safe_load(PODMONITOR.read_text())["spec"]["podMetricsEndpoints"]
+                 for r in e.get("relabelings", [])}  # fmt: skip
+    gaps = []
+    for expr in exprs:
+        for metric, label, value in label_uses(expr):
+            allowed = TARGET_LABELS | relabeled | scraped.get(metric, set())
+            allowed |= declared.get(family(metric, set(declared)), set())
+            allowed |= {"le"} if metric.endswith("_bucket") else set()
+            allowed |= DRIFT_GROUPING if metric.startswith("motlens_drift_") else set()
+            if label not in allowed:
+                gaps.append(f"{metric} has no label {label!r} (it has {sorted(allowed)}): {expr}")
+            elif label == "le" and value is not None and metric in buckets and value not in buckets[metric]:
+                gaps.append(f"{metric} has no bucket le={value!r} (it has {sorted(buckets[metric])}): {expr}")
+    return gaps
+
+
 def documented_metrics() -> set[str]:
     text = (REPO / "docs" / "architecture.md").read_text()
     section = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
@@ -112,26 +229,75 @@ def test_used_metrics_are_documented() -> None:
     assert not undocumented, f"not in docs/architecture.md 'Metrics': {sorted(undocumented)}"
 
 
+def _unit(panel: dict[str, Any], target: dict[str, Any]) -> str | None:
+    """The unit Grafana shows ``target`` in: an override naming its legend or query, else the default."""
+    unit = panel["fieldConfig"]["defaults"].get("unit")
+    mine = {("byName", target["legendFormat"]), ("byFrameRefID", target["refId"])}
+    for o in panel["fieldConfig"]["overrides"]:
+        if (o["matcher"]["id"], o["matcher"]["options"]) in mine:
+            unit = next((p["value"] for p in o["properties"] if p["id"] == "unit"), unit)
+    return unit
+
+
+def test_seconds_and_bytes_are_plotted_in_their_units() -> None:
+    """A quantile of a ``*_seconds`` histogram is drawn in seconds and a ``*_bytes`` series in bytes,
+    also when a panel mixes both (each on its own axis)."""
+    wrong = []
+    for panel in panels(dashboard()):
+        for target in panel["targets"]:
+            names = METRIC.findall(target["expr"])
+            if "histogram_quantile" in target["expr"] and all(n.endswith("_seconds_bucket") for n in names):
+                want = "s"
+            elif names and all(n.endswith("_bytes") for n in names):
+                want = "bytes"
+            else:
+                continue
+            if _unit(panel, target) != want:
+                wrong.append(f"{panel['title']} / {target['legendFormat']}: {_unit(panel, target)}, not {want}")
+    assert not wrong
+
+
+SCRAPE = """# TYPE motlens_requests_total counter
+motlens_requests_total{protocol="v2",outcome="ok",version="3"} 3.0
+# TYPE motlens_request_latency_seconds histogram
+motlens_request_latency_seconds_bucket{protocol="v2",version="3",le="0.1"} 3.0
+motlens_request_latency_seconds_bucket{protocol="v2",version="3",le="+Inf"} 3.0
+motlens_request_latency_seconds_count{protocol="v2",version="3"} 3.0
+motlens_request_latency_seconds_sum{protocol="v2",version="3"} 0.1
+"""
+
+
+def test_label_check_catches_labels_a_metric_does_not_have() -> None:
+    ok = [
+        'sum by (namespace, outcome) (rate(motlens_requests_total{outcome="ok", revision=~".+"}[5m]))',
+        'sum by (le) (rate(motlens_request_latency_seconds_bucket{le="0.1"}[5m]))',
+        "sum by (reason) (rate(motlens_rejected_total[5m]))",  # declared in predictor/metrics.py, not yet counted
+        'max by (slot) (motlens_drift_last_run_timestamp_seconds{slot="canary"})',  # the Pushgateway group's
+        'label_replace(max by (version) (motlens_model_info), "model_version", "$1", "version", "(.+)")',
+        'max by (model_version) (label_replace(max by (version) (motlens_model_info), "model_version", "$1", '
+        '"version", "(.+)"))',
+        "label_values(motlens_model_info, namespace)",
+    ]
+    assert label_gaps(ok, SCRAPE) == []
+    bad = [
+        'sum(rate(motlens_requests_total{status="ok"}[5m]))',  # /tmp/audit-obs/labelgap.py
+        "sum by (status) (rate(motlens_requests_total[5m]))",
+        "max without (model_version) (motlens_model_info)",
+        'sum(rate(motlens_request_latency_seconds_bucket{le="0.2"}[5m]))',
+        "label_values(motlens_model_info, model)",
+    ]
+    gaps = label_gaps(bad, SCRAPE)
+    assert len(gaps) == len(bad), gaps
+    assert all(expr in gap for expr, gap in zip(bad, gaps, strict=True))
+
+
 # ------------------------------------------------------------------------------------------------
 # The cross-check against real code.
 
 
 def job_metric_names() -> set[str]:
     """Metric names the drift and promotion packages define (prometheus_client constructors)."""
-    names: set[str] = set()
-    for package in JOB_PACKAGES:
-        for path in (REPO / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if (
-                    isinstance(node, ast.Call)
-                    and getattr(node.func, "id", getattr(node.func, "attr", None)) in {"Gauge", "Counter", "Histogram",
-                                                                                       "Summary", "Info"}
-                    and node.args
-                    and isinstance(node.args[0], ast.Constant)
-                    and isinstance(node.args[0].value, str)
-                ):
-                    names.add(node.args[0].value)
-    return names
+    return {name for name, _ in metric_constructors(JOB_PACKAGES)}
 
 
 def exposed_names(text: str) -> set[str]:
@@ -229,6 +395,8 @@ def test_every_used_metric_is_exported(predictor) -> None:
     assert not missing, f"used by the dashboard/alerts but exported by neither the predictor nor the jobs: {missing}"
     # and the predictor really counted the requests it answered
     assert re.search(r'^motlens_requests_total\{[^}]*outcome="ok"[^}]*\} [1-9]', scraped.text, re.M)
+    gaps = label_gaps(dashboard_exprs(dashboard()) + rule_exprs(), scraped.text)
+    assert not gaps, "\n".join(gaps)
 
 
 @pytest.mark.gpu

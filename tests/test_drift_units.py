@@ -6,6 +6,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -39,8 +40,10 @@ def test_reference_specs(tmp_path):
     cur = current_window("24h", now=NOW)
     assert reference_spec("bundle", cur).kind == "bundle"
     before = reference_spec("7d", cur)
+    assert before.window is not None
     assert before.window.end == cur.start and before.window.start == cur.start - timedelta(days=7)
     iso = reference_spec("2026-11-01T00:00/2026-11-08T00:00", cur)
+    assert iso.window is not None
     assert iso.window.start == datetime(2026, 11, 1, tzinfo=UTC) and iso.describe().startswith("window:")
     assert reference_spec(str(tmp_path), cur).kind == "path"
     with pytest.raises(ValueError, match="ends before it starts"):
@@ -103,7 +106,7 @@ def test_canary_disagreement_and_inconsistent_embeddings_fail():
     c, _ = embedding_consistency(prod, can, s)
     assert a.status == "drift" and a.score == 0.0 and detail["section_agreement"] == 0.0
     assert detail["severity_agreement"] == 1.0
-    assert c.status == "drift" and c.score < s.canary_min_cosine
+    assert c.status == "drift" and c.score is not None and c.score < s.canary_min_cosine
 
 
 def test_canary_with_no_shared_texts_is_insufficient():
@@ -127,53 +130,173 @@ def test_random_auc_quantile_shrinks_with_rows():
     assert 0.5 < large < 0.51
 
 
-def _summary(status: str) -> dict:
-    return {"model_version": "7", "slot": "canary", "drift_detected": status == "drift",
-            "scores": {"embedding_drift": 0.71, "drifted_share": 0.25}, "details": {"status": status}}  # fmt: skip
+def _summary(status: str, version: str = "7", scores: dict | None = None) -> dict:
+    scores = {"embedding_drift": 0.71, "drifted_share": 0.25} if scores is None else scores
+    return {"model_version": version, "slot": "canary", "drift_detected": status == "drift", "scores": scores,
+            "details": {"status": status}}  # fmt: skip
 
 
-def test_textfile_metrics(tmp_path):
+def _line(name: str, labels: dict[str, str], value: float) -> str:
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" + f" {value}"
+
+
+class _Gateway(BaseHTTPRequestHandler):
+    """A Pushgateway stand-in with its semantics: PUT replaces the whole group, POST only the metric
+    names it carries (families without samples carry none); GET /metrics shows every group's samples
+    with the group's labels, as Prometheus scrapes them."""
+
+    groups: dict[str, dict[str, list[str]]]
+    requests: list[tuple[str, str]]
+
+    def _push(self, replace: bool) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        self.requests.append((self.command, self.path))
+        parts = self.path.removeprefix("/metrics/").split("/")
+        grouping = dict(zip(parts[::2], parts[1::2], strict=True))
+        pushed = {}
+        for fam in text_string_to_metric_families(body):
+            if fam.samples:
+                pushed[fam.name] = [_line(s.name, {**s.labels, **grouping}, s.value) for s in fam.samples]
+        if replace:
+            self.groups[self.path] = pushed
+        else:
+            self.groups.setdefault(self.path, {}).update(pushed)
+        self.send_response(200)
+        self.end_headers()
+
+    def do_PUT(self):  # noqa: N802 - http.server API
+        self._push(replace=True)
+
+    def do_POST(self):  # noqa: N802
+        self._push(replace=False)
+
+    def do_GET(self):  # noqa: N802
+        body = "".join(line + "\n" for group in self.groups.values() for lines in group.values() for line in lines)
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def gateway():
+    """(URL, the stand-in's request log) of a running Pushgateway stand-in."""
+
+    class Gateway(_Gateway):
+        groups = {}
+        requests = []
+
+    server = HTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", Gateway.requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Exposition text → {sample name: [(labels without job, value)]}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append(({k: v for k, v in s.labels.items() if k != "job"}, s.value))
+    return out
+
+
+def test_textfile_metrics_format(tmp_path):
     path = tmp_path / "drift.prom"
     push_metrics(metrics_registry(_summary("drift"), 1_700_000_000.0), pushgateway=None, textfile=path,
                  job="j", grouping={})  # fmt: skip
     text = path.read_text()
     assert 'motlens_drift_detected{model_version="7",slot="canary"} 1.0' in text
     assert 'motlens_drift_score{metric="embedding_drift",model_version="7",slot="canary"} 0.71' in text
-    assert "motlens_drift_last_run_timestamp_seconds 1.7e+09" in text
-    push_metrics(metrics_registry(_summary("insufficient_data"), 1.0), pushgateway=None, textfile=path,
-                 job="j", grouping={})  # fmt: skip
-    assert "motlens_drift_detected{" not in path.read_text()  # no verdict, no 0 that reads as "no drift"
-    assert "motlens_drift_last_run_timestamp_seconds 1.0" in path.read_text()
-    push_metrics(metrics_registry(_summary("error"), 2.0), pushgateway=None, textfile=path, job="j", grouping={})
-    text = path.read_text()  # a failed run does not count as a run: the stale and failing alerts see it
-    assert "motlens_drift_last_error_timestamp_seconds 2.0" in text
-    assert "motlens_drift_last_run_timestamp_seconds" not in text
+    assert 'motlens_drift_last_status{model_version="7",slot="canary",status="drift"} 1.0' in text
+    assert 'motlens_drift_last_run_timestamp_seconds{model_version="7",slot="canary"} 1.7e+09' in text
+    assert "motlens_drift_last_error_timestamp_seconds" not in text
+    assert [f.name for f in tmp_path.iterdir()] == ["drift.prom"]  # written through a renamed temporary file
 
 
-def test_pushgateway_receives_the_metrics_under_the_grouping_key():
-    got: list[tuple[str, str, bytes]] = []
+@pytest.mark.parametrize("sink", ["pushgateway", "textfile"])
+def test_a_run_without_a_verdict_keeps_the_last_verdict_and_timestamps(sink, gateway, tmp_path):
+    """drift → insufficient data → error: the last verdict (detected=1, its scores) and the last run's
+    timestamp survive the runs that have none; only the status says what the newest run did."""
+    url, requests = gateway
+    path = tmp_path / "drift.prom"
 
-    class Gateway(BaseHTTPRequestHandler):
-        def do_PUT(self):  # noqa: N802 - http.server API
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            got.append((self.command, self.path, body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *a):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Gateway)
-    threading.Thread(target=server.handle_request, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}"
-        push_metrics(metrics_registry(_summary("no_drift"), 5.0), pushgateway=url, textfile=None,
+    def run(status: str, now_s: float, scores: dict | None = None) -> dict[str, list[tuple[dict[str, str], float]]]:
+        push_metrics(metrics_registry(_summary(status, scores=scores), now_s),
+                     pushgateway=url if sink == "pushgateway" else None,
+                     textfile=path if sink == "textfile" else None,
                      job="motlens-drift", grouping={"model_version": "7", "slot": "canary"})  # fmt: skip
-    finally:
-        server.server_close()
-    method, path, body = got[0]
-    assert (method, path) == ("PUT", "/metrics/job/motlens-drift/model_version/7/slot/canary")
-    assert b'motlens_drift_detected{model_version="7",slot="canary"} 0.0' in body
+        return _samples(httpx.get(f"{url}/metrics").text if sink == "pushgateway" else path.read_text())
+
+    group = {"model_version": "7", "slot": "canary"}
+    got = run("drift", 100.0)
+    assert got["motlens_drift_detected"] == [(group, 1.0)]
+    verdict_scores = sorted(got["motlens_drift_score"], key=str)
+    for status, now_s, scores in (("insufficient_data", 200.0, {"drifted_share": 0.0}), ("error", 300.0, {})):
+        got = run(status, now_s, scores)
+        assert got["motlens_drift_detected"] == [(group, 1.0)], status
+        assert sorted(got["motlens_drift_score"], key=str) == verdict_scores, status
+        assert [(labels["status"], v) for labels, v in got["motlens_drift_last_status"]] == [(status, 1.0)]
+        assert [v for _, v in got["motlens_drift_last_run_timestamp_seconds"]] == [200.0], status
+    assert [v for _, v in got["motlens_drift_last_error_timestamp_seconds"]] == [300.0]
+    got = run("no_drift", 400.0)  # the next verdict replaces the last one
+    assert got["motlens_drift_detected"] == [(group, 0.0)]
+    assert [v for _, v in got["motlens_drift_last_run_timestamp_seconds"]] == [400.0]
+    assert [v for _, v in got["motlens_drift_last_error_timestamp_seconds"]] == [300.0]
+    if sink == "pushgateway":
+        assert requests == [("POST", "/metrics/job/motlens-drift/model_version/7/slot/canary")] * 4
+
+
+def test_textfile_replaces_the_families_a_run_writes(tmp_path):
+    """A verdict for a new version replaces the old version's verdict and scores in the textfile."""
+    path = tmp_path / "drift.prom"
+    push_metrics(metrics_registry(_summary("drift", version="7"), 1.0), pushgateway=None, textfile=path,
+                 job="j", grouping={})  # fmt: skip
+    push_metrics(metrics_registry(_summary("insufficient_data", version="8", scores={}), 2.0),
+                 pushgateway=None, textfile=path, job="j", grouping={})  # fmt: skip
+    assert "motlens_drift_detected" not in _samples(path.read_text())  # version 7's verdict left with it
+    push_metrics(metrics_registry(_summary("no_drift", version="8", scores={"drifted_share": 0.0}), 3.0),
+                 pushgateway=None, textfile=path, job="j", grouping={})  # fmt: skip
+    got = _samples(path.read_text())
+    assert got["motlens_drift_detected"] == [({"model_version": "8", "slot": "canary"}, 0.0)]
+    assert got["motlens_drift_score"] == [({"metric": "drifted_share", "model_version": "8", "slot": "canary"}, 0.0)]
+    assert got["motlens_drift_last_run_timestamp_seconds"] == [({"model_version": "8", "slot": "canary"}, 3.0)]
+
+
+def test_production_and_canary_jobs_share_a_textfile(tmp_path):
+    """Each slot's run replaces only its own series: one node-exporter textfile serves both CronJobs."""
+    path = tmp_path / "drift.prom"
+
+    def run(status: str, slot: str, version: str, now_s: float) -> None:
+        summary = _summary(status, version=version) | {"slot": slot}
+        push_metrics(metrics_registry(summary, now_s), pushgateway=None, textfile=path, job="j", grouping={})
+
+    run("drift", "production", "3", 1.0)
+    run("no_drift", "canary", "4", 2.0)
+    run("error", "production", "3", 3.0)
+    got = _samples(path.read_text())
+    assert sorted(got["motlens_drift_detected"], key=str) == [
+        ({"model_version": "3", "slot": "production"}, 1.0),
+        ({"model_version": "4", "slot": "canary"}, 0.0),
+    ]
+    assert sorted(got["motlens_drift_last_run_timestamp_seconds"], key=str) == [
+        ({"model_version": "3", "slot": "production"}, 1.0),
+        ({"model_version": "4", "slot": "canary"}, 2.0),
+    ]
+    assert got["motlens_drift_last_error_timestamp_seconds"] == [({"model_version": "3", "slot": "production"}, 3.0)]
+    assert sorted((labels["slot"], labels["status"]) for labels, _ in got["motlens_drift_last_status"]) == [
+        ("canary", "no_drift"),
+        ("production", "error"),
+    ]
 
 
 def test_settings_come_from_env_and_flags_win(monkeypatch, tmp_path, capsys):
