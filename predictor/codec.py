@@ -69,16 +69,28 @@ def new_request_id() -> str:
 
 
 MAX_REQUEST_ID_CHARS = 128
+# Printable ASCII, spaces only between words: an id is echoed in the x-request-id response header.
+_REQUEST_ID = re.compile("[!-~]+(?: +[!-~]+)*")
 
 
-def _request_id(given: Any, where: str) -> str:
-    """The client's request id (refused beyond :data:`MAX_REQUEST_ID_CHARS`), else a new one."""
-    if given is not None and not isinstance(given, str):
-        raise InvalidInput(f"{where} must be a string, got {type(given).__name__}")
-    rid = given or ""
+def _client_id(rid: str, where: str) -> str:
     if len(rid) > MAX_REQUEST_ID_CHARS:
         raise InvalidInput(f"{where} has {len(rid)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
-    return rid or new_request_id()
+    if not _REQUEST_ID.fullmatch(rid):
+        raise InvalidInput(f"{where} must be printable ASCII without leading or trailing spaces")
+    return rid
+
+
+def resolve_request_id(body_id: Any = None, header_id: str | None = None) -> str:
+    """The request's id: the body's ``id``, else the ``x-request-id`` header, else a new one
+    (a client's id is checked: a string of printable ASCII, at most :data:`MAX_REQUEST_ID_CHARS`)."""
+    if body_id is not None and not isinstance(body_id, str):
+        raise InvalidInput(f"request 'id' must be a string, got {type(body_id).__name__}")
+    if body_id:
+        return _client_id(body_id, "request 'id'")
+    if header_id:
+        return _client_id(header_id, "header x-request-id")
+    return new_request_id()
 
 
 @dataclass(frozen=True)
@@ -216,7 +228,7 @@ def parse_v1(payload: Any, limits: Limits, request_id: str = "") -> PredictReque
             texts.append(inst)
     checked = _check_texts(texts, limits, "'instances' text")
     outputs = (*DEFAULT_OUTPUTS, EMBEDDING) if _truthy(params.get("return_embedding", False)) else DEFAULT_OUTPUTS
-    return PredictRequest(checked, context, outputs, _request_id(request_id, "header x-request-id"))
+    return PredictRequest(checked, context, outputs, resolve_request_id(None, request_id))
 
 
 def build_v1(result: PredictResult, req: PredictRequest) -> dict[str, Any]:
@@ -336,8 +348,17 @@ def _flat_values(inp: Any) -> np.ndarray:
     return arr.reshape(-1)
 
 
-def parse_v2(req: InferRequest, limits: Limits) -> PredictRequest:
-    """Validate a v2 request (REST JSON, REST binary or gRPC) against the contract."""
+def _binary_flag(params: Mapping[str, Any] | None, name: str, where: str) -> bool | None:
+    """A binary-extension flag: true, false or absent (a string such as "false" would read as true)."""
+    flag = (params or {}).get(name)
+    if flag is not None and not isinstance(flag, bool):
+        raise InvalidInput(f"{where}parameter '{name}' must be true or false, got {type(flag).__name__}")
+    return flag
+
+
+def parse_v2(req: InferRequest, limits: Limits, header_id: str | None = None) -> PredictRequest:
+    """Validate a v2 request (REST JSON, REST binary or gRPC) against the contract; ``header_id`` is the
+    ``x-request-id`` header (gRPC metadata), the id when the body has none."""
     seen: dict[str, Any] = {}
     for inp in req.inputs:
         if inp.name not in INPUT_NAMES:
@@ -388,6 +409,7 @@ def parse_v2(req: InferRequest, limits: Limits) -> PredictRequest:
     except (AttributeError, TypeError, ValueError) as e:
         raise InvalidInput(f"'parameters' could not be read: {e}") from e
     want_embedding = _truthy(params.get("return_embedding", False))
+    binary_outputs = _binary_flag(params, "binary_data_output", "")
     if req.request_outputs:
         names = []
         for out in req.request_outputs:
@@ -395,14 +417,19 @@ def parse_v2(req: InferRequest, limits: Limits) -> PredictRequest:
                 raise InvalidInput(f"unknown output '{out.name}'; available: {', '.join(OUTPUT_NAMES)}")
             if out.name in names:
                 raise InvalidInput(f"output '{out.name}' requested more than once")
+            _binary_flag(out.parameters, "binary_data", f"output '{out.name}' ")
             names.append(out.name)
         if want_embedding and EMBEDDING not in names:
             names.append(EMBEDDING)
             req.request_outputs.append(RequestedOutput(EMBEDDING, {}))
+        if binary_outputs:  # the default of every listed output (KServe lets a missing flag mean false)
+            for out in req.request_outputs:
+                if (out.parameters or {}).get("binary_data") is None:
+                    out.parameters = {**(out.parameters or {}), "binary_data": True}
         outputs = tuple(dict.fromkeys(names))
     else:
         outputs = (*DEFAULT_OUTPUTS, EMBEDDING) if want_embedding else DEFAULT_OUTPUTS
-    return PredictRequest(texts, context, outputs, _request_id(req.id, "request 'id'"))
+    return PredictRequest(texts, context, outputs, resolve_request_id(req.id, header_id))
 
 
 def build_v2(result: PredictResult, req: PredictRequest, infer_req: InferRequest) -> InferResponse:
@@ -420,8 +447,10 @@ def build_v2(result: PredictResult, req: PredictRequest, infer_req: InferRequest
         arr = arrays[name]
         out = InferOutput(name, list(arr.shape), "BYTES" if arr.dtype == np.object_ else "FP32", data=arr)
         if infer_req.from_grpc:
-            # gRPC answers with raw_output_contents (KServe's to_grpc cannot take numpy data directly)
-            out.set_data_from_numpy(arr, binary_data=True)
+            # KServe's convention: raw_input_contents in → raw_output_contents out, typed contents in →
+            # typed contents out; binary_data_size belongs to the REST binary extension, not to gRPC.
+            out.set_data_from_numpy(arr, binary_data=infer_req.use_binary_outputs)
+            out.parameters = {}
         outputs.append(out)
     return InferResponse(
         response_id=req.request_id,

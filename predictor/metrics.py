@@ -6,6 +6,7 @@ to its own request histograms.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from collections import Counter as Counter_
@@ -82,11 +83,19 @@ def set_model_info(labels: tuple[str, ...]) -> None:
 
 
 def clear_model_info(labels: tuple[str, ...]) -> None:
+    """Drop a served model's ``motlens_model_info``; once no model serves in its slot (the last
+    label), the slot's load and golden figures go too (an emptied canary shows none)."""
     with _info_lock:
         _info_refs[labels] -= 1
         if _info_refs[labels] <= 0:
             del _info_refs[labels]
             MODEL_INFO.remove(*labels)
+        slot = labels[-1]
+        if any(other[-1] == slot for other in _info_refs):
+            return
+        for gauge in (MODEL_LOAD_SECONDS, GOLDEN_MIN_COSINE, GOLDEN_PASSED):
+            with contextlib.suppress(KeyError):
+                gauge.remove(slot)
 
 
 #: series of the per-version metrics, by version, and how many serving units hold each version
@@ -121,10 +130,8 @@ def release_version(version: str) -> None:
             return
         del _version_refs[version]
         for metric, labels in _version_series.pop(version, ()):
-            try:
+            with contextlib.suppress(KeyError):
                 metric.remove(*labels)
-            except KeyError:
-                pass
 
 
 #: the CUDA device the model serves on (``watch_cuda_device``); the GPU gauges read this one

@@ -83,7 +83,7 @@ class MotlensModel(Model):
         protocol = ("v2-grpc" if payload.from_grpc else "v2-rest") if is_v2 else "v1"
         try:
             req = (
-                parse_v2(payload, self.limits)
+                parse_v2(payload, self.limits, (headers or {}).get("x-request-id"))
                 if is_v2
                 else parse_v1(payload, self.limits, (headers or {}).get("x-request-id", ""))
             )

@@ -6,7 +6,11 @@ several servers can run in one process (tests), and so SIGTERM drains gracefully
 
 * ``POST /v1/models/{name}:predict`` and ``POST /v2/models/{name}/infer`` are answered by motlens
   handlers placed before KServe's: bodies over ``max_body_bytes`` get 413 before parsing, and any
-  malformed body is a 400 naming the problem (KServe's own decoders turn some into 500s).
+  malformed body is a 400 naming the problem (KServe's own decoders turn some into 500s). The
+  request id (v2 body ``id``, else ``x-request-id``, else a new one) is echoed in ``x-request-id``.
+* ``POST /v1/models/{name}:explain``: 501 after the body limit; other methods on ``:predict`` 405.
+* Server readiness (``/v2/health/ready``, gRPC ``ServerReady``) is the slots' readiness; model
+  metadata lists the served versions; server metadata names the extensions actually served.
 * ``GET /motlens/ready``: readiness with its reason (200 or 503).
 * ``/motlens/admin/…``: slot operations for ``motlens promote --target local`` (docs/predictor.md).
 """
@@ -21,7 +25,8 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine, Generator, Mapping
+from concurrent import futures
 from functools import partial
 from typing import Any, TypeVar
 
@@ -30,24 +35,30 @@ import uvicorn
 from cloudevents.sdk.converters.util import has_binary_headers
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from grpc import ServicerContext, StatusCode, aio
 from grpc_interceptor.exceptions import Unimplemented
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
-from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ModelNotReady
+from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ModelNotReady, ServerNotReady
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import JSON_HEADERS, DataPlane
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 from kserve.protocol.grpc.server import GRPCServer
+from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest.server import RESTServer
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException
 
 from motlens.embedder import Embedder
 from predictor import metrics
 from predictor.backend import ModelLoadError, load_backend
 from predictor.batcher import Overloaded
 from predictor.cache import EmbeddingCache
-from predictor.codec import check_binary_texts, short_message
+from predictor.codec import check_binary_texts, resolve_request_id, short_message
 from predictor.model import MotlensModel
 from predictor.priority import nice_current_thread
 from predictor.settings import ServeSettings
@@ -70,6 +81,11 @@ class BodyTooLarge(Exception):
 class UnsupportedEncoding(Exception):
     def __init__(self, encoding: str) -> None:
         super().__init__(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
+
+
+class UnsupportedContentType(Exception):
+    def __init__(self, media_type: str) -> None:
+        super().__init__(f"Content-Type {media_type!r} is not supported; send application/json")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -132,12 +148,15 @@ class _RESTServer(RESTServer):
         self._add_exception_handlers(app)
         app.add_exception_handler(InferenceError, _server_error_handler)
         app.add_exception_handler(Exception, _server_error_handler)
+        app.add_exception_handler(HTTPException, _http_error_handler)
         app.add_exception_handler(InvalidInput, _invalid_input_handler)
-        app.add_exception_handler(ModelNotReady, _not_ready_handler)
         app.add_exception_handler(ModelNotFound, _not_found_handler)
+        app.add_exception_handler(ModelNotReady, _not_ready_handler)
+        app.add_exception_handler(ServerNotReady, _server_not_ready_handler)
         app.add_exception_handler(Overloaded, _overloaded_handler)
         app.add_exception_handler(BodyTooLarge, _too_large_handler)
-        app.add_exception_handler(UnsupportedEncoding, _unsupported_encoding_handler)
+        app.add_exception_handler(UnsupportedEncoding, _unsupported_media_handler)
+        app.add_exception_handler(UnsupportedContentType, _unsupported_media_handler)
         app.add_exception_handler(ClientGone, _client_gone_handler)
         self.config.app = app
 
@@ -157,17 +176,24 @@ def _count_refused(request: Request, exc: Exception, outcome: str, reason: str |
         metrics.REJECTED.labels(reason=reason).inc()
 
 
+def _id_header(request: Request) -> dict[str, str]:
+    """``x-request-id`` with the id an infer route resolved (checked by the codec), else nothing."""
+    rid = getattr(request.state, "request_id", None)
+    return {"x-request-id": rid} if rid else {}
+
+
 async def _invalid_input_handler(request: Request, exc: Exception) -> Response:
     _count_refused(request, exc, "client_error", "invalid_input")
     message = short_message(exc)
     log.info("400 %s %s: %s", request.method, request.url.path, message)
-    return _json({"error": message}, status_code=400)
+    return _json({"error": message}, status_code=400, headers=_id_header(request))
 
 
 async def _not_found_handler(request: Request, exc: Exception) -> Response:
+    """A client error: logged at INFO without a traceback (KServe's handler logs an ERROR)."""
     _count_refused(request, exc, "client_error")
     log.info("404 %s %s: %s", request.method, request.url.path, exc)
-    return _json({"error": str(exc)}, status_code=404)
+    return _json({"error": str(exc)}, status_code=404, headers=_id_header(request))
 
 
 async def _not_ready_handler(request: Request, exc: Exception) -> Response:
@@ -175,19 +201,40 @@ async def _not_ready_handler(request: Request, exc: Exception) -> Response:
     _count_refused(request, exc, "unavailable")
     log.debug("503 %s %s: %s", request.method, request.url.path, exc)
     name = getattr(exc, "model_name", None) or request.path_params.get("model_name", "model")
-    return _json({"error": f"model {name} is not ready"}, status_code=503)
+    return _json({"error": f"model {name} is not ready"}, status_code=503, headers=_id_header(request))
+
+
+async def _server_not_ready_handler(_: Request, exc: Exception) -> Response:
+    """/v2/health/ready while nothing serves or while draining: a probe's answer, not an error to log."""
+    return _json({"error": "server is not ready"}, status_code=503)
+
+
+async def _http_error_handler(_: Request, exc: Exception) -> Response:
+    """Routing errors (404 no route, 405 wrong method) in the OIP error form, not Starlette's ``detail``."""
+    assert isinstance(exc, HTTPException)
+    return _json({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _no_repository(_: Request) -> Response:
     return _json({"error": "the model repository extension is disabled"}, status_code=404)
 
 
+async def _post_only(request: Request) -> Response:
+    """``GET /v1/models/{name}:predict`` would otherwise match KServe's ``GET /v1/models/{name}`` (a 404)."""
+    return _json(
+        {"error": f"{request.method} is not allowed on {request.url.path}; use POST"},
+        status_code=405,
+        headers={"Allow": "POST"},
+    )
+
+
 def server_error(request: Request, exc: BaseException) -> Response:
-    """A generic 500: the exception and its traceback go to the log, never to the client."""
-    rid = request.headers.get("x-request-id", "")[:128]
+    """A generic 500: the exception and its traceback go to the log, never to the client; the request id
+    (the one the prediction log's failure row carries) goes to both."""
+    rid = getattr(request.state, "request_id", None) or request.headers.get("x-request-id", "")[:128]
     log.error("500 %s %s (request id %r)", request.method, request.url.path, rid, exc_info=exc)
     body = {"error": "internal server error"} | ({"request_id": rid} if rid else {})
-    return _json(body, status_code=500)
+    return _json(body, status_code=500, headers=_id_header(request))
 
 
 async def _server_error_handler(request: Request, exc: Exception) -> Response:
@@ -204,13 +251,97 @@ class _NoRepository(ModelRepositoryExtension):
         raise Unimplemented("the model repository extension is disabled; use the motlens admin API")
 
 
-async def _overloaded_handler(_: Request, exc: Exception) -> Response:
+class _DataPlane(DataPlane):
+    """KServe's data plane, answering from the slots where KServe's answers are fixed."""
+
+    def __init__(self, model_registry: ModelRepository, slots: SlotManager) -> None:
+        super().__init__(model_registry=model_registry)
+        self.slots = slots
+
+    async def ready(self) -> bool:
+        """False until a production model serves and from the start of a drain (KServe's: always true)."""
+        return self.slots.ready
+
+    def metadata(self) -> dict[str, Any]:
+        """The extensions served: binary tensors, not the (switched-off) model repository."""
+        return {**super().metadata(), "extensions": ["binary_tensor_data"]}
+
+    async def model_metadata(self, model_name: str) -> dict[str, Any]:
+        return {**await super().model_metadata(model_name), "versions": self.slots.served_versions()}
+
+    def check_version(self, model_name: str, model_version: str) -> None:
+        """ModelNotFound (404, gRPC NOT_FOUND) for another model or a version no slot serves."""
+        self.get_model_from_registry(model_name)
+        if model_version not in self.slots.served_versions():
+            raise ModelNotFound(f"{model_name} version {model_version}")
+
+
+class _Servicer(InferenceServicer):
+    """KServe's gRPC servicer with model versions: KServe ignores the request's ``version``."""
+
+    _data_plane: _DataPlane
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: ServicerContext) -> pb.ModelReadyResponse:
+        if request.version:
+            self._data_plane.check_version(request.name, request.version)
+        return await super().ModelReady(request, context)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        if request.version:
+            self._data_plane.check_version(request.name, request.version)
+        meta = await self._data_plane.model_metadata(request.name)
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=[request.version] if request.version else meta["versions"],
+            platform=meta["platform"],
+            inputs=meta["inputs"],
+            outputs=meta["outputs"],
+        )
+
+
+class _ExceptionToStatus(ExceptionToStatusInterceptor):
+    """Client errors logged at INFO without a traceback (KServe logs them as errors); the rest as KServe."""
+
+    async def handle_exception(
+        self, ex: Exception, request_or_iterator: Any, context: ServicerContext, method_name: str
+    ) -> None:
+        if isinstance(ex, InvalidInput | ModelNotFound):
+            code = StatusCode.INVALID_ARGUMENT if isinstance(ex, InvalidInput) else StatusCode.NOT_FOUND
+            log.info("gRPC %s %s: %s", method_name, code.name, ex)
+            await context.abort(code, ex.reason)
+        else:
+            await super().handle_exception(ex, request_or_iterator, context, method_name)
+
+
+class _GRPCServer(GRPCServer):
+    """KServe's gRPC server (same options and interceptors) serving :class:`_Servicer`."""
+
+    async def start(self, max_workers: int) -> None:
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(LoggingInterceptor(), _ExceptionToStatus()),
+            options=[
+                ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+                ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
+            ],
+        )
+        servicer = _Servicer(self._data_plane, self._model_repository_extension)
+        add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        self._server.add_insecure_port(f"[::]:{self._port}")
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
+async def _overloaded_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Overloaded)
     status = 429 if exc.reason == "queue_full" else 503
-    return _json({"error": str(exc)}, status_code=status, headers={"Retry-After": str(exc.retry_after_s)})
+    headers = {"Retry-After": str(exc.retry_after_s), **_id_header(request)}
+    return _json({"error": str(exc)}, status_code=status, headers=headers)
 
 
-async def _unsupported_encoding_handler(request: Request, exc: Exception) -> Response:
+async def _unsupported_media_handler(request: Request, exc: Exception) -> Response:
     _count_refused(request, exc, "client_error", "unsupported_media")
     return _json({"error": str(exc)}, status_code=415)
 
@@ -259,10 +390,10 @@ class PredictorServer:
         self.model = MotlensModel(self.slots, settings, writer)
         repo = ModelRepository()
         repo.update(self.model)
-        self.dataplane = DataPlane(model_registry=repo)
+        self.dataplane = _DataPlane(repo, self.slots)
         ext = _NoRepository(model_registry=repo)
         self.rest = _RESTServer(self, self.dataplane, ext, host)
-        self.grpc = GRPCServer(
+        self.grpc = _GRPCServer(
             settings.grpc_port,
             self.dataplane,
             ext,
@@ -336,6 +467,11 @@ class PredictorServer:
         # The infer routes are plain Starlette routes: FastAPI's per-request dependency solving cost
         # ≈ 10 % of the event loop's time on cache hits, for three path parameters.
         app.router.add_route("/v1/models/{model_name}:predict", self._v1_route, methods=["POST"])
+        app.router.add_route("/v1/models/{model_name}:explain", self._v1_explain, methods=["POST"])
+        for verb in ("predict", "explain"):
+            app.router.add_route(
+                f"/v1/models/{{model_name}}:{verb}", _post_only, methods=["GET", "PUT", "PATCH", "DELETE"]
+            )
         app.router.add_route("/v2/models/{model_name}/infer", self._v2_route, methods=["POST"])
         app.router.add_route("/v2/models/{model_name}/versions/{model_version}/infer", self._v2_route, methods=["POST"])
         app.add_api_route(
@@ -386,10 +522,19 @@ class PredictorServer:
         except Exception as e:
             return server_error(request, e)
 
+    async def _v1_explain(self, request: Request) -> Response:
+        """Explain is not served: 501, after the body limit like every other route that takes a body."""
+        await read_body(request, self.settings.max_body_bytes)
+        model_name = request.path_params["model_name"]
+        self.dataplane.get_model_from_registry(model_name)
+        return _json({"error": f"explain is not supported by {model_name}"}, status_code=501)
+
     async def _v1_predict(self, model_name: str, request: Request) -> Response:
         body = await read_body(request, self.settings.max_body_bytes)
         await self._check_ready(model_name)
         headers = dict(request.headers.items())
+        rid = request.state.request_id = resolve_request_id(None, headers.get("x-request-id"))
+        headers["x-request-id"] = rid  # the model logs its rows under this id
         payload, attrs = self.dataplane.decode(body=_v1_json(body, headers), headers=headers)
         response, response_headers = await _unless_disconnected(
             request, self.dataplane.infer(model_name=model_name, request=payload, headers=headers)
@@ -399,22 +544,18 @@ class PredictorServer:
         )
         response_headers.update(res_headers)
         response_headers.pop("content-length", None)
+        response_headers["x-request-id"] = rid
         if isinstance(response, bytes | str):
             return Response(content=response, headers=response_headers)
         return _json(content=response, headers=response_headers)
 
-    def _check_version(self, model_name: str, model_version: str) -> None:
-        self.dataplane.get_model_from_registry(model_name)
-        if model_version not in self.slots.served_versions():
-            raise ModelNotFound(f"{model_name} version {model_version}")
-
     async def _version_metadata(self, model_name: str, model_version: str) -> Response:
-        self._check_version(model_name, model_version)
+        self.dataplane.check_version(model_name, model_version)
         meta = await self.dataplane.model_metadata(model_name)
         return _json({**meta, "versions": [model_version]})
 
     async def _version_ready(self, model_name: str, model_version: str) -> Response:
-        self._check_version(model_name, model_version)
+        self.dataplane.check_version(model_name, model_version)
         if not self.slots.ready:
             reason = self.slots.not_ready_reason()
             raise ModelNotReady(model_name, reason[1] if reason else None)
@@ -442,8 +583,10 @@ class PredictorServer:
             raise
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error, InferenceError) as e:
             raise InvalidInput(f"malformed v2 inference request: {short_message(e)}") from e
+        rid = request.state.request_id = resolve_request_id(infer_request.id, headers.get("x-request-id"))
+        infer_request.id = rid
         if model_version is not None:
-            self._check_version(model_name, model_version)
+            self.dataplane.check_version(model_name, model_version)
             infer_request.model_version = model_version
         response, response_headers = await _unless_disconnected(
             request, self.dataplane.infer(model_name=model_name, request=infer_request, headers=headers)
@@ -454,6 +597,7 @@ class PredictorServer:
         response_headers.update(res_headers)
         response_headers.pop("content-length", None)
         response_headers.pop("content-type", None)
+        response_headers["x-request-id"] = rid
         if isinstance(response, bytes):
             return Response(content=response, headers=response_headers, media_type="application/octet-stream")
         return _json(content=response, headers=response_headers)
@@ -530,7 +674,16 @@ class ClientGone(Exception):
 
 
 # Exceptions with their own handler and status; anything else raised by an infer route is a 500.
-_CLIENT_FACING = (InvalidInput, ModelNotReady, ModelNotFound, Overloaded, BodyTooLarge, UnsupportedEncoding, ClientGone)
+_CLIENT_FACING = (
+    InvalidInput,
+    ModelNotReady,
+    ModelNotFound,
+    Overloaded,
+    BodyTooLarge,
+    UnsupportedEncoding,
+    UnsupportedContentType,
+    ClientGone,
+)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -563,24 +716,27 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -
     return task.result()
 
 
-async def _client_gone_handler(_: Request, exc: Exception) -> Response:
-    return _json({"error": "client disconnected"}, status_code=499)
+async def _client_gone_handler(request: Request, exc: Exception) -> Response:
+    return _json({"error": "client disconnected"}, status_code=499, headers=_id_header(request))
 
 
 def _v1_json(body: bytes, headers: dict[str, str]) -> bytes | Any:
     """A JSON body, parsed here so that ``application/json; charset=utf-8`` counts as JSON (KServe's
-    decoder compares the whole header and would pass such a body on as raw bytes); anything else,
-    binary CloudEvents included, is left to KServe."""
+    decoder compares the whole header and would pass such a body on as raw bytes). A binary CloudEvent
+    or a body without Content-Type is left to KServe (it parses the latter as JSON); any other
+    Content-Type (curl's default form encoding) is a 415."""
     media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type not in JSON_HEADERS or has_binary_headers(headers):
+    if has_binary_headers(headers) or not media_type:
         return body
+    if media_type not in JSON_HEADERS:
+        raise UnsupportedContentType(media_type[:100])
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise InvalidInput(f"Unrecognized request format: {e}") from e
 
 
-def _json(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+def _json(content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     return Response(
         orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY),
         status_code=status_code,

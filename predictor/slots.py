@@ -14,7 +14,6 @@ does this for production).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import threading
@@ -392,10 +391,7 @@ class SlotManager:
             state.info_labels = None
         metrics.MODEL_READY.labels(slot=slot).set(0 if unit is None else 1)
         self._export_fallback(slot, None if unit is None else unit.backend.fallback)
-        if unit is None:  # an emptied slot keeps no figures of the model it served
-            for gauge in (metrics.MODEL_LOAD_SECONDS, metrics.GOLDEN_MIN_COSINE, metrics.GOLDEN_PASSED):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(slot)
+        if unit is None:
             return
         be = unit.backend
         state.info_labels = (be.name, be.version, be.run_id, be.backend_name, be.device, slot)

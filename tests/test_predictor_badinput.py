@@ -311,6 +311,27 @@ CASES = [
         "Content-Encoding 'gzip' is not supported",
     ),
     ("binary-parameters-not-object", V2, ok_text_tensor(parameters=[1]), 400, "'parameters' must be an object"),
+    (
+        "binary-data-output-not-bool",
+        V2,
+        v2(text_input([OK_TEXT]), parameters={"binary_data_output": "false"}),
+        400,
+        "parameter 'binary_data_output' must be true or false",
+    ),
+    (
+        "output-binary-data-not-bool",
+        V2,
+        v2(text_input([OK_TEXT]), outputs=[{"name": "section", "parameters": {"binary_data": 0}}]),
+        400,
+        "output 'section' parameter 'binary_data' must be true or false",
+    ),
+    (
+        "v1-form-content-type",
+        V1,
+        (b'{"instances": ["x"]}', {"Content-Type": "application/x-www-form-urlencoded"}),
+        415,
+        "Content-Type 'application/x-www-form-urlencoded' is not supported",
+    ),
 ]
 
 

@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -366,7 +367,9 @@ def test_a_server_error_is_logged_as_an_error_row(served, monkeypatch):
         f"{base}/v2/models/{MODEL}/infer",
         json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": texts}]},
     )
-    assert r2.status_code == 500 and r2.json() == {"error": "internal server error"}
+    assert r2.status_code == 500 and r2.json()["error"] == "internal server error"
+    generated = r2.json()["request_id"]  # no id sent: the generated one, as in the log row
+    assert generated == r2.headers["x-request-id"]
     assert server.writer.flush(30)
     reader = predlog.open_reader(log_settings)
     try:
@@ -375,11 +378,65 @@ def test_a_server_error_is_logged_as_an_error_row(served, monkeypatch):
             "FROM predictions WHERE request_id = {rid:String}",
             {"rid": "req-500"},
         )
+        v2_rows = reader.query(
+            "SELECT protocol, status FROM predictions WHERE request_id = {rid:String}", {"rid": generated}
+        )
     finally:
         reader.close()
+    assert list(v2_rows["protocol"]) == ["v2-rest"] and list(v2_rows["status"]) == ["server_error"]
     assert list(rows["item_index"]) == [-1] and list(rows["status"]) == ["server_error"]
     assert list(rows["slot"]) == ["production"] and list(rows["model_version"]) == ["1"]
     assert list(rows["protocol"]) == ["v1"] and rows["latency_ms"].iloc[0] > 0
+
+
+def test_v2_and_grpc_log_rows_carry_the_resolved_request_id(served, monkeypatch):
+    """Body id, else x-request-id (REST header, gRPC metadata): the id a client can join the log on,
+    also from a 500's body and header."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    import predlog
+
+    server, base, log_settings = served
+
+    def v2(n: int, **extra) -> dict:
+        return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [n], "data": unique_texts(n)}], **extra}
+
+    infer = f"{base}/v2/models/{MODEL}/infer"
+    assert httpx.post(infer, json=v2(2), headers={"x-request-id": "v2-header"}).status_code == 200
+    assert httpx.post(infer, json=v2(1, id="v2-body"), headers={"x-request-id": "ignored"}).status_code == 200
+    stub = GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.settings.grpc_port}"))
+    text = pb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"Horn not working"])
+    )
+    g = stub.ModelInfer(pb.ModelInferRequest(model_name=MODEL, inputs=[text]), metadata=[("x-request-id", "grpc-md")])
+    assert g.id == "grpc-md"
+
+    def broken(ids):
+        raise RuntimeError("backend exploded")
+
+    monkeypatch.setattr(production_batcher(server), "_encode_tokens", broken)
+    failed = httpx.post(infer, json=v2(1, id="v2-500"))
+    assert failed.status_code == 500
+    assert failed.json() == {"error": "internal server error", "request_id": "v2-500"}
+    assert failed.headers["x-request-id"] == "v2-500"
+    assert server.writer.flush(30)
+    reader = predlog.open_reader(log_settings)
+    try:
+        rows = reader.query(
+            "SELECT request_id, protocol, status FROM predictions WHERE request_id IN "
+            "('v2-header', 'v2-body', 'grpc-md', 'v2-500', 'ignored') ORDER BY request_id, item_index",
+            {},
+        )
+    finally:
+        reader.close()
+    assert list(zip(rows["request_id"], rows["protocol"], rows["status"], strict=True)) == [
+        ("grpc-md", "v2-grpc", "ok"),
+        ("v2-500", "v2-rest", "server_error"),
+        ("v2-body", "v2-rest", "ok"),
+        ("v2-header", "v2-rest", "ok"),
+        ("v2-header", "v2-rest", "ok"),
+    ]
 
 
 def test_an_unexpected_warm_up_failure_is_a_load_error(served, bundle_v2, monkeypatch):
