@@ -81,6 +81,7 @@ class SlotManager:
         # (version, when) production got through the admin API (promote, load): the follower leaves it
         # alone until the alias catches up (the promotion CLI moves the target first, then the alias)
         self._admin_install: tuple[str, float] | None = None
+        self.follow_polls = 0  # alias polls completed by follow() (each one resolved and acted on, or failed)
         # Every load (and so every batcher and runtime thread) starts from this one thread, which
         # keeps the process's own priority when the event loop is niced (predictor.priority).
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="motlens-load")
@@ -285,6 +286,7 @@ class SlotManager:
                             await asyncio.to_thread(record_lkg, ref, unit.backend.bundle)
             except Exception as e:  # noqa: BLE001 - registry down: keep serving, retry next poll
                 log.warning("cannot resolve alias %s: %s", alias, e)
+            self.follow_polls += 1
             await asyncio.sleep(interval_s)
 
     def _installed_by_admin(self, current: str | None, aliased: str, grace_s: float) -> bool:

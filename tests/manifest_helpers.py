@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
 OVERLAYS = ("cpu", "gpu")
 CRD_PATH = REPO.parent / "shared" / "schemas" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
+if not CRD_PATH.is_file():  # a worktree outside /work: the shared schemas stay in /work/shared
+    CRD_PATH = Path("/work/shared/schemas/kserve/serving.kserve.io_inferenceservices.yaml")
 INSTALL_HINT = "run .ci/install-tools.sh (make tools)"
 
 

@@ -245,17 +245,26 @@ def test_heap_is_trimmed_when_the_queue_runs_empty(embedder, monkeypatch):
 
 
 async def test_workers_run_batches_at_once_with_the_same_outputs(embedder):
-    """Two workers take separate batches from one queue and are inside the model together."""
-    both_inside = threading.Barrier(2, timeout=30)
+    """Two workers take separate batches from one queue and are inside the model together.
+
+    The first model call waits until a second one is inside (the other worker's); once two have met,
+    every later call goes straight through, however the four requests were cut into batches."""
+    lock = threading.Lock()
+    inside = [0]
+    two_inside = threading.Event()
     met: list[bool] = []
 
     def encode(ids):
+        with lock:
+            inside[0] += 1
+            if inside[0] >= 2:
+                two_inside.set()
         try:
-            both_inside.wait()
-            met.append(True)
-        except threading.BrokenBarrierError:
-            met.append(False)
-        return embedder.encode_tokens(ids)
+            met.append(two_inside.wait(30))  # False: the other worker never entered the model
+            return embedder.encode_tokens(ids)
+        finally:
+            with lock:
+                inside[0] -= 1
 
     batcher = MicroBatcher(embedder.tokenize, encode, max_items=2, max_tokens=4096, max_wait_ms=0, workers=2)
     assert batcher.workers_alive == 2
@@ -264,7 +273,7 @@ async def test_workers_run_batches_at_once_with_the_same_outputs(embedder):
         results = await asyncio.gather(*(batcher.embed(r) for r in requests))
     finally:
         batcher.close(timeout=30)
-    assert met and all(met)  # every model call had the other worker's call beside it
+    assert met and all(met)  # the first model call had the other worker's call beside it
     for texts, got in zip(requests, results, strict=True):
         np.testing.assert_allclose(got, embedder.encode(texts), atol=2e-5)
     assert batcher.stats.items == 4 and batcher.stats.batches >= 2

@@ -15,7 +15,8 @@ from drift.simulate import records, texts, traffic, with_embeddings
 
 NOW = datetime.now(UTC)
 V3_END = NOW - timedelta(hours=5)
-RUN = ["--window", "2h", "--embedding-max-rows", "150", "--no-progress"]
+END = NOW + timedelta(seconds=1)  # the logged traffic ends at NOW: the windows end here, not when a test runs
+RUN = ["--window", "2h", "--end", END.isoformat(), "--embedding-max-rows", "150", "--no-progress"]
 
 
 def _wide_reference(df: pd.DataFrame) -> pd.DataFrame:
@@ -113,6 +114,7 @@ def test_cli_no_drift_writes_every_output(env, motlens, tmp_path, capsys):
     assert rc == 0, summary["details"]["messages"]
     assert summary["model_version"] == "1" and summary["reference"] == "bundle"
     assert summary["n_current"] == 400 and summary["n_reference"] == 400
+    assert pd.Timestamp(summary["window_end"]) == pd.Timestamp(END).floor("ms")
     assert summary["drift_detected"] is False and summary["details"]["status"] == "no_drift"
     assert {c["name"]: c["status"] for c in summary["details"]["checks"]} == {
         "data_drift": "pass", "embedding_drift": "pass",

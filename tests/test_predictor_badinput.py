@@ -365,12 +365,25 @@ async def test_grpc_bad_input_is_invalid_argument(base):
 
 
 def test_bad_inputs_are_counted_as_client_errors(base):
+    """Each refused request moves its series by exactly one (before/after, not mere presence)."""
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    refused = {"outcome": "client_error", "version": ""}
+    series = {
+        "v2_client_error": ("motlens_requests_total", {"protocol": "v2-rest", **refused}),
+        "v1_client_error": ("motlens_requests_total", {"protocol": "v1", **refused}),
+        "invalid_input": ("motlens_rejected_total", {"reason": "invalid_input"}),
+        "body_too_large": ("motlens_rejected_total", {"reason": "body_too_large"}),
+    }
     url, _ = base
+    before = {k: value(n, **labels) for k, (n, labels) in series.items()}
     assert httpx.post(url + V2, json=v2(text_input([""]))).status_code == 400
     assert httpx.post(url + V1, json={"instances": ["z" * 90] * 800}).status_code == 413
-    text = httpx.get(f"{url}/metrics").text
-    assert 'motlens_requests_total{outcome="client_error",protocol="v2-rest",version=""}' in text
-    assert 'motlens_rejected_total{reason="body_too_large"}' in text
+    delta = {k: value(n, **labels) - before[k] for k, (n, labels) in series.items()}
+    assert delta == {"v2_client_error": 1, "v1_client_error": 1, "invalid_input": 1, "body_too_large": 1}
 
 
 def test_admin_api_is_absent_unless_enabled(base):

@@ -82,6 +82,7 @@ def test_sigterm_drains_traffic_and_flushes_the_prediction_log(tiny_bundle, tmp_
                     return  # the server has closed its socket: no response means nothing was accepted
                 answered.append((r.status_code, len(texts)))
 
+    workers: list[threading.Thread] = []
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -96,7 +97,11 @@ def test_sigterm_drains_traffic_and_flushes_the_prediction_log(tiny_bundle, tmp_
         workers = [threading.Thread(target=load) for _ in range(4)]
         for w in workers:
             w.start()
+        deadline = time.monotonic() + 120
         while len(answered) < 20:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert any(w.is_alive() for w in workers), f"every load thread stopped after {len(answered)} answers"
+            assert time.monotonic() < deadline, f"only {len(answered)} answers: {log_path.read_text()[-3000:]}"
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(120)

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 
 from motlens.bundle import write_manifest
@@ -24,6 +25,21 @@ _counter = itertools.count()
 def unique_texts(n: int) -> list[str]:
     """Texts the cache has never seen."""
     return [f"Nearside Front Brake pipe corroded, record {next(_counter)} (1.1.11 (c))" for _ in range(n)]
+
+
+_VARIED = (
+    "Nearside Front Brake pipe corroded, record {} (1.1.11 (c))",
+    "Parking brake efficiency below requirements, record {} (1.4.2 (a))",
+    "Horn not working, record {} (7.5 (a))",
+    "Nearside Front Tyre worn close to legal limit, record {} (5.2.3 (e))",
+    "Windscreen damage in zone A, record {} (3.2 (a))",
+    "Oil leak from engine, slight, record {} (8.4.1 (a))",
+)
+
+
+def varied_texts(n: int) -> list[str]:
+    """Texts the cache has never seen, of different sections and severities."""
+    return [_VARIED[i % len(_VARIED)].format(next(_counter)) for i in range(n)]
 
 
 def wait_until(condition, timeout: float = 120.0) -> None:
@@ -40,6 +56,13 @@ async def async_wait_until(condition, timeout: float = 60.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.01)
+
+
+def sample(name: str, **labels: str) -> float:
+    """A series' current value in this process's registry (the served /metrics), 0 when absent."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def _port() -> int:
@@ -138,6 +161,9 @@ async def test_full_queue_gives_429_with_retry_after_and_grpc_resource_exhausted
     spy = GatedEncode(batcher._encode_tokens)
     monkeypatch.setattr(batcher, "_encode_tokens", spy)
     monkeypatch.setattr(batcher, "capacity", 2)
+    rejected = sample("motlens_rejected_total", reason="queue_full")
+    overloaded = {p: sample("motlens_requests_total", protocol=p, outcome="overloaded", version="1")
+                  for p in ("v1", "v2-grpc")}  # fmt: skip
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
         url = f"/v1/models/{MODEL}:predict"
         first = asyncio.ensure_future(client.post(url, json={"instances": unique_texts(2)}))
@@ -161,7 +187,9 @@ async def test_full_queue_gives_429_with_retry_after_and_grpc_resource_exhausted
 
         spy.gate.set()
         assert (await first).status_code == 200 and (await second).status_code == 200
-    assert 'motlens_rejected_total{reason="queue_full"}' in httpx.get(f"{base}/metrics").text
+    assert sample("motlens_rejected_total", reason="queue_full") - rejected == 2  # the REST 429 and the gRPC one
+    for p, before in overloaded.items():
+        assert sample("motlens_requests_total", protocol=p, outcome="overloaded", version="1") - before == 1, p
     assert server.writer.flush(30)
     reader = predlog.open_reader(log_settings)
     try:
@@ -208,6 +236,7 @@ def test_http_client_disconnect_drops_queued_work(served, monkeypatch):
     spy = GatedEncode(batcher._encode_tokens)
     monkeypatch.setattr(batcher, "_encode_tokens", spy)
     dropped_before = batcher.stats.dropped_requests
+    gone_before = sample("motlens_rejected_total", reason="client_disconnected")
     abandoned = unique_texts(1)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(
@@ -220,7 +249,7 @@ def test_http_client_disconnect_drops_queued_work(served, monkeypatch):
         spy.gate.set()
         assert first.result().status_code == 200
     assert all(token_ids(batcher, abandoned[0]) not in call for call in spy.calls)
-    assert 'motlens_rejected_total{reason="client_disconnected"}' in httpx.get(f"{base}/metrics").text
+    assert sample("motlens_rejected_total", reason="client_disconnected") - gone_before == 1
 
 
 def test_slot_operations_under_load_fail_no_request(served, bundle_v2, tiny_bundle, tmp_path):
@@ -324,28 +353,127 @@ def _json_bytes(doc) -> bytes:
     return json.dumps(doc).encode()  # NaN as the bare token NaN, which JSON has not
 
 
-def test_every_prediction_reaches_the_prediction_log(served):
-    import predlog
+CONTEXT = ("make", "model", "fuel_type", "vehicle_age_years", "odometer_miles")
 
-    server, base, log_settings = served
-    texts = unique_texts(5)
-    r = httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": texts}, headers={"x-request-id": "req-42"})
-    assert r.status_code == 200
-    assert server.writer.flush(30)
+
+def _logged(log_settings, request_id: str):
+    """Every column of ``request_id``'s rows (embeddings decoded), by item."""
+    import predlog
+    from predlog.queries import EMBEDDING, ROW_COLUMNS
+
     reader = predlog.open_reader(log_settings)
     try:
-        rows = reader.query(
-            "SELECT item_index, text, slot, model_version, protocol, status, section "
-            "FROM predictions WHERE request_id = {rid:String} ORDER BY item_index",
-            {"rid": "req-42"},
+        return reader.query(
+            f"SELECT {ROW_COLUMNS}, {EMBEDDING} FROM predictions WHERE request_id = {{rid:String}} ORDER BY item_index",
+            {"rid": request_id},
         )
     finally:
         reader.close()
-    assert list(rows["text"]) == texts
-    assert list(rows["item_index"]) == list(range(5))
-    assert set(rows["slot"]) == {"production"} and set(rows["model_version"]) == {"1"}
-    assert set(rows["protocol"]) == {"v1"} and set(rows["status"]) == {"ok"}
-    assert list(rows["section"]) == [p["section"] for p in r.json()["predictions"]]
+
+
+def _served_model_info(server) -> tuple[str, str]:
+    """(backend, device) of the production slot, as the slot and motlens_model_info both say."""
+    from prometheus_client import REGISTRY
+
+    be = server.slots.slots["production"].unit.backend
+    info = {
+        (s.labels["backend"], s.labels["device"])
+        for metric in REGISTRY.collect()
+        if metric.name == "motlens_model_info"
+        for s in metric.samples
+        if s.value == 1 and s.labels["slot"] == "production" and s.labels["run_id"] == be.run_id
+    }
+    assert info == {(be.backend_name, be.device)}, info
+    return be.backend_name, be.device
+
+
+def _predict(base: str, instances: list, request_id: str) -> list[dict]:
+    r = httpx.post(
+        f"{base}/v1/models/{MODEL}:predict",
+        json={"instances": instances, "parameters": {"return_embedding": True}},
+        headers={"x-request-id": request_id},
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["predictions"]
+
+
+def _missing(v) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))
+
+
+def assert_rows_match(rows, instances: list[dict], preds: list[dict], hits: list[bool], backend: tuple[str, str]):
+    """Every logged column against what was sent and answered; returns the rows' embeddings (or None)."""
+    from motlens.embedder import normalise_text
+    from predlog.records import text_hash
+
+    assert list(rows["item_index"]) == list(range(len(instances)))
+    assert set(rows["model_name"]) == {MODEL} and set(rows["model_version"]) == {"1"}
+    assert set(rows["slot"]) == {"production"} and set(rows["protocol"]) == {"v1"} and set(rows["status"]) == {"ok"}
+    assert set(zip(rows["backend"], rows["device"], strict=True)) == {backend}
+    assert len(set(rows["latency_ms"])) == 1 and rows["latency_ms"].iloc[0] > 0  # the request's latency, per item
+    assert [bool(h) for h in rows["cache_hit"]] == hits
+    assert list(rows["text"]) == [i["text"] for i in instances]
+    assert [int(h) for h in rows["text_hash"]] == [text_hash(normalise_text(i["text"])) for i in instances]
+    assert list(rows["section"]) == [p["section"] for p in preds]
+    assert list(rows["severity"]) == [p["severity"] for p in preds]
+    np.testing.assert_allclose(rows["section_score"], [p["section_score"] for p in preds], rtol=1e-6)
+    np.testing.assert_allclose(rows["fail_probability"], [p["fail_probability"] for p in preds], rtol=1e-6)
+    for name in CONTEXT:
+        for i, (got, inst) in enumerate(zip(rows[name], instances, strict=True)):
+            want = inst.get(name)
+            if want is None:
+                assert _missing(got), (name, i, got)
+            elif isinstance(want, str):
+                assert not _missing(got) and got == want, (name, i, got)
+            else:
+                assert not _missing(got) and float(got) == pytest.approx(want, rel=1e-6), (name, i, got)
+    out = []
+    for emb, p in zip(rows["embedding"], preds, strict=True):
+        if len(emb) == 0:
+            out.append(None)
+            continue
+        served = np.asarray(p["embedding"], np.float32)
+        cos = float(np.dot(emb, served) / np.linalg.norm(emb) / np.linalg.norm(served))
+        assert cos >= 0.999, cos
+        out.append(cos)
+    return out
+
+
+def test_every_prediction_reaches_the_prediction_log(served):
+    """Each item's row holds its text, context, labels, scores, cache hit, latency, backend and device."""
+    server, base, log_settings = served
+    backend = _served_model_info(server)
+    texts = varied_texts(4)
+    first = [
+        {"text": texts[0], "make": "FORD", "model": "FOCUS", "fuel_type": "PE",
+         "vehicle_age_years": 9.5, "odometer_miles": 81000},
+        {"text": texts[1], "make": "VAUXHALL", "fuel_type": "DI", "vehicle_age_years": 3},  # no model, no odometer
+        {"text": texts[2]},  # no context at all
+    ]  # fmt: skip
+    second = [
+        {"text": texts[0], "make": "TOYOTA", "model": "YARIS", "fuel_type": "HY",
+         "vehicle_age_years": 12.25, "odometer_miles": 120500.5},  # seen before: a cache hit
+        {"text": texts[3], "odometer_miles": 5},
+    ]  # fmt: skip
+    preds = {"req-42": _predict(base, first, "req-42"), "req-43": _predict(base, second, "req-43")}
+    assert len({p["severity"] for p in preds["req-42"]}) > 1  # varied labels: a swapped or constant column shows
+    assert server.writer.flush(30)
+    assert_rows_match(_logged(log_settings, "req-42"), first, preds["req-42"], [False] * 3, backend)
+    assert_rows_match(_logged(log_settings, "req-43"), second, preds["req-43"], [True, False], backend)
+    assert server.model.sample_rate == server.settings.log_embedding_sample_rate == 0.5
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.0])
+def test_logged_embeddings_follow_the_sample_rate(served, monkeypatch, rate):
+    """Rate 1: every row carries the served embedding (cosine >= 0.999); rate 0: none does."""
+    server, base, log_settings = served
+    monkeypatch.setattr(server.model, "sample_rate", rate)  # what --log-embedding-sample-rate sets
+    instances = [{"text": t} for t in varied_texts(6)]
+    rid = f"req-rate-{rate}"
+    preds = _predict(base, instances, rid)
+    assert server.writer.flush(30)
+    cosines = assert_rows_match(_logged(log_settings, rid), instances, preds, [False] * 6, _served_model_info(server))
+    assert all(c is not None for c in cosines) if rate == 1.0 else cosines == [None] * 6
 
 
 def test_a_server_error_is_logged_as_an_error_row(served, monkeypatch):

@@ -147,15 +147,39 @@ def test_model_metadata_lists_tensors(served):
     assert {i["name"]: i["datatype"] for i in meta["inputs"]}["vehicle_age_years"] == "FP32"
 
 
-def test_metrics_show_model_info_with_served_version(served):
-    _, base = served
-    httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": TEXTS[:1]})
+def _scrape(base: str) -> dict[tuple[str, frozenset], float]:
+    """The served /metrics as {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = httpx.get(f"{base}/metrics").text
-    info = [line for line in text.splitlines() if line.startswith("motlens_model_info{")]
-    assert any('version="1"' in line and 'slot="production"' in line and line.endswith(" 1.0") for line in info)
-    assert 'motlens_golden_passed{slot="production"} 1.0' in text
-    assert 'motlens_requests_total{outcome="ok",protocol="v1",version="1"}' in text
-    assert "request_predict_seconds" in text  # KServe's own histograms are served too
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_show_model_info_with_served_version(served):
+    """One v1 request of two items moves the served series by exactly one request and two items."""
+    _, base = served
+
+    def get(scrape, name: str, **labels: str) -> float:
+        return scrape.get((name, frozenset(labels.items())), 0.0)
+
+    ok = {"protocol": "v1", "outcome": "ok", "version": "1"}
+    before = _scrape(base)
+    r = httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": TEXTS[:2]})
+    assert r.status_code == 200
+    after = _scrape(base)
+    assert get(after, "motlens_requests_total", **ok) - get(before, "motlens_requests_total", **ok) == 1
+    assert get(after, "motlens_items_total", **ok) - get(before, "motlens_items_total", **ok) == 2
+    lat = {"protocol": "v1", "version": "1"}
+    assert (get(after, "motlens_request_latency_seconds_count", **lat)
+            - get(before, "motlens_request_latency_seconds_count", **lat)) == 1  # fmt: skip
+    info = [dict(labels) for (name, labels), v in after.items() if name == "motlens_model_info" and v == 1]
+    assert any(i["version"] == "1" and i["slot"] == "production" for i in info), info
+    assert get(after, "motlens_golden_passed", slot="production") == 1
+    assert any(name.startswith("request_predict_seconds") for name, _ in after)  # KServe's own histograms too
 
 
 def test_readiness_reason_route(served):

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -92,7 +93,7 @@ def test_sink_outage_no_submit_errors_and_every_row_once(chdb_settings):
     assert writer.flush(30)
     reader.client.command(f"RENAME TABLE {db}.predictions TO {db}.predictions_away")  # inserts now fail
     for i in range(10):
-        assert writer.submit(rows(50, 200 + 50 * i)) is None
+        writer.submit(rows(50, 200 + 50 * i))
     assert writer.flush(30)
     down = writer.stats()
     assert not down["sink_ok"] and down["spilled"] >= 450 and down["spool_rows"] >= 450
@@ -177,6 +178,62 @@ def test_close_mid_stream_during_outage_loses_nothing(chdb_settings):
     assert stored(reader, settings) == (sent, sent)
 
 
+class SilentServer:
+    """A ClickHouse stand-in that accepts connections and never answers until released; then it
+    closes them and stops listening (every later connect is refused)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.released = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self.released.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.accepted.append(conn)
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+    def release(self) -> None:
+        self.released.set()
+        self._thread.join(10)
+
+
+def test_close_while_the_sink_hangs_keeps_the_queue_in_the_spool(chdb_settings):
+    """close() gives up on a hung insert after its timeout: the queued rows go to the spool (none
+    dropped), and the next writer stores every row exactly once."""
+    settings, reader = chdb_settings
+    server = SilentServer()
+    hung = settings.model_copy(
+        update={"clickhouse_url": f"http://127.0.0.1:{server.port}", "send_receive_timeout_s": 300}
+    )
+    writer = predlog.open_writer(hung)
+    try:
+        writer.submit(rows(500))  # the writer takes one batch of 50 and hangs inserting it
+        assert wait_for(lambda: server.accepted, 30)
+        writer.close(timeout=0.5)
+        s = writer.stats()
+        assert s["queue_depth"] == 0 and s["dropped"] == 0 and s["written"] == 0, s
+        assert s["spool_rows"] + s["written"] == 500, s
+    finally:
+        server.release()  # the hung insert fails, the leftover writer thread ends
+    assert wait_for(lambda: not writer._thread.is_alive(), 60)
+    writer.spool.close()  # what the process exit after SIGTERM does: the spool lock goes with it
+    writer = predlog.open_writer(settings)  # the server is back: same spool, working sink
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(10)
+    assert writer.stats()["replayed"] == 500 and writer.stats()["dropped"] == 0
+    assert stored(reader, settings) == (500, 500)
+
+
 SIGTERM_CHILD = textwrap.dedent(
     """
     import json, signal, sys, time
@@ -191,31 +248,42 @@ SIGTERM_CHILD = textwrap.dedent(
     signal.signal(signal.SIGTERM, stop)
     print("ready", flush=True)
     while True:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # submit and count as one step
         w.submit([PredictionRecord(request_id=f"r{sent + j}", item_index=0, model_name="mot-defects",
                   model_version="7", slot="canary", text="tyre worn") for j in range(20)])
         sent += 20
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         time.sleep(0.001)
     """
 )
 
 
 def test_sigterm_mid_stream_loses_nothing(tmp_path):
+    """SIGTERM while rows stream in: every submitted row is stored once (the embedded sink leaves the
+    spool empty)."""
+    settings = PredlogSettings(dir=tmp_path / "predlog")
     env = {**os.environ, "MOTLENS_HOME": str(tmp_path), "MOTLENS_PREDLOG_FLUSH_INTERVAL_S": "0.05"}
     env.pop("MOTLENS_CLICKHOUSE_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "-c", SIGTERM_CHILD], env=env, stdout=subprocess.PIPE, text=True, cwd=Path.cwd()
     )
-    assert proc.stdout.readline().strip() == "ready"
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        batches = ((settings.table_dir("predictions"), "*.parquet"), (settings.spool_dir, "*.arrow"))
+        # mid-stream: the writer has stored (or spooled) at least one batch and rows keep coming
+        assert wait_for(lambda: any(any(d.glob(pattern)) for d, pattern in batches if d.exists()), 60)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     report = json.loads(out.strip().splitlines()[-1])
     assert report["sent"] > 0 and report["dropped"] == 0
-    reader = predlog.open_reader(PredlogSettings(dir=tmp_path / "predlog"))
+    assert report["spool_rows"] == 0 and report["written"] == report["sent"], report
+    reader = predlog.open_reader(settings)
     df = reader.query("SELECT count() AS n, uniqExact(request_id) AS u FROM predictions")
     reader.close()
-    assert report["written"] + report["spool_rows"] == report["sent"]
-    assert df.to_dict("records") == [{"n": report["written"], "u": report["written"]}]
+    assert df.to_dict("records") == [{"n": report["sent"], "u": report["sent"]}]
 
 
 def _segment_bytes(n: int) -> int:

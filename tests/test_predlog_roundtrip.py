@@ -48,14 +48,15 @@ def make_records(n: int, seed: int = 0) -> list[PredictionRecord]:
                 fail_probability=rng.random(),
                 latency_ms=rng.uniform(1, 50),
                 cache_hit=i % 5 == 0,
-                backend="torch",
-                device="cpu",
-                protocol="v2-rest",
+                backend=["torch", "onnx"][i % 2],
+                device=["cpu", "cuda:0", "cpu"][i % 3],
+                protocol=["v1", "v2-rest", "v2-grpc"][i % 3],
                 status="server_error" if failed else "ok",
-                make=None if i % 7 == 0 else "FORD",
-                fuel_type="PE",
-                vehicle_age_years=None if i % 6 == 0 else float(i % 20),
-                odometer_miles=float(1000 * i),
+                make=None if i % 7 == 0 else rng.choice(["FORD", "VAUXHALL", "TOYOTA"]),
+                model=None if i % 5 == 1 else rng.choice(["FOCUS", "CORSA", "YARIS"]),
+                fuel_type=None if i % 9 == 0 else rng.choice(["PE", "DI", "EL"]),
+                vehicle_age_years=None if i % 6 == 0 else rng.uniform(0, 25),
+                odometer_miles=None if i % 8 == 0 else rng.uniform(0, 250_000),
                 embedding=emb,
                 text_hash=rng.getrandbits(64),
                 ts=NOW - timedelta(seconds=n - i),
@@ -112,13 +113,7 @@ def test_round_trip_with_embeddings(backend, records, request):
     got = df.sort_values(["request_id", "item_index"]).reset_index(drop=True)
     want = pd.DataFrame([_asdict(r) for r in records])
     want = want.sort_values(["request_id", "item_index"]).reset_index(drop=True)
-    for col in ("request_id", "item_index", "model_version", "slot", "text", "section", "severity", "status"):
-        assert got[col].tolist() == want[col].tolist(), col
-    assert got["text_hash"].astype("uint64").tolist() == want["text_hash"].astype("uint64").tolist()
-    assert np.allclose(got["fail_probability"], want["fail_probability"], atol=1e-6)
-    assert got["make"].isna().sum() == want["make"].isna().sum()
-    assert got["vehicle_age_years"].isna().sum() == want["vehicle_age_years"].isna().sum()
-    assert [t.to_pydatetime() for t in got["ts"]] == want["ts"].tolist()
+    assert_rows_equal(got, want)
 
     emb = reader.window(limit=10_000, with_embeddings=True).sort_values(["request_id", "item_index"])
     src = {(r.request_id, r.item_index): r.embedding for r in records if r.embedding is not None}
@@ -132,6 +127,35 @@ def test_round_trip_with_embeddings(backend, records, request):
 
 def _asdict(r: PredictionRecord) -> dict:
     return {f: getattr(r, f) for f in r.__slots__}
+
+
+FLOAT32_FIELDS = ("section_score", "fail_probability", "latency_ms", "vehicle_age_years", "odometer_miles")
+
+
+def _missing(v) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))
+
+
+def assert_rows_equal(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    """Every PredictionRecord field (the embedding aside: compared by cosine) equal per row, None-aware;
+    Float32 columns to float32 precision."""
+    fields = [f for f in PredictionRecord.__slots__ if f != "embedding"]
+    assert set(fields) <= set(got.columns), set(fields) - set(got.columns)
+    for f in fields:
+        for i, (g, w) in enumerate(zip(got[f].tolist(), want[f].tolist(), strict=True)):
+            where = f"{f} row {i} ({want['request_id'][i]}/{want['item_index'][i]}): got {g!r}, want {w!r}"
+            if _missing(w):
+                assert _missing(g), where
+            elif f in FLOAT32_FIELDS:
+                assert not _missing(g) and float(g) == pytest.approx(float(w), rel=1e-6, abs=1e-6), where
+            elif f == "text_hash":
+                assert int(g) == int(w), where
+            elif f == "ts":
+                assert pd.Timestamp(g).to_pydatetime() == w, where
+            elif f == "cache_hit":
+                assert bool(g) is w, where
+            else:
+                assert g == w, where
 
 
 def _norm(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

@@ -67,27 +67,37 @@ def test_healthy_canary_is_promoted_step_by_step(rollout):
     assert _auto(env, target).message == "candidate version 2 is already production"
 
 
-@pytest.mark.parametrize("trouble", ["drift", "errors"])
-def test_drift_or_errors_roll_back(rollout, trouble):
+@pytest.mark.parametrize("trouble", ["drift", "errors", "latency"])
+def test_drift_or_errors_or_slow_canary_roll_back(rollout, trouble):
+    """Drift, 20 % errors or a 500 ms tail in the canary's p99 (production 5 ms): rolled back."""
     env, target = rollout
     prod_uri = _env0(target)
     assert _auto(env, target, golden_check=False).action == "canary_start"
     if trouble == "drift":
         log_traffic("2", "canary", 30)
         drift_report("2", detected=True)
-    else:
+    elif trouble == "errors":
         log_traffic("2", "canary", 30, errors=6)  # 20% server errors
         drift_report("2", detected=False)
-    log_traffic("1", "production", 30)
+    else:  # a 10 % tail: the median stays 5 ms, only the p99 sees the 500 ms
+        log_traffic("2", "canary", 27, latency_ms=5.0)
+        log_traffic("2", "canary", 3, latency_ms=500.0)
+        drift_report("2", detected=False)
+    log_traffic("1", "production", 30, latency_ms=5.0)
     out = _auto(env, target, golden_check=False)
     assert out.action == "rollback"
-    failed = {r.name for r in out.gates if r.status == "fail"}
-    assert failed == ({"drift"} if trouble == "drift" else {"live"})
+    failed = {r.name: r for r in out.gates if r.status == "fail"}
+    assert set(failed) == ({"drift"} if trouble == "drift" else {"live"})
+    if trouble == "latency":
+        live = failed["live"]
+        assert live.values["p99_ms"] == pytest.approx(500.0) and live.values["production_p99_ms"] == pytest.approx(5.0)
+        assert live.values["error_rate"] == 0 and "error rate" not in live.detail
     assert _percent(target) is None and _env0(target) == prod_uri
     assert env.registry.aliases() == {"production": "1", "candidate": "2"}
     tags = env.registry.resolve("2").tags
     assert tags["promotion.status"] == "rejected"
-    assert ("drift detected" if trouble == "drift" else "error rate 20.00%") in tags["promotion.rejected_reason"]
+    reason = {"drift": "drift detected", "errors": "error rate 20.00%", "latency": "p99 500.0 ms"}[trouble]
+    assert reason in tags["promotion.rejected_reason"]
     # the rejected candidate is not tried again
     assert "was rejected" in _auto(env, target, golden_check=False).message
 

@@ -63,6 +63,14 @@ def test_crd_validator_rejects_a_broken_isvc(env):
     isvc["spec"]["predictor"]["canaryTrafficPercent"] = "ten"
     with pytest.raises(AssertionError, match="canaryTrafficPercent"):
         validate_isvc(isvc)
+    misspelled = render(env.manifests / "overlays" / "cpu")
+    misspelled["spec"]["predictor"]["canaryTraficPercent"] = 10  # KServe would ignore it: the strict server refuses
+    with pytest.raises(AssertionError, match="canaryTraficPercent"):
+        validate_isvc(misspelled)
+    typo = render(env.manifests / "overlays" / "cpu")
+    typo["spec"]["predictor"]["containers"][0]["imagee"] = "motlens:typo"
+    with pytest.raises(AssertionError, match="imagee"):
+        validate_isvc(typo)
 
 
 @pytest.mark.slow

@@ -301,9 +301,10 @@ async def test_grpc_predict_while_not_ready_is_unavailable(embedder, tmp_path):
             )
             stub = GRPCInferenceServiceStub(channel)
             error: grpc.aio.AioRpcError | None = None
-            for _ in range(50):  # the gRPC server starts with the REST one
+            deadline = time.monotonic() + 60  # the gRPC server starts with the REST one: wait for its answer
+            while time.monotonic() < deadline:
                 try:
-                    await stub.ModelInfer(req)
+                    await stub.ModelInfer(req, timeout=10)
                 except grpc.aio.AioRpcError as e:
                     error = e
                     if e.code() != grpc.StatusCode.UNAVAILABLE or "not ready" in (e.details() or ""):

@@ -172,13 +172,18 @@ def test_follow_alias_does_not_undo_a_promote_through_the_admin_api(registry, ti
         unit = server.slots.slots["production"].unit
         return unit.version if unit else None
 
+    def polls_from_now(n: int) -> None:
+        """Wait until the follower has completed ``n`` more alias polls."""
+        target = server.slots.follow_polls + n
+        wait_until(lambda: server.slots.follow_polls >= target, timeout=120)
+
     try:
         assert httpx.post(f"{admin}/slots/canary/load", json={"ref": f"models:/{MODEL}/2"}, timeout=120).is_success
         assert httpx.post(f"{admin}/promote", timeout=120).is_success
-        time.sleep(2.0)  # ten polls while the alias still names version 1
+        polls_from_now(10)  # ten polls while the alias still names version 1
         assert production() == "2" and not server.slots.slots["production"].loading
         registry.set_alias("production", "2")  # the CLI's second step
-        time.sleep(1.0)
+        polls_from_now(5)
         assert production() == "2"
         registry.set_alias("production", "1")  # from now on the alias leads again
         wait_until(lambda: production() == "1", timeout=120)

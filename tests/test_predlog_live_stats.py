@@ -1,0 +1,127 @@
+"""``live_stats`` against known data: latency quantiles (the canary p99 gate reads them), error and
+cache-hit rates, mean fail probability and label counts, on every backend the reader supports."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+import predlog
+from predlog import PredictionRecord, PredlogSettings
+
+SERVER_URL = os.environ.get("MOTLENS_CLICKHOUSE_URL", "")
+# ClickHouse's quantiles() is a reservoir sample (exact below 8,192 rows, then approximate): the
+# tolerance allows for that and for Float32 storage, not for a different quantile.
+REL = 0.03
+
+
+def _rows(version: str, slot: str, latencies: np.ndarray, seed: int) -> list[PredictionRecord]:
+    """One row per latency; every 9th a server error, every 4th a cache hit, labels cycling."""
+    rng = np.random.default_rng(seed)
+    now = datetime.now(UTC)
+    out = []
+    for i, lat in enumerate(latencies):
+        failed = i % 9 == 0
+        out.append(
+            PredictionRecord(
+                request_id=f"{version}-{i}",
+                item_index=-1 if failed else 0,
+                model_name="mot-defects",
+                model_version=version,
+                slot=slot,
+                text="" if failed else f"Brake pipe corroded {i}",
+                section="" if failed else ["1 Brakes", "2 Steering", "5 Axles"][i % 3],
+                severity="" if failed else ["minor", "major"][i % 2],
+                fail_probability=0.0 if failed else float(rng.uniform(0, 1)),
+                latency_ms=float(lat),
+                cache_hit=i % 4 == 0,
+                status="server_error" if failed else "ok",
+                ts=now - timedelta(seconds=60) + timedelta(microseconds=i),
+            )
+        )
+    return out
+
+
+def bimodal() -> np.ndarray:
+    """95 fast requests and a 5 % tail at one second: p50 and p99 fall on different modes."""
+    return np.array([5.0] * 95 + [1000.0] * 5)
+
+
+def smooth() -> np.ndarray:
+    return np.random.default_rng(7).lognormal(mean=3.0, sigma=0.8, size=3000)
+
+
+@pytest.fixture(params=["embedded", "table", pytest.param("server", marks=pytest.mark.integration)])
+def log(request, tmp_path):
+    """(settings, reader, rows by version) after writing both distributions through the real writer."""
+    if request.param == "embedded":
+        settings = PredlogSettings(dir=tmp_path, flush_interval_s=0.02)
+    elif request.param == "table":
+        settings = PredlogSettings(
+            clickhouse_url="chdb://memory", database=f"ls_{uuid.uuid4().hex[:10]}", dir=tmp_path, flush_interval_s=0.02
+        )
+    else:
+        if not SERVER_URL or SERVER_URL.startswith("chdb:"):
+            pytest.skip("needs a ClickHouse server: set MOTLENS_CLICKHOUSE_URL=http(s)://…")
+        settings = PredlogSettings(database=f"motlens_ls_{uuid.uuid4().hex[:8]}", dir=tmp_path, flush_interval_s=0.02)
+    reader = predlog.open_reader(settings)  # first: creates the tables and keeps chdb's engine alive
+    data = {"2": _rows("2", "canary", bimodal(), 1), "1": _rows("1", "production", smooth(), 2)}
+    writer = predlog.open_writer(settings)
+    for rows in data.values():
+        writer.submit(rows)
+    assert writer.flush(60)
+    writer.close(60)
+    assert writer.stats()["written"] == sum(map(len, data.values())) and writer.stats()["dropped"] == 0
+    yield reader, data
+    if settings.clickhouse_url:
+        reader.client.command(f"DROP DATABASE IF EXISTS {settings.database}")
+    reader.close()
+
+
+def _expected(rows: list[PredictionRecord]) -> dict:
+    lat = np.array([r.latency_ms for r in rows], np.float32).astype(np.float64)
+    ok = [r for r in rows if r.status == "ok"]
+    errors = len(rows) - len(ok)
+    return {
+        "n": len(rows),
+        "errors": errors,
+        "error_rate": errors / len(rows),
+        "latency_p50_ms": np.quantile(lat, 0.5),
+        "latency_p95_ms": np.quantile(lat, 0.95),
+        "latency_p99_ms": np.quantile(lat, 0.99),
+        "mean_fail_probability": np.mean([np.float32(r.fail_probability) for r in ok]),
+        "cache_hit_rate": np.mean([r.cache_hit for r in rows]),
+        "section_counts": dict(Counter(r.section for r in ok)),
+        "severity_counts": dict(Counter(r.severity for r in ok)),
+    }
+
+
+def test_live_stats_match_the_logged_rows(log):
+    reader, data = log
+    stats = reader.live_stats(since=datetime.now(UTC) - timedelta(hours=1)).set_index("model_version")
+    assert sorted(stats.index) == ["1", "2"]
+    assert stats.loc["2", "slot"] == "canary" and stats.loc["1", "slot"] == "production"
+    for version, rows in data.items():
+        got, want = stats.loc[version], _expected(rows)
+        where = f"version {version}"
+        assert int(got["n"]) == want["n"] and int(got["errors"]) == want["errors"], where
+        assert float(got["error_rate"]) == pytest.approx(want["error_rate"], rel=1e-9), where
+        for q in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms"):
+            assert float(got[q]) == pytest.approx(want[q], rel=REL), f"{where} {q}: {got[q]} vs numpy {want[q]}"
+        assert float(got["mean_fail_probability"]) == pytest.approx(want["mean_fail_probability"], rel=1e-5), where
+        assert float(got["cache_hit_rate"]) == pytest.approx(want["cache_hit_rate"], rel=1e-9), where
+        assert {k: int(v) for k, v in dict(got["section_counts"]).items()} == want["section_counts"], where
+        assert {k: int(v) for k, v in dict(got["severity_counts"]).items()} == want["severity_counts"], where
+    tail = stats.loc["2"]  # the bimodal canary: the median is fast, the p99 is the one-second tail
+    assert float(tail["latency_p50_ms"]) == pytest.approx(5.0, rel=1e-6)
+    assert float(tail["latency_p99_ms"]) == pytest.approx(1000.0, rel=1e-6)
+
+
+def test_live_stats_since_excludes_older_rows(log):
+    reader, _ = log
+    assert reader.live_stats(since=datetime.now(UTC) + timedelta(minutes=1)).empty

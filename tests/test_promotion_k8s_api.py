@@ -1,0 +1,216 @@
+"""The Kubernetes target (``K8sTarget``) against an in-memory stand-in for the API server's custom
+objects: JSON merge patches (RFC 7386), ``resourceVersion`` preconditions answered with 409 like the
+real server, Leases for the promotion lock. Canary start, a ``kubectl edit``, advance, a concurrent
+edit between the target's read and its patch, and a rollback, driven through the real Promoter."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+from promotion_support import drift_report, log_traffic, make_env, render, validate_isvc
+
+from promotion.rollout import API_GROUP, API_VERSION, PLURAL, state_from_isvc
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders the overlay")
+NS = "motlens"
+NAME = "mot-defects"
+
+
+def merge(target: Any, patch: Any) -> Any:
+    """RFC 7386, written here independently of promotion.rollout (what the API server does)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge(out.get(key), value)
+    return out
+
+
+class ApiServer:
+    """What ``CustomObjectsApi`` reaches: objects by (group, version, namespace, plural, name), each
+    change bumping ``metadata.resourceVersion``; a stale one in a patch or replace is a 409."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, ...], dict[str, Any]] = {}
+        self.patches: list[dict[str, Any]] = []  # the bodies of accepted and refused patches
+        self.lock = threading.Lock()
+        self._rv = 0
+        self._before_next_patch: Callable[[], None] | None = None
+
+    def _bump(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self._rv += 1
+        obj.setdefault("metadata", {})["resourceVersion"] = str(self._rv)
+        return obj
+
+    def _get(self, key: tuple[str, ...]) -> dict[str, Any]:
+        if key not in self.objects:
+            raise ApiException(status=404, reason="Not Found")
+        return self.objects[key]
+
+    def _check(self, key: tuple[str, ...], body: dict[str, Any], required: bool) -> None:
+        sent = (body.get("metadata") or {}).get("resourceVersion")
+        if (sent is not None or required) and sent != self._get(key)["metadata"]["resourceVersion"]:
+            raise ApiException(status=409, reason="Conflict")
+
+    def _store(self, key: tuple[str, ...], obj: dict[str, Any]) -> dict[str, Any]:
+        if key[3] == PLURAL:
+            validate_isvc(obj)  # the CRD's schema with strict field validation, as the API server applies it
+        self.objects[key] = self._bump(obj)
+        return copy.deepcopy(obj)
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name, **_):
+        with self.lock:
+            return copy.deepcopy(self._get((group, version, namespace, plural, name)))
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body, **_):
+        with self.lock:
+            key = (group, version, namespace, plural, body["metadata"]["name"])
+            if key in self.objects:
+                raise ApiException(status=409, reason="AlreadyExists")
+            obj = copy.deepcopy(body)
+            obj["metadata"]["namespace"] = namespace
+            return self._store(key, obj)
+
+    def replace_namespaced_custom_object(self, group, version, namespace, plural, name, body, **_):
+        with self.lock:
+            key = (group, version, namespace, plural, name)
+            self._check(key, body, required=True)
+            return self._store(key, copy.deepcopy(body))
+
+    def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body, **_):
+        hook, self._before_next_patch = self._before_next_patch, None
+        if hook is not None:
+            hook()  # lands after the caller's read, before its patch
+        with self.lock:
+            key = (group, version, namespace, plural, name)
+            self.patches.append(copy.deepcopy(body))
+            self._check(key, body, required=False)
+            patch = copy.deepcopy(body)
+            (patch.get("metadata") or {}).pop("resourceVersion", None)
+            return self._store(key, merge(self._get(key), patch))
+
+    # -- what people and other controllers do -------------------------------------------------
+    def edit(self, patch: dict[str, Any]) -> None:
+        """``kubectl patch --type merge`` (no precondition) of the InferenceService."""
+        self.patch_namespaced_custom_object(API_GROUP, API_VERSION, NS, PLURAL, NAME, patch)
+
+    def before_next_patch(self, hook: Callable[[], None]) -> None:
+        self._before_next_patch = hook
+
+    def isvc(self) -> dict[str, Any]:
+        return self.get_namespaced_custom_object(API_GROUP, API_VERSION, NS, PLURAL, NAME)
+
+    def lease(self) -> dict[str, Any] | None:
+        return self.objects.get(("coordination.k8s.io", "v1", NS, "leases", f"{NAME}-promotion"))
+
+
+@pytest.fixture
+def k8s(registry, tiny_bundle, tmp_path, monkeypatch):
+    """Registry v1 (0.60) and v2 (0.61); the cpu overlay's InferenceService in the stand-in API server;
+    a K8sTarget built through its real constructor (in-cluster config, CustomObjectsApi) pointed at it."""
+    import kubernetes
+
+    from promotion.targets import K8sTarget
+
+    env = make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60, 0.61])
+    api = ApiServer()
+    api.create_namespaced_custom_object(API_GROUP, API_VERSION, NS, PLURAL, render(env.manifests / "overlays" / "cpu"))
+    monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda: None)
+    monkeypatch.setattr(kubernetes.client, "CustomObjectsApi", lambda: api)
+    settings = env.settings(target="k8s", namespace=NS, golden_check=False)
+    return env, api, settings, K8sTarget(settings)
+
+
+def _live(api: ApiServer):
+    s = state_from_isvc(api.isvc())
+    return s.canary_version, s.percent, s.storage_uri, s.production_uri
+
+
+def test_k8s_target_canary_edit_advance_race_and_rollback(k8s):
+    from promotion.locking import LockBusy
+    from promotion.targets import K8sTarget, TargetError
+    from promotion.workflow import Promoter, PromotionError, Refused
+
+    env, api, settings, target = k8s
+    uri = {v: env.registry.resolve(v).artifact_uri for v in ("1", "2")}
+    p = Promoter(settings, env.registry, target, force=True)
+    p.promote("1")  # adopt: the base names a placeholder production
+    p.force = False
+    assert _live(api) == (None, None, uri["1"], uri["1"])
+
+    rv = api.isvc()["metadata"]["resourceVersion"]
+    p.canary_start("2", 10)
+    assert _live(api) == ("2", 10, uri["2"], uri["1"])
+    assert api.patches[-1]["metadata"]["resourceVersion"] == rv  # the patch was conditional on the read
+    assert api.isvc()["metadata"]["annotations"]["motlens.io/canary-version"] == "2"
+
+    api.edit({"spec": {"predictor": {"canaryTrafficPercent": 30}}})  # `kubectl edit`: respected
+    assert p.status()["live"]["percent"] == 30 and p.status()["disagreements"] == []
+
+    log_traffic("2", "canary", 30)
+    log_traffic("1", "production", 30)
+    drift_report("2", detected=False)
+    out = p.advance()
+    assert out.action == "advance" and all(r.passed for r in out.gates), out.gates
+    assert _live(api) == ("2", 50, uri["2"], uri["1"])  # the next step above the edited 30 %
+
+    # someone edits the object between the target's read and its patch: the API server refuses the
+    # stale patch (409) and nothing the promotion computed is written over the edit
+    api.before_next_patch(lambda: api.edit({"metadata": {"labels": {"edited-by": "kubectl"}}}))
+    before = len(api.patches)
+    with pytest.raises(PromotionError, match="nothing was changed: cannot patch k8s inferenceservice "
+                                             f"{NS}/{NAME}: 409 Conflict"):  # fmt: skip
+        p.canary_set(75)
+    assert len(api.patches) == before + 2  # the edit, then the refused conditional patch
+    assert _live(api) == ("2", 50, uri["2"], uri["1"]) and api.isvc()["metadata"]["labels"]["edited-by"] == "kubectl"
+    with pytest.raises(TargetError, match="409 Conflict"):  # the target itself, on a stale read
+        api.before_next_patch(lambda: api.edit({"metadata": {"labels": {"edited-by": "again"}}}))
+        target.apply(target.read().with_percent(80))
+    p.canary_set(75)  # read afresh: applies
+    assert _live(api) == ("2", 75, uri["2"], uri["1"])
+
+    # an edited storage URI is not respected: refused until --force
+    containers = api.isvc()["spec"]["predictor"]["containers"]
+    containers[0]["env"][0]["value"] = "s3://elsewhere"
+    api.edit({"spec": {"predictor": {"containers": containers}}})
+    with pytest.raises(Refused, match="s3://elsewhere"):
+        p.canary_set(90)
+    p.force = True
+    p.rollback(reason="k8s api test")
+    assert _live(api) == (None, None, uri["1"], uri["1"])
+    assert "canaryTrafficPercent" not in api.isvc()["spec"]["predictor"]
+    assert env.registry.aliases() == {"production": "1"}
+
+    # every run took the Lease through the same API and released it; a second holder is refused
+    assert api.lease() is not None and api.lease()["spec"]["holderIdentity"] is None
+    with target.lock(blocking=False):
+        assert api.lease()["spec"]["holderIdentity"]
+        with pytest.raises(LockBusy):
+            with K8sTarget(settings).lock(blocking=False):
+                pass
+    assert api.lease()["spec"]["holderIdentity"] is None
+
+
+def test_k8s_target_errors_are_named(k8s):
+    from promotion.targets import K8sTarget, TargetError
+
+    _, api, settings, target = k8s
+    missing = K8sTarget(settings.model_copy(update={"isvc_name": "nope"}))
+    with pytest.raises(TargetError, match=f"cannot read k8s inferenceservice {NS}/nope: not found"):
+        missing.read()
+
+    def forbidden(*_a, **_k):
+        raise ApiException(status=403, reason="Forbidden")
+
+    api.patch_namespaced_custom_object = forbidden
+    with pytest.raises(TargetError, match="cannot patch .*: not allowed \\(403 Forbidden\\)"):
+        target.apply(target.read().deployed("9", "s3://x"))
