@@ -54,6 +54,9 @@ class PredictionLogWriter:
         self._counts = {"written": 0, "spilled": 0, "replayed": 0}
         self._dropped: dict[str, int] = {}
         self._fresh: set[str] = set()
+        #: an embedded sink's batch being inserted (it has no write-ahead copy): close() spills it
+        #: if the insert outlasts the timeout; a replay of the same token rewrites the same file
+        self._unspooled: tuple[pa.Table, str] | None = None
         self._retry_at = 0.0
         self._backoff = settings.retry_initial_s
         self._sink_ok = True
@@ -109,6 +112,8 @@ class PredictionLogWriter:
             with self._cond:
                 rest = list(self._queue)
                 self._queue.clear()
+            if (unspooled := self._unspooled) is not None:
+                self._spill(*unspooled)
             if rest:
                 table = self._encode(rest)
                 if table is not None:
@@ -169,8 +174,13 @@ class PredictionLogWriter:
             return
         token = uuid.uuid4().hex
         if self.sink.local:
-            if not self.spool.segments() and self._try_insert(table, token):  # spooled batches go first
-                return
+            if not self.spool.segments():  # spooled batches go first
+                self._unspooled = (table, token)
+                try:
+                    if self._try_insert(table, token):
+                        return
+                finally:
+                    self._unspooled = None
             self._spill(table, token)
             return
         try:

@@ -234,6 +234,41 @@ def test_close_while_the_sink_hangs_keeps_the_queue_in_the_spool(chdb_settings):
     assert stored(reader, settings) == (500, 500)
 
 
+def test_close_while_the_embedded_store_hangs_keeps_the_batch_being_written(tmp_path, monkeypatch):
+    """The embedded (Parquet) sink has no write-ahead copy: a batch whose write hangs past close()'s
+    timeout goes to the spool with the queue, and the next writer stores every row once (the write
+    that finishes late and the replay name the same file)."""
+    settings = PredlogSettings(dir=tmp_path / "predlog", batch_rows=50, flush_interval_s=0.05)
+    entered, release = threading.Event(), threading.Event()
+    insert = ParquetSink.insert
+
+    def hung(self, table, token):  # noqa: ANN001, ANN202 - a disk that stalls (fault injection)
+        entered.set()
+        assert release.wait(60)
+        insert(self, table, token)
+
+    monkeypatch.setattr(ParquetSink, "insert", hung)
+    writer = predlog.open_writer(settings)
+    writer.submit(rows(200))
+    assert entered.wait(30)  # the first batch of 50 is being written
+    writer.close(timeout=0.5)
+    s = writer.stats()
+    assert s["queue_depth"] == 0 and s["dropped"] == 0 and s["spool_rows"] == 200, s
+    release.set()  # the stalled write completes after all: its file and the spooled copy share a name
+    assert wait_for(lambda: not writer._thread.is_alive(), 60)
+    writer.spool.close()  # what the process exit does: the spool lock goes with it
+    monkeypatch.setattr(ParquetSink, "insert", insert)
+    writer = predlog.open_writer(settings)
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(10)
+    reader = predlog.open_reader(settings)
+    try:
+        got = reader.query("SELECT count() AS n, uniqExact(request_id, item_index) AS u FROM predictions", {})
+    finally:
+        reader.close()
+    assert (int(got["n"].iloc[0]), int(got["u"].iloc[0])) == (200, 200)
+
+
 SIGTERM_CHILD = textwrap.dedent(
     """
     import json, signal, sys, time
