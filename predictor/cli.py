@@ -68,9 +68,16 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {
         k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "verbose", "no_predlog")
     }
+    from pydantic import ValidationError
+
     from predictor.settings import ServeSettings
 
-    settings = ServeSettings(**overrides)
+    try:
+        settings = ServeSettings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        print(f"motlens serve: bad setting: {problems}", file=sys.stderr)
+        return 2
     if settings.json_logs:
         from predictor.logs import use_json_logs
 
@@ -78,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
     writer = None if args.no_predlog else _open_predlog()
     argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv when imported; keep ours away from it
     try:
-        from predictor.server import PredictorServer
+        from predictor.server import PredictorServer, ServerFailed
     finally:
         sys.argv = argv
     server = PredictorServer(settings, writer=writer)
@@ -88,7 +95,10 @@ def _serve(args: argparse.Namespace) -> int:
         settings.http_port,
         settings.grpc_port if settings.enable_grpc else "off",
     )
-    asyncio.run(server.serve(handle_signals=True))
+    try:
+        asyncio.run(server.serve(handle_signals=True))
+    except ServerFailed:  # serve() logged which server and why
+        return 1
     return 0
 
 

@@ -22,6 +22,7 @@ import contextlib
 import hmac
 import logging
 import signal
+import socket
 import struct
 import threading
 import time
@@ -107,12 +108,23 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class ServerFailed(RuntimeError):
+    """The REST or gRPC server stopped (or never listened) before a stop was requested."""
+
+
 class _Uvicorn(uvicorn.Server):
     """Uvicorn without its own signal handling: :class:`PredictorServer` drains on SIGTERM itself."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Raise where uvicorn would ``sys.exit`` (it cannot listen): a SystemExit in a task stops the loop."""
+        try:
+            await super().startup(sockets)
+        except SystemExit as e:
+            raise RuntimeError(str(e.__context__ or f"uvicorn startup failed (exit {e.code})")) from e.__context__
 
 
 class _RESTServer(RESTServer):
@@ -433,8 +445,22 @@ class PredictorServer:
             )
         if self.settings.canary:
             background.append(asyncio.create_task(self._start_canary(self.settings.canary), name="canary"))
-        await self._stopping.wait()
+        stop = asyncio.create_task(self._stopping.wait(), name="stop")
+        await asyncio.wait([stop, *servers], return_when=asyncio.FIRST_COMPLETED)
+        failure = None if self._stopping.is_set() else self._failure(next(t for t in servers if t.done()))
+        if failure is not None:
+            log.error("%s", failure)
+        stop.cancel()
         await self._shutdown(servers, background)
+        if failure is not None:
+            raise ServerFailed(failure)
+
+    def _failure(self, task: asyncio.Task) -> str:
+        """One line naming a server task that ended before a stop was requested, and why."""
+        rest = task.get_name() == "rest"
+        what = f"{'REST' if rest else 'gRPC'} server on :{self.settings.http_port if rest else self.settings.grpc_port}"
+        exc = None if task.cancelled() else task.exception()
+        return f"{what} failed: {exc}" if exc is not None else f"{what} stopped unexpectedly"
 
     async def _start_canary(self, ref: str) -> None:
         await self.slots.load_with_retry("canary", ref)
@@ -750,7 +776,14 @@ class ServerThread:
 
     def __init__(self, server: PredictorServer) -> None:
         self.server = server
-        self._thread = threading.Thread(target=lambda: asyncio.run(server.serve()), name="motlens-serve", daemon=True)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="motlens-serve", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self.server.serve())
+        except BaseException as e:  # noqa: BLE001 - kept for wait_ready, not lost in the thread
+            self.error = e
 
     def start(self) -> ServerThread:
         self._thread.start()
@@ -761,7 +794,7 @@ class ServerThread:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self._thread.is_alive():
-                raise RuntimeError("server thread exited")
+                raise RuntimeError(f"server thread exited: {self.error or 'stopped'}")
             if self.server.rest._server.started and self.server.slots.ready:
                 return self
             time.sleep(0.05)
@@ -771,5 +804,6 @@ class ServerThread:
     def stop(self, timeout: float = 60.0) -> None:
         while self.server._loop is None and self._thread.is_alive():
             threading.Event().wait(0.05)
-        self.server.request_stop()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.server.request_stop()
+            self._thread.join(timeout)

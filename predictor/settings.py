@@ -39,8 +39,8 @@ class ServeSettings(BaseSettings):
         description="registry unreachable at load: serve the last verified bundle this box served for the "
         "same models:/ reference (re-verified, golden-checked, flagged in motlens_model_fallback)",
     )
-    http_port: int = 8080
-    grpc_port: int = 8081
+    http_port: int = Field(8080, ge=1, le=65535)
+    grpc_port: int = Field(8081, ge=1, le=65535)
     enable_grpc: bool = True
     grace_period_s: int = 30
     drain_s: float = 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +19,7 @@ import pytest
 from motlens.cli import main
 
 MODEL = "mot-defects"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout under test, for `python -m motlens.cli`
 
 
 def _port() -> int:
@@ -163,3 +166,60 @@ def test_single_thread_tokens_setting_reaches_the_loader(monkeypatch):
         ServeSettings(single_thread_tokens=-1)
     server = PredictorServer(ServeSettings(model="unused", single_thread_tokens=64), host="127.0.0.1")
     assert server.slots._loader.keywords["single_thread_tokens"] == 64
+
+
+def test_a_port_out_of_range_is_refused_at_start(capsys, tmp_path):
+    """Port 99999 used to start gRPC only, log "serving … on http :99999" and never listen on REST."""
+    from pydantic import ValidationError
+
+    from predictor.settings import ServeSettings
+
+    for field in ("http_port", "grpc_port"):
+        with pytest.raises(ValidationError, match=field):
+            ServeSettings(**{field: 99999})
+    assert main(["serve", "--http-port", "99999", "--model", str(tmp_path), "--no-predlog"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "http_port" in err and "65535" in err and "Traceback" not in err
+
+
+def _serve_proc(tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MOTLENS_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "motlens.cli", "serve", "--no-predlog", *flags],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_serve_exits_1_naming_a_rest_port_that_is_taken(tmp_path):
+    """uvicorn's bind failure (it calls sys.exit) used to end the process with 3 and no line of ours."""
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = _serve_proc(tmp_path, "--model", str(tmp_path), "--http-port", str(port), "--grpc-port", str(_port()))
+    assert proc.returncode == 1, proc.stderr
+    assert f"REST server on :{port} failed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_server_whose_port_is_taken_stops_with_the_reason(tmp_path):
+    """serve() waited only for a stop request: a REST server that could not listen went unnoticed."""
+    from conftest import free_port
+
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        settings = ServeSettings(model=str(tmp_path / "missing"), http_port=port, grpc_port=free_port())
+        server = PredictorServer(settings, host="127.0.0.1")
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match=rf"REST server on :{port} failed: .*in use"):
+            asyncio.run(asyncio.wait_for(server.serve(), 30))
+        settings = ServeSettings(model=str(tmp_path / "missing"), http_port=port, grpc_port=free_port())
+        thread = ServerThread(PredictorServer(settings, host="127.0.0.1")).start()
+        with pytest.raises(RuntimeError, match=rf"REST server on :{port} failed"):
+            thread.wait_ready(timeout=30)
+        thread.stop()
+    assert time.monotonic() - started < 20
