@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from predictor.settings import ServeSettings
 
 _FLAGS: tuple[tuple[str, type, str], ...] = (
     (
@@ -78,6 +82,10 @@ def _serve(args: argparse.Namespace) -> int:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         print(f"motlens serve: bad setting: {problems}", file=sys.stderr)
         return 2
+    problem = _unloadable_ref(settings)
+    if problem is not None:
+        print(f"motlens serve: bad setting: {problem}", file=sys.stderr)
+        return 2
     if settings.json_logs:
         from predictor.logs import use_json_logs
 
@@ -100,6 +108,33 @@ def _serve(args: argparse.Namespace) -> int:
     except ServerFailed:  # serve() logged which server and why
         return 1
     return 0
+
+
+def _unloadable_ref(settings: ServeSettings) -> str | None:
+    """Why a configured model reference can never load (unreadable, another model, a missing path), if so.
+
+    Only the CLI refuses these at start; the server retries every load failure (an unreachable
+    registry comes back) and its admin API answers a missing path with 422.
+    """
+    from pathlib import Path
+
+    from motlens import MODEL_NAME
+    from training.registry import Registry, RegistryError
+
+    refs = {"model": settings.model, "canary": settings.canary}
+    if settings.follow_alias is not None:
+        refs["follow_alias"] = f"models:/{MODEL_NAME}@{settings.follow_alias}"
+    for field, ref in refs.items():
+        if not ref:
+            continue  # empty model: KServe's /mnt/models
+        if ref.startswith("models:/"):
+            try:
+                Registry().canonical_ref(ref)
+            except RegistryError as e:
+                return f"{field}: {e}"
+        elif not Path(ref).expanduser().exists():
+            return f"{field}: model path {ref} does not exist"
+    return None
 
 
 def _open_predlog():  # noqa: ANN202 - predlog's writer type

@@ -182,11 +182,14 @@ def test_a_port_out_of_range_is_refused_at_start(capsys, tmp_path):
     assert err.count("\n") == 1 and "http_port" in err and "65535" in err and "Traceback" not in err
 
 
+def _serve_env(tmp_path) -> dict[str, str]:
+    return {**os.environ, "MOTLENS_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+
+
 def _serve_proc(tmp_path, *flags: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MOTLENS_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "motlens.cli", "serve", "--no-predlog", *flags],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=_serve_env(tmp_path), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
 
@@ -223,3 +226,41 @@ def test_a_server_whose_port_is_taken_stops_with_the_reason(tmp_path):
             thread.wait_ready(timeout=30)
         thread.stop()
     assert time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model", "models:/mot-defects@"], "model: cannot read model reference 'models:/mot-defects@'"),
+        (["--model", "models:/other@production"], "model: model reference 'models:/other@production' names 'other'"),
+        (["--model", "{tmp}/nope"], "model: model path {tmp}/nope does not exist"),
+        (["--model", "{tmp}", "--canary", "models:/mot-defects/x"], "canary: cannot read model reference"),
+        (["--model", "{tmp}", "--follow-alias", "production/3"], "follow_alias: cannot read model reference"),
+    ],
+)
+def test_a_model_reference_that_can_never_load_is_refused_at_start(tmp_path, flags, message):
+    """Such a reference was retried every second for ever: never ready, and exit 0 on SIGINT."""
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    proc = _serve_proc(tmp_path, *flags, "--http-port", str(_port()), "--grpc-port", str(_port()))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"motlens serve: bad setting: {message.format(tmp=tmp_path)}"), proc.stderr
+    assert proc.stderr.count("\n") == 1 and "serving" not in proc.stderr
+
+
+def test_a_registry_that_is_down_is_still_retried(tmp_path):
+    """Only a reference that can never load is refused: an unreachable registry may come back."""
+    env = {**_serve_env(tmp_path), "MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    flags = ["--model", "models:/mot-defects@production", "--http-port", str(_port()), "--grpc-port", str(_port())]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "motlens.cli", "serve", "--no-predlog", *flags],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the load is retried (and logged) until the registry answers
+            if "cannot fetch models:/mot-defects@production" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
