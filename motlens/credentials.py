@@ -15,12 +15,22 @@ def redact(text: str) -> str:
     return re.sub(r"//[^/\s]*@", "//", text)
 
 
+def _secret_in_query(query: str) -> bool:
+    return bool(_SECRET_KEYS & {k.lower() for k in parse_qs(query, keep_blank_values=True)})
+
+
 def no_password_in_url(url: str | None) -> str | None:
     """``url`` (None for empty), refused when it carries a password, in its user part or its query
     string: that goes in MOTLENS_CLICKHOUSE_PASSWORD."""
     if not url:
         return None
     parts = urlsplit(url)
-    if parts.password or _SECRET_KEYS & {k.lower() for k in parse_qs(parts.query, keep_blank_values=True)}:
+    if parts.password or _secret_in_query(parts.query):
         raise ValueError("put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD, not in the URL")
     return url
+
+
+def has_credentials(url: str) -> bool:
+    """Whether ``url`` carries a user part (``user@``, ``user:password@``) or a secret query key."""
+    parts = urlsplit(url)
+    return "@" in parts.netloc or _secret_in_query(parts.query)

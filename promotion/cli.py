@@ -177,9 +177,18 @@ def _print_outcome(outcome: Any) -> None:
 
 
 def _print_status(status: dict[str, Any], *, as_json: bool) -> int:
+    """Print what could be read; exit 2 (no access) when the live state could not be."""
     if as_json:
         print(json.dumps(status, indent=2, sort_keys=True, default=str))
-        return EXIT_OK
+    else:
+        _print_status_tables(status)
+    if status.get("live") is None:
+        print(f"motlens promote: live state unreadable: {status.get('live_error')}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _print_status_tables(status: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -237,4 +246,3 @@ def _print_status(status: dict[str, Any], *, as_json: bool) -> int:
             str(row["created_at"] or ""),
         )
     console.print(v)
-    return EXIT_OK

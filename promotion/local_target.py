@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from motlens import MODEL_NAME
+from motlens.credentials import redact
 from motlens.state import StateSettings
 from promotion.locking import file_lock
 from promotion.rollout import RolloutState
@@ -33,7 +34,7 @@ class LocalTarget:
         self.lock_path = (state or StateSettings()).ensure().home / "promotion.lock"
 
     def describe(self) -> str:
-        return f"local motlens serve at {self.base}"
+        return f"local motlens serve at {redact(self.base)}"
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()

@@ -9,13 +9,15 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from motlens.credentials import has_credentials
+
 TARGETS = ("k8s", "gitops", "local")
 
 
 class PromoteSettings(BaseSettings):
     """Where the rollout lives, how it steps and what the gates tolerate."""
 
-    model_config = SettingsConfigDict(env_prefix="MOTLENS_PROMOTE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MOTLENS_PROMOTE_", extra="ignore", hide_input_in_errors=True)
 
     target: str = Field("local", description="k8s | gitops | local")
     actor: str | None = Field(None, description="who is acting (default: $USER)")
@@ -63,6 +65,14 @@ class PromoteSettings(BaseSettings):
     def _known_target(cls, v: str) -> str:
         if v not in TARGETS:
             raise ValueError(f"unknown target {v!r}: use one of {', '.join(TARGETS)}")
+        return v
+
+    @field_validator("local_url")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        """Printed in status, errors and audit events: the admin token has its own, secret, setting."""
+        if has_credentials(v):
+            raise ValueError("credentials in the URL are refused: put the admin token in MOTLENS_PROMOTE_LOCAL_TOKEN")
         return v
 
     @field_validator("steps", "offline_metrics", mode="before")

@@ -73,7 +73,7 @@ def test_no_cluster_access_is_a_clear_error(env, capsys, monkeypatch, tmp_path):
         assert "no cluster access" in err and "Traceback" not in err
     (tmp_path / "kubeconfig").write_text(UNREACHABLE)  # a kubeconfig whose API server does not answer
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
-    for argv in (["canary", "start", "2", "--percent", "10"], ["auto"], ["rollback"]):
+    for argv in (["canary", "start", "2", "--percent", "10"], ["auto"], ["rollback"], ["status"]):
         assert main(["promote", *argv, "--target", "k8s"]) == 2, argv
         err = capsys.readouterr().err
         assert "no cluster access" in err and "Traceback" not in err
@@ -117,3 +117,32 @@ def test_actions_audit_and_metrics(env, capsys, tmp_path, monkeypatch):
     assert tags["promotion.last_actor"] == "alice"
     assert main(["promote", "rollback", "--reason", "not today"]) == 0
     assert env.registry.resolve("2").tags["promotion.rejected_reason"] == "not today"
+
+
+def test_status_exits_2_when_the_live_state_cannot_be_read(env, capsys, monkeypatch):
+    """The local target's unreachable server was exit 0 (the k8s target's, 2): 2 is "no access" for both."""
+    from conftest import free_port
+
+    monkeypatch.setenv("COLUMNS", "250")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["promote", "status", "--target", "local", "--local-url", url]) == 2
+    out, err = capsys.readouterr()
+    assert "unreadable: cannot reach local motlens serve" in out and "versions" in out  # what could be read
+    assert err.startswith("motlens promote: live state unreadable: cannot reach") and err.count("\n") == 1
+    assert main(["promote", "status", "--target", "local", "--local-url", url, "--json"]) == 2
+    status = json.loads(capsys.readouterr().out)
+    assert status["live"] is None and status["live_error"] and len(status["versions"]) == 2
+
+
+def test_credentials_in_the_local_url_are_refused_and_never_echoed(env, capsys, caplog):
+    """The URL went into the status title, TargetError messages and audit events, password and all."""
+    from promotion.local_target import LocalTarget
+    from promotion.settings import PromoteSettings
+
+    for url in ("http://adm:SECRET@127.0.0.1:1", "http://SECRET@127.0.0.1:1", "http://127.0.0.1:1/?token=SECRET"):
+        assert main(["promote", "status", "--target", "local", "--local-url", url]) == 2, url
+        out, err = capsys.readouterr()
+        assert "SECRET" not in out + err + caplog.text, url
+        assert "MOTLENS_PROMOTE_LOCAL_TOKEN" in err and err.count("\n") == 1, err
+    unchecked = PromoteSettings.model_construct(local_url="http://adm:SECRET@127.0.0.1:1")
+    assert "SECRET" not in LocalTarget(unchecked).describe()
