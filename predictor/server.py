@@ -782,8 +782,9 @@ class ServerThread:
     def _run(self) -> None:
         try:
             asyncio.run(self.server.serve())
-        except BaseException as e:  # noqa: BLE001 - kept for wait_ready, not lost in the thread
-            self.error = e
+        except BaseException as e:
+            self.error = e  # for wait_ready; the thread still reports it
+            raise
 
     def start(self) -> ServerThread:
         self._thread.start()
