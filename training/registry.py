@@ -117,7 +117,10 @@ class Registry:
             path = self.sqlite_path
             if path is not None and not path.is_file():
                 raise RegistryError(
-                    redact(f"registry {self.tracking_uri} does not exist (no file {path}); check the tracking URI")
+                    redact(
+                        f"registry {self.tracking_uri} does not exist (no file {path}): check the tracking "
+                        "URI, or register a version first (motlens train)"
+                    )
                 )
             from mlflow import MlflowClient
 
