@@ -100,7 +100,7 @@ def _mlflow_template_db(tmp_path_factory):
     from training.registry import Registry
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    Registry(f"sqlite:///{path}").client.search_registered_models()
+    Registry(f"sqlite:///{path}").create_store()
     return path
 
 

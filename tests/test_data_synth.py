@@ -69,3 +69,28 @@ def test_rows_zero_and_bad_delimiter(tmp_path):
     assert generate(tmp_path / "z", rows=0, seed=1)["test_item"] == 0
     with pytest.raises(ValueError, match="delimiter"):
         generate(tmp_path / "x", rows=10, seed=1, delimiter=";")
+
+
+def test_an_interrupted_run_leaves_no_partial_dataset(tmp_path, monkeypatch):
+    """Interrupted part-way, the tables were once left truncated at clean line ends: a smaller
+    dataset that loads without complaint. Now a new --out stays empty and an old one unchanged."""
+    import training.synth as synth
+
+    generate(tmp_path / "old", rows=1000, seed=5)
+    before = _digests(tmp_path / "old")
+    real_block, calls = synth._block, []
+
+    def interrupted(*args):  # the real block writer, interrupted (Ctrl-C) on its third block
+        calls.append(1)
+        if len(calls) % 3 == 0:
+            raise KeyboardInterrupt
+        return real_block(*args)
+
+    monkeypatch.setattr(synth, "BLOCK_TESTS", 500)
+    monkeypatch.setattr(synth, "_block", interrupted)
+    for out in (tmp_path / "new", tmp_path / "old"):
+        with pytest.raises(KeyboardInterrupt):
+            generate(out, rows=5000, seed=6, delimiter=",")
+    assert len(calls) == 6
+    assert list((tmp_path / "new").iterdir()) == [] and _digests(tmp_path / "old") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old"]  # no staging directory left

@@ -54,6 +54,14 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(env, capsys):
         assert _snapshot(env) == before, argv
 
 
+def test_a_missing_registry_is_a_clear_error_and_is_not_created(env, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/missing/mlflow.db")
+    assert main(["promote", "status"]) == 2
+    err = capsys.readouterr().err
+    assert "missing/mlflow.db does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "missing").exists()
+
+
 UNREACHABLE = """
 apiVersion: v1
 kind: Config

@@ -141,3 +141,43 @@ def test_unreachable_registry_is_named_not_reported_as_a_missing_alias(monkeypat
         message = str(info.value)
         assert "is not set" not in message and f"127.0.0.1:{port}" in message and "unreachable" in message, message
         assert "secret" not in message
+
+
+def test_reading_a_missing_sqlite_registry_fails_and_creates_nothing(tmp_path):
+    """A mistyped tracking URI once created a new, empty registry and read "no aliases" from it."""
+    missing = tmp_path / "missing"
+    reg = Registry(f"sqlite:///{missing}/mlflow.db")
+    for call in (reg.versions, reg.aliases, lambda: reg.resolve("production"), lambda: reg.set_alias("canary", 1)):
+        with pytest.raises(RegistryError, match=r"registry sqlite:///.*/missing/mlflow\.db does not exist"):
+            call()
+    assert not missing.exists()
+
+
+def test_a_first_registration_creates_the_local_store(tiny_bundle, tmp_path):
+    from motlens.state import StateSettings
+
+    state = StateSettings(home=tmp_path / "fresh")
+    reg = Registry(state.mlflow_uri, state=state)
+    v = reg.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="candidate")
+    assert (state.home / "mlflow.db").is_file() and v.version == "1"
+    assert Registry(state.mlflow_uri, state=state).aliases() == {"candidate": "1"}
+
+
+def test_a_server_that_does_not_answer_fails_after_bounded_retries(monkeypatch):
+    """Unset, MLflow retries a closed port 7 times with backoff (over 4 minutes) before failing."""
+    from conftest import free_port
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    from training.registry import RegistryUnreachable
+
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(name, "")  # restored (or removed) after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    reg = Registry(f"http://127.0.0.1:{free_port()}")
+    assert (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_TIMEOUT.get()) == (2, 30)
+    with pytest.raises(RegistryUnreachable):
+        reg.aliases()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the user's own value is kept
+    Registry(f"http://127.0.0.1:{free_port()}")
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 0

@@ -53,6 +53,19 @@ def test_unreachable_registry_is_one_line_without_the_password(registry, monkeyp
     assert "unreachable" in err and "s3cretPW" not in err
 
 
+def test_a_missing_registry_is_exit_2_and_is_not_created(monkeypatch, capsys, tmp_path):
+    """A mistyped sqlite URI must not become a new, empty registry; nor does a failed run create one."""
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/missing/mlflow.db")
+    assert main(["train", "versions"]) == 2
+    assert "missing/mlflow.db does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert main(["train", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such file or directory" in capsys.readouterr().err
+    assert not (tmp_path / "home" / "mlflow.db").exists()
+
+
 def test_bad_settings_are_exit_2(registry, monkeypatch, capsys, tmp_path):
     _use(registry, monkeypatch)
     assert main(["train", "--data", str(tmp_path), "--epochs", "0"]) == 2

@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,8 @@ _NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 MAX_VERSION = 2**31 - 1  # model versions are 32-bit integers in MLflow's stores
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 LKG_DIR = ".lkg"
+# MLflow client settings for a tracking server, unless set in the environment (see _http_defaults)
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 class RegistryError(Exception):
@@ -103,20 +104,55 @@ class Registry:
         self.model_name = model_name
         self.experiment = experiment
         self.cache_dir = Path(cache_dir) if cache_dir else (self.state.home / "models").resolve()
-        if self.tracking_uri.startswith("sqlite:///"):
-            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self._client: Any = None
+        if self.tracking_uri.startswith(("http://", "https://")):
+            _http_defaults()
 
-    @cached_property
+    @property
     def client(self) -> Any:
-        """The ``MlflowClient`` (created on first use: a new sqlite database is migrated then)."""
-        from mlflow import MlflowClient
+        """The ``MlflowClient``, created on first use. A local sqlite database must exist already:
+        only a write (:meth:`create_store` via :meth:`experiment_id` or :meth:`register_bundle`)
+        creates one, so a mistyped URI fails instead of reading a new, empty registry."""
+        if self._client is None:
+            path = self.sqlite_path
+            if path is not None and not path.is_file():
+                raise RegistryError(
+                    redact(
+                        f"registry {self.tracking_uri} does not exist (no file {path}): check the tracking "
+                        "URI, or register a version first (motlens train)"
+                    )
+                )
+            from mlflow import MlflowClient
 
-        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return self._client
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The database file of a ``sqlite:///`` tracking URI; None for a server."""
+        if not self.tracking_uri.startswith("sqlite:///"):
+            return None
+        return Path(self.tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+    def create_store(self) -> None:
+        """Create a missing local sqlite store: its directory and the migrated, empty database."""
+        path = self.sqlite_path
+        if path is None or path.is_file():
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()  # MLflow migrates the empty file on first use
+        except OSError as e:
+            raise RegistryError(redact(f"cannot create registry {self.tracking_uri}: {e}")) from e
+        with self._answering():
+            self.client.search_registered_models(max_results=1)
 
     # ---- runs and registration -------------------------------------------------------------
 
     def experiment_id(self) -> str:
-        """The experiment runs are logged to (created on first use; local artifacts under the state dir)."""
+        """The experiment runs are logged to (created on first use, with a missing local sqlite store;
+        local artifacts under the state dir)."""
+        self.create_store()
         with self._answering():
             exp = self.client.get_experiment_by_name(self.experiment)
             if exp is not None:
@@ -144,6 +180,7 @@ class Registry:
         bundle = Bundle.open(bundle_root)  # never register a bundle that does not verify
         if alias is not None:
             check_alias(alias)
+        self.create_store()
         with self._answering():
             return self._register(bundle, metrics, params, alias, run_name, artifacts_dir, tags)
 
@@ -456,6 +493,15 @@ class Registry:
                 raise self._failure(e) from e
             log.warning("run %s of a registered version is gone: no metrics", run_id)
             return {}
+
+
+def _http_defaults() -> None:
+    """Bound how long an MLflow server that does not answer holds a command: MLflow's own defaults
+    (7 retries with backoff, 120 s per request) wait over 4 minutes for a closed port. MLflow reads
+    these variables at every request, so they are set in this process (only where the user has not
+    set them); 30 s still lets a proxying server store a large bundle before it answers an upload."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def _transport_failure(e: BaseException) -> bool:

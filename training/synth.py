@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ import pyarrow.csv as pacsv
 from tqdm import tqdm
 
 BLOCK_TESTS = 100_000
+_TABLE_NAMES = ("item_detail", "item_group", "mdr_rfr_location", "test_result", "test_item")
 _ZIP_TIME = (2024, 1, 1, 0, 0, 0)
 _EPOCH = dt.date(1970, 1, 1)
 _FIRST_DAY = (dt.date(2018, 5, 21) - _EPOCH).days
@@ -354,7 +357,12 @@ def _date_strings(days: np.ndarray) -> pa.Array:
 
 
 def generate(out_dir: Path, rows: int, seed: int, delimiter: str = "|", zipped: bool = False) -> dict:
-    """Write the DVSA tables with ``rows`` test_item (defect) rows under ``out_dir``; returns counts."""
+    """Write the DVSA tables with ``rows`` test_item (defect) rows under ``out_dir``; returns counts.
+
+    The tables are written into a staging directory beside ``out_dir`` and moved into place only
+    once all are complete: a run that fails or is interrupted leaves ``out_dir`` as it was (never a
+    truncated dataset that reads as a smaller one), and a rerun never mixes two formats.
+    """
     if delimiter in ("pipe", "comma"):
         delimiter = "|" if delimiter == "pipe" else ","
     if delimiter not in ("|", ","):
@@ -363,9 +371,24 @@ def generate(out_dir: Path, rows: int, seed: int, delimiter: str = "|", zipped: 
         raise ValueError("rows must be >= 0")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("item_detail", "item_group", "mdr_rfr_location", "test_result", "test_item"):
-        for suffix in (".txt", ".csv", ".zip"):  # an earlier run in another format must not mix in
-            (out_dir / f"{name}{suffix}").unlink(missing_ok=True)
+    beside = out_dir.resolve()
+    staging = Path(tempfile.mkdtemp(prefix=f".{beside.name}.synth-", dir=beside.parent))
+    try:
+        counts = _write_tables(staging, rows, seed, delimiter, zipped)
+        for name in _TABLE_NAMES:
+            for suffix in (".txt", ".csv", ".zip"):  # an earlier run in another format must not mix in
+                (out_dir / f"{name}{suffix}").unlink(missing_ok=True)
+        for name in _TABLE_NAMES:  # the lookups first, test_item last
+            for new in staging.glob(f"{name}.*"):
+                new.replace(out_dir / new.name)  # same filesystem: a rename
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    counts["files"] = sorted(p.name for p in out_dir.iterdir() if p.stem.split(".")[0] in _TABLE_NAMES)
+    return counts
+
+
+def _write_tables(out_dir: Path, rows: int, seed: int, delimiter: str, zipped: bool) -> dict:
+    """Every table under ``out_dir`` (see :func:`generate`); the counts, without ``files``."""
     cat = build_catalogue()
     rng = np.random.default_rng(seed)
 
@@ -396,6 +419,7 @@ def generate(out_dir: Path, rows: int, seed: int, delimiter: str = "|", zipped: 
     sev_counts: dict[str, int] = {}
     try:
         with tqdm(total=rows, unit="row", desc="synth test_item", disable=rows < 200_000) as bar:
+            bar.leave = False  # an interrupted run clears its bar: a stopped count must not read as a result
             while n_items < rows:
                 n = BLOCK_TESTS
                 counts = np.where(rng.random(n) < 0.35, 0, rng.geometric(0.4, n))
@@ -416,6 +440,7 @@ def generate(out_dir: Path, rows: int, seed: int, delimiter: str = "|", zipped: 
                 n_items += k
                 n_tests += n
                 bar.update(k)
+            bar.leave = True  # complete: the final count stays on screen
     finally:
         results.close()
         items.close()
@@ -426,11 +451,7 @@ def generate(out_dir: Path, rows: int, seed: int, delimiter: str = "|", zipped: 
         "item_group": cat.item_group.num_rows,
         "mdr_rfr_location": cat.locations.num_rows,
         "type_codes": dict(sorted(sev_counts.items())),
-        "files": sorted(p.name for p in out_dir.iterdir() if p.stem.split(".")[0] in _TABLE_NAMES),
     }
-
-
-_TABLE_NAMES = ("test_result", "test_item", "item_detail", "item_group", "mdr_rfr_location")
 
 
 def _block(rng, cat, test_ids, counts, k, rfr_w, make_w, fuel_codes, fuel_w, comments):

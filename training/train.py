@@ -313,7 +313,10 @@ def train(
     if s.alias is not None:
         check_alias(s.alias)  # fail before hours of work, not at registration
     registry = registry or Registry()
-    registry.experiment_id()  # the same for an unreachable registry (RegistryError, credentials redacted)
+    # the same for an unreachable registry (RegistryError, credentials redacted); a missing local
+    # store is created by the registration at the end, not by a run that fails on its data
+    if registry.sqlite_path is None or registry.sqlite_path.is_file():
+        registry.experiment_id()
     clock = _Clock()
     if isinstance(data, TrainingSet):
         ts = data
