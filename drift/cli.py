@@ -55,22 +55,22 @@ def _run(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from motlens.cli import require
-
-    require("evidently", "drift")
-    require("prometheus_client", "drift")
-    from drift.job import DriftJob
     from drift.settings import DriftSettings
+    from motlens.cli import require
+    from motlens.errors import describe
 
     overrides = {dest: getattr(args, dest) for _, dest, _ in _FLAGS}
     for dest in ("canary", "html", "progress", "log_artifact"):
         overrides[dest] = getattr(args, dest)
-    try:
+    try:  # before importing Evidently (seconds): a bad flag fails at once
         settings = DriftSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        print(f"motlens drift: bad setting: {problems}", file=sys.stderr)
+        print(f"motlens drift: bad setting: {describe(e)}", file=sys.stderr)
         return 2
+    require("evidently", "drift")
+    require("prometheus_client", "drift")
+    from drift.job import DriftJob
+
     try:
         result = DriftJob(settings).run()
     except OSError as e:  # the output directory cannot be made or written

@@ -17,7 +17,7 @@ from drift.evaluate import data_drift, embedding_drift
 from drift.settings import DriftSettings
 from drift.sources import Side, read_reference_file, read_window
 from drift.windows import ReferenceSpec, Window, current_window, reference_spec
-from motlens.credentials import redact
+from motlens.errors import describe
 
 log = logging.getLogger(__name__)
 REPORT_HTML = "report.html"
@@ -177,7 +177,7 @@ class DriftJob:
                     code = 0
             except Exception as e:  # noqa: BLE001 - the job reports every failure as exit 2
                 log.debug("drift job failed", exc_info=True)
-                self.say(redact(f"error: {type(e).__name__}: {e}"))
+                self.say(f"error: {describe(e)}")
                 checks, detail, status, code = [], {}, "error", EXIT_ERROR
             detail["timings_s"] = stages.seconds
             with stages.stage("outputs"):
@@ -355,6 +355,6 @@ class DriftJob:
                 publish.write_summary(s.output, summary)
 
     def _fail_output(self, summary: dict[str, Any], what: str, e: Exception) -> None:
-        msg = redact(f"could not publish {what}: {type(e).__name__}: {e}")
+        msg = f"could not publish {what}: {describe(e)}"
         self.say(msg)
         summary["details"]["messages"].append(msg)

@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # their retry warnings precede the failure the command reports anyway
+        for name in ("urllib3.connectionpool", "clickhouse_connect.driver"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         rc = args.func(args)
     except MissingExtra as e:
@@ -59,7 +62,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - bad settings, a server down: one line and exit 2, not a traceback
+        from motlens.errors import report
+
+        return report(command_name(parser, args), e)
     return int(rc or 0)
+
+
+def command_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The words of the command that ran, e.g. ``motlens data load``."""
+    words = [parser.prog]
+    while action := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None):
+        chosen = getattr(args, action.dest, None)
+        if not chosen:
+            break
+        words.append(chosen)
+        parser = action.choices[chosen]
+    return " ".join(words)
 
 
 if __name__ == "__main__":

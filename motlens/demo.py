@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
+
+from training.data_cli import positive
 
 SAMPLE = {
     "inputs": [
@@ -30,7 +33,7 @@ SAMPLE = {
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="synthetic data → train → register → production → serve → sample request")
-    p.add_argument("--rows", type=int, default=30_000, help="synthetic defect rows (default 30000)")
+    p.add_argument("--rows", type=positive, default=30_000, help="synthetic defect rows (default 30000)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--grpc-port", type=int, default=8081)
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     from motlens.credentials import redact
     from motlens.state import StateSettings
-    from training.registry import Registry
+    from training.dataset import DataError
+    from training.registry import Registry, RegistryError
     from training.synth import generate
     from training.train import TrainSettings, train
 
@@ -55,10 +59,14 @@ def run(args: argparse.Namespace) -> int:
 
     console.rule("2/4 train + register (MLflow on sqlite)")
     registry = Registry()
-    result = train(bulk, TrainSettings(seed=args.seed, alias="candidate"), registry=registry)
-    version = result.version.version
+    try:
+        result = train(bulk, TrainSettings(seed=args.seed, alias="candidate"), registry=registry)
+        version = result.version.version
+        registry.set_alias("production", version)
+    except (DataError, RegistryError) as e:  # e.g. too few rows to split; the registry unreachable
+        print(f"motlens demo: {e}", file=sys.stderr)
+        return 2
     console.print({k: round(v, 4) for k, v in result.metrics.items() if "macro_f1" in k})
-    registry.set_alias("production", version)
     console.print(f"mot-defects version {version}: aliases candidate, production ({redact(registry.tracking_uri)})")
 
     console.rule("3/4 serve models:/mot-defects@production")

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from predlog.records import PredictionRecord
 from predlog.settings import PredlogSettings
 
@@ -32,9 +34,20 @@ def open_reader(settings: PredlogSettings | None = None):  # -> predlog.reader.P
     from predlog.sinks import make_client
 
     settings = settings or PredlogSettings()
+    if settings.embedded:
+        _check_log_dir(settings.root)
     client = make_client(settings)
     if settings.embedded:
         return PredictionLogReader(client, ParquetSource(settings.root), settings)
     if settings.auto_migrate:
         migrate.apply(client, settings)
     return PredictionLogReader(client, TableSource(client, settings.database), settings)
+
+
+def _check_log_dir(root: Path) -> None:
+    """A missing log directory is an empty log; one that a file stands in the way of is an error."""
+    for path in (root, *root.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise NotADirectoryError(f"the prediction log directory {root} cannot exist: {path} is not a directory")
+            return

@@ -65,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import sys
 
+    from clickhouse_connect.driver.exceptions import DatabaseError
+
+    from motlens.errors import describe
     from predlog import open_reader
     from predlog.queries import ReadOnlyViolation
     from predlog.settings import PredlogSettings
@@ -88,6 +91,9 @@ def _run(args: argparse.Namespace) -> int:
             df = reader.query(args.sql, dict(args.param))
     except (ReadOnlyViolation, ValueError) as e:
         print(f"motlens log: {e}", file=sys.stderr)
+        return 2
+    except DatabaseError as e:  # refused by ClickHouse (unknown column, missing parameter) or unreachable
+        print(f"motlens log {args.log_command}: {describe(e)}", file=sys.stderr)
         return 2
     finally:
         reader.close()

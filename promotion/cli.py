@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_AUDIT, EXIT_ERROR, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -106,6 +103,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from motlens.errors import describe, report
     from promotion.locking import LockBusy
     from promotion.targets import TargetError, make_target
     from promotion.workflow import PartlyDone, Promoter, PromotionError, Refused
@@ -114,8 +112,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        print(f"motlens promote: invalid settings: {msgs}", file=sys.stderr)
+        print(f"motlens promote: invalid settings: {describe(e)}", file=sys.stderr)
         return EXIT_ERROR
     try:
         promoter = Promoter(
@@ -134,9 +131,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"motlens promote: {e}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as e:  # noqa: BLE001 - e.g. the MLflow server is down: one line, not a traceback
-        log.debug("unexpected error", exc_info=True)
-        print(f"motlens promote: {type(e).__name__}: {e} (-v for details)", file=sys.stderr)
-        return EXIT_ERROR
+        return report("motlens promote", e)
     _print_outcome(outcome)
     return EXIT_OK if outcome.audit_ok else EXIT_AUDIT
 

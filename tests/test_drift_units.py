@@ -309,4 +309,4 @@ def test_settings_come_from_env_and_flags_win(monkeypatch, tmp_path, capsys):
     assert (s.window, s.max_rows, s.canary) == ("7d", 99, True)
     monkeypatch.setenv("MOTLENS_DRIFT_EMBEDDING_METHOD", "psychic")
     assert main(["drift", "--output", str(tmp_path)]) == 2
-    assert "bad setting: embedding_method" in capsys.readouterr().err
+    assert "bad setting: MOTLENS_DRIFT_EMBEDDING_METHOD: Input should be" in capsys.readouterr().err

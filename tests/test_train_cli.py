@@ -96,4 +96,4 @@ def test_a_bundle_always_carries_a_drift_reference(registry, monkeypatch, capsys
     _use(registry, monkeypatch)
     monkeypatch.setenv("MOTLENS_TRAIN_REFERENCE_ROWS", "0")  # once a KeyError deep in the data preparation
     assert main(["train", "--data", str(tmp_path)]) == 2
-    assert "bad setting: reference_rows" in capsys.readouterr().err
+    assert "bad setting: MOTLENS_TRAIN_REFERENCE_ROWS: Input should be" in capsys.readouterr().err

@@ -158,10 +158,12 @@ class ChdbStore(Store):
 
     kind = "chdb"
 
-    def __init__(self, path: Path, database: str = "motlens_data"):
+    def __init__(self, path: Path, database: str = "motlens_data", *, create: bool = True):
         from chdb.session import Session
 
         super().__init__(database)
+        if not create and not path.is_dir():  # reading: a missing directory is not made
+            raise _no_data(path)
         path.mkdir(parents=True, exist_ok=True)
         self.location = str(path)
         try:
@@ -216,13 +218,20 @@ class ServerStore(Store):
         self._client.close()
 
 
-def open_store(settings: DataSettings | None = None, ch_path: Path | None = None) -> Store:
-    """A server store when a ClickHouse URL is configured, else chdb at ``ch_path`` (or the default)."""
+def open_store(settings: DataSettings | None = None, ch_path: Path | None = None, *, create: bool = True) -> Store:
+    """A server store when a ClickHouse URL is configured, else chdb at ``ch_path`` (or the default;
+    with ``create=False`` a missing directory is :class:`~training.dataset.DataError`, not made)."""
     settings = settings or DataSettings()
     if settings.clickhouse_url and ch_path is None:
         password = settings.password.get_secret_value() if settings.password else ""
         return ServerStore(settings.clickhouse_url, settings.database, password)
-    return ChdbStore(Path(ch_path or settings.chdb_dir()), settings.database)
+    return ChdbStore(Path(ch_path or settings.chdb_dir()), settings.database, create=create)
+
+
+def _no_data(where: object) -> Exception:
+    from training.dataset import DataError
+
+    return DataError(f"no ClickHouse training data at {where}: run motlens data load --clickhouse first")
 
 
 def create_tables(store: Store) -> None:
@@ -498,8 +507,15 @@ def distinct_texts(
     billions of tests in memory).
     """
     if store is None:
-        with open_store(settings, ch_path) as s:
+        with open_store(settings, ch_path, create=False) as s:
             return distinct_texts(s)
+    loaded = store.query_df(
+        "SELECT count() AS n FROM system.tables"
+        " WHERE database = {db:String} AND name IN ('item_detail', 'test_item', 'test_result')",
+        {"db": store.database},
+    )
+    if int(loaded["n"].iloc[0]) < 3:
+        raise _no_data(f"{store.location} (database {store.database})")
     lk = _lookups_from_store(store)
     combos = store.query_df(store.sql(_COMBOS_SQL), {"cutoff": mot_labels.EU_CUTOFF.isoformat()})
     if combos.empty:

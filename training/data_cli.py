@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     verbs = p.add_subparsers(dest="data_command", required=True, metavar="VERB")
 
     s = verbs.add_parser("synth", help="write seeded synthetic data in the DVSA bulk-file format")
-    s.add_argument("--rows", type=_count, required=True, help="number of test_item (defect) rows")
+    s.add_argument("--rows", type=count, required=True, help="number of test_item (defect) rows")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, required=True, help="output directory")
     s.add_argument("--delimiter", choices=("pipe", "comma"), default="pipe")
@@ -30,23 +30,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with chdb, parse files in Python instead of letting ClickHouse read them",
     )
-    ld.add_argument("--chunk-rows", type=_positive, default=200_000)
+    ld.add_argument("--chunk-rows", type=positive, default=200_000)
     ld.add_argument("--report", type=Path, help="also write the load report as JSON here")
     ld.set_defaults(func=_load)
 
 
-def _count(text: str) -> int:
-    n = int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+def _at_least(text: str, low: int) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ({low} or more), got {text!r}") from None
+    if n < low:
+        raise argparse.ArgumentTypeError(f"must be {low} or more, got {n}")
     return n
 
 
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
-    return n
+def count(text: str) -> int:
+    """argparse type: an integer, 0 or more."""
+    return _at_least(text, 0)
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer, 1 or more."""
+    return _at_least(text, 1)
 
 
 def _not_a_file(path: Path, what: str) -> str | None:

@@ -65,6 +65,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
+    from motlens.errors import describe
     from training.dataset import DataError
     from training.dvsa import BulkFormatError
     from training.registry import Registry, RegistryError
@@ -81,8 +82,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         settings = TrainSettings(**overrides)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        print(f"motlens train: bad setting: {problems}", file=sys.stderr)
+        print(f"motlens train: bad setting: {describe(e)}", file=sys.stderr)
         return 2
     try:
         data = _clickhouse_set(args, settings) if args.clickhouse else Path(args.data)

@@ -1,0 +1,171 @@
+"""Operator-facing failures of the real ``motlens`` CLI: one line naming the problem, exit 2, no
+traceback (unless -v), no credentials; each verb keeps its own documented codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from motlens.cli import main
+
+SECRET = "s3cr3tPW"
+REFUSED = "http://bob@127.0.0.1:1/db"  # nothing listens on port 1: connection refused at once
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(("MOTLENS_", "MLFLOW_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _fails(argv: list[str], capsys, lines: int = 1) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and SECRET not in err
+    assert len(err.splitlines()) == lines, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "argv", "expected"),
+    [
+        ("MOTLENS_CLICKHOUSE_URL", f"http://bob:{SECRET}@localhost:8123/db", ["log", "count"],
+         "motlens log count: MOTLENS_CLICKHOUSE_URL: put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD"),
+        ("MOTLENS_PREDLOG_BATCH_ROWS", "garbage", ["log", "count"],
+         "motlens log count: MOTLENS_PREDLOG_BATCH_ROWS: Input should be a valid integer"),
+        ("MOTLENS_CLICKHOUSE_URL", REFUSED, ["log", "count"],
+         "motlens log count: cannot reach ClickHouse at http://127.0.0.1:1: [Errno 111] Connection refused"),
+        ("MOTLENS_SERVE_HTTP_PORT", "garbage", ["serve", "--no-predlog"],
+         "motlens serve: MOTLENS_SERVE_HTTP_PORT: Input should be a valid integer"),
+        ("MOTLENS_CLICKHOUSE_URL", f"http://bob:{SECRET}@localhost:8123/db", ["data", "load", "{tmp}", "--clickhouse"],
+         "motlens data load: MOTLENS_CLICKHOUSE_URL: put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD"),
+        ("MOTLENS_CLICKHOUSE_URL", REFUSED, ["data", "load", "{tmp}", "--clickhouse"],
+         "motlens data load: cannot reach ClickHouse at http://127.0.0.1:1: [Errno 111] Connection refused"),
+        ("MLFLOW_TRACKING_URI", f"mysql://u:{SECRET}@127.0.0.1:1/db", ["train", "versions"],
+         "motlens train versions: ModuleNotFoundError: No module named 'MySQLdb' (-v for details)"),
+    ],
+)  # fmt: skip
+def test_bad_configuration_is_one_line_and_exit_2(env, value, argv, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(env, value)
+    err = _fails([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert err.startswith(expected), err
+
+
+def test_one_line_per_settings_problem(monkeypatch, capsys):
+    monkeypatch.setenv("MOTLENS_PREDLOG_BATCH_ROWS", "garbage")
+    monkeypatch.setenv("MOTLENS_PREDLOG_QUEUE_ROWS", "0")
+    err = _fails(["log", "count"], capsys, lines=2)
+    assert "MOTLENS_PREDLOG_QUEUE_ROWS: Input should be greater than or equal to 1" in err
+
+
+def test_whole_stderr_is_one_line_and_verbose_shows_the_traceback(tmp_path):
+    """As a process: the client libraries' retry warnings do not precede the line; -v adds the traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOTLENS_", "MLFLOW_"))}
+    env.update(MOTLENS_HOME=str(tmp_path), MOTLENS_CLICKHOUSE_URL=REFUSED, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "motlens.cli"]
+    quiet = subprocess.run([*cmd, "log", "count"], env=env, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 2
+    assert quiet.stderr.splitlines() == [
+        "motlens log count: cannot reach ClickHouse at http://127.0.0.1:1: [Errno 111] Connection refused "
+        "(-v for details)"
+    ]
+    loud = subprocess.run([*cmd, "-v", "log", "count"], env=env, capture_output=True, text=True, timeout=120)
+    assert loud.returncode == 2 and "Traceback" in loud.stderr
+
+
+def test_train_clickhouse_without_loaded_data_neither_fails_badly_nor_creates_the_path(tmp_path, home, capsys):
+    missing = tmp_path / "nonexistent" / "x"
+    err = _fails(["train", "--clickhouse", "--ch-path", str(missing)], capsys)
+    assert err == f"motlens train: no ClickHouse training data at {missing}: run motlens data load --clickhouse first\n"
+    assert not (tmp_path / "nonexistent").exists()
+    err = _fails(["train", "--clickhouse"], capsys)  # the default $MOTLENS_HOME/chdb-data
+    assert f"no ClickHouse training data at {home / 'chdb-data'}" in err and not home.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = _fails(["train", "--clickhouse", "--ch-path", str(empty)], capsys)
+    assert f"no ClickHouse training data at {empty} (database motlens_data)" in err
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SELECT nosuchcol FROM predictions", "Unknown expression identifier `nosuchcol` (UNKNOWN_IDENTIFIER)"),
+        ("SELECT {v:String}", "Substitution `v` is not set (UNKNOWN_QUERY_PARAMETER)"),
+    ],
+)
+def test_log_query_refused_by_clickhouse_is_its_message_and_exit_2(sql, expected, capsys):
+    err = _fails(["log", "query", sql], capsys)
+    assert err == f"motlens log query: ClickHouse: {expected}\n"
+
+
+@pytest.mark.parametrize(("rows", "expected"), [("-5", "must be 1 or more, got -5"), ("0", "must be 1 or more, got 0"),
+                                                ("abc", "expected a whole number (1 or more), got 'abc'")])  # fmt: skip
+def test_demo_rows_must_be_positive(rows, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--rows", rows])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --rows: {expected}" in err and "Traceback" not in err
+
+
+def test_demo_training_data_error_is_one_line(capsys):
+    assert main(["demo", "--rows", "1"]) == 2
+    err = capsys.readouterr().err  # after MLflow's own lines about creating its database
+    assert err.endswith("\nmotlens demo: 1 distinct texts are too few for a train/held-out split\n")
+    assert "Traceback" not in err
+
+
+def test_log_root_that_is_a_file_is_an_error_a_missing_one_an_empty_log(tmp_path, monkeypatch, capsys):
+    a_file = tmp_path / "passwd"
+    a_file.write_text("root:x:0:0\n")
+    monkeypatch.setenv("MOTLENS_HOME", str(a_file))
+    err = _fails(["log", "count"], capsys)
+    assert f"{a_file} is not a directory" in err
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path / "missing"))
+    assert main(["log", "count"]) == 0
+    assert "0 row(s)" in capsys.readouterr().out
+    assert not (tmp_path / "missing").exists()
+
+
+def test_drift_checks_its_settings_before_importing_evidently(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOTLENS_", "MLFLOW_"))}
+    env.update(MOTLENS_HOME=str(tmp_path), PYTHONPATH=str(REPO))
+    code = "import sys; from motlens.cli import main; rc = main(['drift', '--window', 'garbage']); "
+    code += "print(rc, 'evidently' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr
+    assert proc.stderr.startswith("motlens drift: bad setting: window: not a duration")
+
+
+def test_drift_reports_a_predlog_settings_problem_on_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MOTLENS_PREDLOG_BATCH_ROWS", "garbage")
+    rc = main(["drift", "--no-html", "--no-progress", "--no-artifact", "--output", str(tmp_path / "out")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "could not publish drift_reports row: MOTLENS_PREDLOG_BATCH_ROWS: Input should be a valid integer" in err
+    assert "validation error for" not in err and "errors.pydantic.dev" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["data", "synth", "--rows", "abc", "--out", "x"],
+         "argument --rows: expected a whole number (0 or more), got 'abc'"),
+        (["data", "load", "x", "--out", "y", "--chunk-rows", "abc"],
+         "argument --chunk-rows: expected a whole number (1 or more), got 'abc'"),
+    ],
+)  # fmt: skip
+def test_argparse_errors_name_no_internal_function(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "_count" not in err and "_positive" not in err
