@@ -72,16 +72,9 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {
         k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "verbose", "no_predlog")
     }
-    from pydantic import ValidationError
-
     from predictor.settings import ServeSettings
 
-    try:
-        settings = ServeSettings(**overrides)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        print(f"motlens serve: bad setting: {problems}", file=sys.stderr)
-        return 2
+    settings = ServeSettings(**overrides)  # a ValidationError is reported by motlens.cli.main, by variable
     problem = _unloadable_ref(settings)
     if problem is not None:
         print(f"motlens serve: bad setting: {problem}", file=sys.stderr)
