@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 
@@ -85,12 +88,21 @@ def _with_previous(reg: Any, path: Path) -> Any:
     )
 
     def kept(family: str, labels: dict[str, str]) -> bool:
-        if "slot" in labels and labels["slot"] != slot:
+        if labels.get("slot", slot) != slot:  # the other slot's series
             return True
-        return family not in written and labels.get("model_version") == version
+        if family in written:
+            return False
+        if "slot" not in labels:  # not a drift series: another collector's metric in the same file
+            return True
+        # a run that never learnt its version (a failed resolve) replaces none of this slot's verdict
+        return version == "" or labels.get("model_version") == version
 
     families = dict(written)
-    previous = text_string_to_metric_families(path.read_text()) if path.is_file() else []
+    try:
+        previous = list(text_string_to_metric_families(path.read_text())) if path.is_file() else []
+    except ValueError as e:  # a damaged file must not stop every later run from publishing
+        log.warning("drift textfile %s could not be read (%s); rewriting it with this run's metrics", path, e)
+        previous = []
     for f in previous:
         samples = [s for s in f.samples if kept(f.name, s.labels)]
         if not samples:

@@ -299,6 +299,32 @@ def test_production_and_canary_jobs_share_a_textfile(tmp_path):
     ]
 
 
+def test_a_failed_run_that_never_learnt_its_version_keeps_the_slots_verdict(tmp_path):
+    """An error run before the alias resolved publishes model_version "": the slot's last verdict, its
+    scores and last-run time stay in the textfile (the Pushgateway keeps them in their own group)."""
+    path = tmp_path / "drift.prom"
+    push_metrics(metrics_registry(_summary("drift", version="3"), 1.0), pushgateway=None, textfile=path,
+                 job="j", grouping={})  # fmt: skip
+    push_metrics(metrics_registry(_summary("error", version="", scores={}), 2.0), pushgateway=None,
+                 textfile=path, job="j", grouping={})  # fmt: skip
+    got = _samples(path.read_text())
+    assert got["motlens_drift_detected"] == [({"model_version": "3", "slot": "canary"}, 1.0)]
+    assert got["motlens_drift_last_run_timestamp_seconds"] == [({"model_version": "3", "slot": "canary"}, 1.0)]
+    assert got["motlens_drift_last_error_timestamp_seconds"] == [({"model_version": "", "slot": "canary"}, 2.0)]
+    assert [labels["status"] for labels, _ in got["motlens_drift_last_status"]] == ["error"]
+
+
+def test_the_textfile_keeps_other_metrics_and_survives_a_damaged_file(tmp_path):
+    path = tmp_path / "drift.prom"
+    path.write_text('# TYPE node_custom gauge\nnode_custom 5\n# TYPE other_job_ts gauge\nother_job_ts{job="x"} 7\n')
+    push_metrics(metrics_registry(_summary("drift"), 1.0), pushgateway=None, textfile=path, job="j", grouping={})
+    got = _samples(path.read_text())
+    assert got["node_custom"] == [({}, 5.0)] and got["other_job_ts"] == [({}, 7.0)]  # _samples drops job
+    path.write_text("garbage line here\n")  # a file the parser refuses is rewritten, not a publishing failure
+    push_metrics(metrics_registry(_summary("no_drift"), 2.0), pushgateway=None, textfile=path, job="j", grouping={})
+    assert _samples(path.read_text())["motlens_drift_detected"] == [({"model_version": "7", "slot": "canary"}, 0.0)]
+
+
 def test_settings_come_from_env_and_flags_win(monkeypatch, tmp_path, capsys):
     from motlens.cli import main
 
