@@ -112,7 +112,7 @@ class PredictionLogWriter:
             with self._cond:
                 rest = list(self._queue)
                 self._queue.clear()
-            if (unspooled := self._unspooled) is not None:
+            if (unspooled := self._take_unspooled()) is not None:
                 self._spill(*unspooled)
             if rest:
                 table = self._encode(rest)
@@ -175,12 +175,11 @@ class PredictionLogWriter:
         token = uuid.uuid4().hex
         if self.sink.local:
             if not self.spool.segments():  # spooled batches go first
-                self._unspooled = (table, token)
-                try:
-                    if self._try_insert(table, token):
-                        return
-                finally:
-                    self._unspooled = None
+                with self._cond:
+                    self._unspooled = (table, token)
+                inserted = self._try_insert(table, token)
+                if self._take_unspooled() is None or inserted:  # None: close() spilled it meanwhile
+                    return
             self._spill(table, token)
             return
         try:
@@ -197,6 +196,12 @@ class PredictionLogWriter:
         # no durable copy (disk full, or a batch the spool refuses): straight to a healthy sink
         if not (time.monotonic() >= self._retry_at and self._try_insert(table, token)):
             self._drop(table.num_rows, reason)
+
+    def _take_unspooled(self) -> tuple[pa.Table, str] | None:
+        """The embedded store's batch in flight, taken by whoever spills it (close() or the writer)."""
+        with self._cond:
+            pending, self._unspooled = self._unspooled, None
+        return pending
 
     def _try_insert(self, table: pa.Table, token: str) -> bool:
         """Insert now; on failure note it (backoff) and say so."""

@@ -359,7 +359,7 @@ def _date_strings(days: np.ndarray) -> pa.Array:
 def generate(out_dir: Path, rows: int, seed: int, delimiter: str = "|", zipped: bool = False) -> dict:
     """Write the DVSA tables with ``rows`` test_item (defect) rows under ``out_dir``; returns counts.
 
-    The tables are written into a staging directory beside ``out_dir`` and moved into place only
+    The tables are written into a hidden staging directory inside ``out_dir`` and moved into place only
     once all are complete: a run that fails or is interrupted leaves ``out_dir`` as it was (never a
     truncated dataset that reads as a smaller one), and a rerun never mixes two formats.
     """
@@ -371,8 +371,7 @@ def generate(out_dir: Path, rows: int, seed: int, delimiter: str = "|", zipped: 
         raise ValueError("rows must be >= 0")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    beside = out_dir.resolve()
-    staging = Path(tempfile.mkdtemp(prefix=f".{beside.name}.synth-", dir=beside.parent))
+    staging = Path(tempfile.mkdtemp(prefix=".synth-", dir=out_dir))  # out_dir's filesystem, its permissions
     try:
         counts = _write_tables(staging, rows, seed, delimiter, zipped)
         for name in _TABLE_NAMES:
