@@ -337,6 +337,7 @@ class _GRPCServer(GRPCServer):
             options=[
                 ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
                 ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
+                ("grpc.so_reuseport", 0),  # a taken port fails the start instead of splitting traffic
             ],
         )
         servicer = _Servicer(self._data_plane, self._model_repository_extension)
