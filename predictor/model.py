@@ -119,13 +119,14 @@ class MotlensModel(Model):
             _count(protocol, "server_error", served, len(req.texts))
             self._log_failure(req, unit, protocol, time.perf_counter() - t0, "server_error")
             raise
+        else:  # counted before release: a closed unit's last release removes its version's series
+            latency = time.perf_counter() - t0
+            n = len(req.texts)
+            _count(protocol, "ok", served, n)
+            metrics.by_version(metrics.REQUEST_LATENCY, protocol, served).observe(latency)
+            metrics.ITEM_LATENCY.observe(latency / n)
         finally:
             unit.release()
-        latency = time.perf_counter() - t0
-        n = len(req.texts)
-        _count(protocol, "ok", served, n)
-        metrics.by_version(metrics.REQUEST_LATENCY, protocol, served).observe(latency)
-        metrics.ITEM_LATENCY.observe(latency / n)
         self._log_predictions(req, result, hits, protocol, latency, unit.backend.backend_name, unit.backend.device)
         return build_v2(result, req, payload) if is_v2 else build_v1(result, req)
 

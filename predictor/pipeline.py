@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +37,9 @@ class ServingUnit:
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closed = False
+        self._holds_version = True
+        self._lock = threading.Lock()  # close() runs in a worker thread, release() on the event loop
         self.batcher = MicroBatcher(
             backend.tokenize,
             backend.encode_tokens,
@@ -58,9 +62,19 @@ class ServingUnit:
         self._idle.clear()
 
     def release(self) -> None:
-        self.inflight -= 1
+        with self._lock:
+            self.inflight -= 1
         if self.inflight == 0:
             self._idle.set()
+        self._release_version()
+
+    def _release_version(self) -> None:
+        """Drop the version's hold (and so its series) once, when closed and no request is inside."""
+        with self._lock:
+            if not self._closed or self.inflight or not self._holds_version:
+                return
+            self._holds_version = False
+        metrics.release_version(self.version)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no request uses this unit; False if ``timeout`` passed first."""
@@ -110,7 +124,9 @@ class ServingUnit:
         If model work is still running after ``timeout``, the model is left to the worker threads
         (freed with them) rather than pulled from under queued requests, which would fail them."""
         self.batcher.close(timeout=timeout)
-        metrics.release_version(self.version)
+        with self._lock:
+            self._closed = True
+        self._release_version()  # else the last request still inside releases it
         if self.batcher.workers_alive:
             log.warning("slot %s v%s: model work still running after %.0f s; the model is freed when it ends",
                         self.slot, self.version, timeout)  # fmt: skip

@@ -176,16 +176,21 @@ class _RESTServer(RESTServer):
         self._server.should_exit = True
 
 
-def _count_refused(request: Request, exc: Exception, outcome: str, reason: str | None = None) -> None:
+def _count_refusal(exc: Exception, protocol: str, outcome: str, reason: str | None = None) -> None:
     """Count an inference request refused before or outside :meth:`MotlensModel.predict` (which
     counts, and marks, the refusals it raises itself): one series per protocol, no model version."""
-    path = request.url.path
-    if getattr(exc, "motlens_counted", False) or not (path.endswith(":predict") or path.endswith("/infer")):
+    if getattr(exc, "motlens_counted", False):
         return
-    protocol = "v1" if path.startswith("/v1/") else "v2-rest"
     metrics.by_version(metrics.REQUESTS, protocol, outcome, "").inc()
     if reason is not None:
         metrics.REJECTED.labels(reason=reason).inc()
+
+
+def _count_refused(request: Request, exc: Exception, outcome: str, reason: str | None = None) -> None:
+    """:func:`_count_refusal` for a REST request, if it asked for an inference."""
+    path = request.url.path
+    if path.endswith(":predict") or path.endswith("/infer"):
+        _count_refusal(exc, "v1" if path.startswith("/v1/") else "v2-rest", outcome, reason)
 
 
 def _id_header(request: Request) -> dict[str, str]:
@@ -314,13 +319,17 @@ class _Servicer(InferenceServicer):
 
 
 class _ExceptionToStatus(ExceptionToStatusInterceptor):
-    """Client errors logged at INFO without a traceback (KServe logs them as errors); the rest as KServe."""
+    """Client errors logged at INFO without a traceback (KServe logs them as errors) and, for
+    ModelInfer, counted like REST's; the rest as KServe."""
 
     async def handle_exception(
         self, ex: Exception, request_or_iterator: Any, context: ServicerContext, method_name: str
     ) -> None:
         if isinstance(ex, InvalidInput | ModelNotFound):
-            code = StatusCode.INVALID_ARGUMENT if isinstance(ex, InvalidInput) else StatusCode.NOT_FOUND
+            invalid = isinstance(ex, InvalidInput)
+            code = StatusCode.INVALID_ARGUMENT if invalid else StatusCode.NOT_FOUND
+            if method_name.endswith("/ModelInfer"):
+                _count_refusal(ex, "v2-grpc", "client_error", "invalid_input" if invalid else None)
             log.info("gRPC %s %s: %s", method_name, code.name, ex)
             await context.abort(code, ex.reason)
         else:
@@ -337,6 +346,7 @@ class _GRPCServer(GRPCServer):
             options=[
                 ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
                 ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
+                ("grpc.so_reuseport", 0),  # a taken port fails the start instead of splitting traffic
             ],
         )
         servicer = _Servicer(self._data_plane, self._model_repository_extension)

@@ -220,3 +220,48 @@ async def test_a_unit_closed_while_model_work_outlasts_the_timeout_keeps_its_mod
     (a, _), (b, _) = await first, await queued  # both answered, neither failed
     assert a.embeddings.shape == (2, 384) and b.embeddings.shape == (1, 384)
     assert backend.embedder is not None
+
+
+async def test_a_retired_version_keeps_its_series_until_its_last_request_ends(tiny_bundle, embedder, tmp_path):
+    """A drain that timed out closed the unit and removed its series; the request still inside then
+    counted, recreating series for a version nobody serves (never removed)."""
+    from prometheus_client import REGISTRY
+
+    from predictor.model import MotlensModel
+    from predictor.slots import SlotManager
+
+    def series() -> set[str]:
+        return {s.name for m in REGISTRY.collect() for s in m.samples if s.labels.get("version") == "4343"}
+
+    root = tmp_path / "mot-defects"
+    shutil.copytree(tiny_bundle.root, root)
+    write_manifest(root, version="4343", run_id="tiny-4343")  # no other test serves it
+    backend = load_backend(str(root), embedder=embedder)
+    entered, gate = threading.Event(), threading.Event()
+    encode = backend.encode_tokens
+
+    def gated(ids):  # noqa: ANN001, ANN202
+        entered.set()
+        assert gate.wait(60)
+        return encode(ids)
+
+    backend.encode_tokens = gated  # type: ignore[method-assign]
+    gate.set()
+    settings = ServeSettings(batch_max_wait_ms=0)
+    slots = SlotManager(settings, EmbeddingCache(0), load_backend)
+    unit = slots.slots["production"].unit = ServingUnit(backend, settings, slots.cache, "production")
+    model = MotlensModel(slots, settings)
+    await model.predict({"instances": TEXTS[:1]})
+    assert "motlens_requests_total" in series()
+    entered.clear()
+    gate.clear()
+    inflight = asyncio.ensure_future(model.predict({"instances": TEXTS[1:2]}))
+    assert await asyncio.to_thread(entered.wait, 30)
+    slots.slots["production"].unit = None
+    assert not await unit.drain(0.1)  # what SlotManager._retire does: the drain times out, the unit
+    await asyncio.to_thread(unit.close, 0.2)  # is closed with the request inside
+    assert "motlens_requests_total" in series()  # still served: the request is counted when it ends
+    gate.set()
+    assert (await inflight)["model_version"] == "4343"
+    await asyncio.sleep(0.05)
+    assert series() == set()

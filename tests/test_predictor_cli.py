@@ -228,6 +228,31 @@ def test_a_server_whose_port_is_taken_stops_with_the_reason(tmp_path):
     assert time.monotonic() - started < 20
 
 
+def test_a_server_whose_grpc_port_is_taken_stops_with_the_reason(tmp_path):
+    """gRPC binds with SO_REUSEPORT by default: a second server on a taken gRPC port started silently
+    and the two split the traffic."""
+    from concurrent import futures
+
+    from conftest import free_port
+    from grpc import aio
+
+    from predictor.server import PredictorServer, ServerFailed
+    from predictor.settings import ServeSettings
+
+    async def main() -> None:
+        held = aio.server(futures.ThreadPoolExecutor(1))  # another server with gRPC's default options
+        port = held.add_insecure_port("[::]:0")
+        await held.start()
+        try:
+            settings = ServeSettings(model=str(tmp_path / "missing"), http_port=free_port(), grpc_port=port)
+            with pytest.raises(ServerFailed, match=rf"gRPC server on :{port} failed"):
+                await asyncio.wait_for(PredictorServer(settings, host="127.0.0.1").serve(), 30)
+        finally:
+            await held.stop(0)
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -86,6 +86,24 @@ def test_a_refused_request_is_counted_once(server, protocol, path, send, status,
         assert sample("motlens_rejected_total", reason=reason) == rejected + 1
 
 
+def test_a_refused_grpc_infer_is_counted_once(tiny_server):
+    """REST counted its refusals before predict; gRPC counted only those inside predict."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    server, _ = tiny_server
+    stub = GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.settings.grpc_port}"))
+    text = pb.InferTensorContents(bytes_contents=[TEXT.encode()])
+    for name, code in [("other", grpc.StatusCode.NOT_FOUND), (MODEL, grpc.StatusCode.INVALID_ARGUMENT)]:
+        tensor = pb.ModelInferRequest.InferInputTensor(name="txt", datatype="BYTES", shape=[1], contents=text)
+        before = requests_total("v2-grpc", "client_error")
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(pb.ModelInferRequest(model_name=name, inputs=[tensor]), timeout=30)
+        assert info.value.code() == code
+        assert requests_total("v2-grpc", "client_error") == before + 1, name
+
+
 def test_a_long_bad_value_is_not_echoed_whole(server):
     body = v2_body([TEXT])
     body["inputs"].append({"name": "odometer_miles", "datatype": "FP32", "shape": [1], "data": ["x" * 10_000]})
