@@ -197,9 +197,8 @@ async def test_cache_shared_by_two_versions_never_crosses(backends):
     assert len(cache) == 6
 
 
-async def test_a_unit_closed_while_model_work_outlasts_the_timeout_keeps_its_model(tiny_bundle, embedder):
-    """Freeing the model under queued requests failed them (500) once the drain timeout passed."""
-    backend = load_backend(str(tiny_bundle.root), embedder=embedder)
+def hold_model_calls(backend) -> tuple[threading.Event, threading.Event]:  # noqa: ANN001
+    """Hold ``backend``'s model calls until ``gate`` is set; ``entered`` is set once one is inside."""
     entered, gate = threading.Event(), threading.Event()
     encode = backend.encode_tokens
 
@@ -208,7 +207,14 @@ async def test_a_unit_closed_while_model_work_outlasts_the_timeout_keeps_its_mod
         assert gate.wait(60)
         return encode(ids)
 
-    backend.encode_tokens = gated  # type: ignore[method-assign]
+    backend.encode_tokens = gated
+    return entered, gate
+
+
+async def test_a_unit_closed_while_model_work_outlasts_the_timeout_keeps_its_model(tiny_bundle, embedder):
+    """Freeing the model under queued requests failed them (500) once the drain timeout passed."""
+    backend = load_backend(str(tiny_bundle.root), embedder=embedder)
+    entered, gate = hold_model_calls(backend)
     unit = ServingUnit(backend, ServeSettings(batch_max_items=2, batch_max_wait_ms=0), EmbeddingCache(0), "production")
     first = asyncio.ensure_future(unit.predict(TEXTS[:2], None))
     assert await asyncio.to_thread(entered.wait, 30)
@@ -237,15 +243,7 @@ async def test_a_retired_version_keeps_its_series_until_its_last_request_ends(ti
     shutil.copytree(tiny_bundle.root, root)
     write_manifest(root, version="4343", run_id="tiny-4343")  # no other test serves it
     backend = load_backend(str(root), embedder=embedder)
-    entered, gate = threading.Event(), threading.Event()
-    encode = backend.encode_tokens
-
-    def gated(ids):  # noqa: ANN001, ANN202
-        entered.set()
-        assert gate.wait(60)
-        return encode(ids)
-
-    backend.encode_tokens = gated  # type: ignore[method-assign]
+    entered, gate = hold_model_calls(backend)
     gate.set()
     settings = ServeSettings(batch_max_wait_ms=0)
     slots = SlotManager(settings, EmbeddingCache(0), load_backend)
