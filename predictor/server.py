@@ -194,8 +194,14 @@ def _count_refused(request: Request, exc: Exception, outcome: str, reason: str |
 
 
 def _id_header(request: Request) -> dict[str, str]:
-    """``x-request-id`` with the id an infer route resolved (checked by the codec), else nothing."""
+    """``x-request-id`` with the id an infer route resolved, else (refused before that: body too large,
+    wrong media type, not ready) the client's own header if the codec accepts it, else nothing."""
     rid = getattr(request.state, "request_id", None)
+    if not rid and (header := request.headers.get("x-request-id")):
+        try:
+            rid = resolve_request_id(None, header)
+        except InvalidInput:
+            rid = None
     return {"x-request-id": rid} if rid else {}
 
 
@@ -365,13 +371,13 @@ async def _overloaded_handler(request: Request, exc: Exception) -> Response:
 
 async def _unsupported_media_handler(request: Request, exc: Exception) -> Response:
     _count_refused(request, exc, "client_error", "unsupported_media")
-    return _json({"error": str(exc)}, status_code=415)
+    return _json({"error": str(exc)}, status_code=415, headers=_id_header(request))
 
 
 async def _too_large_handler(request: Request, exc: Exception) -> Response:
     _count_refused(request, exc, "client_error")
     metrics.REJECTED.labels(reason="body_too_large").inc()
-    return _json({"error": str(exc)}, status_code=413)
+    return _json({"error": str(exc)}, status_code=413, headers=_id_header(request))
 
 
 ADMIN_MAX_BODY = 64 * 1024

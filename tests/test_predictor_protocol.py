@@ -85,6 +85,8 @@ def test_server_is_not_ready_without_a_model(tmp_path):
         assert httpx.get(f"{base}/v2/health/live").status_code == 200
         ready = httpx.get(f"{base}/v2/health/ready")
         assert ready.status_code == 503 and "error" in ready.json(), ready.text
+        refused = httpx.post(base + V1, json={"instances": TEXTS}, headers={"x-request-id": "trace-503"})
+        assert refused.status_code == 503 and refused.headers["x-request-id"] == "trace-503"
         assert stub(settings.grpc_port).ServerReady(pb.ServerReadyRequest(), timeout=10).ready is False
     finally:
         thread.stop()
@@ -217,6 +219,19 @@ def test_request_ids_come_from_the_body_else_the_header(served):
     assert bad.status_code == 400 and "request 'id'" in bad.json()["error"]
     long_header = httpx.post(base + V2, json=v2_body(), headers={"x-request-id": "r" * 129})
     assert long_header.status_code == 400 and "x-request-id has 129 characters" in long_header.json()["error"]
+
+
+def test_refusals_before_the_body_is_read_echo_the_clients_request_id(served, tiny_server):
+    """413 and 415 come before the body's id is known: the client's header id still comes back."""
+    base, _ = served
+    header = {"x-request-id": "trace-refused"}
+    limit = tiny_server[0].settings.max_body_bytes
+    big = httpx.post(base + V2, content=b"x" * (limit + 1), headers=header)
+    assert big.status_code == 413 and big.headers["x-request-id"] == "trace-refused"
+    form = httpx.post(base + V1, content=b"instances=x", headers={**header, "Content-Type": "text/plain"})
+    assert form.status_code == 415 and form.headers["x-request-id"] == "trace-refused", form.text
+    bad = httpx.post(base + V2, content=b"x" * (limit + 1), headers={"x-request-id": "r" * 129})
+    assert bad.status_code == 413 and "x-request-id" not in bad.headers  # an unusable id is not echoed
 
 
 # ---------------------------------------------------------------- binary extension
