@@ -50,6 +50,10 @@ class PredictionLogWriter:
         self._inflight = 0
         self._closed = False
         self._stopping = False
+        #: close() gave up on the thread (``_abandoned``): whichever of the two finishes last releases
+        #: the sink and the spool (its lock)
+        self._abandoned = False
+        self._finished = False
         self._flush_requested = False
         self._counts = {"written": 0, "spilled": 0, "replayed": 0}
         self._dropped: dict[str, int] = {}
@@ -119,10 +123,17 @@ class PredictionLogWriter:
                 if table is not None:
                     self._spill(table, uuid.uuid4().hex)
             log.warning("predlog: writer did not stop within %.1fs; queued rows kept in the spool", timeout)
-        else:
-            self.sink.close()
-            self.spool.close()
+            metrics.QUEUE_DEPTH.set(0)
+            with self._cond:
+                self._abandoned = True
+                if not self._finished:
+                    return  # the thread releases them when the sink lets it go
+        self._release()
         metrics.QUEUE_DEPTH.set(0)
+
+    def _release(self) -> None:
+        self.sink.close()
+        self.spool.close()
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
@@ -166,6 +177,11 @@ class PredictionLogWriter:
                     metrics.SPOOL_BYTES.set(self.spool.bytes)
                     self._cond.notify_all()
             if stop:
+                with self._cond:
+                    self._finished = True
+                    abandoned = self._abandoned
+                if abandoned:  # close() timed out and left the spool's lock to this thread
+                    self._release()
                 return
 
     def _deliver(self, batch: list[PredictionRecord]) -> None:
