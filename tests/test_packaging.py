@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from manifest_helpers import REPO
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PACKAGES = tuple(p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"])
@@ -108,3 +109,22 @@ def test_wheel_ships_package_data_and_license(dists) -> None:
     text = license_text.decode()
     assert "Apache License\n                           Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text
+
+
+def _key(req: Requirement) -> tuple[str, str, frozenset[str]]:
+    return canonicalize_name(req.name), str(req.specifier), frozenset(req.extras)
+
+
+@pytest.mark.parametrize("extras", ["serve", "drift,promote"])
+def test_image_dependency_step_installs_what_the_wheel_requires(dists, extras: str) -> None:
+    """The Dockerfile installs scripts/extra_requirements.py's list, then the wheel with --no-deps: the
+    list must be what the wheel itself requires with those extras (what `pip install motlens[...]` takes)."""
+    _, wheel = dists
+    with zipfile.ZipFile(wheel) as zf:
+        info = next(n.split("/")[0] for n in zf.namelist() if n.split("/")[0].endswith(".dist-info"))
+        requires = Parser().parsestr(zf.read(f"{info}/METADATA").decode()).get_all("Requires-Dist") or []
+    envs = [{"extra": e} for e in ("", *extras.split(","))]
+    wanted = {_key(r) for r in map(Requirement, requires) if r.marker is None or any(map(r.marker.evaluate, envs))}
+    helper = [sys.executable, str(REPO / "scripts" / "extra_requirements.py"), str(REPO / "pyproject.toml"), extras]
+    listed = {_key(Requirement(line)) for line in _run(helper, REPO).splitlines()}
+    assert listed == wanted
