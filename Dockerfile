@@ -15,6 +15,10 @@
 # libraries write (HOME, caches, MOTLENS_HOME) points below /tmp or /var/lib/motlens, which the
 # manifests mount as emptyDir volumes. Nothing secret is read at build time or baked in.
 # Base images are pinned to exact tags; pin their digests too (docs/deploy.md "Images").
+#
+# Layers: the dependency venvs (torch and ~150 packages) are built from pyproject.toml and
+# constraints.txt alone; each final target then installs the project's wheel on top with --no-deps.
+# A source change rebuilds the wheel and that one small layer, nothing below it.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
@@ -30,16 +34,10 @@ RUN groupadd --gid 10001 motlens \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/motlens
 
 # ---------------------------------------------------------------------------------------------
-# Build stage: the project as a wheel, and the script that makes a venv with given extras.
+# Build stage: the project as a wheel. The only stage that sees the sources.
 FROM base AS build
-# cpu | cuda. CUDA wheels carry their own CUDA runtime; the NVIDIA driver comes from the node
-# (NVIDIA container toolkit), so both variants share the same slim base.
-ARG VARIANT=cpu
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_CUDA=cu128
-ENV VARIANT=${VARIANT} TORCH_VERSION=${TORCH_VERSION} TORCH_CUDA=${TORCH_CUDA}
 WORKDIR /src
-COPY pyproject.toml README.md constraints.txt ./
+COPY pyproject.toml README.md LICENSE ./
 COPY motlens/ motlens/
 COPY predictor/ predictor/
 COPY training/ training/
@@ -47,8 +45,22 @@ COPY predlog/ predlog/
 COPY drift/ drift/
 COPY promotion/ promotion/
 RUN python -m pip wheel --no-deps --wheel-dir /wheels .
-# make-venv EXTRAS: torch first (the CPU or CUDA build, so no dependency pulls another one),
-# then motlens[EXTRAS] pinned by constraints.txt.
+
+# ---------------------------------------------------------------------------------------------
+# Dependency venvs: they see pyproject.toml and constraints.txt only, so a source change leaves
+# their layers (torch and ~150 packages) cached; the final targets add the project's wheel.
+FROM base AS deps
+# cpu | cuda. CUDA wheels carry their own CUDA runtime; the NVIDIA driver comes from the node
+# (NVIDIA container toolkit), so both variants share the same slim base.
+ARG VARIANT=cpu
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_CUDA=cu128
+ENV VARIANT=${VARIANT} TORCH_VERSION=${TORCH_VERSION} TORCH_CUDA=${TORCH_CUDA}
+WORKDIR /src
+COPY pyproject.toml constraints.txt ./
+COPY scripts/extra_requirements.py /usr/local/bin/
+# make-venv EXTRAS: torch first (the CPU or CUDA build, so no dependency pulls another one), then
+# the third-party requirements of the core and EXTRAS (not the project), pinned by constraints.txt.
 COPY --chmod=0755 <<'SH' /usr/local/bin/make-venv
 #!/bin/sh
 set -eu
@@ -59,20 +71,22 @@ case "$VARIANT" in
 esac
 python -m venv /opt/venv
 pip install "torch==$TORCH_VERSION" --index-url "$index"
-pip install -c /src/constraints.txt "$(ls /wheels/motlens-*.whl)[$1]"
-pip check
+python /usr/local/bin/extra_requirements.py /src/pyproject.toml "$1" > /tmp/requirements.txt
+pip install -c /src/constraints.txt -r /tmp/requirements.txt
 SH
 
-FROM build AS venv-predictor
+FROM deps AS venv-predictor
 RUN make-venv serve
 
-FROM build AS venv-jobs
+FROM deps AS venv-jobs
 RUN make-venv drift,promote
 
 # ---------------------------------------------------------------------------------------------
 # Runtime settings shared by both final targets: writable paths off the (read-only) root
 # filesystem, no hub downloads, no telemetry calls (MLflow, Evidently) from inside the cluster.
 FROM base AS runtime
+# DL3064 takes TOKENIZERS_PARALLELISM for a secret; it is a switch.
+# hadolint ignore=DL3064
 ENV HOME=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
     HF_HOME=/tmp/.cache/huggingface \
@@ -92,6 +106,8 @@ ENTRYPOINT ["motlens"]
 # ---------------------------------------------------------------------------------------------
 FROM runtime AS jobs
 COPY --from=venv-jobs /opt/venv /opt/venv
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-deps /wheels/motlens-*.whl && pip check
 USER 10001:10001
 CMD ["--help"]
 
@@ -99,6 +115,8 @@ CMD ["--help"]
 # Last, so that a plain `docker build .` gives the predictor.
 FROM runtime AS predictor
 COPY --from=venv-predictor /opt/venv /opt/venv
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-deps /wheels/motlens-*.whl && pip check
 USER 10001:10001
 EXPOSE 8080 8081
 CMD ["serve", "--model", "/mnt/models", "--http-port", "8080", "--grpc-port", "8081"]

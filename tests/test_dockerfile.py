@@ -1,14 +1,17 @@
 """Static checks of the Dockerfile (no Docker engine here): targets, non-root user, pinned bases, no
-secrets, no baked-in model, read-only root filesystem, and slim dependency sets per target."""
+secrets, no baked-in model, read-only root filesystem, slim dependency sets per target, and dependency
+layers that no source change invalidates."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 from manifest_helpers import REPO
@@ -17,6 +20,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 DOCKERFILE = REPO / "Dockerfile"
+HELPER = REPO / "scripts" / "extra_requirements.py"
 SECRET_NAME = re.compile(
     r"(^|_)(PASSW(OR)?D|SECRET|TOKEN|API_?KEY|ACCESS_KEY(_ID)?|PRIVATE_KEY|CREDENTIALS?)(_|$)", re.I
 )
@@ -154,27 +158,76 @@ def test_model_is_not_baked_in_and_root_fs_can_be_read_only(dockerfile) -> None:
     assert settings["HF_HUB_OFFLINE"] == "1"
 
 
+def _venv_stage(stages: dict[str, Stage], target: str) -> str:
+    """The stage whose /opt/venv the target copies."""
+    (source,) = [m.group(1) for a in stages[target].args("COPY") if (m := re.search(r"--from=(\S+)", a))]
+    return source
+
+
 def _make_venv_extras(stages: dict[str, Stage], target: str) -> str:
-    (source,) = [re.search(r"--from=(\S+)", a).group(1) for a in stages[target].args("COPY") if "--from=" in a]
+    source = _venv_stage(stages, target)
     runs = [a for s in chain(stages, source) for a in s.args("RUN") if a.startswith("make-venv")]
     assert len(runs) == 1, f"{target}: expected one make-venv in {source}"
     return runs[0].split()[1]
 
 
+def _make_venv_script(ordered: list[Stage]) -> str:
+    (copy,) = [a for s in ordered for a in s.args("COPY") if "/usr/local/bin/make-venv" in a.split("\n", 1)[0]]
+    return copy.split("\n", 1)[1] + "\n"
+
+
 def test_targets_install_their_extras_only(dockerfile) -> None:
-    _, stages, _ = dockerfile
+    _, stages, ordered = dockerfile
     assert _make_venv_extras(stages, "predictor") == "serve"
     assert set(_make_venv_extras(stages, "jobs").split(",")) == {"drift", "promote"}
-    script = next(a for a in stages["build"].args("COPY") if "make-venv" in a)
-    torch_at, project_at = script.index('pip install "torch=='), script.index("motlens-*.whl")
-    assert torch_at < project_at, "torch (CPU/CUDA build) must be installed before the project"
-    assert "https://download.pytorch.org/whl/cpu" in script and "-c /src/constraints.txt" in script
+    script = _make_venv_script(ordered)
+    torch_at, deps_at = script.index('pip install "torch=='), script.index("pip install -c /src/constraints.txt -r ")
+    assert torch_at < deps_at, "torch (CPU/CUDA build) must be installed before the other dependencies"
+    assert "https://download.pytorch.org/whl/cpu" in script
+    assert "extra_requirements.py /src/pyproject.toml \"$1\"" in script
+
+
+def test_dependency_venvs_see_no_sources_and_the_project_comes_after(dockerfile) -> None:
+    """A source change must not invalidate the dependency layers (torch and ~150 packages): the stages
+    that run make-venv copy only pyproject.toml, constraints.txt and the requirements helper, and the
+    project's wheel from the build stage is installed with --no-deps in the final target afterwards."""
+    _, stages, _ = dockerfile
+    dependency_inputs = {"pyproject.toml", "constraints.txt", "scripts/extra_requirements.py"}
+    for target in ("predictor", "jobs"):
+        venv = _venv_stage(stages, target)
+        assert "build" not in [s.name for s in chain(stages, venv)], f"{venv} descends from the build stage"
+        for stage in chain(stages, venv):
+            for keyword, rest in stage.instructions:
+                assert keyword != "ADD" and "--from=" not in rest, f"{stage.name}: {keyword} {rest}"
+                if keyword == "COPY" and "<<" not in rest:
+                    *sources, _dest = [w for w in rest.split() if not w.startswith("--")]
+                    assert set(sources) <= dependency_inputs, f"{stage.name}: COPY {sources} before make-venv"
+        steps = [(k, a) for k, a in stages[target].instructions if k in ("COPY", "RUN")]
+        assert steps[0][0] == "COPY" and f"--from={venv} /opt/venv " in steps[0][1] + " "
+        install = [a for k, a in steps[1:] if "pip install" in a]
+        assert len(install) == 1, f"{target}: one install of the project after its dependency venv"
+        assert re.match(r"--mount=type=bind,from=build,source=/wheels,target=/wheels\s", install[0]), install[0]
+        assert "pip install --no-deps /wheels/motlens-*.whl && pip check" in install[0]
+
+
+def test_build_stage_builds_the_wheel_with_readme_and_license(dockerfile) -> None:
+    _, stages, _ = dockerfile
+    copied = {w for a in stages["build"].args("COPY") if "<<" not in a for w in a.split()[:-1]}
+    assert {"pyproject.toml", "README.md", "LICENSE"} <= copied
+    assert stages["build"].args("RUN") == ["python -m pip wheel --no-deps --wheel-dir /wheels ."]
+
+
+def test_torch_version_matches_setup_and_makefile(dockerfile) -> None:
+    _, _, ordered = dockerfile
+    (default,) = [a.split("=", 1)[1] for s in ordered for a in s.args("ARG") if a.startswith("TORCH_VERSION=")]
+    for path in ("Makefile", "scripts/setup.sh"):
+        pins = set(re.findall(r"torch==([\w.+]+)", (REPO / path).read_text()))
+        assert pins == {default}, f"{path}: torch {pins}, Dockerfile TORCH_VERSION={default}"
 
 
 def test_make_venv_script_is_valid_sh_and_refuses_unknown_variants(dockerfile, tmp_path) -> None:
-    _, stages, _ = dockerfile
-    copy = next(a for a in stages["build"].args("COPY") if "make-venv" in a)
-    script = copy.split("\n", 1)[1] + "\n"
+    _, _, ordered = dockerfile
+    script = _make_venv_script(ordered)
     assert script.startswith("#!/bin/sh\nset -eu\n")
     assert subprocess.run(["sh", "-n"], input=script, text=True, capture_output=True).returncode == 0
     path = tmp_path / "make-venv"
@@ -183,6 +236,40 @@ def test_make_venv_script_is_valid_sh_and_refuses_unknown_variants(dockerfile, t
                          text=True, capture_output=True, cwd=tmp_path)
     assert out.returncode == 1 and "VARIANT must be cpu or cuda, not 'rocm'" in out.stderr
     assert not (tmp_path / "opt").exists()
+
+
+def _extra_requirements(pyproject: Path, extras: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(HELPER), str(pyproject), extras], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("extras", ["serve", "drift,promote"])
+def test_extra_requirements_are_the_core_and_the_extras_deduplicated(extras: str) -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    out = _extra_requirements(REPO / "pyproject.toml", extras)
+    assert out.returncode == 0, out.stderr
+    expected = list(project["dependencies"])
+    for extra in extras.split(","):
+        expected += [r for r in project["optional-dependencies"][extra] if r not in expected]
+    assert out.stdout.splitlines() == expected
+
+
+def test_extra_requirements_expand_self_references_and_refuse_unknown_extras(tmp_path) -> None:
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('''[project]
+name = "My_Pkg"
+dependencies = ["numpy>=1.26"]
+[project.optional-dependencies]
+a = ["requests>=2", "numpy>=1.26"]
+b = ["rich; python_version >= '3.11'"]
+all = ["my-pkg[a, b]", "pytest"]
+''')
+    out = _extra_requirements(pyproject, "all")
+    assert out.returncode == 0, out.stderr
+    # a self-reference would make pip look the project up on the index: its extras are expanded instead
+    assert out.stdout.splitlines() == ["numpy>=1.26", "pytest", "requests>=2", "rich; python_version >= '3.11'"]
+    out = _extra_requirements(pyproject, "a,serve")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == "extra_requirements: no extra 'serve' in the project (it has: a, all, b)\n"
 
 
 def _closure(extras: set[str]) -> dict[str, set[str]]:
