@@ -22,8 +22,13 @@ def open_writer(settings: PredlogSettings | None = None):  # -> predlog.writer.P
     from predlog.writer import PredictionLogWriter
 
     settings = settings or PredlogSettings()
-    sink = ParquetSink(settings.table_dir("predictions")) if settings.embedded else ClickHouseSink(settings)
-    spool = Spool(settings.spool_dir, settings.spool_max_bytes, settings.spool_full_policy)
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes, settings.spool_full_policy)  # the dir's lock
+    sink: ClickHouseSink | ParquetSink
+    if settings.embedded:
+        sink = ParquetSink(settings.table_dir("predictions"))
+        sink.recover()
+    else:
+        sink = ClickHouseSink(settings)
     return PredictionLogWriter(sink, spool, settings)
 
 

@@ -43,6 +43,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _finish_tmp(tmp: Path) -> None:
+    """A segment its writer left as ``*.tmp`` (killed before the rename): renamed into place if it reads
+    back whole with the rows its name says, else deleted. Called with the spool's lock held."""
+    final = tmp.with_suffix("")
+    m = _SEG.match(final.name)
+    try:
+        with pa.memory_map(str(tmp)) as src:
+            whole = m is not None and pa.ipc.open_file(src).read_all().num_rows == int(m.group(2))
+    except (OSError, pa.ArrowException):
+        whole = False
+    if whole and not final.exists():
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        log.warning("predlog: spool segment %s left before its rename by a writer that stopped; kept", final.name)
+    else:
+        tmp.unlink(missing_ok=True)
+        log.warning("predlog: incomplete spool segment %s deleted", tmp.name)
+
+
 class Spool:
     """A directory of ordered segments owned by one writer (an exclusive lock; thread-safe inside it)."""
 
@@ -62,7 +82,7 @@ class Spool:
             ) from None
         self._lock = threading.Lock()
         for stale in root.glob("*.tmp"):
-            stale.unlink(missing_ok=True)
+            _finish_tmp(stale)
         self._segments: list[Segment] = sorted(
             Segment(int(m.group(1)), int(m.group(2)), m.group(3), p, p.stat().st_size)
             for p in root.iterdir()
