@@ -46,21 +46,27 @@ def _fsync_dir(path: Path) -> None:
 def _finish_tmp(tmp: Path) -> None:
     """A segment its writer left as ``*.tmp`` (killed before the rename): renamed into place if it reads
     back whole with the rows its name says, else deleted. Called with the spool's lock held."""
-    final = tmp.with_suffix("")
-    m = _SEG.match(final.name)
+    m = _SEG.match(tmp.name.removesuffix(".tmp"))
     try:
         with pa.memory_map(str(tmp)) as src:
             whole = m is not None and pa.ipc.open_file(src).read_all().num_rows == int(m.group(2))
-    except (OSError, pa.ArrowException):
+    except pa.ArrowInvalid:  # cut short
         whole = False
-    if whole and not final.exists():
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        log.warning("predlog: spool segment %s left before its rename by a writer that stopped; kept", final.name)
-    else:
+    except OSError as e:
+        log.error("predlog: cannot read spool segment %s (%s); left for the next start", tmp.name, e)
+        return
+    if not whole:
         tmp.unlink(missing_ok=True)
         log.warning("predlog: incomplete spool segment %s deleted", tmp.name)
+        return
+    try:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, tmp.with_suffix(""))
+    except OSError as e:
+        log.error("predlog: cannot keep spool segment %s (%s); left for the next start", tmp.name, e)
+        return
+    log.warning("predlog: spool segment %s, written in full before its writer stopped, kept", tmp.stem)
 
 
 class Spool:
