@@ -7,12 +7,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 from predlog.records import PredictionRecord
 from predlog.settings import PredlogSettings
 
 __all__ = ["PredictionRecord", "PredlogSettings", "open_reader", "open_writer"]
+
+log = logging.getLogger(__name__)
 
 
 def open_writer(settings: PredlogSettings | None = None):  # -> predlog.writer.PredictionLogWriter
@@ -22,8 +26,13 @@ def open_writer(settings: PredlogSettings | None = None):  # -> predlog.writer.P
     from predlog.writer import PredictionLogWriter
 
     settings = settings or PredlogSettings()
-    sink = ParquetSink(settings.table_dir("predictions")) if settings.embedded else ClickHouseSink(settings)
-    spool = Spool(settings.spool_dir, settings.spool_max_bytes, settings.spool_full_policy)
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes, settings.spool_full_policy)  # the dir's lock
+    sink: ClickHouseSink | ParquetSink
+    if settings.embedded:
+        sink = ParquetSink(settings.table_dir("predictions"))
+        sink.recover()
+    else:
+        sink = ClickHouseSink(settings)
     return PredictionLogWriter(sink, spool, settings)
 
 
@@ -45,9 +54,26 @@ def open_reader(settings: PredlogSettings | None = None):  # -> predlog.reader.P
 
 
 def _check_log_dir(root: Path) -> None:
-    """A missing log directory is an empty log; one that a file stands in the way of is an error."""
+    """A missing log directory (or table folder) is an empty log; one that a file stands in the way of,
+    or that cannot be listed (permissions), is an error naming it, never an empty log. Days a
+    compaction has set aside (``.compact-<day>/``, out of the readers' sight) are named in a warning."""
+    from predlog.schema import TABLES
+
     for path in (root, *root.parents):
         if path.exists():
             if not path.is_dir():
                 raise NotADirectoryError(f"the prediction log directory {root} cannot exist: {path} is not a directory")
-            return
+            break
+    for folder in (root, *(root / table for table in TABLES)):
+        try:
+            with os.scandir(folder) as entries:
+                merging = sorted(e.name.removeprefix(".compact-") for e in entries if e.name.startswith(".compact-"))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise type(e)(f"cannot list the prediction log folder {folder}: {e.strerror or e}") from e
+        if merging:
+            log.warning(
+                "predlog: %s rows of %s are out of sight while `motlens log compact` merges them (or until it "
+                "runs again, if it was interrupted)", folder.name, ", ".join(merging)
+            )  # fmt: skip

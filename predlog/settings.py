@@ -54,8 +54,8 @@ class PredlogSettings(BaseSettings):
     spool_full_policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
     retry_initial_s: float = Field(default=0.5, gt=0)
     retry_max_s: float = Field(default=30.0, gt=0)
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    send_receive_timeout_s: float = Field(default=30.0, gt=0)
+    connect_timeout_s: int = Field(default=5, ge=1, description="whole seconds (clickhouse-connect truncates)")
+    send_receive_timeout_s: int = Field(default=30, ge=1, description="whole seconds (clickhouse-connect truncates)")
     max_window_rows: int = Field(default=5_000_000, ge=1)
     max_query_rows: int = Field(default=100_000, ge=1, description="row cap on ad-hoc `query()` SELECTs")
 
@@ -64,6 +64,19 @@ class PredlogSettings(BaseSettings):
     def _identifier(cls, v: str) -> str:
         if not IDENT.match(v):
             raise ValueError(f"not a plain ClickHouse identifier: {v!r}")
+        return v
+
+    @field_validator("connect_timeout_s", "send_receive_timeout_s", mode="before")
+    @classmethod
+    def _whole_seconds(cls, v: object) -> object:
+        """clickhouse-connect's HTTP client truncates its timeouts to int: 0.5 became 0 and every
+        connection failed, 2.5 silently became 2."""
+        try:
+            whole = float(v).is_integer()  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return v  # not a number: pydantic's own error
+        if not whole:
+            raise ValueError("whole seconds only: clickhouse-connect drops the fraction (0.5 would become 0)")
         return v
 
     @field_validator("clickhouse_url")

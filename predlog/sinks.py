@@ -37,15 +37,25 @@ def write_parquet_segment(folder: Path, table: pa.Table, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.parquet"
     tmp = folder / f".{name}.parquet.tmp"
-    pq.write_table(table, tmp, compression="zstd", compression_level=3)
+    try:
+        pq.write_table(table, tmp, compression="zstd", compression_level=3)
+        _publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a partial file must not stay behind (disk full)
+        raise
+    return path
+
+
+def _publish(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return path
 
 
 TOKENS_KEY = b"motlens.batch_tokens"
 _BATCH_FILE = re.compile(r"^\d{8}T\d{6}-([0-9a-f]{32})\.parquet$")
+#: what :func:`write_parquet_segment` leaves of a batch file when its process dies before the rename
+_BATCH_TMP = re.compile(r"^\.((\d{8})T\d{6}-([0-9a-f]{32})\.parquet)\.tmp$")
 
 
 def batch_tokens(path: Path) -> set[str]:
@@ -72,6 +82,35 @@ class ParquetSink:
         if self._compacted(stamp[:8], token):  # a replay of a batch whose day was compacted since
             return
         write_parquet_segment(self.folder, table, f"{stamp}-{token}")
+
+    def recover(self) -> None:
+        """Finish the batch files a writer killed before their rename left as ``.<name>.parquet.tmp``:
+        one that reads back whole is published under its name (unless that batch is stored already),
+        a partial one is deleted. Call it only holding the spool's lock (the one writer of this log
+        directory); compaction's own temporary files are left to it."""
+        try:
+            found = [(p, m) for p in self.folder.iterdir() if (m := _BATCH_TMP.match(p.name))]
+        except OSError:  # no folder yet (or an unusable one: the writer spools)
+            return
+        for tmp, m in found:
+            try:
+                self._recover(tmp, self.folder / m.group(1), m.group(2), m.group(3))
+            except Exception as e:  # noqa: BLE001 - one leftover must not stop the writer from starting
+                log.error("predlog: cannot recover %s (%s); left for the next start", tmp.name, e)
+
+    def _recover(self, tmp: Path, path: Path, day: str, token: str) -> None:
+        if path.exists() or self._compacted(day, token):
+            tmp.unlink()
+            log.info("predlog: %s already stored; its leftover temporary file deleted", path.name)
+            return
+        try:
+            pq.read_table(tmp)
+        except pa.ArrowInvalid:  # cut short (a read error is an OSError: left for the next start)
+            tmp.unlink()
+            log.warning("predlog: incomplete %s (its writer stopped mid-write) deleted", tmp.name)
+            return
+        _publish(tmp, path)
+        log.warning("predlog: %s, written in full by a writer that stopped before its rename, published", path.name)
 
     def _compacted(self, day: str, token: str) -> bool:
         """Whether a merged file of ``day`` (``predlog.compact``) already holds the batch ``token``.

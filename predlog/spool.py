@@ -3,14 +3,16 @@
 Segment file name: ``{seq:016d}-{rows}-{token}.arrow``. The token is the batch's
 ``insert_deduplication_token`` (and the Parquet sink's file name), so a replay after a crash
 between "inserted" and "removed" stores the batch once. When the spool would exceed
-``max_bytes`` the policy applies: ``drop_oldest`` deletes the oldest segments (recent
-predictions matter most for canary and drift), ``drop_newest`` refuses the new batch; the rows
-lost are returned so the writer counts them as ``dropped{reason="spool_full"}``.
+``max_bytes`` the policy applies: ``drop_oldest`` deletes the oldest segments once the new one
+is on disk (recent predictions matter most for canary and drift; a write that fails deletes
+nothing), ``drop_newest`` refuses the new batch; the rows lost are returned so the writer counts
+them as ``dropped{reason="spool_full"}``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import threading
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+
+log = logging.getLogger(__name__)
 
 _SEG = re.compile(r"^(\d{16})-(\d+)-([0-9a-f]{32})\.arrow$")
 
@@ -39,6 +43,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _finish_tmp(tmp: Path) -> None:
+    """A segment its writer left as ``*.tmp`` (killed before the rename): renamed into place if it reads
+    back whole with the rows its name says, else deleted. Called with the spool's lock held."""
+    m = _SEG.match(tmp.name.removesuffix(".tmp"))
+    try:
+        with pa.memory_map(str(tmp)) as src:
+            whole = m is not None and pa.ipc.open_file(src).read_all().num_rows == int(m.group(2))
+    except pa.ArrowInvalid:  # cut short
+        whole = False
+    except OSError as e:
+        log.error("predlog: cannot read spool segment %s (%s); left for the next start", tmp.name, e)
+        return
+    if not whole:
+        tmp.unlink(missing_ok=True)
+        log.warning("predlog: incomplete spool segment %s deleted", tmp.name)
+        return
+    try:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, tmp.with_suffix(""))
+    except OSError as e:
+        log.error("predlog: cannot keep spool segment %s (%s); left for the next start", tmp.name, e)
+        return
+    log.warning("predlog: spool segment %s, written in full before its writer stopped, kept", tmp.stem)
+
+
 class Spool:
     """A directory of ordered segments owned by one writer (an exclusive lock; thread-safe inside it)."""
 
@@ -58,7 +88,7 @@ class Spool:
             ) from None
         self._lock = threading.Lock()
         for stale in root.glob("*.tmp"):
-            stale.unlink(missing_ok=True)
+            _finish_tmp(stale)
         self._segments: list[Segment] = sorted(
             Segment(int(m.group(1)), int(m.group(2)), m.group(3), p, p.stat().st_size)
             for p in root.iterdir()
@@ -82,21 +112,19 @@ class Spool:
             return self._bytes
 
     def append(self, table: pa.Table, token: str) -> tuple[Segment | None, int]:
-        """Durably add a batch; returns (segment or None if refused, rows dropped by the full policy)."""
+        """Durably add a batch; returns (segment or None if refused, rows dropped by the full policy).
+
+        Under ``drop_oldest`` the oldest segments are deleted only once the new one is on disk, so a
+        write that fails (disk full) raises with every older segment still in place."""
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema) as w:
             w.write_table(table)
         data = sink.getvalue()
         with self._lock:
-            dropped = 0
-            if self._bytes + data.size > self.max_bytes:
-                if self.policy == "drop_newest" or data.size > self.max_bytes:
-                    return None, table.num_rows
-                while self._segments and self._bytes + data.size > self.max_bytes:
-                    old = self._segments.pop(0)
-                    self._bytes -= old.bytes
-                    old.path.unlink(missing_ok=True)
-                    dropped += old.rows
+            if self._bytes + data.size > self.max_bytes and (
+                self.policy == "drop_newest" or data.size > self.max_bytes
+            ):
+                return None, table.num_rows
             seg = Segment(
                 self._seq,
                 table.num_rows,
@@ -115,10 +143,29 @@ class Spool:
             except OSError:
                 tmp.unlink(missing_ok=True)  # a partial segment must not be replayed
                 raise
-            _fsync_dir(self.root)
+            dropped = self._evict_for(data.size)
             self._segments.append(seg)
             self._bytes += data.size
+            try:
+                _fsync_dir(self.root)
+            except OSError as e:  # the segment is in place: counting it as lost would count it twice
+                log.warning("predlog: fsync of the spool directory failed (%s)", e)
             return seg, dropped
+
+    def _evict_for(self, size: int) -> int:
+        """Delete the oldest segments until ``size`` more bytes fit (lock held); returns their rows."""
+        dropped = 0
+        while self._segments and self._bytes + size > self.max_bytes:
+            old = self._segments[0]
+            try:
+                old.path.unlink(missing_ok=True)
+            except OSError as e:  # kept (and still counted in the spool): over the limit for now
+                log.warning("predlog: cannot delete spool segment %s (%s)", old.path.name, e)
+                break
+            self._segments.pop(0)
+            self._bytes -= old.bytes
+            dropped += old.rows
+        return dropped
 
     def close(self) -> None:
         """Release the spool for the next writer."""

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -80,3 +86,65 @@ def test_log_query_refuses_writes_with_a_clear_error(logged, capsys):
     assert "only SELECT" in capsys.readouterr().err
     assert main(["log", "count", "--json"]) == 0
     assert sum(c["n"] for c in _json_lines(capsys.readouterr().out)) == 30
+
+
+@pytest.fixture()
+def embedded_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path))
+    monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
+    monkeypatch.delenv("MOTLENS_PREDLOG_DIR", raising=False)
+    settings = PredlogSettings(flush_interval_s=0.02)
+    writer = predlog.open_writer(settings)
+    writer.submit(
+        [
+            PredictionRecord(request_id=f"r{i}", item_index=0, model_name="mot-defects", model_version="1",
+                             slot="production", text="tyre worn")
+            for i in range(5)
+        ]
+    )  # fmt: skip
+    writer.close(30)
+    return settings
+
+
+@pytest.mark.parametrize("table", ["", "predictions", "drift_reports"])
+def test_an_unreadable_log_folder_is_an_error_not_an_empty_log(embedded_log, monkeypatch, capsys, table):
+    """`chmod 000 …/predlog/predictions` once read as `0 row(s)`, exit 0: the drift job and the
+    promotion gates then saw "no data" instead of a broken log."""
+    folder = embedded_log.table_dir(table) if table else embedded_log.root
+    folder.mkdir(exist_ok=True)
+    scandir = os.scandir
+
+    def denied(path=".", *args):  # noqa: ANN001, ANN002, ANN202 - a folder without read permission
+        if os.fspath(path) == str(folder):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return scandir(path, *args)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    assert main(["log", "count"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(folder) in err[0] and "Permission denied" in err[0], err
+    with pytest.raises(PermissionError, match=str(folder)):
+        predlog.open_reader(embedded_log)
+
+
+COUNT = "from motlens.cli import main; raise SystemExit(main(['log', 'count']))"
+
+
+def test_an_unreadable_log_folder_for_real(embedded_log):
+    """The same with a real `chmod 000` (root's capabilities that bypass it dropped through capsh)."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if not shutil.which("capsh"):
+            pytest.skip("running as root without capsh: chmod 000 does not block root")
+        prefix = ["capsh", "--drop=cap_dac_override,cap_dac_read_search,cap_fowner", "--", "-c"]
+    folder = embedded_log.table_dir("predictions")
+    cmd = [sys.executable, "-c", COUNT]
+    folder.chmod(0)
+    try:
+        out = subprocess.run(
+            [*prefix, shlex.join(cmd)] if prefix else cmd, capture_output=True, text=True, timeout=120, env=os.environ
+        )
+    finally:
+        folder.chmod(0o755)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert str(folder) in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+
+import pyarrow.parquet as pq
+import pytest
 
 import predlog
 from predlog import PredictionRecord, PredlogSettings
-from predlog.compact import compact
+from predlog.compact import CompactError, compact
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 
-def write_days(settings: PredlogSettings, days_ago: list[int], per_batch: int = 10) -> int:
+def write_days(
+    settings: PredlogSettings,
+    days_ago: list[int],
+    per_batch: int = 10,
+    text: Callable[[int], str] = lambda i: "tyre worn",
+) -> int:
     writer = predlog.open_writer(settings)
     n = 0
     for d in days_ago:
@@ -20,7 +36,7 @@ def write_days(settings: PredlogSettings, days_ago: list[int], per_batch: int = 
                 [
                     PredictionRecord(
                         request_id=f"r{n + i}", item_index=0, model_name="mot-defects", model_version="1",
-                        slot="production", text="tyre worn", ts=NOW - timedelta(days=d, minutes=i),
+                        slot="production", text=text(i), ts=NOW - timedelta(days=d, minutes=i),
                     )
                     for i in range(per_batch)
                 ]
@@ -51,7 +67,7 @@ def test_closed_days_are_merged_and_rows_kept_once(tmp_path):
     assert compact(folder, now=NOW) == {}  # idempotent
 
 
-def test_crash_while_moving_segments_is_finished_by_the_next_run(tmp_path):
+def test_crash_while_moving_segments_is_finished_by_the_next_run(tmp_path, caplog):
     settings = PredlogSettings(dir=tmp_path, flush_interval_s=0.02)
     n = write_days(settings, [4])
     folder = settings.table_dir("predictions")
@@ -59,7 +75,9 @@ def test_crash_while_moving_segments_is_finished_by_the_next_run(tmp_path):
     work.mkdir()
     for f in sorted(folder.glob("*.parquet"))[:2]:  # two of three segments moved, then the crash
         f.rename(work / f.name)
-    assert stored(settings)["n"] == n - 20  # moved rows are hidden, never doubled
+    with caplog.at_level(logging.WARNING, logger="predlog"):
+        assert stored(settings)["n"] == n - 20  # moved rows are hidden, never doubled
+    assert "predictions rows of 20261124 are out of sight" in caplog.text  # and the reader says so
     assert "20261124" in compact(folder, now=NOW, min_files=1)
     assert not work.exists()
     assert stored(settings) == {"n": n, "u": n}
@@ -78,4 +96,116 @@ def test_crash_after_merge_only_cleans_up(tmp_path):
     backup.rename(work)
     assert compact(folder, now=NOW) == {"20261124": 0}
     assert not work.exists()
+    assert stored(settings) == {"n": n, "u": n}
+
+
+def test_a_merge_that_fails_puts_the_day_back(tmp_path, monkeypatch):
+    """A failed merge (disk full) once left the day's segments in ``.compact-<day>/``, out of every
+    reader's sight until a rerun: now they go back and the error says nothing changed."""
+    settings = PredlogSettings(dir=tmp_path, flush_interval_s=0.02)
+    n = write_days(settings, [4])
+    folder = settings.table_dir("predictions")
+    before = sorted(p.name for p in folder.iterdir())
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".parquet.tmp"):  # the merged file's
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(CompactError, match="20261124.*nothing was changed"):
+        compact(folder, now=NOW)
+    assert sorted(p.name for p in folder.iterdir()) == before  # no work folder, no partial file
+    assert stored(settings) == {"n": n, "u": n}
+    monkeypatch.undo()
+    assert compact(folder, now=NOW) == {"20261124": n}  # space is back
+    assert stored(settings) == {"n": n, "u": n}
+
+
+def test_an_interrupted_run_whose_merge_fails_again_puts_the_day_back(tmp_path, monkeypatch):
+    settings = PredlogSettings(dir=tmp_path, flush_interval_s=0.02)
+    n = write_days(settings, [4])
+    folder = settings.table_dir("predictions")
+    work = folder / ".compact-20261124"
+    work.mkdir()
+    for f in sorted(folder.glob("*.parquet"))[:2]:  # a run killed while moving the segments
+        f.rename(work / f.name)
+
+    def write_table(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the disk is full (fault injection)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", write_table)
+    with pytest.raises(CompactError, match="nothing was changed"):
+        compact(folder, now=NOW)
+    assert not work.exists() and len(list(folder.glob("*.parquet"))) == 3
+    assert stored(settings) == {"n": n, "u": n}
+
+
+COMPACT_UNDER_RLIMIT = textwrap.dedent(
+    """
+    import resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+    from motlens.cli import main
+    raise SystemExit(main(["log", "compact"]))
+    """
+)
+
+
+def test_log_compact_on_a_full_disk_changes_nothing_and_says_so(tmp_path):
+    settings = PredlogSettings(dir=tmp_path / "predlog", flush_interval_s=0.02)
+    n = write_days(settings, [4], text=lambda i: os.urandom(1000).hex())  # rows outweigh each file's metadata
+    folder = settings.table_dir("predictions")
+    before = sorted(p.name for p in folder.iterdir())
+    limit = 3 * max(p.stat().st_size for p in folder.iterdir()) // 2  # each segment fits, their merge does not
+    env = {**os.environ, "MOTLENS_HOME": str(tmp_path)}
+    env.pop("MOTLENS_CLICKHOUSE_URL", None)
+    env.pop("MOTLENS_PREDLOG_DIR", None)
+    out = subprocess.run(
+        [sys.executable, "-c", COMPACT_UNDER_RLIMIT, str(limit)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nothing was changed" in lines[0], out.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert stored(settings) == {"n": n, "u": n}
+
+
+KILLED_COMPACT = textwrap.dedent(
+    """
+    import os, shutil, signal, sys
+    from datetime import datetime
+    from pathlib import Path
+    from predlog.compact import compact
+    folder, step = Path(sys.argv[1]), sys.argv[2]
+    calls = {"rename": 0, "replace": 0, "unlink": 0}
+    real = {name: getattr(os, name) for name in calls}
+    kill_at = {"moving": ("rename", 2), "before_rename": ("replace", 1), "mid_cleanup": ("unlink", 2)}[step]
+    def patched(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            if (name, calls[name]) == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real[name](*args, **kwargs)
+        return call
+    for name in calls:
+        setattr(os, name, patched(name))
+    compact(folder, now=datetime.fromisoformat(sys.argv[3]))
+    """
+)
+
+
+@pytest.mark.parametrize("step", ["moving", "before_rename", "mid_cleanup"])
+def test_a_compaction_killed_at_any_step_is_finished_by_the_next_run(tmp_path, step):
+    settings = PredlogSettings(dir=tmp_path, flush_interval_s=0.02)
+    n = write_days(settings, [4])
+    folder = settings.table_dir("predictions")
+    out = subprocess.run(
+        [sys.executable, "-c", KILLED_COMPACT, str(folder), step, NOW.isoformat()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    compact(folder, now=NOW)
+    assert sorted(p.name[:9] for p in folder.iterdir()) == ["20261124T"]  # one merged file, nothing hidden
     assert stored(settings) == {"n": n, "u": n}

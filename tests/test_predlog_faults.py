@@ -433,3 +433,77 @@ def test_parquet_replay_after_its_day_was_compacted_is_still_idempotent(tmp_path
     reader.close()
     assert df.to_dict("records") == [{"n": 60, "u": 60}]
     assert sum(compact(folder).values()) == 0  # nothing new to merge: the replay wrote no file
+
+
+KILLED_BEFORE_RENAME = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    import predlog
+    from predlog import PredictionRecord, PredlogSettings
+    root, url, suffix = Path(sys.argv[1]), sys.argv[2] or None, sys.argv[3]
+    rename = os.replace
+    def replace(src, dst):
+        if str(dst).endswith(suffix):
+            os.kill(os.getpid(), signal.SIGKILL)  # the file is written and fsync'd, not yet renamed
+        return rename(src, dst)
+    os.replace = replace
+    w = predlog.open_writer(PredlogSettings(clickhouse_url=url, dir=root, flush_interval_s=0.05, connect_timeout_s=1))
+    w.submit([PredictionRecord(request_id=f"r{i}", item_index=0, model_name="mot-defects", model_version="7",
+                               slot="production", text=f"brake pipe corroded {i}") for i in range(50)])
+    w.flush(30)
+    """
+)
+
+
+def kill_before_rename(root: Path, url: str, suffix: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_BEFORE_RENAME, str(root), url, suffix],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+def test_a_parquet_segment_killed_before_its_rename_is_published_by_the_next_writer(tmp_path):
+    """The embedded writer killed between fsync and rename left a complete ``.<name>.parquet.tmp``
+    that nothing ever published: its rows were lost although they were on disk."""
+    settings = PredlogSettings(dir=tmp_path / "predlog", flush_interval_s=0.02)
+    kill_before_rename(settings.root, "", ".parquet")
+    folder = settings.table_dir("predictions")
+    (left,) = folder.glob(".*.parquet.tmp")
+    # a batch killed mid-write (a partial file), one whose file was stored after all, one of compaction's
+    partial = folder / f".20261101T000000-{'a' * 32}.parquet.tmp"
+    partial.write_bytes(left.read_bytes()[:200])
+    stored_copy = folder / f"20261102T000000-{'b' * 32}.parquet"
+    stored_copy.write_bytes(left.read_bytes())
+    twice = folder / f".{stored_copy.name}.tmp"
+    twice.write_bytes(left.read_bytes())
+    merging = folder / f".20261103T000000-c{'d' * 32}.parquet.tmp"
+    merging.write_bytes(b"being written by motlens log compact")
+    for _ in range(2):  # idempotent
+        predlog.open_writer(settings).close(10)
+        assert sorted(p.name for p in folder.glob(".*")) == [merging.name]
+        assert (folder / left.name[1:].removesuffix(".tmp")).exists()
+    reader = predlog.open_reader(settings)
+    try:
+        got = reader.query("SELECT count() AS n, uniqExact(request_id) AS u FROM predictions").to_dict("records")
+    finally:
+        reader.close()
+    assert got == [{"n": 100, "u": 50}]  # the published batch, and the file that stood there already
+
+
+def test_a_spool_segment_killed_before_its_rename_is_replayed(chdb_settings):
+    """The write-ahead copy killed between fsync and rename was deleted as stale on the next start,
+    and with it the only copy of the batch."""
+    settings, reader = chdb_settings
+    kill_before_rename(settings.root, f"http://127.0.0.1:{closed_port()}", ".arrow")
+    (left,) = settings.spool_dir.glob("*.arrow.tmp")
+    (settings.spool_dir / f"{0:016d}-9-{'e' * 32}.arrow.tmp").write_bytes(left.read_bytes()[:100])  # partial
+    writer = predlog.open_writer(settings)
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(10)
+    assert writer.stats()["replayed"] == 50
+    assert stored(reader, settings) == (50, 50)
+    assert not list(settings.spool_dir.glob("*.tmp"))

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import socket
+
 import pydantic
 import pytest
+from clickhouse_connect.driver.exceptions import OperationalError
 
 from predlog import PredlogSettings
+from predlog.sinks import make_client
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_embedded_default_under_motlens_home(tmp_path, monkeypatch):
@@ -106,3 +116,20 @@ def test_prediction_log_and_training_send_the_same_password(monkeypatch):
         assert sent and set(sent) == {"alice:s3cret"}, (connect.__name__, sent)
     with pytest.raises(pydantic.ValidationError, match="MOTLENS_CLICKHOUSE_PASSWORD"):
         DataSettings(clickhouse_url="http://alice:hunter2@ch:8123/")
+
+
+@pytest.mark.parametrize("field", ["connect_timeout_s", "send_receive_timeout_s"])
+@pytest.mark.parametrize("value", [0.5, "0.5", 1.5, 0])
+def test_timeouts_clickhouse_connect_would_truncate_are_refused(field, value):
+    """clickhouse-connect truncates its HTTP timeouts to whole seconds: 0.5 became 0 and every
+    connection failed ("Attempted to set connect timeout to 0"), so every batch went to the spool."""
+    with pytest.raises(pydantic.ValidationError, match=field):
+        PredlogSettings(clickhouse_url="http://127.0.0.1:9", **{field: value})
+
+
+def test_accepted_timeouts_reach_clickhouse_connect_intact(monkeypatch):
+    monkeypatch.setenv("MOTLENS_PREDLOG_CONNECT_TIMEOUT_S", "2.0")
+    s = PredlogSettings(clickhouse_url=f"http://127.0.0.1:{closed_port()}", send_receive_timeout_s=3)
+    assert (s.connect_timeout_s, s.send_receive_timeout_s) == (2, 3)
+    with pytest.raises(OperationalError):  # the closed port refuses; the timeouts themselves were taken
+        make_client(s)

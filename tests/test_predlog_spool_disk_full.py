@@ -6,10 +6,18 @@ while the sink is down, so every batch must be spooled — and each one that can
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
+
+from predlog import PredictionRecord
+from predlog.schema import records_to_arrow
+from predlog.spool import Spool
 
 SCRIPT = textwrap.dedent(
     """
@@ -53,3 +61,96 @@ def test_spool_write_failure_is_counted_not_silent(tmp_path):
     assert stats["written"] + stats["spool_rows"] + stats["dropped"] == 50, stats
     assert stats["metric_dropped"] == stats["dropped"], stats
     assert stats["dropped_by_reason"].get("spool_error", 0) > 0, stats
+
+
+FULL_THEN_FAILING = textwrap.dedent(
+    """
+    import json, resource, signal, socket, sys
+    from pathlib import Path
+    import pyarrow as pa
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    from prometheus_client import REGISTRY
+    import predlog
+    from predlog import PredictionRecord, PredlogSettings
+    from predlog.schema import records_to_arrow
+    root, backend = Path(sys.argv[1]), sys.argv[2]
+
+    def batch(k):  # equal-length texts: every batch's segment has the same size
+        return [PredictionRecord(request_id=f"r{k}-{i}", item_index=0, model_name="mot-defects", model_version="1",
+                                 slot="production", text=f"brake pipe corroded {k} {i}") for i in range(10)]
+
+    buf = pa.BufferOutputStream()
+    table = records_to_arrow(batch(0))
+    with pa.ipc.new_file(buf, table.schema) as w:
+        w.write_table(table)
+    if backend == "clickhouse":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed: every batch stays in the spool
+    else:
+        url = None
+        root.mkdir(parents=True)
+        (root / "predictions").write_text("")  # a file where the folder should be: every Parquet write fails
+    settings = PredlogSettings(
+        clickhouse_url=url, dir=root, batch_rows=10, flush_interval_s=0.05, retry_initial_s=600,
+        retry_max_s=600, connect_timeout_s=1, spool_max_bytes=int(buf.getvalue().size * 3.5),
+    )
+    writer = predlog.open_writer(settings)
+    for k in range(3):  # the spool is full
+        writer.submit(batch(k))
+        writer.flush(20)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY))  # then the disk is "full"
+    writer.submit(batch(3))
+    writer.flush(20)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    writer.close(10)
+    dropped = sum(
+        s.value for m in REGISTRY.collect() if m.name == "motlens_predlog_rows_dropped"
+        for s in m.samples if s.name == "motlens_predlog_rows_dropped_total"
+    )
+    print(json.dumps({**writer.stats(), "metric_dropped": dropped}))
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["clickhouse", "embedded"])
+def test_a_full_spool_loses_no_segment_to_a_write_that_then_fails(tmp_path, backend):
+    """drop_oldest once deleted the oldest segments before writing the new one: when that write then
+    failed (disk full) their rows were gone and counted nowhere."""
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_THEN_FAILING, str(tmp_path / "predlog"), backend],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stats["written"] + stats["spool_rows"] + stats["dropped"] == 40, stats
+    assert stats["metric_dropped"] == stats["dropped"], stats
+    assert stats["spool_rows"] == 30 and stats["dropped_by_reason"] == {"spool_error": 10}, stats
+
+
+def test_a_failed_segment_write_evicts_nothing(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "spool", 10**9)
+    tables = [records_to_arrow([_row(k)]) for k in range(4)]
+    for k in range(3):
+        spool.append(tables[k], f"{k:032x}")
+    spool.max_bytes = spool.bytes  # full: the next segment needs the oldest one's room
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError):
+        spool.append(tables[3], f"{3:032x}")
+    monkeypatch.undo()
+    assert spool.rows == 3 and len(list(spool.root.glob("*.arrow"))) == 3
+    assert not list(spool.root.glob("*.tmp"))
+    seg, dropped = spool.append(tables[3], f"{3:032x}")  # space is back: now the oldest makes room
+    assert seg is not None and dropped == 1 and spool.rows == 3
+    spool.close()
+
+
+def _row(k: int) -> PredictionRecord:
+    return PredictionRecord(
+        request_id=f"r{k}", item_index=0, model_name="mot-defects", model_version="1", slot="production",
+        text=f"brake pipe corroded {k}",
+    )  # fmt: skip
