@@ -100,3 +100,21 @@ reg.register_bundle(Path(sys.argv[3]), metrics={"m": 2.0}, params={}, alias="can
     assert [(v["version"], v["incomplete"]) for v in shown] == [("2", True), ("1", False)]
     assert main(["train", "versions", "--tracking-uri", registry.tracking_uri]) == 0
     assert "registration incomplete" in capsys.readouterr().out
+
+
+def test_a_failed_registration_whose_version_cannot_be_deleted_leaves_it_incomplete(
+    registry, bundle, monkeypatch, caplog
+):
+    registry.register_bundle(bundle, metrics={"m": 1.0}, params={}, alias="production")
+    monkeypatch.setattr(registry.client, "log_artifact", _full)
+    monkeypatch.setattr(registry.client, "delete_model_version", lambda *a: _full())
+    with pytest.raises(OSError, match="No space left"):  # the registration's own error, not the cleanup's
+        registry.register_bundle(bundle, metrics={"m": 2.0}, params={}, alias="candidate")
+    monkeypatch.undo()
+    assert "could not delete version 2" in caplog.text
+    assert [v.version for v in registry.versions()] == ["1"]
+    (kept, _) = registry.versions(include_incomplete=True)
+    assert kept.incomplete and (Path(urlparse(kept.artifact_uri).path) / "bundle.json").is_file()  # its copy stays
+    with pytest.raises(RegistryError, match="is incomplete"):
+        registry.fetch("2")
+    assert [r.info.status for r in _failed_runs(registry)] == ["FAILED"]
