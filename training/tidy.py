@@ -145,9 +145,10 @@ def tidy_files(path: Path) -> list[Path]:
 
 
 def _checked(directory: Path, name: str, rows: int, size: int) -> Path:
+    """``directory/name``, once its size and (footer) row count are as listed."""
     f = directory / name
     try:
-        ok = f.stat().st_size == size and pq.ParquetFile(f).metadata.num_rows == rows
+        ok = f.stat().st_size == size and pq.read_metadata(f).num_rows == rows
     except FileNotFoundError:
         raise TidyError(
             f"{directory}: part {name} is missing (damaged, or replaced by a load while read); load it again"
