@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import pandas as pd
 import pytest
+from child_helpers import held, run_killed
 
 from motlens.labels import SEVERITIES
-from training.dvsa import BulkReader
+from training.dvsa import BulkReader, discover, read_bulk
 from training.synth import generate
 
 
@@ -94,3 +96,71 @@ def test_an_interrupted_run_leaves_no_partial_dataset(tmp_path, monkeypatch):
     assert len(calls) == 6
     assert list((tmp_path / "new").iterdir()) == [] and _digests(tmp_path / "old") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old"]  # no staging directory left
+
+
+def _rows(d):
+    return sum(len(chunk) for chunk in read_bulk([d]))
+
+
+_KILLED_MID_WRITE = """
+from pathlib import Path
+import training.synth as synth
+real_block, calls = synth._block, []
+def block(*args):  # SIGKILLed on its 20th block of 100 tests: the staging tables are part-written
+    calls.append(1)
+    if len(calls) == 20:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_block(*args)
+synth._block, synth.BLOCK_TESTS = block, 100
+synth.generate(Path(sys.argv[1]), rows=100_000, seed=3)
+"""
+
+
+def test_a_killed_runs_staging_is_not_read_with_the_dataset(tmp_path):
+    """A SIGKILLed run leaves its hidden staging directory in out_dir: reading out_dir once took its
+    part-written tables too (162,983 rows out of a 300-row dataset, exit 0)."""
+    out = tmp_path / "raw"
+    generate(out, rows=300, seed=2)
+    before = _rows(out)
+    run_killed(_KILLED_MID_WRITE, out)
+    (staging,) = out.glob(".synth-*")
+    assert _rows(out) == before
+    assert [s.kind for s in discover([staging])[0]]  # a hidden folder or file named explicitly is read
+    assert [s.kind for s in discover([staging / "item_detail.txt"])[0]] == ["item_detail"]
+
+
+def test_the_next_run_removes_a_killed_runs_staging(tmp_path):
+    """Killed after its first table was moved into place, a run left the other four in its staging
+    directory; a rerun's dataset then loaded as 600 rows instead of 300."""
+    out = tmp_path / "raw"
+    run_killed("from pathlib import Path\nfrom training.synth import generate\n"
+               "kill_after_replace('.txt', 1)\ngenerate(Path(sys.argv[1]), rows=300, seed=1)", out)  # fmt: skip
+    assert len(list(out.glob(".synth-*"))) == 1
+    generate(out, rows=300, seed=2)
+    assert list(out.glob(".synth-*")) == []
+    generate(tmp_path / "fresh", rows=300, seed=2)
+    assert _rows(out) == _rows(tmp_path / "fresh")
+
+
+def test_a_second_run_into_the_same_directory_is_refused_while_one_writes(tmp_path):
+    from training.outdir import OutputBusy
+
+    out = tmp_path / "raw"
+    code = """
+from pathlib import Path
+import training.synth as synth
+real_block = synth._block
+def block(*args):
+    synth._block = real_block
+    hold()
+    return real_block(*args)
+synth._block = block
+synth.generate(Path(sys.argv[1]), rows=300, seed=1)
+"""
+    with held(code, out):
+        (staging,) = out.glob(".synth-*")
+        with pytest.raises(OutputBusy, match=re.escape(f"another process is writing {out}")):
+            generate(out, rows=300, seed=2)
+        assert staging.is_dir()  # the other run's staging is left alone
+    generate(tmp_path / "seed1", rows=300, seed=1)
+    assert _digests(out) == _digests(tmp_path / "seed1")  # the first run's tables, nothing else

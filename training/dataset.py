@@ -59,7 +59,8 @@ def holdout_mask(keys: Iterable[str], seed: int, fraction: float) -> np.ndarray:
 
 
 def iter_source(data: Path | pd.DataFrame, chunk_rows: int = 200_000) -> Iterator[pd.DataFrame]:
-    """Tidy chunks from a DataFrame, a tidy Parquet directory/file, or a directory of raw DVSA bulk files."""
+    """Tidy chunks from a DataFrame, a tidy table (its directory, read as its manifest lists, or one
+    Parquet file), or a directory of raw DVSA bulk files."""
     if isinstance(data, pd.DataFrame):
         for start in range(0, len(data), chunk_rows):
             yield data.iloc[start : start + chunk_rows]
@@ -67,12 +68,15 @@ def iter_source(data: Path | pd.DataFrame, chunk_rows: int = 200_000) -> Iterato
     path = Path(data)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
-    parquet = [path] if path.suffix == ".parquet" else sorted(path.glob("*.parquet"))
-    if parquet:
+    from training.tidy import MANIFEST, TIDY_SCHEMA, TidyError, tidy_files
+
+    if path.suffix == ".parquet" or (path / MANIFEST).exists() or any(path.glob("*.parquet")):
         import pyarrow.parquet as pq
 
-        from training.tidy import TIDY_SCHEMA
-
+        try:
+            parquet = tidy_files(path)
+        except TidyError as e:
+            raise DataError(str(e)) from e
         for f in parquet:
             pf = pq.ParquetFile(f)
             for batch in pf.iter_batches(batch_size=chunk_rows):

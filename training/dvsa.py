@@ -2,10 +2,11 @@
 
 Accepts ``test_result``, ``test_item``, ``item_detail``, ``item_group`` and the location lookup
 ``mdr_rfr_location``, each pipe- or comma-delimited (sniffed from the header), plain, gzipped or in
-zip archives (any number of members). Tables are recognised by their header, not their file
-names. Bytes that are not UTF-8 are read as latin-1; header rows repeated inside a file (from
-concatenated extracts) are dropped; rows with the wrong number of fields or without a usable key
-are counted in the report and skipped. A file that cannot be read at all raises
+zip archives (any number of members); directories are searched recursively, skipping hidden files
+and directories. Tables are recognised by their header, not their file names. Bytes that are not
+UTF-8 are read as latin-1; header rows repeated inside a file (from concatenated extracts) are
+dropped; rows with the wrong number of fields or without a usable key are counted in the report
+and skipped. A file that cannot be read at all raises
 :class:`BulkFormatError` naming the file and line.
 
 Memory stays constant in the input size: ``test_result`` and ``test_item`` are streamed in blocks
@@ -19,6 +20,7 @@ import codecs
 import gzip
 import io
 import math
+import os
 import re
 import tempfile
 import zipfile
@@ -155,12 +157,20 @@ def _expand(paths: Sequence[Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _SUFFIXES))
+            out.extend(sorted(f for f in _visible_files(p) if f.is_file() and f.suffix.lower() in _SUFFIXES))
         elif p.exists():
             out.append(p)
         else:
             raise BulkFormatError(f"{p}:0: no such file or directory")
     return out
+
+
+def _visible_files(folder: Path) -> Iterator[Path]:
+    """Files below ``folder`` except hidden ones and those in hidden directories (a name starting with
+    ``.``, such as the staging directory a killed ``motlens data synth`` leaves in its output)."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        yield from (Path(root, f) for f in files if not f.startswith("."))
 
 
 def is_jsonl(path: Path, member: str | None = None) -> bool:

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,6 +41,10 @@ _NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 MAX_VERSION = 2**31 - 1  # model versions are 32-bit integers in MLflow's stores
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 LKG_DIR = ".lkg"
+#: Set when a version is created and deleted as registration's last step, once the stored
+#: ``bundle.json`` names the version: a version still carrying it is never resolved.
+INCOMPLETE_TAG = "motlens.registration"
+INCOMPLETE = "incomplete"
 # MLflow client settings for a tracking server, unless set in the environment (see _http_defaults)
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
@@ -57,6 +61,10 @@ class UnknownModelRef(RegistryError):
     """The registry answered: no such version, or the alias is not set."""
 
 
+class IncompleteVersion(UnknownModelRef):
+    """The version's registration never finished (:data:`INCOMPLETE_TAG`): it is never served."""
+
+
 @dataclass
 class ModelVersionInfo:
     """One registered version of ``mot-defects`` with what the other components need."""
@@ -70,6 +78,11 @@ class ModelVersionInfo:
     metrics: dict[str, float] = field(default_factory=dict)
     created_at: datetime | None = None
 
+    @property
+    def incomplete(self) -> bool:
+        """Its registration did not finish (killed, or failed and not deleted): never served."""
+        return self.tags.get(INCOMPLETE_TAG) == INCOMPLETE
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -80,6 +93,7 @@ class ModelVersionInfo:
             "tags": dict(self.tags),
             "metrics": dict(self.metrics),
             "created_at": self.created_at.isoformat() if self.created_at else None,
+            "incomplete": self.incomplete,
         }
 
 
@@ -198,6 +212,7 @@ class Registry:
 
         run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=dict(tags or {}))
         run_id = run.info.run_id
+        mv: Any = None
         try:
             now = int(datetime.now(UTC).timestamp() * 1000)
             self.client.log_batch(
@@ -211,19 +226,40 @@ class Registry:
             self.client.log_artifacts(run_id, str(bundle.root), MODEL_ARTIFACT_PATH)
             source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
             self._ensure_registered_model()
-            mv = self.client.create_model_version(self.model_name, source=source, run_id=run_id)
+            mv = self.client.create_model_version(
+                self.model_name, source=source, run_id=run_id, tags={INCOMPLETE_TAG: INCOMPLETE}
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 shutil.copy(bundle.root / MANIFEST, Path(tmp) / MANIFEST)
                 set_manifest_fields(Path(tmp), version=str(mv.version), run_id=run_id, name=self.model_name)
                 self.client.log_artifact(run_id, str(Path(tmp) / MANIFEST), MODEL_ARTIFACT_PATH)
             self.client.set_tag(run_id, "motlens.registered_version", str(mv.version))
+            self.client.delete_model_version_tag(self.model_name, str(mv.version), INCOMPLETE_TAG)
         except BaseException:
-            self.client.set_terminated(run_id, status="FAILED")
+            self._abandon(run_id, run.info.artifact_uri, None if mv is None else str(mv.version))
             raise
         self.client.set_terminated(run_id)
         if alias is not None:
             self.set_alias(alias, str(mv.version))
         return self.resolve(str(mv.version))
+
+    def _abandon(self, run_id: str, artifact_uri: str, version: str | None) -> None:
+        """After a failed registration, best effort (a failure is logged; the caller raises the
+        original error): delete the version it created, then the run's stored bundle copy, and mark
+        the run FAILED (its params and metrics stay). A version that cannot be deleted keeps
+        :data:`INCOMPLETE_TAG` (never resolved) and its bundle copy."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        if version is None or _best_effort(
+            f"delete version {version}", lambda: self.client.delete_model_version(self.model_name, version)
+        ):
+            _best_effort(
+                f"delete the stored bundle of run {run_id}",
+                lambda: get_artifact_repository(artifact_uri, tracking_uri=self.tracking_uri).delete_artifacts(
+                    MODEL_ARTIFACT_PATH
+                ),
+            )
+        _best_effort(f"mark run {run_id} FAILED", lambda: self.client.set_terminated(run_id, status="FAILED"))
 
     def _ensure_registered_model(self) -> None:
         from mlflow.exceptions import MlflowException
@@ -252,7 +288,15 @@ class Registry:
             if e.error_code not in _NOT_FOUND:
                 raise self._failure(e) from e
             raise UnknownModelRef(self._unknown_ref_message(ref, alias, version)) from e
-        return self._info(mv)
+        info = self._info(mv)
+        if info.incomplete:
+            raise IncompleteVersion(
+                f"version {info.version} of registered model {self.model_name!r}"
+                f"{f' (alias {alias!r})' if alias else ''} is incomplete: its registration did not finish "
+                f"({INCOMPLETE_TAG}={INCOMPLETE}), so its stored bundle may not name it; register the model "
+                "again (and delete this version)"
+            )
+        return info
 
     @contextmanager
     def _answering(self) -> Iterator[None]:
@@ -463,8 +507,9 @@ class Registry:
             for k, v in tags.items():
                 self.client.set_model_version_tag(self.model_name, str(version), k, _param_value(v))
 
-    def versions(self) -> list[ModelVersionInfo]:
-        """Every version, newest first, with aliases, tags and run metrics."""
+    def versions(self, include_incomplete: bool = False) -> list[ModelVersionInfo]:
+        """Every version, newest first, with aliases, tags and run metrics; one whose registration did
+        not finish (:attr:`ModelVersionInfo.incomplete`) only with ``include_incomplete``."""
         with self._answering():
             found = self.client.search_model_versions(f"name = '{self.model_name}'")
         by_version: dict[str, list[str]] = {}
@@ -474,7 +519,8 @@ class Registry:
         for mv in found:
             info = self._info(mv)
             info.aliases = sorted(by_version.get(info.version, []))
-            out.append(info)
+            if include_incomplete or not info.incomplete:
+                out.append(info)
         return sorted(out, key=lambda i: int(i.version), reverse=True)
 
     def run_metrics(self, version: str | int) -> dict[str, float]:
@@ -517,6 +563,16 @@ def _transport_failure(e: BaseException) -> bool:
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
     return False
+
+
+def _best_effort(what: str, step: Callable[[], object]) -> bool:
+    """Run ``step``; a failure is logged as not being able to do ``what``. Whether it succeeded."""
+    try:
+        step()
+    except Exception as e:  # noqa: BLE001 - cleanup after a failure: the first error is the one raised
+        log.warning("registration failed; could not %s: %s", what, redact(str(e) or repr(e)))
+        return False
+    return True
 
 
 def check_alias(alias: str) -> None:

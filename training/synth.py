@@ -28,9 +28,12 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from tqdm import tqdm
 
+from training.outdir import exclusive
+
 BLOCK_TESTS = 100_000
 _TABLE_NAMES = ("item_detail", "item_group", "mdr_rfr_location", "test_result", "test_item")
 _ZIP_TIME = (2024, 1, 1, 0, 0, 0)
+_STAGING = ".synth-"  # prefix of the hidden staging directory in out_dir
 _EPOCH = dt.date(1970, 1, 1)
 _FIRST_DAY = (dt.date(2018, 5, 21) - _EPOCH).days
 _LAST_DAY = (dt.date(2024, 12, 31) - _EPOCH).days
@@ -361,7 +364,9 @@ def generate(out_dir: Path, rows: int, seed: int, delimiter: str = "|", zipped: 
 
     The tables are written into a hidden staging directory inside ``out_dir`` and moved into place only
     once all are complete: a run that fails or is interrupted leaves ``out_dir`` as it was (never a
-    truncated dataset that reads as a smaller one), and a rerun never mixes two formats.
+    truncated dataset that reads as a smaller one), and a rerun never mixes two formats. One run at a
+    time per ``out_dir`` (:class:`training.outdir.OutputBusy` otherwise); it first removes the staging
+    directories that killed runs left (readers skip hidden directories meanwhile).
     """
     if delimiter in ("pipe", "comma"):
         delimiter = "|" if delimiter == "pipe" else ","
@@ -370,18 +375,18 @@ def generate(out_dir: Path, rows: int, seed: int, delimiter: str = "|", zipped: 
     if rows < 0:
         raise ValueError("rows must be >= 0")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".synth-", dir=out_dir))  # out_dir's filesystem, its permissions
-    try:
-        counts = _write_tables(staging, rows, seed, delimiter, zipped)
-        for name in _TABLE_NAMES:
-            for suffix in (".txt", ".csv", ".zip"):  # an earlier run in another format must not mix in
-                (out_dir / f"{name}{suffix}").unlink(missing_ok=True)
-        for name in _TABLE_NAMES:  # the lookups first, test_item last
-            for new in staging.glob(f"{name}.*"):
-                new.replace(out_dir / new.name)  # same filesystem: a rename
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with exclusive(out_dir, f"{_STAGING}*"):
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=out_dir))  # out_dir's filesystem, its permissions
+        try:
+            counts = _write_tables(staging, rows, seed, delimiter, zipped)
+            for name in _TABLE_NAMES:
+                for suffix in (".txt", ".csv", ".zip"):  # an earlier run in another format must not mix in
+                    (out_dir / f"{name}{suffix}").unlink(missing_ok=True)
+            for name in _TABLE_NAMES:  # the lookups first, test_item last
+                for new in staging.glob(f"{name}.*"):
+                    new.replace(out_dir / new.name)  # same filesystem: a rename
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     counts["files"] = sorted(p.name for p in out_dir.iterdir() if p.stem.split(".")[0] in _TABLE_NAMES)
     return counts
 

@@ -1,7 +1,15 @@
-"""The tidy defect table (docs/architecture.md "Tidy defect table"): schema, writer, loader."""
+"""The tidy defect table (docs/architecture.md "Tidy defect table"): schema, writer, loader.
+
+A table is a directory of Parquet part files and the manifest that lists them (:data:`MANIFEST`);
+readers read only the listed parts, so a load is switched to at once, when its manifest replaces
+the previous one.
+"""
 
 from __future__ import annotations
 
+import glob
+import json
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -10,6 +18,15 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from motlens.atomic import atomic_write
+from training.outdir import exclusive
+
+#: JSON ``{"format", "rows", "parts": [{"file", "rows", "bytes"}]}``; the leading ``_`` keeps Parquet
+#: dataset readers (pyarrow.dataset, Spark) from taking it for data, and its suffix (not ``.json``)
+#: keeps ``motlens data load`` of a directory holding a table from taking it for API JSON.
+MANIFEST = "_tidy.manifest"
+FORMAT = "motlens-tidy/1"
 
 TIDY_SCHEMA = pa.schema(
     [
@@ -29,6 +46,10 @@ TIDY_SCHEMA = pa.schema(
 TIDY_COLUMNS: tuple[str, ...] = tuple(TIDY_SCHEMA.names)
 
 
+class TidyError(ValueError):
+    """A tidy table directory that is not one complete load; the message says why."""
+
+
 def to_table(df: pd.DataFrame) -> pa.Table:
     """A tidy DataFrame as an Arrow table with exactly ``TIDY_SCHEMA`` (missing columns → null)."""
     arrays = []
@@ -46,51 +67,101 @@ def to_table(df: pd.DataFrame) -> pa.Table:
 
 
 def write_tidy(chunks: Iterable[pd.DataFrame], out_dir: Path, rows_per_file: int = 1_000_000) -> int:
-    """Write tidy chunks as Parquet part files ``part-NNNNN.parquet`` under ``out_dir``; returns rows.
+    """Write tidy chunks as Parquet part files under ``out_dir``, listed in its manifest; returns rows.
 
-    The parts are written into a staging directory beside ``out_dir`` and replace its old parts only
-    once every chunk is written: a rerun never mixes two loads, and a load that fails part-way leaves
-    the previous table as it was (never a partial one that looks complete).
+    The parts are written into a staging directory beside ``out_dir``, moved in under names of this
+    load's own (``part-<load>-NNNNN.parquet``) and switched to by atomically replacing the manifest
+    (:data:`MANIFEST`); only then are the previous load's parts removed. Readers read the parts the
+    manifest lists, so a load that fails or is killed at any point leaves the previous table as it
+    was (never a partial one that looks complete). One load at a time per ``out_dir``
+    (:class:`training.outdir.OutputBusy` otherwise); the next one removes what a killed one left.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.loading-", dir=out_dir.parent))
-    total = 0
-    part = 0
-    writer: pq.ParquetWriter | None = None
-    in_file = 0
-    try:
+    with exclusive(out_dir, f".{glob.escape(out_dir.name)}.loading-*", out_dir.parent):
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.loading-", dir=out_dir.parent))
         try:
-            for df in chunks:
-                if df.empty:
-                    continue
-                if writer is None or in_file >= rows_per_file:
-                    if writer is not None:
-                        writer.close()
-                    path = staging / f"part-{part:05d}.parquet"
-                    writer = pq.ParquetWriter(path, TIDY_SCHEMA, compression="zstd")
-                    part += 1
-                    in_file = 0
-                writer.write_table(to_table(df))
-                in_file += len(df)
-                total += len(df)
+            parts = _write_parts(chunks, staging, rows_per_file)
+            for part in parts:
+                (staging / part["file"]).replace(out_dir / part["file"])  # same filesystem: a rename
+            total = sum(part["rows"] for part in parts)
+            atomic_write(out_dir / MANIFEST, json.dumps({"format": FORMAT, "rows": total, "parts": parts}, indent=1))
+            listed = {part["file"] for part in parts}
+            for old in out_dir.glob("part-*.parquet"):  # the previous load's, and any a killed load moved in
+                if old.name not in listed:
+                    old.unlink()
         finally:
-            if writer is not None:
-                writer.close()
-        for old in out_dir.glob("part-*.parquet"):
-            old.unlink()
-        for new in sorted(staging.glob("part-*.parquet")):
-            new.replace(out_dir / new.name)  # same filesystem: a rename
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
     return total
 
 
-def load_tidy(directory: Path) -> pd.DataFrame:
-    """All tidy part files under ``directory`` as one DataFrame (``section`` int8, dates as ``date``)."""
-    directory = Path(directory)
-    files = sorted(directory.glob("*.parquet")) if directory.is_dir() else [directory]
-    if not files:
-        raise FileNotFoundError(f"no tidy Parquet files in {directory}")
-    tables = [pq.read_table(f, schema=TIDY_SCHEMA) for f in files]
-    return pa.concat_tables(tables).to_pandas(types_mapper=None)
+def _write_parts(chunks: Iterable[pd.DataFrame], staging: Path, rows_per_file: int) -> list[dict]:
+    """The chunks as part files in ``staging``; their manifest entries (``file``, ``rows``, ``bytes``)."""
+    load = secrets.token_hex(4)
+    parts: list[dict] = []
+    writer: pq.ParquetWriter | None = None
+    try:
+        for df in chunks:
+            if df.empty:
+                continue
+            if writer is None or parts[-1]["rows"] >= rows_per_file:
+                if writer is not None:
+                    writer.close()
+                parts.append({"file": f"part-{load}-{len(parts):05d}.parquet", "rows": 0})
+                writer = pq.ParquetWriter(staging / parts[-1]["file"], TIDY_SCHEMA, compression="zstd")
+            writer.write_table(to_table(df))
+            parts[-1]["rows"] += len(df)
+    finally:
+        if writer is not None:
+            writer.close()
+    for part in parts:
+        part["bytes"] = (staging / part["file"]).stat().st_size
+    return parts
+
+
+def tidy_files(path: Path) -> list[Path]:
+    """The Parquet files of a tidy table: ``path`` itself when it is a file, else the parts its
+    manifest lists, each checked to be there with the listed size and row count.
+
+    Raises :class:`TidyError` for a directory without a readable manifest (an interrupted load, or
+    one written before tables had manifests) or with a part missing or different.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    manifest = path / MANIFEST
+    try:
+        doc = json.loads(manifest.read_text())
+        if doc["format"] != FORMAT:
+            raise ValueError(f"format {doc['format']!r}, not {FORMAT!r}")
+        parts = [(Path(str(p["file"])).name, int(p["rows"]), int(p["bytes"])) for p in doc["parts"]]
+    except FileNotFoundError:
+        raise TidyError(
+            f"{path}: no manifest {MANIFEST}, so not a complete tidy table (an interrupted load, or one "
+            "written before tables had manifests); load it again with `motlens data load`"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TidyError(f"{manifest}: unreadable manifest ({e}); load the table again") from e
+    return [_checked(path, *part) for part in parts]
+
+
+def _checked(directory: Path, name: str, rows: int, size: int) -> Path:
+    """``directory/name``, once its size and (footer) row count are as listed."""
+    f = directory / name
+    try:
+        ok = f.stat().st_size == size and pq.read_metadata(f).num_rows == rows
+    except FileNotFoundError:
+        raise TidyError(
+            f"{directory}: part {name} is missing (damaged, or replaced by a load while read); load it again"
+        ) from None
+    except (OSError, pa.ArrowException):
+        ok = False
+    if not ok:
+        raise TidyError(f"{directory}: part {name} does not match the manifest ({rows} rows, {size} bytes)")
+    return f
+
+
+def load_tidy(path: Path) -> pd.DataFrame:
+    """A tidy table (a directory, see :func:`tidy_files`, or one part file) as one DataFrame
+    (``section`` int8, dates as ``date``)."""
+    tables = [pq.read_table(f, schema=TIDY_SCHEMA) for f in tidy_files(path)]
+    return (pa.concat_tables(tables) if tables else TIDY_SCHEMA.empty_table()).to_pandas(types_mapper=None)

@@ -123,7 +123,7 @@ def _versions(args: argparse.Namespace) -> int:
     from training.registry import Registry, RegistryError
 
     try:
-        versions = Registry(args.tracking_uri).versions()
+        versions = Registry(args.tracking_uri).versions(include_incomplete=True)
     except RegistryError as e:
         print(f"motlens train versions: {e}", file=sys.stderr)
         return 2
@@ -145,7 +145,11 @@ def _versions(args: argparse.Namespace) -> int:
             *(f"{m[k]:.3f}" if k in m else "" for k in ("section_macro_f1", "severity_macro_f1", "fail_auc")),
             (v.run_id or "")[:8],
         )
-    Console().print(t if versions else "no registered versions")
+    c = Console()
+    c.print(t if versions else "no registered versions")
+    for v in versions:
+        if v.incomplete:
+            c.print(f"version {v.version}: registration incomplete (killed or failed part-way); never served")
     return 0
 
 
