@@ -13,6 +13,7 @@ import pandas as pd
 from drift import stattests
 from drift.columns import CATEGORICAL, DRIFT_COLUMNS, MISSING, NUMERICAL, embedding_frame
 from drift.settings import DriftSettings
+from motlens.atomic import atomic_write
 
 EMBEDDINGS_NAME = "embedding"
 _DEFAULT_THRESHOLDS = {"model": 0.55, "mmd": 0.015, "ratio": 0.2, "distance": 0.2}
@@ -116,7 +117,7 @@ def data_drift(
         Dataset.from_pandas(reference[cols], data_definition=definition),
     )
     if html is not None:
-        snapshot.save_html(str(html))
+        atomic_write(html, snapshot.get_html_str(as_iframe=False))
     doc = snapshot.dict()
     status = {t["metric_config"]["metric_id"]: t["status"] for t in doc["tests"]}
     columns: list[ColumnDrift] = []
@@ -215,7 +216,7 @@ def embedding_drift(
             Dataset.from_pandas(cur_df, data_definition=definition),
             Dataset.from_pandas(ref_df, data_definition=definition),
         )
-        snapshot.save_html(str(html))
+        atomic_write(html, snapshot.get_html_str(as_iframe=False))
         score = float(snapshot.dict()["metrics"][0]["value"])
     return EmbeddingDriftResult(
         rows_reference=len(reference),

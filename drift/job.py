@@ -17,6 +17,7 @@ from drift.evaluate import data_drift, embedding_drift
 from drift.settings import DriftSettings
 from drift.sources import Side, read_reference_file, read_window
 from drift.windows import ReferenceSpec, Window, current_window, reference_spec
+from motlens.atomic import remove_stale_temps
 from motlens.errors import describe
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,8 @@ class DriftJob:
         s.output.mkdir(parents=True, exist_ok=True)
         for stale in (REPORT_HTML, EMBEDDINGS_HTML):  # an earlier run's report must not pass for this one's
             (s.output / stale).unlink(missing_ok=True)
+        for name in (REPORT_HTML, EMBEDDINGS_HTML, publish.SUMMARY_FILE):  # what a killed run's writes left
+            remove_stale_temps(s.output / name)
         if s.canary and s.skip_without_canary and s.version is None and not self._canary_alias_set():
             self.say("no 'canary' alias: no rollout to compare; nothing published")
             path = s.output / publish.SUMMARY_FILE
@@ -312,8 +315,10 @@ class DriftJob:
         }
 
     def _publish(self, summary: dict[str, Any], base: dict[str, Any]) -> None:
-        """Metrics, the ``drift_reports`` row and summary.json (all the same content), then the
-        outputs directory as an artifact of the version's MLflow run."""
+        """summary.json first, so a run that cannot write its outputs fails (exit 2) before anything
+        is published; then metrics, the ``drift_reports`` row and summary.json again (the same
+        content, with where the metrics went), then the outputs directory as an artifact of the
+        version's MLflow run."""
         s = self.s
         run_id = base["run_id"] if s.log_artifact else None
         outputs = summary["details"].setdefault("outputs", {})
@@ -330,6 +335,7 @@ class DriftJob:
             except Exception as e:  # noqa: BLE001 - reported, the verdict still stands
                 self._fail_output(summary, "mlflow_artifacts", e)
                 run_id = None
+        publish.write_summary(s.output, summary)
         if s.pushgateway or s.textfile:
             try:
                 reg = publish.metrics_registry(summary, self.now.timestamp())

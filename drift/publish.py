@@ -7,14 +7,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from motlens.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
+    """Replace summary.json atomically: a failed write (a full disk) keeps the previous one whole."""
     path = out_dir / SUMMARY_FILE
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    atomic_write(path, json.dumps(summary, indent=2, sort_keys=True))
     return path
 
 

@@ -12,6 +12,17 @@ import logging
 import sys
 from collections.abc import Sequence
 
+DESCRIPTION = "MOT defect texts → embeddings and defect predictions: train, serve, log, check drift, promote."
+
+#: loggers that, unless -v, would only repeat at length a failure the command reports on one line:
+#: retry warnings, and MLflow's store, which logs each database error with its traceback before raising
+#: it (mlflow resets its own ``mlflow`` logger when imported, but leaves ``mlflow.store`` alone)
+QUIET_LOGGERS = {
+    "urllib3.connectionpool": logging.ERROR,
+    "clickhouse_connect.driver": logging.ERROR,
+    "mlflow.store": logging.CRITICAL,
+}
+
 # (module, attribute) pairs: each provides ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
     "motlens.demo",
@@ -37,7 +48,7 @@ def require(module: str, extra: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="motlens", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(prog="motlens", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -52,9 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:  # their retry warnings precede the failure the command reports anyway
-        for name in ("urllib3.connectionpool", "clickhouse_connect.driver"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(logging.NOTSET if args.verbose else level)
     try:
         rc = args.func(args)
     except MissingExtra as e:

@@ -44,6 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from motlens.cli import require
+
+    require("kserve", "serve")  # before minutes of work, not after
+    require("sklearn", "train")
+    require("matplotlib", "train")
     from motlens.credentials import redact
     from motlens.state import StateSettings
     from training.dataset import DataError
@@ -80,8 +85,6 @@ def _serve_and_ask(args: argparse.Namespace, console: Any) -> dict[str, Any]:
     import sys
     import time
 
-    import httpx
-
     import predlog
     from predictor.settings import ServeSettings
 
@@ -94,8 +97,7 @@ def _serve_and_ask(args: argparse.Namespace, console: Any) -> dict[str, Any]:
                              grpc_port=args.grpc_port)  # fmt: skip
     thread = ServerThread(PredictorServer(settings, writer=predlog.open_writer())).start().wait_ready()
     try:
-        url = f"http://127.0.0.1:{args.http_port}/v2/models/mot-defects/infer"
-        response = httpx.post(url, json=SAMPLE, timeout=60).raise_for_status().json()
+        response = _post_json(f"http://127.0.0.1:{args.http_port}/v2/models/mot-defects/infer", SAMPLE)
         if args.serve:
             console.print_json(json.dumps(response))
             console.print(f"serving on :{args.http_port} (REST) and :{args.grpc_port} (gRPC); Ctrl-C stops")
@@ -106,3 +108,12 @@ def _serve_and_ask(args: argparse.Namespace, console: Any) -> dict[str, Any]:
     finally:
         thread.stop()
     return response
+
+
+def _post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST ``body`` as JSON; the JSON answer (an HTTP error status raises ``HTTPError``)."""
+    from urllib.request import Request, urlopen
+
+    request = Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urlopen(request, timeout=60) as response:
+        return json.load(response)

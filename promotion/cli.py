@@ -103,6 +103,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from motlens.cli import MissingExtra, require
     from motlens.errors import describe, report
     from promotion.locking import LockBusy
     from promotion.targets import TargetError, make_target
@@ -114,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"motlens promote: invalid settings: {describe(e)}", file=sys.stderr)
         return EXIT_ERROR
+    if args.verb != "status" and (settings.textfile or settings.pushgateway_url):
+        require("prometheus_client", "promote")  # the metrics go out after the change: refuse before it
     try:
         promoter = Promoter(
             settings, Registry(), make_target(settings), dry_run=args.dry_run, force=args.force
@@ -130,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     except (PromotionError, TargetError, RegistryError, LockBusy) as e:
         print(f"motlens promote: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except MissingExtra:  # the install hint, as every command prints it
+        raise
     except Exception as e:  # noqa: BLE001 - e.g. the MLflow server is down: one line, not a traceback
         return report("motlens promote", e)
     _print_outcome(outcome)

@@ -8,6 +8,9 @@ and applies it.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -15,7 +18,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from motlens.atomic import atomic_write
+from motlens.atomic import atomic_write, remove_stale_temps
 from promotion.locking import file_lock, lease_lock
 from promotion.rollout import (
     API_GROUP,
@@ -28,6 +31,12 @@ from promotion.rollout import (
     state_from_isvc,
 )
 from promotion.settings import PromoteSettings
+
+log = logging.getLogger(__name__)
+#: kubectl's klog line before the message: E1129 17:03:39.830883   16637 run.go:72] "command failed" err=
+_KLOG_ERR = re.compile(r'^[IWEF]\d{4} \S+\s+\d+ \S+\] "command failed" err=', re.M)
+#: kustomize echoes a failing builtin's whole configuration: "… PatchTransformer with config: `path: …`: reason"
+_ECHOED_CONFIG = re.compile(r" with config: `.*?`", re.S)
 
 
 class TargetError(RuntimeError):
@@ -173,8 +182,29 @@ def kustomize_build(path: Path) -> list[dict[str, Any]]:
         raise TargetError("the gitops target renders overlays with kubectl or kustomize; install either")
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise TargetError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
+        log.debug("%s failed:\n%s", " ".join(cmd), done.stderr)
+        reason = tool_error(done.stderr) or f"exit status {done.returncode}"
+        raise TargetError(f"{' '.join(cmd)} failed: {reason}")
     return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def tool_error(stderr: str) -> str:
+    """kubectl's or kustomize's failure on one line: the ``err`` of kubectl's klog line (quoted, or a
+    ``<`` … ``>`` block) or what follows kustomize's ``Error:``, without the echoed builtin config."""
+    text = stderr.strip()
+    if m := _KLOG_ERR.search(text):
+        text = text[m.end() :]
+        if text.startswith('"'):  # Go-quoted, on one line
+            line = text.splitlines()[0]
+            try:
+                text = json.loads(line)
+            except ValueError:
+                text = line.strip('"')
+        else:
+            text = text.removeprefix("<").split("\n >", 1)[0]
+    elif "Error:" in text:
+        text = text.split("Error:", 1)[1]
+    return " ".join(_ECHOED_CONFIG.sub("", text).split())
 
 
 def find_isvc(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -209,6 +239,8 @@ class GitOpsTarget:
                 f"overlay {self.overlay} has no kustomization.yaml "
                 f"(--manifests-dir {settings.manifests_dir}, --overlay {settings.overlay})"
             )
+        if os.path.lexists(self.file) and not self.file.is_file():  # a directory, a dangling link, …
+            raise TargetError(f"{self.file} is not a regular file: restore it from git")
 
     def describe(self) -> str:
         return f"gitops overlay {self.overlay}"
@@ -237,6 +269,10 @@ class GitOpsTarget:
         }
 
     def apply(self, desired: RolloutState) -> dict[str, Any]:
+        """Write the new rollout.yaml. This runs under :meth:`lock`, so no other write of it is in
+        flight: temp files beside it are a killed run's, removed first (before a ``git add -A``)."""
+        for stale in remove_stale_temps(self.file):
+            log.info("removed %s, left by an interrupted write", stale)
         plan = self.plan(desired)
         if plan["merge_patch"]:
             atomic_write(self.file, plan["content"])

@@ -123,6 +123,24 @@ def test_demo_training_data_error_is_one_line(capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(("module", "extra"), [("kserve", "serve"), ("sklearn", "train")])
+def test_demo_without_an_extra_refuses_before_doing_any_work(module, extra, home, monkeypatch, capsys):
+    """Without the serve extra the demo synthesised, trained and registered (~39 s), then failed on
+    ``import httpx``."""
+    monkeypatch.setitem(sys.modules, module, None)  # not installed
+    assert main(["demo", "--rows", "1"]) == 2
+    assert capsys.readouterr().err == f"motlens: {module} is not installed: pip install 'motlens[{extra}]'\n"
+    assert not home.exists()  # no state directory, no data, no registry
+
+
+def test_help_says_what_motlens_is_for(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "embeddings and defect predictions" in out and "console script" not in out
+
+
 def test_log_root_that_is_a_file_is_an_error_a_missing_one_an_empty_log(tmp_path, monkeypatch, capsys):
     a_file = tmp_path / "passwd"
     a_file.write_text("root:x:0:0\n")

@@ -4,8 +4,14 @@ registry holding a bundle with a drift reference sample, outputs checked field b
 from __future__ import annotations
 
 import json
+import os
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -262,3 +268,63 @@ def test_an_earlier_report_is_not_passed_off_as_this_runs(env, motlens, tmp_path
     summary = json.loads((out / "summary.json").read_text())
     assert rc == 2 and summary["details"]["status"] in ("insufficient_data", "error")
     assert not (out / "report.html").exists() and summary["report_path"] == ""
+
+
+def _drift_with_file_size_limit(env, limit: int, argv: list[str]):
+    """``motlens drift ARGV`` in a child whose writes past ``limit`` bytes fail (EFBIG), as on a full disk."""
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the child
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("MOTLENS_", "MLFLOW_"))}
+    child_env.update(MOTLENS_HOME=str(env[0]), PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+                     PYTHONDONTWRITEBYTECODE="1")  # fmt: skip
+    code = "import sys; from motlens.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], env=child_env, capture_output=True, text=True,
+                          timeout=600, preexec_fn=limit_file_size)  # fmt: skip
+
+
+def test_a_summary_that_cannot_be_written_keeps_the_last_one_and_publishes_nothing(env, tmp_path):
+    """summary.json was written in place after the textfile and the drift_reports row: a full disk left
+    a truncated file (not JSON) beside outputs already published for a run that then exited 2."""
+    out = tmp_path / "out"
+    out.mkdir()
+    previous = json.dumps({"details": {"status": "no_drift"}, "ts": "an earlier run"})
+    (out / "summary.json").write_text(previous)
+    prom = tmp_path / "drift.prom"
+    rows_before = _drift_report_count(env)
+    argv = ["drift", "--version", "99", "--reference", "1d", *RUN, "--no-artifact", "--output", str(out),
+            "--textfile", str(prom)]  # fmt: skip
+    proc = _drift_with_file_size_limit(env, 1000, argv)
+    assert proc.returncode == 2, proc.stderr
+    assert f"motlens drift: cannot write the outputs to {out}: [Errno 27] File too large" in proc.stderr
+    assert (out / "summary.json").read_text() == previous
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]  # no temporary file left behind
+    assert not prom.exists() and _drift_report_count(env) == rows_before
+
+
+def test_a_report_that_cannot_be_written_leaves_no_partial_html(env, tmp_path):
+    """report.html was Evidently's save_html in place: a full disk left a truncated page that the
+    summary then named as the run's report."""
+    out = tmp_path / "out"
+    argv = ["drift", "--version", "1", "--reference", str(env[0] / "bundle"), *RUN, "--no-artifact",
+            "--output", str(out)]  # fmt: skip
+    proc = _drift_with_file_size_limit(env, 64 * 1024, argv)
+    summary = json.loads((out / "summary.json").read_text())
+    assert proc.returncode == 2 and summary["details"]["status"] == "error", proc.stderr
+    assert any("File too large" in m for m in summary["details"]["messages"])
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"] and summary["report_path"] == ""
+
+
+def test_temp_files_a_killed_run_left_are_removed(env, motlens, tmp_path):
+    """A run killed before its rename leaves ``.summary.json.XXXXXXXX.tmp``: it would be logged to MLflow
+    with the next run's outputs. Only that exact pattern goes."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (".summary.json.k3j4h5g6.tmp", ".report.html.a_b0c1d2.tmp", ".summary.json.original"):
+        (out / name).write_text("left over")
+    rc = motlens(["drift", "--version", "99", "--reference", "1d", *RUN, "--no-html", "--no-artifact",
+                  "--output", str(out)])  # fmt: skip
+    assert rc == 2  # insufficient data
+    assert sorted(p.name for p in out.iterdir()) == [".summary.json.original", "summary.json"]

@@ -4,10 +4,15 @@ audit (actor, events, tags) and the exported metrics follow each action."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
 
 import pytest
-from promotion_support import make_env
+from promotion_support import REPO, make_env
 
 from motlens.cli import main
 
@@ -154,3 +159,110 @@ def test_credentials_in_the_local_url_are_refused_and_never_echoed(env, capsys, 
         assert "MOTLENS_PROMOTE_LOCAL_TOKEN" in err and err.count("\n") == 1, err
     unchecked = PromoteSettings.model_construct(local_url="http://adm:SECRET@127.0.0.1:1")
     assert "SECRET" not in LocalTarget(unchecked).describe()
+
+
+def test_a_registry_write_failure_is_reported_without_mlflow_tracebacks(env, capsys):
+    """MLflow's store logs every SQLAlchemy error with its traceback before raising it: a read-only
+    mlflow.db printed ~280 lines, 8 tracebacks, before the command's own lines."""
+    assert main(["promote", "promote", "1", "--force"]) == 0
+    db = sqlite3.connect(env.registry.tracking_uri.removeprefix("sqlite:///"))
+    with db:  # setting an alias now fails with an OperationalError, as a read-only database does
+        db.execute("CREATE TRIGGER fail BEFORE INSERT ON registered_model_aliases "
+                   "BEGIN INSERT INTO gone VALUES (1); END")  # fmt: skip
+    db.close()
+    capsys.readouterr()
+    assert main(["promote", "canary", "start", "2", "--percent", "10"]) == 1  # the rollout file changed: part-way
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "mlflow.store" not in err, err
+    assert err.splitlines()[0].startswith("motlens promote: canary_start failed part-way: model registry")
+    assert "no such table: main.gone" in err and len(err.splitlines()) == 2, err
+
+
+def _overlay(env):
+    return env.manifests / "overlays" / "cpu"
+
+
+def test_a_rollout_yaml_that_is_not_a_file_is_one_line_naming_it(env, capsys):
+    """kubectl's 10-line klog error (`run.go:72] "command failed" err=<` …) was passed through."""
+    rollout = _overlay(env) / "rollout.yaml"
+    rollout.unlink()
+    rollout.mkdir()
+    for argv in (["status"], ["canary", "start", "2", "--percent", "10"]):
+        assert main(["promote", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err == f"motlens promote: {rollout} is not a regular file: restore it from git\n", err
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [  # kubectl writes the first as a multi-line err=<…>, the second on one line as err="…"
+        ("- op: [bad\n",
+         'trouble configuring builtin PatchTransformer: unable to parse SM or JSON patch from [path: "rollout.yaml"]'),
+        ("- {op: replace, path: /spec/nothing/x, value: 1}\n",
+         "replace operation does not apply: doc is missing path: /spec/nothing/x: missing value"),
+    ],
+)  # fmt: skip
+def test_a_kustomize_failure_is_its_one_meaningful_line(env, capsys, caplog, content, expected):
+    (_overlay(env) / "rollout.yaml").write_text(content)
+    with caplog.at_level("DEBUG", logger="promotion.targets"):
+        assert main(["promote", "canary", "start", "2", "--percent", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"motlens promote: kubectl kustomize {_overlay(env)} failed: {expected}\n", err
+    assert "run.go" in caplog.text  # kubectl's own text, for -v
+
+
+def test_a_standalone_kustomize_failure_is_one_line_too():
+    from promotion.targets import tool_error
+
+    stderr = ("Error: trouble configuring builtin PatchTransformer with config: `\npath: rollout.yaml\n"
+              "target:\n  kind: InferenceService\n`: failed to get the patch file from path(rollout.yaml): "
+              "'/m/overlays/cpu/rollout.yaml' must resolve to a file\n")  # fmt: skip
+    expected = ("trouble configuring builtin PatchTransformer: failed to get the patch file from path(rollout.yaml): "
+                "'/m/overlays/cpu/rollout.yaml' must resolve to a file")  # fmt: skip
+    assert tool_error(stderr) == expected
+
+
+def test_a_write_killed_before_its_rename_leaves_no_temp_file_after_the_next(env):
+    """A run killed between writing the temp file and renaming it left `.rollout.yaml.<random>` in the
+    overlay for good (and `git add -A` would commit it)."""
+    overlay = _overlay(env)
+    (overlay / ".rollout.yaml.original").write_text("someone's own file")  # not a temp file: kept
+    kill_at_rename = (
+        "import os, signal, sys\n"
+        "real = os.replace\n"
+        "def replace(src, dst, **kw):\n"
+        "    if os.path.basename(dst) == 'rollout.yaml':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(src, dst, **kw)\n"
+        "os.replace = replace\n"
+        "from motlens.cli import main\n"
+        "sys.exit(main(['promote', 'promote', '1', '--force']))\n"
+    )
+    child = subprocess.run([sys.executable, "-c", kill_at_rename], env={**os.environ, "PYTHONPATH": str(REPO)},
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    hidden = sorted(p.name for p in overlay.iterdir() if p.name.startswith("."))
+    assert len(hidden) == 2 and ".rollout.yaml.original" in hidden  # the killed write's temp file
+    assert main(["promote", "promote", "1", "--force"]) == 0
+    assert sorted(p.name for p in overlay.iterdir() if p.name.startswith(".")) == [".rollout.yaml.original"]
+
+
+@pytest.mark.parametrize("flag", ["--textfile", "--pushgateway-url"])
+def test_metrics_without_prometheus_client_are_refused_before_any_change(env, capsys, monkeypatch, tmp_path, flag):
+    """The change was applied, then the export failed: exit 1, "the change stands, but the audit trail
+    is incomplete"."""
+    assert main(["promote", "promote", "1", "--force"]) == 0
+    before = _snapshot(env)
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # not installed
+    value = str(tmp_path / "promotion.prom") if flag == "--textfile" else "http://127.0.0.1:1"
+    capsys.readouterr()
+    assert main(["promote", "canary", "start", "2", "--percent", "10", flag, value]) == 2
+    assert capsys.readouterr().err == "motlens: prometheus_client is not installed: pip install 'motlens[promote]'\n"
+    assert _snapshot(env) == before and not (tmp_path / "promotion.prom").exists()
+    assert main(["promote", "status", flag, value]) == 0  # status exports nothing: no need
+
+
+def test_a_missing_kubernetes_client_is_the_install_hint_like_every_other_extra(env, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kubernetes", None)  # not installed
+    assert main(["promote", "status", "--target", "k8s"]) == 2
+    assert capsys.readouterr().err == "motlens: kubernetes is not installed: pip install 'motlens[promote]'\n"
