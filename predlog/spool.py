@@ -45,28 +45,37 @@ def _fsync_dir(path: Path) -> None:
 
 def _finish_tmp(tmp: Path) -> None:
     """A segment its writer left as ``*.tmp`` (killed before the rename): renamed into place if it reads
-    back whole with the rows its name says, else deleted. Called with the spool's lock held."""
+    back whole and valid with the rows its name says, else set aside as ``*.corrupt`` (never replayed).
+    Called with the spool's lock held."""
     m = _SEG.match(tmp.name.removesuffix(".tmp"))
     try:
-        with pa.memory_map(str(tmp)) as src:
-            whole = m is not None and pa.ipc.open_file(src).read_all().num_rows == int(m.group(2))
-    except pa.ArrowInvalid:  # cut short
-        whole = False
+        data = tmp.read_bytes()
     except OSError as e:
         log.error("predlog: cannot read spool segment %s (%s); left for the next start", tmp.name, e)
         return
-    if not whole:
-        tmp.unlink(missing_ok=True)
-        log.warning("predlog: incomplete spool segment %s deleted", tmp.name)
-        return
     try:
+        whole = m is not None and _decode(pa.py_buffer(data)).num_rows == int(m.group(2))
+    except Exception:  # noqa: BLE001 - cut short or damaged: Arrow raises several kinds
+        whole = False
+    try:
+        if not whole:
+            tmp.rename(tmp.with_suffix("").with_suffix(".corrupt"))  # as set_aside names it
+            log.warning("predlog: incomplete or damaged spool segment %s set aside as .corrupt", tmp.name)
+            return
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, tmp.with_suffix(""))
     except OSError as e:
-        log.error("predlog: cannot keep spool segment %s (%s); left for the next start", tmp.name, e)
+        log.error("predlog: cannot keep or set aside spool segment %s (%s); left for the next start", tmp.name, e)
         return
     log.warning("predlog: spool segment %s, written in full before its writer stopped, kept", tmp.stem)
+
+
+def _decode(buf: pa.Buffer) -> pa.Table:
+    """A segment's table, fully validated (a block of zeros can still parse with the right row count)."""
+    table = pa.ipc.open_file(buf).read_all()
+    table.validate(full=True)
+    return table
 
 
 class Spool:
@@ -175,8 +184,9 @@ class Spool:
 
     @staticmethod
     def read(seg: Segment) -> pa.Table:
+        """The segment's table, validated: a damaged one raises (the writer sets it aside)."""
         with pa.memory_map(str(seg.path)) as src:
-            return pa.ipc.open_file(src).read_all()
+            return _decode(src.read_buffer())
 
     def set_aside(self, seg: Segment) -> Path:
         """Take an unreadable segment out of the spool (and its byte count), kept as ``*.corrupt``."""

@@ -507,3 +507,38 @@ def test_a_spool_segment_killed_before_its_rename_is_replayed(chdb_settings):
     assert writer.stats()["replayed"] == 50
     assert stored(reader, settings) == (50, 50)
     assert not list(settings.spool_dir.glob("*.tmp"))
+    assert (settings.spool_dir / f"{0:016d}-9-{'e' * 32}.corrupt").exists()  # the partial one, set aside
+
+
+def _zero_filled_segment(n: int) -> bytes:
+    """An Arrow IPC segment of ``n`` rows with one block zeroed (written, never synced, then a power
+    cut): it still opens and reads ``n`` rows, but its data is damaged."""
+    table = records_to_arrow(rows(n))
+    out = pa.BufferOutputStream()
+    with pa.ipc.new_file(out, table.schema) as w:
+        w.write_table(table)
+    data = bytearray(out.getvalue().to_pybytes())
+    data[1984 : 1984 + 512] = bytes(512)
+    assert pa.ipc.open_file(pa.py_buffer(bytes(data))).read_all().num_rows == n  # it looks whole
+    return bytes(data)
+
+
+@pytest.mark.parametrize("left_as", ["tmp", "segment"])
+def test_a_damaged_spool_segment_is_set_aside_not_kept_at_the_head(tmp_path, left_as):
+    """A segment with a zeroed block read back with the row count in its name: it was kept as the
+    spool's head, every replay failed on it, and the log stalled behind it (embedded store)."""
+    settings = PredlogSettings(dir=tmp_path / "predlog", batch_rows=50, flush_interval_s=0.05,
+                               retry_initial_s=0.05, retry_max_s=0.1)  # fmt: skip
+    settings.spool_dir.mkdir(parents=True)
+    name = f"{0:016d}-10-{'a' * 32}.arrow" + (".tmp" if left_as == "tmp" else "")
+    (settings.spool_dir / name).write_bytes(_zero_filled_segment(10))
+    writer = predlog.open_writer(settings)
+    writer.submit(rows(40, start=100))
+    assert writer.flush(30)
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(10)
+    s = writer.stats()
+    assert s["written"] == 40 and s["spool_segments"] == 0, s
+    assert (settings.spool_dir / f"{0:016d}-10-{'a' * 32}.corrupt").exists()
+    if left_as == "segment":  # a named segment is counted when it is set aside; a .tmp never was a row
+        assert s["dropped_by_reason"] == {"invalid": 10}, s
