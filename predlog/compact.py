@@ -17,8 +17,12 @@ Only days before yesterday (UTC) are touched, so the live writer's files are nev
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -56,7 +60,35 @@ def _finish(folder: Path, day: str, work: Path) -> int:
 
 
 def compact(folder: Path, now: datetime | None = None, min_files: int = 2) -> dict[str, int]:
-    """Merge each closed day's segments in ``folder`` (e.g. ``…/predlog/predictions``); returns rows per day."""
+    """Merge each closed day's segments in ``folder`` (e.g. ``…/predlog/predictions``); returns rows per day.
+
+    One run per folder at a time (:class:`CompactError` if another holds it): two runs could
+    otherwise put back a day's segments that the other is publishing merged."""
+    with _exclusive(folder):
+        return _compact(folder, now, min_files)
+
+
+@contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the folder itself (flock on its descriptor: no lock file among the
+    segments; released with the process), once the folder can be listed."""
+    try:
+        with os.scandir(folder):
+            pass
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise CompactError(f"cannot compact {folder}: {e.strerror or e}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CompactError(f"{folder}: another `motlens log compact` is running on it") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _compact(folder: Path, now: datetime | None, min_files: int) -> dict[str, int]:
     cutoff = ((now or datetime.now(UTC)) - timedelta(days=1)).strftime("%Y%m%d")
     done: dict[str, int] = {}
     for spent in folder.glob(".compacted-*"):  # segments of a finished merge, being deleted when it stopped

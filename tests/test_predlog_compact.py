@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -209,3 +211,36 @@ def test_a_compaction_killed_at_any_step_is_finished_by_the_next_run(tmp_path, s
     compact(folder, now=NOW)
     assert sorted(p.name[:9] for p in folder.iterdir()) == ["20261124T"]  # one merged file, nothing hidden
     assert stored(settings) == {"n": n, "u": n}
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_not_a_silent_success(tmp_path, monkeypatch):
+    """`Path.glob` finds nothing in a folder it cannot list: compaction did nothing and exited 0,
+    while the readers call the same folder an error."""
+    settings = PredlogSettings(dir=tmp_path / "predlog", flush_interval_s=0.02)
+    write_days(settings, [4])
+    folder = settings.table_dir("predictions")
+    real = os.scandir
+
+    def scandir(path="."):  # noqa: ANN001, ANN202 - permission denied on this folder (root ignores chmod)
+        if Path(path) == folder:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(CompactError, match="cannot compact .*predictions: Permission denied"):
+        compact(folder, now=NOW)
+
+
+def test_a_second_compaction_of_the_same_folder_is_refused_while_one_runs(tmp_path):
+    """Two overlapping runs could put back a day's segments the other one is publishing merged."""
+    settings = PredlogSettings(dir=tmp_path / "predlog", flush_interval_s=0.02)
+    n = write_days(settings, [4])
+    folder = settings.table_dir("predictions")
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running `motlens log compact` holds
+        with pytest.raises(CompactError, match="another `motlens log compact` is running"):
+            compact(folder, now=NOW)
+    finally:
+        os.close(fd)
+    assert list(compact(folder, now=NOW).values()) == [n]  # released: the next run goes ahead
