@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 
-#: what mkstemp puts between the prefix and the suffix (``tempfile._RandomNameSequence``)
+#: what :func:`_create_temp` puts between the prefix and the suffix (older writes used mkstemp's)
 _RANDOM = "[a-z0-9_]{8}"
 TEMP_SUFFIX = ".tmp"
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file ``.NAME.XXXXXXXX.tmp`` in the same directory + fsync + rename (keeps an
-    existing file's mode). A process killed before the rename leaves that temp file behind: see
-    :func:`remove_stale_temps`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    """Write via a temp file ``.NAME.XXXXXXXX.tmp`` in the same directory + fsync + rename. An existing
+    file keeps its mode; a new one gets what the umask gives (as ``open`` would, not mkstemp's 0600).
+    A process killed before the rename leaves that temp file behind: see :func:`remove_stale_temps`."""
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -28,6 +28,16 @@ def atomic_write(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new, exclusively created temp file beside ``path``, mode 0o666 less the umask."""
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def remove_stale_temps(path: Path) -> list[Path]:

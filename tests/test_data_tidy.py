@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -11,7 +14,7 @@ from child_helpers import held, run_killed
 
 from motlens.cli import main
 from training.dataset import DataError, iter_source
-from training.tidy import load_tidy, to_table, write_tidy
+from training.tidy import MANIFEST, load_tidy, to_table, write_tidy
 
 CHUNKS = "from pathlib import Path\nfrom test_data_tidy import chunks\nfrom training.tidy import write_tidy\n"
 
@@ -77,3 +80,30 @@ write_tidy(held_chunks(), Path(sys.argv[1]), rows_per_file=10)
         assert main(["data", "load", str(raw), "--out", str(out)]) == 2
         assert f"another process is writing {out}" in capsys.readouterr().err
     assert set(load_tidy(out)["source"]) == {"first"}
+
+
+def test_the_manifest_is_as_readable_as_the_parts(tmp_path):
+    """The manifest came out 0600 (mkstemp's mode) beside 0644 parts: other users could no longer
+    read the table, and the error told them to load it again, which wrote another 0600 manifest."""
+    old = os.umask(0o022)
+    try:
+        write_tidy(chunks(2, "x"), tmp_path / "tidy", rows_per_file=10)
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "tidy").iterdir() if not p.name.startswith(".")]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_an_unreadable_manifest_says_permissions_not_load_again(tmp_path, monkeypatch):
+    write_tidy(chunks(1, "x"), tmp_path / "tidy", rows_per_file=10)
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - EACCES (root ignores chmod)
+        if self.name == MANIFEST:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(ValueError, match=r"read the manifest \(Permission denied\): check the file.s permission"):
+        load_tidy(tmp_path / "tidy")

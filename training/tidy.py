@@ -139,6 +139,8 @@ def tidy_files(path: Path) -> list[Path]:
             f"{path}: no manifest {MANIFEST}, so not a complete tidy table (an interrupted load, or one "
             "written before tables had manifests); load it again with `motlens data load`"
         ) from None
+    except PermissionError as e:
+        raise TidyError(f"{manifest}: cannot read the manifest ({e.strerror}): check the file's permissions") from e
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TidyError(f"{manifest}: unreadable manifest ({e}); load the table again") from e
     return [_checked(path, *part) for part in parts]
