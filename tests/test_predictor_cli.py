@@ -289,3 +289,31 @@ def test_a_registry_that_is_down_is_still_retried(tmp_path):
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+def test_serve_following_an_alias_becomes_ready_in_a_fresh_process(registry, tiny_bundle, tmp_path):
+    """The alias follower and the loader imported MLflow at once in two threads of a fresh process:
+    the import deadlocked, left `mlflow` half-initialised, and every retry failed (never ready)."""
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")
+    http = _port()
+    env = {**_serve_env(registry.state.home), "MLFLOW_TRACKING_URI": registry.tracking_uri}
+    flags = ["--follow-alias", "production", "--http-port", str(http), "--grpc-port", str(_port())]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "motlens.cli", "serve", "--no-predlog", *flags],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:  # until the server says it serves, or reports a failed load
+            lines.append(line)
+            if "cannot fetch" in line or "cannot resolve alias" in line or "Traceback" in line:
+                break
+            if "model ready" in line:
+                break
+        ready = httpx.get(f"http://127.0.0.1:{http}/motlens/ready", timeout=10)
+        assert ready.status_code == 200, ("".join(lines), ready.text)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +48,22 @@ INCOMPLETE_TAG = "motlens.registration"
 INCOMPLETE = "incomplete"
 # MLflow client settings for a tracking server, unless set in the environment (see _http_defaults)
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+_IMPORT_LOCK = threading.Lock()
+
+
+def _import_mlflow() -> None:
+    """Import the MLflow modules this module uses, one thread at a time. Two threads of a fresh process
+    importing MLflow at once (the predictor's loader and its alias follower) deadlock on its circular
+    imports (``_ModuleLock('mlflow.protos.databricks_pb2')``) and leave ``mlflow`` half-initialised in
+    ``sys.modules`` for good."""
+    with _IMPORT_LOCK:
+        import mlflow  # noqa: F401
+        import mlflow.artifacts  # noqa: F401
+        import mlflow.entities  # noqa: F401
+        import mlflow.exceptions  # noqa: F401
+        import mlflow.store.artifact.artifact_repository_registry  # noqa: F401
 
 
 class RegistryError(Exception):
@@ -121,6 +138,7 @@ class Registry:
         self._client: Any = None
         if self.tracking_uri.startswith(("http://", "https://")):
             _http_defaults()
+        _import_mlflow()
 
     @property
     def client(self) -> Any:
