@@ -31,7 +31,7 @@ class LocalTarget:
     def __init__(self, settings: PromoteSettings, state: StateSettings | None = None) -> None:
         self.settings = settings
         self.base = settings.local_url.rstrip("/")
-        self.lock_path = (state or StateSettings()).ensure().home / "promotion.lock"
+        self.lock_path = (state or StateSettings()).home / "promotion.lock"  # created by the first lock
 
     def describe(self) -> str:
         return f"local motlens serve at {redact(self.base)}"

@@ -367,6 +367,12 @@ class Promoter:
                     f"`motlens promote promote {version}`"
                 )
             if version == production:
+                if aliases.get("production") == version and not self._serves(live, version):
+                    raise PromotionError(
+                        f"the registry's 'production' alias names version {version} but "
+                        f"{self.target.describe()} serves {live.describe()} from {live.serving_production_uri}: "
+                        f"deploy it with `motlens promote promote {version}`"
+                    )
                 adopt = "" if aliases.get("production") == version else (
                     f"; `motlens promote promote {version} --force` adopts it in the registry")  # fmt: skip
                 raise PromotionError(f"version {version} is already production{adopt}")
@@ -487,30 +493,21 @@ class Promoter:
         )
 
     def _deploy(self, live: RolloutState, aliases: dict[str, str], version: str) -> Outcome:
-        """Straight to production without a canary: the first deployment, or forced."""
-        previous = aliases.get("production") or live.production_version
-        if previous == version and not self.force:
-            raise PromotionError(
-                f"version {version} is already production on {self.target.describe()}"
-                + ("" if aliases.get("production") == version else
-                   f"; --force adopts it (sets the 'production' alias and the storage URI of version {version})")
-            )  # fmt: skip
-        if previous is not None and not self.force:
-            raise PromotionError(
-                f"version {previous} is in production: roll out {version} with "
-                f"`motlens promote canary start {version}` (or --force to replace it directly)"
-            )
-        if live.canary_active and not self.force:
-            raise PromotionError(
-                f"canary version {live.canary_version} is running: promote or roll it back first"
-            )
-        event = self._event("deploy", from_version=previous or "", to_version=version)
-        event.gates = self.offline_gates(version, aliases.get("production"))
+        """Straight to production without a canary: the first deployment, the version the registry's
+        'production' alias names brought live, or forced."""
+        alias, serving = aliases.get("production"), live.production_version
+        if not self.force:
+            self._check_deploy(live, alias, version)
+        live_prod = serving if serving != version and self._serves(live, serving) else None
+        registry_prod = alias if alias != version else None
+        baseline = live_prod or registry_prod  # what leaves traffic, else what the registry called production
+        event = self._event("deploy", from_version=baseline or serving or "", to_version=version)
+        event.gates = self.offline_gates(version, baseline)
         self._refuse_on_gates(event, f"deploying version {version}")
         desired = live.deployed(version, self.uri(version))
         tags = {version: {STATUS_TAG: "production", "promotion.promoted_at": _APPLIED_AT}}
-        if previous and previous != version and self._exists(previous):
-            tags[previous] = {STATUS_TAG: "retired"}
+        for previous in {live_prod, registry_prod} - {None}:
+            tags[str(previous)] = {STATUS_TAG: "retired"}
         dropped = live.canary_version if live.canary_active else aliases.get("canary")
         if dropped and dropped != version and self._exists(dropped):
             tags[dropped] = {STATUS_TAG: "retired", "promotion.retired_reason": f"canary dropped: deployed {version}"}
@@ -523,6 +520,37 @@ class Promoter:
             delete_aliases=("canary",),
             version_tags=tags,
         )
+
+    def _check_deploy(self, live: RolloutState, alias: str | None, version: str) -> None:
+        """Refuse a direct deploy that has nothing to do, or that needs --force (it would replace a
+        production the registry does not hand to ``version``, or drop a running canary)."""
+        where, serving = self.target.describe(), live.production_version
+        if self._serves(live, version):
+            if alias == version:
+                raise PromotionError(
+                    f"version {version} is already production on {where}: it serves it and the registry's "
+                    "'production' alias names it"
+                )
+        elif serving == version and alias != version:
+            raise PromotionError(
+                f"{where} names version {version} as production but serves {live.serving_production_uri}, "
+                f"not its artifact URI; --force adopts it (sets the 'production' alias and the storage URI "
+                f"of version {version})"
+            )
+        elif alias != version and (serving or alias) is not None:
+            raise PromotionError(
+                f"version {serving or alias} is in production: roll out {version} with "
+                f"`motlens promote canary start {version}` (or --force to replace it directly)"
+            )
+        if live.canary_active:
+            raise PromotionError(
+                f"canary version {live.canary_version} is running: promote or roll it back first"
+            )
+
+    def _serves(self, live: RolloutState, version: str | None) -> bool:
+        """Whether the target serves ``version`` as production (its version and its artifact URI)."""
+        uri = self._uri_or_none(version) if version else None
+        return uri is not None and live.production_version == version and live.serving_production_uri == uri
 
     def _exists(self, version: str) -> bool:
         try:

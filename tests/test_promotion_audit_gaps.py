@@ -219,7 +219,8 @@ def test_a_fresh_overlay_names_the_way_out(registry, tiny_bundle, tmp_path, monk
     env = make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60, 0.61])
     target = GitOpsTarget(env.settings())
     p = _promoter(env, target)
-    with pytest.raises(PromotionError, match="already production on .*--force adopts it"):
+    with pytest.raises(PromotionError, match="names version 1 as production but serves s3://.*, not its artifact "
+                                             "URI; --force adopts it"):  # fmt: skip
         p.promote("1")
     with pytest.raises(PromotionError, match="already production; `motlens promote promote 1 --force` adopts"):
         p.canary_start("1", 10)
@@ -229,3 +230,63 @@ def test_a_fresh_overlay_names_the_way_out(registry, tiny_bundle, tmp_path, monk
     p.force = False
     with pytest.raises(PromotionError, match=r"version 1 is already production on [^;]*$"):
         p.promote("1")
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_the_registrys_production_is_deployed_over_what_the_overlay_serves(
+    registry, tiny_bundle, tmp_path, monkeypatch, version
+):
+    """What `motlens demo` and `motlens train --alias production` leave: the alias names a version the
+    overlay does not serve (the base's placeholder: "v1" at a URI that is no version's). `promote promote
+    V` once refused: 'version V is already production on gitops overlay …' (and `canary start V` too)."""
+    env = make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60, 0.61])
+    target = GitOpsTarget(env.settings())
+    registry.set_alias("production", version)
+    p = _promoter(env, target)
+    assert p.status()["disagreements"]
+    placeholder = "production v1 at 100% from s3://.*/0{32}/"
+    with pytest.raises(PromotionError, match=f"alias names version {version} but .* serves {placeholder}.*: "
+                                             f"deploy it with `motlens promote promote {version}`"):  # fmt: skip
+        p.canary_start(version, 10)
+    out = p.promote(version)
+    assert out.action == "deploy" and [(r.name, r.status) for r in out.gates] == [("offline", "pass")]
+    live = target.read()
+    assert (live.production_version, live.storage_uri) == (version, registry.resolve(version).artifact_uri)
+    assert registry.aliases() == {"production": version} and p.status()["disagreements"] == []
+    assert registry.resolve("1").tags.get("promotion.status") == ("production" if version == "1" else None)
+    written = (target.overlay / "rollout.yaml").read_text()
+    agreed = "it serves it and the registry's 'production' alias names it$"
+    with pytest.raises(PromotionError, match=f"version {version} is already production on .*: {agreed}"):
+        p.promote(version)
+    assert (target.overlay / "rollout.yaml").read_text() == written
+
+
+def test_deploying_the_registrys_production_is_gated_against_the_serving_version(registry, tiny_bundle, tmp_path,
+                                                                                 monkeypatch):  # fmt: skip
+    """The alias moved by hand (or by `train --alias production`) to a worse version than the one the overlay
+    serves: the deploy compares the two offline and refuses; --force proceeds and retires the replaced one."""
+    env = make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60, 0.50])
+    target = GitOpsTarget(env.settings())
+    Promoter(env.settings(golden_check=False), registry, target, force=True).promote("1")
+    registry.set_alias("production", "2")
+    before = (target.overlay / "rollout.yaml").read_text()
+    p = _promoter(env, target)
+    with pytest.raises(Refused, match="offline: fail"):
+        p.promote("2")
+    assert (target.overlay / "rollout.yaml").read_text() == before and registry.aliases() == {"production": "2"}
+    p.force = True
+    p.promote("2")
+    assert target.read().production_version == "2" and registry.resolve("1").tags["promotion.status"] == "retired"
+
+
+def test_an_interrupted_first_deployment_is_finished_by_a_rerun(registry, tiny_bundle, tmp_path, monkeypatch):
+    """The manifest written, the process gone before the alias: `promote promote 1` again once said 'version 1
+    is already production' and wanted --force."""
+    env = make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60])
+    target = GitOpsTarget(env.settings())
+    target.apply(target.read().deployed("1", registry.resolve("1").artifact_uri))
+    written = (target.overlay / "rollout.yaml").read_text()
+    p = _promoter(env, target)
+    p.promote("1")
+    assert registry.aliases() == {"production": "1"} and (target.overlay / "rollout.yaml").read_text() == written
+    assert registry.resolve("1").tags["promotion.status"] == "production" and p.status()["disagreements"] == []

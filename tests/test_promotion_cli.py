@@ -266,3 +266,35 @@ def test_a_missing_kubernetes_client_is_the_install_hint_like_every_other_extra(
     monkeypatch.setitem(sys.modules, "kubernetes", None)  # not installed
     assert main(["promote", "status", "--target", "k8s"]) == 2
     assert capsys.readouterr().err == "motlens: kubernetes is not installed: pip install 'motlens[promote]'\n"
+
+
+@pytest.mark.parametrize("target", ["local", "gitops"])
+def test_status_without_a_registry_creates_nothing(capsys, monkeypatch, tmp_path, target):
+    """`promote status` on a MOTLENS_HOME that does not exist: exit 2 naming the registry, and the home
+    is not created (the local target made it for its lock file, which only a change takes)."""
+    home = tmp_path / "emptyhome"
+    monkeypatch.setenv("MOTLENS_HOME", str(home))
+    for var in ("MLFLOW_TRACKING_URI", "MOTLENS_CLICKHOUSE_URL", "MOTLENS_PROMOTE_TARGET"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MOTLENS_PROMOTE_MANIFESTS_DIR", str(REPO / "manifests"))  # read, never written
+    assert main(["promote", "status", "--target", target]) == 2
+    assert "emptyhome/mlflow.db does not exist" in capsys.readouterr().err
+    assert not home.exists()
+
+
+def test_promote_brings_the_registrys_production_live(env, capsys, monkeypatch):
+    """The state `motlens demo` leaves (alias production → 2, the overlay serving another version):
+    `promote promote 2` was exit 2, 'version 2 is already production on gitops overlay …' (it served v1)."""
+    env.registry.set_alias("production", "2")
+    assert main(["promote", "status", "--json"]) == 0
+    assert "the registry's 'production' alias is 2" in json.loads(capsys.readouterr().out)["disagreements"][0]
+    assert main(["promote", "promote", "2"]) == 0
+    assert "deploy" in capsys.readouterr().out
+    assert main(["promote", "status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["disagreements"] == [] and status["live"]["production_version"] == "2"
+    before = _snapshot(env)
+    assert main(["promote", "promote", "2"]) == 2  # nothing to do
+    err = capsys.readouterr().err
+    assert err.startswith("motlens promote: version 2 is already production on gitops overlay ")
+    assert err.endswith(": it serves it and the registry's 'production' alias names it\n") and _snapshot(env) == before

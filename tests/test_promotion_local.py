@@ -179,3 +179,36 @@ def test_local_canary_promote_and_rollback_under_traffic(registry, tiny_bundle, 
         thread.stop()
     assert registry.aliases() == {"production": "2"}
     assert registry.resolve("3").tags["promotion.status"] == "rejected"
+
+
+@pytest.mark.slow
+def test_local_promote_brings_the_registrys_production_live(registry, tiny_bundle, embedder, tmp_path, monkeypatch):
+    """`motlens serve` loaded `@production` (v1), then `motlens train --alias production` moved the alias to
+    v2: `promote promote 2` once refused, 'version 2 is already production' (the server served v1)."""
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+    from promotion.workflow import PromotionError
+
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
+    monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
+    for i in range(2):
+        registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.6}, params={"i": i}, alias=None)
+    registry.set_alias("production", "1")
+    serve = ServeSettings(model="models:/mot-defects@production", http_port=free_port(), grpc_port=free_port(),
+                          enable_grpc=False, cache_bytes=0, admin_enabled=True)  # fmt: skip
+    thread = ServerThread(PredictorServer(serve, embedder=embedder, host="127.0.0.1"))
+    thread.start().wait_ready()
+    try:
+        settings = PromoteSettings(target="local", local_url=f"http://127.0.0.1:{serve.http_port}", golden_check=False)
+        target = LocalTarget(settings)
+        p = Promoter(settings, registry, target)
+        registry.set_alias("production", "2")
+        disagree = "live production is version 1 but the registry's 'production' alias is 2"
+        assert p.status()["disagreements"] == [disagree]
+        p.promote("2")
+        assert target.read().production_version == "2" and p.status()["disagreements"] == []
+        with pytest.raises(PromotionError, match="version 2 is already production on local motlens serve"):
+            p.promote("2")
+    finally:
+        thread.stop()
