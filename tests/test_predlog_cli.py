@@ -81,9 +81,15 @@ def test_log_count_tail_stats_query(logged, capsys):
     assert "canary" in capsys.readouterr().out
 
 
+def test_log_query_exists_on_both_backends(logged, capsys):
+    """docs/predlog.md: `log query` takes EXISTS on both backends (embedded: it was a syntax error)."""
+    assert main(["log", "query", "EXISTS TABLE predictions", "--json"]) == 0
+    assert _json_lines(capsys.readouterr().out) == [{"result": 1}]
+
+
 def test_log_query_refuses_writes_with_a_clear_error(logged, capsys):
     assert main(["log", "query", "DROP TABLE predictions"]) == 2
-    assert "only SELECT" in capsys.readouterr().err
+    assert "only SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS are allowed, not 'DROP'" in capsys.readouterr().err
     assert main(["log", "count", "--json"]) == 0
     assert sum(c["n"] for c in _json_lines(capsys.readouterr().out)) == 30
 
