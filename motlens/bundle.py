@@ -1,4 +1,4 @@
-"""The model bundle: what MLflow stores and what the predictor loads (DESIGN.md "Model bundle").
+"""The model bundle: what MLflow stores and what the predictor loads (docs/architecture.md "Model bundle").
 
 Layout::
 

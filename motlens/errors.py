@@ -31,7 +31,7 @@ def validation_problems(e: Any) -> list[str]:
         loc = [str(part) for part in err["loc"]]
         msg = re.sub(r"^(Value error|Assertion failed), ", "", err["msg"])
         if loc and cls is not None:
-            loc[0] = _env_name(cls, loc[0]) or loc[0]
+            loc[0] = env_name(cls, loc[0]) or loc[0]
         out.append(redact(f"{'.'.join(loc)}: {msg}" if loc else msg))
     return out
 
@@ -91,7 +91,7 @@ def _settings_class(title: str) -> Any:
     return None
 
 
-def _env_name(cls: Any, key: str) -> str | None:
+def env_name(cls: Any, key: str) -> str | None:
     """The environment variable (as set) that fed field ``key`` (its name or an alias) of ``cls``."""
     from pydantic import AliasChoices
 

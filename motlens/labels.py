@@ -1,4 +1,4 @@
-"""Label sets of the prediction contract (DESIGN.md "Prediction contract")."""
+"""Label sets of the prediction contract (docs/architecture.md "Prediction contract")."""
 
 from __future__ import annotations
 

@@ -107,10 +107,9 @@ def _unloadable_ref(settings: ServeSettings) -> str | None:
     """Why a configured model reference can never load (unreadable, another model, a missing path), if so.
 
     Only the CLI refuses these at start; the server retries every load failure (an unreachable
-    registry comes back) and its admin API answers a missing path with 422.
+    registry comes back, an unset alias may be set by a promotion) and its admin API answers a
+    missing path with 422.
     """
-    from pathlib import Path
-
     from motlens import MODEL_NAME
     from training.registry import Registry, RegistryError
 
@@ -118,16 +117,44 @@ def _unloadable_ref(settings: ServeSettings) -> str | None:
     if settings.follow_alias is not None:
         refs["follow_alias"] = f"models:/{MODEL_NAME}@{settings.follow_alias}"
     for field, ref in refs.items():
-        if not ref:
-            continue  # empty model: KServe's /mnt/models
+        if ref is None or (not ref and field != "model"):
+            continue  # no canary; an empty model is KServe's /mnt/models
         if ref.startswith("models:/"):
             try:
                 Registry().canonical_ref(ref)
             except RegistryError as e:
                 return f"{field}: {e}"
-        elif not Path(ref).expanduser().exists():
-            return f"{field}: model path {ref} does not exist"
+        elif (problem := _missing_path(ref)) is not None:
+            return f"{field}: {problem}"
     return None
+
+
+def _missing_path(ref: str) -> str | None:
+    """Why a local path (empty: KServe's mount) can never load, if so.
+
+    KServe's storage initializer is an init container: it fills /mnt/models before this container
+    starts, so a mount missing now stays missing. Only a modelcar (``STORAGE_URI=oci://…``) links
+    /mnt/models from a sidecar that may start after this container; that load is retried.
+    """
+    import os
+    from pathlib import Path
+
+    from motlens.credentials import redact
+    from predictor.backend import KSERVE_MOUNT
+
+    path = Path(ref).expanduser() if ref else KSERVE_MOUNT
+    if path.exists():
+        return None
+    storage_uri = os.environ.get("STORAGE_URI", "")
+    if storage_uri.startswith("oci://") and path.absolute().is_relative_to(KSERVE_MOUNT):
+        return None
+    if ref:
+        return f"model path {ref} does not exist"
+    given = f"STORAGE_URI={redact(storage_uri)}" if storage_uri else "STORAGE_URI is unset"
+    return (
+        f"no model given and {KSERVE_MOUNT} does not exist ({given}; KServe's storage initializer fills it "
+        "before this container starts)"
+    )
 
 
 def _open_predlog():  # noqa: ANN202 - predlog's writer type

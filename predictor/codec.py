@@ -1,4 +1,4 @@
-"""Request validation and response building for v1 and v2 (DESIGN.md "Prediction contract").
+"""Request validation and response building for v1 and v2 (docs/architecture.md "Prediction contract").
 
 Every client mistake becomes :class:`kserve.errors.InvalidInput` (HTTP 400 / gRPC INVALID_ARGUMENT)
 with a message naming the field; nothing a client sends can reach the model unvalidated.

@@ -18,6 +18,7 @@ TAIL_COLUMNS = (
     "text",
 )
 _DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNBOUNDED = 100_000  # the width a table is measured at: its natural width, unclipped by the terminal
 
 
 def _since(value: str) -> datetime:
@@ -128,23 +129,40 @@ def _compact(settings) -> int:
 
 
 def _print(df, *, as_json: bool) -> None:
+    """JSON lines, a table where it fits the terminal, else one block per row (``field  value`` lines)."""
     if as_json:
         print(df.to_json(orient="records", lines=True, date_format="iso", default_handler=str), end="")
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    rows = [[_cell(v) for v in row] for row in df.itertuples(index=False)]
+    names = [str(col) for col in df.columns]
+    console = Console()
     table = Table(show_lines=False)
-    for col in df.columns:
-        table.add_column(str(col))
-    for row in df.itertuples(index=False):
-        table.add_row(*(_cell(v) for v in row))
-    Console().print(table)
-    Console().print(f"{len(df)} row(s)")
+    for name in names:
+        table.add_column(name)
+    for cells in rows:
+        table.add_row(*(Text(c) for c in cells))
+    if console.measure(table, options=console.options.update_width(_UNBOUNDED)).maximum <= console.width:
+        console.print(table)
+    else:
+        _print_vertical(names, rows)
+    print(f"{len(df)} row(s)")
+
+
+def _print_vertical(names: list[str], rows: list[list[str]]) -> None:
+    """Each row as ``row N`` and one indented ``field  value`` line per column (a narrow terminal)."""
+    width = max(map(len, names), default=0)
+    for number, cells in enumerate(rows, 1):
+        print(f"row {number}")
+        for name, cell in zip(names, cells, strict=True):
+            print(f"  {name:<{width}}  {cell}")
 
 
 def _cell(v) -> str:
     if isinstance(v, dict):
-        return ", ".join(f"{k}: {n}" for k, n in sorted(v.items(), key=lambda kv: -kv[1]))
+        return ", ".join(f"{k}: {n}" for k, n in sorted(v.items(), key=lambda kv: (-int(kv[1]), str(kv[0]))))
     text = str(v)
     return text if len(text) <= 80 else text[:77] + "..."

@@ -77,7 +77,8 @@ _LEXEMES = re.compile(
     re.S,
 )
 _UNTERMINATED = re.compile(r"['\"`]|/\*")
-_FIRST = {"select", "with", "show", "describe", "desc", "explain", "exists"}
+_FIRST_WORDS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "EXPLAIN", "EXISTS")
+_FIRST = {w.lower() for w in _FIRST_WORDS} | {"desc"}
 _WRITE_WORDS = re.compile(
     r"\b(insert|alter|drop|create|truncate|rename|attach|detach|optimize|system|kill|grant|revoke|set|use|"
     r"delete|update|exchange|undrop|backup|restore|outfile)\b",
@@ -96,6 +97,8 @@ _SETTINGS = re.compile(r"(?i)\b(settings|format)\b")
 TABLE_REF = re.compile(
     r"(?i)\b(from|join|table|describe|desc)(\s+)(?:`?\w+`?\.)?`?(predictions|drift_reports|promotion_events)`?(?![\w.(])"
 )
+#: ``SHOW [FULL] TABLES`` naming no database (in ClickHouse's rendering): it is given the log's database.
+SHOW_TABLES = re.compile(r"^(SHOW (?:FULL )?TABLES)(?! FROM )")
 
 
 class ReadOnlyViolation(ValueError):
@@ -141,7 +144,7 @@ def check_read_only(sql: str) -> str:
         raise ReadOnlyViolation("only a single statement is allowed")
     first = first_keyword(text)
     if first not in _FIRST:
-        raise ReadOnlyViolation(f"only SELECT/WITH/SHOW/DESCRIBE/EXPLAIN are allowed, not {first.upper()!r}")
+        raise ReadOnlyViolation(f"only {'/'.join(_FIRST_WORDS)} are allowed, not {first.upper()!r}")
     m = _WRITE_WORDS.search(bare)
     if m:
         raise ReadOnlyViolation(f"read-only queries may not use {m.group(1).upper()!r}")

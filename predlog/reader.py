@@ -9,6 +9,7 @@ the predictor writes.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -19,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from predlog import queries
-from predlog.schema import row_to_arrow, structure
+from predlog.schema import TABLES, row_to_arrow, structure
 from predlog.settings import PredlogSettings
 from predlog.sinks import write_parquet_segment
 
@@ -44,6 +45,10 @@ class TableSource:
 
     sample_in_where = False
 
+    def catalog(self, client: Any) -> str:
+        """The database in which ad-hoc SQL sees the log's tables."""
+        return self.database
+
     def insert(self, table: str, data: pa.Table) -> None:
         self.client.insert_arrow(
             f"{self.database}.{table}", data, settings={"insert_deduplication_token": uuid.uuid4().hex}
@@ -55,11 +60,23 @@ class ParquetSource:
 
     def __init__(self, root: Path):
         self.root = root
+        self._catalog: str | None = None
 
     def ref(self, table: str, sample: str | None = None) -> str:
         return f"file({_quote(str(self.root / table) + '/*.parquet')}, Parquet, {_quote(structure(table))})"
 
     sample_in_where = True
+
+    def catalog(self, client: Any) -> str:
+        """An in-memory database of views over the segments (one per log directory), so that ad-hoc SQL
+        sees tables: ``EXISTS``, ``SHOW COLUMNS FROM`` and ``SHOW TABLES`` cannot take ``file(…)``."""
+        if self._catalog is None:
+            database = "motlens_log_" + hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
+            client.command(f"CREATE DATABASE IF NOT EXISTS {database} ENGINE = Memory")
+            for table in TABLES:
+                client.command(f"CREATE OR REPLACE VIEW {database}.{table} AS SELECT * FROM {self.ref(table)}")
+            self._catalog = database
+        return self._catalog
 
     def insert(self, table: str, data: pa.Table) -> None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
@@ -159,8 +176,10 @@ class PredictionLogReader:
 
         What runs is ClickHouse's own rendering of the parsed statement (:meth:`canonical`: comments
         gone, literals re-quoted), checked by :func:`predlog.queries.check_read_only`, so what is
-        checked is what executes; its ``EXPLAIN AST`` must hold no table function. SELECT/WITH results
-        are cut at ``max_query_rows``; on a ClickHouse server the query also runs with ``readonly=2``."""
+        checked is what executes; its ``EXPLAIN AST`` must hold no table function. The log's table names
+        then become ``{catalog}.{table}`` (embedded: views over the segments), a bare ``SHOW TABLES``
+        lists that database. SELECT/WITH results are cut at ``max_query_rows``; on a ClickHouse server
+        the query also runs with ``readonly=2``."""
         text = queries.check_read_only(self.canonical(sql))
         # the parser's own view: a table function anywhere a table may stand (a comma join, a subquery,
         # DESCRIBE), whatever its name — the lexical check only knows FROM/JOIN and a list of names
@@ -169,7 +188,9 @@ class PredictionLogReader:
             raise queries.ReadOnlyViolation(
                 f"table function {found[0]}() is not allowed; query predictions, drift_reports or promotion_events"
             )
-        text = queries.TABLE_REF.sub(lambda m: f"{m.group(1)}{m.group(2)}{self.source.ref(m.group(3))}", text)
+        database = self.source.catalog(self.client)
+        text = queries.TABLE_REF.sub(lambda m: f"{m.group(1)}{m.group(2)}{database}.{m.group(3)}", text)
+        text = queries.SHOW_TABLES.sub(rf"\1 FROM {database}", text)
         if queries.first_keyword(text) in ("select", "with"):
             text = f"SELECT * FROM (\n{text}\n) LIMIT {int(self.settings.max_query_rows)}"
         url = self.settings.clickhouse_url or ""

@@ -7,14 +7,20 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from motlens.credentials import no_password_in_url
+from motlens.errors import env_name
 from motlens.state import StateSettings
 
 #: A plain ClickHouse identifier (database, table, column); shared with training.chload.
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _url_database(url: str | None) -> str:
+    """The database in an http(s) URL's path (``https://host:8443/motlens`` → ``motlens``), else ""."""
+    return urlsplit(url).path.strip("/") if url and url.startswith(("http://", "https://")) else ""
 
 
 class PredlogSettings(BaseSettings):
@@ -40,6 +46,7 @@ class PredlogSettings(BaseSettings):
     )
     database: str = Field(
         default="default",
+        validate_default=False,  # only a database that was set is checked against the URL's
         description="default: the database in the URL's path (https://host:8443/motlens), else 'default'",
     )
     cluster: bool = Field(default=False, description="cluster DDL: ON CLUSTER '{cluster}', Replicated + Distributed")
@@ -61,9 +68,15 @@ class PredlogSettings(BaseSettings):
 
     @field_validator("database")
     @classmethod
-    def _identifier(cls, v: str) -> str:
+    def _identifier_agreeing_with_the_url(cls, v: str, info: ValidationInfo) -> str:
+        """The URL's database is the one the statements name (they qualify every table); an explicit
+        ``database`` that disagrees with it is refused rather than silently writing elsewhere."""
         if not IDENT.match(v):
             raise ValueError(f"not a plain ClickHouse identifier: {v!r}")
+        in_url = _url_database(info.data.get("clickhouse_url"))
+        if in_url and v != in_url:
+            url_name = env_name(cls, "clickhouse_url") or "the ClickHouse URL"
+            raise ValueError(f"{v!r} disagrees with the database {in_url!r} in {url_name}; set one of them")
         return v
 
     @field_validator("connect_timeout_s", "send_receive_timeout_s", mode="before")
@@ -81,24 +94,17 @@ class PredlogSettings(BaseSettings):
 
     @field_validator("clickhouse_url")
     @classmethod
-    def _no_password_in_url(cls, v: str | None) -> str | None:
-        return no_password_in_url(v)
+    def _valid_url(cls, v: str | None) -> str | None:
+        v = no_password_in_url(v)
+        in_url = _url_database(v)
+        if in_url and not IDENT.match(in_url):
+            raise ValueError(f"the URL's database {in_url!r} is not a plain identifier")
+        return v
 
     @model_validator(mode="after")
     def _database_from_url(self) -> PredlogSettings:
-        """The URL's database is the one the statements name (they qualify every table); an explicit
-        ``database`` that disagrees with it is refused rather than silently writing elsewhere."""
-        url = self.clickhouse_url or ""
-        in_url = urlsplit(url).path.strip("/") if url.startswith(("http://", "https://")) else ""
-        if not in_url:
-            return self
-        if not IDENT.match(in_url):
-            raise ValueError(f"the ClickHouse URL's database {in_url!r} is not a plain identifier")
-        if "database" in self.model_fields_set and self.database != in_url:
-            raise ValueError(
-                f"database {self.database!r} disagrees with the ClickHouse URL's database {in_url!r}; set one of them"
-            )
-        self.database = in_url
+        """No explicit ``database``: the URL's (an explicit one was checked against it)."""
+        self.database = _url_database(self.clickhouse_url) or self.database
         return self
 
     @property

@@ -59,6 +59,26 @@ def test_bad_configuration_is_one_line_and_exit_2(env, value, argv, expected, tm
     assert err.startswith(expected), err
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"MOTLENS_CLICKHOUSE_URL": "http://u@127.0.0.1:1/motlens", "MOTLENS_PREDLOG_DATABASE": "other"},
+         "motlens log count: MOTLENS_PREDLOG_DATABASE: 'other' disagrees with the database 'motlens' in "
+         "MOTLENS_CLICKHOUSE_URL; set one of them\n"),
+        ({"MOTLENS_PREDLOG_CLICKHOUSE_URL": "http://u@127.0.0.1:1/motlens", "MOTLENS_PREDLOG_DATABASE": "other"},
+         "motlens log count: MOTLENS_PREDLOG_DATABASE: 'other' disagrees with the database 'motlens' in "
+         "MOTLENS_PREDLOG_CLICKHOUSE_URL; set one of them\n"),
+        ({"MOTLENS_CLICKHOUSE_URL": "http://u@127.0.0.1:1/a-b"},
+         "motlens log count: MOTLENS_CLICKHOUSE_URL: the URL's database 'a-b' is not a plain identifier\n"),
+    ],
+)  # fmt: skip
+def test_a_database_setting_problem_names_its_variables(env, expected, monkeypatch, capsys):
+    """README: each problem line names the variable set (these once said only "database 'other' …")."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _fails(["log", "count"], capsys) == expected
+
+
 def test_one_line_per_settings_problem(monkeypatch, capsys):
     monkeypatch.setenv("MOTLENS_PREDLOG_BATCH_ROWS", "garbage")
     monkeypatch.setenv("MOTLENS_PREDLOG_QUEUE_ROWS", "0")

@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md (plus oversized bodies, wrong tensor names, N mismatch) → its 4xx and message."""
+"""Every bad input of docs/predictor.md (plus oversized bodies, wrong tensor names, N mismatch): its 4xx and message."""
 
 from __future__ import annotations
 

@@ -272,6 +272,52 @@ def test_a_model_reference_that_can_never_load_is_refused_at_start(tmp_path, fla
     assert proc.stderr.count("\n") == 1 and "serving" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("model", "storage_uri", "problem"),
+    [
+        ("", None, "model: no model given and {mount} does not exist (STORAGE_URI is unset;"),
+        ("", "s3://bucket/1/abc/artifacts/model", "model: no model given and {mount} does not exist (STORAGE_URI="),
+        ("{mount}", "s3://bucket/1/abc/artifacts/model", "model: model path {mount} does not exist"),
+        ("", "oci://registry.example/mot-defects:7", None),  # a modelcar sidecar may link the mount later
+        ("{mount}", "oci://registry.example/mot-defects:7", None),
+    ],
+)
+def test_an_empty_model_without_kserves_mount_can_never_load(tmp_path, monkeypatch, model, storage_uri, problem):
+    """KServe's storage initializer is an init container: /mnt/models is filled before the predictor
+    starts, or never. `--model ""` without it was retried for ever (live, never ready)."""
+    import predictor.backend
+    from predictor.cli import _unloadable_ref
+    from predictor.settings import ServeSettings
+
+    mount = tmp_path / "mnt" / "models"
+    monkeypatch.setattr(predictor.backend, "KSERVE_MOUNT", mount)
+    monkeypatch.delenv("STORAGE_URI", raising=False)
+    if storage_uri is not None:
+        monkeypatch.setenv("STORAGE_URI", storage_uri)
+    found = _unloadable_ref(ServeSettings(model=model.format(mount=mount)))
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and found.startswith(problem.format(mount=mount)), found
+    mount.mkdir(parents=True)
+    assert _unloadable_ref(ServeSettings(model=model.format(mount=mount))) is None
+
+
+@pytest.mark.skipif(Path("/mnt/models").exists(), reason="this machine has a /mnt/models")
+def test_serve_with_an_empty_model_and_no_mount_exits_2(tmp_path):
+    env = {k: v for k, v in _serve_env(tmp_path).items() if k != "STORAGE_URI"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "motlens.cli", "serve", "--no-predlog", "--model", "",
+         "--http-port", str(_port()), "--grpc-port", str(_port())],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(
+        "motlens serve: bad setting: model: no model given and /mnt/models does not exist (STORAGE_URI is unset;"
+    ), proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
 def test_a_registry_that_is_down_is_still_retried(tmp_path):
     """Only a reference that can never load is refused: an unreachable registry may come back."""
     env = {**_serve_env(tmp_path), "MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}

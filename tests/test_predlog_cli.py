@@ -10,12 +10,15 @@ import shutil
 import subprocess
 import sys
 import uuid
+import warnings
 
+import pandas as pd
 import pytest
 
 import predlog
 from motlens.cli import main
 from predlog import PredictionRecord, PredlogSettings
+from predlog.cli import _print
 
 
 @pytest.fixture(params=["embedded", "table"])
@@ -81,9 +84,45 @@ def test_log_count_tail_stats_query(logged, capsys):
     assert "canary" in capsys.readouterr().out
 
 
+def test_log_stats_reads_in_a_narrow_terminal_without_warnings(logged, capsys, monkeypatch):
+    """At 80 columns the 14-column stats table squeezed every value to 2-3 characters, and sorting the
+    section/severity counts negated unsigned numpy ints (RuntimeWarning: overflow)."""
+    monkeypatch.setenv("COLUMNS", "80")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["log", "stats", "--since", "1h"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines), out
+    fields = {k: v.strip() for k, _, v in (line.strip().partition(" ") for line in lines if line.startswith("  "))}
+    assert fields["section_counts"] == "5 Axles, wheels, tyres and suspension: 12", out
+    assert fields["severity_counts"] == "advisory: 12"
+    assert {"model_version", "slot", "latency_p99_ms", "mean_fail_probability", "first_ts", "last_ts"} <= set(fields)
+    assert "row 2" in out and lines[-1] == "2 row(s)"
+
+    monkeypatch.setenv("COLUMNS", "400")  # wide enough: one table
+    assert main(["log", "stats", "--since", "1h"]) == 0
+    out = capsys.readouterr().out
+    assert "┃ model_version ┃" in out and "5 Axles, wheels, tyres and suspension: 12" in out
+
+
+@pytest.mark.parametrize("columns", ["200", "20"])
+def test_logged_text_is_printed_as_is_not_as_markup(capsys, monkeypatch, columns):
+    """A logged text with rich markup in it crashed the table (`[/]`: MarkupError) or lost its brackets."""
+    monkeypatch.setenv("COLUMNS", columns)
+    _print(pd.DataFrame({"text": ["[bold]worn[/] tyre [/]"]}), as_json=False)
+    assert "[bold]worn[/] tyre [/]" in capsys.readouterr().out
+
+
+def test_log_query_exists_on_both_backends(logged, capsys):
+    """docs/predlog.md: `log query` takes EXISTS on both backends (embedded: it was a syntax error)."""
+    assert main(["log", "query", "EXISTS TABLE predictions", "--json"]) == 0
+    assert _json_lines(capsys.readouterr().out) == [{"result": 1}]
+
+
 def test_log_query_refuses_writes_with_a_clear_error(logged, capsys):
     assert main(["log", "query", "DROP TABLE predictions"]) == 2
-    assert "only SELECT" in capsys.readouterr().err
+    assert "only SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS are allowed, not 'DROP'" in capsys.readouterr().err
     assert main(["log", "count", "--json"]) == 0
     assert sum(c["n"] for c in _json_lines(capsys.readouterr().out)) == 30
 

@@ -10,6 +10,7 @@ import pytest
 import predlog
 from predlog import PredictionRecord, PredlogSettings
 from predlog.queries import ReadOnlyViolation, check_read_only
+from predlog.schema import DRIFT_REPORTS, PREDICTIONS
 
 NASTY = [
     "1' OR '1'='1",
@@ -92,6 +93,33 @@ def test_write_or_multi_statement_sql_is_refused(reader, sql):
 def test_read_only_sql_runs_on_both_backends(reader, sql):
     assert check_read_only(sql)
     reader.query(sql)
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("EXISTS TABLE predictions", [1]),
+        ("exists drift_reports", [1]),
+        ("EXISTS TABLE default.promotion_events", [1]),
+        ("EXISTS TABLE no_such_table", [0]),
+    ],
+)
+def test_exists_answers_for_the_log_tables_on_both_backends(reader, sql, expected):
+    """`EXISTS TABLE predictions` was a syntax error on the embedded backend (its table became a
+    `file(…)` call, which EXISTS cannot take)."""
+    assert reader.query(sql)["result"].tolist() == expected
+
+
+def test_show_and_describe_see_the_log_tables_on_both_backends(reader):
+    """`SHOW TABLES` listed nothing on the embedded backend and `SHOW COLUMNS FROM predictions` was a
+    syntax error there; on both backends they now describe the log's own tables."""
+    tables = set(reader.query("SHOW TABLES")["name"])
+    assert {"predictions", "drift_reports", "promotion_events"} <= tables
+    assert set(reader.query("SHOW TABLES LIKE 'pred%'")["name"]) == {"predictions"}
+    columns = [c.name for c in PREDICTIONS]
+    assert sorted(reader.query("SHOW COLUMNS FROM predictions")["field"]) == sorted(columns)
+    assert reader.query("DESCRIBE predictions")["name"].tolist() == columns
+    assert reader.query("DESC TABLE drift_reports")["name"].tolist() == [c.name for c in DRIFT_REPORTS]
 
 
 @pytest.mark.parametrize(

@@ -196,6 +196,24 @@ def test_reference_gone_while_the_registry_is_up_never_falls_back(registry_home,
         thread.stop()
 
 
+def test_an_unset_alias_is_retried_until_a_promotion_sets_it(registry_home, embedder):
+    """docs/predictor.md: an alias that is not set is no start-up error (`motlens serve` stays live):
+    a promotion may set it later, and the retried load then serves it."""
+    from predictor.cli import _unloadable_ref
+    from predictor.settings import ServeSettings
+
+    registry_home.delete_alias("production")
+    assert _unloadable_ref(ServeSettings(model=REF)) is None
+    thread, base = start_server(REF, embedder)
+    try:
+        wait_until(lambda: not_ready_with(base, "load_failed", "alias 'production' is not set"))
+        registry_home.set_alias("production", "1")
+        wait_until(lambda: httpx.get(f"{base}/v2/models/{MODEL}/ready", timeout=10).status_code == 200)
+        assert predict(base).status_code == 200
+    finally:
+        thread.stop()
+
+
 @pytest.mark.slow
 def test_follow_alias_confirms_the_fallback_once_the_registry_answers(registry_home, embedder, monkeypatch, tmp_path):
     """The follow loop keeps its registry client, so the same URI must come back: a real ``mlflow server``."""

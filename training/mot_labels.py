@@ -1,6 +1,6 @@
 """MOT labels: manual section (0–8) and severity from DVSA bulk codes and MOT History API types.
 
-Rules (DESIGN.md "Facts that save time here"):
+Rules (docs/data.md "Labels"):
 
 * Since 20 May 2018 the manual reference at the end of a defect text, e.g.
   ``"… (1.1.14 (a) (ii))"``, gives the section: its first number. Before that date the manual was

@@ -1,9 +1,10 @@
 """MLflow registry helpers: register bundles, resolve aliases, fetch verified bundles.
 
-Registered model ``mot-defects`` (DESIGN.md "MLflow"): aliases only (``production``, ``canary``,
-``candidate``), never stages. A version's ``source`` is the run artifact directory ``model/``,
-which holds the bundle exactly as :mod:`motlens.bundle` writes it (no MLmodel file, no pickle), so
-the same URI is what a KServe ``storageUri`` downloads to ``/mnt/models``.
+Registered model ``mot-defects`` (docs/architecture.md "Registry and training runs"): aliases only
+(``production``, ``canary``, ``candidate``), never stages. A version's ``source`` is the run
+artifact directory ``model/``, which holds the bundle exactly as :mod:`motlens.bundle` writes it
+(no MLmodel file, no pickle), so the same URI is what a KServe ``storageUri`` downloads to
+``/mnt/models``.
 
 Local default: tracking and registry in sqlite under ``MOTLENS_HOME`` with artifacts in
 ``MOTLENS_HOME/mlartifacts``; ``MLFLOW_TRACKING_URI`` points everything at a server instead.

@@ -51,7 +51,7 @@ ITEM_GROUP_COLUMNS = ("test_item_id", "test_class_id", "parent_id", "test_item_s
 LOCATION_COLUMNS = ("location_id", "lateral", "longitudinal", "vertical")
 
 # (manual reference, top-level group, item, [(defect text, category)], advisory text, has location)
-# Group names follow the bulk lookup's own grouping, not the manual numbering (DESIGN.md).
+# Group names follow the bulk lookup's own grouping, not the manual numbering (docs/data.md).
 _CATALOGUE: list[tuple[str, str, str, list[tuple[str, str]], str, bool]] = [
     ("0.1 (a)", "Identification of the vehicle", "Registration plate",
      [("Registration plate missing or so insecure that it is likely to fall off", "Major")],

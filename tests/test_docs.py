@@ -1,0 +1,65 @@
+"""The documentation's examples and links work from a clone of the repository."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+SOURCE_DIRS = (
+    "motlens",
+    "training",
+    "predictor",
+    "predlog",
+    "drift",
+    "promotion",
+    "bench",
+    "manifests",
+    "scripts",
+    "tests",
+)
+_CURL = re.compile(r"\bcurl\b(?:[^\n]*\\\n)*[^\n]*")  # a curl command with its `\` continuation lines
+_DATA = re.compile(r"\s(?:-d|--data(?:-raw|-binary|-ascii)?|--json)[\s=]")
+_JSON_TYPE = re.compile(r"(?i)content-type:\s*application/json|\s--json\s")
+
+
+def _curls(text: str) -> list[str]:
+    return [m.group(0) for m in _CURL.finditer(text)]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_curl_examples_that_post_json_say_so(doc):
+    """curl's `-d` sends `application/x-www-form-urlencoded`, which the predictor answers with 415."""
+    bare = [c for c in _curls(doc.read_text()) if _DATA.search(c) and not _JSON_TYPE.search(c)]
+    assert not bare, f"{doc.name}: add -H 'Content-Type: application/json' to: {bare}"
+
+
+def test_the_curl_check_sees_a_multiline_command():
+    text = '```\ncurl -H "Host: x" http://h/v1/models/m:predict \\\n  -d \'{"instances": []}\'\n```\n'
+    (cmd,) = _curls(text)
+    assert _DATA.search(cmd) and not _JSON_TYPE.search(cmd)
+    assert _JSON_TYPE.search(cmd.replace("curl", "curl -H 'Content-Type: application/json'"))
+
+
+_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_docs_refer_only_to_files_in_the_repository(doc):
+    """A clone has no design brief beside it: docs/architecture.md is the design of record."""
+    text = doc.read_text()
+    assert "DESIGN.md" not in text and "../shared" not in text
+    for target in _LINK.findall(text):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        path = (doc.parent / target).resolve()
+        assert path.is_relative_to(REPO) and path.exists(), f"{doc.name}: broken link {target}"
+
+
+def test_sources_cite_the_docs_not_the_design_brief():
+    sources = [p for d in SOURCE_DIRS for p in (REPO / d).rglob("*") if p.suffix in (".py", ".md", ".yaml", ".sh")]
+    citing = [str(p.relative_to(REPO)) for p in sources if p != Path(__file__) and "DESIGN.md" in p.read_text()]
+    assert not citing, citing
