@@ -127,6 +127,10 @@ def table_functions(ast: list[str]) -> list[str]:
     return found
 
 
+#: the embedded readers' databases of views (:meth:`predlog.reader.ParquetSource.catalog`)
+_CATALOG = re.compile(r"\bmotlens_log_", re.IGNORECASE)
+
+
 def check_read_only(sql: str) -> str:
     """Return the statement (trailing ``;`` removed) or raise ReadOnlyViolation naming the problem.
 
@@ -155,6 +159,8 @@ def check_read_only(sql: str) -> str:
         )
     if _QUOTED_CALL.search(bare):
         raise ReadOnlyViolation("quoted function names are not allowed")
+    if _CATALOG.search(bare):  # another reader's views in the same process: another log's rows
+        raise ReadOnlyViolation("name the log's tables as predictions, drift_reports or promotion_events")
     m = _SETTINGS.search(bare)
     if m:
         raise ReadOnlyViolation(f"read-only queries may not use {m.group(1).upper()!r}")

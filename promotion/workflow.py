@@ -373,8 +373,12 @@ class Promoter:
                         f"{self.target.describe()} serves {live.describe()} from {live.serving_production_uri}: "
                         f"deploy it with `motlens promote promote {version}`"
                     )
-                adopt = "" if aliases.get("production") == version else (
-                    f"; `motlens promote promote {version} --force` adopts it in the registry")  # fmt: skip
+                if aliases.get("production") == version:
+                    adopt = ""
+                elif self._serves(live, version):  # a deploy that stopped before the alias: a rerun sets it
+                    adopt = f"; `motlens promote promote {version}` sets the registry's 'production' alias to it"
+                else:  # the target names it, from another URI (e.g. the fresh overlay's placeholder)
+                    adopt = f"; `motlens promote promote {version} --force` adopts it in the registry"
                 raise PromotionError(f"version {version} is already production{adopt}")
             if live.canary_active and live.canary_version != version and not self.force:
                 raise PromotionError(

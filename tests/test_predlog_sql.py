@@ -213,3 +213,24 @@ def test_bad_arguments_name_the_problem(reader):
         reader.window(sample=1.5)
     with pytest.raises(ValueError, match="n must be"):
         reader.tail(0)
+
+
+def test_another_logs_views_in_the_same_process_are_out_of_reach(tmp_path):
+    """Embedded readers of two log directories share one chdb engine, each with its database of views:
+    a table after a comma (not rewritten, and not a table function) read the other log's rows."""
+    a = predlog.open_reader(PredlogSettings(dir=tmp_path / "a"))
+    b = predlog.open_reader(PredlogSettings(dir=tmp_path / "b"))
+    try:
+        b.insert_promotion_event({"action": "secret-b", "to_version": "2", "success": True})
+        other = b.source.catalog(b.client)
+        assert b.query("SELECT action FROM promotion_events")["action"].tolist() == ["secret-b"]
+        for sql in (
+            f"SELECT y.action FROM (SELECT 1 AS one) AS z, {other}.promotion_events AS y",
+            f"SELECT action FROM {other}.promotion_events",
+            f"SHOW TABLES FROM `{other}`",
+        ):
+            with pytest.raises(ReadOnlyViolation, match="name the log's tables as predictions"):
+                a.query(sql)
+    finally:
+        a.close()
+        b.close()

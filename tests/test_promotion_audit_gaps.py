@@ -287,6 +287,8 @@ def test_an_interrupted_first_deployment_is_finished_by_a_rerun(registry, tiny_b
     target.apply(target.read().deployed("1", registry.resolve("1").artifact_uri))
     written = (target.overlay / "rollout.yaml").read_text()
     p = _promoter(env, target)
+    with pytest.raises(PromotionError, match=r"already production; `motlens promote promote 1` sets the registry"):
+        p.canary_start("1", 10)  # it once advised --force, which this state does not need
     p.promote("1")
     assert registry.aliases() == {"production": "1"} and (target.overlay / "rollout.yaml").read_text() == written
     assert registry.resolve("1").tags["promotion.status"] == "production" and p.status()["disagreements"] == []
