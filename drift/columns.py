@@ -76,14 +76,15 @@ def collapse_rare(
     columns: tuple[str, ...] = ("make", "fuel_type"),
     min_share: float = 0.01,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Values rarer than ``min_share`` of the reference (or absent from it) become ``"(other)"``.
+    """Values rarer than ``min_share`` of the reference (or absent from it) become ``"(other)"``;
+    ``"(missing)"`` stays itself (a side with no values at all is skipped, not drifted).
 
     Open-vocabulary context columns (hundreds of makes) otherwise drift on rare values alone.
     """
     reference, current = reference.copy(), current.copy()
     for c in columns:
         share = reference[c].value_counts(normalize=True)
-        keep = set(share[share >= min_share].index)
+        keep = set(share[share >= min_share].index) | {MISSING}
         reference[c] = reference[c].where(reference[c].isin(keep), OTHER)
         current[c] = current[c].where(current[c].isin(keep), OTHER)
     return reference, current

@@ -150,6 +150,17 @@ def test_two_sample_chi_square_matches_scipy_contingency():
     assert _chi2_two_sample(ref, ref, None, 0.01) == (pytest.approx(1.0), False)
 
 
+def test_traffic_without_context_skips_those_columns(tmp_path, vectors):
+    """Text-only requests (no make or fuel type) drifted `make` and `fuel_type` on every run: their
+    "(missing)", absent from the reference, was pooled into "(other)" before the empty-side check."""
+    cur = traffic(N, 14).assign(make=None, fuel_type=None, vehicle_age_years=np.nan, odometer_miles=np.nan)
+    checks, detail, (status, code) = _checks(traffic(N, 13), cur, vectors, _settings(tmp_path), dims=32)
+    skipped = detail["data_drift"]["skipped_columns"]
+    assert set(skipped) == {"make", "fuel_type", "vehicle_age_years", "odometer_miles"}
+    assert skipped["fuel_type"] == "no values in the current data"
+    assert len(detail["data_drift"]["columns"]) == 5 and (status, code) == ("no_drift", 0)
+
+
 def test_reference_without_context_skips_those_columns(tmp_path, vectors):
     """A ClickHouse-path bundle's reference sample has null context: skipped, not 'drifted'."""
     ref = traffic(N, 13).assign(make=None, fuel_type=None, vehicle_age_years=np.nan, odometer_miles=np.nan)
