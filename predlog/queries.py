@@ -37,6 +37,8 @@ SELECT
     latency_q[1] AS latency_p50_ms,
     latency_q[2] AS latency_p95_ms,
     latency_q[3] AS latency_p99_ms,
+    countIf(NOT cache_hit) AS misses,
+    quantileIf(0.99)(latency_ms, NOT cache_hit) AS latency_miss_p99_ms,
     avgIf(fail_probability, status = 'ok') AS mean_fail_probability,
     avg(cache_hit) AS cache_hit_rate,
     sumMapIf(map(section, toUInt64(1)), status = 'ok') AS section_counts,

@@ -96,6 +96,8 @@ def _expected(rows: list[PredictionRecord]) -> dict:
         "latency_p99_ms": np.quantile(lat, 0.99),
         "mean_fail_probability": np.mean([np.float32(r.fail_probability) for r in ok]),
         "cache_hit_rate": np.mean([r.cache_hit for r in rows]),
+        "misses": sum(not r.cache_hit for r in rows),
+        "latency_miss_p99_ms": np.quantile(lat[[not r.cache_hit for r in rows]], 0.99),
         "section_counts": dict(Counter(r.section for r in ok)),
         "severity_counts": dict(Counter(r.severity for r in ok)),
     }
@@ -111,7 +113,8 @@ def test_live_stats_match_the_logged_rows(log):
         where = f"version {version}"
         assert int(got["n"]) == want["n"] and int(got["errors"]) == want["errors"], where
         assert float(got["error_rate"]) == pytest.approx(want["error_rate"], rel=1e-9), where
-        for q in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms"):
+        assert int(got["misses"]) == want["misses"], where
+        for q in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_miss_p99_ms"):
             assert float(got[q]) == pytest.approx(want[q], rel=REL), f"{where} {q}: {got[q]} vs numpy {want[q]}"
         assert float(got["mean_fail_probability"]) == pytest.approx(want["mean_fail_probability"], rel=1e-5), where
         assert float(got["cache_hit_rate"]) == pytest.approx(want["cache_hit_rate"], rel=1e-9), where

@@ -52,6 +52,29 @@ def test_live_gate(canary, prod, status, words):
     assert r.status == status and words in r.detail
 
 
+def _with_misses(n, err, p99, misses, miss_p99):
+    return {**_stats(n, err, p99), "misses": misses, "latency_miss_p99_ms": miss_p99}
+
+
+@pytest.mark.parametrize(
+    ("canary", "prod", "status", "words"),
+    [
+        # a cold canary (every item a model call) against a production answering from its cache: the
+        # overall p99s compared model calls with cache hits and failed a healthy canary
+        (_with_misses(200, 0.0, 24, 200, 24), _with_misses(5000, 0.0, 0.3, 400, 22), "pass",
+         "p99 of cache misses 24.0 ms (production 22.0 ms)"),
+        (_with_misses(200, 0.0, 60, 200, 60), _with_misses(5000, 0.0, 0.3, 400, 22), "fail",
+         "p99 of cache misses 60.0 ms > 1.5 × production 22.0 ms"),
+        # too few production misses to stand for its model calls: every item, as before
+        (_with_misses(200, 0.0, 24, 200, 24), _with_misses(5000, 0.0, 0.3, 50, 22), "fail", "p99 24.0 ms >"),
+    ],
+)
+def test_live_gate_compares_model_calls_when_both_sides_have_enough(canary, prod, status, words):
+    r = g.live_gate(canary, prod, S)
+    assert r.status == status and words in r.detail, r.detail
+    assert r.values["p99_basis"] == ("all" if prod["misses"] < S.min_samples else "misses")
+
+
 def test_drift_gate():
     t0 = datetime.now(UTC) - timedelta(minutes=10)
 
