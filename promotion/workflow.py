@@ -339,6 +339,14 @@ class Promoter:
             event.reason = f"forced past gates: {failed}"
             return
         event.success, event.reason = False, f"gates {verdict}: {failed}"
+        if not event.from_state:  # refused before a change was planned: the state it left as it was
+            try:
+                live = self.target.read()
+            except Exception as e:  # noqa: BLE001 - the refusal is recorded either way
+                log.warning("could not read the live state for the audit row: %s", e)
+            else:
+                event.from_state = event.to_state = live.describe()
+                event.percent = float(live.percent or 0) if live.canary_active else 0.0
         self._record(event, {event.to_version: {}})
         raise Refused(
             f"{what} refused, gates did not pass:\n  - "
