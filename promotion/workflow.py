@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from motlens import MODEL_NAME
+from motlens.labels import CANARY_PERCENT_TAG, PROMOTION_STATUS_TAG
 from promotion import gates as g
 from promotion.audit import Event, export_metrics, tag_version
 from promotion.locking import LockBusy
@@ -25,10 +26,10 @@ from promotion.targets import Target, TargetError
 
 log = logging.getLogger(__name__)
 
-STATUS_TAG = "promotion.status"
+STATUS_TAG = PROMOTION_STATUS_TAG
 STEP_AT_TAG = "promotion.step_at"
 STARTED_AT_TAG = "promotion.canary_started_at"
-PERCENT_TAG = "promotion.canary_percent"
+PERCENT_TAG = CANARY_PERCENT_TAG
 _APPLIED_AT = "@applied"  # a tag value stamped with the time the live change took effect
 
 
