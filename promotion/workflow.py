@@ -406,6 +406,10 @@ class Promoter:
             else:
                 desired = live.with_canary(version, self.uri(version), percent)
                 tags |= {STARTED_AT_TAG: _APPLIED_AT, STEP_AT_TAG: _APPLIED_AT}
+                if not live.canary_active and aliases.get("canary") == version:
+                    known = self.info(version).tags  # the registry's canary, gone from the target (a restart)
+                    if known.get(STATUS_TAG) == "canary" and STARTED_AT_TAG in known:
+                        del tags[STARTED_AT_TAG]  # reloaded, it keeps its start time
             version_tags = {version: tags}
             if live.canary_active and live.canary_version != version:  # --force replaced a running canary
                 replaced = str(live.canary_version)
