@@ -22,3 +22,8 @@ FAILING_SEVERITIES: frozenset[str] = frozenset({"major", "dangerous"})
 
 SLOTS: tuple[str, ...] = ("production", "canary")
 ALIASES: tuple[str, ...] = ("production", "canary", "candidate")
+
+#: Registry version tags the promotion CLI writes (promotion/workflow.py) and ``serve --follow-alias``
+#: reads to restore a running canary after a restart (predictor/slots.py).
+PROMOTION_STATUS_TAG = "promotion.status"
+CANARY_PERCENT_TAG = "promotion.canary_percent"

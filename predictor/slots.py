@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from motlens import MODEL_NAME
-from motlens.labels import SLOTS
+from motlens.labels import CANARY_PERCENT_TAG, PROMOTION_STATUS_TAG, SLOTS
 from predictor import metrics
 from predictor.backend import REGISTRY_UNREACHABLE, Backend, ModelLoadError, record_lkg
 from predictor.cache import EmbeddingCache
@@ -249,14 +249,18 @@ class SlotManager:
         return self.status()
 
     async def follow(self, alias: str, interval_s: float) -> None:
-        """Poll the registry alias; when it names another version, swap production to that version."""
+        """Poll the registry alias; when it names another version, swap production to that version.
+        Without ``--canary``, the first polls also restore the canary the registry records as running."""
         from training.registry import Registry
 
         registry = await asyncio.to_thread(Registry)
         refused: set[str] = set()
         retry_at: dict[str, tuple[float, float]] = {}  # version → (next attempt, backoff) after a transient failure
+        restore = not self.settings.canary
         while True:
             try:
+                if restore:
+                    restore = not await self._restore_canary(registry)
                 info = await asyncio.to_thread(registry.resolve, f"models:/{MODEL_NAME}@{alias}")
                 prod = self.slots["production"]
                 current = prod.unit.version if prod.unit else None
@@ -288,6 +292,34 @@ class SlotManager:
                 log.warning("cannot resolve alias %s: %s", alias, e)
             self.follow_polls += 1
             await asyncio.sleep(interval_s)
+
+    async def _restore_canary(self, registry: Any) -> bool:
+        """Load the canary the registry records as running (alias ``canary`` on a version tagged
+        ``promotion.status=canary`` with ``promotion.canary_percent`` > 0) at that percent, unless the
+        canary slot is in use. True once settled; False to try again at the next poll (transient failure)."""
+        from training.registry import RegistryUnreachable, UnknownModelRef
+
+        canary = self.slots["canary"]
+        if canary.unit is not None or canary.loading:
+            return True  # the admin API got there first: it leads
+        try:
+            info = await asyncio.to_thread(registry.resolve, f"models:/{MODEL_NAME}@canary")
+        except RegistryUnreachable as e:
+            log.warning("cannot read the registry's canary yet: %s", e)
+            return False
+        except UnknownModelRef:
+            return True  # no canary alias (or an incomplete version): nothing to restore
+        percent = _recorded_percent(info.tags)
+        if percent is None:
+            return True
+        log.info("restoring canary version %s at %s%%, as the registry records it", info.version, percent)
+        try:
+            await self.load("canary", f"models:/{MODEL_NAME}/{info.version}")
+        except ModelLoadError as e:  # logged by load(); the reason shows in the canary slot's status
+            return not e.transient
+        if self.slots["canary"].unit is not None and self.canary_percent == 0.0:
+            self.set_canary_percent(percent)
+        return True
 
     def _installed_by_admin(self, current: str | None, aliased: str, grace_s: float) -> bool:
         """Whether production serves what the admin API put there and the alias has not caught up
@@ -440,6 +472,17 @@ class SlotManager:
                 "inflight": st.unit.inflight if st.unit else 0,
             }
         return out
+
+
+def _recorded_percent(tags: dict[str, str]) -> float | None:
+    """The share of an active canary as the promotion CLI tagged it; None unless it is one (> 0)."""
+    if tags.get(PROMOTION_STATUS_TAG) != "canary":
+        return None
+    try:
+        percent = float(tags.get(CANARY_PERCENT_TAG, ""))
+    except ValueError:
+        return None
+    return percent if 0.0 < percent <= 100.0 else None
 
 
 def _confirms(info: Any, unit: ServingUnit) -> bool:

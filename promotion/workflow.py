@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from motlens import MODEL_NAME
+from motlens.labels import CANARY_PERCENT_TAG, PROMOTION_STATUS_TAG
 from promotion import gates as g
 from promotion.audit import Event, export_metrics, tag_version
 from promotion.locking import LockBusy
@@ -25,10 +26,10 @@ from promotion.targets import Target, TargetError
 
 log = logging.getLogger(__name__)
 
-STATUS_TAG = "promotion.status"
+STATUS_TAG = PROMOTION_STATUS_TAG
 STEP_AT_TAG = "promotion.step_at"
 STARTED_AT_TAG = "promotion.canary_started_at"
-PERCENT_TAG = "promotion.canary_percent"
+PERCENT_TAG = CANARY_PERCENT_TAG
 _APPLIED_AT = "@applied"  # a tag value stamped with the time the live change took effect
 
 
@@ -413,6 +414,10 @@ class Promoter:
             else:
                 desired = live.with_canary(version, self.uri(version), percent)
                 tags |= {STARTED_AT_TAG: _APPLIED_AT, STEP_AT_TAG: _APPLIED_AT}
+                if not live.canary_active and aliases.get("canary") == version:
+                    known = self.info(version).tags  # the registry's canary, gone from the target (a restart)
+                    if known.get(STATUS_TAG) == "canary" and STARTED_AT_TAG in known:
+                        del tags[STARTED_AT_TAG]  # reloaded, it keeps its start time
             version_tags = {version: tags}
             if live.canary_active and live.canary_version != version:  # --force replaced a running canary
                 replaced = str(live.canary_version)

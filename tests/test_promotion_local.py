@@ -212,3 +212,39 @@ def test_local_promote_brings_the_registrys_production_live(registry, tiny_bundl
             p.promote("2")
     finally:
         thread.stop()
+
+
+@pytest.mark.slow
+def test_local_canary_start_rerun_after_a_restart_keeps_the_start_time(
+    registry, tiny_bundle, embedder, tmp_path, monkeypatch
+):
+    """A server restarted without the canary the registry records (alias, tags): re-running
+    `canary start 2` reloads it and once re-stamped promotion.canary_started_at (dropping drift evidence)."""
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+    from promotion.workflow import STARTED_AT_TAG
+
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
+    monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
+    for i in range(2):
+        registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.6}, params={"i": i}, alias=None)
+    registry.set_alias("production", "1")
+    registry.set_alias("canary", "2")
+    started = "2024-01-02T03:04:05+00:00"
+    registry.set_tags("2", {"promotion.status": "canary", "promotion.canary_percent": "10", STARTED_AT_TAG: started})
+    serve = ServeSettings(model="models:/mot-defects@production", http_port=free_port(), grpc_port=free_port(),
+                          enable_grpc=False, cache_bytes=0, admin_enabled=True)  # fmt: skip
+    thread = ServerThread(PredictorServer(serve, embedder=embedder, host="127.0.0.1"))
+    thread.start().wait_ready()
+    try:
+        settings = PromoteSettings(target="local", local_url=f"http://127.0.0.1:{serve.http_port}", golden_check=False)
+        target = LocalTarget(settings)
+        p = Promoter(settings, registry, target)
+        assert target.read().canary_version is None
+        p.canary_start("2", 10)
+        live = target.read()
+        assert (live.canary_version, live.percent) == ("2", 10) and p.status()["disagreements"] == []
+        assert registry.resolve("2").tags[STARTED_AT_TAG] == started
+    finally:
+        thread.stop()

@@ -228,3 +228,72 @@ def test_follow_alias_retries_a_version_whose_artifacts_were_unreachable(registr
         if away.exists():
             away.rename(stored)
         thread.stop()
+
+
+def _canary_server(registry, tiny_bundle, embedder, monkeypatch, *, canary_alias: bool, tags: dict[str, str]):
+    """Production v1 in the registry, v2 maybe aliased ``canary`` and tagged; a server following ``production``."""
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="canary" if canary_alias else None)
+    if tags:
+        registry.set_tags("2", tags)
+    settings = ServeSettings(
+        model=f"models:/{MODEL}@production", follow_alias="production", follow_interval_s=0.2,
+        http_port=free_port(), grpc_port=free_port(), enable_grpc=False, admin_enabled=True, cache_bytes=0,
+    )  # fmt: skip
+    server = PredictorServer(settings, embedder=embedder, host="127.0.0.1")
+    return server, ServerThread(server).start().wait_ready(), f"http://127.0.0.1:{settings.http_port}/motlens/admin"
+
+
+def _polls_from_now(server, n: int) -> None:
+    target = server.slots.follow_polls + n
+    wait_until(lambda: server.slots.follow_polls >= target, timeout=120)
+
+
+@pytest.mark.slow
+def test_follow_alias_restores_the_running_canary_at_start(registry, tiny_bundle, embedder, monkeypatch):
+    """A restarted `serve --follow-alias production` once came back without the canary the registry
+    records as running (alias `canary`, promotion tags at 10 %): status disagreed, `auto` was stuck."""
+    tags = {"promotion.status": "canary", "promotion.canary_percent": "10"}
+    server, thread, admin = _canary_server(registry, tiny_bundle, embedder, monkeypatch, canary_alias=True, tags=tags)
+    try:
+        _polls_from_now(server, 1)  # the first poll restores the canary
+        st = httpx.get(f"{admin}/slots", timeout=30).json()
+        assert st["slots"]["canary"]["version"] == "2", st
+        assert st["slots"]["canary"]["ref"] == f"models:/{MODEL}/2"
+        assert st["canary_percent"] == 10.0 and st["slots"]["production"]["version"] == "1"
+        assert httpx.post(f"{admin}/rollback", timeout=120).is_success  # later admin changes stand
+        _polls_from_now(server, 3)
+        st = httpx.get(f"{admin}/slots", timeout=30).json()
+        assert st["slots"]["canary"]["version"] is None and st["canary_percent"] == 0.0
+    finally:
+        thread.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("canary_alias", "tags"),
+    [
+        (True, {}),  # aliased by hand, never started by the promotion CLI
+        (False, {"promotion.status": "canary", "promotion.canary_percent": "10"}),  # alias gone
+        (True, {"promotion.status": "canary", "promotion.canary_percent": "0"}),
+    ],
+    ids=["no-tags", "no-alias", "zero-percent"],
+)
+def test_follow_alias_restores_no_canary_the_registry_does_not_record(
+    registry, tiny_bundle, embedder, monkeypatch, canary_alias, tags
+):
+    server, thread, admin = _canary_server(
+        registry, tiny_bundle, embedder, monkeypatch, canary_alias=canary_alias, tags=tags
+    )
+    try:
+        _polls_from_now(server, 2)
+        st = httpx.get(f"{admin}/slots", timeout=30).json()
+        assert st["slots"]["canary"]["version"] is None and st["slots"]["canary"]["loading"] is None, st
+        assert st["canary_percent"] == 0.0
+    finally:
+        thread.stop()
