@@ -312,6 +312,8 @@ class SlotManager:
         percent = _recorded_percent(info.tags)
         if percent is None:
             return True
+        if canary.unit is not None or canary.loading:  # an admin load came during the lookup: it leads
+            return True  # (one that comes later waits for this load's slot lock and replaces it)
         log.info("restoring canary version %s at %s%%, as the registry records it", info.version, percent)
         try:
             await self.load("canary", f"models:/{MODEL_NAME}/{info.version}")
