@@ -193,6 +193,14 @@ def _serve_proc(tmp_path, *flags: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def _serve_popen(env: dict[str, str], flags: list[str]) -> subprocess.Popen:
+    """A `motlens serve --no-predlog` process whose log (stderr) the test reads line by line."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "motlens.cli", "serve", "--no-predlog", *flags],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
 def test_serve_exits_1_naming_a_rest_port_that_is_taken(tmp_path):
     """uvicorn's bind failure (it calls sys.exit) used to end the process with 3 and no line of ours."""
     with socket.socket() as held:
@@ -322,10 +330,7 @@ def test_a_registry_that_is_down_is_still_retried(tmp_path):
     """Only a reference that can never load is refused: an unreachable registry may come back."""
     env = {**_serve_env(tmp_path), "MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     flags = ["--model", "models:/mot-defects@production", "--http-port", str(_port()), "--grpc-port", str(_port())]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "motlens.cli", "serve", "--no-predlog", *flags],
-        env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = _serve_popen(env, flags)
     try:
         assert proc.stderr is not None
         for line in proc.stderr:  # the load is retried (and logged) until the registry answers
@@ -344,10 +349,7 @@ def test_serve_following_an_alias_becomes_ready_in_a_fresh_process(registry, tin
     http = _port()
     env = {**_serve_env(registry.state.home), "MLFLOW_TRACKING_URI": registry.tracking_uri}
     flags = ["--follow-alias", "production", "--http-port", str(http), "--grpc-port", str(_port())]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "motlens.cli", "serve", "--no-predlog", *flags],
-        env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = _serve_popen(env, flags)
     try:
         assert proc.stderr is not None
         lines = []

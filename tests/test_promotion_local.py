@@ -9,6 +9,8 @@ import math
 import random
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import httpx
@@ -104,6 +106,33 @@ def _other_head_bundle(tiny_bundle, embedder, out):
     return assemble(out, default_model_dir(), other, make_golden(embedder, other, TEXTS), version="x", run_id="x")
 
 
+def _two_versions(registry, tiny_bundle, monkeypatch) -> None:
+    """MOTLENS_* pointed at ``registry``'s home, and versions 1 and 2 of the tiny bundle registered."""
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
+    monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
+    for i in range(2):
+        registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.6}, params={"i": i}, alias=None)
+
+
+@contextmanager
+def _served_at_production(registry, embedder) -> Iterator[tuple[LocalTarget, Promoter]]:
+    """A real server on ``models:/mot-defects@production`` with the admin API, and a local-target promoter."""
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+
+    serve = ServeSettings(model="models:/mot-defects@production", http_port=free_port(), grpc_port=free_port(),
+                          enable_grpc=False, cache_bytes=0, admin_enabled=True)  # fmt: skip
+    thread = ServerThread(PredictorServer(serve, embedder=embedder, host="127.0.0.1"))
+    thread.start().wait_ready()
+    try:
+        settings = PromoteSettings(target="local", local_url=f"http://127.0.0.1:{serve.http_port}", golden_check=False)
+        target = LocalTarget(settings)
+        yield target, Promoter(settings, registry, target)
+    finally:
+        thread.stop()
+
+
 @pytest.mark.slow
 def test_local_canary_promote_and_rollback_under_traffic(registry, tiny_bundle, embedder, tmp_path, monkeypatch):
     import predlog
@@ -111,11 +140,7 @@ def test_local_canary_promote_and_rollback_under_traffic(registry, tiny_bundle, 
     from predictor.settings import ServeSettings
     from predlog.settings import PredlogSettings
 
-    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
-    monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
-    for i in range(2):
-        registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.6}, params={"i": i}, alias=None)
+    _two_versions(registry, tiny_bundle, monkeypatch)
     other = _other_head_bundle(tiny_bundle, embedder, tmp_path / "other")
     registry.register_bundle(other.root, metrics={"section_macro_f1": 0.6}, params={"i": 2}, alias=None)
 
@@ -185,24 +210,11 @@ def test_local_canary_promote_and_rollback_under_traffic(registry, tiny_bundle, 
 def test_local_promote_brings_the_registrys_production_live(registry, tiny_bundle, embedder, tmp_path, monkeypatch):
     """`motlens serve` loaded `@production` (v1), then `motlens train --alias production` moved the alias to
     v2: `promote promote 2` once refused, 'version 2 is already production' (the server served v1)."""
-    from predictor.server import PredictorServer, ServerThread
-    from predictor.settings import ServeSettings
     from promotion.workflow import PromotionError
 
-    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
-    monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
-    for i in range(2):
-        registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.6}, params={"i": i}, alias=None)
+    _two_versions(registry, tiny_bundle, monkeypatch)
     registry.set_alias("production", "1")
-    serve = ServeSettings(model="models:/mot-defects@production", http_port=free_port(), grpc_port=free_port(),
-                          enable_grpc=False, cache_bytes=0, admin_enabled=True)  # fmt: skip
-    thread = ServerThread(PredictorServer(serve, embedder=embedder, host="127.0.0.1"))
-    thread.start().wait_ready()
-    try:
-        settings = PromoteSettings(target="local", local_url=f"http://127.0.0.1:{serve.http_port}", golden_check=False)
-        target = LocalTarget(settings)
-        p = Promoter(settings, registry, target)
+    with _served_at_production(registry, embedder) as (target, p):
         registry.set_alias("production", "2")
         disagree = "live production is version 1 but the registry's 'production' alias is 2"
         assert p.status()["disagreements"] == [disagree]
@@ -210,8 +222,6 @@ def test_local_promote_brings_the_registrys_production_live(registry, tiny_bundl
         assert target.read().production_version == "2" and p.status()["disagreements"] == []
         with pytest.raises(PromotionError, match="version 2 is already production on local motlens serve"):
             p.promote("2")
-    finally:
-        thread.stop()
 
 
 @pytest.mark.slow
@@ -220,31 +230,16 @@ def test_local_canary_start_rerun_after_a_restart_keeps_the_start_time(
 ):
     """A server restarted without the canary the registry records (alias, tags): re-running
     `canary start 2` reloads it and once re-stamped promotion.canary_started_at (dropping drift evidence)."""
-    from predictor.server import PredictorServer, ServerThread
-    from predictor.settings import ServeSettings
     from promotion.workflow import STARTED_AT_TAG
 
-    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
-    monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
-    for i in range(2):
-        registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.6}, params={"i": i}, alias=None)
+    _two_versions(registry, tiny_bundle, monkeypatch)
     registry.set_alias("production", "1")
     registry.set_alias("canary", "2")
     started = "2024-01-02T03:04:05+00:00"
     registry.set_tags("2", {"promotion.status": "canary", "promotion.canary_percent": "10", STARTED_AT_TAG: started})
-    serve = ServeSettings(model="models:/mot-defects@production", http_port=free_port(), grpc_port=free_port(),
-                          enable_grpc=False, cache_bytes=0, admin_enabled=True)  # fmt: skip
-    thread = ServerThread(PredictorServer(serve, embedder=embedder, host="127.0.0.1"))
-    thread.start().wait_ready()
-    try:
-        settings = PromoteSettings(target="local", local_url=f"http://127.0.0.1:{serve.http_port}", golden_check=False)
-        target = LocalTarget(settings)
-        p = Promoter(settings, registry, target)
+    with _served_at_production(registry, embedder) as (target, p):
         assert target.read().canary_version is None
         p.canary_start("2", 10)
         live = target.read()
         assert (live.canary_version, live.percent) == ("2", 10) and p.status()["disagreements"] == []
         assert registry.resolve("2").tags[STARTED_AT_TAG] == started
-    finally:
-        thread.stop()
