@@ -38,6 +38,9 @@ GOLDEN_JSON = "golden/golden.json"
 GOLDEN_EMB = "golden/embeddings.npy"
 REFERENCE = "reference/sample.parquet"
 GOLDEN_MIN_COSINE = 0.999
+#: The layout this code writes and the newest it reads; a manifest without ``format`` is format 1
+#: (bundles written before the field existed). A newer format is refused rather than half-read.
+BUNDLE_FORMAT = 1
 
 
 class BundleError(Exception):
@@ -78,6 +81,7 @@ def _files(root: Path) -> list[str]:
 def write_manifest(root: Path, **fields: Any) -> dict[str, Any]:
     """Hash every file under ``root`` and write ``bundle.json``; returns the manifest."""
     manifest: dict[str, Any] = {
+        "format": BUNDLE_FORMAT,
         "name": MODEL_NAME,
         "version": None,
         "run_id": None,
@@ -94,8 +98,8 @@ def write_manifest(root: Path, **fields: Any) -> dict[str, Any]:
 def set_manifest_fields(root: Path, **fields: Any) -> dict[str, Any]:
     """Update descriptive fields (e.g. the registered ``version``) without touching file hashes."""
     manifest = json.loads((root / MANIFEST).read_text())
-    if "files" in fields:
-        raise ValueError("file hashes are not editable")
+    if "files" in fields or "format" in fields:
+        raise ValueError("file hashes and the bundle format are not editable")
     manifest.update(fields)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
@@ -112,8 +116,16 @@ def verify(root: Path) -> dict[str, Any]:
         expected: dict[str, str] = manifest["files"]
         if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
             raise ValueError("'files' must map paths to sha256 digests")
-    except (ValueError, KeyError, TypeError) as e:
+        fmt = manifest.get("format", 1)
+        if type(fmt) is not int or fmt < 1:
+            raise ValueError(f"'format' must be a positive integer, not {fmt!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise BundleError(f"{mf}: malformed manifest ({e})") from e
+    if fmt > BUNDLE_FORMAT:
+        raise BundleError(
+            f"{root}: bundle format {fmt} was written by a newer motlens; this one reads formats up to "
+            f"{BUNDLE_FORMAT}: upgrade motlens to load it"
+        )
     if mf.is_symlink() or root.is_symlink():
         raise BundleError(f"{root}: the bundle or its {MANIFEST} is a symbolic link; bundles hold plain files")
     present = set(_files(root))

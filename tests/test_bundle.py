@@ -91,6 +91,56 @@ def test_malformed_manifest_is_a_bundle_error(tiny_bundle, tmp_path, manifest):
         Bundle.open(copy)
 
 
+def _with_manifest(src: Path, dst: Path, **changes: object) -> Path:
+    import json
+
+    from motlens.bundle import MANIFEST
+
+    shutil.copytree(src, dst)
+    doc = json.loads((dst / MANIFEST).read_text())
+    for key, value in changes.items():
+        if value is None:
+            doc.pop(key)
+        else:
+            doc[key] = value
+    (dst / MANIFEST).write_text(json.dumps(doc))
+    return dst
+
+
+def test_a_bundle_names_its_format_and_a_newer_one_is_refused_by_name(tiny_bundle, tmp_path):
+    """A newer bundle (another file, another field) opened as if it were this format, without a word."""
+    from motlens.bundle import BUNDLE_FORMAT
+
+    assert Bundle.open(tiny_bundle.root).manifest["format"] == BUNDLE_FORMAT
+    newer = _with_manifest(tiny_bundle.root, tmp_path / "newer", format=BUNDLE_FORMAT + 1)
+    with pytest.raises(BundleError, match=f"bundle format {BUNDLE_FORMAT + 1} was written by a newer motlens.*upgrade"):
+        Bundle.open(newer)
+    # refused by its format before its files are compared: a newer layout's extra file is not the message
+    (newer / "head" / "calibration.json").write_text("{}")
+    with pytest.raises(BundleError, match="written by a newer motlens"):
+        Bundle.open(newer)
+
+
+@pytest.mark.parametrize("value", ["1", 0, 1.0, True])
+def test_a_malformed_format_is_a_malformed_manifest(tiny_bundle, tmp_path, value):
+    with pytest.raises(BundleError, match="malformed manifest.*'format' must be a positive integer"):
+        Bundle.open(_with_manifest(tiny_bundle.root, tmp_path / "b", format=value))
+
+
+def test_a_bundle_written_before_the_format_field_still_opens(tiny_bundle, tmp_path):
+    legacy = _with_manifest(tiny_bundle.root, tmp_path / "legacy", format=None)
+    assert "format" not in Bundle.open(legacy).manifest
+
+
+def test_the_format_is_not_a_descriptive_field(tiny_bundle, tmp_path):
+    from motlens.bundle import set_manifest_fields
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle.root, copy)
+    with pytest.raises(ValueError, match="bundle format"):
+        set_manifest_fields(copy, format=2)
+
+
 def test_a_damaged_config_is_a_load_refusal_not_a_crash(tiny_bundle, tmp_path):
     """A re-signed head config missing a key raised KeyError past the slot manager (admin 500, dead loader)."""
     import json
