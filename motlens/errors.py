@@ -91,17 +91,24 @@ def _settings_class(title: str) -> Any:
     return None
 
 
-def env_name(cls: Any, key: str) -> str | None:
-    """The environment variable (as set) that fed field ``key`` (its name or an alias) of ``cls``."""
+def env_names(cls: Any) -> dict[str, list[str]]:
+    """Each field of settings class ``cls`` → the environment variables that set it (its aliases, else
+    the env prefix + the field name)."""
     from pydantic import AliasChoices
 
+    out = {}
     for name, field in cls.model_fields.items():
         alias = field.validation_alias
         choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if alias else []
-        names = [c for c in choices if isinstance(c, str)]
-        if key != name and key not in names:
+        out[name] = [c for c in choices if isinstance(c, str)] or [cls.model_config.get("env_prefix", "") + name]
+    return out
+
+
+def env_name(cls: Any, key: str) -> str | None:
+    """The environment variable (as set) that fed field ``key`` (its name or an alias) of ``cls``."""
+    for name, candidates in env_names(cls).items():
+        if key != name and key not in candidates:
             continue
-        candidates = names or [cls.model_config.get("env_prefix", "") + name]
         present = {k.upper(): k for k in os.environ}
         return next((present[c.upper()] for c in candidates if c.upper() in present), None)
     return None

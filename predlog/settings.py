@@ -37,12 +37,12 @@ class PredlogSettings(BaseSettings):
 
     clickhouse_url: str | None = Field(
         default=None,
-        validation_alias=AliasChoices("MOTLENS_PREDLOG_CLICKHOUSE_URL", "MOTLENS_CLICKHOUSE_URL", "clickhouse_url"),
+        validation_alias=AliasChoices("MOTLENS_PREDLOG_CLICKHOUSE_URL", "MOTLENS_CLICKHOUSE_URL"),
         description="http(s)://user@host:8123/db or chdb://memory; the password never goes here",
     )
     password: SecretStr | None = Field(
         default=None,
-        validation_alias=AliasChoices("MOTLENS_PREDLOG_PASSWORD", "MOTLENS_CLICKHOUSE_PASSWORD", "password"),
+        validation_alias=AliasChoices("MOTLENS_PREDLOG_PASSWORD", "MOTLENS_CLICKHOUSE_PASSWORD"),
     )
     database: str = Field(
         default="default",

@@ -36,6 +36,20 @@ def test_server_url_and_password_from_env(monkeypatch):
     assert "s3cret-value" not in repr(s) and "s3cret-value" not in str(s.model_dump())
 
 
+def test_unprefixed_password_and_url_variables_feed_nothing(tmp_path, monkeypatch):
+    """A container's PASSWORD or CLICKHOUSE_URL, set for another program, became the log's password
+    and switched the embedded log to that server (aliases named by field, read as env names)."""
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path))
+    for name in ("MOTLENS_CLICKHOUSE_URL", "MOTLENS_CLICKHOUSE_PASSWORD", "MOTLENS_PREDLOG_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PASSWORD", "someone-elses")
+    monkeypatch.setenv("CLICKHOUSE_URL", "https://other@ch.example:8443/theirs")
+    s = PredlogSettings()
+    assert s.embedded and s.password is None
+    kw = PredlogSettings(clickhouse_url="chdb://memory", password="x")  # keywords by field name still work
+    assert kw.clickhouse_url == "chdb://memory" and kw.password.get_secret_value() == "x"
+
+
 def test_password_in_url_is_refused_without_echoing_it():
     with pytest.raises(pydantic.ValidationError) as e:
         PredlogSettings(clickhouse_url="http://u:hunter2@ch:8123")

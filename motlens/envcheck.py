@@ -1,0 +1,63 @@
+"""``MOTLENS_*`` environment variables that no setting reads: a typo or a renamed setting would
+otherwise leave the default in force without a word (``motlens`` warns at start; values never shown)."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+from collections.abc import Mapping
+
+from motlens.errors import env_names
+
+#: env prefix → the settings class that reads it, imported only when a variable needs it
+SETTINGS = {
+    "MOTLENS_SERVE_": "predictor.settings:ServeSettings",
+    "MOTLENS_PREDLOG_": "predlog.settings:PredlogSettings",
+    "MOTLENS_DRIFT_": "drift.settings:DriftSettings",
+    "MOTLENS_PROMOTE_": "promotion.settings:PromoteSettings",
+    "MOTLENS_DATA_": "training.chload:DataSettings",
+    "MOTLENS_TRAIN_": "training.train:TrainSettings",
+}
+#: read outside those prefixes: the state directory, the embedder's model directory (tests, the GPU
+#: check) and the ClickHouse URL/password that the prediction log and the data loader share
+OTHER = frozenset({"MOTLENS_HOME", "MOTLENS_EMBEDDER_DIR", "MOTLENS_CLICKHOUSE_URL", "MOTLENS_CLICKHOUSE_PASSWORD"})
+
+
+def _names(target: str) -> set[str]:
+    module, cls = target.split(":")
+    return {n.upper() for names in env_names(getattr(importlib.import_module(module), cls)).values() for n in names}
+
+
+def unknown_env(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """Each set ``MOTLENS_*`` variable that no setting reads, with the closest known name (or None).
+
+    A prefix whose settings cannot be imported (its extra is not installed) is not checked: the
+    command that needs it says what to install.
+    """
+    env = os.environ if environ is None else environ
+    names = sorted(k for k in env if k.upper().startswith("MOTLENS_"))
+    known, unchecked, loaded = set(OTHER), set(), set()
+
+    def load(prefixes: list[str]) -> None:
+        for prefix in prefixes:
+            if prefix in loaded:
+                continue
+            loaded.add(prefix)
+            try:
+                known.update(_names(SETTINGS[prefix]))
+            except ImportError:
+                unchecked.add(prefix)
+
+    load([p for p in SETTINGS if any(n.upper().startswith(p) for n in names)])
+    out = []
+    for name in names:
+        upper = name.upper()
+        if upper in known or any(upper.startswith(p) for p in unchecked):
+            continue
+        load(list(SETTINGS))  # an unknown name: every setting, for the closest match
+        if upper in known:
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.75)
+        out.append((name, close[0] if close else None))
+    return out
