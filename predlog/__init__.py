@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def open_writer(settings: PredlogSettings | None = None):  # -> predlog.writer.PredictionLogWriter
-    """Start a background writer for the configured backend (never connects in the foreground)."""
+    """Start a background writer for the configured backend (never connects in the foreground; on its
+    first connect it migrates the server when ``auto_migrate`` is on, else only checks the schema)."""
     from predlog.sinks import ClickHouseSink, ParquetSink
     from predlog.spool import Spool
     from predlog.writer import PredictionLogWriter
@@ -37,7 +38,11 @@ def open_writer(settings: PredlogSettings | None = None):  # -> predlog.writer.P
 
 
 def open_reader(settings: PredlogSettings | None = None):  # -> predlog.reader.PredictionLogReader
-    """A reader over the server tables (migrated unless auto_migrate is off) or the Parquet segments."""
+    """A reader over the server tables or the Parquet segments.
+
+    A reader never migrates (no DDL: a read-only ClickHouse user can read): it checks that every
+    migration is applied and that the tables have this release's columns, else raises
+    :class:`predlog.migrate.SchemaError` saying what to do (``motlens log migrate``)."""
     from predlog import migrate
     from predlog.reader import ParquetSource, PredictionLogReader, TableSource
     from predlog.sinks import make_client
@@ -48,8 +53,11 @@ def open_reader(settings: PredlogSettings | None = None):  # -> predlog.reader.P
     client = make_client(settings)
     if settings.embedded:
         return PredictionLogReader(client, ParquetSource(settings.root), settings)
-    if settings.auto_migrate:
-        migrate.apply(client, settings)
+    try:
+        migrate.check(client, settings)
+    except BaseException:
+        client.close()
+        raise
     return PredictionLogReader(client, TableSource(client, settings.database), settings)
 
 

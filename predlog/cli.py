@@ -58,7 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help='e.g. "SELECT slot, count() FROM predictions WHERE model_version = {v:String} GROUP BY slot"',
     )
     q.add_argument("--param", type=_param, action="append", default=[], help="NAME=VALUE for {NAME:Type}")
-    verbs.add_parser("migrate", help="apply pending DDL migrations to the ClickHouse server")
+    verbs.add_parser(
+        "migrate", help="apply pending DDL migrations to the ClickHouse server (and MOTLENS_PREDLOG_TTL_DAYS)"
+    )
     verbs.add_parser("compact", help="embedded backend: merge each closed day's Parquet segments into one file")
     p.set_defaults(func=_run)
 
@@ -109,8 +111,16 @@ def _migrate(settings) -> int:
     if settings.embedded:
         print("embedded Parquet backend: nothing to migrate (set MOTLENS_CLICKHOUSE_URL)")
         return 0
-    applied = migrate.apply(make_client(settings), settings)
+    client = make_client(settings)
+    try:
+        was = migrate.table_ttl_days(client, settings)
+        applied = migrate.apply(client, settings, modify_ttl=True)
+        now = migrate.table_ttl_days(client, settings)
+    finally:
+        client.close()
     print(f"applied migrations: {applied or 'none pending'}")
+    if was is not None and now != was:
+        print(f"predictions TTL changed from {was} to {now} days (MOTLENS_PREDLOG_TTL_DAYS)")
     return 0
 
 

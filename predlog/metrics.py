@@ -26,19 +26,25 @@ ROWS_DROPPED: Any
 QUEUE_DEPTH: Any
 SPOOL_BYTES: Any
 INSERT_SECONDS: Any
+COLUMNS_DROPPED: Any
 try:
     from prometheus_client import Counter, Gauge, Histogram
 except ImportError:  # pragma: no cover - core install without prometheus-client
     ROWS_WRITTEN = ROWS_SPILLED = ROWS_REPLAYED = ROWS_DROPPED = _Noop()
-    QUEUE_DEPTH = SPOOL_BYTES = INSERT_SECONDS = _Noop()
+    QUEUE_DEPTH = SPOOL_BYTES = INSERT_SECONDS = COLUMNS_DROPPED = _Noop()
 else:
     ROWS_WRITTEN = Counter("motlens_predlog_rows_written_total", "Prediction rows stored in the sink")
     ROWS_SPILLED = Counter("motlens_predlog_rows_spilled_total", "Rows kept in the local spool after a failed insert")
     ROWS_REPLAYED = Counter("motlens_predlog_rows_replayed_total", "Spooled rows later stored in the sink")
     ROWS_DROPPED = Counter(
         "motlens_predlog_rows_dropped_total",
-        "Rows lost, by reason (queue_full, spool_full, closed, invalid)",
+        "Rows lost, by reason (queue_full, spool_full, spool_error, closed, invalid, rejected)",
         ["reason"],
+    )
+    COLUMNS_DROPPED = Counter(
+        "motlens_predlog_columns_dropped_total",
+        "Rows inserted without a column the ClickHouse table lacks (a newer writer's spooled batch), by column",
+        ["column"],
     )
     QUEUE_DEPTH = Gauge("motlens_predlog_queue_depth", "Rows waiting in the writer's in-memory queue")
     SPOOL_BYTES = Gauge("motlens_predlog_spool_bytes", "Bytes of spooled segments awaiting replay")

@@ -90,6 +90,7 @@ class PredictionLogReader:
         self.client = client
         self.source = source
         self.settings = settings
+        self._readonly: bool | None = None
 
     def _df(self, sql: str, params: dict[str, Any]) -> pd.DataFrame:
         return self.client.query_df(sql, parameters=params)
@@ -179,7 +180,7 @@ class PredictionLogReader:
         checked is what executes; its ``EXPLAIN AST`` must hold no table function. The log's table names
         then become ``{catalog}.{table}`` (embedded: views over the segments), a bare ``SHOW TABLES``
         lists that database. SELECT/WITH results are cut at ``max_query_rows``; on a ClickHouse server
-        the query also runs with ``readonly=2``."""
+        the query also runs with ``readonly=2`` (unless the user is read-only already)."""
         text = queries.check_read_only(self.canonical(sql))
         # the parser's own view: a table function anywhere a table may stand (a comma join, a subquery,
         # DESCRIBE), whatever its name — the lexical check only knows FROM/JOIN and a list of names
@@ -194,8 +195,15 @@ class PredictionLogReader:
         if queries.first_keyword(text) in ("select", "with"):
             text = f"SELECT * FROM (\n{text}\n) LIMIT {int(self.settings.max_query_rows)}"
         url = self.settings.clickhouse_url or ""
-        settings = {"readonly": 2} if url and not url.startswith("chdb:") else None
+        settings = {"readonly": 2} if url and not url.startswith("chdb:") and not self._read_only_user() else None
         return self.client.query_df(text, parameters=dict(params or {}), settings=settings)
+
+    def _read_only_user(self) -> bool:
+        """Whether the session is read-only already (``readonly`` 1 or 2 in the user's profile): such a
+        user may not change ``readonly`` (Code 164), and needs no second fence."""
+        if self._readonly is None:
+            self._readonly = int(self.client.query("SELECT getSetting('readonly')").result_rows[0][0]) > 0
+        return self._readonly
 
     def canonical(self, sql: str) -> str:
         """``sql`` parsed and re-rendered on one line by ClickHouse (``formatQuerySingleLine``).

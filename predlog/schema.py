@@ -101,6 +101,24 @@ def arrow_schema(table: str) -> pa.Schema:
     return pa.schema([pa.field(c.name, c.arrow_type) for c in TABLES[table]])
 
 
+def differences(table: str, columns: Sequence[tuple[str, str]], *, extra: bool = True) -> list[str]:
+    """How ``columns`` ((name, ClickHouse type) as ``system.columns`` or ``DESCRIBE`` give them) differ from
+    ``table``'s declared columns: the missing ones and those of another type; columns the declaration
+    lacks count only with ``extra=False`` (a newer release's column does not stop this one)."""
+    found = dict(columns)
+    declared = {c.name: c.ch_type for c in TABLES[table]}
+    missing = [f"{name} {t}" for name, t in declared.items() if name not in found]
+    mistyped = [f"{n} is {found[n]}, expected {t}" for n, t in declared.items() if n in found and found[n] != t]
+    out = []
+    if missing:
+        out.append("missing columns " + ", ".join(missing))
+    if mistyped:
+        out.append("columns of another type: " + ", ".join(mistyped))
+    if not extra and (unknown := [n for n in found if n not in declared]):
+        out.append("undeclared columns " + ", ".join(unknown))
+    return out
+
+
 def structure(table: str) -> str:
     """The ``file()`` structure argument: the table's columns and types (codecs aside)."""
     return ", ".join(f"{c.name} {c.ch_type}" for c in TABLES[table])

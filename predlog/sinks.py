@@ -123,8 +123,9 @@ class ParquetSink:
         """Nothing to release."""
 
 
-def make_client(settings: PredlogSettings, **kwargs: Any) -> Any:
-    """A clickhouse-connect client for ``settings.clickhouse_url`` (password from settings/env only)."""
+def make_client(settings: PredlogSettings, /, **kwargs: Any) -> Any:
+    """A clickhouse-connect client for ``settings.clickhouse_url`` (password from settings/env only);
+    ``kwargs`` go to ``clickhouse_connect.get_client`` (e.g. ``settings={"readonly": 1}``)."""
     import clickhouse_connect
 
     url = settings.clickhouse_url or "chdb://memory"
@@ -142,9 +143,51 @@ def make_client(settings: PredlogSettings, **kwargs: Any) -> Any:
     )
 
 
+#: ClickHouse error codes a batch gets again on every retry: its columns or values do not fit the table.
+#: Anything else (network, timeouts, overload, a missing table or database, access, read-only mode)
+#: may pass later and is retried.
+PERMANENT_CODES: dict[int, str] = {
+    6: "CANNOT_PARSE_TEXT",
+    8: "THERE_IS_NO_COLUMN",
+    10: "NOT_FOUND_COLUMN_IN_BLOCK",
+    16: "NO_SUCH_COLUMN_IN_TABLE",
+    20: "NUMBER_OF_COLUMNS_DOESNT_MATCH",
+    26: "CANNOT_PARSE_QUOTED_STRING",
+    27: "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
+    38: "CANNOT_PARSE_DATE",
+    41: "CANNOT_PARSE_DATETIME",
+    43: "ILLEGAL_TYPE_OF_ARGUMENT",
+    47: "UNKNOWN_IDENTIFIER",
+    53: "TYPE_MISMATCH",
+    69: "ARGUMENT_OUT_OF_BOUND",
+    70: "CANNOT_CONVERT_TYPE",
+    72: "CANNOT_PARSE_NUMBER",
+    117: "INCORRECT_DATA",
+    349: "CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN",
+}
+_CODE = re.compile(r"\bCode: (\d+)\.")
+
+
+def permanent_error(e: BaseException) -> str | None:
+    """``"<code> <NAME>"`` when ClickHouse refused an insert in a way no retry changes (see
+    :data:`PERMANENT_CODES`), else None (transient, or not a ClickHouse error)."""
+    from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+    if not isinstance(e, DatabaseError) or isinstance(e, OperationalError):
+        return None
+    m = _CODE.search(str(e))
+    code = int(m.group(1)) if m else None
+    return f"{code} {PERMANENT_CODES[code]}" if code in PERMANENT_CODES else None
+
+
 class ClickHouseSink:
     """Batched inserts into ``{db}.predictions`` with async_insert; connects (and migrates) lazily,
-    so a server that is down at start only sends batches to the spool."""
+    so a server that is down at start only sends batches to the spool.
+
+    On connect the schema is checked (migrated first when ``auto_migrate`` is on) and the table's
+    columns are read from ``system.columns``; a batch's columns the table lacks (a segment a newer
+    writer spooled before a downgrade) are left out of the insert, with a warning and
+    ``motlens_predlog_columns_dropped_total{column}``."""
 
     local = False
     INSERT_SETTINGS = {"async_insert": 1, "wait_for_async_insert": 1, "async_insert_deduplicate": 1}
@@ -153,29 +196,67 @@ class ClickHouseSink:
         self.settings = settings
         self.table = f"{settings.database}.{table}"
         self._client: Any = None
+        self._columns: frozenset[str] | None = None
+        self._warned: set[str] = set()
+        self._schema_error = ""
         self._lock = threading.Lock()
 
-    def _connect(self) -> Any:
+    def _connect(self) -> tuple[Any, frozenset[str]]:
         with self._lock:
             if self._client is None:
                 client = make_client(self.settings)
-                if self.settings.auto_migrate:
-                    migrate.apply(client, self.settings)
+                try:
+                    if self.settings.auto_migrate:
+                        migrate.apply(client, self.settings)
+                    else:
+                        migrate.check(client, self.settings)
+                except migrate.SchemaError as e:
+                    client.close()
+                    if str(e) != self._schema_error:  # once, not on every retry
+                        self._schema_error = str(e)
+                        log.error("predlog: %s; batches stay in the spool until it is fixed", e)
+                    raise
+                except Exception:
+                    client.close()
+                    raise
                 self._client = client
-            return self._client
+                self._schema_error = ""
+            if self._columns is None:
+                db, _, name = self.table.partition(".")
+                rows = self._client.query(
+                    "SELECT name FROM system.columns WHERE database = {d:String} AND table = {t:String}",
+                    parameters={"d": db, "t": name},
+                ).result_rows
+                if rows:  # none: the table is gone for now (the insert says so); asked again next time
+                    self._columns = frozenset(str(r[0]) for r in rows)
+            return self._client, self._columns or frozenset()
 
     def insert(self, table: pa.Table, token: str) -> None:
-        client = self._connect()
+        client, columns = self._connect()
+        extra = [c for c in table.column_names if columns and c not in columns]
+        if extra:
+            from predlog import metrics
+
+            table = table.drop_columns(extra)
+            for name in extra:
+                metrics.COLUMNS_DROPPED.labels(column=name).inc(table.num_rows)
+            if new := sorted(set(extra) - self._warned):
+                self._warned.update(new)
+                log.warning("predlog: %s has no column %s; left out of the insert", self.table, ", ".join(new))
         try:
             client.insert_arrow(
                 self.table, table, settings={**self.INSERT_SETTINGS, "insert_deduplication_token": token}
             )
-        except Exception:
-            self._drop_client()
+        except Exception as e:
+            if permanent_error(e) is None:
+                self._drop_client()
+            else:  # the table may have changed under the sink: read its columns again
+                self._columns = None
             raise
 
     def _drop_client(self) -> None:
         """Reconnect on the next insert (a server may have restarted); chdb clients stay."""
+        self._columns = None
         if not str(self.settings.clickhouse_url or "").startswith("chdb:"):
             self.close()
 
@@ -183,5 +264,6 @@ class ClickHouseSink:
         """Close the client (``chdb://memory`` tables vanish when the engine's last handle closes)."""
         with self._lock:
             client, self._client = self._client, None
+            self._columns = None
         if client is not None:
             client.close()

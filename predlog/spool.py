@@ -188,13 +188,14 @@ class Spool:
         with pa.memory_map(str(seg.path)) as src:
             return _decode(src.read_buffer())
 
-    def set_aside(self, seg: Segment) -> Path:
-        """Take an unreadable segment out of the spool (and its byte count), kept as ``*.corrupt``."""
+    def set_aside(self, seg: Segment, suffix: str = ".corrupt") -> Path:
+        """Take a segment out of the spool (and its byte count), kept as ``*.corrupt`` (unreadable) or
+        ``*.rejected`` (refused by ClickHouse for good); neither is replayed nor ever deleted."""
         with self._lock:
             if seg in self._segments:
                 self._segments.remove(seg)
                 self._bytes -= seg.bytes
-            aside = seg.path.with_suffix(".corrupt")
+            aside = seg.path.with_suffix(suffix)
             if seg.path.exists():
                 seg.path.rename(aside)
             return aside

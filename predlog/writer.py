@@ -8,7 +8,9 @@ background thread takes batches of ``batch_rows`` (or whatever arrived within
   a write-ahead copy), then the spool is drained in order into the sink with the segment's
   token as ``insert_deduplication_token`` and each stored segment is removed. A failed insert
   leaves the segment (``rows_spilled``) and retries with exponential backoff; later batches
-  queue behind it, so replay keeps order and stores each row exactly once.
+  queue behind it, so replay keeps order and stores each row exactly once. A segment ClickHouse
+  refuses for good (a schema or type error, ``predlog.sinks.PERMANENT_CODES``) is set aside as
+  ``*.rejected`` (kept, counted as ``dropped{reason="rejected"}``) and the ones behind it go on.
 * local Parquet sink: batches go straight to Parquet; only a failed write goes to the spool.
 
 ``close`` (called on SIGTERM) drains the queue, tries the sink once more and leaves whatever
@@ -32,7 +34,7 @@ from predlog import metrics
 from predlog.records import PredictionRecord
 from predlog.schema import records_to_arrow
 from predlog.settings import PredlogSettings
-from predlog.sinks import Sink
+from predlog.sinks import Sink, permanent_error
 from predlog.spool import Segment, Spool
 
 log = logging.getLogger(__name__)
@@ -213,21 +215,25 @@ class PredictionLogWriter:
         if not (time.monotonic() >= self._retry_at and self._try_insert(table, token)):
             self._drop(table.num_rows, reason)
 
+    def _try_insert(self, table: pa.Table, token: str) -> bool:
+        """Insert now; on failure note it (backoff, or ``rejected`` when no retry would pass) and say so."""
+        try:
+            self._insert(table, token)
+        except Exception as e:  # noqa: BLE001
+            if (why := permanent_error(e)) is not None:
+                log.error("predlog: ClickHouse refuses a batch for good (%s); %d rows dropped", why, table.num_rows)
+                self._drop(table.num_rows, "rejected")
+                return True  # handled: not the caller's to spill or count again
+            self._sink_failed(e)
+            return False
+        self._add("written", table.num_rows)
+        return True
+
     def _take_unspooled(self) -> tuple[pa.Table, str] | None:
         """The embedded store's batch in flight, taken by whoever spills it (close() or the writer)."""
         with self._cond:
             pending, self._unspooled = self._unspooled, None
         return pending
-
-    def _try_insert(self, table: pa.Table, token: str) -> bool:
-        """Insert now; on failure note it (backoff) and say so."""
-        try:
-            self._insert(table, token)
-        except Exception as e:  # noqa: BLE001
-            self._sink_failed(e)
-            return False
-        self._add("written", table.num_rows)
-        return True
 
     def _drain(self, force: bool = False) -> None:
         """Replay spooled segments in order until one fails (skipped while backing off)."""
@@ -245,14 +251,34 @@ class PredictionLogWriter:
             try:
                 self._insert(table, seg.token)
             except Exception as e:  # noqa: BLE001
-                self._sink_failed(e)
-                break
+                if (why := permanent_error(e)) is None:
+                    self._sink_failed(e)
+                    break
+                self._reject(seg, why, e)
+                continue
             self.spool.remove(seg)
             self._add("written", seg.rows)
             if seg.token not in self._fresh:
                 self._add("replayed", seg.rows)
             self._fresh.discard(seg.token)
         self._count_fresh_as_spilled()
+
+    def _reject(self, seg: Segment, why: str, e: Exception) -> None:
+        """A segment ClickHouse refuses for good (``PERMANENT_CODES``) leaves the spool as ``*.rejected``
+        (kept, never replayed) so the batches behind it go on; its rows count as ``rejected``."""
+        try:
+            aside = self.spool.set_aside(seg, ".rejected")
+        except OSError as err:  # kept in place and retried rather than lost
+            log.error("predlog: cannot set aside spool segment %s (%s)", seg.path.name, err)
+            self._sink_failed(e)
+            return
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.error(
+            "predlog: ClickHouse refuses spool segment %s for good (%s: %s); %d rows kept as %s, not retried "
+            "(docs/predlog.md: a rejected segment)", seg.path.name, why, first[:500], seg.rows, aside
+        )  # fmt: skip
+        self._drop(seg.rows, "rejected")
+        self._fresh.discard(seg.token)
 
     def _count_fresh_as_spilled(self) -> None:
         if self._fresh:

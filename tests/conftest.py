@@ -131,6 +131,22 @@ def onnx_model_dir(tmp_path_factory, embedder):
     return out
 
 
+def migrated_reader(settings):
+    """``predlog.open_reader`` over a ClickHouse (chdb) database migrated first, as ``motlens log migrate``
+    or the predictor's writer would have (a reader never migrates); embedded: the plain reader."""
+    import predlog
+    from predlog import migrate
+    from predlog.sinks import make_client
+
+    if settings.embedded:
+        return predlog.open_reader(settings)
+    client = make_client(settings)
+    migrate.apply(client, settings)
+    reader = predlog.open_reader(settings)  # the engine of chdb://memory lives on in the reader's handle
+    client.close()
+    return reader
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     import socket

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from conftest import migrated_reader
 
 from drift.simulate import records, traffic
 from drift.sources import read_window
@@ -25,7 +26,7 @@ def _log(settings):
     failed = PredictionRecord(request_id="bad", item_index=-1, model_name="mot-defects", model_version="1",
                               slot="production", text="", status="client_error",
                               ts=NOW - timedelta(minutes=1))  # fmt: skip
-    reader = predlog.open_reader(settings)  # first: chdb://memory tables live while a handle is open
+    reader = migrated_reader(settings)  # first: chdb://memory tables live while a handle is open
     writer = predlog.open_writer(settings)
     writer.submit(records(df) + [failed])
     assert writer.flush(30)

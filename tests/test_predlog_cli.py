@@ -11,9 +11,11 @@ import subprocess
 import sys
 import uuid
 import warnings
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 import pytest
+from conftest import migrated_reader
 
 import predlog
 from motlens.cli import main
@@ -29,7 +31,7 @@ def logged(request, tmp_path, monkeypatch):
         monkeypatch.setenv("MOTLENS_CLICKHOUSE_URL", "chdb://memory")
         monkeypatch.setenv("MOTLENS_PREDLOG_DATABASE", f"c_{uuid.uuid4().hex[:10]}")
     settings = PredlogSettings(flush_interval_s=0.02)
-    keeper = predlog.open_reader(settings)  # keeps the in-process chdb engine (and its tables) alive
+    keeper = migrated_reader(settings)  # keeps the in-process chdb engine (and its tables) alive
     writer = predlog.open_writer(settings)
     writer.submit(
         [
@@ -125,6 +127,38 @@ def test_log_query_refuses_writes_with_a_clear_error(logged, capsys):
     assert "only SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS are allowed, not 'DROP'" in capsys.readouterr().err
     assert main(["log", "count", "--json"]) == 0
     assert sum(c["n"] for c in _json_lines(capsys.readouterr().out)) == 30
+
+
+def test_a_read_only_clickhouse_user_reads_the_log(logged, capsys, monkeypatch):
+    """A least-privilege user (``readonly=1``: SELECT only) runs ``motlens log count/query`` and the drift
+    and promotion reads. open_reader ran DDL on every open (Code 164: READONLY), and query() set
+    ``readonly=2``, which such a user may not change."""
+    import predlog.sinks
+    from predlog.reader import PredictionLogReader
+
+    if logged.embedded:
+        pytest.skip("a ClickHouse user's privileges")
+    real = predlog.sinks.make_client
+    monkeypatch.setattr(predlog.sinks, "make_client", lambda s, **kw: real(s, **{"settings": {"readonly": 1}, **kw}))
+    assert main(["log", "count", "--json"]) == 0
+    assert sum(c["n"] for c in _json_lines(capsys.readouterr().out)) == 30
+    assert main(["log", "query", "SELECT count() AS n FROM predictions", "--json"]) == 0
+    assert _json_lines(capsys.readouterr().out) == [{"n": 30}]
+    reader = predlog.open_reader(logged)
+    try:
+        with pytest.raises(Exception, match="READONLY"):  # the user really is read-only
+            reader.client.command(f"CREATE TABLE {logged.database}.x (a UInt8) ENGINE = Memory")
+        assert len(reader.window(limit=100)) == 30  # drift's window
+        stats = reader.live_stats(since=datetime.now(UTC) - timedelta(hours=1), by_slot=False)  # the gates
+        assert sorted(stats["model_version"]) == ["1", "2"]
+        assert reader.promotion_events(limit=5).empty and reader.drift_reports(limit=5).empty
+        # what query() does against a server URL: no readonly=2 for a session that is read-only already
+        server = PredictionLogReader(
+            reader.client, reader.source, logged.model_copy(update={"clickhouse_url": "http://127.0.0.1:1"})
+        )
+        assert server.query("SELECT count() AS n FROM predictions")["n"].tolist() == [30]
+    finally:
+        reader.close()
 
 
 @pytest.fixture()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from conftest import migrated_reader
 from prometheus_client import REGISTRY
 
 import predlog
@@ -71,7 +72,7 @@ def chdb_settings(tmp_path):
         retry_initial_s=0.05,
         retry_max_s=0.2,
     )
-    reader = predlog.open_reader(settings)  # creates the tables
+    reader = migrated_reader(settings)  # creates the tables
     yield settings, reader
     reader.client.command(f"DROP DATABASE IF EXISTS {settings.database}")
     reader.close()
@@ -542,3 +543,68 @@ def test_a_damaged_spool_segment_is_set_aside_not_kept_at_the_head(tmp_path, lef
     assert (settings.spool_dir / f"{0:016d}-10-{'a' * 32}.corrupt").exists()
     if left_as == "segment":  # a named segment is counted when it is set aside; a .tmp never was a row
         assert s["dropped_by_reason"] == {"invalid": 10}, s
+
+
+def _spool_one(settings, table: pa.Table) -> str:
+    """Leave one segment at the head of the writer's spool (as a writer that stopped would)."""
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+    seg, _ = spool.append(table, uuid.uuid4().hex)
+    spool.close()
+    return seg.path.name
+
+
+def test_a_segment_with_a_column_the_table_lacks_is_inserted_without_it(chdb_settings, caplog):
+    """A downgrade with a non-empty spool: a newer writer's segment carries a column (``tenant``) this
+    table lacks. Every insert failed (NO_SUCH_COLUMN_IN_TABLE), was retried for ever and every batch
+    after it queued behind it."""
+    settings, reader = chdb_settings
+    newer = records_to_arrow(rows(30)).append_column("tenant", pa.array(["acme"] * 30))
+    _spool_one(settings, newer)
+    dropped = REGISTRY.get_sample_value("motlens_predlog_columns_dropped_total", {"column": "tenant"}) or 0
+    writer = predlog.open_writer(settings)
+    for i in range(5):
+        writer.submit(rows(10, 100 + 10 * i))
+        assert writer.flush(30)
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0, 10)
+    writer.close(30)
+    s = writer.stats()
+    assert s["written"] == 80 and s["dropped"] == 0 and s["sink_ok"], s
+    assert stored(reader, settings) == (80, 80)
+    assert REGISTRY.get_sample_value("motlens_predlog_columns_dropped_total", {"column": "tenant"}) == dropped + 30
+    assert "has no column tenant; left out of the insert" in caplog.text
+
+
+def test_a_segment_clickhouse_refuses_for_good_is_set_aside_and_the_rest_go_on(chdb_settings, caplog):
+    """A segment whose values can never fit the table (Code 6, CANNOT_PARSE_TEXT) is kept as
+    ``*.rejected``, counted as dropped{reason="rejected"}, and the batches behind it are stored."""
+    settings, reader = chdb_settings
+    good = records_to_arrow(rows(20))
+    bad = good.set_column(good.schema.get_field_index("item_index"), "item_index", pa.array(["x"] * 20))
+    name = _spool_one(settings, bad)
+    before = REGISTRY.get_sample_value("motlens_predlog_rows_dropped_total", {"reason": "rejected"}) or 0
+    writer = predlog.open_writer(settings)
+    for i in range(3):
+        writer.submit(rows(10, 100 + 10 * i))
+        assert writer.flush(30)
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0, 10)
+    writer.close(30)
+    s = writer.stats()
+    assert s["written"] == 30 and s["dropped_by_reason"] == {"rejected": 20} and s["sink_ok"], s
+    assert stored(reader, settings) == (30, 30)
+    rejected = settings.spool_dir / name.replace(".arrow", ".rejected")
+    assert rejected.exists() and not (settings.spool_dir / name).exists()
+    assert REGISTRY.get_sample_value("motlens_predlog_rows_dropped_total", {"reason": "rejected"}) == before + 20
+    assert f"refuses spool segment {name} for good (6 CANNOT_PARSE_TEXT" in caplog.text
+    # docs/predlog.md: inspect it (and insert what fits) with ClickHouse's Arrow reader
+    kept = reader.client.query(f"SELECT count(), any(item_index) FROM file('{rejected}', Arrow)").result_rows
+    assert kept == [(20, "x")]
+    # a transient error (the table away for a while) still spools and retries, nothing is set aside
+    reader.client.command(f"RENAME TABLE {settings.database}.predictions TO {settings.database}.away")
+    writer = predlog.open_writer(settings)
+    writer.submit(rows(10, 500))
+    assert writer.flush(30) and wait_for(lambda: not writer.stats()["sink_ok"], 10)
+    reader.client.command(f"RENAME TABLE {settings.database}.away TO {settings.database}.predictions")
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0, 10)
+    writer.close(30)
+    assert writer.stats()["dropped"] == 0 and stored(reader, settings) == (40, 40)
+    assert sorted(p.suffix for p in settings.spool_dir.iterdir() if p.name != ".lock") == [".rejected"]

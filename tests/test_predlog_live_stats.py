@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from conftest import migrated_reader
 
 import predlog
 from predlog import PredictionRecord, PredlogSettings
@@ -69,7 +70,7 @@ def log(request, tmp_path):
         if not SERVER_URL or SERVER_URL.startswith("chdb:"):
             pytest.skip("needs a ClickHouse server: set MOTLENS_CLICKHOUSE_URL=http(s)://…")
         settings = PredlogSettings(database=f"motlens_ls_{uuid.uuid4().hex[:8]}", dir=tmp_path, flush_interval_s=0.02)
-    reader = predlog.open_reader(settings)  # first: creates the tables and keeps chdb's engine alive
+    reader = migrated_reader(settings)  # first: creates the tables and keeps chdb's engine alive
     data = {"2": _rows("2", "canary", bimodal(), 1), "1": _rows("1", "production", smooth(), 2)}
     writer = predlog.open_writer(settings)
     for rows in data.values():

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import migrated_reader
 
 import predlog
 from drift.columns import embedding_matrix
@@ -97,7 +98,7 @@ def table(tmp_path_factory, records):
         batch_rows=200,
         flush_interval_s=0.05,
     )
-    reader = predlog.open_reader(settings)  # opened first: it keeps the in-process chdb engine alive
+    reader = migrated_reader(settings)  # opened first: it keeps the in-process chdb engine alive
     stats = write_all(settings, records)
     yield reader, stats
     reader.client.command(f"DROP DATABASE IF EXISTS {settings.database}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import logging
 import uuid
 
 import pytest
@@ -24,9 +27,10 @@ def test_migrations_apply_once_and_match_schema(chdb_db):
     client, settings = chdb_db
     assert migrate.apply(client, settings) == [1, 2, 3]
     assert migrate.apply(client, settings) == []
-    for table, cols in schema.TABLES.items():
+    for table in schema.TABLES:
         desc = client.query_df(f"DESCRIBE {settings.database}.{table}")
-        assert list(zip(desc["name"], desc["type"], strict=True)) == [(c.name, c.ch_type) for c in cols]
+        assert schema.differences(table, list(zip(desc["name"], desc["type"], strict=True)), extra=False) == []
+    migrate.verify(client, settings.database)  # the same comparison, as readers and the writer run it
     ddl = client.query(
         "SELECT sorting_key, sampling_key, partition_key FROM system.tables "
         "WHERE database = {d:String} AND name = 'predictions'",
@@ -47,7 +51,7 @@ def test_changed_migration_is_refused(chdb_db):
         [[2, "drift_reports", "0" * 64]],
         column_names=["version", "name", "checksum"],
     )
-    with pytest.raises(RuntimeError, match="002_drift_reports changed"):
+    with pytest.raises(migrate.SchemaError, match="002_drift_reports changed"):
         migrate.apply(client, settings)
 
 
@@ -72,6 +76,148 @@ def test_parquet_source_has_the_table_types(chdb_db, tmp_path):
 
     client, _ = chdb_db
     source = ParquetSource(tmp_path)
-    for table, cols in schema.TABLES.items():
+    for table in schema.TABLES:
         desc = client.query_df(f"DESCRIBE {source.ref(table)}")
-        assert list(zip(desc["name"], desc["type"], strict=True)) == [(c.name, c.ch_type) for c in cols]
+        assert schema.differences(table, list(zip(desc["name"], desc["type"], strict=True)), extra=False) == []
+
+
+#: the statements' checksums of the shipped migrations: a release that changes one of them breaks every
+#: deployment that applied it (write a new migration instead); comments and layout do not count
+SHIPPED = {
+    (False, 1): "47106bbe4a2209efb703e47c2f4a44b387d15d3523fcdf245728ec062cacf879",
+    (False, 2): "e23ab7764f4bedc4b51868de0423fe3c6005d1f69f57418dcb616a9eda7e5fa7",
+    (False, 3): "365c4231aa77b4ff18d939a25af7d624175afe0d05f0d6c4d9294271e8570202",
+    (True, 1): "43394e301fa7444fcb33195d0c6c377c80b9d8d0cf554276894d9b0dd5874ca4",
+    (True, 2): "2a711f3dee8ee666ec7e3e1054919afbbc3b316733c68c15f26727b25720c107",
+    (True, 3): "b736226bccf6437223decc58f38ef481d8503d60c103b160078781acab3d565b",
+}
+
+
+def test_shipped_migration_checksums_are_pinned():
+    got = {(cluster, m.version): m.checksum for cluster in (False, True) for m in migrate.load(cluster)[1:]}
+    assert got == SHIPPED
+    # every ledger an older release wrote (sha256 of the raw file) maps to these same statements
+    assert sorted(migrate.LEGACY_CHECKSUMS.values()) == sorted(SHIPPED.values())
+
+
+def _edit_comment(monkeypatch):
+    """A release that only rewords a comment (and re-indents a line) of 001_predictions.sql."""
+    shipped = migrate.load
+
+    def load(cluster=False):
+        return [
+            dataclasses.replace(
+                m,
+                sql=m.sql.replace("-- One row per predicted item", "-- One row per predicted item (reworded)")
+                .replace("    ts DateTime64", "  ts  DateTime64")
+                .replace("slot LowCardinality(String),", "slot LowCardinality(String), -- the serving slot"),
+            )
+            if m.version == 1
+            else m
+            for m in shipped(cluster)
+        ]
+
+    monkeypatch.setattr(migrate, "load", load)
+
+
+def test_a_comment_edit_is_not_a_changed_migration(chdb_db, monkeypatch):
+    client, settings = chdb_db
+    assert migrate.apply(client, settings) == [1, 2, 3]
+    _edit_comment(monkeypatch)
+    assert migrate.apply(client, settings) == []
+    migrate.check(client, settings)
+
+
+def test_a_ledger_written_by_an_older_release_is_accepted(chdb_db, monkeypatch):
+    """Ledgers written before the checksum covered statements only hold sha256(raw file): an in-place
+    upgrade (and then a comment edit) must not refuse them."""
+    client, settings = chdb_db
+    migrate.apply(client, settings)
+    legacy = [[m.version, m.name, hashlib.sha256(m.sql.encode()).hexdigest()] for m in migrate.load()[1:]]
+    client.command(f"TRUNCATE TABLE {settings.database}.schema_migrations")
+    client.insert(f"{settings.database}.schema_migrations", legacy, column_names=["version", "name", "checksum"])
+    assert migrate.apply(client, settings) == []
+    _edit_comment(monkeypatch)
+    assert migrate.apply(client, settings) == []
+
+
+def test_nothing_pending_runs_no_ddl_and_a_reader_never_migrates(chdb_db):
+    client, settings = chdb_db
+    readonly = make_client(settings, settings={"readonly": 1})
+    try:
+        with pytest.raises(migrate.SchemaError, match="motlens log migrate"):  # behind: said, not fixed
+            migrate.check(readonly, settings)
+        assert migrate.apply(client, settings) == [1, 2, 3]
+        assert migrate.apply(readonly, settings) == []  # a read-only user: SELECTs only
+        migrate.check(readonly, settings)
+    finally:
+        readonly.close()
+
+
+def test_a_reader_on_a_database_behind_fails_with_what_to_do(chdb_db):
+    import predlog
+
+    client, settings = chdb_db
+    with pytest.raises(migrate.SchemaError, match=r"pending: 001_predictions, 002_drift_reports.*motlens log migrate"):
+        predlog.open_reader(settings)
+    assert client.query(f"EXISTS TABLE {settings.database}.predictions").result_rows[0][0] == 0
+
+
+OLDER = """CREATE TABLE {db}.predictions (ts DateTime64(3, 'UTC'), model_name LowCardinality(String),
+ model_version LowCardinality(String), slot LowCardinality(String), request_id String, item_index Int64,
+ text String, text_hash UInt64, section LowCardinality(String), section_score Float32,
+ severity LowCardinality(String), fail_probability Float32, latency_ms Float32,
+ backend LowCardinality(String), device LowCardinality(String), protocol LowCardinality(String),
+ status LowCardinality(String), make LowCardinality(Nullable(String)), model LowCardinality(Nullable(String)),
+ fuel_type LowCardinality(Nullable(String)), vehicle_age_years Nullable(Float32), odometer_miles Nullable(Float32))
+ ENGINE = MergeTree ORDER BY (model_name, ts)"""
+
+
+def test_an_older_predictions_table_is_refused_not_recorded(chdb_db):
+    import predlog
+
+    client, settings = chdb_db
+    client.command(f"CREATE DATABASE IF NOT EXISTS {settings.database}")
+    client.command(OLDER.format(db=settings.database))
+    want = r"predictions: missing columns cache_hit Bool, embedding_q Array\(Int8\), embedding_scale Float32; " \
+        r"columns of another type: item_index is Int64, expected Int32"  # fmt: skip
+    with pytest.raises(migrate.SchemaError, match=want):
+        migrate.apply(client, settings)
+    assert client.query(f"SELECT count() FROM {settings.database}.schema_migrations").result_rows[0][0] == 0
+    with pytest.raises(migrate.SchemaError, match=want):
+        migrate.apply(client, settings)  # still refused: nothing recorded it as migrated
+    with pytest.raises(migrate.SchemaError, match="pending"):
+        predlog.open_reader(settings)
+    client.insert(
+        f"{settings.database}.schema_migrations",
+        [[m.version, m.name, m.checksum] for m in migrate.load()[1:]],
+        column_names=["version", "name", "checksum"],
+    )  # a ledger that says otherwise (as the old code wrote it) does not hide the mismatch
+    with pytest.raises(migrate.SchemaError, match=want):
+        predlog.open_reader(settings)
+    with pytest.raises(migrate.SchemaError, match=want):
+        migrate.apply(client, settings)
+
+
+def _ttl(client, settings) -> str:
+    return client.command(f"SHOW CREATE TABLE {settings.database}.predictions")
+
+
+def test_a_changed_ttl_is_applied_by_migrate_and_warned_about_by_the_writer(chdb_db, caplog, monkeypatch, capsys):
+    from motlens.cli import main
+
+    client, settings = chdb_db
+    migrate.apply(client, settings)
+    assert "toIntervalDay(400)" in _ttl(client, settings)
+    shorter = settings.model_copy(update={"ttl_days": 30})
+    with caplog.at_level(logging.WARNING, logger="predlog.migrate"):
+        assert migrate.apply(client, shorter) == []  # the writer's auto-migrate
+    assert "TTL of 400 days but MOTLENS_PREDLOG_TTL_DAYS is 30" in caplog.text
+    assert "toIntervalDay(400)" in _ttl(client, settings)
+    for key, value in {"MOTLENS_CLICKHOUSE_URL": "chdb://memory", "MOTLENS_PREDLOG_DATABASE": settings.database,
+                       "MOTLENS_PREDLOG_TTL_DAYS": "30"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    assert main(["log", "migrate"]) == 0
+    assert "predictions TTL changed from 400 to 30 days" in capsys.readouterr().out
+    assert "toIntervalDay(30)" in _ttl(client, settings)
+    assert migrate.table_ttl_days(client, shorter) == 30 and migrate.sync_ttl(client, shorter, modify=True) is None

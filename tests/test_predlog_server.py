@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from conftest import migrated_reader
 
 import predlog
 from predlog import PredictionRecord, PredlogSettings
@@ -29,7 +30,7 @@ pytestmark = [
 @pytest.fixture()
 def server(tmp_path):
     settings = PredlogSettings(database=f"motlens_it_{uuid.uuid4().hex[:8]}", dir=tmp_path, flush_interval_s=0.05)
-    reader = predlog.open_reader(settings)
+    reader = migrated_reader(settings)
     yield settings, reader
     reader.client.command(f"DROP DATABASE IF EXISTS {settings.database}")
     reader.close()

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from conftest import migrated_reader
 
 MODEL = "mot-defects"
 
@@ -35,7 +36,7 @@ def test_sink_outage_while_serving_loses_nothing_and_fails_no_request(tiny_bundl
         retry_initial_s=0.05,
         retry_max_s=0.2,
     )
-    reader = predlog.open_reader(log_settings)  # creates the tables and keeps the in-process engine open
+    reader = migrated_reader(log_settings)  # creates the tables and keeps the in-process engine open
     db = log_settings.database
     writer = predlog.open_writer(log_settings)
     settings = ServeSettings(model=str(tiny_bundle.root), http_port=_port(), grpc_port=_port(), grace_period_s=20)

@@ -6,6 +6,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from conftest import migrated_reader
 
 import predlog
 from predlog import PredictionRecord, PredlogSettings
@@ -29,7 +30,7 @@ def reader(request, tmp_path_factory):
     if request.param == "table":
         kwargs.update(clickhouse_url="chdb://memory", database=f"s_{uuid.uuid4().hex[:10]}")
     settings = PredlogSettings(**kwargs)
-    r = predlog.open_reader(settings)  # opened first: it keeps the in-process chdb engine (and tables) alive
+    r = migrated_reader(settings)  # opened first: it keeps the in-process chdb engine (and tables) alive
     writer = predlog.open_writer(settings)
     recs = [
         PredictionRecord(request_id=f"r{i}", item_index=0, model_name="mot-defects", model_version=v, slot=v, text=v)

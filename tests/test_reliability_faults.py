@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import free_port, migrated_reader
 from prometheus_client import REGISTRY
 
 MODEL = "mot-defects"
@@ -94,7 +94,7 @@ def replay_into_chdb(spool_root: Path) -> list[tuple[str, int]]:
         clickhouse_url="chdb://memory", database=f"replay_{uuid.uuid4().hex[:10]}", dir=spool_root,
         flush_interval_s=0.05,
     )  # fmt: skip
-    reader = predlog.open_reader(settings)  # creates the tables, keeps the in-process engine open
+    reader = migrated_reader(settings)  # creates the tables, keeps the in-process engine open
     try:
         writer = predlog.open_writer(settings)
         writer.close(30)  # close drains the spool into the sink

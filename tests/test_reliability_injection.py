@@ -11,6 +11,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from conftest import migrated_reader
 
 import predlog
 from motlens.cli import main
@@ -39,7 +40,7 @@ def logged(request, tmp_path_factory):
         kwargs.update(clickhouse_url="chdb://memory", database=db)
         env.update(MOTLENS_CLICKHOUSE_URL="chdb://memory", MOTLENS_PREDLOG_DATABASE=db)
     settings = PredlogSettings(**kwargs)
-    reader = predlog.open_reader(settings)  # first: keeps the in-process chdb engine and its tables
+    reader = migrated_reader(settings)  # first: keeps the in-process chdb engine and its tables
     writer = predlog.open_writer(settings)
     writer.submit(
         [
