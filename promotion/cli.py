@@ -224,6 +224,8 @@ def _print_status_tables(status: dict[str, Any]) -> None:
             f"live v{s['model_version']} ({s['slot']})",
             f"n={s['n']}, errors {float(s['error_rate']):.2%}, p99 {float(s['latency_p99_ms']):.1f} ms",
         )
+    if "live_stats_note" in status:
+        t.add_row("live stats window", f"[yellow]{status['live_stats_note']}[/]")
     for e in status.get("events", []):
         t.add_row(
             f"event {e['ts']}",

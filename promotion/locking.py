@@ -4,7 +4,9 @@ Local and GitOps targets: an ``fcntl.flock`` on a path (the overlay directory, o
 state directory); the kernel drops it when the process dies, so a crashed run never wedges the next.
 Kubernetes: a ``coordination.k8s.io/v1`` Lease next to the InferenceService, taken and released with
 ``resourceVersion`` preconditions (optimistic concurrency), renewed every ``lease_seconds / 3`` while
-held and expiring ``lease_seconds`` after the last renewal, so a killed pod's lease lapses.
+held, so a killed pod's lease lapses. Its ``renewTime`` comes from the holder's clock: a run takes a
+held Lease over only once it has seen it unchanged for the lease duration by its own monotonic clock,
+or once its renewal is older than the duration plus a clock-skew allowance (:func:`lease_lock`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,19 +70,68 @@ def _fmt(ts: datetime) -> str:
 def _parse(ts: str | None) -> datetime | None:
     if not ts:
         return None
-    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    try:
+        parsed = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return None  # unreadable: as if never renewed
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _busy(held: dict[str, Any], age: float | None, duration: float, clock_skew_s: float, blocking: bool) -> str:
+    """Why a held Lease is not taken over, when its renewTime alone would say it has lapsed."""
+    if age is not None and age < -60:
+        return f"; its renewTime {held.get('renewTime')} is {-age:.0f} s ahead of this host's clock (clocks disagree)"
+    if age is None or age <= duration:
+        return ""
+    head = f"; its renewTime {held.get('renewTime')} is {age:.0f} s old by this host's clock: past its {duration:g} s"
+    if blocking:
+        return f"{head}, but this run saw it renewed (the holder's clock may run behind this one's)"
+    return (
+        f"{head}, but a run that does not wait takes a Lease over only past {duration:g} + {clock_skew_s:g} s "
+        "(MOTLENS_PROMOTE_CLOCK_SKEW_S), as the holder's clock may run behind this one's; a manual command "
+        f"takes it over once it has seen it unchanged for {duration:g} s"
+    )
+
+
+CLOCK_SKEW_S = 600.0
 
 
 @contextmanager
 def lease_lock(
-    api: Any, namespace: str, name: str, *, lease_seconds: int, blocking: bool, timeout_s: float = 60.0
+    api: Any,
+    namespace: str,
+    name: str,
+    *,
+    lease_seconds: int,
+    blocking: bool,
+    timeout_s: float = 60.0,
+    clock_skew_s: float = CLOCK_SKEW_S,
 ) -> Iterator[None]:
-    """Hold the Lease ``name`` (created on first use) through ``CustomObjectsApi`` ``api``."""
+    """Hold the Lease ``name`` (created on first use) through ``CustomObjectsApi`` ``api``.
+
+    Another holder's ``renewTime`` was written by *its* clock, so it is never compared with this
+    host's clock alone. A held Lease is taken over only when
+
+    - this run has watched the same record (holder, ``renewTime``, ``resourceVersion``) stay
+      unchanged for its ``leaseDurationSeconds``, timed by this host's monotonic clock (what
+      client-go's leader election does; only a ``blocking`` run watches), or
+    - by this host's clock its last renewal is older than ``leaseDurationSeconds + clock_skew_s``:
+      safe while the holder's clock runs at most ``clock_skew_s`` (plus the renewal period,
+      ``lease_seconds / 3``) behind this one's. This is how a non-blocking run (``auto``, one
+      look, no waiting) gets a lease a killed pod left.
+
+    ``blocking``: wait up to ``timeout_s``; past it, keep waiting only while the record has not
+    changed since the first look (a stalled holder: its lease lapses by the first rule at most
+    ``leaseDurationSeconds`` after that look), and give up as soon as it is seen renewed.
+    """
     from kubernetes.client.exceptions import ApiException
 
     me = holder_identity()
     group, version, plural = "coordination.k8s.io", "v1", "leases"
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    first_record: tuple[Any, ...] | None = None
+    record: tuple[Any, ...] | None = None
+    record_since = started  # when (monotonic) this run first saw the current record
 
     def spec() -> dict[str, Any]:
         now = _fmt(_now())
@@ -98,6 +149,7 @@ def lease_lock(
             if e.status != 404:
                 raise
             lease = None
+        busy = ""
         try:
             if lease is None:
                 body = {
@@ -109,11 +161,35 @@ def lease_lock(
                 lease = api.create_namespaced_custom_object(group, version, namespace, plural, body)
                 break
             held = lease.get("spec") or {}
-            renewed = _parse(held.get("renewTime"))
-            expired = (
-                renewed is None or renewed + timedelta(seconds=held.get("leaseDurationSeconds") or 0) < _now()
+            duration = float(held.get("leaseDurationSeconds") or lease_seconds)
+            seen = (
+                held.get("holderIdentity"),
+                held.get("renewTime"),
+                held.get("leaseDurationSeconds"),
+                (lease.get("metadata") or {}).get("resourceVersion"),
             )
-            if not held.get("holderIdentity") or expired:
+            if seen != record:
+                record, record_since = seen, time.monotonic()
+                first_record = first_record or seen
+            watched = time.monotonic() - record_since
+            renewed = _parse(held.get("renewTime"))
+            age = (_now() - renewed).total_seconds() if renewed else None
+            if not held.get("holderIdentity"):
+                why = "free"
+            elif age is None:
+                why = "held without a renewTime"
+            elif age > duration + clock_skew_s:
+                why = f"last renewed {age:.0f} s ago by this host's clock (> {duration:g} + {clock_skew_s:g} s)"
+            elif blocking and watched >= duration:
+                why = f"unchanged for {watched:.0f} s (≥ its {duration:g} s) while this run watched it"
+            else:
+                why = ""
+                busy = _busy(held, age, duration, clock_skew_s, blocking)
+            if why:
+                if held.get("holderIdentity"):
+                    log.warning(
+                        "taking over Lease %s/%s from %s: %s", namespace, name, held["holderIdentity"], why
+                    )
                 lease["spec"] = {
                     **held,
                     **spec(),
@@ -124,9 +200,11 @@ def lease_lock(
         except ApiException as e:
             if e.status != 409:  # 409: another run created or took it first
                 raise
-        if not blocking or time.monotonic() >= deadline:
-            holder = (lease or {}).get("spec", {}).get("holderIdentity", "another run")
-            raise LockBusy(f"Lease {namespace}/{name} is held by {holder}")
+        elapsed = time.monotonic() - started
+        stalled = record == first_record and time.monotonic() - record_since < duration + 2.0
+        if not blocking or (elapsed >= timeout_s and not stalled):
+            holder = (lease or {}).get("spec", {}).get("holderIdentity") or "another run"
+            raise LockBusy(f"Lease {namespace}/{name} is held by {holder}{busy}")
         time.sleep(1.0)
     held_lease = [lease]
     guard = threading.Lock()

@@ -28,6 +28,12 @@ class PromoteSettings(BaseSettings):
     kubeconfig: str | None = None
     kube_context: str | None = None
     lease_seconds: int = Field(300, ge=10, description="k8s Lease duration for mutating runs")
+    clock_skew_s: float = Field(
+        600.0,
+        ge=0.0,
+        description="how far another host's clock may run behind: a Lease is taken over by its renewTime "
+        "only once older than its duration plus this (a blocking run also times it itself)",
+    )
 
     # GitOps target
     manifests_dir: Path = Path("manifests")

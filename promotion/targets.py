@@ -156,7 +156,14 @@ class K8sTarget:
 
         s = self.settings
         name = f"{s.isvc_name}-promotion"
-        held = lease_lock(self.api, s.namespace, name, lease_seconds=s.lease_seconds, blocking=blocking)
+        held = lease_lock(
+            self.api,
+            s.namespace,
+            name,
+            lease_seconds=s.lease_seconds,
+            blocking=blocking,
+            clock_skew_s=s.clock_skew_s,
+        )
         try:
             held.__enter__()
         except (ApiException, OSError, HTTPError) as e:

@@ -8,17 +8,18 @@ finishes it (the guard accepts a disagreement that the command itself would reso
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from motlens import MODEL_NAME
 from motlens.labels import CANARY_PERCENT_TAG, PROMOTION_STATUS_TAG
 from promotion import gates as g
-from promotion.audit import Event, export_metrics, tag_version
+from promotion.audit import TAG_PREFIX, Event, export_metrics, tag_version
 from promotion.locking import LockBusy
 from promotion.rollout import RolloutError, RolloutState, check_percent
 from promotion.settings import PromoteSettings
@@ -31,6 +32,9 @@ STEP_AT_TAG = "promotion.step_at"
 STARTED_AT_TAG = "promotion.canary_started_at"
 PERCENT_TAG = CANARY_PERCENT_TAG
 _APPLIED_AT = "@applied"  # a tag value stamped with the time the live change took effect
+_STEP_ACTIONS = ("canary_start", "canary_set", "advance")  # the actions that stamp STEP_AT_TAG
+CLOCK_TOLERANCE_S = 60.0  # a recorded time further ahead of this host's clock is clock disagreement
+LOOKBACK_S = 3600.0  # the live gate's window when no step time is recorded anywhere (at least the dwell)
 
 
 class PromotionError(Exception):
@@ -60,7 +64,28 @@ def _now() -> datetime:
 
 
 def _parse_ts(s: str | None) -> datetime | None:
-    return datetime.fromisoformat(s) if s else None
+    """An ISO time from a tag; a naive one is UTC (as everywhere in motlens), an unreadable one None."""
+    if not s:
+        return None
+    try:
+        ts = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except (TypeError, ValueError):
+        return None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+@dataclass
+class CanaryTimes:
+    """The canary's windows: drift reports count from ``started``, live stats from ``since`` (the last
+    step). ``source`` says where ``since`` came from when not from ``promotion.step_at``; ``skew`` and
+    ``started_skew`` name a recorded time later than this host's now (the windows then fall back as
+    if it were missing, and the gates hold unless they fail)."""
+
+    started: datetime | None
+    since: datetime
+    source: str = ""
+    skew: str = ""
+    started_skew: str = ""
 
 
 class Promoter:
@@ -175,20 +200,95 @@ class Promoter:
         return results
 
     def health_gates(self, version: str, production: str | None) -> list[g.GateResult]:
-        tags = self.info(version).tags
-        started = _parse_ts(tags.get(STARTED_AT_TAG))
-        since = _parse_ts(tags.get(STEP_AT_TAG)) or started or _now()
+        times = self.canary_times(version)
         try:
             reader = self.reader()
             reports = reader.drift_reports(model_version=version, slot="canary", limit=20).to_dict("records")
-            stats = reader.live_stats(since=since, model_name=MODEL_NAME, by_slot=False)
+            stats = reader.live_stats(since=times.since, model_name=MODEL_NAME, by_slot=False)
         except Exception as e:  # noqa: BLE001 - no evidence is a reason to hold, not to crash or step
             why = f"prediction log unavailable: {type(e).__name__}: {e}"
             return [g.GateResult("drift", g.WAIT, why), g.GateResult("live", g.WAIT, why)]
-        return [
-            g.drift_gate(reports, version, started, self.settings),
-            g.live_gate(_stats_row(stats, version), _stats_row(stats, production), self.settings),
-        ]
+        drift = g.drift_gate(reports, version, times.started, self.settings)
+        live = g.live_gate(_stats_row(stats, version), _stats_row(stats, production), self.settings)
+        if times.source:
+            live.detail = f"{live.detail} ({times.source})"
+        # a skewed clock holds the canary, but never hides a failure found in the fallback window
+        if times.started_skew and drift.status != g.FAIL:
+            drift = g.GateResult("drift", g.WAIT, times.started_skew, drift.values)
+        if times.skew and live.status != g.FAIL:
+            live = g.GateResult("live", g.WAIT, times.skew, live.values)
+        return [drift, live]
+
+    def canary_times(self, version: str) -> CanaryTimes:
+        """When the canary started and last stepped: its tags ``promotion.canary_started_at`` and
+        ``promotion.step_at``; where one is missing, unreadable or later than now (another host's clock),
+        the latest such action the audit trail records (the version's event tags, else the
+        ``promotion_events`` table), else (no step time at all) the last ``LOOKBACK_S`` (at least the dwell)."""
+        tags = self.info(version).tags
+        now = _now()
+        started, started_why, started_skew = _tag_time(tags, STARTED_AT_TAG, now)
+        step, step_why, skew = _tag_time(tags, STEP_AT_TAG, now)
+        if started is not None and step is not None:
+            return CanaryTimes(started, step)
+        recorded = self._recorded_steps(version, tags, now)
+        if started is None and "canary_start" in recorded:
+            started = recorded["canary_start"][0]
+        if step is not None:
+            return CanaryTimes(started, step, started_skew=started_skew)
+        known = [(started, f"the canary's start ({STARTED_AT_TAG})")] if started and not started_why else []
+        if "step" in recorded:
+            ts, action, where = recorded["step"]
+            known.append((ts, f"the latest step the audit trail records: {action} at {ts.isoformat()} in {where}"))
+        if known:
+            since, what = max(known, key=lambda k: k[0])
+            return CanaryTimes(started, since, f"{step_why}: counting since {what}", skew, started_skew)
+        lookback = max(LOOKBACK_S, self.settings.min_step_interval_s)
+        source = (
+            f"{step_why} and no step time recorded (no canary_start, canary_set or advance of version "
+            f"{version} in the audit trail): counting the last {lookback / 3600:g} h"
+        )
+        return CanaryTimes(started, now - timedelta(seconds=lookback), source, skew, started_skew)
+
+    def _recorded_steps(
+        self, version: str, tags: dict[str, str], now: datetime
+    ) -> dict[str, tuple[datetime, str, str]]:
+        """The latest successful ``canary_start`` and the latest step (``canary_start``, ``canary_set``,
+        ``advance``) of ``version`` the audit trail records, not later than now: (time, action, where)."""
+        found: list[tuple[datetime, str, str]] = []
+        for key, value in tags.items():
+            if not key.startswith(f"{TAG_PREFIX}event."):
+                continue
+            try:
+                entry = json.loads(value)
+            except ValueError:
+                continue  # a history entry cut at the tag length limit
+            ts = _parse_ts(entry.get("at")) if isinstance(entry, dict) else None
+            if ts and entry.get("ok") and entry.get("action") in _STEP_ACTIONS:
+                found.append((ts, str(entry["action"]), f"the version's audit tags ({key})"))
+        if not found:
+            try:
+                rows = _records(self.reader().promotion_events(limit=1000))
+            except Exception as e:  # noqa: BLE001 - no audit trail: the lookback applies
+                log.warning("could not read promotion_events for the canary's step time: %s", e)
+                rows = []
+            for r in rows:
+                ts = _as_utc(r.get("ts"))
+                if (
+                    ts
+                    and str(r.get("to_version")) == version
+                    and r.get("action") in _STEP_ACTIONS
+                    and bool(r.get("success"))
+                    and not bool(r.get("dry_run"))
+                ):
+                    found.append((ts, str(r["action"]), "the promotion_events table"))
+        found = [f for f in found if f[0] <= now + timedelta(seconds=CLOCK_TOLERANCE_S)]
+        out: dict[str, tuple[datetime, str, str]] = {}
+        if found:
+            out["step"] = max(found, key=lambda f: f[0])
+        starts = [f for f in found if f[1] == "canary_start"]
+        if starts:
+            out["canary_start"] = max(starts, key=lambda f: f[0])
+        return out
 
     # ------------------------------------------------------------------ execution
 
@@ -633,8 +733,8 @@ class Promoter:
         if verdict == g.WAIT:
             waiting = "; ".join(f"{r.name}: {r.detail}" for r in gates if r.status == g.WAIT)
             return self._hold(live, gates, f"waiting for evidence: {waiting}")
-        step_at = _parse_ts(self.info(version).tags.get(STEP_AT_TAG))
-        if step_at and (_now() - step_at).total_seconds() < self.settings.min_step_interval_s:
+        step_at = self.canary_times(version).since
+        if (_now() - step_at).total_seconds() < self.settings.min_step_interval_s:
             return self._hold(
                 live,
                 gates,
@@ -752,8 +852,11 @@ class Promoter:
                 r for v in sorted(versions) for r in _records(reader.drift_reports(model_version=v, limit=1))
             ]
             canary = live.canary_version if live else None
-            since = (_parse_ts(self.info(canary).tags.get(STEP_AT_TAG)) if canary else None) or _hours_ago(1)
+            times = self.canary_times(canary) if canary else None
+            since = times.since if times else _hours_ago(1)
             out["live_stats_since"] = since.isoformat()
+            if times and (times.skew or times.started_skew or times.source):
+                out["live_stats_note"] = "; ".join(n for n in (times.skew, times.started_skew, times.source) if n)
             out["live_stats"] = _records(reader.live_stats(since=since, model_name=MODEL_NAME))
             out["events"] = _records(reader.promotion_events(limit=5))
         except Exception as e:  # noqa: BLE001 - status shows what it can
@@ -797,12 +900,41 @@ def _records(df: Any) -> list[dict[str, Any]]:
 
 
 def _hours_ago(h: float) -> datetime:
-    from datetime import timedelta
-
     return _now() - timedelta(hours=h)
 
 
-def _json(obj: Any) -> str:
-    import json
+def _tag_time(tags: dict[str, str], name: str, now: datetime) -> tuple[datetime | None, str, str]:
+    """(time, why it is unusable, clock-skew message) of the time tag ``name``: the time is None when
+    the tag is missing, unreadable or later than now beyond :data:`CLOCK_TOLERANCE_S`."""
+    raw = tags.get(name)
+    if not raw:
+        return None, f"{name} missing", ""
+    ts = _parse_ts(raw)
+    if ts is None:
+        return None, f"{name} unreadable ({raw!r})", ""
+    ahead = (ts - now).total_seconds()
+    if ahead > CLOCK_TOLERANCE_S:
+        skew = (
+            f"clock skew: {name} {raw} is later than now ({now.isoformat()}) by {ahead:.0f} s — the clock of "
+            "the host that wrote it runs ahead, or this host's runs behind; holding until the clocks agree "
+            "(fix the clock, or re-stamp the step with `motlens promote canary set N` at the current share)"
+        )
+        return None, f"{name} in the future", skew
+    return ts, "", ""
 
+
+def _as_utc(ts: Any) -> datetime | None:
+    """A ``promotion_events`` time (a pandas Timestamp, a datetime or a string) as an aware UTC datetime."""
+    if ts is None:
+        return None
+    if hasattr(ts, "to_pydatetime"):
+        ts = ts.to_pydatetime()
+    if isinstance(ts, str):
+        return _parse_ts(ts)
+    if not isinstance(ts, datetime):
+        return None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def _json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)

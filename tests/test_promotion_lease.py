@@ -6,11 +6,12 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from promotion.locking import LockBusy, lease_lock
+from promotion.locking import LockBusy, _fmt, lease_lock
 
 
 class LeaseStore:
@@ -56,3 +57,72 @@ def test_lease_is_renewed_while_held_and_released_after():
     assert api.obj["spec"]["holderIdentity"] is None  # the release used the renewed resourceVersion
     with lease_lock(api, "ns", "motlens-promotion", lease_seconds=3, blocking=False):
         assert api.obj["spec"]["holderIdentity"]
+
+
+def _held_by_other(api, renewed, lease_seconds):
+    """A Lease another host holds, last renewed at ``renewed`` by that host's clock."""
+    api.obj = {
+        "metadata": {"name": "motlens-promotion", "resourceVersion": "7"},
+        "spec": {"holderIdentity": "promote-A:1", "leaseDurationSeconds": lease_seconds,
+                 "acquireTime": _fmt(renewed), "renewTime": _fmt(renewed)},
+    }
+
+
+def _renewing(api, clock_offset, stop):
+    """Host A renewing its Lease every 0.3 s with its own clock (``clock_offset`` from ours)."""
+    while not stop.wait(0.3):
+        with api.lock:
+            rv = str(int(api.obj["metadata"]["resourceVersion"]) + 1)
+            api.obj["spec"]["renewTime"] = _fmt(datetime.now(UTC) + clock_offset)
+            api.obj["metadata"]["resourceVersion"] = rv
+
+
+def test_a_slow_holder_clock_does_not_hand_its_lease_to_a_non_blocking_run():
+    """A renewed its Lease a moment ago, but its clock runs 10 min behind: by this host's clock the
+    renewal looks 600 s old, twice the lease. A non-blocking run (`auto`) must not take it."""
+    api = LeaseStore()
+    _held_by_other(api, datetime.now(UTC) - timedelta(minutes=10), 300)
+    with pytest.raises(LockBusy, match="clock"):
+        with lease_lock(api, "ns", "motlens-promotion", lease_seconds=300, blocking=False):
+            pass
+    assert api.obj["spec"]["holderIdentity"] == "promote-A:1"
+
+
+def test_a_lease_past_its_duration_and_the_skew_allowance_is_taken_over():
+    """A holder that stopped renewing (a killed pod) long enough ago, by any tolerated clock."""
+    api = LeaseStore()
+    _held_by_other(api, datetime.now(UTC) - timedelta(seconds=300 + 600 + 5), 300)
+    with lease_lock(api, "ns", "motlens-promotion", lease_seconds=300, blocking=False, clock_skew_s=600):
+        assert api.obj["spec"]["holderIdentity"] != "promote-A:1"
+        assert api.obj["spec"]["leaseTransitions"] == 1
+
+
+def test_blocking_takes_over_a_stalled_lease_timed_by_its_own_clock():
+    """The holder's clock ran 1 h ahead when it last renewed, then it died: by renewTime the lease
+    looks valid for an hour. A blocking run watches the record stay unchanged for the lease duration
+    (this host's monotonic clock) and takes it over."""
+    api = LeaseStore()
+    _held_by_other(api, datetime.now(UTC) + timedelta(hours=1), 2)
+    t0 = time.monotonic()
+    with lease_lock(api, "ns", "motlens-promotion", lease_seconds=2, blocking=True, timeout_s=0.5):
+        waited = time.monotonic() - t0
+        assert api.obj["spec"]["holderIdentity"] != "promote-A:1"
+    assert 2.0 <= waited < 10.0
+
+
+def test_blocking_never_takes_a_lease_its_holder_keeps_renewing():
+    """A renews every 0.3 s with a clock 60 s behind ours (renewals look 30× the 2 s lease old): a
+    blocking run sees the record change and gives up at its timeout instead of taking it."""
+    api = LeaseStore()
+    _held_by_other(api, datetime.now(UTC) - timedelta(seconds=60), 2)
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renewing, args=(api, timedelta(seconds=-60), stop), daemon=True)
+    renewer.start()
+    try:
+        with pytest.raises(LockBusy):
+            with lease_lock(api, "ns", "motlens-promotion", lease_seconds=2, blocking=True, timeout_s=4):
+                pass
+    finally:
+        stop.set()
+        renewer.join()
+    assert api.obj["spec"]["holderIdentity"] == "promote-A:1"
