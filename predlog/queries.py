@@ -22,8 +22,13 @@ FILTERS = {
     "sample_bound": f"{SAMPLE_KEY} < {{sample_bound:UInt64}}",
 }
 
+# At most ``limit`` rows, oldest first. When more rows match, the LIMIT keeps those with the smallest
+# sampling hash, not the oldest: a hash-uniform subset of the whole range (on top of ``sample``, which
+# keeps ``hash < k·2⁶⁴``, it is the ``limit`` smallest hashes: the same rows on both backends). Cutting
+# after ``ORDER BY ts`` dropped the newest rows of a drift window, where a shift shows first.
 WINDOW = (
-    "SELECT {columns} FROM {source} WHERE model_name = {model_name:String}{filters} ORDER BY ts LIMIT {limit:UInt64}"
+    "SELECT * FROM (SELECT {columns} FROM {source} WHERE model_name = {model_name:String}{filters} "
+    f"ORDER BY {SAMPLE_KEY} LIMIT {{limit:UInt64}}) ORDER BY ts, {SAMPLE_KEY}"
 )
 
 LIVE_STATS = f"""

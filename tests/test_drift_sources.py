@@ -11,10 +11,27 @@ import pytest
 from conftest import migrated_reader
 
 from drift.simulate import records, traffic
-from drift.sources import read_window
+from drift.sources import Side, read_window
 from drift.windows import Window
 
 NOW = datetime.now(UTC)
+DAY = Window(NOW - timedelta(hours=30), NOW - timedelta(hours=6))  # the even-traffic versions' 24 h window
+
+
+def _even(version: str, n: int, *, error_every: int = 0) -> list:
+    """``n`` rows of ``version`` evenly over DAY (deterministic request ids); with ``error_every`` = k
+    every k-th one is a failed request (status server_error, item_index -1)."""
+    from predlog import PredictionRecord
+
+    step = (DAY.end - DAY.start) / n
+    out = []
+    for i in range(n):
+        failed = bool(error_every) and i % error_every == 0
+        out.append(PredictionRecord(
+            request_id=f"even-{version}-{i}", item_index=-1 if failed else 0, model_name="mot-defects",
+            model_version=version, slot="production", text="t", status="server_error" if failed else "ok",
+            embedding=[0.05] * 384 if i % 2 else None, ts=DAY.start + step * (i + 0.5)))  # fmt: skip
+    return out
 
 
 def _log(settings):
@@ -28,7 +45,7 @@ def _log(settings):
                               ts=NOW - timedelta(minutes=1))  # fmt: skip
     reader = migrated_reader(settings)  # first: chdb://memory tables live while a handle is open
     writer = predlog.open_writer(settings)
-    writer.submit(records(df) + [failed])
+    writer.submit(records(df) + [failed] + _even("2", 4000) + _even("3", 4000, error_every=2))
     assert writer.flush(30)
     writer.close(30)
     return reader
@@ -65,3 +82,35 @@ def test_empty_window_and_other_slot(reader):
     side = read_window(reader, label="canary", model_name="mot-defects", model_version=None, slot="canary",
                        window=Window(NOW - timedelta(hours=1), NOW), max_rows=100, embedding_max_rows=10)  # fmt: skip
     assert (side.rows_in_source, len(side.frame), len(side.embeddings)) == (0, 0, 0)
+
+
+def _newest_share(side: Side, hours: float) -> float:
+    return float((side.frame["ts"] >= DAY.end - timedelta(hours=hours)).mean())
+
+
+@pytest.mark.parametrize("max_rows", [1000, 3000])
+def test_capped_sample_is_uniform_over_the_window(reader, max_rows):
+    """The cap trims the hash sample uniformly, not from the newest end: the newest quarter of the
+    window holds a quarter of the sample and the newest hour is in it (old: 2+ h cut off the end)."""
+    side = read_window(reader, label="current", model_name="mot-defects", model_version="2", slot=None,
+                       window=DAY, max_rows=max_rows, embedding_max_rows=max_rows // 4)  # fmt: skip
+    assert side.rows_in_source == 4000 and side.embedding_rows_in_source == 2000
+    assert 0.9 * max_rows <= len(side.frame) <= max_rows
+    assert side.frame["ts"].is_monotonic_increasing  # still oldest first
+    assert abs(_newest_share(side, 6) - 0.25) < 0.04
+    assert _newest_share(side, 1) > 0.5 / 24  # the newest hour is represented (even: 1/24)
+    emb = read_window(reader, label="current", model_name="mot-defects", model_version="2", slot=None,
+                      window=Window(DAY.start, DAY.end), max_rows=4000, embedding_max_rows=max_rows // 4)  # fmt: skip
+    assert 0.9 * max_rows // 4 <= len(emb.embeddings) <= max_rows // 4
+    assert len(emb.frame) == 4000  # under the cap: the whole window
+
+
+def test_error_rows_do_not_shift_the_sample(reader):
+    """Half the rows are failed requests: the fraction is set from the rows the window query reads
+    (every status), so the sample still spans the window; only its ok rows are compared."""
+    side = read_window(reader, label="current", model_name="mot-defects", model_version="3", slot=None,
+                       window=DAY, max_rows=1000, embedding_max_rows=200)  # fmt: skip
+    assert side.rows_in_source == 2000  # ok rows
+    assert (side.frame["status"] == "ok").all() and 400 <= len(side.frame) <= 1000
+    assert abs(_newest_share(side, 6) - 0.25) < 0.05
+    assert _newest_share(side, 1) > 0.5 / 24
