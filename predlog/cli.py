@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--param", type=_param, action="append", default=[], help="NAME=VALUE for {NAME:Type}")
     verbs.add_parser("migrate", help="apply pending DDL migrations to the ClickHouse server")
-    verbs.add_parser("compact", help="embedded backend: merge each closed day's Parquet segments into one file")
+    verbs.add_parser("compact", help="embedded backend: merge each closed hour's, then day's, segments into one file")
     p.set_defaults(func=_run)
 
 
