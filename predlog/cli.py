@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     verbs.add_parser(
         "migrate", help="apply pending DDL migrations to the ClickHouse server (and MOTLENS_PREDLOG_TTL_DAYS)"
     )
-    verbs.add_parser("compact", help="embedded backend: merge each closed day's Parquet segments into one file")
+    verbs.add_parser("compact", help="embedded backend: merge each closed hour's, then day's, segments into one file")
     p.set_defaults(func=_run)
 
 

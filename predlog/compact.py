@@ -1,18 +1,29 @@
-"""Compaction of embedded Parquet segments: one file per closed day instead of one per batch.
+"""Compaction of embedded Parquet segments: one file per closed hour, then one per closed day.
 
-Crash-safe and exactly-once without coordination with readers or the writer:
+What is merged (a segment's group comes from its name, which starts with its first row's time):
 
-1. the day's segments are renamed into ``predictions/.compact-<day>/`` (readers glob only the
-   top level, so the rows are briefly invisible, never doubled);
-2. they are merged into ``<day>T000000-c<hash of the file names>.parquet`` (tmp + fsync + rename);
-3. the folder is renamed to ``.compacted-<day>`` (one atomic step) and removed.
+* a day that ended ``settle`` (10 min) ago: all its files, hour files included, into
+  ``<day>T000000-c<hash of the file names>.parquet``;
+* before that, each hour of it that ended ``settle`` ago: into ``<day>T<hour>0000-c<hash>.parquet``.
 
-A rerun after a crash finishes the job: a folder without its merged file is merged again, a
-folder whose merged file exists is only removed, and so is a ``.compacted-*`` folder (a crash
-while deleting merged segments one by one must not leave some of them to be merged again). A
-merge that fails (disk full, an unreadable segment) puts the segments back where they were,
-removes its partial output and raises :class:`CompactError`, so a failure never hides a day.
-Only days before yesterday (UTC) are touched, so the live writer's files are never moved.
+A late segment of a merged hour or day (a spool replay) makes a group of two: the next run merges
+it in. Crash-safe and exactly-once without coordination with readers or the writer:
+
+1. the group's segments are merged, in name order and ``CHUNK_ROWS`` rows at a time (bounded
+   memory, whatever the size of the day), into a hidden ``.<merged name>.parquet.tmp`` (fsync'd);
+   the segments stay in the readers' sight meanwhile;
+2. they are renamed into ``predictions/.compact-<group>/`` (readers glob only the top level, so
+   their rows are out of sight for the time of these renames, never doubled);
+3. the merged file is renamed into place;
+4. the folder is renamed to ``.compacted-<group>`` (one atomic step) and removed.
+
+A rerun after a crash finishes the job: a merged temporary file is deleted (its segments are
+still in place or in their folder), a folder without its merged file is merged again, a folder
+whose merged file exists is only removed, and so is a ``.compacted-*`` folder (a crash while
+deleting merged segments one by one must not leave some of them to be merged again). A merge that
+fails (disk full, an unreadable segment) changes nothing, or puts the segments back where they
+were, removes its partial output and raises :class:`CompactError`, so a failure never hides a
+group. Nothing of an hour that has not ended is touched, so the live writer's files stay put.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,45 +39,93 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from predlog.schema import arrow_schema
-from predlog.sinks import TOKENS_KEY, batch_tokens, write_parquet_segment
+from predlog.sinks import TOKENS_KEY, _publish, batch_tokens
+
+#: how long after an hour (or day) ends its files are merged: the writer's last batch of it is written by then
+SETTLE = timedelta(minutes=10)
+#: rows read before they are written out as one row group of the merged file (what a merge holds in memory)
+CHUNK_ROWS = 65_536
+_GROUPED = re.compile(r"^(\d{8})T(\d{2})\d{4}-")
+#: what a merge killed before its rename leaves (a batch's temporary file has no ``c`` before its token)
+_MERGED_TMP = re.compile(r"^\.\d{8}T\d{6}-c[0-9a-f]{32}\.parquet\.tmp$")
 
 
 class CompactError(RuntimeError):
-    """A day could not be merged; the message says whether its segments are back in place."""
+    """A group could not be merged; the message says whether its segments are back in place."""
 
 
-def _merged_name(day: str, files: list[Path]) -> str:
+def _merged_name(key: str, files: list[Path]) -> str:
     digest = hashlib.sha256("\n".join(sorted(f.name for f in files)).encode()).hexdigest()[:32]
-    return f"{day}T000000-c{digest}"
+    day, _, hour = key.partition("T")
+    return f"{day}T{hour or '00'}0000-c{digest}"
 
 
-def _finish(folder: Path, day: str, work: Path) -> int:
+def _write_merged(folder: Path, files: list[Path], name: str) -> tuple[Path, int]:
+    """Stream ``files`` (in name order: by first row) into ``folder/.<name>.parquet.tmp``, fsync it;
+    returns (that file, rows).
+
+    The batches' tokens go with their rows (schema metadata): a replay of one of them must still find it
+    stored. Rows are not re-sorted: readers order by ``ts`` in SQL, and name order is nearly time order."""
+    schema = arrow_schema(folder.name)
+    tokens = sorted(set().union(*(batch_tokens(f) for f in files)))
+    tmp = folder / f".{name}.parquet.tmp"
+    rows = 0
+    try:
+        with pq.ParquetWriter(
+            tmp, schema.with_metadata({TOKENS_KEY: "\n".join(tokens)}), compression="zstd", compression_level=3
+        ) as out:
+            held: list[pa.RecordBatch] = []
+            count = 0
+            for f in sorted(files, key=lambda p: p.name):
+                for batch in ds.dataset(f, schema=schema, format="parquet").to_batches(batch_size=CHUNK_ROWS):
+                    held.append(batch)
+                    count += batch.num_rows
+                    if count >= CHUNK_ROWS:
+                        out.write_table(pa.Table.from_batches(held, schema=schema))
+                        rows, held, count = rows + count, [], 0
+            if held:
+                out.write_table(pa.Table.from_batches(held, schema=schema))
+                rows += count
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a partial file must not stay behind (disk full)
+        raise
+    return tmp, rows
+
+
+def _finish(folder: Path, key: str, work: Path) -> int:
+    """Merge what an interrupted run left in ``work`` (out of sight) unless its merged file exists."""
     files = sorted(work.glob("*.parquet"))
-    name = _merged_name(day, files)
+    name = _merged_name(key, files)
     rows = 0
     if files and not (folder / f"{name}.parquet").exists():
-        table = pa.concat_tables(pq.read_table(f, schema=arrow_schema(folder.name)) for f in files)
-        rows = table.num_rows
-        tokens = sorted(set().union(*(batch_tokens(f) for f in files)))
-        # the batches' tokens go with their rows: a replay of one of them must still find it stored
-        merged = table.sort_by("ts").replace_schema_metadata({TOKENS_KEY: "\n".join(tokens)})
-        write_parquet_segment(folder, merged, name)
-    spent = folder / f".compacted-{day}"
-    work.rename(spent)
-    shutil.rmtree(spent, ignore_errors=True)  # its rows are in the merged file; what is left goes next run
+        tmp, rows = _write_merged(folder, files, name)
+        _publish(tmp, folder / f"{name}.parquet")
+    _retire(folder, key, work)
     return rows
 
 
-def compact(folder: Path, now: datetime | None = None, min_files: int = 2) -> dict[str, int]:
-    """Merge each closed day's segments in ``folder`` (e.g. ``…/predlog/predictions``); returns rows per day.
+def _retire(folder: Path, key: str, work: Path) -> None:
+    spent = folder / f".compacted-{key}"
+    work.rename(spent)
+    shutil.rmtree(spent, ignore_errors=True)  # its rows are in the merged file; what is left goes next run
+
+
+def compact(
+    folder: Path, now: datetime | None = None, min_files: int = 2, settle: timedelta = SETTLE
+) -> dict[str, int]:
+    """Merge each closed hour's (``<day>T<hour>``) and closed day's (``<day>``) segments in ``folder``
+    (e.g. ``…/predlog/predictions``); returns rows per group merged.
 
     One run per folder at a time (:class:`CompactError` if another holds it): two runs could
-    otherwise put back a day's segments that the other is publishing merged."""
+    otherwise put back a group's segments that the other is publishing merged."""
     with _exclusive(folder):
-        return _compact(folder, now, min_files)
+        return _compact(folder, now or datetime.now(UTC), min_files, settle)
 
 
 @contextmanager
@@ -88,44 +148,78 @@ def _exclusive(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _compact(folder: Path, now: datetime | None, min_files: int) -> dict[str, int]:
-    cutoff = ((now or datetime.now(UTC)) - timedelta(days=1)).strftime("%Y%m%d")
+def _groups(folder: Path, now: datetime, settle: timedelta) -> dict[str, list[Path]]:
+    """Segments by the closed day or closed hour they belong to (by name); those of open hours are left."""
+    groups: dict[str, list[Path]] = {}
+    for f in folder.glob("*.parquet"):
+        m = _GROUPED.match(f.name)
+        try:
+            day = datetime.strptime(m.group(1), "%Y%m%d").replace(tzinfo=UTC) if m else None
+        except ValueError:  # 00000000: an empty batch
+            day = None
+        if m is None or day is None:
+            continue
+        if day + timedelta(days=1) + settle <= now:
+            key = m.group(1)
+        elif day + timedelta(hours=int(m.group(2)) + 1) + settle <= now:
+            key = f"{m.group(1)}T{m.group(2)}"
+        else:
+            continue
+        groups.setdefault(key, []).append(f)
+    return groups
+
+
+def _compact(folder: Path, now: datetime, min_files: int, settle: timedelta) -> dict[str, int]:
     done: dict[str, int] = {}
     for spent in folder.glob(".compacted-*"):  # segments of a finished merge, being deleted when it stopped
         shutil.rmtree(spent)
+    for tmp in folder.iterdir():  # a merge killed before its rename: its segments are in place or in a work folder
+        if _MERGED_TMP.match(tmp.name):
+            tmp.unlink()
     for work in sorted(folder.glob(".compact-*")):  # finish an interrupted run first
-        day = work.name.removeprefix(".compact-")
-        done[day] = _merge(folder, day, work)
-    by_day: dict[str, list[Path]] = {}
-    for f in folder.glob("*.parquet"):
-        day = f.name[:8]
-        if day.isdigit() and day < cutoff:
-            by_day.setdefault(day, []).append(f)
-    for day, files in sorted(by_day.items()):
-        if len(files) < min_files:
-            continue
-        work = folder / f".compact-{day}"
-        try:
-            work.mkdir(exist_ok=True)
-            for f in files:
-                f.rename(work / f.name)
-        except OSError as e:
-            raise _failed(folder, day, work, e) from e
-        done[day] = _merge(folder, day, work)
+        key = work.name.removeprefix(".compact-")
+        done[key] = _merge(folder, key, work)
+    for key, files in sorted(_groups(folder, now, settle).items()):
+        if len(files) >= min_files:
+            done[key] = _merge_in_place(folder, key, sorted(files))
     return done
 
 
-def _merge(folder: Path, day: str, work: Path) -> int:
+def _merge_in_place(folder: Path, key: str, files: list[Path]) -> int:
+    """Merge while the segments stay in sight; then swap them for the merged file (a few renames)."""
+    name = _merged_name(key, files)
     try:
-        return _finish(folder, day, work)
+        tmp, rows = _write_merged(folder, files, name)
     except Exception as e:
-        raise _failed(folder, day, work, e) from e
+        raise CompactError(f"{_what(folder, key, e)}; nothing was changed") from e
+    work = folder / f".compact-{key}"
+    try:
+        work.mkdir(exist_ok=True)
+        for f in files:
+            f.rename(work / f.name)
+        os.replace(tmp, folder / f"{name}.parquet")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _failed(folder, key, work, e) from e
+    _retire(folder, key, work)
+    return rows
 
 
-def _failed(folder: Path, day: str, work: Path, e: Exception) -> CompactError:
-    """Put the day's segments back in sight unless their merged file exists (that holds the rows)."""
-    what = f"{folder.name}: compacting {day} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-    merged = folder / f"{_merged_name(day, sorted(work.glob('*.parquet')))}.parquet"
+def _merge(folder: Path, key: str, work: Path) -> int:
+    try:
+        return _finish(folder, key, work)
+    except Exception as e:
+        raise _failed(folder, key, work, e) from e
+
+
+def _what(folder: Path, key: str, e: Exception) -> str:
+    return f"{folder.name}: compacting {key} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+
+
+def _failed(folder: Path, key: str, work: Path, e: Exception) -> CompactError:
+    """Put the group's segments back in sight unless their merged file exists (that holds the rows)."""
+    what = _what(folder, key, e)
+    merged = folder / f"{_merged_name(key, sorted(work.glob('*.parquet')))}.parquet"
     if merged.exists():
         return CompactError(f"{what}; its rows are in {merged.name}, run it again to remove {work.name}/")
     try:

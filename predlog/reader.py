@@ -10,8 +10,10 @@ the predictor writes.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,10 @@ class TableSource:
         self.client = client
         self.database = database
 
-    def ref(self, table: str, sample: str | None = None) -> str:
+    def ref(
+        self, table: str, sample: str | None = None, start: datetime | None = None, end: datetime | None = None
+    ) -> str:
+        """The table (``start``/``end``: the server prunes partitions and granules by ``ts`` itself)."""
         return f"{self.database}.{table}" + (f" SAMPLE {sample}" if sample else "")
 
     sample_in_where = False
@@ -55,6 +60,10 @@ class TableSource:
         )
 
 
+#: a segment's name: the day and time of its first row (a batch's, or a merged hour's or day's)
+_SEGMENT = re.compile(r"^\d{8}T\d{6}-[^/]*\.parquet$")
+
+
 class ParquetSource:
     """Embedded Parquet segments read by chdb; sampling as a hash-range filter on the same key."""
 
@@ -62,8 +71,36 @@ class ParquetSource:
         self.root = root
         self._catalog: str | None = None
 
-    def ref(self, table: str, sample: str | None = None) -> str:
-        return f"file({_quote(str(self.root / table) + '/*.parquet')}, Parquet, {_quote(structure(table))})"
+    def ref(
+        self, table: str, sample: str | None = None, start: datetime | None = None, end: datetime | None = None
+    ) -> str:
+        """``file(…)`` over the table's segments; with ``start``/``end`` (a read filtered on ``ts``), over
+        those of the days the window can hold rows of only (:meth:`days_glob`)."""
+        pattern = "*.parquet"
+        if table == "predictions" and (start is not None or end is not None):
+            pattern = self.days_glob(table, start, end)
+        return f"file({_quote(str(self.root / table) + '/' + pattern)}, Parquet, {_quote(structure(table))})"
+
+    def days_glob(self, table: str, start: datetime | None, end: datetime | None) -> str:
+        """A glob of the segments that can hold rows with ``start <= ts < end``.
+
+        A segment is named after its first row (``<day>T<time>-…``; a merged one after its hour or day),
+        so a file of a day after ``end``'s holds none. The writer files a batch under each day its rows
+        fall on, but one written before it did may have spanned midnight: a file named for the day
+        before ``start``'s can still hold rows of ``start``'s day, so that day is read too."""
+        low = (_utc(start) - timedelta(days=1)).strftime("%Y%m%d") if start is not None else ""
+        high = _utc(end).strftime("%Y%m%d") if end is not None else "99999999"
+        try:
+            with os.scandir(self.root / table) as entries:
+                days = {e.name[:8] for e in entries if _SEGMENT.match(e.name)}
+        except FileNotFoundError:
+            return "*.parquet"
+        keep = sorted(d for d in days if low <= d <= high)
+        if len(keep) == len(days):
+            return "*.parquet"
+        if len(keep) == 1:
+            return f"{keep[0]}T*.parquet"
+        return "{" + ",".join(keep or ["00000000"]) + "}T*.parquet"
 
     sample_in_where = True
 
@@ -141,7 +178,10 @@ class PredictionLogReader:
         sql = (
             queries.WINDOW.replace("{columns}", columns)
             .replace("{filters}", filters)
-            .replace("{source}", self.source.ref("predictions", None if self.source.sample_in_where else ratio))
+            .replace(
+                "{source}",
+                self.source.ref("predictions", None if self.source.sample_in_where else ratio, start=start, end=end),
+            )
         )
         return self._df(sql, params)
 
@@ -156,7 +196,7 @@ class PredictionLogReader:
         sql = (
             queries.LIVE_STATS.replace("{slot}", slot)
             .replace("{by_slot}", group)
-            .replace("{source}", self.source.ref("predictions"))
+            .replace("{source}", self.source.ref("predictions", start=since))
         )
         df = self._df(sql, {"model_name": model_name, "since": _utc(since)})
         return df.drop(columns=["latency_q"], errors="ignore")

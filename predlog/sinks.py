@@ -55,7 +55,9 @@ def _publish(tmp: Path, path: Path) -> None:
 TOKENS_KEY = b"motlens.batch_tokens"
 _BATCH_FILE = re.compile(r"^\d{8}T\d{6}-([0-9a-f]{32})\.parquet$")
 #: what :func:`write_parquet_segment` leaves of a batch file when its process dies before the rename
-_BATCH_TMP = re.compile(r"^\.((\d{8})T\d{6}-([0-9a-f]{32})\.parquet)\.tmp$")
+_BATCH_TMP = re.compile(r"^\.((\d{8}T\d{6})-([0-9a-f]{32})\.parquet)\.tmp$")
+#: a file :mod:`predlog.compact` merged: ``<day>T<hour>0000-c<hash>.parquet`` (a closed day: hour 00)
+MERGED_FILE = re.compile(r"^(\d{8})T(\d{2})0000-c[0-9a-f]{32}\.parquet$")
 
 
 def batch_tokens(path: Path) -> set[str]:
@@ -77,11 +79,12 @@ class ParquetSink:
         self.folder = folder
 
     def insert(self, table: pa.Table, token: str) -> None:
-        first = pc.min(table["ts"]).as_py() if table.num_rows else None
-        stamp = first.strftime("%Y%m%dT%H%M%S") if first else "00000000T000000"
-        if self._compacted(stamp[:8], token):  # a replay of a batch whose day was compacted since
-            return
-        write_parquet_segment(self.folder, table, f"{stamp}-{token}")
+        """One file per UTC day the batch's rows fall on (nearly always one), named after its first row:
+        a file named for day D holds rows of D only, which windowed reads rely on."""
+        for stamp, part in _by_day(table):
+            if self._compacted(stamp, token):  # a replay of a batch whose hour or day was compacted since
+                continue
+            write_parquet_segment(self.folder, part, f"{stamp}-{token}")
 
     def recover(self) -> None:
         """Finish the batch files a writer killed before their rename left as ``.<name>.parquet.tmp``:
@@ -98,8 +101,8 @@ class ParquetSink:
             except Exception as e:  # noqa: BLE001 - one leftover must not stop the writer from starting
                 log.error("predlog: cannot recover %s (%s); left for the next start", tmp.name, e)
 
-    def _recover(self, tmp: Path, path: Path, day: str, token: str) -> None:
-        if path.exists() or self._compacted(day, token):
+    def _recover(self, tmp: Path, path: Path, stamp: str, token: str) -> None:
+        if path.exists() or self._compacted(stamp, token):
             tmp.unlink()
             log.info("predlog: %s already stored; its leftover temporary file deleted", path.name)
             return
@@ -112,15 +115,37 @@ class ParquetSink:
         _publish(tmp, path)
         log.warning("predlog: %s, written in full by a writer that stopped before its rename, published", path.name)
 
-    def _compacted(self, day: str, token: str) -> bool:
-        """Whether a merged file of ``day`` (``predlog.compact``) already holds the batch ``token``.
-        Only closed days are ever merged, so live batches skip the look-up."""
-        if day >= (datetime.now(UTC) - timedelta(days=1)).strftime("%Y%m%d"):
+    def _compacted(self, stamp: str, token: str) -> bool:
+        """Whether a merged file (``predlog.compact``) of the day of ``stamp`` already holds the batch
+        ``token``. Compaction merges an hour only after it has ended, so a batch of the current hour
+        (every live batch but the first after the hour turns) skips the look-up."""
+        try:
+            hour = datetime.strptime(stamp[:11], "%Y%m%dT%H").replace(tzinfo=UTC)
+        except ValueError:
             return False
-        return any(token in batch_tokens(f) for f in self.folder.glob(f"{day}T000000-c*.parquet"))
+        if hour + timedelta(hours=1) > datetime.now(UTC):
+            return False
+        merged = (f for f in self.folder.glob(f"{stamp[:8]}T*-c*.parquet") if MERGED_FILE.match(f.name))
+        return any(token in batch_tokens(f) for f in merged)
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _by_day(table: pa.Table) -> list[tuple[str, pa.Table]]:
+    """``(stamp of the first row, rows)`` per UTC day of ``ts``, in day order (rows keep their order)."""
+    if not table.num_rows:
+        return [("00000000T000000", table)]
+    bounds = pc.min_max(table["ts"])
+    first, last = bounds["min"].as_py(), bounds["max"].as_py()
+    if first.date() == last.date():
+        return [(first.strftime("%Y%m%dT%H%M%S"), table)]
+    days = pc.floor_temporal(table["ts"], unit="day")
+    parts = []
+    for day in pc.unique(days).sort():
+        part = table.filter(pc.equal(days, day))
+        parts.append((pc.min(part["ts"]).as_py().strftime("%Y%m%dT%H%M%S"), part))
+    return parts
 
 
 def make_client(settings: PredlogSettings, /, **kwargs: Any) -> Any:

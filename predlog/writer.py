@@ -2,7 +2,7 @@
 
 ``submit`` appends to a bounded in-memory queue (full → ``dropped{reason="queue_full"}``). A
 background thread takes batches of ``batch_rows`` (or whatever arrived within
-``flush_interval_s``) and stores them:
+``settings.flush_interval``: 1 s to ClickHouse, 10 s for the embedded log unless set) and stores them:
 
 * remote sink (ClickHouse): the batch is first written to the spool (fsync'd Arrow IPC segment,
   a write-ahead copy), then the spool is drained in order into the sink with the segment's
@@ -154,7 +154,7 @@ class PredictionLogWriter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                deadline = time.monotonic() + self.settings.flush_interval_s
+                deadline = time.monotonic() + self.settings.flush_interval
                 while not (self._stopping or self._flush_requested) and len(self._queue) < self.settings.batch_rows:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
