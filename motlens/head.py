@@ -20,6 +20,7 @@ from motlens.labels import FAILING_SEVERITIES, SECTIONS, SEVERITIES
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 CONTEXT_FIELDS: tuple[str, ...] = ("make", "model", "fuel_type", "vehicle_age_years", "odometer_miles")
+_GATHER_ROWS = 4096  # rows gathered per block by ``featurize(rows=…)`` (6 MB of 384-d float32)
 
 
 @dataclass(frozen=True)
@@ -121,15 +122,35 @@ class DefectHead:
     severities: tuple[str, ...] = SEVERITIES
 
     def featurize(
-        self, embeddings: np.ndarray, context: Mapping[str, Sequence[Any] | None] | None = None
+        self,
+        embeddings: np.ndarray,
+        context: Mapping[str, Sequence[Any] | None] | None = None,
+        rows: np.ndarray | None = None,
     ) -> np.ndarray:
-        ctx = self.features.context_features(len(embeddings), context)
-        return np.concatenate([embeddings.astype(np.float32), ctx], axis=1)
+        """[N, dim + n_context] float32: the embeddings beside their context features, written into
+        one array (no float32 or concatenated copies: training featurises millions of rows).
+
+        ``rows``: featurise only these rows of ``embeddings`` (``context`` then holds theirs),
+        gathered a block at a time instead of copying them out first.
+        """
+        n = len(embeddings) if rows is None else len(rows)
+        dim = embeddings.shape[1]
+        out = np.empty((n, dim + self.features.n_context), dtype=np.float32)
+        if rows is None:
+            out[:, :dim] = embeddings
+        else:
+            for start in range(0, n, _GATHER_ROWS):
+                out[start : start + _GATHER_ROWS, :dim] = embeddings[rows[start : start + _GATHER_ROWS]]
+        out[:, dim:] = self.features.context_features(n, context)
+        return out
 
     def predict(
-        self, embeddings: np.ndarray, context: Mapping[str, Sequence[Any] | None] | None = None
+        self,
+        embeddings: np.ndarray,
+        context: Mapping[str, Sequence[Any] | None] | None = None,
+        rows: np.ndarray | None = None,
     ) -> HeadOutput:
-        x = self.featurize(embeddings, context)
+        x = self.featurize(embeddings, context, rows)
         if "trunk.weight" in self.weights:
             x = np.maximum(x @ self.weights["trunk.weight"].T + self.weights["trunk.bias"], 0.0)
         sec = _softmax(x @ self.weights["section.weight"].T + self.weights["section.bias"])

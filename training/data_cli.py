@@ -31,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with chdb, parse files in Python instead of letting ClickHouse read them",
     )
     ld.add_argument("--chunk-rows", type=positive, default=200_000)
+    ld.add_argument(
+        "--tmp-dir",
+        type=Path,
+        help="where --out's temporary partition files go (about the input's uncompressed size; "
+        "default $TMPDIR, else /tmp)",
+    )
     ld.add_argument("--report", type=Path, help="also write the load report as JSON here")
     ld.set_defaults(func=_load)
 
@@ -96,16 +102,19 @@ def _print_report(report: dict) -> None:
 
 
 def _load(args: argparse.Namespace) -> int:
-    from training.dvsa import BulkFormatError, BulkReader, BulkReport, discover
+    from training.dvsa import BulkFormatError, BulkReader, BulkReport, BulkResourceError, discover
     from training.history_api import read_jsonl
     from training.tidy import write_tidy
 
     if args.clickhouse == (args.out is not None):
         print("motlens data load: give either --out DIR (tidy Parquet) or --clickhouse", file=sys.stderr)
         return 2
-    problem = (_not_a_file(args.out, "--out") if args.out else None) or (
-        f"--report's directory {args.report.parent} does not exist"
-        if args.report and not args.report.parent.is_dir() else None
+    problem = (
+        (_not_a_file(args.out, "--out") if args.out else None)
+        or (f"--report's directory {args.report.parent} does not exist"
+            if args.report and not args.report.parent.is_dir() else None)
+        or (f"--tmp-dir {args.tmp_dir} is not a directory"
+            if args.tmp_dir is not None and not args.tmp_dir.is_dir() else None)
     )  # fmt: skip
     if problem:  # checked before hours of loading, not after
         print(f"motlens data load: {problem}", file=sys.stderr)
@@ -132,7 +141,7 @@ def _load(args: argparse.Namespace) -> int:
 
             def chunks():
                 if sources:
-                    reader = BulkReader(args.paths, args.chunk_rows)
+                    reader = BulkReader(args.paths, args.chunk_rows, tmp_dir=args.tmp_dir)
                     reader.report = report_obj
                     yield from reader
                 if api:
@@ -140,7 +149,7 @@ def _load(args: argparse.Namespace) -> int:
 
             write_tidy(chunks(), args.out)
             report = report_obj.to_dict()
-    except BulkFormatError as e:
+    except (BulkFormatError, BulkResourceError) as e:
         print(f"motlens data load: {e}", file=sys.stderr)
         return 1
     _print_report(report)

@@ -12,6 +12,7 @@ rows keeps real per-row context for the drift reference.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from motlens.embedder import normalise_text
 from motlens.labels import FAILING_SEVERITIES, SEVERITIES
@@ -98,22 +100,56 @@ def build_training_set(
     seed: int = 0,
     holdout_fraction: float = 0.2,
     max_rows: int | None = None,
+    max_texts: int | None = None,
     reference_rows: int = 2000,
     chunk_rows: int = 200_000,
 ) -> TrainingSet:
-    """Aggregate tidy rows (streamed) into a :class:`TrainingSet`."""
+    """Aggregate tidy rows (streamed) into a :class:`TrainingSet`.
+
+    ``max_rows``: read only the first N input rows (of raw bulk files: the first N joined rows, which
+    come in hash-partition order, after the whole input has been read and partitioned).
+    ``max_texts``: keep the N distinct texts with the most rows (ties: text order), as
+    :func:`training_set_from_distinct` does; the fingerprint's row counts are those of the kept texts,
+    ``rows_read`` stays what was read.
+    """
     if not 0.0 < holdout_fraction < 1.0:
         raise DataError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}")
     chunks = iter_source(data, chunk_rows) if isinstance(data, Path | str | pd.DataFrame) else iter(data)
     agg = _Aggregator(seed, holdout_fraction, reference_rows)
-    for chunk in chunks:
-        if max_rows is not None and agg.rows_read + len(chunk) > max_rows:
-            chunk = chunk.iloc[: max(0, max_rows - agg.rows_read)]
-        if len(chunk):
-            agg.add(chunk)
-        if max_rows is not None and agg.rows_read >= max_rows:
-            break
-    return agg.finish()
+    total = _rows_in(data)
+    if max_rows is not None:
+        total = max_rows if total is None else min(total, max_rows)
+    with tqdm(total=total, unit="row", unit_scale=True, desc="build training set",
+              disable=total is not None and total < 1_000_000, delay=2) as bar:  # fmt: skip
+        for chunk in chunks:
+            if max_rows is not None and agg.rows_read + len(chunk) > max_rows:
+                chunk = chunk.iloc[: max(0, max_rows - agg.rows_read)]
+            if len(chunk):
+                agg.add(chunk)
+                bar.update(len(chunk))
+            if max_rows is not None and agg.rows_read >= max_rows:
+                break
+    return agg.finish(max_texts)
+
+
+def _rows_in(data: object) -> int | None:
+    """Rows ``data`` holds when that is known without reading it (a DataFrame, a tidy table's manifest)."""
+    if isinstance(data, pd.DataFrame):
+        return len(data)
+    if isinstance(data, Path | str):
+        from training.tidy import MANIFEST
+
+        try:
+            return int(json.loads((Path(data) / MANIFEST).read_text())["rows"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+def _most_frequent(counts: pd.Series, n: int) -> pd.Index:
+    """The keys of the ``n`` largest counts (ties: key order)."""
+    frame = counts.rename("n").rename_axis("key").reset_index()
+    return pd.Index(frame.sort_values(["n", "key"], ascending=[False, True], kind="stable")["key"].head(n))
 
 
 class _Aggregator:
@@ -187,11 +223,17 @@ class _Aggregator:
         for c, parts in self.categorical.items():
             self.categorical[c] = [pd.concat(parts).groupby(["key", c]).n.sum().reset_index()]
 
-    def finish(self) -> TrainingSet:
+    def finish(self, max_texts: int | None = None) -> TrainingSet:
         if not self.labels:
             raise DataError(f"no labelled defect rows (read {self.rows_read}, unlabelled {self.rows_unlabelled})")
         self._combine()
         lab = self.labels[0]
+        if max_texts is not None:
+            per_key = lab.groupby("key").n.sum()
+            if len(per_key) > max_texts:
+                keep = _most_frequent(per_key, max_texts)
+                lab = lab[lab["key"].isin(keep)]
+                self.reference = self.reference[self.reference["key"].isin(keep)]
         count = lab.groupby("key").n.sum().rename("count")
         sec = _majority(lab.groupby(["key", "section"]).n.sum().reset_index(), "section")
         sev_counts = lab.groupby(["key", "severity"]).n.sum().reset_index()
@@ -263,13 +305,19 @@ def _fingerprint_of(
 
 
 def training_set_from_distinct(
-    distinct: pd.DataFrame, *, seed: int = 0, holdout_fraction: float = 0.2, reference_rows: int = 2000
+    distinct: pd.DataFrame,
+    *,
+    seed: int = 0,
+    holdout_fraction: float = 0.2,
+    reference_rows: int = 2000,
+    max_texts: int | None = None,
 ) -> TrainingSet:
     """A :class:`TrainingSet` from the ClickHouse path's distinct-text table
     (:func:`training.chload.distinct_texts`: ``text``, majority ``section``/``severity``, ``n`` and the
     per-label counts ``n_<severity>``, ``n_section_<i>``). That table carries no vehicle context, so
     context is missing (the head sees its missing flags) and the drift reference samples held-out
-    texts in proportion to their row counts."""
+    texts in proportion to their row counts. ``max_texts``: keep the N (normalised) texts with the
+    most rows, as :func:`build_training_set` does."""
     missing = {"text", "section", "severity", "n"} - set(distinct.columns)
     if missing:
         raise DataError(f"distinct-text table lacks column(s) {sorted(missing)}")
@@ -285,6 +333,8 @@ def training_set_from_distinct(
     agg = d.groupby("key")[["n", *sev_cols, *sec_cols]].sum().sort_index()
     if agg.empty:
         raise DataError("the distinct-text table holds no labelled texts")
+    if max_texts is not None and len(agg) > max_texts:
+        agg = agg.loc[_most_frequent(agg["n"], max_texts)].sort_index()
     texts = pd.DataFrame(index=agg.index)
     texts["count"] = agg["n"].astype("int64")
     sec_counts, sev_counts = agg[sec_cols].to_numpy(), agg[sev_cols].to_numpy()

@@ -9,14 +9,18 @@ dropped; rows with the wrong number of fields or without a usable key are counte
 and skipped. A file that cannot be read at all raises
 :class:`BulkFormatError` naming the file and line.
 
-Memory stays constant in the input size: ``test_result`` and ``test_item`` are streamed in blocks
-and hash-partitioned by ``test_id`` into Arrow files in a temporary directory; each partition is
-then joined with the (small) lookups and labelled (``training.mot_labels``).
+Memory stays bounded: ``test_result`` and ``test_item`` are streamed in blocks and hash-partitioned
+by ``test_id`` into Arrow files in a temporary directory (``tmp_dir``, default ``$TMPDIR``); each
+partition is then joined with the (small) lookups and labelled (``training.mot_labels``). Partitions
+are 32 MiB of input up to 512 of them (16 GiB of input); beyond that they grow with the input, and so
+does memory (docs/data.md "Bounded memory"). The 2 × 512 open partition files need an open-file
+limit above 1024: the soft limit is raised towards the hard one, else :class:`BulkResourceError`.
 """
 
 from __future__ import annotations
 
 import codecs
+import errno
 import gzip
 import io
 import math
@@ -26,7 +30,7 @@ import tempfile
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -54,13 +58,44 @@ _KIND_MARKERS: tuple[tuple[str, frozenset[str]], ...] = (
 _ALIASES = {"dmark": "dangerous_mark", "id": "location_id", "odometer": "test_mileage"}
 _REQUIRED_KINDS = ("test_result", "test_item", "item_detail")
 _MAX_BAD_FRACTION = 0.5
-#: Open files stay bounded; beyond ~16 GB of input, partitions grow (use the ClickHouse path there).
+#: Open files stay bounded (2 per partition); beyond 16 GiB of input, partitions grow (and so does
+#: memory: about 9 × input / 512 at the peak); use the ClickHouse path there.
 _MAX_PARTITIONS = 512
+#: Open files beyond the partition files: the inputs, Python, Arrow, the tidy writer, the caller's own.
+_SPARE_FILES = 64
 SOURCE_NAME = "dvsa_bulk"
 
 
 class BulkFormatError(ValueError):
     """An input file cannot be read; the message starts with ``path:line:``."""
+
+
+class BulkResourceError(RuntimeError):
+    """The machine lacks what a bulk read needs (open files, temporary disk); the message says what."""
+
+
+def ensure_open_files(needed: int) -> None:
+    """Raise the soft ``RLIMIT_NOFILE`` to ``needed`` (up to the hard limit) when it is lower;
+    :class:`BulkResourceError` naming the limit needed when the hard limit is lower still."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit to raise (the C runtime's own is 8192 handles)
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+            return
+        except (ValueError, OSError):  # e.g. macOS caps the soft limit at OPEN_MAX below an unlimited hard one
+            pass
+    raise BulkResourceError(
+        f"reading these bulk files needs up to {needed} open files at once, but this process may open only {soft} "
+        f"(hard limit {hard}): raise it first, e.g. `ulimit -n {needed}` in the shell that runs motlens "
+        "(a hard limit can be raised only by root: /etc/security/limits.conf, or LimitNOFILE= for a "
+        "systemd service), or load into ClickHouse (`motlens data load --clickhouse`)"
+    )
 
 
 @dataclass
@@ -252,9 +287,10 @@ class _Utf8Stream(io.RawIOBase):
     sequences met (``FileReport.non_utf8_values``).
     """
 
-    def __init__(self, fh: IO[bytes], fr: FileReport):
+    def __init__(self, fh: IO[bytes], fr: FileReport, progress: Callable[[int], object] | None = None):
         self._fh = fh
         self._fr = fr
+        self._progress = progress
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
         self._buf = b""
         self._eof = False
@@ -275,6 +311,8 @@ class _Utf8Stream(io.RawIOBase):
                 self._fr.non_utf8_values += bad
             self.lines += data.count(b"\n")
             self._buf += out
+            if self._progress is not None and data:
+                self._progress(len(data))
 
     def readinto(self, b) -> int:
         view = memoryview(b)
@@ -297,8 +335,11 @@ def _as_latin1(m: re.Match) -> str:
     return "".join(chr(ord(c) - 0xDC00) for c in m.group())
 
 
-def iter_raw(source: Source, fr: FileReport, chunk_rows: int = 200_000) -> Iterator[pd.DataFrame]:
-    """Stream one table as DataFrames of strings (column names normalised; empty → None)."""
+def iter_raw(
+    source: Source, fr: FileReport, chunk_rows: int = 200_000, progress: Callable[[int], object] | None = None
+) -> Iterator[pd.DataFrame]:
+    """Stream one table as DataFrames of strings (column names normalised; empty → None);
+    ``progress(n)`` is called with each piece of ``n`` bytes read (uncompressed)."""
     cols = list(source.columns)
 
     def on_invalid(row) -> str:
@@ -317,7 +358,7 @@ def iter_raw(source: Source, fr: FileReport, chunk_rows: int = 200_000) -> Itera
     )
     pending: list[pd.DataFrame] = []
     n_pending = 0
-    with _Utf8Stream(source.open(), fr) as fh:
+    with _Utf8Stream(source.open(), fr, progress) as fh:
         try:
             reader = pacsv.open_csv(fh, read_options=read, parse_options=parse, convert_options=convert)
             for batch in reader:
@@ -457,15 +498,36 @@ class _Partitions:
         n = len(self.paths)
         buckets = (df["test_id"].to_numpy(dtype=np.int64) % n) if n > 1 else np.zeros(len(df), dtype=np.int64)
         table = pa.Table.from_pandas(df, schema=self.schema, preserve_index=False)
-        for b in np.unique(buckets):
-            w = self._writers.get(int(b))
-            if w is None:
-                w = self._writers[int(b)] = ipc.new_stream(self.paths[int(b)], self.schema)
-            w.write_table(table.filter(pa.array(buckets == b)) if n > 1 else table)
+        try:
+            for b in np.unique(buckets):
+                w = self._writers.get(int(b))
+                if w is None:
+                    w = self._writers[int(b)] = ipc.new_stream(self.paths[int(b)], self.schema)
+                w.write_table(table.filter(pa.array(buckets == b)) if n > 1 else table)
+        except OSError as e:  # a full disk, or open files beyond the limit
+            where = self.paths[0].parent
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise BulkResourceError(
+                    f"cannot open another temporary partition file in {where}: {e}; the process holds "
+                    f"{len(self._writers)} of them and other open files: raise the open-file limit (ulimit -n)"
+                ) from e
+            raise BulkResourceError(
+                f"cannot write the temporary partition files in {where}: {e}; they need about as much free "
+                "space as the input (uncompressed): choose another place with --tmp-dir or TMPDIR"
+            ) from e
 
     def close(self) -> None:
         for w in self._writers.values():
             w.close()
+
+    def abandon(self) -> None:
+        """Close the files after a failure, quietly: the temporary directory is removed next."""
+        for w in self._writers.values():
+            try:
+                w.close()
+            except (OSError, pa.ArrowException):
+                pass
+        self._writers.clear()
 
     def read(self, i: int) -> pd.DataFrame:
         if not self.paths[i].exists():
@@ -588,10 +650,17 @@ def label_defects(m: pd.DataFrame, post: pd.Series, lk: Lookups) -> tuple[np.nda
 class BulkReader:
     """Iterate tidy chunks from DVSA bulk files; ``report`` fills in as reading proceeds."""
 
-    def __init__(self, paths: Sequence[Path], chunk_rows: int = 200_000, bucket_bytes: int = 32 << 20):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        chunk_rows: int = 200_000,
+        bucket_bytes: int = 32 << 20,
+        tmp_dir: Path | None = None,
+    ):
         self.sources, self.api_paths = discover(paths)
         self.chunk_rows = chunk_rows
         self.bucket_bytes = bucket_bytes
+        self.tmp_dir = tmp_dir  # None: tempfile's choice ($TMPDIR, $TEMP, $TMP, else /tmp)
         self.report = BulkReport()
         kinds = {s.kind for s in self.sources}
         missing = [k for k in _REQUIRED_KINDS if k not in kinds]
@@ -599,33 +668,61 @@ class BulkReader:
             names = ", ".join(str(p) for p in paths)
             raise BulkFormatError(f"{names}:0: no {', '.join(missing)} table among the inputs")
 
+    @property
+    def partitions(self) -> int:
+        """How many hash partitions the read uses (two open files each while reading)."""
+        size = sum(s.size for s in self.sources if s.kind in ("test_result", "test_item"))
+        return min(_MAX_PARTITIONS, max(1, math.ceil(size / self.bucket_bytes)))
+
     def __iter__(self) -> Iterator[pd.DataFrame]:
+        n = self.partitions
+        ensure_open_files(2 * n + _SPARE_FILES)  # before any work, not after hours of it
         lookups = load_lookups(self.sources, self.report)
         big = [s for s in self.sources if s.kind in ("test_result", "test_item")]
-        n = min(_MAX_PARTITIONS, max(1, math.ceil(sum(s.size for s in big) / self.bucket_bytes)))
-        with tempfile.TemporaryDirectory(prefix="motlens-bulk-") as tmp:
+        total = sum(s.size for s in big)
+        quiet = total < 50 << 20  # as the other bars: shown for big inputs only
+        with tempfile.TemporaryDirectory(prefix="motlens-bulk-", dir=self.tmp_dir) as tmp:
             results = _Partitions(Path(tmp), "result", n, _RESULT_SCHEMA)
             items = _Partitions(Path(tmp), "item", n, _ITEM_SCHEMA)
-            seq = 0
-            with tqdm(total=sum(s.size for s in big), unit="B", unit_scale=True, desc="read bulk",
-                      disable=sum(s.size for s in big) < 50 << 20) as bar:  # fmt: skip
-                for src in big:
-                    fr = FileReport(src.name, src.kind, src.delimiter)
-                    self.report.files.append(fr)
-                    for raw in iter_raw(src, fr, self.chunk_rows):
-                        if src.kind == "test_result":
-                            results.write(typed_results(raw, fr))
-                        else:
-                            typed = typed_items(raw, fr, seq)
-                            seq += len(raw)
-                            items.write(typed)
-                    bar.update(src.size)
+            try:
+                self._partition(big, results, items, quiet)
+            except BaseException:
+                results.abandon()  # open files would keep the temporary directory from being removed
+                items.abandon()
+                raise
             results.close()
             items.close()
-            for i in range(n):
-                tidy = self._join(results.read(i), items.read(i), lookups)
-                for start in range(0, len(tidy), self.chunk_rows):
-                    yield tidy.iloc[start : start + self.chunk_rows].reset_index(drop=True)
+            with tqdm(total=n, unit="part", desc="join + label", disable=quiet) as bar:
+                for i in range(n):
+                    tidy = self._join(results.read(i), items.read(i), lookups)
+                    bar.update(1)  # before the yields: the caller's writing runs between them
+                    for start in range(0, len(tidy), self.chunk_rows):
+                        yield tidy.iloc[start : start + self.chunk_rows].reset_index(drop=True)
+
+    def _partition(self, big: list[Source], results: _Partitions, items: _Partitions, quiet: bool) -> None:
+        """Read the big tables into their hash partitions, with a byte-granular bar."""
+        seq = 0
+        with tqdm(total=sum(s.size for s in big), unit="B", unit_scale=True, desc="read bulk", disable=quiet) as bar:
+            for src in big:
+                fr = FileReport(src.name, src.kind, src.delimiter)
+                self.report.files.append(fr)
+                left = src.size  # the bar moves with the bytes read; a .gz's size may be an estimate
+
+                def advance(k: int) -> None:
+                    nonlocal left
+                    step = min(k, left)
+                    if step > 0:
+                        left -= step
+                        bar.update(step)
+
+                for raw in iter_raw(src, fr, self.chunk_rows, progress=advance):
+                    if src.kind == "test_result":
+                        results.write(typed_results(raw, fr))
+                    else:
+                        typed = typed_items(raw, fr, seq)
+                        seq += len(raw)
+                        items.write(typed)
+                advance(left)
 
     def _join(self, res: pd.DataFrame, it: pd.DataFrame, lk: Lookups) -> pd.DataFrame:
         rep = self.report
@@ -676,10 +773,10 @@ class BulkReader:
 
 
 def read_bulk(
-    paths: Sequence[Path], chunk_rows: int = 200_000, report: BulkReport | None = None
+    paths: Sequence[Path], chunk_rows: int = 200_000, report: BulkReport | None = None, tmp_dir: Path | None = None
 ) -> Iterator[pd.DataFrame]:
     """Tidy chunks from DVSA bulk files; pass ``report`` (or use :class:`BulkReader`) to get the counts."""
-    reader = BulkReader(paths, chunk_rows)
+    reader = BulkReader(paths, chunk_rows, tmp_dir=tmp_dir)
     if report is not None:
         reader.report = report
     yield from reader

@@ -15,14 +15,16 @@ import gzip
 import json
 import math
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from training import mot_labels
-from training.dvsa import BulkFormatError, BulkReport, FileReport
+from training.dvsa import BulkFormatError, BulkReport, FileReport, _data_size
 from training.tidy import TIDY_COLUMNS
 
 SOURCE_NAME = "mot_history_api"
@@ -141,8 +143,9 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     return df
 
 
-def _documents(path: Path, fr: FileReport) -> Iterator[tuple[int, object]]:
-    """(line, parsed JSON) of a JSON-lines file, or of a whole ``.json`` file (pretty-printed allowed)."""
+def _documents(path: Path, fr: FileReport, progress: Callable[[int], object]) -> Iterator[tuple[int, object]]:
+    """(line, parsed JSON) of a JSON-lines file, or of a whole ``.json`` file (pretty-printed allowed);
+    ``progress(n)`` is told of the bytes read (uncompressed)."""
     try:
         data = path.read_bytes() if path.suffix.lower() == ".json" else None
         if data is None:  # a gzipped JSON-lines file is read through gzip (discover saw through it too)
@@ -160,17 +163,23 @@ def _documents(path: Path, fr: FileReport) -> Iterator[tuple[int, object]]:
             raise BulkFormatError(f"{path}:{e.lineno}: not JSON: {e.msg}") from e
         except RecursionError as e:
             raise BulkFormatError(f"{path}:1: JSON nested too deeply") from e
+        progress(len(data))
         yield 1, doc
         return
     assert fh is not None
     with fh:
-        yield from _lines(path, fh, fr)
+        yield from _lines(path, fh, fr, progress)
 
 
-def _lines(path: Path, fh: Any, fr: FileReport) -> Iterator[tuple[int, object]]:
+def _lines(path: Path, fh: Any, fr: FileReport, progress: Callable[[int], object]) -> Iterator[tuple[int, object]]:
     lineno = 0
+    pending = 0  # bytes not yet reported: the bar moves every 64 KiB, not every line
     try:
         for lineno, raw in enumerate(fh, start=1):
+            pending += len(raw)
+            if pending >= 1 << 16:
+                progress(pending)
+                pending = 0
             if b"\x00" in raw:
                 raise BulkFormatError(f"{path}:{lineno}: binary data, not JSON lines")
             if not raw.strip():
@@ -183,6 +192,8 @@ def _lines(path: Path, fh: Any, fr: FileReport) -> Iterator[tuple[int, object]]:
             yield lineno, doc
     except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz
         raise BulkFormatError(f"{path}:{lineno + 1}: unreadable: {e}") from e
+    if pending:
+        progress(pending)
 
 
 def _decode(raw: bytes, fr: FileReport) -> str:
@@ -199,37 +210,88 @@ def read_jsonl(
     """Tidy chunks from MOT History API JSON-lines (or whole JSON) files; counts go into ``report``."""
     report = report if report is not None else BulkReport()
     rows: list[dict] = []
-    seen_tests: set[int] = set()  # overlapping downloads repeat vehicles: each test counts once
-    for path in map(Path, paths):
-        fr = FileReport(str(path), "mot_history_api", "")
-        report.files.append(fr)
-        for lineno, doc in _documents(path, fr):
-            vehicles = doc if isinstance(doc, list) else [doc]
-            for v in vehicles:
-                if not isinstance(v, dict):
-                    fr.bad(lineno)
-                    continue
-                try:
-                    got, unlabelled = _vehicle_rows(v)
-                except (_Malformed, AttributeError, TypeError, ValueError):
-                    fr.bad(lineno)
-                    continue
-                fr.rows += 1
-                report.unlabelled += unlabelled
-                ids = {r["test_id"] for r in got if r["test_id"] is not None}
-                if repeated := ids & seen_tests:
-                    report.duplicate_tests += len(repeated)
-                    got = [r for r in got if r["test_id"] not in repeated]
-                seen_tests |= ids
-                rows.extend(got)
-            if len(rows) >= chunk_rows:
-                df = _frame(rows)
-                report.add_labels(df)
-                yield df
-                rows = []
-        if fr.rows == 0 and fr.bad_rows > 0:
-            raise BulkFormatError(f"{path}:{fr.bad_lines[0]}: no line is MOT History API JSON")
-    if rows:
-        df = _frame(rows)
-        report.add_labels(df)
-        yield df
+    # overlapping downloads repeat vehicles: each test counts once. The chunk's own test ids are a set;
+    # earlier chunks' are sorted int64 arrays (8 bytes a test, where a set of all took ≈ 94)
+    chunk_tests: set[int] = set()
+    seen = _SeenTests()
+
+    def flush() -> Iterator[pd.DataFrame]:
+        nonlocal rows
+        ids = np.fromiter(chunk_tests, dtype=np.int64, count=len(chunk_tests))
+        known = seen.contains(ids)
+        if known.any():
+            repeated = set(ids[known].tolist())
+            report.duplicate_tests += len(repeated)
+            rows = [r for r in rows if r["test_id"] not in repeated]
+        seen.add(ids[~known])
+        chunk_tests.clear()
+        if rows:
+            df = _frame(rows)
+            report.add_labels(df)
+            yield df
+        rows = []
+
+    sizes = [_data_size(p) if p.suffix.lower() == ".gz" else p.stat().st_size for p in map(Path, paths)]
+    with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="read API JSON", disable=sum(sizes) < 50 << 20) as bar:
+        for path, size in zip(map(Path, paths), sizes, strict=True):
+            fr = FileReport(str(path), "mot_history_api", "")
+            report.files.append(fr)
+            left = size  # the bar moves with the bytes read; a .gz's size may be an estimate
+
+            def advance(k: int) -> None:
+                nonlocal left
+                step = min(k, left)
+                if step > 0:
+                    left -= step
+                    bar.update(step)
+
+            for lineno, doc in _documents(path, fr, advance):
+                vehicles = doc if isinstance(doc, list) else [doc]
+                for v in vehicles:
+                    if not isinstance(v, dict):
+                        fr.bad(lineno)
+                        continue
+                    try:
+                        got, unlabelled = _vehicle_rows(v)
+                    except (_Malformed, AttributeError, TypeError, ValueError):
+                        fr.bad(lineno)
+                        continue
+                    fr.rows += 1
+                    report.unlabelled += unlabelled
+                    ids = {r["test_id"] for r in got if r["test_id"] is not None}
+                    if repeated := ids & chunk_tests:
+                        report.duplicate_tests += len(repeated)
+                        got = [r for r in got if r["test_id"] not in repeated]
+                    chunk_tests.update(ids)
+                    rows.extend(got)
+                if len(rows) >= chunk_rows:
+                    yield from flush()
+            advance(left)
+            if fr.rows == 0 and fr.bad_rows > 0:
+                raise BulkFormatError(f"{path}:{fr.bad_lines[0]}: no line is MOT History API JSON")
+        yield from flush()
+
+
+class _SeenTests:
+    """A set of int64 test ids as a few sorted arrays (runs); a new run is merged into the one before
+    while it is at least half that one's size, so there are O(log n) runs and each id is copied
+    O(log n) times."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(ids), dtype=bool)
+        for run in self.runs:
+            at = np.searchsorted(run, ids).clip(max=len(run) - 1)
+            found |= run[at] == ids
+        return found
+
+    def add(self, ids: np.ndarray) -> None:
+        """Add ids (distinct, none already present)."""
+        if not len(ids):
+            return
+        run = np.sort(ids)
+        while self.runs and 2 * len(run) >= len(self.runs[-1]):
+            run = np.sort(np.concatenate([self.runs.pop(), run]))
+        self.runs.append(run)

@@ -64,7 +64,10 @@ class TrainSettings(BaseSettings):
     class_weighting: bool = True
     count_weighting: Literal["none", "sqrt", "log"] = "sqrt"
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
-    max_rows: int | None = Field(default=None, ge=1)
+    max_rows: int | None = Field(
+        default=None, ge=1, description="read only the first N input rows (a tidy table or raw files; not ClickHouse)"
+    )
+    max_texts: int | None = Field(default=None, ge=1, description="keep the N distinct texts with the most rows")
     embed_batch_size: int = Field(default=64, ge=1)
     golden_size: int = Field(default=64, ge=1)
     reference_rows: int = Field(default=2000, ge=1, description="held-out rows kept as the bundle's drift reference")
@@ -326,6 +329,7 @@ def train(
             seed=s.seed,
             holdout_fraction=s.holdout_fraction,
             max_rows=s.max_rows,
+            max_texts=s.max_texts,
             reference_rows=s.reference_rows,
         )
     clock.lap("prepare")
@@ -339,8 +343,8 @@ def train(
     spec = fit_feature_spec(tr)
     sev_index = {v: i for i, v in enumerate(SEVERITIES)}
     featurize = DefectHead(weights={}, features=spec).featurize
-    head, history = fit_head(
-        featurize(emb[train_mask], context_of(tr)),
+    head, history = fit_head(  # the training rows' features: one array beside ``emb``, no copies of it
+        featurize(emb, context_of(tr), rows=np.flatnonzero(train_mask)),
         tr["section"].to_numpy(),
         tr["severity"].map(sev_index).to_numpy(),
         tr["count"].to_numpy(),
@@ -354,7 +358,7 @@ def train(
         artifacts = work / "artifacts"
         if artifacts.exists():
             shutil.rmtree(artifacts)
-        out = head.predict(emb[~train_mask], context_of(ho))
+        out = head.predict(emb, context_of(ho), rows=np.flatnonzero(~train_mask))
         ev = evaluate(
             out,
             ho["section"].to_numpy(),

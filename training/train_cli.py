@@ -27,7 +27,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--hidden", type=int, help="ReLU trunk width (0: linear heads)")
-    p.add_argument("--max-rows", type=int, help="read at most this many defect rows")
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        help="with --data: read only the first N defect rows (of raw bulk files: the first N joined rows, in "
+        "hash-partition order, after the whole input has been read and partitioned; run `motlens data load "
+        "--out` once and train on that table instead). Not with --clickhouse (it reads no rows): use --max-texts",
+    )
+    p.add_argument(
+        "--max-texts",
+        type=int,
+        help="keep the N distinct texts with the most rows (both --data and --clickhouse): what bounds "
+        "embedding time and memory",
+    )
     p.add_argument("--holdout-fraction", type=float)
     p.add_argument("--device", help="cpu | cuda[:N] (default: cuda when present)")
     p.add_argument("--work-dir", help="keep the built bundle and reports here")
@@ -50,6 +62,7 @@ _FLAGS = (
     "lr",
     "hidden",
     "max_rows",
+    "max_texts",
     "holdout_fraction",
     "device",
     "work_dir",
@@ -67,7 +80,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from motlens.errors import describe
     from training.dataset import DataError
-    from training.dvsa import BulkFormatError
+    from training.dvsa import BulkFormatError, BulkResourceError
     from training.registry import Registry, RegistryError
     from training.train import TrainSettings, train
 
@@ -84,10 +97,17 @@ def _train(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"motlens train: bad setting: {describe(e)}", file=sys.stderr)
         return 2
+    if args.clickhouse and settings.max_rows is not None:
+        print(
+            "motlens train: --max-rows (MOTLENS_TRAIN_MAX_ROWS) counts input rows, which --clickhouse does not read; "
+            "use --max-texts N for the N distinct texts with the most rows",
+            file=sys.stderr,
+        )
+        return 2
     try:
         data = _clickhouse_set(args, settings) if args.clickhouse else Path(args.data)
         result = train(data, settings, registry=Registry(args.tracking_uri))
-    except (DataError, BulkFormatError, FileNotFoundError, RegistryError) as e:
+    except (DataError, BulkFormatError, BulkResourceError, FileNotFoundError, RegistryError) as e:
         print(f"motlens train: {e}", file=sys.stderr)
         return 2
     v = result.version
@@ -160,9 +180,10 @@ def _clickhouse_set(args: argparse.Namespace, settings):  # noqa: ANN202 - Train
     from training.dataset import training_set_from_distinct
 
     distinct = distinct_texts(ch_path=Path(args.ch_path) if args.ch_path else None)
-    if settings.max_rows and len(distinct) > settings.max_rows:  # here: distinct texts, the most frequent
-        distinct = distinct.sort_values(["n", "text"], ascending=[False, True]).head(settings.max_rows)
-        print(f"motlens train: --max-rows {settings.max_rows}: the {settings.max_rows} most frequent distinct texts")
     return training_set_from_distinct(
-        distinct, seed=settings.seed, holdout_fraction=settings.holdout_fraction, reference_rows=settings.reference_rows
+        distinct,
+        seed=settings.seed,
+        holdout_fraction=settings.holdout_fraction,
+        reference_rows=settings.reference_rows,
+        max_texts=settings.max_texts,
     )

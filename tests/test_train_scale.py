@@ -1,0 +1,90 @@
+"""`motlens train` at scale: featurising without copies, one meaning for each row/text cap."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from motlens.cli import main
+from motlens.head import DefectHead, FeatureSpec
+from training.dataset import build_training_set, training_set_from_distinct
+
+
+def _context(n: int) -> dict:
+    rng = np.random.default_rng(1)
+    return {"vehicle_age_years": rng.uniform(0, 20, n).tolist(), "odometer_miles": rng.uniform(0, 2e5, n).tolist(),
+            "fuel_type": ["PE", "DI", None, "XX"] * (n // 4)}  # fmt: skip
+
+
+def _peak(fn):  # noqa: ANN001, ANN202
+    tracemalloc.start()
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_featurize_writes_one_array_without_copies_of_the_embeddings():
+    """featurize held three copies (``emb[mask]``, ``astype``, ``concatenate``): ≈ 6 KB a text at 1M texts."""
+    n, dim = 40_000, 384
+    emb = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    head = DefectHead(weights={}, features=FeatureSpec())
+    ctx = _context(n)
+    expected = np.concatenate([emb, head.features.context_features(n, ctx)], axis=1)
+
+    x, peak = _peak(lambda: head.featurize(emb, ctx))
+    np.testing.assert_array_equal(x, expected)
+    assert x.dtype == np.float32 and peak < 1.2 * x.nbytes, f"peak {peak / x.nbytes:.2f} × the features"
+    del x
+
+    rows = np.flatnonzero(np.arange(n) % 5 != 0)  # a training mask's rows
+    sub = {k: [v[i] for i in rows] for k, v in ctx.items()}
+    x, peak = _peak(lambda: head.featurize(emb, sub, rows=rows))
+    np.testing.assert_array_equal(x, expected[rows])
+    assert peak < 1.2 * x.nbytes, f"peak {peak / x.nbytes:.2f} × the features"
+
+
+def _rows() -> pd.DataFrame:
+    rows = []
+    for i in range(30):  # text i occurs i + 1 times
+        rows += [(f"Brake pipe corroded type {i:02d} (1.1.11 (c))", 1, "major", "PE", 5.0, 40000.0)] * (i + 1)
+    df = pd.DataFrame(rows, columns=["text", "section", "severity", "fuel_type", "vehicle_age_years", "odometer_miles"])
+    df["make"], df["model"] = "FORD", "FOCUS"
+    return df
+
+
+def test_max_texts_keeps_the_most_frequent_texts_on_both_paths():
+    """``--max-rows`` meant the first N rows with ``--data`` but the N most frequent texts with
+    ``--clickhouse``; ``max_texts`` is the latter on both."""
+    from training.chload import distinct_texts_from_tidy
+
+    df = _rows()
+    ts = build_training_set(df, seed=3, max_texts=10, reference_rows=500)
+    assert sorted(ts.texts["count"]) == list(range(21, 31))
+    assert ts.fingerprint["distinct_texts"] == 10 and ts.fingerprint["rows_labelled"] == sum(range(21, 31))
+    assert ts.fingerprint["rows_read"] == len(df)
+    kept = set(ts.texts.index)
+    assert set(ts.reference_rows["text_index"]) <= kept and len(ts.reference_rows) > 0
+    assert ts.texts.loc[ts.reference_rows["text_index"], "holdout"].all()
+
+    dist = training_set_from_distinct(distinct_texts_from_tidy(df), seed=3, max_texts=10)
+    cols = ["text", "count", "section", "severity", "holdout"]
+    pd.testing.assert_frame_equal(ts.texts[cols], dist.texts[cols])
+    assert build_training_set(df, seed=3, max_texts=100).fingerprint == build_training_set(df, seed=3).fingerprint
+
+
+def test_train_cli_caps_mean_what_they_say(registry, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
+    assert main(["train", "--clickhouse", "--ch-path", str(tmp_path / "ch"), "--max-rows", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-texts" in err and "Traceback" not in err
+    assert not (tmp_path / "ch").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--max-texts" in help_text and "whole input has been read" in help_text
