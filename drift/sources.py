@@ -37,16 +37,6 @@ class Side:
         return cls(label, df, emb, len(df), len(emb), sorted({str(v) for v in df.get("model_version", [])}), hashes)
 
 
-# The fraction is set from the rows the window query reads (every status: ``reader.window`` does not
-# filter on status); the ok rows among them are what is compared, and what ``n``/``n_emb`` report.
-_COUNT = (
-    "SELECT countIf(status = 'ok') AS n, count() AS n_read, "
-    "countIf(status = 'ok' AND length(embedding_q) > 0) AS n_emb, countIf(length(embedding_q) > 0) AS n_emb_read, "
-    "groupUniqArrayIf(model_version, status = 'ok') AS versions FROM predictions "
-    "WHERE model_name = {model_name:String}"
-)
-
-
 def _fraction(cap: int, total: int) -> float | None:
     """Hash-sampling fraction that leaves a little over ``cap`` of ``total`` rows; the window query's
     LIMIT then keeps the ``cap`` smallest hashes (a uniform subset, not the oldest rows)."""
@@ -66,39 +56,25 @@ def read_window(
     max_rows: int,
     embedding_max_rows: int,
 ) -> Side:
-    """Rows of one version/slot in ``window``: a uniform hash sample of at most ``max_rows`` rows
-    (with embeddings: at most ``embedding_max_rows``), never the whole window in memory.
-
-    The cap is drawn over every row of the window (failed requests included, as ``reader.window``
-    returns them) and only the ok rows of the sample are kept, so a window with a share e of errors
-    yields about (1 − e) · ``max_rows`` rows; ``rows_in_source`` counts the window's ok rows."""
-    from predlog.queries import FILTERS
-
-    params: dict[str, Any] = {"model_name": model_name, "start": window.start, "end": window.end}
-    if model_version is not None:
-        params["model_version"] = str(model_version)
-    if slot is not None:
-        params["slot"] = slot
-    filters = "".join(f" AND {FILTERS[k]}" for k in ("model_version", "slot", "start", "end") if k in params)
-    counts = reader.query(_COUNT + filters, params).iloc[0]
-    n, n_emb = int(counts["n"]), int(counts["n_emb"])
-    n_read, n_emb_read = int(counts["n_read"]), int(counts["n_emb_read"])
-    common = {"model_name": model_name, "model_version": model_version, "slot": slot,
+    """The ok rows of one version/slot in ``window``: a uniform hash sample of at most ``max_rows``
+    rows (with embeddings: at most ``embedding_max_rows``) over the whole window, never the whole
+    window in memory; ``rows_in_source`` counts the window's ok rows (embedded log: its days only)."""
+    common = {"model_name": model_name, "model_version": model_version, "slot": slot, "status": "ok",
               "start": window.start, "end": window.end}  # fmt: skip
+    counts = reader.window_counts(**common)
+    n, n_emb = counts["n"], counts["n_emb"]
     frame = pd.DataFrame()
     if n:
-        frame = reader.window(**common, limit=max_rows, sample=_fraction(max_rows, n_read))
-        frame = frame[frame["status"] == "ok"].reset_index(drop=True)
+        frame = reader.window(**common, limit=max_rows, sample=_fraction(max_rows, n))
     emb = np.zeros((0, EMBEDDING_DIM), np.float32)
     hashes = np.zeros(0, np.uint64)
     if n_emb:
         emb_frame = reader.window(
-            **common, limit=embedding_max_rows, sample=_fraction(embedding_max_rows, n_emb_read), with_embeddings=True
+            **common, limit=embedding_max_rows, sample=_fraction(embedding_max_rows, n_emb), with_embeddings=True
         )
-        emb_frame = emb_frame[emb_frame["status"] == "ok"].reset_index(drop=True)
         emb = embedding_matrix(emb_frame)
         hashes = emb_frame["text_hash"].to_numpy(np.uint64)
-    return Side(label, frame, emb, n, n_emb, sorted(str(v) for v in counts["versions"]), hashes)
+    return Side(label, frame, emb, n, n_emb, counts["versions"], hashes)
 
 
 def read_reference_file(path: Path, label: str) -> Side:

@@ -17,6 +17,7 @@ SAMPLE_KEY = "cityHash64(request_id, item_index)"
 FILTERS = {
     "model_version": "model_version = {model_version:String}",
     "slot": "slot = {slot:String}",
+    "status": "status = {status:String}",
     "start": f"ts >= {{start:{TS_PARAM}}}",
     "end": f"ts < {{end:{TS_PARAM}}}",
     "sample_bound": f"{SAMPLE_KEY} < {{sample_bound:UInt64}}",
@@ -29,6 +30,12 @@ FILTERS = {
 WINDOW = (
     "SELECT * FROM (SELECT {columns} FROM {source} WHERE model_name = {model_name:String}{filters} "
     f"ORDER BY {SAMPLE_KEY} LIMIT {{limit:UInt64}}) ORDER BY ts, {SAMPLE_KEY}"
+)
+
+# What ``WINDOW`` would read without its LIMIT: rows, rows with an embedding, versions.
+WINDOW_COUNTS = (
+    "SELECT count() AS n, countIf(length(embedding_q) > 0) AS n_emb, groupUniqArray(model_version) AS versions "
+    "FROM {source} WHERE model_name = {model_name:String}{filters}"
 )
 
 LIVE_STATS = f"""

@@ -132,19 +132,37 @@ class PredictionLogReader:
     def _df(self, sql: str, params: dict[str, Any]) -> pd.DataFrame:
         return self.client.query_df(sql, parameters=params)
 
+    @staticmethod
+    def _window_params(
+        model_name: str, model_version: str | None, slot: str | None, status: str | None,
+        start: datetime | None, end: datetime | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        params: dict[str, Any] = {"model_name": model_name}
+        for key, value in (("model_version", model_version), ("slot", slot), ("status", status)):
+            if value is not None:
+                params[key] = str(value)
+        if start is not None:
+            params["start"] = _utc(start)
+        if end is not None:
+            params["end"] = _utc(end)
+        return params
+
     def window(
         self,
         *,
         model_name: str = "mot-defects",
         model_version: str | None = None,
         slot: str | None = None,
+        status: str | None = None,
         start: datetime | None = None,
         end: datetime | None = None,
         limit: int = 50_000,
         sample: float | None = None,
         with_embeddings: bool = False,
     ) -> pd.DataFrame:
-        """Rows of one model (optionally one version/slot/time range), oldest first, at most ``limit``.
+        """Rows of one model (optionally one version/slot/status/time range), oldest first, at most
+        ``limit``: when more match, the ``limit`` rows of smallest sampling hash (a uniform subset of
+        the range, not its oldest rows).
 
         ``sample`` in (0, 1] keeps that fraction of rows, chosen by ``cityHash64(request_id,
         item_index)`` (deterministic; SAMPLE on the table, the same hash range on Parquet).
@@ -153,14 +171,8 @@ class PredictionLogReader:
         """
         if not 1 <= int(limit) <= self.settings.max_window_rows:
             raise ValueError(f"limit must be in 1..{self.settings.max_window_rows}, got {limit}")
-        params: dict[str, Any] = {"model_name": model_name, "limit": int(limit)}
-        for key, value in (("model_version", model_version), ("slot", slot)):
-            if value is not None:
-                params[key] = str(value)
-        if start is not None:
-            params["start"] = _utc(start)
-        if end is not None:
-            params["end"] = _utc(end)
+        params = self._window_params(model_name, model_version, slot, status, start, end)
+        params["limit"] = int(limit)
         ratio = None
         if sample is not None:
             if not 0 < float(sample) <= 1:
@@ -184,6 +196,26 @@ class PredictionLogReader:
             )
         )
         return self._df(sql, params)
+
+    def window_counts(
+        self,
+        *,
+        model_name: str = "mot-defects",
+        model_version: str | None = None,
+        slot: str | None = None,
+        status: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> dict[str, Any]:
+        """What :meth:`window` would read with the same filters and no limit: ``n`` rows, ``n_emb`` of
+        them with an embedding, and the ``versions`` among them (embedded: the window's days only)."""
+        params = self._window_params(model_name, model_version, slot, status, start, end)
+        filters = "".join(f" AND {frag}" for key, frag in queries.FILTERS.items() if key in params)
+        sql = queries.WINDOW_COUNTS.replace("{filters}", filters).replace(
+            "{source}", self.source.ref("predictions", start=start, end=end)
+        )
+        row = self._df(sql, params).iloc[0]
+        return {"n": int(row["n"]), "n_emb": int(row["n_emb"]), "versions": sorted(str(v) for v in row["versions"])}
 
     def live_stats(self, *, since: datetime, model_name: str = "mot-defects", by_slot: bool = True) -> pd.DataFrame:
         """Per model_version and slot: n, errors, error_rate, latency p50/p95/p99 (ms), mean fail

@@ -105,12 +105,35 @@ def test_capped_sample_is_uniform_over_the_window(reader, max_rows):
     assert len(emb.frame) == 4000  # under the cap: the whole window
 
 
-def test_error_rows_do_not_shift_the_sample(reader):
-    """Half the rows are failed requests: the fraction is set from the rows the window query reads
-    (every status), so the sample still spans the window; only its ok rows are compared."""
+def test_error_rows_do_not_shift_or_shrink_the_sample(reader):
+    """Half the rows are failed requests: the window reads ok rows only (in SQL), so the sample spans
+    the window and fills the cap with ok rows (it held about half of it when errors were read and
+    dropped after the cap)."""
     side = read_window(reader, label="current", model_name="mot-defects", model_version="3", slot=None,
                        window=DAY, max_rows=1000, embedding_max_rows=200)  # fmt: skip
     assert side.rows_in_source == 2000  # ok rows
-    assert (side.frame["status"] == "ok").all() and 400 <= len(side.frame) <= 1000
+    assert (side.frame["status"] == "ok").all() and 900 <= len(side.frame) <= 1000
     assert abs(_newest_share(side, 6) - 0.25) < 0.05
     assert _newest_share(side, 1) > 0.5 / 24
+
+
+def test_the_count_reads_only_the_days_of_the_window(tmp_path):
+    """The drift job counted a window's rows over every file of the embedded log (the window read itself
+    was already limited to its days): a segment of another day that cannot be read must not matter."""
+    import predlog
+    from predlog import PredlogSettings
+
+    settings = PredlogSettings(dir=tmp_path, batch_rows=1000, flush_interval_s=0.05)
+    writer = predlog.open_writer(settings)
+    writer.submit(_even("5", 300))
+    assert writer.flush(30)
+    writer.close(30)
+    old = DAY.start - timedelta(days=5)
+    (settings.table_dir("predictions") / f"{old:%Y%m%dT%H%M%S}-{uuid.uuid4().hex}.parquet").write_bytes(b"x" * 64)
+    reader = predlog.open_reader(settings)
+    try:
+        side = read_window(reader, label="current", model_name="mot-defects", model_version="5", slot=None,
+                           window=DAY, max_rows=100, embedding_max_rows=20)  # fmt: skip
+    finally:
+        reader.close()
+    assert side.rows_in_source == 300 and 90 <= len(side.frame) <= 100 and side.versions == ["5"]
