@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 
 
 def open_writer(settings: PredlogSettings | None = None):  # -> predlog.writer.PredictionLogWriter
-    """Start a background writer for the configured backend (never connects in the foreground; on its
-    first connect it migrates the server when ``auto_migrate`` is on, else only checks the schema)."""
+    """Start a background writer for the configured backend (never connects in the foreground: its
+    thread connects at once, migrating the server when ``auto_migrate`` is on, else only checking the
+    schema; a server that is down then is retried at the first batch). The embedded log also gets an
+    :class:`~predlog.autocompact.AutoCompactor` (``compact_interval_s``), stopped by ``close``."""
     from predlog.sinks import ClickHouseSink, ParquetSink
     from predlog.spool import Spool
     from predlog.writer import PredictionLogWriter
@@ -34,7 +36,13 @@ def open_writer(settings: PredlogSettings | None = None):  # -> predlog.writer.P
         sink.recover()
     else:
         sink = ClickHouseSink(settings)
-    return PredictionLogWriter(sink, spool, settings)
+    writer = PredictionLogWriter(sink, spool, settings)
+    if settings.embedded and settings.compact_interval_s > 0:
+        from predlog.autocompact import AutoCompactor
+        from predlog.schema import TABLES
+
+        writer.compactor = AutoCompactor([settings.table_dir(t) for t in TABLES], settings.compact_interval_s)
+    return writer
 
 
 def open_reader(settings: PredlogSettings | None = None):  # -> predlog.reader.PredictionLogReader

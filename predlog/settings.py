@@ -65,6 +65,12 @@ class PredlogSettings(BaseSettings):
         gt=0,
         description="longest wait before a partial batch is written; unset: 1 s to ClickHouse, 10 s embedded",
     )
+    compact_interval_s: float = Field(
+        default=3600,
+        ge=0,
+        description="embedded log: the predictor's writer merges closed hours and days every this many seconds "
+        "(0: never; `motlens log compact` does the same by hand)",
+    )
     spool_max_bytes: int = Field(default=2 * 1024**3, ge=1)
     spool_full_policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
     retry_initial_s: float = Field(default=0.5, gt=0)

@@ -256,6 +256,10 @@ class ClickHouseSink:
                     self._columns = frozenset(str(r[0]) for r in rows)
             return self._client, self._columns or frozenset()
 
+    def prepare(self) -> None:
+        """Connect now (migrating when ``auto_migrate`` is on): the writer's first step."""
+        self._connect()
+
     def insert(self, table: pa.Table, token: str) -> None:
         client, columns = self._connect()
         extra = [c for c in table.column_names if columns and c not in columns]

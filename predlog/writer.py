@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 
 from predlog import metrics
+from predlog.migrate import SchemaError
 from predlog.records import PredictionRecord
 from predlog.schema import records_to_arrow
 from predlog.settings import PredlogSettings
@@ -66,6 +67,8 @@ class PredictionLogWriter:
         self._retry_at = 0.0
         self._backoff = settings.retry_initial_s
         self._sink_ok = True
+        #: the embedded log's background compaction (set by ``open_writer``), stopped by close()
+        self.compactor: Any = None
         self._thread = threading.Thread(target=self._run, name="predlog-writer", daemon=True)
         self._thread.start()
         atexit.register(self._atexit)
@@ -112,6 +115,8 @@ class PredictionLogWriter:
             self._closed = True
             self._stopping = True
             self._cond.notify_all()
+        if self.compactor is not None:
+            self.compactor.close(timeout)
         self._thread.join(timeout)
         atexit.unregister(self._atexit)
         if self._thread.is_alive():  # the sink hangs: keep what is still queued on local disk
@@ -152,6 +157,7 @@ class PredictionLogWriter:
 
     # -- background thread ------------------------------------------------------------------
     def _run(self) -> None:
+        self._prepare()
         while True:
             with self._cond:
                 deadline = time.monotonic() + self.settings.flush_interval
@@ -185,6 +191,20 @@ class PredictionLogWriter:
                 if abandoned:  # close() timed out and left the spool's lock to this thread
                     self._release()
                 return
+
+    def _prepare(self) -> None:
+        """Connect (and migrate) at start, so a new deployment's tables exist before its first batch and
+        readers (drift, the promotion gates) find them; a server that is down is retried at the first batch."""
+        prepare = getattr(self.sink, "prepare", None)
+        if prepare is None:
+            return
+        try:
+            prepare()
+        except SchemaError:
+            return  # logged by the sink, once
+        except Exception as e:  # noqa: BLE001 - only an early attempt: batches go to the spool until it works
+            log.warning("predlog: prediction log not reachable at start (%s); batches are spooled until it is",
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)  # fmt: skip
 
     def _deliver(self, batch: list[PredictionRecord]) -> None:
         table = self._encode(batch)

@@ -1,0 +1,57 @@
+"""The embedded log compacts itself: a background thread beside the predictor's writer merges each
+closed hour's and day's segments (:func:`predlog.compact.compact`) every ``compact_interval_s``, so a
+box that nobody schedules ``motlens log compact`` on does not pile up one file per batch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from predlog.compact import CompactError, compact
+
+log = logging.getLogger(__name__)
+
+#: niceness of the compaction thread (Linux: per thread), so serving threads come first
+NICE = 10
+
+
+class AutoCompactor:
+    """Runs :meth:`run_once` every ``interval_s`` seconds until :meth:`close`."""
+
+    def __init__(self, folders: list[Path], interval_s: float) -> None:
+        self.folders = folders
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="predlog-compact", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+        except (OSError, AttributeError):  # not Linux, or not allowed: run at the process's priority
+            pass
+        while not self._stop.wait(self.interval_s):
+            self.run_once()
+
+    def run_once(self) -> dict[str, int]:
+        """Compact every folder once; a failure is logged and left to the next run (never raised)."""
+        merged: dict[str, int] = {}
+        for folder in self.folders:
+            if self._stop.is_set() or not folder.is_dir():
+                continue
+            try:
+                for key, rows in compact(folder).items():
+                    merged[f"{folder.name}/{key}"] = rows
+                    log.info("predlog: %s %s compacted (%d rows)", folder.name, key, rows)
+            except CompactError as e:  # another compaction holds the folder, or a merge failed (put back)
+                log.warning("predlog: automatic compaction skipped this time: %s", e)
+            except Exception:  # noqa: BLE001 - the thread must outlive any one failure
+                log.exception("predlog: automatic compaction of %s failed; retried in %.0f s", folder, self.interval_s)
+        return merged
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop after the run in progress (if any) finishes its current folder."""
+        self._stop.set()
+        self._thread.join(timeout)

@@ -1,0 +1,99 @@
+"""The predictor's writer keeps the embedded log compacted by itself, and connects (migrating) at start."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+from test_predlog_scale import MIDNIGHT, batch_file, row
+
+import predlog
+from predlog import PredlogSettings
+from predlog.compact import _exclusive
+
+
+def _wait(cond, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _old_hour_files(settings: PredlogSettings, n: int = 6) -> list:
+    """``n`` batch files of a closed hour two days ago."""
+    folder = settings.table_dir("predictions")
+    hour = MIDNIGHT - timedelta(days=2, hours=-5)
+    return [batch_file(folder, [row(i, hour + timedelta(minutes=i))]) for i in range(n)]
+
+
+def test_the_writer_compacts_the_embedded_log_by_itself(tmp_path):
+    """Compaction was a verb nobody scheduled: a quiet box still wrote a file per batch, forever."""
+    settings = PredlogSettings(dir=tmp_path, compact_interval_s=0.2, flush_interval_s=0.05)
+    files = _old_hour_files(settings)
+    writer = predlog.open_writer(settings)
+    try:
+        assert writer.compactor is not None
+        assert _wait(lambda: not any(f.exists() for f in files)), "the closed hour's batch files were not merged"
+    finally:
+        writer.close(10)
+    assert not writer.compactor._thread.is_alive()
+    left = sorted(p.name for p in settings.table_dir("predictions").glob("*.parquet"))
+    assert len(left) == 1 and "-c" in left[0]  # one merged file for the day
+    reader = predlog.open_reader(settings)
+    try:
+        assert reader.counts()["n"].sum() == 6
+    finally:
+        reader.close()
+
+
+def test_a_compaction_that_cannot_run_now_is_retried_and_the_writer_goes_on(tmp_path, caplog):
+    settings = PredlogSettings(dir=tmp_path, compact_interval_s=0.2, flush_interval_s=0.05)
+    files = _old_hour_files(settings)
+    folder = settings.table_dir("predictions")
+    with caplog.at_level("WARNING", logger="predlog.autocompact"), _exclusive(folder):  # a manual run holds it
+        writer = predlog.open_writer(settings)
+        assert _wait(lambda: "automatic compaction skipped" in caplog.text)
+        writer.submit([row(100, MIDNIGHT + timedelta(hours=1))])
+        assert writer.flush(10) and all(f.exists() for f in files)
+    try:
+        assert _wait(lambda: not any(f.exists() for f in files))  # the next run, once the folder is free
+    finally:
+        writer.close(10)
+    assert writer.stats()["written"] == 1
+
+
+@pytest.mark.parametrize("kw", [{"compact_interval_s": 0}, {"clickhouse_url": "chdb://memory"}])
+def test_no_compactor_when_switched_off_or_on_a_server(tmp_path, kw):
+    if "clickhouse_url" in kw:
+        kw = {**kw, "database": f"ac_{uuid.uuid4().hex[:10]}"}
+    writer = predlog.open_writer(PredlogSettings(dir=tmp_path, **kw))
+    try:
+        assert writer.compactor is None
+    finally:
+        writer.close(10)
+
+
+def test_a_new_server_database_has_its_tables_before_the_first_batch(tmp_path):
+    """The writer migrated at its first batch only, and readers never migrate: the drift job and the
+    promotion gates of a new deployment failed with "behind this release" until traffic arrived."""
+    from predlog.migrate import SchemaError
+
+    settings = PredlogSettings(dir=tmp_path, clickhouse_url="chdb://memory", database=f"ac_{uuid.uuid4().hex[:10]}")
+    writer = predlog.open_writer(settings)
+    try:
+
+        def readable() -> bool:
+            try:
+                predlog.open_reader(settings).close()
+            except SchemaError:
+                return False
+            return True
+
+        assert _wait(readable, 15)
+        assert writer.stats()["written"] == 0
+    finally:
+        writer.close(10)
