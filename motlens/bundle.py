@@ -113,19 +113,24 @@ def verify(root: Path) -> dict[str, Any]:
         raise BundleError(f"{root}: no {MANIFEST}; not a motlens bundle")
     try:
         manifest = json.loads(mf.read_text())
-        expected: dict[str, str] = manifest["files"]
-        if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
-            raise ValueError("'files' must map paths to sha256 digests")
+        if not isinstance(manifest, dict):
+            raise ValueError(f"a JSON object was expected, not {type(manifest).__name__}")
         fmt = manifest.get("format", 1)
         if type(fmt) is not int or fmt < 1:
             raise ValueError(f"'format' must be a positive integer, not {fmt!r}")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except ValueError as e:
         raise BundleError(f"{mf}: malformed manifest ({e})") from e
-    if fmt > BUNDLE_FORMAT:
+    if fmt > BUNDLE_FORMAT:  # before anything else is read: a newer format may lay out the rest differently
         raise BundleError(
             f"{root}: bundle format {fmt} was written by a newer motlens; this one reads formats up to "
             f"{BUNDLE_FORMAT}: upgrade motlens to load it"
         )
+    try:
+        expected: dict[str, str] = manifest["files"]
+        if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
+            raise ValueError("'files' must map paths to sha256 digests")
+    except (ValueError, KeyError) as e:
+        raise BundleError(f"{mf}: malformed manifest ({e})") from e
     if mf.is_symlink() or root.is_symlink():
         raise BundleError(f"{root}: the bundle or its {MANIFEST} is a symbolic link; bundles hold plain files")
     present = set(_files(root))

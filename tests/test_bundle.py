@@ -119,6 +119,12 @@ def test_a_bundle_names_its_format_and_a_newer_one_is_refused_by_name(tiny_bundl
     (newer / "head" / "calibration.json").write_text("{}")
     with pytest.raises(BundleError, match="written by a newer motlens"):
         Bundle.open(newer)
+    # nor a `files` entry of another shape, or none (what a newer format is most likely to change)
+    for files in ({"head/config.json": {"sha256": "ab", "size": 1}}, None):
+        other = _with_manifest(tiny_bundle.root, tmp_path / f"newer-{files is None}", format=BUNDLE_FORMAT + 1,
+                               files=files)  # fmt: skip
+        with pytest.raises(BundleError, match="written by a newer motlens"):
+            Bundle.open(other)
 
 
 @pytest.mark.parametrize("value", ["1", 0, 1.0, True])
