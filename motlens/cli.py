@@ -65,11 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(logging.NOTSET if args.verbose else level)
-    from motlens.envcheck import unknown_env
+    if not getattr(args, "warns_env_itself", False):  # `serve` warns once its (JSON) logging is set up
+        from motlens.envcheck import warn_unknown_env
 
-    for name, close in unknown_env():
-        hint = f" (did you mean {close}?)" if close else ""
-        logging.getLogger("motlens").warning("%s is set but no motlens setting reads it%s", name, hint)
+        warn_unknown_env()
     try:
         rc = args.func(args)
     except MissingExtra as e:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import os
+import re
 from collections.abc import Mapping
 
 from motlens.errors import env_names
@@ -22,6 +24,16 @@ SETTINGS = {
 #: read outside those prefixes: the state directory, the embedder's model directory (tests, the GPU
 #: check) and the ClickHouse URL/password that the prediction log and the data loader share
 OTHER = frozenset({"MOTLENS_HOME", "MOTLENS_EMBEDDER_DIR", "MOTLENS_CLICKHOUSE_URL", "MOTLENS_CLICKHOUSE_PASSWORD"})
+#: what Kubernetes sets in every pod for each Service of its namespace (service links): a Service named
+#: ``motlens-clickhouse`` gives ``MOTLENS_CLICKHOUSE_SERVICE_HOST``, ``…_PORT_8123_TCP_ADDR`` and the like
+#: (``…_PORT`` alone only with its ``tcp://…`` value: a setting's typo may end in ``_PORT`` too)
+SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT(_[A-Z0-9_]+)?)$|_PORT_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?$")
+_LINK_URL = re.compile(r"^(tcp|udp|sctp)://")
+
+
+def _service_link(name: str, value: str) -> bool:
+    upper = name.upper()
+    return bool(SERVICE_LINK.search(upper) or (upper.endswith("_PORT") and _LINK_URL.match(value)))
 
 
 def _names(target: str) -> set[str]:
@@ -33,10 +45,11 @@ def unknown_env(environ: Mapping[str, str] | None = None) -> list[tuple[str, str
     """Each set ``MOTLENS_*`` variable that no setting reads, with the closest known name (or None).
 
     A prefix whose settings cannot be imported (its extra is not installed) is not checked: the
-    command that needs it says what to install.
+    command that needs it says what to install. Kubernetes service-link variables are not settings
+    (:data:`SERVICE_LINK`).
     """
     env = os.environ if environ is None else environ
-    names = sorted(k for k in env if k.upper().startswith("MOTLENS_"))
+    names = sorted(k for k, v in env.items() if k.upper().startswith("MOTLENS_") and not _service_link(k, v))
     known, unchecked, loaded = set(OTHER), set(), set()
 
     def load(prefixes: list[str]) -> None:
@@ -61,3 +74,10 @@ def unknown_env(environ: Mapping[str, str] | None = None) -> list[tuple[str, str
         close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.75)
         out.append((name, close[0] if close else None))
     return out
+
+
+def warn_unknown_env() -> None:
+    """Log a warning per :func:`unknown_env` name (names only: values are never shown)."""
+    for name, close in unknown_env():
+        hint = f" (did you mean {close}?)" if close else ""
+        logging.getLogger("motlens").warning("%s is set but no motlens setting reads it%s", name, hint)

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-grpc", dest="enable_grpc", action="store_false", default=None, help="REST only")
     p.add_argument("--admin", dest="admin_enabled", action="store_true", default=None, help="serve the admin API")
     p.add_argument("--no-predlog", action="store_true", help="do not log predictions")
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=_serve, warns_env_itself=True)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -83,6 +83,9 @@ def _serve(args: argparse.Namespace) -> int:
         from predictor.logs import use_json_logs
 
         use_json_logs(logging.DEBUG if args.verbose else logging.INFO)
+    from motlens.envcheck import warn_unknown_env
+
+    warn_unknown_env()
     writer = None if args.no_predlog else _open_predlog()
     argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv when imported; keep ours away from it
     try:

@@ -77,3 +77,14 @@ def test_the_cli_warns_by_name_and_never_shows_the_value(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("prefix", sorted(SETTINGS))
 def test_each_prefix_names_a_settings_class_with_that_prefix(prefix):
     assert all(n.startswith(prefix) or n in OTHER for n in _names(SETTINGS[prefix])), prefix
+
+
+def test_kubernetes_service_links_are_not_settings():
+    """A Service named `motlens-clickhouse` puts these in every pod of its namespace (enableServiceLinks)."""
+    links = [f"MOTLENS_CLICKHOUSE_{suffix}" for suffix in (
+        "SERVICE_HOST", "SERVICE_PORT", "SERVICE_PORT_HTTP", "PORT_8123_TCP", "PORT_8123_TCP_PROTO",
+        "PORT_8123_TCP_PORT", "PORT_8123_TCP_ADDR")]  # fmt: skip
+    env = dict.fromkeys(links, "10.0.0.7") | {"MOTLENS_CLICKHOUSE_PORT": "tcp://10.0.0.7:8123"}
+    assert unknown_env(env) == []
+    typo = "MOTLENS_SERVE_HTTPS_PORT"  # ends like a service link, is not one
+    assert unknown_env({typo: "8443"}) == [(typo, "MOTLENS_SERVE_HTTP_PORT")]

@@ -212,6 +212,24 @@ def test_serve_exits_1_naming_a_rest_port_that_is_taken(tmp_path):
     assert f"REST server on :{port} failed" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_serve_warns_about_an_unknown_variable_in_its_json_log(tmp_path, monkeypatch):
+    """The warning came before `serve` switched to JSON logs: a plain line a log pipeline drops."""
+    import json
+
+    typo = "MOTLENS_SERVE_DEVICE" + "E"  # spelled apart: tests/test_envcheck.py checks the names the repo uses
+    monkeypatch.setenv("MOTLENS_SERVE_JSON_LOGS", "true")
+    monkeypatch.setenv(typo, "cpu")
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = _serve_proc(tmp_path, "--model", str(tmp_path), "--http-port", str(port), "--grpc-port", str(_port()))
+    lines = [line for line in proc.stderr.splitlines() if typo in line]
+    assert len(lines) == 1, proc.stderr
+    record = json.loads(lines[0])
+    assert record["level"].lower() == "warning" and "did you mean MOTLENS_SERVE_DEVICE?" in record["message"]
+
+
 def test_a_server_whose_port_is_taken_stops_with_the_reason(tmp_path):
     """serve() waited only for a stop request: a REST server that could not listen went unnoticed."""
     from conftest import free_port
