@@ -49,7 +49,9 @@ from predlog.sinks import TOKENS_KEY, _publish, batch_tokens
 SETTLE = timedelta(minutes=10)
 #: rows read before they are written out as one row group of the merged file (what a merge holds in memory)
 CHUNK_ROWS = 65_536
-_GROUPED = re.compile(r"^(\d{8})T(\d{2})\d{4}-")
+#: a segment's name: ``<day>T<HHMMSS>-…`` (a batch, a merged file) or ``<day>T<HHMMSS><microseconds>-…``
+#: (an audit row: ``drift_reports``, ``promotion_events``); its day and hour group it
+_GROUPED = re.compile(r"^(\d{8})T(\d{2})\d{4}(?:\d{6})?-")
 #: what a merge killed before its rename leaves (a batch's temporary file has no ``c`` before its token)
 _MERGED_TMP = re.compile(r"^\.\d{8}T\d{6}-c[0-9a-f]{32}\.parquet\.tmp$")
 

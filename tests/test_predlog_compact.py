@@ -371,3 +371,33 @@ def test_compaction_streams_a_day_in_bounded_memory(tmp_path):
     meta = pq.read_metadata(merged)
     assert meta.num_rows == n and max(meta.row_group(i).num_rows for i in range(meta.num_row_groups)) <= 3000
     assert stored(settings) == {"n": n, "u": n}
+
+
+@pytest.mark.parametrize("table", ["drift_reports", "promotion_events"])
+def test_audit_tables_are_compacted(tmp_path, table):
+    """Audit rows are filed as ``%Y%m%dT%H%M%S%f-<uuid>`` (12 digits after the T): the grouping required a
+    ``-`` after 6, so these folders were never compacted."""
+    from predlog.sinks import MERGED_FILE
+
+    settings = PredlogSettings(dir=tmp_path / "predlog")
+    reader = predlog.open_reader(settings)
+    try:
+        for i in range(5):
+            if table == "drift_reports":
+                reader.insert_drift_report(
+                    {"model_name": "mot-defects", "model_version": "1", "slot": "production", "run_id": f"r{i}"}
+                )
+            else:
+                reader.insert_promotion_event({"model_name": "mot-defects", "action": "advance", "to_version": f"{i}"})
+        folder = settings.table_dir(table)
+        assert len(list(folder.glob("*.parquet"))) == 5
+        later = datetime.now(UTC) + timedelta(days=2)
+        merged = compact(folder, now=later)
+        assert sum(merged.values()) == 5, merged
+        left = [f.name for f in folder.glob("*.parquet")]
+        assert len(left) == 1 and MERGED_FILE.match(left[0]), left
+        assert compact(folder, now=later) == {}  # a day's lone merged file stays as it is
+        read = reader.drift_reports() if table == "drift_reports" else reader.promotion_events()
+        assert len(read) == 5
+    finally:
+        reader.close()
