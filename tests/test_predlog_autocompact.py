@@ -97,3 +97,23 @@ def test_a_new_server_database_has_its_tables_before_the_first_batch(tmp_path):
         assert writer.stats()["written"] == 0
     finally:
         writer.close(10)
+
+
+def test_the_first_compaction_runs_soon_after_start_not_an_interval_later(tmp_path, monkeypatch):
+    """The first run came one full interval (an hour) after start: a predictor restarted more often never
+    compacted. It now comes after ``min(FIRST_RUN_S, interval)``, then every interval."""
+    import predlog.autocompact
+
+    monkeypatch.setattr(predlog.autocompact, "FIRST_RUN_S", 0.2, raising=False)
+    settings = PredlogSettings(dir=tmp_path, compact_interval_s=3600, flush_interval_s=0.05)
+    files = _old_hour_files(settings)
+    runs = []
+    real = predlog.autocompact.AutoCompactor.run_once
+    monkeypatch.setattr(predlog.autocompact.AutoCompactor, "run_once", lambda self: runs.append(1) or real(self))
+    writer = predlog.open_writer(settings)
+    try:
+        assert _wait(lambda: not any(f.exists() for f in files), 10), "no compaction soon after start"
+        time.sleep(0.5)
+        assert len(runs) == 1  # the next one an interval later
+    finally:
+        writer.close(10)
