@@ -10,7 +10,7 @@ import os
 import threading
 from pathlib import Path
 
-from predlog.compact import CompactError, compact
+from predlog.compact import CompactBusy, CompactError, compact
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,10 @@ class AutoCompactor:
                 for key, rows in compact(folder).items():
                     merged[f"{folder.name}/{key}"] = rows
                     log.info("predlog: %s %s compacted (%d rows)", folder.name, key, rows)
-            except CompactError as e:  # another compaction holds the folder, or a merge failed (put back)
-                log.warning("predlog: automatic compaction skipped this time: %s", e)
+            except CompactBusy as e:  # a manual `motlens log compact` holds the folder: it does the work
+                log.info("predlog: automatic compaction skipped this time: %s", e)
+            except CompactError as e:  # a merge failed (its segments put back)
+                log.warning("predlog: automatic compaction failed this time: %s", e)
             except Exception:  # noqa: BLE001 - the thread must outlive any one failure
                 log.exception("predlog: automatic compaction of %s failed; retried in %.0f s", folder, self.interval_s)
         return merged

@@ -60,6 +60,10 @@ class CompactError(RuntimeError):
     """A group could not be merged; the message says whether its segments are back in place."""
 
 
+class CompactBusy(CompactError):
+    """Another compaction holds the folder (nothing was done to it): a skip, not a failure."""
+
+
 def _merged_name(key: str, files: list[Path]) -> str:
     digest = hashlib.sha256("\n".join(sorted(f.name for f in files)).encode()).hexdigest()[:32]
     day, _, hour = key.partition("T")
@@ -124,7 +128,7 @@ def compact(
     """Merge each closed hour's (``<day>T<hour>``) and closed day's (``<day>``) segments in ``folder``
     (e.g. ``…/predlog/predictions``); returns rows per group merged.
 
-    One run per folder at a time (:class:`CompactError` if another holds it): two runs could
+    One run per folder at a time (:class:`CompactBusy` if another holds it): two runs could
     otherwise put back a group's segments that the other is publishing merged."""
     with _exclusive(folder):
         return _compact(folder, now or datetime.now(UTC), min_files, settle)
@@ -144,7 +148,10 @@ def _exclusive(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise CompactError(f"{folder}: another `motlens log compact` is running on it") from None
+            raise CompactBusy(
+                f"{folder}: held by another compaction (another `motlens log compact`, or a running predictor's "
+                "automatic compaction); left to it"
+            ) from None
         yield
     finally:
         os.close(fd)

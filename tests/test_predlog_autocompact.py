@@ -54,9 +54,11 @@ def test_a_compaction_that_cannot_run_now_is_retried_and_the_writer_goes_on(tmp_
     settings = PredlogSettings(dir=tmp_path, compact_interval_s=0.2, flush_interval_s=0.05)
     files = _old_hour_files(settings)
     folder = settings.table_dir("predictions")
-    with caplog.at_level("WARNING", logger="predlog.autocompact"), _exclusive(folder):  # a manual run holds it
+    with caplog.at_level("INFO", logger="predlog.autocompact"), _exclusive(folder):  # a manual run holds it
         writer = predlog.open_writer(settings)
         assert _wait(lambda: "automatic compaction skipped" in caplog.text)
+        skipped = [r for r in caplog.records if "automatic compaction skipped" in r.getMessage()]
+        assert {r.levelname for r in skipped} == {"INFO"}  # expected while a manual run holds it: no warning
         writer.submit([row(100, MIDNIGHT + timedelta(hours=1))])
         assert writer.flush(10) and all(f.exists() for f in files)
     try:
