@@ -1,6 +1,7 @@
 """The embedded log compacts itself: a background thread beside the predictor's writer merges each
-closed hour's and day's segments (:func:`predlog.compact.compact`) every ``compact_interval_s``, so a
-box that nobody schedules ``motlens log compact`` on does not pile up one file per batch."""
+closed hour's and day's segments (:func:`predlog.compact.compact`) soon after start (``FIRST_RUN_S``),
+then every ``compact_interval_s``, so a box that nobody schedules ``motlens log compact`` on does not
+pile up one file per batch, even when its predictor restarts more often than the interval."""
 
 from __future__ import annotations
 
@@ -9,16 +10,19 @@ import os
 import threading
 from pathlib import Path
 
-from predlog.compact import CompactError, compact
+from predlog.compact import CompactBusy, CompactError, compact
 
 log = logging.getLogger(__name__)
 
 #: niceness of the compaction thread (Linux: per thread), so serving threads come first
 NICE = 10
+#: seconds from start to the first run (or the interval, if shorter): a restart must not put it off
+FIRST_RUN_S = 60.0
 
 
 class AutoCompactor:
-    """Runs :meth:`run_once` every ``interval_s`` seconds until :meth:`close`."""
+    """Runs :meth:`run_once` ``min(FIRST_RUN_S, interval_s)`` seconds after start, then every ``interval_s``
+    seconds, until :meth:`close`."""
 
     def __init__(self, folders: list[Path], interval_s: float) -> None:
         self.folders = folders
@@ -32,8 +36,10 @@ class AutoCompactor:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
         except (OSError, AttributeError):  # not Linux, or not allowed: run at the process's priority
             pass
-        while not self._stop.wait(self.interval_s):
+        wait = min(FIRST_RUN_S, self.interval_s)
+        while not self._stop.wait(wait):
             self.run_once()
+            wait = self.interval_s
 
     def run_once(self) -> dict[str, int]:
         """Compact every folder once; a failure is logged and left to the next run (never raised)."""
@@ -45,8 +51,10 @@ class AutoCompactor:
                 for key, rows in compact(folder).items():
                     merged[f"{folder.name}/{key}"] = rows
                     log.info("predlog: %s %s compacted (%d rows)", folder.name, key, rows)
-            except CompactError as e:  # another compaction holds the folder, or a merge failed (put back)
-                log.warning("predlog: automatic compaction skipped this time: %s", e)
+            except CompactBusy as e:  # a manual `motlens log compact` holds the folder: it does the work
+                log.info("predlog: automatic compaction skipped this time: %s", e)
+            except CompactError as e:  # a merge failed (its segments put back)
+                log.warning("predlog: automatic compaction failed this time: %s", e)
             except Exception:  # noqa: BLE001 - the thread must outlive any one failure
                 log.exception("predlog: automatic compaction of %s failed; retried in %.0f s", folder, self.interval_s)
         return merged

@@ -125,17 +125,31 @@ def _migrate(settings) -> int:
 
 
 def _compact(settings) -> int:
-    from predlog.compact import compact
+    """Every table folder in turn: one held by another compaction is skipped (a note), one that fails
+    is reported on stderr, and the others are still compacted; exit 2 if any failed."""
+    from motlens.errors import report
+    from predlog import compact as compaction
 
     if not settings.embedded:
         print("ClickHouse backend: MergeTree merges parts itself; nothing to compact")
         return 0
+    failed = False
     for table in ("predictions", "drift_reports", "promotion_events"):
         folder = settings.table_dir(table)
-        if folder.is_dir():
-            for day, rows in compact(folder).items():
-                print(f"{table}: {day} compacted ({rows} rows)")
-    return 0
+        if not folder.is_dir():
+            continue
+        try:
+            merged = compaction.compact(folder)
+        except compaction.CompactBusy as e:
+            print(f"{table}: skipped: {e}")
+            continue
+        except Exception as e:  # noqa: BLE001 - one line per failed table; the other tables still go
+            report("motlens log compact", e)
+            failed = True
+            continue
+        for day, rows in merged.items():
+            print(f"{table}: {day} compacted ({rows} rows)")
+    return 2 if failed else 0
 
 
 def _print(df, *, as_json: bool) -> None:

@@ -49,13 +49,19 @@ from predlog.sinks import TOKENS_KEY, _publish, batch_tokens
 SETTLE = timedelta(minutes=10)
 #: rows read before they are written out as one row group of the merged file (what a merge holds in memory)
 CHUNK_ROWS = 65_536
-_GROUPED = re.compile(r"^(\d{8})T(\d{2})\d{4}-")
+#: a segment's name: ``<day>T<HHMMSS>-…`` (a batch, a merged file) or ``<day>T<HHMMSS><microseconds>-…``
+#: (an audit row: ``drift_reports``, ``promotion_events``); its day and hour group it
+_GROUPED = re.compile(r"^(\d{8})T(\d{2})\d{4}(?:\d{6})?-")
 #: what a merge killed before its rename leaves (a batch's temporary file has no ``c`` before its token)
 _MERGED_TMP = re.compile(r"^\.\d{8}T\d{6}-c[0-9a-f]{32}\.parquet\.tmp$")
 
 
 class CompactError(RuntimeError):
     """A group could not be merged; the message says whether its segments are back in place."""
+
+
+class CompactBusy(CompactError):
+    """Another compaction holds the folder (nothing was done to it): a skip, not a failure."""
 
 
 def _merged_name(key: str, files: list[Path]) -> str:
@@ -122,7 +128,7 @@ def compact(
     """Merge each closed hour's (``<day>T<hour>``) and closed day's (``<day>``) segments in ``folder``
     (e.g. ``…/predlog/predictions``); returns rows per group merged.
 
-    One run per folder at a time (:class:`CompactError` if another holds it): two runs could
+    One run per folder at a time (:class:`CompactBusy` if another holds it): two runs could
     otherwise put back a group's segments that the other is publishing merged."""
     with _exclusive(folder):
         return _compact(folder, now or datetime.now(UTC), min_files, settle)
@@ -142,7 +148,10 @@ def _exclusive(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise CompactError(f"{folder}: another `motlens log compact` is running on it") from None
+            raise CompactBusy(
+                f"{folder}: held by another compaction (another `motlens log compact`, or a running predictor's "
+                "automatic compaction); left to it"
+            ) from None
         yield
     finally:
         os.close(fd)

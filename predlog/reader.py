@@ -62,6 +62,13 @@ class TableSource:
 
 #: a segment's name: the day and time of its first row (a batch's, or a merged hour's or day's)
 _SEGMENT = re.compile(r"^\d{8}T\d{6}-[^/]*\.parquet$")
+#: the most days a window's glob lists; then it lists months, up to ``MAX_GLOB_MONTHS``, then takes every
+#: file. chdb lists the folder once per ``{a,b,…}`` alternative, so a long list costs more than opening
+#: every file (1 500 one-row daily files, window_counts: every file 0.5-0.6 s; a list of 400 days 1.1 s,
+#: 62 days 0.13 s, 31 days 0.06 s; the same windows by month 0.36 s (15 months), 0.05 s, 0.03 s; 25 months
+#: 0.49 s)
+MAX_GLOB_DAYS = 31
+MAX_GLOB_MONTHS = 24
 
 
 class ParquetSource:
@@ -87,7 +94,11 @@ class ParquetSource:
         A segment is named after its first row (``<day>T<time>-…``; a merged one after its hour or day),
         so a file of a day after ``end``'s holds none. The writer files a batch under each day its rows
         fall on, but one written before it did may have spanned midnight: a file named for the day
-        before ``start``'s can still hold rows of ``start``'s day, so that day is read too."""
+        before ``start``'s can still hold rows of ``start``'s day, so that day is read too.
+
+        Beyond :data:`MAX_GLOB_DAYS` days the glob lists the window's months (``{202611,202612}*.parquet``),
+        beyond :data:`MAX_GLOB_MONTHS` months (or when the window's months are all the log's) every file: a
+        longer list costs more than it saves."""
         low = (_utc(start) - timedelta(days=1)).strftime("%Y%m%d") if start is not None else ""
         high = _utc(end).strftime("%Y%m%d") if end is not None else "99999999"
         try:
@@ -100,7 +111,13 @@ class ParquetSource:
             return "*.parquet"
         if len(keep) == 1:
             return f"{keep[0]}T*.parquet"
-        return "{" + ",".join(keep or ["00000000"]) + "}T*.parquet"
+        if len(keep) <= MAX_GLOB_DAYS:
+            return "{" + ",".join(keep or ["00000000"]) + "}T*.parquet"
+        # a long window: its months (a few more files, at the ends; rows are filtered on ts in SQL anyway)
+        months = sorted({d[:6] for d in keep})
+        if len(months) > MAX_GLOB_MONTHS or len(months) == len({d[:6] for d in days}):
+            return "*.parquet"
+        return "{" + ",".join(months) + "}*.parquet"
 
     sample_in_where = True
 

@@ -68,7 +68,8 @@ class PredlogSettings(BaseSettings):
     compact_interval_s: float = Field(
         default=3600,
         ge=0,
-        description="embedded log: the predictor's writer merges closed hours and days every this many seconds "
+        description="embedded log: the predictor's writer merges closed hours and days a minute after start, "
+        "then every this many seconds "
         "(0: never; `motlens log compact` does the same by hand)",
     )
     spool_max_bytes: int = Field(default=2 * 1024**3, ge=1)

@@ -170,7 +170,9 @@ def make_client(settings: PredlogSettings, /, **kwargs: Any) -> Any:
 
 #: ClickHouse error codes a batch gets again on every retry: its columns or values do not fit the table.
 #: Anything else (network, timeouts, overload, a missing table or database, access, read-only mode)
-#: may pass later and is retried.
+#: may pass later and is retried. So is any of these raised by a materialized view on the table
+#: (:data:`_VIEW_ERROR`): ClickHouse has stored the rows in the table by then (as a rule), and the retry,
+#: with the same ``insert_deduplication_token``, stores them once when the view is fixed or dropped.
 PERMANENT_CODES: dict[int, str] = {
     6: "CANNOT_PARSE_TEXT",
     8: "THERE_IS_NO_COLUMN",
@@ -191,14 +193,18 @@ PERMANENT_CODES: dict[int, str] = {
     349: "CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN",
 }
 _CODE = re.compile(r"\bCode: (\d+)\.")
+#: how ClickHouse marks an error of a dependent (materialized) view: "…: while pushing to view db.mv …"
+_VIEW_ERROR = re.compile(r"\bwhile pushing to view\b", re.IGNORECASE)
 
 
 def permanent_error(e: BaseException) -> str | None:
     """``"<code> <NAME>"`` when ClickHouse refused an insert in a way no retry changes (see
-    :data:`PERMANENT_CODES`), else None (transient, or not a ClickHouse error)."""
+    :data:`PERMANENT_CODES`), else None (transient, or not a ClickHouse error). An error of a
+    materialized view on the table is transient whatever its code: the batch is stored already, and
+    the view (not the batch) is what a DBA fixes."""
     from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-    if not isinstance(e, DatabaseError) or isinstance(e, OperationalError):
+    if not isinstance(e, DatabaseError) or isinstance(e, OperationalError) or _VIEW_ERROR.search(str(e)):
         return None
     m = _CODE.search(str(e))
     code = int(m.group(1)) if m else None

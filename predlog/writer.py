@@ -10,7 +10,8 @@ background thread takes batches of ``batch_rows`` (or whatever arrived within
   leaves the segment (``rows_spilled``) and retries with exponential backoff; later batches
   queue behind it, so replay keeps order and stores each row exactly once. A segment ClickHouse
   refuses for good (a schema or type error, ``predlog.sinks.PERMANENT_CODES``) is set aside as
-  ``*.rejected`` (kept, counted as ``dropped{reason="rejected"}``) and the ones behind it go on.
+  ``*.rejected`` (kept, counted as ``dropped{reason="rejected"}``) and the ones behind it go on; an
+  error of a materialized view on the table is retried (the rows are stored; the token deduplicates).
 * local Parquet sink: batches go straight to Parquet; only a failed write goes to the spool.
 
 ``close`` (called on SIGTERM) drains the queue, tries the sink once more and leaves whatever

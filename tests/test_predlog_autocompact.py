@@ -54,9 +54,11 @@ def test_a_compaction_that_cannot_run_now_is_retried_and_the_writer_goes_on(tmp_
     settings = PredlogSettings(dir=tmp_path, compact_interval_s=0.2, flush_interval_s=0.05)
     files = _old_hour_files(settings)
     folder = settings.table_dir("predictions")
-    with caplog.at_level("WARNING", logger="predlog.autocompact"), _exclusive(folder):  # a manual run holds it
+    with caplog.at_level("INFO", logger="predlog.autocompact"), _exclusive(folder):  # a manual run holds it
         writer = predlog.open_writer(settings)
         assert _wait(lambda: "automatic compaction skipped" in caplog.text)
+        skipped = [r for r in caplog.records if "automatic compaction skipped" in r.getMessage()]
+        assert {r.levelname for r in skipped} == {"INFO"}  # expected while a manual run holds it: no warning
         writer.submit([row(100, MIDNIGHT + timedelta(hours=1))])
         assert writer.flush(10) and all(f.exists() for f in files)
     try:
@@ -95,5 +97,25 @@ def test_a_new_server_database_has_its_tables_before_the_first_batch(tmp_path):
 
         assert _wait(readable, 15)
         assert writer.stats()["written"] == 0
+    finally:
+        writer.close(10)
+
+
+def test_the_first_compaction_runs_soon_after_start_not_an_interval_later(tmp_path, monkeypatch):
+    """The first run came one full interval (an hour) after start: a predictor restarted more often never
+    compacted. It now comes after ``min(FIRST_RUN_S, interval)``, then every interval."""
+    import predlog.autocompact
+
+    monkeypatch.setattr(predlog.autocompact, "FIRST_RUN_S", 0.2, raising=False)
+    settings = PredlogSettings(dir=tmp_path, compact_interval_s=3600, flush_interval_s=0.05)
+    files = _old_hour_files(settings)
+    runs = []
+    real = predlog.autocompact.AutoCompactor.run_once
+    monkeypatch.setattr(predlog.autocompact.AutoCompactor, "run_once", lambda self: runs.append(1) or real(self))
+    writer = predlog.open_writer(settings)
+    try:
+        assert _wait(lambda: not any(f.exists() for f in files), 10), "no compaction soon after start"
+        time.sleep(0.5)
+        assert len(runs) == 1  # the next one an interval later
     finally:
         writer.close(10)
