@@ -11,6 +11,7 @@ or once its renewal is older than the duration plus a clock-skew allowance (:fun
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import logging
 import os
@@ -28,6 +29,32 @@ log = logging.getLogger(__name__)
 
 class LockBusy(RuntimeError):
     """Another promotion run holds the lock."""
+
+
+class LockLost(RuntimeError):
+    """This run held the lock and lost it (another run took the Lease over while this one ran)."""
+
+
+class HeldLease:
+    """What :func:`lease_lock` yields: whether the Lease is still this run's.
+
+    ``lost`` turns true when a renewal finds the Lease held by another run; :meth:`check` then
+    raises :class:`LockLost`, so a caller can refuse to change anything more."""
+
+    def __init__(self, namespace: str, name: str) -> None:
+        self.namespace, self.name = namespace, name
+        self.lost_to: str | None = None
+
+    @property
+    def lost(self) -> bool:
+        return self.lost_to is not None
+
+    def check(self) -> None:
+        if self.lost_to is not None:
+            raise LockLost(
+                f"lost the Lease {self.namespace}/{self.name} to {self.lost_to} while this run held it: "
+                "another run may have changed the rollout meanwhile; run `motlens promote status`"
+            )
 
 
 @contextmanager
@@ -106,7 +133,7 @@ def lease_lock(
     blocking: bool,
     timeout_s: float = 60.0,
     clock_skew_s: float = CLOCK_SKEW_S,
-) -> Iterator[None]:
+) -> Iterator[HeldLease]:
     """Hold the Lease ``name`` (created on first use) through ``CustomObjectsApi`` ``api``.
 
     Another holder's ``renewTime`` was written by *its* clock, so it is never compared with this
@@ -116,13 +143,20 @@ def lease_lock(
       unchanged for its ``leaseDurationSeconds``, timed by this host's monotonic clock (what
       client-go's leader election does; only a ``blocking`` run watches), or
     - by this host's clock its last renewal is older than ``leaseDurationSeconds + clock_skew_s``:
-      safe while the holder's clock runs at most ``clock_skew_s`` (plus the renewal period,
-      ``lease_seconds / 3``) behind this one's. This is how a non-blocking run (``auto``, one
+      safe while the holder's clock runs at most ``clock_skew_s + 2 * lease_seconds / 3`` behind
+      this one's (a live holder seen just before its next renewal, ``lease_seconds / 3`` after its
+      last: 800 s with the defaults). This is how a non-blocking run (``auto``, one
       look, no waiting) gets a lease a killed pod left.
 
     ``blocking``: wait up to ``timeout_s``; past it, keep waiting only while the record has not
     changed since the first look (a stalled holder: its lease lapses by the first rule at most
     ``leaseDurationSeconds`` after that look), and give up as soon as it is seen renewed.
+
+    Yields a :class:`HeldLease`. A renewal refused with 409 (a renewal the server applied but whose
+    reply was lost, or any other edit) re-reads the Lease: still this run's, it is renewed with the
+    fresh ``resourceVersion``; held by another run (this run's renewals failed for longer than the
+    lease and it was taken over), the loss is logged as an ERROR, renewals stop, the Lease is left
+    to its new holder and :class:`LockLost` is raised at exit (unless the body raised already).
     """
     from kubernetes.client.exceptions import ApiException
 
@@ -132,6 +166,8 @@ def lease_lock(
     first_record: tuple[Any, ...] | None = None
     record: tuple[Any, ...] | None = None
     record_since = started  # when (monotonic) this run first saw the current record
+    duration = float(lease_seconds)  # the held Lease's, once one was read (a lost create race reads none)
+    lost_create = False
 
     def spec() -> dict[str, Any]:
         now = _fmt(_now())
@@ -158,8 +194,14 @@ def lease_lock(
                     "metadata": {"name": name},
                     "spec": spec(),
                 }
-                lease = api.create_namespaced_custom_object(group, version, namespace, plural, body)
-                break
+                try:
+                    lease = api.create_namespaced_custom_object(group, version, namespace, plural, body)
+                    break
+                except ApiException as e:
+                    if e.status != 409 or lost_create:
+                        raise
+                    lost_create = True  # another run created it first: look at what it wrote, at once
+                    continue
             held = lease.get("spec") or {}
             duration = float(held.get("leaseDurationSeconds") or lease_seconds)
             seen = (
@@ -207,31 +249,61 @@ def lease_lock(
             raise LockBusy(f"Lease {namespace}/{name} is held by {holder}{busy}")
         time.sleep(1.0)
     held_lease = [lease]
+    handle = HeldLease(namespace, name)
     guard = threading.Lock()
     stop = threading.Event()
+
+    def replace_ours(body: dict[str, Any]) -> dict[str, Any] | None:
+        """Replace the Lease with ``body``; on 409 re-read it and, while it is still this run's, retry
+        once with the fresh resourceVersion. None (and ``handle`` flagged) when another run holds it."""
+        try:
+            return api.replace_namespaced_custom_object(group, version, namespace, plural, name, body)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        fresh = api.get_namespaced_custom_object(group, version, namespace, plural, name)
+        holder = (fresh.get("spec") or {}).get("holderIdentity")
+        if holder != me:
+            handle.lost_to = holder or "nobody (released by another run)"
+            log.error(
+                "lost the Lease %s/%s: it is now held by %s; this run changes nothing more",
+                namespace,
+                name,
+                handle.lost_to,
+            )
+            return None
+        mine = ("holderIdentity", "renewTime")  # what a renewal or the release changes
+        fresh["spec"] = {**fresh["spec"], **{k: body["spec"][k] for k in mine}}
+        return api.replace_namespaced_custom_object(group, version, namespace, plural, name, fresh)
 
     def renew() -> None:  # keep renewTime fresh so a run longer than lease_seconds keeps the lock
         while not stop.wait(max(1.0, lease_seconds / 3)):
             with guard:
-                body = held_lease[0]
+                body = copy.deepcopy(held_lease[0])
                 body["spec"]["renewTime"] = _fmt(_now())
                 try:
-                    held_lease[0] = api.replace_namespaced_custom_object(
-                        group, version, namespace, plural, name, body
-                    )
+                    renewed = replace_ours(body)
                 except Exception as e:  # noqa: BLE001 - retried next period; expiry is the fallback
                     log.warning("could not renew Lease %s/%s: %s", namespace, name, e)
+                    continue
+                if renewed is None:
+                    return  # lost: stop renewing another run's Lease
+                held_lease[0] = renewed
 
     renewer = threading.Thread(target=renew, name=f"lease-renew-{name}", daemon=True)
     renewer.start()
     try:
-        yield
+        yield handle
     finally:
         stop.set()
         renewer.join()
-        lease = held_lease[0]
-        lease["spec"]["holderIdentity"] = None
-        try:
-            api.replace_namespaced_custom_object(group, version, namespace, plural, name, lease)
-        except ApiException:
-            pass  # expiry releases it
+        if not handle.lost:
+            lease = copy.deepcopy(held_lease[0])
+            lease["spec"]["holderIdentity"] = None
+            try:
+                replace_ours(lease)
+            except Exception as e:  # noqa: BLE001 - expiry releases it
+                log.warning(
+                    "could not release Lease %s/%s (it lapses after %s s): %s", namespace, name, lease_seconds, e
+                )
+    handle.check()  # the body finished: say it ran (in part) without the lock

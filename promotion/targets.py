@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from motlens.atomic import atomic_write, remove_stale_temps
-from promotion.locking import file_lock, lease_lock
+from promotion.locking import HeldLease, file_lock, lease_lock
 from promotion.rollout import (
     API_GROUP,
     API_VERSION,
@@ -82,6 +82,7 @@ class K8sTarget:
             raise TargetError(f"no cluster access: no in-cluster service account and no usable kubeconfig ({e})") from e
         self.settings = settings
         self.api = client.CustomObjectsApi()
+        self._lease: HeldLease | None = None  # while this target holds its Lease
 
     def describe(self) -> str:
         return f"k8s inferenceservice {self.settings.namespace}/{self.settings.isvc_name}"
@@ -126,6 +127,8 @@ class K8sTarget:
 
     def apply(self, desired: RolloutState) -> dict[str, Any]:
         s = self.settings
+        if self._lease is not None:
+            self._lease.check()  # LockLost: another run took the Lease over, change nothing more
         live = self.get()
         patch = merge_patch(live, desired)
         if patch:
@@ -165,13 +168,18 @@ class K8sTarget:
             clock_skew_s=s.clock_skew_s,
         )
         try:
-            held.__enter__()
+            self._lease = held.__enter__()
         except (ApiException, OSError, HTTPError) as e:
             raise self._error(f"cannot take the Lease {s.namespace}/{name}", e) from e
         try:
             yield
-        finally:
-            held.__exit__(None, None, None)
+        except BaseException as e:  # the body's error goes on (a lost Lease is logged, not raised over it)
+            self._lease = None
+            if not held.__exit__(type(e), e, e.__traceback__):
+                raise
+        else:
+            self._lease = None
+            held.__exit__(None, None, None)  # LockLost when the Lease was taken over meanwhile
 
     def uri_for(self, version: str, artifact_uri: str) -> str:
         return artifact_uri

@@ -214,3 +214,37 @@ def test_k8s_target_errors_are_named(k8s):
     api.patch_namespaced_custom_object = forbidden
     with pytest.raises(TargetError, match="cannot patch .*: not allowed \\(403 Forbidden\\)"):
         target.apply(target.read().deployed("9", "s3://x"))
+
+
+def test_k8s_target_changes_nothing_after_losing_its_lease(k8s, caplog):
+    """Another run takes the Lease over while this one holds it (its renewals failed for longer than
+    the lease): this run's next renewal sees it, its next step is refused before any patch, and
+    leaving the lock raises LockLost (the CLI exits non-zero) without releasing the other's Lease."""
+    import time
+
+    from promotion.locking import LockLost
+    from promotion.targets import K8sTarget
+    from promotion.workflow import Promoter, PromotionError
+
+    env, api, settings, _ = k8s
+    settings = settings.model_copy(update={"lease_seconds": 10})  # the least allowed: renewed every 10/3 s
+    target = K8sTarget(settings)
+    p = Promoter(settings, env.registry, target, force=True)
+    p.promote("1")
+    p.force = False
+    p.canary_start("2", 10)
+    lease_key = ("coordination.k8s.io", "v1", NS, "leases", f"{NAME}-promotion")
+    patches = len(api.patches)
+    with pytest.raises(LockLost, match=f"lost the Lease {NS}/{NAME}-promotion to promote-B:2"):
+        with p.locked():
+            taken = copy.deepcopy(api.objects[lease_key])
+            taken["spec"]["holderIdentity"] = "promote-B:2"
+            api.replace_namespaced_custom_object(*lease_key, taken)
+            deadline = time.monotonic() + 30  # the renewal every lease_seconds / 3 (10 / 3 s) sees it
+            while not target._lease.lost and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with pytest.raises(PromotionError, match="nothing was changed: lost the Lease"):
+                p.canary_set(50)
+    assert len(api.patches) == patches and _live(api)[:2] == ("2", 10)
+    assert api.objects[lease_key]["spec"]["holderIdentity"] == "promote-B:2"
+    assert any(r.levelname == "ERROR" and "lost the Lease" in r.getMessage() for r in caplog.records)

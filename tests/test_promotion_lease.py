@@ -126,3 +126,110 @@ def test_blocking_never_takes_a_lease_its_holder_keeps_renewing():
         stop.set()
         renewer.join()
     assert api.obj["spec"]["holderIdentity"] == "promote-A:1"
+
+
+class RacingStore(LeaseStore):
+    """Two first-ever runs: this run's GET finds no Lease (404), but another host's create lands
+    before this run's own (409)."""
+
+    def __init__(self, other_lease_seconds):
+        super().__init__()
+        self.other_lease_seconds = other_lease_seconds
+        self.raced = False
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        if not self.raced:
+            self.raced = True
+            now = _fmt(datetime.now(UTC))
+            with self.lock:
+                self.obj = {
+                    "metadata": {"name": body["metadata"]["name"], "resourceVersion": "1"},
+                    "spec": {"holderIdentity": "promote-A:1", "leaseDurationSeconds": self.other_lease_seconds,
+                             "acquireTime": now, "renewTime": now},
+                }
+        return super().create_namespaced_custom_object(group, version, namespace, plural, body)
+
+
+def test_a_lost_create_race_is_a_busy_lock_not_a_crash():
+    """`auto` holds (LockBusy), it does not crash on the 409 of a create another run won."""
+    api = RacingStore(300)
+    with pytest.raises(LockBusy, match="held by promote-A:1"):
+        with lease_lock(api, "ns", "motlens-promotion", lease_seconds=300, blocking=False):
+            pass
+    assert api.obj["spec"]["holderIdentity"] == "promote-A:1"
+
+
+def test_a_lost_create_race_makes_a_blocking_run_wait_for_the_winner():
+    """A manual command waits: the winner (dead here, never renewing its 1 s Lease) is watched and
+    taken over, as any held Lease."""
+    api = RacingStore(1)
+    with lease_lock(api, "ns", "motlens-promotion", lease_seconds=1, blocking=True, timeout_s=0.5):
+        assert api.obj["spec"]["holderIdentity"] not in (None, "promote-A:1")
+    assert api.obj["spec"]["holderIdentity"] is None
+
+
+class LostReplyStore(LeaseStore):
+    """The first renewal is applied by the server, but its reply is lost (a gateway timeout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.replaces = 0
+
+    def replace_namespaced_custom_object(self, *args):
+        out = super().replace_namespaced_custom_object(*args)
+        self.replaces += 1
+        if self.replaces == 1:
+            raise ApiException(status=504, reason="Gateway Timeout")
+        return out
+
+
+def _wait_for(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return cond()
+
+
+def test_a_renewal_whose_reply_was_lost_does_not_cost_the_lease():
+    """After a renewal the server applied but whose reply never came, the holder's resourceVersion is
+    stale: the next renewal's 409 makes it re-read the Lease, see itself still holding it and renew
+    with the fresh resourceVersion, so the record keeps changing and nobody takes it over."""
+    api = LostReplyStore()
+    with lease_lock(api, "ns", "motlens-promotion", lease_seconds=3, blocking=False) as held:
+        me = api.obj["spec"]["holderIdentity"]
+        # the lost-reply renewal (1 s), a 409 + re-read + renewal (2 s), a plain renewal (3 s)
+        assert _wait_for(lambda: api.replaces >= 3)
+        assert not held.lost
+        assert api.obj["spec"]["holderIdentity"] == me
+    assert api.obj["spec"]["holderIdentity"] is None  # released with the fresh resourceVersion
+
+
+def test_a_holder_that_lost_its_lease_stops_and_says_so(caplog):
+    """Another run took the Lease over (this holder's renewals failed for longer than the lease): the
+    holder's next renewal finds it held by another; it flags the loss, `check()` refuses further
+    changes, leaves the other's Lease alone at exit and raises LockLost."""
+    from promotion.locking import LockLost
+
+    api = LeaseStore()
+    with pytest.raises(LockLost, match="lost the Lease"):
+        with lease_lock(api, "ns", "motlens-promotion", lease_seconds=3, blocking=False) as held:
+            with api.lock:  # the takeover, as another run's replace
+                api.obj["spec"]["holderIdentity"] = "promote-B:2"
+                api.obj["metadata"]["resourceVersion"] = str(int(api.obj["metadata"]["resourceVersion"]) + 1)
+            assert _wait_for(lambda: held.lost)
+            with pytest.raises(LockLost):
+                held.check()
+    assert api.obj["spec"]["holderIdentity"] == "promote-B:2"  # not released: it is not ours
+    assert any(r.levelname == "ERROR" and "lost the Lease" in r.getMessage() for r in caplog.records)
+
+
+def test_a_body_error_is_not_masked_by_a_lost_lease():
+    """When the work itself failed, that error propagates (the loss is logged as an ERROR)."""
+    api = LeaseStore()
+    with pytest.raises(ValueError, match="boom"):
+        with lease_lock(api, "ns", "motlens-promotion", lease_seconds=3, blocking=False) as held:
+            with api.lock:
+                api.obj["spec"]["holderIdentity"] = "promote-B:2"
+                api.obj["metadata"]["resourceVersion"] = str(int(api.obj["metadata"]["resourceVersion"]) + 1)
+            assert _wait_for(lambda: held.lost)
+            raise ValueError("boom")

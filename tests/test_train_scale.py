@@ -88,3 +88,58 @@ def test_train_cli_caps_mean_what_they_say(registry, monkeypatch, capsys, tmp_pa
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--max-texts" in help_text and "whole input has been read" in help_text
+
+
+def _many_texts(n_rows: int = 12_000, n_texts: int = 4_000) -> pd.DataFrame:
+    """Zipf-distributed texts, each row with its own odometer (so a reference row names its source row)."""
+    rng = np.random.default_rng(0)
+    ids = np.minimum(rng.zipf(1.3, n_rows), n_texts) - 1
+    return pd.DataFrame({"text": [f"defect text number {i} (1.{i % 9}.1 (a))" for i in ids],
+                         "section": (ids % 9).astype(int), "severity": np.where(ids % 3 == 0, "major", "minor"),
+                         "fuel_type": "PE", "vehicle_age_years": 5.0, "odometer_miles": np.arange(n_rows, dtype=float),
+                         "make": "F", "model": "X"})  # fmt: skip
+
+
+@pytest.mark.parametrize("source", ["frame", "tidy"])
+def test_max_texts_keeps_a_full_drift_reference_on_data(source, tmp_path):
+    """The reference was drawn from every held-out row while streaming, then cut to the kept texts:
+    with --max-texts far fewer than ``reference_rows`` remained (the --clickhouse path kept them all).
+    Now it holds ``reference_rows`` held-out rows of the kept texts whenever that many exist."""
+    from training.chload import distinct_texts_from_tidy
+    from training.tidy import write_tidy
+
+    df = _many_texts()
+    data = df
+    if source == "tidy":
+        write_tidy([df.iloc[:5000], df.iloc[5000:]], tmp_path / "tidy", rows_per_file=4000)
+        data = tmp_path / "tidy"
+    ts = build_training_set(data, seed=3, max_texts=300, reference_rows=400, chunk_rows=3000)
+    assert ts.fingerprint["distinct_texts"] == 300 and ts.fingerprint["holdout_rows"] > 400
+    assert len(ts.reference_rows) == 400
+    assert ts.texts.loc[ts.reference_rows["text_index"], "holdout"].all()
+    ch = training_set_from_distinct(distinct_texts_from_tidy(df), seed=3, max_texts=300, reference_rows=400)
+    assert len(ch.reference_rows) == len(ts.reference_rows)
+    # each reference row is a real input row of its text, with that row's own context
+    picked = df.set_index("odometer_miles").loc[ts.reference_rows["odometer_miles"].astype(float), "text"]
+    named = ts.texts.loc[ts.reference_rows["text_index"], "text"]
+    assert picked.str.lower().tolist() == named.str.lower().tolist()
+    assert ts.reference_rows["odometer_miles"].is_unique
+
+
+def test_max_texts_with_max_rows_draws_the_reference_from_the_rows_read():
+    df = _many_texts()
+    ts = build_training_set(df, seed=3, max_rows=6000, max_texts=300, reference_rows=400, chunk_rows=2500)
+    assert ts.fingerprint["rows_read"] == 6000
+    assert len(ts.reference_rows) == min(400, ts.fingerprint["holdout_rows"])
+    assert (ts.reference_rows["odometer_miles"] < 6000).all()  # only from the first 6000 rows
+    # a fixed seed gives the same sample
+    again = build_training_set(df, seed=3, max_rows=6000, max_texts=300, reference_rows=400, chunk_rows=2500)
+    pd.testing.assert_frame_equal(ts.reference_rows, again.reference_rows)
+
+
+def test_max_texts_on_a_one_shot_stream_keeps_what_it_drew_and_says_so(caplog):
+    """Chunks that cannot be read twice: the streamed sample, cut to the kept texts, with a warning."""
+    df = _many_texts()
+    ts = build_training_set(iter([df.iloc[:6000], df.iloc[6000:]]), seed=3, max_texts=300, reference_rows=400)
+    assert 0 < len(ts.reference_rows) < 400
+    assert any("cannot be read twice" in r.getMessage() for r in caplog.records)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from motlens.labels import FAILING_SEVERITIES, SEVERITIES
 
 CONTEXT_COLUMNS: tuple[str, ...] = ("make", "model", "fuel_type", "vehicle_age_years", "odometer_miles")
 _COMBINE_EVERY = 8
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -114,22 +116,35 @@ def build_training_set(
     """
     if not 0.0 < holdout_fraction < 1.0:
         raise DataError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}")
-    chunks = iter_source(data, chunk_rows) if isinstance(data, Path | str | pd.DataFrame) else iter(data)
+    source = Path(data) if isinstance(data, str) else data if isinstance(data, Path | pd.DataFrame) else None
+    chunks = iter_source(source, chunk_rows) if source is not None else iter(data)  # type: ignore[arg-type]
     agg = _Aggregator(seed, holdout_fraction, reference_rows)
     total = _rows_in(data)
     if max_rows is not None:
         total = max_rows if total is None else min(total, max_rows)
     with tqdm(total=total, unit="row", unit_scale=True, desc="build training set",
               disable=total is not None and total < 1_000_000, delay=2) as bar:  # fmt: skip
-        for chunk in chunks:
-            if max_rows is not None and agg.rows_read + len(chunk) > max_rows:
-                chunk = chunk.iloc[: max(0, max_rows - agg.rows_read)]
-            if len(chunk):
-                agg.add(chunk)
-                bar.update(len(chunk))
-            if max_rows is not None and agg.rows_read >= max_rows:
-                break
-    return agg.finish(max_texts)
+        for chunk in _capped(chunks, max_rows):
+            agg.add(chunk)
+            bar.update(len(chunk))
+
+    def again(src: Path | pd.DataFrame) -> Callable[[], Iterator[pd.DataFrame]]:
+        return lambda: _capped(iter_source(src, chunk_rows), max_rows)  # the same rows once more
+
+    return agg.finish(max_texts, again(source) if source is not None else None)
+
+
+def _capped(chunks: Iterable[pd.DataFrame], max_rows: int | None) -> Iterator[pd.DataFrame]:
+    """The non-empty chunks of the first ``max_rows`` rows (all rows when None)."""
+    read = 0
+    for chunk in chunks:
+        if max_rows is not None and read + len(chunk) > max_rows:
+            chunk = chunk.iloc[: max(0, max_rows - read)]
+        if len(chunk):
+            read += len(chunk)
+            yield chunk
+        if max_rows is not None and read >= max_rows:
+            break
 
 
 def _rows_in(data: object) -> int | None:
@@ -168,20 +183,21 @@ class _Aggregator:
         self.reference = pd.DataFrame()
         self.split: dict[str, bool] = {}
 
-    def add(self, chunk: pd.DataFrame) -> None:
+    @staticmethod
+    def _labelled(chunk: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+        """The labelled rows of ``chunk`` with their normalised ``key``, and how many were unlabelled."""
         missing = {"text", "section", "severity"} - set(chunk.columns)
         if missing:
             raise DataError(f"tidy data lacks column(s) {sorted(missing)}")
-        self.rows_read += len(chunk)
         df = pd.DataFrame(
             {c: chunk[c] if c in chunk.columns else None for c in ("text", "section", "severity", *CONTEXT_COLUMNS)}
         )
         section = pd.to_numeric(df["section"], errors="coerce")
         ok = df["text"].notna() & section.between(0, 8) & df["severity"].isin(SEVERITIES)
-        self.rows_unlabelled += int((~ok).sum())
+        unlabelled = int((~ok).sum())
         df = df[ok].copy()
         if df.empty:
-            return
+            return df, unlabelled
         uniq = pd.unique(df["text"].astype(str))
         keys = pd.Series([normalise_text(t) for t in uniq], index=uniq)
         df["key"] = df["text"].astype(str).map(keys)
@@ -190,6 +206,14 @@ class _Aggregator:
         df["vehicle_age_years"] = pd.to_numeric(df["vehicle_age_years"], errors="coerce")
         odo = pd.to_numeric(df["odometer_miles"], errors="coerce")
         df["log_odo"] = np.log1p(odo.where((odo >= 0) & np.isfinite(odo)))
+        return df, unlabelled
+
+    def add(self, chunk: pd.DataFrame) -> None:
+        df, unlabelled = self._labelled(chunk)
+        self.rows_read += len(chunk)
+        self.rows_unlabelled += unlabelled
+        if df.empty:
+            return
         self.labels.append(df.groupby(["key", "section", "severity"], observed=True).size().rename("n").reset_index())
         g = df.groupby("key")
         self.numeric.append(
@@ -211,11 +235,22 @@ class _Aggregator:
     def _sample_reference(self, df: pd.DataFrame) -> None:
         new = [k for k in pd.unique(df["key"]) if k not in self.split]
         self.split.update(zip(new, holdout_mask(new, self.seed, self.fraction).tolist(), strict=True))
-        held = df[df["key"].map(self.split)]
+        self._keep_sample(df[df["key"].map(self.split)])
+
+    def _keep_sample(self, held: pd.DataFrame) -> None:
+        """Bottom-k by a random key: a uniform sample of ``reference_rows`` of all the rows offered."""
         if held.empty or self.reference_rows <= 0:
             return
         held = held[["key", *CONTEXT_COLUMNS]].assign(_p=self.rng.random(len(held)))
         self.reference = pd.concat([self.reference, held]).nsmallest(self.reference_rows, "_p")
+
+    def _resample_reference(self, chunks: Iterable[pd.DataFrame], keys: set[str]) -> None:
+        """Draw the reference afresh from the held-out rows of ``keys`` only (a second read of the input)."""
+        self.reference = pd.DataFrame()
+        for chunk in chunks:
+            df, _ = self._labelled(chunk)
+            if not df.empty:
+                self._keep_sample(df[df["key"].isin(keys)])
 
     def _combine(self) -> None:
         self.labels = [pd.concat(self.labels).groupby(["key", "section", "severity"]).n.sum().reset_index()]
@@ -223,7 +258,11 @@ class _Aggregator:
         for c, parts in self.categorical.items():
             self.categorical[c] = [pd.concat(parts).groupby(["key", c]).n.sum().reset_index()]
 
-    def finish(self, max_texts: int | None = None) -> TrainingSet:
+    def finish(
+        self, max_texts: int | None = None, again: Callable[[], Iterable[pd.DataFrame]] | None = None
+    ) -> TrainingSet:
+        """``again``: the input's chunks once more, to redraw the drift reference from the texts that
+        ``max_texts`` keeps when the sample drawn while streaming (from every text) holds too few."""
         if not self.labels:
             raise DataError(f"no labelled defect rows (read {self.rows_read}, unlabelled {self.rows_unlabelled})")
         self._combine()
@@ -234,6 +273,15 @@ class _Aggregator:
                 keep = _most_frequent(per_key, max_texts)
                 lab = lab[lab["key"].isin(keep)]
                 self.reference = self.reference[self.reference["key"].isin(keep)]
+                held = lab[lab["key"].map(self.split).astype(bool)]
+                wanted = min(self.reference_rows, int(held["n"].sum()))
+                if len(self.reference) < wanted and again is not None:
+                    log.info("drift reference: %d of %d rows left after --max-texts; reading the input again "
+                             "for held-out rows of the kept texts", len(self.reference), wanted)  # fmt: skip
+                    self._resample_reference(again(), set(held["key"]))
+                elif len(self.reference) < wanted:
+                    log.warning("drift reference: %d rows (of %d wanted) after --max-texts: the input cannot "
+                                "be read twice", len(self.reference), wanted)  # fmt: skip
         count = lab.groupby("key").n.sum().rename("count")
         sec = _majority(lab.groupby(["key", "section"]).n.sum().reset_index(), "section")
         sev_counts = lab.groupby(["key", "severity"]).n.sum().reset_index()
