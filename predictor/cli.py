@@ -67,24 +67,31 @@ def _serve(args: argparse.Namespace) -> int:
     import sys
 
     from motlens.cli import require
+    from motlens.envcheck import warn_unknown_env
 
-    require("kserve", "serve")
-    overrides = {
-        k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "verbose", "no_predlog")
-    }
-    from predictor.settings import ServeSettings
+    # unknown MOTLENS_* variables are named once: through the JSON log when serving starts, in plain
+    # lines before a refusal at start (where a misspelt setting is most likely the reason)
+    try:
+        require("kserve", "serve")
+        overrides = {
+            k: v for k, v in vars(args).items()
+            if v is not None and k not in ("func", "command", "verbose", "no_predlog", "warns_env_itself")
+        }  # fmt: skip
+        from predictor.settings import ServeSettings
 
-    settings = ServeSettings(**overrides)  # a ValidationError is reported by motlens.cli.main, by variable
-    problem = _unloadable_ref(settings)
+        settings = ServeSettings(**overrides)  # a ValidationError is reported by motlens.cli.main, by variable
+        problem = _unloadable_ref(settings)
+    except BaseException:
+        warn_unknown_env()
+        raise
     if problem is not None:
+        warn_unknown_env()
         print(f"motlens serve: bad setting: {problem}", file=sys.stderr)
         return 2
     if settings.json_logs:
         from predictor.logs import use_json_logs
 
         use_json_logs(logging.DEBUG if args.verbose else logging.INFO)
-    from motlens.envcheck import warn_unknown_env
-
     warn_unknown_env()
     writer = None if args.no_predlog else _open_predlog()
     argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv when imported; keep ours away from it

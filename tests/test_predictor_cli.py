@@ -230,6 +230,16 @@ def test_serve_warns_about_an_unknown_variable_in_its_json_log(tmp_path, monkeyp
     assert record["level"].lower() == "warning" and "did you mean MOTLENS_SERVE_DEVICE?" in record["message"]
 
 
+def test_serve_names_an_unknown_variable_when_it_refuses_to_start(tmp_path, monkeypatch):
+    """A misspelt setting is the likeliest reason for a refusal at start: its hint comes before it."""
+    typo = "MOTLENS_SERVE_MODL" + "E"  # spelled apart: tests/test_envcheck.py checks the names the repo uses
+    monkeypatch.setenv(typo, str(tmp_path))
+    proc = _serve_proc(tmp_path, "--model", str(tmp_path / "nonexistent"))
+    assert proc.returncode == 2, proc.stderr
+    assert f"{typo} is set but no motlens setting reads it (did you mean MOTLENS_SERVE_MODEL?)" in proc.stderr
+    assert proc.stderr.index(typo) < proc.stderr.index("bad setting")
+
+
 def test_a_server_whose_port_is_taken_stops_with_the_reason(tmp_path):
     """serve() waited only for a stop request: a REST server that could not listen went unnoticed."""
     from conftest import free_port
