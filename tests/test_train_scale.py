@@ -143,3 +143,34 @@ def test_max_texts_on_a_one_shot_stream_keeps_what_it_drew_and_says_so(caplog):
     ts = build_training_set(iter([df.iloc[:6000], df.iloc[6000:]]), seed=3, max_texts=300, reference_rows=400)
     assert 0 < len(ts.reference_rows) < 400
     assert any("cannot be read twice" in r.getMessage() for r in caplog.records)
+
+
+def test_a_capped_raw_read_removes_its_partitions_before_the_second_read(tmp_path, monkeypatch):
+    """--max-rows with --max-texts on a raw directory: the first read stopped inside the bulk reader,
+    whose temporary partitions stayed on disk while the second read partitioned the input again."""
+    import tempfile
+
+    import training.dataset as dataset
+    from training.synth import generate
+
+    raw = tmp_path / "raw"
+    generate(raw, rows=6000, seed=1)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    live: list[int] = []
+    resample = dataset._Aggregator._resample_reference
+
+    def spy(self, chunks, keys):  # noqa: ANN001, ANN202
+        def counted():
+            for chunk in chunks:
+                live.append(len([p for p in tmp.iterdir() if p.name.startswith("motlens-bulk-")]))
+                yield chunk
+
+        return resample(self, counted(), keys)
+
+    monkeypatch.setattr(dataset._Aggregator, "_resample_reference", spy)
+    ts = build_training_set(raw, seed=3, max_rows=3000, max_texts=30, reference_rows=150, chunk_rows=1000)
+    assert live and max(live) == 1, live  # the second read's partitions only
+    assert len(ts.reference_rows) > 0 and not list(tmp.iterdir())

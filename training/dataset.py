@@ -135,16 +135,22 @@ def build_training_set(
 
 
 def _capped(chunks: Iterable[pd.DataFrame], max_rows: int | None) -> Iterator[pd.DataFrame]:
-    """The non-empty chunks of the first ``max_rows`` rows (all rows when None)."""
+    """The non-empty chunks of the first ``max_rows`` rows (all rows when None). The source is closed
+    as soon as this stops, so a raw bulk reader's partition files go then (not when collected: a
+    second read would otherwise need twice the temporary disk)."""
     read = 0
-    for chunk in chunks:
-        if max_rows is not None and read + len(chunk) > max_rows:
-            chunk = chunk.iloc[: max(0, max_rows - read)]
-        if len(chunk):
-            read += len(chunk)
-            yield chunk
-        if max_rows is not None and read >= max_rows:
-            break
+    try:
+        for chunk in chunks:
+            if max_rows is not None and read + len(chunk) > max_rows:
+                chunk = chunk.iloc[: max(0, max_rows - read)]
+            if len(chunk):
+                read += len(chunk)
+                yield chunk
+            if max_rows is not None and read >= max_rows:
+                break
+    finally:
+        if (close := getattr(chunks, "close", None)) is not None:
+            close()
 
 
 def _rows_in(data: object) -> int | None:
