@@ -38,22 +38,37 @@ class LockLost(RuntimeError):
 class HeldLease:
     """What :func:`lease_lock` yields: whether the Lease is still this run's.
 
-    ``lost`` turns true when a renewal finds the Lease held by another run; :meth:`check` then
-    raises :class:`LockLost`, so a caller can refuse to change anything more."""
+    ``lost`` turns true when a renewal finds the Lease held by another run. :meth:`check` raises
+    :class:`LockLost` then, and also once no renewal has succeeded for ``renew_deadline_s`` (another
+    run may take a Lease over that is not renewed, whatever made the renewals fail), so a caller
+    refuses to change anything more (client-go's renew deadline)."""
 
-    def __init__(self, namespace: str, name: str) -> None:
+    def __init__(self, namespace: str, name: str, renew_deadline_s: float) -> None:
         self.namespace, self.name = namespace, name
         self.lost_to: str | None = None
+        self.renew_deadline_s = renew_deadline_s
+        self.renewed_at = time.monotonic()
 
     @property
     def lost(self) -> bool:
         return self.lost_to is not None
 
-    def check(self) -> None:
+    def raise_if_lost(self) -> None:
         if self.lost_to is not None:
             raise LockLost(
                 f"lost the Lease {self.namespace}/{self.name} to {self.lost_to} while this run held it: "
                 "another run may have changed the rollout meanwhile; run `motlens promote status`"
+            )
+
+    def check(self) -> None:
+        """Raise :class:`LockLost` unless the Lease is this run's and renewed within its deadline."""
+        self.raise_if_lost()
+        stale = time.monotonic() - self.renewed_at
+        if stale > self.renew_deadline_s:
+            raise LockLost(
+                f"the Lease {self.namespace}/{self.name} has not been renewed for {stale:.0f} s (renew deadline "
+                f"{self.renew_deadline_s:.0f} s): another run may take it over, so this run changes nothing more; "
+                "run `motlens promote status`"
             )
 
 
@@ -232,13 +247,10 @@ def lease_lock(
                     log.warning(
                         "taking over Lease %s/%s from %s: %s", namespace, name, held["holderIdentity"], why
                     )
-                lease["spec"] = {
-                    **held,
-                    **spec(),
-                    "leaseTransitions": (held.get("leaseTransitions") or 0) + 1,
-                }
-                lease = api.replace_namespaced_custom_object(group, version, namespace, plural, name, lease)
-                break
+                transitions = (held.get("leaseTransitions") or 0) + 1
+                mine = {**lease, "spec": {**held, **spec(), "leaseTransitions": transitions}}
+                lease = api.replace_namespaced_custom_object(group, version, namespace, plural, name, mine)
+                break  # (on a 409 ``lease`` is still the one read: the busy message names its holder)
         except ApiException as e:
             if e.status != 409:  # 409: another run created or took it first
                 raise
@@ -249,7 +261,7 @@ def lease_lock(
             raise LockBusy(f"Lease {namespace}/{name} is held by {holder}{busy}")
         time.sleep(1.0)
     held_lease = [lease]
-    handle = HeldLease(namespace, name)
+    handle = HeldLease(namespace, name, renew_deadline_s=lease_seconds * 2 / 3)
     guard = threading.Lock()
     stop = threading.Event()
 
@@ -289,6 +301,7 @@ def lease_lock(
                 if renewed is None:
                     return  # lost: stop renewing another run's Lease
                 held_lease[0] = renewed
+                handle.renewed_at = time.monotonic()
 
     renewer = threading.Thread(target=renew, name=f"lease-renew-{name}", daemon=True)
     renewer.start()
@@ -306,4 +319,4 @@ def lease_lock(
                 log.warning(
                     "could not release Lease %s/%s (it lapses after %s s): %s", namespace, name, lease_seconds, e
                 )
-    handle.check()  # the body finished: say it ran (in part) without the lock
+    handle.raise_if_lost()  # the body finished: say it ran (in part) without the lock

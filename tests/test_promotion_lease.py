@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from promotion.locking import LockBusy, _fmt, lease_lock
+from promotion.locking import LockBusy, LockLost, _fmt, lease_lock
 
 
 class LeaseStore:
@@ -233,3 +233,54 @@ def test_a_body_error_is_not_masked_by_a_lost_lease():
                 api.obj["metadata"]["resourceVersion"] = str(int(api.obj["metadata"]["resourceVersion"]) + 1)
             assert _wait_for(lambda: held.lost)
             raise ValueError("boom")
+
+
+class FailingRenewals(LeaseStore):
+    """The API server answers every write after the Lease was taken with a 500 (or times out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.failing = False
+
+    def replace_namespaced_custom_object(self, *args):
+        if self.failing:
+            raise ApiException(status=500, reason="Internal Server Error")
+        return super().replace_namespaced_custom_object(*args)
+
+
+def test_a_lease_not_renewed_within_its_deadline_refuses_further_changes():
+    """Only a 409 marked the Lease lost: with renewals failing otherwise, the run kept patching after
+    another run could have taken the Lease over."""
+    api = FailingRenewals()
+    with lease_lock(api, "ns", "motlens-promotion", lease_seconds=3, blocking=False) as held:
+        held.check()  # just taken
+        api.failing = True
+        deadline = time.monotonic() + 10
+        while time.monotonic() - held.renewed_at <= held.renew_deadline_s and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(LockLost, match=r"has not been renewed for \d+ s \(renew deadline 2 s\)"):
+            held.check()
+    # leaving is no error: the Lease was not seen lost (it lapses, as its release failed too)
+
+
+class TakeoverRace(LeaseStore):
+    """Two runs take over a lapsed Lease at once: the other's replace lands first."""
+
+    def replace_namespaced_custom_object(self, group, version, namespace, plural, name, body):
+        taking = body["spec"].get("holderIdentity") not in (None, "promote-C:3")
+        if taking and self.obj["spec"]["holderIdentity"] == "A:1":
+            with self.lock:
+                self.obj["spec"]["holderIdentity"] = "promote-C:3"
+                self.obj["metadata"]["resourceVersion"] = str(int(self.obj["metadata"]["resourceVersion"]) + 1)
+        return super().replace_namespaced_custom_object(group, version, namespace, plural, name, body)
+
+
+def test_a_lost_takeover_race_names_the_holder_it_read_not_this_run():
+    api = TakeoverRace()
+    long_ago = datetime.now(UTC) - timedelta(hours=2)
+    api.obj = {"metadata": {"name": "motlens-promotion", "resourceVersion": "7"},
+               "spec": {"holderIdentity": "A:1", "leaseDurationSeconds": 3, "renewTime": _fmt(long_ago)}}  # fmt: skip
+    with pytest.raises(LockBusy, match="held by A:1"), lease_lock(
+        api, "ns", "motlens-promotion", lease_seconds=3, blocking=False
+    ):
+        pass
