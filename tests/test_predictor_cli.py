@@ -232,7 +232,7 @@ def test_serve_warns_about_an_unknown_variable_in_its_json_log(tmp_path, monkeyp
 
 def test_serve_names_an_unknown_variable_when_it_refuses_to_start(tmp_path, monkeypatch):
     """A misspelt setting is the likeliest reason for a refusal at start: its hint comes before it."""
-    typo = "MOTLENS_SERVE_MODL" + "E"  # spelled apart: tests/test_envcheck.py checks the names the repo uses
+    typo = "MOTLENS_" + "SERVE_MODLE"  # spelled apart: tests/test_envcheck.py checks the names the repo uses
     monkeypatch.setenv(typo, str(tmp_path))
     proc = _serve_proc(tmp_path, "--model", str(tmp_path / "nonexistent"))
     assert proc.returncode == 2, proc.stderr
