@@ -545,6 +545,20 @@ def test_a_damaged_spool_segment_is_set_aside_not_kept_at_the_head(tmp_path, lef
         assert s["dropped_by_reason"] == {"invalid": 10}, s
 
 
+def _submit_batches(writer, batches: int, first: int = 100) -> None:
+    """``batches`` batches of 10 rows (request ids from ``first`` on), each flushed."""
+    for i in range(batches):
+        writer.submit(rows(10, first + 10 * i))
+        assert writer.flush(30)
+
+
+def _drained(writer) -> dict:
+    """``writer``'s final stats, closed once its spool has drained."""
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0, 10)
+    writer.close(30)
+    return writer.stats()
+
+
 def _spool_one(settings, table: pa.Table) -> str:
     """Leave one segment at the head of the writer's spool (as a writer that stopped would)."""
     spool = Spool(settings.spool_dir, settings.spool_max_bytes)
@@ -562,12 +576,8 @@ def test_a_segment_with_a_column_the_table_lacks_is_inserted_without_it(chdb_set
     _spool_one(settings, newer)
     dropped = REGISTRY.get_sample_value("motlens_predlog_columns_dropped_total", {"column": "tenant"}) or 0
     writer = predlog.open_writer(settings)
-    for i in range(5):
-        writer.submit(rows(10, 100 + 10 * i))
-        assert writer.flush(30)
-    assert wait_for(lambda: writer.stats()["spool_rows"] == 0, 10)
-    writer.close(30)
-    s = writer.stats()
+    _submit_batches(writer, 5)
+    s = _drained(writer)
     assert s["written"] == 80 and s["dropped"] == 0 and s["sink_ok"], s
     assert stored(reader, settings) == (80, 80)
     assert REGISTRY.get_sample_value("motlens_predlog_columns_dropped_total", {"column": "tenant"}) == dropped + 30
@@ -583,12 +593,8 @@ def test_a_segment_clickhouse_refuses_for_good_is_set_aside_and_the_rest_go_on(c
     name = _spool_one(settings, bad)
     before = REGISTRY.get_sample_value("motlens_predlog_rows_dropped_total", {"reason": "rejected"}) or 0
     writer = predlog.open_writer(settings)
-    for i in range(3):
-        writer.submit(rows(10, 100 + 10 * i))
-        assert writer.flush(30)
-    assert wait_for(lambda: writer.stats()["spool_rows"] == 0, 10)
-    writer.close(30)
-    s = writer.stats()
+    _submit_batches(writer, 3)
+    s = _drained(writer)
     assert s["written"] == 30 and s["dropped_by_reason"] == {"rejected": 20} and s["sink_ok"], s
     assert stored(reader, settings) == (30, 30)
     rejected = settings.spool_dir / name.replace(".arrow", ".rejected")
@@ -622,18 +628,12 @@ def test_a_failing_materialized_view_is_retried_not_rejected(chdb_settings):
         f"CREATE MATERIALIZED VIEW {db}.mv TO {db}.rollup AS SELECT toUInt32(text) AS n FROM {db}.predictions"
     )
     writer = predlog.open_writer(settings)
-    for i in range(5):
-        writer.submit(rows(10, 10 * i))
-        assert writer.flush(30)
+    _submit_batches(writer, 5, first=0)
     assert wait_for(lambda: not writer.stats()["sink_ok"], 10)
     assert stored(reader, settings) == (10, 10)  # the first batch is in the table; the rest wait behind it
     reader.client.command(f"DROP VIEW {db}.mv")  # the DBA fixes it
-    for i in range(5, 8):
-        writer.submit(rows(10, 10 * i))
-        assert writer.flush(30)
-    assert wait_for(lambda: writer.stats()["spool_rows"] == 0, 10)
-    writer.close(30)
-    s = writer.stats()
+    _submit_batches(writer, 3, first=50)
+    s = _drained(writer)
     assert s["written"] == 80 and s["dropped"] == 0 and s["sink_ok"], s
     assert stored(reader, settings) == (80, 80)
     assert [p.name for p in settings.spool_dir.iterdir() if p.name != ".lock"] == []

@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -647,6 +647,24 @@ def label_defects(m: pd.DataFrame, post: pd.Series, lk: Lookups) -> tuple[np.nda
     return np.asarray(texts, dtype=object)[gid], np.asarray(sections, dtype=np.int8)[gid], severity
 
 
+class FileProgress:
+    """A byte-granular bar's progress through one file of ``size`` bytes: called with the bytes just
+    read, it never moves the bar past the file (a .gz's size may be an estimate); :meth:`finish`
+    moves it to the file's end."""
+
+    def __init__(self, bar: Any, size: int) -> None:
+        self.bar, self.left = bar, size
+
+    def __call__(self, k: int) -> None:
+        step = min(k, self.left)
+        if step > 0:
+            self.left -= step
+            self.bar.update(step)
+
+    def finish(self) -> None:
+        self(self.left)
+
+
 class BulkReader:
     """Iterate tidy chunks from DVSA bulk files; ``report`` fills in as reading proceeds."""
 
@@ -706,15 +724,7 @@ class BulkReader:
             for src in big:
                 fr = FileReport(src.name, src.kind, src.delimiter)
                 self.report.files.append(fr)
-                left = src.size  # the bar moves with the bytes read; a .gz's size may be an estimate
-
-                def advance(k: int) -> None:
-                    nonlocal left
-                    step = min(k, left)
-                    if step > 0:
-                        left -= step
-                        bar.update(step)
-
+                advance = FileProgress(bar, src.size)
                 for raw in iter_raw(src, fr, self.chunk_rows, progress=advance):
                     if src.kind == "test_result":
                         results.write(typed_results(raw, fr))
@@ -722,7 +732,7 @@ class BulkReader:
                         typed = typed_items(raw, fr, seq)
                         seq += len(raw)
                         items.write(typed)
-                advance(left)
+                advance.finish()
 
     def _join(self, res: pd.DataFrame, it: pd.DataFrame, lk: Lookups) -> pd.DataFrame:
         rep = self.report

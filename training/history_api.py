@@ -24,7 +24,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from training import mot_labels
-from training.dvsa import BulkFormatError, BulkReport, FileReport, _data_size
+from training.dvsa import BulkFormatError, BulkReport, FileProgress, FileReport, _data_size
 from training.tidy import TIDY_COLUMNS
 
 SOURCE_NAME = "mot_history_api"
@@ -236,15 +236,7 @@ def read_jsonl(
         for path, size in zip(map(Path, paths), sizes, strict=True):
             fr = FileReport(str(path), "mot_history_api", "")
             report.files.append(fr)
-            left = size  # the bar moves with the bytes read; a .gz's size may be an estimate
-
-            def advance(k: int) -> None:
-                nonlocal left
-                step = min(k, left)
-                if step > 0:
-                    left -= step
-                    bar.update(step)
-
+            advance = FileProgress(bar, size)
             for lineno, doc in _documents(path, fr, advance):
                 vehicles = doc if isinstance(doc, list) else [doc]
                 for v in vehicles:
@@ -266,7 +258,7 @@ def read_jsonl(
                     rows.extend(got)
                 if len(rows) >= chunk_rows:
                     yield from flush()
-            advance(left)
+            advance.finish()
             if fr.rows == 0 and fr.bad_rows > 0:
                 raise BulkFormatError(f"{path}:{fr.bad_lines[0]}: no line is MOT History API JSON")
         yield from flush()
