@@ -35,6 +35,11 @@ def _quote(s: str) -> str:
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _filters(params: dict[str, Any]) -> str:
+    """The ``AND …`` fragments of :data:`predlog.queries.FILTERS` whose parameters are set."""
+    return "".join(f" AND {frag}" for key, frag in queries.FILTERS.items() if key in params)
+
+
 class TableSource:
     """The server tables ``{database}.{table}``; sampling via ``SAMPLE k`` on the sampling key."""
 
@@ -200,7 +205,7 @@ class PredictionLogReader:
                     raise ValueError(f"sample {sample} is below the 1e-6 resolution")
                 if self.source.sample_in_where:
                     params["sample_bound"] = int(Fraction(ratio) * 2**64)
-        filters = "".join(f" AND {frag}" for key, frag in queries.FILTERS.items() if key in params)
+        filters = _filters(params)
         if with_embeddings:
             filters += " AND length(embedding_q) > 0"
         columns = queries.ROW_COLUMNS + (", " + queries.EMBEDDING if with_embeddings else "")
@@ -227,7 +232,7 @@ class PredictionLogReader:
         """What :meth:`window` would read with the same filters and no limit: ``n`` rows, ``n_emb`` of
         them with an embedding, and the ``versions`` among them (embedded: the window's days only)."""
         params = self._window_params(model_name, model_version, slot, status, start, end)
-        filters = "".join(f" AND {frag}" for key, frag in queries.FILTERS.items() if key in params)
+        filters = _filters(params)
         sql = queries.WINDOW_COUNTS.replace("{filters}", filters).replace(
             "{source}", self.source.ref("predictions", start=start, end=end)
         )

@@ -7,20 +7,12 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from test_predlog_faults import wait_for
 from test_predlog_scale import MIDNIGHT, batch_file, row
 
 import predlog
 from predlog import PredlogSettings
 from predlog.compact import _exclusive
-
-
-def _wait(cond, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _old_hour_files(settings: PredlogSettings, n: int = 6) -> list:
@@ -37,7 +29,7 @@ def test_the_writer_compacts_the_embedded_log_by_itself(tmp_path):
     writer = predlog.open_writer(settings)
     try:
         assert writer.compactor is not None
-        assert _wait(lambda: not any(f.exists() for f in files)), "the closed hour's batch files were not merged"
+        assert wait_for(lambda: not any(f.exists() for f in files)), "the closed hour's batch files were not merged"
     finally:
         writer.close(10)
     assert not writer.compactor._thread.is_alive()
@@ -56,13 +48,13 @@ def test_a_compaction_that_cannot_run_now_is_retried_and_the_writer_goes_on(tmp_
     folder = settings.table_dir("predictions")
     with caplog.at_level("INFO", logger="predlog.autocompact"), _exclusive(folder):  # a manual run holds it
         writer = predlog.open_writer(settings)
-        assert _wait(lambda: "automatic compaction skipped" in caplog.text)
+        assert wait_for(lambda: "automatic compaction skipped" in caplog.text)
         skipped = [r for r in caplog.records if "automatic compaction skipped" in r.getMessage()]
         assert {r.levelname for r in skipped} == {"INFO"}  # expected while a manual run holds it: no warning
         writer.submit([row(100, MIDNIGHT + timedelta(hours=1))])
         assert writer.flush(10) and all(f.exists() for f in files)
     try:
-        assert _wait(lambda: not any(f.exists() for f in files))  # the next run, once the folder is free
+        assert wait_for(lambda: not any(f.exists() for f in files))  # the next run, once the folder is free
     finally:
         writer.close(10)
     assert writer.stats()["written"] == 1
@@ -95,7 +87,7 @@ def test_a_new_server_database_has_its_tables_before_the_first_batch(tmp_path):
                 return False
             return True
 
-        assert _wait(readable, 15)
+        assert wait_for(readable, 15)
         assert writer.stats()["written"] == 0
     finally:
         writer.close(10)
@@ -114,7 +106,7 @@ def test_the_first_compaction_runs_soon_after_start_not_an_interval_later(tmp_pa
     monkeypatch.setattr(predlog.autocompact.AutoCompactor, "run_once", lambda self: runs.append(1) or real(self))
     writer = predlog.open_writer(settings)
     try:
-        assert _wait(lambda: not any(f.exists() for f in files), 10), "no compaction soon after start"
+        assert wait_for(lambda: not any(f.exists() for f in files), 10), "no compaction soon after start"
         time.sleep(0.5)
         assert len(runs) == 1  # the next one an interval later
     finally:

@@ -418,18 +418,25 @@ def _old_audit_rows(settings: PredlogSettings, table: str, n: int = 3) -> None:
         )
 
 
-def test_log_compact_skips_a_held_folder_and_compacts_the_others(tmp_path, monkeypatch, capsys):
-    """A folder held by another compaction (a running predictor's automatic one) exited 2 and stopped the
-    loop over the tables: the folders after it were never compacted, though the docs said "skips"."""
-    from motlens.cli import main
-    from predlog.compact import CompactBusy
-
+def _cli_log(tmp_path, monkeypatch) -> PredlogSettings:
+    """An embedded log under ``MOTLENS_HOME`` (what `motlens log compact` reads) with a closed day of
+    predictions and old promotion events."""
     monkeypatch.setenv("MOTLENS_HOME", str(tmp_path))
     monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
     monkeypatch.delenv("MOTLENS_PREDLOG_DIR", raising=False)
     settings = PredlogSettings(flush_interval_s=0.02)
     write_days(settings, [4])
     _old_audit_rows(settings, "promotion_events")
+    return settings
+
+
+def test_log_compact_skips_a_held_folder_and_compacts_the_others(tmp_path, monkeypatch, capsys):
+    """A folder held by another compaction (a running predictor's automatic one) exited 2 and stopped the
+    loop over the tables: the folders after it were never compacted, though the docs said "skips"."""
+    from motlens.cli import main
+    from predlog.compact import CompactBusy
+
+    settings = _cli_log(tmp_path, monkeypatch)
     folder = settings.table_dir("predictions")
     before = sorted(p.name for p in folder.iterdir())
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -451,12 +458,7 @@ def test_log_compact_tries_every_table_and_exits_2_when_one_fails(tmp_path, monk
     import predlog.compact
     from motlens.cli import main
 
-    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path))
-    monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
-    monkeypatch.delenv("MOTLENS_PREDLOG_DIR", raising=False)
-    settings = PredlogSettings(flush_interval_s=0.02)
-    write_days(settings, [4])
-    _old_audit_rows(settings, "promotion_events")
+    _cli_log(tmp_path, monkeypatch)
     real = predlog.compact.compact
 
     def failing(folder, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
