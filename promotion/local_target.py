@@ -140,5 +140,8 @@ class LocalTarget:
     def lock(self, *, blocking: bool) -> AbstractContextManager[None]:
         return file_lock(self.lock_path, blocking=blocking)
 
+    def check_lock(self) -> None:
+        """A file lock is held until released: nothing to check."""
+
     def uri_for(self, version: str, artifact_uri: str) -> str:
         return f"models:/{MODEL_NAME}/{version}"

@@ -58,6 +58,9 @@ class Target(Protocol):
 
     def lock(self, *, blocking: bool) -> AbstractContextManager[None]: ...
 
+    def check_lock(self) -> None:
+        """Raise ``LockLost`` if the lock taken by :meth:`lock` was lost (only a Kubernetes Lease can be)."""
+
     def uri_for(self, version: str, artifact_uri: str) -> str:
         """What this target loads for a registry version."""
 
@@ -127,8 +130,7 @@ class K8sTarget:
 
     def apply(self, desired: RolloutState) -> dict[str, Any]:
         s = self.settings
-        if self._lease is not None:
-            self._lease.check()  # LockLost: another run took the Lease over, change nothing more
+        self.check_lock()
         live = self.get()
         patch = merge_patch(live, desired)
         if patch:
@@ -180,6 +182,10 @@ class K8sTarget:
         else:
             self._lease = None
             held.__exit__(None, None, None)  # LockLost when the Lease was taken over meanwhile
+
+    def check_lock(self) -> None:
+        if self._lease is not None:
+            self._lease.check()  # LockLost: another run took the Lease over, change nothing more
 
     def uri_for(self, version: str, artifact_uri: str) -> str:
         return artifact_uri
@@ -295,6 +301,9 @@ class GitOpsTarget:
 
     def lock(self, *, blocking: bool) -> AbstractContextManager[None]:
         return file_lock(self.overlay, blocking=blocking)
+
+    def check_lock(self) -> None:
+        """A file lock is held until released: nothing to check."""
 
     def uri_for(self, version: str, artifact_uri: str) -> str:
         return artifact_uri

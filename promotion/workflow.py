@@ -358,6 +358,7 @@ class Promoter:
         try:
             for step in steps:
                 patches.append(self.target.apply(step))
+            self.target.check_lock()  # a Lease lost meanwhile: the registry is not changed either
             for alias, version in set_aliases.items():
                 if aliases.get(alias) != version:
                     self.registry.set_alias(alias, version)

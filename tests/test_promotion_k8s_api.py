@@ -248,3 +248,34 @@ def test_k8s_target_changes_nothing_after_losing_its_lease(k8s, caplog):
     assert len(api.patches) == patches and _live(api)[:2] == ("2", 10)
     assert api.objects[lease_key]["spec"]["holderIdentity"] == "promote-B:2"
     assert any(r.levelname == "ERROR" and "lost the Lease" in r.getMessage() for r in caplog.records)
+
+
+def test_k8s_lease_lost_after_the_patch_leaves_the_registry_alone(k8s):
+    """The Lease is taken over between this run's last patch and its alias change: the alias is not
+    moved (another run now owns both), and the run ends as done part-way, not as a success."""
+    from promotion.targets import K8sTarget
+    from promotion.workflow import PartlyDone, Promoter
+
+    env, api, settings, _ = k8s
+    target = K8sTarget(settings)
+    p = Promoter(settings, env.registry, target, force=True)
+    p.promote("1")
+    p.force = False
+    lease_key = ("coordination.k8s.io", "v1", NS, "leases", f"{NAME}-promotion")
+    patch = api.patch_namespaced_custom_object
+
+    def patch_then_lose_lease(group, version, namespace, plural, name, body, **kw):
+        out = patch(group, version, namespace, plural, name, body, **kw)
+        if plural == PLURAL:  # what the renewal thread finds next: another run holds the Lease
+            taken = copy.deepcopy(api.objects[lease_key])
+            taken["spec"]["holderIdentity"] = "promote-B:2"
+            api.replace_namespaced_custom_object(*lease_key, taken)
+            target._lease.lost_to = "promote-B:2"
+        return out
+
+    api.patch_namespaced_custom_object = patch_then_lose_lease
+    with pytest.raises(PartlyDone, match="lost the Lease"):
+        p.canary_start("2", 10)
+    assert _live(api)[:2] == ("2", 10)  # the patch landed before the loss
+    assert env.registry.aliases() == {"production": "1"}  # no canary alias written without the Lease
+    assert api.objects[lease_key]["spec"]["holderIdentity"] == "promote-B:2"
