@@ -41,15 +41,13 @@ class AutoCompactor:
             self.run_once()
             wait = self.interval_s
 
-    def run_once(self) -> dict[str, int]:
+    def run_once(self) -> None:
         """Compact every folder once; a failure is logged and left to the next run (never raised)."""
-        merged: dict[str, int] = {}
         for folder in self.folders:
             if self._stop.is_set() or not folder.is_dir():
                 continue
             try:
                 for key, rows in compact(folder).items():
-                    merged[f"{folder.name}/{key}"] = rows
                     log.info("predlog: %s %s compacted (%d rows)", folder.name, key, rows)
             except CompactBusy as e:  # a manual `motlens log compact` holds the folder: it does the work
                 log.info("predlog: automatic compaction skipped this time: %s", e)
@@ -57,7 +55,6 @@ class AutoCompactor:
                 log.warning("predlog: automatic compaction failed this time: %s", e)
             except Exception:  # noqa: BLE001 - the thread must outlive any one failure
                 log.exception("predlog: automatic compaction of %s failed; retried in %.0f s", folder, self.interval_s)
-        return merged
 
     def close(self, timeout: float | None = None) -> None:
         """Stop after the run in progress (if any) finishes its current folder."""
