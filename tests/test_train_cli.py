@@ -97,3 +97,21 @@ def test_a_bundle_always_carries_a_drift_reference(registry, monkeypatch, capsys
     monkeypatch.setenv("MOTLENS_TRAIN_REFERENCE_ROWS", "0")  # once a KeyError deep in the data preparation
     assert main(["train", "--data", str(tmp_path)]) == 2
     assert "bad setting: MOTLENS_TRAIN_REFERENCE_ROWS: Input should be" in capsys.readouterr().err
+
+
+def test_the_printed_artifact_uri_is_one_copyable_line(registry, tiny_bundle, monkeypatch, capsys, tmp_path):
+    """A narrow terminal must not wrap the URI (it was split across lines mid-path)."""
+    from types import SimpleNamespace
+
+    import training.train
+
+    _use(registry, monkeypatch)
+    monkeypatch.setenv("COLUMNS", "40")
+    v = registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.9}, params={}, alias="candidate")
+    fingerprint = {"sha256": "ab" * 32, "rows_labelled": 10, "distinct_texts": 5, "train_texts": 4, "holdout_texts": 1}
+    result = SimpleNamespace(version=v, metrics={"section_macro_f1": 0.9}, fingerprint=fingerprint,
+                             timings={"total_s": 1.0, "embed_s": 0.5})  # fmt: skip
+    monkeypatch.setattr(training.train, "train", lambda *a, **k: result)
+    assert main(["train", "--data", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"artifact URI {v.artifact_uri}" in lines and f"run {v.run_id}" in lines

@@ -135,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
         f"({fp['train_texts']} train / {fp['holdout_texts']} held out); "
         f"{result.timings['total_s']:.1f} s total, {result.timings['embed_s']:.1f} s embedding"
     )
-    c.print(f"run {v.run_id}\nartifact URI {v.artifact_uri}")
+    c.print(f"run {v.run_id}\nartifact URI {v.artifact_uri}", soft_wrap=True, markup=False, highlight=False)
     return 0
 
 
