@@ -30,7 +30,7 @@ def _since(value: str) -> datetime:
     try:
         ts = datetime.fromisoformat(value)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--since: expected e.g. 24h or an ISO time, got {value!r}") from e
+        raise argparse.ArgumentTypeError(f"expected e.g. 24h or an ISO time, got {value!r}") from e
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("-n", type=int, default=20)
     s = verbs.add_parser("stats", parents=[common], help="live stats per version and slot (computed in SQL)")
     s.add_argument("--since", type=_since, default="24h", help="window start: 24h, 30m, 7d or an ISO time")
+    s.add_argument("--until", type=_since, help="window end (excluded), as --since; default: now")
     s.add_argument("--model-name", default="mot-defects")
     q = verbs.add_parser("query", parents=[common], help="one read-only SQL statement")
     q.add_argument(
@@ -89,7 +90,10 @@ def _run(args: argparse.Namespace) -> int:
             if not args.json:
                 df = df[[c for c in TAIL_COLUMNS if c in df.columns]]
         elif args.log_command == "stats":
-            df = reader.live_stats(since=args.since, model_name=args.model_name)
+            if args.until is not None and args.until <= args.since:
+                window = f"--until ({args.until.isoformat()}) must come after --since ({args.since.isoformat()})"
+                raise ValueError(window)
+            df = reader.live_stats(since=args.since, until=args.until, model_name=args.model_name)
         else:
             df = reader.query(args.sql, dict(args.param))
     except (ReadOnlyViolation, ValueError) as e:

@@ -58,7 +58,7 @@ SELECT
     min(ts) AS first_ts,
     max(ts) AS last_ts
 FROM {{source}}
-WHERE model_name = {{model_name:String}} AND ts >= {{since:{TS_PARAM}}}
+WHERE model_name = {{model_name:String}} AND ts >= {{since:{TS_PARAM}}}{{until}}
 GROUP BY model_version{{by_slot}}
 ORDER BY model_version{{by_slot}}
 """

@@ -239,20 +239,32 @@ class PredictionLogReader:
         row = self._df(sql, params).iloc[0]
         return {"n": int(row["n"]), "n_emb": int(row["n_emb"]), "versions": sorted(str(v) for v in row["versions"])}
 
-    def live_stats(self, *, since: datetime, model_name: str = "mot-defects", by_slot: bool = True) -> pd.DataFrame:
-        """Per model_version and slot: n, errors, error_rate, latency p50/p95/p99 (ms), mean fail
-        probability, cache-hit rate, section and severity counts (maps), first/last ts.
+    def live_stats(
+        self,
+        *,
+        since: datetime,
+        until: datetime | None = None,
+        model_name: str = "mot-defects",
+        by_slot: bool = True,
+    ) -> pd.DataFrame:
+        """Per model_version and slot over ``since <= ts < until`` (``until`` None: up to now): n, errors,
+        error_rate, latency p50/p95/p99 (ms), mean fail probability, cache-hit rate, section and severity
+        counts (maps), first/last ts.
 
         ``by_slot=False``: one row per model_version over every slot, the slots listed in ``slots``
         (on Kubernetes every pod logs its own slot, ``production``, canary revisions included, so the
         promotion gates tell canary from production by version)."""
         slot, group = queries.LIVE_STATS_SLOT[by_slot]
+        params: dict[str, Any] = {"model_name": model_name, "since": _utc(since)}
+        if until is not None:
+            params["until"] = _utc(until)
         sql = (
             queries.LIVE_STATS.replace("{slot}", slot)
             .replace("{by_slot}", group)
-            .replace("{source}", self.source.ref("predictions", start=since))
+            .replace("{until}", f" AND ts < {{until:{queries.TS_PARAM}}}" if until is not None else "")
+            .replace("{source}", self.source.ref("predictions", start=since, end=until))
         )
-        df = self._df(sql, {"model_name": model_name, "since": _utc(since)})
+        df = self._df(sql, params)
         return df.drop(columns=["latency_q"], errors="ignore")
 
     def counts(self) -> pd.DataFrame:

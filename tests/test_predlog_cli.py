@@ -221,3 +221,36 @@ def test_an_unreadable_log_folder_for_real(embedded_log):
         folder.chmod(0o755)
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert str(folder) in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize("backend", ["embedded", "table"])
+def test_log_stats_over_a_closed_window(backend, tmp_path, monkeypatch, capsys):
+    """`--until` closes the window: rows at or after it are left out (an auditor's [T1, T2))."""
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path))
+    monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
+    if backend == "table":
+        monkeypatch.setenv("MOTLENS_CLICKHOUSE_URL", "chdb://memory")
+        monkeypatch.setenv("MOTLENS_PREDLOG_DATABASE", f"c_{uuid.uuid4().hex[:10]}")
+    settings = PredlogSettings(flush_interval_s=0.02)
+    keeper = migrated_reader(settings)
+    now = datetime.now(UTC)
+    writer = predlog.open_writer(settings)
+    writer.submit(
+        [
+            PredictionRecord(request_id=f"r{h}", item_index=0, model_name="mot-defects", model_version=str(v),
+                             slot="production", text="tyre worn", ts=now - timedelta(hours=h))  # fmt: skip
+            for h, v in ((5, 1), (3, 1), (2, 2), (2, 2), (0.5, 2))
+        ]
+    )
+    writer.close(30)
+    until = (now - timedelta(hours=1)).isoformat()
+    assert main(["log", "stats", "--since", "4h", "--until", until, "--json"]) == 0
+    stats = {s["model_version"]: s["n"] for s in _json_lines(capsys.readouterr().out)}
+    assert stats == {"1": 1, "2": 2}
+    assert main(["log", "stats", "--since", "4h", "--json"]) == 0
+    assert {s["model_version"]: s["n"] for s in _json_lines(capsys.readouterr().out)} == {"1": 1, "2": 3}
+    assert main(["log", "stats", "--since", "1h", "--until", "2h"]) == 2
+    assert "must come after --since" in capsys.readouterr().err
+    if backend == "table":
+        keeper.client.command(f"DROP DATABASE IF EXISTS {settings.database}")
+    keeper.close()
