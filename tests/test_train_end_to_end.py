@@ -64,6 +64,16 @@ def test_version_registered_with_alias_metrics_and_artifacts(setup):
     assert int(p["data.rows_labelled"]) == result.fingerprint["rows_labelled"] > 1000
     assert json.loads(p["data.rows_severity"]).keys() == {"advisory", "minor", "major", "dangerous"}
     assert p["git_commit"] == run.data.tags["mlflow.source.git.commit"]
+    # lineage: where the data came from, and the data hash as the run's dataset input
+    assert p["data.source.kind"] == "data" and p["data.source.path"] == str((root / "bulk").absolute())
+    assert run.data.tags["motlens.data_source"] == "data"
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.digest == p["data.sha256"][:36] and inp.dataset.source_type == "local"
+    assert json.loads(inp.dataset.source) == {"uri": p["data.source.path"]}
+    assert json.loads(inp.dataset.profile)["sha256"] == p["data.sha256"]
+    for name in ("fail_brier_rows", "fail_ece_rows", "fail_auc_rows"):  # calibration against the rows
+        assert 0.0 <= v.metrics[name] <= 1.0, name
+    assert 1 <= v.metrics["section_classes_present"] <= 9
     arts = {a.path for a in registry.client.list_artifacts(v.run_id, "reports")}
     assert {
         "reports/confusion_section.png",
@@ -138,8 +148,14 @@ def test_clickhouse_distinct_texts_train_and_register(setup):
     tidy = pd.concat(list(read_bulk([root / "bulk"])), ignore_index=True)
     ts = training_set_from_distinct(distinct_texts_from_tidy(tidy), seed=SETTINGS["seed"], reference_rows=200)
     assert ts.fingerprint["rows_labelled"] == first.fingerprint["rows_labelled"]
-    result = train(ts, TrainSettings(**{**SETTINGS, "alias": "chpath"}), embedder=shared, registry=registry)
+    source = {"kind": "clickhouse", "engine": "chdb", "path": str(root / "ch"), "database": "motlens_data"}
+    result = train(
+        ts, TrainSettings(**{**SETTINGS, "alias": "chpath"}), embedder=shared, registry=registry, source=source
+    )
     assert result.version.aliases == ["chpath"]
+    run = registry.client.get_run(result.version.run_id)
+    assert run.data.params["data.source.kind"] == "clickhouse" and run.data.params["data.source.engine"] == "chdb"
+    assert run.inputs.dataset_inputs[0].dataset.source_type == "clickhouse"
     assert result.metrics["section_macro_f1"] > 0.8
     ref = pd.read_parquet(registry.fetch("chpath").reference_path)
     assert len(ref) == 200 and ref["vehicle_age_years"].isna().all() and ref["make"].isna().all()

@@ -28,6 +28,9 @@ from motlens.labels import FAILING_SEVERITIES, SEVERITIES
 
 CONTEXT_COLUMNS: tuple[str, ...] = ("make", "model", "fuel_type", "vehicle_age_years", "odometer_miles")
 _COMBINE_EVERY = 8
+#: context sums in fixed point (units of 1e-7 years of age, 1e-8 of log odometer): exact int64 sums, so
+#: the means do not depend on row order or chunking; no overflow below ~9e9 rows of one text
+_FIXED_POINT = {"vehicle_age_years": 10**7, "log_odo": 10**8}
 log = logging.getLogger(__name__)
 
 
@@ -221,16 +224,11 @@ class _Aggregator:
         if df.empty:
             return
         self.labels.append(df.groupby(["key", "section", "severity"], observed=True).size().rename("n").reset_index())
-        g = df.groupby("key")
-        self.numeric.append(
-            pd.DataFrame(
-                {
-                    "age_sum": g["vehicle_age_years"].sum(),
-                    "age_n": g["vehicle_age_years"].count(),
-                    "odo_sum": g["log_odo"].sum(),
-                    "odo_n": g["log_odo"].count(),
-                }
-            ).reset_index()
+        keys = pd.Index(pd.unique(df["key"]), name="key")
+        age, odo = (_fixed_point(df[c], _FIXED_POINT[c]).groupby(df["key"]) for c in ("vehicle_age_years", "log_odo"))
+        sums = {"age_sum": age.sum(), "age_n": age.count(), "odo_sum": odo.sum(), "odo_n": odo.count()}
+        self.numeric.append(  # exact int64 sums: the same means whatever the row order or chunking
+            pd.DataFrame({k: v.reindex(keys, fill_value=0).astype(np.int64) for k, v in sums.items()}).reset_index()
         )
         for c, parts in self.categorical.items():
             parts.append(df.dropna(subset=[c]).groupby(["key", c]).size().rename("n").reset_index())
@@ -301,8 +299,10 @@ class _Aggregator:
         texts["severity_purity"] = (sev["n"] / texts["count"]).astype("float32")
         texts["fail_fraction"] = (failing.reindex(texts.index).fillna(0) / texts["count"]).astype("float32")
         num = self.numeric[0].set_index("key").reindex(texts.index)
-        texts["vehicle_age_years"] = (num["age_sum"] / num["age_n"].replace(0, np.nan)).astype("float32")
-        texts["odometer_miles"] = np.expm1(num["odo_sum"] / num["odo_n"].replace(0, np.nan)).astype("float32")
+        age_mean = num["age_sum"] / _FIXED_POINT["vehicle_age_years"] / num["age_n"].replace(0, np.nan)
+        texts["vehicle_age_years"] = age_mean.astype("float32")
+        odo_mean = num["odo_sum"] / _FIXED_POINT["log_odo"] / num["odo_n"].replace(0, np.nan)
+        texts["odometer_miles"] = np.expm1(odo_mean).astype("float32")
         for c, parts in self.categorical.items():
             texts[c] = _majority(parts[0], c)[c].reindex(texts.index) if len(parts[0]) else None
         texts["holdout"] = texts.index.map(self.split).astype(bool)
@@ -315,8 +315,12 @@ class _Aggregator:
         return TrainingSet(texts, ref.reset_index(drop=True), self._fingerprint(lab, texts))
 
     def _fingerprint(self, lab: pd.DataFrame, texts: pd.DataFrame) -> dict[str, Any]:
+        keys = texts["text"]
+        sec = lab.groupby(["key", "section"]).n.sum().unstack(fill_value=0)
+        sev = lab.groupby(["key", "severity"]).n.sum().unstack(fill_value=0)
         return _fingerprint_of(
-            lab[["key", "section", "severity", "n"]],
+            sec.reindex(index=keys, columns=range(9), fill_value=0).to_numpy(),
+            sev.reindex(index=keys, columns=list(SEVERITIES), fill_value=0).to_numpy(),
             texts,
             rows_read=self.rows_read,
             rows_unlabelled=self.rows_unlabelled,
@@ -325,8 +329,33 @@ class _Aggregator:
         )
 
 
+def _canonical_table(sec_counts: np.ndarray, sev_counts: np.ndarray, texts: pd.DataFrame) -> pd.DataFrame:
+    """One row per distinct (normalised) text, sorted by it, with fixed column types: the per-section
+    and per-severity row counts and the aggregated context the head is fitted on (the float32 age and
+    odometer exactly, as text; missing → empty). Both input paths build it the same way, so the
+    same rows give the same table whatever their layout (tidy Parquet, raw files, a DataFrame,
+    ClickHouse's distinct-text table)."""
+    canon = pd.DataFrame({"key": texts["text"].astype(str).to_numpy()})
+    for i in range(9):
+        canon[f"n_section_{i}"] = sec_counts[:, i].astype(np.int64)
+    for j, sev in enumerate(SEVERITIES):
+        canon[f"n_{sev}"] = sev_counts[:, j].astype(np.int64)
+    for c in ("vehicle_age_years", "odometer_miles"):  # float32 values, exactly (9 significant digits)
+        v = texts[c].to_numpy(dtype=np.float32) if c in texts else np.full(len(texts), np.nan, np.float32)
+        canon[c] = ["" if not np.isfinite(x) else f"{float(x) + 0.0:.9g}" for x in v]
+    for c in ("fuel_type", "make", "model"):
+        v = texts[c] if c in texts else pd.Series([None] * len(texts))
+        canon[c] = ["" if x is None or (isinstance(x, float) and np.isnan(x)) else str(x) for x in v]
+    return canon.sort_values("key", kind="stable").reset_index(drop=True)
+
+
+def _sha256_of(frame: pd.DataFrame) -> str:
+    return hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()).hexdigest()
+
+
 def _fingerprint_of(
-    canon: pd.DataFrame,
+    sec_counts: np.ndarray,
+    sev_counts: np.ndarray,
     texts: pd.DataFrame,
     *,
     rows_read: int,
@@ -334,13 +363,16 @@ def _fingerprint_of(
     rows_section: pd.Series,
     rows_severity: pd.Series,
 ) -> dict[str, Any]:
-    """Content hash of the label-count table (order independent), row counts, label distributions."""
-    canon = canon.sort_values(list(canon.columns)).reset_index(drop=True)
-    digest = hashlib.sha256(pd.util.hash_pandas_object(canon, index=False).to_numpy().tobytes()).hexdigest()
+    """Content hashes of the canonical per-text table (:func:`_canonical_table`; ``sha256``: labels
+    and context, ``labels_sha256``: the label counts alone), row counts, label distributions.
+    ``sec_counts``/``sev_counts``: per-text (``texts`` order) rows per section and per severity."""
+    canon = _canonical_table(sec_counts, sev_counts, texts)
+    label_cols = ["key", *(c for c in canon.columns if c.startswith("n_"))]
     rows = int(texts["count"].sum())
     train, held = texts[~texts["holdout"]], texts[texts["holdout"]]
     return {
-        "sha256": digest,
+        "sha256": _sha256_of(canon),
+        "labels_sha256": _sha256_of(canon[label_cols]),
         "rows_read": rows_read,
         "rows_unlabelled": rows_unlabelled,
         "rows_labelled": rows,
@@ -410,9 +442,9 @@ def training_set_from_distinct(
     pick = rng.choice(held, size=min(reference_rows, int(w.sum())), p=w / w.sum()) if reference_rows else held[:0]
     ref = texts.loc[pick, list(CONTEXT_COLUMNS)].reset_index(drop=True)
     ref.insert(0, "text_index", pick)
-    canon = agg.reset_index()
     fp = _fingerprint_of(
-        canon,
+        sec_counts,
+        sev_counts,
         texts,
         rows_read=int(texts["count"].sum()),
         rows_unlabelled=0,
@@ -420,6 +452,14 @@ def training_set_from_distinct(
         rows_severity=pd.Series(sev_counts.sum(axis=0), index=list(SEVERITIES)),
     )
     return TrainingSet(texts, ref, fp)
+
+
+def _fixed_point(x: pd.Series, scale: int) -> pd.Series:
+    """The finite values of ``x`` in int64 units of 1/``scale`` (missing and non-finite dropped), so
+    per-text sums are exact and do not depend on the summation order."""
+    v = x.to_numpy(dtype=np.float64)
+    ok = np.isfinite(v)
+    return pd.Series(np.round(v[ok] * scale).astype(np.int64), index=x.index[ok])
 
 
 def _majority(counts: pd.DataFrame, col: str) -> pd.DataFrame:

@@ -1,5 +1,6 @@
-"""Held-out evaluation of the defect head: macro-F1 per head, per-class reports, confusion
-matrices and the calibration of ``fail_probability`` (reliability curve, ECE, Brier)."""
+"""Held-out evaluation of the defect head: macro-F1 per head (over the fixed label sets), per-class
+reports, confusion matrices and the calibration of ``fail_probability`` (reliability curve, ECE,
+Brier), per text against its majority label and row-weighted against its observed fail fraction."""
 
 from __future__ import annotations
 
@@ -23,23 +24,28 @@ class Evaluation:
 
 
 def expected_calibration_error(
-    prob: np.ndarray, outcome: np.ndarray, bins: int = CALIBRATION_BINS
+    prob: np.ndarray, outcome: np.ndarray, bins: int = CALIBRATION_BINS, weights: np.ndarray | None = None
 ) -> tuple[float, list[dict[str, float]]]:
-    """ECE over equal-width probability bins, and the per-bin table of the reliability curve."""
+    """ECE over equal-width probability bins, and the per-bin table of the reliability curve.
+
+    ``outcome`` may be fractional (a text's observed fail fraction) and ``weights`` (default 1) weight
+    each entry, e.g. by its row count: then this is the ECE of the expanded rows."""
+    w = np.ones(len(prob)) if weights is None else np.asarray(weights, dtype=np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(prob, edges[1:-1]), 0, bins - 1)
-    table, ece = [], 0.0
+    table, ece, total = [], 0.0, float(w.sum())
     for b in range(bins):
-        m = which == b
+        m = (which == b) & (w > 0)
         if not m.any():
             continue
-        conf, acc = float(prob[m].mean()), float(outcome[m].mean())
-        ece += m.mean() * abs(conf - acc)
+        conf = float(np.average(prob[m], weights=w[m]))
+        acc = float(np.average(outcome[m], weights=w[m]))
+        ece += float(w[m].sum()) / total * abs(conf - acc)
         table.append(
             {
                 "lo": float(edges[b]),
                 "hi": float(edges[b + 1]),
-                "n": int(m.sum()),
+                "n": int(m.sum()) if weights is None else float(w[m].sum()),
                 "mean_probability": conf,
                 "observed_rate": acc,
             }
@@ -53,10 +59,17 @@ def evaluate(
     severity: np.ndarray,
     counts: np.ndarray,
     report_dir: Path | None = None,
+    *,
+    fail_fraction: np.ndarray | None = None,
 ) -> Evaluation:
     """Metrics on held-out distinct texts (``*_rows`` variants weight each text by its row count).
 
-    ``section`` holds true section indices, ``severity`` true severity indices.
+    ``section`` holds true (majority) section indices, ``severity`` true (majority) severity indices.
+    Macro-F1 averages over all 9 sections and all severities (an absent class scores 0), and
+    ``*_classes_present`` say how many the held-out texts hold. ``fail_brier``/``fail_ece``/``fail_auc``
+    score ``fail_probability`` per text against its majority severity; with ``fail_fraction`` (each
+    text's share of failing rows), ``fail_brier_rows``/``fail_ece_rows``/``fail_auc_rows`` score it
+    against what the held-out rows show, each text weighted by its row count.
     """
     from sklearn.metrics import (
         accuracy_score,
@@ -69,16 +82,35 @@ def evaluate(
     sev_pred = out.severity_scores.argmax(axis=1)
     failing = np.array([SEVERITIES[i] in FAILING_SEVERITIES for i in severity], dtype=float)
     metrics: dict[str, float] = {}
-    for name, y, p in (("section", section, out.section_index), ("severity", severity, sev_pred)):
-        metrics[f"{name}_macro_f1"] = float(f1_score(y, p, average="macro"))
+    heads = (("section", section, out.section_index, len(SECTIONS)), ("severity", severity, sev_pred, len(SEVERITIES)))
+    for name, y, p, k in heads:
+        f1 = {"labels": range(k), "average": "macro", "zero_division": 0}
+        metrics[f"{name}_macro_f1"] = float(f1_score(y, p, **f1))
         metrics[f"{name}_accuracy"] = float(accuracy_score(y, p))
-        metrics[f"{name}_macro_f1_rows"] = float(f1_score(y, p, average="macro", sample_weight=counts))
+        metrics[f"{name}_macro_f1_rows"] = float(f1_score(y, p, sample_weight=counts, **f1))
+        metrics[f"{name}_classes_present"] = float(len(np.unique(y)))
     prob = out.fail_probability.astype(np.float64)
     metrics["fail_brier"] = float(brier_score_loss(failing, prob))
     ece, table = expected_calibration_error(prob, failing)
     metrics["fail_ece"] = ece
     if 0 < failing.sum() < len(failing):
         metrics["fail_auc"] = float(roc_auc_score(failing, prob))
+    calibration_rows: dict[str, Any] | None = None
+    if fail_fraction is not None:
+        f = np.asarray(fail_fraction, dtype=np.float64)
+        w = np.asarray(counts, dtype=np.float64)
+        # Brier over the held-out rows: a text's rows fail with share f, so (p - f)² + f(1 - f) per row
+        metrics["fail_brier_rows"] = float(np.average((prob - f) ** 2 + f * (1 - f), weights=w))
+        ece_rows, table_rows = expected_calibration_error(prob, f, weights=w)
+        metrics["fail_ece_rows"] = ece_rows
+        pos, neg = w * f, w * (1 - f)
+        if pos.sum() > 0 and neg.sum() > 0:  # each text as its failing and its passing rows
+            metrics["fail_auc_rows"] = float(
+                roc_auc_score(
+                    np.r_[np.ones(len(f)), np.zeros(len(f))], np.r_[prob, prob], sample_weight=np.r_[pos, neg]
+                )
+            )
+        calibration_rows = {"bins": table_rows, "ece": ece_rows, "brier": metrics["fail_brier_rows"]}
     report = {
         "section": classification_report(
             section,
@@ -96,7 +128,12 @@ def evaluate(
             output_dict=True,
             zero_division=0,
         ),
-        "calibration": {"bins": table, "ece": ece, "brier": metrics["fail_brier"]},
+        "calibration": {"bins": table, "ece": ece, "brier": metrics["fail_brier"], "against": "majority label"},
+        **(
+            {"calibration_rows": {**calibration_rows, "against": "observed fail fraction, row-weighted"}}
+            if calibration_rows is not None
+            else {}
+        ),
         "n_texts": int(len(section)),
         "n_rows": int(counts.sum()),
     }
@@ -127,7 +164,7 @@ def _write_reports(d: Path, out: HeadOutput, section, severity, sev_pred, report
     (d / "classification_report.txt").write_text("\n".join(text))
     _confusion_png(d / "confusion_section.png", section, out.section_index, list(SECTIONS), "section")
     _confusion_png(d / "confusion_severity.png", severity, sev_pred, list(SEVERITIES), "severity")
-    _reliability_png(d / "calibration_fail_probability.png", report["calibration"])
+    _reliability_png(d / "calibration_fail_probability.png", report["calibration"], report.get("calibration_rows"))
 
 
 def _confusion_png(path: Path, y: np.ndarray, p: np.ndarray, labels: list[str], title: str) -> None:
@@ -163,7 +200,7 @@ def _confusion_png(path: Path, y: np.ndarray, p: np.ndarray, labels: list[str], 
     plt.close(fig)
 
 
-def _reliability_png(path: Path, calibration: dict[str, Any]) -> None:
+def _reliability_png(path: Path, calibration: dict[str, Any], rows: dict[str, Any] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,10 +209,24 @@ def _reliability_png(path: Path, calibration: dict[str, Any]) -> None:
     bins = calibration["bins"]
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
-    ax.plot([b["mean_probability"] for b in bins], [b["observed_rate"] for b in bins], "o-", label="held-out")
+    ax.plot(
+        [b["mean_probability"] for b in bins],
+        [b["observed_rate"] for b in bins],
+        "o-",
+        label="held-out texts vs majority label",
+    )
+    if rows is not None:
+        ax.plot(
+            [b["mean_probability"] for b in rows["bins"]],
+            [b["observed_rate"] for b in rows["bins"]],
+            "s-",
+            label=f"held-out rows (ECE {rows['ece']:.3f}, Brier {rows['brier']:.3f})",
+        )
     ax.set_xlabel("predicted fail_probability (bin mean)")
     ax.set_ylabel("observed fail rate")
-    ax.set_title(f"fail_probability reliability: ECE {calibration['ece']:.3f}, Brier {calibration['brier']:.3f}")
+    ax.set_title(
+        f"fail_probability reliability (texts): ECE {calibration['ece']:.3f}, Brier {calibration['brier']:.3f}"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})

@@ -46,6 +46,8 @@ LKG_DIR = ".lkg"
 #: Set when a version is created and deleted as registration's last step, once the stored
 #: ``bundle.json`` names the version: a version still carrying it is never resolved.
 INCOMPLETE_TAG = "motlens.registration"
+#: MLflow stores at most 36 characters of a dataset digest (``MAX_DATASET_DIGEST_SIZE``)
+DATASET_DIGEST_CHARS = 36
 INCOMPLETE = "incomplete"
 # MLflow client settings for a tracking server, unless set in the environment (see _http_defaults)
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -65,6 +67,33 @@ def _import_mlflow() -> None:
         import mlflow.entities  # noqa: F401
         import mlflow.exceptions  # noqa: F401
         import mlflow.store.artifact.artifact_repository_registry  # noqa: F401
+
+
+@dataclass(frozen=True)
+class TrainingInput:
+    """A run's training data as an MLflow dataset input (``run.inputs.dataset_inputs``): ``digest`` is
+    the data hash (``data.sha256``; MLflow keeps its first 36 characters, ``profile`` the whole),
+    ``source_type``/``source`` say where the data came from (never credentials)."""
+
+    name: str
+    sha256: str
+    source_type: str
+    source: dict[str, str]
+    profile: dict[str, Any] = field(default_factory=dict)
+
+    def entity(self) -> Any:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        return DatasetInput(
+            Dataset(
+                name=self.name,
+                digest=self.sha256[:DATASET_DIGEST_CHARS],
+                source_type=self.source_type,
+                source=redact(json.dumps(self.source, sort_keys=True)),
+                profile=json.dumps({"sha256": self.sha256, **self.profile}, sort_keys=True),
+            ),
+            tags=[InputTag("mlflow.data.context", "training")],
+        )
 
 
 class RegistryError(Exception):
@@ -206,16 +235,18 @@ class Registry:
         run_name: str | None = None,
         artifacts_dir: Path | None = None,
         tags: dict[str, str] | None = None,
+        dataset: TrainingInput | None = None,
     ) -> ModelVersionInfo:
-        """Log one run (params, metrics, ``artifacts_dir`` at the run root, the bundle as ``model/``),
-        register it as a new version, stamp ``version``/``run_id`` into the stored ``bundle.json``
-        and set ``alias`` when given. The local ``bundle_root`` is left unchanged."""
+        """Log one run (params, metrics, ``artifacts_dir`` at the run root, the bundle as ``model/``,
+        ``dataset`` as the run's training input), register it as a new version, stamp
+        ``version``/``run_id`` into the stored ``bundle.json`` and set ``alias`` when given. The
+        local ``bundle_root`` is left unchanged."""
         bundle = Bundle.open(bundle_root)  # never register a bundle that does not verify
         if alias is not None:
             check_alias(alias)
         self.create_store()
         with self._answering():
-            return self._register(bundle, metrics, params, alias, run_name, artifacts_dir, tags)
+            return self._register(bundle, metrics, params, alias, run_name, artifacts_dir, tags, dataset)
 
     def _register(
         self,
@@ -226,6 +257,7 @@ class Registry:
         run_name: str | None,
         artifacts_dir: Path | None,
         tags: dict[str, str] | None,
+        dataset: TrainingInput | None = None,
     ) -> ModelVersionInfo:
         from mlflow.entities import Metric, Param, RunTag
 
@@ -240,6 +272,8 @@ class Registry:
                 params=[Param(k, _param_value(v)) for k, v in sorted(params.items())],
                 tags=[RunTag("motlens.bundle_files", str(len(bundle.manifest["files"])))],
             )
+            if dataset is not None:
+                self.client.log_inputs(run_id, datasets=[dataset.entity()])
             if artifacts_dir is not None:
                 self.client.log_artifacts(run_id, str(artifacts_dir))
             self.client.log_artifacts(run_id, str(bundle.root), MODEL_ARTIFACT_PATH)

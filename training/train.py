@@ -27,12 +27,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
 from motlens.bundle import assemble, make_golden, set_manifest_fields
+from motlens.credentials import redact
 from motlens.embedder import Embedder
 from motlens.head import DefectHead, FeatureSpec, HeadOutput
 from motlens.labels import SEVERITIES
 from training.dataset import CONTEXT_COLUMNS, TrainingSet, build_training_set
 from training.evaluate import evaluate
-from training.registry import ModelVersionInfo, Registry, check_alias
+from training.registry import ModelVersionInfo, Registry, TrainingInput, check_alias
 
 PACKAGES = (
     "motlens",
@@ -247,6 +248,27 @@ def reference_sample(ts: TrainingSet, emb: np.ndarray, head: DefectHead) -> pd.D
     return pd.concat([frame, embs], axis=1)
 
 
+def data_source(data: object) -> dict[str, str]:
+    """Where ``data`` came from, for the run's lineage (a path as given, made absolute)."""
+    if isinstance(data, TrainingSet):
+        return {"kind": "training_set"}  # prepared by the caller, who should pass ``source``
+    if isinstance(data, pd.DataFrame):
+        return {"kind": "dataframe"}
+    return {"kind": "data", "path": str(Path(str(data)).absolute())}
+
+
+def training_input(fp: dict[str, Any], source: dict[str, str]) -> TrainingInput:
+    """The MLflow dataset input of a run: digest = the data hash, source = ``source``."""
+    kind = source.get("kind", "unknown")
+    return TrainingInput(
+        name="mot-defects-training-set",
+        sha256=fp["sha256"],
+        source_type={"data": "local", "clickhouse": "clickhouse"}.get(kind, kind),
+        source={("uri" if k == "path" else k): v for k, v in source.items() if k != "kind"} or {"kind": kind},
+        profile={k: fp[k] for k in ("labels_sha256", "rows_labelled", "distinct_texts", "holdout_texts") if k in fp},
+    )
+
+
 class _Clock:
     """Wall and process-CPU seconds per stage (CPU time stays meaningful on a shared machine)."""
 
@@ -303,12 +325,15 @@ def train(
     *,
     embedder: Embedder | None = None,
     registry: Registry | None = None,
+    source: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train, evaluate, bundle and register; see the module docstring.
 
     ``data``: a tidy Parquet directory, a directory of DVSA bulk files, a tidy DataFrame, or a
     prepared :class:`TrainingSet` (e.g. from the ClickHouse path). Pass ``embedder`` to reuse a
     loaded model and ``registry`` to choose the MLflow server (default: :class:`Registry`).
+    ``source``: where the data came from (``kind`` and its location, no credentials), logged as the
+    run's ``data.source.*`` params and its dataset input; by default derived from ``data``.
     """
     from motlens.embedder import TorchEmbedder, default_model_dir
 
@@ -320,6 +345,7 @@ def train(
     # store is created by the registration at the end, not by a run that fails on its data
     if registry.sqlite_path is None or registry.sqlite_path.is_file():
         registry.experiment_id()
+    source = dict(source) if source is not None else data_source(data)
     clock = _Clock()
     if isinstance(data, TrainingSet):
         ts = data
@@ -365,6 +391,7 @@ def train(
             ho["severity"].map(sev_index).to_numpy(),
             ho["count"].to_numpy(),
             artifacts / "reports",
+            fail_fraction=ho["fail_fraction"].to_numpy(),
         )
         metrics = {**ev.metrics, "train_loss": history[-1]}
         gi = select_golden(ho, out, s.golden_size, s.seed)
@@ -389,6 +416,7 @@ def train(
             **s.model_dump(exclude={"work_dir", "model_dir", "device"}),
             "data.sha256": fp["sha256"],
             **{f"data.{k}": v for k, v in fp.items() if k != "sha256"},
+            **{f"data.source.{k}": redact(str(v)) for k, v in source.items()},
             "features": spec.to_json(),
             "embedder.backend": embedder.backend,
             "embedder.device": embedder.device,
@@ -408,7 +436,8 @@ def train(
             alias=s.alias,
             run_name=f"train-seed{s.seed}",
             artifacts_dir=artifacts,
-            tags=tags,
+            tags={**tags, "motlens.data_source": source["kind"]},
+            dataset=training_input(fp, source),
         )
         set_manifest_fields(bundle.root, version=info.version, run_id=info.run_id)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,7 +75,6 @@ def _train(args: argparse.Namespace) -> int:
 
     require("sklearn", "train")
     require("matplotlib", "train")
-    from pathlib import Path
 
     from pydantic import ValidationError
 
@@ -106,7 +106,8 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     try:
         data = _clickhouse_set(args, settings) if args.clickhouse else Path(args.data)
-        result = train(data, settings, registry=Registry(args.tracking_uri))
+        source = clickhouse_source(Path(args.ch_path) if args.ch_path else None) if args.clickhouse else None
+        result = train(data, settings, registry=Registry(args.tracking_uri), source=source)
     except (DataError, BulkFormatError, BulkResourceError, FileNotFoundError, RegistryError) as e:
         print(f"motlens train: {e}", file=sys.stderr)
         return 2
@@ -174,7 +175,6 @@ def _versions(args: argparse.Namespace) -> int:
 
 
 def _clickhouse_set(args: argparse.Namespace, settings):  # noqa: ANN202 - TrainingSet
-    from pathlib import Path
 
     from training.chload import distinct_texts
     from training.dataset import training_set_from_distinct
@@ -187,3 +187,23 @@ def _clickhouse_set(args: argparse.Namespace, settings):  # noqa: ANN202 - Train
         reference_rows=settings.reference_rows,
         max_texts=settings.max_texts,
     )
+
+
+def clickhouse_source(ch_path: Path | None = None) -> dict[str, str]:
+    """Where ``train --clickhouse`` reads (as :func:`training.chload.open_store` picks it): the server
+    URL without its user part, or the chdb directory; the database and the query. Never the password."""
+    from motlens.credentials import redact
+    from training.chload import DataSettings
+
+    s = DataSettings()
+    where = (
+        {"engine": "server", "url": redact(s.clickhouse_url)}
+        if s.clickhouse_url and ch_path is None
+        else {"engine": "chdb", "path": str(Path(ch_path or s.chdb_dir()).absolute())}
+    )
+    return {
+        "kind": "clickhouse",
+        **where,
+        "database": s.database,
+        "query": "distinct texts with label counts of test_item JOIN test_result (FINAL), all loaded rows",
+    }
