@@ -97,3 +97,21 @@ def test_a_bundle_always_carries_a_drift_reference(registry, monkeypatch, capsys
     monkeypatch.setenv("MOTLENS_TRAIN_REFERENCE_ROWS", "0")  # once a KeyError deep in the data preparation
     assert main(["train", "--data", str(tmp_path)]) == 2
     assert "bad setting: MOTLENS_TRAIN_REFERENCE_ROWS: Input should be" in capsys.readouterr().err
+
+
+def test_split_seed_is_its_own_flag(registry, monkeypatch, tmp_path):
+    """One ``--seed`` seeded both the split and the head's initialisation."""
+    import training.train
+    from training.dataset import DataError
+
+    _use(registry, monkeypatch)
+    seen = []
+
+    def fake_train(data, settings, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.append(settings)
+        raise DataError("stop here")
+
+    monkeypatch.setattr(training.train, "train", fake_train)
+    assert main(["train", "--data", str(tmp_path), "--seed", "3", "--split-seed", "7"]) == 2
+    assert main(["train", "--data", str(tmp_path), "--seed", "4"]) == 2
+    assert [(s.seed, s.split_seed) for s in seen] == [(3, 7), (4, 0)]
