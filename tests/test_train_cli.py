@@ -115,3 +115,21 @@ def test_the_printed_artifact_uri_is_one_copyable_line(registry, tiny_bundle, mo
     assert main(["train", "--data", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert f"artifact URI {v.artifact_uri}" in lines and f"run {v.run_id}" in lines
+
+
+def test_split_seed_is_its_own_flag(registry, monkeypatch, tmp_path):
+    """One ``--seed`` seeded both the split and the head's initialisation."""
+    import training.train
+    from training.dataset import DataError
+
+    _use(registry, monkeypatch)
+    seen = []
+
+    def fake_train(data, settings, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.append(settings)
+        raise DataError("stop here")
+
+    monkeypatch.setattr(training.train, "train", fake_train)
+    assert main(["train", "--data", str(tmp_path), "--seed", "3", "--split-seed", "7"]) == 2
+    assert main(["train", "--data", str(tmp_path), "--seed", "4"]) == 2
+    assert [(s.seed, s.split_seed) for s in seen] == [(3, 7), (4, 0)]

@@ -101,7 +101,7 @@ def test_fetched_bundle_reproduces_golden(setup, embedder):
     assert res.passed, res.detail
     ref = pd.read_parquet(b.reference_path)
     emb_cols = [f"emb_{i:03d}" for i in range(EMBEDDING_DIM)]
-    assert len(ref) == min(SETTINGS["reference_rows"], result.fingerprint["holdout_rows"])
+    assert len(ref) == min(SETTINGS["reference_rows"], result.fingerprint["rows_labelled"])  # rows of both sides
     assert set(emb_cols) <= set(ref.columns)
     for col in (
         "text",
@@ -139,6 +139,25 @@ def test_same_data_and_seed_same_metrics(setup):
     assert Path(b2.root).name == "2"
 
 
+def test_another_init_seed_keeps_the_split_and_logs_it(setup):
+    """``--seed`` once seeded the split too: a retrain with another seed was evaluated on other texts
+    (and trained on some of the first run's held-out ones), so its metrics were not comparable."""
+    root, registry, shared, first = setup
+    other = train(root / "bulk", TrainSettings(**{**SETTINGS, "seed": 12, "alias": None}), embedder=shared,
+                  registry=registry)  # fmt: skip
+    assert other.fingerprint == first.fingerprint  # the same texts on each side
+    assert other.metrics != first.metrics  # a different initialisation all the same
+    from training.dataset import SPLIT_SCHEME
+
+    for v in (first.version, other.version):
+        p = registry.client.get_run(v.run_id).data.params
+        assert p["split.seed"] == "0" and p["split.scheme"] == SPLIT_SCHEME == "group-casefold-nolocation-v1"
+    moved = train(root / "bulk", TrainSettings(**{**SETTINGS, "split_seed": 3, "alias": None}), embedder=shared,
+                  registry=registry)  # fmt: skip
+    assert moved.fingerprint["holdout_texts"] != first.fingerprint["holdout_texts"]
+    assert registry.client.get_run(moved.version.run_id).data.params["split.seed"] == "3"
+
+
 def test_clickhouse_distinct_texts_train_and_register(setup):
     from training.chload import distinct_texts_from_tidy
     from training.dataset import training_set_from_distinct
@@ -146,7 +165,7 @@ def test_clickhouse_distinct_texts_train_and_register(setup):
 
     root, registry, shared, first = setup
     tidy = pd.concat(list(read_bulk([root / "bulk"])), ignore_index=True)
-    ts = training_set_from_distinct(distinct_texts_from_tidy(tidy), seed=SETTINGS["seed"], reference_rows=200)
+    ts = training_set_from_distinct(distinct_texts_from_tidy(tidy), seed=5, reference_rows=200)
     assert ts.fingerprint["rows_labelled"] == first.fingerprint["rows_labelled"]
     source = {"kind": "clickhouse", "engine": "chdb", "path": str(root / "ch"), "database": "motlens_data"}
     result = train(
@@ -156,6 +175,7 @@ def test_clickhouse_distinct_texts_train_and_register(setup):
     run = registry.client.get_run(result.version.run_id)
     assert run.data.params["data.source.kind"] == "clickhouse" and run.data.params["data.source.engine"] == "chdb"
     assert run.inputs.dataset_inputs[0].dataset.source_type == "clickhouse"
+    assert run.data.params["split.seed"] == "5"  # the set's own
     assert result.metrics["section_macro_f1"] > 0.8
     ref = pd.read_parquet(registry.fetch("chpath").reference_path)
     assert len(ref) == 200 and ref["vehicle_age_years"].isna().all() and ref["make"].isna().all()

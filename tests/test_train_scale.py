@@ -10,6 +10,7 @@ import pytest
 
 from motlens.cli import main
 from motlens.head import DefectHead, FeatureSpec
+from motlens.labels import SEVERITIES
 from training.dataset import build_training_set, training_set_from_distinct
 
 
@@ -69,7 +70,6 @@ def test_max_texts_keeps_the_most_frequent_texts_on_both_paths():
     assert ts.fingerprint["rows_read"] == len(df)
     kept = set(ts.texts.index)
     assert set(ts.reference_rows["text_index"]) <= kept and len(ts.reference_rows) > 0
-    assert ts.texts.loc[ts.reference_rows["text_index"], "holdout"].all()
 
     dist = training_set_from_distinct(distinct_texts_from_tidy(df), seed=3, max_texts=10)
     cols = ["text", "count", "section", "severity", "holdout"]
@@ -95,7 +95,7 @@ def _many_texts(n_rows: int = 12_000, n_texts: int = 4_000) -> pd.DataFrame:
     rng = np.random.default_rng(0)
     ids = np.minimum(rng.zipf(1.3, n_rows), n_texts) - 1
     return pd.DataFrame({"text": [f"defect text number {i} (1.{i % 9}.1 (a))" for i in ids],
-                         "section": (ids % 9).astype(int), "severity": np.where(ids % 3 == 0, "major", "minor"),
+                         "section": (ids % 9).astype(int), "severity": np.asarray(SEVERITIES, dtype=object)[ids % 4],
                          "fuel_type": "PE", "vehicle_age_years": 5.0, "odometer_miles": np.arange(n_rows, dtype=float),
                          "make": "F", "model": "X"})  # fmt: skip
 
@@ -104,7 +104,7 @@ def _many_texts(n_rows: int = 12_000, n_texts: int = 4_000) -> pd.DataFrame:
 def test_max_texts_keeps_a_full_drift_reference_on_data(source, tmp_path):
     """The reference was drawn from every held-out row while streaming, then cut to the kept texts:
     with --max-texts far fewer than ``reference_rows`` remained (the --clickhouse path kept them all).
-    Now it holds ``reference_rows`` held-out rows of the kept texts whenever that many exist."""
+    Now it holds ``reference_rows`` rows of the kept texts whenever that many exist."""
     from training.chload import distinct_texts_from_tidy
     from training.tidy import write_tidy
 
@@ -114,9 +114,8 @@ def test_max_texts_keeps_a_full_drift_reference_on_data(source, tmp_path):
         write_tidy([df.iloc[:5000], df.iloc[5000:]], tmp_path / "tidy", rows_per_file=4000)
         data = tmp_path / "tidy"
     ts = build_training_set(data, seed=3, max_texts=300, reference_rows=400, chunk_rows=3000)
-    assert ts.fingerprint["distinct_texts"] == 300 and ts.fingerprint["holdout_rows"] > 400
+    assert ts.fingerprint["distinct_texts"] == 300 and ts.fingerprint["rows_labelled"] > 400
     assert len(ts.reference_rows) == 400
-    assert ts.texts.loc[ts.reference_rows["text_index"], "holdout"].all()
     ch = training_set_from_distinct(distinct_texts_from_tidy(df), seed=3, max_texts=300, reference_rows=400)
     assert len(ch.reference_rows) == len(ts.reference_rows)
     # each reference row is a real input row of its text, with that row's own context
@@ -130,11 +129,39 @@ def test_max_texts_with_max_rows_draws_the_reference_from_the_rows_read():
     df = _many_texts()
     ts = build_training_set(df, seed=3, max_rows=6000, max_texts=300, reference_rows=400, chunk_rows=2500)
     assert ts.fingerprint["rows_read"] == 6000
-    assert len(ts.reference_rows) == min(400, ts.fingerprint["holdout_rows"])
+    assert len(ts.reference_rows) == min(400, ts.fingerprint["rows_labelled"])
     assert (ts.reference_rows["odometer_miles"] < 6000).all()  # only from the first 6000 rows
     # a fixed seed gives the same sample
     again = build_training_set(df, seed=3, max_rows=6000, max_texts=300, reference_rows=400, chunk_rows=2500)
     pd.testing.assert_frame_equal(ts.reference_rows, again.reference_rows)
+
+
+def _tv(ts, rows: pd.DataFrame, col: str) -> float:
+    """Total-variation distance between ``col``'s distribution over the reference and over ``rows``."""
+    ref = ts.texts.iloc[ts.reference_rows["text_index"].to_numpy()][col].value_counts(normalize=True)
+    return float(0.5 * rows[col].value_counts(normalize=True).subtract(ref, fill_value=0).abs().sum())
+
+
+@pytest.mark.parametrize("path", ["data", "clickhouse", "max_texts"])
+def test_the_drift_reference_is_uniform_over_all_labelled_rows(path):
+    """The reference held held-out rows only, and the split is by text: on Zipf texts a few texts
+    carry a third of the rows and only some of them are held out, so its section/severity mix was
+    0.23-0.62 (total variation) away from the rows' and a drift job flagged drift on traffic of the
+    very population the model was trained on. Now it is a uniform sample of every labelled row."""
+    from training.chload import distinct_texts_from_tidy
+
+    df = _many_texts()
+    for seed in range(5):
+        if path == "clickhouse":
+            ts = training_set_from_distinct(distinct_texts_from_tidy(df), seed=seed, reference_rows=1000)
+        else:
+            cap = 300 if path == "max_texts" else None
+            ts = build_training_set(df, seed=seed, reference_rows=1000, chunk_rows=3000, max_texts=cap)
+        rows = df[df["text"].isin(set(ts.texts["text"]))]
+        for col in ("section", "severity"):
+            assert _tv(ts, rows, col) < 0.08, (seed, col, _tv(ts, rows, col))
+        assert len(ts.reference_rows) == 1000, seed
+        assert ts.texts.loc[ts.reference_rows["text_index"], "holdout"].nunique() == 2, seed
 
 
 def test_max_texts_on_a_one_shot_stream_keeps_what_it_drew_and_says_so(caplog):

@@ -3,10 +3,12 @@
 MOT texts repeat massively, so the unit of training is the distinct normalised text
 (:func:`motlens.embedder.normalise_text`) with its majority section and severity, its row count and
 its context aggregated (mean age, geometric-mean odometer, most frequent fuel, make and model).
-The held-out split is by text: a seeded hash of the normalised text decides, so the same text never
-sits on both sides and the split does not depend on input order or size. Rows stream through in
-chunks (constant memory apart from the distinct-text table); a seeded row-level sample of held-out
-rows keeps real per-row context for the drift reference.
+The held-out split is by group: a seeded hash of the text's :func:`split_key` (casefolded, leading
+location words removed) decides, so the same text never sits on both sides, neither do its case or
+location variants, and the split does not depend on input order or size. Rows stream through in
+chunks (constant memory apart from the distinct-text table); a seeded row-level sample of all
+labelled rows (both sides, uniform over rows, as traffic is) keeps real per-row context for the
+drift reference.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from motlens.embedder import normalise_text
 from motlens.labels import FAILING_SEVERITIES, SEVERITIES
 
 CONTEXT_COLUMNS: tuple[str, ...] = ("make", "model", "fuel_type", "vehicle_age_years", "odometer_miles")
+# The words a defect text's location is made of: ``_defect_text`` (training/dvsa.py) puts the
+# location lookup's ``lateral longitudinal vertical horizontal`` first, whose values are these
+# (as `training/synth.py`'s ``_LOCATIONS`` generates them: Nearside/Offside/Central ×
+# Front/Rear × Inner/Outer/Upper/Lower); the MOT History API's text starts the same way.
+LOCATION_WORDS = frozenset({"nearside", "offside", "central", "front", "rear", "inner", "outer", "upper", "lower"})
+SPLIT_SCHEME = "group-casefold-nolocation-v1"  # names :func:`split_key`; logged as the ``split.scheme`` param
 _COMBINE_EVERY = 8
 #: context sums in fixed point (units of 1e-7 years of age, 1e-8 of log odometer): exact int64 sums, so
 #: the means do not depend on row order or chunking; no overflow below ~9e9 rows of one text
@@ -43,8 +51,9 @@ class TrainingSet:
     """Distinct texts with labels, counts, aggregated context and the held-out flag."""
 
     texts: pd.DataFrame  # key order; columns in docs/training.md
-    reference_rows: pd.DataFrame  # held-out rows: ``text_index`` + per-row context
+    reference_rows: pd.DataFrame  # labelled rows of both sides: ``text_index`` + per-row context
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    split_seed: int | None = None  # the seed of :func:`holdout_mask` (None: unknown, e.g. a hand-made set)
 
     @property
     def train(self) -> pd.DataFrame:
@@ -55,12 +64,26 @@ class TrainingSet:
         return self.texts[self.texts["holdout"]]
 
 
+def split_key(text: str) -> str:
+    """The group a text is split by (scheme :data:`SPLIT_SCHEME`): the text casefolded, its leading
+    run of :data:`LOCATION_WORDS` removed, so "Nearside Front Brake pipe corroded" and "offside rear
+    brake pipe corroded" share one key (MiniLM lowercases: case variants embed identically, and
+    location variants of one defect are near-duplicates). A text of location words only keeps them."""
+    words = text.casefold().split()
+    i = 0
+    while i < len(words) and words[i] in LOCATION_WORDS:
+        i += 1
+    return " ".join(words[i:] if i < len(words) else words)
+
+
 def holdout_mask(keys: Iterable[str], seed: int, fraction: float) -> np.ndarray:
-    """Seeded, order-independent split: ``True`` where the text goes to the held-out side."""
+    """Seeded, order-independent group split: ``True`` where the text goes to the held-out side.
+    The hash is of the text's :func:`split_key`, so ``fraction`` is the share of split keys held
+    out, and texts that share a key share a side."""
     salt = f"{seed}:".encode()
     cut = int(fraction * 2**32)
     return np.fromiter(
-        (int.from_bytes(hashlib.sha256(salt + k.encode()).digest()[:4], "big") < cut for k in keys),
+        (int.from_bytes(hashlib.sha256(salt + split_key(k).encode()).digest()[:4], "big") < cut for k in keys),
         dtype=bool,
     )
 
@@ -110,6 +133,9 @@ def build_training_set(
     chunk_rows: int = 200_000,
 ) -> TrainingSet:
     """Aggregate tidy rows (streamed) into a :class:`TrainingSet`.
+
+    ``seed``: the split seed (``TrainSettings.split_seed``, not the head's initialisation seed); it
+    also seeds the drift reference sample.
 
     ``max_rows``: read only the first N input rows (of raw bulk files: the first N joined rows, which
     come in hash-partition order, after the whole input has been read and partitioned).
@@ -239,17 +265,17 @@ class _Aggregator:
     def _sample_reference(self, df: pd.DataFrame) -> None:
         new = [k for k in pd.unique(df["key"]) if k not in self.split]
         self.split.update(zip(new, holdout_mask(new, self.seed, self.fraction).tolist(), strict=True))
-        self._keep_sample(df[df["key"].map(self.split)])
+        self._keep_sample(df)  # every labelled row, both sides: the reference stands for traffic
 
-    def _keep_sample(self, held: pd.DataFrame) -> None:
+    def _keep_sample(self, rows: pd.DataFrame) -> None:
         """Bottom-k by a random key: a uniform sample of ``reference_rows`` of all the rows offered."""
-        if held.empty or self.reference_rows <= 0:
+        if rows.empty or self.reference_rows <= 0:
             return
-        held = held[["key", *CONTEXT_COLUMNS]].assign(_p=self.rng.random(len(held)))
-        self.reference = pd.concat([self.reference, held]).nsmallest(self.reference_rows, "_p")
+        rows = rows[["key", *CONTEXT_COLUMNS]].assign(_p=self.rng.random(len(rows)))
+        self.reference = pd.concat([self.reference, rows]).nsmallest(self.reference_rows, "_p")
 
     def _resample_reference(self, chunks: Iterable[pd.DataFrame], keys: set[str]) -> None:
-        """Draw the reference afresh from the held-out rows of ``keys`` only (a second read of the input)."""
+        """Draw the reference afresh from the rows (both sides) of ``keys`` only (a second read of the input)."""
         self.reference = pd.DataFrame()
         for chunk in chunks:
             df, _ = self._labelled(chunk)
@@ -277,12 +303,11 @@ class _Aggregator:
                 keep = _most_frequent(per_key, max_texts)
                 lab = lab[lab["key"].isin(keep)]
                 self.reference = self.reference[self.reference["key"].isin(keep)]
-                held = lab[lab["key"].map(self.split).astype(bool)]
-                wanted = min(self.reference_rows, int(held["n"].sum()))
+                wanted = min(self.reference_rows, int(lab["n"].sum()))
                 if len(self.reference) < wanted and again is not None:
                     log.info("drift reference: %d of %d rows left after --max-texts; reading the input again "
-                             "for held-out rows of the kept texts", len(self.reference), wanted)  # fmt: skip
-                    self._resample_reference(again(), set(held["key"]))
+                             "for rows of the kept texts", len(self.reference), wanted)  # fmt: skip
+                    self._resample_reference(again(), set(lab["key"]))
                 elif len(self.reference) < wanted:
                     log.warning("drift reference: %d rows (of %d wanted) after --max-texts: the input cannot "
                                 "be read twice", len(self.reference), wanted)  # fmt: skip
@@ -312,7 +337,7 @@ class _Aggregator:
         index = pd.Series(np.arange(len(texts)), index=texts["text"])
         ref = self.reference.sort_values("_p").drop(columns="_p")
         ref.insert(0, "text_index", ref.pop("key").map(index).to_numpy())
-        return TrainingSet(texts, ref.reset_index(drop=True), self._fingerprint(lab, texts))
+        return TrainingSet(texts, ref.reset_index(drop=True), self._fingerprint(lab, texts), self.seed)
 
     def _fingerprint(self, lab: pd.DataFrame, texts: pd.DataFrame) -> dict[str, Any]:
         keys = texts["text"]
@@ -401,9 +426,10 @@ def training_set_from_distinct(
     """A :class:`TrainingSet` from the ClickHouse path's distinct-text table
     (:func:`training.chload.distinct_texts`: ``text``, majority ``section``/``severity``, ``n`` and the
     per-label counts ``n_<severity>``, ``n_section_<i>``). That table carries no vehicle context, so
-    context is missing (the head sees its missing flags) and the drift reference samples held-out
-    texts in proportion to their row counts. ``max_texts``: keep the N (normalised) texts with the
-    most rows, as :func:`build_training_set` does."""
+    context is missing (the head sees its missing flags) and the drift reference samples texts of
+    both sides in proportion to their row counts (as rows of traffic come). ``max_texts``: keep the
+    N (normalised) texts with the most rows, as :func:`build_training_set` does. ``seed``: the split
+    seed, as there."""
     missing = {"text", "section", "severity", "n"} - set(distinct.columns)
     if missing:
         raise DataError(f"distinct-text table lacks column(s) {sorted(missing)}")
@@ -436,10 +462,10 @@ def training_set_from_distinct(
     texts = texts.rename_axis("text").reset_index()
     if texts["holdout"].all() or not texts["holdout"].any():
         raise DataError(f"{len(texts)} distinct texts are too few for a train/held-out split")
-    held = np.flatnonzero(texts["holdout"].to_numpy())
     rng = np.random.default_rng(seed)
-    w = texts["count"].to_numpy()[held].astype(np.float64)
-    pick = rng.choice(held, size=min(reference_rows, int(w.sum())), p=w / w.sum()) if reference_rows else held[:0]
+    w = texts["count"].to_numpy().astype(np.float64)
+    every = np.arange(len(texts))
+    pick = rng.choice(every, size=min(reference_rows, int(w.sum())), p=w / w.sum()) if reference_rows else every[:0]
     ref = texts.loc[pick, list(CONTEXT_COLUMNS)].reset_index(drop=True)
     ref.insert(0, "text_index", pick)
     fp = _fingerprint_of(
@@ -451,7 +477,7 @@ def training_set_from_distinct(
         rows_section=pd.Series(sec_counts.sum(axis=0), index=range(9)),
         rows_severity=pd.Series(sev_counts.sum(axis=0), index=list(SEVERITIES)),
     )
-    return TrainingSet(texts, ref, fp)
+    return TrainingSet(texts, ref, fp, seed)
 
 
 def _fixed_point(x: pd.Series, scale: int) -> pd.Series:

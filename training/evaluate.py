@@ -65,8 +65,10 @@ def evaluate(
     """Metrics on held-out distinct texts (``*_rows`` variants weight each text by its row count).
 
     ``section`` holds true (majority) section indices, ``severity`` true (majority) severity indices.
-    Macro-F1 averages over all 9 sections and all severities (an absent class scores 0), and
-    ``*_classes_present`` say how many the held-out texts hold. ``fail_brier``/``fail_ece``/``fail_auc``
+    Macro-F1 averages over the classes the held-out texts hold (``*_classes_present`` says how many): a
+    prediction of an absent class is an error against the text's true class, not a new class scoring 0
+    (averaging over every class the labels or predictions held made one stray prediction move the
+    metric by 1/k; over all 9 sections a perfect model scored present/9). ``fail_brier``/``fail_ece``/``fail_auc``
     score ``fail_probability`` per text against its majority severity; with ``fail_fraction`` (each
     text's share of failing rows), ``fail_brier_rows``/``fail_ece_rows``/``fail_auc_rows`` score it
     against what the held-out rows show, each text weighted by its row count.
@@ -82,9 +84,8 @@ def evaluate(
     sev_pred = out.severity_scores.argmax(axis=1)
     failing = np.array([SEVERITIES[i] in FAILING_SEVERITIES for i in severity], dtype=float)
     metrics: dict[str, float] = {}
-    heads = (("section", section, out.section_index, len(SECTIONS)), ("severity", severity, sev_pred, len(SEVERITIES)))
-    for name, y, p, k in heads:
-        f1 = {"labels": range(k), "average": "macro", "zero_division": 0}
+    for name, y, p in (("section", section, out.section_index), ("severity", severity, sev_pred)):
+        f1 = {"labels": np.unique(y), "average": "macro", "zero_division": 0}
         metrics[f"{name}_macro_f1"] = float(f1_score(y, p, **f1))
         metrics[f"{name}_accuracy"] = float(accuracy_score(y, p))
         metrics[f"{name}_macro_f1_rows"] = float(f1_score(y, p, sample_weight=counts, **f1))

