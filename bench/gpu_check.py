@@ -45,8 +45,7 @@ def golden_check(bundle_dir: Path, device: str, dtype: str, n_texts: int = 8192)
     head, golden = bundle.head(), bundle.golden()
     emb = TorchEmbedder(bundle.embedder_dir, device=device, dtype=dtype)
     got = emb.encode(golden.texts)
-    out = head.predict(got, golden.context)
-    res = check_golden(golden, got, out.section, out.severity)
+    res = check_golden(golden, got, head)
     texts = make_mix("novel", seed=4242).take(n_texts)
     head.predict(emb.encode(texts[:256], batch_size=256))
     ceiling = {}
@@ -61,7 +60,8 @@ def golden_check(bundle_dir: Path, device: str, dtype: str, n_texts: int = 8192)
         torch.cuda.empty_cache()
     return {
         "device": device, "dtype": dtype, "golden_passed": bool(res.passed), "golden_min_cosine": float(res.min_cosine),
-        "golden_label_agreement": float(res.label_agreement), "detail": res.detail,
+        "golden_label_agreement": float(res.label_agreement), "golden_max_score_delta": res.max_score_delta,
+        "detail": res.detail,
         "offline_ceiling_texts_per_s": max(ceiling.values()), "offline_ceiling_by_batch": ceiling,
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

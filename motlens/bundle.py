@@ -6,7 +6,7 @@ Layout::
     embedder/                   sentence-transformers model directory (+ optional onnx/ variants)
     head/weights.safetensors    defect head weights (no pickle)
     head/config.json            label lists and feature spec
-    golden/golden.json          ~64 texts with context and reference predictions
+    golden/golden.json          ~64 texts with context, reference labels and probabilities
     golden/embeddings.npy       their reference embeddings (float32, loaded with allow_pickle=False)
     reference/sample.parquet    drift reference sample (context, predictions, embeddings)
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import numpy as np
 
 from motlens import EMBEDDING_DIM, MODEL_NAME
 from motlens.embedder import Embedder, cosine_rows
-from motlens.head import DefectHead
+from motlens.head import DefectHead, HeadOutput
 from motlens.labels import SECTIONS, SEVERITIES
 
 MANIFEST = "bundle.json"
@@ -38,9 +39,20 @@ GOLDEN_JSON = "golden/golden.json"
 GOLDEN_EMB = "golden/embeddings.npy"
 REFERENCE = "reference/sample.parquet"
 GOLDEN_MIN_COSINE = 0.999
+#: the most a golden probability (section scores, severity scores, fail_probability) may move against
+#: the stored one when recomputed end to end on this backend: torch bf16 on CPU moves them by up to
+#: 0.037 (cosine 0.99992), fp32 ONNX by < 1e-5; a +1.5 bias on the failing severities moves them by
+#: 0.31 and an age normalisation 10 years off by 0.14 (docs/training.md "Golden set")
+GOLDEN_MAX_SCORE_DELTA = 0.08
+#: the most they may move when the head is run on the stored reference embeddings: only float
+#: rounding differs there, so any change of the head, its feature normalisation or featurisation shows
+GOLDEN_MAX_HEAD_DELTA = 1e-3
 #: The layout this code writes and the newest it reads; a manifest without ``format`` is format 1
 #: (bundles written before the field existed). A newer format is refused rather than half-read.
 BUNDLE_FORMAT = 1
+
+
+log = logging.getLogger(__name__)
 
 
 class BundleError(Exception):
@@ -151,26 +163,50 @@ def verify(root: Path) -> dict[str, Any]:
 
 @dataclass
 class GoldenSet:
+    """Golden texts with context, reference embeddings, labels and — in bundles written since scores
+    were added — the head's probabilities (``None`` in older bundles: labels are then all that is checked)."""
+
     texts: list[str]
     context: dict[str, list[Any]]
     embeddings: np.ndarray
     section: list[str]
     severity: list[str]
+    section_scores: np.ndarray | None = None  # [N, 9]
+    severity_scores: np.ndarray | None = None  # [N, 4]
+    fail_probability: np.ndarray | None = None  # [N]
+
+    @property
+    def has_scores(self) -> bool:
+        scores = (self.section_scores, self.severity_scores, self.fail_probability)
+        return all(v is not None for v in scores)
 
     @classmethod
     def load(cls, root: Path) -> GoldenSet:
         d = json.loads((root / GOLDEN_JSON).read_text())
+
+        def scores(key: str) -> np.ndarray | None:
+            return np.asarray(d[key], dtype=np.float32) if key in d else None
+
         return cls(
             texts=d["texts"],
             context=d.get("context", {}),
             embeddings=np.load(root / GOLDEN_EMB, allow_pickle=False),
             section=d["section"],
             severity=d["severity"],
+            section_scores=scores("section_scores"),
+            severity_scores=scores("severity_scores"),
+            fail_probability=scores("fail_probability"),
         )
 
     def save(self, root: Path) -> None:
         (root / GOLDEN_JSON).parent.mkdir(parents=True, exist_ok=True)
-        doc = {"texts": self.texts, "context": self.context, "section": self.section, "severity": self.severity}
+        doc: dict[str, Any] = {
+            "texts": self.texts, "context": self.context, "section": self.section, "severity": self.severity,
+        }  # fmt: skip
+        for key in ("section_scores", "severity_scores", "fail_probability"):
+            value = getattr(self, key)
+            if value is not None:
+                doc[key] = np.asarray(value, dtype=np.float32).tolist()
         (root / GOLDEN_JSON).write_text(json.dumps(doc, indent=1))
         np.save(root / GOLDEN_EMB, self.embeddings.astype(np.float32), allow_pickle=False)
 
@@ -181,6 +217,8 @@ class GoldenResult:
     min_cosine: float
     label_agreement: float
     detail: str
+    max_score_delta: float | None = None  # None: the golden set stores no scores (an older bundle)
+    head_delta: float | None = None  # the same on the stored reference embeddings
 
 
 def make_golden(
@@ -188,21 +226,65 @@ def make_golden(
 ) -> GoldenSet:
     emb = embedder.encode(list(texts))
     out = head.predict(emb, context)
-    return GoldenSet(list(texts), dict(context or {}), emb, out.section, out.severity)
+    return GoldenSet(
+        list(texts), dict(context or {}), emb, out.section, out.severity,
+        out.section_scores, out.severity_scores, out.fail_probability,
+    )  # fmt: skip
 
 
 def check_golden(
-    golden: GoldenSet, embeddings: np.ndarray, section: Sequence[str], severity: Sequence[str],
+    golden: GoldenSet,
+    embeddings: np.ndarray,
+    head: DefectHead,
     min_cosine: float = GOLDEN_MIN_COSINE,
+    max_score_delta: float = GOLDEN_MAX_SCORE_DELTA,
+    max_head_delta: float = GOLDEN_MAX_HEAD_DELTA,
 ) -> GoldenResult:
-    """Compare freshly computed outputs with the golden references."""
+    """Compare this backend's ``embeddings`` of the golden texts, and ``head``'s outputs on them, with
+    the golden references: cosine ≥ ``min_cosine``, identical labels and, where the golden set stores
+    them, every probability within ``max_score_delta`` end to end and within ``max_head_delta`` when
+    the head runs on the stored reference embeddings (which isolates the head and its featurisation
+    from the backend's float precision)."""
+    out = head.predict(embeddings, golden.context)
     cos = cosine_rows(golden.embeddings, embeddings)
-    same = np.mean([a == b and c == d for a, b, c, d in zip(golden.section, section, golden.severity, severity,
-                                                                strict=True)])
+    same = np.mean([a == b and c == d for a, b, c, d in zip(golden.section, out.section, golden.severity,
+                                                                out.severity, strict=True)])
     min_cos = float(cos.min()) if len(cos) else 1.0
     passed = min_cos >= min_cosine and same == 1.0
     detail = f"min cosine {min_cos:.5f} (need ≥ {min_cosine}), label agreement {same:.3f} (need 1.0)"
-    return GoldenResult(passed, min_cos, float(same), detail)
+    delta = head_delta = None
+    if golden.has_scores:
+        delta = _max_delta(golden, out)
+        head_delta = _max_delta(golden, head.predict(golden.embeddings, golden.context))
+        passed = passed and delta <= max_score_delta and head_delta <= max_head_delta
+        detail += (
+            f", max |Δ probability| {delta:.4f} (need ≤ {max_score_delta}), "
+            f"{head_delta:.5f} on the reference embeddings (need ≤ {max_head_delta})"
+        )
+    else:
+        log.info("golden set has no stored scores (a bundle written before they were stored): labels only")
+        detail += ", scores not stored (older bundle): labels only"
+    return GoldenResult(passed, min_cos, float(same), detail, delta, head_delta)
+
+
+def _max_delta(golden: GoldenSet, out: HeadOutput) -> float:
+    """The largest |Δ| over section scores, severity scores and fail_probability (NaN counts as infinite)."""
+    pairs = (
+        (golden.section_scores, out.section_scores),
+        (golden.severity_scores, out.severity_scores),
+        (golden.fail_probability, out.fail_probability),
+    )
+    worst = 0.0
+    for ref, got in pairs:
+        ref_a, got_a = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
+        if ref_a.size == 0 and got_a.size == 0:
+            continue
+        if ref_a.shape != got_a.shape:
+            return float("inf")
+        if ref_a.size:
+            d = np.abs(ref_a - got_a)
+            worst = max(worst, float("inf") if np.isnan(d).any() else float(d.max()))
+    return worst
 
 
 @dataclass

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
 from motlens.bundle import BundleError
 from promotion.settings import PromoteSettings
+from training.floors import check_floors
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +49,68 @@ def gates_json(results: list[GateResult]) -> str:
     return json.dumps([r.to_json() for r in results], sort_keys=True, default=str)
 
 
+#: the run params that name a version's held-out split; equal on both sides = the same held-out texts
+SPLIT_PARAMS = ("split.seed", "split.scheme")
+
+
+def split_of(params: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """The run's held-out split (:data:`SPLIT_PARAMS`), or ``None`` when the run does not record it."""
+    params = params or {}
+    if not all(k in params for k in SPLIT_PARAMS):
+        return None
+    return {k: str(params[k]).strip() for k in SPLIT_PARAMS}
+
+
 def offline_gate(
-    candidate: dict[str, float], production: dict[str, float] | None, settings: PromoteSettings
+    candidate: dict[str, float],
+    production: dict[str, float] | None,
+    settings: PromoteSettings,
+    *,
+    candidate_params: Mapping[str, Any] | None,
+    production_params: Mapping[str, Any] | None,
 ) -> GateResult:
-    """Every configured run metric the production version has: candidate ≥ production − tolerance."""
+    """The candidate's quality floors (``FLOORS``), and — when production's metrics come from the same
+    held-out split (equal :data:`SPLIT_PARAMS`) — every configured run metric production has:
+    candidate ≥ production − tolerance. Without production, or with production evaluated on another
+    split (or one a run does not record), the comparison would be noise: floors only, and the detail
+    says so."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    notes: list[str] = []
+    if settings.floors:
+        floors = check_floors(candidate, settings.offline_metrics, settings.floor_margin, settings.floor_auc_margin)
+        values["floors"] = floors.values
+        (problems if floors.failed else notes).append(floors.describe())
+    cand_split, prod_split = split_of(candidate_params), split_of(production_params)
+    values["split"] = {"candidate": cand_split, "production": prod_split}
+    only = "floors only" if settings.floors else "nothing checked (MOTLENS_PROMOTE_FLOORS=false)"
     if production is None:
-        return GateResult("offline", PASS, "no production version to compare with")
+        compare = f"no production version to compare with: {only}"
+    elif cand_split is None or prod_split is None or cand_split != prod_split:
+        compare = (
+            f"production's metrics come from another held-out split ({_split_text(prod_split)}; the candidate's: "
+            f"{_split_text(cand_split)}), so a difference is no evidence: not compared, {only}"
+        )
+    else:
+        compare = _compare(candidate, production, settings, values, problems)
+    if problems:
+        return GateResult("offline", FAIL, "; ".join(problems + ([compare] if compare else [])), values)
+    return GateResult("offline", PASS, "; ".join(([compare] if compare else []) + notes), values)
+
+
+def _compare(
+    candidate: dict[str, float],
+    production: dict[str, float],
+    settings: PromoteSettings,
+    values: dict[str, Any],
+    problems: list[str],
+) -> str:
+    """candidate ≥ production − tolerance for each configured metric production has; appends the
+    failures to ``problems`` and returns what passed (or ``""``)."""
     compared = [m for m in settings.offline_metrics if m in production]
     if not compared:
-        return GateResult(
-            "offline", PASS, f"production has none of {settings.offline_metrics}; nothing to compare"
-        )
-    worse, missing, values = [], [], {}
+        return f"production has none of {settings.offline_metrics}; nothing to compare"
+    worse, missing = [], []
     for m in compared:
         if m not in candidate:
             missing.append(m)
@@ -68,12 +119,18 @@ def offline_gate(
         if candidate[m] < production[m] - settings.offline_tolerance:
             worse.append(f"{m} {candidate[m]:.4f} < {production[m]:.4f} − {settings.offline_tolerance}")
     if missing:
-        return GateResult("offline", FAIL, f"candidate run lacks metrics {missing}", values)
+        problems.append(f"candidate run lacks metrics {missing}")
     if worse:
-        return GateResult("offline", FAIL, "worse than production: " + "; ".join(worse), values)
-    return GateResult(
-        "offline", PASS, f"{', '.join(compared)} within {settings.offline_tolerance} of production", values
-    )
+        problems.append("worse than production: " + "; ".join(worse))
+    if missing or worse:
+        return ""
+    return f"{', '.join(compared)} within {settings.offline_tolerance} of production (same held-out split)"
+
+
+def _split_text(split: dict[str, str] | None) -> str:
+    if split is None:
+        return "no " + "/".join(SPLIT_PARAMS) + " recorded"
+    return ", ".join(f"{k}={v}" for k, v in split.items())
 
 
 def golden_gate(tags: dict[str, str], check: Callable[[], tuple[bool, float, str]]) -> GateResult:

@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from motlens.credentials import has_credentials
+from training.floors import DEFAULT_AUC_MARGIN, DEFAULT_MARGIN
 
 TARGETS = ("k8s", "gitops", "local")
 
@@ -54,6 +55,11 @@ class PromoteSettings(BaseSettings):
         description="run metrics (higher is better) a canary may not lose beyond offline_tolerance",
     )
     offline_tolerance: float = Field(0.01, ge=0.0)
+    floors: bool = Field(
+        True, description="the offline gate re-checks the candidate's quality floors (training.floors)"
+    )
+    floor_margin: float = Field(DEFAULT_MARGIN, ge=0.0, description="an offline metric's floor: its baseline + this")
+    floor_auc_margin: float = Field(DEFAULT_AUC_MARGIN, ge=0.0, le=0.5, description="an AUC's floor: 0.5 + this")
     golden_check: bool = True
     require_drift_report: bool = True
     min_samples: int = Field(200, ge=0, description="canary items needed since the last step")

@@ -184,14 +184,21 @@ class Promoter:
         golden = bundle.golden()
         embedder = _embedder_for(bundle)
         emb = embedder.encode(golden.texts)
-        out = bundle.head().predict(emb, golden.context)
-        res = check_golden(golden, emb, out.section, out.severity)
+        res = check_golden(golden, emb, bundle.head())
         return res.passed, res.min_cosine, res.detail
 
     def offline_gates(self, version: str, production: str | None) -> list[g.GateResult]:
         info = self.info(version)
-        prod_metrics = self.info(production).metrics if production and production != version else None
-        results = [g.offline_gate(info.metrics, prod_metrics, self.settings)]
+        prod = self.info(production) if production and production != version else None
+        results = [
+            g.offline_gate(
+                info.metrics,
+                prod.metrics if prod else None,
+                self.settings,
+                candidate_params=info.params,
+                production_params=prod.params if prod else None,
+            )
+        ]
         if self.settings.golden_check:
             golden = g.golden_gate(info.tags, lambda: self._golden_check(version))
             if g.GOLDEN_TAG not in info.tags and golden.status != g.WAIT and not self.dry_run:

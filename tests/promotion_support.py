@@ -14,6 +14,7 @@ import yaml
 from manifest_helpers import isvc_errors
 
 REPO = Path(__file__).resolve().parents[1]
+SPLIT = {"split.seed": 0, "split.scheme": "test"}  # the held-out split every make_env version records
 
 
 @dataclass
@@ -32,12 +33,16 @@ class Env:
 
 
 def make_env(registry: Any, bundle_root: Path, tmp_path: Path, monkeypatch: Any, metrics: list[float]) -> Env:
-    """Register one version per entry of ``metrics`` (section_macro_f1) and point MOTLENS_* at tmp dirs."""
+    """Register one version per entry of ``metrics`` (section_macro_f1) and point MOTLENS_* at tmp dirs.
+
+    Every run records the same held-out split (``split.seed``/``split.scheme``), so the offline gate
+    compares their metrics (docs/promotion.md "Gates")."""
     monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
     monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
     for i, m in enumerate(metrics):
-        registry.register_bundle(bundle_root, metrics={"section_macro_f1": m}, params={"i": i}, alias=None)
+        registry.register_bundle(bundle_root, metrics={"section_macro_f1": m},
+                                  params={"i": i, **SPLIT}, alias=None)  # fmt: skip
     manifests = tmp_path / "manifests"
     shutil.copytree(REPO / "manifests", manifests)
     return Env(registry, manifests, registry.state.home)

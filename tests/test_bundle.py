@@ -13,7 +13,7 @@ def test_bundle_reproduces_golden(tiny_bundle, embedder):
     head, golden = b.head(), b.golden()
     emb = embedder.encode(golden.texts)
     out = head.predict(emb, golden.context)
-    res = check_golden(golden, emb, out.section, out.severity)
+    res = check_golden(golden, emb, head)
     assert res.passed, res.detail
     assert out.section[2] == "1 Brakes"
 
@@ -164,3 +164,57 @@ def test_a_damaged_config_is_a_load_refusal_not_a_crash(tiny_bundle, tmp_path):
         load_backend(str(copy))
     with pytest.raises(ModelLoadError, match="cannot resolve|does not exist"):
         load_backend("/" + "x" * 5000)
+
+
+def test_golden_set_stores_the_head_probabilities(tiny_bundle, embedder, tmp_path):
+    """Audit finding 5: golden.json held labels only, so the head's scores could move without a failed check."""
+    import json
+
+    import numpy as np
+
+    from motlens.bundle import GOLDEN_JSON, GOLDEN_MAX_SCORE_DELTA, write_manifest
+
+    b = Bundle.open(tiny_bundle.root)
+    golden, head = b.golden(), b.head()
+    assert golden.has_scores and golden.section_scores.shape == (len(golden.texts), 9)
+    emb = embedder.encode(golden.texts)
+    assert np.allclose(golden.fail_probability, head.predict(emb, golden.context).fail_probability, atol=1e-5)
+    res = check_golden(golden, emb, head)
+    assert res.passed and res.max_score_delta < 1e-4 and res.head_delta < 1e-6, res.detail
+    # a backend of lower precision (embeddings rounded to bfloat16): within the tolerance
+    bf16 = (emb.view(np.uint32) + 0x8000 & 0xFFFF0000).view(np.float32)
+    rounded = check_golden(golden, bf16, head)
+    assert rounded.passed and 0 < rounded.max_score_delta <= GOLDEN_MAX_SCORE_DELTA / 4, rounded.detail
+    # stored scores that the head no longer gives, every label unchanged: refused
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_bundle.root, moved)
+    doc = json.loads((moved / GOLDEN_JSON).read_text())
+    doc["fail_probability"][0] += 0.01
+    (moved / GOLDEN_JSON).write_text(json.dumps(doc))
+    write_manifest(moved, version="1", run_id="moved")
+    res = check_golden(Bundle.open(moved).golden(), emb, head)
+    assert not res.passed and res.label_agreement == 1.0 and "0.01000 on the reference embeddings" in res.detail
+
+
+def test_a_golden_set_without_scores_is_checked_on_labels_only(tiny_bundle, embedder, tmp_path, caplog):
+    """Bundles written before the scores were stored still load (bundle format 1 both ways)."""
+    import json
+    import logging
+
+    from motlens.bundle import GOLDEN_JSON, write_manifest
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle.root, old)
+    doc = json.loads((old / GOLDEN_JSON).read_text())
+    for key in ("section_scores", "severity_scores", "fail_probability"):
+        doc.pop(key)
+    (old / GOLDEN_JSON).write_text(json.dumps(doc))
+    write_manifest(old, version="1", run_id="old")
+    b = Bundle.open(old)
+    golden = b.golden()
+    assert not golden.has_scores
+    emb = embedder.encode(golden.texts)
+    with caplog.at_level(logging.INFO, logger="motlens.bundle"):
+        res = check_golden(golden, emb, b.head())
+    assert res.passed and res.max_score_delta is None and "labels only" in res.detail
+    assert "no stored scores" in caplog.text

@@ -133,3 +133,84 @@ def test_a_failed_warm_up_frees_its_model_before_the_error_leaves(tiny_bundle, e
         assert len(made) == 1 and made[0]() is None
     finally:
         gc.enable()
+
+
+# --- golden probabilities (audit finding 5): labels alone let a biased head or a wrong normalisation through
+
+
+def _context_bundle(tiny_bundle, embedder, tmp_path):
+    """The tiny bundle with an age-sensitive severity head and a golden set with vehicle context."""
+    from motlens.bundle import make_golden
+    from motlens.head import DefectHead
+
+    head = tiny_bundle.head()
+    w = {k: v.copy() for k, v in head.weights.items()}
+    w["severity.weight"][:, embedder.dim] = [-0.4, -0.2, 0.3, 0.3]  # the age feature follows the embedding
+    head = DefectHead(w, head.features)
+    texts = tiny_bundle.golden().texts
+    ctx = {
+        "vehicle_age_years": [float(3 + 2 * (i % 7)) for i in range(len(texts))],
+        "odometer_miles": [float(20_000 + 9_000 * i) for i in range(len(texts))],
+        "fuel_type": ["PE" if i % 2 else "DI" for i in range(len(texts))],
+    }
+    golden = make_golden(embedder, head, texts, ctx)
+    return assemble(tmp_path / "ctx", tiny_bundle.embedder_dir, head, golden, version="5", run_id="ctx"), head
+
+
+def _with_head(bundle, head, dst):
+    """A copy of ``bundle`` with another head, re-signed (its hashes verify): what a faulty export or a
+    hand edit of head/ produces."""
+    from motlens.bundle import write_manifest
+
+    shutil.copytree(bundle.root, dst)
+    head.save(dst / "head")
+    write_manifest(dst, version="6", run_id="changed")
+    return dst
+
+
+def _same_labels(bundle, head, embedder):
+    g = bundle.golden()
+    out = head.predict(embedder.encode(g.texts), g.context)
+    return out.section == g.section and out.severity == g.severity
+
+
+def test_golden_probabilities_refuse_a_biased_severity_head(tiny_bundle, embedder, tmp_path):
+    import numpy as np
+
+    from motlens.head import DefectHead
+    from motlens.labels import SEVERITIES
+
+    bundle, head = _context_bundle(tiny_bundle, embedder, tmp_path)
+    assert load_backend(str(bundle.root), embedder=embedder).golden.passed
+    w = {k: v.copy() for k, v in head.weights.items()}
+    w["severity.bias"][[SEVERITIES.index("major"), SEVERITIES.index("dangerous")]] += 0.5
+    biased = DefectHead(w, head.features)
+    assert _same_labels(bundle, biased, embedder)  # every golden label still agrees: only the scores tell
+    with pytest.raises(ModelLoadError, match=r"golden set not reproduced.*max \|Δ probability\|") as info:
+        load_backend(str(_with_head(bundle, biased, tmp_path / "biased")), embedder=embedder)
+    assert info.value.golden.label_agreement == 1.0 and info.value.golden.head_delta > 1e-3
+    assert np.isfinite(info.value.golden.max_score_delta)
+
+
+def test_golden_probabilities_refuse_a_shifted_age_normalisation(tiny_bundle, embedder, tmp_path):
+    from dataclasses import replace
+
+    from motlens.head import DefectHead
+
+    bundle, head = _context_bundle(tiny_bundle, embedder, tmp_path)
+    shifted = DefectHead(head.weights, replace(head.features, age_mean=head.features.age_mean + 10))
+    assert _same_labels(bundle, shifted, embedder)
+    with pytest.raises(ModelLoadError, match=r"max \|Δ probability\|") as info:
+        load_backend(str(_with_head(bundle, shifted, tmp_path / "shifted")), embedder=embedder)
+    assert info.value.golden.label_agreement == 1.0 and info.value.golden.head_delta > 1e-3
+
+
+def test_onnx_backend_reproduces_the_golden_probabilities(tiny_bundle, embedder, onnx_model_dir, tmp_path):
+    """A legitimate backend difference (ONNX Runtime vs torch, both fp32) stays within the tolerance."""
+    from motlens.bundle import GOLDEN_MAX_SCORE_DELTA
+
+    bundle, head = _context_bundle(tiny_bundle, embedder, tmp_path)
+    onnx = assemble(tmp_path / "ctx-onnx", onnx_model_dir, head, bundle.golden(), version="7", run_id="onnx")
+    be = load_backend(str(onnx.root), backend="onnx", threads=1)
+    assert be.golden.passed and be.golden.max_score_delta is not None
+    assert be.golden.max_score_delta <= GOLDEN_MAX_SCORE_DELTA / 10, be.golden.detail

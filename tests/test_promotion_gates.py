@@ -14,6 +14,7 @@ from promotion.settings import PromoteSettings
 
 S = PromoteSettings(offline_metrics=["f1", "auc"], offline_tolerance=0.01, min_samples=100, max_error_rate=0.02,
                     error_rate_margin=0.005, max_p99_ratio=1.5, p99_slack_ms=10)  # fmt: skip
+SPLIT = {"split.seed": "0", "split.scheme": "text-hash"}  # the run params that name a held-out split
 
 
 @pytest.mark.parametrize(
@@ -27,7 +28,74 @@ S = PromoteSettings(offline_metrics=["f1", "auc"], offline_tolerance=0.01, min_s
     ],
 )
 def test_offline_gate(cand, prod, status):
-    assert g.offline_gate(cand, prod, S).status == status
+    assert g.offline_gate(cand, prod, S, candidate_params=SPLIT, production_params=SPLIT).status == status
+
+# a shuffled-label training measured on 20k generated rows (docs/training.md "Quality floors")
+SHUFFLED = {"section_macro_f1": 0.0903, "severity_macro_f1": 0.2469, "fail_auc": 0.5,
+            "baseline_section_macro_f1": 0.049, "baseline_severity_macro_f1": 0.1372, "baseline_fail_auc": 0.5}
+REAL = {"section_macro_f1": 0.9987, "severity_macro_f1": 0.8024, "fail_auc": 0.8127,
+        "baseline_section_macro_f1": 0.049, "baseline_severity_macro_f1": 0.1372, "baseline_fail_auc": 0.5}
+FLOORED = PromoteSettings()  # the default offline metrics and floor margins
+
+
+@pytest.mark.parametrize(
+    ("prod", "words"),
+    [
+        (None, "no production version to compare with: floors only"),
+        ({}, "production has none of"),  # production registered without run metrics
+    ],
+)
+def test_shuffled_label_candidate_fails_the_floors_with_nothing_to_compare(prod, words):
+    """Audit finding 3: a shuffled-label model passed the offline gate when production had no metrics."""
+    r = g.offline_gate(SHUFFLED, prod, FLOORED, candidate_params=SPLIT, production_params=SPLIT)
+    assert r.status == "fail" and "below the quality floor" in r.detail and words in r.detail, r.detail
+    assert "severity_macro_f1 0.2469 < 0.3372" in r.detail and "fail_auc 0.5000 < 0.6000" in r.detail
+    assert r.values["floors"]["section_macro_f1"]["baseline"] == 0.049
+    ok = g.offline_gate(REAL, prod, FLOORED, candidate_params=SPLIT, production_params=SPLIT)
+    assert ok.status == "pass" and "above the quality floors" in ok.detail and words in ok.detail, ok.detail
+
+
+def test_floors_of_a_run_without_baselines_check_what_they_can():
+    """A version registered by an older motlens (no baseline_* metrics) or by hand: the AUC floor needs no
+    baseline and is checked; the macro-F1 floors are named as not checked; a run with no metrics passes
+    the floors unchecked, as the comparison skips metrics production lacks."""
+    old = {k: v for k, v in SHUFFLED.items() if not k.startswith("baseline_")}
+    r = g.offline_gate(old, None, FLOORED, candidate_params=None, production_params=None)
+    assert r.status == "fail" and "fail_auc 0.5000 < 0.6000 (0.5 + 0.1)" in r.detail
+    assert "floors not checked: run has no baseline_section_macro_f1" in r.detail
+    bare = g.offline_gate({}, None, FLOORED, candidate_params=None, production_params=None)
+    assert bare.status == "pass" and "floors not checked: run has no section_macro_f1" in bare.detail
+    off = g.offline_gate(SHUFFLED, None, PromoteSettings(floors=False), candidate_params=None, production_params=None)
+    assert off.status == "pass" and "nothing checked" in off.detail
+
+
+@pytest.mark.parametrize(
+    ("cand_params", "prod_params", "compared"),
+    [
+        (SPLIT, SPLIT, True),
+        ({"split.seed": 0, "split.scheme": "text-hash"}, SPLIT, True),  # an int param reads as its string
+        ({**SPLIT, "split.seed": "1"}, SPLIT, False),  # another seed: another held-out set
+        ({**SPLIT, "split.scheme": "group"}, SPLIT, False),
+        (SPLIT, {"seed": "0"}, False),  # production trained before the split was recorded
+        ({}, SPLIT, False),
+        (None, None, False),
+    ],
+)
+def test_offline_comparison_only_on_the_same_held_out_split(cand_params, prod_params, compared):
+    """Audit finding 2: metrics of two held-out sets differ by seed noise (0.016-0.025) beyond the 0.01
+    tolerance; only a shared split makes candidate vs production evidence."""
+    worse = {**REAL, "severity_macro_f1": 0.7929, "fail_auc": 0.8138}
+    prod = {**REAL, "severity_macro_f1": 0.8091, "fail_auc": 0.8294}
+    r = g.offline_gate(worse, prod, FLOORED, candidate_params=cand_params, production_params=prod_params)
+    if compared:
+        assert r.status == "fail" and "worse than production: severity_macro_f1 0.7929 < 0.8091" in r.detail
+    else:
+        assert r.status == "pass", r.detail
+        assert "production's metrics come from another held-out split" in r.detail and "floors only" in r.detail
+        assert "above the quality floors" in r.detail
+    # below its floors, a candidate fails whatever production's split
+    bad = g.offline_gate(SHUFFLED, prod, FLOORED, candidate_params=cand_params, production_params=prod_params)
+    assert bad.status == "fail" and "below the quality floor" in bad.detail
 
 
 def _stats(n, err, p99):

@@ -110,7 +110,7 @@ def test_the_printed_artifact_uri_is_one_copyable_line(registry, tiny_bundle, mo
     v = registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.9}, params={}, alias="candidate")
     fingerprint = {"sha256": "ab" * 32, "rows_labelled": 10, "distinct_texts": 5, "train_texts": 4, "holdout_texts": 1}
     result = SimpleNamespace(version=v, metrics={"section_macro_f1": 0.9}, fingerprint=fingerprint,
-                             timings={"total_s": 1.0, "embed_s": 0.5})  # fmt: skip
+                             timings={"total_s": 1.0, "embed_s": 0.5}, floors=None, alias_withheld=None)  # fmt: skip
     monkeypatch.setattr(training.train, "train", lambda *a, **k: result)
     assert main(["train", "--data", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -133,3 +133,40 @@ def test_split_seed_is_its_own_flag(registry, monkeypatch, tmp_path):
     assert main(["train", "--data", str(tmp_path), "--seed", "3", "--split-seed", "7"]) == 2
     assert main(["train", "--data", str(tmp_path), "--seed", "4"]) == 2
     assert [(s.seed, s.split_seed) for s in seen] == [(3, 7), (4, 0)]
+
+
+def test_a_version_below_the_floors_is_registered_without_its_alias_exit_3(registry, tiny_bundle, monkeypatch,
+                                                                            capsys, tmp_path):  # fmt: skip
+    """Audit finding 3: `motlens train` set `candidate` ("passed offline evaluation") on a shuffled-label model."""
+    import training.train as train_mod
+    from training.floors import check_floors
+    from training.train import TrainResult
+
+    _use(registry, monkeypatch)
+    metrics = {"section_macro_f1": 0.09, "severity_macro_f1": 0.247, "fail_auc": 0.5,
+               "baseline_section_macro_f1": 0.049, "baseline_severity_macro_f1": 0.137}  # fmt: skip
+    seen = {}
+
+    def fake_train(data, settings, registry, **_):  # noqa: ANN001, ANN003, ANN202 - what train() does after its fit
+        seen["settings"] = settings
+        floors = check_floors(metrics, margin=settings.floor_margin, auc_margin=settings.floor_auc_margin)
+        alias = settings.alias if floors.passed else None
+        info = registry.register_bundle(tiny_bundle.root, metrics=metrics, params={}, alias=alias)
+        fp = {"sha256": "0" * 64, "rows_labelled": 1, "distinct_texts": 1, "train_texts": 1, "holdout_texts": 0}
+        timings = {"total_s": 1.0, "embed_s": 0.5}
+        return TrainResult(info, metrics, fp, timings, None, floors, None if floors.passed else settings.alias)
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    (tmp_path / "data").mkdir()
+    assert main(["train", "--data", str(tmp_path / "data")]) == 3
+    err = capsys.readouterr().err
+    assert "version 1 registered without alias 'candidate': below the quality floors (exit 3)" in err
+    assert registry.resolve("1").aliases == [] and seen["settings"].alias_requires_floors
+    assert main(["train", "--data", str(tmp_path / "data"), "--json"]) == 3
+    out = json.loads(capsys.readouterr().out)
+    assert out["alias_withheld"] == "candidate" and out["floors"]["passed"] is False
+    assert "severity_macro_f1 0.2470 < 0.3370" in out["floors"]["detail"]
+    monkeypatch.setenv("MOTLENS_TRAIN_FLOOR_MARGIN", "0.03")
+    monkeypatch.setenv("MOTLENS_TRAIN_FLOOR_AUC_MARGIN", "0")
+    assert main(["train", "--data", str(tmp_path / "data")]) == 0
+    assert registry.resolve("candidate").version == "3"

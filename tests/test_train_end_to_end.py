@@ -96,9 +96,8 @@ def test_fetched_bundle_reproduces_golden(setup, embedder):
     golden = b.golden()
     assert len(golden.texts) == SETTINGS["golden_size"]
     emb = embedder.encode(golden.texts)  # fresh embeddings, not the training memo
-    out = b.head().predict(emb, golden.context)
-    res = check_golden(golden, emb, out.section, out.severity)
-    assert res.passed, res.detail
+    res = check_golden(golden, emb, b.head())
+    assert res.passed and res.max_score_delta is not None, res.detail
     ref = pd.read_parquet(b.reference_path)
     emb_cols = [f"emb_{i:03d}" for i in range(EMBEDDING_DIM)]
     assert len(ref) == min(SETTINGS["reference_rows"], result.fingerprint["rows_labelled"])  # rows of both sides
@@ -179,3 +178,31 @@ def test_clickhouse_distinct_texts_train_and_register(setup):
     assert result.metrics["section_macro_f1"] > 0.8
     ref = pd.read_parquet(registry.fetch("chpath").reference_path)
     assert len(ref) == 200 and ref["vehicle_age_years"].isna().all() and ref["make"].isna().all()
+
+
+def test_shuffled_labels_are_registered_without_the_candidate_alias(setup, caplog):
+    """Audit finding 3: a model trained on shuffled labels got `candidate` ("passed offline evaluation")."""
+    import logging
+
+    from training.dataset import build_training_set
+
+    root, registry, shared, first = setup
+    ts = build_training_set(root / "bulk", seed=SETTINGS["seed"], reference_rows=SETTINGS["reference_rows"])
+    rng = np.random.default_rng(0)
+    train_rows = ~ts.texts["holdout"]
+    for col in ("section", "severity"):
+        ts.texts.loc[train_rows, col] = rng.permutation(ts.texts.loc[train_rows, col].to_numpy())
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        shuffled = train(ts, TrainSettings(**SETTINGS), embedder=shared, registry=registry)
+    assert shuffled.version.aliases == [] and shuffled.alias_withheld == "candidate"
+    assert registry.resolve("candidate").version == first.version.version  # still the real model
+    assert f"version {shuffled.version.version} registered WITHOUT alias 'candidate'" in caplog.text
+    assert "below the quality floor" in caplog.text and not shuffled.floors.passed
+    # the real model: its baselines logged beside its metrics, above every floor
+    assert first.floors.passed and first.alias_withheld is None
+    for m in ("section_macro_f1", "severity_macro_f1", "fail_auc"):
+        assert m in first.floors.checked
+        assert first.version.metrics[f"baseline_{m}"] < first.version.metrics[m]
+    assert first.version.metrics["baseline_fail_auc"] == 0.5
+    tags = registry.client.get_run(first.version.run_id).data.tags
+    assert tags["motlens.quality_floors"] == "pass"

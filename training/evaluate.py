@@ -232,3 +232,25 @@ def _reliability_png(path: Path, calibration: dict[str, Any], rows: dict[str, An
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
+
+
+def trivial_baseline(train_section: np.ndarray, train_severity: np.ndarray, n: int) -> HeadOutput:
+    """The trivial model, as a head output for ``n`` held-out texts: the training texts' majority
+    section and severity (index labels) for every text, and their fail rate as a constant
+    ``fail_probability`` (AUC 0.5). :func:`evaluate` of it gives the ``baseline_*`` run metrics the
+    quality floors compare with (:mod:`training.floors`)."""
+    sec = int(np.bincount(np.asarray(train_section, dtype=np.int64), minlength=len(SECTIONS)).argmax())
+    sev_idx = np.asarray(train_severity, dtype=np.int64)
+    sev = int(np.bincount(sev_idx, minlength=len(SEVERITIES)).argmax())
+    failing = [i for i, s in enumerate(SEVERITIES) if s in FAILING_SEVERITIES]
+    rate = float(np.isin(sev_idx, failing).mean()) if len(sev_idx) else 0.0
+    section_scores = np.zeros((n, len(SECTIONS)), dtype=np.float32)
+    section_scores[:, sec] = 1.0
+    severity_scores = np.zeros((n, len(SEVERITIES)), dtype=np.float32)
+    severity_scores[:, sev] = 1.0
+    return HeadOutput(
+        section_index=np.full(n, sec, dtype=np.int64),
+        section_scores=section_scores,
+        severity_scores=severity_scores,
+        fail_probability=np.full(n, rate, dtype=np.float32),
+    )

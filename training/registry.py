@@ -124,6 +124,9 @@ class ModelVersionInfo:
     tags: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     created_at: datetime | None = None
+    #: the run's params (strings, as MLflow stores them), e.g. ``split.seed`` / ``split.scheme`` for the
+    #: offline gate's comparability check; not part of :meth:`to_json`
+    params: dict[str, str] = field(default_factory=dict)
 
     @property
     def incomplete(self) -> bool:
@@ -404,6 +407,7 @@ class Registry:
                 f"the registry answered with model {str(mv.name)[:80]!r} version {str(mv.version)[:20]!r} "
                 f"for {self.model_name!r}; refused"
             )
+        run_metrics, run_params = self._run_data(mv.run_id) if metrics else ({}, {})
         return ModelVersionInfo(
             name=mv.name,
             version=str(mv.version),
@@ -411,8 +415,9 @@ class Registry:
             artifact_uri=mv.source,
             aliases=sorted(mv.aliases or []),
             tags=dict(mv.tags or {}),
-            metrics=self._run_metrics(mv.run_id) if metrics else {},
+            metrics=run_metrics,
             created_at=_from_ms(mv.creation_timestamp),
+            params=run_params,
         )
 
     def artifact_uri(self, ref: str) -> str:
@@ -579,19 +584,20 @@ class Registry:
     def run_metrics(self, version: str | int) -> dict[str, float]:
         return self.resolve(str(version)).metrics
 
-    def _run_metrics(self, run_id: str | None) -> dict[str, float]:
-        """The run's metrics; empty when the run is gone (deleted and garbage-collected)."""
+    def _run_data(self, run_id: str | None) -> tuple[dict[str, float], dict[str, str]]:
+        """The run's metrics and params; empty when the run is gone (deleted and garbage-collected)."""
         from mlflow.exceptions import MlflowException
 
         if not run_id:
-            return {}
+            return {}, {}
         try:
-            return dict(self.client.get_run(run_id).data.metrics)
+            data = self.client.get_run(run_id).data
         except MlflowException as e:
             if e.error_code not in _NOT_FOUND:
                 raise self._failure(e) from e
             log.warning("run %s of a registered version is gone: no metrics", run_id)
-            return {}
+            return {}, {}
+        return dict(data.metrics), dict(data.params)
 
 
 def _http_defaults() -> None:

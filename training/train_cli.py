@@ -119,14 +119,26 @@ def _train(args: argparse.Namespace) -> int:
         print(f"motlens train: {e}", file=sys.stderr)
         return 2
     v = result.version
+    floors = result.floors
+    # registered either way (the audit trail); the alias only when the held-out metrics clear the floors
+    rc = 3 if result.alias_withheld else 0
     if args.json:
         print(
             json.dumps(
-                {"version": v.to_json(), "fingerprint": result.fingerprint, "timings": result.timings},
+                {
+                    "version": v.to_json(),
+                    "fingerprint": result.fingerprint,
+                    "timings": result.timings,
+                    "floors": None
+                    if floors is None
+                    else {"passed": floors.passed, "detail": floors.describe(), "values": floors.values},
+                    "alias_withheld": result.alias_withheld,
+                },
                 indent=2,
             )
         )
-        return 0
+        _say_withheld(result)
+        return rc
     from rich.console import Console
     from rich.table import Table
 
@@ -144,7 +156,20 @@ def _train(args: argparse.Namespace) -> int:
         f"{result.timings['total_s']:.1f} s total, {result.timings['embed_s']:.1f} s embedding"
     )
     c.print(f"run {v.run_id}\nartifact URI {v.artifact_uri}", soft_wrap=True, markup=False, highlight=False)
-    return 0
+    if floors is not None and not result.alias_withheld:
+        c.print(floors.describe())
+    _say_withheld(result)
+    return rc
+
+
+def _say_withheld(result) -> None:  # noqa: ANN001 - TrainResult
+    """One closing line; train() has logged the floors that failed (a WARNING above it)."""
+    if result.alias_withheld:
+        print(
+            f"motlens train: version {result.version.version} registered without alias {result.alias_withheld!r}: "
+            "below the quality floors (exit 3)",
+            file=sys.stderr,
+        )
 
 
 def _versions(args: argparse.Namespace) -> int:
