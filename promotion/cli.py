@@ -44,7 +44,7 @@ def _common() -> argparse.ArgumentParser:
     o.add_argument("--manifests-dir", help="gitops: the manifests/ checkout")
     o.add_argument("--namespace", help="k8s: namespace of the InferenceService")
     o.add_argument("--local-url", help="local: base URL of `motlens serve`")
-    o.add_argument("--actor", help="who is acting (default $MOTLENS_PROMOTE_ACTOR or $USER)")
+    o.add_argument("--actor", help="who is acting (default $MOTLENS_PROMOTE_ACTOR, else user@host)")
     o.add_argument("--textfile", help="write promotion metrics to this Prometheus textfile")
     o.add_argument("--pushgateway-url", help="push promotion metrics to this Pushgateway")
     gates = p.add_argument_group("steps and gates")
@@ -57,8 +57,20 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
+def _with_reason(default: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--reason",
+        default=default,
+        help="why (recorded in the promotion_events row and the versions' promotion.last_reason tags)"
+        + (f"; default {default!r}" if default else ""),
+    )
+    return p
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     common = _common()
+    reason = _with_reason()
     p = sub.add_parser(
         "promote", help="roll a model version out: canary, gates, promote or roll back", description=__doc__
     )
@@ -68,23 +80,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     canary = verbs.add_parser("canary", help="start a canary or set its share")
     cverbs = canary.add_subparsers(dest="canary_verb", required=True, metavar="start|set")
     start = cverbs.add_parser(
-        "start", parents=[common], help="canary alias → VERSION; new storage URI at N%%"
+        "start", parents=[common, reason], help="canary alias → VERSION; new storage URI at N%%"
     )
     start.add_argument("version", nargs="?", help="registry version (default: the 'candidate' alias)")
     start.add_argument("--percent", type=int, required=True, help="canary share, 0–100")
-    cset = cverbs.add_parser("set", parents=[common], help="set the canary share (as `kubectl edit` would)")
+    cset = cverbs.add_parser("set", parents=[common, reason], help="set the canary share (as `kubectl edit` would)")
     cset.add_argument("percent", type=int, help="canary share, 0–100")
-    verbs.add_parser("advance", parents=[common], help="next step (e.g. 10 → 25 → 50 → 100) if gates pass")
+    verbs.add_parser("advance", parents=[common, reason], help="next step (e.g. 10 → 25 → 50 → 100) if gates pass")
     prom = verbs.add_parser(
-        "promote", parents=[common], help="production alias → the canary; percent removed"
+        "promote", parents=[common, reason], help="production alias → the canary; percent removed"
     )
     prom.add_argument(
         "version", nargs="?", help="deploy this version directly (first deployment, or --force)"
     )
-    rb = verbs.add_parser(
-        "rollback", parents=[common], help="canary to 0%%, previous spec restored, rejected"
+    verbs.add_parser(
+        "rollback",
+        parents=[common, _with_reason("manual rollback")],
+        help="canary to 0%%, previous spec restored, rejected; with no canary, production back to the "
+        "version it replaced (the one left is rejected)",
     )
-    rb.add_argument("--reason", default="manual rollback", help="recorded with the rejection")
     verbs.add_parser("auto", parents=[common], help="one scheduled run: advance, promote, roll back or hold")
     p.set_defaults(func=run)
 
@@ -144,12 +158,12 @@ def run(args: argparse.Namespace) -> int:
 def _dispatch(promoter: Any, args: argparse.Namespace) -> Any:
     if args.verb == "canary":
         if args.canary_verb == "start":
-            return promoter.canary_start(args.version, args.percent)
-        return promoter.canary_set(args.percent)
+            return promoter.canary_start(args.version, args.percent, reason=args.reason or "")
+        return promoter.canary_set(args.percent, reason=args.reason or "")
     if args.verb == "advance":
-        return promoter.advance()
+        return promoter.advance(reason=args.reason or "")
     if args.verb == "promote":
-        return promoter.promote(args.version)
+        return promoter.promote(args.version, reason=args.reason or "")
     if args.verb == "rollback":
         return promoter.rollback(reason=args.reason)
     return promoter.auto()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -21,7 +23,7 @@ class PromoteSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOTLENS_PROMOTE_", extra="ignore", hide_input_in_errors=True)
 
     target: str = Field("local", description="k8s | gitops | local")
-    actor: str | None = Field(None, description="who is acting (default: $USER)")
+    actor: str | None = Field(None, description="who is acting (default: user@host, see default_actor)")
 
     # Kubernetes API target
     namespace: str = "default"
@@ -103,7 +105,19 @@ class PromoteSettings(BaseSettings):
 
     @property
     def who(self) -> str:
-        return self.actor or os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
+        return self.actor or default_actor()
 
     def overlay_dir(self) -> Path:
         return self.manifests_dir / "overlays" / self.overlay
+
+
+def default_actor() -> str:
+    """``user@host`` for the audit when ``MOTLENS_PROMOTE_ACTOR`` is unset: ``$USER``, ``$LOGNAME``, else
+    the uid's passwd entry, else ``uid N`` (a container running as an id without one), at this host."""
+    user = os.environ.get("USER") or os.environ.get("LOGNAME")
+    if not user:
+        try:
+            user = getpass.getuser()  # LNAME / USERNAME, then the passwd entry of the uid
+        except (KeyError, OSError, ImportError):  # no passwd entry (KeyError before Python 3.13)
+            user = f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown user"
+    return f"{user}@{socket.gethostname() or 'unknown host'}"

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 STATUS_TAG = PROMOTION_STATUS_TAG
 STEP_AT_TAG = "promotion.step_at"
 STARTED_AT_TAG = "promotion.canary_started_at"
+PREVIOUS_TAG = "promotion.previous_production"  # on a production version: the one it replaced ("" = none)
+VERDICTS = ("rejected", "retired")  # a version so tagged is not rolled out again without --force
 PERCENT_TAG = CANARY_PERCENT_TAG
 _APPLIED_AT = "@applied"  # a tag value stamped with the time the live change took effect
 _STEP_ACTIONS = ("canary_start", "canary_set", "advance")  # the actions that stamp STEP_AT_TAG
@@ -190,21 +192,56 @@ class Promoter:
     def offline_gates(self, version: str, production: str | None) -> list[g.GateResult]:
         info = self.info(version)
         prod = self.info(production) if production and production != version else None
-        results = [
-            g.offline_gate(
-                info.metrics,
-                prod.metrics if prod else None,
-                self.settings,
-                candidate_params=info.params,
-                production_params=prod.params if prod else None,
-            )
-        ]
-        if self.settings.golden_check:
-            golden = g.golden_gate(info.tags, lambda: self._golden_check(version))
-            if g.GOLDEN_TAG not in info.tags and golden.status != g.WAIT and not self.dry_run:
-                self.registry.set_tags(version, {g.GOLDEN_TAG: _json(golden.to_json())})
-            results.append(golden)
-        return results
+        offline = g.offline_gate(
+            info.metrics,
+            prod.metrics if prod else None,
+            self.settings,
+            candidate_params=info.params,
+            production_params=prod.params if prod else None,
+        )
+        return [offline, *self.golden_gates(version)]
+
+    def golden_gates(self, version: str) -> list[g.GateResult]:
+        """The golden check (run once per version, its verdict kept in a tag), when enabled."""
+        if not self.settings.golden_check:
+            return []
+        tags = self.info(version).tags
+        golden = g.golden_gate(tags, lambda: self._golden_check(version))
+        if g.GOLDEN_TAG not in tags and golden.status != g.WAIT and not self.dry_run:
+            self.registry.set_tags(version, {g.GOLDEN_TAG: _json(golden.to_json())})
+        return [golden]
+
+    def verdict(self, version: str) -> tuple[str, str] | None:
+        """(status, "version V was S at T: reason") when ``version`` is tagged rejected or retired: one
+        rule for ``auto`` (which holds) and ``canary start`` / ``promote V`` (refused unless --force)."""
+        tags = self.info(version).tags
+        status = tags.get(STATUS_TAG, "")
+        if status not in VERDICTS:
+            return None
+        at = tags.get(f"promotion.{status}_at")
+        why = tags.get(f"promotion.{status}_reason") or "no reason recorded"
+        return status, f"version {version} was {status} {f'at {at}' if at else '(time not recorded)'}: {why}"
+
+    def _refuse_verdict(self, event: Event, live: RolloutState, what: str) -> None:
+        """Refuse (exit 3, recorded) rolling out a rejected or retired version; --force proceeds and the
+        event's reason says what it overrode."""
+        found = self.verdict(event.to_version)
+        if found is None:
+            return
+        status, detail = found
+        if self.force:
+            log.warning("--force: %s although %s", what, detail)
+            event.reason = _join(event.reason, f"forced past status {status}: {detail}")
+            return
+        event.success, event.reason = False, _join(event.reason, f"refused: {detail}")
+        event.from_state = event.to_state = live.describe()
+        event.percent = float(live.percent or 0) if live.canary_active else 0.0
+        event.ts = _now()
+        self._record(event, {event.to_version: {}})
+        raise Refused(
+            f"{what} refused: {detail}\n(--force rolls it out anyway; the override is recorded in the "
+            "event's reason)"
+        )
 
     def health_gates(self, version: str, production: str | None) -> list[g.GateResult]:
         times = self.canary_times(version)
@@ -353,6 +390,7 @@ class Promoter:
         if self.dry_run:
             event.dry_run = True
             patches = [self.target.plan(s) for s in steps]
+            event.ts = _now()  # a dry run's time is its decision's
             audit_ok = self._record(event, {})
             return Outcome(
                 event.action,
@@ -365,6 +403,7 @@ class Promoter:
         try:
             for step in steps:
                 patches.append(self.target.apply(step))
+            applied_at = _now()  # the target confirmed the change: when it took effect
             self.target.check_lock()  # a Lease lost meanwhile: the registry is not changed either
             for alias, version in set_aliases.items():
                 if aliases.get(alias) != version:
@@ -374,6 +413,7 @@ class Promoter:
                     self.registry.delete_alias(alias)
         except Exception as e:
             event.success, event.reason = False, f"{event.reason}; failed: {e}".lstrip("; ")
+            event.ts = _now()  # when it failed
             self._record(event, {v: {} for v in version_tags or {}})  # the audit, not the new state
             if not self._changed_since(live, aliases):
                 raise PromotionError(f"{event.action} failed, nothing was changed: {e}") from e
@@ -381,7 +421,8 @@ class Promoter:
                 f"{event.action} failed part-way: {e}\nrun `motlens promote status` to see the state; "
                 f"re-running the same command finishes it"
             ) from e
-        applied = _now().isoformat()
+        event.ts = applied_at
+        applied = applied_at.isoformat()
         version_tags = {
             v: {k: applied if val == _APPLIED_AT else val for k, val in tags.items()}
             for v, tags in (version_tags or {}).items()
@@ -445,9 +486,10 @@ class Promoter:
         failed = "; ".join(f"{r.name}: {r.status} ({r.detail})" for r in event.gates if r.status != g.PASS)
         if self.force:
             log.warning("--force: %s although gates did not pass: %s", what, failed)
-            event.reason = f"forced past gates: {failed}"
+            event.reason = _join(event.reason, f"forced past gates: {failed}")
             return
-        event.success, event.reason = False, f"gates {verdict}: {failed}"
+        event.success, event.reason = False, _join(event.reason, f"gates {verdict}: {failed}")
+        event.ts = _now()  # a refusal's time is its decision's (the gates may take a while)
         if not event.from_state:  # refused before a change was planned: the state it left as it was
             try:
                 live = self.target.read()
@@ -465,7 +507,7 @@ class Promoter:
 
     # ------------------------------------------------------------------ actions
 
-    def canary_start(self, version: str | None, percent: int) -> Outcome:
+    def canary_start(self, version: str | None, percent: int, reason: str = "") -> Outcome:
         check_or_raise(percent)
         with self.locked():
             live, aliases = self.snapshot()
@@ -510,10 +552,11 @@ class Promoter:
                     f"canary version {version} is already running at {live.percent}%: change its share "
                     "with `motlens promote canary set N` or `motlens promote advance`"
                 )
-            event = self._event("canary_start", from_version=production, to_version=version)
+            event = self._event("canary_start", from_version=production, to_version=version, reason=reason)
+            self._refuse_verdict(event, live, f"canary of version {version}")
             event.gates = self.offline_gates(version, production)
             self._refuse_on_gates(event, f"canary of version {version}")
-            tags = {STATUS_TAG: "canary", PERCENT_TAG: str(percent)}
+            tags = {STATUS_TAG: "canary", PERCENT_TAG: str(percent), **self._moved_verdicts(version)}
             if resumed:  # finishing an interrupted start: the canary keeps its start time
                 desired = live.with_percent(percent)
                 known = self.info(version).tags  # times written by this start, if it got that far
@@ -529,13 +572,13 @@ class Promoter:
             version_tags = {version: tags}
             if live.canary_active and live.canary_version != version:  # --force replaced a running canary
                 replaced = str(live.canary_version)
-                version_tags[replaced] = {STATUS_TAG: "retired", "promotion.retired_reason": f"replaced by {version}"}
+                version_tags[replaced] = _retired(f"replaced by {version}")
                 event.reason = f"{event.reason}; replaced canary {replaced}".lstrip("; ")
             return self._execute(
                 event, live, aliases, [desired], set_aliases={"canary": version}, version_tags=version_tags
             )
 
-    def canary_set(self, percent: int) -> Outcome:
+    def canary_set(self, percent: int, reason: str = "") -> Outcome:
         """Set the canary's share directly (what a ``kubectl edit`` of canaryTrafficPercent does)."""
         check_or_raise(percent)
         with self.locked():
@@ -543,7 +586,9 @@ class Promoter:
             if not live.canary_active:
                 raise PromotionError(f"no canary is running on {self.target.describe()} ({live.describe()})")
             version = str(live.canary_version)
-            event = self._event("canary_set", from_version=live.production_version or "", to_version=version)
+            event = self._event(
+                "canary_set", from_version=live.production_version or "", to_version=version, reason=reason
+            )
             return self._execute(
                 event,
                 live,
@@ -555,7 +600,7 @@ class Promoter:
     def next_step(self, percent: int | None) -> int | None:
         return next((s for s in self.settings.steps if s > (percent or 0)), None)
 
-    def advance(self) -> Outcome:
+    def advance(self, reason: str = "") -> Outcome:
         with self.locked():
             live, aliases = self.snapshot()
             if not live.canary_active:
@@ -565,12 +610,12 @@ class Promoter:
                 raise PromotionError(
                     f"canary is at {live.percent}%, the last step; run `motlens promote promote`"
                 )
-            return self._advance(live, aliases, nxt)
+            return self._advance(live, aliases, nxt, reason)
 
-    def _advance(self, live: RolloutState, aliases: dict[str, str], nxt: int) -> Outcome:
+    def _advance(self, live: RolloutState, aliases: dict[str, str], nxt: int, reason: str = "") -> Outcome:
         version = str(live.canary_version)
         production = live.production_version
-        event = self._event("advance", from_version=production or "", to_version=version)
+        event = self._event("advance", from_version=production or "", to_version=version, reason=reason)
         event.gates = self.offline_gates(version, production) + self.health_gates(version, production)
         self._refuse_on_gates(event, f"advancing version {version} from {live.percent}% to {nxt}%")
         return self._execute(
@@ -581,23 +626,23 @@ class Promoter:
             version_tags={version: {STEP_AT_TAG: _APPLIED_AT, PERCENT_TAG: str(nxt)}},
         )
 
-    def promote(self, version: str | None = None) -> Outcome:
+    def promote(self, version: str | None = None, reason: str = "") -> Outcome:
         with self.locked():
             live, aliases = self.snapshot()
             canary = live.canary_version or aliases.get("canary")
             if version is not None:
                 version = self.info(version).version
             if canary is not None and version in (None, canary):
-                return self._promote_canary(live, aliases, canary)
+                return self._promote_canary(live, aliases, canary, reason)
             if version is None:
                 raise PromotionError("no canary to promote (give a VERSION to deploy one directly)")
-            return self._deploy(live, aliases, version)
+            return self._deploy(live, aliases, version, reason)
 
-    def _promote_canary(self, live: RolloutState, aliases: dict[str, str], version: str) -> Outcome:
+    def _promote_canary(self, live: RolloutState, aliases: dict[str, str], version: str, reason: str = "") -> Outcome:
         previous = (
             aliases.get("production") if aliases.get("production") != version else live.production_version
         )
-        event = self._event("promote", from_version=previous or "", to_version=version)
+        event = self._event("promote", from_version=previous or "", to_version=version, reason=reason)
         if live.canary_active:
             event.gates = self.offline_gates(version, previous) + self.health_gates(version, previous)
             self._refuse_on_gates(event, f"promoting version {version}")
@@ -606,7 +651,8 @@ class Promoter:
             desired = live  # resuming: the live side is already done
         tags = {version: {STATUS_TAG: "production", "promotion.promoted_at": _APPLIED_AT}}
         if previous and previous != version:
-            tags[previous] = {STATUS_TAG: "retired"}
+            tags[version][PREVIOUS_TAG] = previous
+            tags[previous] = _retired(f"replaced in production by version {version}")
         return self._execute(
             event,
             live,
@@ -617,7 +663,7 @@ class Promoter:
             version_tags=tags,
         )
 
-    def _deploy(self, live: RolloutState, aliases: dict[str, str], version: str) -> Outcome:
+    def _deploy(self, live: RolloutState, aliases: dict[str, str], version: str, reason: str = "") -> Outcome:
         """Straight to production without a canary: the first deployment, the version the registry's
         'production' alias names brought live, or forced."""
         alias, serving = aliases.get("production"), live.production_version
@@ -626,16 +672,24 @@ class Promoter:
         live_prod = serving if serving != version and self._serves(live, serving) else None
         registry_prod = alias if alias != version else None
         baseline = live_prod or registry_prod  # what leaves traffic, else what the registry called production
-        event = self._event("deploy", from_version=baseline or serving or "", to_version=version)
+        event = self._event("deploy", from_version=baseline or serving or "", to_version=version, reason=reason)
+        self._refuse_verdict(event, live, f"deploying version {version}")
         event.gates = self.offline_gates(version, baseline)
         self._refuse_on_gates(event, f"deploying version {version}")
         desired = live.deployed(version, self.uri(version))
-        tags = {version: {STATUS_TAG: "production", "promotion.promoted_at": _APPLIED_AT}}
+        tags = {
+            version: {
+                STATUS_TAG: "production",
+                "promotion.promoted_at": _APPLIED_AT,
+                PREVIOUS_TAG: baseline or "",
+                **self._moved_verdicts(version),
+            }
+        }
         for previous in {live_prod, registry_prod} - {None}:
-            tags[str(previous)] = {STATUS_TAG: "retired"}
+            tags[str(previous)] = _retired(f"replaced in production by version {version} (deploy)")
         dropped = live.canary_version if live.canary_active else aliases.get("canary")
         if dropped and dropped != version and self._exists(dropped):
-            tags[dropped] = {STATUS_TAG: "retired", "promotion.retired_reason": f"canary dropped: deployed {version}"}
+            tags[dropped] = _retired(f"canary dropped: deployed {version}")
         return self._execute(
             event,
             live,
@@ -689,9 +743,7 @@ class Promoter:
             live, aliases = self.snapshot()
             version = live.canary_version or aliases.get("canary")
             if version is None:
-                raise PromotionError(
-                    f"no canary to roll back on {self.target.describe()} ({live.describe()})"
-                )
+                return self._rollback_production(live, aliases, reason)
             production = live.production_version or aliases.get("production")
             if not live.canary_active and version == live.production_version:
                 raise PromotionError(  # an interrupted promote: rolling "back" would reject what serves
@@ -712,8 +764,97 @@ class Promoter:
                 aliases,
                 steps,
                 delete_aliases=("canary",),
-                version_tags={version: {STATUS_TAG: "rejected", "promotion.rejected_reason": reason[:5000]}},
+                version_tags={version: _rejected(reason)},
             )
+
+    def _rollback_production(self, live: RolloutState, aliases: dict[str, str], reason: str) -> Outcome:
+        """No canary: production goes back to the version it replaced (tag ``promotion.previous_production``,
+        else the ``promotion_events`` table), through the golden check only (it served before: the offline
+        comparison with the version rolled back from does not apply); the version left is rejected."""
+        where = self.target.describe()
+        current = aliases.get("production") or live.production_version
+        if current is None:
+            raise PromotionError(f"no canary to roll back on {where} ({live.describe()}), and nothing in production")
+        previous, source = self.previous_production(current)
+        if previous is None:
+            raise PromotionError(
+                f"no canary to roll back on {where} ({live.describe()}), and no production version before "
+                f"version {current} is recorded ({source}): deploy one with `motlens promote promote VERSION "
+                f"--force`"
+            )
+        if not self._exists(previous):
+            raise PromotionError(
+                f"no canary to roll back on {where}; version {previous}, production before version {current} "
+                f"({source}), is not in the registry"
+            )
+        event = self._event("rollback", from_version=current, to_version=previous, reason=reason)
+        found = self.verdict(previous)
+        if found is not None and found[0] == "rejected":  # retired is what a promotion leaves: the way back
+            if not self.force:
+                raise Refused(
+                    f"rolling production back from version {current} to {previous} ({source}) refused: "
+                    f"{found[1]}\n(--force restores it anyway; the override is recorded in the event's reason)"
+                )
+            event.reason = _join(event.reason, f"forced past status rejected: {found[1]}")
+        event.gates = self.golden_gates(previous)
+        self._refuse_on_gates(event, f"rolling production back from version {current} to {previous}")
+        tags = {
+            previous: {
+                STATUS_TAG: "production",
+                "promotion.promoted_at": _APPLIED_AT,
+                PREVIOUS_TAG: current,
+                **self._moved_verdicts(previous),
+            },
+            current: _rejected(reason),
+        }
+        return self._execute(
+            event,
+            live,
+            aliases,
+            [live.deployed(previous, self.uri(previous))],
+            set_aliases={"production": previous},
+            version_tags=tags,
+        )
+
+    def previous_production(self, version: str) -> tuple[str | None, str]:
+        """The production version that ``version`` replaced, and where that was read: its tag
+        ``promotion.previous_production`` (written by every promote, deploy and rollback of production),
+        else, for versions promoted before that tag existed, the latest successful ``promote`` or
+        ``deploy`` to it in the ``promotion_events`` table whose replaced version was retired by it."""
+        tags = self.info(version).tags
+        if PREVIOUS_TAG in tags:
+            return tags[PREVIOUS_TAG] or None, f"tag {PREVIOUS_TAG} of version {version}"
+        try:
+            rows = _records(self.reader().promotion_events(limit=1000))
+        except Exception as e:  # noqa: BLE001 - no audit trail to read: unknown
+            return None, f"no tag {PREVIOUS_TAG} on version {version}; promotion_events unreadable: {e}"
+        rows = [r for r in rows if _as_utc(r.get("ts"))]
+        for r in sorted(rows, key=lambda r: _as_utc(r.get("ts")) or _now(), reverse=True):
+            before = str(r.get("from_version") or "")
+            if (
+                r.get("action") in ("promote", "deploy")
+                and str(r.get("to_version")) == version
+                and bool(r.get("success"))
+                and not bool(r.get("dry_run"))
+                and before
+                and before != version
+                and self._exists(before)
+                and self.info(before).tags.get(STATUS_TAG) in VERDICTS
+            ):
+                return before, f"the promotion_events table: {r['action']} {before}→{version} at {r['ts']}"
+        return None, f"no tag {PREVIOUS_TAG} on version {version} and no promote or deploy to it in promotion_events"
+
+    def _moved_verdicts(self, version: str) -> dict[str, str]:
+        """Tags that move a stale rejected/retired reason and time of ``version`` to ``previous_*`` (kept
+        readable in the history) and clear them, as it is rolled out again."""
+        tags, out = self.info(version).tags, {}
+        for status in VERDICTS:
+            for what in ("reason", "at"):
+                key = f"promotion.{status}_{what}"
+                if tags.get(key):
+                    out[f"promotion.previous_{status}_{what}"] = tags[key]
+                    out[key] = ""
+        return out
 
     def auto(self) -> Outcome:
         """One CronJob run: evaluate gates, then start, advance, promote, roll back or hold."""
@@ -760,12 +901,13 @@ class Promoter:
             return self._hold(live, [], "no 'candidate' alias; nothing to roll out")
         if candidate == production:
             return self._hold(live, [], f"candidate version {candidate} is already production")
-        tags = self.info(candidate).tags
-        if tags.get(STATUS_TAG) in ("rejected", "retired"):
+        found = self.verdict(candidate)
+        if found is not None:  # auto never overrides a verdict; `canary start V --force` does
             return self._hold(
                 live,
                 [],
-                f"candidate version {candidate} was {tags[STATUS_TAG]}; train or alias a new candidate",
+                f"candidate {found[1]}; train or alias a new candidate (or `motlens promote canary start "
+                f"{candidate} --force`)",
             )
         gates = self.offline_gates(candidate, production)
         if g.summarize(gates) == g.WAIT:  # e.g. the golden check could not run: try again next time
@@ -780,10 +922,8 @@ class Promoter:
                 success=True,
             )
             event.from_state = event.to_state = live.describe()
-            ok = self._record(
-                event,
-                {candidate: {STATUS_TAG: "rejected", "promotion.rejected_reason": "offline gates failed"}},
-            )
+            tags = {k: event.ts.isoformat() if v == _APPLIED_AT else v for k, v in _rejected(event.reason).items()}
+            ok = self._record(event, {candidate: tags})
             return Outcome(
                 "reject",
                 f"candidate version {candidate} rejected: offline gates did not pass",
@@ -946,3 +1086,16 @@ def _as_utc(ts: Any) -> datetime | None:
 
 def _json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _join(*parts: str) -> str:
+    """Reasons joined: the operator's ``--reason`` first, then what the command adds."""
+    return "; ".join(p for p in parts if p)
+
+
+def _rejected(reason: str) -> dict[str, str]:
+    return {STATUS_TAG: "rejected", "promotion.rejected_reason": reason[:5000], "promotion.rejected_at": _APPLIED_AT}
+
+
+def _retired(reason: str) -> dict[str, str]:
+    return {STATUS_TAG: "retired", "promotion.retired_reason": reason[:5000], "promotion.retired_at": _APPLIED_AT}

@@ -220,6 +220,13 @@ def test_cronjobs(built, overlay: str) -> None:
     assert any(name.startswith("MOTLENS_DRIFT_") for name in _env(drift_container))
     promo_container = promotion["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert promo_container["command"] + promo_container["args"] == ["motlens", "promote", "auto", "--target", "k8s"]
+    # the audit names the job and its pod, not "unknown" (no $USER, no passwd entry for uid 10001);
+    # $(POD_NAME) expands only from a variable defined before it
+    names = [e["name"] for e in promo_container["env"]]
+    actor = _env(promo_container)["MOTLENS_PROMOTE_ACTOR"]["value"]
+    assert actor == "cronjob/motlens-promotion@$(POD_NAME)"
+    assert names.index("POD_NAME") < names.index("MOTLENS_PROMOTE_ACTOR")
+    assert _env(promo_container)["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

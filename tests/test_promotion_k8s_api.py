@@ -279,3 +279,29 @@ def test_k8s_lease_lost_after_the_patch_leaves_the_registry_alone(k8s):
     assert _live(api)[:2] == ("2", 10)  # the patch landed before the loss
     assert env.registry.aliases() == {"production": "1"}  # no canary alias written without the Lease
     assert api.objects[lease_key]["spec"]["holderIdentity"] == "promote-B:2"
+
+
+def test_k8s_rollback_after_a_promotion_restores_the_previous_spec(k8s):
+    """No canary: `rollback` puts the version the promotion replaced back in the spec (its URI in
+    STORAGE_URI and the production annotations, no canaryTrafficPercent), as a merge patch the CRD
+    schema accepts; the alias follows and the version left is rejected."""
+    from promotion.workflow import Promoter
+
+    env, api, settings, target = k8s
+    uri = {v: env.registry.resolve(v).artifact_uri for v in ("1", "2")}
+    p = Promoter(settings, env.registry, target, force=True)
+    p.promote("1")
+    p.canary_start("2", 10)
+    p.promote()  # forced past the live gates: no traffic here
+    p.force = False
+    assert _live(api) == (None, None, uri["2"], uri["2"])
+    out = p.rollback(reason="k8s: p99 after promotion")
+    assert out.action == "rollback"
+    assert _live(api) == (None, None, uri["1"], uri["1"])
+    isvc = api.isvc()
+    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+    assert isvc["metadata"]["annotations"]["motlens.io/production-version"] == "1"
+    assert "motlens.io/canary-version" not in isvc["metadata"]["annotations"]
+    assert env.registry.aliases() == {"production": "1"}
+    assert env.registry.resolve("2").tags["promotion.status"] == "rejected"
+    assert p.status()["disagreements"] == []
