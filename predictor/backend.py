@@ -8,7 +8,6 @@ the golden set on this device; a backend that fails the golden set is never serv
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import time
@@ -23,6 +22,7 @@ import numpy as np
 from motlens.bundle import MANIFEST, Bundle, BundleError, GoldenResult, check_golden
 from motlens.embedder import Embedder, TorchEmbedder
 from motlens.head import DefectHead, HeadOutput
+from predictor.heap import collect_unfrozen, freeze_long_lived, heap_frozen
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,8 @@ class Backend:
     golden: GoldenResult | None = None
     info: dict[str, Any] = field(default_factory=dict)
     fallback: str | None = None
+    #: loaded before the heap was frozen, so in the permanent generation (set by predictor.slots)
+    in_frozen_heap: bool = False
 
     @property
     def name(self) -> str:
@@ -220,17 +222,19 @@ class Backend:
     def close(self) -> None:
         """Drop the model and return accelerator memory.
 
-        The model's reference cycles are freed only by a collection that sees them, so a frozen heap
-        (predictor.heap) is unfrozen for it and frozen again after: otherwise the weights would
-        still be allocated when the CUDA cache is emptied."""
+        The model's reference cycles are freed only by a collection that sees them. A model loaded
+        after the heap was frozen (predictor.heap) is in the collected generations: a plain collection
+        frees it without walking the frozen heap. One that was frozen with it (``in_frozen_heap``, the
+        process's first model) is left there on CPU (its cycles, not its weights); on a GPU the heap is
+        unfrozen for one full collection and frozen again, else the weights would still be allocated
+        when the CUDA cache is emptied."""
         self.embedder = None  # type: ignore[assignment]
-        frozen = gc.get_freeze_count() > 0
-        if frozen:
-            gc.unfreeze()
-        gc.collect()
-        if frozen:
-            gc.freeze()
-        if self.info.get("device", "").startswith("cuda"):
+        cuda = self.info.get("device", "").startswith("cuda")
+        if cuda and self.in_frozen_heap and heap_frozen():
+            freeze_long_lived()
+        else:
+            collect_unfrozen()
+        if cuda:
             import torch
 
             torch.cuda.empty_cache()

@@ -11,6 +11,7 @@ import sys
 import threading
 from collections import Counter as Counter_
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, Summary
@@ -32,6 +33,14 @@ REQUEST_LATENCY = Histogram(
     "motlens_request_latency_seconds",
     "End-to-end model latency of a successful request, by protocol and model version",
     ["protocol", "version"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+HTTP_LATENCY = Histogram(
+    "motlens_http_request_duration_seconds",
+    "Inference request duration at the HTTP layer (REST: from the request reaching the app to the end of "
+    "its answer, event-loop stalls included), by protocol, status class and the model version that "
+    "answered ('' when none did)",
+    ["protocol", "code", "version"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 BATCH_SIZE = Histogram(
@@ -102,6 +111,8 @@ def clear_model_info(labels: tuple[str, ...]) -> None:
 _version_series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
 _version_refs: Counter_[str] = Counter_()
 _version_lock = threading.Lock()
+#: versions no unit holds any more whose series are kept until their timer removes them
+_retiring: dict[str, threading.Timer] = {}
 
 
 def by_version(metric: Any, *labels: str) -> Any:
@@ -117,21 +128,74 @@ def by_version(metric: Any, *labels: str) -> Any:
 
 
 def hold_version(version: str) -> None:
-    """A serving unit of ``version`` exists (reference-counted, like :func:`set_model_info`)."""
+    """A serving unit of ``version`` exists (reference-counted, like :func:`set_model_info`); a
+    version loaded again within its grace period keeps its series."""
     with _version_lock:
         _version_refs[version] += 1
+        timer = _retiring.pop(version, None)
+    if timer is not None:
+        timer.cancel()
 
 
-def release_version(version: str) -> None:
-    """A unit of ``version`` was closed; the last one removes the version's request series."""
+def release_version(version: str, grace_s: float = 0.0) -> None:
+    """A unit of ``version`` was closed; the last one removes the version's request series, after
+    ``grace_s`` seconds (``MOTLENS_SERVE_RETIRED_SERIES_GRACE_S``): the outgoing version's last
+    requests (errors at the cutover) are still scraped."""
     with _version_lock:
         _version_refs[version] -= 1
         if _version_refs[version] > 0:
             return
         del _version_refs[version]
-        for metric, labels in _version_series.pop(version, ()):
-            with contextlib.suppress(KeyError):
-                metric.remove(*labels)
+        if grace_s > 0:
+            timer = threading.Timer(grace_s, _expire, (version,))
+            timer.daemon = True
+            timer.name = f"motlens-series-{version}"[:40]
+            previous, _retiring[version] = _retiring.get(version), timer
+            if previous is not None:
+                previous.cancel()
+            timer.start()
+            return
+        _drop_series(version)
+
+
+def _expire(version: str) -> None:
+    with _version_lock:
+        timer = _retiring.get(version)
+        if timer is None or timer is not threading.current_thread() or version in _version_refs:
+            return  # held again, or replaced by a later retirement's timer
+        del _retiring[version]
+        _drop_series(version)
+
+
+def _drop_series(version: str) -> None:
+    """Remove the version's series (under ``_version_lock``)."""
+    for metric, labels in _version_series.pop(version, ()):
+        with contextlib.suppress(KeyError):
+            metric.remove(*labels)
+
+
+def version_known(version: str) -> bool:
+    """A unit serves ``version``, or its series are still kept (retired within the grace period)."""
+    return version in _version_refs or version in _retiring
+
+
+#: the model version that answered the current HTTP request, where the HTTP layer asked to know it
+#: (set by :func:`note_served`, read by the latency middleware of predictor.server)
+SERVED: ContextVar[dict[str, str] | None] = ContextVar("motlens_served", default=None)
+
+
+def note_served(version: str) -> None:
+    """Tell the HTTP layer's latency middleware which version answered this request."""
+    served = SERVED.get()
+    if served is not None:
+        served["version"] = version
+
+
+def observe_http(protocol: str, status: int, version: str, seconds: float) -> None:
+    """One inference request at the HTTP layer; an unknown (or already retired) version is ''."""
+    code = f"{status // 100}xx" if 100 <= status < 600 else "other"
+    version = version if version and version_known(version) else ""
+    by_version(HTTP_LATENCY, protocol, code, version).observe(seconds)
 
 
 #: the CUDA device the model serves on (``watch_cuda_device``); the GPU gauges read this one

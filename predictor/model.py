@@ -104,6 +104,7 @@ class MotlensModel(Model):
                 raise Unavailable(f"model {self.name} is not ready")
             raise counted(ModelNotReady(self.name, reason[1] if reason else None))
         served = unit.version
+        metrics.note_served(served)
         try:
             result, hits = await unit.predict(req.texts, req.context)
         except Overloaded as e:

@@ -38,6 +38,7 @@ class ServingUnit:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        self.retired_series_grace_s = settings.retired_series_grace_s
         self._holds_version = True
         self._lock = threading.Lock()  # close() runs in a worker thread, release() on the event loop
         self.batcher = MicroBatcher(
@@ -74,7 +75,7 @@ class ServingUnit:
             if not self._closed or self.inflight or not self._holds_version:
                 return
             self._holds_version = False
-        metrics.release_version(self.version)
+        metrics.release_version(self.version, self.retired_series_grace_s)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no request uses this unit; False if ``timeout`` passed first."""

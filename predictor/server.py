@@ -60,6 +60,7 @@ from predictor.backend import ModelLoadError, load_backend
 from predictor.batcher import Overloaded
 from predictor.cache import EmbeddingCache
 from predictor.codec import check_binary_texts, resolve_request_id, short_message
+from predictor.events import write_event
 from predictor.model import MotlensModel
 from predictor.priority import nice_current_thread
 from predictor.settings import ServeSettings
@@ -127,6 +128,40 @@ class _Uvicorn(uvicorn.Server):
             raise RuntimeError(str(e.__context__ or f"uvicorn startup failed (exit {e.code})")) from e.__context__
 
 
+class _HttpLatency:
+    """``motlens_http_request_duration_seconds``: every REST inference request (``POST`` to a path ending
+    ``:predict`` or ``/infer``), from reaching the app to the end of its answer, whatever its status. It
+    sees what the model adapter's ``motlens_request_latency_seconds`` cannot: time the request spent
+    waiting for a stalled event loop, and refusals. Labels: protocol (``v1``, ``v2-rest``), status class
+    and the version that answered (''  if none did), so the series stay bounded. A plain ASGI middleware
+    (Starlette's ``BaseHTTPMiddleware`` costs a task per request)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" and scope.get("method") == "POST" else ""
+        protocol = "v1" if path.endswith(":predict") else "v2-rest" if path.endswith("/infer") else None
+        if protocol is None:
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [500]
+        served: dict[str, str] = {}
+        token = metrics.SERVED.set(served)
+
+        async def send_status(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            metrics.SERVED.reset(token)
+            metrics.observe_http(protocol, status[0], served.get("version", ""), time.perf_counter() - t0)
+
+
 class _RESTServer(RESTServer):
     """KServe's REST server on a fresh FastAPI app (not KServe's module-level one) with motlens routes."""
 
@@ -149,6 +184,7 @@ class _RESTServer(RESTServer):
 
     def create_application(self) -> None:
         app = FastAPI(title="motlens predictor", docs_url=None, redoc_url=None)
+        app.add_middleware(_HttpLatency)
         self.motlens.add_routes(app)
         if self.motlens.settings.access_log:
             self._add_middlewares(app)  # KServe's per-request timing lines (costly: getrusage per request)
@@ -415,6 +451,9 @@ class PredictorServer:
             embedder=embedder,
         )
         self.slots = SlotManager(settings, self.cache, loader)
+        log_settings = getattr(writer, "settings", None)
+        if log_settings is not None and hasattr(log_settings, "embedded"):  # a predlog writer: audit rows too
+            self.slots.on_event = partial(write_event, log_settings)
         self.model = MotlensModel(self.slots, settings, writer)
         repo = ModelRepository()
         repo.update(self.model)

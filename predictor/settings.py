@@ -87,13 +87,21 @@ class ServeSettings(BaseSettings):
         "when the cores are saturated (predictor.priority)",
     )
     gc_freeze: bool = Field(
-        True, description="after each model load, move long-lived objects out of the cyclic GC (predictor.heap)"
+        True,
+        description="before the first model serves, move long-lived objects out of the cyclic GC, once per "
+        "process (predictor.heap)",
     )
 
     # observability
     json_logs: bool = False
     access_log: bool = Field(False, description="uvicorn access lines and KServe's per-request timing lines")
     log_embedding_sample_rate: float = Field(0.01, ge=0.0, le=1.0)
+    retired_series_grace_s: float = Field(
+        60.0,
+        ge=0.0,
+        description="keep a retired version's request series this long (≈ 2 scrape intervals) so its last "
+        "requests are scraped; 0 = remove them at once",
+    )
 
     # deployment slots (local promotion target)
     canary: str | None = Field(None, description="model reference to load into the canary slot at start")

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from motlens import MODEL_NAME
@@ -28,7 +29,7 @@ from motlens.labels import CANARY_PERCENT_TAG, PROMOTION_STATUS_TAG, SLOTS
 from predictor import metrics
 from predictor.backend import REGISTRY_UNREACHABLE, Backend, ModelLoadError, record_lkg
 from predictor.cache import EmbeddingCache
-from predictor.heap import freeze_long_lived
+from predictor.heap import freeze_long_lived, heap_frozen
 from predictor.pipeline import ServingUnit
 from predictor.settings import ServeSettings
 
@@ -82,6 +83,10 @@ class SlotManager:
         # alone until the alias catches up (the promotion CLI moves the target first, then the alias)
         self._admin_install: tuple[str, float] | None = None
         self.follow_polls = 0  # alias polls completed by follow() (each one resolved and acted on, or failed)
+        #: when each slot's current model started serving (the swap)
+        self.served_since: dict[str, datetime] = {}
+        #: called (in a thread) with the promotion_events row of each follower switch (predictor.events)
+        self.on_event: Callable[[dict[str, Any]], Any] | None = None
         # Every load (and so every batcher and runtime thread) starts from this one thread, which
         # keeps the process's own priority when the event loop is niced (predictor.priority).
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="motlens-load")
@@ -173,8 +178,11 @@ class SlotManager:
                 self._update_readiness()
                 raise
             backend = unit.backend
+            if self.settings.gc_freeze and not heap_frozen():
+                self._freeze_heap(unit)  # once per process, before the first model serves
             old = state.unit
             state.unit, state.ref, state.loading, state.error, state.error_kind = unit, ref, None, None, None
+            self.served_since[slot] = datetime.now(UTC)
             if admin and slot == "production":
                 self._admin_install = (unit.version, time.monotonic())
             self._export_unit(slot, unit)
@@ -229,6 +237,8 @@ class SlotManager:
             unit.slot = "production"
             prod.unit, prod.ref, prod.error, prod.error_kind = unit, canary.ref, None, None
             canary.unit, canary.ref = None, None
+            self.served_since["production"] = datetime.now(UTC)
+            self.served_since.pop("canary", None)
             self.canary_percent = 0.0
             self._admin_install = (unit.version, time.monotonic())
             self._export_unit("canary", None)
@@ -275,8 +285,9 @@ class SlotManager:
                     and time.monotonic() >= retry_at.get(info.version, (0.0, 0.0))[0]
                 ):
                     log.info("alias %s now names version %s; switching production", alias, info.version)
+                    ref = f"models:/{MODEL_NAME}/{info.version}"
                     try:
-                        await self.load("production", f"models:/{MODEL_NAME}/{info.version}")
+                        await self.load("production", ref)
                     except ModelLoadError as e:
                         if e.transient:  # the registry or artifact store did not answer: again, later
                             backoff = min(2 * retry_at.get(info.version, (0.0, interval_s / 2))[1], 600.0)
@@ -285,6 +296,7 @@ class SlotManager:
                             refused.add(info.version)
                     else:
                         unit = self.slots["production"].unit
+                        await self._record_follow(alias, current, unit, ref)
                         if self.settings.lkg_enabled and unit is not None and not unit.backend.fallback:
                             ref = f"models:/{MODEL_NAME}@{alias}"
                             await asyncio.to_thread(record_lkg, ref, unit.backend.bundle)
@@ -292,6 +304,19 @@ class SlotManager:
                 log.warning("cannot resolve alias %s: %s", alias, e)
             self.follow_polls += 1
             await asyncio.sleep(interval_s)
+
+    async def _record_follow(self, alias: str, previous: str | None, unit: ServingUnit | None, ref: str) -> None:
+        """The audit row of a follower switch (``on_event``; never raises: serving goes on)."""
+        if self.on_event is None or unit is None:
+            return
+        from predictor.events import follow_row
+
+        since = self.served_since.get("production") or datetime.now(UTC)
+        row = follow_row(alias, previous, unit.version, since, ref)
+        try:
+            await asyncio.to_thread(self.on_event, row)
+        except Exception as e:  # noqa: BLE001 - the recorder logs its own failures; this is a last guard
+            log.warning("cannot record the switch to version %s: %s", unit.version, e)
 
     async def _restore_canary(self, registry: Any) -> bool:
         """Load the canary the registry records as running (alias ``canary`` on a version tagged
@@ -400,12 +425,19 @@ class SlotManager:
         for r in FALLBACK_REASONS:
             metrics.MODEL_FALLBACK.labels(slot=slot, reason=r).set(1 if r == reason else 0)
 
+    def _freeze_heap(self, new: ServingUnit) -> None:
+        """Freeze the long-lived heap (predictor.heap): one full collection, on the event loop, before
+        ``new`` serves. Every model alive now is in the frozen heap (Backend.close treats it so); models
+        loaded later are not, so no later swap needs a full pass."""
+        freeze_long_lived()
+        for unit in [new, *(st.unit for st in self.slots.values() if st.unit is not None)]:
+            unit.backend.in_frozen_heap = True
+
     async def _settle(self, old: ServingUnit | None) -> None:
-        """After a slot change: retire the unit it replaced, then freeze what is now long-lived (predictor.heap)."""
+        """After a slot change: retire the unit it replaced (its close collects its garbage without a
+        pass over the frozen heap, predictor.heap)."""
         if old is not None:
             await self._retire(old)
-        if self.settings.gc_freeze:
-            freeze_long_lived()
 
     async def _retire(self, unit: ServingUnit) -> None:
         if not await unit.drain(self.settings.grace_period_s):

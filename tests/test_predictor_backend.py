@@ -95,15 +95,17 @@ class _Model:
         raise RuntimeError("CUDA out of memory (injected)")
 
 
-def test_close_frees_the_model_while_the_heap_is_frozen(tiny_bundle, embedder):
-    """With the heap frozen (gc_freeze, the default) a plain collection never reached the model, so
-    the CUDA cache was emptied while the weights were still allocated."""
+def test_close_frees_a_gpu_model_frozen_with_the_heap(tiny_bundle, embedder):
+    """With the heap frozen (gc_freeze, the default) a plain collection never reached a model frozen
+    with it, so the CUDA cache was emptied while the weights were still allocated."""
     be = load_backend(str(tiny_bundle.root), embedder=embedder)
+    be.info["device"] = "cuda"  # torch.cuda.empty_cache() is a no-op without CUDA
     model = _Model()
     alive = weakref.ref(model)
     be.embedder = model  # type: ignore[assignment]
     del model
     gc.freeze()
+    be.in_frozen_heap = True
     try:
         be.close()
         assert alive() is None

@@ -55,6 +55,7 @@ def server(tiny_bundle, embedder):
         max_items_per_request=8,
         max_body_bytes=16 * 1024,
         admin_enabled=True,
+        retired_series_grace_s=1.5,
     )
     srv = PredictorServer(settings, embedder=embedder, host="127.0.0.1")
     thread = ServerThread(srv).start().wait_ready()
@@ -130,11 +131,29 @@ def test_requests_are_counted_by_the_version_that_answered(server, bundle_v2):
     assert sample("motlens_request_latency_seconds_count", protocol="v2-rest", version=V2_VERSION) == 2
     assert sample("motlens_items_total", protocol="v2-rest", outcome="ok", version=V2_VERSION) == 2
 
+    # the HTTP layer's own histogram, labelled with the version that answered
+    http2 = {"protocol": "v2-rest", "code": "2xx", "version": V2_VERSION}
+    assert sample("motlens_http_request_duration_seconds_count", **http2) == 2
+    assert (sample("motlens_http_request_duration_seconds_count", protocol="v2-rest", code="2xx", version="1")
+            or 0) >= 3  # fmt: skip
+    assert httpx.post(f"{server}{V2}", content=b"{not json").status_code == 400  # no version answered
+    assert (sample("motlens_http_request_duration_seconds_count", protocol="v2-rest", code="4xx", version="")
+            or 0) >= 1  # fmt: skip
+
     r = httpx.post(f"{admin}/rollback", timeout=120)
+    retired_at = time.monotonic()
     assert r.status_code == 200 and r.json()["slots"]["canary"]["version"] is None
-    # the canary's version is retired: its series go, and the emptied canary slot shows no figures of it
-    assert sample("motlens_requests_total", protocol="v2-rest", outcome="ok", version=V2_VERSION) is None
+    # the retired version's series stay for the grace period (its last requests are scraped) …
+    assert sample("motlens_requests_total", protocol="v2-rest", outcome="ok", version=V2_VERSION) == ok2 + 2
+    assert sample("motlens_http_request_duration_seconds_count", **http2) == 2
+    assert time.monotonic() - retired_at < 1.5, "too slow to see the grace period"
+    # … then go, and the emptied canary slot shows no figures of it
+    deadline = time.monotonic() + 10
+    while sample("motlens_requests_total", protocol="v2-rest", outcome="ok", version=V2_VERSION) is not None:
+        assert time.monotonic() < deadline, "the retired version's series outlived the grace period"
+        time.sleep(0.1)
     assert sample("motlens_request_latency_seconds_count", protocol="v2-rest", version=V2_VERSION) is None
+    assert sample("motlens_http_request_duration_seconds_count", **http2) is None
     for gauge in ("motlens_golden_passed", "motlens_golden_min_cosine", "motlens_model_load_seconds"):
         assert sample(gauge, slot="canary") is None, gauge
         assert sample(gauge, slot="production") is not None, gauge
@@ -178,3 +197,23 @@ def test_rest_requests_while_nothing_is_loaded_count_as_unavailable(tmp_path, em
         assert requests_total("v2-rest", "unavailable") == v2 + 1
     finally:
         thread.stop()
+
+
+def test_a_version_loaded_again_within_its_grace_period_keeps_its_series():
+    from predictor import metrics
+
+    version = "grace-unit-test"
+    labels = ("v1", "ok", version)
+    metrics.hold_version(version)
+    metrics.by_version(metrics.REQUESTS, *labels).inc()
+    metrics.release_version(version, grace_s=0.3)
+    assert requests_total(*labels) == 1.0 and metrics.version_known(version)  # kept while in grace
+    metrics.hold_version(version)  # loaded again: the pending removal is cancelled
+    time.sleep(0.6)
+    assert requests_total(*labels) == 1.0
+    metrics.release_version(version, grace_s=0.1)
+    deadline = time.monotonic() + 5
+    while sample("motlens_requests_total", protocol="v1", outcome="ok", version=version) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not metrics.version_known(version)

@@ -297,3 +297,60 @@ def test_follow_alias_restores_no_canary_the_registry_does_not_record(
         assert st["canary_percent"] == 0.0
     finally:
         thread.stop()
+
+
+def test_a_follower_switch_leaves_one_promotion_events_row(registry, tiny_bundle, embedder, tmp_path, monkeypatch):
+    """The alias moved outside the CLI (MlflowClient) and the server's follower swapped: no audit row
+    said so, and the newest event named the version no longer served."""
+    import predlog
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+    from predlog.settings import PredlogSettings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")
+    log_settings = PredlogSettings(dir=tmp_path / "predlog", flush_interval_s=0.1)
+    settings = ServeSettings(
+        model=f"models:/{MODEL}@production", follow_alias="production", follow_interval_s=0.2,
+        http_port=free_port(), grpc_port=free_port(), enable_grpc=False, cache_bytes=0,
+    )  # fmt: skip
+    server = PredictorServer(settings, embedder=embedder, writer=predlog.open_writer(log_settings), host="127.0.0.1")
+    thread = ServerThread(server).start().wait_ready()
+    try:
+        registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")  # version 2
+        wait_until(lambda: (u := server.slots.slots["production"].unit) is not None and u.version == "2", 120)
+        polls = server.slots.follow_polls
+        wait_until(lambda: server.slots.follow_polls >= polls + 3, 60)  # the row is written; no second one
+        served_since = getattr(server.slots, "served_since", {}).get("production")
+    finally:
+        thread.stop()
+    reader = predlog.open_reader(log_settings)
+    try:
+        events = reader.promotion_events(limit=10)
+    finally:
+        reader.close()
+    assert len(events) == 1, events
+    row = events.iloc[0]
+    assert (row.action, row.from_version, row.to_version, row.target) == ("follow", "1", "2", "serve")
+    assert row.actor.startswith("motlens serve@") and row.success and not row.dry_run
+    assert row.reason == "alias production moved to version 2"
+    assert served_since is not None  # the row's time is when version 2 started serving
+    assert abs((row.ts.to_pydatetime() - served_since).total_seconds()) < 0.01
+
+
+def test_a_follow_row_that_cannot_be_written_warns_once_and_serving_goes_on(caplog, monkeypatch):
+    """On ClickHouse the predictor's user may lack INSERT on promotion_events."""
+    from datetime import UTC, datetime
+
+    import predictor.events as events
+    from predlog.settings import PredlogSettings
+
+    monkeypatch.setattr(events, "_warned", threading.Event())
+    settings = PredlogSettings(clickhouse_url="http://127.0.0.1:1/motlens", connect_timeout_s=1)
+    row = events.follow_row("production", "1", "2", datetime.now(UTC), f"models:/{MODEL}/2")
+    with caplog.at_level("DEBUG", logger="predictor.events"):
+        assert events.write_event(settings, row) is False
+        assert events.write_event(settings, row) is False
+    warnings = [r for r in caplog.records if r.name == "predictor.events" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "INSERT on promotion_events" in warnings[0].getMessage()
