@@ -216,3 +216,50 @@ def test_onnx_backend_reproduces_the_golden_probabilities(tiny_bundle, embedder,
     be = load_backend(str(onnx.root), backend="onnx", threads=1)
     assert be.golden.passed and be.golden.max_score_delta is not None
     assert be.golden.max_score_delta <= GOLDEN_MAX_SCORE_DELTA / 10, be.golden.detail
+
+
+class _Shared:
+    """A loaded embedder stand-in that delegates to the session's MiniLM (a new object per load)."""
+
+    def __init__(self, real) -> None:  # noqa: ANN001
+        self._real = real
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        if name == "_real":
+            raise AttributeError(name)
+        return getattr(self._real, name)
+
+
+def test_versions_with_the_same_embedder_files_share_the_loaded_embedder(tiny_bundle, embedder, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    """Each load built (and on torch, traced) MiniLM again: torch keeps every frozen graph with its
+    weights, so each swap between versions of one embedder grew RSS by ≈ 57 MiB for good."""
+    from motlens.bundle import write_manifest
+
+    made: list[weakref.ref] = []
+
+    def factory(*args):  # noqa: ANN001, ANN202
+        e = _Shared(embedder)
+        made.append(weakref.ref(e))
+        return e
+
+    monkeypatch.setitem(EMBEDDER_FACTORIES, "counted", factory)
+    other = tmp_path / "v7"
+    shutil.copytree(tiny_bundle.root, other)
+    write_manifest(other, version="7", run_id="seven")  # another version, the same embedder files
+    a = load_backend(str(tiny_bundle.root), backend="counted")
+    b = load_backend(str(other), backend="counted")
+    assert len(made) == 1 and a.embedder is b.embedder and (a.version, b.version) != ("7", "7")
+    c = load_backend(str(other), backend="counted", threads=1)  # other settings: its own embedder
+    assert len(made) == 2 and c.embedder is not b.embedder
+    changed = tmp_path / "v8"
+    shutil.copytree(tiny_bundle.root, changed)
+    (changed / "embedder" / "README.extra").write_text("another embedder build\n")
+    write_manifest(changed, version="8", run_id="eight")
+    d = load_backend(str(changed), backend="counted")  # other embedder files: its own embedder
+    assert len(made) == 3 and d.embedder is not a.embedder
+    for be in (a, b, c, d):
+        be.close()
+    del a, b, c, d
+    gc.collect()
+    assert all(ref() is None for ref in made), "a shared embedder goes with the last backend holding it"
