@@ -43,7 +43,7 @@ GOLDEN_MIN_COSINE = 0.999
 #: the stored one when recomputed end to end on this backend: torch bf16 on CPU moves them by up to
 #: 0.037 (cosine 0.99992), fp32 ONNX by < 1e-5; a +1.5 bias on the failing severities moves them by
 #: 0.31 and an age normalisation 10 years off by 0.14 (docs/training.md "Golden set")
-GOLDEN_MAX_SCORE_DELTA = 0.08
+GOLDEN_MAX_SCORE_DELTA = 0.1
 #: the most they may move when the head is run on the stored reference embeddings: only float
 #: rounding differs there, so any change of the head, its feature normalisation or featurisation shows
 GOLDEN_MAX_HEAD_DELTA = 1e-3

@@ -24,7 +24,7 @@ import numpy as np
 from motlens.bundle import EMBEDDER_DIR, MANIFEST, Bundle, BundleError, GoldenResult, check_golden
 from motlens.embedder import Embedder, TorchEmbedder
 from motlens.head import DefectHead, HeadOutput
-from predictor.heap import collect_unfrozen, freeze_long_lived, heap_frozen
+from predictor.heap import collect_unfrozen, freeze_long_lived, freezes, heap_frozen
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,9 @@ class Backend:
     fallback: str | None = None
     #: loaded before the heap was frozen, so in the permanent generation (set by predictor.slots)
     in_frozen_heap: bool = False
+    #: :func:`predictor.heap.freezes` when loaded: a later freeze (a GPU model's close re-freezes the whole
+    #: heap) put this one in the permanent generation too
+    freeze_epoch: int = field(default_factory=freezes)
 
     @property
     def name(self) -> str:
@@ -259,7 +262,7 @@ class Backend:
         when the CUDA cache is emptied."""
         self.embedder = None  # type: ignore[assignment]
         cuda = self.info.get("device", "").startswith("cuda")
-        if cuda and self.in_frozen_heap and heap_frozen():
+        if cuda and heap_frozen() and (self.in_frozen_heap or freezes() > self.freeze_epoch):
             freeze_long_lived()
         else:
             collect_unfrozen()

@@ -26,6 +26,14 @@ import time
 log = logging.getLogger(__name__)
 
 
+_freezes = [0]  # how many times freeze_long_lived ran in this process
+
+
+def freezes() -> int:
+    """How many times :func:`freeze_long_lived` has run: an object created before the latest one is frozen."""
+    return _freezes[0]
+
+
 def heap_frozen() -> bool:
     """Whether the long-lived heap has been frozen (by :func:`freeze_long_lived`)."""
     return gc.get_freeze_count() > 0
@@ -38,6 +46,7 @@ def freeze_long_lived() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+    _freezes[0] += 1
     took = time.perf_counter() - t0
     log.info("froze %d long-lived objects out of the cyclic GC (%.0f ms)", gc.get_freeze_count(), took * 1000)
 

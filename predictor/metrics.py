@@ -194,8 +194,12 @@ def note_served(version: str) -> None:
 def observe_http(protocol: str, status: int, version: str, seconds: float) -> None:
     """One inference request at the HTTP layer; an unknown (or already retired) version is ''."""
     code = f"{status // 100}xx" if 100 <= status < 600 else "other"
-    version = version if version and version_known(version) else ""
-    by_version(HTTP_LATENCY, protocol, code, version).observe(seconds)
+    with _version_lock:  # known and registered at once: a grace timer expiring between them left a series
+        version = version if version and (version in _version_refs or version in _retiring) else ""
+        child = HTTP_LATENCY.labels(protocol, code, version)
+        if version:
+            _version_series.setdefault(version, set()).add((HTTP_LATENCY, (protocol, code, version)))
+    child.observe(seconds)
 
 
 #: the CUDA device the model serves on (``watch_cuda_device``); the GPU gauges read this one

@@ -131,8 +131,9 @@ class _Uvicorn(uvicorn.Server):
 class _HttpLatency:
     """``motlens_http_request_duration_seconds``: every REST inference request (``POST`` to a path ending
     ``:predict`` or ``/infer``), from reaching the app to the end of its answer, whatever its status. It
-    sees what the model adapter's ``motlens_request_latency_seconds`` cannot: time the request spent
-    waiting for a stalled event loop, and refusals. Labels: protocol (``v1``, ``v2-rest``), status class
+    sees what the model adapter's ``motlens_request_latency_seconds`` cannot: refusals, and a stall of
+    the loop once the app has the request (not one it arrived during: its clock starts when the loop
+    reads it). Labels: protocol (``v1``, ``v2-rest``), status class
     and the version that answered (''  if none did), so the series stay bounded. A plain ASGI middleware
     (Starlette's ``BaseHTTPMiddleware`` costs a task per request)."""
 

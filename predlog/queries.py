@@ -80,6 +80,11 @@ TAIL = f"SELECT {ROW_COLUMNS} FROM {{source}} ORDER BY ts DESC LIMIT {{n:UInt64}
 
 DRIFT_REPORTS = "SELECT * FROM {source} WHERE 1{filters} ORDER BY ts DESC LIMIT {limit:UInt64}"
 PROMOTION_EVENTS = "SELECT * FROM {source} ORDER BY ts DESC LIMIT {limit:UInt64}"
+# The newest applied change that put ``version`` in production (however many holds came after it).
+LAST_PRODUCTION_CHANGE = (
+    "SELECT * FROM {source} WHERE to_version = {version:String} AND success AND NOT dry_run "
+    "AND action IN ('promote', 'deploy', 'rollback', 'follow') ORDER BY ts DESC LIMIT 1"
+)
 
 # -- read-only check for ad-hoc SQL -------------------------------------------------------------
 # String literals (incl. heredocs), quoted names and comments, matched in ONE left-to-right pass so

@@ -353,5 +353,11 @@ class PredictionLogReader:
         sql = queries.PROMOTION_EVENTS.replace("{source}", self.source.ref("promotion_events"))
         return self._df(sql, {"limit": int(limit)})
 
+    def last_production_change(self, version: str) -> dict[str, Any] | None:
+        """The newest successful, applied promote/deploy/rollback/follow row that made ``version`` production."""
+        sql = queries.LAST_PRODUCTION_CHANGE.replace("{source}", self.source.ref("promotion_events"))
+        rows = self._df(sql, {"version": str(version)}).to_dict("records")
+        return rows[0] if rows else None
+
     def close(self) -> None:
         self.client.close()

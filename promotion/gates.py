@@ -50,7 +50,7 @@ def gates_json(results: list[GateResult]) -> str:
 
 
 #: the run params that name a version's held-out split; equal on both sides = the same held-out texts
-SPLIT_PARAMS = ("split.seed", "split.scheme")
+SPLIT_PARAMS = ("split.seed", "split.scheme", "split.holdout_fraction", "split.max_texts")
 
 
 def split_of(params: Mapping[str, Any] | None) -> dict[str, str] | None:
@@ -116,7 +116,7 @@ def _compare(
             missing.append(m)
             continue
         values[m] = {"candidate": candidate[m], "production": production[m]}
-        if candidate[m] < production[m] - settings.offline_tolerance:
+        if not math.isfinite(candidate[m]) or candidate[m] < production[m] - settings.offline_tolerance:
             worse.append(f"{m} {candidate[m]:.4f} < {production[m]:.4f} − {settings.offline_tolerance}")
     if missing:
         problems.append(f"candidate run lacks metrics {missing}")

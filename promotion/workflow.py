@@ -673,7 +673,8 @@ class Promoter:
         registry_prod = alias if alias != version else None
         baseline = live_prod or registry_prod  # what leaves traffic, else what the registry called production
         event = self._event("deploy", from_version=baseline or serving or "", to_version=version, reason=reason)
-        self._refuse_verdict(event, live, f"deploying version {version}")
+        if alias != version:  # bringing the target in line with the registry's production is not a rollout
+            self._refuse_verdict(event, live, f"deploying version {version}")
         event.gates = self.offline_gates(version, baseline)
         self._refuse_on_gates(event, f"deploying version {version}")
         desired = live.deployed(version, self.uri(version))
@@ -791,6 +792,10 @@ class Promoter:
         found = self.verdict(previous)
         if found is not None and found[0] == "rejected":  # retired is what a promotion leaves: the way back
             if not self.force:
+                event.success, event.reason = False, _join(event.reason, f"refused: {found[1]}")
+                event.from_state = event.to_state = live.describe()
+                event.ts = _now()
+                self._record(event, {previous: {}})
                 raise Refused(
                     f"rolling production back from version {current} to {previous} ({source}) refused: "
                     f"{found[1]}\n(--force restores it anyway; the override is recorded in the event's reason)"
@@ -817,32 +822,36 @@ class Promoter:
         )
 
     def previous_production(self, version: str) -> tuple[str | None, str]:
-        """The production version that ``version`` replaced, and where that was read: its tag
-        ``promotion.previous_production`` (written by every promote, deploy and rollback of production),
-        else, for versions promoted before that tag existed, the latest successful ``promote`` or
-        ``deploy`` to it in the ``promotion_events`` table whose replaced version was retired by it."""
-        tags = self.info(version).tags
-        if PREVIOUS_TAG in tags:
-            return tags[PREVIOUS_TAG] or None, f"tag {PREVIOUS_TAG} of version {version}"
+        """The production version that ``version`` replaced, and where that was read. The newest applied
+        change that made ``version`` production in the ``promotion_events`` table decides: a ``follow``
+        row (the alias moved outside motlens and a server followed it) names the version it replaced;
+        a motlens change wrote the tag ``promotion.previous_production`` at the same time, which is read
+        (and is all there is while the table cannot be read). For versions promoted before that tag
+        existed, a promote or deploy row counts when the version it replaced was retired by it."""
+        tag = self.info(version).tags.get(PREVIOUS_TAG)
         try:
-            rows = _records(self.reader().promotion_events(limit=1000))
-        except Exception as e:  # noqa: BLE001 - no audit trail to read: unknown
-            return None, f"no tag {PREVIOUS_TAG} on version {version}; promotion_events unreadable: {e}"
-        rows = [r for r in rows if _as_utc(r.get("ts"))]
-        for r in sorted(rows, key=lambda r: _as_utc(r.get("ts")) or _now(), reverse=True):
-            before = str(r.get("from_version") or "")
-            if (
-                r.get("action") in ("promote", "deploy")
-                and str(r.get("to_version")) == version
-                and bool(r.get("success"))
-                and not bool(r.get("dry_run"))
-                and before
-                and before != version
-                and self._exists(before)
-                and self.info(before).tags.get(STATUS_TAG) in VERDICTS
-            ):
-                return before, f"the promotion_events table: {r['action']} {before}→{version} at {r['ts']}"
-        return None, f"no tag {PREVIOUS_TAG} on version {version} and no promote or deploy to it in promotion_events"
+            row = self.reader().last_production_change(version)
+        except Exception as e:  # noqa: BLE001 - no audit trail to read: the tag alone
+            row, unreadable = None, f"promotion_events unreadable: {e}"
+        else:
+            unreadable = ""
+        before = str((row or {}).get("from_version") or "")
+        usable = bool(before) and before != version and self._exists(before)
+        where = f"the promotion_events table: {(row or {}).get('action')} {before}→{version} at {(row or {}).get('ts')}"
+        if row is not None and row.get("action") == "follow" and usable:
+            return before, where
+        if tag is not None:
+            return tag or None, f"tag {PREVIOUS_TAG} of version {version}"
+        if (
+            row is not None
+            and row.get("action") in ("promote", "deploy")
+            and usable
+            and self.info(before).tags.get(STATUS_TAG) in VERDICTS
+        ):
+            return before, where
+        return None, f"no tag {PREVIOUS_TAG} on version {version} and " + (
+            unreadable or "no promote, deploy or follow to it in promotion_events"
+        )
 
     def _moved_verdicts(self, version: str) -> dict[str, str]:
         """Tags that move a stale rejected/retired reason and time of ``version`` to ``previous_*`` (kept

@@ -14,7 +14,8 @@ import yaml
 from manifest_helpers import isvc_errors
 
 REPO = Path(__file__).resolve().parents[1]
-SPLIT = {"split.seed": 0, "split.scheme": "test"}  # the held-out split every make_env version records
+#: the held-out split every make_env version records
+SPLIT = {"split.seed": 0, "split.scheme": "test", "split.holdout_fraction": 0.2, "split.max_texts": None}
 
 
 @dataclass

@@ -218,6 +218,31 @@ def test_onnx_backend_reproduces_the_golden_probabilities(tiny_bundle, embedder,
     assert be.golden.max_score_delta <= GOLDEN_MAX_SCORE_DELTA / 10, be.golden.detail
 
 
+def test_a_gpu_model_frozen_by_an_earlier_models_close_is_freed_too(tiny_bundle, embedder):
+    """Closing the first (frozen) GPU model re-freezes the whole heap, the next model with it; that one
+    was not marked, so its close only collected the unfrozen generations and kept its CUDA weights."""
+    from predictor.heap import freeze_long_lived
+
+    first = load_backend(str(tiny_bundle.root), embedder=embedder)
+    freeze_long_lived()  # what the first load does before it serves
+    second = load_backend(str(tiny_bundle.root), embedder=embedder)  # a later version, loaded unfrozen
+    refs = []
+    for be in (first, second):
+        be.info["device"] = "cuda"  # torch.cuda.empty_cache() is a no-op without CUDA
+        model = _Model()
+        refs.append(weakref.ref(model))
+        be.embedder = model  # type: ignore[assignment]
+        del model
+    first.in_frozen_heap = True
+    try:
+        first.close()  # a full pass, then every live object frozen again: the second model too
+        assert refs[0]() is None and refs[1]() is not None
+        second.close()
+        assert refs[1]() is None, "the second model's weights stay allocated"
+    finally:
+        gc.unfreeze()
+
+
 class _Shared:
     """A loaded embedder stand-in that delegates to the session's MiniLM (a new object per load)."""
 

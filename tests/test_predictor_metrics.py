@@ -217,3 +217,28 @@ def test_a_version_loaded_again_within_its_grace_period_keeps_its_series():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert not metrics.version_known(version)
+
+
+def test_an_http_observation_racing_the_grace_expiry_leaves_no_series(monkeypatch):
+    """observe_http checked the version and registered its series outside the lock: a grace timer
+    expiring in between dropped the series, then the observation created it again, never removed."""
+    from predictor import metrics
+
+    version = "race-9"
+    metrics.hold_version(version)
+    metrics.release_version(version, grace_s=0.2)
+    real = metrics.HTTP_LATENCY.labels
+
+    def slow_labels(*labels):  # noqa: ANN002, ANN202 - the request thread preempted before the child exists
+        time.sleep(0.5)
+        return real(*labels)
+
+    monkeypatch.setattr(metrics.HTTP_LATENCY, "labels", slow_labels)
+    metrics.observe_http("v2-rest", 200, version, 0.01)
+    monkeypatch.undo()
+    deadline = time.monotonic() + 5
+    while metrics.version_known(version) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.1)
+    left = [s for m in REGISTRY.collect() for s in m.samples if s.labels.get("version") == version]
+    assert left == [], left

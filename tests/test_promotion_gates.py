@@ -14,7 +14,8 @@ from promotion.settings import PromoteSettings
 
 S = PromoteSettings(offline_metrics=["f1", "auc"], offline_tolerance=0.01, min_samples=100, max_error_rate=0.02,
                     error_rate_margin=0.005, max_p99_ratio=1.5, p99_slack_ms=10)  # fmt: skip
-SPLIT = {"split.seed": "0", "split.scheme": "text-hash"}  # the run params that name a held-out split
+#: the run params that name a held-out split
+SPLIT = {"split.seed": "0", "split.scheme": "text-hash", "split.holdout_fraction": "0.2", "split.max_texts": "None"}
 
 
 @pytest.mark.parametrize(
@@ -73,7 +74,9 @@ def test_floors_of_a_run_without_baselines_check_what_they_can():
     ("cand_params", "prod_params", "compared"),
     [
         (SPLIT, SPLIT, True),
-        ({"split.seed": 0, "split.scheme": "text-hash"}, SPLIT, True),  # an int param reads as its string
+        ({**SPLIT, "split.seed": 0, "split.holdout_fraction": 0.2, "split.max_texts": None}, SPLIT, True),  # as strings
+        ({**SPLIT, "split.holdout_fraction": "0.3"}, SPLIT, False),  # another share held out
+        ({**SPLIT, "split.max_texts": "5000"}, SPLIT, False),  # another set of texts kept
         ({**SPLIT, "split.seed": "1"}, SPLIT, False),  # another seed: another held-out set
         ({**SPLIT, "split.scheme": "group"}, SPLIT, False),
         (SPLIT, {"seed": "0"}, False),  # production trained before the split was recorded
@@ -233,3 +236,13 @@ def test_settings_reject_bad_steps():
     with pytest.raises(ValueError, match="unknown target"):
         PromoteSettings(target="helm")
     assert PromoteSettings(steps="5, 20,100").steps == [5, 20, 100]
+
+
+def test_a_non_finite_metric_fails_its_floor_and_the_comparison():
+    """NaN compares False against any floor or bound: it passed both (fail open)."""
+    nan = {**REAL, "section_macro_f1": float("nan")}
+    r = g.offline_gate(nan, None, FLOORED, candidate_params=None, production_params=None)
+    assert r.status == "fail" and "section_macro_f1 nan" in r.detail, r.detail
+    unfloored = PromoteSettings(floors=False)
+    compared = g.offline_gate(nan, REAL, unfloored, candidate_params=SPLIT, production_params=SPLIT)
+    assert compared.status == "fail" and "worse than production: section_macro_f1 nan" in compared.detail

@@ -13,7 +13,7 @@ SHUFFLED = {"section_macro_f1": 0.0903, "severity_macro_f1": 0.2469, "fail_auc":
             "baseline_fail_auc": 0.5}  # fmt: skip
 REAL = {"section_macro_f1": 0.9987, "severity_macro_f1": 0.8024, "fail_auc": 0.8127,
         "baseline_section_macro_f1": 0.049, "baseline_severity_macro_f1": 0.1372, "baseline_fail_auc": 0.5}  # fmt: skip
-SPLIT = {"split.seed": 0, "split.scheme": "text-hash"}
+SPLIT = {"split.seed": 0, "split.scheme": "text-hash", "split.holdout_fraction": 0.2, "split.max_texts": None}
 
 
 def _gate(registry, version, production):

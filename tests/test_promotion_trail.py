@@ -340,3 +340,83 @@ def test_every_mutating_verb_takes_a_reason(local, monkeypatch, capsys):
     assert main(["promote", "canary", "start", "2", "--percent", "10"]) == 3  # rejected by the rollback
     err = capsys.readouterr().err
     assert "version 2 was rejected at" in err and ": p99" in err and "--force" in err
+
+
+# ------------------------------------------------------------------ review of the trail changes
+
+
+def test_rollback_after_a_followed_alias_move_restores_what_it_replaced(local):
+    """1 → 2 → 3 through motlens, then the alias moved back to 2 by hand and a server followed it: v2's
+    tag still named v1 (its first time in production), so `rollback` went to v1, not to v3."""
+    import predlog
+    from predictor.events import follow_row
+
+    env, serve, settings, target = local
+    forced = Promoter(settings, env.registry, target, force=True)
+    forced.promote("2")
+    forced.promote("3")
+    env.registry.set_alias("production", "2")  # outside motlens; the follower swaps and writes its row
+    serve.slots["production"] = {"version": "2", "ref": "models:/mot-defects/2"}
+    predlog.open_reader().insert_promotion_event(
+        follow_row("production", "3", "2", datetime.now(UTC), "models:/mot-defects/2")
+    )
+    p = Promoter(settings, env.registry, target)
+    previous, source = p.previous_production("2")
+    assert previous == "3" and "follow 3→2" in source
+    p.rollback(reason="undo the hand move")
+    row = _events(1)[0]
+    assert (row["action"], row["from_version"], row["to_version"]) == ("rollback", "2", "3")
+    assert serve.slots["production"]["version"] == "3"
+
+
+def test_the_events_fallback_finds_a_promotion_behind_a_week_of_holds(local):
+    """The fallback read the newest 1,000 rows: a week of `auto` holds (one per 10 min) hid the promotion."""
+    from datetime import timedelta
+
+    import pyarrow as pa
+
+    import predlog
+    from predlog.schema import row_to_arrow
+
+    env, serve, settings, target = local
+    p = _promoted(env, settings, target)
+    env.registry.client.delete_model_version_tag("mot-defects", "2", PREVIOUS_TAG)
+    base, t0 = _events(1)[0], datetime.now(UTC)
+    holds = [
+        row_to_arrow("promotion_events", {**base, "ts": t0 + timedelta(minutes=10 * (i + 1)), "action": "hold",
+                                          "from_version": "2", "to_version": "", "success": True})  # fmt: skip
+        for i in range(1100)
+    ]
+    predlog.open_reader().source.insert("promotion_events", pa.concat_tables(holds))
+    assert p.previous_production("2")[0] == "1"
+
+
+def test_a_refused_production_rollback_is_recorded(local):
+    env, serve, settings, target = local
+    p = _promoted(env, settings, target)
+    p.rollback(reason="bad")  # 2 → 1, v2 rejected
+    before = len(_events(100))
+    with pytest.raises(Refused, match="refused: version 2 was rejected"):
+        p.rollback(reason="again")
+    rows = _events(100)
+    assert len(rows) == before + 1
+    assert (rows[0]["action"], bool(rows[0]["success"]), rows[0]["to_version"]) == ("rollback", False, "2")
+    assert "refused: version 2 was rejected" in rows[0]["reason"]
+
+
+def test_bringing_the_production_alias_live_is_not_refused_by_its_old_verdict(local):
+    """The alias moved back by hand to a version a later deploy retired: `canary start 1` says to deploy
+    it with `promote 1`, which then refused it as retired. Making live match the registry's production
+    is not rolling a retired version out again."""
+    env, serve, settings, target = local
+    Promoter(settings, env.registry, target, force=True).promote("2")  # 1 → 2, v1 retired
+    env.registry.set_alias("production", "1")
+    p = Promoter(settings, env.registry, target)
+    with pytest.raises(PromotionError, match="deploy it with `motlens promote promote 1`"):
+        p.canary_start("1", 10)
+    with pytest.raises(Refused) as refused:  # v1 scores lower than v2: the offline gate, as before
+        p.promote("1")
+    assert "offline: fail" in str(refused.value) and "retired" not in str(refused.value)
+    forced = Promoter(settings, env.registry, target, force=True).promote("1")
+    assert forced.action == "deploy" and serve.slots["production"]["version"] == "1"
+    assert "forced past status" not in _events(1)[0]["reason"]

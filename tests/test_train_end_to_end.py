@@ -192,9 +192,14 @@ def test_shuffled_labels_are_registered_without_the_candidate_alias(setup, caplo
     train_rows = ~ts.texts["holdout"]
     for col in ("section", "severity"):
         ts.texts.loc[train_rows, col] = rng.permutation(ts.texts.loc[train_rows, col].to_numpy())
+    ts.split_seed = None  # a set changed by hand does not say which split it holds
     with caplog.at_level(logging.WARNING, logger="training.train"):
-        shuffled = train(ts, TrainSettings(**SETTINGS), embedder=shared, registry=registry)
+        shuffled = train(ts, TrainSettings(**SETTINGS), embedder=shared, registry=registry,
+                         source={"uri": "s3://bucket/mot/2026-11"})  # no "kind": once a KeyError after the fit
     assert shuffled.version.aliases == [] and shuffled.alias_withheld == "candidate"
+    run = registry.client.get_run(shuffled.version.run_id)
+    assert run.data.tags["motlens.data_source"] == "unknown" and run.data.params["data.source.uri"] == "s3://bucket/mot/2026-11"
+    assert not any(k.startswith("split.") for k in run.data.params)  # claims no split it may not have used
     assert registry.resolve("candidate").version == first.version.version  # still the real model
     assert f"version {shuffled.version.version} registered WITHOUT alias 'candidate'" in caplog.text
     assert "below the quality floor" in caplog.text and not shuffled.floors.passed

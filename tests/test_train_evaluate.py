@@ -1,4 +1,4 @@
-"""Held-out metrics: macro-F1 over the fixed label sets, calibration against what the rows show."""
+"""Held-out metrics: macro-F1 over the held-out classes, calibration against what the rows show."""
 
 from __future__ import annotations
 

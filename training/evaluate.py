@@ -1,4 +1,4 @@
-"""Held-out evaluation of the defect head: macro-F1 per head (over the fixed label sets), per-class
+"""Held-out evaluation of the defect head: macro-F1 per head (over the classes the held-out texts hold), per-class
 reports, confusion matrices and the calibration of ``fail_probability`` (reliability curve, ECE,
 Brier), per text against its majority label and row-weighted against its observed fail fraction."""
 

@@ -21,6 +21,7 @@ linear head after 3 epochs) beat it by 0.34 and reached AUC 0.71.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,6 @@ def check_floors(
             continue
         out.values[m] = {"value": value, "baseline": baseline, "floor": floor}
         out.checked.append(m)
-        if value < floor:
+        if not math.isfinite(value) or value < floor:  # NaN compares False: it would pass
             out.failed.append(f"{m} {value:.4f} < {floor:.4f} ({how})")
     return out

@@ -453,8 +453,16 @@ def train(
         )
         params = {
             **s.model_dump(exclude={"work_dir", "model_dir", "device", "split_seed"}),
-            "split.seed": s.split_seed if ts.split_seed is None else ts.split_seed,  # the seed the split used
-            "split.scheme": SPLIT_SCHEME,
+            **(
+                {  # the held-out split, when known (a hand-made TrainingSet does not say which it used)
+                    "split.seed": ts.split_seed,
+                    "split.scheme": SPLIT_SCHEME,
+                    "split.holdout_fraction": s.holdout_fraction,
+                    "split.max_texts": s.max_texts,
+                }
+                if ts.split_seed is not None
+                else {}
+            ),
             "data.sha256": fp["sha256"],
             **{f"data.{k}": v for k, v in fp.items() if k != "sha256"},
             **{f"data.source.{k}": redact(str(v)) for k, v in source.items()},
@@ -478,7 +486,7 @@ def train(
             alias=alias,
             run_name=f"train-seed{s.seed}",
             artifacts_dir=artifacts,
-            tags={**tags, "motlens.data_source": source["kind"]},
+            tags={**tags, "motlens.data_source": str(source.get("kind", "unknown"))},
             dataset=training_input(fp, source),
         )
         set_manifest_fields(bundle.root, version=info.version, run_id=info.run_id)
