@@ -673,7 +673,10 @@ class Promoter:
         registry_prod = alias if alias != version else None
         baseline = live_prod or registry_prod  # what leaves traffic, else what the registry called production
         event = self._event("deploy", from_version=baseline or serving or "", to_version=version, reason=reason)
-        if alias != version:  # bringing the target in line with the registry's production is not a rollout
+        found = self.verdict(version)
+        # bringing the target in line with the registry's production alias is not rolling a retired
+        # version out again (a promotion retires what it replaces); a rejected one stays refused
+        if alias != version or (found is not None and found[0] == "rejected"):
             self._refuse_verdict(event, live, f"deploying version {version}")
         event.gates = self.offline_gates(version, baseline)
         self._refuse_on_gates(event, f"deploying version {version}")
