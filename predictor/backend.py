@@ -70,7 +70,7 @@ EMBEDDER_FACTORIES: dict[str, EmbedderFactory] = {"torch": _torch_factory, "onnx
 #: Embedders still held by a loaded backend, by what built them and their files' verified sha256s: a
 #: version that ships the same embedder (every version MiniLM serves) shares the loaded one. A swap then
 #: neither loads MiniLM twice nor traces it again: torch keeps every frozen TorchScript graph, its
-#: weights inlined, for the life of the process (≈ 57 MiB more RSS per swap on CPU, docs/predictor.md).
+#: weights inlined, for the life of the process (≈ 60 MiB more RSS per swap on CPU, docs/predictor.md).
 _EMBEDDERS: weakref.WeakValueDictionary[tuple[Any, ...], Embedder] = weakref.WeakValueDictionary()
 _EMBEDDERS_LOCK = threading.Lock()
 

@@ -119,12 +119,16 @@ def by_version(metric: Any, *labels: str) -> Any:
     """``metric.labels(*labels)`` (the version last), remembered so the version's series go when
     the last unit serving it is closed (:func:`release_version`): a month of swaps leaves no
     dead series behind."""
-    key = (metric, labels)
     series = _version_series.get(labels[-1])
-    if series is None or key not in series:
+    if series is None or (metric, labels) not in series:
         with _version_lock:
-            _version_series.setdefault(labels[-1], set()).add(key)
+            _remember(metric, labels)
     return metric.labels(*labels)
+
+
+def _remember(metric: Any, labels: tuple[str, ...]) -> None:
+    """Note a series of the version ``labels[-1]`` (under ``_version_lock``)."""
+    _version_series.setdefault(labels[-1], set()).add((metric, labels))
 
 
 def hold_version(version: str) -> None:
@@ -195,10 +199,10 @@ def observe_http(protocol: str, status: int, version: str, seconds: float) -> No
     """One inference request at the HTTP layer; an unknown (or already retired) version is ''."""
     code = f"{status // 100}xx" if 100 <= status < 600 else "other"
     with _version_lock:  # known and registered at once: a grace timer expiring between them left a series
-        version = version if version and (version in _version_refs or version in _retiring) else ""
-        child = HTTP_LATENCY.labels(protocol, code, version)
-        if version:
-            _version_series.setdefault(version, set()).add((HTTP_LATENCY, (protocol, code, version)))
+        labels = (protocol, code, version if version and version_known(version) else "")
+        child = HTTP_LATENCY.labels(*labels)
+        if labels[-1]:
+            _remember(HTTP_LATENCY, labels)
     child.observe(seconds)
 
 

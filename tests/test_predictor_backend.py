@@ -79,11 +79,10 @@ def test_cpu_bfloat16_backend_passes_the_golden_check_or_is_refused_with_the_rea
             load_backend(str(tiny_bundle.root), backend="torch", device="cpu", dtype="bfloat16")
 
 
-class _Model:
-    """Stands for a loaded model: its parts reference each other, as torch modules do."""
+class _Shared:
+    """A loaded embedder stand-in that delegates to ``real`` (the session's MiniLM)."""
 
     def __init__(self, real=None) -> None:  # noqa: ANN001
-        self.cycle = self
         self._real = real
 
     def __getattr__(self, name: str):  # noqa: ANN204
@@ -91,8 +90,29 @@ class _Model:
             raise AttributeError(name)
         return getattr(self._real, name)
 
+
+class _Model(_Shared):
+    """Stands for a loaded model: its parts reference each other, as torch modules do."""
+
+    def __init__(self, real=None) -> None:  # noqa: ANN001
+        super().__init__(real)
+        self.cycle = self
+
     def encode_tokens(self, ids):  # noqa: ANN001, ANN201
         raise RuntimeError("CUDA out of memory (injected)")
+
+
+def _counted_factory(monkeypatch, name: str, make) -> list[weakref.ref]:  # noqa: ANN001
+    """Register embedder backend ``name`` building ``make()`` per load; returns weakrefs to what it built."""
+    made: list[weakref.ref] = []
+
+    def factory(*args):  # noqa: ANN001, ANN202
+        built = make()
+        made.append(weakref.ref(built))
+        return built
+
+    monkeypatch.setitem(EMBEDDER_FACTORIES, name, factory)
+    return made
 
 
 def test_close_frees_a_gpu_model_frozen_with_the_heap(tiny_bundle, embedder):
@@ -116,14 +136,7 @@ def test_close_frees_a_gpu_model_frozen_with_the_heap(tiny_bundle, embedder):
 
 def test_a_failed_warm_up_frees_its_model_before_the_error_leaves(tiny_bundle, embedder, monkeypatch):
     """The traceback's frames held the model, so a retry met the failed attempt's GPU memory."""
-    made: list[weakref.ref] = []
-
-    def factory(*args):  # noqa: ANN001, ANN202
-        model = _Model(embedder)
-        made.append(weakref.ref(model))
-        return model
-
-    monkeypatch.setitem(EMBEDDER_FACTORIES, "injected", factory)
+    made = _counted_factory(monkeypatch, "injected", lambda: _Model(embedder))
     gc.disable()  # only the loader's own collection may free it
     try:
         try:
@@ -243,32 +256,13 @@ def test_a_gpu_model_frozen_by_an_earlier_models_close_is_freed_too(tiny_bundle,
         gc.unfreeze()
 
 
-class _Shared:
-    """A loaded embedder stand-in that delegates to the session's MiniLM (a new object per load)."""
-
-    def __init__(self, real) -> None:  # noqa: ANN001
-        self._real = real
-
-    def __getattr__(self, name: str):  # noqa: ANN204
-        if name == "_real":
-            raise AttributeError(name)
-        return getattr(self._real, name)
-
-
 def test_versions_with_the_same_embedder_files_share_the_loaded_embedder(tiny_bundle, embedder, tmp_path,
                                                                          monkeypatch):  # fmt: skip
     """Each load built (and on torch, traced) MiniLM again: torch keeps every frozen graph with its
-    weights, so each swap between versions of one embedder grew RSS by ≈ 57 MiB for good."""
+    weights, so each swap between versions of one embedder grew RSS by ≈ 60 MiB for good."""
     from motlens.bundle import write_manifest
 
-    made: list[weakref.ref] = []
-
-    def factory(*args):  # noqa: ANN001, ANN202
-        e = _Shared(embedder)
-        made.append(weakref.ref(e))
-        return e
-
-    monkeypatch.setitem(EMBEDDER_FACTORIES, "counted", factory)
+    made = _counted_factory(monkeypatch, "counted", lambda: _Shared(embedder))
     other = tmp_path / "v7"
     shutil.copytree(tiny_bundle.root, other)
     write_manifest(other, version="7", run_id="seven")  # another version, the same embedder files
