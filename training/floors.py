@@ -42,16 +42,20 @@ def is_auc(metric: str) -> bool:
 
 @dataclass
 class FloorCheck:
-    """The outcome: ``failed`` (metric < floor), ``unchecked`` (metric or baseline missing), ``values``."""
+    """The outcome: ``failed`` (metric < floor), ``unchecked`` (metric or baseline missing), ``values``
+    (value, baseline, floor of each checked metric)."""
 
     failed: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
-    checked: list[str] = field(default_factory=list)
     values: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         return not self.failed
+
+    @property
+    def checked(self) -> list[str]:
+        return list(self.values)
 
     def describe(self) -> str:
         """One line: what failed, what passed, what could not be checked and why."""
@@ -90,7 +94,6 @@ def check_floors(
             out.unchecked.append(f"run has no {BASELINE_PREFIX}{m} (registered by hand or by an older motlens)")
             continue
         out.values[m] = {"value": value, "baseline": baseline, "floor": floor}
-        out.checked.append(m)
         if not math.isfinite(value) or value < floor:  # NaN compares False: it would pass
             out.failed.append(f"{m} {value:.4f} < {floor:.4f} ({how})")
     return out
