@@ -21,6 +21,8 @@ _SETTING_FLAGS = {
     "max_error_rate": "max_error_rate",
     "max_p99_ratio": "max_p99_ratio",
     "offline_tolerance": "offline_tolerance",
+    "paired": "paired",
+    "paired_confidence": "paired_confidence",
     "min_step_interval": "min_step_interval_s",
     "actor": "actor",
     "textfile": "textfile",
@@ -53,6 +55,19 @@ def _common() -> argparse.ArgumentParser:
     gates.add_argument("--max-error-rate", type=float, help="canary error-rate ceiling (fraction)")
     gates.add_argument("--max-p99-ratio", type=float, help="canary p99 / production p99 ceiling")
     gates.add_argument("--offline-tolerance", type=float, help="allowed loss on each offline metric")
+    gates.add_argument(
+        "--paired-confidence",
+        type=float,
+        help="level of the paired comparison's interval (default 0.9): a metric fails when all of it lies "
+        "below -tolerance",
+    )
+    gates.add_argument(
+        "--no-paired",
+        dest="paired",
+        action="store_const",
+        const=False,
+        help="compare the runs' logged metrics, not both heads on the candidate's held-out texts",
+    )
     gates.add_argument("--min-step-interval", type=float, help="auto: seconds at a percent before stepping")
     return p
 

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from motlens.bundle import BundleError
+from promotion.paired_check import PairedComparison
 from promotion.settings import PromoteSettings
 from training.floors import check_floors
 
@@ -68,9 +69,14 @@ def offline_gate(
     *,
     candidate_params: Mapping[str, Any] | None,
     production_params: Mapping[str, Any] | None,
+    paired: PairedComparison | None = None,
 ) -> GateResult:
-    """The candidate's quality floors (``FLOORS``), and — when production's metrics come from the same
-    held-out split (equal :data:`SPLIT_PARAMS`) — every configured run metric production has:
+    """The candidate's quality floors (``FLOORS``), and a comparison with production.
+
+    With ``paired`` metrics (both heads scored on the candidate's held-out texts,
+    :mod:`promotion.paired_check`): a metric fails only when its whole bootstrap interval of
+    candidate − production lies below −tolerance. Otherwise, when production's run metrics come from
+    the same held-out split (equal :data:`SPLIT_PARAMS`): every configured run metric production has,
     candidate ≥ production − tolerance. Without production, or with production evaluated on another
     split (or one a run does not record), the comparison would be noise: floors only, and the detail
     says so."""
@@ -84,15 +90,21 @@ def offline_gate(
     cand_split, prod_split = split_of(candidate_params), split_of(production_params)
     values["split"] = {"candidate": cand_split, "production": prod_split}
     only = "floors only" if settings.floors else "nothing checked (MOTLENS_PROMOTE_FLOORS=false)"
+    same = cand_split is not None and cand_split == prod_split
     if production is None:
         compare = f"no production version to compare with: {only}"
-    elif cand_split is None or prod_split is None or cand_split != prod_split:
+    elif paired is not None and paired.metrics:
+        values["paired"] = {"n_texts": paired.n_texts, "embeddings": paired.embeddings}
+        compare = _compare_paired(paired, candidate, production if same else None, settings, values, problems)
+    elif not same:
         compare = (
             f"production's metrics come from another held-out split ({_split_text(prod_split)}; the candidate's: "
             f"{_split_text(cand_split)}), so a difference is no evidence: not compared, {only}"
         )
     else:
         compare = _compare(candidate, production, settings, values, problems)
+    if production is not None and paired is not None and paired.missing:
+        compare += f" (no paired comparison: {paired.missing})"
     if problems:
         return GateResult("offline", FAIL, "; ".join(problems + ([compare] if compare else [])), values)
     return GateResult("offline", PASS, "; ".join(([compare] if compare else []) + notes), values)
@@ -125,6 +137,49 @@ def _compare(
     if missing or worse:
         return ""
     return f"{', '.join(compared)} within {settings.offline_tolerance} of production (same held-out split)"
+
+
+def _compare_paired(
+    paired: PairedComparison,
+    candidate: dict[str, float],
+    production: dict[str, float] | None,
+    settings: PromoteSettings,
+    values: dict[str, Any],
+    problems: list[str],
+) -> str:
+    """Each configured metric from ``paired``; one it could not score falls back to the run metrics
+    when ``production`` (same split) is given, else is named as not compared."""
+    tol, level = settings.offline_tolerance, f"{settings.paired_confidence:.0%}"
+    worse: list[str] = []
+    seen: list[str] = []
+    rest: list[str] = []
+    for m in settings.offline_metrics:
+        p = paired.metrics.get(m)
+        if p is None:
+            rest.append(m)
+            continue
+        values[m] = {**p.to_json(), "paired": True}
+        text = (
+            f"{m} {p.candidate:.4f} vs {p.production:.4f}, difference {p.difference:+.4f} "
+            f"({level} interval {p.low:+.4f} … {p.high:+.4f})"
+        )
+        (worse if not p.high >= -tol else seen).append(text)
+    where = f"on {paired.n_texts} held-out texts of the candidate's run, {paired.embeddings}"
+    if worse:
+        problems.append(f"worse than production {where}: " + "; ".join(worse) + f": interval below −{tol}")
+    notes = [f"paired {where}: " + "; ".join(seen) + f" (fails only with the interval below −{tol})"] if seen else []
+    if rest:
+        if production is not None:
+            notes.append(_compare(candidate, production, _only(settings, rest), values, problems))
+        else:
+            notes.append(
+                f"{', '.join(rest)}: not scored on the held-out texts, and the runs' splits differ: not compared"
+            )
+    return "; ".join(n for n in notes if n)
+
+
+def _only(settings: PromoteSettings, metrics: list[str]) -> PromoteSettings:
+    return settings.model_copy(update={"offline_metrics": metrics})
 
 
 def _split_text(split: dict[str, str] | None) -> str:

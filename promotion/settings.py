@@ -57,6 +57,15 @@ class PromoteSettings(BaseSettings):
         description="run metrics (higher is better) a canary may not lose beyond offline_tolerance",
     )
     offline_tolerance: float = Field(0.01, ge=0.0)
+    paired: bool = Field(
+        True,
+        description="compare on the candidate's stored held-out texts, production's head scored on them too "
+        "(promotion.paired_check); false: the two runs' logged metrics",
+    )
+    paired_resamples: int = Field(1000, ge=100, le=100_000, description="bootstrap draws of the held-out texts")
+    paired_confidence: float = Field(
+        0.9, gt=0.5, lt=1.0, description="two-sided level of the difference's interval (0.9: 5 % in each tail)"
+    )
     floors: bool = Field(
         True, description="the offline gate re-checks the candidate's quality floors (training.floors)"
     )

@@ -19,6 +19,7 @@ from typing import Any
 from motlens import MODEL_NAME
 from motlens.labels import CANARY_PERCENT_TAG, PROMOTION_STATUS_TAG
 from promotion import gates as g
+from promotion import paired_check as pc
 from promotion.audit import TAG_PREFIX, Event, export_metrics, tag_version
 from promotion.locking import LockBusy
 from promotion.rollout import RolloutError, RolloutState, check_percent
@@ -192,14 +193,33 @@ class Promoter:
     def offline_gates(self, version: str, production: str | None) -> list[g.GateResult]:
         info = self.info(version)
         prod = self.info(production) if production and production != version else None
-        offline = g.offline_gate(
-            info.metrics,
-            prod.metrics if prod else None,
-            self.settings,
-            candidate_params=info.params,
-            production_params=prod.params if prod else None,
-        )
+        try:
+            paired = self.paired_comparison(info, prod)
+        except pc.PairedUnavailable as e:
+            offline = g.GateResult("offline", g.WAIT, f"paired comparison could not run: {e}")
+        else:
+            offline = g.offline_gate(
+                info.metrics,
+                prod.metrics if prod else None,
+                self.settings,
+                candidate_params=info.params,
+                production_params=prod.params if prod else None,
+                paired=paired,
+            )
         return [offline, *self.golden_gates(version)]
+
+    def paired_comparison(self, info: Any, prod: Any) -> pc.PairedComparison | None:
+        """Production's head on the candidate's held-out texts (:mod:`promotion.paired_check`), when
+        enabled and both runs used the same split; the result is kept in the candidate's tag
+        :data:`~promotion.paired_check.PAIRED_TAG` per production version and settings."""
+        if prod is None or not self.settings.paired or not pc.same_split(info.params, prod.params):
+            return None
+        found = pc.cached(info.tags, prod.version, self.settings)
+        if found is None:
+            found = pc.run(self.registry, info.version, prod.version, self.settings, _embedder_for)
+            if not self.dry_run:
+                self.registry.set_tags(info.version, {pc.PAIRED_TAG: pc.tag_value(found, self.settings)})
+        return found
 
     def golden_gates(self, version: str) -> list[g.GateResult]:
         """The golden check (run once per version, its verdict kept in a tag), when enabled."""

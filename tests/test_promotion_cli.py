@@ -45,6 +45,7 @@ BAD_INPUT = [
     (["promote", "2"], "version 1 is in production"),
     (["canary", "start", "2", "--percent", "10", "--steps", "50,10"], "steps must rise"),
     (["canary", "start", "2", "--percent", "10", "--overlay", "arm"], "has no kustomization.yaml"),
+    (["canary", "start", "2", "--percent", "10", "--paired-confidence", "1.5"], "paired_confidence"),
 ]
 
 
@@ -298,3 +299,16 @@ def test_promote_brings_the_registrys_production_live(env, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("motlens promote: version 2 is already production on gitops overlay ")
     assert err.endswith(": it serves it and the registry's 'production' alias names it\n") and _snapshot(env) == before
+
+
+def test_paired_flags_reach_the_settings():
+    import argparse
+
+    from promotion.cli import register, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    plain = settings_from_args(parser.parse_args(["promote", "auto"]))
+    assert plain.paired is True and plain.paired_confidence == 0.9
+    flags = settings_from_args(parser.parse_args(["promote", "auto", "--no-paired", "--paired-confidence", "0.8"]))
+    assert flags.paired is False and flags.paired_confidence == 0.8

@@ -3,6 +3,7 @@ metrics, and the candidate-vs-production comparison only when both runs record t
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from promotion.settings import PromoteSettings
@@ -83,3 +84,174 @@ def test_golden_gate_refuses_a_bundle_whose_probabilities_moved(registry, tiny_b
     assert ok.name == "golden" and ok.status == "pass", ok.detail
     refused = promoter.offline_gates(bad, None)[1]
     assert refused.status == "fail" and "max |Δ probability|" in refused.detail, refused.detail
+
+
+# ---- the paired comparison: production's head on the candidate's stored held-out texts ----------------
+
+
+@pytest.fixture(scope="module")
+def heldout_source(tmp_path_factory, embedder, tiny_bundle):
+    """Held-out texts of a generated set, embedded once, labelled with the tiny head's own predictions
+    (so production — the tiny head — is right on every one and any other head can only lose)."""
+    from motlens.labels import SEVERITIES
+    from training.dataset import build_training_set
+    from training.synth import generate
+    from training.train import context_of
+
+    root = tmp_path_factory.mktemp("heldout-src")
+    generate(root / "bulk", rows=1200, seed=3)
+    ho = build_training_set(root / "bulk", reference_rows=50).holdout.reset_index(drop=True)
+    emb = embedder.encode(ho["text"].tolist())
+    out = tiny_bundle.head().predict(emb, context_of(ho))
+    ho["section"] = out.section_index
+    ho["severity"] = [SEVERITIES[i] for i in out.severity_scores.argmax(axis=1)]
+    return ho, emb
+
+
+def _register(registry, bundle_root, heldout_source, tmp_path, *, metrics=REAL, params=SPLIT, store=True):
+    from motlens.bundle import Bundle
+    from training.heldout import HELDOUT_DIR, embedder_files, write_heldout
+
+    ho, emb = heldout_source
+    art = tmp_path / f"art-{len(list(tmp_path.glob('art-*')))}"
+    art.mkdir()
+    if store:
+        files = embedder_files(Bundle.open(bundle_root).manifest)
+        write_heldout(art / HELDOUT_DIR, ho, emb, np.arange(len(ho)), embedder=files, max_texts=10_000, seed=0)
+    return registry.register_bundle(bundle_root, metrics=metrics, params=params, alias=None, artifacts_dir=art)
+
+
+def _scrambled(tiny_bundle, tmp_path):
+    """The tiny bundle with its section rows rolled: each section's weights answer for the next one."""
+    from test_predictor_backend import _with_head
+
+    from motlens.head import DefectHead
+
+    head = tiny_bundle.head()
+    w = {k: v.copy() for k, v in head.weights.items()}
+    w["section.weight"], w["section.bias"] = np.roll(w["section.weight"], 1, axis=0), np.roll(w["section.bias"], 1)
+    return _with_head(tiny_bundle, DefectHead(w, head.features), tmp_path / "scrambled")
+
+
+def test_paired_passes_the_same_head_that_its_run_metrics_would_refuse(registry, tiny_bundle, heldout_source,
+                                                                       tmp_path):  # fmt: skip
+    """The seed-noise leftover: two runs' logged metrics differ by more than the tolerance while the two
+    heads score the same on the same texts. Paired, the difference is measured on those texts."""
+    prod = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
+    lower = {**REAL, "severity_macro_f1": REAL["severity_macro_f1"] - 0.03}
+    cand = _register(registry, tiny_bundle.root, heldout_source, tmp_path, metrics=lower).version
+    runs = Promoter(PromoteSettings(golden_check=False, paired=False), registry, None).offline_gates(cand, prod)[0]
+    assert runs.status == "fail" and "worse than production: severity_macro_f1" in runs.detail
+    r = _gate(registry, cand, prod)
+    n = len(heldout_source[0])
+    assert r.status == "pass", r.detail
+    assert f"paired on {n} held-out texts of the candidate's run, both heads on the stored embeddings" in r.detail
+    for m in ("section_macro_f1", "severity_macro_f1", "fail_auc"):
+        v = r.values[m]
+        assert v["paired"] and v["candidate"] == v["production"] and v["low"] == v["high"] == 0.0, (m, v)
+    assert r.values["paired"] == {"n_texts": n, "embeddings": "both heads on the stored embeddings (same embedder)"}
+
+
+def test_paired_refuses_a_head_that_is_worse_on_the_same_texts(registry, tiny_bundle, heldout_source, tmp_path):
+    prod = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
+    cand = _register(registry, _scrambled(tiny_bundle, tmp_path), heldout_source, tmp_path).version
+    r = _gate(registry, cand, prod)
+    assert r.status == "fail" and "worse than production on" in r.detail and "interval below −0.01" in r.detail
+    sec = r.values["section_macro_f1"]
+    assert sec["production"] == 1.0 and sec["high"] < -0.01 and sec["low"] <= sec["difference"] <= sec["high"]
+    # the severity head is untouched: not named among the failures
+    assert r.values["severity_macro_f1"]["difference"] == 0.0
+    failing = r.detail.split(": interval below")[0]
+    assert "section_macro_f1" in failing and "severity_macro_f1" not in failing
+
+
+def test_paired_result_is_kept_per_production_and_settings(registry, tiny_bundle, heldout_source, tmp_path,
+                                                           monkeypatch):  # fmt: skip
+    import json
+
+    from promotion import paired_check as pc
+
+    prod = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
+    cand = _register(registry, _scrambled(tiny_bundle, tmp_path), heldout_source, tmp_path).version
+    dry = Promoter(PromoteSettings(golden_check=False), registry, target=None, dry_run=True)
+    assert dry.offline_gates(cand, prod)[0].status == "fail"
+    assert pc.PAIRED_TAG not in registry.resolve(cand).tags  # a dry run writes nothing
+    first = _gate(registry, cand, prod)
+    stored = json.loads(registry.resolve(cand).tags[pc.PAIRED_TAG])
+    assert stored["result"]["production"] == prod and stored["settings"]["resamples"] == 1000
+    calls = []
+    real_run = pc.run
+    monkeypatch.setattr(pc, "run", lambda *a, **k: calls.append(a) or real_run(*a, **k))
+    again = _gate(registry, cand, prod)
+    assert calls == [] and again.detail == first.detail and again.values == first.values
+    other = Promoter(PromoteSettings(golden_check=False, paired_resamples=200), registry, None)
+    assert other.offline_gates(cand, prod)[0].status == "fail" and len(calls) == 1  # other settings: anew
+    assert json.loads(registry.resolve(cand).tags[pc.PAIRED_TAG])["settings"]["resamples"] == 200
+
+
+@pytest.mark.parametrize("case", ["another split", "nothing stored", "tampered"])
+def test_without_a_usable_paired_set_the_gate_falls_back_and_says_why(registry, tiny_bundle, heldout_source,
+                                                                      tmp_path, case):  # fmt: skip
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    prod = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
+    params = {**SPLIT, "split.seed": 1} if case == "another split" else SPLIT
+    lower = {**REAL, "severity_macro_f1": REAL["severity_macro_f1"] - 0.03}
+    info = _register(registry, _scrambled(tiny_bundle, tmp_path), heldout_source, tmp_path, metrics=lower,
+                     params=params, store=case != "nothing stored")  # fmt: skip
+    if case == "tampered":
+        run = registry.client.get_run(info.run_id)
+        texts = Path(urlparse(run.info.artifact_uri).path) / "heldout" / "texts.parquet"
+        texts.write_bytes(texts.read_bytes() + b"\0")
+    r = _gate(registry, info.version, prod)
+    assert "paired" not in r.values
+    if case == "another split":  # production may have trained on the candidate's held-out texts
+        assert r.status == "pass" and "another held-out split" in r.detail and "floors only" in r.detail
+    else:  # the runs' metrics, as before, and the reason the paired comparison did not run
+        assert r.status == "fail" and "worse than production: severity_macro_f1" in r.detail, r.detail
+        why = {
+            "nothing stored": "(no paired comparison: the candidate's run stores no held-out set",
+            "tampered": "(no paired comparison: held-out set or bundle refused: ",
+        }[case]
+        assert why in r.detail, r.detail
+        assert case != "tampered" or "texts.parquet: sha256" in r.detail
+
+
+def test_paired_waits_when_the_artifact_store_does_not_answer(registry, tiny_bundle, heldout_source, tmp_path,
+                                                              monkeypatch):  # fmt: skip
+    from promotion import paired_check as pc
+    from training.registry import RegistryUnreachable
+
+    prod = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
+    cand = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
+
+    def down(*_a, **_k):
+        raise RegistryUnreachable("model registry http://mlflow:5000 unreachable or failing: connection refused")
+
+    monkeypatch.setattr(registry, "fetch_run_dir", down)
+    r = _gate(registry, cand, prod)
+    assert r.status == "wait" and "paired comparison could not run" in r.detail and "connection refused" in r.detail
+    assert pc.PAIRED_TAG not in registry.resolve(cand).tags  # no verdict stored: the next run tries again
+
+
+def test_production_with_another_embedder_scores_the_texts_embedded_anew(registry, tiny_bundle, heldout_source,
+                                                                         tmp_path):  # fmt: skip
+    """Production's embedder files differ (here: a changed README, same weights): its head gets the texts
+    embedded by its own embedder, not the candidate's stored embeddings."""
+    import shutil
+
+    from motlens.bundle import write_manifest
+
+    other = tmp_path / "other-embedder"
+    shutil.copytree(tiny_bundle.root, other)
+    readme = next(p for p in (other / "embedder").iterdir() if p.suffix == ".md" or p.name.endswith(".json"))
+    readme.write_text(readme.read_text() + "\n")
+    write_manifest(other, version="7", run_id="other")
+    prod = _register(registry, other, heldout_source, tmp_path).version
+    cand = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
+    r = _gate(registry, cand, prod)
+    assert r.status == "pass", r.detail
+    assert r.values["paired"]["embeddings"] == "production's embedder differs: the texts embedded anew with it"
+    for m in ("section_macro_f1", "severity_macro_f1"):  # the same weights run anew: float noise only
+        assert abs(r.values[m]["difference"]) <= 0.02, (m, r.values[m])

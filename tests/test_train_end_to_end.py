@@ -211,3 +211,36 @@ def test_shuffled_labels_are_registered_without_the_candidate_alias(setup, caplo
     assert first.version.metrics["baseline_fail_auc"] == 0.5
     tags = registry.client.get_run(first.version.run_id).data.tags
     assert tags["motlens.quality_floors"] == "pass"
+
+
+def test_held_out_set_is_kept_and_the_gate_scores_both_heads_on_it(setup, tmp_path):
+    """The run keeps its held-out texts and their embeddings (run artifact heldout/); the promotion gate
+    scores production's head on them beside the candidate's, and unsampled the candidate's scores there
+    are its logged run metrics, production's its own run's (same split, same texts)."""
+    from promotion.settings import PromoteSettings
+    from promotion.workflow import Promoter
+    from training.heldout import HELDOUT_DIR, embedder_files, read_heldout
+
+    root, registry, shared, first = setup
+    held = read_heldout(registry.fetch_run_dir(first.version.version, HELDOUT_DIR, tmp_path / "h1"))
+    assert len(held.texts) == first.fingerprint["holdout_texts"] and held.meta["sample_seed"] is None
+    assert held.embedder_files == embedder_files(registry.fetch("1").manifest)
+    retrain = train(root / "bulk", TrainSettings(**{**SETTINGS, "seed": 13, "alias": None}), embedder=shared,
+                    registry=registry)  # fmt: skip
+    [offline] = Promoter(PromoteSettings(golden_check=False), registry, None).offline_gates(
+        retrain.version.version, first.version.version
+    )
+    assert offline.values["paired"]["n_texts"] == len(held.texts), offline.detail
+    for m in ("section_macro_f1", "severity_macro_f1", "fail_auc"):
+        v = offline.values[m]
+        assert v["paired"] and v["low"] <= v["difference"] <= v["high"], (m, v)
+        assert v["candidate"] == pytest.approx(retrain.metrics[m], abs=1e-6), m
+        assert v["production"] == pytest.approx(first.metrics[m], abs=1e-6), m
+    # a cap samples the held-out texts; 0 keeps none (the gate then compares the runs' metrics)
+    capped = train(root / "bulk", TrainSettings(**{**SETTINGS, "heldout_max_texts": 40, "alias": None}),
+                   embedder=shared, registry=registry)  # fmt: skip
+    sample = read_heldout(registry.fetch_run_dir(capped.version.version, HELDOUT_DIR, tmp_path / "h2"))
+    assert len(sample.texts) == 40 and set(sample.texts["text"]) <= set(held.texts["text"])
+    none = train(root / "bulk", TrainSettings(**{**SETTINGS, "heldout_max_texts": 0, "alias": None}),
+                 embedder=shared, registry=registry)  # fmt: skip
+    assert registry.fetch_run_dir(none.version.version, HELDOUT_DIR, tmp_path / "h3") is None

@@ -464,6 +464,23 @@ class Registry:
             shutil.rmtree(staging, ignore_errors=True)
         return Bundle(target, bundle.manifest)
 
+    def fetch_run_dir(self, ref: str, path: str, dst: Path) -> Path | None:
+        """Download the run artifact directory ``path`` of version ``ref``'s run into ``dst``; ``None``
+        when the run has no such directory (or no run)."""
+        import mlflow.artifacts
+
+        info = self.resolve(ref)
+        if not info.run_id:
+            return None
+        with self._answering():
+            if not self.client.list_artifacts(info.run_id, path):
+                return None
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=info.run_id, artifact_path=path, dst_path=str(dst), tracking_uri=self.tracking_uri
+                )
+            )
+
     @staticmethod
     def _check_stored(bundle: Bundle, info: ModelVersionInfo) -> Bundle:
         stored, run = str(bundle.manifest.get("version")), bundle.manifest.get("run_id")

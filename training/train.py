@@ -42,6 +42,7 @@ from training.floors import (
     FloorCheck,
     check_floors,
 )
+from training.heldout import HELDOUT_DIR, embedder_files, write_heldout
 from training.registry import ModelVersionInfo, Registry, TrainingInput, check_alias
 
 PACKAGES = (
@@ -85,6 +86,12 @@ class TrainSettings(BaseSettings):
     embed_batch_size: int = Field(default=64, ge=1)
     golden_size: int = Field(default=64, ge=1)
     reference_rows: int = Field(default=2000, ge=1, description="labelled rows (all texts) kept as the drift reference")
+    heldout_max_texts: int = Field(
+        default=20_000,
+        ge=0,
+        description="held-out texts (a uniform sample) kept with their embeddings as run artifact heldout/, "
+        "for the promotion gate's paired comparison (0: none)",
+    )
     alias: str | None = "candidate"
     alias_requires_floors: bool = Field(
         default=True,
@@ -451,6 +458,16 @@ def train(
             seed=s.seed,
             git_commit=provenance["git_commit"],
         )
+        if s.heldout_max_texts:
+            write_heldout(
+                artifacts / HELDOUT_DIR,
+                ho,
+                emb,
+                np.flatnonzero(~train_mask),
+                embedder=embedder_files(bundle.manifest),
+                max_texts=s.heldout_max_texts,
+                seed=s.split_seed,
+            )
         params = {
             **s.model_dump(exclude={"work_dir", "model_dir", "device", "split_seed"}),
             **(

@@ -48,6 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "embedding time and memory",
     )
     p.add_argument("--holdout-fraction", type=float)
+    p.add_argument(
+        "--heldout-max-texts",
+        type=int,
+        help="held-out texts kept with their embeddings (run artifact heldout/) for the promotion gate's "
+        "paired comparison (default 20000, a uniform sample beyond; 0: none)",
+    )
     p.add_argument("--device", help="cpu | cuda[:N] (default: cuda when present)")
     p.add_argument("--work-dir", help="keep the built bundle and reports here")
     p.add_argument(
@@ -71,6 +77,7 @@ _FLAGS = (
     "hidden",
     "max_rows",
     "max_texts",
+    "heldout_max_texts",
     "holdout_fraction",
     "device",
     "work_dir",
