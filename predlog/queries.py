@@ -68,6 +68,31 @@ LIVE_STATS_SLOT = {
     False: ("arrayStringConcat(arraySort(groupUniqArray(slot)), ',') AS slots", ""),
 }
 
+# Per model_version, per REQUEST (rows sharing request_id and latency: every row of a request carries its
+# latency, a failed request has one row): requests, failed requests (any row not ``ok``), requests with a
+# cache miss, and a uniform sample (at most ``cap``) of the latencies of the ok requests and of the ok
+# requests with a miss. The canary gate tests these (an item-weighted error rate shrank a failed 32-item
+# request 32-fold against the ok ones; items of one request are not independent latencies).
+LIVE_REQUESTS = f"""
+SELECT
+    model_version,
+    sum(rows) AS items,
+    count() AS requests,
+    countIf(failed) AS failed_requests,
+    countIf(missed) AS miss_requests,
+    groupArraySampleIf({{cap:UInt64}}, 1)(latency_ms, NOT failed) AS latencies,
+    groupArraySampleIf({{cap:UInt64}}, 2)(latency_ms, NOT failed AND missed) AS miss_latencies
+FROM (
+    SELECT model_version, request_id, latency_ms, count() AS rows, countIf(status != 'ok') > 0 AS failed,
+           countIf(status = 'ok' AND NOT cache_hit) > 0 AS missed
+    FROM {{source}}
+    WHERE model_name = {{model_name:String}} AND ts >= {{since:{TS_PARAM}}}{{until}}
+    GROUP BY model_version, request_id, latency_ms
+)
+GROUP BY model_version
+ORDER BY model_version
+"""
+
 COUNTS = """
 SELECT model_name, model_version, slot, count() AS n, countIf(length(embedding_q) > 0) AS with_embedding,
        min(ts) AS first_ts, max(ts) AS last_ts

@@ -267,6 +267,26 @@ class PredictionLogReader:
         df = self._df(sql, params)
         return df.drop(columns=["latency_q"], errors="ignore")
 
+    def live_requests(
+        self,
+        *,
+        since: datetime,
+        until: datetime | None = None,
+        model_name: str = "mot-defects",
+        cap: int = 20_000,
+    ) -> pd.DataFrame:
+        """Per model_version over ``since <= ts < until``, counted by request (``queries.LIVE_REQUESTS``):
+        ``items`` (rows), ``requests``, ``failed_requests``, ``miss_requests``, and up to ``cap`` sampled
+        latencies (ms) of the ok requests (``latencies``) and of those with a cache miss
+        (``miss_latencies``). What the promotion live gate tests."""
+        params: dict[str, Any] = {"model_name": model_name, "since": _utc(since), "cap": int(cap)}
+        if until is not None:
+            params["until"] = _utc(until)
+        sql = queries.LIVE_REQUESTS.replace(
+            "{until}", f" AND ts < {{until:{queries.TS_PARAM}}}" if until is not None else ""
+        ).replace("{source}", self.source.ref("predictions", start=since, end=until))
+        return self._df(sql, params)
+
     def counts(self) -> pd.DataFrame:
         """Rows per model, version and slot (with how many carry embeddings)."""
         return self._df(queries.COUNTS.replace("{source}", self.source.ref("predictions")), {})

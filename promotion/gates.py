@@ -12,7 +12,10 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from statistics import NormalDist
 from typing import Any
+
+import numpy as np
 
 from motlens.bundle import BundleError
 from promotion.paired_check import PairedComparison
@@ -23,6 +26,8 @@ log = logging.getLogger(__name__)
 
 PASS, FAIL, WAIT = "pass", "fail", "wait"
 GOLDEN_TAG = "promotion.gate.golden"
+#: how much more often the canary may miss the cache than production for their overall latencies to compare
+MISS_SHARE_SLACK = 0.05
 
 
 @dataclass
@@ -257,64 +262,126 @@ def _drift_values(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def live_gate(
-    canary: dict[str, Any] | None, production: dict[str, Any] | None, settings: PromoteSettings
+    canary: dict[str, Any] | None,
+    production: dict[str, Any] | None,
+    settings: PromoteSettings,
+    *,
+    production_note: str = "",
 ) -> GateResult:
-    """Canary health from the prediction log since the last step: sample size, error rate, p99 latency."""
+    """Canary health from the prediction log since the last step, counted by request
+    (:meth:`predlog.reader.Reader.live_requests` rows): at least ``min_samples`` canary items, then two
+    tests at one-sided level ``live_confidence`` (Wilson bounds of a proportion):
+
+    - errors: the share of failed canary requests against its limit, the lower of ``max_error_rate``
+      and production's share + ``error_rate_margin``;
+    - latency: the share of ok canary requests slower than production's p99 × ``max_p99_ratio`` +
+      ``p99_slack_ms`` — more than 1 % is a p99 above that — against 1 %; over requests with a cache
+      miss (model calls) when production has ``min_samples`` of them (the cache is per version: a new
+      canary starts cold), else over every ok request.
+
+    A test fails when its lower bound is above the limit (evidence of a regression), passes when its
+    upper bound is at or below it, and otherwise the gate waits for more traffic: a healthy canary is
+    not rolled back on a noisy few hundred requests, nor passed on them."""
     canary = canary or {}
-    n = int(canary.get("n") or 0)
-    if n < settings.min_samples:
+    items = int(_num(canary.get("items")) or 0)
+    if items < settings.min_samples:
         return GateResult(
-            "live", WAIT, f"{n} canary items since the last step, need {settings.min_samples}", {"n": n}
+            "live", WAIT, f"{items} canary items since the last step, need {settings.min_samples}", {"n": items}
         )
-    err = float(canary.get("error_rate") or 0.0)
-    prod_err = float((production or {}).get("error_rate") or 0.0)
-    p99, prod_p99, basis = _latencies(canary, production or {}, settings.min_samples)
-    values = {
-        "n": n,
-        "error_rate": err,
-        "p99_ms": p99,
-        "production_error_rate": prod_err,
-        "production_p99_ms": prod_p99,
-        "p99_basis": basis,
-    }
-    problems = []
-    if err > settings.max_error_rate or err > prod_err + settings.error_rate_margin:
-        problems.append(
-            f"error rate {err:.2%} (max {settings.max_error_rate:.2%}, "
-            f"production {prod_err:.2%} + {settings.error_rate_margin:.2%})"
-        )
-    if (
-        p99 is not None
-        and prod_p99 is not None
-        and p99 > prod_p99 * settings.max_p99_ratio + settings.p99_slack_ms
-    ):
-        problems.append(
-            f"p99{_basis_label(basis)} {p99:.1f} ms > {settings.max_p99_ratio} × production {prod_p99:.1f} ms "
-            f"+ {settings.p99_slack_ms} ms"
-        )
-    if problems:
-        return GateResult("live", FAIL, "; ".join(problems), values)
-    return GateResult(
-        "live",
-        PASS,
-        f"n={n}, error rate {err:.2%}, p99{_basis_label(basis)} {_fmt_ms(p99)} (production {_fmt_ms(prod_p99)})",
-        values,
+    production = production or {}
+    conf = settings.live_confidence
+    values: dict[str, Any] = {"n": items, "confidence": conf}
+    verdicts: dict[str, list[str]] = {FAIL: [], WAIT: [], PASS: []}
+
+    n, k = int(_num(canary.get("requests")) or 0), int(_num(canary.get("failed_requests")) or 0)
+    pn, pk = int(_num(production.get("requests")) or 0), int(_num(production.get("failed_requests")) or 0)
+    margin = settings.error_rate_margin
+    limit, which = settings.max_error_rate, f"max {settings.max_error_rate:.2%}"
+    if pn and pk / pn + margin < limit:
+        limit, which = pk / pn + margin, f"production {pk / pn:.2%} + {margin:.2%}"
+    low, high = wilson(k, n, conf)
+    values.update(
+        requests=n,
+        failed_requests=k,
+        error_rate=k / n if n else 0.0,
+        error_rate_bounds=[low, high],
+        error_rate_limit=limit,
+        production_requests=pn,
+        production_error_rate=pk / pn if pn else None,
     )
+    text = f"error rate {k}/{n} requests = {k / max(n, 1):.2%} (bounds {low:.2%}–{high:.2%}; limit {which})"
+    verdicts[_verdict(low, high, limit)].append(text)
+
+    basis, lat, prod_lat = _latencies(canary, production, settings.min_samples)
+    values["p99_basis"] = basis
+    if len(prod_lat) < max(settings.min_samples, 1) or not len(lat):
+        verdicts[PASS].append(
+            f"p99 not compared: {len(prod_lat)} production and {len(lat)} canary requests{_basis_label(basis)}"
+        )
+    else:
+        prod_p99, p99 = float(np.quantile(prod_lat, 0.99)), float(np.quantile(lat, 0.99))
+        bound = prod_p99 * settings.max_p99_ratio + settings.p99_slack_ms
+        slow = int((lat > bound).sum())
+        low, high = wilson(slow, len(lat), conf)
+        values.update(p99_ms=p99, production_p99_ms=prod_p99, p99_bound_ms=bound, slower=slow, compared=len(lat),
+                      slower_bounds=[low, high])  # fmt: skip
+        text = (
+            f"p99{_basis_label(basis)} {p99:.1f} ms (production {prod_p99:.1f} ms): {slow}/{len(lat)} requests "
+            f"over {settings.max_p99_ratio} × production + {settings.p99_slack_ms:g} ms = {bound:.1f} ms "
+            f"(bounds {low:.2%}–{high:.2%}; limit 1%)"
+        )
+        verdicts[_verdict(low, high, 0.01)].append(text)
+    level = f"{conf:.0%} one-sided bounds" + (f"; {production_note}" if production_note else "")
+    if verdicts[FAIL]:
+        return GateResult("live", FAIL, "; ".join(verdicts[FAIL]) + f" ({level})", values)
+    if verdicts[WAIT]:
+        return GateResult(
+            "live", WAIT, "inconclusive, more canary traffic needed: " + "; ".join(verdicts[WAIT]) + f" ({level})",
+            values,
+        )  # fmt: skip
+    return GateResult("live", PASS, f"n={items}, " + "; ".join(verdicts[PASS]) + f" ({level})", values)
 
 
-def _latencies(canary: dict[str, Any], production: dict[str, Any], min_samples: int) -> tuple[Any, Any, str]:
-    """The p99s to compare: over cache misses (model calls) when both sides have at least
-    ``min_samples`` of them — the embedding cache is per version, so a new canary starts cold while
-    production answers mostly from its cache, and overall p99s would compare model calls with cache
-    hits — else over every item (``basis``: ``misses`` or ``all``)."""
-    misses = [int(_num(side.get("misses")) or 0) for side in (canary, production)]
-    if min(misses) >= max(min_samples, 1):
-        return _num(canary.get("latency_miss_p99_ms")), _num(production.get("latency_miss_p99_ms")), "misses"
-    return _num(canary.get("latency_p99_ms")), _num(production.get("latency_p99_ms")), "all"
+def wilson(k: int, n: int, confidence: float) -> tuple[float, float]:
+    """One-sided Wilson score bounds (lower, upper), each at ``confidence``, of the proportion ``k/n``."""
+    if n <= 0:
+        return 0.0, 1.0
+    z = NormalDist().inv_cdf(confidence)
+    p, zz = k / n, z * z
+    centre = (p + zz / (2 * n)) / (1 + zz / n)
+    half = z * math.sqrt(p * (1 - p) / n + zz / (4 * n * n)) / (1 + zz / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _verdict(low: float, high: float, limit: float) -> str:
+    return FAIL if low > limit else WAIT if high > limit else PASS
+
+
+def _latencies(canary: dict[str, Any], production: dict[str, Any], min_samples: int) -> tuple[str, Any, Any]:
+    """(basis, canary latencies, production latencies): the requests with a cache miss when production
+    has ``min_samples`` of them and the canary any; else every ok request, provided both sides miss the
+    cache about equally often (``basis`` ``all``) — a cold canary's model calls against a warm
+    production's cache hits are no regression — else nothing (``basis`` says why)."""
+    c_miss, p_miss = (np.asarray(side.get("miss_latencies", []), float) for side in (canary, production))
+    if len(p_miss) >= max(min_samples, 1) and len(c_miss):
+        return "misses", c_miss, p_miss
+    c_all, p_all = (np.asarray(side.get("latencies", []), float) for side in (canary, production))
+    c_share, p_share = (_miss_share(side) for side in (canary, production))
+    if c_share > p_share + MISS_SHARE_SLACK:
+        return (
+            f"mixes differ: {c_share:.0%} of canary requests missed the cache, {p_share:.0%} of production's, "
+            f"and production has {len(p_miss)} with a miss (need {min_samples})"
+        ), c_all[:0], p_all[:0]
+    return "all", c_all, p_all
+
+
+def _miss_share(side: dict[str, Any]) -> float:
+    ok = int(_num(side.get("requests")) or 0) - int(_num(side.get("failed_requests")) or 0)
+    return int(_num(side.get("miss_requests")) or 0) / ok if ok > 0 else 0.0
 
 
 def _basis_label(basis: str) -> str:
-    return " of cache misses" if basis == "misses" else ""
+    return {"misses": " of cache misses", "all": ""}.get(basis, f" ({basis})")
 
 
 def _num(v: Any) -> float | None:
@@ -322,10 +389,6 @@ def _num(v: Any) -> float | None:
         return None
     f = float(v)
     return None if math.isnan(f) else f
-
-
-def _fmt_ms(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.1f} ms"
 
 
 def _aware(ts: Any) -> datetime:

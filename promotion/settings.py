@@ -74,6 +74,9 @@ class PromoteSettings(BaseSettings):
     golden_check: bool = True
     require_drift_report: bool = True
     min_samples: int = Field(200, ge=0, description="canary items needed since the last step")
+    live_confidence: float = Field(
+        0.95, gt=0.5, lt=1.0, description="one-sided level of the live gate's bounds (fail above, pass below)"
+    )
     max_error_rate: float = Field(0.01, ge=0.0, le=1.0)
     error_rate_margin: float = Field(0.005, ge=0.0, le=1.0, description="canary may exceed prod by this")
     max_p99_ratio: float = Field(1.5, gt=0.0, description="canary p99 latency / production p99 latency")

@@ -268,12 +268,26 @@ class Promoter:
         try:
             reader = self.reader()
             reports = reader.drift_reports(model_version=version, slot="canary", limit=20).to_dict("records")
-            stats = reader.live_stats(since=times.since, model_name=MODEL_NAME, by_slot=False)
+            stats = reader.live_requests(since=times.since, model_name=MODEL_NAME)
+            prod, note = _stats_row(stats, production), ""
+            if production and _thin(prod, self.settings.min_samples):
+                # at 100 % (or a share near it) production serves almost nothing in the window, and a
+                # warm production may make few model calls: its requests from the hour before the step
+                # stand for it when they hold more of either
+                before = reader.live_requests(
+                    since=times.since - timedelta(seconds=LOOKBACK_S), until=times.since, model_name=MODEL_NAME
+                )
+                earlier = _stats_row(before, production)
+                if _count(earlier, "miss_requests") > _count(prod, "miss_requests") or _count(
+                    earlier, "requests"
+                ) > _count(prod, "requests"):
+                    note = f"production from the hour before this step ({_count(prod, 'requests')} requests since it)"
+                    prod = earlier
         except Exception as e:  # noqa: BLE001 - no evidence is a reason to hold, not to crash or step
             why = f"prediction log unavailable: {type(e).__name__}: {e}"
             return [g.GateResult("drift", g.WAIT, why), g.GateResult("live", g.WAIT, why)]
         drift = g.drift_gate(reports, version, times.started, self.settings)
-        live = g.live_gate(_stats_row(stats, version), _stats_row(stats, production), self.settings)
+        live = g.live_gate(_stats_row(stats, version), prod, self.settings, production_note=note)
         if times.source:
             live.detail = f"{live.detail} ({times.source})"
         # a skewed clock holds the canary, but never hides a failure found in the fallback window
@@ -1064,6 +1078,15 @@ def _embedder_for(bundle: Any) -> Any:
     if key not in _EMBEDDERS:
         _EMBEDDERS[key] = TorchEmbedder(bundle.embedder_dir, device="cpu")
     return _EMBEDDERS[key]
+
+
+def _thin(row: dict[str, Any] | None, min_samples: int) -> bool:
+    """Too few production requests, or too few with a cache miss, to stand for production."""
+    return min(_count(row, "requests"), _count(row, "miss_requests")) < min_samples
+
+
+def _count(row: dict[str, Any] | None, key: str) -> int:
+    return int((row or {}).get(key) or 0)
 
 
 def _stats_row(stats: Any, version: str | None) -> dict[str, Any] | None:

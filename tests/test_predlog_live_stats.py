@@ -129,3 +129,52 @@ def test_live_stats_match_the_logged_rows(log):
 def test_live_stats_since_excludes_older_rows(log):
     reader, _ = log
     assert reader.live_stats(since=datetime.now(UTC) + timedelta(minutes=1)).empty
+
+
+def _requests(version: str, n: int, seed: int) -> tuple[list[PredictionRecord], dict]:
+    """``n`` requests of 1–5 items (every row of a request shares its latency); every 7th request failed
+    (one row, item_index -1); a request misses the cache when any of its items does."""
+    rng = np.random.default_rng(seed)
+    now, rows = datetime.now(UTC), []
+    want = {"items": 0, "requests": n, "failed_requests": 0, "miss_requests": 0, "latencies": [], "miss_latencies": []}
+    for r in range(n):
+        latency = float(np.float32(rng.lognormal(3.0, 0.8)))
+        if r % 7 == 0:
+            rows.append(PredictionRecord(request_id=f"{version}-{r}", item_index=-1, model_name="mot-defects",
+                                         model_version=version, slot="canary", text="", latency_ms=latency,
+                                         status="server_error", ts=now))  # fmt: skip
+            want["failed_requests"] += 1
+            want["items"] += 1
+            continue
+        hits = rng.random(int(rng.integers(1, 6))) < 0.6
+        for i, hit in enumerate(hits):
+            rows.append(PredictionRecord(request_id=f"{version}-{r}", item_index=i, model_name="mot-defects",
+                                         model_version=version, slot="canary", text=f"t{r}-{i}", latency_ms=latency,
+                                         cache_hit=bool(hit), ts=now))  # fmt: skip
+        want["items"] += len(hits)
+        want["latencies"].append(latency)
+        if not hits.all():
+            want["miss_requests"] += 1
+            want["miss_latencies"].append(latency)
+    return rows, want
+
+
+def test_live_requests_count_requests_not_rows(log, tmp_path):
+    """What the canary gate tests: failed and missing requests counted once each however many items they
+    held, and each request's latency once (a sample of at most ``cap``)."""
+    reader, _ = log
+    rows, want = _requests("3", 400, 5)
+    settings = reader.settings
+    writer = predlog.open_writer(settings)
+    writer.submit(rows)
+    assert writer.flush(60)
+    writer.close(60)
+    since = datetime.now(UTC) - timedelta(hours=1)
+    got = reader.live_requests(since=since).set_index("model_version").loc["3"]
+    for key in ("items", "requests", "failed_requests", "miss_requests"):
+        assert int(got[key]) == want[key], key
+    for key in ("latencies", "miss_latencies"):
+        assert sorted(map(float, got[key])) == pytest.approx(sorted(want[key]), rel=1e-6), key
+    capped = reader.live_requests(since=since, cap=50).set_index("model_version").loc["3"]
+    assert len(capped["latencies"]) == 50 and set(map(float, capped["latencies"])) <= set(want["latencies"])
+    assert reader.live_requests(since=since, until=since + timedelta(seconds=1)).empty

@@ -10,7 +10,7 @@ import sys
 import threading
 
 import pytest
-from promotion_support import drift_report, log_traffic, make_env, render
+from promotion_support import HEALTHY, drift_report, log_traffic, make_env, render
 
 from promotion import gates as g
 from promotion.locking import file_lock
@@ -52,8 +52,8 @@ def test_healthy_canary_is_promoted_step_by_step(rollout):
     for _ in range(6):
         held = _auto(env, target)  # no evidence since the last step yet
         assert held.action == "hold" and "waiting for evidence" in held.message
-        log_traffic("2", "canary", 30)
-        log_traffic("1", "production", 30)
+        log_traffic("2", "canary", HEALTHY)
+        log_traffic("1", "production", HEALTHY)
         drift_report("2", detected=False)
         out = _auto(env, target)
         if out.action == "promote":
@@ -98,7 +98,7 @@ def test_drift_or_errors_or_slow_canary_roll_back(rollout, trouble):
     tags = env.registry.resolve("2").tags
     assert tags["promotion.status"] == "rejected"
     # the traffic logged here carries no cache hits: the p99s compared are the model calls'
-    reason = {"drift": "drift detected", "errors": "error rate 20.00%",
+    reason = {"drift": "drift detected", "errors": "error rate 6/30 requests = 20.00%",
               "latency": "p99 of cache misses 500.0 ms"}[trouble]  # fmt: skip
     assert reason in tags["promotion.rejected_reason"]
     # the rejected candidate is not tried again
@@ -128,8 +128,8 @@ def _cli_auto(env):
 def test_two_concurrent_runs_step_once(rollout):
     env, target = rollout
     assert _auto(env, target, golden_check=False).action == "canary_start"
-    log_traffic("2", "canary", 30)
-    log_traffic("1", "production", 30)
+    log_traffic("2", "canary", HEALTHY)
+    log_traffic("1", "production", HEALTHY)
     drift_report("2", detected=False)
     procs = [_cli_auto(env) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 import pytest
-from promotion_support import drift_report, log_traffic, make_env
+from promotion_support import HEALTHY, drift_report, log_traffic, make_env
 
 from promotion.targets import GitOpsTarget
 from promotion.workflow import STARTED_AT_TAG, STEP_AT_TAG, Promoter
@@ -36,8 +36,8 @@ def _auto(env, target, reader_factory=None, **kw):
 
 
 def _evidence():
-    log_traffic("2", "canary", 30)
-    log_traffic("1", "production", 30)
+    log_traffic("2", "canary", HEALTHY)
+    log_traffic("1", "production", HEALTHY)
     drift_report("2", detected=False)
 
 

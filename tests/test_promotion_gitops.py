@@ -9,6 +9,7 @@ import shutil
 import pytest
 import yaml
 from promotion_support import (
+    HEALTHY,
     drift_report,
     kubectl_patch_local,
     log_traffic,
@@ -100,8 +101,8 @@ def test_full_rollout_then_rollback(env, tmp_path):
             with pytest.raises(Refused, match="live: wait"):  # no canary traffic since the step yet
                 p.advance()
         # what a KServe canary revision's pods log: their own slot, "production"; the gates go by version
-        log_traffic("2", "production", 25)
-        log_traffic("1", "production", 25)
+        log_traffic("2", "production", HEALTHY)
+        log_traffic("1", "production", HEALTHY)
         drift_report("2", detected=False)
         if percents[-1] == 100:
             break
@@ -160,7 +161,7 @@ def test_manual_edit_is_respected_and_guarded(env, tmp_path):
             op["value"] = 40
     rollout.write_text(yaml.safe_dump(ops))
     assert p.status()["live"]["percent"] == 40
-    log_traffic("2", "production", 25)
+    log_traffic("2", "production", HEALTHY)
     drift_report("2", detected=False)
     p.advance()
     assert render(target.overlay)["spec"]["predictor"]["canaryTrafficPercent"] == 50

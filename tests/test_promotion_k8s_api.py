@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
-from promotion_support import drift_report, log_traffic, make_env, render, validate_isvc
+from promotion_support import HEALTHY, drift_report, log_traffic, make_env, render, validate_isvc
 
 from promotion.rollout import API_GROUP, API_VERSION, PLURAL, state_from_isvc
 
@@ -156,8 +156,8 @@ def test_k8s_target_canary_edit_advance_race_and_rollback(k8s):
     api.edit({"spec": {"predictor": {"canaryTrafficPercent": 30}}})  # `kubectl edit`: respected
     assert p.status()["live"]["percent"] == 30 and p.status()["disagreements"] == []
 
-    log_traffic("2", "canary", 30)
-    log_traffic("1", "production", 30)
+    log_traffic("2", "canary", HEALTHY)
+    log_traffic("1", "production", HEALTHY)
     drift_report("2", detected=False)
     out = p.advance()
     assert out.action == "advance" and all(r.passed for r in out.gates), out.gates
