@@ -113,8 +113,9 @@ class MotlensModel(Model):
             if protocol == "v2-grpc":
                 raise (ResourceExhausted if e.reason == "queue_full" else Unavailable)(str(e)) from e
             raise
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # a gRPC deadline, an HTTP client gone: the handler is cancelled
             _count(protocol, "cancelled", served)
+            self._log_failure(req, unit, protocol, time.perf_counter() - t0, "cancelled")
             raise
         except Exception:
             _count(protocol, "server_error", served, len(req.texts))
@@ -134,30 +135,32 @@ class MotlensModel(Model):
     def _log_failure(
         self, req: PredictRequest, unit: ServingUnit, protocol: str, latency: float, status: str
     ) -> None:
-        """One row (item_index -1, ``status`` ``server_error`` or ``overloaded``) per failed request,
-        so the canary gate sees failures."""
+        """One row (item_index -1, ``status`` ``server_error``, ``overloaded`` or ``cancelled``) per
+        failed request, so the canary gate sees failures. Never blocks (the writer only queues) and
+        never raises: it runs in ``except`` blocks whose exception (a ``CancelledError`` too) must
+        propagate unchanged."""
         if self.writer is None:
             return
-        from predlog.records import PredictionRecord
+        try:
+            from predlog.records import PredictionRecord
 
-        be = unit.backend
-        self.writer.submit(
-            [
-                PredictionRecord(
-                    request_id=req.request_id,
-                    item_index=-1,
-                    model_name=be.name,
-                    model_version=be.version,
-                    slot=unit.slot,
-                    text="",
-                    latency_ms=latency * 1000.0,
-                    backend=be.backend_name,
-                    device=be.device,
-                    protocol=protocol,
-                    status=status,
-                )
-            ]
-        )
+            be = unit.backend
+            record = PredictionRecord(
+                request_id=req.request_id,
+                item_index=-1,
+                model_name=be.name,
+                model_version=be.version,
+                slot=unit.slot,
+                text="",
+                latency_ms=latency * 1000.0,
+                backend=be.backend_name,
+                device=be.device,
+                protocol=protocol,
+                status=status,
+            )
+            self.writer.submit([record])
+        except Exception:  # noqa: BLE001 - a log row must never replace the request's own outcome
+            log.exception("cannot log the %s row of request %s", status, req.request_id)
 
     def _log_predictions(
         self,

@@ -31,7 +31,7 @@ class PredictionRecord:
     backend: str = ""
     device: str = ""
     protocol: str = ""  # "v1" | "v2-rest" | "v2-grpc"
-    status: str = "ok"  # "ok" | "server_error" | "overloaded"
+    status: str = "ok"  # "ok" | "server_error" | "overloaded" | "cancelled"
     make: str | None = None
     model: str | None = None
     fuel_type: str | None = None

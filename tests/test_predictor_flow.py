@@ -200,16 +200,20 @@ async def test_full_queue_gives_429_with_retry_after_and_grpc_resource_exhausted
 
 
 async def test_grpc_deadline_drops_queued_work(served, monkeypatch):
+    """The expired RPC's queued work is dropped, the request is logged as a ``cancelled`` failure row
+    (the canary gate counts it), and the server goes on serving."""
     import asyncio
 
     import grpc
     from kserve import InferenceGRPCClient, InferInput, InferRequest
 
-    server, base, _ = served
+    server, base, log_settings = served
     batcher = production_batcher(server)
     spy = GatedEncode(batcher._encode_tokens)
     monkeypatch.setattr(batcher, "_encode_tokens", spy)
     dropped_before = batcher.stats.dropped_requests
+    cancelled = {"protocol": "v2-grpc", "outcome": "cancelled", "version": "1"}
+    cancelled_before = sample("motlens_requests_total", **cancelled)
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
         first = asyncio.ensure_future(client.post(f"/v1/models/{MODEL}:predict", json={"instances": unique_texts(1)}))
         assert await asyncio.to_thread(spy.entered.wait, 60)
@@ -219,19 +223,29 @@ async def test_grpc_deadline_drops_queued_work(served, monkeypatch):
             inp = InferInput("text", [1], "BYTES")
             inp.set_data_from_numpy(np.array([abandoned[0].encode()], dtype=np.object_))
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await grpc_client.infer(InferRequest(MODEL, [inp]), timeout=0.5)
+                await grpc_client.infer(InferRequest(MODEL, [inp], request_id="req-deadline"), timeout=0.5)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # the server notices the cancelled RPC and drops its queued work
+            await async_wait_until(lambda: batcher.stats.dropped_requests > dropped_before)
+            spy.gate.set()
+            assert (await first).status_code == 200
+            inp = InferInput("text", [1], "BYTES")  # and it goes on serving gRPC
+            inp.set_data_from_numpy(np.array([t.encode() for t in unique_texts(1)], dtype=np.object_))
+            assert (await grpc_client.infer(InferRequest(MODEL, [inp]), timeout=60)).model_version == "1"
         finally:
             await grpc_client.close()
-        # the server notices the cancelled RPC and drops its queued work
-        await async_wait_until(lambda: batcher.stats.dropped_requests > dropped_before)
-        spy.gate.set()
-        assert (await first).status_code == 200
     assert all(token_ids(batcher, abandoned[0]) not in call for call in spy.calls)
+    assert sample("motlens_requests_total", **cancelled) - cancelled_before == 1
+    rows = _logged_soon(server, log_settings, "req-deadline")
+    assert [{k: r[k] for k in ("item_index", "status", "protocol", "model_version", "slot")} for r in rows] == [
+        {"item_index": -1, "status": "cancelled", "protocol": "v2-grpc", "model_version": "1", "slot": "production"}
+    ]
+    assert 400 <= rows[0]["latency_ms"] < 30_000  # the time until the deadline cancelled it
 
 
 def test_http_client_disconnect_drops_queued_work(served, monkeypatch):
-    server, base, _ = served
+    """A client that hangs up cancels its handler: queued work dropped, a ``cancelled`` failure row logged."""
+    server, base, log_settings = served
     batcher = production_batcher(server)
     spy = GatedEncode(batcher._encode_tokens)
     monkeypatch.setattr(batcher, "_encode_tokens", spy)
@@ -244,12 +258,21 @@ def test_http_client_disconnect_drops_queued_work(served, monkeypatch):
         )
         assert spy.entered.wait(60)
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
-            httpx.post(f"{base}/v1/models/{MODEL}:predict", json={"instances": abandoned}, timeout=0.5)
+            httpx.post(
+                f"{base}/v1/models/{MODEL}:predict",
+                json={"instances": abandoned},
+                headers={"x-request-id": "req-hung-up"},
+                timeout=0.5,
+            )
         wait_until(lambda: batcher.stats.dropped_requests > dropped_before)
         spy.gate.set()
         assert first.result().status_code == 200
     assert all(token_ids(batcher, abandoned[0]) not in call for call in spy.calls)
     assert sample("motlens_rejected_total", reason="client_disconnected") - gone_before == 1
+    rows = _logged_soon(server, log_settings, "req-hung-up")
+    assert [{k: r[k] for k in ("item_index", "status", "protocol", "model_version", "slot")} for r in rows] == [
+        {"item_index": -1, "status": "cancelled", "protocol": "v1", "model_version": "1", "slot": "production"}
+    ]
 
 
 def test_slot_operations_under_load_fail_no_request(served, bundle_v2, tiny_bundle, tmp_path):
@@ -369,6 +392,19 @@ def _logged(log_settings, request_id: str):
         )
     finally:
         reader.close()
+
+
+def _logged_soon(server, log_settings, request_id: str) -> list[dict]:
+    """``request_id``'s rows once there are any (a cancelled handler logs after its client has heard)."""
+    rows: list[dict] = []
+
+    def found() -> bool:
+        assert server.writer.flush(30)
+        rows[:] = _logged(log_settings, request_id).to_dict("records")
+        return bool(rows)
+
+    wait_until(found, timeout=30)
+    return rows
 
 
 def _served_model_info(server) -> tuple[str, str]:
