@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,12 @@ from typing import Any
 from promotion.settings import PromoteSettings
 from training.paired import PairedMetric
 
+log = logging.getLogger(__name__)
+
 PAIRED_TAG = "promotion.gate.paired"
+#: at most this many held-out texts are embedded anew when production's embedder differs (a second
+#: MiniLM in the promotion pod: ≈ 2.5 minutes for 20,000 texts on one core, and its memory)
+REEMBED_MAX_TEXTS = 5_000
 #: the split params that decide which side a text is on (``split.max_texts`` only drops texts)
 PAIRED_SPLIT_PARAMS = ("split.seed", "split.scheme", "split.holdout_fraction")
 
@@ -40,6 +46,7 @@ class PairedComparison:
     n_texts: int = 0
     embeddings: str = ""
     missing: str = ""
+    lasting: bool = False  # asking again gives the same answer: kept in the tag
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +55,7 @@ class PairedComparison:
             "n_texts": self.n_texts,
             "embeddings": self.embeddings,
             "missing": self.missing,
+            "lasting": self.lasting,
         }
 
     @classmethod
@@ -55,7 +63,14 @@ class PairedComparison:
         metrics = {
             m: PairedMetric(v["candidate"], v["production"], v["low"], v["high"]) for m, v in d["metrics"].items()
         }
-        return cls(str(d["production"]), metrics, int(d["n_texts"]), str(d["embeddings"]), str(d["missing"]))
+        return cls(
+            str(d["production"]),
+            metrics,
+            int(d["n_texts"]),
+            str(d["embeddings"]),
+            str(d["missing"]),
+            bool(d["lasting"]),
+        )
 
 
 def same_split(candidate: Mapping[str, Any] | None, production: Mapping[str, Any] | None) -> bool:
@@ -98,16 +113,16 @@ def run(
     candidate: str,
     production: str,
     settings: PromoteSettings,
-    embedder_for: Callable[[Any], Any],
+    load_embedder: Callable[[Any], Any],
 ) -> PairedComparison:
     """Score both heads on the candidate's stored held-out set. Raises :class:`PairedUnavailable` when
-    the registry or artifact store does not answer; any other problem (no held-out set stored, one
-    that fails its hashes, a bundle that does not verify) comes back as ``missing``."""
+    the held-out set or a bundle cannot be fetched (registry, artifact store or its client failing);
+    any other problem comes back as ``missing`` — ``lasting`` when asking again cannot change it (no
+    held-out set stored, embeddings of another embedder), else retried at the next gate (a download
+    that fails its hashes, a head that does not run)."""
     from motlens.bundle import BundleError
-    from training.dataset import split_key
+    from motlens.credentials import redact
     from training.heldout import HELDOUT_DIR, HeldoutError, embedder_files, read_heldout
-    from training.paired import compare
-    from training.registry import RegistryError, RegistryUnreachable
 
     try:
         with tempfile.TemporaryDirectory(prefix="motlens-heldout-") as tmp:
@@ -117,32 +132,64 @@ def run(
                     production,
                     missing="the candidate's run stores no held-out set (trained by an older motlens, "
                     "registered by hand, or with heldout_max_texts 0)",
+                    lasting=True,
                 )
             held = read_heldout(found)
         cand, prod = registry.fetch(candidate), registry.fetch(production)
-    except RegistryUnreachable as e:
-        raise PairedUnavailable(str(e)) from e
-    except (RegistryError, BundleError, HeldoutError) as e:
+    except (BundleError, HeldoutError) as e:
         return PairedComparison(production, missing=f"held-out set or bundle refused: {e}")
+    except Exception as e:  # noqa: BLE001 - MLflow, HTTP or the artifact store's client (S3): no verdict
+        raise PairedUnavailable(redact(f"{type(e).__name__}: {e}")) from e
     if embedder_files(cand.manifest) != held.embedder_files:
         return PairedComparison(
-            production, missing="the stored held-out embeddings come from another embedder than the candidate's bundle"
+            production,
+            missing="the stored held-out embeddings come from another embedder than the candidate's bundle",
+            lasting=True,
         )
-    context = held.context()
-    cand_out = cand.head().predict(held.embeddings, context)
+    try:
+        return _score(held, cand, prod, candidate, production, settings, load_embedder)
+    except Exception as e:  # noqa: BLE001 - a head or embedder that does not load or run: say so, retry later
+        log.warning("paired comparison of %s with %s could not score: %s", candidate, production, e)
+        return PairedComparison(production, missing=redact(f"could not score the heads: {type(e).__name__}: {e}"))
+
+
+def _score(
+    held: Any,
+    cand: Any,
+    prod: Any,
+    candidate: str,
+    production: str,
+    settings: PromoteSettings,
+    load_embedder: Callable[[Any], Any],
+) -> PairedComparison:
+    import numpy as np
+
+    from training.dataset import split_key
+    from training.heldout import embedder_files
+    from training.paired import compare
+
+    seed = _seed(candidate, production)
+    total = len(held.texts)
     if embedder_files(prod.manifest) == held.embedder_files:
         prod_emb, how = held.embeddings, "both heads on the stored embeddings (same embedder)"
-    else:
-        prod_emb = embedder_for(prod).encode(held.texts["text"].tolist())
-        how = "production's embedder differs: the texts embedded anew with it"
+    else:  # a second model in the process: embed a bounded sample, then let it go
+        if total > REEMBED_MAX_TEXTS:
+            held = held.subset(np.sort(np.random.default_rng(seed).choice(total, REEMBED_MAX_TEXTS, replace=False)))
+        embedder = load_embedder(prod)
+        try:
+            prod_emb = embedder.encode(held.texts["text"].tolist())
+        finally:
+            del embedder
+        how = f"production's embedder differs: {len(held.texts)} of {total} texts embedded anew with it"
+    context = held.context()
     metrics = compare(
-        cand_out,
+        cand.head().predict(held.embeddings, context),
         prod.head().predict(prod_emb, context),
         held.labels(),
         settings.offline_metrics,
         resamples=settings.paired_resamples,
         confidence=settings.paired_confidence,
-        seed=_seed(candidate, production),
+        seed=seed,
         groups=held.texts["text"].map(split_key).to_numpy(),
     )
-    return PairedComparison(production, metrics, len(held.texts), how)
+    return PairedComparison(production, metrics, len(held.texts), how, lasting=True)

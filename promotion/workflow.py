@@ -216,8 +216,8 @@ class Promoter:
             return None
         found = pc.cached(info.tags, prod.version, self.settings)
         if found is None:
-            found = pc.run(self.registry, info.version, prod.version, self.settings, _embedder_for)
-            if not self.dry_run:
+            found = pc.run(self.registry, info.version, prod.version, self.settings, _fresh_embedder)
+            if found.lasting and not self.dry_run:
                 self.registry.set_tags(info.version, {pc.PAIRED_TAG: pc.tag_value(found, self.settings)})
         return found
 
@@ -1087,6 +1087,13 @@ def _thin(row: dict[str, Any] | None, min_samples: int) -> bool:
 
 def _count(row: dict[str, Any] | None, key: str) -> int:
     return int((row or {}).get(key) or 0)
+
+
+def _fresh_embedder(bundle: Any) -> Any:
+    """A torch embedder of ``bundle`` that is not kept (production's, once, for the paired comparison)."""
+    from motlens.embedder import TorchEmbedder
+
+    return TorchEmbedder(bundle.embedder_dir, device="cpu")
 
 
 def _stats_row(stats: Any, version: str | None) -> dict[str, Any] | None:

@@ -218,8 +218,14 @@ def test_without_a_usable_paired_set_the_gate_falls_back_and_says_why(registry, 
         assert case != "tampered" or "texts.parquet: sha256" in r.detail
 
 
+class EndpointConnectionError(Exception):
+    """What botocore raises when the S3 artifact store does not answer (not an MLflow or HTTP error)."""
+
+
+@pytest.mark.parametrize("error", ["registry", "s3"])
 def test_paired_waits_when_the_artifact_store_does_not_answer(registry, tiny_bundle, heldout_source, tmp_path,
-                                                              monkeypatch):  # fmt: skip
+                                                              monkeypatch, error):  # fmt: skip
+    """Review: an S3 client error escaped the gate and `promote auto` exited 2 without a verdict."""
     from promotion import paired_check as pc
     from training.registry import RegistryUnreachable
 
@@ -227,16 +233,45 @@ def test_paired_waits_when_the_artifact_store_does_not_answer(registry, tiny_bun
     cand = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
 
     def down(*_a, **_k):
-        raise RegistryUnreachable("model registry http://mlflow:5000 unreachable or failing: connection refused")
+        if error == "registry":
+            raise RegistryUnreachable("model registry http://mlflow:5000 unreachable or failing: connection refused")
+        raise EndpointConnectionError('Could not connect to the endpoint URL: "https://s3.example:9000"')
 
-    monkeypatch.setattr(registry, "fetch_run_dir", down)
+    monkeypatch.setattr(registry, "fetch_run_dir" if error == "registry" else "fetch", down)
     r = _gate(registry, cand, prod)
-    assert r.status == "wait" and "paired comparison could not run" in r.detail and "connection refused" in r.detail
+    assert r.status == "wait" and "paired comparison could not run" in r.detail, r.detail
+    assert ("connection refused" if error == "registry" else "EndpointConnectionError: Could not connect") in r.detail
     assert pc.PAIRED_TAG not in registry.resolve(cand).tags  # no verdict stored: the next run tries again
 
 
+@pytest.mark.parametrize("fault", ["download refused", "head fails"])
+def test_a_passing_fault_is_not_kept_as_the_answer(registry, tiny_bundle, heldout_source, tmp_path, monkeypatch,
+                                                   fault):  # fmt: skip
+    """Review: one truncated download (or a head that failed once) was stored in the tag, and the pair never
+    had a paired comparison again."""
+    from motlens.bundle import BundleError
+    from motlens.head import DefectHead
+    from promotion import paired_check as pc
+
+    prod = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
+    cand = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
+    with monkeypatch.context() as m:
+        if fault == "download refused":
+            m.setattr(registry, "fetch", lambda *_a, **_k: (_ for _ in ()).throw(BundleError("truncated download")))
+        else:
+            m.setattr(DefectHead, "predict", lambda *_a, **_k: (_ for _ in ()).throw(ValueError("bad weights")))
+        first = _gate(registry, cand, prod)
+    assert first.status == "pass" and "paired" not in first.values, first.detail
+    assert ("held-out set or bundle refused: truncated download" if fault == "download refused"
+            else "could not score the heads: ValueError: bad weights") in first.detail  # fmt: skip
+    assert pc.PAIRED_TAG not in registry.resolve(cand).tags
+    again = _gate(registry, cand, prod)  # the store and head are fine now: compared, and kept
+    assert again.values["paired"]["n_texts"] == len(heldout_source[0])
+    assert pc.PAIRED_TAG in registry.resolve(cand).tags
+
+
 def test_production_with_another_embedder_scores_the_texts_embedded_anew(registry, tiny_bundle, heldout_source,
-                                                                         tmp_path):  # fmt: skip
+                                                                         tmp_path, monkeypatch):  # fmt: skip
     """Production's embedder files differ (here: a changed README, same weights): its head gets the texts
     embedded by its own embedder, not the candidate's stored embeddings."""
     import shutil
@@ -250,8 +285,17 @@ def test_production_with_another_embedder_scores_the_texts_embedded_anew(registr
     write_manifest(other, version="7", run_id="other")
     prod = _register(registry, other, heldout_source, tmp_path).version
     cand = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
+    from promotion import paired_check as pc
+
+    n = len(heldout_source[0])
     r = _gate(registry, cand, prod)
     assert r.status == "pass", r.detail
-    assert r.values["paired"]["embeddings"] == "production's embedder differs: the texts embedded anew with it"
+    assert r.values["paired"]["embeddings"] == f"production's embedder differs: {n} of {n} texts embedded anew with it"
     for m in ("section_macro_f1", "severity_macro_f1"):  # the same weights run anew: float noise only
         assert abs(r.values[m]["difference"]) <= 0.02, (m, r.values[m])
+    # a bounded sample is embedded anew (a second MiniLM in the promotion pod), named in the detail
+    cand2 = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
+    monkeypatch.setattr(pc, "REEMBED_MAX_TEXTS", 50)
+    capped = _gate(registry, cand2, prod)
+    assert capped.values["paired"] == {"n_texts": 50, "embeddings": f"production's embedder differs: 50 of {n} texts "
+                                       "embedded anew with it"}  # fmt: skip

@@ -54,6 +54,10 @@ class Heldout:
             c: [None if pd.isna(v) else v for v in self.texts[c].tolist()] for c in CONTEXT_COLUMNS if c in self.texts
         }
 
+    def subset(self, rows: np.ndarray) -> Heldout:
+        """The texts at positions ``rows``, with their embeddings."""
+        return Heldout(self.texts.iloc[rows].reset_index(drop=True), self.embeddings[rows], self.meta)
+
     @property
     def embedder_files(self) -> dict[str, str]:
         return dict(self.meta["embedder_files"])
