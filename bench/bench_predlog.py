@@ -274,6 +274,8 @@ def bench_queries(rows: int, days: int) -> dict:
     cases = {
         "live_stats_24h": lambda: reader.live_stats(since=since),
         "live_stats_all": lambda: reader.live_stats(since=datetime.now(UTC) - timedelta(days=days + 1)),
+        "live_requests_24h": lambda: reader.live_requests(since=since),
+        "live_requests_all": lambda: reader.live_requests(since=datetime.now(UTC) - timedelta(days=days + 1)),
         "window_24h_v10_prod_sample_0.1_limit_50k": lambda: reader.window(
             model_version="10", slot="production", start=since, sample=0.1, limit=50_000
         ),
