@@ -70,28 +70,39 @@ LIVE_STATS_SLOT = {
 
 # Per model_version, per REQUEST (rows sharing request_id and latency: every row of a request carries its
 # latency, a failed request has one row): requests, failed requests (any row not ``ok``), requests with a
-# cache miss, and a uniform sample (at most ``cap``) of the latencies of the ok requests and of the ok
-# requests with a miss. The canary gate tests these (an item-weighted error rate shrank a failed 32-item
-# request 32-fold against the ok ones; items of one request are not independent latencies).
+# cache miss and their missed texts, and a uniform sample (at most ``cap``) of the latencies of the ok
+# requests and of the ok requests with a miss. The canary gate tests these (an item-weighted error rate
+# shrank a failed 32-item request 32-fold against the ok ones; items of one request are not independent
+# latencies). ``{requests}`` optionally keeps a hash range of request ids (``REQUESTS_SAMPLE``), which
+# bounds the GROUP BY's memory on a long window.
 LIVE_REQUESTS = f"""
 SELECT
     model_version,
     sum(rows) AS items,
     count() AS requests,
     countIf(failed) AS failed_requests,
-    countIf(missed) AS miss_requests,
+    countIf(missed > 0) AS miss_requests,
+    sum(missed) AS missed_items,
     groupArraySampleIf({{cap:UInt64}}, 1)(latency_ms, NOT failed) AS latencies,
-    groupArraySampleIf({{cap:UInt64}}, 2)(latency_ms, NOT failed AND missed) AS miss_latencies
+    groupArraySampleIf({{cap:UInt64}}, 2)(latency_ms, NOT failed AND missed > 0) AS miss_latencies,
+    {{cap:UInt64}} AS latency_cap
 FROM (
     SELECT model_version, request_id, latency_ms, count() AS rows, countIf(status != 'ok') > 0 AS failed,
-           countIf(status = 'ok' AND NOT cache_hit) > 0 AS missed
+           countIf(status = 'ok' AND NOT cache_hit) AS missed
     FROM {{source}}
-    WHERE model_name = {{model_name:String}} AND ts >= {{since:{TS_PARAM}}}{{until}}
+    WHERE model_name = {{model_name:String}} AND ts >= {{since:{TS_PARAM}}}{{until}}{{requests}}
     GROUP BY model_version, request_id, latency_ms
 )
 GROUP BY model_version
 ORDER BY model_version
 """
+# One row per request carries item_index 0 (its first item) or -1 (a failed request): the window's requests
+# without grouping, to size ``REQUESTS_SAMPLE``.
+LIVE_REQUEST_COUNT = f"""
+SELECT countIf(item_index IN (0, -1)) AS requests FROM {{source}}
+WHERE model_name = {{model_name:String}} AND ts >= {{since:{TS_PARAM}}}{{until}}
+"""
+REQUESTS_SAMPLE = " AND cityHash64(request_id) < {request_bound:UInt64}"
 
 COUNTS = """
 SELECT model_name, model_version, slot, count() AS n, countIf(length(embedding_q) > 0) AS with_embedding,

@@ -274,18 +274,37 @@ class PredictionLogReader:
         until: datetime | None = None,
         model_name: str = "mot-defects",
         cap: int = 20_000,
+        max_requests: int = 500_000,
     ) -> pd.DataFrame:
         """Per model_version over ``since <= ts < until``, counted by request (``queries.LIVE_REQUESTS``):
-        ``items`` (rows), ``requests``, ``failed_requests``, ``miss_requests``, and up to ``cap`` sampled
-        latencies (ms) of the ok requests (``latencies``) and of those with a cache miss
-        (``miss_latencies``). What the promotion live gate tests."""
+        ``items`` (rows), ``requests``, ``failed_requests``, ``miss_requests`` and ``missed_items`` (the
+        ok texts they missed), up to ``cap`` sampled latencies (ms) of the ok requests (``latencies``) and
+        of those with a cache miss (``miss_latencies``), ``latency_cap``. A window of more than
+        ``max_requests`` requests keeps a hash range of request ids holding about that many (so the
+        grouping's memory stays bounded): ``requests_fraction`` says which share. What the promotion
+        live gate tests."""
         params: dict[str, Any] = {"model_name": model_name, "since": _utc(since), "cap": int(cap)}
         if until is not None:
             params["until"] = _utc(until)
-        sql = queries.LIVE_REQUESTS.replace(
-            "{until}", f" AND ts < {{until:{queries.TS_PARAM}}}" if until is not None else ""
-        ).replace("{source}", self.source.ref("predictions", start=since, end=until))
-        return self._df(sql, params)
+        until_sql = f" AND ts < {{until:{queries.TS_PARAM}}}" if until is not None else ""
+        source = self.source.ref("predictions", start=since, end=until)
+        counted = self._df(
+            queries.LIVE_REQUEST_COUNT.replace("{until}", until_sql).replace("{source}", source), params
+        )
+        total = int(counted["requests"].iloc[0]) if len(counted) else 0
+        fraction, sample = 1.0, ""
+        if total > max_requests:
+            fraction = max_requests / total
+            params["request_bound"] = int(fraction * 2**64)
+            sample = queries.REQUESTS_SAMPLE
+        sql = (
+            queries.LIVE_REQUESTS.replace("{until}", until_sql)
+            .replace("{requests}", sample)
+            .replace("{source}", source)
+        )
+        df = self._df(sql, params)
+        df["requests_fraction"] = fraction
+        return df
 
     def counts(self) -> pd.DataFrame:
         """Rows per model, version and slot (with how many carry embeddings)."""

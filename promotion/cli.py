@@ -253,6 +253,13 @@ def _print_status_tables(status: dict[str, Any]) -> None:
             f"live v{s['model_version']} ({s['slot']})",
             f"n={s['n']}, errors {float(s['error_rate']):.2%}, p99 {float(s['latency_p99_ms']):.1f} ms",
         )
+    for r in status.get("live_requests", []):
+        n, failed = int(r["requests"]), int(r["failed_requests"])
+        t.add_row(
+            f"live v{r['model_version']} requests",
+            f"{n} requests ({int(r['items'])} rows), {failed} failed ({failed / max(n, 1):.2%}), "
+            f"{int(r['miss_requests'])} with a cache miss (what the live gate tests)",
+        )
     if "live_stats_note" in status:
         t.add_row("live stats window", f"[yellow]{status['live_stats_note']}[/]")
     for e in status.get("events", []):

@@ -269,25 +269,23 @@ class Promoter:
             reader = self.reader()
             reports = reader.drift_reports(model_version=version, slot="canary", limit=20).to_dict("records")
             stats = reader.live_requests(since=times.since, model_name=MODEL_NAME)
-            prod, note = _stats_row(stats, production), ""
+            prod = _stats_row(stats, production)
+            prod_latency, note = None, ""
             if production and _thin(prod, self.settings.min_samples):
-                # at 100 % (or a share near it) production serves almost nothing in the window, and a
-                # warm production may make few model calls: its requests from the hour before the step
-                # stand for it when they hold more of either
+                # at 100 % (or a share near it) production serves almost nothing in the window, and a warm
+                # production may make few model calls: the hour before the step stands in for what is
+                # thin, test by test (its error rate from the step's window when that holds enough)
                 before = reader.live_requests(
                     since=times.since - timedelta(seconds=LOOKBACK_S), until=times.since, model_name=MODEL_NAME
                 )
-                earlier = _stats_row(before, production)
-                if _count(earlier, "miss_requests") > _count(prod, "miss_requests") or _count(
-                    earlier, "requests"
-                ) > _count(prod, "requests"):
-                    note = f"production from the hour before this step ({_count(prod, 'requests')} requests since it)"
-                    prod = earlier
+                prod, prod_latency, note = _production_from(prod, _stats_row(before, production), self.settings)
         except Exception as e:  # noqa: BLE001 - no evidence is a reason to hold, not to crash or step
             why = f"prediction log unavailable: {type(e).__name__}: {e}"
             return [g.GateResult("drift", g.WAIT, why), g.GateResult("live", g.WAIT, why)]
         drift = g.drift_gate(reports, version, times.started, self.settings)
-        live = g.live_gate(_stats_row(stats, version), prod, self.settings, production_note=note)
+        live = g.live_gate(
+            _stats_row(stats, version), prod, self.settings, production_latency=prod_latency, production_note=note
+        )
         if times.source:
             live.detail = f"{live.detail} ({times.source})"
         # a skewed clock holds the canary, but never hides a failure found in the fallback window
@@ -1052,6 +1050,10 @@ class Promoter:
             if times and (times.skew or times.started_skew or times.source):
                 out["live_stats_note"] = "; ".join(n for n in (times.skew, times.started_skew, times.source) if n)
             out["live_stats"] = _records(reader.live_stats(since=since, model_name=MODEL_NAME))
+            out["live_requests"] = [  # what the live gate counts: requests, not rows (arrays left out)
+                {k: v for k, v in r.items() if k not in ("latencies", "miss_latencies")}
+                for r in _records(reader.live_requests(since=since, model_name=MODEL_NAME))
+            ]
             out["events"] = _records(reader.promotion_events(limit=5))
         except Exception as e:  # noqa: BLE001 - status shows what it can
             out["predlog_error"] = str(e)
@@ -1078,6 +1080,27 @@ def _embedder_for(bundle: Any) -> Any:
     if key not in _EMBEDDERS:
         _EMBEDDERS[key] = TorchEmbedder(bundle.embedder_dir, device="cpu")
     return _EMBEDDERS[key]
+
+
+def _production_from(
+    now: dict[str, Any] | None, before: dict[str, Any] | None, settings: PromoteSettings
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str]:
+    """(production for the error test, for the latency test, a note): the hour before the step replaces
+    the step's window for a test it holds too little for and the hour holds more."""
+    need, took = settings.min_samples, []
+    errors, latency = now, None
+    if _count(now, "requests") < need and _count(before, "requests") > _count(now, "requests"):
+        errors = before
+        took.append("error rate")
+    if _count(now, "miss_requests") < need and _count(before, "miss_requests") > _count(now, "miss_requests"):
+        latency = before
+        took.append("latencies")
+    if not took:
+        return now, None, ""
+    return errors, latency, (
+        f"production's {' and '.join(took)} from the hour before this step ({_count(now, 'requests')} requests, "
+        f"{_count(now, 'miss_requests')} with a cache miss, since it)"
+    )
 
 
 def _thin(row: dict[str, Any] | None, min_samples: int) -> bool:

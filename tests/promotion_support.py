@@ -50,7 +50,7 @@ def make_env(registry: Any, bundle_root: Path, tmp_path: Path, monkeypatch: Any,
 
 
 #: error-free requests a side logs to pass the live gate at its defaults: with production at 0 % errors
-#: the canary's limit is 0.5 %, and 0 errors in n requests bound the rate under it at 95 % from n ≈ 540
+#: the canary's limit is 0.5 %, and 0 errors in n requests bound the rate under it at 95 % from n ≈ 730
 HEALTHY = 800
 
 

@@ -136,7 +136,8 @@ def _requests(version: str, n: int, seed: int) -> tuple[list[PredictionRecord], 
     (one row, item_index -1); a request misses the cache when any of its items does."""
     rng = np.random.default_rng(seed)
     now, rows = datetime.now(UTC), []
-    want = {"items": 0, "requests": n, "failed_requests": 0, "miss_requests": 0, "latencies": [], "miss_latencies": []}
+    want = {"items": 0, "requests": n, "failed_requests": 0, "miss_requests": 0, "missed_items": 0, "latencies": [],
+            "miss_latencies": []}  # fmt: skip
     for r in range(n):
         latency = float(np.float32(rng.lognormal(3.0, 0.8)))
         if r % 7 == 0:
@@ -153,6 +154,7 @@ def _requests(version: str, n: int, seed: int) -> tuple[list[PredictionRecord], 
                                          cache_hit=bool(hit), ts=now))  # fmt: skip
         want["items"] += len(hits)
         want["latencies"].append(latency)
+        want["missed_items"] += int((~hits).sum())
         if not hits.all():
             want["miss_requests"] += 1
             want["miss_latencies"].append(latency)
@@ -171,10 +173,18 @@ def test_live_requests_count_requests_not_rows(log, tmp_path):
     writer.close(60)
     since = datetime.now(UTC) - timedelta(hours=1)
     got = reader.live_requests(since=since).set_index("model_version").loc["3"]
-    for key in ("items", "requests", "failed_requests", "miss_requests"):
+    for key in ("items", "requests", "failed_requests", "miss_requests", "missed_items"):
         assert int(got[key]) == want[key], key
+    assert float(got["requests_fraction"]) == 1.0 and int(got["latency_cap"]) == 20_000
     for key in ("latencies", "miss_latencies"):
         assert sorted(map(float, got[key])) == pytest.approx(sorted(want[key]), rel=1e-6), key
     capped = reader.live_requests(since=since, cap=50).set_index("model_version").loc["3"]
     assert len(capped["latencies"]) == 50 and set(map(float, capped["latencies"])) <= set(want["latencies"])
     assert reader.live_requests(since=since, until=since + timedelta(seconds=1)).empty
+    # a long window keeps a hash range of request ids (bounded grouping memory), whole requests only
+    part = reader.live_requests(since=since, max_requests=1000).set_index("model_version")
+    assert 0.2 < float(part.loc["3", "requests_fraction"]) < 0.3  # 1,000 of ≈ 3,000+400+400 requests
+    assert 40 <= int(part.loc["3", "requests"]) <= 180
+    assert int(part.loc["3", "items"]) < want["items"] and set(map(float, part.loc["3", "latencies"])) <= set(
+        want["latencies"]
+    )

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from promotion_support import REPO, make_env
+from promotion_support import REPO, log_traffic, make_env
 
 from motlens.cli import main
 
@@ -112,16 +112,20 @@ def test_actions_audit_and_metrics(env, capsys, tmp_path, monkeypatch):
     assert main(["promote", "canary", "start", "2", "--percent", "10", "--textfile", str(prom)]) == 0
     assert "motlens_canary_percent 10.0" in prom.read_text()
     assert 'motlens_registry_alias_info{alias="canary",version="2"} 1.0' in prom.read_text()
+    log_traffic("2", "canary", 30, errors=3)
     capsys.readouterr()
     assert main(["promote", "status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["aliases"] == {"production": "1", "canary": "2"}
+    [counted] = [r for r in status["live_requests"] if r["model_version"] == "2"]  # what the live gate tests
+    assert (counted["requests"], counted["failed_requests"], counted["items"]) == (30, 3, 30)
     assert status["live"]["percent"] == 10 and status["disagreements"] == []
     assert [e["action"] for e in status["events"]][:3] == ["canary_start", "canary_start", "deploy"]
     assert status["events"][0]["actor"] == "alice" and status["events"][1]["dry_run"]
     assert main(["promote", "status"]) == 0
     table = capsys.readouterr().out
     assert "production v1 at 90%, canary v2 at 10%" in table and "agree" in table
+    assert "30 requests (30 rows), 3 failed (10.00%)" in table
 
     # the gates refuse a step without evidence (exit 3), and the refusal is on record
     assert main(["promote", "advance"]) == 3
