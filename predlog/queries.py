@@ -85,6 +85,7 @@ SELECT
     sum(missed) AS missed_items,
     groupArraySampleIf({{cap:UInt64}}, 1)(latency_ms, NOT failed) AS latencies,
     groupArraySampleIf({{cap:UInt64}}, 2)(latency_ms, NOT failed AND missed > 0) AS miss_latencies,
+    groupArraySampleIf({{cap:UInt64}}, 3)(latency_ms, NOT failed AND missed = 1) AS one_miss_latencies,
     {{cap:UInt64}} AS latency_cap
 FROM (
     SELECT model_version, request_id, latency_ms, count() AS rows, countIf(status != 'ok') > 0 AS failed,
@@ -102,7 +103,7 @@ LIVE_REQUEST_COUNT = f"""
 SELECT countIf(item_index IN (0, -1)) AS requests FROM {{source}}
 WHERE model_name = {{model_name:String}} AND ts >= {{since:{TS_PARAM}}}{{until}}
 """
-REQUESTS_SAMPLE = " AND cityHash64(request_id) < {request_bound:UInt64}"
+REQUESTS_SAMPLE = " AND cityHash64(request_id, latency_ms) < {request_bound:UInt64}"  # the grouping key
 
 COUNTS = """
 SELECT model_name, model_version, slot, count() AS n, countIf(length(embedding_q) > 0) AS with_embedding,

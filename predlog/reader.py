@@ -279,7 +279,8 @@ class PredictionLogReader:
         """Per model_version over ``since <= ts < until``, counted by request (``queries.LIVE_REQUESTS``):
         ``items`` (rows), ``requests``, ``failed_requests``, ``miss_requests`` and ``missed_items`` (the
         ok texts they missed), up to ``cap`` sampled latencies (ms) of the ok requests (``latencies``) and
-        of those with a cache miss (``miss_latencies``), ``latency_cap``. A window of more than
+        of those with a cache miss (``miss_latencies``) and with exactly one missed text
+        (``one_miss_latencies``), ``latency_cap``. A window of more than
         ``max_requests`` requests keeps a hash range of request ids holding about that many (so the
         grouping's memory stays bounded): ``requests_fraction`` says which share. What the promotion
         live gate tests."""

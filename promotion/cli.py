@@ -51,7 +51,7 @@ def _common() -> argparse.ArgumentParser:
     o.add_argument("--pushgateway-url", help="push promotion metrics to this Pushgateway")
     gates = p.add_argument_group("steps and gates")
     gates.add_argument("--steps", help="canary percentages, e.g. 10,25,50,100")
-    gates.add_argument("--min-samples", type=int, help="canary items needed since the last step")
+    gates.add_argument("--min-samples", type=int, help="canary requests needed since the last step")
     gates.add_argument("--max-error-rate", type=float, help="canary error-rate ceiling (fraction)")
     gates.add_argument("--max-p99-ratio", type=float, help="canary p99 / production p99 ceiling")
     gates.add_argument("--offline-tolerance", type=float, help="allowed loss on each offline metric")
@@ -258,7 +258,9 @@ def _print_status_tables(status: dict[str, Any]) -> None:
         t.add_row(
             f"live v{r['model_version']} requests",
             f"{n} requests ({int(r['items'])} rows), {failed} failed ({failed / max(n, 1):.2%}), "
-            f"{int(r['miss_requests'])} with a cache miss (what the live gate tests)",
+            f"{int(r['miss_requests'])} with a cache miss (what the live gate tests)"
+            + (f"; sampled: {float(r['requests_fraction']):.0%} of the window's requests"
+               if float(r.get("requests_fraction", 1.0)) < 1.0 else ""),  # fmt: skip
         )
     if "live_stats_note" in status:
         t.add_row("live stats window", f"[yellow]{status['live_stats_note']}[/]")

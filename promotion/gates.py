@@ -322,9 +322,12 @@ def live_gate(
     basis, lat, prod_lat = _latencies(canary, production_latency or production, settings.min_samples)
     values["p99_basis"] = basis
     need = max(settings.min_samples, 1)
-    if basis not in ("misses", "all") or len(prod_lat) < need:
-        verdicts[PASS].append(
-            f"p99 not compared: {len(prod_lat)} production and {len(lat)} canary requests{_basis_label(basis)}"
+    if len(prod_lat) < need:
+        # nothing like for like from production: with too few requests at all, not compared; with too few
+        # of the kind the canary's must be compared with (model calls), wait for them or the canary to warm
+        verdicts[PASS if basis == "all" else WAIT].append(
+            f"p99 {'not compared' if basis == 'all' else 'waits'}: {len(prod_lat)} production and {len(lat)} "
+            f"canary requests{_basis_label(basis)}"
         )
     elif len(lat) < need:
         verdicts[WAIT].append(f"p99: {len(lat)} canary requests{_basis_label(basis)}, need {need}")
@@ -334,18 +337,22 @@ def live_gate(
         slow, prod_slow = int((lat > bound).sum()), int((prod_lat > bound).sum())
         low, high = wilson(slow, len(lat), conf)
         # production's own share over the bound: its p99 from a few hundred requests may fall short of its
-        # tail, which then counts against production as much as against a canary no worse than it
-        allowed = max(0.01, wilson(prod_slow, len(prod_lat), conf)[1])
+        # tail. Failing needs the canary above 1 % and above all production's share may be; passing needs
+        # it under 1 % or what production showed (a noisy production neither fails nor passes a canary)
+        fail_above = max(0.01, wilson(prod_slow, len(prod_lat), conf)[1])
+        pass_below = max(0.01, prod_slow / len(prod_lat))
         values.update(p99_ms=p99, production_p99_ms=prod_p99, p99_bound_ms=bound, slower=slow, compared=len(lat),
-                      slower_bounds=[low, high], production_slower=prod_slow, slower_limit=allowed)  # fmt: skip
+                      slower_bounds=[low, high], production_slower=prod_slow,
+                      slower_limits=[pass_below, fail_above])  # fmt: skip
         text = (
             f"p99{_basis_label(basis)} {p99:.1f} ms (production {prod_p99:.1f} ms): {slow}/{len(lat)} requests "
             f"over {settings.max_p99_ratio} × production + {settings.p99_slack_ms:g} ms = {bound:.1f} ms "
-            f"(bounds {low:.2%}–{high:.2%}; limit {allowed:.2%}: 1 % or production's {prod_slow}/{len(prod_lat)})"
+            f"(bounds {low:.2%}–{high:.2%}; production's {prod_slow}/{len(prod_lat)}: passes under "
+            f"{pass_below:.2%}, fails over {fail_above:.2%})"
         )
-        verdict = _verdict(low, high, allowed)
+        verdict = FAIL if low > fail_above else PASS if high <= pass_below else WAIT
         if verdict == WAIT and len(lat) >= int(_num(canary.get("latency_cap")) or 0) > 0:
-            verdict, text = (FAIL if slow / len(lat) > allowed else PASS), text + ", decided on the capped sample"
+            verdict, text = (FAIL if slow / len(lat) > fail_above else PASS), text + ", decided on the capped sample"
         verdicts[verdict].append(text)
     level = f"{conf:.0%} one-sided bounds" + (f"; {production_note}" if production_note else "")
     if verdicts[FAIL]:
@@ -380,28 +387,28 @@ def _verdict(low: float, high: float, limit: float) -> str:
 
 
 def _latencies(canary: dict[str, Any], production: dict[str, Any], min_samples: int) -> tuple[str, Any, Any]:
-    """(basis, canary latencies, production latencies). Over requests with a cache miss (model calls)
-    when both sides have ``min_samples`` of them and the canary's make about as many model calls each as
-    production's (a cold canary's 8-text requests miss 4 texts where production's miss 1: no regression);
-    else over every ok request when both sides miss the cache about equally often; else nothing, and
-    ``basis`` says why."""
+    """(basis, canary latencies, production latencies), compared like for like. With ``min_samples``
+    production requests with a cache miss (model calls): over those, when the canary's miss about as many
+    texts each (``CALLS_RATIO``); else over the requests that missed exactly one text on both sides
+    (``single misses``: a cold canary's 8-text requests miss 4 texts where production's miss 1); the
+    canary's few are then waited for, not passed. Without them, over every ok request when the canary
+    misses the cache at most ``MISS_SHARE_SLACK`` more often than production; else over its misses (too
+    few: the gate waits for them)."""
     need = max(min_samples, 1)
     c_miss, p_miss = (np.asarray(side.get("miss_latencies", []), float) for side in (canary, production))
-    c_calls, p_calls = (_calls_per_miss(side) for side in (canary, production))
-    if len(p_miss) >= need and len(c_miss) >= need:
-        if c_calls <= p_calls * CALLS_RATIO:
-            return "misses", c_miss, p_miss
-        return (
-            f"not like for like: a canary request with a cache miss misses {c_calls:.1f} texts, production's "
-            f"{p_calls:.1f}"
-        ), c_miss[:0], p_miss
-    c_all, p_all = (np.asarray(side.get("latencies", []), float) for side in (canary, production))
     c_share, p_share = (_miss_share(side) for side in (canary, production))
+    c_all, p_all = (np.asarray(side.get("latencies", []), float) for side in (canary, production))
+    if not int(_num(production.get("requests")) or 0):  # no production traffic: nothing to compare with
+        return "all", c_all, p_all
+    if len(p_miss) >= need:
+        if _calls_per_miss(canary) <= _calls_per_miss(production) * CALLS_RATIO:
+            if len(c_miss) >= need or c_share > p_share + MISS_SHARE_SLACK:
+                return "misses", c_miss, p_miss
+        else:
+            c_one, p_one = (np.asarray(side.get("one_miss_latencies", []), float) for side in (canary, production))
+            return "single misses", c_one, p_one
     if c_share > p_share + MISS_SHARE_SLACK:
-        return (
-            f"mixes differ: {c_share:.0%} of canary requests missed the cache, {p_share:.0%} of production's, "
-            f"and {min(len(c_miss), len(p_miss))} on one side missed it (need {need})"
-        ), c_all[:0], p_all
+        return "misses", c_miss, p_miss
     return "all", c_all, p_all
 
 
@@ -416,7 +423,7 @@ def _miss_share(side: dict[str, Any]) -> float:
 
 
 def _basis_label(basis: str) -> str:
-    return {"misses": " of cache misses", "all": ""}.get(basis, f" ({basis})")
+    return {"misses": " of cache misses", "single misses": " missing one text", "all": ""}[basis]
 
 
 def _num(v: Any) -> float | None:

@@ -73,7 +73,7 @@ class PromoteSettings(BaseSettings):
     floor_auc_margin: float = Field(DEFAULT_AUC_MARGIN, ge=0.0, le=0.5, description="an AUC's floor: 0.5 + this")
     golden_check: bool = True
     require_drift_report: bool = True
-    min_samples: int = Field(200, ge=0, description="canary items needed since the last step")
+    min_samples: int = Field(200, ge=0, description="canary requests (and latencies a side) needed since the last step")
     live_confidence: float = Field(
         0.95, gt=0.5, lt=1.0, description="one-sided level of the live gate's bounds (fail above, pass below)"
     )
