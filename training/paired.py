@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 
@@ -174,7 +173,3 @@ def compare(
         low, high = np.quantile(d, [tail, 1.0 - tail]) if len(d) else (math.nan, math.nan)
         found[m] = PairedMetric(points[m][0], points[m][1], float(low), float(high))
     return found
-
-
-def to_json(found: dict[str, PairedMetric]) -> dict[str, Any]:
-    return {m: p.to_json() for m, p in found.items()}
