@@ -18,6 +18,7 @@ REQUIRED = {
     "p99 latency": "MotlensP99LatencyHigh",
     "p99 < 100 ms target (latency SLO)": "MotlensLatencySloBreach",
     "error rate": "MotlensErrorRateHigh",
+    "cancelled requests (clients giving up)": "MotlensRequestsCancelledHigh",
     "drift detected": "MotlensDriftDetected",
     "drift job stale, per slot": "MotlensDriftJobStale",
     "drift job failing, per slot": "MotlensDriftJobFailing",
@@ -89,6 +90,11 @@ def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
     ("alert", "old", "new"),
     [
         ("MotlensErrorRateHigh", "> 0.01", "> 0.5"),
+        ("MotlensRequestsCancelledHigh", "> 0.05", "> 0.5"),
+        # client errors (or any other failure) counted as cancellations
+        ("MotlensRequestsCancelledHigh", 'outcome="cancelled"', 'outcome!="ok"'),
+        # one namespace's cancellations diluted by the others' traffic
+        ("MotlensRequestsCancelledHigh", "sum by (namespace) (", "sum("),
         ("MotlensCanaryNoTraffic", "max(motlens_canary_percent) > 0", "max(motlens_canary_percent) > 50"),
         ("MotlensLatencySloBreach", "> 0.01", "> 0.1"),
         # one slot's runs would hide the other's failures again

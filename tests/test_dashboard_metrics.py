@@ -210,6 +210,14 @@ def test_dashboard_shows_what_on_call_needs() -> None:
         assert p["title"] and p["targets"] and p["datasource"]["uid"] == "${datasource}", p["title"]
 
 
+def test_dashboard_shows_the_share_of_cancelled_requests() -> None:
+    """MotlensRequestsCancelledHigh's quantity (requests whose client gave up, over all requests) is
+    on the dashboard as a share, not only as a rate among the other failed outcomes."""
+    shares = [e for e in dashboard_exprs(dashboard())
+              if ("motlens_requests_total", "outcome", "cancelled") in label_uses(e) and " / " in e]  # fmt: skip
+    assert shares
+
+
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     """promtool parses every dashboard query (Grafana's variables replaced by sample values)."""
     exprs = [e.replace("$__rate_interval", "5m").replace("$namespace", "motlens") for e in dashboard_exprs(dashboard())]
