@@ -96,7 +96,9 @@ def draw_rows(
 def live_requests(rows: dict[str, np.ndarray], rng: np.random.Generator, cap: int = LATENCY_CAP) -> dict[str, Any]:
     """One version's ``predlog.queries.LIVE_REQUESTS`` row from its log rows: a request is the rows
     sharing its request id (and latency); it failed when any row is not ``ok``, missed the ok texts
-    without a cache hit; up to ``cap`` latencies sampled per array (``groupArraySample``)."""
+    without a cache hit; up to ``cap`` latencies sampled per array (``groupArraySample``), and up to
+    ``cap`` (latency, missed texts) pairs of the ok requests with a miss (``miss_pair_latencies``,
+    ``miss_pair_texts``)."""
     req = rows["request_id"]
     n = int(req.max()) + 1 if len(req) else 0
     count = np.bincount(req, minlength=n)
@@ -113,15 +115,21 @@ def live_requests(rows: dict[str, np.ndarray], rng: np.random.Generator, cap: in
         lat = latency[mask]
         return lat if len(lat) <= cap else rng.choice(lat, cap, replace=False)
 
+    samples = {k: sample(mask) for k, mask in (("latencies", ok), ("miss_latencies", ok & (missed > 0)),
+                                                ("one_miss_latencies", ok & (missed == 1)))}  # fmt: skip
+    # (latency, missed texts) of the ok requests with a miss: one sample of pairs, as two arrays
+    paired = np.flatnonzero(ok & (missed > 0))
+    if len(paired) > cap:
+        paired = np.sort(rng.choice(paired, cap, replace=False))
     return {
         "items": int(count.sum()),
         "requests": int(present.sum()),
         "failed_requests": int(failed.sum()),
         "miss_requests": int((missed > 0).sum()),
         "missed_items": int(missed.sum()),
-        "latencies": sample(ok),
-        "miss_latencies": sample(ok & (missed > 0)),
-        "one_miss_latencies": sample(ok & (missed == 1)),
+        **samples,
+        "miss_pair_latencies": latency[paired],
+        "miss_pair_texts": missed[paired],
         "latency_cap": cap,
     }
 

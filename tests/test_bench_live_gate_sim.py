@@ -115,6 +115,10 @@ def test_the_simulation_counts_as_the_reader_does(tmp_path):
         assert int(got[key]) == want[key], key
     for key in ("latencies", "miss_latencies", "one_miss_latencies"):
         assert sorted(map(float, got[key])) == pytest.approx(sorted(want[key]), rel=1e-6), key
+    pairs = {key: sorted(zip(map(float, side["miss_pair_latencies"]), map(int, side["miss_pair_texts"]), strict=True))
+             for key, side in (("got", got), ("want", want))}  # fmt: skip
+    assert [t for _, t in pairs["got"]] == [t for _, t in pairs["want"]] and len(pairs["got"]) == want["miss_requests"]
+    assert [lat for lat, _ in pairs["got"]] == pytest.approx([lat for lat, _ in pairs["want"]], rel=1e-6)
 
 
 def _look(items: str, canary_hits: float, err: float = 0.0, slow: float = 1.0, n: int = 2000, seed: int = 0):
