@@ -19,6 +19,13 @@ rows). With one item a request draws exactly what the single-text simulation dre
 Batched figures in docs/promotion.md ("Batched requests")::
 
     python -m bench.live_gate_sim --trials 600 --items 1,8,32 --canary-hits 0.865
+
+and how warm a batched canary must be, or one missing fewer texts per request than production
+(the latency test's ``matched misses``)::
+
+    python -m bench.live_gate_sim --trials 200 --cases 0,5 --sizes 2000 --items 32 --canary-hits 0.75
+    python -m bench.live_gate_sim --trials 200 --cases 0,5 --sizes 2000 --items 1 --production-items 32 \
+        --canary-hits 0.865
 """
 
 from __future__ import annotations

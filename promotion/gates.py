@@ -30,7 +30,8 @@ GOLDEN_TAG = "promotion.gate.golden"
 MISS_SHARE_SLACK = 0.05
 #: how many more texts a canary request with a miss may miss than production's for their latencies to compare
 CALLS_RATIO = 1.25
-#: production requests a bin of missed texts (1, 2, 3–4, 5–8, 9–16, …) needs to stand for the canary's in it
+#: production requests a bin of missed texts (1, 2, 3–4, 5–8, 9–16, …) needs at least to stand for the
+#: canary's in it (and min_samples × the canary's share in the bin: :func:`_matched`)
 MATCH_MIN_REQUESTS = 20
 #: the share of the canary's requests with a miss that may fall in bins production holds too few of
 MATCH_MAX_OUTSIDE = 0.05
@@ -395,6 +396,23 @@ def _latency_test(cmp: _Compared, canary: dict[str, Any], settings: PromoteSetti
         f"{pass_below:.2%}, fails over {fail_above:.2%})"
     )
     verdict = FAIL if low > fail_above else PASS if high <= pass_below else WAIT
+    if verdict == PASS and cmp.weights is not None:
+        # weighted, production's p99 leans on its thinner bins' few tail requests and may come out high, which
+        # would pass a slower canary: passing also needs the canary under the bound from its lower confidence
+        # limit (the quantile at 0.99 − z·√(0.99·0.01/n), n the effective size)
+        q_low = max(0.5, 0.99 - NormalDist().inv_cdf(conf) * math.sqrt(0.99 * 0.01 / prod_n))
+        bound_low = _quantile(prod_lat, q_low, cmp.weights) * settings.max_p99_ratio + settings.p99_slack_ms
+        slow_low = int((lat > bound_low).sum())
+        high_low = wilson(slow_low, len(lat), conf)[1]
+        below_low = max(0.01, float(cmp.weights[prod_lat > bound_low].sum()))
+        values["p99_pass_bound_ms"] = bound_low
+        if high_low > below_low:
+            verdict = WAIT
+            text += (
+                f"; not passed until production's p99 is surely that high: {slow_low}/{len(lat)} requests over "
+                f"{bound_low:.1f} ms, from its p{100 * q_low:.1f} (upper bound {high_low:.2%}, passes under "
+                f"{below_low:.2%})"
+            )
     if verdict == WAIT and cmp.capped(canary):
         verdict, text = (FAIL if slow / len(lat) > fail_above else PASS), text + ", decided on the capped sample"
     return verdict, text, values
@@ -444,14 +462,16 @@ class _Compared:
 def _latencies(canary: dict[str, Any], production: dict[str, Any], min_samples: int) -> _Compared:
     """The canary's and production's latencies, compared like for like. With ``min_samples`` production
     requests with a cache miss (model calls): over those, when the canary's miss about as many texts each
-    (within ``CALLS_RATIO`` either way); else over the misses matched by missed texts per request
-    (``matched misses``, :func:`_matched`) where production covers the canary's; else over the requests
-    that missed exactly one text on both sides (``single misses``: a cold canary's 8-text requests miss
-    4 texts where production's miss 1); the canary's few are then waited for, not passed. When the
-    canary's requests miss fewer texts each, production's misses are if anything slower (a model call's
-    time grows with its texts): a canary slower even than all of them also fails (``backstop``). Without them,
-    over every ok request when the canary misses the cache at most ``MISS_SHARE_SLACK`` more often than
-    production; else over its misses (too few: the gate waits for them)."""
+    (within ``CALLS_RATIO`` either way); else — more texts each, or fewer with ``min_samples`` canary
+    misses — over the misses matched by missed texts per request (``matched misses``, :func:`_matched`)
+    where production covers the canary's; else over the requests that missed exactly one text on both
+    sides (``single misses``: a cold canary's 8-text requests miss 4 texts where production's miss 1);
+    the canary's few are then waited for, not passed. When the canary's requests miss fewer texts each,
+    production's misses are if anything slower (a model call's time grows with its texts): a canary
+    slower even than all of them also fails (``backstop``). Without ``min_samples`` production misses
+    (or canary misses, at fewer texts each), over every ok request when the canary misses the cache at
+    most ``MISS_SHARE_SLACK`` more often than production; else over its misses (too few: the gate waits
+    for them)."""
     need = max(min_samples, 1)
     c_miss, p_miss = (np.asarray(side.get("miss_latencies", []), float) for side in (canary, production))
     c_share, p_share = (_miss_share(side) for side in (canary, production))
@@ -460,17 +480,17 @@ def _latencies(canary: dict[str, Any], production: dict[str, Any], min_samples: 
         return _Compared("all", c_all, p_all)
     if len(p_miss) >= need:
         c_calls, p_calls = _calls_per_miss(canary), _calls_per_miss(production)
-        if p_calls / CALLS_RATIO <= c_calls <= p_calls * CALLS_RATIO:
-            if len(c_miss) >= need or c_share > p_share + MISS_SHARE_SLACK:
-                return _Compared("misses", c_miss, p_miss)
-        else:
-            matched = _matched(canary, production)
+        fewer = c_calls * CALLS_RATIO < p_calls and len(c_miss) >= need
+        if c_calls > p_calls * CALLS_RATIO or fewer:
+            matched = _matched(canary, production, need)
             if matched.basis != "matched misses":
                 c_one, p_one = (np.asarray(side.get("one_miss_latencies", []), float) for side in (canary, production))
                 matched = _Compared("single misses", c_one, p_one, match=matched.match)
-            if c_calls < p_calls:  # production's calls are if anything slower: failing against them is a regression
+            if fewer:  # production's calls are if anything slower: failing against them is a regression
                 matched.backstop = _Compared("misses", c_miss, p_miss)
             return matched
+        if len(c_miss) >= need or c_share > p_share + MISS_SHARE_SLACK:
+            return _Compared("misses", c_miss, p_miss)
     if c_share > p_share + MISS_SHARE_SLACK:
         return _Compared("misses", c_miss, p_miss)
     return _Compared("all", c_all, p_all)
@@ -486,15 +506,16 @@ def _bin_label(b: int) -> str:
     return str(high) if low == high else f"{low}–{high}"
 
 
-def _matched(canary: dict[str, Any], production: dict[str, Any]) -> _Compared:
+def _matched(canary: dict[str, Any], production: dict[str, Any], need: int) -> _Compared:
     """The canary's misses against production's weighted to the canary's mix of missed texts per request
     (``miss_pair_latencies``/``miss_pair_texts``), by bin (:func:`_texts_bin`: a model call's time grows
     with its texts, and a 32-text request's misses spread over many counts). Only bins where production
-    holds ``MATCH_MIN_REQUESTS`` requests count; the canary's requests in other bins (more missed texts
-    than production makes) are left out, and when they are more than ``MATCH_MAX_OUTSIDE`` of them there
-    is no match (basis ``none``, ``match`` says why). Each of production's requests in bin b weighs
-    (canary's share in b) / (production's requests in b): weighting, not resampling, so a re-run decides
-    the same on the same rows, and its bounds are those of the weighted sample's effective size."""
+    holds ``MATCH_MIN_REQUESTS`` requests, and ``need`` × the canary's share in the bin, count; the
+    canary's requests in other bins (more missed texts than production makes often enough) are left out,
+    and when they are more than ``MATCH_MAX_OUTSIDE`` of them there is no match (basis ``none``, ``match``
+    says why). Each of production's requests in bin b weighs (canary's share in b) / (production's
+    requests in b): weighting, not resampling, so a re-run decides the same on the same rows; its
+    bounds are those of the weighted sample's effective size (about ``need`` at least)."""
     pairs = [
         (np.asarray(side.get("miss_pair_latencies", []), float), np.asarray(side.get("miss_pair_texts", []), int))
         for side in (canary, production)
@@ -504,19 +525,22 @@ def _matched(canary: dict[str, Any], production: dict[str, Any]) -> _Compared:
         return _Compared("none", c_lat, p_lat, match={"why": "no (latency, missed texts) pairs"})
     c_bin, p_bin = _texts_bin(c_texts), _texts_bin(p_texts)
     p_count = np.bincount(p_bin, minlength=int(max(c_bin.max(), p_bin.max())) + 1)
-    covered = p_count >= MATCH_MIN_REQUESTS
+    # no production request may stand for more than 1/need of the canary's: weighted, production's sample is
+    # then worth at least ``need`` requests, as an unweighted one must be (its p99 no noisier)
+    c_all = np.bincount(c_bin, minlength=len(p_count))
+    covered = (p_count >= MATCH_MIN_REQUESTS) & (p_count >= c_all / len(c_bin) * need)
     inside = covered[c_bin]
     c_count = np.bincount(c_bin[inside], minlength=len(p_count))
     outside = float(1.0 - inside.mean())
-    match: dict[str, Any] = {
-        "bins": {_bin_label(b): [int(c_count[b]), int(p_count[b])] for b in range(len(p_count))
-                 if c_count[b] or (not covered[b] and (c_bin == b).any())},  # fmt: skip
+    match: dict[str, Any] = {  # requests with a miss per bin: [canary's, production's]; bins left out
+        "bins": {_bin_label(int(b)): [int(c_all[b]), int(p_count[b])] for b in np.flatnonzero(c_all + p_count)},
+        "left_out": [_bin_label(int(b)) for b in np.flatnonzero(c_all * ~covered)],
         "outside": outside,
     }
     if outside > MATCH_MAX_OUTSIDE:
         match["why"] = (
-            f"{outside:.1%} of the canary's requests with a miss missed more texts than production's "
-            f"{MATCH_MIN_REQUESTS} or more in a bin (limit {MATCH_MAX_OUTSIDE:.0%})"
+            f"{outside:.1%} of the canary's requests with a miss fall in bins of missed texts where production "
+            f"holds too few requests (limit {MATCH_MAX_OUTSIDE:.0%})"
         )
         return _Compared("none", c_lat, p_lat, match=match)
     share = c_count / c_count.sum()

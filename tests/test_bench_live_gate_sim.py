@@ -142,3 +142,12 @@ def test_batched_canaries_through_the_gate():
     cold = _look("8", 0.485)
     assert cold.status == g.WAIT and cold.values["p99_basis"] == "single misses"
     assert _look("8", 0.485, slow=2.0).status == g.WAIT  # waits, never passes, while cold
+
+
+def test_a_warming_32_item_canary_through_the_gate():
+    """At 80 % cache hits a 32-item canary's requests miss ~6.4 texts where production's miss ~4.4: it waited
+    at every size (single misses: none); matched by missed texts it decides."""
+    healthy = _look("32", 0.8)
+    assert healthy.status == g.PASS and healthy.values["p99_basis"] == "matched misses", healthy.detail
+    slow = _look("32", 0.8, slow=2.0)
+    assert slow.status == g.FAIL and "matched by missed texts" in slow.detail, slow.detail

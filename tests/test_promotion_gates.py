@@ -261,7 +261,8 @@ def test_a_canary_making_fewer_model_calls_per_request_is_compared_by_missed_tex
 
 def test_a_canary_slower_than_all_production_misses_fails_when_it_misses_fewer_texts():
     """Production's single-text calls too few to decide on (50), its two-text calls many: a single-text
-    canary slower even than the two-text calls (if anything slower than its like) fails; as fast, it waits."""
+    canary slower even than the two-text calls (if anything slower than its like) fails; as fast, it waits
+    (the old rule compared all misses and passed it: the two-text calls are no evidence it is as fast)."""
     calls = np.r_[np.full(50, 74.0), np.full(3000, 80.0)]
     prod = {**_side(5000, 0, np.r_[calls, np.full(1950, 0.3)], calls), "missed_items": 6050,
             "one_miss_latencies": calls[:50], "miss_pair_latencies": calls,
@@ -274,11 +275,15 @@ def test_a_canary_slower_than_all_production_misses_fails_when_it_misses_fewer_t
 
     slow = g.live_gate(canary(160.0), prod, S)  # over 1.5 × 80 + 10 ms
     assert slow.status == "fail" and slow.values["p99_basis"] == "misses", slow.detail
-    assert "over all of production's misses" in slow.detail and slow.values["p99_matched"]["p99_basis"] == (
-        "matched misses"
-    )
-    same = g.live_gate(canary(74.0), prod, S)  # production's 50 single-text calls: too few to pass it
-    assert same.status == "wait" and same.values["p99_basis"] == "matched misses", same.detail
+    assert "over all of production's misses" in slow.detail
+    assert slow.values["p99_matched"]["p99_basis"] == "single misses"  # 50 production ones: too few to match
+    same = g.live_gate(canary(74.0), prod, S)  # nor to pass it
+    assert same.status == "wait" and same.values["p99_basis"] == "single misses", same.detail
+    # a canary answering (nearly) everything from its cache: too few misses to match, compared as before
+    warm = {**_side(1000, 0, np.full(1000, 0.3), np.full(5, 74.0)), "missed_items": 5,
+            "miss_pair_latencies": np.full(5, 74.0), "miss_pair_texts": np.full(5, 1)}  # fmt: skip
+    r = g.live_gate(warm, prod, S)
+    assert r.status == "pass" and r.values["p99_basis"] == "all", r.detail
 
 
 def test_matched_misses_weigh_production_by_the_canary_s_missed_texts():
@@ -307,6 +312,27 @@ def test_matched_misses_weigh_production_by_the_canary_s_missed_texts():
     # without the pairs (an older reader), the rules before them
     old = {k: v for k, v in canary(50.0).items() if not k.startswith("miss_pair")}
     assert g.live_gate(old, prod, S).values["p99_basis"] == "single misses"
+
+
+def test_a_matched_p99_resting_on_a_few_tail_requests_passes_nothing():
+    """Sim (32 items, canary at 75 % hits): production's weighted p99 leans on its thin 9–16-text bin, and its
+    few tail requests there made it high in some looks, passing 0.4 % of 2× slower canaries. Weighted, a pass
+    also needs the canary under the bound from the p99's lower confidence limit."""
+    calls = np.r_[np.full(3000, 50.0), np.full(197, 50.0), np.full(3, 400.0)]  # 3 of 200 two-text calls slow
+    prod = {**_side(5000, 0, np.r_[calls, np.full(1800, 0.3)], calls), "missed_items": 3400,
+            "one_miss_latencies": calls[:3000], "miss_pair_latencies": calls,
+            "miss_pair_texts": np.r_[np.full(3000, 1), np.full(200, 2)]}  # fmt: skip
+
+    def canary(latency, n=1000):
+        lat = np.full(n, latency)
+        return {**_side(n, 0, lat), "missed_items": 2 * n, "one_miss_latencies": lat[:0], "miss_pair_latencies": lat,
+                "miss_pair_texts": np.full(n, 2)}  # fmt: skip
+
+    slower = g.live_gate(canary(100.0), prod, S)  # under 1.5 × 400 + 10 ms, but 2× production's usual 50 ms
+    assert slower.status == "wait" and slower.values["production_p99_ms"] == 400.0, slower.detail
+    assert "not passed until production's p99 is surely that high" in slower.detail, slower.detail
+    r = g.live_gate(canary(55.0), prod, S)  # under 1.5 × 50 + 10 ms as well
+    assert r.status == "pass" and r.values["p99_basis"] == "matched misses", r.detail
 
 
 def test_a_regression_does_not_hide_behind_a_small_production_sample():
