@@ -19,6 +19,13 @@ rows). With one item a request draws exactly what the single-text simulation dre
 Batched figures in docs/promotion.md ("Batched requests")::
 
     python -m bench.live_gate_sim --trials 600 --items 1,8,32 --canary-hits 0.865
+
+and how warm a batched canary must be, or one missing fewer texts per request than production
+(the latency test's ``matched misses``)::
+
+    python -m bench.live_gate_sim --trials 200 --cases 0,5 --sizes 2000 --items 32 --canary-hits 0.75
+    python -m bench.live_gate_sim --trials 200 --cases 0,5 --sizes 2000 --items 1 --production-items 32 \
+        --canary-hits 0.865
 """
 
 from __future__ import annotations
@@ -96,7 +103,9 @@ def draw_rows(
 def live_requests(rows: dict[str, np.ndarray], rng: np.random.Generator, cap: int = LATENCY_CAP) -> dict[str, Any]:
     """One version's ``predlog.queries.LIVE_REQUESTS`` row from its log rows: a request is the rows
     sharing its request id (and latency); it failed when any row is not ``ok``, missed the ok texts
-    without a cache hit; up to ``cap`` latencies sampled per array (``groupArraySample``)."""
+    without a cache hit; up to ``cap`` latencies sampled per array (``groupArraySample``), and up to
+    ``cap`` (latency, missed texts) pairs of the ok requests with a miss (``miss_pair_latencies``,
+    ``miss_pair_texts``)."""
     req = rows["request_id"]
     n = int(req.max()) + 1 if len(req) else 0
     count = np.bincount(req, minlength=n)
@@ -113,15 +122,21 @@ def live_requests(rows: dict[str, np.ndarray], rng: np.random.Generator, cap: in
         lat = latency[mask]
         return lat if len(lat) <= cap else rng.choice(lat, cap, replace=False)
 
+    samples = {k: sample(mask) for k, mask in (("latencies", ok), ("miss_latencies", ok & (missed > 0)),
+                                                ("one_miss_latencies", ok & (missed == 1)))}  # fmt: skip
+    # (latency, missed texts) of the ok requests with a miss: one sample of pairs, as two arrays
+    paired = np.flatnonzero(ok & (missed > 0))
+    if len(paired) > cap:
+        paired = np.sort(rng.choice(paired, cap, replace=False))
     return {
         "items": int(count.sum()),
         "requests": int(present.sum()),
         "failed_requests": int(failed.sum()),
         "miss_requests": int((missed > 0).sum()),
         "missed_items": int(missed.sum()),
-        "latencies": sample(ok),
-        "miss_latencies": sample(ok & (missed > 0)),
-        "one_miss_latencies": sample(ok & (missed == 1)),
+        **samples,
+        "miss_pair_latencies": latency[paired],
+        "miss_pair_texts": missed[paired],
         "latency_cap": cap,
     }
 

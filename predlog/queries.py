@@ -71,10 +71,12 @@ LIVE_STATS_SLOT = {
 # Per model_version, per REQUEST (rows sharing request_id and latency: every row of a request carries its
 # latency, a failed request has one row): requests, failed requests (any row not ``ok``), requests with a
 # cache miss and their missed texts, and a uniform sample (at most ``cap``) of the latencies of the ok
-# requests and of the ok requests with a miss. The canary gate tests these (an item-weighted error rate
-# shrank a failed 32-item request 32-fold against the ok ones; items of one request are not independent
-# latencies). ``{requests}`` optionally keeps a hash range of request ids (``REQUESTS_SAMPLE``), which
-# bounds the GROUP BY's memory on a long window.
+# requests, of the ok requests with a miss, of those that missed exactly one text, and of (latency, missed
+# texts) of the ok requests with a miss (one sample of pairs, split into two arrays of equal length: the
+# gate matches the canary's and production's requests by missed texts). The canary gate tests these (an
+# item-weighted error rate shrank a failed 32-item request 32-fold against the ok ones; items of one
+# request are not independent latencies). ``{requests}`` optionally keeps a hash range of request ids
+# (``REQUESTS_SAMPLE``), which bounds the GROUP BY's memory on a long window.
 LIVE_REQUESTS = f"""
 SELECT
     model_version,
@@ -86,6 +88,9 @@ SELECT
     groupArraySampleIf({{cap:UInt64}}, 1)(latency_ms, NOT failed) AS latencies,
     groupArraySampleIf({{cap:UInt64}}, 2)(latency_ms, NOT failed AND missed > 0) AS miss_latencies,
     groupArraySampleIf({{cap:UInt64}}, 3)(latency_ms, NOT failed AND missed = 1) AS one_miss_latencies,
+    arrayMap(p -> p.1, groupArraySampleIf({{cap:UInt64}}, 4)((latency_ms, missed), NOT failed AND missed > 0)
+        AS miss_pairs) AS miss_pair_latencies,
+    arrayMap(p -> p.2, miss_pairs) AS miss_pair_texts,
     {{cap:UInt64}} AS latency_cap
 FROM (
     SELECT model_version, request_id, latency_ms, count() AS rows, countIf(status != 'ok') > 0 AS failed,

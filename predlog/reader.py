@@ -280,7 +280,9 @@ class PredictionLogReader:
         ``items`` (rows), ``requests``, ``failed_requests``, ``miss_requests`` and ``missed_items`` (the
         ok texts they missed), up to ``cap`` sampled latencies (ms) of the ok requests (``latencies``) and
         of those with a cache miss (``miss_latencies``) and with exactly one missed text
-        (``one_miss_latencies``), ``latency_cap``. A window of more than
+        (``one_miss_latencies``), up to ``cap`` sampled ok requests with a cache miss as two arrays of
+        equal length, their latencies (``miss_pair_latencies``) and how many texts each missed
+        (``miss_pair_texts``), ``latency_cap``. A window of more than
         ``max_requests`` requests keeps a hash range of request ids holding about that many (so the
         grouping's memory stays bounded): ``requests_fraction`` says which share. What the promotion
         live gate tests."""

@@ -30,6 +30,11 @@ GOLDEN_TAG = "promotion.gate.golden"
 MISS_SHARE_SLACK = 0.05
 #: how many more texts a canary request with a miss may miss than production's for their latencies to compare
 CALLS_RATIO = 1.25
+#: production requests a bin of missed texts (1, 2, 3–4, 5–8, 9–16, …) needs at least to stand for the
+#: canary's in it (and min_samples × the canary's share in the bin: :func:`_matched`)
+MATCH_MIN_REQUESTS = 20
+#: the share of the canary's requests with a miss that may fall in bins production holds too few of
+MATCH_MAX_OUTSIDE = 0.05
 
 
 @dataclass
@@ -319,41 +324,21 @@ def live_gate(
     text = f"error rate {k}/{n} requests = {k / n:.2%} (bounds {low:.2%}–{high:.2%}; limit {which})"
     verdicts[(FAIL if k else PASS) if limit <= 0 else _verdict(low, high, limit)].append(text)
 
-    basis, lat, prod_lat = _latencies(canary, production_latency or production, settings.min_samples)
-    values["p99_basis"] = basis
-    need = max(settings.min_samples, 1)
-    if len(prod_lat) < need:
-        # nothing like for like from production: with too few requests at all, not compared; with too few
-        # of the kind the canary's must be compared with (model calls), wait for them or the canary to warm
-        verdicts[PASS if basis == "all" else WAIT].append(
-            f"p99 {'not compared' if basis == 'all' else 'waits'}: {len(prod_lat)} production and {len(lat)} "
-            f"canary requests{_basis_label(basis)}"
-        )
-    elif len(lat) < need:
-        verdicts[WAIT].append(f"p99: {len(lat)} canary requests{_basis_label(basis)}, need {need}")
-    else:
-        prod_p99, p99 = float(np.quantile(prod_lat, 0.99)), float(np.quantile(lat, 0.99))
-        bound = prod_p99 * settings.max_p99_ratio + settings.p99_slack_ms
-        slow, prod_slow = int((lat > bound).sum()), int((prod_lat > bound).sum())
-        low, high = wilson(slow, len(lat), conf)
-        # production's own share over the bound: its p99 from a few hundred requests may fall short of its
-        # tail. Failing needs the canary above 1 % and above all production's share may be; passing needs
-        # it under 1 % or what production showed (a noisy production neither fails nor passes a canary)
-        fail_above = max(0.01, wilson(prod_slow, len(prod_lat), conf)[1])
-        pass_below = max(0.01, prod_slow / len(prod_lat))
-        values.update(p99_ms=p99, production_p99_ms=prod_p99, p99_bound_ms=bound, slower=slow, compared=len(lat),
-                      slower_bounds=[low, high], production_slower=prod_slow,
-                      slower_limits=[pass_below, fail_above])  # fmt: skip
-        text = (
-            f"p99{_basis_label(basis)} {p99:.1f} ms (production {prod_p99:.1f} ms): {slow}/{len(lat)} requests "
-            f"over {settings.max_p99_ratio} × production + {settings.p99_slack_ms:g} ms = {bound:.1f} ms "
-            f"(bounds {low:.2%}–{high:.2%}; production's {prod_slow}/{len(prod_lat)}: passes under "
-            f"{pass_below:.2%}, fails over {fail_above:.2%})"
-        )
-        verdict = FAIL if low > fail_above else PASS if high <= pass_below else WAIT
-        if verdict == WAIT and len(lat) >= int(_num(canary.get("latency_cap")) or 0) > 0:
-            verdict, text = (FAIL if slow / len(lat) > fail_above else PASS), text + ", decided on the capped sample"
-        verdicts[verdict].append(text)
+    cmp = _latencies(canary, production_latency or production, settings.min_samples)
+    verdict, text, found = _latency_test(cmp, canary, settings)
+    if verdict != FAIL and cmp.backstop is not None:
+        # the canary's requests miss fewer texts each than production's, whose model calls are then if anything
+        # slower: slower even than all of production's misses is a regression, whatever the matched test says
+        also, also_text, also_found = _latency_test(cmp.backstop, canary, settings)
+        if also == FAIL:
+            verdict, found = also, {**also_found, "p99_matched": found}
+            prod_calls = _calls_per_miss(production_latency or production)
+            text = also_text + (
+                f" (over all of production's misses: its requests miss {prod_calls:.2g} texts each, the "
+                f"canary's {_calls_per_miss(canary):.2g}, so its model calls are if anything slower)"
+            )
+    values.update(found)
+    verdicts[verdict].append(text)
     level = f"{conf:.0%} one-sided bounds" + (f"; {production_note}" if production_note else "")
     if verdicts[FAIL]:
         return GateResult("live", FAIL, "; ".join(verdicts[FAIL]) + f" ({level})", values)
@@ -365,10 +350,79 @@ def live_gate(
     return GateResult("live", PASS, f"n={n} requests, " + "; ".join(verdicts[PASS]) + f" ({level})", values)
 
 
-def wilson(k: int, n: int, confidence: float) -> tuple[float, float]:
+def _latency_test(cmp: _Compared, canary: dict[str, Any], settings: PromoteSettings) -> tuple[str, str, dict]:
+    """The latency test of :func:`live_gate` over one comparison: (verdict, text, values)."""
+    basis, lat, prod_lat, conf = cmp.basis, cmp.canary, cmp.production, settings.live_confidence
+    values: dict[str, Any] = {"p99_basis": basis}
+    if cmp.match:
+        values["p99_match"] = cmp.match
+    need = max(settings.min_samples, 1)
+    # production's requests as many as they stand for: weighted (matched), those of its thinnest bins count more
+    prod_n = len(prod_lat) if cmp.weights is None else _effective(cmp.weights)
+    prod_count = f"{prod_n:.0f} (weighted)" if cmp.weights is not None else str(len(prod_lat))
+    if prod_n < need:
+        # nothing like for like from production: with too few requests at all, not compared; with too few
+        # of the kind the canary's must be compared with (model calls), wait for them or the canary to warm
+        return (
+            PASS if basis == "all" else WAIT,
+            f"p99 {'not compared' if basis == 'all' else 'waits'}: {prod_count} production and {len(lat)} "
+            f"canary requests{_basis_label(basis)}",
+            values,
+        )
+    if len(lat) < need:
+        return WAIT, f"p99: {len(lat)} canary requests{_basis_label(basis)}, need {need}", values
+    prod_p99, p99 = _quantile(prod_lat, 0.99, cmp.weights), float(np.quantile(lat, 0.99))
+    bound = prod_p99 * settings.max_p99_ratio + settings.p99_slack_ms
+    slow = int((lat > bound).sum())
+    low, high = wilson(slow, len(lat), conf)
+    # production's own share over the bound: its p99 from a few hundred requests may fall short of its
+    # tail. Failing needs the canary above 1 % and above all production's share may be; passing needs
+    # it under 1 % or what production showed (a noisy production neither fails nor passes a canary)
+    if cmp.weights is None:
+        prod_slow: float = int((prod_lat > bound).sum())
+        prod_share, prod_text = prod_slow / len(prod_lat), f"{prod_slow}/{len(prod_lat)}"
+    else:  # as a share of its effective size (a sum of weights over the bound)
+        prod_share = float(cmp.weights[prod_lat > bound].sum())
+        prod_slow, prod_text = prod_share * prod_n, f"{prod_share:.2%} of {prod_count}"
+    fail_above = max(0.01, wilson(prod_slow, prod_n, conf)[1])
+    pass_below = max(0.01, prod_share)
+    values.update(p99_ms=p99, production_p99_ms=prod_p99, p99_bound_ms=bound, slower=slow, compared=len(lat),
+                  slower_bounds=[low, high], production_slower=prod_slow,
+                  slower_limits=[pass_below, fail_above])  # fmt: skip
+    text = (
+        f"p99{_basis_label(basis)} {p99:.1f} ms (production {prod_p99:.1f} ms): {slow}/{len(lat)} requests "
+        f"over {settings.max_p99_ratio} × production + {settings.p99_slack_ms:g} ms = {bound:.1f} ms "
+        f"(bounds {low:.2%}–{high:.2%}; production's {prod_text}: passes under "
+        f"{pass_below:.2%}, fails over {fail_above:.2%})"
+    )
+    verdict = FAIL if low > fail_above else PASS if high <= pass_below else WAIT
+    if verdict == PASS and cmp.weights is not None:
+        # weighted, production's p99 leans on its thinner bins' few tail requests and may come out high, which
+        # would pass a slower canary: passing also needs the canary under the bound from its lower confidence
+        # limit (the quantile at 0.99 − z·√(0.99·0.01/n), n the effective size)
+        q_low = max(0.5, 0.99 - NormalDist().inv_cdf(conf) * math.sqrt(0.99 * 0.01 / prod_n))
+        bound_low = _quantile(prod_lat, q_low, cmp.weights) * settings.max_p99_ratio + settings.p99_slack_ms
+        slow_low = int((lat > bound_low).sum())
+        high_low = wilson(slow_low, len(lat), conf)[1]
+        below_low = max(0.01, float(cmp.weights[prod_lat > bound_low].sum()))
+        values["p99_pass_bound_ms"] = bound_low
+        if high_low > below_low:
+            verdict = WAIT
+            text += (
+                f"; not passed until production's p99 is surely that high: {slow_low}/{len(lat)} requests over "
+                f"{bound_low:.1f} ms, from its p{100 * q_low:.1f} (upper bound {high_low:.2%}, passes under "
+                f"{below_low:.2%})"
+            )
+    if verdict == WAIT and cmp.capped(canary):
+        verdict, text = (FAIL if slow / len(lat) > fail_above else PASS), text + ", decided on the capped sample"
+    return verdict, text, values
+
+
+def wilson(k: float, n: float, confidence: float) -> tuple[float, float]:
     """One-sided Wilson score bounds with continuity correction (lower, upper), each at ``confidence``,
     of the proportion ``k/n`` (the plain Wilson bound fails a rate at the limit up to 20 % of the time
-    at a few dozen trials instead of 5 %; corrected, it stays near the exact Clopper–Pearson bound)."""
+    at a few dozen trials instead of 5 %; corrected, it stays near the exact Clopper–Pearson bound).
+    ``n`` may be a weighted sample's effective size and ``k`` its weighted count."""
     if n <= 0:
         return 0.0, 1.0
     z = NormalDist().inv_cdf(confidence)
@@ -386,30 +440,127 @@ def _verdict(low: float, high: float, limit: float) -> str:
     return FAIL if low > limit else WAIT if high > limit else PASS
 
 
-def _latencies(canary: dict[str, Any], production: dict[str, Any], min_samples: int) -> tuple[str, Any, Any]:
-    """(basis, canary latencies, production latencies), compared like for like. With ``min_samples``
-    production requests with a cache miss (model calls): over those, when the canary's miss about as many
-    texts each (``CALLS_RATIO``); else over the requests that missed exactly one text on both sides
-    (``single misses``: a cold canary's 8-text requests miss 4 texts where production's miss 1); the
-    canary's few are then waited for, not passed. Without them, over every ok request when the canary
-    misses the cache at most ``MISS_SHARE_SLACK`` more often than production; else over its misses (too
-    few: the gate waits for them)."""
+@dataclass
+class _Compared:
+    """What the latency test compares: the canary's latencies with production's (``weights``: production's,
+    matched to the canary's mix of missed texts; ``None``: as sampled)."""
+
+    basis: str
+    canary: np.ndarray
+    production: np.ndarray
+    weights: np.ndarray | None = None
+    match: dict[str, Any] = field(default_factory=dict)
+    sampled: int = -1  # how many the canary's sample held before any was left out (-1: ``canary``)
+    backstop: _Compared | None = None  # also failed on: all misses, where production's miss more texts each
+
+    def capped(self, side: dict[str, Any]) -> bool:
+        """Whether the canary's sample is at the reader's cap (there was more traffic than it holds)."""
+        cap = int(_num(side.get("latency_cap")) or 0)
+        return cap > 0 and (len(self.canary) if self.sampled < 0 else self.sampled) >= cap
+
+
+def _latencies(canary: dict[str, Any], production: dict[str, Any], min_samples: int) -> _Compared:
+    """The canary's and production's latencies, compared like for like. With ``min_samples`` production
+    requests with a cache miss (model calls): over those, when the canary's miss about as many texts each
+    (within ``CALLS_RATIO`` either way); else — more texts each, or fewer with ``min_samples`` canary
+    misses — over the misses matched by missed texts per request (``matched misses``, :func:`_matched`)
+    where production covers the canary's; else over the requests that missed exactly one text on both
+    sides (``single misses``: a cold canary's 8-text requests miss 4 texts where production's miss 1);
+    the canary's few are then waited for, not passed. When the canary's requests miss fewer texts each,
+    production's misses are if anything slower (a model call's time grows with its texts): a canary
+    slower even than all of them also fails (``backstop``). Without ``min_samples`` production misses
+    (or canary misses, at fewer texts each), over every ok request when the canary misses the cache at
+    most ``MISS_SHARE_SLACK`` more often than production; else over its misses (too few: the gate waits
+    for them)."""
     need = max(min_samples, 1)
     c_miss, p_miss = (np.asarray(side.get("miss_latencies", []), float) for side in (canary, production))
     c_share, p_share = (_miss_share(side) for side in (canary, production))
     c_all, p_all = (np.asarray(side.get("latencies", []), float) for side in (canary, production))
     if not int(_num(production.get("requests")) or 0):  # no production traffic: nothing to compare with
-        return "all", c_all, p_all
+        return _Compared("all", c_all, p_all)
     if len(p_miss) >= need:
-        if _calls_per_miss(canary) <= _calls_per_miss(production) * CALLS_RATIO:
-            if len(c_miss) >= need or c_share > p_share + MISS_SHARE_SLACK:
-                return "misses", c_miss, p_miss
-        else:
-            c_one, p_one = (np.asarray(side.get("one_miss_latencies", []), float) for side in (canary, production))
-            return "single misses", c_one, p_one
+        c_calls, p_calls = _calls_per_miss(canary), _calls_per_miss(production)
+        fewer = c_calls * CALLS_RATIO < p_calls and len(c_miss) >= need
+        if c_calls > p_calls * CALLS_RATIO or fewer:
+            matched = _matched(canary, production, need)
+            if matched.basis != "matched misses":
+                c_one, p_one = (np.asarray(side.get("one_miss_latencies", []), float) for side in (canary, production))
+                matched = _Compared("single misses", c_one, p_one, match=matched.match)
+            if fewer:  # production's calls are if anything slower: failing against them is a regression
+                matched.backstop = _Compared("misses", c_miss, p_miss)
+            return matched
+        if len(c_miss) >= need or c_share > p_share + MISS_SHARE_SLACK:
+            return _Compared("misses", c_miss, p_miss)
     if c_share > p_share + MISS_SHARE_SLACK:
-        return "misses", c_miss, p_miss
-    return "all", c_all, p_all
+        return _Compared("misses", c_miss, p_miss)
+    return _Compared("all", c_all, p_all)
+
+
+def _texts_bin(texts: np.ndarray) -> np.ndarray:
+    """The bin of a request's missed texts: 1 → 0, 2 → 1, 3–4 → 2, 5–8 → 3, 9–16 → 4, 17–32 → 5, …"""
+    return np.ceil(np.log2(np.maximum(texts, 1))).astype(int)
+
+
+def _bin_label(b: int) -> str:
+    low, high = (1 << (b - 1)) + 1 if b else 1, 1 << b
+    return str(high) if low == high else f"{low}–{high}"
+
+
+def _matched(canary: dict[str, Any], production: dict[str, Any], need: int) -> _Compared:
+    """The canary's misses against production's weighted to the canary's mix of missed texts per request
+    (``miss_pair_latencies``/``miss_pair_texts``), by bin (:func:`_texts_bin`: a model call's time grows
+    with its texts, and a 32-text request's misses spread over many counts). Only bins where production
+    holds ``MATCH_MIN_REQUESTS`` requests, and ``need`` × the canary's share in the bin, count; the
+    canary's requests in other bins (more missed texts than production makes often enough) are left out,
+    and when they are more than ``MATCH_MAX_OUTSIDE`` of them there is no match (basis ``none``, ``match``
+    says why). Each of production's requests in bin b weighs (canary's share in b) / (production's
+    requests in b): weighting, not resampling, so a re-run decides the same on the same rows; its
+    bounds are those of the weighted sample's effective size (about ``need`` at least)."""
+    pairs = [
+        (np.asarray(side.get("miss_pair_latencies", []), float), np.asarray(side.get("miss_pair_texts", []), int))
+        for side in (canary, production)
+    ]
+    (c_lat, c_texts), (p_lat, p_texts) = pairs
+    if not len(c_texts) or not len(p_texts) or len(c_lat) != len(c_texts) or len(p_lat) != len(p_texts):
+        return _Compared("none", c_lat, p_lat, match={"why": "no (latency, missed texts) pairs"})
+    c_bin, p_bin = _texts_bin(c_texts), _texts_bin(p_texts)
+    p_count = np.bincount(p_bin, minlength=int(max(c_bin.max(), p_bin.max())) + 1)
+    # no production request may stand for more than 1/need of the canary's: weighted, production's sample is
+    # then worth at least ``need`` requests, as an unweighted one must be (its p99 no noisier)
+    c_all = np.bincount(c_bin, minlength=len(p_count))
+    covered = (p_count >= MATCH_MIN_REQUESTS) & (p_count >= c_all / len(c_bin) * need)
+    inside = covered[c_bin]
+    c_count = np.bincount(c_bin[inside], minlength=len(p_count))
+    outside = float(1.0 - inside.mean())
+    match: dict[str, Any] = {  # requests with a miss per bin: [canary's, production's]; bins left out
+        "bins": {_bin_label(int(b)): [int(c_all[b]), int(p_count[b])] for b in np.flatnonzero(c_all + p_count)},
+        "left_out": [_bin_label(int(b)) for b in np.flatnonzero(c_all * ~covered)],
+        "outside": outside,
+    }
+    if outside > MATCH_MAX_OUTSIDE:
+        match["why"] = (
+            f"{outside:.1%} of the canary's requests with a miss fall in bins of missed texts where production "
+            f"holds too few requests (limit {MATCH_MAX_OUTSIDE:.0%})"
+        )
+        return _Compared("none", c_lat, p_lat, match=match)
+    share = c_count / c_count.sum()
+    weights = (share / np.maximum(p_count, 1))[p_bin] * covered[p_bin]
+    keep = weights > 0
+    weights = weights[keep]
+    match["production_effective"] = _effective(weights)
+    return _Compared("matched misses", c_lat[inside], p_lat[keep], weights / weights.sum(), match, len(c_lat))
+
+
+def _effective(weights: np.ndarray) -> float:
+    """Kish's effective sample size of a weighted sample: (Σw)² / Σw²."""
+    total = float(weights.sum())
+    return total * total / float((weights * weights).sum()) if total > 0 else 0.0
+
+
+def _quantile(values: np.ndarray, q: float, weights: np.ndarray | None) -> float:
+    if weights is None:
+        return float(np.quantile(values, q))
+    return float(np.quantile(values, q, weights=weights, method="inverted_cdf"))
 
 
 def _calls_per_miss(side: dict[str, Any]) -> float:
@@ -423,7 +574,12 @@ def _miss_share(side: dict[str, Any]) -> float:
 
 
 def _basis_label(basis: str) -> str:
-    return {"misses": " of cache misses", "single misses": " missing one text", "all": ""}[basis]
+    return {
+        "misses": " of cache misses",
+        "matched misses": " of cache misses matched by missed texts",
+        "single misses": " missing one text",
+        "all": "",
+    }[basis]
 
 
 def _num(v: Any) -> float | None:

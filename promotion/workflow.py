@@ -1051,7 +1051,7 @@ class Promoter:
                 out["live_stats_note"] = "; ".join(n for n in (times.skew, times.started_skew, times.source) if n)
             out["live_stats"] = _records(reader.live_stats(since=since, model_name=MODEL_NAME))
             out["live_requests"] = [  # what the live gate counts: requests, not rows (arrays left out)
-                {k: v for k, v in r.items() if not k.endswith("latencies")}
+                {k: v for k, v in r.items() if not k.endswith(("latencies", "miss_pair_texts"))}
                 for r in _records(reader.live_requests(since=since, model_name=MODEL_NAME))
             ]
             out["events"] = _records(reader.promotion_events(limit=5))

@@ -115,6 +115,10 @@ def test_the_simulation_counts_as_the_reader_does(tmp_path):
         assert int(got[key]) == want[key], key
     for key in ("latencies", "miss_latencies", "one_miss_latencies"):
         assert sorted(map(float, got[key])) == pytest.approx(sorted(want[key]), rel=1e-6), key
+    pairs = {key: sorted(zip(map(float, side["miss_pair_latencies"]), map(int, side["miss_pair_texts"]), strict=True))
+             for key, side in (("got", got), ("want", want))}  # fmt: skip
+    assert [t for _, t in pairs["got"]] == [t for _, t in pairs["want"]] and len(pairs["got"]) == want["miss_requests"]
+    assert [lat for lat, _ in pairs["got"]] == pytest.approx([lat for lat, _ in pairs["want"]], rel=1e-6)
 
 
 def _look(items: str, canary_hits: float, err: float = 0.0, slow: float = 1.0, n: int = 2000, seed: int = 0):
@@ -138,3 +142,12 @@ def test_batched_canaries_through_the_gate():
     cold = _look("8", 0.485)
     assert cold.status == g.WAIT and cold.values["p99_basis"] == "single misses"
     assert _look("8", 0.485, slow=2.0).status == g.WAIT  # waits, never passes, while cold
+
+
+def test_a_warming_32_item_canary_through_the_gate():
+    """At 80 % cache hits a 32-item canary's requests miss ~6.4 texts where production's miss ~4.4: it waited
+    at every size (single misses: none); matched by missed texts it decides."""
+    healthy = _look("32", 0.8)
+    assert healthy.status == g.PASS and healthy.values["p99_basis"] == "matched misses", healthy.detail
+    slow = _look("32", 0.8, slow=2.0)
+    assert slow.status == g.FAIL and "matched by missed texts" in slow.detail, slow.detail

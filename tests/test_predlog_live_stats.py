@@ -7,6 +7,7 @@ import os
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pytest
@@ -136,8 +137,8 @@ def _requests(version: str, n: int, seed: int) -> tuple[list[PredictionRecord], 
     (one row, item_index -1); a request misses the cache when any of its items does."""
     rng = np.random.default_rng(seed)
     now, rows = datetime.now(UTC), []
-    want = {"items": 0, "requests": n, "failed_requests": 0, "miss_requests": 0, "missed_items": 0, "latencies": [],
-            "miss_latencies": []}  # fmt: skip
+    want: dict[str, Any] = {"items": 0, "requests": n, "failed_requests": 0, "miss_requests": 0, "missed_items": 0,
+                            "latencies": [], "miss_latencies": [], "miss_pairs": []}  # fmt: skip
     for r in range(n):
         latency = float(np.float32(rng.lognormal(3.0, 0.8)))
         if r % 7 == 0:
@@ -158,7 +159,15 @@ def _requests(version: str, n: int, seed: int) -> tuple[list[PredictionRecord], 
         if not hits.all():
             want["miss_requests"] += 1
             want["miss_latencies"].append(latency)
+            want["miss_pairs"].append((latency, int((~hits).sum())))
     return rows, want
+
+
+def _pairs(got) -> list[tuple[float, int]]:
+    """``live_requests``' sampled (latency, missed texts) of the requests with a miss, sorted."""
+    lat, texts = list(map(float, got["miss_pair_latencies"])), list(map(int, got["miss_pair_texts"]))
+    assert len(lat) == len(texts)
+    return sorted(zip(lat, texts, strict=True))
 
 
 def test_live_requests_count_requests_not_rows(log, tmp_path):
@@ -178,8 +187,11 @@ def test_live_requests_count_requests_not_rows(log, tmp_path):
     assert float(got["requests_fraction"]) == 1.0 and int(got["latency_cap"]) == 20_000
     for key in ("latencies", "miss_latencies"):
         assert sorted(map(float, got[key])) == pytest.approx(sorted(want[key]), rel=1e-6), key
+    # each request with a miss once, with its latency and how many texts it missed (the gate matches by these)
+    assert _pairs(got) == sorted(want["miss_pairs"]) and max(t for _, t in want["miss_pairs"]) > 1
     capped = reader.live_requests(since=since, cap=50).set_index("model_version").loc["3"]
     assert len(capped["latencies"]) == 50 and set(map(float, capped["latencies"])) <= set(want["latencies"])
+    assert len(_pairs(capped)) == 50 and set(_pairs(capped)) <= set(want["miss_pairs"])  # pairs kept together
     assert reader.live_requests(since=since, until=since + timedelta(seconds=1)).empty
     # a long window keeps a hash range of request ids (bounded grouping memory), whole requests only
     part = reader.live_requests(since=since, max_requests=1000).set_index("model_version")
@@ -188,6 +200,8 @@ def test_live_requests_count_requests_not_rows(log, tmp_path):
     assert int(part.loc["3", "items"]) < want["items"] and set(map(float, part.loc["3", "latencies"])) <= set(
         want["latencies"]
     )
+    sampled = _pairs(part.loc["3"])  # the same requests' pairs: every kept request with a miss, none other
+    assert len(sampled) == int(part.loc["3", "miss_requests"]) and set(sampled) <= set(want["miss_pairs"])
 
 
 def test_live_requests_sample_requests_that_share_an_id(log):

@@ -119,6 +119,7 @@ def test_actions_audit_and_metrics(env, capsys, tmp_path, monkeypatch):
     assert status["aliases"] == {"production": "1", "canary": "2"}
     [counted] = [r for r in status["live_requests"] if r["model_version"] == "2"]  # what the live gate tests
     assert (counted["requests"], counted["failed_requests"], counted["items"]) == (30, 3, 30)
+    assert not [k for k in counted if k.endswith(("latencies", "_texts"))]  # the samples stay out of status
     assert status["live"]["percent"] == 10 and status["disagreements"] == []
     assert [e["action"] for e in status["events"]][:3] == ["canary_start", "canary_start", "deploy"]
     assert status["events"][0]["actor"] == "alice" and status["events"][1]["dry_run"]

@@ -214,6 +214,127 @@ def test_batched_cold_canary_is_compared_like_for_like():
     assert g.live_gate(same, prod, S).status == "fail"
 
 
+def _batched(rng, n, hits, slow=1.0, items=32, per_text=5.0):
+    """A ``live_requests`` row of ``n`` ok requests of ``items`` texts, each text a cache hit with probability
+    ``hits``; latencies as bench/live_gate_sim.py draws them: with ``m`` missed texts a model call lognormal
+    around 74 ms plus ``per_text`` ms per further missed text, × ``slow``; hits only, around 0.3 ms."""
+    m = rng.binomial(items, 1 - hits, n)
+    calls = (rng.lognormal(np.log(74.0), 0.7, n) + per_text * np.maximum(m - 1, 0)) * slow
+    lat, miss = np.where(m > 0, calls, rng.lognormal(np.log(0.3), 1.0, n)), m > 0
+    return {"items": n * items, "requests": n, "failed_requests": 0, "miss_requests": int(miss.sum()),
+            "missed_items": int(m.sum()), "latencies": lat, "miss_latencies": lat[miss],
+            "one_miss_latencies": lat[m == 1], "miss_pair_latencies": lat[miss],
+            "miss_pair_texts": m[miss]}  # fmt: skip
+
+
+def test_a_warming_batched_canary_is_compared_by_missed_texts():
+    """Sim (bench/live_gate_sim.py --items 32 --canary-hits 0.8): a 32-item canary at 80 % cache hits misses
+    ~6.4 texts a request where production (86.5 %) misses ~4.4, more than CALLS_RATIO, and it makes almost
+    no single-miss requests: it waited at every size, healthy or 2× slower, although production holds many
+    requests that missed as many texts. Production's misses, weighted to the canary's mix of missed texts
+    per request, decide; a cold canary (~16 of 32 missed, more than production ever misses) still waits."""
+    rng = np.random.default_rng(5)
+    prod = _batched(rng, 5000, 0.865)
+    healthy = g.live_gate(_batched(rng, 3000, 0.8), prod, S)
+    assert healthy.status == "pass" and healthy.values["p99_basis"] == "matched misses", healthy.detail
+    assert "matched by missed texts" in healthy.detail, healthy.detail
+    slow = g.live_gate(_batched(rng, 3000, 0.8, slow=2.0), prod, S)
+    assert slow.status == "fail" and slow.values["p99_basis"] == "matched misses", slow.detail
+    for cold in (_batched(rng, 3000, 0.485), _batched(rng, 3000, 0.485, slow=2.0)):
+        r = g.live_gate(cold, prod, S)
+        assert r.status == "wait" and r.values["p99_basis"] == "single misses", r.detail
+
+
+def test_a_canary_making_fewer_model_calls_per_request_is_compared_by_missed_texts():
+    """Sim: a single-text canary against 32-item production (traffic not split at random, or production's
+    hour before standing in) was compared over all misses, production's slower multi-text calls included
+    (only more calls per request than production was checked): a 2× slower canary failed 39 % of looks at
+    2,000 requests, fewer the more each further text costs. Matched by missed texts it is compared with
+    production's single misses."""
+    rng = np.random.default_rng(6)
+    prod = _batched(rng, 15000, 0.865, items=32, per_text=20.0)  # each further text costs 20 ms (CPU)
+    slow = g.live_gate(_batched(rng, 4000, 0.5, slow=2.0, items=1), prod, S)
+    assert slow.status == "fail" and slow.values["p99_basis"] == "matched misses", slow.detail
+    healthy = g.live_gate(_batched(rng, 4000, 0.5, items=1), prod, S)
+    assert healthy.status == "pass" and healthy.values["p99_basis"] == "matched misses", healthy.detail
+
+
+def test_a_canary_slower_than_all_production_misses_fails_when_it_misses_fewer_texts():
+    """Production's single-text calls too few to decide on (50), its two-text calls many: a single-text
+    canary slower even than the two-text calls (if anything slower than its like) fails; as fast, it waits
+    (the old rule compared all misses and passed it: the two-text calls are no evidence it is as fast)."""
+    calls = np.r_[np.full(50, 74.0), np.full(3000, 80.0)]
+    prod = {**_side(5000, 0, np.r_[calls, np.full(1950, 0.3)], calls), "missed_items": 6050,
+            "one_miss_latencies": calls[:50], "miss_pair_latencies": calls,
+            "miss_pair_texts": np.r_[np.full(50, 1), np.full(3000, 2)]}  # fmt: skip
+
+    def canary(latency, n=1000):
+        lat = np.full(n, latency)
+        return {**_side(n, 0, lat), "missed_items": n, "one_miss_latencies": lat, "miss_pair_latencies": lat,
+                "miss_pair_texts": np.full(n, 1)}  # fmt: skip
+
+    slow = g.live_gate(canary(160.0), prod, S)  # over 1.5 × 80 + 10 ms
+    assert slow.status == "fail" and slow.values["p99_basis"] == "misses", slow.detail
+    assert "over all of production's misses" in slow.detail
+    assert slow.values["p99_matched"]["p99_basis"] == "single misses"  # 50 production ones: too few to match
+    same = g.live_gate(canary(74.0), prod, S)  # nor to pass it
+    assert same.status == "wait" and same.values["p99_basis"] == "single misses", same.detail
+    # a canary answering (nearly) everything from its cache: too few misses to match, compared as before
+    warm = {**_side(1000, 0, np.full(1000, 0.3), np.full(5, 74.0)), "missed_items": 5,
+            "miss_pair_latencies": np.full(5, 74.0), "miss_pair_texts": np.full(5, 1)}  # fmt: skip
+    r = g.live_gate(warm, prod, S)
+    assert r.status == "pass" and r.values["p99_basis"] == "all", r.detail
+
+
+def test_matched_misses_weigh_production_by_the_canary_s_missed_texts():
+    """Production's one-text calls are fast, its two-text calls slow; a canary whose requests all miss two
+    texts is held to production's two-text calls (its single-miss requests: none, so it used to wait)."""
+    prod = {**_side(5000, 0, np.r_[np.full(3000, 10.0), np.full(300, 50.0), np.full(1700, 0.3)],
+                    np.r_[np.full(3000, 10.0), np.full(300, 50.0)]),
+            "missed_items": 3600, "one_miss_latencies": np.full(3000, 10.0),
+            "miss_pair_latencies": np.r_[np.full(3000, 10.0), np.full(300, 50.0)],
+            "miss_pair_texts": np.r_[np.full(3000, 1), np.full(300, 2)]}  # fmt: skip
+
+    def canary(latency, texts=2, n=1000):
+        lat = np.full(n, latency)
+        return {**_side(n, 0, lat), "missed_items": n * texts, "one_miss_latencies": lat if texts == 1 else lat[:0],
+                "miss_pair_latencies": lat, "miss_pair_texts": np.full(n, texts)}
+
+    r = g.live_gate(canary(50.0), prod, S)
+    assert r.status == "pass" and r.values["p99_basis"] == "matched misses", r.detail
+    assert r.values["production_p99_ms"] == 50.0 and r.values["p99_match"]["outside"] == 0.0
+    assert g.live_gate(canary(100.0), prod, S).status == "fail"  # over 1.5 × 50 + 20 ms
+    # production's 300 two-text calls stand for the canary's 1,000 requests: its bounds are those of 300
+    assert r.values["p99_match"]["production_effective"] == pytest.approx(300.0)
+    # a canary missing three texts a request: production never did (outside its bins), single misses: none
+    r = g.live_gate(canary(50.0, texts=3), prod, S)
+    assert r.status == "wait" and r.values["p99_basis"] == "single misses", r.detail
+    # without the pairs (an older reader), the rules before them
+    old = {k: v for k, v in canary(50.0).items() if not k.startswith("miss_pair")}
+    assert g.live_gate(old, prod, S).values["p99_basis"] == "single misses"
+
+
+def test_a_matched_p99_resting_on_a_few_tail_requests_passes_nothing():
+    """Sim (32 items, canary at 75 % hits): production's weighted p99 leans on its thin 9–16-text bin, and its
+    few tail requests there made it high in some looks, passing 0.4 % of 2× slower canaries. Weighted, a pass
+    also needs the canary under the bound from the p99's lower confidence limit."""
+    calls = np.r_[np.full(3000, 50.0), np.full(197, 50.0), np.full(3, 400.0)]  # 3 of 200 two-text calls slow
+    prod = {**_side(5000, 0, np.r_[calls, np.full(1800, 0.3)], calls), "missed_items": 3400,
+            "one_miss_latencies": calls[:3000], "miss_pair_latencies": calls,
+            "miss_pair_texts": np.r_[np.full(3000, 1), np.full(200, 2)]}  # fmt: skip
+
+    def canary(latency, n=1000):
+        lat = np.full(n, latency)
+        return {**_side(n, 0, lat), "missed_items": 2 * n, "one_miss_latencies": lat[:0], "miss_pair_latencies": lat,
+                "miss_pair_texts": np.full(n, 2)}  # fmt: skip
+
+    slower = g.live_gate(canary(100.0), prod, S)  # under 1.5 × 400 + 10 ms, but 2× production's usual 50 ms
+    assert slower.status == "wait" and slower.values["production_p99_ms"] == 400.0, slower.detail
+    assert "not passed until production's p99 is surely that high" in slower.detail, slower.detail
+    r = g.live_gate(canary(55.0), prod, S)  # under 1.5 × 50 + 10 ms as well
+    assert r.status == "pass" and r.values["p99_basis"] == "matched misses", r.detail
+
+
 def test_a_regression_does_not_hide_behind_a_small_production_sample():
     """Review: with 200 production latencies, none over the bound, the limit became 1.79 % and a canary
     with 3 % of its requests over it passed 70 % of looks; now it needs to be under what production showed."""
