@@ -558,9 +558,15 @@ def _effective(weights: np.ndarray) -> float:
 
 
 def _quantile(values: np.ndarray, q: float, weights: np.ndarray | None) -> float:
+    """The ``q`` quantile; weighted: the smallest value whose cumulative weight reaches ``q`` of the total
+    (numpy's ``inverted_cdf``, whose ``weights=`` needs numpy 2, which the package does not require)."""
     if weights is None:
         return float(np.quantile(values, q))
-    return float(np.quantile(values, q, weights=weights, method="inverted_cdf"))
+    values, weights = values[weights > 0], weights[weights > 0]
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    i = int(np.searchsorted(cumulative, q * cumulative[-1], side="left"))
+    return float(values[order][min(i, len(values) - 1)])
 
 
 def _calls_per_miss(side: dict[str, Any]) -> float:

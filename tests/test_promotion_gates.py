@@ -484,3 +484,17 @@ def test_a_non_finite_metric_fails_its_floor_and_the_comparison():
     unfloored = PromoteSettings(floors=False)
     compared = g.offline_gate(nan, REAL, unfloored, candidate_params=SPLIT, production_params=SPLIT)
     assert compared.status == "fail" and "worse than production: section_macro_f1 nan" in compared.detail
+
+
+def test_weighted_quantile_is_numpys_inverted_cdf_without_needing_numpy_2() -> None:
+    """The matched test's weighted p99: the smallest value whose cumulative weight reaches q (numpy ≥ 2's
+    ``inverted_cdf`` with weights, computed by hand because the package allows numpy 1.26)."""
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 5, 50, 2000):
+        values = rng.lognormal(4.3, 0.4, n)
+        weights = rng.random(n) * (rng.random(n) > 0.3)
+        weights[0] += 0.1  # at least one weight
+        for q in (0.0, 0.01, 0.5, 0.9, 0.99, 1.0):
+            want = float(np.quantile(values, q, weights=weights, method="inverted_cdf"))
+            assert g._quantile(values, q, weights) == want, (n, q)
+    assert g._quantile(np.array([10.0, 20.0, 30.0]), 0.5, np.array([0.0, 0.0, 1.0])) == 30.0
