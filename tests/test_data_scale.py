@@ -219,3 +219,64 @@ def test_a_full_temporary_disk_or_too_many_files_mid_read_is_a_clear_error(synth
         err = capsys.readouterr().err
         assert rc == 1 and hint in err and str(scratch) in err and "Traceback" not in err
         assert not any(scratch.iterdir())  # the partition files are gone
+
+
+def test_partitions_past_the_cap_are_split_again_and_give_the_same_rows(synth_dir, tmp_path, monkeypatch):
+    """Past 512 partitions (16 GiB of input) partitions grew with the input and so did memory (5.2 GB
+    at 282 GiB); now a partition holding more than 1.5 × ``bucket_bytes`` of input is split by test_id
+    before its join. The rows, the order-dependent de-duplication and the report stay the same."""
+    import shutil
+
+    import training.dvsa
+
+    d = tmp_path / "in"
+    shutil.copytree(synth_dir, d)
+    head, *rows = (d / "test_item.txt").read_bytes().splitlines()
+    (d / "zz_test_item.txt").write_bytes(b"\n".join([head, *rows[:600]]) + b"\n")  # a later file repeating rows
+    with (d / "test_result.txt").open("ab") as f:  # repeats in the same block, differing in their mileage
+        for r in (d / "test_result.txt").read_bytes().splitlines()[1:401]:
+            f.write(b"|".join([*r.split(b"|")[:6], b"999999", *r.split(b"|")[7:]]) + b"\n")
+
+    one_report, split_report = BulkReport(), BulkReport()
+    reader = BulkReader([d])
+    reader.report = one_report
+    one = pd.concat(list(reader), ignore_index=True)
+    many = BulkReader([d], bucket_bytes=64 << 10)  # partitions of 64 KiB: none split (under 1.5 MiB)
+    assert reader.partitions == 1 and many.partitions > 8
+    _assert_same_rows(one, pd.concat(list(many), ignore_index=True))
+
+    monkeypatch.setattr(training.dvsa, "_MIN_SUB_BYTES", 1)
+    joined: list[int] = []
+    real_join = BulkReader._join
+
+    def join(self, res, it, lk):  # noqa: ANN001, ANN202
+        joined.append(len(it))
+        return real_join(self, res, it, lk)
+
+    monkeypatch.setattr(BulkReader, "_join", join)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    disk: list[int] = []
+    reader = BulkReader([d], bucket_bytes=64 << 10, max_partitions=2, tmp_dir=scratch)
+    reader.report = split_report
+    chunks = []
+    for chunk in reader:
+        chunks.append(chunk)
+        disk.append(sum(f.stat().st_size for f in scratch.rglob("*.arrow")))
+    split = pd.concat(chunks, ignore_index=True)
+
+    assert reader.partitions == 2 and len(joined) > 8, joined  # each half of ≈ 450 KB in ≥ 5 parts
+    assert max(joined) < 0.3 * sum(joined) / 2, joined
+    assert split_report.duplicate_tests == one_report.duplicate_tests == 400
+    assert split_report.duplicate_items == one_report.duplicate_items > 0
+    assert split_report.to_dict() == one_report.to_dict()
+    _assert_same_rows(one, split)
+    assert disk and max(disk) < 1.2 * disk[0] and not any(scratch.iterdir())
+
+
+def _assert_same_rows(one: pd.DataFrame, other: pd.DataFrame) -> None:
+    key = ["test_id", "text"]
+    pd.testing.assert_frame_equal(
+        one.sort_values(key).reset_index(drop=True), other.sort_values(key).reset_index(drop=True)
+    )
+    assert (other["odometer_miles"] != 999999).all()  # the first of each repeated test was kept

@@ -12,9 +12,11 @@ and skipped. A file that cannot be read at all raises
 Memory stays bounded: ``test_result`` and ``test_item`` are streamed in blocks and hash-partitioned
 by ``test_id`` into Arrow files in a temporary directory (``tmp_dir``, default ``$TMPDIR``); each
 partition is then joined with the (small) lookups and labelled (``training.mot_labels``). Partitions
-are 32 MiB of input up to 512 of them (16 GiB of input); beyond that they grow with the input, and so
-does memory (docs/data.md "Bounded memory"). The 2 × 512 open partition files need an open-file
-limit above 1024: the soft limit is raised towards the hard one, else :class:`BulkResourceError`.
+are 32 MiB of input, up to 512 of them (16 GiB of input); beyond that a partition holding more than
+1.5 × 32 MiB of input is split again by ``test_id`` into sub-partitions of ≈ 32 MiB before its join,
+so memory is set by the partition size at any input size (docs/data.md "Bounded memory"). The
+2 × 512 open partition files need an open-file limit above 1024: the soft limit is raised towards
+the hard one, else :class:`BulkResourceError`.
 """
 
 from __future__ import annotations
@@ -58,9 +60,13 @@ _KIND_MARKERS: tuple[tuple[str, frozenset[str]], ...] = (
 _ALIASES = {"dmark": "dangerous_mark", "id": "location_id", "odometer": "test_mileage"}
 _REQUIRED_KINDS = ("test_result", "test_item", "item_detail")
 _MAX_BAD_FRACTION = 0.5
-#: Open files stay bounded (2 per partition); beyond 16 GiB of input, partitions grow (and so does
-#: memory: about 9 × input / 512 at the peak); use the ClickHouse path there.
+#: Open files stay bounded (2 per partition); beyond 16 GiB of input, partitions hold more than
+#: ``bucket_bytes`` of input and are split again before their join (:meth:`BulkReader._split`).
 _MAX_PARTITIONS = 512
+#: A partition is split when it holds more than this many ``bucket_bytes`` of input, into
+#: sub-partitions of ``bucket_bytes`` but never under ``_MIN_SUB_BYTES`` of input.
+_SPLIT_ABOVE = 1.5
+_MIN_SUB_BYTES = 1 << 20
 #: Open files beyond the partition files: the inputs, Python, Arrow, the tidy writer, the caller's own.
 _SPARE_FILES = 64
 SOURCE_NAME = "dvsa_bulk"
@@ -487,23 +493,32 @@ def typed_items(df: pd.DataFrame, fr: FileReport, start_seq: int) -> pd.DataFram
 
 
 class _Partitions:
-    """Hash partitions of one table by test_id, as Arrow IPC stream files."""
+    """Hash partitions of one table by test_id, as Arrow IPC stream files: partition
+    ``(test_id // stride) % n`` (``stride`` > 1 splits a partition of ``stride`` partitions again)."""
 
-    def __init__(self, root: Path, name: str, n: int, schema: pa.Schema):
+    def __init__(self, root: Path, name: str, n: int, schema: pa.Schema, stride: int = 1):
         self.paths = [root / f"{name}-{i:04d}.arrow" for i in range(n)]
         self.schema = schema
+        self.stride = stride
         self._writers: dict[int, ipc.RecordBatchStreamWriter] = {}
 
     def write(self, df: pd.DataFrame) -> None:
+        self.write_table(pa.Table.from_pandas(df, schema=self.schema, preserve_index=False))
+
+    def write_table(self, table: pa.Table) -> None:
         n = len(self.paths)
-        buckets = (df["test_id"].to_numpy(dtype=np.int64) % n) if n > 1 else np.zeros(len(df), dtype=np.int64)
-        table = pa.Table.from_pandas(df, schema=self.schema, preserve_index=False)
+        ids = table.column("test_id").to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        buckets = ids // self.stride % n
+        if n > 1:  # one gather, then a slice per partition (a filter per partition scanned every row n times)
+            order = np.argsort(buckets, kind="stable")  # rows keep their order within a partition
+            table, buckets = table.take(pa.array(order)), buckets[order]
+        bounds = np.searchsorted(buckets, np.arange(n + 1))
         try:
-            for b in np.unique(buckets):
+            for b in np.flatnonzero(np.diff(bounds)):
                 w = self._writers.get(int(b))
                 if w is None:
                     w = self._writers[int(b)] = ipc.new_stream(self.paths[int(b)], self.schema)
-                w.write_table(table.filter(pa.array(buckets == b)) if n > 1 else table)
+                w.write_table(table.slice(bounds[b], bounds[b + 1] - bounds[b]))
         except OSError as e:  # a full disk, or open files beyond the limit
             where = self.paths[0].parent
             if e.errno in (errno.EMFILE, errno.ENFILE):
@@ -534,6 +549,22 @@ class _Partitions:
             return self.schema.empty_table().to_pandas()
         with ipc.open_stream(self.paths[i]) as r:
             return r.read_all().to_pandas()
+
+    def size(self, i: int) -> int:
+        return self.paths[i].stat().st_size if self.paths[i].exists() else 0
+
+    def split(self, i: int, into: _Partitions) -> None:
+        """Stream partition ``i`` into ``into`` batch by batch (rows keep their order), then delete it."""
+        if self.paths[i].exists():
+            try:
+                with ipc.open_stream(self.paths[i]) as r:
+                    for batch in r:
+                        into.write_table(pa.Table.from_batches([batch], schema=self.schema))
+            except BaseException:
+                into.abandon()
+                raise
+            self.paths[i].unlink()
+        into.close()
 
 
 @dataclass
@@ -674,10 +705,12 @@ class BulkReader:
         chunk_rows: int = 200_000,
         bucket_bytes: int = 32 << 20,
         tmp_dir: Path | None = None,
+        max_partitions: int = _MAX_PARTITIONS,
     ):
         self.sources, self.api_paths = discover(paths)
         self.chunk_rows = chunk_rows
         self.bucket_bytes = bucket_bytes
+        self.max_partitions = max_partitions
         self.tmp_dir = tmp_dir  # None: tempfile's choice ($TMPDIR, $TEMP, $TMP, else /tmp)
         self.report = BulkReport()
         kinds = {s.kind for s in self.sources}
@@ -690,7 +723,7 @@ class BulkReader:
     def partitions(self) -> int:
         """How many hash partitions the read uses (two open files each while reading)."""
         size = sum(s.size for s in self.sources if s.kind in ("test_result", "test_item"))
-        return min(_MAX_PARTITIONS, max(1, math.ceil(size / self.bucket_bytes)))
+        return min(self.max_partitions, max(1, math.ceil(size / self.bucket_bytes)))
 
     def __iter__(self) -> Iterator[pd.DataFrame]:
         n = self.partitions
@@ -710,12 +743,36 @@ class BulkReader:
                 raise
             results.close()
             items.close()
+            arrow_bytes = sum(p.size(i) for p in (results, items) for i in range(n))
             with tqdm(total=n, unit="part", desc="join + label", disable=quiet) as bar:
                 for i in range(n):
-                    tidy = self._join(results.read(i), items.read(i), lookups)
-                    bar.update(1)  # before the yields: the caller's writing runs between them
-                    for start in range(0, len(tidy), self.chunk_rows):
-                        yield tidy.iloc[start : start + self.chunk_rows].reset_index(drop=True)
+                    # the partition's share of the input, from its share of the Arrow bytes
+                    share = total * (results.size(i) + items.size(i)) / max(1, arrow_bytes)
+                    parts = [(results, items, i)]
+                    sub_bytes = max(self.bucket_bytes, _MIN_SUB_BYTES)
+                    if share > _SPLIT_ABOVE * sub_bytes:
+                        parts = self._split(Path(tmp), results, items, i, math.ceil(share / sub_bytes))
+                        bar.total += len(parts) - 1  # the bar counts what is joined
+                        bar.refresh()
+                    for res, it, j in parts:
+                        tidy = self._join(res.read(j), it.read(j), lookups)
+                        bar.update(1)  # before the yields: the caller's writing runs between them
+                        for start in range(0, len(tidy), self.chunk_rows):
+                            yield tidy.iloc[start : start + self.chunk_rows].reset_index(drop=True)
+
+    def _split(
+        self, root: Path, results: _Partitions, items: _Partitions, i: int, k: int
+    ) -> list[tuple[_Partitions, _Partitions, int]]:
+        """Split partition ``i`` of both tables into ``k`` (≤ 512) sub-partitions by ``test_id // n``
+        (all its ids are ``i`` modulo ``n``); the partition's files are deleted once split."""
+        k = min(k, _MAX_PARTITIONS)
+        ensure_open_files(2 * k + _SPARE_FILES)
+        n = len(results.paths)
+        sub_res = _Partitions(root, f"result-{i:04d}", k, results.schema, stride=n)
+        sub_it = _Partitions(root, f"item-{i:04d}", k, items.schema, stride=n)
+        results.split(i, sub_res)
+        items.split(i, sub_it)
+        return [(sub_res, sub_it, j) for j in range(k)]
 
     def _partition(self, big: list[Source], results: _Partitions, items: _Partitions, quiet: bool) -> None:
         """Read the big tables into their hash partitions, with a byte-granular bar."""
