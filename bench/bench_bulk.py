@@ -23,13 +23,15 @@ from rich.console import Console
 from rich.table import Table
 
 
-def one(data: Path, mode: str, max_partitions: int, bucket_bytes: int, tmp: Path) -> dict:
+def one(data: Path, mode: str, max_partitions: int, bucket_bytes: int, chunk_rows: int, tmp: Path) -> dict:
     """Read ``data`` once in this process; the figures as a dict."""
     import training.dvsa as dvsa
 
     if mode == "nosplit":
         dvsa._SPLIT_ABOVE = float("inf")
-    reader = dvsa.BulkReader([data], bucket_bytes=bucket_bytes, max_partitions=max_partitions, tmp_dir=tmp)
+    reader = dvsa.BulkReader(
+        [data], chunk_rows=chunk_rows, bucket_bytes=bucket_bytes, max_partitions=max_partitions, tmp_dir=tmp
+    )
     phase: dict[str, float] = {}
     partition = reader._partition
 
@@ -58,12 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=8_000_000)
     ap.add_argument("--max-partitions", type=int, nargs="+", default=[4, 1])
     ap.add_argument("--bucket-bytes", type=int, default=32 << 20)
+    ap.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=200_000,
+        help="rows per block read; at 512 partitions a partition gets ≈ 1/512 of each block (small: 2000)",
+    )
     ap.add_argument("--modes", nargs="+", choices=["split", "nosplit"], default=["split", "nosplit"])
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one case, JSON out
     ap.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
-        print(json.dumps(one(a.data, a.modes[0], a.max_partitions[0], a.bucket_bytes, a.tmp)))
+        print(json.dumps(one(a.data, a.modes[0], a.max_partitions[0], a.bucket_bytes, a.chunk_rows, a.tmp)))
         return 0
     with tempfile.TemporaryDirectory(prefix="motlens-bench-bulk-") as tmp:
         data = a.data
@@ -76,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         for parts in a.max_partitions:
             for mode in a.modes:
                 cmd = [sys.executable, "-m", "bench.bench_bulk", "--one", "--data", str(data), "--modes", mode,
-                       "--max-partitions", str(parts), "--bucket-bytes", str(a.bucket_bytes), "--tmp", tmp]  # fmt: skip
+                       "--max-partitions", str(parts), "--bucket-bytes", str(a.bucket_bytes),
+                       "--chunk-rows", str(a.chunk_rows), "--tmp", tmp]  # fmt: skip
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 results.append(json.loads(out.strip().splitlines()[-1]))
     table = Table(title=f"bulk read of {data if a.data else f'{a.rows:,} synthetic defects'}")

@@ -254,6 +254,17 @@ def test_partitions_past_the_cap_are_split_again_and_give_the_same_rows(synth_di
         return real_join(self, res, it, lk)
 
     monkeypatch.setattr(BulkReader, "_join", join)
+    batches: list[int] = []  # per sub-partition file: a split gathers the partition's small batches first
+    real_split = training.dvsa._Partitions.split
+
+    def split_and_count(self, i, into):  # noqa: ANN001, ANN202
+        real_split(self, i, into)
+        for path in into.paths:
+            if path.exists():
+                with training.dvsa.ipc.open_stream(path) as r:
+                    batches.append(sum(1 for _ in r))
+
+    monkeypatch.setattr(training.dvsa._Partitions, "split", split_and_count)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     disk: list[int] = []
@@ -267,6 +278,7 @@ def test_partitions_past_the_cap_are_split_again_and_give_the_same_rows(synth_di
 
     assert reader.partitions == 2 and len(joined) > 8, joined  # each half of ≈ 450 KB in ≥ 5 parts
     assert max(joined) < 0.3 * sum(joined) / 2, joined
+    assert batches and max(batches) == 1, batches  # the items of two files: two batches, gathered into one
     assert split_report.duplicate_tests == one_report.duplicate_tests == 400
     assert split_report.duplicate_items == one_report.duplicate_items > 0
     assert split_report.to_dict() == one_report.to_dict()

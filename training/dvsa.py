@@ -67,6 +67,8 @@ _MAX_PARTITIONS = 512
 #: sub-partitions of ``bucket_bytes`` but never under ``_MIN_SUB_BYTES`` of input.
 _SPLIT_ABOVE = 1.5
 _MIN_SUB_BYTES = 1 << 20
+#: How much of a partition a split reads before writing it out to the sub-partitions.
+_SPLIT_READ_BYTES = 16 << 20
 #: Open files beyond the partition files: the inputs, Python, Arrow, the tidy writer, the caller's own.
 _SPARE_FILES = 64
 SOURCE_NAME = "dvsa_bulk"
@@ -554,12 +556,22 @@ class _Partitions:
         return self.paths[i].stat().st_size if self.paths[i].exists() else 0
 
     def split(self, i: int, into: _Partitions) -> None:
-        """Stream partition ``i`` into ``into`` batch by batch (rows keep their order), then delete it."""
+        """Stream partition ``i`` into ``into`` (rows keep their order), then delete it. Its batches are
+        small (a block's share: ≈ 1/512 of it) and are gathered into ≈ ``_SPLIT_READ_BYTES`` before
+        each write, so the sub-partitions do not get batches a further ``len(into.paths)`` times smaller."""
         if self.paths[i].exists():
             try:
                 with ipc.open_stream(self.paths[i]) as r:
+                    pending: list[pa.RecordBatch] = []
+                    size = 0
                     for batch in r:
-                        into.write_table(pa.Table.from_batches([batch], schema=self.schema))
+                        pending.append(batch)
+                        size += batch.nbytes
+                        if size >= _SPLIT_READ_BYTES:
+                            into.write_table(pa.Table.from_batches(pending, schema=self.schema))
+                            pending, size = [], 0
+                    if pending:
+                        into.write_table(pa.Table.from_batches(pending, schema=self.schema))
             except BaseException:
                 into.abandon()
                 raise
