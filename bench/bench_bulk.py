@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "--chunk-rows",
         type=int,
         default=200_000,
-        help="rows per block read; at 512 partitions a partition gets ≈ 1/512 of each block (small: 2000)",
+        help="BulkReader's chunk_rows: the 4 MiB blocks read are gathered up to this many rows per write",
     )
     ap.add_argument("--modes", nargs="+", choices=["split", "nosplit"], default=["split", "nosplit"])
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one case, JSON out
