@@ -22,6 +22,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def one(data: Path, mode: str, max_partitions: int, bucket_bytes: int, chunk_rows: int, tmp: Path) -> dict:
     """Read ``data`` once in this process; the figures as a dict."""
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, "-m", "bench.bench_bulk", "--one", "--data", str(data), "--modes", mode,
                        "--max-partitions", str(parts), "--bucket-bytes", str(a.bucket_bytes),
                        "--chunk-rows", str(a.chunk_rows), "--tmp", tmp]  # fmt: skip
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
                 results.append(json.loads(out.strip().splitlines()[-1]))
     table = Table(title=f"bulk read of {data if a.data else f'{a.rows:,} synthetic defects'}")
     for col in results[0]:
