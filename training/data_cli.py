@@ -86,6 +86,8 @@ def _print_report(report: dict) -> None:
             f"repeated_headers={f['header_rows']} non_utf8={f['non_utf8_values']}{extra}",
             file=out,
         )
+    if report.get("unused_tables"):
+        print(f"not used (DVSA lookups motlens does not need): {', '.join(report['unused_tables'])}", file=out)
     for k in (
         "rows_read",
         "bad_rows",

@@ -3,11 +3,13 @@
 Accepts ``test_result``, ``test_item``, ``item_detail``, ``item_group`` and the location lookup
 ``mdr_rfr_location``, each pipe- or comma-delimited (sniffed from the header), plain, gzipped or in
 zip archives (any number of members); directories are searched recursively, skipping hidden files
-and directories. Tables are recognised by their header, not their file names. Bytes that are not
-UTF-8 are read as latin-1; header rows repeated inside a file (from concatenated extracts) are
-dropped; rows with the wrong number of fields or without a usable key are counted in the report
-and skipped. A file that cannot be read at all raises
-:class:`BulkFormatError` naming the file and line.
+and directories (and zip members under ``__MACOSX/`` or starting with ``.``). Tables are recognised
+by their header, not their file names; DVSA's lookups motlens does not use (fuel types, test
+outcomes and types) are recognised and left out. Bytes that are not UTF-8 are read as latin-1;
+header rows repeated inside a file (from concatenated extracts) are dropped; comma files undo both
+``""`` and ``\\"`` escapes; rows with the wrong number of fields, without a usable key, or (comma
+files) with a line break inside a field are counted in the report and skipped. A file that cannot
+be read at all raises :class:`BulkFormatError` naming the file and line.
 
 Memory stays bounded: ``test_result`` and ``test_item`` are streamed in blocks and hash-partitioned
 by ``test_id`` into Arrow files in a temporary directory (``tmp_dir``, default ``$TMPDIR``); each
@@ -57,7 +59,21 @@ _KIND_MARKERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("item_group", frozenset({"test_item_id", "item_name"})),
     ("rfr_location", frozenset({"lateral", "longitudinal"})),
 )
-_ALIASES = {"dmark": "dangerous_mark", "id": "location_id", "odometer": "test_mileage"}
+_ALIASES = {
+    "dmark": "dangerous_mark",
+    "id": "location_id",
+    "odometer": "test_mileage",
+    "mot_test_rfr_location_type_id": "location_id",  # test_item from 2024 on
+}
+#: DVSA lookup tables motlens does not need (they come in DVSA's lookup zip): recognised and left out.
+_UNUSED_KINDS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("mdr_fuel_types", frozenset({"type_code", "fuel_type"})),
+    ("mdr_test_outcome", frozenset({"result_code", "result"})),
+    ("mdr_test_type", frozenset({"type_code", "test_type"})),
+)
+UNUSED_KINDS = frozenset(k for k, _ in _UNUSED_KINDS)
+#: Zip method 9, which Python's zipfile reads only with the zipfile-deflate64 package installed.
+_DEFLATE64 = 9
 _REQUIRED_KINDS = ("test_result", "test_item", "item_detail")
 _MAX_BAD_FRACTION = 0.5
 #: Open files stay bounded (2 per partition); beyond 16 GiB of input, partitions hold more than
@@ -130,6 +146,8 @@ class BulkReport:
     """Counts for a whole read: per-file rows and bad rows, joins, labels."""
 
     files: list[FileReport] = field(default_factory=list)
+    #: DVSA lookup tables recognised and left out (:data:`UNUSED_KINDS`)
+    unused_tables: list[str] = field(default_factory=list)
     duplicate_tests: int = 0
     duplicate_items: int = 0
     orphan_items: int = 0
@@ -155,6 +173,7 @@ class BulkReport:
     def to_dict(self) -> dict:
         return {
             "files": [vars(f) for f in self.files],
+            "unused_tables": list(self.unused_tables),
             "rows_read": self.rows_read,
             "bad_rows": self.bad_rows,
             "duplicate_tests": self.duplicate_tests,
@@ -247,7 +266,7 @@ def sniff(path: Path, member: str | None = None, size: int = 0) -> Source:
     twice = sorted({c for c in cols if c and cols.count(c) > 1})
     if twice:
         raise BulkFormatError(f"{name}:1: the header names {', '.join(twice)} more than once")
-    kind = next((k for k, marks in _KIND_MARKERS if marks <= set(cols)), None)
+    kind = next((k for k, marks in (*_KIND_MARKERS, *_UNUSED_KINDS) if marks <= set(cols)), None)
     if kind is None:
         raise BulkFormatError(f"{name}:1: header matches no DVSA table: {first[:120]!r}")
     return Source(path, member, kind, delimiter, tuple(cols), size)
@@ -260,8 +279,10 @@ def discover(paths: Sequence[Path]) -> tuple[list[Source], list[Path]]:
     for p in _expand(paths):
         if zipfile.is_zipfile(p):
             with zipfile.ZipFile(p) as zf:
-                members = [i for i in zf.infolist() if not i.is_dir()]
+                members = [i for i in zf.infolist() if not i.is_dir() and not _hidden_member(i.filename)]
             for info in members:
+                if info.compress_type == _DEFLATE64:
+                    _deflate64(p, info.filename)
                 if is_jsonl(p, info.filename):
                     raise BulkFormatError(f"{p}!{info.filename}:1: zipped API JSON is not supported; unzip it")
                 sources.append(sniff(p, info.filename, info.file_size))
@@ -270,6 +291,25 @@ def discover(paths: Sequence[Path]) -> tuple[list[Source], list[Path]]:
         else:
             sources.append(sniff(p, None, _data_size(p)))
     return sources, api
+
+
+def _hidden_member(name: str) -> bool:
+    """A zip member to skip as a directory's hidden files are: any part of its path starting with
+    ``.``, or macOS's ``__MACOSX/`` metadata (AppleDouble ``._*.csv`` files, binary)."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
+
+
+def _deflate64(path: Path, member: str) -> None:
+    """Make Deflate64 members readable when the optional ``zipfile-deflate64`` package is installed
+    (DVSA's 2022 and 2023 archives use it); a clear error naming the ways out otherwise."""
+    try:
+        import zipfile_deflate64  # noqa: F401 - registers the method with zipfile on import
+    except ImportError:
+        raise BulkFormatError(
+            f"{path}!{member}:1: compressed with Deflate64 (zip method 9), which Python's zipfile cannot read: "
+            "`pip install zipfile-deflate64` (motlens then reads it), or extract the archive first "
+            "(`7z x` or `unzip`) and pass the extracted files"
+        ) from None
 
 
 def _data_size(path: Path) -> int:
@@ -351,13 +391,16 @@ def iter_raw(
     cols = list(source.columns)
 
     def on_invalid(row) -> str:
-        fr.bad(row.number)
+        fr.bad(row.number)  # a row whose quotes ran on counts the lines it swallowed too
+        for _ in range((row.text or "").count("\n")):
+            fr.bad(None)
         return "skip"
 
     read = pacsv.ReadOptions(column_names=cols, skip_rows=1, block_size=4 << 20, use_threads=False)
     parse = pacsv.ParseOptions(
         delimiter=source.delimiter,
         quote_char='"' if source.delimiter == "," else False,
+        escape_char="\\" if source.delimiter == "," else False,  # DVSA writes \" inside quoted fields
         invalid_row_handler=on_invalid,
         ignore_empty_lines=True,
     )
@@ -375,6 +418,8 @@ def iter_raw(
                 if n_repeated:
                     fr.header_rows += n_repeated
                     batch = batch.filter(pc.invert(pc.fill_null(repeated, False)))
+                if source.delimiter == ",":
+                    batch = _drop_runaway_rows(batch, fr)
                 df = batch.to_pandas()
                 fr.rows += len(df)
                 _check_shape(source, fr)
@@ -388,6 +433,23 @@ def iter_raw(
     _check_shape(source, fr)
     if pending:
         yield pd.concat(pending, ignore_index=True)
+
+
+def _drop_runaway_rows(batch: pa.RecordBatch, fr: FileReport) -> pa.RecordBatch:
+    """Rows with a line break inside a field, as bad rows: DVSA's fields hold none, so it is a quote
+    that ran on and took the lines after it into one field (when the field count still matched, the
+    row looked whole). Each counts 1 + the lines it swallowed."""
+    breaks = None
+    for col in batch.columns:
+        n = pc.fill_null(pc.count_substring(col, "\n"), 0)
+        breaks = n if breaks is None else pc.add(breaks, n)
+    swallowed = pc.sum(breaks).as_py() if breaks is not None else 0
+    if not swallowed:
+        return batch
+    runaway = pc.greater(breaks, 0)
+    for _ in range(pc.sum(runaway).as_py() + swallowed):
+        fr.bad(None)
+    return batch.filter(pc.invert(runaway))
 
 
 def _check_shape(source: Source, fr: FileReport) -> None:
@@ -590,6 +652,8 @@ def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
     frames: dict[str, list[pd.DataFrame]] = {"item_detail": [], "item_group": [], "rfr_location": []}
     names: dict[str, list[str]] = {k: [] for k in frames}
     for src in sources:
+        if src.kind in UNUSED_KINDS:
+            report.unused_tables.append(src.name)
         if src.kind in frames:
             fr = FileReport(src.name, src.kind, src.delimiter)
             report.files.append(fr)

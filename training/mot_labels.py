@@ -55,7 +55,18 @@ GROUP_SECTIONS: dict[str, int] = {
     "nuisance": 8,
     "noise, emissions and leaks": 8,
     "exhaust, fuel and emissions": 8,
+    "brake performance": 1,
+    "registration plates and vin": 0,
 }
+
+
+def _group_key(name: str) -> str:
+    """A group name compared without case, punctuation or spacing (``Driver’s view`` = ``drivers view``)."""
+    name = re.sub(r"['’`]", "", name.lower().replace("&", " and "))
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", name).split())
+
+
+_GROUP_KEYS = {_group_key(k): v for k, v in GROUP_SECTIONS.items()}
 
 API_TYPES: dict[str, str] = {
     "ADVISORY": "advisory",
@@ -88,7 +99,7 @@ def section_from_group(name: str | None) -> int | None:
     """Section from a top-level ``item_group`` name where that is unambiguous."""
     if not name:
         return None
-    return GROUP_SECTIONS.get(name.strip().lower().replace("’", "'"))
+    return _GROUP_KEYS.get(_group_key(name))
 
 
 def normalised(s: pd.Series, case) -> pd.Series:
