@@ -73,6 +73,17 @@ def test_a_row_whose_quote_runs_on_counts_every_line_it_swallowed(tmp_path):
     assert reader.report.orphan_items == len(ROWS["test_item"])  # none of 1001–1003 was kept
 
 
+def test_a_lookup_description_may_span_lines(tmp_path):
+    """Only the two big tables treat a line break inside a field as a quote that ran on."""
+    d = write_fixture(tmp_path / "in", ",")
+    detail = (d / "item_detail.csv").read_bytes()
+    (d / "item_detail.csv").write_bytes(detail.replace(b"Brake disc significantly", b'"Brake disc\nsignificantly', 1)
+                                        .replace(b"obviously worn,", b'obviously worn",', 1))  # fmt: skip
+    df, rep = _read(d)
+    assert rep["unknown_rfr"] == 0 and rep["rows_out"] == 6
+    assert any("Brake disc\nsignificantly" in t for t in df["text"])
+
+
 def test_macos_metadata_and_hidden_members_in_a_zip_are_skipped(tmp_path):
     d = write_fixture(tmp_path / "in")
     with zipfile.ZipFile(d / "failure_item_2024.zip", "w") as zf:

@@ -8,8 +8,8 @@ by their header, not their file names; DVSA's lookups motlens does not use (fuel
 outcomes and types) are recognised and left out. Bytes that are not UTF-8 are read as latin-1;
 header rows repeated inside a file (from concatenated extracts) are dropped; comma files undo both
 ``""`` and ``\\"`` escapes; rows with the wrong number of fields, without a usable key, or (comma
-files) with a line break inside a field are counted in the report and skipped. A file that cannot
-be read at all raises :class:`BulkFormatError` naming the file and line.
+``test_result``/``test_item``) with a line break inside a field are counted in the report and
+skipped. A file that cannot be read at all raises :class:`BulkFormatError` naming the file and line.
 
 Memory stays bounded: ``test_result`` and ``test_item`` are streamed in blocks and hash-partitioned
 by ``test_id`` into Arrow files in a temporary directory (``tmp_dir``, default ``$TMPDIR``); each
@@ -418,7 +418,7 @@ def iter_raw(
                 if n_repeated:
                     fr.header_rows += n_repeated
                     batch = batch.filter(pc.invert(pc.fill_null(repeated, False)))
-                if source.delimiter == ",":
+                if source.delimiter == "," and source.kind in ("test_result", "test_item"):
                     batch = _drop_runaway_rows(batch, fr)
                 df = batch.to_pandas()
                 fr.rows += len(df)
@@ -436,9 +436,10 @@ def iter_raw(
 
 
 def _drop_runaway_rows(batch: pa.RecordBatch, fr: FileReport) -> pa.RecordBatch:
-    """Rows with a line break inside a field, as bad rows: DVSA's fields hold none, so it is a quote
-    that ran on and took the lines after it into one field (when the field count still matched, the
-    row looked whole). Each counts 1 + the lines it swallowed."""
+    """Rows of the two big tables with a line break inside a field, as bad rows: their fields (codes,
+    dates, makes, models) hold none, so it is a quote that ran on and took the lines after it into
+    one field (when the field count still matched, the row looked whole). Each counts 1 + the lines
+    it swallowed. (A lookup's description may span lines, so lookups are not checked.)"""
     breaks = None
     for col in batch.columns:
         n = pc.fill_null(pc.count_substring(col, "\n"), 0)
