@@ -11,18 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_data_reader import HEADERS, ROWS, write_fixture
+from test_data_reader import HEADERS, ROWS, read_all, write_fixture
 
 from training import mot_labels
 from training.dvsa import BulkFormatError, BulkReader, FileReport, discover, iter_raw
 
 #: 2024 on: comma files, the location column renamed, a completion date added
 ITEM_2024 = "test_id,rfr_id,rfr_type_code,mot_test_rfr_location_type_id,dangerous_mark,completed_date"
-
-
-def _read(d: Path) -> tuple[pd.DataFrame, dict]:
-    reader = BulkReader([d])
-    return pd.concat(list(reader), ignore_index=True), reader.report.to_dict()
 
 
 def _csv(line: str) -> str:
@@ -33,7 +28,7 @@ def test_the_2024_location_column_gives_the_location_words(tmp_path):
     d = write_fixture(tmp_path / "in")
     items = [_csv(r) + ",2024-01-02 10:00:00" for r in ROWS["test_item"]]
     (d / "test_item.csv").write_text("\n".join([ITEM_2024, *items]) + "\n")
-    df, rep = _read(d)
+    df, rep = read_all([d])
     assert rep["rows_out"] == 6
     texts = df.set_index("test_id")["text"]
     assert "Nearside Front Brake disc significantly and obviously worn (1.1.14 (a) (ii))" in texts[1001].tolist()
@@ -48,7 +43,7 @@ def test_backslash_escaped_quotes_do_not_swallow_the_rows_after_them(tmp_path):
     rows[0] = rows[0].replace("FIESTA", '"STREETZONE 50 2T 12\\""')
     extra = [_csv(ROWS["test_result"][2]).replace("1003", str(2000 + i), 1) for i in range(50)]
     (d / "test_result.csv").write_text("\n".join([head, *rows, *extra]) + "\n")
-    _, rep = _read(d)
+    _, rep = read_all([d])
     result = next(f for f in rep["files"] if f["kind"] == "test_result")
     assert result["rows"] == 3 + 50 and result["bad_rows"] == 0
     assert rep["orphan_items"] == 1 and rep["rows_out"] == 6
@@ -79,7 +74,7 @@ def test_a_lookup_description_may_span_lines(tmp_path):
     detail = (d / "item_detail.csv").read_bytes()
     (d / "item_detail.csv").write_bytes(detail.replace(b"Brake disc significantly", b'"Brake disc\nsignificantly', 1)
                                         .replace(b"obviously worn,", b'obviously worn",', 1))  # fmt: skip
-    df, rep = _read(d)
+    df, rep = read_all([d])
     assert rep["unknown_rfr"] == 0 and rep["rows_out"] == 6
     assert any("Brake disc\nsignificantly" in t for t in df["text"])
 
@@ -91,7 +86,7 @@ def test_macos_metadata_and_hidden_members_in_a_zip_are_skipped(tmp_path):
         zf.writestr("__MACOSX/._test_item_202401.csv", b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
         zf.writestr(".hidden/notes.csv", b"\x00binary")
     (d / "test_item.csv").unlink()
-    df, rep = _read(d)
+    df, rep = read_all([d])
     assert rep["rows_out"] == 6 and len(df) == 6
     assert [f["name"].split("!")[1] for f in rep["files"] if f["kind"] == "test_item"] == ["test_item_202401.csv"]
 
@@ -113,7 +108,7 @@ def test_dvsa_lookup_tables_motlens_does_not_use_are_recognised_and_listed(tmp_p
             (d / name).unlink()
         for name, text in unused.items():
             zf.writestr(name, text)
-    df, rep = _read(d)
+    df, rep = read_all([d])
     assert rep["rows_out"] == 6
     assert sorted(n.split("!")[1] for n in rep["unused_tables"]) == sorted(unused)
     assert main(["data", "load", str(d), "--out", str(tmp_path / "t")]) == 0
@@ -151,7 +146,7 @@ def test_a_deflate64_archive_is_read_with_zipfile_deflate64_or_names_the_ways_to
         return
     if not real:
         pytest.skip("zipfile-deflate64 is installed but 7-Zip is not: no real Deflate64 archive to read")
-    _, rep = _read(d)
+    _, rep = read_all([d])
     assert rep["rows_out"] == 6
 
 
@@ -197,5 +192,5 @@ def test_the_clickhouse_load_reads_the_2024_files_as_the_python_reader_does(tmp_
     assert "Nearside Front Brake disc significantly and obviously worn (1.1.14 (a) (ii))" in set(
         results[True][3]["text"]
     )
-    tidy, _ = _read(d)
+    tidy, _ = read_all([d])
     pd.testing.assert_frame_equal(results[True][3], distinct_texts_from_tidy(tidy))

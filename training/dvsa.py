@@ -821,12 +821,12 @@ class BulkReader:
             results.close()
             items.close()
             arrow_bytes = sum(p.size(i) for p in (results, items) for i in range(n))
+            sub_bytes = max(self.bucket_bytes, _MIN_SUB_BYTES)
             with tqdm(total=n, unit="part", desc="join + label", disable=quiet) as bar:
                 for i in range(n):
                     # the partition's share of the input, from its share of the Arrow bytes
                     share = total * (results.size(i) + items.size(i)) / max(1, arrow_bytes)
                     parts = [(results, items, i)]
-                    sub_bytes = max(self.bucket_bytes, _MIN_SUB_BYTES)
                     if share > _SPLIT_ABOVE * sub_bytes:
                         parts = self._split(Path(tmp), results, items, i, math.ceil(share / sub_bytes))
                         bar.total += len(parts) - 1  # the bar counts what is joined
