@@ -204,7 +204,8 @@ def apply(client: Any, settings: PredlogSettings, *, modify_ttl: bool = False) -
     The ledger is read first: with nothing pending no DDL runs. A recorded migration whose statements
     changed is refused (write a new migration instead). The tables are then checked against
     :data:`predlog.schema.TABLES` before this run's migrations are recorded, so a foreign table is
-    refused (:class:`SchemaError`) and never recorded as migrated. A TTL that differs from
+    refused (:class:`SchemaError`) and never recorded as migrated (also when a later migration's ``ALTER``
+    fails on it). A TTL that differs from
     ``settings.ttl_days`` is changed with ``modify_ttl`` (``motlens log migrate``), else warned about.
     """
     db = settings.database
@@ -218,7 +219,11 @@ def apply(client: Any, settings: PredlogSettings, *, modify_ttl: bool = False) -
             client.command(stmt)
         for m in todo:
             for stmt in m.statements(db, settings.ttl_days):
-                client.command(stmt)
+                try:
+                    client.command(stmt)
+                except Exception:
+                    verify(client, db)  # a foreign table an ALTER cannot change: name its mismatch instead
+                    raise
     verify(client, db)
     for m in todo:
         client.insert(

@@ -110,15 +110,23 @@ WHERE model_name = {{model_name:String}} AND ts >= {{since:{TS_PARAM}}}{{until}}
 """
 REQUESTS_SAMPLE = " AND cityHash64(request_id, latency_ms) < {request_bound:UInt64}"  # the grouping key
 
+# On a server table this is answered from the aggregate projection ``p_counts`` (migration 004: a few rows
+# per part, not every row), which it matches only as written: ClickHouse rewrites ``length(embedding_q)``
+# to the subcolumn ``embedding_q.size0`` first unless ``optimize_functions_to_subcolumns`` is off.
 COUNTS = """
 SELECT model_name, model_version, slot, count() AS n, countIf(length(embedding_q) > 0) AS with_embedding,
        min(ts) AS first_ts, max(ts) AS last_ts
 FROM {source}
 GROUP BY model_name, model_version, slot
 ORDER BY model_name, model_version, slot
+SETTINGS optimize_functions_to_subcolumns = 0
 """
 
-TAIL = f"SELECT {ROW_COLUMNS} FROM {{source}} ORDER BY ts DESC LIMIT {{n:UInt64}}"
+# ``ts`` is not a prefix of the sort key, so without a lower bound on it ``ORDER BY ts DESC LIMIT n`` reads
+# the whole table; the reader bounds it by TAIL_SPANS in turn (the newest rows lie in the first span that
+# holds n of them) and drops the bound only when none does.
+TAIL = f"SELECT {ROW_COLUMNS} FROM {{source}}{{since}} ORDER BY ts DESC LIMIT {{n:UInt64}}"
+TAIL_SINCE = f" WHERE ts >= {{since:{TS_PARAM}}}"
 
 DRIFT_REPORTS = "SELECT * FROM {source} WHERE 1{filters} ORDER BY ts DESC LIMIT {limit:UInt64}"
 PROMOTION_EVENTS = "SELECT * FROM {source} ORDER BY ts DESC LIMIT {limit:UInt64}"

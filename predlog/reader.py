@@ -74,6 +74,8 @@ _SEGMENT = re.compile(r"^\d{8}T\d{6}-[^/]*\.parquet$")
 #: 0.49 s)
 MAX_GLOB_DAYS = 31
 MAX_GLOB_MONTHS = 24
+#: how far back ``tail`` looks, in turn, before it reads the whole log
+TAIL_SPANS = (timedelta(hours=1), timedelta(days=1), timedelta(days=31))
 
 
 class ParquetSource:
@@ -314,10 +316,19 @@ class PredictionLogReader:
         return self._df(queries.COUNTS.replace("{source}", self.source.ref("predictions")), {})
 
     def tail(self, n: int = 20) -> pd.DataFrame:
-        """The newest ``n`` rows (no embeddings), newest first."""
+        """The newest ``n`` rows (no embeddings), newest first: read from the last hour, day or month
+        (:data:`TAIL_SPANS`), the first that holds ``n`` rows, else from the whole log."""
         if not 1 <= int(n) <= self.settings.max_window_rows:
             raise ValueError(f"n must be in 1..{self.settings.max_window_rows}, got {n}")
-        return self._df(queries.TAIL.replace("{source}", self.source.ref("predictions")), {"n": int(n)})
+        now = datetime.now(UTC)
+        for span in TAIL_SPANS:
+            since = now - span
+            sql = queries.TAIL.replace("{source}", self.source.ref("predictions", start=since))
+            df = self._df(sql.replace("{since}", queries.TAIL_SINCE), {"n": int(n), "since": since})
+            if len(df) >= int(n):  # every row outside the span is older than every row in it
+                return df
+        return self._df(queries.TAIL.replace("{source}", self.source.ref("predictions")).replace("{since}", ""),
+                        {"n": int(n)})  # fmt: skip
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """A single read-only statement over the log's tables ``predictions``/``drift_reports``/
