@@ -293,9 +293,7 @@ class PredictionLogReader:
             params["until"] = _utc(until)
         until_sql = f" AND ts < {{until:{queries.TS_PARAM}}}" if until is not None else ""
         source = self.source.ref("predictions", start=since, end=until)
-        counted = self._df(
-            queries.LIVE_REQUEST_COUNT.replace("{until}", until_sql).replace("{source}", source), params
-        )
+        counted = self._df(queries.LIVE_REQUEST_COUNT.replace("{until}", until_sql).replace("{source}", source), params)
         total = int(counted["requests"].iloc[0]) if len(counted) else 0
         fraction, sample = 1.0, ""
         if total > max_requests:

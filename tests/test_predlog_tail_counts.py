@@ -59,7 +59,9 @@ def _spy(reader, monkeypatch) -> list[str]:
     return seen
 
 
-@pytest.mark.parametrize(("n", "reads"), [(1, 1), (4, 1), (5, 2), (20, 2), (21, 3), (60, 3), (61, 4), (120, 4), (500, 4)])
+@pytest.mark.parametrize(
+    ("n", "reads"), [(1, 1), (4, 1), (5, 2), (20, 2), (21, 3), (60, 3), (61, 4), (120, 4), (500, 4)]
+)
 def test_tail_reads_the_newest_span_that_holds_n_rows(reader, records, monkeypatch, n, reads):
     seen = _spy(reader, monkeypatch)
     got = reader.tail(n)
