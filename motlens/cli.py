@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -65,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(logging.NOTSET if args.verbose else level)
+    # MLflow's per-file download bar is for terminals: in a log (a pod, a CronJob) it is one line per file
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if sys.stderr.isatty() else "false")
     if not getattr(args, "warns_env_itself", False):  # `serve` warns once its (JSON) logging is set up
         from motlens.envcheck import warn_unknown_env
 

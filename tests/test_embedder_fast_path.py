@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -136,3 +137,19 @@ def test_cpu_bfloat16_stays_within_the_golden_tolerance_of_float32(embedder):
     got = bf16.encode(TEXTS, batch_size=4)
     assert got.dtype == np.float32
     assert cosine_rows(got, embedder.encode(TEXTS, batch_size=4)).min() >= GOLDEN_MIN_COSINE
+
+
+def test_loading_prints_no_library_deprecation_notices(capfd):
+    """Tracing reads every attribute of the modules; the deprecation notices that set off (the jit's own,
+    transformers' and sentence-transformers') are not printed at each load."""
+    from motlens.embedder import TorchEmbedder
+
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TorchEmbedder(device="cpu")
+    messages = [str(w.message) for w in caught]
+    err = capfd.readouterr().err
+    for notice in ("_target_device", "is_gradient_checkpointing", "torch.jit", "loss_type"):
+        assert not any(notice in m for m in messages), (notice, messages)
+        assert notice not in err, (notice, err)
