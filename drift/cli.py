@@ -28,6 +28,7 @@ _FLAGS: tuple[tuple[str, str, dict], ...] = (
     ("--textfile", "textfile", {"help": "node-exporter textfile collector path (*.prom)"}),
     ("--model-name", "model_name", {"help": "registered model name (default mot-defects)"}),
 )  # fmt: skip
+_FLAG_OF = {dest: flag for flag, dest, _ in _FLAGS}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from drift.settings import DriftSettings
     from motlens.cli import require
-    from motlens.errors import describe
+    from motlens.errors import report_settings
 
     overrides = {dest: getattr(args, dest) for _, dest, _ in _FLAGS}
     for dest in ("canary", "html", "progress", "log_artifact"):
@@ -65,8 +66,8 @@ def _run(args: argparse.Namespace) -> int:
     try:  # before importing Evidently (seconds): a bad flag fails at once
         settings = DriftSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
-        print(f"motlens drift: bad setting: {describe(e)}", file=sys.stderr)
-        return 2
+        given = {dest for dest, v in overrides.items() if v is not None and dest in _FLAG_OF}
+        return report_settings("motlens drift", e, {dest: _FLAG_OF[dest] for dest in given})
     require("evidently", "drift")
     require("prometheus_client", "drift")
     from drift.job import DriftJob

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from motlens.credentials import redact
@@ -22,15 +23,18 @@ _URL_AT_END = re.compile(r"\((https?://[^\s)]+)\)\s*$")
 _ERROR_NAME = re.compile(r"\s*\([A-Z][A-Z0-9_]+\)(\s*\(version [^)]*\))?\.?$")
 
 
-def validation_problems(e: Any) -> list[str]:
-    """One ``NAME: message`` per problem of a pydantic ``ValidationError``: NAME is the environment
-    variable the value came from where one is set, else the field; input values are never shown."""
+def validation_problems(e: Any, flags: Mapping[str, str] | None = None) -> list[str]:
+    """One ``NAME: message`` per problem of a pydantic ``ValidationError``: NAME is the flag the value
+    came from (``flags``: field → flag, for the fields a command line set), else the environment
+    variable where one is set, else the field; input values are never shown."""
     cls = _settings_class(e.title)
     out = []
     for err in e.errors(include_input=False, include_url=False):
         loc = [str(part) for part in err["loc"]]
         msg = re.sub(r"^(Value error|Assertion failed), ", "", err["msg"])
-        if loc and cls is not None:
+        if loc and flags and loc[0] in flags:
+            loc[0] = flags[loc[0]]
+        elif loc and cls is not None:
             loc[0] = env_name(cls, loc[0]) or loc[0]
         out.append(redact(f"{'.'.join(loc)}: {msg}" if loc else msg))
     return out
@@ -59,6 +63,19 @@ def server_message(e: BaseException) -> str:
     name = _ERROR_NAME.search(line)
     text = line.split(". In scope ", 1)[0].removesuffix(name.group(0) if name else "").rstrip(" .")
     return f"{text} {name.group(0).strip()}" if name else text
+
+
+def report_settings(prefix: str, e: Any, flags: Mapping[str, str] | None = None, label: str = "bad setting") -> int:
+    """Print each problem of a settings ``ValidationError`` on its own line (``PREFIX: LABEL: NAME: message``,
+    see :func:`validation_problems`); exit 2."""
+    for problem in validation_problems(e, flags):
+        print(f"{prefix}: {label}: {problem}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def flag_names(fields: Iterable[str]) -> dict[str, str]:
+    """field → its flag as argparse spells it by default (``max_rows`` → ``--max-rows``)."""
+    return {f: "--" + f.replace("_", "-") for f in fields}
 
 
 def report(prefix: str, e: BaseException) -> int:

@@ -77,9 +77,17 @@ def _serve(args: argparse.Namespace) -> int:
             k: v for k, v in vars(args).items()
             if v is not None and k not in ("func", "command", "verbose", "no_predlog", "warns_env_itself")
         }  # fmt: skip
+        from pydantic import ValidationError
+
+        from motlens.errors import flag_names, report_settings
         from predictor.settings import ServeSettings
 
-        settings = ServeSettings(**overrides)  # a ValidationError is reported by motlens.cli.main, by variable
+        try:
+            settings = ServeSettings(**overrides)
+        except ValidationError as e:  # a line per problem, by the flag or variable that set it
+            warn_unknown_env()
+            flags = {flag for flag, _, _ in _FLAGS}
+            return report_settings("motlens serve", e, {k: f for k, f in flag_names(overrides).items() if f in flags})
         problem = _unloadable_ref(settings)
     except BaseException:
         warn_unknown_env()

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from motlens.cli import MissingExtra, require
-    from motlens.errors import describe, report
+    from motlens.errors import report, report_settings
     from promotion.locking import LockBusy
     from promotion.targets import TargetError, make_target
     from promotion.workflow import PartlyDone, Promoter, PromotionError, Refused
@@ -142,8 +142,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as e:
-        print(f"motlens promote: invalid settings: {describe(e)}", file=sys.stderr)
-        return EXIT_ERROR
+        given = {field: "--" + flag.replace("_", "-") for flag, field in _SETTING_FLAGS.items()
+                 if getattr(args, flag, None) is not None}  # fmt: skip
+        return report_settings("motlens promote", e, given, label="invalid setting")
     if args.verb != "status" and (settings.textfile or settings.pushgateway_url):
         require("prometheus_client", "promote")  # the metrics go out after the change: refuse before it
     try:

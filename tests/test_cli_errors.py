@@ -44,7 +44,7 @@ def _fails(argv: list[str], capsys, lines: int = 1) -> str:
         ("MOTLENS_CLICKHOUSE_URL", REFUSED, ["log", "count"],
          "motlens log count: cannot reach ClickHouse at http://127.0.0.1:1: [Errno 111] Connection refused"),
         ("MOTLENS_SERVE_HTTP_PORT", "garbage", ["serve", "--no-predlog"],
-         "motlens serve: MOTLENS_SERVE_HTTP_PORT: Input should be a valid integer"),
+         "motlens serve: bad setting: MOTLENS_SERVE_HTTP_PORT: Input should be a valid integer"),
         ("MOTLENS_CLICKHOUSE_URL", f"http://bob:{SECRET}@localhost:8123/db", ["data", "load", "{tmp}", "--clickhouse"],
          "motlens data load: MOTLENS_CLICKHOUSE_URL: put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD"),
         ("MOTLENS_CLICKHOUSE_URL", REFUSED, ["data", "load", "{tmp}", "--clickhouse"],
@@ -180,7 +180,7 @@ def test_drift_checks_its_settings_before_importing_evidently(tmp_path):
     code += "print(rc, 'evidently' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["2", "False"], proc.stderr
-    assert proc.stderr.startswith("motlens drift: bad setting: window: not a duration")
+    assert proc.stderr.startswith("motlens drift: bad setting: --window: not a duration")
 
 
 def test_drift_reports_a_predlog_settings_problem_on_one_line(tmp_path, monkeypatch, capsys):
@@ -217,3 +217,29 @@ def test_mlflow_download_bar_is_off_when_stderr_is_no_terminal(monkeypatch, caps
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")  # the operator's choice stands
     main(["log", "count"])
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "true"
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "want"),
+    [
+        ({"MOTLENS_DRIFT_WINDOW": "abc", "MOTLENS_DRIFT_MIN_ROWS": "-3"}, ["drift"],
+         ["motlens drift: bad setting: MOTLENS_DRIFT_WINDOW: not a duration",
+          "motlens drift: bad setting: MOTLENS_DRIFT_MIN_ROWS: Input should be greater than or equal to 2"]),
+        ({"MOTLENS_DRIFT_WINDOW": "abc"}, ["drift", "--window", "1h", "--min-rows", "-3"],
+         ["motlens drift: bad setting: --min-rows: Input should be greater than or equal to 2"]),
+        ({"MOTLENS_SERVE_GRPC_PORT": "abc"}, ["serve", "--no-predlog", "--http-port", "99999"],
+         ["motlens serve: bad setting: --http-port: Input should be less than or equal to 65535",
+          "motlens serve: bad setting: MOTLENS_SERVE_GRPC_PORT: Input should be a valid integer"]),
+        ({"MOTLENS_TRAIN_EPOCHS": "0"}, ["train", "--data", ".", "--lr", "-1"],
+         ["motlens train: bad setting: MOTLENS_TRAIN_EPOCHS: Input should be greater than or equal to 1",
+          "motlens train: bad setting: --lr: Input should be greater than 0"]),
+    ],
+)  # fmt: skip
+def test_each_settings_problem_on_its_own_line_named_by_its_flag_or_variable(env, argv, want, monkeypatch, capsys):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "bad setting" in line]
+    assert len(err) == len(want), err
+    for line, start in zip(sorted(err), sorted(want), strict=True):
+        assert line.startswith(start), (line, start)

@@ -189,7 +189,7 @@ def test_cli_canary_agrees_with_production(env, motlens, tmp_path):
 def test_bad_setting_is_a_clear_error(motlens, tmp_path, capsys):
     rc = motlens(["drift", "--max-rows", "0", "--output", str(tmp_path)])
     assert rc == 2
-    assert "bad setting: max_rows" in capsys.readouterr().err
+    assert "bad setting: --max-rows" in capsys.readouterr().err
 
 
 def test_unknown_alias_is_exit_2_with_the_registry_message(env, motlens, tmp_path, monkeypatch):

@@ -179,7 +179,7 @@ def test_a_port_out_of_range_is_refused_at_start(capsys, tmp_path):
             ServeSettings(**{field: 99999})
     assert main(["serve", "--http-port", "99999", "--model", str(tmp_path), "--no-predlog"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "http_port" in err and "65535" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and "bad setting: --http-port" in err and "65535" in err and "Traceback" not in err
 
 
 def _serve_env(tmp_path) -> dict[str, str]:

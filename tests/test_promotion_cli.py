@@ -45,7 +45,10 @@ BAD_INPUT = [
     (["promote", "2"], "version 1 is in production"),
     (["canary", "start", "2", "--percent", "10", "--steps", "50,10"], "steps must rise"),
     (["canary", "start", "2", "--percent", "10", "--overlay", "arm"], "has no kustomization.yaml"),
-    (["canary", "start", "2", "--percent", "10", "--paired-confidence", "1.5"], "paired_confidence"),
+    (
+        ["canary", "start", "2", "--percent", "10", "--paired-confidence", "1.5"],
+        "invalid setting: --paired-confidence: Input should be less than 1",
+    ),
 ]
 
 

@@ -69,7 +69,7 @@ def test_a_missing_registry_is_exit_2_and_is_not_created(monkeypatch, capsys, tm
 def test_bad_settings_are_exit_2(registry, monkeypatch, capsys, tmp_path):
     _use(registry, monkeypatch)
     assert main(["train", "--data", str(tmp_path), "--epochs", "0"]) == 2
-    assert "bad setting: epochs" in capsys.readouterr().err
+    assert "bad setting: --epochs" in capsys.readouterr().err
 
 
 def test_a_version_whose_run_is_gone_still_lists(registry, tiny_bundle, monkeypatch, capsys):

@@ -92,7 +92,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from motlens.errors import describe
+    from motlens.errors import flag_names, report_settings
     from training.dataset import DataError
     from training.dvsa import BulkFormatError, BulkResourceError
     from training.registry import Registry, RegistryError
@@ -109,8 +109,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         settings = TrainSettings(**overrides)
     except ValidationError as e:
-        print(f"motlens train: bad setting: {describe(e)}", file=sys.stderr)
-        return 2
+        return report_settings("motlens train", e, flag_names(k for k in overrides if k in _FLAGS))
     if args.clickhouse and settings.max_rows is not None:
         print(
             "motlens train: --max-rows (MOTLENS_TRAIN_MAX_ROWS) counts input rows, which --clickhouse does not read; "
