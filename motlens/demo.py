@@ -2,6 +2,10 @@
 
 Synthetic DVSA bulk files → tidy table → train (MLflow run on sqlite) → register → alias
 ``production`` → serve with the real KServe server → answer a sample request and print it.
+
+What would make serving fail (another process owning the prediction log, a port in use) is checked
+before any work (exit 2). A version below the quality floors is registered without an alias and never
+made ``production`` (exit 3, as ``motlens train``).
 """
 
 from __future__ import annotations
@@ -31,14 +35,29 @@ SAMPLE = {
 }
 
 
+def port(text: str) -> int:
+    """argparse type: a TCP port, 1-65535."""
+    n = positive(text)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"must be 65535 or less, got {n}")
+    return n
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="synthetic data → train → register → production → serve → sample request")
     p.add_argument("--rows", type=positive, default=30_000, help="synthetic defect rows (default 30000)")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--http-port", type=int, default=8080)
-    p.add_argument("--grpc-port", type=int, default=8081)
+    p.add_argument("--http-port", type=port, default=8080)
+    p.add_argument("--grpc-port", type=port, default=8081)
     p.add_argument("--serve", action="store_true", help="keep serving after the sample request (Ctrl-C stops)")
     p.set_defaults(func=run)
+
+
+#: the closing line's advice when the trained version failed its quality floors
+FLOORS_HINT = (
+    "'production' not moved, nothing served; a larger --rows (default 30000) trains a better model, "
+    'MOTLENS_TRAIN_FLOOR_MARGIN / MOTLENS_TRAIN_FLOOR_AUC_MARGIN set the floors (docs/training.md "Quality floors")'
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,11 +70,17 @@ def run(args: argparse.Namespace) -> int:
     require("matplotlib", "train")
     from motlens.credentials import redact
     from motlens.state import StateSettings
+    from predlog.spool import SpoolBusy
     from training.dataset import DataError
     from training.registry import Registry, RegistryError
     from training.synth import generate
     from training.train import TrainSettings, train
+    from training.train_cli import say_withheld
 
+    problem = preflight(args)  # before anything is trained, registered or aliased
+    if problem is not None:
+        print(f"motlens demo: {problem}", file=sys.stderr)
+        return 2
     console = Console()
     state = StateSettings().ensure()
     bulk = state.home / "demo" / "bulk"
@@ -67,18 +92,67 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(bulk, TrainSettings(seed=args.seed, alias="candidate"), registry=registry)
         version = result.version.version
-        registry.set_alias("production", version)
+        if not result.alias_withheld:  # below the quality floors: registered, but never production
+            registry.set_alias("production", version)
+        aliases = registry.resolve(version).aliases  # what the registry holds, read back
     except (DataError, RegistryError) as e:  # e.g. too few rows to split; the registry unreachable
         print(f"motlens demo: {e}", file=sys.stderr)
         return 2
     console.print({k: round(v, 4) for k, v in result.metrics.items() if "macro_f1" in k})
-    console.print(f"mot-defects version {version}: aliases candidate, production ({redact(registry.tracking_uri)})")
+    console.print(
+        f"mot-defects version {version}: aliases {', '.join(aliases) or 'none'} ({redact(registry.tracking_uri)})"
+    )
+    if result.alias_withheld:
+        return say_withheld(result, "motlens demo", FLOORS_HINT)  # exit 3, as `motlens train`
 
     console.rule("3/4 serve models:/mot-defects@production")
-    response = _serve_and_ask(args, console)
+    try:
+        response = _serve_and_ask(args, console)
+    except SpoolBusy as e:  # a `motlens serve` started on this MOTLENS_HOME while the demo trained
+        print(f"motlens demo: {e}", file=sys.stderr)
+        return 2
     console.rule("4/4 sample request → POST /v2/models/mot-defects/infer")
     console.print_json(json.dumps(response))
     return 0
+
+
+def preflight(args: argparse.Namespace) -> str | None:
+    """Why serving would fail after the demo trained, registered and moved ``production``, if it
+    would: another process owns the prediction log (a ``motlens serve`` on this MOTLENS_HOME), or a
+    port is taken. Checked as the writer and the servers will (the spool's lock taken and released;
+    a bind); holds nothing."""
+    from predlog import PredlogSettings
+    from predlog.spool import SpoolBusy, check_free
+
+    settings = PredlogSettings()
+    try:
+        check_free(settings.spool_dir)
+    except SpoolBusy:
+        var = "MOTLENS_PREDLOG_DIR" if settings.dir else "MOTLENS_HOME"
+        return (
+            f"another motlens process (a running `motlens serve`?) owns the prediction log at {settings.root}; "
+            f"stop it or set {var} to another directory"
+        )
+    for flag, port in (("--http-port", args.http_port), ("--grpc-port", args.grpc_port)):
+        if (why := _cannot_listen(port)) is not None:
+            return f"port {port} is {why}; stop what listens there (a running `motlens serve`?) or pick another {flag}"
+    if args.http_port == args.grpc_port:
+        return f"--http-port and --grpc-port are both {args.http_port}"
+    return None
+
+
+def _cannot_listen(port: int) -> str | None:
+    """Why a server cannot listen on ``port`` (all interfaces), if it cannot."""
+    import errno
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as e:
+            return "in use" if e.errno == errno.EADDRINUSE else f"not available ({e.strerror})"
+    return None
 
 
 def _serve_and_ask(args: argparse.Namespace, console: Any) -> dict[str, Any]:
@@ -88,14 +162,15 @@ def _serve_and_ask(args: argparse.Namespace, console: Any) -> dict[str, Any]:
     import predlog
     from predictor.settings import ServeSettings
 
+    settings = ServeSettings(model="models:/mot-defects@production", http_port=args.http_port,
+                             grpc_port=args.grpc_port)  # fmt: skip
+    writer = predlog.open_writer()  # SpoolBusy before any server starts
     argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv on import
     try:
         from predictor.server import PredictorServer, ServerThread
     finally:
         sys.argv = argv
-    settings = ServeSettings(model="models:/mot-defects@production", http_port=args.http_port,
-                             grpc_port=args.grpc_port)  # fmt: skip
-    thread = ServerThread(PredictorServer(settings, writer=predlog.open_writer())).start().wait_ready()
+    thread = ServerThread(PredictorServer(settings, writer=writer)).start().wait_ready()
     try:
         response = _post_json(f"http://127.0.0.1:{args.http_port}/v2/models/mot-defects/infer", SAMPLE)
         if args.serve:

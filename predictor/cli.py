@@ -101,7 +101,13 @@ def _serve(args: argparse.Namespace) -> int:
 
         use_json_logs(logging.DEBUG if args.verbose else logging.INFO)
     warn_unknown_env()
-    writer = None if args.no_predlog else _open_predlog()
+    from predlog.spool import SpoolBusy
+
+    try:
+        writer = None if args.no_predlog else _open_predlog()
+    except SpoolBusy as e:  # another `motlens serve` (or a demo) on the same prediction log
+        print(f"motlens serve: {e}", file=sys.stderr)
+        return 2
     argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv when imported; keep ours away from it
     try:
         from predictor.server import PredictorServer, ServerFailed

@@ -78,6 +78,33 @@ def _decode(buf: pa.Buffer) -> pa.Table:
     return table
 
 
+class SpoolBusy(RuntimeError):
+    """Another process (a running ``motlens serve``, a demo) holds the spool's lock."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        super().__init__(
+            f"another motlens process (a running `motlens serve`?) owns the prediction-log spool {root}; stop it, "
+            "or give each writer process its own MOTLENS_PREDLOG_DIR"
+        )
+
+
+def check_free(root: Path) -> None:
+    """Raise :class:`SpoolBusy` when a writer holds the spool at ``root``, as :class:`Spool` would:
+    the same lock taken and released at once (a check before work that would open a writer later;
+    creates nothing, and a spool that does not exist yet is free)."""
+    try:
+        lock_file = open(root / ".lock", "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return
+    with lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SpoolBusy(root) from None
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
 class Spool:
     """A directory of ordered segments owned by one writer (an exclusive lock; thread-safe inside it)."""
 
@@ -91,10 +118,7 @@ class Spool:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock_file.close()
-            raise RuntimeError(
-                f"another prediction-log writer owns the spool {root}; give each writer process its own "
-                "MOTLENS_PREDLOG_DIR"
-            ) from None
+            raise SpoolBusy(root) from None
         self._lock = threading.Lock()
         for stale in root.glob("*.tmp"):
             _finish_tmp(stale)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from motlens.cli import main
 
@@ -136,8 +137,19 @@ def test_demo_rows_must_be_positive(rows, expected, capsys):
     assert f"argument --rows: {expected}" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(("port", "expected"), [("0", "must be 1 or more, got 0"),
+                                               ("70000", "must be 65535 or less, got 70000")])  # fmt: skip
+def test_demo_ports_must_be_ports(port, expected, capsys):
+    """Port 0 or 70000 failed only when serving, after training and moving `production`."""
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--http-port", port])
+    assert exc.value.code == 2
+    assert f"argument --http-port: {expected}" in capsys.readouterr().err
+
+
 def test_demo_training_data_error_is_one_line(capsys):
-    assert main(["demo", "--rows", "1"]) == 2
+    ports = ["--http-port", str(free_port()), "--grpc-port", str(free_port())]  # 8080 may be taken here
+    assert main(["demo", "--rows", "1", *ports]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == "motlens demo: 1 distinct texts are too few for a train/held-out split"
     assert "Traceback" not in err

@@ -53,3 +53,142 @@ def test_demo_trains_registers_serves_and_prints_an_answer(tmp_path, _mlflow_tem
     finally:
         reader.close()
     assert logged.to_dict("records") == [{"model_version": "1", "n": 3}]  # the sample request, logged
+
+
+# --- fast: the demo in-process, with train() replaced by what it does after its fit ---------------------
+
+PASSING = {"section_macro_f1": 0.95, "severity_macro_f1": 0.8, "fail_auc": 0.9,
+           "baseline_section_macro_f1": 0.049, "baseline_severity_macro_f1": 0.137}  # fmt: skip
+SHUFFLED = {"section_macro_f1": 0.09, "severity_macro_f1": 0.247, "fail_auc": 0.5,
+            "baseline_section_macro_f1": 0.049, "baseline_severity_macro_f1": 0.137}  # fmt: skip
+
+
+@pytest.fixture
+def demo(registry, tiny_bundle, monkeypatch):
+    """``motlens demo`` on ``registry`` with a stand-in ``train()`` (registers ``tiny_bundle`` with
+    ``metrics``, the alias withheld below the floors as train() does) and a stand-in for serving.
+    Returns a namespace: ``metrics`` to set, ``trained`` and ``served`` to inspect."""
+    from types import SimpleNamespace
+
+    import motlens.demo
+    import training.train as train_mod
+    from training.floors import check_floors
+    from training.train import TrainResult
+
+    for k in list(os.environ):
+        if k.startswith(("MOTLENS_", "MLFLOW_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
+    monkeypatch.setenv("COLUMNS", "200")  # the aliases line unwrapped
+    ns = SimpleNamespace(metrics=PASSING, trained=[], served=[], real_serve_and_ask=motlens.demo._serve_and_ask)
+
+    def fake_train(data, settings, registry, **_):  # noqa: ANN001, ANN003, ANN202
+        floors = check_floors(ns.metrics, margin=settings.floor_margin, auc_margin=settings.floor_auc_margin)
+        alias = settings.alias if floors.passed or not settings.alias_requires_floors else None
+        info = registry.register_bundle(tiny_bundle.root, metrics=ns.metrics, params={}, alias=alias)
+        ns.trained.append(info.version)
+        fp = {"sha256": "0" * 64, "rows_labelled": 1, "distinct_texts": 1, "train_texts": 1, "holdout_texts": 0}
+        withheld = None if alias is not None else settings.alias
+        return TrainResult(info, ns.metrics, fp, {"total_s": 1.0}, None, floors, withheld)
+
+    def fake_serve(args, console):  # noqa: ANN001, ANN202
+        ns.served.append(args.http_port)
+        return {"model_name": "mot-defects"}
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    monkeypatch.setattr(motlens.demo, "_serve_and_ask", fake_serve)
+    return ns
+
+
+def _demo(*extra: str) -> list[str]:
+    return ["demo", "--rows", "20", "--http-port", str(free_port()), "--grpc-port", str(free_port()), *extra]
+
+
+def test_demo_prints_the_aliases_the_registry_holds(demo, registry, capsys):
+    from motlens.cli import main
+
+    assert main(_demo()) == 0
+    held = registry.resolve("1").aliases
+    assert sorted(held) == ["candidate", "production"] and demo.served
+    assert f"mot-defects version 1: aliases {', '.join(held)} (" in capsys.readouterr().out
+
+
+def test_demo_below_the_quality_floors_never_moves_production_exit_3(demo, registry, tiny_bundle, capsys):
+    """Walkthrough: with MOTLENS_TRAIN_FLOOR_MARGIN=0.95 the demo logged "registered WITHOUT alias
+    'candidate'", then set `production` on that version anyway, printed "aliases candidate, production"
+    (it held only production), served it and exited 0."""
+    from motlens.cli import main
+
+    registry.register_bundle(tiny_bundle.root, metrics=PASSING, params={}, alias="production")  # an earlier demo's
+    demo.metrics = SHUFFLED
+    assert main(_demo()) == 3
+    assert registry.aliases() == {"production": "1"} and demo.trained == ["2"] and not demo.served
+    out, err = capsys.readouterr()
+    assert "mot-defects version 2: aliases none (" in out and "4/4" not in out
+    line = err.splitlines()[-1]
+    assert line.startswith(
+        "motlens demo: version 2 registered without alias 'candidate': below the quality floors (exit 3): "
+        "section_macro_f1 0.0900 < 0.2490 (baseline 0.0490 + 0.2); severity_macro_f1 0.2470 < 0.3370 "
+        "(baseline 0.1370 + 0.2); fail_auc 0.5000 < 0.6000 (0.5 + 0.1); 'production' not moved, nothing served; "
+    )
+    assert "--rows" in line and "MOTLENS_TRAIN_FLOOR_MARGIN" in line
+
+
+def test_demo_refuses_before_training_when_a_server_owns_the_prediction_log(demo, registry, capsys):
+    """Walkthrough: a second demo beside a running `motlens serve` trained, registered and moved
+    `production` (the server following the alias switched to it), then died on "RuntimeError: another
+    prediction-log writer owns the spool … (-v for details)"."""
+    from motlens.cli import main
+    from predlog import PredlogSettings
+    from predlog.spool import Spool
+
+    held = Spool(PredlogSettings().spool_dir, 1 << 20)  # what a running `motlens serve` holds
+    try:
+        assert main(_demo()) == 2
+    finally:
+        held.close()
+    err = capsys.readouterr().err
+    assert err == (
+        f"motlens demo: another motlens process (a running `motlens serve`?) owns the prediction log at "
+        f"{registry.state.home / 'predlog'}; stop it or set MOTLENS_HOME to another directory\n"
+    )
+    assert not demo.trained and not demo.served and registry.aliases() == {}
+    assert not (registry.state.home / "demo").exists()  # no data generated either
+    assert main(_demo()) == 0 and demo.trained == ["1"]  # the lock released: the next demo runs
+
+
+@pytest.mark.parametrize("flag", ["--http-port", "--grpc-port"])
+def test_demo_refuses_before_training_when_a_port_is_taken(flag, demo, registry, capsys):
+    import socket
+
+    from motlens.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main([*_demo(), flag, str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"motlens demo: port {port} is in use; ") and f"pick another {flag}\n" in err
+    assert len(err.splitlines()) == 1 and not demo.trained and registry.aliases() == {}
+
+
+def test_a_server_started_while_the_demo_trained_is_one_line_not_a_runtime_error(demo, registry, monkeypatch,
+                                                                                   capsys):  # fmt: skip
+    """The check before training cannot see a `motlens serve` started during training: the writer's own
+    refusal is then a known one-line error, not "RuntimeError: … (-v for details)"."""
+    import motlens.demo
+    from motlens.cli import main
+    from predlog import PredlogSettings
+    from predlog.spool import Spool
+
+    monkeypatch.setattr(motlens.demo, "preflight", lambda args: None, raising=False)  # started after the check
+    monkeypatch.setattr(motlens.demo, "_serve_and_ask", demo.real_serve_and_ask)
+    held = Spool(PredlogSettings().spool_dir, 1 << 20)
+    try:
+        assert main(_demo()) == 2
+    finally:
+        held.close()
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("motlens demo: another motlens process (a running `motlens serve`?) owns the prediction-log")
+    assert "RuntimeError" not in err and "-v for details" not in err

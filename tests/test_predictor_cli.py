@@ -182,6 +182,25 @@ def test_a_port_out_of_range_is_refused_at_start(capsys, tmp_path):
     assert err.count("\n") == 1 and "bad setting: --http-port" in err and "65535" in err and "Traceback" not in err
 
 
+def test_a_prediction_log_another_server_owns_is_one_line_exit_2(capsys, tmp_path, monkeypatch):
+    """A second `motlens serve` on one MOTLENS_HOME said "RuntimeError: another prediction-log writer owns
+    the spool … (-v for details)"."""
+    from predlog import PredlogSettings
+    from predlog.spool import Spool
+
+    monkeypatch.delenv("MOTLENS_PREDLOG_DIR", raising=False)
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path))
+    held = Spool(PredlogSettings().spool_dir, 1 << 20)  # the running server's
+    try:
+        assert main(["serve", "--model", str(tmp_path), "--http-port", str(_port()), "--grpc-port", str(_port())]) == 2
+    finally:
+        held.close()
+    assert capsys.readouterr().err == (
+        f"motlens serve: another motlens process (a running `motlens serve`?) owns the prediction-log spool "
+        f"{tmp_path / 'predlog' / 'spool'}; stop it, or give each writer process its own MOTLENS_PREDLOG_DIR\n"
+    )
+
+
 def _serve_env(tmp_path) -> dict[str, str]:
     return {**os.environ, "MOTLENS_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
 

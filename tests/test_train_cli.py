@@ -160,7 +160,12 @@ def test_a_version_below_the_floors_is_registered_without_its_alias_exit_3(regis
     (tmp_path / "data").mkdir()
     assert main(["train", "--data", str(tmp_path / "data")]) == 3
     err = capsys.readouterr().err
-    assert "version 1 registered without alias 'candidate': below the quality floors (exit 3)" in err
+    line = err.splitlines()[-1]
+    assert line.startswith(
+        "motlens train: version 1 registered without alias 'candidate': below the quality floors (exit 3): "
+        "section_macro_f1 0.0900 < 0.2490 (baseline 0.0490 + 0.2); severity_macro_f1"
+    )
+    assert "MOTLENS_TRAIN_FLOOR_MARGIN" in line  # what to do
     assert registry.resolve("1").aliases == [] and seen["settings"].alias_requires_floors
     assert main(["train", "--data", str(tmp_path / "data"), "--json"]) == 3
     out = json.loads(capsys.readouterr().out)

@@ -127,7 +127,6 @@ def _train(args: argparse.Namespace) -> int:
     v = result.version
     floors = result.floors
     # registered either way (the audit trail); the alias only when the held-out metrics clear the floors
-    rc = 3 if result.alias_withheld else 0
     if args.json:
         print(
             json.dumps(
@@ -143,8 +142,7 @@ def _train(args: argparse.Namespace) -> int:
                 indent=2,
             )
         )
-        _say_withheld(result)
-        return rc
+        return say_withheld(result)
     from rich.console import Console
     from rich.table import Table
 
@@ -164,18 +162,30 @@ def _train(args: argparse.Namespace) -> int:
     c.print(f"run {v.run_id}\nartifact URI {v.artifact_uri}", soft_wrap=True, markup=False, highlight=False)
     if floors is not None and not result.alias_withheld:
         c.print(floors.describe())
-    _say_withheld(result)
-    return rc
+    return say_withheld(result)
 
 
-def _say_withheld(result) -> None:  # noqa: ANN001 - TrainResult
-    """One closing line; train() has logged the floors that failed (a WARNING above it)."""
-    if result.alias_withheld:
-        print(
-            f"motlens train: version {result.version.version} registered without alias {result.alias_withheld!r}: "
-            "below the quality floors (exit 3)",
-            file=sys.stderr,
-        )
+#: the exit code of a version registered without its alias because it failed the quality floors
+EXIT_BELOW_FLOORS = 3
+#: what to do about it (docs/training.md "Quality floors")
+FLOORS_HINT = (
+    "train on more or cleaner data; MOTLENS_TRAIN_FLOOR_MARGIN / MOTLENS_TRAIN_FLOOR_AUC_MARGIN set the floors, "
+    'MOTLENS_TRAIN_ALIAS_REQUIRES_FLOORS=false sets the alias anyway (docs/training.md "Quality floors")'
+)
+
+
+def say_withheld(result, prog: str = "motlens train", hint: str = FLOORS_HINT) -> int:  # noqa: ANN001 - TrainResult
+    """The exit code of ``result``: 0, or :data:`EXIT_BELOW_FLOORS` after one closing stderr line naming
+    the floors that failed and what to do (``motlens train``, ``motlens demo``)."""
+    if not result.alias_withheld:
+        return 0
+    failed = "; ".join(result.floors.failed) if result.floors is not None else "see the warning above"
+    print(
+        f"{prog}: version {result.version.version} registered without alias {result.alias_withheld!r}: "
+        f"below the quality floors (exit {EXIT_BELOW_FLOORS}): {failed}; {hint}",
+        file=sys.stderr,
+    )
+    return EXIT_BELOW_FLOORS
 
 
 def _versions(args: argparse.Namespace) -> int:
