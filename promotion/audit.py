@@ -32,6 +32,7 @@ class Event:
     to_state: str = ""
     percent: float = 0.0
     success: bool = True
+    refused: bool = False  # not done because a gate or a guard said no (exit 3), not because it failed
     dry_run: bool = False
     reason: str = ""
     gates: list[GateResult] = field(default_factory=list)
@@ -52,7 +53,9 @@ class Event:
             "success": self.success,
             "reason": self.reason,
             "gates": gates_json(self.gates),
-            "details": json.dumps({"from": self.from_state, "to": self.to_state}),
+            "details": json.dumps(
+                {"from": self.from_state, "to": self.to_state} | ({"refused": True} if self.refused else {})
+            ),
         }
 
     def tags(self, history_index: int) -> dict[str, str]:

@@ -266,10 +266,11 @@ def _print_status_tables(status: dict[str, Any]) -> None:
     if "live_stats_note" in status:
         t.add_row("live stats window", f"[yellow]{status['live_stats_note']}[/]")
     for e in status.get("events", []):
+        marks = ", ".join(_event_marks(e))
         t.add_row(
             f"event {e['ts']}",
             f"{e['action']} {e['from_version']}→{e['to_version']} by {e['actor']}"
-            f"{'' if e['success'] else ' (failed)'} {e['reason']}".rstrip(),
+            f"{f' ({marks})' if marks else ''} {e['reason']}".rstrip(),
         )
     if "predlog_error" in status:
         t.add_row("prediction log", f"[yellow]unavailable: {status['predlog_error']}[/]")
@@ -287,3 +288,16 @@ def _print_status_tables(status: dict[str, Any]) -> None:
             str(row["created_at"] or ""),
         )
     console.print(v)
+
+
+def _event_marks(event: dict[str, Any]) -> list[str]:
+    """What a ``promotion_events`` row did not do: "dry run" (it changed nothing, docs/promotion.md
+    "Audit"), and "refused" (a gate or guard said no, exit 3) or "failed" (an error) when it did not succeed."""
+    marks = ["dry run"] if event.get("dry_run") else []
+    if not event.get("success"):
+        try:
+            refused = bool(json.loads(event.get("details") or "{}").get("refused"))
+        except (TypeError, ValueError, AttributeError):  # not a JSON object: say only that it did not succeed
+            refused = False
+        marks.append("refused" if refused else "failed")
+    return marks

@@ -23,6 +23,10 @@ from promotion.settings import PromoteSettings
 from promotion.targets import TargetError
 
 ADMIN = "/motlens/admin"
+#: what a 404 from a route of the admin API means: the server runs without it (predictor.settings.admin_enabled)
+ADMIN_OFF = (
+    "the predictor's admin API is off; start it with `motlens serve --admin` (or MOTLENS_SERVE_ADMIN_ENABLED=true)"
+)
 
 
 class LocalTarget:
@@ -50,7 +54,10 @@ class LocalTarget:
                 detail = json.loads(e.read()).get("error", "")
             except ValueError:
                 detail = ""
-            raise TargetError(f"{method} {path} on {self.describe()}: HTTP {e.code} {detail}".rstrip()) from e
+            message = f"{method} {path} on {self.describe()}: HTTP {e.code} {detail}".rstrip()
+            if e.code == 404 and detail in ("", "Not Found"):  # no such route, not an admin route's own 404
+                message += f": {ADMIN_OFF}"
+            raise TargetError(message) from e
         except (urllib.error.URLError, OSError) as e:
             raise TargetError(f"cannot reach {self.describe()} ({method} {path}): {e}") from e
 

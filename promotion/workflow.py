@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
+
 from motlens import MODEL_NAME
 from motlens.labels import CANARY_PERCENT_TAG, PROMOTION_STATUS_TAG
 from promotion import gates as g
@@ -253,7 +255,8 @@ class Promoter:
             log.warning("--force: %s although %s", what, detail)
             event.reason = _join(event.reason, f"forced past status {status}: {detail}")
             return
-        event.success, event.reason = False, _join(event.reason, f"refused: {detail}")
+        event.success, event.refused = False, True
+        event.reason = _join(event.reason, f"refused: {detail}")
         event.from_state = event.to_state = live.describe()
         event.percent = float(live.percent or 0) if live.canary_active else 0.0
         event.ts = _now()
@@ -520,7 +523,8 @@ class Promoter:
             log.warning("--force: %s although gates did not pass: %s", what, failed)
             event.reason = _join(event.reason, f"forced past gates: {failed}")
             return
-        event.success, event.reason = False, _join(event.reason, f"gates {verdict}: {failed}")
+        event.success, event.refused = False, True
+        event.reason = _join(event.reason, f"gates {verdict}: {failed}")
         event.ts = _now()  # a refusal's time is its decision's (the gates may take a while)
         if not event.from_state:  # refused before a change was planned: the state it left as it was
             try:
@@ -827,7 +831,8 @@ class Promoter:
         found = self.verdict(previous)
         if found is not None and found[0] == "rejected":  # retired is what a promotion leaves: the way back
             if not self.force:
-                event.success, event.reason = False, _join(event.reason, f"refused: {found[1]}")
+                event.success, event.refused = False, True
+                event.reason = _join(event.reason, f"refused: {found[1]}")
                 event.from_state = event.to_state = live.describe()
                 event.ts = _now()
                 self._record(event, {previous: {}})
@@ -1129,7 +1134,18 @@ def _stats_row(stats: Any, version: str | None) -> dict[str, Any] | None:
 
 
 def _records(df: Any) -> list[dict[str, Any]]:
-    return [] if df is None or len(df) == 0 else df.to_dict("records")
+    """The rows as dicts of plain Python values: pandas boxes a row's scalars, not those inside its
+    maps (``section_counts`` holds numpy.uint64, which ``json.dumps(default=str)`` printed as "88")."""
+    return [] if df is None or len(df) == 0 else [_plain(r) for r in df.to_dict("records")]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with the numpy scalars inside its dicts and lists (not its arrays) as Python numbers."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _hours_ago(h: float) -> datetime:

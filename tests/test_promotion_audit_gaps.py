@@ -277,7 +277,9 @@ def test_deploying_the_registrys_production_is_gated_against_the_serving_version
     row = p.reader().promotion_events(limit=1).iloc[0]  # the refusal's row says what stayed live
     serving = target.read().describe()
     assert (row["action"], bool(row["success"])) == ("deploy", False)
-    assert json.loads(row["details"]) == {"from": serving, "to": serving} and "production v1" in serving
+    assert (
+        json.loads(row["details"]) == {"from": serving, "to": serving, "refused": True} and "production v1" in serving
+    )
     p.force = True
     p.promote("2")
     assert target.read().production_version == "2" and registry.resolve("1").tags["promotion.status"] == "retired"

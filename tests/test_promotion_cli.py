@@ -130,6 +130,13 @@ def test_actions_audit_and_metrics(env, capsys, tmp_path, monkeypatch):
     table = capsys.readouterr().out
     assert "production v1 at 90%, canary v2 at 10%" in table and "agree" in table
     assert "30 requests (30 rows), 3 failed (10.00%)" in table
+    # the maps' counts are numbers, as `motlens log stats --json` gives them (status printed "27")
+    [stats] = [s for s in status["live_stats"] if s["model_version"] == "2"]
+    assert stats["section_counts"] == {"1 Brakes": 27} and stats["severity_counts"] == {"major": 27}
+    assert main(["log", "stats", "--json"]) == 0
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    [same] = [s for s in logged if s["model_version"] == "2"]
+    assert (same["section_counts"], same["severity_counts"]) == (stats["section_counts"], stats["severity_counts"])
 
     # the gates refuse a step without evidence (exit 3), and the refusal is on record
     assert main(["promote", "advance"]) == 3
@@ -156,6 +163,91 @@ def test_status_exits_2_when_the_live_state_cannot_be_read(env, capsys, monkeypa
     assert status["live"] is None and status["live_error"] and len(status["versions"]) == 2
 
 
+def test_status_marks_dry_runs_and_tells_refusals_from_failures(env, capsys, monkeypatch):
+    """`status` listed a dry run ("rollback 2→1 by … auto: drift: …") as if it had happened, and a gate's
+    refusal as "(failed)", the word an error gets."""
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["promote", "promote", "1", "--force"]) == 0
+    assert main(["promote", "canary", "start", "2", "--percent", "10", "--dry-run"]) == 0
+    assert main(["promote", "canary", "start", "2", "--percent", "10"]) == 0
+    assert main(["promote", "advance"]) == 3  # no live evidence yet: the gates refuse
+    assert main(["promote", "rollback", "--dry-run"]) == 0
+    capsys.readouterr()
+    assert main(["promote", "status"]) == 0
+    events = [line for line in capsys.readouterr().out.splitlines() if "│ event " in line]
+    said = [line.split("│")[2].strip() for line in events]
+    assert said[0] == "rollback 2→1 by alice (dry run) manual rollback", said
+    assert said[1].startswith("advance 1→2 by alice (refused) gates wait: "), said
+    assert said[2] == "canary_start 1→2 by alice", said
+    assert said[3] == "canary_start 1→2 by alice (dry run)", said
+    assert said[4] == "deploy 1→1 by alice", said
+    assert main(["promote", "status", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["events"]
+    assert [(e["action"], e["dry_run"], e["success"]) for e in rows] == [
+        ("rollback", True, True), ("advance", False, False), ("canary_start", False, True),
+        ("canary_start", True, True), ("deploy", False, True),
+    ]  # fmt: skip
+    assert json.loads(rows[1]["details"])["refused"] is True and "refused" not in json.loads(rows[2]["details"])
+
+
+def test_a_server_without_the_admin_api_is_named_with_the_fix(env, tiny_server, capsys):
+    """`motlens serve` without --admin answers the admin routes 404: `status` and `canary start` exited 2
+    with "GET /motlens/admin/slots … HTTP 404 Not Found" and no hint."""
+    _, url = tiny_server  # a real server, admin API off (the default)
+    hint = "HTTP 404 Not Found: the predictor's admin API is off; start it with `motlens serve --admin` " \
+           "(or MOTLENS_SERVE_ADMIN_ENABLED=true)"  # fmt: skip
+    for argv in (["status"], ["canary", "start", "2", "--percent", "10"]):
+        assert main(["promote", *argv, "--target", "local", "--local-url", url]) == 2, argv
+        err = capsys.readouterr().err
+        assert f"GET /motlens/admin/slots on local motlens serve at {url}: {hint}\n" in err, err
+        assert err.count("\n") == 1 and err.startswith("motlens promote: "), err
+
+
+def test_other_admin_api_errors_are_unchanged():
+    """Only a 404 for a route the server does not have gets the --admin hint: an admin route's own 404
+    (an unknown slot) and a refused token say what the server said."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from promotion.local_target import ADMIN_OFF, LocalTarget
+    from promotion.settings import PromoteSettings
+    from promotion.targets import TargetError
+
+    answers = {"/motlens/admin/slots": (401, b'{"error": "admin API needs \'Authorization: Bearer <token>\'"}'),
+               "/motlens/admin/slots/x/load": (404, b'{"error": "unknown slot \'x\'"}'),
+               "/motlens/admin/promote": (404, b'{"error": "Not Found"}')}  # fmt: skip
+
+    class Admin(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            code, body = answers[self.path]
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Admin)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        target = LocalTarget(PromoteSettings(target="local", local_url=f"http://127.0.0.1:{server.server_port}"))
+        with pytest.raises(TargetError) as e:
+            target.read()
+        assert str(e.value).endswith("HTTP 401 admin API needs 'Authorization: Bearer <token>'")
+        with pytest.raises(TargetError) as e:
+            target._request("POST", "/motlens/admin/slots/x/load", {"ref": "models:/mot-defects/1"})
+        assert str(e.value).endswith("HTTP 404 unknown slot 'x'")
+        with pytest.raises(TargetError) as e:
+            target._request("POST", "/motlens/admin/promote")
+        assert str(e.value).endswith(f"HTTP 404 Not Found: {ADMIN_OFF}")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_credentials_in_the_local_url_are_refused_and_never_echoed(env, capsys, caplog):
     """The URL went into the status title, TargetError messages and audit events, password and all."""
     from promotion.local_target import LocalTarget
@@ -170,7 +262,7 @@ def test_credentials_in_the_local_url_are_refused_and_never_echoed(env, capsys, 
     assert "SECRET" not in LocalTarget(unchecked).describe()
 
 
-def test_a_registry_write_failure_is_reported_without_mlflow_tracebacks(env, capsys):
+def test_a_registry_write_failure_is_reported_without_mlflow_tracebacks(env, capsys, monkeypatch):
     """MLflow's store logs every SQLAlchemy error with its traceback before raising it: a read-only
     mlflow.db printed ~280 lines, 8 tracebacks, before the command's own lines."""
     assert main(["promote", "promote", "1", "--force"]) == 0
@@ -185,6 +277,9 @@ def test_a_registry_write_failure_is_reported_without_mlflow_tracebacks(env, cap
     assert "Traceback" not in err and "mlflow.store" not in err, err
     assert err.splitlines()[0].startswith("motlens promote: canary_start failed part-way: model registry")
     assert "no such table: main.gone" in err and len(err.splitlines()) == 2, err
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["promote", "status"]) == 0  # an error, not a refusal: "(failed)"
+    assert "│ canary_start 1→2 by alice (failed) failed: model registry" in capsys.readouterr().out
 
 
 def _overlay(env):
