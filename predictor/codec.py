@@ -257,6 +257,77 @@ def short_message(e: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def json_error(e: ValueError) -> str:
+    """A JSON decode error (orjson's, json's) as one line: what and where, never the document."""
+    msg, line, column = getattr(e, "msg", None), getattr(e, "lineno", None), getattr(e, "colno", None)
+    if msg is None or line is None or column is None:
+        return f"malformed JSON: {short_message(e, 200)}"
+    return f"malformed JSON at line {line} column {column}: {short_message(msg, 200)}"
+
+
+# What a pydantic error type means, for a JSON client (pydantic's own text says "valid dictionary").
+_PYDANTIC_PROBLEMS = {
+    "missing": "is missing",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "tuple_type": "must be a list",
+    "dict_type": "must be an object",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "extra_forbidden": "is not allowed",
+}
+_JSON_POSITION = re.compile(r"(.*) at line (\d+) column (\d+)")
+
+
+def _error_path(loc: Sequence[Any]) -> str:
+    """``("inputs", 0, "name")`` → ``inputs[0].name``; a FastAPI body's leading ``"body"`` dropped."""
+    if len(loc) > 1 and loc[0] == "body":
+        loc = loc[1:]
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path or "the request body"
+
+
+def _one_validation_error(err: Mapping[str, Any]) -> str:
+    kind = err.get("type", "")
+    if kind == "json_invalid":  # pydantic: "Invalid JSON: <what> at line L column C"; FastAPI: ctx error, loc pos
+        detail = str((err.get("ctx") or {}).get("error") or err.get("msg", "")).removeprefix("Invalid JSON: ")
+        if m := _JSON_POSITION.fullmatch(detail):
+            return f"malformed JSON at line {m[2]} column {m[3]}: {short_message(m[1], 200)}"
+        loc = err.get("loc") or ()
+        at = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        return f"malformed JSON{at}: {short_message(detail, 200)}"
+    problem = _PYDANTIC_PROBLEMS.get(kind)
+    if problem is None:
+        msg = str(err.get("msg", "is not valid"))
+        problem = (
+            msg.replace("Input should", "must", 1) if msg.startswith("Input should") else msg[:1].lower() + msg[1:]
+        )
+    elif kind != "missing" and "input" in err:
+        got = err["input"]
+        problem += f", got {'null' if got is None else type(got).__name__}"
+    return f"{_error_path(err.get('loc') or ())} {short_message(problem, 120)}"
+
+
+def validation_message(errors: Sequence[Mapping[str, Any]], limit: int = 3) -> str:
+    """Pydantic (or FastAPI request-validation) errors as one line naming each problem and where
+    (``id must be a string, got int``; ``malformed JSON at line 1 column 26: …``): none of pydantic's
+    URLs, and the input is never echoed (it may be large or sensitive), only its type."""
+    if not errors:
+        return "the request body is not valid"
+    problems = [_one_validation_error(err) for err in errors[:limit]]
+    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
+    return "; ".join(problems) + more
+
+
 def check_binary_texts(body: bytes, json_length: int, max_items: int | None = None) -> None:
     """Before KServe decodes a binary-extension body: every BYTES tensor element must be UTF-8, and no
     tensor may declare more than ``max_items`` items (refused before any element is read).

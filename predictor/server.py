@@ -6,8 +6,9 @@ several servers can run in one process (tests), and so SIGTERM drains gracefully
 
 * ``POST /v1/models/{name}:predict`` and ``POST /v2/models/{name}/infer`` are answered by motlens
   handlers placed before KServe's: bodies over ``max_body_bytes`` get 413 before parsing, and any
-  malformed body is a 400 naming the problem (KServe's own decoders turn some into 500s). The
-  request id (v2 body ``id``, else ``x-request-id``, else a new one) is echoed in ``x-request-id``.
+  malformed body is a 400 naming the problem in one line (KServe's own decoders turn some into 500s,
+  pydantic's text would echo the body). The request id (v2 body ``id``, else ``x-request-id``, else a
+  new one) is echoed in ``x-request-id``, as on every other REST answer (:class:`_RequestIdHeader`).
 * ``POST /v1/models/{name}:explain``: 501 after the body limit; other methods on ``:predict`` 405.
 * Server readiness (``/v2/health/ready``, gRPC ``ServerReady``) is the slots' readiness; model
   metadata lists the served versions; server metadata names the extensions actually served.
@@ -35,6 +36,7 @@ import orjson
 import uvicorn
 from cloudevents.sdk.converters.util import has_binary_headers
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from grpc import ServicerContext, StatusCode, aio
 from grpc_interceptor.exceptions import Unimplemented
@@ -59,7 +61,14 @@ from predictor import metrics
 from predictor.backend import ModelLoadError, load_backend
 from predictor.batcher import Overloaded
 from predictor.cache import EmbeddingCache
-from predictor.codec import check_binary_texts, resolve_request_id, short_message
+from predictor.codec import (
+    check_binary_texts,
+    json_error,
+    new_request_id,
+    resolve_request_id,
+    short_message,
+    validation_message,
+)
 from predictor.events import write_event
 from predictor.model import MotlensModel
 from predictor.priority import nice_current_thread
@@ -185,6 +194,7 @@ class _RESTServer(RESTServer):
 
     def create_application(self) -> None:
         app = FastAPI(title="motlens predictor", docs_url=None, redoc_url=None)
+        app.add_middleware(_RequestIdHeader)
         app.add_middleware(_HttpLatency)
         self.motlens.add_routes(app)
         if self.motlens.settings.access_log:
@@ -199,6 +209,7 @@ class _RESTServer(RESTServer):
         app.add_exception_handler(Exception, _server_error_handler)
         app.add_exception_handler(HTTPException, _http_error_handler)
         app.add_exception_handler(InvalidInput, _invalid_input_handler)
+        app.add_exception_handler(RequestValidationError, _request_validation_handler)
         app.add_exception_handler(ModelNotFound, _not_found_handler)
         app.add_exception_handler(ModelNotReady, _not_ready_handler)
         app.add_exception_handler(ServerNotReady, _server_not_ready_handler)
@@ -230,16 +241,48 @@ def _count_refused(request: Request, exc: Exception, outcome: str, reason: str |
         _count_refusal(exc, "v1" if path.startswith("/v1/") else "v2-rest", outcome, reason)
 
 
-def _id_header(request: Request) -> dict[str, str]:
-    """``x-request-id`` with the id an infer route resolved, else (refused before that: body too large,
-    wrong media type, not ready) the client's own header if the codec accepts it, else nothing."""
-    rid = getattr(request.state, "request_id", None)
-    if not rid and (header := request.headers.get("x-request-id")):
+def _answer_id(scope: Any) -> str:
+    """The id an answer carries: the one an infer route resolved, else (answered before that: body too
+    large or malformed, wrong media type, not ready, routing errors, explain) the client's own
+    ``x-request-id`` if the codec accepts it, else a new one, kept in the request's state so that
+    the log line, the body and the header of one answer name the same id."""
+    state = scope.setdefault("state", {})
+    rid = state.get("request_id")
+    if not rid:
+        header = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
         try:
-            rid = resolve_request_id(None, header)
+            rid = resolve_request_id(None, header.decode("latin-1")) if header else new_request_id()
         except InvalidInput:
-            rid = None
-    return {"x-request-id": rid} if rid else {}
+            rid = new_request_id()
+        state["request_id"] = rid
+    return str(rid)
+
+
+def _id_header(request: Request) -> dict[str, str]:
+    return {"x-request-id": _answer_id(request.scope)}
+
+
+class _RequestIdHeader:
+    """Every REST answer carries ``x-request-id`` (:func:`_answer_id`), also those made outside the
+    motlens handlers: Starlette's 404 and 405, explain's 501, probes. A plain ASGI middleware that only
+    looks at the answer's start message; an answer that names its id already is passed on as it is."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.get("headers") or []
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    message["headers"] = [*headers, (b"x-request-id", _answer_id(scope).encode("latin-1"))]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 async def _invalid_input_handler(request: Request, exc: Exception) -> Response:
@@ -247,6 +290,13 @@ async def _invalid_input_handler(request: Request, exc: Exception) -> Response:
     message = short_message(exc)
     log.info("400 %s %s: %s", request.method, request.url.path, message)
     return _json({"error": message}, status_code=400, headers=_id_header(request))
+
+
+async def _request_validation_handler(request: Request, exc: Exception) -> Response:
+    """FastAPI's own request validation (a route with a pydantic body or typed parameters): a 400 in the
+    usual form, one line naming the problem, instead of FastAPI's 422 that echoes the input."""
+    assert isinstance(exc, RequestValidationError)
+    return await _invalid_input_handler(request, InvalidInput(validation_message(exc.errors())))
 
 
 async def _not_found_handler(request: Request, exc: Exception) -> Response:
@@ -291,10 +341,9 @@ async def _post_only(request: Request) -> Response:
 def server_error(request: Request, exc: BaseException) -> Response:
     """A generic 500: the exception and its traceback go to the log, never to the client; the request id
     (the one the prediction log's failure row carries) goes to both."""
-    rid = getattr(request.state, "request_id", None) or request.headers.get("x-request-id", "")[:128]
+    rid = _answer_id(request.scope)
     log.error("500 %s %s (request id %r)", request.method, request.url.path, rid, exc_info=exc)
-    body = {"error": "internal server error"} | ({"request_id": rid} if rid else {})
-    return _json(body, status_code=500, headers=_id_header(request))
+    return _json({"error": "internal server error", "request_id": rid}, status_code=500, headers={"x-request-id": rid})
 
 
 async def _server_error_handler(request: Request, exc: Exception) -> Response:
@@ -663,8 +712,15 @@ class PredictorServer:
                 )
         except InvalidInput:
             raise
+        except ValidationError as e:  # the JSON form: malformed JSON, or a field of the wrong type
+            errors = e.errors(include_url=False)
+            message = validation_message(errors)
+            if errors and errors[0]["type"] != "json_invalid":
+                message = f"malformed v2 inference request: {message}"
+            raise InvalidInput(message) from e
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error, InferenceError) as e:
-            raise InvalidInput(f"malformed v2 inference request: {short_message(e)}") from e
+            detail = f"missing field {e}" if isinstance(e, KeyError) else short_message(e)
+            raise InvalidInput(f"malformed v2 inference request: {detail}") from e
         rid = request.state.request_id = resolve_request_id(infer_request.id, headers.get("x-request-id"))
         infer_request.id = rid
         if model_version is not None:
@@ -804,18 +860,18 @@ async def _client_gone_handler(request: Request, exc: Exception) -> Response:
 
 def _v1_json(body: bytes, headers: dict[str, str]) -> bytes | Any:
     """A JSON body, parsed here so that ``application/json; charset=utf-8`` counts as JSON (KServe's
-    decoder compares the whole header and would pass such a body on as raw bytes). A binary CloudEvent
-    or a body without Content-Type is left to KServe (it parses the latter as JSON); any other
-    Content-Type (curl's default form encoding) is a 415."""
-    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if has_binary_headers(headers) or not media_type:
+    decoder compares the whole header and would pass such a body on as raw bytes), as is a body
+    without Content-Type (as KServe would: the same ``malformed JSON`` message either way). A binary
+    CloudEvent is left to KServe; any other Content-Type (curl's default form encoding) is a 415."""
+    if has_binary_headers(headers):
         return body
-    if media_type not in JSON_HEADERS:
+    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type and media_type not in JSON_HEADERS:
         raise UnsupportedContentType(media_type[:100])
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise InvalidInput(f"Unrecognized request format: {e}") from e
+        raise InvalidInput(json_error(e)) from e
 
 
 def _json(content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:

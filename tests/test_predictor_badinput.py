@@ -9,6 +9,7 @@ import socket
 import httpx
 import numpy as np
 import pytest
+from pydantic import BaseModel
 
 MODEL = "mot-defects"
 OK_TEXT = "Nearside Front Brake pipe corroded (1.1.11 (c))"
@@ -141,7 +142,8 @@ CASES = [
         400,
         "unknown output 'logits'",
     ),
-    ("malformed-json", V2, (b'{"inputs": [', {"Content-Type": "application/json"}), 400, "malformed v2"),
+    ("malformed-json", V2, (b'{"inputs": [', {"Content-Type": "application/json"}), 400, "malformed JSON at line 1"),
+    ("v2-id-not-string", V2, v2(text_input([OK_TEXT]), id=5), 400, "request: id must be a string, got int"),
     ("inputs-not-list", V2, {"inputs": "text"}, 400, "malformed v2"),
     ("oversized-body", V2, v2(text_input(["y" * 90] * 800)), 413, "exceeds 65536 bytes"),
     ("v1-missing-instances", V1, {"data": [OK_TEXT]}, 400, "missing 'instances'"),
@@ -219,7 +221,7 @@ CASES = [
     ),
     ("v2-id-too-long", V2, v2(text_input([OK_TEXT]), id="r" * 129), 400, "request 'id' has 129 characters"),
     ("v1-empty-text", V1, {"instances": [""]}, 400, "item 0 is empty"),
-    ("v1-malformed-json", V1, (b"{nope", {"Content-Type": "application/json"}), 400, "Unrecognized request"),
+    ("v1-malformed-json", V1, (b"{nope", {"Content-Type": "application/json"}), 400, "malformed JSON at line 1"),
     ("v1-oversized-body", V1, {"instances": ["z" * 90] * 800}, 413, "exceeds 65536 bytes"),
     ("unknown-model", "/v2/models/other/infer", v2(text_input([OK_TEXT])), 404, "other"),
     # texts the tokenizer reduces to nothing are empty too (NUL, zero-width space, BOM, soft hyphen, C0)
@@ -347,6 +349,79 @@ def test_bad_input_gets_its_status_and_message(base, path, body, status, message
     assert httpx.get(f"{url}/v2/health/live").status_code == 200  # the server stays up
 
 
+JSON = {"Content-Type": "application/json"}
+SECRET = "s3cret-plate-AB12CDE"  # must never come back in an error
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        (V2, b'{"inputs": [{"name": "text", "data": ["' + SECRET.encode(), "malformed JSON at line 1 column "),
+        (V2, b"", "malformed JSON at line 1 column 0: EOF while parsing a value"),
+        (
+            V2,
+            json.dumps({"id": 5, "inputs": [text_input([SECRET])]}).encode(),
+            "malformed v2 inference request: id must be a string, got int",
+        ),
+        (
+            V2,
+            json.dumps({"inputs": [{**text_input([SECRET]), "shape": SECRET}]}).encode(),
+            "malformed v2 inference request: inputs[0].shape must be a list, got str",
+        ),
+        (
+            V2,
+            json.dumps({"inputs": [{"datatype": "BYTES", "shape": [1], "data": [SECRET]}], "outputs": SECRET}).encode(),
+            "malformed v2 inference request: inputs[0].name is missing; outputs must be a list, got str",
+        ),
+        (V2, json.dumps([SECRET]).encode(), "malformed v2 inference request: the request body must be an object"),
+        (V1, b'{"instances": ["' + SECRET.encode(), "malformed JSON at line 1 column "),
+    ],
+    ids=["v2-truncated", "v2-empty", "v2-id-int", "v2-shape-str", "v2-two-problems", "v2-array", "v1-truncated"],
+)
+def test_malformed_bodies_are_one_line_naming_the_problem_without_echo(base, path, body, message):
+    """A body that is not JSON, or not the v2 schema, is a 400 in the usual ``{"error": …}`` form: one
+    line naming the problem and where; no pydantic dump (URL, ``input_value``), no echo of the body."""
+    url, _ = base
+    for headers in (JSON, {}):  # also without Content-Type (parsed as JSON, as KServe would)
+        r = httpx.post(url + path, content=body, headers=headers)
+        assert r.status_code == 400, r.text
+        assert list(r.json()) == ["error"]
+        error = r.json()["error"]
+        assert error.startswith(message), error
+        assert SECRET not in r.text and "pydantic" not in error and "input_value" not in error and "\n" not in error
+        assert r.headers["x-request-id"]  # refused before the body's id was known: a generated one
+
+
+class _ThingBody(BaseModel):
+    ref: str
+    n: int = 1
+
+
+def test_fastapi_request_validation_is_a_400_in_the_usual_form():
+    """Routes FastAPI validates itself (a pydantic body or typed parameters) answer like the others:
+    400 ``{"error": …}`` naming the problem, not FastAPI's 422 with the input echoed."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.testclient import TestClient
+
+    from predictor.server import _request_validation_handler
+
+    app = FastAPI()
+    app.add_exception_handler(RequestValidationError, _request_validation_handler)
+
+    @app.post("/thing")
+    def thing(body: _ThingBody) -> dict:
+        return {"ref": body.ref}
+
+    client = TestClient(app)
+    wrong = client.post("/thing", json={"ref": 5, "n": SECRET})
+    assert wrong.status_code == 400
+    assert wrong.json() == {"error": "ref must be a string, got int; n must be an integer, got str"}
+    broken = client.post("/thing", content=b'{"ref": "' + SECRET.encode(), headers=JSON)
+    assert broken.status_code == 400 and broken.json()["error"].startswith("malformed JSON at character ")
+    assert SECRET not in broken.text
+
+
 async def test_grpc_bad_input_is_invalid_argument(base):
     import grpc
     from kserve import InferenceGRPCClient, InferInput, InferRequest
@@ -381,9 +456,11 @@ def test_bad_inputs_are_counted_as_client_errors(base):
     url, _ = base
     before = {k: value(n, **labels) for k, (n, labels) in series.items()}
     assert httpx.post(url + V2, json=v2(text_input([""]))).status_code == 400
+    assert httpx.post(url + V2, json=v2(text_input([OK_TEXT]), id=5)).status_code == 400  # refused by the schema
+    assert httpx.post(url + V1, content=b'{"instances": [', headers=JSON).status_code == 400  # malformed JSON
     assert httpx.post(url + V1, json={"instances": ["z" * 90] * 800}).status_code == 413
     delta = {k: value(n, **labels) - before[k] for k, (n, labels) in series.items()}
-    assert delta == {"v2_client_error": 1, "v1_client_error": 1, "invalid_input": 1, "body_too_large": 1}
+    assert delta == {"v2_client_error": 2, "v1_client_error": 2, "invalid_input": 3, "body_too_large": 1}
 
 
 def test_admin_api_is_absent_unless_enabled(base):
@@ -411,7 +488,7 @@ def test_v1_json_with_a_charset_is_parsed(base):
     assert r.status_code == 200, r.text
     assert len(r.json()["predictions"]) == 1
     bad = httpx.post(url + V1, content=b"{nope", headers={"Content-Type": "application/json; charset=utf-8"})
-    assert bad.status_code == 400 and "Unrecognized request format" in bad.json()["error"]
+    assert bad.status_code == 400 and "malformed JSON at line 1 column 2" in bad.json()["error"]
 
 
 def test_request_ids_are_capped_at_128_characters(base):

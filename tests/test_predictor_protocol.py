@@ -231,7 +231,32 @@ def test_refusals_before_the_body_is_read_echo_the_clients_request_id(served, ti
     form = httpx.post(base + V1, content=b"instances=x", headers={**header, "Content-Type": "text/plain"})
     assert form.status_code == 415 and form.headers["x-request-id"] == "trace-refused", form.text
     bad = httpx.post(base + V2, content=b"x" * (limit + 1), headers={"x-request-id": "r" * 129})
-    assert bad.status_code == 413 and "x-request-id" not in bad.headers  # an unusable id is not echoed
+    assert bad.status_code == 413 and bad.headers["x-request-id"] != "r" * 129  # not echoed: a generated one
+
+
+def test_every_answer_carries_a_request_id(served):
+    """Answers made outside the inference handlers too (explain's 501, routing errors, a body refused
+    before its id is known, probes): the client's usable header id comes back, else a generated one."""
+    base, _ = served
+    calls = {
+        "explain 501": ("POST", f"/v1/models/{MODEL}:explain", {"json": {"instances": TEXTS}}, 501),
+        "no route 404": ("GET", "/nope", {}, 404),
+        "other model 404": ("POST", "/v1/models/other:explain", {"json": {"instances": TEXTS}}, 404),
+        "GET :predict 405": ("GET", V1, {}, 405),
+        "PUT infer 405": ("PUT", V2, {}, 405),
+        "malformed v2 400": ("POST", V2, {"content": b'{"inputs": ['}, 400),
+        "metadata 200": ("GET", f"/v2/models/{MODEL}", {}, 200),
+    }
+    seen: set[str] = set()
+    for what, (method, path, kwargs, status) in calls.items():
+        echoed = httpx.request(method, base + path, headers={"x-request-id": f"trace-{status}"}, **kwargs)
+        assert echoed.status_code == status and echoed.headers.get("x-request-id") == f"trace-{status}", what
+        generated = httpx.request(method, base + path, **kwargs)
+        assert generated.status_code == status and generated.headers.get("x-request-id"), what
+        unusable = httpx.request(method, base + path, headers={"x-request-id": "r" * 129}, **kwargs)
+        assert unusable.headers.get("x-request-id") not in (None, "r" * 129), what
+        seen |= {generated.headers["x-request-id"], unusable.headers["x-request-id"]}
+    assert len(seen) == 2 * len(calls)  # each generated id is new
 
 
 # ---------------------------------------------------------------- binary extension
