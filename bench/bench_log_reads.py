@@ -108,9 +108,7 @@ def run(db_dir: Path, requests: int, days: int, tail_n: tuple[int, ...] = (20, 5
                 b, new = measure(client, f"tail {n}, reader.tail", lambda n=n: reader.tail(n))
                 b["same_answer"] = old["ts"].tolist() == new["ts"].tolist()
                 rows += [a, b]
-            scan = queries.COUNTS.replace("{source}", table).replace(
-                "optimize_functions_to_subcolumns = 0", "optimize_use_projections = 0"
-            )
+            scan = queries.COUNTS.replace("{source}", table) + " SETTINGS optimize_use_projections = 0"
             a, old = measure(client, "count, every row (before)", lambda: client.query_df(scan))
             b, new = measure(client, "count, reader.counts (projection)", reader.counts)
             b["same_answer"] = old.equals(new)

@@ -111,15 +111,16 @@ WHERE model_name = {{model_name:String}} AND ts >= {{since:{TS_PARAM}}}{{until}}
 REQUESTS_SAMPLE = " AND cityHash64(request_id, latency_ms) < {request_bound:UInt64}"  # the grouping key
 
 # On a server table this is answered from the aggregate projection ``p_counts`` (migration 004: a few rows
-# per part, not every row), which it matches only as written: ClickHouse rewrites ``length(embedding_q)``
-# to the subcolumn ``embedding_q.size0`` first unless ``optimize_functions_to_subcolumns`` is off.
+# per part, not every row), which it matches as written. Both say ``embedding_q != []``: ClickHouse
+# rewrites ``length``/``notEmpty`` of an array in a query to its ``size0`` subcolumn, which then no longer
+# matches the projection (a SETTINGS clause to stop it is refused to a ``readonly=1`` user), and a
+# projection naming the subcolumn itself fails every insert (NOT_FOUND_COLUMN_IN_BLOCK).
 COUNTS = """
-SELECT model_name, model_version, slot, count() AS n, countIf(length(embedding_q) > 0) AS with_embedding,
+SELECT model_name, model_version, slot, count() AS n, countIf(embedding_q != []) AS with_embedding,
        min(ts) AS first_ts, max(ts) AS last_ts
 FROM {source}
 GROUP BY model_name, model_version, slot
 ORDER BY model_name, model_version, slot
-SETTINGS optimize_functions_to_subcolumns = 0
 """
 
 # ``ts`` is not a prefix of the sort key, so without a lower bound on it ``ORDER BY ts DESC LIMIT n`` reads

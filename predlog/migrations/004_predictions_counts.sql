@@ -4,7 +4,7 @@
 -- done, parts without it are read as before, with the same answer.
 ALTER TABLE ${db}.predictions ADD PROJECTION IF NOT EXISTS p_counts
 (
-    SELECT model_name, model_version, slot, count(), countIf(length(embedding_q) > 0), min(ts), max(ts)
+    SELECT model_name, model_version, slot, count(), countIf(embedding_q != []), min(ts), max(ts)
     GROUP BY model_name, model_version, slot
 );
 

@@ -2,7 +2,7 @@
 -- a count through the Distributed table uses each shard's projection.
 ALTER TABLE ${db}.predictions_local ON CLUSTER '{cluster}' ADD PROJECTION IF NOT EXISTS p_counts
 (
-    SELECT model_name, model_version, slot, count(), countIf(length(embedding_q) > 0), min(ts), max(ts)
+    SELECT model_name, model_version, slot, count(), countIf(embedding_q != []), min(ts), max(ts)
     GROUP BY model_name, model_version, slot
 );
 
