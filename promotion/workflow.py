@@ -1023,7 +1023,7 @@ class Promoter:
                 "last_action": v.tags.get("promotion.last_action", ""),
                 "metrics": {m: v.metrics[m] for m in self.settings.offline_metrics if m in v.metrics},
             }
-            for v in self.registry.versions()[:10]
+            for v in self.registry.versions(limit=10)
         ]
         try:
             live = self.target.read()

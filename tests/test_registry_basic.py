@@ -180,3 +180,60 @@ def test_a_server_that_does_not_answer_fails_after_bounded_retries(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the user's own value is kept
     Registry(f"http://127.0.0.1:{free_port()}")
     assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 0
+
+
+def test_versions_read_every_page_and_the_runs_in_batches(registry, tiny_bundle, monkeypatch):
+    """A page of versions at a time to the last (MLflow stops one search at 10,000 without saying so),
+    newest first, and the runs' metrics a batch of runs per search, not one call per version."""
+    import training.registry as reg
+
+    v1 = registry.register_bundle(tiny_bundle.root, metrics={"m": 1.0}, params={"p": 1}, alias="production")
+    client = registry.client
+    ours = client.get_experiment_by_name(registry.experiment).experiment_id
+    other = client.create_experiment("elsewhere")
+    for i in range(2, 10):  # more versions of the same stored bundle, each with a run of its own
+        run = client.create_run(other if i == 5 else ours)  # one run outside the registry's experiment
+        client.log_metric(run.info.run_id, "m", float(i))
+        client.log_param(run.info.run_id, "p", str(i))
+        client.create_model_version(registry.model_name, v1.artifact_uri, run_id=run.info.run_id)
+    calls: dict[str, int] = {}
+    for name in ("search_model_versions", "search_runs", "get_run"):
+        real = getattr(client, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(client, name, counted)
+    monkeypatch.setattr(reg, "VERSIONS_PAGE", 3)
+    monkeypatch.setattr(reg, "RUNS_BATCH", 2)
+
+    vs = registry.versions()
+    assert [v.version for v in vs] == [str(i) for i in range(9, 0, -1)]
+    assert [v.metrics for v in vs] == [{"m": float(i)} for i in range(9, 0, -1)]
+    assert [v.params for v in vs] == [{"p": str(i)} for i in range(9, 0, -1)]
+    assert vs[-1].aliases == ["production"]
+    assert calls == {"search_model_versions": 3, "search_runs": 5, "get_run": 1}  # 9 runs: 8 found, 1 asked for
+
+    calls.clear()
+    assert [v.version for v in registry.versions(limit=4)] == ["9", "8", "7", "6"]
+    assert calls == {"search_model_versions": 2, "search_runs": 2}
+
+
+def test_a_locked_sqlite_registry_is_a_busy_error_naming_it(registry, tiny_bundle):
+    """Another process holding the store's write lock past the driver's wait: a RegistryUnreachable that
+    says so (callers retry or hold), not sqlite's raw OperationalError."""
+    import sqlite3
+
+    from training.registry import RegistryUnreachable
+
+    path = registry.sqlite_path
+    holder = sqlite3.connect(path)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        locked = Registry(f"sqlite:///{path}?timeout=0.2", state=registry.state)
+        with pytest.raises(RegistryUnreachable, match="is busy: another process holds its database locked"):
+            locked.versions()
+    finally:
+        holder.rollback()
+        holder.close()

@@ -25,6 +25,8 @@ def test_versions_lists_aliases_and_metrics(registry, tiny_bundle, monkeypatch, 
     assert main(["train", "versions"]) == 0
     out = capsys.readouterr().out
     assert "production" in out and "0.900" in out
+    assert main(["train", "versions", "--json", "--limit", "1"]) == 0
+    assert [v["version"] for v in json.loads(capsys.readouterr().out)] == ["2"]
 
 
 def test_bad_data_arguments_are_clear(registry, monkeypatch, capsys, tmp_path):

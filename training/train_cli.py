@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from training.data_cli import positive
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -65,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = tsub.add_parser("versions", help="list registered versions with aliases, tags and metrics")
     v.add_argument("--json", action="store_true")
     v.add_argument("--tracking-uri")
+    v.add_argument("--limit", type=positive, help="only the newest N versions (default: all)")
     v.set_defaults(func=_versions)
 
 
@@ -192,7 +195,7 @@ def _versions(args: argparse.Namespace) -> int:
     from training.registry import Registry, RegistryError
 
     try:
-        versions = Registry(args.tracking_uri).versions(include_incomplete=True)
+        versions = Registry(args.tracking_uri).versions(include_incomplete=True, limit=args.limit)
     except RegistryError as e:
         print(f"motlens train versions: {e}", file=sys.stderr)
         return 2
