@@ -8,7 +8,7 @@ several servers can run in one process (tests), and so SIGTERM drains gracefully
   handlers placed before KServe's: bodies over ``max_body_bytes`` get 413 before parsing, and any
   malformed body is a 400 naming the problem in one line (KServe's own decoders turn some into 500s,
   pydantic's text would echo the body). The request id (v2 body ``id``, else ``x-request-id``, else a
-  new one) is echoed in ``x-request-id``, as on every other REST answer (:class:`_RequestIdHeader`).
+  new one) is echoed in ``x-request-id``, as on every other REST answer (:class:`_HttpEdge`).
 * ``POST /v1/models/{name}:explain``: 501 after the body limit; other methods on ``:predict`` 405.
 * Server readiness (``/v2/health/ready``, gRPC ``ServerReady``) is the slots' readiness; model
   metadata lists the served versions; server metadata names the extensions actually served.
@@ -137,41 +137,6 @@ class _Uvicorn(uvicorn.Server):
             raise RuntimeError(str(e.__context__ or f"uvicorn startup failed (exit {e.code})")) from e.__context__
 
 
-class _HttpLatency:
-    """``motlens_http_request_duration_seconds``: every REST inference request (``POST`` to a path ending
-    ``:predict`` or ``/infer``), from reaching the app to the end of its answer, whatever its status. It
-    sees what the model adapter's ``motlens_request_latency_seconds`` cannot: refusals, and a stall of
-    the loop once the app has the request (not one it arrived during: its clock starts when the loop
-    reads it). Labels: protocol (``v1``, ``v2-rest``), status class
-    and the version that answered (''  if none did), so the series stay bounded. A plain ASGI middleware
-    (Starlette's ``BaseHTTPMiddleware`` costs a task per request)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" and scope.get("method") == "POST" else ""
-        protocol = "v1" if path.endswith(":predict") else "v2-rest" if path.endswith("/infer") else None
-        if protocol is None:
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        status = [500]
-        served: dict[str, str] = {}
-        token = metrics.SERVED.set(served)
-
-        async def send_status(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            metrics.SERVED.reset(token)
-            metrics.observe_http(protocol, status[0], served.get("version", ""), time.perf_counter() - t0)
-
-
 class _RESTServer(RESTServer):
     """KServe's REST server on a fresh FastAPI app (not KServe's module-level one) with motlens routes."""
 
@@ -194,8 +159,7 @@ class _RESTServer(RESTServer):
 
     def create_application(self) -> None:
         app = FastAPI(title="motlens predictor", docs_url=None, redoc_url=None)
-        app.add_middleware(_RequestIdHeader)
-        app.add_middleware(_HttpLatency)
+        app.add_middleware(_HttpEdge)
         self.motlens.add_routes(app)
         if self.motlens.settings.access_log:
             self._add_middlewares(app)  # KServe's per-request timing lines (costly: getrusage per request)
@@ -262,10 +226,19 @@ def _id_header(request: Request) -> dict[str, str]:
     return {"x-request-id": _answer_id(request.scope)}
 
 
-class _RequestIdHeader:
-    """Every REST answer carries ``x-request-id`` (:func:`_answer_id`), also those made outside the
-    motlens handlers: Starlette's 404 and 405, explain's 501, probes. A plain ASGI middleware that only
-    looks at the answer's start message; an answer that names its id already is passed on as it is."""
+class _HttpEdge:
+    """What every REST answer passes through, in one ``send`` wrapper (a plain ASGI middleware:
+    Starlette's ``BaseHTTPMiddleware`` costs a task per request):
+
+    * ``x-request-id`` on every answer (:func:`_answer_id`), also those made outside the motlens
+      handlers: Starlette's 404 and 405, explain's 501, probes; an answer that names its id already is
+      passed on as it is.
+    * ``motlens_http_request_duration_seconds`` for every REST inference request (``POST`` to a path
+      ending ``:predict`` or ``/infer``), from reaching the app to the end of its answer, whatever its
+      status. It sees what the model adapter's ``motlens_request_latency_seconds`` cannot: refusals, and
+      a stall of the loop once the app has the request (not one it arrived during: its clock starts when
+      the loop reads it). Labels: protocol (``v1``, ``v2-rest``), status class and the version that
+      answered ('' if none did), so the series stay bounded."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -274,15 +247,29 @@ class _RequestIdHeader:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        status = [500]
 
-        async def send_with_id(message: Any) -> None:
+        async def send_edge(message: Any) -> None:
             if message["type"] == "http.response.start":
+                status[0] = message["status"]
                 headers = message.get("headers") or []
                 if not any(k.lower() == b"x-request-id" for k, _ in headers):
                     message["headers"] = [*headers, (b"x-request-id", _answer_id(scope).encode("latin-1"))]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        path = scope.get("path", "") if scope.get("method") == "POST" else ""
+        protocol = "v1" if path.endswith(":predict") else "v2-rest" if path.endswith("/infer") else None
+        if protocol is None:
+            await self.app(scope, receive, send_edge)
+            return
+        t0 = time.perf_counter()
+        served: dict[str, str] = {}
+        token = metrics.SERVED.set(served)
+        try:
+            await self.app(scope, receive, send_edge)
+        finally:
+            metrics.SERVED.reset(token)
+            metrics.observe_http(protocol, status[0], served.get("version", ""), time.perf_counter() - t0)
 
 
 async def _invalid_input_handler(request: Request, exc: Exception) -> Response:
