@@ -47,6 +47,11 @@ def test_bulk_severity_rules():
         ("f ", "Pre-EU Directive", None, "major"),
         ("F", None, None, "major"),
         ("F", "Minor", "", "minor"),
+        ("F", "MA", "", "major"),  # the codes DVSA's data dictionary lists
+        ("P", "d", "", "dangerous"),
+        ("F", "MI", "", "minor"),
+        ("F", "PE", "", "major"),
+        ("F", "unheard-of", "", None),
         ("X", "Major", "", None),
         (None, None, None, None),
     ]

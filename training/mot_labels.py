@@ -7,8 +7,8 @@ Rules (docs/data.md "Labels"):
   numbered differently, so the reference is not used; the top-level ``item_group`` name is mapped
   instead where it is unambiguous (``GROUP_SECTIONS``), otherwise the row has no section.
 * Bulk severity: ``rfr_type_code`` A → advisory, M → minor; F (fail) and P (PRS, a fail repaired
-  at the test station) take ``rfr_deficiency_category`` (Dangerous / Major / Minor; Pre-EU
-  Directive → major) and ``dangerous_mark`` raises a failure to dangerous.
+  at the test station) take ``rfr_deficiency_category`` (Dangerous / Major / Minor, or the codes
+  D / MA / MI; Pre-EU Directive or PE → major) and ``dangerous_mark`` raises a failure to dangerous.
 * API ``type``: ADVISORY, MINOR, MAJOR, DANGEROUS as named; FAIL and PRS → major (dangerous when
   the ``dangerous`` flag is set); USER ENTERED → advisory (tester notes outside the catalogue).
 """
@@ -68,6 +68,14 @@ def _group_key(name: str) -> str:
 
 _GROUP_KEYS = {_group_key(k): v for k, v in GROUP_SECTIONS.items()}
 
+#: ``rfr_deficiency_category`` values (lower case) per severity of a failing row: DVSA's words and
+#: the codes its data dictionary lists (D, MA, MI, PE); a pre-2018 fail (Pre-EU Directive) is major.
+CATEGORY_NAMES: dict[str, tuple[str, ...]] = {
+    "dangerous": ("dangerous", "d"),
+    "major": ("major", "ma", "pre-eu directive", "pre-eu", "pe"),
+    "minor": ("minor", "mi"),
+}
+
 API_TYPES: dict[str, str] = {
     "ADVISORY": "advisory",
     "MINOR": "minor",
@@ -118,9 +126,9 @@ def bulk_severity(type_code: pd.Series, category: pd.Series, dangerous_mark: pd.
     conds = [
         t == "A",
         t == "M",
-        failing & (dmark | (cat == "dangerous")),
-        failing & cat.isin(["major", "pre-eu directive", "pre-eu", ""]),
-        failing & (cat == "minor"),
+        failing & (dmark | cat.isin(CATEGORY_NAMES["dangerous"])),
+        failing & cat.isin(CATEGORY_NAMES["major"] + ("",)),
+        failing & cat.isin(CATEGORY_NAMES["minor"]),
     ]
     choices = ["advisory", "minor", "dangerous", "major", "minor"]
     out = np.select(conds, choices, default="")
