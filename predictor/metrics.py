@@ -184,7 +184,7 @@ def version_known(version: str) -> bool:
 
 
 #: the model version that answered the current HTTP request, where the HTTP layer asked to know it
-#: (set by :func:`note_served`, read by the latency middleware of predictor.server)
+#: (set by :func:`note_served`, read by the latency middleware of predictor.rest_edge)
 SERVED: ContextVar[dict[str, str] | None] = ContextVar("motlens_served", default=None)
 
 

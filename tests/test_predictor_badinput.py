@@ -404,7 +404,7 @@ def test_fastapi_request_validation_is_a_400_in_the_usual_form():
     from fastapi.exceptions import RequestValidationError
     from fastapi.testclient import TestClient
 
-    from predictor.server import _request_validation_handler
+    from predictor.rest_edge import _request_validation_handler
 
     app = FastAPI()
     app.add_exception_handler(RequestValidationError, _request_validation_handler)

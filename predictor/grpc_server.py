@@ -1,0 +1,85 @@
+"""KServe's gRPC server as the predictor runs it: model versions honoured, client errors logged and counted."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import TYPE_CHECKING, Any
+
+from grpc import ServicerContext, StatusCode, aio
+from kserve.errors import InvalidInput, ModelNotFound
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+from kserve.protocol.grpc.server import GRPCServer as KServeGRPCServer
+from kserve.protocol.grpc.servicer import InferenceServicer
+
+from predictor.rest_edge import count_refusal
+
+if TYPE_CHECKING:
+    from predictor.server import DataPlane
+
+log = logging.getLogger(__name__)
+
+
+class _Servicer(InferenceServicer):
+    """KServe's gRPC servicer with model versions: KServe ignores the request's ``version``."""
+
+    _data_plane: DataPlane
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: ServicerContext) -> pb.ModelReadyResponse:
+        if request.version:
+            self._data_plane.check_version(request.name, request.version)
+        return await super().ModelReady(request, context)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        if request.version:
+            self._data_plane.check_version(request.name, request.version)
+        meta = await self._data_plane.model_metadata(request.name)
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=[request.version] if request.version else meta["versions"],
+            platform=meta["platform"],
+            inputs=meta["inputs"],
+            outputs=meta["outputs"],
+        )
+
+
+class _ExceptionToStatus(ExceptionToStatusInterceptor):
+    """Client errors logged at INFO without a traceback (KServe logs them as errors) and, for
+    ModelInfer, counted like REST's; the rest as KServe."""
+
+    async def handle_exception(
+        self, ex: Exception, request_or_iterator: Any, context: ServicerContext, method_name: str
+    ) -> None:
+        if isinstance(ex, InvalidInput | ModelNotFound):
+            invalid = isinstance(ex, InvalidInput)
+            code = StatusCode.INVALID_ARGUMENT if invalid else StatusCode.NOT_FOUND
+            if method_name.endswith("/ModelInfer"):
+                count_refusal(ex, "v2-grpc", "client_error", "invalid_input" if invalid else None)
+            log.info("gRPC %s %s: %s", method_name, code.name, ex)
+            await context.abort(code, ex.reason)
+        else:
+            await super().handle_exception(ex, request_or_iterator, context, method_name)
+
+
+class GRPCServer(KServeGRPCServer):
+    """KServe's gRPC server (same options and interceptors) serving :class:`_Servicer`."""
+
+    async def start(self, max_workers: int) -> None:
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(LoggingInterceptor(), _ExceptionToStatus()),
+            options=[
+                ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+                ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
+                ("grpc.so_reuseport", 0),  # a taken port fails the start instead of splitting traffic
+            ],
+        )
+        servicer = _Servicer(self._data_plane, self._model_repository_extension)
+        add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        self._server.add_insecure_port(f"[::]:{self._port}")
+        await self._server.start()
+        await self._server.wait_for_termination()
