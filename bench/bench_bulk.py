@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def one(data: Path, mode: str, max_partitions: int, bucket_bytes: int, chunk_rows: int, tmp: Path) -> dict:
     """Read ``data`` once in this process; the figures as a dict."""
-    import training.dvsa as dvsa
+    import training.dvsa_reader as dvsa_reader
 
     if mode == "nosplit":
-        dvsa._SPLIT_ABOVE = float("inf")
-    reader = dvsa.BulkReader(
+        dvsa_reader._SPLIT_ABOVE = float("inf")
+    reader = dvsa_reader.BulkReader(
         [data], chunk_rows=chunk_rows, bucket_bytes=bucket_bytes, max_partitions=max_partitions, tmp_dir=tmp
     )
     phase: dict[str, float] = {}

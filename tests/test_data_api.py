@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from training.dvsa import BulkFormatError, BulkReport
+from training.dvsa_report import BulkFormatError, BulkReport
 from training.history_api import read_jsonl
 
 VEHICLE = {
@@ -148,7 +148,7 @@ def test_a_reading_that_means_nothing_is_a_missing_odometer(tmp_path, value):
 
 
 def test_bulk_numbers_beyond_float_range_are_missing():
-    from training.dvsa import _float
+    from training.dvsa_columns import _float
 
     out = _float(pd.Series(["12", "9" * 400, "x", None]))
     assert out.iloc[0] == 12 and out.iloc[1:].isna().all()

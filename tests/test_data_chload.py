@@ -21,7 +21,8 @@ from training.chload import (
     open_store,
     table_counts,
 )
-from training.dvsa import BulkFormatError, read_bulk
+from training.dvsa_reader import read_bulk
+from training.dvsa_report import BulkFormatError
 from training.synth import generate
 
 

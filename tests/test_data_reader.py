@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from training.dvsa import BulkFormatError, BulkReader, read_bulk
+from training.dvsa_reader import BulkReader, read_bulk
+from training.dvsa_report import BulkFormatError
 from training.tidy import TIDY_COLUMNS, load_tidy, write_tidy
 
 HEADERS = {
@@ -287,7 +288,7 @@ def test_gzipped_tables_are_partitioned_by_their_uncompressed_size(tmp_path):
     """Partitions were sized by the compressed bytes, so a .gz input took ≈ 1.5× the memory."""
     import gzip
 
-    from training.dvsa import discover
+    from training.dvsa_files import discover
 
     d = write_fixture(tmp_path / "in")
     rows = [f"{2000 + i}|1|2021-01-01|4|NT|P|{i}|B|FORD|FOCUS|BLUE|PE|1|2010-01-01" for i in range(5000)]

@@ -14,7 +14,9 @@ import pytest
 from test_data_reader import HEADERS, ROWS, read_all, write_fixture
 
 from training import mot_labels
-from training.dvsa import BulkFormatError, BulkReader, FileReport, discover, iter_raw
+from training.dvsa_files import discover, iter_raw
+from training.dvsa_reader import BulkReader
+from training.dvsa_report import BulkFormatError, FileReport
 
 #: 2024 on: comma files, the location column renamed, a completion date added
 ITEM_2024 = "test_id,rfr_id,rfr_type_code,mot_test_rfr_location_type_id,dangerous_mark,completed_date"

@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 
 from motlens.cli import main
-from training.dvsa import BulkReader, BulkReport, FileReport, discover, iter_raw
+from training.dvsa_files import discover, iter_raw
+from training.dvsa_reader import BulkReader
+from training.dvsa_report import BulkReport, FileReport
 from training.history_api import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +44,7 @@ def test_a_low_soft_open_file_limit_is_raised_for_512_partitions(synth_dir):
         pytest.skip(f"hard open-file limit {hard} is below what 512 partitions need")
     r = _run(f"""
         import resource
-        from training.dvsa import BulkReader
+        from training.dvsa_reader import BulkReader
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         reader = BulkReader([{str(synth_dir)!r}], bucket_bytes=1)  # 512 partitions
         print(sum(len(c) for c in reader), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
@@ -55,7 +57,8 @@ def test_a_low_soft_open_file_limit_is_raised_for_512_partitions(synth_dir):
 def test_a_hard_open_file_limit_too_low_is_a_clear_error(synth_dir):
     r = _run(f"""
         import resource
-        from training.dvsa import BulkReader, BulkResourceError
+        from training.dvsa_reader import BulkReader
+        from training.dvsa_report import BulkResourceError
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
         try:
             list(BulkReader([{str(synth_dir)!r}], bucket_bytes=1))
@@ -67,9 +70,9 @@ def test_a_hard_open_file_limit_too_low_is_a_clear_error(synth_dir):
 
 
 def test_data_load_says_what_open_file_limit_it_needs(synth_dir, tmp_path, capsys, monkeypatch):
-    import training.dvsa
+    import training.dvsa_reader
 
-    monkeypatch.setattr(training.dvsa, "_SPARE_FILES", 10**9)  # more than any hard limit
+    monkeypatch.setattr(training.dvsa_reader, "_SPARE_FILES", 10**9)  # more than any hard limit
     assert main(["data", "load", str(synth_dir), "--out", str(tmp_path / "tidy")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("motlens data load: ") and "ulimit -n" in err and "Traceback" not in err
@@ -132,10 +135,10 @@ class _Bars:
 def test_the_read_bar_moves_within_a_file_and_the_join_has_a_bar(synth_dir, monkeypatch):
     """The read bar advanced once per whole file (0 % for the length of a multi-GB file) and the
     join/label phase had none."""
-    import training.dvsa
+    import training.dvsa_reader
 
     bars = _Bars()
-    monkeypatch.setattr(training.dvsa, "tqdm", bars)
+    monkeypatch.setattr(training.dvsa_reader, "tqdm", bars)
     items = next(s for s in discover([synth_dir])[0] if s.kind == "test_item")
     assert items.size > 3 * 65536
     seen: list[int] = []
@@ -199,9 +202,9 @@ def test_a_full_temporary_disk_or_too_many_files_mid_read_is_a_clear_error(synth
     temporary directory's removal failed too, hiding the first error)."""
     import errno
 
-    import training.dvsa
+    import training.dvsa_reader
 
-    real = training.dvsa.ipc.new_stream
+    real = training.dvsa_reader.ipc.new_stream
     opened: list[int] = []
 
     def failing(path, schema, code):  # noqa: ANN001, ANN202
@@ -214,7 +217,7 @@ def test_a_full_temporary_disk_or_too_many_files_mid_read_is_a_clear_error(synth
     scratch.mkdir()
     for code, hint in ((errno.ENOSPC, "--tmp-dir"), (errno.EMFILE, "ulimit -n")):
         opened.clear()
-        monkeypatch.setattr(training.dvsa.ipc, "new_stream", lambda p, s, c=code: failing(p, s, c))
+        monkeypatch.setattr(training.dvsa_reader.ipc, "new_stream", lambda p, s, c=code: failing(p, s, c))
         rc = main(["data", "load", str(synth_dir), "--out", str(tmp_path / "t"), "--tmp-dir", str(scratch)])
         err = capsys.readouterr().err
         assert rc == 1 and hint in err and str(scratch) in err and "Traceback" not in err
@@ -227,7 +230,7 @@ def test_partitions_past_the_cap_are_split_again_and_give_the_same_rows(synth_di
     before its join. The rows, the order-dependent de-duplication and the report stay the same."""
     import shutil
 
-    import training.dvsa
+    import training.dvsa_reader
 
     d = tmp_path / "in"
     shutil.copytree(synth_dir, d)
@@ -245,7 +248,7 @@ def test_partitions_past_the_cap_are_split_again_and_give_the_same_rows(synth_di
     assert reader.partitions == 1 and many.partitions > 8
     _assert_same_rows(one, pd.concat(list(many), ignore_index=True))
 
-    monkeypatch.setattr(training.dvsa, "_MIN_SUB_BYTES", 1)
+    monkeypatch.setattr(training.dvsa_reader, "_MIN_SUB_BYTES", 1)
     joined: list[int] = []
     real_join = BulkReader._join
 
@@ -255,16 +258,16 @@ def test_partitions_past_the_cap_are_split_again_and_give_the_same_rows(synth_di
 
     monkeypatch.setattr(BulkReader, "_join", join)
     batches: list[int] = []  # per sub-partition file: a split gathers the partition's small batches first
-    real_split = training.dvsa._Partitions.split
+    real_split = training.dvsa_reader._Partitions.split
 
     def split_and_count(self, i, into):  # noqa: ANN001, ANN202
         real_split(self, i, into)
         for path in into.paths:
             if path.exists():
-                with training.dvsa.ipc.open_stream(path) as r:
+                with training.dvsa_reader.ipc.open_stream(path) as r:
                     batches.append(sum(1 for _ in r))
 
-    monkeypatch.setattr(training.dvsa._Partitions, "split", split_and_count)
+    monkeypatch.setattr(training.dvsa_reader._Partitions, "split", split_and_count)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     disk: list[int] = []

@@ -10,7 +10,8 @@ import pytest
 from child_helpers import held, run_killed
 
 from motlens.labels import SEVERITIES
-from training.dvsa import BulkReader, discover, read_bulk
+from training.dvsa_files import discover
+from training.dvsa_reader import BulkReader, read_bulk
 from training.synth import generate
 
 

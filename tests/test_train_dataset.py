@@ -107,7 +107,7 @@ def test_bad_data_is_refused_clearly(tmp_path):
 
 
 def test_tidy_parquet_and_raw_bulk_dirs_give_the_same_training_set(tmp_path):
-    from training.dvsa import read_bulk
+    from training.dvsa_reader import read_bulk
     from training.synth import generate
     from training.tidy import write_tidy
 

@@ -160,7 +160,7 @@ def test_another_init_seed_keeps_the_split_and_logs_it(setup):
 def test_clickhouse_distinct_texts_train_and_register(setup):
     from training.chload import distinct_texts_from_tidy
     from training.dataset import training_set_from_distinct
-    from training.dvsa import read_bulk
+    from training.dvsa_reader import read_bulk
 
     root, registry, shared, first = setup
     tidy = pd.concat(list(read_bulk([root / "bulk"])), ignore_index=True)

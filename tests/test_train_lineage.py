@@ -10,7 +10,7 @@ import pytest
 
 from training.chload import ChdbStore, distinct_texts, distinct_texts_from_tidy, load_bulk
 from training.dataset import CONTEXT_COLUMNS, build_training_set, training_set_from_distinct
-from training.dvsa import read_bulk
+from training.dvsa_reader import read_bulk
 from training.synth import generate
 
 

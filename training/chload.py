@@ -5,11 +5,11 @@ At full scale (the original system holds 1.7 billion defect rows) the join of ``
 texts with their label counts. Locally the engine is chdb (ClickHouse in-process, one database
 directory per process); with ``MOTLENS_CLICKHOUSE_URL`` set, a server via clickhouse-connect.
 
-Files are parsed by the same tolerant reader as the Parquet path (``training.dvsa.iter_raw``), so
+Files are parsed by the same tolerant reader as the Parquet path (``training.dvsa_files.iter_raw``), so
 bad rows, latin-1 bytes and repeated headers are handled and reported identically; typed rows go
 in as Arrow batches. Tables are ``ReplacingMergeTree`` keyed on the whole row, so loading the same
 file twice does not double its rows (queries read them with ``FINAL``). Labels are computed in
-Python from the SQL aggregate (``training.dvsa.label_defects``): one labelling rule for both paths.
+Python from the SQL aggregate (``training.dvsa_lookups.label_defects``): one labelling rule for both paths.
 """
 
 from __future__ import annotations
@@ -32,19 +32,10 @@ from motlens.labels import SEVERITIES
 from motlens.state import StateSettings
 from predlog.settings import IDENT
 from training import mot_labels
-from training.dvsa import (
-    BulkFormatError,
-    BulkReport,
-    FileReport,
-    Lookups,
-    Source,
-    discover,
-    iter_raw,
-    label_defects,
-    load_lookups,
-    typed_items,
-    typed_results,
-)
+from training.dvsa_columns import typed_items, typed_results
+from training.dvsa_files import Source, discover, iter_raw
+from training.dvsa_lookups import Lookups, label_defects, load_lookups
+from training.dvsa_report import BulkFormatError, BulkReport, FileReport
 
 SEVERITY_COUNT_COLUMNS = tuple(f"n_{s}" for s in SEVERITIES)
 SECTION_COUNT_COLUMNS = tuple(f"n_section_{i}" for i in range(9))

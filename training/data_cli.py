@@ -104,7 +104,9 @@ def _print_report(report: dict) -> None:
 
 
 def _load(args: argparse.Namespace) -> int:
-    from training.dvsa import BulkFormatError, BulkReader, BulkReport, BulkResourceError, discover
+    from training.dvsa_files import discover
+    from training.dvsa_reader import BulkReader
+    from training.dvsa_report import BulkFormatError, BulkReport, BulkResourceError
     from training.history_api import read_jsonl
     from training.tidy import write_tidy
 

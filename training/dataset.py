@@ -29,7 +29,7 @@ from motlens.embedder import normalise_text
 from motlens.labels import FAILING_SEVERITIES, SEVERITIES
 
 CONTEXT_COLUMNS: tuple[str, ...] = ("make", "model", "fuel_type", "vehicle_age_years", "odometer_miles")
-# The words a defect text's location is made of: ``_defect_text`` (training/dvsa.py) puts the
+# The words a defect text's location is made of: ``_defect_text`` (training/dvsa_lookups.py) puts the
 # location lookup's ``lateral longitudinal vertical horizontal`` first, whose values are these
 # (as `training/synth.py`'s ``_LOCATIONS`` generates them: Nearside/Offside/Central ×
 # Front/Rear × Inner/Outer/Upper/Lower); the MOT History API's text starts the same way.
@@ -112,7 +112,8 @@ def iter_source(data: Path | pd.DataFrame, chunk_rows: int = 200_000) -> Iterato
             for batch in pf.iter_batches(batch_size=chunk_rows):
                 yield batch.to_pandas().reindex(columns=TIDY_SCHEMA.names)
         return
-    from training.dvsa import discover, read_bulk
+    from training.dvsa_files import discover
+    from training.dvsa_reader import read_bulk
     from training.history_api import read_jsonl
 
     sources, api = discover([path])  # as `motlens data load`: bulk tables and API JSON alike

@@ -24,7 +24,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from training import mot_labels
-from training.dvsa import BulkFormatError, BulkReport, FileProgress, FileReport, _data_size
+from training.dvsa_files import _data_size
+from training.dvsa_reader import FileProgress
+from training.dvsa_report import BulkFormatError, BulkReport, FileReport
 from training.tidy import TIDY_COLUMNS
 
 SOURCE_NAME = "mot_history_api"

@@ -97,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from motlens.errors import flag_names, report_settings
     from training.dataset import DataError
-    from training.dvsa import BulkFormatError, BulkResourceError
+    from training.dvsa_report import BulkFormatError, BulkResourceError
     from training.registry import Registry, RegistryError
     from training.train import TrainSettings, train
 

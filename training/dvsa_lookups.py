@@ -1,0 +1,126 @@
+"""The DVSA lookup tables (``item_detail``, ``item_group``, ``rfr_location``) and the defect labels built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from training import mot_labels
+from training.dvsa_columns import _col, _int
+from training.dvsa_files import UNUSED_KINDS, Source, iter_raw
+from training.dvsa_report import BulkFormatError, BulkReport, FileReport
+
+
+@dataclass
+class Lookups:
+    detail: pd.DataFrame  # one row per (rfr_id, test_class_id)
+    group_root: dict[tuple[int, int], str]  # (test_item_id, class) → top-level item_group name
+    locations: dict[int, str]
+
+
+def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
+    frames: dict[str, list[pd.DataFrame]] = {"item_detail": [], "item_group": [], "rfr_location": []}
+    names: dict[str, list[str]] = {k: [] for k in frames}
+    for src in sources:
+        if src.kind in UNUSED_KINDS:
+            report.unused_tables.append(src.name)
+        if src.kind in frames:
+            fr = FileReport(src.name, src.kind, src.delimiter)
+            report.files.append(fr)
+            names[src.kind].append(src.name)
+            frames[src.kind].extend(iter_raw(src, fr))
+    for kind, needed in (("item_detail", "rfr_id"), ("item_group", "test_item_id"), ("rfr_location", "location_id")):
+        if names[kind] and not frames[kind] and kind == "item_detail":
+            raise BulkFormatError(f"{names[kind][0]}:2: the item_detail table holds no rows")
+        if frames[kind] and not any(needed in f.columns for f in frames[kind]):
+            raise BulkFormatError(f"{names[kind][0]}:1: the {kind} table has no {needed} column")
+    detail = pd.concat(frames["item_detail"], ignore_index=True)
+    detail = pd.DataFrame(
+        {
+            "rfr_id": _int(detail["rfr_id"]),
+            "test_class_id": _int(_col(detail, "test_class_id")).fillna(4),
+            "test_item_id": _int(_col(detail, "test_item_id")),
+            "rfr_desc": _col(detail, "rfr_desc"),
+            "rfr_insp_manual_desc": _col(detail, "rfr_insp_manual_desc"),
+            "rfr_advisory_text": _col(detail, "rfr_advisory_text"),
+            "rfr_deficiency_category": _col(detail, "rfr_deficiency_category"),
+        }
+    )
+    detail = detail[detail["rfr_id"].notna()].drop_duplicates(["rfr_id", "test_class_id"], keep="last")
+    group_root: dict[tuple[int, int], str] = {}
+    if frames["item_group"]:
+        g = pd.concat(frames["item_group"], ignore_index=True)
+        ids, cls, parents = (
+            _int(g["test_item_id"]),
+            _int(_col(g, "test_class_id")).fillna(4),
+            _int(_col(g, "parent_id")),  # without parents every group is its own root
+        )
+        nodes = {
+            (int(i), int(c)): (int(p) if p == p else 0, str(n or ""))
+            for i, c, p, n in zip(ids, cls, parents, _col(g, "item_name"), strict=True)
+            if i == i
+        }
+        for i, c in nodes:
+            node, seen = (i, c), set()
+            while nodes.get(node, (0, ""))[0] and node not in seen:
+                seen.add(node)
+                node = (nodes[node][0], c)
+            group_root[(i, c)] = nodes.get(node, (0, ""))[1]
+    locations: dict[int, str] = {}
+    if frames["rfr_location"]:
+        loc = pd.concat(frames["rfr_location"], ignore_index=True)
+        parts = [c for c in ("lateral", "longitudinal", "vertical", "horizontal") if c in loc.columns]
+        for lid, *vals in zip(_int(loc["location_id"]), *(loc[c] for c in parts), strict=True):
+            if lid == lid:
+                locations[int(lid)] = " ".join(v.strip() for v in vals if v and v.strip())
+    return Lookups(detail, group_root, locations)
+
+
+def _defect_text(location: str, desc: str, comment: str, ref: str) -> str:
+    text = " ".join(p.strip() for p in (location, desc, comment) if p and p.strip())
+    if ref and mot_labels.section_from_text(desc) is None:
+        text = f"{text} ({ref.strip()})"
+    return text
+
+
+def label_defects(m: pd.DataFrame, post: pd.Series, lk: Lookups) -> tuple[np.ndarray, np.ndarray, pd.Series]:
+    """Text, section (-1 = none) and severity (None = none) of defect rows joined with ``item_detail``.
+
+    ``m`` needs rfr_id, test_class_id, test_item_id, location_id, rfr_comment, rfr_type_code,
+    dangerous_mark and the item_detail columns; ``post`` marks tests on or after 20 May 2018.
+    Texts are built once per distinct combination: they repeat massively.
+    """
+    key = pd.DataFrame(
+        {
+            "rfr_id": m["rfr_id"].to_numpy(),
+            "test_class_id": m["test_class_id"].to_numpy(),
+            "location_id": m["location_id"].to_numpy(),
+            "comment_code": pd.factorize(m["rfr_comment"])[0],
+            "advisory": mot_labels.normalised(m["rfr_type_code"], str.upper).eq("A").to_numpy(),
+            "post": np.asarray(post, dtype=bool),
+        }
+    )
+    gid = key.groupby(list(key.columns), sort=False).ngroup().to_numpy()
+    first = key.drop_duplicates().index.to_numpy()
+    cols = ["rfr_desc", "rfr_advisory_text", "rfr_insp_manual_desc", "rfr_comment", "location_id", "test_item_id",
+            "test_class_id"]  # fmt: skip
+    uniq = m[cols].iloc[first].assign(advisory=key["advisory"].to_numpy()[first], post=key["post"].to_numpy()[first])
+    texts: list[str] = []
+    sections: list[int] = []
+    for row in uniq.itertuples(index=False):
+        desc = row.rfr_desc
+        if row.advisory and isinstance(row.rfr_advisory_text, str) and row.rfr_advisory_text.strip():
+            desc = row.rfr_advisory_text
+        ref = row.rfr_insp_manual_desc if mot_labels.is_reference(row.rfr_insp_manual_desc) else ""
+        comment = row.rfr_comment if isinstance(row.rfr_comment, str) else ""
+        text = _defect_text(lk.locations.get(int(row.location_id), ""), desc, comment, ref)
+        section = mot_labels.section_from_text(text) if row.post else None
+        if section is None and row.test_item_id == row.test_item_id:
+            root = lk.group_root.get((int(row.test_item_id), int(row.test_class_id)), "")
+            section = mot_labels.section_from_group(root)
+        texts.append(text)
+        sections.append(-1 if section is None else section)
+    severity = mot_labels.bulk_severity(m["rfr_type_code"], m["rfr_deficiency_category"], m["dangerous_mark"])
+    return np.asarray(texts, dtype=object)[gid], np.asarray(sections, dtype=np.int8)[gid], severity
