@@ -196,3 +196,42 @@ def test_the_clickhouse_load_reads_the_2024_files_as_the_python_reader_does(tmp_
     )
     tidy, _ = read_all([d])
     pd.testing.assert_frame_equal(results[True][3], distinct_texts_from_tidy(tidy))
+
+
+#: item_detail as DVSA's lookup reads by three independent third-party sources: ``rfr_desc`` a fragment
+#: that continues the item's name, ``rfr_insp_manual_desc`` a description without a reference.
+REAL_LAYOUT = {
+    "item_detail": [
+        "601|4|21|N|missing|Y|an obligatory lamp missing|damaged but function not impaired|4|Major",
+        "602|4|22|N|across an axle|N|Brakes imbalance across an axle such that the braking effort from any "
+        "wheel is less than 70 %||1|Major",
+    ],
+    "item_group": ["5|4|0|4|Lamps, reflectors and electrical equipment", "21|4|5|4|Position lamp",
+                   "22|4|1|1|Brake performance"],  # fmt: skip
+    "test_item": ["1001|601|F|1|", "1002|601|A|3|", "1001|602|F|0|"],
+}
+
+
+def test_description_fragments_are_read_after_their_item_name(tmp_path):
+    """A fragment (``missing``) is prefixed with its item's name, as a test certificate prints it; the
+    whole sentences of the other rows keep their text; both sections come from the top-level group."""
+    df, rep = read_all([write_fixture(tmp_path / "in", extra=REAL_LAYOUT)])
+    got = df[["test_id", "text", "section", "severity"]].values.tolist()
+    assert [1001, "Nearside Front Position lamp missing", 4, "major"] in got
+    assert [1002, "Offside Front Inner Position lamp damaged but function not impaired", 4, "advisory"] in got
+    assert [1001, "Brake performance across an axle", 1, "major"] in got
+    assert "Nearside Front Brake disc significantly and obviously worn (1.1.14 (a) (ii))" in df["text"].tolist()
+    assert rep["item_named_rfrs"] == 2 and rep["unknown_rfr"] == 0 and rep["rows_out"] == 9
+
+
+def test_description_fragments_read_the_same_through_clickhouse(tmp_path):
+    from training.chload import ChdbStore, distinct_texts, distinct_texts_from_tidy, load_bulk
+
+    d = write_fixture(tmp_path / "in", extra=REAL_LAYOUT)
+    with ChdbStore(tmp_path / "db") as store:
+        result = load_bulk(store, [d])
+        dt = distinct_texts(store)
+    assert result.report.item_named_rfrs == 2
+    assert "Nearside Front Position lamp missing" in dt["text"].tolist()
+    tidy, _ = read_all([d])
+    pd.testing.assert_frame_equal(dt, distinct_texts_from_tidy(tidy))

@@ -95,6 +95,7 @@ def _print_report(report: dict) -> None:
         "duplicate_items",
         "orphan_items",
         "unknown_rfr",
+        "item_named_rfrs",
         "unlabelled",
         "rows_out",
     ):

@@ -68,6 +68,7 @@ def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
                 seen.add(node)
                 node = (nodes[node][0], c)
             group_root[(i, c)] = nodes.get(node, (0, ""))[1]
+        detail, report.item_named_rfrs = _with_item_names(detail, {k: name for k, (_, name) in nodes.items()})
     locations: dict[int, str] = {}
     if frames["rfr_location"]:
         loc = pd.concat(frames["rfr_location"], ignore_index=True)
@@ -76,6 +77,26 @@ def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
             if lid == lid:
                 locations[int(lid)] = " ".join(v.strip() for v in vals if v and v.strip())
     return Lookups(detail, group_root, locations)
+
+
+def _with_item_names(detail: pd.DataFrame, names: dict[tuple[int, int], str]) -> tuple[pd.DataFrame, int]:
+    """``detail`` with each ``rfr_desc`` / ``rfr_advisory_text`` that is a fragment (it starts in lower
+    case: ``missing``, ``across an axle``) prefixed with its item's ``item_group`` name, as the line
+    printed on a test certificate reads (``Position lamp missing``), and how many rows changed.
+    Whole sentences (``Brake disc significantly and obviously worn``) are kept as they are."""
+    items = [
+        names.get((int(i), int(c)), "") if i == i else ""
+        for i, c in zip(detail["test_item_id"], detail["test_class_id"], strict=True)
+    ]
+    item = pd.Series(items, index=detail.index, dtype=object).str.strip()
+    changed = pd.Series(False, index=detail.index)
+    out = detail.copy()
+    for col in ("rfr_desc", "rfr_advisory_text"):
+        value = out[col].where(out[col].notna(), "").astype(str).str.strip()
+        fragment = value.str.match(r"[a-z]") & item.ne("")
+        out.loc[fragment, col] = item[fragment] + " " + value[fragment]
+        changed |= fragment
+    return out, int(changed.sum())
 
 
 def _defect_text(location: str, desc: str, comment: str, ref: str) -> str:

@@ -48,6 +48,8 @@ class BulkReport:
     duplicate_items: int = 0
     orphan_items: int = 0
     unknown_rfr: int = 0
+    #: item_detail rows whose description fragment was prefixed with its item's name
+    item_named_rfrs: int = 0
     unlabelled: int = 0
     rows_out: int = 0
     sections: Counter = field(default_factory=Counter)
@@ -76,6 +78,7 @@ class BulkReport:
             "duplicate_items": self.duplicate_items,
             "orphan_items": self.orphan_items,
             "unknown_rfr": self.unknown_rfr,
+            "item_named_rfrs": self.item_named_rfrs,
             "unlabelled": self.unlabelled,
             "rows_out": self.rows_out,
             "sections": {str(k): v for k, v in sorted(self.sections.items())},
