@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from motlens.cli import MissingExtra, require
     from motlens.errors import report, report_settings
     from promotion.locking import LockBusy
+    from promotion.status import read_status
     from promotion.targets import TargetError, make_target
     from promotion.workflow import PartlyDone, Promoter, PromotionError, Refused
     from training.registry import Registry, RegistryError
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             settings, Registry(), make_target(settings), dry_run=args.dry_run, force=args.force
         )
         if args.verb == "status":
-            return _print_status(promoter.status(), as_json=args.json)
+            return _print_status(read_status(promoter), as_json=args.json)
         outcome = _dispatch(promoter, args)
     except Refused as e:
         print(f"motlens promote: refused: {e}", file=sys.stderr)

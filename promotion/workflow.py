@@ -8,38 +8,25 @@ finishes it (the guard accepts a disagreement that the command itself would reso
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import numpy as np
-
-from motlens import MODEL_NAME
-from motlens.labels import CANARY_PERCENT_TAG, PROMOTION_STATUS_TAG
 from promotion import gates as g
-from promotion import paired_check as pc
-from promotion.audit import TAG_PREFIX, Event, export_metrics, tag_version
+from promotion.audit import Event, export_metrics, tag_version
+from promotion.clock import utc_now
+from promotion.evidence import Evidence
 from promotion.locking import LockBusy
 from promotion.rollout import RolloutError, RolloutState, check_percent
 from promotion.settings import PromoteSettings
-from promotion.targets import Target, TargetError
+from promotion.tags import PERCENT_TAG, PREVIOUS_TAG, STARTED_AT_TAG, STATUS_TAG, STEP_AT_TAG, VERDICTS
+from promotion.targets import Target
 
 log = logging.getLogger(__name__)
 
-STATUS_TAG = PROMOTION_STATUS_TAG
-STEP_AT_TAG = "promotion.step_at"
-STARTED_AT_TAG = "promotion.canary_started_at"
-PREVIOUS_TAG = "promotion.previous_production"  # on a production version: the one it replaced ("" = none)
-VERDICTS = ("rejected", "retired")  # a version so tagged is not rolled out again without --force
-PERCENT_TAG = CANARY_PERCENT_TAG
 _APPLIED_AT = "@applied"  # a tag value stamped with the time the live change took effect
-_STEP_ACTIONS = ("canary_start", "canary_set", "advance")  # the actions that stamp STEP_AT_TAG
-CLOCK_TOLERANCE_S = 60.0  # a recorded time further ahead of this host's clock is clock disagreement
-LOOKBACK_S = 3600.0  # the live gate's window when no step time is recorded anywhere (at least the dwell)
 
 
 class PromotionError(Exception):
@@ -64,37 +51,9 @@ class Outcome:
     audit_ok: bool = True
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _parse_ts(s: str | None) -> datetime | None:
-    """An ISO time from a tag; a naive one is UTC (as everywhere in motlens), an unreadable one None."""
-    if not s:
-        return None
-    try:
-        ts = datetime.fromisoformat(s.replace("Z", "+00:00"))
-    except (TypeError, ValueError):
-        return None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-
-
-@dataclass
-class CanaryTimes:
-    """The canary's windows: drift reports count from ``started``, live stats from ``since`` (the last
-    step). ``source`` says where ``since`` came from when not from ``promotion.step_at``; ``skew`` and
-    ``started_skew`` name a recorded time later than this host's now (the windows then fall back as
-    if it were missing, and the gates hold unless they fail)."""
-
-    started: datetime | None
-    since: datetime
-    source: str = ""
-    skew: str = ""
-    started_skew: str = ""
-
-
 class Promoter:
-    """Drives one target against the registry; ``dry_run`` prints patches and changes nothing."""
+    """Drives one target against the registry, gated by ``evidence``; ``dry_run`` prints patches and
+    changes nothing."""
 
     def __init__(
         self,
@@ -114,7 +73,7 @@ class Promoter:
         self.force = force
         self._reader_factory = reader_factory
         self._reader: Any = None
-        self._golden_check = golden_check or self._check_golden_in_process
+        self.evidence = Evidence(settings, registry, self.info, self.reader, golden_check=golden_check, dry_run=dry_run)
         self._uris: dict[str, str] = {}
         self._locked = False
 
@@ -180,195 +139,6 @@ class Promoter:
         except PromotionError:
             return None
 
-    # ------------------------------------------------------------------ gates
-
-    def _check_golden_in_process(self, version: str) -> tuple[bool, float, str]:
-        from motlens.bundle import check_golden
-
-        bundle = self.registry.fetch(version)  # verifies every sha256
-        golden = bundle.golden()
-        embedder = _embedder_for(bundle)
-        emb = embedder.encode(golden.texts)
-        res = check_golden(golden, emb, bundle.head())
-        return res.passed, res.min_cosine, res.detail
-
-    def offline_gates(self, version: str, production: str | None) -> list[g.GateResult]:
-        info = self.info(version)
-        prod = self.info(production) if production and production != version else None
-        try:
-            paired = self.paired_comparison(info, prod)
-        except pc.PairedUnavailable as e:
-            offline = g.GateResult("offline", g.WAIT, f"paired comparison could not run: {e}")
-        else:
-            offline = g.offline_gate(
-                info.metrics,
-                prod.metrics if prod else None,
-                self.settings,
-                candidate_params=info.params,
-                production_params=prod.params if prod else None,
-                paired=paired,
-            )
-        return [offline, *self.golden_gates(version)]
-
-    def paired_comparison(self, info: Any, prod: Any) -> pc.PairedComparison | None:
-        """Production's head on the candidate's held-out texts (:mod:`promotion.paired_check`), when
-        enabled and both runs used the same split; the result is kept in the candidate's tag
-        :data:`~promotion.paired_check.PAIRED_TAG` per production version and settings."""
-        if prod is None or not self.settings.paired or not pc.same_split(info.params, prod.params):
-            return None
-        found = pc.cached(info.tags, prod.version, self.settings)
-        if found is None:
-            found = pc.run(self.registry, info.version, prod.version, self.settings, _fresh_embedder)
-            if found.lasting and not self.dry_run:
-                self.registry.set_tags(info.version, {pc.PAIRED_TAG: pc.tag_value(found, self.settings)})
-        return found
-
-    def golden_gates(self, version: str) -> list[g.GateResult]:
-        """The golden check (run once per version, its verdict kept in a tag), when enabled."""
-        if not self.settings.golden_check:
-            return []
-        tags = self.info(version).tags
-        golden = g.golden_gate(tags, lambda: self._golden_check(version))
-        if g.GOLDEN_TAG not in tags and golden.status != g.WAIT and not self.dry_run:
-            self.registry.set_tags(version, {g.GOLDEN_TAG: _json(golden.to_json())})
-        return [golden]
-
-    def verdict(self, version: str) -> tuple[str, str] | None:
-        """(status, "version V was S at T: reason") when ``version`` is tagged rejected or retired: one
-        rule for ``auto`` (which holds) and ``canary start`` / ``promote V`` (refused unless --force)."""
-        tags = self.info(version).tags
-        status = tags.get(STATUS_TAG, "")
-        if status not in VERDICTS:
-            return None
-        at = tags.get(f"promotion.{status}_at")
-        why = tags.get(f"promotion.{status}_reason") or "no reason recorded"
-        return status, f"version {version} was {status} {f'at {at}' if at else '(time not recorded)'}: {why}"
-
-    def _refuse_verdict(self, event: Event, live: RolloutState, what: str) -> None:
-        """Refuse (exit 3, recorded) rolling out a rejected or retired version; --force proceeds and the
-        event's reason says what it overrode."""
-        found = self.verdict(event.to_version)
-        if found is None:
-            return
-        status, detail = found
-        if self.force:
-            log.warning("--force: %s although %s", what, detail)
-            event.reason = _join(event.reason, f"forced past status {status}: {detail}")
-            return
-        event.success, event.refused = False, True
-        event.reason = _join(event.reason, f"refused: {detail}")
-        event.from_state = event.to_state = live.describe()
-        event.percent = float(live.percent or 0) if live.canary_active else 0.0
-        event.ts = _now()
-        self._record(event, {event.to_version: {}})
-        raise Refused(
-            f"{what} refused: {detail}\n(--force rolls it out anyway; the override is recorded in the "
-            "event's reason)"
-        )
-
-    def health_gates(self, version: str, production: str | None) -> list[g.GateResult]:
-        times = self.canary_times(version)
-        try:
-            reader = self.reader()
-            reports = reader.drift_reports(model_version=version, slot="canary", limit=20).to_dict("records")
-            stats = reader.live_requests(since=times.since, model_name=MODEL_NAME)
-            prod = _stats_row(stats, production)
-            prod_latency, note = None, ""
-            if production and _thin(prod, self.settings.min_samples):
-                # at 100 % (or a share near it) production serves almost nothing in the window, and a warm
-                # production may make few model calls: the hour before the step stands in for what is
-                # thin, test by test (its error rate from the step's window when that holds enough)
-                before = reader.live_requests(
-                    since=times.since - timedelta(seconds=LOOKBACK_S), until=times.since, model_name=MODEL_NAME
-                )
-                prod, prod_latency, note = _production_from(prod, _stats_row(before, production), self.settings)
-        except Exception as e:  # noqa: BLE001 - no evidence is a reason to hold, not to crash or step
-            why = f"prediction log unavailable: {type(e).__name__}: {e}"
-            return [g.GateResult("drift", g.WAIT, why), g.GateResult("live", g.WAIT, why)]
-        drift = g.drift_gate(reports, version, times.started, self.settings)
-        live = g.live_gate(
-            _stats_row(stats, version), prod, self.settings, production_latency=prod_latency, production_note=note
-        )
-        if times.source:
-            live.detail = f"{live.detail} ({times.source})"
-        # a skewed clock holds the canary, but never hides a failure found in the fallback window
-        if times.started_skew and drift.status != g.FAIL:
-            drift = g.GateResult("drift", g.WAIT, times.started_skew, drift.values)
-        if times.skew and live.status != g.FAIL:
-            live = g.GateResult("live", g.WAIT, times.skew, live.values)
-        return [drift, live]
-
-    def canary_times(self, version: str) -> CanaryTimes:
-        """When the canary started and last stepped: its tags ``promotion.canary_started_at`` and
-        ``promotion.step_at``; where one is missing, unreadable or later than now (another host's clock),
-        the latest such action the audit trail records (the version's event tags, else the
-        ``promotion_events`` table), else (no step time at all) the last ``LOOKBACK_S`` (at least the dwell)."""
-        tags = self.info(version).tags
-        now = _now()
-        started, started_why, started_skew = _tag_time(tags, STARTED_AT_TAG, now)
-        step, step_why, skew = _tag_time(tags, STEP_AT_TAG, now)
-        if started is not None and step is not None:
-            return CanaryTimes(started, step)
-        recorded = self._recorded_steps(version, tags, now)
-        if started is None and "canary_start" in recorded:
-            started = recorded["canary_start"][0]
-        if step is not None:
-            return CanaryTimes(started, step, started_skew=started_skew)
-        known = [(started, f"the canary's start ({STARTED_AT_TAG})")] if started and not started_why else []
-        if "step" in recorded:
-            ts, action, where = recorded["step"]
-            known.append((ts, f"the latest step the audit trail records: {action} at {ts.isoformat()} in {where}"))
-        if known:
-            since, what = max(known, key=lambda k: k[0])
-            return CanaryTimes(started, since, f"{step_why}: counting since {what}", skew, started_skew)
-        lookback = max(LOOKBACK_S, self.settings.min_step_interval_s)
-        source = (
-            f"{step_why} and no step time recorded (no canary_start, canary_set or advance of version "
-            f"{version} in the audit trail): counting the last {lookback / 3600:g} h"
-        )
-        return CanaryTimes(started, now - timedelta(seconds=lookback), source, skew, started_skew)
-
-    def _recorded_steps(
-        self, version: str, tags: dict[str, str], now: datetime
-    ) -> dict[str, tuple[datetime, str, str]]:
-        """The latest successful ``canary_start`` and the latest step (``canary_start``, ``canary_set``,
-        ``advance``) of ``version`` the audit trail records, not later than now: (time, action, where)."""
-        found: list[tuple[datetime, str, str]] = []
-        for key, value in tags.items():
-            if not key.startswith(f"{TAG_PREFIX}event."):
-                continue
-            try:
-                entry = json.loads(value)
-            except ValueError:
-                continue  # a history entry cut at the tag length limit
-            ts = _parse_ts(entry.get("at")) if isinstance(entry, dict) else None
-            if ts and entry.get("ok") and entry.get("action") in _STEP_ACTIONS:
-                found.append((ts, str(entry["action"]), f"the version's audit tags ({key})"))
-        if not found:
-            try:
-                rows = _records(self.reader().promotion_events(limit=1000))
-            except Exception as e:  # noqa: BLE001 - no audit trail: the lookback applies
-                log.warning("could not read promotion_events for the canary's step time: %s", e)
-                rows = []
-            for r in rows:
-                ts = _as_utc(r.get("ts"))
-                if (
-                    ts
-                    and str(r.get("to_version")) == version
-                    and r.get("action") in _STEP_ACTIONS
-                    and bool(r.get("success"))
-                    and not bool(r.get("dry_run"))
-                ):
-                    found.append((ts, str(r["action"]), "the promotion_events table"))
-        found = [f for f in found if f[0] <= now + timedelta(seconds=CLOCK_TOLERANCE_S)]
-        out: dict[str, tuple[datetime, str, str]] = {}
-        if found:
-            out["step"] = max(found, key=lambda f: f[0])
-        starts = [f for f in found if f[1] == "canary_start"]
-        if starts:
-            out["canary_start"] = max(starts, key=lambda f: f[0])
-        return out
-
     # ------------------------------------------------------------------ execution
 
     @contextmanager
@@ -425,7 +195,7 @@ class Promoter:
         if self.dry_run:
             event.dry_run = True
             patches = [self.target.plan(s) for s in steps]
-            event.ts = _now()  # a dry run's time is its decision's
+            event.ts = utc_now()  # a dry run's time is its decision's
             audit_ok = self._record(event, {})
             return Outcome(
                 event.action,
@@ -438,7 +208,7 @@ class Promoter:
         try:
             for step in steps:
                 patches.append(self.target.apply(step))
-            applied_at = _now()  # the target confirmed the change: when it took effect
+            applied_at = utc_now()  # the target confirmed the change: when it took effect
             self.target.check_lock()  # a Lease lost meanwhile: the registry is not changed either
             for alias, version in set_aliases.items():
                 if aliases.get(alias) != version:
@@ -448,7 +218,7 @@ class Promoter:
                     self.registry.delete_alias(alias)
         except Exception as e:
             event.success, event.reason = False, f"{event.reason}; failed: {e}".lstrip("; ")
-            event.ts = _now()  # when it failed
+            event.ts = utc_now()  # when it failed
             self._record(event, {v: {} for v in version_tags or {}})  # the audit, not the new state
             if not self._changed_since(live, aliases):
                 raise PromotionError(f"{event.action} failed, nothing was changed: {e}") from e
@@ -525,7 +295,7 @@ class Promoter:
             return
         event.success, event.refused = False, True
         event.reason = _join(event.reason, f"gates {verdict}: {failed}")
-        event.ts = _now()  # a refusal's time is its decision's (the gates may take a while)
+        event.ts = utc_now()  # a refusal's time is its decision's (the gates may take a while)
         if not event.from_state:  # refused before a change was planned: the state it left as it was
             try:
                 live = self.target.read()
@@ -539,6 +309,28 @@ class Promoter:
             f"{what} refused, gates did not pass:\n  - "
             + "\n  - ".join(f"{r.name}: {r.status} — {r.detail}" for r in event.gates)
             + "\n(--force overrides)"
+        )
+
+    def _refuse_verdict(self, event: Event, live: RolloutState, what: str) -> None:
+        """Refuse (exit 3, recorded) rolling out a rejected or retired version; --force proceeds and the
+        event's reason says what it overrode."""
+        found = self.evidence.verdict(event.to_version)
+        if found is None:
+            return
+        status, detail = found
+        if self.force:
+            log.warning("--force: %s although %s", what, detail)
+            event.reason = _join(event.reason, f"forced past status {status}: {detail}")
+            return
+        event.success, event.refused = False, True
+        event.reason = _join(event.reason, f"refused: {detail}")
+        event.from_state = event.to_state = live.describe()
+        event.percent = float(live.percent or 0) if live.canary_active else 0.0
+        event.ts = utc_now()
+        self._record(event, {event.to_version: {}})
+        raise Refused(
+            f"{what} refused: {detail}\n(--force rolls it out anyway; the override is recorded in the "
+            "event's reason)"
         )
 
     # ------------------------------------------------------------------ actions
@@ -590,7 +382,7 @@ class Promoter:
                 )
             event = self._event("canary_start", from_version=production, to_version=version, reason=reason)
             self._refuse_verdict(event, live, f"canary of version {version}")
-            event.gates = self.offline_gates(version, production)
+            event.gates = self.evidence.offline_gates(version, production)
             self._refuse_on_gates(event, f"canary of version {version}")
             tags = {STATUS_TAG: "canary", PERCENT_TAG: str(percent), **self._moved_verdicts(version)}
             if resumed:  # finishing an interrupted start: the canary keeps its start time
@@ -652,7 +444,7 @@ class Promoter:
         version = str(live.canary_version)
         production = live.production_version
         event = self._event("advance", from_version=production or "", to_version=version, reason=reason)
-        event.gates = self.offline_gates(version, production) + self.health_gates(version, production)
+        event.gates = self.evidence.offline_gates(version, production) + self.evidence.health_gates(version, production)
         self._refuse_on_gates(event, f"advancing version {version} from {live.percent}% to {nxt}%")
         return self._execute(
             event,
@@ -680,7 +472,7 @@ class Promoter:
         )
         event = self._event("promote", from_version=previous or "", to_version=version, reason=reason)
         if live.canary_active:
-            event.gates = self.offline_gates(version, previous) + self.health_gates(version, previous)
+            event.gates = self.evidence.offline_gates(version, previous) + self.evidence.health_gates(version, previous)
             self._refuse_on_gates(event, f"promoting version {version}")
             desired = live.promoted()
         else:
@@ -709,12 +501,12 @@ class Promoter:
         registry_prod = alias if alias != version else None
         baseline = live_prod or registry_prod  # what leaves traffic, else what the registry called production
         event = self._event("deploy", from_version=baseline or serving or "", to_version=version, reason=reason)
-        found = self.verdict(version)
+        found = self.evidence.verdict(version)
         # bringing the target in line with the registry's production alias is not rolling a retired
         # version out again (a promotion retires what it replaces); a rejected one stays refused
         if alias != version or (found is not None and found[0] == "rejected"):
             self._refuse_verdict(event, live, f"deploying version {version}")
-        event.gates = self.offline_gates(version, baseline)
+        event.gates = self.evidence.offline_gates(version, baseline)
         self._refuse_on_gates(event, f"deploying version {version}")
         desired = live.deployed(version, self.uri(version))
         tags = {
@@ -828,20 +620,20 @@ class Promoter:
                 f"({source}), is not in the registry"
             )
         event = self._event("rollback", from_version=current, to_version=previous, reason=reason)
-        found = self.verdict(previous)
+        found = self.evidence.verdict(previous)
         if found is not None and found[0] == "rejected":  # retired is what a promotion leaves: the way back
             if not self.force:
                 event.success, event.refused = False, True
                 event.reason = _join(event.reason, f"refused: {found[1]}")
                 event.from_state = event.to_state = live.describe()
-                event.ts = _now()
+                event.ts = utc_now()
                 self._record(event, {previous: {}})
                 raise Refused(
                     f"rolling production back from version {current} to {previous} ({source}) refused: "
                     f"{found[1]}\n(--force restores it anyway; the override is recorded in the event's reason)"
                 )
             event.reason = _join(event.reason, f"forced past status rejected: {found[1]}")
-        event.gates = self.golden_gates(previous)
+        event.gates = self.evidence.golden_gates(previous)
         self._refuse_on_gates(event, f"rolling production back from version {current} to {previous}")
         tags = {
             previous: {
@@ -921,7 +713,7 @@ class Promoter:
         if not live.canary_active:
             return self._auto_start(live, aliases)
         version, production = str(live.canary_version), live.production_version
-        gates = self.offline_gates(version, production) + self.health_gates(version, production)
+        gates = self.evidence.offline_gates(version, production) + self.evidence.health_gates(version, production)
         verdict = g.summarize(gates)
         if verdict == g.FAIL:
             failed = "; ".join(f"{r.name}: {r.detail}" for r in gates if r.status == g.FAIL)
@@ -931,8 +723,8 @@ class Promoter:
         if verdict == g.WAIT:
             waiting = "; ".join(f"{r.name}: {r.detail}" for r in gates if r.status == g.WAIT)
             return self._hold(live, gates, f"waiting for evidence: {waiting}")
-        step_at = self.canary_times(version).since
-        if (_now() - step_at).total_seconds() < self.settings.min_step_interval_s:
+        step_at = self.evidence.canary_times(version).since
+        if (utc_now() - step_at).total_seconds() < self.settings.min_step_interval_s:
             return self._hold(
                 live,
                 gates,
@@ -950,7 +742,7 @@ class Promoter:
             return self._hold(live, [], "no 'candidate' alias; nothing to roll out")
         if candidate == production:
             return self._hold(live, [], f"candidate version {candidate} is already production")
-        found = self.verdict(candidate)
+        found = self.evidence.verdict(candidate)
         if found is not None:  # auto never overrides a verdict; `canary start V --force` does
             return self._hold(
                 live,
@@ -958,7 +750,7 @@ class Promoter:
                 f"candidate {found[1]}; train or alias a new candidate (or `motlens promote canary start "
                 f"{candidate} --force`)",
             )
-        gates = self.offline_gates(candidate, production)
+        gates = self.evidence.offline_gates(candidate, production)
         if g.summarize(gates) == g.WAIT:  # e.g. the golden check could not run: try again next time
             return self._hold(live, gates, f"candidate version {candidate}: gates could not decide yet")
         if g.summarize(gates) != g.PASS:
@@ -1009,184 +801,12 @@ class Promoter:
                 ok = False
         return Outcome("hold", why, gates=gates, audit_ok=ok)
 
-    # ------------------------------------------------------------------ status
-
-    def status(self) -> dict[str, Any]:
-        """Registry aliases and versions, live state, disagreements, drift verdicts, live stats, events."""
-        out: dict[str, Any] = {"target": self.target.describe(), "aliases": self.registry.aliases()}
-        out["versions"] = [
-            {
-                "version": v.version,
-                "aliases": v.aliases,
-                "status": v.tags.get(STATUS_TAG, ""),
-                "created_at": v.created_at.isoformat() if v.created_at else None,
-                "last_action": v.tags.get("promotion.last_action", ""),
-                "metrics": {m: v.metrics[m] for m in self.settings.offline_metrics if m in v.metrics},
-            }
-            for v in self.registry.versions(limit=10)
-        ]
-        try:
-            live = self.target.read()
-        except (TargetError, RolloutError) as e:
-            out["live"], out["live_error"] = None, str(e)
-            live = None
-        if live is not None:
-            out["live"] = {**live.__dict__, "summary": live.describe()}
-            out["disagreements"] = self.disagreements(live, out["aliases"])
-        versions = {
-            v
-            for v in (
-                out["aliases"].get("production"),
-                out["aliases"].get("canary"),
-                live and live.canary_version,
-                live and live.production_version,
-            )
-            if v
-        }
-        try:
-            reader = self.reader()
-            out["drift"] = [
-                r for v in sorted(versions) for r in _records(reader.drift_reports(model_version=v, limit=1))
-            ]
-            canary = live.canary_version if live else None
-            times = self.canary_times(canary) if canary else None
-            since = times.since if times else _hours_ago(1)
-            out["live_stats_since"] = since.isoformat()
-            if times and (times.skew or times.started_skew or times.source):
-                out["live_stats_note"] = "; ".join(n for n in (times.skew, times.started_skew, times.source) if n)
-            out["live_stats"] = _records(reader.live_stats(since=since, model_name=MODEL_NAME))
-            out["live_requests"] = [  # what the live gate counts: requests, not rows (arrays left out)
-                {k: v for k, v in r.items() if not k.endswith(("latencies", "miss_pair_texts"))}
-                for r in _records(reader.live_requests(since=since, model_name=MODEL_NAME))
-            ]
-            out["events"] = _records(reader.promotion_events(limit=5))
-        except Exception as e:  # noqa: BLE001 - status shows what it can
-            out["predlog_error"] = str(e)
-        return out
-
 
 def check_or_raise(percent: int) -> None:
     try:
         check_percent(percent)
     except RolloutError as e:
         raise PromotionError(str(e)) from e
-
-
-_EMBEDDERS: dict[str, Any] = {}
-
-
-def _embedder_for(bundle: Any) -> Any:
-    """One torch embedder per distinct embedder (by its files' sha256) in this process."""
-    from motlens.embedder import TorchEmbedder
-
-    key = "|".join(
-        f"{k}={v}" for k, v in sorted(bundle.manifest["files"].items()) if k.startswith("embedder/")
-    )
-    if key not in _EMBEDDERS:
-        _EMBEDDERS[key] = TorchEmbedder(bundle.embedder_dir, device="cpu")
-    return _EMBEDDERS[key]
-
-
-def _production_from(
-    now: dict[str, Any] | None, before: dict[str, Any] | None, settings: PromoteSettings
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str]:
-    """(production for the error test, for the latency test, a note): the hour before the step replaces
-    the step's window for a test it holds too little for and the hour holds more."""
-    need, took = settings.min_samples, []
-    errors, latency = now, None
-    if _count(now, "requests") < need and _count(before, "requests") > _count(now, "requests"):
-        errors = before
-        took.append("error rate")
-    if _count(now, "miss_requests") < need and _count(before, "miss_requests") > _count(now, "miss_requests"):
-        latency = before
-        took.append("latencies")
-    if not took:
-        return now, None, ""
-    return errors, latency, (
-        f"production's {' and '.join(took)} from the hour before this step ({_count(now, 'requests')} requests, "
-        f"{_count(now, 'miss_requests')} with a cache miss, since it)"
-    )
-
-
-def _thin(row: dict[str, Any] | None, min_samples: int) -> bool:
-    """Too few production requests, or too few with a cache miss, to stand for production."""
-    return min(_count(row, "requests"), _count(row, "miss_requests")) < min_samples
-
-
-def _count(row: dict[str, Any] | None, key: str) -> int:
-    return int((row or {}).get(key) or 0)
-
-
-def _fresh_embedder(bundle: Any) -> Any:
-    """A torch embedder of ``bundle`` that is not kept (production's, once, for the paired comparison)."""
-    from motlens.embedder import TorchEmbedder
-
-    return TorchEmbedder(bundle.embedder_dir, device="cpu")
-
-
-def _stats_row(stats: Any, version: str | None) -> dict[str, Any] | None:
-    """The live stats of one version, whichever slot its servers call themselves (by version, not slot:
-    a KServe canary revision's pods log ``production``, as every pod serves its own model)."""
-    if version is None or stats is None or len(stats) == 0:
-        return None
-    rows = stats[stats["model_version"] == str(version)]
-    return None if rows.empty else rows.iloc[0].to_dict()
-
-
-def _records(df: Any) -> list[dict[str, Any]]:
-    """The rows as dicts of plain Python values: pandas boxes a row's scalars, not those inside its
-    maps (``section_counts`` holds numpy.uint64, which ``json.dumps(default=str)`` printed as "88")."""
-    return [] if df is None or len(df) == 0 else [_plain(r) for r in df.to_dict("records")]
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with the numpy scalars inside its dicts and lists (not its arrays) as Python numbers."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _hours_ago(h: float) -> datetime:
-    return _now() - timedelta(hours=h)
-
-
-def _tag_time(tags: dict[str, str], name: str, now: datetime) -> tuple[datetime | None, str, str]:
-    """(time, why it is unusable, clock-skew message) of the time tag ``name``: the time is None when
-    the tag is missing, unreadable or later than now beyond :data:`CLOCK_TOLERANCE_S`."""
-    raw = tags.get(name)
-    if not raw:
-        return None, f"{name} missing", ""
-    ts = _parse_ts(raw)
-    if ts is None:
-        return None, f"{name} unreadable ({raw!r})", ""
-    ahead = (ts - now).total_seconds()
-    if ahead > CLOCK_TOLERANCE_S:
-        skew = (
-            f"clock skew: {name} {raw} is later than now ({now.isoformat()}) by {ahead:.0f} s — the clock of "
-            "the host that wrote it runs ahead, or this host's runs behind; holding until the clocks agree "
-            "(fix the clock, or re-stamp the step with `motlens promote canary set N` at the current share)"
-        )
-        return None, f"{name} in the future", skew
-    return ts, "", ""
-
-
-def _as_utc(ts: Any) -> datetime | None:
-    """A ``promotion_events`` time (a pandas Timestamp, a datetime or a string) as an aware UTC datetime."""
-    if ts is None:
-        return None
-    if hasattr(ts, "to_pydatetime"):
-        ts = ts.to_pydatetime()
-    if isinstance(ts, str):
-        return _parse_ts(ts)
-    if not isinstance(ts, datetime):
-        return None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-
-
-def _json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
 
 
 def _join(*parts: str) -> str:

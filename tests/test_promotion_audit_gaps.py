@@ -12,8 +12,10 @@ import pytest
 from promotion_support import drift_report, make_env
 
 from promotion.locking import LockBusy
+from promotion.status import read_status
+from promotion.tags import STARTED_AT_TAG
 from promotion.targets import GitOpsTarget
-from promotion.workflow import STARTED_AT_TAG, Promoter, PromotionError, Refused
+from promotion.workflow import Promoter, PromotionError, Refused
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 
@@ -86,7 +88,7 @@ def test_status_shows_the_drift_jobs_verdict_not_just_the_flag(canary, monkeypat
     row["details"] = json.dumps({"status": "insufficient_data"})
     row["ts"] = datetime.now(UTC) + timedelta(seconds=1)  # the newest report
     reader.insert_drift_report(row)
-    status = _promoter(env, target).status()
+    status = read_status(_promoter(env, target))
     assert _print_status(status, as_json=False) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "insufficient data" in out and "no drift" not in out
@@ -162,7 +164,7 @@ def test_a_replaced_or_dropped_canary_is_retired_with_the_reason(canary):
     p.promote("1")  # a direct deploy while canary 3 runs drops it
     tags = env.registry.resolve("3").tags
     assert tags["promotion.status"] == "retired" and "canary dropped: deployed 1" in tags["promotion.retired_reason"]
-    statuses = {v["version"]: v["status"] for v in p.status()["versions"]}
+    statuses = {v["version"]: v["status"] for v in read_status(p)["versions"]}
     assert list(statuses.values()).count("canary") == 0
 
 
@@ -243,7 +245,7 @@ def test_the_registrys_production_is_deployed_over_what_the_overlay_serves(
     target = GitOpsTarget(env.settings())
     registry.set_alias("production", version)
     p = _promoter(env, target)
-    assert p.status()["disagreements"]
+    assert read_status(p)["disagreements"]
     placeholder = "production v1 at 100% from s3://.*/0{32}/"
     with pytest.raises(PromotionError, match=f"alias names version {version} but .* serves {placeholder}.*: "
                                              f"deploy it with `motlens promote promote {version}`"):  # fmt: skip
@@ -252,7 +254,7 @@ def test_the_registrys_production_is_deployed_over_what_the_overlay_serves(
     assert out.action == "deploy" and [(r.name, r.status) for r in out.gates] == [("offline", "pass")]
     live = target.read()
     assert (live.production_version, live.storage_uri) == (version, registry.resolve(version).artifact_uri)
-    assert registry.aliases() == {"production": version} and p.status()["disagreements"] == []
+    assert registry.aliases() == {"production": version} and read_status(p)["disagreements"] == []
     assert registry.resolve("1").tags.get("promotion.status") == ("production" if version == "1" else None)
     written = (target.overlay / "rollout.yaml").read_text()
     agreed = "it serves it and the registry's 'production' alias names it$"
@@ -297,4 +299,4 @@ def test_an_interrupted_first_deployment_is_finished_by_a_rerun(registry, tiny_b
         p.canary_start("1", 10)  # it once advised --force, which this state does not need
     p.promote("1")
     assert registry.aliases() == {"production": "1"} and (target.overlay / "rollout.yaml").read_text() == written
-    assert registry.resolve("1").tags["promotion.status"] == "production" and p.status()["disagreements"] == []
+    assert registry.resolve("1").tags["promotion.status"] == "production" and read_status(p)["disagreements"] == []

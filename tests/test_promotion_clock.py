@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 from promotion_support import HEALTHY, drift_report, log_traffic, make_env
 
+from promotion.tags import STARTED_AT_TAG, STEP_AT_TAG
 from promotion.targets import GitOpsTarget
-from promotion.workflow import STARTED_AT_TAG, STEP_AT_TAG, Promoter
+from promotion.workflow import Promoter
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 

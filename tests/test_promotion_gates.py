@@ -347,7 +347,7 @@ def test_a_regression_does_not_hide_behind_a_small_production_sample():
 
 def test_the_hour_before_stands_in_test_by_test():
     """Review: a warm production (few model calls in the window) had its current error rate replaced too."""
-    from promotion.workflow import _production_from
+    from promotion.evidence import _production_from
 
     now = {**_side(20_000, 160, FAST[:1000], np.full(50, 20.0))}
     before = {**_side(100_000, 0, FAST, np.full(1500, 20.0))}

@@ -19,6 +19,7 @@ from promotion_support import (
 )
 
 from promotion.rollout import ANN_CANARY_VERSION, ANN_PROD_URI, ANN_PROD_VERSION
+from promotion.status import read_status
 from promotion.targets import GitOpsTarget
 from promotion.workflow import Promoter, PromotionError, Refused
 
@@ -141,7 +142,7 @@ def test_full_rollout_then_rollback(env, tmp_path):
     actions = list(reversed(events[~events["dry_run"] & events["success"]]["action"].tolist()))
     assert actions == ["deploy", "canary_start", "advance", "advance", "advance", "promote", "canary_start",
                        "rollback"]
-    status = p.status()
+    status = read_status(p)
     assert status["disagreements"] == [] and status["live"]["canary_version"] is None
 
 
@@ -160,7 +161,7 @@ def test_manual_edit_is_respected_and_guarded(env, tmp_path):
         if op["path"] == "/spec/predictor/canaryTrafficPercent":
             op["value"] = 40
     rollout.write_text(yaml.safe_dump(ops))
-    assert p.status()["live"]["percent"] == 40
+    assert read_status(p)["live"]["percent"] == 40
     log_traffic("2", "production", HEALTHY)
     drift_report("2", detected=False)
     p.advance()
@@ -173,7 +174,7 @@ def test_manual_edit_is_respected_and_guarded(env, tmp_path):
             op["value"] = "s3://somewhere/else"
     rollout.write_text(yaml.safe_dump(ops))
     edited = rollout.read_text()
-    assert any("s3://somewhere/else" in d for d in p.status()["disagreements"])
+    assert any("s3://somewhere/else" in d for d in read_status(p)["disagreements"])
     with pytest.raises(Refused, match="s3://somewhere/else"):
         p.canary_set(60)
     assert rollout.read_text() == edited
@@ -192,14 +193,14 @@ def test_interrupted_change_is_repaired_by_a_rerun(env):
     live = target.read()
     target.apply(live.with_canary("2", reg.resolve("2").artifact_uri, 10))
     written = (target.overlay / "rollout.yaml").read_text()
-    problems = p.status()["disagreements"]
+    problems = read_status(p)["disagreements"]
     assert problems and "canary" in problems[0]
     with pytest.raises(Refused):
         p.canary_set(20)  # another change is refused while the state is inconsistent
     p.canary_start("2", 10)  # the same command again finishes it
     assert (target.overlay / "rollout.yaml").read_text() == written
     assert reg.aliases() == {"production": "1", "canary": "2"}
-    assert p.status()["disagreements"] == []
+    assert read_status(p)["disagreements"] == []
 
 
 def test_dry_run_changes_nothing(env):

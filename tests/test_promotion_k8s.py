@@ -46,6 +46,7 @@ def cluster_ns():
 def test_k8s_target_canary_edit_and_rollback(cluster_ns, registry, tiny_bundle, tmp_path, monkeypatch):
     from promotion.locking import LockBusy
     from promotion.rollout import API_GROUP, API_VERSION, PLURAL, state_from_isvc
+    from promotion.status import read_status
     from promotion.targets import K8sTarget
     from promotion.workflow import Promoter, Refused
 
@@ -68,7 +69,7 @@ def test_k8s_target_canary_edit_and_rollback(cluster_ns, registry, tiny_bundle, 
     # `kubectl edit` of the percentage is respected
     api.patch_namespaced_custom_object(API_GROUP, API_VERSION, ns, PLURAL, "mot-defects",
                                        {"spec": {"predictor": {"canaryTrafficPercent": 30}}})
-    assert p.status()["live"]["percent"] == 30 and p.status()["disagreements"] == []
+    assert read_status(p)["live"]["percent"] == 30 and read_status(p)["disagreements"] == []
     # an edited storage URI is not: refused until --force
     p.canary_set(40)
     body = target.get()

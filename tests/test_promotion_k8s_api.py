@@ -137,6 +137,7 @@ def _live(api: ApiServer):
 
 def test_k8s_target_canary_edit_advance_race_and_rollback(k8s):
     from promotion.locking import LockBusy
+    from promotion.status import read_status
     from promotion.targets import K8sTarget, TargetError
     from promotion.workflow import Promoter, PromotionError, Refused
 
@@ -154,7 +155,7 @@ def test_k8s_target_canary_edit_advance_race_and_rollback(k8s):
     assert api.isvc()["metadata"]["annotations"]["motlens.io/canary-version"] == "2"
 
     api.edit({"spec": {"predictor": {"canaryTrafficPercent": 30}}})  # `kubectl edit`: respected
-    assert p.status()["live"]["percent"] == 30 and p.status()["disagreements"] == []
+    assert read_status(p)["live"]["percent"] == 30 and read_status(p)["disagreements"] == []
 
     log_traffic("2", "canary", HEALTHY)
     log_traffic("1", "production", HEALTHY)
@@ -285,6 +286,7 @@ def test_k8s_rollback_after_a_promotion_restores_the_previous_spec(k8s):
     """No canary: `rollback` puts the version the promotion replaced back in the spec (its URI in
     STORAGE_URI and the production annotations, no canaryTrafficPercent), as a merge patch the CRD
     schema accepts; the alias follows and the version left is rejected."""
+    from promotion.status import read_status
     from promotion.workflow import Promoter
 
     env, api, settings, target = k8s
@@ -304,4 +306,4 @@ def test_k8s_rollback_after_a_promotion_restores_the_previous_spec(k8s):
     assert "motlens.io/canary-version" not in isvc["metadata"]["annotations"]
     assert env.registry.aliases() == {"production": "1"}
     assert env.registry.resolve("2").tags["promotion.status"] == "rejected"
-    assert p.status()["disagreements"] == []
+    assert read_status(p)["disagreements"] == []

@@ -20,7 +20,9 @@ from conftest import _TINY_TEXTS, free_port
 
 from promotion.local_target import LocalTarget
 from promotion.settings import PromoteSettings
-from promotion.workflow import STEP_AT_TAG, Promoter
+from promotion.status import read_status
+from promotion.tags import STEP_AT_TAG
+from promotion.workflow import Promoter
 
 TEXTS = [t for t, _, _ in _TINY_TEXTS]
 CLIENTS = 2
@@ -162,7 +164,7 @@ def test_local_canary_promote_and_rollback_under_traffic(registry, tiny_bundle, 
     reader = p.reader()
     try:
         with Traffic(base) as traffic:
-            assert p.status()["disagreements"] == []  # no --force needed to start from the alias ref
+            assert read_status(p)["disagreements"] == []  # no --force needed to start from the alias ref
             assert target.read().production_version == "1"
 
             p.canary_start("2", 25)
@@ -218,9 +220,9 @@ def test_local_promote_brings_the_registrys_production_live(registry, tiny_bundl
     with _served_at_production(registry, embedder) as (target, p):
         registry.set_alias("production", "2")
         disagree = "live production is version 1 but the registry's 'production' alias is 2"
-        assert p.status()["disagreements"] == [disagree]
+        assert read_status(p)["disagreements"] == [disagree]
         p.promote("2")
-        assert target.read().production_version == "2" and p.status()["disagreements"] == []
+        assert target.read().production_version == "2" and read_status(p)["disagreements"] == []
         with pytest.raises(PromotionError, match="version 2 is already production on local motlens serve"):
             p.promote("2")
 
@@ -231,7 +233,7 @@ def test_local_canary_start_rerun_after_a_restart_keeps_the_start_time(
 ):
     """A server restarted without the canary the registry records (alias, tags): re-running
     `canary start 2` reloads it and once re-stamped promotion.canary_started_at (dropping drift evidence)."""
-    from promotion.workflow import STARTED_AT_TAG
+    from promotion.tags import STARTED_AT_TAG
 
     _two_versions(registry, tiny_bundle, monkeypatch)
     registry.set_alias("production", "1")
@@ -242,5 +244,5 @@ def test_local_canary_start_rerun_after_a_restart_keeps_the_start_time(
         assert target.read().canary_version is None
         p.canary_start("2", 10)
         live = target.read()
-        assert (live.canary_version, live.percent) == ("2", 10) and p.status()["disagreements"] == []
+        assert (live.canary_version, live.percent) == ("2", 10) and read_status(p)["disagreements"] == []
         assert registry.resolve("2").tags[STARTED_AT_TAG] == started

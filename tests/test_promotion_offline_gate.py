@@ -19,7 +19,7 @@ SPLIT = {"split.seed": 0, "split.scheme": "text-hash", "split.holdout_fraction":
 
 def _gate(registry, version, production):
     promoter = Promoter(PromoteSettings(golden_check=False), registry, target=None)
-    [offline] = promoter.offline_gates(version, production)
+    [offline] = promoter.evidence.offline_gates(version, production)
     return offline
 
 
@@ -80,9 +80,9 @@ def test_golden_gate_refuses_a_bundle_whose_probabilities_moved(registry, tiny_b
     bad = registry.register_bundle(_with_head(bundle, biased, tmp_path / "biased"), metrics=REAL, params=SPLIT,
                                    alias=None).version  # fmt: skip
     promoter = Promoter(PromoteSettings(), registry, target=None)
-    ok = promoter.offline_gates(good, None)[1]
+    ok = promoter.evidence.offline_gates(good, None)[1]
     assert ok.name == "golden" and ok.status == "pass", ok.detail
-    refused = promoter.offline_gates(bad, None)[1]
+    refused = promoter.evidence.offline_gates(bad, None)[1]
     assert refused.status == "fail" and "max |Δ probability|" in refused.detail, refused.detail
 
 
@@ -140,7 +140,8 @@ def test_paired_passes_the_same_head_that_its_run_metrics_would_refuse(registry,
     prod = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
     lower = {**REAL, "severity_macro_f1": REAL["severity_macro_f1"] - 0.03}
     cand = _register(registry, tiny_bundle.root, heldout_source, tmp_path, metrics=lower).version
-    runs = Promoter(PromoteSettings(golden_check=False, paired=False), registry, None).offline_gates(cand, prod)[0]
+    runs_only = Promoter(PromoteSettings(golden_check=False, paired=False), registry, None)
+    runs = runs_only.evidence.offline_gates(cand, prod)[0]
     assert runs.status == "fail" and "worse than production: severity_macro_f1" in runs.detail
     r = _gate(registry, cand, prod)
     n = len(heldout_source[0])
@@ -174,7 +175,7 @@ def test_paired_result_is_kept_per_production_and_settings(registry, tiny_bundle
     prod = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
     cand = _register(registry, _scrambled(tiny_bundle, tmp_path), heldout_source, tmp_path).version
     dry = Promoter(PromoteSettings(golden_check=False), registry, target=None, dry_run=True)
-    assert dry.offline_gates(cand, prod)[0].status == "fail"
+    assert dry.evidence.offline_gates(cand, prod)[0].status == "fail"
     assert pc.PAIRED_TAG not in registry.resolve(cand).tags  # a dry run writes nothing
     first = _gate(registry, cand, prod)
     stored = json.loads(registry.resolve(cand).tags[pc.PAIRED_TAG])
@@ -185,7 +186,7 @@ def test_paired_result_is_kept_per_production_and_settings(registry, tiny_bundle
     again = _gate(registry, cand, prod)
     assert calls == [] and again.detail == first.detail and again.values == first.values
     other = Promoter(PromoteSettings(golden_check=False, paired_resamples=200), registry, None)
-    assert other.offline_gates(cand, prod)[0].status == "fail" and len(calls) == 1  # other settings: anew
+    assert other.evidence.offline_gates(cand, prod)[0].status == "fail" and len(calls) == 1  # other settings: anew
     assert json.loads(registry.resolve(cand).tags[pc.PAIRED_TAG])["settings"]["resamples"] == 200
 
 

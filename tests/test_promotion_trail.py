@@ -18,7 +18,9 @@ import pytest
 from promotion_support import make_env
 
 from promotion.local_target import ADMIN, LocalTarget
-from promotion.workflow import PREVIOUS_TAG, Promoter, PromotionError, Refused
+from promotion.status import read_status
+from promotion.tags import PREVIOUS_TAG
+from promotion.workflow import Promoter, PromotionError, Refused
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders the overlay copy")
 
@@ -268,7 +270,7 @@ def test_rollback_after_a_promotion_restores_the_previous_production(local):
     assert out.action == "rollback" and [r.name for r in out.gates] == ["golden"]
     assert serve.slots["production"] == {"version": "1", "ref": "models:/mot-defects/1"}
     assert serve.slots["canary"]["version"] is None
-    assert env.registry.aliases()["production"] == "1" and p.status()["disagreements"] == []
+    assert env.registry.aliases()["production"] == "1" and read_status(p)["disagreements"] == []
     row = _events(1)[0]
     assert (row["action"], row["from_version"], row["to_version"], bool(row["success"])) == ("rollback", "2", "1", True)
     assert row["reason"] == "p99 doubled after the promotion"

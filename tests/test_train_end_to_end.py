@@ -227,7 +227,7 @@ def test_held_out_set_is_kept_and_the_gate_scores_both_heads_on_it(setup, tmp_pa
     assert held.embedder_files == embedder_files(registry.fetch("1").manifest)
     retrain = train(root / "bulk", TrainSettings(**{**SETTINGS, "seed": 13, "alias": None}), embedder=shared,
                     registry=registry)  # fmt: skip
-    [offline] = Promoter(PromoteSettings(golden_check=False), registry, None).offline_gates(
+    [offline] = Promoter(PromoteSettings(golden_check=False), registry, None).evidence.offline_gates(
         retrain.version.version, first.version.version
     )
     assert offline.values["paired"]["n_texts"] == len(held.texts), offline.detail

@@ -1,0 +1,72 @@
+"""What ``motlens promote status`` reads: aliases and versions, live state, disagreements, drift, live stats, events."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from motlens import MODEL_NAME
+from promotion.clock import utc_now
+from promotion.frames import records
+from promotion.rollout import RolloutError
+from promotion.tags import STATUS_TAG
+from promotion.targets import TargetError
+
+if TYPE_CHECKING:
+    from promotion.workflow import Promoter
+
+
+def read_status(promoter: Promoter) -> dict[str, Any]:
+    """Registry aliases and versions, live state, disagreements, drift verdicts, live stats, events."""
+    out: dict[str, Any] = {"target": promoter.target.describe(), "aliases": promoter.registry.aliases()}
+    out["versions"] = [
+        {
+            "version": v.version,
+            "aliases": v.aliases,
+            "status": v.tags.get(STATUS_TAG, ""),
+            "created_at": v.created_at.isoformat() if v.created_at else None,
+            "last_action": v.tags.get("promotion.last_action", ""),
+            "metrics": {m: v.metrics[m] for m in promoter.settings.offline_metrics if m in v.metrics},
+        }
+        for v in promoter.registry.versions(limit=10)
+    ]
+    try:
+        live = promoter.target.read()
+    except (TargetError, RolloutError) as e:
+        out["live"], out["live_error"] = None, str(e)
+        live = None
+    if live is not None:
+        out["live"] = {**live.__dict__, "summary": live.describe()}
+        out["disagreements"] = promoter.disagreements(live, out["aliases"])
+    versions = {
+        v
+        for v in (
+            out["aliases"].get("production"),
+            out["aliases"].get("canary"),
+            live and live.canary_version,
+            live and live.production_version,
+        )
+        if v
+    }
+    try:
+        reader = promoter.reader()
+        out["drift"] = [r for v in sorted(versions) for r in records(reader.drift_reports(model_version=v, limit=1))]
+        canary = live.canary_version if live else None
+        times = promoter.evidence.canary_times(canary) if canary else None
+        since = times.since if times else _hours_ago(1)
+        out["live_stats_since"] = since.isoformat()
+        if times and (times.skew or times.started_skew or times.source):
+            out["live_stats_note"] = "; ".join(n for n in (times.skew, times.started_skew, times.source) if n)
+        out["live_stats"] = records(reader.live_stats(since=since, model_name=MODEL_NAME))
+        out["live_requests"] = [  # what the live gate counts: requests, not rows (arrays left out)
+            {k: v for k, v in r.items() if not k.endswith(("latencies", "miss_pair_texts"))}
+            for r in records(reader.live_requests(since=since, model_name=MODEL_NAME))
+        ]
+        out["events"] = records(reader.promotion_events(limit=5))
+    except Exception as e:  # noqa: BLE001 - status shows what it can
+        out["predlog_error"] = str(e)
+    return out
+
+
+def _hours_ago(h: float) -> datetime:
+    return utc_now() - timedelta(hours=h)
