@@ -1,5 +1,10 @@
-"""Audit rows the server writes itself: a ``promotion_events`` row (action ``follow``) each time
-``--follow-alias`` switches production to the version the alias moved to (predictor.slots).
+"""Audit rows the server writes itself, one ``promotion_events`` row (target ``serve``) each time it
+changes what it serves: ``follow`` (``--follow-alias`` switched production to the version the alias
+moved to), ``serve_load`` (a slot loaded a model: at start, through the admin API, a restored canary,
+a reference loaded afresh once the registry answered; ``details.fallback`` when it is a last-known-good
+bundle), ``serve_fallback_cleared``, ``serve_percent``, ``serve_promote``, ``serve_rollback`` (the
+admin API's canary operations, also when a promotion CLI drives them) and ``serve_stop``. So what
+the server did, and when, is in the trail beside what the promotion CLI asked for (predictor.slots).
 
 Written through the prediction log's table machinery (predlog.reader's sources, the same path as the
 promotion CLI's rows): a Parquet segment under the embedded log, or one INSERT on ClickHouse, whose
@@ -13,7 +18,7 @@ import json
 import logging
 import socket
 import threading
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from motlens import MODEL_NAME
@@ -30,23 +35,57 @@ def actor() -> str:
     return f"motlens serve@{socket.gethostname()}"
 
 
-def follow_row(alias: str, from_version: str | None, to_version: str, served_since: datetime, ref: str) -> dict:
-    """The ``promotion_events`` row of a follower switch (``ts``: when the new version started serving)."""
+def server_row(
+    action: str,
+    *,
+    slot: str,
+    from_version: str | None,
+    to_version: str | None,
+    percent: float,
+    reason: str,
+    ts: datetime | None = None,
+    **details: Any,
+) -> dict:
+    """A ``promotion_events`` row of something the server did (``ts``: when it took effect)."""
     return {
-        "ts": served_since,
+        "ts": ts or datetime.now(UTC),
         "model_name": MODEL_NAME,
-        "action": "follow",
+        "action": action,
         "from_version": from_version or "",
-        "to_version": to_version,
-        "canary_percent": 0.0,
+        "to_version": to_version or "",
+        "canary_percent": float(percent),
         "target": TARGET,
         "actor": actor(),
         "dry_run": False,
         "success": True,
-        "reason": f"alias {alias} moved to version {to_version}",
+        "reason": reason,
         "gates": "[]",
-        "details": json.dumps({"slot": "production", "ref": ref}),
+        "details": json.dumps({"slot": slot, **details}, default=str),
     }
+
+
+def follow_row(
+    alias: str,
+    from_version: str | None,
+    to_version: str,
+    served_since: datetime,
+    ref: str,
+    *,
+    replaced_fallback: bool = False,
+) -> dict:
+    """The row of a follower switch (``ts``: when the new version started serving). When it replaced a
+    last-known-good bundle the alias did not move then: the registry answered again and named another
+    version."""
+    reason = f"alias {alias} moved to version {to_version}"
+    if replaced_fallback:
+        reason = (
+            f"registry reachable again: alias {alias} names version {to_version}; "
+            f"replaced the last-known-good version {from_version}"
+        )
+    return server_row(
+        "follow", slot="production", from_version=from_version, to_version=to_version, percent=0.0,
+        reason=reason, ts=served_since, ref=ref, replaced_fallback=replaced_fallback,
+    )  # fmt: skip
 
 
 def write_event(settings: Any, row: dict[str, Any]) -> bool:
@@ -71,7 +110,7 @@ def write_event(settings: Any, row: dict[str, Any]) -> bool:
         if not _warned.is_set():
             _warned.set()
             log.warning(
-                "cannot write the promotion_events row of a %s switch (%s: %s); serving goes on. On ClickHouse "
+                "cannot write the promotion_events row of a %s (%s: %s); serving goes on. On ClickHouse "
                 "the predictor's user needs INSERT on promotion_events (docs/deploy.md)",
                 row.get("action"), type(e).__name__, str(e)[:300],
             )  # fmt: skip

@@ -288,7 +288,7 @@ class PredictorServer:
 
     async def _start_canary(self, ref: str) -> None:
         await self.slots.load_with_retry("canary", ref)
-        self.slots.set_canary_percent(self.settings.canary_percent)
+        self.slots.set_canary_percent(self.settings.canary_percent, cause="start")
 
     async def _shutdown(self, servers: list[asyncio.Task], background: list[asyncio.Task]) -> None:
         log.info("shutting down: not ready, draining in-flight requests")
@@ -501,7 +501,7 @@ class PredictorServer:
             return body
         slot = request.path_params["slot"]
         try:
-            return json_response(await self.slots.load(slot, body.ref, admin=True))
+            return json_response(await self.slots.load(slot, body.ref, cause="admin"))
         except SlotError as e:
             return json_response({"error": str(e)}, status_code=404)
         except ModelLoadError as e:

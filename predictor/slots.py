@@ -85,8 +85,10 @@ class SlotManager:
         self.follow_polls = 0  # alias polls completed by follow() (each one resolved and acted on, or failed)
         #: when each slot's current model started serving (the swap)
         self.served_since: dict[str, datetime] = {}
-        #: called (in a thread) with the promotion_events row of each follower switch (predictor.events)
+        #: called (in a thread) with the promotion_events row of each change of what is served (predictor.events)
         self.on_event: Callable[[dict[str, Any]], Any] | None = None
+        self._writing: set[asyncio.Task[None]] = set()  # audit rows being written
+        self._lkg_alias: dict[str, str] = {}  # alias → the version its last-known-good record names (this process)
         # Every load (and so every batcher and runtime thread) starts from this one thread, which
         # keeps the process's own priority when the event loop is niced (predictor.priority).
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="motlens-load")
@@ -145,9 +147,11 @@ class SlotManager:
 
     # ------------------------------------------------------------ operations
 
-    async def load(self, slot: str, ref: str, *, admin: bool = False) -> dict[str, Any]:
-        """Load ``ref`` into ``slot`` beside the current model, swap, drain and free the old one
-        (``admin``: asked through the admin API, see :meth:`follow`)."""
+    async def load(self, slot: str, ref: str, *, cause: str = "start") -> dict[str, Any]:
+        """Load ``ref`` into ``slot`` beside the current model, swap, drain and free the old one.
+        ``cause`` is recorded: ``admin`` (the admin API, see :meth:`follow`),
+        ``start``, ``restore`` (a running canary), ``registry_back`` (a fallback's reference moved),
+        ``follow`` (whose own row :meth:`follow` writes)."""
         if slot not in self.slots:
             raise SlotError(f"unknown slot {slot!r}; expected one of {', '.join(SLOTS)}")
         state = self.slots[slot]
@@ -183,7 +187,7 @@ class SlotManager:
             old = state.unit
             state.unit, state.ref, state.loading, state.error, state.error_kind = unit, ref, None, None, None
             self.served_since[slot] = datetime.now(UTC)
-            if admin and slot == "production":
+            if cause == "admin" and slot == "production":
                 self._admin_install = (unit.version, time.monotonic())
             self._export_unit(slot, unit)
             self._update_readiness()
@@ -204,6 +208,12 @@ class SlotManager:
                     task = asyncio.create_task(self._confirm_fallback(unit, ref), name=f"confirm-{slot}")
                     self._confirming.add(task)
                     task.add_done_callback(self._confirming.discard)
+            if cause != "follow":
+                self._record(
+                    "serve_load", slot, old.version if old else None, unit.version,
+                    _load_reason(cause, slot, ref, old, backend), ts=self.served_since[slot],
+                    ref=ref, cause=cause, fallback=backend.fallback,
+                )  # fmt: skip
         await self._settle(old)
         return self.status()
 
@@ -218,12 +228,21 @@ class SlotManager:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, max_backoff_s)
 
-    def set_canary_percent(self, percent: float) -> dict[str, Any]:
+    def set_canary_percent(self, percent: float, *, cause: str = "admin") -> dict[str, Any]:
+        """The canary's share of traffic; ``cause`` as for :meth:`load` (admin, start, restore)."""
         if not 0.0 <= percent <= 100.0:
             raise SlotError(f"canary percent must be within 0–100, got {percent}")
         if percent > 0 and self.slots["canary"].unit is None:
             raise SlotError("no canary model loaded; load one before sending it traffic")
-        self.canary_percent = float(percent)
+        before, self.canary_percent = self.canary_percent, float(percent)
+        if before != self.canary_percent:
+            prod, canary = self.slots["production"].unit, self.slots["canary"].unit
+            log.info("canary share %s%% -> %s%% (%s)", before, self.canary_percent, cause)
+            self._record(
+                "serve_percent", "canary", prod.version if prod else None, canary.version if canary else None,
+                f"canary share {before:g}% -> {self.canary_percent:g}% ({_CAUSE_WORDS.get(cause, cause)})",
+                cause=cause, previous_percent=before,
+            )  # fmt: skip
         return self.status()
 
     async def promote(self) -> dict[str, Any]:
@@ -244,6 +263,12 @@ class SlotManager:
             self._export_unit("canary", None)
             self._export_unit("production", unit)
             self._update_readiness()
+            log.info("canary version %s promoted to production (was version %s)", unit.version, old and old.version)
+            self._record(
+                "serve_promote", "production", old.version if old else None, unit.version,
+                f"canary version {unit.version} now serves all traffic as production",
+                ts=self.served_since["production"],
+            )  # fmt: skip
         await self._settle(old)
         return self.status()
 
@@ -255,6 +280,14 @@ class SlotManager:
             old, canary.unit, canary.ref = canary.unit, None, None
             canary.error, canary.error_kind = None, None  # an earlier failed load is history now
             self._export_unit("canary", None)
+            if old is not None:
+                prod = self.slots["production"].unit
+                log.info("canary version %s rolled back; production version %s serves all traffic", old.version,
+                         prod and prod.version)  # fmt: skip
+                self._record(
+                    "serve_rollback", "canary", old.version, prod.version if prod else None,
+                    f"canary version {old.version} unloaded; production serves all traffic",
+                )  # fmt: skip
         await self._settle(old)
         return self.status()
 
@@ -276,6 +309,8 @@ class SlotManager:
                 current = prod.unit.version if prod.unit else None
                 if prod.unit is not None and prod.unit.backend.fallback and _confirms(info, prod.unit):
                     self._clear_fallback(prod.unit)
+                if current == info.version and prod.unit is not None:
+                    await self._keep_lkg(alias, prod.unit)
                 if self._installed_by_admin(current, info.version, grace_s=max(10 * interval_s, 300.0)):
                     pass  # the alias has not caught up with a promote or load through the admin API yet
                 elif (
@@ -286,8 +321,9 @@ class SlotManager:
                 ):
                     log.info("alias %s now names version %s; switching production", alias, info.version)
                     ref = f"models:/{MODEL_NAME}/{info.version}"
+                    was_fallback = prod.unit is not None and bool(prod.unit.backend.fallback)
                     try:
-                        await self.load("production", ref)
+                        await self.load("production", ref, cause="follow")
                     except ModelLoadError as e:
                         if e.transient:  # the registry or artifact store did not answer: again, later
                             backoff = min(2 * retry_at.get(info.version, (0.0, interval_s / 2))[1], 600.0)
@@ -296,27 +332,67 @@ class SlotManager:
                             refused.add(info.version)
                     else:
                         unit = self.slots["production"].unit
-                        await self._record_follow(alias, current, unit, ref)
-                        if self.settings.lkg_enabled and unit is not None and not unit.backend.fallback:
-                            ref = f"models:/{MODEL_NAME}@{alias}"
-                            await asyncio.to_thread(record_lkg, ref, unit.backend.bundle)
+                        await self._record_follow(alias, current, unit, ref, was_fallback)
+                        if unit is not None:
+                            await self._keep_lkg(alias, unit)
             except Exception as e:  # noqa: BLE001 - registry down: keep serving, retry next poll
                 log.warning("cannot resolve alias %s: %s", alias, e)
             self.follow_polls += 1
             await asyncio.sleep(interval_s)
 
-    async def _record_follow(self, alias: str, previous: str | None, unit: ServingUnit | None, ref: str) -> None:
+    async def _record_follow(
+        self, alias: str, previous: str | None, unit: ServingUnit | None, ref: str, replaced_fallback: bool
+    ) -> None:
         """The audit row of a follower switch (``on_event``; never raises: serving goes on)."""
         if self.on_event is None or unit is None:
             return
         from predictor.events import follow_row
 
         since = self.served_since.get("production") or datetime.now(UTC)
-        row = follow_row(alias, previous, unit.version, since, ref)
+        await self._write(follow_row(alias, previous, unit.version, since, ref, replaced_fallback=replaced_fallback))
+
+    def _record(
+        self, action: str, slot: str, from_version: str | None, to_version: str | None, reason: str, **kw: Any
+    ) -> None:
+        """Write the audit row of a change of what is served, in the background (:meth:`flush_records`)."""
+        if self.on_event is None:
+            return
+        from predictor.events import server_row
+
+        row = server_row(
+            action, slot=slot, from_version=from_version, to_version=to_version, percent=self.canary_percent,
+            reason=reason, **kw,
+        )  # fmt: skip
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside the server's loop (a test driving the manager directly)
+            asyncio.run(self._write(row))
+            return
+        task = loop.create_task(self._write(row), name=f"record-{action}")
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _write(self, row: dict[str, Any]) -> None:
+        assert self.on_event is not None
         try:
             await asyncio.to_thread(self.on_event, row)
         except Exception as e:  # noqa: BLE001 - the recorder logs its own failures; this is a last guard
-            log.warning("cannot record the switch to version %s: %s", unit.version, e)
+            log.warning("cannot record the %s row (version %s): %s", row.get("action"), row.get("to_version"), e)
+
+    async def flush_records(self) -> None:
+        """Wait until every audit row handed to :meth:`_record` is written (or has failed)."""
+        while self._writing:
+            await asyncio.gather(*list(self._writing), return_exceptions=True)
+
+    async def _keep_lkg(self, alias: str, unit: ServingUnit) -> None:
+        """The alias names the version production serves: make its last-known-good record name that
+        version too. Production may have changed through the admin API (a promotion CLI's local target)
+        with the alias following later; a record left naming the former version would make a restart
+        during a registry outage serve that one (rolled back, perhaps rejected since)."""
+        if not self.settings.lkg_enabled or unit.backend.fallback or self._lkg_alias.get(alias) == unit.version:
+            return
+        await asyncio.to_thread(record_lkg, f"models:/{MODEL_NAME}@{alias}", unit.backend.bundle)
+        self._lkg_alias[alias] = unit.version
 
     async def _restore_canary(self, registry: Any) -> bool:
         """Load the canary the registry records as running (alias ``canary`` on a version tagged
@@ -341,11 +417,11 @@ class SlotManager:
             return True  # (one that comes later waits for this load's slot lock and replaces it)
         log.info("restoring canary version %s at %s%%, as the registry records it", info.version, percent)
         try:
-            await self.load("canary", f"models:/{MODEL_NAME}/{info.version}")
+            await self.load("canary", f"models:/{MODEL_NAME}/{info.version}", cause="restore")
         except ModelLoadError as e:  # logged by load(); the reason shows in the canary slot's status
             return not e.transient
         if self.slots["canary"].unit is not None and self.canary_percent == 0.0:
-            self.set_canary_percent(percent)
+            self.set_canary_percent(percent, cause="restore")
         return True
 
     def _installed_by_admin(self, current: str | None, aliased: str, grace_s: float) -> bool:
@@ -366,16 +442,25 @@ class SlotManager:
         self._update_readiness()
 
     async def shutdown(self) -> None:
-        """Mark not ready, drain and free every unit."""
+        """Mark not ready, drain and free every unit; every audit row written."""
         self.begin_drain()
         for task in list(self._confirming):
             task.cancel()
+        prod, canary = self.slots["production"].unit, self.slots["canary"].unit
+        if prod is not None or canary is not None:
+            self._record(
+                "serve_stop", "production", prod.version if prod else None, canary.version if canary else None,
+                "server stopped: "
+                + ", ".join(f"{s} version {u.version}" for s, u in (("production", prod), ("canary", canary)) if u)
+                + " no longer served",
+            )  # fmt: skip
         for slot in SLOTS:
             state = self.slots[slot]
             unit, state.unit = state.unit, None
             if unit is not None:
                 self._export_unit(slot, None)
                 await self._retire(unit)
+        await self.flush_records()
         self._model_thread.shutdown(wait=False)
 
     # ------------------------------------------------------------ internals
@@ -406,7 +491,7 @@ class SlotManager:
                 return
             log.warning("registry reachable: %s names version %s, not %s; loading it", ref, info.version, unit.version)
             try:
-                await self.load(slot, ref)
+                await self.load(slot, ref, cause="registry_back")
             except ModelLoadError:
                 pass  # logged by load(); the last-known-good version keeps serving, still flagged
             return
@@ -419,6 +504,10 @@ class SlotManager:
         slot = self._slot_of(unit)
         if slot is not None:
             self._export_fallback(slot, None)
+            self._record(
+                "serve_fallback_cleared", slot, unit.version, unit.version,
+                f"registry reachable again and names version {unit.version}: no longer a last-known-good fallback",
+            )  # fmt: skip
         log.info("registry reachable again and names version %s: no longer a last-known-good fallback", unit.version)
 
     def _export_fallback(self, slot: str, reason: str | None) -> None:
@@ -517,6 +606,24 @@ def _recorded_percent(tags: dict[str, str]) -> float | None:
     except ValueError:
         return None
     return percent if 0.0 < percent <= 100.0 else None
+
+
+_CAUSE_WORDS = {
+    "admin": "through the admin API",
+    "start": "at start",
+    "restore": "restored as the registry records it",
+    "registry_back": "the registry answered again and names another version",
+}
+
+
+def _load_reason(cause: str, slot: str, ref: str, old: ServingUnit | None, backend: Backend) -> str:
+    """The ``reason`` of a ``serve_load`` row."""
+    text = f"{slot} slot loaded {ref} {_CAUSE_WORDS.get(cause, cause)}"
+    if old is not None and old.backend.fallback and cause == "registry_back":
+        text += f"; replaced the last-known-good version {old.version}"
+    if backend.fallback:
+        text += f"; serves its LAST-KNOWN-GOOD bundle ({backend.fallback})"
+    return text
 
 
 def _confirms(info: Any, unit: ServingUnit) -> bool:

@@ -299,7 +299,7 @@ def test_follow_alias_restores_no_canary_the_registry_does_not_record(
         thread.stop()
 
 
-def test_a_follower_switch_leaves_one_promotion_events_row(registry, tiny_bundle, embedder, tmp_path, monkeypatch):
+def test_a_follower_switch_leaves_one_promotion_events_row_between_start_and_stop(registry, tiny_bundle, embedder, tmp_path, monkeypatch):
     """The alias moved outside the CLI (MlflowClient) and the server's follower swapped: no audit row
     said so, and the newest event named the version no longer served."""
     import predlog
@@ -330,9 +330,14 @@ def test_a_follower_switch_leaves_one_promotion_events_row(registry, tiny_bundle
         events = reader.promotion_events(limit=10)
     finally:
         reader.close()
-    assert len(events) == 1, events
-    row = events.iloc[0]
-    assert (row.action, row.from_version, row.to_version, row.target) == ("follow", "1", "2", "serve")
+    events = events.sort_values("ts")
+    trail = list(zip(events.action, events.from_version, events.to_version, events.target, strict=True))
+    assert trail == [  # what the server did, in order, one row each: start, the switch, the stop
+        ("serve_load", "", "1", "serve"),
+        ("follow", "1", "2", "serve"),
+        ("serve_stop", "2", "", "serve"),
+    ], events
+    row = events[events.action == "follow"].iloc[0]
     assert row.actor.startswith("motlens serve@") and row.success and not row.dry_run
     assert row.reason == "alias production moved to version 2"
     assert served_since is not None  # the row's time is when version 2 started serving

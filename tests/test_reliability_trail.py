@@ -1,0 +1,163 @@
+"""The audit trail of what the server itself serves: every change of a slot (a load at start, through
+the admin API, a restored canary, a fallback and its end, a percent, a promote or rollback, the stop)
+leaves one ``promotion_events`` row in order; and the last-known-good record of a followed alias
+names the version production serves once the alias confirms it, also when production got there
+through the admin API (a promotion CLI's local target)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import test_reliability_lkg
+from test_reliability_faults import start_server, wait_until
+from test_reliability_lkg import REF, fallback, predict, record_lkg, registry_down
+
+import predlog
+from predlog.settings import PredlogSettings
+
+MODEL = "mot-defects"
+registry_home = test_reliability_lkg.registry_home  # the fixture: version 1 registered as production
+
+
+@pytest.fixture
+def log_settings(tmp_path) -> PredlogSettings:
+    return PredlogSettings(dir=tmp_path / "predlog", flush_interval_s=0.1)
+
+
+def trail(settings: PredlogSettings) -> list[tuple]:
+    """(action, from, to, canary percent, slot) of every row, oldest first."""
+    reader = predlog.open_reader(settings)
+    try:
+        events = reader.promotion_events(limit=100).sort_values("ts")
+    finally:
+        reader.close()
+    assert set(events.target) <= {"serve"} and events.actor.str.startswith("motlens serve@").all()
+    slots = [json.loads(d)["slot"] for d in events.details]
+    return list(zip(events.action, events.from_version, events.to_version, events.canary_percent, slots, strict=True))
+
+
+def details(settings: PredlogSettings, action: str) -> list[dict]:
+    reader = predlog.open_reader(settings)
+    try:
+        events = reader.promotion_events(limit=100).sort_values("ts")
+    finally:
+        reader.close()
+    rows = events[events.action == action]
+    return [{**json.loads(d), "reason": r} for d, r in zip(rows.details, rows.reason, strict=True)]
+
+
+def admin(base: str, path: str, body: dict | None = None) -> dict:
+    r = httpx.post(f"{base}/motlens/admin/{path}", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_admin_operations_leave_the_servers_trail_in_order(registry_home, tiny_bundle, embedder, log_settings):
+    """A canary loaded, its share moved twice, rolled back, loaded again and promoted through the
+    admin API (what ``motlens promote --target local`` does, or a hand-typed curl): each change one
+    row, with the versions and the percent it left, between the start's load and the stop."""
+    registry_home.register_bundle(tiny_bundle.root, metrics={}, params={}, alias=None)  # version 2
+    thread, base = start_server(REF, embedder, writer=predlog.open_writer(log_settings), admin_enabled=True)
+    try:
+        thread.wait_ready()
+        admin(base, "slots/canary/load", {"ref": f"models:/{MODEL}/2"})
+        admin(base, "canary/percent", {"percent": 25})
+        admin(base, "canary/percent", {"percent": 40})
+        admin(base, "canary/percent", {"percent": 40})  # no change: no row
+        admin(base, "rollback")
+        admin(base, "slots/canary/load", {"ref": f"models:/{MODEL}/2"})
+        admin(base, "promote")
+        assert predict(base).json()["model_version"] == "2"
+    finally:
+        thread.stop()
+    assert trail(log_settings) == [
+        ("serve_load", "", "1", 0.0, "production"),
+        ("serve_load", "", "2", 0.0, "canary"),
+        ("serve_percent", "1", "2", 25.0, "canary"),
+        ("serve_percent", "1", "2", 40.0, "canary"),
+        ("serve_rollback", "2", "1", 0.0, "canary"),
+        ("serve_load", "", "2", 0.0, "canary"),
+        ("serve_promote", "1", "2", 0.0, "production"),
+        ("serve_stop", "2", "", 0.0, "production"),
+    ]
+    loads = details(log_settings, "serve_load")
+    assert [d["cause"] for d in loads] == ["start", "admin", "admin"]
+    assert (
+        loads[0]["ref"] == REF and loads[1]["reason"] == f"canary slot loaded models:/{MODEL}/2 through the admin API"
+    )
+    assert [d["previous_percent"] for d in details(log_settings, "serve_percent")] == [0.0, 25.0]
+
+
+def test_a_fallback_and_its_end_are_in_the_trail(registry_home, tiny_bundle, embedder, log_settings, monkeypatch):
+    """Restarted during a registry outage, the server serves the last-known-good version 1; the alias
+    moved to 2 meanwhile, so once the registry answers it loads 2. Both are rows: the fallback (and
+    why), and the load that replaced it — not an alias move at that time."""
+    registry = registry_home
+    record_lkg(registry)
+    registry_down(monkeypatch)
+    thread, base = start_server(REF, embedder, writer=predlog.open_writer(log_settings))
+    try:
+        thread.wait_ready()
+        assert predict(base).json()["model_version"] == "1" and fallback(base) == 1
+        registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")  # → 2
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+        wait_until(lambda: predict(base).json()["model_version"] == "2", timeout=120)
+    finally:
+        thread.stop()
+    assert [t[:3] for t in trail(log_settings)] == [
+        ("serve_load", "", "1"),
+        ("serve_load", "1", "2"),
+        ("serve_stop", "2", ""),
+    ]
+    first, second = details(log_settings, "serve_load")
+    assert first["fallback"] == "registry_unreachable" and "LAST-KNOWN-GOOD" in first["reason"]
+    assert second["cause"] == "registry_back" and second["fallback"] is None
+    assert "replaced the last-known-good version 1" in second["reason"]
+
+
+def test_a_confirmed_fallback_is_cleared_in_the_trail(registry_home, embedder, log_settings, monkeypatch):
+    record_lkg(registry_home)
+    registry_down(monkeypatch)
+    thread, base = start_server(REF, embedder, writer=predlog.open_writer(log_settings))
+    try:
+        thread.wait_ready()
+        assert fallback(base) == 1
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+        wait_until(lambda: fallback(base) == 0, timeout=120)
+    finally:
+        thread.stop()
+    assert [t[:3] for t in trail(log_settings)] == [
+        ("serve_load", "", "1"),
+        ("serve_fallback_cleared", "1", "1"),
+        ("serve_stop", "1", ""),
+    ]
+
+
+def test_the_followed_alias_record_follows_an_admin_promote(registry_home, tiny_bundle, embedder, monkeypatch):
+    """Production moved to version 2 through the admin API, then the alias caught up (the local
+    target's order). The ``@production`` last-known-good record must name 2: it kept naming 1, and a
+    restart during a registry outage served version 1 again — rolled back, perhaps rejected since."""
+    registry = registry_home
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias=None)  # version 2
+    thread, base = start_server(REF, embedder, admin_enabled=True, follow_alias="production", follow_interval_s=0.2)
+    try:
+        thread.wait_ready()
+        assert json.loads(registry.lkg_path(REF).read_text())["version"] == "1"
+        admin(base, "slots/canary/load", {"ref": f"models:/{MODEL}/2"})
+        admin(base, "promote")
+        registry.set_alias("production", "2")
+        polls = thread.server.slots.follow_polls
+        wait_until(lambda: thread.server.slots.follow_polls >= polls + 3, 60)
+        assert predict(base).json()["model_version"] == "2"
+    finally:
+        thread.stop()
+    assert json.loads(registry.lkg_path(REF).read_text())["version"] == "2"
+    registry_down(monkeypatch)
+    thread, base = start_server(REF, embedder)
+    try:
+        thread.wait_ready()
+        assert predict(base).json()["model_version"] == "2" and fallback(base) == 1
+    finally:
+        thread.stop()
