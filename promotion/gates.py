@@ -245,11 +245,13 @@ def drift_gate(
             "drift", PASS, f"no drift at {latest['ts']} (n={latest.get('n_current')})", _drift_values(latest)
         )
     why = f"last drift run was {status}" if latest else "no drift report"
+    values = {**(_drift_values(latest) if latest else {}), "required": settings.require_drift_report}
     return GateResult(
         "drift",
         WAIT if settings.require_drift_report else PASS,
-        f"{why} for version {version} since the canary started",
-        _drift_values(latest) if latest else {},
+        f"{why} for version {version} since the canary started"
+        + ("" if settings.require_drift_report else " (not required: MOTLENS_PROMOTE_REQUIRE_DRIFT_REPORT=false)"),
+        values,
     )
 
 

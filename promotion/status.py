@@ -62,10 +62,15 @@ def read_status(promoter: Promoter) -> dict[str, Any]:
             {k: v for k, v in r.items() if not k.endswith(("latencies", "miss_pair_texts"))}
             for r in records(reader.live_requests(since=since, model_name=MODEL_NAME))
         ]
-        out["events"] = records(reader.promotion_events(limit=5))
+        out["events"] = records(reader.promotion_events(limit=EVENTS_SHOWN))
     except Exception as e:  # noqa: BLE001 - status shows what it can
         out["predlog_error"] = str(e)
     return out
+
+
+#: the newest ``promotion_events`` rows ``status`` lists: the CLI's and the servers' (a local-target
+#: step is one CLI row and a server row or two)
+EVENTS_SHOWN = 10
 
 
 def _hours_ago(h: float) -> datetime:

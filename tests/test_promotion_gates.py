@@ -392,7 +392,9 @@ def test_drift_gate():
                 "n_current": 300, "details": json.dumps({"status": status} if status else {})}
 
     assert g.drift_gate([], "2", t0, S).status == "wait"
-    assert g.drift_gate([], "2", t0, S.model_copy(update={"require_drift_report": False})).status == "pass"
+    unrequired = g.drift_gate([], "2", t0, S.model_copy(update={"require_drift_report": False}))
+    assert unrequired.status == "pass"  # a pass with no report behind it says so, in the recorded evidence
+    assert "not required" in unrequired.detail and unrequired.values["required"] is False
     assert g.drift_gate([row(-5, True)], "2", t0, S).status == "wait"  # before the canary started
     assert g.drift_gate([row(1, True), row(2, False, "no_drift")], "2", t0, S).status == "pass"  # latest wins
     assert g.drift_gate([row(2, True), row(1, False)], "2", t0, S).status == "fail"
