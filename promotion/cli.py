@@ -243,6 +243,8 @@ def _print_status_tables(status: dict[str, Any]) -> None:
         t.add_row(
             "live vs registry", "[green]agree[/]" if not problems else "[red]" + "\n".join(problems) + "[/]"
         )
+    if tags := status.get("tag_disagreements"):
+        t.add_row("registry tags vs aliases", "[yellow]" + "\n".join(tags) + "[/]")
     for d in status.get("drift", []):
         st = drift_status(d) or ("drift" if d.get("drift_detected") else "no_drift")
         colour = {"drift": "red", "no_drift": "green"}.get(st, "yellow")  # insufficient_data, error

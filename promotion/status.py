@@ -9,7 +9,7 @@ from motlens import MODEL_NAME
 from promotion.clock import utc_now
 from promotion.frames import records
 from promotion.rollout import RolloutError
-from promotion.tags import STATUS_TAG
+from promotion.tags import STATUS_TAG, VERDICTS
 from promotion.targets import TargetError
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ def read_status(promoter: Promoter) -> dict[str, Any]:
         }
         for v in promoter.registry.versions(limit=10)
     ]
+    out["tag_disagreements"] = tag_disagreements(promoter, out["aliases"], out["versions"])
     try:
         live = promoter.target.read()
     except (TargetError, RolloutError) as e:
@@ -65,6 +66,30 @@ def read_status(promoter: Promoter) -> dict[str, Any]:
         out["events"] = records(reader.promotion_events(limit=EVENTS_SHOWN))
     except Exception as e:  # noqa: BLE001 - status shows what it can
         out["predlog_error"] = str(e)
+    return out
+
+
+def tag_disagreements(promoter: Promoter, aliases: dict[str, str], versions: list[dict[str, Any]]) -> list[str]:
+    """Where the versions' ``promotion.status`` tags and the aliases tell different stories: an alias
+    moved outside motlens (a server following it serves that version) leaves the tags as the last
+    promotion set them, so "which version is production" would read differently by tag and by alias."""
+    out = []
+    production, canary = aliases.get("production"), aliases.get("canary")
+    if production:
+        status = promoter.info(production).tags.get(STATUS_TAG, "")
+        if status and status != "production":
+            out.append(
+                f"alias production names version {production}, tagged {STATUS_TAG}={status}: "
+                "moved outside motlens? (a server following it serves it; see its follow event)"
+            )
+    if canary and (status := promoter.info(canary).tags.get(STATUS_TAG, "")) in VERDICTS:
+        out.append(f"alias canary names version {canary}, tagged {STATUS_TAG}={status}")
+    out += [
+        f"version {v['version']} is tagged {STATUS_TAG}=production, but alias production names "
+        f"{f'version {production}' if production else 'no version'}"
+        for v in versions
+        if v["status"] == "production" and v["version"] != production
+    ]
     return out
 
 

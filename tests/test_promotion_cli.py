@@ -124,6 +124,7 @@ def test_actions_audit_and_metrics(env, capsys, tmp_path, monkeypatch):
     assert (counted["requests"], counted["failed_requests"], counted["items"]) == (30, 3, 30)
     assert not [k for k in counted if k.endswith(("latencies", "_texts"))]  # the samples stay out of status
     assert status["live"]["percent"] == 10 and status["disagreements"] == []
+    assert status["tag_disagreements"] == []  # tags and aliases tell one story after motlens' own steps
     assert [e["action"] for e in status["events"]][:3] == ["canary_start", "canary_start", "deploy"]
     assert status["events"][0]["actor"] == "alice" and status["events"][1]["dry_run"]
     assert main(["promote", "status"]) == 0
@@ -146,6 +147,26 @@ def test_actions_audit_and_metrics(env, capsys, tmp_path, monkeypatch):
     assert tags["promotion.last_actor"] == "alice"
     assert main(["promote", "rollback", "--reason", "not today"]) == 0
     assert env.registry.resolve("2").tags["promotion.rejected_reason"] == "not today"
+
+
+def test_status_names_tags_that_contradict_an_alias_moved_by_hand(env, capsys, monkeypatch):
+    """After a rollback rejected version 2, someone pointed ``production`` at it by hand (a follower
+    serves it): the tags still said 1 is production and 2 rejected, and ``status`` printed nothing."""
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["promote", "promote", "1", "--force"]) == 0
+    assert main(["promote", "canary", "start", "2", "--percent", "10"]) == 0
+    assert main(["promote", "rollback", "--reason", "bad canary"]) == 0
+    env.registry.set_alias("production", "2")  # outside motlens (MlflowClient, the UI)
+    capsys.readouterr()
+    assert main(["promote", "status", "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)["tag_disagreements"]
+    assert said == [
+        "alias production names version 2, tagged promotion.status=rejected: moved outside motlens? "
+        "(a server following it serves it; see its follow event)",
+        "version 1 is tagged promotion.status=production, but alias production names version 2",
+    ]
+    assert main(["promote", "status"]) == 0
+    assert "registry tags vs aliases" in capsys.readouterr().out
 
 
 def test_status_exits_2_when_the_live_state_cannot_be_read(env, capsys, monkeypatch):
