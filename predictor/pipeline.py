@@ -102,6 +102,7 @@ class ServingUnit:
     async def predict(
         self, texts: Sequence[str], context: Mapping[str, Sequence[Any]] | None
     ) -> tuple[PredictResult, list[bool]]:
+        slot = self.slot  # the slot that took the request (a promote may relabel this unit meanwhile)
         emb, hits = await self.embed(texts)
         out = self.backend.predict(emb, context)
         for norm in np.linalg.norm(emb, axis=1):
@@ -115,7 +116,7 @@ class ServingUnit:
             embeddings=emb,
             model_name=self.backend.name,
             model_version=self.version,
-            slot=self.slot,
+            slot=slot,
         )
         return result, hits
 

@@ -259,7 +259,9 @@ class PredictorServer:
         servers = [asyncio.create_task(self.rest.start(), name="rest")]
         if self.settings.enable_grpc:
             servers.append(asyncio.create_task(self.grpc.start(4), name="grpc"))
-        background = [asyncio.create_task(self.slots.load_with_retry("production", self.settings.model), name="load")]
+        background: list[asyncio.Task[Any]] = [
+            asyncio.create_task(self.slots.load_with_retry("production", self.settings.model), name="load")
+        ]
         if self.settings.follow_alias:
             background.append(
                 asyncio.create_task(
@@ -287,8 +289,8 @@ class PredictorServer:
         return f"{what} failed: {exc}" if exc is not None else f"{what} stopped unexpectedly"
 
     async def _start_canary(self, ref: str) -> None:
-        await self.slots.load_with_retry("canary", ref)
-        self.slots.set_canary_percent(self.settings.canary_percent, cause="start")
+        if await self.slots.load_with_retry("canary", ref):
+            self.slots.set_canary_percent(self.settings.canary_percent, cause="start")
 
     async def _shutdown(self, servers: list[asyncio.Task], background: list[asyncio.Task]) -> None:
         log.info("shutting down: not ready, draining in-flight requests")

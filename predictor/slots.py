@@ -217,16 +217,21 @@ class SlotManager:
         await self._settle(old)
         return self.status()
 
-    async def load_with_retry(self, slot: str, ref: str, max_backoff_s: float = 60.0) -> None:
-        """Keep trying to load (registry down at start, …) with exponential backoff until it works."""
+    async def load_with_retry(self, slot: str, ref: str, max_backoff_s: float = 60.0) -> bool:
+        """Keep trying to load (registry down at start, …) with exponential backoff until it works;
+        False (and no load) once something else filled the slot meanwhile (the admin API, the
+        follower): a later retry would silently replace what that put there."""
         delay = 1.0
         while True:
             try:
                 await self.load(slot, ref)
-                return
+                return True
             except ModelLoadError:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, max_backoff_s)
+            if (unit := self.slots[slot].unit) is not None:
+                log.info("%s slot serves version %s meanwhile; no longer retrying %s", slot, unit.version, ref)
+                return False
 
     def set_canary_percent(self, percent: float, *, cause: str = "admin") -> dict[str, Any]:
         """The canary's share of traffic; ``cause`` as for :meth:`load` (admin, start, restore)."""

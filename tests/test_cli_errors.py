@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,21 @@ def test_whole_stderr_is_one_line_and_verbose_shows_the_traceback(tmp_path):
     ]
     loud = subprocess.run([*cmd, "-v", "log", "count"], env=env, capture_output=True, text=True, timeout=120)
     assert loud.returncode == 2 and "Traceback" in loud.stderr
+
+
+def test_log_lines_carry_utc_times(tmp_path):
+    """The text log's times had no zone (the host's local time) beside UTC everywhere else (prediction
+    rows, promotion events, tags): an SRE lining them up was off by the host's offset."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOTLENS_", "MLFLOW_"))}
+    env.update(MOTLENS_HOME=str(tmp_path), MOTLENS_NO_SUCH_SETTING="1", PYTHONPATH=str(REPO), TZ="America/New_York")
+    run = subprocess.run(
+        [sys.executable, "-m", "motlens.cli", "log", "count"], env=env, capture_output=True, text=True, timeout=120
+    )
+    [line] = [ln for ln in run.stderr.splitlines() if "MOTLENS_NO_SUCH_SETTING" in ln]
+    stamp = line.split(" ", 1)[0]
+    assert stamp.endswith("Z"), line
+    logged = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - logged).total_seconds()) < 120
 
 
 def test_train_clickhouse_without_loaded_data_neither_fails_badly_nor_creates_the_path(tmp_path, home, capsys):

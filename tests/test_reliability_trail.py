@@ -161,3 +161,53 @@ def test_the_followed_alias_record_follows_an_admin_promote(registry_home, tiny_
         assert predict(base).json()["model_version"] == "2" and fallback(base) == 1
     finally:
         thread.stop()
+
+
+def test_a_start_load_still_retrying_leaves_an_admin_load_alone(
+    registry_home, tiny_bundle, embedder, monkeypatch, caplog
+):
+    """The ``--model`` load kept retrying (registry down) after the admin API had filled production;
+    once the registry answered, its retry swapped ``--model``'s version in over the admin's choice,
+    with no word."""
+    registry_down(monkeypatch)
+    caplog.set_level("INFO", logger="predictor.slots")
+    thread, base = start_server(REF, embedder, admin_enabled=True, lkg_enabled=False)
+    try:
+        wait_until(lambda: "cannot serve" in caplog.text)  # the start load failed once: retrying
+        admin(base, "slots/production/load", {"ref": str(tiny_bundle.root)})
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the registry answers again
+        wait_until(lambda: "no longer retrying" in caplog.text or _production_ref(base) != str(tiny_bundle.root))
+        assert _production_ref(base) == str(tiny_bundle.root)
+    finally:
+        thread.stop()
+
+
+def _production_ref(base: str) -> str:
+    return httpx.get(f"{base}/motlens/admin/slots", timeout=30).json()["slots"]["production"]["ref"]
+
+
+async def test_a_request_in_flight_at_a_promote_keeps_the_slot_that_took_it(tiny_bundle, embedder, monkeypatch):
+    """A request the canary took, answered after a promote relabelled the canary's unit, was answered
+    and logged as production."""
+    from predictor.backend import load_backend
+    from predictor.cache import EmbeddingCache
+    from predictor.pipeline import ServingUnit
+    from predictor.settings import ServeSettings
+
+    unit = ServingUnit(
+        load_backend(str(tiny_bundle.root), embedder=embedder), ServeSettings(batch_max_wait_ms=1), EmbeddingCache(0),
+        "canary",
+    )  # fmt: skip
+    embed = unit.batcher.embed
+
+    async def embed_then_promote(texts):
+        out = await embed(texts)
+        unit.slot = "production"  # what SlotManager.promote does to the canary's unit
+        return out
+
+    monkeypatch.setattr(unit.batcher, "embed", embed_then_promote)
+    try:
+        result, _ = await unit.predict(["Horn not working"], None)
+    finally:
+        unit.batcher.close()
+    assert result.slot == "canary" and unit.slot == "production"
