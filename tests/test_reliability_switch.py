@@ -299,7 +299,9 @@ def test_follow_alias_restores_no_canary_the_registry_does_not_record(
         thread.stop()
 
 
-def test_a_follower_switch_leaves_one_promotion_events_row_between_start_and_stop(registry, tiny_bundle, embedder, tmp_path, monkeypatch):
+def test_a_follower_switch_leaves_one_promotion_events_row_between_start_and_stop(
+    registry, tiny_bundle, embedder, tmp_path, monkeypatch
+):
     """The alias moved outside the CLI (MlflowClient) and the server's follower swapped: no audit row
     said so, and the newest event named the version no longer served."""
     import predlog
