@@ -477,7 +477,7 @@ class Promoter:
             desired = live.promoted()
         else:
             desired = live  # resuming: the live side is already done
-        tags = {version: {STATUS_TAG: "production", "promotion.promoted_at": _APPLIED_AT}}
+        tags = {version: {STATUS_TAG: "production", "promotion.promoted_at": _APPLIED_AT, PERCENT_TAG: "0"}}
         if previous and previous != version:
             tags[version][PREVIOUS_TAG] = previous
             tags[previous] = _retired(f"replaced in production by version {version}")
@@ -595,7 +595,7 @@ class Promoter:
                 live,
                 aliases,
                 steps,
-                delete_aliases=("canary",),
+                delete_aliases=("canary", *_candidate(aliases, version)),
                 version_tags={version: _rejected(reason)},
             )
 
@@ -650,6 +650,7 @@ class Promoter:
             aliases,
             [live.deployed(previous, self.uri(previous))],
             set_aliases={"production": previous},
+            delete_aliases=_candidate(aliases, current),
             version_tags=tags,
         )
 
@@ -814,9 +815,26 @@ def _join(*parts: str) -> str:
     return "; ".join(p for p in parts if p)
 
 
+def _candidate(aliases: dict[str, str], rejected: str) -> tuple[str, ...]:
+    """``("candidate",)`` when that alias names the version being rejected: it is no longer the next to roll out."""
+    return ("candidate",) if aliases.get("candidate") == rejected else ()
+
+
 def _rejected(reason: str) -> dict[str, str]:
-    return {STATUS_TAG: "rejected", "promotion.rejected_reason": reason[:5000], "promotion.rejected_at": _APPLIED_AT}
+    """Tags of a version rolled back: no longer a canary (share 0), and why."""
+    return {
+        STATUS_TAG: "rejected",
+        PERCENT_TAG: "0",
+        "promotion.rejected_reason": reason[:5000],
+        "promotion.rejected_at": _APPLIED_AT,
+    }
 
 
 def _retired(reason: str) -> dict[str, str]:
-    return {STATUS_TAG: "retired", "promotion.retired_reason": reason[:5000], "promotion.retired_at": _APPLIED_AT}
+    """Tags of a version replaced in production (or a canary dropped): share 0, and why."""
+    return {
+        STATUS_TAG: "retired",
+        PERCENT_TAG: "0",
+        "promotion.retired_reason": reason[:5000],
+        "promotion.retired_at": _APPLIED_AT,
+    }
