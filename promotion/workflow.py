@@ -595,7 +595,7 @@ class Promoter:
                 live,
                 aliases,
                 steps,
-                delete_aliases=("canary", *_candidate(aliases, version)),
+                delete_aliases=("canary",),
                 version_tags={version: _rejected(reason)},
             )
 
@@ -650,7 +650,6 @@ class Promoter:
             aliases,
             [live.deployed(previous, self.uri(previous))],
             set_aliases={"production": previous},
-            delete_aliases=_candidate(aliases, current),
             version_tags=tags,
         )
 
@@ -813,11 +812,6 @@ def check_or_raise(percent: int) -> None:
 def _join(*parts: str) -> str:
     """Reasons joined: the operator's ``--reason`` first, then what the command adds."""
     return "; ".join(p for p in parts if p)
-
-
-def _candidate(aliases: dict[str, str], rejected: str) -> tuple[str, ...]:
-    """``("candidate",)`` when that alias names the version being rejected: it is no longer the next to roll out."""
-    return ("candidate",) if aliases.get("candidate") == rejected else ()
 
 
 def _rejected(reason: str) -> dict[str, str]:

@@ -169,15 +169,15 @@ def test_status_names_tags_that_contradict_an_alias_moved_by_hand(env, capsys, m
     assert "registry tags vs aliases" in capsys.readouterr().out
 
 
-def test_a_rolled_back_version_is_no_longer_the_candidate_nor_a_canary(env):
-    """After a rollback the rejected version kept the ``candidate`` alias (the next ``canary start``
-    without a version picked it and was refused) and its last canary share (50 % on a version serving
-    nothing); a promoted one kept its share too."""
+def test_promoted_retired_and_rejected_versions_are_no_longer_canaries(env):
+    """After a rollback the rejected version kept its last canary share (50 % on a version serving
+    nothing); a promoted one kept its share too. The ``candidate`` alias stays where it was: ``auto``
+    and ``canary start`` name the rejected candidate and refuse it."""
     assert main(["promote", "promote", "1", "--force"]) == 0
     env.registry.set_alias("candidate", "2")
     assert main(["promote", "canary", "start", "2", "--percent", "10"]) == 0
     assert main(["promote", "rollback", "--reason", "bad canary"]) == 0
-    assert "candidate" not in env.registry.aliases()
+    assert env.registry.aliases().get("candidate") == "2"
     tags = env.registry.resolve("2").tags
     assert (tags["promotion.status"], tags["promotion.canary_percent"]) == ("rejected", "0")
     assert main(["promote", "canary", "start", "2", "--percent", "10", "--force"]) == 0
@@ -185,9 +185,9 @@ def test_a_rolled_back_version_is_no_longer_the_candidate_nor_a_canary(env):
     promoted, retired = env.registry.resolve("2").tags, env.registry.resolve("1").tags
     assert (promoted["promotion.status"], promoted["promotion.canary_percent"]) == ("production", "0")
     assert (retired["promotion.status"], retired["promotion.canary_percent"]) == ("retired", "0")
-    env.registry.set_alias("candidate", "1")  # another version's candidate alias stays
     assert main(["promote", "rollback", "--force"]) == 0  # production back to 1; 2 rejected
-    assert env.registry.aliases().get("candidate") == "1" and env.registry.aliases()["production"] == "1"
+    rejected = env.registry.resolve("2").tags
+    assert (rejected["promotion.status"], rejected["promotion.canary_percent"]) == ("rejected", "0")
 
 
 def test_status_exits_2_when_the_live_state_cannot_be_read(env, capsys, monkeypatch):
