@@ -368,12 +368,7 @@ class SlotManager:
             action, slot=slot, from_version=from_version, to_version=to_version, percent=self.canary_percent,
             reason=reason, **kw,
         )  # fmt: skip
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # called outside the server's loop (a test driving the manager directly)
-            asyncio.run(self._write(row))
-            return
-        task = loop.create_task(self._write(row), name=f"record-{action}")
+        task = asyncio.get_running_loop().create_task(self._write(row), name=f"record-{action}")
         self._writing.add(task)
         task.add_done_callback(self._writing.discard)
 
