@@ -94,6 +94,8 @@ class RolloutState:
         }
 
     def describe(self) -> str:
+        if self.production_version is None and not self.serving_production_uri and not self.canary_active:
+            return "nothing serving"
         prod = f"production v{self.production_version or '?'}"
         if not self.canary_active:
             return f"{prod} at 100%"

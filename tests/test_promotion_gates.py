@@ -460,6 +460,14 @@ def test_percent_is_checked(bad):
         RolloutState("s3://a", "1", "s3://a").with_canary("2", "s3://b", bad)
 
 
+def test_describe_names_what_serves():
+    assert RolloutState(None).describe() == "nothing serving"  # a server with no model yet
+    assert RolloutState("s3://a").describe() == "production v? at 100%"  # serving, version unknown
+    prod = RolloutState("s3://a", "1", "s3://a")
+    assert prod.describe() == "production v1 at 100%"
+    assert prod.with_canary("2", "s3://b", 10).describe() == "production v1 at 90%, canary v2 at 10%"
+
+
 def test_contract_violations_are_named():
     isvc = _isvc()
     isvc["spec"]["predictor"]["containers"][0]["env"].reverse()
