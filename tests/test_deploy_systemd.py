@@ -154,9 +154,17 @@ def effective_env(unit: dict, instance: str | None = None) -> dict[str, str]:
     return env
 
 
-def exec_argv(unit: dict, instance: str | None = None) -> list[str]:
+def exec_argv(unit: dict, instance: str | None = None, env: dict[str, str] | None = None) -> list[str]:
+    """ExecStart as systemd runs it: specifiers, then ``${NAME}`` words from the unit's environment
+    (``env``: another one, e.g. an env file that moves MOTLENS_HOME)."""
     (line,) = unit["Service"]["ExecStart"]
-    return shlex.split(expand(line, instance))
+    env = effective_env(unit, instance) if env is None else env
+
+    def var(m: re.Match[str]) -> str:
+        assert m.group(1) in env, f"ExecStart uses ${{{m.group(1)}}}, which the unit does not set"
+        return env[m.group(1)]
+
+    return [re.sub(r"\$\{(\w+)\}", var, word) for word in shlex.split(expand(line, instance))]
 
 
 def parse_cli(argv: list[str]) -> argparse.Namespace:
@@ -272,6 +280,9 @@ def test_drift_exec_start_parses_with_an_output_per_instance(instance: str) -> N
     home = Path(effective_env(unit, instance)["MOTLENS_HOME"])
     # one run per output directory: the two instances must not share one
     assert Path(args.output) == home / "drift" / instance
+    # under the MOTLENS_HOME an env file sets, where docs/deploy.md says summary.json is
+    moved = {**effective_env(unit, instance), "MOTLENS_HOME": "/srv/motlens"}
+    assert Path(parse_cli(exec_argv(unit, instance, moved)[1:]).output) == Path("/srv/motlens/drift") / instance
 
 
 def test_promote_exec_start_parses_as_auto_on_the_local_target() -> None:
