@@ -20,7 +20,7 @@ from motlens.state import StateSettings
 from promotion.locking import file_lock
 from promotion.rollout import RolloutState
 from promotion.settings import PromoteSettings
-from promotion.targets import TargetError
+from promotion.targets import TargetError, TargetUnavailable
 
 ADMIN = "/motlens/admin"
 #: what a 404 from a route of the admin API means: the server runs without it (predictor.settings.admin_enabled)
@@ -58,8 +58,8 @@ class LocalTarget:
             if e.code == 404 and detail in ("", "Not Found"):  # no such route, not an admin route's own 404
                 message += f": {ADMIN_OFF}"
             raise TargetError(message) from e
-        except (urllib.error.URLError, OSError) as e:
-            raise TargetError(f"cannot reach {self.describe()} ({method} {path}): {e}") from e
+        except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out: down or (re)starting
+            raise TargetUnavailable(f"cannot reach {self.describe()} ({method} {path}): {e}") from e
 
     def slots(self) -> dict[str, Any]:
         return self._request("GET", f"{ADMIN}/slots")
@@ -72,6 +72,7 @@ class LocalTarget:
         active = canary.get("version") is not None
         pct = float(st.get("canary_percent") or 0.0)
         loading = [f"{slot} loading {s['loading']}" for slot, s in st["slots"].items() if s.get("loading")]
+        not_ready = "" if st.get("ready") else str(st.get("reason") or "no reason given")
         traffic = f"production {100 - pct:g}%" + (f", canary {pct:g}%" if active else "")
         prod_ref, canary_ref = self._pinned(prod), self._pinned(canary)
         return RolloutState(
@@ -80,9 +81,9 @@ class LocalTarget:
             production_uri=prod_ref,
             canary_version=canary.get("version") if active else None,
             percent=round(pct) if active else None,
-            traffic=", ".join(
-                [traffic, *loading, "ready" if st.get("ready") else f"not ready: {st.get('reason')}"]
-            ),
+            traffic=", ".join([traffic, *loading, f"not ready: {not_ready}" if not_ready else "ready"]),
+            not_ready=not_ready,
+            loading=", ".join(loading),
         )
 
     def _pinned(self, slot: dict[str, Any]) -> str | None:

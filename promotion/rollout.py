@@ -35,6 +35,8 @@ class RolloutState:
     canary_version: str | None = None
     percent: int | None = None  # canaryTrafficPercent; None when the field is absent
     traffic: str = field(default="", compare=False)  # observed traffic status, for people
+    not_ready: str = field(default="", compare=False)  # why the target is not ready ("" when it is)
+    loading: str = field(default="", compare=False)  # what the target is loading now: its state is in flux
 
     @property
     def canary_active(self) -> bool:

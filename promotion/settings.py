@@ -50,6 +50,12 @@ class PromoteSettings(BaseSettings):
     # stepping
     steps: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [10, 25, 50, 100])
     min_step_interval_s: float = Field(600.0, ge=0.0, description="dwell before `auto` steps")
+    step_tolerance_s: float = Field(
+        60.0,
+        ge=0.0,
+        description="how much of the dwell a step may fall short by (at most half of it): the time a run "
+        "takes to apply its step, so that runs every MIN_STEP_INTERVAL_S step at each run",
+    )
 
     # gates
     offline_metrics: Annotated[list[str], NoDecode] = Field(
@@ -114,6 +120,11 @@ class PromoteSettings(BaseSettings):
         if not v or any(not 0 < s <= 100 for s in v) or sorted(set(v)) != v:
             raise ValueError(f"steps must rise strictly within 1..100, got {v}")
         return v
+
+    @property
+    def dwell_s(self) -> float:
+        """Seconds after a step's applied time from which `auto` takes the next one."""
+        return self.min_step_interval_s - min(self.step_tolerance_s, self.min_step_interval_s / 2)
 
     @property
     def who(self) -> str:

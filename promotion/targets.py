@@ -43,6 +43,10 @@ class TargetError(RuntimeError):
     """The target cannot be read or changed (no cluster access, missing files, …)."""
 
 
+class TargetUnavailable(TargetError):
+    """The target is down or busy for now (a local server restarting or loading a model): try again later."""
+
+
 class Target(Protocol):
     name: str
 

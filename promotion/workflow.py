@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from promotion import gates as g
@@ -22,7 +23,7 @@ from promotion.locking import LockBusy
 from promotion.rollout import RolloutError, RolloutState, check_percent
 from promotion.settings import PromoteSettings
 from promotion.tags import PERCENT_TAG, PREVIOUS_TAG, STARTED_AT_TAG, STATUS_TAG, STEP_AT_TAG, VERDICTS
-from promotion.targets import Target
+from promotion.targets import Target, TargetUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,17 @@ class Promoter:
         live = self.target.read()
         return live, self.registry.aliases()
 
+    def _settled_snapshot(self) -> tuple[RolloutState, dict[str, str]]:
+        """:meth:`snapshot` for a change: refused while the target loads a model (a restarting server
+        restores its canary, say), as its state is in flux; ``--force`` proceeds."""
+        live, aliases = self.snapshot()
+        if live.loading and not self.force:
+            raise TargetUnavailable(
+                f"{self.target.describe()} is busy ({live.loading}) and its state is about to change: "
+                "retry once it has finished (`motlens promote status` shows it)"
+            )
+        return live, aliases
+
     def disagreements(self, live: RolloutState, aliases: dict[str, str]) -> list[str]:
         """How the live state and the registry aliases disagree (empty when they agree)."""
         out = []
@@ -169,6 +181,14 @@ class Promoter:
         if self.force:
             log.warning("--force: proceeding although %s", "; ".join(problems))
             return
+        if live.not_ready:
+            raise Refused(
+                f"the live state disagrees with the registry, and {self.target.describe()} is not ready "
+                f"({live.not_ready}):\n  - "
+                + "\n  - ".join(problems)
+                + "\nretry once it is ready; if it cannot load its model, fix that first (its log says why) "
+                "or re-run with --force to proceed on the state it reports"
+            )
         raise Refused(
             "the live state disagrees with the registry (a manual edit, or an interrupted change):\n  - "
             + "\n  - ".join(problems)
@@ -338,7 +358,7 @@ class Promoter:
     def canary_start(self, version: str | None, percent: int, reason: str = "") -> Outcome:
         check_or_raise(percent)
         with self.locked():
-            live, aliases = self.snapshot()
+            live, aliases = self._settled_snapshot()
             if version is None:
                 version = aliases.get("candidate")
                 if version is None:
@@ -410,7 +430,7 @@ class Promoter:
         """Set the canary's share directly (what a ``kubectl edit`` of canaryTrafficPercent does)."""
         check_or_raise(percent)
         with self.locked():
-            live, aliases = self.snapshot()
+            live, aliases = self._settled_snapshot()
             if not live.canary_active:
                 raise PromotionError(f"no canary is running on {self.target.describe()} ({live.describe()})")
             version = str(live.canary_version)
@@ -430,7 +450,7 @@ class Promoter:
 
     def advance(self, reason: str = "") -> Outcome:
         with self.locked():
-            live, aliases = self.snapshot()
+            live, aliases = self._settled_snapshot()
             if not live.canary_active:
                 raise PromotionError(f"no canary is running on {self.target.describe()} ({live.describe()})")
             nxt = self.next_step(live.percent)
@@ -456,7 +476,7 @@ class Promoter:
 
     def promote(self, version: str | None = None, reason: str = "") -> Outcome:
         with self.locked():
-            live, aliases = self.snapshot()
+            live, aliases = self._settled_snapshot()
             canary = live.canary_version or aliases.get("canary")
             if version is not None:
                 version = self.info(version).version
@@ -572,7 +592,7 @@ class Promoter:
 
     def rollback(self, reason: str = "manual rollback", gates: list[g.GateResult] | None = None) -> Outcome:
         with self.locked():
-            live, aliases = self.snapshot()
+            live, aliases = self._settled_snapshot()
             version = live.canary_version or aliases.get("canary")
             if version is None:
                 return self._rollback_production(live, aliases, reason)
@@ -706,7 +726,13 @@ class Promoter:
             return self._hold(None, [], f"{e}; nothing done")
 
     def _auto(self) -> Outcome:
-        live, aliases = self.snapshot()
+        try:
+            live, aliases = self.snapshot()
+        except TargetUnavailable as e:
+            return self._hold(None, [], f"{e}; holding until it answers")
+        if live.not_ready or live.loading:
+            busy = ", ".join(filter(None, [live.not_ready and f"not ready: {live.not_ready}", live.loading]))
+            return self._hold(None, [], f"{self.target.describe()} is {busy}; holding until it is ready")
         problems = self.disagreements(live, aliases)
         if problems and not self.force:
             self._guard(live, aliases, live, aliases)  # raises Refused with the explanation
@@ -724,12 +750,14 @@ class Promoter:
             waiting = "; ".join(f"{r.name}: {r.detail}" for r in gates if r.status == g.WAIT)
             return self._hold(live, gates, f"waiting for evidence: {waiting}")
         step_at = self.evidence.canary_times(version).since
-        if (utc_now() - step_at).total_seconds() < self.settings.min_step_interval_s:
+        due = step_at + timedelta(seconds=self.settings.dwell_s)
+        if utc_now() < due:
             return self._hold(
                 live,
                 gates,
-                f"last step at {step_at:%H:%M:%S}; dwell "
-                f"{self.settings.min_step_interval_s:g}s before the next",
+                f"last step at {step_at:%H:%M:%S}; dwell {self.settings.min_step_interval_s:g}s less "
+                f"{self.settings.min_step_interval_s - self.settings.dwell_s:g}s tolerance: the next from "
+                f"{due:%H:%M:%S}",
             )
         nxt = self.next_step(live.percent)
         if nxt is None:
@@ -776,7 +804,8 @@ class Promoter:
 
     def _hold(self, live: RolloutState | None, gates: list[g.GateResult], why: str) -> Outcome:
         """A ``hold`` row (and metrics) for a run that changes nothing; ``live`` is None when another
-        run holds the lock (its state is not read then, and its metrics are that run's to export)."""
+        run holds the lock (its state is not read then, and its metrics are that run's to export) or
+        the target is unavailable or not ready (its state is not known then, and the metrics stay)."""
         event = self._event(
             "hold",
             from_version=(live.production_version or "") if live else "",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,6 +14,8 @@ from typing import Any
 
 import yaml
 from manifest_helpers import isvc_errors
+
+from promotion.local_target import ADMIN
 
 REPO = Path(__file__).resolve().parents[1]
 #: the held-out split every make_env version records
@@ -106,3 +110,46 @@ def kubectl_patch_local(isvc: dict[str, Any], patch: dict[str, Any], tmp: Path) 
         capture_output=True, text=True, check=True,
     )
     return yaml.safe_load(out.stdout)
+
+
+class FakeServe:
+    """The admin API of a two-slot `motlens serve`: a slot load takes ``load_s`` (the model loads and
+    passes its golden check) and swaps at the end, as the real one does before it answers."""
+
+    def __init__(self, production: str, load_s: float = 0.0) -> None:
+        self.slots: dict[str, dict[str, Any]] = {
+            "production": {"version": production, "ref": f"models:/mot-defects/{production}"},
+            "canary": {"version": None, "ref": None},
+        }
+        self.percent = 0.0
+        self.load_s = load_s
+        self.took_effect: list[tuple[str, datetime]] = []  # (what, when the server started serving it)
+        self.lock = threading.Lock()
+        self.reason: str | None = None  # why it is not ready (starting, loading, stopping); None: ready
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        with self.lock:
+            op = path.removeprefix(ADMIN)
+            if method == "GET" and op == "/slots":
+                return self.status()
+            if op.startswith("/slots/") and op.endswith("/load"):
+                slot = op.split("/")[2]
+                time.sleep(self.load_s)
+                ref = body["ref"]
+                self.slots[slot] = {"version": ref.rsplit("/", 1)[1], "ref": ref}
+            elif op == "/canary/percent":
+                self.percent = float(body["percent"])
+            elif op == "/promote":
+                self.slots["production"], self.slots["canary"] = self.slots["canary"], {"version": None, "ref": None}
+                self.percent = 0.0
+            elif op == "/rollback":
+                self.slots["canary"], self.percent = {"version": None, "ref": None}, 0.0
+            else:
+                raise AssertionError(f"unexpected admin call {method} {path}")
+            self.took_effect.append((op, datetime.now(UTC)))
+            time.sleep(0.01)  # the answer travels back after the swap
+            return self.status()
+
+    def status(self) -> dict[str, Any]:
+        return {"slots": {k: dict(v) for k, v in self.slots.items()}, "canary_percent": self.percent,
+                "ready": self.reason is None, "reason": self.reason}  # fmt: skip

@@ -9,61 +9,19 @@ percent, promote, rollback), so each test runs in a second, not a real server's 
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from promotion_support import make_env
+from promotion_support import FakeServe, make_env
 
-from promotion.local_target import ADMIN, LocalTarget
+from promotion.local_target import LocalTarget
 from promotion.status import read_status
 from promotion.tags import PREVIOUS_TAG
 from promotion.workflow import Promoter, PromotionError, Refused
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders the overlay copy")
-
-
-class FakeServe:
-    """The admin API of a two-slot `motlens serve`: a slot load takes ``load_s`` (the model loads and
-    passes its golden check) and swaps at the end, as the real one does before it answers."""
-
-    def __init__(self, production: str, load_s: float = 0.0) -> None:
-        self.slots: dict[str, dict[str, Any]] = {
-            "production": {"version": production, "ref": f"models:/mot-defects/{production}"},
-            "canary": {"version": None, "ref": None},
-        }
-        self.percent = 0.0
-        self.load_s = load_s
-        self.took_effect: list[tuple[str, datetime]] = []  # (what, when the server started serving it)
-        self.lock = threading.Lock()
-
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        with self.lock:
-            op = path.removeprefix(ADMIN)
-            if method == "GET" and op == "/slots":
-                return self.status()
-            if op.startswith("/slots/") and op.endswith("/load"):
-                slot = op.split("/")[2]
-                time.sleep(self.load_s)
-                ref = body["ref"]
-                self.slots[slot] = {"version": ref.rsplit("/", 1)[1], "ref": ref}
-            elif op == "/canary/percent":
-                self.percent = float(body["percent"])
-            elif op == "/promote":
-                self.slots["production"], self.slots["canary"] = self.slots["canary"], {"version": None, "ref": None}
-                self.percent = 0.0
-            elif op == "/rollback":
-                self.slots["canary"], self.percent = {"version": None, "ref": None}, 0.0
-            else:
-                raise AssertionError(f"unexpected admin call {method} {path}")
-            self.took_effect.append((op, datetime.now(UTC)))
-            time.sleep(0.01)  # the answer travels back after the swap
-            return self.status()
-
-    def status(self) -> dict[str, Any]:
-        return {"slots": {k: dict(v) for k, v in self.slots.items()}, "canary_percent": self.percent, "ready": True}
 
 
 @pytest.fixture
