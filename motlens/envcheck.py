@@ -1,5 +1,6 @@
-"""``MOTLENS_*`` environment variables that no setting reads: a typo or a renamed setting would
-otherwise leave the default in force without a word (``motlens`` warns at start; values never shown)."""
+"""``MOTLENS_*`` environment variables that no setting reads, and the unprefixed names older releases
+read: a typo or a renamed setting would otherwise leave the default in force without a word (``motlens``
+warns at start; values never shown)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ SETTINGS = {
 #: read outside those prefixes: the state directory, the embedder's model directory (tests, the GPU
 #: check) and the ClickHouse URL/password that the prediction log and the data loader share
 OTHER = frozenset({"MOTLENS_HOME", "MOTLENS_EMBEDDER_DIR", "MOTLENS_CLICKHOUSE_URL", "MOTLENS_CLICKHOUSE_PASSWORD"})
+#: unprefixed names that releases before 3201d46 also read (in any case) for the prediction log, and the
+#: names that replace them: set alone now, they configure nothing (the log falls back to the embedded one).
+#: They may belong to other programs, so they are warned about, never refused.
+RETIRED = {
+    "CLICKHOUSE_URL": ("MOTLENS_CLICKHOUSE_URL", "MOTLENS_PREDLOG_CLICKHOUSE_URL"),
+    "PASSWORD": ("MOTLENS_CLICKHOUSE_PASSWORD", "MOTLENS_PREDLOG_PASSWORD"),
+}
 #: what Kubernetes sets in every pod for each Service of its namespace (service links): a Service named
 #: ``motlens-clickhouse`` gives ``MOTLENS_CLICKHOUSE_SERVICE_HOST``, ``…_PORT_8123_TCP_ADDR`` and the like
 #: (``…_PORT`` alone only with its ``tcp://…`` value: a setting's typo may end in ``_PORT`` too)
@@ -76,8 +84,32 @@ def unknown_env(environ: Mapping[str, str] | None = None) -> list[tuple[str, str
     return out
 
 
+def retired_env(environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """Each set :data:`RETIRED` name (as spelt) whose replacements are all unset, with the one to set.
+
+    ``PASSWORD`` counts only beside a ClickHouse URL (old or new name): without one an older release
+    had no use for it either."""
+    env = os.environ if environ is None else environ
+    upper = {k.upper(): k for k, v in env.items() if v}
+    out = []
+    for old, new in RETIRED.items():
+        if old not in upper or any(n in upper for n in new):
+            continue
+        if old == "PASSWORD" and not any(n in upper for n in ("CLICKHOUSE_URL", *RETIRED["CLICKHOUSE_URL"])):
+            continue
+        out.append((upper[old], new[0]))
+    return out
+
+
 def warn_unknown_env() -> None:
-    """Log a warning per :func:`unknown_env` name (names only: values are never shown)."""
+    """Log a warning per :func:`unknown_env` and :func:`retired_env` name (names only, never values)."""
+    logger = logging.getLogger("motlens")
     for name, close in unknown_env():
         hint = f" (did you mean {close}?)" if close else ""
-        logging.getLogger("motlens").warning("%s is set but no motlens setting reads it%s", name, hint)
+        logger.warning("%s is set but no motlens setting reads it%s", name, hint)
+    for name, new in retired_env():
+        what = "the prediction log is the embedded one" if new.endswith("_URL") else "no ClickHouse password is sent"
+        logger.warning(
+            "%s is set but motlens reads only %s (older releases read %s too): %s; if %s is meant for motlens, "
+            "set %s", name, new, name, what, name, new,
+        )  # fmt: skip

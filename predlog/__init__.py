@@ -29,7 +29,9 @@ def open_writer(settings: PredlogSettings | None = None):  # -> predlog.writer.P
     from predlog.writer import PredictionLogWriter
 
     settings = settings or PredlogSettings()
-    spool = Spool(settings.spool_dir, settings.spool_max_bytes, settings.spool_full_policy)  # the dir's lock
+    log.info("predlog: predictions go to %s (spool %s)", settings.sink, settings.spool_dir)
+    # the dir's lock; segments spooled for another sink are held, not replayed here (predlog.spool)
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes, settings.spool_full_policy, settings.sink)
     sink: ClickHouseSink | ParquetSink
     if settings.embedded:
         sink = ParquetSink(settings.table_dir("predictions"))

@@ -5,7 +5,9 @@ The ledger is read first: with nothing pending no DDL runs (a read-only user can
 Readers never migrate (:func:`check`); the writer does when ``auto_migrate`` is on (:func:`apply`).
 Either way the tables' columns are compared with :data:`predlog.schema.TABLES` and a table that
 differs (an older or foreign ``predictions`` that ``CREATE TABLE IF NOT EXISTS`` left in place) is
-refused, naming its missing and mistyped columns.
+refused, naming its missing and mistyped columns. A migration whose file has a ``-- optional: WHY``
+line (a projection or an index: every read gives the same answer without it) only makes readers warn
+while it is pending.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from predlog.settings import PredlogSettings
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+_OPTIONAL = re.compile(r"^--\s*optional:", re.MULTILINE)
 #: a quoted literal or identifier, a ``--`` comment, a run of whitespace, or anything else
 _TOKEN = re.compile(r"""'(?:[^'\\]|\\.|'')*'|"(?:[^"\\]|\\.)*"|`(?:[^`\\]|\\.)*`|--[^\n]*|\s+|[^'"`\s-]+|-""")
 
@@ -69,6 +72,12 @@ class Migration:
     def checksum(self) -> str:
         """sha256 of the statements (comments dropped, whitespace normalised, templates unfilled)."""
         return hashlib.sha256(";\n".join(normalize(s) for s in self._split(self.sql)).encode()).hexdigest()
+
+    @property
+    def optional(self) -> bool:
+        """Marked ``-- optional: WHY`` in its file: readers do without it (only slower), so one pending
+        makes them warn, not refuse. Never for tables or columns."""
+        return bool(_OPTIONAL.search(self.sql))
 
     @property
     def legacy_checksum(self) -> str:
@@ -150,15 +159,22 @@ def verify(client: Any, database: str) -> None:
 
 
 def check(client: Any, settings: PredlogSettings) -> None:
-    """A reader's check (SELECTs only, never DDL): every migration applied and the tables as declared."""
+    """A reader's check (SELECTs only, never DDL): every required migration applied (a pending optional
+    one is warned about) and the tables as declared."""
     todo = pending(client, settings)
-    if todo:
-        names = ", ".join(f"{m.version:03d}_{m.name}" for m in todo)
+    names = ", ".join(f"{m.version:03d}_{m.name}" for m in todo)
+    if any(not m.optional for m in todo):
         raise SchemaError(
             f"the prediction log in database {settings.database} is behind this release (pending: {names}); "
             "run `motlens log migrate` as a user allowed DDL, or start the predictor (its writer migrates "
             "when MOTLENS_PREDLOG_AUTO_MIGRATE is on)"
         )
+    if todo:
+        log.warning(
+            "predlog: the prediction log in database %s lacks optional migration %s (reads give the same "
+            "answers without it, some slower); run `motlens log migrate` as a user allowed DDL",
+            settings.database, names,
+        )  # fmt: skip
     verify(client, settings.database)
 
 

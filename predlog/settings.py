@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -10,7 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from motlens.credentials import no_password_in_url
+from motlens.credentials import no_password_in_url, redact
 from motlens.errors import env_name
 from motlens.state import StateSettings
 
@@ -21,6 +23,42 @@ IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 def _url_database(url: str | None) -> str:
     """The database in an http(s) URL's path (``https://host:8443/motlens`` → ``motlens``), else ""."""
     return urlsplit(url).path.strip("/") if url and url.startswith(("http://", "https://")) else ""
+
+
+@dataclass(frozen=True)
+class SinkId:
+    """Where a writer's batches go, as its spool records it: ``clickhouse`` (``url`` without credentials,
+    ``database``) or ``embedded`` (``url``: its folder, for messages only — an embedded log always lies
+    beside its spool, so a moved directory is the same sink)."""
+
+    kind: str
+    url: str
+    database: str = ""
+
+    def same(self, other: SinkId) -> bool:
+        return self.kind == other.kind and (
+            self.kind == "embedded" or (self.url, self.database) == (other.url, other.database)
+        )
+
+    def __str__(self) -> str:
+        if self.kind == "embedded":
+            return f"the embedded Parquet log in {self.url}"
+        return f"ClickHouse {self.url} (database {self.database})"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> SinkId:
+        """Raises ValueError for anything but what :meth:`to_json` wrote."""
+        try:
+            data = json.loads(text)
+            sink = cls(str(data["kind"]), str(data["url"]), str(data.get("database", "")))
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"not a sink record: {e}") from None
+        if sink.kind not in ("clickhouse", "embedded"):
+            raise ValueError(f"unknown sink kind {sink.kind!r}")
+        return sink
 
 
 SERVER_FLUSH_INTERVAL_S = 1.0
@@ -134,6 +172,13 @@ class PredlogSettings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return not self.clickhouse_url
+
+    @property
+    def sink(self) -> SinkId:
+        """Where this writer's batches go (what its spool records; never a credential)."""
+        if self.embedded:
+            return SinkId("embedded", str(self.table_dir("predictions")))
+        return SinkId("clickhouse", redact(self.clickhouse_url or "").rstrip("/"), self.database)
 
     @property
     def root(self) -> Path:

@@ -7,11 +7,18 @@ between "inserted" and "removed" stores the batch once. When the spool would exc
 is on disk (recent predictions matter most for canary and drift; a write that fails deletes
 nothing), ``drop_newest`` refuses the new batch; the rows lost are returned so the writer counts
 them as ``dropped{reason="spool_full"}``.
+
+A spool is bound to its sink (:class:`~predlog.settings.SinkId`, recorded in ``.sink``): segments a
+writer finds there for another sink are moved to ``held/<sink>/``, kept and never replayed into this
+one, and moved back when a writer on their sink opens the spool. Segments an older release left with no
+``.sink`` are replayed by a ClickHouse writer (that release spooled every ClickHouse batch) and held as
+``held/unrecorded/`` by an embedded one (the log a dropped ClickHouse setting falls back to).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -21,9 +28,16 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from motlens.atomic import atomic_write, remove_stale_temps
+from predlog.settings import SinkId
+
 log = logging.getLogger(__name__)
 
 _SEG = re.compile(r"^(\d{16})-(\d+)-([0-9a-f]{32})\.arrow$")
+SINK_FILE = ".sink"
+HELD = "held"
+#: ``held/`` folder of segments an older release spooled without recording their sink
+UNRECORDED = "unrecorded"
 
 
 @dataclass(frozen=True, order=True)
@@ -71,6 +85,28 @@ def _finish_tmp(tmp: Path) -> None:
     log.warning("predlog: spool segment %s, written in full before its writer stopped, kept", tmp.stem)
 
 
+def _rows(files: list[Path]) -> int:
+    return sum(int(m.group(2)) for p in files if (m := _SEG.match(p.name)))
+
+
+def _warn_held(folder: Path, files: list[Path], held_for: SinkId | None, sink: SinkId, spool: Path) -> None:
+    """Name held segments, the two sinks and what to do (at every start while they are held)."""
+    if held_for is None:
+        whose = (
+            "spooled by a release that recorded no sink, most likely for ClickHouse (such a release spooled "
+            "every ClickHouse batch, an embedded writer only a failed write); a writer on ClickHouse "
+            "(MOTLENS_CLICKHOUSE_URL) replays them"
+        )
+    else:
+        whose = f"spooled for {held_for}; a writer on that sink replays them"
+    log.warning(
+        "predlog: %d rows (%d segment file(s)) in %s are kept there, not replayed into this writer's sink, %s: "
+        "they were %s. To store them in this sink instead, stop this process and move the *.arrow files from "
+        "%s into %s (docs/predlog.md: a spool is bound to its sink)",
+        _rows(files), len(files), folder, sink, whose, folder, spool,
+    )  # fmt: skip
+
+
 def _decode(buf: pa.Buffer) -> pa.Table:
     """A segment's table, fully validated (a block of zeros can still parse with the right row count)."""
     table = pa.ipc.open_file(buf).read_all()
@@ -105,10 +141,38 @@ def check_free(root: Path) -> None:
         fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-class Spool:
-    """A directory of ordered segments owned by one writer (an exclusive lock; thread-safe inside it)."""
+def _segment_files(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if _SEG.match(p.name))
+    except FileNotFoundError:
+        return []
 
-    def __init__(self, root: Path, max_bytes: int, policy: str = "drop_oldest"):
+
+def _recorded(folder: Path) -> SinkId | None:
+    """The sink recorded in ``folder`` (None: none recorded, or a record that cannot be read)."""
+    try:
+        return SinkId.from_json((folder / SINK_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("predlog: unreadable %s (%s): its segments count as unrecorded", folder / SINK_FILE, e)
+        return None
+
+
+def _held_name(sink: SinkId | None) -> str:
+    if sink is None:
+        return UNRECORDED
+    if sink.kind == "embedded":
+        return "embedded"
+    return "clickhouse-" + hashlib.sha256(f"{sink.url}\n{sink.database}".encode()).hexdigest()[:12]
+
+
+class Spool:
+    """A directory of ordered segments owned by one writer (an exclusive lock; thread-safe inside it).
+
+    With ``sink`` the spool is bound to it (module docstring); without, it takes whatever is there."""
+
+    def __init__(self, root: Path, max_bytes: int, policy: str = "drop_oldest", sink: SinkId | None = None):
         self.root = root
         self.max_bytes = max_bytes
         self.policy = policy
@@ -120,15 +184,80 @@ class Spool:
             self._lock_file.close()
             raise SpoolBusy(root) from None
         self._lock = threading.Lock()
+        remove_stale_temps(root / SINK_FILE)
         for stale in root.glob("*.tmp"):
             _finish_tmp(stale)
+        if sink is not None:
+            self._bind(sink)
         self._segments: list[Segment] = sorted(
             Segment(int(m.group(1)), int(m.group(2)), m.group(3), p, p.stat().st_size)
             for p in root.iterdir()
             if (m := _SEG.match(p.name))
         )
-        self._seq = self._segments[-1].seq + 1 if self._segments else 0
+        held = [int(p.name[:16]) for folder in self._held_folders() for p in _segment_files(folder)]
+        self._seq = max([s.seq for s in self._segments] + held, default=-1) + 1  # unique across held ones too
         self._bytes = sum(s.bytes for s in self._segments)
+
+    def _held_folders(self) -> list[Path]:
+        try:
+            return sorted(p for p in (self.root / HELD).iterdir() if p.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def _bind(self, sink: SinkId) -> None:
+        """Hold another sink's segments, record ``sink``, take back its held ones (lock held); each step
+        leaves a state the next start finishes if this one is killed."""
+        recorded = _recorded(self.root)
+        present = _segment_files(self.root)
+        if present and (recorded is None or not recorded.same(sink)):
+            if recorded is None and sink.kind == "clickhouse":
+                log.warning(
+                    "predlog: %d spooled rows left by a release that recorded no sink are replayed into %s",
+                    _rows(present), sink,
+                )  # fmt: skip
+            else:
+                self._move(present, self.root / HELD / _held_name(recorded), recorded)
+        if recorded != sink:  # before any segment comes back: a crash meanwhile leaves them recorded as ours
+            atomic_write(self.root / SINK_FILE, sink.to_json())
+        for folder in self._held_folders():
+            found = _recorded(folder)
+            if (found is not None and found.same(sink)) or (folder.name == UNRECORDED and sink.kind == "clickhouse"):
+                self._take_back(folder, found, sink)
+        for folder in self._held_folders():
+            if files := _segment_files(folder):
+                _warn_held(folder, files, _recorded(folder), sink, self.root)
+
+    def _move(self, files: list[Path], folder: Path, sink: SinkId | None) -> None:
+        """Move segments into ``folder`` (recording their sink there first, when known)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        if sink is not None and _recorded(folder) != sink:
+            atomic_write(folder / SINK_FILE, sink.to_json())
+        for path in files:
+            os.replace(path, folder / path.name)
+        _fsync_dir(folder)
+        _fsync_dir(self.root)
+
+    def _take_back(self, folder: Path, found: SinkId | None, sink: SinkId) -> None:
+        """Move a held folder's segments back into the spool for ``sink`` and remove the folder."""
+        files = _segment_files(folder)
+        clash = [p for p in files if (self.root / p.name).exists()]
+        for path in files:
+            if path not in clash:
+                os.replace(path, self.root / path.name)
+        _fsync_dir(self.root)
+        if clash:
+            log.error("predlog: %s holds segments named as ones in the spool (%s); left there", folder, clash[0].name)
+            return
+        if files:
+            whose = f"spooled for {found}" if found else "spooled by a release that recorded no sink"
+            log.warning("predlog: %d rows held in %s (%s) are replayed into %s", _rows(files), folder, whose, sink)
+        remove_stale_temps(folder / SINK_FILE)
+        (folder / SINK_FILE).unlink(missing_ok=True)
+        for empty in (folder, folder.parent):
+            try:
+                empty.rmdir()
+            except OSError:  # something else left there: kept for whoever put it
+                return
 
     def segments(self) -> list[Segment]:
         with self._lock:

@@ -12,7 +12,7 @@ from promotion import gates as g
 from promotion import paired_check as pc
 from promotion.canary_times import LOOKBACK_S, CanaryTimes, canary_times
 from promotion.settings import PromoteSettings
-from promotion.tags import STATUS_TAG, VERDICTS
+from promotion.tags import STATUS_TAG, VERDICT_ACTIONS, VERDICTS
 
 
 class Evidence:
@@ -95,6 +95,8 @@ class Evidence:
         if status not in VERDICTS:
             return None
         at = tags.get(f"promotion.{status}_at")
+        if not at and tags.get("promotion.last_action") in VERDICT_ACTIONS[status]:  # tagged by an older release
+            at = tags.get("promotion.last_at")
         why = tags.get(f"promotion.{status}_reason") or "no reason recorded"
         return status, f"version {version} was {status} {f'at {at}' if at else '(time not recorded)'}: {why}"
 

@@ -9,4 +9,8 @@ STEP_AT_TAG = "promotion.step_at"
 STARTED_AT_TAG = "promotion.canary_started_at"
 PREVIOUS_TAG = "promotion.previous_production"  # on a production version: the one it replaced ("" = none)
 VERDICTS = ("rejected", "retired")  # a version so tagged is not rolled out again without --force
+#: the actions that tag a version with each verdict. Releases before ``promotion.{verdict}_at`` (38dbe5d)
+#: dated a verdict only by the event tags ``promotion.last_action``/``last_at``: while the last action is
+#: one of these, ``last_at`` is when the verdict was given
+VERDICT_ACTIONS = {"rejected": ("rollback", "reject"), "retired": ("canary_start", "promote", "deploy")}
 PERCENT_TAG = CANARY_PERCENT_TAG

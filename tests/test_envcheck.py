@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from motlens.envcheck import OTHER, SETTINGS, _names, unknown_env
+from motlens.envcheck import OTHER, SETTINGS, _names, retired_env, unknown_env
 
 REPO = Path(__file__).resolve().parents[1]
 _NAME = re.compile(r"\bMOTLENS_[A-Z0-9_]*[A-Z0-9]\b")
@@ -92,3 +92,38 @@ def test_kubernetes_service_links_are_not_settings():
     assert unknown_env(env) == []
     typo = "MOTLENS_SERVE_HTTPS_PORT"  # ends like a service link, is not one
     assert unknown_env({typo: "8443"}) == [(typo, "MOTLENS_SERVE_HTTP_PORT")]
+
+
+def test_names_older_releases_read_are_named_with_the_one_to_set():
+    """Releases before 3201d46 read CLICKHOUSE_URL and PASSWORD (any case): set alone after the upgrade
+    they configured nothing, and the prediction log fell back to the embedded one without a word."""
+    assert retired_env({"CLICKHOUSE_URL": "http://ch:8123/motlens", "PASSWORD": "x", "PATH": "/bin"}) == [
+        ("CLICKHOUSE_URL", "MOTLENS_CLICKHOUSE_URL"),
+        ("PASSWORD", "MOTLENS_CLICKHOUSE_PASSWORD"),
+    ]
+    assert retired_env({"clickhouse_url": "http://ch:8123/motlens"}) == [("clickhouse_url", "MOTLENS_CLICKHOUSE_URL")]
+    new = {"MOTLENS_CLICKHOUSE_URL": "http://ch:8123/motlens", "MOTLENS_PREDLOG_PASSWORD": "x"}
+    assert retired_env({**new, "CLICKHOUSE_URL": "http://other:8123", "PASSWORD": "y"}) == []
+    assert retired_env({"MOTLENS_PREDLOG_CLICKHOUSE_URL": "http://ch:8123", "PASSWORD": "y"}) == [
+        ("PASSWORD", "MOTLENS_CLICKHOUSE_PASSWORD")
+    ]
+    assert retired_env({"PASSWORD": "y"}) == []  # no ClickHouse at all: an older release had no use for it
+    assert retired_env({"CLICKHOUSE_URL": ""}) == []
+
+
+def test_the_cli_names_an_older_releases_variable_and_never_shows_the_value(tmp_path, monkeypatch, capsys, caplog):
+    from motlens.cli import main
+
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path))
+    for name in ("MOTLENS_CLICKHOUSE_URL", "MOTLENS_PREDLOG_CLICKHOUSE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLICKHOUSE_URL", "https://user@ch.example:8443/s3cret-db")
+    with caplog.at_level("WARNING"):
+        assert main(["log", "count"]) == 0  # a warning, not a refusal: the name may be another program's
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        "CLICKHOUSE_URL is set but motlens reads only MOTLENS_CLICKHOUSE_URL (older releases read CLICKHOUSE_URL "
+        "too): the prediction log is the embedded one; if CLICKHOUSE_URL is meant for motlens, set "
+        "MOTLENS_CLICKHOUSE_URL"
+    ]
+    assert "s3cret-db" not in caplog.text + "".join(capsys.readouterr())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import socket
@@ -26,7 +27,7 @@ import predlog
 from predlog import PredictionRecord, PredlogSettings
 from predlog.schema import records_to_arrow
 from predlog.sinks import ClickHouseSink, ParquetSink
-from predlog.spool import Spool
+from predlog.spool import SINK_FILE, Spool
 
 
 def rows(n: int, start: int = 0) -> list[PredictionRecord]:
@@ -44,6 +45,12 @@ def rows(n: int, start: int = 0) -> list[PredictionRecord]:
         )
         for i in range(start, start + n)
     ]
+
+
+def same_server_back(settings: PredlogSettings) -> None:
+    """Bind the spool to ``settings``' server: a closed port or a hung server stood in for it while it
+    was down, and a spool is bound to its sink's URL (docs/predlog.md)."""
+    (settings.spool_dir / SINK_FILE).write_text(settings.sink.to_json())
 
 
 def closed_port() -> int:
@@ -117,6 +124,7 @@ def test_unreachable_server_spools_then_next_start_replays(chdb_settings):
     s = writer.stats()
     assert s["written"] == 0 and s["spilled"] == 300 and s["spool_rows"] == 300 and s["dropped"] == 0
 
+    same_server_back(settings)
     writer = predlog.open_writer(settings)  # the server is "back": same spool, working sink
     assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
     writer.close(10)
@@ -127,7 +135,7 @@ def test_unreachable_server_spools_then_next_start_replays(chdb_settings):
 def test_crash_between_insert_and_spool_removal_is_deduplicated(chdb_settings):
     settings, reader = chdb_settings
     table = records_to_arrow(rows(80))
-    spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes, sink=settings.sink)
     seg, _ = spool.append(table, uuid.uuid4().hex)
     sink = ClickHouseSink(settings)
     sink.insert(Spool.read(seg), seg.token)  # stored, then the process "died" before removing the segment
@@ -143,7 +151,7 @@ def test_crash_between_insert_and_spool_removal_is_deduplicated(chdb_settings):
 def test_parquet_replay_of_an_already_written_segment_is_idempotent(tmp_path):
     settings = PredlogSettings(dir=tmp_path, flush_interval_s=0.02)
     table = records_to_arrow(rows(40))
-    spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes, sink=settings.sink)
     seg, _ = spool.append(table, uuid.uuid4().hex)
     spool.close()
     ParquetSink(settings.table_dir("predictions")).insert(Spool.read(seg), seg.token)
@@ -228,6 +236,7 @@ def test_close_while_the_sink_hangs_keeps_the_queue_in_the_spool(chdb_settings):
         server.release()  # the hung insert fails, the leftover writer thread ends
     assert wait_for(lambda: not writer._thread.is_alive(), 60)
     # the leftover thread released the spool's lock as it ended: a writer in this process can take it
+    same_server_back(settings)
     writer = predlog.open_writer(settings)  # the server is back: same spool, working sink
     assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
     writer.close(10)
@@ -421,7 +430,7 @@ def test_parquet_replay_after_its_day_was_compacted_is_still_idempotent(tmp_path
     other = [dataclasses.replace(r, ts=old, request_id=f"x{r.request_id}") for r in rows(20)]
     folder = settings.table_dir("predictions")
     ParquetSink(folder).insert(records_to_arrow(other), uuid.uuid4().hex)  # a second file: the day compacts
-    spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes, sink=settings.sink)
     seg, _ = spool.append(records_to_arrow(batch), uuid.uuid4().hex)
     spool.close()
     ParquetSink(folder).insert(Spool.read(seg), seg.token)  # stored; the crash leaves the segment
@@ -500,6 +509,7 @@ def test_a_spool_segment_killed_before_its_rename_is_replayed(chdb_settings):
     and with it the only copy of the batch."""
     settings, reader = chdb_settings
     kill_before_rename(settings.root, f"http://127.0.0.1:{closed_port()}", ".arrow")
+    same_server_back(settings)
     (left,) = settings.spool_dir.glob("*.arrow.tmp")
     (settings.spool_dir / f"{0:016d}-9-{'e' * 32}.arrow.tmp").write_bytes(left.read_bytes()[:100])  # partial
     writer = predlog.open_writer(settings)
@@ -531,6 +541,7 @@ def test_a_damaged_spool_segment_is_set_aside_not_kept_at_the_head(tmp_path, lef
     settings = PredlogSettings(dir=tmp_path / "predlog", batch_rows=50, flush_interval_s=0.05,
                                retry_initial_s=0.05, retry_max_s=0.1)  # fmt: skip
     settings.spool_dir.mkdir(parents=True)
+    (settings.spool_dir / SINK_FILE).write_text(settings.sink.to_json())  # this writer's spool
     name = f"{0:016d}-10-{'a' * 32}.arrow" + (".tmp" if left_as == "tmp" else "")
     (settings.spool_dir / name).write_bytes(_zero_filled_segment(10))
     writer = predlog.open_writer(settings)
@@ -561,7 +572,7 @@ def _drained(writer) -> dict:
 
 def _spool_one(settings, table: pa.Table) -> str:
     """Leave one segment at the head of the writer's spool (as a writer that stopped would)."""
-    spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes, sink=settings.sink)
     seg, _ = spool.append(table, uuid.uuid4().hex)
     spool.close()
     return seg.path.name
@@ -613,7 +624,7 @@ def test_a_segment_clickhouse_refuses_for_good_is_set_aside_and_the_rest_go_on(c
     assert wait_for(lambda: writer.stats()["spool_rows"] == 0, 10)
     writer.close(30)
     assert writer.stats()["dropped"] == 0 and stored(reader, settings) == (40, 40)
-    assert sorted(p.suffix for p in settings.spool_dir.iterdir() if p.name != ".lock") == [".rejected"]
+    assert sorted(p.suffix for p in settings.spool_dir.iterdir() if p.name not in (".lock", SINK_FILE)) == [".rejected"]
 
 
 def test_a_failing_materialized_view_is_retried_not_rejected(chdb_settings):
@@ -636,7 +647,7 @@ def test_a_failing_materialized_view_is_retried_not_rejected(chdb_settings):
     s = _drained(writer)
     assert s["written"] == 80 and s["dropped"] == 0 and s["sink_ok"], s
     assert stored(reader, settings) == (80, 80)
-    assert [p.name for p in settings.spool_dir.iterdir() if p.name != ".lock"] == []
+    assert [p.name for p in settings.spool_dir.iterdir() if p.name not in (".lock", SINK_FILE)] == []
 
 
 def test_a_rejected_segment_renamed_back_is_replayed_once_with_its_token(chdb_settings):
@@ -657,3 +668,113 @@ def test_a_rejected_segment_renamed_back_is_replayed_once_with_its_token(chdb_se
         writer.close(30)
         assert writer.stats()["written"] == 20 and writer.stats()["dropped"] == 0
         assert stored(reader, settings) == (20, 20) and not segment.exists()
+
+
+# ------------------------------------------------------------------ a spool is bound to its sink
+
+
+def _embedded_rows(settings: PredlogSettings) -> int:
+    reader = predlog.open_reader(settings)
+    try:
+        return int(reader.query("SELECT count() AS n FROM predictions")["n"][0])
+    finally:
+        reader.close()
+
+
+def _spooled_for_clickhouse(settings, reader, n: int) -> None:
+    """Leave ``n`` rows in the spool as a ClickHouse writer stopped during an outage would."""
+    db = settings.database
+    reader.client.command(f"RENAME TABLE {db}.predictions TO {db}.away")
+    writer = predlog.open_writer(settings)
+    writer.submit(rows(n))
+    assert writer.flush(30)
+    writer.close(10)
+    assert writer.stats()["spool_rows"] == n
+    reader.client.command(f"RENAME TABLE {db}.away TO {db}.predictions")
+
+
+def test_segments_spooled_for_clickhouse_wait_for_it_not_in_the_embedded_log(chdb_settings, caplog):
+    """A writer whose ClickHouse URL was lost (an upgrade stopped reading CLICKHOUSE_URL) fell back to the
+    embedded log and replayed the ClickHouse writer's spool into local Parquet: ClickHouse never got them."""
+    settings, reader = chdb_settings
+    _spooled_for_clickhouse(settings, reader, 100)
+    embedded = PredlogSettings(dir=settings.root, flush_interval_s=0.02, compact_interval_s=0)
+    with caplog.at_level(logging.WARNING, logger="predlog.spool"):
+        writer = predlog.open_writer(embedded)
+    writer.submit(rows(30, 1000))
+    assert writer.flush(30)
+    writer.close(10)
+    assert writer.stats()["replayed"] == 0 and _embedded_rows(embedded) == 30
+    (held,) = (settings.spool_dir / "held").iterdir()
+    assert sum(int(p.name.split("-")[1]) for p in held.glob("*.arrow")) == 100
+    assert not list(settings.spool_dir.glob("*.arrow"))
+    warned = caplog.text
+    assert (f"100 rows (2 segment file(s)) in {held} are kept there, not replayed into this writer's sink, the "
+            f"embedded Parquet log in {embedded.table_dir('predictions')}: they were spooled for ClickHouse "
+            f"chdb://memory (database {settings.database}); a writer on that sink replays them") in warned  # fmt: skip
+    assert f"move the *.arrow files from {held} into {settings.spool_dir}" in warned
+    assert stored(reader, settings) == (0, 0)
+
+    caplog.clear()
+    writer = predlog.open_writer(settings)  # pointed back at ClickHouse: it takes them back and replays them
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(10)
+    assert writer.stats()["replayed"] == 100 and stored(reader, settings) == (100, 100)
+    assert not held.exists() and "were spooled for" not in caplog.text
+    assert _embedded_rows(embedded) == 30
+
+
+def test_segments_of_the_embedded_log_wait_for_it_when_a_writer_goes_to_clickhouse(chdb_settings, tmp_path):
+    settings, reader = chdb_settings
+    embedded = PredlogSettings(dir=settings.root, flush_interval_s=0.02, compact_interval_s=0)
+    spool = Spool(embedded.spool_dir, embedded.spool_max_bytes, sink=embedded.sink)  # a failed Parquet write's
+    spool.append(records_to_arrow(rows(20)), uuid.uuid4().hex)
+    spool.close()
+    writer = predlog.open_writer(settings)
+    writer.submit(rows(10, 500))
+    assert writer.flush(30)
+    writer.close(10)
+    assert writer.stats()["replayed"] == 0 and stored(reader, settings) == (10, 10)
+    assert [p.name for p in (settings.spool_dir / "held").iterdir()] == ["embedded"]
+    moved = PredlogSettings(dir=tmp_path / "moved", flush_interval_s=0.02, compact_interval_s=0)
+    settings.root.rename(moved.root)  # the embedded log is the one beside its spool, wherever it lies
+    writer = predlog.open_writer(moved)
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(10)
+    assert writer.stats()["replayed"] == 20 and _embedded_rows(moved) == 20
+    assert not (moved.spool_dir / "held").exists()
+
+
+def test_segments_an_older_release_spooled_are_held_from_the_embedded_log_and_replayed_by_clickhouse(
+    chdb_settings, caplog
+):
+    """A spool with no recorded sink (an older release's): its ClickHouse writer spooled every batch."""
+    settings, reader = chdb_settings
+    old = Spool(settings.spool_dir, settings.spool_max_bytes)  # as a release before the binding wrote it
+    old.append(records_to_arrow(rows(40)), uuid.uuid4().hex)
+    old.close()
+    embedded = PredlogSettings(dir=settings.root, flush_interval_s=0.02, compact_interval_s=0)
+    with caplog.at_level(logging.WARNING, logger="predlog.spool"):
+        predlog.open_writer(embedded).close(10)
+    held = settings.spool_dir / "held" / "unrecorded"
+    assert len(list(held.glob("*.arrow"))) == 1 and _embedded_rows(embedded) == 0
+    assert "spooled by a release that recorded no sink" in caplog.text and "MOTLENS_CLICKHOUSE_URL" in caplog.text
+    writer = predlog.open_writer(settings)
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(10)
+    assert writer.stats()["replayed"] == 40 and stored(reader, settings) == (40, 40) and not held.exists()
+
+
+def test_held_segments_moved_into_the_spool_by_hand_go_to_its_sink(tmp_path):
+    """docs/predlog.md: to store held rows in the current sink instead, move them into the spool."""
+    embedded = PredlogSettings(dir=tmp_path / "predlog", flush_interval_s=0.02, compact_interval_s=0)
+    old = Spool(embedded.spool_dir, embedded.spool_max_bytes)
+    old.append(records_to_arrow(rows(15)), uuid.uuid4().hex)
+    old.close()
+    predlog.open_writer(embedded).close(10)
+    for path in (embedded.spool_dir / "held" / "unrecorded").glob("*.arrow"):
+        path.rename(embedded.spool_dir / path.name)
+    writer = predlog.open_writer(embedded)
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(10)
+    assert writer.stats()["replayed"] == 15 and _embedded_rows(embedded) == 15

@@ -223,3 +223,48 @@ def test_a_changed_ttl_is_applied_by_migrate_and_warned_about_by_the_writer(chdb
     assert "predictions TTL changed from 400 to 30 days" in capsys.readouterr().out
     assert "toIntervalDay(30)" in _ttl(client, settings)
     assert migrate.table_ttl_days(client, shorter) == 30 and migrate.sync_ttl(client, shorter, modify=True) is None
+
+
+def test_only_projections_and_indexes_are_optional_in_both_variants():
+    for cluster in (False, True):
+        assert {m.version for m in migrate.load(cluster) if m.optional} == {4}, cluster
+
+
+def test_a_pending_optional_migration_is_warned_about_not_refused(chdb_db, monkeypatch, caplog, capsys):
+    """Between upgrading the jobs and `motlens log migrate`, a pending 004 (a projection for `log count`)
+    made every reader refuse the log: the drift job exited 2, promotion read nothing. Required ones still
+    refuse; the writer's auto-migrate applies it."""
+    import predlog
+    from motlens.cli import main
+    from predlog.records import PredictionRecord
+
+    client, settings = chdb_db
+    db = settings.database
+    shipped = migrate.load
+    monkeypatch.setattr(migrate, "load", lambda cluster=False: [m for m in shipped(cluster) if m.version < 4])
+    assert migrate.apply(client, settings) == [1, 2, 3]  # the log as a release before 004 left it
+    monkeypatch.setattr(migrate, "load", shipped)
+    rows = [PredictionRecord(request_id=f"r{i}", item_index=0, model_name="mot-defects", model_version="1",
+                             slot="production", text="brake pipe corroded") for i in range(5)]  # fmt: skip
+    client.insert_arrow(f"{db}.predictions", schema.records_to_arrow(rows))
+    with caplog.at_level(logging.WARNING, logger="predlog.migrate"):
+        reader = predlog.open_reader(settings)
+    try:
+        assert reader.counts()["n"].sum() == 5 and reader.drift_reports().empty
+    finally:
+        reader.close()
+    assert f"database {db} lacks optional migration 004_predictions_counts" in caplog.text
+    assert "run `motlens log migrate`" in caplog.text
+    monkeypatch.setenv("MOTLENS_CLICKHOUSE_URL", "chdb://memory")
+    monkeypatch.setenv("MOTLENS_PREDLOG_DATABASE", db)
+    assert main(["log", "count", "--json"]) == 0 and '"n":5' in capsys.readouterr().out
+
+    required = dataclasses.replace(shipped()[3], version=5, name="a_column")  # 003's statements, not optional
+    monkeypatch.setattr(migrate, "load", lambda cluster=False: [*shipped(cluster), required])
+    with pytest.raises(migrate.SchemaError, match=r"pending: 004_predictions_counts, 005_a_column.*log migrate"):
+        predlog.open_reader(settings)
+    monkeypatch.setattr(migrate, "load", shipped)
+    assert migrate.apply(client, settings) == [4]  # the writer with auto-migrate applies it as before
+    caplog.clear()
+    predlog.open_reader(settings).close()
+    assert "optional migration" not in caplog.text

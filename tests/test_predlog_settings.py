@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import pydantic
@@ -147,3 +148,25 @@ def test_accepted_timeouts_reach_clickhouse_connect_intact(monkeypatch):
     assert (s.connect_timeout_s, s.send_receive_timeout_s) == (2, 3)
     with pytest.raises(OperationalError):  # the closed port refuses; the timeouts themselves were taken
         make_client(s)
+
+
+def test_the_writer_says_where_predictions_go_without_credentials(tmp_path, caplog):
+    """`motlens serve` never said which log it opened: an upgrade that lost the ClickHouse URL (the log fell
+    back to the embedded one) went unseen."""
+    import predlog
+
+    port = closed_port()  # the writer only spools
+    server = PredlogSettings(clickhouse_url=f"http://motlens@127.0.0.1:{port}/preds/", password="s3cret-value",
+                             dir=tmp_path / "a", connect_timeout_s=1)  # fmt: skip
+    embedded = PredlogSettings(dir=tmp_path / "b")
+    with caplog.at_level(logging.INFO, logger="predlog"):
+        for settings in (server, embedded):
+            predlog.open_writer(settings).close(5)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("predlog: predictions go to")]
+    assert said == [
+        f"predlog: predictions go to ClickHouse http://127.0.0.1:{port}/preds (database preds) "
+        f"(spool {tmp_path / 'a' / 'spool'})",
+        f"predlog: predictions go to the embedded Parquet log in {tmp_path / 'b' / 'predictions'} "
+        f"(spool {tmp_path / 'b' / 'spool'})",
+    ]
+    assert "s3cret-value" not in caplog.text and "motlens@" not in caplog.text

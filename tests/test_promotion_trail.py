@@ -197,6 +197,25 @@ def test_promote_of_a_rejected_version_named_by_the_alias_is_refused(local):
     assert serve.slots["production"]["version"] == "1"
 
 
+def test_a_verdict_an_older_release_dated_only_in_its_event_tags_gives_that_time(local):
+    """Releases before promotion.{status}_at tagged a rolled-back version with promotion.last_action and
+    promotion.last_at only: it read "rejected (time not recorded)" though its time was on the version."""
+    env, serve, settings, target = local
+    old = {"promotion.status": "rejected", "promotion.rejected_reason": "auto: drift",
+           "promotion.last_action": "rollback", "promotion.last_at": "2026-11-30T14:17:28.991+00:00"}  # fmt: skip
+    env.registry.set_tags("2", old)
+    env.registry.set_tags("3", {"promotion.status": "retired", "promotion.last_action": "promote",
+                                "promotion.last_at": "2026-11-29T09:00:00+00:00"})  # fmt: skip
+    p = Promoter(settings, env.registry, target)
+    with pytest.raises(Refused, match=r"version 2 was rejected at 2026-11-30T14:17:28\.991\+00:00: auto: drift"):
+        p.canary_start("2", 10)
+    with pytest.raises(Refused, match=r"version 3 was retired at 2026-11-29T09:00:00\+00:00: no reason recorded"):
+        p.canary_start("3", 10)
+    env.registry.set_tags("2", {"promotion.last_action": "hold"})  # a later event: last_at no longer dates it
+    with pytest.raises(Refused, match=r"version 2 was rejected \(time not recorded\): auto: drift"):
+        p.canary_start("2", 10)
+
+
 # ------------------------------------------------------------------ 5: rolling a promotion back
 
 

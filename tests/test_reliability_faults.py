@@ -89,12 +89,15 @@ def replay_into_chdb(spool_root: Path) -> list[tuple[str, int]]:
     """Replay a writer's spool into a fresh chdb database (a sink that is up); the stored (request_id, item)."""
     import predlog
     from predlog.settings import PredlogSettings
+    from predlog.spool import SINK_FILE
 
     settings = PredlogSettings(
         clickhouse_url="chdb://memory", database=f"replay_{uuid.uuid4().hex[:10]}", dir=spool_root,
         flush_interval_s=0.05,
     )  # fmt: skip
     reader = migrated_reader(settings)  # creates the tables, keeps the in-process engine open
+    # chdb stands in for the server that was down: bind the spool to it (docs/predlog.md)
+    (settings.spool_dir / SINK_FILE).write_text(settings.sink.to_json())
     try:
         writer = predlog.open_writer(settings)
         writer.close(30)  # close drains the spool into the sink

@@ -1,3 +1,4 @@
+-- optional: a projection; `log count` reads every row without it, with the same answer.
 -- Per-part row counts by model, version and slot, so `motlens log count` (predlog.queries.COUNTS) reads a
 -- few rows per part instead of the whole table. New parts get it as they are written; MATERIALIZE builds
 -- it for the parts already there as a background mutation (reads the five columns once). Until it is
