@@ -1,4 +1,4 @@
-"""Canary vs production on the same texts: prediction agreement and embedding consistency."""
+"""Canary vs production on the same texts: prediction agreement, score shift and embedding consistency."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from drift.checks import Check
+from drift.columns import SCORES
 from drift.settings import DriftSettings
 from drift.sources import Side
 from motlens.embedder import cosine_rows
@@ -40,6 +41,35 @@ def agreement(production: Side, canary: Side, settings: DriftSettings) -> tuple[
     ok = both >= settings.canary_min_agreement
     msg = f"canary and production agree on {both:.1%} of {n} shared texts (need {settings.canary_min_agreement:.0%})"
     return Check("canary_agreement", "pass" if ok else "drift", msg, both, settings.canary_min_agreement), detail
+
+
+def score_shift(production: Side, canary: Side, settings: DriftSettings) -> tuple[Check, dict[str, Any]]:
+    """Mean absolute difference of each model score (``SCORES``) between the two versions on the same
+    texts, one value per text and side (its mean there); the larger mean is gated."""
+    if production.frame.empty or canary.frame.empty:
+        shared = pd.DataFrame()
+    else:
+        shared = _mean_scores(production.frame).join(
+            _mean_scores(canary.frame), how="inner", lsuffix="_production", rsuffix="_canary"
+        )
+    n = len(shared)
+    detail: dict[str, Any] = {"shared_scored_texts": n}
+    limit = settings.canary_max_score_shift
+    if n < settings.min_shared_texts:
+        msg = (f"only {n} texts were scored by both versions in the window "
+               f"(need {settings.min_shared_texts}); score shift not measured")  # fmt: skip
+        return Check("canary_score_shift", "insufficient", msg, None, limit), detail
+    diff = {c: (shared[f"{c}_production"] - shared[f"{c}_canary"]).abs() for c in SCORES}
+    detail |= {"score_shift": {c: float(d.mean()) for c, d in diff.items()},
+               "score_shift_max": {c: float(d.max()) for c, d in diff.items()}}  # fmt: skip
+    worst = max(detail["score_shift"].values())
+    shifts = ", ".join(f"{c} {v:.4g}" for c, v in detail["score_shift"].items())
+    msg = f"mean |canary − production| per shared text: {shifts} over {n} texts (allowed ≤ {limit})"
+    return Check("canary_score_shift", "pass" if worst <= limit else "drift", msg, worst, limit), detail
+
+
+def _mean_scores(df: pd.DataFrame) -> pd.DataFrame:
+    return df.groupby("text_hash")[list(SCORES)].mean()
 
 
 def embedding_consistency(production: Side, canary: Side, settings: DriftSettings) -> tuple[Check, dict[str, Any]]:

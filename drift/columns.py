@@ -12,6 +12,10 @@ NUMERICAL: tuple[str, ...] = (
     "fail_probability", "section_score", "text_length", "vehicle_age_years", "odometer_miles",
 )  # fmt: skip
 DRIFT_COLUMNS: tuple[str, ...] = CATEGORICAL + NUMERICAL
+SCORES: tuple[str, ...] = ("fail_probability", "section_score")
+MODEL_OUTPUTS: tuple[str, ...] = ("section", "severity", *SCORES)
+INPUT_COLUMNS: tuple[str, ...] = tuple(c for c in DRIFT_COLUMNS if c not in MODEL_OUTPUTS)
+SCORE_RESOLUTION = 1e-3
 MISSING = "(missing)"
 OTHER = "(other)"
 EMBEDDING = "embedding"
@@ -40,6 +44,19 @@ def drift_frame(df: pd.DataFrame) -> pd.DataFrame:
     for c in NUMERICAL:
         out[c] = pd.to_numeric(df[c], errors="coerce").astype("float64").to_numpy()
     return out
+
+
+def dither_scores(df: pd.DataFrame, seed: int, resolution: float = SCORE_RESOLUTION) -> pd.DataFrame:
+    """The model scores plus uniform noise of width ``resolution`` (seeded), before the distribution tests.
+
+    MOT texts repeat, so a score column is a few point masses, and the same text scored in another
+    batch differs by ~1e-7: a KS test sees a CDF step of that text's whole share between the two
+    values. Spread over ``resolution``, two values ``d`` apart differ by ``d / resolution`` of that
+    share instead, with no rounding edge to fall on either side of; differences above
+    ``resolution`` are tested as before.
+    """
+    rng = np.random.default_rng((seed, 0xD17))
+    return df.assign(**{c: df[c] + rng.uniform(-resolution / 2, resolution / 2, len(df)) for c in SCORES})
 
 
 def embedding_matrix(df: pd.DataFrame, dim: int | None = EMBEDDING_DIM) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from drift import stattests
-from drift.columns import CATEGORICAL, DRIFT_COLUMNS, MISSING, NUMERICAL, embedding_frame
+from drift.columns import CATEGORICAL, DRIFT_COLUMNS, MISSING, NUMERICAL, dither_scores, embedding_frame
 from drift.settings import DriftSettings
 from motlens.atomic import atomic_write
 
@@ -58,11 +58,11 @@ class EmbeddingDriftResult:
         return asdict(self)
 
 
-def _present(ref: pd.DataFrame, cur: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
-    """Columns with values on both sides; the others are skipped with a reason (e.g. a reference
-    sample built without per-row context has no makes, which is not drift)."""
+def _present(ref: pd.DataFrame, cur: pd.DataFrame, columns: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """Of ``columns``, those with values on both sides; the others are skipped with a reason (e.g. a
+    reference sample built without per-row context has no makes, which is not drift)."""
     cols, skipped = [], {}
-    for c in DRIFT_COLUMNS:
+    for c in columns:
         empty = [name for name, df in (("reference", ref), ("current", cur))
                  if (df[c].isna() if c in NUMERICAL else df[c] == MISSING).all()]  # fmt: skip
         if empty:
@@ -96,13 +96,19 @@ def column_tests(settings: DriftSettings, n_reference: int, n_current: int, n_co
 
 
 def data_drift(
-    reference: pd.DataFrame, current: pd.DataFrame, settings: DriftSettings, html: Path | None = None
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    settings: DriftSettings,
+    html: Path | None = None,
+    drift_columns: tuple[str, ...] = DRIFT_COLUMNS,
 ) -> DataDriftResult:
-    """DataDriftPreset over the drift columns (frames from :func:`drift.columns.drift_frame`)."""
+    """DataDriftPreset over ``drift_columns`` of frames from :func:`drift.columns.drift_frame`, the model
+    scores dithered (:func:`drift.columns.dither_scores`)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
-    cols, skipped = _present(reference, current)
+    cols, skipped = _present(reference, current, drift_columns)
+    reference, current = dither_scores(reference, settings.seed), dither_scores(current, settings.seed + 1)
     if not cols:
         raise ValueError("no drift column has values in both windows")
     definition = DataDefinition(

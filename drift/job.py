@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from drift import publish
-from drift.canary import agreement, embedding_consistency
+from drift.canary import agreement, embedding_consistency, score_shift
 from drift.checks import EXIT_ERROR, Check, verdict
-from drift.columns import collapse_rare, drift_frame
+from drift.columns import DRIFT_COLUMNS, INPUT_COLUMNS, MODEL_OUTPUTS, collapse_rare, drift_frame
 from drift.evaluate import data_drift, embedding_drift
 from drift.settings import DriftSettings
 from drift.sources import Side, read_reference_file, read_window
@@ -69,10 +69,14 @@ def _short(reference: Side, current: Side, n_ref: int, n_cur: int, need: int, wh
 
 
 def compare(
-    reference: Side, current: Side, s: DriftSettings, stages: Stages | None = None
+    reference: Side,
+    current: Side,
+    s: DriftSettings,
+    stages: Stages | None = None,
+    drift_columns: tuple[str, ...] = DRIFT_COLUMNS,
 ) -> tuple[list[Check], dict[str, Any]]:
-    """Column drift and embedding drift of ``current`` against ``reference`` (HTML into ``s.output``
-    when ``s.html``); a side short of rows gives an ``insufficient`` check, never a pass."""
+    """Column drift over ``drift_columns`` and embedding drift of ``current`` against ``reference`` (HTML into
+    ``s.output`` when ``s.html``); a side short of rows gives an ``insufficient`` check, never a pass."""
     stages = stages or Stages(False, 2)
     detail: dict[str, Any] = {"rows": {
         "current": len(current.frame), "reference": len(reference.frame),
@@ -87,7 +91,7 @@ def compare(
         else:
             ref, cur = collapse_rare(drift_frame(reference.frame), drift_frame(current.frame),
                                      min_share=s.rare_category_share)  # fmt: skip
-            dd = data_drift(ref, cur, s, html=s.output / REPORT_HTML if s.html else None)
+            dd = data_drift(ref, cur, s, html=s.output / REPORT_HTML if s.html else None, drift_columns=drift_columns)
             drifted = [f"{c.column} ({c.method} {c.score:.4g})" for c in dd.columns if c.drifted]
             msg = f"{dd.drifted_count} of {len(dd.columns)} columns drifted" + (
                 f": {', '.join(drifted)}" if drifted else ""
@@ -227,18 +231,30 @@ class DriftJob:
         # serve one model and log slot "production", the canary revision's included.
         with stages.stage("read canary window"):
             canary = self._read("canary", version, None, window)
+        # The split is uniform only while both serve: production's rows from before the canary's first
+        # one would compare another span's traffic (a mix change there would read as drift).
+        if canary.first_row is not None and canary.first_row > window.start:
+            window = Window(canary.first_row, window.end)
+            base["window"] = window
+            self.say(f"compared from the canary's first row in the window, {_ms(window.start)}, to "
+                     f"{_ms(window.end)}: production's rows before it are left out (no canary then)")  # fmt: skip
         with stages.stage("read production window"):
             production = self._read("production", production_version, None, window)
-        checks, detail = self._compare(production, canary, stages)
+        self.say(f"canary mode: column drift over the inputs ({', '.join(INPUT_COLUMNS)}); the model outputs "
+                 f"({', '.join(MODEL_OUTPUTS)}) are compared on shared texts")  # fmt: skip
+        checks, detail = self._compare(production, canary, stages, INPUT_COLUMNS)
         with stages.stage("canary: agreement on shared texts"):
             a_check, a_detail = agreement(production, canary, s)
+            s_check, s_detail = score_shift(production, canary, s)
             c_check, c_detail = embedding_consistency(production, canary, s)
-        detail["canary"] = {**a_detail, **c_detail, "production_versions": production.versions,
+        detail["canary"] = {**a_detail, **s_detail, **c_detail, "production_versions": production.versions,
                             "canary_versions": canary.versions}  # fmt: skip
-        return checks + [a_check, c_check], detail
+        return checks + [a_check, s_check, c_check], detail
 
-    def _compare(self, reference: Side, current: Side, stages: Stages) -> tuple[list[Check], dict]:
-        checks, detail = compare(reference, current, self.s, stages)
+    def _compare(
+        self, reference: Side, current: Side, stages: Stages, drift_columns: tuple[str, ...] = DRIFT_COLUMNS
+    ) -> tuple[list[Check], dict]:
+        checks, detail = compare(reference, current, self.s, stages, drift_columns)
         for c in checks:
             self.say(f"{c.name}: {c.status}: {c.message}")
         return checks, detail

@@ -66,6 +66,9 @@ class DriftSettings(BaseSettings):
     )
     canary_min_agreement: float = Field(default=0.9, ge=0, le=1)
     canary_min_cosine: float = Field(default=0.99, ge=-1, le=1)
+    canary_max_score_shift: float = Field(
+        default=0.1, ge=0, le=1, description="canary: mean |difference| of each model score on shared texts"
+    )
     min_shared_texts: int = Field(default=20, ge=1)
     seed: int = 0
     pushgateway: str | None = None

@@ -3,6 +3,7 @@
 Rows look like what the predictor logs (``predlog.records.PredictionRecord`` fields). Each defect
 has a catalogue wording and a paraphrase of about the same length in different words, so a
 vocabulary shift changes the embeddings while section, severity, length and context stay put.
+As a model would, each text gets one severity and one pair of scores, whichever row it is in.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def traffic(
     para = rng.random(n) < paraphrase
     text = [LOCATIONS[lo] + CATALOGUE[i][2 if p else 1] for i, lo, p in zip(item, loc, para, strict=True)]
     sev_idx = np.array([_severity(t, CATALOGUE[i][3]) for t, i in zip(text, item, strict=True)])
-    fail = np.where(sev_idx >= 2, rng.beta(8, 2, n), rng.beta(2, 8, n))
+    scores = [_scores(t, s >= 2) for t, s in zip(text, sev_idx, strict=True)]
+    section_score, fail = np.asarray(scores, np.float64).reshape(n, 2).T
     age = np.clip(rng.gamma(4.0, 2.2, n) + age_shift, 3.0, None)
     odo = np.clip(age * 7_500 + rng.normal(0, 9_000, n) + odometer_shift, 0, None)
     end = end or datetime.now(UTC)
@@ -120,7 +122,7 @@ def traffic(
         "text": text,
         "text_hash": [text_hash(normalise_text(t)) for t in text],
         "section": [SECTIONS[s] for s in sec],
-        "section_score": rng.beta(9, 2, n),
+        "section_score": section_score,
         "severity": [SEVERITIES[v] for v in sev_idx],
         "fail_probability": fail,
         "make": rng.choice([m for m, _ in MAKES], n, p=_norm([p for _, p in MAKES])),
@@ -130,11 +132,21 @@ def traffic(
     })  # fmt: skip
 
 
+def _text_seed(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big")
+
+
 @lru_cache(maxsize=4096)
 def _severity(text: str, weights: tuple[float, ...]) -> int:
     """A model predicts the same severity for the same text: drawn once per text."""
-    seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big")
-    return int(np.random.default_rng(seed).choice(len(weights), p=_norm(weights)))
+    return int(np.random.default_rng(_text_seed(text)).choice(len(weights), p=_norm(weights)))
+
+
+@lru_cache(maxsize=8192)
+def _scores(text: str, severe: bool) -> tuple[float, float]:
+    """(section_score, fail_probability) of a text, drawn once per text: high for a severe defect."""
+    rng = np.random.default_rng((_text_seed(text), 1))
+    return float(rng.beta(9, 2)), float(rng.beta(8, 2) if severe else rng.beta(2, 8))
 
 
 def _norm(p: Sequence[float]) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ class Side:
     embedding_rows_in_source: int
     versions: list[str] = field(default_factory=list)
     embedding_hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    first_row: datetime | None = None  # ts of the window's first row (a log window with rows only)
 
     @classmethod
     def from_frame(cls, label: str, df: pd.DataFrame) -> Side:
@@ -58,7 +60,8 @@ def read_window(
 ) -> Side:
     """The ok rows of one version/slot in ``window``: a uniform hash sample of at most ``max_rows``
     rows (with embeddings: at most ``embedding_max_rows``) over the whole window, never the whole
-    window in memory; ``rows_in_source`` counts the window's ok rows (embedded log: its days only)."""
+    window in memory; ``rows_in_source`` counts the window's ok rows (embedded log: its days only),
+    ``first_row`` is the ts of the first of them."""
     common = {"model_name": model_name, "model_version": model_version, "slot": slot, "status": "ok",
               "start": window.start, "end": window.end}  # fmt: skip
     counts = reader.window_counts(**common)
@@ -74,7 +77,7 @@ def read_window(
         )
         emb = embedding_matrix(emb_frame)
         hashes = emb_frame["text_hash"].to_numpy(np.uint64)
-    return Side(label, frame, emb, n, n_emb, counts["versions"], hashes)
+    return Side(label, frame, emb, n, n_emb, counts["versions"], hashes, counts["first"])
 
 
 def read_reference_file(path: Path, label: str) -> Side:

@@ -32,10 +32,10 @@ WINDOW = (
     f"ORDER BY {SAMPLE_KEY} LIMIT {{limit:UInt64}}) ORDER BY ts, {SAMPLE_KEY}"
 )
 
-# What ``WINDOW`` would read without its LIMIT: rows, rows with an embedding, versions.
+# What ``WINDOW`` would read without its LIMIT: rows, rows with an embedding, versions, the first ts.
 WINDOW_COUNTS = (
-    "SELECT count() AS n, countIf(length(embedding_q) > 0) AS n_emb, groupUniqArray(model_version) AS versions "
-    "FROM {source} WHERE model_name = {model_name:String}{filters}"
+    "SELECT count() AS n, countIf(length(embedding_q) > 0) AS n_emb, groupUniqArray(model_version) AS versions, "
+    "min(ts) AS first FROM {source} WHERE model_name = {model_name:String}{filters}"
 )
 
 LIVE_STATS = f"""

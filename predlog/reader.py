@@ -232,14 +232,20 @@ class PredictionLogReader:
         end: datetime | None = None,
     ) -> dict[str, Any]:
         """What :meth:`window` would read with the same filters and no limit: ``n`` rows, ``n_emb`` of
-        them with an embedding, and the ``versions`` among them (embedded: the window's days only)."""
+        them with an embedding, the ``versions`` among them and the ``first`` row's ts (None without
+        rows; embedded: the window's days only)."""
         params = self._window_params(model_name, model_version, slot, status, start, end)
         filters = _filters(params)
         sql = queries.WINDOW_COUNTS.replace("{filters}", filters).replace(
             "{source}", self.source.ref("predictions", start=start, end=end)
         )
         row = self._df(sql, params).iloc[0]
-        return {"n": int(row["n"]), "n_emb": int(row["n_emb"]), "versions": sorted(str(v) for v in row["versions"])}
+        n = int(row["n"])
+        first = pd.Timestamp(row["first"]) if n else None
+        if first is not None and first.tzinfo is None:
+            first = first.tz_localize(UTC)
+        return {"n": n, "n_emb": int(row["n_emb"]), "versions": sorted(str(v) for v in row["versions"]),
+                "first": first.to_pydatetime() if first is not None else None}  # fmt: skip
 
     def live_stats(
         self,

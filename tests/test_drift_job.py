@@ -179,10 +179,13 @@ def test_cli_canary_agrees_with_production(env, motlens, tmp_path):
     assert summary["slot"] == "canary" and summary["model_version"] == "2"
     assert canary["production_versions"] == ["1"] and canary["canary_versions"] == ["2"]
     assert canary["shared_texts"] >= 20 and canary["agreement"] == 1.0
-    assert canary["cosine_mean"] > 0.999
+    assert canary["cosine_mean"] > 0.999 and max(canary["score_shift"].values()) < 1e-6
     assert {c["name"]: c["status"] for c in summary["details"]["checks"]} == {
-        "data_drift": "pass", "embedding_drift": "pass", "canary_agreement": "pass", "canary_embedding_cosine": "pass",
+        "data_drift": "pass", "embedding_drift": "pass", "canary_agreement": "pass", "canary_score_shift": "pass",
+        "canary_embedding_cosine": "pass",
     }  # fmt: skip
+    first = _reader(env).window(model_version="2", start=END - timedelta(hours=2), end=END)["ts"].min()
+    assert pd.Timestamp(summary["window_start"]) == first  # both sides from the canary's first row
     assert rc == 0
 
 

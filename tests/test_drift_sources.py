@@ -137,3 +137,13 @@ def test_the_count_reads_only_the_days_of_the_window(tmp_path):
     finally:
         reader.close()
     assert side.rows_in_source == 300 and 90 <= len(side.frame) <= 100 and side.versions == ["5"]
+
+
+def test_a_window_knows_its_first_row(reader):
+    """The canary comparison starts both sides at the canary's first row (drift/job.py)."""
+    step = (DAY.end - DAY.start) / 4000
+    read = {"label": "w", "model_name": "mot-defects", "model_version": "2", "slot": None, "max_rows": 100,
+            "embedding_max_rows": 10}  # fmt: skip
+    side = read_window(reader, window=DAY, **read)
+    assert side.first_row is not None and abs(side.first_row - (DAY.start + step / 2)) < timedelta(milliseconds=1)
+    assert read_window(reader, window=Window(NOW, NOW + timedelta(hours=1)), **read).first_row is None

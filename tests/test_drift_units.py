@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from drift.canary import agreement, embedding_consistency
+from drift.canary import agreement, embedding_consistency, score_shift
 from drift.checks import Check, verdict
 from drift.columns import DataError, as_logged, collapse_rare, drift_frame
 from drift.evaluate import random_auc_quantile
@@ -92,7 +92,9 @@ def test_canary_agreement_and_consistency_pass_on_same_predictions():
     s = DriftSettings()
     a, detail = agreement(prod, can, s)
     c, cdetail = embedding_consistency(prod, can, s)
+    sh, _ = score_shift(prod, can, s)
     assert (a.status, a.score) == ("pass", 1.0) and detail["shared_texts"] >= 20
+    assert sh.status == "pass" and sh.score is not None and sh.score < 1e-12
     assert c.status == "pass" and cdetail["cosine_min"] == pytest.approx(1.0)
 
 
@@ -112,7 +114,9 @@ def test_canary_disagreement_and_inconsistent_embeddings_fail():
 def test_canary_with_no_shared_texts_is_insufficient():
     prod, can = _sides(traffic(200, 2, paraphrase=1.0))
     a, detail = agreement(prod, can, DriftSettings())
+    sh, _ = score_shift(prod, can, DriftSettings())
     assert a.status == "insufficient" and "only 0 texts" in a.message
+    assert sh.status == "insufficient" and "only 0 texts" in sh.message
     assert verdict([Check("data_drift", "pass", ""), a]) == ("insufficient_data", 2)
 
 
