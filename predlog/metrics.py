@@ -25,13 +25,14 @@ ROWS_REPLAYED: Any
 ROWS_DROPPED: Any
 QUEUE_DEPTH: Any
 SPOOL_BYTES: Any
+SPOOL_HELD_ROWS: Any
 INSERT_SECONDS: Any
 COLUMNS_DROPPED: Any
 try:
     from prometheus_client import Counter, Gauge, Histogram
 except ImportError:  # pragma: no cover - core install without prometheus-client
     ROWS_WRITTEN = ROWS_SPILLED = ROWS_REPLAYED = ROWS_DROPPED = _Noop()
-    QUEUE_DEPTH = SPOOL_BYTES = INSERT_SECONDS = COLUMNS_DROPPED = _Noop()
+    QUEUE_DEPTH = SPOOL_BYTES = SPOOL_HELD_ROWS = INSERT_SECONDS = COLUMNS_DROPPED = _Noop()
 else:
     ROWS_WRITTEN = Counter("motlens_predlog_rows_written_total", "Prediction rows stored in the sink")
     ROWS_SPILLED = Counter("motlens_predlog_rows_spilled_total", "Rows kept in the local spool after a failed insert")
@@ -48,6 +49,10 @@ else:
     )
     QUEUE_DEPTH = Gauge("motlens_predlog_queue_depth", "Rows waiting in the writer's in-memory queue")
     SPOOL_BYTES = Gauge("motlens_predlog_spool_bytes", "Bytes of spooled segments awaiting replay")
+    SPOOL_HELD_ROWS = Gauge(
+        "motlens_predlog_spool_held_rows",
+        "Spooled rows kept for another sink (spool/held/): in no log this writer's readers see",
+    )
     INSERT_SECONDS = Histogram(
         "motlens_predlog_insert_seconds",
         "Duration of one batch insert into the sink",

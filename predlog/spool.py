@@ -197,6 +197,8 @@ class Spool:
         held = [int(p.name[:16]) for folder in self._held_folders() for p in _segment_files(folder)]
         self._seq = max([s.seq for s in self._segments] + held, default=-1) + 1  # unique across held ones too
         self._bytes = sum(s.bytes for s in self._segments)
+        #: rows left in ``held/`` for another sink once bound (they never change while this spool is open)
+        self.held_rows = sum(_rows(_segment_files(folder)) for folder in self._held_folders())
 
     def _held_folders(self) -> list[Path]:
         try:

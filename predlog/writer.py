@@ -68,6 +68,7 @@ class PredictionLogWriter:
         self._retry_at = 0.0
         self._backoff = settings.retry_initial_s
         self._sink_ok = True
+        metrics.SPOOL_HELD_ROWS.set(spool.held_rows)
         #: the embedded log's background compaction (set by ``open_writer``), stopped by close()
         self.compactor: Any = None
         self._thread = threading.Thread(target=self._run, name="predlog-writer", daemon=True)
@@ -153,6 +154,7 @@ class PredictionLogWriter:
                 "spool_rows": self.spool.rows,
                 "spool_bytes": self.spool.bytes,
                 "spool_segments": len(self.spool.segments()),
+                "spool_held_rows": self.spool.held_rows,
                 "sink_ok": self._sink_ok,
             }
 

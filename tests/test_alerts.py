@@ -27,6 +27,7 @@ REQUIRED = {
     "promotion job never reported": "MotlensPromotionJobNeverReported",
     "prediction log spilling": "MotlensPredlogSpilling",
     "prediction log dropping": "MotlensPredlogDropping",
+    "prediction log rows held for another sink": "MotlensPredlogHeld",
     "GPU memory near limit": "MotlensGpuMemoryNearLimit",
     "canary receiving no traffic": "MotlensCanaryNoTraffic",
     "served version != registry alias": "MotlensServedVersionMismatch",

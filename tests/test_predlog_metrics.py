@@ -14,6 +14,7 @@ NAMES = [
     'motlens_predlog_rows_dropped_total{reason="queue_full"}',
     "motlens_predlog_queue_depth",
     "motlens_predlog_spool_bytes",
+    "motlens_predlog_spool_held_rows",
     "motlens_predlog_insert_seconds_bucket",
 ]
 
