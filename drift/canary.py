@@ -7,11 +7,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from drift.checks import Check
+from drift.checks import Check, CheckStatus
 from drift.columns import SCORES
 from drift.settings import DriftSettings
 from drift.sources import Side
 from motlens.embedder import cosine_rows
+from motlens.stats import wilson
 
 
 def _first_per_text(df: pd.DataFrame) -> pd.DataFrame:
@@ -35,12 +36,22 @@ def agreement(production: Side, canary: Side, settings: DriftSettings) -> tuple[
         return Check("canary_agreement", "insufficient", msg, None, settings.canary_min_agreement), detail
     same_section = shared["section_production"] == shared["section_canary"]
     same_severity = shared["severity_production"] == shared["severity_canary"]
-    both = float((same_section & same_severity).mean())
+    agreed = int((same_section & same_severity).sum())
+    both = agreed / n
+    need, conf = settings.canary_min_agreement, settings.canary_confidence
+    high = wilson(agreed, n, conf)[1]
     detail |= {"section_agreement": float(same_section.mean()), "severity_agreement": float(same_severity.mean()),
-               "agreement": both}  # fmt: skip
-    ok = both >= settings.canary_min_agreement
-    msg = f"canary and production agree on {both:.1%} of {n} shared texts (need {settings.canary_min_agreement:.0%})"
-    return Check("canary_agreement", "pass" if ok else "drift", msg, both, settings.canary_min_agreement), detail
+               "agreement": both, "agreement_upper_bound": high}  # fmt: skip
+    msg = f"canary and production agree on {both:.1%} of {n} shared texts (need {need:.0%})"
+    status: CheckStatus
+    if both >= need:
+        status = "pass"
+    elif high < need:  # below the limit with confidence, not by the luck of a few texts
+        status, msg = "drift", f"{msg}; upper {conf:.0%} bound {high:.1%}"
+    else:
+        status = "insufficient"
+        msg += f"; not conclusive: the upper {conf:.0%} bound is {high:.1%}, so more shared texts are needed"
+    return Check("canary_agreement", status, msg, both, need), detail
 
 
 def score_shift(production: Side, canary: Side, settings: DriftSettings) -> tuple[Check, dict[str, Any]]:

@@ -65,6 +65,9 @@ class DriftSettings(BaseSettings):
         default=0.999, gt=0.5, lt=1, description="model method: quantile of a random classifier's ROC AUC"
     )
     canary_min_agreement: float = Field(default=0.9, ge=0, le=1)
+    canary_confidence: float = Field(
+        default=0.95, gt=0.5, lt=1, description="canary: agreement below the minimum is drift only at this confidence"
+    )
     canary_min_cosine: float = Field(default=0.99, ge=-1, le=1)
     canary_max_score_shift: float = Field(
         default=0.1, ge=0, le=1, description="canary: mean |difference| of each model score on shared texts"

@@ -111,6 +111,33 @@ def test_canary_disagreement_and_inconsistent_embeddings_fail():
     assert c.status == "drift" and c.score is not None and c.score < s.canary_min_cosine
 
 
+def _labelled(texts: int, disagree: int) -> tuple[Side, Side]:
+    """One row per text and side; the canary gives another section on the first ``disagree`` texts."""
+    prod = pd.DataFrame({"text_hash": np.arange(texts, dtype=np.uint64), "section": "1 Brakes", "severity": "major"})
+    can = prod.assign(section=["2 Steering"] * disagree + ["1 Brakes"] * (texts - disagree))
+    return Side.from_frame("production", prod), Side.from_frame("canary", can)
+
+
+@pytest.mark.parametrize(
+    ("texts", "disagree", "status"),
+    [
+        (24, 5, "insufficient"),  # 79 %: the audit's retrain 10 s into its canary; upper 95 % bound 91 %
+        (331, 29, "pass"),  # 91.2 %
+        (135, 54, "drift"),  # 60 %: a broken candidate (upper bound 67 %)
+        (1000, 120, "drift"),  # 88 % of many texts: below 90 % with confidence
+    ],
+)
+def test_canary_disagreement_is_drift_only_when_the_shared_texts_show_it_with_confidence(texts, disagree, status):
+    prod, can = _labelled(texts, disagree)
+    a, detail = agreement(prod, can, DriftSettings())
+    assert a.status == status, a.message
+    assert detail["agreement"] == pytest.approx(1 - disagree / texts)
+    if status == "insufficient":
+        assert "more shared texts are needed" in a.message and detail["agreement_upper_bound"] >= 0.9
+    if status == "drift":
+        assert detail["agreement_upper_bound"] < 0.9
+
+
 def test_canary_with_no_shared_texts_is_insufficient():
     prod, can = _sides(traffic(200, 2, paraphrase=1.0))
     a, detail = agreement(prod, can, DriftSettings())
