@@ -137,6 +137,13 @@ LAST_PRODUCTION_CHANGE = (
     "AND action IN ('promote', 'deploy', 'rollback', 'follow') ORDER BY ts DESC LIMIT 1"
 )
 
+# When a server last loaded ``version`` into a slot (its own ``serve_load`` rows: a start, a restored
+# canary, an admin load); NULL when none did.
+LAST_SERVE_LOAD = (
+    "SELECT maxOrNull(ts) AS ts FROM {source} WHERE target = 'serve' AND action = 'serve_load' "
+    "AND to_version = {version:String} AND success"
+)
+
 # -- read-only check for ad-hoc SQL -------------------------------------------------------------
 # String literals (incl. heredocs), quoted names and comments, matched in ONE left-to-right pass so
 # that whichever starts first wins: a quote inside a comment or a comment marker inside a string

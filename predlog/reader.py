@@ -416,5 +416,11 @@ class PredictionLogReader:
         rows = self._df(sql, {"version": str(version)}).to_dict("records")
         return rows[0] if rows else None
 
+    def last_serve_load(self, version: str) -> datetime | None:
+        """When a server last loaded ``version`` (``queries.LAST_SERVE_LOAD``), None when none recorded it."""
+        sql = queries.LAST_SERVE_LOAD.replace("{source}", self.source.ref("promotion_events"))
+        ts = self._df(sql, {"version": str(version)})["ts"].iloc[0]
+        return None if pd.isna(ts) else _utc(pd.Timestamp(ts).to_pydatetime())
+
     def close(self) -> None:
         self.client.close()

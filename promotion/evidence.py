@@ -102,10 +102,17 @@ class Evidence:
 
     def health_gates(self, version: str, production: str | None) -> list[g.GateResult]:
         times = self.canary_times(version)
+        reloaded = ""
         try:
             reader = self.reader()
             reports = reader.drift_reports(model_version=version, slot="canary", limit=20).to_dict("records")
-            stats = reader.live_requests(since=times.since, model_name=MODEL_NAME)
+            # A server that loaded the canary again after the step (a restart restoring it) serves it cold
+            # from then: its requests before came from another process, and production's after it are cold
+            # too, so both sides count from the reload (the old misses against the new would compare times).
+            since = times.since
+            if (loaded := reader.last_serve_load(version)) is not None and loaded > since:
+                since, reloaded = loaded, f"both sides since the canary's reload at {loaded:%H:%M:%S} (a restart)"
+            stats = reader.live_requests(since=since, model_name=MODEL_NAME)
             prod = _stats_row(stats, production)
             prod_latency, note = None, ""
             if production and _thin(prod, self.settings.min_samples):
@@ -113,7 +120,7 @@ class Evidence:
                 # production may make few model calls: the hour before the step stands in for what is
                 # thin, test by test (its error rate from the step's window when that holds enough)
                 before = reader.live_requests(
-                    since=times.since - timedelta(seconds=LOOKBACK_S), until=times.since, model_name=MODEL_NAME
+                    since=since - timedelta(seconds=LOOKBACK_S), until=since, model_name=MODEL_NAME
                 )
                 prod, prod_latency, note = _production_from(prod, _stats_row(before, production), self.settings)
         except Exception as e:  # noqa: BLE001 - no evidence is a reason to hold, not to crash or step
@@ -123,8 +130,9 @@ class Evidence:
         live = g.live_gate(
             _stats_row(stats, version), prod, self.settings, production_latency=prod_latency, production_note=note
         )
-        if times.source:
-            live.detail = f"{live.detail} ({times.source})"
+        for why in (times.source, reloaded):
+            if why:
+                live.detail = f"{live.detail} ({why})"
         # a skewed clock holds the canary, but never hides a failure found in the fallback window
         if times.started_skew and drift.status != g.FAIL:
             drift = g.GateResult("drift", g.WAIT, times.started_skew, drift.values)

@@ -147,3 +147,16 @@ def test_a_window_knows_its_first_row(reader):
     side = read_window(reader, window=DAY, **read)
     assert side.first_row is not None and abs(side.first_row - (DAY.start + step / 2)) < timedelta(milliseconds=1)
     assert read_window(reader, window=Window(NOW, NOW + timedelta(hours=1)), **read).first_row is None
+
+
+def test_the_last_serve_load_of_a_version(reader):
+    """The live gate counts a canary reloaded after its step (a restart) from the reload (promotion/evidence.py)."""
+    from predictor.events import server_row
+
+    assert reader.last_serve_load("9") is None
+    first, later = NOW - timedelta(minutes=30), NOW - timedelta(minutes=5)
+    for ts, version, action in ((first, "9", "serve_load"), (later, "9", "serve_load"),
+                                (NOW, "8", "serve_load"), (NOW, "9", "serve_percent")):  # fmt: skip
+        reader.insert_promotion_event(server_row(action, slot="canary", from_version=None, to_version=version,
+                                                 percent=10.0, reason="", ts=ts, cause="restore"))  # fmt: skip
+    assert abs(reader.last_serve_load("9") - later) < timedelta(milliseconds=1)

@@ -130,3 +130,29 @@ def test_a_naive_step_time_is_read_as_utc(canary):
     _evidence()
     out = _auto(env, target, min_step_interval_s=600)
     assert out.action == "hold" and "dwell" in out.message, out.message
+
+
+def test_a_canary_reloaded_after_its_step_is_judged_from_the_reload_on_both_sides(canary):
+    """A restart restores the canary cold: its slow requests from before (another process, a busier box)
+    against production's requests after the restart compared two times and rolled back a canary that
+    was as fast as production (an end-to-end audit: p99 252 ms vs 39 ms, the same in the same minutes)."""
+    import time
+
+    import predlog
+    from predictor.events import server_row
+
+    env, target = canary
+    env.registry.client.set_model_version_tag(
+        "mot-defects", "2", STEP_AT_TAG, (datetime.now(UTC) - timedelta(minutes=20)).isoformat()
+    )
+    log_traffic("2", "canary", HEALTHY, latency_ms=250.0)  # before the restart: slow
+    time.sleep(0.05)
+    predlog.open_reader().insert_promotion_event(server_row(
+        "serve_load", slot="canary", from_version=None, to_version="2", percent=10.0,
+        reason="restored canary version 2", cause="restore",
+    ))  # fmt: skip
+    time.sleep(0.05)
+    _evidence()  # after it: both as fast
+    out = _auto(env, target)
+    assert out.action == "advance", out.message
+    assert "since the canary's reload at" in _live(out).detail
