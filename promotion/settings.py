@@ -51,7 +51,7 @@ class PromoteSettings(BaseSettings):
     steps: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [10, 25, 50, 100])
     min_step_interval_s: float = Field(600.0, ge=0.0, description="dwell before `auto` steps")
     step_tolerance_s: float = Field(
-        60.0,
+        120.0,
         ge=0.0,
         description="how much of the dwell a step may fall short by (at most half of it): the time a run "
         "takes to apply its step, so that runs every MIN_STEP_INTERVAL_S step at each run",

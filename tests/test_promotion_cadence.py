@@ -62,8 +62,8 @@ def _last_event() -> dict[str, Any]:
 
 def test_the_dwell_allows_for_the_time_a_run_takes_to_apply_its_step():
     fields = PromoteSettings.model_fields
-    assert (fields["min_step_interval_s"].default, fields["step_tolerance_s"].default) == (600.0, 60.0)
-    assert PromoteSettings(min_step_interval_s=600).dwell_s == 540
+    assert (fields["min_step_interval_s"].default, fields["step_tolerance_s"].default) == (600.0, 120.0)
+    assert PromoteSettings(min_step_interval_s=600).dwell_s == 480
     assert PromoteSettings(min_step_interval_s=60).dwell_s == 30  # at most half the interval
     assert PromoteSettings(min_step_interval_s=600, step_tolerance_s=0).dwell_s == 600
 
@@ -77,7 +77,7 @@ def test_each_scheduled_run_steps_while_a_rerun_soon_after_holds(canary):
     assert out.action == "advance" and serve.percent == 25, out.message
     _stepped(env, 120)  # a manual run two minutes after that step
     out = _auto(env, settings)
-    assert out.action == "hold" and "dwell 600s less 60s tolerance" in out.message, out.message
+    assert out.action == "hold" and "dwell 600s less 120s tolerance" in out.message, out.message
     assert serve.percent == 25
 
 
