@@ -64,7 +64,7 @@ class DriftSettings(BaseSettings):
     embedding_quantile: float = Field(
         default=0.999, gt=0.5, lt=1, description="model method: quantile of a random classifier's ROC AUC"
     )
-    canary_min_agreement: float = Field(default=0.9, ge=0, le=1)
+    canary_min_agreement: float = Field(default=0.85, ge=0, le=1)
     canary_confidence: float = Field(
         default=0.95, gt=0.5, lt=1, description="canary: agreement below the minimum is drift only at this confidence"
     )

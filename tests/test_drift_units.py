@@ -122,9 +122,10 @@ def _labelled(texts: int, disagree: int) -> tuple[Side, Side]:
     ("texts", "disagree", "status"),
     [
         (24, 5, "insufficient"),  # 79 %: the audit's retrain 10 s into its canary; upper 95 % bound 91 %
-        (331, 29, "pass"),  # 91.2 %
+        (331, 29, "pass"),  # 91.2 %: a retrain with another seed
+        (1000, 120, "pass"),  # 88 %: still within a seed's spread (the limit is 85 %)
         (135, 54, "drift"),  # 60 %: a broken candidate (upper bound 67 %)
-        (1000, 120, "drift"),  # 88 % of many texts: below 90 % with confidence
+        (1000, 200, "drift"),  # 80 % of many texts: below 85 % with confidence
     ],
 )
 def test_canary_disagreement_is_drift_only_when_the_shared_texts_show_it_with_confidence(texts, disagree, status):
@@ -133,9 +134,9 @@ def test_canary_disagreement_is_drift_only_when_the_shared_texts_show_it_with_co
     assert a.status == status, a.message
     assert detail["agreement"] == pytest.approx(1 - disagree / texts)
     if status == "insufficient":
-        assert "more shared texts are needed" in a.message and detail["agreement_upper_bound"] >= 0.9
+        assert "more shared texts are needed" in a.message and detail["agreement_upper_bound"] >= 0.85
     if status == "drift":
-        assert detail["agreement_upper_bound"] < 0.9
+        assert detail["agreement_upper_bound"] < 0.85
 
 
 def test_canary_with_no_shared_texts_is_insufficient():
