@@ -806,13 +806,15 @@ class Promoter:
         """A ``hold`` row (and metrics) for a run that changes nothing; ``live`` is None when another
         run holds the lock (its state is not read then, and its metrics are that run's to export) or
         the target is unavailable or not ready (its state is not known then, and the metrics stay)."""
-        event = self._event(
-            "hold",
-            from_version=(live.production_version or "") if live else "",
-            to_version=(live.canary_version or "") if live else "",
-            gates=gates,
-            reason=why,
-        )
+        if live is not None:
+            from_version, to_version = live.production_version or "", live.canary_version or ""
+        else:  # the state was not read: the registry's aliases name the rollout held
+            try:
+                aliases = self.registry.aliases()
+            except Exception:  # noqa: BLE001 - the row goes without versions
+                aliases = {}
+            from_version, to_version = aliases.get("production", ""), aliases.get("canary", "")
+        event = self._event("hold", from_version=from_version, to_version=to_version, gates=gates, reason=why)
         if live is not None:
             event.from_state = event.to_state = live.describe()
             event.percent = float(live.percent or 0) if live.canary_active else 0.0

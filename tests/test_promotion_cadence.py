@@ -94,6 +94,7 @@ def test_auto_holds_while_the_server_is_down_and_the_unit_succeeds(canary, monke
     assert "hold" in capsys.readouterr().out
     row = _last_event()
     assert (row["action"], row["actor"]) == ("hold", "systemd/motlens-promote@box")
+    assert (row["from_version"], row["to_version"]) == ("1", "2")  # the rollout held, from the registry
     assert "cannot reach local motlens serve" in row["reason"] and "holding until it answers" in row["reason"]
     assert env.registry.aliases() == {"production": "1", "candidate": "2", "canary": "2"}
 
