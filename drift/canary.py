@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,15 @@ from motlens.embedder import cosine_rows
 from motlens.stats import wilson
 
 
+def _shared(production: Side, canary: Side, per_text: Callable[[pd.DataFrame], pd.DataFrame]) -> pd.DataFrame:
+    """``per_text`` of each side (indexed by ``text_hash``) joined on the texts both saw; columns suffixed
+    ``_production`` / ``_canary``."""
+    if production.frame.empty or canary.frame.empty:
+        return pd.DataFrame()
+    return per_text(production.frame).join(per_text(canary.frame), how="inner", lsuffix="_production",
+                                            rsuffix="_canary")  # fmt: skip
+
+
 def _first_per_text(df: pd.DataFrame) -> pd.DataFrame:
     return df[["text_hash", "section", "severity"]].drop_duplicates("text_hash").set_index("text_hash")
 
@@ -22,12 +32,7 @@ def _first_per_text(df: pd.DataFrame) -> pd.DataFrame:
 def agreement(production: Side, canary: Side, settings: DriftSettings) -> tuple[Check, dict[str, Any]]:
     """Share of shared texts (joined on ``text_hash``) where both versions predict the same
     section and severity."""
-    if production.frame.empty or canary.frame.empty:
-        shared = pd.DataFrame()
-    else:
-        shared = _first_per_text(production.frame).join(
-            _first_per_text(canary.frame), how="inner", lsuffix="_production", rsuffix="_canary"
-        )
+    shared = _shared(production, canary, _first_per_text)
     n = len(shared)
     detail: dict[str, Any] = {"shared_texts": n}
     if n < settings.min_shared_texts:
@@ -57,12 +62,7 @@ def agreement(production: Side, canary: Side, settings: DriftSettings) -> tuple[
 def score_shift(production: Side, canary: Side, settings: DriftSettings) -> tuple[Check, dict[str, Any]]:
     """Mean absolute difference of each model score (``SCORES``) between the two versions on the same
     texts, one value per text and side (its mean there); the larger mean is gated."""
-    if production.frame.empty or canary.frame.empty:
-        shared = pd.DataFrame()
-    else:
-        shared = _mean_scores(production.frame).join(
-            _mean_scores(canary.frame), how="inner", lsuffix="_production", rsuffix="_canary"
-        )
+    shared = _shared(production, canary, _mean_scores)
     n = len(shared)
     detail: dict[str, Any] = {"shared_scored_texts": n}
     limit = settings.canary_max_score_shift
