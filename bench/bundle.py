@@ -32,7 +32,7 @@ def build_bench_bundle(out: Path, rebuild: bool = False, onnx: bool = True):  # 
     from motlens.bundle import Bundle, BundleError, assemble, make_golden
     from motlens.embedder import TorchEmbedder, default_model_dir
     from motlens.head import DefectHead, FeatureSpec
-    from motlens.onnx_export import FP32_FILE, GRAPH_FORMAT, ONNX_DIR, export_variants, graph_format, is_packed_graph
+    from motlens.onnx_export import FP32_FILE, ONNX_DIR, export_variants, is_packed_graph
 
     out = Path(out)
     if not rebuild and (out / "bundle.json").is_file():
@@ -42,7 +42,7 @@ def build_bench_bundle(out: Path, rebuild: bool = False, onnx: bool = True):  # 
             pass
         else:
             graph = bundle.embedder_dir / ONNX_DIR / FP32_FILE
-            if not onnx or (graph.is_file() and is_packed_graph(graph) and graph_format(graph) == GRAPH_FORMAT):
+            if not onnx or (graph.is_file() and is_packed_graph(graph)):
                 return bundle
     catalogue = build_catalogue()
     texts = [c.text for c in catalogue]

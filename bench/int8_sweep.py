@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from motlens.bundle import Bundle
     from motlens.onnx_embedder import OnnxEmbedder
-    from motlens.onnx_export import FP32_FILE, INT8_FILE, ONNX_DIR, feed_forward_matmuls, int8_gate
+    from motlens.onnx_export import FP32_FILE, INT8_FILE, ONNX_DIR, int8_gate
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=Path("bench/results/bundle"), help="bundle with onnx/model.onnx")
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(bundle.embedder_dir, d)
         src = d / ONNX_DIR / FP32_FILE
         fp32 = OnnxEmbedder(d, threads=a.threads)
-        ffn = feed_forward_matmuls(onnx.load(str(src), load_external_data=False))
+        matmuls = [n.name for n in onnx.load(str(src)).graph.node if n.op_type == "MatMul"]
+        ffn = [n for n in matmuls if "/intermediate/" in n or ("/output/dense/" in n and "/attention/" not in n)]
         configs = {
             "per-tensor, all ops": {"per_channel": False},
             "per-channel, all ops": {"per_channel": True},

@@ -18,18 +18,15 @@ import numpy as np
 
 from motlens import EMBEDDING_DIM
 from motlens.onnx_export import (
-    FORMAT_KEY,
     FP32_FILE,
-    GRAPH_FORMAT,
     GRAPH_INPUTS,
     INT8_FILE,
     ONNX_DIR,
-    PADDED_FORMAT,
     OnnxExportError,
     cached_export,
     max_seq_length,
 )
-from motlens.packing import ATTENTION_TOKENS, UNPADDED_ATTENTION_TOKENS, mean_pool, pack_ids, plan
+from motlens.packing import mean_pool, pack_ids, plan
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +106,6 @@ class OnnxEmbedder:
             session = _session(path, threads, spin)
         self.onnx_path = path
         self._session = session
-        #: the graph's inner layout (:data:`~motlens.onnx_export.GRAPH_FORMAT`, or ``packed1`` for earlier
-        #: exports, which serve as they are), and the packing cost model that suits it
-        self.graph_format = session.get_modelmeta().custom_metadata_map.get(FORMAT_KEY, PADDED_FORMAT)
-        self.attention_tokens = UNPADDED_ATTENTION_TOKENS if self.graph_format == GRAPH_FORMAT else ATTENTION_TOKENS
         # Small calls on one thread: on 2 threads a call of 1-4 MOT texts leaves 20-35 % of the second
         # core idle at operator barriers (1 text: 5.8 ms on 1 thread, 4.5 ms on 2), and on a busy server
         # that core is the one the event loop needs (docs/benchmarks.md, "Small calls on one thread").
@@ -138,7 +131,7 @@ class OnnxEmbedder:
 
     def _run(self, ids: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:
         lengths = [len(x) for x in ids]
-        packing = plan(lengths, None if width is None else (width,), self.attention_tokens)
+        packing = plan(lengths, None if width is None else (width,))
         feed = pack_ids(ids, packing)
         (hidden,) = self.session_for(len(packing.rows) * packing.width).run(None, feed)
         out = mean_pool(hidden, feed["segment_ids"], packing, lengths)
@@ -147,7 +140,7 @@ class OnnxEmbedder:
     def _max_difference(self, other: Any) -> float:
         """Largest |difference| between the main session's token states and ``other``'s on the probes."""
         ids = self.tokenize(list(SINGLE_THREAD_PROBES))
-        feed = pack_ids(ids, plan([len(x) for x in ids], attention_tokens=self.attention_tokens))
+        feed = pack_ids(ids, plan([len(x) for x in ids]))
         (want,) = self._session.run(None, feed)
         (got,) = other.run(None, feed)
         return float(np.abs(np.asarray(got) - np.asarray(want)).max())

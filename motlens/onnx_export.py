@@ -5,10 +5,8 @@ Layout inside a sentence-transformers model directory (the bundle's ``embedder/`
     onnx/model.onnx        fp32 graph: (input_ids, position_ids, segment_ids) -> token_embeddings
                            [rows, width, 384]; rows may hold several texts back to back (segment
                            ids 1, 2, … per text, 0 for padding; positions restart per text), and
-                           attention stays inside each text (see :mod:`motlens.packing`). Inside,
-                           every layer but attention runs on the real tokens only (format
-                           ``unpadded1``, in the file's metadata): padding costs attention alone.
-                           Mean pooling and L2 normalisation run in :class:`~motlens.onnx_embedder.OnnxEmbedder`.
+                           attention stays inside each text (see :mod:`motlens.packing`). Mean
+                           pooling and L2 normalisation run in :class:`~motlens.onnx_embedder.OnnxEmbedder`.
     onnx/model_int8.onnx   dynamic int8 variant, written only when it passes the quality gate
     onnx/export.json       export verification and gate figures (what training records)
 
@@ -24,7 +22,6 @@ batches of varying lengths before keeping it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -45,12 +42,8 @@ OPSET = 17
 #: graph inputs and output of the packed format; graphs without them (earlier exports) are not used
 GRAPH_INPUTS = ("input_ids", "position_ids", "segment_ids")
 GRAPH_OUTPUT = "token_embeddings"
-#: the graph's inner layout, in the file's metadata (``FORMAT_KEY``) and the export cache's key, so an
-#: earlier format's cached export is never reused; a packed graph without it is ``packed1`` (every
-#: layer on the padded rows), which still serves, planned for its costs (:mod:`motlens.packing`)
-GRAPH_FORMAT = "unpadded1"
-PADDED_FORMAT = "packed1"
-FORMAT_KEY = "motlens.graph_format"
+#: names the packed format in the export cache, so an earlier format's cached export is never reused
+GRAPH_FORMAT = "packed1"
 #: per-row cosine an fp32 export must reach against torch on packed and padded batches
 EXPORT_MIN_COSINE = 0.9999
 #: the int8 quality gate (issue 4): golden-set cosine to fp32 and held-out label agreement
@@ -132,51 +125,22 @@ def _load_torch_graph(model_dir: Path):  # noqa: ANN202 - returns (nn.Module, to
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    def linear(x: torch.Tensor, layer: Any) -> torch.Tensor:
-        # MatMul + Add in the file (ONNX Runtime fuses them into one Gemm): the int8 quantiser
-        # quantises MatMul nodes only
-        return torch.matmul(x, layer.weight.t()) + layer.bias
-
     class PackedEncoderGraph(torch.nn.Module):
-        """BertModel's token states for packed rows: block-diagonal attention, per-text positions.
-
-        Embeddings, projections, feed-forward and layer norms run on the real tokens [T, d]
-        gathered out of the rows; only attention sees the rows (padding included). A batch of
-        random-length texts thus costs its tokens, not its rows × width (docs/benchmarks.md).
-        """
+        """BertModel's token states for packed rows: block-diagonal attention, per-text positions."""
 
         def __init__(self, bert: Any) -> None:  # transformers' BertModel
             super().__init__()
             self.bert = bert
-            self.heads = int(bert.config.num_attention_heads)
-            self.head_dim = int(bert.config.hidden_size) // self.heads
 
         def forward(
             self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor
         ) -> torch.Tensor:
-            rows, width = input_ids.shape[0], input_ids.shape[1]
-            real = segment_ids.reshape(-1) > 0
-            tokens = torch.nonzero(real).squeeze(1)  # row-major slots of the real tokens [T]
-            slot_token = (torch.cumsum(real.to(torch.int64), 0) - 1).clamp(min=0)  # each slot's token
-            ids = input_ids.reshape(-1).index_select(0, tokens).unsqueeze(0)
-            pos = position_ids.reshape(-1).index_select(0, tokens).unsqueeze(0)
-            x = self.bert.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids), position_ids=pos)[0]
+            hidden = self.bert.embeddings(
+                input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids), position_ids=position_ids
+            )
             same_text = (segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)) & (segment_ids.unsqueeze(1) > 0)
-            additive = (~same_text).to(x.dtype).unsqueeze(1) * torch.finfo(x.dtype).min
-            dim = x.shape[-1]
-            for layer in self.bert.encoder.layer:
-                att = layer.attention.self
-                qkv = torch.cat([linear(x, att.query), linear(x, att.key), linear(x, att.value)], dim=1)
-                qkv = qkv.index_select(0, slot_token).reshape(rows, width, 3, self.heads, self.head_dim)
-                qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, rows, heads, width, head_dim]
-                q, k, v = qkv[0], qkv[1], qkv[2]
-                scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + additive
-                ctx = torch.matmul(torch.softmax(scores, dim=-1), v).permute(0, 2, 1, 3).reshape(rows * width, dim)
-                out = layer.attention.output
-                x = out.LayerNorm(linear(ctx.index_select(0, tokens), out.dense) + x)
-                mid = layer.intermediate.intermediate_act_fn(linear(x, layer.intermediate.dense))
-                x = layer.output.LayerNorm(linear(mid, layer.output.dense) + x)
-            return x.index_select(0, slot_token).reshape(rows, width, dim)
+            additive = (~same_text).to(hidden.dtype).unsqueeze(1) * torch.finfo(hidden.dtype).min
+            return self.bert.encoder(hidden, attention_mask=additive).last_hidden_state
 
     bert = AutoModel.from_pretrained(str(model_dir), local_files_only=True, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
@@ -229,7 +193,6 @@ def export_fp32(
         tmp.unlink(missing_ok=True)
         raise OnnxExportError(f"torch.onnx.export failed: {e}") from e
     graph.eval()  # export restored the wrapper's training flag recursively; see the module docstring
-    stamp_format(tmp)
     if reference is None:
         from motlens.embedder import TorchEmbedder
 
@@ -243,18 +206,6 @@ def export_fp32(
     os.replace(tmp, final)
     report.path = str(final)
     return report
-
-
-def stamp_format(path: Path, graph_format: str = GRAPH_FORMAT) -> None:
-    """Record ``graph_format`` in the ONNX file's metadata (``FORMAT_KEY``)."""
-    import onnx
-
-    model = onnx.load(str(path))
-    kept = [p for p in model.metadata_props if p.key != FORMAT_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    model.metadata_props.add(key=FORMAT_KEY, value=graph_format)
-    onnx.save(model, str(path))
 
 
 def verify_onnx(
@@ -291,18 +242,6 @@ def verify_onnx(
     return report
 
 
-def feed_forward_matmuls(model: Any) -> list[str]:
-    """Names of an ONNX model's MatMul nodes with a non-square weight: the feed-forward layers
-    (hidden → intermediate → hidden); attention projections and the attention products are square
-    or have no weight."""
-    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    return [
-        n.name
-        for n in model.graph.node
-        if n.op_type == "MatMul" and any(len(d) == 2 and d[0] != d[1] for d in map(shapes.get, n.input) if d)
-    ]
-
-
 def quantize_int8(onnx_dir: Path | str) -> Path:
     """Write ``model_int8.onnx`` beside ``model.onnx``: dynamic int8, per-channel, feed-forward MatMuls only.
 
@@ -317,18 +256,13 @@ def quantize_int8(onnx_dir: Path | str) -> Path:
     src = onnx_dir / FP32_FILE
     if not src.is_file():
         raise OnnxExportError(f"{src}: no fp32 ONNX model to quantize")
-    model = onnx.load(str(src), load_external_data=False)
-    ffn = feed_forward_matmuls(model)
-    if not ffn:
-        raise OnnxExportError(f"{src}: no feed-forward MatMul to quantize")
+    matmuls = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "MatMul"]
+    ffn = [n for n in matmuls if "/intermediate/" in n or ("/output/dense/" in n and "/attention/" not in n)]
     dst = onnx_dir / INT8_FILE
     quantize_dynamic(
         str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-        nodes_to_quantize=ffn,
+        nodes_to_quantize=ffn or None,
     )  # fmt: skip
-    fmt = {p.key: p.value for p in model.metadata_props}.get(FORMAT_KEY)
-    if fmt:
-        stamp_format(dst, fmt)
     return dst
 
 
@@ -420,14 +354,6 @@ def is_packed_graph(onnx_path: Path | str) -> bool:
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     return tuple(i.name for i in graph.input) == GRAPH_INPUTS
-
-
-def graph_format(onnx_path: Path | str) -> str:
-    """The inner layout a packed graph file records (``packed1`` where it records none)."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}.get(FORMAT_KEY, PADDED_FORMAT)
 
 
 def weights_digest(model_dir: Path) -> str:

@@ -5,9 +5,7 @@ of that on padding (MOT free text: mean 37, p90 44, max 56 tokens in 16). Packin
 to back in rows of a chosen width; the graph (:mod:`motlens.onnx_export`) gets per-text segment ids
 (attention stays inside each text) and positions that restart at 0 for every text, so each text's
 embedding is the one it gets alone. The price is attention over the whole row, so wider rows are
-not free: :func:`plan` picks the width with the lowest modelled cost. In an unpadded graph only
-attention runs on the rows (every other layer on the real tokens), so there a row's padding and
-width cost less and the cost model weighs the width more (:data:`UNPADDED_ATTENTION_TOKENS`).
+not free: :func:`plan` picks the width with the lowest modelled cost.
 """
 
 from __future__ import annotations
@@ -17,14 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Per-slot cost grows by 1/ATTENTION_TOKENS for each token of row width (attention over the row).
+#: Per-token cost grows by 1/ATTENTION_TOKENS for each token of row width (attention over the row).
 #: Fitted on ONNX Runtime, 2 threads, MiniLM: rows of 80 at 92 % fill ran 91 % of length-sorted
 #: batches, rows of 128 at 87 % fill 83 % (docs/benchmarks.md, "Packed rows").
 ATTENTION_TOKENS = 1000
-#: The same for an unpadded graph, where a slot costs only its gathers and attention: at rows of
-#: ≈ 50 tokens the attention ops took ≈ 1.25× the time of the per-slot gathers and transposes
-#: (ONNX Runtime profile, docs/benchmarks.md, "Unpadded graph").
-UNPADDED_ATTENTION_TOKENS = 40
 
 
 @dataclass(frozen=True)
@@ -39,8 +33,8 @@ class Packing:
         """Text indices in the order their tokens appear (row by row)."""
         return [i for row in self.rows for i in row]
 
-    def cost(self, attention_tokens: float = ATTENTION_TOKENS) -> float:
-        return len(self.rows) * self.width * (1.0 + self.width / attention_tokens)
+    def cost(self) -> float:
+        return len(self.rows) * self.width * (1.0 + self.width / ATTENTION_TOKENS)
 
 
 def _first_fit(lengths: Sequence[int], order: Sequence[int], width: int) -> Packing:
@@ -59,14 +53,11 @@ def _first_fit(lengths: Sequence[int], order: Sequence[int], width: int) -> Pack
     return Packing(tuple(tuple(r) for r in rows), max(used))
 
 
-def plan(
-    lengths: Sequence[int], widths: Sequence[int] | None = None, attention_tokens: float = ATTENTION_TOKENS
-) -> Packing:
+def plan(lengths: Sequence[int], widths: Sequence[int] | None = None) -> Packing:
     """The cheapest first-fit-decreasing packing of texts with these token ``lengths``.
 
     ``widths`` are the row widths to try (default: from the longest text to twice it, in eighths);
-    a width below the longest text is raised to it. ``attention_tokens``: the cost model's weight
-    of row width (:data:`ATTENTION_TOKENS` for padded graphs, :data:`UNPADDED_ATTENTION_TOKENS`).
+    a width below the longest text is raised to it.
     """
     if not lengths:
         raise ValueError("nothing to pack")
@@ -80,7 +71,7 @@ def plan(
     best: Packing | None = None
     for w in dict.fromkeys(max(int(w), longest) for w in widths):
         p = _first_fit(lengths, order, w)
-        if best is None or p.cost(attention_tokens) < best.cost(attention_tokens):
+        if best is None or p.cost() < best.cost():
             best = p
     assert best is not None
     return best

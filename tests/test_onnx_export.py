@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,21 +11,16 @@ from motlens.embedder import cosine_rows
 from motlens.onnx_embedder import OnnxEmbedder
 from motlens.onnx_export import (
     EXPORT_MIN_COSINE,
-    FORMAT_KEY,
     FP32_FILE,
-    GRAPH_FORMAT,
     INT8_FILE,
     ONNX_DIR,
-    PADDED_FORMAT,
     OnnxExportError,
     export_cache_dir,
-    feed_forward_matmuls,
     is_packed_graph,
     quantize_int8,
-    stamp_format,
     verify_onnx,
 )
-from motlens.packing import ATTENTION_TOKENS, UNPADDED_ATTENTION_TOKENS, plan
+from motlens.packing import plan
 
 pytestmark = pytest.mark.slow  # one export (~20 s) shared by the session
 
@@ -94,45 +88,6 @@ def test_encode_tokens_is_one_packed_call_in_the_given_order(onnx_embedder):
 def test_embedder_protocol_attributes(onnx_embedder):
     assert (onnx_embedder.backend, onnx_embedder.device, onnx_embedder.dim) == ("onnx", "cpu", 384)
     assert onnx_embedder.onnx_path.name == FP32_FILE
-
-
-def test_an_export_records_its_format_and_an_earlier_packed_export_still_serves(
-    onnx_model_dir, onnx_embedder, tmp_path
-):
-    """Exports run every layer but attention on the real tokens (``unpadded1``, in the file's metadata);
-    a packed graph without the record (``packed1``, every layer on the padded rows) serves as it is,
-    its batches planned for its own costs, with the same embeddings."""
-    import onnx
-
-    assert onnx_embedder.graph_format == GRAPH_FORMAT == "unpadded1"
-    assert onnx_embedder.attention_tokens == UNPADDED_ATTENTION_TOKENS
-    model = onnx.load(str(onnx_model_dir / ONNX_DIR / FP32_FILE))
-    assert {p.key: p.value for p in model.metadata_props} == {FORMAT_KEY: GRAPH_FORMAT}
-    del model.metadata_props[:]
-    earlier = tmp_path / "packed1.onnx"
-    onnx.save(model, str(earlier))
-    emb = OnnxEmbedder(onnx_model_dir, threads=1, onnx_path=earlier)
-    assert (emb.graph_format, emb.attention_tokens) == (PADDED_FORMAT, ATTENTION_TOKENS)
-    texts = _texts(24, seed=5)
-    np.testing.assert_allclose(emb.encode_unsorted(texts), onnx_embedder.encode_unsorted(texts), atol=2e-6)
-    stamp_format(earlier)
-    assert OnnxEmbedder(onnx_model_dir, threads=1, onnx_path=earlier).graph_format == GRAPH_FORMAT
-
-
-def test_int8_quantises_the_feed_forward_matmuls_and_keeps_the_format(onnx_model_dir):
-    import onnx
-
-    fp32 = onnx.load(str(onnx_model_dir / ONNX_DIR / FP32_FILE), load_external_data=False)
-    layers = 6  # all-MiniLM-L6-v2
-    ffn = feed_forward_matmuls(fp32)
-    assert len(ffn) == 2 * layers
-    int8_path = quantize_int8(onnx_model_dir / ONNX_DIR)
-    try:
-        int8 = onnx.load(str(int8_path), load_external_data=False)
-    finally:
-        int8_path.unlink()
-    assert Counter(n.op_type for n in int8.graph.node)["MatMulInteger"] == len(ffn)
-    assert {p.key: p.value for p in int8.metadata_props}[FORMAT_KEY] == GRAPH_FORMAT
 
 
 def test_verifier_refuses_a_graph_that_differs_from_torch(onnx_model_dir, embedder, tmp_path):
@@ -229,10 +184,7 @@ def test_small_calls_run_on_a_single_threaded_session_with_the_same_embeddings(o
     both._single, both._session = small, main
     few = both.tokenize(["Offside Front Tyre worn close to legal limit (5.2.3 (e))", "Horn not working (7.5 (a))"])
     many = both.tokenize(_texts(24, seed=11))
-    packed = [
-        (lambda p: len(p.rows) * p.width)(plan([len(x) for x in ids], attention_tokens=both.attention_tokens))
-        for ids in (few, many)
-    ]
+    packed = [(lambda p: len(p.rows) * p.width)(plan([len(x) for x in ids])) for ids in (few, many)]
     assert packed[0] <= 128 < packed[1]
     got_few = both.encode_tokens(few)
     assert (small.calls, main.calls) == (1, 0)

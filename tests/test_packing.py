@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from motlens.packing import ATTENTION_TOKENS, UNPADDED_ATTENTION_TOKENS, mean_pool, pack_ids, plan
+from motlens.packing import ATTENTION_TOKENS, mean_pool, pack_ids, plan
 
 
 def _check_layout(lengths, packing):
@@ -36,19 +36,6 @@ def test_the_cheapest_width_wins():
     assert p.cost() == pytest.approx(8 * 10 * (1 + 10 / ATTENTION_TOKENS))
     # a width below the longest text is raised to it
     assert plan([30, 5], (4,)).width == 30
-
-
-def test_an_unpadded_graph_weighs_row_width_more():
-    """Where only attention runs on the rows, padding is cheap and width dear: narrower rows win."""
-    lengths = [40] * 3 + [20] * 9
-    padded = plan(lengths)
-    assert (len(padded.rows), padded.width) == (5, 60)  # three [40, 20], two [20, 20, 20]
-    unpadded = plan(lengths, attention_tokens=UNPADDED_ATTENTION_TOKENS)
-    assert (len(unpadded.rows), unpadded.width) == (8, 40)  # three [40], four [20, 20], one [20]
-    assert unpadded.cost(UNPADDED_ATTENTION_TOKENS) == pytest.approx(8 * 40 * (1 + 40 / UNPADDED_ATTENTION_TOKENS))
-    assert unpadded.cost(UNPADDED_ATTENTION_TOKENS) < padded.cost(UNPADDED_ATTENTION_TOKENS)
-    assert padded.cost() < unpadded.cost()
-    _check_layout(lengths, unpadded)
 
 
 def test_bad_lengths_are_refused():
