@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -22,7 +22,46 @@ IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 def _url_database(url: str | None) -> str:
     """The database in an http(s) URL's path (``https://host:8443/motlens`` → ``motlens``), else ""."""
-    return urlsplit(url).path.strip("/") if url and url.startswith(("http://", "https://")) else ""
+    return urlsplit(url).path.strip("/") if url and url.lower().startswith(("http://", "https://")) else ""
+
+
+#: ClickHouse's HTTP ports by URL scheme
+DEFAULT_PORTS = {"http": 8123, "https": 8443}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """The server an http(s) URL names: ``interface`` (its scheme: TLS or not), host and port."""
+
+    interface: str
+    host: str
+    port: int
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """What ``clickhouse_connect.get_client(dsn=url, …)`` needs besides the URL: it takes TLS from
+        the port alone (``https://host`` or ``https://host:9443`` would be plain HTTP, ``https://host``
+        on port 8123), so the scheme's interface and port are passed explicitly."""
+        return {"interface": self.interface, "port": self.port}
+
+
+def clickhouse_endpoint(url: str | None) -> Endpoint | None:
+    """The endpoint of an http(s) URL (default port by scheme, host in lower case); None for another
+    scheme (``chdb://``) or no URL. Raises ValueError for a port that is not a number."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        return None
+    return Endpoint(scheme, (parts.hostname or "localhost").lower(), parts.port or DEFAULT_PORTS[scheme])
+
+
+def _server(url: str) -> Endpoint | str:
+    """What a recorded sink URL names: its endpoint, or the text itself where it has none."""
+    try:
+        return clickhouse_endpoint(url) or url
+    except ValueError:  # a hand-edited record: compared as written
+        return url
 
 
 @dataclass(frozen=True)
@@ -36,9 +75,13 @@ class SinkId:
     database: str = ""
 
     def same(self, other: SinkId) -> bool:
-        return self.kind == other.kind and (
-            self.kind == "embedded" or (self.url, self.database) == (other.url, other.database)
-        )
+        """Same kind and, for ClickHouse, the same server (scheme, host, port: ``http://ch`` is
+        ``http://ch:8123/``) and database."""
+        if self.kind != other.kind:
+            return False
+        if self.kind == "embedded":
+            return True
+        return _server(self.url) == _server(other.url) and self.database == other.database
 
     def __str__(self) -> str:
         if self.kind == "embedded":
@@ -149,6 +192,10 @@ class PredlogSettings(BaseSettings):
     @classmethod
     def _valid_url(cls, v: str | None) -> str | None:
         v = no_password_in_url(v)
+        try:
+            clickhouse_endpoint(v)
+        except ValueError as e:
+            raise ValueError(f"not a usable ClickHouse URL: {e}") from None
         in_url = _url_database(v)
         if in_url and not IDENT.match(in_url):
             raise ValueError(f"the URL's database {in_url!r} is not a plain identifier")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 
 import pydantic
 import pytest
@@ -170,3 +171,70 @@ def test_the_writer_says_where_predictions_go_without_credentials(tmp_path, capl
         f"(spool {tmp_path / 'b' / 'spool'})",
     ]
     assert "s3cret-value" not in caplog.text and "motlens@" not in caplog.text
+
+
+class _FirstBytes:
+    """A TCP listener on a free port that keeps the first bytes of each connection and closes it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.first: list[bytes] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():  # the client may retry: every connection is read and closed
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                self.first.append(conn.recv(8))
+
+    def close(self) -> list[bytes]:
+        self.stop.set()
+        self.thread.join(15)
+        self.sock.close()
+        return self.first
+
+
+@pytest.mark.parametrize("scheme, tls", [("https", True), ("http", False)])
+def test_the_urls_scheme_decides_tls_on_any_port(scheme, tls):
+    """clickhouse-connect takes TLS from the port alone (443/8443): an https URL on another port went out as
+    plain HTTP, credentials included. The scheme decides, for the log and for the data loader."""
+    from training.chload import ServerStore
+
+    for connect in (
+        lambda url: make_client(PredlogSettings(clickhouse_url=url, connect_timeout_s=2)),
+        lambda url: ServerStore(url, password=""),
+    ):
+        listener = _FirstBytes()
+        with pytest.raises(Exception):  # noqa: B017 - the listener answers nothing: any connection error
+            connect(f"{scheme}://127.0.0.1:{listener.port}/motlens")
+        firsts = listener.close()
+        assert firsts, "no connection reached the listener"
+        for first in firsts:  # a TLS handshake record, or a plain HTTP request
+            assert first.startswith(b"\x16\x03") if tls else first[:4] in (b"GET ", b"POST"), first
+
+
+def test_default_ports_follow_the_scheme_and_endpoints_compare_by_server():
+    from predlog.settings import Endpoint, SinkId, clickhouse_endpoint
+
+    assert clickhouse_endpoint("https://User@CH.example/motlens") == Endpoint("https", "ch.example", 8443)
+    assert clickhouse_endpoint("http://ch/motlens?compress=1") == Endpoint("http", "ch", 8123)
+    assert clickhouse_endpoint("chdb://memory") is None and clickhouse_endpoint(None) is None
+    with pytest.raises(pydantic.ValidationError, match="not a usable ClickHouse URL"):
+        PredlogSettings(clickhouse_url="http://ch:http/motlens")
+    # a spool bound to http://ch:8123/motlens belongs to the writer configured as HTTP://CH/motlens/ ...
+    recorded = SinkId("clickhouse", "http://ch:8123/motlens", "motlens")
+    assert recorded.same(SinkId("clickhouse", "HTTP://CH/motlens/", "motlens"))
+    # ... not to another scheme, port, host or database
+    for url, db in (("https://ch/motlens", "motlens"), ("http://ch:9000/motlens", "motlens"),
+                    ("http://ch2:8123/motlens", "motlens"), ("http://ch:8123/other", "other")):  # fmt: skip
+        assert not recorded.same(SinkId("clickhouse", url, db)), url

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from motlens.credentials import no_password_in_url
 from motlens.labels import SEVERITIES
 from motlens.state import StateSettings
-from predlog.settings import IDENT
+from predlog.settings import IDENT, clickhouse_endpoint
 from training import mot_labels
 from training.dvsa_columns import typed_items, typed_results
 from training.dvsa_files import Source, discover, iter_raw
@@ -193,7 +193,10 @@ class ServerStore(Store):
         import clickhouse_connect
 
         super().__init__(database)
-        self._client = clickhouse_connect.get_client(dsn=url, password=password)
+        endpoint = clickhouse_endpoint(url)
+        self._client = clickhouse_connect.get_client(
+            dsn=url, password=password, **(endpoint.client_kwargs() if endpoint else {})
+        )
         self.location = "MOTLENS_CLICKHOUSE_URL"
 
     def command(self, sql: str, params: dict | None = None) -> None:
