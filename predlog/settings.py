@@ -56,6 +56,17 @@ def clickhouse_endpoint(url: str | None) -> Endpoint | None:
     return Endpoint(scheme, (parts.hostname or "localhost").lower(), parts.port or DEFAULT_PORTS[scheme])
 
 
+def usable_url(url: str | None) -> str | None:
+    """``url`` (None for empty), refused with the reason when it carries a password or a port that is
+    not a number (the validator of every setting that holds a ClickHouse URL)."""
+    url = no_password_in_url(url)
+    try:
+        clickhouse_endpoint(url)
+    except ValueError as e:
+        raise ValueError(f"not a usable ClickHouse URL: {e}") from None
+    return url
+
+
 def _server(url: str) -> Endpoint | str:
     """What a recorded sink URL names: its endpoint, or the text itself where it has none."""
     try:
@@ -191,11 +202,7 @@ class PredlogSettings(BaseSettings):
     @field_validator("clickhouse_url")
     @classmethod
     def _valid_url(cls, v: str | None) -> str | None:
-        v = no_password_in_url(v)
-        try:
-            clickhouse_endpoint(v)
-        except ValueError as e:
-            raise ValueError(f"not a usable ClickHouse URL: {e}") from None
+        v = usable_url(v)
         in_url = _url_database(v)
         if in_url and not IDENT.match(in_url):
             raise ValueError(f"the URL's database {in_url!r} is not a plain identifier")

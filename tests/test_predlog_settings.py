@@ -229,8 +229,11 @@ def test_default_ports_follow_the_scheme_and_endpoints_compare_by_server():
     assert clickhouse_endpoint("https://User@CH.example/motlens") == Endpoint("https", "ch.example", 8443)
     assert clickhouse_endpoint("http://ch/motlens?compress=1") == Endpoint("http", "ch", 8123)
     assert clickhouse_endpoint("chdb://memory") is None and clickhouse_endpoint(None) is None
-    with pytest.raises(pydantic.ValidationError, match="not a usable ClickHouse URL"):
-        PredlogSettings(clickhouse_url="http://ch:http/motlens")
+    from training.chload import DataSettings
+
+    for settings in (PredlogSettings, DataSettings):  # the log and the data loader refuse it alike
+        with pytest.raises(pydantic.ValidationError, match="not a usable ClickHouse URL"):
+            settings(clickhouse_url="http://ch:http/motlens")
     # a spool bound to http://ch:8123/motlens belongs to the writer configured as HTTP://CH/motlens/ ...
     recorded = SinkId("clickhouse", "http://ch:8123/motlens", "motlens")
     assert recorded.same(SinkId("clickhouse", "HTTP://CH/motlens/", "motlens"))

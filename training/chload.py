@@ -27,10 +27,9 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
-from motlens.credentials import no_password_in_url
 from motlens.labels import SEVERITIES
 from motlens.state import StateSettings
-from predlog.settings import IDENT, clickhouse_endpoint
+from predlog.settings import IDENT, clickhouse_endpoint, usable_url
 from training import mot_labels
 from training.dvsa_columns import typed_items, typed_results
 from training.dvsa_files import Source, discover, iter_raw
@@ -59,8 +58,8 @@ class DataSettings(BaseSettings):
 
     @field_validator("clickhouse_url")
     @classmethod
-    def _no_password_in_url(cls, v: str | None) -> str | None:
-        return no_password_in_url(v)
+    def _usable_url(cls, v: str | None) -> str | None:
+        return usable_url(v)
 
     def chdb_dir(self) -> Path:
         return self.chdb_path or (StateSettings().home / "chdb-data")
