@@ -37,12 +37,6 @@ class Endpoint:
     host: str
     port: int
 
-    def client_kwargs(self) -> dict[str, Any]:
-        """What ``clickhouse_connect.get_client(dsn=url, …)`` needs besides the URL: it takes TLS from
-        the port alone (``https://host`` or ``https://host:9443`` would be plain HTTP, ``https://host``
-        on port 8123), so the scheme's interface and port are passed explicitly."""
-        return {"interface": self.interface, "port": self.port}
-
 
 def clickhouse_endpoint(url: str | None) -> Endpoint | None:
     """The endpoint of an http(s) URL (default port by scheme, host in lower case); None for another
@@ -54,6 +48,14 @@ def clickhouse_endpoint(url: str | None) -> Endpoint | None:
     if scheme not in DEFAULT_PORTS:
         return None
     return Endpoint(scheme, (parts.hostname or "localhost").lower(), parts.port or DEFAULT_PORTS[scheme])
+
+
+def connect_kwargs(url: str | None) -> dict[str, Any]:
+    """What ``clickhouse_connect.get_client(dsn=url, …)`` needs besides an http(s) URL: it takes TLS from
+    the port alone (``https://host`` or ``https://host:9443`` would be plain HTTP, ``https://host`` on
+    port 8123), so the scheme's interface and port are passed explicitly; nothing for other URLs."""
+    endpoint = clickhouse_endpoint(url)
+    return {"interface": endpoint.interface, "port": endpoint.port} if endpoint else {}
 
 
 def usable_url(url: str | None) -> str | None:

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from predlog import migrate
-from predlog.settings import PredlogSettings, clickhouse_endpoint
+from predlog.settings import PredlogSettings, connect_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +157,9 @@ def make_client(settings: PredlogSettings, /, **kwargs: Any) -> Any:
     if url.startswith("chdb:"):
         return clickhouse_connect.get_client(dsn=url, tz_mode="aware", **kwargs)
     password = settings.password.get_secret_value() if settings.password else ""
-    endpoint = clickhouse_endpoint(url)
     return clickhouse_connect.get_client(
         dsn=url,
-        **(endpoint.client_kwargs() if endpoint else {}),
+        **connect_kwargs(url),
         password=password,
         tz_mode="aware",
         connect_timeout=settings.connect_timeout_s,

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from motlens.labels import SEVERITIES
 from motlens.state import StateSettings
-from predlog.settings import IDENT, clickhouse_endpoint, usable_url
+from predlog.settings import IDENT, connect_kwargs, usable_url
 from training import mot_labels
 from training.dvsa_columns import typed_items, typed_results
 from training.dvsa_files import Source, discover, iter_raw
@@ -192,10 +192,7 @@ class ServerStore(Store):
         import clickhouse_connect
 
         super().__init__(database)
-        endpoint = clickhouse_endpoint(url)
-        self._client = clickhouse_connect.get_client(
-            dsn=url, password=password, **(endpoint.client_kwargs() if endpoint else {})
-        )
+        self._client = clickhouse_connect.get_client(dsn=url, password=password, **connect_kwargs(url))
         self.location = "MOTLENS_CLICKHOUSE_URL"
 
     def command(self, sql: str, params: dict | None = None) -> None:
