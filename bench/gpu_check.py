@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import LoadResult, run, run_load
+from bench.loadgen import LoadResult, run, run_load, run_load_procs
 from bench.mixes import make_mix
 from bench.run_all import Service, free_port
 
@@ -95,6 +95,20 @@ def gpu_memory(pid: int, metrics_url: str) -> dict:
     return out
 
 
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its children, threads included."""
+    import psutil
+
+    total = 0.0
+    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def _tree_pids(pid: int) -> set[int]:
     import psutil
 
@@ -136,12 +150,23 @@ def measure_server(
             kw.setdefault("warmup_s", a.warmup)
             label = f"{label} [{variant}]" if variant else label
             seed = sum(x["variant"] == (variant or None) for x in report["loads"])  # same texts per server
-            r = run(run_load(svc.url, make_mix(mix, 0.1, seed=seed), system="motlens",
-                             mix_name=mix, pid=pid, **kw))  # fmt: skip
+            procs = min(a.client_procs, kw["concurrency"])
+            server_cpu0, t0 = _tree_cpu_s(pid), time.perf_counter()
+            if procs > 1:
+                r = run_load_procs(svc.url, mix, procs=procs, seed=seed,
+                                   system="motlens", pid=pid, **kw)  # fmt: skip
+            else:
+                r = run(run_load(svc.url, make_mix(mix, 0.1, seed=seed), system="motlens",
+                                 mix_name=mix, pid=pid, **kw))  # fmt: skip
+            wall = time.perf_counter() - t0
+            cores = {"server_cores": (_tree_cpu_s(pid) - server_cpu0) / wall,
+                     "client_cores": (r.client_cpu_s or 0.0) / wall, "client_procs": procs}  # fmt: skip
             report["loads"].append({"label": label, "variant": variant or None, "serve_args": serve_args,
-                                    **r.to_json()})  # fmt: skip
+                                    **r.to_json(), **cores})  # fmt: skip
             print(f"  {label}: {r.items_per_s:,.0f} items/s ({r.requests_per_s:,.0f} req/s), "
-                  f"p50 {r.p50_ms:.1f} p99 {r.p99_ms:.1f} ms, errors {r.errors}", flush=True)  # fmt: skip
+                  f"p50 {r.p50_ms:.1f} p99 {r.p99_ms:.1f} ms, errors {r.errors}; cores: server "
+                  f"{cores['server_cores']:.1f}, load generator {cores['client_cores']:.1f} "
+                  f"({cores['client_procs']} process(es))", flush=True)  # fmt: skip
             save()
             return r
 
@@ -168,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-max-items", type=int, help="server micro-batch size limit (default: the server's)")
     p.add_argument("--batch-max-tokens", type=int, help="server padded tokens per bucket (default: the server's)")
     p.add_argument("--queue-capacity", type=int, help="server queued texts before 429 (default: the server's)")
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="load-generator processes per load (one event loop saturates a core; default 1)")
     p.add_argument("--serve-arg", action="append", default=[], help="extra `motlens serve` argument (repeat)")
     p.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="LABEL=ARGS",
                    help="also measure the batched loads on a server started with these extra arguments "
@@ -231,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
              f"offline ceiling: {ceiling} (texts/s at batch size)"]  # fmt: skip
     lines += [
         f"{x['label']}: {x['items_per_s']:,.0f} items/s, {x['requests_per_s']:,.0f} req/s, p50 {x['p50_ms']:.1f} "
-        f"p95 {x['p95_ms']:.1f} p99 {x['p99_ms']:.1f} ms, errors {x['errors']} {x['error_kinds'] or ''}"
+        f"p95 {x['p95_ms']:.1f} p99 {x['p99_ms']:.1f} ms, errors {x['errors']} {x['error_kinds'] or ''}; "
+        f"cores: server {x['server_cores']:.1f}, load generator {x['client_cores']:.1f} ({x['client_procs']} proc)"
         for x in report["loads"]
     ]
     lines += [f"GPU memory before: {report.get('gpu_memory_before')}", f"after: {report.get('gpu_memory_after')}"]

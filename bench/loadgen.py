@@ -21,7 +21,10 @@ import asyncio
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, fields
+from multiprocessing import get_context
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -53,9 +56,13 @@ class LoadResult:
     max_ms: float = float("nan")
     rss_max_mib: float | None = None
     rate: float | None = None
+    #: CPU seconds of the load generator's own process(es) over the whole load, warm-up included
+    client_cpu_s: float | None = None
+    #: the latency samples behind the percentiles (left out of ``to_json``)
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "latencies_ms"}
 
 
 def request_body(protocol: str, texts: list[str], model: str = MODEL_NAME) -> bytes:
@@ -243,6 +250,7 @@ async def run_load(
     if client not in ("raw", "aiohttp"):
         raise ValueError(f"unknown client {client!r}; expected 'raw' or 'aiohttp'")
     target = endpoint(url, protocol, model)
+    cpu0 = time.process_time()
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     counts = {"requests": 0, "items": 0}
@@ -353,7 +361,52 @@ async def run_load(
         p99_ms=float(pct[2]),
         max_ms=float(lat_ms.max()) if lat_ms.size else float("nan"),
         rss_max_mib=max(rss) / 2**20 if rss else None,
+        client_cpu_s=time.process_time() - cpu0,
+        latencies_ms=lat_ms.tolist(),
     )
+
+
+def _load_in_child(url: str, mix_name: str, novel_share: float, seed: int, kw: dict[str, Any]) -> LoadResult:
+    return run(run_load(url, make_mix(mix_name, novel_share, seed), mix_name=mix_name, **kw))
+
+
+def run_load_procs(
+    url: str, mix_name: str, *, procs: int, concurrency: int, novel_share: float = 0.1, seed: int = 0,
+    rate: float | None = None, pid: int | None = None, max_requests: int | None = None, **kw: Any,
+) -> LoadResult:  # fmt: skip
+    """:func:`run_load` split over ``procs`` client processes (one Python event loop saturates a core).
+
+    Clients, ``rate`` and ``max_requests`` are shared out evenly (each process starts its own clock
+    once spawned, so the windows overlap but need not coincide), each process draws from its own seed; counts, errors
+    and throughput add up, percentiles come from the pooled samples, RSS is sampled by the first.
+    """
+    if not 1 <= procs <= concurrency:
+        raise ValueError(f"procs must be between 1 and the concurrency ({concurrency}), got {procs}")
+    shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    with ProcessPoolExecutor(procs, mp_context=get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_load_in_child, url, mix_name, novel_share, seed * 1000 + i,
+                        {**kw, "concurrency": c, "rate": rate * c / concurrency if rate else None,
+                         "pid": pid if i == 0 else None,
+                         "max_requests": -(-max_requests * c // concurrency) if max_requests else None})
+            for i, c in enumerate(shares)
+        ]  # fmt: skip
+        parts = [f.result() for f in futures]
+    lat_ms = np.asarray([x for r in parts for x in r.latencies_ms])
+    pct = np.percentile(lat_ms, [50, 95, 99]) if lat_ms.size else [float("nan")] * 3
+    kinds: Counter[str] = Counter()
+    for r in parts:
+        kinds.update(r.error_kinds)
+    return LoadResult(
+        system=parts[0].system, mix=mix_name, concurrency=concurrency, items_per_request=parts[0].items_per_request,
+        duration_s=max(r.duration_s for r in parts), requests=sum(r.requests for r in parts),
+        items=sum(r.items for r in parts), errors=sum(r.errors for r in parts),
+        window_requests=sum(r.window_requests for r in parts), error_kinds=dict(kinds),
+        items_per_s=sum(r.items_per_s for r in parts), requests_per_s=sum(r.requests_per_s for r in parts),
+        rate=rate, p50_ms=float(pct[0]), p95_ms=float(pct[1]), p99_ms=float(pct[2]),
+        max_ms=float(lat_ms.max()) if lat_ms.size else float("nan"), rss_max_mib=parts[0].rss_max_mib,
+        client_cpu_s=sum(r.client_cpu_s or 0.0 for r in parts), latencies_ms=lat_ms.tolist(),
+    )  # fmt: skip
 
 
 def run(coro):  # noqa: ANN001, ANN201 - runs a coroutine on uvloop when installed

@@ -128,3 +128,39 @@ async def test_open_loop_follows_every_request_due_in_the_window_to_its_end():
     # a lower bound the scripted server guarantees (every answer sleeps delay_s first): a slower machine
     # only raises it
     assert r.p50_ms >= delay_s * 1000 * 0.99
+
+
+def test_a_load_split_over_processes_adds_up_to_what_the_server_answered():
+    """Two client processes: their counts and latency samples pool; max_requests is shared out."""
+    import threading
+
+    from bench.loadgen import run_load_procs
+
+    answered: list[float] = []
+    got: list[int] = []
+    loop = asyncio.new_event_loop()
+
+    async def echo(n: int, texts: list[str]) -> tuple[int, bytes]:
+        got.append(len(texts))
+        await asyncio.sleep(0.01)
+        return (500, b"{}") if n % 50 == 0 else (200, v2_body(len(texts)))
+
+    server, port = loop.run_until_complete(serve(echo, answered))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        r = run_load_procs(f"http://127.0.0.1:{port}", "novel", procs=2, concurrency=5, items=3,
+                           duration_s=1.0, warmup_s=0.3)  # fmt: skip
+        capped = run_load_procs(f"http://127.0.0.1:{port}", "novel", procs=2, concurrency=4, items=1,
+                                duration_s=30.0, warmup_s=0.0, max_requests=20)  # fmt: skip
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    assert r.concurrency == 5 and r.items_per_request == 3
+    assert 0 < r.requests <= len(answered) and r.items == 3 * r.requests
+    assert r.errors == r.error_kinds.get("HTTP 500", 0) > 0  # every 50th answer is a 500, from either process
+    assert len(r.latencies_ms) == r.window_requests - r.errors and r.window_requests >= r.requests
+    assert r.p50_ms <= r.p99_ms <= r.max_ms == max(r.latencies_ms)
+    assert r.client_cpu_s is not None and r.client_cpu_s > 0
+    assert "latencies_ms" not in r.to_json()
+    assert 20 <= capped.requests <= 21 and capped.duration_s < 10  # 10 per process, not 20 each
