@@ -133,10 +133,12 @@ def measure_server(
 ) -> None:  # fmt: skip
     """Start ``motlens serve`` with ``serve_args``, run ``loads`` against it, record each load, stop it."""
     port = free_port()
-    argv = [str(Path(sys.executable).parent / "motlens"), "serve", "--model", str(bundle_dir),
-            "--http-port", str(port), "--grpc-port", str(free_port()), *serve_args]  # fmt: skip
     log_dir = a.out / variant if variant else a.out
     log_dir.mkdir(parents=True, exist_ok=True)
+    launcher = ([sys.executable, "-m", "bench.stack_sampler", "--out", str(log_dir / "stacks.txt"), "--"]
+                if a.profile_server else [str(Path(sys.executable).parent / "motlens")])  # fmt: skip
+    argv = [*launcher, "serve", "--model", str(bundle_dir),
+            "--http-port", str(port), "--grpc-port", str(free_port()), *serve_args]  # fmt: skip
     svc = Service("motlens", argv, f"http://127.0.0.1:{port}/v2/models/mot-defects/ready",
                   f"http://127.0.0.1:{port}", "v2", env={"MOTLENS_HOME": str(home)})  # fmt: skip
     svc.start(log_dir)
@@ -194,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-max-tokens", type=int, help="server padded tokens per bucket (default: the server's)")
     p.add_argument("--queue-capacity", type=int, help="server queued texts before 429 (default: the server's)")
     p.add_argument("--client-procs", type=int, default=1,
-                   help="load-generator processes per load (one event loop saturates a core; default 1)")
+                   help="load-generator processes per load (one event loop saturates a core; default 1)")  # fmt: skip
+    p.add_argument("--profile-server", action="store_true",
+                   help="run each server under bench.stack_sampler (stacks.txt beside its log)")  # fmt: skip
     p.add_argument("--serve-arg", action="append", default=[], help="extra `motlens serve` argument (repeat)")
     p.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="LABEL=ARGS",
                    help="also measure the batched loads on a server started with these extra arguments "
