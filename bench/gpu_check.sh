@@ -8,7 +8,10 @@
 # tokenizers may use all cores (TOKENIZERS_PARALLELISM=true unless set: one thread tokenises ≈ 16–25k
 # texts/s; the micro-batcher tokenises each served batch once, in its worker thread). The batched
 # loads run again on a second server with two batcher workers (`--variant workers2=...`): one batch's
-# tokenisation and padding on the CPU then overlap the other's forward pass on the GPU.
+# tokenisation and padding on the CPU then overlap the other's forward pass on the GPU; and on a third
+# with the eager forward (`--variant eager=--torch-eager`), the baseline of the traced one. The load
+# generator runs in 4 processes (`--client-procs 4`), and each load records the cores the server and
+# the load generator used.
 #
 #   bash bench/gpu_check.sh                 # results in $OUT (if set) or bench/results/gpu/
 #   bash bench/gpu_check.sh --duration 5    # extra flags go to `python -m bench.gpu_check`
@@ -53,5 +56,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=${TOKENIZE
 timeout --signal=TERM --kill-after=50 "$(( LEFT > 60 ? LEFT : 60 ))" \
   "$VENV/bin/python" -m bench.gpu_check --out "$OUT" --duration 8 --requests-max-s 120 \
   --batch-max-items 1024 --batch-max-tokens 65536 --queue-capacity 8192 \
-  --variant "workers2=--model-workers 2" "$@"
+  --client-procs 4 --variant "workers2=--model-workers 2" --variant "eager=--torch-eager" "$@"
 echo "[gpu_check] done in $(( $(date +%s) - START )) s; results in $OUT"

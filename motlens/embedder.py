@@ -114,7 +114,9 @@ class TorchEmbedder:
     directory's ``tokenizer.json`` (``tokenizers``, truncated at ``max_seq_length``), sorted by length
     (longest first), cut into batches of ``batch_size`` and padded per batch. On CUDA the next batch is tokenised and
     padded into pinned memory on a worker thread while the GPU runs the current one, and the
-    embeddings come back in one copy per call; on CPU the batches run one after another.
+    embeddings come back in one copy per call; on CPU the batches run one after another. With ``trace``
+    (the default) the forward pass runs as a frozen TorchScript graph checked against the eager one
+    (:meth:`_trace`), on either device; ``trace=False`` runs it eagerly from Python.
     """
 
     backend = "torch"
@@ -126,6 +128,7 @@ class TorchEmbedder:
         device: str | None = None,
         dtype: str = "float32",
         threads: int | None = None,
+        trace: bool = True,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -155,7 +158,7 @@ class TorchEmbedder:
         self._tokenizer.enable_truncation(self.max_seq_length)
         self._pin = cuda
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="motlens-tokenize") if cuda else None
-        self._traced: Any = None if cuda else self._trace()
+        self._traced: Any = self._trace() if trace else None
 
     def _features(self, texts: list[str]) -> dict[str, Any]:
         """Padded ``input_ids`` / ``attention_mask`` (int64, pinned on CUDA) for one batch."""
@@ -192,14 +195,15 @@ class TorchEmbedder:
         return torch.nn.functional.normalize(out.float(), dim=1)
 
     def _trace(self) -> Any:
-        """The CPU forward as a frozen TorchScript graph, or None if it does not reproduce the eager one.
+        """The forward as a frozen TorchScript graph; None if tracing fails or the graph differs from eager.
 
         Eager torch runs each of the model's few hundred ops from Python, taking the GIL for each, so a
-        busy event loop in the same process starves it (measured: 517 → 22 texts/s beside one
+        busy event loop in the same process starves it (measured on CPU: 517 → 22 texts/s beside one
         GIL-holding thread); the traced graph runs in C++ with the GIL released (575 → 215, the rest
-        being the shared cores). Traced in-process from the verified weights: no serialized code is
-        ever loaded. Checked per row (cosine ≥ :data:`TRACE_MIN_COSINE`) on padded batches of very
-        different lengths before use.
+        being the shared cores). On CUDA the eager forward kept the batcher's thread busy 83 % of the
+        time at 700 single-text req/s, 70 % of it in Python (docs/benchmarks.md, H200 profile). Traced
+        in-process from the verified weights: no serialized code is ever loaded. Checked per row (cosine
+        ≥ :data:`TRACE_MIN_COSINE`) on padded batches of very different lengths before use.
         """
         import torch
 
@@ -223,27 +227,38 @@ class TorchEmbedder:
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.")
-            example = self._features(list(TRACE_PROBES))
-            traced = torch.jit.freeze(
-                torch.jit.trace(_Forward(self).eval(), (example["input_ids"], example["attention_mask"]),
-                                check_trace=False, strict=False)
-            )  # fmt: skip
+            example = self._on_device(self._features(list(TRACE_PROBES)))
+            try:
+                traced = torch.jit.freeze(
+                    torch.jit.trace(_Forward(self).eval(), (example["input_ids"], example["attention_mask"]),
+                                    check_trace=False, strict=False)
+                )  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - any tracer failure leaves the eager forward, which works
+                log.warning(
+                    "the %s forward could not be traced (%s: %s); running eager", self.device, type(e).__name__, e
+                )
+                return None
             for batch in probes:
-                f = self._features(batch)
+                f = self._on_device(self._features(batch))
                 args = (f["input_ids"], f["attention_mask"])
                 got, want = traced(*args), self._eager(*args)
                 worst = float(torch.nn.functional.cosine_similarity(got, want, dim=1).min())
                 if worst < TRACE_MIN_COSINE:
-                    log.warning("traced CPU forward differs from eager (min cosine %.6f); running eager", worst)
+                    log.warning("traced %s forward differs from eager (min cosine %.6f); running eager",
+                                self.device, worst)  # fmt: skip
                     return None
         return traced
 
+    def _on_device(self, features: dict[str, Any]) -> dict[str, Any]:
+        if self.device == "cpu":
+            return features
+        return {k: v.to(self.device, non_blocking=True) for k, v in features.items()}
+
     def _forward(self, features: dict[str, Any]) -> Any:
         """L2-normalised float32 embeddings of one batch, left on the model's device."""
-        if self._traced is not None:
-            return self._traced(features["input_ids"], features["attention_mask"])
-        on_device = {k: v.to(self.device, non_blocking=True) for k, v in features.items()}
-        return self._eager(on_device["input_ids"], on_device["attention_mask"])
+        on_device = self._on_device(features)
+        forward = self._eager if self._traced is None else self._traced
+        return forward(on_device["input_ids"], on_device["attention_mask"])
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         if not texts:

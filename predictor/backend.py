@@ -38,19 +38,32 @@ REGISTRY_UNREACHABLE = "registry_unreachable"
 
 
 def _torch_factory(
-    model_dir: Path, device: str | None, dtype: str, threads: int | None, single_thread_tokens: int = 0
+    model_dir: Path,
+    device: str | None,
+    dtype: str,
+    threads: int | None,
+    single_thread_tokens: int = 0,
+    trace: bool = True,
 ) -> Embedder:
     """torch: one intra-op thread count per process, so ``single_thread_tokens`` does not apply."""
-    return TorchEmbedder(model_dir, device=device, dtype=dtype, threads=threads)
+    return TorchEmbedder(model_dir, device=device, dtype=dtype, threads=threads, trace=trace)
 
 
 _ONNX_VARIANTS = {"float32": "fp32", "fp32": "fp32", "int8": "int8"}
 
 
 def _onnx_factory(
-    model_dir: Path, device: str | None, dtype: str, threads: int | None, single_thread_tokens: int = 0
+    model_dir: Path,
+    device: str | None,
+    dtype: str,
+    threads: int | None,
+    single_thread_tokens: int = 0,
+    trace: bool = True,
 ) -> Embedder:
-    """ONNX Runtime on CPU; ``dtype`` picks the variant (``float32``, or ``int8`` where it passed its gate)."""
+    """ONNX Runtime on CPU; ``dtype`` picks the variant (``float32``, or ``int8`` where it passed its gate).
+
+    ``trace`` is torch's: an ONNX model is a graph already.
+    """
     from motlens.onnx_embedder import OnnxEmbedder
 
     if dtype not in _ONNX_VARIANTS:
@@ -63,7 +76,7 @@ def _onnx_factory(
 
 
 #: Embedder backends by name (``MOTLENS_SERVE_BACKEND``); each takes (model_dir, device, dtype, threads,
-#: single_thread_tokens).
+#: single_thread_tokens, trace).
 EMBEDDER_FACTORIES: dict[str, EmbedderFactory] = {"torch": _torch_factory, "onnx": _onnx_factory}
 
 
@@ -280,6 +293,7 @@ def load_backend(
     dtype: str = "float32",
     threads: int | None = None,
     single_thread_tokens: int = 0,
+    torch_trace: bool = True,
     embedder: Embedder | None = None,
     lkg: bool = False,
 ) -> Backend:
@@ -310,7 +324,7 @@ def load_backend(
         if factory is None:
             raise ModelLoadError(f"unknown backend {backend!r}; choose one of {sorted(EMBEDDER_FACTORIES)}")
         try:
-            embedder = _shared_embedder(bundle, factory, device, dtype, threads, single_thread_tokens)
+            embedder = _shared_embedder(bundle, factory, device, dtype, threads, single_thread_tokens, torch_trace)
         except Exception as e:  # noqa: BLE001 - surface any backend failure as the not-ready reason
             raise ModelLoadError(f"backend {backend} failed to load {bundle.embedder_dir}: {e}") from e
     be = Backend(bundle, embedder, head, ref=str(ref or root), fallback=resolved.fallback)

@@ -58,6 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-grpc", dest="enable_grpc", action="store_false", default=None, help="REST only")
     p.add_argument("--admin", dest="admin_enabled", action="store_true", default=None, help="serve the admin API")
     p.add_argument("--no-predlog", action="store_true", help="do not log predictions")
+    p.add_argument(
+        "--torch-eager", dest="torch_trace", action="store_false", default=None,
+        help="torch: run the model eagerly from Python instead of as a checked TorchScript graph",
+    )  # fmt: skip
     p.set_defaults(func=_serve, warns_env_itself=True)
 
 

@@ -217,6 +217,7 @@ class PredictorServer:
             dtype=settings.dtype,
             threads=settings.resolved_threads(),
             single_thread_tokens=settings.single_thread_tokens,
+            torch_trace=settings.torch_trace,
             embedder=embedder,
         )
         self.slots = SlotManager(settings, self.cache, loader)

@@ -79,6 +79,11 @@ class ServeSettings(BaseSettings):
         description="onnx backend: model calls of at most this many packed tokens (≈ 3 MOT texts) run on one "
         "thread, leaving the other cores to the HTTP side; 0 = every call on all the worker's threads",
     )
+    torch_trace: bool = Field(
+        True,
+        description="torch backend: run the forward pass as a frozen TorchScript graph, checked against the "
+        "eager one at load (the GIL released while it runs); false = eager, op by op from Python",
+    )
     event_loop_nice: int = Field(
         0,
         ge=0,

@@ -30,7 +30,7 @@ def test_cpu_smoke_measures_every_load_and_the_variant(tiny_bundle, tmp_path):
         "--model", str(tiny_bundle.root), "--device", "cpu", "--dtype", "float32", "--out", str(out),
         "--duration", "1", "--warmup", "0.2", "--requests", "150", "--requests-max-s", "5", "--rate", "20",
         "--ceiling-texts", "32", "--batched-concurrency", "2", "--batch-items", "8", "--single-concurrency", "4",
-        "--variant", "workers2=--model-workers 2",
+        "--variant", "workers2=--model-workers 2", "--client-procs", "2", "--profile-server",
     ])  # fmt: skip
     assert rc == 0
     report = json.loads((out / "gpu_check.json").read_text())
@@ -47,6 +47,11 @@ def test_cpu_smoke_measures_every_load_and_the_variant(tiny_bundle, tmp_path):
     assert variant["variant"] == "workers2" and variant["serve_args"][-2:] == ["--model-workers", "2"]
     assert (out / "workers2" / "motlens.log").is_file()  # each variant's server log apart
     assert "[workers2]" in (out / "gpu_check.txt").read_text()
+    for load in report["loads"]:  # two load-generator processes, and the cores each side used
+        assert load["client_procs"] == 2 and load["server_cores"] > 0 and load["client_cores"] > 0, load
+    for stacks in (out / "stacks.txt", out / "workers2" / "stacks.txt"):  # each server ran under the sampler
+        text = stacks.read_text()
+        assert "== MainThread:" in text and "predictor/cli.py:_serve" in text
 
 
 @pytest.mark.slow

@@ -109,6 +109,37 @@ def test_a_trace_that_does_not_reproduce_eager_is_not_used(embedder, monkeypatch
     assert "running eager" in caplog.text
 
 
+def test_a_forward_the_tracer_cannot_trace_runs_eager(embedder, monkeypatch, caplog):
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("unsupported op (injected)")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    with caplog.at_level("WARNING", logger="motlens.embedder"):
+        assert embedder._trace() is None
+    assert "could not be traced (RuntimeError: unsupported op (injected)); running eager" in caplog.text
+
+
+def test_trace_false_runs_eager_with_the_same_rows(embedder):
+    from motlens.embedder import TorchEmbedder
+
+    eager = TorchEmbedder(device="cpu", trace=False)
+    assert eager._traced is None and embedder._traced is not None
+    assert cosine_rows(eager.encode(TEXTS, batch_size=4), embedder.encode(TEXTS, batch_size=4)).min() >= 0.9999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_forward_is_traced_and_equals_the_eager_one(monkeypatch):
+    from motlens.embedder import TorchEmbedder
+
+    emb = TorchEmbedder(device="cuda", dtype="float16")
+    assert emb._traced is not None
+    texts = TEXTS * 40
+    traced = emb.encode(texts, batch_size=64)
+    monkeypatch.setattr(emb, "_traced", None)
+    assert cosine_rows(traced, emb.encode(texts, batch_size=64)).min() >= 0.9999
+
+
 def test_dtypes_are_honoured_or_refused_never_silently_replaced():
     from motlens.embedder import check_dtype
 

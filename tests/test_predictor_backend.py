@@ -282,3 +282,21 @@ def test_versions_with_the_same_embedder_files_share_the_loaded_embedder(tiny_bu
     del a, b, c, d
     gc.collect()
     assert all(ref() is None for ref in made), "a shared embedder goes with the last backend holding it"
+
+
+def test_the_trace_setting_reaches_the_factory_and_keys_the_shared_embedder(tiny_bundle, embedder, monkeypatch):
+    """An eager and a traced embedder of the same files are different embedders, never shared."""
+    calls: list[tuple] = []
+
+    def factory(*args):  # noqa: ANN001, ANN202
+        calls.append(args)
+        return embedder
+
+    monkeypatch.setitem(EMBEDDER_FACTORIES, "recorded", factory)
+    eager = load_backend(str(tiny_bundle.root), backend="recorded", torch_trace=False)
+    traced = load_backend(str(tiny_bundle.root), backend="recorded")
+    try:
+        assert [c[-1] for c in calls] == [False, True]  # the second load did not share the first's
+    finally:
+        eager.close()
+        traced.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -166,6 +167,23 @@ def test_single_thread_tokens_setting_reaches_the_loader(monkeypatch):
         ServeSettings(single_thread_tokens=-1)
     server = PredictorServer(ServeSettings(model="unused", single_thread_tokens=64), host="127.0.0.1")
     assert server.slots._loader.keywords["single_thread_tokens"] == 64
+
+
+def test_torch_eager_flag_and_variable_reach_the_loader(monkeypatch):
+    from predictor.cli import register
+    from predictor.server import PredictorServer
+    from predictor.settings import ServeSettings
+
+    assert ServeSettings().torch_trace is True
+    monkeypatch.setenv("MOTLENS_SERVE_TORCH_TRACE", "false")
+    assert ServeSettings().torch_trace is False
+    monkeypatch.delenv("MOTLENS_SERVE_TORCH_TRACE")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["serve", "--torch-eager"]).torch_trace is False
+    assert parser.parse_args(["serve"]).torch_trace is None  # unset: the variable or the default decides
+    server = PredictorServer(ServeSettings(model="unused", torch_trace=False), host="127.0.0.1")
+    assert server.slots._loader.keywords["torch_trace"] is False
 
 
 def test_a_port_out_of_range_is_refused_at_start(capsys, tmp_path):
