@@ -16,7 +16,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   typing-inspection==0.4.5 orjson==3.13.0 cloudevents==1.13.0 deprecation==2.1.0 timing-asgi==0.3.2 \
   grpc-interceptor==0.15.4 kubernetes==37.0.1 python-multipart==0.0.34 tabulate==0.10.0 \
   annotated-doc==0.0.7 durationpy==0.11 websocket-client==1.9.2 requests-oauthlib==2.0.0 \
-  oauthlib==4.0.1 google-auth==2.63.0 opentelemetry-api==1.45.2 watchfiles==1.3.0 importlib-metadata==9.1.0
+  oauthlib==4.0.1 google-auth==2.63.0 opentelemetry-api==1.45.2 watchfiles==1.3.0 importlib-metadata==9.1.0 \
+  httptools==0.9.0
 .venv/bin/python - <<'PY'
 import shutil
 from pathlib import Path
