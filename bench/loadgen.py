@@ -341,7 +341,6 @@ async def run_load(
     if sampler:
         await sampler
     lat_ms = np.asarray(latencies) * 1000.0
-    pct = np.percentile(lat_ms, [50, 95, 99]) if lat_ms.size else [float("nan")] * 3
     return LoadResult(
         system=system,
         mix=mix_name,
@@ -356,14 +355,18 @@ async def run_load(
         items_per_s=counts["items"] / measured,
         requests_per_s=counts["requests"] / measured,
         rate=rate,
-        p50_ms=float(pct[0]),
-        p95_ms=float(pct[1]),
-        p99_ms=float(pct[2]),
-        max_ms=float(lat_ms.max()) if lat_ms.size else float("nan"),
+        **_percentiles(lat_ms),
         rss_max_mib=max(rss) / 2**20 if rss else None,
         client_cpu_s=time.process_time() - cpu0,
         latencies_ms=lat_ms.tolist(),
     )
+
+
+def _percentiles(lat_ms: np.ndarray) -> dict[str, float]:
+    if not lat_ms.size:
+        return {"p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")}
+    p50, p95, p99 = (float(x) for x in np.percentile(lat_ms, [50, 95, 99]))
+    return {"p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": float(lat_ms.max())}
 
 
 def _load_in_child(url: str, mix_name: str, novel_share: float, seed: int, kw: dict[str, Any]) -> LoadResult:
@@ -393,7 +396,6 @@ def run_load_procs(
         ]  # fmt: skip
         parts = [f.result() for f in futures]
     lat_ms = np.asarray([x for r in parts for x in r.latencies_ms])
-    pct = np.percentile(lat_ms, [50, 95, 99]) if lat_ms.size else [float("nan")] * 3
     kinds: Counter[str] = Counter()
     for r in parts:
         kinds.update(r.error_kinds)
@@ -403,8 +405,7 @@ def run_load_procs(
         items=sum(r.items for r in parts), errors=sum(r.errors for r in parts),
         window_requests=sum(r.window_requests for r in parts), error_kinds=dict(kinds),
         items_per_s=sum(r.items_per_s for r in parts), requests_per_s=sum(r.requests_per_s for r in parts),
-        rate=rate, p50_ms=float(pct[0]), p95_ms=float(pct[1]), p99_ms=float(pct[2]),
-        max_ms=float(lat_ms.max()) if lat_ms.size else float("nan"), rss_max_mib=parts[0].rss_max_mib,
+        rate=rate, **_percentiles(lat_ms), rss_max_mib=parts[0].rss_max_mib,
         client_cpu_s=sum(r.client_cpu_s or 0.0 for r in parts), latencies_ms=lat_ms.tolist(),
     )  # fmt: skip
 
