@@ -319,20 +319,6 @@ def parquet_query(records: list[PredictionRecord], tmp: Path) -> dict:
     }
 
 
-def _tree_cpu(pid: int) -> float:
-    import psutil
-
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
 def bench_serving(tmp: Path, duration: float, rounds: int, mix_name: str, concurrency: int) -> dict:
     """A/B: the predictor with and without the prediction log (embedded Parquet), alternated."""
     import os
@@ -345,7 +331,7 @@ def bench_serving(tmp: Path, duration: float, rounds: int, mix_name: str, concur
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for the bench package
     from bench.bundle import build_bench_bundle
-    from bench.loadgen import run, run_load
+    from bench.loadgen import run, run_load, tree_cpu_s
     from bench.mixes import make_mix
 
     bundle = build_bench_bundle(Path("bench/results/bundle"), onnx=False)
@@ -385,7 +371,7 @@ def bench_serving(tmp: Path, duration: float, rounds: int, mix_name: str, concur
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError(f"server ({arm}) did not become ready")
                 time.sleep(0.5)
-            cpu0 = _tree_cpu(proc.pid)
+            cpu0 = tree_cpu_s(proc.pid)
             res = run(
                 run_load(
                     url,
@@ -396,7 +382,7 @@ def bench_serving(tmp: Path, duration: float, rounds: int, mix_name: str, concur
                     pid=proc.pid,
                 )
             )
-            cpu = _tree_cpu(proc.pid) - cpu0
+            cpu = tree_cpu_s(proc.pid) - cpu0
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)

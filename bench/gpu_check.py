@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import LoadResult, run, run_load, run_load_procs
+from bench.loadgen import LoadResult, run, run_load, run_load_procs, tree_cpu_s
 from bench.mixes import make_mix
 from bench.run_all import Service, free_port
 
@@ -95,20 +95,6 @@ def gpu_memory(pid: int, metrics_url: str) -> dict:
     return out
 
 
-def _tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) used so far by ``pid`` and its children, threads included."""
-    import psutil
-
-    total = 0.0
-    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
 def _tree_pids(pid: int) -> set[int]:
     import psutil
 
@@ -153,7 +139,7 @@ def measure_server(
             label = f"{label} [{variant}]" if variant else label
             seed = sum(x["variant"] == (variant or None) for x in report["loads"])  # same texts per server
             procs = min(a.client_procs, kw["concurrency"])
-            server_cpu0, t0 = _tree_cpu_s(pid), time.perf_counter()
+            server_cpu0, t0 = tree_cpu_s(pid), time.perf_counter()
             if procs > 1:
                 r = run_load_procs(svc.url, mix, procs=procs, seed=seed,
                                    system="motlens", pid=pid, **kw)  # fmt: skip
@@ -161,7 +147,7 @@ def measure_server(
                 r = run(run_load(svc.url, make_mix(mix, 0.1, seed=seed), system="motlens",
                                  mix_name=mix, pid=pid, **kw))  # fmt: skip
             wall = time.perf_counter() - t0
-            cores = {"server_cores": (_tree_cpu_s(pid) - server_cpu0) / wall,
+            cores = {"server_cores": (tree_cpu_s(pid) - server_cpu0) / wall,
                      "client_cores": (r.client_cpu_s or 0.0) / wall, "client_procs": procs}  # fmt: skip
             report["loads"].append({"label": label, "variant": variant or None, "serve_args": serve_args,
                                     **r.to_json(), **cores})  # fmt: skip

@@ -92,6 +92,20 @@ def _response_ok(protocol: str, body: bytes, n: int) -> bool:
         return False
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its children, threads included."""
+    import psutil
+
+    total = 0.0
+    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def _tree_rss(pid: int) -> int:
     import psutil
 
