@@ -137,11 +137,9 @@ def test_a_load_split_over_processes_adds_up_to_what_the_server_answered():
     from bench.loadgen import run_load_procs
 
     answered: list[float] = []
-    got: list[int] = []
     loop = asyncio.new_event_loop()
 
     async def echo(n: int, texts: list[str]) -> tuple[int, bytes]:
-        got.append(len(texts))
         await asyncio.sleep(0.01)
         return (500, b"{}") if n % 50 == 0 else (200, v2_body(len(texts)))
 
@@ -154,6 +152,7 @@ def test_a_load_split_over_processes_adds_up_to_what_the_server_answered():
         capped = run_load_procs(f"http://127.0.0.1:{port}", "novel", procs=2, concurrency=4, items=1,
                                 duration_s=30.0, warmup_s=0.0, max_requests=20)  # fmt: skip
     finally:
+        loop.call_soon_threadsafe(server.close)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
     assert r.concurrency == 5 and r.items_per_request == 3
