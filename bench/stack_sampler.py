@@ -37,7 +37,6 @@ class Sampler:
         self.self_: dict[str, Counter[str]] = {}
         self.inclusive: dict[str, Counter[str]] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
 
     def sample(self) -> None:
         me = threading.get_ident()
@@ -59,7 +58,8 @@ class Sampler:
 
     def run(self) -> None:
         last_dump = time.monotonic()
-        while not self._stop.wait(self.interval_s):
+        while True:  # a daemon thread: it ends with the process
+            time.sleep(self.interval_s)
             self.sample()
             if time.monotonic() - last_dump > 10:
                 self.dump()
