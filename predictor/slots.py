@@ -40,6 +40,8 @@ Loader = Callable[..., Backend]
 
 NOT_READY_REASONS = ("no_model", "loading", "load_failed", "golden_failed", "draining")
 FALLBACK_REASONS = (REGISTRY_UNREACHABLE,)
+#: the least time an admin install waits for the alias to name it (the follower leaves it alone that long)
+ADMIN_GRACE_MIN_S = 300.0
 
 
 class SlotError(Exception):
@@ -83,6 +85,7 @@ class SlotManager:
         # alone until the alias catches up (the promotion CLI moves the target first, then the alias)
         self._admin_install: tuple[str, float] | None = None
         self.follow_polls = 0  # alias polls completed by follow() (each one resolved and acted on, or failed)
+        self.alias_checks = 0  # registry lookups of :meth:`_await_alias` (an admin install without a follower)
         #: when each slot's current model started serving (the swap)
         self.served_since: dict[str, datetime] = {}
         #: called (in a thread) with the promotion_events row of each change of what is served (predictor.events)
@@ -189,6 +192,7 @@ class SlotManager:
             self.served_since[slot] = datetime.now(UTC)
             if cause == "admin" and slot == "production":
                 self._admin_install = (unit.version, time.monotonic())
+                self._watch_alias(unit, ref)
             self._export_unit(slot, unit)
             self._update_readiness()
             log.info(
@@ -265,6 +269,7 @@ class SlotManager:
             self.served_since.pop("canary", None)
             self.canary_percent = 0.0
             self._admin_install = (unit.version, time.monotonic())
+            self._watch_alias(unit, prod.ref)
             self._export_unit("canary", None)
             self._export_unit("production", unit)
             self._update_readiness()
@@ -316,7 +321,7 @@ class SlotManager:
                     self._clear_fallback(prod.unit)
                 if current == info.version and prod.unit is not None:
                     await self._keep_lkg(alias, prod.unit)
-                if self._installed_by_admin(current, info.version, grace_s=max(10 * interval_s, 300.0)):
+                if self._installed_by_admin(current, info.version, grace_s=self._admin_grace_s()):
                     pass  # the alias has not caught up with a promote or load through the admin API yet
                 elif (
                     not prod.loading
@@ -394,6 +399,48 @@ class SlotManager:
         await asyncio.to_thread(record_lkg, f"models:/{MODEL_NAME}@{alias}", unit.backend.bundle)
         self._lkg_alias[alias] = unit.version
 
+    def _watch_alias(self, unit: ServingUnit, ref: str | None) -> None:
+        """Production got ``unit`` (from ``ref``) through the admin API and no follower runs: watch the
+        alias the server started on (``--model models:/mot-defects@ALIAS``) in the background until it
+        names ``unit``, then make the alias's last-known-good record name it too (:meth:`_keep_lkg`)."""
+        alias = _started_alias(self.settings.model)
+        if alias is None or self.settings.follow_alias or not self.settings.lkg_enabled:
+            return  # a follower keeps the record itself; a path or a pinned version has none
+        if not (ref or "").startswith("models:/"):
+            return  # a local bundle: not the registry's, so no alias names it
+        task = asyncio.get_running_loop().create_task(self._await_alias(alias, unit), name="confirm-alias")
+        self._confirming.add(task)
+        task.add_done_callback(self._confirming.discard)
+
+    async def _await_alias(self, alias: str, unit: ServingUnit) -> None:
+        """Look the alias up every ``follow_interval_s`` while ``unit`` serves production, for at most
+        the follower's grace for an admin install (:meth:`_admin_grace_s`)."""
+        from training.registry import Registry
+
+        interval, grace_s = self.settings.follow_interval_s, self._admin_grace_s()
+        deadline = time.monotonic() + grace_s
+        registry: Registry | None = None
+        while self.slots["production"].unit is unit:
+            try:
+                if registry is None:
+                    registry = await asyncio.to_thread(Registry)
+                info = await asyncio.to_thread(registry.resolve, f"models:/{MODEL_NAME}@{alias}")
+            except Exception as e:  # noqa: BLE001 - registry down or alias missing: look again later
+                log.debug("cannot resolve alias %s: %s", alias, e)
+                info = None
+            self.alias_checks += 1
+            if info is not None and _confirms(info, unit):
+                if self.slots["production"].unit is unit:
+                    await self._keep_lkg(alias, unit)
+                return
+            if time.monotonic() >= deadline:
+                log.info(
+                    "alias %s does not name version %s (production since the admin API) after %.0f s; "
+                    "its last-known-good record is left as it was", alias, unit.version, grace_s,
+                )  # fmt: skip
+                return
+            await asyncio.sleep(interval)
+
     async def _restore_canary(self, registry: Any) -> bool:
         """Load the canary the registry records as running (alias ``canary`` on a version tagged
         ``promotion.status=canary`` with ``promotion.canary_percent`` > 0) at that percent, unless the
@@ -423,6 +470,10 @@ class SlotManager:
         if self.slots["canary"].unit is not None and self.canary_percent == 0.0:
             self.set_canary_percent(percent, cause="restore")
         return True
+
+    def _admin_grace_s(self) -> float:
+        """How long an admin install waits for the alias to name it: max(10 polls, ``ADMIN_GRACE_MIN_S``)."""
+        return max(10 * self.settings.follow_interval_s, ADMIN_GRACE_MIN_S)
 
     def _installed_by_admin(self, current: str | None, aliased: str, grace_s: float) -> bool:
         """Whether production serves what the admin API put there and the alias has not caught up
@@ -624,6 +675,13 @@ def _load_reason(cause: str, slot: str, ref: str, old: ServingUnit | None, backe
     if backend.fallback:
         text += f"; serves its LAST-KNOWN-GOOD bundle ({backend.fallback})"
     return text
+
+
+def _started_alias(ref: str) -> str | None:
+    """The alias of a ``models:/mot-defects@ALIAS`` reference, else None (a version, a path)."""
+    prefix = f"models:/{MODEL_NAME}@"
+    alias = ref[len(prefix) :] if ref.startswith(prefix) else ""
+    return alias if alias and "/" not in alias else None
 
 
 def _confirms(info: Any, unit: ServingUnit) -> bool:

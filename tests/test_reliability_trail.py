@@ -1,8 +1,8 @@
 """The audit trail of what the server itself serves: every change of a slot (a load at start, through
 the admin API, a restored canary, a fallback and its end, a percent, a promote or rollback, the stop)
-leaves one ``promotion_events`` row in order; and the last-known-good record of a followed alias
-names the version production serves once the alias confirms it, also when production got there
-through the admin API (a promotion CLI's local target)."""
+leaves one ``promotion_events`` row in order; and the last-known-good record of the alias (followed
+or the one the server started on) names the version production serves once the alias confirms it,
+also when production got there through the admin API (a promotion CLI's local target)."""
 
 from __future__ import annotations
 
@@ -159,6 +159,73 @@ def test_the_followed_alias_record_follows_an_admin_promote(registry_home, tiny_
     try:
         thread.wait_ready()
         assert predict(base).json()["model_version"] == "2" and fallback(base) == 1
+    finally:
+        thread.stop()
+
+
+def recorded_version(registry) -> str:
+    return json.loads(registry.lkg_path(REF).read_text())["version"]
+
+
+def test_without_a_follower_the_record_follows_an_admin_promote_once_the_alias_does(
+    registry_home, tiny_bundle, embedder, monkeypatch
+):
+    """The same promote on a server without ``--follow-alias`` (``--model models:/…@production``, the
+    default): its record kept naming 1 for good, so a restart during an outage rolled back to it.
+    While the alias still names 1 the record stays; once the alias names 2, the record does."""
+    registry = registry_home
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias=None)  # version 2
+    thread, base = start_server(REF, embedder, admin_enabled=True, follow_interval_s=0.2)
+    slots = thread.server.slots
+    try:
+        thread.wait_ready()
+        admin(base, "slots/canary/load", {"ref": f"models:/{MODEL}/2"})
+        admin(base, "promote")
+        wait_until(lambda: slots.alias_checks >= 3, 60)
+        assert recorded_version(registry) == "1" and slots._confirming  # the alias names 1: still watching
+        registry.set_alias("production", "2")
+        wait_until(lambda: recorded_version(registry) == "2", 60)
+        wait_until(lambda: not slots._confirming, 30)  # the watch ended with it
+        assert predict(base).json()["model_version"] == "2"
+    finally:
+        thread.stop()
+    registry_down(monkeypatch)
+    thread, base = start_server(REF, embedder)
+    try:
+        thread.wait_ready()
+        assert predict(base).json()["model_version"] == "2" and fallback(base) == 1
+    finally:
+        thread.stop()
+
+
+def test_an_admin_install_the_alias_never_names_leaves_the_record(
+    registry_home, tiny_bundle, embedder, monkeypatch, caplog
+):
+    """A version loaded into production by hand, the alias left where it was: the watch gives up after
+    its grace and says so; replaced in production meanwhile, it stops at once. The record names 1."""
+    from predictor import slots as slots_module
+
+    registry = registry_home
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias=None)  # version 2
+    monkeypatch.setattr(slots_module, "ADMIN_GRACE_MIN_S", 1.0)
+    caplog.set_level("INFO", logger="predictor.slots")
+    thread, base = start_server(REF, embedder, admin_enabled=True, follow_interval_s=0.05)
+    slots = thread.server.slots
+    try:
+        thread.wait_ready()
+        admin(base, "slots/production/load", {"ref": f"models:/{MODEL}/2"})
+        wait_until(lambda: "alias production does not name version 2" in caplog.text, 60)
+        wait_until(lambda: not slots._confirming, 30)
+        assert recorded_version(registry) == "1"
+
+        monkeypatch.setattr(slots_module, "ADMIN_GRACE_MIN_S", 600.0)
+        admin(base, "slots/production/load", {"ref": f"models:/{MODEL}/2"})  # the same version again
+        wait_until(lambda: bool(slots._confirming), 30)
+        checks = slots.alias_checks
+        wait_until(lambda: slots.alias_checks >= checks + 2, 60)
+        admin(base, "slots/production/load", {"ref": str(tiny_bundle.root)})  # replaced: a path, no alias
+        wait_until(lambda: not slots._confirming, 30)
+        assert caplog.text.count("does not name version") == 1 and recorded_version(registry) == "1"
     finally:
         thread.stop()
 
