@@ -95,6 +95,13 @@ def gpu_memory(pid: int, metrics_url: str) -> dict:
     return out
 
 
+def served_items(metrics_url: str) -> float:
+    """Items a server has answered so far (``motlens_items_total`` over all its series)."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(r"^motlens_items_total(?:{[^}]*})? (\S+)$", text, re.MULTILINE))
+
+
 def _tree_pids(pid: int) -> set[int]:
     import psutil
 
@@ -115,23 +122,36 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 def measure_server(
     a: argparse.Namespace, report: dict, save: Callable[[], None], bundle_dir: Path, home: Path,
-    variant: str, serve_args: list[str], loads: Callable[[Load, int, str], None],
+    variant: str, serve_args: list[str], loads: Callable[[Load, int, str], None], servers: int = 1,
 ) -> None:  # fmt: skip
-    """Start ``motlens serve`` with ``serve_args``, run ``loads`` against it, record each load, stop it."""
-    port = free_port()
+    """Start ``servers`` × ``motlens serve`` with ``serve_args`` on the same device (each its own port
+    and ``MOTLENS_HOME``: one prediction log per process), run ``loads`` against them (given the first
+    server's pid and metrics URL), record each load, stop them. With several servers every load runs
+    in client processes spread over them, and the server cores add up over all of them."""
     log_dir = a.out / variant if variant else a.out
     log_dir.mkdir(parents=True, exist_ok=True)
-    launcher = ([sys.executable, "-m", "bench.stack_sampler", "--out", str(log_dir / "stacks.txt"), "--"]
-                if a.profile_server else [str(Path(sys.executable).parent / "motlens")])  # fmt: skip
-    argv = [*launcher, "serve", "--model", str(bundle_dir),
-            "--http-port", str(port), "--grpc-port", str(free_port()), *serve_args]  # fmt: skip
-    svc = Service("motlens", argv, f"http://127.0.0.1:{port}/v2/models/mot-defects/ready",
-                  f"http://127.0.0.1:{port}", "v2", env={"MOTLENS_HOME": str(home)})  # fmt: skip
-    svc.start(log_dir)
+    services: list[Service] = []
     try:
-        svc.wait_ready(150)  # a load on the GPU host takes ≈ 20 s; a refused model never gets ready
-        assert svc.proc is not None
-        pid = svc.proc.pid
+        for k in range(servers):
+            port = free_port()
+            where = log_dir / f"server-{k}" if servers > 1 else log_dir
+            where.mkdir(parents=True, exist_ok=True)
+            launcher = ([sys.executable, "-m", "bench.stack_sampler", "--out", str(where / "stacks.txt"), "--"]
+                        if a.profile_server else [str(Path(sys.executable).parent / "motlens")])  # fmt: skip
+            argv = [*launcher, "serve", "--model", str(bundle_dir),
+                    "--http-port", str(port), "--grpc-port", str(free_port()), *serve_args]  # fmt: skip
+            server_home = home / f"server-{k}" if servers > 1 else home
+            svc = Service("motlens", argv, f"http://127.0.0.1:{port}/v2/models/mot-defects/ready",
+                          f"http://127.0.0.1:{port}", "v2", env={"MOTLENS_HOME": str(server_home)})  # fmt: skip
+            services.append(svc)
+            svc.start(where)
+        for svc in services:
+            svc.wait_ready(150)  # a load on the GPU host takes ≈ 20 s; a refused model never gets ready
+        pids = [svc.proc.pid for svc in services if svc.proc is not None]
+        urls = [svc.url for svc in services]
+
+        def server_cpu_s() -> float:
+            return sum(tree_cpu_s(pid) for pid in pids)
 
         def load(label: str, mix: str, **kw: Any) -> LoadResult:
             kw.setdefault("duration_s", a.duration)
@@ -139,16 +159,20 @@ def measure_server(
             label = f"{label} [{variant}]" if variant else label
             seed = sum(x["variant"] == (variant or None) for x in report["loads"])  # same texts per server
             procs = min(a.client_procs, kw["concurrency"])
-            server_cpu0, t0 = tree_cpu_s(pid), time.perf_counter()
+            procs = max(servers, procs - procs % servers)  # an even split over the servers
+            items0 = [served_items(f"{url}/metrics") for url in urls]
+            server_cpu0, t0 = server_cpu_s(), time.perf_counter()
             if procs > 1:
-                r = run_load_procs(svc.url, mix, procs=procs, seed=seed,
-                                   system="motlens", pid=pid, **kw)  # fmt: skip
+                r = run_load_procs(urls, mix, procs=procs, seed=seed,
+                                   system="motlens", pid=pids[0], **kw)  # fmt: skip
             else:
-                r = run(run_load(svc.url, make_mix(mix, 0.1, seed=seed), system="motlens",
-                                 mix_name=mix, pid=pid, **kw))  # fmt: skip
+                r = run(run_load(urls[0], make_mix(mix, 0.1, seed=seed), system="motlens",
+                                 mix_name=mix, pid=pids[0], **kw))  # fmt: skip
             wall = time.perf_counter() - t0
-            cores = {"server_cores": (tree_cpu_s(pid) - server_cpu0) / wall,
-                     "client_cores": (r.client_cpu_s or 0.0) / wall, "client_procs": procs}  # fmt: skip
+            by_server = [served_items(f"{u}/metrics") - i for u, i in zip(urls, items0, strict=True)]
+            cores = {"server_cores": (server_cpu_s() - server_cpu0) / wall, "servers": servers,
+                     "client_cores": (r.client_cpu_s or 0.0) / wall, "client_procs": procs,
+                     "items_by_server": by_server}  # fmt: skip
             report["loads"].append({"label": label, "variant": variant or None, "serve_args": serve_args,
                                     **r.to_json(), **cores})  # fmt: skip
             print(f"  {label}: {r.items_per_s:,.0f} items/s ({r.requests_per_s:,.0f} req/s), "
@@ -158,9 +182,10 @@ def measure_server(
             save()
             return r
 
-        loads(load, pid, f"{svc.url}/metrics")
+        loads(load, pids[0], f"{urls[0]}/metrics")
     finally:
-        svc.stop()
+        for svc in services:
+            svc.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="LABEL=ARGS",
                    help="also measure the batched loads on a server started with these extra arguments "
                    "(repeat), e.g. 'workers2=--model-workers 2'")  # fmt: skip
+    p.add_argument("--servers", type=int, default=1,
+                   help="also measure N servers sharing the device (after the main server, before the "
+                   "variants): the batched load at the middle concurrency, the single-text closed loops and "
+                   "the open loop, clients spread over them; 1 = not")  # fmt: skip
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop our servers on the way out
     a.out.mkdir(parents=True, exist_ok=True)
@@ -238,8 +267,19 @@ def main(argv: list[str] | None = None) -> int:
         report["gpu_memory_after"] = gpu_memory(pid, metrics_url)
         print(f"  GPU memory before {report['gpu_memory_before']}, after {report['gpu_memory_after']}")
 
+    def shared(load: Load, pid: int, metrics_url: str) -> None:
+        c = batched[len(batched) // 2]
+        load(f"batched {a.batch_items}×{c} novel", "novel", concurrency=c, items=a.batch_items)
+        for c in [int(x) for x in a.single_concurrency.split(",")]:
+            load(f"single-text ×{c} realistic", "realistic", concurrency=c, items=1)
+        load(f"open loop {a.rate:.0f} req/s realistic", "realistic", concurrency=512, items=1, rate=a.rate)
+
     with tempfile.TemporaryDirectory(prefix="motlens-gpu-home-") as home:
         measure_server(a, report, save, bundle_dir, Path(home), "", base_serve, full)
+        if a.servers > 1:
+            print(f"{a.servers} servers on one device", flush=True)
+            measure_server(a, report, save, bundle_dir, Path(home) / "shared", f"servers{a.servers}", base_serve,
+                           shared, servers=a.servers)  # fmt: skip
         for label, args in a.variant:
             print(f"variant {label}: {' '.join(args)}", flush=True)
             measure_server(a, report, save, bundle_dir, Path(home), label, [*base_serve, *args], batched_only)
@@ -249,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         f"{x['label']}: {x['items_per_s']:,.0f} items/s, {x['requests_per_s']:,.0f} req/s, p50 {x['p50_ms']:.1f} "
         f"p95 {x['p95_ms']:.1f} p99 {x['p99_ms']:.1f} ms, errors {x['errors']} {x['error_kinds'] or ''}; "
-        f"cores: server {x['server_cores']:.1f}, load generator {x['client_cores']:.1f} ({x['client_procs']} proc)"
+        f"cores: server {x['server_cores']:.1f} ({x['servers']} proc), load generator {x['client_cores']:.1f} "
+        f"({x['client_procs']} proc)"
         for x in report["loads"]
     ]
     lines += [f"GPU memory before: {report.get('gpu_memory_before')}", f"after: {report.get('gpu_memory_after')}"]

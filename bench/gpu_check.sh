@@ -6,12 +6,13 @@
 # The server gets GPU-sized micro-batches (--batch-max-items 1024, --batch-max-tokens 65536,
 # --queue-capacity 8192; the CPU defaults 64 / 8192 / 1024 cap it far below 20k items/s) and
 # tokenizers may use all cores (TOKENIZERS_PARALLELISM=true unless set: one thread tokenises ≈ 16–25k
-# texts/s; the micro-batcher tokenises each served batch once, in its worker thread). The batched
-# loads run again on a second server with two batcher workers (`--variant workers2=...`): one batch's
-# tokenisation and padding on the CPU then overlap the other's forward pass on the GPU; and on a third
-# with the eager forward (`--variant eager=--torch-eager`), the baseline of the traced one. The load
-# generator runs in 4 processes (`--client-procs 4`), and each load records the cores the server and
-# the load generator used.
+# texts/s; the micro-batcher tokenises each served batch once, in its worker thread). Then two servers
+# share the GPU (`--servers 2`: one batched load, the single-text closed loops and the 1,000 req/s open
+# loop, clients spread over both): whether a second process per GPU is what the open-loop p99 needs.
+# The batched loads run again on a server with the eager forward (`--variant eager=--torch-eager`),
+# the baseline of the traced one (`--variant "workers2=--model-workers 2"`, measured on 2026-11-30,
+# is left out for time). The load generator runs in 4 processes (`--client-procs 4`), and each load
+# records the cores the servers and the load generator used and the items each server answered.
 #
 #   bash bench/gpu_check.sh                 # results in $OUT (if set) or bench/results/gpu/
 #   bash bench/gpu_check.sh --duration 5    # extra flags go to `python -m bench.gpu_check`
@@ -56,5 +57,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=${TOKENIZE
 timeout --signal=TERM --kill-after=50 "$(( LEFT > 60 ? LEFT : 60 ))" \
   "$VENV/bin/python" -m bench.gpu_check --out "$OUT" --duration 8 --requests-max-s 120 \
   --batch-max-items 1024 --batch-max-tokens 65536 --queue-capacity 8192 \
-  --client-procs 4 --variant "workers2=--model-workers 2" --variant "eager=--torch-eager" "$@"
+  --client-procs 4 --servers 2 --variant "eager=--torch-eager" "$@"
 echo "[gpu_check] done in $(( $(date +%s) - START )) s; results in $OUT"

@@ -21,6 +21,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
 from multiprocessing import get_context
@@ -388,21 +389,26 @@ def _load_in_child(url: str, mix_name: str, novel_share: float, seed: int, kw: d
 
 
 def run_load_procs(
-    url: str, mix_name: str, *, procs: int, concurrency: int, novel_share: float = 0.1, seed: int = 0,
-    rate: float | None = None, pid: int | None = None, max_requests: int | None = None, **kw: Any,
+    url: str | Sequence[str], mix_name: str, *, procs: int, concurrency: int, novel_share: float = 0.1,
+    seed: int = 0, rate: float | None = None, pid: int | None = None, max_requests: int | None = None, **kw: Any,
 ) -> LoadResult:  # fmt: skip
     """:func:`run_load` split over ``procs`` client processes (one Python event loop saturates a core).
 
     Clients, ``rate`` and ``max_requests`` are shared out evenly (each process starts its own clock
     once spawned, so the windows overlap but need not coincide), each process draws from its own seed; counts, errors
     and throughput add up, percentiles come from the pooled samples, RSS is sampled by the first.
+    With several URLs (servers sharing one device): client process ``i`` sends to ``url[i % len(url)]``,
+    so ``procs`` must be a multiple of their number for an even split.
     """
+    urls = [url] if isinstance(url, str) else list(url)
     if not 1 <= procs <= concurrency:
         raise ValueError(f"procs must be between 1 and the concurrency ({concurrency}), got {procs}")
+    if not urls or procs % len(urls):
+        raise ValueError(f"procs ({procs}) must be a multiple of the number of servers ({len(urls)})")
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
     with ProcessPoolExecutor(procs, mp_context=get_context("spawn")) as pool:
         futures = [
-            pool.submit(_load_in_child, url, mix_name, novel_share, seed * 1000 + i,
+            pool.submit(_load_in_child, urls[i % len(urls)], mix_name, novel_share, seed * 1000 + i,
                         {**kw, "concurrency": c, "rate": rate * c / concurrency if rate else None,
                          "pid": pid if i == 0 else None,
                          "max_requests": -(-max_requests * c // concurrency) if max_requests else None})

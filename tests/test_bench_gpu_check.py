@@ -30,7 +30,7 @@ def test_cpu_smoke_measures_every_load_and_the_variant(tiny_bundle, tmp_path):
         "--model", str(tiny_bundle.root), "--device", "cpu", "--dtype", "float32", "--out", str(out),
         "--duration", "1", "--warmup", "0.2", "--requests", "150", "--requests-max-s", "5", "--rate", "20",
         "--ceiling-texts", "32", "--batched-concurrency", "2", "--batch-items", "8", "--single-concurrency", "4",
-        "--variant", "workers2=--model-workers 2", "--client-procs", "2", "--profile-server",
+        "--variant", "workers2=--model-workers 2", "--client-procs", "2", "--profile-server", "--servers", "2",
     ])  # fmt: skip
     assert rc == 0
     report = json.loads((out / "gpu_check.json").read_text())
@@ -38,7 +38,8 @@ def test_cpu_smoke_measures_every_load_and_the_variant(tiny_bundle, tmp_path):
     labels = [x["label"] for x in report["loads"]]
     assert labels == [
         "batched 8×2 novel", "single-text ×4 realistic", "open loop 20 req/s realistic", "open loop 20 req/s novel",
-        "150 requests (memory)", "batched 8×2 novel [workers2]",
+        "150 requests (memory)", "batched 8×2 novel [servers2]", "single-text ×4 realistic [servers2]",
+        "open loop 20 req/s realistic [servers2]", "batched 8×2 novel [workers2]",
     ]  # fmt: skip
     for load in report["loads"]:
         assert load["errors"] == 0 and load["requests"] > 0, load
@@ -49,6 +50,15 @@ def test_cpu_smoke_measures_every_load_and_the_variant(tiny_bundle, tmp_path):
     assert "[workers2]" in (out / "gpu_check.txt").read_text()
     for load in report["loads"]:  # two load-generator processes, and the cores each side used
         assert load["client_procs"] == 2 and load["server_cores"] > 0 and load["client_cores"] > 0, load
+    for load in report["loads"]:  # what each server answered (one, or the two sharing the device: both)
+        by_server = load["items_by_server"]
+        assert len(by_server) == load["servers"] == (2 if load["variant"] == "servers2" else 1), load
+        assert all(n > 0 for n in by_server) and sum(by_server) >= load["items"], load
+    shared = [x for x in report["loads"] if x["variant"] == "servers2"]
+    assert [x["serve_args"] for x in shared] == [base["serve_args"]] * 3  # the main server's arguments
+    for k in (0, 1):  # each shared server's own log and profile
+        assert (out / "servers2" / f"server-{k}" / "motlens.log").is_file()
+        assert "== MainThread:" in (out / "servers2" / f"server-{k}" / "stacks.txt").read_text()
     for stacks in (out / "stacks.txt", out / "workers2" / "stacks.txt"):  # each server ran under the sampler
         text = stacks.read_text()
         assert "== MainThread:" in text and "predictor/cli.py:_serve" in text

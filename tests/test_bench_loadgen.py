@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 
 from bench.loadgen import LoadResult, run_load  # noqa: E402
@@ -163,3 +165,35 @@ def test_a_load_split_over_processes_adds_up_to_what_the_server_answered():
     assert r.client_cpu_s is not None and r.client_cpu_s > 0
     assert "latencies_ms" not in r.to_json()
     assert 20 <= capped.requests <= 21 and capped.duration_s < 10  # 10 per process, not 20 each
+
+
+def test_a_load_split_over_processes_spreads_them_over_several_servers():
+    """Servers sharing one device: client process ``i`` sends to server ``i % n``; every server gets
+    requests and together they answered what was counted. Uneven splits are refused."""
+    import threading
+
+    from bench.loadgen import run_load_procs
+
+    loop = asyncio.new_event_loop()
+    answered: list[list[float]] = [[], []]
+
+    async def echo(n: int, texts: list[str]) -> tuple[int, bytes]:
+        await asyncio.sleep(0.005)
+        return 200, v2_body(len(texts))
+
+    started = [loop.run_until_complete(serve(echo, got)) for got in answered]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    urls = [f"http://127.0.0.1:{port}" for _, port in started]
+    try:
+        r = run_load_procs(urls, "novel", procs=4, concurrency=8, items=2, duration_s=1.0, warmup_s=0.2)
+        with pytest.raises(ValueError, match="multiple of the number of servers"):
+            run_load_procs(urls, "novel", procs=3, concurrency=8, items=1, duration_s=0.1)
+    finally:
+        for server, _ in started:
+            loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    assert r.errors == 0 and r.concurrency == 8
+    assert all(len(got) > 0 for got in answered)  # both servers answered
+    assert 0 < r.requests <= sum(len(got) for got in answered)
