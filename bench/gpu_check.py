@@ -55,6 +55,7 @@ def golden_check(bundle_dir: Path, device: str, dtype: str, n_texts: int = 8192)
         t0 = time.perf_counter()
         head.predict(emb.encode(texts, batch_size=batch))
         ceiling[str(batch)] = len(texts) / (time.perf_counter() - t0)
+    shapes = new_shape_calls(emb)
     del emb
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -63,9 +64,49 @@ def golden_check(bundle_dir: Path, device: str, dtype: str, n_texts: int = 8192)
         "golden_label_agreement": float(res.label_agreement), "golden_max_score_delta": res.max_score_delta,
         "detail": res.detail,
         "offline_ceiling_texts_per_s": max(ceiling.values()), "offline_ceiling_by_batch": ceiling,
-        "torch": torch.__version__,
+        "new_shape_calls_ms": shapes, "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }  # fmt: skip
+
+
+#: (batch, tokens) shapes the embedder has not run before: odd lengths no tokenised text above produced
+NEW_SHAPES = [(b, 7 + 6 * i) for i, b in enumerate((3, 5, 9, 2, 17, 7, 4, 13, 1, 6, 11, 15))]
+
+
+def new_shape_calls(emb: Any) -> dict | None:
+    """Milliseconds of the traced forward's first and second call on each of :data:`NEW_SHAPES`, as the
+    server runs it (``served``) and then with the JIT executor's optimisations on (``optimizing``,
+    one token longer each: shapes new to it too) — on CUDA that executor compiles fused kernels per new
+    shape. None when the forward is not traced."""
+    import torch
+
+    if emb._traced is None:
+        return None
+    cuda = emb.device.startswith("cuda")
+    gen = torch.Generator().manual_seed(0)
+
+    def timed(run: Callable[[Any, Any], Any], b: int, n: int) -> float:
+        ids = torch.randint(1000, 20000, (b, n), generator=gen).to(emb.device)
+        mask = torch.ones_like(ids)
+        t0 = time.perf_counter()
+        run(ids, mask)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1000
+
+    def optimizing(ids: Any, mask: Any) -> Any:
+        with torch.jit.optimized_execution(True):
+            return emb._traced(ids, mask)
+
+    out: dict = {}
+    with torch.inference_mode():
+        for label, run, extra in (("served", lambda i, m: emb._run_traced(emb._traced, i, m), 0),
+                                  ("optimizing", optimizing, 1)):  # fmt: skip
+            calls = [(timed(run, b, n + extra), timed(run, b, n + extra)) for b, n in NEW_SHAPES]
+            out[label] = {"first": [round(f, 2) for f, _ in calls], "second": [round(x, 2) for _, x in calls],
+                          "first_sum": round(sum(f for f, _ in calls), 1),
+                          "second_sum": round(sum(x for _, x in calls), 1)}  # fmt: skip
+    return out
 
 
 def gpu_memory(pid: int, metrics_url: str) -> dict:
@@ -286,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     save()
     lines = [f"golden: {report['golden']['detail']} on {report['golden']['gpu'] or a.device} ({a.dtype})",
              f"offline ceiling: {ceiling} (texts/s at batch size)"]  # fmt: skip
+    for label, calls in (report["golden"]["new_shape_calls_ms"] or {}).items():
+        lines.append(f"traced forward, {len(NEW_SHAPES)} new shapes, {label}: first calls {calls['first_sum']} ms, "
+                     f"second calls {calls['second_sum']} ms in all")  # fmt: skip
     lines += [
         f"{x['label']}: {x['items_per_s']:,.0f} items/s, {x['requests_per_s']:,.0f} req/s, p50 {x['p50_ms']:.1f} "
         f"p95 {x['p95_ms']:.1f} p99 {x['p99_ms']:.1f} ms, errors {x['errors']} {x['error_kinds'] or ''}; "

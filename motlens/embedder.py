@@ -241,13 +241,32 @@ class TorchEmbedder:
             for batch in probes:
                 f = self._on_device(self._features(batch))
                 args = (f["input_ids"], f["attention_mask"])
-                got, want = traced(*args), self._eager(*args)
-                worst = float(torch.nn.functional.cosine_similarity(got, want, dim=1).min())
+                try:
+                    got = self._run_traced(traced, *args)
+                except Exception as e:  # noqa: BLE001 - a graph that fails to run (a missing JIT backend) is not used
+                    log.warning("the traced %s forward failed on a probe batch (%s: %s); running eager",
+                                self.device, type(e).__name__, e)  # fmt: skip
+                    return None
+                worst = float(torch.nn.functional.cosine_similarity(got, self._eager(*args), dim=1).min())
                 if worst < TRACE_MIN_COSINE:
                     log.warning("traced %s forward differs from eager (min cosine %.6f); running eager",
                                 self.device, worst)  # fmt: skip
                     return None
         return traced
+
+    def _run_traced(self, traced: Any, input_ids: Any, attention_mask: Any) -> Any:
+        """Run the traced graph; on CUDA without the JIT executor's optimisations. That executor profiles
+        each new input shape and compiles fused CUDA kernels for it (NNC) — a stall of the whole batch per
+        new (batch, length) shape, which the micro-batcher makes by the dozen after every load, and a
+        compiler that can fail at run time on a host without its libraries. Unoptimised, the frozen graph
+        runs the same kernels as eager, from C++. (CPU has no such fuser on by default; its executor's
+        other optimisations measured ≈ 3 % faster there, so it keeps them.)"""
+        if self.device == "cpu":
+            return traced(input_ids, attention_mask)
+        import torch
+
+        with torch.jit.optimized_execution(False):  # a thread-local flag: only this call
+            return traced(input_ids, attention_mask)
 
     def _on_device(self, features: dict[str, Any]) -> dict[str, Any]:
         if self.device == "cpu":
@@ -257,8 +276,9 @@ class TorchEmbedder:
     def _forward(self, features: dict[str, Any]) -> Any:
         """L2-normalised float32 embeddings of one batch, left on the model's device."""
         on_device = self._on_device(features)
-        forward = self._eager if self._traced is None else self._traced
-        return forward(on_device["input_ids"], on_device["attention_mask"])
+        if self._traced is None:
+            return self._eager(on_device["input_ids"], on_device["attention_mask"])
+        return self._run_traced(self._traced, on_device["input_ids"], on_device["attention_mask"])
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         if not texts:

@@ -35,6 +35,10 @@ def test_cpu_smoke_measures_every_load_and_the_variant(tiny_bundle, tmp_path):
     assert rc == 0
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["golden"]["golden_passed"] and report["golden"]["device"] == "cpu"
+    for mode in ("served", "optimizing"):  # the traced forward timed on shapes new to it, both ways
+        calls = report["golden"]["new_shape_calls_ms"][mode]
+        assert len(calls["first"]) == len(calls["second"]) == 12 and min(calls["first"] + calls["second"]) > 0
+    assert "12 new shapes, optimizing: first calls" in (out / "gpu_check.txt").read_text()
     labels = [x["label"] for x in report["loads"]]
     assert labels == [
         "batched 8×2 novel", "single-text ×4 realistic", "open loop 20 req/s realistic", "open loop 20 req/s novel",

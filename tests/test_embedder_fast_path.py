@@ -119,6 +119,37 @@ def test_a_forward_the_tracer_cannot_trace_runs_eager(embedder, monkeypatch, cap
     assert "could not be traced (RuntimeError: unsupported op (injected)); running eager" in caplog.text
 
 
+def test_a_traced_graph_that_fails_to_run_is_not_used(embedder, monkeypatch, caplog):
+    """Traced and frozen, but failing when run (as a JIT fuser without its compiler backend does): the
+    load failed with that error instead of serving the eager forward."""
+
+    def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def run(*a):  # noqa: ANN002, ANN202
+            raise RuntimeError("LLVM Backend not found (injected)")
+
+        return run
+
+    monkeypatch.setattr(torch.jit, "freeze", failing)
+    with caplog.at_level("WARNING", logger="motlens.embedder"):
+        assert embedder._trace() is None
+    assert "failed on a probe batch (RuntimeError: LLVM Backend not found (injected)); running eager" in caplog.text
+
+
+def test_on_cuda_the_traced_graph_runs_without_the_executors_optimisations(embedder, monkeypatch):
+    """CUDA: no profiling executor (which compiles fused kernels per new input shape, stalling the batch);
+    CPU keeps it. The flag is thread-local and restored after each call."""
+    seen: list[bool] = []
+
+    def graph(input_ids, attention_mask):  # noqa: ANN001, ANN202
+        seen.append(torch._C._get_graph_executor_optimize())
+        return input_ids + attention_mask
+
+    assert embedder._run_traced(graph, 1, 2) == 3
+    monkeypatch.setattr(embedder, "device", "cuda:0")
+    assert embedder._run_traced(graph, 1, 2) == 3
+    assert seen == [True, False] and torch._C._get_graph_executor_optimize()
+
+
 def test_trace_false_runs_eager_with_the_same_rows(embedder):
     from motlens.embedder import TorchEmbedder
 
