@@ -126,6 +126,7 @@ class PredictResult:
     model_name: str
     model_version: str
     slot: str
+    keys: list[str]  # the normalised texts (cache keys), whose hashes the prediction log stores
 
 
 def _truthy(v: Any) -> bool:

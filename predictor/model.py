@@ -11,15 +11,18 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import numpy as np
 from grpc_interceptor.exceptions import ResourceExhausted, Unavailable
 from kserve import Model
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from motlens import MODEL_NAME
-from motlens.embedder import normalise_text
+from motlens.head import CONTEXT_FIELDS
 from predictor import metrics
 from predictor.batcher import Overloaded
 from predictor.codec import (
@@ -132,9 +135,7 @@ class MotlensModel(Model):
         self._log_predictions(req, result, hits, protocol, latency, unit.backend.backend_name, unit.backend.device)
         return build_v2(result, req, payload) if is_v2 else build_v1(result, req)
 
-    def _log_failure(
-        self, req: PredictRequest, unit: ServingUnit, protocol: str, latency: float, status: str
-    ) -> None:
+    def _log_failure(self, req: PredictRequest, unit: ServingUnit, protocol: str, latency: float, status: str) -> None:
         """One row (item_index -1, ``status`` ``server_error``, ``overloaded`` or ``cancelled``) per
         failed request, so the canary gate sees failures. Never blocks (the writer only queues) and
         never raises: it runs in ``except`` blocks whose exception (a ``CancelledError`` too) must
@@ -176,37 +177,43 @@ class MotlensModel(Model):
             return
         from predlog.records import PredictionRecord, text_hash
 
-        ctx = req.context
-        latency_ms = latency * 1000.0
-        records = []
-        for i, text in enumerate(req.texts):
-            sampled = self.sample_rate > 0 and self._rng.random() < self.sample_rate
-            records.append(
-                PredictionRecord(
-                    request_id=req.request_id,
-                    item_index=i,
-                    model_name=result.model_name,
-                    model_version=result.model_version,
-                    slot=result.slot,
-                    text=text,
-                    section=result.section[i],
-                    section_score=float(result.section_score[i]),
-                    severity=result.severity[i],
-                    fail_probability=float(result.fail_probability[i]),
-                    latency_ms=latency_ms,
-                    cache_hit=hits[i],
-                    backend=backend,
-                    device=device,
-                    protocol=protocol,
-                    make=ctx.get("make", [None] * len(req.texts))[i],
-                    model=ctx.get("model", [None] * len(req.texts))[i],
-                    fuel_type=ctx.get("fuel_type", [None] * len(req.texts))[i],
-                    vehicle_age_years=ctx.get("vehicle_age_years", [None] * len(req.texts))[i],
-                    odometer_miles=ctx.get("odometer_miles", [None] * len(req.texts))[i],
-                    embedding=result.embeddings[i].tolist() if sampled else None,
-                    text_hash=text_hash(normalise_text(text)),
-                )
-            )
+        # Columns first, then one record per item: this runs on the event loop for every item served
+        # (≈ 4× cheaper than per-item lookups and conversions, docs/benchmarks.md).
+        texts, ctx = req.texts, req.context
+        absent: Sequence[Any] = [None] * len(texts)
+        make, model, fuel, age, odometer = (ctx.get(k, absent) for k in CONTEXT_FIELDS)
+        section_score = np.asarray(result.section_score, dtype=np.float64).tolist()
+        fail_probability = np.asarray(result.fail_probability, dtype=np.float64).tolist()
+        rid, name, version, slot = req.request_id, result.model_name, result.model_version, result.slot
+        latency_ms, ts, rate, draw = latency * 1000.0, datetime.now(UTC), self.sample_rate, self._rng.random
+        records = [
+            PredictionRecord(
+                request_id=rid,
+                item_index=i,
+                model_name=name,
+                model_version=version,
+                slot=slot,
+                text=text,
+                section=result.section[i],
+                section_score=section_score[i],
+                severity=result.severity[i],
+                fail_probability=fail_probability[i],
+                latency_ms=latency_ms,
+                cache_hit=hits[i],
+                backend=backend,
+                device=device,
+                protocol=protocol,
+                make=make[i],
+                model=model[i],
+                fuel_type=fuel[i],
+                vehicle_age_years=age[i],
+                odometer_miles=odometer[i],
+                embedding=result.embeddings[i].tolist() if rate > 0 and draw() < rate else None,
+                text_hash=text_hash(key),
+                ts=ts,
+            )  # fmt: skip
+            for i, (text, key) in enumerate(zip(texts, result.keys, strict=True))
+        ]
         self.writer.submit(records)
 
 

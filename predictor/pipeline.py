@@ -85,8 +85,9 @@ class ServingUnit:
         except TimeoutError:
             return False
 
-    async def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
-        """Embeddings of ``texts`` (cache first, misses batched) and which ones were cache hits."""
+    async def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool], list[str]]:
+        """Embeddings of ``texts`` (cache first, misses batched), which ones were cache hits, and the
+        normalised texts (the cache keys)."""
         keys = [normalise_text(t) for t in texts]
         cached = self.cache.get_many(self.version, keys)
         hits = [c is not None for c in cached]
@@ -97,13 +98,13 @@ class ServingUnit:
             self.cache.put_many(self.version, misses, emb)
             fresh = dict(zip(misses, emb, strict=True))
         rows = [c if c is not None else fresh[k] for k, c in zip(keys, cached, strict=True)]
-        return np.stack(rows).astype(np.float32, copy=False), hits
+        return np.stack(rows).astype(np.float32, copy=False), hits, keys
 
     async def predict(
         self, texts: Sequence[str], context: Mapping[str, Sequence[Any]] | None
     ) -> tuple[PredictResult, list[bool]]:
         slot = self.slot  # the slot that took the request (a promote may relabel this unit meanwhile)
-        emb, hits = await self.embed(texts)
+        emb, hits, keys = await self.embed(texts)
         out = self.backend.predict(emb, context)
         for norm in np.linalg.norm(emb, axis=1):
             metrics.EMBEDDING_NORM.observe(float(norm))
@@ -117,6 +118,7 @@ class ServingUnit:
             model_name=self.backend.name,
             model_version=self.version,
             slot=slot,
+            keys=keys,
         )
         return result, hits
 

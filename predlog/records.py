@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 
+@functools.lru_cache(maxsize=8192)  # MOT texts repeat (Zipf): the predictor hashes every item it serves
 def text_hash(normalised_text: str) -> int:
     """Stable 64-bit hash of a normalised text (UInt64 in ClickHouse)."""
     return int.from_bytes(hashlib.blake2b(normalised_text.encode("utf-8"), digest_size=8).digest(), "big")

@@ -447,6 +447,7 @@ def assert_rows_match(rows, instances: list[dict], preds: list[dict], hits: list
     assert set(rows["slot"]) == {"production"} and set(rows["protocol"]) == {"v1"} and set(rows["status"]) == {"ok"}
     assert set(zip(rows["backend"], rows["device"], strict=True)) == {backend}
     assert len(set(rows["latency_ms"])) == 1 and rows["latency_ms"].iloc[0] > 0  # the request's latency, per item
+    assert rows["ts"].nunique() == 1  # and its time
     assert [bool(h) for h in rows["cache_hit"]] == hits
     assert list(rows["text"]) == [i["text"] for i in instances]
     assert [int(h) for h in rows["text_hash"]] == [text_hash(normalise_text(i["text"])) for i in instances]

@@ -268,3 +268,28 @@ def test_a_pending_optional_migration_is_warned_about_not_refused(chdb_db, monke
     caplog.clear()
     predlog.open_reader(settings).close()
     assert "optional migration" not in caplog.text
+
+
+def test_rows_sharing_a_timestamp_object_and_rows_without_a_vector_encode_row_by_row():
+    """The predictor gives a request's rows one timestamp object and most rows no embedding; the
+    encoder converts each timestamp object once and shares one empty vector: every row keeps its own."""
+    from datetime import UTC, datetime, timedelta
+
+    from predlog.records import PredictionRecord
+
+    t1 = datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC)
+    t2, naive = t1 + timedelta(milliseconds=5), datetime(2026, 11, 30, 13, 0, 0)  # naive: read as UTC
+    rows = [
+        PredictionRecord("r1", 0, "mot-defects", "1", "production", "a", ts=t1),
+        PredictionRecord("r1", 1, "mot-defects", "1", "production", "b", ts=t1, embedding=[0.6, -0.8]),
+        PredictionRecord("r2", 0, "mot-defects", "1", "production", "c", ts=t2),
+        PredictionRecord("r3", 0, "mot-defects", "1", "production", "d", ts=naive),
+    ]
+    table = schema.records_to_arrow(rows)
+    assert table.column("ts").to_pylist() == [
+        t1.replace(microsecond=123000), t1.replace(microsecond=123000), t2.replace(microsecond=128000),
+        naive.replace(tzinfo=UTC),
+    ]  # fmt: skip
+    assert table.column("embedding_q").to_pylist() == [[], [95, -127], [], []]
+    assert table.column("embedding_scale").to_pylist()[::2] == [0.0, 0.0]
+    assert table.column("text").to_pylist() == ["a", "b", "c", "d"]
