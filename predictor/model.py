@@ -132,7 +132,10 @@ class MotlensModel(Model):
             metrics.ITEM_LATENCY.observe(latency / n)
         finally:
             unit.release()
-        self._log_predictions(req, result, hits, protocol, latency, unit.backend.backend_name, unit.backend.device)
+        try:
+            self._log_predictions(req, result, hits, protocol, latency, unit.backend.backend_name, unit.backend.device)
+        except Exception:  # noqa: BLE001 - the rows are lost, the answer is not
+            log.exception("cannot log the rows of request %s", req.request_id)
         return build_v2(result, req, payload) if is_v2 else build_v1(result, req)
 
     def _log_failure(self, req: PredictRequest, unit: ServingUnit, protocol: str, latency: float, status: str) -> None:

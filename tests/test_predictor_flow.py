@@ -554,6 +554,25 @@ def test_a_server_error_is_logged_as_an_error_row(served, monkeypatch):
     assert list(rows["protocol"]) == ["v1"] and rows["latency_ms"].iloc[0] > 0
 
 
+def test_rows_that_cannot_be_built_cost_the_log_not_the_answer(served, monkeypatch, caplog):
+    """A failure building the request's rows (here: the text hash) is logged; the client still gets
+    its 200 and its predictions, not a 500 for a prediction that was made."""
+    import predlog.records
+
+    server, base, log_settings = served
+
+    def broken(key: str) -> int:
+        raise RuntimeError("hash exploded")
+
+    monkeypatch.setattr(predlog.records, "text_hash", broken)
+    with caplog.at_level("ERROR", logger="predictor.model"):
+        preds = _predict(base, [{"text": t} for t in unique_texts(2)], "req-unlogged")
+    assert len(preds) == 2 and all(p["section"] for p in preds)
+    assert "cannot log the rows of request req-unlogged" in caplog.text and "hash exploded" in caplog.text
+    assert server.writer.flush(30)
+    assert len(_logged(log_settings, "req-unlogged")) == 0
+
+
 def test_v2_and_grpc_log_rows_carry_the_resolved_request_id(served, monkeypatch):
     """Body id, else x-request-id (REST header, gRPC metadata): the id a client can join the log on,
     also from a 500's body and header."""
