@@ -135,6 +135,21 @@ def test_a_confirmed_fallback_is_cleared_in_the_trail(registry_home, embedder, l
     ]
 
 
+def recorded_version(registry) -> str:
+    return json.loads(registry.lkg_path(REF).read_text())["version"]
+
+
+def assert_an_outage_restart_serves(version: str, embedder, monkeypatch) -> None:
+    """Restarted while the registry is unreachable, the server serves ``version`` from its record."""
+    registry_down(monkeypatch)
+    thread, base = start_server(REF, embedder)
+    try:
+        thread.wait_ready()
+        assert predict(base).json()["model_version"] == version and fallback(base) == 1
+    finally:
+        thread.stop()
+
+
 def test_the_followed_alias_record_follows_an_admin_promote(registry_home, tiny_bundle, embedder, monkeypatch):
     """Production moved to version 2 through the admin API, then the alias caught up (the local
     target's order). The ``@production`` last-known-good record must name 2: it kept naming 1, and a
@@ -144,7 +159,7 @@ def test_the_followed_alias_record_follows_an_admin_promote(registry_home, tiny_
     thread, base = start_server(REF, embedder, admin_enabled=True, follow_alias="production", follow_interval_s=0.2)
     try:
         thread.wait_ready()
-        assert json.loads(registry.lkg_path(REF).read_text())["version"] == "1"
+        assert recorded_version(registry) == "1"
         admin(base, "slots/canary/load", {"ref": f"models:/{MODEL}/2"})
         admin(base, "promote")
         registry.set_alias("production", "2")
@@ -153,18 +168,8 @@ def test_the_followed_alias_record_follows_an_admin_promote(registry_home, tiny_
         assert predict(base).json()["model_version"] == "2"
     finally:
         thread.stop()
-    assert json.loads(registry.lkg_path(REF).read_text())["version"] == "2"
-    registry_down(monkeypatch)
-    thread, base = start_server(REF, embedder)
-    try:
-        thread.wait_ready()
-        assert predict(base).json()["model_version"] == "2" and fallback(base) == 1
-    finally:
-        thread.stop()
-
-
-def recorded_version(registry) -> str:
-    return json.loads(registry.lkg_path(REF).read_text())["version"]
+    assert recorded_version(registry) == "2"
+    assert_an_outage_restart_serves("2", embedder, monkeypatch)
 
 
 def test_without_a_follower_the_record_follows_an_admin_promote_once_the_alias_does(
@@ -189,13 +194,7 @@ def test_without_a_follower_the_record_follows_an_admin_promote_once_the_alias_d
         assert predict(base).json()["model_version"] == "2"
     finally:
         thread.stop()
-    registry_down(monkeypatch)
-    thread, base = start_server(REF, embedder)
-    try:
-        thread.wait_ready()
-        assert predict(base).json()["model_version"] == "2" and fallback(base) == 1
-    finally:
-        thread.stop()
+    assert_an_outage_restart_serves("2", embedder, monkeypatch)
 
 
 def test_an_admin_install_the_alias_never_names_leaves_the_record(
