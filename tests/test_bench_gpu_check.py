@@ -23,6 +23,29 @@ def test_variant_is_a_label_and_shell_split_serve_arguments():
             parse_variant(bad)
 
 
+def test_a_new_shape_probe_that_fails_is_recorded_not_fatal():
+    """The executor-optimised mode on a GPU host whose fuser cannot compile raises at the first call:
+    recorded beside the served mode's figures, so the rest of the check still runs."""
+    import torch
+
+    from bench.gpu_check import NEW_SHAPES, new_shape_calls
+
+    def graph(ids, mask):  # noqa: ANN001, ANN202
+        if torch._C._get_graph_executor_optimize():
+            raise RuntimeError("LLVM Backend not found (injected)")
+        return ids
+
+    def unoptimised(traced, ids, mask):  # noqa: ANN001, ANN202 - as TorchEmbedder._run_traced on CUDA
+        with torch.jit.optimized_execution(False):
+            return traced(ids, mask)
+
+    emb = argparse.Namespace(_traced=graph, device="cpu", _run_traced=unoptimised)
+    out = new_shape_calls(emb)
+    assert out is not None and len(out["served"]["first"]) == len(out["served"]["second"]) == len(NEW_SHAPES)
+    assert out["optimizing"] == {"error": "RuntimeError: LLVM Backend not found (injected)"}
+    assert new_shape_calls(argparse.Namespace(_traced=None)) is None  # eager: nothing to time
+
+
 @pytest.mark.slow
 def test_cpu_smoke_measures_every_load_and_the_variant(tiny_bundle, tmp_path):
     out = tmp_path / "gpu"
