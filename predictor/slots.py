@@ -403,7 +403,9 @@ class SlotManager:
         """Production got ``unit`` (from ``ref``) through the admin API and no follower runs: watch the
         alias the server started on (``--model models:/mot-defects@ALIAS``) in the background until it
         names ``unit``, then make the alias's last-known-good record name it too (:meth:`_keep_lkg`)."""
-        alias = _started_alias(self.settings.model)
+        from training.registry import ref_alias
+
+        alias = ref_alias(self.settings.model, MODEL_NAME)
         if alias is None or self.settings.follow_alias or not self.settings.lkg_enabled:
             return  # a follower keeps the record itself; a path or a pinned version has none
         if not (ref or "").startswith("models:/"):
@@ -675,13 +677,6 @@ def _load_reason(cause: str, slot: str, ref: str, old: ServingUnit | None, backe
     if backend.fallback:
         text += f"; serves its LAST-KNOWN-GOOD bundle ({backend.fallback})"
     return text
-
-
-def _started_alias(ref: str) -> str | None:
-    """The alias of a ``models:/mot-defects@ALIAS`` reference, else None (a version, a path)."""
-    prefix = f"models:/{MODEL_NAME}@"
-    alias = ref[len(prefix) :] if ref.startswith(prefix) else ""
-    return alias if alias and "/" not in alias else None
 
 
 def _confirms(info: Any, unit: ServingUnit) -> bool:

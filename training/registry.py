@@ -728,6 +728,12 @@ def _best_effort(what: str, step: Callable[[], object]) -> bool:
     return True
 
 
+def ref_alias(ref: str, model_name: str) -> str | None:
+    """The alias a ``models:/MODEL_NAME@ALIAS`` reference names; None for a version, a path or another model."""
+    m = _MODELS_URI.match(ref)
+    return m["alias"] if m and m["name"] == model_name else None
+
+
 def check_alias(alias: str) -> None:
     """Raise :class:`RegistryError` for a name MLflow would refuse as an alias."""
     if not _ALIAS.match(alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
