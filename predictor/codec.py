@@ -330,8 +330,10 @@ def validation_message(errors: Sequence[Mapping[str, Any]], limit: int = 3) -> s
 
 
 def check_binary_texts(body: bytes, json_length: int, max_items: int | None = None) -> None:
-    """Before KServe decodes a binary-extension body: every BYTES tensor element must be UTF-8, and no
-    tensor may declare more than ``max_items`` items (refused before any element is read).
+    """Before KServe decodes a binary-extension body: every BYTES tensor element must be UTF-8, no
+    tensor may declare more than ``max_items`` items (refused before any element is read), and none
+    may hold more elements than its shape declares (refused at the first one too many: a 4 MiB body
+    of empty strings is a million elements, seconds of decoding on the event loop).
 
     (KServe's decoder would otherwise fail with a server error that does not name the input.)
     """
@@ -340,11 +342,14 @@ def check_binary_texts(body: bytes, json_length: int, max_items: int | None = No
         offset = json_length
         for inp in header.get("inputs", []):
             shape = inp.get("shape")
+            declared = _declared_elements(shape)
             if max_items is not None and isinstance(shape, list) and shape and isinstance(shape[0], int):
-                if shape[0] > max_items:
+                if shape[0] > max_items or (declared is not None and declared > max_items):
+                    items = shape[0] if shape[0] > max_items else declared
                     raise InvalidInput(
-                        f"input '{inp.get('name')}' has {shape[0]} items; the limit is {max_items} per request"
+                        f"input '{inp.get('name')}' has {items} items; the limit is {max_items} per request"
                     )
+            cap = declared if declared is not None else max_items
             size = (inp.get("parameters") or {}).get("binary_data_size")
             if size is None:
                 continue
@@ -361,6 +366,12 @@ def check_binary_texts(body: bytes, json_length: int, max_items: int | None = No
                 raise InvalidInput(f"input '{name}' declares {size} binary bytes; the body has {len(chunk)}")
             pos, i = 0, 0
             while pos < len(chunk):
+                if cap is not None and i >= cap:
+                    raise InvalidInput(
+                        f"input '{name}' holds more items than the {cap} its shape {shape} declares"
+                        if declared is not None
+                        else f"input '{name}' holds more than {cap} items; the limit is {cap} per request"
+                    )
                 if pos + 4 > len(chunk):
                     raise InvalidInput(f"input '{name}' item {i}: {len(chunk) - pos} bytes left, too few for a length")
                 n = int.from_bytes(chunk[pos : pos + 4], "little")
@@ -387,6 +398,31 @@ def check_binary_texts(body: bytes, json_length: int, max_items: int | None = No
         raise
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
         raise InvalidInput(f"malformed binary inference request header: {e}") from e
+
+
+def _declared_elements(shape: Any) -> int | None:
+    """The element count a tensor's shape declares (None when it is no list of non-negative integers)."""
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        return None
+    return math.prod(shape)
+
+
+def _check_element_count(inp: Any, n: int) -> None:
+    """A tensor of shape ``[n]`` or ``[n, 1]`` holds no more than ``n`` elements, counted before
+    anything is decoded: gRPC's raw contents by their length prefixes (at most ``n + 1`` read), JSON
+    data by its length (an element may be a one-item list, ``[[a], [b]]``)."""
+    raw = inp._raw_data  # kserve's binary or gRPC raw contents; None for JSON data
+    if raw is not None and inp.datatype == "BYTES":
+        pos, count = 0, 0
+        while pos + 4 <= len(raw) and count <= n:
+            pos += 4 + int.from_bytes(raw[pos : pos + 4], "little")
+            count += 1
+    elif raw is None and isinstance(inp.data, list):
+        count = len(inp.data)
+    else:
+        return  # fixed-width raw data: numpy reads it in one step and the reshape names a mismatch
+    if count > n:
+        raise InvalidInput(f"input '{inp.name}' holds more items than the {n} its shape {list(inp.shape)} declares")
 
 
 def _check_json_numbers(inp: Any) -> None:
@@ -456,6 +492,7 @@ def parse_v2(req: InferRequest, limits: Limits, header_id: str | None = None) ->
             raise InvalidInput(f"input '{name}' has shape {shape}; expected [N] (or [N, 1])")
         if shape[0] > limits.max_items:
             raise InvalidInput(f"input '{name}' has {shape[0]} items; the limit is {limits.max_items} per request")
+        _check_element_count(inp, shape[0])
         vals = _flat_values(inp)
         if n is None:
             n = shape[0]

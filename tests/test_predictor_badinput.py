@@ -287,6 +287,25 @@ CASES = [
         "the binary tensors declare",
     ),
     ("binary-too-many-items", V2, binary_body([OK_TEXT.encode()] * 9), 400, "has 9 items; the limit is 8"),
+    (  # a million empty strings under shape [1]: refused at the second, the third (not UTF-8) never read
+        "binary-more-items-than-shape",
+        V2,
+        raw_binary_body(b"".join(len(b).to_bytes(4, "little") + b for b in (OK_TEXT.encode(), b"", b"\xff")), 1),
+        400,
+        "input 'text' holds more items than the 1 its shape [1] declares",
+    ),
+    (
+        "binary-shape-product-over-limit",
+        V2,
+        binary_request(
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 9], "parameters": {"binary_data_size": 0}}]},
+            b"",
+        ),
+        400,
+        "has 9 items; the limit is 8",
+    ),
+    ("v2-json-more-data-than-shape", V2, v2(text_input([OK_TEXT] * 20, shape=[1])), 400,
+     "input 'text' holds more items than the 1 its shape [1] declares"),  # fmt: skip
     ("binary-id-not-string", V2, ok_text_tensor(id={"a": 1}), 400, "request 'id' must be a string"),
     *(
         (
@@ -554,3 +573,14 @@ async def test_grpc_repository_unload_is_unimplemented_and_raw_bytes_are_checked
                 await stub.ModelInfer(req)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
             assert "input 'text'" in info.value.details()
+        # more items than the shape declares: counted from the length prefixes, refused before decoding
+        raw = b"".join(len(b).to_bytes(4, "little") + b for b in [OK_TEXT.encode()] + [b""] * 5000)
+        req = pb.ModelInferRequest(
+            model_name=MODEL,
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])],
+            raw_input_contents=[raw],
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(req)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == "input 'text' holds more items than the 1 its shape [1] declares"
