@@ -304,8 +304,13 @@ CASES = [
         400,
         "has 9 items; the limit is 8",
     ),
-    ("v2-json-more-data-than-shape", V2, v2(text_input([OK_TEXT] * 20, shape=[1])), 400,
-     "input 'text' holds more items than the 1 its shape [1] declares"),  # fmt: skip
+    (
+        "v2-json-more-data-than-shape",
+        V2,
+        v2(text_input([OK_TEXT] * 20, shape=[1])),
+        400,
+        "input 'text' holds more items than the 1 its shape [1] declares",
+    ),
     ("binary-id-not-string", V2, ok_text_tensor(id={"a": 1}), 400, "request 'id' must be a string"),
     *(
         (
