@@ -11,8 +11,8 @@ _SECRET_KEYS = {"password", "passwd", "pwd", "access_token", "token", "secret"}
 
 def redact(text: str) -> str:
     """``text`` with the credentials of every URL in it removed (``//user:password@host`` → ``//host``,
-    up to the host's ``@`` even where the password holds one)."""
-    return re.sub(r"//[^/\s]*@", "//", text)
+    up to the URL's last ``@`` even where the password holds one, or a ``/``, ``?`` or ``#``)."""
+    return re.sub(r"//\S*@", "//", text)
 
 
 def _secret_in_query(query: str) -> bool:
@@ -27,6 +27,11 @@ def no_password_in_url(url: str | None) -> str | None:
     parts = urlsplit(url)
     if parts.password or _secret_in_query(parts.query):
         raise ValueError("put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD, not in the URL")
+    if "@" in url.partition("//")[2] and "@" not in parts.netloc:  # a user part cut short by / ? or #
+        raise ValueError(
+            "an '@' after the host: a user:password part holding '/', '?' or '#'? Put the ClickHouse password "
+            "in MOTLENS_CLICKHOUSE_PASSWORD, not in the URL (elsewhere write '@' as %40)"
+        )
     return url
 
 

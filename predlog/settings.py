@@ -64,8 +64,8 @@ def usable_url(url: str | None) -> str | None:
     url = no_password_in_url(url)
     try:
         clickhouse_endpoint(url)
-    except ValueError as e:
-        raise ValueError(f"not a usable ClickHouse URL: {e}") from None
+    except ValueError:  # urllib's message quotes the "port", which may be part of a password
+        raise ValueError("not a usable ClickHouse URL: its port is not a number") from None
     return url
 
 

@@ -75,8 +75,13 @@ def test_a_registry_answering_another_name_or_version_is_refused(registry_at, tm
 
 
 def test_redact_cuts_up_to_the_hosts_at_sign():
-    assert redact("see http://alice:p@ssw0rd@mlflow:5000/x and https://u:v@h/") == "see http://mlflow:5000/x and https://h/"
+    assert (
+        redact("see http://alice:p@ssw0rd@mlflow:5000/x and https://u:v@h/")
+        == "see http://mlflow:5000/x and https://h/"
+    )
     assert redact("no url here") == "no url here"
+    # a password holding '/', '?' or '#' goes too (to the URL's last '@')
+    assert redact("dsn https://u:k2/b?c#d@ch:8443/db, then") == "dsn https://ch:8443/db, then"
 
 
 @pytest.mark.parametrize(
