@@ -11,6 +11,7 @@ import math
 import os
 import re
 import struct
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,9 @@ from kserve.protocol.infer_type import (
     RequestedOutput,
     to_http_parameters,
 )
+from kserve.protocol.rest.v2_datamodels import InferenceRequest
+from kserve.utils.numpy_codec import to_np_dtype
+from pydantic import ValidationError
 
 from motlens import EMBEDDING_DIM
 
@@ -35,12 +39,10 @@ NUMERIC_CONTEXT = ("vehicle_age_years", "odometer_miles")
 NUMERIC_RANGES = {"vehicle_age_years": (0.0, 150.0), "odometer_miles": (0.0, 10_000_000.0)}
 INPUT_NAMES = (TEXT, *BYTES_CONTEXT, *NUMERIC_CONTEXT)
 NUMERIC_DATATYPES = ("FP32", "FP64", "INT32", "INT64")
-# A character the tokenizer keeps: not whitespace, not a C0/C1 control, not an invisible format
-# character (soft hyphen, zero-width space/joiners, direction marks, word joiner, BOM, tags).
-_VISIBLE = re.compile(
-    "[^\\s\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff"
-    "\ufff9-\ufffb\U000e0000-\U000e007f]"
-)
+#: What the tokenizer's BERT normaliser drops: control, format, private-use and surrogate characters,
+#: U+FFFD and (as it strips accents) nonspacing marks; U+1734 was one before Unicode 14.
+_DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cs", "Mn"})
+_DROPPED_CHARS = frozenset("\ufffd\u1734")
 DEFAULT_OUTPUTS = ("section", "section_score", "severity", "severity_scores", "fail_probability")
 EMBEDDING = "embedding"
 OUTPUT_NAMES = (*DEFAULT_OUTPUTS, EMBEDDING)
@@ -135,6 +137,14 @@ def _truthy(v: Any) -> bool:
     return bool(v)
 
 
+def _keeps_a_token(text: str) -> bool:
+    """Whether any character of ``text`` survives the tokenizer's normaliser and whitespace split (a
+    text without one is embedded as the empty string)."""
+    return any(
+        not c.isspace() and c not in _DROPPED_CHARS and unicodedata.category(c) not in _DROPPED_CATEGORIES for c in text
+    )
+
+
 def _check_texts(texts: Sequence[Any], limits: Limits, where: str) -> list[str]:
     if not texts:
         raise InvalidInput(f"{where} has no items")
@@ -149,8 +159,8 @@ def _check_texts(texts: Sequence[Any], limits: Limits, where: str) -> list[str]:
                 raise InvalidInput(f"{where} item {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
         if not isinstance(t, str):
             raise InvalidInput(f"{where} item {i} must be a string, got {type(t).__name__}")
-        if not _VISIBLE.search(t):
-            raise InvalidInput(f"{where} item {i} is empty (no visible characters)")
+        if not _keeps_a_token(t):
+            raise InvalidInput(f"{where} item {i} is empty (no characters the tokenizer keeps)")
         if len(t) > limits.max_text_chars:
             raise InvalidInput(f"{where} item {i} has {len(t)} characters; the limit is {limits.max_text_chars}")
         out.append(t)
@@ -330,74 +340,103 @@ def validation_message(errors: Sequence[Mapping[str, Any]], limit: int = 3) -> s
 
 
 def check_binary_texts(body: bytes, json_length: int, max_items: int | None = None) -> None:
-    """Before KServe decodes a binary-extension body: every BYTES tensor element must be UTF-8, no
-    tensor may declare more than ``max_items`` items (refused before any element is read), and none
-    may hold more elements than its shape declares (refused at the first one too many: a 4 MiB body
+    """Before KServe decodes a binary-extension body: the header has the v2 form, every BYTES tensor
+    element is UTF-8, no tensor declares more than ``max_items`` items (refused before any element is
+    read), and each holds what its shape declares (refused at the first element too many: a 4 MiB body
     of empty strings is a million elements, seconds of decoding on the event loop).
 
-    (KServe's decoder would otherwise fail with a server error that does not name the input.)
+    (KServe's decoder would otherwise fail with a server error, or a message that names no input.)
     """
     try:
         header = orjson.loads(body[:json_length])
-        offset = json_length
-        for inp in header.get("inputs", []):
-            shape = inp.get("shape")
-            declared = _declared_elements(shape)
-            if max_items is not None and isinstance(shape, list) and shape and isinstance(shape[0], int):
-                if shape[0] > max_items or (declared is not None and declared > max_items):
-                    items = shape[0] if shape[0] > max_items else declared
-                    raise InvalidInput(
-                        f"input '{inp.get('name')}' has {items} items; the limit is {max_items} per request"
-                    )
-            cap = declared if declared is not None else max_items
-            size = (inp.get("parameters") or {}).get("binary_data_size")
-            if size is None:
-                continue
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise InvalidInput(
-                    f"input '{inp.get('name')}': binary_data_size must be a non-negative integer, got {size!r}"
-                )
-            chunk = body[offset : offset + int(size)]
-            offset += int(size)
-            if inp.get("datatype") != "BYTES":
-                continue
-            name = inp.get("name")
-            if len(chunk) < int(size):
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"malformed binary inference request header: {json_error(e)}") from e
+    _check_header_form(header)
+    offset = json_length
+    for inp in header["inputs"]:
+        name, shape = inp["name"], inp["shape"]
+        declared = _declared_elements(shape)
+        items = max(shape[0], declared or 0) if shape else 0
+        if max_items is not None and items > max_items:
+            raise InvalidInput(f"input '{name}' has {items} items; the limit is {max_items} per request")
+        params = inp.get("parameters") or {}
+        if "binary_data_size" not in params:
+            continue
+        size = params["binary_data_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer, got {size!r}")
+        chunk = body[offset : offset + size]
+        offset += size
+        if inp["datatype"] == "BYTES":
+            if len(chunk) < size:
                 raise InvalidInput(f"input '{name}' declares {size} binary bytes; the body has {len(chunk)}")
-            pos, i = 0, 0
-            while pos < len(chunk):
-                if cap is not None and i >= cap:
-                    raise InvalidInput(
-                        f"input '{name}' holds more items than the {cap} its shape {shape} declares"
-                        if declared is not None
-                        else f"input '{name}' holds more than {cap} items; the limit is {cap} per request"
-                    )
-                if pos + 4 > len(chunk):
-                    raise InvalidInput(f"input '{name}' item {i}: {len(chunk) - pos} bytes left, too few for a length")
-                n = int.from_bytes(chunk[pos : pos + 4], "little")
-                if pos + 4 + n > len(chunk):
-                    raise InvalidInput(
-                        f"input '{name}' item {i}: length {n} runs past the end of its {len(chunk)}-byte tensor"
-                    )
-                item = chunk[pos + 4 : pos + 4 + n]
-                try:
-                    item.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise InvalidInput(
-                        f"input '{name}' item {i} is not valid UTF-8 ({e.reason} at byte {e.start})"
-                    ) from e
-                pos += 4 + n
-                i += 1
-        if offset < len(body):  # every byte of a request belongs to a tensor
-            raise InvalidInput(f"{len(body) - offset} bytes follow the last binary tensor")
-        if offset > len(body):
+            _check_bytes_items(chunk, name, shape, declared, max_items)
+            continue
+        dtype = to_np_dtype(inp["datatype"])
+        if dtype is None:
             raise InvalidInput(
-                f"the binary tensors declare {offset - json_length} bytes; the body has {len(body) - json_length}"
+                f"input '{name}' has datatype {short_message(inp['datatype'], 40)!r}, which v2 does not define"
             )
-    except InvalidInput:
-        raise
-    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
-        raise InvalidInput(f"malformed binary inference request header: {e}") from e
+        need = None if declared is None else declared * np.dtype(dtype).itemsize
+        if need is not None and len(chunk) == size != need:
+            raise InvalidInput(
+                f"input '{name}' has {size} bytes of {inp['datatype']} data; its shape {shape} takes {need}"
+            )
+    if offset < len(body):  # every byte of a request belongs to a tensor
+        raise InvalidInput(f"{len(body) - offset} bytes follow the last binary tensor")
+    if offset > len(body):
+        raise InvalidInput(
+            f"the binary tensors declare {offset - json_length} bytes; the body has {len(body) - json_length}"
+        )
+
+
+def _check_header_form(header: Any) -> None:
+    """A binary request's JSON header has the v2 request's form (an object with ``inputs``, each a
+    name, a shape of integers, a datatype string; parameters objects), checked by KServe's own model.
+    ``id`` and ``binary_data_size`` are left to the checks that name them, ``data`` may be absent."""
+    if not isinstance(header, dict):
+        raise InvalidInput("malformed binary inference request header: the header must be a JSON object")
+    probe = {k: v for k, v in header.items() if k != "id"}
+    if isinstance(inputs := header.get("inputs"), list):
+        probe["inputs"] = [
+            {"data": [], **inp, "parameters": {k: v for k, v in p.items() if k != "binary_data_size"}}
+            if isinstance(inp, dict) and isinstance(p := inp.get("parameters") or {}, dict)
+            else {"data": [], **inp}
+            if isinstance(inp, dict)
+            else inp
+            for inp in inputs
+        ]
+    try:
+        InferenceRequest.model_validate(probe)
+    except ValidationError as e:
+        message = validation_message(e.errors(include_url=False))
+        raise InvalidInput(f"malformed binary inference request header: {message}") from e
+
+
+def _check_bytes_items(chunk: bytes, name: str, shape: list[int], declared: int | None, max_items: int | None) -> None:
+    """A BYTES tensor's binary data: length-prefixed UTF-8 items, as many as its shape declares."""
+    cap = declared if declared is not None else max_items
+    pos, i = 0, 0
+    while pos < len(chunk):
+        if cap is not None and i >= cap:
+            raise InvalidInput(
+                f"input '{name}' holds more items than the {cap} its shape {shape} declares"
+                if declared is not None
+                else f"input '{name}' holds more than {cap} items; the limit is {cap} per request"
+            )
+        if pos + 4 > len(chunk):
+            raise InvalidInput(f"input '{name}' item {i}: {len(chunk) - pos} bytes left, too few for a length")
+        n = int.from_bytes(chunk[pos : pos + 4], "little")
+        if pos + 4 + n > len(chunk):
+            raise InvalidInput(f"input '{name}' item {i}: length {n} runs past the end of its {len(chunk)}-byte tensor")
+        try:
+            chunk[pos + 4 : pos + 4 + n].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"input '{name}' item {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+        pos += 4 + n
+        i += 1
+    if declared is not None and i < declared:
+        raise InvalidInput(f"input '{name}' holds {i} items; its shape {shape} declares {declared}")
 
 
 def _declared_elements(shape: Any) -> int | None:

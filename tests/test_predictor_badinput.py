@@ -228,6 +228,14 @@ CASES = [
     ("nul-text", V2, v2(text_input(["\x00"])), 400, "item 0 is empty"),
     ("invisible-text", V2, v2(text_input([OK_TEXT, "\u200b\ufeff\u00ad \x01"])), 400, "item 1 is empty"),
     ("v1-invisible-text", V1, {"instances": ["\u200b"]}, 400, "item 0 is empty"),
+    # ... and so are combining marks, variation selectors, U+FFFD and private-use characters alone
+    (
+        "marks-only-text",
+        V1,
+        {"instances": ["\u0301\ufe0f\U000e0100", "\ufffd\ue000\U000f0000"]},
+        400,
+        "item 0 is empty",
+    ),  # fmt: skip
     ("binary-nul-text", V2, binary_body([b"\x00\x00"]), 400, "item 0 is empty"),
     # JSON numbers must fit their datatype, not be truncated or parsed by numpy
     *(
@@ -304,6 +312,71 @@ CASES = [
         400,
         "has 9 items; the limit is 8",
     ),
+    *(  # the binary header's form, checked before KServe decodes it (a shape of 1 was a 500)
+        (f"binary-header-{label}", V2, binary_request(header, raw), 400, message)
+        for label, header, raw, message in (
+            ("array", [1, 2], b"", "the header must be a JSON object"),
+            ("inputs-null", {"inputs": None}, b"", "inputs must be a list, got null"),
+            ("inputs-item-int", {"inputs": [5]}, b"", "inputs[0] must be an object, got int"),
+            (
+                "shape-int",
+                {"inputs": [{"name": "text", "shape": 1, "datatype": "BYTES", "data": ["x"]}]},
+                b"",
+                "inputs[0].shape must be a list, got int",
+            ),
+            (
+                "datatype-int",
+                {"inputs": [{"name": "text", "shape": [1], "datatype": 5, "data": ["x"]}]},
+                b"",
+                "inputs[0].datatype must be a string, got int",
+            ),
+            (
+                "params-list",
+                {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "parameters": [1]}]},
+                b"",
+                "inputs[0].parameters must be an object, got list",
+            ),
+            (
+                "output-params-list",
+                {"inputs": [text_input([OK_TEXT])], "outputs": [{"name": "section", "parameters": [1]}]},
+                b"",
+                "outputs[0].parameters must be an object, got list",
+            ),
+            ("outputs-int", {"inputs": [text_input([OK_TEXT])], "outputs": 5}, b"", "outputs must be a list, got int"),
+            (
+                "unknown-datatype",
+                {"inputs": [{"name": "text", "shape": [1], "datatype": "WHAT", "parameters": {"binary_data_size": 4}}]},
+                b"abcd",
+                "input 'text' has datatype 'WHAT', which v2 does not",
+            ),
+            (
+                "fewer-items",
+                {
+                    "inputs": [
+                        {"name": "text", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": 5}}
+                    ]
+                },
+                b"\x01\x00\x00\x00a",
+                "input 'text' holds 1 items; its shape [2]",
+            ),
+            (
+                "numeric-size",
+                {
+                    "inputs": [
+                        text_input([OK_TEXT]),
+                        {
+                            "name": "odometer_miles",
+                            "shape": [1],
+                            "datatype": "FP32",
+                            "parameters": {"binary_data_size": 8},
+                        },
+                    ]
+                },
+                b"\x00" * 8,
+                "input 'odometer_miles' has 8 bytes of FP32 data; its shape [1] takes 4",
+            ),
+        )
+    ),  # fmt: skip
     (
         "v2-json-more-data-than-shape",
         V2,
@@ -336,7 +409,13 @@ CASES = [
         415,
         "Content-Encoding 'gzip' is not supported",
     ),
-    ("binary-parameters-not-object", V2, ok_text_tensor(parameters=[1]), 400, "'parameters' must be an object"),
+    (
+        "binary-parameters-not-object",
+        V2,
+        ok_text_tensor(parameters=[1]),
+        400,
+        "header: parameters must be an object, got list",
+    ),
     (
         "binary-data-output-not-bool",
         V2,
@@ -589,3 +668,26 @@ async def test_grpc_repository_unload_is_unimplemented_and_raw_bytes_are_checked
             await stub.ModelInfer(req)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details() == "input 'text' holds more items than the 1 its shape [1] declares"
+
+
+def test_the_empty_text_check_agrees_with_the_tokenizer():
+    """Every code point of the planes in use (BMP, SMP, tags and variation selectors, plane 15): one the
+    check keeps gives the tokenizer a token; one it refuses gives none, except characters newer than the
+    tokenizer's Unicode tables (a few hundred marks and format characters), which it reads as [UNK]."""
+    import unicodedata
+
+    from tokenizers import Tokenizer
+
+    from motlens.embedder import default_model_dir
+    from predictor.codec import _keeps_a_token
+
+    tokenizer = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json"))
+    tokenizer.no_padding()
+    points = [*range(0x20000), *range(0xE0000, 0xE0200), *range(0xF0000, 0xF0100)]
+    chars = [chr(c) for c in points if not 0xD800 <= c <= 0xDFFF]
+    tokens = [len(e.ids) - 2 for e in tokenizer.encode_batch(chars)]
+    kept_without_token = [hex(ord(c)) for c, n in zip(chars, tokens, strict=True) if _keeps_a_token(c) and n == 0]
+    assert kept_without_token == []
+    refused_with_token = [c for c, n in zip(chars, tokens, strict=True) if not _keeps_a_token(c) and n > 0]
+    assert {unicodedata.category(c) for c in refused_with_token} <= {"Mn", "Cf"}
+    assert len(refused_with_token) < 500 and not _keeps_a_token("\u0301 \ue000\ufffd") and _keeps_a_token("e\u0301")
