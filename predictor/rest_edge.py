@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ModelNotReady, ServerNotReady
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from predictor import metrics
 from predictor.batcher import Overloaded
@@ -27,6 +29,11 @@ class BodyTooLarge(Exception):
         super().__init__(f"request body exceeds {limit} bytes")
 
 
+class BodyTimeout(Exception):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the request body did not arrive within {timeout_s:g} s")
+
+
 class UnsupportedEncoding(Exception):
     def __init__(self, encoding: str) -> None:
         super().__init__(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
@@ -37,9 +44,10 @@ class UnsupportedContentType(Exception):
         super().__init__(f"Content-Type {media_type!r} is not supported; send application/json")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes, and (415) when
-    it is compressed: a gzip body would otherwise fail later as "not valid UTF-8"."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes, (415) when it
+    is compressed (a gzip body would otherwise fail later as "not valid UTF-8"), and (408) when it has
+    not all arrived within ``timeout_s``; a client that hangs up meanwhile is :class:`ClientGone` (499)."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedEncoding(encoding[:40])
@@ -48,11 +56,19 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise BodyTooLarge(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout(timeout_s) from None
+    except ClientDisconnect:
+        gone = ClientGone()
+        _count_refused(request, gone, "cancelled", "client_disconnected")
+        raise gone from None
     return b"".join(chunks)
 
 
@@ -212,6 +228,11 @@ async def _too_large_handler(request: Request, exc: Exception) -> Response:
     return json_response({"error": str(exc)}, status_code=413, headers=_id_header(request))
 
 
+async def _body_timeout_handler(request: Request, exc: Exception) -> Response:
+    _count_refused(request, exc, "client_error", "body_timeout")
+    return json_response({"error": str(exc)}, status_code=408, headers={"Connection": "close", **_id_header(request)})
+
+
 async def _client_gone_handler(request: Request, exc: Exception) -> Response:
     return json_response({"error": "client disconnected"}, status_code=499, headers=_id_header(request))
 
@@ -228,6 +249,7 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServerNotReady, _server_not_ready_handler)
     app.add_exception_handler(Overloaded, _overloaded_handler)
     app.add_exception_handler(BodyTooLarge, _too_large_handler)
+    app.add_exception_handler(BodyTimeout, _body_timeout_handler)
     app.add_exception_handler(UnsupportedEncoding, _unsupported_media_handler)
     app.add_exception_handler(UnsupportedContentType, _unsupported_media_handler)
     app.add_exception_handler(ClientGone, _client_gone_handler)

@@ -59,6 +59,7 @@ from predictor.grpc_server import GRPCServer
 from predictor.model import MotlensModel
 from predictor.priority import nice_current_thread
 from predictor.rest_edge import (
+    BodyTimeout,
     BodyTooLarge,
     HttpEdge,
     UnsupportedContentType,
@@ -377,18 +378,18 @@ class PredictorServer:
 
     async def _v1_explain(self, request: Request) -> Response:
         """Explain is not served: 501, after the body limit like every other route that takes a body."""
-        await read_body(request, self.settings.max_body_bytes)
+        await read_body(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
         model_name = request.path_params["model_name"]
         self.dataplane.get_model_from_registry(model_name)
         return json_response({"error": f"explain is not supported by {model_name}"}, status_code=501)
 
     async def _v1_predict(self, model_name: str, request: Request) -> Response:
-        body = await read_body(request, self.settings.max_body_bytes)
+        body = await read_body(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
         await self._check_ready(model_name)
         headers = dict(request.headers.items())
         rid = request.state.request_id = resolve_request_id(None, headers.get("x-request-id"))
         headers["x-request-id"] = rid  # the model logs its rows under this id
-        payload, attrs = self.dataplane.decode(body=_v1_json(body, headers), headers=headers)
+        payload, attrs = _v1_payload(self.dataplane, body, headers)
         response, response_headers = await unless_disconnected(
             request, self.dataplane.infer(model_name=model_name, request=payload, headers=headers)
         )
@@ -415,7 +416,7 @@ class PredictorServer:
         return json_response({"name": model_name, "ready": True})
 
     async def _v2_infer(self, model_name: str, request: Request, model_version: str | None = None) -> Response:
-        body = await read_body(request, self.settings.max_body_bytes)
+        body = await read_body(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
         await self._check_ready(model_name)
         headers = dict(request.headers.items())
         try:
@@ -491,7 +492,7 @@ class PredictorServer:
         if denied := self._admin_auth(request):
             return denied
         try:
-            return model.model_validate_json(await read_body(request, ADMIN_MAX_BODY))
+            return model.model_validate_json(await read_body(request, ADMIN_MAX_BODY, self.settings.body_timeout_s))
         except BodyTooLarge as e:
             return json_response({"error": str(e)}, status_code=413)
         except ValidationError as e:
@@ -538,26 +539,42 @@ _CLIENT_FACING = (
     ModelNotFound,
     Overloaded,
     BodyTooLarge,
+    BodyTimeout,
     UnsupportedEncoding,
     UnsupportedContentType,
     ClientGone,
 )
 
 
-def _v1_json(body: bytes, headers: dict[str, str]) -> bytes | Any:
+def _v1_json(body: bytes | bytearray | memoryview, content_type: str | None) -> Any:
     """A JSON body, parsed here so that ``application/json; charset=utf-8`` counts as JSON (KServe's
     decoder compares the whole header and would pass such a body on as raw bytes), as is a body
-    without Content-Type (as KServe would: the same ``malformed JSON`` message either way). A binary
-    CloudEvent is left to KServe; any other Content-Type (curl's default form encoding) is a 415."""
-    if has_binary_headers(headers):
-        return body
-    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    without Content-Type (as KServe would: the same ``malformed JSON`` message either way); any other
+    Content-Type (curl's default form encoding) is a 415."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
     if media_type and media_type not in JSON_HEADERS:
         raise UnsupportedContentType(media_type[:100])
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise InvalidInput(json_error(e)) from e
+
+
+def _v1_payload(dataplane: KServeDataPlane, body: bytes, headers: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+    """A v1 body and, for a CloudEvent, its attributes (KServe answers such a request with a
+    CloudEvent). A structured event is a JSON body KServe unwraps; a binary-mode one (``ce-*``
+    headers) has its data parsed here like a plain body: KServe's own decoding failed with a server
+    error on an event without data, or on one whose data the CloudEvents SDK had already parsed (a
+    ``ce-contenttype`` header)."""
+    if not has_binary_headers(headers):
+        return dataplane.decode(body=_v1_json(body, headers.get("content-type")), headers=headers)
+    event = KServeDataPlane.get_binary_cloudevent(body, headers)  # InvalidInput for missing ce- fields
+    data = event.get_data()
+    if isinstance(data, bytes | bytearray | memoryview) and len(data):
+        data = _v1_json(data, event.get("datacontenttype"))
+    elif not isinstance(data, dict):
+        raise InvalidInput("the CloudEvent carries no data; send the v1 request as its JSON data")
+    return data, event._get_attributes()
 
 
 class ServerThread:

@@ -49,6 +49,9 @@ class ServeSettings(BaseSettings):
     max_items_per_request: int = 256
     max_text_chars: int = 2000
     max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body not fully received this long after it started: 408"
+    )
 
     # micro-batcher
     batch_max_items: int = 64

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import socket
 
 import httpx
@@ -33,6 +34,7 @@ def base(tiny_bundle, embedder):
         max_items_per_request=8,
         max_text_chars=100,
         max_body_bytes=64 * 1024,
+        body_timeout_s=1.0,
     )
     server = PredictorServer(settings, embedder=embedder, host="127.0.0.1")
     thread = ServerThread(server).start().wait_ready()
@@ -691,3 +693,86 @@ def test_the_empty_text_check_agrees_with_the_tokenizer():
     refused_with_token = [c for c, n in zip(chars, tokens, strict=True) if not _keeps_a_token(c) and n > 0]
     assert {unicodedata.category(c) for c in refused_with_token} <= {"Mn", "Cf"}
     assert len(refused_with_token) < 500 and not _keeps_a_token("\u0301 \ue000\ufffd") and _keeps_a_token("e\u0301")
+
+
+CLOUDEVENT = {"ce-specversion": "1.0", "ce-id": "e-1", "ce-source": "test", "ce-type": "mot.predict"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "message"),
+    [
+        ({**CLOUDEVENT, "Content-Type": "application/json"}, b"", 400, "the CloudEvent carries no data"),
+        ({**CLOUDEVENT, "Content-Type": "application/json"}, b'{"instances": [', 400, "malformed JSON at line 1"),
+        ({**CLOUDEVENT, "Content-Type": "text/plain"}, b'{"instances": ["x"]}', 415, "Content-Type 'text/plain'"),
+    ],
+    ids=["no-data", "malformed-json", "not-json"],
+)
+def test_binary_cloudevents_with_bad_data_are_4xx(base, headers, body, status, message):
+    """A binary-mode CloudEvent's data is checked like a plain v1 body (no data was a 500)."""
+    url, _ = base
+    r = httpx.post(url + V1, content=body, headers=headers)
+    assert r.status_code == status, r.text
+    assert r.json()["error"].startswith(message), r.text
+
+
+def test_a_binary_cloudevent_with_ce_contenttype_is_served(base):
+    """The CloudEvents SDK parses the data itself when ``ce-contenttype`` is set (that was a 500)."""
+    url, _ = base
+    body = json.dumps({"instances": [OK_TEXT, OK_TEXT]}).encode()
+    headers = {**CLOUDEVENT, "Content-Type": "application/json", "ce-contenttype": "application/json"}
+    r = httpx.post(url + V1, content=body, headers=headers)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2, r.text
+
+
+def _raw_post(url: str, head_extra: str, body: bytes) -> socket.socket:
+    """A POST to the v2 infer route sent by hand: its headers, then ``body`` (maybe less than declared)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=15)
+    sock.sendall(f"POST {V2} HTTP/1.1\r\nHost: x\r\n{head_extra}\r\n".encode() + body)
+    return sock
+
+
+def test_a_body_that_stops_arriving_is_a_408(base):
+    """A client that sends part of its body and then nothing holds its request for ``body_timeout_s``, not
+    forever; the answer names the limit."""
+    from prometheus_client import REGISTRY
+
+    url, settings = base
+    before = REGISTRY.get_sample_value("motlens_rejected_total", {"reason": "body_timeout"}) or 0.0
+    with _raw_post(url, "Content-Type: application/json\r\nContent-Length: 1000\r\n", b'{"inputs": [') as sock:
+        answer = b""
+        while chunk := sock.recv(65536):  # the server closes the connection after its answer
+            answer += chunk
+    status, _, rest = answer.partition(b"\r\n")
+    assert status.startswith(b"HTTP/1.1 408"), answer
+    assert f"the request body did not arrive within {settings.body_timeout_s:g} s".encode() in rest
+    assert REGISTRY.get_sample_value("motlens_rejected_total", {"reason": "body_timeout"}) == before + 1
+    assert httpx.post(url + V1, json={"instances": [OK_TEXT]}).status_code == 200
+
+
+def test_a_client_hanging_up_mid_body_is_cancelled_not_a_server_error(base, caplog):
+    """Starlette's ClientDisconnect while the body streams in was logged as a 500 with a traceback and
+    counted as a 5xx; it is a cancelled request (499, ``client_disconnected``)."""
+    import time
+
+    from prometheus_client import REGISTRY
+
+    def value(name: str, labels: dict[str, str]) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    url, _ = base
+    series = {
+        "gone": ("motlens_rejected_total", {"reason": "client_disconnected"}),
+        "cancelled": ("motlens_requests_total", {"protocol": "v2-rest", "outcome": "cancelled", "version": ""}),
+        "5xx": ("motlens_http_request_duration_seconds_count", {"protocol": "v2-rest", "code": "5xx", "version": ""}),
+        "4xx": ("motlens_http_request_duration_seconds_count", {"protocol": "v2-rest", "code": "4xx", "version": ""}),
+    }
+    before = {k: value(*v) for k, v in series.items()}
+    with caplog.at_level(logging.INFO):
+        _raw_post(url, "Content-Type: application/json\r\nContent-Length: 1000\r\n", b'{"inputs": [').close()
+        deadline = time.monotonic() + 10
+        while value(*series["4xx"]) == before["4xx"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    delta = {k: value(*v) - before[k] for k, v in series.items()}
+    assert delta == {"gone": 1, "cancelled": 1, "5xx": 0, "4xx": 1}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
