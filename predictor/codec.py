@@ -87,7 +87,7 @@ def resolve_request_id(body_id: Any = None, header_id: str | None = None) -> str
     """The request's id: the body's ``id``, else the ``x-request-id`` header, else a new one
     (a client's id is checked: a string of printable ASCII, at most :data:`MAX_REQUEST_ID_CHARS`)."""
     if body_id is not None and not isinstance(body_id, str):
-        raise InvalidInput(f"request 'id' must be a string, got {type(body_id).__name__}")
+        raise InvalidInput(f"request 'id' must be a string, got {_type_name(body_id)}")
     if body_id:
         return _client_id(body_id, "request 'id'")
     if header_id:
@@ -131,10 +131,20 @@ class PredictResult:
     keys: list[str]  # the normalised texts (cache keys), whose hashes the prediction log stores
 
 
-def _truthy(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("", "0", "false", "no", "off")
+
+
+def _flag(v: Any, name: str) -> bool:
+    """A boolean request parameter: true/false, 1/0, or one of their usual words as a string (gRPC's
+    string parameters); anything else is refused rather than read as true or false."""
+    if v is None or isinstance(v, bool):
+        return bool(v)
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+        return v.strip().lower() in _TRUE_WORDS
+    raise InvalidInput(f"parameter '{name}' must be true or false, got {short_message(repr(v), 40)}")
 
 
 def _keeps_a_token(text: str) -> bool:
@@ -158,7 +168,7 @@ def _check_texts(texts: Sequence[Any], limits: Limits, where: str) -> list[str]:
             except UnicodeDecodeError as e:
                 raise InvalidInput(f"{where} item {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
         if not isinstance(t, str):
-            raise InvalidInput(f"{where} item {i} must be a string, got {type(t).__name__}")
+            raise InvalidInput(f"{where} item {i} must be a string, got {_type_name(t)}")
         if not _keeps_a_token(t):
             raise InvalidInput(f"{where} item {i} is empty (no characters the tokenizer keeps)")
         if len(t) > limits.max_text_chars:
@@ -176,7 +186,7 @@ def _context_str(v: Any, where: str) -> str | None:
         except UnicodeDecodeError as e:
             raise InvalidInput(f"{where} is not valid UTF-8") from e
     if not isinstance(v, str):
-        raise InvalidInput(f"{where} must be a string, got {type(v).__name__}")
+        raise InvalidInput(f"{where} must be a string, got {_type_name(v)}")
     if len(v) > 200:
         raise InvalidInput(f"{where} has {len(v)} characters; the limit is 200")
     return v or None
@@ -187,7 +197,7 @@ def _context_num(v: Any, name: str, where: str) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
-        raise InvalidInput(f"{where} must be a number, got {type(v).__name__}")
+        raise InvalidInput(f"{where} must be a number, got {_type_name(v)}")
     try:
         f = float(v)
     except OverflowError as e:
@@ -238,7 +248,11 @@ def parse_v1(payload: Any, limits: Limits, request_id: str = "") -> PredictReque
         else:
             texts.append(inst)
     checked = _check_texts(texts, limits, "'instances' text")
-    outputs = (*DEFAULT_OUTPUTS, EMBEDDING) if _truthy(params.get("return_embedding", False)) else DEFAULT_OUTPUTS
+    outputs = (
+        (*DEFAULT_OUTPUTS, EMBEDDING)
+        if _flag(params.get("return_embedding", False), "return_embedding")
+        else DEFAULT_OUTPUTS
+    )
     return PredictRequest(checked, context, outputs, resolve_request_id(None, request_id))
 
 
@@ -307,6 +321,11 @@ def _error_path(loc: Sequence[Any]) -> str:
     return path or "the request body"
 
 
+def _type_name(v: Any) -> str:
+    """What a refused value was, as the message names it: its type (``int``, ``str``), ``null`` for None."""
+    return "null" if v is None else type(v).__name__
+
+
 def _one_validation_error(err: Mapping[str, Any]) -> str:
     kind = err.get("type", "")
     if kind == "json_invalid":  # pydantic: "Invalid JSON: <what> at line L column C"; FastAPI: ctx error, loc pos
@@ -324,7 +343,7 @@ def _one_validation_error(err: Mapping[str, Any]) -> str:
         )
     elif kind != "missing" and "input" in err:
         got = err["input"]
-        problem += f", got {'null' if got is None else type(got).__name__}"
+        problem += f", got {_type_name(got)}"
     return f"{_error_path(err.get('loc') or ())} {short_message(problem, 120)}"
 
 
@@ -499,7 +518,7 @@ def _binary_flag(params: Mapping[str, Any] | None, name: str, where: str) -> boo
     """A binary-extension flag: true, false or absent (a string such as "false" would read as true)."""
     flag = (params or {}).get(name)
     if flag is not None and not isinstance(flag, bool):
-        raise InvalidInput(f"{where}parameter '{name}' must be true or false, got {type(flag).__name__}")
+        raise InvalidInput(f"{where}parameter '{name}' must be true or false, got {_type_name(flag)}")
     return flag
 
 
@@ -551,12 +570,12 @@ def parse_v2(req: InferRequest, limits: Limits, header_id: str | None = None) ->
             context[name] = [_context_num(v, name, f"input '{name}' item {i}") for i, v in enumerate(values[name])]
 
     if req.parameters and not isinstance(req.parameters, Mapping):
-        raise InvalidInput(f"'parameters' must be an object, got {type(req.parameters).__name__}")
+        raise InvalidInput(f"'parameters' must be an object, got {_type_name(req.parameters)}")
     try:
         params = to_http_parameters(req.parameters) if req.parameters else {}
     except (AttributeError, TypeError, ValueError) as e:
         raise InvalidInput(f"'parameters' could not be read: {e}") from e
-    want_embedding = _truthy(params.get("return_embedding", False))
+    want_embedding = _flag(params.get("return_embedding", False), "return_embedding")
     binary_outputs = _binary_flag(params, "binary_data_output", "")
     if req.request_outputs:
         names = []

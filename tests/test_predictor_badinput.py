@@ -223,6 +223,17 @@ CASES = [
     ),
     ("v2-id-too-long", V2, v2(text_input([OK_TEXT]), id="r" * 129), 400, "request 'id' has 129 characters"),
     ("v1-empty-text", V1, {"instances": [""]}, 400, "item 0 is empty"),
+    ("v1-null-text", V1, {"instances": [OK_TEXT, None]}, 400, "item 1 must be a string, got null"),
+    *(  # a flag that is neither true nor false is refused, not read as one of them
+        (
+            f"v1-return-embedding-{label}",
+            V1,
+            {"instances": [OK_TEXT], "parameters": {"return_embedding": flag}},
+            400,
+            f"parameter 'return_embedding' must be true or false, got {shown}",
+        )
+        for label, flag, shown in (("list", [1], "[1]"), ("word", "maybe", "'maybe'"), ("two", 2, "2"))
+    ),  # fmt: skip
     ("v1-malformed-json", V1, (b"{nope", {"Content-Type": "application/json"}), 400, "malformed JSON at line 1"),
     ("v1-oversized-body", V1, {"instances": ["z" * 90] * 800}, 413, "exceeds 65536 bytes"),
     ("unknown-model", "/v2/models/other/infer", v2(text_input([OK_TEXT])), 404, "other"),
@@ -776,3 +787,11 @@ def test_a_client_hanging_up_mid_body_is_cancelled_not_a_server_error(base, capl
     delta = {k: value(*v) - before[k] for k, v in series.items()}
     assert delta == {"gone": 1, "cancelled": 1, "5xx": 0, "4xx": 1}
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize(("flag", "embedded"), [(True, True), ("true", True), (1, True), ("off", False), (None, False)])
+def test_return_embedding_takes_booleans_and_their_words(base, flag, embedded):
+    url, _ = base
+    r = httpx.post(url + V1, json={"instances": [OK_TEXT], "parameters": {"return_embedding": flag}})
+    assert r.status_code == 200, r.text
+    assert ("embedding" in r.json()["predictions"][0]) is embedded
