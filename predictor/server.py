@@ -77,6 +77,8 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 ADMIN_PREFIX = "/motlens/admin"
 LOOPBACK = ("127.0.0.1", "::1")
+#: headers a proxy adds (or passes on from its client): a request with one is not a loopback client's
+FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
 GRPC_MAX_SEND = 64 * 1024 * 1024
 
 
@@ -471,12 +473,18 @@ class PredictorServer:
         )
 
     def _admin_auth(self, request: Request) -> Response | None:
-        """The bearer token if one is set, else loopback clients only (the routes exist only when enabled)."""
+        """The bearer token if one is set, else loopback clients only (the routes exist only when enabled).
+
+        A request carrying a forwarding header came through a proxy, whatever its peer: uvicorn takes the
+        client from ``X-Forwarded-For`` when the peer is loopback, so a local proxy passing a client's own
+        ``X-Forwarded-For: 127.0.0.1`` on would otherwise make any client a loopback one."""
         token = self.settings.admin_token
         if token is None:
-            if request.client is None or request.client.host not in LOOPBACK:
+            proxied = any(h in request.headers for h in FORWARDING_HEADERS)
+            if proxied or request.client is None or request.client.host not in LOOPBACK:
                 return json_response(
-                    {"error": "admin API without a token answers loopback clients only"}, status_code=403
+                    {"error": "admin API without a token answers loopback clients only, never proxied requests"},
+                    status_code=403,
                 )
             return None
         expected = f"Bearer {token.get_secret_value()}".encode()

@@ -347,6 +347,19 @@ def test_admin_refuses_bad_operations_and_keeps_serving(served, tiny_bundle, tmp
     assert ok.status_code == 200 and ok.json()["model_version"] == "1"
 
 
+@pytest.mark.parametrize(
+    "header", [("X-Forwarded-For", "127.0.0.1"), ("Forwarded", "for=127.0.0.1"), ("X-Real-IP", "127.0.0.1")]
+)
+def test_admin_without_a_token_refuses_proxied_requests_from_loopback(served, header):
+    """Without a token only loopback clients may use the admin API; a request through a local proxy
+    arrives from loopback too, so one carrying a forwarding header is refused whatever it claims."""
+    _, base, _ = served
+    url = f"{base}/motlens/admin/slots"
+    assert httpx.get(url).status_code == 200  # the test client is on loopback
+    r = httpx.get(url, headers=dict([header]))
+    assert r.status_code == 403 and "never proxied requests" in r.json()["error"]
+
+
 def test_admin_token_is_required_when_set(served, monkeypatch):
     from pydantic import SecretStr
 
