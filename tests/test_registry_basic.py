@@ -100,6 +100,41 @@ def test_tampered_stored_bundle_refused(registry, tiny_bundle, tmp_path):
     assert not (tmp_path / "dl").exists()
 
 
+def test_a_stored_bundle_rehashed_into_a_manifest_of_its_own_is_refused(registry, tiny_bundle, tmp_path, caplog):
+    """Write access to the artifact store is not enough to swap a version's model: the stored
+    manifest's sha256 is a model-version tag set at registration, checked at every fetch."""
+    import hashlib
+
+    from motlens.bundle import write_manifest
+    from training.registry import DIGEST_TAG
+
+    v = registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="candidate")
+    stored = _stored_dir(v.artifact_uri)
+    assert v.tags[DIGEST_TAG] == hashlib.sha256((stored / "bundle.json").read_bytes()).hexdigest()
+    cached = registry.fetch("candidate")  # a good copy in the cache, rewritten the same way below
+    for root in (stored, cached.root):
+        weights = root / "head" / "weights.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        manifest = json.loads((root / "bundle.json").read_text())
+        write_manifest(root, **{k: val for k, val in manifest.items() if k != "files"})
+        assert Bundle.open(root).version == "1"  # consistent with its own manifest
+    with pytest.raises(BundleError, match=r"refused: .*bundle.json has sha256 \w+; the registry recorded"):
+        registry.fetch("candidate", dst=tmp_path / "dl")
+    with pytest.raises(BundleError, match="the registry recorded"):
+        registry.fetch("candidate")  # the cached copy is dropped, the download refused likewise
+    # a version registered before the tag existed: verified against its own manifest, with a warning once
+    registry.client.delete_model_version_tag("mot-defects", "1", DIGEST_TAG)
+    with caplog.at_level("WARNING", logger="training.registry"):
+        assert registry.fetch("candidate", dst=tmp_path / "old").version == "1"
+        registry.fetch("candidate", dst=tmp_path / "old")
+    assert [r.getMessage() for r in caplog.records].count(
+        f"mot-defects version 1 has no {DIGEST_TAG} tag (registered by a release before 2026-12-01): its "
+        "bundle is verified against its own manifest only"
+    ) == 1
+
+
 def test_damaged_cache_is_downloaded_again(registry, tiny_bundle):
     registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="candidate")
     b = registry.fetch("candidate")

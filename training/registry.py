@@ -52,6 +52,10 @@ LKG_DIR = ".lkg"
 #: Set when a version is created and deleted as registration's last step, once the stored
 #: ``bundle.json`` names the version: a version still carrying it is never resolved.
 INCOMPLETE_TAG = "motlens.registration"
+#: model-version tag: the sha256 of the stored ``bundle.json`` (which holds every file's hash), set at
+#: registration; a fetched bundle must match it, so rewriting the artifact store alone (a bundle
+#: re-hashed into a manifest of its own) cannot swap the model a version serves
+DIGEST_TAG = "motlens.bundle_sha256"
 #: MLflow stores at most 36 characters of a dataset digest (``MAX_DATASET_DIGEST_SIZE``)
 DATASET_DIGEST_CHARS = 36
 INCOMPLETE = "incomplete"
@@ -174,6 +178,7 @@ class Registry:
         self.model_name = model_name
         self.experiment = experiment
         self.cache_dir = Path(cache_dir) if cache_dir else (self.state.home / "models").resolve()
+        self._unpinned_warned: set[str] = set()  # versions without a digest tag, warned about once
         self._client: Any = None
         if self.tracking_uri.startswith(("http://", "https://")):
             _http_defaults()
@@ -300,6 +305,8 @@ class Registry:
                 shutil.copy(bundle.root / MANIFEST, Path(tmp) / MANIFEST)
                 set_manifest_fields(Path(tmp), version=str(mv.version), run_id=run_id, name=self.model_name)
                 self.client.log_artifact(run_id, str(Path(tmp) / MANIFEST), MODEL_ARTIFACT_PATH)
+                digest = sha256_file(Path(tmp) / MANIFEST)
+            self.client.set_model_version_tag(self.model_name, str(mv.version), DIGEST_TAG, digest)
             self.client.set_tag(run_id, "motlens.registered_version", str(mv.version))
             self.client.delete_model_version_tag(self.model_name, str(mv.version), INCOMPLETE_TAG)
         except BaseException:
@@ -502,8 +509,26 @@ class Registry:
                 )
             )
 
-    @staticmethod
-    def _check_stored(bundle: Bundle, info: ModelVersionInfo) -> Bundle:
+    def _check_stored(self, bundle: Bundle, info: ModelVersionInfo) -> Bundle:
+        """``bundle`` (every file verified against its manifest) is the one registered as ``info``: its
+        manifest's sha256 is the version's :data:`DIGEST_TAG`, and it names the same version and run."""
+        expected = info.tags.get(DIGEST_TAG)
+        if expected:
+            actual = sha256_file(bundle.root / MANIFEST)
+            if actual != expected:
+                raise BundleError(
+                    f"{bundle.root}: {MANIFEST} has sha256 {actual}; the registry recorded {expected} "
+                    f"for {info.name} version {info.version} at registration"
+                )
+        elif info.version not in self._unpinned_warned:
+            self._unpinned_warned.add(info.version)
+            log.warning(
+                "%s version %s has no %s tag (registered by a release before 2026-12-01): its bundle is "
+                "verified against its own manifest only",
+                info.name,
+                info.version,
+                DIGEST_TAG,
+            )
         stored, run = str(bundle.manifest.get("version")), bundle.manifest.get("run_id")
         if stored != info.version:
             raise BundleError(f"{bundle.root}: bundle.json says version {stored}, registry {info.version}")
