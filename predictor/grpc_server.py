@@ -13,6 +13,7 @@ from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import add_GRPCInferenceServi
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 from kserve.protocol.grpc.server import GRPCServer as KServeGRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
+from kserve.utils.numpy_codec import to_np_dtype
 
 from predictor.rest_edge import count_refusal
 
@@ -45,6 +46,13 @@ class _Servicer(InferenceServicer):
             inputs=meta["inputs"],
             outputs=meta["outputs"],
         )
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: ServicerContext) -> pb.ModelInferResponse:
+        for tensor in request.inputs:  # KServe's decoder would say only "invalid content type"
+            if to_np_dtype(tensor.datatype) is None:
+                kind = tensor.datatype[:40]
+                raise InvalidInput(f"input '{tensor.name[:100]}' has datatype {kind!r}, which v2 does not define")
+        return await super().ModelInfer(request, context)
 
 
 class _ExceptionToStatus(ExceptionToStatusInterceptor):

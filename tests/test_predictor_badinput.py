@@ -681,6 +681,16 @@ async def test_grpc_repository_unload_is_unimplemented_and_raw_bytes_are_checked
             await stub.ModelInfer(req)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details() == "input 'text' holds more items than the 1 its shape [1] declares"
+        for datatype in ("STRING", "bytes", ""):  # not a v2 datatype: named (KServe said "invalid content type")
+            req = pb.ModelInferRequest(
+                model_name=MODEL,
+                inputs=[pb.ModelInferRequest.InferInputTensor(name="text", datatype=datatype, shape=[1])],
+                raw_input_contents=[b"\x01\x00\x00\x00a"],
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ModelInfer(req)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details() == f"input 'text' has datatype {datatype!r}, which v2 does not define"
 
 
 def test_the_empty_text_check_agrees_with_the_tokenizer():
