@@ -63,6 +63,27 @@ def test_a_failed_load_leaves_the_previous_table(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
 
 
+def test_a_load_that_reads_no_rows_leaves_the_previous_table(tmp_path, capsys):
+    """A directory without MOT tables, or an empty API file, once replaced the table with an empty one (exit 0)."""
+    raw, out = tmp_path / "raw", tmp_path / "tidy"
+    assert main(["data", "synth", "--rows", "300", "--seed", "3", "--out", str(raw)]) == 0
+    assert main(["data", "load", str(raw), "--out", str(out)]) == 0
+    manifest = (out / "_tidy.manifest").read_text()
+    before = len(load_tidy(out))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "README.md").write_text("no tables here\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    capsys.readouterr()
+    cases = (
+        (tmp_path / "docs", "no MOT tables (DVSA bulk files or MOT History API JSON) found"),
+        (tmp_path / "empty.jsonl", f"no rows were read from the inputs; {out} is left as it was"),
+    )
+    for source, message in cases:
+        assert main(["data", "load", str(source), "--out", str(out)]) == 1
+        assert message in capsys.readouterr().err
+    assert len(load_tidy(out)) == before and (out / "_tidy.manifest").read_text() == manifest
+
+
 def test_bad_arguments_are_exit_2_before_any_work(tmp_path, capsys):
     """Each of these once ended in a traceback (one of them after the Parquet output was written)."""
     afile = tmp_path / "afile"

@@ -109,7 +109,7 @@ def _load(args: argparse.Namespace) -> int:
     from training.dvsa_reader import BulkReader
     from training.dvsa_report import BulkFormatError, BulkReport, BulkResourceError
     from training.history_api import read_jsonl
-    from training.tidy import write_tidy
+    from training.tidy import TidyError, write_tidy
 
     if args.clickhouse == (args.out is not None):
         print("motlens data load: give either --out DIR (tidy Parquet) or --clickhouse", file=sys.stderr)
@@ -142,6 +142,9 @@ def _load(args: argparse.Namespace) -> int:
             report["clickhouse"] = {"engine": kind, **result.summary(), "distinct_texts": len(texts)}
         else:
             sources, api = discover(args.paths)
+            if not sources and not api:
+                names = ", ".join(str(p) for p in args.paths)
+                raise BulkFormatError(f"{names}: no MOT tables (DVSA bulk files or MOT History API JSON) found")
             report_obj = BulkReport()
 
             def chunks():
@@ -154,7 +157,7 @@ def _load(args: argparse.Namespace) -> int:
 
             write_tidy(chunks(), args.out)
             report = report_obj.to_dict()
-    except (BulkFormatError, BulkResourceError) as e:
+    except (BulkFormatError, BulkResourceError, TidyError) as e:
         print(f"motlens data load: {e}", file=sys.stderr)
         return 1
     _print_report(report)

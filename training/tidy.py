@@ -73,7 +73,8 @@ def write_tidy(chunks: Iterable[pd.DataFrame], out_dir: Path, rows_per_file: int
     load's own (``part-<load>-NNNNN.parquet``) and switched to by atomically replacing the manifest
     (:data:`MANIFEST`); only then are the previous load's parts removed. Readers read the parts the
     manifest lists, so a load that fails or is killed at any point leaves the previous table as it
-    was (never a partial one that looks complete). One load at a time per ``out_dir``
+    was (never a partial one that looks complete), and one that reads no rows raises
+    :class:`TidyError` and changes nothing. One load at a time per ``out_dir``
     (:class:`training.outdir.OutputBusy` otherwise); the next one removes what a killed one left.
     """
     out_dir = Path(out_dir)
@@ -81,6 +82,8 @@ def write_tidy(chunks: Iterable[pd.DataFrame], out_dir: Path, rows_per_file: int
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.loading-", dir=out_dir.parent))
         try:
             parts = _write_parts(chunks, staging, rows_per_file)
+            if not parts:  # a load that read nothing never replaces a table with an empty one
+                raise TidyError(f"no rows were read from the inputs; {out_dir} is left as it was")
             for part in parts:
                 (staging / part["file"]).replace(out_dir / part["file"])  # same filesystem: a rename
             total = sum(part["rows"] for part in parts)
