@@ -39,19 +39,32 @@ def parse_duration(text: str) -> timedelta:
     return d
 
 
+#: times the log can hold and pandas can represent (nanoseconds since 1970, up to April 2262)
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2262, 1, 1, tzinfo=UTC)
+
+
 def parse_time(text: str) -> datetime:
-    """ISO-8601; naive times are UTC."""
+    """ISO-8601 between 1970 and 2262; naive times are UTC."""
     try:
         ts = datetime.fromisoformat(text.strip())
     except ValueError as e:
         raise ValueError(f"not an ISO-8601 time: {text!r}") from e
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    if not EARLIEST <= ts < LATEST:
+        raise ValueError(f"time out of range: {text!r} (from {EARLIEST.year} to {LATEST.year})")
+    return ts
+
+
+def _window_before(stop: datetime, duration: timedelta) -> Window:
+    if stop - duration < EARLIEST:
+        raise ValueError(f"a window of {duration} ending {stop.isoformat()} starts before {EARLIEST.year}")
+    return Window(stop - duration, stop)
 
 
 def current_window(window: str, end: str | None = None, now: datetime | None = None) -> Window:
     """The window of length ``window`` ending at ``end`` (default now)."""
     stop = parse_time(end) if end else (now or datetime.now(UTC))
-    return Window(stop - parse_duration(window), stop)
+    return _window_before(stop, parse_duration(window))
 
 
 @dataclass(frozen=True)
@@ -76,7 +89,7 @@ def reference_spec(text: str, current: Window) -> ReferenceSpec:
     if text == "bundle":
         return ReferenceSpec("bundle")
     if _DURATION.match(text):
-        return ReferenceSpec("window", Window(current.start - parse_duration(text), current.start))
+        return ReferenceSpec("window", _window_before(current.start, parse_duration(text)))
     if "/" in text and not Path(text).exists():
         a, b = text.split("/", 1)
         w = Window(parse_time(a), parse_time(b))

@@ -18,20 +18,29 @@ TAIL_COLUMNS = (
     "text",
 )
 _DURATION = re.compile(r"^(\d+)([smhd])$")
+_EARLIEST, _LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2262, 1, 1, tzinfo=UTC)
 _UNBOUNDED = 100_000  # the width a table is measured at: its natural width, unclipped by the terminal
 
 
 def _since(value: str) -> datetime:
-    """``24h``/``30m``/``7d`` ago, or an ISO timestamp (UTC when naive)."""
+    """``24h``/``30m``/``7d`` ago (a duration reaching before 1970 means 1970), or an ISO timestamp
+    (UTC when naive) from 1970 to 2262."""
     m = _DURATION.match(value)
     if m:
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
-        return datetime.now(UTC) - timedelta(**{unit: int(m.group(1))})
+        now = datetime.now(UTC)
+        try:
+            return max(_EARLIEST, now - timedelta(**{unit: int(m.group(1))}))
+        except OverflowError:  # longer than datetime reaches back
+            return _EARLIEST
     try:
         ts = datetime.fromisoformat(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected e.g. 24h or an ISO time, got {value!r}") from e
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    ts = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    if not _EARLIEST <= ts < _LATEST:
+        raise argparse.ArgumentTypeError(f"expected a time from 1970 to 2262, got {value!r}")
+    return ts
 
 
 def _param(value: str) -> tuple[str, str]:

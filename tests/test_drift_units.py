@@ -34,6 +34,14 @@ def test_durations_and_windows():
     w = current_window("2h", "2026-11-28T12:00:00")
     assert (w.start, w.end) == (NOW - timedelta(hours=2), NOW)
     assert current_window("1h", now=NOW).end == NOW
+    # times pandas and the log can hold (year 1 was an OverflowError traceback)
+    for bad in ("0001-01-01T00:00:00", "1969-12-31T23:00:00", "9999-01-01"):
+        with pytest.raises(ValueError, match="time out of range"):
+            current_window("1d", bad)
+    with pytest.raises(ValueError, match="starts before 1970"):
+        current_window("7d", "1970-01-02T00:00:00")
+    with pytest.raises(ValueError, match="starts before 1970"):
+        reference_spec("30d", current_window("1d", "1970-01-03T00:00:00"))
 
 
 def test_reference_specs(tmp_path):

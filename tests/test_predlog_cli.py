@@ -237,8 +237,15 @@ def test_log_stats_over_a_closed_window(backend, tmp_path, monkeypatch, capsys):
     writer = predlog.open_writer(settings)
     writer.submit(
         [
-            PredictionRecord(request_id=f"r{h}", item_index=0, model_name="mot-defects", model_version=str(v),
-                             slot="production", text="tyre worn", ts=now - timedelta(hours=h))  # fmt: skip
+            PredictionRecord(
+                request_id=f"r{h}",
+                item_index=0,
+                model_name="mot-defects",
+                model_version=str(v),
+                slot="production",
+                text="tyre worn",
+                ts=now - timedelta(hours=h),
+            )  # fmt: skip
             for h, v in ((5, 1), (3, 1), (2, 2), (2, 2), (0.5, 2))
         ]
     )
@@ -251,6 +258,14 @@ def test_log_stats_over_a_closed_window(backend, tmp_path, monkeypatch, capsys):
     assert {s["model_version"]: s["n"] for s in _json_lines(capsys.readouterr().out)} == {"1": 1, "2": 3}
     assert main(["log", "stats", "--since", "1h", "--until", "2h"]) == 2
     assert "must come after --since" in capsys.readouterr().err
+    # a duration reaching before 1970 means everything (it was an OverflowError traceback)
+    for since in ("999999999d", "99999999999d"):
+        assert main(["log", "stats", "--since", since, "--json"]) == 0
+        assert {s["model_version"]: s["n"] for s in _json_lines(capsys.readouterr().out)} == {"1": 2, "2": 3}
+    for bad in ("0001-01-01", "9999-01-01"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["log", "stats", "--since", bad])
+        assert exit_info.value.code == 2 and "expected a time from 1970 to 2262" in capsys.readouterr().err
     if backend == "table":
         keeper.client.command(f"DROP DATABASE IF EXISTS {settings.database}")
     keeper.close()
