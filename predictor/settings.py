@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_REF = "models:/mot-defects@production"
@@ -22,6 +23,10 @@ def cgroup_cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+#: what each backend runs (``motlens.embedder.DTYPES``; ONNX: the variants ``predictor.backend`` exports)
+TORCH_DTYPES = ("float32", "float16", "bfloat16")
+ONNX_DTYPES = ("float32", "fp32", "int8")
+
 #: shortest admin token accepted (e.g. ``openssl rand -hex 16`` gives 32)
 MIN_ADMIN_TOKEN_CHARS = 16
 
@@ -33,7 +38,7 @@ class ServeSettings(BaseSettings):
 
     model: str = Field(DEFAULT_MODEL_REF, description="models:/NAME@ALIAS, models:/NAME/VERSION or a local path")
     follow_alias: str | None = Field(None, description="poll the registry and swap to this alias' version")
-    follow_interval_s: float = 30.0
+    follow_interval_s: float = Field(30.0, gt=0, allow_inf_nan=False)
     lkg_enabled: bool = Field(
         True,
         description="registry unreachable at load: serve the last verified bundle this box served for the "
@@ -42,40 +47,40 @@ class ServeSettings(BaseSettings):
     http_port: int = Field(8080, ge=1, le=65535)
     grpc_port: int = Field(8081, ge=1, le=65535)
     enable_grpc: bool = True
-    grace_period_s: int = 30
-    drain_s: float = 0.0
+    grace_period_s: int = Field(30, ge=0)
+    drain_s: float = Field(0.0, ge=0, allow_inf_nan=False)
 
     # request limits (4xx beyond them)
-    max_items_per_request: int = 256
-    max_text_chars: int = 2000
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_items_per_request: int = Field(256, ge=1)
+    max_text_chars: int = Field(2000, ge=1)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     body_timeout_s: float = Field(
-        30.0, gt=0, description="a request body not fully received this long after it started: 408"
+        30.0, gt=0, allow_inf_nan=False, description="a request body not fully received this long after it started: 408"
     )
 
     # micro-batcher
-    batch_max_items: int = 64
+    batch_max_items: int = Field(64, ge=1)
     batch_max_tokens: int | None = Field(
         None,
         gt=0,
         description="padded tokens per length bucket (default: 768 on CPU, 4096 on CPU with a packing backend "
         "such as onnx, 65536 on GPU)",
     )
-    batch_max_wait_ms: float = 2.0
+    batch_max_wait_ms: float = Field(2.0, ge=0, allow_inf_nan=False)
     model_workers: int = Field(
         1, ge=1, le=64, description="batcher workers running the model at once; model threads are split between them"
     )
-    queue_capacity: int = 1024
-    retry_after_s: int = 1
+    queue_capacity: int = Field(1024, ge=1)
+    retry_after_s: int = Field(1, ge=0)
 
     # embedding cache (0 disables it)
-    cache_bytes: int = 64 * 1024 * 1024
+    cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
 
     # backend
-    backend: str = "torch"
-    device: str | None = None
+    backend: Literal["torch", "onnx"] = "torch"
+    device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?)$", description="default: cuda when present")
     dtype: str = "float32"
-    threads: int | None = None
+    threads: int | None = Field(None, ge=1)
     single_thread_tokens: int = Field(
         128,
         ge=0,
@@ -107,6 +112,7 @@ class ServeSettings(BaseSettings):
     retired_series_grace_s: float = Field(
         60.0,
         ge=0.0,
+        allow_inf_nan=False,
         description="keep a retired version's request series this long (≈ 2 scrape intervals) so its last "
         "requests are scraped; 0 = remove them at once",
     )
@@ -118,6 +124,16 @@ class ServeSettings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="if set, the admin API needs 'Bearer <token>'; if not, only loopback clients may use it"
     )
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_of_the_backend(cls, v: str, info: ValidationInfo) -> str:
+        """A dtype the chosen backend runs (whether this device runs it natively is checked at load)."""
+        backend = info.data.get("backend", "torch")  # absent when the backend itself was refused
+        allowed = ONNX_DTYPES if backend == "onnx" else TORCH_DTYPES
+        if v not in allowed:
+            raise ValueError(f"the {backend} backend runs {', '.join(allowed)}, not {v[:40]!r}")
+        return v
 
     @field_validator("admin_token")
     @classmethod

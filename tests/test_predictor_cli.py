@@ -200,6 +200,40 @@ def test_a_port_out_of_range_is_refused_at_start(capsys, tmp_path):
     assert err.count("\n") == 1 and "bad setting: --http-port" in err and "65535" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--batch-max-wait-ms", "nan"], {}, "--batch-max-wait-ms"),  # was ready, then every request hung
+        ([], {"MOTLENS_SERVE_BATCH_MAX_WAIT_MS": "inf"}, "MOTLENS_SERVE_BATCH_MAX_WAIT_MS"),  # killed the batcher
+        ([], {"MOTLENS_SERVE_DRAIN_S": "inf"}, "MOTLENS_SERVE_DRAIN_S"),  # SIGTERM never finished
+        (["--follow-alias", "production", "--follow-interval-s", "0"], {}, "--follow-interval-s"),  # a busy loop
+        (["--max-body-bytes", "-1"], {}, "--max-body-bytes"),  # every request a 413
+        (["--max-items-per-request", "0"], {}, "--max-items-per-request"),
+        (["--max-text-chars", "-1"], {}, "--max-text-chars"),
+        (["--backend", "bogus"], {}, "--backend"),  # these three: never ready, the reason in the log only
+        (["--dtype", "bogus"], {}, "--dtype"),
+        (["--device", "bogus"], {}, "--device"),
+        (["--backend", "onnx", "--dtype", "float16"], {}, "--dtype: the onnx backend runs float32, fp32, int8"),
+    ],
+)
+def test_settings_a_server_cannot_work_with_are_refused_at_start(capsys, tmp_path, monkeypatch, args, env, named):
+    """Each of these started a server that reported ready (or retried forever) and then could not serve."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["serve", "--model", str(tmp_path), "--no-predlog", *args]) == 2
+    err = capsys.readouterr().err
+    assert "bad setting" in err and named in err and "Traceback" not in err, err
+
+
+def test_the_settings_backends_and_dtypes_are_the_loaders():
+    from motlens.embedder import DTYPES
+    from predictor.backend import _ONNX_VARIANTS, EMBEDDER_FACTORIES
+    from predictor.settings import ONNX_DTYPES, TORCH_DTYPES, ServeSettings
+
+    assert set(ServeSettings.model_fields["backend"].annotation.__args__) == set(EMBEDDER_FACTORIES)
+    assert TORCH_DTYPES == DTYPES and set(ONNX_DTYPES) == set(_ONNX_VARIANTS)
+
+
 def test_a_prediction_log_another_server_owns_is_one_line_exit_2(capsys, tmp_path, monkeypatch):
     """A second `motlens serve` on one MOTLENS_HOME said "RuntimeError: another prediction-log writer owns
     the spool … (-v for details)"."""
