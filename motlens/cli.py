@@ -14,6 +14,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from motlens.credentials import RedactingFormatter
+
 DESCRIPTION = "MOT defect texts → embeddings and defect predictions: train, serve, log, check drift, promote."
 
 #: loggers that, unless -v, would only repeat at length a failure the command reports on one line:
@@ -61,11 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-    )
+    root = logging.getLogger()
+    if not root.handlers:  # as logging.basicConfig, with URL credentials kept out of every line
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            RedactingFormatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+        )
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.Formatter.converter = time.gmtime  # UTC, as the prediction log, the events and the tags
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(logging.NOTSET if args.verbose else level)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,3 +40,11 @@ def has_credentials(url: str) -> bool:
     """Whether ``url`` carries a user part (``user@``, ``user:password@``) or a secret query key."""
     parts = urlsplit(url)
     return "@" in parts.netloc or _secret_in_query(parts.query)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Log lines with URL credentials removed (:func:`redact`), tracebacks included: a library's error
+    may quote a URL as configured, ``MLFLOW_TRACKING_URI=http://user:password@…`` say."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))

@@ -3,6 +3,7 @@ traceback (unless -v), no credentials; each verb keeps its own documented codes.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,6 +102,33 @@ def test_whole_stderr_is_one_line_and_verbose_shows_the_traceback(tmp_path):
     ]
     loud = subprocess.run([*cmd, "-v", "log", "count"], env=env, capture_output=True, text=True, timeout=120)
     assert loud.returncode == 2 and "Traceback" in loud.stderr
+
+
+def test_verbose_logs_keep_url_credentials_out(tmp_path):
+    """`-v drift` logged the traceback of a registry error quoting MLFLOW_TRACKING_URI, password and all."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOTLENS_", "MLFLOW_"))}
+    env.update(MOTLENS_HOME=str(tmp_path), PYTHONPATH=str(REPO),
+               MLFLOW_TRACKING_URI="http://bob:SECRET-XYZZY@127.0.0.1:1")  # fmt: skip
+    cmd = [sys.executable, "-m", "motlens.cli", "-v", "drift", "--no-html", "--output", str(tmp_path / "out")]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    both = run.stdout + run.stderr
+    assert run.returncode == 2 and "Traceback" in run.stderr and "http://127.0.0.1:1" in both, both[-2000:]
+    assert "SECRET-XYZZY" not in both and "bob:" not in both
+
+
+def test_json_log_lines_keep_url_credentials_out():
+    import logging
+
+    from predictor.logs import JsonFormatter
+
+    try:
+        raise RuntimeError("GET https://alice:pa/ss@ch:8443/db failed")
+    except RuntimeError:
+        info = sys.exc_info()
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "to %s", ("http://u:pw@mlflow:5000",), info)
+    doc = json.loads(JsonFormatter().format(record))
+    assert doc["message"] == "to http://mlflow:5000" and "https://ch:8443/db failed" in doc["exception"]
+    assert "pw" not in json.dumps(doc) and "pa/ss" not in json.dumps(doc)
 
 
 def test_log_lines_carry_utc_times(tmp_path):
