@@ -12,7 +12,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from motlens.credentials import has_credentials
-from training.floors import DEFAULT_AUC_MARGIN, DEFAULT_MARGIN
+from training.floors import DEFAULT_AUC_MARGIN, DEFAULT_MARGIN, GATEABLE_METRICS
 
 TARGETS = ("k8s", "gitops", "local")
 
@@ -112,6 +112,20 @@ class PromoteSettings(BaseSettings):
     def _comma_list(cls, v: object) -> object:
         if isinstance(v, str):
             v = [s for s in v.replace(" ", "").split(",") if s]
+        return v
+
+    @field_validator("offline_metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[str]) -> list[str]:
+        """An empty or misspelt list would pass every canary: nothing compared, no floor checked."""
+        if not v:
+            raise ValueError(f"name at least one of {', '.join(GATEABLE_METRICS)}")
+        unknown = [m for m in v if m not in GATEABLE_METRICS]
+        if unknown:
+            raise ValueError(
+                f"{', '.join(repr(m[:40]) for m in unknown[:3])} not among the metrics training logs "
+                f"({', '.join(GATEABLE_METRICS)})"
+            )
         return v
 
     @field_validator("steps")

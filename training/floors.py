@@ -28,6 +28,13 @@ from typing import Any
 
 #: the metrics floored by default (``motlens train``; promotion floors its ``OFFLINE_METRICS``)
 FLOOR_METRICS: tuple[str, ...] = ("section_macro_f1", "severity_macro_f1", "fail_auc")
+#: every higher-is-better held-out metric training logs (``training.evaluate``): what the offline gate
+#: and the floors may be given
+GATEABLE_METRICS: tuple[str, ...] = (
+    *(f"{head}_{m}" for head in ("section", "severity") for m in ("macro_f1", "accuracy", "macro_f1_rows")),
+    "fail_auc",
+    "fail_auc_rows",
+)
 BASELINE_PREFIX = "baseline_"
 #: how far a macro-F1 (or accuracy) must lie above the trivial baseline's on the same held-out set
 DEFAULT_MARGIN = 0.2
