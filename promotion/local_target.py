@@ -47,7 +47,10 @@ class LocalTarget:
         if self.settings.local_token is not None:
             req.add_header("Authorization", f"Bearer {self.settings.local_token.get_secret_value()}")
         try:
-            with urllib.request.urlopen(req, timeout=self.settings.http_timeout_s) as resp:
+            # a status read answers at once: a server that accepts and stays silent is not ready, and
+            # `promote status` should say so in seconds, not after a canary load's allowance
+            timeout = self.settings.read_timeout_s if method == "GET" else self.settings.http_timeout_s
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return json.loads(resp.read() or b"{}")
         except urllib.error.HTTPError as e:
             try:

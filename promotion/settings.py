@@ -46,6 +46,7 @@ class PromoteSettings(BaseSettings):
     local_url: str = "http://127.0.0.1:8080"
     local_token: SecretStr | None = Field(None, description="bearer token of the serve admin API")
     http_timeout_s: float = Field(300.0, gt=0, description="a canary load includes the golden check")
+    read_timeout_s: float = Field(30.0, gt=0, description="the local admin API's status reads (GET)")
 
     # stepping
     steps: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [10, 25, 50, 100])

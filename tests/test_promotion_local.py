@@ -246,3 +246,21 @@ def test_local_canary_start_rerun_after_a_restart_keeps_the_start_time(
         live = target.read()
         assert (live.canary_version, live.percent) == ("2", 10) and read_status(p)["disagreements"] == []
         assert registry.resolve("2").tags[STARTED_AT_TAG] == started
+
+
+def test_a_silent_server_fails_a_status_read_in_its_read_timeout():
+    """A server that accepts connections and never answers held `promote status` for the 300 s a canary
+    load may take; a read (GET) has its own, short timeout."""
+    import socket
+
+    from promotion.targets import TargetUnavailable
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        settings = PromoteSettings(local_url=f"http://127.0.0.1:{port}", http_timeout_s=20, read_timeout_s=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(TargetUnavailable, match="timed out"):
+            LocalTarget(settings).read()
+        assert time.monotonic() - t0 < settings.http_timeout_s  # the read timeout applied, not the load's
