@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Any
 
-from training.data_cli import positive
+from training.data_cli import count, positive
 
 SAMPLE = {
     "inputs": [
@@ -46,7 +46,7 @@ def port(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="synthetic data → train → register → production → serve → sample request")
     p.add_argument("--rows", type=positive, default=30_000, help="synthetic defect rows (default 30000)")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--seed", type=count, default=7)
     p.add_argument("--http-port", type=port, default=8080)
     p.add_argument("--grpc-port", type=port, default=8081)
     p.add_argument("--serve", action="store_true", help="keep serving after the sample request (Ctrl-C stops)")

@@ -181,6 +181,29 @@ def test_demo_rows_must_be_positive(rows, expected, capsys):
     assert f"argument --rows: {expected}" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [["demo"], ["data", "synth", "--rows", "10", "--out"]])
+def test_seeds_must_not_be_negative(argv, tmp_path, capsys):
+    """A negative seed was numpy's 'expected non-negative integer', after creating the output directory."""
+    if argv[-1] == "--out":
+        argv = [*argv, str(tmp_path / "unused")]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--seed", "-1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --seed: must be 0 or more, got -1" in err and "Traceback" not in err
+    assert not (tmp_path / "unused").exists()
+
+
+def test_a_reserved_alias_says_it_is_reserved():
+    from training.registry import RegistryError, check_alias
+
+    for alias in ("latest", "v3"):
+        with pytest.raises(RegistryError, match="MLflow reserves 'latest' and v<number>"):
+            check_alias(alias)
+    with pytest.raises(RegistryError, match="starting with a letter"):
+        check_alias("3v")
+
+
 @pytest.mark.parametrize(("port", "expected"), [("0", "must be 1 or more, got 0"),
                                                ("70000", "must be 65535 or less, got 70000")])  # fmt: skip
 def test_demo_ports_must_be_ports(port, expected, capsys):

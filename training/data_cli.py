@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = verbs.add_parser("synth", help="write seeded synthetic data in the DVSA bulk-file format")
     s.add_argument("--rows", type=count, required=True, help="number of test_item (defect) rows")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=count, default=0)
     s.add_argument("--out", type=Path, required=True, help="output directory")
     s.add_argument("--delimiter", choices=("pipe", "comma"), default="pipe")
     s.add_argument("--zip", action="store_true", help="write one zip archive per table")

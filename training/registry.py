@@ -761,8 +761,10 @@ def ref_alias(ref: str, model_name: str) -> str | None:
 
 def check_alias(alias: str) -> None:
     """Raise :class:`RegistryError` for a name MLflow would refuse as an alias."""
-    if not _ALIAS.match(alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
+    if not _ALIAS.match(alias):
         raise RegistryError(f"invalid alias {alias!r}: letters, digits, '_' or '-', starting with a letter")
+    if alias == "latest" or re.fullmatch(r"v\d+", alias):
+        raise RegistryError(f"invalid alias {alias!r}: MLflow reserves 'latest' and v<number> (version references)")
 
 
 def _param_value(v: Any) -> str:
