@@ -62,6 +62,10 @@ def usable_url(url: str | None) -> str | None:
     """``url`` (None for empty), refused with the reason when it carries a password or a port that is
     not a number (the validator of every setting that holds a ClickHouse URL)."""
     url = no_password_in_url(url)
+    scheme = urlsplit(url).scheme.lower() if url else ""
+    if url and scheme not in (*DEFAULT_PORTS, "chdb"):
+        shown = f"scheme {scheme[:20]!r}" if scheme else "no scheme"
+        raise ValueError(f"not a usable ClickHouse URL: {shown}; use http://, https:// or chdb://")
     try:
         clickhouse_endpoint(url)
     except ValueError:  # urllib's message quotes the "port", which may be part of a password

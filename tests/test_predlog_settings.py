@@ -235,6 +235,10 @@ def test_default_ports_follow_the_scheme_and_endpoints_compare_by_server():
     for settings in (PredlogSettings, DataSettings):  # the log and the data loader refuse it alike
         with pytest.raises(pydantic.ValidationError, match="not a usable ClickHouse URL"):
             settings(clickhouse_url="http://ch:http/motlens")
+    for url, words in (("ftp://127.0.0.1:1", "scheme 'ftp'"), ("::::", "no scheme"), ("ch:8123", "scheme 'ch'")):
+        for settings in (PredlogSettings, DataSettings):  # once "cannot reach ClickHouse at http://…"
+            with pytest.raises(pydantic.ValidationError, match=f"{words}; use http://, https:// or chdb://"):
+                settings(clickhouse_url=url)
     # a password holding '#', '/' or '?' cuts the user part short: refused, no piece of it echoed
     for url in ("https://motlens:Xy7#k2Lm9Q@ch:8443/motlens", "https://motlens:k2Lm9QzR/b@ch:8443/motlens",
                 "http://motlens:Xy7?k2Lm@ch/motlens"):  # fmt: skip
