@@ -11,7 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class StateSettings(BaseSettings):
     """Where embedded defaults live (``MOTLENS_HOME``, default ``./.motlens``)."""
 
-    model_config = SettingsConfigDict(env_prefix="MOTLENS_", extra="ignore")
+    # an empty MOTLENS_HOME= is unset (./.motlens), not the working directory
+    model_config = SettingsConfigDict(env_prefix="MOTLENS_", extra="ignore", env_ignore_empty=True)
 
     home: Path = Field(default=Path(".motlens"))
 

@@ -106,6 +106,8 @@ class PromoteSettings(BaseSettings):
         """Printed in status, errors and audit events: the admin token has its own, secret, setting."""
         if has_credentials(v):
             raise ValueError("credentials in the URL are refused: put the admin token in MOTLENS_PROMOTE_LOCAL_TOKEN")
+        if not v.lower().startswith(("http://", "https://")):
+            raise ValueError("an http:// or https:// URL of a `motlens serve --admin`, e.g. http://127.0.0.1:8080")
         return v
 
     @field_validator("steps", "offline_metrics", mode="before")

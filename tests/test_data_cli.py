@@ -84,6 +84,12 @@ def test_a_load_that_reads_no_rows_leaves_the_previous_table(tmp_path, capsys):
     assert len(load_tidy(out)) == before and (out / "_tidy.manifest").read_text() == manifest
 
 
+def test_a_ch_path_that_is_a_file_is_named(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")  # was FileExistsError naming the path but not the flag
+    assert main(["data", "load", str(tmp_path), "--clickhouse", "--ch-path", str(tmp_path / "afile")]) == 2
+    assert f"--ch-path {tmp_path / 'afile'} exists and is not a directory" in capsys.readouterr().err
+
+
 def test_bad_arguments_are_exit_2_before_any_work(tmp_path, capsys):
     """Each of these once ended in a traceback (one of them after the Parquet output was written)."""
     afile = tmp_path / "afile"

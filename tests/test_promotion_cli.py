@@ -302,6 +302,18 @@ def test_credentials_in_the_local_url_are_refused_and_never_echoed(env, capsys, 
         assert "MOTLENS_PROMOTE_LOCAL_TOKEN" in err and err.count("\n") == 1, err
     unchecked = PromoteSettings.model_construct(local_url="http://adm:SECRET@127.0.0.1:1")
     assert "SECRET" not in LocalTarget(unchecked).describe()
+    # not a URL at all: named, not urllib's "unknown url type" at the first request
+    assert main(["promote", "status", "--target", "local", "--local-url", "notaurl"]) == 2
+    assert "an http:// or https:// URL of a `motlens serve --admin`" in capsys.readouterr().err
+
+
+def test_an_empty_motlens_home_is_the_default_not_the_working_directory(monkeypatch):
+    from pathlib import Path
+
+    from motlens.state import StateSettings
+
+    monkeypatch.setenv("MOTLENS_HOME", "")
+    assert StateSettings().home == Path(".motlens")
 
 
 def test_a_registry_write_failure_is_reported_without_mlflow_tracebacks(env, capsys, monkeypatch):

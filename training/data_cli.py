@@ -116,6 +116,7 @@ def _load(args: argparse.Namespace) -> int:
         return 2
     problem = (
         (_not_a_file(args.out, "--out") if args.out else None)
+        or (_not_a_file(args.ch_path, "--ch-path") if args.ch_path else None)
         or (f"--report's directory {args.report.parent} does not exist"
             if args.report and not args.report.parent.is_dir() else None)
         or (f"--tmp-dir {args.tmp_dir} is not a directory"
