@@ -83,6 +83,7 @@ def read_window(
 def read_reference_file(path: Path, label: str) -> Side:
     """A reference sample: a Parquet file or a bundle directory (its ``reference/sample.parquet``)."""
     from motlens.bundle import Bundle
+    from motlens.errors import describe
 
     path = Path(path)
     if path.is_dir():
@@ -90,6 +91,9 @@ def read_reference_file(path: Path, label: str) -> Side:
         if not ref.is_file():
             raise FileNotFoundError(f"bundle {path} has no drift reference sample ({ref.name})")
         path = ref
-    df = pd.read_parquet(path)
+    try:
+        df = pd.read_parquet(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError; it names a buffer, not the file
+        raise ValueError(f"reference {path} is not a readable Parquet file ({describe(e)[:160]})") from e
     emb = as_logged(embedding_matrix(df))
     return Side(label, df, emb, len(df), len(emb))

@@ -160,3 +160,13 @@ def test_the_last_serve_load_of_a_version(reader):
         reader.insert_promotion_event(server_row(action, slot="canary", from_version=None, to_version=version,
                                                  percent=10.0, reason="", ts=ts, cause="restore"))  # fmt: skip
     assert abs(reader.last_serve_load("9") - later) < timedelta(milliseconds=1)
+
+
+def test_a_reference_that_is_not_parquet_is_named(tmp_path):
+    """pyarrow's message named '<Buffer>', not the file the user gave as --reference."""
+    from drift.sources import read_reference_file
+
+    bad = tmp_path / "notes.parquet"
+    bad.write_text("not parquet")
+    with pytest.raises(ValueError, match=f"reference {bad} is not a readable Parquet file"):
+        read_reference_file(bad, "reference")
