@@ -60,6 +60,12 @@ class LocalTarget:
             message = f"{method} {path} on {self.describe()}: HTTP {e.code} {detail}".rstrip()
             if e.code == 404 and detail in ("", "Not Found"):  # no such route, not an admin route's own 404
                 message += f": {ADMIN_OFF}"
+            elif e.code == 401:
+                message += (
+                    " (MOTLENS_PROMOTE_LOCAL_TOKEN is not the server's MOTLENS_SERVE_ADMIN_TOKEN)"
+                    if self.settings.local_token is not None
+                    else " (set MOTLENS_PROMOTE_LOCAL_TOKEN to the server's MOTLENS_SERVE_ADMIN_TOKEN)"
+                )
             raise TargetError(message) from e
         except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out: down or (re)starting
             raise TargetUnavailable(f"cannot reach {self.describe()} ({method} {path}): {e}") from e

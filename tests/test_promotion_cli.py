@@ -278,7 +278,13 @@ def test_other_admin_api_errors_are_unchanged():
         target = LocalTarget(PromoteSettings(target="local", local_url=f"http://127.0.0.1:{server.server_port}"))
         with pytest.raises(TargetError) as e:
             target.read()
-        assert str(e.value).endswith("HTTP 401 admin API needs 'Authorization: Bearer <token>'")
+        assert str(e.value).endswith(
+            "HTTP 401 admin API needs 'Authorization: Bearer <token>' "
+            "(set MOTLENS_PROMOTE_LOCAL_TOKEN to the server's MOTLENS_SERVE_ADMIN_TOKEN)"
+        )
+        wrong = PromoteSettings(target="local", local_url=target.base, local_token="a-token-the-server-does-not-take")
+        with pytest.raises(TargetError, match=r"\(MOTLENS_PROMOTE_LOCAL_TOKEN is not the server's MOTLENS_SERVE_ADMIN"):
+            LocalTarget(wrong).read()
         with pytest.raises(TargetError) as e:
             target._request("POST", "/motlens/admin/slots/x/load", {"ref": "models:/mot-defects/1"})
         assert str(e.value).endswith("HTTP 404 unknown slot 'x'")

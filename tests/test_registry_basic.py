@@ -187,6 +187,23 @@ def test_reading_a_missing_sqlite_registry_fails_and_creates_nothing(tmp_path):
     assert not missing.exists()
 
 
+def test_a_file_store_or_an_empty_file_is_no_registry_to_read(tmp_path, tiny_bundle):
+    """`--tracking-uri bogus` gave MLflow's file-store maintenance notice; an existing empty file had
+    MLflow's schema written into it by a command that only reads. A write still creates the store."""
+    for uri in ("bogus", f"file://{tmp_path}/store"):
+        with pytest.raises(RegistryError, match="not a registry URI; use sqlite:///PATH/mlflow.db or http"):
+            Registry(uri).versions()
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    reg = Registry(f"sqlite:///{empty}")
+    with pytest.raises(RegistryError, match="is an empty file, not an MLflow database"):
+        reg.aliases()
+    assert empty.stat().st_size == 0
+    # a registration (a write) migrates it, as it creates a missing one (also one a killed creation left)
+    assert Registry(f"sqlite:///{empty}").register_bundle(tiny_bundle.root, metrics={}, params={}, alias=None)
+    assert Registry(f"sqlite:///{empty}").versions()[0].version == "1"
+
+
 def test_a_first_registration_creates_the_local_store(tiny_bundle, tmp_path):
     from motlens.state import StateSettings
 

@@ -180,6 +180,7 @@ class Registry:
         self.cache_dir = Path(cache_dir) if cache_dir else (self.state.home / "models").resolve()
         self._unpinned_warned: set[str] = set()  # versions without a digest tag, warned about once
         self._client: Any = None
+        self._creating = False  # create_store: the client may migrate an empty sqlite file
         if self.tracking_uri.startswith(("http://", "https://")):
             _http_defaults()
         _import_mlflow()
@@ -190,12 +191,27 @@ class Registry:
         only a write (:meth:`create_store` via :meth:`experiment_id` or :meth:`register_bundle`)
         creates one, so a mistyped URI fails instead of reading a new, empty registry."""
         if self._client is None:
+            scheme = self.tracking_uri.split("://", 1)[0].lower() if "://" in self.tracking_uri else ""
+            if scheme in ("", "file"):  # MLflow 3.13+ refuses its file store with a maintenance notice
+                raise RegistryError(
+                    redact(
+                        f"registry {self.tracking_uri}: not a registry URI; use sqlite:///PATH/mlflow.db or "
+                        "http(s)://SERVER (MLflow no longer serves a file store)"
+                    )
+                )
             path = self.sqlite_path
             if path is not None and not path.is_file():
                 raise RegistryError(
                     redact(
                         f"registry {self.tracking_uri} does not exist (no file {path}): check the tracking "
                         "URI, or register a version first (motlens train)"
+                    )
+                )
+            if path is not None and not self._creating and path.stat().st_size == 0:
+                raise RegistryError(  # MLflow would write its schema into it, in a command that only reads
+                    redact(
+                        f"registry {self.tracking_uri} is an empty file, not an MLflow database: check the "
+                        "tracking URI, or register a version first (motlens train)"
                     )
                 )
             from mlflow import MlflowClient
@@ -218,15 +234,19 @@ class Registry:
     def create_store(self) -> None:
         """Create a missing local sqlite store: its directory and the migrated, empty database."""
         path = self.sqlite_path
-        if path is None or path.is_file():
+        if path is None or (path.is_file() and path.stat().st_size > 0):
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()  # MLflow migrates the empty file on first use
+            path.touch()  # MLflow migrates the empty file on first use (also one a killed creation left)
         except OSError as e:
             raise RegistryError(redact(f"cannot create registry {self.tracking_uri}: {e}")) from e
-        with self._answering():
-            self.client.search_registered_models(max_results=1)
+        self._creating = True
+        try:
+            with self._answering():
+                self.client.search_registered_models(max_results=1)
+        finally:
+            self._creating = False
 
     # ---- runs and registration -------------------------------------------------------------
 
