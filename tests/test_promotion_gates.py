@@ -13,8 +13,9 @@ from promotion import gates as g
 from promotion.rollout import RolloutError, RolloutState, apply_merge_patch, merge_patch, state_from_isvc
 from promotion.settings import PromoteSettings
 
-S = PromoteSettings(offline_metrics=["section_macro_f1", "fail_auc"], offline_tolerance=0.01, min_samples=100,
-                    max_error_rate=0.02, error_rate_margin=0.005, max_p99_ratio=1.5, p99_slack_ms=10)  # fmt: skip
+F1, AUC = "section_macro_f1", "fail_auc"
+S = PromoteSettings(offline_metrics=[F1, AUC], offline_tolerance=0.01, min_samples=100, max_error_rate=0.02,
+                    error_rate_margin=0.005, max_p99_ratio=1.5, p99_slack_ms=10)  # fmt: skip
 #: the run params that name a held-out split
 SPLIT = {"split.seed": "0", "split.scheme": "text-hash", "split.holdout_fraction": "0.2", "split.max_texts": "None"}
 
@@ -22,19 +23,11 @@ SPLIT = {"split.seed": "0", "split.scheme": "text-hash", "split.holdout_fraction
 @pytest.mark.parametrize(
     ("cand", "prod", "status"),
     [
-        ({"section_macro_f1": 0.80, "fail_auc": 0.90}, {"section_macro_f1": 0.80, "fail_auc": 0.90}, "pass"),
-        (
-            {"section_macro_f1": 0.795, "fail_auc": 0.90},
-            {"section_macro_f1": 0.80, "fail_auc": 0.90},
-            "pass",
-        ),  # within tolerance
-        (
-            {"section_macro_f1": 0.78, "fail_auc": 0.95},
-            {"section_macro_f1": 0.80, "fail_auc": 0.90},
-            "fail",
-        ),  # one metric worse
-        ({"fail_auc": 0.95}, {"section_macro_f1": 0.80, "fail_auc": 0.90}, "fail"),  # missing metric
-        ({"section_macro_f1": 0.1}, None, "pass"),  # nothing in production
+        ({F1: 0.80, AUC: 0.90}, {F1: 0.80, AUC: 0.90}, "pass"),
+        ({F1: 0.795, AUC: 0.90}, {F1: 0.80, AUC: 0.90}, "pass"),  # within tolerance
+        ({F1: 0.78, AUC: 0.95}, {F1: 0.80, AUC: 0.90}, "fail"),  # one metric worse
+        ({AUC: 0.95}, {F1: 0.80, AUC: 0.90}, "fail"),  # missing metric
+        ({F1: 0.1}, None, "pass"),  # nothing in production
     ],
 )
 def test_offline_gate(cand, prod, status):
@@ -50,24 +43,11 @@ def test_an_empty_or_misspelt_offline_metric_list_is_refused(monkeypatch, value,
     with pytest.raises(ValidationError, match=words):
         PromoteSettings()
 
-
 # a shuffled-label training measured on 20k generated rows (docs/training.md "Quality floors")
-SHUFFLED = {
-    "section_macro_f1": 0.0903,
-    "severity_macro_f1": 0.2469,
-    "fail_auc": 0.5,
-    "baseline_section_macro_f1": 0.049,
-    "baseline_severity_macro_f1": 0.1372,
-    "baseline_fail_auc": 0.5,
-}
-REAL = {
-    "section_macro_f1": 0.9987,
-    "severity_macro_f1": 0.8024,
-    "fail_auc": 0.8127,
-    "baseline_section_macro_f1": 0.049,
-    "baseline_severity_macro_f1": 0.1372,
-    "baseline_fail_auc": 0.5,
-}
+SHUFFLED = {"section_macro_f1": 0.0903, "severity_macro_f1": 0.2469, "fail_auc": 0.5,
+            "baseline_section_macro_f1": 0.049, "baseline_severity_macro_f1": 0.1372, "baseline_fail_auc": 0.5}
+REAL = {"section_macro_f1": 0.9987, "severity_macro_f1": 0.8024, "fail_auc": 0.8127,
+        "baseline_section_macro_f1": 0.049, "baseline_severity_macro_f1": 0.1372, "baseline_fail_auc": 0.5}
 FLOORED = PromoteSettings()  # the default offline metrics and floor margins
 
 
@@ -160,12 +140,8 @@ FAST = np.full(2000, 10.0)
         # 1.5 %: its upper bound (2.05 %) is above that limit (1.7 %), its lower one (1.09 %) under: wait
         (_side(2000, 30, FAST[:1970]), _side(2000, 24, FAST[:1976]), "wait", "bounds 1.09%–2.05%"),
         # 3 % of requests at 40 ms against a production whose p99 is 10 ms (bound 25 ms)
-        (
-            _side(1000, 0, np.r_[np.full(970, 10.0), np.full(30, 40.0)]),
-            _side(2000, 0, FAST),
-            "fail",
-            "30/1000 requests over 1.5 × production + 10 ms = 25.0 ms",
-        ),
+        (_side(1000, 0, np.r_[np.full(970, 10.0), np.full(30, 40.0)]), _side(2000, 0, FAST), "fail",
+         "30/1000 requests over 1.5 × production + 10 ms = 25.0 ms"),
         # nothing to compare with: errors against the ceiling only
         (_side(1000, 0, np.full(1000, 40.0)), None, "pass", "p99 not compared: 0 production"),
     ],
@@ -332,13 +308,8 @@ def test_matched_misses_weigh_production_by_the_canary_s_missed_texts():
 
     def canary(latency, texts=2, n=1000):
         lat = np.full(n, latency)
-        return {
-            **_side(n, 0, lat),
-            "missed_items": n * texts,
-            "one_miss_latencies": lat if texts == 1 else lat[:0],
-            "miss_pair_latencies": lat,
-            "miss_pair_texts": np.full(n, texts),
-        }
+        return {**_side(n, 0, lat), "missed_items": n * texts, "one_miss_latencies": lat if texts == 1 else lat[:0],
+                "miss_pair_latencies": lat, "miss_pair_texts": np.full(n, texts)}
 
     r = g.live_gate(canary(50.0), prod, S)
     assert r.status == "pass" and r.values["p99_basis"] == "matched misses", r.detail
@@ -404,39 +375,19 @@ def test_the_hour_before_stands_in_test_by_test():
     [
         # a cold canary (half its requests model calls) against a production answering from its cache: the
         # overall latencies compared model calls with cache hits; over misses it passes
-        (
-            _side(1000, 0, np.r_[np.full(500, 24.0), np.full(500, 0.3)], np.full(500, 24.0)),
-            _side(5000, 0, np.r_[np.full(400, 22.0), np.full(4600, 0.3)], np.full(400, 22.0)),
-            "pass",
-            "misses",
-        ),
-        (
-            _side(1000, 0, np.r_[np.full(500, 60.0), np.full(500, 0.3)], np.full(500, 60.0)),
-            _side(5000, 0, np.r_[np.full(400, 22.0), np.full(4600, 0.3)], np.full(400, 22.0)),
-            "fail",
-            "misses",
-        ),
+        (_side(1000, 0, np.r_[np.full(500, 24.0), np.full(500, 0.3)], np.full(500, 24.0)),
+         _side(5000, 0, np.r_[np.full(400, 22.0), np.full(4600, 0.3)], np.full(400, 22.0)), "pass", "misses"),
+        (_side(1000, 0, np.r_[np.full(500, 60.0), np.full(500, 0.3)], np.full(500, 60.0)),
+         _side(5000, 0, np.r_[np.full(400, 22.0), np.full(4600, 0.3)], np.full(400, 22.0)), "fail", "misses"),
         # too few production misses to stand for its model calls, and the canary misses far more often: the
         # overall latencies would fail a healthy cold canary, so it waits (for production's calls, or to warm)
-        (
-            _side(1000, 0, np.r_[np.full(500, 24.0), np.full(500, 0.3)], np.full(500, 24.0)),
-            _side(5000, 0, np.r_[np.full(50, 22.0), np.full(4950, 0.3)], np.full(50, 22.0)),
-            "wait",
-            "misses",
-        ),
+        (_side(1000, 0, np.r_[np.full(500, 24.0), np.full(500, 0.3)], np.full(500, 24.0)),
+         _side(5000, 0, np.r_[np.full(50, 22.0), np.full(4950, 0.3)], np.full(50, 22.0)), "wait", "misses"),
         # ... but with the same share of misses they are
-        (
-            _side(2000, 0, np.r_[np.full(10, 60.0), np.full(1990, 0.3)], np.full(10, 60.0)),
-            _side(5000, 0, np.r_[np.full(50, 22.0), np.full(4950, 0.3)], np.full(50, 22.0)),
-            "pass",
-            "all",
-        ),
-        (
-            _side(2000, 0, np.r_[np.full(60, 60.0), np.full(1940, 0.3)], np.full(60, 60.0)),
-            _side(5000, 0, np.r_[np.full(50, 22.0), np.full(4950, 0.3)], np.full(50, 22.0)),
-            "fail",
-            "all",
-        ),
+        (_side(2000, 0, np.r_[np.full(10, 60.0), np.full(1990, 0.3)], np.full(10, 60.0)),
+         _side(5000, 0, np.r_[np.full(50, 22.0), np.full(4950, 0.3)], np.full(50, 22.0)), "pass", "all"),
+        (_side(2000, 0, np.r_[np.full(60, 60.0), np.full(1940, 0.3)], np.full(60, 60.0)),
+         _side(5000, 0, np.r_[np.full(50, 22.0), np.full(4950, 0.3)], np.full(50, 22.0)), "fail", "all"),
     ],
 )
 def test_live_gate_compares_model_calls_when_production_has_enough(canary, prod, status, basis):
@@ -448,13 +399,8 @@ def test_drift_gate():
     t0 = datetime.now(UTC) - timedelta(minutes=10)
 
     def row(minutes, detected, status=None):
-        return {
-            "ts": t0 + timedelta(minutes=minutes),
-            "drift_detected": detected,
-            "drift_share": 0.5,
-            "n_current": 300,
-            "details": json.dumps({"status": status} if status else {}),
-        }
+        return {"ts": t0 + timedelta(minutes=minutes), "drift_detected": detected, "drift_share": 0.5,
+                "n_current": 300, "details": json.dumps({"status": status} if status else {})}
 
     assert g.drift_gate([], "2", t0, S).status == "wait"
     unrequired = g.drift_gate([], "2", t0, S.model_copy(update={"require_drift_report": False}))
@@ -496,24 +442,13 @@ def test_summarize():
 
 
 def _isvc(percent=None, ann=None):
-    pred = {
-        "containers": [
-            {
-                "name": "kserve-container",
-                "image": "x",
-                "env": [{"name": "STORAGE_URI", "value": "s3://a"}, {"name": "OTHER", "value": "1"}],
-            }
-        ]
-    }
+    pred = {"containers": [{"name": "kserve-container", "image": "x",
+                            "env": [{"name": "STORAGE_URI", "value": "s3://a"}, {"name": "OTHER", "value": "1"}]}]}
     if percent is not None:
         pred["canaryTrafficPercent"] = percent
     meta = {"name": "mot-defects", "annotations": {"keep": "me", **(ann or {})}}
-    return {
-        "apiVersion": "serving.kserve.io/v1beta1",
-        "kind": "InferenceService",
-        "metadata": meta,
-        "spec": {"predictor": pred},
-    }
+    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta,
+            "spec": {"predictor": pred}}
 
 
 def test_merge_patch_round_trip():
