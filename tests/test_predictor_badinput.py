@@ -660,35 +660,26 @@ async def test_grpc_repository_unload_is_unimplemented_and_raw_bytes_are_checked
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         ready = await stub.ModelReady(pb.ModelReadyRequest(name=MODEL))
         assert ready.ready
+
+        def raw_text(raw: bytes, datatype: str = "BYTES") -> pb.ModelInferRequest:
+            """A request whose one 'text' tensor of shape [1] is ``raw``, as given."""
+            tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype=datatype, shape=[1])
+            return pb.ModelInferRequest(model_name=MODEL, inputs=[tensor], raw_input_contents=[raw])
+
         for raw in (b"\x64\x00\x00\x00short", b"\x01\x00"):  # a length past the end; too short for one
-            req = pb.ModelInferRequest(
-                model_name=MODEL,
-                inputs=[pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])],
-                raw_input_contents=[raw],
-            )
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.ModelInfer(req)
+                await stub.ModelInfer(raw_text(raw))
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
             assert "input 'text'" in info.value.details()
         # more items than the shape declares: counted from the length prefixes, refused before decoding
         raw = b"".join(len(b).to_bytes(4, "little") + b for b in [OK_TEXT.encode()] + [b""] * 5000)
-        req = pb.ModelInferRequest(
-            model_name=MODEL,
-            inputs=[pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])],
-            raw_input_contents=[raw],
-        )
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ModelInfer(req)
+            await stub.ModelInfer(raw_text(raw))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details() == "input 'text' holds more items than the 1 its shape [1] declares"
         for datatype in ("STRING", "bytes", ""):  # not a v2 datatype: named (KServe said "invalid content type")
-            req = pb.ModelInferRequest(
-                model_name=MODEL,
-                inputs=[pb.ModelInferRequest.InferInputTensor(name="text", datatype=datatype, shape=[1])],
-                raw_input_contents=[b"\x01\x00\x00\x00a"],
-            )
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.ModelInfer(req)
+                await stub.ModelInfer(raw_text(b"\x01\x00\x00\x00a", datatype))
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert info.value.details() == f"input 'text' has datatype {datatype!r}, which v2 does not define"
 
