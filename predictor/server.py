@@ -554,7 +554,7 @@ _CLIENT_FACING = (
 )
 
 
-def _v1_json(body: bytes | bytearray | memoryview, content_type: str | None) -> Any:
+def _v1_json(body: str | bytes | bytearray | memoryview, content_type: str | None) -> Any:
     """A JSON body, parsed here so that ``application/json; charset=utf-8`` counts as JSON (KServe's
     decoder compares the whole header and would pass such a body on as raw bytes), as is a body
     without Content-Type (as KServe would: the same ``malformed JSON`` message either way); any other
@@ -578,7 +578,7 @@ def _v1_payload(dataplane: KServeDataPlane, body: bytes, headers: dict[str, str]
         return dataplane.decode(body=_v1_json(body, headers.get("content-type")), headers=headers)
     event = KServeDataPlane.get_binary_cloudevent(body, headers)  # InvalidInput for missing ce- fields
     data = event.get_data()
-    if isinstance(data, bytes | bytearray | memoryview) and len(data):
+    if isinstance(data, str | bytes | bytearray | memoryview) and len(data):
         data = _v1_json(data, event.get("datacontenttype"))
     elif not isinstance(data, dict):
         raise InvalidInput("the CloudEvent carries no data; send the v1 request as its JSON data")
