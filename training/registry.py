@@ -191,8 +191,11 @@ class Registry:
         only a write (:meth:`create_store` via :meth:`experiment_id` or :meth:`register_bundle`)
         creates one, so a mistyped URI fails instead of reading a new, empty registry."""
         if self._client is None:
-            scheme = self.tracking_uri.split("://", 1)[0].lower() if "://" in self.tracking_uri else ""
-            if scheme in ("", "file"):  # MLflow 3.13+ refuses its file store with a maintenance notice
+            uri = self.tracking_uri.lower()
+            scheme = uri.split("://", 1)[0] if "://" in uri else ""
+            # MLflow 3.13+ refuses its file store (a path, file://) with a maintenance notice; Databricks
+            # URIs ("databricks", "databricks-uc") have no "://"
+            if scheme in ("", "file") and not uri.startswith("databricks"):
                 raise RegistryError(
                     redact(
                         f"registry {self.tracking_uri}: not a registry URI; use sqlite:///PATH/mlflow.db or "
