@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from concurrent import futures
 from typing import TYPE_CHECKING, Any
 
-from grpc import ServicerContext, StatusCode, aio
+from google.protobuf.message import DecodeError
+from grpc import HandlerCallDetails, RpcMethodHandler, ServicerContext, StatusCode, aio
 from kserve.errors import InvalidInput, ModelNotFound
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
@@ -73,13 +75,50 @@ class _ExceptionToStatus(ExceptionToStatusInterceptor):
             await super().handle_exception(ex, request_or_iterator, context, method_name)
 
 
+class _Undecodable:
+    """What a request that is not its method's protobuf deserializes to (see :class:`_DecodeErrors`)."""
+
+
+class _DecodeErrors(aio.ServerInterceptor):
+    """A request that does not parse as its method's message gets INVALID_ARGUMENT naming the method
+    (grpc-python answers UNKNOWN from inside its deserializer, before any interceptor sees the call)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[HandlerCallDetails], Awaitable[RpcMethodHandler]],
+        handler_call_details: HandlerCallDetails,
+    ) -> RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler  # unknown methods (UNIMPLEMENTED) and streams: grpc's own answers
+        parse, behaviour, method = handler.request_deserializer, handler.unary_unary, handler_call_details.method
+
+        def deserialize(raw: bytes) -> Any:
+            try:
+                return parse(raw)
+            except DecodeError:
+                return _Undecodable()
+
+        async def unary_unary(request: Any, context: ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                name = method.rsplit("/", 1)[-1]
+                error = InvalidInput(f"the request is not a valid {name} message (protobuf that does not parse)")
+                if name == "ModelInfer":
+                    count_refusal(error, "v2-grpc", "client_error", "invalid_input")
+                log.info("gRPC %s %s: %s", method, StatusCode.INVALID_ARGUMENT.name, error)
+                await context.abort(StatusCode.INVALID_ARGUMENT, error.reason)
+            return await behaviour(request, context)
+
+        return handler._replace(request_deserializer=deserialize, unary_unary=unary_unary)
+
+
 class GRPCServer(KServeGRPCServer):
     """KServe's gRPC server (same options and interceptors) serving :class:`_Servicer`."""
 
     async def start(self, max_workers: int) -> None:
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(LoggingInterceptor(), _ExceptionToStatus()),
+            interceptors=(_DecodeErrors(), LoggingInterceptor(), _ExceptionToStatus()),
             options=[
                 ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
                 ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),

@@ -682,6 +682,14 @@ async def test_grpc_repository_unload_is_unimplemented_and_raw_bytes_are_checked
                 await stub.ModelInfer(raw_text(b"\x01\x00\x00\x00a", datatype))
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert info.value.details() == f"input 'text' has datatype {datatype!r}, which v2 does not define"
+        # bytes that are no protobuf at all: grpc-python's deserializer answered UNKNOWN
+        for method in ("ModelInfer", "ModelReady"):
+            call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")  # raw bytes both ways
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(b"\xff\xff\xff\xff")
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details() == f"the request is not a valid {method} message (protobuf that does not parse)"
+        assert (await stub.ModelReady(pb.ModelReadyRequest(name=MODEL))).ready
 
 
 def test_the_empty_text_check_agrees_with_the_tokenizer():
