@@ -117,14 +117,19 @@ def set_manifest_fields(root: Path, **fields: Any) -> dict[str, Any]:
     return manifest
 
 
-def verify(root: Path) -> dict[str, Any]:
-    """Check every file against ``bundle.json``; raise :class:`BundleError` naming the first problem."""
+def verify(root: Path, manifest_sha256: str | None = None) -> dict[str, Any]:
+    """Check every file against ``bundle.json`` (and ``bundle.json`` itself against ``manifest_sha256``
+    when given: the digest pinned by the registry or the deployment); raise :class:`BundleError`
+    naming the first problem."""
     root = Path(root)
     mf = root / MANIFEST
     if not mf.is_file():
         raise BundleError(f"{root}: no {MANIFEST}; not a motlens bundle")
+    raw = mf.read_bytes()
+    if manifest_sha256 is not None and (actual := hashlib.sha256(raw).hexdigest()) != manifest_sha256:
+        raise BundleError(f"{root}: {MANIFEST} has sha256 {actual}, not the pinned {manifest_sha256}")
     try:
-        manifest = json.loads(mf.read_text())
+        manifest = json.loads(raw)
         if not isinstance(manifest, dict):
             raise ValueError(f"a JSON object was expected, not {type(manifest).__name__}")
         fmt = manifest.get("format", 1)
@@ -295,9 +300,9 @@ class Bundle:
     manifest: dict[str, Any]
 
     @classmethod
-    def open(cls, root: Path | str) -> Bundle:
+    def open(cls, root: Path | str, manifest_sha256: str | None = None) -> Bundle:
         root = Path(root)
-        return cls(root, verify(root))
+        return cls(root, verify(root, manifest_sha256))
 
     @property
     def version(self) -> str:

@@ -15,6 +15,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
         "models:/mot-defects@<alias>, models:/mot-defects/<version> or a bundle path "
         "(default models:/mot-defects@production; empty = KServe's /mnt/models)",
     ),
+    ("--model-sha256", str, "refuse a --model whose bundle.json has another sha256 (its motlens.bundle_sha256 tag)"),
     ("--http-port", int, "REST port (default 8080)"),
     ("--grpc-port", int, "gRPC port (default 8081)"),
     (

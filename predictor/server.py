@@ -49,7 +49,7 @@ from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from pydantic import BaseModel, Field, ValidationError
 
 from motlens.embedder import Embedder
-from predictor.backend import ModelLoadError, load_backend
+from predictor.backend import Backend, ModelLoadError, load_backend
 from predictor.batcher import Overloaded
 from predictor.cache import EmbeddingCache
 from predictor.codec import check_binary_texts, json_error, resolve_request_id, short_message, validation_message
@@ -213,7 +213,7 @@ class PredictorServer:
         self.settings = settings
         self.writer = writer
         self.cache = EmbeddingCache(settings.cache_bytes)
-        loader = partial(
+        load = partial(
             load_backend,
             backend=settings.backend,
             device=settings.device,
@@ -223,6 +223,12 @@ class PredictorServer:
             torch_trace=settings.torch_trace,
             embedder=embedder,
         )
+
+        def loader(ref: str, **kwargs: Any) -> Backend:
+            """The pin is the configured model's: the admin API loads other versions through the registry,
+            which checks each against its own recorded digest."""
+            return load(ref, manifest_sha256=settings.model_sha256 if ref == settings.model else None, **kwargs)
+
         self.slots = SlotManager(settings, self.cache, loader)
         log_settings = getattr(writer, "settings", None)
         if log_settings is not None and hasattr(log_settings, "embedded"):  # a predlog writer: audit rows too

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_REF = "models:/mot-defects@production"
@@ -37,6 +37,12 @@ class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOTLENS_SERVE_", extra="ignore", hide_input_in_errors=True)
 
     model: str = Field(DEFAULT_MODEL_REF, description="models:/NAME@ALIAS, models:/NAME/VERSION or a local path")
+    model_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="the sha256 of the bundle.json that `model` must have, or the load is refused; the promotion "
+        "CLI sets it beside STORAGE_URI from the version's registry tag (empty = not pinned)",
+    )
     follow_alias: str | None = Field(None, description="poll the registry and swap to this alias' version")
     follow_interval_s: float = Field(30.0, gt=0, allow_inf_nan=False)
     lkg_enabled: bool = Field(
@@ -124,6 +130,18 @@ class ServeSettings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="if set, the admin API needs 'Bearer <token>'; if not, only loopback clients may use it"
     )
+
+    @field_validator("model_sha256", mode="before")
+    @classmethod
+    def _empty_is_unpinned(cls, v: object) -> object:
+        """``MOTLENS_SERVE_MODEL_SHA256=""`` (the InferenceService's unpinned value) means no pin."""
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _pin_is_one_bundle(self) -> ServeSettings:
+        if self.model_sha256 and self.follow_alias:
+            raise ValueError("model_sha256 pins one bundle, so the server cannot also follow an alias (follow_alias)")
+        return self
 
     @field_validator("dtype")
     @classmethod

@@ -31,6 +31,7 @@ ADMIN_OFF = (
 
 class LocalTarget:
     name = "local"
+    pins_digest = False  # the server fetches models:/ references through the registry, which checks them
 
     def __init__(self, settings: PromoteSettings, state: StateSettings | None = None) -> None:
         self.settings = settings

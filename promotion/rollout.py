@@ -1,10 +1,11 @@
 """The rollout state of the InferenceService and the patches that move it.
 
 Contract (docs/architecture.md "KServe storage URI and rollout patches"): ``spec.predictor.containers[0]``
-is ``kserve-container`` whose ``env[0]`` is ``STORAGE_URI``; ``spec.predictor.canaryTrafficPercent``
-plus the annotations below carry the promotion state. During a canary the spec holds the *canary*
-storage URI (KServe's latest revision takes ``canaryTrafficPercent``), and the production URI is
-kept in an annotation so a rollback can restore it.
+is ``kserve-container`` whose ``env[0]`` is ``STORAGE_URI`` and ``env[1]`` the sha256 its bundle.json
+must have (``MOTLENS_SERVE_MODEL_SHA256``, the version's registry tag; "" = not pinned);
+``spec.predictor.canaryTrafficPercent`` plus the annotations below carry the promotion state. During a
+canary the spec holds the *canary* storage URI and digest (KServe's latest revision takes
+``canaryTrafficPercent``), and the production ones are kept in annotations so a rollback can restore them.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 
 ANN_PROD_VERSION = "motlens.io/production-version"
 ANN_PROD_URI = "motlens.io/production-storage-uri"
+ANN_PROD_SHA = "motlens.io/production-bundle-sha256"
 ANN_CANARY_VERSION = "motlens.io/canary-version"
 CONTAINER = "kserve-container"
 STORAGE_ENV = "STORAGE_URI"
+DIGEST_ENV = "MOTLENS_SERVE_MODEL_SHA256"
 API_GROUP, API_VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 
 
@@ -34,6 +37,8 @@ class RolloutState:
     production_uri: str | None = None
     canary_version: str | None = None
     percent: int | None = None  # canaryTrafficPercent; None when the field is absent
+    bundle_sha256: str | None = None  # spec MOTLENS_SERVE_MODEL_SHA256: the digest storage_uri must have
+    production_sha256: str | None = None
     traffic: str = field(default="", compare=False)  # observed traffic status, for people
     not_ready: str = field(default="", compare=False)  # why the target is not ready ("" when it is)
     loading: str = field(default="", compare=False)  # what the target is loading now: its state is in flux
@@ -51,14 +56,23 @@ class RolloutState:
         """The production URI: the annotation, or the spec URI when no canary runs."""
         return self.production_uri or (None if self.canary_active else self.storage_uri)
 
-    def with_canary(self, version: str, uri: str, percent: int) -> RolloutState:
+    @property
+    def serving_production_sha256(self) -> str | None:
+        """The production bundle digest, found like :attr:`serving_production_uri`."""
+        if self.production_uri:
+            return self.production_sha256
+        return None if self.canary_active else self.bundle_sha256
+
+    def with_canary(self, version: str, uri: str, percent: int, sha256: str | None = None) -> RolloutState:
         check_percent(percent)
         return replace(
             self,
             production_version=self.production_version,
             production_uri=self.serving_production_uri,
+            production_sha256=self.serving_production_sha256,
             canary_version=version,
             storage_uri=uri,
+            bundle_sha256=sha256,
             percent=percent,
         )
 
@@ -72,6 +86,7 @@ class RolloutState:
             self,
             production_version=self.canary_version,
             production_uri=self.storage_uri,
+            production_sha256=self.bundle_sha256,
             canary_version=None,
             percent=None,
         )
@@ -82,16 +97,29 @@ class RolloutState:
             raise RolloutError(
                 f"cannot roll back: the production storage URI is unknown (annotation {ANN_PROD_URI} missing)"
             )
-        return replace(self, storage_uri=self.serving_production_uri, canary_version=None, percent=None)
+        return replace(
+            self,
+            storage_uri=self.serving_production_uri,
+            bundle_sha256=self.serving_production_sha256,
+            canary_version=None,
+            percent=None,
+        )
 
-    def deployed(self, version: str, uri: str) -> RolloutState:
+    def deployed(self, version: str, uri: str, sha256: str | None = None) -> RolloutState:
         """Straight to production (bootstrap or forced), no canary."""
-        return RolloutState(storage_uri=uri, production_version=version, production_uri=uri)
+        return RolloutState(
+            storage_uri=uri,
+            production_version=version,
+            production_uri=uri,
+            bundle_sha256=sha256,
+            production_sha256=sha256,
+        )
 
     def annotations(self) -> dict[str, str | None]:
         return {
             ANN_PROD_VERSION: self.production_version,
             ANN_PROD_URI: self.production_uri,
+            ANN_PROD_SHA: self.production_sha256,
             ANN_CANARY_VERSION: self.canary_version,
         }
 
@@ -122,17 +150,24 @@ def kserve_container(isvc: dict[str, Any]) -> dict[str, Any]:
     return containers[0]
 
 
+def _digest_env(container: dict[str, Any]) -> dict[str, Any] | None:
+    return next((e for e in container.get("env") or [] if e.get("name") == DIGEST_ENV), None)
+
+
 def state_from_isvc(isvc: dict[str, Any]) -> RolloutState:
     """Read the rollout state of a live (or rendered) InferenceService."""
     container = kserve_container(isvc)
     ann = (isvc.get("metadata") or {}).get("annotations") or {}
     percent = isvc["spec"]["predictor"].get("canaryTrafficPercent")
+    digest = _digest_env(container)
     return RolloutState(
         storage_uri=container["env"][0].get("value"),
         production_version=ann.get(ANN_PROD_VERSION),
         production_uri=ann.get(ANN_PROD_URI),
         canary_version=ann.get(ANN_CANARY_VERSION),
         percent=None if percent is None else int(percent),
+        bundle_sha256=(digest or {}).get("value") or None,
+        production_sha256=ann.get(ANN_PROD_SHA) or None,
         traffic=traffic_status(isvc),
     )
 
@@ -154,8 +189,9 @@ def traffic_status(isvc: dict[str, Any]) -> str:
 def merge_patch(live_isvc: dict[str, Any], desired: RolloutState) -> dict[str, Any]:
     """JSON merge patch (RFC 7386) taking ``live_isvc`` to ``desired``; empty when nothing changes.
 
-    A merge patch replaces lists, so a changed STORAGE_URI is written as the full live container
-    list with only ``containers[0].env[0].value`` changed.
+    A merge patch replaces lists, so a changed STORAGE_URI or digest is written as the full live
+    container list with only those two env values changed (the digest's entry added as ``env[1]`` to
+    an InferenceService created before digests were pinned).
     """
     live = state_from_isvc(live_isvc)
     patch: dict[str, Any] = {}
@@ -166,9 +202,15 @@ def merge_patch(live_isvc: dict[str, Any], desired: RolloutState) -> dict[str, A
     predictor: dict[str, Any] = {}
     if live.percent != desired.percent:
         predictor["canaryTrafficPercent"] = desired.percent
-    if live.storage_uri != desired.storage_uri:
+    if (live.storage_uri, live.bundle_sha256) != (desired.storage_uri, desired.bundle_sha256):
         containers = copy.deepcopy(live_isvc["spec"]["predictor"]["containers"])
         containers[0]["env"][0]["value"] = desired.storage_uri
+        digest = _digest_env(containers[0])
+        if digest is None:
+            digest = {"name": DIGEST_ENV}
+            containers[0]["env"].insert(1, digest)
+        digest.pop("valueFrom", None)
+        digest["value"] = desired.bundle_sha256 or ""
         predictor["containers"] = containers
     if predictor:
         patch["spec"] = {"predictor": predictor}
@@ -196,9 +238,11 @@ def _pointer(key: str) -> str:
 CONTRACT_TESTS: tuple[dict[str, Any], ...] = (
     {"op": "test", "path": "/spec/predictor/containers/0/name", "value": CONTAINER},
     {"op": "test", "path": "/spec/predictor/containers/0/env/0/name", "value": STORAGE_ENV},
+    {"op": "test", "path": "/spec/predictor/containers/0/env/1/name", "value": DIGEST_ENV},
 )
 _PERCENT_PATH = "/spec/predictor/canaryTrafficPercent"
 _URI_PATH = "/spec/predictor/containers/0/env/0/value"
+_DIGEST_PATH = "/spec/predictor/containers/0/env/1/value"
 _ANN_PREFIX = "/metadata/annotations/"
 
 
@@ -210,6 +254,7 @@ def json6902_ops(state: RolloutState) -> list[dict[str, Any]]:
     """
     ops: list[dict[str, Any]] = [dict(op) for op in CONTRACT_TESTS]
     ops.append({"op": "replace", "path": _URI_PATH, "value": state.storage_uri})
+    ops.append({"op": "replace", "path": _DIGEST_PATH, "value": state.bundle_sha256 or ""})
     for key, value in state.annotations().items():
         path = f"{_ANN_PREFIX}{_pointer(key)}"
         ops.append({"op": "add", "path": path, "value": value if value is not None else ""})

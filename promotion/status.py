@@ -18,7 +18,11 @@ if TYPE_CHECKING:
 
 def read_status(promoter: Promoter) -> dict[str, Any]:
     """Registry aliases and versions, live state, disagreements, drift verdicts, live stats, events."""
-    out: dict[str, Any] = {"target": promoter.target.describe(), "aliases": promoter.registry.aliases()}
+    out: dict[str, Any] = {
+        "target": promoter.target.describe(),
+        "pins_digest": promoter.target.pins_digest,
+        "aliases": promoter.registry.aliases(),
+    }
     out["versions"] = [
         {
             "version": v.version,

@@ -49,6 +49,7 @@ class TargetUnavailable(TargetError):
 
 class Target(Protocol):
     name: str
+    pins_digest: bool  # the rollout state carries each version's bundle digest (MOTLENS_SERVE_MODEL_SHA256)
 
     def describe(self) -> str: ...
 
@@ -73,6 +74,7 @@ class K8sTarget:
     """The InferenceService through the Kubernetes API (in-cluster service account or kubeconfig)."""
 
     name = "k8s"
+    pins_digest = True  # the pod's storage initializer has no registry: the spec carries the digest
 
     def __init__(self, settings: PromoteSettings) -> None:
         from motlens.cli import require
@@ -254,6 +256,7 @@ class GitOpsTarget:
     """
 
     name = "gitops"
+    pins_digest = True  # the pod's storage initializer has no registry: the spec carries the digest
 
     def __init__(self, settings: PromoteSettings) -> None:
         self.settings = settings

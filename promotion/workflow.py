@@ -103,6 +103,18 @@ class Promoter:
             self._uris[version] = self.target.uri_for(version, self.info(version).artifact_uri)
         return self._uris[version]
 
+    def digest(self, version: str) -> str | None:
+        """The bundle digest the target is to pin for ``version``: its registry tag, when the target
+        pins digests (a local server fetches through the registry, which checks the tag itself)."""
+        if not self.target.pins_digest:
+            return None
+        from training.registry import DIGEST_TAG
+
+        found = self.info(version).tags.get(DIGEST_TAG)
+        if not found:
+            log.warning("version %s has no %s tag: the target does not pin its bundle", version, DIGEST_TAG)
+        return found
+
     def snapshot(self) -> tuple[RolloutState, dict[str, str]]:
         """The live state (read first: a ``kubectl edit`` is respected) and the registry aliases."""
         live = self.target.read()
@@ -133,6 +145,8 @@ class Promoter:
                 f"live production storage URI {live.serving_production_uri} is not the artifact URI "
                 f"of version {prod} ({self._uri_or_none(prod)})"
             )
+        elif prod and (found := self._other_pin(live.serving_production_sha256, prod)):
+            out.append(f"live production {found}")
         if live.canary_version != canary:
             out.append(
                 f"live canary is version {live.canary_version or '(none)'} but the registry's "
@@ -143,6 +157,8 @@ class Promoter:
                 f"live canary storage URI {live.storage_uri} is not the artifact URI of version {canary} "
                 f"({self._uri_or_none(canary)})"
             )
+        elif canary and (found := self._other_pin(live.bundle_sha256, canary)):
+            out.append(f"live canary {found}")
         return out
 
     def _uri_or_none(self, version: str) -> str | None:
@@ -150,6 +166,19 @@ class Promoter:
             return self.uri(version)
         except PromotionError:
             return None
+
+    def _other_pin(self, pinned: str | None, version: str) -> str | None:
+        """How a pinned bundle digest differs from ``version``'s registry tag (None when it does not,
+        or when either is missing: an unpinned revision is shown by ``status``, not refused)."""
+        if pinned is None:
+            return None
+        try:
+            expected = self.digest(version)
+        except PromotionError:
+            return None
+        if expected is None or expected == pinned:
+            return None
+        return f"pins bundle digest {pinned}, not the {expected} registered for version {version}"
 
     # ------------------------------------------------------------------ execution
 
@@ -411,7 +440,7 @@ class Promoter:
                 ours = known.get(STATUS_TAG) == "canary"
                 tags |= {t: _APPLIED_AT for t in (STARTED_AT_TAG, STEP_AT_TAG) if not (ours and t in known)}
             else:
-                desired = live.with_canary(version, self.uri(version), percent)
+                desired = live.with_canary(version, self.uri(version), percent, self.digest(version))
                 tags |= {STARTED_AT_TAG: _APPLIED_AT, STEP_AT_TAG: _APPLIED_AT}
                 if not live.canary_active and aliases.get("canary") == version:
                     known = self.info(version).tags  # the registry's canary, gone from the target (a restart)
@@ -528,7 +557,7 @@ class Promoter:
             self._refuse_verdict(event, live, f"deploying version {version}")
         event.gates = self.evidence.offline_gates(version, baseline)
         self._refuse_on_gates(event, f"deploying version {version}")
-        desired = live.deployed(version, self.uri(version))
+        desired = live.deployed(version, self.uri(version), self.digest(version))
         tags = {
             version: {
                 STATUS_TAG: "production",
@@ -557,7 +586,7 @@ class Promoter:
         production the registry does not hand to ``version``, or drop a running canary)."""
         where, serving = self.target.describe(), live.production_version
         if self._serves(live, version):
-            if alias == version:
+            if alias == version and not self._unpinned(live, version):
                 raise PromotionError(
                     f"version {version} is already production on {where}: it serves it and the registry's "
                     "'production' alias names it"
@@ -582,6 +611,15 @@ class Promoter:
         """Whether the target serves ``version`` as production (its version and its artifact URI)."""
         uri = self._uri_or_none(version) if version else None
         return uri is not None and live.production_version == version and live.serving_production_uri == uri
+
+    def _unpinned(self, live: RolloutState, version: str) -> bool:
+        """Whether production serves ``version`` without the bundle digest the registry has for it (an
+        InferenceService from before digests were pinned): a deploy of the same version pins it."""
+        try:
+            expected = self.digest(version)
+        except PromotionError:
+            return False
+        return expected is not None and live.serving_production_sha256 != expected
 
     def _exists(self, version: str) -> bool:
         try:
@@ -668,7 +706,7 @@ class Promoter:
             event,
             live,
             aliases,
-            [live.deployed(previous, self.uri(previous))],
+            [live.deployed(previous, self.uri(previous), self.digest(previous))],
             set_aliases={"production": previous},
             version_tags=tags,
         )

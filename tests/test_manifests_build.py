@@ -24,6 +24,7 @@ from manifest_helpers import (
 )
 
 from drift.settings import DriftSettings
+from promotion.rollout import RolloutState, json6902_ops
 
 KNATIVE_MODES = {"Serverless", "Knative"}  # the legacy and the current spelling of Knative mode
 
@@ -164,15 +165,13 @@ def test_rollout_ops_as_the_promotion_cli_writes_them(tmp_path: Path, overlay: s
     and the InferenceService still matches the CRD."""
     root = _overlay_copy(tmp_path)
     canary_uri = "s3://mlflow-artifacts/1/canaryrun/artifacts/model"
-    ops = [
-        {"op": "replace", "path": "/spec/predictor/containers/0/env/0/value", "value": canary_uri},
-        {"op": "add", "path": "/spec/predictor/canaryTrafficPercent", "value": 10},
-        {"op": "add", "path": "/metadata/annotations/motlens.io~1canary-version", "value": "7"},
-        {"op": "replace", "path": "/metadata/annotations/motlens.io~1production-version", "value": "6"},
-    ]
+    production = RolloutState(None).deployed("6", "s3://mlflow-artifacts/1/prodrun/artifacts/model", "a" * 64)
+    ops = json6902_ops(production.with_canary("7", canary_uri, 10, "b" * 64))
     (root / "overlays" / overlay / "rollout.yaml").write_text(yaml.safe_dump(ops))
     isvc = _isvc(kustomize(root / "overlays" / overlay))
     assert isvc_container(isvc)["env"][0] == {"name": "STORAGE_URI", "value": canary_uri}
+    assert isvc_container(isvc)["env"][1] == {"name": "MOTLENS_SERVE_MODEL_SHA256", "value": "b" * 64}
+    assert isvc["metadata"]["annotations"]["motlens.io/production-bundle-sha256"] == "a" * 64
     assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 10
     assert isvc["metadata"]["annotations"]["motlens.io/canary-version"] == "7"
     assert isvc["metadata"]["annotations"]["motlens.io/production-version"] == "6"

@@ -4,12 +4,16 @@ and the gate — a bundle that fails verification or its golden set is never ser
 from __future__ import annotations
 
 import gc
+import json
 import shutil
+import time
 import weakref
 
+import httpx
 import pytest
+from conftest import free_port
 
-from motlens.bundle import assemble
+from motlens.bundle import MANIFEST, assemble, sha256_file, write_manifest
 from predictor.backend import EMBEDDER_FACTORIES, ModelLoadError, find_bundle_root, load_backend, resolve_model
 
 
@@ -300,3 +304,54 @@ def test_the_trace_setting_reaches_the_factory_and_keys_the_shared_embedder(tiny
     finally:
         eager.close()
         traced.close()
+
+
+def _resigned_copy(bundle_root, dst):
+    """What write access to the artifact store allows: a bundle replaced by one that verifies against a
+    manifest of its own (here the same files, re-signed, so only the manifest's digest tells them apart)."""
+    shutil.copytree(bundle_root, dst)
+    manifest = json.loads((dst / MANIFEST).read_text())
+    write_manifest(dst, **{k: v for k, v in manifest.items() if k not in ("files", "created_at")})
+    return dst
+
+
+def test_a_pinned_bundle_digest_refuses_a_re_signed_bundle(tiny_bundle, embedder, tmp_path):
+    mount = tmp_path / "mnt-models"
+    shutil.copytree(tiny_bundle.root, mount)
+    pin = sha256_file(mount / MANIFEST)
+    assert load_backend(str(mount), embedder=embedder, manifest_sha256=pin).golden.passed
+    swapped = _resigned_copy(tiny_bundle.root, tmp_path / "swapped")
+    assert load_backend(str(swapped), embedder=embedder).golden.passed  # it verifies on its own
+    refused = f"bundle refused: .*bundle.json has sha256 [0-9a-f]{{64}}, not the pinned {pin}"
+    with pytest.raises(ModelLoadError, match=refused):
+        load_backend(str(swapped), embedder=embedder, manifest_sha256=pin)
+
+
+def test_the_server_pins_its_configured_model_only(tiny_bundle, embedder, tmp_path):
+    """MOTLENS_SERVE_MODEL_SHA256 (set beside STORAGE_URI) keeps a swapped /mnt/models unready with the
+    reason; versions loaded later through the admin API are checked by the registry, not by this pin."""
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+
+    swapped = _resigned_copy(tiny_bundle.root, tmp_path / "mnt-models")
+    pin = sha256_file(tiny_bundle.root / MANIFEST)
+    settings = ServeSettings(
+        model=str(swapped), model_sha256=pin, http_port=free_port(), enable_grpc=False, admin_enabled=True
+    )
+    srv = PredictorServer(settings, embedder=embedder, host="127.0.0.1")
+    thread = ServerThread(srv).start()
+    try:
+        base = f"http://127.0.0.1:{settings.http_port}"
+        deadline = time.monotonic() + 300
+        while srv.slots.slots["production"].error is None:
+            assert time.monotonic() < deadline and srv.slots.ready is False
+            time.sleep(0.05)
+        kind, detail = srv.slots.not_ready_reason()
+        assert kind == "load_failed" and f"not the pinned {pin}" in detail
+        assert httpx.get(f"{base}/v2/models/mot-defects/ready").status_code == 503
+        admin = f"{base}/motlens/admin/slots/production/load"
+        r = httpx.post(admin, json={"ref": str(tiny_bundle.root)}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert httpx.get(f"{base}/v2/models/mot-defects/ready").status_code == 200
+    finally:
+        thread.stop()

@@ -214,6 +214,8 @@ def test_a_port_out_of_range_is_refused_at_start(capsys, tmp_path):
         (["--dtype", "bogus"], {}, "--dtype"),
         (["--device", "bogus"], {}, "--device"),
         (["--backend", "onnx", "--dtype", "float16"], {}, "--dtype: the onnx backend runs float32, fp32, int8"),
+        (["--model-sha256", "0" * 63], {}, "--model-sha256"),  # a pin no bundle has: never ready
+        (["--model-sha256", "0" * 64, "--follow-alias", "production"], {}, "cannot also follow an alias"),
     ],
 )
 def test_settings_a_server_cannot_work_with_are_refused_at_start(capsys, tmp_path, monkeypatch, args, env, named):

@@ -53,3 +53,18 @@ def test_model_threads_split_the_quota_between_workers(cpu_max):
     assert ServeSettings(model_workers=2).resolved_threads() == 2
     assert ServeSettings(model_workers=8).resolved_threads() == 1
     assert ServeSettings(threads=6, model_workers=2).resolved_threads() == 3  # set explicitly: no cgroup
+
+
+def test_the_model_pin_is_a_sha256_or_empty(monkeypatch):
+    """The InferenceService's env[1] is "" while a version has no registry digest: that means no pin."""
+    monkeypatch.setenv("MOTLENS_SERVE_MODEL_SHA256", "")
+    assert ServeSettings().model_sha256 is None
+    monkeypatch.setenv("MOTLENS_SERVE_MODEL_SHA256", "ab" * 32)
+    assert ServeSettings().model_sha256 == "ab" * 32
+    for bad in ("AB" * 32, "ab" * 31, "sha256:" + "ab" * 32):
+        monkeypatch.setenv("MOTLENS_SERVE_MODEL_SHA256", bad)
+        with pytest.raises(ValueError, match="model_sha256"):
+            ServeSettings()
+    monkeypatch.setenv("MOTLENS_SERVE_MODEL_SHA256", "ab" * 32)
+    with pytest.raises(ValueError, match="cannot also follow an alias"):
+        ServeSettings(follow_alias="production")

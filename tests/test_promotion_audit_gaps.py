@@ -16,6 +16,7 @@ from promotion.status import read_status
 from promotion.tags import STARTED_AT_TAG
 from promotion.targets import GitOpsTarget
 from promotion.workflow import Promoter, PromotionError, Refused
+from training.registry import DIGEST_TAG
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 
@@ -292,7 +293,8 @@ def test_an_interrupted_first_deployment_is_finished_by_a_rerun(registry, tiny_b
     is already production' and wanted --force."""
     env = make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60])
     target = GitOpsTarget(env.settings())
-    target.apply(target.read().deployed("1", registry.resolve("1").artifact_uri))
+    info = registry.resolve("1")
+    target.apply(target.read().deployed("1", info.artifact_uri, info.tags[DIGEST_TAG]))  # what a deploy writes
     written = (target.overlay / "rollout.yaml").read_text()
     p = _promoter(env, target)
     with pytest.raises(PromotionError, match=r"already production; `motlens promote promote 1` sets the registry"):

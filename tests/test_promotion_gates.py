@@ -10,7 +10,15 @@ import pytest
 
 from motlens.bundle import BundleError
 from promotion import gates as g
-from promotion.rollout import RolloutError, RolloutState, apply_merge_patch, merge_patch, state_from_isvc
+from promotion.rollout import (
+    ANN_PROD_SHA,
+    DIGEST_ENV,
+    RolloutError,
+    RolloutState,
+    apply_merge_patch,
+    merge_patch,
+    state_from_isvc,
+)
 from promotion.settings import PromoteSettings
 
 F1, AUC = "section_macro_f1", "fail_auc"
@@ -441,9 +449,17 @@ def test_summarize():
     assert (g.summarize([p, p]), g.summarize([p, w]), g.summarize([w, f])) == ("pass", "wait", "fail")
 
 
-def _isvc(percent=None, ann=None):
-    pred = {"containers": [{"name": "kserve-container", "image": "x",
-                            "env": [{"name": "STORAGE_URI", "value": "s3://a"}, {"name": "OTHER", "value": "1"}]}]}
+PIN_A, PIN_B = "a" * 64, "b" * 64
+PROD_ANN = {"motlens.io/production-version": "1", "motlens.io/production-storage-uri": "s3://a"}
+
+
+def _isvc(percent=None, ann=None, digest=""):
+    """An InferenceService; ``digest=None`` is one created before bundle digests were pinned (no env[1])."""
+    env = [{"name": "STORAGE_URI", "value": "s3://a"}]
+    if digest is not None:
+        env.append({"name": DIGEST_ENV, "value": digest})
+    env.append({"name": "OTHER", "value": "1"})
+    pred = {"containers": [{"name": "kserve-container", "image": "x", "env": env}]}
     if percent is not None:
         pred["canaryTrafficPercent"] = percent
     meta = {"name": "mot-defects", "annotations": {"keep": "me", **(ann or {})}}
@@ -451,18 +467,53 @@ def _isvc(percent=None, ann=None):
             "spec": {"predictor": pred}}
 
 
+def _env(isvc):
+    return isvc["spec"]["predictor"]["containers"][0]["env"]
+
+
 def test_merge_patch_round_trip():
-    live = _isvc(percent=100, ann={"motlens.io/production-version": "1", "motlens.io/production-storage-uri": "s3://a"})
+    live = _isvc(percent=100, ann={**PROD_ANN, ANN_PROD_SHA: PIN_A}, digest=PIN_A)
     state = state_from_isvc(live)
     assert (state.production_version, state.canary_active, state.percent) == ("1", False, 100)
-    canary = state.with_canary("2", "s3://b", 10)
+    assert state.bundle_sha256 == state.serving_production_sha256 == PIN_A
+    canary = state.with_canary("2", "s3://b", 10, PIN_B)
     patch = merge_patch(live, canary)
-    assert patch["spec"]["predictor"]["containers"][0]["env"][1] == {"name": "OTHER", "value": "1"}  # full list
+    assert patch["spec"]["predictor"]["containers"][0]["env"] == [  # the full list, two values changed
+        {"name": "STORAGE_URI", "value": "s3://b"},
+        {"name": DIGEST_ENV, "value": PIN_B},
+        {"name": "OTHER", "value": "1"},
+    ]
     after = apply_merge_patch(live, patch)
     assert state_from_isvc(after) == canary and after["metadata"]["annotations"]["keep"] == "me"
+    assert after["metadata"]["annotations"][ANN_PROD_SHA] == PIN_A  # production's digest kept for a rollback
     back = apply_merge_patch(after, merge_patch(after, canary.with_percent(0).rolled_back()))
-    assert state_from_isvc(back) == RolloutState("s3://a", "1", "s3://a") and "canaryTrafficPercent" not in back
+    assert state_from_isvc(back) == RolloutState("s3://a", "1", "s3://a", bundle_sha256=PIN_A, production_sha256=PIN_A)
+    assert "canaryTrafficPercent" not in back and _env(back)[1] == {"name": DIGEST_ENV, "value": PIN_A}
+    promoted = apply_merge_patch(after, merge_patch(after, canary.promoted()))
+    assert state_from_isvc(promoted).serving_production_sha256 == PIN_B == _env(promoted)[1]["value"]
+    assert promoted["metadata"]["annotations"][ANN_PROD_SHA] == PIN_B
     assert merge_patch(after, canary) == {}
+
+
+def test_a_digest_change_alone_is_a_new_revision():
+    live = _isvc(ann=PROD_ANN)
+    pinned = state_from_isvc(live).deployed("1", "s3://a", PIN_A)
+    patch = merge_patch(live, pinned)
+    assert _env(apply_merge_patch(live, patch))[1] == {"name": DIGEST_ENV, "value": PIN_A}
+    assert patch["metadata"]["annotations"] == {ANN_PROD_SHA: PIN_A}
+
+
+def test_an_inferenceservice_from_before_digests_gets_its_entry():
+    live = _isvc(ann=PROD_ANN, digest=None)
+    state = state_from_isvc(live)
+    assert state.bundle_sha256 is None and state.serving_production_sha256 is None
+    canary = state.with_canary("2", "s3://b", 10, PIN_B)
+    after = apply_merge_patch(live, merge_patch(live, canary))
+    assert [e["name"] for e in _env(after)] == ["STORAGE_URI", DIGEST_ENV, "OTHER"] and _env(after)[1]["value"] == PIN_B
+    assert state_from_isvc(after) == canary
+    back = apply_merge_patch(after, merge_patch(after, canary.with_percent(0).rolled_back()))
+    assert _env(back)[1] == {"name": DIGEST_ENV, "value": ""}  # production was never pinned: it stays so
+    assert state_from_isvc(back) == RolloutState("s3://a", "1", "s3://a")
 
 
 @pytest.mark.parametrize("bad", [-1, 101, 12.5, "10", True])

@@ -18,10 +18,11 @@ from promotion_support import (
     validate_isvc,
 )
 
-from promotion.rollout import ANN_CANARY_VERSION, ANN_PROD_URI, ANN_PROD_VERSION
+from promotion.rollout import ANN_CANARY_VERSION, ANN_PROD_SHA, ANN_PROD_URI, ANN_PROD_VERSION, DIGEST_ENV
 from promotion.status import read_status
 from promotion.targets import GitOpsTarget
 from promotion.workflow import Promoter, PromotionError, Refused
+from training.registry import DIGEST_TAG
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 
@@ -42,6 +43,13 @@ class RecordingGitOps(GitOpsTarget):
 
 def _env0(isvc):
     return isvc["spec"]["predictor"]["containers"][0]["env"][0]["value"]
+
+
+def _pin(isvc):
+    """env[1]: the bundle digest the revision's predictor checks ``/mnt/models`` against."""
+    entry = isvc["spec"]["predictor"]["containers"][0]["env"][1]
+    assert entry["name"] == DIGEST_ENV
+    return entry["value"]
 
 
 @pytest.fixture
@@ -84,8 +92,11 @@ def test_full_rollout_then_rollback(env, tmp_path):
     assert _check_steps(target, tmp_path) == 1
     p.force = False
     uri = {v: reg.resolve(v).artifact_uri for v in ("1", "2", "3")}
+    pin = {v: reg.resolve(v).tags[DIGEST_TAG] for v in ("1", "2", "3")}
+    assert len(set(pin.values())) == 3
     baseline = render(target.overlay)
     assert _env0(baseline) == uri["1"] and "canaryTrafficPercent" not in baseline["spec"]["predictor"]
+    assert _pin(baseline) == pin["1"] == baseline["metadata"]["annotations"][ANN_PROD_SHA]
     assert baseline["metadata"]["annotations"][ANN_PROD_VERSION] == "1"
 
     out = p.canary_start("2", 10)
@@ -94,8 +105,9 @@ def test_full_rollout_then_rollback(env, tmp_path):
     percents = [10]
     while True:
         isvc = render(target.overlay)
-        assert _env0(isvc) == uri["2"]
+        assert _env0(isvc) == uri["2"] and _pin(isvc) == pin["2"]
         assert isvc["metadata"]["annotations"][ANN_PROD_URI] == uri["1"]
+        assert isvc["metadata"]["annotations"][ANN_PROD_SHA] == pin["1"]  # what a rollback restores
         assert isvc["metadata"]["annotations"][ANN_CANARY_VERSION] == "2"
         assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == percents[-1]
         if percents[-1] < 100:
@@ -120,6 +132,7 @@ def test_full_rollout_then_rollback(env, tmp_path):
     assert _env0(promoted) == uri["2"] and "canaryTrafficPercent" not in promoted["spec"]["predictor"]
     ann = promoted["metadata"]["annotations"]
     assert (ann[ANN_PROD_VERSION], ann[ANN_PROD_URI], ANN_CANARY_VERSION in ann) == ("2", uri["2"], False)
+    assert _pin(promoted) == pin["2"] == ann[ANN_PROD_SHA]
     assert reg.aliases() == {"production": "2"}
     assert reg.resolve("2").tags["promotion.status"] == "production"
     assert reg.resolve("1").tags["promotion.status"] == "retired"
@@ -127,6 +140,7 @@ def test_full_rollout_then_rollback(env, tmp_path):
     # a canary of version 3, then a rollback: the manifest returns exactly to the promoted one
     p.canary_start("3", 25)
     assert render(target.overlay)["spec"]["predictor"]["canaryTrafficPercent"] == 25
+    assert _pin(render(target.overlay)) == pin["3"]
     p.rollback(reason="test rollback")
     assert _check_steps(target, tmp_path) == 3  # canary start, then 0%, then the previous spec restored
     assert render(target.overlay) == promoted
@@ -167,6 +181,22 @@ def test_manual_edit_is_respected_and_guarded(env, tmp_path):
     p.advance()
     assert render(target.overlay)["spec"]["predictor"]["canaryTrafficPercent"] == 50
 
+    # a hand-edited bundle digest disagrees with the version's registry tag: refused, nothing written
+    unedited = rollout.read_text()
+    ops = yaml.safe_load(unedited)
+    for op in ops:
+        if op["path"] == "/spec/predictor/containers/0/env/1/value":
+            op["value"] = "c" * 64
+    rollout.write_text(yaml.safe_dump(ops))
+    edited = rollout.read_text()
+    problems = read_status(p)["disagreements"]
+    assert problems == [f"live canary pins bundle digest {'c' * 64}, not the {reg.resolve('2').tags[DIGEST_TAG]} "
+                        "registered for version 2"]
+    with pytest.raises(Refused, match="pins bundle digest c{64}"):
+        p.canary_set(60)
+    assert rollout.read_text() == edited
+    rollout.write_text(unedited)
+
     # a hand-edited storage URI disagrees with the registry: refused, nothing written, --force proceeds
     ops = yaml.safe_load(rollout.read_text())
     for op in ops:
@@ -191,7 +221,8 @@ def test_interrupted_change_is_repaired_by_a_rerun(env):
     p.force = False
     # the process died right after writing the manifest, before moving the alias
     live = target.read()
-    target.apply(live.with_canary("2", reg.resolve("2").artifact_uri, 10))
+    info = reg.resolve("2")
+    target.apply(live.with_canary("2", info.artifact_uri, 10, info.tags[DIGEST_TAG]))
     written = (target.overlay / "rollout.yaml").read_text()
     problems = read_status(p)["disagreements"]
     assert problems and "canary" in problems[0]
@@ -216,3 +247,24 @@ def test_dry_run_changes_nothing(env):
     plan = out.patches[0]
     assert plan["merge_patch"]["spec"]["predictor"]["canaryTrafficPercent"] == 10
     assert "canary-version" in plan["content"]
+
+
+def test_an_unpinned_production_is_shown_and_pinned_by_a_deploy_of_its_version(env):
+    """An InferenceService written before bundle digests were pinned: `status` shows it unpinned
+    (not a disagreement), and `promote promote V` of the version it serves pins it instead of
+    answering 'already production'."""
+    reg = env.registry
+    target = GitOpsTarget(env.settings())
+    p = Promoter(env.settings(golden_check=False), reg, target, force=True)
+    p.promote("1")
+    unpinned = target.read().deployed("1", reg.resolve("1").artifact_uri)  # no digest, as older releases wrote
+    target.apply(unpinned)
+    status = read_status(p)
+    assert status["pins_digest"] and status["live"]["bundle_sha256"] is None and status["disagreements"] == []
+    p.force = False
+    p.promote("1")
+    pinned = render(target.overlay)
+    assert _pin(pinned) == reg.resolve("1").tags[DIGEST_TAG] == pinned["metadata"]["annotations"][ANN_PROD_SHA]
+    with pytest.raises(PromotionError, match="already production"):
+        p.promote("1")
+    assert reg.aliases() == {"production": "1"}
