@@ -190,8 +190,10 @@ def test_manual_edit_is_respected_and_guarded(env, tmp_path):
     rollout.write_text(yaml.safe_dump(ops))
     edited = rollout.read_text()
     problems = read_status(p)["disagreements"]
-    assert problems == [f"live canary pins bundle digest {'c' * 64}, not the {reg.resolve('2').tags[DIGEST_TAG]} "
-                        "registered for version 2"]
+    assert problems == [
+        f"live canary pins bundle digest {'c' * 64}, not the {reg.resolve('2').tags[DIGEST_TAG]} "
+        "registered for version 2"
+    ]
     with pytest.raises(Refused, match="pins bundle digest c{64}"):
         p.canary_set(60)
     assert rollout.read_text() == edited
