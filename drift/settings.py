@@ -8,8 +8,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from drift.windows import parse_duration, parse_time
+from drift.windows import parse_duration
 from motlens import MODEL_NAME
+from motlens.times import parse_time
 
 EmbeddingMethod = Literal["model", "mmd", "ratio", "distance"]
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from motlens.times import EARLIEST, parse_time
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -37,22 +39,6 @@ def parse_duration(text: str) -> timedelta:
     if d > MAX_DURATION:
         raise ValueError(f"duration too long: {text!r} (at most {MAX_DURATION.days}d)")
     return d
-
-
-#: times the log can hold and pandas can represent (nanoseconds since 1970, up to April 2262)
-EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2262, 1, 1, tzinfo=UTC)
-
-
-def parse_time(text: str) -> datetime:
-    """ISO-8601 between 1970 and 2262; naive times are UTC."""
-    try:
-        ts = datetime.fromisoformat(text.strip())
-    except ValueError as e:
-        raise ValueError(f"not an ISO-8601 time: {text!r}") from e
-    ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-    if not EARLIEST <= ts < LATEST:
-        raise ValueError(f"time out of range: {text!r} (from {EARLIEST.year} to {LATEST.year})")
-    return ts
 
 
 def _window_before(stop: datetime, duration: timedelta) -> Window:

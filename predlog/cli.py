@@ -6,6 +6,8 @@ import argparse
 import re
 from datetime import UTC, datetime, timedelta
 
+from motlens.times import EARLIEST, parse_time
+
 TAIL_COLUMNS = (
     "ts",
     "model_version",
@@ -18,7 +20,6 @@ TAIL_COLUMNS = (
     "text",
 )
 _DURATION = re.compile(r"^(\d+)([smhd])$")
-_EARLIEST, _LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2262, 1, 1, tzinfo=UTC)
 _UNBOUNDED = 100_000  # the width a table is measured at: its natural width, unclipped by the terminal
 
 
@@ -30,17 +31,13 @@ def _since(value: str) -> datetime:
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
         now = datetime.now(UTC)
         try:
-            return max(_EARLIEST, now - timedelta(**{unit: int(m.group(1))}))
+            return max(EARLIEST, now - timedelta(**{unit: int(m.group(1))}))
         except OverflowError:  # longer than datetime reaches back
-            return _EARLIEST
+            return EARLIEST
     try:
-        ts = datetime.fromisoformat(value)
+        return parse_time(value)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected e.g. 24h or an ISO time, got {value!r}") from e
-    ts = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-    if not _EARLIEST <= ts < _LATEST:
-        raise argparse.ArgumentTypeError(f"expected a time from 1970 to 2262, got {value!r}")
-    return ts
+        raise argparse.ArgumentTypeError(f"expected e.g. 24h or an ISO time: {e}") from e
 
 
 def _param(value: str) -> tuple[str, str]:

@@ -265,7 +265,7 @@ def test_log_stats_over_a_closed_window(backend, tmp_path, monkeypatch, capsys):
     for bad in ("0001-01-01", "9999-01-01"):
         with pytest.raises(SystemExit) as exit_info:
             main(["log", "stats", "--since", bad])
-        assert exit_info.value.code == 2 and "expected a time from 1970 to 2262" in capsys.readouterr().err
+        assert exit_info.value.code == 2 and "time out of range" in capsys.readouterr().err
     if backend == "table":
         keeper.client.command(f"DROP DATABASE IF EXISTS {settings.database}")
     keeper.close()
