@@ -466,16 +466,14 @@ def _declared_elements(shape: Any) -> int | None:
 
 
 def _check_element_count(inp: Any, n: int) -> None:
-    """A tensor of shape ``[n]`` or ``[n, 1]`` holds no more than ``n`` elements, counted before
-    anything is decoded: gRPC's raw contents by their length prefixes (at most ``n + 1`` read), JSON
-    data by its length (an element may be a one-item list, ``[[a], [b]]``)."""
+    """A tensor of shape ``[n]`` or ``[n, 1]`` holds ``n`` elements, checked before anything is
+    decoded: raw BYTES contents (gRPC's, or a binary body's) item by item (at most ``n + 1`` read),
+    JSON data by its length (an element may be a one-item list, ``[[a], [b]]``)."""
     raw = inp._raw_data  # kserve's binary or gRPC raw contents; None for JSON data
     if raw is not None and inp.datatype == "BYTES":
-        pos, count = 0, 0
-        while pos + 4 <= len(raw) and count <= n:
-            pos += 4 + int.from_bytes(raw[pos : pos + 4], "little")
-            count += 1
-    elif raw is None and isinstance(inp.data, list):
+        _check_bytes_items(raw, inp.name, list(inp.shape), n, None)
+        return
+    if raw is None and isinstance(inp.data, list):
         count = len(inp.data)
     else:
         return  # fixed-width raw data: numpy reads it in one step and the reshape names a mismatch

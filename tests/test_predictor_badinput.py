@@ -677,6 +677,12 @@ async def test_grpc_repository_unload_is_unimplemented_and_raw_bytes_are_checked
             await stub.ModelInfer(raw_text(raw))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details() == "input 'text' holds more items than the 1 its shape [1] declares"
+        fewer = raw_text(len(OK_TEXT).to_bytes(4, "little") + OK_TEXT.encode())
+        fewer.inputs[0].shape[:] = [2]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(fewer)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == "input 'text' holds 1 items; its shape [2] declares 2"
         for datatype in ("STRING", "bytes", ""):  # not a v2 datatype: named (KServe said "invalid content type")
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.ModelInfer(raw_text(b"\x01\x00\x00\x00a", datatype))
