@@ -296,15 +296,15 @@ def load_backend(
     torch_trace: bool = True,
     embedder: Embedder | None = None,
     lkg: bool = False,
-    manifest_sha256: str | None = None,
+    pinned: Mapping[str, str] | None = None,
 ) -> Backend:
     """Resolve, verify, load, warm up and golden-check; raise :class:`ModelLoadError` on any failure.
 
     ``embedder`` reuses an already loaded embedder (tests share one MiniLM per session); without it, a
     loaded backend's embedder of the same files and settings is shared (:func:`_shared_embedder`). With ``lkg``,
     a registry bundle that passes is recorded as the reference's last-known-good, and an unreachable
-    registry is replaced by that bundle (``Backend.fallback`` says so). ``manifest_sha256`` pins the
-    ``bundle.json`` of whatever ``ref`` resolved to (a last-known-good stand-in included).
+    registry is replaced by that bundle (``Backend.fallback`` says so). ``pinned`` maps references to the
+    sha256 the ``bundle.json`` they resolve to must have (a last-known-good stand-in included).
     """
     t0 = time.perf_counter()
     try:
@@ -315,7 +315,7 @@ def load_backend(
         raise ModelLoadError(f"cannot resolve {ref}: {type(e).__name__}: {e}") from e
     root = resolved.root
     try:
-        bundle = Bundle.open(root, manifest_sha256)
+        bundle = Bundle.open(root, (pinned or {}).get(str(ref)))
         head = bundle.head()
     except BundleError as e:
         raise ModelLoadError(f"bundle refused: {e}") from e

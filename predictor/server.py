@@ -49,13 +49,14 @@ from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from pydantic import BaseModel, Field, ValidationError
 
 from motlens.embedder import Embedder
-from predictor.backend import Backend, ModelLoadError, load_backend
+from predictor.backend import ModelLoadError, load_backend
 from predictor.batcher import Overloaded
 from predictor.cache import EmbeddingCache
 from predictor.codec import check_binary_texts, json_error, resolve_request_id, short_message, validation_message
 from predictor.disconnect import ClientGone, unless_disconnected
 from predictor.events import write_event
 from predictor.grpc_server import GRPCServer
+from predictor.http_deadline import with_header_timeout
 from predictor.model import MotlensModel
 from predictor.priority import nice_current_thread
 from predictor.rest_edge import (
@@ -115,6 +116,7 @@ class _RESTServer(RESTServer):
         )
         self.motlens = server
         self.config.host = host
+        self.config.http = with_header_timeout(server.settings.header_timeout_s)
         if not server.settings.access_log:  # what uvicorn.Config(access_log=False) does
             access = logging.getLogger("uvicorn.access")
             access.handlers = []
@@ -213,7 +215,7 @@ class PredictorServer:
         self.settings = settings
         self.writer = writer
         self.cache = EmbeddingCache(settings.cache_bytes)
-        load = partial(
+        loader = partial(
             load_backend,
             backend=settings.backend,
             device=settings.device,
@@ -222,13 +224,10 @@ class PredictorServer:
             single_thread_tokens=settings.single_thread_tokens,
             torch_trace=settings.torch_trace,
             embedder=embedder,
+            # the configured model's pin only: the admin API loads other versions through the registry,
+            # which checks each against its own recorded digest
+            pinned={settings.model: settings.model_sha256} if settings.model_sha256 else None,
         )
-
-        def loader(ref: str, **kwargs: Any) -> Backend:
-            """The pin is the configured model's: the admin API loads other versions through the registry,
-            which checks each against its own recorded digest."""
-            return load(ref, manifest_sha256=settings.model_sha256 if ref == settings.model else None, **kwargs)
-
         self.slots = SlotManager(settings, self.cache, loader)
         log_settings = getattr(writer, "settings", None)
         if log_settings is not None and hasattr(log_settings, "embedded"):  # a predlog writer: audit rows too

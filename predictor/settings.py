@@ -63,6 +63,12 @@ class ServeSettings(BaseSettings):
     body_timeout_s: float = Field(
         30.0, gt=0, allow_inf_nan=False, description="a request body not fully received this long after it started: 408"
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="request headers not complete this long after their first byte: 408 and the connection closed",
+    )
 
     # micro-batcher
     batch_max_items: int = Field(64, ge=1)

@@ -319,12 +319,13 @@ def test_a_pinned_bundle_digest_refuses_a_re_signed_bundle(tiny_bundle, embedder
     mount = tmp_path / "mnt-models"
     shutil.copytree(tiny_bundle.root, mount)
     pin = sha256_file(mount / MANIFEST)
-    assert load_backend(str(mount), embedder=embedder, manifest_sha256=pin).golden.passed
+    assert load_backend(str(mount), embedder=embedder, pinned={str(mount): pin}).golden.passed
     swapped = _resigned_copy(tiny_bundle.root, tmp_path / "swapped")
     assert load_backend(str(swapped), embedder=embedder).golden.passed  # it verifies on its own
     refused = f"bundle refused: .*bundle.json has sha256 [0-9a-f]{{64}}, not the pinned {pin}"
     with pytest.raises(ModelLoadError, match=refused):
-        load_backend(str(swapped), embedder=embedder, manifest_sha256=pin)
+        load_backend(str(swapped), embedder=embedder, pinned={str(swapped): pin})
+    assert load_backend(str(swapped), embedder=embedder, pinned={str(mount): pin}).golden.passed  # another ref's
 
 
 def test_the_server_pins_its_configured_model_only(tiny_bundle, embedder, tmp_path):

@@ -206,6 +206,7 @@ def test_a_port_out_of_range_is_refused_at_start(capsys, tmp_path):
         (["--batch-max-wait-ms", "nan"], {}, "--batch-max-wait-ms"),  # was ready, then every request hung
         ([], {"MOTLENS_SERVE_BATCH_MAX_WAIT_MS": "inf"}, "MOTLENS_SERVE_BATCH_MAX_WAIT_MS"),  # killed the batcher
         ([], {"MOTLENS_SERVE_DRAIN_S": "inf"}, "MOTLENS_SERVE_DRAIN_S"),  # SIGTERM never finished
+        ([], {"MOTLENS_SERVE_HEADER_TIMEOUT_S": "0"}, "MOTLENS_SERVE_HEADER_TIMEOUT_S"),  # every connection closed
         (["--follow-alias", "production", "--follow-interval-s", "0"], {}, "--follow-interval-s"),  # a busy loop
         (["--max-body-bytes", "-1"], {}, "--max-body-bytes"),  # every request a 413
         (["--max-items-per-request", "0"], {}, "--max-items-per-request"),
