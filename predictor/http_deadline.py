@@ -57,12 +57,17 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        if headers_begun:  # a request has begun: answer it, as the body timeout does (408)
-            metrics.REJECTED.labels(reason="header_timeout").inc()
-            log.info("request headers from %s incomplete after %gs: 408", self.client, self.header_timeout_s)
-            body = json.dumps({"error": f"request headers not complete within {self.header_timeout_s:g}s"}).encode()
-            head = f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            self.transport.write(head.encode() + b"connection: close\r\n\r\n" + body)
+        if not headers_begun:  # idle before a first request: closed, as uvicorn closes an idle keep-alive
+            self.transport.close()
+            return
+        metrics.REJECTED.labels(reason="header_timeout").inc()
+        log.info("request headers from %s incomplete after %gs: 408", self.client, self.header_timeout_s)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # pipelined behind a response being written: close after that one
+            return
+        body = json.dumps({"error": f"request headers not complete within {self.header_timeout_s:g}s"}).encode()
+        head = f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        self.transport.write(head.encode() + b"connection: close\r\n\r\n" + body)
         self.transport.close()
 
 

@@ -58,10 +58,9 @@ class RolloutState:
 
     @property
     def serving_production_sha256(self) -> str | None:
-        """The production bundle digest, found like :attr:`serving_production_uri`."""
-        if self.production_uri:
-            return self.production_sha256
-        return None if self.canary_active else self.bundle_sha256
+        """The production bundle digest: the spec's while no canary runs (what the predictor checks, a
+        hand edit included), else the annotation kept for a rollback."""
+        return self.production_sha256 if self.canary_active else self.bundle_sha256
 
     def with_canary(self, version: str, uri: str, percent: int, sha256: str | None = None) -> RolloutState:
         check_percent(percent)

@@ -321,7 +321,7 @@ class Promoter:
             now, now_aliases = self.snapshot()
         except Exception:  # noqa: BLE001 - cannot tell: say it may have changed
             return True
-        return now.describe() != live.describe() or now_aliases != aliases
+        return now != live or now_aliases != aliases  # URIs and digests included, not just the versions
 
     def _live_percent(self) -> float:
         """The canary's share as the target serves it now (after a refused or failed action)."""
@@ -549,6 +549,10 @@ class Promoter:
         live_prod = serving if serving != version and self._serves(live, serving) else None
         registry_prod = alias if alias != version else None
         baseline = live_prod or registry_prod  # what leaves traffic, else what the registry called production
+        # the version already serves and the registry says so: only its bundle digest is added (_unpinned)
+        pin_only = serving == alias == version and self._serves(live, version)
+        if pin_only:
+            reason = "; ".join(r for r in (f"pin the bundle digest of version {version}", reason) if r)
         event = self._event("deploy", from_version=baseline or serving or "", to_version=version, reason=reason)
         found = self.evidence.verdict(version)
         # bringing the target in line with the registry's production alias is not rolling a retired
@@ -566,6 +570,8 @@ class Promoter:
                 **self._moved_verdicts(version),
             }
         }
+        if pin_only:  # its promotion record stands: what it replaced is what a production rollback restores
+            tags = {version: {STATUS_TAG: "production"}}
         for previous in {live_prod, registry_prod} - {None}:
             tags[str(previous)] = _retired(f"replaced in production by version {version} (deploy)")
         dropped = live.canary_version if live.canary_active else aliases.get("canary")

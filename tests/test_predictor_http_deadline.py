@@ -75,6 +75,17 @@ async def test_headers_dripped_past_the_deadline_get_a_408_and_the_connection_cl
     writer.close()
 
 
+async def test_a_pipelined_request_past_the_deadline_closes_after_the_answer_before_it(port):
+    """The 408 never goes out in the middle of (or instead of) the response still being written."""
+    before = _timeouts()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(GET + b"GET / HT")  # a whole request, then the start of one that never completes
+    data, took = await _closed_after(reader)
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n\r\nok") and b"408" not in data
+    assert took < 3 and _timeouts() == before + 1
+    writer.close()
+
+
 async def test_a_slow_answer_and_an_idle_keep_alive_are_not_cut(port):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     for _ in range(2):

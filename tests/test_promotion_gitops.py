@@ -20,6 +20,7 @@ from promotion_support import (
 
 from promotion.rollout import ANN_CANARY_VERSION, ANN_PROD_SHA, ANN_PROD_URI, ANN_PROD_VERSION, DIGEST_ENV
 from promotion.status import read_status
+from promotion.tags import PREVIOUS_TAG
 from promotion.targets import GitOpsTarget
 from promotion.workflow import Promoter, PromotionError, Refused
 from training.registry import DIGEST_TAG
@@ -254,19 +255,39 @@ def test_dry_run_changes_nothing(env):
 def test_an_unpinned_production_is_shown_and_pinned_by_a_deploy_of_its_version(env):
     """An InferenceService written before bundle digests were pinned: `status` shows it unpinned
     (not a disagreement), and `promote promote V` of the version it serves pins it instead of
-    answering 'already production'."""
+    answering 'already production', keeping what a production rollback restores. A hand edit of the
+    served digest is a disagreement."""
     reg = env.registry
     target = GitOpsTarget(env.settings())
     p = Promoter(env.settings(golden_check=False), reg, target, force=True)
     p.promote("1")
-    unpinned = target.read().deployed("1", reg.resolve("1").artifact_uri)  # no digest, as older releases wrote
-    target.apply(unpinned)
+    p.promote("2")  # forced direct deploy: version 2 replaced version 1
+    assert reg.resolve("2").tags[PREVIOUS_TAG] == "1"
+    target.apply(target.read().deployed("2", reg.resolve("2").artifact_uri))  # no digest, as older releases wrote
     status = read_status(p)
     assert status["pins_digest"] and status["live"]["bundle_sha256"] is None and status["disagreements"] == []
     p.force = False
-    p.promote("1")
+    p.promote("2")
     pinned = render(target.overlay)
-    assert _pin(pinned) == reg.resolve("1").tags[DIGEST_TAG] == pinned["metadata"]["annotations"][ANN_PROD_SHA]
+    assert _pin(pinned) == reg.resolve("2").tags[DIGEST_TAG] == pinned["metadata"]["annotations"][ANN_PROD_SHA]
+    tags = reg.resolve("2").tags
+    assert tags[PREVIOUS_TAG] == "1" and tags["promotion.status"] == "production"  # the record stands
     with pytest.raises(PromotionError, match="already production"):
-        p.promote("1")
+        p.promote("2")
+
+    rollout = target.overlay / "rollout.yaml"
+    unedited = rollout.read_text()
+    ops = yaml.safe_load(unedited)
+    for op in ops:  # the served digest only: the annotation (kept for a rollback during a canary) stays
+        if op["path"] == "/spec/predictor/containers/0/env/1/value":
+            op["value"] = "c" * 64
+    rollout.write_text(yaml.safe_dump(ops))
+    assert read_status(p)["disagreements"] == [
+        f"live production pins bundle digest {'c' * 64}, not the {reg.resolve('2').tags[DIGEST_TAG]} "
+        "registered for version 2"
+    ]
+    rollout.write_text(unedited)
+    p.rollback(reason="back to 1")  # no canary: production goes back to what version 2 replaced
+    back = render(target.overlay)
+    assert _env0(back) == reg.resolve("1").artifact_uri and _pin(back) == reg.resolve("1").tags[DIGEST_TAG]
     assert reg.aliases() == {"production": "1"}
