@@ -236,7 +236,8 @@ def _print_status_tables(status: dict[str, Any]) -> None:
     else:
         t.add_row("live state", live["summary"])
         t.add_row("storage URI (spec)", str(live["storage_uri"]))
-        t.add_row("production URI", str(live["production_uri"] or live["storage_uri"]))
+        served = live["storage_uri"] if live["canary_version"] is None else live["production_uri"]
+        t.add_row("production URI", str(served))
         if status.get("pins_digest"):
             t.add_row("bundle sha256 (spec)", live["bundle_sha256"] or "[yellow]not pinned[/]")
         t.add_row("canaryTrafficPercent", "absent" if live["percent"] is None else f"{live['percent']}")

@@ -53,13 +53,13 @@ class RolloutState:
 
     @property
     def serving_production_uri(self) -> str | None:
-        """The production URI: the annotation, or the spec URI when no canary runs."""
-        return self.production_uri or (None if self.canary_active else self.storage_uri)
+        """The production URI: the spec's while no canary runs (what KServe serves, a hand edit
+        included), else the annotation kept for a rollback."""
+        return self.production_uri if self.canary_active else self.storage_uri
 
     @property
     def serving_production_sha256(self) -> str | None:
-        """The production bundle digest: the spec's while no canary runs (what the predictor checks, a
-        hand edit included), else the annotation kept for a rollback."""
+        """The production bundle digest, read like :attr:`serving_production_uri`."""
         return self.production_sha256 if self.canary_active else self.bundle_sha256
 
     def with_canary(self, version: str, uri: str, percent: int, sha256: str | None = None) -> RolloutState:

@@ -277,15 +277,16 @@ def test_an_unpinned_production_is_shown_and_pinned_by_a_deploy_of_its_version(e
 
     rollout = target.overlay / "rollout.yaml"
     unedited = rollout.read_text()
-    ops = yaml.safe_load(unedited)
-    for op in ops:  # the served digest only: the annotation (kept for a rollback during a canary) stays
-        if op["path"] == "/spec/predictor/containers/0/env/1/value":
-            op["value"] = "c" * 64
-    rollout.write_text(yaml.safe_dump(ops))
-    assert read_status(p)["disagreements"] == [
-        f"live production pins bundle digest {'c' * 64}, not the {reg.resolve('2').tags[DIGEST_TAG]} "
-        "registered for version 2"
-    ]
+    for index, value, problem in (  # what serves is the spec: the annotations (kept for a rollback) stay
+        (1, "c" * 64, f"pins bundle digest {'c' * 64}, not the {reg.resolve('2').tags[DIGEST_TAG]} registered for"),
+        (0, "s3://somewhere/else", "storage URI s3://somewhere/else is not the artifact URI of"),
+    ):
+        ops = yaml.safe_load(unedited)
+        for op in ops:
+            if op["path"] == f"/spec/predictor/containers/0/env/{index}/value":
+                op["value"] = value
+        rollout.write_text(yaml.safe_dump(ops))
+        assert [d[: d.index(" version 2")] for d in read_status(p)["disagreements"]] == [f"live production {problem}"]
     rollout.write_text(unedited)
     p.rollback(reason="back to 1")  # no canary: production goes back to what version 2 replaced
     back = render(target.overlay)
