@@ -72,6 +72,8 @@ class Embedder(Protocol):
 
 
 DTYPES = ("float32", "float16", "bfloat16")
+#: the devices a setting may name (``cuda`` is the current GPU, ``cuda:N`` another)
+DEVICE_PATTERN = r"^(cpu|cuda(:\d+)?)$"
 
 #: The traced CPU forward must match the eager one this closely per row (it is the same arithmetic).
 TRACE_MIN_COSINE = 0.9999

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from motlens.embedder import DEVICE_PATTERN, DTYPES
+
 DEFAULT_MODEL_REF = "models:/mot-defects@production"
 
 
@@ -23,8 +25,8 @@ def cgroup_cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-#: what each backend runs (``motlens.embedder.DTYPES``; ONNX: the variants ``predictor.backend`` exports)
-TORCH_DTYPES = ("float32", "float16", "bfloat16")
+#: what each backend runs (ONNX: the variants ``predictor.backend`` exports)
+TORCH_DTYPES = DTYPES
 ONNX_DTYPES = ("float32", "fp32", "int8")
 
 #: shortest admin token accepted (e.g. ``openssl rand -hex 16`` gives 32)
@@ -90,7 +92,7 @@ class ServeSettings(BaseSettings):
 
     # backend
     backend: Literal["torch", "onnx"] = "torch"
-    device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?)$", description="default: cuda when present")
+    device: str | None = Field(None, pattern=DEVICE_PATTERN, description="default: cuda when present")
     dtype: str = "float32"
     threads: int | None = Field(None, ge=1)
     single_thread_tokens: int = Field(

