@@ -50,6 +50,8 @@ GOLDEN_MAX_HEAD_DELTA = 1e-3
 #: The layout this code writes and the newest it reads; a manifest without ``format`` is format 1
 #: (bundles written before the field existed). A newer format is refused rather than half-read.
 BUNDLE_FORMAT = 1
+#: a sha256 as the manifest, the registry tag and the serve pin spell it
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 
 log = logging.getLogger(__name__)

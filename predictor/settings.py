@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from motlens.bundle import SHA256_PATTERN
 from motlens.embedder import DEVICE_PATTERN, DTYPES
 
 DEFAULT_MODEL_REF = "models:/mot-defects@production"
@@ -41,7 +42,7 @@ class ServeSettings(BaseSettings):
     model: str = Field(DEFAULT_MODEL_REF, description="models:/NAME@ALIAS, models:/NAME/VERSION or a local path")
     model_sha256: str | None = Field(
         None,
-        pattern=r"^[0-9a-f]{64}$",
+        pattern=SHA256_PATTERN,
         description="the sha256 of the bundle.json that `model` must have, or the load is refused; the promotion "
         "CLI sets it beside STORAGE_URI from the version's registry tag (empty = not pinned)",
     )

@@ -112,7 +112,12 @@ class Promoter:
 
         found = self.info(version).tags.get(DIGEST_TAG)
         if not found:
-            log.warning("version %s has no %s tag: the target does not pin its bundle", version, DIGEST_TAG)
+            log.warning(
+                "version %s has no %s tag: the target does not pin its bundle (`motlens train pin %s` records it)",
+                version,
+                DIGEST_TAG,
+                version,
+            )
         return found
 
     def snapshot(self) -> tuple[RolloutState, dict[str, str]]:

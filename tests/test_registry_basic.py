@@ -131,7 +131,7 @@ def test_a_stored_bundle_rehashed_into_a_manifest_of_its_own_is_refused(registry
         registry.fetch("candidate", dst=tmp_path / "old")
     assert [r.getMessage() for r in caplog.records].count(
         f"mot-defects version 1 has no {DIGEST_TAG} tag (registered by a release before 2026-12-01): its "
-        "bundle is verified against its own manifest only"
+        "bundle is verified against its own manifest only; `motlens train pin 1` pins it"
     ) == 1
 
 

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from motlens.cli import main
 
 
@@ -203,3 +205,86 @@ def test_a_version_below_the_floors_is_registered_without_its_alias_exit_3(regis
     monkeypatch.setenv("MOTLENS_TRAIN_FLOOR_AUC_MARGIN", "0")
     assert main(["train", "--data", str(tmp_path / "data")]) == 0
     assert registry.resolve("candidate").version == "3"
+
+
+def _unpin(registry, version: str) -> str:
+    """Make ``version`` look registered before the digest tag existed; its stored bundle.json's sha256."""
+    import hashlib
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from training.registry import DIGEST_TAG
+
+    registry.client.delete_model_version_tag("mot-defects", version, DIGEST_TAG)
+    stored = Path(urlparse(registry.resolve(version).artifact_uri).path)
+    return hashlib.sha256((stored / "bundle.json").read_bytes()).hexdigest()
+
+
+def test_pin_records_an_older_versions_digest_which_fetches_then_check(registry, tiny_bundle, monkeypatch, capsys):
+    """`motlens train pin` gives a version registered before 2026-12-01 its digest tag, marked as set
+    later; from then on a re-hashed stored bundle is refused as for a version pinned at registration."""
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from motlens.bundle import BundleError, write_manifest
+    from training.registry import DIGEST_TAG, PINNED_LATER_TAG, Registry
+
+    _use(registry, monkeypatch)
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")
+    digest = _unpin(registry, "1")
+    assert main(["train", "pin", "production", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"version": "1", "bundle_sha256": digest, "pinned_now": True}
+    tags = registry.resolve("1").tags
+    assert tags[DIGEST_TAG] == digest
+    assert tags[PINNED_LATER_TAG].endswith("Z") and tags[PINNED_LATER_TAG].startswith("20")
+    # pinned already: verified and left as it was
+    assert main(["train", "pin", "1"]) == 0
+    assert f"version 1 was pinned at registration: bundle.json sha256 {digest} (verified)" in capsys.readouterr().out
+    assert registry.resolve("1").tags[PINNED_LATER_TAG] == tags[PINNED_LATER_TAG]
+    # a bundle rewritten into a manifest of its own after the pin is refused, by fetch and by pin
+    stored = Path(urlparse(registry.resolve("1").artifact_uri).path)
+    manifest = json.loads((stored / "bundle.json").read_text())
+    weights = stored / "head" / "weights.safetensors"
+    weights.write_bytes(b"\0" + weights.read_bytes())
+    write_manifest(stored, **{k: v for k, v in manifest.items() if k != "files"})
+    with pytest.raises(BundleError, match="the registry recorded"):
+        Registry(registry.tracking_uri, state=registry.state).fetch("1", dst=registry.state.home / "dl")
+    assert main(["train", "pin", "1"]) == 2
+    assert "motlens train pin: version 1 refused: stored bundle of mot-defects version 1 refused: " in (
+        capsys.readouterr().err
+    )
+
+
+def test_pin_refuses_a_bundle_that_does_not_verify_or_is_not_the_expected_one(
+    registry, tiny_bundle, monkeypatch, capsys
+):
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from training.registry import DIGEST_TAG
+
+    _use(registry, monkeypatch)
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="candidate")
+    digest = _unpin(registry, "1")
+    other = "0" * 64
+    assert main(["train", "pin", "1", "--sha256", other]) == 2
+    err = capsys.readouterr().err
+    assert f"version 1 not pinned: its stored bundle.json has sha256 {digest}, not the expected {other}" in err
+    assert main(["train", "pin", "1", "--sha256", "ABC"]) == 2
+    assert "expected sha256 'ABC' is not 64 lowercase hex characters" in capsys.readouterr().err
+    assert DIGEST_TAG not in registry.resolve("1").tags
+    # a damaged stored file: nothing is pinned
+    weights = Path(urlparse(registry.resolve("1").artifact_uri).path) / "head" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert main(["train", "pin", "1"]) == 2
+    assert "version 1 not pinned: stored bundle of mot-defects version 1 refused: " in capsys.readouterr().err
+    assert DIGEST_TAG not in registry.resolve("1").tags
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert main(["train", "pin", "candidate", "--sha256", digest]) == 0
+    assert capsys.readouterr().out == f"version 1 pinned: bundle.json sha256 {digest}\n"
+    assert registry.resolve("1").tags[DIGEST_TAG] == digest
+    assert main(["train", "pin", "7"]) == 2
+    assert "motlens train pin: " in capsys.readouterr().err

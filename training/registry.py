@@ -30,7 +30,7 @@ from typing import Any
 
 from motlens import MODEL_NAME
 from motlens.atomic import atomic_write
-from motlens.bundle import MANIFEST, Bundle, BundleError, set_manifest_fields, sha256_file
+from motlens.bundle import MANIFEST, SHA256_PATTERN, Bundle, BundleError, set_manifest_fields, sha256_file
 from motlens.credentials import redact
 from motlens.state import StateSettings
 
@@ -42,6 +42,7 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 _NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 MAX_VERSION = 2**31 - 1  # model versions are 32-bit integers in MLflow's stores
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_SHA256 = re.compile(SHA256_PATTERN)
 #: a run id that may go into a search filter as a quoted literal (MLflow's are 32 hex digits)
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: model versions per registry search page
@@ -56,6 +57,9 @@ INCOMPLETE_TAG = "motlens.registration"
 #: registration; a fetched bundle must match it, so rewriting the artifact store alone (a bundle
 #: re-hashed into a manifest of its own) cannot swap the model a version serves
 DIGEST_TAG = "motlens.bundle_sha256"
+#: model-version tag: when :meth:`Registry.pin` set :data:`DIGEST_TAG` after registration (a version
+#: registered before the tag existed), so the trail tells a backfilled pin from one set at registration
+PINNED_LATER_TAG = "motlens.bundle_sha256_pinned_at"
 #: MLflow stores at most 36 characters of a dataset digest (``MAX_DATASET_DIGEST_SIZE``)
 DATASET_DIGEST_CHARS = 36
 INCOMPLETE = "incomplete"
@@ -547,10 +551,11 @@ class Registry:
             self._unpinned_warned.add(info.version)
             log.warning(
                 "%s version %s has no %s tag (registered by a release before 2026-12-01): its bundle is "
-                "verified against its own manifest only",
+                "verified against its own manifest only; `motlens train pin %s` pins it",
                 info.name,
                 info.version,
                 DIGEST_TAG,
+                info.version,
             )
         stored, run = str(bundle.manifest.get("version")), bundle.manifest.get("run_id")
         if stored != info.version:
@@ -560,6 +565,38 @@ class Registry:
         return bundle
 
     # ---- last-known-good bundles -----------------------------------------------------------
+
+    def pin(self, ref: str, expect: str | None = None) -> tuple[ModelVersionInfo, str, bool]:
+        """Give ``ref``, a version registered without a :data:`DIGEST_TAG` (before 2026-12-01), the sha256
+        of its stored ``bundle.json`` once the stored bundle verifies (every file against its manifest, the
+        manifest naming this version and run), and :data:`PINNED_LATER_TAG`. ``expect``, when given, must
+        be that sha256 (a digest recorded elsewhere); without it the pin trusts the store as it is now.
+        A version pinned already is checked against its tag and left as it is. Returns the version, the
+        digest and whether this call set it."""
+        if expect is not None and not _SHA256.fullmatch(expect):
+            raise RegistryError(f"expected sha256 {expect!r} is not 64 lowercase hex characters")
+        info = self.resolve(ref)
+        pinned = bool(info.tags.get(DIGEST_TAG))
+        outcome = "refused" if pinned else "not pinned"
+        self._unpinned_warned.add(info.version)  # this call is the answer to that warning
+        with tempfile.TemporaryDirectory(prefix="motlens-pin-") as tmp:
+            try:
+                bundle = self.fetch(info.version, dst=Path(tmp) / "bundle")
+            except BundleError as e:
+                raise RegistryError(f"version {info.version} {outcome}: {e}") from e
+            digest = sha256_file(bundle.root / MANIFEST)
+        if expect is not None and digest != expect:
+            raise RegistryError(
+                f"version {info.version} {outcome}: its stored {MANIFEST} has sha256 {digest}, not the "
+                f"expected {expect}"
+            )
+        if pinned:
+            return info, digest, False
+        stamp = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        with self._answering():
+            self.client.set_model_version_tag(self.model_name, info.version, DIGEST_TAG, digest)
+            self.client.set_model_version_tag(self.model_name, info.version, PINNED_LATER_TAG, stamp)
+        return self.resolve(info.version), digest, True
 
     def canonical_ref(self, ref: str) -> str:
         """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` for any accepted spelling of ``ref``."""

@@ -1,4 +1,5 @@
-"""``motlens train``: train and register a version; ``motlens train versions``: list the registry."""
+"""``motlens train``: train and register a version; ``motlens train versions``: list the registry;
+``motlens train pin``: pin an older version's bundle digest."""
 
 from __future__ import annotations
 
@@ -63,12 +64,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_train)
-    tsub = p.add_subparsers(dest="train_command", metavar="{versions}")
+    tsub = p.add_subparsers(dest="train_command", metavar="{versions,pin}")
     v = tsub.add_parser("versions", help="list registered versions with aliases, tags and metrics")
     v.add_argument("--json", action="store_true")
     v.add_argument("--tracking-uri")
     v.add_argument("--limit", type=positive, help="only the newest N versions (default: all)")
     v.set_defaults(func=_versions)
+    pin = tsub.add_parser(
+        "pin",
+        help="record the bundle digest of a version registered before 2026-12-01 (motlens.bundle_sha256)",
+        description="Verify VERSION's stored bundle and record its bundle.json sha256 as the version's "
+        "motlens.bundle_sha256 tag, which every fetch and every pinned InferenceService then checks. Without "
+        "--sha256 the pin trusts the artifact store as it is now.",
+    )
+    pin.add_argument("version", help="version number or alias")
+    pin.add_argument("--sha256", help="the digest it must have (e.g. from an earlier audit); refused otherwise")
+    pin.add_argument("--tracking-uri")
+    pin.add_argument("--json", action="store_true")
+    pin.set_defaults(func=_pin)
 
 
 _FLAGS = (
@@ -222,6 +235,23 @@ def _versions(args: argparse.Namespace) -> int:
     for v in versions:
         if v.incomplete:
             c.print(f"version {v.version}: registration incomplete (killed or failed part-way); never served")
+    return 0
+
+
+def _pin(args: argparse.Namespace) -> int:
+    from training.registry import Registry, RegistryError
+
+    try:
+        info, digest, newly = Registry(args.tracking_uri).pin(args.version, expect=args.sha256)
+    except RegistryError as e:
+        print(f"motlens train pin: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"version": info.version, "bundle_sha256": digest, "pinned_now": newly}))
+    elif newly:
+        print(f"version {info.version} pinned: bundle.json sha256 {digest}")
+    else:
+        print(f"version {info.version} was pinned at registration: bundle.json sha256 {digest} (verified)")
     return 0
 
 
