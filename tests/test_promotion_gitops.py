@@ -252,6 +252,25 @@ def test_dry_run_changes_nothing(env):
     assert "canary-version" in plan["content"]
 
 
+def test_a_version_without_a_digest_tag_is_written_unpinned_with_a_warning_naming_the_fix(env, caplog):
+    """A version registered before digests were tagged: the deploy writes `""`, `status` shows it
+    unpinned (no disagreement), and the warning names `motlens train pin`."""
+    reg = env.registry
+    reg.client.delete_model_version_tag("mot-defects", "1", DIGEST_TAG)
+    target = GitOpsTarget(env.settings())
+    with caplog.at_level("WARNING", logger="promotion.workflow"):
+        p = Promoter(env.settings(golden_check=False), reg, target, force=True)
+        p.promote("1")
+        status = read_status(p)
+    assert _pin(render(target.overlay)) == "" and status["live"]["bundle_sha256"] is None
+    assert status["disagreements"] == []
+    warned = [r.getMessage() for r in caplog.records if "has no motlens.bundle_sha256 tag" in r.getMessage()]
+    assert warned == [
+        "version 1 has no motlens.bundle_sha256 tag: the target does not pin its bundle (`motlens train pin 1` "
+        "records it)"
+    ]
+
+
 def test_an_unpinned_production_is_shown_and_pinned_by_a_deploy_of_its_version(env):
     """An InferenceService written before bundle digests were pinned: `status` shows it unpinned
     (not a disagreement), and `promote promote V` of the version it serves pins it instead of
