@@ -201,7 +201,7 @@ def test_cronjobs(built, overlay: str) -> None:
         assert container["image"].startswith("ghcr.io/") and "motlens-jobs" in container["image"]
         env = _env(container)
         clickhouse = env["MOTLENS_CLICKHOUSE_URL"]["valueFrom"]["secretKeyRef"]
-        assert clickhouse == {"name": "motlens-clickhouse", "key": "url"}
+        assert clickhouse == {"name": "motlens-clickhouse-jobs", "key": "url"}
         assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["name"] == "motlens-config"
         assert job["spec"]["concurrencyPolicy"] == "Forbid"
         # every job downloads MLflow artifacts (reference bundle, golden gate): S3 credentials
@@ -235,6 +235,7 @@ def test_config_and_secret_references(built, overlay: str) -> None:
     configmaps = {c["metadata"]["name"]: c.get("data", {}) for c in objects(docs, "ConfigMap")}
     assert objects(docs, "Secret") == []
     secrets = set()
+    clickhouse_secrets: dict[str, set[str]] = {}
     for owner, spec in pod_specs(docs):
         for container in spec["containers"]:
             for env in container.get("env", []):
@@ -244,10 +245,18 @@ def test_config_and_secret_references(built, overlay: str) -> None:
                     assert cm["key"] in configmaps.get(cm["name"], {}), f"{owner}: {cm} not in the build"
                 if "secretKeyRef" in ref:
                     secrets.add(ref["secretKeyRef"]["name"])
+                    if env["name"].startswith("MOTLENS_CLICKHOUSE_"):
+                        clickhouse_secrets.setdefault(owner, set()).add(ref["secretKeyRef"]["name"])
             for source in container.get("envFrom", []):
                 if "secretRef" in source:
                     secrets.add(source["secretRef"]["name"])
-    assert secrets == {"motlens-clickhouse", "motlens-s3"}
+    assert secrets == {"motlens-clickhouse", "motlens-clickhouse-jobs", "motlens-s3"}
+    # least privilege: the internet-facing predictor holds only its INSERT-only user; the jobs' reader
+    # (which sees every logged text) is never mounted into it, and no pod holds both
+    assert clickhouse_secrets == {
+        owner: {"motlens-clickhouse" if owner.startswith("InferenceService/") else "motlens-clickhouse-jobs"}
+        for owner, _ in pod_specs(docs)
+    }
     docs_text = (MANIFESTS.parent / "docs" / "deploy.md").read_text()
     for name in secrets:
         assert f"secret generic {name}" in docs_text, f"docs/deploy.md does not say how to create {name}"
