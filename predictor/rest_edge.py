@@ -178,7 +178,8 @@ async def _not_found_handler(request: Request, exc: Exception) -> Response:
 
 
 async def _not_ready_handler(request: Request, exc: Exception) -> Response:
-    """503 with a generic body: the reason (paths, registry URIs) goes to the log and /motlens/ready."""
+    """503 with a generic body: the reason (paths, registry URIs) goes to the log and, for admin
+    clients, /motlens/ready."""
     _count_refused(request, exc, "unavailable")
     log.debug("503 %s %s: %s", request.method, request.url.path, exc)
     name = getattr(exc, "model_name", None) or request.path_params.get("model_name", "model")

@@ -12,7 +12,7 @@ several servers can run in one process (tests), and so SIGTERM drains gracefully
 * ``POST /v1/models/{name}:explain``: 501 after the body limit; other methods on ``:predict`` 405.
 * Server readiness (``/v2/health/ready``, gRPC ``ServerReady``) is the slots' readiness; model
   metadata lists the served versions; server metadata names the extensions actually served.
-* ``GET /motlens/ready``: readiness with its reason (200 or 503).
+* ``GET /motlens/ready``: readiness (200 or 503) with its reason; a load error's text for admin clients only.
 * ``/motlens/admin/…``: slot operations for ``motlens promote --target local`` (docs/predictor.md).
 """
 
@@ -470,12 +470,17 @@ class PredictorServer:
             return Response(content=response, headers=response_headers, media_type="application/octet-stream")
         return json_response(content=response, headers=response_headers)
 
-    async def _ready(self) -> Response:
-        status = self.slots.status()
-        return json_response(
-            {"ready": status["ready"], "reason": status["reason"]},
-            status_code=200 if status["ready"] else 503,
-        )
+    async def _ready(self, request: Request) -> Response:
+        """Readiness with its reason. A load error's text (paths, registry URIs) is for whoever may use
+        the admin API (:meth:`_admin_auth`); anyone else gets the reason's label and where to look."""
+        ready, reason = self.slots.ready, self.slots.not_ready_reason()
+        if reason is None:
+            shown = None
+        elif self._admin_auth(request) is None:
+            shown = reason[1]
+        else:
+            shown = f"{reason[0]} (the detail is in the server log, and here with the admin token or from loopback)"
+        return json_response({"ready": ready, "reason": shown}, status_code=200 if ready else 503)
 
     def _admin_auth(self, request: Request) -> Response | None:
         """The bearer token if one is set, else loopback clients only (the routes exist only when enabled).

@@ -43,10 +43,10 @@ def metric(base: str, name: str, **labels: str) -> float:
     )
 
 
-def not_ready_with(base: str, label: str, detail: str) -> bool:
+def not_ready_with(base: str, label: str, detail: str, headers: dict[str, str] | None = None) -> bool:
     """/motlens/ready says 503 with ``detail`` and the gauge shows ``label`` (not between two retries)."""
     try:
-        ready = httpx.get(f"{base}/motlens/ready", timeout=10)
+        ready = httpx.get(f"{base}/motlens/ready", headers=headers, timeout=10)
     except httpx.TransportError:
         return False  # not listening yet
     return (
@@ -226,6 +226,36 @@ def test_mlflow_down_at_start_live_not_ready_then_ready_once_reachable(
         if mlflow_proc is not None:
             mlflow_proc.terminate()
             mlflow_proc.wait(60)
+
+
+def test_a_load_errors_text_is_for_admin_clients_only(tmp_path, embedder):
+    """/motlens/ready gives a load error's text (here a path on the server) to whoever may use the admin
+    API: the bearer token when one is set, else a loopback client not behind a proxy. Anyone else
+    (under KServe every request comes through the queue-proxy) gets the reason's label."""
+    place = tmp_path / "private-place-7f3a"
+    place.mkdir()
+    (place / "weights.bin").write_bytes(b"not a bundle")
+    token = "t" * 32
+    thread, base = start_server(str(place), embedder, admin_token=token)
+    try:
+        admin = {"Authorization": f"Bearer {token}"}
+        wait_until(lambda: not_ready_with(base, "load_failed", "private-place-7f3a", headers=admin))
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {**admin, "X-Forwarded-For": "203.0.113.9"}):
+            r = httpx.get(f"{base}/motlens/ready", headers=headers, timeout=10)
+            ok = headers.get("Authorization") == admin["Authorization"]  # a proxied admin still holds the token
+            assert r.status_code == 503 and r.json()["ready"] is False, headers
+            assert ("private-place-7f3a" in r.json()["reason"]) is ok, (headers, r.json())
+            if not ok:
+                assert r.json()["reason"].startswith("load_failed (the detail is in the server log"), r.json()
+    finally:
+        thread.stop()
+    thread, base = start_server(str(place), embedder)  # no token: loopback clients see it, proxied ones not
+    try:
+        wait_until(lambda: not_ready_with(base, "load_failed", "private-place-7f3a"))
+        proxied = httpx.get(f"{base}/motlens/ready", headers={"X-Forwarded-For": "127.0.0.1"}, timeout=10)
+        assert proxied.status_code == 503 and "private-place" not in proxied.text
+    finally:
+        thread.stop()
 
 
 def _linked_copy(src: Path, dst: Path) -> Path:
