@@ -239,8 +239,14 @@ def test_pin_records_an_older_versions_digest_which_fetches_then_check(registry,
     assert tags[PINNED_LATER_TAG].endswith("Z") and tags[PINNED_LATER_TAG].startswith("20")
     # pinned already: verified and left as it was
     assert main(["train", "pin", "1"]) == 0
-    assert f"version 1 was pinned at registration: bundle.json sha256 {digest} (verified)" in capsys.readouterr().out
+    assert (
+        f"version 1 was pinned by `motlens train pin` at {tags[PINNED_LATER_TAG]}: bundle.json sha256 {digest} "
+        "(verified)" in capsys.readouterr().out
+    )
     assert registry.resolve("1").tags[PINNED_LATER_TAG] == tags[PINNED_LATER_TAG]
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias=None)
+    assert main(["train", "pin", "2"]) == 0
+    assert "version 2 was pinned at registration: bundle.json sha256 " in capsys.readouterr().out
     # a bundle rewritten into a manifest of its own after the pin is refused, by fetch and by pin
     stored = Path(urlparse(registry.resolve("1").artifact_uri).path)
     manifest = json.loads((stored / "bundle.json").read_text())
@@ -288,3 +294,20 @@ def test_pin_refuses_a_bundle_that_does_not_verify_or_is_not_the_expected_one(
     assert registry.resolve("1").tags[DIGEST_TAG] == digest
     assert main(["train", "pin", "7"]) == 2
     assert "motlens train pin: " in capsys.readouterr().err
+
+
+def test_registry_options_count_before_or_after_the_subcommand(registry, tiny_bundle, monkeypatch, capsys):
+    """`train --tracking-uri URI pin V` pinned V of the default registry: the subcommand's own default
+    overwrote the URI given to `train` (and `train --json versions` printed a table)."""
+    from training.registry import DIGEST_TAG
+
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home / "elsewhere"))  # the default: no registry
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")
+    digest = _unpin(registry, "1")
+    assert main(["train", "--tracking-uri", registry.tracking_uri, "--json", "pin", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["bundle_sha256"] == digest == registry.resolve("1").tags[DIGEST_TAG]
+    assert main(["train", "--json", "--tracking-uri", registry.tracking_uri, "versions"]) == 0
+    assert [v["version"] for v in json.loads(capsys.readouterr().out)] == ["1"]
+    assert main(["train", "versions", "--json", "--tracking-uri", registry.tracking_uri]) == 0
+    assert [v["version"] for v in json.loads(capsys.readouterr().out)] == ["1"]

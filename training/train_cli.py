@@ -65,9 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_train)
     tsub = p.add_subparsers(dest="train_command", metavar="{versions,pin}")
+    # given before or after the subcommand (`train --json versions`, `train versions --json`): a
+    # subcommand's own default would overwrite the value given to `train`
     v = tsub.add_parser("versions", help="list registered versions with aliases, tags and metrics")
-    v.add_argument("--json", action="store_true")
-    v.add_argument("--tracking-uri")
+    v.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    v.add_argument("--tracking-uri", default=argparse.SUPPRESS)
     v.add_argument("--limit", type=positive, help="only the newest N versions (default: all)")
     v.set_defaults(func=_versions)
     pin = tsub.add_parser(
@@ -79,8 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     pin.add_argument("version", help="version number or alias")
     pin.add_argument("--sha256", help="the digest it must have (e.g. from an earlier audit); refused otherwise")
-    pin.add_argument("--tracking-uri")
-    pin.add_argument("--json", action="store_true")
+    pin.add_argument("--tracking-uri", default=argparse.SUPPRESS)
+    pin.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     pin.set_defaults(func=_pin)
 
 
@@ -239,7 +241,7 @@ def _versions(args: argparse.Namespace) -> int:
 
 
 def _pin(args: argparse.Namespace) -> int:
-    from training.registry import Registry, RegistryError
+    from training.registry import PINNED_LATER_TAG, Registry, RegistryError
 
     try:
         info, digest, newly = Registry(args.tracking_uri).pin(args.version, expect=args.sha256)
@@ -251,7 +253,9 @@ def _pin(args: argparse.Namespace) -> int:
     elif newly:
         print(f"version {info.version} pinned: bundle.json sha256 {digest}")
     else:
-        print(f"version {info.version} was pinned at registration: bundle.json sha256 {digest} (verified)")
+        when = info.tags.get(PINNED_LATER_TAG)
+        since = f"by `motlens train pin` at {when}" if when else "at registration"
+        print(f"version {info.version} was pinned {since}: bundle.json sha256 {digest} (verified)")
     return 0
 
 
