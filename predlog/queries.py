@@ -131,10 +131,13 @@ TAIL_SINCE = f" WHERE ts >= {{since:{TS_PARAM}}}"
 
 DRIFT_REPORTS = "SELECT * FROM {source} WHERE 1{filters} ORDER BY ts DESC LIMIT {limit:UInt64}"
 PROMOTION_EVENTS = "SELECT * FROM {source} ORDER BY ts DESC LIMIT {limit:UInt64}"
-# The newest applied change that put ``version`` in production (however many holds came after it).
+# The newest applied change that put ``version`` in production (however many holds came after it). A
+# canary's rollback names the production it kept as its to_version: its state before (``details.from``,
+# "production vN at …") already had that production, so it changed nothing there and does not count.
 LAST_PRODUCTION_CHANGE = (
     "SELECT * FROM {source} WHERE to_version = {version:String} AND success AND NOT dry_run "
-    "AND action IN ('promote', 'deploy', 'rollback', 'follow') ORDER BY ts DESC LIMIT 1"
+    "AND (action IN ('promote', 'deploy', 'follow') OR (action = 'rollback' AND NOT startsWith("
+    "JSONExtractString(details, 'from'), concat('production v', to_version, ' ')))) ORDER BY ts DESC LIMIT 1"
 )
 
 # When a server last loaded ``version`` into a slot (its own ``serve_load`` rows: a start, a restored

@@ -258,6 +258,7 @@ class Promoter:
                 patches=patches,
                 audit_ok=audit_ok,
             )
+        self._refuse_if_changed(event, live, aliases)
         patches = []
         try:
             for step in steps:
@@ -319,6 +320,24 @@ class Promoter:
                 log.error("could not export promotion metrics: %s", e)
                 ok = False
         return ok
+
+    def _refuse_if_changed(self, event: Event, live: RolloutState, aliases: dict[str, str]) -> None:
+        """Read the target and the aliases again just before a change: a ``kubectl edit`` (a canary paused
+        at 0 %, a hot-fixed URI) made while the gates ran is not overwritten by a change decided on the
+        state before it. Recorded as a failed ``event``; nothing is changed."""
+        try:
+            now, now_aliases = self.snapshot()
+        except Exception as e:  # noqa: BLE001 - unreadable now: change nothing
+            why = f"could not read the live state again before changing it: {e}"
+        else:
+            if now == live and now_aliases == aliases:
+                return
+            seen = f"{now.describe()}, aliases {now_aliases}"
+            why = f"the live state changed while the gates ran (read {live.describe()}, aliases {aliases}; now {seen})"
+        event.success, event.reason = False, f"{event.reason}; {why}".lstrip("; ")
+        event.ts = utc_now()
+        self._record(event, {})
+        raise PromotionError(f"{event.action} not done, nothing was changed: {why}; run it again")
 
     def _changed_since(self, live: RolloutState, aliases: dict[str, str]) -> bool:
         """Whether the target or the aliases differ from ``live``/``aliases`` (True when unreadable)."""

@@ -237,6 +237,51 @@ def test_interrupted_change_is_repaired_by_a_rerun(env):
     assert read_status(p)["disagreements"] == []
 
 
+def test_an_edit_made_while_the_gates_ran_is_not_overwritten(env):
+    """`advance` decided on the state read before its gates; a `kubectl edit` in between (the canary
+    paused at 0 %, a hot-fixed URI) was overwritten with the planned step. Now the state is read again
+    before the change: the edit stands, nothing is changed and the refusal is in the audit."""
+    import predlog
+
+    reg = env.registry
+    target = GitOpsTarget(env.settings())
+    p = Promoter(env.settings(golden_check=False), reg, target, force=True)
+    p.promote("1")
+    p.force = False
+    p.canary_start("2", 10)
+    log_traffic("2", "production", HEALTHY)
+    log_traffic("1", "production", HEALTHY)
+    drift_report("2", detected=False)
+    rollout = target.overlay / "rollout.yaml"
+    real = p.evidence.health_gates
+
+    def gates_then_an_edit(*args, **kw):
+        out = real(*args, **kw)
+        ops = yaml.safe_load(rollout.read_text())
+        for op in ops:
+            if op["path"] == "/spec/predictor/canaryTrafficPercent":
+                op["value"] = 0  # the documented pause
+        rollout.write_text(yaml.safe_dump(ops))
+        return out
+
+    p.evidence.health_gates = gates_then_an_edit
+    edited = None
+    with pytest.raises(PromotionError, match=r"advance not done, nothing was changed: the live state changed while"):
+        try:
+            p.advance()
+        finally:
+            edited = rollout.read_text()
+    assert render(target.overlay)["spec"]["predictor"]["canaryTrafficPercent"] == 0 and rollout.read_text() == edited
+    assert reg.aliases() == {"production": "1", "canary": "2"}
+    row = predlog.open_reader().promotion_events(limit=1).iloc[0]
+    assert (row["action"], bool(row["success"])) == ("advance", False)
+    assert "changed while the gates ran" in row["reason"]
+    p.evidence.health_gates = real
+    out = p.auto()  # the scheduled run after it sees the pause and holds
+    assert out.action == "hold" and "paused at 0%" in out.message, (out.action, out.message)
+    assert render(target.overlay)["spec"]["predictor"]["canaryTrafficPercent"] == 0
+
+
 def test_dry_run_changes_nothing(env):
     reg = env.registry
     target = GitOpsTarget(env.settings())

@@ -291,6 +291,24 @@ def test_rollback_finds_the_previous_production_in_promotion_events(local):
     assert serve.slots["production"]["version"] == "1"
 
 
+def test_a_canary_rolled_back_since_does_not_hide_that_promotion(local):
+    """A canary rollback's row names the production it kept as its to_version; it was read as the newest
+    change that made that version production, hiding the promote row, so a later production rollback
+    found no version before it (for a version promoted before the tag existed)."""
+    env, serve, settings, target = local
+    p = _promoted(env, settings, target)
+    env.registry.client.delete_model_version_tag("mot-defects", "2", PREVIOUS_TAG)
+    p.force = True  # v3 scores lower offline
+    p.canary_start("3", 10)
+    p.force = False
+    p.rollback(reason="canary 3 bad")
+    assert serve.slots["production"]["version"] == "2" and serve.slots["canary"]["version"] is None
+    before, where = p.previous_production("2")
+    assert before == "1" and where.startswith("the promotion_events table: promote 1→2"), where
+    p.rollback(reason="old registry")
+    assert serve.slots["production"]["version"] == "1"
+
+
 # ------------------------------------------------------------------ --reason everywhere
 
 
