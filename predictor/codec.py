@@ -222,7 +222,8 @@ def parse_v1(payload: Any, limits: Limits, request_id: str = "") -> PredictReque
         raise InvalidInput('missing \'instances\' (expected {"instances": ["text", …]})')
     if not isinstance(instances, list):
         raise InvalidInput("'instances' must be a list")
-    params = payload.get("parameters") or {}
+    params = payload.get("parameters")
+    params = {} if params is None else params  # [], 0, false and "" are no object either
     if not isinstance(params, Mapping):
         raise InvalidInput("'parameters' must be an object")
     if len(instances) > limits.max_items:  # before the per-instance work (_check_texts says it again)
@@ -430,6 +431,13 @@ def _check_header_form(header: Any) -> None:
     except ValidationError as e:
         message = validation_message(e.errors(include_url=False))
         raise InvalidInput(f"malformed binary inference request header: {message}") from e
+    for inp in header["inputs"]:  # as sent: KServe's decoder reads the header again, uncoerced
+        shape = inp["shape"]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise InvalidInput(
+                f"input '{short_message(inp['name'], 80)}' has shape {short_message(shape, 80)}; "
+                "a shape is a list of non-negative integers"
+            )
 
 
 def _check_bytes_items(chunk: bytes, name: str, shape: list[int], declared: int | None, max_items: int | None) -> None:

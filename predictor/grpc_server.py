@@ -17,6 +17,7 @@ from kserve.protocol.grpc.server import GRPCServer as KServeGRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.utils.numpy_codec import to_np_dtype
 
+from predictor.codec import short_message
 from predictor.rest_edge import count_refusal
 
 if TYPE_CHECKING:
@@ -69,8 +70,10 @@ class _ExceptionToStatus(ExceptionToStatusInterceptor):
             code = StatusCode.INVALID_ARGUMENT if invalid else StatusCode.NOT_FOUND
             if method_name.endswith("/ModelInfer"):
                 count_refusal(ex, "v2-grpc", "client_error", "invalid_input" if invalid else None)
-            log.info("gRPC %s %s: %s", method_name, code.name, ex)
-            await context.abort(code, ex.reason)
+            # a model name or version as sent, bounded: the status travels in 16 KiB of metadata
+            message = short_message(ex)
+            log.info("gRPC %s %s: %s", method_name, code.name, message)
+            await context.abort(code, message)
         else:
             await super().handle_exception(ex, request_or_iterator, context, method_name)
 

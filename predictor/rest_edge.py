@@ -159,7 +159,7 @@ class HttpEdge:
 async def _invalid_input_handler(request: Request, exc: Exception) -> Response:
     _count_refused(request, exc, "client_error", "invalid_input")
     message = short_message(exc)
-    log.info("400 %s %s: %s", request.method, request.url.path, message)
+    log.info("400 %s %s: %s", request.method, short_message(request.url.path, 200), message)
     return json_response({"error": message}, status_code=400, headers=_id_header(request))
 
 
@@ -173,8 +173,9 @@ async def _request_validation_handler(request: Request, exc: Exception) -> Respo
 async def _not_found_handler(request: Request, exc: Exception) -> Response:
     """A client error: logged at INFO without a traceback (KServe's handler logs an ERROR)."""
     _count_refused(request, exc, "client_error")
-    log.info("404 %s %s: %s", request.method, request.url.path, exc)
-    return json_response({"error": str(exc)}, status_code=404, headers=_id_header(request))
+    message = short_message(exc)  # a model name or version from the path: bounded as any echo
+    log.info("404 %s %s: %s", request.method, short_message(request.url.path, 200), message)
+    return json_response({"error": message}, status_code=404, headers=_id_header(request))
 
 
 async def _not_ready_handler(request: Request, exc: Exception) -> Response:
@@ -183,7 +184,8 @@ async def _not_ready_handler(request: Request, exc: Exception) -> Response:
     _count_refused(request, exc, "unavailable")
     log.debug("503 %s %s: %s", request.method, request.url.path, exc)
     name = getattr(exc, "model_name", None) or request.path_params.get("model_name", "model")
-    return json_response({"error": f"model {name} is not ready"}, status_code=503, headers=_id_header(request))
+    body = {"error": f"model {short_message(name, 100)} is not ready"}
+    return json_response(body, status_code=503, headers=_id_header(request))
 
 
 async def _server_not_ready_handler(_: Request, exc: Exception) -> Response:

@@ -19,6 +19,8 @@ several servers can run in one process (tests), and so SIGTERM drains gracefully
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hmac
 import logging
@@ -78,6 +80,9 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 ADMIN_PREFIX = "/motlens/admin"
 LOOPBACK = ("127.0.0.1", "::1")
+#: the Content-Type of a structured-mode CloudEvent, and the attributes CloudEvents 1.0 requires
+STRUCTURED_CLOUDEVENT = "application/cloudevents+json"
+CLOUDEVENT_REQUIRED = ("specversion", "id", "source", "type")
 #: headers a proxy adds (or passes on from its client): a request with one is not a loopback client's
 FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
 GRPC_MAX_SEND = 64 * 1024 * 1024
@@ -176,6 +181,14 @@ class DataPlane(KServeDataPlane):
         """False until a production model serves and from the start of a drain (KServe's: always true)."""
         return self.slots.ready
 
+    def get_model_from_registry(self, name: str) -> Any:
+        """KServe's lookup, with an unknown name bounded in the answer (it comes from the path or the
+        gRPC request: 20,000 characters outgrew gRPC's 16 KiB of status metadata)."""
+        model = self._model_registry.get_model(name)
+        if model is None:
+            raise ModelNotFound(short_message(name, 100))
+        return model
+
     def metadata(self) -> dict[str, Any]:
         """The extensions served: binary tensors, not the (switched-off) model repository."""
         return {**super().metadata(), "extensions": ["binary_tensor_data"]}
@@ -187,7 +200,7 @@ class DataPlane(KServeDataPlane):
         """ModelNotFound (404, gRPC NOT_FOUND) for another model or a version no slot serves."""
         self.get_model_from_registry(model_name)
         if model_version not in self.slots.served_versions():
-            raise ModelNotFound(f"{model_name} version {model_version}")
+            raise ModelNotFound(f"{model_name} version {short_message(model_version, 40)}")
 
 
 ADMIN_MAX_BODY = 64 * 1024
@@ -429,6 +442,7 @@ class PredictorServer:
         try:
             json_length = headers.get(INFERENCE_CONTENT_LENGTH_HEADER)
             if json_length is not None:
+                json_length = json_length.strip()  # HTTP allows whitespace around a header's value
                 if not json_length.isdigit() or int(json_length) > len(body):
                     raise InvalidInput(
                         f"header {INFERENCE_CONTENT_LENGTH_HEADER}={json_length!r} does not fit "
@@ -459,8 +473,10 @@ class PredictorServer:
         response, response_headers = await unless_disconnected(
             request, self.dataplane.infer(model_name=model_name, request=infer_request, headers=headers)
         )
+        # no request headers: v2 defines no CloudEvents, and KServe's encoder, seeing ce-* headers or a
+        # CloudEvent Content-Type, wrapped the answer and dropped Inference-Header-Content-Length
         response, res_headers = self.dataplane.encode(
-            model_name=model_name, response=response, headers=headers, req_attributes={}
+            model_name=model_name, response=response, headers=None, req_attributes={}
         )
         response_headers.update(res_headers)
         response_headers.pop("content-length", None)
@@ -569,7 +585,7 @@ def _v1_json(body: str | bytes | bytearray | memoryview, content_type: str | Non
     decoder compares the whole header and would pass such a body on as raw bytes), as is a body
     without Content-Type (as KServe would: the same ``malformed JSON`` message either way); any other
     Content-Type (curl's default form encoding) is a 415."""
-    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    media_type = _media_type(content_type)
     if media_type and media_type not in JSON_HEADERS:
         raise UnsupportedContentType(media_type[:100])
     try:
@@ -585,7 +601,10 @@ def _v1_payload(dataplane: KServeDataPlane, body: bytes, headers: dict[str, str]
     error on an event without data, or on one whose data the CloudEvents SDK had already parsed (a
     ``ce-contenttype`` header)."""
     if not has_binary_headers(headers):
-        return dataplane.decode(body=_v1_json(body, headers.get("content-type")), headers=headers)
+        payload = _v1_json(body, headers.get("content-type"))
+        if _media_type(headers.get("content-type")) == STRUCTURED_CLOUDEVENT:
+            return _structured_event(payload)
+        return dataplane.decode(body=payload, headers=headers)
     event = KServeDataPlane.get_binary_cloudevent(body, headers)  # InvalidInput for missing ce- fields
     data = event.get_data()
     if isinstance(data, str | bytes | bytearray | memoryview) and len(data):
@@ -593,6 +612,34 @@ def _v1_payload(dataplane: KServeDataPlane, body: bytes, headers: dict[str, str]
     elif not isinstance(data, dict):
         raise InvalidInput("the CloudEvent carries no data; send the v1 request as its JSON data")
     return data, event._get_attributes()
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _structured_event(event: Any) -> tuple[Any, dict[str, Any]]:
+    """A structured-mode CloudEvent's v1 request (``data``, or JSON in ``data_base64``) and its other
+    attributes. KServe unwrapped only an event with the optional ``time``, and passed any other on
+    whole, to fail as a request without ``instances``."""
+    if not isinstance(event, dict):
+        raise InvalidInput(f"a {STRUCTURED_CLOUDEVENT} body must be a JSON object (a CloudEvent)")
+    missing = [k for k in CLOUDEVENT_REQUIRED if k not in event]
+    if missing:
+        raise InvalidInput(
+            f"the CloudEvent lacks its required attribute(s) {', '.join(missing)} "
+            f"({STRUCTURED_CLOUDEVENT} needs {', '.join(CLOUDEVENT_REQUIRED)})"
+        )
+    attributes = {k: v for k, v in event.items() if k not in ("data", "data_base64")}
+    if "data" in event:
+        return event["data"], attributes
+    if "data_base64" not in event:
+        raise InvalidInput("the CloudEvent carries no data; send the v1 request as its JSON data")
+    try:
+        data = base64.b64decode(event["data_base64"], validate=True)
+    except (binascii.Error, TypeError, ValueError) as e:
+        raise InvalidInput("the CloudEvent's data_base64 is not valid base64") from e
+    return _v1_json(data, event.get("datacontenttype")), attributes
 
 
 class ServerThread:

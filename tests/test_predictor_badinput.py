@@ -130,6 +130,20 @@ CASES = [
         400,
         "input 'text' item 1 is not valid UTF-8",
     ),
+    *(
+        (
+            f"binary-shape-{name}",
+            V2,
+            binary_request(
+                {"inputs": [{"name": "text", "datatype": "BYTES", "shape": shape,
+                             "parameters": {"binary_data_size": 4 + len(OK_TEXT)}}]},  # fmt: skip
+                len(OK_TEXT).to_bytes(4, "little") + OK_TEXT.encode(),
+            ),
+            400,
+            f"input 'text' has shape {shape}; a shape is a list of non-negative integers",
+        )
+        for name, shape in (("string", ["1"]), ("float", [1.0]), ("bool", [True]), ("negative", [-1]))
+    ),
     (
         "binary-header-length-too-big",
         V2,
@@ -150,6 +164,10 @@ CASES = [
     ("oversized-body", V2, v2(text_input(["y" * 90] * 800)), 413, "exceeds 65536 bytes"),
     ("v1-missing-instances", V1, {"data": [OK_TEXT]}, 400, "missing 'instances'"),
     ("v1-instances-not-list", V1, {"instances": OK_TEXT}, 400, "'instances' must be a list"),
+    *(
+        (f"v1-parameters-{name}", V1, {"instances": [OK_TEXT], "parameters": v}, 400, "'parameters' must be an object")
+        for name, v in (("list", []), ("zero", 0), ("false", False), ("empty-string", ""))
+    ),
     (
         "v1-instance-without-text",
         V1,
@@ -750,12 +768,69 @@ def test_a_binary_cloudevent_with_ce_contenttype_is_served(base):
     assert r.status_code == 200 and len(r.json()["predictions"]) == 2, r.text
 
 
+def test_a_structured_cloudevent_is_served_without_its_optional_time(base):
+    """A structured-mode event (Content-Type application/cloudevents+json) needs specversion, id, source
+    and type; KServe unwrapped one only with the optional ``time``, else answered `missing 'instances'`.
+    Its data may also come as ``data_base64``; the answer is a CloudEvent."""
+    import base64
+
+    url, _ = base
+    request = {"instances": [OK_TEXT, OK_TEXT]}
+    event = {"specversion": "1.0", "id": "e-2", "source": "test", "type": "mot.predict"}
+    ct = {"Content-Type": "application/cloudevents+json"}
+    encoded = base64.b64encode(json.dumps(request).encode()).decode()
+    for body in ({**event, "data": request}, {**event, "data_base64": encoded, "datacontenttype": "application/json"}):
+        r = httpx.post(url + V1, content=json.dumps(body).encode(), headers=ct)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith("application/cloudevents+json")
+        assert len(r.json()["data"]["predictions"]) == 2 and r.json()["specversion"] == "1.0"
+    for body, message in (
+        ({k: v for k, v in event.items() if k != "id"} | {"data": request}, "lacks its required attribute(s) id"),
+        (event, "the CloudEvent carries no data"),
+        ({**event, "data_base64": "%%%"}, "the CloudEvent's data_base64 is not valid base64"),
+        ({**event, "data_base64": base64.b64encode(b"{nope").decode()}, "malformed JSON"),
+        (["not", "an", "event"], "a application/cloudevents+json body must be a JSON object"),
+    ):
+        r = httpx.post(url + V1, content=json.dumps(body).encode(), headers=ct)
+        assert r.status_code == 400 and message in r.json()["error"], (body, r.text)
+
+
+def test_v2_answers_v2_whatever_cloudevent_headers_come_with_it(base):
+    """v2 defines no CloudEvents: with ce-* headers KServe's encoder wrapped the answer, sent JSON as
+    application/octet-stream and dropped Inference-Header-Content-Length from a binary answer."""
+    url, _ = base
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [OK_TEXT]}]}
+    plain = httpx.post(url + V2, json=body, headers=CLOUDEVENT)
+    assert plain.status_code == 200 and plain.headers["content-type"] == "application/json", plain.headers
+    assert "section" in {o["name"] for o in plain.json()["outputs"]}
+    binary = httpx.post(url + V2, json={**body, "parameters": {"binary_data_output": True}}, headers=CLOUDEVENT)
+    length = int(binary.headers["inference-header-content-length"])
+    header = json.loads(binary.content[:length])
+    assert binary.status_code == 200 and all(o["parameters"]["binary_data_size"] > 0 for o in header["outputs"])
+    structured = httpx.post(url + V2, content=json.dumps(body).encode(),
+                            headers={"Content-Type": "application/cloudevents+json"})  # fmt: skip
+    assert structured.status_code == 200 and "outputs" in structured.json(), structured.text
+
+
 def _raw_post(url: str, head_extra: str, body: bytes) -> socket.socket:
     """A POST to the v2 infer route sent by hand: its headers, then ``body`` (maybe less than declared)."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=15)
     sock.sendall(f"POST {V2} HTTP/1.1\r\nHost: x\r\n{head_extra}\r\n".encode() + body)
     return sock
+
+
+def test_the_header_length_header_may_carry_whitespace(base):
+    """HTTP allows whitespace around a header value; `Inference-Header-Content-Length: 105 ` was a 400."""
+    url, _ = base
+    body, headers = ok_text_tensor()
+    head = f"Inference-Header-Content-Length: {headers['Inference-Header-Content-Length']} \r\n"
+    head += f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+    with _raw_post(url, head, body) as sock:
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
 
 
 def test_a_body_that_stops_arriving_is_a_408(base):
