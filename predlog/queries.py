@@ -38,6 +38,8 @@ WINDOW_COUNTS = (
     "min(ts) AS first FROM {source} WHERE model_name = {model_name:String}{filters}"
 )
 
+# Per model_version (× slot): rows, failed rows, latency quantiles of every row; the cache columns and
+# the predictions' columns over the ok items only (a failed request's one row answered from no cache).
 LIVE_STATS = f"""
 SELECT
     model_version,
@@ -49,10 +51,10 @@ SELECT
     latency_q[1] AS latency_p50_ms,
     latency_q[2] AS latency_p95_ms,
     latency_q[3] AS latency_p99_ms,
-    countIf(NOT cache_hit) AS misses,
-    quantileIf(0.99)(latency_ms, NOT cache_hit) AS latency_miss_p99_ms,
+    countIf(status = 'ok' AND NOT cache_hit) AS misses,
+    quantileIf(0.99)(latency_ms, status = 'ok' AND NOT cache_hit) AS latency_miss_p99_ms,
     avgIf(fail_probability, status = 'ok') AS mean_fail_probability,
-    avg(cache_hit) AS cache_hit_rate,
+    avgIf(cache_hit, status = 'ok') AS cache_hit_rate,
     sumMapIf(map(section, toUInt64(1)), status = 'ok') AS section_counts,
     sumMapIf(map(severity, toUInt64(1)), status = 'ok') AS severity_counts,
     min(ts) AS first_ts,
@@ -177,6 +179,30 @@ _SETTINGS = re.compile(r"(?i)\b(settings|format)\b")
 TABLE_REF = re.compile(
     r"(?i)\b(from|join|table|describe|desc)(\s+)(?:`?\w+`?\.)?`?(predictions|drift_reports|promotion_events)`?(?![\w.(])"
 )
+_HIDDEN = re.compile(r"\x00(\d+)\x00")
+
+
+def qualify_tables(sql: str, database: str) -> str:
+    """``sql`` with every reference to the log's tables (``FROM predictions``, ``JOIN `drift_reports```)
+    naming ``database``; string literals are left as they are (``WHERE reason = 'from predictions'``
+    was rewritten too) and comments dropped (a comment between FROM and the name hid the name).
+    ``sql`` is as ClickHouse renders it (``PredictionLogReader.canonical``): NUL characters escaped, so
+    the literals' placeholders cannot be forged."""
+    literals: list[str] = []
+
+    def hide(m: re.Match[str]) -> str:
+        text = m.group(0)
+        if not m.group("quoted"):
+            return " "  # a comment
+        if text[0] in '`"':
+            return text  # a quoted name: a table reference may be one
+        literals.append(text)
+        return f"\x00{len(literals) - 1}\x00"
+
+    masked = TABLE_REF.sub(lambda m: f"{m.group(1)}{m.group(2)}{database}.{m.group(3)}", _LEXEMES.sub(hide, sql))
+    return _HIDDEN.sub(lambda m: literals[int(m.group(1))], masked)
+
+
 #: ``SHOW [FULL] TABLES`` naming no database (in ClickHouse's rendering): it is given the log's database.
 SHOW_TABLES = re.compile(r"^(SHOW (?:FULL )?TABLES)(?! FROM )")
 

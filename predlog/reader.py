@@ -201,12 +201,13 @@ class PredictionLogReader:
         if sample is not None:
             if not 0 < float(sample) <= 1:
                 raise ValueError(f"sample must be in (0, 1], got {sample}")
-            if float(sample) < 1:
-                ratio = f"{float(sample):.6f}".rstrip("0")
-                if Fraction(ratio) == 0:
-                    raise ValueError(f"sample {sample} is below the 1e-6 resolution")
-                if self.source.sample_in_where:
-                    params["sample_bound"] = int(Fraction(ratio) * 2**64)
+            ratio = f"{float(sample):.6f}".rstrip("0")
+            if Fraction(ratio) == 0:
+                raise ValueError(f"sample {sample} is below the 1e-6 resolution")
+            if Fraction(ratio) == 1:  # 1, or a share that rounds to it: every row (2**64 overflows the bound)
+                ratio = None
+            elif self.source.sample_in_where:
+                params["sample_bound"] = int(Fraction(ratio) * 2**64)
         filters = _filters(params)
         if with_embeddings:
             filters += " AND length(embedding_q) > 0"
@@ -353,7 +354,7 @@ class PredictionLogReader:
                 f"table function {found[0]}() is not allowed; query predictions, drift_reports or promotion_events"
             )
         database = self.source.catalog(self.client)
-        text = queries.TABLE_REF.sub(lambda m: f"{m.group(1)}{m.group(2)}{database}.{m.group(3)}", text)
+        text = queries.qualify_tables(text, database)
         text = queries.SHOW_TABLES.sub(rf"\1 FROM {database}", text)
         if queries.first_keyword(text) in ("select", "with"):
             text = f"SELECT * FROM (\n{text}\n) LIMIT {int(self.settings.max_query_rows)}"

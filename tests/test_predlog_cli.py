@@ -122,6 +122,23 @@ def test_log_query_exists_on_both_backends(logged, capsys):
     assert _json_lines(capsys.readouterr().out) == [{"result": 1}]
 
 
+def test_log_query_leaves_string_literals_as_written(logged, capsys):
+    """The log's table names are qualified with its database in the query, not inside its strings:
+    `WHERE text = 'from predictions'` compared with `from <db>.predictions` and matched nothing."""
+    assert main(["log", "query", "SELECT 'select * from predictions' AS s, $$join drift_reports$$ AS h", "--json"]) == 0
+    assert _json_lines(capsys.readouterr().out) == [{"s": "select * from predictions", "h": "join drift_reports"}]
+    sql = (
+        "SELECT count() AS n FROM /* the log */ predictions -- its rows\n"
+        "WHERE concat('from predictions ', text) LIKE '%from predictions tyre worn 1%'"
+    )
+    assert main(["log", "query", sql, "--json"]) == 0
+    assert _json_lines(capsys.readouterr().out) == [{"n": 11}]  # tyre worn 1, 10 … 19
+    assert main(["log", "query", "SELECT count() AS n FROM `predictions` WHERE text = 'tyre worn 3'", "--json"]) == 0
+    assert _json_lines(capsys.readouterr().out) == [{"n": 1}]
+    assert main(["log", "query", "SELECT 'a\x00b' AS x", "--json"]) == 0  # rendered escaped: no placeholder
+    assert _json_lines(capsys.readouterr().out) == [{"x": "a\x00b"}]
+
+
 def test_log_query_refuses_writes_with_a_clear_error(logged, capsys):
     assert main(["log", "query", "DROP TABLE predictions"]) == 2
     assert "only SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS are allowed, not 'DROP'" in capsys.readouterr().err

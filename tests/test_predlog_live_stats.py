@@ -97,9 +97,10 @@ def _expected(rows: list[PredictionRecord]) -> dict:
         "latency_p95_ms": np.quantile(lat, 0.95),
         "latency_p99_ms": np.quantile(lat, 0.99),
         "mean_fail_probability": np.mean([np.float32(r.fail_probability) for r in ok]),
-        "cache_hit_rate": np.mean([r.cache_hit for r in rows]),
-        "misses": sum(not r.cache_hit for r in rows),
-        "latency_miss_p99_ms": np.quantile(lat[[not r.cache_hit for r in rows]], 0.99),
+        # over the ok items: a failed request's row (cache_hit false) was counted as a miss
+        "cache_hit_rate": np.mean([r.cache_hit for r in ok]),
+        "misses": sum(not r.cache_hit for r in ok),
+        "latency_miss_p99_ms": np.quantile(lat[[r.status == "ok" and not r.cache_hit for r in rows]], 0.99),
         "section_counts": dict(Counter(r.section for r in ok)),
         "severity_counts": dict(Counter(r.severity for r in ok)),
     }

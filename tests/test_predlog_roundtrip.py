@@ -180,6 +180,9 @@ def test_same_sql_same_results_on_table_and_parquet(embedded, table, records):
         pd.testing.assert_frame_equal(_norm(a, keys), _norm(b, keys), check_dtype=False)
     sampled = emb_reader.window(sample=0.3)
     assert 0.15 * len(records) < len(sampled) < 0.45 * len(records)
+    # a share that rounds to 1 at the 1e-6 resolution keeps every row (its bound overflowed: none)
+    for reader in (emb_reader, tab_reader):
+        assert len(reader.window(sample=0.9999996)) == len(reader.window()) == len(records)
 
     since = NOW - timedelta(hours=1)
     sa, sb = emb_reader.live_stats(since=since), tab_reader.live_stats(since=since)
