@@ -142,6 +142,29 @@ def test_gpu_overlay_asks_for_one_gpu(built) -> None:
     assert cpu_container["image"].endswith("-cpu")
 
 
+#: pod-spec fields Knative passes on only when its config-features enables them (off by default)
+KNATIVE_GATED = {
+    "nodeSelector": "kubernetes.podspec-nodeselector",
+    "tolerations": "kubernetes.podspec-tolerations",
+    "affinity": "kubernetes.podspec-affinity",
+    "runtimeClassName": "kubernetes.podspec-runtimeclassname",
+    "priorityClassName": "kubernetes.podspec-priorityclassname",
+    "schedulerName": "kubernetes.podspec-schedulername",
+}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_knative_gated_field_is_in_the_deploy_prerequisites(built, overlay: str) -> None:
+    """The GPU overlay's nodeSelector and tolerations are refused by a stock Knative (its webhook rejects
+    the revision) unless config-features enables them: docs/deploy.md must say which flags to set."""
+    prerequisites = (MANIFESTS.parent / "docs" / "deploy.md").read_text().split("## 1.", 1)[0]
+    used = sorted(set(_isvc(built[overlay])["spec"]["predictor"]) & set(KNATIVE_GATED))
+    missing = [KNATIVE_GATED[f] for f in used if f'"{KNATIVE_GATED[f]}":"enabled"' not in prerequisites]
+    assert missing == [], f"{overlay}: docs/deploy.md's prerequisites do not enable {missing}"
+    if overlay == "gpu":
+        assert used == ["nodeSelector", "tolerations"]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_lists_rollout_patch_last(overlay: str) -> None:
     kustomization = yaml.safe_load((MANIFESTS / "overlays" / overlay / "kustomization.yaml").read_text())

@@ -97,8 +97,14 @@ def test_network_policies(docs) -> None:
         for rule in predictor["ingress"] for peer in rule["from"]
     }
     assert {"knative-serving", "monitoring"} <= sources  # the Knative data plane and Prometheus
+    # least privilege: no pod of the namespace reaches the predictor directly (the jobs never call it)
+    assert all("podSelector" not in peer for rule in predictor["ingress"] for peer in rule["from"])
     jobs = policies["motlens-jobs"]
     assert "ingress" not in jobs and set(jobs["policyTypes"]) == {"Ingress", "Egress"}
+    ports = {p["port"] for rule in jobs["egress"] for p in rule["ports"]}
+    # DNS; S3/HTTPS ClickHouse/Kubernetes API; API endpoint; ClickHouse; MinIO; MLflow; Pushgateway.
+    # Not Prometheus (9090) or the predictor (8080): nothing in drift/ or promotion/ calls them.
+    assert ports == {53, 443, 6443, 8123, 8443, 9000, 5000, 9091}
     labels = {one(docs, "CronJob", n)["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
               ["app.kubernetes.io/component"] for n in ("motlens-drift", "motlens-drift-canary", "motlens-promotion")}
     (expr,) = jobs["podSelector"]["matchExpressions"]
