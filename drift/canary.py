@@ -85,8 +85,9 @@ def _mean_scores(df: pd.DataFrame) -> pd.DataFrame:
 
 def embedding_consistency(production: Side, canary: Side, settings: DriftSettings) -> tuple[Check, dict[str, Any]]:
     """Cosine between the two versions' embeddings of the same texts (mean gated, min reported)."""
-    p_idx = _index(production.embedding_hashes)
-    pairs = [(p_idx[h], i) for i, h in enumerate(canary.embedding_hashes.tolist()) if h in p_idx]
+    p_idx, c_idx = _index(production.embedding_hashes), _index(canary.embedding_hashes)
+    # one pair per distinct text both embedded (a text logged 20 times by the canary is one text, not 20)
+    pairs = [(p_idx[h], i) for h, i in c_idx.items() if h in p_idx]
     detail: dict[str, Any] = {"shared_embedded_texts": len(pairs)}
     if len(pairs) < settings.min_shared_texts:
         msg = (f"only {len(pairs)} texts carry embeddings from both versions "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from drift.windows import parse_duration
@@ -94,3 +94,15 @@ class DriftSettings(BaseSettings):
         if v:
             parse_time(v)
         return v
+
+    @model_validator(mode="after")
+    def _caps_reach_the_minimums(self) -> DriftSettings:
+        """A row cap below its minimum makes every window too small: refused, not a run that always
+        answers `insufficient` naming the cap as the window's size."""
+        for cap, least in (("max_rows", "min_rows"), ("embedding_max_rows", "min_embedding_rows")):
+            if getattr(self, cap) < getattr(self, least):
+                raise ValueError(
+                    f"{cap} ({getattr(self, cap)}) is below {least} ({getattr(self, least)}): every window "
+                    f"would be too small; raise {cap} or lower {least}"
+                )
+        return self

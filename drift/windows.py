@@ -78,7 +78,10 @@ def reference_spec(text: str, current: Window) -> ReferenceSpec:
         return ReferenceSpec("window", _window_before(current.start, parse_duration(text)))
     if "/" in text and not Path(text).exists():
         a, b = text.split("/", 1)
-        w = Window(parse_time(a), parse_time(b))
+        try:
+            w = Window(parse_time(a), parse_time(b))
+        except ValueError as e:
+            raise ValueError(f"reference {text!r} is neither a path that exists nor a window START/END ({e})") from e
         if w.end <= w.start:
             raise ValueError(f"reference window ends before it starts: {text!r}")
         return ReferenceSpec("window", w)

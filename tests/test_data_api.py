@@ -89,6 +89,18 @@ def test_latin1_line_is_tolerated(tmp_path):
     assert report.files[0].non_utf8_values == 1
 
 
+def test_a_byte_order_mark_is_not_a_bad_line(tmp_path):
+    """A file saved with a UTF-8 BOM lost its first vehicle as a bad line (a .json file failed whole)."""
+    lines = tmp_path / "api.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf" + json.dumps(VEHICLE).encode() + b"\n" + json.dumps(another(VEHICLE, 7)).encode())
+    report = BulkReport()
+    assert len(pd.concat(list(read_jsonl([lines], report=report)))) == 6
+    assert report.files[0].bad_rows == 0 and report.files[0].non_utf8_values == 0
+    whole = tmp_path / "vehicle.json"
+    whole.write_bytes(b"\xef\xbb\xbf" + json.dumps([VEHICLE], indent=2).encode())
+    assert len(pd.concat(list(read_jsonl([whole])))) == 3
+
+
 def test_file_without_json_names_file_and_line(tmp_path):
     p = tmp_path / "api.jsonl"
     p.write_text("\nthis is not json\nnor this\n")

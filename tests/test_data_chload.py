@@ -167,6 +167,23 @@ def test_native_read_matches_python_parse(tmp_path, delimiter):
     pd.testing.assert_frame_equal(results[True][3], distinct_texts_from_tidy(tidy))
 
 
+def test_native_read_of_crlf_lines_ending_in_a_number(tmp_path):
+    """A CRLF pipe file whose last column is numeric: its \\r stayed in the field on the native path
+    ('1\\r' is no location id), so every location was lost and the texts differed from Python's."""
+    from test_data_reader import write_fixture
+
+    d = write_fixture(tmp_path / "in")
+    rows = [line.split(b"|") for line in (d / "test_item.csv").read_bytes().split(b"\r\n")[:-1]]
+    (d / "test_item.csv").write_bytes(b"".join(b"|".join([*r[:3], r[4], r[3]]) + b"\r\n" for r in rows))
+    texts = {}
+    for native in (True, False):
+        with ChdbStore(tmp_path / f"db-{native}") as s:
+            load_bulk(s, [d], native=native)
+            texts[native] = distinct_texts(s)
+    pd.testing.assert_frame_equal(texts[True], texts[False])
+    assert any(t.startswith(("Nearside", "Offside")) for t in texts[True]["text"])  # locations kept
+
+
 def test_native_read_of_unreadable_gzip_names_file_and_line(tmp_path):
     import gzip
 

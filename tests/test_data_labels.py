@@ -65,6 +65,8 @@ def test_bulk_severity_rules():
     [
         ("ADVISORY", False, "advisory"),
         ("MINOR", False, "minor"),
+        ("MINOR", True, "minor"),  # no failure: as a bulk M row with a dangerous mark (it was dangerous)
+        ("FAIL", True, "dangerous"),
         ("MAJOR", False, "major"),
         ("MAJOR", True, "dangerous"),
         ("DANGEROUS", False, "dangerous"),

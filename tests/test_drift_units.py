@@ -58,6 +58,9 @@ def test_reference_specs(tmp_path):
         reference_spec("2026-11-08T00:00/2026-11-01T00:00", cur)
     with pytest.raises(ValueError, match="cannot read reference 'yesterday'"):
         reference_spec("yesterday", cur)
+    missing = str(tmp_path / "gone" / "reference.parquet")  # was "not an ISO-8601 time: ''"
+    with pytest.raises(ValueError, match=f"reference '{missing}' is neither a path that exists nor a window"):
+        reference_spec(missing, cur)
 
 
 def test_drift_frame_derives_length_and_names_missing_columns():
@@ -117,6 +120,24 @@ def test_canary_disagreement_and_inconsistent_embeddings_fail():
     assert a.status == "drift" and a.score == 0.0 and detail["section_agreement"] == 0.0
     assert detail["severity_agreement"] == 1.0
     assert c.status == "drift" and c.score is not None and c.score < s.canary_min_cosine
+
+
+def test_embedding_consistency_counts_distinct_texts_not_rows():
+    """One text the canary logged 25 times is one shared text: it passed `min_shared_texts` (20) as 25."""
+    rng = np.random.default_rng(4)
+    vec = rng.normal(size=(1, 8)).astype(np.float32)
+    prod = Side("production", pd.DataFrame(), vec, 1, 1, embedding_hashes=np.array([7], np.uint64))
+    can = Side("canary", pd.DataFrame(), np.repeat(vec, 25, axis=0), 25, 25, embedding_hashes=np.full(25, 7, np.uint64))
+    c, detail = embedding_consistency(prod, can, DriftSettings())
+    assert (c.status, detail["shared_embedded_texts"]) == ("insufficient", 1)
+    # 30 distinct texts, the first one repeated: 30 pairs, each text weighted once
+    hashes = np.arange(30, dtype=np.uint64)
+    emb = rng.normal(size=(30, 8)).astype(np.float32)
+    prod = Side("production", pd.DataFrame(), emb, 30, 30, embedding_hashes=hashes)
+    can = Side("canary", pd.DataFrame(), np.vstack([emb, np.repeat(emb[:1], 50, axis=0)]), 80, 80,
+               embedding_hashes=np.concatenate([hashes, np.zeros(50, np.uint64)]))  # fmt: skip
+    c, detail = embedding_consistency(prod, can, DriftSettings())
+    assert (c.status, detail["shared_embedded_texts"]) == ("pass", 30)
 
 
 def _labelled(texts: int, disagree: int) -> tuple[Side, Side]:
@@ -365,14 +386,25 @@ def test_the_textfile_keeps_other_metrics_and_survives_a_damaged_file(tmp_path):
     assert _samples(path.read_text())["motlens_drift_detected"] == [({"model_version": "7", "slot": "canary"}, 0.0)]
 
 
+def test_a_row_cap_below_its_minimum_is_refused(tmp_path, capsys):
+    """`--max-rows 150` (minimum 200) made every window `insufficient`, naming the cap as its size."""
+    from motlens.cli import main
+
+    assert main(["drift", "--max-rows", "150", "--output", str(tmp_path)]) == 2
+    assert "max_rows (150) is below min_rows (200)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"embedding_max_rows \(50\) is below min_embedding_rows \(100\)"):
+        DriftSettings(embedding_max_rows=50)
+    assert DriftSettings(max_rows=100, min_rows=100).max_rows == 100
+
+
 def test_settings_come_from_env_and_flags_win(monkeypatch, tmp_path, capsys):
     from motlens.cli import main
 
     monkeypatch.setenv("MOTLENS_DRIFT_WINDOW", "7d")
     monkeypatch.setenv("MOTLENS_DRIFT_MAX_ROWS", "1234")
     monkeypatch.setenv("MOTLENS_DRIFT_CANARY", "true")
-    s = DriftSettings(max_rows=99)
-    assert (s.window, s.max_rows, s.canary) == ("7d", 99, True)
+    s = DriftSettings(max_rows=999)
+    assert (s.window, s.max_rows, s.canary) == ("7d", 999, True)
     monkeypatch.setenv("MOTLENS_DRIFT_EMBEDDING_METHOD", "psychic")
     assert main(["drift", "--output", str(tmp_path)]) == 2
     assert "bad setting: MOTLENS_DRIFT_EMBEDDING_METHOD: Input should be" in capsys.readouterr().err

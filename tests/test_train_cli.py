@@ -35,6 +35,10 @@ def test_bad_data_arguments_are_clear(registry, monkeypatch, capsys, tmp_path):
     _use(registry, monkeypatch)
     assert main(["train"]) == 2
     assert "give --data DIR or --clickhouse" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path), "--clickhouse"]) == 2  # --data was ignored
+    assert "give --data DIR or --clickhouse, not both" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path), "--ch-path", str(tmp_path)]) == 2  # --ch-path was ignored
+    assert "--ch-path is the chdb data --clickhouse reads" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "nowhere")]) == 2
     assert "nowhere: no such file or directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()

@@ -38,6 +38,15 @@ def test_distinct_texts_majority_labels_and_context():
     assert fp["train_texts"] + fp["holdout_texts"] == 81 and fp["holdout_texts"] > 0
 
 
+def test_blank_texts_are_counted_with_the_unlabelled():
+    """Rows whose text is only whitespace were dropped uncounted: rows_read 175, accounted for 165."""
+    columns = ["text", "section", "severity", "fuel_type", "vehicle_age_years", "odometer_miles"]
+    blank = pd.DataFrame([("   ", 1, "major", "PE", 1.0, 1.0), ("\t", 5, "minor", "PE", 1.0, 1.0)] * 5, columns=columns)
+    blank["make"], blank["model"] = "FORD", "FOCUS"
+    fp = build_training_set(pd.concat([_rows(), blank], ignore_index=True), seed=1).fingerprint
+    assert (fp["rows_read"], fp["rows_unlabelled"], fp["rows_labelled"]) == (175, 12, 163)
+
+
 def test_split_is_by_text_seeded_and_order_independent():
     df = _rows()
     a = build_training_set(df, seed=3)

@@ -367,7 +367,9 @@ def _native_source(src: Source) -> str:
     if src.delimiter == "|":
         fields = ", ".join(f"c[{i + 1}] AS {c}" for i, c in enumerate(cols))
         return (
-            f"(SELECT {fields} FROM (SELECT splitByChar('|', line) AS c FROM file({{path:String}}, 'LineAsString') "
+            # a CRLF file's \r would stay in the last field (a location_id of '1\r' is no number)
+            f"(SELECT {fields} FROM (SELECT splitByChar('|', if(endsWith(line, '\\r'), substring(line, 1, "
+            f"length(line) - 1), line)) AS c FROM file({{path:String}}, 'LineAsString') "
             f"WHERE line != '' AND length(c) = {len(cols)}))"
         )
     structure = ", ".join(f"{c} String" for c in cols)

@@ -237,7 +237,9 @@ class _Aggregator:
         uniq = pd.unique(df["text"].astype(str))
         keys = pd.Series([normalise_text(t) for t in uniq], index=uniq)
         df["key"] = df["text"].astype(str).map(keys)
-        df = df[df["key"] != ""]
+        blank = df["key"] == ""  # whitespace only: no text to learn from, counted with the unlabelled
+        unlabelled += int(blank.sum())
+        df = df[~blank]
         df["section"] = section[df.index].astype("int8")
         df["vehicle_age_years"] = pd.to_numeric(df["vehicle_age_years"], errors="coerce")
         odo = pd.to_numeric(df["odometer_miles"], errors="coerce")

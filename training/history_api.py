@@ -200,7 +200,7 @@ def _lines(path: Path, fh: Any, fr: FileReport, progress: Callable[[int], object
 
 def _decode(raw: bytes, fr: FileReport) -> str:
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is no JSON
     except UnicodeDecodeError:
         fr.non_utf8_values += 1
         return raw.decode("latin-1")

@@ -140,6 +140,6 @@ def api_severity(defect_type: str | None, dangerous: bool | None) -> str | None:
     sev = API_TYPES.get(str(defect_type or "").strip().upper())
     if sev is None:
         return None
-    if dangerous and sev != "advisory":
+    if dangerous and sev == "major":  # a failure marked dangerous, as the bulk files' dangerous_mark
         return "dangerous"
-    return sev
+    return sev  # an advisory or a minor defect is no failure: a dangerous flag on one does not make it so

@@ -119,6 +119,12 @@ def _train(args: argparse.Namespace) -> int:
     if not args.data and not args.clickhouse:
         print("motlens train: give --data DIR or --clickhouse (or use `motlens train versions`)", file=sys.stderr)
         return 2
+    if args.data and args.clickhouse:
+        print("motlens train: give --data DIR or --clickhouse, not both (one would be ignored)", file=sys.stderr)
+        return 2
+    if args.ch_path and not args.clickhouse:
+        print("motlens train: --ch-path is the chdb data --clickhouse reads; give --clickhouse", file=sys.stderr)
+        return 2
     overrides = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
     if args.alias is not None:
         overrides["alias"] = args.alias
