@@ -216,6 +216,13 @@ class Backend:
     #: :func:`predictor.heap.freezes` when loaded: a later freeze (a GPU model's close re-freezes the whole
     #: heap) put this one in the permanent generation too
     freeze_epoch: int = field(default_factory=freezes)
+    #: the embedder's backend and device, kept past :meth:`close`: a request still in flight when a
+    #: drain timed out logs its rows with them (read through the freed embedder, they were lost)
+    backend_name: str = field(init=False, default="")
+    device: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        self.backend_name, self.device = self.embedder.backend, self.embedder.device
 
     @property
     def name(self) -> str:
@@ -228,14 +235,6 @@ class Backend:
     @property
     def run_id(self) -> str:
         return self.bundle.run_id or ""
-
-    @property
-    def backend_name(self) -> str:
-        return self.embedder.backend
-
-    @property
-    def device(self) -> str:
-        return self.embedder.device
 
     @property
     def packs(self) -> bool:

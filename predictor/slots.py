@@ -48,6 +48,14 @@ class SlotError(Exception):
     """An admin operation that cannot be applied (e.g. promote without a canary); nothing changed."""
 
 
+class SlotChanged(Exception):
+    """A conditional load found the slot holding something else than it was told to replace."""
+
+
+#: :meth:`SlotManager.load` without a condition on what the slot holds
+ANY_UNIT = object()
+
+
 @dataclass
 class SlotState:
     unit: ServingUnit | None = None
@@ -150,15 +158,20 @@ class SlotManager:
 
     # ------------------------------------------------------------ operations
 
-    async def load(self, slot: str, ref: str, *, cause: str = "start") -> dict[str, Any]:
+    async def load(self, slot: str, ref: str, *, cause: str = "start", holding: object = ANY_UNIT) -> dict[str, Any]:
         """Load ``ref`` into ``slot`` beside the current model, swap, drain and free the old one.
         ``cause`` is recorded: ``admin`` (the admin API, see :meth:`follow`),
         ``start``, ``restore`` (a running canary), ``registry_back`` (a fallback's reference moved),
-        ``follow`` (whose own row :meth:`follow` writes)."""
+        ``follow`` (whose own row :meth:`follow` writes). ``holding``: load only if the slot still
+        holds that unit (``None``: is still empty) once this load has the slot, else raise
+        :class:`SlotChanged` and load nothing (a retry must not replace what the admin API put there
+        while it waited for the slot)."""
         if slot not in self.slots:
             raise SlotError(f"unknown slot {slot!r}; expected one of {', '.join(SLOTS)}")
         state = self.slots[slot]
         async with self._locks[slot]:
+            if holding is not ANY_UNIT and state.unit is not holding:
+                raise SlotChanged(slot)
             state.loading = ref
             self._update_readiness()
             loop = asyncio.get_running_loop()
@@ -228,11 +241,13 @@ class SlotManager:
         delay = 1.0
         while True:
             try:
-                await self.load(slot, ref)
+                await self.load(slot, ref, holding=None)
                 return True
             except ModelLoadError:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, max_backoff_s)
+            except SlotChanged:
+                pass
             if (unit := self.slots[slot].unit) is not None:
                 log.info("%s slot serves version %s meanwhile; no longer retrying %s", slot, unit.version, ref)
                 return False
@@ -544,9 +559,11 @@ class SlotManager:
                 return
             log.warning("registry reachable: %s names version %s, not %s; loading it", ref, info.version, unit.version)
             try:
-                await self.load(slot, ref, cause="registry_back")
+                await self.load(slot, ref, cause="registry_back", holding=unit)
             except ModelLoadError:
                 pass  # logged by load(); the last-known-good version keeps serving, still flagged
+            except SlotChanged:
+                pass  # replaced meanwhile (the admin API): nothing to confirm any more
             return
 
     def _slot_of(self, unit: ServingUnit) -> str | None:

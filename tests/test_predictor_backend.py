@@ -57,6 +57,15 @@ def test_golden_set_not_reproduced_is_refused(bad_golden_bundle, embedder):
     assert info.value.golden is not None and info.value.golden.min_cosine < 0.999
 
 
+def test_a_closed_backend_still_names_its_backend_and_device(tiny_bundle, embedder):
+    """A request still in flight when a drain timed out logs its rows after the unit was closed: its
+    backend and device were read through the freed embedder (AttributeError), and the rows were lost."""
+    backend = load_backend(str(tiny_bundle.root), embedder=embedder)
+    named = (backend.backend_name, backend.device)
+    backend.close()
+    assert backend.embedder is None and (backend.backend_name, backend.device) == named == ("torch", "cpu")
+
+
 def test_onnx_backend_plugs_in_by_name(tiny_bundle, onnx_model_dir, tmp_path):
     """The bundle's embedder directory carries the verified ONNX export; the backend is chosen by name."""
     bundle = assemble(tmp_path / "onnx-bundle", onnx_model_dir, tiny_bundle.head(), tiny_bundle.golden(),

@@ -226,3 +226,40 @@ async def test_a_load_cancelled_by_shutdown_frees_what_it_built(tiny_bundle, emb
         await asyncio.sleep(0.1)
     assert batchers() == [], batchers()
     await slots.shutdown()
+
+
+async def test_a_start_load_still_retrying_does_not_replace_what_the_admin_api_installed(
+    tiny_bundle, embedder, tmp_path
+):
+    """The start-up load, retrying after a failure (registry down), saw the slot still empty while an
+    admin load was running, waited for the slot and then replaced the admin's model with its own."""
+    import asyncio
+    import shutil
+    import threading
+
+    from predictor.backend import ModelLoadError, load_backend
+    from predictor.cache import EmbeddingCache
+    from predictor.settings import ServeSettings
+    from predictor.slots import SlotManager
+
+    start_ref, admin_ref = str(tiny_bundle.root), str(shutil.copytree(tiny_bundle.root, tmp_path / "admin"))
+    gate, calls = threading.Event(), []
+
+    def loader(ref, **kw):
+        calls.append(ref)
+        if ref == start_ref and calls.count(start_ref) == 1:
+            raise ModelLoadError("model registry unreachable", transient=True)
+        if ref == admin_ref:
+            gate.wait(60)  # a slow admin load: download, warm-up, golden check
+        return load_backend(ref, embedder=embedder)
+
+    slots = SlotManager(ServeSettings(model=start_ref, cache_bytes=0, gc_freeze=False), EmbeddingCache(0), loader)
+    retry = asyncio.create_task(slots.load_with_retry("production", start_ref))
+    await asyncio.sleep(0.3)  # the first attempt failed; the retry sleeps 1 s
+    admin = asyncio.create_task(slots.load("production", admin_ref, cause="admin"))
+    await asyncio.sleep(1.5)  # the retry wakes while the admin load holds the slot
+    gate.set()
+    await admin
+    assert await asyncio.wait_for(retry, 120) is False
+    assert slots.slots["production"].ref == admin_ref and calls == [start_ref, admin_ref]
+    await slots.shutdown()
