@@ -76,12 +76,16 @@ PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt", 
 
 def _files(root: Path) -> list[str]:
     """Every file under ``root`` but the manifest; :class:`BundleError` for a symlink anywhere (a
-    link could point the loader at bytes that were never hashed, or hide files from the listing)
-    or a file of a code-executing format."""
+    link could point the loader at bytes that were never hashed, or hide files from the listing),
+    anything else that is not a regular file or directory, or a file of a code-executing format."""
     out = []
     for p in root.rglob("*"):
         if p.is_symlink():
             raise BundleError(f"{root}: {p.relative_to(root).as_posix()} is a symbolic link; bundles hold plain files")
+        if not p.is_file() and not p.is_dir():  # a FIFO (a reader hangs on it), socket or device: never hashed
+            raise BundleError(
+                f"{root}: {p.relative_to(root).as_posix()} is not a regular file; bundles hold plain files"
+            )
         if p.is_file() and p.name != MANIFEST:
             if p.suffix.lower() in PICKLE_SUFFIXES:
                 raise BundleError(
@@ -131,7 +135,10 @@ def verify(root: Path, manifest_sha256: str | None = None) -> dict[str, Any]:
     if manifest_sha256 is not None and (actual := hashlib.sha256(raw).hexdigest()) != manifest_sha256:
         raise BundleError(f"{root}: {MANIFEST} has sha256 {actual}, not the pinned {manifest_sha256}")
     try:
-        manifest = json.loads(raw)
+        try:
+            manifest = json.loads(raw)
+        except RecursionError as e:  # nesting deeper than the parser follows: malformed, not a transient failure
+            raise ValueError("nested too deeply") from e
         if not isinstance(manifest, dict):
             raise ValueError(f"a JSON object was expected, not {type(manifest).__name__}")
         fmt = manifest.get("format", 1)

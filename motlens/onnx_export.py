@@ -21,6 +21,7 @@ batches of varying lengths before keeping it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -356,19 +357,25 @@ def is_packed_graph(onnx_path: Path | str) -> bool:
     return tuple(i.name for i in graph.input) == GRAPH_INPUTS
 
 
-def weights_digest(model_dir: Path) -> str:
-    """Short sha256 of the weights file, used to key exports cached outside a bundle."""
+def model_digest(model_dir: Path) -> str:
+    """Short sha256 over every file of ``model_dir`` (names and contents) but its ``onnx/``: the key of
+    an export cached outside a bundle. The weights alone were the key, so a bundle with the same
+    weights and another ``config.json`` left an export every later bundle of those weights ran."""
     from motlens.bundle import sha256_file
 
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (model_dir / name).is_file():
-            return sha256_file(model_dir / name)[:16]
-    raise OnnxExportError(f"{model_dir}: no model weights found")
+    if not any((model_dir / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        raise OnnxExportError(f"{model_dir}: no model weights found")
+    h = hashlib.sha256()
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(model_dir).as_posix()
+        if rel.split("/", 1)[0] != ONNX_DIR:
+            h.update(f"{rel}\0{sha256_file(path)}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def export_cache_dir(model_dir: Path, cache_root: Path) -> Path:
-    """Where :func:`cached_export` keeps the export of these weights in the current graph format."""
-    return cache_root / f"{weights_digest(model_dir)}-{GRAPH_FORMAT}"
+    """Where :func:`cached_export` keeps the export of this model directory in the current graph format."""
+    return cache_root / f"{model_digest(model_dir)}-{GRAPH_FORMAT}"
 
 
 def cached_export(model_dir: Path, cache_root: Path) -> Path:

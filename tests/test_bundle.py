@@ -79,7 +79,19 @@ def test_symlinks_are_refused(tiny_bundle, tmp_path):
         Bundle.open(copy)
 
 
-@pytest.mark.parametrize("manifest", ["[]", "null", '{"files": ["a"]}', '{"files": {"a": 1}}'])
+def test_special_files_are_refused(tiny_bundle, tmp_path):
+    """A FIFO is no regular file: it was neither listed nor extra, passed the digest pin, and the
+    embedder's loader then hung opening it."""
+    import os
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle.root, copy)
+    os.mkfifo(copy / "embedder" / "NOTES.md")
+    with pytest.raises(BundleError, match="embedder/NOTES.md is not a regular file"):
+        Bundle.open(copy)
+
+
+@pytest.mark.parametrize("manifest", ["[]", "null", '{"files": ["a"]}', '{"files": {"a": 1}}', "[" * 200_000])
 def test_malformed_manifest_is_a_bundle_error(tiny_bundle, tmp_path, manifest):
     """Not a TypeError: Registry.fetch re-downloads a damaged cache only on BundleError."""
     from motlens.bundle import MANIFEST

@@ -123,6 +123,22 @@ def test_model_dir_without_onnx_uses_the_verified_cache(onnx_model_dir, embedder
     assert cosine_rows(emb.encode(texts), embedder.encode(texts)).min() >= EXPORT_MIN_COSINE
 
 
+def test_the_export_cache_is_keyed_by_every_model_file_not_the_weights_alone(onnx_model_dir, tmp_path):
+    """Keyed by the weights' sha256 alone, a bundle with MiniLM's weights and an edited config.json
+    (2 layers) left its export for every later bundle of those weights: cosine 0.16-0.35 to torch."""
+    import json
+
+    genuine, edited = tmp_path / "genuine", tmp_path / "edited"
+    for d in (genuine, edited):
+        shutil.copytree(onnx_model_dir, d, ignore=shutil.ignore_patterns(ONNX_DIR))
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    cache = tmp_path / "onnx-cache"
+    assert export_cache_dir(edited, cache) != export_cache_dir(genuine, cache)
+    # what the export does not read stays out of the key: a bundle's own onnx/ folder
+    assert export_cache_dir(onnx_model_dir, cache) == export_cache_dir(genuine, cache)
+
+
 def _unpacked_graph(path):
     """A tiny graph in the earlier (input_ids, attention_mask) -> sentence_embedding format."""
     import onnx
