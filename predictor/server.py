@@ -410,6 +410,8 @@ class PredictorServer:
         rid = request.state.request_id = resolve_request_id(None, headers.get("x-request-id"))
         headers["x-request-id"] = rid  # the model logs its rows under this id
         payload, attrs = _v1_payload(self.dataplane, body, headers)
+        if _media_type(headers.get("content-type")) == STRUCTURED_CLOUDEVENT:
+            headers["content-type"] = STRUCTURED_CLOUDEVENT  # KServe answers with an event on this exact value
         response, response_headers = await unless_disconnected(
             request, self.dataplane.infer(model_name=model_name, request=payload, headers=headers)
         )
@@ -487,15 +489,16 @@ class PredictorServer:
         return json_response(content=response, headers=response_headers)
 
     async def _ready(self, request: Request) -> Response:
-        """Readiness with its reason. A load error's text (paths, registry URIs) is for whoever may use
-        the admin API (:meth:`_admin_auth`); anyone else gets the reason's label and where to look."""
+        """Readiness with its reason. The reason's text (a load error names paths and registry URIs) is
+        for whoever may use the admin API (:meth:`_admin_auth`); anyone else gets its label and where
+        to look."""
         ready, reason = self.slots.ready, self.slots.not_ready_reason()
         if reason is None:
             shown = None
         elif self._admin_auth(request) is None:
             shown = reason[1]
         else:
-            shown = f"{reason[0]} (the detail is in the server log, and here with the admin token or from loopback)"
+            shown = f"{reason[0]} (the detail is in the server log, and here for admin API clients)"
         return json_response({"ready": ready, "reason": shown}, status_code=200 if ready else 503)
 
     def _admin_auth(self, request: Request) -> Response | None:

@@ -325,14 +325,13 @@ class Promoter:
         """Read the target and the aliases again just before a change: a ``kubectl edit`` (a canary paused
         at 0 %, a hot-fixed URI) made while the gates ran is not overwritten by a change decided on the
         state before it. Recorded as a failed ``event``; nothing is changed."""
-        try:
-            now, now_aliases = self.snapshot()
-        except Exception as e:  # noqa: BLE001 - unreadable now: change nothing
-            why = f"could not read the live state again before changing it: {e}"
+        now = self._reread()
+        if isinstance(now, Exception):
+            why = f"could not read the live state again before changing it: {now}"
+        elif now == (live, aliases):
+            return
         else:
-            if now == live and now_aliases == aliases:
-                return
-            seen = f"{now.describe()}, aliases {now_aliases}"
+            seen = f"{now[0].describe()}, aliases {now[1]}"
             why = f"the live state changed while the gates ran (read {live.describe()}, aliases {aliases}; now {seen})"
         event.success, event.reason = False, f"{event.reason}; {why}".lstrip("; ")
         event.ts = utc_now()
@@ -341,11 +340,15 @@ class Promoter:
 
     def _changed_since(self, live: RolloutState, aliases: dict[str, str]) -> bool:
         """Whether the target or the aliases differ from ``live``/``aliases`` (True when unreadable)."""
+        now = self._reread()
+        return isinstance(now, Exception) or now != (live, aliases)  # URIs and digests included
+
+    def _reread(self) -> tuple[RolloutState, dict[str, str]] | Exception:
+        """:meth:`snapshot` again, or why it cannot be read (then whether anything changed is unknown)."""
         try:
-            now, now_aliases = self.snapshot()
-        except Exception:  # noqa: BLE001 - cannot tell: say it may have changed
-            return True
-        return now != live or now_aliases != aliases  # URIs and digests included, not just the versions
+            return self.snapshot()
+        except Exception as e:  # noqa: BLE001 - the callers decide what an unreadable state means
+            return e
 
     def _live_percent(self) -> float:
         """The canary's share as the target serves it now (after a refused or failed action)."""

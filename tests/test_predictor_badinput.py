@@ -778,9 +778,14 @@ def test_a_structured_cloudevent_is_served_without_its_optional_time(base):
     request = {"instances": [OK_TEXT, OK_TEXT]}
     event = {"specversion": "1.0", "id": "e-2", "source": "test", "type": "mot.predict"}
     ct = {"Content-Type": "application/cloudevents+json"}
+    charset = {"Content-Type": "application/cloudevents+json; charset=utf-8"}  # was unwrapped, answered plain
     encoded = base64.b64encode(json.dumps(request).encode()).decode()
-    for body in ({**event, "data": request}, {**event, "data_base64": encoded, "datacontenttype": "application/json"}):
-        r = httpx.post(url + V1, content=json.dumps(body).encode(), headers=ct)
+    for body, headers in (
+        ({**event, "data": request}, ct),
+        ({**event, "data": request}, charset),
+        ({**event, "data_base64": encoded, "datacontenttype": "application/json"}, ct),
+    ):
+        r = httpx.post(url + V1, content=json.dumps(body).encode(), headers=headers)
         assert r.status_code == 200, r.text
         assert r.headers["content-type"].startswith("application/cloudevents+json")
         assert len(r.json()["data"]["predictions"]) == 2 and r.json()["specversion"] == "1.0"
