@@ -198,6 +198,9 @@ _CODE = re.compile(r"\bCode: (\d+)\.")
 _VIEW_ERROR = re.compile(r"\bwhile pushing to view\b", re.IGNORECASE)
 
 
+_COLUMN_ERRORS = {f"{code} {PERMANENT_CODES[code]}" for code in (8, 10, 16)}
+
+
 def permanent_error(e: BaseException) -> str | None:
     """``"<code> <NAME>"`` when ClickHouse refused an insert in a way no retry changes (see
     :data:`PERMANENT_CODES`), else None (transient, or not a ClickHouse error). An error of a
@@ -268,6 +271,16 @@ class ClickHouseSink:
         self._connect()
 
     def insert(self, table: pa.Table, token: str) -> None:
+        try:
+            self._insert_once(table, token)
+        except Exception as e:
+            if permanent_error(e) not in _COLUMN_ERRORS:
+                raise
+            # the columns were read before the table changed (a column dropped meanwhile): the sink
+            # has read them again, so one more try leaves the dropped column out instead of refusing
+            self._insert_once(table, token)
+
+    def _insert_once(self, table: pa.Table, token: str) -> None:
         client, columns = self._connect()
         extra = [c for c in table.column_names if columns and c not in columns]
         if extra:

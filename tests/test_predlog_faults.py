@@ -595,6 +595,23 @@ def test_a_segment_with_a_column_the_table_lacks_is_inserted_without_it(chdb_set
     assert "has no column tenant; left out of the insert" in caplog.text
 
 
+def test_a_column_dropped_while_the_writer_runs_is_left_out_not_rejected(chdb_settings, caplog):
+    """The sink reads the table's columns once per connection: a column dropped after that failed the
+    next insert (16 NO_SUCH_COLUMN_IN_TABLE, a permanent code) and its batch was set aside as
+    rejected before the columns were read again."""
+    settings, reader = chdb_settings
+    writer = predlog.open_writer(settings)
+    _submit_batches(writer, 2)
+    assert wait_for(lambda: writer.stats()["written"] == 20, 10)
+    reader.client.command(f"ALTER TABLE {settings.database}.predictions DROP COLUMN protocol")
+    _submit_batches(writer, 3, first=300)
+    s = _drained(writer)
+    assert s["written"] == 50 and s["dropped"] == 0, s
+    assert stored(reader, settings) == (50, 50)
+    assert not [p for p in settings.spool_dir.iterdir() if p.suffix == ".rejected"]
+    assert "has no column protocol; left out of the insert" in caplog.text
+
+
 def test_a_segment_clickhouse_refuses_for_good_is_set_aside_and_the_rest_go_on(chdb_settings, caplog):
     """A segment whose values can never fit the table (Code 6, CANNOT_PARSE_TEXT) is kept as
     ``*.rejected``, counted as dropped{reason="rejected"}, and the batches behind it are stored."""
