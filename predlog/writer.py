@@ -65,6 +65,10 @@ class PredictionLogWriter:
         #: an embedded sink's batch being inserted (it has no write-ahead copy): close() spills it
         #: if the insert outlasts the timeout; a replay of the same token rewrites the same file
         self._unspooled: tuple[pa.Table, str] | None = None
+        #: the batch the thread took off the queue, until it is in the spool or the sink (or handed on
+        #: as ``_unspooled``): close() spills it if the thread outlasts the timeout; both writes carry
+        #: the batch's token, so a copy written twice is stored once
+        self._claimed: tuple[list[PredictionRecord], str] | None = None
         self._retry_at = 0.0
         self._backoff = settings.retry_initial_s
         self._sink_ok = True
@@ -127,6 +131,8 @@ class PredictionLogWriter:
                 self._queue.clear()
             if (unspooled := self._take_unspooled()) is not None:
                 self._spill(*unspooled)
+            if (claimed := self._take_claimed()) is not None and (table := self._encode(claimed[0])) is not None:
+                self._spill(table, claimed[1])
             if rest:
                 table = self._encode(rest)
                 if table is not None:
@@ -174,16 +180,18 @@ class PredictionLogWriter:
                 if not self._queue:
                     self._flush_requested = False
                 self._inflight = n
+                self._claimed = (batch, uuid.uuid4().hex) if batch else None
                 stop = self._stopping and not self._queue
             try:
                 if batch:
-                    self._deliver(batch)
+                    self._deliver(batch, self._claimed[1])  # type: ignore[index]
                 self._drain(force=stop)
             except Exception:  # noqa: BLE001 - the thread must survive anything
                 log.exception("predlog: writer loop error")
             finally:
                 with self._cond:
                     self._inflight = 0
+                    self._claimed = None
                     metrics.QUEUE_DEPTH.set(len(self._queue))
                     metrics.SPOOL_BYTES.set(self.spool.bytes)
                     self._cond.notify_all()
@@ -209,18 +217,22 @@ class PredictionLogWriter:
             log.warning("predlog: prediction log not reachable at start (%s); batches are spooled until it is",
                         str(e).splitlines()[0] if str(e) else type(e).__name__)  # fmt: skip
 
-    def _deliver(self, batch: list[PredictionRecord]) -> None:
+    def _deliver(self, batch: list[PredictionRecord], token: str) -> None:
         table = self._encode(batch)
-        if table is None:
+        if table is None or not self._owns(token):  # not owned: close() spilled it meanwhile
             return
-        token = uuid.uuid4().hex
         if self.sink.local:
             if not self.spool.segments():  # spooled batches go first
                 with self._cond:
-                    self._unspooled = (table, token)
+                    if self._claimed is None:
+                        return
+                    self._claimed, self._unspooled = None, (table, token)
                 inserted = self._try_insert(table, token)
-                if self._take_unspooled() is None or inserted:  # None: close() spilled it meanwhile
-                    return
+                with self._cond:
+                    if self._unspooled is None or inserted:  # None: close() spilled it meanwhile
+                        self._unspooled = None
+                        return
+                    self._unspooled, self._claimed = None, (batch, token)  # close()'s again until spilled
             self._spill(table, token)
             return
         try:
@@ -251,6 +263,15 @@ class PredictionLogWriter:
             return False
         self._add("written", table.num_rows)
         return True
+
+    def _owns(self, token: str) -> bool:
+        with self._cond:
+            return self._claimed is not None and self._claimed[1] == token
+
+    def _take_claimed(self) -> tuple[list[PredictionRecord], str] | None:
+        with self._cond:
+            claimed, self._claimed = self._claimed, None
+        return claimed
 
     def _take_unspooled(self) -> tuple[pa.Table, str] | None:
         """The embedded store's batch in flight, taken by whoever spills it (close() or the writer)."""

@@ -302,6 +302,42 @@ SIGTERM_CHILD = textwrap.dedent(
 )
 
 
+def test_close_while_the_writer_encodes_a_batch_keeps_that_batch(tmp_path, monkeypatch):
+    """A batch the thread had taken off the queue but not yet encoded was in neither the queue nor
+    ``_unspooled``: close() timing out then spilled the rest, and that batch was lost uncounted
+    when the process ended."""
+    from predlog.writer import PredictionLogWriter
+
+    settings = PredlogSettings(dir=tmp_path / "predlog", batch_rows=10, flush_interval_s=0.05, compact_interval_s=0)
+    entered, release = threading.Event(), threading.Event()
+    encode = PredictionLogWriter._encode
+
+    def stalled(self, batch):  # noqa: ANN001, ANN202 - the writer thread stalls encoding (fault injection)
+        if threading.current_thread().name == "predlog-writer" and not entered.is_set():
+            entered.set()
+            assert release.wait(60)
+        return encode(self, batch)
+
+    monkeypatch.setattr(PredictionLogWriter, "_encode", stalled)
+    writer = predlog.open_writer(settings)
+    writer.submit(rows(50))
+    assert entered.wait(30)
+    writer.close(timeout=0.5)
+    s = writer.stats()
+    assert s["dropped"] == 0 and s["spool_rows"] == 50, s
+    release.set()  # the stalled thread goes on: the batch is no longer its to store
+    assert wait_for(lambda: not writer._thread.is_alive(), 60)
+    writer = predlog.open_writer(settings)
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(10)
+    reader = predlog.open_reader(settings)
+    try:
+        got = reader.query("SELECT count() AS n, uniqExact(request_id, item_index) AS u FROM predictions", {})
+    finally:
+        reader.close()
+    assert (int(got.n[0]), int(got.u[0])) == (50, 50)
+
+
 def test_sigterm_mid_stream_loses_nothing(tmp_path):
     """SIGTERM while rows stream in: every submitted row is stored once (the embedded sink leaves the
     spool empty)."""
