@@ -183,16 +183,39 @@ class Spool:
         except OSError:
             self._lock_file.close()
             raise SpoolBusy(root) from None
+        try:
+            self._open(sink)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, sink: SinkId | None) -> None:
+        root = self.root
         self._lock = threading.Lock()
         remove_stale_temps(root / SINK_FILE)
         for stale in root.glob("*.tmp"):
             _finish_tmp(stale)
+        #: why the spool could not be bound to its sink (disk full, read-only): it then neither takes
+        #: nor replays segments this run, and the writer stores straight into the sink
+        self.unbound: str | None = None
         if sink is not None:
-            self._bind(sink)
-        self._segments: list[Segment] = sorted(
-            Segment(int(m.group(1)), int(m.group(2)), m.group(3), p, p.stat().st_size)
-            for p in root.iterdir()
-            if (m := _SEG.match(p.name))
+            try:
+                self._bind(sink)
+            except OSError as e:
+                self.unbound = str(e)
+                log.error(
+                    "predlog: cannot bind the spool %s to %s (%s): nothing is spooled or replayed until a start "
+                    "that can; batches go straight to the prediction log, and what it does not take is dropped "
+                    "(spool_error)", root, sink, e,
+                )  # fmt: skip
+        self._segments: list[Segment] = (
+            []
+            if self.unbound is not None
+            else sorted(
+                Segment(int(m.group(1)), int(m.group(2)), m.group(3), p, p.stat().st_size)
+                for p in root.iterdir()
+                if (m := _SEG.match(p.name))
+            )
         )
         held = [int(p.name[:16]) for folder in self._held_folders() for p in _segment_files(folder)]
         self._seq = max([s.seq for s in self._segments] + held, default=-1) + 1  # unique across held ones too
@@ -280,6 +303,8 @@ class Spool:
 
         Under ``drop_oldest`` the oldest segments are deleted only once the new one is on disk, so a
         write that fails (disk full) raises with every older segment still in place."""
+        if self.unbound is not None:
+            raise OSError(f"the spool is not bound to its sink this run ({self.unbound})")
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema) as w:
             w.write_table(table)

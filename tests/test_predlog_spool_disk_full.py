@@ -154,3 +154,44 @@ def _row(k: int) -> PredictionRecord:
         request_id=f"r{k}", item_index=0, model_name="mot-defects", model_version="1", slot="production",
         text=f"brake pipe corroded {k}",
     )  # fmt: skip
+
+
+def test_a_spool_that_cannot_record_its_sink_leaves_the_writer_serving(tmp_path, monkeypatch):
+    """Writing ``spool/.sink`` (a first start, or a new sink) with the disk full raised out of
+    ``open_writer``, so ``motlens serve`` died at start. Now that run neither spools nor replays (the
+    segments there may be another sink's) and stores straight into the log; the next start binds."""
+    import predlog
+    import predlog.spool as spool_module
+    from predlog import PredlogSettings
+
+    settings = PredlogSettings(dir=tmp_path / "predlog", batch_rows=10, flush_interval_s=0.05, compact_interval_s=0)
+    other = Spool(settings.spool_dir, 10**9)  # a segment an earlier run left, its sink not recorded
+    other.append(records_to_arrow([_row(99)]), f"{99:032x}")
+    other.close()
+
+    def full(path, data, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - fault injection
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "atomic_write", full)
+    writer = predlog.open_writer(settings)
+    assert writer.spool.unbound and writer.stats()["spool_rows"] == 0
+    writer.submit([_row(k) for k in range(20)])
+    assert writer.flush(30)
+    writer.close(10)
+    assert writer.stats()["written"] == 20 and writer.stats()["dropped"] == 0, writer.stats()
+    assert len(list(settings.spool_dir.rglob("*.arrow"))) == 1  # kept (in place or held), not replayed here
+    monkeypatch.undo()
+    writer = predlog.open_writer(settings)  # space is back: the spool binds, its segment is held
+    assert writer.spool.unbound is None and writer.stats()["spool_held_rows"] == 1
+    writer.close(10)
+
+
+def test_a_spool_whose_opening_fails_releases_its_lock(tmp_path, monkeypatch):
+    def broken(self, sink):  # noqa: ANN001, ANN202 - fault injection
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Spool, "_open", broken)
+    with pytest.raises(RuntimeError):
+        Spool(tmp_path / "spool", 10**9)
+    monkeypatch.undo()
+    Spool(tmp_path / "spool", 10**9).close()  # not SpoolBusy
