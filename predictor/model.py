@@ -106,23 +106,23 @@ class MotlensModel(Model):
                 log.debug("gRPC predict while not ready: %s", reason)
                 raise Unavailable(f"model {self.name} is not ready")
             raise counted(ModelNotReady(self.name, reason[1] if reason else None))
-        served = unit.version
+        served, slot = unit.version, unit.slot  # the slot that took it: a promote may relabel the unit meanwhile
         metrics.note_served(served)
         try:
             result, hits = await unit.predict(req.texts, req.context)
         except Overloaded as e:
             _count(protocol, "overloaded", served)
-            self._log_failure(req, unit, protocol, time.perf_counter() - t0, "overloaded")
+            self._log_failure(req, unit, slot, protocol, time.perf_counter() - t0, "overloaded")
             if protocol == "v2-grpc":
                 raise (ResourceExhausted if e.reason == "queue_full" else Unavailable)(str(e)) from e
             raise
         except asyncio.CancelledError:  # a gRPC deadline, an HTTP client gone: the handler is cancelled
             _count(protocol, "cancelled", served)
-            self._log_failure(req, unit, protocol, time.perf_counter() - t0, "cancelled")
+            self._log_failure(req, unit, slot, protocol, time.perf_counter() - t0, "cancelled")
             raise
         except Exception:
             _count(protocol, "server_error", served, len(req.texts))
-            self._log_failure(req, unit, protocol, time.perf_counter() - t0, "server_error")
+            self._log_failure(req, unit, slot, protocol, time.perf_counter() - t0, "server_error")
             raise
         else:  # counted before release: a closed unit's last release removes its version's series
             latency = time.perf_counter() - t0
@@ -138,7 +138,9 @@ class MotlensModel(Model):
             log.exception("cannot log the rows of request %s", req.request_id)
         return build_v2(result, req, payload) if is_v2 else build_v1(result, req)
 
-    def _log_failure(self, req: PredictRequest, unit: ServingUnit, protocol: str, latency: float, status: str) -> None:
+    def _log_failure(
+        self, req: PredictRequest, unit: ServingUnit, slot: str, protocol: str, latency: float, status: str
+    ) -> None:
         """One row (item_index -1, ``status`` ``server_error``, ``overloaded`` or ``cancelled``) per
         failed request, so the canary gate sees failures. Never blocks (the writer only queues) and
         never raises: it runs in ``except`` blocks whose exception (a ``CancelledError`` too) must
@@ -154,7 +156,7 @@ class MotlensModel(Model):
                 item_index=-1,
                 model_name=be.name,
                 model_version=be.version,
-                slot=unit.slot,
+                slot=slot,
                 text="",
                 latency_ms=latency * 1000.0,
                 backend=be.backend_name,

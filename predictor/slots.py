@@ -202,6 +202,8 @@ class SlotManager:
                 self._freeze_heap(unit)  # once per process, before the first model serves
             old = state.unit
             state.unit, state.ref, state.loading, state.error, state.error_kind = unit, ref, None, None, None
+            if slot == "canary" and cause == "admin" and old is not None and old.version != unit.version:
+                self.set_canary_percent(0.0, cause="new_canary")  # a version no one has judged starts dark
             self.served_since[slot] = datetime.now(UTC)
             if cause == "admin" and slot == "production":
                 self._admin_install = (unit.version, time.monotonic())
@@ -270,11 +272,21 @@ class SlotManager:
         return self.status()
 
     async def promote(self) -> dict[str, Any]:
-        """The canary becomes production (100% of traffic); the old production model is drained and freed."""
+        """The canary becomes production (100% of traffic); the old production model is drained and freed.
+        Only the canary served when it is called: refused while a canary load runs, or if one ran
+        while it waited for the slots (what it would promote was never given traffic to judge)."""
+        canary, prod = self.slots["canary"], self.slots["production"]
+        if canary.loading:
+            raise SlotError(f"a canary load ({canary.loading}) is in progress; promote once it has finished")
+        expected = canary.unit
         async with self._locks["production"], self._locks["canary"]:
-            canary, prod = self.slots["canary"], self.slots["production"]
             if canary.unit is None:
                 raise SlotError("no canary model loaded; nothing to promote")
+            if canary.unit is not expected:
+                raise SlotError(
+                    f"the canary slot changed while promote waited (it now serves version {canary.unit.version}); "
+                    "nothing promoted"
+                )
             old = prod.unit
             unit = canary.unit
             unit.slot = "production"
@@ -298,7 +310,8 @@ class SlotManager:
         return self.status()
 
     async def rollback(self) -> dict[str, Any]:
-        """Send no traffic to the canary and unload it."""
+        """Send no traffic to the canary (at once, even while a canary load holds the slot) and unload it."""
+        self.canary_percent = 0.0
         async with self._locks["canary"]:
             canary = self.slots["canary"]
             self.canary_percent = 0.0
@@ -683,6 +696,7 @@ _CAUSE_WORDS = {
     "start": "at start",
     "restore": "restored as the registry records it",
     "registry_back": "the registry answered again and names another version",
+    "new_canary": "another version loaded into the canary slot through the admin API starts with no traffic",
 }
 
 
