@@ -76,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.NOTSET if args.verbose else level)
     # MLflow's per-file download bar is for terminals: in a log (a pod, a CronJob) it is one line per file
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if sys.stderr.isatty() else "false")
+    # MLflow prints each run's URL to stdout against a tracking server: credentials and all, into --json output
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if not getattr(args, "warns_env_itself", False):  # `serve` warns once its (JSON) logging is set up
         from motlens.envcheck import warn_unknown_env
 

@@ -65,11 +65,11 @@ def server_message(e: BaseException) -> str:
     return f"{text} {name.group(0).strip()}" if name else text
 
 
-def report_settings(prefix: str, e: Any, flags: Mapping[str, str] | None = None, label: str = "bad setting") -> int:
-    """Print each problem of a settings ``ValidationError`` on its own line (``PREFIX: LABEL: NAME: message``,
-    see :func:`validation_problems`); exit 2."""
+def report_settings(prefix: str, e: Any, flags: Mapping[str, str] | None = None) -> int:
+    """Print each problem of a settings ``ValidationError`` on its own line (``PREFIX: bad setting: NAME:
+    message``, see :func:`validation_problems`); exit 2."""
     for problem in validation_problems(e, flags):
-        print(f"{prefix}: {label}: {problem}", file=sys.stderr)
+        print(f"{prefix}: bad setting: {problem}", file=sys.stderr)
     return EXIT_ERROR
 
 
@@ -83,9 +83,7 @@ def report(prefix: str, e: BaseException) -> int:
     log.debug("%s failed", prefix, exc_info=e)
     pydantic = sys.modules.get("pydantic")
     if pydantic is not None and isinstance(e, pydantic.ValidationError):
-        for problem in validation_problems(e):
-            print(f"{prefix}: {problem}", file=sys.stderr)
-        return EXIT_ERROR
+        return report_settings(prefix, e)
     print(f"{prefix}: {describe(e)} (-v for details)", file=sys.stderr)
     return EXIT_ERROR
 

@@ -103,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             df = reader.query(args.sql, dict(args.param))
     except (ReadOnlyViolation, ValueError) as e:
-        print(f"motlens log: {e}", file=sys.stderr)
+        print(f"motlens log {args.log_command}: {e}", file=sys.stderr)
         return 2
     except DatabaseError as e:  # refused by ClickHouse (unknown column, missing parameter) or unreachable
         print(f"motlens log {args.log_command}: {describe(e)}", file=sys.stderr)

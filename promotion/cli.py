@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         given = {field: "--" + flag.replace("_", "-") for flag, field in _SETTING_FLAGS.items()
                  if getattr(args, flag, None) is not None}  # fmt: skip
-        return report_settings("motlens promote", e, given, label="invalid setting")
+        return report_settings("motlens promote", e, given)
     if args.verb != "status" and (settings.textfile or settings.pushgateway_url):
         require("prometheus_client", "promote")  # the metrics go out after the change: refuse before it
     try:

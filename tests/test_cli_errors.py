@@ -41,15 +41,15 @@ def _fails(argv: list[str], capsys, lines: int = 1) -> str:
     ("env", "value", "argv", "expected"),
     [
         ("MOTLENS_CLICKHOUSE_URL", f"http://bob:{SECRET}@localhost:8123/db", ["log", "count"],
-         "motlens log count: MOTLENS_CLICKHOUSE_URL: put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD"),
+         "motlens log count: bad setting: MOTLENS_CLICKHOUSE_URL: put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD"),
         ("MOTLENS_PREDLOG_BATCH_ROWS", "garbage", ["log", "count"],
-         "motlens log count: MOTLENS_PREDLOG_BATCH_ROWS: Input should be a valid integer"),
+         "motlens log count: bad setting: MOTLENS_PREDLOG_BATCH_ROWS: Input should be a valid integer"),
         ("MOTLENS_CLICKHOUSE_URL", REFUSED, ["log", "count"],
          "motlens log count: cannot reach ClickHouse at http://127.0.0.1:1: [Errno 111] Connection refused"),
         ("MOTLENS_SERVE_HTTP_PORT", "garbage", ["serve", "--no-predlog"],
          "motlens serve: bad setting: MOTLENS_SERVE_HTTP_PORT: Input should be a valid integer"),
         ("MOTLENS_CLICKHOUSE_URL", f"http://bob:{SECRET}@localhost:8123/db", ["data", "load", "{tmp}", "--clickhouse"],
-         "motlens data load: MOTLENS_CLICKHOUSE_URL: put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD"),
+         "motlens data load: bad setting: MOTLENS_CLICKHOUSE_URL: put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD"),
         ("MOTLENS_CLICKHOUSE_URL", REFUSED, ["data", "load", "{tmp}", "--clickhouse"],
          "motlens data load: cannot reach ClickHouse at http://127.0.0.1:1: [Errno 111] Connection refused"),
         ("MLFLOW_TRACKING_URI", f"mysql://u:{SECRET}@127.0.0.1:1/db", ["train", "versions"],
@@ -66,13 +66,13 @@ def test_bad_configuration_is_one_line_and_exit_2(env, value, argv, expected, tm
     ("env", "expected"),
     [
         ({"MOTLENS_CLICKHOUSE_URL": "http://u@127.0.0.1:1/motlens", "MOTLENS_PREDLOG_DATABASE": "other"},
-         "motlens log count: MOTLENS_PREDLOG_DATABASE: 'other' disagrees with the database 'motlens' in "
+         "motlens log count: bad setting: MOTLENS_PREDLOG_DATABASE: 'other' disagrees with the database 'motlens' in "
          "MOTLENS_CLICKHOUSE_URL; set one of them\n"),
         ({"MOTLENS_PREDLOG_CLICKHOUSE_URL": "http://u@127.0.0.1:1/motlens", "MOTLENS_PREDLOG_DATABASE": "other"},
-         "motlens log count: MOTLENS_PREDLOG_DATABASE: 'other' disagrees with the database 'motlens' in "
+         "motlens log count: bad setting: MOTLENS_PREDLOG_DATABASE: 'other' disagrees with the database 'motlens' in "
          "MOTLENS_PREDLOG_CLICKHOUSE_URL; set one of them\n"),
         ({"MOTLENS_CLICKHOUSE_URL": "http://u@127.0.0.1:1/a-b"},
-         "motlens log count: MOTLENS_CLICKHOUSE_URL: the URL's database 'a-b' is not a plain identifier\n"),
+         "motlens log count: bad setting: MOTLENS_CLICKHOUSE_URL: the URL's database 'a-b' is not a plain identifier\n"),
     ],
 )  # fmt: skip
 def test_a_database_setting_problem_names_its_variables(env, expected, monkeypatch, capsys):
@@ -322,3 +322,18 @@ def test_each_settings_problem_on_its_own_line_named_by_its_flag_or_variable(env
     assert len(err) == len(want), err
     for line, start in zip(sorted(err), sorted(want), strict=True):
         assert line.startswith(start), (line, start)
+
+
+def test_mlflow_prints_no_run_url_to_stdout(monkeypatch, capsys):
+    """Against a tracking server MLflow wrote each run's URL (credentials included) to stdout, where
+    ``train --json`` writes its document."""
+    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    main(["log", "count"])  # any verb
+    capsys.readouterr()
+    # a closed port: had it not returned at once, the run lookup behind the URL would fail
+    TrackingServiceClient("http://user:s3cret@127.0.0.1:9")._log_url("0" * 32)
+    assert capsys.readouterr().out == ""

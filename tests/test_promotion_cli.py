@@ -47,7 +47,7 @@ BAD_INPUT = [
     (["canary", "start", "2", "--percent", "10", "--overlay", "arm"], "has no kustomization.yaml"),
     (
         ["canary", "start", "2", "--percent", "10", "--paired-confidence", "1.5"],
-        "invalid setting: --paired-confidence: Input should be less than 1",
+        "bad setting: --paired-confidence: Input should be less than 1",
     ),
 ]
 

@@ -95,7 +95,7 @@ def test_motlens_log_params_and_flags_are_data(logged, monkeypatch, capsys, valu
     code, _, err = run_log(monkeypatch, capsys, env, "stats", "--since", value)
     assert code == 2 and "--since" in err  # refused by the parser, never reaches SQL
     code, _, err = run_log(monkeypatch, capsys, env, "query", f"SELECT 1; {value}")
-    assert code == 2 and "motlens log:" in err
+    assert code == 2 and "motlens log query:" in err
     assert total_rows(reader) == len(HONEST + HOSTILE)
 
 
