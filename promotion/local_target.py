@@ -70,6 +70,11 @@ class LocalTarget:
             raise TargetError(message) from e
         except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out: down or (re)starting
             raise TargetUnavailable(f"cannot reach {self.describe()} ({method} {path}): {e}") from e
+        except ValueError as e:  # http.client refuses a header it cannot send; its message quotes the token
+            raise TargetError(
+                f"{method} {path} on {self.describe()}: the request could not be sent ({type(e).__name__}; "
+                "a control character in MOTLENS_PROMOTE_LOCAL_TOKEN?)"
+            ) from None
 
     def slots(self) -> dict[str, Any]:
         return self._request("GET", f"{ADMIN}/slots")

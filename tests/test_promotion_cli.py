@@ -297,6 +297,21 @@ def test_other_admin_api_errors_are_unchanged():
         server.server_close()
 
 
+def test_a_token_http_cannot_send_is_not_echoed():
+    """http.client refuses a header with a control character and quotes it whole: the token went into
+    the one-line error."""
+    from pydantic import SecretStr
+
+    from promotion.local_target import LocalTarget
+    from promotion.settings import PromoteSettings
+    from promotion.targets import TargetError
+
+    odd = PromoteSettings.model_construct(local_url="http://127.0.0.1:9", local_token=SecretStr("SECRETtok\nen"))
+    with pytest.raises(TargetError) as e:
+        LocalTarget(odd).read()
+    assert "SECRET" not in str(e.value) and "MOTLENS_PROMOTE_LOCAL_TOKEN" in str(e.value)
+
+
 def test_credentials_in_the_local_url_are_refused_and_never_echoed(env, capsys, caplog):
     """The URL went into the status title, TargetError messages and audit events, password and all."""
     from promotion.local_target import LocalTarget

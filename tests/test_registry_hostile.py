@@ -82,6 +82,9 @@ def test_redact_cuts_up_to_the_hosts_at_sign():
     assert redact("no url here") == "no url here"
     # a password holding '/', '?' or '#' goes too (to the URL's last '@')
     assert redact("dsn https://u:k2/b?c#d@ch:8443/db, then") == "dsn https://ch:8443/db, then"
+    # a library quoting the header it refused
+    assert redact("Invalid header value b'Bearer tOk3n\\n'") == "Invalid header value b'Bearer ***'"
+    assert redact("authorization: basic dXNlcjpwdw==") == "authorization: basic ***"
 
 
 @pytest.mark.parametrize(
