@@ -77,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     from training.train import TrainSettings, train
     from training.train_cli import say_withheld
 
+    # every setting first: a bad MOTLENS_SERVE_* value once stopped the demo after it had registered
+    train_settings = TrainSettings(seed=args.seed, alias="candidate")
+    serve_settings = _serve_settings(args)
     problem = preflight(args)  # before anything is trained, registered or aliased
     if problem is not None:
         print(f"motlens demo: {problem}", file=sys.stderr)
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     console.rule("2/4 train + register (MLflow on sqlite)")
     registry = Registry()
     try:
-        result = train(bulk, TrainSettings(seed=args.seed, alias="candidate"), registry=registry)
+        result = train(bulk, train_settings, registry=registry)
         version = result.version.version
         if not result.alias_withheld:  # below the quality floors: registered, but never production
             registry.set_alias("production", version)
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     console.rule("3/4 serve models:/mot-defects@production")
     try:
-        response = _serve_and_ask(args, console)
+        response = _serve_and_ask(args, serve_settings, console)
     except SpoolBusy as e:  # a `motlens serve` started on this MOTLENS_HOME while the demo trained
         print(f"motlens demo: {e}", file=sys.stderr)
         return 2
@@ -155,15 +158,18 @@ def _cannot_listen(port: int) -> str | None:
     return None
 
 
-def _serve_and_ask(args: argparse.Namespace, console: Any) -> dict[str, Any]:
+def _serve_settings(args: argparse.Namespace) -> Any:
+    from predictor.settings import ServeSettings
+
+    return ServeSettings(model="models:/mot-defects@production", http_port=args.http_port, grpc_port=args.grpc_port)
+
+
+def _serve_and_ask(args: argparse.Namespace, settings: Any, console: Any) -> dict[str, Any]:
     import sys
     import time
 
     import predlog
-    from predictor.settings import ServeSettings
 
-    settings = ServeSettings(model="models:/mot-defects@production", http_port=args.http_port,
-                             grpc_port=args.grpc_port)  # fmt: skip
     writer = predlog.open_writer()  # SpoolBusy before any server starts
     argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv on import
     try:

@@ -101,6 +101,8 @@ def test_bad_arguments_are_exit_2_before_any_work(tmp_path, capsys):
         (["data", "load", str(tmp_path), "--out", str(tmp_path / "t"), "--chunk-rows", "0"], "must be 1 or more"),
         (["data", "load", str(tmp_path), "--out", str(tmp_path / "t"), "--report", str(tmp_path / "no" / "r.json")],
          "does not exist"),
+        (["data", "load", str(tmp_path), "--out", str(tmp_path / "t"), "--report", str(tmp_path)],
+         f"--report {tmp_path} exists and is not a file"),
     ]  # fmt: skip
     for argv, message in cases:
         try:

@@ -91,7 +91,7 @@ def demo(registry, tiny_bundle, monkeypatch):
         withheld = None if alias is not None else settings.alias
         return TrainResult(info, ns.metrics, fp, {"total_s": 1.0}, None, floors, withheld)
 
-    def fake_serve(args, console):  # noqa: ANN001, ANN202
+    def fake_serve(args, settings, console):  # noqa: ANN001, ANN202
         ns.served.append(args.http_port)
         return {"model_name": "mot-defects"}
 
@@ -155,6 +155,22 @@ def test_demo_refuses_before_training_when_a_server_owns_the_prediction_log(demo
     assert not demo.trained and not demo.served and registry.aliases() == {}
     assert not (registry.state.home / "demo").exists()  # no data generated either
     assert main(_demo()) == 0 and demo.trained == ["1"]  # the lock released: the next demo runs
+
+
+@pytest.mark.parametrize(
+    ("env", "value"), [("MOTLENS_SERVE_BATCH_MAX_ITEMS", "0"), ("MOTLENS_TRAIN_EPOCHS", "x")]
+)  # fmt: skip
+def test_demo_refuses_a_bad_setting_before_training(env, value, demo, registry, monkeypatch, capsys):
+    """A bad MOTLENS_SERVE_* value stopped the demo only at step 3, after it had trained, registered
+    and moved `production`."""
+    from motlens.cli import main
+
+    monkeypatch.setenv(env, value)
+    assert main(_demo()) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"motlens demo: bad setting: {env}: ") and len(err.splitlines()) == 1, err
+    assert not demo.trained and not demo.served and registry.aliases() == {}
+    assert not (registry.state.home / "demo").exists()
 
 
 @pytest.mark.parametrize("flag", ["--http-port", "--grpc-port"])

@@ -119,6 +119,8 @@ def _load(args: argparse.Namespace) -> int:
         or (_not_a_file(args.ch_path, "--ch-path") if args.ch_path else None)
         or (f"--report's directory {args.report.parent} does not exist"
             if args.report and not args.report.parent.is_dir() else None)
+        or (f"--report {args.report} exists and is not a file"
+            if args.report and args.report.exists() and not args.report.is_file() else None)
         or (f"--tmp-dir {args.tmp_dir} is not a directory"
             if args.tmp_dir is not None and not args.tmp_dir.is_dir() else None)
     )  # fmt: skip
