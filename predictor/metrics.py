@@ -78,6 +78,17 @@ GPU_ALLOCATED = Gauge("motlens_gpu_memory_allocated_bytes", "torch.cuda.memory_a
 GPU_RESERVED = Gauge("motlens_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved()")
 GPU_TOTAL = Gauge("motlens_gpu_memory_total_bytes", "Total memory of the GPU in use (near-limit alert)")
 
+# motlens_requests_total's children exist at 0 before their first request: one first scraped already
+# holding a burst adds nothing to rate() (MotlensErrorRateHigh, MotlensRequestsCancelledHigh).
+PROTOCOLS = ("v1", "v2-rest", "v2-grpc")
+#: outcomes of requests refused before a model took them (version ''): exported from import
+REFUSED_OUTCOMES = ("client_error", "unavailable", "cancelled")
+#: outcomes of requests a model version took: exported while a unit holds the version
+SERVED_OUTCOMES = ("ok", "overloaded", "cancelled", "server_error")
+for _protocol in PROTOCOLS:
+    for _outcome in REFUSED_OUTCOMES:
+        REQUESTS.labels(_protocol, _outcome, "")
+
 
 _info_refs: Counter_[tuple[str, ...]] = Counter_()
 _info_lock = threading.Lock()
@@ -133,10 +144,15 @@ def _remember(metric: Any, labels: tuple[str, ...]) -> None:
 
 def hold_version(version: str) -> None:
     """A serving unit of ``version`` exists (reference-counted, like :func:`set_model_info`); a
-    version loaded again within its grace period keeps its series."""
+    version loaded again within its grace period keeps its series. Its request counters exist from
+    then (at 0 for a new version), and go with its other series."""
     with _version_lock:
         _version_refs[version] += 1
         timer = _retiring.pop(version, None)
+        for protocol in PROTOCOLS:
+            for outcome in SERVED_OUTCOMES:
+                _remember(REQUESTS, (protocol, outcome, version))
+                REQUESTS.labels(protocol, outcome, version)
     if timer is not None:
         timer.cancel()
 

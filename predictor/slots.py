@@ -647,8 +647,11 @@ class SlotManager:
         reason = self.not_ready_reason()
         label = reason[0] if reason else None
         if label != self._reason_label:
+            if label:  # the new reason first: a scrape between the two never sees a not-ready pod at 0
+                metrics.MODEL_NOT_READY.labels(reason=label).set(1)
             for r in NOT_READY_REASONS:
-                metrics.MODEL_NOT_READY.labels(reason=r).set(1 if r == label else 0)
+                if r != label:
+                    metrics.MODEL_NOT_READY.labels(reason=r).set(0)
             if reason:
                 log.warning("model not ready: %s", reason[1])
             else:

@@ -28,6 +28,10 @@ SPOOL_BYTES: Any
 SPOOL_HELD_ROWS: Any
 INSERT_SECONDS: Any
 COLUMNS_DROPPED: Any
+#: every reason the writer drops rows for (``Writer._drop``), each exported at 0 from import: a reason
+#: first created by its drop would be first scraped already holding the burst, which increase() (and
+#: so MotlensPredlogDropping) never counts
+DROP_REASONS = ("queue_full", "spool_full", "spool_error", "closed", "invalid", "rejected")
 try:
     from prometheus_client import Counter, Gauge, Histogram
 except ImportError:  # pragma: no cover - core install without prometheus-client
@@ -39,9 +43,11 @@ else:
     ROWS_REPLAYED = Counter("motlens_predlog_rows_replayed_total", "Spooled rows later stored in the sink")
     ROWS_DROPPED = Counter(
         "motlens_predlog_rows_dropped_total",
-        "Rows lost, by reason (queue_full, spool_full, spool_error, closed, invalid, rejected)",
+        f"Rows lost, by reason ({', '.join(DROP_REASONS)})",
         ["reason"],
     )
+    for _reason in DROP_REASONS:
+        ROWS_DROPPED.labels(reason=_reason)
     COLUMNS_DROPPED = Counter(
         "motlens_predlog_columns_dropped_total",
         "Rows inserted without a column the ClickHouse table lacks (a newer writer's spooled batch), by column",

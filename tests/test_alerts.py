@@ -101,6 +101,10 @@ def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
         # one slot's runs would hide the other's failures again
         ("MotlensDriftJobFailing", "max by (slot) (", "max("),
         ("MotlensDriftJobStale", 'timestamp_seconds{slot!="canary"}', "timestamp_seconds"),
+        # per reason: a retried model's alternating reason restarts `for:` at every retry, never fires
+        ("MotlensModelNotReady", "max by (namespace, pod) (", "max by (namespace, pod, reason) ("),
+        # a canary verdict counted while its version is served, not only while it is the canary
+        ("MotlensDriftDetected", 'motlens_registry_alias_info{alias="canary"}', "motlens_model_info"),
     ],
 )
 def test_unit_tests_catch_a_broken_rule(tmp_path: Path, alert: str, old: str, new: str) -> None:

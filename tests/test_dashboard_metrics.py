@@ -210,6 +210,27 @@ def test_dashboard_shows_what_on_call_needs() -> None:
         assert p["title"] and p["targets"] and p["datasource"]["uid"] == "${datasource}", p["title"]
 
 
+def test_namespace_variable_lists_predictors_without_a_model(tmp_path: Path) -> None:
+    """``$namespace`` reads a series every predictor exports from its start, a model loaded or not:
+    motlens_model_info is empty exactly while no pod can serve (a not-ready incident)."""
+    (var,) = [v for v in json.loads(DASHBOARD.read_text())["templating"]["list"] if v["name"] == "namespace"]
+    found = re.fullmatch(r"label_values\((\w+), namespace\)", var["query"]["query"])
+    assert found and var["definition"] == var["query"]["query"], var
+    script = (  # a fresh process: what PredictorServer.__init__ exports before any load (none succeeds)
+        "from prometheus_client import REGISTRY\n"
+        "from predictor.cache import EmbeddingCache\n"
+        "from predictor.settings import ServeSettings\n"
+        "from predictor.slots import SlotManager\n"
+        "def refuse(ref, lkg=True):\n"
+        "    raise RuntimeError('no model')\n"
+        "SlotManager(ServeSettings(), EmbeddingCache(0), refuse)\n"
+        "print(sorted({s.name for m in REGISTRY.collect() for s in m.samples}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "MOTLENS_HOME": str(tmp_path)},
+                         capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    assert f"'{found.group(1)}'" in out.stdout.splitlines()[-1]
+
+
 def test_dashboard_shows_the_share_of_cancelled_requests() -> None:
     """MotlensRequestsCancelledHigh's quantity (requests whose client gave up, over all requests) is
     on the dashboard as a share, not only as a rate among the other failed outcomes."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -242,3 +243,29 @@ def test_an_http_observation_racing_the_grace_expiry_leaves_no_series(monkeypatc
     time.sleep(0.1)
     left = [s for m in REGISTRY.collect() for s in m.samples if s.labels.get("version") == version]
     assert left == [], left
+
+
+def test_request_counters_exist_at_zero_before_their_first_request():
+    """A child first scraped already holding a burst adds nothing to rate() (MotlensErrorRateHigh):
+    the refusals (version '') exist at 0 from import, a version's outcomes while a unit holds it."""
+    import subprocess
+    import sys
+
+    from predictor import metrics
+
+    script = (
+        "from prometheus_client import REGISTRY\n"
+        "from predictor import metrics as m\n"
+        "labels = [{'protocol': p, 'outcome': o, 'version': ''} for p in m.PROTOCOLS for o in m.REFUSED_OUTCOMES]\n"
+        "print(sorted({REGISTRY.get_sample_value('motlens_requests_total', x) for x in labels}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert out.stdout.strip() == "[0.0]"
+    version = "preinit-unit-test"
+    metrics.hold_version(version)
+    for protocol in metrics.PROTOCOLS:
+        for outcome in metrics.SERVED_OUTCOMES:
+            assert sample("motlens_requests_total", protocol=protocol, outcome=outcome, version=version) == 0.0
+    metrics.release_version(version)  # and they go with the version's other series
+    assert not [s for m in REGISTRY.collect() for s in m.samples if s.labels.get("version") == version]
