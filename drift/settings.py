@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from drift.windows import parse_duration
@@ -18,7 +18,11 @@ EmbeddingMethod = Literal["model", "mmd", "ratio", "distance"]
 class DriftSettings(BaseSettings):
     """Every knob of ``motlens drift``; CLI flags override these."""
 
-    model_config = SettingsConfigDict(env_prefix="MOTLENS_DRIFT_", extra="ignore", protected_namespaces=())
+    # an empty variable is unset (MOTLENS_DRIFT_OUTPUT= is the default, not the working directory); no NaN or
+    # infinity in any float
+    model_config = SettingsConfigDict(
+        env_prefix="MOTLENS_DRIFT_", extra="ignore", protected_namespaces=(), env_ignore_empty=True, allow_inf_nan=False
+    )
 
     model_name: str = MODEL_NAME
     version: str | None = Field(default=None, description="model version; default: the one the slot's alias names")
@@ -56,12 +60,16 @@ class DriftSettings(BaseSettings):
     effect_threshold: float = Field(default=0.1, gt=0, description="large windows: JS / normed Wasserstein")
     cat_method: str | None = Field(default=None, description="override the categorical stat test")
     num_method: str | None = Field(default=None, description="override the numerical stat test")
-    column_threshold: float | None = Field(default=None, description="override the per-column threshold")
+    column_threshold: float | None = Field(
+        default=None, gt=0, description="override the per-column threshold (a p-value level or a distance)"
+    )
     rare_category_share: float = Field(
         default=0.01, ge=0, lt=1, description="make/fuel values rarer than this in the reference become (other)"
     )
     embedding_method: EmbeddingMethod = "model"
-    embedding_threshold: float | None = Field(default=None, description="default: the method's own")
+    embedding_threshold: float | None = Field(
+        default=None, ge=0, description="default: the method's own; below 1 for `model` (ROC AUC) and `ratio` (a share)"
+    )
     embedding_quantile: float = Field(
         default=0.999, gt=0.5, lt=1, description="model method: quantile of a random classifier's ROC AUC"
     )
@@ -86,6 +94,16 @@ class DriftSettings(BaseSettings):
     @classmethod
     def _duration(cls, v: str) -> str:
         parse_duration(v)  # ValueError naming the problem
+        return v
+
+    @field_validator("embedding_threshold")
+    @classmethod
+    def _threshold_the_score_can_cross(cls, v: float | None, info: ValidationInfo) -> float | None:
+        """Drift is a score above the threshold: one the method's score never exceeds turns the check off."""
+        scale = {"model": "ROC AUC", "ratio": "share of drifted components"}.get(info.data.get("embedding_method", ""))
+        if v is not None and scale and v >= 1:
+            method = info.data["embedding_method"]
+            raise ValueError(f"the {method} method's {scale} never exceeds 1: a threshold of {v:g} turns the check off")
         return v
 
     @field_validator("end")

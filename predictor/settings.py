@@ -30,6 +30,10 @@ def cgroup_cpu_count() -> int:
 TORCH_DTYPES = DTYPES
 ONNX_DTYPES = ("float32", "fp32", "int8")
 
+#: bounds of waits and timeouts: far below threading.TIMEOUT_MAX (Event.wait and Timer overflow near it)
+HOUR_S = 3600
+DAY_S = 86_400
+
 #: shortest admin token accepted (e.g. ``openssl rand -hex 16`` gives 32)
 MIN_ADMIN_TOKEN_CHARS = 16
 
@@ -37,7 +41,10 @@ MIN_ADMIN_TOKEN_CHARS = 16
 class ServeSettings(BaseSettings):
     """Everything ``motlens serve`` can be told; limits protect the server from hostile input."""
 
-    model_config = SettingsConfigDict(env_prefix="MOTLENS_SERVE_", extra="ignore", hide_input_in_errors=True)
+    # no NaN or infinity in any float; an empty value is kept (MODEL="" is KServe's /mnt/models, MODEL_SHA256="" no pin)
+    model_config = SettingsConfigDict(
+        env_prefix="MOTLENS_SERVE_", extra="ignore", hide_input_in_errors=True, allow_inf_nan=False
+    )
 
     model: str = Field(DEFAULT_MODEL_REF, description="models:/NAME@ALIAS, models:/NAME/VERSION or a local path")
     model_sha256: str | None = Field(
@@ -47,7 +54,7 @@ class ServeSettings(BaseSettings):
         "CLI sets it beside STORAGE_URI from the version's registry tag (empty = not pinned)",
     )
     follow_alias: str | None = Field(None, description="poll the registry and swap to this alias' version")
-    follow_interval_s: float = Field(30.0, gt=0, allow_inf_nan=False)
+    follow_interval_s: float = Field(30.0, gt=0, le=DAY_S)
     lkg_enabled: bool = Field(
         True,
         description="registry unreachable at load: serve the last verified bundle this box served for the "
@@ -56,20 +63,20 @@ class ServeSettings(BaseSettings):
     http_port: int = Field(8080, ge=1, le=65535)
     grpc_port: int = Field(8081, ge=1, le=65535)
     enable_grpc: bool = True
-    grace_period_s: int = Field(30, ge=0)
-    drain_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+    grace_period_s: int = Field(30, ge=0, le=HOUR_S)
+    drain_s: float = Field(0.0, ge=0, le=HOUR_S)
 
     # request limits (4xx beyond them)
     max_items_per_request: int = Field(256, ge=1)
     max_text_chars: int = Field(2000, ge=1)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     body_timeout_s: float = Field(
-        30.0, gt=0, allow_inf_nan=False, description="a request body not fully received this long after it started: 408"
+        30.0, gt=0, le=HOUR_S, description="a request body not fully received this long after it started: 408"
     )
     header_timeout_s: float = Field(
         10.0,
         gt=0,
-        allow_inf_nan=False,
+        le=HOUR_S,
         description="request headers not complete this long after their first byte: 408 and the connection closed",
     )
 
@@ -81,12 +88,12 @@ class ServeSettings(BaseSettings):
         description="padded tokens per length bucket (default: 768 on CPU, 4096 on CPU with a packing backend "
         "such as onnx, 65536 on GPU)",
     )
-    batch_max_wait_ms: float = Field(2.0, ge=0, allow_inf_nan=False)
+    batch_max_wait_ms: float = Field(2.0, ge=0, le=60_000)
     model_workers: int = Field(
         1, ge=1, le=64, description="batcher workers running the model at once; model threads are split between them"
     )
     queue_capacity: int = Field(1024, ge=1)
-    retry_after_s: int = Field(1, ge=0)
+    retry_after_s: int = Field(1, ge=0, le=HOUR_S)
 
     # embedding cache (0 disables it)
     cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
@@ -127,7 +134,7 @@ class ServeSettings(BaseSettings):
     retired_series_grace_s: float = Field(
         60.0,
         ge=0.0,
-        allow_inf_nan=False,
+        le=HOUR_S,
         description="keep a retired version's request series this long (≈ 2 scrape intervals) so its last "
         "requests are scraped; 0 = remove them at once",
     )

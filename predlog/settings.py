@@ -122,6 +122,10 @@ class SinkId:
 
 
 SERVER_FLUSH_INTERVAL_S = 1.0
+#: bounds of waits and timeouts: far below threading.TIMEOUT_MAX (Condition.wait overflows near it)
+HOUR_S = 3600
+DAY_S = 86_400
+WEEK_S = 7 * DAY_S
 EMBEDDED_FLUSH_INTERVAL_S = 10.0
 
 
@@ -133,8 +137,15 @@ class PredlogSettings(BaseSettings):
     clickhouse-connect's in-process chdb client with the real tables (tests, single-process use).
     """
 
+    # an empty variable is unset (MOTLENS_PREDLOG_DIR= is the default, not the working directory); no NaN or
+    # infinity in any float
     model_config = SettingsConfigDict(
-        env_prefix="MOTLENS_PREDLOG_", extra="ignore", populate_by_name=True, hide_input_in_errors=True
+        env_prefix="MOTLENS_PREDLOG_",
+        extra="ignore",
+        populate_by_name=True,
+        hide_input_in_errors=True,
+        env_ignore_empty=True,
+        allow_inf_nan=False,
     )
 
     clickhouse_url: str | None = Field(
@@ -161,21 +172,28 @@ class PredlogSettings(BaseSettings):
     flush_interval_s: float | None = Field(
         default=None,
         gt=0,
-        description="longest wait before a partial batch is written; unset: 1 s to ClickHouse, 10 s embedded",
+        le=HOUR_S,
+        description="longest wait before a partial batch is written (at most an hour); unset: 1 s to ClickHouse, "
+        "10 s embedded",
     )
     compact_interval_s: float = Field(
         default=3600,
         ge=0,
+        le=WEEK_S,
         description="embedded log: the predictor's writer merges closed hours and days a minute after start, "
-        "then every this many seconds "
+        "then every this many seconds, at most a week "
         "(0: never; `motlens log compact` does the same by hand)",
     )
     spool_max_bytes: int = Field(default=2 * 1024**3, ge=1)
     spool_full_policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
-    retry_initial_s: float = Field(default=0.5, gt=0)
-    retry_max_s: float = Field(default=30.0, gt=0)
-    connect_timeout_s: int = Field(default=5, ge=1, description="whole seconds (clickhouse-connect truncates)")
-    send_receive_timeout_s: int = Field(default=30, ge=1, description="whole seconds (clickhouse-connect truncates)")
+    retry_initial_s: float = Field(default=0.5, gt=0, le=HOUR_S)
+    retry_max_s: float = Field(default=30.0, gt=0, le=HOUR_S)
+    connect_timeout_s: int = Field(
+        default=5, ge=1, le=HOUR_S, description="whole seconds (clickhouse-connect truncates), at most an hour"
+    )
+    send_receive_timeout_s: int = Field(
+        default=30, ge=1, le=DAY_S, description="whole seconds (clickhouse-connect truncates), at most a day"
+    )
     max_window_rows: int = Field(default=5_000_000, ge=1)
     max_query_rows: int = Field(default=100_000, ge=1, description="row cap on ad-hoc `query()` SELECTs")
 

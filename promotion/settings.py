@@ -8,19 +8,27 @@ import socket
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from motlens.credentials import has_credentials
 from training.floors import DEFAULT_AUC_MARGIN, DEFAULT_MARGIN, GATEABLE_METRICS
 
 TARGETS = ("k8s", "gitops", "local")
+#: bounds of waits and timeouts: far below threading.TIMEOUT_MAX (Event.wait and socket timeouts overflow near it)
+HOUR_S = 3600
+DAY_S = 86_400
+WEEK_S = 7 * DAY_S
 
 
 class PromoteSettings(BaseSettings):
     """Where the rollout lives, how it steps and what the gates tolerate."""
 
-    model_config = SettingsConfigDict(env_prefix="MOTLENS_PROMOTE_", extra="ignore", hide_input_in_errors=True)
+    # no NaN or infinity in any float; an empty value is unset (see _empty_is_unset: not env_ignore_empty,
+    # which would read an empty STEPS or OFFLINE_METRICS as the default list instead of refusing it)
+    model_config = SettingsConfigDict(
+        env_prefix="MOTLENS_PROMOTE_", extra="ignore", hide_input_in_errors=True, allow_inf_nan=False
+    )
 
     target: str = Field("local", description="k8s | gitops | local")
     actor: str | None = Field(None, description="who is acting (default: user@host, see default_actor)")
@@ -30,10 +38,11 @@ class PromoteSettings(BaseSettings):
     isvc_name: str = "mot-defects"
     kubeconfig: str | None = None
     kube_context: str | None = None
-    lease_seconds: int = Field(300, ge=10, description="k8s Lease duration for mutating runs")
+    lease_seconds: int = Field(300, ge=10, le=DAY_S, description="k8s Lease duration for mutating runs")
     clock_skew_s: float = Field(
         600.0,
         ge=0.0,
+        le=DAY_S,
         description="how far another host's clock may run behind: a Lease is taken over by its renewTime "
         "only once older than its duration plus this (a blocking run also times it itself)",
     )
@@ -45,15 +54,16 @@ class PromoteSettings(BaseSettings):
     # local target (the admin API of `motlens serve`)
     local_url: str = "http://127.0.0.1:8080"
     local_token: SecretStr | None = Field(None, description="bearer token of the serve admin API")
-    http_timeout_s: float = Field(300.0, gt=0, description="a canary load includes the golden check")
-    read_timeout_s: float = Field(30.0, gt=0, description="the local admin API's status reads (GET)")
+    http_timeout_s: float = Field(300.0, gt=0, le=DAY_S, description="a canary load includes the golden check")
+    read_timeout_s: float = Field(30.0, gt=0, le=HOUR_S, description="the local admin API's status reads (GET)")
 
     # stepping
     steps: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [10, 25, 50, 100])
-    min_step_interval_s: float = Field(600.0, ge=0.0, description="dwell before `auto` steps")
+    min_step_interval_s: float = Field(600.0, ge=0.0, le=WEEK_S, description="dwell before `auto` steps")
     step_tolerance_s: float = Field(
         120.0,
         ge=0.0,
+        le=WEEK_S,
         description="how much of the dwell a step may fall short by (at most half of it): the time a run "
         "takes to apply its step, so that runs every MIN_STEP_INTERVAL_S step at each run",
     )
@@ -63,7 +73,9 @@ class PromoteSettings(BaseSettings):
         default_factory=lambda: ["section_macro_f1", "severity_macro_f1", "fail_auc"],
         description="run metrics (higher is better) a canary may not lose beyond offline_tolerance",
     )
-    offline_tolerance: float = Field(0.01, ge=0.0)
+    offline_tolerance: float = Field(
+        0.01, ge=0.0, lt=1.0, description="the metrics lie in [0, 1]: a tolerance of 1 passes every canary"
+    )
     paired: bool = Field(
         True,
         description="compare on the candidate's stored held-out texts, production's head scored on them too "
@@ -76,7 +88,9 @@ class PromoteSettings(BaseSettings):
     floors: bool = Field(
         True, description="the offline gate re-checks the candidate's quality floors (training.floors)"
     )
-    floor_margin: float = Field(DEFAULT_MARGIN, ge=0.0, description="an offline metric's floor: its baseline + this")
+    floor_margin: float = Field(
+        DEFAULT_MARGIN, ge=0.0, le=1.0, description="an offline metric's floor: its baseline + this"
+    )
     floor_auc_margin: float = Field(DEFAULT_AUC_MARGIN, ge=0.0, le=0.5, description="an AUC's floor: 0.5 + this")
     golden_check: bool = True
     require_drift_report: bool = True
@@ -86,12 +100,23 @@ class PromoteSettings(BaseSettings):
     )
     max_error_rate: float = Field(0.01, ge=0.0, le=1.0)
     error_rate_margin: float = Field(0.005, ge=0.0, le=1.0, description="canary may exceed prod by this")
-    max_p99_ratio: float = Field(1.5, gt=0.0, description="canary p99 latency / production p99 latency")
-    p99_slack_ms: float = Field(20.0, ge=0.0, description="absolute p99 allowance on top of the ratio")
+    max_p99_ratio: float = Field(1.5, gt=0.0, le=100.0, description="canary p99 latency / production p99 latency")
+    p99_slack_ms: float = Field(
+        20.0, ge=0.0, le=60_000.0, description="absolute p99 allowance on top of the ratio (at most a minute)"
+    )
 
     # metrics export (as the drift job does: Pushgateway when set, else a textfile when set)
     pushgateway_url: str | None = None
     textfile: Path | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object, info: ValidationInfo) -> object:
+        """An empty value is unset (``MOTLENS_PROMOTE_TEXTFILE=`` is no textfile, not the working directory),
+        but an empty list stays refused: STEPS= or OFFLINE_METRICS= was meant to change them."""
+        if v != "" or info.field_name in ("steps", "offline_metrics"):
+            return v
+        return cls.model_fields[str(info.field_name)].get_default(call_default_factory=True)
 
     @field_validator("target")
     @classmethod

