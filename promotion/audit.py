@@ -37,6 +37,9 @@ class Event:
     reason: str = ""
     gates: list[GateResult] = field(default_factory=list)
     ts: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: more for the row's ``details``: ``partial`` + ``applied_at`` (the target took the change, the
+    #: registry did not follow), ``resumes`` (the time of the partial row a re-run finished)
+    details: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         """The ``promotion_events`` row (predlog.schema.PROMOTION_EVENTS)."""
@@ -54,7 +57,9 @@ class Event:
             "reason": self.reason,
             "gates": gates_json(self.gates),
             "details": json.dumps(
-                {"from": self.from_state, "to": self.to_state} | ({"refused": True} if self.refused else {})
+                {"from": self.from_state, "to": self.to_state}
+                | ({"refused": True} if self.refused else {})
+                | self.details
             ),
         }
 

@@ -298,12 +298,14 @@ def _print_status_tables(status: dict[str, Any]) -> None:
 
 def _event_marks(event: dict[str, Any]) -> list[str]:
     """What a ``promotion_events`` row did not do: "dry run" (it changed nothing, docs/promotion.md
-    "Audit"), and "refused" (a gate or guard said no, exit 3) or "failed" (an error) when it did not succeed."""
+    "Audit"), and "refused" (a gate or guard said no, exit 3), "partly done" (the target took the change,
+    the registry did not follow) or "failed" (an error) when it did not succeed."""
     marks = ["dry run"] if event.get("dry_run") else []
     if not event.get("success"):
         try:
-            refused = bool(json.loads(event.get("details") or "{}").get("refused"))
+            details = json.loads(event.get("details") or "{}")
+            refused, partial = bool(details.get("refused")), bool(details.get("partial"))
         except (TypeError, ValueError, AttributeError):  # not a JSON object: say only that it did not succeed
-            refused = False
-        marks.append("refused" if refused else "failed")
+            refused = partial = False
+        marks.append("refused" if refused else "partly done" if partial else "failed")
     return marks

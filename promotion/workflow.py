@@ -8,17 +8,19 @@ finishes it (the guard accepts a disagreement that the command itself would reso
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from promotion import gates as g
 from promotion.audit import Event, export_metrics, tag_version
-from promotion.clock import utc_now
+from promotion.clock import parse_ts, utc_now
 from promotion.evidence import Evidence
+from promotion.frames import records
 from promotion.locking import LockBusy
 from promotion.rollout import RolloutError, RolloutState, check_percent
 from promotion.settings import PromoteSettings
@@ -205,7 +207,10 @@ class Promoter:
         aliases: dict[str, str],
         desired: RolloutState,
         desired_aliases: dict[str, str],
+        event: Event,
     ) -> None:
+        """Refuse (exit 3, recorded as ``event`` refused) a change while the live state disagrees with
+        the registry, unless the change finishes an interrupted one or ``--force`` is given."""
         problems = self.disagreements(live, aliases)
         if not problems:
             return
@@ -215,6 +220,7 @@ class Promoter:
         if self.force:
             log.warning("--force: proceeding although %s", "; ".join(problems))
             return
+        self._record_refusal(event, live, "the live state disagrees with the registry: " + "; ".join(problems))
         if live.not_ready:
             raise Refused(
                 f"the live state disagrees with the registry, and {self.target.describe()} is not ready "
@@ -243,7 +249,7 @@ class Promoter:
         set_aliases = set_aliases or {}
         desired_aliases = {k: v for k, v in {**aliases, **set_aliases}.items() if k not in delete_aliases}
         desired = steps[-1] if steps else live
-        self._guard(live, aliases, desired, desired_aliases)
+        self._guard(live, aliases, desired, desired_aliases, event)
         event.from_state, event.to_state = live.describe(), desired.describe()
         event.percent = float(desired.percent or 0) if desired.canary_active else 0.0
         if self.dry_run:
@@ -259,7 +265,9 @@ class Promoter:
                 audit_ok=audit_ok,
             )
         self._refuse_if_changed(event, live, aliases)
+        finishing = self._partly_done(event) if desired == live else None
         patches = []
+        applied_at: datetime | None = None
         try:
             for step in steps:
                 patches.append(self.target.apply(step))
@@ -273,21 +281,26 @@ class Promoter:
                     self.registry.delete_alias(alias)
         except Exception as e:
             event.success, event.reason = False, f"{event.reason}; failed: {e}".lstrip("; ")
-            event.ts = utc_now()  # when it failed
-            self._record(event, {v: {} for v in version_tags or {}})  # the audit, not the new state
-            if not self._changed_since(live, aliases):
+            changed = self._changed_since(live, aliases)
+            if changed and applied_at is not None:  # the target took it: its time, and the versions' state
+                event.ts = applied_at
+                event.details.update(partial=True, applied_at=applied_at.isoformat())
+                self._record(event, _stamped(version_tags, applied_at))
+            else:
+                event.ts = utc_now()  # when it failed
+                self._record(event, {v: {} for v in version_tags or {}})  # the audit, not the new state
+            if not changed:
                 raise PromotionError(f"{event.action} failed, nothing was changed: {e}") from e
             raise PartlyDone(
                 f"{event.action} failed part-way: {e}\nrun `motlens promote status` to see the state; "
                 f"re-running the same command finishes it"
             ) from e
+        if finishing is not None:  # the change took effect then; this run only brought the registry along
+            applied_at, event.from_state, event.from_version = finishing
+            event.details["resumes"] = applied_at.isoformat()
+        assert applied_at is not None
         event.ts = applied_at
-        applied = applied_at.isoformat()
-        version_tags = {
-            v: {k: applied if val == _APPLIED_AT else val for k, val in tags.items()}
-            for v, tags in (version_tags or {}).items()
-        }
-        audit_ok = self._record(event, version_tags)
+        audit_ok = self._record(event, _stamped(version_tags, applied_at))
         return Outcome(
             event.action,
             f"{live.describe()} → {desired.describe()}",
@@ -296,6 +309,36 @@ class Promoter:
             patches=patches,
             audit_ok=audit_ok,
         )
+
+    def _partly_done(self, event: Event) -> tuple[datetime, str, str] | None:
+        """When a re-run finds the target already as ``event`` would leave it: the partly done row it
+        finishes — the newest row of the same action, if that one took the target there and failed on
+        the registry — as (applied at, its from state, its from version); else None."""
+        try:
+            rows = records(self.reader().promotion_events(limit=200))
+        except Exception as e:  # noqa: BLE001 - recorded as this run's own change then
+            log.warning("could not read promotion_events for an interrupted change: %s", e)
+            return None
+        row = next((r for r in rows if r.get("action") == event.action and not r.get("dry_run")), None)
+        if row is None or row.get("success") or str(row.get("to_version")) != event.to_version:
+            return None
+        try:
+            details = json.loads(row.get("details") or "{}")
+        except (TypeError, ValueError):
+            return None
+        applied = parse_ts(details.get("applied_at")) if isinstance(details, dict) else None
+        if not details.get("partial") or applied is None or details.get("to") != event.to_state:
+            return None
+        return applied, str(details.get("from", "")), str(row.get("from_version") or "")
+
+    def _record_refusal(self, event: Event, live: RolloutState, why: str) -> None:
+        """Record ``event`` as refused (exit 3) with the state it left as it was."""
+        event.success, event.refused = False, True
+        event.reason = _join(event.reason, why)
+        event.from_state = event.to_state = live.describe()
+        event.percent = float(live.percent or 0) if live.canary_active else 0.0
+        event.ts = utc_now()
+        self._record(event, {event.to_version: {}} if event.to_version else {})
 
     def _record(self, event: Event, version_tags: dict[str, dict[str, str]]) -> bool:
         """Tags on every version involved + a promotion_events row + metrics; False if any part failed."""
@@ -398,12 +441,7 @@ class Promoter:
             log.warning("--force: %s although %s", what, detail)
             event.reason = _join(event.reason, f"forced past status {status}: {detail}")
             return
-        event.success, event.refused = False, True
-        event.reason = _join(event.reason, f"refused: {detail}")
-        event.from_state = event.to_state = live.describe()
-        event.percent = float(live.percent or 0) if live.canary_active else 0.0
-        event.ts = utc_now()
-        self._record(event, {event.to_version: {}})
+        self._record_refusal(event, live, f"refused: {detail}")
         raise Refused(
             f"{what} refused: {detail}\n(--force rolls it out anyway; the override is recorded in the "
             "event's reason)"
@@ -806,7 +844,8 @@ class Promoter:
             return self._hold(None, [], f"{self.target.describe()} is {busy}; holding until it is ready")
         problems = self.disagreements(live, aliases)
         if problems and not self.force:
-            self._guard(live, aliases, live, aliases)  # raises Refused with the explanation
+            held = self._event("hold", from_version=live.production_version or "", to_version=live.canary_version or "")
+            self._guard(live, aliases, live, aliases, held)  # records and raises Refused with the explanation
         if not live.canary_active:
             return self._auto_start(live, aliases)
         version, production = str(live.canary_version), live.production_version
@@ -909,6 +948,15 @@ def check_or_raise(percent: int) -> None:
         check_percent(percent)
     except RolloutError as e:
         raise PromotionError(str(e)) from e
+
+
+def _stamped(version_tags: dict[str, dict[str, str]] | None, applied_at: datetime) -> dict[str, dict[str, str]]:
+    """``version_tags`` with each :data:`_APPLIED_AT` placeholder set to ``applied_at``."""
+    applied = applied_at.isoformat()
+    return {
+        v: {k: applied if val == _APPLIED_AT else val for k, val in tags.items()}
+        for v, tags in (version_tags or {}).items()
+    }
 
 
 def _join(*parts: str) -> str:

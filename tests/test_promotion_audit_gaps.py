@@ -13,7 +13,7 @@ from promotion_support import drift_report, make_env
 
 from promotion.locking import LockBusy
 from promotion.status import read_status
-from promotion.tags import STARTED_AT_TAG
+from promotion.tags import STARTED_AT_TAG, STEP_AT_TAG
 from promotion.targets import GitOpsTarget
 from promotion.workflow import Promoter, PromotionError, Refused
 from training.registry import DIGEST_TAG
@@ -133,6 +133,46 @@ def test_a_failure_after_the_target_changed_is_partly_done_and_a_rerun_finishes_
     monkeypatch.setattr(env.registry, "set_alias", real)
     _promoter(env, target).canary_start("2", 10)  # the same command again finishes it
     assert env.registry.aliases()["canary"] == "2" and target.read().percent == 10
+    # the trail: the change happened in the first run; the re-run's row says so and keeps its time
+    import predlog
+
+    from promotion.cli import _event_marks
+
+    rows = [r for r in predlog.open_reader().promotion_events(limit=10).to_dict("records")
+            if r["action"] == "canary_start"]  # fmt: skip
+    assert len(rows) == 2  # one time, so in either order
+    done, partial = sorted(rows, key=lambda r: not r["success"])
+    partial_details, done_details = json.loads(partial["details"]), json.loads(done["details"])
+    assert not partial["success"] and partial_details["partial"] and _event_marks(partial) == ["partly done"]
+    applied = partial_details["applied_at"]
+    at = datetime.fromisoformat(applied)
+    assert abs(partial["ts"] - at) < timedelta(milliseconds=1)  # the row's DateTime64(3)
+    assert done["success"] and done_details["resumes"] == applied and abs(done["ts"] - at) < timedelta(milliseconds=1)
+    assert done_details["from"] == partial_details["from"] == "production v1 at 100%"
+    assert done_details["to"] == partial_details["to"] != done_details["from"]
+    tags = env.registry.resolve("2").tags
+    assert tags[STARTED_AT_TAG] == tags[STEP_AT_TAG] == applied
+
+
+def test_a_refusal_because_the_live_state_disagrees_is_recorded(production, tmp_path):
+    """Exit 3 from the guard (the live state disagrees with the registry) wrote no promotion_events row,
+    from a command or from `auto` (the CronJob blocked with nothing in the trail saying why)."""
+    import predlog
+
+    env, target = production
+    env.registry.set_alias("production", "2")  # by hand: the registry no longer says what serves
+    before = len(predlog.open_reader().promotion_events(limit=1000))
+    with pytest.raises(Refused, match="disagrees with the registry"):
+        _promoter(env, target).canary_start("3", 10)
+    with pytest.raises(Refused, match="disagrees with the registry"):
+        _promoter(env, target).auto()
+    rows = predlog.open_reader().promotion_events(limit=1000).to_dict("records")
+    assert len(rows) == before + 2
+    for row, action in zip(rows[:2], ("hold", "canary_start"), strict=True):
+        details = json.loads(row["details"])
+        assert row["action"] == action and not row["success"] and details["refused"], row
+        assert details["from"] == details["to"] == "production v1 at 100%"
+        assert "disagrees with the registry" in row["reason"] and "'production' alias" in row["reason"]
 
 
 def test_cli_exit_code_for_a_partly_done_action_is_1(production, monkeypatch, capsys):

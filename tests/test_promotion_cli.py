@@ -354,8 +354,8 @@ def test_a_registry_write_failure_is_reported_without_mlflow_tracebacks(env, cap
     assert err.splitlines()[0].startswith("motlens promote: canary_start failed part-way: model registry")
     assert "no such table: main.gone" in err and len(err.splitlines()) == 2, err
     monkeypatch.setenv("COLUMNS", "250")
-    assert main(["promote", "status"]) == 0  # an error, not a refusal: "(failed)"
-    assert "│ canary_start 1→2 by alice (failed) failed: model registry" in capsys.readouterr().out
+    assert main(["promote", "status"]) == 0  # an error, not a refusal; the overlay took it: "(partly done)"
+    assert "│ canary_start 1→2 by alice (partly done) failed: model registry" in capsys.readouterr().out
 
 
 def _overlay(env):
