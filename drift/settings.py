@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from drift.windows import parse_duration
 from motlens import MODEL_NAME
+from motlens.credentials import pushgateway_url
 from motlens.times import parse_time
 
 EmbeddingMethod = Literal["model", "mmd", "ratio", "distance"]
@@ -89,6 +90,11 @@ class DriftSettings(BaseSettings):
     log_artifact: bool = Field(default=True, description="log the outputs to the version's MLflow run")
     html: bool = Field(default=True, description="write the HTML reports (off: scores only, no t-SNE plot)")
     progress: bool = True
+
+    @field_validator("pushgateway")
+    @classmethod
+    def _no_pushgateway_credentials(cls, v: str | None) -> str | None:
+        return pushgateway_url(v)
 
     @field_validator("window")
     @classmethod

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
+
+if TYPE_CHECKING:  # the CLI's logging imports this module: pydantic only where tokens are checked
+    from pydantic import SecretStr
 
 #: query-string keys that clickhouse-connect (and most HTTP clients) take as credentials
 _SECRET_KEYS = {"password", "passwd", "pwd", "access_token", "token", "secret"}
@@ -44,6 +48,30 @@ def has_credentials(url: str) -> bool:
     """Whether ``url`` carries a user part (``user@``, ``user:password@``) or a secret query key."""
     parts = urlsplit(url)
     return "@" in parts.netloc or _secret_in_query(parts.query)
+
+
+def pushgateway_url(url: str | None) -> str | None:
+    """A Pushgateway URL without credentials: HTTP libraries quote a malformed one in their errors
+    (``user:password@host`` read as a port), and those reach logs, outputs and the drift report."""
+    if url and has_credentials(url):
+        raise ValueError(
+            "credentials in the Pushgateway URL are refused (errors would quote them): "
+            "push through a network path that needs none, or an authenticating proxy beside the job"
+        )
+    return url
+
+
+def bearer_token(token: SecretStr | None, variable: str) -> SecretStr | None:
+    """A bearer token as an HTTP header can carry it: surrounding whitespace (a Secret written from a
+    file with its newline) stripped; whitespace or a control character inside refused."""
+    from pydantic import SecretStr
+
+    if token is None:
+        return None
+    value = token.get_secret_value().strip()
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{variable} holds whitespace or a control character, which no HTTP header carries")
+    return SecretStr(value)
 
 
 class RedactingFormatter(logging.Formatter):

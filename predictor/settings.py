@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from motlens.bundle import SHA256_PATTERN
+from motlens.credentials import bearer_token
 from motlens.embedder import DEVICE_PATTERN, DTYPES
 
 DEFAULT_MODEL_REF = "models:/mot-defects@production"
@@ -172,8 +173,10 @@ class ServeSettings(BaseSettings):
     @field_validator("admin_token")
     @classmethod
     def _strong_admin_token(cls, v: SecretStr | None) -> SecretStr | None:
-        """An empty token (a Secret key that exists but is blank) would admit 'Bearer ' from anywhere."""
-        if v is not None and len(v.get_secret_value().strip()) < MIN_ADMIN_TOKEN_CHARS:
+        """An empty token (a Secret key that exists but is blank) would admit 'Bearer ' from anywhere;
+        one with a trailing newline (a Secret made from a file) could never be matched."""
+        v = bearer_token(v, "the admin token")
+        if v is not None and len(v.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
             raise ValueError(
                 f"admin_token must be at least {MIN_ADMIN_TOKEN_CHARS} characters; "
                 "leave it unset to allow loopback clients only"

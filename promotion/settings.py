@@ -11,7 +11,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from motlens.credentials import has_credentials
+from motlens.credentials import bearer_token, has_credentials, pushgateway_url
 from training.floors import DEFAULT_AUC_MARGIN, DEFAULT_MARGIN, GATEABLE_METRICS
 
 TARGETS = ("k8s", "gitops", "local")
@@ -124,6 +124,16 @@ class PromoteSettings(BaseSettings):
         if v not in TARGETS:
             raise ValueError(f"unknown target {v!r}: use one of {', '.join(TARGETS)}")
         return v
+
+    @field_validator("local_token")
+    @classmethod
+    def _sendable_token(cls, v: SecretStr | None) -> SecretStr | None:
+        return bearer_token(v, "the admin token")
+
+    @field_validator("pushgateway_url")
+    @classmethod
+    def _no_pushgateway_credentials(cls, v: str | None) -> str | None:
+        return pushgateway_url(v)
 
     @field_validator("local_url")
     @classmethod

@@ -156,3 +156,26 @@ def test_the_data_database_is_a_plain_identifier_named_by_its_variable(name):
     (problem,) = _problems(DataSettings, MOTLENS_DATA_DATABASE=name)
     assert problem.startswith("MOTLENS_DATA_DATABASE: not a plain ClickHouse identifier"), problem
     assert DataSettings(database="motlens_2026").database == "motlens_2026"
+
+
+@pytest.mark.parametrize(("cls", "var"), [(ServeSettings, "MOTLENS_SERVE_ADMIN_TOKEN"),
+                                          (PromoteSettings, "MOTLENS_PROMOTE_LOCAL_TOKEN")])  # fmt: skip
+def test_a_token_from_a_file_with_its_newline_is_stripped_and_one_no_header_carries_is_refused(cls, var, monkeypatch):
+    """A Secret made from a file keeps its newline: the server's token never matched any request (every
+    admin call 401), and the client's made http.client quote it whole in its error."""
+    monkeypatch.setenv(var, "abcdefghijklmnopqrstu\n")
+    field = "admin_token" if cls is ServeSettings else "local_token"
+    assert getattr(cls(), field).get_secret_value() == "abcdefghijklmnopqrstu"
+    (problem,) = _problems(cls, **{var: "abcdefghij\nklmnopqrstu"})
+    assert problem.startswith(f"{var}: ") and "control character" in problem and "klmno" not in problem
+
+
+@pytest.mark.parametrize(("cls", "var"), [(DriftSettings, "MOTLENS_DRIFT_PUSHGATEWAY"),
+                                          (PromoteSettings, "MOTLENS_PROMOTE_PUSHGATEWAY_URL")])  # fmt: skip
+@pytest.mark.parametrize("url", ["http://pguser:pgS3cret@pushgw.example", "http://tok@pushgw:9091", "http://pg:9091/?token=x"])
+def test_credentials_in_a_pushgateway_url_are_refused_unechoed(cls, var, url):
+    """urllib reads ``user:password@host`` without a port as a bad port and quotes it: the password went
+    to the log, the drift summary, its MLflow artifact and the drift_reports row."""
+    (problem,) = _problems(cls, **{var: url})
+    assert problem.startswith(f"{var}: credentials in the Pushgateway URL are refused"), problem
+    assert "S3cret" not in problem and "tok@" not in problem
