@@ -6,13 +6,16 @@ version is part of the key, and a version that stops being served can be purged.
 
 The rows live in one preallocated float32 slab ``[capacity, dim]``, allocated and written once at
 construction so that its pages are resident from the start: filling the cache does not grow the
-process (only the keys, about ``_ENTRY_OVERHEAD`` bytes each, are allocated per entry). Evicted or
-purged slots are reused. Hits are returned as read-only copies, so a row handed to a request never
-changes when its slot is reused afterwards.
+process beyond its bound. A text is keyed by its 16-byte BLAKE2b digest, so every entry costs the same
+whatever the text's length (``_ENTRY_OVERHEAD`` bytes of key besides its row), and the slab's
+capacity is the true bound: slab + keys ≤ ``max_bytes``. Evicted or purged slots are reused. Hits
+are returned as read-only copies, so a row handed to a request never changes when its slot is reused
+afterwards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import threading
 from collections import OrderedDict
@@ -23,12 +26,15 @@ import numpy as np
 from motlens import EMBEDDING_DIM
 from predictor import metrics
 
-# Per entry besides its row and its text (``sys.getsizeof(text)``, counted exactly): the OrderedDict
-# slot and link (~107 bytes on CPython 3.12), the (version, text) tuple (56) and the slot int (28).
-_ENTRY_OVERHEAD = 200
-# The slab's capacity assumes texts of ~100 characters (sys.getsizeof 149; MOT defect texts are
-# mostly 20-150): shorter texts leave some budget unused, longer ones hit the byte bound first.
-_TEXT_ESTIMATE = 150
+# Per entry besides its row: the OrderedDict slot and link (~107 bytes on CPython 3.12), the
+# (version, digest) tuple (56), the slot int (28) and the digest (a 16-byte bytes object).
+_ENTRY_OVERHEAD = 200 + sys.getsizeof(bytes(16))
+
+
+def _digest(text: str) -> bytes:
+    """The key of a normalised text: fixed-size whatever its length (a 2,000-character text once held
+    its whole text as the key, outside the slab's bound); 128 bits make a collision a non-event."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 class EmbeddingCache:
@@ -40,24 +46,22 @@ class EmbeddingCache:
 
     def __init__(self, max_bytes: int, dim: int = EMBEDDING_DIM) -> None:
         self.max_bytes = max_bytes
-        self._slots: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._slots: OrderedDict[tuple[str, bytes], int] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self._allocate(dim)
 
     def _allocate(self, dim: int) -> None:
         self.dim = dim
-        self.capacity = max(0, self.max_bytes) // (dim * 4 + _ENTRY_OVERHEAD + _TEXT_ESTIMATE)
+        self.entry_bytes = dim * 4 + _ENTRY_OVERHEAD
+        self.capacity = max(0, self.max_bytes) // self.entry_bytes
         self._slab = np.empty((self.capacity, dim), dtype=np.float32)
         self._slab.fill(0.0)  # touch every page now: resident from the start, not as the cache fills
         self._free = list(range(self.capacity - 1, -1, -1))  # pop() hands out slot 0 first
 
-    def _size(self, key: tuple[str, str]) -> int:
-        return self.dim * 4 + sys.getsizeof(key[1]) + _ENTRY_OVERHEAD
-
     @property
     def nbytes(self) -> int:
-        """Bytes in use by the cached entries (rows, texts, per-entry overhead), at most ``max_bytes``."""
+        """Bytes in use by the cached entries (rows and keys), at most ``max_bytes``."""
         return self._bytes
 
     @property
@@ -80,9 +84,10 @@ class EmbeddingCache:
         slots: list[int] = []
         with self._lock:
             for i, k in enumerate(keys):
-                slot = self._slots.get((version, k))
+                key = (version, _digest(k))
+                slot = self._slots.get(key)
                 if slot is not None:
-                    self._slots.move_to_end((version, k))
+                    self._slots.move_to_end(key)
                     found.append(i)
                     slots.append(slot)
             rows = self._slab[slots]  # fancy indexing: a copy
@@ -104,24 +109,23 @@ class EmbeddingCache:
                     return
                 self._allocate(values.shape[1])
             for k, v in zip(keys, values, strict=True):
-                key = (version, k)
+                key = (version, _digest(k))
                 if key in self._slots:
                     continue
-                size = self._size(key)
-                while self._slots and (not self._free or self._bytes + size > self.max_bytes):
+                if not self._free and self._slots:
                     self._evict_lru()
-                if not self._free or self._bytes + size > self.max_bytes:
+                if not self._free:
                     continue
                 slot = self._free.pop()
                 self._slab[slot] = v
                 self._slots[key] = slot
-                self._bytes += size
+                self._bytes += self.entry_bytes
             metrics.CACHE_BYTES.set(self._bytes)
 
     def _evict_lru(self) -> None:
-        old_key, slot = self._slots.popitem(last=False)
+        _, slot = self._slots.popitem(last=False)
         self._free.append(slot)
-        self._bytes -= self._size(old_key)
+        self._bytes -= self.entry_bytes
 
     def purge_version(self, version: str) -> int:
         """Drop every entry of ``version`` (called when a version stops being served); frees its slots."""
@@ -129,6 +133,6 @@ class EmbeddingCache:
             keys = [k for k in self._slots if k[0] == version]
             for k in keys:
                 self._free.append(self._slots.pop(k))
-                self._bytes -= self._size(k)
+                self._bytes -= self.entry_bytes
             metrics.CACHE_BYTES.set(self._bytes)
         return len(keys)

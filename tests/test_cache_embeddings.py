@@ -18,6 +18,8 @@ from predictor.cache import EmbeddingCache
 from predictor.pipeline import ServingUnit
 from predictor.settings import ServeSettings
 
+ENTRY = 384 * 4 + 200 + sys.getsizeof(bytes(16))  # a row and its key, whatever the text
+
 TEXTS = [
     "Horn not working (7.5 (a))",
     "Nearside Front Brake pipe corroded (1.1.11 (c))",
@@ -63,7 +65,7 @@ def _row(i: float) -> np.ndarray:
 
 def test_slab_preallocated_and_resident_at_construction():
     cache = EmbeddingCache(1 << 20)
-    assert cache.capacity == (1 << 20) // (384 * 4 + 200 + 150) and cache.slab_bytes == cache.capacity * 384 * 4
+    assert cache.capacity == (1 << 20) // ENTRY and cache.slab_bytes == cache.capacity * 384 * 4
     assert cache._slab.flags.owndata and not cache._slab.any()  # written (touched) once, zeros
     assert len(cache) == 0 and cache.nbytes == 0
 
@@ -77,7 +79,7 @@ def test_slab_pages_are_resident_before_any_put():
 
 
 def test_slots_reused_after_eviction_and_purge():
-    cache = EmbeddingCache(3 * (384 * 4 + 200 + 150))
+    cache = EmbeddingCache(3 * ENTRY)
     assert cache.capacity == 3
     for i in range(10):
         cache.put_many("1", [f"t{i}"], _row(i))
@@ -90,7 +92,7 @@ def test_slots_reused_after_eviction_and_purge():
 
 
 def test_eviction_order_is_least_recently_used():
-    cache = EmbeddingCache(3 * (384 * 4 + 200 + 150))
+    cache = EmbeddingCache(3 * ENTRY)
     cache.put_many("1", ["a", "b", "c"], np.concatenate([_row(1), _row(2), _row(3)]))
     cache.get_many("1", ["a"])  # order now b, c, a
     cache.put_many("1", ["d"], _row(4))  # evicts b
@@ -99,18 +101,29 @@ def test_eviction_order_is_least_recently_used():
     assert [g is not None for g in cache.get_many("1", ["a", "c", "d", "e"])] == [False, True, True, True]
 
 
-def test_byte_bound_holds_for_long_texts():
-    budget = 4 * (384 * 4 + 200 + 150)
-    cache = EmbeddingCache(budget)
-    long = ["x" * 1900 + str(i) for i in range(4)]  # ~2 kB each: the byte bound bites before the slots run out
-    cache.put_many("1", long, np.concatenate([_row(i) for i in range(4)]))
-    assert cache.nbytes <= budget and len(cache) == 2 and len(cache._free) == 2
-    assert [g is not None for g in cache.get_many("1", long)] == [False, False, True, True]
+def test_memory_stays_within_the_bound_whatever_the_texts_length():
+    """Keys were the whole texts: 2,000-character texts took ≈ 1.5× ``cache_bytes`` (the slab plus
+    ≈ 2 kB of key per entry). Measured with tracemalloc (numpy reports its buffers to it), the texts
+    themselves built and dropped batch by batch."""
+    import tracemalloc
+
+    budget = 4 << 20
+    rows = np.ones((256, 384), np.float32)
+    tracemalloc.start()
+    try:
+        cache = EmbeddingCache(budget)
+        for b in range(2 * cache.capacity // 256 + 1):  # twice what fits: evictions too
+            cache.put_many("1", [f"{b:05d}-{i:03d} " + "x" * 1990 for i in range(256)], rows)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(cache) == cache.capacity and cache.nbytes <= budget
+    assert held <= budget, (held, budget)
 
 
 def test_returned_rows_survive_slot_reuse():
     """A hit handed to an in-flight request stays what the embedder returned after its slot is reused."""
-    cache = EmbeddingCache(384 * 4 + 200 + 150)
+    cache = EmbeddingCache(ENTRY)
     assert cache.capacity == 1
     original = np.random.default_rng(0).standard_normal((1, 384)).astype(np.float32)
     cache.put_many("1", ["a"], original)
@@ -133,7 +146,7 @@ def test_identical_to_what_was_put_and_versions_isolated():
     np.testing.assert_array_equal(np.stack(cache.get_many("2", keys)), v2)  # type: ignore[arg-type]
     assert cache.purge_version("1") == 50 and cache.get_many("1", keys[:1]) == [None]
     np.testing.assert_array_equal(np.stack(cache.get_many("2", keys)), v2)  # type: ignore[arg-type]
-    assert cache.nbytes == sum(384 * 4 + sys.getsizeof(k) + 200 for k in keys)
+    assert cache.nbytes == 50 * ENTRY
 
 
 def test_other_width_reshapes_an_empty_slab_only():
@@ -143,7 +156,7 @@ def test_other_width_reshapes_an_empty_slab_only():
     assert cache.get_many("2", ["a"]) == [None] and cache.dim == 384
     cache.purge_version("1")
     cache.put_many("2", ["a"], np.ones((1, 768), np.float32))
-    assert cache.dim == 768 and cache.capacity == (1 << 20) // (768 * 4 + 350)
+    assert cache.dim == 768 and cache.capacity == (1 << 20) // (768 * 4 + ENTRY - 384 * 4)
     np.testing.assert_array_equal(cache.get_many("2", ["a"])[0], np.ones(768, np.float32))
 
 
