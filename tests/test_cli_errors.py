@@ -41,7 +41,8 @@ def _fails(argv: list[str], capsys, lines: int = 1) -> str:
     ("env", "value", "argv", "expected"),
     [
         ("MOTLENS_CLICKHOUSE_URL", f"http://bob:{SECRET}@localhost:8123/db", ["log", "count"],
-         "motlens log count: bad setting: MOTLENS_CLICKHOUSE_URL: put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD"),
+         "motlens log count: bad setting: MOTLENS_CLICKHOUSE_URL: put the ClickHouse password in "
+         "MOTLENS_CLICKHOUSE_PASSWORD"),
         ("MOTLENS_PREDLOG_BATCH_ROWS", "garbage", ["log", "count"],
          "motlens log count: bad setting: MOTLENS_PREDLOG_BATCH_ROWS: Input should be a valid integer"),
         ("MOTLENS_CLICKHOUSE_URL", REFUSED, ["log", "count"],
@@ -49,7 +50,8 @@ def _fails(argv: list[str], capsys, lines: int = 1) -> str:
         ("MOTLENS_SERVE_HTTP_PORT", "garbage", ["serve", "--no-predlog"],
          "motlens serve: bad setting: MOTLENS_SERVE_HTTP_PORT: Input should be a valid integer"),
         ("MOTLENS_CLICKHOUSE_URL", f"http://bob:{SECRET}@localhost:8123/db", ["data", "load", "{tmp}", "--clickhouse"],
-         "motlens data load: bad setting: MOTLENS_CLICKHOUSE_URL: put the ClickHouse password in MOTLENS_CLICKHOUSE_PASSWORD"),
+         "motlens data load: bad setting: MOTLENS_CLICKHOUSE_URL: put the ClickHouse password in "
+         "MOTLENS_CLICKHOUSE_PASSWORD"),
         ("MOTLENS_CLICKHOUSE_URL", REFUSED, ["data", "load", "{tmp}", "--clickhouse"],
          "motlens data load: cannot reach ClickHouse at http://127.0.0.1:1: [Errno 111] Connection refused"),
         ("MLFLOW_TRACKING_URI", f"mysql://u:{SECRET}@127.0.0.1:1/db", ["train", "versions"],
@@ -72,7 +74,8 @@ def test_bad_configuration_is_one_line_and_exit_2(env, value, argv, expected, tm
          "motlens log count: bad setting: MOTLENS_PREDLOG_DATABASE: 'other' disagrees with the database 'motlens' in "
          "MOTLENS_PREDLOG_CLICKHOUSE_URL; set one of them\n"),
         ({"MOTLENS_CLICKHOUSE_URL": "http://u@127.0.0.1:1/a-b"},
-         "motlens log count: bad setting: MOTLENS_CLICKHOUSE_URL: the URL's database 'a-b' is not a plain identifier\n"),
+         "motlens log count: bad setting: MOTLENS_CLICKHOUSE_URL: the URL's database 'a-b' is not a plain "
+         "identifier\n"),
     ],
 )  # fmt: skip
 def test_a_database_setting_problem_names_its_variables(env, expected, monkeypatch, capsys):

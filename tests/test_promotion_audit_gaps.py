@@ -135,7 +135,6 @@ def test_a_failure_after_the_target_changed_is_partly_done_and_a_rerun_finishes_
     assert env.registry.aliases()["canary"] == "2" and target.read().percent == 10
     # the trail: the change happened in the first run; the re-run's row says so and keeps its time
     import predlog
-
     from promotion.cli import _event_marks
 
     rows = [r for r in predlog.open_reader().promotion_events(limit=10).to_dict("records")
