@@ -267,6 +267,11 @@ def test_close_while_the_embedded_store_hangs_keeps_the_batch_being_written(tmp_
     release.set()  # the stalled write completes after all: its file and the spooled copy share a name
     assert wait_for(lambda: not writer._thread.is_alive(), 60)  # and released the spool's lock
     monkeypatch.setattr(ParquetSink, "insert", insert)
+    assert _replayed(settings) == (200, 200)
+
+
+def _replayed(settings: PredlogSettings) -> tuple[int, int]:
+    """(rows, distinct (request_id, item_index)) of the embedded log once a new writer replayed the spool."""
     writer = predlog.open_writer(settings)
     assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
     writer.close(10)
@@ -275,7 +280,7 @@ def test_close_while_the_embedded_store_hangs_keeps_the_batch_being_written(tmp_
         got = reader.query("SELECT count() AS n, uniqExact(request_id, item_index) AS u FROM predictions", {})
     finally:
         reader.close()
-    assert (int(got["n"].iloc[0]), int(got["u"].iloc[0])) == (200, 200)
+    return int(got["n"].iloc[0]), int(got["u"].iloc[0])
 
 
 SIGTERM_CHILD = textwrap.dedent(
@@ -327,15 +332,7 @@ def test_close_while_the_writer_encodes_a_batch_keeps_that_batch(tmp_path, monke
     assert s["dropped"] == 0 and s["spool_rows"] == 50, s
     release.set()  # the stalled thread goes on: the batch is no longer its to store
     assert wait_for(lambda: not writer._thread.is_alive(), 60)
-    writer = predlog.open_writer(settings)
-    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
-    writer.close(10)
-    reader = predlog.open_reader(settings)
-    try:
-        got = reader.query("SELECT count() AS n, uniqExact(request_id, item_index) AS u FROM predictions", {})
-    finally:
-        reader.close()
-    assert (int(got.n[0]), int(got.u[0])) == (50, 50)
+    assert _replayed(settings) == (50, 50)
 
 
 def test_sigterm_mid_stream_loses_nothing(tmp_path):
