@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from motlens import EMBEDDING_DIM
+from motlens.embedder import normalise_text
 
 CATEGORICAL: tuple[str, ...] = ("section", "severity", "make", "fuel_type")
 NUMERICAL: tuple[str, ...] = (
@@ -15,6 +16,7 @@ DRIFT_COLUMNS: tuple[str, ...] = CATEGORICAL + NUMERICAL
 SCORES: tuple[str, ...] = ("fail_probability", "section_score")
 MODEL_OUTPUTS: tuple[str, ...] = ("section", "severity", *SCORES)
 INPUT_COLUMNS: tuple[str, ...] = tuple(c for c in DRIFT_COLUMNS if c not in MODEL_OUTPUTS)
+CONTEXT_CATEGORIES: tuple[str, ...] = ("make", "fuel_type")  # free text from clients, read case-blind
 SCORE_RESOLUTION = 1e-3
 MISSING = "(missing)"
 OTHER = "(other)"
@@ -28,19 +30,25 @@ class DataError(ValueError):
 def drift_frame(df: pd.DataFrame) -> pd.DataFrame:
     """The nine drift columns of a prediction-log window or a reference sample.
 
-    ``text_length`` (characters) is taken as is or derived from ``text``; missing categories
-    become ``"(missing)"``; missing numbers stay NaN (Evidently drops them per column).
+    What the model sees is compared, not how a client spelt it: ``text_length`` (characters) is taken
+    as is (a reference sample stores it) or derived from the normalised ``text`` (the log stores the
+    raw text: whitespace alone was drift), ``make`` and ``fuel_type`` compared stripped and upper-cased
+    as the head reads them; missing or blank categories become ``"(missing)"``; missing numbers stay
+    NaN (Evidently drops them per column).
     """
     out = pd.DataFrame(index=pd.RangeIndex(len(df)))
     if "text_length" not in df.columns:
         if "text" not in df.columns:
             raise DataError("frame has neither 'text_length' nor 'text'")
-        df = df.assign(text_length=df["text"].astype(str).str.len())
+        df = df.assign(text_length=[len(normalise_text(str(t))) for t in df["text"]])
     missing = [c for c in DRIFT_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"frame lacks drift column(s): {', '.join(missing)}")
     for c in CATEGORICAL:
-        out[c] = df[c].astype("object").where(df[c].notna(), MISSING).astype(str).to_numpy()
+        values = df[c].astype("object")
+        if c in CONTEXT_CATEGORIES:
+            values = values.where(values.isna(), values.astype(str).str.strip().str.upper()).replace("", None)
+        out[c] = values.where(values.notna(), MISSING).astype(str).to_numpy()
     for c in NUMERICAL:
         out[c] = pd.to_numeric(df[c], errors="coerce").astype("float64").to_numpy()
     return out

@@ -80,18 +80,19 @@ def column_tests(settings: DriftSettings, n_reference: int, n_current: int, n_co
     effect sizes (Jensen-Shannon, normed Wasserstein), because there every p-value is tiny.
     """
     if min(n_reference, n_current) >= settings.large_window_rows:
-        regime, cat, num, threshold = "effect size", "jensenshannon", "wasserstein", settings.effect_threshold
+        regime, cat, num = "effect size", "jensenshannon", "wasserstein"
+        cat_threshold, num_threshold = settings.cat_effect_threshold, settings.effect_threshold
     else:
         regime, cat, num = "p-value", stattests.register(), "ks"
-        threshold = settings.alpha / max(n_columns, 1)
+        cat_threshold = num_threshold = settings.alpha / max(n_columns, 1)
     if settings.column_threshold is not None:
-        threshold = settings.column_threshold
+        cat_threshold = num_threshold = settings.column_threshold
     return {
         "regime": regime,
         "cat_method": settings.cat_method or cat,
         "num_method": settings.num_method or num,
-        "cat_threshold": threshold,
-        "num_threshold": threshold,
+        "cat_threshold": cat_threshold,
+        "num_threshold": num_threshold,
     }
 
 

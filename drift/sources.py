@@ -47,6 +47,17 @@ def _fraction(cap: int, total: int) -> float | None:
     return min(1.0, round(cap * 1.1 / total, 6) or 1e-6)
 
 
+def _capped(reader: Any, common: dict[str, Any], cap: int, total: int, **kw: Any) -> pd.DataFrame:
+    """``min(cap, total)`` rows of the window: the hash sample, or, when it falls short of the cap (it
+    leaves ≈ 1.1 × cap, fewer by chance), the window's ``cap`` smallest hashes read unsampled; a window
+    with enough rows is then never judged too small."""
+    sample = _fraction(cap, total)
+    frame = reader.window(**common, limit=cap, sample=sample, **kw)
+    if sample is not None and len(frame) < cap:
+        frame = reader.window(**common, limit=cap, **kw)
+    return frame
+
+
 def read_window(
     reader: Any,
     *,
@@ -68,13 +79,11 @@ def read_window(
     n, n_emb = counts["n"], counts["n_emb"]
     frame = pd.DataFrame()
     if n:
-        frame = reader.window(**common, limit=max_rows, sample=_fraction(max_rows, n))
+        frame = _capped(reader, common, max_rows, n)
     emb = np.zeros((0, EMBEDDING_DIM), np.float32)
     hashes = np.zeros(0, np.uint64)
     if n_emb:
-        emb_frame = reader.window(
-            **common, limit=embedding_max_rows, sample=_fraction(embedding_max_rows, n_emb), with_embeddings=True
-        )
+        emb_frame = _capped(reader, common, embedding_max_rows, n_emb, with_embeddings=True)
         emb = embedding_matrix(emb_frame)
         hashes = emb_frame["text_hash"].to_numpy(np.uint64)
     return Side(label, frame, emb, n, n_emb, counts["versions"], hashes, counts["first"])

@@ -134,6 +134,23 @@ def test_large_windows_switch_to_effect_sizes(tmp_path):
     assert small["regime"] == "p-value" and small["num_method"] == "ks"
     assert small["cat_threshold"] == pytest.approx(0.01 / 9)
     assert (large["cat_method"], large["num_method"], large["num_threshold"]) == ("jensenshannon", "wasserstein", 0.1)
+    assert large["cat_threshold"] == 0.05
+
+
+@pytest.mark.parametrize("n", [4_999, 5_000, 20_000])
+def test_a_section_share_shift_is_drift_on_either_side_of_the_effect_size_switch(n, tmp_path):
+    """Brakes from 20 % to 29 % of the traffic: the p-value test flagged it at 4,999 rows a side, and
+    Jensen-Shannon's 0.1 (0.073 here) let it pass from 5,000 on: more data, less detection."""
+    from drift.columns import drift_frame
+    from drift.evaluate import data_drift
+
+    weights = np.array(BASE_SECTION_WEIGHTS)
+    weights[1] = 0.32
+    s = _settings(tmp_path)
+    moved = data_drift(drift_frame(traffic(n, 1)), drift_frame(traffic(n, 2, section_weights=weights)), s)
+    assert "section" in [c.column for c in moved.columns if c.drifted], moved.columns
+    same = data_drift(drift_frame(traffic(n, 3)), drift_frame(traffic(n, 4)), s)
+    assert not [c.column for c in same.columns if c.drifted], same.columns
 
 
 def test_two_sample_chi_square_matches_scipy_contingency():
@@ -169,3 +186,18 @@ def test_reference_without_context_skips_those_columns(tmp_path, vectors):
     assert set(skipped) == {"make", "fuel_type", "vehicle_age_years", "odometer_miles"}
     assert skipped["make"] == "no values in the reference data"
     assert len(detail["data_drift"]["columns"]) == 5 and (status, code) == ("no_drift", 0)
+
+
+def test_what_the_model_reads_the_same_is_not_drift(tmp_path):
+    """The log holds the raw text and the client's spelling; a reference sample stores the normalised
+    text's length. A trailing space on every text (KS p 1.9e-17) or a lower-cased fuel type was
+    drift, with the model's inputs unchanged."""
+    from drift.columns import drift_frame
+    from drift.evaluate import data_drift
+
+    reference = traffic(2000, 31)
+    reference = reference.assign(text_length=reference["text"].str.len())  # as a bundle's reference sample
+    current = traffic(3000, 32)
+    current = current.assign(text=current["text"] + " ", fuel_type=current["fuel_type"].str.lower())
+    result = data_drift(drift_frame(reference), drift_frame(current), _settings(tmp_path))
+    assert not [c.column for c in result.columns if c.drifted], result.columns
