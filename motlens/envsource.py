@@ -1,0 +1,20 @@
+"""An environment source on which an empty variable is unset, save for the fields named."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic_settings import BaseSettings, EnvSettingsSource
+
+
+class EmptyIsUnset(EnvSettingsSource):
+    """``MOTLENS_X_PATH=`` is the default, not the working directory; a flag's empty value is left
+    to the field's own checks (it is not an environment value). The fields in ``keep`` take an empty
+    variable as given, for their validators to refuse (an empty list of steps, an empty alias)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], keep: tuple[str, ...] = ()) -> None:
+        super().__init__(settings_cls)
+        self.keep = keep
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in super().__call__().items() if v != "" or k in self.keep}
