@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from motlens import MODEL_NAME
 from promotion import gates as g
 from promotion.audit import Event, export_metrics, tag_version
 from promotion.clock import parse_ts, utc_now
@@ -282,7 +283,12 @@ class Promoter:
         except Exception as e:
             event.success, event.reason = False, f"{event.reason}; failed: {e}".lstrip("; ")
             changed = self._changed_since(live, aliases)
-            if changed and applied_at is not None:  # the target took it: its time, and the versions' state
+            if finishing is not None:  # still partly done: the next re-run finishes the same change
+                at, event.from_state, event.from_version = finishing
+                event.details.update(partial=True, applied_at=at.isoformat())
+                event.ts = utc_now()
+                self._record(event, {v: {} for v in version_tags or {}})
+            elif changed and applied_at is not None:  # the target took it: its time, and the versions' state
                 event.ts = applied_at
                 event.details.update(partial=True, applied_at=applied_at.isoformat())
                 self._record(event, _stamped(version_tags, applied_at))
@@ -312,33 +318,43 @@ class Promoter:
 
     def _partly_done(self, event: Event) -> tuple[datetime, str, str] | None:
         """When a re-run finds the target already as ``event`` would leave it: the partly done row it
-        finishes — the newest row of the same action, if that one took the target there and failed on
-        the registry — as (applied at, its from state, its from version); else None."""
+        finishes, as (applied at, its from state, its from version), else None. That row must be this
+        target's newest change (a successful or partly done row; holds, refusals, dry runs and failures
+        that changed nothing do not count): a partial row of an earlier rollout, followed by other
+        changes, is history, not this run's to finish."""
         try:
-            rows = records(self.reader().promotion_events(limit=200))
+            rows = records(self.reader().promotion_events(limit=500))
         except Exception as e:  # noqa: BLE001 - recorded as this run's own change then
             log.warning("could not read promotion_events for an interrupted change: %s", e)
             return None
-        row = next((r for r in rows if r.get("action") == event.action and not r.get("dry_run")), None)
-        if row is None or row.get("success") or str(row.get("to_version")) != event.to_version:
+        for row in rows:  # newest first
+            if row.get("target") != self.target.name or row.get("model_name") != MODEL_NAME or row.get("dry_run"):
+                continue
+            details = _details(row)
+            if row.get("success") and row.get("action") != "hold" or details.get("partial"):
+                break
+        else:
             return None
-        try:
-            details = json.loads(row.get("details") or "{}")
-        except (TypeError, ValueError):
-            return None
-        applied = parse_ts(details.get("applied_at")) if isinstance(details, dict) else None
-        if not details.get("partial") or applied is None or details.get("to") != event.to_state:
+        applied = parse_ts(details.get("applied_at"))
+        if (
+            not details.get("partial")
+            or applied is None
+            or row.get("action") != event.action
+            or str(row.get("to_version")) != event.to_version
+            or details.get("to") != event.to_state
+        ):
             return None
         return applied, str(details.get("from", "")), str(row.get("from_version") or "")
 
     def _record_refusal(self, event: Event, live: RolloutState, why: str) -> None:
-        """Record ``event`` as refused (exit 3) with the state it left as it was."""
+        """Record ``event`` as refused (exit 3) with the state it left as it was; a refused ``hold`` (an
+        ``auto`` run, every few minutes while the refusal lasts) writes its row only, as every hold does."""
         event.success, event.refused = False, True
         event.reason = _join(event.reason, why)
         event.from_state = event.to_state = live.describe()
         event.percent = float(live.percent or 0) if live.canary_active else 0.0
         event.ts = utc_now()
-        self._record(event, {event.to_version: {}} if event.to_version else {})
+        self._record(event, {event.to_version: {}} if event.to_version and event.action != "hold" else {})
 
     def _record(self, event: Event, version_tags: dict[str, dict[str, str]]) -> bool:
         """Tags on every version involved + a promotion_events row + metrics; False if any part failed."""
@@ -948,6 +964,15 @@ def check_or_raise(percent: int) -> None:
         check_percent(percent)
     except RolloutError as e:
         raise PromotionError(str(e)) from e
+
+
+def _details(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``promotion_events`` row's details (empty when not a JSON object)."""
+    try:
+        details = json.loads(row.get("details") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return details if isinstance(details, dict) else {}
 
 
 def _stamped(version_tags: dict[str, dict[str, str]] | None, applied_at: datetime) -> dict[str, dict[str, str]]:

@@ -341,3 +341,67 @@ def test_an_interrupted_first_deployment_is_finished_by_a_rerun(registry, tiny_b
     p.promote("1")
     assert registry.aliases() == {"production": "1"} and (target.overlay / "rollout.yaml").read_text() == written
     assert registry.resolve("1").tags["promotion.status"] == "production" and read_status(p)["disagreements"] == []
+
+
+def _fails_on_the_registry(env, monkeypatch, method: str):
+    def broken(*args):
+        raise RuntimeError("registry went away")
+
+    real = getattr(env.registry, method)
+    monkeypatch.setattr(env.registry, method, broken)
+    return lambda: monkeypatch.setattr(env.registry, method, real)
+
+
+def _successful(action: str) -> dict:
+    import predlog
+
+    rows = predlog.open_reader().promotion_events(limit=50).to_dict("records")
+    return next(r for r in rows if r["action"] == action and r["success"])
+
+
+def test_a_rerun_that_fails_again_keeps_the_change_partly_done(production, monkeypatch):
+    """The second run failed too (registry still down) and wrote a plain failed row: the third, which
+    finished, took that as the newest and stamped its own time, the real transition lost."""
+    from promotion.workflow import PartlyDone
+
+    env, target = production
+    restore = _fails_on_the_registry(env, monkeypatch, "set_alias")
+    with pytest.raises(PartlyDone):
+        _promoter(env, target).canary_start("2", 10)
+    with pytest.raises(PromotionError, match="nothing was changed"):
+        _promoter(env, target).canary_start("2", 10)
+    restore()
+    _promoter(env, target).canary_start("2", 10)
+    done = json.loads(_successful("canary_start")["details"])
+    assert "resumes" in done and done["from"] == "production v1 at 100%", done
+
+
+def test_a_partial_row_of_an_earlier_rollout_is_not_resumed(production, monkeypatch):
+    """Cycle 1's rollback took the target and failed on the registry (fixed by hand); cycle 2's rollback
+    died after the target took it, and its re-run was recorded as cycle 1's, at cycle 1's time."""
+    from promotion.workflow import PartlyDone
+
+    env, target = production
+    _promoter(env, target).canary_start("2", 10)
+    restore = _fails_on_the_registry(env, monkeypatch, "delete_alias")
+    with pytest.raises(PartlyDone):
+        _promoter(env, target).rollback()
+    restore()
+    env.registry.delete_alias("canary")  # fixed by hand
+    _promoter(env, target).canary_start("3", 10)
+    target.apply(target.read().with_percent(0).rolled_back())  # a rollback killed once the target took it
+    _promoter(env, target).rollback()  # its re-run
+    row = _successful("rollback")
+    assert row["from_version"] == "3" and "resumes" not in json.loads(row["details"]), row
+    tags = env.registry.resolve("3").tags
+    assert tags["promotion.rejected_at"] >= tags[STARTED_AT_TAG]
+
+
+def test_auto_refused_by_a_disagreement_tags_no_version(canary):
+    env, target = canary
+    env.registry.set_alias("production", "2")  # by hand
+    events = env.registry.resolve("2").tags.get("promotion.events")
+    for _ in range(2):
+        with pytest.raises(Refused):
+            _promoter(env, target).auto()
+    assert env.registry.resolve("2").tags.get("promotion.events") == events  # rows only, as every hold
