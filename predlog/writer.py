@@ -234,15 +234,20 @@ class PredictionLogWriter:
                         return
                     self._unspooled, self._claimed = None, (batch, token)  # close()'s again until spilled
             self._spill(table, token)
+            self._release_claim(token)
             return
-        try:
-            seg, dropped = self.spool.append(table, token)  # write-ahead copy
-        except OSError as e:
-            log.error("predlog: spool write failed (%s); inserting the batch without a write-ahead copy", e)
+        if self.spool.unbound is not None:  # not bound this run (said once, at start): no write-ahead copy
             seg, dropped, reason = None, 0, "spool_error"
         else:
-            reason = "spool_full"
+            try:
+                seg, dropped = self.spool.append(table, token)  # write-ahead copy
+            except OSError as e:
+                log.error("predlog: spool write failed (%s); inserting the batch without a write-ahead copy", e)
+                seg, dropped, reason = None, 0, "spool_error"
+            else:
+                reason = "spool_full"
         if seg is not None:
+            self._release_claim(token)  # in the spool: close() must not spool it again
             self._drop(dropped, "spool_full")  # older segments, under drop_oldest
             self._fresh.add(token)
             return
@@ -263,6 +268,12 @@ class PredictionLogWriter:
             return False
         self._add("written", table.num_rows)
         return True
+
+    def _release_claim(self, token: str) -> None:
+        """The batch is in the spool (or the sink): no longer close()'s to spill."""
+        with self._cond:
+            if self._claimed is not None and self._claimed[1] == token:
+                self._claimed = None
 
     def _owns(self, token: str) -> bool:
         with self._cond:

@@ -244,6 +244,34 @@ def test_close_while_the_sink_hangs_keeps_the_queue_in_the_spool(chdb_settings):
     assert stored(reader, settings) == (500, 500)
 
 
+def test_close_while_a_spooled_batch_is_being_inserted_spools_it_once(chdb_settings, monkeypatch):
+    """The batch taken off the queue stayed close()'s to spill after its write-ahead copy was in the
+    spool: an insert hanging past close()'s timeout left it spooled twice (spool_rows doubled)."""
+    settings, reader = chdb_settings
+    entered, release = threading.Event(), threading.Event()
+    insert = ClickHouseSink.insert
+
+    def hung(self, table, token):  # noqa: ANN001, ANN202 - a server that stalls mid-insert (fault injection)
+        entered.set()
+        assert release.wait(60)
+        insert(self, table, token)
+
+    monkeypatch.setattr(ClickHouseSink, "insert", hung)
+    writer = predlog.open_writer(settings)
+    writer.submit(rows(50))
+    assert entered.wait(30)
+    writer.close(timeout=0.5)
+    s = writer.stats()
+    assert s["spool_rows"] == 50 and len(list(settings.spool_dir.glob("*.arrow"))) == 1, s
+    release.set()
+    assert wait_for(lambda: not writer._thread.is_alive(), 60)
+    monkeypatch.setattr(ClickHouseSink, "insert", insert)
+    writer = predlog.open_writer(settings)
+    assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
+    writer.close(10)
+    assert stored(reader, settings) == (50, 50)
+
+
 def test_close_while_the_embedded_store_hangs_keeps_the_batch_being_written(tmp_path, monkeypatch):
     """The embedded (Parquet) sink has no write-ahead copy: a batch whose write hangs past close()'s
     timeout goes to the spool with the queue, and the next writer stores every row once (the write
@@ -832,3 +860,25 @@ def test_held_segments_moved_into_the_spool_by_hand_go_to_its_sink(tmp_path):
     assert wait_for(lambda: writer.stats()["spool_rows"] == 0)
     writer.close(10)
     assert writer.stats()["replayed"] == 15 and _embedded_rows(embedded) == 15
+
+
+def test_an_unbound_spool_is_one_error_not_one_per_batch(chdb_settings, monkeypatch, caplog):
+    """A spool that could not record its sink at start refused every write-ahead copy, and each batch
+    logged its own ERROR line (one a second at the default flush interval)."""
+    import errno
+
+    import predlog.spool as spool_module
+
+    settings, reader = chdb_settings
+
+    def full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the disk is full (fault injection)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "atomic_write", full)
+    caplog.set_level(logging.ERROR)
+    writer = predlog.open_writer(settings)
+    _submit_batches(writer, 5)
+    writer.close(30)
+    assert writer.stats()["written"] == 50 and stored(reader, settings) == (50, 50)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("predlog")]
+    assert len(errors) == 1 and "cannot bind the spool" in errors[0].getMessage(), [r.getMessage() for r in errors]
