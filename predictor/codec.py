@@ -385,6 +385,8 @@ def check_binary_texts(body: bytes, json_length: int, max_items: int | None = No
         size = params["binary_data_size"]
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer, got {size!r}")
+        if inp.get("data") is not None:  # KServe would decode the JSON data and the later tensors off by this one
+            raise InvalidInput(f"input '{name}' has both data and binary_data_size; send its values one way")
         chunk = body[offset : offset + size]
         offset += size
         if inp["datatype"] == "BYTES":

@@ -325,6 +325,32 @@ CASES = [
         400,
         "the binary tensors declare",
     ),
+    (  # KServe decodes the JSON data and reads the next binary tensor from the text's bytes (age 4.8e-44)
+        "binary-and-json-data-for-one-input",
+        V2,
+        binary_request(
+            {
+                "inputs": [
+                    {
+                        "name": "text",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "data": ["Horn not working"],
+                        "parameters": {"binary_data_size": 4 + len(OK_TEXT)},
+                    },
+                    {
+                        "name": "vehicle_age_years",
+                        "datatype": "FP32",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 4},
+                    },
+                ]
+            },
+            len(OK_TEXT).to_bytes(4, "little") + OK_TEXT.encode() + np.float32(3.0).tobytes(),
+        ),
+        400,
+        "input 'text' has both data and binary_data_size; send its values one way",
+    ),
     ("binary-too-many-items", V2, binary_body([OK_TEXT.encode()] * 9), 400, "has 9 items; the limit is 8"),
     (  # a million empty strings under shape [1]: refused at the second, the third (not UTF-8) never read
         "binary-more-items-than-shape",
