@@ -190,3 +190,13 @@ def test_an_empty_flag_is_the_fields_own_not_the_default(monkeypatch):
     assert PromoteSettings(overlay="").overlay == ""  # refused where it is used (no kustomization there)
     monkeypatch.setenv("MOTLENS_PROMOTE_LOCAL_URL", "")
     assert PromoteSettings().local_url == "http://127.0.0.1:8080"
+
+
+def test_a_blank_serve_variable_is_the_default(monkeypatch):
+    """A blank line such as ``MOTLENS_SERVE_THREADS=`` in the systemd env file stopped the server (exit 2),
+    and ``MOTLENS_SERVE_FOLLOW_ALIAS=`` followed the alias ''."""
+    for name in ("THREADS", "HTTP_PORT", "CACHE_BYTES", "DEVICE", "FOLLOW_ALIAS", "CANARY"):
+        monkeypatch.setenv(f"MOTLENS_SERVE_{name}", "")
+    s = ServeSettings()
+    assert (s.threads, s.http_port, s.follow_alias, s.canary) == (None, 8080, None, None)
+    assert s.cache_bytes == ServeSettings.model_fields["cache_bytes"].default
