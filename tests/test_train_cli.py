@@ -315,3 +315,24 @@ def test_registry_options_count_before_or_after_the_subcommand(registry, tiny_bu
     assert [v["version"] for v in json.loads(capsys.readouterr().out)] == ["1"]
     assert main(["train", "versions", "--json", "--tracking-uri", registry.tracking_uri]) == 0
     assert [v["version"] for v in json.loads(capsys.readouterr().out)] == ["1"]
+
+
+def test_a_floor_that_could_not_be_checked_withholds_the_alias(capsys):
+    """A held-out set of one fail class has no fail AUC: its floor went "not checked", the check
+    passed and `candidate` was set, though the alias says all three floors were cleared."""
+    from types import SimpleNamespace
+
+    from training.floors import check_floors
+    from training.train import TrainSettings, alias_after_floors
+    from training.train_cli import say_withheld
+
+    metrics = {"section_macro_f1": 0.95, "severity_macro_f1": 0.8,
+               "baseline_section_macro_f1": 0.049, "baseline_severity_macro_f1": 0.137}  # fmt: skip
+    one_class = check_floors(metrics)
+    assert one_class.passed and one_class.unchecked  # what promotion reads for runs older than a metric
+    assert alias_after_floors(TrainSettings(), one_class) == (None, "candidate")
+    assert alias_after_floors(TrainSettings(alias_requires_floors=False), one_class) == ("candidate", None)
+    assert alias_after_floors(TrainSettings(), check_floors({**metrics, "fail_auc": 0.9})) == ("candidate", None)
+    result = SimpleNamespace(alias_withheld="candidate", floors=one_class, version=SimpleNamespace(version="4"))
+    assert say_withheld(result) == 3
+    assert "not checked: " in capsys.readouterr().err

@@ -63,6 +63,16 @@ EMBED_CHUNK = 2048
 GOLDEN_MIN_MARGIN = 0.05
 
 
+def alias_after_floors(settings: TrainSettings, floors: FloorCheck) -> tuple[str | None, str | None]:
+    """(alias to set, alias withheld): a floor failed or could not be checked (one fail class held out:
+    no AUC) withholds it, since the alias says all of them cleared (docs/training.md); promotion keeps
+    "unchecked" for runs logged before a metric existed."""
+    alias = settings.alias
+    if alias is not None and settings.alias_requires_floors and (not floors.passed or floors.unchecked):
+        return None, alias
+    return alias, None
+
+
 class TrainSettings(BaseSettings):
     """How ``motlens train`` trains (``MOTLENS_TRAIN_*`` or flags)."""
 
@@ -485,9 +495,7 @@ def train(
             **{BASELINE_PREFIX + k: v for k, v in baseline.metrics.items()},
         }
         floors = check_floors(metrics, FLOOR_METRICS, s.floor_margin, s.floor_auc_margin)
-        alias, withheld = s.alias, None
-        if alias is not None and s.alias_requires_floors and not floors.passed:
-            alias, withheld = None, alias
+        alias, withheld = alias_after_floors(s, floors)
         gi = select_golden(ho, out, s.golden_size, s.seed)
         golden = make_golden(embedder, head, ho["text"].iloc[gi].tolist(), context_of(ho.iloc[gi]))
         reference = reference_sample(ts, emb, head)

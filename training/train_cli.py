@@ -203,7 +203,10 @@ def say_withheld(result, prog: str = "motlens train", hint: str = FLOORS_HINT) -
     the floors that failed and what to do (``motlens train``, ``motlens demo``)."""
     if not result.alias_withheld:
         return 0
-    failed = "; ".join(result.floors.failed) if result.floors is not None else "see the warning above"
+    floors = result.floors
+    failed = "; ".join(floors.failed) if floors is not None else "see the warning above"
+    if floors is not None and floors.unchecked:
+        failed = "; ".join(filter(None, [failed, "not checked: " + "; ".join(floors.unchecked)]))
     print(
         f"{prog}: version {result.version.version} registered without alias {result.alias_withheld!r}: "
         f"below the quality floors (exit {EXIT_BELOW_FLOORS}): {failed}; {hint}",
