@@ -122,7 +122,7 @@ def run(
     that fails its hashes, a head that does not run)."""
     from motlens.bundle import BundleError
     from motlens.credentials import redact
-    from training.heldout import HELDOUT_DIR, HeldoutError, embedder_files, read_heldout
+    from training.heldout import HELDOUT_DIR, META, HeldoutError, embedder_files, read_heldout
 
     try:
         with tempfile.TemporaryDirectory(prefix="motlens-heldout-") as tmp:
@@ -134,6 +134,7 @@ def run(
                     "registered by hand, or with heldout_max_texts 0)",
                     lasting=True,
                 )
+            _check_pinned(registry, candidate, found / META)
             held = read_heldout(found)
         cand, prod = registry.fetch(candidate), registry.fetch(production)
     except (BundleError, HeldoutError) as e:
@@ -151,6 +152,21 @@ def run(
     except Exception as e:  # noqa: BLE001 - a head or embedder that does not load or run: say so, retry later
         log.warning("paired comparison of %s with %s could not score: %s", candidate, production, e)
         return PairedComparison(production, missing=redact(f"could not score the heads: {type(e).__name__}: {e}"))
+
+
+def _check_pinned(registry: Any, version: str, manifest: Path) -> None:
+    """The downloaded held-out manifest must be the one registered with ``version`` (its tag
+    :data:`~training.registry.HELDOUT_DIGEST_TAG`; versions registered before the tag have none)."""
+    from motlens.bundle import sha256_file
+    from training.heldout import HeldoutError
+    from training.registry import HELDOUT_DIGEST_TAG
+
+    pinned = registry.resolve(version).tags.get(HELDOUT_DIGEST_TAG)
+    if pinned and (got := sha256_file(manifest)) != pinned:
+        raise HeldoutError(
+            f"{manifest.name} of version {version}: sha256 {got} is not the {pinned} registered with it "
+            "(the stored held-out set was changed)"
+        )
 
 
 def _score(

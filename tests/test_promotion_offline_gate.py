@@ -219,6 +219,34 @@ def test_without_a_usable_paired_set_the_gate_falls_back_and_says_why(registry, 
         assert case != "tampered" or "texts.parquet: sha256" in r.detail
 
 
+def test_a_held_out_set_rewritten_with_its_own_hashes_is_refused(registry, tiny_bundle, heldout_source, tmp_path):
+    """heldout.json listed its files' hashes but nothing pinned heldout.json: whoever could write the
+    artifact store could relabel the texts, re-hash them, and the paired gate scored the candidate on them."""
+    import json
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    import pandas as pd
+
+    from motlens.bundle import sha256_file
+    from training.heldout import META, TEXTS
+    from training.registry import HELDOUT_DIGEST_TAG, HELDOUT_MANIFEST
+
+    assert HELDOUT_MANIFEST == f"heldout/{META}"
+    prod = _register(registry, tiny_bundle.root, heldout_source, tmp_path).version
+    info = _register(registry, _scrambled(tiny_bundle, tmp_path), heldout_source, tmp_path)
+    assert len(info.tags[HELDOUT_DIGEST_TAG]) == 64
+    held = Path(urlparse(registry.client.get_run(info.run_id).info.artifact_uri).path) / "heldout"
+    texts = pd.read_parquet(held / TEXTS)
+    texts.assign(section=(texts["section"] + 1) % 9).to_parquet(held / TEXTS)  # relabelled to suit the candidate
+    meta = json.loads((held / META).read_text())
+    meta["files"][TEXTS] = sha256_file(held / TEXTS)
+    (held / META).write_text(json.dumps(meta))
+    r = _gate(registry, info.version, prod)
+    assert "paired" not in r.values
+    assert "held-out set or bundle refused: " in r.detail and "the stored held-out set was changed" in r.detail
+
+
 class EndpointConnectionError(Exception):
     """What botocore raises when the S3 artifact store does not answer (not an MLflow or HTTP error)."""
 

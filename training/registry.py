@@ -57,6 +57,11 @@ INCOMPLETE_TAG = "motlens.registration"
 #: registration; a fetched bundle must match it, so rewriting the artifact store alone (a bundle
 #: re-hashed into a manifest of its own) cannot swap the model a version serves
 DIGEST_TAG = "motlens.bundle_sha256"
+#: model-version tag: the sha256 of the run's stored held-out manifest (``training.heldout`` writes it
+#: at :data:`HELDOUT_MANIFEST`, with its files' hashes), so the paired gate's texts are pinned as the
+#: bundle is: write access to the artifact store cannot swap them
+HELDOUT_DIGEST_TAG = "motlens.heldout_sha256"
+HELDOUT_MANIFEST = "heldout/heldout.json"
 #: model-version tag: when :meth:`Registry.pin` set :data:`DIGEST_TAG` after registration (a version
 #: registered before the tag existed), so the trail tells a backfilled pin from one set at registration
 PINNED_LATER_TAG = "motlens.bundle_sha256_pinned_at"
@@ -334,6 +339,9 @@ class Registry:
                 self.client.log_artifact(run_id, str(Path(tmp) / MANIFEST), MODEL_ARTIFACT_PATH)
                 digest = sha256_file(Path(tmp) / MANIFEST)
             self.client.set_model_version_tag(self.model_name, str(mv.version), DIGEST_TAG, digest)
+            if artifacts_dir is not None and (artifacts_dir / HELDOUT_MANIFEST).is_file():
+                held = sha256_file(artifacts_dir / HELDOUT_MANIFEST)
+                self.client.set_model_version_tag(self.model_name, str(mv.version), HELDOUT_DIGEST_TAG, held)
             self.client.set_tag(run_id, "motlens.registered_version", str(mv.version))
             self.client.delete_model_version_tag(self.model_name, str(mv.version), INCOMPLETE_TAG)
         except BaseException:
