@@ -380,20 +380,21 @@ class _Clock:
 
 
 def git_commit() -> dict[str, str]:
-    """The commit of the source tree this package runs from (``unknown`` outside git)."""
+    """The commit of the source tree this package runs from (``unknown`` outside git); dirty when a
+    tracked file changed or an untracked source file (``*.py``, ``pyproject.toml``: a new module a run
+    may import) exists; untracked data and outputs do not count."""
     here = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout.strip()
+        dirty = "".join(
+            subprocess.run(cmd, cwd=here, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+            for cmd in (
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                ["git", "ls-files", "--others", "--exclude-standard", "--", "*.py", "pyproject.toml"],
+            )
+        )
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
     return {"git_commit": sha, "git_dirty": str(bool(dirty)).lower()}
