@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -336,3 +337,26 @@ def test_a_floor_that_could_not_be_checked_withholds_the_alias(capsys):
     result = SimpleNamespace(alias_withheld="candidate", floors=one_class, version=SimpleNamespace(version="4"))
     assert say_withheld(result) == 3
     assert "not checked: " in capsys.readouterr().err
+
+
+def test_an_untracked_source_file_makes_the_tree_dirty(tmp_path):
+    """``git_dirty`` ignored untracked files: a run importing a new, uncommitted module was recorded as
+    reproducible from its commit. Untracked data and outputs still do not count."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    clone = tmp_path / "src"
+    subprocess.run(["git", "clone", "-q", str(Path(__file__).resolve().parents[1]), str(clone)], check=True)
+
+    def dirty() -> str:
+        code = "import json; from training.train import git_commit; print(json.dumps(git_commit()))"
+        out = subprocess.run([sys.executable, "-c", code], cwd=clone, env={**os.environ, "PYTHONPATH": str(clone)},
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        return json.loads(out)["git_dirty"]
+
+    assert dirty() == "false"
+    (clone / "outputs.csv").write_text("x\n")
+    assert dirty() == "false"
+    (clone / "training" / "extra_module.py").write_text("")
+    assert dirty() == "true"
