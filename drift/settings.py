@@ -63,9 +63,9 @@ class DriftSettings(BaseSettings):
         default=0.05,
         gt=0,
         lt=1,
-        description="large windows: Jensen-Shannon distance (categorical); 0.1 missed a section share moving "
-        "from 20 % to 29 % that the p-value test flags far below 5,000 rows, and noise at 5,000 rows a side "
-        "stays under 0.045",
+        description="large windows: the floor of the Jensen-Shannon distance threshold (categorical), raised "
+        "per column above chance (drift.evaluate.js_threshold); 0.1 missed a section share moving from 20 % "
+        "to 29 % that the p-value test flags far below 5,000 rows",
     )
     cat_method: str | None = Field(default=None, description="override the categorical stat test")
     num_method: str | None = Field(default=None, description="override the numerical stat test")

@@ -201,3 +201,25 @@ def test_what_the_model_reads_the_same_is_not_drift(tmp_path):
     current = current.assign(text=current["text"] + " ", fuel_type=current["fuel_type"].str.lower())
     result = data_drift(drift_frame(reference), drift_frame(current), _settings(tmp_path))
     assert not [c.column for c in result.columns if c.drifted], result.columns
+
+
+def test_many_categories_at_the_switch_are_not_drift_by_chance(tmp_path):
+    """Jensen-Shannon 0.05 flagged a same-distribution make column of 50 categories at 5,000 rows a
+    side in about half the windows (noise ≈ √((k − 1) / 4n)); the threshold now grows with k / n."""
+    import numpy as np
+
+    from drift.columns import drift_frame
+    from drift.evaluate import data_drift, js_threshold
+
+    makes = [f"MAKE{i:02d}" for i in range(80)]
+    drifted = []
+    for seed in range(3):
+        ref, cur = traffic(5_000, 40 + 2 * seed), traffic(5_000, 41 + 2 * seed)
+        rng = np.random.default_rng(seed)
+        ref["make"], cur["make"] = rng.choice(makes, len(ref)), rng.choice(makes, len(cur))
+        result = data_drift(drift_frame(ref), drift_frame(cur), _settings(tmp_path))
+        make = next(c for c in result.columns if c.column == "make")
+        assert make.threshold == pytest.approx(js_threshold(0.05, 80, 5_000)) and make.threshold > 0.05
+        drifted += [c.column for c in result.columns if c.drifted]
+    assert not drifted
+    assert js_threshold(0.05, 17, 5_000) == 0.05  # the generated sections: the floor applies
