@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from drift.windows import parse_duration
 from motlens import MODEL_NAME
 from motlens.credentials import pushgateway_url
+from motlens.envsource import no_empty_path
 from motlens.times import parse_time
 
 EmbeddingMethod = Literal["model", "mmd", "ratio", "distance"]
@@ -98,6 +99,11 @@ class DriftSettings(BaseSettings):
     log_artifact: bool = Field(default=True, description="log the outputs to the version's MLflow run")
     html: bool = Field(default=True, description="write the HTML reports (off: scores only, no t-SNE plot)")
     progress: bool = True
+
+    @field_validator("output", "textfile", mode="before")
+    @classmethod
+    def _no_empty_path(cls, v: object) -> object:
+        return no_empty_path(v)
 
     @field_validator("pushgateway")
     @classmethod

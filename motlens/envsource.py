@@ -18,3 +18,11 @@ class EmptyIsUnset(EnvSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return {k: v for k, v in super().__call__().items() if v != "" or k in self.keep}
+
+
+def no_empty_path(value: object) -> object:
+    """A path setting given as an empty flag (a script's unset ``$DIR``) is refused: read as a path it
+    is the working directory; an empty *variable* never gets here (it is unset)."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("an empty path: give one, or leave it unset for the default")
+    return value

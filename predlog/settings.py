@@ -13,6 +13,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_valid
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from motlens.credentials import no_password_in_url, redact
+from motlens.envsource import no_empty_path
 from motlens.errors import env_name
 from motlens.state import StateSettings
 
@@ -196,6 +197,11 @@ class PredlogSettings(BaseSettings):
     )
     max_window_rows: int = Field(default=5_000_000, ge=1)
     max_query_rows: int = Field(default=100_000, ge=1, description="row cap on ad-hoc `query()` SELECTs")
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _no_empty_path(cls, v: object) -> object:
+        return no_empty_path(v)
 
     @field_validator("database")
     @classmethod

@@ -162,7 +162,13 @@ def _check_pinned(registry: Any, version: str, manifest: Path) -> None:
     from training.registry import HELDOUT_DIGEST_TAG
 
     pinned = registry.resolve(version).tags.get(HELDOUT_DIGEST_TAG)
-    if pinned and (got := sha256_file(manifest)) != pinned:
+    if not pinned:
+        return
+    try:
+        got = sha256_file(manifest)
+    except OSError as e:
+        raise HeldoutError(f"{manifest.name} of version {version} unreadable: {e}") from e
+    if got != pinned:
         raise HeldoutError(
             f"{manifest.name} of version {version}: sha256 {got} is not the {pinned} registered with it "
             "(the stored held-out set was changed)"

@@ -12,7 +12,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from motlens.credentials import bearer_token, has_credentials, pushgateway_url
-from motlens.envsource import EmptyIsUnset
+from motlens.envsource import EmptyIsUnset, no_empty_path
 from training.floors import DEFAULT_AUC_MARGIN, DEFAULT_MARGIN, GATEABLE_METRICS
 
 TARGETS = ("k8s", "gitops", "local")
@@ -109,6 +109,11 @@ class PromoteSettings(BaseSettings):
     # metrics export (as the drift job does: Pushgateway when set, else a textfile when set)
     pushgateway_url: str | None = None
     textfile: Path | None = None
+
+    @field_validator("manifests_dir", "textfile", mode="before")
+    @classmethod
+    def _no_empty_path(cls, v: object) -> object:
+        return no_empty_path(v)
 
     @classmethod
     def settings_customise_sources(

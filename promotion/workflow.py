@@ -283,12 +283,9 @@ class Promoter:
         except Exception as e:
             event.success, event.reason = False, f"{event.reason}; failed: {e}".lstrip("; ")
             changed = self._changed_since(live, aliases)
-            if finishing is not None:  # still partly done: the next re-run finishes the same change
-                at, event.from_state, event.from_version = finishing
-                event.details.update(partial=True, applied_at=at.isoformat())
-                event.ts = utc_now()
-                self._record(event, {v: {} for v in version_tags or {}})
-            elif changed and applied_at is not None:  # the target took it: its time, and the versions' state
+            # the target took it (not a re-run's): its time and the versions' state; a re-run that fails
+            # is a plain failed row, which the next re-run's lookup passes over to the partly done one
+            if changed and applied_at is not None and finishing is None:
                 event.ts = applied_at
                 event.details.update(partial=True, applied_at=applied_at.isoformat())
                 self._record(event, _stamped(version_tags, applied_at))

@@ -361,7 +361,8 @@ def _successful(action: str) -> dict:
 
 def test_a_rerun_that_fails_again_keeps_the_change_partly_done(production, monkeypatch):
     """The second run failed too (registry still down) and wrote a plain failed row: the third, which
-    finished, took that as the newest and stamped its own time, the real transition lost."""
+    finished, took that as the newest and stamped its own time, the real transition lost. The lookup
+    now passes over failures that changed nothing; and no row but the first says partly done."""
     from promotion.workflow import PartlyDone
 
     env, target = production
@@ -374,6 +375,11 @@ def test_a_rerun_that_fails_again_keeps_the_change_partly_done(production, monke
     _promoter(env, target).canary_start("2", 10)
     done = json.loads(_successful("canary_start")["details"])
     assert "resumes" in done and done["from"] == "production v1 at 100%", done
+    import predlog
+
+    rows = [r for r in predlog.open_reader().promotion_events(limit=10).to_dict("records")
+            if r["action"] == "canary_start"]  # fmt: skip
+    assert [json.loads(r["details"]).get("partial", False) for r in rows].count(True) == 1
 
 
 def test_a_partial_row_of_an_earlier_rollout_is_not_resumed(production, monkeypatch):

@@ -188,6 +188,11 @@ def test_an_empty_flag_is_the_fields_own_not_the_default(monkeypatch):
     with pytest.raises(ValidationError, match="http:// or https://"):
         PromoteSettings(local_url="")
     assert PromoteSettings(overlay="").overlay == ""  # refused where it is used (no kustomization there)
+    for cls, field in ((PromoteSettings, "textfile"), (PromoteSettings, "manifests_dir"), (TrainSettings, "work_dir"),
+                       (TrainSettings, "model_dir"), (DriftSettings, "output"), (DriftSettings, "textfile"),
+                       (PredlogSettings, "dir"), (DataSettings, "chdb_path")):  # fmt: skip
+        with pytest.raises(ValidationError, match="an empty path"):  # it would be the working directory
+            cls(**{field: ""})
     monkeypatch.setenv("MOTLENS_PROMOTE_LOCAL_URL", "")
     assert PromoteSettings().local_url == "http://127.0.0.1:8080"
 

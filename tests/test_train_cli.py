@@ -360,3 +360,27 @@ def test_an_untracked_source_file_makes_the_tree_dirty(tmp_path):
     assert dirty() == "false"
     (clone / "training" / "extra_module.py").write_text("")
     assert dirty() == "true"
+
+
+def test_json_says_an_unchecked_floor_did_not_pass(registry, tiny_bundle, monkeypatch, capsys, tmp_path):
+    """The alias was withheld for an unchecked floor while --json said the floors passed."""
+    import training.train as train_mod
+    from training.floors import check_floors
+    from training.train import TrainResult, alias_after_floors
+
+    _use(registry, monkeypatch)
+    metrics = {"section_macro_f1": 0.95, "severity_macro_f1": 0.8,
+               "baseline_section_macro_f1": 0.049, "baseline_severity_macro_f1": 0.137}  # fmt: skip
+
+    def fake_train(data, settings, registry, **_):  # noqa: ANN001, ANN003, ANN202 - what train() does after its fit
+        floors = check_floors(metrics)
+        alias, withheld = alias_after_floors(settings, floors)
+        info = registry.register_bundle(tiny_bundle.root, metrics=metrics, params={}, alias=alias)
+        fp = {"sha256": "0" * 64, "rows_labelled": 1, "distinct_texts": 1, "train_texts": 1, "holdout_texts": 0}
+        return TrainResult(info, metrics, fp, {"total_s": 1.0, "embed_s": 0.5}, None, floors, withheld)
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    (tmp_path / "data").mkdir()
+    assert main(["train", "--data", str(tmp_path / "data"), "--json"]) == 3
+    floors = json.loads(capsys.readouterr().out)["floors"]
+    assert floors["passed"] is False and floors["unchecked"] and "fail_auc" in floors["unchecked"][0]

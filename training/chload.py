@@ -27,6 +27,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
+from motlens.envsource import no_empty_path
 from motlens.labels import SEVERITIES
 from motlens.state import StateSettings
 from predlog.settings import IDENT, connect_kwargs, usable_url
@@ -61,6 +62,11 @@ class DataSettings(BaseSettings):
     )
     database: str = "motlens_data"
     chdb_path: Path | None = None
+
+    @field_validator("chdb_path", mode="before")
+    @classmethod
+    def _no_empty_path(cls, v: object) -> object:
+        return no_empty_path(v)
 
     @field_validator("clickhouse_url")
     @classmethod

