@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic_settings import BaseSettings, EnvSettingsSource
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource
 
 
 class EmptyIsUnset(EnvSettingsSource):
-    """``MOTLENS_X_PATH=`` is the default, not the working directory; a flag's empty value is left
+    """``MOTLENS_PREDLOG_DIR=`` is the default, not the working directory; a flag's empty value is left
     to the field's own checks (it is not an environment value). The fields in ``keep`` take an empty
     variable as given, for their validators to refuse (an empty list of steps, an empty alias)."""
 
@@ -18,6 +18,24 @@ class EmptyIsUnset(EnvSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return {k: v for k, v in super().__call__().items() if v != "" or k in self.keep}
+
+
+class EmptyIsUnsetSettings(BaseSettings):
+    """Settings read from the environment through :class:`EmptyIsUnset`, keeping ``keep_empty``."""
+
+    keep_empty: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        env = EmptyIsUnset(settings_cls, keep=cls.keep_empty)
+        return init_settings, env, dotenv_settings, file_secret_settings
 
 
 def no_empty_path(value: object) -> object:

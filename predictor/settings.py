@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from motlens.bundle import SHA256_PATTERN
 from motlens.credentials import bearer_token
 from motlens.embedder import DEVICE_PATTERN, DTYPES
-from motlens.envsource import EmptyIsUnset
+from motlens.envsource import EmptyIsUnsetSettings
 
 DEFAULT_MODEL_REF = "models:/mot-defects@production"
 
@@ -40,28 +40,16 @@ DAY_S = 86_400
 MIN_ADMIN_TOKEN_CHARS = 16
 
 
-class ServeSettings(BaseSettings):
+class ServeSettings(EmptyIsUnsetSettings):
     """Everything ``motlens serve`` can be told; limits protect the server from hostile input."""
 
-    # no NaN or infinity in any float; an empty variable is unset (settings_customise_sources), but MODEL=""
+    # no NaN or infinity in any float; an empty variable is unset (EmptyIsUnsetSettings), but MODEL=""
     # is KServe's /mnt/models and MODEL_SHA256="" no pin
     model_config = SettingsConfigDict(
         env_prefix="MOTLENS_SERVE_", extra="ignore", hide_input_in_errors=True, allow_inf_nan=False
     )
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """A blank line such as ``MOTLENS_SERVE_THREADS=`` in an env file is the default, not a refusal; an
-        empty ADMIN_TOKEN (a Secret key that exists but is blank) stays refused, not read as no token."""
-        env = EmptyIsUnset(settings_cls, keep=("model", "model_sha256", "admin_token"))
-        return init_settings, env, dotenv_settings, file_secret_settings
+    #: empty means something (KServe's /mnt/models, no pin) or is refused (a blank admin token)
+    keep_empty = ("model", "model_sha256", "admin_token")
 
     model: str = Field(DEFAULT_MODEL_REF, description="models:/NAME@ALIAS, models:/NAME/VERSION or a local path")
     model_sha256: str | None = Field(

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from motlens.credentials import bearer_token, has_credentials, pushgateway_url
-from motlens.envsource import EmptyIsUnset, no_empty_path
+from motlens.envsource import EmptyIsUnsetSettings, no_empty_path
 from training.floors import DEFAULT_AUC_MARGIN, DEFAULT_MARGIN, GATEABLE_METRICS
 
 TARGETS = ("k8s", "gitops", "local")
@@ -22,14 +22,16 @@ DAY_S = 86_400
 WEEK_S = 7 * DAY_S
 
 
-class PromoteSettings(BaseSettings):
+class PromoteSettings(EmptyIsUnsetSettings):
     """Where the rollout lives, how it steps and what the gates tolerate."""
 
-    # no NaN or infinity in any float; an empty variable is unset (settings_customise_sources: not env_ignore_empty,
+    # no NaN or infinity in any float; an empty variable is unset (EmptyIsUnsetSettings: not env_ignore_empty,
     # which would read an empty STEPS or OFFLINE_METRICS as the default list instead of refusing it)
     model_config = SettingsConfigDict(
         env_prefix="MOTLENS_PROMOTE_", extra="ignore", hide_input_in_errors=True, allow_inf_nan=False
     )
+    #: STEPS= or OFFLINE_METRICS= stays an empty list, refused: it was meant to change them
+    keep_empty = ("steps", "offline_metrics")
 
     target: str = Field("local", description="k8s | gitops | local")
     actor: str | None = Field(None, description="who is acting (default: user@host, see default_actor)")
@@ -114,20 +116,6 @@ class PromoteSettings(BaseSettings):
     @classmethod
     def _no_empty_path(cls, v: object) -> object:
         return no_empty_path(v)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """An empty variable is unset (``MOTLENS_PROMOTE_TEXTFILE=`` is no textfile, not the working
-        directory), but STEPS= or OFFLINE_METRICS= stays an empty list, refused: it was meant to change them."""
-        env = EmptyIsUnset(settings_cls, keep=("steps", "offline_metrics"))
-        return init_settings, env, dotenv_settings, file_secret_settings
 
     @field_validator("target")
     @classmethod

@@ -24,13 +24,13 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 from tqdm import tqdm
 
 from motlens.bundle import assemble, make_golden, set_manifest_fields
 from motlens.credentials import redact
 from motlens.embedder import DEVICE_PATTERN, Embedder
-from motlens.envsource import EmptyIsUnset, no_empty_path
+from motlens.envsource import EmptyIsUnsetSettings, no_empty_path
 from motlens.head import DefectHead, FeatureSpec, HeadOutput
 from motlens.labels import SEVERITIES
 from training.dataset import CONTEXT_COLUMNS, SPLIT_SCHEME, TrainingSet, build_training_set
@@ -73,12 +73,14 @@ def alias_after_floors(settings: TrainSettings, floors: FloorCheck) -> tuple[str
     return alias, None
 
 
-class TrainSettings(BaseSettings):
+class TrainSettings(EmptyIsUnsetSettings):
     """How ``motlens train`` trains (``MOTLENS_TRAIN_*`` or flags)."""
 
-    # no NaN or infinity in any float; an empty variable is unset (settings_customise_sources: not env_ignore_empty,
+    # no NaN or infinity in any float; an empty variable is unset (EmptyIsUnsetSettings: not env_ignore_empty,
     # which would read ALIAS= as the default alias `candidate` instead of refusing it)
     model_config = SettingsConfigDict(env_prefix="MOTLENS_TRAIN_", extra="ignore", allow_inf_nan=False)
+    #: ALIAS= stays an alias that `train` refuses, never the default `candidate`
+    keep_empty = ("alias",)
 
     seed: int = Field(default=0, ge=0, description="the head's initialisation and shuffling seed (not the split)")
     split_seed: int = Field(
@@ -126,19 +128,6 @@ class TrainSettings(BaseSettings):
     @classmethod
     def _no_empty_path(cls, v: object) -> object:
         return no_empty_path(v)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """An empty variable is unset (``MOTLENS_TRAIN_WORK_DIR=`` is a temporary directory, not the working
-        directory), but ALIAS= stays an alias that ``train`` refuses, never the default ``candidate``."""
-        return init_settings, EmptyIsUnset(settings_cls, keep=("alias",)), dotenv_settings, file_secret_settings
 
     @field_validator("model_dir")
     @classmethod
