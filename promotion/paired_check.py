@@ -186,7 +186,6 @@ def _score(
 ) -> PairedComparison:
     import numpy as np
 
-    from training.dataset import split_key
     from training.heldout import embedder_files
     from training.paired import compare
 
@@ -212,6 +211,6 @@ def _score(
         resamples=settings.paired_resamples,
         confidence=settings.paired_confidence,
         seed=seed,
-        groups=held.texts["text"].map(split_key).to_numpy(),
+        groups=held.groups(),
     )
     return PairedComparison(production, metrics, len(held.texts), how, lasting=True)

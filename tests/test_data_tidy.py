@@ -107,3 +107,26 @@ def test_an_unreadable_manifest_says_permissions_not_load_again(tmp_path, monkey
     monkeypatch.setattr(Path, "read_text", read_text)
     with pytest.raises(ValueError, match=r"read the manifest \(Permission denied\): check the file.s permission"):
         load_tidy(tmp_path / "tidy")
+
+
+def test_a_motlens_tidy_1_table_without_split_groups_is_still_read(tmp_path):
+    """Format 2 added the ``split_group`` column; a table loaded before reads with it missing (its texts
+    split by split key alone, as they were), and an unknown format is refused."""
+    import json
+
+    from training.dataset import SPLIT_SCHEME_TEXT, build_training_set
+
+    old = tmp_path / "old"
+    old.mkdir()
+    rows = pd.concat(chunks(4, "v1"))
+    part = old / "part-0.parquet"
+    pq.write_table(to_table(rows).drop_columns(["split_group"]), part)
+    doc = {"format": "motlens-tidy/1", "rows": 40, "parts": [{"file": part.name, "rows": 40,
+                                                              "bytes": part.stat().st_size}]}  # fmt: skip
+    (old / MANIFEST).write_text(json.dumps(doc))
+    for df in _sources(old):
+        assert len(df) == 40 and df["split_group"].isna().all()
+    assert build_training_set(old, split_by="defect").split_scheme == SPLIT_SCHEME_TEXT
+    (old / MANIFEST).write_text(json.dumps({**doc, "format": "motlens-tidy/3"}))
+    with pytest.raises(ValueError, match="format 'motlens-tidy/3', not 'motlens-tidy/2'"):
+        load_tidy(old)

@@ -89,3 +89,17 @@ def test_a_damaged_or_foreign_set_is_refused(tmp_path, damage):
         (tmp_path / META).write_text(json.dumps(meta))
     with pytest.raises(HeldoutError, match=match):
         read_heldout(tmp_path)
+
+
+def test_split_groups_are_kept_for_the_paired_gate_and_read_as_split_keys_from_older_sets(tmp_path):
+    """The paired gate resamples split groups whole; a set written before groups were stored gives
+    each text's split key (the groups of the split that made it)."""
+    ho = _holdout(6).assign(split_group=["rfr:1:defect"] * 3 + ["rfr:2:defect"] * 3)
+    emb = np.zeros((6, 4), dtype=np.float32)
+    write_heldout(tmp_path / "new", ho, emb, np.arange(6), embedder=EMBEDDER, max_texts=10, seed=0)
+    assert read_heldout(tmp_path / "new").groups().tolist() == ho["split_group"].tolist()
+    old = ho.drop(columns="split_group").assign(text=["Nearside Brake pipe corroded", "Offside brake pipe corroded",
+                                                      "Wiper blade torn", "A", "B", "C"])  # fmt: skip
+    write_heldout(tmp_path / "old", old, emb, np.arange(6), embedder=EMBEDDER, max_texts=10, seed=0)
+    groups = read_heldout(tmp_path / "old").groups().tolist()
+    assert groups[:3] == ["brake pipe corroded", "brake pipe corroded", "wiper blade torn"]

@@ -167,7 +167,8 @@ def test_split_seed_is_its_own_flag(registry, monkeypatch, tmp_path):
     monkeypatch.setattr(training.train, "train", fake_train)
     assert main(["train", "--data", str(tmp_path), "--seed", "3", "--split-seed", "7"]) == 2
     assert main(["train", "--data", str(tmp_path), "--seed", "4"]) == 2
-    assert [(s.seed, s.split_seed) for s in seen] == [(3, 7), (4, 0)]
+    assert main(["train", "--data", str(tmp_path), "--split-by", "defect"]) == 2
+    assert [(s.seed, s.split_seed, s.split_by) for s in seen] == [(3, 7, "text"), (4, 0, "text"), (0, 0, "defect")]
 
 
 def test_a_version_below_the_floors_is_registered_without_its_alias_exit_3(registry, tiny_bundle, monkeypatch,

@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from motlens.embedder import normalise_text
 from motlens.head import HeadOutput
-from training.dataset import DataError, build_training_set, holdout_mask
+from training.dataset import DataError, build_training_set, group_holdout, split_groups
 from training.evaluate import evaluate, expected_calibration_error
 
 
@@ -57,7 +58,7 @@ def test_split_is_by_text_seeded_and_order_independent():
     assert a.fingerprint["sha256"] == b.fingerprint["sha256"]
     assert set(a.holdout["text"]) != set(c.holdout["text"])
     keys = [f"text {i}" for i in range(4000)]
-    assert 0.17 < holdout_mask(keys, 0, 0.2).mean() < 0.23
+    assert 0.17 < group_holdout(keys, 0, 0.2).mean() < 0.23
     # the reference sample holds labelled rows of both sides, each pointing at its text
     assert len(a.reference_rows) > 0
     assert a.texts.loc[a.reference_rows["text_index"], "holdout"].nunique() == 2
@@ -80,8 +81,7 @@ def test_split_keeps_case_and_location_variants_of_one_defect_on_one_side(tmp_pa
     assert {split_key(v) for v in variants} == {"brake pipe corroded (1.1.11 (c))"}
     assert split_key("Nearside Front") == "nearside front"  # a location alone stays a key
     assert split_key("Brake pipe corroded nearside") == "brake pipe corroded nearside"  # only leading words
-    for seed in range(20):
-        assert len(set(holdout_mask(variants, seed, 0.5).tolist())) == 1, seed
+    assert split_groups(variants).nunique() == 1
     # on generated data (45 locations): no split key on both sides, the exact texts still apart
     from training.synth import generate
 
@@ -181,3 +181,63 @@ def test_a_raw_directory_with_api_json_trains_on_both(tmp_path):
     (raw / "api.jsonl").write_text(json.dumps(VEHICLE) + "\n")
     both = build_training_set(raw, seed=1)
     assert both.fingerprint["rows_read"] == bulk_only.fingerprint["rows_read"] + 3
+
+
+def test_split_groups_join_texts_through_a_shared_defect_or_split_key_whatever_the_order():
+    keys = ["pipe corroded", "nearside pipe corroded", "pipe corroded badly", "hose split", "lamp out", "wiper torn"]
+    pairs = pd.DataFrame(
+        {
+            "key": ["pipe corroded badly", "hose split", "hose split", "lamp out", "wiper torn", "not a kept text"],
+            "group": ["rfr:1:defect", "rfr:1:defect", "rfr:2:defect", "rfr:2:defect", None, "rfr:9:defect"],
+        }
+    )
+    g = split_groups(keys, pairs)
+    # split key links the first two; defect 1 the third and fourth (a comment variant); defect 2 the fifth
+    assert g["pipe corroded"] == g["nearside pipe corroded"] == "pipe corroded"
+    assert g["pipe corroded badly"] == g["hose split"] == g["lamp out"] == "hose split"  # the smallest label
+    assert g["wiper torn"] == "wiper torn"
+    shuffled = split_groups(keys[::-1], pairs.sample(frac=1.0, random_state=1))
+    pd.testing.assert_series_equal(shuffled.sort_index(), g.sort_index())
+    assert split_groups(keys).tolist() == ["pipe corroded", "pipe corroded", "pipe corroded badly", "hose split",
+                                           "lamp out", "wiper torn"]  # fmt: skip
+
+
+def test_split_by_defect_keeps_a_defects_comment_variants_on_one_side(tmp_path):
+    """The split by key keeps a tester's comment in the key: on 20,000 generated rows every held-out
+    text had a comment-only variant on the training side, and a lookup with no model (strip the
+    comment, take the training side's label) scored macro-F1 1.0 on them. ``split_by="defect"``
+    holds out whole defects; both record each text's defect group for the paired gate."""
+    from training.dataset import SPLIT_SCHEME_DEFECT, SPLIT_SCHEME_TEXT, split_key
+    from training.dvsa_reader import read_bulk
+    from training.synth import _COMMENTS, generate
+
+    generate(tmp_path / "bulk", rows=6000, seed=7)
+    ts = build_training_set(tmp_path / "bulk", seed=0, split_by="defect")
+    assert ts.split_scheme == SPLIT_SCHEME_DEFECT
+
+    def without_comment(text: str) -> str:
+        key = split_key(text)
+        for c in _COMMENTS:
+            key = key.replace(" " + c.casefold(), "")
+        return key
+
+    def crossing(t) -> float:  # the share of held-out texts with a comment variant on the training side
+        return t.holdout["text"].map(without_comment).isin(set(t.train["text"].map(without_comment))).mean()
+
+    assert len(ts.holdout) > 100 and crossing(ts) == 0
+    assert any(c.casefold() in t for t in ts.holdout["text"] for c in _COMMENTS)  # variants were held out
+    rows = pd.concat(read_bulk([tmp_path / "bulk"]))  # every defect's rows on one side
+    side = rows["text"].map(normalise_text).map(ts.texts.set_index("text")["holdout"])
+    assert side.groupby(rows["split_group"]).nunique().max() == 1
+    # the default split is by key: new wordings of defects seen in training are held out
+    default = build_training_set(tmp_path / "bulk", seed=0)
+    assert default.split_scheme == SPLIT_SCHEME_TEXT and crossing(default) > 0.5
+    assert default.texts["holdout"].tolist() == group_holdout(default.texts["text"].map(split_key), 0, 0.2).tolist()
+    assert default.texts["split_group"].tolist() == ts.texts["split_group"].tolist()
+    assert default.fingerprint["sha256"] == ts.fingerprint["sha256"]  # the same data, split otherwise
+    # rows without a defect (a hand-made frame, API rows, a motlens-tidy/1 table) split by key
+    plain = build_training_set(rows.drop(columns="split_group"), seed=0, split_by="defect")
+    assert plain.split_scheme == SPLIT_SCHEME_TEXT
+    assert plain.texts["holdout"].tolist() == default.texts["holdout"].tolist()
+    with pytest.raises(DataError, match="split_by must be one of"):
+        build_training_set(rows, split_by="rfr")

@@ -146,15 +146,22 @@ def test_another_init_seed_keeps_the_split_and_logs_it(setup):
                   registry=registry)  # fmt: skip
     assert other.fingerprint == first.fingerprint  # the same texts on each side
     assert other.metrics != first.metrics  # a different initialisation all the same
-    from training.dataset import SPLIT_SCHEME
+    from training.dataset import SPLIT_SCHEME_TEXT
 
     for v in (first.version, other.version):
         p = registry.client.get_run(v.run_id).data.params
-        assert p["split.seed"] == "0" and p["split.scheme"] == SPLIT_SCHEME == "group-casefold-nolocation-v1"
+        assert p["split.seed"] == "0" and p["split.scheme"] == SPLIT_SCHEME_TEXT == "group-casefold-nolocation-v1"
     moved = train(root / "bulk", TrainSettings(**{**SETTINGS, "split_seed": 3, "alias": None}), embedder=shared,
                   registry=registry)  # fmt: skip
     assert moved.fingerprint["holdout_texts"] != first.fingerprint["holdout_texts"]
     assert registry.client.get_run(moved.version.run_id).data.params["split.seed"] == "3"
+    from training.dataset import SPLIT_SCHEME_DEFECT
+
+    by_defect = train(root / "bulk", TrainSettings(**{**SETTINGS, "split_by": "defect", "alias": None}),
+                      embedder=shared, registry=registry)  # fmt: skip
+    assert by_defect.fingerprint["sha256"] == first.fingerprint["sha256"]  # the same texts, held out otherwise
+    assert by_defect.fingerprint["holdout_texts"] != first.fingerprint["holdout_texts"]
+    assert registry.client.get_run(by_defect.version.run_id).data.params["split.scheme"] == SPLIT_SCHEME_DEFECT
 
 
 def test_clickhouse_distinct_texts_train_and_register(setup):
@@ -225,6 +232,7 @@ def test_held_out_set_is_kept_and_the_gate_scores_both_heads_on_it(setup, tmp_pa
     held = read_heldout(registry.fetch_run_dir(first.version.version, HELDOUT_DIR, tmp_path / "h1"))
     assert len(held.texts) == first.fingerprint["holdout_texts"] and held.meta["sample_seed"] is None
     assert held.embedder_files == embedder_files(registry.fetch("1").manifest)
+    assert len(set(held.groups())) < len(held.texts)  # the paired gate resamples a defect's texts together
     retrain = train(root / "bulk", TrainSettings(**{**SETTINGS, "seed": 13, "alias": None}), embedder=shared,
                     registry=registry)  # fmt: skip
     [offline] = Promoter(PromoteSettings(golden_check=False), registry, None).evidence.offline_gates(

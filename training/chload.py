@@ -34,7 +34,7 @@ from predlog.settings import IDENT, connect_kwargs, usable_url
 from training import mot_labels
 from training.dvsa_columns import typed_items, typed_results
 from training.dvsa_files import Source, discover, iter_raw
-from training.dvsa_lookups import Lookups, label_defects, load_lookups
+from training.dvsa_lookups import Lookups, defect_groups, label_defects, load_lookups
 from training.dvsa_report import BulkFormatError, BulkReport, FileReport
 
 SEVERITY_COUNT_COLUMNS = tuple(f"n_{s}" for s in SEVERITIES)
@@ -490,9 +490,12 @@ def _lookups_from_store(store: Store) -> Lookups:
     return Lookups(d.drop(columns="group_root"), roots, locations)
 
 
-def aggregate_texts(text: np.ndarray, section: np.ndarray, severity: pd.Series, n: np.ndarray) -> pd.DataFrame:
-    """Distinct texts with label counts; ``section``/``severity`` are the majority labels."""
-    df = pd.DataFrame({"text": text, "section": section, "severity": severity.to_numpy(), "n": n})
+def aggregate_texts(
+    text: np.ndarray, section: np.ndarray, severity: pd.Series, n: np.ndarray, group: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Distinct texts with label counts; ``section``/``severity`` are the majority labels;
+    ``split_groups``: the sorted distinct ``group`` values (rows' split groups, None: none) of each text."""
+    df = pd.DataFrame({"text": text, "section": section, "severity": severity.to_numpy(), "n": n, "group": group})
     df = df[(df["section"] >= 0) & df["severity"].notna()]
     sev = df.pivot_table(index="text", columns="severity", values="n", aggfunc="sum", fill_value=0)
     sec = df.pivot_table(index="text", columns="section", values="n", aggfunc="sum", fill_value=0)
@@ -507,6 +510,9 @@ def aggregate_texts(text: np.ndarray, section: np.ndarray, severity: pd.Series, 
         out[col] = sev[s].astype("int64")
     for i, col in enumerate(SECTION_COUNT_COLUMNS):
         out[col] = sec[i].astype("int64")
+    pairs = df.dropna(subset=["group"])[["text", "group"]].drop_duplicates().sort_values(["text", "group"])
+    groups = pairs.groupby("text")["group"].agg(tuple)
+    out["split_groups"] = groups.reindex(out.index).map(lambda g: g if isinstance(g, tuple) else ())
     out = out.reset_index().sort_values(["n", "text"], ascending=[False, True], kind="stable")
     return out.reset_index(drop=True)
 
@@ -518,13 +524,15 @@ def distinct_texts_from_tidy(tidy: pd.DataFrame) -> pd.DataFrame:
         tidy["section"].to_numpy(dtype=np.int8),
         tidy["severity"],
         np.ones(len(tidy), dtype=np.int64),
+        tidy["split_group"].to_numpy(dtype=object) if "split_group" in tidy else None,
     )
 
 
 def distinct_texts(
     store: Store | None = None, settings: DataSettings | None = None, ch_path: Path | None = None
 ) -> pd.DataFrame:
-    """Distinct defect texts in the loaded tables: text, section, severity (majority), n, label counts.
+    """Distinct defect texts in the loaded tables: text, section, severity (majority), n, label counts
+    and split groups (:func:`aggregate_texts`).
 
     The join with ``test_result`` and the de-duplication run in ClickHouse; only one row per
     (defect, class, location, comment, type, 2018-regime) combination comes back to Python. Both
@@ -560,7 +568,7 @@ def distinct_texts(
             m.loc[miss, c] = m.loc[miss, "rfr_id"].map(by_rfr[c])
     m = m[m["rfr_desc"].notna()].reset_index(drop=True)
     text, section, severity = label_defects(m, m["post"].astype(bool), lk)
-    return aggregate_texts(text, section, severity, m["n"].to_numpy(dtype=np.int64))
+    return aggregate_texts(text, section, severity, m["n"].to_numpy(dtype=np.int64), defect_groups(m))
 
 
 def table_counts(store: Store) -> dict[str, int]:

@@ -3,9 +3,12 @@
 MOT texts repeat massively, so the unit of training is the distinct normalised text
 (:func:`motlens.embedder.normalise_text`) with its majority section and severity, its row count and
 its context aggregated (mean age, geometric-mean odometer, most frequent fuel, make and model).
-The held-out split is by group: a seeded hash of the text's :func:`split_key` (casefolded, leading
-location words removed) decides, so the same text never sits on both sides, neither do its case or
-location variants, and the split does not depend on input order or size. Rows stream through in
+The held-out split (:func:`assign_split`) is a seeded hash of each text's :func:`split_key`
+(casefolded, leading location words removed), so the same text never sits on both sides, neither do
+its case or location variants; or, with ``split_by="defect"``, of its defect group
+(:func:`split_groups`: the DVSA defect, ``rfr_id`` and advisory flag, that each bulk row carries as
+``split_group``), so its tester-comment variants do not either. It does not depend on input order or
+chunking. Rows stream through in
 chunks (constant memory apart from the distinct-text table); a seeded row-level sample of all
 labelled rows (both sides, uniform over rows, as traffic is) keeps real per-row context for the
 drift reference.
@@ -34,7 +37,11 @@ CONTEXT_COLUMNS: tuple[str, ...] = ("make", "model", "fuel_type", "vehicle_age_y
 # (as `training/synth.py`'s ``_LOCATIONS`` generates them: Nearside/Offside/Central ×
 # Front/Rear × Inner/Outer/Upper/Lower); the MOT History API's text starts the same way.
 LOCATION_WORDS = frozenset({"nearside", "offside", "central", "front", "rear", "inner", "outer", "upper", "lower"})
-SPLIT_SCHEME = "group-casefold-nolocation-v1"  # names :func:`split_key`; logged as the ``split.scheme`` param
+#: the ``split.scheme`` param (:func:`assign_split`): by split key (``split_by="text"``, the default),
+#: or by defect group (``"defect"``; when no row carries a defect that is the split by key again)
+SPLIT_SCHEME_TEXT = "group-casefold-nolocation-v1"
+SPLIT_SCHEME_DEFECT = "group-rfr-v2"
+SPLIT_BY = ("text", "defect")
 _COMBINE_EVERY = 8
 #: context sums in fixed point (units of 1e-7 years of age, 1e-8 of log odometer): exact int64 sums, so
 #: the means do not depend on row order or chunking; no overflow below ~9e9 rows of one text
@@ -53,7 +60,8 @@ class TrainingSet:
     texts: pd.DataFrame  # key order; columns in docs/training.md
     reference_rows: pd.DataFrame  # labelled rows of both sides: ``text_index`` + per-row context
     fingerprint: dict[str, Any] = field(default_factory=dict)
-    split_seed: int | None = None  # the seed of :func:`holdout_mask` (None: unknown, e.g. a hand-made set)
+    split_seed: int | None = None  # the seed of :func:`group_holdout` (None: unknown, e.g. a hand-made set)
+    split_scheme: str = SPLIT_SCHEME_TEXT  # as :func:`assign_split` says
 
     @property
     def train(self) -> pd.DataFrame:
@@ -65,7 +73,7 @@ class TrainingSet:
 
 
 def split_key(text: str) -> str:
-    """The group a text is split by (scheme :data:`SPLIT_SCHEME`): the text casefolded, its leading
+    """The text's own split label (:func:`split_groups`): the text casefolded, its leading
     run of :data:`LOCATION_WORDS` removed, so "Nearside Front Brake pipe corroded" and "offside rear
     brake pipe corroded" share one key (MiniLM lowercases: case variants embed identically, and
     location variants of one defect are near-duplicates). A text of location words only keeps them."""
@@ -76,15 +84,60 @@ def split_key(text: str) -> str:
     return " ".join(words[i:] if i < len(words) else words)
 
 
-def holdout_mask(keys: Iterable[str], seed: int, fraction: float) -> np.ndarray:
-    """Seeded, order-independent group split: ``True`` where the text goes to the held-out side.
-    The hash is of the text's :func:`split_key`, so ``fraction`` is the share of split keys held
-    out, and texts that share a key share a side."""
+def split_groups(keys: Iterable[str], pairs: pd.DataFrame | None = None) -> pd.Series:
+    """The split group of each (normalised) text in ``keys``: the smallest label of its connected
+    component, where a text is linked to its :func:`split_key` and to each row group in ``pairs``
+    (columns ``key``, ``group``: the ``split_group`` of its rows, from
+    :func:`training.dvsa_lookups.defect_groups`; DVSA bulk rows carry one, other sources none). Two
+    texts of one defect (a location or comment variant) or with one split key are in one group, also
+    through a chain of such links. Without row groups a text's group is its split key (scheme v1's).
+    Deterministic and independent of row order; index = ``keys``."""
+    index = pd.Index(keys)
+    edges = [pd.DataFrame({"key": index, "group": [split_key(k) for k in index]})]
+    if pairs is not None and len(pairs):
+        edges.append(pairs.loc[pairs["key"].isin(index) & pairs["group"].notna(), ["key", "group"]])
+    e = pd.concat(edges, ignore_index=True).drop_duplicates()
+    labels, label_idx = np.unique(e["group"].astype(str).to_numpy(), return_inverse=True)  # sorted: min = smallest
+    text_idx = index.get_indexer(e["key"])
+    label_comp = np.arange(len(labels))
+    while True:  # min-label propagation over the text-label graph, to a fixed point (a few rounds)
+        text_comp = np.full(len(index), len(labels))
+        np.minimum.at(text_comp, text_idx, label_comp[label_idx])
+        new = label_comp.copy()
+        np.minimum.at(new, label_idx, text_comp[text_idx])
+        if np.array_equal(new, label_comp):
+            return pd.Series(labels[text_comp], index=index, dtype=object)
+        label_comp = new
+
+
+def assign_split(
+    texts: pd.DataFrame, pairs: pd.DataFrame | None, seed: int, fraction: float, by: str = "text"
+) -> tuple[pd.DataFrame, str]:
+    """``texts`` (index: normalised text) with its ``split_group`` (:func:`split_groups`, what the
+    paired gate resamples whole) and ``holdout`` columns, and the scheme that split them. ``by``:
+    ``"text"`` hashes each text's :func:`split_key` (:data:`SPLIT_SCHEME_TEXT`: held-out texts are new
+    wordings, e.g. another tester comment, of defects seen in training, as MOT traffic is);
+    ``"defect"`` hashes the split group (:data:`SPLIT_SCHEME_DEFECT`: held-out texts are defects the
+    head has not seen; the split by key when no kept text's rows carried a defect)."""
+    if by not in SPLIT_BY:
+        raise DataError(f"split_by must be one of {SPLIT_BY}, got {by!r}")
+    if pairs is not None:
+        pairs = pairs[pairs["key"].isin(texts.index) & pairs["group"].notna()]
+    texts["split_group"] = split_groups(texts.index, pairs)
+    if by == "defect" and pairs is not None and len(pairs):
+        texts["holdout"] = group_holdout(texts["split_group"], seed, fraction)
+        return texts, SPLIT_SCHEME_DEFECT
+    texts["holdout"] = group_holdout((split_key(k) for k in texts.index), seed, fraction)
+    return texts, SPLIT_SCHEME_TEXT
+
+
+def group_holdout(groups: Iterable[str], seed: int, fraction: float) -> np.ndarray:
+    """Seeded side of each split group: ``True`` where it goes to the held-out side; ``fraction`` is
+    the share of groups held out."""
     salt = f"{seed}:".encode()
     cut = int(fraction * 2**32)
     return np.fromiter(
-        (int.from_bytes(hashlib.sha256(salt + split_key(k).encode()).digest()[:4], "big") < cut for k in keys),
-        dtype=bool,
+        (int.from_bytes(hashlib.sha256(salt + str(g).encode()).digest()[:4], "big") < cut for g in groups), dtype=bool
     )
 
 
@@ -132,11 +185,12 @@ def build_training_set(
     max_texts: int | None = None,
     reference_rows: int = 2000,
     chunk_rows: int = 200_000,
+    split_by: str = "text",
 ) -> TrainingSet:
     """Aggregate tidy rows (streamed) into a :class:`TrainingSet`.
 
     ``seed``: the split seed (``TrainSettings.split_seed``, not the head's initialisation seed); it
-    also seeds the drift reference sample.
+    also seeds the drift reference sample. ``split_by``: ``"text"`` or ``"defect"`` (:func:`assign_split`).
 
     ``max_rows``: read only the first N input rows (of raw bulk files: the first N joined rows, which
     come in hash-partition order, after the whole input has been read and partitioned).
@@ -148,7 +202,7 @@ def build_training_set(
         raise DataError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}")
     source = Path(data) if isinstance(data, str) else data if isinstance(data, Path | pd.DataFrame) else None
     chunks = iter_source(source, chunk_rows) if source is not None else iter(data)  # type: ignore[arg-type]
-    agg = _Aggregator(seed, holdout_fraction, reference_rows)
+    agg = _Aggregator(seed, holdout_fraction, reference_rows, split_by)
     total = _rows_in(data)
     if max_rows is not None:
         total = max_rows if total is None else min(total, max_rows)
@@ -206,9 +260,10 @@ def _most_frequent(counts: pd.Series, n: int) -> pd.Index:
 class _Aggregator:
     """Partial per-chunk group-bys, combined now and then, finished into a :class:`TrainingSet`."""
 
-    def __init__(self, seed: int, fraction: float, reference_rows: int) -> None:
+    def __init__(self, seed: int, fraction: float, reference_rows: int, split_by: str = "text") -> None:
         self.seed = seed
         self.fraction = fraction
+        self.split_by = split_by
         self.reference_rows = reference_rows
         self.rng = np.random.default_rng(seed)
         self.rows_read = 0
@@ -217,7 +272,7 @@ class _Aggregator:
         self.numeric: list[pd.DataFrame] = []
         self.categorical: dict[str, list[pd.DataFrame]] = {c: [] for c in ("fuel_type", "make", "model")}
         self.reference = pd.DataFrame()
-        self.split: dict[str, bool] = {}
+        self.groups: list[pd.DataFrame] = []  # distinct (key, group) pairs of rows that carry a split_group
 
     @staticmethod
     def _labelled(chunk: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -226,7 +281,10 @@ class _Aggregator:
         if missing:
             raise DataError(f"tidy data lacks column(s) {sorted(missing)}")
         df = pd.DataFrame(
-            {c: chunk[c] if c in chunk.columns else None for c in ("text", "section", "severity", *CONTEXT_COLUMNS)}
+            {
+                c: chunk[c] if c in chunk.columns else None
+                for c in ("text", "section", "severity", "split_group", *CONTEXT_COLUMNS)
+            }
         )
         section = pd.to_numeric(df["section"], errors="coerce")
         ok = df["text"].notna() & section.between(0, 8) & df["severity"].isin(SEVERITIES)
@@ -261,14 +319,10 @@ class _Aggregator:
         )
         for c, parts in self.categorical.items():
             parts.append(df.dropna(subset=[c]).groupby(["key", c]).size().rename("n").reset_index())
-        self._sample_reference(df)
+        self.groups.append(df.loc[df["split_group"].notna(), ["key", "split_group"]].drop_duplicates())
+        self._keep_sample(df)  # every labelled row, both sides: the reference stands for traffic
         if len(self.labels) >= _COMBINE_EVERY:
             self._combine()
-
-    def _sample_reference(self, df: pd.DataFrame) -> None:
-        new = [k for k in pd.unique(df["key"]) if k not in self.split]
-        self.split.update(zip(new, holdout_mask(new, self.seed, self.fraction).tolist(), strict=True))
-        self._keep_sample(df)  # every labelled row, both sides: the reference stands for traffic
 
     def _keep_sample(self, rows: pd.DataFrame) -> None:
         """Bottom-k by a random key: a uniform sample of ``reference_rows`` of all the rows offered."""
@@ -290,6 +344,7 @@ class _Aggregator:
         self.numeric = [pd.concat(self.numeric).groupby("key").sum().reset_index()]
         for c, parts in self.categorical.items():
             self.categorical[c] = [pd.concat(parts).groupby(["key", c]).n.sum().reset_index()]
+        self.groups = [pd.concat(self.groups).drop_duplicates()]
 
     def finish(
         self, max_texts: int | None = None, again: Callable[[], Iterable[pd.DataFrame]] | None = None
@@ -333,14 +388,15 @@ class _Aggregator:
         texts["odometer_miles"] = np.expm1(odo_mean).astype("float32")
         for c, parts in self.categorical.items():
             texts[c] = _majority(parts[0], c)[c].reindex(texts.index) if len(parts[0]) else None
-        texts["holdout"] = texts.index.map(self.split).astype(bool)
+        pairs = self.groups[0].rename(columns={"split_group": "group"})
+        texts, scheme = assign_split(texts, pairs, self.seed, self.fraction, self.split_by)
         texts = texts.rename_axis("text").reset_index()
         if texts["holdout"].all() or not texts["holdout"].any():
             raise DataError(f"{len(texts)} distinct texts are too few for a train/held-out split")
         index = pd.Series(np.arange(len(texts)), index=texts["text"])
         ref = self.reference.sort_values("_p").drop(columns="_p")
         ref.insert(0, "text_index", ref.pop("key").map(index).to_numpy())
-        return TrainingSet(texts, ref.reset_index(drop=True), self._fingerprint(lab, texts), self.seed)
+        return TrainingSet(texts, ref.reset_index(drop=True), self._fingerprint(lab, texts), self.seed, scheme)
 
     def _fingerprint(self, lab: pd.DataFrame, texts: pd.DataFrame) -> dict[str, Any]:
         keys = texts["text"]
@@ -425,14 +481,16 @@ def training_set_from_distinct(
     holdout_fraction: float = 0.2,
     reference_rows: int = 2000,
     max_texts: int | None = None,
+    split_by: str = "text",
 ) -> TrainingSet:
     """A :class:`TrainingSet` from the ClickHouse path's distinct-text table
     (:func:`training.chload.distinct_texts`: ``text``, majority ``section``/``severity``, ``n`` and the
-    per-label counts ``n_<severity>``, ``n_section_<i>``). That table carries no vehicle context, so
+    per-label counts ``n_<severity>``, ``n_section_<i>``, and ``split_groups``: the row groups of each
+    text, a sequence, see :func:`split_groups`; absent: none). That table carries no vehicle context, so
     context is missing (the head sees its missing flags) and the drift reference samples texts of
     both sides in proportion to their row counts (as rows of traffic come). ``max_texts``: keep the
-    N (normalised) texts with the most rows, as :func:`build_training_set` does. ``seed``: the split
-    seed, as there."""
+    N (normalised) texts with the most rows, as :func:`build_training_set` does. ``seed``,
+    ``split_by``: as there."""
     missing = {"text", "section", "severity", "n"} - set(distinct.columns)
     if missing:
         raise DataError(f"distinct-text table lacks column(s) {sorted(missing)}")
@@ -461,7 +519,10 @@ def training_set_from_distinct(
     texts["fail_fraction"] = (agg[fail_cols].sum(axis=1) / texts["count"]).astype("float32")
     for c in CONTEXT_COLUMNS:
         texts[c] = np.float32(np.nan) if c in ("vehicle_age_years", "odometer_miles") else None
-    texts["holdout"] = holdout_mask(texts.index, seed, holdout_fraction)
+    pairs = None
+    if "split_groups" in d.columns:
+        pairs = d[["key", "split_groups"]].explode("split_groups").rename(columns={"split_groups": "group"})
+    texts, scheme = assign_split(texts, pairs, seed, holdout_fraction, split_by)
     texts = texts.rename_axis("text").reset_index()
     if texts["holdout"].all() or not texts["holdout"].any():
         raise DataError(f"{len(texts)} distinct texts are too few for a train/held-out split")
@@ -480,7 +541,7 @@ def training_set_from_distinct(
         rows_section=pd.Series(sec_counts.sum(axis=0), index=range(9)),
         rows_severity=pd.Series(sev_counts.sum(axis=0), index=list(SEVERITIES)),
     )
-    return TrainingSet(texts, ref, fp, seed)
+    return TrainingSet(texts, ref, fp, seed, scheme)
 
 
 def _fixed_point(x: pd.Series, scale: int) -> pd.Series:

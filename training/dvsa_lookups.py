@@ -106,6 +106,21 @@ def _defect_text(location: str, desc: str, comment: str, ref: str) -> str:
     return text
 
 
+def advisory_rows(m: pd.DataFrame) -> np.ndarray:
+    """Where a defect row is an advisory (``rfr_type_code`` A): its text is the advisory text."""
+    return mot_labels.normalised(m["rfr_type_code"], str.upper).eq("A").to_numpy()
+
+
+def defect_groups(m: pd.DataFrame) -> np.ndarray:
+    """Each defect row's ``split_group`` (training.dataset.split_groups): its defect (``rfr_id``) and
+    whether it was an advisory (whose text differs), without location or tester comment, so the
+    variants of one defect share it."""
+    code = m["rfr_id"].to_numpy(dtype=np.int64) * 2 + advisory_rows(m)
+    uniq, at = np.unique(code, return_inverse=True)  # label each distinct defect once: rows repeat them
+    labels = np.array([f"rfr:{c >> 1}:{'advisory' if c & 1 else 'defect'}" for c in uniq.tolist()], dtype=object)
+    return labels[at.reshape(-1)]
+
+
 def label_defects(m: pd.DataFrame, post: pd.Series, lk: Lookups) -> tuple[np.ndarray, np.ndarray, pd.Series]:
     """Text, section (-1 = none) and severity (None = none) of defect rows joined with ``item_detail``.
 
@@ -119,7 +134,7 @@ def label_defects(m: pd.DataFrame, post: pd.Series, lk: Lookups) -> tuple[np.nda
             "test_class_id": m["test_class_id"].to_numpy(),
             "location_id": m["location_id"].to_numpy(),
             "comment_code": pd.factorize(m["rfr_comment"])[0],
-            "advisory": mot_labels.normalised(m["rfr_type_code"], str.upper).eq("A").to_numpy(),
+            "advisory": advisory_rows(m),
             "post": np.asarray(post, dtype=bool),
         }
     )

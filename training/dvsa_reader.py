@@ -28,7 +28,7 @@ from tqdm import tqdm
 from training import mot_labels
 from training.dvsa_columns import typed_items, typed_results
 from training.dvsa_files import Source, discover, iter_raw
-from training.dvsa_lookups import Lookups, label_defects, load_lookups
+from training.dvsa_lookups import Lookups, defect_groups, label_defects, load_lookups
 from training.dvsa_report import BulkFormatError, BulkReport, BulkResourceError, FileReport
 from training.tidy import TIDY_COLUMNS
 
@@ -336,6 +336,7 @@ class BulkReader:
                 "test_date": m["test_date"],
                 "test_id": m["test_id"].astype("int64"),
                 "source": SOURCE_NAME,
+                "split_group": defect_groups(m),
             }
         )
         labelled = (out["section"] >= 0) & out["severity"].notna()

@@ -20,7 +20,7 @@ import pandas as pd
 
 from motlens.bundle import EMBEDDER_DIR, sha256_file
 from motlens.labels import SEVERITIES
-from training.dataset import CONTEXT_COLUMNS
+from training.dataset import CONTEXT_COLUMNS, split_key
 from training.paired import HeldoutLabels
 
 HELDOUT_DIR = "heldout"
@@ -36,7 +36,7 @@ class HeldoutError(Exception):
 
 @dataclass
 class Heldout:
-    texts: pd.DataFrame  # text, context columns, section (index), severity (label), count, fail_fraction
+    texts: pd.DataFrame  # text, context columns, section (index), severity (label), count, fail_fraction[, split_group]
     embeddings: np.ndarray  # float32 [n, dim]
     meta: dict[str, Any]
 
@@ -53,6 +53,13 @@ class Heldout:
         return {
             c: [None if pd.isna(v) else v for v in self.texts[c].tolist()] for c in CONTEXT_COLUMNS if c in self.texts
         }
+
+    def groups(self) -> np.ndarray:
+        """Each text's split group (training.dataset.split_groups): the paired gate resamples groups
+        whole. Sets written before groups were stored: the text's split key."""
+        if "split_group" in self.texts:
+            return self.texts["split_group"].astype(str).to_numpy()
+        return self.texts["text"].map(split_key).to_numpy()
 
     def subset(self, rows: np.ndarray) -> Heldout:
         """The texts at positions ``rows``, with their embeddings."""
@@ -85,7 +92,8 @@ def write_heldout(
     pick = np.arange(n)
     if n > max_texts:
         pick = np.sort(np.random.default_rng(seed).choice(n, max_texts, replace=False))
-    cols = ["text", *[c for c in CONTEXT_COLUMNS if c in holdout], "section", "severity", "count", "fail_fraction"]
+    cols = ["text", *[c for c in CONTEXT_COLUMNS if c in holdout], "section", "severity", "count", "fail_fraction",
+            *[c for c in ("split_group",) if c in holdout]]  # fmt: skip
     texts = holdout.iloc[pick][cols].reset_index(drop=True)
     dst.mkdir(parents=True, exist_ok=True)
     texts.to_parquet(dst / TEXTS, index=False)

@@ -26,7 +26,10 @@ from training.outdir import exclusive
 #: dataset readers (pyarrow.dataset, Spark) from taking it for data, and its suffix (not ``.json``)
 #: keeps ``motlens data load`` of a directory holding a table from taking it for API JSON.
 MANIFEST = "_tidy.manifest"
-FORMAT = "motlens-tidy/1"
+FORMAT = "motlens-tidy/2"
+#: formats still read: /1 tables have no ``split_group`` column (read as missing: their rows carry no
+#: row group, so their texts are split by split key alone, docs/training.md "Split")
+READ_FORMATS = frozenset({"motlens-tidy/1", FORMAT})
 
 TIDY_SCHEMA = pa.schema(
     [
@@ -41,6 +44,7 @@ TIDY_SCHEMA = pa.schema(
         ("test_date", pa.date32()),
         ("test_id", pa.int64()),
         ("source", pa.string()),
+        ("split_group", pa.string()),  # the defect a row records (training.dvsa_lookups.defect_groups); null: none
     ]
 )
 TIDY_COLUMNS: tuple[str, ...] = tuple(TIDY_SCHEMA.names)
@@ -134,7 +138,7 @@ def tidy_files(path: Path) -> list[Path]:
     manifest = path / MANIFEST
     try:
         doc = json.loads(manifest.read_text())
-        if doc["format"] != FORMAT:
+        if doc["format"] not in READ_FORMATS:
             raise ValueError(f"format {doc['format']!r}, not {FORMAT!r}")
         parts = [(Path(str(p["file"])).name, int(p["rows"]), int(p["bytes"])) for p in doc["parts"]]
     except FileNotFoundError:

@@ -33,7 +33,7 @@ from motlens.embedder import DEVICE_PATTERN, Embedder
 from motlens.envsource import EmptyIsUnsetSettings, no_empty_path
 from motlens.head import DefectHead, FeatureSpec, HeadOutput
 from motlens.labels import SEVERITIES
-from training.dataset import CONTEXT_COLUMNS, SPLIT_SCHEME, TrainingSet, build_training_set
+from training.dataset import CONTEXT_COLUMNS, TrainingSet, build_training_set
 from training.evaluate import evaluate, trivial_baseline
 from training.floors import (
     BASELINE_PREFIX,
@@ -94,6 +94,10 @@ class TrainSettings(EmptyIsUnsetSettings):
     class_weighting: bool = True
     count_weighting: Literal["none", "sqrt", "log"] = "sqrt"
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    split_by: Literal["text", "defect"] = Field(
+        default="text",
+        description="held-out texts: new wordings of defects seen in training (text) or unseen defects (defect)",
+    )
     max_rows: int | None = Field(
         default=None, ge=1, description="read only the first N input rows (a tidy table or raw files; not ClickHouse)"
     )
@@ -439,6 +443,7 @@ def train(
             data,
             seed=s.split_seed,
             holdout_fraction=s.holdout_fraction,
+            split_by=s.split_by,
             max_rows=s.max_rows,
             max_texts=s.max_texts,
             reference_rows=s.reference_rows,
@@ -520,11 +525,11 @@ def train(
                 seed=s.split_seed,
             )
         params = {
-            **s.model_dump(exclude={"work_dir", "model_dir", "device", "split_seed"}),
+            **s.model_dump(exclude={"work_dir", "model_dir", "device", "split_seed", "split_by"}),
             **(
                 {  # the held-out split, when known (a hand-made TrainingSet does not say which it used)
                     "split.seed": ts.split_seed,
-                    "split.scheme": SPLIT_SCHEME,
+                    "split.scheme": ts.split_scheme,
                     "split.holdout_fraction": s.holdout_fraction,
                     "split.max_texts": s.max_texts,
                 }

@@ -33,6 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="seed of the train/held-out split (default 0); independent of --seed, so a retrain with another "
         "--seed evaluates on the same held-out texts",
     )
+    p.add_argument(
+        "--split-by",
+        choices=("text", "defect"),
+        help="held-out texts: new wordings (another location or tester comment) of defects seen in training "
+        "(text, the default) or defects the head has not seen (defect; DVSA bulk rows only)",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -89,6 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 _FLAGS = (
     "seed",
     "split_seed",
+    "split_by",
     "epochs",
     "batch_size",
     "lr",
@@ -279,6 +286,7 @@ def _clickhouse_set(args: argparse.Namespace, settings):  # noqa: ANN202 - Train
         distinct,
         seed=settings.split_seed,
         holdout_fraction=settings.holdout_fraction,
+        split_by=settings.split_by,
         reference_rows=settings.reference_rows,
         max_texts=settings.max_texts,
     )
