@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from drift.windows import parse_duration
 from motlens import MODEL_NAME
 from motlens.credentials import pushgateway_url
-from motlens.envsource import no_empty_path
+from motlens.envsource import SettingPath
 from motlens.times import parse_time
 
 EmbeddingMethod = Literal["model", "mmd", "ratio", "distance"]
@@ -45,7 +45,7 @@ class DriftSettings(BaseSettings):
         description="exit 1 on drift and 2 on insufficient data; off: exit 0 for every verdict and 2 only when "
         "the job failed (CronJobs: a non-zero exit marks the Job failed and runs it again)",
     )
-    output: Path = Path("drift-report")
+    output: SettingPath = Path("drift-report")
     max_rows: int = Field(default=50_000, ge=1, description="row cap per window for the column drift")
     embedding_max_rows: int = Field(default=2_000, ge=1, description="row cap per window for embedding drift")
     min_rows: int = Field(default=200, ge=2, description="fewer rows than this in a window is insufficient data")
@@ -94,16 +94,11 @@ class DriftSettings(BaseSettings):
     min_shared_texts: int = Field(default=20, ge=1)
     seed: int = 0
     pushgateway: str | None = None
-    textfile: Path | None = None
+    textfile: SettingPath | None = None
     pushgateway_job: str = "motlens-drift"
     log_artifact: bool = Field(default=True, description="log the outputs to the version's MLflow run")
     html: bool = Field(default=True, description="write the HTML reports (off: scores only, no t-SNE plot)")
     progress: bool = True
-
-    @field_validator("output", "textfile", mode="before")
-    @classmethod
-    def _no_empty_path(cls, v: object) -> object:
-        return no_empty_path(v)
 
     @field_validator("pushgateway")
     @classmethod

@@ -1,9 +1,12 @@
-"""An environment source on which an empty variable is unset, save for the fields named."""
+"""An environment source on which an empty variable is unset, save for the fields named; path settings
+that refuse an empty flag."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
 
+from pydantic import BeforeValidator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource
 
 
@@ -44,3 +47,7 @@ def no_empty_path(value: object) -> object:
     if isinstance(value, str) and not value.strip():
         raise ValueError("an empty path: give one, or leave it unset for the default")
     return value
+
+
+#: A path setting: an empty flag is refused (:func:`no_empty_path`).
+SettingPath = Annotated[Path, BeforeValidator(no_empty_path)]

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from motlens.envsource import SettingPath
+
 
 class StateSettings(BaseSettings):
     """Where embedded defaults live (``MOTLENS_HOME``, default ``./.motlens``)."""
@@ -14,7 +16,7 @@ class StateSettings(BaseSettings):
     # an empty MOTLENS_HOME= is unset (./.motlens), not the working directory
     model_config = SettingsConfigDict(env_prefix="MOTLENS_", extra="ignore", env_ignore_empty=True)
 
-    home: Path = Field(default=Path(".motlens"))
+    home: SettingPath = Field(default=Path(".motlens"))
 
     @property
     def mlflow_uri(self) -> str:

@@ -13,7 +13,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_valid
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from motlens.credentials import no_password_in_url, redact
-from motlens.envsource import no_empty_path
+from motlens.envsource import SettingPath
 from motlens.errors import env_name
 from motlens.state import StateSettings
 
@@ -166,7 +166,9 @@ class PredlogSettings(BaseSettings):
     cluster: bool = Field(default=False, description="cluster DDL: ON CLUSTER '{cluster}', Replicated + Distributed")
     auto_migrate: bool = True
     ttl_days: int = Field(default=400, ge=1)
-    dir: Path | None = Field(default=None, description="embedded segments and the spool; default MOTLENS_HOME/predlog")
+    dir: SettingPath | None = Field(
+        default=None, description="embedded segments and the spool; default MOTLENS_HOME/predlog"
+    )
 
     queue_rows: int = Field(default=100_000, ge=1, description="bounded in-memory queue (rows)")
     batch_rows: int = Field(default=5_000, ge=1)
@@ -197,11 +199,6 @@ class PredlogSettings(BaseSettings):
     )
     max_window_rows: int = Field(default=5_000_000, ge=1)
     max_query_rows: int = Field(default=100_000, ge=1, description="row cap on ad-hoc `query()` SELECTs")
-
-    @field_validator("dir", mode="before")
-    @classmethod
-    def _no_empty_path(cls, v: object) -> object:
-        return no_empty_path(v)
 
     @field_validator("database")
     @classmethod

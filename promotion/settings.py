@@ -12,7 +12,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from motlens.credentials import bearer_token, has_credentials, pushgateway_url
-from motlens.envsource import EmptyIsUnsetSettings, no_empty_path
+from motlens.envsource import EmptyIsUnsetSettings, SettingPath
 from training.floors import DEFAULT_AUC_MARGIN, DEFAULT_MARGIN, GATEABLE_METRICS
 
 TARGETS = ("k8s", "gitops", "local")
@@ -51,7 +51,7 @@ class PromoteSettings(EmptyIsUnsetSettings):
     )
 
     # GitOps target
-    manifests_dir: Path = Path("manifests")
+    manifests_dir: SettingPath = Path("manifests")
     overlay: str = "cpu"
 
     # local target (the admin API of `motlens serve`)
@@ -110,12 +110,7 @@ class PromoteSettings(EmptyIsUnsetSettings):
 
     # metrics export (as the drift job does: Pushgateway when set, else a textfile when set)
     pushgateway_url: str | None = None
-    textfile: Path | None = None
-
-    @field_validator("manifests_dir", "textfile", mode="before")
-    @classmethod
-    def _no_empty_path(cls, v: object) -> object:
-        return no_empty_path(v)
+    textfile: SettingPath | None = None
 
     @field_validator("target")
     @classmethod

@@ -188,13 +188,22 @@ def test_an_empty_flag_is_the_fields_own_not_the_default(monkeypatch):
     with pytest.raises(ValidationError, match="http:// or https://"):
         PromoteSettings(local_url="")
     assert PromoteSettings(overlay="").overlay == ""  # refused where it is used (no kustomization there)
-    for cls, field in ((PromoteSettings, "textfile"), (PromoteSettings, "manifests_dir"), (TrainSettings, "work_dir"),
-                       (TrainSettings, "model_dir"), (DriftSettings, "output"), (DriftSettings, "textfile"),
-                       (PredlogSettings, "dir"), (DataSettings, "chdb_path")):  # fmt: skip
-        with pytest.raises(ValidationError, match="an empty path"):  # it would be the working directory
-            cls(**{field: ""})
     monkeypatch.setenv("MOTLENS_PROMOTE_LOCAL_URL", "")
     assert PromoteSettings().local_url == "http://127.0.0.1:8080"
+
+
+@pytest.mark.parametrize(("cls", "field"), _fields(lambda _, info: "Path" in str(info.annotation)))
+def test_an_empty_path_flag_is_refused(cls, field):
+    """``--work-dir ""`` (a script's unset $DIR) was the working directory; an empty variable is unset."""
+    with pytest.raises(ValidationError, match="an empty path"):
+        cls(**{field: ""})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_env(cls, field), "")
+        assert cls().model_dump()[field] == cls.model_fields[field].default
+
+
+def test_every_path_setting_is_checked():
+    assert len(_fields(lambda _, info: "Path" in str(info.annotation))) == 9
 
 
 def test_a_blank_serve_variable_is_the_default(monkeypatch):

