@@ -142,6 +142,15 @@ LAST_PRODUCTION_CHANGE = (
     "JSONExtractString(details, 'from'), concat('production v', to_version, ' ')))) ORDER BY ts DESC LIMIT 1"
 )
 
+# A target's newest change: a successful row that is no hold, or one the target took while the registry
+# write failed (``details.partial``); dry runs, holds, refusals and failures that changed nothing pass.
+# The re-run that finishes a partly done change is stamped with its time: the finished row comes first.
+LAST_CHANGE = (
+    "SELECT * FROM {source} WHERE target = {target:String} AND model_name = {model:String} AND NOT dry_run "
+    "AND ((success AND action != 'hold') OR JSONExtractBool(details, 'partial')) "
+    "ORDER BY ts DESC, success DESC LIMIT 1"
+)
+
 # When a server last loaded ``version`` into a slot (its own ``serve_load`` rows: a start, a restored
 # canary, an admin load); NULL when none did.
 LAST_SERVE_LOAD = (

@@ -417,6 +417,13 @@ class PredictionLogReader:
         rows = self._df(sql, {"version": str(version)}).to_dict("records")
         return rows[0] if rows else None
 
+    def last_change(self, target: str, model_name: str) -> dict[str, Any] | None:
+        """``target``'s newest change of ``model_name`` (``queries.LAST_CHANGE``), however many holds
+        and refusals came after it; None when none is recorded."""
+        sql = queries.LAST_CHANGE.replace("{source}", self.source.ref("promotion_events"))
+        rows = self._df(sql, {"target": str(target), "model": str(model_name)}).to_dict("records")
+        return rows[0] if rows else None
+
     def last_serve_load(self, version: str) -> datetime | None:
         """When a server last loaded ``version`` (``queries.LAST_SERVE_LOAD``), None when none recorded it."""
         sql = queries.LAST_SERVE_LOAD.replace("{source}", self.source.ref("promotion_events"))

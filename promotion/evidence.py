@@ -70,6 +70,8 @@ class Evidence:
         :data:`~promotion.paired_check.PAIRED_TAG` per production version and settings."""
         if prod is None or not self.settings.paired or not pc.same_split(info.params, prod.params):
             return None
+        if (why := pc.data_dependence(info.params, prod.params)) is not None:
+            return pc.PairedComparison(prod.version, missing=why, lasting=True)
         found = pc.cached(info.tags, prod.version, self.settings)
         if found is None:
             found = pc.run(self.registry, info.version, prod.version, self.settings, _fresh_embedder)

@@ -31,6 +31,12 @@ PAIRED_TAG = "promotion.gate.paired"
 REEMBED_MAX_TEXTS = 5_000
 #: the split params that decide which side a text is on (``split.max_texts`` only drops texts)
 PAIRED_SPLIT_PARAMS = ("split.seed", "split.scheme", "split.holdout_fraction")
+#: schemes that put a text on its group's side, where the whole data set decides the groups (new data
+#: can join two, ``split.max_texts`` can part them): the split by defect
+#: (``training.dataset.SPLIT_SCHEME_DEFECT``); its runs pair only on the same data
+DATA_DEPENDENT_SCHEMES = frozenset({"group-rfr-v2"})
+#: the params that must be equal too for such a scheme
+DATA_PARAMS = ("data.sha256", "split.max_texts")
 
 
 class PairedUnavailable(Exception):
@@ -77,6 +83,22 @@ def same_split(candidate: Mapping[str, Any] | None, production: Mapping[str, Any
     """Both runs record :data:`PAIRED_SPLIT_PARAMS`, equal as strings."""
     a, b = candidate or {}, production or {}
     return all(k in a and k in b and str(a[k]).strip() == str(b[k]).strip() for k in PAIRED_SPLIT_PARAMS)
+
+
+def data_dependence(candidate: Mapping[str, Any] | None, production: Mapping[str, Any] | None) -> str | None:
+    """Why two runs on one split of a :data:`DATA_DEPENDENT_SCHEMES` scheme cannot be paired (production
+    may have trained on some of the candidate's held-out texts), else None."""
+    a, b = candidate or {}, production or {}
+    scheme = str(a.get("split.scheme", "")).strip()
+    if scheme not in DATA_DEPENDENT_SCHEMES:
+        return None
+    differ = [k for k in DATA_PARAMS if k not in a or k not in b or str(a[k]).strip() != str(b[k]).strip()]
+    if not differ:
+        return None
+    return (
+        f"split {scheme} groups texts by the whole data set and the runs differ in {', '.join(differ)}, so "
+        "production may have trained on some of the candidate's held-out texts"
+    )
 
 
 def settings_key(settings: PromoteSettings) -> dict[str, Any]:

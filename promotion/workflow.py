@@ -21,7 +21,6 @@ from promotion import gates as g
 from promotion.audit import Event, export_metrics, tag_version
 from promotion.clock import parse_ts, utc_now
 from promotion.evidence import Evidence
-from promotion.frames import records
 from promotion.locking import LockBusy
 from promotion.rollout import RolloutError, RolloutState, check_percent
 from promotion.settings import PromoteSettings
@@ -320,18 +319,13 @@ class Promoter:
         that changed nothing do not count): a partial row of an earlier rollout, followed by other
         changes, is history, not this run's to finish."""
         try:
-            rows = records(self.reader().promotion_events(limit=500))
+            row = self.reader().last_change(self.target.name, MODEL_NAME)
         except Exception as e:  # noqa: BLE001 - recorded as this run's own change then
             log.warning("could not read promotion_events for an interrupted change: %s", e)
             return None
-        for row in rows:  # newest first
-            if row.get("target") != self.target.name or row.get("model_name") != MODEL_NAME or row.get("dry_run"):
-                continue
-            details = _details(row)
-            if row.get("success") and row.get("action") != "hold" or details.get("partial"):
-                break
-        else:
+        if row is None:
             return None
+        details = _details(row)
         applied = parse_ts(details.get("applied_at"))
         if (
             not details.get("partial")

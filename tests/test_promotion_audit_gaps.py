@@ -382,6 +382,36 @@ def test_a_rerun_that_fails_again_keeps_the_change_partly_done(production, monke
     assert [json.loads(r["details"]).get("partial", False) for r in rows].count(True) == 1
 
 
+def test_a_partly_done_change_is_finished_however_many_holds_came_after_it(production, monkeypatch):
+    """The lookup read the trail's newest 500 rows: an ``auto`` run refused every 10 minutes for
+    four days buried the partly done row, and the re-run recorded itself as the change."""
+    import pyarrow as pa
+
+    import predlog
+    from predlog.schema import arrow_schema
+    from promotion.workflow import PartlyDone
+
+    env, target = production
+    restore = _fails_on_the_registry(env, monkeypatch, "set_alias")
+    with pytest.raises(PartlyDone):
+        _promoter(env, target).canary_start("2", 10)
+    restore()
+    partial = next(r for r in predlog.open_reader().promotion_events(limit=5).to_dict("records")
+                   if json.loads(r["details"]).get("partial"))  # fmt: skip
+    base = {"model_name": partial["model_name"], "from_version": "2", "to_version": "2", "canary_percent": 10.0,
+            "target": target.name, "actor": "auto", "reason": "refused", "gates": "{}", "details": "{}"}  # fmt: skip
+    after = partial["ts"] + timedelta(milliseconds=1)
+    rows = [{**base, "ts": after + timedelta(milliseconds=i), "action": "hold", "dry_run": False, "success": False}
+            for i in range(600)]  # fmt: skip
+    rows.append({**base, "ts": after, "action": "advance", "dry_run": True, "success": True})  # changes nothing
+    reader = predlog.open_reader()
+    reader.source.insert("promotion_events", pa.Table.from_pylist(rows, schema=arrow_schema("promotion_events")))
+    _promoter(env, target).canary_start("2", 10)
+    done = reader.last_change(target.name, partial["model_name"])
+    assert done["success"] and done["action"] == "canary_start", done
+    assert json.loads(done["details"])["resumes"] == json.loads(partial["details"])["applied_at"], done
+
+
 def test_a_partial_row_of_an_earlier_rollout_is_not_resumed(production, monkeypatch):
     """Cycle 1's rollback took the target and failed on the registry (fixed by hand); cycle 2's rollback
     died after the target took it, and its re-run was recorded as cycle 1's, at cycle 1's time."""

@@ -64,6 +64,28 @@ def test_comparison_needs_the_same_split_params(registry, tiny_bundle, cand_para
         assert "production's metrics come from another held-out split" in r.detail and "floors only" in r.detail
 
 
+def test_a_split_by_defect_pairs_only_runs_on_the_same_data(registry, tiny_bundle):
+    """By defect a text's side follows its group, which the whole data set decides: production trained
+    on fewer rows held out a text the candidate trained on, and the paired gate scored production on
+    texts it had seen."""
+    from promotion.paired_check import DATA_DEPENDENT_SCHEMES, data_dependence
+    from training.dataset import SPLIT_SCHEME_DEFECT, SPLIT_SCHEME_TEXT
+
+    assert DATA_DEPENDENT_SCHEMES == {SPLIT_SCHEME_DEFECT} and SPLIT_SCHEME_TEXT not in DATA_DEPENDENT_SCHEMES
+    by_defect = {**SPLIT, "split.scheme": SPLIT_SCHEME_DEFECT, "data.sha256": "a" * 64}
+    assert data_dependence(by_defect, by_defect) is None
+    assert data_dependence({**SPLIT, "data.sha256": "a"}, {**SPLIT, "data.sha256": "b"}) is None  # by key
+    assert "differ in split.max_texts" in data_dependence(by_defect, {**by_defect, "split.max_texts": 500})
+    details = {}
+    for data in ("a" * 64, "b" * 64):
+        prod = registry.register_bundle(tiny_bundle.root, metrics=REAL, params={**by_defect, "data.sha256": data},
+                                        alias=None).version  # fmt: skip
+        v = registry.register_bundle(tiny_bundle.root, metrics=REAL, params=by_defect, alias=None).version
+        details[data[0]] = _gate(registry, v, prod).detail
+    assert "stores no held-out set" in details["a"]  # the same data: the comparison was tried
+    assert "differ in data.sha256, so production may have trained on some" in details["b"], details["b"]
+
+
 def test_golden_gate_refuses_a_bundle_whose_probabilities_moved(registry, tiny_bundle, embedder, tmp_path):
     """Audit finding 5 in promotion's golden check: same labels, a severity head biased towards failing."""
     from test_predictor_backend import _context_bundle, _same_labels, _with_head
