@@ -32,7 +32,7 @@ from motlens.labels import SEVERITIES
 from motlens.state import StateSettings
 from predlog.settings import IDENT, connect_kwargs, usable_url
 from training import mot_labels
-from training.dvsa_columns import typed_items, typed_results
+from training.dvsa_columns import DATE_DMY, DATE_ISO, DATE_YEARS, typed_items, typed_results
 from training.dvsa_files import Source, discover, iter_raw
 from training.dvsa_lookups import Lookups, defect_groups, label_defects, load_lookups
 from training.dvsa_report import BulkFormatError, BulkReport, FileReport
@@ -99,6 +99,10 @@ _DDL = (
     ) ENGINE = ReplacingMergeTree ORDER BY (rfr_id, test_class_id)""",
     """CREATE TABLE IF NOT EXISTS {db}.rfr_location (location_id Int64, location String)
        ENGINE = ReplacingMergeTree ORDER BY location_id""",
+    # every item_group node's top-level name: a test class without its own item_detail row takes its
+    # rfr's first entry, whose item is looked up in the test's class (as the Parquet path does)
+    """CREATE TABLE IF NOT EXISTS {db}.item_group_root (test_item_id Int64, test_class_id Int16, group_root String)
+       ENGINE = ReplacingMergeTree ORDER BY (test_item_id, test_class_id)""",
 )
 
 _RESULT_ARROW = pa.schema(
@@ -261,8 +265,9 @@ class LoadResult:
         }
 
 
-def _lookup_tables(lk: Lookups) -> tuple[pa.Table, pa.Table]:
+def _lookup_tables(lk: Lookups) -> tuple[pa.Table, pa.Table, pa.Table]:
     d = lk.detail
+    d = d[d["test_class_id"].between(-(2**15), 2**15 - 1)]  # no test has another class (an Int16 column)
     item_ids = d["test_item_id"].fillna(-1).astype("int64")
     roots = [lk.group_root.get((int(i), int(c)), "") for i, c in zip(item_ids, d["test_class_id"], strict=True)]
     detail = pa.table(
@@ -283,7 +288,15 @@ def _lookup_tables(lk: Lookups) -> tuple[pa.Table, pa.Table]:
             "location": pa.array(list(lk.locations.values()), type=pa.string()),
         }
     )
-    return detail, locations
+    keys = [k for k in lk.group_root if -(2**15) <= k[1] < 2**15]  # a test's class is an Int16
+    roots_table = pa.table(
+        {
+            "test_item_id": pa.array([i for i, _ in keys], type=pa.int64()),
+            "test_class_id": pa.array([c for _, c in keys], type=pa.int16()),
+            "group_root": pa.array([lk.group_root[k] for k in keys], type=pa.string()),
+        }
+    )
+    return detail, locations, roots_table
 
 
 _CHUNK_ROWS = 200_000
@@ -309,9 +322,10 @@ def load_bulk(
     t0 = time.perf_counter()
     create_tables(store)
     result = LoadResult(BulkReport())
-    detail, locations = _lookup_tables(load_lookups(sources, result.report))
+    detail, locations, roots = _lookup_tables(load_lookups(sources, result.report))
     store.insert_arrow("item_detail", detail)
     store.insert_arrow("rfr_location", locations)
+    store.insert_arrow("item_group_root", roots)
     result.inserted = {"item_detail": detail.num_rows, "rfr_location": locations.num_rows}
     big = [s for s in sources if s.kind in ("test_result", "test_item")]
     with tqdm(total=sum(s.size for s in big), unit="B", unit_scale=True, desc="load ClickHouse",
@@ -351,15 +365,27 @@ def _txt(col: str) -> str:
 
 
 def _date_sql(col: str) -> str:
-    d = f"substring(trimBoth({col}), 1, 10)"
-    return f"coalesce(toDate32OrNull({d}), toDate32(parseDateTimeOrNull({d}, '%d/%m/%Y')))"
+    """The date forms the Python reader reads (``dvsa_columns.DATE_ISO``/``DATE_DMY``), else NULL: the
+    value as ``YYYY-MM-DD``, kept only where it round-trips (toDate32OrNull reads 2021-02-30 as 2 March)."""
+    t = f"trimBoth({col})"
+    iso, dmy = (f"'{p}'" for p in (DATE_ISO, DATE_DMY))  # no quotes or backslashes in them
+    g = f"extractGroups({t}, {dmy})"
+    ymd = (
+        f"multiIf(match({t}, {iso}), substring({t}, 1, 10), match({t}, {dmy}), "
+        f"concat({g}[3], '-', leftPad({g}[2], 2, '0'), '-', leftPad({g}[1], 2, '0')), '')"
+    )
+    lo, hi = DATE_YEARS
+    return (
+        f"if(toString(toDate32OrNull({ymd})) = {ymd} AND toInt32OrZero(substring({ymd}, 1, 4)) BETWEEN {lo} AND {hi}, "
+        f"toDate32OrNull({ymd}), NULL)"
+    )
 
 
 _NATIVE_SELECT = {
     "test_result": (
         "(test_id, test_date, test_class_id, test_mileage, make, model, fuel_type, first_use_date)",
         "toInt64OrNull(trimBoth(test_id)) AS id, {date} AS day, "
-        "toInt16(coalesce(toInt64OrNull(trimBoth(test_class_id)), 4)), toFloat64OrNull(trimBoth(test_mileage)), "
+        "coalesce(toInt16OrNull(trimBoth(test_class_id)), 4), toFloat64OrNull(trimBoth(test_mileage)), "
         "nullIf({make}, ''), nullIf({model}, ''), nullIf(trimBoth(fuel_type), ''), {first_use}",
         "id IS NOT NULL AND day IS NOT NULL",
     ),
@@ -385,12 +411,23 @@ def _native_source(src: Source) -> str:
             # a CRLF file's \r would stay in the last field (a location_id of '1\r' is no number)
             f"(SELECT {fields} FROM (SELECT splitByChar('|', if(endsWith(line, '\\r'), substring(line, 1, "
             f"length(line) - 1), line)) AS c FROM file({{path:String}}, 'LineAsString') "
-            f"WHERE line != '' AND length(c) = {len(cols)}))"
+            f"WHERE line NOT IN ('', '\\r') AND length(c) = {len(cols)}))"
         )
     structure = ", ".join(f"{c} String" for c in cols)
     return f"(SELECT * FROM file({{path:String}}, 'CSV', '{structure}'))"
 
 
+_BOM = "'\\xEF\\xBB\\xBF'"
+_FFFD = "'\\xEF\\xBF\\xBD'"
+#: Per file: non-blank lines, lines with a backslash, runs of non-UTF-8 bytes (toValidUTF8 makes each
+#: run one U+FFFD, as the Python reader counts them) and lines mixing those with UTF-8 characters.
+_LINES_SQL = (
+    "SELECT count() AS n, countIf(position(line, '\\\\') > 0) AS escaped, "
+    f"sum(countSubstrings(toValidUTF8(line), {_FFFD}) - countSubstrings(line, {_FFFD})) AS non_utf8, "
+    f"countIf(NOT isValidUTF8(line) AND length(replaceAll(toValidUTF8(line), {_FFFD}, '')) "
+    f"!= lengthUTF8(replaceAll(toValidUTF8(line), {_FFFD}, ''))) AS mixed "
+    "FROM file({path:String}, 'LineAsString') WHERE line NOT IN ('', '\\r')"
+)
 _NATIVE_SETTINGS = (
     " SETTINGS input_format_csv_skip_first_lines = 1, input_format_allow_errors_ratio = 1,"
     " input_format_allow_errors_num = 1000000000000"
@@ -417,27 +454,30 @@ def native_load(store: Store, src: Source, fr: FileReport) -> int:
         model=_txt("model"),
         comment=_txt("rfr_comment"),
     )
-    texts = [c for c in ("make", "model", "rfr_comment") if c in cols]
-    raw = "".join(f", {c} AS raw_{c}" for c in texts)
-    utf8 = " + ".join(f"NOT isValidUTF8(raw_{c})" for c in texts) or "0"
-    header = f"lower(trimBoth(raw_first)) = '{first}'"
+    # line 1 of a pipe file (its header) may start with a byte-order mark
+    header = f"lower(trimBoth(if(startsWith(raw_first, {_BOM}), substring(raw_first, 4), raw_first))) = '{first}'"
+    fields = ", ".join(src.columns)
     stats_sql = (
         f"SELECT count() AS shaped, countIf({header}) AS headers, countIf(NOT ({where}) AND NOT {header}) "
-        f"AS bad_values, sum({utf8}) AS non_utf8 FROM (SELECT {select}, {first} AS raw_first{raw} FROM {source})"
+        f"AS bad_values, countIf(arrayExists(x -> position(x, '\\n') > 0, [{fields}])) AS broken "
+        f"FROM (SELECT {select}, {first} AS raw_first, {fields} FROM {source})"
     )
     insert_sql = store.sql(f"INSERT INTO {{db}}.{src.kind} {head_sql} SELECT {select} FROM {source} WHERE {where}")
     params = {"path": str(src.path.resolve())}
+    if any(c in params["path"] for c in "*?{}"):  # file() would take the path for a glob
+        return _python_load(store, src, fr, _CHUNK_ROWS)
     try:
-        lines = store.query_df(
-            "SELECT count() AS n, countIf(position(line, '\\\\\"') > 0) AS escaped "
-            "FROM file({path:String}, 'LineAsString') WHERE line != ''",
-            params,
-        )
-        if src.delimiter == "," and int(lines["escaped"].iloc[0]):
-            # DVSA's comma files escape a quote inside a quoted field as \" (2024 on), which ClickHouse's
-            # CSV reader does not undo (it took the rest of the file into one field): Python reads these.
+        lines = store.query_df(_LINES_SQL, params)
+        if int(lines["mixed"].iloc[0]) or (src.delimiter == "," and int(lines["escaped"].iloc[0])):
+            # Python reads these: a comma file with a backslash (DVSA writes \" from 2024 on; the Python
+            # reader undoes any backslash escape, ClickHouse's CSV reader none: \" took the rest of the
+            # file into one field), and a line mixing UTF-8 and latin-1 (convertCharset would re-encode
+            # the whole field, mojibake of its UTF-8 part)
             return _python_load(store, src, fr, _CHUNK_ROWS)
         st = store.query_df(stats_sql + _NATIVE_SETTINGS, params).iloc[0]
+        if src.delimiter == "," and int(st["broken"]):
+            # a line break inside a field: the Python reader skips such a row as a quote that ran on
+            return _python_load(store, src, fr, _CHUNK_ROWS)
         store.command(insert_sql + _NATIVE_SETTINGS, params)
     except BulkFormatError:
         raise
@@ -450,7 +490,7 @@ def native_load(store: Store, src: Source, fr: FileReport) -> int:
     fr.rows = shaped - headers
     fr.header_rows = headers
     fr.bad_rows = (int(lines["n"].iloc[0]) - 1 - shaped) + int(st["bad_values"])
-    fr.non_utf8_values = int(st["non_utf8"])
+    fr.non_utf8_values = int(lines["non_utf8"].iloc[0])
     if fr.bad_rows > 100 and fr.bad_rows > 0.5 * (fr.rows + fr.bad_rows):
         for _ in iter_raw(src, FileReport(src.name, src.kind, src.delimiter)):  # names the first bad line
             pass
@@ -480,6 +520,14 @@ def _lookups_from_store(store: Store) -> Lookups:
         (int(i), int(c)): r
         for i, c, r in zip(d["test_item_id"].fillna(-1), d["test_class_id"], d["group_root"].fillna(""), strict=True)
     }
+    has_roots = store.query_df(
+        "SELECT count() AS n FROM system.tables WHERE database = {db:String} AND name = 'item_group_root'",
+        {"db": store.database},
+    )
+    if int(has_roots["n"].iloc[0]):  # absent in a store loaded by an earlier motlens
+        g = store.query_df(store.sql("SELECT test_item_id, test_class_id, group_root FROM {db}.item_group_root FINAL"))
+        for i, c, r in zip(g["test_item_id"], g["test_class_id"], g["group_root"], strict=True):
+            roots[(int(i), int(c))] = str(r)
     loc = store.query_df(store.sql("SELECT location_id, location FROM {db}.rfr_location FINAL"))
     locations = {int(i): str(s) for i, s in zip(loc["location_id"], loc["location"], strict=True)}
     return Lookups(d.drop(columns="group_root"), roots, locations)

@@ -150,8 +150,11 @@ def discover(paths: Sequence[Path]) -> tuple[list[Source], list[Path]]:
     api: list[Path] = []
     for p in _expand(paths):
         if zipfile.is_zipfile(p):
-            with zipfile.ZipFile(p) as zf:
-                members = [i for i in zf.infolist() if not i.is_dir() and not _hidden_member(i.filename)]
+            try:
+                with zipfile.ZipFile(p) as zf:
+                    members = [i for i in zf.infolist() if not i.is_dir() and not _hidden_member(i.filename)]
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:  # e.g. a broken central directory
+                raise BulkFormatError(f"{p}:1: corrupt zip archive: {e}") from e
             for info in members:
                 if info.compress_type == _DEFLATE64:
                     _deflate64(p, info.filename)
@@ -285,7 +288,8 @@ def iter_raw(
         try:
             reader = pacsv.open_csv(fh, read_options=read, parse_options=parse, convert_options=convert)
             for batch in reader:
-                repeated = pc.equal(pc.utf8_lower(pc.utf8_trim_whitespace(batch.column(0))), cols[0])
+                first = pc.replace_substring_regex(batch.column(0), "^\ufeff", "")  # a concatenated file's BOM
+                repeated = pc.equal(pc.utf8_lower(pc.utf8_trim_whitespace(first)), cols[0])
                 n_repeated = pc.sum(repeated).as_py() or 0
                 if n_repeated:
                     fr.header_rows += n_repeated
@@ -294,7 +298,7 @@ def iter_raw(
                     batch = _drop_runaway_rows(batch, fr)
                 df = batch.to_pandas()
                 fr.rows += len(df)
-                _check_shape(source, fr)
+                _check_shape(source, fr, fh.lines)
                 pending.append(df)
                 n_pending += len(df)
                 if n_pending >= chunk_rows:
@@ -302,7 +306,7 @@ def iter_raw(
                     pending, n_pending = [], 0
         except (pa.ArrowInvalid, OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
             raise BulkFormatError(f"{source.name}:{fh.lines + 1}: unreadable from this line on: {e}") from e
-    _check_shape(source, fr)
+    _check_shape(source, fr, fh.lines)
     if pending:
         yield pd.concat(pending, ignore_index=True)
 
@@ -325,10 +329,12 @@ def _drop_runaway_rows(batch: pa.RecordBatch, fr: FileReport) -> pa.RecordBatch:
     return batch.filter(pc.invert(runaway))
 
 
-def _check_shape(source: Source, fr: FileReport) -> None:
-    """Occasional bad rows are counted; a file where most rows are bad is the wrong file."""
+def _check_shape(source: Source, fr: FileReport, reached: int) -> None:
+    """Occasional bad rows are counted; a file where most rows are bad is the wrong file. The error
+    names the first bad line known, else (runaway rows carry none) the line reading had reached."""
     if fr.bad_rows > 100 and fr.bad_rows > _MAX_BAD_FRACTION * (fr.rows + fr.bad_rows):
+        line = fr.bad_lines[0] if fr.bad_lines else max(reached, 2)
         raise BulkFormatError(
-            f"{source.name}:{fr.bad_lines[0]}: {fr.bad_rows} of {fr.rows + fr.bad_rows} rows "
+            f"{source.name}:{line}: {fr.bad_rows} of {fr.rows + fr.bad_rows} rows "
             f"do not have the {len(source.columns)} fields of the header; not a {source.kind} table"
         )

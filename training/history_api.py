@@ -76,6 +76,34 @@ def _miles(value: object, unit: object) -> float | None:
     return v * _KM_TO_MILES if str(unit or "").strip().lower() in ("km", "kilometres") else v
 
 
+def _test_id(value: object) -> int | None:
+    """``motTestNumber`` as an int64 id: an integer, an integral finite number or a string of digits;
+    anything else (``true``, ``12.9``, ``1e400``, beyond int64) has no id."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            return None
+        value = int(value)
+    elif isinstance(value, str):
+        v = value.strip()
+        if not v.isascii() or not v.isdigit() or len(v) > 19:
+            return None
+        value = int(v)
+    if not isinstance(value, int):
+        return None
+    return value if 0 <= value < 2**63 else None  # the tidy column is int64
+
+
+def _flag(value: object) -> bool:
+    """``dangerous`` read strictly: true, 1, or the text true/1/y/yes (any case); ``"false"`` is false."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value == 1
+    return isinstance(value, str) and value.strip().lower() in ("true", "1", "y", "yes")
+
+
 class _Malformed(ValueError):
     """A vehicle document whose structure is not the API's (counted as a bad row, not fatal)."""
 
@@ -104,16 +132,11 @@ def _vehicle_rows(vehicle: dict) -> tuple[list[dict], int]:
     for test in _objects(vehicle.get("motTests"), "motTests"):
         when = _date(test.get("completedDate"))
         defects = _objects(test.get("defects") or test.get("rfrAndComments"), "defects")
-        try:
-            test_id: int | None = int(test.get("motTestNumber"))  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            test_id = None
-        if test_id is not None and not 0 <= test_id < 2**63:  # the tidy column is int64
-            test_id = None
+        test_id = _test_id(test.get("motTestNumber"))
         age = (when - first_use).days / 365.25 if when and first_use and when >= first_use else None
         for d in defects:
             text = " ".join(str(d.get("text") or "").split())
-            severity = mot_labels.api_severity(d.get("type"), bool(d.get("dangerous")))
+            severity = mot_labels.api_severity(d.get("type"), _flag(d.get("dangerous")))
             section = mot_labels.section_from_text(text) if when and when >= mot_labels.EU_CUTOFF else None
             if not text or severity is None or section is None:
                 unlabelled += 1
@@ -163,6 +186,8 @@ def _documents(path: Path, fr: FileReport, progress: Callable[[int], object]) ->
             doc = json.loads(_decode(data, fr))
         except json.JSONDecodeError as e:
             raise BulkFormatError(f"{path}:{e.lineno}: not JSON: {e.msg}") from e
+        except ValueError as e:  # an integer literal beyond Python's 4300 digits
+            raise BulkFormatError(f"{path}:1: not JSON: {e}") from e
         except RecursionError as e:
             raise BulkFormatError(f"{path}:1: JSON nested too deeply") from e
         progress(len(data))
@@ -188,7 +213,9 @@ def _lines(path: Path, fh: Any, fr: FileReport, progress: Callable[[int], object
                 continue
             try:
                 doc = json.loads(_decode(raw, fr))
-            except (json.JSONDecodeError, RecursionError):  # RecursionError: nesting beyond any vehicle
+            # RecursionError: nesting beyond any vehicle; ValueError (JSONDecodeError is one): also an
+            # integer literal beyond Python's 4300 digits
+            except (ValueError, RecursionError):
                 fr.bad(lineno)
                 continue
             yield lineno, doc
@@ -247,7 +274,7 @@ def read_jsonl(
                         continue
                     try:
                         got, unlabelled = _vehicle_rows(v)
-                    except (_Malformed, AttributeError, TypeError, ValueError):
+                    except (_Malformed, AttributeError, TypeError, ValueError, OverflowError):
                         fr.bad(lineno)
                         continue
                     fr.rows += 1
