@@ -276,10 +276,14 @@ def build_v1(result: PredictResult, req: PredictRequest) -> dict[str, Any]:
 # ---------------------------------------------------------------- v2
 
 
+#: control characters (C0, DEL, C1) and Unicode's line and paragraph separators
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def short_message(e: object, limit: int = 300) -> str:
-    """``str(e)`` on one line and at most ``limit`` characters: what a client sent, echoed in an
-    error, stays bounded in the answer and the log."""
-    text = str(e).replace("\n", " ")
+    """``str(e)`` on one line, control characters (``\\r`` too) as spaces, and at most ``limit``
+    characters: what a client sent, echoed in an error, stays bounded in the answer and the log."""
+    text = _CONTROL.sub(" ", str(e))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -308,7 +312,10 @@ _PYDANTIC_PROBLEMS = {
     "bool_type": "must be true or false",
     "bool_parsing": "must be true or false",
     "extra_forbidden": "is not allowed",
+    "parameter_type": "must be a string, number or boolean",
 }
+#: the members of KServe's parameter-value union, as pydantic names them in an error's ``loc``
+_PARAMETER_UNION = frozenset({"float", "int", "bool", "str"})
 _JSON_POSITION = re.compile(r"(.*) at line (\d+) column (\d+)")
 
 
@@ -348,12 +355,29 @@ def _one_validation_error(err: Mapping[str, Any]) -> str:
     return f"{_error_path(err.get('loc') or ())} {short_message(problem, 120)}"
 
 
+def _merge_parameter_unions(errors: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """A v2 parameter value of none of the union's types (null, an object, a list) gave one error per
+    member (``parameters.x.float must be a number``, ``parameters.x.int …``): one error for the parameter."""
+    out: list[Mapping[str, Any]] = []
+    seen: set[tuple[Any, ...]] = set()
+    for err in errors:
+        loc = tuple(err.get("loc") or ())
+        if len(loc) >= 3 and loc[-3] == "parameters" and loc[-1] in _PARAMETER_UNION:
+            if loc[:-1] in seen:
+                continue
+            seen.add(loc[:-1])
+            err = {"type": "parameter_type", "loc": loc[:-1], **({"input": err["input"]} if "input" in err else {})}
+        out.append(err)
+    return out
+
+
 def validation_message(errors: Sequence[Mapping[str, Any]], limit: int = 3) -> str:
     """Pydantic (or FastAPI request-validation) errors as one line naming each problem and where
     (``id must be a string, got int``; ``malformed JSON at line 1 column 26: …``): none of pydantic's
     URLs, and the input is never echoed (it may be large or sensitive), only its type."""
     if not errors:
         return "the request body is not valid"
+    errors = _merge_parameter_unions(errors)
     problems = [_one_validation_error(err) for err in errors[:limit]]
     more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
     return "; ".join(problems) + more
@@ -389,21 +413,20 @@ def check_binary_texts(body: bytes, json_length: int, max_items: int | None = No
             raise InvalidInput(f"input '{name}' has both data and binary_data_size; send its values one way")
         chunk = body[offset : offset + size]
         offset += size
-        if inp["datatype"] == "BYTES":
+        datatype = inp["datatype"].upper()  # in any case, as KServe reads a datatype (JSON, gRPC too)
+        if datatype == "BYTES":
             if len(chunk) < size:
                 raise InvalidInput(f"input '{name}' declares {size} binary bytes; the body has {len(chunk)}")
             _check_bytes_items(chunk, name, shape, declared, max_items)
             continue
-        dtype = to_np_dtype(inp["datatype"])
+        dtype = to_np_dtype(datatype)
         if dtype is None:
             raise InvalidInput(
                 f"input '{name}' has datatype {short_message(inp['datatype'], 40)!r}, which v2 does not define"
             )
         need = None if declared is None else declared * np.dtype(dtype).itemsize
         if need is not None and len(chunk) == size != need:
-            raise InvalidInput(
-                f"input '{name}' has {size} bytes of {inp['datatype']} data; its shape {shape} takes {need}"
-            )
+            raise InvalidInput(f"input '{name}' has {size} bytes of {datatype} data; its shape {shape} takes {need}")
     if offset < len(body):  # every byte of a request belongs to a tensor
         raise InvalidInput(f"{len(body) - offset} bytes follow the last binary tensor")
     if offset > len(body):

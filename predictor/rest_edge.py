@@ -39,18 +39,33 @@ class UnsupportedEncoding(Exception):
         super().__init__(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
 
 
+class UnsupportedTransferEncoding(Exception):
+    def __init__(self, coding: str) -> None:
+        super().__init__(f"Transfer-Encoding {coding!r} is not supported; send the body plain or chunked")
+
+
 class UnsupportedContentType(Exception):
     def __init__(self, media_type: str) -> None:
         super().__init__(f"Content-Type {media_type!r} is not supported; send application/json")
 
 
+def header_tokens(request: Request, name: str) -> list[str]:
+    """The comma-separated values of every ``name`` header, lowercased, empty ones dropped."""
+    return [t for v in request.headers.getlist(name) for t in (p.strip().lower() for p in v.split(",")) if t]
+
+
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes, (415) when it
-    is compressed (a gzip body would otherwise fail later as "not valid UTF-8"), and (408) when it has
-    not all arrived within ``timeout_s``; a client that hangs up meanwhile is :class:`ClientGone` (499)."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise UnsupportedEncoding(encoding[:40])
+    is compressed (a gzip body would otherwise fail later as "not valid UTF-8"), (400, the connection
+    closed) when it has a transfer coding other than chunked, and (408) when it has not all arrived
+    within ``timeout_s``; a client that hangs up meanwhile is :class:`ClientGone` (499)."""
+    # every Content-Encoding header and every coding in each: a second header or a list was read past
+    for coding in header_tokens(request, "content-encoding"):
+        if coding != "identity":
+            raise UnsupportedEncoding(coding[:40])
+    for coding in header_tokens(request, "transfer-encoding"):
+        if coding != "chunked":  # the server decodes chunked only; any other would reach the parser
+            raise UnsupportedTransferEncoding(coding[:40])
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(limit)
@@ -225,6 +240,13 @@ async def _unsupported_media_handler(request: Request, exc: Exception) -> Respon
     return json_response({"error": str(exc)}, status_code=415, headers=_id_header(request))
 
 
+async def _transfer_coding_handler(request: Request, exc: Exception) -> Response:
+    """HTTP answers an unknown transfer coding with 501; it is the client's input, so a 400 here (the
+    body cannot be read, so the connection is closed)."""
+    _count_refused(request, exc, "client_error", "unsupported_media")
+    return json_response({"error": str(exc)}, status_code=400, headers={"Connection": "close", **_id_header(request)})
+
+
 async def _too_large_handler(request: Request, exc: Exception) -> Response:
     _count_refused(request, exc, "client_error")
     metrics.REJECTED.labels(reason="body_too_large").inc()
@@ -255,6 +277,7 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(BodyTimeout, _body_timeout_handler)
     app.add_exception_handler(UnsupportedEncoding, _unsupported_media_handler)
     app.add_exception_handler(UnsupportedContentType, _unsupported_media_handler)
+    app.add_exception_handler(UnsupportedTransferEncoding, _transfer_coding_handler)
     app.add_exception_handler(ClientGone, _client_gone_handler)
 
 

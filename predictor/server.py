@@ -30,11 +30,14 @@ import struct
 import threading
 import time
 from collections.abc import Generator
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
+import cloudevents.exceptions as ce
 import orjson
 import uvicorn
+from cloudevents.http import from_http
 from cloudevents.sdk.converters.util import has_binary_headers
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -67,6 +70,7 @@ from predictor.rest_edge import (
     HttpEdge,
     UnsupportedContentType,
     UnsupportedEncoding,
+    UnsupportedTransferEncoding,
     add_error_handlers,
     json_response,
     read_body,
@@ -83,6 +87,16 @@ LOOPBACK = ("127.0.0.1", "::1")
 #: the Content-Type of a structured-mode CloudEvent, and the attributes CloudEvents 1.0 requires
 STRUCTURED_CLOUDEVENT = "application/cloudevents+json"
 CLOUDEVENT_REQUIRED = ("specversion", "id", "source", "type")
+#: the spec versions the CloudEvents SDK builds an event of (KServe's answer, with CE_MERGE)
+CLOUDEVENT_VERSIONS = ("1.0", "0.3")
+CLOUDEVENT_ERRORS = (
+    ce.MissingRequiredFields,
+    ce.InvalidRequiredFields,
+    ce.InvalidStructuredJSON,
+    ce.InvalidHeadersFormat,
+    ce.DataMarshallerError,
+    ce.DataUnmarshallerError,
+)
 #: headers a proxy adds (or passes on from its client): a request with one is not a loopback client's
 FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
 GRPC_MAX_SEND = 64 * 1024 * 1024
@@ -188,6 +202,15 @@ class DataPlane(KServeDataPlane):
         if model is None:
             raise ModelNotFound(short_message(name, 100))
         return model
+
+    async def get_model(self, name: str) -> Any:
+        self.get_model_from_registry(name)  # an unknown name bounded, as above
+        return await super().get_model(name)
+
+    async def model_ready(self, model_name: str, disable_predictor_health_check: bool = False) -> bool:
+        """KServe's, with an unknown name bounded (v1 ``GET /v1/models/{name}``, v2 ``…/ready``, gRPC)."""
+        self.get_model_from_registry(model_name)
+        return await super().model_ready(model_name, disable_predictor_health_check)
 
     def metadata(self) -> dict[str, Any]:
         """The extensions served: binary tensors, not the (switched-off) model repository."""
@@ -406,7 +429,7 @@ class PredictorServer:
     async def _v1_predict(self, model_name: str, request: Request) -> Response:
         body = await read_body(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
         await self._check_ready(model_name)
-        headers = dict(request.headers.items())
+        headers = _first_headers(request)
         rid = request.state.request_id = resolve_request_id(None, headers.get("x-request-id"))
         headers["x-request-id"] = rid  # the model logs its rows under this id
         payload, attrs = _v1_payload(self.dataplane, body, headers)
@@ -440,7 +463,7 @@ class PredictorServer:
     async def _v2_infer(self, model_name: str, request: Request, model_version: str | None = None) -> Response:
         body = await read_body(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
         await self._check_ready(model_name)
-        headers = dict(request.headers.items())
+        headers = _first_headers(request)
         try:
             json_length = headers.get(INFERENCE_CONTENT_LENGTH_HEADER)
             if json_length is not None:
@@ -578,9 +601,19 @@ _CLIENT_FACING = (
     BodyTooLarge,
     BodyTimeout,
     UnsupportedEncoding,
+    UnsupportedTransferEncoding,
     UnsupportedContentType,
     ClientGone,
 )
+
+
+def _first_headers(request: Request) -> dict[str, str]:
+    """The request's headers, the first of a repeated one winning (as ``request.headers.get`` and the
+    answer's ``x-request-id`` take it; ``dict(headers.items())`` kept the last)."""
+    headers: dict[str, str] = {}
+    for k, v in request.headers.items():
+        headers.setdefault(k, v)
+    return headers
 
 
 def _v1_json(body: str | bytes | bytearray | memoryview, content_type: str | None) -> Any:
@@ -600,21 +633,22 @@ def _v1_json(body: str | bytes | bytearray | memoryview, content_type: str | Non
 def _v1_payload(dataplane: KServeDataPlane, body: bytes, headers: dict[str, str]) -> tuple[Any, dict[str, Any]]:
     """A v1 body and, for a CloudEvent, its attributes (KServe answers such a request with a
     CloudEvent). A structured event is a JSON body KServe unwraps; a binary-mode one (``ce-*``
-    headers) has its data parsed here like a plain body: KServe's own decoding failed with a server
-    error on an event without data, or on one whose data the CloudEvents SDK had already parsed (a
-    ``ce-contenttype`` header)."""
+    headers) has its data, as sent, parsed here like a plain body: KServe's own decoding failed with a
+    server error on an event without data, or on one whose data the CloudEvents SDK had already parsed
+    (a ``ce-contenttype`` header)."""
     if not has_binary_headers(headers):
         payload = _v1_json(body, headers.get("content-type"))
         if _media_type(headers.get("content-type")) == STRUCTURED_CLOUDEVENT:
             return _structured_event(payload)
         return dataplane.decode(body=payload, headers=headers)
-    event = KServeDataPlane.get_binary_cloudevent(body, headers)  # InvalidInput for missing ce- fields
+    try:  # the data as sent: with ce-contenttype KServe had the SDK parse it (a JSON string parsed twice)
+        event = from_http(headers, body, lambda x: x)
+    except CLOUDEVENT_ERRORS as e:
+        raise InvalidInput(f"malformed binary CloudEvent: {short_message(e, 200)}") from e
     data = event.get_data()
-    if isinstance(data, str | bytes | bytearray | memoryview) and len(data):
-        data = _v1_json(data, event.get("datacontenttype"))
-    elif not isinstance(data, dict):
+    if not data:
         raise InvalidInput("the CloudEvent carries no data; send the v1 request as its JSON data")
-    return data, event._get_attributes()
+    return _v1_json(data, event.get("datacontenttype")), event._get_attributes()
 
 
 def _media_type(content_type: str | None) -> str:
@@ -633,7 +667,21 @@ def _structured_event(event: Any) -> tuple[Any, dict[str, Any]]:
             f"the CloudEvent lacks its required attribute(s) {', '.join(missing)} "
             f"({STRUCTURED_CLOUDEVENT} needs {', '.join(CLOUDEVENT_REQUIRED)})"
         )
+    # checked before the model runs: with CE_MERGE KServe builds its answer from these attributes
+    not_strings = [k for k in CLOUDEVENT_REQUIRED if not isinstance(event[k], str) or not event[k]]
+    if not_strings:
+        raise InvalidInput(f"the CloudEvent's {', '.join(not_strings)} must be non-empty strings")
+    if event["specversion"] not in CLOUDEVENT_VERSIONS:
+        raise InvalidInput(
+            f"the CloudEvent's specversion {short_message(event['specversion'], 20)!r} is not "
+            f"{' or '.join(CLOUDEVENT_VERSIONS)}"
+        )
+    content_type = event.get("datacontenttype")
+    if content_type is not None and not isinstance(content_type, str):
+        raise InvalidInput(f"the CloudEvent's datacontenttype must be a string, got {type(content_type).__name__}")
     attributes = {k: v for k, v in event.items() if k not in ("data", "data_base64")}
+    # KServe's CE_MERGE answer deletes the request's id and time (a KeyError, a 500, without a time)
+    attributes.setdefault("time", datetime.now(UTC).isoformat())
     if "data" in event:
         return event["data"], attributes
     if "data_base64" not in event:
@@ -642,7 +690,7 @@ def _structured_event(event: Any) -> tuple[Any, dict[str, Any]]:
         data = base64.b64decode(event["data_base64"], validate=True)
     except (binascii.Error, TypeError, ValueError) as e:
         raise InvalidInput("the CloudEvent's data_base64 is not valid base64") from e
-    return _v1_json(data, event.get("datacontenttype")), attributes
+    return _v1_json(data, content_type), attributes
 
 
 class ServerThread:
