@@ -240,7 +240,10 @@ def _print_status_tables(status: dict[str, Any]) -> None:
         t.add_row("production URI", str(served))
         if status.get("pins_digest"):
             t.add_row("bundle sha256 (spec)", live["bundle_sha256"] or "[yellow]not pinned[/]")
-        t.add_row("canaryTrafficPercent", "absent" if live["percent"] is None else f"{live['percent']}")
+        percent = "absent" if live["percent"] is None else f"{live['percent']}"
+        if live["percent"] == 0 and live["canary_version"] is None:
+            percent += " (kept by a rollback until the restored revision is ready; `auto` then removes it)"
+        t.add_row("canaryTrafficPercent", percent)
         t.add_row("traffic", live["traffic"] or "n/a")
         problems = status.get("disagreements") or []
         t.add_row(

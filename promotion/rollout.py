@@ -42,6 +42,8 @@ class RolloutState:
     traffic: str = field(default="", compare=False)  # observed traffic status, for people
     not_ready: str = field(default="", compare=False)  # why the target is not ready ("" when it is)
     loading: str = field(default="", compare=False)  # what the target is loading now: its state is in flux
+    #: whether KServe reports the latest revision ready (None: not known, e.g. a rendered manifest)
+    latest_ready: bool | None = field(default=None, compare=False)
 
     @property
     def canary_active(self) -> bool:
@@ -91,7 +93,10 @@ class RolloutState:
         )
 
     def rolled_back(self) -> RolloutState:
-        """The previous production spec restored; canaryTrafficPercent removed."""
+        """The previous production spec restored; canaryTrafficPercent kept at 0. Without the field
+        KServe routes 100 % to Knative's latest *ready* revision, which is the rejected canary's until
+        the restored spec's new revision is ready (minutes of a cold model load); at 0 the revision
+        last rolled out (production's) keeps all traffic. :meth:`settled` removes it later."""
         if not self.serving_production_uri:
             raise RolloutError(
                 f"cannot roll back: the production storage URI is unknown (annotation {ANN_PROD_URI} missing)"
@@ -101,8 +106,17 @@ class RolloutState:
             storage_uri=self.serving_production_uri,
             bundle_sha256=self.serving_production_sha256,
             canary_version=None,
-            percent=None,
+            percent=0,
         )
+
+    @property
+    def pinned_after_rollback(self) -> bool:
+        """No canary, and canaryTrafficPercent still 0 from a rollback (:meth:`rolled_back`)."""
+        return not self.canary_active and self.percent == 0
+
+    def settled(self) -> RolloutState:
+        """canaryTrafficPercent removed once the restored revision is ready: it takes all traffic."""
+        return replace(self, percent=None)
 
     def deployed(self, version: str, uri: str, sha256: str | None = None) -> RolloutState:
         """Straight to production (bootstrap or forced), no canary."""
@@ -168,7 +182,21 @@ def state_from_isvc(isvc: dict[str, Any]) -> RolloutState:
         bundle_sha256=(digest or {}).get("value") or None,
         production_sha256=ann.get(ANN_PROD_SHA) or None,
         traffic=traffic_status(isvc),
+        latest_ready=latest_ready(isvc),
     )
+
+
+def latest_ready(isvc: dict[str, Any]) -> bool | None:
+    """Whether KServe reports the predictor's latest created revision ready for the current spec
+    (``status.observedGeneration`` is the object's generation); None without a status."""
+    status = isvc.get("status")
+    if not status:
+        return None
+    predictor = (status.get("components") or {}).get("predictor") or {}
+    created, ready = predictor.get("latestCreatedRevision"), predictor.get("latestReadyRevision")
+    generation = (isvc.get("metadata") or {}).get("generation")
+    current = generation is None or status.get("observedGeneration") == generation  # a status for this spec
+    return bool(created) and created == ready and current
 
 
 def traffic_status(isvc: dict[str, Any]) -> str:

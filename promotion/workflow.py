@@ -853,6 +853,8 @@ class Promoter:
         if problems and not self.force:
             held = self._event("hold", from_version=live.production_version or "", to_version=live.canary_version or "")
             self._guard(live, aliases, live, aliases, held)  # records and raises Refused with the explanation
+        if live.pinned_after_rollback and live.latest_ready:
+            return self._settle(live, aliases)
         if not live.canary_active:
             return self._auto_start(live, aliases)
         version, production = str(live.canary_version), live.production_version
@@ -880,6 +882,19 @@ class Promoter:
         if nxt is None:
             return self._promote_canary(live, aliases, version)
         return self._advance(live, aliases, nxt)
+
+    def _settle(self, live: RolloutState, aliases: dict[str, str]) -> Outcome:
+        """After a rollback (:meth:`RolloutState.rolled_back`): the restored spec's revision is ready, so
+        canaryTrafficPercent goes and that revision takes all traffic (the one last rolled out, serving
+        the same version, is then scaled down)."""
+        version = live.production_version or ""
+        event = self._event(
+            "settle",
+            from_version=version,
+            to_version=version,
+            reason="the restored production revision is ready: canaryTrafficPercent 0 removed",
+        )
+        return self._execute(event, live, aliases, [live.settled()])
 
     def _auto_start(self, live: RolloutState, aliases: dict[str, str]) -> Outcome:
         candidate, production = aliases.get("candidate"), aliases.get("production")

@@ -93,7 +93,7 @@ def test_drift_or_errors_or_slow_canary_roll_back(rollout, trouble):
         assert live.values["p99_ms"] == pytest.approx(500.0) and live.values["production_p99_ms"] == pytest.approx(5.0)
         assert live.values["error_rate"] == 0 and "error rate" not in live.detail
         assert live.values["p99_basis"] == "misses"
-    assert _percent(target) is None and _env0(target) == prod_uri
+    assert _percent(target) == 0 and _env0(target) == prod_uri  # 0 kept: the restored revision takes over
     assert env.registry.aliases() == {"production": "1", "candidate": "2"}
     tags = env.registry.resolve("2").tags
     assert tags["promotion.status"] == "rejected"

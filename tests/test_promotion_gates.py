@@ -487,12 +487,40 @@ def test_merge_patch_round_trip():
     assert state_from_isvc(after) == canary and after["metadata"]["annotations"]["keep"] == "me"
     assert after["metadata"]["annotations"][ANN_PROD_SHA] == PIN_A  # production's digest kept for a rollback
     back = apply_merge_patch(after, merge_patch(after, canary.with_percent(0).rolled_back()))
-    assert state_from_isvc(back) == RolloutState("s3://a", "1", "s3://a", bundle_sha256=PIN_A, production_sha256=PIN_A)
-    assert "canaryTrafficPercent" not in back and _env(back)[1] == {"name": DIGEST_ENV, "value": PIN_A}
+    restored = RolloutState("s3://a", "1", "s3://a", percent=0, bundle_sha256=PIN_A, production_sha256=PIN_A)
+    assert state_from_isvc(back) == restored and _env(back)[1] == {"name": DIGEST_ENV, "value": PIN_A}
+    # without the field KServe routes all traffic to the latest *ready* revision: the rejected canary's
+    assert back["spec"]["predictor"]["canaryTrafficPercent"] == 0 and restored.describe() == "production v1 at 100%"
+    settled = apply_merge_patch(back, merge_patch(back, state_from_isvc(back).settled()))
+    assert "canaryTrafficPercent" not in settled["spec"]["predictor"] and _env(settled) == _env(back)
     promoted = apply_merge_patch(after, merge_patch(after, canary.promoted()))
     assert state_from_isvc(promoted).serving_production_sha256 == PIN_B == _env(promoted)[1]["value"]
     assert promoted["metadata"]["annotations"][ANN_PROD_SHA] == PIN_B
     assert merge_patch(after, canary) == {}
+
+
+@pytest.mark.parametrize(
+    ("status", "generation", "ready"),
+    [
+        (None, 3, None),  # a rendered manifest: not known
+        ({"components": {"predictor": {"latestCreatedRevision": "p-3", "latestReadyRevision": "p-2"}}}, 3, False),
+        ({"components": {"predictor": {"latestCreatedRevision": "p-3", "latestReadyRevision": "p-3"}}}, None, True),
+        ({"components": {"predictor": {"latestCreatedRevision": "p-3", "latestReadyRevision": "p-3"}}}, 3, False),
+        ({"observedGeneration": 2, "components": {"predictor": {"latestCreatedRevision": "p-3",
+                                                                "latestReadyRevision": "p-3"}}}, 3, False),  # fmt: skip
+        ({"observedGeneration": 3, "components": {"predictor": {"latestCreatedRevision": "p-3",
+                                                                "latestReadyRevision": "p-3"}}}, 3, True),  # fmt: skip
+    ],
+)
+def test_whether_the_latest_revision_is_ready_is_read_from_kserve_status(status, generation, ready):
+    """False unless KServe's status is for this spec (``observedGeneration``, when the object has a
+    generation) and its latest created revision is the latest ready one."""
+    live = _isvc(ann=PROD_ANN)
+    if generation is not None:
+        live["metadata"]["generation"] = generation
+    if status is not None:
+        live["status"] = status
+    assert state_from_isvc(live).latest_ready is ready
 
 
 def test_a_digest_change_alone_is_a_new_revision():
@@ -513,7 +541,7 @@ def test_an_inferenceservice_from_before_digests_gets_its_entry():
     assert state_from_isvc(after) == canary
     back = apply_merge_patch(after, merge_patch(after, canary.with_percent(0).rolled_back()))
     assert _env(back)[1] == {"name": DIGEST_ENV, "value": ""}  # production was never pinned: it stays so
-    assert state_from_isvc(back) == RolloutState("s3://a", "1", "s3://a")
+    assert state_from_isvc(back) == RolloutState("s3://a", "1", "s3://a", percent=0)
 
 
 @pytest.mark.parametrize("bad", [-1, 101, 12.5, "10", True])

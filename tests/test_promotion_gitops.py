@@ -4,6 +4,7 @@ target's merge patch gives through `kubectl patch --local`."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -138,13 +139,16 @@ def test_full_rollout_then_rollback(env, tmp_path):
     assert reg.resolve("2").tags["promotion.status"] == "production"
     assert reg.resolve("1").tags["promotion.status"] == "retired"
 
-    # a canary of version 3, then a rollback: the manifest returns exactly to the promoted one
+    # a canary of version 3, then a rollback: the manifest returns to the promoted one, with
+    # canaryTrafficPercent 0 (removed, KServe would route all traffic to the latest ready revision: 3's)
     p.canary_start("3", 25)
     assert render(target.overlay)["spec"]["predictor"]["canaryTrafficPercent"] == 25
     assert _pin(render(target.overlay)) == pin["3"]
     p.rollback(reason="test rollback")
     assert _check_steps(target, tmp_path) == 3  # canary start, then 0%, then the previous spec restored
-    assert render(target.overlay) == promoted
+    pinned = copy.deepcopy(promoted)
+    pinned["spec"]["predictor"]["canaryTrafficPercent"] = 0
+    assert render(target.overlay) == pinned
     assert reg.aliases() == {"production": "2"}
     tags3 = reg.resolve("3").tags
     assert (tags3["promotion.status"], tags3["promotion.rejected_reason"]) == ("rejected", "test rollback")

@@ -187,9 +187,21 @@ def test_k8s_target_canary_edit_advance_race_and_rollback(k8s):
         p.canary_set(90)
     p.force = True
     p.rollback(reason="k8s api test")
-    assert _live(api) == (None, None, uri["1"], uri["1"])
-    assert "canaryTrafficPercent" not in api.isvc()["spec"]["predictor"]
+    assert _live(api) == (None, 0, uri["1"], uri["1"])
     assert env.registry.aliases() == {"production": "1"}
+    # 0 % kept: without the field KServe routes everything to the latest ready revision, the canary's,
+    # until the restored one is ready; `auto` removes it once KServe reports that revision ready
+    assert api.isvc()["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    revisions = {"latestCreatedRevision": "mot-defects-predictor-00004",
+                 "latestReadyRevision": "mot-defects-predictor-00003"}  # fmt: skip
+    api.edit({"status": {"components": {"predictor": revisions}}})
+    assert p.auto().action == "hold" and api.isvc()["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    api.edit({"status": {"components": {"predictor": {"latestReadyRevision": "mot-defects-predictor-00004"}}}})
+    assert p.auto().action == "settle"
+    assert "canaryTrafficPercent" not in api.isvc()["spec"]["predictor"]
+    assert _live(api) == (None, None, uri["1"], uri["1"])
+    settle = _successful_rows(p, "settle")
+    assert len(settle) == 1 and settle[0]["from_version"] == settle[0]["to_version"] == "1"
 
     # every run took the Lease through the same API and released it; a second holder is refused
     assert api.lease() is not None and api.lease()["spec"]["holderIdentity"] is None
@@ -199,6 +211,11 @@ def test_k8s_target_canary_edit_advance_race_and_rollback(k8s):
             with K8sTarget(settings).lock(blocking=False):
                 pass
     assert api.lease()["spec"]["holderIdentity"] is None
+
+
+def _successful_rows(p, action: str) -> list[dict[str, Any]]:
+    rows = p.reader().promotion_events(limit=100).to_dict("records")
+    return [r for r in rows if r["action"] == action and r["success"] and not r["dry_run"]]
 
 
 def test_k8s_target_errors_are_named(k8s):
