@@ -12,7 +12,8 @@ import sys
 _FLAGS: tuple[tuple[str, str, dict], ...] = (
     ("--version", "version", {"help": "model version (default: the version the slot's alias names)"}),
     ("--slot", "slot", {"choices": ["production", "canary"],
-                        "help": "the alias that names the version (default production); rows are read by version"}),
+                        "help": "the alias that names the version (default production; canary only with --canary); "
+                                "rows are read by version"}),
     ("--window", "window", {"help": "current window: duration ending now or at --end (default 24h)"}),
     ("--end", "end", {"help": "end of the current window, ISO-8601 UTC (default now)"}),
     ("--reference", "reference", {"help": "bundle | duration before the window (7d) | START/END | bundle dir "

@@ -26,6 +26,9 @@ class ColumnDrift:
     threshold: float
     score: float
     drifted: bool
+    regime: str = ""
+    rows_reference: int = 0  # the column's values (Evidently drops missing ones before the test)
+    rows_current: int = 0
 
 
 @dataclass
@@ -73,10 +76,10 @@ def _present(ref: pd.DataFrame, cur: pd.DataFrame, columns: tuple[str, ...]) -> 
 
 
 def column_tests(settings: DriftSettings, n_reference: int, n_current: int, n_columns: int) -> dict[str, Any]:
-    """Stat tests and thresholds for a pair of windows.
+    """Stat tests and thresholds for a column with ``n_reference`` and ``n_current`` values.
 
-    Small windows: two-sample p-value tests (chi-square, Kolmogorov-Smirnov) at a Bonferroni-corrected
-    level, so the chance that any column drifts by accident stays at ``alpha``. Large windows:
+    Few values: two-sample p-value tests (chi-square, Kolmogorov-Smirnov) at a Bonferroni-corrected
+    level, so the chance that any column drifts by accident stays at ``alpha``. Many values:
     effect sizes (Jensen-Shannon, normed Wasserstein), because there every p-value is tiny.
     """
     if min(n_reference, n_current) >= settings.large_window_rows:
@@ -94,6 +97,25 @@ def column_tests(settings: DriftSettings, n_reference: int, n_current: int, n_co
         "cat_threshold": cat_threshold,
         "num_threshold": num_threshold,
     }
+
+
+def per_column_tests(
+    settings: DriftSettings, reference: pd.DataFrame, current: pd.DataFrame, cols: list[str]
+) -> tuple[dict[str, str], dict[str, float], dict[str, str], dict[str, tuple[int, int]]]:
+    """Method, threshold, regime and value counts per column, the regime chosen from the column's own
+    non-missing values on each side: Evidently drops missing values before testing, so a context column
+    that 2 % of 10,000 requests carry is tested on ~200 values, where effect sizes are noise."""
+    methods, thresholds, regimes, rows = {}, {}, {}, {}
+    for c in cols:
+        n_ref, n_cur = int(reference[c].notna().sum()), int(current[c].notna().sum())
+        t = column_tests(settings, n_ref, n_cur, len(cols))
+        kind = "cat" if c in CATEGORICAL else "num"
+        methods[c], thresholds[c] = t[f"{kind}_method"], float(t[f"{kind}_threshold"])
+        regimes[c], rows[c] = t["regime"], (n_ref, n_cur)
+        if (kind, t["regime"], methods[c], settings.column_threshold) == ("cat", "effect size", "jensenshannon", None):
+            k = pd.concat([reference[c], current[c]]).nunique()
+            thresholds[c] = js_threshold(settings.cat_effect_threshold, k, min(n_ref, n_cur))
+    return methods, thresholds, regimes, rows
 
 
 def js_threshold(floor: float, categories: int, rows: int) -> float:
@@ -124,16 +146,9 @@ def data_drift(
         categorical_columns=[c for c in cols if c in CATEGORICAL],
         numerical_columns=[c for c in cols if c in NUMERICAL],
     )
-    tests = column_tests(settings, len(reference), len(current), len(cols))
-    regime = tests.pop("regime")
-    if regime == "effect size" and tests["cat_method"] == "jensenshannon" and settings.column_threshold is None:
-        rows = min(len(reference), len(current))
-        tests["per_column_threshold"] = {
-            c: js_threshold(settings.cat_effect_threshold, pd.concat([reference[c], current[c]]).nunique(), rows)
-            for c in cols
-            if c in CATEGORICAL
-        }
-    preset = DataDriftPreset(columns=cols, drift_share=settings.drift_share, **tests)
+    methods, thresholds, regimes, rows = per_column_tests(settings, reference, current, cols)
+    preset = DataDriftPreset(columns=cols, drift_share=settings.drift_share, per_column_method=methods,
+                             per_column_threshold=thresholds)  # fmt: skip
     snapshot = Report([preset], include_tests=True).run(
         Dataset.from_pandas(current[cols], data_definition=definition),
         Dataset.from_pandas(reference[cols], data_definition=definition),
@@ -147,17 +162,22 @@ def data_drift(
     for m in doc["metrics"]:
         kind = m["config"]["type"]
         if kind.endswith(":ValueDrift"):
+            column = m["config"]["column"]
             columns.append(ColumnDrift(
-                column=m["config"]["column"],
+                column=column,
                 method=m["config"]["method"],
                 threshold=float(m["config"]["threshold"]),
                 score=float(m["value"]),
                 drifted=status[m["id"]] == "FAIL",
+                regime=regimes[column],
+                rows_reference=rows[column][0],
+                rows_current=rows[column][1],
             ))  # fmt: skip
         elif kind.endswith(":DriftedColumnsCount"):
             count, share = int(m["value"]["count"]), float(m["value"]["share"])
     if count is None or share is None:
         raise RuntimeError("Evidently returned no DriftedColumnsCount")
+    kinds = set(regimes.values())
     return DataDriftResult(
         rows_reference=len(reference),
         rows_current=len(current),
@@ -167,7 +187,7 @@ def data_drift(
         drifted_share=share,
         drift_share=settings.drift_share,
         detected=share >= settings.drift_share,
-        regime=regime,
+        regime=kinds.pop() if len(kinds) == 1 else "mixed",
     )
 
 
@@ -183,7 +203,7 @@ def random_auc_quantile(n_reference: int, n_current: int, q: float) -> float:
     return 0.5 + float(norm.ppf(q)) * math.sqrt((n1 + n2 + 1) / (12 * n1 * n2))
 
 
-def _method(settings: DriftSettings, n_reference: int, n_current: int) -> tuple[Any, float]:
+def _method(settings: DriftSettings, n_reference: int, n_current: int, dim: int) -> tuple[Any, float, dict[str, Any]]:
     from evidently.metrics.embeddings import (
         DistanceDriftMethod,
         MMDDriftMethod,
@@ -198,12 +218,19 @@ def _method(settings: DriftSettings, n_reference: int, n_current: int) -> tuple[
         if name == "model":
             threshold = max(threshold, random_auc_quantile(n_reference, n_current, settings.embedding_quantile))
     if name == "model":
-        return ModelDriftMethod(threshold=threshold, bootstrap=False), threshold
+        return ModelDriftMethod(threshold=threshold, bootstrap=False), threshold, {}
     if name == "mmd":
-        return MMDDriftMethod(threshold=threshold, bootstrap=False), threshold
+        return MMDDriftMethod(threshold=threshold, bootstrap=False), threshold, {}
     if name == "ratio":
-        return RatioDriftMethod(threshold=threshold), threshold
-    return DistanceDriftMethod(threshold=threshold, bootstrap=False), threshold
+        # Per component, the same regimes as the columns: normed Wasserstein ≥ 0.1 is noise at a few
+        # hundred rows (half the components of same-distribution windows), so KS at a Bonferroni level there.
+        if min(n_reference, n_current) >= settings.large_window_rows:
+            test, level = "wasserstein", settings.effect_threshold
+        else:
+            test, level = "ks", settings.alpha / max(dim, 1)
+        method = RatioDriftMethod(threshold=threshold, component_stattest=test, component_stattest_threshold=level)
+        return method, threshold, {"component_test": test, "component_threshold": level}
+    return DistanceDriftMethod(threshold=threshold, bootstrap=False), threshold, {}
 
 
 def cap_rows(matrix: np.ndarray, cap: int, seed: int) -> np.ndarray:
@@ -227,7 +254,7 @@ def embedding_drift(
 
     reference = cap_rows(reference, settings.embedding_max_rows, settings.seed)
     current = cap_rows(current, settings.embedding_max_rows, settings.seed + 1)
-    method, threshold = _method(settings, len(reference), len(current))
+    method, threshold, method_detail = _method(settings, len(reference), len(current), reference.shape[1])
     ref_df, names = embedding_frame(reference)
     cur_df, _ = embedding_frame(current)
     if html is None:
@@ -247,5 +274,5 @@ def embedding_drift(
         threshold=float(threshold),
         score=score,
         detected=score > threshold,
-        detail={"dim": int(reference.shape[1])},
+        detail={"dim": int(reference.shape[1]), **method_detail},
     )

@@ -332,25 +332,16 @@ class DriftJob:
 
     def _publish(self, summary: dict[str, Any], base: dict[str, Any]) -> None:
         """summary.json first, so a run that cannot write its outputs fails (exit 2) before anything
-        is published; then metrics, the ``drift_reports`` row and summary.json again (the same
-        content, with where the metrics went), then the outputs directory as an artifact of the
-        version's MLflow run."""
+        is published; then metrics, the outputs directory as an artifact of the version's MLflow run,
+        the ``drift_reports`` row and summary.json again. The upload comes before the row, so the row
+        and the summary name the MLflow copy only once it is there, and the local files otherwise."""
         s = self.s
         run_id = base["run_id"] if s.log_artifact else None
         outputs = summary["details"].setdefault("outputs", {})
         html = s.output / REPORT_HTML
-        summary["report_path"] = str(html.resolve()) if html.is_file() else ""
+        local_report = str(html.resolve()) if html.is_file() else ""
+        summary["report_path"] = local_report
         outputs["summary"] = str((s.output / publish.SUMMARY_FILE).resolve())
-        artifact_path = f"drift/{summary['slot']}-{self.now.strftime('%Y%m%dT%H%M%S')}"
-        if run_id:
-            try:
-                uri = publish.artifact_uri(self.registry.client, run_id, artifact_path)
-                outputs["mlflow_artifacts"] = uri
-                if html.is_file():
-                    summary["report_path"] = f"{uri}/{REPORT_HTML}"
-            except Exception as e:  # noqa: BLE001 - reported, the verdict still stands
-                self._fail_output(summary, "mlflow_artifacts", e)
-                run_id = None
         publish.write_summary(s.output, summary)
         if s.pushgateway or s.textfile:
             try:
@@ -364,17 +355,31 @@ class DriftJob:
                 )
             except Exception as e:  # noqa: BLE001
                 self._fail_output(summary, "metrics", e)
+        if run_id:
+            self._upload(summary, run_id, local_report)
         try:
             publish.insert_row(self.reader, summary)
         except Exception as e:  # noqa: BLE001
             self._fail_output(summary, "drift_reports row", e)
         publish.write_summary(s.output, summary)
-        if run_id:
-            try:
-                self.registry.client.log_artifacts(run_id, str(s.output), artifact_path)
-            except Exception as e:  # noqa: BLE001
-                self._fail_output(summary, "mlflow_artifacts", e)
-                publish.write_summary(s.output, summary)
+
+    def _upload(self, summary: dict[str, Any], run_id: str, local_report: str) -> None:
+        """The outputs directory to the run, its summary.json naming where it went; on a failure the
+        summary goes back to the local paths (a reported failure: the verdict still stands)."""
+        s = self.s
+        outputs = summary["details"]["outputs"]
+        artifact_path = f"drift/{summary['slot']}-{self.now.strftime('%Y%m%dT%H%M%S')}"
+        try:
+            uri = publish.artifact_uri(self.registry.client, run_id, artifact_path)
+            outputs["mlflow_artifacts"] = uri
+            if local_report:
+                summary["report_path"] = f"{uri}/{REPORT_HTML}"
+            publish.write_summary(s.output, summary)  # the copy uploaded says where it lives
+            self.registry.client.log_artifacts(run_id, str(s.output), artifact_path)
+        except Exception as e:  # noqa: BLE001 - reported, the verdict still stands
+            outputs.pop("mlflow_artifacts", None)
+            summary["report_path"] = local_report
+            self._fail_output(summary, "mlflow_artifacts", e)
 
     def _fail_output(self, summary: dict[str, Any], what: str, e: Exception) -> None:
         msg = f"could not publish {what}: {describe(e)}"

@@ -28,7 +28,10 @@ class DriftSettings(BaseSettings):
 
     model_name: str = MODEL_NAME
     version: str | None = Field(default=None, description="model version; default: the one the slot's alias names")
-    slot: Literal["production", "canary"] = "production"
+    slot: Literal["production", "canary"] = Field(
+        default="production",
+        description="the alias that names the version; 'canary' only in canary mode, whose verdict the slot names",
+    )
     window: str = Field(default="24h", description="current window: a duration ending now (30m, 24h, 7d)")
     end: str | None = Field(default=None, description="end of the current window (ISO-8601, UTC); default now")
     reference: str = Field(
@@ -57,7 +60,10 @@ class DriftSettings(BaseSettings):
         default=0.01, gt=0, lt=1, description="small windows: family-wise significance over the columns (Bonferroni)"
     )
     large_window_rows: int = Field(
-        default=5_000, ge=2, description="windows with at least this many rows use effect sizes, not p-values"
+        default=5_000,
+        ge=2,
+        description="a column with at least this many values on both sides uses effect sizes, "
+        "not p-values (missing values left out); the ratio embedding method's switch, by rows",
     )
     effect_threshold: float = Field(default=0.1, gt=0, description="large windows: normed Wasserstein (numerical)")
     cat_effect_threshold: float = Field(
@@ -138,4 +144,16 @@ class DriftSettings(BaseSettings):
                     f"{cap} ({getattr(self, cap)}) is below {least} ({getattr(self, least)}): every window "
                     f"would be too small; raise {cap} or lower {least}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _canary_slot_is_canary_mode(self) -> DriftSettings:
+        """A drift report of slot canary is the canary-against-production verdict (promotion's drift gate
+        and the canary alerts read it so); a version-mode run must not be recorded as one."""
+        if self.slot == "canary" and not self.canary:
+            raise ValueError(
+                "slot 'canary' outside canary mode would record the version against its reference as the "
+                "canary's verdict (slot canary: promotion's drift gate); use --canary to compare the canary "
+                "with production, or --version V to check that version against its reference (slot production)"
+            )
         return self

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -157,6 +158,46 @@ def test_cli_context_shift_exits_1_against_a_bundle_directory(env, motlens, tmp_
     assert {"vehicle_age_years", "odometer_miles"} <= drifted
     assert not (out / "report.html").exists() and summary["report_path"] == ""
     _assert_row_equals_summary(_stored_row(env, summary), summary)
+
+
+class _UploadFails:
+    """The real MLflow client, except that uploading fails (an unreachable artifact store)."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def log_artifacts(self, *args, **kwargs):
+        raise ConnectionError("S3 unreachable")
+
+
+def test_a_failed_upload_leaves_the_local_report_in_the_row_and_summary(env, tmp_path):
+    """report_path and outputs.mlflow_artifacts named the MLflow location, and the drift_reports row was
+    inserted, before the upload ran: a failed upload left them naming a report that was never written."""
+    from drift.job import DriftJob
+    from drift.settings import DriftSettings
+
+    registry = SimpleNamespace(resolve=env[1].resolve, fetch=env[1].fetch, client=_UploadFails(env[1].client))
+    out = tmp_path / "out"
+    settings = DriftSettings(version="1", window="2h", end=END.isoformat(), reference=str(env[0] / "bundle"),
+                             output=out, embedding_max_rows=150, progress=False)  # fmt: skip
+    reader = _reader(env)
+    try:
+        result = DriftJob(settings, reader=reader, registry=registry).run()
+    finally:
+        reader.close()
+    summary = result.summary
+    assert result.exit_code == 0 and summary["details"]["status"] == "no_drift", summary["details"]["messages"]
+    assert summary["run_id"] == env[1].resolve("1").run_id
+    assert "could not publish mlflow_artifacts: ConnectionError: S3 unreachable" in summary["details"]["messages"]
+    assert summary["report_path"] == str((out / "report.html").resolve()) and (out / "report.html").is_file()
+    assert "mlflow_artifacts" not in summary["details"]["outputs"]
+    on_disk = json.loads((out / "summary.json").read_text())  # the returned one also times its outputs
+    assert on_disk["report_path"] == summary["report_path"]
+    assert on_disk["details"]["outputs"] == summary["details"]["outputs"]
+    _assert_row_equals_summary(_stored_row(env, on_disk), on_disk)
 
 
 def test_cli_insufficient_rows_exit_2_says_so(env, motlens, tmp_path, capsys):

@@ -397,6 +397,23 @@ def test_a_row_cap_below_its_minimum_is_refused(tmp_path, capsys):
     assert DriftSettings(max_rows=100, min_rows=100).max_rows == 100
 
 
+def test_version_mode_is_never_recorded_as_the_canary_verdict(tmp_path, capsys, monkeypatch):
+    """`--slot canary` without `--canary` wrote a version-mode report (the canary's version against its
+    reference) as slot "canary", which promotion's drift gate takes for the canary-vs-production verdict."""
+    from motlens.cli import main
+
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path / "home"))  # were it run, nothing outside tmp_path
+    for var in ("MLFLOW_TRACKING_URI", "MOTLENS_CLICKHOUSE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "out"
+    assert main(["drift", "--slot", "canary", "--output", str(out)]) == 2
+    assert "slot 'canary' outside canary mode" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setenv("MOTLENS_DRIFT_SLOT", "canary")
+    with pytest.raises(ValueError, match="use --canary"):
+        DriftSettings(version="2")
+    assert DriftSettings(canary=True).slot == "canary"  # canary mode records slot canary anyway
+
+
 def test_settings_come_from_env_and_flags_win(monkeypatch, tmp_path, capsys):
     from motlens.cli import main
 
