@@ -242,7 +242,10 @@ def _print_status_tables(status: dict[str, Any]) -> None:
             t.add_row("bundle sha256 (spec)", live["bundle_sha256"] or "[yellow]not pinned[/]")
         percent = "absent" if live["percent"] is None else f"{live['percent']}"
         if live["percent"] == 0 and live["canary_version"] is None:
-            percent += " (kept by a rollback until the restored revision is ready; `auto` then removes it)"
+            percent += (
+                " (kept by a rollback: without it KServe routes to the latest ready revision, the rolled-back"
+                " canary's, until the restored one is ready; `auto` removes it once the target reports so)"
+            )
         t.add_row("canaryTrafficPercent", percent)
         t.add_row("traffic", live["traffic"] or "n/a")
         problems = status.get("disagreements") or []

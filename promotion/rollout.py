@@ -42,8 +42,10 @@ class RolloutState:
     traffic: str = field(default="", compare=False)  # observed traffic status, for people
     not_ready: str = field(default="", compare=False)  # why the target is not ready ("" when it is)
     loading: str = field(default="", compare=False)  # what the target is loading now: its state is in flux
-    #: whether KServe reports the latest revision ready (None: not known, e.g. a rendered manifest)
-    latest_ready: bool | None = field(default=None, compare=False)
+    #: the predictor's latest created and latest ready revisions in KServe's status (None: not known,
+    #: e.g. a rendered manifest or the local server)
+    latest_created: str | None = field(default=None, compare=False)
+    latest_ready_revision: str | None = field(default=None, compare=False)
 
     @property
     def canary_active(self) -> bool:
@@ -114,6 +116,15 @@ class RolloutState:
         """No canary, and canaryTrafficPercent still 0 from a rollback (:meth:`rolled_back`)."""
         return not self.canary_active and self.percent == 0
 
+    def restored_ready(self, rolled_back: str | None) -> bool | None:
+        """After a rollback: whether KServe reports the restored spec's revision ready, i.e. the latest
+        created revision is the latest ready one and is not ``rolled_back`` (the revision the canary
+        served, recorded by the rollback: a status from before the restored revision existed names it);
+        None when the target reports no revisions."""
+        if self.latest_created is None:
+            return None
+        return self.latest_created == self.latest_ready_revision and self.latest_created != rolled_back
+
     def settled(self) -> RolloutState:
         """canaryTrafficPercent removed once the restored revision is ready: it takes all traffic."""
         return replace(self, percent=None)
@@ -182,21 +193,17 @@ def state_from_isvc(isvc: dict[str, Any]) -> RolloutState:
         bundle_sha256=(digest or {}).get("value") or None,
         production_sha256=ann.get(ANN_PROD_SHA) or None,
         traffic=traffic_status(isvc),
-        latest_ready=latest_ready(isvc),
+        latest_created=_revision(isvc, "latestCreatedRevision"),
+        latest_ready_revision=_revision(isvc, "latestReadyRevision"),
     )
 
 
-def latest_ready(isvc: dict[str, Any]) -> bool | None:
-    """Whether KServe reports the predictor's latest created revision ready for the current spec
-    (``status.observedGeneration`` is the object's generation); None without a status."""
-    status = isvc.get("status")
-    if not status:
-        return None
-    predictor = (status.get("components") or {}).get("predictor") or {}
-    created, ready = predictor.get("latestCreatedRevision"), predictor.get("latestReadyRevision")
-    generation = (isvc.get("metadata") or {}).get("generation")
-    current = generation is None or status.get("observedGeneration") == generation  # a status for this spec
-    return bool(created) and created == ready and current
+def _revision(isvc: dict[str, Any], key: str) -> str | None:
+    """A revision name from ``status.components.predictor`` (KServe copies it from the Knative
+    Service; its ``observedGeneration`` is the Knative Service's, not the InferenceService's, so
+    only the names tell which revision is which)."""
+    predictor = ((isvc.get("status") or {}).get("components") or {}).get("predictor") or {}
+    return str(predictor[key]) if predictor.get(key) else None
 
 
 def traffic_status(isvc: dict[str, Any]) -> str:

@@ -136,6 +136,8 @@ class Promoter:
                 f"{self.target.describe()} is busy ({live.loading}) and its state is about to change: "
                 "retry once it has finished (`motlens promote status` shows it)"
             )
+        if live.pinned_after_rollback and not self.force and self._restored_ready(live) is False:
+            raise TargetUnavailable(f"{self._restoring(live)}; retry once it is (--force proceeds)")
         return live, aliases
 
     def disagreements(self, live: RolloutState, aliases: dict[str, str]) -> list[str]:
@@ -720,6 +722,8 @@ class Promoter:
                 )
             event = self._event("rollback", from_version=version, to_version=production or "", reason=reason)
             event.gates = list(gates or [])
+            if live.canary_active and live.latest_created:  # the revision the canary served: see _restored_ready
+                event.details["canary_revision"] = live.latest_created
             try:
                 steps = (
                     [live.with_percent(0), live.with_percent(0).rolled_back()] if live.canary_active else []
@@ -853,8 +857,12 @@ class Promoter:
         if problems and not self.force:
             held = self._event("hold", from_version=live.production_version or "", to_version=live.canary_version or "")
             self._guard(live, aliases, live, aliases, held)  # records and raises Refused with the explanation
-        if live.pinned_after_rollback and live.latest_ready:
-            return self._settle(live, aliases)
+        if live.pinned_after_rollback:
+            ready = self._restored_ready(live)
+            if ready:
+                return self._settle(live, aliases)
+            if ready is False:  # a rollout now would send its share to the rolled-back canary's revision
+                return self._hold(live, [], self._restoring(live))
         if not live.canary_active:
             return self._auto_start(live, aliases)
         version, production = str(live.canary_version), live.production_version
@@ -882,6 +890,27 @@ class Promoter:
         if nxt is None:
             return self._promote_canary(live, aliases, version)
         return self._advance(live, aliases, nxt)
+
+    def _restored_ready(self, live: RolloutState) -> bool | None:
+        """:meth:`RolloutState.restored_ready` against the revision the last rollback recorded as the
+        canary's (None: that rollback recorded none; the names alone then decide)."""
+        rolled_back = None
+        try:
+            row = self.reader().last_change(self.target.name, MODEL_NAME)
+        except Exception as e:  # noqa: BLE001 - decided on the names alone
+            log.warning("could not read promotion_events for the rollback's canary revision: %s", e)
+        else:
+            if row is not None and row.get("action") == "rollback":
+                rolled_back = _details(row).get("canary_revision") or None
+        return live.restored_ready(rolled_back)
+
+    @staticmethod
+    def _restoring(live: RolloutState) -> str:
+        return (
+            f"the rollback's restored revision is not ready yet (latest created {live.latest_created}, latest "
+            f"ready {live.latest_ready_revision}): until it is, KServe routes a new rollout's traffic to the "
+            "latest ready revision, the rolled-back canary's"
+        )
 
     def _settle(self, live: RolloutState, aliases: dict[str, str]) -> Outcome:
         """After a rollback (:meth:`RolloutState.rolled_back`): the restored spec's revision is ready, so

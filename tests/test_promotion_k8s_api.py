@@ -138,7 +138,7 @@ def _live(api: ApiServer):
 def test_k8s_target_canary_edit_advance_race_and_rollback(k8s):
     from promotion.locking import LockBusy
     from promotion.status import read_status
-    from promotion.targets import K8sTarget, TargetError
+    from promotion.targets import K8sTarget, TargetError, TargetUnavailable
     from promotion.workflow import Promoter, PromotionError, Refused
 
     env, api, settings, target = k8s
@@ -186,18 +186,25 @@ def test_k8s_target_canary_edit_advance_race_and_rollback(k8s):
     with pytest.raises(Refused, match="s3://elsewhere"):
         p.canary_set(90)
     p.force = True
+    api.edit(_revisions("00002", "00002"))  # the canary's revision, as KServe reports it
     p.rollback(reason="k8s api test")
     assert _live(api) == (None, 0, uri["1"], uri["1"])
     assert env.registry.aliases() == {"production": "1"}
     # 0 % kept: without the field KServe routes everything to the latest ready revision, the canary's,
     # until the restored one is ready; `auto` removes it once KServe reports that revision ready
     assert api.isvc()["spec"]["predictor"]["canaryTrafficPercent"] == 0
-    revisions = {"latestCreatedRevision": "mot-defects-predictor-00004",
-                 "latestReadyRevision": "mot-defects-predictor-00003"}  # fmt: skip
-    api.edit({"status": {"components": {"predictor": revisions}}})
-    assert p.auto().action == "hold" and api.isvc()["spec"]["predictor"]["canaryTrafficPercent"] == 0
-    api.edit({"status": {"components": {"predictor": {"latestReadyRevision": "mot-defects-predictor-00004"}}}})
+    p.force = False
+    env.registry.set_alias("candidate", "2")  # rejected, so held anyway: the pin is checked first
+    for created, ready in (("00002", "00002"), ("00003", "00002")):  # a status from before; then loading
+        api.edit(_revisions(created, ready))
+        held = p.auto()  # no rollout: its share would go to the latest ready revision, the rolled-back one
+        assert held.action == "hold" and "restored revision is not ready yet" in held.message, held.message
+        with pytest.raises(TargetUnavailable, match="restored revision is not ready yet"):
+            p.promote("2")
+        assert api.isvc()["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    api.edit(_revisions("00003", "00003"))
     assert p.auto().action == "settle"
+    env.registry.delete_alias("candidate")
     assert "canaryTrafficPercent" not in api.isvc()["spec"]["predictor"]
     assert _live(api) == (None, None, uri["1"], uri["1"])
     settle = _successful_rows(p, "settle")
@@ -211,6 +218,12 @@ def test_k8s_target_canary_edit_advance_race_and_rollback(k8s):
             with K8sTarget(settings).lock(blocking=False):
                 pass
     assert api.lease()["spec"]["holderIdentity"] is None
+
+
+def _revisions(created: str, ready: str) -> dict[str, Any]:
+    """A status patch: KServe's latest created and latest ready predictor revisions."""
+    names = {"latestCreatedRevision": created, "latestReadyRevision": ready}
+    return {"status": {"components": {"predictor": {k: f"{NAME}-predictor-{v}" for k, v in names.items()}}}}
 
 
 def _successful_rows(p, action: str) -> list[dict[str, Any]]:
