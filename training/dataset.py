@@ -85,8 +85,10 @@ def split_key(text: str) -> str:
 
 
 def split_groups(keys: Iterable[str], pairs: pd.DataFrame | None = None) -> pd.Series:
-    """The split group of each (normalised) text in ``keys``: the smallest label of its connected
-    component, where a text is linked to its :func:`split_key` and to each row group in ``pairs``
+    """The split group of each (normalised) text in ``keys``: its connected component's smallest row
+    group, or its smallest split key when it has none (so a new comment variant of a defect, a new
+    split key, does not rename, and so move, the defect's group), where a text is linked to its
+    :func:`split_key` and to each row group in ``pairs``
     (columns ``key``, ``group``: the ``split_group`` of its rows, from
     :func:`training.dvsa_lookups.defect_groups`; DVSA bulk rows carry one, other sources none). Two
     texts of one defect (a location or comment variant) or with one split key are in one group, also
@@ -97,7 +99,13 @@ def split_groups(keys: Iterable[str], pairs: pd.DataFrame | None = None) -> pd.S
     if pairs is not None and len(pairs):
         edges.append(pairs.loc[pairs["key"].isin(index) & pairs["group"].notna(), ["key", "group"]])
     e = pd.concat(edges, ignore_index=True).drop_duplicates()
-    labels, label_idx = np.unique(e["group"].astype(str).to_numpy(), return_inverse=True)  # sorted: min = smallest
+    e["row_group"] = np.arange(len(e)) >= len(edges[0])
+    # labels ordered row groups first, each kind sorted: the smallest index is the component's name
+    named = e.groupby("group", sort=False)["row_group"].any()
+    order = pd.DataFrame({"label": named.index.astype(str), "key": ~named.to_numpy()})
+    order = order.sort_values(["key", "label"], kind="stable")
+    labels = order["label"].to_numpy()
+    label_idx = pd.Index(labels).get_indexer(e["group"].astype(str))
     text_idx = index.get_indexer(e["key"])
     label_comp = np.arange(len(labels))
     while True:  # min-label propagation over the text-label graph, to a fixed point (a few rounds)
