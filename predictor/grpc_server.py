@@ -52,6 +52,7 @@ class _Servicer(InferenceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: ServicerContext) -> pb.ModelInferResponse:
         for tensor in request.inputs:  # KServe's decoder would say only "invalid content type"
+            tensor.datatype = tensor.datatype.upper()  # in any case, as the REST paths read it
             if to_np_dtype(tensor.datatype) is None:
                 kind = tensor.datatype[:40]
                 raise InvalidInput(f"input '{tensor.name[:100]}' has datatype {kind!r}, which v2 does not define")

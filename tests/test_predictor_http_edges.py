@@ -200,7 +200,7 @@ def test_a_carriage_return_in_a_path_reaches_no_log_line_raw(tiny_server, caplog
 
 
 def test_datatypes_are_read_in_any_case_on_the_json_and_the_binary_path(tiny_server):
-    """KServe upper-cases a datatype (JSON and gRPC); the binary-extension check refused ``bytes``."""
+    """KServe upper-cases a JSON datatype; the binary-extension check refused ``bytes`` (gRPC: elsewhere)."""
     import struct
 
     _, base = tiny_server

@@ -197,6 +197,20 @@ def test_grpc_answers_in_the_form_it_was_asked(served):
     np.testing.assert_allclose(scores, outs["severity_scores"].contents.fp32_contents, rtol=1e-6)
 
 
+def test_grpc_reads_datatypes_in_any_case_as_rest_does(served):
+    """docs/predictor.md says every path reads ``bytes``; gRPC refused it ("which v2 does not define")."""
+    _, port = served
+    lower = typed_text(TEXTS)
+    lower.datatype = "bytes"
+    age = pb.ModelInferRequest.InferInputTensor(name="vehicle_age_years", datatype="fp32", shape=[2],
+                                                contents=pb.InferTensorContents(fp32_contents=[3.0, 4.0]))  # fmt: skip
+    got = stub(port).ModelInfer(pb.ModelInferRequest(model_name=MODEL, inputs=[lower, age]), timeout=30)
+    assert [b.decode() for b in {o.name: o for o in got.outputs}["section"].contents.bytes_contents] == [
+        SECTIONS[1],
+        SECTIONS[7],
+    ]
+
+
 # ---------------------------------------------------------------- request ids
 
 
