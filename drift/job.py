@@ -355,17 +355,23 @@ class DriftJob:
                 )
             except Exception as e:  # noqa: BLE001
                 self._fail_output(summary, "metrics", e)
-        if run_id:
-            self._upload(summary, run_id, local_report)
+        uploaded = self._upload(summary, run_id, local_report) if run_id else None
         try:
             publish.insert_row(self.reader, summary)
         except Exception as e:  # noqa: BLE001
             self._fail_output(summary, "drift_reports row", e)
+            if uploaded:  # the MLflow copy says so too
+                publish.write_summary(s.output, summary)
+                try:
+                    self.registry.client.log_artifact(run_id, str(s.output / publish.SUMMARY_FILE), uploaded)
+                except Exception as e2:  # noqa: BLE001 - the local summary has it
+                    log.warning("could not upload summary.json again: %s", describe(e2))
         publish.write_summary(s.output, summary)
 
-    def _upload(self, summary: dict[str, Any], run_id: str, local_report: str) -> None:
+    def _upload(self, summary: dict[str, Any], run_id: str, local_report: str) -> str | None:
         """The outputs directory to the run, its summary.json naming where it went; on a failure the
-        summary goes back to the local paths (a reported failure: the verdict still stands)."""
+        summary goes back to the local paths (a reported failure: the verdict still stands). Returns
+        the artifact path when uploaded."""
         s = self.s
         outputs = summary["details"]["outputs"]
         artifact_path = f"drift/{summary['slot']}-{self.now.strftime('%Y%m%dT%H%M%S')}"
@@ -380,6 +386,8 @@ class DriftJob:
             outputs.pop("mlflow_artifacts", None)
             summary["report_path"] = local_report
             self._fail_output(summary, "mlflow_artifacts", e)
+            return None
+        return artifact_path
 
     def _fail_output(self, summary: dict[str, Any], what: str, e: Exception) -> None:
         msg = f"could not publish {what}: {describe(e)}"

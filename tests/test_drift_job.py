@@ -200,6 +200,41 @@ def test_a_failed_upload_leaves_the_local_report_in_the_row_and_summary(env, tmp
     _assert_row_equals_summary(_stored_row(env, on_disk), on_disk)
 
 
+class _RowFails:
+    """A log reader whose drift_reports insert fails (ClickHouse down after the windows were read)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def insert_drift_report(self, row) -> None:
+        raise ConnectionError("clickhouse down")
+
+
+def test_a_failed_row_after_the_upload_is_in_the_mlflow_copy_of_the_summary(env, tmp_path):
+    """The upload moved before the row: the MLflow copy of summary.json no longer said the row failed."""
+    import mlflow.artifacts
+
+    from drift.job import DriftJob
+    from drift.settings import DriftSettings
+
+    out = tmp_path / "out"
+    settings = DriftSettings(version="1", window="2h", end=END.isoformat(), reference=str(env[0] / "bundle"),
+                             output=out, embedding_max_rows=150, progress=False)  # fmt: skip
+    reader = _reader(env)
+    try:
+        result = DriftJob(settings, reader=_RowFails(reader), registry=env[1]).run()
+    finally:
+        reader.close()
+    message = "could not publish drift_reports row: ConnectionError: clickhouse down"
+    assert message in result.summary["details"]["messages"]
+    uri = result.summary["details"]["outputs"]["mlflow_artifacts"]
+    copy = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/summary.json", dst_path=str(tmp_path / "dl"))
+    assert message in json.loads(Path(copy).read_text())["details"]["messages"]
+
+
 def test_cli_insufficient_rows_exit_2_says_so(env, motlens, tmp_path, capsys):
     out = tmp_path / "out"
     rc = motlens(["drift", "--version", "99", "--reference", "1d", *RUN, "--output", str(out)])
