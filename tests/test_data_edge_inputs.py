@@ -170,7 +170,7 @@ def test_both_paths_read_the_same_date_forms(tmp_path):
     assert set(tidy.loc[tidy.test_id >= 2000, "test_date"]) == {pd.Timestamp("2021-03-04")}
 
 
-@pytest.mark.parametrize("name", ["mot{2023}", "mot*2023", "mot?x"])
+@pytest.mark.parametrize("name", ["mot{2023}", "mot*2023", "mot?x", "mot\\2023", "mot\\nx", "mot\\\\x"])
 def test_a_path_with_glob_characters_is_read_natively_too(tmp_path, name):
     d = write_fixture(tmp_path / name)
     _, rep, _, counts = same_on_every_path(tmp_path, d)
@@ -215,3 +215,55 @@ def test_a_class_without_its_own_item_detail_row_takes_its_group_on_both_paths(t
     )
     tidy, rep, _, _ = same_on_every_path(tmp_path, d)
     assert tidy.loc[tidy.test_id == 1004, "section"].tolist() == [1] and rep["unlabelled"] == 0
+
+
+def test_a_plus_before_a_sign_is_no_id_on_every_path(tmp_path):
+    row = "+-5|9|2021-03-04|4|NT|F|45000|LS|FORD|FIESTA|BLUE|PE|1242|2011-03-01"
+    d = write_fixture(tmp_path / "in", extra={"test_result": [row], "test_item": ["+-5|501|F|1|"]})
+    tidy, _, _, counts = same_on_every_path(tmp_path, d)
+    assert -5 not in set(tidy.test_id) and _file(counts, "test_result")[2] == 1
+
+
+def test_the_smallest_int64_id_is_kept_on_every_path(tmp_path):
+    low = -(2**63)
+    row = f"{low}|9|2021-03-04|4|NT|F|45000|LS|FORD|FIESTA|BLUE|PE|1242|2011-03-01"
+    d = write_fixture(tmp_path / "in", extra={"test_result": [row], "test_item": [f"{low}|501|F|1|"]})
+    tidy, _, _, _ = same_on_every_path(tmp_path, d)
+    assert tidy.loc[tidy.test_id == low, "text"].tolist() == [BRAKE]
+
+
+def test_defect_groups_of_rfr_ids_near_the_int64_limits_stay_apart():
+    from training.dvsa_lookups import defect_groups
+
+    ids = [2**62, -(2**62), 2**63 - 1, -(2**63), 2**62, 5]
+    m = pd.DataFrame({"rfr_id": pd.array(ids, dtype="int64"), "rfr_type_code": ["F", "F", "A", "F", "A", "A"]})
+    assert defect_groups(m).tolist() == [
+        f"rfr:{2**62}:defect",
+        f"rfr:{-(2**62)}:defect",
+        f"rfr:{2**63 - 1}:advisory",
+        f"rfr:{-(2**63)}:defect",
+        f"rfr:{2**62}:advisory",
+        "rfr:5:advisory",
+    ]
+
+
+def test_rfr_ids_above_2_to_the_53_keep_their_own_text_on_every_path(tmp_path):
+    big = 2**53
+    details = [
+        f"{big + 1}|4|11|N|Wiper blade missing|Y|3.4 (a)||1|Major",
+        f"{big}|4|12|N|Horn missing|Y|7.5 (b)||1|Minor",
+    ]
+    items = [f"1003|{big + 1}|F|0|", f"1002|{big}|F|0|"]
+    d = write_fixture(tmp_path / "in", extra={"item_detail": details, "test_item": items})
+    tidy, rep, _, _ = same_on_every_path(tmp_path, d)
+    texts = set(tidy.loc[tidy.test_id.isin([1002, 1003]), "text"])
+    assert {"Wiper blade missing (3.4 (a))", "Horn missing (7.5 (b))"} <= texts
+
+
+def test_an_lf_line_ending_in_latin1_then_utf8_reads_the_same_natively(tmp_path):
+    d = write_fixture(tmp_path / "in")
+    _with_comments(d, [b"Espa\xf1" + "é".encode()], b"|")
+    for f in d.glob("*.csv"):
+        f.write_bytes(f.read_bytes().replace(b"\r\n", b"\n"))
+    _, _, texts, _ = same_on_every_path(tmp_path, d)
+    assert any("Españé" in t for t in texts["text"])

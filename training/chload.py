@@ -424,8 +424,9 @@ _FFFD = "'\\xEF\\xBF\\xBD'"
 _LINES_SQL = (
     "SELECT count() AS n, countIf(position(line, '\\\\') > 0) AS escaped, "
     f"sum(countSubstrings(toValidUTF8(line), {_FFFD}) - countSubstrings(line, {_FFFD})) AS non_utf8, "
-    f"countIf(NOT isValidUTF8(line) AND length(replaceAll(toValidUTF8(line), {_FFFD}, '')) "
-    f"!= lengthUTF8(replaceAll(toValidUTF8(line), {_FFFD}, ''))) AS mixed "
+    # padded: toValidUTF8 swallows the rest of a line after a lead byte cut short at its end ('x\xf1\xc3\xa9')
+    f"countIf(NOT isValidUTF8(line) AND length(replaceAll(toValidUTF8(concat(line, '   ')), {_FFFD}, '')) "
+    f"!= lengthUTF8(replaceAll(toValidUTF8(concat(line, '   ')), {_FFFD}, ''))) AS mixed "
     "FROM file({path:String}, 'LineAsString') WHERE line NOT IN ('', '\\r')"
 )
 _NATIVE_SETTINGS = (
@@ -464,7 +465,7 @@ def native_load(store: Store, src: Source, fr: FileReport) -> int:
     )
     insert_sql = store.sql(f"INSERT INTO {{db}}.{src.kind} {head_sql} SELECT {select} FROM {source} WHERE {where}")
     params = {"path": str(src.path.resolve())}
-    if any(c in params["path"] for c in "*?{}"):  # file() would take the path for a glob
+    if any(c in params["path"] for c in "*?{}\\"):  # file() would take the path for a glob or read escapes
         return _python_load(store, src, fr, _CHUNK_ROWS)
     try:
         lines = store.query_df(_LINES_SQL, params)

@@ -19,13 +19,16 @@ def _int_exact(s: pd.Series) -> pd.Series:
     """Integers as nullable ``Int64``, exactly (a float cast merged ids above 2**53). ``+502`` and
     leading zeros are read as ClickHouse's ``toInt64OrNull`` reads them; anything else, or a value
     beyond int64, is missing."""
-    arr = pc.replace_substring_regex(_trimmed(s), r"^\+", "")
+    arr = pc.replace_substring_regex(_trimmed(s), r"^\+([0-9])", r"\1")  # `+-5` stays no number (ClickHouse)
     arr = pc.replace_substring_regex(arr, r"^(-?)0+([0-9])", r"\1\2")  # leading zeros
     digits = pc.replace_substring_regex(arr, r"^-", "")
     ok = pc.and_(
         pc.match_substring_regex(arr, r"^-?[0-9]{1,19}$"),
-        # 19 digits: at most int64's limit (equal-length digit strings compare as numbers)
-        pc.or_(pc.less(pc.utf8_length(digits), 19), pc.less_equal(digits, "9223372036854775807")),
+        # 19 digits: at most int64's limits (equal-length digit strings compare as numbers); -2**63 too
+        pc.or_(
+            pc.or_(pc.less(pc.utf8_length(digits), 19), pc.less_equal(digits, "9223372036854775807")),
+            pc.equal(arr, "-9223372036854775808"),
+        ),
     )
     out = pc.cast(pc.if_else(ok, arr, pa.scalar(None, pa.string())), pa.int64())
     return pd.Series(out.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get), index=s.index, dtype="Int64")

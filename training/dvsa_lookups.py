@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from training import mot_labels
-from training.dvsa_columns import _col, _int
+from training.dvsa_columns import _col, _int, _int_exact
 from training.dvsa_files import UNUSED_KINDS, Source, iter_raw
 from training.dvsa_report import BulkFormatError, BulkReport, FileReport
 
@@ -39,9 +39,9 @@ def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
     detail = pd.concat(frames["item_detail"], ignore_index=True)
     detail = pd.DataFrame(
         {
-            "rfr_id": _int(detail["rfr_id"]),
+            "rfr_id": _int_exact(detail["rfr_id"]),  # exactly: ids above 2**53 stay apart
             "test_class_id": _int(_col(detail, "test_class_id")).fillna(4),
-            "test_item_id": _int(_col(detail, "test_item_id")),
+            "test_item_id": _int_exact(_col(detail, "test_item_id")),
             "rfr_desc": _col(detail, "rfr_desc"),
             "rfr_insp_manual_desc": _col(detail, "rfr_insp_manual_desc"),
             "rfr_advisory_text": _col(detail, "rfr_advisory_text"),
@@ -53,14 +53,14 @@ def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
     if frames["item_group"]:
         g = pd.concat(frames["item_group"], ignore_index=True)
         ids, cls, parents = (
-            _int(g["test_item_id"]),
+            _int_exact(g["test_item_id"]),
             _int(_col(g, "test_class_id")).fillna(4),
-            _int(_col(g, "parent_id")),  # without parents every group is its own root
+            _int_exact(_col(g, "parent_id")),  # without parents every group is its own root
         )
         nodes = {
-            (int(i), int(c)): (int(p) if p == p else 0, str(n or ""))
+            (int(i), int(c)): (int(p) if pd.notna(p) else 0, str(n or ""))
             for i, c, p, n in zip(ids, cls, parents, _col(g, "item_name"), strict=True)
-            if i == i
+            if pd.notna(i)
         }
         for i, c in nodes:
             node, seen = (i, c), set()
@@ -85,7 +85,7 @@ def _with_item_names(detail: pd.DataFrame, names: dict[tuple[int, int], str]) ->
     printed on a test certificate reads (``Position lamp missing``), and how many rows changed.
     Whole sentences (``Brake disc significantly and obviously worn``) are kept as they are."""
     items = [
-        names.get((int(i), int(c)), "") if i == i else ""
+        names.get((int(i), int(c)), "") if pd.notna(i) else ""
         for i, c in zip(detail["test_item_id"], detail["test_class_id"], strict=True)
     ]
     item = pd.Series(items, index=detail.index, dtype=object).str.strip()
@@ -115,9 +115,11 @@ def defect_groups(m: pd.DataFrame) -> np.ndarray:
     """Each defect row's ``split_group`` (training.dataset.split_groups): its defect (``rfr_id``) and
     whether it was an advisory (whose text differs), without location or tester comment, so the
     variants of one defect share it."""
-    code = m["rfr_id"].to_numpy(dtype=np.int64) * 2 + advisory_rows(m)
-    uniq, at = np.unique(code, return_inverse=True)  # label each distinct defect once: rows repeat them
-    labels = np.array([f"rfr:{c >> 1}:{'advisory' if c & 1 else 'defect'}" for c in uniq.tolist()], dtype=object)
+    # distinct (rfr_id, advisory) pairs: from the rfr_id's factor code, not rfr_id * 2 (which overflowed
+    # int64 from 2**62 on); label each once: rows repeat them
+    codes, rfrs = pd.factorize(m["rfr_id"].to_numpy(dtype=np.int64))
+    uniq, at = np.unique(codes.astype(np.int64) * 2 + advisory_rows(m), return_inverse=True)
+    labels = np.array([f"rfr:{rfrs[c >> 1]}:{'advisory' if c & 1 else 'defect'}" for c in uniq.tolist()], dtype=object)
     return labels[at.reshape(-1)]
 
 
@@ -153,7 +155,7 @@ def label_defects(m: pd.DataFrame, post: pd.Series, lk: Lookups) -> tuple[np.nda
         comment = row.rfr_comment if isinstance(row.rfr_comment, str) else ""
         text = _defect_text(lk.locations.get(int(row.location_id), ""), desc, comment, ref)
         section = mot_labels.section_from_text(text) if row.post else None
-        if section is None and row.test_item_id == row.test_item_id:
+        if section is None and pd.notna(row.test_item_id):
             root = lk.group_root.get((int(row.test_item_id), int(row.test_class_id)), "")
             section = mot_labels.section_from_group(root)
         texts.append(text)
