@@ -267,3 +267,16 @@ def test_an_lf_line_ending_in_latin1_then_utf8_reads_the_same_natively(tmp_path)
         f.write_bytes(f.read_bytes().replace(b"\r\n", b"\n"))
     _, _, texts, _ = same_on_every_path(tmp_path, d)
     assert any("Españé" in t for t in texts["text"])
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b"\n"])
+def test_a_bare_carriage_return_inside_a_pipe_field_reads_the_same_natively(tmp_path, ending):
+    """The Python reader ends a line at a bare CR (the row splits: a bad row); the native read, which
+    splits lines at LF only, kept ``a\\rb`` in the text."""
+    d = write_fixture(tmp_path / "in")
+    _with_comments(d, [b"worse a\rb"], b"|")
+    if ending == b"\n":
+        for f in d.glob("*.csv"):
+            f.write_bytes(f.read_bytes().replace(b"\r\n", b"\n"))
+    _, _, texts, _ = same_on_every_path(tmp_path, d)
+    assert not any("\r" in t for t in texts["text"])

@@ -426,7 +426,9 @@ _LINES_SQL = (
     f"sum(countSubstrings(toValidUTF8(line), {_FFFD}) - countSubstrings(line, {_FFFD})) AS non_utf8, "
     # padded: toValidUTF8 swallows the rest of a line after a lead byte cut short at its end ('x\xf1\xc3\xa9')
     f"countIf(NOT isValidUTF8(line) AND length(replaceAll(toValidUTF8(concat(line, '   ')), {_FFFD}, '')) "
-    f"!= lengthUTF8(replaceAll(toValidUTF8(concat(line, '   ')), {_FFFD}, ''))) AS mixed "
+    f"!= lengthUTF8(replaceAll(toValidUTF8(concat(line, '   ')), {_FFFD}, ''))) AS mixed, "
+    # a CR not ending the line: the Python reader ends a line there, LineAsString only at LF
+    "countIf(position(substring(line, 1, length(line) - 1), '\\r') > 0) AS bare_cr "
     "FROM file({path:String}, 'LineAsString') WHERE line NOT IN ('', '\\r')"
 )
 _NATIVE_SETTINGS = (
@@ -469,11 +471,12 @@ def native_load(store: Store, src: Source, fr: FileReport) -> int:
         return _python_load(store, src, fr, _CHUNK_ROWS)
     try:
         lines = store.query_df(_LINES_SQL, params)
-        if int(lines["mixed"].iloc[0]) or (src.delimiter == "," and int(lines["escaped"].iloc[0])):
+        mixed, bare_cr, escaped = (int(lines[c].iloc[0]) for c in ("mixed", "bare_cr", "escaped"))
+        if mixed or bare_cr or (src.delimiter == "," and escaped):
             # Python reads these: a comma file with a backslash (DVSA writes \" from 2024 on; the Python
             # reader undoes any backslash escape, ClickHouse's CSV reader none: \" took the rest of the
-            # file into one field), and a line mixing UTF-8 and latin-1 (convertCharset would re-encode
-            # the whole field, mojibake of its UTF-8 part)
+            # file into one field), a line mixing UTF-8 and latin-1 (convertCharset would re-encode
+            # the whole field, mojibake of its UTF-8 part), and a CR inside a line (a line end there)
             return _python_load(store, src, fr, _CHUNK_ROWS)
         st = store.query_df(stats_sql + _NATIVE_SETTINGS, params).iloc[0]
         if src.delimiter == "," and int(st["broken"]):
