@@ -280,3 +280,18 @@ def test_a_bare_carriage_return_inside_a_pipe_field_reads_the_same_natively(tmp_
             f.write_bytes(f.read_bytes().replace(b"\r\n", b"\n"))
     _, _, texts, _ = same_on_every_path(tmp_path, d)
     assert not any("\r" in t for t in texts["text"])
+
+
+def test_a_class_without_its_own_item_detail_row_takes_the_lowest_class_on_both_paths(tmp_path, monkeypatch):
+    """rfr 501 listed for class 5 before class 4, a class 7 test: the Parquet path took the first listed
+    row (class 5's text), the ClickHouse path ClickHouse's key order (class 4's)."""
+    from test_data_reader import ROWS
+
+    first = "501|5|11|N|Brake disc text of class five|Y|1.1.14 (a) (ii)|x|1|Major"
+    monkeypatch.setitem(ROWS, "item_detail", [first, *ROWS["item_detail"]])
+    d = write_fixture(tmp_path / "in", extra={
+        "test_result": ["1004|9|2021-03-04|7|NT|F|45000|LS|FORD|FIESTA|BLUE|PE|1242|2011-03-01"],
+        "test_item": ["1004|501|F|1|"],
+    })  # fmt: skip
+    tidy, _, _, _ = same_on_every_path(tmp_path, d)
+    assert tidy.loc[tidy.test_id == 1004, "text"].tolist() == [BRAKE]  # class 4's

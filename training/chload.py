@@ -34,7 +34,7 @@ from predlog.settings import IDENT, connect_kwargs, usable_url
 from training import mot_labels
 from training.dvsa_columns import DATE_DMY, DATE_ISO, DATE_YEARS, typed_items, typed_results
 from training.dvsa_files import Source, discover, iter_raw
-from training.dvsa_lookups import Lookups, defect_groups, label_defects, load_lookups
+from training.dvsa_lookups import Lookups, defect_groups, label_defects, load_lookups, with_detail
 from training.dvsa_report import BulkFormatError, BulkReport, FileReport
 
 SEVERITY_COUNT_COLUMNS = tuple(f"n_{s}" for s in SEVERITIES)
@@ -601,18 +601,7 @@ def distinct_texts(
     if combos.empty:
         return aggregate_texts(np.array([], dtype=object), np.array([], dtype=np.int8), pd.Series([]), np.array([]))
     combos = combos.replace({"rfr_comment": {"": None}, "dangerous_mark": {"": None}})
-    m = combos.merge(lk.detail, on=["rfr_id", "test_class_id"], how="left", sort=False)
-    miss = m["rfr_desc"].isna() & m["rfr_id"].isin(lk.detail["rfr_id"])
-    if miss.any():
-        by_rfr = lk.detail.drop_duplicates("rfr_id").set_index("rfr_id")
-        for c in (
-            "test_item_id",
-            "rfr_desc",
-            "rfr_insp_manual_desc",
-            "rfr_advisory_text",
-            "rfr_deficiency_category",
-        ):
-            m.loc[miss, c] = m.loc[miss, "rfr_id"].map(by_rfr[c])
+    m = with_detail(combos, lk.detail)
     m = m[m["rfr_desc"].notna()].reset_index(drop=True)
     text, section, severity = label_defects(m, m["post"].astype(bool), lk)
     return aggregate_texts(text, section, severity, m["n"].to_numpy(dtype=np.int64), defect_groups(m))

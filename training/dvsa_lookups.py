@@ -106,6 +106,20 @@ def _defect_text(location: str, desc: str, comment: str, ref: str) -> str:
     return text
 
 
+def with_detail(m: pd.DataFrame, detail: pd.DataFrame) -> pd.DataFrame:
+    """Defect rows ``m`` joined with their ``item_detail`` row by (rfr_id, test_class_id); a class
+    without its own row takes the rfr's row of its lowest class (one rule on both paths, whatever
+    order the lookup table was read in)."""
+    m = m.merge(detail, on=["rfr_id", "test_class_id"], how="left", sort=False)
+    miss = m["rfr_desc"].isna() & m["rfr_id"].isin(detail["rfr_id"])
+    if miss.any():
+        by_rfr = detail.sort_values(["rfr_id", "test_class_id"], kind="stable").drop_duplicates("rfr_id")
+        by_rfr = by_rfr.set_index("rfr_id")
+        for c in ("test_item_id", "rfr_desc", "rfr_insp_manual_desc", "rfr_advisory_text", "rfr_deficiency_category"):
+            m.loc[miss, c] = m.loc[miss, "rfr_id"].map(by_rfr[c])
+    return m
+
+
 def advisory_rows(m: pd.DataFrame) -> np.ndarray:
     """Where a defect row is an advisory (``rfr_type_code`` A): its text is the advisory text."""
     return mot_labels.normalised(m["rfr_type_code"], str.upper).eq("A").to_numpy()

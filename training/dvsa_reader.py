@@ -28,7 +28,7 @@ from tqdm import tqdm
 from training import mot_labels
 from training.dvsa_columns import typed_items, typed_results
 from training.dvsa_files import Source, discover, iter_raw
-from training.dvsa_lookups import Lookups, defect_groups, label_defects, load_lookups
+from training.dvsa_lookups import Lookups, defect_groups, label_defects, load_lookups, with_detail
 from training.dvsa_report import BulkFormatError, BulkReport, BulkResourceError, FileReport
 from training.tidy import TIDY_COLUMNS
 
@@ -307,13 +307,7 @@ class BulkReader:
         it = it[~dup]
         m = it.merge(res, on="test_id", how="inner", sort=False)
         rep.orphan_items += len(it) - len(m)
-        m = m.merge(lk.detail, on=["rfr_id", "test_class_id"], how="left", sort=False)
-        miss = m["rfr_desc"].isna() & m["rfr_id"].isin(lk.detail["rfr_id"])
-        if miss.any():  # a class without its own lookup row: use the rfr's first entry
-            by_rfr = lk.detail.drop_duplicates("rfr_id").set_index("rfr_id")
-            for c in ("test_item_id", "rfr_desc", "rfr_insp_manual_desc", "rfr_advisory_text",
-                      "rfr_deficiency_category"):  # fmt: skip
-                m.loc[miss, c] = m.loc[miss, "rfr_id"].map(by_rfr[c])
+        m = with_detail(m, lk.detail)
         known = m["rfr_desc"].notna()
         rep.unknown_rfr += int((~known).sum())
         m = m[known].sort_values("seq", kind="stable").reset_index(drop=True)
