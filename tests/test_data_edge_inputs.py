@@ -295,3 +295,22 @@ def test_a_class_without_its_own_item_detail_row_takes_the_lowest_class_on_both_
     })  # fmt: skip
     tidy, _, _, _ = same_on_every_path(tmp_path, d)
     assert tidy.loc[tidy.test_id == 1004, "text"].tolist() == [BRAKE]  # class 4's
+
+
+@pytest.mark.parametrize(
+    ("details", "rfr"),
+    [
+        (["701|-40000|11|N|Odd text|Y|||1|Major", "701|5|12|N|Five text|Y|||1|Major"], 701),
+        (["702|99999|12|N|Only odd|Y|||1|Major"], 702),
+    ],
+)
+def test_an_item_detail_class_beyond_int16_is_class_4_on_both_paths(tmp_path, details, rfr):
+    """The ClickHouse path dropped such rows (an Int16 column), the Parquet path kept them: the two
+    took different rows for a class without its own, or one knew an rfr the other did not."""
+    d = write_fixture(tmp_path / "in", extra={
+        "test_result": ["1006|9|2016-03-04|4|NT|F|45000|LS|FORD|FIESTA|BLUE|PE|1242|2011-03-01"],
+        "item_detail": details,
+        "test_item": [f"1006|{rfr}|F|0|"],
+    })  # fmt: skip
+    tidy, _, _, _ = same_on_every_path(tmp_path, d)
+    assert len(tidy.loc[tidy.test_id == 1006]) == 1

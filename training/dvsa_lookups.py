@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from training import mot_labels
-from training.dvsa_columns import _col, _int, _int_exact
+from training.dvsa_columns import _col, _int, _int16, _int_exact
 from training.dvsa_files import UNUSED_KINDS, Source, iter_raw
 from training.dvsa_report import BulkFormatError, BulkReport, FileReport
 
@@ -40,7 +40,8 @@ def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
     detail = pd.DataFrame(
         {
             "rfr_id": _int_exact(detail["rfr_id"]),  # exactly: ids above 2**53 stay apart
-            "test_class_id": _int(_col(detail, "test_class_id")).fillna(4),
+            # a class beyond int16 is missing (class 4), as in test_result, on both paths
+            "test_class_id": _int16(_int_exact(_col(detail, "test_class_id"))),
             "test_item_id": _int_exact(_col(detail, "test_item_id")),
             "rfr_desc": _col(detail, "rfr_desc"),
             "rfr_insp_manual_desc": _col(detail, "rfr_insp_manual_desc"),
@@ -54,7 +55,7 @@ def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
         g = pd.concat(frames["item_group"], ignore_index=True)
         ids, cls, parents = (
             _int_exact(g["test_item_id"]),
-            _int(_col(g, "test_class_id")).fillna(4),
+            _int16(_int_exact(_col(g, "test_class_id"))),
             _int_exact(_col(g, "parent_id")),  # without parents every group is its own root
         )
         nodes = {
