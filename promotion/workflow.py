@@ -136,8 +136,6 @@ class Promoter:
                 f"{self.target.describe()} is busy ({live.loading}) and its state is about to change: "
                 "retry once it has finished (`motlens promote status` shows it)"
             )
-        if live.pinned_after_rollback and not self.force and self._restored_ready(live) is False:
-            raise TargetUnavailable(f"{self._restoring(live)}; retry once it is (--force proceeds)")
         return live, aliases
 
     def disagreements(self, live: RolloutState, aliases: dict[str, str]) -> list[str]:
@@ -251,6 +249,10 @@ class Promoter:
         set_aliases = set_aliases or {}
         desired_aliases = {k: v for k, v in {**aliases, **set_aliases}.items() if k not in delete_aliases}
         desired = steps[-1] if steps else live
+        if desired != live and live.pinned_after_rollback and not self.force and self._restored_ready(live) is False:
+            # a change of the target now sends traffic to the rolled-back canary's revision; a re-run that
+            # only brings the registry along (the target already as desired) goes ahead
+            raise TargetUnavailable(f"{self._restoring(live)}; retry once it is (--force proceeds)")
         self._guard(live, aliases, desired, desired_aliases, event)
         event.from_state, event.to_state = live.describe(), desired.describe()
         event.percent = float(desired.percent or 0) if desired.canary_active else 0.0
@@ -300,7 +302,9 @@ class Promoter:
                 f"re-running the same command finishes it"
             ) from e
         if finishing is not None:  # the change took effect then; this run only brought the registry along
-            applied_at, event.from_state, event.from_version = finishing
+            applied_at, event.from_state, event.from_version, partial = finishing
+            if "canary_revision" in partial:  # what the rollback saw then (the canary is gone now)
+                event.details.setdefault("canary_revision", partial["canary_revision"])
             event.details["resumes"] = applied_at.isoformat()
         assert applied_at is not None
         event.ts = applied_at
@@ -314,9 +318,9 @@ class Promoter:
             audit_ok=audit_ok,
         )
 
-    def _partly_done(self, event: Event) -> tuple[datetime, str, str] | None:
+    def _partly_done(self, event: Event) -> tuple[datetime, str, str, dict[str, Any]] | None:
         """When a re-run finds the target already as ``event`` would leave it: the partly done row it
-        finishes, as (applied at, its from state, its from version), else None. That row must be this
+        finishes, as (applied at, its from state, its from version, its details), else None. That row must be this
         target's newest change (a successful or partly done row; holds, refusals, dry runs and failures
         that changed nothing do not count): a partial row of an earlier rollout, followed by other
         changes, is history, not this run's to finish."""
@@ -337,7 +341,7 @@ class Promoter:
             or details.get("to") != event.to_state
         ):
             return None
-        return applied, str(details.get("from", "")), str(row.get("from_version") or "")
+        return applied, str(details.get("from", "")), str(row.get("from_version") or ""), details
 
     def _record_refusal(self, event: Event, live: RolloutState, why: str) -> None:
         """Record ``event`` as refused (exit 3) with the state it left as it was; a refused ``hold`` (an

@@ -115,13 +115,13 @@ class ApiServer:
 
 @pytest.fixture
 def k8s(registry, tiny_bundle, tmp_path, monkeypatch):
-    """Registry v1 (0.60) and v2 (0.61); the cpu overlay's InferenceService in the stand-in API server;
+    """Registry v1 (0.60), v2 (0.61) and v3 (0.62); the cpu overlay's InferenceService in the stand-in API server;
     a K8sTarget built through its real constructor (in-cluster config, CustomObjectsApi) pointed at it."""
     import kubernetes
 
     from promotion.targets import K8sTarget
 
-    env = make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60, 0.61])
+    env = make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60, 0.61, 0.62])
     api = ApiServer()
     api.create_namespaced_custom_object(API_GROUP, API_VERSION, NS, PLURAL, render(env.manifests / "overlays" / "cpu"))
     monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda: None)
@@ -194,13 +194,13 @@ def test_k8s_target_canary_edit_advance_race_and_rollback(k8s):
     # until the restored one is ready; `auto` removes it once KServe reports that revision ready
     assert api.isvc()["spec"]["predictor"]["canaryTrafficPercent"] == 0
     p.force = False
-    env.registry.set_alias("candidate", "2")  # rejected, so held anyway: the pin is checked first
+    env.registry.set_alias("candidate", "3")
     for created, ready in (("00002", "00002"), ("00003", "00002")):  # a status from before; then loading
         api.edit(_revisions(created, ready))
-        held = p.auto()  # no rollout: its share would go to the latest ready revision, the rolled-back one
+        held = p.auto()  # no canary of 3: its share would go to the latest ready revision, the rolled-back one
         assert held.action == "hold" and "restored revision is not ready yet" in held.message, held.message
         with pytest.raises(TargetUnavailable, match="restored revision is not ready yet"):
-            p.promote("2")
+            p.canary_start("3", 10)
         assert api.isvc()["spec"]["predictor"]["canaryTrafficPercent"] == 0
     api.edit(_revisions("00003", "00003"))
     assert p.auto().action == "settle"
@@ -229,6 +229,33 @@ def _revisions(created: str, ready: str) -> dict[str, Any]:
 def _successful_rows(p, action: str) -> list[dict[str, Any]]:
     rows = p.reader().promotion_events(limit=100).to_dict("records")
     return [r for r in rows if r["action"] == action and r["success"] and not r["dry_run"]]
+
+
+def test_a_rollback_finished_by_a_rerun_keeps_the_canary_revision_it_saw(k8s, monkeypatch):
+    """The re-run that finished a part-done rollback wrote no ``canary_revision`` (the canary was gone
+    by then), so readiness fell back to revision names alone."""
+    import json
+
+    from promotion.workflow import PartlyDone, Promoter
+
+    env, api, settings, target = k8s
+    p = Promoter(settings, env.registry, target, force=True)
+    p.promote("1")
+    p.force = False
+    p.canary_start("2", 10)
+    api.edit(_revisions("00002", "00002"))
+    real = env.registry.delete_alias
+    monkeypatch.setattr(env.registry, "delete_alias", lambda *a: (_ for _ in ()).throw(RuntimeError("registry down")))
+    with pytest.raises(PartlyDone):
+        p.rollback(reason="part-way")
+    monkeypatch.setattr(env.registry, "delete_alias", real)
+    api.edit(_revisions("00003", "00002"))  # the restored revision, loading
+    p.rollback(reason="part-way")  # finishes it
+    done = p.reader().last_change(target.name, "mot-defects")
+    details = json.loads(done["details"])
+    assert done["success"] and "resumes" in details and details["canary_revision"] == f"{NAME}-predictor-00002"
+    api.edit(_revisions("00002", "00002"))  # a status from before the restored revision: not ready
+    assert p.auto().action == "hold"
 
 
 def test_k8s_target_errors_are_named(k8s):
