@@ -727,11 +727,11 @@ async def test_grpc_repository_unload_is_unimplemented_and_raw_bytes_are_checked
             await stub.ModelInfer(fewer)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details() == "input 'text' holds 1 items; its shape [2] declares 2"
-        for datatype in ("STRING", "bytes", ""):  # not a v2 datatype: named (KServe said "invalid content type")
+        for datatype in ("STRING", "Str", ""):  # not a v2 datatype in any case: named (KServe: "invalid content type")
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.ModelInfer(raw_text(b"\x01\x00\x00\x00a", datatype))
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert info.value.details() == f"input 'text' has datatype {datatype!r}, which v2 does not define"
+            assert info.value.details() == f"input 'text' has datatype {datatype.upper()!r}, which v2 does not define"
         # bytes that are no protobuf at all: grpc-python's deserializer answered UNKNOWN
         for method in ("ModelInfer", "ModelReady"):
             call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")  # raw bytes both ways
