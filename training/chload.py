@@ -266,8 +266,7 @@ class LoadResult:
 
 
 def _lookup_tables(lk: Lookups) -> tuple[pa.Table, pa.Table, pa.Table]:
-    d = lk.detail
-    d = d[d["test_class_id"].between(-(2**15), 2**15 - 1)]  # no test has another class (an Int16 column)
+    d = lk.detail  # classes already within Int16 (load_lookups: beyond it is class 4)
     item_ids = d["test_item_id"].fillna(-1).astype("int64")
     roots = [lk.group_root.get((int(i), int(c)), "") for i, c in zip(item_ids, d["test_class_id"], strict=True)]
     detail = pa.table(
@@ -288,7 +287,7 @@ def _lookup_tables(lk: Lookups) -> tuple[pa.Table, pa.Table, pa.Table]:
             "location": pa.array(list(lk.locations.values()), type=pa.string()),
         }
     )
-    keys = [k for k in lk.group_root if -(2**15) <= k[1] < 2**15]  # a test's class is an Int16
+    keys = list(lk.group_root)
     roots_table = pa.table(
         {
             "test_item_id": pa.array([i for i, _ in keys], type=pa.int64()),
