@@ -79,6 +79,8 @@ class ServingUnit:
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no request uses this unit; False if ``timeout`` passed first."""
+        if self._idle.is_set():  # at once: ``wait_for(…, 0)`` cancels the wait before it runs
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True

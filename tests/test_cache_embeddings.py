@@ -290,3 +290,4 @@ async def test_a_retired_version_keeps_its_series_until_its_last_request_ends(ti
     while series() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert series() == set()
+    assert await unit.drain(0)  # idle: drained at once, also with no grace (it had timed out at 0 s)
