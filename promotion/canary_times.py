@@ -29,11 +29,13 @@ class CanaryTimes:
     ``started_skew`` name a recorded time later than this host's now (the windows then fall back as
     if it were missing, and the gates hold unless they fail)."""
 
-    started: datetime | None
+    started: datetime
     since: datetime
     source: str = ""
     skew: str = ""
     started_skew: str = ""
+    #: how ``started`` was chosen when no start is recorded anywhere (the drift gate's detail says it)
+    started_source: str = ""
 
 
 def canary_times(
@@ -42,7 +44,8 @@ def canary_times(
     """When the canary started and last stepped: its tags ``promotion.canary_started_at`` and
     ``promotion.step_at``; where one is missing, unreadable or later than now (another host's clock),
     the latest such action the audit trail records (the version's event tags, else the
-    ``promotion_events`` table), else (no step time at all) the last ``LOOKBACK_S`` (at least the dwell)."""
+    ``promotion_events`` table), else (no step time at all) the last ``LOOKBACK_S`` (at least the dwell).
+    A start found nowhere is the step's time: drift reports of an earlier rollout must not count."""
     now = utc_now()
     started, started_why, started_skew = _tag_time(tags, STARTED_AT_TAG, now)
     step, step_why, skew = _tag_time(tags, STEP_AT_TAG, now)
@@ -51,21 +54,28 @@ def canary_times(
     recorded = _recorded_steps(version, tags, now, reader)
     if started is None and "canary_start" in recorded:
         started = recorded["canary_start"][0]
-    if step is not None:
-        return CanaryTimes(started, step, started_skew=started_skew)
+    unstarted = "" if started else f"no start of version {version} recorded: drift reports counted since "
+    if step is not None:  # drift reports: since the start, or (unknown) since the step, never all of them
+        return CanaryTimes(
+            started or step, step, started_skew=started_skew, started_source=unstarted and unstarted + "its last step"
+        )
     known = [(started, f"the canary's start ({STARTED_AT_TAG})")] if started and not started_why else []
     if "step" in recorded:
         ts, action, where = recorded["step"]
         known.append((ts, f"the latest step the audit trail records: {action} at {ts.isoformat()} in {where}"))
     if known:
         since, what = max(known, key=lambda k: k[0])
-        return CanaryTimes(started, since, f"{step_why}: counting since {what}", skew, started_skew)
+        return CanaryTimes(
+            started or since, since, f"{step_why}: counting since {what}", skew, started_skew,
+            unstarted and unstarted + "the latest step",
+        )  # fmt: skip
     lookback = max(LOOKBACK_S, settings.min_step_interval_s)
     source = (
         f"{step_why} and no step time recorded (no canary_start, canary_set or advance of version "
         f"{version} in the audit trail): counting the last {lookback / 3600:g} h"
     )
-    return CanaryTimes(started, now - timedelta(seconds=lookback), source, skew, started_skew)
+    since = now - timedelta(seconds=lookback)
+    return CanaryTimes(started or since, since, source, skew, started_skew, unstarted and unstarted + since.isoformat())
 
 
 def _recorded_steps(

@@ -135,6 +135,8 @@ class Evidence:
         for why in (times.source, reloaded):
             if why:
                 live.detail = f"{live.detail} ({why})"
+        if times.started_source:
+            drift.detail = f"{drift.detail} ({times.started_source})"
         # a skewed clock holds the canary, but never hides a failure found in the fallback window
         if times.started_skew and drift.status != g.FAIL:
             drift = g.GateResult("drift", g.WAIT, times.started_skew, drift.values)

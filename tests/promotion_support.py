@@ -76,10 +76,10 @@ def log_traffic(version: str, slot: str, n: int, *, errors: int = 0, latency_ms:
     writer.close(30)
 
 
-def drift_report(version: str, detected: bool, n: int = 500) -> None:
+def drift_report(version: str, detected: bool, n: int = 500, at: datetime | None = None) -> None:
     import predlog
 
-    now = datetime.now(UTC)
+    now = at or datetime.now(UTC)
     predlog.open_reader().insert_drift_report({
         "ts": now, "model_name": "mot-defects", "model_version": version, "slot": "canary",
         "reference": "bundle", "window_start": now, "window_end": now, "n_current": n, "n_reference": n,

@@ -48,6 +48,21 @@ def _delete_tags(env, version, names):
         client.delete_model_version_tag("mot-defects", version, name)
 
 
+class NoEvents:
+    """The real log, without the promotion_events rows (an earlier version wrote none)."""
+
+    def __init__(self):
+        import predlog
+
+        self.real = predlog.open_reader()
+
+    def promotion_events(self, **kw):
+        return pd.DataFrame()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
 def _live(out):
     return next(r for r in out.gates if r.name == "live")
 
@@ -72,18 +87,6 @@ def test_missing_tags_and_history_use_the_promotion_events_table(canary):
 
 
 def test_nothing_recorded_uses_a_bounded_lookback_and_says_so(canary):
-    import predlog
-
-    class NoEvents:  # the real log, without the promotion_events rows (an earlier version wrote none)
-        def __init__(self):
-            self.real = predlog.open_reader()
-
-        def promotion_events(self, **kw):
-            return pd.DataFrame()
-
-        def __getattr__(self, name):
-            return getattr(self.real, name)
-
     env, target = canary
     tags = env.registry.resolve("2").tags
     _delete_tags(env, "2", [STEP_AT_TAG, STARTED_AT_TAG] + [t for t in tags if t.startswith("promotion.event.")])
@@ -91,6 +94,23 @@ def test_nothing_recorded_uses_a_bounded_lookback_and_says_so(canary):
     out = _auto(env, target, reader_factory=NoEvents)
     assert out.action == "advance", out.message
     assert "no step time recorded" in _live(out).detail and "last 1 h" in _live(out).detail
+
+
+def test_no_recorded_start_never_counts_a_drift_report_older_than_the_window(canary):
+    """With no start recorded anywhere, the drift gate counted every report ever written for the version:
+    a month-old 'no drift' passed it."""
+    env, target = canary
+    tags = env.registry.resolve("2").tags
+    _delete_tags(env, "2", [STEP_AT_TAG, STARTED_AT_TAG] + [t for t in tags if t.startswith("promotion.event.")])
+    log_traffic("2", "canary", HEALTHY)
+    log_traffic("1", "production", HEALTHY)
+    drift_report("2", detected=False, at=datetime.now(UTC) - timedelta(days=30))
+    out = _auto(env, target, reader_factory=NoEvents)
+    drift = next(r for r in out.gates if r.name == "drift")
+    assert out.action == "hold" and drift.status == "wait", (out.message, drift)
+    assert "no start of version 2 recorded" in drift.detail
+    drift_report("2", detected=False)  # a report of this window passes it
+    assert _auto(env, target, reader_factory=NoEvents).action == "advance"
 
 
 def test_a_step_time_in_the_future_is_held_as_clock_skew(canary):
