@@ -56,7 +56,11 @@ class AutoCompactor:
             except Exception:  # noqa: BLE001 - the thread must outlive any one failure
                 log.exception("predlog: automatic compaction of %s failed; retried in %.0f s", folder, self.interval_s)
 
-    def close(self, timeout: float | None = None) -> None:
-        """Stop after the run in progress (if any) finishes its current folder."""
+    def stop(self) -> None:
+        """Ask the thread to stop after the folder in progress (if any); returns at once."""
         self._stop.set()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop after the run in progress (if any) finishes its current folder, waiting up to ``timeout``."""
+        self.stop()
         self._thread.join(timeout)

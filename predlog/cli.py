@@ -124,7 +124,7 @@ def _migrate(settings) -> int:
     client = make_client(settings)
     try:
         was = migrate.table_ttl_days(client, settings)
-        applied = migrate.apply(client, settings, modify_ttl=True)
+        applied = migrate.apply(client, settings, modify_ttl=True, recreate=True)
         now = migrate.table_ttl_days(client, settings)
     finally:
         client.close()

@@ -7,14 +7,15 @@ What is merged (a segment's group comes from its name, which starts with its fir
 * before that, each hour of it that ended ``settle`` ago: into ``<day>T<hour>0000-c<hash>.parquet``.
 
 A late segment of a merged hour or day (a spool replay) makes a group of two: the next run merges
-it in. Crash-safe and exactly-once without coordination with readers or the writer:
+it in. Crash-safe and exactly-once:
 
 1. the group's segments are merged, in name order and ``CHUNK_ROWS`` rows at a time (bounded
    memory, whatever the size of the day), into a hidden ``.<merged name>.parquet.tmp`` (fsync'd);
    the segments stay in the readers' sight meanwhile;
-2. they are renamed into ``predictions/.compact-<group>/`` (readers glob only the top level, so
-   their rows are out of sight for the time of these renames, never doubled);
-3. the merged file is renamed into place;
+2. they are renamed into ``predictions/.compact-<group>/`` and
+3. the merged file is renamed into place, both under :func:`predlog.swaplock.swapping` (an exclusive
+   lock that every embedded read, and the writer's check-and-write, holds shared), so no read lists
+   the folder half-way: its rows are never missed or doubled, and no listed file is gone when opened;
 4. the folder is renamed to ``.compacted-<group>`` (one atomic step) and removed.
 
 A rerun after a crash finishes the job: a merged temporary file is deleted (its segments are
@@ -44,6 +45,7 @@ import pyarrow.parquet as pq
 
 from predlog.schema import arrow_schema
 from predlog.sinks import TOKENS_KEY, _publish, batch_tokens
+from predlog.swaplock import swapping
 
 #: how long after an hour (or day) ends its files are merged: the writer's last batch of it is written by then
 SETTLE = timedelta(minutes=10)
@@ -203,10 +205,11 @@ def _merge_in_place(folder: Path, key: str, files: list[Path]) -> int:
         raise CompactError(f"{_what(folder, key, e)}; nothing was changed") from e
     work = folder / f".compact-{key}"
     try:
-        work.mkdir(exist_ok=True)
-        for f in files:
-            f.rename(work / f.name)
-        os.replace(tmp, folder / f"{name}.parquet")
+        with swapping(folder.parent):
+            work.mkdir(exist_ok=True)
+            for f in files:
+                f.rename(work / f.name)
+            os.replace(tmp, folder / f"{name}.parquet")
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _failed(folder, key, work, e) from e

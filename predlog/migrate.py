@@ -1,7 +1,8 @@
 """Versioned DDL: ``migrations/NNN_name.sql`` (single server) or ``migrations/cluster/`` (Replicated +
 Distributed), applied in order and recorded in ``schema_migrations`` with a checksum.
 
-The ledger is read first: with nothing pending no DDL runs (a read-only user can open the log).
+The ledger is read first: with nothing pending no DDL runs (a read-only user can open the log);
+``motlens log migrate`` also creates again a table dropped after its migration was recorded.
 Readers never migrate (:func:`check`); the writer does when ``auto_migrate`` is on (:func:`apply`).
 Either way the tables' columns are compared with :data:`predlog.schema.TABLES` and a table that
 differs (an older or foreign ``predictions`` that ``CREATE TABLE IF NOT EXISTS`` left in place) is
@@ -144,13 +145,12 @@ def verify(client: Any, database: str) -> None:
     found: dict[str, list[tuple[str, str]]] = {}
     for table, name, type_ in rows:
         found.setdefault(str(table), []).append((str(name), str(type_)))
-    problems = []
-    for table in TABLES:
-        if table not in found:
-            problems.append(f"{database}.{table} does not exist")
-        elif diff := differences(table, found[table]):
-            problems.append(f"{database}.{table}: " + "; ".join(diff))
-    if problems:
+    if missing := [f"{database}.{table}" for table in TABLES if table not in found]:
+        raise SchemaError(
+            f"the prediction-log table {', '.join(missing)} does not exist (dropped or renamed since it was "
+            "created?): rename it back, or run `motlens log migrate` as a user allowed DDL to create it again"
+        )
+    if problems := [f"{database}.{t}: " + "; ".join(diff) for t in TABLES if (diff := differences(t, found[t]))]:
         raise SchemaError(
             "the prediction-log tables do not match this release's schema: " + " | ".join(problems)
             + ". An older or foreign table is in the way: migrate its rows into a new table (or rename it) and "
@@ -214,10 +214,24 @@ def sync_ttl(client: Any, settings: PredlogSettings, *, modify: bool) -> tuple[i
     return was, settings.ttl_days
 
 
-def apply(client: Any, settings: PredlogSettings, *, modify_ttl: bool = False) -> list[int]:
+def _missing(client: Any, settings: PredlogSettings) -> bool:
+    """Whether a table the migrations create is gone (dropped after its migration was recorded)."""
+    names = [*TABLES, *(f"{t}_local" for t in TABLES if settings.cluster)]
+    found = client.query(
+        "SELECT count() FROM system.tables WHERE database = {d:String} AND name IN {t:Array(String)}",
+        parameters={"d": settings.database, "t": names},
+    ).result_rows[0][0]
+    return int(found) < len(names)
+
+
+def apply(client: Any, settings: PredlogSettings, *, modify_ttl: bool = False, recreate: bool = False) -> list[int]:
     """Apply pending migrations through a clickhouse-connect client; returns the versions applied.
 
-    The ledger is read first: with nothing pending no DDL runs. A recorded migration whose statements
+    The ledger is read first: with nothing pending no DDL runs. With ``recreate`` (``motlens log migrate``)
+    a table dropped after its migration was recorded is created again: every migration is run once more
+    (each one is idempotent: ``IF NOT EXISTS``), only the pending ones are recorded. The writer does not:
+    a table renamed away for maintenance must not be replaced under the DBA (its rows wait in the spool).
+    A recorded migration whose statements
     changed is refused (write a new migration instead). The tables are then checked against
     :data:`predlog.schema.TABLES` before this run's migrations are recorded, so a foreign table is
     refused (:class:`SchemaError`) and never recorded as migrated (also when a later migration's ``ALTER``
@@ -227,13 +241,14 @@ def apply(client: Any, settings: PredlogSettings, *, modify_ttl: bool = False) -
     db = settings.database
     migrations = load(settings.cluster)
     todo = pending(client, settings)
-    if todo:
+    run = migrations[1:] if recreate and _missing(client, settings) else todo
+    if run:
         if db != "default":
             on_cluster = " ON CLUSTER '{cluster}'" if settings.cluster else ""
             client.command(f"CREATE DATABASE IF NOT EXISTS {db}{on_cluster}")
         for stmt in migrations[0].statements(db, settings.ttl_days):
             client.command(stmt)
-        for m in todo:
+        for m in run:
             for stmt in m.statements(db, settings.ttl_days):
                 try:
                     client.command(stmt)

@@ -189,6 +189,8 @@ TABLE_REF = re.compile(
     r"(?i)\b(from|join|table|describe|desc)(\s+)(?:`?\w+`?\.)?`?(predictions|drift_reports|promotion_events)`?(?![\w.(])"
 )
 _HIDDEN = re.compile(r"\x00(\d+)\x00")
+#: a bound parameter's name, ``{name:Type}``
+PLACEHOLDER = re.compile(r"\{\s*([A-Za-z_]\w*)\s*:")
 
 
 def qualify_tables(sql: str, database: str) -> str:

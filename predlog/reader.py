@@ -25,6 +25,7 @@ from predlog import queries
 from predlog.schema import TABLES, row_to_arrow, structure
 from predlog.settings import PredlogSettings
 from predlog.sinks import write_parquet_segment
+from predlog.swaplock import steady
 
 
 def _utc(ts: datetime) -> datetime:
@@ -153,8 +154,12 @@ class PredictionLogReader:
         self.settings = settings
         self._readonly: bool | None = None
 
-    def _df(self, sql: str, params: dict[str, Any]) -> pd.DataFrame:
-        return self.client.query_df(sql, parameters=params)
+    def _df(self, sql: str, params: dict[str, Any], settings: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Run a read; on the embedded log, while no compaction swaps segments (:func:`predlog.swaplock.steady`)."""
+        if not isinstance(self.source, ParquetSource):
+            return self.client.query_df(sql, parameters=params, settings=settings)
+        with steady(self.source.root):
+            return self.client.query_df(sql, parameters=params, settings=settings)
 
     @staticmethod
     def _window_params(
@@ -346,6 +351,10 @@ class PredictionLogReader:
         lists that database. SELECT/WITH results are cut at ``max_query_rows``; on a ClickHouse server
         the query also runs with ``readonly=2`` (unless the user is read-only already)."""
         text = queries.check_read_only(self.canonical(sql))
+        if unused := sorted(set(params or {}) - set(queries.PLACEHOLDER.findall(text))):
+            raise ValueError(
+                f"parameter {', '.join(unused)} is not used in the query: put {{{unused[0]}:Type}} where its value goes"
+            )
         # the parser's own view: a table function anywhere a table may stand (a comma join, a subquery,
         # DESCRIBE), whatever its name — the lexical check only knows FROM/JOIN and a list of names
         ast = [str(r[0]) for r in self.client.query(f"EXPLAIN AST {text}", parameters=dict(params or {})).result_rows]
@@ -360,7 +369,7 @@ class PredictionLogReader:
             text = f"SELECT * FROM (\n{text}\n) LIMIT {int(self.settings.max_query_rows)}"
         url = self.settings.clickhouse_url or ""
         settings = {"readonly": 2} if url and not url.startswith("chdb:") and not self._read_only_user() else None
-        return self.client.query_df(text, parameters=dict(params or {}), settings=settings)
+        return self._df(text, dict(params or {}), settings)
 
     def _read_only_user(self) -> bool:
         """Whether the session is read-only already (``readonly`` 1 or 2 in the user's profile): such a

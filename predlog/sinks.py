@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from predlog import migrate
 from predlog.settings import PredlogSettings, connect_kwargs
+from predlog.swaplock import steady
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,10 @@ class ParquetSink:
         """One file per UTC day the batch's rows fall on (nearly always one), named after its first row:
         a file named for day D holds rows of D only, which windowed reads rely on."""
         for stamp, part in _by_day(table):
-            if self._compacted(stamp, token):  # a replay of a batch whose hour or day was compacted since
-                continue
-            write_parquet_segment(self.folder, part, f"{stamp}-{token}")
+            with steady(self.folder.parent):  # no compaction merges the batch between the check and the write
+                if self._compacted(stamp, token):  # a replay of a batch whose hour or day was compacted since
+                    continue
+                write_parquet_segment(self.folder, part, f"{stamp}-{token}")
 
     def recover(self) -> None:
         """Finish the batch files a writer killed before their rename left as ``.<name>.parquet.tmp``:
@@ -102,17 +104,18 @@ class ParquetSink:
                 log.error("predlog: cannot recover %s (%s); left for the next start", tmp.name, e)
 
     def _recover(self, tmp: Path, path: Path, stamp: str, token: str) -> None:
-        if path.exists() or self._compacted(stamp, token):
-            tmp.unlink()
-            log.info("predlog: %s already stored; its leftover temporary file deleted", path.name)
-            return
-        try:
-            pq.read_table(tmp)
-        except pa.ArrowInvalid:  # cut short (a read error is an OSError: left for the next start)
-            tmp.unlink()
-            log.warning("predlog: incomplete %s (its writer stopped mid-write) deleted", tmp.name)
-            return
-        _publish(tmp, path)
+        with steady(self.folder.parent):
+            if path.exists() or self._compacted(stamp, token):
+                tmp.unlink()
+                log.info("predlog: %s already stored; its leftover temporary file deleted", path.name)
+                return
+            try:
+                pq.read_table(tmp)
+            except pa.ArrowInvalid:  # cut short (a read error is an OSError: left for the next start)
+                tmp.unlink()
+                log.warning("predlog: incomplete %s (its writer stopped mid-write) deleted", tmp.name)
+                return
+            _publish(tmp, path)
         log.warning("predlog: %s, written in full by a writer that stopped before its rename, published", path.name)
 
     def _compacted(self, stamp: str, token: str) -> bool:

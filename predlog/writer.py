@@ -114,7 +114,9 @@ class PredictionLogWriter:
         return True
 
     def close(self, timeout: float = 10.0) -> None:
-        """Flush, try the sink once more, stop; rows the sink did not take stay in the spool."""
+        """Flush, try the sink once more, stop; rows the sink did not take stay in the spool. The writer
+        has ``timeout`` seconds; the compactor (stopped first) is waited for only with what is left."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             if self._closed:
                 return
@@ -122,9 +124,10 @@ class PredictionLogWriter:
             self._stopping = True
             self._cond.notify_all()
         if self.compactor is not None:
-            self.compactor.close(timeout)
+            self.compactor.stop()
         self._thread.join(timeout)
         atexit.unregister(self._atexit)
+        release = True
         if self._thread.is_alive():  # the sink hangs: keep what is still queued on local disk
             with self._cond:
                 rest = list(self._queue)
@@ -138,12 +141,13 @@ class PredictionLogWriter:
                 if table is not None:
                     self._spill(table, uuid.uuid4().hex)
             log.warning("predlog: writer did not stop within %.1fs; queued rows kept in the spool", timeout)
-            metrics.QUEUE_DEPTH.set(0)
             with self._cond:
                 self._abandoned = True
-                if not self._finished:
-                    return  # the thread releases them when the sink lets it go
-        self._release()
+                release = self._finished  # else the thread releases them when the sink lets it go
+        if self.compactor is not None:  # a daemon thread; a merge cut short is finished by the next run
+            self.compactor.close(max(0.0, deadline - time.monotonic()))
+        if release:
+            self._release()
         metrics.QUEUE_DEPTH.set(0)
 
     def _release(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -111,3 +112,51 @@ def test_the_first_compaction_runs_soon_after_start_not_an_interval_later(tmp_pa
         assert len(runs) == 1  # the next one an interval later
     finally:
         writer.close(10)
+
+
+def test_close_spools_the_queue_before_it_waits_for_a_busy_compaction(tmp_path, monkeypatch):
+    """close(timeout) gave the compactor the whole timeout before the writer got its own: a slow merge
+    beside a stalled write kept the queued rows out of the spool for twice the pod's grace period."""
+    from test_predlog_faults import rows
+
+    from predlog import autocompact
+    from predlog.sinks import ParquetSink
+
+    merging, merged = threading.Event(), threading.Event()
+
+    def slow_compact(folder, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - a big day being merged
+        merging.set()
+        merged.wait(60)
+        return {}
+
+    entered, release = threading.Event(), threading.Event()
+    insert = ParquetSink.insert
+
+    def hung(self, table, token):  # noqa: ANN001, ANN202 - a disk that stalls (fault injection)
+        entered.set()
+        assert release.wait(60)
+        insert(self, table, token)
+
+    monkeypatch.setattr(autocompact, "compact", slow_compact)
+    monkeypatch.setattr(ParquetSink, "insert", hung)
+    settings = PredlogSettings(dir=tmp_path, compact_interval_s=0.05, flush_interval_s=0.05, batch_rows=50)
+    settings.table_dir("predictions").mkdir(parents=True)  # a log with files to merge
+    writer = predlog.open_writer(settings)
+    seen: list[tuple[int, float | None]] = []
+    waits = writer.compactor.close
+
+    def close(timeout=None):  # noqa: ANN001, ANN202 - the real close, noting what was spooled when it began
+        seen.append((writer.stats()["spool_rows"], timeout))
+        waits(timeout)
+
+    writer.compactor.close = close
+    try:
+        writer.submit(rows(200))
+        assert entered.wait(30) and merging.wait(30)
+        writer.close(timeout=0.5)
+        assert seen and seen[0][0] == 200, seen  # every row in the spool before the compaction was waited for
+        assert seen[0][1] is not None and seen[0][1] <= 0.5  # with what was left of the timeout, not all of it
+    finally:
+        merged.set()
+        release.set()
+    assert wait_for(lambda: not writer._thread.is_alive() and not writer.compactor._thread.is_alive(), 60)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -335,6 +336,85 @@ def test_rows_stay_in_sight_while_their_group_is_merged(tmp_path, monkeypatch):
     assert compact(folder, now=NOW) == {"20261124": n}
     assert seen == [{"n": n, "u": n}]
     assert stored(settings) == {"n": n, "u": n}
+
+
+def _during_the_swap(monkeypatch, action: Callable[[], object]) -> list:
+    """Run ``action`` in a thread once a compaction has moved its first segment out of sight, give it
+    half a second (the swap goes on after that, or once it finished); returns [its result or error]."""
+    real_rename = Path.rename
+    out: list = []
+    started: list[threading.Thread] = []
+
+    def run() -> None:
+        try:
+            out.append(action())
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            out.append(e)
+
+    def rename(self: Path, target):  # noqa: ANN001, ANN202 - the real rename, then the action once
+        moved = real_rename(self, target)
+        if not started and Path(target).parent.name.startswith(".compact-"):
+            started.append(threading.Thread(target=run))
+            started[0].start()
+            started[0].join(0.5)
+        return moved
+
+    monkeypatch.setattr(Path, "rename", rename)
+    out.append(started)
+    return out
+
+
+def test_a_read_during_the_swap_waits_for_it_and_sees_every_row_once(tmp_path, monkeypatch):
+    """A read listed the folder while the swap had moved some segments away: their rows were missing, or
+    a listed file was gone when chdb opened it (FILE_DOESNT_EXIST, `motlens log` exiting 2)."""
+    settings = PredlogSettings(dir=tmp_path)
+    n = write_days(settings, [4])
+    folder = settings.table_dir("predictions")
+    out = _during_the_swap(monkeypatch, lambda: stored(settings))
+    assert compact(folder, now=NOW) == {"20261124": n}
+    threads = out.pop(0)
+    threads[0].join(60)
+    assert out == [{"n": n, "u": n}]
+
+
+def test_a_replay_during_the_swap_is_not_stored_twice(tmp_path, monkeypatch):
+    """The writer's "already stored?" look-up ran while the batch's file was moved away and the merged
+    file not yet in place: the replay was written beside the merged file that held it."""
+    from predlog.schema import records_to_arrow
+    from predlog.sinks import ParquetSink
+
+    settings = PredlogSettings(dir=tmp_path)
+    folder = settings.table_dir("predictions")
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    records = [
+        PredictionRecord(request_id=f"x{i}", item_index=0, model_name="mot-defects", model_version="1",
+                         slot="production", text="tyre worn", ts=hour + timedelta(minutes=1, seconds=i))
+        for i in range(4)
+    ]  # fmt: skip
+    table, token = records_to_arrow(records), os.urandom(16).hex()
+    ParquetSink(folder).insert(table, token)  # the first segment of the hour: the swap moves it first
+    n = 4 + write_batches(folder, [hour + timedelta(minutes=m) for m in (20, 40)])
+    out = _during_the_swap(monkeypatch, lambda: ParquetSink(folder).insert(table, token))
+    assert sum(compact(folder).values()) == n
+    out.pop(0)[0].join(60)
+    assert out == [None]
+    assert stored(settings) == {"n": n, "u": n}
+
+
+def test_a_swap_waits_for_reads_and_gives_up_changing_nothing(tmp_path, monkeypatch):
+    """The swap waits for the reads in progress; held past ``SWAP_WAIT_S`` it leaves the group as it was."""
+    import predlog.swaplock as swaplock
+
+    settings = PredlogSettings(dir=tmp_path)
+    n = write_days(settings, [4])
+    folder = settings.table_dir("predictions")
+    before = sorted(p.name for p in folder.iterdir())
+    monkeypatch.setattr(swaplock, "SWAP_WAIT_S", 0.3)
+    with swaplock.steady(settings.root), pytest.raises(CompactError, match="held it for .*nothing was changed"):
+        compact(folder, now=NOW, min_files=2)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert stored(settings) == {"n": n, "u": n}
+    assert compact(folder, now=NOW) == {"20261124": n}  # released: the next run goes ahead
 
 
 PEAK_OF_A_COMPACTION = textwrap.dedent(

@@ -165,6 +165,29 @@ def test_a_reader_on_a_database_behind_fails_with_what_to_do(chdb_db):
     assert client.query(f"EXISTS TABLE {settings.database}.predictions").result_rows[0][0] == 0
 
 
+@pytest.mark.parametrize("table", ["predictions", "drift_reports"])
+def test_a_table_dropped_after_its_migration_is_created_again(chdb_db, table, monkeypatch, capsys):
+    """The ledger said nothing was pending, so no DDL ran and the check refused the missing table, telling
+    to run `motlens log migrate`, which failed the same way: no writer could start again."""
+    from motlens.cli import main
+
+    client, settings = chdb_db
+    assert migrate.apply(client, settings) == [1, 2, 3, 4]
+    client.command(f"DROP TABLE {settings.database}.{table}")
+    with pytest.raises(migrate.SchemaError, match=rf"{table} does not exist .*`motlens log migrate`.*create it again"):
+        migrate.check(client, settings)  # a reader says what to do
+    with pytest.raises(migrate.SchemaError, match="does not exist"):
+        migrate.apply(client, settings)  # the writer's: a table renamed away for maintenance is not replaced
+    monkeypatch.setenv("MOTLENS_CLICKHOUSE_URL", settings.clickhouse_url)
+    monkeypatch.setenv("MOTLENS_PREDLOG_DATABASE", settings.database)
+    assert main(["log", "migrate"]) == 0  # the command the message names does it; the ledger has it already
+    assert "none pending" in capsys.readouterr().out
+    migrate.check(client, settings)
+    assert client.query(f"EXISTS TABLE {settings.database}.{table}").result_rows[0][0] == 1
+    ledger = f"SELECT version FROM {settings.database}.schema_migrations ORDER BY version"
+    assert [r[0] for r in client.query(ledger).result_rows] == [1, 2, 3, 4]  # nothing recorded twice
+
+
 OLDER = """CREATE TABLE {db}.predictions (ts DateTime64(3, 'UTC'), model_name LowCardinality(String),
  model_version LowCardinality(String), slot LowCardinality(String), request_id String, item_index Int64,
  text String, text_hash UInt64, section LowCardinality(String), section_score Float32,

@@ -214,6 +214,11 @@ def test_bad_arguments_name_the_problem(reader):
         reader.window(sample=1.5)
     with pytest.raises(ValueError, match="n must be"):
         reader.tail(0)
+    # a value with no {name:Type} in the statement: clickhouse-connect %-formatted the SQL instead, and
+    # LIKE '%brake%' failed with "unsupported format character 'b'"
+    with pytest.raises(ValueError, match=r"parameter v is not used in the query: put \{v:Type\}"):
+        reader.query("SELECT count() FROM predictions WHERE text LIKE '%brake%'", {"v": "1"})
+    assert reader.query("SELECT count() AS n FROM predictions WHERE text LIKE {v:String}", {"v": "%brake%"}) is not None
 
 
 def test_another_logs_views_in_the_same_process_are_out_of_reach(tmp_path):
