@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,7 +31,7 @@ import numpy as np
 
 from motlens import EMBEDDING_DIM, MODEL_NAME
 from motlens.embedder import Embedder, cosine_rows
-from motlens.head import DefectHead, HeadOutput
+from motlens.head import CONFIG_FILE, WEIGHTS_FILE, DefectHead, HeadOutput
 from motlens.labels import SECTIONS, SEVERITIES
 
 MANIFEST = "bundle.json"
@@ -38,6 +40,11 @@ HEAD_DIR = "head"
 GOLDEN_JSON = "golden/golden.json"
 GOLDEN_EMB = "golden/embeddings.npy"
 REFERENCE = "reference/sample.parquet"
+#: files every bundle's manifest lists: the head the loader reads first (a manifest listing nothing
+#: once verified, was registered and took an alias, and failed only when loaded)
+REQUIRED_FILES = (f"{HEAD_DIR}/{WEIGHTS_FILE}", f"{HEAD_DIR}/{CONFIG_FILE}")
+#: :func:`assemble` builds a bundle in a directory of this prefix beside it, then renames it into place
+STAGING_PREFIX = ".{name}.tmp-"
 GOLDEN_MIN_COSINE = 0.999
 #: the most a golden probability (section scores, severity scores, fail_probability) may move against
 #: the stored one when recomputed end to end on this backend: torch bf16 on CPU moves them by up to
@@ -74,26 +81,38 @@ def sha256_file(path: Path) -> str:
 PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt", ".joblib", ".h5"})
 
 
+def _refuse_pickle(root: Path, rel: str) -> None:
+    suffix = Path(rel).suffix
+    if suffix.lower() in PICKLE_SUFFIXES:
+        raise BundleError(
+            f"{root}: {rel} is a {suffix} file (pickle-based formats can run code when loaded); bundles hold "
+            "safetensors, JSON, text and .npy only"
+        )
+
+
 def _files(root: Path) -> list[str]:
-    """Every file under ``root`` but the manifest; :class:`BundleError` for a symlink anywhere (a
+    """Every file under ``root`` but the top-level manifest; :class:`BundleError` for a symlink anywhere (a
     link could point the loader at bytes that were never hashed, or hide files from the listing),
     anything else that is not a regular file or directory, or a file of a code-executing format."""
     out = []
     for p in root.rglob("*"):
+        rel = p.relative_to(root).as_posix()
         if p.is_symlink():
-            raise BundleError(f"{root}: {p.relative_to(root).as_posix()} is a symbolic link; bundles hold plain files")
+            raise BundleError(f"{root}: {rel} is a symbolic link; bundles hold plain files")
         if not p.is_file() and not p.is_dir():  # a FIFO (a reader hangs on it), socket or device: never hashed
-            raise BundleError(
-                f"{root}: {p.relative_to(root).as_posix()} is not a regular file; bundles hold plain files"
-            )
-        if p.is_file() and p.name != MANIFEST:
-            if p.suffix.lower() in PICKLE_SUFFIXES:
-                raise BundleError(
-                    f"{root}: {p.relative_to(root).as_posix()} is a {p.suffix} file (pickle-based formats can run "
-                    "code when loaded); bundles hold safetensors, JSON, text and .npy only"
-                )
-            out.append(p.relative_to(root).as_posix())
+            raise BundleError(f"{root}: {rel} is not a regular file; bundles hold plain files")
+        if p.is_file() and rel != MANIFEST:
+            _refuse_pickle(root, rel)
+            out.append(rel)
     return sorted(out)
+
+
+def check_embedder_source(src: Path) -> None:
+    """:class:`BundleError` naming a file under ``src`` (followed through links, as :func:`assemble`
+    copies it) of a format a bundle refuses: a training checks its model directory before, not after."""
+    for top, _dirs, names in os.walk(src, followlinks=True):
+        for name in sorted(names):
+            _refuse_pickle(src, (Path(top) / name).relative_to(src).as_posix())
 
 
 def write_manifest(root: Path, **fields: Any) -> dict[str, Any]:
@@ -157,6 +176,9 @@ def verify(root: Path, manifest_sha256: str | None = None) -> dict[str, Any]:
             raise ValueError("'files' must map paths to sha256 digests")
     except (ValueError, KeyError) as e:
         raise BundleError(f"{mf}: malformed manifest ({e})") from e
+    unlisted = [rel for rel in REQUIRED_FILES if rel not in expected]
+    if unlisted:
+        raise BundleError(f"{root}: {MANIFEST} lists no {unlisted[0]}; a bundle holds {', '.join(REQUIRED_FILES)}")
     if mf.is_symlink() or root.is_symlink():
         raise BundleError(f"{root}: the bundle or its {MANIFEST} is a symbolic link; bundles hold plain files")
     present = set(_files(root))
@@ -344,14 +366,28 @@ def assemble(
     reference: Any | None = None,
     **manifest_fields: Any,
 ) -> Bundle:
-    """Write a complete bundle directory (``reference`` is a pandas DataFrame) and its manifest."""
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(embedder_src, out / EMBEDDER_DIR, ignore=shutil.ignore_patterns(".gitattributes", "README.md"))
-    head.save(out / HEAD_DIR)
-    golden.save(out)
-    if reference is not None:
-        (out / REFERENCE).parent.mkdir(parents=True, exist_ok=True)
-        reference.to_parquet(out / REFERENCE, index=False)
-    write_manifest(out, **manifest_fields)
+    """Write a complete bundle directory (``reference`` is a pandas DataFrame) and its manifest: built in
+    a staging directory beside ``out`` and renamed into place once complete, so a failure or an
+    interrupt part-way leaves ``out`` as it was (a staging directory a killed run left is removed)."""
+    prefix = STAGING_PREFIX.format(name=out.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f"{prefix}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    try:
+        shutil.copytree(
+            embedder_src, staging / EMBEDDER_DIR, ignore=shutil.ignore_patterns(".gitattributes", "README.md")
+        )
+        head.save(staging / HEAD_DIR)
+        golden.save(staging)
+        if reference is not None:
+            (staging / REFERENCE).parent.mkdir(parents=True, exist_ok=True)
+            reference.to_parquet(staging / REFERENCE, index=False)
+        write_manifest(staging, **manifest_fields)
+        if out.exists():
+            out.rename(staging.with_name(f"{staging.name}.old"))  # still matches the prefix until removed
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.with_name(f"{staging.name}.old"), ignore_errors=True)
     return Bundle.open(out)

@@ -9,6 +9,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from motlens.envsource import SettingPath
 
+#: what the local registry's ``sqlite:///`` URI cannot carry in its path: SQLAlchemy reads ``?`` as the start
+#: of the URI's query and decodes ``%XX``; percent-encoding them does not help, as MLflow creates the database's
+#: directory from the path as written (a second, encoded directory). ``#``, spaces and the rest open as written.
+SQLITE_URI_UNSAFE = "?%"
+
 
 class StateSettings(BaseSettings):
     """Where embedded defaults live (``MOTLENS_HOME``, default ``./.motlens``)."""
@@ -20,8 +25,15 @@ class StateSettings(BaseSettings):
 
     @property
     def mlflow_uri(self) -> str:
-        """Local MLflow tracking/registry URI (sqlite; the file store is refused by MLflow 3.13+)."""
-        return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+        """Local MLflow tracking/registry URI (sqlite; the file store is refused by MLflow 3.13+); ValueError
+        for a home whose path holds a character of :data:`SQLITE_URI_UNSAFE`."""
+        db = (self.home / "mlflow.db").resolve()
+        if bad := [c for c in SQLITE_URI_UNSAFE if c in str(db)]:
+            raise ValueError(
+                f"MOTLENS_HOME {db.parent} holds {bad[0]!r}, which the local registry's sqlite:/// URI cannot "
+                "carry (the database would open elsewhere): use a home without it, or set MLFLOW_TRACKING_URI"
+            )
+        return f"sqlite:///{db}"
 
     @property
     def mlflow_artifacts(self) -> Path:

@@ -11,7 +11,7 @@ logged baseline — any constant score has AUC 0.5 — and its floor is ``0.5 +`
 from the candidate's run metrics (docs/promotion.md "Gates"). A floor whose metric or baseline the run
 does not have (a version registered by hand, or by a motlens that logged no baselines) is *not
 checked* and named as such: a missing reference is skipped, as the offline comparison skips metrics
-production lacks.
+production lacks. A baseline that is not a finite number (NaN) fails its floor: no value clears it.
 
 Margins (docs/training.md "Quality floors"): on 20,000 generated rows, clean and with ambiguous
 severities, shuffled-label trainings beat the majority baseline by up to 0.14 in macro-F1 (their
@@ -49,8 +49,8 @@ def is_auc(metric: str) -> bool:
 
 @dataclass
 class FloorCheck:
-    """The outcome: ``failed`` (metric < floor), ``unchecked`` (metric or baseline missing), ``values``
-    (value, baseline, floor of each checked metric)."""
+    """The outcome: ``failed`` (metric < floor, or a baseline that is not a number), ``unchecked`` (metric
+    or baseline missing), ``values`` (value, baseline, floor of each checked metric)."""
 
     failed: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
@@ -96,6 +96,9 @@ def check_floors(
             baseline, floor, how = CHANCE_AUC, CHANCE_AUC + auc_margin, f"0.5 + {auc_margin}"
         elif BASELINE_PREFIX + m in metrics:
             baseline = float(metrics[BASELINE_PREFIX + m])
+            if not math.isfinite(baseline):  # a NaN floor compares False: anything would pass it
+                out.failed.append(f"{m} {value:.4f}: no floor, its {BASELINE_PREFIX}{m} {baseline} is not a number")
+                continue
             floor, how = baseline + margin, f"baseline {baseline:.4f} + {margin}"
         else:
             out.unchecked.append(f"run has no {BASELINE_PREFIX}{m} (registered by hand or by an older motlens)")

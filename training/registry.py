@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from motlens import MODEL_NAME
 from motlens.atomic import atomic_write
@@ -38,11 +39,13 @@ log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT_PATH = "model"
 DEFAULT_EXPERIMENT = "mot-defects"
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[0-9]+))/?$")
 _NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 MAX_VERSION = 2**31 - 1  # model versions are 32-bit integers in MLflow's stores
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _SHA256 = re.compile(SHA256_PATTERN)
+#: a version number (``str.isdigit`` also takes digits such as '²', which ``int`` refuses)
+_DIGITS = re.compile(r"[0-9]+")
 #: a run id that may go into a search filter as a quoted literal (MLflow's are 32 hex digits)
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: model versions per registry search page
@@ -183,7 +186,10 @@ class Registry:
         cache_dir: Path | None = None,
     ) -> None:
         self.state = state or StateSettings()
-        self.tracking_uri = tracking_uri or _default_tracking_uri(self.state)
+        try:
+            self.tracking_uri = tracking_uri or _default_tracking_uri(self.state)
+        except ValueError as e:  # a home the local sqlite URI cannot carry
+            raise RegistryError(str(e)) from e
         self.model_name = model_name
         self.experiment = experiment
         self.cache_dir = Path(cache_dir) if cache_dir else (self.state.home / "models").resolve()
@@ -212,6 +218,7 @@ class Registry:
                     )
                 )
             path = self.sqlite_path
+            self._check_sqlite_file()
             if path is not None and not path.is_file():
                 raise RegistryError(
                     redact(
@@ -238,14 +245,24 @@ class Registry:
 
     @property
     def sqlite_path(self) -> Path | None:
-        """The database file of a ``sqlite:///`` tracking URI; None for a server."""
+        """The database file of a ``sqlite:///`` tracking URI (percent-decoded, as SQLAlchemy opens it);
+        None for a server."""
         if not self.tracking_uri.startswith("sqlite:///"):
             return None
-        return Path(self.tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
+        return Path(unquote(self.tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]))
+
+    def _check_sqlite_file(self) -> None:
+        """:class:`RegistryError` for a ``sqlite:///`` path that exists but is not a file (a directory)."""
+        path = self.sqlite_path
+        if path is not None and path.exists() and not path.is_file():
+            raise RegistryError(
+                redact(f"registry {self.tracking_uri}: {path} is not a file (a sqlite registry is one database file)")
+            )
 
     def create_store(self) -> None:
         """Create a missing local sqlite store: its directory and the migrated, empty database."""
         path = self.sqlite_path
+        self._check_sqlite_file()
         if path is None or (path.is_file() and path.stat().st_size > 0):
             return
         try:
@@ -427,7 +444,7 @@ class Registry:
         """A registry that is down or failing, named without any credentials in its URI;
         :class:`RegistryUnreachable` when the request never got an answer or a local sqlite store stayed
         locked by another process past MLflow's wait (both pass: the caller may retry or hold)."""
-        detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        detail = redact(str(e).splitlines()[0])[:300] if str(e) else type(e).__name__  # cut after redacting
         if _busy(e):
             return RegistryUnreachable(
                 redact(f"model registry {self.tracking_uri} is busy: another process holds its database locked "
@@ -442,7 +459,7 @@ class Registry:
             if m["name"] != self.model_name:
                 raise RegistryError(f"model reference {ref!r} names {m['name']!r}, not {self.model_name!r}")
             return m["alias"], m["version"]
-        if ref.isdigit():
+        if _DIGITS.fullmatch(ref):
             return None, ref
         if ref.startswith("@"):
             ref = ref[1:]
@@ -465,7 +482,7 @@ class Registry:
 
     def _info(self, mv: Any, metrics: bool = True) -> ModelVersionInfo:
         # the name and version become cache paths: take only what this registry client asked for
-        if mv.name != self.model_name or not str(mv.version).isdigit():
+        if mv.name != self.model_name or not _DIGITS.fullmatch(str(mv.version)):
             raise RegistryError(
                 f"the registry answered with model {str(mv.name)[:80]!r} version {str(mv.version)[:20]!r} "
                 f"for {self.model_name!r}; refused"
@@ -695,6 +712,33 @@ class Registry:
         with self._answering():
             for k, v in tags.items():
                 self.client.set_model_version_tag(self.model_name, str(version), k, _param_value(v))
+
+    def model_tags(self) -> dict[str, str]:
+        """The registered model's own tags (empty before the first registration)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            rm = self.client.get_registered_model(self.model_name)
+        except MlflowException as e:
+            if e.error_code not in _NOT_FOUND:
+                raise self._failure(e) from e
+            return {}
+        return dict(rm.tags or {})
+
+    def set_model_tag(self, key: str, value: str) -> None:
+        with self._answering():
+            self.client.set_registered_model_tag(self.model_name, key, value)
+
+    def delete_model_tag(self, key: str) -> None:
+        """Remove the registered model's tag ``key`` (a no-op when it is not set)."""
+        from mlflow.exceptions import MlflowException
+
+        with self._answering():
+            try:
+                self.client.delete_registered_model_tag(self.model_name, key)
+            except MlflowException as e:
+                if e.error_code not in _NOT_FOUND:
+                    raise
 
     def versions(self, include_incomplete: bool = False, limit: int | None = None) -> list[ModelVersionInfo]:
         """The versions, newest (highest number) first, with aliases, tags and run metrics: every one, or

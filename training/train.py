@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 from tqdm import tqdm
 
-from motlens.bundle import assemble, make_golden, set_manifest_fields
+from motlens.bundle import BundleError, assemble, check_embedder_source, make_golden, set_manifest_fields
 from motlens.credentials import redact
 from motlens.embedder import DEVICE_PATTERN, Embedder
 from motlens.envsource import EmptyIsUnsetSettings, SettingPath
@@ -61,6 +61,8 @@ PACKAGES = (
 log = logging.getLogger(__name__)
 EMBED_CHUNK = 2048
 GOLDEN_MIN_MARGIN = 0.05
+#: the largest seed torch's generators take (numpy's take any non-negative integer)
+MAX_SEED = 2**64 - 1
 
 
 def alias_after_floors(settings: TrainSettings, floors: FloorCheck) -> tuple[str | None, str | None]:
@@ -82,7 +84,9 @@ class TrainSettings(EmptyIsUnsetSettings):
     #: ALIAS= stays an alias that `train` refuses, never the default `candidate`
     keep_empty = ("alias",)
 
-    seed: int = Field(default=0, ge=0, description="the head's initialisation and shuffling seed (not the split)")
+    seed: int = Field(
+        default=0, ge=0, le=MAX_SEED, description="the head's initialisation and shuffling seed (not the split)"
+    )
     split_seed: int = Field(
         default=0, ge=0, description="the train/held-out split's seed: another --seed keeps every text on its side"
     )
@@ -133,16 +137,23 @@ class TrainSettings(EmptyIsUnsetSettings):
     @field_validator("model_dir")
     @classmethod
     def _a_model_directory(cls, v: Path | None) -> Path | None:
-        """A directory: anything else was read as a Hugging Face repo id, with a message about repo ids."""
+        """A directory (anything else was read as a Hugging Face repo id, with a message about repo ids)
+        holding no file the bundle refuses (it is copied into the bundle after the whole training)."""
         if v is not None and not (v / "config.json").is_file():
             raise ValueError(f"{v} is not a model directory (no config.json)")
+        if v is not None:
+            try:
+                check_embedder_source(v)
+            except BundleError as e:
+                raise ValueError(f"model directory {e}; remove it before training (the bundle refuses it)") from e
         return v
 
     @field_validator("work_dir")
     @classmethod
     def _a_work_directory(cls, v: Path | None) -> Path | None:
         """Checked before training, not after: a file, or one whose ``bundle/`` or ``artifacts/`` a training
-        would replace but no motlens training wrote (they are replaced whole)."""
+        would replace but no motlens training wrote (they are replaced whole). A bundle's staging directory
+        (``.bundle.tmp-*``, left by a killed run) is not one: the next bundle removes it."""
         if v is None or not v.exists():
             return v
         if not v.is_dir():
@@ -429,7 +440,7 @@ def train(
     registry = registry or Registry()
     # the same for an unreachable registry (RegistryError, credentials redacted); a missing local
     # store is created by the registration at the end, not by a run that fails on its data
-    if registry.sqlite_path is None or registry.sqlite_path.is_file():
+    if registry.sqlite_path is None or registry.sqlite_path.exists():  # not a file: refused here, by name
         registry.experiment_id()
     source = dict(source) if source is not None else data_source(data)
     clock = _Clock()
