@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import Field
@@ -11,8 +12,9 @@ from motlens.envsource import SettingPath
 
 #: what the local registry's ``sqlite:///`` URI cannot carry in its path: SQLAlchemy reads ``?`` as the start
 #: of the URI's query and decodes ``%XX``; percent-encoding them does not help, as MLflow creates the database's
-#: directory from the path as written (a second, encoded directory). ``#``, spaces and the rest open as written.
-SQLITE_URI_UNSAFE = "?%"
+#: directory from the path as written (a second, encoded directory). ``#``, spaces, a ``%`` before anything but
+#: two hex digits and the rest open as written.
+SQLITE_URI_UNSAFE = re.compile(r"\?|%[0-9A-Fa-f]{2}")
 
 
 class StateSettings(BaseSettings):
@@ -26,11 +28,11 @@ class StateSettings(BaseSettings):
     @property
     def mlflow_uri(self) -> str:
         """Local MLflow tracking/registry URI (sqlite; the file store is refused by MLflow 3.13+); ValueError
-        for a home whose path holds a character of :data:`SQLITE_URI_UNSAFE`."""
+        for a home whose path holds what :data:`SQLITE_URI_UNSAFE` matches."""
         db = (self.home / "mlflow.db").resolve()
-        if bad := [c for c in SQLITE_URI_UNSAFE if c in str(db)]:
+        if bad := SQLITE_URI_UNSAFE.search(str(db)):
             raise ValueError(
-                f"MOTLENS_HOME {db.parent} holds {bad[0]!r}, which the local registry's sqlite:/// URI cannot "
+                f"MOTLENS_HOME {db.parent} holds {bad.group(0)!r}, which the local registry's sqlite:/// URI cannot "
                 "carry (the database would open elsewhere): use a home without it, or set MLFLOW_TRACKING_URI"
             )
         return f"sqlite:///{db}"

@@ -214,22 +214,25 @@ def sync_ttl(client: Any, settings: PredlogSettings, *, modify: bool) -> tuple[i
     return was, settings.ttl_days
 
 
-def _missing(client: Any, settings: PredlogSettings) -> bool:
-    """Whether a table the migrations create is gone (dropped after its migration was recorded)."""
+def _missing(client: Any, settings: PredlogSettings) -> set[str]:
+    """The tables the migrations create that are gone (dropped after their migration was recorded)."""
     names = [*TABLES, *(f"{t}_local" for t in TABLES if settings.cluster)]
-    found = client.query(
-        "SELECT count() FROM system.tables WHERE database = {d:String} AND name IN {t:Array(String)}",
+    rows = client.query(
+        "SELECT name FROM system.tables WHERE database = {d:String} AND name IN {t:Array(String)}",
         parameters={"d": settings.database, "t": names},
-    ).result_rows[0][0]
-    return int(found) < len(names)
+    ).result_rows
+    return set(names) - {str(r[0]) for r in rows}
+
+
+_TABLE_NAMED = re.compile(r"\$\{db\}\.(\w+)")
 
 
 def apply(client: Any, settings: PredlogSettings, *, modify_ttl: bool = False, recreate: bool = False) -> list[int]:
     """Apply pending migrations through a clickhouse-connect client; returns the versions applied.
 
     The ledger is read first: with nothing pending no DDL runs. With ``recreate`` (``motlens log migrate``)
-    a table dropped after its migration was recorded is created again: every migration is run once more
-    (each one is idempotent: ``IF NOT EXISTS``), only the pending ones are recorded. The writer does not:
+    a table dropped after its migration was recorded is created again: the migrations naming it run once
+    more (each one is idempotent: ``IF NOT EXISTS``), only the pending ones are recorded. The writer does not:
     a table renamed away for maintenance must not be replaced under the DBA (its rows wait in the spool).
     A recorded migration whose statements
     changed is refused (write a new migration instead). The tables are then checked against
@@ -241,7 +244,10 @@ def apply(client: Any, settings: PredlogSettings, *, modify_ttl: bool = False, r
     db = settings.database
     migrations = load(settings.cluster)
     todo = pending(client, settings)
-    run = migrations[1:] if recreate and _missing(client, settings) else todo
+    gone = _missing(client, settings) if recreate else set()
+    # a recorded migration runs again only for a table that is gone (its ALTERs too: a projection of a
+    # recreated table); rerunning another's MATERIALIZE would rebuild a whole live table
+    run = [m for m in migrations[1:] if m in todo or gone & set(_TABLE_NAMED.findall(m.sql))]
     if run:
         if db != "default":
             on_cluster = " ON CLUSTER '{cluster}'" if settings.cluster else ""

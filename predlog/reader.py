@@ -109,8 +109,8 @@ class ParquetSource:
         longer list costs more than it saves."""
         low = (_utc(start) - timedelta(days=1)).strftime("%Y%m%d") if start is not None else ""
         high = _utc(end).strftime("%Y%m%d") if end is not None else "99999999"
-        try:
-            with os.scandir(self.root / table) as entries:
+        try:  # never mid-swap (the day's files away, its merged file not in yet); after, the names keep their day
+            with steady(self.root), os.scandir(self.root / table) as entries:
                 days = {e.name[:8] for e in entries if _SEGMENT.match(e.name)}
         except FileNotFoundError:
             return "*.parquet"

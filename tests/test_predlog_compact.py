@@ -377,6 +377,36 @@ def test_a_read_during_the_swap_waits_for_it_and_sees_every_row_once(tmp_path, m
     assert out == [{"n": n, "u": n}]
 
 
+def test_a_windowed_read_during_the_swap_lists_the_days_after_it(tmp_path, monkeypatch):
+    """A windowed read listed the folder's days before taking the lock: between a day's files moving away
+    and its merged file moving in, it found none of that day and read no file for it (0 rows)."""
+    settings = PredlogSettings(dir=tmp_path)
+    write_days(settings, [6, 4, 0])  # 11-22 (merged first), 11-24, 11-28
+    start = (NOW - timedelta(days=6)).replace(hour=0)
+    reader = predlog.open_reader(settings)
+    real_replace, out = os.replace, []
+
+    def count() -> None:
+        out.append(reader.window_counts(start=start, end=start + timedelta(days=1))["n"])
+
+    def replace(src, dst, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - the merged file moving in
+        if Path(src).name.startswith(f".{start:%Y%m%d}") and not out:
+            out.append(threading.Thread(target=count))
+            out[0].start()
+            out[0].join(0.5)  # the read runs now, unless the swap holds it off
+        return real_replace(src, dst, *args, **kwargs)
+
+    try:
+        before = reader.window_counts(start=start, end=start + timedelta(days=1))["n"]
+        monkeypatch.setattr(os, "replace", replace)
+        compact(settings.table_dir("predictions"), now=NOW)
+        monkeypatch.setattr(os, "replace", real_replace)
+        out.pop(0).join(60)
+        assert before > 0 and out == [before]
+    finally:
+        reader.close()
+
+
 def test_a_replay_during_the_swap_is_not_stored_twice(tmp_path, monkeypatch):
     """The writer's "already stored?" look-up ran while the batch's file was moved away and the merged
     file not yet in place: the replay was written beside the merged file that held it."""

@@ -132,7 +132,7 @@ def test_a_bundle_json_below_the_top_is_hashed_and_an_unlisted_one_refused(tmp_p
         Bundle.open(root)
 
 
-@pytest.mark.parametrize(("name", "char"), [("run?1", "?"), ("a%41b", "%")])
+@pytest.mark.parametrize(("name", "char"), [("run?1", "?"), ("a%41b", "%41")])
 def test_a_home_the_sqlite_uri_cannot_carry_is_refused_by_name(name, char, monkeypatch, capsys, tmp_path):
     """MOTLENS_HOME went into sqlite:/// as written: '?' started the URI's query and '%41' was read as 'A',
     so the database opened elsewhere (or failed after long retries). Percent-encoding it is no cure:
@@ -148,6 +148,14 @@ def test_a_home_the_sqlite_uri_cannot_carry_is_refused_by_name(name, char, monke
     assert main(["train", "--data", str(tmp_path / "nowhere")]) == 2
     assert "URI cannot carry" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_home_with_a_percent_sign_sqlalchemy_does_not_decode_still_works(monkeypatch, tmp_path):
+    """Only '%' and two hex digits is decoded: a home such as 'runs-50%zz' opened where it is, and must still."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    home = tmp_path / "runs-50%zz"
+    Registry(state=StateSettings(home=home)).experiment_id()
+    assert (home / "mlflow.db").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["runs-50%zz"]
 
 
 def test_a_percent_encoded_sqlite_uri_is_checked_where_sqlalchemy_opens_it(tmp_path, _mlflow_template_db):
