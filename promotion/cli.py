@@ -207,6 +207,15 @@ def _print_outcome(outcome: Any) -> None:
         console.print(f"[red]{what}the audit trail is incomplete (see the log)[/]")
 
 
+#: what the next command does with an interrupted change (``Promoter.intent_outlook``)
+INTENT_OUTLOOK = {
+    "finish": "the next command finishes it (and does nothing else)",
+    "recorded": "its audit is written; the next command drops it",
+    "unapplied": "it never reached the target; the next command drops it",
+    "changed": "the target has changed since: fix the state or re-run with --force (see live vs registry)",
+}
+
+
 def _print_status(status: dict[str, Any], *, as_json: bool) -> int:
     """Print what could be read; exit 2 (no access) when the live state could not be."""
     if as_json:
@@ -254,6 +263,12 @@ def _print_status_tables(status: dict[str, Any]) -> None:
         )
     if tags := status.get("tag_disagreements"):
         t.add_row("registry tags vs aliases", "[yellow]" + "\n".join(tags) + "[/]")
+    if i := status.get("interrupted"):
+        t.add_row(
+            "interrupted change",
+            f"[yellow]{i['action']} by {i['actor']} at {i['at']} ({i['from']} → {i['to']}): its run stopped before "
+            f"its audit; {INTENT_OUTLOOK.get(i['next'], 'the target could not be read')}[/]",
+        )
     for d in status.get("drift", []):
         st = drift_status(d) or ("drift" if d.get("drift_detected") else "no_drift")
         colour = {"drift": "red", "no_drift": "green"}.get(st, "yellow")  # insufficient_data, error

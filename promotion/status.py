@@ -43,6 +43,9 @@ def read_status(promoter: Promoter) -> dict[str, Any]:
     if live is not None:
         out["live"] = {**live.__dict__, "summary": live.describe()}
         out["disagreements"] = promoter.disagreements(live, out["aliases"])
+    if intent := promoter.pending_intent():  # a run that stopped before its audit: what the next command does
+        outlook = promoter.intent_outlook(intent, live, out["aliases"])[0] if live is not None else "unknown"
+        out["interrupted"] = {**{k: intent[k] for k in ("action", "at", "actor", "from", "to")}, "next": outlook}
     versions = {
         v
         for v in (

@@ -14,3 +14,6 @@ VERDICTS = ("rejected", "retired")  # a version so tagged is not rolled out agai
 #: one of these, ``last_at`` is when the verdict was given
 VERDICT_ACTIONS = {"rejected": ("rollback", "reject"), "retired": ("canary_start", "promote", "deploy")}
 PERCENT_TAG = CANARY_PERCENT_TAG
+#: on the registered model, + a digest of the target's name: the change a run is making there, written
+#: before the target changes and removed once its audit is written (JSON; promotion.workflow)
+INTENT_TAG = "promotion.intent."

@@ -8,11 +8,13 @@ finishes it (the guard accepts a disagreement that the command itself would reso
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,7 +26,15 @@ from promotion.evidence import Evidence
 from promotion.locking import LockBusy
 from promotion.rollout import RolloutError, RolloutState, check_percent
 from promotion.settings import PromoteSettings
-from promotion.tags import PERCENT_TAG, PREVIOUS_TAG, STARTED_AT_TAG, STATUS_TAG, STEP_AT_TAG, VERDICTS
+from promotion.tags import (
+    INTENT_TAG,
+    PERCENT_TAG,
+    PREVIOUS_TAG,
+    STARTED_AT_TAG,
+    STATUS_TAG,
+    STEP_AT_TAG,
+    VERDICTS,
+)
 from promotion.targets import Target, TargetUnavailable
 
 log = logging.getLogger(__name__)
@@ -270,6 +280,18 @@ class Promoter:
             )
         self._refuse_if_changed(event, live, aliases)
         finishing = self._partly_done(event) if desired == live else None
+        resumed: datetime | None = None
+        if finishing is not None:  # the change took effect then; this run only brings the registry along
+            resumed, event.from_state, event.from_version, partial = finishing
+            if "canary_revision" in partial:  # what the rollback saw then (the canary is gone now)
+                event.details.setdefault("canary_revision", partial["canary_revision"])
+            event.details["resumes"] = resumed.isoformat()
+        # a change the registry must follow has an intent (a settle has nothing to record but its row)
+        intent = bool(version_tags) or any(aliases.get(a) != v for a, v in set_aliases.items()) or any(
+            a in aliases for a in delete_aliases
+        )
+        if intent:
+            self._write_intent(event, live, steps, set_aliases, delete_aliases, version_tags or {}, resumed)
         patches = []
         applied_at: datetime | None = None
         try:
@@ -295,20 +317,22 @@ class Promoter:
             else:
                 event.ts = utc_now()  # when it failed
                 self._record(event, {v: {} for v in version_tags or {}})  # the audit, not the new state
+            # recorded: the partly done row (or nothing changed) says what is left; else steps are left,
+            # which the next command makes (its intent)
+            if intent and (not changed or applied_at is not None):
+                self._clear_intent()
             if not changed:
                 raise PromotionError(f"{event.action} failed, nothing was changed: {e}") from e
             raise PartlyDone(
                 f"{event.action} failed part-way: {e}\nrun `motlens promote status` to see the state; "
                 f"re-running the same command finishes it"
             ) from e
-        if finishing is not None:  # the change took effect then; this run only brought the registry along
-            applied_at, event.from_state, event.from_version, partial = finishing
-            if "canary_revision" in partial:  # what the rollback saw then (the canary is gone now)
-                event.details.setdefault("canary_revision", partial["canary_revision"])
-            event.details["resumes"] = applied_at.isoformat()
+        applied_at = resumed or applied_at
         assert applied_at is not None
         event.ts = applied_at
         audit_ok = self._record(event, _stamped(version_tags, applied_at))
+        if intent and (audit_ok or self._tags_written(version_tags or {})):  # else the next run writes the tags
+            self._clear_intent()
         return Outcome(
             event.action,
             f"{live.describe()} → {desired.describe()}",
@@ -317,6 +341,185 @@ class Promoter:
             patches=patches,
             audit_ok=audit_ok,
         )
+
+    # ------------------------------------------------------------------ write-ahead intent
+
+    def _intent_key(self) -> str:
+        """The registered model's tag holding this target's unfinished change: one per target (its
+        namespace and name, its overlay, its server), as each has its own lock."""
+        return INTENT_TAG + hashlib.sha256(self.target.describe().encode()).hexdigest()[:16]
+
+    def _write_intent(
+        self,
+        event: Event,
+        live: RolloutState,
+        steps: list[RolloutState],
+        set_aliases: dict[str, str],
+        delete_aliases: tuple[str, ...],
+        version_tags: dict[str, dict[str, str]],
+        applied_at: datetime | None,
+    ) -> None:
+        """Before the target changes: the whole change (each target step, the aliases, the version tags),
+        so that a run killed before its audit is finished by the next one (:meth:`_finish_interrupted`).
+        Its id goes into the event's details: the row that records the change names it."""
+        event.details["intent"] = uuid.uuid4().hex
+        intent = {
+            "id": event.details["intent"],
+            "target": self.target.describe(),
+            "at": utc_now().isoformat(),
+            "applied_at": applied_at.isoformat() if applied_at else None,  # a resumed change's
+            "action": event.action,
+            "actor": event.actor,
+            "from_version": event.from_version,
+            "to_version": event.to_version,
+            "percent": event.percent,
+            "reason": event.reason,
+            "gates": [r.to_json() for r in event.gates],
+            "details": event.details,
+            "from": event.from_state,
+            "to": event.to_state,
+            "from_state": _compared(live),
+            "steps": [asdict(step) for step in steps],
+            "set_aliases": set_aliases,
+            "delete_aliases": list(delete_aliases),
+            "version_tags": version_tags,
+        }
+        try:
+            self.registry.set_model_tag(self._intent_key(), json.dumps(intent, default=str))
+        except Exception as e:
+            event.success, event.reason = False, _join(event.reason, f"could not record the change's intent: {e}")
+            event.ts = utc_now()
+            self._record(event, {})
+            raise PromotionError(f"{event.action} not done, nothing was changed: the registry failed: {e}") from e
+
+    def _clear_intent(self) -> None:
+        try:
+            self.registry.delete_model_tag(self._intent_key())
+        except Exception as e:  # noqa: BLE001 - the next run finds the change recorded and drops it
+            log.warning("could not clear the recorded intent of this change: %s", e)
+
+    def pending_intent(self) -> dict[str, Any] | None:
+        """This target's recorded intent (:meth:`_write_intent`), if a change left one."""
+        try:
+            raw = self.registry.model_tags().get(self._intent_key())
+        except Exception as e:  # noqa: BLE001 - the change this run makes fails on the same registry
+            log.warning("could not read the registry for an interrupted change: %s", e)
+            return None
+        return json.loads(raw) if raw else None
+
+    def intent_outlook(
+        self, intent: dict[str, Any], live: RolloutState, aliases: dict[str, str]
+    ) -> tuple[str, list[RolloutState]]:
+        """What the next command does with ``intent``: ``finish`` (with the target steps still to apply),
+        ``recorded`` (the registry followed: dropped), ``unapplied`` (the target never changed: dropped) or
+        ``changed`` (the target is in a state the change does not lead through: left to the guard)."""
+        steps = [RolloutState(**d) for d in intent["steps"]]
+        if self._tags_written(intent["version_tags"]) and all(
+            aliases.get(a) == v for a, v in intent["set_aliases"].items()
+        ) and not any(a in aliases for a in intent["delete_aliases"]):  # fmt: skip
+            return "recorded", []
+        state = _compared(live)
+        if state == (_compared(steps[-1]) if steps else intent["from_state"]):  # no steps: a registry-only change
+            return "finish", []
+        if state == intent["from_state"]:
+            return "unapplied", []
+        for k, step in enumerate(steps[:-1]):
+            if state == _compared(step):
+                return "finish", steps[k + 1 :]
+        return "changed", []
+
+    def _finish_interrupted(self, live: RolloutState, aliases: dict[str, str]) -> Outcome | None:
+        """A change whose run stopped (killed, or its tags failed) after the target took it, or part of it:
+        its intent (:meth:`_write_intent`). The rest of the change is made (target steps left, aliases,
+        version tags, its row) and that is all this run does: a re-run of a rollback must not then roll
+        production back too. An intent whose change never reached the target, or whose tags are written
+        (its row then written if missing) is dropped, and the command goes on only in the first case (a re-run
+        of a complete rollback is not a second one); one whose target changed since is left to the guard."""
+        intent = self.pending_intent()
+        if intent is None:
+            return None
+        outlook, rest = self.intent_outlook(intent, live, aliases)
+        if outlook == "changed":
+            return None
+        event = self._intent_event(intent)
+        what = f"the interrupted {event.action} ({intent['from']} → {intent['to']}, begun {intent['at']})"
+        if outlook == "unapplied":  # killed before the target changed: nothing to finish, the command goes on
+            if not self.dry_run:
+                log.warning("%s never reached the target; its intent dropped", what)
+                self._clear_intent()
+            return None
+        if outlook == "recorded":  # complete but for its row or the intent's removal: nothing more to do
+            if not self.dry_run:
+                if not self._recorded(intent):
+                    event.ts = parse_ts(intent["applied_at"]) or utc_now()
+                    self._record(event, {})
+                self._clear_intent()
+            return Outcome(
+                event.action,
+                f"{'dry run: ' if self.dry_run else ''}{what} was complete but for its record; nothing else was "
+                "done (run the command again for anything further)",
+                gates=event.gates,
+            )
+        if self.dry_run:
+            return Outcome(event.action, f"dry run: would finish {what} and do nothing else", gates=event.gates)
+        try:
+            for step in rest:
+                self.target.apply(step)
+            applied_at = parse_ts(intent["applied_at"]) or utc_now()
+            self.target.check_lock()
+            for alias, version in intent["set_aliases"].items():
+                if aliases.get(alias) != version:
+                    self.registry.set_alias(alias, version)
+            for alias in intent["delete_aliases"]:
+                if alias in aliases:
+                    self.registry.delete_alias(alias)
+        except Exception as e:
+            raise PartlyDone(f"could not finish {what}: {e}\nre-running the command finishes it") from e
+        event.ts = applied_at
+        ok = self._record(event, _stamped(intent["version_tags"], applied_at))
+        if ok or self._tags_written(intent["version_tags"]):
+            self._clear_intent()
+        return Outcome(
+            event.action,
+            f"finished {what}: the registry now follows the target; nothing else was done (run the command "
+            "again for anything further)",
+            changed=True,
+            gates=event.gates,
+            audit_ok=ok,
+        )
+
+    def _intent_event(self, intent: dict[str, Any]) -> Event:
+        """The event of an intent's change, as a later run records it."""
+        event = self._event(intent["action"], from_version=intent["from_version"], to_version=intent["to_version"])
+        event.actor, event.percent, event.from_state, event.to_state = (
+            intent["actor"], float(intent["percent"]), intent["from"], intent["to"]
+        )  # fmt: skip
+        event.gates = [g.GateResult(**r) for r in intent["gates"]]
+        event.reason = _join(intent["reason"], f"finished by a later run ({self.settings.who}): its own stopped "
+                                               "before its audit")  # fmt: skip
+        event.details = {**intent["details"], "finishes": intent["at"]}
+        return event
+
+    def _recorded(self, intent: dict[str, Any]) -> bool:
+        """Whether the audit trail's newest change is the intent's (its row names the intent)."""
+        try:
+            row = self.reader().last_change(self.target.name, MODEL_NAME)
+        except Exception as e:  # noqa: BLE001 - the row is written (again) then
+            log.warning("could not read promotion_events for an interrupted change: %s", e)
+            return False
+        return row is not None and bool(row.get("success")) and _details(row).get("intent") == intent["id"]
+
+    def _tags_written(self, version_tags: dict[str, dict[str, str]]) -> bool:
+        """Whether every version carries the state tags a change gives it (times aside)."""
+        try:
+            for version, tags in version_tags.items():
+                have = self.registry.resolve(version).tags
+                if any(have.get(k) != v for k, v in tags.items() if v != _APPLIED_AT):
+                    return False
+        except Exception as e:  # noqa: BLE001 - written again then
+            log.warning("could not read the version tags of an interrupted change: %s", e)
+            return False
+        return True
 
     def _partly_done(self, event: Event) -> tuple[datetime, str, str, dict[str, Any]] | None:
         """When a re-run finds the target already as ``event`` would leave it: the partly done row it
@@ -466,6 +669,8 @@ class Promoter:
         check_or_raise(percent)
         with self.locked():
             live, aliases = self._settled_snapshot()
+            if (finished := self._finish_interrupted(live, aliases)) is not None:
+                return finished
             if version is None:
                 version = aliases.get("candidate")
                 if version is None:
@@ -538,6 +743,8 @@ class Promoter:
         check_or_raise(percent)
         with self.locked():
             live, aliases = self._settled_snapshot()
+            if (finished := self._finish_interrupted(live, aliases)) is not None:
+                return finished
             if not live.canary_active:
                 raise PromotionError(f"no canary is running on {self.target.describe()} ({live.describe()})")
             version = str(live.canary_version)
@@ -558,6 +765,8 @@ class Promoter:
     def advance(self, reason: str = "") -> Outcome:
         with self.locked():
             live, aliases = self._settled_snapshot()
+            if (finished := self._finish_interrupted(live, aliases)) is not None:
+                return finished
             if not live.canary_active:
                 raise PromotionError(f"no canary is running on {self.target.describe()} ({live.describe()})")
             nxt = self.next_step(live.percent)
@@ -584,6 +793,8 @@ class Promoter:
     def promote(self, version: str | None = None, reason: str = "") -> Outcome:
         with self.locked():
             live, aliases = self._settled_snapshot()
+            if (finished := self._finish_interrupted(live, aliases)) is not None:
+                return finished
             canary = live.canary_version or aliases.get("canary")
             if version is not None:
                 version = self.info(version).version
@@ -715,6 +926,8 @@ class Promoter:
     def rollback(self, reason: str = "manual rollback", gates: list[g.GateResult] | None = None) -> Outcome:
         with self.locked():
             live, aliases = self._settled_snapshot()
+            if (finished := self._finish_interrupted(live, aliases)) is not None:
+                return finished
             version = live.canary_version or aliases.get("canary")
             if version is None:
                 return self._rollback_production(live, aliases, reason)
@@ -857,6 +1070,8 @@ class Promoter:
         if live.not_ready or live.loading:
             busy = ", ".join(filter(None, [live.not_ready and f"not ready: {live.not_ready}", live.loading]))
             return self._hold(None, [], f"{self.target.describe()} is {busy}; holding until it is ready")
+        if (finished := self._finish_interrupted(live, aliases)) is not None:
+            return finished
         problems = self.disagreements(live, aliases)
         if problems and not self.force:
             held = self._event("hold", from_version=live.production_version or "", to_version=live.canary_version or "")
@@ -1003,6 +1218,15 @@ def check_or_raise(percent: int) -> None:
         check_percent(percent)
     except RolloutError as e:
         raise PromotionError(str(e)) from e
+
+
+def _compared(state: RolloutState) -> dict[str, Any]:
+    """What makes two states the same change: versions, URIs and digests (not only what :meth:`describe`
+    shows), and the share while a canary runs (without one, a target may not keep a 0 a rollback set)."""
+    out = {f.name: getattr(state, f.name) for f in fields(state) if f.compare}
+    if not state.canary_active:
+        out["percent"] = None
+    return out
 
 
 def _details(row: dict[str, Any]) -> dict[str, Any]:
