@@ -192,18 +192,23 @@ def test_a_failed_row_write_does_not_hold_later_commands_and_tags_once(local):
     assert serve.slots["canary"]["version"] is None, "rollback never happened"
 
 
-def test_a_resumed_change_killed_before_clearing_its_intent_is_recorded_once(local, monkeypatch):
-    env, serve, settings, target = local
+def _promote_partly_done(env, settings, target, monkeypatch) -> None:  # noqa: ANN001
+    """v3 at 100 %, promoted on the target; the registry failing at the alias: a partly done row."""
     Promoter(settings, env.registry, target, force=True).canary_set(100)
     real_set = type(env.registry).set_alias
 
-    def down(self, alias, version):
+    def down(self, alias, version):  # noqa: ANN001, ANN202
         raise RuntimeError("MLflow 503")
 
     monkeypatch.setattr(type(env.registry), "set_alias", down)
     with pytest.raises(PartlyDone):
         Promoter(settings, env.registry, target, force=True).promote()
     monkeypatch.setattr(type(env.registry), "set_alias", real_set)
+
+
+def test_a_resumed_change_killed_before_clearing_its_intent_is_recorded_once(local, monkeypatch):
+    env, serve, settings, target = local
+    _promote_partly_done(env, settings, target, monkeypatch)
     assert not _intents(env)
     real_del = type(env.registry).delete_model_tag
 
@@ -222,16 +227,7 @@ def test_a_resumed_change_killed_before_clearing_its_intent_is_recorded_once(loc
 
 def test_a_resumed_change_killed_while_tagging_keeps_the_partial_rows_time_and_from_state(local, monkeypatch):
     env, serve, settings, target = local
-    Promoter(settings, env.registry, target, force=True).canary_set(100)
-    real_set = type(env.registry).set_alias
-
-    def down(self, alias, version):
-        raise RuntimeError("MLflow 503")
-
-    monkeypatch.setattr(type(env.registry), "set_alias", down)
-    with pytest.raises(PartlyDone):
-        Promoter(settings, env.registry, target, force=True).promote()
-    monkeypatch.setattr(type(env.registry), "set_alias", real_set)
+    _promote_partly_done(env, settings, target, monkeypatch)
     partial = predlog.open_reader().last_change(target.name, "mot-defects")
 
     def killed(*a, **k):

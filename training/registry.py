@@ -695,17 +695,21 @@ class Registry:
     def alias_version(self, alias: str) -> str | None:
         return self.aliases().get(alias)
 
-    def aliases(self) -> dict[str, str]:
-        """Alias → version for every alias currently set (empty before the first registration)."""
+    def _registered_model(self) -> Any | None:
+        """The registered model (None before the first registration)."""
         from mlflow.exceptions import MlflowException
 
         try:
-            rm = self.client.get_registered_model(self.model_name)
+            return self.client.get_registered_model(self.model_name)
         except MlflowException as e:
             if e.error_code not in _NOT_FOUND:
                 raise self._failure(e) from e
-            return {}
-        return {a: str(v) for a, v in (rm.aliases or {}).items()}
+            return None
+
+    def aliases(self) -> dict[str, str]:
+        """Alias → version for every alias currently set (empty before the first registration)."""
+        rm = self._registered_model()
+        return {a: str(v) for a, v in (rm.aliases or {}).items()} if rm is not None else {}
 
     def set_tags(self, version: str | int, tags: dict[str, Any]) -> None:
         self.resolve(str(version))
@@ -715,15 +719,8 @@ class Registry:
 
     def model_tags(self) -> dict[str, str]:
         """The registered model's own tags (empty before the first registration)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            rm = self.client.get_registered_model(self.model_name)
-        except MlflowException as e:
-            if e.error_code not in _NOT_FOUND:
-                raise self._failure(e) from e
-            return {}
-        return dict(rm.tags or {})
+        rm = self._registered_model()
+        return dict(rm.tags or {}) if rm is not None else {}
 
     def set_model_tag(self, key: str, value: str) -> None:
         with self._answering():
