@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import uuid
+from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
@@ -156,9 +157,7 @@ class PredictionLogReader:
 
     def _df(self, sql: str, params: dict[str, Any], settings: dict[str, Any] | None = None) -> pd.DataFrame:
         """Run a read; on the embedded log, while no compaction swaps segments (:func:`predlog.swaplock.steady`)."""
-        if not isinstance(self.source, ParquetSource):
-            return self.client.query_df(sql, parameters=params, settings=settings)
-        with steady(self.source.root):
+        with steady(self.source.root) if isinstance(self.source, ParquetSource) else nullcontext():
             return self.client.query_df(sql, parameters=params, settings=settings)
 
     @staticmethod

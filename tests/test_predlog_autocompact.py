@@ -8,7 +8,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from test_predlog_faults import wait_for
+from test_predlog_faults import stall_parquet_writes, wait_for
 from test_predlog_scale import MIDNIGHT, batch_file, row
 
 import predlog
@@ -120,7 +120,6 @@ def test_close_spools_the_queue_before_it_waits_for_a_busy_compaction(tmp_path, 
     from test_predlog_faults import rows
 
     from predlog import autocompact
-    from predlog.sinks import ParquetSink
 
     merging, merged = threading.Event(), threading.Event()
 
@@ -129,16 +128,8 @@ def test_close_spools_the_queue_before_it_waits_for_a_busy_compaction(tmp_path, 
         merged.wait(60)
         return {}
 
-    entered, release = threading.Event(), threading.Event()
-    insert = ParquetSink.insert
-
-    def hung(self, table, token):  # noqa: ANN001, ANN202 - a disk that stalls (fault injection)
-        entered.set()
-        assert release.wait(60)
-        insert(self, table, token)
-
     monkeypatch.setattr(autocompact, "compact", slow_compact)
-    monkeypatch.setattr(ParquetSink, "insert", hung)
+    entered, release = stall_parquet_writes(monkeypatch)
     settings = PredlogSettings(dir=tmp_path, compact_interval_s=0.05, flush_interval_s=0.05, batch_rows=50)
     settings.table_dir("predictions").mkdir(parents=True)  # a log with files to merge
     writer = predlog.open_writer(settings)

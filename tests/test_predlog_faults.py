@@ -277,15 +277,8 @@ def test_close_while_the_embedded_store_hangs_keeps_the_batch_being_written(tmp_
     timeout goes to the spool with the queue, and the next writer stores every row once (the write
     that finishes late and the replay name the same file)."""
     settings = PredlogSettings(dir=tmp_path / "predlog", batch_rows=50, flush_interval_s=0.05)
-    entered, release = threading.Event(), threading.Event()
     insert = ParquetSink.insert
-
-    def hung(self, table, token):  # noqa: ANN001, ANN202 - a disk that stalls (fault injection)
-        entered.set()
-        assert release.wait(60)
-        insert(self, table, token)
-
-    monkeypatch.setattr(ParquetSink, "insert", hung)
+    entered, release = stall_parquet_writes(monkeypatch)
     writer = predlog.open_writer(settings)
     writer.submit(rows(200))
     assert entered.wait(30)  # the first batch of 50 is being written
@@ -296,6 +289,21 @@ def test_close_while_the_embedded_store_hangs_keeps_the_batch_being_written(tmp_
     assert wait_for(lambda: not writer._thread.is_alive(), 60)  # and released the spool's lock
     monkeypatch.setattr(ParquetSink, "insert", insert)
     assert _replayed(settings) == (200, 200)
+
+
+def stall_parquet_writes(monkeypatch) -> tuple[threading.Event, threading.Event]:  # noqa: ANN001
+    """Embedded batch writes that stall (a disk that hangs; fault injection): each sets the first event
+    and waits for the second, then writes."""
+    entered, release = threading.Event(), threading.Event()
+    insert = ParquetSink.insert
+
+    def hung(self, table, token):  # noqa: ANN001, ANN202
+        entered.set()
+        assert release.wait(60)
+        insert(self, table, token)
+
+    monkeypatch.setattr(ParquetSink, "insert", hung)
+    return entered, release
 
 
 def _replayed(settings: PredlogSettings) -> tuple[int, int]:
