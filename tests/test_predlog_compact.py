@@ -447,6 +447,48 @@ def test_a_swap_waits_for_reads_and_gives_up_changing_nothing(tmp_path, monkeypa
     assert compact(folder, now=NOW) == {"20261124": n}  # released: the next run goes ahead
 
 
+def test_a_read_held_off_by_a_stuck_swap_gives_up_naming_it(tmp_path, monkeypatch):
+    """A compaction stopped in the middle of its swap (a suspended process) held every read for good."""
+    import predlog.swaplock as swaplock
+
+    settings = PredlogSettings(dir=tmp_path)
+    write_days(settings, [4])
+    reader = predlog.open_reader(settings)
+    monkeypatch.setattr(swaplock, "STEADY_WAIT_S", 0.3)
+    try:
+        with swaplock.swapping(settings.root), pytest.raises(TimeoutError, match="a compaction of .* held it"):
+            reader.query("SELECT count() AS n FROM predictions")
+        assert reader.query("SELECT count() AS n FROM predictions").iloc[0]["n"] == 30  # released: reads again
+    finally:
+        reader.close()
+
+
+def test_a_write_held_off_by_a_stuck_swap_goes_to_the_spool_and_is_stored_later(tmp_path, monkeypatch):
+    """The sink's write waits for the swap like a read; held past ``STEADY_WAIT_S`` its batch is spooled
+    (the writer's thread is not held for good) and stored once the swap is over."""
+    import predlog.swaplock as swaplock
+
+    settings = PredlogSettings(dir=tmp_path)
+    n = write_days(settings, [4])
+    monkeypatch.setattr(swaplock, "STEADY_WAIT_S", 0.3)
+    writer = predlog.open_writer(settings)
+    try:
+        with swaplock.swapping(settings.root):
+            writer.submit(
+                [
+                    PredictionRecord(request_id=f"held{i}", item_index=0, model_name="mot-defects",
+                                     model_version="1", slot="production", text="brake worn")
+                    for i in range(5)
+                ]
+            )  # fmt: skip
+            assert writer.flush(30)
+            assert writer.stats()["spool_rows"] == 5
+    finally:
+        writer.close(30)  # the swap is over: close replays the spool into the sink
+    assert writer.stats()["spool_rows"] == 0
+    assert stored(settings) == {"n": n + 5, "u": n + 5}
+
+
 PEAK_OF_A_COMPACTION = textwrap.dedent(
     """
     import sys
