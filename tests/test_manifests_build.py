@@ -24,6 +24,7 @@ from manifest_helpers import (
 )
 
 from drift.settings import DriftSettings
+from promotion import rollout
 from promotion.rollout import RolloutState, json6902_ops
 
 KNATIVE_MODES = {"Serverless", "Knative"}  # the legacy and the current spelling of Knative mode
@@ -199,6 +200,26 @@ def test_rollout_ops_as_the_promotion_cli_writes_them(tmp_path: Path, overlay: s
     assert isvc["metadata"]["annotations"]["motlens.io/canary-version"] == "7"
     assert isvc["metadata"]["annotations"]["motlens.io/production-version"] == "6"
     assert isvc_errors(isvc) == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_promotion_changes_only_what_the_kserve_prerequisite_keeps_out_of_the_revision(built, overlay: str) -> None:
+    """KServe copies the InferenceService's annotations into the Knative revision: a promotion (canary →
+    production) patches only the motlens.io/* annotations and canaryTrafficPercent, so with those keys
+    in KServe's serviceAnnotationDisallowedList (docs/deploy.md "Prerequisites", which must list every
+    one) it makes no revision and the warm canary revision takes the traffic."""
+    live = _isvc(built[overlay])
+    production = rollout.state_from_isvc(live)
+    canary = production.with_canary("7", "s3://mlflow-artifacts/1/canaryrun/artifacts/model", 10, "b" * 64)
+    live = rollout.apply_merge_patch(live, rollout.merge_patch(live, canary))
+    patch = rollout.merge_patch(live, rollout.state_from_isvc(live).promoted())
+    keys = {rollout.ANN_PROD_VERSION, rollout.ANN_PROD_URI, rollout.ANN_PROD_SHA, rollout.ANN_CANARY_VERSION}
+    assert set(patch) == {"metadata", "spec"} and set(patch["metadata"]) == {"annotations"}
+    assert set(patch["metadata"]["annotations"]) <= keys
+    assert patch["spec"] == {"predictor": {"canaryTrafficPercent": None}}
+    deploy = (MANIFESTS.parent / "docs" / "deploy.md").read_text()
+    (listed,) = re.findall(r'serviceAnnotationDisallowedList\\":\[(.*?)\]', deploy, re.S)
+    assert set(re.findall(r'\\"(motlens\.io/[a-z0-9-]+)\\"', listed)) == keys
 
 
 def test_rollout_guard_rejects_a_base_that_breaks_the_contract(tmp_path: Path) -> None:
