@@ -304,6 +304,17 @@ def print_table(results: list[LoadResult], ceiling: dict | None, shares: dict[st
         console.print(line)
 
 
+def server_threads(motlens_args: list[str]) -> int:
+    """The threads `motlens serve` runs its model on given these extra arguments: ``--threads`` if one
+    is given, else the CPUs this process may use (``predictor.settings.cgroup_cpu_count``)."""
+    from predictor.settings import cgroup_cpu_count
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--threads", type=int)
+    known, _ = p.parse_known_args([t for arg in motlens_args for t in arg.split("=", 1)])
+    return known.threads or cgroup_cpu_count()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="bundle directory (default: build bench/results/bundle)")
@@ -313,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", help="motlens dtype (torch on a native-bf16 CPU: bfloat16)")
     p.add_argument("--event-loop-nice", type=int, default=EVENT_LOOP_NICE,
                    help=f"motlens --event-loop-nice (default {EVENT_LOOP_NICE}; 0 = off)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=2, help="threads for the offline ceiling")
+    p.add_argument("--threads", type=int, help="threads for the offline ceiling (default: the server's: "
+                   "a --motlens-arg --threads, else the CPUs this process may use, as `motlens serve`)")  # fmt: skip
     p.add_argument("--motlens-arg", action="append", default=[], help="extra `motlens serve` argument (repeat)")
     p.add_argument("--no-predlog", action="store_true", help="run motlens without the prediction log")
     p.add_argument("--infinity-venv", default=".venv-infinity")
@@ -330,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="repeat everything; the table shows medians")
     p.add_argument("--out", type=Path, help="JSON results file (default bench/results/run-<time>.json)")
     a = p.parse_args(argv)
+    if a.threads is None:
+        a.threads = server_threads(a.motlens_arg)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop our servers on the way out
     systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     unknown = sorted(set(systems) - set(SYSTEMS))

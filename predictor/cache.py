@@ -73,12 +73,12 @@ class EmbeddingCache:
         return len(self._slots)
 
     def get_many(self, version: str, keys: Sequence[str]) -> list[np.ndarray | None]:
-        """Cached embedding per normalised text (``None`` for a miss); counts hits and misses.
+        """Cached embedding per normalised text (``None`` for a miss). The caller counts hits and
+        misses once the request is served (:mod:`predictor.pipeline`): a refused one counts neither.
 
         Hits are read-only copies taken under the lock, never views of the slab.
         """
         if self.capacity == 0:
-            metrics.CACHE_MISSES.inc(len(keys))
             return [None] * len(keys)
         found: list[int] = []
         slots: list[int] = []
@@ -95,8 +95,6 @@ class EmbeddingCache:
         out: list[np.ndarray | None] = [None] * len(keys)
         for i, row in zip(found, rows, strict=True):
             out[i] = row
-        metrics.CACHE_HITS.inc(len(found))
-        metrics.CACHE_MISSES.inc(len(keys) - len(found))
         return out
 
     def put_many(self, version: str, keys: Sequence[str], values: np.ndarray) -> None:

@@ -46,7 +46,7 @@ HTTP_LATENCY = Histogram(
 BATCH_SIZE = Histogram(
     "motlens_batch_size",
     "Items per micro-batch sent to the embedder",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),  # GPU: --batch-max-items 1024
 )
 QUEUE_DEPTH = Gauge("motlens_queue_depth", "Items waiting in the micro-batcher queues")
 REJECTED = Counter("motlens_rejected_total", "Requests refused before inference, by reason", ["reason"])
@@ -71,8 +71,8 @@ MODEL_FALLBACK = Gauge(
     ["slot", "reason"],
 )
 EMBEDDING_NORM = Summary("motlens_embedding_norm", "L2 norm of served embeddings (≈1 when healthy)")
-CACHE_HITS = Counter("motlens_cache_hits_total", "Embedding cache hits")
-CACHE_MISSES = Counter("motlens_cache_misses_total", "Embedding cache misses")
+CACHE_HITS = Counter("motlens_cache_hits_total", "Embedding cache hits (texts of served requests)")
+CACHE_MISSES = Counter("motlens_cache_misses_total", "Embedding cache misses (texts of served requests)")
 CACHE_BYTES = Gauge("motlens_cache_bytes", "Bytes held by the embedding cache")
 GPU_ALLOCATED = Gauge("motlens_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated()")
 GPU_RESERVED = Gauge("motlens_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved()")

@@ -89,7 +89,9 @@ class ServingUnit:
 
     async def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool], list[str]]:
         """Embeddings of ``texts`` (cache first, misses batched), which ones were cache hits, and the
-        normalised texts (the cache keys)."""
+        normalised texts (the cache keys). Hits and misses are counted once the misses are embedded:
+        a request refused (429) or abandoned in the queue counts neither, so the hit rate is that of
+        the texts served."""
         keys = [normalise_text(t) for t in texts]
         cached = self.cache.get_many(self.version, keys)
         hits = [c is not None for c in cached]
@@ -100,6 +102,9 @@ class ServingUnit:
             self.cache.put_many(self.version, misses, emb)
             fresh = dict(zip(misses, emb, strict=True))
         rows = [c if c is not None else fresh[k] for k, c in zip(keys, cached, strict=True)]
+        n_hits = sum(hits)
+        metrics.CACHE_HITS.inc(n_hits)
+        metrics.CACHE_MISSES.inc(len(keys) - n_hits)
         return np.stack(rows).astype(np.float32, copy=False), hits, keys
 
     async def predict(

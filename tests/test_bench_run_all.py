@@ -59,3 +59,15 @@ def test_every_system_gets_the_same_texts_in_a_load_and_loads_differ():
     assert texts(1, 0) == texts(1, 0)  # motlens, naive and Infinity alike
     assert texts(1, 0) != texts(1, 1) and texts(1, 0) != texts(2, 0)
     assert len({load_seed(r, i) for r in (1, 2, 3) for i in range(3)}) == 9
+
+
+def test_the_ceiling_runs_on_the_servers_threads(monkeypatch):
+    """The offline ceiling's threads default to the server's: a ``--threads`` passed to `motlens serve`,
+    else the CPUs this process may use (it was 2 on any host: a 16-CPU server against a 2-thread ceiling)."""
+    import predictor.settings
+    from bench.run_all import server_threads
+
+    monkeypatch.setattr(predictor.settings, "cgroup_cpu_count", lambda: 16)
+    assert server_threads([]) == 16
+    assert server_threads(["--model-workers", "2"]) == 16
+    assert server_threads(["--threads", "3"]) == server_threads(["--threads=3"]) == 3

@@ -269,3 +269,16 @@ def test_request_counters_exist_at_zero_before_their_first_request():
             assert sample("motlens_requests_total", protocol=protocol, outcome=outcome, version=version) == 0.0
     metrics.release_version(version)  # and they go with the version's other series
     assert not [s for m in REGISTRY.collect() for s in m.samples if s.labels.get("version") == version]
+
+
+def test_a_full_gpu_sized_batch_lands_in_a_finite_batch_size_bucket():
+    """The batch-size histogram stopped at 512 while the GPU check serves batches of up to 1,024 (and
+    settings allow more): a full batch was only in +Inf, so the dashboard's p95 could not show it."""
+    import re
+    from pathlib import Path
+
+    from predictor import metrics
+
+    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh").read_text()
+    gpu_items = int(re.search(r"--batch-max-items (\d+)", script).group(1))  # type: ignore[union-attr]
+    assert metrics.BATCH_SIZE._upper_bounds[-2] >= 4 * gpu_items

@@ -70,6 +70,7 @@ def burst(base: str, n: int) -> list[httpx.Response]:
 def test_burst_beyond_the_queue_gets_429_with_retry_after_never_5xx(small_queue):
     base = small_queue
     rejected_before = metric(base, "motlens_rejected_total", reason="queue_full")
+    misses_before = metric(base, "motlens_cache_misses_total")
     answers: list[httpx.Response] = []
     for _ in range(5):  # bounded: a burst of 24 × 4 texts against an 8-text queue overflows at once
         answers += burst(base, 24)
@@ -85,6 +86,9 @@ def test_burst_beyond_the_queue_gets_429_with_retry_after_never_5xx(small_queue)
         else:
             assert len(r.json()["predictions"]) == 4
     assert metric(base, "motlens_rejected_total", reason="queue_full") - rejected_before == codes.count(429)
+    # the cache counts the texts served only (no cache here: every one a miss); a refused request's
+    # lookups made the dashboard's hit rate fall under overload
+    assert metric(base, "motlens_cache_misses_total") - misses_before == 4 * codes.count(200)
     print(f"\noverload: {len(codes)} requests in bursts of 24: {codes.count(200)} × 200, {codes.count(429)} × 429")
     # still up and ready, and a lone request is served
     assert httpx.get(f"{base}/v2/models/{MODEL}/ready", timeout=10).status_code == 200
