@@ -16,12 +16,14 @@ _SECRET_KEYS = {"password", "passwd", "pwd", "access_token", "token", "secret"}
 
 def redact(text: str) -> str:
     """``text`` with the credentials of every URL in it removed (``//user:password@host`` → ``//host``,
-    up to the URL's last ``@`` even where the password holds one, or a ``/``, ``?`` or ``#``), and
-    any ``Bearer``/``Basic`` credential (an HTTP library's error may quote the header it refused)."""
-    return _AUTH.sub(r"\1 ***", re.sub(r"//\S*@", "//", text))
+    up to the URL's last ``@`` even where the password holds one, or a ``/``, ``?`` or ``#``; the value
+    of a credential query parameter, ``?token=…`` → ``?token=***``), and any ``Bearer``/``Basic``
+    credential (an HTTP library's error may quote the header it refused)."""
+    return _AUTH.sub(r"\1 ***", _QUERY_SECRET.sub(r"\1***", re.sub(r"//\S*@", "//", text)))
 
 
 _AUTH = re.compile(r"\b(Bearer|Basic)\s+[^\s'\"]+", re.IGNORECASE)
+_QUERY_SECRET = re.compile(r"([?&;](?:" + "|".join(_SECRET_KEYS) + r")=)[^&;#\s'\"]*", re.IGNORECASE)
 
 
 def _secret_in_query(query: str) -> bool:

@@ -29,6 +29,17 @@ ADMIN_OFF = (
 )
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: urllib would send the admin token to whatever host one names (a
+    login page, a plain-http downgrade); the 3xx comes back as an :class:`urllib.error.HTTPError`."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class LocalTarget:
     name = "local"
     pins_digest = False  # the server fetches models:/ references through the registry, which checks them
@@ -46,13 +57,13 @@ class LocalTarget:
         req = urllib.request.Request(f"{self.base}{path}", data=data, method=method)
         req.add_header("Content-Type", "application/json")
         if self.settings.local_token is not None:
-            req.add_header("Authorization", f"Bearer {self.settings.local_token.get_secret_value()}")
+            req.add_unredirected_header("Authorization", f"Bearer {self.settings.local_token.get_secret_value()}")
         try:
             # a status read answers at once: a server that accepts and stays silent is not ready, and
             # `promote status` should say so in seconds, not after a canary load's allowance
             timeout = self.settings.read_timeout_s if method == "GET" else self.settings.http_timeout_s
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read() or b"{}")
+            with _OPENER.open(req, timeout=timeout) as resp:
+                answer = json.loads(resp.read() or b"{}")
         except urllib.error.HTTPError as e:
             try:
                 detail = json.loads(e.read()).get("error", "")
@@ -61,6 +72,11 @@ class LocalTarget:
             message = f"{method} {path} on {self.describe()}: HTTP {e.code} {detail}".rstrip()
             if e.code == 404 and detail in ("", "Not Found"):  # no such route, not an admin route's own 404
                 message += f": {ADMIN_OFF}"
+            elif 300 <= e.code < 400:
+                message += (
+                    f" (a redirect to {redact(e.headers.get('Location') or '?')}, not followed: set "
+                    "MOTLENS_PROMOTE_LOCAL_URL to the server's own address)"
+                )
             elif e.code == 401:
                 message += (
                     " (MOTLENS_PROMOTE_LOCAL_TOKEN is not the server's MOTLENS_SERVE_ADMIN_TOKEN)"
@@ -75,9 +91,19 @@ class LocalTarget:
                 f"{method} {path} on {self.describe()}: the request could not be sent ({type(e).__name__}; "
                 "a control character in MOTLENS_PROMOTE_LOCAL_TOKEN?)"
             ) from None
+        if not isinstance(answer, dict):
+            raise TargetError(f"{method} {path} on {self.describe()}: the answer is not a motlens admin API's")
+        return answer
 
     def slots(self) -> dict[str, Any]:
-        return self._request("GET", f"{ADMIN}/slots")
+        st = self._request("GET", f"{ADMIN}/slots")
+        slots = st.get("slots")
+        if not (isinstance(slots, dict) and all(isinstance(slots.get(k), dict) for k in ("production", "canary"))):
+            raise TargetError(
+                f"GET {ADMIN}/slots on {self.describe()}: the answer names no production and canary slots "
+                "(is MOTLENS_PROMOTE_LOCAL_URL a motlens serve?)"
+            )
+        return st
 
     def read(self) -> RolloutState:
         return self._state(self.slots())

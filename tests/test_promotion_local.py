@@ -264,3 +264,56 @@ def test_a_silent_server_fails_a_status_read_in_its_read_timeout():
         with pytest.raises(TargetUnavailable, match="timed out"):
             LocalTarget(settings).read()
         assert time.monotonic() - t0 < settings.http_timeout_s  # the read timeout applied, not the load's
+
+
+@contextmanager
+def _answering(status: int, headers: dict[str, str], body: bytes = b"") -> Iterator[tuple[str, list[dict]]]:
+    """A one-route HTTP server answering every request alike; yields its URL and the headers it got."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            seen.append(dict(self.headers))
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_redirect_is_not_followed_with_the_admin_token():
+    """urllib followed a redirect to any host with the Authorization header: a proxy's login redirect
+    sent the admin token to another host (over plain http)."""
+    from promotion.targets import TargetError
+
+    with _answering(200, {"Content-Type": "application/json"}, b'{"slots": {}}') as (other, other_seen):
+        with _answering(302, {"Location": f"{other}/login"}) as (url, seen):
+            settings = PromoteSettings(local_url=url, local_token="an-admin-token-of-32-characters!")
+            with pytest.raises(TargetError, match=r"HTTP 302 .*redirect to .*/login, not followed"):
+                LocalTarget(settings).read()
+    assert seen and seen[0].get("Authorization") == "Bearer an-admin-token-of-32-characters!"
+    assert other_seen == []
+
+
+def test_an_answer_without_slots_is_a_target_error_naming_it():
+    """A 200 from something that is not `motlens serve` was a bare ``KeyError: 'slots'``."""
+    from promotion.targets import TargetError
+
+    with _answering(200, {"Content-Type": "application/json"}, b'{"status": "ok"}') as (url, _):
+        with pytest.raises(TargetError, match="names no production and canary slots"):
+            LocalTarget(PromoteSettings(local_url=url)).read()

@@ -87,6 +87,26 @@ def test_redact_cuts_up_to_the_hosts_at_sign():
     assert redact("authorization: basic dXNlcjpwdw==") == "authorization: basic ***"
 
 
+def test_redact_masks_a_credential_in_a_query_string():
+    """An MLFLOW_TRACKING_URI with ``?token=…`` was printed whole in the registry's error message."""
+    assert (
+        redact("registry http://m:1/?token=S3cr3tQ failing: http://m:1/?a=1&Password=p%40ss&b=2#f")
+        == "registry http://m:1/?token=*** failing: http://m:1/?a=1&Password=***&b=2#f"
+    )
+    assert redact("?tokenizer=x&secret_key=y, 3 tokens") == "?tokenizer=x&secret_key=y, 3 tokens"
+
+
+def test_a_registry_error_names_no_secret_of_the_tracking_uris_query(tmp_path, monkeypatch, capsys):
+    from motlens.cli import main
+
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1/?token=S3cr3tQ")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert main(["train", "versions"]) == 2
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "S3cr3tQ" not in err
+
+
 @pytest.mark.parametrize(
     "url", ["http://u:pw@ch:8123/db", "http://u@ch:8123/db?password=pw", "https://ch:8443/db?user=u&Access_Token=t"]
 )
