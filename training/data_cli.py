@@ -66,12 +66,17 @@ def _not_a_file(path: Path, what: str) -> str | None:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from training.outdir import ForeignOutput
     from training.synth import generate
 
     if problem := _not_a_file(args.out, "--out"):
         print(f"motlens data synth: {problem}", file=sys.stderr)
         return 2
-    counts = generate(args.out, args.rows, args.seed, "|" if args.delimiter == "pipe" else ",", args.zip)
+    try:
+        counts = generate(args.out, args.rows, args.seed, "|" if args.delimiter == "pipe" else ",", args.zip)
+    except ForeignOutput as e:  # before any work
+        print(f"motlens data synth: --out {e}", file=sys.stderr)
+        return 2
     print(json.dumps(counts, indent=2))
     return 0
 
@@ -109,6 +114,7 @@ def _load(args: argparse.Namespace) -> int:
     from training.dvsa_reader import BulkReader
     from training.dvsa_report import BulkFormatError, BulkReport, BulkResourceError
     from training.history_api import read_jsonl
+    from training.outdir import ForeignOutput
     from training.tidy import TidyError, write_tidy
 
     if args.clickhouse == (args.out is not None):
@@ -160,6 +166,9 @@ def _load(args: argparse.Namespace) -> int:
 
             write_tidy(chunks(), args.out)
             report = report_obj.to_dict()
+    except ForeignOutput as e:  # write_tidy's first check, before any row is read
+        print(f"motlens data load: --out {e}", file=sys.stderr)
+        return 2
     except (BulkFormatError, BulkResourceError, TidyError) as e:
         print(f"motlens data load: {e}", file=sys.stderr)
         return 1

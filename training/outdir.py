@@ -1,14 +1,18 @@
-"""One writer at a time per output directory, and removal of the staging a killed writer left.
+"""One writer at a time per output directory, removal of the staging a killed writer left, and
+refusal of a directory holding someone else's files.
 
 ``motlens data synth`` and ``motlens data load --out`` write into hidden staging directories and
 move the result into place at the end. A writer killed by SIGKILL (or a power cut) leaves its
 staging behind; the next writer removes it, but only while holding the directory's lock, so it
-never removes the staging of a run that is still writing.
+never removes the staging of a run that is still writing. Each writer leaves a mark in its
+directory and replaces only the files it lists; a directory holding files but no mark is refused
+(:func:`refuse_foreign`), never emptied.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,6 +24,34 @@ LOCK_NAME = ".motlens-write.lock"
 
 class OutputBusy(RuntimeError):
     """Another process holds the write lock of the output directory."""
+
+
+class ForeignOutput(ValueError):
+    """An output directory holding files its writer did not write: refused, never emptied."""
+
+
+def refuse_foreign(out_dir: Path, marks: tuple[str, ...], what: str) -> None:
+    """Raise :class:`ForeignOutput` when ``out_dir`` holds a visible file or directory (a name not
+    starting with ``.``) but none of ``marks``, the files only its writer writes there: it is not ``what``."""
+    if not out_dir.is_dir() or any((out_dir / mark).exists() for mark in marks):
+        return
+    names = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
+    if names:
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        raise ForeignOutput(
+            f"{out_dir} holds {names[0]}{more} but no {marks[0]}, so it is not {what}: "
+            "refused rather than overwritten; give an empty or new directory"
+        )
+
+
+def written(path: Path) -> set[str]:
+    """The file names in the JSON list at ``path``, a writer's record of what it wrote beside it (plain
+    names only; none when the record is absent or unreadable)."""
+    try:
+        names = {Path(str(name)).name for name in json.loads(path.read_text())}
+    except (OSError, ValueError, TypeError):
+        return set()
+    return names - {"", ".."}
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import shutil
 import tempfile
 import zipfile
@@ -28,12 +29,17 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from tqdm import tqdm
 
-from training.outdir import exclusive
+from motlens.atomic import atomic_write
+from training.outdir import ForeignOutput, exclusive, refuse_foreign, written
 
 BLOCK_TESTS = 100_000
 _TABLE_NAMES = ("item_detail", "item_group", "mdr_rfr_location", "test_result", "test_item")
 _ZIP_TIME = (2024, 1, 1, 0, 0, 0)
 _STAGING = ".synth-"  # prefix of the hidden staging directory in out_dir
+#: every name a table may have; a run writes the five of its delimiter and ``zipped``
+_TABLE_FILES = frozenset(f"{name}{suffix}" for name in _TABLE_NAMES for suffix in (".txt", ".csv", ".zip"))
+#: the tables a run wrote into out_dir, a JSON list (hidden: readers skip it); a run replaces only these
+MARK = ".motlens-synth"
 _EPOCH = dt.date(1970, 1, 1)
 _FIRST_DAY = (dt.date(2018, 5, 21) - _EPOCH).days
 _LAST_DAY = (dt.date(2024, 12, 31) - _EPOCH).days
@@ -366,7 +372,9 @@ def generate(out_dir: Path, rows: int, seed: int, delimiter: str = "|", zipped: 
     once all are complete: a run that fails or is interrupted leaves ``out_dir`` as it was (never a
     truncated dataset that reads as a smaller one), and a rerun never mixes two formats. One run at a
     time per ``out_dir`` (:class:`training.outdir.OutputBusy` otherwise); it first removes the staging
-    directories that killed runs left (readers skip hidden directories meanwhile).
+    directories that killed runs left (readers skip hidden directories meanwhile). A non-empty
+    ``out_dir`` that no run wrote (no :data:`MARK`), or a table file there that its mark does not list, is
+    refused before any work (:class:`training.outdir.ForeignOutput`): a run replaces only what runs wrote.
     """
     if delimiter in ("pipe", "comma"):
         delimiter = "|" if delimiter == "pipe" else ","
@@ -375,20 +383,62 @@ def generate(out_dir: Path, rows: int, seed: int, delimiter: str = "|", zipped: 
     if rows < 0:
         raise ValueError("rows must be >= 0")
     out_dir = Path(out_dir)
+    suffix = ".zip" if zipped else ".txt" if delimiter == "|" else ".csv"
+    tables = {f"{name}{suffix}" for name in _TABLE_NAMES}
+    _earlier(out_dir, tables)  # refused before anything in out_dir is touched
     with exclusive(out_dir, f"{_STAGING}*"):
         staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=out_dir))  # out_dir's filesystem, its permissions
         try:
             counts = _write_tables(staging, rows, seed, delimiter, zipped)
-            for name in _TABLE_NAMES:
-                for suffix in (".txt", ".csv", ".zip"):  # an earlier run in another format must not mix in
-                    (out_dir / f"{name}{suffix}").unlink(missing_ok=True)
+            earlier = _earlier(out_dir, tables)  # read again holding the lock: a run may have ended meanwhile
+            atomic_write(out_dir / MARK, json.dumps(sorted(earlier | tables)))  # so a killed run's are known
+            for name in earlier - tables:  # an earlier run in another format must not mix in
+                (out_dir / name).unlink(missing_ok=True)
             for name in _TABLE_NAMES:  # the lookups first, test_item last
                 for new in staging.glob(f"{name}.*"):
                     new.replace(out_dir / new.name)  # same filesystem: a rename
+            atomic_write(out_dir / MARK, json.dumps(sorted(tables)))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     counts["files"] = sorted(p.name for p in out_dir.iterdir() if p.stem.split(".")[0] in _TABLE_NAMES)
     return counts
+
+
+def _earlier(out_dir: Path, tables: set[str]) -> set[str]:
+    """The tables earlier runs wrote into ``out_dir``, which this run (writing ``tables``) replaces.
+
+    Raises :class:`ForeignOutput` for a non-empty ``out_dir`` without :data:`MARK` (unless it holds just
+    the tables of a run from before marks) or holding one of ``tables`` that its mark does not list.
+    """
+    if (out_dir / MARK).exists():
+        earlier = written(out_dir / MARK) & _TABLE_FILES
+    elif not (earlier := _unmarked_run(out_dir)):
+        refuse_foreign(out_dir, (MARK,), "the output of motlens data synth")
+    if clash := sorted(name for name in tables - earlier if (out_dir / name).exists()):
+        raise ForeignOutput(
+            f"{out_dir} holds {clash[0]}, which motlens data synth did not write: refused rather than "
+            "overwritten; give an empty or new directory"
+        )
+    return earlier
+
+
+def _unmarked_run(out_dir: Path) -> set[str]:
+    """The tables in ``out_dir`` when they are all it holds and a run wrote them before :data:`MARK`
+    existed: one ``test_item`` with this generator's header (``rfr_comment`` is in no DVSA file); else none."""
+    names = {p.name for p in out_dir.iterdir() if not p.name.startswith(".")} if out_dir.is_dir() else set()
+    items = [out_dir / name for name in names if name.startswith("test_item.")]
+    if not names <= _TABLE_FILES or len(items) != 1:
+        return set()
+    try:
+        if items[0].suffix == ".zip":
+            with zipfile.ZipFile(items[0]) as zf, zf.open(zf.namelist()[0]) as fh:
+                head = fh.readline(4096)
+        else:
+            with items[0].open("rb") as fh:
+                head = fh.readline(4096)
+    except (OSError, zipfile.BadZipFile, IndexError):
+        return set()
+    return names if head.rstrip(b"\r\n").decode("latin-1") in {d.join(TEST_ITEM_COLUMNS) for d in "|,"} else set()
 
 
 def _write_tables(out_dir: Path, rows: int, seed: int, delimiter: str, zipped: bool) -> dict:

@@ -13,6 +13,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pandas as pd
@@ -20,12 +21,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from motlens.atomic import atomic_write
-from training.outdir import exclusive
+from training.outdir import exclusive, refuse_foreign, written
 
 #: JSON ``{"format", "rows", "parts": [{"file", "rows", "bytes"}]}``; the leading ``_`` keeps Parquet
 #: dataset readers (pyarrow.dataset, Spark) from taking it for data, and its suffix (not ``.json``)
 #: keeps ``motlens data load`` of a directory holding a table from taking it for API JSON.
 MANIFEST = "_tidy.manifest"
+#: JSON list of every file a load wrote into the table, written before it moves its parts in and removed
+#: once it has removed the previous parts: the next load removes what a killed one left, nothing else
+PENDING = "_tidy.pending"
 FORMAT = "motlens-tidy/2"
 #: formats still read: /1 tables have no ``split_group`` column (read as missing: their rows carry no
 #: row group, so their texts are split by split key alone, docs/training.md "Split")
@@ -80,25 +84,40 @@ def write_tidy(chunks: Iterable[pd.DataFrame], out_dir: Path, rows_per_file: int
     was (never a partial one that looks complete), and one that reads no rows raises
     :class:`TidyError` and changes nothing. One load at a time per ``out_dir``
     (:class:`training.outdir.OutputBusy` otherwise); the next one removes what a killed one left.
+    A non-empty ``out_dir`` that is not a tidy table (no :data:`MANIFEST`) is refused before anything
+    is read (:class:`training.outdir.ForeignOutput`), and a load removes only files loads wrote.
     """
     out_dir = Path(out_dir)
+    refuse_foreign(out_dir, (MANIFEST, PENDING), "a motlens tidy table")
     with exclusive(out_dir, f".{glob.escape(out_dir.name)}.loading-*", out_dir.parent):
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.loading-", dir=out_dir.parent))
         try:
             parts = _write_parts(chunks, staging, rows_per_file)
             if not parts:  # a load that read nothing never replaces a table with an empty one
                 raise TidyError(f"no rows were read from the inputs; {out_dir} is left as it was")
+            new = {part["file"] for part in parts}
+            old = _written(out_dir) - new  # the previous load's parts, and any a killed load moved in
+            atomic_write(out_dir / PENDING, json.dumps(sorted(old | new)))
             for part in parts:
                 (staging / part["file"]).replace(out_dir / part["file"])  # same filesystem: a rename
             total = sum(part["rows"] for part in parts)
             atomic_write(out_dir / MANIFEST, json.dumps({"format": FORMAT, "rows": total, "parts": parts}, indent=1))
-            listed = {part["file"] for part in parts}
-            for old in out_dir.glob("part-*.parquet"):  # the previous load's, and any a killed load moved in
-                if old.name not in listed:
-                    old.unlink()
+            for name in old:
+                (out_dir / name).unlink(missing_ok=True)
+            (out_dir / PENDING).unlink()
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return total
+
+
+def _written(out_dir: Path) -> set[str]:
+    """The parts earlier loads wrote into ``out_dir``: those its manifest lists and those a killed
+    load's :data:`PENDING` names (a manifest that cannot be read lists none: its parts are left)."""
+    try:
+        listed = {Path(str(part["file"])).name for part in json.loads((out_dir / MANIFEST).read_text())["parts"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()
+    return {name for name in listed | written(out_dir / PENDING) if fnmatch(name, "part-*.parquet")}
 
 
 def _write_parts(chunks: Iterable[pd.DataFrame], staging: Path, rows_per_file: int) -> list[dict]:
