@@ -171,8 +171,10 @@ def _print(df, *, as_json: bool) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    rows = [[_cell(v) for v in row] for row in df.itertuples(index=False)]
     names = [str(col) for col in df.columns]
+    rows = [
+        [_cell(v, cut=name == "text") for name, v in zip(names, row, strict=True)] for row in df.itertuples(index=False)
+    ]
     console = Console()
     table = Table(show_lines=False)
     for name in names:
@@ -195,8 +197,10 @@ def _print_vertical(names: list[str], rows: list[list[str]]) -> None:
             print(f"  {name:<{width}}  {cell}")
 
 
-def _cell(v) -> str:
+def _cell(v, *, cut: bool) -> str:
+    """A value as printed: counts as ``label: count`` (largest first); cut at 80 characters if ``cut``
+    (a prediction's text; a promotion's reason or a report's details are printed in full)."""
     if isinstance(v, dict):
         return ", ".join(f"{k}: {n}" for k, n in sorted(v.items(), key=lambda kv: (-int(kv[1]), str(kv[0]))))
     text = str(v)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if not cut or len(text) <= 80 else text[:77] + "..."

@@ -833,8 +833,6 @@ class Promoter:
         """Straight to production without a canary: the first deployment, the version the registry's
         'production' alias names brought live, or forced."""
         alias, serving = aliases.get("production"), live.production_version
-        if not self.force:
-            self._check_deploy(live, alias, version)
         live_prod = serving if serving != version and self._serves(live, serving) else None
         registry_prod = alias if alias != version else None
         baseline = live_prod or registry_prod  # what leaves traffic, else what the registry called production
@@ -848,6 +846,8 @@ class Promoter:
         # version out again (a promotion retires what it replaces); a rejected one stays refused
         if alias != version or (found is not None and found[0] == "rejected"):
             self._refuse_verdict(event, live, f"deploying version {version}")
+        if not self.force:  # after the verdict: a rejected version is refused as such, not sent to `canary start`
+            self._check_deploy(live, alias, version)
         event.gates = self.evidence.offline_gates(version, baseline)
         self._refuse_on_gates(event, f"deploying version {version}")
         desired = live.deployed(version, self.uri(version), self.digest(version))

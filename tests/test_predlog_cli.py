@@ -116,6 +116,16 @@ def test_logged_text_is_printed_as_is_not_as_markup(capsys, monkeypatch, columns
     assert "[bold]worn[/] tyre [/]" in capsys.readouterr().out
 
 
+def test_only_a_text_is_cut_other_values_print_in_full(capsys, monkeypatch):
+    """Every value was cut at 80 characters: a promotion's gate reasons (docs/promotion.md "Audit"
+    queries them) read "… wait (0 canary requests since the last step..." with no way but --json."""
+    monkeypatch.setenv("COLUMNS", "100")
+    reason = "forced past gates: live: wait (0 canary requests since the last step); drift: " + "x" * 80
+    _print(pd.DataFrame({"text": ["tyre worn " * 20], "reason": [reason]}), as_json=False)
+    out = capsys.readouterr().out
+    assert reason in out and ("tyre worn " * 20) not in out and "tyre worn tyre worn" in out
+
+
 def test_log_query_exists_on_both_backends(logged, capsys):
     """docs/predlog.md: `log query` takes EXISTS on both backends (embedded: it was a syntax error)."""
     assert main(["log", "query", "EXISTS TABLE predictions", "--json"]) == 0

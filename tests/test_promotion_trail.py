@@ -197,6 +197,22 @@ def test_promote_of_a_rejected_version_named_by_the_alias_is_refused(local):
     assert serve.slots["production"]["version"] == "1"
 
 
+def test_promote_of_a_rejected_version_is_refused_as_rejected_not_sent_to_canary_start(local):
+    """`promote V` of a rejected version while another serves answered "roll out V with `motlens promote
+    canary start V`" (exit 2), a hint then refused as rejected; docs/promotion.md "Gates": exit 3 naming
+    the verdict and --force, recorded."""
+    env, serve, settings, target = local
+    p = Promoter(settings, env.registry, target)
+    p.canary_start("2", 10)
+    p.rollback(reason="manual test")
+    with pytest.raises(Refused, match="deploying version 2 refused: version 2 was rejected at .*: manual test") as e:
+        p.promote("2")
+    assert "--force" in str(e.value) and "canary start" not in str(e.value)
+    row = _events(1)[0]
+    assert (row["action"], bool(row["success"])) == ("deploy", False) and "refused: version 2 was rejected" in row["reason"]
+    assert serve.slots["production"]["version"] == "1"
+
+
 def test_a_verdict_an_older_release_dated_only_in_its_event_tags_gives_that_time(local):
     """Releases before promotion.{status}_at tagged a rolled-back version with promotion.last_action and
     promotion.last_at only: it read "rejected (time not recorded)" though its time was on the version."""
