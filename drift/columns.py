@@ -33,8 +33,9 @@ def drift_frame(df: pd.DataFrame) -> pd.DataFrame:
     What the model sees is compared, not how a client spelt it: ``text_length`` (characters) is taken
     as is (a reference sample stores it) or derived from the normalised ``text`` (the log stores the
     raw text: whitespace alone was drift), ``make`` and ``fuel_type`` compared stripped and upper-cased
-    as the head reads them; missing or blank categories become ``"(missing)"``; missing numbers stay
-    NaN (Evidently drops them per column).
+    as the head reads them. Missing context (blank or absent ``make``/``fuel_type``, missing numbers) stays
+    missing: Evidently drops it per column, so context is compared on the rows that carry it; a missing
+    ``section`` or ``severity`` becomes ``"(missing)"``.
     """
     out = pd.DataFrame(index=pd.RangeIndex(len(df)))
     if "text_length" not in df.columns:
@@ -48,7 +49,9 @@ def drift_frame(df: pd.DataFrame) -> pd.DataFrame:
         values = df[c].astype("object")
         if c in CONTEXT_CATEGORIES:
             values = values.where(values.isna(), values.astype(str).str.strip().str.upper()).replace("", None)
-        out[c] = values.where(values.notna(), MISSING).astype(str).to_numpy()
+            out[c] = values.where(values.notna(), None).to_numpy()
+        else:
+            out[c] = values.where(values.notna(), MISSING).astype(str).to_numpy()
     for c in NUMERICAL:
         out[c] = pd.to_numeric(df[c], errors="coerce").astype("float64").to_numpy()
     return out
@@ -101,17 +104,17 @@ def collapse_rare(
     columns: tuple[str, ...] = ("make", "fuel_type"),
     min_share: float = 0.01,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Values rarer than ``min_share`` of the reference (or absent from it) become ``"(other)"``;
-    ``"(missing)"`` stays itself (a side with no values at all is skipped, not drifted).
+    """Values rarer than ``min_share`` of the reference's values (or absent from it) become ``"(other)"``;
+    missing values stay missing.
 
     Open-vocabulary context columns (hundreds of makes) otherwise drift on rare values alone.
     """
     reference, current = reference.copy(), current.copy()
     for c in columns:
         share = reference[c].value_counts(normalize=True)
-        keep = set(share[share >= min_share].index) | {MISSING}
-        reference[c] = reference[c].where(reference[c].isin(keep), OTHER)
-        current[c] = current[c].where(current[c].isin(keep), OTHER)
+        keep = set(share[share >= min_share].index)
+        reference[c] = reference[c].where(reference[c].isin(keep) | reference[c].isna(), OTHER)
+        current[c] = current[c].where(current[c].isin(keep) | current[c].isna(), OTHER)
     return reference, current
 
 

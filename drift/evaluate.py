@@ -14,8 +14,10 @@ from drift import stattests
 from drift.columns import CATEGORICAL, DRIFT_COLUMNS, MISSING, NUMERICAL, dither_scores, embedding_frame
 from drift.settings import DriftSettings
 from motlens.atomic import atomic_write
+from motlens.errors import describe
 
 EMBEDDINGS_NAME = "embedding"
+MIN_PLOT_VECTORS = 3  # distinct embedding vectors the t-SNE plot needs (see embedding_drift)
 _DEFAULT_THRESHOLDS = {"model": 0.55, "mmd": 0.015, "ratio": 0.2, "distance": 0.2}
 
 
@@ -56,6 +58,7 @@ class EmbeddingDriftResult:
     score: float
     detected: bool
     detail: dict[str, Any] = field(default_factory=dict)
+    plot_problem: str = ""  # why embeddings.html was not written (the verdict stands)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,8 +69,8 @@ def _present(ref: pd.DataFrame, cur: pd.DataFrame, columns: tuple[str, ...]) -> 
     reference sample built without per-row context has no makes, which is not drift)."""
     cols, skipped = [], {}
     for c in columns:
-        empty = [name for name, df in (("reference", ref), ("current", cur))
-                 if (df[c].isna() if c in NUMERICAL else df[c] == MISSING).all()]  # fmt: skip
+        sides = (("reference", ref), ("current", cur))
+        empty = [name for name, df in sides if (df[c].isna() | df[c].eq(MISSING)).all()]
         if empty:
             skipped[c] = f"no values in the {' or '.join(empty)} data"
         else:
@@ -80,7 +83,9 @@ def column_tests(settings: DriftSettings, n_reference: int, n_current: int, n_co
 
     Few values: two-sample p-value tests (chi-square, Kolmogorov-Smirnov) at a Bonferroni-corrected
     level, so the chance that any column drifts by accident stays at ``alpha``. Many values:
-    effect sizes (Jensen-Shannon, normed Wasserstein), because there every p-value is tiny.
+    effect sizes (Jensen-Shannon, normed Wasserstein), because there every p-value is tiny. A method
+    set in ``cat_method``/``num_method`` other than the regime's own comes with its own default threshold
+    (Evidently's registry: a p-value level or a distance, whichever it is), unless ``column_threshold`` is set.
     """
     if min(n_reference, n_current) >= settings.large_window_rows:
         regime, cat, num = "effect size", "jensenshannon", "wasserstein"
@@ -88,15 +93,14 @@ def column_tests(settings: DriftSettings, n_reference: int, n_current: int, n_co
     else:
         regime, cat, num = "p-value", stattests.register(), "ks"
         cat_threshold = num_threshold = settings.alpha / max(n_columns, 1)
+    if settings.cat_method not in (None, cat):
+        cat, cat_threshold = settings.cat_method, stattests.registered(settings.cat_method, True).default_threshold
+    if settings.num_method not in (None, num):
+        num, num_threshold = settings.num_method, stattests.registered(settings.num_method, False).default_threshold
     if settings.column_threshold is not None:
         cat_threshold = num_threshold = settings.column_threshold
-    return {
-        "regime": regime,
-        "cat_method": settings.cat_method or cat,
-        "num_method": settings.num_method or num,
-        "cat_threshold": cat_threshold,
-        "num_threshold": num_threshold,
-    }
+    return {"regime": regime, "cat_method": cat, "num_method": num, "cat_threshold": cat_threshold,
+            "num_threshold": num_threshold}  # fmt: skip
 
 
 def per_column_tests(
@@ -246,27 +250,27 @@ def embedding_drift(
 ) -> EmbeddingDriftResult:
     """EmbeddingsDrift (method from settings) over [N, D] embedding matrices, each capped in rows.
 
-    With ``html`` the full Evidently report runs (its t-SNE plot costs far more than the test);
-    without, the same Evidently drift method runs on the same frames, which gives the same score.
+    The score comes from the Evidently drift method alone; with ``html`` the full Evidently report
+    (its t-SNE plot costs far more than the test) is rendered afterwards from the same frames. A plot
+    that cannot be made is recorded in ``plot_problem`` and the verdict stands: with fewer than
+    ``MIN_PLOT_VECTORS`` distinct vectors it is not tried (sklearn's t-SNE crashes the process on one),
+    and a failed render (e.g. ``gaussian_kde`` on a side of one repeated vector) is caught.
     """
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import EmbeddingsDrift
-
     reference = cap_rows(reference, settings.embedding_max_rows, settings.seed)
     current = cap_rows(current, settings.embedding_max_rows, settings.seed + 1)
     method, threshold, method_detail = _method(settings, len(reference), len(current), reference.shape[1])
     ref_df, names = embedding_frame(reference)
     cur_df, _ = embedding_frame(current)
-    if html is None:
-        score = float(method(cur_df, ref_df)[0])
-    else:
-        definition = DataDefinition(numerical_columns=names, embeddings={EMBEDDINGS_NAME: names})
-        snapshot = Report([EmbeddingsDrift(embeddings_name=EMBEDDINGS_NAME, drift_method=method)]).run(
-            Dataset.from_pandas(cur_df, data_definition=definition),
-            Dataset.from_pandas(ref_df, data_definition=definition),
-        )
-        atomic_write(html, snapshot.get_html_str(as_iframe=False))
-        score = float(snapshot.dict()["metrics"][0]["value"])
+    score = float(method(cur_df, ref_df)[0])
+    problem = ""
+    if html is not None:
+        distinct = len(np.unique(np.concatenate([reference, current]), axis=0))
+        if distinct < MIN_PLOT_VECTORS:
+            problem = f"{distinct} distinct embedding vector(s) in both windows: t-SNE cannot plot them"
+        else:
+            page, problem = _embeddings_page(ref_df, cur_df, names, method)
+            if page is not None:
+                atomic_write(html, page)
     return EmbeddingDriftResult(
         rows_reference=len(reference),
         rows_current=len(current),
@@ -275,4 +279,23 @@ def embedding_drift(
         score=score,
         detected=score > threshold,
         detail={"dim": int(reference.shape[1]), **method_detail},
+        plot_problem=problem,
     )
+
+
+def _embeddings_page(
+    ref_df: pd.DataFrame, cur_df: pd.DataFrame, names: list[str], method: Any
+) -> tuple[str | None, str]:
+    """Evidently's EmbeddingsDrift report as HTML, or None and why it could not be rendered."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import EmbeddingsDrift
+
+    definition = DataDefinition(numerical_columns=names, embeddings={EMBEDDINGS_NAME: names})
+    try:
+        snapshot = Report([EmbeddingsDrift(embeddings_name=EMBEDDINGS_NAME, drift_method=method)]).run(
+            Dataset.from_pandas(cur_df, data_definition=definition),
+            Dataset.from_pandas(ref_df, data_definition=definition),
+        )
+        return snapshot.get_html_str(as_iframe=False), ""
+    except Exception as e:  # noqa: BLE001 - the plot only; the score above stands
+        return None, describe(e)

@@ -257,6 +257,8 @@ class DriftJob:
         checks, detail = compare(reference, current, self.s, stages, drift_columns)
         for c in checks:
             self.say(f"{c.name}: {c.status}: {c.message}")
+        if problem := detail.get("embedding_drift", {}).get("plot_problem"):
+            self.say(f"could not write {EMBEDDINGS_HTML} (the verdict stands): {problem}")
         return checks, detail
 
     # ---- sources -------------------------------------------------------------------------------------

@@ -8,13 +8,26 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from drift.windows import parse_duration
+from drift.windows import current_window, parse_duration, reference_spec
 from motlens import MODEL_NAME
 from motlens.credentials import pushgateway_url
 from motlens.envsource import SettingPath
 from motlens.times import parse_time
 
 EmbeddingMethod = Literal["model", "mmd", "ratio", "distance"]
+
+
+def _log_read_limit() -> int:
+    """The most rows one prediction-log read returns (``PredlogSettings.max_window_rows``, as the job opens the
+    log); its default when the log's own settings are bad (reported when the log is opened)."""
+    from pydantic import ValidationError
+
+    from predlog.settings import PredlogSettings
+
+    try:
+        return PredlogSettings().max_window_rows
+    except ValidationError:
+        return int(PredlogSettings.model_fields["max_window_rows"].default)
 
 
 class DriftSettings(BaseSettings):
@@ -74,8 +87,10 @@ class DriftSettings(BaseSettings):
         "per column above chance (drift.evaluate.js_threshold); 0.1 missed a section share moving from 20 % "
         "to 29 % that the p-value test flags far below 5,000 rows",
     )
-    cat_method: str | None = Field(default=None, description="override the categorical stat test")
-    num_method: str | None = Field(default=None, description="override the numerical stat test")
+    cat_method: str | None = Field(
+        default=None, description="override the categorical stat test (an Evidently stat test name)"
+    )
+    num_method: str | None = Field(default=None, description="override the numerical stat test (an Evidently name)")
     column_threshold: float | None = Field(
         default=None, gt=0, description="override the per-column threshold (a p-value level or a distance)"
     )
@@ -98,7 +113,7 @@ class DriftSettings(BaseSettings):
         default=0.1, ge=0, le=1, description="canary: mean |difference| of each model score on shared texts"
     )
     min_shared_texts: int = Field(default=20, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     pushgateway: str | None = None
     textfile: SettingPath | None = None
     pushgateway_job: str = "motlens-drift"
@@ -132,6 +147,40 @@ class DriftSettings(BaseSettings):
     def _time(cls, v: str | None) -> str | None:
         if v:
             parse_time(v)
+        return v
+
+    @field_validator("reference")
+    @classmethod
+    def _readable_reference(cls, v: str, info: ValidationInfo) -> str:
+        """The run's own check (``reference_spec``) against the current window; a bad window or end is
+        reported on its own."""
+        try:
+            window = current_window(info.data["window"], info.data.get("end"))
+        except (KeyError, ValueError):
+            return v
+        reference_spec(v, window)
+        return v
+
+    @field_validator("cat_method", "num_method")
+    @classmethod
+    def _registered_stat_test(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            from drift.stattests import registered
+
+            try:
+                registered(v, categorical=info.field_name == "cat_method")  # imports Evidently
+            except ImportError:  # the drift extra is missing: the CLI says so next
+                pass
+        return v
+
+    @field_validator("max_rows", "embedding_max_rows")
+    @classmethod
+    def _one_log_read(cls, v: int) -> int:
+        limit = _log_read_limit()
+        if v > limit:
+            raise ValueError(
+                f"at most {limit}: the prediction log reads no more rows at once (MOTLENS_PREDLOG_MAX_WINDOW_ROWS)"
+            )
         return v
 
     @model_validator(mode="after")

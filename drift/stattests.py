@@ -18,6 +18,7 @@ which never falls below the test's level under no drift.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -74,6 +75,22 @@ def _chi2_two_sample(
         return 1.0, False
     p_value = two_sample_p_value(table[0], table[1], threshold)
     return p_value, p_value < threshold
+
+
+def registered(name: str, categorical: bool) -> Any:
+    """Evidently's registered stat test ``name`` (``chi2_two_sample`` included) for a categorical or a
+    numerical column; a ValueError naming the choices when there is none."""
+    from evidently.legacy.calculations.stattests.registry import _registered_stat_tests, get_registered_stattest
+    from evidently.legacy.core import ColumnType
+
+    register()
+    kind = ColumnType.Categorical if categorical else ColumnType.Numerical
+    try:
+        return get_registered_stattest(name, kind)
+    except ValueError:
+        names = ", ".join(sorted(n for n, types in _registered_stat_tests.items() if kind in types))
+        what = "categorical" if categorical else "numerical"
+        raise ValueError(f"no {what} stat test {name!r} in Evidently; one of: {names}") from None
 
 
 def register() -> str:

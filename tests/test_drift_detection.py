@@ -137,6 +137,33 @@ def test_large_windows_switch_to_effect_sizes(tmp_path):
     assert large["cat_threshold"] == 0.05
 
 
+def test_an_overridden_method_comes_with_its_own_threshold(tmp_path):
+    """cat_method/num_method replaced the test but kept the regime's threshold: a distance judged against
+    the p-value level alpha/9 (every column drifts), a p-value against the distance threshold 0.1."""
+    from drift.evaluate import column_tests
+
+    small = column_tests(_settings(tmp_path, num_method="wasserstein", cat_method="psi"), 300, 300, 9)
+    assert (small["num_method"], small["num_threshold"]) == ("wasserstein", 0.1)
+    assert (small["cat_method"], small["cat_threshold"]) == ("psi", 0.1)
+    large = column_tests(_settings(tmp_path, num_method="ks", cat_method="psi"), 8_000, 8_000, 9)
+    assert (large["num_method"], large["num_threshold"], large["cat_threshold"]) == ("ks", 0.05, 0.1)
+    same = column_tests(_settings(tmp_path, num_method="ks"), 300, 300, 9)  # the regime's own test: its level
+    assert same["num_threshold"] == pytest.approx(0.01 / 9)
+    given = column_tests(_settings(tmp_path, num_method="wasserstein", column_threshold=0.2), 300, 300, 9)
+    assert given["num_threshold"] == given["cat_threshold"] == 0.2
+
+
+def test_same_distribution_with_wasserstein_overridden_is_not_drift(tmp_path):
+    from drift.columns import drift_frame
+    from drift.evaluate import data_drift
+
+    s = _settings(tmp_path, num_method="wasserstein")
+    result = data_drift(drift_frame(traffic(2_000, 21)), drift_frame(traffic(2_000, 22)), s)
+    numerical = [c for c in result.columns if c.method == "wasserstein"]
+    assert len(numerical) == 5 and {c.threshold for c in numerical} == {0.1}
+    assert not [c.column for c in result.columns if c.drifted], result.columns
+
+
 @pytest.mark.parametrize("n", [4_999, 5_000, 20_000])
 def test_a_section_share_shift_is_drift_on_either_side_of_the_effect_size_switch(n, tmp_path):
     """Brakes from 20 % to 29 % of the traffic: the p-value test flagged it at 4,999 rows a side, and

@@ -22,6 +22,7 @@ from drift.simulate import records, texts, traffic, with_embeddings
 
 NOW = datetime.now(UTC)
 V3_END = NOW - timedelta(hours=5)
+FLAT_END = NOW - timedelta(hours=9)  # v6 and v7: every current embedding one vector (see env)
 END = NOW + timedelta(seconds=1)  # the logged traffic ends at NOW: the windows end here, not when a test runs
 RUN = ["--window", "2h", "--end", END.isoformat(), "--embedding-max-rows", "150", "--no-progress"]
 
@@ -37,7 +38,9 @@ def _wide_reference(df: pd.DataFrame) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, embedder, tiny_bundle, _mlflow_template_db):
     """MOTLENS_HOME with a registry (v1 production and v2 canary: bundles with a reference sample)
-    and a prediction log: v1 production and v2 canary in the last hour, v3 (older vehicles) 6 h ago."""
+    and a prediction log: v1 production and v2 canary in the last hour, v3 (older vehicles) 6 h ago;
+    v6 and v7 (older vehicles, every embedding one vector) in the hour before FLAT_END, with the hour
+    before that as their reference: v6's of that vector but for one text, v7's of that vector only."""
     import predlog
     from motlens.bundle import assemble
     from motlens.state import StateSettings
@@ -51,6 +54,12 @@ def env(tmp_path_factory, embedder, tiny_bundle, _mlflow_template_db):
 
     def encode(ts: list[str]) -> np.ndarray:
         return np.stack([vectors[t] for t in ts])
+
+    def one_vector(ts: list[str]) -> np.ndarray:
+        return encode([texts()[0]] * len(ts))
+
+    def all_but_one(ts: list[str]) -> np.ndarray:
+        return np.concatenate([encode(ts[:1]), one_vector(ts[1:])])
 
     ref = _wide_reference(with_embeddings(traffic(400, 1, end=NOW - timedelta(days=3)), encode))
     bundle = assemble(home / "bundle", tiny_bundle.embedder_dir, tiny_bundle.head(), tiny_bundle.golden(),
@@ -66,6 +75,11 @@ def env(tmp_path_factory, embedder, tiny_bundle, _mlflow_template_db):
         with_embeddings(traffic(300, 3, model_version="2", slot="production", end=NOW), encode, share=0.6, seed=3),
         with_embeddings(traffic(400, 4, model_version="3", end=V3_END, age_shift=5, odometer_shift=40_000), encode),
     ]
+    span = timedelta(minutes=50)  # inside the hour windows
+    for seed, version, reference_encode in ((5, "6", all_but_one), (7, "7", one_vector)):
+        current = traffic(300, seed, model_version=version, end=FLAT_END, span=span, age_shift=5, odometer_shift=40_000)
+        reference = traffic(300, seed + 1, model_version=version, end=FLAT_END - timedelta(hours=1), span=span)
+        logged += [with_embeddings(current, one_vector), with_embeddings(reference, reference_encode)]
     writer = predlog.open_writer(PredlogSettings(dir=home / "predlog", batch_rows=500, flush_interval_s=0.05))
     for df in logged:
         writer.submit(records(df))
@@ -271,6 +285,72 @@ def test_bad_setting_is_a_clear_error(motlens, tmp_path, capsys):
     assert "bad setting: --max-rows" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "variables", "message"),
+    [
+        (["--reference", "7x"], {}, "--reference: cannot read reference '7x'"),
+        (["--max-rows", "6000000"], {}, "--max-rows: at most 5000000"),
+        (["--embedding-max-rows", "6000000"], {}, "--embedding-max-rows: at most 5000000"),
+        ([], {"MOTLENS_DRIFT_SEED": "-1"}, "MOTLENS_DRIFT_SEED: Input should be greater than or equal to 0"),
+        ([], {"MOTLENS_DRIFT_CAT_METHOD": "foo"}, "MOTLENS_DRIFT_CAT_METHOD: no categorical stat test 'foo'"),
+        ([], {"MOTLENS_DRIFT_NUM_METHOD": "chi2_two_sample"}, "MOTLENS_DRIFT_NUM_METHOD: no numerical stat test"),
+    ],
+)
+def test_a_bad_setting_is_refused_before_the_run_and_publishes_nothing(
+    env, motlens, tmp_path, capsys, monkeypatch, args, variables, message
+):
+    """These were found only mid-run: an `error` row in drift_reports, exit 2, a message not naming them."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    rows_before = _drift_report_count(env)
+    rc = motlens(["drift", "--version", "1", *RUN, "--no-html", "--no-artifact", "--output", str(tmp_path / "out"),
+                  *args])  # fmt: skip
+    assert rc == 2
+    assert f"motlens drift: bad setting: {message}" in capsys.readouterr().err
+    assert _drift_report_count(env) == rows_before and not (tmp_path / "out").exists()
+
+
+def test_an_embedding_plot_that_fails_keeps_the_verdict(env, motlens, tmp_path, monkeypatch):
+    """The t-SNE plot's density estimate raised LinAlgError on degenerate embeddings (one side a single
+    repeated vector): the run became an `error` (exit 2), throwing away the column drift it had found."""
+    from evidently.legacy.metrics.data_drift import embeddings_drift
+
+    def singular(*args):
+        raise np.linalg.LinAlgError("singular matrix")
+
+    monkeypatch.setattr(embeddings_drift, "get_gaussian_kde", singular)
+    out = tmp_path / "out"
+    rc = motlens(["drift", "--version", "3", "--reference", str(env[0] / "bundle"), *RUN, "--end", V3_END.isoformat(),
+                  "--output", str(out), "--no-artifact"])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    checks = {c["name"]: c["status"] for c in summary["details"]["checks"]}
+    assert rc == 1 and summary["details"]["status"] == "drift", summary["details"]["messages"]
+    assert checks["data_drift"] == "drift" and "embedding_drift" in summary["scores"]
+    message = "could not write embeddings.html (the verdict stands): LinAlgError: singular matrix"
+    assert message in summary["details"]["messages"]
+    assert (out / "report.html").is_file() and not (out / "embeddings.html").exists()
+    _assert_row_equals_summary(_stored_row(env, summary), summary)
+
+
+@pytest.mark.parametrize(("version", "vectors"), [("6", 2), ("7", 1)])
+def test_embeddings_of_one_or_two_vectors_are_not_plotted(env, tmp_path, version, vectors):
+    """Every embedding one vector (v7): sklearn's t-SNE segfaulted (exit 139) and left no summary, row or
+    metrics; one side one vector and the other one more (v6) raised LinAlgError (exit 2). Run in a child,
+    so that a crash fails this test and not the session. Both windows' vehicles are older: drift."""
+    out = tmp_path / "out"
+    proc = _drift_in_a_child(env, ["drift", "--version", version, "--reference", "1h", "--window", "1h", "--end",
+                                   (FLAT_END + timedelta(seconds=1)).isoformat(), "--embedding-max-rows", "300",
+                                   "--no-progress", "--no-artifact", "--output", str(out)])  # fmt: skip
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    summary = json.loads((out / "summary.json").read_text())
+    checks = {c["name"]: c["status"] for c in summary["details"]["checks"]}
+    assert summary["details"]["status"] == "drift" and checks["data_drift"] == "drift", checks
+    assert (f"could not write embeddings.html (the verdict stands): {vectors} distinct embedding vector(s) in both "
+            "windows: t-SNE cannot plot them") in summary["details"]["messages"]  # fmt: skip
+    assert (out / "report.html").is_file() and not (out / "embeddings.html").exists()
+    _assert_row_equals_summary(_stored_row(env, summary), summary)
+
+
 def test_unknown_alias_is_exit_2_with_the_registry_message(env, motlens, tmp_path, monkeypatch):
     env[1].delete_alias("canary")
     try:
@@ -349,6 +429,16 @@ def test_an_earlier_report_is_not_passed_off_as_this_runs(env, motlens, tmp_path
     assert not (out / "report.html").exists() and summary["report_path"] == ""
 
 
+def _drift_in_a_child(env, argv: list[str], preexec_fn=None):
+    """``motlens drift ARGV`` in a child process (one that may crash without taking the tests along)."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("MOTLENS_", "MLFLOW_"))}
+    child_env.update(MOTLENS_HOME=str(env[0]), PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+                     PYTHONDONTWRITEBYTECODE="1")  # fmt: skip
+    code = "import sys; from motlens.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], env=child_env, capture_output=True, text=True,
+                          timeout=600, preexec_fn=preexec_fn)  # fmt: skip
+
+
 def _drift_with_file_size_limit(env, limit: int, argv: list[str]):
     """``motlens drift ARGV`` in a child whose writes past ``limit`` bytes fail (EFBIG), as on a full disk."""
 
@@ -356,12 +446,7 @@ def _drift_with_file_size_limit(env, limit: int, argv: list[str]):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the child
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("MOTLENS_", "MLFLOW_"))}
-    child_env.update(MOTLENS_HOME=str(env[0]), PYTHONPATH=str(Path(__file__).resolve().parents[1]),
-                     PYTHONDONTWRITEBYTECODE="1")  # fmt: skip
-    code = "import sys; from motlens.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *argv], env=child_env, capture_output=True, text=True,
-                          timeout=600, preexec_fn=limit_file_size)  # fmt: skip
+    return _drift_in_a_child(env, argv, limit_file_size)
 
 
 def test_a_summary_that_cannot_be_written_keeps_the_last_one_and_publishes_nothing(env, tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from drift.columns import drift_frame
+from drift.columns import collapse_rare, drift_frame
 from drift.evaluate import data_drift, embedding_drift
 from drift.settings import DriftSettings
 from drift.simulate import traffic
@@ -55,6 +55,27 @@ def test_a_shift_in_a_sparse_context_column_is_still_drift(tmp_path):
     drifted = {c.column for c in result.columns if c.drifted}
     assert set(CONTEXT) <= drifted and result.detected, result.columns
     assert drifted.isdisjoint({"section", "severity", "text_length"})
+
+
+@pytest.mark.parametrize("carried", [1, 20, 1_000])
+def test_make_and_fuel_type_on_a_few_requests_are_compared_on_those(tmp_path, carried):
+    """Once any request carried context, "(missing)" was a category tested against a reference with context on
+    every row: mostly text-only traffic was drift for ever. Like the numbers, they compare present values."""
+    ref, cur = traffic(2_000, 130), traffic(2_000, 131)
+    cur.loc[carried:, ["make", "fuel_type", *CONTEXT]] = None
+    result = data_drift(*collapse_rare(drift_frame(ref), drift_frame(cur)), _settings(tmp_path))
+    by = {c.column: c for c in result.columns}
+    assert not [c.column for c in result.columns if c.drifted], result.columns
+    rows = (by["make"].rows_reference, by["make"].rows_current, by["fuel_type"].rows_current)
+    assert rows == (2_000, carried, carried)
+
+
+def test_a_shift_in_sparse_makes_is_still_drift(tmp_path):
+    ref, cur = traffic(2_000, 132), traffic(2_000, 133)
+    cur.loc[:299, "make"] = "FORD"
+    cur.loc[300:, ["make", "fuel_type"]] = None
+    result = data_drift(*collapse_rare(drift_frame(ref), drift_frame(cur)), _settings(tmp_path))
+    assert [c.column for c in result.columns if c.drifted] == ["make"], result.columns
 
 
 def _embeddings(df: pd.DataFrame, dim: int = 384, shift: float = 0.0) -> np.ndarray:

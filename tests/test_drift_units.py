@@ -69,8 +69,10 @@ def test_drift_frame_derives_length_and_names_missing_columns():
     assert list(frame.columns) == ["section", "severity", "make", "fuel_type", "fail_probability", "section_score",
                                    "text_length", "vehicle_age_years", "odometer_miles"]  # fmt: skip
     assert (frame["text_length"] == df["text"].str.len()).all()
-    df.loc[0, "make"] = None
-    assert drift_frame(df).loc[0, "make"] == "(missing)"
+    df.loc[0, "make"], df.loc[1, "fuel_type"] = None, " "
+    frame = drift_frame(df)
+    assert frame.loc[0, "make"] is None and frame.loc[1, "fuel_type"] is None  # compared on present values
+    assert frame.loc[1, "make"] == df.loc[1, "make"].upper()
     with pytest.raises(DataError, match="lacks drift column.*odometer_miles"):
         drift_frame(df.drop(columns=["odometer_miles"]))
 
@@ -81,6 +83,11 @@ def test_rare_makes_are_pooled_on_both_sides():
     r, c = collapse_rare(ref, cur, min_share=0.05)
     assert r["make"].value_counts().to_dict() == {"FORD": 99, "(other)": 1}
     assert c["make"].tolist() == ["FORD", "(other)", "(other)"] and c["fuel_type"].tolist()[1] == "(other)"
+    # shares of the reference's values: a make on 10 % of the requests that name one is kept; missing stays missing
+    ref = pd.DataFrame({"make": [None] * 90 + ["FORD"] * 9 + ["LADA"], "fuel_type": ["PE"] * 100})
+    r, c = collapse_rare(ref, pd.DataFrame({"make": ["LADA", None], "fuel_type": ["PE", None]}), min_share=0.05)
+    assert r["make"].value_counts(dropna=False).to_dict() == {None: 90, "FORD": 9, "LADA": 1}
+    assert c["make"].tolist() == ["LADA", None] and c["fuel_type"].tolist() == ["PE", None]
 
 
 def test_reference_embeddings_get_the_logs_int8_round_trip():
