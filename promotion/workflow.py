@@ -290,14 +290,19 @@ class Promoter:
         intent = bool(version_tags) or any(aliases.get(a) != v for a, v in set_aliases.items()) or any(
             a in aliases for a in delete_aliases
         )
-        if intent:
+        written = (
             self._write_intent(event, live, steps, set_aliases, delete_aliases, version_tags or {}, resumed)
+            if intent
+            else None
+        )
         patches = []
         applied_at: datetime | None = None
         try:
             for step in steps:
                 patches.append(self.target.apply(step))
             applied_at = utc_now()  # the target confirmed the change: when it took effect
+            if written is not None and steps and resumed is None:
+                self._mark_applied(written, applied_at)
             self.target.check_lock()  # a Lease lost meanwhile: the registry is not changed either
             for alias, version in set_aliases.items():
                 if aliases.get(alias) != version:
@@ -358,10 +363,10 @@ class Promoter:
         delete_aliases: tuple[str, ...],
         version_tags: dict[str, dict[str, str]],
         applied_at: datetime | None,
-    ) -> None:
+    ) -> dict[str, Any]:
         """Before the target changes: the whole change (each target step, the aliases, the version tags),
         so that a run killed before its audit is finished by the next one (:meth:`_finish_interrupted`).
-        Its id goes into the event's details: the row that records the change names it."""
+        Its id goes into the event's details: the row that records the change names it. Returns it."""
         event.details["intent"] = uuid.uuid4().hex
         intent = {
             "id": event.details["intent"],
@@ -391,6 +396,24 @@ class Promoter:
             event.ts = utc_now()
             self._record(event, {})
             raise PromotionError(f"{event.action} not done, nothing was changed: the registry failed: {e}") from e
+        return intent
+
+    def _mark_applied(self, intent: dict[str, Any], applied_at: datetime) -> None:
+        """The time the target took the change, in its intent: a run killed before its audit is recorded
+        by the next one at that time, not at the next one's (minutes or hours later)."""
+        intent["applied_at"] = applied_at.isoformat()
+        try:
+            self.registry.set_model_tag(self._intent_key(), json.dumps(intent, default=str))
+        except Exception as e:  # noqa: BLE001 - the registry's own writes next fail or succeed alike
+            log.warning("could not record when the change took effect in its intent: %s", e)
+
+    def _intent_applied_at(self, intent: dict[str, Any], event: Event) -> datetime:
+        """When an intent's change took effect: as marked (:meth:`_mark_applied`), else (its run stopped
+        while applying it) when the change began, which the row's details say."""
+        if (applied := parse_ts(intent["applied_at"])) is not None:
+            return applied
+        event.details["applied_at_estimated"] = "the change's start: its run stopped while applying it"
+        return parse_ts(intent["at"]) or utc_now()
 
     def _clear_intent(self) -> None:
         try:
@@ -440,6 +463,8 @@ class Promoter:
             return None
         outlook, rest = self.intent_outlook(intent, live, aliases)
         if outlook == "changed":
+            if self.force and not self.dry_run:  # this run replaces it: on the record first, then dropped
+                self._record_abandoned(intent, live)
             return None
         event = self._intent_event(intent)
         what = f"the interrupted {event.action} ({intent['from']} → {intent['to']}, begun {intent['at']})"
@@ -451,7 +476,7 @@ class Promoter:
         if outlook == "recorded":  # complete but for its row or the intent's removal: nothing more to do
             if not self.dry_run:
                 if not self._recorded(intent):
-                    event.ts = parse_ts(intent["applied_at"]) or utc_now()
+                    event.ts = self._intent_applied_at(intent, event)
                     self._record(event, {})
                 self._clear_intent()
             return Outcome(
@@ -465,7 +490,7 @@ class Promoter:
         try:
             for step in rest:
                 self.target.apply(step)
-            applied_at = parse_ts(intent["applied_at"]) or utc_now()
+            applied_at = self._intent_applied_at(intent, event)
             self.target.check_lock()
             for alias, version in intent["set_aliases"].items():
                 if aliases.get(alias) != version:
@@ -487,6 +512,22 @@ class Promoter:
             gates=event.gates,
             audit_ok=ok,
         )
+
+    def _record_abandoned(self, intent: dict[str, Any], live: RolloutState) -> None:
+        """An interrupted change whose target changed since, replaced by a --force run: its row (failed,
+        ``abandoned``: who began it, why, when) so the trail keeps it, then its intent dropped."""
+        event = self._intent_event(intent)
+        event.success = False
+        event.reason = _join(
+            intent["reason"],
+            f"abandoned: its run stopped before its audit and the target changed since (now {live.describe()}); "
+            f"replaced by a --force run ({self.settings.who})",
+        )
+        event.details["abandoned"] = True
+        event.ts = self._intent_applied_at(intent, event) if intent["applied_at"] else utc_now()
+        log.warning("%s", event.reason)
+        if self._record(event, {}):
+            self._clear_intent()
 
     def _intent_event(self, intent: dict[str, Any]) -> Event:
         """The event of an intent's change, as a later run records it."""

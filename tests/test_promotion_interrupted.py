@@ -243,3 +243,40 @@ def test_a_resumed_change_killed_while_tagging_keeps_the_partial_rows_time_and_f
     d = json.loads(done[0]["details"])
     assert d["from"] == json.loads(partial["details"])["from"], "from-state of the real transition lost"
     assert done[0]["ts"] == partial["ts"]
+
+
+def test_a_killed_change_finished_later_is_recorded_when_the_target_took_it(local, monkeypatch):
+    """The finishing run stamped its own time: a canary step killed before its audit and finished by
+    the next command an hour later read as an hour late (row ts and step tags)."""
+    from datetime import timedelta
+
+    env, serve, settings, target = local
+    _killed_while_tagging(monkeypatch, lambda: Promoter(settings, env.registry, target).canary_set(25))
+    (took_effect,) = [t for op, t in serve.took_effect if op == "/canary/percent"][-1:]
+    later = wf.utc_now() + timedelta(hours=1)
+    monkeypatch.setattr(wf, "utc_now", lambda: later)
+    out = Promoter(settings, env.registry, target).canary_set(50)
+    assert "finished the interrupted canary_set" in out.message, out.message
+    row = _rows("canary_set")[0]
+    assert abs((row["ts"].to_pydatetime() - took_effect).total_seconds()) < 5, (row["ts"], took_effect)
+    step_at = wf.parse_ts(env.registry.resolve("3").tags["promotion.step_at"])
+    assert step_at is not None and abs((step_at - took_effect).total_seconds()) < 5
+    assert "applied_at_estimated" not in json.loads(row["details"])
+
+
+def test_an_interrupted_change_replaced_by_force_is_recorded_as_abandoned(local, monkeypatch):
+    """A killed change whose target was changed since ('changed': left to the guard) was overwritten by
+    the next --force run's intent: no row said who began it, why, or that it served."""
+    env, serve, settings, target = local
+    _killed_while_tagging(
+        monkeypatch, lambda: Promoter(settings, env.registry, target).canary_set(25, reason="killed step")
+    )
+    serve.percent = 40.0  # changed by hand since
+    out = Promoter(settings, env.registry, target, force=True).canary_set(60, reason="cleanup")
+    assert out.action == "canary_set" and target.read().percent == 60, out.message
+    rows = predlog.open_reader().promotion_events(limit=100).to_dict("records")
+    (abandoned,) = [r for r in rows if "abandoned" in r["reason"]]
+    assert abandoned["action"] == "canary_set" and not bool(abandoned["success"]), abandoned
+    assert "killed step" in abandoned["reason"] and json.loads(abandoned["details"])["abandoned"] is True
+    assert rows[0]["action"] == "canary_set" and "cleanup" in rows[0]["reason"] and bool(rows[0]["success"])
+    assert not _intents(env)
