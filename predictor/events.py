@@ -3,8 +3,10 @@ changes what it serves: ``follow`` (``--follow-alias`` switched production to th
 moved to), ``serve_load`` (a slot loaded a model: at start, through the admin API, a restored canary,
 a reference loaded afresh once the registry answered; ``details.fallback`` when it is a last-known-good
 bundle), ``serve_fallback_cleared``, ``serve_percent``, ``serve_promote``, ``serve_rollback`` (the
-admin API's canary operations, also when a promotion CLI drives them) and ``serve_stop``. So what
-the server did, and when, is in the trail beside what the promotion CLI asked for (predictor.slots).
+admin API's canary operations, also when a promotion CLI drives them) and ``serve_stop``; and
+``serve_refused`` (``success = false``: the version the followed alias names failed its verification,
+load or golden check, so the server kept what it served; once per version). So what the server did,
+and when, is in the trail beside what the promotion CLI asked for (predictor.slots).
 
 Written through the prediction log's table machinery (predlog.reader's sources, the same path as the
 promotion CLI's rows): a Parquet segment under the embedded log, or one INSERT on ClickHouse, whose
@@ -44,6 +46,7 @@ def server_row(
     percent: float,
     reason: str,
     ts: datetime | None = None,
+    success: bool = True,
     **details: Any,
 ) -> dict:
     """A ``promotion_events`` row of something the server did (``ts``: when it took effect)."""
@@ -57,7 +60,7 @@ def server_row(
         "target": TARGET,
         "actor": actor(),
         "dry_run": False,
-        "success": True,
+        "success": success,
         "reason": reason,
         "gates": "[]",
         "details": json.dumps({"slot": slot, **details}, default=str),
@@ -71,20 +74,41 @@ def follow_row(
     served_since: datetime,
     ref: str,
     *,
+    percent: float,
     replaced_fallback: bool = False,
+    reverted_after_s: float | None = None,
 ) -> dict:
-    """The row of a follower switch (``ts``: when the new version started serving). When it replaced a
-    last-known-good bundle the alias did not move then: the registry answered again and named another
-    version."""
+    """The row of a follower switch (``ts``: when the new version started serving; ``percent``: the
+    canary's share, which the switch leaves as it was). When it replaced a last-known-good bundle the
+    alias did not move then: the registry answered again and named another version. Nor did it when
+    ``reverted_after_s`` is given: the admin API had installed ``from_version``, which the alias did not
+    come to name within that grace, so the alias's version serves again."""
     reason = f"alias {alias} moved to version {to_version}"
+    extra: dict[str, Any] = {}
+    if reverted_after_s is not None:
+        reason = (
+            f"alias {alias} still names version {to_version}: the admin API's version {from_version} was not "
+            f"named by it within {reverted_after_s:.0f} s, so the alias leads again"
+        )
+        extra = {"cause": "admin_grace_expired", "grace_s": reverted_after_s}
     if replaced_fallback:
         reason = (
             f"registry reachable again: alias {alias} names version {to_version}; "
             f"replaced the last-known-good version {from_version}"
         )
     return server_row(
-        "follow", slot="production", from_version=from_version, to_version=to_version, percent=0.0,
-        reason=reason, ts=served_since, ref=ref, replaced_fallback=replaced_fallback,
+        "follow", slot="production", from_version=from_version, to_version=to_version, percent=percent,
+        reason=reason, ts=served_since, ref=ref, replaced_fallback=replaced_fallback, **extra,
+    )  # fmt: skip
+
+
+def refused_row(alias: str, serving: str | None, version: str, ref: str, why: str, *, percent: float) -> dict:
+    """The row of a follower switch the server refused (``success = false``): the alias names a version
+    that failed its verification, load or golden check; ``serving`` goes on serving."""
+    return server_row(
+        "serve_refused", slot="production", from_version=serving, to_version=version, percent=percent,
+        reason=f"alias {alias} names version {version}, refused: {why}; version {serving or 'none'} serves on",
+        success=False, ref=ref,
     )  # fmt: skip
 
 

@@ -92,6 +92,7 @@ class SlotManager:
         # (version, when) production got through the admin API (promote, load): the follower leaves it
         # alone until the alias catches up (the promotion CLI moves the target first, then the alias)
         self._admin_install: tuple[str, float] | None = None
+        self._grace_expired: str | None = None  # production version of an admin install whose grace ran out
         self.follow_polls = 0  # alias polls completed by follow() (each one resolved and acted on, or failed)
         self.alias_checks = 0  # registry lookups of :meth:`_await_alias` (an admin install without a follower)
         #: when each slot's current model started serving (the swap)
@@ -357,7 +358,13 @@ class SlotManager:
                     and current != info.version
                     and time.monotonic() >= retry_at.get(info.version, (0.0, 0.0))[0]
                 ):
-                    log.info("alias %s now names version %s; switching production", alias, info.version)
+                    reverts = self._grace_expired is not None and self._grace_expired == current
+                    self._grace_expired = None
+                    if reverts:
+                        log.info("alias %s still names version %s, not version %s of the admin API: switching "
+                                 "production back", alias, info.version, current)  # fmt: skip
+                    else:
+                        log.info("alias %s now names version %s; switching production", alias, info.version)
                     ref = f"models:/{MODEL_NAME}/{info.version}"
                     was_fallback = prod.unit is not None and bool(prod.unit.backend.fallback)
                     try:
@@ -366,11 +373,13 @@ class SlotManager:
                         if e.transient:  # the registry or artifact store did not answer: again, later
                             backoff = min(2 * retry_at.get(info.version, (0.0, interval_s / 2))[1], 600.0)
                             retry_at[info.version] = (time.monotonic() + backoff, backoff)
-                        else:  # refused on its merits (verification, golden set, backend)
+                        else:  # refused on its merits (verification, golden set, backend): recorded once
                             refused.add(info.version)
+                            await self._record_refused(alias, current, info.version, ref, str(e))
                     else:
                         unit = self.slots["production"].unit
-                        await self._record_follow(alias, current, unit, ref, was_fallback)
+                        grace = self._admin_grace_s() if reverts else None
+                        await self._record_follow(alias, current, unit, ref, was_fallback, grace)
                         if unit is not None:
                             await self._keep_lkg(alias, unit)
             except Exception as e:  # noqa: BLE001 - registry down: keep serving, retry next poll
@@ -379,15 +388,34 @@ class SlotManager:
             await asyncio.sleep(interval_s)
 
     async def _record_follow(
-        self, alias: str, previous: str | None, unit: ServingUnit | None, ref: str, replaced_fallback: bool
+        self,
+        alias: str,
+        previous: str | None,
+        unit: ServingUnit | None,
+        ref: str,
+        replaced_fallback: bool,
+        reverted_after_s: float | None = None,
     ) -> None:
-        """The audit row of a follower switch (``on_event``; never raises: serving goes on)."""
+        """The audit row of a follower switch (``on_event``; never raises: serving goes on);
+        ``reverted_after_s``: the alias never moved, it undid an admin install after its grace."""
         if self.on_event is None or unit is None:
             return
         from predictor.events import follow_row
 
         since = self.served_since.get("production") or datetime.now(UTC)
-        await self._write(follow_row(alias, previous, unit.version, since, ref, replaced_fallback=replaced_fallback))
+        row = follow_row(
+            alias, previous, unit.version, since, ref, percent=self.canary_percent,
+            replaced_fallback=replaced_fallback, reverted_after_s=reverted_after_s,
+        )  # fmt: skip
+        await self._write(row)
+
+    async def _record_refused(self, alias: str, serving: str | None, version: str, ref: str, why: str) -> None:
+        """The audit row of a follower switch refused on its merits (``on_event``; never raises)."""
+        if self.on_event is None:
+            return
+        from predictor.events import refused_row
+
+        await self._write(refused_row(alias, serving, version, ref, why, percent=self.canary_percent))
 
     def _record(
         self, action: str, slot: str, from_version: str | None, to_version: str | None, reason: str, **kw: Any
@@ -513,6 +541,7 @@ class SlotManager:
             return False
         if aliased == current or time.monotonic() - pin[1] > grace_s:
             self._admin_install = None
+            self._grace_expired = current if aliased != current else None  # the follow row says so
             return False
         log.debug("production serves version %s from the admin API; waiting for the alias (now %s)", current, aliased)
         return True

@@ -372,7 +372,7 @@ def test_rollback_after_a_followed_alias_move_restores_what_it_replaced(local):
     env.registry.set_alias("production", "2")  # outside motlens; the follower swaps and writes its row
     serve.slots["production"] = {"version": "2", "ref": "models:/mot-defects/2"}
     predlog.open_reader().insert_promotion_event(
-        follow_row("production", "3", "2", datetime.now(UTC), "models:/mot-defects/2")
+        follow_row("production", "3", "2", datetime.now(UTC), "models:/mot-defects/2", percent=0.0)
     )
     p = Promoter(settings, env.registry, target)
     previous, source = p.previous_production("2")

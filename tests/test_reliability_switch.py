@@ -10,6 +10,7 @@ stopped, cache entries purged, ``motlens_model_info`` no longer lists it).
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 import uuid
@@ -355,9 +356,71 @@ def test_a_follow_row_that_cannot_be_written_warns_once_and_serving_goes_on(capl
 
     monkeypatch.setattr(events, "_warned", threading.Event())
     settings = PredlogSettings(clickhouse_url="http://127.0.0.1:1/motlens", connect_timeout_s=1)
-    row = events.follow_row("production", "1", "2", datetime.now(UTC), f"models:/{MODEL}/2")
+    row = events.follow_row("production", "1", "2", datetime.now(UTC), f"models:/{MODEL}/2", percent=0.0)
     with caplog.at_level("DEBUG", logger="predictor.events"):
         assert events.write_event(settings, row) is False
         assert events.write_event(settings, row) is False
     warnings = [r for r in caplog.records if r.name == "predictor.events" and r.levelname == "WARNING"]
     assert len(warnings) == 1 and "INSERT on promotion_events" in warnings[0].getMessage()
+
+
+@pytest.mark.slow
+def test_follower_rows_say_what_happened_a_revert_a_refusal_and_the_canary_share(
+    registry, tiny_bundle, bad_golden_bundle, embedder, tmp_path, monkeypatch
+):
+    """Audit review: the follower's undoing of an admin install after its grace read "alias production
+    moved to version 1" (it had not moved); a version the alias named but the server refused left no row;
+    a follow row said canary 0 % while the canary kept its 10 %."""
+    import predlog
+    from predictor import slots as slots_module
+    from predictor.server import PredictorServer, ServerThread
+    from predictor.settings import ServeSettings
+    from predlog.settings import PredlogSettings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MOTLENS_HOME", str(registry.state.home))
+    monkeypatch.setattr(slots_module, "ADMIN_GRACE_MIN_S", 1.0)
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")  # 1
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias=None)  # 2: the canary
+    registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias=None)  # 3: installed by hand
+    registry.register_bundle(bad_golden_bundle, metrics={}, params={}, alias=None)  # 4: fails its golden check
+    log_settings = PredlogSettings(dir=tmp_path / "predlog", flush_interval_s=0.1)
+    settings = ServeSettings(
+        model=f"models:/{MODEL}@production", follow_alias="production", follow_interval_s=0.05,
+        http_port=free_port(), grpc_port=free_port(), enable_grpc=False, admin_enabled=True, cache_bytes=0,
+    )  # fmt: skip
+    server = PredictorServer(settings, embedder=embedder, writer=predlog.open_writer(log_settings), host="127.0.0.1")
+    thread = ServerThread(server).start().wait_ready()
+    admin = f"http://127.0.0.1:{settings.http_port}/motlens/admin"
+
+    def production() -> str | None:
+        unit = server.slots.slots["production"].unit
+        return unit.version if unit else None
+
+    try:
+        assert httpx.post(f"{admin}/slots/canary/load", json={"ref": f"models:/{MODEL}/2"}, timeout=120).is_success
+        assert httpx.post(f"{admin}/canary/percent", json={"percent": 10}, timeout=30).is_success
+        assert httpx.post(f"{admin}/slots/production/load", json={"ref": f"models:/{MODEL}/3"}, timeout=120).is_success
+        wait_until(lambda: production() == "1", 120)  # the grace ran out: the alias's version serves again
+        registry.set_alias("production", "4")
+        polls = server.slots.follow_polls
+        wait_until(lambda: server.slots.follow_polls >= polls + 10, 120)  # refused, and not again
+        assert production() == "1"
+    finally:
+        thread.stop()
+    reader = predlog.open_reader(log_settings)
+    try:
+        events = reader.promotion_events(limit=50).sort_values("ts")
+    finally:
+        reader.close()
+    follow = events[events.action == "follow"]
+    assert list(zip(follow.from_version, follow.to_version, strict=True)) == [("3", "1")], events
+    row = follow.iloc[0]
+    assert row.reason.startswith("alias production still names version 1: the admin API's version 3"), row.reason
+    assert json.loads(row.details)["cause"] == "admin_grace_expired"
+    assert row.canary_percent == 10.0
+    refused = events[events.action == "serve_refused"]
+    assert len(refused) == 1, events
+    row = refused.iloc[0]
+    assert (row.from_version, row.to_version, bool(row.success)) == ("1", "4", False)
+    assert "refused" in row.reason and "golden" in row.reason and row.canary_percent == 10.0
