@@ -92,7 +92,9 @@ class SlotManager:
         # (version, when) production got through the admin API (promote, load): the follower leaves it
         # alone until the alias catches up (the promotion CLI moves the target first, then the alias)
         self._admin_install: tuple[str, float] | None = None
-        self._grace_expired: str | None = None  # production version of an admin install whose grace ran out
+        # (admin-installed production version, the alias's version) when its grace ran out: the follower's
+        # switch back to that alias version is a revert, not an alias move (its row says so)
+        self._grace_expired: tuple[str | None, str] | None = None
         self.follow_polls = 0  # alias polls completed by follow() (each one resolved and acted on, or failed)
         self.alias_checks = 0  # registry lookups of :meth:`_await_alias` (an admin install without a follower)
         #: when each slot's current model started serving (the swap)
@@ -358,8 +360,7 @@ class SlotManager:
                     and current != info.version
                     and time.monotonic() >= retry_at.get(info.version, (0.0, 0.0))[0]
                 ):
-                    reverts = self._grace_expired is not None and self._grace_expired == current
-                    self._grace_expired = None
+                    reverts = self._grace_expired == (current, info.version)
                     if reverts:
                         log.info("alias %s still names version %s, not version %s of the admin API: switching "
                                  "production back", alias, info.version, current)  # fmt: skip
@@ -375,8 +376,10 @@ class SlotManager:
                             retry_at[info.version] = (time.monotonic() + backoff, backoff)
                         else:  # refused on its merits (verification, golden set, backend): recorded once
                             refused.add(info.version)
+                            self._grace_expired = None
                             await self._record_refused(alias, current, info.version, ref, str(e))
                     else:
+                        self._grace_expired = None
                         unit = self.slots["production"].unit
                         grace = self._admin_grace_s() if reverts else None
                         await self._record_follow(alias, current, unit, ref, was_fallback, grace)
@@ -541,7 +544,7 @@ class SlotManager:
             return False
         if aliased == current or time.monotonic() - pin[1] > grace_s:
             self._admin_install = None
-            self._grace_expired = current if aliased != current else None  # the follow row says so
+            self._grace_expired = (current, aliased) if aliased != current else None  # the follow row says so
             return False
         log.debug("production serves version %s from the admin API; waiting for the alias (now %s)", current, aliased)
         return True

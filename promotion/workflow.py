@@ -290,6 +290,10 @@ class Promoter:
         intent = bool(version_tags) or any(aliases.get(a) != v for a, v in set_aliases.items()) or any(
             a in aliases for a in delete_aliases
         )
+        if intent and self.force:  # it replaces an interrupted change the guard would have stopped
+            pending = self.pending_intent()
+            if pending is not None and self.intent_outlook(pending, live, aliases)[0] == "changed":
+                self._record_abandoned(pending, live)
         written = (
             self._write_intent(event, live, steps, set_aliases, delete_aliases, version_tags or {}, resumed)
             if intent
@@ -462,9 +466,7 @@ class Promoter:
         if intent is None:
             return None
         outlook, rest = self.intent_outlook(intent, live, aliases)
-        if outlook == "changed":
-            if self.force and not self.dry_run:  # this run replaces it: on the record first, then dropped
-                self._record_abandoned(intent, live)
+        if outlook == "changed":  # left to the guard; a --force change records it first (_execute)
             return None
         event = self._intent_event(intent)
         what = f"the interrupted {event.action} ({intent['from']} → {intent['to']}, begun {intent['at']})"

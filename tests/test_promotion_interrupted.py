@@ -272,6 +272,9 @@ def test_an_interrupted_change_replaced_by_force_is_recorded_as_abandoned(local,
         monkeypatch, lambda: Promoter(settings, env.registry, target).canary_set(25, reason="killed step")
     )
     serve.percent = 40.0  # changed by hand since
+    with pytest.raises(wf.PromotionError):  # a --force command that does not go ahead replaces nothing
+        Promoter(settings, env.registry, target, force=True).promote("99")
+    assert _intents(env) and not any("abandoned" in r for r in predlog.open_reader().promotion_events(limit=50).reason)
     out = Promoter(settings, env.registry, target, force=True).canary_set(60, reason="cleanup")
     assert out.action == "canary_set" and target.read().percent == 60, out.message
     rows = predlog.open_reader().promotion_events(limit=100).to_dict("records")
