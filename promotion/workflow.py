@@ -394,7 +394,7 @@ class Promoter:
             "version_tags": version_tags,
         }
         try:
-            self.registry.set_model_tag(self._intent_key(), json.dumps(intent, default=str))
+            self._store_intent(intent)
         except Exception as e:
             event.success, event.reason = False, _join(event.reason, f"could not record the change's intent: {e}")
             event.ts = utc_now()
@@ -407,7 +407,7 @@ class Promoter:
         by the next one at that time, not at the next one's (minutes or hours later)."""
         intent["applied_at"] = applied_at.isoformat()
         try:
-            self.registry.set_model_tag(self._intent_key(), json.dumps(intent, default=str))
+            self._store_intent(intent)
         except Exception as e:  # noqa: BLE001 - the registry's own writes next fail or succeed alike
             log.warning("could not record when the change took effect in its intent: %s", e)
 
@@ -418,6 +418,10 @@ class Promoter:
             return applied
         event.details["applied_at_estimated"] = "the change's start: its run stopped while applying it"
         return parse_ts(intent["at"]) or utc_now()
+
+    def _store_intent(self, intent: dict[str, Any]) -> None:
+        """Write ``intent`` as this target's registered-model tag (read back by :meth:`pending_intent`)."""
+        self.registry.set_model_tag(self._intent_key(), json.dumps(intent, default=str))
 
     def _clear_intent(self) -> None:
         try:
