@@ -7,6 +7,7 @@ import pandas as pd
 
 from motlens import EMBEDDING_DIM
 from motlens.embedder import normalise_text
+from motlens.labels import fuel_key
 
 CATEGORICAL: tuple[str, ...] = ("section", "severity", "make", "fuel_type")
 NUMERICAL: tuple[str, ...] = (
@@ -32,8 +33,9 @@ def drift_frame(df: pd.DataFrame) -> pd.DataFrame:
 
     What the model sees is compared, not how a client spelt it: ``text_length`` (characters) is taken
     as is (a reference sample stores it) or derived from the normalised ``text`` (the log stores the
-    raw text: whitespace alone was drift), ``make`` and ``fuel_type`` compared stripped and upper-cased
-    as the head reads them. Missing context (blank or absent ``make``/``fuel_type``, missing numbers) stays
+    raw text: whitespace alone was drift), ``make`` compared stripped and upper-cased and ``fuel_type``
+    as its DVSA code (``Petrol`` is ``PE``), as the head reads them. Missing context (blank or absent
+    ``make``/``fuel_type``, missing numbers) stays
     missing: Evidently drops it per column, so context is compared on the rows that carry it; a missing
     ``section`` or ``severity`` becomes ``"(missing)"``.
     """
@@ -48,7 +50,8 @@ def drift_frame(df: pd.DataFrame) -> pd.DataFrame:
     for c in CATEGORICAL:
         values = df[c].astype("object")
         if c in CONTEXT_CATEGORIES:
-            values = values.where(values.isna(), values.astype(str).str.strip().str.upper()).replace("", None)
+            key = fuel_key if c == "fuel_type" else (lambda v: v.strip().upper())
+            values = values.where(values.isna(), values.astype(str).map(key)).replace("", None)
             out[c] = values.where(values.notna(), None).to_numpy()
         else:
             out[c] = values.where(values.notna(), MISSING).astype(str).to_numpy()

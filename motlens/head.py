@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from motlens.labels import FAILING_SEVERITIES, SECTIONS, SEVERITIES
+from motlens.labels import FAILING_SEVERITIES, SECTIONS, SEVERITIES, fuel_key
 
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
@@ -64,7 +64,8 @@ class FeatureSpec:
         ages = ctx.get("vehicle_age_years")
         odos = ctx.get("odometer_miles")
         fuels = ctx.get("fuel_type")
-        fuel_index = {f: i for i, f in enumerate(self.fuel_vocab)}
+        fuel_index = {fuel_key(f): i for i, f in enumerate(self.fuel_vocab)}
+        unknown = len(self.fuel_vocab)
         for i in range(n):
             age = _num(ages[i]) if ages is not None else None
             if age is None:
@@ -77,7 +78,7 @@ class FeatureSpec:
             else:
                 out[i, 2] = (math.log1p(odo) - self.log_odo_mean) / self.log_odo_std
             fuel = fuels[i] if fuels is not None else None
-            j = fuel_index.get(str(fuel).strip().upper(), len(self.fuel_vocab)) if fuel else len(self.fuel_vocab)
+            j = fuel_index.get(fuel_key(str(fuel)), unknown) if fuel else unknown
             out[i, 4 + j] = 1.0
         return out
 

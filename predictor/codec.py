@@ -31,6 +31,7 @@ from kserve.utils.numpy_codec import to_np_dtype
 from pydantic import ValidationError
 
 from motlens import EMBEDDING_DIM
+from motlens.labels import FUEL_ACCEPTED, fuel_code
 
 TEXT = "text"
 BYTES_CONTEXT = ("make", "model", "fuel_type")
@@ -39,6 +40,8 @@ NUMERIC_CONTEXT = ("vehicle_age_years", "odometer_miles")
 NUMERIC_RANGES = {"vehicle_age_years": (0.0, 150.0), "odometer_miles": (0.0, 10_000_000.0)}
 INPUT_NAMES = (TEXT, *BYTES_CONTEXT, *NUMERIC_CONTEXT)
 NUMERIC_DATATYPES = ("FP32", "FP64", "INT32", "INT64")
+#: the datatypes each input takes
+INPUT_DATATYPES = {name: ("BYTES",) if name in (TEXT, *BYTES_CONTEXT) else NUMERIC_DATATYPES for name in INPUT_NAMES}
 #: What the tokenizer's BERT normaliser drops: control, format, private-use and surrogate characters,
 #: U+FFFD and (as it strips accents) nonspacing marks; U+1734 was one before Unicode 14.
 _DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cs", "Mn"})
@@ -85,11 +88,14 @@ def _client_id(rid: str, where: str) -> str:
 
 def resolve_request_id(body_id: Any = None, header_id: str | None = None) -> str:
     """The request's id: the body's ``id``, else the ``x-request-id`` header, else a new one
-    (a client's id is checked: a string of printable ASCII, at most :data:`MAX_REQUEST_ID_CHARS`)."""
+    (a client's id is checked: a string of printable ASCII, at most :data:`MAX_REQUEST_ID_CHARS`).
+    The header's value is read without surrounding spaces and tabs, as HTTP reads a field value
+    (RFC 9110 §5.5; gRPC metadata alike)."""
     if body_id is not None and not isinstance(body_id, str):
         raise InvalidInput(f"request 'id' must be a string, got {_type_name(body_id)}")
     if body_id:
         return _client_id(body_id, "request 'id'")
+    header_id = header_id.strip(" \t") if header_id else header_id
     if header_id:
         return _client_id(header_id, "header x-request-id")
     return new_request_id()
@@ -192,6 +198,24 @@ def _context_str(v: Any, where: str) -> str | None:
     return v or None
 
 
+def _context_fuel(v: Any, where: str) -> str | None:
+    """A fuel type as its DVSA code: a code or its name, in any case (:func:`motlens.labels.fuel_code`); blank
+    is missing."""
+    s = _context_str(v, where)
+    if s is None or not s.strip():
+        return None
+    code = fuel_code(s)
+    if code is None:
+        raise InvalidInput(  # under the 300 characters a 400 keeps (short_message), so the list stays whole
+            f"{where} is {short_message(repr(s), 30)}; expected a DVSA fuel code or name (any case): {FUEL_ACCEPTED}"
+        )
+    return code
+
+
+#: how each BYTES context input is read
+_CONTEXT_TEXT = {"make": _context_str, "model": _context_str, "fuel_type": _context_fuel}
+
+
 def _context_num(v: Any, name: str, where: str) -> float | None:
     """A numeric context value within its plausible range (NaN means missing)."""
     if v is None:
@@ -243,7 +267,7 @@ def parse_v1(payload: Any, limits: Limits, request_id: str = "") -> PredictReque
                 raise InvalidInput(f"instances[{i}] is missing 'text'")
             texts.append(inst[TEXT])
             for name in BYTES_CONTEXT:
-                context[name][i] = _context_str(inst.get(name), f"instances[{i}].{name}")
+                context[name][i] = _CONTEXT_TEXT[name](inst.get(name), f"instances[{i}].{name}")
             for name in NUMERIC_CONTEXT:
                 context[name][i] = _context_num(inst.get(name), name, f"instances[{i}].{name}")
         else:
@@ -293,6 +317,33 @@ def json_error(e: ValueError) -> str:
     if msg is None or line is None or column is None:
         return f"malformed JSON: {short_message(e, 200)}"
     return f"malformed JSON at line {line} column {column}: {short_message(msg, 200)}"
+
+
+def not_utf8(data: str | bytes | bytearray | memoryview, what: str) -> str | None:
+    """``<what> is not valid UTF-8 (<reason> at byte N)`` for bytes that do not decode, else None: JSON is
+    UTF-8 (RFC 8259), and the parsers' own words for it named no byte (orjson: ``str is not valid UTF-8:
+    surrogates not allowed``; pydantic: ``invalid unicode code point``). For a body that did not parse."""
+    if isinstance(data, str):
+        return None
+    try:
+        str(data, "utf-8")
+    except UnicodeDecodeError as e:
+        return f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})"
+    return None
+
+
+def check_input(name: Any, datatype: str) -> None:
+    """An input of the contract with a datatype it takes for it (in any case, as KServe reads one),
+    checked before KServe decodes the request: its decoders refuse FP16 JSON data with advice to
+    send it binary, and an unknown datatype as an ``invalid content type``."""
+    if name not in INPUT_NAMES:
+        raise InvalidInput(f"unknown input '{short_message(name, 100)}'; expected {', '.join(INPUT_NAMES)}")
+    kind, expected = datatype.upper(), INPUT_DATATYPES[name]
+    if kind in expected:
+        return
+    if to_np_dtype(kind) is None:
+        raise InvalidInput(f"input '{name}' has datatype {short_message(kind, 40)!r}, which v2 does not define")
+    raise InvalidInput(f"input '{name}' has datatype {kind}; expected {' or '.join(expected)}")
 
 
 # What a pydantic error type means, for a JSON client (pydantic's own text says "valid dictionary").
@@ -394,11 +445,13 @@ def check_binary_texts(body: bytes, json_length: int, max_items: int | None = No
     try:
         header = orjson.loads(body[:json_length])
     except orjson.JSONDecodeError as e:
-        raise InvalidInput(f"malformed binary inference request header: {json_error(e)}") from e
+        problem = not_utf8(body[:json_length], "the binary inference request header")
+        raise InvalidInput(problem or f"malformed binary inference request header: {json_error(e)}") from e
     _check_header_form(header)
     offset = json_length
     for inp in header["inputs"]:
         name, shape = inp["name"], inp["shape"]
+        check_input(name, inp["datatype"])
         declared = _declared_elements(shape)
         items = max(shape[0], declared or 0) if shape else 0
         if max_items is not None and items > max_items:
@@ -420,10 +473,6 @@ def check_binary_texts(body: bytes, json_length: int, max_items: int | None = No
             _check_bytes_items(chunk, name, shape, declared, max_items)
             continue
         dtype = to_np_dtype(datatype)
-        if dtype is None:
-            raise InvalidInput(
-                f"input '{name}' has datatype {short_message(inp['datatype'], 40)!r}, which v2 does not define"
-            )
         need = None if declared is None else declared * np.dtype(dtype).itemsize
         if need is not None and len(chunk) == size != need:
             raise InvalidInput(f"input '{name}' has {size} bytes of {datatype} data; its shape {shape} takes {need}")
@@ -501,17 +550,29 @@ def _declared_elements(shape: Any) -> int | None:
 def _check_element_count(inp: Any, n: int) -> None:
     """A tensor of shape ``[n]`` or ``[n, 1]`` holds ``n`` elements, checked before anything is
     decoded: raw BYTES contents (gRPC's, or a binary body's) item by item (at most ``n + 1`` read),
-    JSON data by its length (an element may be a one-item list, ``[[a], [b]]``)."""
+    JSON data by its length, and its nesting: flat, or nested exactly as the shape (``[[a], [b]]``
+    under ``[2, 1]``), the two forms v2 allows; ``[[["a", "b"]]]`` under ``[2]`` is neither."""
     raw = inp._raw_data  # kserve's binary or gRPC raw contents; None for JSON data
     if raw is not None and inp.datatype == "BYTES":
         _check_bytes_items(raw, inp.name, list(inp.shape), n, None)
         return
-    if raw is None and isinstance(inp.data, list):
-        count = len(inp.data)
-    else:
+    if raw is not None or not isinstance(inp.data, list):
         return  # fixed-width raw data: numpy reads it in one step and the reshape names a mismatch
-    if count > n:
-        raise InvalidInput(f"input '{inp.name}' holds more items than the {n} its shape {list(inp.shape)} declares")
+    shape = list(inp.shape)
+    if len(inp.data) > n:
+        raise InvalidInput(f"input '{inp.name}' holds more items than the {n} its shape {shape} declares")
+    if any(isinstance(v, list) for v in inp.data) and not _nested_as(inp.data, shape):
+        raise InvalidInput(
+            f"input '{inp.name}': its data is nested otherwise than its shape {shape}; "
+            "send it flat or nested as the shape"
+        )
+
+
+def _nested_as(data: Any, shape: Sequence[int]) -> bool:
+    """Whether JSON ``data`` is nested exactly as ``shape`` (lists of its lengths, non-lists at the bottom)."""
+    if not shape:
+        return not isinstance(data, list)
+    return isinstance(data, list) and len(data) == shape[0] and all(_nested_as(v, shape[1:]) for v in data)
 
 
 def _check_json_numbers(inp: Any) -> None:
@@ -558,19 +619,16 @@ def parse_v2(req: InferRequest, limits: Limits, header_id: str | None = None) ->
     ``x-request-id`` header (gRPC metadata), the id when the body has none."""
     seen: dict[str, Any] = {}
     for inp in req.inputs:
-        if inp.name not in INPUT_NAMES:
-            raise InvalidInput(f"unknown input '{inp.name}'; expected {', '.join(INPUT_NAMES)}")
+        check_input(inp.name, inp.datatype)
         if inp.name in seen:
             raise InvalidInput(f"input '{inp.name}' given more than once")
         seen[inp.name] = inp
     if TEXT not in seen:
         raise InvalidInput("missing required input 'text' (BYTES [N])")
     n: int | None = None
+    first = ""  # the input n was taken from
     values: dict[str, np.ndarray] = {}
     for name, inp in seen.items():
-        expected = ("BYTES",) if name in (TEXT, *BYTES_CONTEXT) else NUMERIC_DATATYPES
-        if inp.datatype not in expected:
-            raise InvalidInput(f"input '{name}' has datatype {inp.datatype}; expected {' or '.join(expected)}")
         shape = list(inp.shape or [])
         if (
             not shape
@@ -584,18 +642,18 @@ def parse_v2(req: InferRequest, limits: Limits, header_id: str | None = None) ->
         _check_element_count(inp, shape[0])
         vals = _flat_values(inp)
         if n is None:
-            n = shape[0]
+            n, first = shape[0], name
         elif shape[0] != n:
             raise InvalidInput(
-                f"input '{name}' has {shape[0]} items but '{TEXT if name != TEXT else name}' "
-                f"and the other inputs have {n}; every input must have the same N"
+                f"input '{name}' has {shape[0]} items but input '{first}' has {n}; every input must have the same N"
             )
         values[name] = vals
     texts = _check_texts(list(values[TEXT]), limits, "input 'text'")
     context: dict[str, list[Any]] = {}
     for name in BYTES_CONTEXT:
         if name in values:
-            context[name] = [_context_str(v, f"input '{name}' item {i}") for i, v in enumerate(values[name])]
+            read = _CONTEXT_TEXT[name]
+            context[name] = [read(v, f"input '{name}' item {i}") for i, v in enumerate(values[name])]
     for name in NUMERIC_CONTEXT:
         if name in values:
             context[name] = [_context_num(v, name, f"input '{name}' item {i}") for i, v in enumerate(values[name])]

@@ -15,9 +15,8 @@ from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import add_GRPCInferenceServi
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 from kserve.protocol.grpc.server import GRPCServer as KServeGRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
-from kserve.utils.numpy_codec import to_np_dtype
 
-from predictor.codec import short_message
+from predictor.codec import check_input, short_message
 from predictor.rest_edge import count_refusal
 
 if TYPE_CHECKING:
@@ -53,10 +52,24 @@ class _Servicer(InferenceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: ServicerContext) -> pb.ModelInferResponse:
         for tensor in request.inputs:  # KServe's decoder would say only "invalid content type"
             tensor.datatype = tensor.datatype.upper()  # in any case, as the REST paths read it
-            if to_np_dtype(tensor.datatype) is None:
-                kind = tensor.datatype[:40]
-                raise InvalidInput(f"input '{tensor.name[:100]}' has datatype {kind!r}, which v2 does not define")
+            check_input(tensor.name, tensor.datatype)
+        _check_parameter_values(request)
         return await super().ModelInfer(request, context)
+
+
+def _check_parameter_values(request: pb.ModelInferRequest) -> None:
+    """Every parameter carries a value: KServe drops one with none of ``bool_param``, ``int64_param``,
+    ``string_param`` set, so ``return_embedding`` without a value read as false (REST's null is a 400)."""
+    maps = [("parameters", request.parameters)]
+    maps += [(f"inputs[{i}].parameters", t.parameters) for i, t in enumerate(request.inputs)]
+    maps += [(f"outputs[{i}].parameters", o.parameters) for i, o in enumerate(request.outputs)]
+    for where, params in maps:
+        for key, value in params.items():
+            if value.WhichOneof("parameter_choice") is None:
+                raise InvalidInput(
+                    f"malformed v2 inference request: {where}.{short_message(key, 100)} has no value "
+                    "(set its bool_param, int64_param or string_param)"
+                )
 
 
 class _ExceptionToStatus(ExceptionToStatusInterceptor):

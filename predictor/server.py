@@ -57,7 +57,15 @@ from motlens.embedder import Embedder
 from predictor.backend import ModelLoadError, load_backend
 from predictor.batcher import Overloaded
 from predictor.cache import EmbeddingCache
-from predictor.codec import check_binary_texts, json_error, resolve_request_id, short_message, validation_message
+from predictor.codec import (
+    check_binary_texts,
+    check_input,
+    json_error,
+    not_utf8,
+    resolve_request_id,
+    short_message,
+    validation_message,
+)
 from predictor.disconnect import ClientGone, unless_disconnected
 from predictor.events import write_event
 from predictor.grpc_server import GRPCServer
@@ -468,7 +476,12 @@ class PredictorServer:
             json_length = headers.get(INFERENCE_CONTENT_LENGTH_HEADER)
             if json_length is not None:
                 json_length = json_length.strip()  # HTTP allows whitespace around a header's value
-                if not json_length.isdigit() or int(json_length) > len(body):
+                if not json_length.isascii() or not json_length.isdigit():
+                    raise InvalidInput(
+                        f"header {INFERENCE_CONTENT_LENGTH_HEADER}={short_message(repr(json_length), 40)} "
+                        "is not a non-negative integer"
+                    )
+                if int(json_length) > len(body):
                     raise InvalidInput(
                         f"header {INFERENCE_CONTENT_LENGTH_HEADER}={json_length!r} does not fit "
                         f"a body of {len(body)} bytes"
@@ -476,9 +489,10 @@ class PredictorServer:
                 check_binary_texts(body, int(json_length), self.settings.max_items_per_request)
                 infer_request = InferRequest.from_bytes(body, int(json_length), model_name)
             else:
-                infer_request = InferRequest.from_inference_request(
-                    InferenceRequest.model_validate_json(body), model_name
-                )
+                parsed = InferenceRequest.model_validate_json(body)
+                for inp in parsed.inputs:  # before KServe's decoder ("Sending FP16 data via JSON…")
+                    check_input(inp.name, inp.datatype)
+                infer_request = InferRequest.from_inference_request(parsed, model_name)
         except InvalidInput:
             raise
         except ValidationError as e:  # the JSON form: malformed JSON, or a field of the wrong type
@@ -486,6 +500,8 @@ class PredictorServer:
             message = validation_message(errors)
             if errors and errors[0]["type"] != "json_invalid":
                 message = f"malformed v2 inference request: {message}"
+            elif problem := not_utf8(body, "the request body"):
+                message = problem
             raise InvalidInput(message) from e
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error, InferenceError) as e:
             detail = f"missing field {e}" if isinstance(e, KeyError) else short_message(e)
@@ -616,18 +632,20 @@ def _first_headers(request: Request) -> dict[str, str]:
     return headers
 
 
-def _v1_json(body: str | bytes | bytearray | memoryview, content_type: str | None) -> Any:
+def _v1_json(
+    body: str | bytes | bytearray | memoryview, content_type: str | None, what: str = "the request body"
+) -> Any:
     """A JSON body, parsed here so that ``application/json; charset=utf-8`` counts as JSON (KServe's
     decoder compares the whole header and would pass such a body on as raw bytes), as is a body
     without Content-Type (as KServe would: the same ``malformed JSON`` message either way); any other
-    Content-Type (curl's default form encoding) is a 415."""
+    Content-Type (curl's default form encoding) is a 415. ``what`` names the JSON in a UTF-8 error."""
     media_type = _media_type(content_type)
     if media_type and media_type not in JSON_HEADERS:
         raise UnsupportedContentType(media_type[:100])
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise InvalidInput(json_error(e)) from e
+        raise InvalidInput(not_utf8(body, what) or json_error(e)) from e
 
 
 def _v1_payload(dataplane: KServeDataPlane, body: bytes, headers: dict[str, str]) -> tuple[Any, dict[str, Any]]:
@@ -690,7 +708,7 @@ def _structured_event(event: Any) -> tuple[Any, dict[str, Any]]:
         data = base64.b64decode(event["data_base64"], validate=True)
     except (binascii.Error, TypeError, ValueError) as e:
         raise InvalidInput("the CloudEvent's data_base64 is not valid base64") from e
-    return _v1_json(data, content_type), attributes
+    return _v1_json(data, content_type, "the CloudEvent's decoded data_base64"), attributes
 
 
 class ServerThread:

@@ -77,7 +77,7 @@ def test_bad_json_lines_are_counted(tmp_path):
     report = BulkReport()
     df = pd.concat(list(read_jsonl([p], report=report)))
     assert len(df) == 6
-    assert report.files[0].bad_rows == 1 and report.files[0].bad_lines == [2]
+    assert report.files[0].bad_rows == 1 and report.files[0].bad_records == [2]
 
 
 def test_latin1_line_is_tolerated(tmp_path):
@@ -141,8 +141,8 @@ def test_structurally_malformed_vehicles_are_counted_not_fatal(tmp_path):
     p.write_text("\n".join(lines) + "\n")
     report = BulkReport()
     df = pd.concat(list(read_jsonl([p], report=report)), ignore_index=True)
-    assert report.files[0].bad_lines == [2, 3, 4, 5]
-    assert report.files[0].rows == 3 and len(df) == 9
+    assert report.files[0].bad_records == [2, 3, 4, 5]
+    assert report.files[0].rows == 3 + 4 and len(df) == 9  # rows read: the 3 kept and the 4 bad
     assert df["make"].tolist()[3:6] == ["123"] * 3 and df["model"].iloc[3] is None
     assert df["test_id"].iloc[-1] is pd.NA
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pandas as pd
 import pytest
 from pydantic import ValidationError
+from test_data_reader import read_all, write_fixture
 
 from motlens.cli import main
 from training.chload import (
@@ -104,6 +106,24 @@ def test_cli_clickhouse_load(tmp_path, synth_dir, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "rows_per_second" in out and "distinct_texts" in out
+
+
+def test_cli_clickhouse_load_reports_the_rows_lost_and_what_it_does_not_count(tmp_path, capsys):
+    """orphan_items, unknown_rfr and unlabelled printed 0 though rows were lost; the duplicates, which
+    the tables drop as they merge, printed 0 though never counted."""
+    # an rfr item_detail lacks, and a type code no rule labels (the fixture has one orphan already)
+    d = write_fixture(tmp_path / "in", extra={"test_item": ["1002|777|F|0|", "1002|503|Z|0|"]})
+    _, parquet = read_all([d])
+    rc = main(["data", "load", str(d), "--clickhouse", "--ch-path", str(tmp_path / "db"),
+               "--report", str(tmp_path / "r.json")])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    lost = ("orphan_items", "unknown_rfr", "unlabelled", "rows_out", "bad_rows")
+    assert {k: report[k] for k in lost} == {k: parquet[k] for k in lost}
+    assert (report["orphan_items"], report["unknown_rfr"], report["unlabelled"]) == (1, 1, 1)
+    assert report["duplicate_tests"] is None and report["duplicate_items"] is None
+    assert "duplicate_items: not computed" in out and "orphan_items: 1" in out
 
 
 def test_settings_pick_server_only_with_url(monkeypatch, tmp_path):

@@ -90,13 +90,13 @@ def test_a_zip_with_a_corrupt_central_directory_names_the_file(tmp_path):
         BulkReader([d])
 
 
-def test_a_file_of_runaway_rows_names_a_line(tmp_path):
-    """Runaway multi-line rows carry no line number: the error still names one (it raised IndexError)."""
+def test_a_file_of_runaway_rows_names_a_record(tmp_path):
+    """Runaway multi-line rows once carried no line number (it raised IndexError): the first one's record."""
     d = write_fixture(tmp_path / "in", ",")
     head = (d / "test_item.csv").read_bytes().split(b"\r\n")[0]
     rows = [f'1001,501,F,1,,"multi\nline {i}"'.encode() for i in range(120)]
     (d / "test_item.csv").write_bytes(b"\r\n".join([head + b",rfr_comment", *rows]) + b"\r\n")
-    with pytest.raises(BulkFormatError, match=r"test_item\.csv:\d+: 240 of 240 rows"):
+    with pytest.raises(BulkFormatError, match=r"test_item\.csv: record 2: 240 of 240 rows are not well-formed"):
         list(BulkReader([d]))
 
 
@@ -123,7 +123,7 @@ def test_an_api_test_number_that_is_no_integer_gives_no_id(tmp_path, number):
 def test_an_api_integer_literal_beyond_4300_digits_is_a_bad_line(tmp_path):
     rows, rep = _api(tmp_path, "9" * 5000)
     assert rows == [("G", 7, "advisory")]
-    assert rep.files[0].bad_lines == [1]
+    assert rep.files[0].bad_records == [1]
 
 
 @pytest.mark.parametrize(

@@ -138,7 +138,9 @@ def test_malformed_rows_and_repeated_headers_are_counted_not_fatal(tmp_path):
     items = next(f for f in rep["files"] if f["kind"] == "test_item")
     assert items["bad_rows"] == 3
     assert items["header_rows"] == 1
-    assert items["bad_lines"] == [9, 10]
+    assert items["bad_records"] == [9, 10, 12]  # the unusable key's record too
+    assert items["bad_values"] == {"test_id": 1}
+    assert items["rows"] == 7 + 4  # rows read: the kept and the bad ones
     assert next(f for f in rep["files"] if f["kind"] == "test_result")["header_rows"] == 1
     assert rep["rows_out"] == 7  # the one good extra row is read
 
@@ -163,7 +165,8 @@ def test_file_of_wrong_shape_names_first_bad_line(tmp_path):
     d = write_fixture(tmp_path / "in")
     body = "\n".join(f"{i}|501" for i in range(300))
     (d / "test_item.csv").write_text(HEADERS["test_item"] + "\n" + body + "\n")
-    with pytest.raises(BulkFormatError, match=r"test_item\.csv:2: .* rows do not have the 5 fields"):
+    wrong = r"test_item\.csv: record 2: 300 of 300 rows are not well-formed rows of the header's 5 fields"
+    with pytest.raises(BulkFormatError, match=wrong):
         list(BulkReader([d]))
 
 
@@ -229,7 +232,7 @@ def test_malformed_row_with_latin1_bytes_is_counted(tmp_path):
     (d / "test_item.csv").write_bytes(raw)
     df, rep = read_all([d])
     items = next(f for f in rep["files"] if f["kind"] == "test_item")
-    assert items["bad_rows"] == 1 and items["bad_lines"] == [9]
+    assert items["bad_rows"] == 1 and items["bad_records"] == [9]
     assert len(df) == 6
 
 

@@ -66,7 +66,8 @@ def test_a_row_whose_quote_runs_on_counts_every_line_it_swallowed(tmp_path):
     reader = BulkReader([d])
     list(reader)
     result = next(f for f in reader.report.files if f.kind == "test_result")
-    assert (result.rows, result.bad_rows) == (10, 3), vars(result)
+    # rows read: 10 kept + the runaway record 2 and the 2 lines it swallowed
+    assert (result.rows, result.bad_rows, result.bad_records) == (13, 3, [2]), vars(result)
     assert reader.report.orphan_items == len(ROWS["test_item"])  # none of 1001–1003 was kept
 
 

@@ -230,6 +230,23 @@ def test_what_the_model_reads_the_same_is_not_drift(tmp_path):
     assert not [c.column for c in result.columns if c.drifted], result.columns
 
 
+def test_a_fuel_logged_by_name_is_its_code():
+    """Rows logged before the server passed fuel codes on hold the client's ``Petrol``: the same fuel as
+    the reference's ``PE``, as the head reads it."""
+    import pandas as pd
+
+    from drift.columns import drift_frame
+
+    frame = traffic(4, 33).assign(fuel_type=["Petrol", " pe ", "Hybrid Electric (Clean)", "Rocket"])
+    assert list(drift_frame(frame)["fuel_type"]) == ["PE", "PE", "HY", "ROCKET"]
+    assert drift_frame(pd.DataFrame(frame).assign(fuel_type=[None, "", "DI", "di"]))["fuel_type"].tolist() == [
+        None,
+        None,
+        "DI",
+        "DI",
+    ]
+
+
 def test_many_categories_at_the_switch_are_not_drift_by_chance(tmp_path):
     """Jensen-Shannon 0.05 flagged a same-distribution make column of 50 categories at 5,000 rows a
     side in about half the windows (noise ≈ √((k − 1) / 4n)); the threshold now grows with k / n."""

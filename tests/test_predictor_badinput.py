@@ -89,6 +89,7 @@ def ok_text_tensor(**header) -> tuple[bytes, dict[str, str]]:
 
 V2 = f"/v2/models/{MODEL}/infer"
 V1 = f"/v1/models/{MODEL}:predict"
+CLOUDEVENT = {"ce-specversion": "1.0", "ce-id": "e-1", "ce-source": "test", "ce-type": "mot.predict"}
 
 # (id, path, json body or (raw bytes, headers), expected status, substring of the error message)
 CASES = [
@@ -118,6 +119,141 @@ CASES = [
         400,
         "same N",
     ),
+    (  # the N named is the first input's, which need not be 'text'
+        "n-mismatch-names-the-input-n-came-from",
+        V2,
+        v2(text_input(["FORD", "VW"], name="make"), text_input([OK_TEXT])),
+        400,
+        "input 'text' has 1 items but input 'make' has 2; every input must have the same N",
+    ),
+    *(  # data nested deeper than its shape was read as the shape's items
+        (
+            f"data-nested-otherwise-than-shape-{label}",
+            V2,
+            v2(text_input(data, shape=shape, datatype=dt, name=name)),
+            400,
+            f"input '{name}': its data is nested otherwise than its shape {shape}; send it flat or nested as the shape",
+        )
+        for label, name, dt, data, shape in (
+            ("3-deep-under-1d", "text", "BYTES", [[[OK_TEXT, OK_TEXT]]], [2]),
+            ("3-deep-under-2d", "text", "BYTES", [[[OK_TEXT]]], [1, 1]),
+            ("ragged", "text", "BYTES", [[OK_TEXT], [OK_TEXT, OK_TEXT]], [2, 1]),
+        )
+    ),  # fmt: skip
+    (
+        "numeric-data-nested-deeper-than-shape",
+        V2,
+        v2(text_input([OK_TEXT]), text_input([[[5.0]]], shape=[1], datatype="FP32", name="odometer_miles")),
+        400,
+        "input 'odometer_miles': its data is nested otherwise than its shape [1]",
+    ),
+    *(  # the datatype is checked before KServe's decoder, which advised sending FP16 JSON data binary
+        (f"fp16-json-{label}", V2, body, 400, message)
+        for label, body, message in (
+            (
+                "context",
+                v2(text_input([OK_TEXT]), text_input([5.0], datatype="FP16", name="odometer_miles")),
+                "input 'odometer_miles' has datatype FP16; expected FP32 or FP64 or INT32 or INT64",
+            ),
+            ("text", v2(text_input([1.0], datatype="FP16")), "input 'text' has datatype FP16; expected BYTES"),
+            (
+                "unknown-input",
+                v2(text_input([OK_TEXT]), text_input([5.0], datatype="FP16", name="colour")),
+                "unknown input 'colour'",
+            ),
+            (
+                "in-a-binary-request",
+                binary_request(
+                    {
+                        "inputs": [
+                            {
+                                "name": "text",
+                                "datatype": "BYTES",
+                                "shape": [1],
+                                "parameters": {"binary_data_size": 4 + len(OK_TEXT)},
+                            },
+                            text_input([5.0], datatype="FP16", name="odometer_miles"),
+                        ]
+                    },
+                    len(OK_TEXT).to_bytes(4, "little") + OK_TEXT.encode(),
+                ),
+                "input 'odometer_miles' has datatype FP16; expected FP32",
+            ),
+        )
+    ),  # fmt: skip
+    *(  # a fuel type is a DVSA code or its name (docs/predictor.md lists them)
+        (f"unknown-fuel-{label}", path, body, 400, message)
+        for label, path, body, message in (
+            (
+                "v1",
+                V1,
+                {"instances": [{"text": OK_TEXT, "fuel_type": "XX"}]},
+                "instances[0].fuel_type is 'XX'; expected a DVSA fuel code or name (any case): PE/Petrol, DI/Diesel",
+            ),
+            (
+                "v2",
+                V2,
+                v2(text_input([OK_TEXT]), text_input(["Hydrogen"], name="fuel_type")),
+                "input 'fuel_type' item 0 is 'Hydrogen'; expected a DVSA fuel code or name",
+            ),
+        )
+    ),  # fmt: skip
+    *(  # a body that is not UTF-8 says so, and where (the JSON parsers' words named no byte)
+        (f"not-utf8-{label}", path, (body, headers), 400, message)
+        for label, path, body, headers, message in (
+            (
+                "v1",
+                V1,
+                b'{"instances": ["Brake \xff pipe"]}',
+                {"Content-Type": "application/json"},
+                "the request body is not valid UTF-8 (invalid start byte at byte 22)",
+            ),
+            (
+                "v2",
+                V2,
+                b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["\xc3("]}]}',
+                {"Content-Type": "application/json"},
+                "the request body is not valid UTF-8 (invalid continuation byte at byte 74)",
+            ),
+            (
+                "binary-cloudevent",
+                V1,
+                b'{"instances": ["\xed\xa0\x80"]}',
+                {**CLOUDEVENT, "Content-Type": "application/json"},
+                "the request body is not valid UTF-8 (invalid continuation byte at byte 16)",
+            ),
+            (
+                "structured-cloudevent",
+                V1,
+                b'{"specversion": "1.0", "id": "e", "source": "s", "type": "t", "data": {"instances": ["\xff"]}}',
+                {"Content-Type": "application/cloudevents+json"},
+                "the request body is not valid UTF-8 (invalid start byte at byte 86)",
+            ),
+            (
+                "cloudevent-data-base64",
+                V1,
+                json.dumps(
+                    {"specversion": "1.0", "id": "e", "source": "s", "type": "t", "data_base64": "/w=="}
+                ).encode(),
+                {"Content-Type": "application/cloudevents+json"},
+                "the CloudEvent's decoded data_base64 is not valid UTF-8 (invalid start byte at byte 0)",
+            ),
+            (
+                "binary-header",
+                V2,
+                b'{"inputs": ["\xff"]}',
+                {"Inference-Header-Content-Length": "17"},
+                "the binary inference request header is not valid UTF-8 (invalid start byte at byte 13)",
+            ),
+        )
+    ),  # fmt: skip
+    (
+        "binary-header-length-not-an-integer",
+        V2,
+        (b"{}", {"Inference-Header-Content-Length": "abc"}),
+        400,
+        "header inference-header-content-length='abc' is not a non-negative integer",
+    ),
     ("too-many-items", V2, v2(text_input([OK_TEXT] * 9)), 400, "the limit is 8"),
     ("no-items", V2, v2(text_input([], shape=[0])), 400, "has no items"),
     ("empty-text", V2, v2(text_input([OK_TEXT, "   "])), 400, "item 1 is empty"),
@@ -135,8 +271,16 @@ CASES = [
             f"binary-shape-{name}",
             V2,
             binary_request(
-                {"inputs": [{"name": "text", "datatype": "BYTES", "shape": shape,
-                             "parameters": {"binary_data_size": 4 + len(OK_TEXT)}}]},  # fmt: skip
+                {
+                    "inputs": [
+                        {
+                            "name": "text",
+                            "datatype": "BYTES",
+                            "shape": shape,
+                            "parameters": {"binary_data_size": 4 + len(OK_TEXT)},
+                        }
+                    ]
+                },  # fmt: skip
                 len(OK_TEXT).to_bytes(4, "little") + OK_TEXT.encode(),
             ),
             400,
@@ -765,9 +909,6 @@ def test_the_empty_text_check_agrees_with_the_tokenizer():
     assert len(refused_with_token) < 500 and not _keeps_a_token("\u0301 \ue000\ufffd") and _keeps_a_token("e\u0301")
 
 
-CLOUDEVENT = {"ce-specversion": "1.0", "ce-id": "e-1", "ce-source": "test", "ce-type": "mot.predict"}
-
-
 @pytest.mark.parametrize(
     ("headers", "body", "status", "message"),
     [
@@ -862,6 +1003,73 @@ def test_the_header_length_header_may_carry_whitespace(base):
         while chunk := sock.recv(65536):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+
+
+def test_a_request_id_header_is_read_without_surrounding_whitespace(base):
+    """HTTP strips a field value's surrounding whitespace (RFC 9110 §5.5): `x-request-id: trace-7 ` was a
+    400 while ` trace-7` was served (the HTTP parser strips only the leading one). gRPC metadata alike."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    url, settings = base
+    host, port = url.removeprefix("http://").split(":")
+    bodies = {V1: json.dumps({"instances": [OK_TEXT]}).encode(), V2: json.dumps(v2(text_input([OK_TEXT]))).encode()}
+    for path, body in bodies.items():
+        for value in ("trace-7 ", " trace-7", "\ttrace-7 \t"):
+            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nx-request-id: {value}\r\nContent-Type: application/json\r\n"
+            head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            with socket.create_connection((host, int(port)), timeout=15) as sock:
+                sock.sendall(head.encode() + body)
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 "), (path, value, answer[-300:])
+            assert b"\r\nx-request-id: trace-7\r\n" in answer.lower(), (path, value)
+    text = pb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[OK_TEXT.encode()])
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
+        answer = GRPCInferenceServiceStub(channel).ModelInfer(
+            pb.ModelInferRequest(model_name=MODEL, inputs=[text]), metadata=[("x-request-id", " md-7 ")], timeout=30
+        )
+    assert answer.id == "md-7"
+
+
+def test_a_grpc_parameter_without_a_value_is_refused(base):
+    """KServe drops an InferParameter with none of its values set, so a gRPC `return_embedding` without
+    one read as false where REST's `null` is a 400: it is refused too, wherever a parameter may be."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    _, settings = base
+
+    def request(params=None, input_params=None, output_params=None) -> pb.ModelInferRequest:
+        contents = pb.InferTensorContents(bytes_contents=[OK_TEXT.encode()])
+        text = pb.ModelInferRequest.InferInputTensor(
+            name="text", datatype="BYTES", shape=[1], contents=contents, parameters=input_params
+        )
+        out = pb.ModelInferRequest.InferRequestedOutputTensor(name="section", parameters=output_params)
+        return pb.ModelInferRequest(model_name=MODEL, inputs=[text], outputs=[out], parameters=params)
+
+    unset = {"x": pb.InferParameter()}
+    with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        for bad, where in (
+            (request(params={"return_embedding": pb.InferParameter()}), "parameters.return_embedding"),
+            (request(input_params=unset), "inputs[0].parameters.x"),
+            (request(output_params=unset), "outputs[0].parameters.x"),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(bad, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details() == (
+                f"malformed v2 inference request: {where} has no value "
+                "(set its bool_param, int64_param or string_param)"
+            )
+        served = stub.ModelInfer(request(params={"return_embedding": pb.InferParameter(bool_param=True)}), timeout=30)
+        assert [o.name for o in served.outputs] == ["section", "embedding"]
 
 
 def test_a_body_that_stops_arriving_is_a_408(base):

@@ -15,7 +15,7 @@ Python from the SQL aggregate (``training.dvsa_lookups.label_defects``): one lab
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +33,15 @@ from motlens.state import StateSettings
 from predlog.settings import IDENT, connect_kwargs, usable_url
 from training import mot_labels
 from training.dvsa_columns import DATE_DMY, DATE_ISO, DATE_YEARS, typed_items, typed_results
-from training.dvsa_files import Source, discover, iter_raw
+from training.dvsa_files import Source, check_damage, discover, iter_raw
 from training.dvsa_lookups import Lookups, defect_groups, label_defects, load_lookups, with_detail
 from training.dvsa_report import BulkFormatError, BulkReport, FileReport
 
 SEVERITY_COUNT_COLUMNS = tuple(f"n_{s}" for s in SEVERITIES)
 SECTION_COUNT_COLUMNS = tuple(f"n_section_{i}" for i in range(9))
+#: Report counts a ClickHouse load does not compute (``None`` in its report): its tables drop repeated
+#: rows as they merge (ReplacingMergeTree), so which rows repeated is not known.
+NOT_COUNTED = ("duplicate_tests", "duplicate_items")
 
 
 class DataSettings(BaseSettings):
@@ -342,8 +345,9 @@ def load_bulk(
     return result
 
 
-def _python_load(store: Store, src: Source, fr: FileReport, chunk_rows: int) -> int:
-    n = 0
+def _typed_tables(src: Source, fr: FileReport, chunk_rows: int) -> Iterator[pa.Table]:
+    """A ``test_result`` / ``test_item`` file's rows read by the Python reader, typed as the tables
+    take them; a file where most rows are bad is refused (``check_damage``)."""
     for raw in iter_raw(src, fr, chunk_rows):
         if src.kind == "test_result":
             df = typed_results(raw, fr)
@@ -353,6 +357,13 @@ def _python_load(store: Store, src: Source, fr: FileReport, chunk_rows: int) -> 
             for c in ("rfr_type_code", "dangerous_mark", "rfr_comment"):
                 df[c] = df[c].fillna("")
             table = pa.Table.from_pandas(df, schema=_ITEM_ARROW, preserve_index=False)
+        check_damage(src, fr)
+        yield table
+
+
+def _python_load(store: Store, src: Source, fr: FileReport, chunk_rows: int) -> int:
+    n = 0
+    for table in _typed_tables(src, fr, chunk_rows):
         store.insert_arrow(src.kind, table)
         n += table.num_rows
     return n
@@ -386,15 +397,15 @@ _NATIVE_SELECT = {
         "toInt64OrNull(trimBoth(test_id)) AS id, {date} AS day, "
         "coalesce(toInt16OrNull(trimBoth(test_class_id)), 4), toFloat64OrNull(trimBoth(test_mileage)), "
         "nullIf({make}, ''), nullIf({model}, ''), nullIf(trimBoth(fuel_type), ''), {first_use}",
-        "id IS NOT NULL AND day IS NOT NULL",
+        (("test_id", "id"), ("test_date", "day")),
     ),
     "test_item": (
         "(test_id, rfr_id, rfr_type_code, location_id, dangerous_mark, rfr_comment)",
         "toInt64OrNull(trimBoth(test_id)) AS id, toInt64OrNull(trimBoth(rfr_id)) AS rfr, rfr_type_code, "
         "coalesce(toInt64OrNull(trimBoth(location_id)), 0), dangerous_mark, {comment}",
-        "id IS NOT NULL AND rfr IS NOT NULL",
+        (("test_id", "id"), ("rfr_id", "rfr")),
     ),
-}
+}  # (columns inserted, the SELECT, the key columns as (name, alias): a row lacking one is a bad row)
 _OPTIONAL = {"test_class_id", "test_mileage", "make", "model", "fuel_type", "first_use_date", "location_id",
              "dangerous_mark", "rfr_comment", "rfr_type_code"}  # fmt: skip
 
@@ -444,7 +455,8 @@ def native_load(store: Store, src: Source, fr: FileReport) -> int:
     """
     cols = set(src.columns)
     first = src.columns[0]
-    head_sql, select, where = _NATIVE_SELECT[src.kind]
+    head_sql, select, keys = _NATIVE_SELECT[src.kind]
+    where = " AND ".join(f"{alias} IS NOT NULL" for _, alias in keys)
     source = _native_source(src)
     missing = sorted(_OPTIONAL - cols)
     if missing:
@@ -459,9 +471,16 @@ def native_load(store: Store, src: Source, fr: FileReport) -> int:
     # line 1 of a pipe file (its header) may start with a byte-order mark
     header = f"lower(trimBoth(if(startsWith(raw_first, {_BOM}), substring(raw_first, 4), raw_first))) = '{first}'"
     fields = ", ".join(src.columns)
+    # per key column, the rows lacking it but none before it (FileReport.bad_values)
+    lacking = ", ".join(
+        f"countIf(NOT {header} AND {alias} IS NULL"
+        + "".join(f" AND {before} IS NOT NULL" for _, before in keys[:i])
+        + f") AS bad_{name}"
+        for i, (name, alias) in enumerate(keys)
+    )
     stats_sql = (
-        f"SELECT count() AS shaped, countIf({header}) AS headers, countIf(NOT ({where}) AND NOT {header}) "
-        f"AS bad_values, countIf(arrayExists(x -> position(x, '\\n') > 0, [{fields}])) AS broken "
+        f"SELECT count() AS shaped, countIf({header}) AS headers, {lacking}, "
+        f"countIf(arrayExists(x -> position(x, '\\n') > 0, [{fields}])) AS broken "
         f"FROM (SELECT {select}, {first} AS raw_first, {fields} FROM {source})"
     )
     insert_sql = store.sql(f"INSERT INTO {{db}}.{src.kind} {head_sql} SELECT {select} FROM {source} WHERE {where}")
@@ -481,6 +500,16 @@ def native_load(store: Store, src: Source, fr: FileReport) -> int:
         if src.delimiter == "," and int(st["broken"]):
             # a line break inside a field: the Python reader skips such a row as a quote that ran on
             return _python_load(store, src, fr, _CHUNK_ROWS)
+        headers = int(st["headers"]) - (1 if src.delimiter == "|" else 0)  # LineAsString keeps line 1
+        shaped = int(st["shaped"]) - (1 if src.delimiter == "|" else 0)
+        fr.rows = int(lines["n"].iloc[0]) - 1 - headers  # every line but the header and its repeats
+        fr.header_rows = headers
+        fr.bad_values = {name: int(st[f"bad_{name}"]) for name, _ in keys if int(st[f"bad_{name}"])}
+        fr.bad_rows = (fr.rows + headers - shaped) + sum(fr.bad_values.values())
+        fr.non_utf8_values = int(lines["non_utf8"].iloc[0])
+        if fr.mostly_bad:  # refused before any row goes in: the Python reader names the first bad record
+            for _ in _typed_tables(src, FileReport(src.name, src.kind, src.delimiter), _CHUNK_ROWS):
+                pass
         store.command(insert_sql + _NATIVE_SETTINGS, params)
     except BulkFormatError:
         raise
@@ -488,16 +517,7 @@ def native_load(store: Store, src: Source, fr: FileReport) -> int:
         for _ in iter_raw(src, FileReport(src.name, src.kind, src.delimiter)):
             pass
         raise BulkFormatError(f"{src.name}:0: ClickHouse could not read the file: {e}") from e
-    headers = int(st["headers"]) - (1 if src.delimiter == "|" else 0)  # LineAsString keeps line 1
-    shaped = int(st["shaped"]) - (1 if src.delimiter == "|" else 0)
-    fr.rows = shaped - headers
-    fr.header_rows = headers
-    fr.bad_rows = (int(lines["n"].iloc[0]) - 1 - shaped) + int(st["bad_values"])
-    fr.non_utf8_values = int(lines["non_utf8"].iloc[0])
-    if fr.bad_rows > 100 and fr.bad_rows > 0.5 * (fr.rows + fr.bad_rows):
-        for _ in iter_raw(src, FileReport(src.name, src.kind, src.delimiter)):  # names the first bad line
-            pass
-    return fr.rows - int(st["bad_values"])
+    return fr.rows - fr.bad_rows
 
 
 _COMBOS_SQL = """
@@ -575,10 +595,14 @@ def distinct_texts_from_tidy(tidy: pd.DataFrame) -> pd.DataFrame:
 
 
 def distinct_texts(
-    store: Store | None = None, settings: DataSettings | None = None, ch_path: Path | None = None
+    store: Store | None = None,
+    settings: DataSettings | None = None,
+    ch_path: Path | None = None,
+    report: BulkReport | None = None,
 ) -> pd.DataFrame:
     """Distinct defect texts in the loaded tables: text, section, severity (majority), n, label counts
-    and split groups (:func:`aggregate_texts`).
+    and split groups (:func:`aggregate_texts`). ``report`` gets the store's ``orphan_items``,
+    ``unknown_rfr`` and ``unlabelled`` (defect rows of its de-duplicated tables).
 
     The join with ``test_result`` and the de-duplication run in ClickHouse; only one row per
     (defect, class, location, comment, type, 2018-regime) combination comes back to Python. Both
@@ -587,7 +611,7 @@ def distinct_texts(
     """
     if store is None:
         with open_store(settings, ch_path, create=False) as s:
-            return distinct_texts(s)
+            return distinct_texts(s, report=report)
     loaded = store.query_df(
         "SELECT count() AS n FROM system.tables"
         " WHERE database = {db:String} AND name IN ('item_detail', 'test_item', 'test_result')",
@@ -597,13 +621,21 @@ def distinct_texts(
         raise _no_data(f"{store.location} (database {store.database})")
     lk = _lookups_from_store(store)
     combos = store.query_df(store.sql(_COMBOS_SQL), {"cutoff": mot_labels.EU_CUTOFF.isoformat()})
+    if report is not None:
+        items = store.query_df(store.sql("SELECT count() AS n FROM {db}.test_item FINAL"))
+        report.orphan_items = int(items["n"].iloc[0]) - int(combos["n"].sum())  # no test to join
     if combos.empty:
         return aggregate_texts(np.array([], dtype=object), np.array([], dtype=np.int8), pd.Series([]), np.array([]))
     combos = combos.replace({"rfr_comment": {"": None}, "dangerous_mark": {"": None}})
     m = with_detail(combos, lk.detail)
-    m = m[m["rfr_desc"].notna()].reset_index(drop=True)
+    known = m["rfr_desc"].notna()
+    m, unknown = m[known].reset_index(drop=True), m[~known]
     text, section, severity = label_defects(m, m["post"].astype(bool), lk)
-    return aggregate_texts(text, section, severity, m["n"].to_numpy(dtype=np.int64), defect_groups(m))
+    n = m["n"].to_numpy(dtype=np.int64)
+    if report is not None:
+        report.unknown_rfr = int(unknown["n"].sum())
+        report.unlabelled = int(n[(section < 0) | severity.isna().to_numpy()].sum())
+    return aggregate_texts(text, section, severity, n, defect_groups(m))
 
 
 def table_counts(store: Store) -> dict[str, int]:

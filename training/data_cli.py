@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -85,7 +89,8 @@ def _print_report(report: dict) -> None:
     out = sys.stdout
     print(f"files: {len(report['files'])}", file=out)
     for f in report["files"]:
-        extra = f"  first bad lines {f['bad_lines']}" if f["bad_lines"] else ""
+        extra = f"  lacking a value: {f['bad_values']}" if f["bad_values"] else ""
+        extra += f"  first bad records {f['bad_records']}" if f["bad_records"] else ""
         print(
             f"  {f['name']}: {f['kind']} rows={f['rows']} bad={f['bad_rows']} "
             f"repeated_headers={f['header_rows']} non_utf8={f['non_utf8_values']}{extra}",
@@ -104,12 +109,42 @@ def _print_report(report: dict) -> None:
         "unlabelled",
         "rows_out",
     ):
-        print(f"{k}: {report[k]}", file=out)
+        value = "not computed (ClickHouse drops repeated rows as it merges)" if report[k] is None else report[k]
+        print(f"{k}: {value}", file=out)
     print(f"sections: {report['sections']}", file=out)
     print(f"severities: {report['severities']}", file=out)
 
 
+class _Terminated(BaseException):
+    """SIGTERM during a load: raised where the load is, so that it unwinds as on Ctrl-C (its temporary
+    partition files and staging directory removed) and exits 143."""
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    def terminated(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _load(args: argparse.Namespace) -> int:
+    try:
+        with _sigterm_unwinds():
+            return _load_files(args)
+    except _Terminated:
+        print("motlens data load: stopped by SIGTERM", file=sys.stderr)
+        return 143
+
+
+def _load_files(args: argparse.Namespace) -> int:
     from training.dvsa_files import discover
     from training.dvsa_reader import BulkReader
     from training.dvsa_report import BulkFormatError, BulkReport, BulkResourceError
@@ -136,14 +171,14 @@ def _load(args: argparse.Namespace) -> int:
     try:
         if args.clickhouse:
             from motlens.labels import SEVERITIES
-            from training.chload import DataSettings, distinct_texts, load_bulk, open_store
+            from training.chload import NOT_COUNTED, DataSettings, distinct_texts, load_bulk, open_store
 
             settings = DataSettings()
             with open_store(settings, args.ch_path) as store:
                 result = load_bulk(store, args.paths, args.chunk_rows, native=False if args.no_native else None)
-                texts = distinct_texts(store)
+                texts = distinct_texts(store, report=result.report)
                 kind = store.kind
-            report = result.report.to_dict()
+            report = result.report.to_dict() | dict.fromkeys(NOT_COUNTED)
             # labels of the de-duplicated rows, as training will read them
             report["rows_out"] = int(texts["n"].sum())
             report["sections"] = {str(i): int(texts[f"n_section_{i}"].sum()) for i in range(9)}

@@ -151,7 +151,8 @@ def group_holdout(groups: Iterable[str], seed: int, fraction: float) -> np.ndarr
 
 def iter_source(data: Path | pd.DataFrame, chunk_rows: int = 200_000) -> Iterator[pd.DataFrame]:
     """Tidy chunks from a DataFrame, a tidy table (its directory, read as its manifest lists, or one
-    Parquet file), or a directory of raw DVSA bulk files."""
+    Parquet file), or a directory of raw DVSA bulk files (its read's counts logged once read through,
+    a warning when it had bad rows; a damaged file raises ``BulkFormatError`` as in a load)."""
     if isinstance(data, pd.DataFrame):
         for start in range(0, len(data), chunk_rows):
             yield data.iloc[start : start + chunk_rows]
@@ -175,13 +176,17 @@ def iter_source(data: Path | pd.DataFrame, chunk_rows: int = 200_000) -> Iterato
         return
     from training.dvsa_files import discover
     from training.dvsa_reader import read_bulk
+    from training.dvsa_report import BulkReport
     from training.history_api import read_jsonl
 
     sources, api = discover([path])  # as `motlens data load`: bulk tables and API JSON alike
+    report = BulkReport()
     if sources or not api:
-        yield from read_bulk([path], chunk_rows=chunk_rows)
+        yield from read_bulk([path], chunk_rows=chunk_rows, report=report)
     if api:
-        yield from read_jsonl(api, chunk_rows)
+        yield from read_jsonl(api, chunk_rows, report)
+    # what `motlens data load` prints: the files' bad rows, duplicates, orphans, unlabelled rows
+    log.log(logging.WARNING if report.bad_rows else logging.INFO, "read %s: %s", path, report.summary())
 
 
 def build_training_set(

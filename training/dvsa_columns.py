@@ -31,7 +31,8 @@ def _int_exact(s: pd.Series) -> pd.Series:
         ),
     )
     out = pc.cast(pc.if_else(ok, arr, pa.scalar(None, pa.string())), pa.int64())
-    return pd.Series(out.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get), index=s.index, dtype="Int64")
+    values = out.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get).array  # by position, not label
+    return pd.Series(values, index=s.index, dtype="Int64")
 
 
 def _int(s: pd.Series) -> pd.Series:
@@ -62,7 +63,8 @@ def _date(s: pd.Series) -> pd.Series:
     for pattern, fmt in ((DATE_ISO, "%Y-%m-%d"), (DATE_DMY, "%d/%m/%Y")):
         part = pc.if_else(pc.match_substring_regex(t, pattern), t, pa.scalar(None, pa.string()))
         part = pc.replace_substring_regex(part, pattern, r"\1-\2-\3" if fmt[1] == "Y" else r"\1/\2/\3")
-        d = pd.to_datetime(pd.Series(part.to_pandas(), index=s.index, dtype=object), errors="coerce", format=fmt)
+        d = pd.to_datetime(pd.Series(part.to_numpy(zero_copy_only=False), index=s.index, dtype=object),
+                           errors="coerce", format=fmt)  # fmt: skip
         out = d if out is None else out.fillna(d)
     assert out is not None
     return out.where(out.dt.year.between(*DATE_YEARS))
@@ -74,6 +76,17 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
 
 def _int16(s: pd.Series, default: int = 4) -> pd.Series:
     return s.where(s.between(-(2**15), 2**15 - 1).fillna(False)).fillna(default).astype("int16")
+
+
+def keep_usable(out: pd.DataFrame, fr: FileReport, keys: tuple[str, ...]) -> pd.DataFrame:
+    """The rows of ``out`` (indexed by record number) with a value in every key column; the others
+    are bad rows of ``fr``, counted by the first key they lack."""
+    ok = pd.Series(True, index=out.index)
+    for key in keys:
+        lacking = ok & out[key].isna()
+        fr.unusable(out.index[lacking.to_numpy()], key)
+        ok &= ~lacking
+    return out[ok.to_numpy()]
 
 
 def typed_results(df: pd.DataFrame, fr: FileReport) -> pd.DataFrame:
@@ -91,14 +104,11 @@ def typed_results(df: pd.DataFrame, fr: FileReport) -> pd.DataFrame:
             "first_use_date": _date(_col(df, "first_use_date")),
         }
     )
-    ok = out["test_id"].notna() & out["test_date"].notna()
-    for _ in range(int((~ok).sum())):
-        fr.bad(None)
-    return out[ok].astype({"test_id": "int64"})
+    return keep_usable(out, fr, ("test_id", "test_date")).astype({"test_id": "int64"})
 
 
 def typed_items(df: pd.DataFrame, fr: FileReport, start_seq: int) -> pd.DataFrame:
-    """Typed ``test_item`` rows with their order of reading; rows without numeric keys are bad."""
+    """Typed ``test_item`` rows with their order of reading (``seq``); rows without numeric keys are bad."""
     out = pd.DataFrame(
         {
             "test_id": _int_exact(df["test_id"]),
@@ -110,7 +120,4 @@ def typed_items(df: pd.DataFrame, fr: FileReport, start_seq: int) -> pd.DataFram
             "rfr_comment": _col(df, "rfr_comment"),
         }
     )
-    ok = out["test_id"].notna() & out["rfr_id"].notna()
-    for _ in range(int((~ok).sum())):
-        fr.bad(None)
-    return out[ok].astype({"test_id": "int64", "rfr_id": "int64"})
+    return keep_usable(out, fr, ("test_id", "rfr_id")).astype({"test_id": "int64", "rfr_id": "int64"})

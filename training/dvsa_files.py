@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,6 +35,8 @@ import pyarrow.csv as pacsv
 from training.dvsa_report import BulkFormatError, FileReport
 
 _SUFFIXES = {".txt", ".csv", ".zip", ".gz", ".psv", ".jsonl", ".json", ".ndjson"}
+_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_TABLE_SUFFIXES = (".txt", ".csv", ".psv")
 _KIND_MARKERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("test_result", frozenset({"test_id", "test_result"})),
     ("test_item", frozenset({"test_id", "rfr_id", "rfr_type_code"})),
@@ -54,9 +57,10 @@ _UNUSED_KINDS: tuple[tuple[str, frozenset[str]], ...] = (
     ("mdr_test_type", frozenset({"type_code", "test_type"})),
 )
 UNUSED_KINDS = frozenset(k for k, _ in _UNUSED_KINDS)
+#: Columns beyond those that recognise a table without which none of its rows can be used.
+_NEEDED = {"test_result": ("test_date",), "rfr_location": ("location_id",)}
 #: Zip method 9, which Python's zipfile reads only with the zipfile-deflate64 package installed.
 _DEFLATE64 = 9
-_MAX_BAD_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,8 @@ def sniff(path: Path, member: str | None = None, size: int = 0) -> Source:
     kind = next((k for k, marks in (*_KIND_MARKERS, *_UNUSED_KINDS) if marks <= set(cols)), None)
     if kind is None:
         raise BulkFormatError(f"{name}:1: header matches no DVSA table: {first[:120]!r}")
+    if missing := [c for c in _NEEDED.get(kind, ()) if c not in cols]:
+        raise BulkFormatError(f"{name}:1: the {kind} table has no {', '.join(missing)} column: {first[:120]!r}")
     return Source(path, member, kind, delimiter, tuple(cols), size)
 
 
@@ -161,11 +167,18 @@ def discover(paths: Sequence[Path]) -> tuple[list[Source], list[Path]]:
                 if is_jsonl(p, info.filename):
                     raise BulkFormatError(f"{p}!{info.filename}:1: zipped API JSON is not supported; unzip it")
                 sources.append(sniff(p, info.filename, info.file_size))
-        elif p.suffix.lower() in (".jsonl", ".json", ".ndjson") or is_jsonl(p):
+        elif p.suffix.lower() in _JSON_SUFFIXES or (not _is_table_name(p) and is_jsonl(p)):
             api.append(p)
         else:
             sources.append(sniff(p, None, _data_size(p)))
     return sources, api
+
+
+def _is_table_name(path: Path) -> bool:
+    """A name that says delimited table (``.csv``, ``.txt``, ``.psv``, also gzipped): never read as API
+    JSON whatever its bytes, so a damaged table is refused naming it, not taken for JSON and missed."""
+    name = path.name.lower().removesuffix(".gz")
+    return name.endswith(_TABLE_SUFFIXES)
 
 
 def _hidden_member(name: str) -> bool:
@@ -261,15 +274,30 @@ def _as_latin1(m: re.Match) -> str:
 def iter_raw(
     source: Source, fr: FileReport, chunk_rows: int = 200_000, progress: Callable[[int], object] | None = None
 ) -> Iterator[pd.DataFrame]:
-    """Stream one table as DataFrames of strings (column names normalised; empty → None);
-    ``progress(n)`` is called with each piece of ``n`` bytes read (uncompressed)."""
+    """Stream one table as DataFrames of strings (column names normalised; empty → None) indexed by
+    the rows' record numbers (the header is record 1; the parser's records: a blank line is none, a
+    quoted field may span lines, a lone carriage return ends one); ``progress(n)`` is called with each
+    piece of ``n`` bytes read (uncompressed)."""
     cols = list(source.columns)
+    skipped: list[int] = []  # records the parser skipped, not yet passed by the rows handed out
+    last = 1  # the record last handed out (the header)
 
     def on_invalid(row) -> str:
-        fr.bad(row.number)  # a row whose quotes ran on counts the lines it swallowed too
-        for _ in range((row.text or "").count("\n")):
-            fr.bad(None)
+        skipped.append(row.number)
+        fr.skip(row.number, 1 + (row.text or "").count("\n"))  # a quote that ran on: the lines it swallowed too
         return "skip"
+
+    def records(n: int) -> np.ndarray:
+        """The record numbers of the next ``n`` parsed rows: the next ones the parser did not skip (it
+        reports those of a block before handing out its rows, sometimes a block ahead)."""
+        nonlocal last, skipped
+        ahead = np.asarray(skipped, dtype=np.int64)
+        numbers = np.arange(last + 1, last + 1 + n + len(ahead), dtype=np.int64)
+        numbers = numbers[~np.isin(numbers, ahead)][:n]
+        if n:
+            last = int(numbers[-1])
+            skipped = [r for r in skipped if r > last]
+        return numbers
 
     read = pacsv.ReadOptions(column_names=cols, skip_rows=1, block_size=4 << 20, use_threads=False)
     parse = pacsv.ParseOptions(
@@ -288,53 +316,63 @@ def iter_raw(
         try:
             reader = pacsv.open_csv(fh, read_options=read, parse_options=parse, convert_options=convert)
             for batch in reader:
+                numbers = records(batch.num_rows)
                 first = pc.replace_substring_regex(batch.column(0), "^\ufeff", "")  # a concatenated file's BOM
-                repeated = pc.equal(pc.utf8_lower(pc.utf8_trim_whitespace(first)), cols[0])
+                repeated = pc.fill_null(pc.equal(pc.utf8_lower(pc.utf8_trim_whitespace(first)), cols[0]), False)
                 n_repeated = pc.sum(repeated).as_py() or 0
                 if n_repeated:
                     fr.header_rows += n_repeated
-                    batch = batch.filter(pc.invert(pc.fill_null(repeated, False)))
+                    batch = batch.filter(pc.invert(repeated))
+                    numbers = numbers[~repeated.to_numpy(zero_copy_only=False)]
                 if source.delimiter == "," and source.kind in ("test_result", "test_item"):
-                    batch = _drop_runaway_rows(batch, fr)
+                    batch, numbers = _drop_runaway_rows(batch, numbers, fr)
                 df = batch.to_pandas()
+                df.index = pd.Index(numbers)
                 fr.rows += len(df)
-                _check_shape(source, fr, fh.lines)
+                check_damage(source, fr)
                 pending.append(df)
                 n_pending += len(df)
                 if n_pending >= chunk_rows:
-                    yield pd.concat(pending, ignore_index=True)
+                    yield pd.concat(pending)
                     pending, n_pending = [], 0
         except (pa.ArrowInvalid, OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
             raise BulkFormatError(f"{source.name}:{fh.lines + 1}: unreadable from this line on: {e}") from e
-    _check_shape(source, fr, fh.lines)
+    check_damage(source, fr)
     if pending:
-        yield pd.concat(pending, ignore_index=True)
+        yield pd.concat(pending)
 
 
-def _drop_runaway_rows(batch: pa.RecordBatch, fr: FileReport) -> pa.RecordBatch:
+def _drop_runaway_rows(batch: pa.RecordBatch, numbers: np.ndarray, fr: FileReport) -> tuple[pa.RecordBatch, np.ndarray]:
     """Rows of the two big tables with a line break inside a field, as bad rows: their fields (codes,
     dates, makes, models) hold none, so it is a quote that ran on and took the lines after it into
     one field (when the field count still matched, the row looked whole). Each counts 1 + the lines
     it swallowed. (A lookup's description may span lines, so lookups are not checked.)"""
-    breaks = None
+    breaks = np.zeros(batch.num_rows, dtype=np.int64)
     for col in batch.columns:
-        n = pc.fill_null(pc.count_substring(col, "\n"), 0)
-        breaks = n if breaks is None else pc.add(breaks, n)
-    swallowed = pc.sum(breaks).as_py() if breaks is not None else 0
-    if not swallowed:
-        return batch
-    runaway = pc.greater(breaks, 0)
-    for _ in range(pc.sum(runaway).as_py() + swallowed):
-        fr.bad(None)
-    return batch.filter(pc.invert(runaway))
+        breaks += pc.fill_null(pc.count_substring(col, "\n"), 0).to_numpy(zero_copy_only=False)
+    runaway = breaks > 0
+    if not runaway.any():
+        return batch, numbers
+    for record, n in zip(numbers[runaway].tolist(), breaks[runaway].tolist(), strict=True):
+        fr.skip(record, 1 + n)
+    return batch.filter(pa.array(~runaway)), numbers[~runaway]
 
 
-def _check_shape(source: Source, fr: FileReport, reached: int) -> None:
-    """Occasional bad rows are counted; a file where most rows are bad is the wrong file. The error
-    names the first bad line known, else (runaway rows carry none) the line reading had reached."""
-    if fr.bad_rows > 100 and fr.bad_rows > _MAX_BAD_FRACTION * (fr.rows + fr.bad_rows):
-        line = fr.bad_lines[0] if fr.bad_lines else max(reached, 2)
-        raise BulkFormatError(
-            f"{source.name}:{line}: {fr.bad_rows} of {fr.rows + fr.bad_rows} rows "
-            f"do not have the {len(source.columns)} fields of the header; not a {source.kind} table"
+def check_damage(source: Source, fr: FileReport) -> None:
+    """Occasional bad rows are counted; a file where most rows are bad (:attr:`FileReport.mostly_bad`)
+    is the wrong file or a damaged one: :class:`BulkFormatError` naming its first bad record and what
+    most of its bad rows lack (the header's field count, quotes that close, or a usable key value)."""
+    if not fr.mostly_bad:
+        return
+    shape = fr.bad_rows - sum(fr.bad_values.values())
+    column, n = max(fr.bad_values.items(), key=lambda kv: kv[1], default=("", 0))
+    if n > shape:
+        what, why = f"have no readable {column}", 'the forms read are in docs/data.md "Bad rows"'
+    else:
+        what, why = (
+            f"are not well-formed rows of the header's {len(source.columns)} fields",
+            f"not a {source.kind} table",
         )
+        n = shape
+    rows = f"{fr.bad_rows} of {fr.rows} rows " + (what if n == fr.bad_rows else f"are bad, {n} of them {what}")
+    raise BulkFormatError(f"{source.name}: record {fr.bad_records[0]}: {rows}; {why}")

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 from training import mot_labels
-from training.dvsa_columns import _col, _int, _int16, _int_exact
-from training.dvsa_files import UNUSED_KINDS, Source, iter_raw
+from training.dvsa_columns import _col, _int, _int16, _int_exact, keep_usable
+from training.dvsa_files import UNUSED_KINDS, Source, check_damage, iter_raw
 from training.dvsa_report import BulkFormatError, BulkReport, FileReport
 
 
@@ -20,22 +20,27 @@ class Lookups:
     locations: dict[int, str]
 
 
+#: Each lookup's key column: a row without an integer there is a bad row.
+_KEYS = {"item_detail": "rfr_id", "item_group": "test_item_id", "rfr_location": "location_id"}
+
+
 def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
-    frames: dict[str, list[pd.DataFrame]] = {"item_detail": [], "item_group": [], "rfr_location": []}
-    names: dict[str, list[str]] = {k: [] for k in frames}
+    """The lookup tables among ``sources`` (item_detail is required), their files' counts in ``report``."""
+    frames: dict[str, list[pd.DataFrame]] = {k: [] for k in _KEYS}
+    details = [src.name for src in sources if src.kind == "item_detail"]
     for src in sources:
         if src.kind in UNUSED_KINDS:
             report.unused_tables.append(src.name)
         if src.kind in frames:
             fr = FileReport(src.name, src.kind, src.delimiter)
             report.files.append(fr)
-            names[src.kind].append(src.name)
-            frames[src.kind].extend(iter_raw(src, fr))
-    for kind, needed in (("item_detail", "rfr_id"), ("item_group", "test_item_id"), ("rfr_location", "location_id")):
-        if names[kind] and not frames[kind] and kind == "item_detail":
-            raise BulkFormatError(f"{names[kind][0]}:2: the item_detail table holds no rows")
-        if frames[kind] and not any(needed in f.columns for f in frames[kind]):
-            raise BulkFormatError(f"{names[kind][0]}:1: the {kind} table has no {needed} column")
+            key = _KEYS[src.kind]
+            for raw in iter_raw(src, fr):
+                usable = keep_usable(pd.DataFrame({key: _int_exact(raw[key])}), fr, (key,))
+                check_damage(src, fr)
+                frames[src.kind].append(raw.loc[usable.index])
+    if not any(len(f) for f in frames["item_detail"]):
+        raise BulkFormatError(f"{details[0]}:2: the item_detail table holds no rows with a usable rfr_id")
     detail = pd.concat(frames["item_detail"], ignore_index=True)
     detail = pd.DataFrame(
         {
@@ -49,7 +54,7 @@ def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
             "rfr_deficiency_category": _col(detail, "rfr_deficiency_category"),
         }
     )
-    detail = detail[detail["rfr_id"].notna()].drop_duplicates(["rfr_id", "test_class_id"], keep="last")
+    detail = detail.drop_duplicates(["rfr_id", "test_class_id"], keep="last")
     group_root: dict[tuple[int, int], str] = {}
     if frames["item_group"]:
         g = pd.concat(frames["item_group"], ignore_index=True)
@@ -61,7 +66,6 @@ def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
         nodes = {
             (int(i), int(c)): (int(p) if pd.notna(p) else 0, str(n or ""))
             for i, c, p, n in zip(ids, cls, parents, _col(g, "item_name"), strict=True)
-            if pd.notna(i)
         }
         for i, c in nodes:
             node, seen = (i, c), set()
@@ -75,8 +79,7 @@ def load_lookups(sources: list[Source], report: BulkReport) -> Lookups:
         loc = pd.concat(frames["rfr_location"], ignore_index=True)
         parts = [c for c in ("lateral", "longitudinal", "vertical", "horizontal") if c in loc.columns]
         for lid, *vals in zip(_int(loc["location_id"]), *(loc[c] for c in parts), strict=True):
-            if lid == lid:
-                locations[int(lid)] = " ".join(v.strip() for v in vals if v and v.strip())
+            locations[int(lid)] = " ".join(v.strip() for v in vals if v and v.strip())
     return Lookups(detail, group_root, locations)
 
 

@@ -7,13 +7,18 @@ are 32 MiB of input, up to 512 of them (16 GiB of input); beyond that a partitio
 1.5 × 32 MiB of input is split again by ``test_id`` into sub-partitions of ≈ 32 MiB before its join,
 so memory is set by the partition size at any input size (docs/data.md "Bounded memory"). The
 2 × 512 open partition files need an open-file limit above 1024: the soft limit is raised towards
-the hard one, else :class:`BulkResourceError`.
+the hard one, else :class:`BulkResourceError`. A read first removes the temporary directories of
+reads whose process is gone (:func:`sweep_stale`).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import math
+import os
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,7 +32,7 @@ from tqdm import tqdm
 
 from training import mot_labels
 from training.dvsa_columns import typed_items, typed_results
-from training.dvsa_files import Source, discover, iter_raw
+from training.dvsa_files import Source, check_damage, discover, iter_raw
 from training.dvsa_lookups import Lookups, defect_groups, label_defects, load_lookups, with_detail
 from training.dvsa_report import BulkFormatError, BulkReport, BulkResourceError, FileReport
 from training.tidy import TIDY_COLUMNS
@@ -45,6 +50,45 @@ _SPLIT_READ_BYTES = 16 << 20
 #: Open files beyond the partition files: the inputs, Python, Arrow, the tidy writer, the caller's own.
 _SPARE_FILES = 64
 SOURCE_NAME = "dvsa_bulk"
+#: The temporary partition directories: ``motlens-bulk-*`` in ``tmp_dir``, each holding :data:`OWNER_FILE`.
+TMP_PREFIX = "motlens-bulk-"
+#: ``<pid> <host>`` of the process reading into the directory: a later read removes the directory of
+#: one that is gone (killed outright: SIGKILL, a crash), never that of one still running.
+OWNER_FILE = "motlens-owner"
+
+log = logging.getLogger(__name__)
+
+
+def sweep_stale(root: Path) -> list[Path]:
+    """Remove the partition directories in ``root`` whose reader (:data:`OWNER_FILE`) is gone: one on
+    this host whose process no longer exists. Directories without that file, of another host or of a
+    live process (any user's) are left alone; so is everything on a system without POSIX signals."""
+    if os.name != "posix":  # os.kill(pid, 0) probes a process only there
+        return []
+    host = socket.gethostname()
+    gone = []
+    for d in root.glob(TMP_PREFIX + "*"):
+        try:
+            pid_text, _, owner_host = (d / OWNER_FILE).read_text().strip().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):  # not a directory, not (yet) marked, or not ours
+            continue
+        if pid <= 0 or owner_host != host or _alive(pid):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        log.info("removed %s, the temporary partition files of process %d, which is gone", d, pid)
+        gone.append(d)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def ensure_open_files(needed: int) -> None:
@@ -238,7 +282,10 @@ class BulkReader:
         big = [s for s in self.sources if s.kind in ("test_result", "test_item")]
         total = sum(s.size for s in big)
         quiet = total < 50 << 20  # as the other bars: shown for big inputs only
-        with tempfile.TemporaryDirectory(prefix="motlens-bulk-", dir=self.tmp_dir) as tmp:
+        root = Path(self.tmp_dir) if self.tmp_dir is not None else Path(tempfile.gettempdir())
+        sweep_stale(root)  # what reads killed outright left
+        with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=root) as tmp:
+            (Path(tmp) / OWNER_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")
             results = _Partitions(Path(tmp), "result", n, _RESULT_SCHEMA)
             items = _Partitions(Path(tmp), "item", n, _ITEM_SCHEMA)
             try:
@@ -290,11 +337,12 @@ class BulkReader:
                 advance = FileProgress(bar, src.size)
                 for raw in iter_raw(src, fr, self.chunk_rows, progress=advance):
                     if src.kind == "test_result":
-                        results.write(typed_results(raw, fr))
+                        typed = typed_results(raw, fr)
                     else:
                         typed = typed_items(raw, fr, seq)
                         seq += len(raw)
-                        items.write(typed)
+                    check_damage(src, fr)  # before writing: most rows bad is the wrong file
+                    (results if src.kind == "test_result" else items).write(typed)
                 advance.finish()
 
     def _join(self, res: pd.DataFrame, it: pd.DataFrame, lk: Lookups) -> pd.DataFrame:
@@ -316,7 +364,8 @@ class BulkReader:
 
         text, section, severity = label_defects(m, m["test_date"] >= pd.Timestamp(mot_labels.EU_CUTOFF), lk)
         age = (m["test_date"] - m["first_use_date"]).dt.days / 365.25
-        mileage = m["test_mileage"].where(m["test_mileage"] >= 0)
+        # a reading beyond float32 (the column's type) would be inf there: missing
+        mileage = m["test_mileage"].where(m["test_mileage"].between(0, float(np.finfo(np.float32).max)))
         out = pd.DataFrame(
             {
                 "text": text,

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from motlens.labels import OTHER_FUEL, fuel_code
 from training import mot_labels
 from training.dvsa_files import _data_size
 from training.dvsa_reader import FileProgress
@@ -31,20 +32,6 @@ from training.tidy import TIDY_COLUMNS
 
 SOURCE_NAME = "mot_history_api"
 _KM_TO_MILES = 0.621371
-FUEL_CODES: dict[str, str] = {
-    "petrol": "PE",
-    "diesel": "DI",
-    "electric": "EL",
-    "hybrid electric (clean)": "HY",
-    "hybrid": "HY",
-    "electric diesel": "ED",
-    "lpg": "LP",
-    "gas": "GA",
-    "gas bi-fuel": "GB",
-    "gas diesel": "GD",
-    "fuel cells": "FC",
-    "steam": "ST",
-}
 
 
 def _date(value: object) -> dt.date | None:
@@ -58,12 +45,10 @@ def _date(value: object) -> dt.date | None:
 
 
 def _fuel(value: object) -> str | None:
+    """``fuelType`` as its DVSA code (``motlens.labels``, shared with serving); a spelling it does not know is OT."""
     if not isinstance(value, str) or not value.strip():
         return None
-    v = value.strip()
-    if len(v) == 2 and v.isupper():
-        return v
-    return FUEL_CODES.get(v.lower(), "OT")
+    return fuel_code(value) or OTHER_FUEL
 
 
 def _miles(value: object, unit: object) -> float | None:
@@ -73,7 +58,8 @@ def _miles(value: object, unit: object) -> float | None:
         return None
     if not math.isfinite(v) or v < 0:  # 1e400 parses as inf: a reading that means nothing
         return None
-    return v * _KM_TO_MILES if str(unit or "").strip().lower() in ("km", "kilometres") else v
+    miles = v * _KM_TO_MILES if str(unit or "").strip().lower() in ("km", "kilometres") else v
+    return miles if miles <= float(np.finfo(np.float32).max) else None  # the column is float32: inf there
 
 
 def _test_id(value: object) -> int | None:
@@ -216,7 +202,7 @@ def _lines(path: Path, fh: Any, fr: FileReport, progress: Callable[[int], object
             # RecursionError: nesting beyond any vehicle; ValueError (JSONDecodeError is one): also an
             # integer literal beyond Python's 4300 digits
             except (ValueError, RecursionError):
-                fr.bad(lineno)
+                fr.skip(lineno)
                 continue
             yield lineno, doc
     except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz
@@ -270,12 +256,12 @@ def read_jsonl(
                 vehicles = doc if isinstance(doc, list) else [doc]
                 for v in vehicles:
                     if not isinstance(v, dict):
-                        fr.bad(lineno)
+                        fr.skip(lineno)
                         continue
                     try:
                         got, unlabelled = _vehicle_rows(v)
                     except (_Malformed, AttributeError, TypeError, ValueError, OverflowError):
-                        fr.bad(lineno)
+                        fr.skip(lineno)
                         continue
                     fr.rows += 1
                     report.unlabelled += unlabelled
@@ -288,8 +274,8 @@ def read_jsonl(
                 if len(rows) >= chunk_rows:
                     yield from flush()
             advance.finish()
-            if fr.rows == 0 and fr.bad_rows > 0:
-                raise BulkFormatError(f"{path}:{fr.bad_lines[0]}: no line is MOT History API JSON")
+            if fr.rows and fr.bad_rows == fr.rows:
+                raise BulkFormatError(f"{path}:{fr.bad_records[0]}: no line is MOT History API JSON")
         yield from flush()
 
 
