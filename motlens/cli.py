@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if sys.stderr.isatty() else "false")
     # MLflow prints each run's URL to stdout against a tracking server: credentials and all, into --json output
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow's usage telemetry (an installation id under ~/.config/mlflow, records sent out) is off unless
+    # asked for, as in the image and the units: a command run by hand is the same service
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if not getattr(args, "warns_env_itself", False):  # `serve` warns once its (JSON) logging is set up
         from motlens.envcheck import warn_unknown_env
 

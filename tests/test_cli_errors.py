@@ -340,3 +340,17 @@ def test_mlflow_prints_no_run_url_to_stdout(monkeypatch, capsys):
     # a closed port: had it not returned at once, the run lookup behind the URL would fail
     TrackingServiceClient("http://user:s3cret@127.0.0.1:9")._log_url("0" * 32)
     assert capsys.readouterr().out == ""
+
+
+def test_mlflow_telemetry_is_off_unless_asked_for(monkeypatch, tmp_path):
+    """The units and the image turned MLflow's telemetry off, a command run by hand (``train``, the
+    documented ``systemd-run … promote``) did not: it wrote an installation id under the home."""
+    from mlflow.telemetry.utils import is_telemetry_disabled
+
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    monkeypatch.delenv("DO_NOT_TRACK", raising=False)
+    main(["log", "count"])  # any verb
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true" and is_telemetry_disabled()
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")
+    main(["log", "count"])
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"
