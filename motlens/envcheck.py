@@ -22,9 +22,18 @@ SETTINGS = {
     "MOTLENS_DATA_": "training.chload:DataSettings",
     "MOTLENS_TRAIN_": "training.train:TrainSettings",
 }
-#: read outside those prefixes: the state directory, the embedder's model directory (tests, the GPU
-#: check) and the ClickHouse URL/password that the prediction log and the data loader share
-OTHER = frozenset({"MOTLENS_HOME", "MOTLENS_EMBEDDER_DIR", "MOTLENS_CLICKHOUSE_URL", "MOTLENS_CLICKHOUSE_PASSWORD"})
+#: read outside those prefixes: the state directory and how many unused bundles its model cache keeps, the
+#: embedder's model directory (tests, the GPU check) and the ClickHouse URL/password that the prediction log
+#: and the data loader share
+OTHER = frozenset(
+    {
+        "MOTLENS_HOME",
+        "MOTLENS_MODEL_CACHE_KEEP",
+        "MOTLENS_EMBEDDER_DIR",
+        "MOTLENS_CLICKHOUSE_URL",
+        "MOTLENS_CLICKHOUSE_PASSWORD",
+    }
+)
 #: unprefixed names that releases before 3201d46 also read (in any case) for the prediction log, and the
 #: names that replace them: set alone now, they configure nothing (the log falls back to the embedded one).
 #: They may belong to other programs, so they are warned about, never refused.

@@ -24,6 +24,12 @@ class StateSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOTLENS_", extra="ignore", env_ignore_empty=True)
 
     home: SettingPath = Field(default=Path(".motlens"))
+    model_cache_keep: int = Field(
+        default=3,
+        ge=0,
+        description="MOTLENS_MODEL_CACHE_KEEP: registry bundles kept in MOTLENS_HOME/models beyond those in use or "
+        "named by an alias or a last-known-good record, most recently fetched first (training.registry)",
+    )
 
     @property
     def mlflow_uri(self) -> str:

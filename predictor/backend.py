@@ -134,6 +134,8 @@ class ResolvedModel:
 
     root: Path
     fallback: str | None = None
+    #: the registry's bundle: while it lives, its cached version is leased (no cache prune removes it)
+    fetched: Bundle | None = None
 
 
 def resolve_model(ref: str | None, *, lkg: bool = False) -> ResolvedModel:
@@ -182,7 +184,7 @@ def resolve_model(ref: str | None, *, lkg: bool = False) -> ResolvedModel:
             # download, a failing artifact store) may work on another try
             transient = not isinstance(e, BundleError | UnknownModelRef)
             raise ModelLoadError(f"cannot fetch {ref} from the registry: {e}", transient=transient) from e
-        return ResolvedModel(find_bundle_root(fetched.root))
+        return ResolvedModel(find_bundle_root(fetched.root), fetched=fetched)
     path = Path(ref).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
@@ -216,6 +218,8 @@ class Backend:
     #: :func:`predictor.heap.freezes` when loaded: a later freeze (a GPU model's close re-freezes the whole
     #: heap) put this one in the permanent generation too
     freeze_epoch: int = field(default_factory=freezes)
+    #: the registry's bundle it was loaded from: its cached version stays leased while this backend lives
+    fetched: Bundle | None = None
     #: the embedder's backend and device, kept past :meth:`close`: a request still in flight when a
     #: drain timed out logs its rows with them (read through the freed embedder, they were lost)
     backend_name: str = field(init=False, default="")
@@ -328,7 +332,7 @@ def load_backend(
             embedder = _shared_embedder(bundle, factory, device, dtype, threads, single_thread_tokens, torch_trace)
         except Exception as e:  # noqa: BLE001 - surface any backend failure as the not-ready reason
             raise ModelLoadError(f"backend {backend} failed to load {bundle.embedder_dir}: {e}") from e
-    be = Backend(bundle, embedder, head, ref=str(ref or root), fallback=resolved.fallback)
+    be = Backend(bundle, embedder, head, ref=str(ref or root), fallback=resolved.fallback, fetched=resolved.fetched)
     be.info = {"backend": embedder.backend, "device": embedder.device}
     try:
         be.warm_up()

@@ -8,10 +8,14 @@ admin API's canary operations, also when a promotion CLI drives them) and ``serv
 load or golden check, so the server kept what it served; once per version). So what the server did,
 and when, is in the trail beside what the promotion CLI asked for (predictor.slots).
 
-Written through the prediction log's table machinery (predlog.reader's sources, the same path as the
-promotion CLI's rows): a Parquet segment under the embedded log, or one INSERT on ClickHouse, whose
-predictor user then needs ``INSERT`` on ``promotion_events`` (docs/deploy.md). A row that cannot be
-written is logged (a warning the first time, then at debug), never a failure of serving.
+Handed to the server's prediction-log writer (``predlog.writer.PredictionLogWriter.record_event``): it
+spools the row at once (fsync'd, ``spool/events/``) and stores it in the log in order, retried while the
+log cannot take it (ClickHouse down, disk full), exactly once (its token deduplicates a replay), the same
+way as prediction rows; so this never waits on the log, and the wait for a row at shutdown is part of the
+writer's close. On ClickHouse the predictor's user needs ``INSERT`` on ``promotion_events``
+(docs/deploy.md). Without a writer open on the log (no server in this process) a row is one INSERT (a
+Parquet segment embedded), logged when it fails (a warning the first time, then at debug). Never a failure
+of serving.
 """
 
 from __future__ import annotations
@@ -113,11 +117,14 @@ def refused_row(alias: str, serving: str | None, version: str, ref: str, why: st
 
 
 def write_event(settings: Any, row: dict[str, Any]) -> bool:
-    """Store one ``promotion_events`` row in the log ``settings`` (a ``PredlogSettings``) names; False
-    (and a warning, once per process) if it could not be stored."""
+    """Store one ``promotion_events`` row in the log ``settings`` (a ``PredlogSettings``) names: through the
+    writer this process opened with ``settings`` (the server's), else at once; False if it is lost."""
     from predlog.reader import ParquetSource, TableSource
     from predlog.schema import row_to_arrow
+    from predlog.writer import writer_of
 
+    if (writer := writer_of(settings)) is not None:
+        return writer.record_event(row)
     try:
         data = row_to_arrow("promotion_events", row)
         if settings.embedded:

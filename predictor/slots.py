@@ -444,7 +444,9 @@ class SlotManager:
             log.warning("cannot record the %s row (version %s): %s", row.get("action"), row.get("to_version"), e)
 
     async def flush_records(self) -> None:
-        """Wait until every audit row handed to :meth:`_record` is written (or has failed)."""
+        """Wait until every audit row handed to :meth:`_record` is recorded: with the server's prediction-log
+        writer, in its spool (it stores the rows, within its close's budget at shutdown), else written or
+        failed."""
         while self._writing:
             await asyncio.gather(*list(self._writing), return_exceptions=True)
 

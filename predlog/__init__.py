@@ -22,28 +22,41 @@ log = logging.getLogger(__name__)
 def open_writer(settings: PredlogSettings | None = None):  # -> predlog.writer.PredictionLogWriter
     """Start a background writer for the configured backend (never connects in the foreground: its
     thread connects at once, migrating the server when ``auto_migrate`` is on, else only checking the
-    schema; a server that is down then is retried at the first batch). The embedded log also gets an
+    schema; a server that is down then is retried at the first batch). It also takes the server's audit
+    rows (``record_event``: ``promotion_events``, spooled in ``spool/events/``). The embedded log also gets an
     :class:`~predlog.autocompact.AutoCompactor` (``compact_interval_s``), stopped by ``close``."""
     from predlog.sinks import ClickHouseSink, ParquetSink
-    from predlog.spool import Spool
+    from predlog.spool import EVENTS_SPOOL, Spool
     from predlog.writer import PredictionLogWriter
 
     settings = settings or PredlogSettings()
     log.info("predlog: predictions go to %s (spool %s)", settings.sink, settings.spool_dir)
     # the dir's lock; segments spooled for another sink are held, not replayed here (predlog.spool)
     spool = Spool(settings.spool_dir, settings.spool_max_bytes, settings.spool_full_policy, settings.sink)
-    sink: ClickHouseSink | ParquetSink
-    if settings.embedded:
-        sink = ParquetSink(settings.table_dir("predictions"))
-        sink.recover()
-    else:
-        sink = ClickHouseSink(settings)
-    writer = PredictionLogWriter(sink, spool, settings)
+    try:  # the server's audit rows (promotion_events) have their own spool beside it
+        events_spool = Spool(
+            settings.spool_dir / EVENTS_SPOOL, settings.spool_max_bytes, settings.spool_full_policy, settings.sink,
+            report=spool.unbound is None,
+        )  # fmt: skip
+    except BaseException:
+        spool.close()
+        raise
+    sinks: list[ClickHouseSink | ParquetSink] = []
+    for table in ("predictions", "promotion_events"):
+        if settings.embedded:
+            parquet = ParquetSink(settings.table_dir(table))
+            parquet.recover()
+            sinks.append(parquet)
+        else:
+            sinks.append(ClickHouseSink(settings, table))
+    writer = PredictionLogWriter(sinks[0], spool, settings, events=(sinks[1], events_spool))
     if settings.embedded and settings.compact_interval_s > 0:
         from predlog.autocompact import AutoCompactor
         from predlog.schema import TABLES
 
-        writer.compactor = AutoCompactor([settings.table_dir(t) for t in TABLES], settings.compact_interval_s)
+        writer.compactor = AutoCompactor(
+            [settings.table_dir(t) for t in TABLES], settings.compact_interval_s, settings.ttl_days
+        )
     return writer
 
 

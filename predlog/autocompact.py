@@ -1,7 +1,9 @@
 """The embedded log compacts itself: a background thread beside the predictor's writer merges each
 closed hour's and day's segments (:func:`predlog.compact.compact`) soon after start (``FIRST_RUN_S``),
 then every ``compact_interval_s``, so a box that nobody schedules ``motlens log compact`` on does not
-pile up one file per batch, even when its predictor restarts more often than the interval."""
+pile up one file per batch, even when its predictor restarts more often than the interval. Each run first
+deletes the ``predictions`` days past ``ttl_days`` (:func:`predlog.compact.expire`), so the log does not
+grow without bound either."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import os
 import threading
 from pathlib import Path
 
-from predlog.compact import CompactBusy, CompactError, compact
+from predlog.compact import CompactBusy, CompactError, compact, expire
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +24,13 @@ FIRST_RUN_S = 60.0
 
 class AutoCompactor:
     """Runs :meth:`run_once` ``min(FIRST_RUN_S, interval_s)`` seconds after start, then every ``interval_s``
-    seconds, until :meth:`close`."""
+    seconds, until :meth:`close`. ``ttl_days``: how long predictions are kept (default
+    ``MOTLENS_PREDLOG_TTL_DAYS``)."""
 
-    def __init__(self, folders: list[Path], interval_s: float) -> None:
+    def __init__(self, folders: list[Path], interval_s: float, ttl_days: int) -> None:
         self.folders = folders
         self.interval_s = interval_s
+        self.ttl_days = ttl_days
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="predlog-compact", daemon=True)
         self._thread.start()
@@ -42,16 +46,21 @@ class AutoCompactor:
             wait = self.interval_s
 
     def run_once(self) -> None:
-        """Compact every folder once; a failure is logged and left to the next run (never raised)."""
+        """Expire and compact every folder once; a failure is logged and left to the next run (never raised)."""
         for folder in self.folders:
             if self._stop.is_set() or not folder.is_dir():
                 continue
             try:
+                for day in expire(folder, self.ttl_days):
+                    log.info(
+                        "predlog: %s %s deleted, older than %d days (%d files, %d bytes)",
+                        folder.name, day.day, self.ttl_days, day.files, day.bytes,
+                    )  # fmt: skip
                 for key, rows in compact(folder).items():
                     log.info("predlog: %s %s compacted (%d rows)", folder.name, key, rows)
             except CompactBusy as e:  # a manual `motlens log compact` holds the folder: it does the work
                 log.info("predlog: automatic compaction skipped this time: %s", e)
-            except CompactError as e:  # a merge failed (its segments put back)
+            except CompactError as e:  # a merge failed (its segments put back), or a day's deletion (retried)
                 log.warning("predlog: automatic compaction failed this time: %s", e)
             except Exception:  # noqa: BLE001 - the thread must outlive any one failure
                 log.exception("predlog: automatic compaction of %s failed; retried in %.0f s", folder, self.interval_s)

@@ -68,7 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     verbs.add_parser(
         "migrate", help="apply pending DDL migrations to the ClickHouse server (and MOTLENS_PREDLOG_TTL_DAYS)"
     )
-    verbs.add_parser("compact", help="embedded backend: merge each closed hour's, then day's, segments into one file")
+    verbs.add_parser(
+        "compact",
+        help="embedded backend: delete the predictions days past MOTLENS_PREDLOG_TTL_DAYS, then merge each closed "
+        "hour's, then day's, segments into one file",
+    )
     p.set_defaults(func=_run)
 
 
@@ -149,6 +153,9 @@ def _compact(settings) -> int:
         if not folder.is_dir():
             continue
         try:
+            for gone in compaction.expire(folder, settings.ttl_days):
+                print(f"{table}: {gone.day} deleted, older than {settings.ttl_days} days ({gone.files} files, "
+                      f"{gone.bytes} bytes)")  # fmt: skip
             merged = compaction.compact(folder)
         except compaction.CompactBusy as e:
             print(f"{table}: skipped: {e}")

@@ -25,6 +25,12 @@ deleting merged segments one by one must not leave some of them to be merged aga
 fails (disk full, an unreadable segment) changes nothing, or puts the segments back where they
 were, removes its partial output and raises :class:`CompactError`, so a failure never hides a
 group. Nothing of an hour that has not ended is touched, so the live writer's files stay put.
+
+:func:`expire` deletes the ``predictions`` days past the TTL (``MOTLENS_PREDLOG_TTL_DAYS``), as the
+server table's ``TTL toDateTime(ts) + INTERVAL ttl_days DAY`` drops its daily partitions; the audit
+tables keep everything, as on the server. A day's files go into ``predictions/.expired-<day>/`` under
+the swap lock (a read sees the whole day or none of it), which is then removed; the next run removes
+what a stopped run left there, and the rest of its day.
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -56,6 +64,8 @@ CHUNK_ROWS = 65_536
 _GROUPED = re.compile(r"^(\d{8})T(\d{2})\d{4}(?:\d{6})?-")
 #: what a merge killed before its rename leaves (a batch's temporary file has no ``c`` before its token)
 _MERGED_TMP = re.compile(r"^\.\d{8}T\d{6}-c[0-9a-f]{32}\.parquet\.tmp$")
+#: the tables whose rows expire after ``ttl_days``: those with a TTL in predlog/migrations (001)
+EXPIRING = frozenset({"predictions"})
 
 
 class CompactError(RuntimeError):
@@ -64,6 +74,15 @@ class CompactError(RuntimeError):
 
 class CompactBusy(CompactError):
     """Another compaction holds the folder (nothing was done to it): a skip, not a failure."""
+
+
+@dataclass(frozen=True)
+class Expired:
+    """A day (``YYYYMMDD``) that :func:`expire` deleted: how many files, how many bytes."""
+
+    day: str
+    files: int
+    bytes: int
 
 
 def _merged_name(key: str, files: list[Path]) -> str:
@@ -136,6 +155,53 @@ def compact(
         return _compact(folder, now or datetime.now(UTC), min_files, settle)
 
 
+def expire(folder: Path, ttl_days: int, now: datetime | None = None) -> list[Expired]:
+    """Delete the days of ``folder`` whose every row is ``ttl_days`` old (day D once D + 1 + ``ttl_days``
+    days have passed, as the server table's TTL drops D's partition), oldest first; nothing for a table
+    without a TTL (:data:`EXPIRING`). A file that an older build wrote across midnight holds rows of the
+    next day: its day waits until they have expired too. Holds the folder as :func:`compact` does
+    (:class:`CompactBusy`); :class:`CompactError` if a day cannot be set aside (the next run retries)."""
+    if folder.name not in EXPIRING:
+        return []
+    with _exclusive(folder):
+        return _expire(folder, (now or datetime.now(UTC)) - timedelta(days=ttl_days))
+
+
+def _expire(folder: Path, cutoff: datetime) -> list[Expired]:
+    """Delete the days whose rows all lie at or before ``cutoff``."""
+    for spent in folder.glob(".expired-*"):  # a run stopped while deleting: its day is out of sight already
+        shutil.rmtree(spent)
+    days: dict[str, list[Path]] = {}
+    for f, key, day, _ in _stamped(folder):
+        if day + timedelta(days=1) <= cutoff:
+            days.setdefault(key, []).append(f)
+    gone = []
+    for key, files in sorted(days.items()):
+        if any((newest := _newest(f)) is not None and newest > cutoff for f in files):
+            continue
+        spent = folder / f".expired-{key}"
+        size = sum(f.stat().st_size for f in files)
+        try:
+            with swapping(folder.parent):
+                spent.mkdir(exist_ok=True)
+                for f in files:
+                    f.rename(spent / f.name)
+        except OSError as e:
+            raise CompactError(f"{folder.name}: deleting the expired day {key} failed ({e}); run it again") from e
+        shutil.rmtree(spent)
+        gone.append(Expired(key, len(files), size))
+    return gone
+
+
+def _newest(f: Path) -> datetime | None:
+    """The newest ``ts`` in segment ``f``; None when it has none, or cannot be read (its name alone counts)."""
+    try:
+        newest = pc.max(pq.read_table(f, columns=["ts"])["ts"]).as_py()
+    except (OSError, pa.ArrowException):
+        return None
+    return newest if isinstance(newest, datetime) else None
+
+
 @contextmanager
 def _exclusive(folder: Path) -> Iterator[None]:
     """An exclusive lock on the folder itself (flock on its descriptor: no lock file among the
@@ -159,24 +225,26 @@ def _exclusive(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _groups(folder: Path, now: datetime, settle: timedelta) -> dict[str, list[Path]]:
-    """Segments by the closed day or closed hour they belong to (by name); those of open hours are left."""
-    groups: dict[str, list[Path]] = {}
+def _stamped(folder: Path) -> Iterator[tuple[Path, str, datetime, int]]:
+    """Each segment with the day (``YYYYMMDD``, and its start) and hour its name gives."""
     for f in folder.glob("*.parquet"):
         m = _GROUPED.match(f.name)
         try:
             day = datetime.strptime(m.group(1), "%Y%m%d").replace(tzinfo=UTC) if m else None
         except ValueError:  # 00000000: an empty batch
             day = None
-        if m is None or day is None:
-            continue
+        if m is not None and day is not None:
+            yield f, m.group(1), day, int(m.group(2))
+
+
+def _groups(folder: Path, now: datetime, settle: timedelta) -> dict[str, list[Path]]:
+    """Segments by the closed day or closed hour they belong to (by name); those of open hours are left."""
+    groups: dict[str, list[Path]] = {}
+    for f, key, day, hour in _stamped(folder):
         if day + timedelta(days=1) + settle <= now:
-            key = m.group(1)
-        elif day + timedelta(hours=int(m.group(2)) + 1) + settle <= now:
-            key = f"{m.group(1)}T{m.group(2)}"
-        else:
-            continue
-        groups.setdefault(key, []).append(f)
+            groups.setdefault(key, []).append(f)
+        elif day + timedelta(hours=hour + 1) + settle <= now:
+            groups.setdefault(f"{key}T{hour:02d}", []).append(f)
     return groups
 
 

@@ -28,6 +28,7 @@ SPOOL_BYTES: Any
 SPOOL_HELD_ROWS: Any
 INSERT_SECONDS: Any
 COLUMNS_DROPPED: Any
+EVENTS_DROPPED: Any
 #: every reason the writer drops rows for (``Writer._drop``), each exported at 0 from import: a reason
 #: first created by its drop would be first scraped already holding the burst, which increase() (and
 #: so MotlensPredlogDropping) never counts
@@ -36,7 +37,7 @@ try:
     from prometheus_client import Counter, Gauge, Histogram
 except ImportError:  # pragma: no cover - core install without prometheus-client
     ROWS_WRITTEN = ROWS_SPILLED = ROWS_REPLAYED = ROWS_DROPPED = _Noop()
-    QUEUE_DEPTH = SPOOL_BYTES = SPOOL_HELD_ROWS = INSERT_SECONDS = COLUMNS_DROPPED = _Noop()
+    QUEUE_DEPTH = SPOOL_BYTES = SPOOL_HELD_ROWS = INSERT_SECONDS = COLUMNS_DROPPED = EVENTS_DROPPED = _Noop()
 else:
     ROWS_WRITTEN = Counter("motlens_predlog_rows_written_total", "Prediction rows stored in the sink")
     ROWS_SPILLED = Counter("motlens_predlog_rows_spilled_total", "Rows kept in the local spool after a failed insert")
@@ -46,8 +47,14 @@ else:
         f"Rows lost, by reason ({', '.join(DROP_REASONS)})",
         ["reason"],
     )
+    EVENTS_DROPPED = Counter(
+        "motlens_predlog_events_dropped_total",
+        "Audit rows (promotion_events) the server could neither spool nor store, by reason",
+        ["reason"],
+    )
     for _reason in DROP_REASONS:
         ROWS_DROPPED.labels(reason=_reason)
+        EVENTS_DROPPED.labels(reason=_reason)
     COLUMNS_DROPPED = Counter(
         "motlens_predlog_columns_dropped_total",
         "Rows inserted without a column the ClickHouse table lacks (a newer writer's spooled batch), by column",

@@ -165,7 +165,12 @@ class PredlogSettings(BaseSettings):
     )
     cluster: bool = Field(default=False, description="cluster DDL: ON CLUSTER '{cluster}', Replicated + Distributed")
     auto_migrate: bool = True
-    ttl_days: int = Field(default=400, ge=1)
+    ttl_days: int = Field(
+        default=400,
+        ge=1,
+        description="days a prediction is kept: the server table's TTL (migration 001); the embedded log's "
+        "compaction deletes each day of predictions once all its rows are this old (audit tables: kept)",
+    )
     dir: SettingPath | None = Field(
         default=None, description="embedded segments and the spool; default MOTLENS_HOME/predlog"
     )

@@ -1,12 +1,15 @@
 """Local append-only spool: Arrow IPC segments written with fsync + atomic rename, replayed in order.
 
-Segment file name: ``{seq:016d}-{rows}-{token}.arrow``. The token is the batch's
+Segment file name: ``{seq:016d}-{rows}-{token}-{sha256}.arrow``. The token is the batch's
 ``insert_deduplication_token`` (and the Parquet sink's file name), so a replay after a crash
-between "inserted" and "removed" stores the batch once. When the spool would exceed
-``max_bytes`` the policy applies: ``drop_oldest`` deletes the oldest segments once the new one
-is on disk (recent predictions matter most for canary and drift; a write that fails deletes
-nothing), ``drop_newest`` refuses the new batch; the rows lost are returned so the writer counts
-them as ``dropped{reason="spool_full"}``.
+between "inserted" and "removed" stores the batch once. ``sha256`` (16 hex digits of the file's
+sha256) is checked before a segment is kept or replayed: a mismatch (a block of zeros after a power
+cut) sets it aside as ``*.corrupt``. Segments of releases before the checksum
+(``{seq}-{rows}-{token}.arrow``) get Arrow's full validation and the row count only. When the spool
+would exceed ``max_bytes`` the policy applies: ``drop_oldest`` deletes the oldest segments (but the
+one being inserted) once the new one is on disk (recent predictions matter most for canary and
+drift; a write that fails deletes nothing), ``drop_newest`` refuses the new batch; the rows lost are
+returned so the writer counts them as ``dropped{reason="spool_full"}``.
 
 A spool is bound to its sink (:class:`~predlog.settings.SinkId`, recorded in ``.sink``): segments a
 writer finds there for another sink are moved to ``held/<sink>/``, kept and never replayed into this
@@ -25,6 +28,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import pyarrow as pa
 
@@ -33,11 +37,13 @@ from predlog.settings import SinkId
 
 log = logging.getLogger(__name__)
 
-_SEG = re.compile(r"^(\d{16})-(\d+)-([0-9a-f]{32})\.arrow$")
+_SEG = re.compile(r"^(\d{16})-(\d+)-([0-9a-f]{32})(?:-([0-9a-f]{16}))?\.arrow$")
 SINK_FILE = ".sink"
 HELD = "held"
 #: ``held/`` folder of segments an older release spooled without recording their sink
 UNRECORDED = "unrecorded"
+#: the spool of the server's audit rows (``promotion_events``), a spool of its own inside the spool folder
+EVENTS_SPOOL = "events"
 
 
 @dataclass(frozen=True, order=True)
@@ -47,6 +53,12 @@ class Segment:
     token: str
     path: Path
     bytes: int = field(compare=False)  # what it counts in the spool's size (kept if the file is damaged)
+    digest: str | None = field(default=None, compare=False)  # from its name; None: an older release's segment
+
+
+def _digest(data: bytes | pa.Buffer) -> str:
+    """What a segment's name records of its content: the first 16 hex digits of its sha256."""
+    return hashlib.sha256(memoryview(data)).hexdigest()[:16]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -58,8 +70,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _finish_tmp(tmp: Path) -> None:
-    """A segment its writer left as ``*.tmp`` (killed before the rename): renamed into place if it reads
-    back whole and valid with the rows its name says, else set aside as ``*.corrupt`` (never replayed).
+    """A segment its writer left as ``*.tmp`` (killed before the rename): renamed into place if it matches
+    its checksum and reads back whole and valid with the rows its name says, else set aside as
+    ``*.corrupt`` (never replayed).
     Called with the spool's lock held."""
     m = _SEG.match(tmp.name.removesuffix(".tmp"))
     try:
@@ -68,7 +81,7 @@ def _finish_tmp(tmp: Path) -> None:
         log.error("predlog: cannot read spool segment %s (%s); left for the next start", tmp.name, e)
         return
     try:
-        whole = m is not None and _decode(pa.py_buffer(data)).num_rows == int(m.group(2))
+        whole = m is not None and _decode(pa.py_buffer(data), m.group(4)).num_rows == int(m.group(2))
     except Exception:  # noqa: BLE001 - cut short or damaged: Arrow raises several kinds
         whole = False
     try:
@@ -107,8 +120,15 @@ def _warn_held(folder: Path, files: list[Path], held_for: SinkId | None, sink: S
     )  # fmt: skip
 
 
-def _decode(buf: pa.Buffer) -> pa.Table:
-    """A segment's table, fully validated (a block of zeros can still parse with the right row count)."""
+class SegmentDamaged(ValueError):
+    """A segment's content does not match the checksum in its name."""
+
+
+def _decode(buf: pa.Buffer, digest: str | None) -> pa.Table:
+    """A segment's table: its checksum checked (a block of zeros can still parse with the right row count
+    and changed values), then fully validated (all a segment of an older release, with no checksum, gets)."""
+    if digest is not None and _digest(buf) != digest:
+        raise SegmentDamaged(f"content does not match its checksum {digest}")
     table = pa.ipc.open_file(buf).read_all()
     table.validate(full=True)
     return table
@@ -139,6 +159,14 @@ def check_free(root: Path) -> None:
         except OSError:
             raise SpoolBusy(root) from None
         fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _existing_lock(root: Path) -> IO[bytes] | None:
+    """The spool's lock file opened read-only (enough for ``flock``), None when there is none to open."""
+    try:
+        return open(root / ".lock", "rb")  # noqa: SIM115 - held until close()
+    except OSError:
+        return None
 
 
 def _segment_files(folder: Path) -> list[Path]:
@@ -172,55 +200,78 @@ class Spool:
 
     With ``sink`` the spool is bound to it (module docstring); without, it takes whatever is there."""
 
-    def __init__(self, root: Path, max_bytes: int, policy: str = "drop_oldest", sink: SinkId | None = None):
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int,
+        policy: str = "drop_oldest",
+        sink: SinkId | None = None,
+        *,
+        report: bool = True,
+    ):
+        """``report``: log the one ERROR line of a spool that cannot be used this run (off for a second
+        spool of the same folder, whose first one said it already)."""
         self.root = root
         self.max_bytes = max_bytes
         self.policy = policy
-        root.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(root / ".lock", "a+")  # noqa: SIM115 - held until close()
+        self._lock = threading.Lock()
+        #: the segment being inserted (:meth:`head`): the full policy leaves it to its insert
+        self._sending: Segment | None = None
+        #: why the spool cannot be used this run (it cannot be written (read-only, no permission) or bound
+        #: to its sink (disk full)): it then neither takes nor replays segments, and the writer stores
+        #: straight into the sink
+        self.unbound: str | None = None
+        self._lock_file: IO[bytes] | None
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock_file.close()
-            raise SpoolBusy(root) from None
+            root.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(root / ".lock", "ab+")  # noqa: SIM115 - held until close()
+        except OSError as e:
+            self.unbound = str(e)
+            self._lock_file = _existing_lock(root)  # another writer's lock still counts
+        if self._lock_file is not None:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._lock_file.close()
+                raise SpoolBusy(root) from None
         try:
             self._open(sink)
         except BaseException:
             self.close()
             raise
+        if self.unbound is not None and report:
+            log.error(
+                "predlog: cannot bind the spool %s to %s (%s): nothing is spooled or replayed until a start "
+                "that can; batches go straight to the prediction log, and what it does not take is dropped "
+                "(spool_error)", root, sink, self.unbound,
+            )  # fmt: skip
 
     def _open(self, sink: SinkId | None) -> None:
         root = self.root
-        self._lock = threading.Lock()
+        self._segments: list[Segment] = []
+        self._seq = 0
+        self._bytes = 0
+        #: rows left in ``held/`` for another sink once bound (they never change while this spool is open)
+        self.held_rows = 0
+        if self.unbound is not None:
+            return
         remove_stale_temps(root / SINK_FILE)
         for stale in root.glob("*.tmp"):
             _finish_tmp(stale)
-        #: why the spool could not be bound to its sink (disk full, read-only): it then neither takes
-        #: nor replays segments this run, and the writer stores straight into the sink
-        self.unbound: str | None = None
         if sink is not None:
             try:
                 self._bind(sink)
             except OSError as e:
                 self.unbound = str(e)
-                log.error(
-                    "predlog: cannot bind the spool %s to %s (%s): nothing is spooled or replayed until a start "
-                    "that can; batches go straight to the prediction log, and what it does not take is dropped "
-                    "(spool_error)", root, sink, e,
-                )  # fmt: skip
-        self._segments: list[Segment] = (
-            []
-            if self.unbound is not None
-            else sorted(
-                Segment(int(m.group(1)), int(m.group(2)), m.group(3), p, p.stat().st_size)
-                for p in root.iterdir()
-                if (m := _SEG.match(p.name))
-            )
+                return
+        self._segments = sorted(
+            Segment(int(m.group(1)), int(m.group(2)), m.group(3), p, p.stat().st_size, m.group(4))
+            for p in root.iterdir()
+            if (m := _SEG.match(p.name))
         )
         held = [int(p.name[:16]) for folder in self._held_folders() for p in _segment_files(folder)]
         self._seq = max([s.seq for s in self._segments] + held, default=-1) + 1  # unique across held ones too
         self._bytes = sum(s.bytes for s in self._segments)
-        #: rows left in ``held/`` for another sink once bound (they never change while this spool is open)
         self.held_rows = sum(_rows(_segment_files(folder)) for folder in self._held_folders())
 
     def _held_folders(self) -> list[Path]:
@@ -288,6 +339,21 @@ class Spool:
         with self._lock:
             return list(self._segments)
 
+    def count(self) -> int:
+        """How many segments there are (without the lock: an append holds it through its fsync)."""
+        return len(self._segments)
+
+    def head(self) -> Segment | None:
+        """The oldest segment, marked as being inserted until :meth:`head_done`: the full policy does not
+        delete it meanwhile (the insert may store it)."""
+        with self._lock:
+            self._sending = self._segments[0] if self._segments else None
+            return self._sending
+
+    def head_done(self) -> None:
+        with self._lock:
+            self._sending = None
+
     @property
     def rows(self) -> int:
         with self._lock:
@@ -309,6 +375,7 @@ class Spool:
         with pa.ipc.new_file(sink, table.schema) as w:
             w.write_table(table)
         data = sink.getvalue()
+        digest = _digest(data)
         with self._lock:
             if self._bytes + data.size > self.max_bytes and (
                 self.policy == "drop_newest" or data.size > self.max_bytes
@@ -318,8 +385,9 @@ class Spool:
                 self._seq,
                 table.num_rows,
                 token,
-                self.root / f"{self._seq:016d}-{table.num_rows}-{token}.arrow",
+                self.root / f"{self._seq:016d}-{table.num_rows}-{token}-{digest}.arrow",
                 data.size,
+                digest,
             )
             self._seq += 1
             tmp = seg.path.with_name(seg.path.name + ".tmp")
@@ -342,31 +410,34 @@ class Spool:
             return seg, dropped
 
     def _evict_for(self, size: int) -> int:
-        """Delete the oldest segments until ``size`` more bytes fit (lock held); returns their rows."""
+        """Delete the oldest segments until ``size`` more bytes fit (lock held), all but the one being
+        inserted; returns their rows."""
         dropped = 0
-        while self._segments and self._bytes + size > self.max_bytes:
-            old = self._segments[0]
+        for old in [s for s in self._segments if s != self._sending]:
+            if self._bytes + size <= self.max_bytes:
+                break
             try:
                 old.path.unlink(missing_ok=True)
             except OSError as e:  # kept (and still counted in the spool): over the limit for now
                 log.warning("predlog: cannot delete spool segment %s (%s)", old.path.name, e)
                 break
-            self._segments.pop(0)
+            self._segments.remove(old)
             self._bytes -= old.bytes
             dropped += old.rows
         return dropped
 
     def close(self) -> None:
         """Release the spool for the next writer."""
-        if not self._lock_file.closed:
+        if self._lock_file is not None and not self._lock_file.closed:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
 
     @staticmethod
     def read(seg: Segment) -> pa.Table:
-        """The segment's table, validated: a damaged one raises (the writer sets it aside)."""
+        """The segment's table, checked against its checksum and validated: a damaged one raises (the
+        writer sets it aside)."""
         with pa.memory_map(str(seg.path)) as src:
-            return _decode(src.read_buffer())
+            return _decode(src.read_buffer(), seg.digest)
 
     def set_aside(self, seg: Segment, suffix: str = ".corrupt") -> Path:
         """Take a segment out of the spool (and its byte count), kept as ``*.corrupt`` (unreadable) or

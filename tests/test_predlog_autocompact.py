@@ -8,7 +8,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from test_predlog_faults import stall_parquet_writes, wait_for
+from test_predlog_faults import stall_parquet_writes, stopped, wait_for
 from test_predlog_scale import MIDNIGHT, batch_file, row
 
 import predlog
@@ -150,4 +150,4 @@ def test_close_spools_the_queue_before_it_waits_for_a_busy_compaction(tmp_path, 
     finally:
         merged.set()
         release.set()
-    assert wait_for(lambda: not writer._thread.is_alive() and not writer.compactor._thread.is_alive(), 60)
+    assert wait_for(lambda: stopped(writer) and not writer.compactor._thread.is_alive(), 60)

@@ -66,9 +66,13 @@ def test_every_drop_reason_is_exported_at_zero_before_any_drop():
         assert f'motlens_predlog_rows_dropped_total{{reason="{reason}"}} 0.0' in text, reason
 
 
+#: the writer's methods that count dropped rows (``PredictionLogWriter._drop``, ``_Lane.drop``)
+DROPS = ("_drop", "drop")
+
+
 def _drop_reasons_in(tree: ast.AST) -> set[str]:
-    """String constants passed as ``_drop``'s reason, directly or through a variable assigned in the
-    same function (``reason = "x"``, ``a, reason = 0, "x"``)."""
+    """String constants passed as ``_drop``'s (or a lane's ``drop``'s) reason, directly or through a variable
+    assigned in the same function (``reason = "x"``, ``a, reason = 0, "x"``)."""
     found: set[str] = set()
     for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)):
         assigned: dict[str, set[str]] = {}
@@ -84,7 +88,7 @@ def _drop_reasons_in(tree: ast.AST) -> set[str]:
                         if isinstance(name, ast.Name) and isinstance(value, ast.Constant):
                             assigned.setdefault(name.id, set()).add(value.value)
         for node in ast.walk(fn):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "_drop" and len(node.args) == 2:
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in DROPS and len(node.args) == 2:
                 arg = node.args[1]
                 if isinstance(arg, ast.Constant):
                     found.add(arg.value)

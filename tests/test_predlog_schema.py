@@ -25,7 +25,7 @@ def chdb_db():
 
 def test_migrations_apply_once_and_match_schema(chdb_db):
     client, settings = chdb_db
-    assert migrate.apply(client, settings) == [1, 2, 3, 4]
+    assert migrate.apply(client, settings) == [1, 2, 3, 4, 5]
     assert migrate.apply(client, settings) == []
     for table in schema.TABLES:
         desc = client.query_df(f"DESCRIBE {settings.database}.{table}")
@@ -92,6 +92,8 @@ SHIPPED = {
     (True, 3): "b736226bccf6437223decc58f38ef481d8503d60c103b160078781acab3d565b",
     (False, 4): "1efa8ec6bdb0357f5209316d639f9fe2fdfd1bffff4fe80f7ec20c380235d214",
     (True, 4): "0e99daa091eb94ce01d429c587e4b298d5e963d21c05ea7e970c636ff7d61803",
+    (False, 5): "262e9f1a1ebb5656e57e57b27af9837117fafa043ab769b626908cc1f75e78b9",
+    (True, 5): "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
 }
 
 
@@ -124,7 +126,7 @@ def _edit_comment(monkeypatch):
 
 def test_a_comment_edit_is_not_a_changed_migration(chdb_db, monkeypatch):
     client, settings = chdb_db
-    assert migrate.apply(client, settings) == [1, 2, 3, 4]
+    assert migrate.apply(client, settings) == [1, 2, 3, 4, 5]
     _edit_comment(monkeypatch)
     assert migrate.apply(client, settings) == []
     migrate.check(client, settings)
@@ -149,7 +151,7 @@ def test_nothing_pending_runs_no_ddl_and_a_reader_never_migrates(chdb_db):
     try:
         with pytest.raises(migrate.SchemaError, match="motlens log migrate"):  # behind: said, not fixed
             migrate.check(readonly, settings)
-        assert migrate.apply(client, settings) == [1, 2, 3, 4]
+        assert migrate.apply(client, settings) == [1, 2, 3, 4, 5]
         assert migrate.apply(readonly, settings) == []  # a read-only user: SELECTs only
         migrate.check(readonly, settings)
     finally:
@@ -172,7 +174,7 @@ def test_a_table_dropped_after_its_migration_is_created_again(chdb_db, table, mo
     from motlens.cli import main
 
     client, settings = chdb_db
-    assert migrate.apply(client, settings) == [1, 2, 3, 4]
+    assert migrate.apply(client, settings) == [1, 2, 3, 4, 5]
     mutations = f"SELECT count() FROM system.mutations WHERE database = '{settings.database}'"
     rebuilt = client.query(mutations).result_rows[0][0]
     client.command(f"DROP TABLE {settings.database}.{table}")
@@ -192,7 +194,7 @@ def test_a_table_dropped_after_its_migration_is_created_again(chdb_db, table, mo
     else:  # the live predictions table's projection was not rebuilt (a mutation over the whole table)
         assert client.query(mutations).result_rows[0][0] == rebuilt
     ledger = f"SELECT version FROM {settings.database}.schema_migrations ORDER BY version"
-    assert [r[0] for r in client.query(ledger).result_rows] == [1, 2, 3, 4]  # nothing recorded twice
+    assert [r[0] for r in client.query(ledger).result_rows] == [1, 2, 3, 4, 5]  # nothing recorded twice
 
 
 OLDER = """CREATE TABLE {db}.predictions (ts DateTime64(3, 'UTC'), model_name LowCardinality(String),
@@ -255,9 +257,9 @@ def test_a_changed_ttl_is_applied_by_migrate_and_warned_about_by_the_writer(chdb
     assert migrate.table_ttl_days(client, shorter) == 30 and migrate.sync_ttl(client, shorter, modify=True) is None
 
 
-def test_only_projections_and_indexes_are_optional_in_both_variants():
+def test_only_projections_indexes_and_settings_are_optional_in_both_variants():
     for cluster in (False, True):
-        assert {m.version for m in migrate.load(cluster) if m.optional} == {4}, cluster
+        assert {m.version for m in migrate.load(cluster) if m.optional} == {4, 5}, cluster
 
 
 def test_a_pending_optional_migration_is_warned_about_not_refused(chdb_db, monkeypatch, caplog, capsys):
@@ -289,12 +291,13 @@ def test_a_pending_optional_migration_is_warned_about_not_refused(chdb_db, monke
     monkeypatch.setenv("MOTLENS_PREDLOG_DATABASE", db)
     assert main(["log", "count", "--json"]) == 0 and '"n":5' in capsys.readouterr().out
 
-    required = dataclasses.replace(shipped()[3], version=5, name="a_column")  # 003's statements, not optional
+    required = dataclasses.replace(shipped()[3], version=6, name="a_column")  # 003's statements, not optional
     monkeypatch.setattr(migrate, "load", lambda cluster=False: [*shipped(cluster), required])
-    with pytest.raises(migrate.SchemaError, match=r"pending: 004_predictions_counts, 005_a_column.*log migrate"):
+    pending = r"pending: 004_predictions_counts, 005_promotion_events_dedup, 006_a_column.*log migrate"
+    with pytest.raises(migrate.SchemaError, match=pending):
         predlog.open_reader(settings)
     monkeypatch.setattr(migrate, "load", shipped)
-    assert migrate.apply(client, settings) == [4]  # the writer with auto-migrate applies it as before
+    assert migrate.apply(client, settings) == [4, 5]  # the writer with auto-migrate applies them as before
     caplog.clear()
     predlog.open_reader(settings).close()
     assert "optional migration" not in caplog.text

@@ -195,3 +195,59 @@ def test_a_spool_whose_opening_fails_releases_its_lock(tmp_path, monkeypatch):
         Spool(tmp_path / "spool", 10**9)
     monkeypatch.undo()
     Spool(tmp_path / "spool", 10**9).close()  # not SpoolBusy
+
+
+def _read_only_mounts() -> bool:
+    """Whether this machine lets an unprivileged mount namespace bind a folder read-only (``unshare``)."""
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _read_only_mounts(), reason="needs `unshare -rm` (user and mount namespaces)")
+def test_a_read_only_spool_serves_with_one_error_and_counts_the_drops(tiny_bundle, tmp_path):
+    """A prediction log on a read-only file system (a real read-only bind mount): ``Spool`` opened its
+    ``.lock`` for writing, and ``motlens serve`` exited 2 at start with ``OSError: [Errno 30] Read-only file
+    system``. It serves now, says so in one ERROR line and counts each row it cannot store."""
+    import signal
+    import time
+
+    import httpx
+    from conftest import free_port
+    from test_reliability_faults import metric, predict_sequentially, wait_until
+    from test_reliability_shutdown import motlens_bin, wait_ready
+
+    import predlog
+    from predlog import PredlogSettings
+
+    log_dir = tmp_path / "predlog"
+    predlog.open_writer(PredlogSettings(dir=log_dir, compact_interval_s=0)).close(10)  # a spool an earlier run left
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOTLENS_", "MLFLOW_TRACKING"))}
+    env.update(MOTLENS_HOME=str(tmp_path / "home"), MOTLENS_PREDLOG_DIR=str(log_dir),
+               MOTLENS_PREDLOG_FLUSH_INTERVAL_S="0.1", MOTLENS_PREDLOG_COMPACT_INTERVAL_S="0")  # fmt: skip
+    serve = [motlens_bin(), "serve", "--model", str(tiny_bundle.root), "--http-port", str(port), "--no-grpc",
+             "--device", "cpu", "--threads", "1"]  # fmt: skip
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(["unshare", "-rm", "sh", "-c", script, "sh", str(log_dir), *serve], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base, log_path)
+        assert [status for _, status in predict_sequentially(base, 3)] == [200] * 3
+        wait_until(lambda: metric(base, "motlens_predlog_rows_dropped_total", reason="spool_error") == 6, 60)
+        assert httpx.get(f"{base}/v2/models/mot-defects/ready", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            time.sleep(0.1)
+    text = log_path.read_text()
+    errors = [line for line in text.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "cannot bind the spool" in errors[0] and "Read-only file system" in errors[0], text
+    assert not list((log_dir / "predictions").glob("*.parquet"))  # nothing stored, nothing half-written

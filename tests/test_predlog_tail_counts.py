@@ -108,7 +108,7 @@ def test_count_is_answered_from_the_projection_after_an_upgrade(monkeypatch):
             )
         assert "p_counts" not in _counts_plan(client, db)
         monkeypatch.setattr(migrate, "load", shipped)
-        assert migrate.apply(client, settings) == [4]
+        assert migrate.apply(client, settings) == [4, 5]
         _wait_for_mutations(client, db)
         where = "WHERE database = {d:String} AND table = 'predictions' AND active"
         n_parts = client.query(f"SELECT count() FROM system.parts {where}", parameters={"d": db}).result_rows[0][0]

@@ -85,26 +85,32 @@ def predict_sequentially(base: str, n: int) -> list[tuple[str, int]]:
     return out
 
 
-def replay_into_chdb(spool_root: Path) -> list[tuple[str, int]]:
-    """Replay a writer's spool into a fresh chdb database (a sink that is up); the stored (request_id, item)."""
+def replay_into_chdb(spool_root: Path, audit: list[str] | None = None) -> list[tuple[str, int]]:
+    """Replay a writer's spool into a fresh chdb database (a sink that is up); the stored (request_id, item).
+    ``audit`` gets the actions of the stored ``promotion_events`` rows, in ``ts`` order."""
     import predlog
     from predlog.settings import PredlogSettings
-    from predlog.spool import SINK_FILE
+    from predlog.spool import EVENTS_SPOOL, SINK_FILE
 
     settings = PredlogSettings(
         clickhouse_url="chdb://memory", database=f"replay_{uuid.uuid4().hex[:10]}", dir=spool_root,
         flush_interval_s=0.05,
     )  # fmt: skip
     reader = migrated_reader(settings)  # creates the tables, keeps the in-process engine open
-    # chdb stands in for the server that was down: bind the spool to it (docs/predlog.md)
-    (settings.spool_dir / SINK_FILE).write_text(settings.sink.to_json())
+    # chdb stands in for the server that was down: bind the spools to it (docs/predlog.md)
+    for folder in (settings.spool_dir, settings.spool_dir / EVENTS_SPOOL):
+        (folder / SINK_FILE).write_text(settings.sink.to_json())
     try:
         writer = predlog.open_writer(settings)
         writer.close(30)  # close drains the spool into the sink
-        assert writer.stats()["spool_rows"] == 0
+        assert writer.stats()["spool_rows"] == 0 and writer.stats()["events"]["spool_rows"] == 0
         got = reader.client.query(
             f"SELECT request_id, item_index FROM {settings.database}.predictions ORDER BY request_id, item_index"
         ).result_rows
+        if audit is not None:
+            audit += [a for (a,) in reader.client.query(
+                f"SELECT action FROM {settings.database}.promotion_events ORDER BY ts"
+            ).result_rows]  # fmt: skip
         reader.client.command(f"DROP DATABASE {settings.database}")
     finally:
         reader.close()

@@ -188,6 +188,44 @@ def test_sigterm_under_load_not_ready_then_drained_exit_0_and_no_lost_row(tiny_b
     )
 
 
+@pytest.mark.slow
+def test_a_stop_against_a_hung_clickhouse_keeps_to_the_grace_period(tiny_bundle, embedder, tmp_path):
+    """A ClickHouse that accepts connections and never answers: the stop waited for the ``serve_stop`` audit
+    row's own INSERT (its send/receive timeout, 30 s by default) before the log's close took its grace period,
+    past Knative's 60 s. Audit rows are spooled like prediction rows now: the stop takes about one grace
+    period, and every row the server did not send is on disk, stored once when ClickHouse is back."""
+    from test_predlog_faults import SilentServer, stopped, wait_for
+    from test_reliability_faults import predict_sequentially, replay_into_chdb, start_server
+
+    import predlog
+    from predlog.settings import PredlogSettings
+
+    grace = 2
+    hung = SilentServer()
+    settings = PredlogSettings(
+        clickhouse_url=f"http://127.0.0.1:{hung.port}", dir=tmp_path / "predlog", batch_rows=4, flush_interval_s=0.05,
+        connect_timeout_s=1, send_receive_timeout_s=60,
+    )  # fmt: skip
+    writer = predlog.open_writer(settings)
+    try:
+        thread, base = start_server(str(tiny_bundle.root), embedder, writer, grace_period_s=grace)
+        thread.wait_ready()
+        sent = predict_sequentially(base, 5)
+        started = time.monotonic()
+        thread.stop(timeout=300)
+        took = time.monotonic() - started
+        s = writer.stats()
+    finally:
+        hung.release()
+    assert [status for _, status in sent] == [200] * 5
+    assert took < grace + 20, took  # the audit row's INSERT alone waited 60 s
+    assert s["spool_rows"] == 10 and s["dropped"] == 0 and s["events"]["spool_rows"] == 2, s
+    assert wait_for(lambda: stopped(writer), 60)
+    actions: list[str] = []
+    assert replay_into_chdb(settings.root, actions) == sorted((rid, i) for rid, _ in sent for i in range(2))
+    assert actions == ["serve_load", "serve_stop"]
+
+
 async def test_a_load_cancelled_by_shutdown_frees_what_it_built(tiny_bundle, embedder):
     """The load thread carries on after its caller is cancelled; its unit was once left running."""
     import asyncio

@@ -10,10 +10,16 @@ Local default: tracking and registry in sqlite under ``MOTLENS_HOME`` with artif
 ``MOTLENS_HOME/mlartifacts``; ``MLFLOW_TRACKING_URI`` points everything at a server instead.
 Fetched bundles are cached in ``MOTLENS_HOME/models/<name>/<version>``; the last-known-good
 records (which cached bundle a reference last served, docs/reliability.md) in ``models/.lkg/``.
+Each download prunes the cache (:meth:`Registry.prune_cache`): a version goes only when no process
+holds it (a shared ``flock`` on ``.<version>.lease`` beside it, kept while its fetched ``Bundle``
+lives), no alias or last-known-good record names it, and ``MOTLENS_MODEL_CACHE_KEEP`` others were
+used more recently.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -21,6 +27,7 @@ import re
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,6 +60,8 @@ VERSIONS_PAGE = 1000
 #: runs per search when listing versions
 RUNS_BATCH = 100
 LKG_DIR = ".lkg"
+#: where a prune moves a cached version before deleting it (what a stopped prune left: deleted by the next)
+PRUNED_PREFIX = ".pruned-"
 #: Set when a version is created and deleted as registration's last step, once the stored
 #: ``bundle.json`` names the version: a version still carrying it is never resolved.
 INCOMPLETE_TAG = "motlens.registration"
@@ -507,16 +516,41 @@ class Registry:
     def fetch(self, ref: str, dst: Path | None = None) -> Bundle:
         """Download the bundle of ``ref`` (cached per version), verify every hash, return it.
 
-        Raises :class:`motlens.bundle.BundleError` when the stored bundle fails verification or its
-        manifest names another version or run than the registry.
+        From the cache (no ``dst``) the version is leased while the returned bundle lives (no prune, of
+        any process, removes it) and marked used now; a download then prunes the cache
+        (:meth:`prune_cache`; a failure to prune is only logged). Raises
+        :class:`motlens.bundle.BundleError` when the stored bundle fails verification or its manifest
+        names another version or run than the registry.
         """
+        info = self.resolve(ref)
+        if dst is not None:
+            return self._fetch(info, Path(dst))[0]
+        target = self.cache_dir / info.name / info.version
+        lease = _hold(target)
+        try:
+            bundle, downloaded = self._fetch(info, target)
+        except BaseException:
+            if lease is not None:
+                os.close(lease)
+            raise
+        if lease is not None:
+            weakref.finalize(bundle, os.close, lease)
+        with contextlib.suppress(OSError):  # a read-only cache: its recency is not recorded
+            os.utime(target)
+        if downloaded:
+            try:
+                self.prune_cache()
+            except Exception as e:  # noqa: BLE001 - the fetch stands; the next download prunes
+                log.warning("registry cache %s not pruned: %s", self.cache_dir, e)
+        return bundle
+
+    def _fetch(self, info: ModelVersionInfo, target: Path) -> tuple[Bundle, bool]:
+        """The verified bundle of ``info`` in ``target``, and whether it was downloaded (not already there)."""
         import mlflow.artifacts
 
-        info = self.resolve(ref)
-        target = Path(dst) if dst is not None else self.cache_dir / info.name / info.version
         if (target / MANIFEST).is_file():
             try:
-                return self._check_stored(Bundle.open(target), info)
+                return self._check_stored(Bundle.open(target), info), False
             except BundleError:
                 shutil.rmtree(target)  # stale or damaged cache: download afresh below
         elif target.exists() and any(target.iterdir()):
@@ -536,13 +570,65 @@ class Registry:
                 Path(path).rename(target)
             except OSError:  # another process put a copy there first: use it if it verifies
                 try:
-                    return self._check_stored(Bundle.open(target), info)
+                    return self._check_stored(Bundle.open(target), info), False
                 except BundleError:
                     shutil.rmtree(target, ignore_errors=True)
                     Path(path).rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return Bundle(target, bundle.manifest)
+        return Bundle(target, bundle.manifest), True
+
+    def prune_cache(self) -> list[str]:
+        """Delete the cached versions of this model that nothing needs; returns them.
+
+        Kept: a version any process holds (:func:`_hold`: loaded, being loaded, read by a drift or
+        promotion run), one an alias or a last-known-good record names, and the ``model_cache_keep``
+        most recently fetched of the others. Download staging folders are never touched. Raises
+        :class:`RegistryError` before deleting any version when the aliases cannot be read."""
+        folder = self.cache_dir / self.model_name
+        if not folder.is_dir():
+            return []
+        for spent in folder.glob(f"{PRUNED_PREFIX}*"):
+            shutil.rmtree(spent, ignore_errors=True)
+        named = set(self.aliases().values())
+        recorded = self._lkg_roots()
+        candidates = []
+        for path in folder.iterdir():
+            if _DIGITS.fullmatch(path.name) and path.name not in named and path.resolve() not in recorded:
+                with contextlib.suppress(FileNotFoundError):  # pruned by another process meanwhile
+                    candidates.append((path.stat().st_mtime, path))
+        kept, gone = 0, []
+        for _, path in sorted(candidates, reverse=True):
+            lease = _take(_lease_path(path), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if lease is None:  # held (in use), or a cache this process cannot lock: left
+                continue
+            try:
+                if not path.is_dir():
+                    continue
+                if kept < self.state.model_cache_keep:
+                    kept += 1
+                    continue
+                spent = Path(tempfile.mkdtemp(prefix=PRUNED_PREFIX, dir=folder))
+                path.rename(spent / path.name)
+                _lease_path(path).unlink()
+            finally:
+                os.close(lease)
+            size = sum(f.stat().st_size for f in spent.rglob("*") if f.is_file())
+            shutil.rmtree(spent, ignore_errors=True)
+            log.info("registry cache: %s version %s removed (%.0f MB)", self.model_name, path.name, size / 1e6)
+            gone.append(path.name)
+        return gone
+
+    def _lkg_roots(self) -> set[Path]:
+        """The cached bundles the last-known-good records name (an unreadable record names none: it is
+        refused when read, too)."""
+        roots = set()
+        for record in (self.cache_dir / LKG_DIR).glob("*.json"):
+            try:
+                roots.add((self.cache_dir / str(json.loads(record.read_text())["bundle_path"])).resolve())
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return roots
 
     def fetch_run_dir(self, ref: str, path: str, dst: Path) -> Path | None:
         """Download the run artifact directory ``path`` of version ``ref``'s run into ``dst``; ``None``
@@ -813,6 +899,39 @@ class Registry:
             log.warning("run %s of a registered version is gone: no metrics", run_id)
             return {}, {}
         return dict(data.metrics), dict(data.params)
+
+
+def _lease_path(version_dir: Path) -> Path:
+    return version_dir.parent / f".{version_dir.name}.lease"
+
+
+def _take(path: Path, op: int) -> int | None:
+    """A descriptor of ``path`` (created if missing) with ``flock(op)`` on it; None when it cannot be
+    opened or locked (``LOCK_NB``), or when a prune removed it while this waited."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, op)
+        if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            return fd
+    except OSError:  # held (LOCK_NB), or removed: the path is no longer this file
+        pass
+    os.close(fd)
+    return None
+
+
+def _hold(version_dir: Path) -> int | None:
+    """A shared lease on a cached version (waits for a prune that holds it); None where the cache cannot
+    be written (the lease file cannot be created there)."""
+    with contextlib.suppress(OSError):
+        version_dir.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):  # a prune that removed the file while this waited: the new one
+        fd = _take(_lease_path(version_dir), fcntl.LOCK_SH)
+        if fd is not None:
+            return fd
+    return None
 
 
 def _http_defaults() -> None:

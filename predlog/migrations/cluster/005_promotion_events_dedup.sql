@@ -1,0 +1,3 @@
+-- optional: nothing to change; the number matches ../005_promotion_events_dedup.sql.
+-- Replicated tables deduplicate inserts by insert_deduplication_token without extra settings (see
+-- 001_predictions.sql), so the shard tables of promotion_events already store a replayed audit row once.
