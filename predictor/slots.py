@@ -42,6 +42,8 @@ NOT_READY_REASONS = ("no_model", "loading", "load_failed", "golden_failed", "dra
 FALLBACK_REASONS = (REGISTRY_UNREACHABLE,)
 #: the least time an admin install waits for the alias to name it (the follower leaves it alone that long)
 ADMIN_GRACE_MIN_S = 300.0
+#: the first wait of a last-known-good slot before it asks the registry again (doubling, at most 60 s)
+FALLBACK_RETRY_S = 1.0
 
 
 class SlotError(Exception):
@@ -581,23 +583,29 @@ class SlotManager:
     # ------------------------------------------------------------ internals
 
     async def _confirm_fallback(self, unit: ServingUnit, ref: str, max_backoff_s: float = 60.0) -> None:
-        """While ``unit`` serves the last-known-good bundle of ``ref``, retry the registry with backoff;
-        once it answers, clear the fallback if it names the same version, else load ``ref`` afresh."""
+        """While ``unit`` serves the last-known-good bundle of ``ref``, ask the registry with backoff
+        (:data:`FALLBACK_RETRY_S`, doubling up to ``max_backoff_s``) until it names a version: the same one
+        clears the fallback, another one is loaded afresh. Anything else (no answer, an answer that names
+        no version: a proxy's error page, the alias unset during the outage, a transient fetch failure of
+        the new version) is asked again, logged when it first happens and when its kind changes."""
         from training.registry import Registry, RegistryUnreachable
 
-        delay = 1.0
+        delay, failing = FALLBACK_RETRY_S, ""
         while True:
             await asyncio.sleep(delay)
             if self._slot_of(unit) is None:
                 return  # replaced or promoted-over meanwhile
+            delay = min(delay * 2, max_backoff_s)
             try:
                 info = await asyncio.to_thread(lambda: Registry().resolve(ref))
-            except RegistryUnreachable:
-                delay = min(delay * 2, max_backoff_s)
+            except Exception as e:  # noqa: BLE001 - no version named: keep serving, flagged, and ask again
+                level = logging.DEBUG
+                if type(e).__name__ != failing:  # the first failure, or another kind of it
+                    failing = type(e).__name__
+                    level = logging.WARNING if isinstance(e, RegistryUnreachable) else logging.ERROR
+                log.log(level, "keeping the last-known-good version %s for %s (still flagged; asking the registry "
+                        "again with backoff): %s", unit.version, ref, e)  # fmt: skip
                 continue
-            except Exception as e:  # noqa: BLE001 - e.g. the alias was deleted during the outage
-                log.error("keeping the last-known-good version %s for %s (still flagged): %s", unit.version, ref, e)
-                return
             if _confirms(info, unit):
                 self._clear_fallback(unit)
                 return
@@ -607,8 +615,10 @@ class SlotManager:
             log.warning("registry reachable: %s names version %s, not %s; loading it", ref, info.version, unit.version)
             try:
                 await self.load(slot, ref, cause="registry_back", holding=unit)
-            except ModelLoadError:
-                pass  # logged by load(); the last-known-good version keeps serving, still flagged
+            except ModelLoadError as e:  # logged by load(); the last-known-good version keeps serving, flagged
+                if e.transient:  # the registry or artifact store stopped answering: ask again
+                    failing = type(e).__name__
+                    continue
             except SlotChanged:
                 pass  # replaced meanwhile (the admin API): nothing to confirm any more
             return

@@ -5,6 +5,7 @@ that the reference does not exist, nothing falls back."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -235,3 +236,85 @@ def test_follow_alias_confirms_the_fallback_once_the_registry_answers(registry_h
         if mlflow_proc is not None:
             mlflow_proc.terminate()
             mlflow_proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def lkg_versions(tiny_bundle, tmp_path_factory) -> dict[str, str]:
+    """Bundle paths by version: the tiny bundle copied as versions 1 and 2 (run ids ``tiny-1``, ``tiny-2``)."""
+    import shutil
+
+    from motlens.bundle import write_manifest
+
+    out = {}
+    for v in ("1", "2"):
+        root = tmp_path_factory.mktemp(f"lkg{v}") / MODEL
+        shutil.copytree(tiny_bundle.root, root)
+        write_manifest(root, version=v, run_id=f"tiny-{v}")
+        out[v] = str(root)
+    return out
+
+
+@pytest.mark.parametrize("names", ["1", "2"], ids=["same_version", "alias_moved"])
+async def test_a_fallback_keeps_asking_a_registry_whose_answers_name_no_version(
+    lkg_versions, embedder, monkeypatch, caplog, names
+):
+    """Review (a proxy's 404 page, the alias unset during the outage): the first answer that was not a
+    transport failure ended the slot's retries for good, so the fallback flag stayed 1 and a moved alias
+    was never loaded. Every answer that names no version is asked again, logged once per kind."""
+    from prometheus_client import REGISTRY
+
+    from predictor import slots as slots_module
+    from predictor.backend import REGISTRY_UNREACHABLE, ModelLoadError, load_backend
+    from predictor.cache import EmbeddingCache
+    from predictor.settings import ServeSettings
+    from training.registry import ModelVersionInfo, RegistryError, UnknownModelRef
+
+    page = RegistryError("model registry http://127.0.0.1:1 unreachable or failing: API request to endpoint "
+                         "/api/2.0/mlflow/registered-models/alias failed with error code 404 != 200. Response "
+                         "body: '<html><body>default backend - 404</body></html>'")  # fmt: skip
+    unset = UnknownModelRef("alias 'production' is not set")
+    named = ModelVersionInfo(MODEL, names, f"tiny-{names}", "")
+    answers = [page, page, page, unset, unset]
+    asked: list[str] = []
+
+    class Answering:  # the registry as the slot's loop sees it: these answers, then the version for good
+        def resolve(self, ref: str) -> ModelVersionInfo:
+            asked.append(ref)
+            if answers:
+                raise answers.pop(0)
+            return named
+
+    # the restart's load falls back; reloading the moved alias fails once on a reset download, then works
+    loads: list = [("1", REGISTRY_UNREACHABLE), ModelLoadError("download reset", transient=True), ("2", None)]
+
+    def loader(ref: str, **kw: object):
+        step = loads.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        backend = load_backend(lkg_versions[step[0]], embedder=embedder)
+        backend.fallback = step[1]
+        return backend
+
+    monkeypatch.setattr(slots_module, "FALLBACK_RETRY_S", 0.01)
+    monkeypatch.setattr("training.registry.Registry", Answering)
+    caplog.set_level("DEBUG", logger="predictor.slots")
+    slots = slots_module.SlotManager(
+        ServeSettings(model=REF, cache_bytes=0, gc_freeze=False, grace_period_s=5), EmbeddingCache(0), loader
+    )
+    try:
+        await slots.load("production", REF)
+        assert slots.status()["slots"]["production"]["fallback"] == REGISTRY_UNREACHABLE
+        for _ in range(600):
+            prod = slots.status()["slots"]["production"]
+            if prod["fallback"] is None and prod["version"] == names and not slots._confirming:
+                break  # (the loop ends once the replaced version is retired)
+            await asyncio.sleep(0.1)
+        assert (prod["version"], prod["fallback"]) == (names, None), prod
+        assert not slots._confirming and len(asked) >= 6 and set(asked) == {REF}, asked
+        labels = {"slot": "production", "reason": REGISTRY_UNREACHABLE}
+        assert REGISTRY.get_sample_value("motlens_model_fallback", labels) == 0
+        messages = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        errors = [m for m in messages if "still flagged" in m]
+        assert len(errors) == 2 and "404" in errors[0] and "not set" in errors[1], errors  # once per kind
+    finally:
+        await slots.shutdown()
