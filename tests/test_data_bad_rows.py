@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 
 import pandas as pd
 import pytest
@@ -15,7 +16,7 @@ from motlens.cli import main
 from training.chload import ChdbStore, load_bulk, table_counts
 from training.dataset import build_training_set, iter_source
 from training.dvsa_reader import BulkReader
-from training.dvsa_report import BulkFormatError, BulkReport
+from training.dvsa_report import BulkFormatError, BulkReport, FileReport
 from training.history_api import read_jsonl
 
 UNDATED = r"tr2020\.csv: record 2: 150 of 150 rows have no readable test_date"
@@ -174,3 +175,21 @@ def test_a_damaged_table_starting_like_json_is_refused_naming_it(tmp_path):
     (d / "test_item.csv").write_bytes(b"{" + data[1:])
     with pytest.raises(BulkFormatError, match=r"test_item\.csv:1: header matches no DVSA table"):
         list(BulkReader([d]))
+
+
+def test_a_damaged_table_in_a_zip_is_refused_naming_it(tmp_path):
+    """In a zip too: it was refused as zipped API JSON (`unzip it`), which the unzipped file is not."""
+    d = write_fixture(tmp_path / "in")
+    damaged = b"{" + (d / "test_item.csv").read_bytes()[1:]
+    (d / "test_item.csv").unlink()
+    with zipfile.ZipFile(d / "items.zip", "w") as zf:
+        zf.writestr("test_item.csv", damaged)
+    with pytest.raises(BulkFormatError, match=r"items\.zip!test_item\.csv:1: header matches no DVSA table"):
+        list(BulkReader([d]))
+
+
+def test_the_logged_summary_names_a_files_bad_rows_without_a_stray_gap():
+    """A file whose bad rows were all of the wrong shape (no ``bad_values``) read ``rows bad , first …``."""
+    report = BulkReport(files=[FileReport("tr.csv", "test_result", "|", rows=8)])
+    report.files[0].skip(9)
+    assert report.summary().endswith("rows_out=0 (tr.csv: 1 of 9 rows bad, first bad records [9])")

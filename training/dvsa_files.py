@@ -164,21 +164,21 @@ def discover(paths: Sequence[Path]) -> tuple[list[Source], list[Path]]:
             for info in members:
                 if info.compress_type == _DEFLATE64:
                     _deflate64(p, info.filename)
-                if is_jsonl(p, info.filename):
+                if not _is_table_name(info.filename) and is_jsonl(p, info.filename):
                     raise BulkFormatError(f"{p}!{info.filename}:1: zipped API JSON is not supported; unzip it")
                 sources.append(sniff(p, info.filename, info.file_size))
-        elif p.suffix.lower() in _JSON_SUFFIXES or (not _is_table_name(p) and is_jsonl(p)):
+        elif p.suffix.lower() in _JSON_SUFFIXES or (not _is_table_name(p.name) and is_jsonl(p)):
             api.append(p)
         else:
             sources.append(sniff(p, None, _data_size(p)))
     return sources, api
 
 
-def _is_table_name(path: Path) -> bool:
-    """A name that says delimited table (``.csv``, ``.txt``, ``.psv``, also gzipped): never read as API
-    JSON whatever its bytes, so a damaged table is refused naming it, not taken for JSON and missed."""
-    name = path.name.lower().removesuffix(".gz")
-    return name.endswith(_TABLE_SUFFIXES)
+def _is_table_name(name: str) -> bool:
+    """A file or zip member name that says delimited table (``.csv``, ``.txt``, ``.psv``, also gzipped):
+    never read as API JSON whatever its bytes, so a damaged table is refused naming it, not taken for
+    JSON and missed (or, zipped, refused as JSON)."""
+    return name.lower().removesuffix(".gz").endswith(_TABLE_SUFFIXES)
 
 
 def _hidden_member(name: str) -> bool:

@@ -102,15 +102,15 @@ class BulkReport:
 
     def summary(self) -> str:
         """The counts on one line, with the files that had bad rows (for a log)."""
-        d = self.to_dict()
         keys = ("rows_read", "bad_rows", "duplicate_tests", "duplicate_items", "orphan_items", "unknown_rfr",
                 "unlabelled", "rows_out")  # fmt: skip
         bad = "; ".join(
-            f"{f.name}: {f.bad_rows} of {f.rows} rows bad {f.bad_values or ''}, first bad records {f.bad_records}"
+            f"{f.name}: {f.bad_rows} of {f.rows} rows bad{f' {f.bad_values}' if f.bad_values else ''}, "
+            f"first bad records {f.bad_records}"
             for f in self.files
             if f.bad_rows
         )
-        return ", ".join(f"{k}={d[k]}" for k in keys) + (f" ({bad})" if bad else "")
+        return ", ".join(f"{k}={getattr(self, k)}" for k in keys) + (f" ({bad})" if bad else "")
 
     def to_dict(self) -> dict:
         return {
