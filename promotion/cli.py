@@ -33,9 +33,7 @@ _SETTING_FLAGS = {
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     o = p.add_argument_group("target and safety")
-    o.add_argument(
-        "--target", choices=("k8s", "gitops", "local"), help="where the rollout lives (default: local)"
-    )
+    o.add_argument("--target", choices=("k8s", "gitops", "local"), help="where the rollout lives (default: local)")
     o.add_argument("--dry-run", action="store_true", help="print the patch; change nothing")
     o.add_argument(
         "--force",
@@ -94,20 +92,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     canary = verbs.add_parser("canary", help="start a canary or set its share")
     cverbs = canary.add_subparsers(dest="canary_verb", required=True, metavar="start|set")
-    start = cverbs.add_parser(
-        "start", parents=[common, reason], help="canary alias → VERSION; new storage URI at N%%"
-    )
+    start = cverbs.add_parser("start", parents=[common, reason], help="canary alias → VERSION; new storage URI at N%%")
     start.add_argument("version", nargs="?", help="registry version (default: the 'candidate' alias)")
     start.add_argument("--percent", type=int, required=True, help="canary share, 0–100")
     cset = cverbs.add_parser("set", parents=[common, reason], help="set the canary share (as `kubectl edit` would)")
     cset.add_argument("percent", type=int, help="canary share, 0–100")
     verbs.add_parser("advance", parents=[common, reason], help="next step (e.g. 10 → 25 → 50 → 100) if gates pass")
-    prom = verbs.add_parser(
-        "promote", parents=[common, reason], help="production alias → the canary; percent removed"
-    )
-    prom.add_argument(
-        "version", nargs="?", help="deploy this version directly (first deployment, or --force)"
-    )
+    prom = verbs.add_parser("promote", parents=[common, reason], help="production alias → the canary; percent removed")
+    prom.add_argument("version", nargs="?", help="deploy this version directly (first deployment, or --force)")
     verbs.add_parser(
         "rollback",
         parents=[common, _with_reason("manual rollback")],
@@ -122,9 +114,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from promotion.settings import PromoteSettings
 
     overrides = {
-        field: getattr(args, flag)
-        for flag, field in _SETTING_FLAGS.items()
-        if getattr(args, flag, None) is not None
+        field: getattr(args, flag) for flag, field in _SETTING_FLAGS.items() if getattr(args, flag, None) is not None
     }
     return PromoteSettings(**overrides)
 
@@ -149,9 +139,7 @@ def run(args: argparse.Namespace) -> int:
     if args.verb != "status" and (settings.textfile or settings.pushgateway_url):
         require("prometheus_client", "promote")  # the metrics go out after the change: refuse before it
     try:
-        promoter = Promoter(
-            settings, Registry(), make_target(settings), dry_run=args.dry_run, force=args.force
-        )
+        promoter = Promoter(settings, Registry(), make_target(settings), dry_run=args.dry_run, force=args.force)
         if args.verb == "status":
             return _print_status(read_status(promoter), as_json=args.json)
         outcome = _dispatch(promoter, args)
@@ -212,24 +200,27 @@ INTENT_OUTLOOK = {
     "finish": "the next command finishes it (and does nothing else)",
     "recorded": "its audit is written; the next command drops it",
     "unapplied": "it never reached the target; the next command drops it",
-    "changed": "the target has changed since: fix the state or re-run with --force (see live vs registry)",
+    "changed": "the target has changed since: fix the state or re-run with --force (see live vs registry); "
+    "the next change that goes ahead records it as abandoned",
 }
 
 
 def _print_status(status: dict[str, Any], *, as_json: bool) -> int:
-    """Print what could be read; exit 2 (no access) when the live state could not be."""
+    """Print what could be read; exit 2 (no access) when the live state or the registry could not be."""
     if as_json:
         print(json.dumps(status, indent=2, sort_keys=True, default=str))
     else:
         _print_status_tables(status)
     if status.get("live") is None:
         print(f"motlens promote: live state unreadable: {status.get('live_error')}", file=sys.stderr)
-        return EXIT_ERROR
-    return EXIT_OK
+    if "registry_error" in status:
+        print(f"motlens promote: registry: {status['registry_error']}", file=sys.stderr)
+    return EXIT_ERROR if status.get("live") is None or "registry_error" in status else EXIT_OK
 
 
 def _print_status_tables(status: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from promotion.gates import drift_status
@@ -237,9 +228,14 @@ def _print_status_tables(status: dict[str, Any]) -> None:
     console = Console()
     live = status.get("live")
     t = Table(title=f"mot-defects on {status['target']}", show_header=False)
-    t.add_row(
-        "registry aliases", ", ".join(f"{a} → v{v}" for a, v in sorted(status["aliases"].items())) or "none"
-    )
+    if status["aliases"] is None:
+        t.add_row(
+            "registry",
+            f"[red]{escape(status['registry_error'])}[/]\n[yellow]aliases, versions, tags and any interrupted change "
+            "unknown[/]",
+        )
+    else:
+        t.add_row("registry aliases", ", ".join(f"{a} → v{v}" for a, v in sorted(status["aliases"].items())) or "none")
     if live is None:
         t.add_row("live state", f"[red]unreadable: {status.get('live_error')}[/]")
     else:
@@ -257,25 +253,25 @@ def _print_status_tables(status: dict[str, Any]) -> None:
             )
         t.add_row("canaryTrafficPercent", percent)
         t.add_row("traffic", live["traffic"] or "n/a")
-        problems = status.get("disagreements") or []
-        t.add_row(
-            "live vs registry", "[green]agree[/]" if not problems else "[red]" + "\n".join(problems) + "[/]"
-        )
+        if "disagreements" in status:
+            problems = status["disagreements"]
+            t.add_row("live vs registry", "[green]agree[/]" if not problems else "[red]" + "\n".join(problems) + "[/]")
     if tags := status.get("tag_disagreements"):
         t.add_row("registry tags vs aliases", "[yellow]" + "\n".join(tags) + "[/]")
     if i := status.get("interrupted"):
+        nxt = INTENT_OUTLOOK.get(i["next"], "the target could not be read")
+        if "reverted" in i:
+            nxt = f"{i['reverted']}; the next change that goes ahead records it as abandoned"
         t.add_row(
             "interrupted change",
             f"[yellow]{i['action']} by {i['actor']} at {i['at']} ({i['from']} → {i['to']}): its run stopped before "
-            f"its audit; {INTENT_OUTLOOK.get(i['next'], 'the target could not be read')}[/]",
+            f"its audit; {nxt}[/]",
         )
     for d in status.get("drift", []):
         st = drift_status(d) or ("drift" if d.get("drift_detected") else "no_drift")
         colour = {"drift": "red", "no_drift": "green"}.get(st, "yellow")  # insufficient_data, error
         verdict = f"[{colour}]{st.replace('_', ' ')}[/]"
-        t.add_row(
-            f"drift v{d['model_version']} ({d['slot']})", f"{verdict} at {d['ts']} (n={d.get('n_current')})"
-        )
+        t.add_row(f"drift v{d['model_version']} ({d['slot']})", f"{verdict} at {d['ts']} (n={d.get('n_current')})")
     for s in status.get("live_stats", []):
         t.add_row(
             f"live v{s['model_version']} ({s['slot']})",
@@ -287,8 +283,11 @@ def _print_status_tables(status: dict[str, Any]) -> None:
             f"live v{r['model_version']} requests",
             f"{n} requests ({int(r['items'])} rows), {failed} failed ({failed / max(n, 1):.2%}), "
             f"{int(r['miss_requests'])} with a cache miss (what the live gate tests)"
-            + (f"; sampled: {float(r['requests_fraction']):.0%} of the window's requests"
-               if float(r.get("requests_fraction", 1.0)) < 1.0 else ""),  # fmt: skip
+            + (
+                f"; sampled: {float(r['requests_fraction']):.0%} of the window's requests"
+                if float(r.get("requests_fraction", 1.0)) < 1.0
+                else ""
+            ),  # fmt: skip
         )
     if "live_stats_note" in status:
         t.add_row("live stats window", f"[yellow]{status['live_stats_note']}[/]")
@@ -302,6 +301,8 @@ def _print_status_tables(status: dict[str, Any]) -> None:
     if "predlog_error" in status:
         t.add_row("prediction log", f"[yellow]unavailable: {status['predlog_error']}[/]")
     console.print(t)
+    if status["versions"] is None:
+        return
     v = Table(title="versions")
     for col in ("version", "aliases", "status", "last action", "metrics", "created"):
         v.add_column(col)

@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from motlens import MODEL_NAME
+from motlens.credentials import redact
 from promotion.clock import utc_now
 from promotion.frames import records
 from promotion.rollout import RolloutError
@@ -17,24 +18,13 @@ if TYPE_CHECKING:
 
 
 def read_status(promoter: Promoter) -> dict[str, Any]:
-    """Registry aliases and versions, live state, disagreements, drift verdicts, live stats, events."""
-    out: dict[str, Any] = {
-        "target": promoter.target.describe(),
-        "pins_digest": promoter.target.pins_digest,
-        "aliases": promoter.registry.aliases(),
-    }
-    out["versions"] = [
-        {
-            "version": v.version,
-            "aliases": v.aliases,
-            "status": v.tags.get(STATUS_TAG, ""),
-            "created_at": v.created_at.isoformat() if v.created_at else None,
-            "last_action": v.tags.get("promotion.last_action", ""),
-            "metrics": {m: v.metrics[m] for m in promoter.settings.offline_metrics if m in v.metrics},
-        }
-        for v in promoter.registry.versions(limit=10)
-    ]
-    out["tag_disagreements"] = tag_disagreements(promoter, out["aliases"], out["versions"])
+    """Registry aliases and versions, live state, disagreements, drift verdicts, live stats, events. Each
+    source is read on its own, so one that cannot be read leaves the others shown: the target
+    (``live`` None, ``live_error``), the registry (``aliases`` and ``versions`` None, ``registry_error``;
+    tags and any interrupted change unknown), the prediction log (``predlog_error``)."""
+    from training.registry import RegistryError
+
+    out: dict[str, Any] = {"target": promoter.target.describe(), "pins_digest": promoter.target.pins_digest}
     try:
         live = promoter.target.read()
     except (TargetError, RolloutError) as e:
@@ -42,15 +32,42 @@ def read_status(promoter: Promoter) -> dict[str, Any]:
         live = None
     if live is not None:
         out["live"] = {**live.__dict__, "summary": live.describe()}
-        out["disagreements"] = promoter.disagreements(live, out["aliases"])
-    if intent := promoter.pending_intent():  # a run that stopped before its audit: what the next command does
-        outlook = promoter.intent_outlook(intent, live, out["aliases"])[0] if live is not None else "unknown"
+    aliases: dict[str, str] | None = None
+    intent = None
+    try:
+        aliases = promoter.registry.aliases()
+        listed = promoter.registry.versions(limit=10)
+        intent = promoter.read_intent()
+    except RegistryError as e:
+        out["aliases"] = out["versions"] = aliases = None
+        out["registry_error"] = registry_problem(promoter, e)
+    else:
+        out["aliases"] = aliases
+        out["versions"] = [
+            {
+                "version": v.version,
+                "aliases": v.aliases,
+                "status": v.tags.get(STATUS_TAG, ""),
+                "created_at": v.created_at.isoformat() if v.created_at else None,
+                "last_action": v.tags.get("promotion.last_action", ""),
+                "metrics": {m: v.metrics[m] for m in promoter.settings.offline_metrics if m in v.metrics},
+            }
+            for v in listed
+        ]
+        out["tag_disagreements"] = tag_disagreements(promoter, aliases, out["versions"])
+    if live is not None and aliases is not None:
+        out["disagreements"] = promoter.disagreements(live, aliases)
+    if intent and aliases is not None:  # a run that stopped before its audit: what the next command does
+        outlook = promoter.intent_outlook(intent, live, aliases)[0] if live is not None else "unknown"
         out["interrupted"] = {**{k: intent[k] for k in ("action", "at", "actor", "from", "to")}, "next": outlook}
+        if outlook == "changed" and (reverted := promoter.follower_reverted(intent, aliases)):
+            out["interrupted"]["reverted"] = f"the server's alias follower reverted it {reverted}"
+    known = aliases or {}
     versions = {
         v
         for v in (
-            out["aliases"].get("production"),
-            out["aliases"].get("canary"),
+            known.get("production"),
+            known.get("canary"),
             live and live.canary_version,
             live and live.production_version,
         )
@@ -60,11 +77,14 @@ def read_status(promoter: Promoter) -> dict[str, Any]:
         reader = promoter.reader()
         out["drift"] = [r for v in sorted(versions) for r in records(reader.drift_reports(model_version=v, limit=1))]
         canary = live.canary_version if live else None
-        times = promoter.evidence.canary_times(canary) if canary else None
+        times = promoter.evidence.canary_times(canary) if canary and aliases is not None else None
         since = times.since if times else _hours_ago(1)
         out["live_stats_since"] = since.isoformat()
-        if times and (times.skew or times.started_skew or times.source):
-            out["live_stats_note"] = "; ".join(n for n in (times.skew, times.started_skew, times.source) if n)
+        notes = [n for n in (times.skew, times.started_skew, times.source) if n] if times else []
+        if canary and aliases is None:
+            notes.append("the canary's start is in the registry, which could not be read: the last hour")
+        if notes:
+            out["live_stats_note"] = "; ".join(notes)
         out["live_stats"] = records(reader.live_stats(since=since, model_name=MODEL_NAME))
         out["live_requests"] = [  # what the live gate counts: requests, not rows (arrays left out)
             {k: v for k, v in r.items() if not k.endswith(("latencies", "miss_pair_texts"))}
@@ -74,6 +94,14 @@ def read_status(promoter: Promoter) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - status shows what it can
         out["predlog_error"] = str(e)
     return out
+
+
+def registry_problem(promoter: Promoter, e: Exception) -> str:
+    """Why the registry could not be read, naming it by its URI without credentials."""
+    from training.registry import RegistryUnreachable
+
+    kind = "unreachable" if isinstance(e, RegistryUnreachable) else "unreadable"
+    return redact(f"{kind} ({promoter.registry.tracking_uri}): {e}")
 
 
 def tag_disagreements(promoter: Promoter, aliases: dict[str, str], versions: list[dict[str, Any]]) -> list[str]:

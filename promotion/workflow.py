@@ -21,7 +21,7 @@ from typing import Any
 from motlens import MODEL_NAME
 from promotion import gates as g
 from promotion.audit import Event, export_metrics, tag_version
-from promotion.clock import parse_ts, utc_now
+from promotion.clock import as_utc, parse_ts, utc_now
 from promotion.evidence import Evidence
 from promotion.locking import LockBusy
 from promotion.rollout import RolloutError, RolloutState, check_percent
@@ -230,7 +230,14 @@ class Promoter:
         if self.force:
             log.warning("--force: proceeding although %s", "; ".join(problems))
             return
-        self._record_refusal(event, live, "the live state disagrees with the registry: " + "; ".join(problems))
+        reverted = self._reverted_interrupted(live, aliases)
+        self._record_refusal(
+            event, live, _join("the live state disagrees with the registry: " + "; ".join(problems), reverted)
+        )
+        if reverted:
+            raise Refused(
+                "the live state disagrees with the registry:\n  - " + "\n  - ".join(problems) + f"\n{reverted}"
+            )
         if live.not_ready:
             raise Refused(
                 f"the live state disagrees with the registry, and {self.target.describe()} is not ready "
@@ -243,6 +250,28 @@ class Promoter:
             "the live state disagrees with the registry (a manual edit, or an interrupted change):\n  - "
             + "\n  - ".join(problems)
             + "\nfix the live state or the aliases, or re-run with --force to proceed anyway"
+        )
+
+    def _reverted_interrupted(self, live: RolloutState, aliases: dict[str, str]) -> str:
+        """What to tell an operator whose command is refused because the server's follower reverted an
+        interrupted change (:meth:`follower_reverted`); empty when it did not."""
+        intent = self.pending_intent()
+        if intent is None or self.intent_outlook(intent, live, aliases)[0] != "changed":
+            return ""
+        reverted = self.follower_reverted(intent, aliases)
+        if reverted is None:
+            return ""
+        installed = intent["set_aliases"]["production"]
+        then = (
+            f"roll it out again with `motlens promote canary start {installed} --percent N`, or reject it with "
+            "`motlens promote rollback` (either records the interrupted promote as abandoned)"
+            if intent["action"] == "promote"
+            else "fix the live state or the aliases, or re-run with --force to proceed anyway"
+        )
+        return (
+            f"the server's alias follower reverted the interrupted {intent['action']} ({intent['from']} → "
+            f"{intent['to']}, begun {intent['at']} by {intent['actor']}) {reverted}. Version {installed} is not "
+            f"in production and this run changed nothing: {then}"
         )
 
     def _execute(
@@ -287,13 +316,16 @@ class Promoter:
                 event.details.setdefault("canary_revision", partial["canary_revision"])
             event.details["resumes"] = resumed.isoformat()
         # a change the registry must follow has an intent (a settle has nothing to record but its row)
-        intent = bool(version_tags) or any(aliases.get(a) != v for a, v in set_aliases.items()) or any(
-            a in aliases for a in delete_aliases
+        intent = (
+            bool(version_tags)
+            or any(aliases.get(a) != v for a, v in set_aliases.items())
+            or any(a in aliases for a in delete_aliases)
         )
-        if intent and self.force:  # it replaces an interrupted change the guard would have stopped
+        abandoned_ok, abandoned = True, ""
+        if intent:  # it replaces an interrupted change the target has moved on from (forced or not)
             pending = self.pending_intent()
             if pending is not None and self.intent_outlook(pending, live, aliases)[0] == "changed":
-                self._record_abandoned(pending, live)
+                abandoned_ok, abandoned = self._record_abandoned(pending, live, aliases, event)
         written = (
             self._write_intent(event, live, steps, set_aliases, delete_aliases, version_tags or {}, resumed)
             if intent
@@ -344,11 +376,11 @@ class Promoter:
             self._clear_intent()
         return Outcome(
             event.action,
-            f"{live.describe()} → {desired.describe()}",
+            f"{live.describe()} → {desired.describe()}" + (f"\n{abandoned}" if abandoned else ""),
             changed=True,
             gates=event.gates,
             patches=patches,
-            audit_ok=audit_ok,
+            audit_ok=audit_ok and abandoned_ok,
         )
 
     # ------------------------------------------------------------------ write-ahead intent
@@ -429,14 +461,44 @@ class Promoter:
         except Exception as e:  # noqa: BLE001 - the next run finds the change recorded and drops it
             log.warning("could not clear the recorded intent of this change: %s", e)
 
+    def read_intent(self) -> dict[str, Any] | None:
+        """This target's recorded intent (:meth:`_write_intent`), if a change left one; raises when the
+        registry cannot be read."""
+        raw = self.registry.model_tags().get(self._intent_key())
+        return json.loads(raw) if raw else None
+
     def pending_intent(self) -> dict[str, Any] | None:
-        """This target's recorded intent (:meth:`_write_intent`), if a change left one."""
+        """:meth:`read_intent`, None when the registry cannot be read."""
         try:
-            raw = self.registry.model_tags().get(self._intent_key())
+            return self.read_intent()
         except Exception as e:  # noqa: BLE001 - the change this run makes fails on the same registry
             log.warning("could not read the registry for an interrupted change: %s", e)
             return None
-        return json.loads(raw) if raw else None
+
+    def follower_reverted(self, intent: dict[str, Any], aliases: dict[str, str]) -> str | None:
+        """How a server following alias ``production`` undid ``intent``'s change, if it did (else None):
+        the change put version V into production through the admin API and stopped before moving the
+        alias (the registry unreachable, say); the alias did not come to name V within the server's grace
+        for an admin install, so the server switched back to the alias's version (its ``follow`` row,
+        ``details.cause`` ``admin_grace_expired``)."""
+        installed, restored = intent["set_aliases"].get("production"), aliases.get("production")
+        if not installed or not restored or installed == restored:
+            return None
+        try:
+            row = self.reader().last_production_change(restored)
+        except Exception as e:  # noqa: BLE001 - not known then: the plain "changed since" stands
+            log.warning("could not read promotion_events for a follower's revert: %s", e)
+            return None
+        if row is None or row.get("action") != "follow" or str(row.get("from_version")) != installed:
+            return None
+        details, at, began = _details(row), as_utc(row.get("ts")), parse_ts(intent["at"])
+        if details.get("cause") != "admin_grace_expired" or at is None or (began is not None and at < began):
+            return None  # another revert, or one from before this change began
+        return (
+            f"at {at:%Y-%m-%d %H:%M:%S} UTC: alias 'production' did not come to name version {installed} within "
+            f"the admin API's grace ({float(details.get('grace_s') or 0):.0f} s), so version {restored} serves "
+            "production again"
+        )
 
     def intent_outlook(
         self, intent: dict[str, Any], live: RolloutState, aliases: dict[str, str]
@@ -470,7 +532,7 @@ class Promoter:
         if intent is None:
             return None
         outlook, rest = self.intent_outlook(intent, live, aliases)
-        if outlook == "changed":  # left to the guard; a --force change records it first (_execute)
+        if outlook == "changed":  # left to the guard; a change that goes ahead records it first (_execute)
             return None
         event = self._intent_event(intent)
         what = f"the interrupted {event.action} ({intent['from']} → {intent['to']}, begun {intent['at']})"
@@ -519,21 +581,33 @@ class Promoter:
             audit_ok=ok,
         )
 
-    def _record_abandoned(self, intent: dict[str, Any], live: RolloutState) -> None:
-        """An interrupted change whose target changed since, replaced by a --force run: its row (failed,
-        ``abandoned``: who began it, why, when) so the trail keeps it, then its intent dropped."""
+    def _record_abandoned(
+        self, intent: dict[str, Any], live: RolloutState, aliases: dict[str, str], by: Event
+    ) -> tuple[bool, str]:
+        """An interrupted change whose target changed since, replaced by this run's ``by`` (forced or not):
+        its row (failed, ``abandoned``: who began it, why, when, what replaced it) so the trail keeps it,
+        then its intent dropped. Returns whether the row was written, and the notice for the operator."""
         event = self._intent_event(intent)
         event.success = False
+        reverted = self.follower_reverted(intent, aliases)
         event.reason = _join(
             intent["reason"],
-            f"abandoned: its run stopped before its audit and the target changed since (now {live.describe()}); "
-            f"replaced by a --force run ({self.settings.who})",
+            f"abandoned: its run stopped before its audit and the target changed since (now {live.describe()})",
+            f"the server's alias follower reverted it {reverted}" if reverted else "",
+            f"replaced by {by.action} {by.from_version}→{by.to_version} of {by.actor}"
+            + (" with --force" if self.force else ""),
         )
-        event.details["abandoned"] = True
+        event.details.update(abandoned=True, replaced_by={"action": by.action, "actor": by.actor})
         event.ts = self._intent_applied_at(intent, event) if intent["applied_at"] else utc_now()
         log.warning("%s", event.reason)
-        if self._record(event, {}):
+        ok = self._record(event, {})
+        if ok:
             self._clear_intent()
+        what = (
+            f"the interrupted {event.action} ({intent['from']} → {intent['to']}, begun {intent['at']} by {event.actor})"
+        )
+        why = f"the server's alias follower reverted it {reverted}" if reverted else "the target changed since"
+        return ok, f"{what} {'is recorded' if ok else 'could not be recorded (see the log)'} as abandoned: {why}"
 
     def _intent_event(self, intent: dict[str, Any]) -> Event:
         """The event of an intent's change, as a later run records it."""
@@ -662,9 +736,7 @@ class Promoter:
         return float(live.percent or 0) if live.canary_active else 0.0
 
     def _event(self, action: str, **kw: Any) -> Event:
-        return Event(
-            action=action, actor=self.settings.who, target=self.target.name, dry_run=self.dry_run, **kw
-        )
+        return Event(action=action, actor=self.settings.who, target=self.target.name, dry_run=self.dry_run, **kw)
 
     def _refuse_on_gates(self, event: Event, what: str) -> None:
         verdict = g.summarize(event.gates)
@@ -706,8 +778,7 @@ class Promoter:
             return
         self._record_refusal(event, live, f"refused: {detail}")
         raise Refused(
-            f"{what} refused: {detail}\n(--force rolls it out anyway; the override is recorded in the "
-            "event's reason)"
+            f"{what} refused: {detail}\n(--force rolls it out anyway; the override is recorded in the event's reason)"
         )
 
     # ------------------------------------------------------------------ actions
@@ -729,8 +800,7 @@ class Promoter:
             production = aliases.get("production") or live.production_version
             if production is None:
                 raise PromotionError(
-                    "nothing is in production yet: deploy a first version with "
-                    f"`motlens promote promote {version}`"
+                    f"nothing is in production yet: deploy a first version with `motlens promote promote {version}`"
                 )
             if version == production:
                 if aliases.get("production") == version and not self._serves(live, version):
@@ -818,9 +888,7 @@ class Promoter:
                 raise PromotionError(f"no canary is running on {self.target.describe()} ({live.describe()})")
             nxt = self.next_step(live.percent)
             if nxt is None:
-                raise PromotionError(
-                    f"canary is at {live.percent}%, the last step; run `motlens promote promote`"
-                )
+                raise PromotionError(f"canary is at {live.percent}%, the last step; run `motlens promote promote`")
             return self._advance(live, aliases, nxt, reason)
 
     def _advance(self, live: RolloutState, aliases: dict[str, str], nxt: int, reason: str = "") -> Outcome:
@@ -852,9 +920,7 @@ class Promoter:
             return self._deploy(live, aliases, version, reason)
 
     def _promote_canary(self, live: RolloutState, aliases: dict[str, str], version: str, reason: str = "") -> Outcome:
-        previous = (
-            aliases.get("production") if aliases.get("production") != version else live.production_version
-        )
+        previous = aliases.get("production") if aliases.get("production") != version else live.production_version
         event = self._event("promote", from_version=previous or "", to_version=version, reason=reason)
         if live.canary_active:
             event.gates = self.evidence.offline_gates(version, previous) + self.evidence.health_gates(version, previous)
@@ -945,9 +1011,7 @@ class Promoter:
                 f"`motlens promote canary start {version}` (or --force to replace it directly)"
             )
         if live.canary_active:
-            raise PromotionError(
-                f"canary version {live.canary_version} is running: promote or roll it back first"
-            )
+            raise PromotionError(f"canary version {live.canary_version} is running: promote or roll it back first")
 
     def _serves(self, live: RolloutState, version: str | None) -> bool:
         """Whether the target serves ``version`` as production (its version and its artifact URI)."""
@@ -989,9 +1053,7 @@ class Promoter:
             if live.canary_active and live.latest_created:  # the revision the canary served: see _restored_ready
                 event.details["canary_revision"] = live.latest_created
             try:
-                steps = (
-                    [live.with_percent(0), live.with_percent(0).rolled_back()] if live.canary_active else []
-                )
+                steps = [live.with_percent(0), live.with_percent(0).rolled_back()] if live.canary_active else []
             except RolloutError as e:
                 raise PromotionError(str(e)) from e
             return self._execute(
