@@ -692,7 +692,7 @@ class Promoter:
         except Exception as e:  # noqa: BLE001
             log.error("could not write the promotion_events row: %s", e)
             ok = False
-        if not event.dry_run:
+        if not event.dry_run and (self.settings.pushgateway_url or self.settings.textfile):
             try:
                 live_pct = event.percent if event.success else self._live_percent()
                 export_metrics(self.settings, self.registry.aliases(), live_pct)

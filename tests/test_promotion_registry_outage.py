@@ -165,3 +165,18 @@ def test_a_promote_the_follower_reverted_is_said_plainly_and_recorded_when_repla
     assert abandoned["action"] == "promote" and "release 3" in abandoned["reason"], abandoned
     assert "follower reverted it" in abandoned["reason"] and f"replaced by {then} " in abandoned["reason"]
     assert not _intents(env)
+
+
+def test_a_row_recorded_during_the_outage_without_a_metrics_target_is_a_complete_audit(local, caplog):
+    """With no Pushgateway or textfile set there is nothing to export: recording a row read the aliases
+    for the metrics anyway, so during an outage it logged "could not export promotion metrics" and called
+    an audit whose row was stored incomplete."""
+    env, serve, settings, target = local
+    assert not settings.pushgateway_url and not settings.textfile
+    p = Promoter(settings, env.registry, target)
+    p.registry = Registry(DOWN, state=env.registry.state)
+    event = p._event("canary_set", from_version="2", to_version="3", reason="recorded in the outage")
+    event.success = False
+    assert p._record(event, {})
+    assert "could not export" not in caplog.text
+    assert _rows()[0]["reason"] == "recorded in the outage"
