@@ -198,6 +198,11 @@ def _held_name(sink: SinkId | None) -> str:
 class Spool:
     """A directory of ordered segments owned by one writer (an exclusive lock; thread-safe inside it).
 
+    Segments are ordered by their sequence number, which a batch can take before it is written
+    (:meth:`reserve`), so a batch written late keeps its place. Appends hold the spool's lock through
+    their fsync; what is there (:meth:`segments`, :meth:`count`, :attr:`rows`, :attr:`bytes`) is read
+    without it, so a disk that hangs holds up no reader.
+
     With ``sink`` the spool is bound to it (module docstring); without, it takes whatever is there."""
 
     def __init__(
@@ -215,6 +220,8 @@ class Spool:
         self.max_bytes = max_bytes
         self.policy = policy
         self._lock = threading.Lock()
+        #: guards only the next sequence number (never held through I/O)
+        self._seq_lock = threading.Lock()
         #: the segment being inserted (:meth:`head`): the full policy leaves it to its insert
         self._sending: Segment | None = None
         #: why the spool cannot be used this run (it cannot be written (read-only, no permission) or bound
@@ -248,9 +255,11 @@ class Spool:
 
     def _open(self, sink: SinkId | None) -> None:
         root = self.root
-        self._segments: list[Segment] = []
+        #: in order; replaced, never changed in place, under the lock (read without it)
+        self._segments: tuple[Segment, ...] = ()
         self._seq = 0
         self._bytes = 0
+        self._rows = 0
         #: rows left in ``held/`` for another sink once bound (they never change while this spool is open)
         self.held_rows = 0
         if self.unbound is not None:
@@ -264,14 +273,17 @@ class Spool:
             except OSError as e:
                 self.unbound = str(e)
                 return
-        self._segments = sorted(
-            Segment(int(m.group(1)), int(m.group(2)), m.group(3), p, p.stat().st_size, m.group(4))
-            for p in root.iterdir()
-            if (m := _SEG.match(p.name))
+        self._segments = tuple(
+            sorted(
+                Segment(int(m.group(1)), int(m.group(2)), m.group(3), p, p.stat().st_size, m.group(4))
+                for p in root.iterdir()
+                if (m := _SEG.match(p.name))
+            )
         )
         held = [int(p.name[:16]) for folder in self._held_folders() for p in _segment_files(folder)]
         self._seq = max([s.seq for s in self._segments] + held, default=-1) + 1  # unique across held ones too
         self._bytes = sum(s.bytes for s in self._segments)
+        self._rows = sum(s.rows for s in self._segments)
         self.held_rows = sum(_rows(_segment_files(folder)) for folder in self._held_folders())
 
     def _held_folders(self) -> list[Path]:
@@ -336,12 +348,17 @@ class Spool:
                 return
 
     def segments(self) -> list[Segment]:
-        with self._lock:
-            return list(self._segments)
+        return list(self._segments)
 
     def count(self) -> int:
-        """How many segments there are (without the lock: an append holds it through its fsync)."""
         return len(self._segments)
+
+    def reserve(self) -> int:
+        """A sequence number for a batch to be appended later (:meth:`append`'s ``seq``): it goes before
+        every batch that reserves (or is appended) after it."""
+        with self._seq_lock:
+            self._seq += 1
+            return self._seq - 1
 
     def head(self) -> Segment | None:
         """The oldest segment, marked as being inserted until :meth:`head_done`: the full policy does not
@@ -356,16 +373,16 @@ class Spool:
 
     @property
     def rows(self) -> int:
-        with self._lock:
-            return sum(s.rows for s in self._segments)
+        return self._rows
 
     @property
     def bytes(self) -> int:
-        with self._lock:
-            return self._bytes
+        return self._bytes
 
-    def append(self, table: pa.Table, token: str) -> tuple[Segment | None, int]:
-        """Durably add a batch; returns (segment or None if refused, rows dropped by the full policy).
+    def append(self, table: pa.Table, token: str, seq: int | None = None) -> tuple[Segment | None, int]:
+        """Durably add a batch, in its place by ``seq`` (:meth:`reserve`; default: last); returns (segment
+        or None if refused, rows dropped by the full policy). A token the spool holds is not written again:
+        that segment is returned.
 
         Under ``drop_oldest`` the oldest segments are deleted only once the new one is on disk, so a
         write that fails (disk full) raises with every older segment still in place."""
@@ -377,19 +394,21 @@ class Spool:
         data = sink.getvalue()
         digest = _digest(data)
         with self._lock:
+            if (held := next((s for s in self._segments if s.token == token), None)) is not None:
+                return held, 0
             if self._bytes + data.size > self.max_bytes and (
                 self.policy == "drop_newest" or data.size > self.max_bytes
             ):
                 return None, table.num_rows
+            seq = self.reserve() if seq is None else seq
             seg = Segment(
-                self._seq,
+                seq,
                 table.num_rows,
                 token,
-                self.root / f"{self._seq:016d}-{table.num_rows}-{token}-{digest}.arrow",
+                self.root / f"{seq:016d}-{table.num_rows}-{token}-{digest}.arrow",
                 data.size,
                 digest,
             )
-            self._seq += 1
             tmp = seg.path.with_name(seg.path.name + ".tmp")
             try:
                 with open(tmp, "wb") as f:
@@ -401,8 +420,9 @@ class Spool:
                 tmp.unlink(missing_ok=True)  # a partial segment must not be replayed
                 raise
             dropped = self._evict_for(data.size)
-            self._segments.append(seg)
+            self._segments = tuple(sorted((*self._segments, seg)))
             self._bytes += data.size
+            self._rows += seg.rows
             try:
                 _fsync_dir(self.root)
             except OSError as e:  # the segment is in place: counting it as lost would count it twice
@@ -421,8 +441,7 @@ class Spool:
             except OSError as e:  # kept (and still counted in the spool): over the limit for now
                 log.warning("predlog: cannot delete spool segment %s (%s)", old.path.name, e)
                 break
-            self._segments.remove(old)
-            self._bytes -= old.bytes
+            self._forget(old)
             dropped += old.rows
         return dropped
 
@@ -443,9 +462,7 @@ class Spool:
         """Take a segment out of the spool (and its byte count), kept as ``*.corrupt`` (unreadable) or
         ``*.rejected`` (refused by ClickHouse for good); neither is replayed nor ever deleted."""
         with self._lock:
-            if seg in self._segments:
-                self._segments.remove(seg)
-                self._bytes -= seg.bytes
+            self._forget(seg)
             aside = seg.path.with_suffix(suffix)
             if seg.path.exists():
                 seg.path.rename(aside)
@@ -453,7 +470,12 @@ class Spool:
 
     def remove(self, seg: Segment) -> None:
         with self._lock:
-            if seg in self._segments:
-                self._segments.remove(seg)
-                self._bytes -= seg.bytes
+            self._forget(seg)
             seg.path.unlink(missing_ok=True)
+
+    def _forget(self, seg: Segment) -> None:
+        """Take a segment out of the spool's list and counts (lock held)."""
+        if seg in self._segments:
+            self._segments = tuple(s for s in self._segments if s != seg)
+            self._bytes -= seg.bytes
+            self._rows -= seg.rows

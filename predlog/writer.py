@@ -25,12 +25,20 @@ Audit rows (``promotion_events``, :meth:`PredictionLogWriter.record_event`) take
 their own spool (``spool/events/``) and backoff: spooled at once, stored by the sender in order.
 
 ``close`` (called on SIGTERM) spools the queue, tries the sink once more and leaves whatever the sink
-did not take in the spool for the next start; a sink that hangs past its timeout is left behind.
+did not take in the spool for the next start; a sink that hangs past its timeout is left behind, and so
+is a spool disk that hangs (what is not on disk by the timeout is counted as dropped). What ``close``
+reports is final: an insert or a spool write it gave up on that ends later changes no count and no
+segment (the spool keeps such a batch: its token makes the next start's replay store it once).
+
+Every batch has one owner at a time, changed only under the writer's lock: the batcher (its claim), the
+sender (the handed-on batch, the audit rows waiting in memory) or ``close`` (what it took over), and only
+the owner counts it. Nothing holds the writer's lock while it waits on the sink or the disk.
 """
 
 from __future__ import annotations
 
 import atexit
+import bisect
 import logging
 import threading
 import time
@@ -38,7 +46,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -64,14 +72,30 @@ def writer_of(settings: PredlogSettings) -> PredictionLogWriter | None:
     return next((w for w in list(_OPEN) if w.settings is settings), None)
 
 
-@dataclass(frozen=True)
-class _Handoff:
-    """A batch for the sender to store that has no spool copy: the embedded store's (spooled if the write
-    fails), or one the spool could not take (``lost_as``: counted so if the sink does not take it either)."""
+@dataclass(frozen=True, eq=False)
+class _Batch:
+    """A batch with no spool copy (yet), with its place in its spool (``seq``, reserved when it was formed):
+    handed to the sender (the embedded store's, spooled if the write fails; or one the spool could not
+    take, ``lost_as``: counted so if the sink does not take it either), an audit row waiting in memory, or
+    one ``close`` spools."""
 
     table: pa.Table
     token: str
+    seq: int
     lost_as: str | None = None
+
+
+@dataclass(eq=False)
+class _Claim:
+    """The batch the batcher took off the queue, until it is in the spool or handed on."""
+
+    records: list[PredictionRecord]
+    token: str
+    seq: int
+    #: once encoded (its bad rows counted)
+    table: pa.Table | None = None
+    #: its spool write is under way: only the batcher learns how it ends (close() does not take it over)
+    writing: bool = False
 
 
 class _Lane:
@@ -129,11 +153,10 @@ class _Lane:
 
     def count_fresh_as_spilled(self) -> None:
         """The sink failed (or the writer stops): this run's segments still spooled count as spilled."""
-        left = {s.token: s.rows for s in self.spool.segments()}
         with self._lock:
+            left = {s.token: s.rows for s in self.spool.segments()}
             tokens, self.fresh = self.fresh, set()
-        for token in tokens:
-            if token in left:
+            for token in tokens & left.keys():
                 self.add("spilled", left[token])
 
     def succeeded(self) -> None:
@@ -169,8 +192,10 @@ class PredictionLogWriter:
         self._cond = threading.Condition()
         self._rows = _Lane("predictions", sink, spool, settings, self._cond)
         self._events = _Lane("promotion_events", *events, settings, self._cond)
-        #: audit rows their spool could not take, oldest first, for the sender to store
-        self._pending_events: deque[tuple[pa.Table, str]] = deque()
+        #: audit rows their spool could not take, in record order (``seq``), for the sender to store
+        self._pending_events: list[_Batch] = []
+        #: no audit row waits in memory any more: the sender's last pass spooled them (or close() took them)
+        self._events_final = False
         self._inflight = 0
         self._closed = False
         self._stopping = False
@@ -180,15 +205,17 @@ class PredictionLogWriter:
         self._abandoned = False
         self._live = 2
         self._flush_requested = False
-        #: the batch handed to the sender, until it is stored (or spooled, or counted as dropped): close()
-        #: spills it if the sender outlasts the timeout; a replay of the same token stores it once
-        self._handoff: _Handoff | None = None
+        #: the batch handed to the sender, until it is stored (or spooled, or counted as dropped)
+        self._handoff: _Batch | None = None
         #: the sender is in a pass (storing, replaying)
         self._busy = False
-        #: the batch the batcher took off the queue, until it is in the spool (or handed on): close()
-        #: spills it if the batcher outlasts the timeout; both writes carry the batch's token, so a copy
-        #: written twice is stored once
-        self._claimed: tuple[list[PredictionRecord], str] | None = None
+        #: the batch the batcher took off the queue, until it is in the spool (or handed on)
+        self._claimed: _Claim | None = None
+        #: close() took over the sender's work: what the sender does from then on changes no count and no spool
+        self._took_over = False
+        #: batches close() took over, spooled in order by its helper thread (``predlog-close``)
+        self._orphans: deque[tuple[_Lane, _Batch]] = deque()
+        self._closer: threading.Thread | None = None
         metrics.SPOOL_HELD_ROWS.set(spool.held_rows)
         #: the embedded log's background compaction (set by ``open_writer``), stopped by close()
         self.compactor: Any = None
@@ -222,9 +249,9 @@ class PredictionLogWriter:
 
     def record_event(self, row: dict[str, Any]) -> bool:
         """Store one ``promotion_events`` row: written to the audit spool at once (fsync'd), stored in the
-        log by the sender (never waiting on the sink here). While the spool cannot take it (read-only, disk
-        full) it waits in memory for the sender, retried with backoff. False when it is lost (counted in
-        ``motlens_predlog_events_dropped_total``); never raises."""
+        log by the sender in record order (never waiting on the sink here). While the spool cannot take it
+        (read-only, disk full) it waits in memory for the sender, retried with backoff. False when it is
+        lost (counted in ``motlens_predlog_events_dropped_total``); never raises."""
         lane = self._events
         try:
             table = row_to_arrow("promotion_events", row)
@@ -232,18 +259,20 @@ class PredictionLogWriter:
             log.error("predlog: cannot record a promotion_events row of %s (%s)", row.get("action"), e)
             lane.drop(1, "invalid")
             return False
-        token = uuid.uuid4().hex
         with self._cond:
             if self._closed:
                 lane.drop(1, "closed")
                 return False
-        kept = self._write_ahead(lane, table, token)
+        event = _Batch(table, uuid.uuid4().hex, lane.spool.reserve())
+        kept = self._write_ahead(lane, event)
         with self._cond:
-            if isinstance(kept, str):
-                if len(self._pending_events) >= MAX_PENDING_EVENTS:
-                    lane.drop(1, kept)
-                    return False
-                self._pending_events.append((table, token))
+            if isinstance(kept, Segment):
+                lane.spooled(kept)
+            elif self._events_final or len(self._pending_events) >= MAX_PENDING_EVENTS:
+                lane.drop(1, kept)  # no sender will take it from memory any more (or too many wait)
+                return False
+            else:
+                bisect.insort(self._pending_events, event, key=lambda e: e.seq)
             self._cond.notify_all()
         return True
 
@@ -265,8 +294,11 @@ class PredictionLogWriter:
     def close(self, timeout: float = 10.0) -> None:
         """Spool the queue, try the sink once more, stop; rows the sink did not take stay in the spool.
         Everything (the compactor's stop, waited for only with what is left, included) takes at most
-        ``timeout`` seconds: a sink that hangs longer is left behind, the rows it holds spooled."""
+        ``timeout`` seconds. The threads get three quarters of it; what one still holds then (a sink or a
+        spool disk that hangs) is spooled from a helper thread in the rest, and what is not on disk by
+        ``timeout`` is counted as dropped (``spool_error``). The counts are final when it returns."""
         deadline = time.monotonic() + timeout
+        threads_until = deadline - timeout / 4
         with self._cond:
             if self._closed:
                 return
@@ -275,17 +307,18 @@ class PredictionLogWriter:
             self._cond.notify_all()
         if self.compactor is not None:
             self.compactor.stop()
-        self._thread.join(timeout)
+        self._thread.join(max(0.0, threads_until - time.monotonic()))
         atexit.unregister(self._atexit)
-        if self._thread.is_alive():  # the spool's disk hangs: try again from here
-            self._spill_batcher_work()
+        if self._thread.is_alive():  # slow, or its spool disk hangs: what it holds goes to the spool from here
+            self._take_batcher_work()
         with self._cond:
             self._batches_done = True
             self._cond.notify_all()
-        self._sender.join(max(0.0, deadline - time.monotonic()))
-        if self._sender.is_alive():  # the sink hangs: keep what it holds on local disk
-            self._spill_sender_work()
+        self._sender.join(max(0.0, threads_until - time.monotonic()))
+        if self._sender.is_alive():  # the sink (or the spool's disk) hangs: keep what it holds on local disk
+            self._take_sender_work()
             log.warning("predlog: writer did not stop within %.1fs; unsent rows kept in the spool", timeout)
+        self._settle(deadline)
         if self.compactor is not None:  # a daemon thread; a merge cut short is finished by the next run
             self.compactor.close(max(0.0, deadline - time.monotonic()))
         with self._cond:
@@ -298,13 +331,12 @@ class PredictionLogWriter:
 
     def stats(self) -> dict[str, Any]:
         rows, events = self._rows, self._events
-        spool = {  # read before taking the writer's lock: an append holds the spool's through its fsync
+        spool = {  # the spool's figures are read without its lock (an append holds it through its fsync)
             "spool_rows": self.spool.rows,
             "spool_bytes": self.spool.bytes,
             "spool_segments": self.spool.count(),
             "spool_held_rows": self.spool.held_rows,
         }
-        events_spooled = events.spool.rows
         with self._cond:
             return {
                 **rows.counts,
@@ -316,7 +348,7 @@ class PredictionLogWriter:
                 "events": {
                     "written": events.counts["written"],
                     "dropped_by_reason": dict(events.dropped),
-                    "spool_rows": events_spooled,
+                    "spool_rows": events.spool.rows,
                     "pending": len(self._pending_events),
                     "sink_ok": events.ok,
                 },
@@ -365,20 +397,21 @@ class PredictionLogWriter:
                     if not self._queue:
                         self._flush_requested = False
                     self._inflight = n
-                    self._claimed = (batch, uuid.uuid4().hex) if batch else None
+                    claim = self._claimed = _Claim(batch, uuid.uuid4().hex, self.spool.reserve()) if batch else None
                     stop = self._stopping and not self._queue
                 try:
-                    if batch:
-                        self._store(batch, self._claimed[1])  # type: ignore[index]
+                    if claim is not None:
+                        self._store(claim)
                 except Exception:  # noqa: BLE001 - the thread must survive anything
                     log.exception("predlog: writer loop error")
                 finally:
                     with self._cond:
                         self._inflight = 0
-                        self._claimed = None
+                        if self._claimed is claim:
+                            self._claimed = None
                         metrics.QUEUE_DEPTH.set(len(self._queue))
-                        metrics.SPOOL_BYTES.set(self.spool.bytes)
                         self._cond.notify_all()
+                    metrics.SPOOL_BYTES.set(self.spool.bytes)
                 if stop:
                     return
         finally:
@@ -387,45 +420,62 @@ class PredictionLogWriter:
                 self._cond.notify_all()
             self._ended()
 
-    def _store(self, batch: list[PredictionRecord], token: str) -> None:
-        """Put a batch on local disk (or hand it on to the sender); never waits on the sink."""
-        table = self._encode(batch)
-        if table is None or not self._owns(token):  # not owned: close() spilled it meanwhile
-            return
+    def _store(self, claim: _Claim) -> None:
+        """Put a batch on local disk (or hand it on to the sender); never waits on the sink. The claim is
+        checked under the lock at each step: close() may have taken the batch over meanwhile."""
+        table, invalid = self._encode(claim.records)
         lane = self._rows
-        if self.sink.local and self._hand_off(table, token, None, wait=0.0):
+        with self._cond:
+            if self._claimed is not claim:
+                return
+            lane.drop(invalid, "invalid")
+            if table is None:
+                self._claimed = None
+                return
+            claim.table = table
+        batch = _Batch(table, claim.token, claim.seq)
+        if self.sink.local and self._hand_off(claim, batch, wait=0.0):
             return
-        kept = self._write_ahead(lane, table, token)
-        if not isinstance(kept, str):
-            return
+        with self._cond:
+            if self._claimed is not claim:
+                return
+            claim.writing = True
+        kept = self._write_ahead(lane, batch)
+        with self._cond:
+            if self._claimed is not claim:  # the sender took it on from the spool, or close() counted it
+                return
+            claim.writing = False
+            self._cond.notify_all()
+            if isinstance(kept, Segment):
+                self._claimed = None
+                lane.spooled(kept)
+                return
         # no durable copy (disk full, or a batch the spool refuses): straight to a healthy sink
-        if lane.due(time.monotonic()) and self._hand_off(table, token, kept, wait=self.settings.flush_interval):
+        if lane.due(time.monotonic()) and self._hand_off(
+            claim, replace(batch, lost_as=kept), wait=self.settings.flush_interval
+        ):
             return
-        self._release_claim(token)
-        lane.drop(table.num_rows, kept)
+        with self._cond:
+            if self._claimed is claim:
+                self._claimed = None
+                lane.drop(table.num_rows, kept)
 
-    def _write_ahead(self, lane: _Lane, table: pa.Table, token: str) -> Segment | str:
-        """Spool a batch for the sender: its segment, or why it is not spooled (the drop reason)."""
+    def _write_ahead(self, lane: _Lane, batch: _Batch) -> Segment | str:
+        """Spool a batch at its place: its segment (the one there already for its token), or why it is not
+        spooled (the drop reason). Counts only the older segments the full policy deleted for it."""
         if lane.spool.unbound is not None:  # not bound this run (said once, at start): no write-ahead copy
             return "spool_error"
         try:
-            seg, dropped = lane.spool.append(table, token)
+            seg, dropped = lane.spool.append(batch.table, batch.token, batch.seq)
         except OSError as e:
-            log.error(
-                "predlog: spool write failed (%s); the batch goes straight to the sink if it is up, else it is "
-                "dropped (spool_error)", e,
-            )  # fmt: skip
+            log.error("predlog: spool write of %d %s rows failed (%s)", batch.table.num_rows, lane.table, e)
             return "spool_error"
         if seg is None:
             return "spool_full"
         lane.drop(dropped, "spool_full")  # older segments, under drop_oldest
-        self._release_claim(token)  # in the spool: close() must not spool it again
-        lane.spooled(seg)
-        with self._cond:
-            self._cond.notify_all()
         return seg
 
-    def _hand_off(self, table: pa.Table, token: str, lost_as: str | None, *, wait: float) -> bool:
+    def _hand_off(self, claim: _Claim, batch: _Batch, *, wait: float) -> bool:
         """Give the batch to the sender (the batcher's claim goes with it). An embedded batch (``lost_as``
         None) only to a sender that is idle with an empty spool (spooled batches go first); one the spool
         could not take waits up to ``wait`` seconds for a batch handed on before to be taken."""
@@ -433,23 +483,13 @@ class PredictionLogWriter:
         with self._cond:
             while self._handoff is not None and not self._stopping and (remaining := deadline - time.monotonic()) > 0:
                 self._cond.wait(remaining)
-            if not self._owns(token):
-                return True  # close() spilled it meanwhile
-            if self._handoff is not None or (lost_as is None and (self._busy or self.spool.count())):
+            if self._claimed is not claim:
+                return True  # close() took it over meanwhile
+            if self._handoff is not None or (batch.lost_as is None and (self._busy or self.spool.count())):
                 return False
-            self._claimed, self._handoff = None, _Handoff(table, token, lost_as)
+            self._claimed, self._handoff = None, batch
             self._cond.notify_all()
         return True
-
-    def _release_claim(self, token: str) -> None:
-        """The batch is in the spool (or the sink): no longer close()'s to spill."""
-        with self._cond:
-            if self._claimed is not None and self._claimed[1] == token:
-                self._claimed = None
-
-    def _owns(self, token: str) -> bool:
-        with self._cond:
-            return self._claimed is not None and self._claimed[1] == token
 
     # -- the sender thread ------------------------------------------------------------------
     def _send(self) -> None:
@@ -472,8 +512,8 @@ class PredictionLogWriter:
                 finally:
                     with self._cond:
                         self._busy = False
-                        metrics.SPOOL_BYTES.set(self.spool.bytes)
                         self._cond.notify_all()
+                    metrics.SPOOL_BYTES.set(self.spool.bytes)
                 if final:
                     return
         finally:
@@ -497,7 +537,6 @@ class PredictionLogWriter:
         """Store the handed-on batch, then the audit rows, then replay the spool (``final``: whatever the
         backoff, the writer stops after it)."""
         self._send_handoff()
-        self._send_pending_events(final)
         self._drain(self._events, final)
         if not self._drain(self._rows, final) or final:
             self._rows.count_fresh_as_spilled()
@@ -505,74 +544,100 @@ class PredictionLogWriter:
             self._keep_pending_events()
 
     def _send_handoff(self) -> None:
+        """Store the handed-on batch; an embedded one the sink did not take goes to the spool at its place.
+        It stays the handed-on batch (close()'s to take over) until it is stored, spooled or counted."""
         with self._cond:
             h = self._handoff
         if h is None:
             return
-        stored = self._try_insert(self._rows, h.table, h.token)
+        lane, n = self._rows, h.table.num_rows
+        error = self._insert_or_error(lane, h.table, h.token)
+        why = None if error is None else permanent_error(error)
+        if error is not None and why is None:
+            lane.failed(error)
+        kept = self._write_ahead(lane, h) if error is not None and why is None and h.lost_as is None else None
         with self._cond:
-            if self._handoff is not h:  # close() spilled it meanwhile
+            if self._handoff is not h:  # close() took it over (and counted it)
                 return
             self._handoff = None
             self._cond.notify_all()
-        if stored:
-            return
-        if h.lost_as is None:
-            self._spill(self._rows, h.table, h.token)  # the embedded store's batch: replayed later
-        else:
-            self._rows.drop(h.table.num_rows, h.lost_as)
+            if error is None:
+                lane.add("written", n)
+            elif why is not None:
+                lane.drop(n, "rejected")
+            elif h.lost_as is not None:
+                lane.drop(n, h.lost_as)
+            elif kept is not None:
+                self._count_spool_write(lane, n, kept)
+        if why is not None:
+            log.error("predlog: ClickHouse refuses a batch for good (%s); %d %s rows dropped", why, n, lane.table)
 
-    def _send_pending_events(self, force: bool) -> None:
-        """Audit rows their spool could not take, in order, until one fails."""
+    def _send_pending_events(self, before: Segment | None) -> bool:
+        """The audit rows waiting in memory that were recorded before the spool's ``before`` (all when
+        None), in order, until one fails (False)."""
         lane = self._events
-        if not force and not lane.due(time.monotonic()):
-            return
-        while not self._abandoned:
+        while True:
             with self._cond:
-                if not self._pending_events:
-                    return
-                table, token = self._pending_events[0]
-            stored = self._try_insert(lane, table, token)
-            if not stored:
-                return
+                if not self._pending_events or (before is not None and self._pending_events[0].seq > before.seq):
+                    return not self._took_over
+                event = self._pending_events[0]
+            error = self._insert_or_error(lane, event.table, event.token)
+            why = None if error is None else permanent_error(error)
+            if error is not None and why is None:
+                lane.failed(error)
+                return False
             with self._cond:
-                if self._pending_events and self._pending_events[0][1] == token:
-                    self._pending_events.popleft()
+                if not self._pending_events or self._pending_events[0] is not event:
+                    return False  # close() took them over
+                self._pending_events.pop(0)
+                if why is None:
+                    lane.add("written", 1)
+                else:
+                    lane.drop(1, "rejected")
+            if why is not None:
+                log.error("predlog: ClickHouse refuses a promotion_events row for good (%s); dropped", why)
 
     def _keep_pending_events(self) -> None:
-        """The writer stops: audit rows still in memory go to their spool, else they are counted as lost."""
-        with self._cond:
-            pending, self._pending_events = list(self._pending_events), deque()
-        for table, token in pending:
-            self._spill(self._events, table, token)
+        """The writer stops: audit rows still in memory go to their spool (each stays close()'s to take over
+        until it is there), else they are counted as lost."""
+        lane = self._events
+        while True:
+            with self._cond:
+                if not self._pending_events:
+                    self._events_final = True
+                    return
+                event = self._pending_events[0]
+            kept = self._write_ahead(lane, event)
+            with self._cond:
+                if not self._pending_events or self._pending_events[0] is not event:
+                    return  # close() took them over
+                self._pending_events.pop(0)
+                self._count_spool_write(lane, 1, kept)
 
-    def _try_insert(self, lane: _Lane, table: pa.Table, token: str) -> bool:
-        """Insert now; on failure note it (backoff, or ``rejected`` when no retry would pass) and say so."""
+    def _insert_or_error(self, lane: _Lane, table: pa.Table, token: str) -> Exception | None:
         try:
             self._insert(lane, table, token)
-        except Exception as e:  # noqa: BLE001
-            if (why := permanent_error(e)) is not None:
-                log.error(
-                    "predlog: ClickHouse refuses a batch for good (%s); %d %s rows dropped", why, table.num_rows,
-                    lane.table,
-                )  # fmt: skip
-                lane.drop(table.num_rows, "rejected")
-                return True  # handled: not the caller's to spill or count again
-            lane.failed(e)
-            return False
-        lane.add("written", table.num_rows)
-        return True
+        except Exception as e:  # noqa: BLE001 - the caller decides (retry, reject, spool)
+            return e
+        return None
 
     def _drain(self, lane: _Lane, force: bool) -> bool:
-        """Replay ``lane``'s spooled segments in order until one fails (none while backing off unless
-        ``force``); False when the sink failed."""
+        """Replay ``lane``'s spooled segments in order (the audit rows waiting in memory in their place
+        among them) until one fails (none while backing off unless ``force``); False when the sink failed."""
         if not force and not lane.due(time.monotonic()):
             return False
-        while not self._abandoned:
+        while True:
             seg = lane.spool.head()
-            if seg is None:
-                return True
             try:
+                with self._cond:
+                    if self._took_over:
+                        return False
+                    if seg is not None and lane is self._rows:
+                        self._adopt(seg)
+                if lane is self._events and not self._send_pending_events(seg):
+                    return False
+                if seg is None:
+                    return True
                 try:
                     table = Spool.read(seg)
                 except Exception:  # noqa: BLE001 - a corrupt segment must not block the rest
@@ -580,20 +645,30 @@ class PredictionLogWriter:
                     lane.spool.set_aside(seg)
                     lane.drop(seg.rows, "invalid")
                     continue
-                try:
-                    self._insert(lane, table, seg.token)
-                except Exception as e:  # noqa: BLE001
-                    if (why := permanent_error(e)) is None:
-                        lane.failed(e)
+                error = self._insert_or_error(lane, table, seg.token)
+                with self._cond:
+                    if self._took_over:  # close() counted it as spooled; the next start's replay stores it once
                         return False
-                    if not self._reject(lane, seg, why, e):
-                        return False
+                    if error is None:
+                        lane.stored(seg)
+                if error is None:
+                    lane.spool.remove(seg)
                     continue
-                lane.spool.remove(seg)
-                lane.stored(seg)
+                if (why := permanent_error(error)) is None:
+                    lane.failed(error)
+                    return False
+                if not self._reject(lane, seg, why, error):
+                    return False
             finally:
                 lane.spool.head_done()
-        return False
+
+    def _adopt(self, seg: Segment) -> None:
+        """A segment of the batch the batcher is still spooling: the sender counts it (``_cond`` held)."""
+        claim = self._claimed
+        if claim is not None and claim.token == seg.token:
+            self._claimed = None
+            self._rows.spooled(seg)
+            self._cond.notify_all()
 
     def _reject(self, lane: _Lane, seg: Segment, why: str, e: Exception) -> bool:
         """A segment ClickHouse refuses for good (``PERMANENT_CODES``) leaves the spool as ``*.rejected``
@@ -623,45 +698,110 @@ class PredictionLogWriter:
         lane.succeeded()
 
     # -- close() and the end ----------------------------------------------------------------
-    def _spill_batcher_work(self) -> None:
-        """The batcher outlasted close()'s timeout: its claimed batch and the queue go to the spool from here."""
+    def _take_batcher_work(self) -> None:
+        """The batcher outlasted close()'s wait: its claimed batch (unless its spool write is under way) and
+        the queue go to the spool from here."""
         with self._cond:
             rest = list(self._queue)
             self._queue.clear()
-            claimed, self._claimed = self._claimed, None
-        if claimed is not None and (table := self._encode(claimed[0])) is not None:
-            self._spill(self._rows, table, claimed[1])
-        if rest and (table := self._encode(rest)) is not None:
-            self._spill(self._rows, table, uuid.uuid4().hex)
-
-    def _spill_sender_work(self) -> None:
-        """The sender outlasted close()'s timeout (a sink that hangs): what it holds in memory, the batch
-        handed to it and the audit rows that wait, go to the spool from here."""
+            claim = self._claimed if self._claimed is not None and not self._claimed.writing else None
+            if claim is not None:
+                self._claimed = None
+            rest_seq = self.spool.reserve()
+        batches = []
+        if claim is not None:
+            table = claim.table
+            if table is None:
+                table, invalid = self._encode(claim.records)
+                self._drop(invalid, "invalid")
+            if table is not None:
+                batches.append(_Batch(table, claim.token, claim.seq))
+        if rest:
+            table, invalid = self._encode(rest)
+            self._drop(invalid, "invalid")
+            if table is not None:
+                batches.append(_Batch(table, uuid.uuid4().hex, rest_seq))
         with self._cond:
-            h, self._handoff = self._handoff, None
-        if h is not None:
-            if h.lost_as is None:
-                self._spill(self._rows, h.table, h.token)
-            else:
-                self._rows.drop(h.table.num_rows, h.lost_as)
-        self._keep_pending_events()
-        self._rows.count_fresh_as_spilled()
+            for batch in batches:
+                self._orphan(self._rows, batch)
 
-    def _spill(self, lane: _Lane, table: pa.Table, token: str) -> None:
-        """Spool a batch the sink did not take; rows refused by the full policy or lost to a failed write
-        (disk full, an unbound spool) are counted."""
-        if lane.spool.unbound is not None:  # said once, at start
-            lane.drop(table.num_rows, "spool_error")
-            return
+    def _take_sender_work(self) -> None:
+        """The sender outlasted close()'s wait: close() counts from now on; what the sender holds in memory,
+        the batch handed to it and the audit rows that wait, go to the spool from here."""
+        with self._cond:
+            self._took_over = self._events_final = True
+            h, self._handoff = self._handoff, None
+            pending, self._pending_events = self._pending_events, []
+            if h is not None and h.lost_as is not None:
+                self._rows.drop(h.table.num_rows, h.lost_as)
+            elif h is not None:
+                self._orphan(self._rows, h)
+            for event in pending:
+                self._orphan(self._events, event)
+            self._cond.notify_all()
+
+    def _orphan(self, lane: _Lane, batch: _Batch) -> None:
+        """Queue a batch close() took over for its helper thread to spool (``_cond`` held)."""
+        self._orphans.append((lane, batch))
+        if self._closer is None:
+            self._live += 1
+            self._closer = threading.Thread(target=self._spool_orphans, name="predlog-close", daemon=True)
+            self._closer.start()
+
+    def _spool_orphans(self) -> None:
+        """close()'s helper: spool the batches it took over, in order, each counted if close() still waits
+        for it (a spool disk that hangs holds up this thread, never close())."""
         try:
-            seg, dropped = lane.spool.append(table, token)
-        except OSError as e:
-            log.error("predlog: spool write failed (%s); %d %s rows dropped", e, table.num_rows, lane.table)
-            lane.drop(table.num_rows, "spool_error")
-            return
-        lane.drop(dropped, "spool_full")
-        if seg is not None:
-            lane.add("spilled", seg.rows)
+            while True:
+                with self._cond:
+                    if not self._orphans:
+                        self._closer = None
+                        return
+                    lane, batch = self._orphans[0]
+                kept = self._write_ahead(lane, batch)
+                with self._cond:
+                    if self._orphans and self._orphans[0][1] is batch:
+                        self._orphans.popleft()
+                        self._count_spool_write(lane, batch.table.num_rows, kept)
+                        self._cond.notify_all()
+        finally:
+            self._ended()
+
+    def _settle(self, deadline: float) -> None:
+        """close()'s last step: it waits for its helper and for a batch the batcher is spooling until
+        ``deadline``; what is still not on disk then (a spool disk that hangs) is counted as dropped
+        (``spool_error``), and this run's segments left in the spool as spilled. A write or insert that ends
+        after this changes no count."""
+        with self._cond:
+            while (self._orphans or (self._claimed is not None and self._claimed.writing)) and (
+                remaining := deadline - time.monotonic()
+            ) > 0:
+                self._cond.wait(remaining)
+            self._took_over = self._events_final = True
+            left, self._orphans = list(self._orphans), deque()
+            claim, self._claimed = self._claimed, None
+            h, self._handoff = self._handoff, None  # handed on after the sender's last pass
+            lost = [(lane, b.table.num_rows) for lane, b in left]
+            if claim is not None:
+                lost.append((self._rows, claim.table.num_rows if claim.table is not None else len(claim.records)))
+            if h is not None:
+                lost.append((self._rows, h.table.num_rows))
+            for lane, n in lost:
+                lane.drop(n, "spool_error")
+            self._rows.count_fresh_as_spilled()
+            self._cond.notify_all()
+        if lost:
+            log.error(
+                "predlog: %d rows were not on disk within close()'s timeout (the spool's disk hangs); counted as "
+                "dropped (spool_error)", sum(n for _, n in lost)
+            )  # fmt: skip
+
+    def _count_spool_write(self, lane: _Lane, rows: int, kept: Segment | str) -> None:
+        """Count a batch the sink did not take: spilled, or dropped for why the spool did not take it."""
+        if isinstance(kept, Segment):
+            lane.add("spilled", kept.rows)
+        else:
+            lane.drop(rows, kept)
 
     def _ended(self) -> None:
         """A thread ends; the last one releases the sinks and spools if close() stopped waiting for it."""
@@ -676,9 +816,10 @@ class PredictionLogWriter:
             lane.sink.close()
             lane.spool.close()
 
-    def _encode(self, batch: list[PredictionRecord]) -> pa.Table | None:
+    def _encode(self, batch: list[PredictionRecord]) -> tuple[pa.Table | None, int]:
+        """The batch as Arrow and how many rows were left out (unencodable; for the caller to count)."""
         try:
-            return records_to_arrow(batch)
+            return records_to_arrow(batch), 0
         except Exception:  # noqa: BLE001 - isolate the bad rows, keep the good ones
             good = []
             for r in batch:
@@ -687,8 +828,7 @@ class PredictionLogWriter:
                     good.append(r)
                 except Exception as e:  # noqa: BLE001
                     log.warning("predlog: dropping an unencodable row (%s)", e)
-                    self._drop(1, "invalid")
-            return records_to_arrow(good) if good else None
+            return (records_to_arrow(good) if good else None), len(batch) - len(good)
 
     def _drop(self, n: int, reason: str) -> None:
         self._rows.drop(n, reason)
