@@ -8,7 +8,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from test_predlog_faults import stall_parquet_writes, stopped, wait_for
+from test_predlog_faults import stall_inserts, stopped, wait_for
 from test_predlog_scale import MIDNIGHT, batch_file, row
 
 import predlog
@@ -129,7 +129,7 @@ def test_close_spools_the_queue_before_it_waits_for_a_busy_compaction(tmp_path, 
         return {}
 
     monkeypatch.setattr(autocompact, "compact", slow_compact)
-    entered, release = stall_parquet_writes(monkeypatch)
+    entered, release = stall_inserts(monkeypatch)
     settings = PredlogSettings(dir=tmp_path, compact_interval_s=0.05, flush_interval_s=0.05, batch_rows=50)
     settings.table_dir("predictions").mkdir(parents=True)  # a log with files to merge
     writer = predlog.open_writer(settings)

@@ -293,15 +293,8 @@ def test_close_while_a_spooled_batch_is_being_inserted_spools_it_once(chdb_setti
     """The batch taken off the queue stayed close()'s to spill after its write-ahead copy was in the
     spool: an insert hanging past close()'s timeout left it spooled twice (spool_rows doubled)."""
     settings, reader = chdb_settings
-    entered, release = threading.Event(), threading.Event()
     insert = ClickHouseSink.insert
-
-    def hung(self, table, token):  # noqa: ANN001, ANN202 - a server that stalls mid-insert (fault injection)
-        entered.set()
-        assert release.wait(60)
-        insert(self, table, token)
-
-    monkeypatch.setattr(ClickHouseSink, "insert", hung)
+    entered, release = stall_inserts(monkeypatch, ClickHouseSink)  # a server that stalls mid-insert
     writer = predlog.open_writer(settings)
     writer.submit(rows(50))
     assert entered.wait(30)
@@ -323,15 +316,7 @@ def test_the_segment_being_inserted_is_not_evicted_for_a_new_one(chdb_settings, 
     dropped); it deletes the next oldest, and the rows kept plus the rows counted as dropped are the rows
     submitted."""
     settings, reader = chdb_settings
-    entered, release = threading.Event(), threading.Event()
-    insert = ClickHouseSink.insert
-
-    def hung(self, table, token):  # noqa: ANN001, ANN202 - a server that stalls mid-insert (fault injection)
-        entered.set()
-        assert release.wait(60)
-        insert(self, table, token)
-
-    monkeypatch.setattr(ClickHouseSink, "insert", hung)
+    entered, release = stall_inserts(monkeypatch, ClickHouseSink)  # a server that stalls mid-insert
     full = settings.model_copy(update={"spool_max_bytes": int(_segment_bytes(50) * 3.5)})
     writer = predlog.open_writer(full)
     writer.submit(rows(50))
@@ -353,7 +338,7 @@ def test_close_while_the_embedded_store_hangs_keeps_the_batch_being_written(tmp_
     that finishes late and the replay name the same file)."""
     settings = PredlogSettings(dir=tmp_path / "predlog", batch_rows=50, flush_interval_s=0.05)
     insert = ParquetSink.insert
-    entered, release = stall_parquet_writes(monkeypatch)
+    entered, release = stall_inserts(monkeypatch)
     writer = predlog.open_writer(settings)
     writer.submit(rows(200))
     assert entered.wait(30)  # the first batch of 50 is being written
@@ -366,18 +351,18 @@ def test_close_while_the_embedded_store_hangs_keeps_the_batch_being_written(tmp_
     assert _replayed(settings) == (200, 200)
 
 
-def stall_parquet_writes(monkeypatch) -> tuple[threading.Event, threading.Event]:  # noqa: ANN001
-    """Embedded batch writes that stall (a disk that hangs; fault injection): each sets the first event
-    and waits for the second, then writes."""
+def stall_inserts(monkeypatch, sink: type = ParquetSink) -> tuple[threading.Event, threading.Event]:  # noqa: ANN001
+    """Batch writes to ``sink`` that stall (a disk or server that hangs; fault injection): each sets the
+    first event and waits for the second, then writes."""
     entered, release = threading.Event(), threading.Event()
-    insert = ParquetSink.insert
+    insert = sink.insert
 
     def hung(self, table, token):  # noqa: ANN001, ANN202
         entered.set()
         assert release.wait(60)
         insert(self, table, token)
 
-    monkeypatch.setattr(ParquetSink, "insert", hung)
+    monkeypatch.setattr(sink, "insert", hung)
     return entered, release
 
 
