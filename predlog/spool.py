@@ -8,7 +8,8 @@ cut) sets it aside as ``*.corrupt``. Segments of releases before the checksum
 (``{seq}-{rows}-{token}.arrow``) get Arrow's full validation and the row count only. When the spool
 would exceed ``max_bytes`` the policy applies: ``drop_oldest`` deletes the oldest segments (but the
 one being inserted) once the new one is on disk (recent predictions matter most for canary and
-drift; a write that fails deletes nothing), ``drop_newest`` refuses the new batch; the rows lost are
+drift; a write that fails deletes nothing), and refuses a new batch older than those it would have to
+delete (one appended late at its place); ``drop_newest`` refuses the new batch; the rows lost are
 returned so the writer counts them as ``dropped{reason="spool_full"}``.
 
 A spool is bound to its sink (:class:`~predlog.settings.SinkId`, recorded in ``.sink``): segments a
@@ -397,7 +398,7 @@ class Spool:
             if (held := next((s for s in self._segments if s.token == token), None)) is not None:
                 return held, 0
             if self._bytes + data.size > self.max_bytes and (
-                self.policy == "drop_newest" or data.size > self.max_bytes
+                self.policy == "drop_newest" or data.size > self.max_bytes or self._oldest(seq, data.size)
             ):
                 return None, table.num_rows
             seq = self.reserve() if seq is None else seq
@@ -428,6 +429,21 @@ class Spool:
             except OSError as e:  # the segment is in place: counting it as lost would count it twice
                 log.warning("predlog: fsync of the spool directory failed (%s)", e)
             return seg, dropped
+
+    def _oldest(self, seq: int | None, size: int) -> bool:
+        """A segment at ``seq`` would itself be the next to go to make room for it: the older segments
+        the full policy may delete do not free ``size`` bytes (lock held)."""
+        if seq is None:
+            return False
+        need = self._bytes + size - self.max_bytes
+        for old in self._segments:
+            if need <= 0:
+                return False
+            if old.seq > seq:
+                return True
+            if old != self._sending:
+                need -= old.bytes
+        return False
 
     def _evict_for(self, size: int) -> int:
         """Delete the oldest segments until ``size`` more bytes fit (lock held), all but the one being

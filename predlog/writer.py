@@ -196,12 +196,15 @@ class PredictionLogWriter:
         self._pending_events: list[_Batch] = []
         #: no audit row waits in memory any more: the sender's last pass spooled them (or close() took them)
         self._events_final = False
+        #: audit rows record_event() is spooling (close() waits for them, counting those not on disk in time)
+        self._recording: set[_Batch] = set()
         self._inflight = 0
         self._closed = False
         self._stopping = False
         #: the batcher has put every batch on disk or handed it on (or close() took over its work)
         self._batches_done = False
-        #: close() is done waiting; whichever thread ends last releases the sinks and the spools (their locks)
+        #: close() is done waiting; whichever thread (or record_event() call) ends last releases the sinks and
+        #: the spools (their locks)
         self._abandoned = False
         self._live = 2
         self._flush_requested = False
@@ -213,6 +216,10 @@ class PredictionLogWriter:
         self._claimed: _Claim | None = None
         #: close() took over the sender's work: what the sender does from then on changes no count and no spool
         self._took_over = False
+        #: spooled segments counted as stored or set aside whose removal from their spool is under way (or
+        #: failed: retried at the head), with the suffix they are set aside with (None: deleted); stats() leaves
+        #: them out of the spool
+        self._leaving: dict[Segment, str | None] = {}
         #: batches close() took over, spooled in order by its helper thread (``predlog-close``)
         self._orphans: deque[tuple[_Lane, _Batch]] = deque()
         self._closer: threading.Thread | None = None
@@ -263,18 +270,26 @@ class PredictionLogWriter:
             if self._closed:
                 lane.drop(1, "closed")
                 return False
-        event = _Batch(table, uuid.uuid4().hex, lane.spool.reserve())
-        kept = self._write_ahead(lane, event)
-        with self._cond:
-            if isinstance(kept, Segment):
-                lane.spooled(kept)
-            elif self._events_final or len(self._pending_events) >= MAX_PENDING_EVENTS:
-                lane.drop(1, kept)  # no sender will take it from memory any more (or too many wait)
-                return False
-            else:
-                bisect.insort(self._pending_events, event, key=lambda e: e.seq)
-            self._cond.notify_all()
-        return True
+            event = _Batch(table, uuid.uuid4().hex, lane.spool.reserve())
+            self._recording.add(event)
+            self._live += 1  # the spools stay locked until this call ends
+        try:
+            kept = self._write_ahead(lane, event)
+            with self._cond:
+                if event not in self._recording:
+                    return False  # not on disk within close()'s timeout: counted as dropped there
+                self._recording.discard(event)
+                self._cond.notify_all()
+                if isinstance(kept, Segment):
+                    lane.spooled(kept)
+                elif self._events_final or len(self._pending_events) >= MAX_PENDING_EVENTS:
+                    lane.drop(1, kept)  # no sender will take it from memory any more (or too many wait)
+                    return False
+                else:
+                    bisect.insort(self._pending_events, event, key=lambda e: e.seq)
+            return True
+        finally:
+            self._ended()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every row submitted so far is in the spool or the sink, and the sender has tried the
@@ -331,24 +346,22 @@ class PredictionLogWriter:
 
     def stats(self) -> dict[str, Any]:
         rows, events = self._rows, self._events
-        spool = {  # the spool's figures are read without its lock (an append holds it through its fsync)
-            "spool_rows": self.spool.rows,
-            "spool_bytes": self.spool.bytes,
-            "spool_segments": self.spool.count(),
-            "spool_held_rows": self.spool.held_rows,
-        }
         with self._cond:
+            held = self._in_spool(rows)
             return {
                 **rows.counts,
                 "dropped": sum(rows.dropped.values()),
                 "dropped_by_reason": dict(rows.dropped),
                 "queue_depth": len(self._queue),
-                **spool,
+                "spool_rows": sum(s.rows for s in held),
+                "spool_bytes": sum(s.bytes for s in held),
+                "spool_segments": len(held),
+                "spool_held_rows": self.spool.held_rows,
                 "sink_ok": rows.ok,
                 "events": {
                     "written": events.counts["written"],
                     "dropped_by_reason": dict(events.dropped),
-                    "spool_rows": events.spool.rows,
+                    "spool_rows": sum(s.rows for s in self._in_spool(events)),
                     "pending": len(self._pending_events),
                     "sink_ok": events.ok,
                 },
@@ -357,6 +370,11 @@ class PredictionLogWriter:
     # -- shared state (``_cond`` held) ---------------------------------------------------------
     def _lanes(self) -> list[_Lane]:
         return [self._events, self._rows]
+
+    def _in_spool(self, lane: _Lane) -> list[Segment]:
+        """The segments in ``lane``'s spool but those counted as stored or set aside (read without the spool's
+        lock: an append holds it through its fsync)."""
+        return [s for s in lane.spool.segments() if s not in self._leaving]
 
     def _in_memory(self) -> bool:
         """Submitted rows neither on local disk nor in the sink yet."""
@@ -572,13 +590,14 @@ class PredictionLogWriter:
         if why is not None:
             log.error("predlog: ClickHouse refuses a batch for good (%s); %d %s rows dropped", why, n, lane.table)
 
-    def _send_pending_events(self, before: Segment | None) -> bool:
-        """The audit rows waiting in memory that were recorded before the spool's ``before`` (all when
-        None), in order, until one fails (False)."""
+    def _send_pending_events(self) -> bool:
+        """The audit rows waiting in memory that were recorded before the spool's head (all while it is
+        empty; read again after each row), in order, until one fails (False)."""
         lane = self._events
         while True:
             with self._cond:
-                if not self._pending_events or (before is not None and self._pending_events[0].seq > before.seq):
+                head = next(iter(lane.spool.segments()), None)
+                if not self._pending_events or (head is not None and self._pending_events[0].seq > head.seq):
                     return not self._took_over
                 event = self._pending_events[0]
             error = self._insert_or_error(lane, event.table, event.token)
@@ -587,9 +606,9 @@ class PredictionLogWriter:
                 lane.failed(error)
                 return False
             with self._cond:
-                if not self._pending_events or self._pending_events[0] is not event:
+                if event not in self._pending_events:
                     return False  # close() took them over
-                self._pending_events.pop(0)
+                self._pending_events.remove(event)
                 if why is None:
                     lane.add("written", 1)
                 else:
@@ -609,9 +628,9 @@ class PredictionLogWriter:
                 event = self._pending_events[0]
             kept = self._write_ahead(lane, event)
             with self._cond:
-                if not self._pending_events or self._pending_events[0] is not event:
+                if event not in self._pending_events:
                     return  # close() took them over
-                self._pending_events.pop(0)
+                self._pending_events.remove(event)
                 self._count_spool_write(lane, 1, kept)
 
     def _insert_or_error(self, lane: _Lane, table: pa.Table, token: str) -> Exception | None:
@@ -634,30 +653,16 @@ class PredictionLogWriter:
                         return False
                     if seg is not None and lane is self._rows:
                         self._adopt(seg)
-                if lane is self._events and not self._send_pending_events(seg):
-                    return False
+                if lane is self._events:
+                    if not self._send_pending_events():
+                        return False
+                    if seg != next(iter(lane.spool.segments()), None):
+                        continue  # a row recorded before the rest was spooled meanwhile: it goes first
                 if seg is None:
                     return True
-                try:
-                    table = Spool.read(seg)
-                except Exception:  # noqa: BLE001 - a corrupt segment must not block the rest
-                    log.exception("predlog: unreadable spool segment %s set aside", seg.path.name)
-                    lane.spool.set_aside(seg)
-                    lane.drop(seg.rows, "invalid")
-                    continue
-                error = self._insert_or_error(lane, table, seg.token)
                 with self._cond:
-                    if self._took_over:  # close() counted it as spooled; the next start's replay stores it once
-                        return False
-                    if error is None:
-                        lane.stored(seg)
-                if error is None:
-                    lane.spool.remove(seg)
-                    continue
-                if (why := permanent_error(error)) is None:
-                    lane.failed(error)
-                    return False
-                if not self._reject(lane, seg, why, error):
+                    counted = seg in self._leaving  # only its removal failed before
+                if not (counted or self._replay(lane, seg)) or not self._leave(lane, seg):
                     return False
             finally:
                 lane.spool.head_done()
@@ -670,24 +675,61 @@ class PredictionLogWriter:
             self._rows.spooled(seg)
             self._cond.notify_all()
 
-    def _reject(self, lane: _Lane, seg: Segment, why: str, e: Exception) -> bool:
-        """A segment ClickHouse refuses for good (``PERMANENT_CODES``) leaves the spool as ``*.rejected``
-        (kept, never replayed) so the batches behind it go on; its rows count as ``rejected``. False when
-        it cannot be set aside (kept at the head, retried after a backoff)."""
+    def _replay(self, lane: _Lane, seg: Segment) -> bool:
+        """Store a spooled segment; False when it stays (the sink failed, or close() took over)."""
         try:
-            aside = lane.spool.set_aside(seg, ".rejected")
-        except OSError as err:  # kept in place and retried rather than lost
-            log.error("predlog: cannot set aside spool segment %s (%s)", seg.path.name, err)
-            lane.failed(e)
+            table = Spool.read(seg)
+        except Exception:  # noqa: BLE001 - a corrupt segment must not block the rest
+            log.exception("predlog: unreadable spool segment %s set aside", seg.path.name)
+            return self._count_out(lane, seg, "invalid", ".corrupt")
+        error = self._insert_or_error(lane, table, seg.token)
+        if error is None:
+            return self._count_out(lane, seg, None, None)
+        if (why := permanent_error(error)) is None:
+            lane.failed(error)
             return False
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not self._count_out(lane, seg, "rejected", ".rejected"):
+            return False
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         log.error(
             "predlog: ClickHouse refuses spool segment %s for good (%s: %s); %d rows kept as %s, not retried "
-            "(docs/predlog.md: a rejected segment)", seg.path.name, why, first[:500], seg.rows, aside
+            "(docs/predlog.md: a rejected segment)", seg.path.name, why, first[:500], seg.rows,
+            seg.path.with_suffix(".rejected"),
         )  # fmt: skip
-        lane.drop(seg.rows, "rejected")
+        return True
+
+    def _count_out(self, lane: _Lane, seg: Segment, reason: str | None, suffix: str | None) -> bool:
+        """Count a segment as stored (``reason`` None) or dropped for ``reason`` while the sender still owns
+        it, and mark it to leave the spool (set aside with ``suffix``, else deleted). False once close() took
+        over: close() counted it as left in the spool (the next start's replay stores it once)."""
         with self._cond:
-            lane.fresh.discard(seg.token)
+            if self._took_over:
+                return False
+            if reason is None:
+                lane.stored(seg)
+            else:
+                lane.drop(seg.rows, reason)
+                lane.fresh.discard(seg.token)
+            self._leaving[seg] = suffix
+        return True
+
+    def _leave(self, lane: _Lane, seg: Segment) -> bool:
+        """Take a counted segment out of its spool: deleted once stored, else kept as ``*.rejected`` (refused
+        by ClickHouse for good, never replayed, so the batches behind it go on) or ``*.corrupt``. False when
+        that fails: it stays at the head, not counted again, retried after a backoff."""
+        with self._cond:
+            suffix = self._leaving[seg]
+        try:
+            if suffix is None:
+                lane.spool.remove(seg)
+            else:
+                lane.spool.set_aside(seg, suffix)
+        except OSError as e:
+            log.error("predlog: cannot take spool segment %s out of the spool (%s); retried", seg.path.name, e)
+            lane.failed(e)
+            return False
+        with self._cond:
+            del self._leaving[seg]
         return True
 
     def _insert(self, lane: _Lane, table: pa.Table, token: str) -> None:
@@ -768,16 +810,21 @@ class PredictionLogWriter:
             self._ended()
 
     def _settle(self, deadline: float) -> None:
-        """close()'s last step: it waits for its helper and for a batch the batcher is spooling until
-        ``deadline``; what is still not on disk then (a spool disk that hangs) is counted as dropped
-        (``spool_error``), and this run's segments left in the spool as spilled. A write or insert that ends
-        after this changes no count."""
+        """close()'s last step: audit rows still in memory (the sender's last pass did not end) go to its
+        helper; it waits for the helper, for a batch the batcher is spooling and for the audit rows
+        record_event() calls are spooling until ``deadline``; what is still not on disk then (a spool disk
+        that hangs) is counted as dropped (``spool_error``), and this run's segments left in the spool as
+        spilled. A write or insert that ends after this changes no count."""
         with self._cond:
-            while (self._orphans or (self._claimed is not None and self._claimed.writing)) and (
+            self._events_final = True
+            pending, self._pending_events = self._pending_events, []
+            for event in pending:
+                self._orphan(self._events, event)
+            while (self._orphans or self._recording or (self._claimed is not None and self._claimed.writing)) and (
                 remaining := deadline - time.monotonic()
             ) > 0:
                 self._cond.wait(remaining)
-            self._took_over = self._events_final = True
+            self._took_over = True
             left, self._orphans = list(self._orphans), deque()
             claim, self._claimed = self._claimed, None
             h, self._handoff = self._handoff, None  # handed on after the sender's last pass
@@ -786,6 +833,9 @@ class PredictionLogWriter:
                 lost.append((self._rows, claim.table.num_rows if claim.table is not None else len(claim.records)))
             if h is not None:
                 lost.append((self._rows, h.table.num_rows))
+            if self._recording:
+                lost.append((self._events, len(self._recording)))
+                self._recording.clear()
             for lane, n in lost:
                 lane.drop(n, "spool_error")
             self._rows.count_fresh_as_spilled()
@@ -804,7 +854,8 @@ class PredictionLogWriter:
             lane.drop(rows, kept)
 
     def _ended(self) -> None:
-        """A thread ends; the last one releases the sinks and spools if close() stopped waiting for it."""
+        """A thread (or a record_event() call) ends; the last one releases the sinks and spools if close()
+        stopped waiting for it."""
         with self._cond:
             self._live -= 1
             release = self._live == 0 and self._abandoned

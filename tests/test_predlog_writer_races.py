@@ -4,6 +4,7 @@ written, left in the spool or dropped, and order is kept where the docs promise 
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from clickhouse_connect.driver.exceptions import DatabaseError
 
 from predlog import PredictionRecord, PredlogSettings
 from predlog.schema import records_to_arrow
-from predlog.spool import EVENTS_SPOOL, Spool
+from predlog.spool import EVENTS_SPOOL, Spool, SpoolBusy, check_free
 from predlog.writer import PredictionLogWriter
 
 WAIT_S = 30.0
@@ -348,6 +350,18 @@ def test_audit_rows_reach_the_sink_in_record_order(harness, monkeypatch):
     assert events.keys == ["e1", "e2", "e3"]
 
 
+def release_when_close_settles(monkeypatch: pytest.MonkeyPatch, gate: Gate) -> None:
+    """Release ``gate`` as close() takes its last step (the sender's last pass is over; close() waits for
+    the record_event() calls in flight)."""
+    settle = PredictionLogWriter._settle
+
+    def releasing(self: PredictionLogWriter, deadline: float) -> None:
+        gate.released.set()
+        settle(self, deadline)
+
+    monkeypatch.setattr(PredictionLogWriter, "_settle", releasing)
+
+
 def test_an_audit_row_recorded_during_close_is_kept_or_counted(harness, monkeypatch):
     """An audit row whose spool write failed after the sender's last pass waited in memory for a sender
     that had stopped: lost, uncounted."""
@@ -363,10 +377,10 @@ def test_an_audit_row_recorded_during_close_is_kept_or_counted(harness, monkeypa
         return append(self, table, token, *args)
 
     monkeypatch.setattr(Spool, "append", fails_after_close)
+    release_when_close_settles(monkeypatch, gate)
     done, out = in_thread(lambda: writer.record_event({"action": "late"}))
     assert gate.entered.wait(WAIT_S)  # recorded before close(), still being spooled
     writer.close(5)
-    gate.released.set()
     assert done.wait(WAIT_S)
     events = writer.stats()["events"]
     assert out == [False], events
@@ -386,11 +400,234 @@ def test_an_audit_row_spooled_while_close_runs_is_kept(harness, monkeypatch):
         return append(self, table, token, *args)
 
     monkeypatch.setattr(Spool, "append", slow_disk)
+    release_when_close_settles(monkeypatch, gate)
     done, out = in_thread(lambda: writer.record_event({"action": "late"}))
     assert gate.entered.wait(WAIT_S)
     writer.close(5)
-    gate.released.set()
     assert done.wait(WAIT_S)
     assert out == [True] and writer.stats()["events"]["spool_rows"] == 1
     assert not writer.record_event({"action": "after"})
     assert writer.stats()["events"]["dropped_by_reason"] == {"closed": 1}
+
+
+def refuse_actions(monkeypatch: pytest.MonkeyPatch, *actions: str, gates: dict[str, Gate] | None = None) -> None:
+    """The audit spool cannot take the rows of ``actions`` (disk full); a row with a gate in ``gates`` waits
+    at it first."""
+    append = Spool.append
+
+    def disk_full(self: Spool, table: pa.Table, token: str, *args: object) -> object:
+        if "action" in table.column_names and (action := table.column("action")[0].as_py()) in actions:
+            if gates and action in gates:
+                gates[action].pass_through()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return append(self, table, token, *args)
+
+    monkeypatch.setattr(Spool, "append", disk_full)
+
+
+def test_an_audit_row_spooled_while_an_earlier_one_is_stored_keeps_its_place(harness, monkeypatch):
+    """While the sender stored e1 (from memory) e2 was spooled and e3 waited in memory: the sender went on
+    with the rows in memory and stored e3 before e2."""
+    events = FakeSink(local=False)
+    held = events.stall_next()
+    refuse_actions(monkeypatch, "e1", "e3")
+    writer = harness.writer(FakeSink(local=False), events)
+    assert writer.record_event({"action": "e1"})  # in memory; the sender's insert of it is held
+    assert held.entered.wait(WAIT_S)
+    assert writer.record_event({"action": "e2"}) and writer.record_event({"action": "e3"})
+    held.released.set()
+    assert wait_for(lambda: len(events.keys) == 3)
+    assert events.keys == ["e1", "e2", "e3"]
+
+
+def test_audit_rows_in_memory_when_the_last_pass_fails_are_counted(harness, monkeypatch):
+    """An exception ended the sender's last pass before it spooled the audit rows waiting in memory, and
+    nothing after it did: lost, uncounted."""
+    events = FakeSink(local=False)
+    events.failing = True
+    refuse_actions(monkeypatch, "e1")
+    drain = PredictionLogWriter._drain
+
+    def failing_last_pass(self: PredictionLogWriter, lane: object, force: bool) -> bool:
+        if force and lane is self._rows:
+            raise RuntimeError("an unexpected error")
+        return drain(self, lane, force)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PredictionLogWriter, "_drain", failing_last_pass)
+    writer = harness.writer(FakeSink(local=False), events)
+    assert writer.record_event({"action": "e1"}) and writer.stats()["events"]["pending"] == 1
+    writer.close(5)
+    at_close = writer.stats()["events"]
+    assert at_close["pending"] == 0 and at_close["dropped_by_reason"] == {"spool_error": 1}, at_close
+
+
+def test_an_audit_row_put_first_in_memory_during_the_last_pass_is_counted(harness, monkeypatch):
+    """The last pass was spooling the rows in memory when a row recorded before them (a slower spool write
+    that failed) went first among them: the pass took that for close() taking them over and left both,
+    uncounted, though record_event() had returned True."""
+    events = FakeSink(local=False)
+    events.failing = True
+    early, later = Gate(), Gate()
+    harness.gates += [early, later]
+    append = Spool.append
+
+    def failing_disk(self: Spool, table: pa.Table, token: str, *args: object) -> object:
+        if "action" in table.column_names:
+            action = table.column("action")[0].as_py()
+            if action == "early":
+                early.pass_through()
+            if action == "later" and threading.current_thread().name == "predlog-sender":
+                later.pass_through()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return append(self, table, token, *args)
+
+    monkeypatch.setattr(Spool, "append", failing_disk)
+    writer = harness.writer(FakeSink(local=False), events)
+    first, out = in_thread(lambda: writer.record_event({"action": "early"}))
+    assert early.entered.wait(WAIT_S)  # its place is taken, its spool write is slow
+    assert writer.record_event({"action": "later"})  # waits in memory
+    closed, _ = in_thread(lambda: writer.close(5))
+    assert later.entered.wait(WAIT_S)  # the last pass spools the rows in memory
+    early.released.set()
+    assert first.wait(WAIT_S)  # "early" goes first among them
+    later.released.set()
+    assert closed.wait(WAIT_S)
+    at_close = writer.stats()["events"]
+    assert out == [True] and at_close["pending"] == 0, at_close
+    assert at_close["dropped_by_reason"] == {"spool_error": 2}, at_close
+
+
+def test_close_keeps_the_spools_locked_while_an_audit_row_is_written(harness, monkeypatch):
+    """close() released the spools' locks while a record_event() begun before it was still writing its row:
+    a second writer opened the spool and the late row landed there with a clashing place."""
+    writer = harness.writer(FakeSink(local=False))
+    gate = Gate()
+    harness.gates.append(gate)
+    append = Spool.append
+
+    def slow_disk(self: Spool, table: pa.Table, token: str, *args: object) -> object:
+        if "action" in table.column_names and table.column("action")[0].as_py() == "late":
+            gate.pass_through()
+        return append(self, table, token, *args)
+
+    monkeypatch.setattr(Spool, "append", slow_disk)
+    done, out = in_thread(lambda: writer.record_event({"action": "late"}))
+    assert gate.entered.wait(WAIT_S)
+    writer.close(1.0)
+    at_close = writer.stats()["events"]
+    assert at_close["dropped_by_reason"] == {"spool_error": 1} and at_close["pending"] == 0, at_close
+    root = writer._events.spool.root
+    with pytest.raises(SpoolBusy):
+        check_free(root)
+    gate.released.set()  # the row reaches the disk late: counted as dropped, replayed by the next start
+    assert done.wait(WAIT_S) and out == [False]
+    assert {k: v for k, v in writer.stats()["events"].items() if k != "spool_rows"} == {
+        k: v for k, v in at_close.items() if k != "spool_rows"
+    }
+
+    def free() -> bool:
+        try:
+            check_free(root)
+        except SpoolBusy:
+            return False
+        return True
+
+    assert wait_for(free)
+    events = FakeSink(local=False)
+    again = harness.writer(FakeSink(local=False), events)
+    assert again.record_event({"action": "after"})
+    assert wait_for(lambda: len(events.keys) == 2) and events.keys == ["late", "after"]
+
+
+# ------------------------------------------------------------------ close() and a segment leaving the spool
+
+
+def test_a_segment_rejected_as_close_gives_up_is_counted_once(harness, monkeypatch):
+    """A segment ClickHouse refuses for good was being set aside (its rename hung) when close() gave up on
+    the sender: at close its rows were nowhere, then counted as rejected after close() returned."""
+
+    class Refusing(FakeSink):
+        def insert(self, table: pa.Table, token: str) -> None:
+            raise DatabaseError("Code: 53. DB::Exception: Type mismatch")
+
+    gate = Gate()
+    harness.gates.append(gate)
+    rename = Path.rename
+
+    def hung_rename(self: Path, target: object) -> Path:
+        if threading.current_thread().name == "predlog-sender" and str(target).endswith(".rejected"):
+            gate.pass_through()
+        return rename(self, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "rename", hung_rename)
+    writer = harness.writer(Refusing(local=False))
+    writer.submit(rows(10))
+    assert gate.entered.wait(WAIT_S)
+    writer.close(1.0)
+    at_close = counts(writer)
+    assert at_close == {"written": 0, "spilled": 0, "replayed": 0, "dropped_by_reason": {"rejected": 10},
+                        "spool_rows": 0, "queue_depth": 0}, at_close  # fmt: skip
+    gate.released.set()
+    assert wait_for(lambda: stopped(writer))
+    assert counts(writer) == at_close
+    assert [p.suffix for p in writer.spool.root.glob("0*")] == [".rejected"]
+
+
+def test_a_stored_segment_whose_removal_outlasts_close_is_not_reported_in_the_spool(harness, monkeypatch):
+    """The sender counted a stored segment as written, then waited to remove it (the spool's lock, held by
+    the batcher's hung fsync) when close() gave up: close reported its rows written and in the spool."""
+    sink = FakeSink(local=False)
+    writer = harness.writer(sink)
+    held = sink.stall_next()
+    writer.submit(rows(10))
+    assert held.entered.wait(WAIT_S)  # the sender inserts the first segment
+    gate, fsync = Gate(), os.fsync
+    harness.gates.append(gate)
+
+    def hung_then_eio(fd: int) -> None:
+        if threading.current_thread().name == "predlog-writer" and not gate.entered.is_set():
+            gate.pass_through()
+            raise OSError(errno.EIO, "I/O error")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", hung_then_eio)
+    writer.submit(rows(10, 10))
+    assert gate.entered.wait(WAIT_S)  # the next write-ahead copy hangs, holding the spool's lock
+    held.released.set()  # stored: the sender waits for the spool's lock to remove it
+    assert wait_for(lambda: writer._rows.counts["written"] == 10)
+    writer.close(1.0)
+    at_close = counts(writer)
+    assert at_close == {"written": 10, "spilled": 0, "replayed": 0, "dropped_by_reason": {"spool_error": 10},
+                        "spool_rows": 0, "queue_depth": 0}, at_close  # fmt: skip
+    gate.released.set()  # the write fails, the removal goes on
+    assert wait_for(lambda: stopped(writer))
+    assert counts(writer) == at_close and spooled_tokens(writer) == []
+
+
+# ------------------------------------------------------------------ the spool's full policy
+
+
+def test_drop_oldest_drops_a_failed_embedded_batch_older_than_the_spooled_ones(harness):
+    """A handed-on embedded batch whose write failed went to the spool at its older place, and drop_oldest
+    deleted the newer batch already there to make room for it."""
+    out = pa.BufferOutputStream()
+    table = records_to_arrow(rows(10))
+    with pa.ipc.new_file(out, table.schema) as f:
+        f.write_table(table)
+    sink = FakeSink(local=True)
+    writer = harness.writer(sink, spool_max_bytes=out.getvalue().size * 3 // 2)  # room for one batch
+    held = sink.stall_next()
+    sink.failing = True
+    writer.submit(rows(10))  # handed to the sender; its write stalls, then fails
+    assert held.entered.wait(WAIT_S)
+    writer.submit(rows(10, 10))  # to the spool: the sender is busy
+    assert wait_for(lambda: writer.spool.count() == 1)
+    held.released.set()
+    assert wait_for(lambda: writer.stats()["dropped"] == 10)
+    assert [Spool.read(s).column("request_id")[0].as_py() for s in writer.spool.segments()] == ["r10"]
+    sink.failing = False
+    assert writer.flush(WAIT_S) and wait_for(lambda: writer.spool.count() == 0)
+    writer.close(5)
+    s = counts(writer)
+    assert sink.keys == [f"r{i}" for i in range(10, 20)]
+    assert s["written"] == 10 and s["dropped_by_reason"] == {"spool_full": 10}, s
