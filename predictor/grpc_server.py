@@ -50,6 +50,7 @@ class _Servicer(InferenceServicer):
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: ServicerContext) -> pb.ModelInferResponse:
+        self._data_plane.get_model_from_registry(request.model_name)  # another model: NOT_FOUND first, as REST
         for tensor in request.inputs:  # KServe's decoder would say only "invalid content type"
             tensor.datatype = tensor.datatype.upper()  # in any case, as the REST paths read it
             check_input(tensor.name, tensor.datatype)
