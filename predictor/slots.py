@@ -229,7 +229,7 @@ class SlotManager:
                     backend.fallback,
                 )
                 if not (slot == "production" and self.settings.follow_alias):  # follow() confirms it
-                    task = asyncio.create_task(self._confirm_fallback(unit, ref), name=f"confirm-{slot}")
+                    task = asyncio.create_task(self._confirm_fallback(slot, unit, ref), name=f"confirm-{slot}")
                     self._confirming.add(task)
                     task.add_done_callback(self._confirming.discard)
             if cause != "follow":
@@ -582,8 +582,8 @@ class SlotManager:
 
     # ------------------------------------------------------------ internals
 
-    async def _confirm_fallback(self, unit: ServingUnit, ref: str, max_backoff_s: float = 60.0) -> None:
-        """While ``unit`` serves the last-known-good bundle of ``ref``, ask the registry with backoff
+    async def _confirm_fallback(self, slot: str, unit: ServingUnit, ref: str, max_backoff_s: float = 60.0) -> None:
+        """While ``unit`` serves the last-known-good bundle of ``ref`` in ``slot``, ask the registry with backoff
         (:data:`FALLBACK_RETRY_S`, doubling up to ``max_backoff_s``) until it names a version: the same one
         clears the fallback, another one is loaded afresh. Anything else (no answer, an answer that names
         no version: a proxy's error page, the alias unset during the outage, a transient fetch failure of
@@ -593,8 +593,8 @@ class SlotManager:
         delay, failing = FALLBACK_RETRY_S, ""
         while True:
             await asyncio.sleep(delay)
-            if self._slot_of(unit) is None:
-                return  # replaced or promoted-over meanwhile
+            if self._slot_of(unit) != slot:
+                return  # replaced, or moved by a promote: ``ref`` is no longer what its slot serves
             delay = min(delay * 2, max_backoff_s)
             try:
                 info = await asyncio.to_thread(lambda: Registry().resolve(ref))
@@ -606,11 +606,10 @@ class SlotManager:
                 log.log(level, "keeping the last-known-good version %s for %s (still flagged; asking the registry "
                         "again with backoff): %s", unit.version, ref, e)  # fmt: skip
                 continue
+            if self._slot_of(unit) != slot:
+                return  # (while the registry was asked)
             if _confirms(info, unit):
                 self._clear_fallback(unit)
-                return
-            slot = self._slot_of(unit)
-            if slot is None:
                 return
             log.warning("registry reachable: %s names version %s, not %s; loading it", ref, info.version, unit.version)
             try:

@@ -318,3 +318,54 @@ async def test_a_fallback_keeps_asking_a_registry_whose_answers_name_no_version(
         assert len(errors) == 2 and "404" in errors[0] and "not set" in errors[1], errors  # once per kind
     finally:
         await slots.shutdown()
+
+
+async def test_a_fallback_promoted_out_of_its_slot_stops_asking_for_its_alias(lkg_versions, embedder, monkeypatch):
+    """Review of the retries above: a canary loaded from ``@canary`` during the outage (its last-known-good
+    version 1) and then promoted on the server kept asking for ``@canary``; once `canary start 2` set the
+    alias again, version 2 was loaded into production. A unit moved out of its slot stops the retries."""
+    from predictor import slots as slots_module
+    from predictor.backend import REGISTRY_UNREACHABLE, load_backend
+    from predictor.cache import EmbeddingCache
+    from predictor.settings import ServeSettings
+    from training.registry import ModelVersionInfo, RegistryUnreachable, UnknownModelRef
+
+    canary_ref, pinned = f"models:/{MODEL}@canary", f"models:/{MODEL}/9"
+    # the outage, then the alias unset (the CLI's promote deleted it), then `canary start 2`
+    answers: list[Exception] = [RegistryUnreachable("down"), UnknownModelRef("alias 'canary' is not set")]
+    asked: list[str] = []
+
+    class Answering:
+        def resolve(self, ref: str) -> ModelVersionInfo:
+            asked.append(ref)
+            if answers:
+                raise answers.pop(0)
+            return ModelVersionInfo(MODEL, "2", "tiny-2", "")
+
+    loaded: list[str] = []
+
+    def loader(ref: str, **kw: object):
+        loaded.append(ref)
+        backend = load_backend(lkg_versions["2" if len(loaded) > 2 else "1"], embedder=embedder)
+        backend.fallback = REGISTRY_UNREACHABLE if ref == canary_ref else None
+        return backend
+
+    monkeypatch.setattr(slots_module, "FALLBACK_RETRY_S", 0.05)
+    monkeypatch.setattr("training.registry.Registry", Answering)
+    slots = slots_module.SlotManager(
+        ServeSettings(model=pinned, cache_bytes=0, gc_freeze=False, grace_period_s=5), EmbeddingCache(0), loader
+    )
+    try:
+        await slots.load("production", pinned)
+        await slots.load("canary", canary_ref, cause="admin")
+        assert slots.status()["slots"]["canary"]["fallback"] == REGISTRY_UNREACHABLE
+        await slots.promote()
+        for _ in range(100):
+            if not slots._confirming:
+                break
+            await asyncio.sleep(0.1)
+        assert not slots._confirming
+        assert slots.status()["slots"]["production"]["version"] == "1" and loaded == [pinned, canary_ref], loaded
+        assert set(asked) <= {canary_ref} and len(asked) <= 1, asked  # at most one question, before the promote
+    finally:
+        await slots.shutdown()
