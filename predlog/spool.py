@@ -7,10 +7,11 @@ sha256) is checked before a segment is kept or replayed: a mismatch (a block of 
 cut) sets it aside as ``*.corrupt``. Segments of releases before the checksum
 (``{seq}-{rows}-{token}.arrow``) get Arrow's full validation and the row count only. When the spool
 would exceed ``max_bytes`` the policy applies: ``drop_oldest`` deletes the oldest segments (but the
-one being inserted) once the new one is on disk (recent predictions matter most for canary and
-drift; a write that fails deletes nothing), and refuses a new batch older than those it would have to
-delete (one appended late at its place); ``drop_newest`` refuses the new batch; the rows lost are
-returned so the writer counts them as ``dropped{reason="spool_full"}``.
+one being inserted and those whose removal failed, left to its retry) once the new one is on disk
+(recent predictions matter most for canary and drift; a write that fails deletes nothing; nor does one
+that ends once the writer froze the spool for its final counts), and refuses a new batch older than
+those it would have to delete (one appended late at its place); ``drop_newest`` refuses the new
+batch; the rows lost are returned so the writer counts them as ``dropped{reason="spool_full"}``.
 
 A spool is bound to its sink (:class:`~predlog.settings.SinkId`, recorded in ``.sink``): segments a
 writer finds there for another sink are moved to ``held/<sink>/``, kept and never replayed into this
@@ -21,6 +22,7 @@ one, and moved back when a writer on their sink opens the spool. Segments an old
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import hashlib
 import logging
@@ -60,6 +62,10 @@ class Segment:
 def _digest(data: bytes | pa.Buffer) -> str:
     """What a segment's name records of its content: the first 16 hex digits of its sha256."""
     return hashlib.sha256(memoryview(data)).hexdigest()[:16]
+
+
+def _seq(seg: Segment) -> int:
+    return seg.seq
 
 
 def _fsync_dir(path: Path) -> None:
@@ -202,7 +208,8 @@ class Spool:
     Segments are ordered by their sequence number, which a batch can take before it is written
     (:meth:`reserve`), so a batch written late keeps its place. Appends hold the spool's lock through
     their fsync; what is there (:meth:`segments`, :meth:`count`, :attr:`rows`, :attr:`bytes`) is read
-    without it, so a disk that hangs holds up no reader.
+    without it, so a disk that hangs holds up no reader. Taking out the head and appending at the end
+    (a drain, a backlog growing) cost one copy of the list, at C speed, and no scan.
 
     With ``sink`` the spool is bound to it (module docstring); without, it takes whatever is there."""
 
@@ -225,6 +232,13 @@ class Spool:
         self._seq_lock = threading.Lock()
         #: the segment being inserted (:meth:`head`): the full policy leaves it to its insert
         self._sending: Segment | None = None
+        #: segments whose removal failed (:meth:`remove`, :meth:`set_aside`): left to their caller's retry,
+        #: never deleted by the full policy (their rows are counted already)
+        self._stuck: set[Segment] = set()
+        #: the writer has made its final counts (:meth:`freeze`): the full policy deletes nothing any more
+        self.frozen = False
+        #: rows the full policy has deleted since the spool was opened (read without the lock)
+        self.evicted = 0
         #: why the spool cannot be used this run (it cannot be written (read-only, no permission) or bound
         #: to its sink (disk full)): it then neither takes nor replays segments, and the writer stores
         #: straight into the sink
@@ -258,6 +272,8 @@ class Spool:
         root = self.root
         #: in order; replaced, never changed in place, under the lock (read without it)
         self._segments: tuple[Segment, ...] = ()
+        #: the segment of each token (the first in order), kept with ``_segments`` under the lock
+        self._tokens: dict[str, Segment] = {}
         self._seq = 0
         self._bytes = 0
         self._rows = 0
@@ -283,6 +299,8 @@ class Spool:
         )
         held = [int(p.name[:16]) for folder in self._held_folders() for p in _segment_files(folder)]
         self._seq = max([s.seq for s in self._segments] + held, default=-1) + 1  # unique across held ones too
+        for seg in self._segments:
+            self._tokens.setdefault(seg.token, seg)
         self._bytes = sum(s.bytes for s in self._segments)
         self._rows = sum(s.rows for s in self._segments)
         self.held_rows = sum(_rows(_segment_files(folder)) for folder in self._held_folders())
@@ -372,6 +390,12 @@ class Spool:
         with self._lock:
             self._sending = None
 
+    def freeze(self) -> None:
+        """The writer makes its final counts: from now on the full policy deletes nothing (a write that ends
+        later lands over the limit; the next start's policy applies). Set without the lock, which a write
+        whose fsync hangs may hold."""
+        self.frozen = True
+
     @property
     def rows(self) -> int:
         return self._rows
@@ -395,7 +419,7 @@ class Spool:
         data = sink.getvalue()
         digest = _digest(data)
         with self._lock:
-            if (held := next((s for s in self._segments if s.token == token), None)) is not None:
+            if (held := self._tokens.get(token)) is not None:
                 return held, 0
             if self._bytes + data.size > self.max_bytes and (
                 self.policy == "drop_newest" or data.size > self.max_bytes or self._oldest(seq, data.size)
@@ -420,8 +444,13 @@ class Spool:
             except OSError:
                 tmp.unlink(missing_ok=True)  # a partial segment must not be replayed
                 raise
-            dropped = self._evict_for(data.size)
-            self._segments = tuple(sorted((*self._segments, seg)))
+            # frozen while this write hung (close() gave up on it): the writer counts no eviction any more.
+            # A freeze between this check and the end of the eviction still deletes: that window remains.
+            dropped = 0 if self.frozen else self._evict_for(data.size)
+            segs = self._segments
+            at = len(segs) if not segs or segs[-1] < seg else bisect.bisect(segs, seg)
+            self._segments = segs[:at] + (seg,) + segs[at:]
+            self._tokens.setdefault(token, seg)
             self._bytes += data.size
             self._rows += seg.rows
             try:
@@ -441,17 +470,19 @@ class Spool:
                 return False
             if old.seq > seq:
                 return True
-            if old != self._sending:
+            if old is not self._sending and old not in self._stuck:
                 need -= old.bytes
         return False
 
     def _evict_for(self, size: int) -> int:
         """Delete the oldest segments until ``size`` more bytes fit (lock held), all but the one being
-        inserted; returns their rows."""
+        inserted and those whose removal failed; returns their rows (and adds them to :attr:`evicted`)."""
         dropped = 0
-        for old in [s for s in self._segments if s != self._sending]:
+        for old in self._segments:  # this snapshot: _forget replaces the tuple
             if self._bytes + size <= self.max_bytes:
                 break
+            if old is self._sending or old in self._stuck:
+                continue
             try:
                 old.path.unlink(missing_ok=True)
             except OSError as e:  # kept (and still counted in the spool): over the limit for now
@@ -459,6 +490,7 @@ class Spool:
                 break
             self._forget(old)
             dropped += old.rows
+            self.evicted += old.rows
         return dropped
 
     def close(self) -> None:
@@ -476,22 +508,42 @@ class Spool:
 
     def set_aside(self, seg: Segment, suffix: str = ".corrupt") -> Path:
         """Take a segment out of the spool (and its byte count), kept as ``*.corrupt`` (unreadable) or
-        ``*.rejected`` (refused by ClickHouse for good); neither is replayed nor ever deleted."""
+        ``*.rejected`` (refused by ClickHouse for good); neither is replayed nor ever deleted. A rename that
+        raises leaves it in the spool, for the caller to retry."""
+        aside = seg.path.with_suffix(suffix)
         with self._lock:
+            try:
+                if seg.path.exists():
+                    seg.path.rename(aside)
+            except OSError:
+                self._stuck.add(seg)
+                raise
             self._forget(seg)
-            aside = seg.path.with_suffix(suffix)
-            if seg.path.exists():
-                seg.path.rename(aside)
-            return aside
+        return aside
 
     def remove(self, seg: Segment) -> None:
+        """Delete a segment (one gone already counts as deleted); an unlink that raises leaves it in the
+        spool, for the caller to retry."""
         with self._lock:
+            try:
+                seg.path.unlink(missing_ok=True)
+            except OSError:
+                self._stuck.add(seg)
+                raise
             self._forget(seg)
-            seg.path.unlink(missing_ok=True)
 
     def _forget(self, seg: Segment) -> None:
-        """Take a segment out of the spool's list and counts (lock held)."""
-        if seg in self._segments:
-            self._segments = tuple(s for s in self._segments if s != seg)
-            self._bytes -= seg.bytes
-            self._rows -= seg.rows
+        """Take a segment out of the spool's list and counts (lock held): found by its seq (the head, in a
+        drain, at once), and the list copied without it."""
+        self._stuck.discard(seg)
+        segs = self._segments
+        at = bisect.bisect_left(segs, seg.seq, key=_seq)
+        while at < len(segs) and segs[at].seq == seg.seq and segs[at] != seg:  # a seq twice: moved in from held/
+            at += 1
+        if at == len(segs) or segs[at] != seg:
+            return
+        self._segments = segs[:at] + segs[at + 1 :]
+        if self._tokens.get(seg.token) is segs[at]:
+            del self._tokens[seg.token]
+        self._bytes -= seg.bytes
+        self._rows -= seg.rows

@@ -109,6 +109,8 @@ class _Lane:
         self.dropped: dict[str, int] = {}
         #: tokens spooled this run while the sink was fine: counted as spilled only if an insert fails first
         self.fresh: set[str] = set()
+        #: the rows of the spool's :attr:`~predlog.spool.Spool.evicted` counted as dropped so far
+        self.evicted = 0
         self.ok = True
         self.retry_at = 0.0
         self._backoff = settings.retry_initial_s
@@ -134,6 +136,13 @@ class _Lane:
         with self._lock:
             self.dropped[reason] = self.dropped.get(reason, 0) + n
         (metrics.ROWS_DROPPED if self.predictions else metrics.EVENTS_DROPPED).labels(reason=reason).inc(n)
+
+    def count_evictions(self) -> None:
+        """Count the rows the spool's full policy deleted since the last call as ``spool_full`` (``_lock``
+        held), whichever write deleted them."""
+        evicted = self.spool.evicted
+        self.drop(evicted - self.evicted, "spool_full")
+        self.evicted = evicted
 
     def spooled(self, seg: Segment) -> None:
         """A batch written to the spool this run: spilled now if the sink is failing, else left to the sender."""
@@ -480,18 +489,19 @@ class PredictionLogWriter:
 
     def _write_ahead(self, lane: _Lane, batch: _Batch) -> Segment | str:
         """Spool a batch at its place: its segment (the one there already for its token), or why it is not
-        spooled (the drop reason). Counts only the older segments the full policy deleted for it."""
+        spooled (the drop reason). Counts only the older segments the full policy deleted (under
+        ``drop_oldest``, for this write or one before), unless close() froze the spool for its final counts."""
         if lane.spool.unbound is not None:  # not bound this run (said once, at start): no write-ahead copy
             return "spool_error"
         try:
-            seg, dropped = lane.spool.append(batch.table, batch.token, batch.seq)
+            seg, _ = lane.spool.append(batch.table, batch.token, batch.seq)
         except OSError as e:
             log.error("predlog: spool write of %d %s rows failed (%s)", batch.table.num_rows, lane.table, e)
             return "spool_error"
-        if seg is None:
-            return "spool_full"
-        lane.drop(dropped, "spool_full")  # older segments, under drop_oldest
-        return seg
+        with self._cond:
+            if not lane.spool.frozen:  # else close() counted them last
+                lane.count_evictions()
+        return seg if seg is not None else "spool_full"
 
     def _hand_off(self, claim: _Claim, batch: _Batch, *, wait: float) -> bool:
         """Give the batch to the sender (the batcher's claim goes with it). An embedded batch (``lost_as``
@@ -814,7 +824,8 @@ class PredictionLogWriter:
         helper; it waits for the helper, for a batch the batcher is spooling and for the audit rows
         record_event() calls are spooling until ``deadline``; what is still not on disk then (a spool disk
         that hangs) is counted as dropped (``spool_error``), and this run's segments left in the spool as
-        spilled. A write or insert that ends after this changes no count."""
+        spilled. The spools are frozen: a write or insert that ends after this changes no count and deletes
+        no segment."""
         with self._cond:
             self._events_final = True
             pending, self._pending_events = self._pending_events, []
@@ -825,6 +836,9 @@ class PredictionLogWriter:
             ) > 0:
                 self._cond.wait(remaining)
             self._took_over = True
+            for lane in self._lanes():  # a write that ends later deletes no segment these counts include
+                lane.spool.freeze()
+                lane.count_evictions()
             left, self._orphans = list(self._orphans), deque()
             claim, self._claimed = self._claimed, None
             h, self._handoff = self._handoff, None  # handed on after the sender's last pass

@@ -631,3 +631,141 @@ def test_drop_oldest_drops_a_failed_embedded_batch_older_than_the_spooled_ones(h
     s = counts(writer)
     assert sink.keys == [f"r{i}" for i in range(10, 20)]
     assert s["written"] == 10 and s["dropped_by_reason"] == {"spool_full": 10}, s
+
+
+def segment_bytes(n: int) -> int:
+    """The size of a spool segment of ``rows(n)``."""
+    out = pa.BufferOutputStream()
+    table = records_to_arrow(rows(n))
+    with pa.ipc.new_file(out, table.schema) as f:
+        f.write_table(table)
+    return int(out.getvalue().size)
+
+
+def test_a_spool_write_close_gave_up_on_deletes_no_segment(harness):
+    """drop_oldest, the sink down, the spool full with two batches: a third batch's write-ahead copy hung in
+    fsync past close(). When it ended, the full policy deleted the oldest segment close() had reported in the
+    spool, and the writer counted its rows as dropped (spool_full) after close() returned."""
+    sink = FakeSink(local=False)
+    sink.failing = True
+    writer = harness.writer(sink, spool_max_bytes=segment_bytes(10) * 5 // 2)  # room for two batches
+    writer.submit(rows(10))
+    assert wait_for(lambda: writer.spool.count() == 1)
+    writer.submit(rows(10, 10))
+    assert wait_for(lambda: writer.spool.count() == 2 and writer.stats()["spilled"] == 20)
+    fsync = harness.stall_fsync("predlog-writer")
+    writer.submit(rows(10, 20))
+    assert fsync.entered.wait(WAIT_S)  # the third batch's write-ahead copy hangs
+    writer.close(1.0)
+    at_close, spooled = counts(writer), spooled_tokens(writer)
+    assert at_close == {"written": 0, "spilled": 20, "replayed": 0, "dropped_by_reason": {"spool_error": 10},
+                        "spool_rows": 20, "queue_depth": 0}, at_close  # fmt: skip
+    fsync.released.set()  # the late copy lands over the limit: the next start's policy applies
+    assert wait_for(lambda: stopped(writer) and writer._live == 0)
+    assert {k: v for k, v in counts(writer).items() if k != "spool_rows"} == {
+        k: v for k, v in at_close.items() if k != "spool_rows"
+    }
+    assert set(spooled) < set(spooled_tokens(writer)) and len(spooled) == 2
+
+
+class Refusing(FakeSink):
+    """ClickHouse refusing every batch for good."""
+
+    def insert(self, table: pa.Table, token: str) -> None:
+        raise DatabaseError("Code: 53. DB::Exception: Type mismatch")
+
+
+@pytest.mark.parametrize("call", ["unlink", "rename"], ids=["stored", "rejected"])
+def test_a_segment_whose_removal_fails_once_is_retried(harness, monkeypatch, call):
+    """The unlink of a stored segment (the rename of a rejected one to .rejected) failed once: the spool had
+    let go of it before the call, so it was never retried; the file stayed outside the spool's count, in the
+    writer's ``_leaving`` for good, and a rejected one was counted as rejected again by the next start."""
+    failed, unlink, rename = threading.Event(), Path.unlink, Path.rename
+
+    def eio_once(this_call: str) -> None:
+        if this_call == call and threading.current_thread().name == "predlog-sender" and not failed.is_set():
+            failed.set()
+            raise OSError(errno.EIO, "I/O error")
+
+    def failing_unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.suffix == ".arrow":
+            eio_once("unlink")
+        unlink(self, missing_ok=missing_ok)
+
+    def failing_rename(self: Path, target: Path) -> Path:
+        if str(target).endswith(".rejected"):
+            eio_once("rename")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "unlink", failing_unlink)
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    sink = Refusing(local=False) if call == "rename" else FakeSink(local=False)
+    writer = harness.writer(sink)
+    writer.submit(rows(10))
+    assert failed.wait(WAIT_S)
+    assert wait_for(lambda: not writer._leaving), "the removal was not retried"
+    assert list(writer.spool.root.glob("0*.arrow")) == []
+    assert (writer.spool.count(), writer.spool.rows, writer.spool.bytes) == (0, 0, 0)
+    writer.close(5)
+    s = counts(writer)
+    if call == "rename":
+        assert s["written"] == 0 and s["dropped_by_reason"] == {"rejected": 10}, s
+        assert [p.suffix for p in writer.spool.root.glob("0*")] == [".rejected"]
+    else:
+        assert s["written"] == 10 and s["dropped_by_reason"] == {} and sink.keys == [f"r{i}" for i in range(10)], s
+    assert s["spool_rows"] == 0, s
+    again = harness.writer(sink)  # nothing left to replay: not counted a second time
+    again.close(5)
+    assert again.stats()["written"] == 0 and again.stats()["dropped_by_reason"] == {}
+
+
+def test_the_spool_keeps_order_tokens_and_totals_through_removals(tmp_path):
+    """The spool's list, its token index and its totals after appends in and out of order and removals from
+    its head, middle and tail (what a drain and a late embedded batch do), as a reopened spool finds them."""
+    spool = Spool(tmp_path / "spool", 10**9)
+    table = records_to_arrow(rows(2))
+    early = spool.reserve()
+    segs = [spool.append(table, f"{k:032x}")[0] for k in range(1, 6)]
+    first, _ = spool.append(table, f"{0:032x}", early)  # reserved before the others: it goes first
+    assert spool.segments() == [first, *segs]
+    assert spool.append(table, f"{3:032x}") == (segs[2], 0)  # a token it holds is not written again
+    spool.remove(first)  # the head
+    spool.remove(segs[2])  # the middle
+    spool.set_aside(segs[4], ".rejected")  # the tail
+    left = [segs[0], segs[1], segs[3]]
+    assert spool.segments() == left and spool.count() == 3
+    assert (spool.rows, spool.bytes) == (6, sum(s.bytes for s in left))
+    again, _ = spool.append(table, f"{3:032x}")  # a token removed is spooled again, last
+    assert again not in segs and spool.segments() == [*left, again] and spool.rows == 8
+    spool.close()
+    reopened = Spool(tmp_path / "spool", 10**9)
+    assert [s.path for s in reopened.segments()] == [s.path for s in spool.segments()]
+    assert (reopened.rows, reopened.bytes) == (spool.rows, spool.bytes)
+    reopened.close()
+
+
+def test_a_segment_whose_removal_failed_stays_until_retried(tmp_path, monkeypatch):
+    """A segment whose unlink raised stays in the spool and its counts, and the full policy leaves it to
+    its owner's retry (its rows are counted already): it deletes the next oldest instead."""
+    size = segment_bytes(10)
+    spool = Spool(tmp_path / "spool", size * 5 // 2)
+    table = records_to_arrow(rows(10))
+    a, b = (spool.append(table, t * 32)[0] for t in "ab")
+    assert a is not None and b is not None
+    unlink = Path.unlink
+
+    def failing_unlink(self: Path, missing_ok: bool = False) -> None:
+        if self == a.path:
+            raise OSError(errno.EIO, "I/O error")
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", failing_unlink)
+    with pytest.raises(OSError):
+        spool.remove(a)
+    assert spool.segments() == [a, b] and (spool.rows, spool.bytes) == (20, 2 * size)
+    c, dropped = spool.append(table, "c" * 32)
+    assert dropped == 10 and spool.segments() == [a, c] and not b.path.exists() and spool.evicted == 10
+    monkeypatch.undo()
+    spool.remove(a)  # the retry
+    assert spool.segments() == [c] and (spool.rows, spool.bytes) == (10, size) and not a.path.exists()
+    spool.close()
