@@ -236,6 +236,13 @@ def _print_status_tables(status: dict[str, Any]) -> None:
         )
     else:
         t.add_row("registry aliases", ", ".join(f"{a} → v{v}" for a, v in sorted(status["aliases"].items())) or "none")
+        if "registry_error" in status:  # failed part-way: what is shown was read
+            unknown = (
+                "registry tags vs aliases, live vs registry and any interrupted change unknown"
+                if "tag_disagreements" not in status
+                else "the canary's start unknown"
+            )
+            t.add_row("registry", f"[red]{escape(status['registry_error'])}[/]\n[yellow]{unknown}[/]")
     if live is None:
         t.add_row("live state", f"[red]unreadable: {status.get('live_error')}[/]")
     else:

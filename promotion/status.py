@@ -20,8 +20,10 @@ if TYPE_CHECKING:
 def read_status(promoter: Promoter) -> dict[str, Any]:
     """Registry aliases and versions, live state, disagreements, drift verdicts, live stats, events. Each
     source is read on its own, so one that cannot be read leaves the others shown: the target
-    (``live`` None, ``live_error``), the registry (``aliases`` and ``versions`` None, ``registry_error``;
-    tags and any interrupted change unknown), the prediction log (``predlog_error``)."""
+    (``live`` None, ``live_error``), the registry (``registry_error``; ``aliases`` and ``versions`` None
+    when not even they could be read, and ``tag_disagreements``, ``disagreements`` and any interrupted
+    change then unknown: left out), the prediction log (``predlog_error``)."""
+    from promotion.workflow import PromotionError
     from training.registry import RegistryError
 
     out: dict[str, Any] = {"target": promoter.target.describe(), "pins_digest": promoter.target.pins_digest}
@@ -33,15 +35,10 @@ def read_status(promoter: Promoter) -> dict[str, Any]:
     if live is not None:
         out["live"] = {**live.__dict__, "summary": live.describe()}
     aliases: dict[str, str] | None = None
-    intent = None
-    try:
+    out["aliases"] = out["versions"] = None
+    try:  # every registry read, so one failing part-way leaves what was read shown and the registry named
         aliases = promoter.registry.aliases()
         listed = promoter.registry.versions(limit=10)
-        intent = promoter.read_intent()
-    except RegistryError as e:
-        out["aliases"] = out["versions"] = aliases = None
-        out["registry_error"] = registry_problem(promoter, e)
-    else:
         out["aliases"] = aliases
         out["versions"] = [
             {
@@ -54,14 +51,20 @@ def read_status(promoter: Promoter) -> dict[str, Any]:
             }
             for v in listed
         ]
+        intent = promoter.read_intent()
+        for version in filter(None, (aliases.get("production"), aliases.get("canary"))):
+            promoter.uri(version)  # read (and kept) now: disagreements() takes an unreadable one for a mismatch
         out["tag_disagreements"] = tag_disagreements(promoter, aliases, out["versions"])
-    if live is not None and aliases is not None:
-        out["disagreements"] = promoter.disagreements(live, aliases)
-    if intent and aliases is not None:  # a run that stopped before its audit: what the next command does
-        outlook = promoter.intent_outlook(intent, live, aliases)[0] if live is not None else "unknown"
-        out["interrupted"] = {**{k: intent[k] for k in ("action", "at", "actor", "from", "to")}, "next": outlook}
-        if outlook == "changed" and (reverted := promoter.follower_reverted(intent, aliases)):
-            out["interrupted"]["reverted"] = f"the server's alias follower reverted it {reverted}"
+    except (RegistryError, PromotionError) as e:
+        out["registry_error"] = registry_problem(promoter, e)
+    else:
+        if live is not None:
+            out["disagreements"] = promoter.disagreements(live, aliases)
+        if intent:  # a run that stopped before its audit: what the next command does
+            outlook = promoter.intent_outlook(intent, live, aliases)[0] if live is not None else "unknown"
+            out["interrupted"] = {**{k: intent[k] for k in ("action", "at", "actor", "from", "to")}, "next": outlook}
+            if outlook == "changed" and live and (reverted := promoter.follower_reverted(intent, live, aliases)):
+                out["interrupted"]["reverted"] = f"the server's alias follower reverted it {reverted}"
     known = aliases or {}
     versions = {
         v
@@ -77,11 +80,16 @@ def read_status(promoter: Promoter) -> dict[str, Any]:
         reader = promoter.reader()
         out["drift"] = [r for v in sorted(versions) for r in records(reader.drift_reports(model_version=v, limit=1))]
         canary = live.canary_version if live else None
-        times = promoter.evidence.canary_times(canary) if canary and aliases is not None else None
+        times = None
+        if canary and "registry_error" not in out:
+            try:
+                times = promoter.evidence.canary_times(canary)
+            except PromotionError as e:  # its start is a registry tag
+                out["registry_error"] = registry_problem(promoter, e)
         since = times.since if times else _hours_ago(1)
         out["live_stats_since"] = since.isoformat()
         notes = [n for n in (times.skew, times.started_skew, times.source) if n] if times else []
-        if canary and aliases is None:
+        if canary and times is None:
             notes.append("the canary's start is in the registry, which could not be read: the last hour")
         if notes:
             out["live_stats_note"] = "; ".join(notes)
@@ -100,8 +108,10 @@ def registry_problem(promoter: Promoter, e: Exception) -> str:
     """Why the registry could not be read, naming it by its URI without credentials."""
     from training.registry import RegistryUnreachable
 
-    kind = "unreachable" if isinstance(e, RegistryUnreachable) else "unreadable"
-    return redact(f"{kind} ({promoter.registry.tracking_uri}): {e}")
+    unreachable = isinstance(e, RegistryUnreachable) or isinstance(e.__cause__, RegistryUnreachable)  # promoter.info's
+    kind = "unreachable" if unreachable else "unreadable"
+    # redacted apart: a credential's value in the URI's query runs to the next space
+    return f"{kind} ({redact(promoter.registry.tracking_uri)}): {redact(str(e))}"
 
 
 def tag_disagreements(promoter: Promoter, aliases: dict[str, str], versions: list[dict[str, Any]]) -> list[str]:

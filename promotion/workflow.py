@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from motlens import MODEL_NAME
+from predictor.events import TARGET as SERVE_TARGET
 from promotion import gates as g
 from promotion.audit import Event, export_metrics, tag_version
 from promotion.clock import as_utc, parse_ts, utc_now
@@ -258,7 +259,7 @@ class Promoter:
         intent = self.pending_intent()
         if intent is None or self.intent_outlook(intent, live, aliases)[0] != "changed":
             return ""
-        reverted = self.follower_reverted(intent, aliases)
+        reverted = self.follower_reverted(intent, live, aliases)
         if reverted is None:
             return ""
         installed = intent["set_aliases"]["production"]
@@ -326,11 +327,14 @@ class Promoter:
             pending = self.pending_intent()
             if pending is not None and self.intent_outlook(pending, live, aliases)[0] == "changed":
                 abandoned_ok, abandoned = self._record_abandoned(pending, live, aliases, event)
-        written = (
-            self._write_intent(event, live, steps, set_aliases, delete_aliases, version_tags or {}, resumed)
-            if intent
-            else None
-        )
+        try:
+            written = (
+                self._write_intent(event, live, steps, set_aliases, delete_aliases, version_tags or {}, resumed)
+                if intent
+                else None
+            )
+        except PromotionError as e:
+            raise PromotionError(_join_lines(str(e), abandoned)) from e
         patches = []
         applied_at: datetime | None = None
         try:
@@ -363,10 +367,13 @@ class Promoter:
             if intent and (not changed or applied_at is not None):
                 self._clear_intent()
             if not changed:
-                raise PromotionError(f"{event.action} failed, nothing was changed: {e}") from e
+                raise PromotionError(_join_lines(f"{event.action} failed, nothing was changed: {e}", abandoned)) from e
             raise PartlyDone(
-                f"{event.action} failed part-way: {e}\nrun `motlens promote status` to see the state; "
-                f"re-running the same command finishes it"
+                _join_lines(
+                    f"{event.action} failed part-way: {e}\nrun `motlens promote status` to see the state; "
+                    "re-running the same command finishes it",
+                    abandoned,
+                )
             ) from e
         applied_at = resumed or applied_at
         assert applied_at is not None
@@ -376,7 +383,7 @@ class Promoter:
             self._clear_intent()
         return Outcome(
             event.action,
-            f"{live.describe()} → {desired.describe()}" + (f"\n{abandoned}" if abandoned else ""),
+            _join_lines(f"{live.describe()} → {desired.describe()}", abandoned),
             changed=True,
             gates=event.gates,
             patches=patches,
@@ -475,21 +482,28 @@ class Promoter:
             log.warning("could not read the registry for an interrupted change: %s", e)
             return None
 
-    def follower_reverted(self, intent: dict[str, Any], aliases: dict[str, str]) -> str | None:
-        """How a server following alias ``production`` undid ``intent``'s change, if it did (else None):
-        the change put version V into production through the admin API and stopped before moving the
-        alias (the registry unreachable, say); the alias did not come to name V within the server's grace
-        for an admin install, so the server switched back to the alias's version (its ``follow`` row,
-        ``details.cause`` ``admin_grace_expired``)."""
+    def follower_reverted(self, intent: dict[str, Any], live: RolloutState, aliases: dict[str, str]) -> str | None:
+        """How a server following alias ``production`` undid ``intent``'s change, if it did and its version
+        still serves production (else None): the change put version V into production through the admin
+        API and stopped before moving the alias (the registry unreachable, say); the alias did not come to
+        name V within the server's grace for an admin install, so the server switched back to the alias's
+        version (its ``follow`` row, target ``serve``, ``details.cause`` ``admin_grace_expired``)."""
         installed, restored = intent["set_aliases"].get("production"), aliases.get("production")
-        if not installed or not restored or installed == restored:
+        if not installed or not restored or installed == restored or live.production_version != restored:
             return None
         try:
             row = self.reader().last_production_change(restored)
         except Exception as e:  # noqa: BLE001 - not known then: the plain "changed since" stands
             log.warning("could not read promotion_events for a follower's revert: %s", e)
             return None
-        if row is None or row.get("action") != "follow" or str(row.get("from_version")) != installed:
+        # any server's row: the trail does not say which server a target is (a row's actor is
+        # "motlens serve@HOST"), so a follower of another server on the same log counts too
+        if (
+            row is None
+            or row.get("target") != SERVE_TARGET
+            or row.get("action") != "follow"
+            or str(row.get("from_version")) != installed
+        ):
             return None
         details, at, began = _details(row), as_utc(row.get("ts")), parse_ts(intent["at"])
         if details.get("cause") != "admin_grace_expired" or at is None or (began is not None and at < began):
@@ -584,30 +598,49 @@ class Promoter:
     def _record_abandoned(
         self, intent: dict[str, Any], live: RolloutState, aliases: dict[str, str], by: Event
     ) -> tuple[bool, str]:
-        """An interrupted change whose target changed since, replaced by this run's ``by`` (forced or not):
-        its row (failed, ``abandoned``: who began it, why, when, what replaced it) so the trail keeps it,
-        then its intent dropped. Returns whether the row was written, and the notice for the operator."""
+        """An interrupted change whose target changed since, found as this run's ``by`` (forced or not)
+        begins: its row (failed, ``abandoned``: who began it, why, when, which run recorded it) so the trail
+        keeps it, once (its row names the intent, as a run that failed after writing it leaves the intent),
+        then its intent dropped. Returns whether the row is written, and the notice for the operator."""
         event = self._intent_event(intent)
+        reverted = self.follower_reverted(intent, live, aliases)
+        what = (
+            f"the interrupted {event.action} ({intent['from']} → {intent['to']}, begun {intent['at']} by {event.actor})"
+        )
+        why = f"the server's alias follower reverted it {reverted}" if reverted else "the target changed since"
+        if self._abandoned_recorded(intent):
+            self._clear_intent()
+            return True, f"{what} was recorded as abandoned by an earlier run: {why}"
         event.success = False
-        reverted = self.follower_reverted(intent, aliases)
         event.reason = _join(
             intent["reason"],
             f"abandoned: its run stopped before its audit and the target changed since (now {live.describe()})",
             f"the server's alias follower reverted it {reverted}" if reverted else "",
-            f"replaced by {by.action} {by.from_version}→{by.to_version} of {by.actor}"
-            + (" with --force" if self.force else ""),
+            f"recorded as abandoned when {by.action} {by.from_version}→{by.to_version} of {by.actor}"
+            + (" with --force" if self.force else "")
+            + " began",
         )
-        event.details.update(abandoned=True, replaced_by={"action": by.action, "actor": by.actor})
+        event.details.update(abandoned=True, recorded_by={"action": by.action, "actor": by.actor})
         event.ts = self._intent_applied_at(intent, event) if intent["applied_at"] else utc_now()
         log.warning("%s", event.reason)
         ok = self._record(event, {})
         if ok:
             self._clear_intent()
-        what = (
-            f"the interrupted {event.action} ({intent['from']} → {intent['to']}, begun {intent['at']} by {event.actor})"
-        )
-        why = f"the server's alias follower reverted it {reverted}" if reverted else "the target changed since"
         return ok, f"{what} {'is recorded' if ok else 'could not be recorded (see the log)'} as abandoned: {why}"
+
+    def _abandoned_recorded(self, intent: dict[str, Any]) -> bool:
+        """Whether the trail holds ``intent``'s abandoned row (:meth:`_record_abandoned`); False when it
+        cannot be read (the row is written then: twice rather than not at all)."""
+        try:
+            found = self.reader().query(
+                "SELECT count() AS n FROM promotion_events WHERE JSONExtractBool(details, 'abandoned') "
+                "AND JSONExtractString(details, 'intent') = {intent:String}",
+                {"intent": intent["id"]},
+            )
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not read promotion_events for an abandoned change: %s", e)
+            return False
+        return int(found["n"].iloc[0]) > 0
 
     def _intent_event(self, intent: dict[str, Any]) -> Event:
         """The event of an intent's change, as a later run records it."""
@@ -1359,6 +1392,11 @@ def _stamped(version_tags: dict[str, dict[str, str]] | None, applied_at: datetim
 def _join(*parts: str) -> str:
     """Reasons joined: the operator's ``--reason`` first, then what the command adds."""
     return "; ".join(p for p in parts if p)
+
+
+def _join_lines(message: str, notice: str) -> str:
+    """An outcome's or error's message, then ``notice`` (what the run did besides) on its own line."""
+    return f"{message}\n{notice}" if notice else message
 
 
 def _rejected(reason: str) -> dict[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 from promotion_support import FakeServe, make_env
@@ -16,10 +17,10 @@ from motlens.cli import main
 from predictor.events import follow_row
 from promotion.audit import tag_version
 from promotion.local_target import LocalTarget
-from promotion.status import read_status
+from promotion.status import read_status, registry_problem
 from promotion.tags import INTENT_TAG
-from promotion.workflow import PartlyDone, Promoter, Refused
-from training.registry import Registry
+from promotion.workflow import PartlyDone, Promoter, PromotionError, Refused
+from training.registry import Registry, RegistryUnreachable
 
 #: MLflow on a port nothing listens on, with credentials in its URI (never printed)
 DOWN = "http://adm:SECRET@127.0.0.1:1"
@@ -92,22 +93,32 @@ def test_status_with_the_registry_and_the_server_down_names_both(local, capsys, 
     assert "live state unreadable" in err and "registry: unreachable (http://127.0.0.1:1)" in err
 
 
-def test_a_non_force_run_replacing_a_changed_intent_records_it_as_abandoned(local, monkeypatch):
-    """A killed step whose share was then edited by hand: the versions still agree, so the guard lets
-    the next plain command through, and its intent replaced the killed one's without a row."""
-    env, serve, settings, target = local
+def _killed_then_set_by_hand(env, serve, settings, target, monkeypatch) -> None:
+    """A `canary set 25` killed after the server took it, then the share set to 40 by hand on the server."""
     monkeypatch.setattr("promotion.workflow.tag_version", _killed)
     with pytest.raises(Killed):
         Promoter(settings, env.registry, target).canary_set(25, reason="killed step")
     monkeypatch.setattr("promotion.workflow.tag_version", tag_version)
-    serve.percent = 40.0  # a `canary set` by hand on the server since
+    serve.percent = 40.0
+
+
+def _abandoned(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if json.loads(r["details"]).get("abandoned")]
+
+
+def test_a_non_force_run_replacing_a_changed_intent_records_it_as_abandoned(local, monkeypatch):
+    """A killed step whose share was then edited by hand: the versions still agree, so the guard lets
+    the next plain command through, and its intent replaced the killed one's without a row."""
+    env, serve, settings, target = local
+    _killed_then_set_by_hand(env, serve, settings, target, monkeypatch)
     assert read_status(Promoter(settings, env.registry, target))["interrupted"]["next"] == "changed"
     out = Promoter(settings, env.registry, target).canary_set(60, reason="next step")
     assert out.action == "canary_set" and target.read().percent == 60 and out.audit_ok, out.message
     rows = _rows()
-    (abandoned,) = [r for r in rows if json.loads(r["details"]).get("abandoned")]
+    (abandoned,) = _abandoned(rows)
     assert abandoned["action"] == "canary_set" and not abandoned["success"] and "killed step" in abandoned["reason"]
-    assert f"replaced by canary_set 2→3 of {settings.who}" in abandoned["reason"], abandoned["reason"]
+    said = f"recorded as abandoned when canary_set 2→3 of {settings.who} began"
+    assert said in abandoned["reason"] and "replaced by" not in abandoned["reason"], abandoned["reason"]
     assert "--force" not in abandoned["reason"]
     assert rows[0]["action"] == "canary_set" and "next step" in rows[0]["reason"] and rows[0]["success"]
     assert not _intents(env)
@@ -163,8 +174,95 @@ def test_a_promote_the_follower_reverted_is_said_plainly_and_recorded_when_repla
     assert serve.slots["production"]["version"] == "2" and env.registry.aliases()["production"] == "2"
     (abandoned,) = [r for r in _rows() if json.loads(r["details"]).get("abandoned")]
     assert abandoned["action"] == "promote" and "release 3" in abandoned["reason"], abandoned
-    assert "follower reverted it" in abandoned["reason"] and f"replaced by {then} " in abandoned["reason"]
+    assert "follower reverted it" in abandoned["reason"], abandoned["reason"]
+    assert f"recorded as abandoned when {then} " in abandoned["reason"], abandoned["reason"]
     assert not _intents(env)
+
+
+@pytest.mark.parametrize("failing", [("set_model_tag",), ("set_model_tag", "delete_model_tag")])
+def test_an_abandoned_row_stays_true_and_single_when_the_run_recording_it_fails(local, monkeypatch, failing):
+    """The registry stops taking writes after the run read the interrupted change: its row was written
+    first, saying the change was "replaced by" a run that then changed nothing, and the retry (the intent
+    still there when its removal failed too) wrote a second one."""
+    env, serve, settings, target = local
+    _killed_then_set_by_hand(env, serve, settings, target, monkeypatch)
+
+    def down(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RegistryUnreachable("model registry http://127.0.0.1:1 unreachable or failing: gone")
+
+    with monkeypatch.context() as m:
+        for name in failing:
+            m.setattr(Registry, name, down)
+        with pytest.raises(PromotionError) as failed:
+            Promoter(settings, env.registry, target).canary_set(60, reason="next step")
+    assert "nothing was changed" in str(failed.value) and "is recorded as abandoned" in str(failed.value)
+    assert target.read().percent == 40
+    (abandoned,) = _abandoned(_rows())
+    assert f"recorded as abandoned when canary_set 2→3 of {settings.who} began" in abandoned["reason"]
+    assert "replaced" not in abandoned["reason"], abandoned["reason"]
+    assert json.loads(abandoned["details"])["recorded_by"] == {"action": "canary_set", "actor": settings.who}
+    out = Promoter(settings, env.registry, target).canary_set(60, reason="next step again")
+    assert out.action == "canary_set" and target.read().percent == 60 and out.audit_ok, out.message
+    assert ("recorded as abandoned by an earlier run" in out.message) == ("delete_model_tag" in failing), out.message
+    assert len(_abandoned(_rows())) == 1
+    assert not _intents(env)
+
+
+def test_a_follower_revert_is_not_named_once_production_changed_again(local, monkeypatch):
+    """The follower reverted the promote to v2, then v1 was installed by hand: "version 2 serves
+    production again" is no longer true, so neither status nor the refusal says it."""
+    env, serve, settings, target = local
+    _promote_with_mlflow_going_down(env, serve, settings, target, monkeypatch)
+    _follower_reverts(serve)
+    serve.slots["production"] = {"version": "1", "ref": "models:/mot-defects/1"}
+    shown = read_status(Promoter(settings, env.registry, target))["interrupted"]
+    assert shown["next"] == "changed" and "reverted" not in shown, shown
+    with pytest.raises(Refused) as refused:
+        Promoter(settings, env.registry, target).promote()
+    assert "follower reverted" not in str(refused.value) and "serves production again" not in str(refused.value)
+
+
+def test_a_follow_row_not_of_a_server_is_no_follower_revert(local, monkeypatch):
+    env, serve, settings, target = local
+    _promote_with_mlflow_going_down(env, serve, settings, target, monkeypatch)
+    serve.slots["production"] = {"version": "2", "ref": "models:/mot-defects/2"}
+    row = follow_row("production", "3", "2", datetime.now(UTC), "models:/mot-defects/2", percent=0.0,
+                     reverted_after_s=GRACE_S)  # fmt: skip
+    predlog.open_reader().insert_promotion_event({**row, "target": "local"})
+    assert "reverted" not in read_status(Promoter(settings, env.registry, target))["interrupted"]
+
+
+def test_status_when_a_later_registry_read_fails_prints_what_it_read(local, capsys, monkeypatch):
+    """The aliases, versions and model tags answer, then a version's read fails: status printed nothing."""
+
+    def down(self, ref):  # noqa: ANN001, ANN202
+        raise RegistryUnreachable("model registry http://127.0.0.1:1 unreachable or failing: gone")
+
+    monkeypatch.setattr(Registry, "resolve", down)
+    monkeypatch.setenv("COLUMNS", "250")
+    argv = ["promote", "status", "--target", "local", "--local-url", "http://127.0.0.1:1"]
+    assert main([*argv, "--json"]) == 2
+    out, err = capsys.readouterr()
+    status = json.loads(out)
+    assert status["aliases"] == {"production": "2", "canary": "3"} and status["versions"], status
+    assert status["live"]["production_version"] == "2" and status["events"]
+    assert status["registry_error"].startswith("unreachable ("), status["registry_error"]
+    assert "tag_disagreements" not in status and "disagreements" not in status  # unknown, not "agree"
+    assert "motlens promote: registry: unreachable (" in err
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert "canary → v3, production → v2" in out and "gone" in out, out
+    assert "live vs registry and any interrupted change unknown" in out, out
+
+
+def test_the_registry_problem_keeps_its_wording_around_a_redacted_uri():
+    uri = "http://adm:SECRET@127.0.0.1:5000/?token=TOKVAL"
+    promoter = SimpleNamespace(registry=SimpleNamespace(tracking_uri=uri))
+    said = registry_problem(promoter, RegistryUnreachable(f"model registry {uri} unreachable or failing: gone"))  # type: ignore[arg-type]
+    assert said == (
+        "unreachable (http://127.0.0.1:5000/?token=***): model registry http://127.0.0.1:5000/?token=*** "
+        "unreachable or failing: gone"
+    ), said
 
 
 def test_a_row_recorded_during_the_outage_without_a_metrics_target_is_a_complete_audit(local, caplog):
