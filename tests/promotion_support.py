@@ -153,3 +153,26 @@ class FakeServe:
     def status(self) -> dict[str, Any]:
         return {"slots": {k: dict(v) for k, v in self.slots.items()}, "canary_percent": self.percent,
                 "ready": self.reason is None, "reason": self.reason}  # fmt: skip
+
+
+def local_rollout(
+    registry: Any, bundle_root: Path, tmp_path: Path, monkeypatch: Any
+) -> tuple[Env, FakeServe, Any, Any]:
+    """A local target (a :class:`FakeServe` behind ``LocalTarget``'s admin calls) on which v2 was rolled out
+    over v1 and promoted (so v2 records v1 as what it replaced): (env, serve, settings, target)."""
+    from promotion.local_target import LocalTarget
+    from promotion.workflow import Promoter
+
+    env = make_env(registry, bundle_root, tmp_path, monkeypatch, [0.60, 0.65, 0.66])
+    registry.set_alias("production", "1")
+    serve = FakeServe("1")
+    monkeypatch.setattr(
+        LocalTarget, "_request", lambda self, method, path, body=None: serve.request(method, path, body)
+    )
+    settings = env.settings(target="local", local_url="http://127.0.0.1:1", golden_check=False)
+    target = LocalTarget(settings)
+    p = Promoter(settings, env.registry, target, force=True)
+    p.canary_start("2", 10)
+    p.canary_set(100)
+    p.promote()
+    return env, serve, settings, target

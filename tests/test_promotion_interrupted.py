@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from promotion_support import FakeServe, make_env
+from promotion_support import local_rollout
 
 import predlog
 import promotion.workflow as wf
@@ -27,20 +27,9 @@ class Killed(BaseException):
 @pytest.fixture
 def local(registry, tiny_bundle, tmp_path, monkeypatch):
     """Production v1 promoted over by v2 (so v2 records v1 as what it replaced), v3 canary at 10 %."""
-    env = make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60, 0.65, 0.66])
-    registry.set_alias("production", "1")
-    serve = FakeServe("1")
-    monkeypatch.setattr(
-        LocalTarget, "_request", lambda self, method, path, body=None: serve.request(method, path, body)
-    )
-    settings = env.settings(target="local", local_url="http://127.0.0.1:1", golden_check=False)
-    target = LocalTarget(settings)
-    p = Promoter(settings, env.registry, target, force=True)
-    p.canary_start("2", 10)
-    p.canary_set(100)
-    p.promote()
+    env, serve, settings, target = local_rollout(registry, tiny_bundle.root, tmp_path, monkeypatch)
     env.registry.set_alias("candidate", "3")
-    p.canary_start("3", 10)
+    Promoter(settings, env.registry, target, force=True).canary_start("3", 10)
     return env, serve, settings, target
 
 

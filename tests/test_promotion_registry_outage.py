@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import pytest
-from promotion_support import FakeServe, make_env
+from promotion_support import local_rollout
 
 import predlog
 from motlens.cli import main
@@ -36,19 +36,8 @@ class Killed(BaseException):
 def local(registry, tiny_bundle, tmp_path, monkeypatch):
     """v2 in production on a local server (it replaced v1), v3 canary at 10 %."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a closed port fails at once
-    env = make_env(registry, tiny_bundle.root, tmp_path, monkeypatch, [0.60, 0.65, 0.66])
-    registry.set_alias("production", "1")
-    serve = FakeServe("1")
-    monkeypatch.setattr(
-        LocalTarget, "_request", lambda self, method, path, body=None: serve.request(method, path, body)
-    )
-    settings = env.settings(target="local", local_url="http://127.0.0.1:1", golden_check=False)
-    target = LocalTarget(settings)
-    p = Promoter(settings, env.registry, target, force=True)
-    p.canary_start("2", 10)
-    p.canary_set(100)
-    p.promote()
-    p.canary_start("3", 10)
+    env, serve, settings, target = local_rollout(registry, tiny_bundle.root, tmp_path, monkeypatch)
+    Promoter(settings, env.registry, target, force=True).canary_start("3", 10)
     return env, serve, settings, target
 
 
