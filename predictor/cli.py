@@ -150,7 +150,9 @@ def _unloadable_ref(settings: ServeSettings) -> str | None:
             continue  # no canary; an empty model is KServe's /mnt/models
         if ref.startswith("models:/"):
             try:
-                Registry().canonical_ref(ref)
+                registry = Registry()
+                registry.canonical_ref(ref)
+                registry.check_store_support()
             except RegistryError as e:
                 return f"{field}: {e}"
         elif (problem := _missing_path(ref)) is not None:

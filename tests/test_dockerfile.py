@@ -315,3 +315,14 @@ def test_predictor_image_has_no_evidently_and_jobs_image_no_kserve() -> None:
     # the jobs download MLflow artifacts from S3 themselves (drift reference bundle, golden gate)
     assert "boto3" in jobs and "botocore" in jobs
     import botocore  # noqa: F401 - the dev venv installs the same extras
+
+
+def test_images_carry_mlflows_client_not_its_server_and_store() -> None:
+    """Both images talk to an MLflow server: ``mlflow-skinny`` (the core's), not the full ``mlflow`` with
+    its SQLAlchemy store, Flask server and UI (the ``local`` extra, for a sqlite registry)."""
+    server_side = {"mlflow", "sqlalchemy", "alembic", "flask", "gunicorn", "graphene", "docker", "huey", "skops"}
+    assert server_side <= set(_closure({"local"}))
+    for extras in ({"serve"}, {"drift", "promote"}):
+        closure = _closure(extras)
+        assert "mlflow-skinny" in closure and not server_side & set(closure), (extras, server_side & set(closure))
+    assert "matplotlib" not in _closure({"serve"})

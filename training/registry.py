@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import json
 import logging
 import os
@@ -80,6 +81,8 @@ PINNED_LATER_TAG = "motlens.bundle_sha256_pinned_at"
 #: MLflow stores at most 36 characters of a dataset digest (``MAX_DATASET_DIGEST_SIZE``)
 DATASET_DIGEST_CHARS = 36
 INCOMPLETE = "incomplete"
+#: tracking URI schemes of MLflow's SQLAlchemy store (``mlflow.store.db.db_types``), ``+driver`` aside
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 # MLflow client settings for a tracking server, unless set in the environment (see _http_defaults)
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
@@ -226,6 +229,7 @@ class Registry:
                         "http(s)://SERVER (MLflow no longer serves a file store)"
                     )
                 )
+            self.check_store_support()
             path = self.sqlite_path
             self._check_sqlite_file()
             if path is not None and not path.is_file():
@@ -260,6 +264,26 @@ class Registry:
             return None
         return Path(unquote(self.tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]))
 
+    def check_store_support(self) -> None:
+        """:class:`RegistryError` with the install hint when a ``sqlite:///`` registry meets an install
+        without MLflow's database store (also a ``postgresql://`` … one): the core requires only the client
+        (``mlflow-skinny``, enough for a tracking server); the store is in the full ``mlflow`` (SQLAlchemy,
+        alembic), the ``local`` extra. MLflow itself would answer "unsupported URI"."""
+        if self.tracking_uri.split(":", 1)[0].split("+", 1)[0].lower() not in DATABASE_SCHEMES:
+            return
+        try:
+            for module in ("sqlalchemy", "alembic"):
+                importlib.import_module(module)
+        except ImportError as e:
+            missing = (e.name or "sqlalchemy").split(".")[0]
+            raise RegistryError(
+                redact(
+                    f"registry {self.tracking_uri} is an MLflow database store, which needs the full mlflow "
+                    f"package ({missing} is not installed): pip install 'motlens[local]', or set "
+                    "MLFLOW_TRACKING_URI to an MLflow server"
+                )
+            ) from e
+
     def _check_sqlite_file(self) -> None:
         """:class:`RegistryError` for a ``sqlite:///`` path that exists but is not a file (a directory)."""
         path = self.sqlite_path
@@ -274,6 +298,7 @@ class Registry:
         self._check_sqlite_file()
         if path is None or (path.is_file() and path.stat().st_size > 0):
             return
+        self.check_store_support()  # before the file: a store it cannot open is not created
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()  # MLflow migrates the empty file on first use (also one a killed creation left)
