@@ -1,10 +1,12 @@
-"""``motlens log``: inspect the prediction log on either backend (count, tail, stats, query), migrate, compact."""
+"""``motlens log``: inspect the prediction log on either backend (count, tail, stats, query), migrate, compact,
+replay."""
 
 from __future__ import annotations
 
 import argparse
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from motlens.times import EARLIEST, parse_time
 
@@ -48,7 +50,7 @@ def _param(value: str) -> tuple[str, str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("log", help="the prediction log: count | tail | stats | query | migrate | compact")
+    p = sub.add_parser("log", help="the prediction log: count | tail | stats | query | migrate | compact | replay")
     verbs = p.add_subparsers(dest="log_command", required=True, metavar="VERB")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="JSON lines instead of a table")
@@ -73,6 +75,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="embedded backend: delete the predictions days past MOTLENS_PREDLOG_TTL_DAYS, then merge each closed "
         "hour's, then day's, segments into one file",
     )
+    r = verbs.add_parser(
+        "replay",
+        help="drain into ClickHouse the spools predictors left (ClickHouse was down when they stopped); a "
+        "directory a running predictor holds is left alone",
+    )
+    r.add_argument("dirs", nargs="*", type=Path, metavar="DIR", help="a predictor's MOTLENS_PREDLOG_DIR")
+    r.add_argument(
+        "--under", type=Path, action="append", default=[], metavar="PARENT",
+        help="every predictor directory below PARENT (the MOTLENS_PREDLOG_DIR of MOTLENS_PREDLOG_DIR_PER_HOST)",
+    )  # fmt: skip
+    r.add_argument("--timeout", type=_positive, default=300.0, help="seconds per directory (default 300)")
+    r.add_argument("--remove-empty", action="store_true", help="delete a directory once its spools are empty")
     p.set_defaults(func=_run)
 
 
@@ -91,6 +105,8 @@ def _run(args: argparse.Namespace) -> int:
         return _migrate(settings)
     if args.log_command == "compact":
         return _compact(settings)
+    if args.log_command == "replay":
+        return _replay(settings, args)
     reader = open_reader(settings)
     try:
         if args.log_command == "count":
@@ -167,6 +183,40 @@ def _compact(settings) -> int:
         for day, rows in merged.items():
             print(f"{table}: {day} compacted ({rows} rows)")
     return 2 if failed else 0
+
+
+def _replay(settings, args: argparse.Namespace) -> int:
+    """A line per directory; exit 1 when rows stay spooled (the sink is down: the next run goes on), 2 on a
+    bad invocation."""
+    import sys
+
+    from predlog.replay import replay_dir, spool_dirs
+
+    if settings.embedded:
+        print("motlens log replay: needs the ClickHouse sink (MOTLENS_CLICKHOUSE_URL); an embedded log's own "
+              "spool is replayed by its server at start", file=sys.stderr)  # fmt: skip
+        return 2
+    if not args.dirs and not args.under:
+        print("motlens log replay: name the directories (DIR ...) or their parent (--under PARENT)", file=sys.stderr)
+        return 2
+    try:
+        dirs = list(dict.fromkeys(p.resolve() for p in [*args.dirs, *spool_dirs(args.under)]))
+    except FileNotFoundError as e:
+        print(f"motlens log replay: {e}", file=sys.stderr)
+        return 2
+    results = [replay_dir(settings, d, args.timeout, args.remove_empty) for d in dirs]
+    for result in results:
+        print(result.line())
+    if not results:
+        print("no predictor directories found")
+    return 1 if any(r.state in ("pending", "missing") for r in results) else 0
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value}")
+    return number
 
 
 def _print(df, *, as_json: bool) -> None:

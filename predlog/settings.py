@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,14 @@ from motlens.state import StateSettings
 
 #: A plain ClickHouse identifier (database, table, column); shared with training.chload.
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _host_dir() -> str:
+    """This host's name as one path component (a pod's name under Kubernetes)."""
+    name = socket.gethostname()
+    if name in ("", ".", "..") or "/" in name:
+        raise ValueError(f"the host name {name!r} cannot name a directory (MOTLENS_PREDLOG_DIR_PER_HOST)")
+    return name
 
 
 def _url_database(url: str | None) -> str:
@@ -174,6 +183,11 @@ class PredlogSettings(BaseSettings):
     dir: SettingPath | None = Field(
         default=None, description="embedded segments and the spool; default MOTLENS_HOME/predlog"
     )
+    dir_per_host: bool = Field(
+        default=False,
+        description="use DIR/<host name> (a pod's name): each predictor of a volume they share has its own "
+        "spool, and `motlens log replay --under DIR` drains those of pods that are gone",
+    )
 
     queue_rows: int = Field(default=100_000, ge=1, description="bounded in-memory queue (rows)")
     batch_rows: int = Field(default=5_000, ge=1)
@@ -268,7 +282,8 @@ class PredlogSettings(BaseSettings):
 
     @property
     def root(self) -> Path:
-        return (self.dir or StateSettings().predlog_dir).resolve()
+        root = (self.dir or StateSettings().predlog_dir).resolve()
+        return root / _host_dir() if self.dir_per_host else root
 
     @property
     def spool_dir(self) -> Path:

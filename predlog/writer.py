@@ -369,6 +369,8 @@ class PredictionLogWriter:
                 "sink_ok": rows.ok,
                 "events": {
                     "written": events.counts["written"],
+                    "replayed": events.counts["replayed"],
+                    "spool_held_rows": events.spool.held_rows,
                     "dropped_by_reason": dict(events.dropped),
                     "spool_rows": sum(s.rows for s in self._in_spool(events)),
                     "pending": len(self._pending_events),

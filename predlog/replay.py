@@ -1,0 +1,122 @@
+"""Drain the spools of predictor processes that are gone into ClickHouse (``motlens log replay``).
+
+A predictor that stops while ClickHouse is down leaves its rows in its spool, replayed when a writer
+opens that directory again. On a volume several predictors share, each process spools below its own
+directory (``MOTLENS_PREDLOG_DIR_PER_HOST``: ``DIR/<pod name>``), and a pod name never comes back:
+this job opens each such directory whose lock no process holds with the same writer the predictor
+uses (same binding to its sink, same deduplication tokens, same accounting), lets it replay, and
+closes it. A directory a running predictor holds is left alone; one whose spools ended empty can be
+deleted, under its lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from predlog.settings import PredlogSettings
+from predlog.spool import SINK_FILE, SpoolBusy
+
+log = logging.getLogger(__name__)
+
+#: files a drained spool directory may still hold (anything else, a set-aside ``*.corrupt`` segment or
+#: segments held for another sink included, keeps the directory)
+_BOOKKEEPING = {".lock", SINK_FILE}
+#: the share of a directory's time kept for the writer's close (its last sink attempt, its final counts)
+_CLOSE_SHARE = 0.25
+
+
+@dataclass
+class Replayed:
+    """What one directory's replay did; ``state``: drained, pending (rows left: the sink is down or
+    slow), busy (a running writer holds it) or missing."""
+
+    path: Path
+    state: str
+    rows: int = 0
+    events: int = 0
+    pending: int = 0
+    held: int = 0
+    removed: bool = False
+
+    def line(self) -> str:
+        if self.state == "busy":
+            return f"{self.path}: held by a running writer, left alone"
+        if self.state == "missing":
+            return f"{self.path}: no such directory"
+        text = f"{self.path}: {self.rows} prediction rows and {self.events} audit rows replayed"
+        if self.pending:
+            text += f", {self.pending} rows still spooled (the sink did not take them; kept for the next run)"
+        if self.held:
+            text += f", {self.held} rows held for another sink (kept)"
+        return text + (", directory removed" if self.removed else "")
+
+
+def spool_dirs(parents: list[Path]) -> list[Path]:
+    """The predictor directories below each parent: those with a ``spool/`` folder, by name."""
+    found: list[Path] = []
+    for parent in parents:
+        if not parent.is_dir():
+            raise FileNotFoundError(f"--under {parent}: no such directory")
+        found += sorted(p for p in parent.iterdir() if p.is_dir() and (p / "spool").is_dir())
+    return found
+
+
+def replay_dir(settings: PredlogSettings, path: Path, timeout: float, remove_empty: bool) -> Replayed:
+    """Open a writer on ``path`` (its spools bound to ``settings``' sink), wait up to ``timeout`` for it to
+    replay them, close it; with ``remove_empty``, delete ``path`` when nothing but bookkeeping is left."""
+    from predlog import open_writer
+
+    if not path.is_dir():
+        return Replayed(path, "missing")
+    here = settings.model_copy(update={"dir": path, "dir_per_host": False})
+    deadline = time.monotonic() + timeout
+    try:
+        writer = open_writer(here)
+    except SpoolBusy:
+        return Replayed(path, "busy")
+    try:
+        while time.monotonic() < deadline - timeout * _CLOSE_SHARE:
+            stats = writer.stats()
+            if stats["spool_rows"] + stats["events"]["spool_rows"] == 0:
+                break
+            time.sleep(0.2)
+    finally:
+        writer.close(max(1.0, deadline - time.monotonic()))
+    stats = writer.stats()
+    pending = stats["spool_rows"] + stats["events"]["spool_rows"]
+    done = Replayed(
+        path,
+        "pending" if pending else "drained",
+        rows=stats["replayed"],
+        events=stats["events"]["replayed"],
+        pending=pending,
+        held=stats["spool_held_rows"] + stats["events"]["spool_held_rows"],
+    )
+    if remove_empty and not pending:
+        done.removed = _remove_if_drained(path / "spool", path)
+    return done
+
+
+def _remove_if_drained(spool: Path, path: Path) -> bool:
+    """Delete ``path`` if it holds bookkeeping files only, holding its spool's lock (a writer that opens it
+    meanwhile is refused, as with any held spool, and not left writing into a deleted directory)."""
+    try:
+        lock = open(spool / ".lock", "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return False
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        leftovers = [p for p in path.rglob("*") if p.is_file() and p.name not in _BOOKKEEPING]
+        if leftovers:
+            log.info("predlog: %s kept: %d files besides the spool's bookkeeping", path, len(leftovers))
+            return False
+        shutil.rmtree(path)
+    return True

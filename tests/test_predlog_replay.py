@@ -1,0 +1,171 @@
+"""``motlens log replay``: the spools of predictors that are gone, drained into ClickHouse (chdb here).
+
+Predictors on a shared volume (``MOTLENS_PREDLOG_DIR_PER_HOST``) stop while ClickHouse is down and leave
+their rows spooled below ``DIR/<pod name>``; the job replays each directory no process holds, exactly
+once, and leaves a running predictor's directory alone.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from conftest import migrated_reader
+from test_predlog_faults import closed_port, rows, wait_for
+
+import predlog
+from motlens.cli import main
+from predictor.events import server_row
+from predlog import PredlogSettings
+from predlog.sinks import ClickHouseSink
+
+N = 30
+
+
+@pytest.fixture()
+def server(tmp_path, monkeypatch):
+    """A chdb "server" with the tables, a switch that takes it down, and the environment of the job."""
+    settings = PredlogSettings(
+        clickhouse_url="chdb://memory", database=f"r_{uuid.uuid4().hex[:10]}", dir=tmp_path / "shared",
+        dir_per_host=True, batch_rows=10, flush_interval_s=0.02, retry_initial_s=0.05, retry_max_s=0.2,
+    )  # fmt: skip
+    reader = migrated_reader(settings)
+    down = {"now": False}
+    insert = ClickHouseSink.insert
+
+    def maybe_down(self, table, token):  # noqa: ANN001, ANN202
+        if down["now"]:
+            raise ConnectionRefusedError(111, "Connection refused")  # the server is down (fault injection)
+        return insert(self, table, token)
+
+    monkeypatch.setattr(ClickHouseSink, "insert", maybe_down)
+    for k in ("MOTLENS_PREDLOG_DIR", "MOTLENS_PREDLOG_DIR_PER_HOST"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MOTLENS_CLICKHOUSE_URL", "chdb://memory")
+    monkeypatch.setenv("MOTLENS_PREDLOG_DATABASE", settings.database)
+    monkeypatch.setenv("MOTLENS_PREDLOG_RETRY_INITIAL_S", "0.05")
+    yield settings, reader, down
+    reader.client.command(f"DROP DATABASE IF EXISTS {settings.database}")
+    reader.close()
+
+
+def _stored(reader, settings) -> tuple[int, int, int]:
+    """(prediction rows, distinct request ids, audit rows) in the tables."""
+    (n, u), (e,) = (
+        reader.client.query(f"SELECT count(), uniqExact(request_id, item_index) FROM {settings.database}.predictions")
+        .result_rows[0],
+        reader.client.query(f"SELECT count() FROM {settings.database}.promotion_events").result_rows[0],
+    )  # fmt: skip
+    return int(n), int(u), int(e)
+
+
+def _pod(settings, monkeypatch, name: str):
+    """A predictor's writer on the shared volume, as the pod ``name`` opens it."""
+    monkeypatch.setattr("predlog.settings.socket.gethostname", lambda: name)
+    assert settings.root == (settings.dir / name).resolve()
+    return predlog.open_writer(settings)
+
+
+def _spooled_while_down(settings, monkeypatch, name: str, start: int) -> None:
+    writer = _pod(settings, monkeypatch, name)
+    writer.submit(rows(N, start))
+    assert writer.record_event(
+        server_row("serve_stop", slot="production", from_version="7", to_version=None, percent=0.0, reason=name)
+    )
+    assert writer.flush(30)
+    writer.close(10)
+    stats = writer.stats()
+    assert stats["spool_rows"] == N and stats["events"]["spool_rows"] == 1 and stats["written"] == 0, stats
+
+
+def test_replay_drains_the_spools_of_gone_pods_once_and_leaves_a_running_ones(server, monkeypatch, capsys):
+    settings, reader, down = server
+    down["now"] = True
+    _spooled_while_down(settings, monkeypatch, "mot-defects-predictor-00001-a", 0)
+    _spooled_while_down(settings, monkeypatch, "mot-defects-predictor-00001-b", 1000)
+    live = _pod(settings, monkeypatch, "mot-defects-predictor-00002-c")  # still running: its lock is held
+    down["now"] = False
+    shared = settings.dir.resolve()
+    try:
+        assert main(["log", "replay", "--under", str(shared), "--remove-empty", "--timeout", "60"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out == [
+            f"{shared}/mot-defects-predictor-00001-a: {N} prediction rows and 1 audit rows replayed, directory removed",
+            f"{shared}/mot-defects-predictor-00001-b: {N} prediction rows and 1 audit rows replayed, directory removed",
+            f"{shared}/mot-defects-predictor-00002-c: held by a running writer, left alone",
+        ], out
+        assert _stored(reader, settings) == (2 * N, 2 * N, 2)
+        assert sorted(p.name for p in shared.iterdir()) == ["mot-defects-predictor-00002-c"]
+        # again: nothing left to replay, nothing stored twice
+        assert main(["log", "replay", "--under", str(shared), "--timeout", "10"]) == 0
+        assert capsys.readouterr().out.splitlines() == [
+            f"{shared}/mot-defects-predictor-00002-c: held by a running writer, left alone"
+        ]
+        assert _stored(reader, settings) == (2 * N, 2 * N, 2)
+        live.submit(rows(5, 5000))  # the running pod's writer goes on storing its own rows
+        assert live.flush(30) and wait_for(lambda: _stored(reader, settings)[0] == 2 * N + 5)
+    finally:
+        live.close(10)
+    # once it is gone its (drained) directory goes too
+    assert main(["log", "replay", "--under", str(shared), "--remove-empty"]) == 0
+    assert capsys.readouterr().out == (
+        f"{shared}/mot-defects-predictor-00002-c: 0 prediction rows and 0 audit rows replayed, directory removed\n"
+    )
+    assert list(shared.iterdir()) == [] and _stored(reader, settings) == (2 * N + 5, 2 * N + 5, 2)
+
+
+def test_a_sink_still_down_keeps_the_rows_and_fails_the_run(server, monkeypatch, capsys):
+    settings, reader, down = server
+    down["now"] = True
+    _spooled_while_down(settings, monkeypatch, "pod-a", 0)
+    pod = settings.dir.resolve() / "pod-a"
+    assert main(["log", "replay", str(pod), "--remove-empty", "--timeout", "2"]) == 1
+    assert capsys.readouterr().out == (
+        f"{pod}: 0 prediction rows and 0 audit rows replayed, {N + 1} rows still spooled (the sink did not take "
+        "them; kept for the next run)\n"
+    )
+    assert pod.is_dir() and _stored(reader, settings) == (0, 0, 0)
+    down["now"] = False  # the next run, once the server is back
+    assert main(["log", "replay", str(pod), "--remove-empty"]) == 0
+    assert capsys.readouterr().out.endswith("directory removed\n")
+    assert _stored(reader, settings) == (N, N, 1) and not pod.exists()
+
+
+def test_rows_spooled_for_another_sink_are_held_not_replayed_and_keep_the_directory(server, monkeypatch, capsys):
+    settings, reader, _ = server
+    other = settings.model_copy(update={"clickhouse_url": f"http://default@127.0.0.1:{closed_port()}/default"})
+    _spooled_while_down(other, monkeypatch, "pod-a", 0)  # another ClickHouse: its spool is bound to it
+    pod = settings.dir.resolve() / "pod-a"
+    assert main(["log", "replay", str(pod), "--remove-empty", "--timeout", "10"]) == 0
+    assert capsys.readouterr().out == (
+        f"{pod}: 0 prediction rows and 0 audit rows replayed, {N + 1} rows held for another sink (kept)\n"
+    )
+    assert _stored(reader, settings) == (0, 0, 0)
+    assert sum(int(p.name.split("-")[1]) for p in pod.rglob("held/*/*.arrow")) == N + 1  # kept, where they were
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        (["log", "replay", "{tmp}"], {"MOTLENS_CLICKHOUSE_URL": None},
+         "motlens log replay: needs the ClickHouse sink (MOTLENS_CLICKHOUSE_URL); an embedded log's own spool is "
+         "replayed by its server at start\n"),
+        (["log", "replay"], {},
+         "motlens log replay: name the directories (DIR ...) or their parent (--under PARENT)\n"),
+        (["log", "replay", "--under", "{tmp}/nowhere"], {},
+         "motlens log replay: --under {tmp}/nowhere: no such directory\n"),
+    ],
+)  # fmt: skip
+def test_a_bad_invocation_is_one_line_and_exit_2(argv, env, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MOTLENS_CLICKHOUSE_URL", "chdb://memory")
+    for k, v in env.items():
+        if v is None:
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path / "home"))
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    assert capsys.readouterr().err == expected.replace("{tmp}", str(tmp_path))
+
+
+def test_a_directory_that_is_not_there_fails_the_run(server, tmp_path, capsys):
+    assert main(["log", "replay", str(tmp_path / "gone"), "--timeout", "5"]) == 1
+    assert capsys.readouterr().out == f"{tmp_path / 'gone'}: no such directory\n"
