@@ -204,12 +204,17 @@ def _replay(settings, args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"motlens log replay: {e}", file=sys.stderr)
         return 2
-    results = [replay_dir(settings, d, args.timeout, args.remove_empty) for d in dirs]
-    for result in results:
-        print(result.line())
-    if not results:
+    failed = False
+    for i, path in enumerate(dirs):
+        result = replay_dir(settings, path, args.timeout, args.remove_empty)
+        print(result.line(), flush=True)
+        failed |= result.state in ("pending", "missing")
+        if result.state == "pending" and i + 1 < len(dirs):  # the sink is down or slow: no use waiting on each
+            print(f"{len(dirs) - i - 1} more directories left for the next run")
+            break
+    if not dirs:
         print("no predictor directories found")
-    return 1 if any(r.state in ("pending", "missing") for r in results) else 0
+    return 1 if failed else 0
 
 
 def _positive(value: str) -> float:

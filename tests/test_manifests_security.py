@@ -69,20 +69,25 @@ def test_every_container_is_locked_down(docs) -> None:
     specs = pod_specs(docs)
     assert len(specs) == 4  # predictor, drift, canary drift, promotion
     for owner, pod in specs:
-        for container in pod["containers"]:
-            where = f"{owner}/{container['name']}"
-            assert _effective(pod, container, "runAsNonRoot") is True, where
-            assert (_effective(pod, container, "runAsUser") or 0) > 0, where
-            assert _effective(pod, container, "seccompProfile") == {"type": "RuntimeDefault"}, where
-            sc = container["securityContext"]
-            assert sc["readOnlyRootFilesystem"] is True, where
-            assert sc["allowPrivilegeEscalation"] is False, where
-            assert sc["capabilities"] == {"drop": ["ALL"]}, where
-            assert not sc.get("privileged"), where
-            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-            volumes = {v["name"]: v for v in pod["volumes"]}
-            for path in ("/tmp", "/var/lib/motlens"):  # HOME, caches and MOTLENS_HOME (see Dockerfile)
-                assert "emptyDir" in volumes[mounts[path]], f"{where}: {path} is not a writable emptyDir"
+        check_locked_down(owner, pod)
+
+
+def check_locked_down(owner: str, pod: dict[str, Any]) -> None:
+    """Non-root, no privilege, read-only root filesystem, writable paths on emptyDir volumes."""
+    for container in pod["containers"]:
+        where = f"{owner}/{container['name']}"
+        assert _effective(pod, container, "runAsNonRoot") is True, where
+        assert (_effective(pod, container, "runAsUser") or 0) > 0, where
+        assert _effective(pod, container, "seccompProfile") == {"type": "RuntimeDefault"}, where
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True, where
+        assert sc["allowPrivilegeEscalation"] is False, where
+        assert sc["capabilities"] == {"drop": ["ALL"]}, where
+        assert not sc.get("privileged"), where
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for path in ("/tmp", "/var/lib/motlens"):  # HOME, caches and MOTLENS_HOME (see Dockerfile)
+            assert "emptyDir" in volumes[mounts[path]], f"{where}: {path} is not a writable emptyDir"
 
 
 def test_network_policies(docs) -> None:

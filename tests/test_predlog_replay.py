@@ -118,17 +118,18 @@ def test_a_sink_still_down_keeps_the_rows_and_fails_the_run(server, monkeypatch,
     settings, reader, down = server
     down["now"] = True
     _spooled_while_down(settings, monkeypatch, "pod-a", 0)
-    pod = settings.dir.resolve() / "pod-a"
-    assert main(["log", "replay", str(pod), "--remove-empty", "--timeout", "2"]) == 1
+    _spooled_while_down(settings, monkeypatch, "pod-b", 1000)
+    shared = settings.dir.resolve()
+    assert main(["log", "replay", "--under", str(shared), "--remove-empty", "--timeout", "2"]) == 1
     assert capsys.readouterr().out == (
-        f"{pod}: 0 prediction rows and 0 audit rows replayed, {N + 1} rows still spooled (the sink did not take "
-        "them; kept for the next run)\n"
-    )
-    assert pod.is_dir() and _stored(reader, settings) == (0, 0, 0)
+        f"{shared}/pod-a: 0 prediction rows and 0 audit rows replayed, {N + 1} rows still spooled (the sink did "
+        "not take them; kept for the next run)\n1 more directories left for the next run\n"
+    )  # not another timeout's wait for each directory while the sink is down
+    assert sorted(p.name for p in shared.iterdir()) == ["pod-a", "pod-b"] and _stored(reader, settings) == (0, 0, 0)
     down["now"] = False  # the next run, once the server is back
-    assert main(["log", "replay", str(pod), "--remove-empty"]) == 0
-    assert capsys.readouterr().out.endswith("directory removed\n")
-    assert _stored(reader, settings) == (N, N, 1) and not pod.exists()
+    assert main(["log", "replay", "--under", str(shared), "--remove-empty"]) == 0
+    assert capsys.readouterr().out.count("directory removed\n") == 2
+    assert _stored(reader, settings) == (2 * N, 2 * N, 2) and list(shared.iterdir()) == []
 
 
 def test_rows_spooled_for_another_sink_are_held_not_replayed_and_keep_the_directory(server, monkeypatch, capsys):
