@@ -208,7 +208,7 @@ def _replay(settings, args: argparse.Namespace) -> int:
     for i, path in enumerate(dirs):
         result = replay_dir(settings, path, args.timeout, args.remove_empty)
         print(result.line(), flush=True)
-        failed |= result.state in ("pending", "missing")
+        failed |= result.state in ("pending", "missing", "unusable")
         if result.state == "pending" and i + 1 < len(dirs):  # the sink is down or slow: no use waiting on each
             print(f"{len(dirs) - i - 1} more directories left for the next run")
             break

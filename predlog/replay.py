@@ -33,7 +33,8 @@ _CLOSE_SHARE = 0.25
 @dataclass
 class Replayed:
     """What one directory's replay did; ``state``: drained, pending (rows left: the sink is down or
-    slow), busy (a running writer holds it) or missing."""
+    slow), busy (a running writer holds it), unusable (its spool cannot be opened for writing) or
+    missing."""
 
     path: Path
     state: str
@@ -42,12 +43,15 @@ class Replayed:
     pending: int = 0
     held: int = 0
     removed: bool = False
+    reason: str = ""
 
     def line(self) -> str:
         if self.state == "busy":
             return f"{self.path}: held by a running writer, left alone"
         if self.state == "missing":
             return f"{self.path}: no such directory"
+        if self.state == "unusable":
+            return f"{self.path}: its spool cannot be used ({self.reason}); nothing replayed"
         text = f"{self.path}: {self.rows} prediction rows and {self.events} audit rows replayed"
         if self.pending:
             text += f", {self.pending} rows still spooled (the sink did not take them; kept for the next run)"
@@ -79,6 +83,9 @@ def replay_dir(settings: PredlogSettings, path: Path, timeout: float, remove_emp
         writer = open_writer(here)
     except SpoolBusy:
         return Replayed(path, "busy")
+    if writer.spool.unbound is not None:  # read-only, no permission: the writer would not replay it
+        writer.close(max(1.0, deadline - time.monotonic()))
+        return Replayed(path, "unusable", reason=writer.spool.unbound)
     try:
         while time.monotonic() < deadline - timeout * _CLOSE_SHARE:
             stats = writer.stats()

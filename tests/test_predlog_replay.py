@@ -170,3 +170,21 @@ def test_a_bad_invocation_is_one_line_and_exit_2(argv, env, expected, tmp_path, 
 def test_a_directory_that_is_not_there_fails_the_run(server, tmp_path, capsys):
     assert main(["log", "replay", str(tmp_path / "gone"), "--timeout", "5"]) == 1
     assert capsys.readouterr().out == f"{tmp_path / 'gone'}: no such directory\n"
+
+
+def test_a_directory_whose_spool_cannot_be_written_is_reported_and_fails_the_run(server, monkeypatch, capsys):
+    settings, reader, down = server
+    down["now"] = True
+    _spooled_while_down(settings, monkeypatch, "pod-a", 0)
+    down["now"] = False
+    pod = settings.dir.resolve() / "pod-a"
+    monkeypatch.setattr("predlog.spool.Spool._bind", _refuse_bind)
+    assert main(["log", "replay", str(pod), "--remove-empty", "--timeout", "5"]) == 1
+    assert capsys.readouterr().out == (
+        f"{pod}: its spool cannot be used ([Errno 30] Read-only file system); nothing replayed\n"
+    )
+    assert _stored(reader, settings) == (0, 0, 0) and len(list(pod.rglob("*.arrow"))) == 4  # kept
+
+
+def _refuse_bind(self, sink):  # noqa: ANN001, ANN202
+    raise OSError(30, "Read-only file system")  # fault injection: a volume mounted read-only
