@@ -132,6 +132,9 @@ class HttpEdge:
     * ``x-request-id`` on every answer (:func:`_answer_id`), also those made outside the motlens
       handlers: Starlette's 404 and 405, explain's 501, probes; an answer that names its id already is
       passed on as it is.
+    * ``HEAD`` is answered as ``GET`` without the body (RFC 9110 §9.3.2): FastAPI's routes (KServe's
+      health, readiness and metadata) list ``GET`` only, so a load balancer's or ``curl -I``'s health
+      check got a 405. A path without ``GET`` still answers 405 with its ``Allow``.
     * ``motlens_http_request_duration_seconds`` for every REST inference request (``POST`` to a path
       ending ``:predict`` or ``/infer``), from reaching the app to the end of its answer, whatever its
       status. It sees what the model adapter's ``motlens_request_latency_seconds`` cannot: refusals, and
@@ -146,6 +149,9 @@ class HttpEdge:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+            send = _without_body(send)
         status = [500]
 
         async def send_edge(message: Any) -> None:
@@ -169,6 +175,17 @@ class HttpEdge:
         finally:
             metrics.SERVED.reset(token)
             metrics.observe_http(protocol, status[0], served.get("version", ""), time.perf_counter() - t0)
+
+
+def _without_body(send: Any) -> Any:
+    """``send`` for a HEAD request served as GET: the headers (Content-Length included) as GET's, no body."""
+
+    async def send_head(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_head
 
 
 async def _invalid_input_handler(request: Request, exc: Exception) -> Response:

@@ -161,6 +161,22 @@ def test_routing_errors_are_oip_errors(served):
     assert missing.status_code == 404 and set(missing.json()) == {"error"}
 
 
+def test_head_is_get_without_the_body(served):
+    """A load balancer's or `curl -I`'s health check: HEAD on the GET routes (FastAPI's list GET only)."""
+    base, _ = served
+    for path in ("/v2/health/ready", "/v2/health/live", f"/v2/models/{MODEL}/ready", f"/v2/models/{MODEL}", "/v2",
+                 "/metrics", "/motlens/ready"):  # fmt: skip
+        got, head = httpx.get(base + path), httpx.head(base + path, headers={"x-request-id": "probe-1"})
+        assert head.status_code == got.status_code == 200, (path, head.status_code, got.status_code)
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], path
+        assert head.headers["x-request-id"] == "probe-1", path
+        if "content-length" in got.headers and path != "/metrics":  # the metrics change between the two
+            assert head.headers["content-length"] == got.headers["content-length"], path
+    wrong = httpx.head(base + V1)  # a POST route: still a 405 naming what it allows
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST" and wrong.content == b""
+    assert httpx.head(f"{base}/no/such/route").status_code == 404
+
+
 def test_v1_needs_a_json_content_type(served):
     base, _ = served
     body = json.dumps({"instances": TEXTS}).encode()
