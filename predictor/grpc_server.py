@@ -15,6 +15,7 @@ from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import add_GRPCInferenceServi
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 from kserve.protocol.grpc.server import GRPCServer as KServeGRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
+from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor.codec import check_input, short_message
 from predictor.rest_edge import count_refusal
@@ -55,7 +56,20 @@ class _Servicer(InferenceServicer):
             tensor.datatype = tensor.datatype.upper()  # in any case, as the REST paths read it
             check_input(tensor.name, tensor.datatype)
         _check_parameter_values(request)
-        return await super().ModelInfer(request, context)
+        self.validate_grpc_request(request)
+        response, _ = await self._data_plane.infer(
+            request=InferRequest.from_grpc(request), headers=_headers(context), model_name=request.model_name
+        )
+        return response.to_grpc() if isinstance(response, InferResponse) else response
+
+
+def _headers(context: ServicerContext) -> dict[str, str]:
+    """The call's metadata as headers, the first value of a repeated key as REST reads its headers (KServe's
+    ``to_headers`` keeps the last, so a repeated ``x-request-id`` named another request than over REST)."""
+    headers: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        headers.setdefault(key, value)
+    return headers
 
 
 def _check_parameter_values(request: pb.ModelInferRequest) -> None:

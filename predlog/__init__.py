@@ -32,11 +32,14 @@ def open_writer(settings: PredlogSettings | None = None):  # -> predlog.writer.P
     settings = settings or PredlogSettings()
     log.info("predlog: predictions go to %s (spool %s)", settings.sink, settings.spool_dir)
     # the dir's lock; segments spooled for another sink are held, not replayed here (predlog.spool)
-    spool = Spool(settings.spool_dir, settings.spool_max_bytes, settings.spool_full_policy, settings.sink)
+    spool = Spool(
+        settings.spool_dir, settings.spool_max_bytes, settings.spool_full_policy, settings.sink,
+        lock_wait_s=settings.lock_wait_s,
+    )  # fmt: skip
     try:  # the server's audit rows (promotion_events) have their own spool beside it
         events_spool = Spool(
             settings.spool_dir / EVENTS_SPOOL, settings.spool_max_bytes, settings.spool_full_policy, settings.sink,
-            report=spool.unbound is None,
+            report=spool.unbound is None, lock_wait_s=settings.lock_wait_s,
         )  # fmt: skip
     except BaseException:
         spool.close()

@@ -80,7 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="drain into ClickHouse the spools predictors left (ClickHouse was down when they stopped); a "
         "directory a running predictor holds is left alone",
     )
-    r.add_argument("dirs", nargs="*", type=Path, metavar="DIR", help="a predictor's MOTLENS_PREDLOG_DIR")
+    r.add_argument(
+        "dirs", nargs="*", type=Path, metavar="DIR",
+        help="one predictor's directory (its MOTLENS_PREDLOG_DIR; with MOTLENS_PREDLOG_DIR_PER_HOST, DIR/<host name>)",
+    )  # fmt: skip
     r.add_argument(
         "--under", type=Path, action="append", default=[], metavar="PARENT",
         help="every predictor directory below PARENT (the MOTLENS_PREDLOG_DIR of MOTLENS_PREDLOG_DIR_PER_HOST)",
@@ -190,7 +193,7 @@ def _replay(settings, args: argparse.Namespace) -> int:
     bad invocation."""
     import sys
 
-    from predlog.replay import replay_dir, spool_dirs
+    from predlog.replay import REMOVING, replay_dir, spool_dirs, sweep
 
     if settings.embedded:
         print("motlens log replay: needs the ClickHouse sink (MOTLENS_CLICKHOUSE_URL); an embedded log's own "
@@ -204,11 +207,15 @@ def _replay(settings, args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"motlens log replay: {e}", file=sys.stderr)
         return 2
+    if args.remove_empty:  # directories a run cut short moved aside and did not finish deleting
+        for parent in args.under:
+            for doomed in parent.glob(f"{REMOVING}*"):
+                sweep(doomed)
     failed = False
     for i, path in enumerate(dirs):
         result = replay_dir(settings, path, args.timeout, args.remove_empty)
         print(result.line(), flush=True)
-        failed |= result.state in ("pending", "missing", "unusable")
+        failed |= result.state in ("pending", "missing", "unusable", "foreign")
         if result.state == "pending" and i + 1 < len(dirs):  # the sink is down or slow: no use waiting on each
             print(f"{len(dirs) - i - 1} more directories left for the next run")
             break

@@ -189,6 +189,13 @@ class PredlogSettings(BaseSettings):
         "spool, and `motlens log replay --under DIR` drains those of pods that are gone",
     )
 
+    lock_wait_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=HOUR_S,
+        description="how long a writer waits for its spool's lock while another process holds it (0: refuse at "
+        "once, naming it); a predictor on a shared volume waits out a `motlens log replay` of its directory",
+    )
     queue_rows: int = Field(default=100_000, ge=1, description="bounded in-memory queue (rows)")
     batch_rows: int = Field(default=5_000, ge=1)
     flush_interval_s: float | None = Field(

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -176,6 +177,13 @@ def _existing_lock(root: Path) -> IO[bytes] | None:
         return None
 
 
+def _same_file(opened: IO[bytes], path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(opened.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 def _segment_files(folder: Path) -> list[Path]:
     try:
         return sorted(p for p in folder.iterdir() if _SEG.match(p.name))
@@ -221,9 +229,11 @@ class Spool:
         sink: SinkId | None = None,
         *,
         report: bool = True,
+        lock_wait_s: float = 0.0,
     ):
         """``report``: log the one ERROR line of a spool that cannot be used this run (off for a second
-        spool of the same folder, whose first one said it already)."""
+        spool of the same folder, whose first one said it already). ``lock_wait_s``: how long to wait for
+        a lock another process holds before :class:`SpoolBusy` (0: refuse at once)."""
         self.root = root
         self.max_bytes = max_bytes
         self.policy = policy
@@ -243,19 +253,7 @@ class Spool:
         #: to its sink (disk full)): it then neither takes nor replays segments, and the writer stores
         #: straight into the sink
         self.unbound: str | None = None
-        self._lock_file: IO[bytes] | None
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            self._lock_file = open(root / ".lock", "ab+")  # noqa: SIM115 - held until close()
-        except OSError as e:
-            self.unbound = str(e)
-            self._lock_file = _existing_lock(root)  # another writer's lock still counts
-        if self._lock_file is not None:
-            try:
-                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                self._lock_file.close()
-                raise SpoolBusy(root) from None
+        self._lock_file = self._take_lock(lock_wait_s)
         try:
             self._open(sink)
         except BaseException:
@@ -267,6 +265,38 @@ class Spool:
                 "that can; batches go straight to the prediction log, and what it does not take is dropped "
                 "(spool_error)", root, sink, self.unbound,
             )  # fmt: skip
+
+    def _take_lock(self, wait_s: float) -> IO[bytes] | None:
+        """The spool's lock file, locked: :class:`SpoolBusy` while another process holds it after ``wait_s``.
+        A lock taken on a file that is no longer the one at ``.lock`` (``motlens log replay`` deleted the
+        drained directory meanwhile) does not count: the directory is made again and locked afresh."""
+        root = self.root
+        deadline = time.monotonic() + wait_s
+        said = False
+        while True:
+            lock_file: IO[bytes] | None
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                lock_file = open(root / ".lock", "ab+")  # noqa: SIM115 - held until close()
+            except OSError as e:
+                self.unbound = str(e)
+                lock_file = _existing_lock(root)  # another writer's lock still counts
+            if lock_file is None:
+                return None
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock_file.close()
+                if time.monotonic() >= deadline:
+                    raise SpoolBusy(root) from None
+                if not said:
+                    log.warning("predlog: another process holds the spool %s; waiting up to %.0f s", root, wait_s)
+                    said = True
+                time.sleep(0.2)
+                continue
+            if _same_file(lock_file, root / ".lock"):
+                return lock_file
+            lock_file.close()  # unlocks it
 
     def _open(self, sink: SinkId | None) -> None:
         root = self.root

@@ -353,6 +353,11 @@ class PredictionLogWriter:
             self._release()
         metrics.QUEUE_DEPTH.set(0)
 
+    @property
+    def unbound(self) -> str | None:
+        """Why one of this writer's spools (the predictions', the audit rows') cannot be used this run."""
+        return self.spool.unbound or self._events.spool.unbound
+
     def stats(self) -> dict[str, Any]:
         rows, events = self._rows, self._events
         with self._cond:

@@ -47,9 +47,14 @@ def test_the_predictors_spool_below_their_pod_names_on_the_shared_claim(tmp_path
     env = _env(container)
     assert [e["name"] for e in container["env"][:2]] == ["STORAGE_URI", "MOTLENS_SERVE_MODEL_SHA256"]  # contract
     settings = PredlogSettings(
-        dir=env["MOTLENS_PREDLOG_DIR"]["value"], dir_per_host=env["MOTLENS_PREDLOG_DIR_PER_HOST"]["value"]
-    )
+        dir=env["MOTLENS_PREDLOG_DIR"]["value"], dir_per_host=env["MOTLENS_PREDLOG_DIR_PER_HOST"]["value"],
+        lock_wait_s=env["MOTLENS_PREDLOG_LOCK_WAIT_S"]["value"],
+    )  # fmt: skip
     assert settings.dir_per_host and settings.root.parent == Path(SPOOL)
+    # a restarted container waits out the replay job's hold on its directory (the job's --timeout)
+    job = one(docs, "CronJob", "motlens-predlog-replay")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    timeout = build_parser().parse_args(job["containers"][0]["args"]).timeout
+    assert settings.lock_wait_s > timeout
     claim = _volume_at(isvc["spec"]["predictor"], container, SPOOL)["persistentVolumeClaim"]["claimName"]
     pvc = one(docs, "PersistentVolumeClaim", claim)
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # pods on several nodes and the job at once

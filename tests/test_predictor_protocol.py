@@ -245,6 +245,14 @@ def test_request_ids_come_from_the_body_else_the_header(served):
         pb.ModelInferRequest(model_name=MODEL, inputs=[typed_text(TEXTS)]), metadata=[("x-request-id", "md-1")]
     )
     assert g.id == "md-1"
+    # a repeated header: the first, over either protocol
+    two = httpx.post(base + V2, json=v2_body(), headers=[("x-request-id", "first"), ("x-request-id", "second")])
+    assert two.json()["id"] == "first" and two.headers["x-request-id"] == "first"
+    g2 = stub(port).ModelInfer(
+        pb.ModelInferRequest(model_name=MODEL, inputs=[typed_text(TEXTS)]),
+        metadata=[("x-request-id", "first"), ("x-request-id", "second")],
+    )
+    assert g2.id == "first"
     bad = httpx.post(base + V2, json=v2_body(id="line\nbreak"))
     assert bad.status_code == 400 and "request 'id'" in bad.json()["error"]
     long_header = httpx.post(base + V2, json=v2_body(), headers={"x-request-id": "r" * 129})

@@ -7,7 +7,10 @@ once, and leaves a running predictor's directory alone.
 
 from __future__ import annotations
 
+import os
+import threading
 import uuid
+from pathlib import Path
 
 import pytest
 from conftest import migrated_reader
@@ -17,7 +20,10 @@ import predlog
 from motlens.cli import main
 from predictor.events import server_row
 from predlog import PredlogSettings
+from predlog import spool as predlog_spool
+from predlog.replay import Replayed, replay_dir
 from predlog.sinks import ClickHouseSink
+from predlog.spool import Spool, SpoolBusy, check_free
 
 N = 30
 
@@ -181,10 +187,157 @@ def test_a_directory_whose_spool_cannot_be_written_is_reported_and_fails_the_run
     monkeypatch.setattr("predlog.spool.Spool._bind", _refuse_bind)
     assert main(["log", "replay", str(pod), "--remove-empty", "--timeout", "5"]) == 1
     assert capsys.readouterr().out == (
-        f"{pod}: its spool cannot be used ([Errno 30] Read-only file system); nothing replayed\n"
+        f"{pod}: 0 prediction rows and 0 audit rows replayed; a spool of it cannot be used ([Errno 30] Read-only "
+        "file system): what it holds is left there\n"
     )
     assert _stored(reader, settings) == (0, 0, 0) and len(list(pod.rglob("*.arrow"))) == 4  # kept
 
 
 def _refuse_bind(self, sink):  # noqa: ANN001, ANN202
     raise OSError(30, "Read-only file system")  # fault injection: a volume mounted read-only
+
+
+def test_the_shared_parent_named_as_a_dir_is_refused_and_nothing_below_it_touched(server, monkeypatch, capsys):
+    """The parent of MOTLENS_PREDLOG_DIR_PER_HOST's directories is no predictor's directory: replaying it
+    made it a spool and --remove-empty deleted it, a running predictor's directory included."""
+    settings, reader, _ = server
+    live = _pod(settings, monkeypatch, "pod-live")
+    shared = settings.dir.resolve()
+    try:
+        assert main(["log", "replay", str(shared), "--remove-empty", "--timeout", "5"]) == 1
+        assert capsys.readouterr().out == (
+            f"{shared}: not a predictor's directory (no spool/ in it); name MOTLENS_PREDLOG_DIR/<host name> of a "
+            "predictor with MOTLENS_PREDLOG_DIR_PER_HOST, or its parent with --under\n"
+        )
+        assert sorted(p.name for p in shared.iterdir()) == ["pod-live"]
+        live.submit(rows(5))
+        assert live.flush(30) and wait_for(lambda: _stored(reader, settings)[0] == 5)
+    finally:
+        live.close(10)
+
+
+def test_an_audit_spool_that_cannot_be_written_is_reported_too(server, monkeypatch, capsys):
+    settings, reader, down = server
+    down["now"] = True
+    _spooled_while_down(settings, monkeypatch, "pod-a", 0)
+    down["now"] = False
+    pod = settings.dir.resolve() / "pod-a"
+    bind = Spool._bind
+
+    def events_read_only(self, sink):  # noqa: ANN001, ANN202 - fault injection: the audit spool only
+        if self.root.name == "events":
+            raise OSError(30, "Read-only file system")
+        return bind(self, sink)
+
+    monkeypatch.setattr(Spool, "_bind", events_read_only)
+    assert main(["log", "replay", str(pod), "--remove-empty", "--timeout", "5"]) == 1
+    assert capsys.readouterr().out == (
+        f"{pod}: {N} prediction rows and 0 audit rows replayed; a spool of it cannot be used ([Errno 30] "
+        "Read-only file system): what it holds is left there\n"
+    )
+    assert _stored(reader, settings) == (N, N, 0) and len(list(pod.rglob("*.arrow"))) == 1  # the audit row kept
+
+
+def test_a_restarting_predictor_waits_for_the_replay_of_its_directory(server, monkeypatch):
+    """A container restart keeps its pod's name: while the job holds the directory (ClickHouse down, so up
+    to its timeout) the predictor waits for the lock (MOTLENS_PREDLOG_LOCK_WAIT_S) instead of exiting."""
+    settings, reader, down = server
+    down["now"] = True
+    _spooled_while_down(settings, monkeypatch, "pod-a", 0)
+    pod = settings.dir.resolve() / "pod-a"
+    job_done: list[Replayed] = []
+    job = threading.Thread(target=lambda: job_done.append(replay_dir(settings, pod, 3.0, True)))
+    job.start()
+    assert wait_for(lambda: _locked(pod / "spool"))
+    with pytest.raises(SpoolBusy):  # the default: refused at once, naming the holder
+        _pod(settings, monkeypatch, "pod-a")
+    restarted = _pod(settings.model_copy(update={"lock_wait_s": 30.0}), monkeypatch, "pod-a")
+    job.join(30)
+    try:
+        assert job_done[0].state == "pending"  # the job gave up its hold; the predictor has it now
+        down["now"] = False
+        assert wait_for(lambda: _stored(reader, settings) == (N, N, 1))  # it replays its own spool
+    finally:
+        restarted.close(10)
+
+
+def test_a_predictor_starting_while_its_drained_directory_is_removed_gets_a_new_one(server, monkeypatch):
+    """--remove-empty moves the directory aside under its lock before deleting it: a predictor (a container
+    restart, same pod name) that waits for the lock meanwhile makes the directory again and spools there."""
+    settings, reader, down = server
+    _pod(settings, monkeypatch, "pod-a").close(10)  # a drained directory
+    pod = settings.dir.resolve() / "pod-a"
+    waiting = threading.Event()
+    warning = predlog_spool.log.warning
+
+    def noted(msg, *args):  # noqa: ANN001, ANN202
+        if "waiting up to" in msg:
+            waiting.set()
+        warning(msg, *args)
+
+    monkeypatch.setattr(predlog_spool.log, "warning", noted)
+    opened: list = []
+    rename = Path.rename
+
+    def rename_once_the_predictor_waits(self, target):  # noqa: ANN001, ANN202
+        if self == pod:
+            starting = threading.Thread(
+                target=lambda: opened.append(_open_as(settings.model_copy(update={"lock_wait_s": 30.0}), "pod-a"))
+            )
+            starting.start()
+            assert waiting.wait(30)  # it holds the old .lock open and waits for the flock
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename_once_the_predictor_waits)
+    monkeypatch.setattr("predlog.settings.socket.gethostname", lambda: "pod-a")
+    assert replay_dir(settings, pod, 10.0, True).removed
+    assert wait_for(lambda: bool(opened))
+    writer = opened[0]
+    down["now"] = True
+    try:
+        writer.submit(rows(5))
+        assert writer.record_event(
+            server_row("serve_stop", slot="production", from_version="7", to_version=None, percent=0.0, reason="r")
+        )
+        assert writer.flush(30)
+    finally:
+        writer.close(10)
+    stats = writer.stats()
+    assert stats["spool_rows"] == 5 and stats["events"]["spool_rows"] == 1 and stats["dropped"] == 0, stats
+    assert stats["events"]["dropped_by_reason"] == {}
+    assert sorted(p.name for p in pod.parent.iterdir()) == ["pod-a"]  # the new one; the old one deleted
+
+
+def _open_as(settings, name: str):  # noqa: ANN202
+    return predlog.open_writer(settings)
+
+
+def _locked(spool: Path) -> bool:
+    try:
+        check_free(spool)
+    except SpoolBusy:
+        return True
+    return False
+
+
+def test_a_lock_taken_on_a_file_moved_away_meanwhile_does_not_count(tmp_path, monkeypatch):
+    """The window the retry loop leaves: a writer opens ``.lock``; before its flock the job moves the drained
+    directory aside and lets go. Its flock then succeeds on the moved file: it must make the directory
+    again and lock the file there, not spool into the directory being deleted."""
+    root = tmp_path / "pod-a" / "spool"
+    holder = Spool(root, 10**6)
+    flock, moved = predlog_spool.fcntl.flock, []
+
+    def racing(f, op):  # noqa: ANN001, ANN202
+        if not moved and op & predlog_spool.fcntl.LOCK_EX and f is not holder._lock_file:
+            moved.append((tmp_path / "pod-a").rename(tmp_path / ".removing-pod-a"))
+            holder.close()
+        return flock(f, op)
+
+    monkeypatch.setattr(predlog_spool.fcntl, "flock", racing)
+    spool = Spool(root, 10**6, lock_wait_s=5)
+    try:
+        assert moved and root.is_dir()
+        assert os.path.samestat(os.fstat(spool._lock_file.fileno()), os.stat(root / ".lock"))
+    finally:
+        spool.close()
