@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -115,33 +111,15 @@ def _print_report(report: dict) -> None:
     print(f"severities: {report['severities']}", file=out)
 
 
-class _Terminated(BaseException):
-    """SIGTERM during a load: raised where the load is, so that it unwinds as on Ctrl-C (its temporary
-    partition files and staging directory removed) and exits 143."""
-
-
-@contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    def terminated(signum: int, frame: object) -> None:
-        raise _Terminated
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _load(args: argparse.Namespace) -> int:
-    try:
-        with _sigterm_unwinds():
+    from motlens.sigterm import EXIT_TERMINATED, Terminated, sigterm_unwinds
+
+    try:  # its temporary partition files and staging directory removed, as on Ctrl-C
+        with sigterm_unwinds():
             return _load_files(args)
-    except _Terminated:
+    except Terminated:
         print("motlens data load: stopped by SIGTERM", file=sys.stderr)
-        return 143
+        return EXIT_TERMINATED
 
 
 def _load_files(args: argparse.Namespace) -> int:

@@ -148,13 +148,19 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        data = _clickhouse_set(args, settings) if args.clickhouse else Path(args.data)
-        source = clickhouse_source(Path(args.ch_path) if args.ch_path else None) if args.clickhouse else None
-        result = train(data, settings, registry=Registry(args.tracking_uri), source=source)
+    from motlens.sigterm import EXIT_TERMINATED, Terminated, sigterm_unwinds
+
+    try:  # SIGTERM unwinds: a half-registered version deleted, its run FAILED, temporary files removed
+        with sigterm_unwinds():
+            data = _clickhouse_set(args, settings) if args.clickhouse else Path(args.data)
+            source = clickhouse_source(Path(args.ch_path) if args.ch_path else None) if args.clickhouse else None
+            result = train(data, settings, registry=Registry(args.tracking_uri), source=source)
     except (DataError, BulkFormatError, BulkResourceError, FileNotFoundError, RegistryError) as e:
         print(f"motlens train: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("motlens train: stopped by SIGTERM", file=sys.stderr)
+        return EXIT_TERMINATED
     v = result.version
     floors = result.floors
     # registered either way (the audit trail); the alias only when the held-out metrics clear the floors
