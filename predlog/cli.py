@@ -208,7 +208,7 @@ def _replay(settings, args: argparse.Namespace) -> int:
         print(f"motlens log replay: {e}", file=sys.stderr)
         return 2
     if args.remove_empty:  # directories a run cut short moved aside and did not finish deleting
-        for parent in args.under:
+        for parent in dict.fromkeys([*args.under, *(d.parent for d in dirs)]):
             for doomed in parent.glob(f"{REMOVING}*"):
                 sweep(doomed)
     failed = False

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from predlog.settings import PredlogSettings
-from predlog.spool import SINK_FILE, SpoolBusy
+from predlog.spool import SINK_FILE, SpoolBusy, same_file
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,10 @@ def replay_dir(settings: PredlogSettings, path: Path, timeout: float, remove_emp
 
 
 def _remove_if_drained(spool: Path, path: Path) -> bool:
-    """Delete ``path`` if it holds bookkeeping files only, holding its spool's lock: it is first renamed
-    out of the way (``.removing-…``), so a writer that opens ``path`` meanwhile makes a new directory
-    (:class:`~predlog.spool.Spool` checks that the file it locked is still the one at ``.lock``)."""
+    """Delete ``path`` if it holds bookkeeping files only, holding its spool's lock (the file still at
+    ``.lock``: another run may have moved the one it opened aside, and a writer made ``path`` again). It
+    is first renamed out of the way (``.removing-…``), so a writer that opens ``path`` meanwhile makes a
+    new directory (:class:`~predlog.spool.Spool` makes the same check once it has the lock)."""
     try:
         lock = open(spool / ".lock", "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError:
@@ -133,6 +134,8 @@ def _remove_if_drained(spool: Path, path: Path) -> bool:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            return False
+        if not same_file(lock, spool / ".lock"):  # another run moved it aside first; a new one may be in use
             return False
         leftovers = [p for p in path.rglob("*") if p.is_file() and p.name not in _BOOKKEEPING]
         if leftovers:

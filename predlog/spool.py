@@ -48,6 +48,8 @@ HELD = "held"
 UNRECORDED = "unrecorded"
 #: the spool of the server's audit rows (``promotion_events``), a spool of its own inside the spool folder
 EVENTS_SPOOL = "events"
+#: how often a writer makes its directory again when it is moved away before its lock file opens
+_MOVED_RETRIES = 50
 
 
 @dataclass(frozen=True, order=True)
@@ -177,7 +179,8 @@ def _existing_lock(root: Path) -> IO[bytes] | None:
         return None
 
 
-def _same_file(opened: IO[bytes], path: Path) -> bool:
+def same_file(opened: IO[bytes], path: Path) -> bool:
+    """Whether ``opened`` is (still) the file at ``path``."""
     try:
         return os.path.samestat(os.fstat(opened.fileno()), os.stat(path))
     except FileNotFoundError:
@@ -273,11 +276,19 @@ class Spool:
         root = self.root
         deadline = time.monotonic() + wait_s
         said = False
+        moved = 0  # times the directory went between making it and opening its lock
         while True:
             lock_file: IO[bytes] | None
+            self.unbound = None  # what this try finds
             try:
                 root.mkdir(parents=True, exist_ok=True)
                 lock_file = open(root / ".lock", "ab+")  # noqa: SIM115 - held until close()
+            except FileNotFoundError as e:  # moved aside meanwhile (a replay removing it): make it again
+                moved += 1
+                if moved < _MOVED_RETRIES:
+                    continue
+                self.unbound = str(e)
+                lock_file = None
             except OSError as e:
                 self.unbound = str(e)
                 lock_file = _existing_lock(root)  # another writer's lock still counts
@@ -294,7 +305,7 @@ class Spool:
                     said = True
                 time.sleep(0.2)
                 continue
-            if _same_file(lock_file, root / ".lock"):
+            if same_file(lock_file, root / ".lock"):
                 return lock_file
             lock_file.close()  # unlocks it
 

@@ -21,9 +21,9 @@ from motlens.cli import main
 from predictor.events import server_row
 from predlog import PredlogSettings
 from predlog import spool as predlog_spool
-from predlog.replay import Replayed, replay_dir
+from predlog.replay import Replayed, _remove_if_drained, replay_dir
 from predlog.sinks import ClickHouseSink
-from predlog.spool import Spool, SpoolBusy, check_free
+from predlog.spool import Spool, SpoolBusy, check_free, same_file
 
 N = 30
 
@@ -341,3 +341,88 @@ def test_a_lock_taken_on_a_file_moved_away_meanwhile_does_not_count(tmp_path, mo
         assert os.path.samestat(os.fstat(spool._lock_file.fileno()), os.stat(root / ".lock"))
     finally:
         spool.close()
+
+
+def test_a_directory_moved_away_before_the_lock_opens_is_made_again(tmp_path, monkeypatch):
+    """The rename can land between a waiting writer's mkdir and its open of ``.lock``: that is no
+    read-only spool (it ran unlocked and unbound, dropping what the sink refused), it makes it again."""
+    pod, spool = tmp_path / "pod-a", tmp_path / "pod-a" / "spool"
+    spool.mkdir(parents=True)
+    (spool / ".lock").touch()
+    holder = open(spool / ".lock", "rb")  # noqa: SIM115 - the replay's writer holds the directory
+    predlog_spool.fcntl.flock(holder, predlog_spool.fcntl.LOCK_EX | predlog_spool.fcntl.LOCK_NB)
+    mkdir, tries = Path.mkdir, []
+
+    def mkdir_then_removed(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        mkdir(self, *args, **kwargs)
+        if self == spool:
+            tries.append(self)
+            if len(tries) == 2:  # the writer's second try: the replay lets go and removes the drained dir
+                holder.close()
+                assert _remove_if_drained(spool, pod)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_removed)
+    writer_spool = Spool(spool, 10**6, lock_wait_s=5)
+    try:
+        assert writer_spool.unbound is None and writer_spool._lock_file is not None
+        assert same_file(writer_spool._lock_file, spool / ".lock")
+    finally:
+        writer_spool.close()
+
+
+def test_an_error_of_an_earlier_try_does_not_stay_with_the_spool(tmp_path, monkeypatch):
+    """A first try that could not open ``.lock`` for writing waits on a read-only handle; once the directory
+    is made again, the fresh, writable spool is used (the first error had left it unbound for the run)."""
+    pod, spool = tmp_path / "pod-a", tmp_path / "pod-a" / "spool"
+    spool.mkdir(parents=True)
+    (spool / ".lock").touch()
+    holder = open(spool / ".lock", "rb")  # noqa: SIM115
+    predlog_spool.fcntl.flock(holder, predlog_spool.fcntl.LOCK_EX | predlog_spool.fcntl.LOCK_NB)
+    real_open, opened = open, []
+
+    def open_denied_once(path, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202
+        if str(path) == str(spool / ".lock") and mode == "ab+":
+            opened.append(path)
+            if len(opened) == 1:  # the old directory's lock file is not ours to write (another uid)
+                raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    sleep = predlog_spool.time.sleep
+
+    def replay_done(seconds):  # noqa: ANN001, ANN202 - while the writer waits, the replay removes the dir
+        if holder.closed is False:
+            holder.close()
+            pod.rename(tmp_path / ".removing-pod-a-1")
+        sleep(seconds)
+
+    monkeypatch.setattr("builtins.open", open_denied_once)
+    monkeypatch.setattr(predlog_spool.time, "sleep", replay_done)
+    writer_spool = Spool(spool, 10**6, lock_wait_s=5)
+    try:
+        assert writer_spool.unbound is None and same_file(writer_spool._lock_file, spool / ".lock")
+    finally:
+        writer_spool.close()
+
+
+def test_a_second_replay_does_not_remove_the_directory_a_restarted_predictor_made(tmp_path, monkeypatch):
+    """Two replays (the CronJob and one by hand) on one drained directory: the second opens ``.lock``, the
+    first moves the directory aside, a restarted predictor makes and locks a new one; the second's flock
+    then succeeds on the old file and must not take the new directory for the one it checked."""
+    pod, spool = tmp_path / "pod-a", tmp_path / "pod-a" / "spool"
+    spool.mkdir(parents=True)
+    (spool / ".lock").touch()
+    flock, predictor = predlog_spool.fcntl.flock, []
+
+    def first_replay_then_restart(f, op):  # noqa: ANN001, ANN202
+        if not predictor:
+            monkeypatch.setattr(predlog_spool.fcntl, "flock", flock)
+            assert _remove_if_drained(spool, pod)  # the first replay, start to end
+            predictor.append(Spool(spool, 10**6))  # the restarted predictor: a new pod-a/, locked
+        return flock(f, op)
+
+    monkeypatch.setattr(predlog_spool.fcntl, "flock", first_replay_then_restart)
+    try:
+        assert not _remove_if_drained(spool, pod)
+        assert pod.is_dir() and same_file(predictor[0]._lock_file, spool / ".lock")
+    finally:
+        predictor[0].close()
