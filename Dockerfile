@@ -7,7 +7,7 @@
 #   docker build --target jobs      --build-arg VARIANT=cpu  -t motlens-jobs:0.1.0           .
 #
 # predictor  `motlens serve`, with the `serve` extra only (kserve, onnxruntime): no Evidently,
-#            none of the drift/promote extras. The model is NOT in the image: KServe's storage
+#            none of the drift/promote extras, MLflow's client only (mlflow-skinny, not the `local` extra). The model is NOT in the image: KServe's storage
 #            initializer downloads STORAGE_URI into /mnt/models.
 # jobs       the drift and promotion CronJobs: the `drift` and `promote` extras, no kserve.
 #
