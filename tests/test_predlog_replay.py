@@ -178,25 +178,6 @@ def test_a_directory_that_is_not_there_fails_the_run(server, tmp_path, capsys):
     assert capsys.readouterr().out == f"{tmp_path / 'gone'}: no such directory\n"
 
 
-def test_a_directory_whose_spool_cannot_be_written_is_reported_and_fails_the_run(server, monkeypatch, capsys):
-    settings, reader, down = server
-    down["now"] = True
-    _spooled_while_down(settings, monkeypatch, "pod-a", 0)
-    down["now"] = False
-    pod = settings.dir.resolve() / "pod-a"
-    monkeypatch.setattr("predlog.spool.Spool._bind", _refuse_bind)
-    assert main(["log", "replay", str(pod), "--remove-empty", "--timeout", "5"]) == 1
-    assert capsys.readouterr().out == (
-        f"{pod}: 0 prediction rows and 0 audit rows replayed; a spool of it cannot be used ([Errno 30] Read-only "
-        "file system): what it holds is left there\n"
-    )
-    assert _stored(reader, settings) == (0, 0, 0) and len(list(pod.rglob("*.arrow"))) == 4  # kept
-
-
-def _refuse_bind(self, sink):  # noqa: ANN001, ANN202
-    raise OSError(30, "Read-only file system")  # fault injection: a volume mounted read-only
-
-
 def test_the_shared_parent_named_as_a_dir_is_refused_and_nothing_below_it_touched(server, monkeypatch, capsys):
     """The parent of MOTLENS_PREDLOG_DIR_PER_HOST's directories is no predictor's directory: replaying it
     made it a spool and --remove-empty deleted it, a running predictor's directory included."""
@@ -216,7 +197,13 @@ def test_the_shared_parent_named_as_a_dir_is_refused_and_nothing_below_it_touche
         live.close(10)
 
 
-def test_an_audit_spool_that_cannot_be_written_is_reported_too(server, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("read_only", "replayed", "left"),
+    [("spool", 0, 4), ("events", N, 1)],  # both spools (the events one is inside); the audit rows' only
+)
+def test_a_spool_that_cannot_be_written_is_reported_and_fails_the_run(
+    read_only, replayed, left, server, monkeypatch, capsys
+):
     settings, reader, down = server
     down["now"] = True
     _spooled_while_down(settings, monkeypatch, "pod-a", 0)
@@ -224,18 +211,18 @@ def test_an_audit_spool_that_cannot_be_written_is_reported_too(server, monkeypat
     pod = settings.dir.resolve() / "pod-a"
     bind = Spool._bind
 
-    def events_read_only(self, sink):  # noqa: ANN001, ANN202 - fault injection: the audit spool only
-        if self.root.name == "events":
+    def bind_read_only(self, sink):  # noqa: ANN001, ANN202 - fault injection: a volume mounted read-only
+        if read_only == "spool" or self.root.name == read_only:
             raise OSError(30, "Read-only file system")
         return bind(self, sink)
 
-    monkeypatch.setattr(Spool, "_bind", events_read_only)
+    monkeypatch.setattr(Spool, "_bind", bind_read_only)
     assert main(["log", "replay", str(pod), "--remove-empty", "--timeout", "5"]) == 1
     assert capsys.readouterr().out == (
-        f"{pod}: {N} prediction rows and 0 audit rows replayed; a spool of it cannot be used ([Errno 30] "
+        f"{pod}: {replayed} prediction rows and 0 audit rows replayed; a spool of it cannot be used ([Errno 30] "
         "Read-only file system): what it holds is left there\n"
     )
-    assert _stored(reader, settings) == (N, N, 0) and len(list(pod.rglob("*.arrow"))) == 1  # the audit row kept
+    assert _stored(reader, settings) == (replayed, replayed, 0) and len(list(pod.rglob("*.arrow"))) == left
 
 
 def test_a_restarting_predictor_waits_for_the_replay_of_its_directory(server, monkeypatch):
@@ -246,7 +233,7 @@ def test_a_restarting_predictor_waits_for_the_replay_of_its_directory(server, mo
     _spooled_while_down(settings, monkeypatch, "pod-a", 0)
     pod = settings.dir.resolve() / "pod-a"
     job_done: list[Replayed] = []
-    job = threading.Thread(target=lambda: job_done.append(replay_dir(settings, pod, 3.0, True)))
+    job = threading.Thread(target=lambda: job_done.append(replay_dir(settings, pod, 10.0, True)))
     job.start()
     assert wait_for(lambda: _locked(pod / "spool"))
     with pytest.raises(SpoolBusy):  # the default: refused at once, naming the holder
