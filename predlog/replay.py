@@ -21,13 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from predlog.settings import PredlogSettings
-from predlog.spool import SINK_FILE, SpoolBusy, same_file
+from predlog.spool import EVENTS_SPOOL, SINK_FILE, SpoolBusy, same_file
 
 log = logging.getLogger(__name__)
 
-#: files a drained spool directory may still hold (anything else, a set-aside ``*.corrupt`` segment or
-#: segments held for another sink included, keeps the directory)
-_BOOKKEEPING = {".lock", SINK_FILE}
+#: the files a drained predictor directory may still hold, relative to it (anything else, a set-aside
+#: ``*.corrupt`` segment, segments held for another sink, another spool's files below it, keeps it)
+_BOOKKEEPING = {f"spool/{name}" for name in (".lock", SINK_FILE)} | {
+    f"spool/{EVENTS_SPOOL}/{name}" for name in (".lock", SINK_FILE)
+}
 #: the name prefix of a drained directory moved aside to be deleted (a run cut short leaves it to the next)
 REMOVING = ".removing-"
 #: the share of a directory's time kept for the writer's close (its last sink attempt, its final counts)
@@ -137,7 +139,7 @@ def _remove_if_drained(spool: Path, path: Path) -> bool:
             return False
         if not same_file(lock, spool / ".lock"):  # another run moved it aside first; a new one may be in use
             return False
-        leftovers = [p for p in path.rglob("*") if p.is_file() and p.name not in _BOOKKEEPING]
+        leftovers = [p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() not in _BOOKKEEPING]
         if leftovers:
             log.info("predlog: %s kept: %d files besides the spool's bookkeeping", path, len(leftovers))
             return False

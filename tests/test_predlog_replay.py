@@ -413,3 +413,18 @@ def test_a_second_replay_does_not_remove_the_directory_a_restarted_predictor_mad
         assert pod.is_dir() and same_file(predictor[0]._lock_file, spool / ".lock")
     finally:
         predictor[0].close()
+
+
+def test_a_directory_with_other_spools_below_it_is_not_removed(server, monkeypatch, capsys):
+    """The shared parent once ran a writer itself (MOTLENS_PREDLOG_DIR without _PER_HOST): it has a spool/
+    of its own, and its pods' directories below it hold only bookkeeping too; none of it goes."""
+    settings, reader, _ = server
+    shared = settings.dir.resolve()
+    predlog.open_writer(settings.model_copy(update={"dir_per_host": False})).close(10)  # the parent's own spool
+    live = _pod(settings, monkeypatch, "pod-b")
+    try:
+        assert main(["log", "replay", str(shared), "--remove-empty", "--timeout", "5"]) == 0
+        assert capsys.readouterr().out == f"{shared}: 0 prediction rows and 0 audit rows replayed\n"
+        assert (shared / "pod-b" / "spool").is_dir() and (shared / "spool").is_dir()
+    finally:
+        live.close(10)

@@ -1,6 +1,8 @@
-"""`motlens train` stopped by SIGTERM (a Job's pod deleted, a systemd unit stopped) while it registers:
-it unwinds as on Ctrl-C and exits 143. Killed by the signal's default action instead, it left a version
-tagged incomplete (never resolved, but listed) and its MLflow run RUNNING for ever."""
+"""`motlens train` stopped by SIGTERM (a Job's pod deleted, a systemd unit stopped): it exits 143 saying so,
+leaving the registry consistent. Before its registration, it unwinds as on Ctrl-C (nothing registered);
+once the registration has begun it finishes it first and names the version (killed by the signal's
+default action, it left a version tagged incomplete and its MLflow run RUNNING for ever; rolled back
+part-way, a version whose creation was in flight, or a complete one, could be left behind)."""
 
 from __future__ import annotations
 
@@ -15,34 +17,62 @@ from training.registry import Registry
 
 pytestmark = pytest.mark.slow
 
-#: ``motlens train --data DIR`` that sends itself SIGTERM once the version exists, as it tags it
+#: ``motlens train --data DIR`` that sends itself SIGTERM in the call ``sys.argv[2]`` names
 SIGTERMED = """
 import os, signal, sys
 from mlflow.tracking.client import MlflowClient
-real = MlflowClient.set_model_version_tag
+import training.train
+where = {"evaluating": (training.train, "evaluate"), "registering": (MlflowClient, "create_model_version")}
+real = getattr(*where[sys.argv[2]])
 def terminated(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
     return real(*args, **kwargs)
-MlflowClient.set_model_version_tag = terminated
+setattr(*where[sys.argv[2]], terminated)
 from motlens.cli import main
 sys.exit(main(["train", "--data", sys.argv[1], "--epochs", "2", "--alias", "candidate"]))
 """
 
 
-def test_sigterm_while_registering_takes_the_version_back_and_fails_the_run(tmp_path):
+@pytest.fixture(scope="module")
+def bulk(tmp_path_factory):
     from training.synth import generate
 
-    generate(tmp_path / "bulk", rows=600, seed=3)
-    home = tmp_path / "home"
+    path = tmp_path_factory.mktemp("sigterm") / "bulk"
+    generate(path, rows=600, seed=3)
+    return path
+
+
+def _train_until_sigterm(bulk, home, where: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MOTLENS_", "MLFLOW_"))}
-    env.update(PYTHONPATH=str(ROOT), MOTLENS_HOME=str(home), MOTLENS_TRAIN_GOLDEN_SIZE="16")
-    proc = subprocess.run(
-        [sys.executable, "-c", SIGTERMED, str(tmp_path / "bulk")], env=env, capture_output=True, text=True, timeout=900
-    )
+    env.update(
+        PYTHONPATH=str(ROOT),
+        MOTLENS_HOME=str(home),
+        MOTLENS_TRAIN_GOLDEN_SIZE="16",
+        MOTLENS_TRAIN_ALIAS_REQUIRES_FLOORS="false",
+    )  # two epochs: the alias whatever the floors say
+    args = [sys.executable, "-c", SIGTERMED, str(bulk), where]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_sigterm_before_the_registration_registers_nothing(bulk, tmp_path):
+    proc = _train_until_sigterm(bulk, tmp_path / "home", "evaluating")
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert proc.stderr.endswith("motlens train: stopped by SIGTERM\n"), proc.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []  # no registry, no state: MOTLENS_HOME was never made
+
+
+def test_sigterm_while_registering_finishes_the_registration_then_says_so(bulk, tmp_path):
+    """The signal comes as the version is being created: the version, its alias and its run end complete."""
+    home = tmp_path / "home"
+    proc = _train_until_sigterm(bulk, home, "registering")
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert proc.stderr.endswith(
+        "motlens train: stopped by SIGTERM: it came while version 1 was being registered, which finished first "
+        "(alias candidate)\n"
+    ), proc.stderr[-3000:]
     registry = Registry(f"sqlite:///{home / 'mlflow.db'}")
-    assert registry.versions() == [] and registry.aliases() == {}
+    (version,) = registry.versions()
+    assert version.version == "1" and registry.aliases() == {"candidate": "1"}
+    assert registry.fetch("models:/mot-defects@candidate").manifest["version"] == "1"  # complete, verified
     (run,) = registry.client.search_runs([registry.experiment_id()])
-    assert run.info.status == "FAILED"
-    assert not registry.client.list_artifacts(run.info.run_id, "model")  # the stored bundle copy deleted
+    assert run.info.status == "FINISHED"

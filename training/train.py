@@ -33,6 +33,7 @@ from motlens.embedder import DEVICE_PATTERN, Embedder
 from motlens.envsource import EmptyIsUnsetSettings, SettingPath
 from motlens.head import DefectHead, FeatureSpec, HeadOutput
 from motlens.labels import SEVERITIES
+from motlens.sigterm import Terminated, sigterm_held
 from training.dataset import CONTEXT_COLUMNS, TrainingSet, build_training_set
 from training.evaluate import evaluate, trivial_baseline
 from training.floors import (
@@ -560,17 +561,25 @@ def train(
             "rows_per_s": f"{fp['rows_read'] / max(timings['total_s'], 1e-9):.0f}",
             "motlens.quality_floors": "pass" if floors.passed and not floors.unchecked else "fail",
         }
-        info = registry.register_bundle(
-            bundle.root,
-            metrics=metrics,
-            params=params,
-            alias=alias,
-            run_name=f"train-seed{s.seed}",
-            artifacts_dir=artifacts,
-            tags={**tags, "motlens.data_source": str(source.get("kind", "unknown"))},
-            dataset=training_input(fp, source),
-        )
-        set_manifest_fields(bundle.root, version=info.version, run_id=info.run_id)
+        # once begun, a registration finishes (or rolls itself back on an error): a SIGTERM meanwhile is
+        # said afterwards, so the registry never holds a version whose registration was cut short
+        with sigterm_held() as sigterm:
+            info = registry.register_bundle(
+                bundle.root,
+                metrics=metrics,
+                params=params,
+                alias=alias,
+                run_name=f"train-seed{s.seed}",
+                artifacts_dir=artifacts,
+                tags={**tags, "motlens.data_source": str(source.get("kind", "unknown"))},
+                dataset=training_input(fp, source),
+            )
+            set_manifest_fields(bundle.root, version=info.version, run_id=info.run_id)
+        if sigterm.pending:
+            raise Terminated(
+                f"it came while version {info.version} was being registered, which finished first"
+                + (f" (alias {', '.join(info.aliases)})" if info.aliases else " (no alias)")
+            )
     finally:
         if not s.work_dir:
             shutil.rmtree(work, ignore_errors=True)

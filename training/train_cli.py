@@ -150,7 +150,7 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     from motlens.sigterm import EXIT_TERMINATED, Terminated, sigterm_unwinds
 
-    try:  # SIGTERM unwinds: a half-registered version deleted, its run FAILED, temporary files removed
+    try:  # SIGTERM unwinds (temporary files removed), but not a registration once begun (training.train)
         with sigterm_unwinds():
             data = _clickhouse_set(args, settings) if args.clickhouse else Path(args.data)
             source = clickhouse_source(Path(args.ch_path) if args.ch_path else None) if args.clickhouse else None
@@ -158,8 +158,8 @@ def _train(args: argparse.Namespace) -> int:
     except (DataError, BulkFormatError, BulkResourceError, FileNotFoundError, RegistryError) as e:
         print(f"motlens train: {e}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("motlens train: stopped by SIGTERM", file=sys.stderr)
+    except Terminated as e:
+        print(f"motlens train: stopped by SIGTERM{f': {e}' if str(e) else ''}", file=sys.stderr)
         return EXIT_TERMINATED
     v = result.version
     floors = result.floors
