@@ -35,7 +35,7 @@ BLOCKER = f"""
 import importlib.machinery, os, sys
 
 _BLOCKED = {FULL_MLFLOW_ONLY!r}
-_LOG = os.environ["MOTLENS_TEST_BLOCK_LOG"]
+_LOG = os.environ["BLOCKED_IMPORTS_LOG"]
 
 
 class _Hiding(importlib.machinery.PathFinder):
@@ -107,7 +107,7 @@ def test_the_predictor_serves_from_an_mlflow_server_without_the_full_mlflow(regi
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MOTLENS_", "MLFLOW_"))}
     env.update(
         PYTHONPATH=os.pathsep.join([str(blocker), *filter(None, [env.get("PYTHONPATH")])]),
-        MOTLENS_TEST_BLOCK_LOG=str(block_log),
+        BLOCKED_IMPORTS_LOG=str(block_log),
         MOTLENS_HOME=str(tmp_path / "serve-home"),  # its own bundle cache: the bundle comes over the server
         MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
     )
