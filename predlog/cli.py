@@ -10,6 +10,8 @@ from pathlib import Path
 
 from motlens.times import EARLIEST, parse_time
 
+#: the longest `log replay --timeout` (an hour, as the prediction log's other waits)
+MAX_TIMEOUT_S = 3600
 TAIL_COLUMNS = (
     "ts",
     "model_version",
@@ -226,8 +228,10 @@ def _replay(settings, args: argparse.Namespace) -> int:
 
 def _positive(value: str) -> float:
     number = float(value)
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value}")
+    if not 0 < number <= MAX_TIMEOUT_S:  # NaN and inf fail too
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}, not {value}"
+        )
     return number
 
 

@@ -173,6 +173,15 @@ def test_a_bad_invocation_is_one_line_and_exit_2(argv, env, expected, tmp_path, 
     assert capsys.readouterr().err == expected.replace("{tmp}", str(tmp_path))
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e300", "3601"])
+def test_a_timeout_that_is_no_bounded_wait_is_refused(value, capsys):
+    """`--timeout inf` waited for nothing (inf - inf/4 is NaN); 1e300 overflowed a time_t."""
+    with pytest.raises(SystemExit) as info:
+        main(["log", "replay", "/nowhere", "--timeout", value])
+    assert info.value.code == 2
+    assert f"must be a number of seconds above 0 and at most 3600, not {value}" in capsys.readouterr().err
+
+
 def test_a_directory_that_is_not_there_fails_the_run(server, tmp_path, capsys):
     assert main(["log", "replay", str(tmp_path / "gone"), "--timeout", "5"]) == 1
     assert capsys.readouterr().out == f"{tmp_path / 'gone'}: no such directory\n"

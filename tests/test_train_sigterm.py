@@ -21,13 +21,23 @@ pytestmark = pytest.mark.slow
 SIGTERMED = """
 import os, signal, sys
 from mlflow.tracking.client import MlflowClient
+import shutil
 import training.train
-where = {"evaluating": (training.train, "evaluate"), "registering": (MlflowClient, "create_model_version")}
-real = getattr(*where[sys.argv[2]])
+from training.registry import Registry
+where = {"evaluating": (training.train, "evaluate"), "registering": (MlflowClient, "create_model_version"),
+         "cleaning": (shutil, "rmtree")}  # the work directory's removal, once registered
+real, registered = getattr(*where[sys.argv[2]]), []
 def terminated(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGTERM)
+    if sys.argv[2] != "cleaning" or registered:
+        os.kill(os.getpid(), signal.SIGTERM)
     return real(*args, **kwargs)
 setattr(*where[sys.argv[2]], terminated)
+register = Registry.register_bundle
+def noted(*args, **kwargs):
+    info = register(*args, **kwargs)
+    registered.append(info)
+    return info
+Registry.register_bundle = noted
 from motlens.cli import main
 sys.exit(main(["train", "--data", sys.argv[1], "--epochs", "2", "--alias", "candidate"]))
 """
@@ -44,9 +54,11 @@ def bulk(tmp_path_factory):
 
 def _train_until_sigterm(bulk, home, where: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MOTLENS_", "MLFLOW_"))}
+    (home.parent / "tmp").mkdir(exist_ok=True)
     env.update(
         PYTHONPATH=str(ROOT),
         MOTLENS_HOME=str(home),
+        TMPDIR=str(home.parent / "tmp"),  # where the work directory goes
         MOTLENS_TRAIN_GOLDEN_SIZE="16",
         MOTLENS_TRAIN_ALIAS_REQUIRES_FLOORS="false",
     )  # two epochs: the alias whatever the floors say
@@ -58,13 +70,16 @@ def test_sigterm_before_the_registration_registers_nothing(bulk, tmp_path):
     proc = _train_until_sigterm(bulk, tmp_path / "home", "evaluating")
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert proc.stderr.endswith("motlens train: stopped by SIGTERM\n"), proc.stderr[-3000:]
-    assert list(tmp_path.iterdir()) == []  # no registry, no state: MOTLENS_HOME was never made
+    assert [p.name for p in tmp_path.iterdir()] == ["tmp"]  # no registry, no state: MOTLENS_HOME never made
+    assert list((tmp_path / "tmp").glob("motlens-*")) == []  # the work directory removed
 
 
-def test_sigterm_while_registering_finishes_the_registration_then_says_so(bulk, tmp_path):
-    """The signal comes as the version is being created: the version, its alias and its run end complete."""
+@pytest.mark.parametrize("where", ["registering", "cleaning"])
+def test_sigterm_while_registering_finishes_the_registration_then_says_so(bulk, tmp_path, where):
+    """The signal comes as the version is being created, or as the work directory is removed once it is
+    registered: the version, its alias and its run end complete, and the message names it."""
     home = tmp_path / "home"
-    proc = _train_until_sigterm(bulk, home, "registering")
+    proc = _train_until_sigterm(bulk, home, where)
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert proc.stderr.endswith(
         "motlens train: stopped by SIGTERM: it came while version 1 was being registered, which finished first "
@@ -76,3 +91,4 @@ def test_sigterm_while_registering_finishes_the_registration_then_says_so(bulk, 
     assert registry.fetch("models:/mot-defects@candidate").manifest["version"] == "1"  # complete, verified
     (run,) = registry.client.search_runs([registry.experiment_id()])
     assert run.info.status == "FINISHED"
+    assert list((tmp_path / "tmp").glob("motlens-*")) == []  # the work directory removed

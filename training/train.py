@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -33,7 +34,7 @@ from motlens.embedder import DEVICE_PATTERN, Embedder
 from motlens.envsource import EmptyIsUnsetSettings, SettingPath
 from motlens.head import DefectHead, FeatureSpec, HeadOutput
 from motlens.labels import SEVERITIES
-from motlens.sigterm import Terminated, sigterm_held
+from motlens.sigterm import Hold, Terminated, sigterm_held
 from training.dataset import CONTEXT_COLUMNS, TrainingSet, build_training_set
 from training.evaluate import evaluate, trivial_baseline
 from training.floors import (
@@ -479,6 +480,7 @@ def train(
     clock.lap("fit")
 
     work = Path(s.work_dir) if s.work_dir else Path(tempfile.mkdtemp(prefix="motlens-train-"))
+    held, sigterm = ExitStack(), Hold()  # SIGTERM held from the registration's start through the cleanup
     try:
         artifacts = work / "artifacts"
         if artifacts.exists():
@@ -561,28 +563,32 @@ def train(
             "rows_per_s": f"{fp['rows_read'] / max(timings['total_s'], 1e-9):.0f}",
             "motlens.quality_floors": "pass" if floors.passed and not floors.unchecked else "fail",
         }
-        # once begun, a registration finishes (or rolls itself back on an error): a SIGTERM meanwhile is
-        # said afterwards, so the registry never holds a version whose registration was cut short
-        with sigterm_held() as sigterm:
-            info = registry.register_bundle(
-                bundle.root,
-                metrics=metrics,
-                params=params,
-                alias=alias,
-                run_name=f"train-seed{s.seed}",
-                artifacts_dir=artifacts,
-                tags={**tags, "motlens.data_source": str(source.get("kind", "unknown"))},
-                dataset=training_input(fp, source),
-            )
-            set_manifest_fields(bundle.root, version=info.version, run_id=info.run_id)
-        if sigterm.pending:
-            raise Terminated(
-                f"it came while version {info.version} was being registered, which finished first"
-                + (f" (alias {', '.join(info.aliases)})" if info.aliases else " (no alias)")
-            )
+        # once begun, a registration finishes (or rolls itself back on an error), and so does the cleanup
+        # below: a SIGTERM meanwhile is said afterwards, so the registry never holds a version whose
+        # registration was cut short, and the message says what was registered
+        sigterm = held.enter_context(sigterm_held())
+        info = registry.register_bundle(
+            bundle.root,
+            metrics=metrics,
+            params=params,
+            alias=alias,
+            run_name=f"train-seed{s.seed}",
+            artifacts_dir=artifacts,
+            tags={**tags, "motlens.data_source": str(source.get("kind", "unknown"))},
+            dataset=training_input(fp, source),
+        )
+        set_manifest_fields(bundle.root, version=info.version, run_id=info.run_id)
     finally:
-        if not s.work_dir:
-            shutil.rmtree(work, ignore_errors=True)
+        try:
+            if not s.work_dir:
+                shutil.rmtree(work, ignore_errors=True)
+        finally:
+            held.close()
+    if sigterm.pending:
+        raise Terminated(
+            f"it came while version {info.version} was being registered, which finished first"
+            + (f" (alias {', '.join(info.aliases)})" if info.aliases else " (no alias)")
+        )
     if withheld is not None:
         log.warning(
             "version %s registered WITHOUT alias %r: %s (MOTLENS_TRAIN_ALIAS_REQUIRES_FLOORS=false sets it anyway)",
