@@ -90,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--under", type=Path, action="append", default=[], metavar="PARENT",
         help="every predictor directory below PARENT (the MOTLENS_PREDLOG_DIR of MOTLENS_PREDLOG_DIR_PER_HOST)",
     )  # fmt: skip
-    r.add_argument("--timeout", type=_positive, default=300.0, help="seconds per directory (default 300)")
+    r.add_argument("--timeout", type=_timeout_s, default=300.0, help="seconds per directory (default 300)")
     r.add_argument("--remove-empty", action="store_true", help="delete a directory once its spools are empty")
     p.set_defaults(func=_run)
 
@@ -226,7 +226,7 @@ def _replay(settings, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _positive(value: str) -> float:
+def _timeout_s(value: str) -> float:
     number = float(value)
     if not 0 < number <= MAX_TIMEOUT_S:  # NaN and inf fail too
         raise argparse.ArgumentTypeError(

@@ -12,7 +12,6 @@ deleted: under its lock it is moved aside, then removed, so a writer opening it 
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import shutil
 import time
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from predlog.settings import PredlogSettings
-from predlog.spool import EVENTS_SPOOL, SINK_FILE, SpoolBusy, same_file
+from predlog.spool import EVENTS_SPOOL, SINK_FILE, SpoolBusy, lock_if_free
 
 log = logging.getLogger(__name__)
 
@@ -128,17 +127,10 @@ def _remove_if_drained(spool: Path, path: Path) -> bool:
     ``.lock``: another run may have moved the one it opened aside, and a writer made ``path`` again). It
     is first renamed out of the way (``.removing-…``), so a writer that opens ``path`` meanwhile makes a
     new directory (:class:`~predlog.spool.Spool` makes the same check once it has the lock)."""
-    try:
-        lock = open(spool / ".lock", "rb")  # noqa: SIM115 - closed below
-    except FileNotFoundError:
+    lock = lock_if_free(spool)  # not the one another run moved aside first: a new one may be in use
+    if lock is None:
         return False
     with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False
-        if not same_file(lock, spool / ".lock"):  # another run moved it aside first; a new one may be in use
-            return False
         leftovers = [p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() not in _BOOKKEEPING]
         if leftovers:
             log.info("predlog: %s kept: %d files besides the spool's bookkeeping", path, len(leftovers))

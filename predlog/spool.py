@@ -179,6 +179,28 @@ def _existing_lock(root: Path) -> IO[bytes] | None:
         return None
 
 
+def lock_if_free(root: Path) -> IO[bytes] | None:
+    """The spool's existing lock file, locked, when no process holds it and it is still the file at
+    ``.lock`` (a lock on one moved away meanwhile guards nothing); None otherwise. Close it to let go."""
+    lock_file = _existing_lock(root)
+    if lock_file is None or not _flocked(lock_file):
+        return None
+    if not same_file(lock_file, root / ".lock"):
+        lock_file.close()
+        return None
+    return lock_file
+
+
+def _flocked(lock_file: IO[bytes]) -> bool:
+    """Lock ``lock_file`` if no other process holds it (no wait); else close it and say so."""
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock_file.close()
+        return False
+    return True
+
+
 def same_file(opened: IO[bytes], path: Path) -> bool:
     """Whether ``opened`` is (still) the file at ``path``."""
     try:
@@ -294,12 +316,9 @@ class Spool:
                 lock_file = _existing_lock(root)  # another writer's lock still counts
             if lock_file is None:
                 return None
-            try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                lock_file.close()
+            if not _flocked(lock_file):
                 if time.monotonic() >= deadline:
-                    raise SpoolBusy(root) from None
+                    raise SpoolBusy(root)
                 if not said:
                     log.warning("predlog: another process holds the spool %s; waiting up to %.0f s", root, wait_s)
                     said = True

@@ -257,11 +257,9 @@ def test_a_token_the_spool_holds_is_not_written_twice(tmp_path):
 # ------------------------------------------------------------------ R3: the embedded log keeps submission order
 
 
-def test_a_failed_embedded_write_keeps_its_place_before_later_batches(harness):
-    """A handed-on batch whose write failed was spooled behind the batch spooled while it was being
-    written, and the replay stored the later batch first."""
-    sink = FakeSink(local=True)
-    writer = harness.writer(sink)
+def fail_a_handed_on_batch_behind_a_spooled_one(writer: PredictionLogWriter, sink: FakeSink) -> None:
+    """rows 0-9 handed to the sender, whose write stalls; rows 10-19 spooled meanwhile; then the write
+    fails (the sink stays failing)."""
     held = sink.stall_next()
     sink.failing = True
     writer.submit(rows(10))  # handed to the sender; its write stalls, then fails
@@ -269,6 +267,14 @@ def test_a_failed_embedded_write_keeps_its_place_before_later_batches(harness):
     writer.submit(rows(10, 10))  # to the spool: the sender is busy
     assert wait_for(lambda: writer.spool.count() == 1)
     held.released.set()
+
+
+def test_a_failed_embedded_write_keeps_its_place_before_later_batches(harness):
+    """A handed-on batch whose write failed was spooled behind the batch spooled while it was being
+    written, and the replay stored the later batch first."""
+    sink = FakeSink(local=True)
+    writer = harness.writer(sink)
+    fail_a_handed_on_batch_behind_a_spooled_one(writer, sink)
     assert wait_for(lambda: writer.spool.count() == 2)
     sink.failing = False
     assert writer.flush(WAIT_S) and wait_for(lambda: writer.spool.count() == 0)
@@ -610,19 +616,9 @@ def test_a_stored_segment_whose_removal_outlasts_close_is_not_reported_in_the_sp
 def test_drop_oldest_drops_a_failed_embedded_batch_older_than_the_spooled_ones(harness):
     """A handed-on embedded batch whose write failed went to the spool at its older place, and drop_oldest
     deleted the newer batch already there to make room for it."""
-    out = pa.BufferOutputStream()
-    table = records_to_arrow(rows(10))
-    with pa.ipc.new_file(out, table.schema) as f:
-        f.write_table(table)
     sink = FakeSink(local=True)
-    writer = harness.writer(sink, spool_max_bytes=out.getvalue().size * 3 // 2)  # room for one batch
-    held = sink.stall_next()
-    sink.failing = True
-    writer.submit(rows(10))  # handed to the sender; its write stalls, then fails
-    assert held.entered.wait(WAIT_S)
-    writer.submit(rows(10, 10))  # to the spool: the sender is busy
-    assert wait_for(lambda: writer.spool.count() == 1)
-    held.released.set()
+    writer = harness.writer(sink, spool_max_bytes=segment_bytes(10) * 3 // 2)  # room for one batch
+    fail_a_handed_on_batch_behind_a_spooled_one(writer, sink)
     assert wait_for(lambda: writer.stats()["dropped"] == 10)
     assert [Spool.read(s).column("request_id")[0].as_py() for s in writer.spool.segments()] == ["r10"]
     sink.failing = False
