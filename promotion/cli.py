@@ -107,6 +107,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "version it replaced (the one left is rejected)",
     )
     verbs.add_parser("auto", parents=[common], help="one scheduled run: advance, promote, roll back or hold")
+    sync = verbs.add_parser(
+        "sync-overlay",
+        help="k8s: copy the live rollout into the overlay's rollout.yaml (run it before `kubectl apply -k`)",
+    )
+    sync.add_argument("--overlay", help="overlay under manifests/overlays to rewrite (cpu, gpu)")
+    sync.add_argument("--manifests-dir", help="the manifests/ checkout")
+    sync.add_argument("--namespace", help="namespace of the live InferenceService")
+    sync.add_argument("--check", action="store_true", help="write nothing; exit 1 when the overlay differs")
     p.set_defaults(func=run)
 
 
@@ -136,9 +144,11 @@ def run(args: argparse.Namespace) -> int:
         given = {field: "--" + flag.replace("_", "-") for flag, field in _SETTING_FLAGS.items()
                  if getattr(args, flag, None) is not None}  # fmt: skip
         return report_settings("motlens promote", e, given)
-    if args.verb != "status" and (settings.textfile or settings.pushgateway_url):
+    if args.verb not in ("status", "sync-overlay") and (settings.textfile or settings.pushgateway_url):
         require("prometheus_client", "promote")  # the metrics go out after the change: refuse before it
     try:
+        if args.verb == "sync-overlay":
+            return _sync_overlay(settings, check_only=args.check)
         promoter = Promoter(settings, Registry(), make_target(settings), dry_run=args.dry_run, force=args.force)
         if args.verb == "status":
             return _print_status(read_status(promoter), as_json=args.json)
@@ -158,6 +168,24 @@ def run(args: argparse.Namespace) -> int:
         return report("motlens promote", e)
     _print_outcome(outcome)
     return EXIT_OK if outcome.audit_ok else EXIT_AUDIT
+
+
+def _sync_overlay(settings: Any, *, check_only: bool) -> int:
+    from promotion.overlay_sync import sync_overlay
+
+    result = sync_overlay(settings, check_only=check_only)
+    live, overlay = result.live_state, result.overlay_state
+    if result.in_sync:
+        print(f"{result.file}: in sync with the live rollout ({live.describe()}, {live.storage_uri})")
+        return EXIT_OK
+    if not result.written:
+        print(f"{result.file}: OUT OF SYNC: `kubectl apply -k` would serve {overlay.describe()} "
+              f"({overlay.storage_uri}); live: {live.describe()} ({live.storage_uri})")  # fmt: skip
+        return EXIT_AUDIT
+    print(f"{result.file}: now holds the live rollout, {live.describe()} ({live.storage_uri}); it held "
+          f"{overlay.describe()} ({overlay.storage_uri}). Commit it, and apply the overlay before the next "
+          "promotion step (or sync again)")  # fmt: skip
+    return EXIT_OK
 
 
 def _dispatch(promoter: Any, args: argparse.Namespace) -> Any:
@@ -218,6 +246,20 @@ def _print_status(status: dict[str, Any], *, as_json: bool) -> int:
     return EXIT_ERROR if status.get("live") is None or "registry_error" in status else EXIT_OK
 
 
+def _overlay_row(overlay: dict[str, Any]) -> str:
+    from rich.markup import escape
+
+    if "error" in overlay:
+        return f"[yellow]cannot render: {escape(overlay['error'])}[/]"
+    if overlay["in_sync"]:
+        return "in sync with the live rollout"
+    uri = escape(str(overlay["storage_uri"]))
+    return (
+        f"[red]OUT OF SYNC[/]: `kubectl apply -k` would serve {overlay['renders']} ({uri}); "
+        "run `motlens promote sync-overlay` before applying it"
+    )
+
+
 def _print_status_tables(status: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.markup import escape
@@ -260,6 +302,8 @@ def _print_status_tables(status: dict[str, Any]) -> None:
             )
         t.add_row("canaryTrafficPercent", percent)
         t.add_row("traffic", live["traffic"] or "n/a")
+        if overlay := status.get("overlay"):
+            t.add_row(f"overlay {overlay['dir']}", _overlay_row(overlay))
         if "disagreements" in status:
             problems = status["disagreements"]
             t.add_row("live vs registry", "[green]agree[/]" if not problems else "[red]" + "\n".join(problems) + "[/]")

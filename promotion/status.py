@@ -34,6 +34,10 @@ def read_status(promoter: Promoter) -> dict[str, Any]:
         live = None
     if live is not None:
         out["live"] = {**live.__dict__, "summary": live.describe()}
+        if promoter.target.name == "k8s":
+            from promotion.overlay_sync import overlay_status
+
+            out["overlay"] = overlay_status(promoter.settings, live)
     aliases: dict[str, str] | None = None
     out["aliases"] = out["versions"] = None
     try:  # every registry read, so one failing part-way leaves what was read shown and the registry named

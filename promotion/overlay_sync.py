@@ -1,0 +1,127 @@
+"""``motlens promote sync-overlay``: the live InferenceService's rollout copied into an overlay.
+
+With ``--target k8s`` the promotion CLI patches the live object, so the overlay's ``rollout.yaml``
+keeps the model of the first apply: a later ``kubectl apply -k`` (an image bump, say) would put that
+model back at 100 % and end a canary in flight. This copies the live rollout fields (STORAGE_URI, the
+bundle digest, ``canaryTrafficPercent``, the ``motlens.io/*`` annotations) into ``rollout.yaml``,
+under the promotion Lease so no promotion changes them meanwhile, and checks that the overlay then
+renders exactly the live rollout.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from motlens.atomic import atomic_write, remove_stale_temps
+from promotion.rollout import RolloutError, RolloutState, json6902_ops
+from promotion.settings import PromoteSettings
+from promotion.targets import GitOpsTarget, K8sTarget, TargetError
+
+log = logging.getLogger(__name__)
+
+SYNC_HEADER = """\
+# Rollout state of mot-defects (JSON6902), copied from the live InferenceService
+# {namespace}/{name} by `motlens promote sync-overlay` at {at}: {summary}.
+# With --target k8s the promotion CLI owns these fields on the live object: run sync-overlay again
+# right before every `kubectl apply -k` of this overlay (see docs/deploy.md).
+"""
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What the overlay rendered before, what is live, and whether the file was (or would be) rewritten."""
+
+    file: str
+    overlay_state: RolloutState
+    live_state: RolloutState
+    written: bool
+
+    @property
+    def in_sync(self) -> bool:
+        return self.overlay_state == self.live_state
+
+
+def sync_overlay(settings: PromoteSettings, *, check_only: bool = False) -> SyncResult:
+    """Copy the live rollout into ``settings.overlay_dir() / "rollout.yaml"``; ``check_only``: compare only.
+
+    Raises :class:`TargetError` when the cluster or the overlay cannot be read, the overlay renders the
+    InferenceService in another namespace, the live object breaks the rollout contract, or the rewritten
+    overlay does not render the live rollout (its file is then put back as it was).
+    """
+    overlay = GitOpsTarget(settings)
+    live_target = K8sTarget(settings)
+    _check_namespace(overlay, settings)
+    with live_target.lock(blocking=True):
+        try:
+            live = live_target.read()
+        except RolloutError as e:
+            raise TargetError(f"{live_target.describe()}: {e}") from e
+        if not live.storage_uri:
+            raise TargetError(f"{live_target.describe()}: its STORAGE_URI has no value to copy")
+        before = overlay.read()
+        result = SyncResult(str(overlay.file), before, live, written=False)
+        if result.in_sync or check_only:
+            return result
+        with overlay.lock(blocking=True):
+            for stale in remove_stale_temps(overlay.file):
+                log.info("removed %s, left by an interrupted write", stale)
+            old = overlay.file.read_text(encoding="utf-8") if overlay.file.exists() else None
+            atomic_write(overlay.file, content(live, settings))
+            after = overlay.read()
+            if after != live:
+                _restore(overlay, old)
+                raise TargetError(
+                    f"overlay {overlay.overlay} does not render the live rollout after the copy (renders "
+                    f"{after.describe()}, storage URI {after.storage_uri}): another patch of the overlay sets "
+                    f"these fields; {overlay.file} is left as it was"
+                )
+    log.info("%s: copied the live rollout (%s) over %s", overlay.file, live.describe(), before.describe())
+    return SyncResult(str(overlay.file), before, live, written=True)
+
+
+def overlay_status(settings: PromoteSettings, live: RolloutState) -> dict[str, object] | None:
+    """For ``status`` with ``--target k8s``: what re-applying the local overlay checkout would serve,
+    against the live rollout; None when there is no checkout here (e.g. the ``auto`` CronJob)."""
+    directory = settings.overlay_dir()
+    if not (directory / "kustomization.yaml").is_file():
+        return None
+    try:
+        rendered = GitOpsTarget(settings).read()
+    except (TargetError, RolloutError) as e:
+        return {"dir": str(directory), "error": str(e)}
+    return {
+        "dir": str(directory),
+        "in_sync": rendered == live,
+        "renders": rendered.describe(),
+        "storage_uri": rendered.storage_uri,
+    }
+
+
+def content(state: RolloutState, settings: PromoteSettings) -> str:
+    import yaml
+
+    header = SYNC_HEADER.format(
+        namespace=settings.namespace,
+        name=settings.isvc_name,
+        at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        summary=state.describe(),
+    )
+    return header + yaml.safe_dump(json6902_ops(state), sort_keys=False, default_flow_style=False)
+
+
+def _check_namespace(overlay: GitOpsTarget, settings: PromoteSettings) -> None:
+    rendered = (overlay.render().get("metadata") or {}).get("namespace")
+    if rendered and rendered != settings.namespace:
+        raise TargetError(
+            f"overlay {overlay.overlay} renders {settings.isvc_name} in namespace {rendered!r}, but the live "
+            f"one read is in {settings.namespace!r}: pass --namespace {rendered} (or the matching --overlay)"
+        )
+
+
+def _restore(overlay: GitOpsTarget, old: str | None) -> None:
+    if old is None:
+        overlay.file.unlink(missing_ok=True)
+    else:
+        atomic_write(overlay.file, old)

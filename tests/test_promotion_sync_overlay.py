@@ -1,0 +1,176 @@
+"""``motlens promote sync-overlay``: the live InferenceService's rollout copied into the overlay, so
+re-applying the overlay keeps what the k8s target deployed. Against the in-memory API server of
+test_promotion_k8s_api (merge patches, resourceVersions, Leases), the overlay rendered by kubectl."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from promotion_support import render, validate_isvc
+from test_promotion_k8s_api import NS
+from test_promotion_k8s_api import k8s as k8s  # the fixture
+
+from promotion.rollout import state_from_isvc
+
+
+def _canary_live(env, settings, target):
+    """Production v1 (adopted over the base's placeholder), canary v2 at 10 %, through the Promoter."""
+    from promotion.workflow import Promoter
+
+    p = Promoter(settings, env.registry, target, force=True)
+    p.promote("1")
+    p.force = False
+    p.canary_start("2", 10)
+    return p
+
+
+def test_sync_overlay_makes_a_reapply_keep_the_live_rollout(k8s, capsys):
+    from motlens.cli import main
+    from promotion import cli
+    from promotion.overlay_sync import sync_overlay
+
+    env, api, settings, target = k8s
+    _canary_live(env, settings, target)
+    overlay = env.manifests / "overlays" / "cpu"
+    rollout = overlay / "rollout.yaml"
+    live = state_from_isvc(api.isvc())
+    assert (live.canary_version, live.percent, live.production_version) == ("2", 10, "1")
+    original = rollout.read_bytes()
+    # what `kubectl apply -k` would send now: the first apply's placeholder, no canary
+    stale = state_from_isvc(render(overlay))
+    assert stale != live and stale.canary_version is None
+
+    args = ["promote", "sync-overlay", "--manifests-dir", str(env.manifests), "--namespace", NS]
+    assert main([*args, "--check"]) == cli.EXIT_AUDIT
+    assert "OUT OF SYNC" in capsys.readouterr().out
+    assert rollout.read_bytes() == original  # --check writes nothing
+    lease_before = api.lease()
+
+    assert main(args) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "now holds the live rollout" in out and "canary v2 at 10%" in out
+    rendered = render(overlay)
+    validate_isvc(rendered)  # the CRD schema still holds
+    assert state_from_isvc(rendered) == live  # a re-apply now keeps production v1 and the canary at 10 %
+    live_env = api.isvc()["spec"]["predictor"]["containers"][0]["env"]
+    assert rendered["spec"]["predictor"]["containers"][0]["env"][:2] == live_env[:2]
+    assert rollout.read_text().startswith("# Rollout state of mot-defects (JSON6902), copied from the live")
+    assert api.lease() is not None and api.lease() != lease_before  # it held the promotion Lease
+
+    synced = rollout.read_bytes()
+    assert main([*args, "--check"]) == cli.EXIT_OK
+    assert "in sync" in capsys.readouterr().out
+    again = sync_overlay(settings)
+    assert again.in_sync and not again.written and rollout.read_bytes() == synced  # no rewrite when in sync
+
+    # a promotion step later, the overlay is stale again and the copy follows it
+    api.edit({"spec": {"predictor": {"canaryTrafficPercent": 30}}})  # `kubectl edit`
+    assert not sync_overlay(settings, check_only=True).in_sync
+    assert sync_overlay(settings).written
+    assert state_from_isvc(render(overlay)).percent == 30
+
+
+def test_sync_overlay_after_promotion_removes_the_canary_fields(k8s):
+    from promotion.overlay_sync import sync_overlay
+
+    env, api, settings, target = k8s
+    p = _canary_live(env, settings, target)
+    assert sync_overlay(settings).written
+    p.force = True  # no live traffic logged: the promotion's gates are not what this tests
+    p.promote()
+    live = state_from_isvc(api.isvc())
+    assert (live.canary_version, live.percent, live.production_version) == (None, None, "2")
+    assert sync_overlay(settings).written
+    rendered = render(env.manifests / "overlays" / "cpu")
+    assert "canaryTrafficPercent" not in rendered["spec"]["predictor"]
+    assert "motlens.io/canary-version" not in rendered["metadata"]["annotations"]
+    assert state_from_isvc(rendered) == live
+
+
+def test_sync_overlay_refuses_another_namespace_and_writes_nothing(k8s):
+    from promotion.overlay_sync import sync_overlay
+    from promotion.targets import TargetError
+
+    env, api, settings, target = k8s
+    _canary_live(env, settings, target)
+    rollout = env.manifests / "overlays" / "cpu" / "rollout.yaml"
+    original = rollout.read_bytes()
+    other = settings.model_copy(update={"namespace": "default"})
+    with pytest.raises(TargetError, match="renders mot-defects in namespace 'motlens', but the live one read is in "
+                                          "'default': pass --namespace motlens"):  # fmt: skip
+        sync_overlay(other)
+    assert rollout.read_bytes() == original
+
+
+def test_sync_overlay_puts_the_file_back_when_another_patch_overrides_it(k8s):
+    """A patch listed after rollout.yaml that sets the storage URI: the copy cannot take effect, so the
+    overlay is left as it was and the error says why."""
+    from promotion.overlay_sync import sync_overlay
+    from promotion.targets import TargetError
+
+    env, api, settings, target = k8s
+    _canary_live(env, settings, target)
+    overlay = env.manifests / "overlays" / "cpu"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    pin = [{"op": "replace", "path": "/spec/predictor/containers/0/env/0/value", "value": "s3://pinned/model"}]
+    (overlay / "pin.yaml").write_text(yaml.safe_dump(pin))
+    kustomization["patches"].append({"path": "pin.yaml", "target": {"kind": "InferenceService", "name": "mot-defects"}})
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
+    original = (overlay / "rollout.yaml").read_bytes()
+    with pytest.raises(TargetError, match="does not render the live rollout after the copy .*storage URI "
+                                          "s3://pinned/model.*rollout.yaml is left as it was"):  # fmt: skip
+        sync_overlay(settings)
+    assert (overlay / "rollout.yaml").read_bytes() == original
+    assert not [p for p in overlay.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sync_overlay_refuses_a_live_object_off_the_contract(k8s):
+    from promotion.overlay_sync import sync_overlay
+    from promotion.targets import TargetError
+
+    env, api, settings, target = k8s
+    containers = api.isvc()["spec"]["predictor"]["containers"]
+    containers[0]["env"][0]["name"] = "MODEL_URI"
+    api.edit({"spec": {"predictor": {"containers": containers}}})
+    rollout = env.manifests / "overlays" / "cpu" / "rollout.yaml"
+    original = rollout.read_bytes()
+    with pytest.raises(TargetError, match=f"k8s inferenceservice {NS}/mot-defects: .*env\\[0\\] must be STORAGE_URI"):
+        sync_overlay(settings)
+    assert rollout.read_bytes() == original
+
+
+def test_status_shows_whether_the_local_overlay_would_keep_the_live_rollout(k8s, capsys, monkeypatch):
+    from motlens.cli import main
+    from promotion.overlay_sync import sync_overlay
+    from promotion.status import read_status
+    from promotion.targets import GitOpsTarget
+    from promotion.workflow import Promoter
+
+    env, api, settings, target = k8s
+    p = _canary_live(env, settings, target)
+    overlay = read_status(p)["overlay"]
+    live_uri = state_from_isvc(api.isvc()).storage_uri
+    # the base's placeholder: v1, but not the URI the adoption deployed
+    assert (overlay["in_sync"], overlay["renders"]) == (False, "production v1 at 100%")
+    assert overlay["storage_uri"] != live_uri
+    monkeypatch.setenv("MOTLENS_PROMOTE_MANIFESTS_DIR", str(env.manifests))
+    monkeypatch.setenv("MOTLENS_PROMOTE_NAMESPACE", NS)
+    assert main(["promote", "status", "--target", "k8s"]) == 0
+    assert "OUT OF SYNC" in capsys.readouterr().out
+    sync_overlay(settings)
+    assert read_status(p)["overlay"] == {
+        "dir": str(env.manifests / "overlays" / "cpu"),
+        "in_sync": True,
+        "renders": "production v1 at 90%, canary v2 at 10%",
+        "storage_uri": live_uri,
+    }
+    # no overlay checkout where status runs (the auto CronJob): nothing shown, nothing rendered
+    elsewhere = settings.model_copy(update={"manifests_dir": env.manifests / "absent"})
+    assert read_status(Promoter(elsewhere, env.registry, target))["overlay"] is None
+    # an overlay that cannot be rendered: said so, the rest of the status stands
+    (env.manifests / "overlays" / "cpu" / "rollout.yaml").write_text("- op: test\n  path: /nowhere\n  value: 1\n")
+    broken = read_status(p)
+    assert "error" in broken["overlay"] and broken["live"]["canary_version"] == "2"
+    # another target: no overlay row
+    gitops = settings.model_copy(update={"target": "gitops"})
+    assert "overlay" not in read_status(Promoter(gitops, env.registry, GitOpsTarget(gitops)))
