@@ -97,6 +97,44 @@ def tag_version(registry: Any, version: str, event: Event, extra: dict[str, str]
     registry.set_tags(version, {**event.tags(index), **(extra or {})})
 
 
+def record_alias_set(
+    registry: Any, *, alias: str, version: str, previous: str | None, actor: str, reason: str, run_id: str
+) -> list[str]:
+    """Audit an alias set outside the promotion workflow (``motlens train --alias``): an ``alias_set``
+    event in the version's tags and a ``promotion_events`` row (target ``registry``). No gate ran and
+    nothing was deployed: a server following the alias records its own ``follow`` row when it switches.
+    Returns what could not be written (empty: the record is complete); never raises."""
+    event = Event(
+        action="alias_set",
+        actor=actor,
+        target="registry",
+        from_version=previous or "",
+        to_version=version,
+        from_state=f"alias {alias} → " + (f"v{previous}" if previous else "unset"),
+        to_state=f"alias {alias} → v{version}",
+        reason=reason,
+        details={"alias": alias, "run_id": run_id},
+    )
+    gaps = []
+    try:
+        tag_version(registry, version, event)
+    except Exception as e:  # noqa: BLE001 - the alias stands; the caller reports the gap
+        gaps.append(f"version tags: {e}")
+    try:
+        import predlog
+
+        reader = predlog.open_reader()
+        try:
+            reader.insert_promotion_event(event.row())
+        finally:
+            reader.close()
+    except Exception as e:  # noqa: BLE001
+        gaps.append(f"promotion_events row: {e}")
+    for gap in gaps:
+        log.error("the audit of alias %s → version %s is incomplete: %s", alias, version, gap)
+    return gaps
+
+
 def export_metrics(settings: PromoteSettings, aliases: dict[str, str], canary_percent: float) -> None:
     """``motlens_registry_alias_info``, ``motlens_promotion_last_run_timestamp_seconds`` and
     ``motlens_canary_percent`` to the Pushgateway (when set) or a textfile (when set)."""

@@ -145,7 +145,8 @@ def test_the_printed_artifact_uri_is_one_copyable_line(registry, tiny_bundle, mo
     v = registry.register_bundle(tiny_bundle.root, metrics={"section_macro_f1": 0.9}, params={}, alias="candidate")
     fingerprint = {"sha256": "ab" * 32, "rows_labelled": 10, "distinct_texts": 5, "train_texts": 4, "holdout_texts": 1}
     result = SimpleNamespace(version=v, metrics={"section_macro_f1": 0.9}, fingerprint=fingerprint,
-                             timings={"total_s": 1.0, "embed_s": 0.5}, floors=None, alias_withheld=None)  # fmt: skip
+                             timings={"total_s": 1.0, "embed_s": 0.5}, floors=None, alias_withheld=None,
+                             audit_gaps=[])  # fmt: skip
     monkeypatch.setattr(training.train, "train", lambda *a, **k: result)
     assert main(["train", "--data", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -385,3 +386,24 @@ def test_json_says_an_unchecked_floor_did_not_pass(registry, tiny_bundle, monkey
     assert main(["train", "--data", str(tmp_path / "data"), "--json"]) == 3
     floors = json.loads(capsys.readouterr().out)["floors"]
     assert floors["passed"] is False and floors["unchecked"] and "fail_auc" in floors["unchecked"][0]
+
+
+def test_reason_and_actor_reach_the_settings_flags_over_the_environment(registry, monkeypatch, tmp_path):
+    import training.train
+    from training.dataset import DataError
+
+    _use(registry, monkeypatch)
+    seen = []
+
+    def fake_train(data, settings, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.append(settings)
+        raise DataError("stop here")
+
+    monkeypatch.setattr(training.train, "train", fake_train)
+    monkeypatch.setenv("MOTLENS_TRAIN_REASON", "nightly retrain")
+    assert main(["train", "--data", str(tmp_path), "--alias", "production"]) == 2
+    assert main(["train", "--data", str(tmp_path), "--reason", "hotfix", "--actor", "alice@box"]) == 2
+    assert [(s.alias, s.reason, s.actor) for s in seen] == [
+        ("production", "nightly retrain", None),
+        ("candidate", "hotfix", "alice@box"),
+    ]

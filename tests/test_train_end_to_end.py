@@ -252,3 +252,49 @@ def test_held_out_set_is_kept_and_the_gate_scores_both_heads_on_it(setup, tmp_pa
     none = train(root / "bulk", TrainSettings(**{**SETTINGS, "heldout_max_texts": 0, "alias": None}),
                  embedder=shared, registry=registry)  # fmt: skip
     assert registry.fetch_run_dir(none.version.version, HELDOUT_DIR, tmp_path / "h3") is None
+
+
+def test_an_alias_set_by_train_is_audited_with_who_why_and_what_it_replaced(setup, monkeypatch, tmp_path, capsys):
+    """`motlens train --alias production` moves what a following server serves with no gate: the audit
+    trail says who moved the alias, why, and from which version (version tags, a promotion_events row)."""
+    import predlog
+    from promotion.frames import records
+    from training.train_cli import say_audit_gaps
+
+    root, registry, shared, first = setup
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path / "home"))  # the prediction log the row goes to
+    monkeypatch.delenv("MOTLENS_CLICKHOUSE_URL", raising=False)
+    monkeypatch.setenv("USER", "bob")
+    hotfix = train(root / "bulk", TrainSettings(**{**SETTINGS, "alias": "production", "actor": "alice@box",
+                                                   "reason": "brake texts hotfix"}),
+                   embedder=shared, registry=registry)  # fmt: skip
+    plain = train(root / "bulk", TrainSettings(**{**SETTINGS, "alias": "production"}), embedder=shared,
+                  registry=registry)  # fmt: skip
+    assert hotfix.audit_gaps == [] and plain.audit_gaps == []
+    v1, v2 = hotfix.version.version, plain.version.version
+    assert registry.alias_version("production") == v2
+    rows = [r for r in records(predlog.open_reader().promotion_events(limit=10)) if r["action"] == "alias_set"]
+    assert [(r["from_version"], r["to_version"], r["actor"], r["reason"], r["target"], r["success"]) for r in rows] == [
+        (v1, v2, f"bob@{__import__('socket').gethostname()}", "motlens train --alias production", "registry", True),
+        ("", v1, "alice@box", "brake texts hotfix", "registry", True),
+    ]  # newest first
+    assert json.loads(rows[0]["details"]) == {"from": f"alias production → v{v1}", "to": f"alias production → v{v2}",
+                                              "alias": "production", "run_id": plain.version.run_id}  # fmt: skip
+    tags = registry.resolve(v1).tags
+    assert (tags["promotion.last_action"], tags["promotion.last_actor"], tags["promotion.last_reason"]) == (
+        "alias_set", "alice@box", "brake texts hotfix")  # fmt: skip
+    assert json.loads(tags["promotion.event.0001"])["to"] == f"alias production → v{v1}"
+    assert "promotion.status" not in tags  # no promotion state: nothing was deployed or gated
+
+    # a prediction log that cannot take the row: the alias stands, the gap is named, the tags are written
+    monkeypatch.setenv("MOTLENS_CLICKHOUSE_URL", "http://127.0.0.1:9/")
+    gap = train(root / "bulk", TrainSettings(**{**SETTINGS, "alias": "production"}), embedder=shared,
+                registry=registry)  # fmt: skip
+    assert registry.alias_version("production") == gap.version.version
+    assert len(gap.audit_gaps) == 1 and gap.audit_gaps[0].startswith("promotion_events row: ")
+    assert registry.resolve(gap.version.version).tags["promotion.last_action"] == "alias_set"
+    say_audit_gaps(gap)
+    assert capsys.readouterr().err.startswith(
+        f"motlens train: version {gap.version.version} has alias production, but its audit record is incomplete: "
+        "promotion_events row: "
+    )

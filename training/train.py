@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -118,6 +118,12 @@ class TrainSettings(EmptyIsUnsetSettings):
         "for the promotion gate's paired comparison (0: none)",
     )
     alias: str | None = "candidate"
+    reason: str = Field(
+        default="",
+        max_length=2000,
+        description="why the new version gets its alias, kept in the audit trail (version tags, promotion_events)",
+    )
+    actor: str | None = Field(default=None, description="who sets the alias, for the audit trail (default: user@host)")
     alias_requires_floors: bool = Field(
         default=True,
         description="set the alias only when the held-out metrics clear the quality floors (training.floors); "
@@ -182,6 +188,7 @@ class TrainResult:
     bundle_root: Path | None  # the local bundle (only when ``work_dir`` keeps it)
     floors: FloorCheck | None = None  # the quality floors of the held-out metrics (training.floors)
     alias_withheld: str | None = None  # the alias not set because the floors failed
+    audit_gaps: list[str] = field(default_factory=list)  # what the alias's audit record lacks (empty: complete)
 
 
 def embed_texts(embedder: Embedder, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -481,6 +488,7 @@ def train(
 
     work = Path(s.work_dir) if s.work_dir else Path(tempfile.mkdtemp(prefix="motlens-train-"))
     held, sigterm = ExitStack(), Hold()  # SIGTERM held from the registration's start through the cleanup
+    audit_gaps: list[str] = []
     try:
         artifacts = work / "artifacts"
         if artifacts.exists():
@@ -563,6 +571,9 @@ def train(
             "rows_per_s": f"{fp['rows_read'] / max(timings['total_s'], 1e-9):.0f}",
             "motlens.quality_floors": "pass" if floors.passed and not floors.unchecked else "fail",
         }
+        # what the alias named before, for its audit (nothing where the local store is not made yet)
+        fresh = registry.sqlite_path is not None and not registry.sqlite_path.exists()
+        previous = registry.alias_version(alias) if alias is not None and not fresh else None
         # once begun, a registration finishes (or rolls itself back on an error), and so does the cleanup
         # below: a SIGTERM meanwhile is said afterwards, so the registry never holds a version whose
         # registration was cut short, and the message says what was registered
@@ -578,6 +589,8 @@ def train(
             dataset=training_input(fp, source),
         )
         set_manifest_fields(bundle.root, version=info.version, run_id=info.run_id)
+        if alias is not None:
+            audit_gaps = _audit_alias(s, registry, alias, info, previous)
     finally:
         try:
             if not s.work_dir:
@@ -596,4 +609,24 @@ def train(
             withheld,
             floors.describe(),
         )
-    return TrainResult(info, metrics, ts.fingerprint, timings, bundle.root if s.work_dir else None, floors, withheld)
+    return TrainResult(
+        info, metrics, ts.fingerprint, timings, bundle.root if s.work_dir else None, floors, withheld, audit_gaps
+    )
+
+
+def _audit_alias(
+    s: TrainSettings, registry: Registry, alias: str, info: ModelVersionInfo, previous: str | None
+) -> list[str]:
+    """The alias set outside the promotion workflow, audited: who, why, what it named before."""
+    from promotion.audit import record_alias_set
+    from promotion.settings import default_actor
+
+    return record_alias_set(
+        registry,
+        alias=alias,
+        version=info.version,
+        previous=previous,
+        actor=s.actor or default_actor(),
+        reason=s.reason or f"motlens train --alias {alias}",
+        run_id=info.run_id or "",
+    )

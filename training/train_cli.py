@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ch-path", help="chdb database directory (default $MOTLENS_HOME/chdb-data)")
     p.add_argument("--alias", help="alias to set on the new version (default: candidate)")
     p.add_argument("--no-alias", action="store_true", help="register without setting an alias")
+    p.add_argument("--reason", help="why the version gets its alias, kept in the audit trail (MOTLENS_TRAIN_REASON)")
+    p.add_argument("--actor", help="who sets the alias, for the audit (default $MOTLENS_TRAIN_ACTOR, else user@host)")
     p.add_argument("--seed", type=int, help="seed of the head's initialisation and shuffling (default 0)")
     p.add_argument(
         "--split-seed",
@@ -105,6 +107,8 @@ _FLAGS = (
     "heldout_max_texts",
     "holdout_fraction",
     "device",
+    "reason",
+    "actor",
     "work_dir",
 )
 
@@ -163,6 +167,7 @@ def _train(args: argparse.Namespace) -> int:
         return EXIT_TERMINATED
     v = result.version
     floors = result.floors
+    say_audit_gaps(result)
     # registered either way (the audit trail); the alias only when the held-out metrics clear the floors
     if args.json:
         print(
@@ -210,6 +215,17 @@ FLOORS_HINT = (
     "train on more or cleaner data; MOTLENS_TRAIN_FLOOR_MARGIN / MOTLENS_TRAIN_FLOOR_AUC_MARGIN set the floors, "
     'MOTLENS_TRAIN_ALIAS_REQUIRES_FLOORS=false sets the alias anyway (docs/training.md "Quality floors")'
 )
+
+
+def say_audit_gaps(result) -> None:  # noqa: ANN001 - TrainResult
+    """One stderr line when the alias's audit record is incomplete: the alias stands, the exit code is kept."""
+    if result.audit_gaps:
+        v = result.version
+        print(
+            f"motlens train: version {v.version} has alias {', '.join(v.aliases)}, but its audit record is "
+            "incomplete: " + "; ".join(result.audit_gaps),
+            file=sys.stderr,
+        )
 
 
 def say_withheld(result, prog: str = "motlens train", hint: str = FLOORS_HINT) -> int:  # noqa: ANN001 - TrainResult
