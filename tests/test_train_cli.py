@@ -153,8 +153,8 @@ def test_the_printed_artifact_uri_is_one_copyable_line(registry, tiny_bundle, mo
     assert f"artifact URI {v.artifact_uri}" in lines and f"run {v.run_id}" in lines
 
 
-def test_split_seed_is_its_own_flag(registry, monkeypatch, tmp_path):
-    """One ``--seed`` seeded both the split and the head's initialisation."""
+def _settings_seen(registry, monkeypatch) -> list:
+    """The TrainSettings each `motlens train` builds, recorded by a train() that stops there (exit 2)."""
     import training.train
     from training.dataset import DataError
 
@@ -166,6 +166,12 @@ def test_split_seed_is_its_own_flag(registry, monkeypatch, tmp_path):
         raise DataError("stop here")
 
     monkeypatch.setattr(training.train, "train", fake_train)
+    return seen
+
+
+def test_split_seed_is_its_own_flag(registry, monkeypatch, tmp_path):
+    """One ``--seed`` seeded both the split and the head's initialisation."""
+    seen = _settings_seen(registry, monkeypatch)
     assert main(["train", "--data", str(tmp_path), "--seed", "3", "--split-seed", "7"]) == 2
     assert main(["train", "--data", str(tmp_path), "--seed", "4"]) == 2
     assert main(["train", "--data", str(tmp_path), "--split-by", "defect"]) == 2
@@ -389,17 +395,7 @@ def test_json_says_an_unchecked_floor_did_not_pass(registry, tiny_bundle, monkey
 
 
 def test_reason_and_actor_reach_the_settings_flags_over_the_environment(registry, monkeypatch, tmp_path):
-    import training.train
-    from training.dataset import DataError
-
-    _use(registry, monkeypatch)
-    seen = []
-
-    def fake_train(data, settings, **kw):  # noqa: ANN001, ANN003, ANN202
-        seen.append(settings)
-        raise DataError("stop here")
-
-    monkeypatch.setattr(training.train, "train", fake_train)
+    seen = _settings_seen(registry, monkeypatch)
     monkeypatch.setenv("MOTLENS_TRAIN_REASON", "nightly retrain")
     assert main(["train", "--data", str(tmp_path), "--alias", "production"]) == 2
     assert main(["train", "--data", str(tmp_path), "--reason", "hotfix", "--actor", "alice@box"]) == 2
