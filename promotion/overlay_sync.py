@@ -53,16 +53,13 @@ def sync_overlay(settings: PromoteSettings, *, check_only: bool = False) -> Sync
     overlay = GitOpsTarget(settings)
     live_target = K8sTarget(settings)
     _check_namespace(overlay, settings)
+    if check_only:  # a read: no Lease (and no permission to write one) needed
+        return SyncResult(str(overlay.file), overlay.read(), _live(live_target), written=False)
     with live_target.lock(blocking=True):
-        try:
-            live = live_target.read()
-        except RolloutError as e:
-            raise TargetError(f"{live_target.describe()}: {e}") from e
-        if not live.storage_uri:
-            raise TargetError(f"{live_target.describe()}: its STORAGE_URI has no value to copy")
+        live = _live(live_target)
         before = overlay.read()
         result = SyncResult(str(overlay.file), before, live, written=False)
-        if result.in_sync or check_only:
+        if result.in_sync:
             return result
         with overlay.lock(blocking=True):
             for stale in remove_stale_temps(overlay.file):
@@ -109,6 +106,16 @@ def content(state: RolloutState, settings: PromoteSettings) -> str:
         summary=state.describe(),
     )
     return header + yaml.safe_dump(json6902_ops(state), sort_keys=False, default_flow_style=False)
+
+
+def _live(target: K8sTarget) -> RolloutState:
+    try:
+        live = target.read()
+    except RolloutError as e:
+        raise TargetError(f"{target.describe()}: {e}") from e
+    if not live.storage_uri:
+        raise TargetError(f"{target.describe()}: its STORAGE_URI has no value to copy")
+    return live
 
 
 def _check_namespace(overlay: GitOpsTarget, settings: PromoteSettings) -> None:

@@ -41,10 +41,11 @@ def test_sync_overlay_makes_a_reapply_keep_the_live_rollout(k8s, capsys):
     assert stale != live and stale.canary_version is None
 
     args = ["promote", "sync-overlay", "--manifests-dir", str(env.manifests), "--namespace", NS]
+    lease_before = api.lease()
     assert main([*args, "--check"]) == cli.EXIT_AUDIT
     assert "OUT OF SYNC" in capsys.readouterr().out
-    assert rollout.read_bytes() == original  # --check writes nothing
-    lease_before = api.lease()
+    assert rollout.read_bytes() == original  # --check writes nothing, not even the Lease
+    assert api.lease() == lease_before
 
     assert main(args) == cli.EXIT_OK
     out = capsys.readouterr().out
