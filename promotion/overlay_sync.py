@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from motlens.atomic import atomic_write, remove_stale_temps
-from promotion.rollout import RolloutError, RolloutState, json6902_ops
+from promotion.rollout import RolloutError, RolloutState, json6902_ops, state_from_isvc
 from promotion.settings import PromoteSettings
 from promotion.targets import GitOpsTarget, K8sTarget, TargetError
 
@@ -48,27 +48,33 @@ def sync_overlay(settings: PromoteSettings, *, check_only: bool = False) -> Sync
 
     Raises :class:`TargetError` when the cluster or the overlay cannot be read, the overlay renders the
     InferenceService in another namespace, the live object breaks the rollout contract, or the rewritten
-    overlay does not render the live rollout (its file is then put back as it was).
+    overlay does not render the live rollout (its file is then put back as it was); ``LockLost`` when
+    another run takes the Lease over before the write (nothing written).
     """
     overlay = GitOpsTarget(settings)
     live_target = K8sTarget(settings)
-    _check_namespace(overlay, settings)
     if check_only:  # a read: no Lease (and no permission to write one) needed
-        return SyncResult(str(overlay.file), overlay.read(), _live(live_target), written=False)
+        return SyncResult(str(overlay.file), rendered_state(overlay, settings), _live(live_target), written=False)
+    before = rendered_state(overlay, settings)  # first: for an overlay of another namespace, no Lease is taken
     with live_target.lock(blocking=True):
         live = _live(live_target)
-        before = overlay.read()
-        result = SyncResult(str(overlay.file), before, live, written=False)
-        if result.in_sync:
-            return result
+        if before == live:
+            return SyncResult(str(overlay.file), before, live, written=False)
         with overlay.lock(blocking=True):
             for stale in remove_stale_temps(overlay.file):
                 log.info("removed %s, left by an interrupted write", stale)
-            old = overlay.file.read_text(encoding="utf-8") if overlay.file.exists() else None
+            old = overlay.file.read_text(encoding="utf-8")
+            live_target.check_lock()  # LockLost: another run took the Lease over, write nothing
             atomic_write(overlay.file, content(live, settings))
-            after = overlay.read()
+            try:
+                after = rendered_state(overlay, settings)
+            except BaseException as e:
+                atomic_write(overlay.file, old)
+                if isinstance(e, TargetError):
+                    raise TargetError(f"{e}; after the copy, so {overlay.file} is left as it was") from e
+                raise
             if after != live:
-                _restore(overlay, old)
+                atomic_write(overlay.file, old)
                 raise TargetError(
                     f"overlay {overlay.overlay} does not render the live rollout after the copy (renders "
                     f"{after.describe()}, storage URI {after.storage_uri}): another patch of the overlay sets "
@@ -85,8 +91,8 @@ def overlay_status(settings: PromoteSettings, live: RolloutState) -> dict[str, o
     if not (directory / "kustomization.yaml").is_file():
         return None
     try:
-        rendered = GitOpsTarget(settings).read()
-    except (TargetError, RolloutError) as e:
+        rendered = rendered_state(GitOpsTarget(settings), settings)
+    except TargetError as e:
         return {"dir": str(directory), "error": str(e)}
     return {
         "dir": str(directory),
@@ -94,6 +100,22 @@ def overlay_status(settings: PromoteSettings, live: RolloutState) -> dict[str, o
         "renders": rendered.describe(),
         "storage_uri": rendered.storage_uri,
     }
+
+
+def rendered_state(overlay: GitOpsTarget, settings: PromoteSettings) -> RolloutState:
+    """The rollout the overlay renders, refused (:class:`TargetError`) when it renders the InferenceService
+    into another namespace than the live one read (``settings.namespace``)."""
+    isvc = overlay.render()
+    namespace = (isvc.get("metadata") or {}).get("namespace")
+    if namespace and namespace != settings.namespace:
+        raise TargetError(
+            f"overlay {overlay.overlay} renders {settings.isvc_name} in namespace {namespace!r}, but the live "
+            f"one read is in {settings.namespace!r}: pass --namespace {namespace} (or the matching --overlay)"
+        )
+    try:
+        return state_from_isvc(isvc)
+    except RolloutError as e:
+        raise TargetError(f"{overlay.describe()}: {e}") from e
 
 
 def content(state: RolloutState, settings: PromoteSettings) -> str:
@@ -116,19 +138,3 @@ def _live(target: K8sTarget) -> RolloutState:
     if not live.storage_uri:
         raise TargetError(f"{target.describe()}: its STORAGE_URI has no value to copy")
     return live
-
-
-def _check_namespace(overlay: GitOpsTarget, settings: PromoteSettings) -> None:
-    rendered = (overlay.render().get("metadata") or {}).get("namespace")
-    if rendered and rendered != settings.namespace:
-        raise TargetError(
-            f"overlay {overlay.overlay} renders {settings.isvc_name} in namespace {rendered!r}, but the live "
-            f"one read is in {settings.namespace!r}: pass --namespace {rendered} (or the matching --overlay)"
-        )
-
-
-def _restore(overlay: GitOpsTarget, old: str | None) -> None:
-    if old is None:
-        overlay.file.unlink(missing_ok=True)
-    else:
-        atomic_write(overlay.file, old)

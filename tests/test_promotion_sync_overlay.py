@@ -101,6 +101,7 @@ def test_sync_overlay_refuses_another_namespace_and_writes_nothing(k8s):
                                           "'default': pass --namespace motlens"):  # fmt: skip
         sync_overlay(other)
     assert rollout.read_bytes() == original
+    assert not [k for k in api.objects if k[2] == "default"]  # no Lease taken in the namespace named
 
 
 def test_sync_overlay_puts_the_file_back_when_another_patch_overrides_it(k8s):
@@ -175,3 +176,107 @@ def test_status_shows_whether_the_local_overlay_would_keep_the_live_rollout(k8s,
     # another target: no overlay row
     gitops = settings.model_copy(update={"target": "gitops"})
     assert "overlay" not in read_status(Promoter(gitops, env.registry, GitOpsTarget(gitops)))
+
+
+def _add_patch(overlay, ops) -> None:
+    """A patch listed after rollout.yaml in the overlay's kustomization."""
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    (overlay / "later.yaml").write_text(yaml.safe_dump(ops))
+    target = {"kind": "InferenceService", "name": "mot-defects"}
+    kustomization["patches"].append({"path": "later.yaml", "target": target})
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
+
+
+def test_an_overlay_that_fails_to_render_after_the_copy_gets_its_file_back(k8s, capsys):
+    """A later patch that works on the old rollout.yaml but not on the copy (it removes canaryTrafficPercent,
+    which a promotion removed): the render fails, the file is put back and the overlay renders as before."""
+    from motlens.cli import main
+
+    env, api, settings, target = k8s
+    p = _canary_live(env, settings, target)
+    p.force = True
+    p.promote()
+    overlay = env.manifests / "overlays" / "cpu"
+    _add_patch(overlay, [{"op": "remove", "path": "/spec/predictor/canaryTrafficPercent"}])
+    render(overlay)  # renders now
+    original = (overlay / "rollout.yaml").read_bytes()
+    assert main(["promote", "sync-overlay", "--manifests-dir", str(env.manifests), "--namespace", NS]) == 2
+    err = capsys.readouterr().err
+    assert "Unable to remove nonexistent key" in err and "after the copy, so" in err and "is left as it was" in err
+    assert (overlay / "rollout.yaml").read_bytes() == original
+    render(overlay)  # and still renders
+
+
+def test_a_lease_lost_before_the_write_writes_nothing(k8s, monkeypatch, capsys):
+    """Another run takes the promotion Lease over after the live object is read: nothing is written."""
+    import time
+
+    from motlens.cli import main
+    from promotion.targets import K8sTarget
+
+    env, api, settings, target = k8s
+    _canary_live(env, settings, target)
+    rollout = env.manifests / "overlays" / "cpu" / "rollout.yaml"
+    original = rollout.read_bytes()
+    monkeypatch.setenv("MOTLENS_PROMOTE_LEASE_SECONDS", "10")  # renewed every 3.3 s
+    real_read = K8sTarget.read
+
+    def read_then_lose_the_lease(self):  # noqa: ANN001, ANN202
+        state = real_read(self)
+        lease = api.lease()
+        lease["spec"]["holderIdentity"] = "cronjob-pod:1"
+        api.replace_namespaced_custom_object("coordination.k8s.io", "v1", NS, "leases", "mot-defects-promotion", lease)
+        time.sleep(4.5)  # past a renewal, which finds the Lease someone else's
+        return state
+
+    monkeypatch.setattr(K8sTarget, "read", read_then_lose_the_lease)
+    assert main(["promote", "sync-overlay", "--manifests-dir", str(env.manifests), "--namespace", NS]) == 2
+    assert "lost the Lease motlens/mot-defects-promotion to cronjob-pod:1" in capsys.readouterr().err
+    assert rollout.read_bytes() == original
+
+
+def test_check_and_status_need_only_read_access(k8s, monkeypatch, capsys):
+    """Credentials that may read the InferenceService but not create a Lease: `--check` compares, as
+    `status` does."""
+    from kubernetes.client.exceptions import ApiException
+
+    from motlens.cli import main
+
+    env, api, settings, target = k8s
+    _canary_live(env, settings, target)
+    api.objects = {k: v for k, v in api.objects.items() if k[3] != "leases"}
+    create = api.create_namespaced_custom_object
+
+    def no_leases(group, version, namespace, plural, body, **kw):  # noqa: ANN001, ANN003, ANN202
+        if plural == "leases":
+            raise ApiException(status=403, reason="Forbidden")
+        return create(group, version, namespace, plural, body, **kw)
+
+    monkeypatch.setattr(api, "create_namespaced_custom_object", no_leases)
+    args = ["--manifests-dir", str(env.manifests), "--namespace", NS]
+    assert main(["promote", "sync-overlay", "--check", *args]) == 1
+    assert "OUT OF SYNC" in capsys.readouterr().out
+    assert main(["promote", "sync-overlay", *args]) == 2  # the write needs the Lease
+    assert "cannot take the Lease motlens/mot-defects-promotion: not allowed (403 Forbidden)" in capsys.readouterr().err
+
+
+def test_status_refuses_to_compare_the_overlay_with_another_namespace(k8s, capsys):
+    """`status --namespace staging` beside an overlay that renders into `motlens` (where a canary runs):
+    not "in sync" because the staging copy matches, but the namespace named, as `sync-overlay` says."""
+    import copy
+    import json
+
+    from motlens.cli import main
+    from promotion.rollout import API_GROUP, API_VERSION, PLURAL
+
+    env, api, settings, target = k8s
+    staging = copy.deepcopy(api.isvc())  # the first apply's copy, in namespace "staging"
+    staging["metadata"].pop("resourceVersion")
+    api.create_namespaced_custom_object(API_GROUP, API_VERSION, "staging", PLURAL, staging)
+    _canary_live(env, settings, target)
+    args = ["--manifests-dir", str(env.manifests), "--namespace", "staging"]
+    assert main(["promote", "status", "--target", "k8s", *args, "--json"]) == 0
+    overlay = json.loads(capsys.readouterr().out)["overlay"]
+    assert "in_sync" not in overlay and "renders mot-defects in namespace 'motlens'" in overlay["error"]
+    assert main(["promote", "sync-overlay", "--check", *args]) == 2
+    assert "pass --namespace motlens" in capsys.readouterr().err
