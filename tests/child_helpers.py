@@ -60,3 +60,43 @@ def held(code: str, *args: object) -> Iterator[None]:
     finally:
         _, err = proc.communicate(timeout=300)  # closes its stdin: hold() returns
     assert proc.returncode == 0, err[-2000:]
+
+
+# Installed through PYTHONPATH in a child process: the path finder no longer finds the modules named in
+# BLOCKED_IMPORTS (comma-separated top-level names), as in an install without them (``find_spec``
+# answers None, an import fails); the blocker's start and each lookup are logged to BLOCKED_IMPORTS_LOG.
+BLOCKER = """
+import importlib.machinery, os, sys
+
+_BLOCKED = set(os.environ["BLOCKED_IMPORTS"].split(","))
+_LOG = os.environ["BLOCKED_IMPORTS_LOG"]
+
+
+class _Hiding(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.split(".")[0] in _BLOCKED:
+            with open(_LOG, "a") as f:
+                f.write(name + "\\n")
+            return None
+        return super().find_spec(name, path, target)
+
+
+sys.meta_path[:] = [_Hiding if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+with open(_LOG, "a") as f:
+    f.write("active\\n")
+"""
+
+
+def hiding_env(env: dict[str, str], where: Path, modules: tuple[str, ...]) -> tuple[dict[str, str], Path]:
+    """``env`` for a child process (and its children) in which ``modules`` cannot be imported; and the log
+    its blocker writes (first line ``active``, then each hidden module looked up)."""
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "sitecustomize.py").write_text(BLOCKER)
+    log = where / "blocked.txt"
+    return {
+        **env,
+        "PYTHONPATH": os.pathsep.join([str(where), *filter(None, [env.get("PYTHONPATH")])]),
+        "BLOCKED_IMPORTS": ",".join(modules),
+        "BLOCKED_IMPORTS_LOG": str(log),
+    }, log

