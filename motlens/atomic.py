@@ -12,14 +12,15 @@ _RANDOM = "[a-z0-9_]{8}"
 TEMP_SUFFIX = ".tmp"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file ``.NAME.XXXXXXXX.tmp`` in the same directory + fsync + rename. An existing
-    file keeps its mode; a new one gets what the umask gives (as ``open`` would, not mkstemp's 0600).
-    A process killed before the rename leaves that temp file behind: see :func:`remove_stale_temps`."""
+def atomic_write(path: Path, text: str | bytes) -> None:
+    """Write ``text`` (UTF-8; bytes as they are) via a temp file ``.NAME.XXXXXXXX.tmp`` in the same
+    directory + fsync + rename. An existing file keeps its mode; a new one gets what the umask gives (as
+    ``open`` would, not mkstemp's 0600). A process killed before the rename leaves that temp file
+    behind: see :func:`remove_stale_temps`."""
     fd, tmp = _create_temp(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text if isinstance(text, bytes) else text.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
         if path.exists():

@@ -174,17 +174,19 @@ def _sync_overlay(settings: Any, *, check_only: bool) -> int:
     from promotion.overlay_sync import sync_overlay
 
     result = sync_overlay(settings, check_only=check_only)
+    from promotion.rollout import differences
+
     live, overlay = result.live_state, result.overlay_state
     if result.in_sync:
         print(f"{result.file}: in sync with the live rollout ({live.describe()}, {live.storage_uri})")
         return EXIT_OK
+    changes = "; ".join(differences(overlay, live))  # overlay → live
     if not result.written:
-        print(f"{result.file}: OUT OF SYNC: `kubectl apply -k` would serve {overlay.describe()} "
-              f"({overlay.storage_uri}); live: {live.describe()} ({live.storage_uri})")  # fmt: skip
+        print(f"{result.file}: OUT OF SYNC: `kubectl apply -k` would serve {overlay.describe()} instead of the "
+              f"live {live.describe()} (overlay → live: {changes})")  # fmt: skip
         return EXIT_AUDIT
-    print(f"{result.file}: now holds the live rollout, {live.describe()} ({live.storage_uri}); it held "
-          f"{overlay.describe()} ({overlay.storage_uri}). Commit it, and apply the overlay before the next "
-          "promotion step (or sync again)")  # fmt: skip
+    print(f"{result.file}: now holds the live rollout, {live.describe()} ({changes}). Commit it, and apply the "
+          "overlay before the next promotion step (or sync again)")  # fmt: skip
     return EXIT_OK
 
 
@@ -253,10 +255,10 @@ def _overlay_row(overlay: dict[str, Any]) -> str:
         return f"[yellow]cannot render: {escape(overlay['error'])}[/]"
     if overlay["in_sync"]:
         return "in sync with the live rollout"
-    uri = escape(str(overlay["storage_uri"]))
+    changes = escape("; ".join(overlay["differences"]))
     return (
-        f"[red]OUT OF SYNC[/]: `kubectl apply -k` would serve {overlay['renders']} ({uri}); "
-        "run `motlens promote sync-overlay` before applying it"
+        f"[red]OUT OF SYNC[/]: `kubectl apply -k` would serve {escape(overlay['renders'])} (overlay → live: "
+        f"{changes}); run `motlens promote sync-overlay` before applying it"
     )
 
 
@@ -288,10 +290,10 @@ def _print_status_tables(status: dict[str, Any]) -> None:
     if live is None:
         t.add_row("live state", f"[red]unreadable: {status.get('live_error')}[/]")
     else:
-        t.add_row("live state", live["summary"])
-        t.add_row("storage URI (spec)", str(live["storage_uri"]))
+        t.add_row("live state", escape(live["summary"]))
+        t.add_row("storage URI (spec)", escape(str(live["storage_uri"])))
         served = live["storage_uri"] if live["canary_version"] is None else live["production_uri"]
-        t.add_row("production URI", str(served))
+        t.add_row("production URI", escape(str(served)))
         if status.get("pins_digest"):
             t.add_row("bundle sha256 (spec)", live["bundle_sha256"] or "[yellow]not pinned[/]")
         percent = "absent" if live["percent"] is None else f"{live['percent']}"
@@ -301,9 +303,9 @@ def _print_status_tables(status: dict[str, Any]) -> None:
                 " canary's, until the restored one is ready; `auto` removes it once the target reports so)"
             )
         t.add_row("canaryTrafficPercent", percent)
-        t.add_row("traffic", live["traffic"] or "n/a")
+        t.add_row("traffic", escape(live["traffic"]) or "n/a")
         if overlay := status.get("overlay"):
-            t.add_row(f"overlay {overlay['dir']}", _overlay_row(overlay))
+            t.add_row(f"overlay {escape(overlay['dir'])}", _overlay_row(overlay))
         if "disagreements" in status:
             problems = status["disagreements"]
             t.add_row("live vs registry", "[green]agree[/]" if not problems else "[red]" + "\n".join(problems) + "[/]")

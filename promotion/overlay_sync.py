@@ -15,18 +15,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from motlens.atomic import atomic_write, remove_stale_temps
-from promotion.rollout import RolloutError, RolloutState, json6902_ops, state_from_isvc
+from promotion.rollout import RolloutError, RolloutState, differences, rollout_yaml, state_from_isvc
 from promotion.settings import PromoteSettings
 from promotion.targets import GitOpsTarget, K8sTarget, TargetError
 
 log = logging.getLogger(__name__)
 
 SYNC_HEADER = """\
-# Rollout state of mot-defects (JSON6902), copied from the live InferenceService
-# {namespace}/{name} by `motlens promote sync-overlay` at {at}: {summary}.
-# With --target k8s the promotion CLI owns these fields on the live object: run sync-overlay again
-# right before every `kubectl apply -k` of this overlay (see docs/deploy.md).
-"""
+Rollout state of mot-defects (JSON6902), copied from the live InferenceService
+{namespace}/{name} by `motlens promote sync-overlay` at {at}: {summary}.
+With --target k8s the promotion CLI owns these fields on the live object: run sync-overlay again
+right before every `kubectl apply -k` of this overlay (see docs/deploy.md)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def sync_overlay(settings: PromoteSettings, *, check_only: bool = False) -> Sync
         with overlay.lock(blocking=True):
             for stale in remove_stale_temps(overlay.file):
                 log.info("removed %s, left by an interrupted write", stale)
-            old = overlay.file.read_text(encoding="utf-8")
+            old = overlay.file.read_bytes()  # put back byte for byte (CRLF line ends included)
             live_target.check_lock()  # LockLost: another run took the Lease over, write nothing
             atomic_write(overlay.file, content(live, settings))
             try:
@@ -99,6 +98,7 @@ def overlay_status(settings: PromoteSettings, live: RolloutState) -> dict[str, o
         "in_sync": rendered == live,
         "renders": rendered.describe(),
         "storage_uri": rendered.storage_uri,
+        "differences": differences(rendered, live),
     }
 
 
@@ -119,15 +119,13 @@ def rendered_state(overlay: GitOpsTarget, settings: PromoteSettings) -> RolloutS
 
 
 def content(state: RolloutState, settings: PromoteSettings) -> str:
-    import yaml
-
     header = SYNC_HEADER.format(
         namespace=settings.namespace,
         name=settings.isvc_name,
         at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         summary=state.describe(),
     )
-    return header + yaml.safe_dump(json6902_ops(state), sort_keys=False, default_flow_style=False)
+    return rollout_yaml(header, state)
 
 
 def _live(target: K8sTarget) -> RolloutState:

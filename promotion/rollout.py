@@ -11,7 +11,8 @@ canary the spec holds the *canary* storage URI and digest (KServe's latest revis
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+import re
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 ANN_PROD_VERSION = "motlens.io/production-version"
@@ -157,6 +158,27 @@ class RolloutState:
         return f"{prod} at {100 - pct}%, canary v{self.canary_version} at {pct}%"
 
 
+#: the rollout fields a target holds, as people read them
+_FIELD_NAMES = {
+    "storage_uri": "STORAGE_URI",
+    "bundle_sha256": DIGEST_ENV,
+    "percent": "canaryTrafficPercent",
+    "production_version": ANN_PROD_VERSION,
+    "production_uri": ANN_PROD_URI,
+    "production_sha256": ANN_PROD_SHA,
+    "canary_version": ANN_CANARY_VERSION,
+}
+
+
+def differences(a: RolloutState, b: RolloutState) -> list[str]:
+    """The rollout fields in which ``a`` and ``b`` differ, as ``NAME: A → B`` (absent: ``absent``)."""
+    out = []
+    for f in fields(RolloutState):
+        if f.compare and (x := getattr(a, f.name)) != (y := getattr(b, f.name)):
+            out.append(f"{_FIELD_NAMES[f.name]}: {'absent' if x is None else x} → {'absent' if y is None else y}")
+    return out
+
+
 def check_percent(percent: int) -> int:
     if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
         raise RolloutError(f"canary percent must be an integer from 0 to 100, got {percent!r}")
@@ -183,13 +205,15 @@ def state_from_isvc(isvc: dict[str, Any]) -> RolloutState:
     container = kserve_container(isvc)
     ann = (isvc.get("metadata") or {}).get("annotations") or {}
     percent = isvc["spec"]["predictor"].get("canaryTrafficPercent")
+    if percent is not None and (isinstance(percent, bool) or not isinstance(percent, int)):
+        raise RolloutError(f"InferenceService canaryTrafficPercent must be an integer, got {percent!r}")
     digest = _digest_env(container)
     return RolloutState(
         storage_uri=container["env"][0].get("value"),
         production_version=ann.get(ANN_PROD_VERSION),
         production_uri=ann.get(ANN_PROD_URI),
         canary_version=ann.get(ANN_CANARY_VERSION),
-        percent=None if percent is None else int(percent),
+        percent=percent,
         bundle_sha256=(digest or {}).get("value") or None,
         production_sha256=ann.get(ANN_PROD_SHA) or None,
         traffic=traffic_status(isvc),
@@ -299,3 +323,33 @@ def json6902_ops(state: RolloutState) -> list[dict[str, Any]]:
     else:
         ops.append({"op": "add", "path": _PERCENT_PATH, "value": state.percent})
     return ops
+
+
+#: plain scalars that YAML 1.2 (kustomize, kubectl) reads as no string but PyYAML (YAML 1.1) writes
+#: unquoted, e.g. ``0o17`` (an octal int) or ``1e5`` (a float)
+_YAML12_NOT_STRING = re.compile(
+    r"[-+]?(0o[0-7]+|0x[0-9a-fA-F]+|[0-9]+|(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|\.(inf|Inf|INF))"
+    r"|\.(nan|NaN|NAN)|null|Null|NULL|~|true|True|TRUE|false|False|FALSE"
+)
+
+
+def rollout_yaml(header: str, state: RolloutState) -> str:
+    """``rollout.yaml``: comment lines (``header``, each line of it made a comment, newlines in what it
+    quotes cannot start YAML) then the JSON6902 ops of ``state``; every string is read back as written,
+    by PyYAML and by kustomize's YAML 1.2 alike."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def string(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+        style = '"' if _YAML12_NOT_STRING.fullmatch(value) else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, string)
+    ops = json6902_ops(state)
+    body = yaml.dump(ops, Dumper=Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    if yaml.safe_load(body) != ops:  # a representer above that lost something: never write it
+        raise RolloutError("the rollout ops do not read back as written")
+    comments = "".join(f"# {line}\n" for line in header.splitlines())
+    return comments + body

@@ -26,8 +26,8 @@ from promotion.rollout import (
     PLURAL,
     RolloutError,
     RolloutState,
-    json6902_ops,
     merge_patch,
+    rollout_yaml,
     state_from_isvc,
 )
 from promotion.settings import PromoteSettings
@@ -212,7 +212,10 @@ def kustomize_build(path: Path) -> list[dict[str, Any]]:
         log.debug("%s failed:\n%s", " ".join(cmd), done.stderr)
         reason = tool_error(done.stderr) or f"exit status {done.returncode}"
         raise TargetError(f"{' '.join(cmd)} failed: {reason}")
-    return [d for d in yaml.safe_load_all(done.stdout) if d]
+    try:
+        return [d for d in yaml.safe_load_all(done.stdout) if d]
+    except yaml.YAMLError as e:  # kubectl prints some values (`=`, `<<`) plain, which YAML 1.1 reads otherwise
+        raise TargetError(f"{' '.join(cmd)}: its output does not parse: {' '.join(str(e).split())}") from e
 
 
 def tool_error(stderr: str) -> str:
@@ -242,10 +245,9 @@ def find_isvc(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
 
 
 ROLLOUT_HEADER = """\
-# Rollout state of mot-defects (JSON6902). Owned and rewritten by the promotion CLI
-# (`motlens promote … --target gitops`; see docs/promotion.md); do not edit by hand, run
-# `motlens promote canary set N --target gitops` instead. {summary}
-"""
+Rollout state of mot-defects (JSON6902). Owned and rewritten by the promotion CLI
+(`motlens promote … --target gitops`; see docs/promotion.md); do not edit by hand, run
+`motlens promote canary set N --target gitops` instead. {summary}"""
 
 
 class GitOpsTarget:
@@ -284,10 +286,7 @@ class GitOpsTarget:
         return RolloutState(**{**state.__dict__, "traffic": "desired state in git (synced by Argo CD/Flux)"})
 
     def content(self, desired: RolloutState) -> str:
-        import yaml
-
-        body = yaml.safe_dump(json6902_ops(desired), sort_keys=False, default_flow_style=False)
-        return ROLLOUT_HEADER.format(summary=desired.describe()) + body
+        return rollout_yaml(ROLLOUT_HEADER.format(summary=desired.describe()), desired)
 
     def plan(self, desired: RolloutState) -> dict[str, Any]:
         return {

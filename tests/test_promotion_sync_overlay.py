@@ -165,6 +165,7 @@ def test_status_shows_whether_the_local_overlay_would_keep_the_live_rollout(k8s,
         "in_sync": True,
         "renders": "production v1 at 90%, canary v2 at 10%",
         "storage_uri": live_uri,
+        "differences": [],
     }
     # no overlay checkout where status runs (the auto CronJob): nothing shown, nothing rendered
     elsewhere = settings.model_copy(update={"manifests_dir": env.manifests / "absent"})
@@ -280,3 +281,114 @@ def test_status_refuses_to_compare_the_overlay_with_another_namespace(k8s, capsy
     assert "in_sync" not in overlay and "renders mot-defects in namespace 'motlens'" in overlay["error"]
     assert main(["promote", "sync-overlay", "--check", *args]) == 2
     assert "pass --namespace motlens" in capsys.readouterr().err
+
+
+def test_live_values_are_copied_as_data_never_as_yaml(k8s):
+    """Annotation values that would be YAML if written raw (a newline and ops in the summary comment;
+    `0o17` and `1e5`, which kustomize's YAML 1.2 reads as numbers) are copied as the strings they are:
+    the overlay renders the live rollout and nothing else (the image stays the overlay's)."""
+    from promotion.overlay_sync import sync_overlay
+    from promotion.rollout import json6902_ops
+    from promotion.targets import GitOpsTarget
+
+    env, api, settings, target = k8s
+    _canary_live(env, settings, target)
+    overlay = env.manifests / "overlays" / "cpu"
+    image = render(overlay)["spec"]["predictor"]["containers"][0]["image"]
+    evil = "1\n- op: replace\n  path: /spec/predictor/containers/0/image\n  value: attacker/img:latest #"
+    for value in (evil, "1\n", "0o17", "1e5"):
+        api.edit({"metadata": {"annotations": {"motlens.io/production-version": value,
+                                               "motlens.io/canary-version": "0o17"}}})  # fmt: skip
+        assert sync_overlay(settings).written, value
+        rendered = render(overlay)
+        assert state_from_isvc(rendered) == state_from_isvc(api.isvc()), value
+        assert rendered["spec"]["predictor"]["containers"][0]["image"] == image, value
+    # the gitops target writes its file the same way: its summary comment cannot carry ops either
+    gitops = GitOpsTarget(settings)
+    state = state_from_isvc(api.isvc())
+    written = yaml.safe_load(gitops.content(state.with_percent(20)))
+    assert written == json6902_ops(state.with_percent(20)) and "attacker" not in str(written)
+
+
+def test_out_of_sync_names_the_fields_that_differ(k8s, capsys):
+    """After a rollback (canaryTrafficPercent 0 kept) and its settling (removed), both sides describe as
+    "production v1 at 100%": the message names the field."""
+    from motlens.cli import main
+
+    env, api, settings, target = k8s
+    p = _canary_live(env, settings, target)
+    p.rollback(reason="test")
+    args = ["promote", "sync-overlay", "--manifests-dir", str(env.manifests), "--namespace", NS]
+    assert main(args) == 0
+    capsys.readouterr()
+    api.edit({"spec": {"predictor": {"canaryTrafficPercent": None}}})  # what `auto` does once settled
+    assert main([*args, "--check"]) == 1
+    assert "(overlay → live: canaryTrafficPercent: 0 → absent)" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "(canaryTrafficPercent: 0 → absent)" in capsys.readouterr().out
+
+
+def test_a_file_put_back_is_byte_for_byte_the_old_one(k8s):
+    """CRLF line ends (a checkout with core.autocrlf) survive a copy that is put back."""
+    from promotion.overlay_sync import sync_overlay
+    from promotion.targets import TargetError
+
+    env, api, settings, target = k8s
+    _canary_live(env, settings, target)
+    overlay = env.manifests / "overlays" / "cpu"
+    rollout = overlay / "rollout.yaml"
+    rollout.write_bytes(rollout.read_bytes().replace(b"\n", b"\r\n"))
+    _add_patch(overlay, [{"op": "replace", "path": "/spec/predictor/containers/0/env/0/value", "value": "s3://p/m"}])
+    original = rollout.read_bytes()
+    with pytest.raises(TargetError, match="is left as it was"):
+        sync_overlay(settings)
+    assert rollout.read_bytes() == original
+
+
+def test_an_overlay_that_does_not_parse_is_an_error_not_a_crash(k8s, capsys, monkeypatch):
+    """A percent that is no integer, and a live value kubectl prints as YAML that does not load (`=`):
+    `status` shows "cannot render" beside the rest, `sync-overlay` exits 2 with one line."""
+    from motlens.cli import main
+
+    env, api, settings, target = k8s
+    _canary_live(env, settings, target)
+    overlay = env.manifests / "overlays" / "cpu"
+    _add_patch(overlay, [{"op": "replace", "path": "/spec/predictor/canaryTrafficPercent", "value": "10%"}])
+    monkeypatch.setenv("MOTLENS_PROMOTE_MANIFESTS_DIR", str(env.manifests))
+    monkeypatch.setenv("MOTLENS_PROMOTE_NAMESPACE", NS)
+    monkeypatch.setenv("COLUMNS", "400")  # the table's rows on one line each
+    assert main(["promote", "status", "--target", "k8s"]) == 0
+    out = capsys.readouterr().out
+    assert "cannot render" in out and "canaryTrafficPercent must be an integer" in out and "canary v2" in out
+    assert main(["promote", "sync-overlay", "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "canaryTrafficPercent must be an integer, got '10%'" in err and len(err.splitlines()) == 1
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    kustomization["patches"] = [x for x in kustomization["patches"] if x["path"] != "later.yaml"]  # dropped
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
+    rollout = overlay / "rollout.yaml"
+    original = rollout.read_bytes()
+    api.edit({"metadata": {"annotations": {"motlens.io/production-version": "="}}})
+    assert main(["promote", "sync-overlay"]) == 2
+    err = capsys.readouterr().err
+    assert "its output does not parse" in err and "is left as it was" in err and len(err.splitlines()) == 1
+    assert rollout.read_bytes() == original
+
+
+def test_status_prints_the_overlay_row_as_text(k8s, capsys, monkeypatch, tmp_path):
+    """A checkout path with brackets, and a URI that reads as markup, are shown as they are."""
+    import shutil
+
+    from motlens.cli import main
+
+    env, api, settings, target = k8s
+    _canary_live(env, settings, target)
+    manifests = tmp_path / "deploy[prod]" / "manifests"
+    shutil.copytree(env.manifests, manifests)
+    api.edit({"metadata": {"annotations": {"motlens.io/production-storage-uri": "s3://b/[red]/model"}}})
+    monkeypatch.setenv("MOTLENS_PROMOTE_MANIFESTS_DIR", str(manifests))
+    monkeypatch.setenv("MOTLENS_PROMOTE_NAMESPACE", NS)
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main(["promote", "status", "--target", "k8s"]) == 0
+    out = capsys.readouterr().out
+    assert "deploy[prod]" in out and "production-storage-uri:" in out and "→ s3://b/[red]/model" in out
