@@ -75,9 +75,9 @@ def sync_overlay(settings: PromoteSettings, *, check_only: bool = False) -> Sync
             if after != live:
                 atomic_write(overlay.file, old)
                 raise TargetError(
-                    f"overlay {overlay.overlay} does not render the live rollout after the copy (renders "
-                    f"{after.describe()}, storage URI {after.storage_uri}): another patch of the overlay sets "
-                    f"these fields; {overlay.file} is left as it was"
+                    f"overlay {overlay.overlay} does not render the live rollout after the copy (rendered → live: "
+                    f"{'; '.join(differences(after, live))}): another patch of the overlay sets these fields; "
+                    f"{overlay.file} is left as it was"
                 )
     log.info("%s: copied the live rollout (%s) over %s", overlay.file, live.describe(), before.describe())
     return SyncResult(str(overlay.file), before, live, written=True)

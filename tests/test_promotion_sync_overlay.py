@@ -119,8 +119,8 @@ def test_sync_overlay_puts_the_file_back_when_another_patch_overrides_it(k8s):
     kustomization["patches"].append({"path": "pin.yaml", "target": {"kind": "InferenceService", "name": "mot-defects"}})
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
     original = (overlay / "rollout.yaml").read_bytes()
-    with pytest.raises(TargetError, match="does not render the live rollout after the copy .*storage URI "
-                                          "s3://pinned/model.*rollout.yaml is left as it was"):  # fmt: skip
+    expected = r"after the copy \(rendered → live: STORAGE_URI: s3://pinned/model → .*rollout.yaml is left as it was"
+    with pytest.raises(TargetError, match=expected):
         sync_overlay(settings)
     assert (overlay / "rollout.yaml").read_bytes() == original
     assert not [p for p in overlay.iterdir() if p.name.endswith(".tmp")]
