@@ -115,11 +115,13 @@ def record_alias_set(
         reason=reason,
         details={"alias": alias, "run_id": run_id},
     )
+    from motlens.errors import describe  # one line, credentials redacted
+
     gaps = []
     try:
         tag_version(registry, version, event)
     except Exception as e:  # noqa: BLE001 - the alias stands; the caller reports the gap
-        gaps.append(f"version tags: {e}")
+        gaps.append(f"version tags: {describe(e)}")
     try:
         import predlog
 
@@ -129,7 +131,7 @@ def record_alias_set(
         finally:
             reader.close()
     except Exception as e:  # noqa: BLE001
-        gaps.append(f"promotion_events row: {e}")
+        gaps.append(f"promotion_events row: {describe(e)}")
     for gap in gaps:
         log.error("the audit of alias %s → version %s is incomplete: %s", alias, version, gap)
     return gaps

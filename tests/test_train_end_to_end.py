@@ -288,10 +288,12 @@ def test_an_alias_set_by_train_is_audited_with_who_why_and_what_it_replaced(setu
 
     # a prediction log that cannot take the row: the alias stands, the gap is named, the tags are written
     monkeypatch.setenv("MOTLENS_CLICKHOUSE_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("MOTLENS_CLICKHOUSE_PASSWORD", "s3cret")
     gap = train(root / "bulk", TrainSettings(**{**SETTINGS, "alias": "production"}), embedder=shared,
                 registry=registry)  # fmt: skip
     assert registry.alias_version("production") == gap.version.version
-    assert len(gap.audit_gaps) == 1 and gap.audit_gaps[0].startswith("promotion_events row: ")
+    assert len(gap.audit_gaps) == 1 and gap.audit_gaps[0].startswith("promotion_events row: cannot reach ClickHouse")
+    assert "s3cret" not in gap.audit_gaps[0]  # one line, no credentials
     assert registry.resolve(gap.version.version).tags["promotion.last_action"] == "alias_set"
     say_audit_gaps(gap)
     assert capsys.readouterr().err.startswith(
