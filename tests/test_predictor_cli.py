@@ -314,6 +314,7 @@ def test_serve_names_an_unknown_variable_when_it_refuses_to_start(tmp_path, monk
     assert proc.stderr.index(typo) < proc.stderr.index("bad setting")
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread reports it too
 def test_a_server_whose_port_is_taken_stops_with_the_reason(tmp_path):
     """serve() waited only for a stop request: a REST server that could not listen went unnoticed."""
     from conftest import free_port
