@@ -71,11 +71,13 @@ def run(args: argparse.Namespace) -> int:
     from motlens.credentials import redact
     from motlens.state import StateSettings
     from predlog.spool import SpoolBusy
+    from promotion.audit import record_alias_set
+    from promotion.settings import default_actor
     from training.dataset import DataError
     from training.registry import Registry, RegistryError
     from training.synth import generate
     from training.train import TrainSettings, train
-    from training.train_cli import say_withheld
+    from training.train_cli import say_audit_gaps, say_withheld
 
     # every setting first: a bad MOTLENS_SERVE_* value once stopped the demo after it had registered
     train_settings = TrainSettings(seed=args.seed, alias="candidate")
@@ -95,8 +97,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(bulk, train_settings, registry=registry)
         version = result.version.version
+        gaps = result.audit_gaps
         if not result.alias_withheld:  # below the quality floors: registered, but never production
+            previous = registry.alias_version("production")
             registry.set_alias("production", version)
+            gaps = gaps + record_alias_set(
+                registry, alias="production", version=version, previous=previous, actor=default_actor(),
+                reason="motlens demo", run_id=result.version.run_id or "",
+            )  # fmt: skip
+        say_audit_gaps(version, gaps, "motlens demo")
         aliases = registry.resolve(version).aliases  # what the registry holds, read back
     except (DataError, RegistryError) as e:  # e.g. too few rows to split; the registry unreachable
         print(f"motlens demo: {e}", file=sys.stderr)

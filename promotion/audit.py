@@ -103,7 +103,7 @@ def record_alias_set(
     """Audit an alias set outside the promotion workflow (``motlens train --alias``): an ``alias_set``
     event in the version's tags and a ``promotion_events`` row (target ``registry``). No gate ran and
     nothing was deployed: a server following the alias records its own ``follow`` row when it switches.
-    Returns what could not be written (empty: the record is complete); never raises."""
+    Returns what could not be written (empty: the record is complete; the caller says it); never raises."""
     event = Event(
         action="alias_set",
         actor=actor,
@@ -132,8 +132,6 @@ def record_alias_set(
             reader.close()
     except Exception as e:  # noqa: BLE001
         gaps.append(f"promotion_events row: {describe(e)}")
-    for gap in gaps:
-        log.error("the audit of alias %s → version %s is incomplete: %s", alias, version, gap)
     return gaps
 
 

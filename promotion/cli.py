@@ -348,11 +348,13 @@ def _print_status_tables(status: dict[str, Any]) -> None:
         marks = ", ".join(_event_marks(e))
         t.add_row(
             f"event {e['ts']}",
-            f"{e['action']} {e['from_version']}→{e['to_version']} by {e['actor']}"
-            f"{f' ({marks})' if marks else ''} {e['reason']}".rstrip(),
+            escape(
+                f"{e['action']} {e['from_version']}→{e['to_version']} by {e['actor']}"
+                f"{f' ({marks})' if marks else ''} {e['reason']}".rstrip()
+            ),  # a reason or actor is text, never markup
         )
     if "predlog_error" in status:
-        t.add_row("prediction log", f"[yellow]unavailable: {status['predlog_error']}[/]")
+        t.add_row("prediction log", f"[yellow]unavailable: {escape(status['predlog_error'])}[/]")
     console.print(t)
     if status["versions"] is None:
         return

@@ -50,9 +50,14 @@ def test_demo_trains_registers_serves_and_prints_an_answer(tmp_path, _mlflow_tem
     reader = predlog.open_reader(PredlogSettings(dir=home / "predlog"))
     try:
         logged = reader.query("SELECT model_version, count() AS n FROM predictions GROUP BY model_version")
+        moved = reader.query("SELECT to_version, reason, details FROM promotion_events WHERE action = 'alias_set' "
+                             "ORDER BY ts")  # fmt: skip
     finally:
         reader.close()
     assert logged.to_dict("records") == [{"model_version": "1", "n": 3}]  # the sample request, logged
+    # both aliases it set are in the audit trail: train's candidate, then the demo's production
+    assert [(r["to_version"], r["reason"], json.loads(r["details"])["alias"]) for r in moved.to_dict("records")] == [
+        ("1", "motlens train --alias candidate", "candidate"), ("1", "motlens demo", "production")]  # fmt: skip
 
 
 # --- fast: the demo in-process, with train() replaced by what it does after its fit ---------------------

@@ -376,13 +376,21 @@ def test_an_overlay_that_does_not_parse_is_an_error_not_a_crash(k8s, capsys, mon
 
 
 def test_status_prints_the_overlay_row_as_text(k8s, capsys, monkeypatch, tmp_path):
-    """A checkout path with brackets, and a URI that reads as markup, are shown as they are."""
+    """A checkout path with brackets, a URI and an event's reason that read as markup, are shown as they
+    are (a reason `see [/] log` stopped `status` with a MarkupError)."""
     import shutil
 
+    import predlog
     from motlens.cli import main
+    from promotion.audit import Event
 
     env, api, settings, target = k8s
     _canary_live(env, settings, target)
+    reader = predlog.open_reader()
+    try:
+        reader.insert_promotion_event(Event("alias_set", "ops[bot]", "registry", reason="see [/] log").row())
+    finally:
+        reader.close()
     manifests = tmp_path / "deploy[prod]" / "manifests"
     shutil.copytree(env.manifests, manifests)
     api.edit({"metadata": {"annotations": {"motlens.io/production-storage-uri": "s3://b/[red]/model"}}})
@@ -392,3 +400,4 @@ def test_status_prints_the_overlay_row_as_text(k8s, capsys, monkeypatch, tmp_pat
     assert main(["promote", "status", "--target", "k8s"]) == 0
     out = capsys.readouterr().out
     assert "deploy[prod]" in out and "production-storage-uri:" in out and "→ s3://b/[red]/model" in out
+    assert "alias_set → by ops[bot] see [/] log" in out

@@ -601,6 +601,7 @@ def train(
         raise Terminated(
             f"it came while version {info.version} was being registered, which finished first"
             + (f" (alias {', '.join(info.aliases)})" if info.aliases else " (no alias)")
+            + (f"; its audit record is incomplete: {'; '.join(audit_gaps)}" if audit_gaps else "")
         )
     if withheld is not None:
         log.warning(

@@ -167,7 +167,7 @@ def _train(args: argparse.Namespace) -> int:
         return EXIT_TERMINATED
     v = result.version
     floors = result.floors
-    say_audit_gaps(result)
+    say_audit_gaps(v.version, result.audit_gaps)
     # registered either way (the audit trail); the alias only when the held-out metrics clear the floors
     if args.json:
         print(
@@ -217,15 +217,11 @@ FLOORS_HINT = (
 )
 
 
-def say_audit_gaps(result) -> None:  # noqa: ANN001 - TrainResult
-    """One stderr line when the alias's audit record is incomplete: the alias stands, the exit code is kept."""
-    if result.audit_gaps:
-        v = result.version
-        print(
-            f"motlens train: version {v.version} has alias {', '.join(v.aliases)}, but its audit record is "
-            "incomplete: " + "; ".join(result.audit_gaps),
-            file=sys.stderr,
-        )
+def say_audit_gaps(version: str, gaps: list[str], prog: str = "motlens train") -> None:
+    """One stderr line when an alias's audit record is incomplete: the alias stands, the exit code is kept."""
+    if gaps:
+        print(f"{prog}: version {version} has its alias, but its audit record is incomplete: " + "; ".join(gaps),
+              file=sys.stderr)  # fmt: skip
 
 
 def say_withheld(result, prog: str = "motlens train", hint: str = FLOORS_HINT) -> int:  # noqa: ANN001 - TrainResult
