@@ -172,10 +172,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _sync_overlay(settings: Any, *, check_only: bool) -> int:
     from promotion.overlay_sync import sync_overlay
-
-    result = sync_overlay(settings, check_only=check_only)
     from promotion.rollout import differences
 
+    result = sync_overlay(settings, check_only=check_only)
     live, overlay = result.live_state, result.overlay_state
     if result.in_sync:
         print(f"{result.file}: in sync with the live rollout ({live.describe()}, {live.storage_uri})")

@@ -264,6 +264,12 @@ class Registry:
             return None
         return Path(unquote(self.tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]))
 
+    @property
+    def store_made(self) -> bool:
+        """False only for a local sqlite store whose file does not exist yet (a registration makes it)."""
+        path = self.sqlite_path
+        return path is None or path.exists()
+
     def check_store_support(self) -> None:
         """:class:`RegistryError` with the install hint when a ``sqlite:///`` registry meets an install
         without MLflow's database store (also a ``postgresql://`` … one): the core requires only the client

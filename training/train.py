@@ -449,7 +449,7 @@ def train(
     registry = registry or Registry()
     # the same for an unreachable registry (RegistryError, credentials redacted); a missing local
     # store is created by the registration at the end, not by a run that fails on its data
-    if registry.sqlite_path is None or registry.sqlite_path.exists():  # not a file: refused here, by name
+    if registry.store_made:  # not a file: refused here, by name
         registry.experiment_id()
     source = dict(source) if source is not None else data_source(data)
     clock = _Clock()
@@ -572,8 +572,7 @@ def train(
             "motlens.quality_floors": "pass" if floors.passed and not floors.unchecked else "fail",
         }
         # what the alias named before, for its audit (nothing where the local store is not made yet)
-        fresh = registry.sqlite_path is not None and not registry.sqlite_path.exists()
-        previous = registry.alias_version(alias) if alias is not None and not fresh else None
+        previous = registry.alias_version(alias) if alias is not None and registry.store_made else None
         # once begun, a registration finishes (or rolls itself back on an error), and so does the cleanup
         # below: a SIGTERM meanwhile is said afterwards, so the registry never holds a version whose
         # registration was cut short, and the message says what was registered
