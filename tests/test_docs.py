@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -72,14 +73,24 @@ def test_the_module_map_lists_every_module_and_only_those():
     """docs/architecture.md "Module map" stays the living layout: a module added, split or removed shows."""
     text = (REPO / "docs" / "architecture.md").read_text()
     section = text.split("## Module map", 1)[1].split("\n## ", 1)[0]
-    listed: set[str] = set()
+    listed: dict[str, str] = {}
     package = None
     for line in section.splitlines():
         if m := re.fullmatch(r"`(\w+)/`", line.strip()):
             package = m.group(1)
-        elif m := re.match(r"- `(\w+\.py)`: \S", line):
+        elif m := re.match(r"- `(\w+\.py)`: (\S.*)", line):
             assert package is not None, f"module map: {line!r} before any package heading"
-            listed.add(f"{package}/{m.group(1)}")
+            listed[f"{package}/{m.group(1)}"] = m.group(2)
     present = {f"{pkg}/{f.name}" for pkg in MAPPED for f in (REPO / pkg).glob("*.py") if f.name != "__init__.py"}
-    assert sorted(present - listed) == [], "modules missing from docs/architecture.md's module map"
-    assert sorted(listed - present) == [], "docs/architecture.md's module map lists modules that do not exist"
+    assert sorted(present - set(listed)) == [], "modules missing from docs/architecture.md's module map"
+    assert sorted(set(listed) - present) == [], "docs/architecture.md's module map lists modules that do not exist"
+    stale = {module: entry for module, entry in listed.items() if not _opens_docstring(REPO / module, entry)}
+    assert stale == {}, "module map entries that are not their module docstring's opening sentence or clauses"
+
+
+def _opens_docstring(module: Path, entry: str) -> bool:
+    """Whether ``entry`` is the opening of the module docstring's first sentence, cut where a clause ends."""
+    doc = ast.get_docstring(ast.parse(module.read_text())) or ""
+    opening = " ".join(doc.split("\n\n", 1)[0].split()).replace("``", "`")
+    entry = entry.rstrip(".")
+    return opening.startswith(entry) and opening[len(entry) : len(entry) + 1] in ("", ".", ",", ":", ";")
