@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
             warn_unknown_env()
             flags = {flag for flag, _, _ in _FLAGS}
             return report_settings("motlens serve", e, {k: f for k, f in flag_names(overrides).items() if f in flags})
-        problem = _unloadable_ref(settings)
+        problem = _unloadable_ref(settings, set(overrides)) or _unrunnable_dtype(settings, set(overrides))
     except BaseException:
         warn_unknown_env()
         raise
@@ -132,8 +133,38 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unloadable_ref(settings: ServeSettings) -> str | None:
-    """Why a configured model reference can never load (unreadable, another model, a missing path), if so.
+def _named(field: str, from_flags: Collection[str]) -> str:
+    """How a bad setting is named: its flag when the command line set it, else its variable when one is
+    set, else the setting."""
+    from motlens.errors import env_name
+    from predictor.settings import ServeSettings
+
+    return "--" + field.replace("_", "-") if field in from_flags else env_name(ServeSettings, field) or field
+
+
+def _unrunnable_dtype(settings: ServeSettings, from_flags: Collection[str] = ()) -> str | None:
+    """Why the torch backend cannot run the configured device and dtype on this machine, if so: every
+    load would fail the same way and be retried for ever (live, never ready)."""
+    if settings.backend != "torch":
+        return None
+    import torch
+
+    from motlens.embedder import check_dtype
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = settings.device or ("cuda" if count else "cpu")
+    if device.startswith("cuda") and int(device.partition(":")[2] or 0) >= count:
+        return f"{_named('device', from_flags)}: {device} asked for, but torch sees {count} CUDA device(s)"
+    try:
+        check_dtype(device, settings.dtype)
+    except ValueError as e:
+        return f"{_named('dtype', from_flags)}: {e}"
+    return None
+
+
+def _unloadable_ref(settings: ServeSettings, from_flags: Collection[str] = ()) -> str | None:
+    """Why a configured model reference can never load (unreadable, another model, a missing path), if so,
+    by the flag or variable that set it (``from_flags``: the fields the command line set).
 
     Only the CLI refuses these at start; the server retries every load failure (an unreachable
     registry comes back, an unset alias may be set by a promotion) and its admin API answers a
@@ -148,15 +179,16 @@ def _unloadable_ref(settings: ServeSettings) -> str | None:
     for field, ref in refs.items():
         if ref is None or (not ref and field != "model"):
             continue  # no canary; an empty model is KServe's /mnt/models
+        name = _named(field, from_flags)
         if ref.startswith("models:/"):
             try:
                 registry = Registry()
                 registry.canonical_ref(ref)
                 registry.check_store_support()
             except RegistryError as e:
-                return f"{field}: {e}"
+                return f"{name}: {e}"
         elif (problem := _missing_path(ref)) is not None:
-            return f"{field}: {problem}"
+            return f"{name}: {problem}"
     return None
 
 

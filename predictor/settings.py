@@ -167,7 +167,7 @@ class ServeSettings(EmptyIsUnsetSettings):
     @field_validator("dtype")
     @classmethod
     def _dtype_of_the_backend(cls, v: str, info: ValidationInfo) -> str:
-        """A dtype the chosen backend runs (whether this device runs it natively is checked at load)."""
+        """A dtype the chosen backend runs (whether the device runs it natively: `motlens serve`, at start)."""
         backend = info.data.get("backend", "torch")  # absent when the backend itself was refused
         allowed = ONNX_DTYPES if backend == "onnx" else TORCH_DTYPES
         if v not in allowed:

@@ -66,7 +66,7 @@ def test_serve_refuses_the_default_local_registry_without_the_database_store(
     monkeypatch.setenv("MOTLENS_HOME", str(tmp_path / "home"))
     assert main(["serve", "--no-predlog", "--model", "models:/mot-defects@production"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("motlens serve: bad setting: model: registry sqlite:///") and HINT in err, err
+    assert err.startswith("motlens serve: bad setting: --model: registry sqlite:///") and HINT in err, err
     assert len(err.splitlines()) == 1, err
     assert not (tmp_path / "home" / "mlflow.db").exists()
 

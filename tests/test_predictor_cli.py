@@ -367,16 +367,30 @@ def test_a_server_whose_grpc_port_is_taken_stops_with_the_reason(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--model", "models:/mot-defects@"], "model: cannot read model reference 'models:/mot-defects@'"),
-        (["--model", "models:/other@production"], "model: model reference 'models:/other@production' names 'other'"),
-        (["--model", "{tmp}/nope"], "model: model path {tmp}/nope does not exist"),
-        (["--model", "{tmp}", "--canary", "models:/mot-defects/x"], "canary: cannot read model reference"),
-        (["--model", "{tmp}", "--follow-alias", "production/3"], "follow_alias: cannot read model reference"),
+        (["--model", "models:/mot-defects@"], "--model: cannot read model reference 'models:/mot-defects@'"),
+        (["--model", "models:/other@production"], "--model: model reference 'models:/other@production' names 'other'"),
+        (["--model", "{tmp}/nope"], "--model: model path {tmp}/nope does not exist"),
+        (["--model", "{tmp}", "--canary", "models:/mot-defects/x"], "--canary: cannot read model reference"),
+        (["--model", "{tmp}", "--follow-alias", "production/3"], "--follow-alias: cannot read model reference"),
+        (["MOTLENS_SERVE_MODEL={tmp}/nope"], "MOTLENS_SERVE_MODEL: model path {tmp}/nope does not exist"),
+        (["--model", "{tmp}", "--device", "cpu", "--dtype", "float16"], "--dtype: float16 is not native on this CPU"),
+        (
+            ["--model", "{tmp}", "MOTLENS_SERVE_DEVICE=cuda:64"],
+            "MOTLENS_SERVE_DEVICE: cuda:64 asked for, but torch sees",
+        ),
+        (
+            ["--model", "{tmp}", "MOTLENS_SERVE_CANARY=models:/x/1"],
+            "MOTLENS_SERVE_CANARY: model reference 'models:/x/1'",
+        ),
     ],
 )
-def test_a_model_reference_that_can_never_load_is_refused_at_start(tmp_path, flags, message):
-    """Such a reference was retried every second for ever: never ready, and exit 0 on SIGINT."""
+def test_a_model_reference_that_can_never_load_is_refused_at_start(tmp_path, monkeypatch, flags, message):
+    """Such a reference was retried every second for ever: never ready, and exit 0 on SIGINT. The line
+    names the flag or variable that set it (README "bad setting")."""
     flags = [f.format(tmp=tmp_path) for f in flags]
+    for assignment in [f for f in flags if "=" in f]:
+        monkeypatch.setenv(*assignment.split("=", 1))
+    flags = [f for f in flags if "=" not in f]
     proc = _serve_proc(tmp_path, *flags, "--http-port", str(_port()), "--grpc-port", str(_port()))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"motlens serve: bad setting: {message.format(tmp=tmp_path)}"), proc.stderr
@@ -424,7 +438,7 @@ def test_serve_with_an_empty_model_and_no_mount_exits_2(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(
-        "motlens serve: bad setting: model: no model given and /mnt/models does not exist (STORAGE_URI is unset;"
+        "motlens serve: bad setting: --model: no model given and /mnt/models does not exist (STORAGE_URI is unset;"
     ), proc.stderr
     assert proc.stderr.count("\n") == 1
 
