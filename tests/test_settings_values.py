@@ -144,8 +144,8 @@ def test_empty_values_that_mean_something_keep_their_meaning(monkeypatch):
     monkeypatch.setenv("MOTLENS_SERVE_MODEL", "")
     monkeypatch.setenv("MOTLENS_SERVE_MODEL_SHA256", "")
     assert ServeSettings().model == "" and ServeSettings().model_sha256 is None
-    monkeypatch.setenv("MOTLENS_TRAIN_ALIAS", "")
-    assert TrainSettings().alias == ""
+    (problem,) = _problems(TrainSettings, MOTLENS_TRAIN_ALIAS="")
+    assert problem.startswith("MOTLENS_TRAIN_ALIAS: invalid alias '': letters, digits"), problem
     assert _problems(PromoteSettings, MOTLENS_PROMOTE_OFFLINE_METRICS="")[0].startswith(
         "MOTLENS_PROMOTE_OFFLINE_METRICS: name at least one of"
     )

@@ -46,7 +46,7 @@ from training.floors import (
     check_floors,
 )
 from training.heldout import HELDOUT_DIR, embedder_files, write_heldout
-from training.registry import ModelVersionInfo, Registry, TrainingInput, check_alias
+from training.registry import ModelVersionInfo, Registry, RegistryError, TrainingInput, check_alias
 
 PACKAGES = (
     "motlens",
@@ -154,6 +154,17 @@ class TrainSettings(EmptyIsUnsetSettings):
                 check_embedder_source(v)
             except BundleError as e:
                 raise ValueError(f"model directory {e}; remove it before training (the bundle refuses it)") from e
+        return v
+
+    @field_validator("alias")
+    @classmethod
+    def _an_alias_mlflow_accepts(cls, v: str | None) -> str | None:
+        """Refused when the settings are built (by flag or variable), not after hours of training."""
+        if v is not None:
+            try:
+                check_alias(v)
+            except RegistryError as e:
+                raise ValueError(str(e)) from e
         return v
 
     @field_validator("work_dir")
@@ -444,8 +455,6 @@ def train(
     from motlens.embedder import TorchEmbedder, default_model_dir
 
     s = settings or TrainSettings()
-    if s.alias is not None:
-        check_alias(s.alias)  # fail before hours of work, not at registration
     registry = registry or Registry()
     # the same for an unreachable registry (RegistryError, credentials redacted); a missing local
     # store is created by the registration at the end, not by a run that fails on its data

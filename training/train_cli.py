@@ -144,7 +144,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         settings = TrainSettings(**overrides)
     except ValidationError as e:
-        return report_settings("motlens train", e, flag_names(k for k in overrides if k in _FLAGS))
+        flagged = [k for k in overrides if k in _FLAGS] + (["alias"] if args.alias is not None else [])
+        return report_settings("motlens train", e, flag_names(flagged))
     if args.clickhouse and settings.max_rows is not None:
         print(
             "motlens train: --max-rows (MOTLENS_TRAIN_MAX_ROWS) counts input rows, which --clickhouse does not read; "
