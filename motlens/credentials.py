@@ -17,11 +17,16 @@ _SECRET_KEYS = {"password", "passwd", "pwd", "access_token", "token", "secret"}
 def redact(text: str) -> str:
     """``text`` with the credentials of every URL in it removed (``//user:password@host`` → ``//host``,
     up to the URL's last ``@`` even where the password holds one, or a ``/``, ``?`` or ``#``; the value
-    of a credential query parameter, ``?token=…`` → ``?token=***``), and any ``Bearer``/``Basic``
+    of a credential query parameter, ``?token=…`` → ``?token=***``), the ``user:password@`` of a URL
+    written without its scheme (``admin:pw@host:5000`` → ``host:5000``), and any ``Bearer``/``Basic``
     credential (an HTTP library's error may quote the header it refused)."""
-    return _AUTH.sub(r"\1 ***", _QUERY_SECRET.sub(r"\1***", re.sub(r"//\S*@", "//", text)))
+    text = _SCHEMELESS_USER.sub("", re.sub(r"//\S*@", "//", text))
+    return _AUTH.sub(r"\1 ***", _QUERY_SECRET.sub(r"\1***", text))
 
 
+#: ``user:password@`` opening a word (not after ``//``, handled first; a ``/`` after the colon is a path,
+#: as in ``models:/NAME@ALIAS``)
+_SCHEMELESS_USER = re.compile(r"(?<![\w./:%+~-])[\w.%+~-]+:[^\s@/'\"]*@(?=[\w\[])")
 _AUTH = re.compile(r"\b(Bearer|Basic)\s+[^\s'\"]+", re.IGNORECASE)
 _QUERY_SECRET = re.compile(r"([?&;](?:" + "|".join(_SECRET_KEYS) + r")=)[^&;#\s'\"]*", re.IGNORECASE)
 

@@ -107,6 +107,27 @@ def test_a_registry_error_names_no_secret_of_the_tracking_uris_query(tmp_path, m
     assert "unreachable" in err and "S3cr3tQ" not in err
 
 
+def test_redact_cuts_the_user_part_of_a_url_written_without_its_scheme():
+    assert redact("registry admin:hunter2pw@mlflow.internal:5000: not") == "registry mlflow.internal:5000: not"
+    assert redact("'u:p%40ss@h'") == "'h'"
+    # a reference, a bare user and a URL keep what is no credential
+    for text in ("models:/mot-defects@production", "alice@host", "sqlite:///a/b.db", "ts 12:00 @ noon"):
+        assert redact(text) == text
+
+
+def test_a_tracking_uri_without_its_scheme_is_refused_without_its_password(tmp_path, monkeypatch, capsys, caplog):
+    """``user:password@host`` (the scheme forgotten) was quoted whole by `train versions`, `promote status`
+    and each retried load of `motlens serve`."""
+    from motlens.cli import main
+
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "admin:hunter2pw@mlflow.internal:5000")
+    assert main(["train", "versions"]) == 2
+    err = capsys.readouterr().err
+    assert "not a registry URI" in err and "mlflow.internal:5000" in err, err
+    assert "hunter2pw" not in err + caplog.text
+
+
 @pytest.mark.parametrize(
     "url", ["http://u:pw@ch:8123/db", "http://u@ch:8123/db?password=pw", "https://ch:8443/db?user=u&Access_Token=t"]
 )
