@@ -373,6 +373,11 @@ def test_a_server_whose_grpc_port_is_taken_stops_with_the_reason(tmp_path):
         (["--model", "{tmp}", "--canary", "models:/mot-defects/x"], "--canary: cannot read model reference"),
         (["--model", "{tmp}", "--follow-alias", "production/3"], "--follow-alias: cannot read model reference"),
         (["MOTLENS_SERVE_MODEL={tmp}/nope"], "MOTLENS_SERVE_MODEL: model path {tmp}/nope does not exist"),
+        (
+            ["--model", "{tmp}", "MOTLENS_SERVE_FOLLOW_ALIAS=bad alias"],
+            "MOTLENS_SERVE_FOLLOW_ALIAS: invalid alias 'bad alias'",
+        ),
+        (["--model", "{tmp}", "--canary", "models:/mot-defects@@"], "--canary: invalid alias '@'"),
         (["--model", "{tmp}", "--device", "cpu", "--dtype", "float16"], "--dtype: float16 is not native on this CPU"),
         (
             ["--model", "{tmp}", "MOTLENS_SERVE_DEVICE=cuda:64"],

@@ -498,6 +498,8 @@ class Registry:
         if m:
             if m["name"] != self.model_name:
                 raise RegistryError(f"model reference {ref!r} names {m['name']!r}, not {self.model_name!r}")
+            if m["alias"] is not None:
+                check_alias(m["alias"])  # an alias no registry can hold: refused, not looked up for ever
             return m["alias"], m["version"]
         if _DIGITS.fullmatch(ref):
             return None, ref
