@@ -69,6 +69,12 @@ def _run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         given = {dest for dest, v in overrides.items() if v is not None and dest in _FLAG_OF}
         return report_settings("motlens drift", e, {dest: _FLAG_OF[dest] for dest in given})
+    from predlog.settings import PredlogSettings
+
+    try:  # the log the job reads: a bad MOTLENS_PREDLOG_* is a bad setting, not a run that ends in `error`
+        PredlogSettings()
+    except ValidationError as e:
+        return report_settings("motlens drift", e)
     require("evidently", "drift")
     require("prometheus_client", "drift")
     from drift.job import DriftJob

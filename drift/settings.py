@@ -19,7 +19,7 @@ EmbeddingMethod = Literal["model", "mmd", "ratio", "distance"]
 
 def _log_read_limit() -> int:
     """The most rows one prediction-log read returns (``PredlogSettings.max_window_rows``, as the job opens the
-    log); its default when the log's own settings are bad (reported when the log is opened)."""
+    log); its default when the log's own settings are bad (`motlens drift` refuses those at start)."""
     from pydantic import ValidationError
 
     from predlog.settings import PredlogSettings

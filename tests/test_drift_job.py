@@ -294,17 +294,20 @@ def test_bad_setting_is_a_clear_error(motlens, tmp_path, capsys):
         ([], {"MOTLENS_DRIFT_SEED": "-1"}, "MOTLENS_DRIFT_SEED: Input should be greater than or equal to 0"),
         ([], {"MOTLENS_DRIFT_CAT_METHOD": "foo"}, "MOTLENS_DRIFT_CAT_METHOD: no categorical stat test 'foo'"),
         ([], {"MOTLENS_DRIFT_NUM_METHOD": "chi2_two_sample"}, "MOTLENS_DRIFT_NUM_METHOD: no numerical stat test"),
+        ([], {"MOTLENS_PREDLOG_TTL_DAYS": "0"}, "MOTLENS_PREDLOG_TTL_DAYS: Input should be greater than or equal to 1"),
+        ([], {"MOTLENS_CLICKHOUSE_URL": "http://u:pw@ch/db"}, "MOTLENS_CLICKHOUSE_URL: put the ClickHouse password"),
     ],
 )
 def test_a_bad_setting_is_refused_before_the_run_and_publishes_nothing(
     env, motlens, tmp_path, capsys, monkeypatch, args, variables, message
 ):
     """These were found only mid-run: an `error` row in drift_reports, exit 2, a message not naming them."""
-    for name, value in variables.items():
-        monkeypatch.setenv(name, value)
     rows_before = _drift_report_count(env)
-    rc = motlens(["drift", "--version", "1", *RUN, "--no-html", "--no-artifact", "--output", str(tmp_path / "out"),
-                  *args])  # fmt: skip
+    with monkeypatch.context() as m:
+        for name, value in variables.items():
+            m.setenv(name, value)
+        rc = motlens(["drift", "--version", "1", *RUN, "--no-html", "--no-artifact", "--output",
+                      str(tmp_path / "out"), *args])  # fmt: skip
     assert rc == 2
     assert f"motlens drift: bad setting: {message}" in capsys.readouterr().err
     assert _drift_report_count(env) == rows_before and not (tmp_path / "out").exists()
