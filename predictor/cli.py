@@ -94,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
             warn_unknown_env()
             flags = {flag for flag, _, _ in _FLAGS}
             return report_settings("motlens serve", e, {k: f for k, f in flag_names(overrides).items() if f in flags})
-        problem = _unloadable_ref(settings, set(overrides)) or _unrunnable_dtype(settings, set(overrides))
+        problem = _unloadable_ref(settings, set(overrides)) or _unrunnable_device(settings, set(overrides))
     except BaseException:
         warn_unknown_env()
         raise
@@ -142,10 +142,12 @@ def _named(field: str, from_flags: Collection[str]) -> str:
     return "--" + field.replace("_", "-") if field in from_flags else env_name(ServeSettings, field) or field
 
 
-def _unrunnable_dtype(settings: ServeSettings, from_flags: Collection[str] = ()) -> str | None:
-    """Why the torch backend cannot run the configured device and dtype on this machine, if so: every
-    load would fail the same way and be retried for ever (live, never ready)."""
+def _unrunnable_device(settings: ServeSettings, from_flags: Collection[str] = ()) -> str | None:
+    """Why the backend cannot run the configured device and dtype on this machine, if so: every load
+    would fail the same way and be retried for ever (live, never ready)."""
     if settings.backend != "torch":
+        if settings.device not in (None, "cpu"):
+            return f"{_named('device', from_flags)}: the {settings.backend} backend runs on cpu, not {settings.device}"
         return None
     import torch
 
@@ -187,29 +189,41 @@ def _unloadable_ref(settings: ServeSettings, from_flags: Collection[str] = ()) -
                 registry.check_store_support()
             except RegistryError as e:
                 return f"{name}: {e}"
-        elif (problem := _missing_path(ref)) is not None:
+            continue
+        pin = settings.model_sha256 if field == "model" else None
+        if (problem := _unusable_path(ref, settings, pin)) is not None:
             return f"{name}: {problem}"
     return None
 
 
-def _missing_path(ref: str) -> str | None:
-    """Why a local path (empty: KServe's mount) can never load, if so.
+def _unusable_path(ref: str, settings: ServeSettings, pin: str | None) -> str | None:
+    """Why a local path (empty: KServe's mount) can never load, if so: missing, not one verified bundle
+    (or not the ``pin``\ned one), or without the ONNX variant asked for.
 
     KServe's storage initializer is an init container: it fills /mnt/models before this container
-    starts, so a mount missing now stays missing. Only a modelcar (``STORAGE_URI=oci://…``) links
-    /mnt/models from a sidecar that may start after this container; that load is retried.
+    starts, so a mount missing or incomplete now stays so. Only a modelcar (``STORAGE_URI=oci://…``)
+    links /mnt/models from a sidecar that may start after this container; that load is retried.
     """
     import os
     from pathlib import Path
 
+    from motlens.bundle import EMBEDDER_DIR, Bundle, BundleError
     from motlens.credentials import redact
-    from predictor.backend import KSERVE_MOUNT
+    from motlens.onnx_export import INT8_FILE, ONNX_DIR
+    from predictor.backend import KSERVE_MOUNT, ModelLoadError, find_bundle_root
 
     path = Path(ref).expanduser() if ref else KSERVE_MOUNT
-    if path.exists():
-        return None
     storage_uri = os.environ.get("STORAGE_URI", "")
     if storage_uri.startswith("oci://") and path.absolute().is_relative_to(KSERVE_MOUNT):
+        return None
+    if path.exists():
+        try:
+            bundle = Bundle.open(find_bundle_root(path), pin)
+        except (ModelLoadError, BundleError) as e:
+            return str(e)
+        int8 = bundle.root / EMBEDDER_DIR / ONNX_DIR / INT8_FILE
+        if settings.backend == "onnx" and settings.dtype == "int8" and not int8.is_file():
+            return f"{bundle.root}: no int8 ONNX model (exported only where it passed its quality gate)"
         return None
     if ref:
         return f"model path {ref} does not exist"

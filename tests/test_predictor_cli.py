@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -370,35 +371,43 @@ def test_a_server_whose_grpc_port_is_taken_stops_with_the_reason(tmp_path):
         (["--model", "models:/mot-defects@"], "--model: cannot read model reference 'models:/mot-defects@'"),
         (["--model", "models:/other@production"], "--model: model reference 'models:/other@production' names 'other'"),
         (["--model", "{tmp}/nope"], "--model: model path {tmp}/nope does not exist"),
-        (["--model", "{tmp}", "--canary", "models:/mot-defects/x"], "--canary: cannot read model reference"),
-        (["--model", "{tmp}", "--follow-alias", "production/3"], "--follow-alias: cannot read model reference"),
+        (["--model", "{bundle}", "--canary", "models:/mot-defects/x"], "--canary: cannot read model reference"),
+        (["--model", "{bundle}", "--follow-alias", "production/3"], "--follow-alias: cannot read model reference"),
         (["MOTLENS_SERVE_MODEL={tmp}/nope"], "MOTLENS_SERVE_MODEL: model path {tmp}/nope does not exist"),
         (
-            ["--model", "{tmp}", "MOTLENS_SERVE_FOLLOW_ALIAS=bad alias"],
+            ["--model", "{bundle}", "MOTLENS_SERVE_FOLLOW_ALIAS=bad alias"],
             "MOTLENS_SERVE_FOLLOW_ALIAS: invalid alias 'bad alias'",
         ),
-        (["--model", "{tmp}", "--canary", "models:/mot-defects@@"], "--canary: invalid alias '@'"),
-        (["--model", "{tmp}", "--device", "cpu", "--dtype", "float16"], "--dtype: float16 is not native on this CPU"),
+        (["--model", "{bundle}", "--canary", "models:/mot-defects@@"], "--canary: invalid alias '@'"),
         (
-            ["--model", "{tmp}", "MOTLENS_SERVE_DEVICE=cuda:64"],
+            ["--model", "{bundle}", "--device", "cpu", "--dtype", "float16"],
+            "--dtype: float16 is not native on this CPU",
+        ),
+        (
+            ["--model", "{bundle}", "MOTLENS_SERVE_DEVICE=cuda:64"],
             "MOTLENS_SERVE_DEVICE: cuda:64 asked for, but torch sees",
         ),
         (
-            ["--model", "{tmp}", "MOTLENS_SERVE_CANARY=models:/x/1"],
+            ["--model", "{bundle}", "MOTLENS_SERVE_CANARY=models:/x/1"],
             "MOTLENS_SERVE_CANARY: model reference 'models:/x/1'",
         ),
+        (["--model", "{tmp}"], "--model: {tmp}: no bundle.json found (not a motlens bundle)"),
+        (["--model", "{bundle}", "--model-sha256", "0" * 64], "--model: {bundle}: bundle.json has sha256"),
+        (["--model", "{bundle}", "--backend", "onnx", "--dtype", "int8"], "--model: {bundle}: no int8 ONNX model"),
+        (["--model", "{bundle}", "--backend", "onnx", "--device", "cuda"], "--device: the onnx backend runs on cpu"),
     ],
 )
-def test_a_model_reference_that_can_never_load_is_refused_at_start(tmp_path, monkeypatch, flags, message):
+def test_a_model_reference_that_can_never_load_is_refused_at_start(tiny_bundle, tmp_path, monkeypatch, flags, message):
     """Such a reference was retried every second for ever: never ready, and exit 0 on SIGINT. The line
     names the flag or variable that set it (README "bad setting")."""
-    flags = [f.format(tmp=tmp_path) for f in flags]
+    places = {"tmp": tmp_path, "bundle": tiny_bundle.root}
+    flags = [f.format(**places) for f in flags]
     for assignment in [f for f in flags if "=" in f]:
         monkeypatch.setenv(*assignment.split("=", 1))
     flags = [f for f in flags if "=" not in f]
     proc = _serve_proc(tmp_path, *flags, "--http-port", str(_port()), "--grpc-port", str(_port()))
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith(f"motlens serve: bad setting: {message.format(tmp=tmp_path)}"), proc.stderr
+    assert proc.stderr.startswith(f"motlens serve: bad setting: {message.format(**places)}"), proc.stderr
     assert proc.stderr.count("\n") == 1 and "serving" not in proc.stderr
 
 
@@ -412,9 +421,12 @@ def test_a_model_reference_that_can_never_load_is_refused_at_start(tmp_path, mon
         ("{mount}", "oci://registry.example/mot-defects:7", None),
     ],
 )
-def test_an_empty_model_without_kserves_mount_can_never_load(tmp_path, monkeypatch, model, storage_uri, problem):
+def test_an_empty_model_without_kserves_mount_can_never_load(
+    tiny_bundle, tmp_path, monkeypatch, model, storage_uri, problem
+):
     """KServe's storage initializer is an init container: /mnt/models is filled before the predictor
-    starts, or never. `--model ""` without it was retried for ever (live, never ready)."""
+    starts, or never. `--model ""` without it was retried for ever (live, never ready); a mount without
+    one bundle likewise."""
     import predictor.backend
     from predictor.cli import _unloadable_ref
     from predictor.settings import ServeSettings
@@ -430,6 +442,12 @@ def test_an_empty_model_without_kserves_mount_can_never_load(tmp_path, monkeypat
     else:
         assert found is not None and found.startswith(problem.format(mount=mount)), found
     mount.mkdir(parents=True)
+    found = _unloadable_ref(ServeSettings(model=model.format(mount=mount)))
+    if problem is None:
+        assert found is None
+    else:
+        assert found == f"model: {mount}: no bundle.json found (not a motlens bundle)"
+    shutil.copytree(tiny_bundle.root, mount / "model", copy_function=os.link)  # one level down, as KServe unpacks
     assert _unloadable_ref(ServeSettings(model=model.format(mount=mount))) is None
 
 

@@ -86,6 +86,12 @@ def test_unknown_refs_are_clear(registry, tiny_bundle):
         registry.set_alias("canary", 9)
     with pytest.raises(RegistryError, match="invalid alias"):
         registry.set_alias("v3", 1)
+    # an alias no registry can hold is refused as read, not looked up (a server retried it for ever) …
+    for ref in ("models:/mot-defects@bad alias", "models:/mot-defects@@", "models:/mot-defects@V1"):
+        with pytest.raises(RegistryError, match="invalid alias"):
+            registry.canonical_ref(ref)
+    # … but MLflow reads @latest as the newest version
+    assert registry.canonical_ref("models:/mot-defects@latest") == "models:/mot-defects@latest"
 
 
 def test_tampered_stored_bundle_refused(registry, tiny_bundle, tmp_path):

@@ -498,7 +498,7 @@ class Registry:
         if m:
             if m["name"] != self.model_name:
                 raise RegistryError(f"model reference {ref!r} names {m['name']!r}, not {self.model_name!r}")
-            if m["alias"] is not None:
+            if m["alias"] is not None and m["alias"].lower() != "latest":  # MLflow reads @latest: the newest version
                 check_alias(m["alias"])  # an alias no registry can hold: refused, not looked up for ever
             return m["alias"], m["version"]
         if _DIGITS.fullmatch(ref):
@@ -1024,7 +1024,7 @@ def check_alias(alias: str) -> None:
     """Raise :class:`RegistryError` for a name MLflow would refuse as an alias."""
     if not _ALIAS.match(alias):
         raise RegistryError(f"invalid alias {alias!r}: letters, digits, '_' or '-', starting with a letter")
-    if alias == "latest" or re.fullmatch(r"v\d+", alias):
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
         raise RegistryError(f"invalid alias {alias!r}: MLflow reserves 'latest' and v<number> (version references)")
 
 
