@@ -112,6 +112,12 @@ def _run(args: argparse.Namespace) -> int:
         return _compact(settings)
     if args.log_command == "replay":
         return _replay(settings, args)
+    if args.log_command == "tail" and not 1 <= args.n <= settings.max_window_rows:
+        print(
+            f"motlens log tail: bad setting: -n: must be in 1..{settings.max_window_rows}, got {args.n}",
+            file=sys.stderr,
+        )
+        return 2
     reader = open_reader(settings)
     try:
         if args.log_command == "count":

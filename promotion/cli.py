@@ -70,6 +70,16 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
+def _percent(text: str) -> int:
+    """argparse type: a canary share, a whole number 0–100 (refused as the command is read)."""
+    from promotion.rollout import RolloutError, check_percent
+
+    try:
+        return check_percent(int(text))
+    except (ValueError, RolloutError):
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 100, got {text!r}") from None
+
+
 def _with_reason(default: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument(
@@ -94,9 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     cverbs = canary.add_subparsers(dest="canary_verb", required=True, metavar="start|set")
     start = cverbs.add_parser("start", parents=[common, reason], help="canary alias → VERSION; new storage URI at N%%")
     start.add_argument("version", nargs="?", help="registry version (default: the 'candidate' alias)")
-    start.add_argument("--percent", type=int, required=True, help="canary share, 0–100")
+    start.add_argument("--percent", type=_percent, required=True, help="canary share, 0–100")
     cset = cverbs.add_parser("set", parents=[common, reason], help="set the canary share (as `kubectl edit` would)")
-    cset.add_argument("percent", type=int, help="canary share, 0–100")
+    cset.add_argument("percent", type=_percent, help="canary share, 0–100")
     verbs.add_parser("advance", parents=[common, reason], help="next step (e.g. 10 → 25 → 50 → 100) if gates pass")
     prom = verbs.add_parser("promote", parents=[common, reason], help="production alias → the canary; percent removed")
     prom.add_argument("version", nargs="?", help="deploy this version directly (first deployment, or --force)")

@@ -104,7 +104,9 @@ def read_status(promoter: Promoter) -> dict[str, Any]:
         ]
         out["events"] = records(reader.promotion_events(limit=EVENTS_SHOWN))
     except Exception as e:  # noqa: BLE001 - status shows what it can
-        out["predlog_error"] = str(e)
+        from motlens.errors import describe
+
+        out["predlog_error"] = describe(e)  # a bad MOTLENS_PREDLOG_* by its variable, on one line
     return out
 
 

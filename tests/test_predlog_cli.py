@@ -72,6 +72,9 @@ def test_log_count_tail_stats_query(logged, capsys):
     assert main(["log", "tail", "-n", "3", "--json"]) == 0
     tail = _json_lines(capsys.readouterr().out)
     assert len(tail) == 3 and [t["ts"] for t in tail] == sorted((t["ts"] for t in tail), reverse=True)
+    for n in ("0", "-5"):  # named by its flag, as every bad setting is
+        assert main(["log", "tail", "-n", n]) == 2
+        assert capsys.readouterr().err == f"motlens log tail: bad setting: -n: must be in 1..5000000, got {n}\n"
 
     assert main(["log", "stats", "--since", "1h", "--json"]) == 0
     stats = {s["model_version"]: s for s in _json_lines(capsys.readouterr().out)}

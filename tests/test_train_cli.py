@@ -292,8 +292,10 @@ def test_pin_refuses_a_bundle_that_does_not_verify_or_is_not_the_expected_one(
     assert main(["train", "pin", "1", "--sha256", other]) == 2
     err = capsys.readouterr().err
     assert f"version 1 not pinned: its stored bundle.json has sha256 {digest}, not the expected {other}" in err
-    assert main(["train", "pin", "1", "--sha256", "ABC"]) == 2
-    assert "expected sha256 'ABC' is not 64 lowercase hex characters" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # refused as the command is read, by its flag
+        main(["train", "pin", "1", "--sha256", "ABC"])
+    assert exc.value.code == 2
+    assert "argument --sha256: expected 64 lowercase hex characters, got 'ABC'" in capsys.readouterr().err
     assert DIGEST_TAG not in registry.resolve("1").tags
     # a damaged stored file: nothing is pinned
     weights = Path(urlparse(registry.resolve("1").artifact_uri).path) / "head" / "weights.safetensors"

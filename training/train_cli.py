@@ -88,7 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--sha256 the pin trusts the artifact store as it is now.",
     )
     pin.add_argument("version", help="version number or alias")
-    pin.add_argument("--sha256", help="the digest it must have (e.g. from an earlier audit); refused otherwise")
+    pin.add_argument(
+        "--sha256", type=_sha256, help="the digest it must have (e.g. from an earlier audit); refused otherwise"
+    )
     pin.add_argument("--tracking-uri", default=argparse.SUPPRESS)
     pin.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     pin.set_defaults(func=_pin)
@@ -111,6 +113,17 @@ _FLAGS = (
     "actor",
     "work_dir",
 )
+
+
+def _sha256(text: str) -> str:
+    """argparse type: a sha256 as the registry records it (64 lowercase hex characters)."""
+    import re
+
+    from motlens.bundle import SHA256_PATTERN
+
+    if not re.fullmatch(SHA256_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"expected 64 lowercase hex characters, got {text[:80]!r}")
+    return text
 
 
 def _train(args: argparse.Namespace) -> int:
