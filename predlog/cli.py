@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import re
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
+from motlens.argtypes import path_flag
 from motlens.times import EARLIEST, parse_time
 
 #: the longest `log replay --timeout` (an hour, as the prediction log's other waits)
@@ -83,11 +83,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "directory a running predictor holds is left alone",
     )
     r.add_argument(
-        "dirs", nargs="*", type=Path, metavar="DIR",
+        "dirs", nargs="*", type=path_flag, metavar="DIR",
         help="one predictor's directory (its MOTLENS_PREDLOG_DIR; with MOTLENS_PREDLOG_DIR_PER_HOST, DIR/<host name>)",
     )  # fmt: skip
     r.add_argument(
-        "--under", type=Path, action="append", default=[], metavar="PARENT",
+        "--under", type=path_flag, action="append", default=[], metavar="PARENT",
         help="every predictor directory below PARENT (the MOTLENS_PREDLOG_DIR of MOTLENS_PREDLOG_DIR_PER_HOST)",
     )  # fmt: skip
     r.add_argument("--timeout", type=_timeout_s, default=300.0, help="seconds per directory (default 300)")

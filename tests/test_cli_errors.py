@@ -275,6 +275,32 @@ def test_drift_reports_a_predlog_settings_problem_on_one_line(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["data", "synth", "--rows", "5", "--out", ""], "--out"),
+        (["data", "load", ""], "PATH"),
+        (["data", "load", "x", "--out", ""], "--out"),
+        (["data", "load", "x", "--clickhouse", "--ch-path", ""], "--ch-path"),
+        (["data", "load", "x", "--out", "y", "--tmp-dir", ""], "--tmp-dir"),
+        (["data", "load", "x", "--out", "y", "--report", ""], "--report"),
+        (["log", "replay", "--under", ""], "--under"),
+        (["log", "replay", ""], "DIR"),
+        (["train", "--clickhouse", "--ch-path", ""], "--ch-path"),
+        (["train", "versions", "--tracking-uri", ""], "--tracking-uri"),
+        (["train", "--tracking-uri", "", "pin", "1"], "--tracking-uri"),
+    ],
+)
+def test_an_empty_flag_is_refused_not_read_as_the_working_directory(argv, flag, tmp_path, monkeypatch, capsys):
+    """`data synth --out ""` wrote its files into the working directory; `--tracking-uri ""` meant the default."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert f"argument {flag}: an empty " in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
     ("argv", "expected"),
     [
         (["data", "synth", "--rows", "abc", "--out", "x"],

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from motlens.argtypes import path_flag
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="MOT data: synthetic DVSA files, load bulk files / API JSONL")
@@ -15,16 +17,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = verbs.add_parser("synth", help="write seeded synthetic data in the DVSA bulk-file format")
     s.add_argument("--rows", type=count, required=True, help="number of test_item (defect) rows")
     s.add_argument("--seed", type=count, default=0)
-    s.add_argument("--out", type=Path, required=True, help="output directory")
+    s.add_argument("--out", type=path_flag, required=True, help="output directory")
     s.add_argument("--delimiter", choices=("pipe", "comma"), default="pipe")
     s.add_argument("--zip", action="store_true", help="write one zip archive per table")
     s.set_defaults(func=_synth)
 
     ld = verbs.add_parser("load", help="DVSA bulk files / MOT History API JSONL → tidy Parquet or ClickHouse")
-    ld.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files, zips or directories")
-    ld.add_argument("--out", type=Path, help="tidy table directory (Parquet part files)")
+    ld.add_argument("paths", nargs="+", type=path_flag, metavar="PATH", help="files, zips or directories")
+    ld.add_argument("--out", type=path_flag, help="tidy table directory (Parquet part files)")
     ld.add_argument("--clickhouse", action="store_true", help="load into ClickHouse (chdb, or MOTLENS_CLICKHOUSE_URL)")
-    ld.add_argument("--ch-path", type=Path, help="chdb database directory (default $MOTLENS_HOME/chdb-data)")
+    ld.add_argument("--ch-path", type=path_flag, help="chdb database directory (default $MOTLENS_HOME/chdb-data)")
     ld.add_argument(
         "--no-native",
         action="store_true",
@@ -33,11 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ld.add_argument("--chunk-rows", type=positive, default=200_000)
     ld.add_argument(
         "--tmp-dir",
-        type=Path,
+        type=path_flag,
         help="where --out's temporary partition files go (about the input's uncompressed size; "
         "default $TMPDIR, else /tmp)",
     )
-    ld.add_argument("--report", type=Path, help="also write the load report as JSON here")
+    ld.add_argument("--report", type=path_flag, help="also write the load report as JSON here")
     ld.set_defaults(func=_load)
 
 

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from motlens.argtypes import nonempty_flag, path_flag
 from training.data_cli import positive
 
 
@@ -23,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="read distinct texts with label counts from ClickHouse (motlens data load --clickhouse)",
     )
-    p.add_argument("--ch-path", help="chdb database directory (default $MOTLENS_HOME/chdb-data)")
+    p.add_argument("--ch-path", type=path_flag, help="chdb database directory (default $MOTLENS_HOME/chdb-data)")
     p.add_argument("--alias", help="alias to set on the new version (default: candidate)")
     p.add_argument("--no-alias", action="store_true", help="register without setting an alias")
     p.add_argument("--reason", help="why the version gets its alias, kept in the audit trail (MOTLENS_TRAIN_REASON)")
@@ -68,7 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu | cuda[:N] (default: cuda when present)")
     p.add_argument("--work-dir", help="keep the built bundle and reports here")
     p.add_argument(
-        "--tracking-uri", help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI or local sqlite)"
+        "--tracking-uri",
+        type=nonempty_flag,
+        help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI or local sqlite)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_train)
@@ -77,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     # subcommand's own default would overwrite the value given to `train`
     v = tsub.add_parser("versions", help="list registered versions with aliases, tags and metrics")
     v.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-    v.add_argument("--tracking-uri", default=argparse.SUPPRESS)
+    v.add_argument("--tracking-uri", type=nonempty_flag, default=argparse.SUPPRESS)
     v.add_argument("--limit", type=positive, help="only the newest N versions (default: all)")
     v.set_defaults(func=_versions)
     pin = tsub.add_parser(
@@ -91,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pin.add_argument(
         "--sha256", type=_sha256, help="the digest it must have (e.g. from an earlier audit); refused otherwise"
     )
-    pin.add_argument("--tracking-uri", default=argparse.SUPPRESS)
+    pin.add_argument("--tracking-uri", type=nonempty_flag, default=argparse.SUPPRESS)
     pin.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     pin.set_defaults(func=_pin)
 
