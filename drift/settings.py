@@ -144,9 +144,13 @@ class DriftSettings(BaseSettings):
 
     @field_validator("end")
     @classmethod
-    def _time(cls, v: str | None) -> str | None:
+    def _time(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """A time the log can hold, and a window ending there that starts after 1970 (checked together
+        with a valid window: each passed alone, and the run stopped with an unexpected error)."""
         if v:
             parse_time(v)
+            if "window" in info.data:
+                current_window(info.data["window"], v)
         return v
 
     @field_validator("reference")

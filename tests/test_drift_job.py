@@ -294,6 +294,7 @@ def test_bad_setting_is_a_clear_error(motlens, tmp_path, capsys):
         ([], {"MOTLENS_DRIFT_SEED": "-1"}, "MOTLENS_DRIFT_SEED: Input should be greater than or equal to 0"),
         ([], {"MOTLENS_DRIFT_CAT_METHOD": "foo"}, "MOTLENS_DRIFT_CAT_METHOD: no categorical stat test 'foo'"),
         ([], {"MOTLENS_DRIFT_NUM_METHOD": "chi2_two_sample"}, "MOTLENS_DRIFT_NUM_METHOD: no numerical stat test"),
+        (["--end", "1970-01-01T12:00:00", "--window", "2d"], {}, "--end: a window of 2 days, 0:00:00 ending 1970"),
         ([], {"MOTLENS_PREDLOG_TTL_DAYS": "0"}, "MOTLENS_PREDLOG_TTL_DAYS: Input should be greater than or equal to 1"),
         ([], {"MOTLENS_CLICKHOUSE_URL": "http://u:pw@ch/db"}, "MOTLENS_CLICKHOUSE_URL: put the ClickHouse password"),
     ],
