@@ -68,8 +68,12 @@ def run(args: argparse.Namespace) -> int:
     require("kserve", "serve")  # before minutes of work, not after
     require("sklearn", "train")
     require("matplotlib", "train")
+    from pydantic import ValidationError
+
     from motlens.credentials import redact
+    from motlens.errors import validation_problems
     from motlens.state import StateSettings
+    from predictor.cli import unrunnable_device
     from predlog.spool import SpoolBusy
     from promotion.audit import record_alias_set
     from promotion.settings import default_actor
@@ -79,9 +83,24 @@ def run(args: argparse.Namespace) -> int:
     from training.train import TrainSettings, train
     from training.train_cli import say_audit_gaps, say_withheld
 
-    # every setting first: a bad MOTLENS_SERVE_* value once stopped the demo after it had registered
-    train_settings = TrainSettings(seed=args.seed, alias="candidate")
-    serve_settings = _serve_settings(args)
+    # every setting first: a bad MOTLENS_SERVE_* value once stopped the demo after it had registered;
+    # each problem of both, by the flag or variable that set it
+    problems: list[str] = []
+    try:
+        train_settings = TrainSettings(seed=args.seed, alias="candidate")
+    except ValidationError as e:
+        problems += validation_problems(e, {"seed": "--seed"})
+    try:
+        serve_settings = _serve_settings(args)
+    except ValidationError as e:
+        problems += validation_problems(e, {"http_port": "--http-port", "grpc_port": "--grpc-port"})
+    if problems:
+        for line in problems:
+            print(f"motlens demo: bad setting: {line}", file=sys.stderr)
+        return 2
+    if (problem := unrunnable_device(serve_settings)) is not None:  # its load would be retried for ever
+        print(f"motlens demo: bad setting: {problem}", file=sys.stderr)
+        return 2
     problem = preflight(args)  # before anything is trained, registered or aliased
     if problem is not None:
         print(f"motlens demo: {problem}", file=sys.stderr)

@@ -94,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
             warn_unknown_env()
             flags = {flag for flag, _, _ in _FLAGS}
             return report_settings("motlens serve", e, {k: f for k, f in flag_names(overrides).items() if f in flags})
-        problem = _unloadable_ref(settings, set(overrides)) or _unrunnable_device(settings, set(overrides))
+        problem = _unloadable_ref(settings, set(overrides)) or unrunnable_device(settings, set(overrides))
     except BaseException:
         warn_unknown_env()
         raise
@@ -142,7 +142,7 @@ def _named(field: str, from_flags: Collection[str]) -> str:
     return "--" + field.replace("_", "-") if field in from_flags else env_name(ServeSettings, field) or field
 
 
-def _unrunnable_device(settings: ServeSettings, from_flags: Collection[str] = ()) -> str | None:
+def unrunnable_device(settings: ServeSettings, from_flags: Collection[str] = ()) -> str | None:
     """Why the backend cannot run the configured device and dtype on this machine, if so: every load
     would fail the same way and be retried for ever (live, never ready)."""
     if settings.backend != "torch":

@@ -178,6 +178,25 @@ def test_demo_refuses_a_bad_setting_before_training(env, value, demo, registry, 
     assert not (registry.state.home / "demo").exists()
 
 
+def test_demo_names_every_bad_setting_by_its_flag_or_variable(demo, registry, monkeypatch, capsys):
+    """Only the training settings' problems were shown (the serving ones after a fix), a bad --seed as
+    `seed` or as a MOTLENS_TRAIN_SEED that held a valid value; a dtype the CPU cannot run trained first."""
+    from motlens.cli import main
+
+    monkeypatch.setenv("MOTLENS_TRAIN_SEED", "3")
+    monkeypatch.setenv("MOTLENS_SERVE_BATCH_MAX_ITEMS", "0")
+    assert main([*_demo(), "--seed", str(2**70)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[2] for line in lines] == ["--seed", "MOTLENS_SERVE_BATCH_MAX_ITEMS"], lines
+    monkeypatch.delenv("MOTLENS_SERVE_BATCH_MAX_ITEMS")
+    monkeypatch.setenv("MOTLENS_SERVE_DEVICE", "cpu")
+    monkeypatch.setenv("MOTLENS_SERVE_DTYPE", "float16")
+    assert main(_demo()) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("motlens demo: bad setting: MOTLENS_SERVE_DTYPE: float16 is not native on this CPU"), err
+    assert not demo.trained and not demo.served and registry.aliases() == {}
+
+
 @pytest.mark.parametrize("flag", ["--http-port", "--grpc-port"])
 def test_demo_refuses_before_training_when_a_port_is_taken(flag, demo, registry, capsys):
     import socket

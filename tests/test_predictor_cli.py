@@ -238,7 +238,7 @@ def test_the_settings_backends_and_dtypes_are_the_loaders():
     assert TORCH_DTYPES == DTYPES and set(ONNX_DTYPES) == set(_ONNX_VARIANTS)
 
 
-def test_a_prediction_log_another_server_owns_is_one_line_exit_2(capsys, tmp_path, monkeypatch):
+def test_a_prediction_log_another_server_owns_is_one_line_exit_2(tiny_bundle, capsys, tmp_path, monkeypatch):
     """A second `motlens serve` on one MOTLENS_HOME said "RuntimeError: another prediction-log writer owns
     the spool … (-v for details)"."""
     from predlog import PredlogSettings
@@ -248,7 +248,8 @@ def test_a_prediction_log_another_server_owns_is_one_line_exit_2(capsys, tmp_pat
     monkeypatch.setenv("MOTLENS_HOME", str(tmp_path))
     held = Spool(PredlogSettings().spool_dir, 1 << 20)  # the running server's
     try:
-        assert main(["serve", "--model", str(tmp_path), "--http-port", str(_port()), "--grpc-port", str(_port())]) == 2
+        model = str(tiny_bundle.root)
+        assert main(["serve", "--model", model, "--http-port", str(_port()), "--grpc-port", str(_port())]) == 2
     finally:
         held.close()
     assert capsys.readouterr().err == (
@@ -276,18 +277,20 @@ def _serve_popen(env: dict[str, str], flags: list[str]) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def test_serve_exits_1_naming_a_rest_port_that_is_taken(tmp_path):
+def test_serve_exits_1_naming_a_rest_port_that_is_taken(tiny_bundle, tmp_path):
     """uvicorn's bind failure (it calls sys.exit) used to end the process with 3 and no line of ours."""
     with socket.socket() as held:
         held.bind(("0.0.0.0", 0))
         held.listen()
         port = held.getsockname()[1]
-        proc = _serve_proc(tmp_path, "--model", str(tmp_path), "--http-port", str(port), "--grpc-port", str(_port()))
+        proc = _serve_proc(
+            tmp_path, "--model", str(tiny_bundle.root), "--http-port", str(port), "--grpc-port", str(_port())
+        )
     assert proc.returncode == 1, proc.stderr
     assert f"REST server on :{port} failed" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_serve_warns_about_an_unknown_variable_in_its_json_log(tmp_path, monkeypatch):
+def test_serve_warns_about_an_unknown_variable_in_its_json_log(tiny_bundle, tmp_path, monkeypatch):
     """The warning came before `serve` switched to JSON logs: a plain line a log pipeline drops."""
     import json
 
@@ -298,7 +301,9 @@ def test_serve_warns_about_an_unknown_variable_in_its_json_log(tmp_path, monkeyp
         held.bind(("0.0.0.0", 0))
         held.listen()
         port = held.getsockname()[1]
-        proc = _serve_proc(tmp_path, "--model", str(tmp_path), "--http-port", str(port), "--grpc-port", str(_port()))
+        proc = _serve_proc(
+            tmp_path, "--model", str(tiny_bundle.root), "--http-port", str(port), "--grpc-port", str(_port())
+        )
     lines = [line for line in proc.stderr.splitlines() if typo in line]
     assert len(lines) == 1, proc.stderr
     record = json.loads(lines[0])
