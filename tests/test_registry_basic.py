@@ -90,6 +90,9 @@ def test_unknown_refs_are_clear(registry, tiny_bundle):
     for ref in ("models:/mot-defects@bad alias", "models:/mot-defects@@", "models:/mot-defects@V1"):
         with pytest.raises(RegistryError, match="invalid alias"):
             registry.canonical_ref(ref)
+    for ref in ("0", "models:/mot-defects/00", "models:/mot-defects/2147483648"):  # versions run from 1
+        with pytest.raises(RegistryError, match=r"version \d+ of registered model .* does not exist \(versions run"):
+            registry.canonical_ref(ref)
     # … but MLflow reads @latest as the newest version
     assert registry.canonical_ref("models:/mot-defects@latest") == "models:/mot-defects@latest"
 

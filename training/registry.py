@@ -443,8 +443,6 @@ class Registry:
 
         ref = str(ref).strip()
         alias, version = self._parse_ref(ref)
-        if version is not None and int(version) > MAX_VERSION:  # the store's integer column would overflow
-            raise UnknownModelRef(self._unknown_ref_message(ref, alias, version))
         try:
             if alias is not None:
                 mv = self.client.get_model_version_by_alias(self.model_name, alias)
@@ -493,6 +491,16 @@ class Registry:
         kind = RegistryUnreachable if _transport_failure(e) else RegistryError
         return kind(redact(f"model registry {self.tracking_uri} unreachable or failing: {detail}"))
 
+    def _version_in_range(self, version: str | None) -> str | None:
+        """``version`` if a registry can hold it (1 to :data:`MAX_VERSION`: MLflow numbers from 1, and its
+        stores' integer column), else :class:`UnknownModelRef` (no store is asked: it never exists)."""
+        if version is not None and not 1 <= int(version) <= MAX_VERSION:
+            raise UnknownModelRef(
+                f"version {version} of registered model {self.model_name!r} does not exist "
+                f"(versions run from 1 to {MAX_VERSION})"
+            )
+        return version
+
     def _parse_ref(self, ref: str) -> tuple[str | None, str | None]:
         m = _MODELS_URI.match(ref)
         if m:
@@ -500,9 +508,9 @@ class Registry:
                 raise RegistryError(f"model reference {ref!r} names {m['name']!r}, not {self.model_name!r}")
             if m["alias"] is not None and m["alias"].lower() != "latest":  # MLflow reads @latest: the newest version
                 check_alias(m["alias"])  # an alias no registry can hold: refused, not looked up for ever
-            return m["alias"], m["version"]
+            return m["alias"], self._version_in_range(m["version"])
         if _DIGITS.fullmatch(ref):
-            return None, ref
+            return None, self._version_in_range(ref)
         if ref.startswith("@"):
             ref = ref[1:]
         if _ALIAS.match(ref):
