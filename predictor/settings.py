@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from motlens.bundle import SHA256_PATTERN
@@ -107,7 +107,7 @@ class ServeSettings(EmptyIsUnsetSettings):
     backend: Literal["torch", "onnx"] = "torch"
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="default: cuda when present")
     dtype: str = "float32"
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=1024)
     single_thread_tokens: int = Field(
         128,
         ge=0,
@@ -158,17 +158,24 @@ class ServeSettings(EmptyIsUnsetSettings):
         """``MOTLENS_SERVE_MODEL_SHA256=""`` (the InferenceService's unpinned value) means no pin."""
         return None if v == "" else v
 
-    @model_validator(mode="after")
-    def _pin_is_one_bundle(self) -> ServeSettings:
-        if self.model_sha256 and self.follow_alias:
-            raise ValueError("model_sha256 pins one bundle, so the server cannot also follow an alias (follow_alias)")
-        return self
+    @field_validator("follow_alias")
+    @classmethod
+    def _pin_is_one_bundle(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """Named by the alias setting (a model validator's problem names no flag or variable)."""
+        if v is not None and info.data.get("model_sha256"):
+            raise ValueError(
+                "model_sha256 (--model-sha256, MOTLENS_SERVE_MODEL_SHA256) pins one bundle, so the server cannot "
+                "also follow an alias"
+            )
+        return v
 
     @field_validator("dtype")
     @classmethod
     def _dtype_of_the_backend(cls, v: str, info: ValidationInfo) -> str:
         """A dtype the chosen backend runs (whether the device runs it natively: `motlens serve`, at start)."""
-        backend = info.data.get("backend", "torch")  # absent when the backend itself was refused
+        if "backend" not in info.data:  # the backend itself was refused: nothing to check against
+            return v
+        backend = info.data["backend"]
         allowed = ONNX_DTYPES if backend == "onnx" else TORCH_DTYPES
         if v not in allowed:
             raise ValueError(f"the {backend} backend runs {', '.join(allowed)}, not {v[:40]!r}")

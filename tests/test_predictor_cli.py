@@ -217,7 +217,12 @@ def test_a_port_out_of_range_is_refused_at_start(capsys, tmp_path):
         (["--device", "bogus"], {}, "--device"),
         (["--backend", "onnx", "--dtype", "float16"], {}, "--dtype: the onnx backend runs float32, fp32, int8"),
         (["--model-sha256", "0" * 63], {}, "--model-sha256"),  # a pin no bundle has: never ready
-        (["--model-sha256", "0" * 64, "--follow-alias", "production"], {}, "cannot also follow an alias"),
+        (
+            ["--model-sha256", "0" * 64, "--follow-alias", "production"],
+            {},
+            "bad setting: --follow-alias: model_sha256 (--model-sha256, MOTLENS_SERVE_MODEL_SHA256) pins one bundle",
+        ),
+        ([], {"MOTLENS_SERVE_THREADS": "100000"}, "MOTLENS_SERVE_THREADS: Input should be less than or equal to 1024"),
     ],
 )
 def test_settings_a_server_cannot_work_with_are_refused_at_start(capsys, tmp_path, monkeypatch, args, env, named):
@@ -227,6 +232,13 @@ def test_settings_a_server_cannot_work_with_are_refused_at_start(capsys, tmp_pat
     assert main(["serve", "--model", str(tmp_path), "--no-predlog", *args]) == 2
     err = capsys.readouterr().err
     assert "bad setting" in err and named in err and "Traceback" not in err, err
+
+
+def test_a_refused_backend_is_the_only_problem_named(capsys):
+    """`--backend foo --dtype int8` also said "--dtype: the torch backend runs …", a backend never asked for."""
+    assert main(["serve", "--backend", "foo", "--dtype", "int8", "--no-predlog"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("motlens serve: bad setting: --backend: "), lines
 
 
 def test_the_settings_backends_and_dtypes_are_the_loaders():
