@@ -186,7 +186,7 @@ def _unloadable_ref(settings: ServeSettings, from_flags: Collection[str] = ()) -
             try:
                 registry = Registry()
                 registry.canonical_ref(ref)
-                registry.check_store_support()
+                registry.check_uri()
             except RegistryError as e:
                 return f"{name}: {e}"
             continue

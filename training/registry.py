@@ -218,20 +218,8 @@ class Registry:
         only a write (:meth:`create_store` via :meth:`experiment_id` or :meth:`register_bundle`)
         creates one, so a mistyped URI fails instead of reading a new, empty registry."""
         if self._client is None:
-            uri = self.tracking_uri.lower()
-            scheme = uri.split("://", 1)[0] if "://" in uri else ""
-            # MLflow 3.13+ refuses its file store (a path, file://) with a maintenance notice; Databricks
-            # URIs ("databricks", "databricks-uc") have no "://"
-            if scheme in ("", "file") and not uri.startswith("databricks"):
-                raise RegistryError(
-                    redact(
-                        f"registry {self.tracking_uri}: not a registry URI; use sqlite:///PATH/mlflow.db or "
-                        "http(s)://SERVER (MLflow no longer serves a file store)"
-                    )
-                )
-            self.check_store_support()
+            self.check_uri()
             path = self.sqlite_path
-            self._check_sqlite_file()
             if path is not None and not path.is_file():
                 raise RegistryError(
                     redact(
@@ -269,6 +257,24 @@ class Registry:
         """False only for a local sqlite store whose file does not exist yet (a registration makes it)."""
         path = self.sqlite_path
         return path is None or path.exists()
+
+    def check_uri(self) -> None:
+        """:class:`RegistryError` for a tracking URI no client of this install can open, whatever the
+        registry's state: not a registry URI (a path, ``file://``), a database store without its packages
+        (:meth:`check_store_support`), a ``sqlite:///`` path that is not a file. Asks no server."""
+        uri = self.tracking_uri.lower()
+        scheme = uri.split("://", 1)[0] if "://" in uri else ""
+        # MLflow 3.13+ refuses its file store (a path, file://) with a maintenance notice; Databricks
+        # URIs ("databricks", "databricks-uc") have no "://"
+        if scheme in ("", "file") and not uri.startswith("databricks"):
+            raise RegistryError(
+                redact(
+                    f"registry {self.tracking_uri}: not a registry URI; use sqlite:///PATH/mlflow.db or "
+                    "http(s)://SERVER (MLflow no longer serves a file store)"
+                )
+            )
+        self.check_store_support()
+        self._check_sqlite_file()
 
     def check_store_support(self) -> None:
         """:class:`RegistryError` with the install hint when a ``sqlite:///`` registry meets an install
