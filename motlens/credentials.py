@@ -24,9 +24,9 @@ def redact(text: str) -> str:
     return _AUTH.sub(r"\1 ***", _QUERY_SECRET.sub(r"\1***", text))
 
 
-#: ``user:password@`` opening a word (not after ``//``, handled first; a ``/`` after the colon is a path,
-#: as in ``models:/NAME@ALIAS``)
-_SCHEMELESS_USER = re.compile(r"(?<![\w./:%+~-])[\w.%+~-]+:[^\s@/'\"]*@(?=[\w\[])")
+#: ``user:password@`` opening a word, up to the word's last ``@`` (a password may hold one, or a ``/``);
+#: not after ``//`` (handled first), nor with a ``/`` right after the colon: a path, as in ``models:/NAME@ALIAS``
+_SCHEMELESS_USER = re.compile(r"(?<![\w./:%+~-])[\w.%+~-]+:(?!/)[^\s'\"]*@(?=[\w\[])")
 _AUTH = re.compile(r"\b(Bearer|Basic)\s+[^\s'\"]+", re.IGNORECASE)
 _QUERY_SECRET = re.compile(r"([?&;](?:" + "|".join(_SECRET_KEYS) + r")=)[^&;#\s'\"]*", re.IGNORECASE)
 

@@ -93,8 +93,13 @@ def test_unknown_refs_are_clear(registry, tiny_bundle):
     for ref in ("0", "models:/mot-defects/00", "models:/mot-defects/2147483648"):  # versions run from 1
         with pytest.raises(RegistryError, match=r"version \d+ of registered model .* does not exist \(versions run"):
             registry.canonical_ref(ref)
-    # … but MLflow reads @latest as the newest version
-    assert registry.canonical_ref("models:/mot-defects@latest") == "models:/mot-defects@latest"
+    # … but MLflow reads @latest as the newest version, and holds aliases motlens would not set itself
+    for alias in ("latest", "2024-q1", "prüfung", "_x"):
+        assert registry.canonical_ref(f"models:/mot-defects@{alias}") == f"models:/mot-defects@{alias}"
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=registry.tracking_uri).set_registered_model_alias("mot-defects", "2024-q1", "1")
+    assert registry.resolve("models:/mot-defects@2024-q1").version == "1"
 
 
 def test_tampered_stored_bundle_refused(registry, tiny_bundle, tmp_path):

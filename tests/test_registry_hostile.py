@@ -110,6 +110,9 @@ def test_a_registry_error_names_no_secret_of_the_tracking_uris_query(tmp_path, m
 def test_redact_cuts_the_user_part_of_a_url_written_without_its_scheme():
     assert redact("registry admin:hunter2pw@mlflow.internal:5000: not") == "registry mlflow.internal:5000: not"
     assert redact("'u:p%40ss@h'") == "'h'"
+    # a password holding '@' or '/' goes whole (to the word's last '@')
+    assert redact("registry admin:p@ss@mlflow:5000: x") == "registry mlflow:5000: x"
+    assert redact("registry admin:aB3/xY+z@mlflow:5000: x") == "registry mlflow:5000: x"
     # a reference, a bare user and a URL keep what is no credential
     for text in ("models:/mot-defects@production", "alice@host", "sqlite:///a/b.db", "ts 12:00 @ noon"):
         assert redact(text) == text

@@ -51,6 +51,7 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 _NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 MAX_VERSION = 2**31 - 1  # model versions are 32-bit integers in MLflow's stores
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_MLFLOW_ALIAS = re.compile(r"[\w-]{1,255}")  # mlflow.utils.validation's alias rule
 _SHA256 = re.compile(SHA256_PATTERN)
 #: a version number (``str.isdigit`` also takes digits such as '²', which ``int`` refuses)
 _DIGITS = re.compile(r"[0-9]+")
@@ -512,8 +513,8 @@ class Registry:
         if m:
             if m["name"] != self.model_name:
                 raise RegistryError(f"model reference {ref!r} names {m['name']!r}, not {self.model_name!r}")
-            if m["alias"] is not None and m["alias"].lower() != "latest":  # MLflow reads @latest: the newest version
-                check_alias(m["alias"])  # an alias no registry can hold: refused, not looked up for ever
+            if m["alias"] is not None:
+                _readable_alias(m["alias"])  # one no registry can hold: refused, not looked up for ever
             return m["alias"], self._version_in_range(m["version"])
         if _DIGITS.fullmatch(ref):
             return None, self._version_in_range(ref)
@@ -1032,6 +1033,16 @@ def ref_alias(ref: str, model_name: str) -> str | None:
     """The alias a ``models:/MODEL_NAME@ALIAS`` reference names; None for a version, a path or another model."""
     m = _MODELS_URI.match(ref)
     return m["alias"] if m and m["name"] == model_name else None
+
+
+def _readable_alias(alias: str) -> None:
+    """Raise :class:`RegistryError` for an alias no MLflow registry can hold (its own rule: letters of any
+    script, digits, '_' or '-', at most 255, not v<number>); ``latest`` is MLflow's newest version. Wider
+    than :func:`check_alias`, which motlens applies to the aliases it sets."""
+    if alias.lower() != "latest" and not (_MLFLOW_ALIAS.fullmatch(alias) and not re.fullmatch(r"[vV]\d+", alias)):
+        raise RegistryError(
+            f"invalid alias {alias!r}: MLflow's aliases are letters, digits, '_' or '-' (at most 255), not v<number>"
+        )
 
 
 def check_alias(alias: str) -> None:
