@@ -411,6 +411,10 @@ def test_a_server_whose_grpc_port_is_taken_stops_with_the_reason(tmp_path):
         (["--model", "{tmp}"], "--model: {tmp}: no bundle.json found (not a motlens bundle)"),
         (["--model", "models:/mot-defects/0"], "--model: version 0 of registered model 'mot-defects' does not exist"),
         (["--model", "models:/mot-defects/1", "MLFLOW_TRACKING_URI=file://{tmp}/mlruns"], "--model: registry file://"),
+        (
+            ["--model", "models:/mot-defects@production", "MLFLOW_TRACKING_URI=bogus://u:pw@h"],
+            "--model: registry bogus://h: no MLflow registry store serves this URI scheme",
+        ),
         (["--model", "{bundle}", "--model-sha256", "0" * 64], "--model: {bundle}: bundle.json has sha256"),
         (["--model", "{bundle}", "--backend", "onnx", "--dtype", "int8"], "--model: {bundle}: no int8 ONNX model"),
         (["--model", "{bundle}", "--backend", "onnx", "--device", "cuda"], "--device: the onnx backend runs on cpu"),

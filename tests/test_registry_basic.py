@@ -218,6 +218,18 @@ def test_a_file_store_or_an_empty_file_is_no_registry_to_read(tmp_path, tiny_bun
     assert Registry(f"sqlite:///{empty}").versions()[0].version == "1"
 
 
+def test_a_uri_scheme_no_registry_store_serves_is_refused_not_read_as_not_found():
+    """MLflow answers an unknown scheme with INVALID_PARAMETER_VALUE, which a resolve read as "alias not
+    set" (and `motlens serve` retried for ever)."""
+    reg = Registry("bogus://mlflow:5000")
+    refused = r"registry bogus://mlflow:5000: no MLflow registry store serves this URI scheme \(.*, sqlite"
+    for call in (reg.versions, reg.aliases, lambda: reg.resolve("production"), reg.check_uri):
+        with pytest.raises(RegistryError, match=refused):
+            call()
+    for uri in ("HTTP://mlflow:5000", "postgresql+psycopg2://u@db/mlflow", "databricks-uc"):
+        Registry(uri).check_uri()  # schemes MLflow serves pass (asks no server)
+
+
 def test_a_first_registration_creates_the_local_store(tiny_bundle, tmp_path):
     from motlens.state import StateSettings
 

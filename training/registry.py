@@ -274,8 +274,23 @@ class Registry:
                     "http(s)://SERVER (MLflow no longer serves a file store)"
                 )
             )
+        self._check_scheme()
         self.check_store_support()
         self._check_sqlite_file()
+
+    def _check_scheme(self) -> None:
+        """:class:`RegistryError` for a URI scheme no MLflow registry store of this install serves
+        (``bogus://``): MLflow's answer, INVALID_PARAMETER_VALUE, would read as "not found" below."""
+        from mlflow.tracking._model_registry.utils import _get_store_registry
+        from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
+        try:
+            _get_store_registry().get_store_builder(self.tracking_uri)  # builds no store, asks no server
+        except UnsupportedModelRegistryStoreURIException as e:
+            schemes = ", ".join(s for s in e.supported_uri_schemes if s not in ("", "file"))
+            raise RegistryError(
+                redact(f"registry {self.tracking_uri}: no MLflow registry store serves this URI scheme ({schemes})")
+            ) from e
 
     def check_store_support(self) -> None:
         """:class:`RegistryError` with the install hint when a ``sqlite:///`` registry meets an install
