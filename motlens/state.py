@@ -38,7 +38,7 @@ class StateSettings(BaseSettings):
         db = (self.home / "mlflow.db").resolve()
         if bad := SQLITE_URI_UNSAFE.search(str(db)):
             raise ValueError(
-                f"MOTLENS_HOME {db.parent} holds {bad.group(0)!r}, which the local registry's sqlite:/// URI cannot "
+                f"MOTLENS_HOME: {db.parent} holds {bad.group(0)!r}, which the local registry's sqlite:/// URI cannot "
                 "carry (the database would open elsewhere): use a home without it, or set MLFLOW_TRACKING_URI"
             )
         return f"sqlite:///{db}"

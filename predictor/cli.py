@@ -185,6 +185,9 @@ def _unloadable_ref(settings: ServeSettings, from_flags: Collection[str] = ()) -
         if ref.startswith("models:/"):
             try:
                 registry = Registry()
+            except RegistryError as e:  # the local registry's URI: named by its own variable
+                return str(e).removeprefix("bad setting: ")
+            try:
                 registry.canonical_ref(ref)
                 registry.check_uri()
             except RegistryError as e:

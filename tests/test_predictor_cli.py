@@ -474,6 +474,18 @@ def test_an_empty_model_without_kserves_mount_can_never_load(
     assert _unloadable_ref(ServeSettings(model=model.format(mount=mount))) is None
 
 
+def test_a_home_the_local_registry_cannot_open_is_named_by_its_variable(tmp_path, monkeypatch):
+    """A models:/ reference needs the local registry, whose sqlite:/// URI cannot carry a home holding '?':
+    the line blamed --model (`bad setting: model: MOTLENS_HOME …`)."""
+    from predictor.cli import _unloadable_ref
+    from predictor.settings import ServeSettings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MOTLENS_HOME", str(tmp_path / "a?b"))
+    found = _unloadable_ref(ServeSettings(model="models:/mot-defects@production"), {"model"})
+    assert found is not None and found.startswith(f"MOTLENS_HOME: {tmp_path}/a?b holds '?'"), found
+
+
 @pytest.mark.skipif(Path("/mnt/models").exists(), reason="this machine has a /mnt/models")
 def test_serve_with_an_empty_model_and_no_mount_exits_2(tmp_path):
     env = {k: v for k, v in _serve_env(tmp_path).items() if k != "STORAGE_URI"}

@@ -202,7 +202,7 @@ class Registry:
         try:
             self.tracking_uri = tracking_uri or _default_tracking_uri(self.state)
         except ValueError as e:  # a home the local sqlite URI cannot carry
-            raise RegistryError(str(e)) from e
+            raise RegistryError(f"bad setting: {e}") from e
         self.model_name = model_name
         self.experiment = experiment
         self.cache_dir = Path(cache_dir) if cache_dir else (self.state.home / "models").resolve()
