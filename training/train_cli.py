@@ -163,8 +163,9 @@ def _train(args: argparse.Namespace) -> int:
         flagged = [k for k in overrides if k in _FLAGS] + (["alias"] if args.alias is not None else [])
         return report_settings("motlens train", e, flag_names(flagged))
     if args.clickhouse and settings.max_rows is not None:
+        name = "--max-rows" if args.max_rows is not None else "MOTLENS_TRAIN_MAX_ROWS"
         print(
-            "motlens train: --max-rows (MOTLENS_TRAIN_MAX_ROWS) counts input rows, which --clickhouse does not read; "
+            f"motlens train: bad setting: {name}: counts input rows, which --clickhouse does not read; "
             "use --max-texts N for the N distinct texts with the most rows",
             file=sys.stderr,
         )
