@@ -110,7 +110,8 @@ def rendered_state(overlay: GitOpsTarget, settings: PromoteSettings) -> RolloutS
     if namespace and namespace != settings.namespace:
         raise TargetError(
             f"overlay {overlay.overlay} renders {settings.isvc_name} in namespace {namespace!r}, but the live "
-            f"one read is in {settings.namespace!r}: pass --namespace {namespace} (or the matching --overlay)"
+            f"one read is in {settings.namespace!r}: pass --namespace {namespace} or set MOTLENS_PROMOTE_NAMESPACE "
+            "(or the matching --overlay / MOTLENS_PROMOTE_OVERLAY)"
         )
     try:
         return state_from_isvc(isvc)

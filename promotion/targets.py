@@ -267,7 +267,8 @@ class GitOpsTarget:
         if not (self.overlay / "kustomization.yaml").is_file():
             raise TargetError(
                 f"overlay {self.overlay} has no kustomization.yaml "
-                f"(--manifests-dir {settings.manifests_dir}, --overlay {settings.overlay})"
+                f"(--manifests-dir or MOTLENS_PROMOTE_MANIFESTS_DIR: {settings.manifests_dir}; --overlay or "
+                f"MOTLENS_PROMOTE_OVERLAY: {settings.overlay})"
             )
         if os.path.lexists(self.file) and not self.file.is_file():  # a directory, a dangling link, …
             raise TargetError(f"{self.file} is not a regular file: restore it from git")

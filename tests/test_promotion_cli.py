@@ -42,7 +42,10 @@ BAD_INPUT = [
     (["promote"], "no canary to promote"),
     (["promote", "2"], "version 1 is in production"),
     (["canary", "start", "2", "--percent", "10", "--steps", "50,10"], "steps must rise"),
-    (["canary", "start", "2", "--percent", "10", "--overlay", "arm"], "has no kustomization.yaml"),
+    (
+        ["canary", "start", "2", "--percent", "10", "--overlay", "arm"],
+        "has no kustomization.yaml (--manifests-dir or MOTLENS_PROMOTE_MANIFESTS_DIR: ",
+    ),
     (
         ["canary", "start", "2", "--percent", "10", "--paired-confidence", "1.5"],
         "bad setting: --paired-confidence: Input should be less than 1",
