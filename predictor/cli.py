@@ -136,10 +136,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _named(field: str, from_flags: Collection[str]) -> str:
     """How a bad setting is named: its flag when the command line set it, else its variable when one is
     set, else the setting."""
-    from motlens.errors import env_name
+    from motlens.errors import env_name, flag_names
     from predictor.settings import ServeSettings
 
-    return "--" + field.replace("_", "-") if field in from_flags else env_name(ServeSettings, field) or field
+    return flag_names([field])[field] if field in from_flags else env_name(ServeSettings, field) or field
 
 
 def unrunnable_device(settings: ServeSettings, from_flags: Collection[str] = ()) -> str | None:

@@ -52,6 +52,8 @@ _NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 MAX_VERSION = 2**31 - 1  # model versions are 32-bit integers in MLflow's stores
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _MLFLOW_ALIAS = re.compile(r"[\w-]{1,255}")  # mlflow.utils.validation's alias rule
+#: what MLflow reserves as a version reference, not an alias (``latest`` aside)
+_VERSION_ALIAS = re.compile(r"[vV]\d+")
 _SHA256 = re.compile(SHA256_PATTERN)
 #: a version number (``str.isdigit`` also takes digits such as '²', which ``int`` refuses)
 _DIGITS = re.compile(r"[0-9]+")
@@ -1054,7 +1056,7 @@ def _readable_alias(alias: str) -> None:
     """Raise :class:`RegistryError` for an alias no MLflow registry can hold (its own rule: letters of any
     script, digits, '_' or '-', at most 255, not v<number>); ``latest`` is MLflow's newest version. Wider
     than :func:`check_alias`, which motlens applies to the aliases it sets."""
-    if alias.lower() != "latest" and not (_MLFLOW_ALIAS.fullmatch(alias) and not re.fullmatch(r"[vV]\d+", alias)):
+    if alias.lower() != "latest" and (not _MLFLOW_ALIAS.fullmatch(alias) or _VERSION_ALIAS.fullmatch(alias)):
         raise RegistryError(
             f"invalid alias {alias!r}: MLflow's aliases are letters, digits, '_' or '-' (at most 255), not v<number>"
         )
@@ -1064,7 +1066,7 @@ def check_alias(alias: str) -> None:
     """Raise :class:`RegistryError` for a name MLflow would refuse as an alias."""
     if not _ALIAS.match(alias):
         raise RegistryError(f"invalid alias {alias!r}: letters, digits, '_' or '-', starting with a letter")
-    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+    if alias.lower() == "latest" or _VERSION_ALIAS.fullmatch(alias):
         raise RegistryError(f"invalid alias {alias!r}: MLflow reserves 'latest' and v<number> (version references)")
 
 
