@@ -7,6 +7,7 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from predictor.server import PredictorServer
     from predictor.settings import ServeSettings
 
 _FLAGS: tuple[tuple[str, type, str], ...] = (
@@ -129,8 +130,25 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(server.serve(handle_signals=True))
     except ServerFailed:  # serve() logged which server and why
-        return 1
-    return 0
+        return _exit_past_a_running_load(server, 1)
+    return _exit_past_a_running_load(server, 0)
+
+
+def _exit_past_a_running_load(server: PredictorServer, code: int) -> int:
+    """``code``, or exit at once with it when a model load is still running: the server has stopped and
+    flushed its log, and the load thread (a registry that hangs, a load that crawls) cannot be interrupted,
+    yet would hold the process until its end — past a pod's grace period, until SIGKILL."""
+    import logging
+    import os
+    import sys
+
+    if not server.slots.load_running:
+        return code
+    logging.getLogger(__name__).warning("exiting without the model load still running (its result is not needed)")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _named(field: str, from_flags: Collection[str]) -> str:

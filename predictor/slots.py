@@ -108,6 +108,7 @@ class SlotManager:
         # Every load (and so every batcher and runtime thread) starts from this one thread, which
         # keeps the process's own priority when the event loop is niced (predictor.priority).
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="motlens-load")
+        self._loads_running = 0  # loads the load thread is inside (only that thread writes it)
         for slot in SLOTS:
             self._export_fallback(slot, None)
         self._update_readiness()
@@ -157,9 +158,18 @@ class SlotManager:
         """Start the load thread now (before the caller changes its own priority)."""
         self._model_thread.submit(lambda: None).result()
 
+    @property
+    def load_running(self) -> bool:
+        """Whether a load is running in the load thread (after :meth:`shutdown`: one left to finish)."""
+        return self._loads_running > 0
+
     def _new_unit(self, slot: str, ref: str) -> ServingUnit:
-        backend = self._loader(ref, lkg=self.settings.lkg_enabled)
-        return ServingUnit(backend, self.settings, self.cache, slot)
+        self._loads_running += 1
+        try:
+            backend = self._loader(ref, lkg=self.settings.lkg_enabled)
+            return ServingUnit(backend, self.settings, self.cache, slot)
+        finally:
+            self._loads_running -= 1
 
     # ------------------------------------------------------------ operations
 

@@ -131,6 +131,42 @@ def test_sigterm_drains_traffic_and_flushes_the_prediction_log(tiny_bundle, tmp_
     assert int(rows["n"][0]) == sum(n for _, n in answered)  # every answered item logged, none lost
 
 
+def test_sigterm_during_a_load_that_hangs_exits_without_waiting_for_it(tmp_path):
+    """A load cannot be interrupted: one stuck on a registry that accepts and never answers held the
+    stopped process until it ended (here 10 minutes; in a pod, past its grace period until SIGKILL)."""
+    hanging = socket.socket()
+    hanging.bind(("127.0.0.1", 0))
+    hanging.listen(8)  # the kernel accepts; nothing ever answers
+    env = {
+        **_serve_env(tmp_path),
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{hanging.getsockname()[1]}",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "600",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    }
+    http_port = _port()
+    proc = _serve_popen(
+        env, ["--model", "models:/mot-defects@production", "--http-port", str(http_port), "--grpc-port", str(_port())]
+    )
+    try:
+        lines: list[str] = []
+        assert proc.stderr is not None
+        while not any("model not ready: loading models:/mot-defects@production" in line for line in lines):
+            line = proc.stderr.readline()
+            assert line, "".join(lines)[-3000:]
+            lines.append(line)
+        time.sleep(1.0)  # the load thread is in its registry request
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        rest = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        hanging.close()
+    assert rc == 0, rest[-3000:]
+    assert "exiting without the model load still running" in rest, rest[-3000:]
+
+
 @pytest.mark.parametrize("token", ["", "   ", "short-token"])
 def test_an_empty_or_short_admin_token_is_refused_at_start(monkeypatch, token):
     """A blank Secret key gave SecretStr(''): 'Authorization: Bearer ' then opened the admin API to anyone."""
