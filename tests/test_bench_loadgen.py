@@ -80,8 +80,11 @@ async def test_throughput_counts_every_success_completed_in_the_window():
         return 200, v2_body(len(texts))
 
     r, answered, t0 = await load_against(slow, 1, concurrency=16, items=4, duration_s=1.5, warmup_s=0.3)
-    in_window = sum(t0 + 0.3 <= t <= t0 + 1.8 for t in answered)
-    assert abs(r.requests - in_window) <= 3, (r.requests, in_window)  # the old accounting missed ≈ 16
+    # the server's answer times bracket the client's count: one that completes at an edge is written and
+    # read in different turns of the shared event loop (a starved process reads a burst late)
+    strict = sum(t0 + 0.35 <= t <= t0 + 1.75 for t in answered)
+    loose = sum(t0 + 0.25 <= t <= t0 + 1.85 for t in answered)
+    assert strict <= r.requests <= loose, (strict, r.requests, loose)  # the old accounting missed ≈ 16
     assert r.items == 4 * r.requests and r.errors == 0
     assert r.window_requests >= r.requests - 3
 

@@ -268,7 +268,7 @@ async def test_a_retired_version_keeps_its_series_until_its_last_request_ends(ti
     backend = load_backend(str(root), embedder=embedder)
     entered, gate = hold_model_calls(backend)
     gate.set()
-    settings = ServeSettings(batch_max_wait_ms=0, retired_series_grace_s=0.5)
+    settings = ServeSettings(batch_max_wait_ms=0, retired_series_grace_s=3.0)
     slots = SlotManager(settings, EmbeddingCache(0), load_backend)
     unit = slots.slots["production"].unit = ServingUnit(backend, settings, slots.cache, "production")
     model = MotlensModel(slots, settings)
@@ -286,7 +286,7 @@ async def test_a_retired_version_keeps_its_series_until_its_last_request_ends(ti
     assert (await inflight)["model_version"] == "4343"
     await asyncio.sleep(0.05)
     assert "motlens_requests_total" in series()  # kept for the grace period: the last scrape sees it
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while series() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert series() == set()

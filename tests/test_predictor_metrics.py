@@ -56,7 +56,7 @@ def server(tiny_bundle, embedder):
         max_items_per_request=8,
         max_body_bytes=16 * 1024,
         admin_enabled=True,
-        retired_series_grace_s=1.5,
+        retired_series_grace_s=5.0,  # long enough to look at on a loaded box
     )
     srv = PredictorServer(settings, embedder=embedder, host="127.0.0.1")
     thread = ServerThread(srv).start().wait_ready()
@@ -147,9 +147,9 @@ def test_requests_are_counted_by_the_version_that_answered(server, bundle_v2):
     # the retired version's series stay for the grace period (its last requests are scraped) …
     assert sample("motlens_requests_total", protocol="v2-rest", outcome="ok", version=V2_VERSION) == ok2 + 2
     assert sample("motlens_http_request_duration_seconds_count", **http2) == 2
-    assert time.monotonic() - retired_at < 1.5, "too slow to see the grace period"
+    assert time.monotonic() - retired_at < 5.0, "too slow to see the grace period"
     # … then go, and the emptied canary slot shows no figures of it
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while sample("motlens_requests_total", protocol="v2-rest", outcome="ok", version=V2_VERSION) is not None:
         assert time.monotonic() < deadline, "the retired version's series outlived the grace period"
         time.sleep(0.1)
@@ -207,10 +207,10 @@ def test_a_version_loaded_again_within_its_grace_period_keeps_its_series():
     labels = ("v1", "ok", version)
     metrics.hold_version(version)
     metrics.by_version(metrics.REQUESTS, *labels).inc()
-    metrics.release_version(version, grace_s=0.3)
+    metrics.release_version(version, grace_s=2.0)
     assert requests_total(*labels) == 1.0 and metrics.version_known(version)  # kept while in grace
     metrics.hold_version(version)  # loaded again: the pending removal is cancelled
-    time.sleep(0.6)
+    time.sleep(2.5)
     assert requests_total(*labels) == 1.0
     metrics.release_version(version, grace_s=0.1)
     deadline = time.monotonic() + 5

@@ -17,7 +17,6 @@ import predlog
 from predlog import PredlogSettings, migrate, queries, schema
 from predlog.sinks import make_client
 
-NOW = datetime.now(UTC).replace(microsecond=0)
 #: newest first: 4 rows in the last hour, 16 more in the last day, 40 more in the last 31 days, 60 older
 AGES = (
     [timedelta(minutes=5 + 10 * i) for i in range(4)]
@@ -29,8 +28,11 @@ AGES = (
 
 @pytest.fixture(scope="module")
 def records():
+    """Rows aged from now, when this module runs (not when the suite was collected: ``tail`` reads its spans
+    back from the real clock, and a 35-minute-old row left the last hour in a run past 25 minutes)."""
+    now = datetime.now(UTC).replace(microsecond=0)
     recs = make_records(len(AGES), seed=7)
-    return [dataclasses.replace(r, ts=NOW - age) for r, age in zip(recs, AGES, strict=True)]
+    return [dataclasses.replace(r, ts=now - age) for r, age in zip(recs, AGES, strict=True)]
 
 
 @pytest.fixture(scope="module", params=["embedded", "table"])

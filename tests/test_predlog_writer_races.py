@@ -204,7 +204,7 @@ def test_close_returns_within_its_timeout_while_the_spool_disk_hangs(harness):
     started = time.monotonic()
     done, _ = in_thread(lambda: writer.close(1.0))
     assert done.wait(10), "close(1.0) waited for the spool's disk"
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 4.0  # its timeout and slack for a loaded box; the disk hangs far longer
     at_close = counts(writer)
     assert at_close == {"written": 0, "spilled": 0, "replayed": 0, "dropped_by_reason": {"spool_error": 20},
                         "spool_rows": 0, "queue_depth": 0}, at_close  # fmt: skip

@@ -227,7 +227,9 @@ def test_a_lease_lost_before_the_write_writes_nothing(k8s, monkeypatch, capsys):
         lease = api.lease()
         lease["spec"]["holderIdentity"] = "cronjob-pod:1"
         api.replace_namespaced_custom_object("coordination.k8s.io", "v1", NS, "leases", "mot-defects-promotion", lease)
-        time.sleep(4.5)  # past a renewal, which finds the Lease someone else's
+        deadline = time.monotonic() + 30
+        while not self._lease.lost and time.monotonic() < deadline:  # a renewal finds it someone else's
+            time.sleep(0.05)
         return state
 
     monkeypatch.setattr(K8sTarget, "read", read_then_lose_the_lease)
