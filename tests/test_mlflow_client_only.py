@@ -71,6 +71,22 @@ def test_serve_refuses_the_default_local_registry_without_the_database_store(
     assert not (tmp_path / "home" / "mlflow.db").exists()
 
 
+def test_an_install_without_the_database_store_from_its_start_names_the_extra(tmp_path):
+    """MLflow registers no database store at all in such a process: the URI scheme check read a sqlite or
+    postgresql URI as one no store serves and hid the install hint (the fixture above registers first)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOTLENS_", "MLFLOW_"))}
+    env, block_log = hiding_env(env, tmp_path / "blocker", FULL_MLFLOW_ONLY)
+    env["MOTLENS_HOME"] = str(tmp_path / "home")
+    for uri in (None, "postgresql+psycopg2://mlflow@db.example/mlflow"):
+        child = {**env, **({"MLFLOW_TRACKING_URI": uri} if uri else {})}
+        proc = subprocess.run(
+            [motlens_bin(), "train", "versions"], env=child, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2 and HINT in proc.stderr, proc.stderr
+    assert block_log.read_text().splitlines()[0] == "active"
+    assert not (tmp_path / "home" / "mlflow.db").exists()
+
+
 @pytest.mark.slow
 def test_the_predictor_serves_from_an_mlflow_server_without_the_full_mlflow(registry, tiny_bundle, tmp_path):
     """What the predictor image does: resolve the alias on a tracking server, fetch, verify, serve."""

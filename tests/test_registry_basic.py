@@ -228,6 +228,8 @@ def test_a_uri_scheme_no_registry_store_serves_is_refused_not_read_as_not_found(
             call()
     for uri in ("HTTP://mlflow:5000", "postgresql+psycopg2://u@db/mlflow", "databricks-uc"):
         Registry(uri).check_uri()  # schemes MLflow serves pass (asks no server)
+    with pytest.raises(RegistryError, match=r"^registry postgresqlx://db/mlflow: Invalid database engine"):
+        Registry("postgresqlx://u:pw@db/mlflow").check_uri()  # MLflow's own error for it, without the password
 
 
 def test_a_first_registration_creates_the_local_store(tiny_bundle, tmp_path):

@@ -276,13 +276,14 @@ class Registry:
                     "http(s)://SERVER (MLflow no longer serves a file store)"
                 )
             )
+        self.check_store_support()  # before the scheme: without SQLAlchemy MLflow has no database stores
         self._check_scheme()
-        self.check_store_support()
         self._check_sqlite_file()
 
     def _check_scheme(self) -> None:
         """:class:`RegistryError` for a URI scheme no MLflow registry store of this install serves
         (``bogus://``): MLflow's answer, INVALID_PARAMETER_VALUE, would read as "not found" below."""
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking._model_registry.utils import _get_store_registry
         from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
 
@@ -293,6 +294,9 @@ class Registry:
             raise RegistryError(
                 redact(f"registry {self.tracking_uri}: no MLflow registry store serves this URI scheme ({schemes})")
             ) from e
+        except MlflowException as e:  # a database scheme MLflow cannot parse ("postgresqlx://")
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise RegistryError(redact(f"registry {self.tracking_uri}: {detail}")) from e
 
     def check_store_support(self) -> None:
         """:class:`RegistryError` with the install hint when a ``sqlite:///`` registry meets an install
