@@ -105,6 +105,12 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"motlens demo: {problem}", file=sys.stderr)
         return 2
+    try:  # a registry no client can open (a home its sqlite URI cannot carry, a bad MLFLOW_TRACKING_URI)
+        registry = Registry()
+        registry.check_uri()
+    except RegistryError as e:
+        print(f"motlens demo: {e}", file=sys.stderr)
+        return 2
     console = Console()
     state = StateSettings().ensure()
     bulk = state.home / "demo" / "bulk"
@@ -112,7 +118,6 @@ def run(args: argparse.Namespace) -> int:
     console.print(generate(bulk, rows=args.rows, seed=args.seed))
 
     console.rule("2/4 train + register (MLflow on sqlite)")
-    registry = Registry()
     try:
         result = train(bulk, train_settings, registry=registry)
         version = result.version.version

@@ -197,6 +197,27 @@ def test_demo_names_every_bad_setting_by_its_flag_or_variable(demo, registry, mo
     assert not demo.trained and not demo.served and registry.aliases() == {}
 
 
+@pytest.mark.parametrize(
+    ("env", "value", "message"),
+    [
+        ("MOTLENS_HOME", "{tmp}/a?b", "bad setting: MOTLENS_HOME: {tmp}/a?b holds '?'"),
+        ("MLFLOW_TRACKING_URI", "bogus://mlflow:5000", "registry bogus://mlflow:5000: no MLflow registry store"),
+    ],
+)
+def test_demo_refuses_a_registry_no_client_can_open_before_generating_data(
+    env, value, message, demo, tmp_path, monkeypatch, capsys
+):
+    """The registry was first opened at step 2, after step 1 had written its bulk files (into the bad home)."""
+    from motlens.cli import main
+
+    monkeypatch.setenv(env, value.format(tmp=tmp_path))
+    assert main(_demo()) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"motlens demo: {message.format(tmp=tmp_path)}") and len(err.splitlines()) == 1, err
+    assert not demo.trained and not (tmp_path / "a?b").exists()
+    assert not (Path(os.environ["MOTLENS_HOME"]) / "demo").exists()
+
+
 @pytest.mark.parametrize("flag", ["--http-port", "--grpc-port"])
 def test_demo_refuses_before_training_when_a_port_is_taken(flag, demo, registry, capsys):
     import socket
