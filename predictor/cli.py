@@ -130,21 +130,24 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(server.serve(handle_signals=True))
     except ServerFailed:  # serve() logged which server and why
-        return _exit_past_a_running_load(server, 1)
-    return _exit_past_a_running_load(server, 0)
+        return _exit_past_running_calls(server, 1)
+    return _exit_past_running_calls(server, 0)
 
 
-def _exit_past_a_running_load(server: PredictorServer, code: int) -> int:
-    """``code``, or exit at once with it when a model load is still running: the server has stopped and
-    flushed its log, and the load thread (a registry that hangs, a load that crawls) cannot be interrupted,
-    yet would hold the process until its end — past a pod's grace period, until SIGKILL."""
+def _exit_past_running_calls(server: PredictorServer, code: int) -> int:
+    """``code``, or exit at once with it when a model load or registry lookup is still running: the server
+    has stopped and flushed its log, and such a call (a registry that never answers, a load that crawls)
+    cannot be interrupted, yet its thread would hold the process until its end — past a pod's grace
+    period, until SIGKILL."""
     import logging
     import os
     import sys
 
-    if not server.slots.load_running:
+    if not (running := server.slots.calls_running):
         return code
-    logging.getLogger(__name__).warning("exiting without the model load still running (its result is not needed)")
+    logging.getLogger(__name__).warning(
+        "exiting without waiting for %d model load(s) or registry lookup(s) still running (not needed now)", running
+    )
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from motlens import MODEL_NAME
 from motlens.labels import CANARY_PERCENT_TAG, PROMOTION_STATUS_TAG, SLOTS
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 #: Called as ``loader(ref, lkg=settings.lkg_enabled)`` (:func:`predictor.backend.load_backend`).
 Loader = Callable[..., Backend]
+T = TypeVar("T")
 
 NOT_READY_REASONS = ("no_model", "loading", "load_failed", "golden_failed", "draining")
 FALLBACK_REASONS = (REGISTRY_UNREACHABLE,)
@@ -108,7 +109,11 @@ class SlotManager:
         # Every load (and so every batcher and runtime thread) starts from this one thread, which
         # keeps the process's own priority when the event loop is niced (predictor.priority).
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="motlens-load")
-        self._loads_running = 0  # loads the load thread is inside (only that thread writes it)
+        # Registry lookups run on threads of their own, not the loop's default executor, which
+        # asyncio.run waits for without a timeout: a registry that never answers would hold a stopped server.
+        self._registry_threads = ThreadPoolExecutor(4, thread_name_prefix="motlens-registry")
+        self._running = 0  # loads and registry lookups inside those threads (see calls_running)
+        self._running_lock = threading.Lock()
         for slot in SLOTS:
             self._export_fallback(slot, None)
         self._update_readiness()
@@ -159,17 +164,27 @@ class SlotManager:
         self._model_thread.submit(lambda: None).result()
 
     @property
-    def load_running(self) -> bool:
-        """Whether a load is running in the load thread (after :meth:`shutdown`: one left to finish)."""
-        return self._loads_running > 0
+    def calls_running(self) -> int:
+        """Model loads and registry lookups running in this manager's threads; after :meth:`shutdown`,
+        those left to finish (neither can be interrupted)."""
+        return self._running
+
+    def _counted(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._running_lock:
+            self._running += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._running_lock:
+                self._running -= 1
+
+    async def _ask_registry(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (a registry lookup) on the registry threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._registry_threads, self._counted, fn, *args)
 
     def _new_unit(self, slot: str, ref: str) -> ServingUnit:
-        self._loads_running += 1
-        try:
-            backend = self._loader(ref, lkg=self.settings.lkg_enabled)
-            return ServingUnit(backend, self.settings, self.cache, slot)
-        finally:
-            self._loads_running -= 1
+        backend = self._loader(ref, lkg=self.settings.lkg_enabled)
+        return ServingUnit(backend, self.settings, self.cache, slot)
 
     # ------------------------------------------------------------ operations
 
@@ -190,7 +205,7 @@ class SlotManager:
             state.loading = ref
             self._update_readiness()
             loop = asyncio.get_running_loop()
-            pending = loop.run_in_executor(self._model_thread, self._new_unit, slot, ref)
+            pending = loop.run_in_executor(self._model_thread, self._counted, self._new_unit, slot, ref)
             try:
                 unit = await asyncio.shield(pending)  # a cancelled caller leaves the load to finish
             except asyncio.CancelledError:  # shutdown mid-load: the load thread finishes; free what it built
@@ -349,7 +364,7 @@ class SlotManager:
         Without ``--canary``, the first polls also restore the canary the registry records as running."""
         from training.registry import Registry
 
-        registry = await asyncio.to_thread(Registry)
+        registry = await self._ask_registry(Registry)
         refused: set[str] = set()
         retry_at: dict[str, tuple[float, float]] = {}  # version → (next attempt, backoff) after a transient failure
         restore = not self.settings.canary
@@ -357,7 +372,7 @@ class SlotManager:
             try:
                 if restore:
                     restore = not await self._restore_canary(registry)
-                info = await asyncio.to_thread(registry.resolve, f"models:/{MODEL_NAME}@{alias}")
+                info = await self._ask_registry(registry.resolve, f"models:/{MODEL_NAME}@{alias}")
                 prod = self.slots["production"]
                 current = prod.unit.version if prod.unit else None
                 if prod.unit is not None and prod.unit.backend.fallback and _confirms(info, prod.unit):
@@ -498,8 +513,8 @@ class SlotManager:
         while self.slots["production"].unit is unit:
             try:
                 if registry is None:
-                    registry = await asyncio.to_thread(Registry)
-                info = await asyncio.to_thread(registry.resolve, f"models:/{MODEL_NAME}@{alias}")
+                    registry = await self._ask_registry(Registry)
+                info = await self._ask_registry(registry.resolve, f"models:/{MODEL_NAME}@{alias}")
             except Exception as e:  # noqa: BLE001 - registry down or alias missing: look again later
                 log.debug("cannot resolve alias %s: %s", alias, e)
                 info = None
@@ -526,7 +541,7 @@ class SlotManager:
         if canary.unit is not None or canary.loading:
             return True  # the admin API got there first: it leads
         try:
-            info = await asyncio.to_thread(registry.resolve, f"models:/{MODEL_NAME}@canary")
+            info = await self._ask_registry(registry.resolve, f"models:/{MODEL_NAME}@canary")
         except RegistryUnreachable as e:
             log.warning("cannot read the registry's canary yet: %s", e)
             return False
@@ -588,7 +603,8 @@ class SlotManager:
                 self._export_unit(slot, None)
                 await self._retire(unit)
         await self.flush_records()
-        self._model_thread.shutdown(wait=False)
+        for threads in (self._model_thread, self._registry_threads):  # queued work does not start
+            threads.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ internals
 
@@ -607,7 +623,7 @@ class SlotManager:
                 return  # replaced, or moved by a promote: ``ref`` is no longer what its slot serves
             delay = min(delay * 2, max_backoff_s)
             try:
-                info = await asyncio.to_thread(lambda: Registry().resolve(ref))
+                info = await self._ask_registry(lambda: Registry().resolve(ref))
             except Exception as e:  # noqa: BLE001 - no version named: keep serving, flagged, and ask again
                 level = logging.DEBUG
                 if type(e).__name__ != failing:  # the first failure, or another kind of it

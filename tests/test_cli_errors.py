@@ -343,8 +343,8 @@ def test_mlflow_download_bar_is_off_when_stderr_is_no_terminal(monkeypatch, caps
           "motlens train: bad setting: --lr: Input should be greater than 0"]),
         ({}, ["train", "--clickhouse", "--max-rows", "5"],
          ["motlens train: bad setting: --max-rows: counts input rows, which --clickhouse does not read"]),
-        ({"MOTLENS_TRAIN_MAX_ROWS": "5"}, ["train", "--clickhouse"],
-         ["motlens train: bad setting: MOTLENS_TRAIN_MAX_ROWS: counts input rows, which --clickhouse does not"]),
+        ({"motlens_train_max_rows": "5"}, ["train", "--clickhouse"],
+         ["motlens train: bad setting: motlens_train_max_rows: counts input rows, which --clickhouse does not"]),
     ],
 )  # fmt: skip
 def test_each_settings_problem_on_its_own_line_named_by_its_flag_or_variable(env, argv, want, monkeypatch, capsys):

@@ -131,9 +131,11 @@ def test_sigterm_drains_traffic_and_flushes_the_prediction_log(tiny_bundle, tmp_
     assert int(rows["n"][0]) == sum(n for _, n in answered)  # every answered item logged, none lost
 
 
-def test_sigterm_during_a_load_that_hangs_exits_without_waiting_for_it(tmp_path):
-    """A load cannot be interrupted: one stuck on a registry that accepts and never answers held the
-    stopped process until it ended (here 10 minutes; in a pod, past its grace period until SIGKILL)."""
+@pytest.mark.parametrize("follow", [False, True], ids=["load", "follow-alias"])
+def test_sigterm_while_the_registry_hangs_exits_without_waiting_for_it(tiny_bundle, tmp_path, follow):
+    """A load or a registry lookup cannot be interrupted: one stuck on a registry that accepts and never
+    answers held the stopped process until it ended (here 10 minutes; in a pod, past its grace period
+    until SIGKILL) — the load in its thread, the alias follower's lookup in asyncio.run's executor."""
     hanging = socket.socket()
     hanging.bind(("127.0.0.1", 0))
     hanging.listen(8)  # the kernel accepts; nothing ever answers
@@ -144,17 +146,21 @@ def test_sigterm_during_a_load_that_hangs_exits_without_waiting_for_it(tmp_path)
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     }
     http_port = _port()
+    # following: production from a local bundle (it becomes ready); the follower's lookups hang
+    model = ["--model", str(tiny_bundle.root), "--follow-alias", "production"] if follow else []
     proc = _serve_popen(
-        env, ["--model", "models:/mot-defects@production", "--http-port", str(http_port), "--grpc-port", str(_port())]
+        env,
+        [*(model or ["--model", "models:/mot-defects@production"]), "--http-port", str(http_port), "--no-grpc"],
     )
     try:
         lines: list[str] = []
         assert proc.stderr is not None
-        while not any("model not ready: loading models:/mot-defects@production" in line for line in lines):
+        awaited = "model ready" if follow else "model not ready: loading models:/mot-defects@production"
+        while not any(awaited in line for line in lines):
             line = proc.stderr.readline()
             assert line, "".join(lines)[-3000:]
             lines.append(line)
-        time.sleep(1.0)  # the load thread is in its registry request
+        time.sleep(1.0)  # the load thread or the follower is in its registry request
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(60)
@@ -164,7 +170,7 @@ def test_sigterm_during_a_load_that_hangs_exits_without_waiting_for_it(tmp_path)
             proc.kill()
         hanging.close()
     assert rc == 0, rest[-3000:]
-    assert "exiting without the model load still running" in rest, rest[-3000:]
+    assert "exiting without waiting for 1 model load(s) or registry lookup(s) still running" in rest, rest[-3000:]
 
 
 @pytest.mark.parametrize("token", ["", "   ", "short-token"])

@@ -137,7 +137,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from motlens.errors import flag_names, report_settings
+    from motlens.errors import env_name, flag_names, report_settings
     from training.dataset import DataError
     from training.dvsa_report import BulkFormatError, BulkResourceError
     from training.registry import Registry, RegistryError
@@ -163,7 +163,7 @@ def _train(args: argparse.Namespace) -> int:
         flagged = [k for k in overrides if k in _FLAGS] + (["alias"] if args.alias is not None else [])
         return report_settings("motlens train", e, flag_names(flagged))
     if args.clickhouse and settings.max_rows is not None:
-        name = "--max-rows" if args.max_rows is not None else "MOTLENS_TRAIN_MAX_ROWS"
+        name = "--max-rows" if args.max_rows is not None else env_name(TrainSettings, "max_rows")
         print(
             f"motlens train: bad setting: {name}: counts input rows, which --clickhouse does not read; "
             "use --max-texts N for the N distinct texts with the most rows",
