@@ -264,7 +264,8 @@ class Registry:
     def check_uri(self) -> None:
         """:class:`RegistryError` for a tracking URI no client of this install can open, whatever the
         registry's state: not a registry URI (a path, ``file://``), a database store without its packages
-        (:meth:`check_store_support`), a ``sqlite:///`` path that is not a file. Asks no server."""
+        (:meth:`check_store_support`), a scheme no MLflow registry store serves (:meth:`_check_scheme`), a
+        ``sqlite:///`` path that is not a file. Asks no server."""
         uri = self.tracking_uri.lower()
         scheme = uri.split("://", 1)[0] if "://" in uri else ""
         # MLflow 3.13+ refuses its file store (a path, file://) with a maintenance notice; Databricks
